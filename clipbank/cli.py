@@ -1,0 +1,141 @@
+"""The `clipbank` command: a thin layer over model_store, training and service."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from model_store.errors import ClipbankError
+
+DEFAULT_STORE = os.environ.get("CLIPBANK_STORE", "./clipbank-store")
+DEFAULT_BACKBONE = os.environ.get("CLIPBANK_BACKBONE", "tiny")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.run import TrainJob, run_train_job
+
+    if not args.out and not args.store:
+        raise SystemExit("clipbank train: give --out FILE, --store DIR, or both")
+    job = TrainJob(task=args.task, data=args.data, val=args.val, backbone=args.backbone, store=args.store,
+                   out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                   new_experts=args.new_experts, seed=args.seed, warm_start_steps=args.warm_start_steps,
+                   selector=args.selector, device=args.device, activate=not args.no_activate)
+    summary = run_train_job(job)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from training.domains import DOMAINS, export_domain
+
+    if args.data_cmd == "list":
+        for d in DOMAINS.values():
+            print(f"{d.name:10s} {len(d.classes):2d} classes  {d.description}")
+        return 0
+    counts = export_domain(args.name, args.dir)
+    print(f"wrote {args.name} to {args.dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from training.pretrain_tiny import PretrainConfig, pretrain_tiny
+
+    metrics = pretrain_tiny(PretrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed),
+                            Path(args.out) if args.out else None)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _store(args: argparse.Namespace) -> int:
+    from model_store.store import LocalStore
+
+    store = LocalStore(args.store)
+    if args.store_cmd == "list":
+        print(json.dumps(store.index(), indent=2))
+    elif args.store_cmd == "activate":
+        print(store.activate(args.task, args.version))
+    elif args.store_cmd == "deactivate":
+        store.deactivate(args.task)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from training.demo import run_demo
+
+    run_demo(Path(args.workdir), steps=args.steps, backbone=args.backbone)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clipbank", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a task bundle from an ImageFolder")
+    t.add_argument("--task", required=True, help="task name, [a-z0-9][a-z0-9._-]{0,63}")
+    t.add_argument("--data", required=True, help="ImageFolder: one sub-folder per class (_ reads as a space)")
+    t.add_argument("--val", help="validation ImageFolder (default: 20%% held out of --data)")
+    t.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone reference (default: tiny)")
+    t.add_argument("--store", help="store folder: train on top of its bank and put the bundle there")
+    t.add_argument("--out", help="also write the bundle file here")
+    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--new-experts", type=int, default=2, help="new experts per block and tower")
+    t.add_argument("--warm-start-steps", type=int, default=0, help="ATLAS stage 1: router-only steps first")
+    t.add_argument("--selector", default="autoencoder", choices=["autoencoder", "gaussian"])
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--no-activate", action="store_true", help="store the bundle without making it active")
+    t.set_defaults(fn=_train)
+
+    d = sub.add_parser("data", help="offline domains")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    dsub.add_parser("list", help="list the offline domains")
+    e = dsub.add_parser("export", help="write a domain as ImageFolder train/val/test folders")
+    e.add_argument("name")
+    e.add_argument("dir")
+    d.set_defaults(fn=_data)
+
+    pt = sub.add_parser("pretrain-tiny", help="pretrain the embedded tiny CLIP on generated captions")
+    pt.add_argument("--steps", type=int, default=3000)
+    pt.add_argument("--batch-size", type=int, default=128)
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--out", help="weights file (default: the embedded one)")
+    pt.set_defaults(fn=_pretrain)
+
+    s = sub.add_parser("store", help="inspect or change a local store")
+    s.add_argument("--store", default=DEFAULT_STORE)
+    ssub = s.add_subparsers(dest="store_cmd", required=True)
+    ssub.add_parser("list")
+    a = ssub.add_parser("activate")
+    a.add_argument("task")
+    a.add_argument("version", type=int)
+    dd = ssub.add_parser("deactivate")
+    dd.add_argument("task")
+    s.set_defaults(fn=_store)
+
+    dm = sub.add_parser("demo", help="end to end offline: export two domains, train two tasks, route test images")
+    dm.add_argument("--workdir", default="./clipbank-demo")
+    dm.add_argument("--steps", type=int, default=300)
+    dm.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    dm.set_defaults(fn=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.fn(args)
+    except (ClipbankError, ValueError, FileNotFoundError) as e:
+        print(f"clipbank {args.cmd}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

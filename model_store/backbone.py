@@ -1,0 +1,170 @@
+"""Load a frozen open_clip backbone from one reference string, and fingerprint it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+from .digest import tensor_digest
+from .errors import BackboneError, UnsupportedBackbone
+
+log = logging.getLogger(__name__)
+
+TINY_DIR = Path(__file__).parent / "tiny_clip"
+TINY_WEIGHTS = TINY_DIR / "open_clip_model.safetensors"
+DEFAULT_BACKBONE = "tiny"
+TOWERS = ("visual", "text")
+
+REFERENCE_HELP = (
+    "backbone references: 'tiny' (embedded), 'ARCH:TAG' (open_clip name and pretrained tag, e.g. ViT-B-16:openai), "
+    "'ARCH:file:/path/weights.safetensors', 'local-dir:/dir' (open_clip_config.json plus weights), "
+    "'file:/dir/weights.safetensors' (open_clip_config.json beside it), 'ARCH:none' (random weights, for benchmarks)"
+)
+
+
+@dataclass(frozen=True)
+class BackboneRef:
+    """A parsed backbone reference: an open_clip model name (or local-dir:) plus where its weights come from."""
+
+    text: str
+    model_name: str
+    weights: str | None  # a pretrained tag, a checkpoint path, or None for random weights
+    weights_is_file: bool = False
+
+    @property
+    def arch(self) -> str:
+        return "clipbank-tiny" if self.text == "tiny" else self.model_name.removeprefix("local-dir:")
+
+    @property
+    def pretrained(self) -> str:
+        if self.text == "tiny":
+            return "embedded"
+        return "none" if self.weights is None else (f"file:{self.weights}" if self.weights_is_file else self.weights)
+
+
+def parse_backbone_ref(text: str) -> BackboneRef:
+    """Parse a reference such as `tiny`, `ViT-B-16:openai` or `file:/m/model.safetensors`."""
+    text = text.strip()
+    if text == "tiny":
+        return BackboneRef(text, f"local-dir:{TINY_DIR}", str(TINY_WEIGHTS), True)
+    if text.startswith("local-dir:"):
+        return BackboneRef(text, text, None)
+    if text.startswith("file:"):
+        path = Path(text[5:])
+        return BackboneRef(text, f"local-dir:{path.parent}", str(path), True)
+    name, sep, rest = text.partition(":")
+    if not name or not sep or not rest:
+        raise BackboneError(f"backbone reference {text!r} needs a weights part; {REFERENCE_HELP}")
+    if rest == "none":
+        return BackboneRef(text, name, None)
+    if rest.startswith("file:"):
+        return BackboneRef(text, name, rest[5:], True)
+    return BackboneRef(text, name, rest)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """`auto` means cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """What the experts need to know about one tower: width and number of residual blocks."""
+
+    width: int
+    layers: int
+
+
+@dataclass
+class Backbone:
+    """A frozen open_clip CLIP with its transforms, tokenizer and fingerprint."""
+
+    ref: BackboneRef
+    model: Any
+    preprocess: Any
+    train_preprocess: Any
+    tokenizer: Any
+    device: torch.device
+    fingerprint: str
+    towers: dict[str, TowerSpec] = field(default_factory=dict)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.text_projection.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, tuple | list) else size)
+
+    def describe(self) -> dict[str, str]:
+        return {"arch": self.ref.arch, "pretrained": self.ref.pretrained, "fingerprint": self.fingerprint}
+
+    def blocks(self, tower: str) -> torch.nn.ModuleList:
+        return self.model.visual.transformer.resblocks if tower == "visual" else self.model.transformer.resblocks
+
+
+def _check_supported(model: Any, ref: BackboneRef) -> dict[str, TowerSpec]:
+    problems = []
+    if not isinstance(model, open_clip.CLIP):
+        problems.append(f"model class {type(model).__name__} (need open_clip.CLIP with a built-in text tower)")
+    visual = getattr(model, "visual", None)
+    if not isinstance(visual, open_clip.transformer.VisionTransformer):
+        problems.append(f"image tower {type(visual).__name__} (need a VisionTransformer)")
+    towers = {}
+    for tower, mod in (("visual", getattr(visual, "transformer", None)), ("text", getattr(model, "transformer", None))):
+        blocks = getattr(mod, "resblocks", [])
+        if not blocks or not all(type(b) is open_clip.transformer.ResidualAttentionBlock for b in blocks):
+            problems.append(f"{tower} tower blocks (need open_clip ResidualAttentionBlock)")
+        elif not mod.batch_first:
+            problems.append(f"{tower} tower is not batch-first")
+        else:
+            towers[tower] = TowerSpec(width=mod.width, layers=len(blocks))
+    if problems:
+        raise UnsupportedBackbone(f"backbone {ref.text!r} is not supported: " + "; ".join(problems))
+    return towers
+
+
+def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto") -> Backbone:
+    """Create the open_clip model for `ref`, load its weights, freeze it and fingerprint it."""
+    ref = parse_backbone_ref(ref) if isinstance(ref, str) else ref
+    if ref.weights_is_file and not Path(ref.weights).is_file():
+        raise BackboneError(f"checkpoint file {ref.weights} does not exist ({ref.text!r})")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            ref.model_name,
+            pretrained=None if ref.weights_is_file or ref.model_name.startswith("local-dir:") else ref.weights,
+            load_weights=not ref.weights_is_file,
+        )
+        if ref.weights_is_file:
+            open_clip.load_checkpoint(model, ref.weights)
+        tokenizer = open_clip.get_tokenizer(ref.model_name)
+    except (RuntimeError, ValueError, FileNotFoundError, OSError, KeyError) as e:
+        raise BackboneError(f"could not load backbone {ref.text!r}: {e}") from e
+    towers = _check_supported(model, ref)
+    model.requires_grad_(False)
+    model.eval()
+    fingerprint = tensor_digest(model.state_dict())
+    dev = pick_device(device)
+    model.to(dev)
+    train_preprocess = _train_transform(model)
+    log.info("loaded backbone %s (%s) on %s, fingerprint %s", ref.text, ref.arch, dev, fingerprint[:12])
+    return Backbone(ref, model, preprocess, train_preprocess, tokenizer, dev, fingerprint, towers)
+
+
+def _train_transform(model: Any) -> Any:
+    """METHOD.md §5: RandomResizedCrop(scale 0.9-1.0, bicubic), then CLIP normalisation."""
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    aug = open_clip.AugmentationCfg(scale=(0.9, 1.0))
+    train = open_clip.image_transform(
+        cfg["size"], is_train=True, mean=cfg["mean"], std=cfg["std"],
+        interpolation=cfg.get("interpolation", "bicubic"), aug_cfg=aug,
+    )
+    return train

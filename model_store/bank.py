@@ -1,0 +1,123 @@
+"""The bank: an immutable snapshot of backbone, published experts and each task's active routers and selector."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .backbone import TOWERS, Backbone
+from .bundle import Bundle, PlacedExpert, check_compatible
+from .errors import MissingExpert, TaskNotFound
+from .experts import Expert, MoEConfig, Routing, TaskRouter
+from .selector import Selector, load_selector
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """One task's active version, ready to route."""
+
+    name: str
+    version: int
+    bundle_id: str
+    classes: tuple[str, ...]
+    templates: tuple[str, ...]
+    router: TaskRouter
+    selector: Selector
+    manifest: dict[str, Any]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class BankSnapshot:
+    """Never mutated: a change builds a new snapshot that shares tensors with this one."""
+
+    backbone: Backbone
+    experts: Mapping[str, tuple[tuple[Expert, ...], ...]]  # tower -> block -> slot
+    expert_ids: Mapping[str, tuple[str, int, int]]  # id -> (tower, block, slot)
+    tasks: tuple[TaskEntry, ...] = ()
+    generation: int = 0
+    config: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks)
+
+    def task_index(self, name: str) -> int:
+        for i, t in enumerate(self.tasks):
+            if t.name == name:
+                return i
+        raise TaskNotFound(f"task {name!r} is not active; active tasks: {', '.join(self.task_names) or 'none'}")
+
+    def routing(self, task_index: torch.Tensor, training: bool = False) -> Routing:
+        """A per-call routing over this bank for the given per-sample task indices (-1: no adapter)."""
+        return Routing(self.experts, [t.router for t in self.tasks], task_index.to(self.backbone.device),
+                       self.config, training)
+
+    def expert_bytes(self) -> int:
+        return sum(e.nbytes() for blocks in self.experts.values() for slots in blocks for e in slots)
+
+    def describe(self) -> dict[str, Any]:
+        return {"generation": self.generation, "tasks": list(self.task_names),
+                "experts": len(self.expert_ids), "expert_bytes": self.expert_bytes()}
+
+
+def empty_bank(backbone: Backbone, generation: int = 0, config: MoEConfig | None = None) -> BankSnapshot:
+    experts = {t: tuple(() for _ in range(backbone.towers[t].layers)) for t in TOWERS}
+    return BankSnapshot(backbone, experts, {}, (), generation, config or MoEConfig())
+
+
+def _task_entry(bundle: Bundle, ids: Mapping[str, tuple[str, int, int]], device: torch.device) -> TaskEntry:
+    routing = bundle.manifest["routing"]
+    weights, slots = {}, {}
+    for tower in TOWERS:
+        weights[tower] = [w.to(device) for w in bundle.routers[tower]]
+        slots[tower] = []
+        for block, col_ids in enumerate(routing[tower]):
+            missing = [e[:12] for e in col_ids if ids.get(e, (None, None))[:2] != (tower, block)]
+            if missing:
+                raise MissingExpert(f"task {bundle.task!r} routes {tower}.{block} to experts not in the bank at that "
+                                    f"place: {', '.join(missing[:5])}")
+            slots[tower].append(torch.tensor([ids[e][2] for e in col_ids], dtype=torch.long, device=device))
+    sel = load_selector(bundle.manifest["selector"], bundle.selector_tensors)
+    for name in sel.tensors():
+        setattr(sel, name, getattr(sel, name).to(device))
+    m = bundle.manifest
+    return TaskEntry(m["task"], m["version"], bundle.id, tuple(m["classes"]), tuple(m["templates"]),
+                     TaskRouter(weights, slots), sel, m, bundle.nbytes)
+
+
+def build_bank(backbone: Backbone, tasks: Sequence[Bundle], providers: Iterable[Bundle] = (),
+               generation: int = 0, previous: BankSnapshot | None = None) -> BankSnapshot:
+    """Build a snapshot for the given active task bundles.
+
+    Experts come from the task bundles themselves and from `providers` (older bundles whose experts they use).
+    Slots of `previous` keep their order and tensors, so unchanged tasks compute exactly as before.
+    """
+    available: dict[str, PlacedExpert] = {}
+    for b in (*tasks, *providers):
+        available.update(b.experts)
+    known = {eid: (tw, bl) for eid, (tw, bl, _) in (previous.expert_ids.items() if previous else ())}
+    for b in tasks:
+        check_compatible(b, backbone, {**known, **{e: (p.tower, p.block) for e, p in available.items()}})
+    needed = {e for b in tasks for tower in TOWERS for ids in b.manifest["routing"][tower] for e in ids}
+    order: dict[tuple[str, int], list[str]] = {(t, i): [] for t in TOWERS for i in range(backbone.towers[t].layers)}
+    tensors: dict[str, Expert] = {}
+    if previous is not None:
+        for eid, (tw, bl, s) in sorted(previous.expert_ids.items(), key=lambda kv: kv[1][2]):
+            if eid in needed:
+                tensors[eid] = previous.experts[tw][bl][s]
+                order[(tw, bl)].append(eid)
+    for eid in sorted(needed - set(tensors)):
+        if eid not in available:
+            raise MissingExpert(f"expert {eid[:12]} is used by an active task but no stored bundle provides it")
+        p = available[eid]
+        tensors[eid] = Expert.from_parts({k: t.to(backbone.device) for k, t in p.expert.parts().items()})
+        order[(p.tower, p.block)].append(eid)
+    ids = {eid: (tw, bl, s) for (tw, bl), eids in order.items() for s, eid in enumerate(eids)}
+    experts = {t: tuple(tuple(tensors[e] for e in order[(t, i)]) for i in range(backbone.towers[t].layers))
+               for t in TOWERS}
+    entries = tuple(_task_entry(b, ids, backbone.device) for b in sorted(tasks, key=lambda b: b.task))
+    return BankSnapshot(backbone, experts, ids, entries, generation, previous.config if previous else MoEConfig())

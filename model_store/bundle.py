@@ -1,0 +1,259 @@
+"""The bundle: one safetensors file holding a task version's new experts, routers, selector and manifest."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .backbone import TOWERS, Backbone
+from .digest import bytes_digest, tensor_digest
+from .errors import (
+    BackboneMismatch,
+    BundleFormatError,
+    BundleInvalid,
+    BundleTampered,
+    MissingExpert,
+    ShapeMismatch,
+)
+from .experts import EXPERT_PARTS, Expert, expert_id
+
+FORMAT = 1
+MANIFEST_KEY = "clipbank.manifest"
+TASK_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+ID_RE = re.compile(r"[0-9a-f]{64}")
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+REFUSED_MAGIC = {b"PK\x03\x04": "a zip archive (torch.save .pt/.pth)", b"\x80": "a pickle (.bin/.pkl)"}
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class PlacedExpert:
+    """An expert with where it sits: tower and block."""
+
+    tower: str
+    block: int
+    expert: Expert
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated bundle: manifest plus tensors, addressed by the sha256 of its bytes."""
+
+    id: str
+    manifest: dict[str, Any]
+    experts: dict[str, PlacedExpert]  # the experts this bundle adds
+    routers: dict[str, list[torch.Tensor]]  # tower -> per block [E_visible, d]
+    selector_tensors: dict[str, torch.Tensor]
+    nbytes: int
+
+    @property
+    def task(self) -> str:
+        return self.manifest["task"]
+
+    @property
+    def version(self) -> int:
+        return self.manifest["version"]
+
+    @property
+    def uses(self) -> list[str]:
+        return self.manifest["experts"]["uses"]
+
+
+def validate_task_name(name: str) -> str:
+    if not isinstance(name, str) or not TASK_RE.fullmatch(name):
+        raise BundleInvalid(f"task name {name!r} must match {TASK_RE.pattern}")
+    return name
+
+
+def pack_bundle(manifest: dict[str, Any], experts: Mapping[str, PlacedExpert],
+                routers: Mapping[str, list[torch.Tensor]], selector_tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """Serialise a bundle. Fills in `experts.new` and `content_sha256`; validates the result by reading it back."""
+    tensors: dict[str, torch.Tensor] = {}
+    for eid, placed in experts.items():
+        for part, t in placed.expert.parts().items():
+            tensors[f"expert.{placed.tower}.{placed.block}.{eid}.{part}"] = t
+    for tower, blocks in routers.items():
+        for i, w in enumerate(blocks):
+            tensors[f"router.{tower}.{i}"] = w
+    for name, t in selector_tensors.items():
+        tensors[f"selector.{name}"] = t
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in tensors.items()}
+    manifest = {**manifest, "format": FORMAT, "content_sha256": tensor_digest(tensors)}
+    manifest["experts"] = {**manifest.get("experts", {}), "new": sorted(experts)}
+    data = st_save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
+    read_bundle(data)
+    return data
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    for magic, what in REFUSED_MAGIC.items():
+        if data.startswith(magic):
+            raise BundleFormatError(f"bundle is {what}; only .safetensors bundles are accepted (no pickle)")
+    if len(data) < 8:
+        raise BundleFormatError(f"bundle is {len(data)} bytes, too short to be a safetensors file")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > min(len(data) - 8, MAX_HEADER_BYTES):
+        raise BundleFormatError(f"not a safetensors file: header length {n} exceeds the file ({len(data)} bytes)")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleFormatError(f"not a safetensors file: header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise BundleFormatError("not a safetensors file: header is not a JSON object")
+    return header.get("__metadata__") or {}
+
+
+def _check_manifest(m: Any) -> list[str]:
+    if not isinstance(m, dict):
+        return ["manifest is not a JSON object"]
+    p = []
+    if m.get("format") != FORMAT:
+        p.append(f"format must be {FORMAT}, got {m.get('format')!r}")
+    if not isinstance(m.get("task"), str) or not TASK_RE.fullmatch(m["task"]):
+        p.append(f"task {m.get('task')!r} must match {TASK_RE.pattern}")
+    if not isinstance(m.get("version"), int) or isinstance(m.get("version"), bool) or m["version"] < 1:
+        p.append(f"version must be an integer >= 1, got {m.get('version')!r}")
+    for key, check in (("classes", lambda c: isinstance(c, str) and c.strip()),
+                       ("templates", lambda t: isinstance(t, str) and "{}" in t)):
+        v = m.get(key)
+        if not isinstance(v, list) or not v or not all(check(x) for x in v):
+            p.append(f"{key} must be a non-empty list of strings" + (" containing '{}'" if key == "templates" else ""))
+    b = m.get("backbone")
+    if not isinstance(b, dict) or not all(isinstance(b.get(k), str) for k in ("arch", "pretrained", "fingerprint")):
+        p.append("backbone must be {arch, pretrained, fingerprint} strings")
+    e = m.get("experts")
+    if not isinstance(e, dict) or not all(
+        isinstance(e.get(k), list) and all(isinstance(i, str) and ID_RE.fullmatch(i) for i in e[k])
+        for k in ("new", "uses")
+    ):
+        p.append("experts must be {new: [sha256...], uses: [sha256...]}")
+    r = m.get("routing")
+    if not isinstance(r, dict) or not isinstance(r.get("top_k"), int) or r["top_k"] < 1:
+        p.append("routing must hold top_k (int >= 1)")
+    elif not all(isinstance(r.get(t), list) and all(isinstance(b, list) for b in r[t]) for t in TOWERS):
+        p.append(f"routing must hold, per tower ({', '.join(TOWERS)}), a list of expert-id lists per block")
+    s = m.get("selector")
+    if not isinstance(s, dict) or not isinstance(s.get("kind"), str):
+        p.append("selector must be an object with a kind")
+    if not isinstance(m.get("content_sha256"), str):
+        p.append("content_sha256 is missing")
+    return p
+
+
+def _split_tensors(tensors: dict[str, torch.Tensor], m: dict[str, Any]) -> tuple[dict, dict, dict, list[str]]:
+    problems: list[str] = []
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    where: dict[str, tuple[str, int]] = {}
+    routers: dict[str, dict[int, torch.Tensor]] = {t: {} for t in TOWERS}
+    selector: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        kind, _, rest = key.partition(".")
+        if kind == "expert":
+            tower, block, tail = (rest.split(".", 2) + ["", ""])[:3]
+            eid, part = tail[:64], tail[65:]
+            if tower not in TOWERS or not block.isdigit() or part not in EXPERT_PARTS:
+                problems.append(f"unexpected tensor {key!r}")
+                continue
+            parts.setdefault(eid, {})[part] = t
+            where[eid] = (tower, int(block))
+        elif kind == "router" and rest.partition(".")[0] in TOWERS and rest.partition(".")[2].isdigit():
+            routers[rest.partition(".")[0]][int(rest.partition(".")[2])] = t
+        elif kind == "selector":
+            selector[rest] = t
+        else:
+            problems.append(f"unexpected tensor {key!r}")
+    new = set(m["experts"]["new"])
+    if set(parts) != new:
+        problems.append(f"expert tensors {sorted(set(parts) - new)[:3]} / manifest ids {sorted(new - set(parts))[:3]} "
+                        "do not agree")
+    for eid, p in parts.items():
+        if set(p) != set(EXPERT_PARTS):
+            problems.append(f"expert {eid[:12]} has parts {sorted(p)}, needs {list(EXPERT_PARTS)}")
+    for tower in TOWERS:
+        blocks = m["routing"][tower]
+        if sorted(routers[tower]) != list(range(len(blocks))):
+            have = sorted(routers[tower])
+            problems.append(f"{tower} routers cover blocks {have}, routing lists {len(blocks)} blocks")
+            continue
+        for i, ids in enumerate(blocks):
+            if routers[tower][i].ndim != 2 or routers[tower][i].shape[0] != len(ids):
+                problems.append(f"router.{tower}.{i} has shape {tuple(routers[tower][i].shape)}, "
+                                f"routing lists {len(ids)} experts")
+            for eid in ids:
+                if eid in where and where[eid] != (tower, i):
+                    problems.append(f"expert {eid[:12]} is stored at {where[eid]} but routed at ({tower}, {i})")
+                elif eid not in new and eid not in m["experts"]["uses"]:
+                    problems.append(f"routing names expert {eid[:12]} that is neither new nor in uses")
+    experts = {eid: PlacedExpert(*where[eid], Expert.from_parts(p)) for eid, p in parts.items()
+               if set(p) == set(EXPERT_PARTS)}
+    return experts, {t: [routers[t][i] for i in sorted(routers[t])] for t in TOWERS}, selector, problems
+
+
+def read_bundle(data: bytes) -> Bundle:
+    """Parse and validate a bundle's bytes on their own (no backbone needed). Raises a typed BundleError."""
+    meta = _safetensors_metadata(data)
+    if MANIFEST_KEY not in meta:
+        raise BundleInvalid(f"safetensors metadata has no {MANIFEST_KEY!r} key; not a clipbank bundle")
+    try:
+        manifest = json.loads(meta[MANIFEST_KEY])
+    except json.JSONDecodeError as e:
+        raise BundleInvalid(f"manifest is not valid JSON: {e}") from None
+    problems = _check_manifest(manifest)
+    if problems:
+        raise BundleInvalid("invalid bundle manifest: " + "; ".join(problems))
+    try:
+        tensors = st_load(data)
+    except Exception as e:  # safetensors raises its own error types for corrupt payloads
+        raise BundleFormatError(f"safetensors payload is corrupt: {e}") from None
+    experts, routers, selector, problems = _split_tensors(tensors, manifest)
+    if problems:
+        raise BundleInvalid("invalid bundle tensors: " + "; ".join(problems[:10]))
+    if tensor_digest(tensors) != manifest["content_sha256"]:
+        bad = [eid[:12] for eid, p in experts.items() if expert_id(p.expert.parts()) != eid]
+        raise BundleTampered("bundle tensors do not match their recorded digest"
+                             + (f"; experts whose content changed: {', '.join(bad)}" if bad else ""))
+    bad = [eid[:12] for eid, p in experts.items() if expert_id(p.expert.parts()) != eid]
+    if bad:
+        raise BundleTampered(f"experts whose tensors do not hash to their ids: {', '.join(bad)}")
+    return Bundle(bytes_digest(data), manifest, experts, routers, selector, len(data))
+
+
+def check_compatible(bundle: Bundle, backbone: Backbone, bank_experts: Mapping[str, tuple[str, int]]) -> None:
+    """Check a bundle against the served backbone and the experts in the bank ({id: (tower, block)})."""
+    mine, theirs = bundle.manifest["backbone"], backbone.describe()
+    if mine["fingerprint"] != theirs["fingerprint"]:
+        raise BackboneMismatch(
+            f"bundle backbone fingerprint {mine['fingerprint'][:12]}… ({mine['arch']}/{mine['pretrained']}) does not "
+            f"match the served backbone {theirs['fingerprint'][:12]}… ({theirs['arch']}/{theirs['pretrained']})")
+    problems = []
+    for tower in TOWERS:
+        spec = backbone.towers[tower]
+        if len(bundle.routers[tower]) != spec.layers:
+            problems.append(f"{tower}: {len(bundle.routers[tower])} router blocks, backbone has {spec.layers}")
+        for i, w in enumerate(bundle.routers[tower]):
+            if w.shape[1] != spec.width:
+                problems.append(f"router.{tower}.{i} width {w.shape[1]}, backbone width {spec.width}")
+    for eid, p in bundle.experts.items():
+        d, e = backbone.towers[p.tower].width, p.expert
+        r = e.down_w.shape[0]
+        want = {"down.weight": (r, d), "down.bias": (r,), "up.weight": (d, r), "up.bias": (d,)}
+        got = {k: tuple(v.shape) for k, v in e.parts().items()}
+        if got != want or p.block >= backbone.towers[p.tower].layers:
+            problems.append(f"expert {eid[:12]} at {p.tower}.{p.block} has shapes {got}, backbone needs {want}")
+    if problems:
+        raise ShapeMismatch("bundle does not fit the backbone: " + "; ".join(problems[:10]))
+    missing = [eid[:12] for eid in bundle.uses if eid not in bank_experts]
+    if missing:
+        raise MissingExpert(f"bundle uses {len(missing)} expert(s) the bank does not hold: {', '.join(missing[:5])}")

@@ -1,0 +1,93 @@
+"""Typed errors of the model store; the service maps each type to one HTTP status in one place."""
+
+from __future__ import annotations
+
+
+class ClipbankError(Exception):
+    """Base of every error clipbank raises on purpose. `code` is a stable machine-readable name."""
+
+    code = "clipbank_error"
+
+
+class BackboneError(ClipbankError):
+    """A backbone reference could not be parsed or loaded."""
+
+    code = "backbone_error"
+
+
+class UnsupportedBackbone(BackboneError):
+    """The architecture is not a ViT CLIP with standard residual blocks, which the experts need."""
+
+    code = "unsupported_backbone"
+
+
+class BundleError(ClipbankError):
+    """Base of all problems with a bundle file."""
+
+    code = "bundle_invalid"
+
+
+class BundleFormatError(BundleError):
+    """The bytes are not a safetensors file (pickles and archives are refused)."""
+
+    code = "bundle_not_safetensors"
+
+
+class BundleInvalid(BundleError):
+    """The manifest or the tensor set breaks the bundle schema."""
+
+    code = "bundle_invalid"
+
+
+class BundleTampered(BundleError):
+    """A tensor does not hash to the expert id the manifest gives it."""
+
+    code = "bundle_tampered"
+
+
+class ShapeMismatch(BundleError):
+    """A tensor's shape does not fit the served backbone."""
+
+    code = "shape_mismatch"
+
+
+class BackboneMismatch(BundleError):
+    """The bundle was trained on another backbone (fingerprint differs)."""
+
+    code = "backbone_mismatch"
+
+
+class MissingExpert(BundleError):
+    """The bundle routes to an expert id that the bank does not hold."""
+
+    code = "missing_expert"
+
+
+class StoreError(ClipbankError):
+    """Base of store problems."""
+
+    code = "store_error"
+
+
+class TaskNotFound(StoreError):
+    code = "task_not_found"
+
+
+class VersionNotFound(StoreError):
+    code = "version_not_found"
+
+
+class VersionConflict(StoreError):
+    """A bundle's version is not greater than the task's newest stored version."""
+
+    code = "version_conflict"
+
+
+class BundleNotFound(StoreError):
+    code = "bundle_not_found"
+
+
+class InvalidRequest(ClipbankError):
+    """A classify request that cannot be answered as asked (for example no labels and no task to take them from)."""
+
+    code = "invalid_request"

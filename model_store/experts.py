@@ -1,0 +1,142 @@
+"""MoE adapter experts and per-task routers (METHOD.md §2-3), kept as plain tensors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .digest import tensor_digest
+
+EXPERT_PARTS = ("down.weight", "down.bias", "up.weight", "up.bias")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """How experts and routers compute. Validated on construction."""
+
+    rank: int = 64
+    scale: float = 0.1
+    top_k: int = 2
+    dropout: float = 0.1
+    noise_eps: float = 0.01
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.rank < 1:
+            problems.append(f"rank must be >= 1, got {self.rank}")
+        if self.top_k < 1:
+            problems.append(f"top_k must be >= 1, got {self.top_k}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if problems:
+            raise ValueError("invalid MoEConfig: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Expert:
+    """One expert: E(x) = scale * up(dropout(relu(down(x)))). Published experts are never modified."""
+
+    down_w: torch.Tensor  # [r, d]
+    down_b: torch.Tensor  # [r]
+    up_w: torch.Tensor  # [d, r]
+    up_b: torch.Tensor  # [d]
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        return dict(zip(EXPERT_PARTS, (self.down_w, self.down_b, self.up_w, self.up_b)))
+
+    @classmethod
+    def from_parts(cls, parts: Mapping[str, torch.Tensor]) -> Expert:
+        return cls(*(parts[p] for p in EXPERT_PARTS))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts().values())
+
+
+def new_expert(width: int, rank: int, generator: torch.Generator | None = None) -> Expert:
+    """A fresh trainable expert: kaiming-uniform(a=sqrt(5)) down, zero up and biases, so it outputs exactly 0."""
+    down_w = torch.nn.init.kaiming_uniform_(torch.empty(rank, width), a=math.sqrt(5), generator=generator)
+    parts = (down_w, torch.zeros(rank), torch.zeros(width, rank), torch.zeros(width))
+    return Expert(*(torch.nn.Parameter(p) for p in parts))
+
+
+def expert_id(parts: Mapping[str, torch.Tensor]) -> str:
+    """Content address of an expert: the digest of its four tensors."""
+    return tensor_digest({p: parts[p] for p in EXPERT_PARTS})
+
+
+def expert_forward(x: torch.Tensor, e: Expert, scale: float, dropout: float, training: bool) -> torch.Tensor:
+    h = F.relu(F.linear(x, e.down_w, e.down_b))
+    if training and dropout > 0:
+        h = F.dropout(h, dropout, training=True)
+    return scale * F.linear(h, e.up_w, e.up_b)
+
+
+@dataclass(frozen=True)
+class TaskRouter:
+    """One task's routers: per tower, per block, a [E_visible, d] weight and the bank slots its columns refer to."""
+
+    weights: Mapping[str, Sequence[torch.Tensor]]
+    slots: Mapping[str, Sequence[torch.Tensor]]
+    noise: Mapping[str, Sequence[torch.Tensor]] | None = None  # training only
+    allowed: Mapping[str, Sequence[torch.Tensor]] | None = None  # optional column mask (ATLAS stage 1)
+
+
+@dataclass
+class ActivationCounts:
+    """Per tower and block, how often each bank slot was among a sample's top-k. Filled when passed in."""
+
+    counts: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+    def add(self, tower: str, block: int, slots: torch.Tensor, n_slots: int) -> None:
+        valid = slots[slots >= 0]
+        c = torch.bincount(valid.cpu(), minlength=n_slots)
+        key = (tower, block)
+        self.counts[key] = c if key not in self.counts else self.counts[key] + c
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The per-call routing of one forward pass: which task router (or none, -1) serves each sample."""
+
+    experts: Mapping[str, Sequence[Sequence[Expert]]]  # tower -> block -> slot -> expert
+    routers: Sequence[TaskRouter]
+    task_index: torch.Tensor  # [B] long, index into routers, -1 for no adapter
+    config: MoEConfig = MoEConfig()
+    training: bool = False
+    counts: ActivationCounts | None = None
+
+    def branch(self, tower: str, block: int, h: torch.Tensor) -> torch.Tensor:
+        """The MoE branch output for the post-attention stream `h` [B, L, d] of one block."""
+        slots, gates = self._route(tower, block, h[:, 0])
+        experts = self.experts[tower][block]
+        if self.counts is not None:
+            self.counts.add(tower, block, slots, len(experts))
+        out = torch.zeros_like(h)
+        for s in torch.unique(slots[slots >= 0]).tolist():
+            b, j = (slots == s).nonzero(as_tuple=True)
+            y = expert_forward(h[b], experts[s], self.config.scale, self.config.dropout, self.training)
+            out = out.index_add(0, b, y * gates[b, j].to(y.dtype)[:, None, None])
+        return out
+
+    def _route(self, tower: str, block: int, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.config.top_k
+        slots = torch.full((x0.shape[0], k), -1, dtype=torch.long, device=x0.device)
+        gates = torch.zeros((x0.shape[0], k), dtype=x0.dtype, device=x0.device)
+        for t in torch.unique(self.task_index[self.task_index >= 0]).tolist():
+            rows = (self.task_index == t).nonzero(as_tuple=True)[0]
+            r = self.routers[t]
+            logits = x0[rows] @ r.weights[tower][block].T
+            if self.training and r.noise is not None:
+                std = F.softplus(x0[rows] @ r.noise[tower][block].T) + self.config.noise_eps
+                logits = logits + torch.randn_like(logits) * std
+            if r.allowed is not None:
+                logits = logits.masked_fill(~r.allowed[tower][block], float("-inf"))
+            kk = min(k, logits.shape[1])
+            top, cols = logits.topk(kk, dim=1)
+            slots[rows, :kk] = r.slots[tower][block][cols]
+            gates[rows, :kk] = torch.softmax(top, dim=1)
+        return slots, gates

@@ -1,0 +1,171 @@
+"""Classification over a bank snapshot: frozen pass, per-image selection, adapted pass, cached text embeddings."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .bank import BankSnapshot
+from .errors import InvalidRequest
+from .moe_clip import encode_image, encode_text
+from .selector import score
+
+ZERO_SHOT = "zero-shot"
+AUTO = "auto"
+ROUTE_MODES = ("per-image", "per-request")
+ZERO_SHOT_TEMPLATES = ("a photo of a {}.",)
+
+
+@dataclass(frozen=True)
+class ClassifyItem:
+    """One request: preprocessed images [n, 3, H, W] and how to route and label them."""
+
+    images: torch.Tensor
+    labels: tuple[str, ...] | None = None
+    task: str = AUTO  # auto | zero-shot | a task name
+    route: str = "per-image"
+    top_k: int | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    task: str | None
+    version: int | None = None
+    bundle_id: str | None = None
+    score: float | None = None
+    threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    labels: list[tuple[str, float]]
+    route: Route
+
+
+class TextCache:
+    """A thread-safe LRU of normalised text embeddings keyed by (bundle id or zero-shot, labels, templates)."""
+
+    def __init__(self, maxsize: int = 1024) -> None:
+        self.maxsize = maxsize
+        self._data: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get_or_compute(self, key: tuple, compute) -> torch.Tensor:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                self.hits += 1
+                return self._data[key]
+            self.misses += 1
+        value = compute()
+        with self._lock:
+            self._data[key] = value
+            while len(self._data) > self.maxsize:
+                self._data.popitem(last=False)
+        return value
+
+
+def text_embeddings(bank: BankSnapshot, task: int, labels: Sequence[str], templates: Sequence[str],
+                    cache: TextCache | None = None) -> torch.Tensor:
+    """Per label: encode with each template, normalise, average, renormalise. `task=-1` is the frozen tower."""
+    key = (bank.tasks[task].bundle_id if task >= 0 else ZERO_SHOT, tuple(labels), tuple(templates))
+
+    def compute() -> torch.Tensor:
+        bb = bank.backbone
+        prompts = [t.format(label) for t in templates for label in labels]
+        tokens = bb.tokenizer(prompts).to(bb.device)
+        routing = bank.routing(torch.full((len(prompts),), task)) if task >= 0 else None
+        with torch.inference_mode():
+            emb = encode_text(bb.model, tokens, routing).view(len(templates), len(labels), -1).mean(0)
+        return torch.nn.functional.normalize(emb, dim=-1)
+
+    return compute() if cache is None else cache.get_or_compute(key, compute)
+
+
+def select_tasks(bank: BankSnapshot, feats: torch.Tensor, item: ClassifyItem) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the task index (-1 = zero-shot) and its selector score (nan when no task exists)."""
+    n = feats.shape[0]
+    if not bank.tasks or item.task == ZERO_SHOT:
+        if item.task not in (AUTO, ZERO_SHOT):
+            bank.task_index(item.task)  # raises TaskNotFound
+        return torch.full((n,), -1, dtype=torch.long), torch.full((n,), float("nan"))
+    scores = torch.stack([score(t.selector, feats).float().cpu() for t in bank.tasks], dim=1)  # [n, T]
+    if item.task != AUTO:
+        t = bank.task_index(item.task)
+        return torch.full((n,), t, dtype=torch.long), scores[:, t]
+    if item.route == "per-request":
+        scores = scores.mean(0, keepdim=True).expand(n, -1)
+    best, idx = scores.min(dim=1)
+    return torch.where(best <= 1.0, idx, torch.full_like(idx, -1)), best
+
+
+def _route_of(bank: BankSnapshot, t: int, s: float) -> Route:
+    if t < 0:
+        return Route(None, score=None if s != s else s)
+    task = bank.tasks[t]
+    return Route(task.name, task.version, task.bundle_id, s, task.selector.threshold)
+
+
+def _item_results(bank: BankSnapshot, item: ClassifyItem, feats: torch.Tensor, tasks: torch.Tensor,
+                  scores: torch.Tensor, cache: TextCache | None) -> list[ImageResult]:
+    scale = float(bank.backbone.model.logit_scale.exp())
+    results = []
+    for i in range(feats.shape[0]):
+        t = int(tasks[i])
+        if item.labels:
+            labels = item.labels
+            templates = bank.tasks[t].templates if t >= 0 else ZERO_SHOT_TEMPLATES
+        elif t >= 0:
+            labels, templates = bank.tasks[t].classes, bank.tasks[t].templates
+        else:
+            raise InvalidRequest("no labels given and the image routed to zero-shot CLIP, which has no classes of its "
+                                 "own; send labels or pin a task")
+        text = text_embeddings(bank, t, labels, templates, cache)
+        probs = torch.softmax(scale * feats[i] @ text.T, dim=-1).cpu()
+        order = probs.argsort(descending=True)[: item.top_k or len(labels)]
+        results.append(ImageResult([(labels[j], float(probs[j])) for j in order], _route_of(bank, t, float(scores[i]))))
+    return results
+
+
+def classify_batch(bank: BankSnapshot, items: Sequence[ClassifyItem],
+                   cache: TextCache | None = None) -> list[list[ImageResult] | Exception]:
+    """Answer several requests with one frozen pass and one adapted pass that mixes tasks.
+
+    A request that cannot be answered gets its exception in its place; the others are unaffected.
+    """
+    bb = bank.backbone
+    sizes = [len(it.images) for it in items]
+    images = torch.cat([it.images for it in items]).to(bb.device)
+    with torch.inference_mode():
+        frozen = encode_image(bb.model, images)
+    out: list = [None] * len(items)
+    tasks = torch.full((len(images),), -1, dtype=torch.long)
+    scores = torch.full((len(images),), float("nan"))
+    start = 0
+    for k, (item, n) in enumerate(zip(items, sizes)):
+        try:
+            tasks[start : start + n], scores[start : start + n] = select_tasks(bank, frozen[start : start + n], item)
+        except Exception as e:  # noqa: BLE001 - reported per request
+            out[k] = e
+        start += n
+    feats = frozen.clone()
+    routed = (tasks >= 0).nonzero(as_tuple=True)[0]
+    if len(routed):
+        with torch.inference_mode():
+            feats[routed.to(bb.device)] = encode_image(bb.model, images[routed.to(bb.device)],
+                                                       bank.routing(tasks[routed]))
+    start = 0
+    for k, (item, n) in enumerate(zip(items, sizes)):
+        if out[k] is None:
+            try:
+                out[k] = _item_results(bank, item, feats[start : start + n], tasks[start : start + n],
+                                       scores[start : start + n], cache)
+            except Exception as e:  # noqa: BLE001 - reported per request
+                out[k] = e
+        start += n
+    return out

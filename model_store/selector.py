@@ -1,0 +1,164 @@
+"""Distribution-discriminative selectors (DDAS, METHOD.md §6): does an image belong to a task, per image."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BundleInvalid
+
+
+@dataclass(frozen=True)
+class SelectorConfig:
+    """How a selector is fitted and calibrated."""
+
+    kind: str = "autoencoder"
+    bottleneck: int = 32
+    epochs: int = 300
+    lr: float = 3e-3
+    percentile: float = 99.0
+    margin: float = 1.0  # threshold = margin * percentile of held-out in-distribution errors
+    shrinkage: float = 0.1  # gaussian kind: covariance shrinkage toward the mean eigenvalue
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.kind not in SELECTOR_KINDS:
+            problems.append(f"kind must be one of {sorted(SELECTOR_KINDS)}, got {self.kind!r}")
+        if not 50.0 <= self.percentile <= 100.0:
+            problems.append(f"percentile must be in [50, 100], got {self.percentile}")
+        if self.margin <= 0:
+            problems.append(f"margin must be > 0, got {self.margin}")
+        if self.bottleneck < 1:
+            problems.append(f"bottleneck must be >= 1, got {self.bottleneck}")
+        if problems:
+            raise ValueError("invalid SelectorConfig: " + "; ".join(problems))
+
+
+class Selector(Protocol):
+    kind: ClassVar[str]
+    threshold: float
+    calibration: dict[str, float]
+
+    def error(self, feats: torch.Tensor) -> torch.Tensor:
+        """Raw out-of-distribution error per row of normalised embeddings [B, D]; larger is further away."""
+
+    def tensors(self) -> dict[str, torch.Tensor]: ...
+
+
+def score(selector: Selector, feats: torch.Tensor) -> torch.Tensor:
+    """error / threshold: at most 1 means 'this image belongs to the task'."""
+    return selector.error(feats) / selector.threshold
+
+
+def _calibrate(errors: torch.Tensor, cfg: SelectorConfig) -> tuple[float, dict[str, float]]:
+    e = errors.detach().float().cpu()
+    q = torch.quantile(e, torch.tensor([0.5, 0.9, 0.95, 0.99, cfg.percentile / 100.0]))
+    stats = {"n": float(len(e)), "mean": float(e.mean()), "std": float(e.std()) if len(e) > 1 else 0.0,
+             "p50": float(q[0]), "p90": float(q[1]), "p95": float(q[2]), "p99": float(q[3]), "max": float(e.max()),
+             "percentile": cfg.percentile, "margin": cfg.margin}
+    threshold = max(float(q[4]) * cfg.margin, 1e-12)
+    return threshold, stats
+
+
+@dataclass
+class AutoencoderSelector:
+    """dim -> bottleneck -> dim autoencoder (tanh code); the error is the mean squared reconstruction error."""
+
+    kind: ClassVar[str] = "autoencoder"
+    enc_w: torch.Tensor
+    enc_b: torch.Tensor
+    dec_w: torch.Tensor
+    dec_b: torch.Tensor
+    threshold: float = 1.0
+    calibration: dict[str, float] | None = None
+
+    def error(self, feats: torch.Tensor) -> torch.Tensor:
+        recon = F.linear(torch.tanh(F.linear(feats, self.enc_w, self.enc_b)), self.dec_w, self.dec_b)
+        return ((recon - feats) ** 2).mean(-1)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"enc_w": self.enc_w, "enc_b": self.enc_b, "dec_w": self.dec_w, "dec_b": self.dec_b}
+
+    @classmethod
+    def fit(cls, train: torch.Tensor, cfg: SelectorConfig) -> AutoencoderSelector:
+        g = torch.Generator().manual_seed(cfg.seed)
+        d = train.shape[1]
+        enc, dec = torch.nn.Linear(d, cfg.bottleneck), torch.nn.Linear(cfg.bottleneck, d)
+        for lin in (enc, dec):
+            torch.nn.init.normal_(lin.weight, std=lin.in_features**-0.5, generator=g)
+            torch.nn.init.zeros_(lin.bias)
+        params = [*enc.parameters(), *dec.parameters()]
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+        x = train.detach().float()
+        with torch.enable_grad():
+            for _ in range(cfg.epochs):  # full batch: task feature sets are small
+                loss = ((dec(torch.tanh(enc(x))) - x) ** 2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return cls(*(p.detach().clone() for p in (enc.weight, enc.bias, dec.weight, dec.bias)))
+
+
+@dataclass
+class GaussianSelector:
+    """One Gaussian per task (mean, shrunk covariance); the error is the squared Mahalanobis distance / dim."""
+
+    kind: ClassVar[str] = "gaussian"
+    mean: torch.Tensor
+    precision: torch.Tensor
+    threshold: float = 1.0
+    calibration: dict[str, float] | None = None
+
+    def error(self, feats: torch.Tensor) -> torch.Tensor:
+        z = feats - self.mean
+        return ((z @ self.precision) * z).sum(-1) / z.shape[-1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean, "precision": self.precision}
+
+    @classmethod
+    def fit(cls, train: torch.Tensor, cfg: SelectorConfig) -> GaussianSelector:
+        x = train.detach().double()
+        mean = x.mean(0)
+        cov = torch.cov((x - mean).T) if len(x) > 1 else torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype)
+        target = torch.eye(x.shape[1], dtype=x.dtype) * max(float(torch.diagonal(cov).mean()), 1e-6)
+        shrunk = (1 - cfg.shrinkage) * cov + cfg.shrinkage * target
+        return cls(mean.float(), torch.linalg.inv(shrunk).float())
+
+
+SELECTOR_KINDS: dict[str, Callable[..., Any]] = {"autoencoder": AutoencoderSelector, "gaussian": GaussianSelector}
+
+
+def fit_selector(train: torch.Tensor, calib: torch.Tensor, cfg: SelectorConfig) -> Selector:
+    """Fit on the task's training embeddings; calibrate the threshold on held-out ones (never seen in fitting)."""
+    if len(train) < 2 or len(calib) < 1:
+        raise ValueError(f"selector needs >= 2 training and >= 1 calibration images, got {len(train)} and {len(calib)}")
+    selector = SELECTOR_KINDS[cfg.kind].fit(train, cfg)
+    selector.threshold, selector.calibration = _calibrate(selector.error(calib.float()), cfg)
+    return selector
+
+
+def selector_manifest(selector: Selector, cfg: SelectorConfig) -> dict[str, Any]:
+    return {"kind": selector.kind, "threshold": selector.threshold, "calibration": selector.calibration,
+            "config": asdict(cfg)}
+
+
+def load_selector(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Selector:
+    """Rebuild a selector from the bundle manifest's `selector` section and its `selector.*` tensors."""
+    kind = meta.get("kind")
+    if kind not in SELECTOR_KINDS:
+        raise BundleInvalid(f"selector kind {kind!r} is unknown; known: {sorted(SELECTOR_KINDS)}")
+    cls = SELECTOR_KINDS[kind]
+    names = [f for f in cls.__dataclass_fields__ if f not in ("kind", "threshold", "calibration")]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise BundleInvalid(f"selector {kind} is missing tensors: {', '.join('selector.' + m for m in missing)}")
+    threshold = meta.get("threshold")
+    if not isinstance(threshold, int | float) or not threshold > 0:
+        raise BundleInvalid(f"selector threshold must be a positive number, got {threshold!r}")
+    return cls(*(tensors[n].float() for n in names), threshold=float(threshold), calibration=meta.get("calibration"))

@@ -1,0 +1,195 @@
+"""The local bundle store: immutable blobs plus one index file, changed atomically under a process-safe lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from .bundle import Bundle, read_bundle, utc_now, validate_task_name
+from .digest import bytes_digest
+from .errors import BundleNotFound, StoreError, TaskNotFound, VersionConflict, VersionNotFound
+
+INDEX_FORMAT = 1
+TMP_PREFIX = ".tmp-"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write temp, fsync, rename, fsync the folder: readers see the old file or the new one, never a part."""
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class PutResult:
+    task: str
+    version: int
+    bundle_id: str
+    experts_added: int
+    generation: int
+
+
+class LocalStore:
+    """A folder `blobs/<sha256>.safetensors` + `index.json`. Several processes may share it."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.blobs = self.root / "blobs"
+        self.index_path = self.root / "index.json"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(self.root / ".lock"), timeout=60)
+
+    # ----------------------------------------------------------------------------------------- reading
+
+    def index(self) -> dict[str, Any]:
+        """The current index (a fresh read; other processes may have changed it)."""
+        try:
+            return json.loads(self.index_path.read_text())
+        except FileNotFoundError:
+            return {"format": INDEX_FORMAT, "generation": 0, "tasks": {}}
+        except json.JSONDecodeError as e:
+            raise StoreError(f"store index {self.index_path} is corrupt: {e}") from None
+
+    def generation(self) -> int:
+        return int(self.index()["generation"])
+
+    def task(self, name: str) -> dict[str, Any]:
+        tasks = self.index()["tasks"]
+        if name not in tasks:
+            raise TaskNotFound(f"task {name!r} is not in the store; known: {', '.join(sorted(tasks)) or 'none'}")
+        return tasks[name]
+
+    def active(self) -> dict[str, str]:
+        """{task: active bundle id} for every task that has one."""
+        return {t: e["active"] for t, e in self.index()["tasks"].items() if e.get("active")}
+
+    def read(self, bundle_id: str) -> bytes:
+        path = self.blobs / f"{bundle_id}.safetensors"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BundleNotFound(f"bundle {bundle_id[:12]} is not in the store {self.root}") from None
+        if bytes_digest(data) != bundle_id:
+            raise StoreError(f"blob {path} does not hash to its name: the store is damaged")
+        return data
+
+    def load(self, bundle_id: str) -> Bundle:
+        return read_bundle(self.read(bundle_id))
+
+    def expert_sources(self) -> dict[str, str]:
+        """{expert id: id of the bundle that added it}, over every stored version."""
+        out = {}
+        for entry in self.index()["tasks"].values():
+            for v in entry["versions"]:
+                for eid in v.get("experts_new", []):
+                    out.setdefault(eid, v["bundle_id"])
+        return out
+
+    # ----------------------------------------------------------------------------------------- changing
+
+    @contextmanager
+    def _change(self):
+        """Lock, read the index, let the caller edit it, then publish it with generation + 1."""
+        with self._lock:
+            for stale in self.blobs.glob(TMP_PREFIX + "*"):  # left by a killed writer; we hold the lock
+                stale.unlink(missing_ok=True)
+            index = self.index()
+            yield index
+            index["generation"] = int(index["generation"]) + 1
+            atomic_write(self.index_path, json.dumps(index, indent=1, sort_keys=True).encode())
+
+    def put(self, data: bytes, activate: bool = True, metrics: dict[str, Any] | None = None,
+            check: Callable[[Bundle], None] | None = None) -> PutResult:
+        """Validate and store a bundle; by default make it the task's active version.
+
+        `check` runs under the lock before anything is written (the server uses it to test compatibility).
+        """
+        bundle = read_bundle(data)
+        with self._change() as index:
+            entry = index["tasks"].setdefault(bundle.task, {"active": None, "versions": []})
+            newest = max((v["version"] for v in entry["versions"]), default=0)
+            if bundle.version <= newest:
+                raise VersionConflict(
+                    f"task {bundle.task!r} already has version {newest}; a new bundle needs version > {newest}, "
+                    f"got {bundle.version}")
+            if check is not None:
+                check(bundle)
+            path = self.blobs / f"{bundle.id}.safetensors"
+            if not path.exists():
+                atomic_write(path, data)
+            entry["versions"].append({
+                "version": bundle.version, "bundle_id": bundle.id, "created_at": bundle.manifest.get("created_at"),
+                "stored_at": utc_now(), "bytes": len(data), "experts_new": bundle.manifest["experts"]["new"],
+                "uses": bundle.uses, "metrics": metrics or _metrics_of(bundle),
+            })
+            if activate:
+                entry["active"] = bundle.id
+        return PutResult(bundle.task, bundle.version, bundle.id, len(bundle.experts), index["generation"])
+
+    def activate(self, task: str, version: int) -> str:
+        """Make `version` the active one (rollback or roll forward); returns its bundle id."""
+        with self._change() as index:
+            entry = index["tasks"].get(task)
+            if entry is None:
+                raise TaskNotFound(f"task {task!r} is not in the store")
+            found = [v for v in entry["versions"] if v["version"] == version]
+            if not found:
+                have = ", ".join(str(v["version"]) for v in entry["versions"])
+                raise VersionNotFound(f"task {task!r} has no version {version}; stored versions: {have}")
+            entry["active"] = found[0]["bundle_id"]
+        return found[0]["bundle_id"]
+
+    def deactivate(self, task: str) -> None:
+        """Stop routing to a task. Its blobs stay, so it can be re-activated."""
+        with self._change() as index:
+            if task not in index["tasks"]:
+                raise TaskNotFound(f"task {task!r} is not in the store")
+            index["tasks"][task]["active"] = None
+
+    def purge(self, task: str) -> int:
+        """Forget an inactive task and delete the blobs nothing else needs; returns blobs deleted."""
+        validate_task_name(task)
+        with self._change() as index:
+            entry = index["tasks"].get(task)
+            if entry is None:
+                raise TaskNotFound(f"task {task!r} is not in the store")
+            if entry.get("active"):
+                raise StoreError(f"task {task!r} is active; deactivate it before purging")
+            del index["tasks"][task]
+            needed = {u for e in index["tasks"].values() for v in e["versions"] for u in v.get("uses", [])}
+            doomed = [v for v in entry["versions"] if not needed.intersection(v.get("experts_new", []))]
+            kept = [v for v in entry["versions"] if v not in doomed]
+            if kept:  # experts still used by other tasks: keep those versions, inactive
+                index["tasks"][task] = {"active": None, "versions": kept}
+        for v in doomed:  # only once the index no longer names them
+            (self.blobs / f"{v['bundle_id']}.safetensors").unlink(missing_ok=True)
+        return len(doomed)
+
+
+def _metrics_of(bundle: Bundle) -> dict[str, Any]:
+    training = bundle.manifest.get("training") or {}
+    return {k: training[k] for k in ("val_accuracy", "zero_shot_val_accuracy") if k in training}

@@ -1,0 +1,138 @@
+"""Bundle round trip and one typed error per kind of bad bundle."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from model_store.bank import build_bank, empty_bank
+from model_store.bundle import MANIFEST_KEY, check_compatible, read_bundle
+from model_store.errors import (
+    BackboneMismatch,
+    BundleFormatError,
+    BundleInvalid,
+    BundleTampered,
+    MissingExpert,
+    ShapeMismatch,
+)
+from tests.helpers import random_bundle
+
+
+@pytest.fixture(scope="module")
+def bundle_bytes(backbone):
+    return random_bundle(empty_bank(backbone), "digits", seed=5)
+
+
+def _edit(data: bytes, tensors=None, manifest=None) -> bytes:
+    """Rewrite a bundle's tensors and/or manifest (without fixing digests)."""
+    meta = json.loads(_metadata(data)[MANIFEST_KEY])
+    t = st_load(data)
+    if tensors:
+        tensors(t)
+    if manifest:
+        manifest(meta)
+    return st_save(t, metadata={MANIFEST_KEY: json.dumps(meta)})
+
+
+def _metadata(data: bytes) -> dict:
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n])["__metadata__"]
+
+
+def test_round_trip(backbone, bundle_bytes):
+    b = read_bundle(bundle_bytes)
+    assert b.task == "digits" and b.version == 1 and len(b.id) == 64
+    assert len(b.experts) == 2 * (backbone.towers["visual"].layers + backbone.towers["text"].layers)
+    check_compatible(b, backbone, {})
+    again = read_bundle(bytes(bundle_bytes))
+    assert again.id == b.id
+    for eid, p in b.experts.items():
+        assert torch.equal(again.experts[eid].expert.up_w, p.expert.up_w)
+
+
+def test_tampered_tensor(bundle_bytes):
+    def flip(t):
+        key = next(k for k in t if k.endswith("up.weight"))
+        t[key] = t[key].clone()
+        t[key][0, 0] += 1.0
+
+    with pytest.raises(BundleTampered, match="experts whose content changed"):
+        read_bundle(_edit(bundle_bytes, tensors=flip))
+
+
+def test_tampered_router_is_caught_by_content_digest(bundle_bytes):
+    def flip(t):
+        t["router.visual.0"] = t["router.visual.0"] + 1
+
+    with pytest.raises(BundleTampered):
+        read_bundle(_edit(bundle_bytes, tensors=flip))
+
+
+def test_wrong_backbone_fingerprint(backbone, bundle_bytes):
+    def other(m):
+        m["backbone"]["fingerprint"] = "0" * 64
+
+    with pytest.raises(BackboneMismatch, match="does not match the served backbone"):
+        check_compatible(read_bundle(_edit(bundle_bytes, manifest=other)), backbone, {})
+
+
+def test_missing_referenced_expert(backbone):
+    bank_a = build_bank(backbone, [read_bundle(random_bundle(empty_bank(backbone), "a", seed=1))])
+    b = read_bundle(random_bundle(bank_a, "b", seed=2))
+    assert b.uses, "b must route to a's experts for this test to mean anything"
+    with pytest.raises(MissingExpert, match="does not hold"):
+        check_compatible(b, backbone, {})
+    with pytest.raises(MissingExpert):
+        build_bank(backbone, [b])
+    check_compatible(b, backbone, {e: v[:2] for e, v in bank_a.expert_ids.items()})
+
+
+def test_wrong_shapes(backbone, bundle_bytes):
+    b = read_bundle(bundle_bytes)
+    bigger = type(backbone)(backbone.ref, backbone.model, backbone.preprocess, backbone.train_preprocess,
+                            backbone.tokenizer, backbone.device, backbone.fingerprint,
+                            {t: type(s)(s.width * 2, s.layers) for t, s in backbone.towers.items()})
+    with pytest.raises(ShapeMismatch, match="does not fit the backbone"):
+        check_compatible(b, bigger, {})
+
+
+@pytest.mark.parametrize("payload, match", [
+    (b"PK\x03\x04" + b"\0" * 100, "zip archive"),
+    (b"\x80\x04\x95" + b"\0" * 100, "pickle"),
+    (b"hello", "too short"),
+    (struct.pack("<Q", 10**9) + b"{}", "header length"),
+    (struct.pack("<Q", 4) + b"nope", "not JSON"),
+])
+def test_not_safetensors(payload, match):
+    with pytest.raises(BundleFormatError, match=match):
+        read_bundle(payload)
+
+
+def test_torch_save_file_is_refused():
+    buf = io.BytesIO()
+    torch.save({"x": torch.zeros(2)}, buf)
+    with pytest.raises(BundleFormatError, match="no pickle"):
+        read_bundle(buf.getvalue())
+
+
+def test_plain_safetensors_without_manifest():
+    with pytest.raises(BundleInvalid, match="clipbank.manifest"):
+        read_bundle(st_save({"x": torch.zeros(2)}))
+
+
+def test_schema_errors_are_collected(bundle_bytes):
+    def bad(m):
+        m["task"] = "Bad Name"
+        m["version"] = 0
+        m["templates"] = ["no placeholder"]
+
+    with pytest.raises(BundleInvalid) as e:
+        read_bundle(_edit(bundle_bytes, manifest=bad))
+    for word in ("task", "version", "templates"):
+        assert word in str(e.value)

@@ -1,0 +1,106 @@
+"""The MoE forward: exactness of the empty bank, fresh experts, mixed batches and bank growth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_store.bank import build_bank, empty_bank
+from model_store.bundle import read_bundle
+from model_store.experts import MoEConfig, Routing
+from model_store.moe_clip import encode_image, encode_text
+from tests.helpers import random_bundle
+
+
+@pytest.fixture(scope="module")
+def inputs(backbone):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(6, 3, backbone.image_size, backbone.image_size, generator=g)
+    tokens = backbone.tokenizer(["a photo of a red circle.", "a blue star", "zebra"])
+    return images, tokens
+
+
+@pytest.fixture(scope="module")
+def bank_ab(backbone):
+    bank_a = build_bank(backbone, [read_bundle(random_bundle(empty_bank(backbone), "a", seed=1))])
+    b = read_bundle(random_bundle(bank_a, "b", seed=2))
+    return bank_a, build_bank(backbone, [read_bundle(random_bundle(empty_bank(backbone), "a", seed=1)), b],
+                              previous=bank_a)
+
+
+def test_empty_bank_equals_open_clip(backbone, inputs):
+    images, tokens = inputs
+    bank = empty_bank(backbone)
+    ref_img = backbone.model.encode_image(images, normalize=True)
+    ref_txt = backbone.model.encode_text(tokens, normalize=True)
+    # no routing at all, and a routing where every sample says "no adapter"
+    for routing_img, routing_txt in ((None, None), (bank.routing(torch.full((6,), -1)), bank.routing(torch.full((3,), -1)))):
+        torch.testing.assert_close(encode_image(backbone.model, images, routing_img), ref_img, atol=1e-5, rtol=0)
+        torch.testing.assert_close(encode_text(backbone.model, tokens, routing_txt), ref_txt, atol=1e-5, rtol=0)
+
+
+def test_fresh_experts_change_nothing(backbone, inputs):
+    images, tokens = inputs
+    bank = build_bank(backbone, [read_bundle(random_bundle(empty_bank(backbone), "fresh", seed=3, zero_up=True))])
+    routed_img = encode_image(backbone.model, images, bank.routing(torch.zeros(6, dtype=torch.long)))
+    routed_txt = encode_text(backbone.model, tokens, bank.routing(torch.zeros(3, dtype=torch.long)))
+    torch.testing.assert_close(routed_img, backbone.model.encode_image(images, normalize=True), atol=1e-6, rtol=0)
+    torch.testing.assert_close(routed_txt, backbone.model.encode_text(tokens, normalize=True), atol=1e-6, rtol=0)
+
+
+def test_random_experts_do_change_the_output(backbone, inputs, bank_ab):
+    """Guards the tests above and below against a branch that silently does nothing."""
+    images, _ = inputs
+    _, bank = bank_ab
+    routed = encode_image(backbone.model, images, bank.routing(torch.zeros(6, dtype=torch.long)))
+    assert (routed - backbone.model.encode_image(images, normalize=True)).abs().max() > 1e-3
+
+
+def test_mixed_batch_equals_each_task_alone(backbone, inputs, bank_ab):
+    images, _ = inputs
+    _, bank = bank_ab
+    tasks = torch.tensor([0, 1, -1, 1, 0, -1])
+    mixed = encode_image(backbone.model, images, bank.routing(tasks))
+    for t in (-1, 0, 1):
+        alone = encode_image(backbone.model, images, bank.routing(torch.full((6,), t)))
+        rows = tasks == t
+        torch.testing.assert_close(mixed[rows], alone[rows], atol=1e-6, rtol=0)
+    assert not torch.allclose(mixed[tasks == 0], encode_image(backbone.model, images,
+                                                             bank.routing(torch.ones(6, dtype=torch.long)))[tasks == 0])
+
+
+def test_adding_task_b_leaves_task_a_bit_identical(backbone, inputs, bank_ab):
+    images, tokens = inputs
+    bank_a, bank_ab_ = bank_ab
+    ia, iab = bank_a.task_index("a"), bank_ab_.task_index("a")
+    img_a = encode_image(backbone.model, images, bank_a.routing(torch.full((6,), ia)))
+    img_ab = encode_image(backbone.model, images, bank_ab_.routing(torch.full((6,), iab)))
+    txt_a = encode_text(backbone.model, tokens, bank_a.routing(torch.full((3,), ia)))
+    txt_ab = encode_text(backbone.model, tokens, bank_ab_.routing(torch.full((3,), iab)))
+    assert torch.equal(img_a @ txt_a.T, img_ab @ txt_ab.T)
+    # B really routes to A's experts too (it sees every published expert), so the bank was shared, not copied
+    b = bank_ab_.tasks[bank_ab_.task_index("b")]
+    assert b.router.weights["visual"][0].shape[0] == 4
+
+
+def test_noise_only_in_training(backbone, inputs, bank_ab):
+    images, _ = inputs
+    _, bank = bank_ab
+    task = bank.tasks[0]
+    noisy = type(task.router)(task.router.weights, task.router.slots,
+                              {t: [torch.ones_like(w) for w in ws] for t, ws in task.router.weights.items()})
+    routing = Routing(bank.experts, [noisy], torch.zeros(6, dtype=torch.long), MoEConfig(dropout=0.0), False)
+    first = encode_image(backbone.model, images, routing)
+    assert torch.equal(first, encode_image(backbone.model, images, routing))
+    train = Routing(bank.experts, [noisy], torch.zeros(6, dtype=torch.long), MoEConfig(dropout=0.0), True)
+    torch.manual_seed(0)
+    assert not torch.equal(encode_image(backbone.model, images, train), first)
+
+
+def test_top_k_uses_two_experts_per_sample(backbone, bank_ab):
+    _, bank = bank_ab
+    routing = bank.routing(torch.tensor([0, 1, -1]))
+    slots, gates = routing._route("visual", 0, torch.randn(3, backbone.towers["visual"].width))
+    assert (slots[:2] >= 0).all() and (slots[2] == -1).all()
+    torch.testing.assert_close(gates[:2].sum(1), torch.ones(2))
+    assert gates[2].sum() == 0

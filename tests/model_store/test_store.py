@@ -1,0 +1,122 @@
+"""The local store: versions, activation, rollback, purge, and crash safety."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from model_store.bank import empty_bank
+from model_store.errors import TaskNotFound, VersionConflict, VersionNotFound
+from model_store.store import LocalStore
+from tests.helpers import random_bundle
+
+
+@pytest.fixture(scope="module")
+def bundles(backbone):
+    bank = empty_bank(backbone)
+    return {v: random_bundle(bank, "cars", seed=10 + v, version=v) for v in (1, 2, 3)}
+
+
+def test_put_activate_rollback_deactivate_purge(tmp_path, bundles):
+    store = LocalStore(tmp_path)
+    r1 = store.put(bundles[1])
+    r2 = store.put(bundles[2])
+    assert (r1.version, r2.version) == (1, 2)
+    assert store.active() == {"cars": r2.bundle_id}
+    assert store.generation() == 2
+    assert store.activate("cars", 1) == r1.bundle_id
+    assert store.active() == {"cars": r1.bundle_id}
+    with pytest.raises(VersionConflict, match="needs version > 2"):
+        store.put(bundles[1])
+    with pytest.raises(VersionNotFound, match="stored versions: 1, 2"):
+        store.activate("cars", 7)
+    with pytest.raises(TaskNotFound):
+        store.activate("boats", 1)
+    store.deactivate("cars")
+    assert store.active() == {}
+    assert store.load(r2.bundle_id).version == 2  # blobs stay for rollback
+    assert store.purge("cars") == 2
+    assert not list(store.blobs.iterdir())
+    assert store.index()["tasks"] == {}
+
+
+def test_blobs_are_verified_on_read(tmp_path, bundles):
+    store = LocalStore(tmp_path)
+    r = store.put(bundles[1])
+    path = store.blobs / f"{r.bundle_id}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="does not hash to its name"):
+        store.read(r.bundle_id)
+
+
+def test_failed_index_write_leaves_store_as_it_was(tmp_path, bundles, monkeypatch):
+    store = LocalStore(tmp_path)
+    store.put(bundles[1])
+    before = store.index_path.read_bytes()
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if str(dst).endswith("index.json"):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        store.put(bundles[2])
+    monkeypatch.undo()
+    assert store.index_path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+    assert all(not p.name.startswith(".tmp-") for p in store.blobs.iterdir())
+
+
+@pytest.mark.parametrize("victim", ["blob", "index"])
+def test_process_killed_mid_write(tmp_path, bundles, victim):
+    """A real process dies (os._exit) in the middle of writing; the next reader sees the old state."""
+    store = LocalStore(tmp_path)
+    store.put(bundles[1])
+    before = store.index()
+    (tmp_path / "b2.safetensors").write_bytes(bundles[2])
+    script = textwrap.dedent(f"""
+        import os, sys
+        from pathlib import Path
+        import model_store.store as s
+        real = os.fsync
+        def dying_fsync(fd):
+            # the process dies with part of the new {victim} file on disk
+            target = os.readlink(f"/proc/self/fd/{{fd}}")
+            in_blobs = os.path.basename(os.path.dirname(target)) == "blobs"
+            if ".tmp-" in os.path.basename(target) and in_blobs == ("{victim}" == "blob"):
+                os.write(fd, b"partial")
+                os._exit(9)
+            return real(fd)
+        s.os.fsync = dying_fsync
+        s.LocalStore(sys.argv[1]).put(Path(sys.argv[1], "b2.safetensors").read_bytes())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, timeout=120,
+                          cwd=os.getcwd())
+    assert proc.returncode == 9, proc.stderr.decode()
+    after = LocalStore(tmp_path)
+    assert after.index() == before
+    visible = [p for p in after.blobs.iterdir() if not p.name.startswith(".tmp-")]
+    for p in visible:  # a blob is whole or absent: every visible one hashes to its name
+        assert hashlib.sha256(p.read_bytes()).hexdigest() + ".safetensors" == p.name
+    if victim == "blob":
+        assert len(visible) == 1
+    r = after.put(bundles[2])  # the next writer cleans up and succeeds
+    assert r.version == 2
+    assert not [p for p in after.blobs.iterdir() if p.name.startswith(".tmp-")]
+    assert json.loads(after.index_path.read_text())["generation"] == before["generation"] + 1
+
+
+def test_two_stores_on_one_folder_see_each_other(tmp_path, bundles):
+    a, b = LocalStore(tmp_path), LocalStore(tmp_path)
+    a.put(bundles[1])
+    assert b.generation() == 1 and "cars" in b.active()

@@ -1,0 +1,76 @@
+"""Labelled image sets for training: ImageFolder trees (one sub-folder per class) or offline domains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Images with integer labels into `classes`."""
+
+    images: list[Image.Image]
+    labels: list[int]
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, idx) -> LabelledImages:
+        return LabelledImages([self.images[i] for i in idx], [self.labels[i] for i in idx], self.classes)
+
+    def holdout(self, fraction: float, seed: int = 0) -> tuple[LabelledImages, LabelledImages]:
+        """Split off a stratified held-out part (at least one image per class when a class has two or more)."""
+        rng = np.random.default_rng(seed)
+        keep, held = [], []
+        labels = np.array(self.labels)
+        for c in range(len(self.classes)):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            k = int(round(len(idx) * fraction)) if len(idx) > 1 else 0
+            k = max(k, 1) if len(idx) > 1 else 0
+            held += idx[:k].tolist()
+            keep += idx[k:].tolist()
+        return self.subset(sorted(keep)), self.subset(sorted(held))
+
+
+def class_name(folder: str) -> str:
+    """An ImageFolder folder name as a class name: `_` reads as a space."""
+    return folder.replace("_", " ")
+
+
+def load_image_folder(root: str | Path, classes: tuple[str, ...] | None = None) -> LabelledImages:
+    """Read `root/<class>/*.png|jpg|...` eagerly as RGB. With `classes`, folders must name exactly those."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = tuple(class_name(p.name) for p in folders)
+    if not folders:
+        raise ValueError(f"image folder {root} has no class sub-folders")
+    if classes is not None and set(found) != set(classes):
+        raise ValueError(f"{root} has classes {list(found)}, expected {list(classes)}")
+    classes = classes or found
+    images, labels = [], []
+    for p in folders:
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        for f in files:
+            with Image.open(f) as im:
+                images.append(im.convert("RGB"))
+            labels.append(classes.index(class_name(p.name)))
+    if not images:
+        raise ValueError(f"image folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return LabelledImages(images, labels, classes)
+
+
+def load_domain(name: str, split: str) -> LabelledImages:
+    from .domains import get_domain
+
+    domain = get_domain(name)
+    images, labels = domain.split(split)
+    return LabelledImages(images, labels, domain.classes)

@@ -1,0 +1,270 @@
+"""Offline image domains: generated or shipped by packages, with deterministic train/val/test splits."""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+SPLITS = ("train", "val", "test")
+IMAGE_SIZE = 64
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "orange": (250, 140, 20),
+    "purple": (140, 40, 190),
+    "pink": (250, 130, 200),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "gray": (128, 128, 128),
+}
+SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "bar")
+SIZES = ("small", "large")
+
+
+def _rng(*key: object) -> np.random.Generator:
+    """A generator seeded by a stable hash of `key`, so every split is the same on every machine."""
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator, amount: int = 18) -> tuple[int, int, int]:
+    return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)  # type: ignore[return-value]
+
+
+def _polygon(cx: float, cy: float, radii: list[float], angle: float) -> list[tuple[float, float]]:
+    n = len(radii)
+    return [
+        (cx + r * math.cos(angle + 2 * math.pi * i / n), cy + r * math.sin(angle + 2 * math.pi * i / n))
+        for i, r in enumerate(radii)
+    ]
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill, rot: float) -> None:
+    """Draw one filled shape of radius about `r` centred at (cx, cy)."""
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "ring":
+        w = max(2.0, r * 0.35)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=int(w))
+    elif shape == "square":
+        draw.polygon(_polygon(cx, cy, [r * 1.2] * 4, math.pi / 4), fill=fill)
+    elif shape == "diamond":
+        draw.polygon(_polygon(cx, cy, [r * 1.25, r * 0.8] * 2, 0.0), fill=fill)
+    elif shape == "triangle":
+        draw.polygon(_polygon(cx, cy, [r * 1.2] * 3, -math.pi / 2 + rot), fill=fill)
+    elif shape == "star":
+        draw.polygon(_polygon(cx, cy, [r * 1.25, r * 0.5] * 5, -math.pi / 2 + rot), fill=fill)
+    elif shape == "cross":
+        a = r * 0.35
+        draw.rectangle([cx - r, cy - a, cx + r, cy + a], fill=fill)
+        draw.rectangle([cx - a, cy - r, cx + a, cy + r], fill=fill)
+    elif shape == "bar":
+        draw.rectangle([cx - r * 1.3, cy - r * 0.3, cx + r * 1.3, cy + r * 0.3], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+
+
+@dataclass(frozen=True)
+class ShapeScene:
+    """The attributes of one generated shape image; the caption vocabulary of the tiny backbone."""
+
+    color: int
+    shape: int
+    size: int
+    background: int
+
+
+def random_scene(rng: np.random.Generator) -> ShapeScene:
+    color = int(rng.integers(len(COLORS)))
+    bg = int(rng.integers(len(COLORS) - 1))
+    bg = bg + 1 if bg >= color else bg
+    return ShapeScene(color, int(rng.integers(len(SHAPES))), int(rng.integers(len(SIZES))), bg)
+
+
+def render_scene(scene: ShapeScene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:
+    """Render one coloured shape on a plain, slightly noisy background."""
+    names = list(COLORS)
+    bg = _jitter(COLORS[names[scene.background]], rng, 25)
+    img = Image.new("RGB", (size, size), bg)
+    draw = ImageDraw.Draw(img)
+    r = size * (rng.uniform(0.12, 0.2) if scene.size == 0 else rng.uniform(0.27, 0.36))
+    margin = r * 1.3
+    cx, cy = rng.uniform(margin, size - margin, 2) if size - 2 * margin > 1 else (size / 2, size / 2)
+    fill = _jitter(COLORS[names[scene.color]], rng)
+    draw_shape(draw, SHAPES[scene.shape], cx, cy, r, fill, float(rng.uniform(-0.3, 0.3)))
+    arr = np.asarray(img, dtype=np.int16) + rng.integers(-8, 9, (size, size, 1), dtype=np.int16)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+# --------------------------------------------------------------------------------------------- task domains
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A labelled offline domain. `make(split, rng)` returns (images, labels) for that split, deterministically."""
+
+    name: str
+    classes: tuple[str, ...]
+    description: str
+    make: Callable[[str, int], tuple[list[Image.Image], list[int]]]
+    per_class: dict[str, int]
+
+    def split(self, split: str) -> tuple[list[Image.Image], list[int]]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return self.make(split, self.per_class[split])
+
+
+def _balanced(name: str, split: str, n_classes: int, per_class: int) -> tuple[np.random.Generator, list[int]]:
+    rng = _rng(name, split)
+    labels = [c for c in range(n_classes) for _ in range(per_class)]
+    rng.shuffle(labels)
+    return rng, labels
+
+
+def _make_shapes(split: str, per_class: int) -> tuple[list[Image.Image], list[int]]:
+    rng, labels = _balanced("shapes", split, len(SHAPES), per_class)
+    images = []
+    for label in labels:
+        scene = random_scene(rng)
+        images.append(render_scene(ShapeScene(scene.color, label, scene.size, scene.background), rng))
+    return images, labels
+
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def _make_digits(split: str, per_class: int) -> tuple[list[Image.Image], list[int]]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    order = _rng("digits", "order").permutation(len(data.target))
+    n = len(order)
+    bounds = {"train": (0, int(0.6 * n)), "val": (int(0.6 * n), int(0.8 * n)), "test": (int(0.8 * n), n)}
+    lo, hi = bounds[split]
+    idx = order[lo:hi]
+    rng = _rng("digits", split)
+    images, labels = [], []
+    for i in idx:
+        grey = (data.images[i] / 16.0 * 255).astype(np.uint8)
+        img = Image.fromarray(grey).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR).convert("RGB")
+        tint = np.array(_jitter((200, 200, 255), rng, 50), dtype=np.float32) / 255.0
+        images.append(Image.fromarray((np.asarray(img, dtype=np.float32) * tint).astype(np.uint8)))
+        labels.append(int(data.target[i]))
+    return images, labels
+
+
+def _font_paths() -> list[str]:
+    import matplotlib
+
+    folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    wanted = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Italic.ttf",
+              "DejaVuSansMono.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf", "cmr10.ttf", "cmss10.ttf")
+    return [str(folder / f) for f in wanted if (folder / f).exists()]
+
+
+GLYPHS = ("A", "E", "G", "K", "M", "R")
+
+
+def _make_glyphs(split: str, per_class: int) -> tuple[list[Image.Image], list[int]]:
+    fonts = _font_paths()
+    # Fonts are split too, so the test split holds fonts never seen in training.
+    by_split = {"train": fonts[:-3] or fonts, "val": fonts[-3:-1] or fonts, "test": fonts[-1:] or fonts}
+    rng, labels = _balanced("glyphs", split, len(GLYPHS), per_class)
+    images = []
+    for label in labels:
+        font = ImageFont.truetype(str(rng.choice(by_split[split])), int(rng.integers(34, 50)))
+        bg = int(rng.integers(0, 90))
+        img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (bg, bg, bg))
+        draw = ImageDraw.Draw(img)
+        fg = tuple(int(v) for v in rng.integers(160, 256, 3))
+        off = rng.integers(-5, 6, 2)
+        draw.text((IMAGE_SIZE / 2 + off[0], IMAGE_SIZE / 2 + off[1]), GLYPHS[label], font=font, fill=fg, anchor="mm")
+        images.append(img.rotate(float(rng.uniform(-12, 12)), resample=Image.BILINEAR, fillcolor=(bg, bg, bg)))
+    return images, labels
+
+
+TEXTURES = ("stripes", "checkerboard", "dots", "waves", "grid", "speckles")
+
+
+def texture_array(kind: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
+    """A grey-level texture in [0, 1] of the given kind with random period, phase and angle."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    a = rng.uniform(0, math.pi)
+    u, v = x * math.cos(a) + y * math.sin(a), -x * math.sin(a) + y * math.cos(a)
+    p = rng.uniform(6, 12)
+    ph = rng.uniform(0, 2 * math.pi)
+    if kind == "stripes":
+        return (np.sin(2 * math.pi * u / p + ph) > 0).astype(np.float32)
+    if kind == "checkerboard":
+        return ((np.floor(u / p) + np.floor(v / p)) % 2).astype(np.float32)
+    if kind == "dots":
+        return ((((u % p) - p / 2) ** 2 + ((v % p) - p / 2) ** 2) < (p / 3.2) ** 2).astype(np.float32)
+    if kind == "waves":
+        return 0.5 + 0.5 * np.sin(2 * math.pi * (u + 3 * np.sin(2 * math.pi * v / (2.5 * p))) / p + ph)
+    if kind == "grid":
+        return (((u % p) < 1.8) | ((v % p) < 1.8)).astype(np.float32)
+    if kind == "speckles":
+        return (rng.random((size, size)) > 0.75).astype(np.float32)
+    raise ValueError(f"unknown texture {kind!r}; known: {', '.join(TEXTURES)}")
+
+
+def _make_textures(split: str, per_class: int) -> tuple[list[Image.Image], list[int]]:
+    rng, labels = _balanced("textures", split, len(TEXTURES), per_class)
+    images = []
+    for label in labels:
+        t = texture_array(TEXTURES[label], rng)[..., None]
+        c1, c2 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        arr = t * c1 + (1 - t) * c2 + rng.normal(0, 6, (IMAGE_SIZE, IMAGE_SIZE, 1))
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        images.append(img.filter(ImageFilter.GaussianBlur(0.6)))
+    return images, labels
+
+
+DOMAINS: dict[str, Domain] = {
+    "shapes": Domain("shapes", SHAPES, "coloured shapes: the tiny backbone's own pretraining domain",
+                     _make_shapes, {"train": 50, "val": 20, "test": 30}),
+    "digits": Domain("digits", DIGIT_NAMES, "scikit-learn's 8x8 handwritten digits, upsampled and tinted",
+                     _make_digits, {"train": 0, "val": 0, "test": 0}),
+    "glyphs": Domain("glyphs", tuple(f"letter {g.lower()}" for g in GLYPHS),
+                     "letters rendered with the fonts matplotlib ships; test fonts are unseen",
+                     _make_glyphs, {"train": 70, "val": 20, "test": 30}),
+    "textures": Domain("textures", TEXTURES, "procedural textures in random colours",
+                       _make_textures, {"train": 70, "val": 20, "test": 30}),
+}
+
+
+def get_domain(name: str) -> Domain:
+    """Look a domain up by name, with an error that lists the known ones."""
+    try:
+        return DOMAINS[name]
+    except KeyError:
+        raise ValueError(f"unknown domain {name!r}; known: {', '.join(sorted(DOMAINS))}") from None
+
+
+def class_folder(name: str) -> str:
+    """The ImageFolder folder name of a class: spaces become underscores."""
+    return name.replace(" ", "_")
+
+
+def export_domain(name: str, out: str | os.PathLike, splits: tuple[str, ...] = SPLITS) -> dict[str, int]:
+    """Write a domain as ImageFolder trees `out/<split>/<class>/<n>.png`; returns images written per split."""
+    domain = get_domain(name)
+    counts = {}
+    for split in splits:
+        images, labels = domain.split(split)
+        for c in domain.classes:
+            (Path(out) / split / class_folder(c)).mkdir(parents=True, exist_ok=True)
+        for i, (img, label) in enumerate(zip(images, labels)):
+            img.save(Path(out) / split / class_folder(domain.classes[label]) / f"{i:05d}.png")
+        counts[split] = len(images)
+    return counts

@@ -1,0 +1,145 @@
+"""Pretrain the embedded tiny CLIP contrastively on generated shape/colour images and captions."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from model_store.backbone import TINY_DIR, TINY_WEIGHTS
+
+from .domains import COLORS, SHAPES, SIZES, ShapeScene, random_scene, render_scene
+
+log = logging.getLogger(__name__)
+
+COLOR_NAMES = tuple(COLORS)
+ATTRS = ("color", "shape", "size", "background")
+
+# Each template names the attributes it mentions; a caption matches every image that agrees on those.
+TEMPLATES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("a {color} {shape}.", ("color", "shape")),
+    ("a photo of a {color} {shape}.", ("color", "shape")),
+    ("a {size} {color} {shape}.", ("color", "shape", "size")),
+    ("a {color} {shape} on a {background} background.", ("color", "shape", "background")),
+    ("a {size} {color} {shape} on {background}.", ("color", "shape", "size", "background")),
+    ("a photo of a {shape}.", ("shape",)),
+    ("a {shape}.", ("shape",)),
+    ("a {size} {shape}.", ("shape", "size")),
+    ("a photo of a {color} shape.", ("color",)),
+    ("something {color}.", ("color",)),
+    ("a {color} object on a {background} background.", ("color", "background")),
+    ("a {background} background.", ("background",)),
+)
+TEMPLATE_WEIGHTS = np.array([4, 4, 2, 2, 1, 3, 2, 1, 3, 2, 1, 1], dtype=np.float64)
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.1
+    seed: int = 0
+    eval_per_class: int = 40
+
+
+def caption(scene: ShapeScene, template: int) -> str:
+    text, _ = TEMPLATES[template]
+    return text.format(color=COLOR_NAMES[scene.color], shape=SHAPES[scene.shape], size=SIZES[scene.size],
+                       background=COLOR_NAMES[scene.background])
+
+
+def match_matrix(scenes: list[ShapeScene], templates: list[int]) -> torch.Tensor:
+    """M[i, j] = 1 when caption j (of scene j, with its template) truly describes image i."""
+    attrs = torch.tensor([[getattr(s, a) for a in ATTRS] for s in scenes])
+    mentioned = torch.tensor([[a in TEMPLATES[t][1] for a in ATTRS] for t in templates])
+    equal = attrs[:, None, :] == attrs[None, :, :]  # [image, caption, attr]
+    return (equal | ~mentioned[None, :, :]).all(-1).float()
+
+
+def to_tensor(images, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 255.0
+    return (torch.from_numpy(arr).permute(0, 3, 1, 2) - mean) / std
+
+
+def multi_positive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
+    logits = scale * img @ txt.T
+    t_img = match / match.sum(1, keepdim=True)
+    t_txt = match.T / match.T.sum(1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, t_img) + F.cross_entropy(logits.T, t_txt))
+
+
+@torch.no_grad()
+def zero_shot_probe(model, tokenizer, mean, std, per_class: int = 40) -> dict[str, float]:
+    """Held-out zero-shot accuracy on colour (prompt 'a photo of a {c} shape.') and shape ('a photo of a {s}.')."""
+    model.eval()
+    rng = np.random.default_rng(12345)
+    scenes = [random_scene(rng) for _ in range(per_class * max(len(COLORS), len(SHAPES)))]
+    images = to_tensor([render_scene(s, rng) for s in scenes], mean, std)
+    feats = model.encode_image(images, normalize=True)
+    out = {}
+    for attr, names, tmpl in (("color", COLOR_NAMES, "a photo of a {} shape."), ("shape", SHAPES, "a photo of a {}.")):
+        text = model.encode_text(tokenizer([tmpl.format(n) for n in names]), normalize=True)
+        pred = (feats @ text.T).argmax(1)
+        truth = torch.tensor([getattr(s, attr) for s in scenes])
+        out[attr] = float((pred == truth).float().mean())
+    model.train()
+    return out
+
+
+def _lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def pretrain_tiny(cfg: PretrainConfig, out: Path | None = None) -> dict[str, float]:
+    """Train the tiny CLIP from scratch and write its weights (fp16 safetensors) to `out` (default: embedded)."""
+    out = Path(out) if out else TINY_WEIGHTS
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model_name = f"local-dir:{TINY_DIR}"
+    model = open_clip.create_model(model_name, load_weights=False)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    pcfg = open_clip.get_model_preprocess_cfg(model)
+    mean, std = (torch.tensor(pcfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    model.train()
+    start = time.time()
+    bar = tqdm(range(cfg.steps), desc="pretrain tiny CLIP", unit="step")
+    for step in bar:
+        scenes = [random_scene(rng) for _ in range(cfg.batch_size)]
+        templates = list(rng.choice(len(TEMPLATES), cfg.batch_size, p=TEMPLATE_WEIGHTS / TEMPLATE_WEIGHTS.sum()))
+        images = to_tensor([render_scene(s, rng) for s in scenes], mean, std)
+        texts = tokenizer([caption(s, t) for s, t in zip(scenes, templates)])
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        img, txt, scale = model(images, texts)[:3]
+        loss = multi_positive_loss(img, txt, scale, match_matrix(scenes, templates))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    metrics = zero_shot_probe(model, tokenizer, mean, std, cfg.eval_per_class)
+    metrics["seconds"] = time.time() - start
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out), metadata={"clipbank.pretrain": repr(cfg), "clipbank.zero_shot": repr(metrics)})
+    log.info("tiny CLIP written to %s: %s", out, metrics)
+    return metrics

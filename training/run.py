@@ -1,0 +1,70 @@
+"""One training job as the CLI runs it: backbone, bank from the store, data, train, write and store the bundle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model_store.backbone import load_backbone
+from model_store.bank import empty_bank
+from model_store.errors import TaskNotFound
+from model_store.loader import BankLoader
+from model_store.selector import SelectorConfig
+from model_store.store import LocalStore, atomic_write
+
+from .data import load_image_folder
+from .trainer import TrainConfig, train_task
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    task: str
+    data: str
+    val: str | None = None
+    backbone: str = "tiny"
+    store: str | None = None
+    out: str | None = None
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    new_experts: int = 2
+    seed: int = 0
+    warm_start_steps: int = 0
+    selector: str = "autoencoder"
+    device: str = "auto"
+    activate: bool = True
+    progress: bool = True
+
+
+def run_train_job(job: TrainJob) -> dict[str, Any]:
+    """Train `job.task` and return a summary; the bundle goes to `job.out` and/or `job.store`."""
+    cfg = TrainConfig(task=job.task, steps=job.steps, batch_size=job.batch_size, lr=job.lr,
+                      new_experts=job.new_experts, seed=job.seed, warm_start_steps=job.warm_start_steps,
+                      selector=SelectorConfig(kind=job.selector))
+    train = load_image_folder(job.data)
+    val = load_image_folder(job.val, train.classes) if job.val else None
+    backbone = load_backbone(job.backbone, job.device)
+    store = LocalStore(job.store) if job.store else None
+    bank = BankLoader(store, backbone).load() if store else empty_bank(backbone)
+    version, parent = 1, None
+    if store is not None:
+        try:
+            entry = store.task(job.task)
+            version = max(v["version"] for v in entry["versions"]) + 1
+            parent = entry.get("active")
+        except TaskNotFound:
+            pass
+    result = train_task(bank, train, cfg, val, version=version, parent=parent, progress=job.progress)
+    summary = {"task": job.task, "version": version, "bank_tasks": list(bank.task_names),
+               **{k: result.report[k] for k in ("zero_shot_val_accuracy", "val_accuracy", "seconds",
+                                                 "train_images", "val_images", "bundle_bytes", "experts_added")},
+               "selector_threshold": result.report["selector"]["threshold"]}
+    if job.out:
+        Path(job.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(job.out), result.bundle)
+        summary["out"] = job.out
+    if store is not None:
+        put = store.put(result.bundle, activate=job.activate)
+        summary.update(bundle_id=put.bundle_id, store=str(store.root), generation=put.generation)
+    return summary

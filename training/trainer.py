@@ -1,0 +1,233 @@
+"""Train one task's new experts and router on top of a frozen bank, fit its selector, and pack the bundle."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model_store.backbone import TOWERS, Backbone
+from model_store.bank import BankSnapshot
+from model_store.bundle import PlacedExpert, pack_bundle, utc_now, validate_task_name
+from model_store.experts import ActivationCounts, Expert, MoEConfig, Routing, TaskRouter, expert_id, new_expert
+from model_store.moe_clip import encode_image, encode_text
+from model_store.selector import SelectorConfig, fit_selector, selector_manifest
+
+from .data import LabelledImages
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One task's training run. METHOD.md §5 defaults, with a step budget sized for a CPU."""
+
+    task: str
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100  # capped at a tenth of the steps
+    new_experts: int = 2
+    label_smoothing: float = 0.2
+    template: str = "a photo of a {}."
+    warm_start_steps: int = 0  # ATLAS stage 1: router-only steps over the existing experts
+    val_fraction: float = 0.2  # held out of the training set when no validation set is given
+    seed: int = 0
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+
+    def __post_init__(self) -> None:
+        validate_task_name(self.task)
+        problems = []
+        for name in ("steps", "batch_size", "new_experts"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if "{}" not in self.template:
+            problems.append(f"template must contain '{{}}', got {self.template!r}")
+        if not 0 <= self.warm_start_steps < self.steps:
+            problems.append(f"warm_start_steps must be in [0, steps), got {self.warm_start_steps}")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+
+@dataclass
+class TrainResult:
+    bundle: bytes
+    report: dict[str, Any]
+
+
+class _TaskParams(torch.nn.Module):
+    """The only trainable state: the new experts, the new router and its noise weights."""
+
+    def __init__(self, bank: BankSnapshot, cfg: TrainConfig, generator: torch.Generator) -> None:
+        super().__init__()
+        self.new: dict[str, list[list[Expert]]] = {}
+        self.router = torch.nn.ParameterDict()
+        self.noise = torch.nn.ParameterDict()
+        params = []
+        for tower in TOWERS:
+            spec = bank.backbone.towers[tower]
+            self.new[tower] = []
+            for i in range(spec.layers):
+                experts = [new_expert(spec.width, cfg.moe.rank, generator) for _ in range(cfg.new_experts)]
+                self.new[tower].append(experts)
+                params += [p for e in experts for p in e.parts().values()]
+                n = len(bank.experts[tower][i]) + cfg.new_experts
+                self.router[f"{tower}_{i}"] = torch.nn.Parameter(torch.zeros(n, spec.width))
+                self.noise[f"{tower}_{i}"] = torch.nn.Parameter(torch.zeros(n, spec.width))
+        self.expert_params = torch.nn.ParameterList(params)
+        self.to(bank.backbone.device)
+
+    def routing(self, bank: BankSnapshot, n: int, training: bool, stage1: bool = False,
+                counts: ActivationCounts | None = None) -> Routing:
+        experts, weights, slots, noise, allowed = {}, {}, {}, {}, {}
+        dev = bank.backbone.device
+        for tower in TOWERS:
+            experts[tower] = [tuple(bank.experts[tower][i]) + tuple(new) for i, new in enumerate(self.new[tower])]
+            weights[tower] = [self.router[f"{tower}_{i}"] for i in range(len(experts[tower]))]
+            noise[tower] = [self.noise[f"{tower}_{i}"] for i in range(len(experts[tower]))]
+            slots[tower] = [torch.arange(len(e), device=dev) for e in experts[tower]]
+            allowed[tower] = [torch.arange(len(e), device=dev) < len(bank.experts[tower][i])
+                              for i, e in enumerate(experts[tower])]
+        router = TaskRouter(weights, slots, noise if training else None, allowed if stage1 else None)
+        return Routing(experts, [router], torch.zeros(n, dtype=torch.long, device=dev), bank.config, training, counts)
+
+
+def _batches(data: LabelledImages, transform, batch: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for s in range(0, len(data), batch):
+        x = torch.stack([transform(im) for im in data.images[s : s + batch]]).to(device)
+        out.append((x, torch.tensor(data.labels[s : s + batch], device=device)))
+    return out
+
+
+@torch.no_grad()
+def evaluate(bank: BankSnapshot, params: _TaskParams | None, data: LabelledImages, template: str,
+             counts: ActivationCounts | None = None) -> float:
+    """Accuracy over `data.classes`; with `params`, the adapted model (no noise), else zero-shot CLIP."""
+    model, bb = bank.backbone.model, bank.backbone
+    tokens = bb.tokenizer([template.format(c) for c in data.classes]).to(bb.device)
+    text = encode_text(model, tokens, None if params is None else params.routing(bank, len(tokens), False))
+    correct = 0
+    for x, y in _batches(data, bb.preprocess, 128, bb.device):
+        img = encode_image(model, x, None if params is None else params.routing(bank, len(x), False, counts=counts))
+        correct += int(((img @ text.T).argmax(1) == y).sum())
+    return correct / max(1, len(data))
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    warmup = min(cfg.warmup, max(1, cfg.steps // 10))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.steps - warmup)))
+
+
+def _train_loop(bank: BankSnapshot, params: _TaskParams, data: LabelledImages, cfg: TrainConfig,
+                generator: torch.Generator, progress: bool) -> list[float]:
+    bb = bank.backbone
+    tokens = bb.tokenizer([cfg.template.format(c) for c in data.classes]).to(bb.device)
+    labels = torch.tensor(data.labels)
+    opt = torch.optim.AdamW(params.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    stage1 = cfg.warm_start_steps if any(len(b) >= cfg.moe.top_k for b in bank.experts["visual"]) else 0
+    losses = []
+    bar = tqdm(range(cfg.steps), desc=f"train {cfg.task}", unit="step", disable=not progress)
+    for step in bar:
+        idx = torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=generator)
+        x = torch.stack([bb.train_preprocess(data.images[i]) for i in idx]).to(bb.device)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        warm = step < stage1
+        img = encode_image(bb.model, x, params.routing(bank, len(x), True, stage1=warm))
+        txt = encode_text(bb.model, tokens, params.routing(bank, len(tokens), True, stage1=warm))
+        logits = bb.model.logit_scale.exp() * img @ txt.T
+        loss = F.cross_entropy(logits, labels[idx].to(bb.device), label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return losses
+
+
+@torch.no_grad()
+def _frozen_features(backbone: Backbone, data: LabelledImages) -> torch.Tensor:
+    return torch.cat([encode_image(backbone.model, x) for x, _ in _batches(data, backbone.preprocess, 128,
+                                                                              backbone.device)]).cpu()
+
+
+def _publish(bank: BankSnapshot, params: _TaskParams) -> tuple[dict[str, PlacedExpert], dict, dict]:
+    """Freeze the new experts into content-addressed ids and the routing table that names them."""
+    experts: dict[str, PlacedExpert] = {}
+    routing: dict[str, Any] = {"top_k": bank.config.top_k, "scale": bank.config.scale}
+    routers: dict[str, list[torch.Tensor]] = {}
+    by_slot = {(tw, bl, s): eid for eid, (tw, bl, s) in bank.expert_ids.items()}
+    for tower in TOWERS:
+        routing[tower], routers[tower] = [], []
+        for i, new in enumerate(params.new[tower]):
+            ids = [by_slot[(tower, i, s)] for s in range(len(bank.experts[tower][i]))]
+            for e in new:
+                frozen = Expert.from_parts({k: v.detach().cpu().clone() for k, v in e.parts().items()})
+                eid = expert_id(frozen.parts())
+                experts[eid] = PlacedExpert(tower, i, frozen)
+                ids.append(eid)
+            routing[tower].append(ids)
+            routers[tower].append(params.router[f"{tower}_{i}"].detach().cpu().clone())
+    return experts, routing, routers
+
+
+def train_task(bank: BankSnapshot, train: LabelledImages, cfg: TrainConfig, val: LabelledImages | None = None,
+               version: int = 1, parent: str | None = None, progress: bool = True) -> TrainResult:
+    """Train task `cfg.task` on top of `bank` (its experts stay frozen) and return the packed bundle."""
+    if len(train.classes) < 2:
+        raise ValueError(f"a task needs at least 2 classes, got {list(train.classes)}")
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    fit = train
+    if val is None:
+        fit, val = train.holdout(cfg.val_fraction, cfg.seed)
+    bb = bank.backbone
+    t0 = time.time()
+    zero_shot = evaluate(bank, None, val, cfg.template)
+    params = _TaskParams(bank, cfg, g)
+    losses = _train_loop(bank, params, fit, cfg, g, progress)
+    train_seconds = time.time() - t0
+    counts = ActivationCounts()
+    evaluate(bank, params, fit, cfg.template, counts)
+    accuracy = evaluate(bank, params, val, cfg.template)
+    selector = fit_selector(_frozen_features(bb, fit), _frozen_features(bb, val), cfg.selector)
+    experts, routing, routers = _publish(bank, params)
+    report = {
+        "config": _jsonable(asdict(cfg)), "steps": cfg.steps, "seconds": round(train_seconds, 2),
+        "train_images": len(fit), "val_images": len(val), "zero_shot_val_accuracy": zero_shot,
+        "val_accuracy": accuracy, "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "activation_counts": {f"{t}.{b}": c.tolist() for (t, b), c in sorted(counts.counts.items())},
+    }
+    manifest = {
+        "task": cfg.task, "version": version, "created_at": utc_now(), "backbone": bb.describe(),
+        "classes": list(train.classes), "templates": [cfg.template],
+        "experts": {"uses": sorted({e for t in TOWERS for ids in routing[t] for e in ids} - set(experts))},
+        "routing": routing, "selector": selector_manifest(selector, cfg.selector), "training": report,
+        "parent": parent,
+    }
+    data = pack_bundle(manifest, experts, routers, selector.tensors())
+    log.info("task %s v%d: zero-shot %.3f -> trained %.3f in %.1fs", cfg.task, version, zero_shot, accuracy,
+             train_seconds)
+    return TrainResult(data, {**report, "selector": selector_manifest(selector, cfg.selector),
+                              "bundle_bytes": len(data), "experts_added": len(experts)})
+
+
+def _jsonable(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _jsonable(v) for k, v in d.items()}
+    if isinstance(d, list | tuple):
+        return [_jsonable(v) for v in d]
+    return d if isinstance(d, str | int | float | bool | type(None)) else repr(d)
