@@ -66,7 +66,7 @@ def _store(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from training.demo import run_demo
 
-    run_demo(Path(args.workdir), steps=args.steps, backbone=args.backbone)
+    run_demo(Path(args.workdir), steps=args.steps, backbone=args.backbone, tasks=tuple(args.tasks.split(",")))
     return 0
 
 
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="also write the bundle file here")
     t.add_argument("--steps", type=int, default=300)
     t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 1e-2 for narrow backbones such as tiny, else 1e-3)")
     t.add_argument("--new-experts", type=int, default=2, help="new experts per block and tower")
     t.add_argument("--warm-start-steps", type=int, default=0, help="ATLAS stage 1: router-only steps first")
     t.add_argument("--selector", default="autoencoder", choices=["autoencoder", "gaussian"])
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_data)
 
     pt = sub.add_parser("pretrain-tiny", help="pretrain the embedded tiny CLIP on generated captions")
-    pt.add_argument("--steps", type=int, default=3000)
+    pt.add_argument("--steps", type=int, default=4000)
     pt.add_argument("--batch-size", type=int, default=128)
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--out", help="weights file (default: the embedded one)")
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--workdir", default="./clipbank-demo")
     dm.add_argument("--steps", type=int, default=300)
     dm.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    dm.add_argument("--tasks", default="textures,glyphs", help="offline domains to train, in order")
     dm.set_defaults(fn=_demo)
     return p
 

@@ -137,6 +137,8 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
     ref = parse_backbone_ref(ref) if isinstance(ref, str) else ref
     if ref.weights_is_file and not Path(ref.weights).is_file():
         raise BackboneError(f"checkpoint file {ref.weights} does not exist ({ref.text!r})")
+    quiet = _DropRecords(("No pretrained weights loaded", "Local config loaded, but no CLIP weights"))
+    logging.getLogger().addFilter(quiet)  # open_clip warns of "random init" before we load the file ourselves
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             ref.model_name,
@@ -148,6 +150,8 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
         tokenizer = open_clip.get_tokenizer(ref.model_name)
     except (RuntimeError, ValueError, FileNotFoundError, OSError, KeyError) as e:
         raise BackboneError(f"could not load backbone {ref.text!r}: {e}") from e
+    finally:
+        logging.getLogger().removeFilter(quiet)
     towers = _check_supported(model, ref)
     model.requires_grad_(False)
     model.eval()
@@ -157,6 +161,15 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
     train_preprocess = _train_transform(model)
     log.info("loaded backbone %s (%s) on %s, fingerprint %s", ref.text, ref.arch, dev, fingerprint[:12])
     return Backbone(ref, model, preprocess, train_preprocess, tokenizer, dev, fingerprint, towers)
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
 
 
 def _train_transform(model: Any) -> Any:

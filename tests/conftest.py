@@ -13,3 +13,26 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def backbone():
     return load_backbone("tiny", device="cpu")
+
+
+TRAIN_STEPS = 200
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, backbone):
+    """Two offline domains trained one after the other into one store: textures, then glyphs on top."""
+    from model_store.loader import BankLoader
+    from model_store.store import LocalStore
+    from training.data import load_domain
+    from training.trainer import TrainConfig, train_task
+
+    store = LocalStore(tmp_path_factory.mktemp("trained") / "store")
+    reports, banks = {}, {}
+    for name in ("textures", "glyphs"):
+        bank = BankLoader(store, backbone).load()
+        result = train_task(bank, load_domain(name, "train"), TrainConfig(task=name, steps=TRAIN_STEPS),
+                            load_domain(name, "val"), progress=False)
+        store.put(result.bundle)
+        reports[name] = result.report
+        banks[name] = BankLoader(store, backbone).load()
+    return store, reports, banks

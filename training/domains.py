@@ -29,6 +29,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "bar")
 SIZES = ("small", "large")
+# Background patterns of the pretraining scenes. Captions name them with these words, which differ from the
+# class names of the `textures` domain, so that domain is only partly covered by the tiny backbone.
+PATTERNS = ("plain", "lined", "checkered", "spotted", "wavy", "gridded", "speckled")
 
 
 def _rng(*key: object) -> np.random.Generator:
@@ -81,20 +84,30 @@ class ShapeScene:
     shape: int
     size: int
     background: int
+    pattern: int = 0  # index into PATTERNS; 0 is a plain background
 
 
-def random_scene(rng: np.random.Generator) -> ShapeScene:
+def random_scene(rng: np.random.Generator, pattern_rate: float = 0.0) -> ShapeScene:
     color = int(rng.integers(len(COLORS)))
     bg = int(rng.integers(len(COLORS) - 1))
     bg = bg + 1 if bg >= color else bg
-    return ShapeScene(color, int(rng.integers(len(SHAPES))), int(rng.integers(len(SIZES))), bg)
+    pattern = int(rng.integers(1, len(PATTERNS))) if rng.random() < pattern_rate else 0
+    return ShapeScene(color, int(rng.integers(len(SHAPES))), int(rng.integers(len(SIZES))), bg, pattern)
+
+
+def _background(scene: ShapeScene, rng: np.random.Generator, size: int) -> Image.Image:
+    base = np.array(_jitter(COLORS[list(COLORS)[scene.background]], rng, 25), dtype=np.float32)
+    if scene.pattern == 0:
+        return Image.new("RGB", (size, size), tuple(int(v) for v in base))
+    other = base * 0.55 + (255.0 if base.mean() < 128 else 0.0) * 0.45  # a lighter or darker shade of the colour
+    t = texture_array(TEXTURES[scene.pattern - 1], rng, size)[..., None]
+    return Image.fromarray((t * other + (1 - t) * base).astype(np.uint8))
 
 
 def render_scene(scene: ShapeScene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:
-    """Render one coloured shape on a plain, slightly noisy background."""
+    """Render one coloured shape on a plain or patterned, slightly noisy background."""
     names = list(COLORS)
-    bg = _jitter(COLORS[names[scene.background]], rng, 25)
-    img = Image.new("RGB", (size, size), bg)
+    img = _background(scene, rng, size)
     draw = ImageDraw.Draw(img)
     r = size * (rng.uniform(0.12, 0.2) if scene.size == 0 else rng.uniform(0.27, 0.36))
     margin = r * 1.3

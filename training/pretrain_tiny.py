@@ -17,12 +17,12 @@ from tqdm import tqdm
 
 from model_store.backbone import TINY_DIR, TINY_WEIGHTS
 
-from .domains import COLORS, SHAPES, SIZES, ShapeScene, random_scene, render_scene
+from .domains import COLORS, PATTERNS, SHAPES, SIZES, ShapeScene, random_scene, render_scene
 
 log = logging.getLogger(__name__)
 
 COLOR_NAMES = tuple(COLORS)
-ATTRS = ("color", "shape", "size", "background")
+ATTRS = ("color", "shape", "size", "background", "pattern")
 
 # Each template names the attributes it mentions; a caption matches every image that agrees on those.
 TEMPLATES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -38,13 +38,18 @@ TEMPLATES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("something {color}.", ("color",)),
     ("a {color} object on a {background} background.", ("color", "background")),
     ("a {background} background.", ("background",)),
+    ("a {color} {shape} on a {pattern} background.", ("color", "shape", "pattern")),
+    ("a {shape} on a {pattern} {background} background.", ("shape", "pattern", "background")),
+    ("a {pattern} background.", ("pattern",)),
+    ("a {pattern} pattern.", ("pattern",)),
 )
-TEMPLATE_WEIGHTS = np.array([4, 4, 2, 2, 1, 3, 2, 1, 3, 2, 1, 1], dtype=np.float64)
+TEMPLATE_WEIGHTS = np.array([4, 4, 2, 2, 1, 3, 2, 1, 3, 2, 1, 1, 2, 1, 2, 1], dtype=np.float64)
+PATTERN_RATE = 0.5
 
 
 @dataclass
 class PretrainConfig:
-    steps: int = 1500
+    steps: int = 4000
     batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 100
@@ -56,7 +61,7 @@ class PretrainConfig:
 def caption(scene: ShapeScene, template: int) -> str:
     text, _ = TEMPLATES[template]
     return text.format(color=COLOR_NAMES[scene.color], shape=SHAPES[scene.shape], size=SIZES[scene.size],
-                       background=COLOR_NAMES[scene.background])
+                       background=COLOR_NAMES[scene.background], pattern=PATTERNS[scene.pattern])
 
 
 def match_matrix(scenes: list[ShapeScene], templates: list[int]) -> torch.Tensor:
@@ -82,9 +87,10 @@ def multi_positive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tenso
 @torch.no_grad()
 def zero_shot_probe(model, tokenizer, mean, std, per_class: int = 40) -> dict[str, float]:
     """Held-out zero-shot accuracy on colour (prompt 'a photo of a {c} shape.') and shape ('a photo of a {s}.')."""
+    was_training = model.training
     model.eval()
     rng = np.random.default_rng(12345)
-    scenes = [random_scene(rng) for _ in range(per_class * max(len(COLORS), len(SHAPES)))]
+    scenes = [random_scene(rng, PATTERN_RATE) for _ in range(per_class * max(len(COLORS), len(SHAPES)))]
     images = to_tensor([render_scene(s, rng) for s in scenes], mean, std)
     feats = model.encode_image(images, normalize=True)
     out = {}
@@ -93,7 +99,7 @@ def zero_shot_probe(model, tokenizer, mean, std, per_class: int = 40) -> dict[st
         pred = (feats @ text.T).argmax(1)
         truth = torch.tensor([getattr(s, attr) for s in scenes])
         out[attr] = float((pred == truth).float().mean())
-    model.train()
+    model.train(was_training)
     return out
 
 
@@ -122,7 +128,7 @@ def pretrain_tiny(cfg: PretrainConfig, out: Path | None = None) -> dict[str, flo
     start = time.time()
     bar = tqdm(range(cfg.steps), desc="pretrain tiny CLIP", unit="step")
     for step in bar:
-        scenes = [random_scene(rng) for _ in range(cfg.batch_size)]
+        scenes = [random_scene(rng, PATTERN_RATE) for _ in range(cfg.batch_size)]
         templates = list(rng.choice(len(TEMPLATES), cfg.batch_size, p=TEMPLATE_WEIGHTS / TEMPLATE_WEIGHTS.sum()))
         images = to_tensor([render_scene(s, rng) for s in scenes], mean, std)
         texts = tokenizer([caption(s, t) for s, t in zip(scenes, templates)])
@@ -138,6 +144,7 @@ def pretrain_tiny(cfg: PretrainConfig, out: Path | None = None) -> dict[str, flo
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     metrics = zero_shot_probe(model, tokenizer, mean, std, cfg.eval_per_class)
+    model.eval()
     metrics["seconds"] = time.time() - start
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out), metadata={"clipbank.pretrain": repr(cfg), "clipbank.zero_shot": repr(metrics)})

@@ -27,7 +27,7 @@ class TrainJob:
     out: str | None = None
     steps: int = 300
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float | None = None
     new_experts: int = 2
     seed: int = 0
     warm_start_steps: int = 0

@@ -34,7 +34,8 @@ def test_empty_bank_equals_open_clip(backbone, inputs):
     ref_img = backbone.model.encode_image(images, normalize=True)
     ref_txt = backbone.model.encode_text(tokens, normalize=True)
     # no routing at all, and a routing where every sample says "no adapter"
-    for routing_img, routing_txt in ((None, None), (bank.routing(torch.full((6,), -1)), bank.routing(torch.full((3,), -1)))):
+    none = (bank.routing(torch.full((6,), -1)), bank.routing(torch.full((3,), -1)))
+    for routing_img, routing_txt in ((None, None), none):
         torch.testing.assert_close(encode_image(backbone.model, images, routing_img), ref_img, atol=1e-5, rtol=0)
         torch.testing.assert_close(encode_text(backbone.model, tokens, routing_txt), ref_txt, atol=1e-5, rtol=0)
 

@@ -1,0 +1,76 @@
+"""Backbone references, checkpoint files, freezing and fingerprints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model_store.backbone import TINY_DIR, load_backbone, parse_backbone_ref, pick_device
+from model_store.digest import tensor_digest
+from model_store.errors import BackboneError
+
+
+@pytest.mark.parametrize("text, model_name, weights, is_file", [
+    ("ViT-B-16:openai", "ViT-B-16", "openai", False),
+    ("ViT-B-32:none", "ViT-B-32", None, False),
+    ("ViT-B-16:file:/m/w.safetensors", "ViT-B-16", "/m/w.safetensors", True),
+    ("file:/m/w.safetensors", "local-dir:/m", "/m/w.safetensors", True),
+    ("local-dir:/m", "local-dir:/m", None, False),
+])
+def test_parse(text, model_name, weights, is_file):
+    ref = parse_backbone_ref(text)
+    assert (ref.model_name, ref.weights, ref.weights_is_file) == (model_name, weights, is_file)
+
+
+@pytest.mark.parametrize("text", ["ViT-B-16", "", ":openai"])
+def test_parse_errors_name_the_syntax(text):
+    with pytest.raises(BackboneError, match="ARCH:TAG"):
+        parse_backbone_ref(text)
+
+
+def test_tiny_is_frozen_and_fingerprinted(backbone):
+    assert backbone.ref.arch == "clipbank-tiny"
+    assert not any(p.requires_grad for p in backbone.model.parameters())
+    assert not backbone.model.training
+    assert len(backbone.fingerprint) == 64
+    assert backbone.fingerprint == tensor_digest(backbone.model.state_dict())
+    assert backbone.image_size >= 64
+    assert (TINY_DIR / "open_clip_model.safetensors").stat().st_size <= 20 * 1024 * 1024
+
+
+def test_checkpoint_file_written_by_the_test(tmp_path, backbone):
+    """The same code path as a user's checkpoint: a config beside a safetensors file we write here."""
+    shutil.copy(TINY_DIR / "open_clip_config.json", tmp_path / "open_clip_config.json")
+    state = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    state["logit_scale"] = torch.tensor(2.0)
+    save_file(state, str(tmp_path / "mine.safetensors"))
+    loaded = load_backbone(f"file:{tmp_path / 'mine.safetensors'}", device="cpu")
+    assert float(loaded.model.logit_scale) == 2.0
+    assert loaded.fingerprint != backbone.fingerprint
+    assert loaded.fingerprint == tensor_digest(state)
+    # the same weights through open_clip's local-dir schema (it finds the file itself)
+    (tmp_path / "mine.safetensors").rename(tmp_path / "open_clip_model.safetensors")
+    assert load_backbone(f"local-dir:{tmp_path}", device="cpu").fingerprint == loaded.fingerprint
+
+
+def test_missing_or_bad_checkpoint(tmp_path):
+    with pytest.raises(BackboneError, match="does not exist"):
+        load_backbone(f"file:{tmp_path / 'nope.safetensors'}")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {}}))
+    (tmp_path / "w.safetensors").write_bytes(b"junk")
+    with pytest.raises(BackboneError, match="could not load"):
+        load_backbone(f"file:{tmp_path / 'w.safetensors'}")
+
+
+def test_unknown_pretrained_tag_fails_cleanly():
+    with pytest.raises(BackboneError, match="could not load"):
+        load_backbone("ViT-B-16:no-such-tag")
+
+
+def test_pick_device():
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu").type == "cpu"

@@ -1,0 +1,74 @@
+"""classify_batch: labels, routes, per-request errors, pinning and the text cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_store.bank import build_bank, empty_bank
+from model_store.bundle import read_bundle
+from model_store.errors import InvalidRequest, TaskNotFound
+from model_store.inference import ClassifyItem, TextCache, classify_batch
+from tests.helpers import random_bundle
+
+
+@pytest.fixture(scope="module")
+def bank(backbone):
+    return build_bank(backbone, [read_bundle(random_bundle(empty_bank(backbone), "a", seed=1,
+                                                           classes=("cat", "dog")))])
+
+
+def _images(backbone, n, seed=0):
+    return torch.randn(n, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_scores_sum_to_one_and_are_sorted(backbone, bank):
+    item = ClassifyItem(_images(backbone, 3), ("red", "green", "blue"), task="zero-shot")
+    (results,) = classify_batch(bank, [item])
+    assert len(results) == 3
+    for r in results:
+        scores = [s for _, s in r.labels]
+        assert scores == sorted(scores, reverse=True)
+        assert abs(sum(scores) - 1) < 1e-5
+        assert r.route.task is None
+
+
+def test_pinned_task_without_labels_uses_its_classes(backbone, bank):
+    (results,) = classify_batch(bank, [ClassifyItem(_images(backbone, 2), None, task="a", top_k=1)])
+    for r in results:
+        assert r.route.task == "a" and r.route.version == 1 and r.route.threshold > 0
+        assert r.labels[0][0] in ("cat", "dog") and len(r.labels) == 1
+
+
+def test_bad_request_fails_alone(backbone, bank):
+    good = ClassifyItem(_images(backbone, 2), ("x", "y"), task="a")
+    no_labels = ClassifyItem(_images(backbone, 1), None, task="zero-shot")
+    unknown = ClassifyItem(_images(backbone, 1), ("x", "y"), task="nope")
+    out = classify_batch(bank, [good, no_labels, unknown])
+    assert isinstance(out[1], InvalidRequest) and "send labels" in str(out[1])
+    assert isinstance(out[2], TaskNotFound)
+    assert len(out[0]) == 2 and out[0][0].route.task == "a"
+
+
+def test_batched_equals_alone(backbone, bank):
+    items = [ClassifyItem(_images(backbone, 2, s), ("x", "y", "z"), task=t) for s, t in ((1, "a"), (2, "zero-shot"))]
+    together = classify_batch(bank, items)
+    for item, res in zip(items, together):
+        (alone,) = classify_batch(bank, [item])
+        for r1, r2 in zip(res, alone):
+            assert r1.route == r2.route
+            for (l1, s1), (l2, s2) in zip(r1.labels, r2.labels):
+                assert l1 == l2 and abs(s1 - s2) < 1e-5
+
+
+def test_per_request_route_gives_one_decision(backbone, bank):
+    (results,) = classify_batch(bank, [ClassifyItem(_images(backbone, 4), ("x", "y"), route="per-request")])
+    assert len({(r.route.task, r.route.score) for r in results}) == 1
+
+
+def test_text_cache_hits(backbone, bank):
+    cache = TextCache()
+    item = ClassifyItem(_images(backbone, 2), ("x", "y"), task="a")
+    classify_batch(bank, [item], cache)
+    classify_batch(bank, [item], cache)
+    assert cache.misses == 1 and cache.hits == 3

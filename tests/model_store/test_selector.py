@@ -1,0 +1,35 @@
+"""Selectors: in-distribution under the threshold, out-of-distribution over it, and bundle round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_store.selector import SelectorConfig, fit_selector, load_selector, score, selector_manifest
+
+
+def _cluster(center: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    return F.normalize(center + 0.15 * torch.randn(n, center.shape[0], generator=g), dim=-1)
+
+
+@pytest.mark.parametrize("kind", ["autoencoder", "gaussian"])
+def test_separates_two_clusters(kind):
+    g = torch.Generator().manual_seed(0)
+    a, b = F.normalize(torch.randn(2, 64, generator=g), dim=-1)
+    cfg = SelectorConfig(kind=kind, percentile=95.0)
+    sel = fit_selector(_cluster(a, 300, g), _cluster(a, 100, g), cfg)
+    feats_in = _cluster(a, 200, g)
+    inside = score(sel, feats_in)
+    outside = score(sel, _cluster(b, 200, g))
+    assert (inside <= 1).float().mean() > 0.85
+    assert (outside > 1).float().mean() > 0.95
+    again = load_selector(selector_manifest(sel, cfg), sel.tensors())
+    torch.testing.assert_close(score(again, feats_in), inside)
+    assert sel.calibration["n"] == 100 and sel.calibration["p95"] <= sel.calibration["max"]
+
+
+def test_config_errors_name_fields():
+    with pytest.raises(ValueError, match="kind must be one of") as e:
+        SelectorConfig(kind="knn", percentile=10)
+    assert "percentile" in str(e.value)

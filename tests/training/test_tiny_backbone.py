@@ -1,0 +1,28 @@
+"""The committed tiny CLIP is a real CLIP: zero-shot colour and shape on held-out generated images."""
+
+from __future__ import annotations
+
+import open_clip
+import torch
+
+from training.domains import COLORS, SHAPES, ShapeScene
+from training.pretrain_tiny import caption, match_matrix, zero_shot_probe
+
+
+def test_zero_shot_colour_and_shape_at_least_80_percent(backbone):
+    cfg = open_clip.get_model_preprocess_cfg(backbone.model)
+    mean, std = (torch.tensor(cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    acc = zero_shot_probe(backbone.model, backbone.tokenizer, mean, std, per_class=30)
+    assert len(COLORS) >= 8 and len(SHAPES) >= 6
+    assert acc["color"] >= 0.8, acc
+    assert acc["shape"] >= 0.8, acc
+    assert not backbone.model.training  # the probe must leave a frozen model in eval mode
+
+
+def test_caption_matching_is_by_mentioned_attributes():
+    red_star = ShapeScene(color=0, shape=3, size=0, background=1)
+    red_circle = ShapeScene(color=0, shape=0, size=1, background=2)
+    assert caption(red_star, 0) == "a red star."
+    # template 8 mentions only the colour: the red circle's caption ("a photo of a red shape.") fits both images
+    m = match_matrix([red_star, red_circle], [0, 8])
+    assert m.tolist() == [[1.0, 1.0], [0.0, 1.0]]

@@ -1,0 +1,77 @@
+"""Training on offline domains: accuracy lift, routing, and that training B leaves A untouched."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from clipbank.cli import main
+from model_store.bundle import read_bundle
+from model_store.inference import ClassifyItem, classify_batch
+from model_store.store import LocalStore
+from training.data import load_domain
+from training.evaluate import route_report
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name", ["textures", "glyphs"])
+def test_training_lifts_accuracy_far_above_zero_shot(trained, name):
+    _, reports, _ = trained
+    r = reports[name]
+    assert r["val_accuracy"] >= 0.8, r
+    assert r["val_accuracy"] >= r["zero_shot_val_accuracy"] + 0.3, r
+
+
+def test_second_task_trains_on_top_of_the_first(trained):
+    store, _, _ = trained
+    glyphs = store.load(store.active()["glyphs"])
+    textures = store.load(store.active()["textures"])
+    assert set(glyphs.uses) == set(textures.experts)  # its router sees every published expert, frozen
+    assert glyphs.manifest["training"]["val_accuracy"] > 0
+
+
+def test_held_out_images_route_to_their_task_and_pretraining_images_to_zero_shot(trained):
+    _, _, banks = trained
+    sets = {name: load_domain(name, "test") for name in ("textures", "glyphs", "shapes")}
+    report = route_report(banks["glyphs"], sets)
+    assert report["textures"]["routes"].get("textures", 0) >= 0.9, report
+    assert report["glyphs"]["routes"].get("glyphs", 0) >= 0.9, report
+    assert report["shapes"]["routes"].get("zero-shot", 0) >= 0.9, report
+    for name in ("textures", "glyphs"):
+        assert report[name]["auto_accuracy"] > report[name]["zero_shot_accuracy"] + 0.2, report
+
+
+def test_adding_glyphs_leaves_textures_bit_identical(trained):
+    _, _, banks = trained
+    data = load_domain("textures", "test")
+    x = torch.stack([banks["textures"].backbone.preprocess(im) for im in data.images[:16]])
+    item = ClassifyItem(x, tuple(data.classes), task="textures")
+    (before,), (after,) = classify_batch(banks["textures"], [item]), classify_batch(banks["glyphs"], [item])
+    assert [r.labels for r in before] == [r.labels for r in after]
+
+
+def test_cli_export_and_train(tmp_path, capsys):
+    assert main(["data", "export", "textures", str(tmp_path / "tex")]) == 0
+    args = ["train", "--task", "tex", "--data", str(tmp_path / "tex" / "train"), "--val", str(tmp_path / "tex" / "val"),
+            "--store", str(tmp_path / "store"), "--out", str(tmp_path / "tex.safetensors"), "--steps", "5"]
+    capsys.readouterr()
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["version"] == 1 and summary["task"] == "tex"
+    bundle = read_bundle((tmp_path / "tex.safetensors").read_bytes())
+    assert bundle.id == summary["bundle_id"] and bundle.manifest["training"]["steps"] == 5
+    assert "zero_shot_val_accuracy" in bundle.manifest["training"]
+    assert LocalStore(tmp_path / "store").active() == {"tex": bundle.id}
+    assert main(args) == 0  # a second run becomes version 2, with version 1 as its parent
+    summary2 = json.loads(capsys.readouterr().out)
+    assert summary2["version"] == 2
+    assert read_bundle((tmp_path / "tex.safetensors").read_bytes()).manifest["parent"] == bundle.id
+
+
+def test_cli_reports_bad_input(tmp_path, capsys):
+    assert main(["train", "--task", "Bad Name", "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "task" in capsys.readouterr().err
+    assert main(["train", "--task", "ok", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2

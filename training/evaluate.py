@@ -1,0 +1,47 @@
+"""Measure a bank on labelled test sets: per-image routing rates and accuracy, auto-routed and zero-shot."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+
+from model_store.bank import BankSnapshot
+from model_store.inference import AUTO, ZERO_SHOT, ClassifyItem, TextCache, classify_batch
+
+from .data import LabelledImages
+
+
+def _accuracy_and_routes(bank: BankSnapshot, data: LabelledImages, task: str, cache: TextCache,
+                         batch: int = 128) -> tuple[float, Counter]:
+    correct, routes = 0, Counter()
+    for s in range(0, len(data), batch):
+        x = torch.stack([bank.backbone.preprocess(im) for im in data.images[s : s + batch]])
+        (results,) = classify_batch(bank, [ClassifyItem(x, tuple(data.classes), task=task, top_k=1)], cache)
+        if isinstance(results, Exception):
+            raise results
+        for r, y in zip(results, data.labels[s : s + batch]):
+            correct += r.labels[0][0] == data.classes[y]
+            routes[r.route.task or ZERO_SHOT] += 1
+    return correct / len(data), routes
+
+
+def route_report(bank: BankSnapshot, sets: dict[str, LabelledImages]) -> dict[str, Any]:
+    """Per set: zero-shot accuracy, auto-routed accuracy, and the fraction of images routed to each task."""
+    cache = TextCache()
+    out = {}
+    for name, data in sets.items():
+        zs, _ = _accuracy_and_routes(bank, data, ZERO_SHOT, cache)
+        auto, routes = _accuracy_and_routes(bank, data, AUTO, cache)
+        out[name] = {"images": len(data), "zero_shot_accuracy": zs, "auto_accuracy": auto,
+                     "routes": {k: v / len(data) for k, v in sorted(routes.items())}}
+    return out
+
+
+def format_route_report(report: dict[str, Any]) -> str:
+    lines = [f"{'test set':10s} {'images':>6s} {'zero-shot':>9s} {'routed':>7s}  routes"]
+    for name, r in report.items():
+        routes = ", ".join(f"{k} {v:.0%}" for k, v in r["routes"].items())
+        lines.append(f"{name:10s} {r['images']:6d} {r['zero_shot_accuracy']:9.1%} {r['auto_accuracy']:7.1%}  {routes}")
+    return "\n".join(lines)
