@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone reference (default: tiny)")
     t.add_argument("--store", help="store folder: train on top of its bank and put the bundle there")
     t.add_argument("--out", help="also write the bundle file here")
-    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--steps", type=int, default=500)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: 1e-2 for narrow backbones such as tiny, else 1e-3)")
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="end to end offline: export two domains, train two tasks, route test images")
     dm.add_argument("--workdir", default="./clipbank-demo")
-    dm.add_argument("--steps", type=int, default=300)
+    dm.add_argument("--steps", type=int, default=500)
     dm.add_argument("--backbone", default=DEFAULT_BACKBONE)
     dm.add_argument("--tasks", default="textures,glyphs", help="offline domains to train, in order")
     dm.set_defaults(fn=_demo)

@@ -257,3 +257,21 @@ def check_compatible(bundle: Bundle, backbone: Backbone, bank_experts: Mapping[s
     missing = [eid[:12] for eid in bundle.uses if eid not in bank_experts]
     if missing:
         raise MissingExpert(f"bundle uses {len(missing)} expert(s) the bank does not hold: {', '.join(missing[:5])}")
+
+
+def tensor_bytes(bundle: Bundle) -> int:
+    """Bytes of all tensors in a bundle (the file adds a small JSON header)."""
+    parts = [t for p in bundle.experts.values() for t in p.expert.parts().values()]
+    parts += [w for ws in bundle.routers.values() for w in ws] + list(bundle.selector_tensors.values())
+    return sum(t.numel() * t.element_size() for t in parts)
+
+
+def expected_tensor_bytes(towers: Mapping[str, tuple[int, int]], embed_dim: int, rank: int = 64, n_new: int = 2,
+                          existing_per_block: int = 0, bottleneck: int = 32) -> int:
+    """Float32 bytes of a task bundle with the autoencoder selector, for towers {name: (width, layers)}."""
+    floats = 0
+    for width, layers in towers.values():
+        expert = 2 * rank * width + rank + width
+        floats += layers * (n_new * expert + (existing_per_block + n_new) * width)
+    floats += 2 * embed_dim * bottleneck + bottleneck + embed_dim
+    return 4 * floats

@@ -15,7 +15,7 @@ def backbone():
     return load_backbone("tiny", device="cpu")
 
 
-TRAIN_STEPS = 200
+TRAIN_STEPS = 300
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from .run import TrainJob, run_train_job
 DEMO_TASKS = ("textures", "glyphs")
 
 
-def run_demo(workdir: Path, steps: int = 300, backbone: str = "tiny", tasks: tuple[str, ...] = DEMO_TASKS) -> dict:
+def run_demo(workdir: Path, steps: int = 500, backbone: str = "tiny", tasks: tuple[str, ...] = DEMO_TASKS) -> dict:
     """Train `tasks` one after the other on one store, then report routing on their test sets and on shapes."""
     store_dir = workdir / "store"
     for name in tasks:

@@ -221,13 +221,14 @@ def texture_array(kind: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -
     if kind == "checkerboard":
         return ((np.floor(u / p) + np.floor(v / p)) % 2).astype(np.float32)
     if kind == "dots":
-        return ((((u % p) - p / 2) ** 2 + ((v % p) - p / 2) ** 2) < (p / 3.2) ** 2).astype(np.float32)
+        return ((((u % p) - p / 2) ** 2 + ((v % p) - p / 2) ** 2) < (p / 2.8) ** 2).astype(np.float32)
     if kind == "waves":
         return 0.5 + 0.5 * np.sin(2 * math.pi * (u + 3 * np.sin(2 * math.pi * v / (2.5 * p))) / p + ph)
-    if kind == "grid":
-        return (((u % p) < 1.8) | ((v % p) < 1.8)).astype(np.float32)
+    if kind == "grid":  # thin lines far apart, so a grid never reads as a field of tiles
+        p = p * 1.4
+        return (((u % p) < 2.0) | ((v % p) < 2.0)).astype(np.float32)
     if kind == "speckles":
-        return (rng.random((size, size)) > 0.75).astype(np.float32)
+        return (rng.random((size, size)) > 0.7).astype(np.float32)
     raise ValueError(f"unknown texture {kind!r}; known: {', '.join(TEXTURES)}")
 
 
@@ -250,9 +251,9 @@ DOMAINS: dict[str, Domain] = {
                      _make_digits, {"train": 0, "val": 0, "test": 0}),
     "glyphs": Domain("glyphs", tuple(f"letter {g.lower()}" for g in GLYPHS),
                      "letters rendered with the fonts matplotlib ships; test fonts are unseen",
-                     _make_glyphs, {"train": 70, "val": 20, "test": 30}),
+                     _make_glyphs, {"train": 150, "val": 20, "test": 30}),
     "textures": Domain("textures", TEXTURES, "procedural textures in random colours",
-                       _make_textures, {"train": 70, "val": 20, "test": 30}),
+                       _make_textures, {"train": 150, "val": 20, "test": 30}),
 }
 
 

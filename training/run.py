@@ -25,7 +25,7 @@ class TrainJob:
     backbone: str = "tiny"
     store: str | None = None
     out: str | None = None
-    steps: int = 300
+    steps: int = 500
     batch_size: int = 64
     lr: float | None = None
     new_experts: int = 2

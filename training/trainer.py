@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ class TrainConfig:
     """One task's training run. METHOD.md §5 defaults, with a step budget sized for a CPU."""
 
     task: str
-    steps: int = 300
+    steps: int = 500
     batch_size: int = 64
     lr: float | None = None  # None: 1e-2 for narrow backbones (width <= 256, the tiny one), else the paper's 1e-3
     warmup: int = 100  # capped at a tenth of the steps
@@ -101,12 +102,10 @@ class _TaskParams(torch.nn.Module):
         return Routing(experts, [router], torch.zeros(n, dtype=torch.long, device=dev), bank.config, training, counts)
 
 
-def _batches(data: LabelledImages, transform, batch: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    out = []
+def _batches(data: LabelledImages, transform, batch: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for s in range(0, len(data), batch):
         x = torch.stack([transform(im) for im in data.images[s : s + batch]]).to(device)
-        out.append((x, torch.tensor(data.labels[s : s + batch], device=device)))
-    return out
+        yield x, torch.tensor(data.labels[s : s + batch], device=device)
 
 
 @torch.no_grad()

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.slow
 def test_training_lifts_accuracy_far_above_zero_shot(trained, name):
     _, reports, _ = trained
     r = reports[name]
-    assert r["val_accuracy"] >= 0.8, r
-    assert r["val_accuracy"] >= r["zero_shot_val_accuracy"] + 0.3, r
+    assert r["val_accuracy"] >= 0.65, r
+    assert r["val_accuracy"] >= r["zero_shot_val_accuracy"] + 0.4, r
 
 
 def test_second_task_trains_on_top_of_the_first(trained):
@@ -75,3 +75,14 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert main(["train", "--task", "Bad Name", "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "task" in capsys.readouterr().err
     assert main(["train", "--task", "ok", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_bundle_size_formula_matches_trained_bundles(trained, backbone):
+    from model_store.bundle import expected_tensor_bytes, tensor_bytes
+
+    store, _, _ = trained
+    towers = {t: (s.width, s.layers) for t, s in backbone.towers.items()}
+    for task, existing in (("textures", 0), ("glyphs", 2)):
+        bundle = store.load(store.active()[task])
+        assert tensor_bytes(bundle) == expected_tensor_bytes(towers, backbone.embed_dim, existing_per_block=existing)
+        assert bundle.nbytes - tensor_bytes(bundle) < 64 * 1024  # the rest is the JSON header
