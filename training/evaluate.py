@@ -42,6 +42,6 @@ def route_report(bank: BankSnapshot, sets: dict[str, LabelledImages]) -> dict[st
 def format_route_report(report: dict[str, Any]) -> str:
     lines = [f"{'test set':10s} {'images':>6s} {'zero-shot':>9s} {'routed':>7s}  routes"]
     for name, r in report.items():
-        routes = ", ".join(f"{k} {v:.0%}" for k, v in r["routes"].items())
+        routes = ", ".join(f"{k} {v:.1%}" for k, v in r["routes"].items())
         lines.append(f"{name:10s} {r['images']:6d} {r['zero_shot_accuracy']:9.1%} {r['auto_accuracy']:7.1%}  {routes}")
     return "\n".join(lines)
