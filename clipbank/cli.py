@@ -20,10 +20,23 @@ def _train(args: argparse.Namespace) -> int:
 
     if not args.out and not args.store:
         raise SystemExit("clipbank train: give --out FILE, --store DIR, or both")
-    job = TrainJob(task=args.task, data=args.data, val=args.val, backbone=args.backbone, store=args.store,
-                   out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                   new_experts=args.new_experts, seed=args.seed, warm_start_steps=args.warm_start_steps,
-                   selector=args.selector, device=args.device, activate=not args.no_activate)
+    job = TrainJob(
+        task=args.task,
+        data=args.data,
+        val=args.val,
+        backbone=args.backbone,
+        store=args.store,
+        out=args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        new_experts=args.new_experts,
+        seed=args.seed,
+        warm_start_steps=args.warm_start_steps,
+        selector=args.selector,
+        device=args.device,
+        activate=not args.no_activate,
+    )
     summary = run_train_job(job)
     print(json.dumps(summary, indent=2))
     return 0
@@ -44,8 +57,10 @@ def _data(args: argparse.Namespace) -> int:
 def _pretrain(args: argparse.Namespace) -> int:
     from training.pretrain_tiny import PretrainConfig, pretrain_tiny
 
-    metrics = pretrain_tiny(PretrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed),
-                            Path(args.out) if args.out else None)
+    metrics = pretrain_tiny(
+        PretrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed),
+        Path(args.out) if args.out else None,
+    )
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -84,8 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="also write the bundle file here")
     t.add_argument("--steps", type=int, default=500)
     t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: 1e-2 for narrow backbones such as tiny, else 1e-3)")
+    t.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate (default: 1e-2 for narrow backbones such as tiny, else 1e-3)",
+    )
     t.add_argument("--new-experts", type=int, default=2, help="new experts per block and tower")
     t.add_argument("--warm-start-steps", type=int, default=0, help="ATLAS stage 1: router-only steps first")
     t.add_argument("--selector", default="autoencoder", choices=["autoencoder", "gaussian"])

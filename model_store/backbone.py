@@ -140,10 +140,11 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
     quiet = _DropRecords(("No pretrained weights loaded", "Local config loaded, but no CLIP weights"))
     logging.getLogger().addFilter(quiet)  # open_clip warns of "random init" before we load the file ourselves
     try:
+        tag = None if ref.weights_is_file or ref.model_name.startswith("local-dir:") else ref.weights
+        # OpenAI's weights were trained with QuickGELU; open_clip only warns when the config lacks it
+        quick_gelu = bool(tag and (open_clip.get_pretrained_cfg(ref.model_name, tag) or {}).get("quick_gelu"))
         model, _, preprocess = open_clip.create_model_and_transforms(
-            ref.model_name,
-            pretrained=None if ref.weights_is_file or ref.model_name.startswith("local-dir:") else ref.weights,
-            load_weights=not ref.weights_is_file,
+            ref.model_name, pretrained=tag, load_weights=not ref.weights_is_file, force_quick_gelu=quick_gelu
         )
         if ref.weights_is_file:
             open_clip.load_checkpoint(model, ref.weights)
@@ -177,7 +178,11 @@ def _train_transform(model: Any) -> Any:
     cfg = open_clip.get_model_preprocess_cfg(model)
     aug = open_clip.AugmentationCfg(scale=(0.9, 1.0))
     train = open_clip.image_transform(
-        cfg["size"], is_train=True, mean=cfg["mean"], std=cfg["std"],
-        interpolation=cfg.get("interpolation", "bicubic"), aug_cfg=aug,
+        cfg["size"],
+        is_train=True,
+        mean=cfg["mean"],
+        std=cfg["std"],
+        interpolation=cfg.get("interpolation", "bicubic"),
+        aug_cfg=aug,
     )
     return train

@@ -10,7 +10,7 @@ import torch
 
 from .backbone import TOWERS, Backbone
 from .bundle import Bundle, PlacedExpert, check_compatible
-from .errors import MissingExpert, TaskNotFound
+from .errors import BundleInvalid, MissingExpert, TaskNotFound
 from .experts import Expert, MoEConfig, Routing, TaskRouter
 from .selector import Selector, load_selector
 
@@ -53,15 +53,20 @@ class BankSnapshot:
 
     def routing(self, task_index: torch.Tensor, training: bool = False) -> Routing:
         """A per-call routing over this bank for the given per-sample task indices (-1: no adapter)."""
-        return Routing(self.experts, [t.router for t in self.tasks], task_index.to(self.backbone.device),
-                       self.config, training)
+        return Routing(
+            self.experts, [t.router for t in self.tasks], task_index.to(self.backbone.device), self.config, training
+        )
 
     def expert_bytes(self) -> int:
         return sum(e.nbytes() for blocks in self.experts.values() for slots in blocks for e in slots)
 
     def describe(self) -> dict[str, Any]:
-        return {"generation": self.generation, "tasks": list(self.task_names),
-                "experts": len(self.expert_ids), "expert_bytes": self.expert_bytes()}
+        return {
+            "generation": self.generation,
+            "tasks": list(self.task_names),
+            "experts": len(self.expert_ids),
+            "expert_bytes": self.expert_bytes(),
+        }
 
 
 def empty_bank(backbone: Backbone, generation: int = 0, config: MoEConfig | None = None) -> BankSnapshot:
@@ -69,8 +74,15 @@ def empty_bank(backbone: Backbone, generation: int = 0, config: MoEConfig | None
     return BankSnapshot(backbone, experts, {}, (), generation, config or MoEConfig())
 
 
-def _task_entry(bundle: Bundle, ids: Mapping[str, tuple[str, int, int]], device: torch.device) -> TaskEntry:
+def _task_entry(
+    bundle: Bundle, ids: Mapping[str, tuple[str, int, int]], device: torch.device, config: MoEConfig
+) -> TaskEntry:
     routing = bundle.manifest["routing"]
+    if routing["top_k"] != config.top_k or routing.get("scale", config.scale) != config.scale:
+        raise BundleInvalid(
+            f"task {bundle.task!r} was trained with top_k={routing['top_k']}, scale="
+            f"{routing.get('scale')}; this bank computes top_k={config.top_k}, scale={config.scale}"
+        )
     weights, slots = {}, {}
     for tower in TOWERS:
         weights[tower] = [w.to(device) for w in bundle.routers[tower]]
@@ -78,19 +90,35 @@ def _task_entry(bundle: Bundle, ids: Mapping[str, tuple[str, int, int]], device:
         for block, col_ids in enumerate(routing[tower]):
             missing = [e[:12] for e in col_ids if ids.get(e, (None, None))[:2] != (tower, block)]
             if missing:
-                raise MissingExpert(f"task {bundle.task!r} routes {tower}.{block} to experts not in the bank at that "
-                                    f"place: {', '.join(missing[:5])}")
+                raise MissingExpert(
+                    f"task {bundle.task!r} routes {tower}.{block} to experts not in the bank at that "
+                    f"place: {', '.join(missing[:5])}"
+                )
             slots[tower].append(torch.tensor([ids[e][2] for e in col_ids], dtype=torch.long, device=device))
     sel = load_selector(bundle.manifest["selector"], bundle.selector_tensors)
     for name in sel.tensors():
         setattr(sel, name, getattr(sel, name).to(device))
     m = bundle.manifest
-    return TaskEntry(m["task"], m["version"], bundle.id, tuple(m["classes"]), tuple(m["templates"]),
-                     TaskRouter(weights, slots), sel, m, bundle.nbytes)
+    return TaskEntry(
+        m["task"],
+        m["version"],
+        bundle.id,
+        tuple(m["classes"]),
+        tuple(m["templates"]),
+        TaskRouter(weights, slots),
+        sel,
+        m,
+        bundle.nbytes,
+    )
 
 
-def build_bank(backbone: Backbone, tasks: Sequence[Bundle], providers: Iterable[Bundle] = (),
-               generation: int = 0, previous: BankSnapshot | None = None) -> BankSnapshot:
+def build_bank(
+    backbone: Backbone,
+    tasks: Sequence[Bundle],
+    providers: Iterable[Bundle] = (),
+    generation: int = 0,
+    previous: BankSnapshot | None = None,
+) -> BankSnapshot:
     """Build a snapshot for the given active task bundles.
 
     Experts come from the task bundles themselves and from `providers` (older bundles whose experts they use).
@@ -117,7 +145,9 @@ def build_bank(backbone: Backbone, tasks: Sequence[Bundle], providers: Iterable[
         tensors[eid] = Expert.from_parts({k: t.to(backbone.device) for k, t in p.expert.parts().items()})
         order[(p.tower, p.block)].append(eid)
     ids = {eid: (tw, bl, s) for (tw, bl), eids in order.items() for s, eid in enumerate(eids)}
-    experts = {t: tuple(tuple(tensors[e] for e in order[(t, i)]) for i in range(backbone.towers[t].layers))
-               for t in TOWERS}
-    entries = tuple(_task_entry(b, ids, backbone.device) for b in sorted(tasks, key=lambda b: b.task))
-    return BankSnapshot(backbone, experts, ids, entries, generation, previous.config if previous else MoEConfig())
+    experts = {
+        t: tuple(tuple(tensors[e] for e in order[(t, i)]) for i in range(backbone.towers[t].layers)) for t in TOWERS
+    }
+    config = previous.config if previous else MoEConfig()
+    entries = tuple(_task_entry(b, ids, backbone.device, config) for b in sorted(tasks, key=lambda b: b.task))
+    return BankSnapshot(backbone, experts, ids, entries, generation, config)

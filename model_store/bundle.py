@@ -77,8 +77,12 @@ def validate_task_name(name: str) -> str:
     return name
 
 
-def pack_bundle(manifest: dict[str, Any], experts: Mapping[str, PlacedExpert],
-                routers: Mapping[str, list[torch.Tensor]], selector_tensors: Mapping[str, torch.Tensor]) -> bytes:
+def pack_bundle(
+    manifest: dict[str, Any],
+    experts: Mapping[str, PlacedExpert],
+    routers: Mapping[str, list[torch.Tensor]],
+    selector_tensors: Mapping[str, torch.Tensor],
+) -> bytes:
     """Serialise a bundle. Fills in `experts.new` and `content_sha256`; validates the result by reading it back."""
     tensors: dict[str, torch.Tensor] = {}
     for eid, placed in experts.items():
@@ -125,8 +129,10 @@ def _check_manifest(m: Any) -> list[str]:
         p.append(f"task {m.get('task')!r} must match {TASK_RE.pattern}")
     if not isinstance(m.get("version"), int) or isinstance(m.get("version"), bool) or m["version"] < 1:
         p.append(f"version must be an integer >= 1, got {m.get('version')!r}")
-    for key, check in (("classes", lambda c: isinstance(c, str) and c.strip()),
-                       ("templates", lambda t: isinstance(t, str) and "{}" in t)):
+    for key, check in (
+        ("classes", lambda c: isinstance(c, str) and c.strip()),
+        ("templates", lambda t: isinstance(t, str) and "{}" in t),
+    ):
         v = m.get(key)
         if not isinstance(v, list) or not v or not all(check(x) for x in v):
             p.append(f"{key} must be a non-empty list of strings" + (" containing '{}'" if key == "templates" else ""))
@@ -176,8 +182,9 @@ def _split_tensors(tensors: dict[str, torch.Tensor], m: dict[str, Any]) -> tuple
             problems.append(f"unexpected tensor {key!r}")
     new = set(m["experts"]["new"])
     if set(parts) != new:
-        problems.append(f"expert tensors {sorted(set(parts) - new)[:3]} / manifest ids {sorted(new - set(parts))[:3]} "
-                        "do not agree")
+        problems.append(
+            f"expert tensors {sorted(set(parts) - new)[:3]} / manifest ids {sorted(new - set(parts))[:3]} do not agree"
+        )
     for eid, p in parts.items():
         if set(p) != set(EXPERT_PARTS):
             problems.append(f"expert {eid[:12]} has parts {sorted(p)}, needs {list(EXPERT_PARTS)}")
@@ -189,15 +196,17 @@ def _split_tensors(tensors: dict[str, torch.Tensor], m: dict[str, Any]) -> tuple
             continue
         for i, ids in enumerate(blocks):
             if routers[tower][i].ndim != 2 or routers[tower][i].shape[0] != len(ids):
-                problems.append(f"router.{tower}.{i} has shape {tuple(routers[tower][i].shape)}, "
-                                f"routing lists {len(ids)} experts")
+                problems.append(
+                    f"router.{tower}.{i} has shape {tuple(routers[tower][i].shape)}, routing lists {len(ids)} experts"
+                )
             for eid in ids:
                 if eid in where and where[eid] != (tower, i):
                     problems.append(f"expert {eid[:12]} is stored at {where[eid]} but routed at ({tower}, {i})")
                 elif eid not in new and eid not in m["experts"]["uses"]:
                     problems.append(f"routing names expert {eid[:12]} that is neither new nor in uses")
-    experts = {eid: PlacedExpert(*where[eid], Expert.from_parts(p)) for eid, p in parts.items()
-               if set(p) == set(EXPERT_PARTS)}
+    experts = {
+        eid: PlacedExpert(*where[eid], Expert.from_parts(p)) for eid, p in parts.items() if set(p) == set(EXPERT_PARTS)
+    }
     return experts, {t: [routers[t][i] for i in sorted(routers[t])] for t in TOWERS}, selector, problems
 
 
@@ -222,8 +231,10 @@ def read_bundle(data: bytes) -> Bundle:
         raise BundleInvalid("invalid bundle tensors: " + "; ".join(problems[:10]))
     if tensor_digest(tensors) != manifest["content_sha256"]:
         bad = [eid[:12] for eid, p in experts.items() if expert_id(p.expert.parts()) != eid]
-        raise BundleTampered("bundle tensors do not match their recorded digest"
-                             + (f"; experts whose content changed: {', '.join(bad)}" if bad else ""))
+        raise BundleTampered(
+            "bundle tensors do not match their recorded digest"
+            + (f"; experts whose content changed: {', '.join(bad)}" if bad else "")
+        )
     bad = [eid[:12] for eid, p in experts.items() if expert_id(p.expert.parts()) != eid]
     if bad:
         raise BundleTampered(f"experts whose tensors do not hash to their ids: {', '.join(bad)}")
@@ -236,7 +247,8 @@ def check_compatible(bundle: Bundle, backbone: Backbone, bank_experts: Mapping[s
     if mine["fingerprint"] != theirs["fingerprint"]:
         raise BackboneMismatch(
             f"bundle backbone fingerprint {mine['fingerprint'][:12]}… ({mine['arch']}/{mine['pretrained']}) does not "
-            f"match the served backbone {theirs['fingerprint'][:12]}… ({theirs['arch']}/{theirs['pretrained']})")
+            f"match the served backbone {theirs['fingerprint'][:12]}… ({theirs['arch']}/{theirs['pretrained']})"
+        )
     problems = []
     for tower in TOWERS:
         spec = backbone.towers[tower]
@@ -266,8 +278,14 @@ def tensor_bytes(bundle: Bundle) -> int:
     return sum(t.numel() * t.element_size() for t in parts)
 
 
-def expected_tensor_bytes(towers: Mapping[str, tuple[int, int]], embed_dim: int, rank: int = 64, n_new: int = 2,
-                          existing_per_block: int = 0, bottleneck: int = 32) -> int:
+def expected_tensor_bytes(
+    towers: Mapping[str, tuple[int, int]],
+    embed_dim: int,
+    rank: int = 64,
+    n_new: int = 2,
+    existing_per_block: int = 0,
+    bottleneck: int = 32,
+) -> int:
     """Float32 bytes of a task bundle with the autoencoder selector, for towers {name: (width, layers)}."""
     floats = 0
     for width, layers in towers.values():

@@ -70,8 +70,9 @@ class TextCache:
         return value
 
 
-def text_embeddings(bank: BankSnapshot, task: int, labels: Sequence[str], templates: Sequence[str],
-                    cache: TextCache | None = None) -> torch.Tensor:
+def text_embeddings(
+    bank: BankSnapshot, task: int, labels: Sequence[str], templates: Sequence[str], cache: TextCache | None = None
+) -> torch.Tensor:
     """Per label: encode with each template, normalise, average, renormalise. `task=-1` is the frozen tower."""
     key = (bank.tasks[task].bundle_id if task >= 0 else ZERO_SHOT, tuple(labels), tuple(templates))
 
@@ -111,8 +112,14 @@ def _route_of(bank: BankSnapshot, t: int, s: float) -> Route:
     return Route(task.name, task.version, task.bundle_id, s, task.selector.threshold)
 
 
-def _item_results(bank: BankSnapshot, item: ClassifyItem, feats: torch.Tensor, tasks: torch.Tensor,
-                  scores: torch.Tensor, cache: TextCache | None) -> list[ImageResult]:
+def _item_results(
+    bank: BankSnapshot,
+    item: ClassifyItem,
+    feats: torch.Tensor,
+    tasks: torch.Tensor,
+    scores: torch.Tensor,
+    cache: TextCache | None,
+) -> list[ImageResult]:
     scale = float(bank.backbone.model.logit_scale.exp())
     results = []
     for i in range(feats.shape[0]):
@@ -123,8 +130,10 @@ def _item_results(bank: BankSnapshot, item: ClassifyItem, feats: torch.Tensor, t
         elif t >= 0:
             labels, templates = bank.tasks[t].classes, bank.tasks[t].templates
         else:
-            raise InvalidRequest("no labels given and the image routed to zero-shot CLIP, which has no classes of its "
-                                 "own; send labels or pin a task")
+            raise InvalidRequest(
+                "no labels given and the image routed to zero-shot CLIP, which has no classes of its "
+                "own; send labels or pin a task"
+            )
         text = text_embeddings(bank, t, labels, templates, cache)
         probs = torch.softmax(scale * feats[i] @ text.T, dim=-1).cpu()
         order = probs.argsort(descending=True)[: item.top_k or len(labels)]
@@ -132,8 +141,9 @@ def _item_results(bank: BankSnapshot, item: ClassifyItem, feats: torch.Tensor, t
     return results
 
 
-def classify_batch(bank: BankSnapshot, items: Sequence[ClassifyItem],
-                   cache: TextCache | None = None) -> list[list[ImageResult] | Exception]:
+def classify_batch(
+    bank: BankSnapshot, items: Sequence[ClassifyItem], cache: TextCache | None = None
+) -> list[list[ImageResult] | Exception]:
     """Answer several requests with one frozen pass and one adapted pass that mixes tasks.
 
     A request that cannot be answered gets its exception in its place; the others are unaffected.
@@ -157,14 +167,16 @@ def classify_batch(bank: BankSnapshot, items: Sequence[ClassifyItem],
     routed = (tasks >= 0).nonzero(as_tuple=True)[0]
     if len(routed):
         with torch.inference_mode():
-            feats[routed.to(bb.device)] = encode_image(bb.model, images[routed.to(bb.device)],
-                                                       bank.routing(tasks[routed]))
+            feats[routed.to(bb.device)] = encode_image(
+                bb.model, images[routed.to(bb.device)], bank.routing(tasks[routed])
+            )
     start = 0
     for k, (item, n) in enumerate(zip(items, sizes)):
         if out[k] is None:
             try:
-                out[k] = _item_results(bank, item, feats[start : start + n], tasks[start : start + n],
-                                       scores[start : start + n], cache)
+                out[k] = _item_results(
+                    bank, item, feats[start : start + n], tasks[start : start + n], scores[start : start + n], cache
+                )
             except Exception as e:  # noqa: BLE001 - reported per request
                 out[k] = e
         start += n

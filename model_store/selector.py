@@ -58,9 +58,18 @@ def score(selector: Selector, feats: torch.Tensor) -> torch.Tensor:
 def _calibrate(errors: torch.Tensor, cfg: SelectorConfig) -> tuple[float, dict[str, float]]:
     e = errors.detach().float().cpu()
     q = torch.quantile(e, torch.tensor([0.5, 0.9, 0.95, 0.99, cfg.percentile / 100.0]))
-    stats = {"n": float(len(e)), "mean": float(e.mean()), "std": float(e.std()) if len(e) > 1 else 0.0,
-             "p50": float(q[0]), "p90": float(q[1]), "p95": float(q[2]), "p99": float(q[3]), "max": float(e.max()),
-             "percentile": cfg.percentile, "margin": cfg.margin}
+    stats = {
+        "n": float(len(e)),
+        "mean": float(e.mean()),
+        "std": float(e.std()) if len(e) > 1 else 0.0,
+        "p50": float(q[0]),
+        "p90": float(q[1]),
+        "p95": float(q[2]),
+        "p99": float(q[3]),
+        "max": float(e.max()),
+        "percentile": cfg.percentile,
+        "margin": cfg.margin,
+    }
     threshold = max(float(q[4]) * cfg.margin, 1e-12)
     return threshold, stats
 
@@ -144,8 +153,12 @@ def fit_selector(train: torch.Tensor, calib: torch.Tensor, cfg: SelectorConfig) 
 
 
 def selector_manifest(selector: Selector, cfg: SelectorConfig) -> dict[str, Any]:
-    return {"kind": selector.kind, "threshold": selector.threshold, "calibration": selector.calibration,
-            "config": asdict(cfg)}
+    return {
+        "kind": selector.kind,
+        "threshold": selector.threshold,
+        "calibration": selector.calibration,
+        "config": asdict(cfg),
+    }
 
 
 def load_selector(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Selector:

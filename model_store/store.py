@@ -122,8 +122,13 @@ class LocalStore:
             index["generation"] = int(index["generation"]) + 1
             atomic_write(self.index_path, json.dumps(index, indent=1, sort_keys=True).encode())
 
-    def put(self, data: bytes, activate: bool = True, metrics: dict[str, Any] | None = None,
-            check: Callable[[Bundle], None] | None = None) -> PutResult:
+    def put(
+        self,
+        data: bytes,
+        activate: bool = True,
+        metrics: dict[str, Any] | None = None,
+        check: Callable[[Bundle], None] | None = None,
+    ) -> PutResult:
         """Validate and store a bundle; by default make it the task's active version.
 
         `check` runs under the lock before anything is written (the server uses it to test compatibility).
@@ -135,17 +140,25 @@ class LocalStore:
             if bundle.version <= newest:
                 raise VersionConflict(
                     f"task {bundle.task!r} already has version {newest}; a new bundle needs version > {newest}, "
-                    f"got {bundle.version}")
+                    f"got {bundle.version}"
+                )
             if check is not None:
                 check(bundle)
             path = self.blobs / f"{bundle.id}.safetensors"
             if not path.exists():
                 atomic_write(path, data)
-            entry["versions"].append({
-                "version": bundle.version, "bundle_id": bundle.id, "created_at": bundle.manifest.get("created_at"),
-                "stored_at": utc_now(), "bytes": len(data), "experts_new": bundle.manifest["experts"]["new"],
-                "uses": bundle.uses, "metrics": metrics or _metrics_of(bundle),
-            })
+            entry["versions"].append(
+                {
+                    "version": bundle.version,
+                    "bundle_id": bundle.id,
+                    "created_at": bundle.manifest.get("created_at"),
+                    "stored_at": utc_now(),
+                    "bytes": len(data),
+                    "experts_new": bundle.manifest["experts"]["new"],
+                    "uses": bundle.uses,
+                    "metrics": metrics or _metrics_of(bundle),
+                }
+            )
             if activate:
                 entry["active"] = bundle.id
         return PutResult(bundle.task, bundle.version, bundle.id, len(bundle.experts), index["generation"])

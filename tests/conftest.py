@@ -30,8 +30,13 @@ def trained(tmp_path_factory, backbone):
     reports, banks = {}, {}
     for name in ("textures", "glyphs"):
         bank = BankLoader(store, backbone).load()
-        result = train_task(bank, load_domain(name, "train"), TrainConfig(task=name, steps=TRAIN_STEPS),
-                            load_domain(name, "val"), progress=False)
+        result = train_task(
+            bank,
+            load_domain(name, "train"),
+            TrainConfig(task=name, steps=TRAIN_STEPS),
+            load_domain(name, "val"),
+            progress=False,
+        )
         store.put(result.bundle)
         reports[name] = result.report
         banks[name] = BankLoader(store, backbone).load()

@@ -11,8 +11,15 @@ from model_store.experts import Expert, expert_id
 from model_store.selector import SelectorConfig, fit_selector, selector_manifest
 
 
-def random_bundle(bank: BankSnapshot, task: str, seed: int, version: int = 1, n_new: int = 2,
-                  zero_up: bool = False, classes: tuple[str, ...] = ("red", "blue", "green")) -> bytes:
+def random_bundle(
+    bank: BankSnapshot,
+    task: str,
+    seed: int,
+    version: int = 1,
+    n_new: int = 2,
+    zero_up: bool = False,
+    classes: tuple[str, ...] = ("red", "blue", "green"),
+) -> bytes:
     """A bundle whose new experts and routers are random (or, with zero_up, fresh: outputting 0)."""
     g = torch.Generator().manual_seed(seed)
     bb = bank.backbone
@@ -26,8 +33,12 @@ def random_bundle(bank: BankSnapshot, task: str, seed: int, version: int = 1, n_
             ids = [by_slot[(tower, i, s)] for s in range(len(bank.experts[tower][i]))]
             for _ in range(n_new):
                 up = torch.zeros(d, 8) if zero_up else torch.randn(d, 8, generator=g)
-                e = Expert(torch.randn(8, d, generator=g) * 0.2, torch.randn(8, generator=g) * 0.1, up,
-                           torch.zeros(d) if zero_up else torch.randn(d, generator=g) * 0.1)
+                e = Expert(
+                    torch.randn(8, d, generator=g) * 0.2,
+                    torch.randn(8, generator=g) * 0.1,
+                    up,
+                    torch.zeros(d) if zero_up else torch.randn(d, generator=g) * 0.1,
+                )
                 eid = expert_id(e.parts())
                 experts[eid] = PlacedExpert(tower, i, e)
                 ids.append(eid)
@@ -37,9 +48,16 @@ def random_bundle(bank: BankSnapshot, task: str, seed: int, version: int = 1, n_
     cfg = SelectorConfig(epochs=5)
     sel = fit_selector(feats[:30], feats[30:], cfg)
     manifest = {
-        "task": task, "version": version, "created_at": utc_now(), "backbone": bb.describe(),
-        "classes": list(classes), "templates": ["a photo of a {}."],
+        "task": task,
+        "version": version,
+        "created_at": utc_now(),
+        "backbone": bb.describe(),
+        "classes": list(classes),
+        "templates": ["a photo of a {}."],
         "experts": {"uses": sorted({e for t in TOWERS for ids in routing[t] for e in ids} - set(experts))},
-        "routing": routing, "selector": selector_manifest(sel, cfg), "training": {}, "parent": None,
+        "routing": routing,
+        "selector": selector_manifest(sel, cfg),
+        "training": {},
+        "parent": None,
     }
     return pack_bundle(manifest, experts, routers, sel.tensors())

@@ -25,11 +25,20 @@ def run_demo(workdir: Path, steps: int = 500, backbone: str = "tiny", tasks: tup
         if name in LocalStore(store_dir).active():
             print(f"{name}: already in {store_dir}, skipping training")
             continue
-        summary = run_train_job(TrainJob(task=name, data=str(workdir / "data" / name / "train"),
-                                         val=str(workdir / "data" / name / "val"), backbone=backbone,
-                                         store=str(store_dir), steps=steps))
-        print(f"{name}: val accuracy zero-shot {summary['zero_shot_val_accuracy']:.1%} -> trained "
-              f"{summary['val_accuracy']:.1%} in {summary['seconds']:.0f}s, bundle {summary['bundle_bytes']} bytes")
+        summary = run_train_job(
+            TrainJob(
+                task=name,
+                data=str(workdir / "data" / name / "train"),
+                val=str(workdir / "data" / name / "val"),
+                backbone=backbone,
+                store=str(store_dir),
+                steps=steps,
+            )
+        )
+        print(
+            f"{name}: val accuracy zero-shot {summary['zero_shot_val_accuracy']:.1%} -> trained "
+            f"{summary['val_accuracy']:.1%} in {summary['seconds']:.0f}s, bundle {summary['bundle_bytes']} bytes"
+        )
     bank = BankLoader(LocalStore(store_dir), load_backbone(backbone)).load()
     sets = {name: load_domain(name, "test") for name in (*tasks, "shapes")}
     report = route_report(bank, sets)

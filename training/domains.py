@@ -180,8 +180,17 @@ def _font_paths() -> list[str]:
     import matplotlib
 
     folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
-    wanted = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Italic.ttf",
-              "DejaVuSansMono.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf", "cmr10.ttf", "cmss10.ttf")
+    wanted = (
+        "DejaVuSans.ttf",
+        "DejaVuSans-Bold.ttf",
+        "DejaVuSerif.ttf",
+        "DejaVuSerif-Italic.ttf",
+        "DejaVuSansMono.ttf",
+        "STIXGeneral.ttf",
+        "STIXGeneralBol.ttf",
+        "cmr10.ttf",
+        "cmss10.ttf",
+    )
     return [str(folder / f) for f in wanted if (folder / f).exists()]
 
 
@@ -245,15 +254,34 @@ def _make_textures(split: str, per_class: int) -> tuple[list[Image.Image], list[
 
 
 DOMAINS: dict[str, Domain] = {
-    "shapes": Domain("shapes", SHAPES, "coloured shapes: the tiny backbone's own pretraining domain",
-                     _make_shapes, {"train": 50, "val": 20, "test": 30}),
-    "digits": Domain("digits", DIGIT_NAMES, "scikit-learn's 8x8 handwritten digits, upsampled and tinted",
-                     _make_digits, {"train": 0, "val": 0, "test": 0}),
-    "glyphs": Domain("glyphs", tuple(f"letter {g.lower()}" for g in GLYPHS),
-                     "letters rendered with the fonts matplotlib ships; test fonts are unseen",
-                     _make_glyphs, {"train": 150, "val": 20, "test": 30}),
-    "textures": Domain("textures", TEXTURES, "procedural textures in random colours",
-                       _make_textures, {"train": 150, "val": 20, "test": 30}),
+    "shapes": Domain(
+        "shapes",
+        SHAPES,
+        "coloured shapes: the tiny backbone's own pretraining domain",
+        _make_shapes,
+        {"train": 50, "val": 20, "test": 30},
+    ),
+    "digits": Domain(
+        "digits",
+        DIGIT_NAMES,
+        "scikit-learn's 8x8 handwritten digits, upsampled and tinted",
+        _make_digits,
+        {"train": 0, "val": 0, "test": 0},
+    ),
+    "glyphs": Domain(
+        "glyphs",
+        tuple(f"letter {g.lower()}" for g in GLYPHS),
+        "letters rendered with the fonts matplotlib ships; test fonts are unseen",
+        _make_glyphs,
+        {"train": 150, "val": 20, "test": 30},
+    ),
+    "textures": Domain(
+        "textures",
+        TEXTURES,
+        "procedural textures in random colours",
+        _make_textures,
+        {"train": 150, "val": 20, "test": 30},
+    ),
 }
 
 

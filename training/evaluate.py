@@ -13,8 +13,9 @@ from model_store.inference import AUTO, ZERO_SHOT, ClassifyItem, TextCache, clas
 from .data import LabelledImages
 
 
-def _accuracy_and_routes(bank: BankSnapshot, data: LabelledImages, task: str, cache: TextCache,
-                         batch: int = 128) -> tuple[float, Counter]:
+def _accuracy_and_routes(
+    bank: BankSnapshot, data: LabelledImages, task: str, cache: TextCache, batch: int = 128
+) -> tuple[float, Counter]:
     correct, routes = 0, Counter()
     for s in range(0, len(data), batch):
         x = torch.stack([bank.backbone.preprocess(im) for im in data.images[s : s + batch]])
@@ -34,8 +35,12 @@ def route_report(bank: BankSnapshot, sets: dict[str, LabelledImages]) -> dict[st
     for name, data in sets.items():
         zs, _ = _accuracy_and_routes(bank, data, ZERO_SHOT, cache)
         auto, routes = _accuracy_and_routes(bank, data, AUTO, cache)
-        out[name] = {"images": len(data), "zero_shot_accuracy": zs, "auto_accuracy": auto,
-                     "routes": {k: v / len(data) for k, v in sorted(routes.items())}}
+        out[name] = {
+            "images": len(data),
+            "zero_shot_accuracy": zs,
+            "auto_accuracy": auto,
+            "routes": {k: v / len(data) for k, v in sorted(routes.items())},
+        }
     return out
 
 

@@ -60,8 +60,13 @@ class PretrainConfig:
 
 def caption(scene: ShapeScene, template: int) -> str:
     text, _ = TEMPLATES[template]
-    return text.format(color=COLOR_NAMES[scene.color], shape=SHAPES[scene.shape], size=SIZES[scene.size],
-                       background=COLOR_NAMES[scene.background], pattern=PATTERNS[scene.pattern])
+    return text.format(
+        color=COLOR_NAMES[scene.color],
+        shape=SHAPES[scene.shape],
+        size=SIZES[scene.size],
+        background=COLOR_NAMES[scene.background],
+        pattern=PATTERNS[scene.pattern],
+    )
 
 
 def match_matrix(scenes: list[ShapeScene], templates: list[int]) -> torch.Tensor:
@@ -122,8 +127,11 @@ def pretrain_tiny(cfg: PretrainConfig, out: Path | None = None) -> dict[str, flo
     mean, std = (torch.tensor(pcfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
     model.train()
     start = time.time()
     bar = tqdm(range(cfg.steps), desc="pretrain tiny CLIP", unit="step")

@@ -39,9 +39,16 @@ class TrainJob:
 
 def run_train_job(job: TrainJob) -> dict[str, Any]:
     """Train `job.task` and return a summary; the bundle goes to `job.out` and/or `job.store`."""
-    cfg = TrainConfig(task=job.task, steps=job.steps, batch_size=job.batch_size, lr=job.lr,
-                      new_experts=job.new_experts, seed=job.seed, warm_start_steps=job.warm_start_steps,
-                      selector=SelectorConfig(kind=job.selector))
+    cfg = TrainConfig(
+        task=job.task,
+        steps=job.steps,
+        batch_size=job.batch_size,
+        lr=job.lr,
+        new_experts=job.new_experts,
+        seed=job.seed,
+        warm_start_steps=job.warm_start_steps,
+        selector=SelectorConfig(kind=job.selector),
+    )
     train = load_image_folder(job.data)
     val = load_image_folder(job.val, train.classes) if job.val else None
     backbone = load_backbone(job.backbone, job.device)
@@ -56,10 +63,24 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         except TaskNotFound:
             pass
     result = train_task(bank, train, cfg, val, version=version, parent=parent, progress=job.progress)
-    summary = {"task": job.task, "version": version, "bank_tasks": list(bank.task_names),
-               **{k: result.report[k] for k in ("zero_shot_val_accuracy", "val_accuracy", "seconds",
-                                                 "train_images", "val_images", "bundle_bytes", "experts_added")},
-               "selector_threshold": result.report["selector"]["threshold"]}
+    summary = {
+        "task": job.task,
+        "version": version,
+        "bank_tasks": list(bank.task_names),
+        **{
+            k: result.report[k]
+            for k in (
+                "zero_shot_val_accuracy",
+                "val_accuracy",
+                "seconds",
+                "train_images",
+                "val_images",
+                "bundle_bytes",
+                "experts_added",
+            )
+        },
+        "selector_threshold": result.report["selector"]["threshold"],
+    }
     if job.out:
         Path(job.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(Path(job.out), result.bundle)

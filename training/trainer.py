@@ -87,8 +87,9 @@ class _TaskParams(torch.nn.Module):
         self.expert_params = torch.nn.ParameterList(params)
         self.to(bank.backbone.device)
 
-    def routing(self, bank: BankSnapshot, n: int, training: bool, stage1: bool = False,
-                counts: ActivationCounts | None = None) -> Routing:
+    def routing(
+        self, bank: BankSnapshot, n: int, training: bool, stage1: bool = False, counts: ActivationCounts | None = None
+    ) -> Routing:
         experts, weights, slots, noise, allowed = {}, {}, {}, {}, {}
         dev = bank.backbone.device
         for tower in TOWERS:
@@ -96,8 +97,9 @@ class _TaskParams(torch.nn.Module):
             weights[tower] = [self.router[f"{tower}_{i}"] for i in range(len(experts[tower]))]
             noise[tower] = [self.noise[f"{tower}_{i}"] for i in range(len(experts[tower]))]
             slots[tower] = [torch.arange(len(e), device=dev) for e in experts[tower]]
-            allowed[tower] = [torch.arange(len(e), device=dev) < len(bank.experts[tower][i])
-                              for i, e in enumerate(experts[tower])]
+            allowed[tower] = [
+                torch.arange(len(e), device=dev) < len(bank.experts[tower][i]) for i, e in enumerate(experts[tower])
+            ]
         router = TaskRouter(weights, slots, noise if training else None, allowed if stage1 else None)
         return Routing(experts, [router], torch.zeros(n, dtype=torch.long, device=dev), bank.config, training, counts)
 
@@ -109,8 +111,13 @@ def _batches(data: LabelledImages, transform, batch: int, device) -> Iterator[tu
 
 
 @torch.no_grad()
-def evaluate(bank: BankSnapshot, params: _TaskParams | None, data: LabelledImages, template: str,
-             counts: ActivationCounts | None = None) -> float:
+def evaluate(
+    bank: BankSnapshot,
+    params: _TaskParams | None,
+    data: LabelledImages,
+    template: str,
+    counts: ActivationCounts | None = None,
+) -> float:
     """Accuracy over `data.classes`; with `params`, the adapted model (no noise), else zero-shot CLIP."""
     model, bb = bank.backbone.model, bank.backbone
     tokens = bb.tokenizer([template.format(c) for c in data.classes]).to(bb.device)
@@ -134,8 +141,14 @@ def _lr_at(step: int, cfg: TrainConfig, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.steps - warmup)))
 
 
-def _train_loop(bank: BankSnapshot, params: _TaskParams, data: LabelledImages, cfg: TrainConfig,
-                generator: torch.Generator, progress: bool) -> list[float]:
+def _train_loop(
+    bank: BankSnapshot,
+    params: _TaskParams,
+    data: LabelledImages,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    progress: bool,
+) -> list[float]:
     bb = bank.backbone
     tokens = bb.tokenizer([cfg.template.format(c) for c in data.classes]).to(bb.device)
     labels = torch.tensor(data.labels)
@@ -165,8 +178,9 @@ def _train_loop(bank: BankSnapshot, params: _TaskParams, data: LabelledImages, c
 
 @torch.no_grad()
 def _frozen_features(backbone: Backbone, data: LabelledImages) -> torch.Tensor:
-    return torch.cat([encode_image(backbone.model, x) for x, _ in _batches(data, backbone.preprocess, 128,
-                                                                              backbone.device)]).cpu()
+    return torch.cat(
+        [encode_image(backbone.model, x) for x, _ in _batches(data, backbone.preprocess, 128, backbone.device)]
+    ).cpu()
 
 
 def _publish(bank: BankSnapshot, params: _TaskParams) -> tuple[dict[str, PlacedExpert], dict, dict]:
@@ -189,8 +203,15 @@ def _publish(bank: BankSnapshot, params: _TaskParams) -> tuple[dict[str, PlacedE
     return experts, routing, routers
 
 
-def train_task(bank: BankSnapshot, train: LabelledImages, cfg: TrainConfig, val: LabelledImages | None = None,
-               version: int = 1, parent: str | None = None, progress: bool = True) -> TrainResult:
+def train_task(
+    bank: BankSnapshot,
+    train: LabelledImages,
+    cfg: TrainConfig,
+    val: LabelledImages | None = None,
+    version: int = 1,
+    parent: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Train task `cfg.task` on top of `bank` (its experts stay frozen) and return the packed bundle."""
     if len(train.classes) < 2:
         raise ValueError(f"a task needs at least 2 classes, got {list(train.classes)}")
@@ -211,24 +232,43 @@ def train_task(bank: BankSnapshot, train: LabelledImages, cfg: TrainConfig, val:
     selector = fit_selector(_frozen_features(bb, fit), _frozen_features(bb, val), cfg.selector)
     experts, routing, routers = _publish(bank, params)
     report = {
-        "config": _jsonable(asdict(cfg)), "lr": cfg.lr or default_lr(bb), "steps": cfg.steps,
+        "config": _jsonable(asdict(cfg)),
+        "lr": cfg.lr or default_lr(bb),
+        "steps": cfg.steps,
         "seconds": round(train_seconds, 2),
-        "train_images": len(fit), "val_images": len(val), "zero_shot_val_accuracy": zero_shot,
-        "val_accuracy": accuracy, "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "train_images": len(fit),
+        "val_images": len(val),
+        "zero_shot_val_accuracy": zero_shot,
+        "val_accuracy": accuracy,
+        "final_loss": sum(losses[-10:]) / len(losses[-10:]),
         "activation_counts": {f"{t}.{b}": c.tolist() for (t, b), c in sorted(counts.counts.items())},
     }
     manifest = {
-        "task": cfg.task, "version": version, "created_at": utc_now(), "backbone": bb.describe(),
-        "classes": list(train.classes), "templates": [cfg.template],
+        "task": cfg.task,
+        "version": version,
+        "created_at": utc_now(),
+        "backbone": bb.describe(),
+        "classes": list(train.classes),
+        "templates": [cfg.template],
         "experts": {"uses": sorted({e for t in TOWERS for ids in routing[t] for e in ids} - set(experts))},
-        "routing": routing, "selector": selector_manifest(selector, cfg.selector), "training": report,
+        "routing": routing,
+        "selector": selector_manifest(selector, cfg.selector),
+        "training": report,
         "parent": parent,
     }
     data = pack_bundle(manifest, experts, routers, selector.tensors())
-    log.info("task %s v%d: zero-shot %.3f -> trained %.3f in %.1fs", cfg.task, version, zero_shot, accuracy,
-             train_seconds)
-    return TrainResult(data, {**report, "selector": selector_manifest(selector, cfg.selector),
-                              "bundle_bytes": len(data), "experts_added": len(experts)})
+    log.info(
+        "task %s v%d: zero-shot %.3f -> trained %.3f in %.1fs", cfg.task, version, zero_shot, accuracy, train_seconds
+    )
+    return TrainResult(
+        data,
+        {
+            **report,
+            "selector": selector_manifest(selector, cfg.selector),
+            "bundle_bytes": len(data),
+            "experts_added": len(experts),
+        },
+    )
 
 
 def _jsonable(d: Any) -> Any:

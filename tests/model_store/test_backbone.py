@@ -14,13 +14,16 @@ from model_store.digest import tensor_digest
 from model_store.errors import BackboneError
 
 
-@pytest.mark.parametrize("text, model_name, weights, is_file", [
-    ("ViT-B-16:openai", "ViT-B-16", "openai", False),
-    ("ViT-B-32:none", "ViT-B-32", None, False),
-    ("ViT-B-16:file:/m/w.safetensors", "ViT-B-16", "/m/w.safetensors", True),
-    ("file:/m/w.safetensors", "local-dir:/m", "/m/w.safetensors", True),
-    ("local-dir:/m", "local-dir:/m", None, False),
-])
+@pytest.mark.parametrize(
+    "text, model_name, weights, is_file",
+    [
+        ("ViT-B-16:openai", "ViT-B-16", "openai", False),
+        ("ViT-B-32:none", "ViT-B-32", None, False),
+        ("ViT-B-16:file:/m/w.safetensors", "ViT-B-16", "/m/w.safetensors", True),
+        ("file:/m/w.safetensors", "local-dir:/m", "/m/w.safetensors", True),
+        ("local-dir:/m", "local-dir:/m", None, False),
+    ],
+)
 def test_parse(text, model_name, weights, is_file):
     ref = parse_backbone_ref(text)
     assert (ref.model_name, ref.weights, ref.weights_is_file) == (model_name, weights, is_file)

@@ -95,20 +95,30 @@ def test_missing_referenced_expert(backbone):
 
 def test_wrong_shapes(backbone, bundle_bytes):
     b = read_bundle(bundle_bytes)
-    bigger = type(backbone)(backbone.ref, backbone.model, backbone.preprocess, backbone.train_preprocess,
-                            backbone.tokenizer, backbone.device, backbone.fingerprint,
-                            {t: type(s)(s.width * 2, s.layers) for t, s in backbone.towers.items()})
+    bigger = type(backbone)(
+        backbone.ref,
+        backbone.model,
+        backbone.preprocess,
+        backbone.train_preprocess,
+        backbone.tokenizer,
+        backbone.device,
+        backbone.fingerprint,
+        {t: type(s)(s.width * 2, s.layers) for t, s in backbone.towers.items()},
+    )
     with pytest.raises(ShapeMismatch, match="does not fit the backbone"):
         check_compatible(b, bigger, {})
 
 
-@pytest.mark.parametrize("payload, match", [
-    (b"PK\x03\x04" + b"\0" * 100, "zip archive"),
-    (b"\x80\x04\x95" + b"\0" * 100, "pickle"),
-    (b"hello", "too short"),
-    (struct.pack("<Q", 10**9) + b"{}", "header length"),
-    (struct.pack("<Q", 4) + b"nope", "not JSON"),
-])
+@pytest.mark.parametrize(
+    "payload, match",
+    [
+        (b"PK\x03\x04" + b"\0" * 100, "zip archive"),
+        (b"\x80\x04\x95" + b"\0" * 100, "pickle"),
+        (b"hello", "too short"),
+        (struct.pack("<Q", 10**9) + b"{}", "header length"),
+        (struct.pack("<Q", 4) + b"nope", "not JSON"),
+    ],
+)
 def test_not_safetensors(payload, match):
     with pytest.raises(BundleFormatError, match=match):
         read_bundle(payload)

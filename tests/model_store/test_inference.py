@@ -14,8 +14,7 @@ from tests.helpers import random_bundle
 
 @pytest.fixture(scope="module")
 def bank(backbone):
-    return build_bank(backbone, [read_bundle(random_bundle(empty_bank(backbone), "a", seed=1,
-                                                           classes=("cat", "dog")))])
+    return build_bank(backbone, [read_bundle(random_bundle(empty_bank(backbone), "a", seed=1, classes=("cat", "dog")))])
 
 
 def _images(backbone, n, seed=0):

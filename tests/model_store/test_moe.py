@@ -24,8 +24,9 @@ def inputs(backbone):
 def bank_ab(backbone):
     bank_a = build_bank(backbone, [read_bundle(random_bundle(empty_bank(backbone), "a", seed=1))])
     b = read_bundle(random_bundle(bank_a, "b", seed=2))
-    return bank_a, build_bank(backbone, [read_bundle(random_bundle(empty_bank(backbone), "a", seed=1)), b],
-                              previous=bank_a)
+    return bank_a, build_bank(
+        backbone, [read_bundle(random_bundle(empty_bank(backbone), "a", seed=1)), b], previous=bank_a
+    )
 
 
 def test_empty_bank_equals_open_clip(backbone, inputs):
@@ -66,8 +67,10 @@ def test_mixed_batch_equals_each_task_alone(backbone, inputs, bank_ab):
         alone = encode_image(backbone.model, images, bank.routing(torch.full((6,), t)))
         rows = tasks == t
         torch.testing.assert_close(mixed[rows], alone[rows], atol=1e-6, rtol=0)
-    assert not torch.allclose(mixed[tasks == 0], encode_image(backbone.model, images,
-                                                             bank.routing(torch.ones(6, dtype=torch.long)))[tasks == 0])
+    assert not torch.allclose(
+        mixed[tasks == 0],
+        encode_image(backbone.model, images, bank.routing(torch.ones(6, dtype=torch.long)))[tasks == 0],
+    )
 
 
 def test_adding_task_b_leaves_task_a_bit_identical(backbone, inputs, bank_ab):
@@ -88,8 +91,11 @@ def test_noise_only_in_training(backbone, inputs, bank_ab):
     images, _ = inputs
     _, bank = bank_ab
     task = bank.tasks[0]
-    noisy = type(task.router)(task.router.weights, task.router.slots,
-                              {t: [torch.ones_like(w) for w in ws] for t, ws in task.router.weights.items()})
+    noisy = type(task.router)(
+        task.router.weights,
+        task.router.slots,
+        {t: [torch.ones_like(w) for w in ws] for t, ws in task.router.weights.items()},
+    )
     routing = Routing(bank.experts, [noisy], torch.zeros(6, dtype=torch.long), MoEConfig(dropout=0.0), False)
     first = encode_image(backbone.model, images, routing)
     assert torch.equal(first, encode_image(backbone.model, images, routing))

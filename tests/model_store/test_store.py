@@ -100,8 +100,9 @@ def test_process_killed_mid_write(tmp_path, bundles, victim):
         s.os.fsync = dying_fsync
         s.LocalStore(sys.argv[1]).put(Path(sys.argv[1], "b2.safetensors").read_bytes())
     """)
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, timeout=120,
-                          cwd=os.getcwd())
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, timeout=120, cwd=os.getcwd()
+    )
     assert proc.returncode == 9, proc.stderr.decode()
     after = LocalStore(tmp_path)
     assert after.index() == before

@@ -55,8 +55,21 @@ def test_adding_glyphs_leaves_textures_bit_identical(trained):
 
 def test_cli_export_and_train(tmp_path, capsys):
     assert main(["data", "export", "textures", str(tmp_path / "tex")]) == 0
-    args = ["train", "--task", "tex", "--data", str(tmp_path / "tex" / "train"), "--val", str(tmp_path / "tex" / "val"),
-            "--store", str(tmp_path / "store"), "--out", str(tmp_path / "tex.safetensors"), "--steps", "5"]
+    args = [
+        "train",
+        "--task",
+        "tex",
+        "--data",
+        str(tmp_path / "tex" / "train"),
+        "--val",
+        str(tmp_path / "tex" / "val"),
+        "--store",
+        str(tmp_path / "store"),
+        "--out",
+        str(tmp_path / "tex.safetensors"),
+        "--steps",
+        "5",
+    ]
     capsys.readouterr()
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
