@@ -121,7 +121,8 @@ def evaluate(
     """Accuracy over `data.classes`; with `params`, the adapted model (no noise), else zero-shot CLIP."""
     model, bb = bank.backbone.model, bank.backbone
     tokens = bb.tokenizer([template.format(c) for c in data.classes]).to(bb.device)
-    text = encode_text(model, tokens, None if params is None else params.routing(bank, len(tokens), False))
+    text_routing = None if params is None else params.routing(bank, len(tokens), False, counts=counts)
+    text = encode_text(model, tokens, text_routing)
     correct = 0
     for x, y in _batches(data, bb.preprocess, 128, bb.device):
         img = encode_image(model, x, None if params is None else params.routing(bank, len(x), False, counts=counts))

@@ -99,3 +99,14 @@ def test_bundle_size_formula_matches_trained_bundles(trained, backbone):
         bundle = store.load(store.active()[task])
         assert tensor_bytes(bundle) == expected_tensor_bytes(towers, backbone.embed_dim, existing_per_block=existing)
         assert bundle.nbytes - tensor_bytes(bundle) < 64 * 1024  # the rest is the JSON header
+
+
+def test_activation_counts_cover_every_training_image(trained):
+    store, reports, _ = trained
+    counts = reports["glyphs"]["activation_counts"]
+    n = reports["glyphs"]["train_images"]
+    assert set(counts) == {f"{t}.{b}" for t in ("text", "visual") for b in range(4)}
+    n_classes = len(store.load(store.active()["glyphs"]).manifest["classes"])
+    for key, c in counts.items():
+        assert len(c) == 4  # two textures experts (frozen) + two new ones
+        assert sum(c) == 2 * (n if key.startswith("visual") else n_classes)  # top-2 per image or per prompt
