@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from model_store.errors import ClipbankError
@@ -20,23 +21,8 @@ def _train(args: argparse.Namespace) -> int:
 
     if not args.out and not args.store:
         raise SystemExit("clipbank train: give --out FILE, --store DIR, or both")
-    job = TrainJob(
-        task=args.task,
-        data=args.data,
-        val=args.val,
-        backbone=args.backbone,
-        store=args.store,
-        out=args.out,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        new_experts=args.new_experts,
-        seed=args.seed,
-        warm_start_steps=args.warm_start_steps,
-        selector=args.selector,
-        device=args.device,
-        activate=not args.no_activate,
-    )
+    given = {f.name: getattr(args, f.name) for f in fields(TrainJob) if hasattr(args, f.name)}
+    job = TrainJob(**given, activate=not args.no_activate)
     summary = run_train_job(job)
     print(json.dumps(summary, indent=2))
     return 0
@@ -153,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.fn(args)
-    except (ClipbankError, ValueError, FileNotFoundError) as e:
+    except (ClipbankError, ValueError, OSError) as e:
         print(f"clipbank {args.cmd}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 

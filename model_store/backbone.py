@@ -149,7 +149,7 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
         if ref.weights_is_file:
             open_clip.load_checkpoint(model, ref.weights)
         tokenizer = open_clip.get_tokenizer(ref.model_name)
-    except (RuntimeError, ValueError, FileNotFoundError, OSError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - open_clip, safetensors and torch raise many types for bad files
         raise BackboneError(f"could not load backbone {ref.text!r}: {e}") from e
     finally:
         logging.getLogger().removeFilter(quiet)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ from .errors import (
     ShapeMismatch,
 )
 from .experts import EXPERT_PARTS, Expert, expert_id
+from .selector import selector_shape_problems
 
 FORMAT = 1
 MANIFEST_KEY = "clipbank.manifest"
@@ -116,7 +118,10 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
         raise BundleFormatError(f"not a safetensors file: header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise BundleFormatError("not a safetensors file: header is not a JSON object")
-    return header.get("__metadata__") or {}
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise BundleFormatError("not a safetensors file: __metadata__ must map strings to strings")
+    return meta
 
 
 def _check_manifest(m: Any) -> list[str]:
@@ -148,11 +153,17 @@ def _check_manifest(m: Any) -> list[str]:
     r = m.get("routing")
     if not isinstance(r, dict) or not isinstance(r.get("top_k"), int) or r["top_k"] < 1:
         p.append("routing must hold top_k (int >= 1)")
-    elif not all(isinstance(r.get(t), list) and all(isinstance(b, list) for b in r[t]) for t in TOWERS):
+    elif not all(
+        isinstance(r.get(t), list)
+        and all(isinstance(b, list) and all(isinstance(i, str) and ID_RE.fullmatch(i) for i in b) for b in r[t])
+        for t in TOWERS
+    ):
         p.append(f"routing must hold, per tower ({', '.join(TOWERS)}), a list of expert-id lists per block")
     s = m.get("selector")
     if not isinstance(s, dict) or not isinstance(s.get("kind"), str):
         p.append("selector must be an object with a kind")
+    elif type(s.get("threshold")) not in (int, float) or not math.isfinite(s["threshold"]) or s["threshold"] <= 0:
+        p.append(f"selector threshold must be a finite number > 0, got {s.get('threshold')!r}")
     if not isinstance(m.get("content_sha256"), str):
         p.append("content_sha256 is missing")
     return p
@@ -226,6 +237,9 @@ def read_bundle(data: bytes) -> Bundle:
         tensors = st_load(data)
     except Exception as e:  # safetensors raises its own error types for corrupt payloads
         raise BundleFormatError(f"safetensors payload is corrupt: {e}") from None
+    bad = [k for k, t in tensors.items() if t.dtype != torch.float32 or not bool(torch.isfinite(t).all())]
+    if bad:
+        raise BundleInvalid(f"tensors must be finite float32; these are not: {', '.join(sorted(bad)[:5])}")
     experts, routers, selector, problems = _split_tensors(tensors, manifest)
     if problems:
         raise BundleInvalid("invalid bundle tensors: " + "; ".join(problems[:10]))
@@ -264,6 +278,9 @@ def check_compatible(bundle: Bundle, backbone: Backbone, bank_experts: Mapping[s
         got = {k: tuple(v.shape) for k, v in e.parts().items()}
         if got != want or p.block >= backbone.towers[p.tower].layers:
             problems.append(f"expert {eid[:12]} at {p.tower}.{p.block} has shapes {got}, backbone needs {want}")
+    problems += selector_shape_problems(
+        bundle.manifest["selector"]["kind"], bundle.selector_tensors, backbone.embed_dim
+    )
     if problems:
         raise ShapeMismatch("bundle does not fit the backbone: " + "; ".join(problems[:10]))
     missing = [eid[:12] for eid in bundle.uses if eid not in bank_experts]

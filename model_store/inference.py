@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -141,6 +142,20 @@ def _item_results(
     return results
 
 
+def check_item(bank: BankSnapshot, item: ClassifyItem) -> InvalidRequest | None:
+    """What is wrong with a request before any compute, or None."""
+    size = bank.backbone.image_size
+    if item.images.ndim != 4 or tuple(item.images.shape[1:]) != (3, size, size) or len(item.images) == 0:
+        return InvalidRequest(f"images must be a [n >= 1, 3, {size}, {size}] tensor, got {tuple(item.images.shape)}")
+    if item.route not in ROUTE_MODES:
+        return InvalidRequest(f"route must be one of {', '.join(ROUTE_MODES)}, got {item.route!r}")
+    if item.top_k is not None and item.top_k < 1:
+        return InvalidRequest(f"top_k must be >= 1, got {item.top_k}")
+    if item.labels is not None and len(set(item.labels)) != len(item.labels):
+        return InvalidRequest("labels must be distinct")
+    return None
+
+
 def classify_batch(
     bank: BankSnapshot, items: Sequence[ClassifyItem], cache: TextCache | None = None
 ) -> list[list[ImageResult] | Exception]:
@@ -149,35 +164,31 @@ def classify_batch(
     A request that cannot be answered gets its exception in its place; the others are unaffected.
     """
     bb = bank.backbone
-    sizes = [len(it.images) for it in items]
-    images = torch.cat([it.images for it in items]).to(bb.device)
+    out: list = [check_item(bank, it) for it in items]
+    live = [k for k, e in enumerate(out) if e is None]
+    if not live:
+        return out
+    sizes = [len(items[k].images) for k in live]
+    images = torch.cat([items[k].images for k in live]).to(bb.device)
     with torch.inference_mode():
         frozen = encode_image(bb.model, images)
-    out: list = [None] * len(items)
     tasks = torch.full((len(images),), -1, dtype=torch.long)
     scores = torch.full((len(images),), float("nan"))
-    start = 0
-    for k, (item, n) in enumerate(zip(items, sizes)):
+    spans = [(k, s - n, s) for k, n, s in zip(live, sizes, itertools.accumulate(sizes))]
+    for k, a, b in spans:
         try:
-            tasks[start : start + n], scores[start : start + n] = select_tasks(bank, frozen[start : start + n], item)
+            tasks[a:b], scores[a:b] = select_tasks(bank, frozen[a:b], items[k])
         except Exception as e:  # noqa: BLE001 - reported per request
             out[k] = e
-        start += n
     feats = frozen.clone()
-    routed = (tasks >= 0).nonzero(as_tuple=True)[0]
+    routed = (tasks >= 0).nonzero(as_tuple=True)[0].to(bb.device)
     if len(routed):
         with torch.inference_mode():
-            feats[routed.to(bb.device)] = encode_image(
-                bb.model, images[routed.to(bb.device)], bank.routing(tasks[routed])
-            )
-    start = 0
-    for k, (item, n) in enumerate(zip(items, sizes)):
+            feats[routed] = encode_image(bb.model, images[routed], bank.routing(tasks[routed.cpu()]))
+    for k, a, b in spans:
         if out[k] is None:
             try:
-                out[k] = _item_results(
-                    bank, item, feats[start : start + n], tasks[start : start + n], scores[start : start + n], cache
-                )
+                out[k] = _item_results(bank, items[k], feats[a:b], tasks[a:b], scores[a:b], cache)
             except Exception as e:  # noqa: BLE001 - reported per request
                 out[k] = e
-        start += n
     return out

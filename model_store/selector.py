@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Protocol
@@ -35,6 +36,10 @@ class SelectorConfig:
             problems.append(f"margin must be > 0, got {self.margin}")
         if self.bottleneck < 1:
             problems.append(f"bottleneck must be >= 1, got {self.bottleneck}")
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if not 0.0 < self.shrinkage <= 1.0:
+            problems.append(f"shrinkage must be in (0, 1], got {self.shrinkage}")
         if problems:
             raise ValueError("invalid SelectorConfig: " + "; ".join(problems))
 
@@ -161,6 +166,23 @@ def selector_manifest(selector: Selector, cfg: SelectorConfig) -> dict[str, Any]
     }
 
 
+def selector_shape_problems(kind: str, tensors: dict[str, torch.Tensor], dim: int) -> list[str]:
+    """Shape problems of a selector's tensors for embeddings of width `dim` (empty when they fit)."""
+    if kind == "autoencoder":
+        h = tensors["enc_w"].shape[0] if "enc_w" in tensors and tensors["enc_w"].ndim == 2 else -1
+        want = {"enc_w": (h, dim), "enc_b": (h,), "dec_w": (dim, h), "dec_b": (dim,)}
+    elif kind == "gaussian":
+        want = {"mean": (dim,), "precision": (dim, dim)}
+    else:
+        return [f"selector kind {kind!r} is unknown; known: {sorted(SELECTOR_KINDS)}"]
+    got = {k: tuple(tensors[k].shape) if k in tensors else None for k in want}
+    return (
+        []
+        if got == want and min(min(w) for w in want.values()) > 0
+        else [f"selector {kind} tensors {got} do not fit embeddings of width {dim}"]
+    )
+
+
 def load_selector(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Selector:
     """Rebuild a selector from the bundle manifest's `selector` section and its `selector.*` tensors."""
     kind = meta.get("kind")
@@ -172,6 +194,6 @@ def load_selector(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Sel
     if missing:
         raise BundleInvalid(f"selector {kind} is missing tensors: {', '.join('selector.' + m for m in missing)}")
     threshold = meta.get("threshold")
-    if not isinstance(threshold, int | float) or not threshold > 0:
-        raise BundleInvalid(f"selector threshold must be a positive number, got {threshold!r}")
+    if type(threshold) not in (int, float) or not math.isfinite(threshold) or threshold <= 0:
+        raise BundleInvalid(f"selector threshold must be a finite number > 0, got {threshold!r}")
     return cls(*(tensors[n].float() for n in names), threshold=float(threshold), calibration=meta.get("calibration"))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from .bundle import Bundle, read_bundle, utc_now, validate_task_name
 from .digest import bytes_digest
@@ -68,11 +68,14 @@ class LocalStore:
     def index(self) -> dict[str, Any]:
         """The current index (a fresh read; other processes may have changed it)."""
         try:
-            return json.loads(self.index_path.read_text())
+            index = json.loads(self.index_path.read_text())
         except FileNotFoundError:
             return {"format": INDEX_FORMAT, "generation": 0, "tasks": {}}
         except json.JSONDecodeError as e:
             raise StoreError(f"store index {self.index_path} is corrupt: {e}") from None
+        if not isinstance(index, dict) or not isinstance(index.get("tasks"), dict) or "generation" not in index:
+            raise StoreError(f"store index {self.index_path} lacks 'generation' or 'tasks'")
+        return index
 
     def generation(self) -> int:
         return int(self.index()["generation"])
@@ -112,11 +115,20 @@ class LocalStore:
     # ----------------------------------------------------------------------------------------- changing
 
     @contextmanager
+    def _locked(self):
+        try:
+            with self._lock:
+                yield
+        except Timeout:
+            raise StoreError(f"store {self.root} stayed locked by another process for {self._lock.timeout}s") from None
+
+    @contextmanager
     def _change(self):
         """Lock, read the index, let the caller edit it, then publish it with generation + 1."""
-        with self._lock:
-            for stale in self.blobs.glob(TMP_PREFIX + "*"):  # left by a killed writer; we hold the lock
-                stale.unlink(missing_ok=True)
+        with self._locked():
+            for folder in (self.root, self.blobs):  # temp files left by a killed writer; we hold the lock
+                for stale in folder.glob(TMP_PREFIX + "*"):
+                    stale.unlink(missing_ok=True)
             index = self.index()
             yield index
             index["generation"] = int(index["generation"]) + 1
@@ -186,20 +198,21 @@ class LocalStore:
     def purge(self, task: str) -> int:
         """Forget an inactive task and delete the blobs nothing else needs; returns blobs deleted."""
         validate_task_name(task)
-        with self._change() as index:
-            entry = index["tasks"].get(task)
-            if entry is None:
-                raise TaskNotFound(f"task {task!r} is not in the store")
-            if entry.get("active"):
-                raise StoreError(f"task {task!r} is active; deactivate it before purging")
-            del index["tasks"][task]
-            needed = {u for e in index["tasks"].values() for v in e["versions"] for u in v.get("uses", [])}
-            doomed = [v for v in entry["versions"] if not needed.intersection(v.get("experts_new", []))]
-            kept = [v for v in entry["versions"] if v not in doomed]
-            if kept:  # experts still used by other tasks: keep those versions, inactive
-                index["tasks"][task] = {"active": None, "versions": kept}
-        for v in doomed:  # only once the index no longer names them
-            (self.blobs / f"{v['bundle_id']}.safetensors").unlink(missing_ok=True)
+        with self._locked():  # held until the blobs are gone, so a concurrent put cannot reuse one being deleted
+            with self._change() as index:
+                entry = index["tasks"].get(task)
+                if entry is None:
+                    raise TaskNotFound(f"task {task!r} is not in the store")
+                if entry.get("active"):
+                    raise StoreError(f"task {task!r} is active; deactivate it before purging")
+                del index["tasks"][task]
+                needed = {u for e in index["tasks"].values() for v in e["versions"] for u in v.get("uses", [])}
+                doomed = [v for v in entry["versions"] if not needed.intersection(v.get("experts_new", []))]
+                kept = [v for v in entry["versions"] if v not in doomed]
+                if kept:  # experts still used by other tasks: keep those versions, inactive
+                    index["tasks"][task] = {"active": None, "versions": kept}
+            for v in doomed:  # only once the index no longer names them
+                (self.blobs / f"{v['bundle_id']}.safetensors").unlink(missing_ok=True)
         return len(doomed)
 
 

@@ -47,8 +47,10 @@ def class_name(folder: str) -> str:
 def load_image_folder(root: str | Path, classes: tuple[str, ...] | None = None) -> LabelledImages:
     """Read `root/<class>/*.png|jpg|...` eagerly as RGB. With `classes`, folders must name exactly those."""
     root = Path(root)
-    if not root.is_dir():
+    if not root.exists():
         raise FileNotFoundError(f"image folder {root} does not exist")
+    if not root.is_dir():
+        raise ValueError(f"{root} is a file; give an ImageFolder directory (one sub-folder per class)")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     found = tuple(class_name(p.name) for p in folders)
     if not folders:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from model_store.backbone import TOWERS, Backbone
 from model_store.bank import BankSnapshot
 from model_store.bundle import PlacedExpert, pack_bundle, utc_now, validate_task_name
-from model_store.experts import ActivationCounts, Expert, MoEConfig, Routing, TaskRouter, expert_id, new_expert
+from model_store.experts import ActivationCounts, Expert, Routing, TaskRouter, expert_id, new_expert
 from model_store.moe_clip import encode_image, encode_text
 from model_store.selector import SelectorConfig, fit_selector, selector_manifest
 
@@ -40,19 +40,21 @@ class TrainConfig:
     warm_start_steps: int = 0  # ATLAS stage 1: router-only steps over the existing experts
     val_fraction: float = 0.2  # held out of the training set when no validation set is given
     seed: int = 0
-    moe: MoEConfig = field(default_factory=MoEConfig)
+    rank: int = 64  # of the new experts; top-k, scale, dropout and noise are the bank's MoEConfig
     selector: SelectorConfig = field(default_factory=SelectorConfig)
 
     def __post_init__(self) -> None:
         validate_task_name(self.task)
         problems = []
-        for name in ("steps", "batch_size", "new_experts"):
+        for name in ("steps", "batch_size", "new_experts", "rank"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr is not None and self.lr <= 0:
             problems.append(f"lr must be > 0, got {self.lr}")
         if "{}" not in self.template:
             problems.append(f"template must contain '{{}}', got {self.template!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            problems.append(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 <= self.warm_start_steps < self.steps:
             problems.append(f"warm_start_steps must be in [0, steps), got {self.warm_start_steps}")
         if problems:
@@ -78,7 +80,7 @@ class _TaskParams(torch.nn.Module):
             spec = bank.backbone.towers[tower]
             self.new[tower] = []
             for i in range(spec.layers):
-                experts = [new_expert(spec.width, cfg.moe.rank, generator) for _ in range(cfg.new_experts)]
+                experts = [new_expert(spec.width, cfg.rank, generator) for _ in range(cfg.new_experts)]
                 self.new[tower].append(experts)
                 params += [p for e in experts for p in e.parts().values()]
                 n = len(bank.experts[tower][i]) + cfg.new_experts
@@ -155,7 +157,7 @@ def _train_loop(
     labels = torch.tensor(data.labels)
     peak = cfg.lr or default_lr(bb)
     opt = torch.optim.AdamW(params.parameters(), lr=peak, betas=(0.9, 0.999), weight_decay=0.0)
-    stage1 = cfg.warm_start_steps if any(len(b) >= cfg.moe.top_k for b in bank.experts["visual"]) else 0
+    stage1 = cfg.warm_start_steps if any(len(b) >= bank.config.top_k for b in bank.experts["visual"]) else 0
     losses = []
     bar = tqdm(range(cfg.steps), desc=f"train {cfg.task}", unit="step", disable=not progress)
     for step in bar:

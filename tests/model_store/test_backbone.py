@@ -63,8 +63,11 @@ def test_checkpoint_file_written_by_the_test(tmp_path, backbone):
 def test_missing_or_bad_checkpoint(tmp_path):
     with pytest.raises(BackboneError, match="does not exist"):
         load_backbone(f"file:{tmp_path / 'nope.safetensors'}")
+    shutil.copy(TINY_DIR / "open_clip_config.json", tmp_path / "open_clip_config.json")
+    (tmp_path / "w.safetensors").write_bytes(b"junk that is not a safetensors file")
+    with pytest.raises(BackboneError, match="could not load"):
+        load_backbone(f"file:{tmp_path / 'w.safetensors'}")
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {}}))
-    (tmp_path / "w.safetensors").write_bytes(b"junk")
     with pytest.raises(BackboneError, match="could not load"):
         load_backbone(f"file:{tmp_path / 'w.safetensors'}")
 

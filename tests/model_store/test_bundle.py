@@ -13,6 +13,7 @@ from safetensors.torch import save as st_save
 
 from model_store.bank import build_bank, empty_bank
 from model_store.bundle import MANIFEST_KEY, check_compatible, read_bundle
+from model_store.digest import tensor_digest
 from model_store.errors import (
     BackboneMismatch,
     BundleFormatError,
@@ -29,14 +30,16 @@ def bundle_bytes(backbone):
     return random_bundle(empty_bank(backbone), "digits", seed=5)
 
 
-def _edit(data: bytes, tensors=None, manifest=None) -> bytes:
-    """Rewrite a bundle's tensors and/or manifest (without fixing digests)."""
+def _edit(data: bytes, tensors=None, manifest=None, fix_digest: bool = False) -> bytes:
+    """Rewrite a bundle's tensors and/or manifest; with fix_digest, as a careful forger would."""
     meta = json.loads(_metadata(data)[MANIFEST_KEY])
     t = st_load(data)
     if tensors:
         tensors(t)
     if manifest:
         manifest(meta)
+    if fix_digest:
+        meta["content_sha256"] = tensor_digest(t)
     return st_save(t, metadata={MANIFEST_KEY: json.dumps(meta)})
 
 
@@ -146,3 +149,41 @@ def test_schema_errors_are_collected(bundle_bytes):
         read_bundle(_edit(bundle_bytes, manifest=bad))
     for word in ("task", "version", "templates"):
         assert word in str(e.value)
+
+
+def test_selector_that_does_not_fit_the_embeddings(backbone, bundle_bytes):
+    def narrow(t):
+        t["selector.enc_w"] = t["selector.enc_w"][:, :7].contiguous()
+
+    b = read_bundle(_edit(bundle_bytes, tensors=narrow, fix_digest=True))
+    with pytest.raises(ShapeMismatch, match="selector autoencoder"):
+        check_compatible(b, backbone, {})
+
+
+@pytest.mark.parametrize("change", ["int64", "nan"])
+def test_non_float_or_non_finite_tensors(bundle_bytes, change):
+    def spoil(t):
+        w = t["router.visual.0"]
+        t["router.visual.0"] = (
+            w.long() if change == "int64" else w.masked_fill(torch.ones_like(w, dtype=bool), float("nan"))
+        )
+
+    with pytest.raises(BundleInvalid, match="finite float32"):
+        read_bundle(_edit(bundle_bytes, tensors=spoil, fix_digest=True))
+
+
+@pytest.mark.parametrize("threshold", [float("inf"), True, -1.0, "1"])
+def test_selector_threshold_must_be_finite_positive(bundle_bytes, threshold):
+    def bad(m):
+        m["selector"]["threshold"] = threshold
+
+    with pytest.raises(BundleInvalid, match="threshold"):
+        read_bundle(_edit(bundle_bytes, manifest=bad))
+
+
+def test_routing_ids_must_be_ids(bundle_bytes):
+    def bad(m):
+        m["routing"]["visual"][0] = [["not", "an", "id"]]
+
+    with pytest.raises(BundleInvalid, match="routing"):
+        read_bundle(_edit(bundle_bytes, manifest=bad))

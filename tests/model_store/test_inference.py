@@ -71,3 +71,20 @@ def test_text_cache_hits(backbone, bank):
     classify_batch(bank, [item], cache)
     classify_batch(bank, [item], cache)
     assert cache.misses == 1 and cache.hits == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"route": "per-batch"}, "route must be one of"),
+        ({"top_k": 0}, "top_k must be >= 1"),
+        ({"labels": ("x", "x")}, "distinct"),
+        ({"images": torch.zeros(1, 3, 8, 8)}, "images must be"),
+    ],
+)
+def test_invalid_items_fail_alone(backbone, bank, kwargs, match):
+    good = ClassifyItem(_images(backbone, 1), ("x", "y"), task="zero-shot")
+    bad = ClassifyItem(**{"images": _images(backbone, 1), "labels": ("x", "y"), **kwargs})
+    out = classify_batch(bank, [bad, good])
+    assert isinstance(out[0], InvalidRequest) and match in str(out[0])
+    assert len(out[1]) == 1

@@ -33,3 +33,13 @@ def test_config_errors_name_fields():
     with pytest.raises(ValueError, match="kind must be one of") as e:
         SelectorConfig(kind="knn", percentile=10)
     assert "percentile" in str(e.value)
+
+
+def test_threshold_is_the_calibration_percentile_times_margin():
+    g = torch.Generator().manual_seed(1)
+    train, calib = torch.randn(200, 16, generator=g), torch.randn(50, 16, generator=g)
+    cfg = SelectorConfig(kind="gaussian", percentile=90.0, margin=1.5)
+    sel = fit_selector(train, calib, cfg)
+    expected = 1.5 * float(torch.quantile(sel.error(calib), 0.9))
+    assert abs(sel.threshold - expected) < 1e-6 * expected
+    assert abs(sel.calibration["p90"] * 1.5 - sel.threshold) < 1e-6 * expected

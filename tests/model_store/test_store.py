@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from model_store.bank import empty_bank
-from model_store.errors import TaskNotFound, VersionConflict, VersionNotFound
+from model_store.errors import StoreError, TaskNotFound, VersionConflict, VersionNotFound
 from model_store.store import LocalStore
 from tests.helpers import random_bundle
 
@@ -53,7 +53,7 @@ def test_blobs_are_verified_on_read(tmp_path, bundles):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(Exception, match="does not hash to its name"):
+    with pytest.raises(StoreError, match="does not hash to its name"):
         store.read(r.bundle_id)
 
 
@@ -113,7 +113,7 @@ def test_process_killed_mid_write(tmp_path, bundles, victim):
         assert len(visible) == 1
     r = after.put(bundles[2])  # the next writer cleans up and succeeds
     assert r.version == 2
-    assert not [p for p in after.blobs.iterdir() if p.name.startswith(".tmp-")]
+    assert not [p for p in (*after.blobs.iterdir(), *tmp_path.iterdir()) if p.name.startswith(".tmp-")]
     assert json.loads(after.index_path.read_text())["generation"] == before["generation"] + 1
 
 
@@ -121,3 +121,24 @@ def test_two_stores_on_one_folder_see_each_other(tmp_path, bundles):
     a, b = LocalStore(tmp_path), LocalStore(tmp_path)
     a.put(bundles[1])
     assert b.generation() == 1 and "cars" in b.active()
+
+
+def test_concurrent_writers_lose_no_update(tmp_path, backbone):
+    """Four processes put four tasks at once; the lock serialises them, so the index keeps all four."""
+    bank = empty_bank(backbone)
+    for i in range(4):
+        (tmp_path / f"b{i}.safetensors").write_bytes(random_bundle(bank, f"task{i}", seed=20 + i))
+    root = tmp_path / "store"
+    LocalStore(root)
+    script = (
+        "import sys; from pathlib import Path; from model_store.store import LocalStore; "
+        "LocalStore(sys.argv[1]).put(Path(sys.argv[2]).read_bytes())"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(root), str(tmp_path / f"b{i}.safetensors")])
+        for i in range(4)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    store = LocalStore(root)
+    assert sorted(store.active()) == [f"task{i}" for i in range(4)]
+    assert store.generation() == 4
