@@ -25,6 +25,13 @@ class LabelledImages:
     def subset(self, idx) -> LabelledImages:
         return LabelledImages([self.images[i] for i in idx], [self.labels[i] for i in idx], self.classes)
 
+    def with_classes(self, classes: tuple[str, ...]) -> LabelledImages:
+        """The same images labelled into `classes`, which must contain every class of this set."""
+        missing = [c for c in self.classes if c not in classes]
+        if missing:
+            raise ValueError(f"classes {missing} are not in {list(classes)}")
+        return LabelledImages(self.images, [classes.index(self.classes[y]) for y in self.labels], tuple(classes))
+
     def holdout(self, fraction: float, seed: int = 0) -> tuple[LabelledImages, LabelledImages]:
         """Split off a stratified held-out part (at least one image per class when a class has two or more)."""
         rng = np.random.default_rng(seed)

@@ -62,10 +62,15 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
             parent = entry.get("active")
         except TaskNotFound:
             pass
+    if parent is not None:  # class-incremental: the new version answers over every class seen so far
+        seen = tuple(store.load(parent).manifest["classes"])
+        classes = seen + tuple(c for c in train.classes if c not in seen)
+        train, val = train.with_classes(classes), val.with_classes(classes) if val else None
     result = train_task(bank, train, cfg, val, version=version, parent=parent, progress=job.progress)
     summary = {
         "task": job.task,
         "version": version,
+        "classes": list(train.classes),
         "bank_tasks": list(bank.task_names),
         **{
             k: result.report[k]
