@@ -89,17 +89,21 @@ def text_embeddings(
     return compute() if cache is None else cache.get_or_compute(key, compute)
 
 
-def select_tasks(bank: BankSnapshot, feats: torch.Tensor, item: ClassifyItem) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image, the task index (-1 = zero-shot) and its selector score (nan when no task exists)."""
-    n = feats.shape[0]
-    if not bank.tasks or item.task == ZERO_SHOT:
-        if item.task not in (AUTO, ZERO_SHOT):
-            bank.task_index(item.task)  # raises TaskNotFound
-        return torch.full((n,), -1, dtype=torch.long), torch.full((n,), float("nan"))
-    scores = torch.stack([score(t.selector, feats).float().cpu() for t in bank.tasks], dim=1)  # [n, T]
-    if item.task != AUTO:
-        t = bank.task_index(item.task)
+def task_scores(bank: BankSnapshot, feats: torch.Tensor) -> torch.Tensor:
+    """Selector scores [n, T] (error / threshold) of every active task, for frozen embeddings [n, D]."""
+    if not bank.tasks:
+        return torch.empty(feats.shape[0], 0)
+    return torch.stack([score(t.selector, feats).float().cpu() for t in bank.tasks], dim=1)
+
+
+def select_tasks(bank: BankSnapshot, scores: torch.Tensor, item: ClassifyItem) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the task index (-1 = zero-shot) and its selector score (nan when not scored)."""
+    n = scores.shape[0]
+    if item.task not in (AUTO, ZERO_SHOT):
+        t = bank.task_index(item.task)  # raises TaskNotFound
         return torch.full((n,), t, dtype=torch.long), scores[:, t]
+    if item.task == ZERO_SHOT or not bank.tasks:
+        return torch.full((n,), -1, dtype=torch.long), torch.full((n,), float("nan"))
     if item.route == "per-request":
         scores = scores.mean(0, keepdim=True).expand(n, -1)
     best, idx = scores.min(dim=1)
@@ -164,6 +168,7 @@ def classify_batch(
     A request that cannot be answered gets its exception in its place; the others are unaffected.
     """
     bb = bank.backbone
+    cache = cache if cache is not None else TextCache()  # at least one text pass per label set in this batch
     out: list = [check_item(bank, it) for it in items]
     live = [k for k, e in enumerate(out) if e is None]
     if not live:
@@ -175,9 +180,10 @@ def classify_batch(
     tasks = torch.full((len(images),), -1, dtype=torch.long)
     scores = torch.full((len(images),), float("nan"))
     spans = [(k, s - n, s) for k, n, s in zip(live, sizes, itertools.accumulate(sizes))]
+    all_scores = task_scores(bank, frozen)  # once for the whole batch
     for k, a, b in spans:
         try:
-            tasks[a:b], scores[a:b] = select_tasks(bank, frozen[a:b], items[k])
+            tasks[a:b], scores[a:b] = select_tasks(bank, all_scores[a:b], items[k])
         except Exception as e:  # noqa: BLE001 - reported per request
             out[k] = e
     feats = frozen.clone()

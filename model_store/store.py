@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,12 +138,8 @@ class LocalStore:
         data: bytes,
         activate: bool = True,
         metrics: dict[str, Any] | None = None,
-        check: Callable[[Bundle], None] | None = None,
     ) -> PutResult:
-        """Validate and store a bundle; by default make it the task's active version.
-
-        `check` runs under the lock before anything is written (the server uses it to test compatibility).
-        """
+        """Validate and store a bundle; by default make it the task's active version."""
         bundle = read_bundle(data)
         with self._change() as index:
             entry = index["tasks"].setdefault(bundle.task, {"active": None, "versions": []})
@@ -154,8 +149,6 @@ class LocalStore:
                     f"task {bundle.task!r} already has version {newest}; a new bundle needs version > {newest}, "
                     f"got {bundle.version}"
                 )
-            if check is not None:
-                check(bundle)
             path = self.blobs / f"{bundle.id}.safetensors"
             if not path.exists():
                 atomic_write(path, data)
