@@ -14,6 +14,40 @@ from model_store.errors import ClipbankError
 
 DEFAULT_STORE = os.environ.get("CLIPBANK_STORE", "./clipbank-store")
 DEFAULT_BACKBONE = os.environ.get("CLIPBANK_BACKBONE", "tiny")
+DEFAULT_URL = os.environ.get("CLIPBANK_URL", "http://127.0.0.1:8000")
+SERVE_OPTIONS = ("store", "backbone", "host", "port", "device", "max_batch", "max_wait_ms", "poll_seconds", "log_level")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.config import ServeConfig
+    from service.server import serve
+
+    config = ServeConfig.from_env(**{k: getattr(args, k) for k in SERVE_OPTIONS})
+    return serve(config)
+
+
+def _push(args: argparse.Namespace) -> int:
+    from service.client import ClipbankClient
+
+    with ClipbankClient(args.url, args.token) as client:
+        print(json.dumps(client.push(Path(args.file), activate=not args.no_activate), indent=2))
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from service.client import ClipbankClient
+
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else []
+    with ClipbankClient(args.url, args.token) as client:
+        out = client.classify([Path(p) for p in args.images], labels, args.task, args.route, args.top_k)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for path, r in zip(args.images, out["results"]):
+        best = r["labels"][0]
+        where = f"{r['route']['task']} v{r['route']['version']}" if r["route"]["task"] else "zero-shot"
+        print(f"{path}\t{best['label']}\t{best['score']:.3f}\t[{where}]")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -125,6 +159,38 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("task")
     s.set_defaults(fn=_store)
 
+    sv = sub.add_parser("serve", help="serve /classify and the hot-swap /tasks API (options also as CLIPBANK_* env)")
+    sv.add_argument("--store", help="store folder (default ./clipbank-store)")
+    sv.add_argument("--backbone", help="backbone reference (default: tiny)")
+    sv.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="port (default 8000)")
+    sv.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    sv.add_argument("--max-batch", type=int, help="images per forward pass (default 32)")
+    sv.add_argument("--max-wait-ms", type=float, help="how long a batch waits for more requests (default 5)")
+    sv.add_argument("--poll-seconds", type=float, help="how often to look for other servers' store changes (default 2)")
+    sv.add_argument("--log-level", help="uvicorn log level (default info)")
+    sv.set_defaults(fn=_serve)
+
+    pu = sub.add_parser("push", help="upload a bundle to a running server (hot-swap)")
+    pu.add_argument("file")
+    pu.add_argument("--url", default=DEFAULT_URL, help="server URL (default $CLIPBANK_URL or http://127.0.0.1:8000)")
+    pu.add_argument(
+        "--token", default=os.environ.get("CLIPBANK_ADMIN_TOKEN"), help="admin token ($CLIPBANK_ADMIN_TOKEN)"
+    )
+    pu.add_argument("--no-activate", action="store_true", help="store the version without routing to it")
+    pu.set_defaults(fn=_push)
+
+    cl = sub.add_parser("classify", help="classify image files with a running server")
+    cl.add_argument("images", nargs="+")
+    cl.add_argument("--labels", help="comma-separated candidate labels (default: the routed task's classes)")
+    cl.add_argument("--task", default="auto", help="auto | zero-shot | a task name")
+    cl.add_argument("--route", default="per-image", choices=["per-image", "per-request"])
+    cl.add_argument("--top-k", type=int)
+    cl.add_argument("--url", default=DEFAULT_URL)
+    cl.add_argument("--token", default=os.environ.get("CLIPBANK_CLASSIFY_TOKEN"), help="$CLIPBANK_CLASSIFY_TOKEN")
+    cl.add_argument("--json", action="store_true", help="print the full JSON response")
+    cl.set_defaults(fn=_classify)
+
     dm = sub.add_parser("demo", help="end to end offline: export two domains, train two tasks, route test images")
     dm.add_argument("--workdir", default="./clipbank-demo")
     dm.add_argument("--steps", type=int, default=500)
@@ -136,12 +202,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if args.cmd == "serve":  # our own progress, without open_clip's loading chatter
+        for name in ("clipbank", "model_store"):
+            logging.getLogger(name).setLevel(logging.INFO)
     try:
         return args.fn(args)
     except (ClipbankError, ValueError, OSError) as e:
         print(f"clipbank {args.cmd}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from service.client import ClipbankHTTPError
+
+        if isinstance(e, ClipbankHTTPError) or type(e).__module__.startswith("httpx"):
+            print(f"clipbank {args.cmd}: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

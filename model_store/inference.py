@@ -134,6 +134,9 @@ def _item_results(
             templates = bank.tasks[t].templates if t >= 0 else ZERO_SHOT_TEMPLATES
         elif t >= 0:
             labels, templates = bank.tasks[t].classes, bank.tasks[t].templates
+        elif item.task == AUTO:  # no task claimed the image and there is nothing to choose among: say so
+            results.append(ImageResult([], _route_of(bank, t, float(scores[i]))))
+            continue
         else:
             raise InvalidRequest(
                 "no labels given and the image routed to zero-shot CLIP, which has no classes of its "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 
 from .backbone import Backbone
 from .bank import BankSnapshot, build_bank
@@ -50,9 +51,20 @@ class BankLoader:
             have.update(b.experts)
         return list(out.values())
 
-    def load(self, previous: BankSnapshot | None = None) -> BankSnapshot:
-        """A snapshot of the store's active versions, sharing tensors with `previous` where they are the same."""
+    def load(
+        self, previous: BankSnapshot | None = None, overrides: Mapping[str, Bundle | None] | None = None
+    ) -> BankSnapshot:
+        """A snapshot of the store's active versions, sharing tensors with `previous` where they are the same.
+
+        `overrides` replaces a task's active version (None: no version) without touching the store, so a
+        change can be checked by building the bank it would give before the change is written.
+        """
         index = self.store.index()
-        active = [e["active"] for e in index["tasks"].values() if e.get("active")]
-        tasks = [self.bundle(bid) for bid in active]
-        return build_bank(self.backbone, tasks, self.providers(tasks), int(index["generation"]), previous)
+        active = {t: e["active"] for t, e in index["tasks"].items() if e.get("active")}
+        tasks = {t: self.bundle(bid) for t, bid in active.items()}
+        for task, bundle in (overrides or {}).items():
+            tasks.pop(task, None)
+            if bundle is not None:
+                tasks[task] = bundle
+        chosen = list(tasks.values())
+        return build_bank(self.backbone, chosen, self.providers(chosen), int(index["generation"]), previous)

@@ -61,3 +61,22 @@ def random_bundle(
         "parent": None,
     }
     return pack_bundle(manifest, experts, routers, sel.tensors())
+
+
+def with_version(data: bytes, version: int) -> bytes:
+    """The same bundle re-issued as another version (same experts, routers and selector; a new bundle id)."""
+    from model_store.bundle import read_bundle
+
+    b = read_bundle(data)
+    manifest = {k: v for k, v in b.manifest.items() if k not in ("format", "content_sha256")}
+    manifest.update(version=version, parent=b.id)
+    return pack_bundle(manifest, b.experts, b.routers, b.selector_tensors)
+
+
+def png(image) -> bytes:
+    """PNG bytes of a PIL image."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()

@@ -49,6 +49,11 @@ def test_bad_request_fails_alone(backbone, bank):
     assert len(out[0]) == 2 and out[0][0].route.task == "a"
 
 
+def test_auto_without_labels_leaves_unclaimed_images_unlabelled(backbone):
+    (results,) = classify_batch(empty_bank(backbone), [ClassifyItem(_images(backbone, 3), None, task="auto")])
+    assert [(r.labels, r.route.task) for r in results] == [([], None)] * 3
+
+
 def test_batched_equals_alone(backbone, bank):
     items = [ClassifyItem(_images(backbone, 2, s), ("x", "y", "z"), task=t) for s, t in ((1, "a"), (2, "zero-shot"))]
     together = classify_batch(bank, items)

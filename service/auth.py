@@ -1,0 +1,40 @@
+"""Bearer-token checks for the management API (and, when configured, for /classify), compared in constant time."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+
+from fastapi import Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from .errors import Unauthorized
+
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <token>`")
+_CREDENTIALS = Security(_bearer)
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+class TokenCheck:
+    """A FastAPI dependency. `expected` returning None means this check is open (only for the classify token)."""
+
+    def __init__(self, expected: Callable[[], str | None], name: str, also: Callable[[], str] | None = None) -> None:
+        self.expected = expected
+        self.name = name
+        self.also = also
+
+    def __call__(self, credentials: HTTPAuthorizationCredentials | None = _CREDENTIALS) -> None:
+        expected = self.expected()
+        if expected is None:
+            return
+        if credentials is None:
+            raise Unauthorized(f"this endpoint needs 'Authorization: Bearer <{self.name} token>'")
+        given = credentials.credentials
+        ok = _same(given, expected)
+        if self.also is not None:
+            ok = _same(given, self.also()) or ok  # both compared, so timing does not tell which one was tried
+        if not ok:
+            raise Unauthorized(f"the bearer token is not a valid {self.name} token")

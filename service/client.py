@@ -1,0 +1,90 @@
+"""A small Python client for a clipbank server (used by `clipbank push` and `clipbank classify`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ImageInput = str | os.PathLike | bytes
+
+
+class ClipbankHTTPError(Exception):
+    """The server answered with an error: `status`, and its `code` and `message`."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"HTTP {status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+class ClipbankClient:
+    """`ClipbankClient("http://127.0.0.1:8000", token=...)`; the token is needed only for the /tasks calls."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def __enter__(self) -> ClipbankClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                err = response.json()["error"]
+                raise ClipbankHTTPError(response.status_code, err["code"], err["message"])
+            except (ValueError, KeyError, TypeError):
+                raise ClipbankHTTPError(response.status_code, "http_error", response.text[:500]) from None
+        return response.json()
+
+    def classify(
+        self,
+        images: Sequence[ImageInput],
+        labels: Iterable[str] = (),
+        task: str = "auto",
+        route: str = "per-image",
+        top_k: int | None = None,
+    ) -> dict[str, Any]:
+        """Images are paths or encoded bytes. Returns `{"results": [...], "timing": {...}}`."""
+        files = [("images", (_name(img, i), _bytes(img))) for i, img in enumerate(images)]
+        data: dict[str, Any] = {"labels": list(labels), "task": task, "route": route}
+        if top_k is not None:
+            data["top_k"] = str(top_k)
+        return self._call("POST", "/classify", files=files, data=data)
+
+    def push(self, bundle: ImageInput, activate: bool = True) -> dict[str, Any]:
+        """Upload a bundle file (path or bytes); returns `{task, version, bundle_id, experts_added, generation}`."""
+        files = {"bundle": (_name(bundle, 0), _bytes(bundle), "application/octet-stream")}
+        return self._call("POST", "/tasks", files=files, params={"activate": str(activate).lower()})
+
+    def tasks(self) -> dict[str, Any]:
+        return self._call("GET", "/tasks")
+
+    def task(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"/tasks/{name}")
+
+    def activate(self, task: str, version: int) -> dict[str, Any]:
+        return self._call("POST", f"/tasks/{task}/activate", json={"version": version})
+
+    def delete(self, task: str, purge: bool = False) -> dict[str, Any]:
+        return self._call("DELETE", f"/tasks/{task}", params={"purge": str(purge).lower()})
+
+    def ready(self) -> dict[str, Any]:
+        return self._call("GET", "/readyz")
+
+
+def _bytes(item: ImageInput) -> bytes:
+    return item if isinstance(item, bytes) else Path(item).read_bytes()
+
+
+def _name(item: ImageInput, i: int) -> str:
+    return f"item{i}" if isinstance(item, bytes) else Path(item).name

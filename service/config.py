@@ -1,0 +1,93 @@
+"""Server settings: one validated dataclass, filled from defaults, `CLIPBANK_*` environment variables and flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+MB = 1024 * 1024
+ENV_PREFIX = "CLIPBANK_"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one request may carry; each exceeded limit is a 4xx naming it."""
+
+    max_upload_bytes: int = 256 * MB  # POST /tasks body
+    max_request_bytes: int = 64 * MB  # POST /classify body
+    max_image_bytes: int = 16 * MB  # one encoded image
+    max_images: int = 64  # images per request
+    max_pixels: int = 24_000_000  # width * height, read from the header before decoding
+    max_labels: int = 1000
+    max_label_chars: int = 200
+
+    def problems(self) -> list[str]:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return [f"{name} must be >= 1, got {value}" for name, value in values.items() if value < 1]
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `clipbank serve` needs. Invalid settings fail at construction with one error listing them all."""
+
+    store: str = "./clipbank-store"
+    backbone: str = "tiny"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    max_batch: int = 32  # images per forward pass
+    max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
+    admin_token: str | None = None  # None: generate one at start and print it once
+    classify_token: str | None = None  # None: /classify is open
+    poll_seconds: float = 2.0  # how often to look for changes made to the store by other servers
+    text_cache_size: int = 4096
+    log_level: str = "info"
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        problems = list(self.limits.problems())
+        if not 0 < self.port < 65536:
+            problems.append(f"port must be in 1..65535, got {self.port}")
+        if self.max_batch < 1:
+            problems.append(f"max_batch must be >= 1, got {self.max_batch}")
+        if not 0 <= self.max_wait_ms <= 10_000:
+            problems.append(f"max_wait_ms must be in 0..10000, got {self.max_wait_ms}")
+        if not 0.1 <= self.poll_seconds <= 3600:
+            problems.append(f"poll_seconds must be in 0.1..3600, got {self.poll_seconds}")
+        if self.text_cache_size < 0:
+            problems.append(f"text_cache_size must be >= 0, got {self.text_cache_size}")
+        for name in ("admin_token", "classify_token"):
+            token = getattr(self, name)
+            if token is not None and len(token) < 16:
+                problems.append(f"{name} must be at least 16 characters when set")
+        if problems:
+            raise ValueError("invalid server settings: " + "; ".join(problems))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServeConfig:
+        """Defaults, then `CLIPBANK_<NAME>` variables, then `overrides` that are not None."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        limit_values: dict[str, Any] = {}
+        for target, klass in ((values, cls), (limit_values, Limits)):
+            for f in fields(klass):
+                if f.name == "limits":
+                    continue
+                raw = env.get(ENV_PREFIX + f.name.upper())
+                if raw not in (None, ""):
+                    target[f.name] = _parse(f.name, raw, klass.__dataclass_fields__[f.name].default)
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            (limit_values if name in Limits.__dataclass_fields__ else values)[name] = value
+        return cls(**values, limits=Limits(**limit_values))
+
+
+def _parse(name: str, raw: str, default: Any) -> Any:
+    kind = type(default) if default is not None else str
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from None

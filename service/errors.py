@@ -1,0 +1,125 @@
+"""Errors of the HTTP layer, and the one place that maps every typed error to a status and a JSON body."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model_store.errors import (
+    BackboneError,
+    BundleError,
+    BundleNotFound,
+    ClipbankError,
+    InvalidRequest,
+    StoreError,
+    TaskNotFound,
+    VersionConflict,
+    VersionNotFound,
+)
+
+log = logging.getLogger("clipbank.service")
+
+
+class LimitExceeded(InvalidRequest):
+    """A request is larger than a configured limit (bytes, images, pixels, labels)."""
+
+    code = "limit_exceeded"
+
+
+class BadImage(InvalidRequest):
+    """An uploaded image is not a decodable image of an accepted format."""
+
+    code = "bad_image"
+
+
+class Unauthorized(ClipbankError):
+    code = "unauthorized"
+
+
+class NotReady(ClipbankError):
+    code = "not_ready"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    code = "unsupported_media_type"
+
+
+# Most specific first: the first matching type decides the status.
+STATUS: tuple[tuple[type[ClipbankError], int], ...] = (
+    (Unauthorized, 401),
+    (LimitExceeded, 413),
+    (UnsupportedMediaType, 415),
+    (NotReady, 503),
+    (VersionConflict, 409),
+    (TaskNotFound, 404),
+    (VersionNotFound, 404),
+    (BundleNotFound, 404),
+    (BundleError, 422),
+    (InvalidRequest, 422),
+    (BackboneError, 503),
+    (StoreError, 503),
+)
+
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "limit_exceeded",
+}
+
+
+def status_of(error: ClipbankError) -> int:
+    for kind, status in STATUS:
+        if isinstance(error, kind):
+            return status
+    return 500
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def error_body_of(error: Exception) -> tuple[int, str, str]:
+    """(status, code, message) for any exception; unexpected ones become a generic 500 and go to the log."""
+    if isinstance(error, ClipbankError):
+        return status_of(error), error.code, str(error)
+    log.error("unexpected error", exc_info=error)
+    return 500, "internal_error", "internal error; the server log has the details"
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:10]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
+        parts.append(f"{where or 'request'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Every error the app can produce leaves as `{"error": {"code", "message"}}`."""
+
+    @app.exception_handler(ClipbankError)
+    async def _clipbank(request: Request, exc: ClipbankError) -> JSONResponse:
+        status, code, message = error_body_of(exc)
+        return error_response(status, code, message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, "invalid_request", _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        status, code, message = error_body_of(exc)
+        return error_response(status, code, message)

@@ -1,0 +1,60 @@
+"""Prometheus metrics, all prefixed `clipbank_`, in a registry of the app's own (so several apps can coexist)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from model_store.bank import BankSnapshot
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SWAP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("clipbank_requests", "HTTP requests", ["endpoint", "method", "status"], registry=r)
+        self.latency = Histogram(
+            "clipbank_request_seconds",
+            "HTTP request latency",
+            ["endpoint", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_images = Histogram(
+            "clipbank_batch_images", "images per forward pass", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_requests = Histogram(
+            "clipbank_batch_requests", "requests per forward pass", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.routes = Counter("clipbank_routes", "images routed, per task (zero-shot: none)", ["task"], registry=r)
+        self.auto_images = Counter("clipbank_auto_images", "images classified with task=auto", registry=r)
+        self.fallback = Counter(
+            "clipbank_zero_shot_fallback", "images with task=auto that no task claimed (went to zero-shot)", registry=r
+        )
+        self.generation = Gauge("clipbank_bank_generation", "store generation of the served bank", registry=r)
+        self.bank_bytes = Gauge("clipbank_bank_bytes", "bytes of expert, router and selector tensors", registry=r)
+        self.bank_tasks = Gauge("clipbank_bank_tasks", "active tasks in the served bank", registry=r)
+        self.swap_seconds = Histogram(
+            "clipbank_swap_seconds", "seconds to build and swap in a new bank", buckets=SWAP_BUCKETS, registry=r
+        )
+        self.swap_failures = Counter("clipbank_swap_failures", "bank rebuilds that failed (old bank kept)", registry=r)
+        self.queue_images = Gauge("clipbank_queue_images", "images waiting for a batch", registry=r)
+
+    def observe_bank(self, bank: BankSnapshot, seconds: float | None = None) -> None:
+        self.generation.set(bank.generation)
+        self.bank_bytes.set(bank_bytes(bank))
+        self.bank_tasks.set(len(bank.tasks))
+        if seconds is not None:
+            self.swap_seconds.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def bank_bytes(bank: BankSnapshot) -> int:
+    """Tensor bytes the bank holds beyond the backbone: experts, routers, selectors."""
+    routers = sum(w.numel() * w.element_size() for t in bank.tasks for ws in t.router.weights.values() for w in ws)
+    selectors = sum(v.numel() * v.element_size() for t in bank.tasks for v in t.selector.tensors().values())
+    return bank.expert_bytes() + routers + selectors

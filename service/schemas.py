@@ -1,0 +1,174 @@
+"""What callers send and get back: pydantic models, which also make the OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EXAMPLE_BUNDLE_ID = "3fa2c1d0" + "0" * 56
+
+TaskMode = str  # "auto" | "zero-shot" | a task name
+RouteMode = Literal["per-image", "per-request"]
+
+
+class ClassifyOptions(BaseModel):
+    """The fields of a classify request besides the images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    labels: list[str] = Field(
+        default_factory=list,
+        description="Candidate labels. Empty: each image's task's own classes; an image no task claims then "
+        "gets an empty list (and task=zero-shot without labels is a 422).",
+        examples=[["cat", "dog", "bird"]],
+    )
+    task: TaskMode = Field("auto", description="`auto` (selector decides per image), `zero-shot`, or a task name.")
+    route: RouteMode = Field("per-image", description="`per-request` averages selector scores over the images.")
+    top_k: int | None = Field(None, ge=1, description="Return only the best k labels per image.")
+
+
+class ClassifyJSON(ClassifyOptions):
+    """The JSON form of `POST /classify`: images as base64 strings (data URLs are accepted)."""
+
+    images: list[str] = Field(..., min_length=1, description="Base64-encoded image files (PNG, JPEG, ...).")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"images": ["iVBORw0KGgo..."], "labels": ["cat", "dog"], "task": "auto"}]},
+    )
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float = Field(..., description="Softmax probability over the candidates; all candidates sum to 1.")
+
+
+class RouteInfo(BaseModel):
+    task: str | None = Field(..., description="The task whose experts classified the image; null: zero-shot CLIP.")
+    version: int | None = None
+    bundle_id: str | None = None
+    score: float | None = Field(None, description="Selector score (error / threshold); at most 1 claims the image.")
+    threshold: float | None = None
+
+
+class ImageResultOut(BaseModel):
+    labels: list[LabelScore]
+    route: RouteInfo
+
+
+class Timing(BaseModel):
+    decode_ms: float = Field(..., description="Reading and preprocessing the images.")
+    queue_ms: float = Field(..., description="Waiting for a batch to start.")
+    compute_ms: float = Field(..., description="The batch's forward passes.")
+    total_ms: float
+    batch_images: int = Field(..., description="Images in the batch this request ran in.")
+    batch_requests: int
+    generation: int = Field(..., description="Store generation of the bank that answered.")
+
+
+class ClassifyResponse(BaseModel):
+    results: list[ImageResultOut] = Field(..., description="One per image, in the order sent.")
+    timing: Timing
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "results": [
+                        {
+                            "labels": [{"label": "dots", "score": 0.91}, {"label": "stripes", "score": 0.09}],
+                            "route": {
+                                "task": "textures",
+                                "version": 2,
+                                "bundle_id": EXAMPLE_BUNDLE_ID,
+                                "score": 0.41,
+                                "threshold": 0.0123,
+                            },
+                        },
+                        {
+                            "labels": [{"label": "cat", "score": 0.7}, {"label": "dog", "score": 0.3}],
+                            "route": {"task": None},
+                        },
+                    ],
+                    "timing": {
+                        "decode_ms": 1.2,
+                        "queue_ms": 3.1,
+                        "compute_ms": 8.4,
+                        "total_ms": 13.0,
+                        "batch_images": 6,
+                        "batch_requests": 3,
+                        "generation": 7,
+                    },
+                }
+            ]
+        }
+    )
+
+
+class TaskUploaded(BaseModel):
+    task: str
+    version: int
+    bundle_id: str
+    experts_added: int
+    generation: int
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"task": "textures", "version": 1, "bundle_id": EXAMPLE_BUNDLE_ID, "experts_added": 16, "generation": 3}
+            ]
+        }
+    )
+
+
+class VersionInfo(BaseModel):
+    version: int
+    bundle_id: str
+    created_at: str | None = None
+    stored_at: str | None = None
+    bytes: int
+    experts_added: int
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskInfo(BaseModel):
+    task: str
+    active_version: int | None = Field(..., description="null: stored but not routed to.")
+    serving: bool = Field(..., description="Whether this server's current bank routes to the task.")
+    classes: list[str] = Field(default_factory=list, description="Classes of the active version.")
+    versions: list[VersionInfo]
+    bytes: int = Field(..., description="Tensor bytes of the active version in memory (0 if inactive).")
+
+
+class TaskList(BaseModel):
+    generation: int
+    tasks: list[TaskInfo]
+
+
+class ActivateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"version": 1}]})
+
+    version: int = Field(..., ge=1)
+
+
+class Removed(BaseModel):
+    task: str
+    purged_blobs: int
+    generation: int
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(..., examples=["bundle_invalid"])
+    message: str = Field(..., examples=["bundle backbone fingerprint 3fa2… does not match the served backbone 9c1e…"])
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: str
+    generation: int | None = None
+    tasks: list[str] = Field(default_factory=list)
+    backbone: dict[str, Any] = Field(default_factory=dict)

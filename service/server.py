@@ -1,0 +1,41 @@
+"""Run the app under uvicorn: graceful shutdown (in-flight requests finish) and a non-zero exit if start-up fails."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from .app import create_app
+from .config import ServeConfig
+
+log = logging.getLogger("clipbank.service")
+GRACEFUL_SECONDS = 30
+
+
+def serve(config: ServeConfig) -> int:
+    """Serve until SIGINT/SIGTERM. Returns the process exit code."""
+    failure: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def fatal(message: str) -> None:
+        failure.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(config, on_fatal=fatal)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level,
+            timeout_graceful_shutdown=GRACEFUL_SECONDS,
+            lifespan="on",
+        )
+    )
+    server.run()
+    if failure:
+        log.error("%s", failure[0])
+        return 3
+    return 0

@@ -1,0 +1,40 @@
+"""Service fixtures: bundles trained in this session, and an in-process app with its lifespan running."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+import anyio
+import httpx
+import pytest
+
+from service.app import create_app
+from service.config import Limits, ServeConfig
+
+TOKEN = "test-admin-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def bundles(trained):
+    """Bytes of the session's trained bundles: textures v1, then glyphs v1 (which uses textures' experts)."""
+    store, _, _ = trained
+    return {task: store.read(bid) for task, bid in store.active().items()}
+
+
+@asynccontextmanager
+async def running_app(tmp_path, backbone, limits: Limits | None = None, **settings):
+    """An app on a fresh store under `tmp_path`, ready, with an httpx client talking to it in process."""
+    config = ServeConfig(store=str(tmp_path / "store"), admin_token=TOKEN, limits=limits or Limits(), **settings)
+    app = create_app(config, backbone=backbone)
+    async with app.router.lifespan_context(app):
+        with anyio.fail_after(60):
+            await app.state.service.ready.wait()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://clipbank") as client:
+            client.app = app
+            yield client

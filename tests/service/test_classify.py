@@ -1,0 +1,262 @@
+"""POST /classify in process: both request forms, response schema, every bad-input path, batching, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+
+import pytest
+from PIL import Image
+
+from service.config import Limits
+from tests.helpers import png
+from tests.service.conftest import running_app
+from tests.service.images import bomb_png, colour
+
+pytestmark = pytest.mark.anyio
+LABELS = ["red", "green", "blue"]
+
+
+async def test_zero_shot_multipart(tmp_path, backbone):
+    async with running_app(tmp_path, backbone) as c:
+        files = [("images", ("r.png", colour("red"))), ("images", ("b.png", colour("blue")))]
+        r = await c.post("/classify", files=files, data={"labels": LABELS})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [res["labels"][0]["label"] for res in body["results"]] == ["red", "blue"]
+        for res in body["results"]:
+            scores = [x["score"] for x in res["labels"]]
+            assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-4
+            assert res["route"]["task"] is None
+        assert set(body["timing"]) >= {"decode_ms", "queue_ms", "compute_ms", "total_ms", "batch_images", "generation"}
+
+
+async def test_json_base64_and_options(tmp_path, backbone):
+    async with running_app(tmp_path, backbone) as c:
+        data_url = "data:image/png;base64," + base64.b64encode(colour("green")).decode()
+        payload = {"images": [base64.b64encode(colour("red")).decode(), data_url], "labels": LABELS, "top_k": 2}
+        r = await c.post("/classify", json={**payload, "route": "per-request", "task": "zero-shot"})
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert [res["labels"][0]["label"] for res in results] == ["red", "green"]
+        assert all(len(res["labels"]) == 2 for res in results)
+
+
+def _classify_files(n=1, name="r.png", data=None):
+    return [("images", (name, data if data is not None else colour("red")))] * n
+
+
+BAD_INPUTS = [
+    # (description, request kwargs, expected status, expected code, words the message must contain)
+    ("no images", dict(data={"labels": LABELS}), 422, "bad_image", "at least one image"),
+    ("too many images", dict(files=_classify_files(5), data={"labels": LABELS}), 413, "limit_exceeded", "max_images"),
+    (
+        "not an image",
+        dict(files=_classify_files(name="x.txt", data=b"hello"), data={"labels": LABELS}),
+        422,
+        "bad_image",
+        "x.txt",
+    ),
+    ("empty image", dict(files=_classify_files(data=b""), data={"labels": LABELS}), 422, "bad_image", "empty"),
+    (
+        "truncated png",
+        dict(files=_classify_files(data=colour("red")[:60]), data={"labels": LABELS}),
+        422,
+        "bad_image",
+        "image 0",
+    ),
+    (
+        "decompression bomb",
+        dict(files=_classify_files(data=bomb_png()), data={"labels": LABELS}),
+        413,
+        "limit_exceeded",
+        "max_pixels",
+    ),
+    (
+        "image bytes",
+        dict(files=_classify_files(data=os.urandom(3000)), data={"labels": LABELS}),
+        413,
+        "limit_exceeded",
+        "max_image_bytes",
+    ),
+    (
+        "too many labels",
+        dict(files=_classify_files(), data={"labels": [f"l{i}" for i in range(9)]}),
+        413,
+        "limit_exceeded",
+        "max_labels",
+    ),
+    (
+        "label too long",
+        dict(files=_classify_files(), data={"labels": ["x" * 41]}),
+        413,
+        "limit_exceeded",
+        "max_label_chars",
+    ),
+    ("empty label", dict(files=_classify_files(), data={"labels": ["red", " "]}), 422, "invalid_request", "label 1"),
+    (
+        "duplicate labels",
+        dict(files=_classify_files(), data={"labels": ["red", "red"]}),
+        422,
+        "invalid_request",
+        "distinct",
+    ),
+    (
+        "unknown task",
+        dict(files=_classify_files(), data={"labels": LABELS, "task": "nope"}),
+        404,
+        "task_not_found",
+        "nope",
+    ),
+    (
+        "bad route",
+        dict(files=_classify_files(), data={"labels": LABELS, "route": "sideways"}),
+        422,
+        "invalid_request",
+        "route",
+    ),
+    (
+        "top_k zero",
+        dict(files=_classify_files(), data={"labels": LABELS, "top_k": "0"}),
+        422,
+        "invalid_request",
+        "top_k",
+    ),
+    (
+        "top_k text",
+        dict(files=_classify_files(), data={"labels": LABELS, "top_k": "many"}),
+        422,
+        "invalid_request",
+        "top_k",
+    ),
+    (
+        "unknown field",
+        dict(files=_classify_files(), data={"labels": LABELS, "colour": "x"}),
+        422,
+        "invalid_request",
+        "colour",
+    ),
+    (
+        "no labels for zero-shot",
+        dict(files=_classify_files(), data={"task": "zero-shot"}),
+        422,
+        "invalid_request",
+        "no labels",
+    ),
+    (
+        "text in images",
+        dict(files=_classify_files(), data={"labels": LABELS, "images": "abc"}),
+        422,
+        "bad_image",
+        "images",
+    ),
+    ("bad base64", dict(json={"images": ["!!notbase64!!"], "labels": LABELS}), 422, "bad_image", "base64"),
+    ("json not an object", dict(json=["a"]), 422, "invalid_request", "object"),
+    ("json missing images", dict(json={"labels": LABELS}), 422, "invalid_request", "images"),
+    ("broken json", dict(content=b"{", headers={"Content-Type": "application/json"}), 422, "bad_image", "JSON"),
+    (
+        "wrong content type",
+        dict(content=b"abc", headers={"Content-Type": "text/plain"}),
+        415,
+        "unsupported_media_type",
+        "text/plain",
+    ),
+    (
+        "body too large",
+        dict(content=b"x" * 300_000, headers={"Content-Type": "application/json"}),
+        413,
+        "limit_exceeded",
+        "max_request_bytes",
+    ),
+]
+
+SMALL = Limits(max_images=4, max_labels=8, max_label_chars=40, max_image_bytes=2000, max_request_bytes=200_000)
+
+
+async def test_bad_inputs_get_a_named_4xx(tmp_path, backbone):
+    async with running_app(tmp_path, backbone, limits=SMALL) as c:
+        for what, kwargs, status, code, words in BAD_INPUTS:
+            r = await c.post("/classify", **kwargs)
+            assert r.status_code == status, (what, r.text)
+            err = r.json()["error"]
+            assert err["code"] == code, (what, err)
+            assert words.lower() in err["message"].lower(), (what, err)
+
+
+async def test_streamed_body_over_the_limit_without_content_length(tmp_path, backbone):
+    async def chunks():
+        for _ in range(40):
+            yield b"x" * 10_000
+
+    async with running_app(tmp_path, backbone, limits=SMALL) as c:
+        r = await c.post("/classify", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "max_request_bytes" in r.json()["error"]["message"]
+
+
+async def test_random_bytes_never_give_a_5xx(tmp_path, backbone):
+    rng = __import__("random").Random(0)
+    async with running_app(tmp_path, backbone) as c:
+        for i in range(30):
+            blob = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 400)))
+            if i % 3 == 0:  # a real PNG signature with garbage after it
+                blob = colour("red")[:16] + blob
+            r = await c.post("/classify", files=[("images", ("f.png", blob))], data={"labels": LABELS})
+            assert 400 <= r.status_code < 500, r.text
+            assert r.json()["error"]["code"]
+
+
+async def test_unknown_path_and_method_are_json_errors(tmp_path, backbone):
+    async with running_app(tmp_path, backbone) as c:
+        r = await c.get("/nope")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        r = await c.get("/classify")
+        assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+async def test_concurrent_requests_share_batches(tmp_path, backbone):
+    async with running_app(tmp_path, backbone, max_wait_ms=50) as c:
+        batcher = c.app.state.service.batcher
+        before = batcher.batches
+        names = ["red", "green", "blue", "yellow"]
+        rs = await asyncio.gather(
+            *[c.post("/classify", files=[("images", ("i.png", colour(n)))], data={"labels": names}) for n in names * 4]
+        )
+        assert all(r.status_code == 200 for r in rs)
+        assert [r.json()["results"][0]["labels"][0]["label"] for r in rs] == names * 4
+        assert batcher.batches - before < len(rs)
+        assert max(r.json()["timing"]["batch_requests"] for r in rs) > 1
+
+
+async def test_a_bad_request_in_a_batch_does_not_fail_the_others(tmp_path, backbone):
+    async with running_app(tmp_path, backbone, max_wait_ms=50) as c:
+        good = c.post("/classify", files=_classify_files(), data={"labels": LABELS})
+        bad = c.post("/classify", files=_classify_files(), data={"task": "zero-shot"})  # no labels
+        rg, rb = await asyncio.gather(good, bad)
+        assert rg.status_code == 200 and rb.status_code == 422
+
+
+async def test_metrics_count_requests_batches_and_routes(tmp_path, backbone):
+    async with running_app(tmp_path, backbone) as c:
+        await c.post("/classify", files=_classify_files(2), data={"labels": LABELS})
+        text = (await c.get("/metrics")).text
+        for needle in (
+            'clipbank_requests_total{endpoint="/classify",method="POST",status="200"} 1.0',
+            'clipbank_routes_total{task="zero-shot"} 2.0',
+            "clipbank_zero_shot_fallback_total 2.0",
+            "clipbank_auto_images_total 2.0",
+            "clipbank_batch_images_sum 2.0",  # the warm-up is not a served batch
+            "clipbank_bank_generation 0.0",
+            "clipbank_bank_bytes 0.0",
+            "clipbank_swap_seconds_count 1.0",
+        ):
+            assert needle in text, needle
+
+
+async def test_images_are_converted_to_rgb(tmp_path, backbone):
+    gray = png(Image.new("L", (40, 30), 200))
+    rgba = png(Image.new("RGBA", (30, 40), (255, 0, 0, 128)))
+    async with running_app(tmp_path, backbone) as c:
+        files = [("images", ("g.png", gray)), ("images", ("a.png", rgba))]
+        r = await c.post("/classify", files=files, data={"labels": LABELS})
+        assert r.status_code == 200 and len(r.json()["results"]) == 2

@@ -1,0 +1,271 @@
+"""The management API in process: auth, uploads and their failures, hot-swap, rollback, shared stores, readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import anyio
+import pytest
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from model_store.bank import empty_bank
+from model_store.bundle import MANIFEST_KEY
+from service.config import Limits
+from tests.helpers import png, random_bundle, with_version
+from tests.service.conftest import AUTH, TOKEN, running_app
+from tests.service.images import colour
+from training.data import load_domain
+
+pytestmark = pytest.mark.anyio
+
+
+def _upload(data: bytes, name: str = "b.safetensors") -> dict:
+    return {"files": {"bundle": (name, data, "application/octet-stream")}, "headers": AUTH}
+
+
+def _test_images(domain: str, n: int) -> list[tuple[str, tuple[str, bytes]]]:
+    images = load_domain(domain, "test").images[:: max(1, len(load_domain(domain, "test")) // n)][:n]
+    return [("images", (f"{domain}{i}.png", png(im))) for i, im in enumerate(images)]
+
+
+MANAGEMENT = [
+    ("POST", "/tasks", {"files": {"bundle": ("b", b"x")}}),
+    ("GET", "/tasks", {}),
+    ("GET", "/tasks/textures", {}),
+    ("POST", "/tasks/textures/activate", {"json": {"version": 1}}),
+    ("DELETE", "/tasks/textures", {}),
+]
+
+
+async def test_management_needs_the_admin_token(tmp_path, backbone):
+    async with running_app(tmp_path, backbone) as c:
+        for method, path, kwargs in MANAGEMENT:
+            for headers in ({}, {"Authorization": "Bearer wrong-token-wrong-token"}, {"Authorization": TOKEN}):
+                r = await c.request(method, path, headers=headers, **kwargs)
+                assert r.status_code == 401, (method, path, headers, r.text)
+                assert r.json()["error"]["code"] == "unauthorized"
+                assert r.headers["www-authenticate"] == "Bearer"
+        r = await c.get("/tasks", headers=AUTH)
+        assert r.status_code == 200 and r.json() == {"generation": 0, "tasks": []}
+
+
+async def test_classify_token_when_configured(tmp_path, backbone):
+    async with running_app(tmp_path, backbone, classify_token="reader-token-0123456789") as c:
+        files = [("images", ("r.png", colour("red")))]
+        assert (await c.post("/classify", files=files, data={"labels": ["red"]})).status_code == 401
+        for token in ("reader-token-0123456789", TOKEN):  # the admin token also reads
+            r = await c.post(
+                "/classify", files=files, data={"labels": ["red"]}, headers={"Authorization": f"Bearer {token}"}
+            )
+            assert r.status_code == 200
+
+
+async def test_generated_token_is_required_and_printed_once(tmp_path, backbone, capsys):
+    from service.app import create_app
+    from service.config import ServeConfig
+
+    app = create_app(ServeConfig(store=str(tmp_path / "s")), backbone=backbone)
+    token = app.state.service.admin_token
+    async with app.router.lifespan_context(app):
+        with anyio.fail_after(60):
+            await app.state.service.ready.wait()
+        async with __import__("httpx").AsyncClient(
+            transport=__import__("httpx").ASGITransport(app=app), base_url="http://t"
+        ) as c:
+            assert (await c.get("/tasks")).status_code == 401
+            assert (await c.get("/tasks", headers={"Authorization": f"Bearer {token}"})).status_code == 200
+    assert capsys.readouterr().err.count(token) == 1
+
+
+async def test_upload_routes_pins_rolls_back_and_deletes(tmp_path, backbone, bundles):
+    textures = bundles["textures"]
+    async with running_app(tmp_path, backbone) as c:
+        r = await c.post("/tasks", **_upload(textures))
+        assert r.status_code == 201, r.text
+        up = r.json()
+        assert up["task"] == "textures" and up["version"] == 1 and up["experts_added"] > 0 and up["generation"] == 1
+
+        r = await c.post("/classify", files=_test_images("textures", 12))
+        routes = [res["route"] for res in r.json()["results"]]
+        assert sum(rt["task"] == "textures" for rt in routes) >= 8, routes  # routing quality: tests/training
+        assert all(rt["bundle_id"] == up["bundle_id"] for rt in routes if rt["task"])
+        r = await c.post("/classify", files=_test_images("shapes", 12), data={"labels": ["red", "blue"]})
+        assert sum(res["route"]["task"] is None for res in r.json()["results"]) >= 10
+
+        r = await c.post("/classify", files=_test_images("shapes", 2), data={"task": "textures"})
+        assert all(res["route"]["task"] == "textures" for res in r.json()["results"])
+        assert all(res["labels"][0]["label"] in load_domain("textures", "test").classes for res in r.json()["results"])
+
+        r = await c.post("/tasks", **_upload(with_version(textures, 2)))
+        assert r.status_code == 201 and r.json()["version"] == 2
+        info = (await c.get("/tasks/textures", headers=AUTH)).json()
+        assert info["active_version"] == 2 and [v["version"] for v in info["versions"]] == [1, 2]
+        assert info["serving"] and info["classes"] and info["bytes"] > 0
+
+        r = await c.post("/tasks/textures/activate", json={"version": 1}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["active_version"] == 1
+        r = await c.post("/classify", files=_test_images("textures", 4))
+        assert {res["route"]["version"] for res in r.json()["results"] if res["route"]["task"]} == {1}
+
+        r = await c.delete("/tasks/textures", headers=AUTH)
+        assert r.status_code == 200 and r.json()["purged_blobs"] == 0
+        r = await c.post("/classify", files=_test_images("textures", 4), data={"labels": ["a", "b"]})
+        assert all(res["route"]["task"] is None for res in r.json()["results"])
+        info = (await c.get("/tasks/textures", headers=AUTH)).json()
+        assert info["active_version"] is None and not info["serving"]
+
+        r = await c.delete("/tasks/textures", params={"purge": "true"}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["purged_blobs"] == 2
+        assert (await c.get("/tasks/textures", headers=AUTH)).status_code == 404
+
+
+def _forged(data: bytes, edit) -> bytes:
+    tensors = st_load(data)
+    from tests.model_store.test_bundle import _metadata
+
+    meta = json.loads(_metadata(data)[MANIFEST_KEY])
+    edit(tensors, meta)
+    return st_save(tensors, metadata={MANIFEST_KEY: json.dumps(meta)})
+
+
+def _bad_bundles(backbone) -> list[tuple[str, bytes, int, str]]:
+    good = random_bundle(empty_bank(backbone), "colours", seed=3)
+    first = next(k for k in st_load(good) if k.startswith("expert."))
+    return [
+        ("garbage", b"not a bundle at all", 422, "bundle_not_safetensors"),
+        ("pickle", b"\x80\x04\x95" + b"\x00" * 40, 422, "bundle_not_safetensors"),
+        ("torch zip", b"PK\x03\x04" + b"\x00" * 40, 422, "bundle_not_safetensors"),
+        ("tampered", _forged(good, lambda t, m: t[first].add_(1)), 422, "bundle_tampered"),
+        (
+            "other backbone",
+            _forged(good, lambda t, m: m["backbone"].update(fingerprint="0" * 64)),
+            422,
+            "backbone_mismatch",
+        ),
+        ("bad schema", _forged(good, lambda t, m: m.pop("classes")), 422, "bundle_invalid"),
+    ]
+
+
+async def test_bad_uploads_leave_store_and_serving_untouched(tmp_path, backbone, bundles):
+    async with running_app(tmp_path, backbone, limits=Limits(max_upload_bytes=2_000_000)) as c:
+        assert (await c.post("/tasks", **_upload(bundles["textures"]))).status_code == 201
+        before = (await c.get("/tasks", headers=AUTH)).json()
+        cases = _bad_bundles(backbone) + [
+            ("version conflict", bundles["textures"], 409, "version_conflict"),
+            ("too large", b"\x00" * 2_000_001, 413, "limit_exceeded"),
+        ]
+        for what, data, status, code in cases:
+            r = await c.post("/tasks", **_upload(data))
+            assert (r.status_code, r.json()["error"]["code"]) == (status, code), (what, r.text)
+        r = await c.post("/tasks", content=b"abc", headers={**AUTH, "Content-Type": "application/octet-stream"})
+        assert r.status_code == 415
+        r = await c.post("/tasks", files={"other": ("b", b"x")}, headers=AUTH)
+        assert r.status_code == 422 and "'bundle'" in r.json()["error"]["message"]
+        assert (await c.get("/tasks", headers=AUTH)).json() == before
+        assert c.app.state.service.registry.bank.generation == before["generation"]
+
+
+async def test_incompatible_bundle_is_refused_before_the_store_is_written(tmp_path, backbone, bundles):
+    async with running_app(tmp_path, backbone) as c:
+        r = await c.post("/tasks", **_upload(bundles["glyphs"]))  # uses textures' experts, not stored here
+        assert r.status_code == 422 and r.json()["error"]["code"] == "missing_expert"
+        assert (await c.get("/tasks", headers=AUTH)).json()["tasks"] == []
+        assert (await c.post("/tasks", **_upload(bundles["textures"]))).status_code == 201
+        assert (await c.post("/tasks", **_upload(bundles["glyphs"]))).status_code == 201
+        ready = (await c.get("/readyz")).json()
+        assert ready["tasks"] == ["glyphs", "textures"] and ready["generation"] == 2
+
+
+async def test_management_errors(tmp_path, backbone, bundles):
+    async with running_app(tmp_path, backbone) as c:
+        await c.post("/tasks", **_upload(bundles["textures"]))
+        cases = [
+            ("POST", "/tasks/textures/activate", {"json": {"version": 7}}, 404, "version_not_found"),
+            ("POST", "/tasks/nope/activate", {"json": {"version": 1}}, 404, "task_not_found"),
+            ("POST", "/tasks/textures/activate", {"json": {"version": "x"}}, 422, "invalid_request"),
+            ("POST", "/tasks/textures/activate", {"json": {}}, 422, "invalid_request"),
+            ("GET", "/tasks/nope", {}, 404, "task_not_found"),
+            ("DELETE", "/tasks/nope", {}, 404, "task_not_found"),
+        ]
+        for method, path, kwargs, status, code in cases:
+            r = await c.request(method, path, headers=AUTH, **kwargs)
+            assert (r.status_code, r.json()["error"]["code"]) == (status, code), (method, path, r.text)
+
+
+async def test_concurrent_uploads_of_one_version_are_serialised(tmp_path, backbone, bundles):
+    async with running_app(tmp_path, backbone) as c:
+        v1 = bundles["textures"]
+        rs = await asyncio.gather(*[c.post("/tasks", **_upload(v1)) for _ in range(4)])
+        assert sorted(r.status_code for r in rs) == [201, 409, 409, 409]
+        info = (await c.get("/tasks/textures", headers=AUTH)).json()
+        assert [v["version"] for v in info["versions"]] == [1]
+
+
+async def test_in_flight_batch_finishes_on_its_snapshot(tmp_path, backbone, bundles):
+    async with running_app(tmp_path, backbone) as c:
+        registry = c.app.state.service.registry
+        old = registry.bank
+        await c.post("/tasks", **_upload(bundles["textures"]))
+        assert registry.bank is not old and old.tasks == ()  # the old snapshot is untouched and still usable
+        from model_store.inference import ClassifyItem, classify_batch
+
+        x = __import__("torch").zeros(1, 3, backbone.image_size, backbone.image_size)
+        (res,) = classify_batch(old, [ClassifyItem(x, ("a", "b"))])
+        assert res[0].route.task is None
+
+
+async def test_servers_sharing_a_store_pick_up_changes(tmp_path, backbone, bundles):
+    async with running_app(tmp_path, backbone) as a, running_app(tmp_path, backbone, poll_seconds=0.2) as b:
+        assert (await a.post("/tasks", **_upload(bundles["textures"]))).status_code == 201
+        with anyio.fail_after(5):
+            while (await b.get("/readyz")).json()["tasks"] != ["textures"]:
+                await anyio.sleep(0.05)
+        assert (await a.delete("/tasks/textures", headers=AUTH)).status_code == 200
+        with anyio.fail_after(5):
+            while (await b.get("/readyz")).json()["tasks"] != []:
+                await anyio.sleep(0.05)
+
+
+async def test_not_ready_until_loaded_and_failed_start_is_reported(tmp_path):
+    from service.app import create_app
+    from service.config import ServeConfig
+
+    failures = []
+    app = create_app(
+        ServeConfig(store=str(tmp_path / "s"), backbone="no-such-arch:none", admin_token=TOKEN),
+        on_fatal=failures.append,
+    )
+    async with app.router.lifespan_context(app):
+        import httpx
+
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            with anyio.fail_after(60):
+                await app.state.service.failed.wait()
+            r = await c.get("/readyz")
+            assert r.status_code == 503 and "no-such-arch" in r.json()["error"]["message"]
+            assert (await c.get("/healthz")).json()["status"] == "failed"
+            r = await c.post("/classify", files=[("images", ("r.png", colour("red")))], data={"labels": ["red"]})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+    assert failures and "no-such-arch" in failures[0]
+
+
+async def test_openapi_documents_every_endpoint_with_examples(tmp_path, backbone):
+    async with running_app(tmp_path, backbone) as c:
+        spec = (await c.get("/openapi.json")).json()
+        assert set(spec["paths"]) >= {
+            "/classify",
+            "/tasks",
+            "/tasks/{task}",
+            "/tasks/{task}/activate",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+        }
+        body = spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+        assert set(body) == {"multipart/form-data", "application/json"}
+        assert "examples" in json.dumps(spec["components"]["schemas"]["ClassifyResponse"])
+        assert "413" in spec["paths"]["/classify"]["post"]["responses"]
+        assert spec["paths"]["/tasks"]["post"]["security"]
+        assert (await c.get("/docs")).status_code == 200
