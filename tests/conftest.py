@@ -41,3 +41,10 @@ def trained(tmp_path_factory, backbone):
         reports[name] = result.report
         banks[name] = BankLoader(store, backbone).load()
     return store, reports, banks
+
+
+@pytest.fixture(scope="session")
+def bundles(trained):
+    """Bytes of the session's trained bundles: textures v1, then glyphs v1 (which uses textures' experts)."""
+    store, _, _ = trained
+    return {task: store.read(bid) for task, bid in store.active().items()}

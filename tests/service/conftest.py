@@ -20,13 +20,6 @@ def anyio_backend():
     return "asyncio"
 
 
-@pytest.fixture(scope="session")
-def bundles(trained):
-    """Bytes of the session's trained bundles: textures v1, then glyphs v1 (which uses textures' experts)."""
-    store, _, _ = trained
-    return {task: store.read(bid) for task, bid in store.active().items()}
-
-
 @asynccontextmanager
 async def running_app(tmp_path, backbone, limits: Limits | None = None, **settings):
     """An app on a fresh store under `tmp_path`, ready, with an httpx client talking to it in process."""

@@ -1,0 +1,149 @@
+"""A real server on 127.0.0.1: zero-shot, push, route, pin, roll back, delete, restart; then load during changes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+
+from service.client import ClipbankClient, ClipbankHTTPError
+from tests.e2e.conftest import TOKEN, running_server
+from tests.helpers import png, with_version
+from tests.service.images import colour
+from training.data import load_domain
+
+
+def _domain_pngs(name: str, n: int) -> list[bytes]:
+    images = load_domain(name, "test").images
+    return [png(im) for im in images[:: max(1, len(images) // n)][:n]]
+
+
+def test_lifecycle_and_restart(tmp_path, bundles):
+    store, log = tmp_path / "store", tmp_path / "server.log"
+    textures_imgs = _domain_pngs("textures", 12)
+    with running_server(store, log) as url, ClipbankClient(url, TOKEN) as client:
+        # 1. zero-shot
+        out = client.classify([colour("red"), colour("blue")], ["red", "green", "blue"])
+        assert [r["labels"][0]["label"] for r in out["results"]] == ["red", "blue"]
+        assert all(r["route"]["task"] is None for r in out["results"])
+
+        # 2. push a bundle trained in this session; its domain routes to it
+        up = client.push(bundles["textures"])
+        assert (up["task"], up["version"]) == ("textures", 1)
+        routes = [r["route"] for r in client.classify(textures_imgs)["results"]]
+        assert sum(r["task"] == "textures" for r in routes) >= 8, routes
+
+        # 3. pin: an image of another domain, forced to the task
+        out = client.classify([colour("red")], task="textures")
+        assert out["results"][0]["route"]["task"] == "textures"
+
+        # 4. a second version, then roll back to the first
+        assert client.push(with_version(bundles["textures"], 2))["version"] == 2
+        assert client.activate("textures", 1)["active_version"] == 1
+        versions = {r["route"]["version"] for r in client.classify(textures_imgs)["results"] if r["route"]["task"]}
+        assert versions == {1}
+
+        # 5. delete: no more routing to it
+        client.delete("textures")
+        out = client.classify(textures_imgs[:4], ["a", "b"])
+        assert all(r["route"]["task"] is None for r in out["results"])
+        try:
+            client.classify(textures_imgs[:1], task="textures")
+            raise AssertionError("a deleted task must not be pinnable")
+        except ClipbankHTTPError as e:
+            assert e.status == 404 and e.code == "task_not_found"
+
+        client.activate("textures", 2)
+        client.push(bundles["glyphs"])
+        tasks_before = client.tasks()
+        answer_before = client.classify(textures_imgs)
+    # 6. restart on the same store: the same bank, the same answers
+    with running_server(store, log) as url, ClipbankClient(url, TOKEN) as client:
+        assert client.tasks() == tasks_before
+        answer_after = client.classify(textures_imgs)
+    for a, b in zip(answer_before["results"], answer_after["results"]):
+        assert a["route"] == b["route"]
+        assert [x["label"] for x in a["labels"]] == [x["label"] for x in b["labels"]]
+        assert max((abs(x["score"] - y["score"]) for x, y in zip(a["labels"], b["labels"])), default=0) < 1e-4
+    assert "Traceback" not in log.read_text()
+
+
+class Timeline:
+    """Which bundle each management change left active, with when the change started and ended."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[float, float, str | None]] = []
+
+    def record(self, start: float, active: str | None) -> None:
+        self.ops.append((start, time.monotonic(), active))
+
+    def possible(self, a: float, b: float) -> set[str | None]:
+        """Bundles that may have been active at some instant of [a, b]."""
+        out = set()
+        states = [(float("-inf"), None)] + [(s, act) for s, _, act in self.ops]
+        ends = [e for _, e, _ in self.ops] + [float("inf")]
+        for (start, active), end in zip(states, ends):
+            if start <= b and end >= a:  # state k may hold from op k's start until op k+1's end
+                out.add(active)
+        return out
+
+
+def _load(url: str, images: list[bytes], stop: threading.Event, seen: list, errors: list) -> None:
+    with httpx.Client(base_url=url, timeout=60) as http:
+        i = 0
+        while not stop.is_set():
+            files = [("images", (f"{k}.png", images[(i + k) % len(images)])) for k in range(3)]
+            a = time.monotonic()
+            try:
+                r = http.post("/classify", files=files, data={"labels": ["one", "two"]})
+            except httpx.HTTPError as e:
+                errors.append(repr(e))
+                continue
+            b = time.monotonic()
+            if r.status_code != 200:
+                errors.append(f"{r.status_code} {r.text[:200]}")
+            else:
+                seen.append((a, b, [res["route"] for res in r.json()["results"]]))
+            i += 1
+
+
+def test_sixteen_clients_while_bundles_are_pushed_deleted_and_rolled_back(tmp_path, bundles):
+    textures = bundles["textures"]
+    images = _domain_pngs("textures", 8) + _domain_pngs("shapes", 8)
+    timeline, seen, errors, stop = Timeline(), [], [], threading.Event()
+    with running_server(tmp_path / "store", tmp_path / "server.log", "--max-wait-ms", "2") as url:
+        clients = [threading.Thread(target=_load, args=(url, images, stop, seen, errors)) for _ in range(16)]
+        for t in clients:
+            t.start()
+        try:
+            with ClipbankClient(url, TOKEN) as admin:
+                t0 = time.monotonic()
+                first = admin.push(textures)["bundle_id"]
+                timeline.record(t0, first)
+                for version in range(2, 8):
+                    t0 = time.monotonic()
+                    bid = admin.push(with_version(textures, version))["bundle_id"]
+                    timeline.record(t0, bid)
+                    t0 = time.monotonic()
+                    admin.activate("textures", 1)  # roll back
+                    timeline.record(t0, first)
+                    t0 = time.monotonic()
+                    admin.delete("textures")
+                    timeline.record(t0, None)
+                    time.sleep(0.2)  # let requests land on every state
+        finally:
+            stop.set()
+            for t in clients:
+                t.join(60)
+    assert not errors, errors[:5]
+    assert len(seen) > 50
+    routed = 0
+    for a, b, routes in seen:
+        possible = timeline.possible(a, b)
+        for route in routes:
+            if route["task"] is not None:
+                routed += 1
+                assert route["bundle_id"] in possible, (route, a, b)
+    assert routed > 0
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
