@@ -98,6 +98,26 @@ def _store(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from service.bench import ServiceBenchConfig, TaskSample, bench_service, format_report, write_report
+    from training.samples import sample_tasks
+
+    tasks, outside = sample_tasks(args.tasks, args.steps, args.backbone)
+    cfg = ServiceBenchConfig(
+        tasks=[TaskSample(bundle, images) for bundle, images in tasks],
+        outside=outside,
+        concurrency=tuple(int(c) for c in args.concurrency.split(",")),
+        requests=args.requests,
+        max_seconds=args.max_seconds,
+        backbone=args.backbone,
+    )
+    report = bench_service(cfg)
+    print(format_report(report))
+    if args.out:
+        write_report(report, Path(args.out))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from training.demo import run_demo
 
@@ -190,6 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--token", default=os.environ.get("CLIPBANK_CLASSIFY_TOKEN"), help="$CLIPBANK_CLASSIFY_TOKEN")
     cl.add_argument("--json", action="store_true", help="print the full JSON response")
     cl.set_defaults(fn=_classify)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench_cmd", required=True)
+    bs = bsub.add_parser("service", help="latency, upload-to-routable time and RSS of a real server process")
+    bs.add_argument("--tasks", type=int, default=5, help="tasks to train (offline domains) and push")
+    bs.add_argument(
+        "--steps", type=int, default=100, help="training steps per task (bundle size does not depend on it)"
+    )
+    bs.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    bs.add_argument("--concurrency", default="1,16", help="comma-separated client concurrencies")
+    bs.add_argument("--requests", type=int, default=400, help="requests per load level (at most)")
+    bs.add_argument("--max-seconds", type=float, default=30.0, help="seconds per load level (at most)")
+    bs.add_argument("--out", help="write report.json and report.md here")
+    bs.set_defaults(fn=_bench)
 
     dm = sub.add_parser("demo", help="end to end offline: export two domains, train two tasks, route test images")
     dm.add_argument("--workdir", default="./clipbank-demo")

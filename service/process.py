@@ -1,0 +1,68 @@
+"""Run `clipbank serve` as a child process and wait until it is ready (for end-to-end tests and benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server_process(
+    store: Path,
+    args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+    ready_seconds: float = 600,
+) -> Iterator[tuple[str, int]]:
+    """Start `clipbank serve` on a free port; yield (url, pid) once /readyz is 200; SIGTERM it afterwards."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "clipbank.cli", "serve", "--store", str(store), "--port", str(port), *args]
+    out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(proc, url, ready_seconds, log)
+        yield url, proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if log is not None:
+            out.close()
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, seconds: float, log: Path | None) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode}\n{_tail(log)}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server was not ready within {seconds} s\n{_tail(log)}")
+        time.sleep(0.2)
+
+
+def _tail(log: Path | None) -> str:
+    return log.read_text(errors="replace")[-3000:] if log is not None else ""
