@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import httpx
 
+from clipbank.cli import main
 from service.client import ClipbankClient, ClipbankHTTPError
 from tests.e2e.conftest import TOKEN, running_server
 from tests.helpers import png, with_version
@@ -19,7 +21,7 @@ def _domain_pngs(name: str, n: int) -> list[bytes]:
     return [png(im) for im in images[:: max(1, len(images) // n)][:n]]
 
 
-def test_lifecycle_and_restart(tmp_path, bundles):
+def test_lifecycle_and_restart(tmp_path, bundles, capsys):
     store, log = tmp_path / "store", tmp_path / "server.log"
     textures_imgs = _domain_pngs("textures", 12)
     with running_server(store, log) as url, ClipbankClient(url, TOKEN) as client:
@@ -39,7 +41,16 @@ def test_lifecycle_and_restart(tmp_path, bundles):
         assert out["results"][0]["route"]["task"] == "textures"
 
         # 4. a second version, then roll back to the first
-        assert client.push(with_version(bundles["textures"], 2))["version"] == 2
+        v2 = tmp_path / "textures-v2.safetensors"
+        v2.write_bytes(with_version(bundles["textures"], 2))
+        assert main(["push", str(v2), "--url", url, "--token", TOKEN]) == 0  # the command line, same client
+        assert json.loads(capsys.readouterr().out)["version"] == 2
+        red = tmp_path / "red.png"
+        red.write_bytes(colour("red"))
+        assert main(["classify", str(red), "--labels", "red,blue", "--task", "zero-shot", "--url", url]) == 0
+        assert capsys.readouterr().out.split("\t")[1] == "red"
+        assert main(["push", str(v2), "--url", url, "--token", "wrong-token-wrong-token"]) == 2
+        assert "401 unauthorized" in capsys.readouterr().err
         assert client.activate("textures", 1)["active_version"] == 1
         versions = {r["route"]["version"] for r in client.classify(textures_imgs)["results"] if r["route"]["task"]}
         assert versions == {1}
@@ -147,3 +158,36 @@ def test_sixteen_clients_while_bundles_are_pushed_deleted_and_rolled_back(tmp_pa
                 assert route["bundle_id"] in possible, (route, a, b)
     assert routed > 0
     assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def test_sigterm_lets_in_flight_requests_finish(tmp_path):
+    """Requests waiting in the batch queue when SIGTERM arrives are still answered."""
+    import os
+    import signal
+
+    from service.process import server_process
+
+    env = {"CLIPBANK_ADMIN_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
+    args = ("--max-wait-ms", "3000", "--max-batch", "64")  # the first request waits 3 s for company
+    results: list = []
+    with server_process(tmp_path / "store", args, env, tmp_path / "server.log", ready_seconds=120) as (url, pid):
+
+        def post() -> None:
+            files = [("images", ("r.png", colour("red")))]
+            try:
+                r = httpx.post(url + "/classify", files=files, data={"labels": ["red", "blue"]}, timeout=60)
+                results.append(r.status_code)
+            except httpx.HTTPError as e:
+                results.append(repr(e))
+
+        threads = [threading.Thread(target=post) for _ in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while "clipbank_queue_images 4.0" not in httpx.get(url + "/metrics").text:
+            assert time.monotonic() < deadline, "the requests never reached the queue"
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+    assert results == [200] * 4

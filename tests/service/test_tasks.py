@@ -216,8 +216,8 @@ async def test_in_flight_batch_finishes_on_its_snapshot(tmp_path, backbone, bund
         assert res[0].route.task is None
 
 
-async def test_servers_sharing_a_store_pick_up_changes(tmp_path, backbone, bundles):
-    async with running_app(tmp_path, backbone) as a, running_app(tmp_path, backbone, poll_seconds=0.2) as b:
+async def test_servers_sharing_a_store_pick_up_changes_within_5_seconds(tmp_path, backbone, bundles):
+    async with running_app(tmp_path, backbone) as a, running_app(tmp_path, backbone) as b:  # default poll: 2 s
         assert (await a.post("/tasks", **_upload(bundles["textures"]))).status_code == 201
         with anyio.fail_after(5):
             while (await b.get("/readyz")).json()["tasks"] != ["textures"]:

@@ -1,0 +1,36 @@
+"""Server settings: environment variables, flags over variables, and one error naming every bad setting."""
+
+from __future__ import annotations
+
+import pytest
+
+from clipbank.cli import main
+from service.config import Limits, ServeConfig
+
+
+def test_defaults_are_the_offline_embedded_server():
+    cfg = ServeConfig.from_env({})
+    assert (cfg.backbone, cfg.store, cfg.host, cfg.port) == ("tiny", "./clipbank-store", "127.0.0.1", 8000)
+    assert cfg.admin_token is None and cfg.limits == Limits()
+    assert cfg.limits.max_upload_bytes == 256 * 1024 * 1024
+
+
+def test_environment_then_flags():
+    env = {"CLIPBANK_PORT": "9000", "CLIPBANK_MAX_WAIT_MS": "1.5", "CLIPBANK_MAX_IMAGES": "8", "CLIPBANK_STORE": "/s"}
+    cfg = ServeConfig.from_env(env, port=9100, store=None)
+    assert cfg.port == 9100 and cfg.max_wait_ms == 1.5 and cfg.limits.max_images == 8 and cfg.store == "/s"
+
+
+def test_every_bad_setting_is_named_at_once():
+    with pytest.raises(ValueError) as e:
+        ServeConfig.from_env({"CLIPBANK_MAX_BATCH": "0", "CLIPBANK_MAX_PIXELS": "0", "CLIPBANK_ADMIN_TOKEN": "short"})
+    for name in ("max_batch", "max_pixels", "admin_token"):
+        assert name in str(e.value)
+    with pytest.raises(ValueError, match="CLIPBANK_PORT='eighty' is not a valid int"):
+        ServeConfig.from_env({"CLIPBANK_PORT": "eighty"})
+
+
+def test_cli_serve_refuses_bad_settings_with_exit_code_2(monkeypatch, capsys):
+    monkeypatch.setenv("CLIPBANK_MAX_BATCH", "-1")
+    assert main(["serve"]) == 2
+    assert "max_batch must be >= 1" in capsys.readouterr().err

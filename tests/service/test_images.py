@@ -1,0 +1,72 @@
+"""Image decoding: formats, modes, and limits checked from the header before decoding."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from service.config import Limits
+from service.errors import BadImage, LimitExceeded
+from service.images import decode_base64, open_image
+from tests.service.images import bomb_png
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "img,fmt",
+    [
+        (Image.new("RGB", (20, 10), "red"), "JPEG"),
+        (Image.new("CMYK", (20, 10)), "JPEG"),
+        (Image.new("P", (20, 10)), "GIF"),
+        (Image.new("LA", (20, 10)), "PNG"),
+        (Image.new("I;16", (20, 10)), "PNG"),
+        (Image.new("RGB", (20, 10)), "WEBP"),
+        (Image.new("RGB", (20, 10)), "BMP"),
+        (Image.new("RGB", (20, 10)), "TIFF"),
+    ],
+)
+def test_accepted_formats_come_out_rgb(img, fmt):
+    out = open_image(_encode(img, fmt), "x", Limits())
+    assert out.mode == "RGB" and out.size == (20, 10)
+
+
+def test_bomb_is_refused_from_its_header():
+    data = bomb_png()
+    assert len(data) < 2000
+    with pytest.raises(LimitExceeded, match="10000000000 pixels"):
+        open_image(data, "bomb.png", Limits())
+
+
+def test_pixel_limit_is_exact():
+    data = _encode(Image.new("RGB", (100, 100)), "PNG")
+    assert open_image(data, "x", Limits(max_pixels=10_000)).size == (100, 100)
+    with pytest.raises(LimitExceeded, match="max_pixels=9999"):
+        open_image(data, "x", Limits(max_pixels=9_999))
+
+
+def test_formats_outside_the_allow_list_are_refused():
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(BadImage, match="accepted format"):
+        open_image(eps, "x.eps", Limits())
+    ico = _encode(Image.new("RGB", (16, 16)), "ICO")
+    with pytest.raises(BadImage, match="accepted format"):
+        open_image(ico, "x.ico", Limits())
+
+
+def test_base64_size_is_checked_before_decoding():
+    with pytest.raises(LimitExceeded, match="max_image_bytes=30"):
+        decode_base64("A" * 100, "image 0", Limits(max_image_bytes=30))
+    assert decode_base64("data:image/png;base64,aGVsbG8=", "image 0", Limits()) == b"hello"
+
+
+def test_over_our_limit_but_under_pillows_is_refused_before_decoding():
+    data = bomb_png(6000, 5000)  # 30 MP: Pillow would decode it; our 24 MP default does not
+    with pytest.raises(LimitExceeded, match="6000x5000 = 30000000 pixels"):
+        open_image(data, "big.png", Limits())
