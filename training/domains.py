@@ -253,6 +253,50 @@ def _make_textures(split: str, per_class: int) -> tuple[list[Image.Image], list[
     return images, labels
 
 
+def _make_sketches(split: str, per_class: int) -> tuple[list[Image.Image], list[int]]:
+    """Shape outlines in ink on paper: the names the tiny backbone knows, drawn in a way it never saw."""
+    rng, labels = _balanced("sketches", split, len(SHAPES), per_class)
+    images = []
+    for label in labels:
+        mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+        r = IMAGE_SIZE * rng.uniform(0.2, 0.34)
+        cx, cy = rng.uniform(r * 1.3, IMAGE_SIZE - r * 1.3, 2)
+        draw_shape(ImageDraw.Draw(mask), SHAPES[label], cx, cy, r, 255, float(rng.uniform(-0.5, 0.5)))
+        width = int(rng.integers(1, 3)) * 2 + 1
+        outline = np.asarray(mask, np.float32) - np.asarray(mask.filter(ImageFilter.MinFilter(width)), np.float32)
+        paper = rng.uniform(200, 255) + rng.normal(0, 8, (IMAGE_SIZE, IMAGE_SIZE, 1))
+        ink = rng.uniform(0, 110, 3)
+        t = (outline / 255.0)[..., None]
+        arr = t * ink + (1 - t) * paper
+        images.append(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.5)))
+    return images, labels
+
+
+ARROWS = ("right", "down right", "down", "down left", "left", "up left", "up", "up right")
+
+
+def _make_arrows(split: str, per_class: int) -> tuple[list[Image.Image], list[int]]:
+    """Arrows pointing in one of 8 directions, in random colours."""
+    rng, labels = _balanced("arrows", split, len(ARROWS), per_class)
+    images = []
+    for label in labels:
+        fg = tuple(int(v) for v in rng.integers(0, 256, 3))
+        bg = tuple(int(255 - v) for v in fg)
+        img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), bg)
+        draw = ImageDraw.Draw(img)
+        a = label * math.pi / 4 + rng.uniform(-0.15, 0.15)
+        length = rng.uniform(0.32, 0.42) * IMAGE_SIZE
+        cx, cy = IMAGE_SIZE / 2 + rng.uniform(-5, 5, 2)
+        dx, dy = math.cos(a) * length, math.sin(a) * length
+        tail, tip = (cx - dx, cy - dy), (cx + dx, cy + dy)
+        draw.line([tail, tip], fill=fg, width=int(rng.integers(3, 6)))
+        h = length * 0.45
+        wings = [(tip[0] - h * math.cos(a + s), tip[1] - h * math.sin(a + s)) for s in (0.45, -0.45)]
+        draw.polygon([tip, wings[0], wings[1]], fill=fg)
+        images.append(img)
+    return images, labels
+
+
 DOMAINS: dict[str, Domain] = {
     "shapes": Domain(
         "shapes",
@@ -281,6 +325,20 @@ DOMAINS: dict[str, Domain] = {
         "procedural textures in random colours",
         _make_textures,
         {"train": 150, "val": 20, "test": 30},
+    ),
+    "sketches": Domain(
+        "sketches",
+        SHAPES,
+        "shape outlines in ink on paper: names the tiny backbone knows, a style it never saw",
+        _make_sketches,
+        {"train": 100, "val": 20, "test": 30},
+    ),
+    "arrows": Domain(
+        "arrows",
+        tuple(f"arrow pointing {d}" for d in ARROWS),
+        "arrows pointing in 8 directions, in random colours",
+        _make_arrows,
+        {"train": 100, "val": 20, "test": 30},
     ),
 }
 

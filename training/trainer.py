@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from model_store.backbone import TOWERS, Backbone
 from model_store.bank import BankSnapshot
-from model_store.bundle import PlacedExpert, pack_bundle, utc_now, validate_task_name
+from model_store.bundle import PlacedExpert, pack_bundle, template_ok, utc_now, validate_task_name
 from model_store.experts import ActivationCounts, Expert, Routing, TaskRouter, expert_id, new_expert
 from model_store.moe_clip import encode_image, encode_text
 from model_store.selector import SelectorConfig, fit_selector, selector_manifest
@@ -51,8 +51,8 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr is not None and self.lr <= 0:
             problems.append(f"lr must be > 0, got {self.lr}")
-        if "{}" not in self.template:
-            problems.append(f"template must contain '{{}}', got {self.template!r}")
+        if not template_ok(self.template):
+            problems.append(f"template must contain exactly one '{{}}' and no other field, got {self.template!r}")
         if not 0.0 < self.val_fraction < 1.0:
             problems.append(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 <= self.warm_start_steps < self.steps:
@@ -112,7 +112,20 @@ def _batches(data: LabelledImages, transform, batch: int, device) -> Iterator[tu
         yield x, torch.tensor(data.labels[s : s + batch], device=device)
 
 
+RoutingFor = Callable[[int], Routing | None]  # batch size -> the routing of one forward pass
+
+
 @torch.no_grad()
+def accuracy(model: Any, backbone: Backbone, data: LabelledImages, template: str, routing_for: RoutingFor) -> float:
+    """Accuracy over `data.classes` of `model` (the backbone's or a copy) with the given routing per pass."""
+    tokens = backbone.tokenizer([template.format(c) for c in data.classes]).to(backbone.device)
+    text = encode_text(model, tokens, routing_for(len(tokens)))
+    correct = 0
+    for x, y in _batches(data, backbone.preprocess, 128, backbone.device):
+        correct += int(((encode_image(model, x, routing_for(len(x))) @ text.T).argmax(1) == y).sum())
+    return correct / max(1, len(data))
+
+
 def evaluate(
     bank: BankSnapshot,
     params: _TaskParams | None,
@@ -121,15 +134,8 @@ def evaluate(
     counts: ActivationCounts | None = None,
 ) -> float:
     """Accuracy over `data.classes`; with `params`, the adapted model (no noise), else zero-shot CLIP."""
-    model, bb = bank.backbone.model, bank.backbone
-    tokens = bb.tokenizer([template.format(c) for c in data.classes]).to(bb.device)
-    text_routing = None if params is None else params.routing(bank, len(tokens), False, counts=counts)
-    text = encode_text(model, tokens, text_routing)
-    correct = 0
-    for x, y in _batches(data, bb.preprocess, 128, bb.device):
-        img = encode_image(model, x, None if params is None else params.routing(bank, len(x), False, counts=counts))
-        correct += int(((img @ text.T).argmax(1) == y).sum())
-    return correct / max(1, len(data))
+    routing_for = (lambda n: None) if params is None else (lambda n: params.routing(bank, n, False, counts=counts))
+    return accuracy(bank.backbone.model, bank.backbone, data, template, routing_for)
 
 
 def default_lr(backbone: Backbone) -> float:
@@ -144,6 +150,43 @@ def _lr_at(step: int, cfg: TrainConfig, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.steps - warmup)))
 
 
+def fit_steps(
+    model: Any,
+    backbone: Backbone,
+    data: LabelledImages,
+    cfg: TrainConfig,
+    parameters: Iterable[torch.nn.Parameter],
+    routing_for: Callable[[int, int], Routing | None],
+    generator: torch.Generator,
+    progress: bool,
+    peak_lr: float | None = None,
+) -> list[float]:
+    """The task loss, minimised over `parameters` for `cfg.steps` AdamW steps; `routing_for(batch, step)`."""
+    dev = backbone.device
+    tokens = backbone.tokenizer([cfg.template.format(c) for c in data.classes]).to(dev)
+    labels = torch.tensor(data.labels)
+    peak = peak_lr or cfg.lr or default_lr(backbone)
+    opt = torch.optim.AdamW(list(parameters), lr=peak, betas=(0.9, 0.999), weight_decay=0.0)
+    losses = []
+    bar = tqdm(range(cfg.steps), desc=f"train {cfg.task}", unit="step", disable=not progress, leave=False)
+    for step in bar:
+        idx = torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=generator)
+        x = torch.stack([backbone.train_preprocess(data.images[i]) for i in idx]).to(dev)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg, peak)
+        img = encode_image(model, x, routing_for(len(x), step))
+        txt = encode_text(model, tokens, routing_for(len(tokens), step))
+        logits = model.logit_scale.exp() * img @ txt.T
+        loss = F.cross_entropy(logits, labels[idx].to(dev), label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return losses
+
+
 def _train_loop(
     bank: BankSnapshot,
     params: _TaskParams,
@@ -152,31 +195,13 @@ def _train_loop(
     generator: torch.Generator,
     progress: bool,
 ) -> list[float]:
-    bb = bank.backbone
-    tokens = bb.tokenizer([cfg.template.format(c) for c in data.classes]).to(bb.device)
-    labels = torch.tensor(data.labels)
-    peak = cfg.lr or default_lr(bb)
-    opt = torch.optim.AdamW(params.parameters(), lr=peak, betas=(0.9, 0.999), weight_decay=0.0)
     stage1 = cfg.warm_start_steps if any(len(b) >= bank.config.top_k for b in bank.experts["visual"]) else 0
-    losses = []
-    bar = tqdm(range(cfg.steps), desc=f"train {cfg.task}", unit="step", disable=not progress)
-    for step in bar:
-        idx = torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=generator)
-        x = torch.stack([bb.train_preprocess(data.images[i]) for i in idx]).to(bb.device)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg, peak)
-        warm = step < stage1
-        img = encode_image(bb.model, x, params.routing(bank, len(x), True, stage1=warm))
-        txt = encode_text(bb.model, tokens, params.routing(bank, len(tokens), True, stage1=warm))
-        logits = bb.model.logit_scale.exp() * img @ txt.T
-        loss = F.cross_entropy(logits, labels[idx].to(bb.device), label_smoothing=cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    return losses
+
+    def routing_for(n: int, step: int) -> Routing:
+        return params.routing(bank, n, True, stage1=step < stage1)
+
+    bb = bank.backbone
+    return fit_steps(bb.model, bb, data, cfg, params.parameters(), routing_for, generator, progress)
 
 
 @torch.no_grad()

@@ -30,5 +30,5 @@ def test_export_round_trip(tmp_path):
 
 
 def test_unknown_domain():
-    with pytest.raises(ValueError, match="known: digits"):
+    with pytest.raises(ValueError, match="known: arrows, digits"):
         get_domain("mnist")
