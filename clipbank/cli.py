@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", help="address to bind (default 127.0.0.1)")
     sv.add_argument("--port", type=int, help="port (default 8000)")
     sv.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
-    sv.add_argument("--max-batch", type=int, help="images per forward pass (default 32)")
+    sv.add_argument("--max-batch", type=int, help="images per forward pass (default 64)")
     sv.add_argument("--max-wait-ms", type=float, help="how long a batch waits for more requests (default 5)")
     sv.add_argument("--poll-seconds", type=float, help="how often to look for other servers' store changes (default 2)")
     sv.add_argument("--log-level", help="uvicorn log level (default info)")

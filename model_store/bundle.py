@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import string
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -73,10 +74,33 @@ class Bundle:
         return self.manifest["experts"]["uses"]
 
 
-def validate_task_name(name: str) -> str:
+RESERVED_TASKS = ("auto", "zero-shot")  # request values of `task`, so never task names
+
+
+def _task_name_problem(name: Any) -> str | None:
     if not isinstance(name, str) or not TASK_RE.fullmatch(name):
-        raise BundleInvalid(f"task name {name!r} must match {TASK_RE.pattern}")
+        return f"task {name!r} must match {TASK_RE.pattern}"
+    if name in RESERVED_TASKS:
+        return f"task {name!r} is reserved ({', '.join(RESERVED_TASKS)} are routing modes)"
+    return None
+
+
+def validate_task_name(name: str) -> str:
+    problem = _task_name_problem(name)
+    if problem:
+        raise BundleInvalid(problem)
     return name
+
+
+def template_ok(template: Any) -> bool:
+    """A prompt template with exactly one `{}` and no other format fields (so `.format(label)` always works)."""
+    if not isinstance(template, str):
+        return False
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError:
+        return False
+    return fields == [""]
 
 
 def pack_bundle(
@@ -130,17 +154,18 @@ def _check_manifest(m: Any) -> list[str]:
     p = []
     if m.get("format") != FORMAT:
         p.append(f"format must be {FORMAT}, got {m.get('format')!r}")
-    if not isinstance(m.get("task"), str) or not TASK_RE.fullmatch(m["task"]):
-        p.append(f"task {m.get('task')!r} must match {TASK_RE.pattern}")
+    if _task_name_problem(m.get("task")):
+        p.append(_task_name_problem(m.get("task")))
     if not isinstance(m.get("version"), int) or isinstance(m.get("version"), bool) or m["version"] < 1:
         p.append(f"version must be an integer >= 1, got {m.get('version')!r}")
     for key, check in (
         ("classes", lambda c: isinstance(c, str) and c.strip()),
-        ("templates", lambda t: isinstance(t, str) and "{}" in t),
+        ("templates", template_ok),
     ):
         v = m.get(key)
         if not isinstance(v, list) or not v or not all(check(x) for x in v):
-            p.append(f"{key} must be a non-empty list of strings" + (" containing '{}'" if key == "templates" else ""))
+            extra = " with exactly one '{}' and no other field" if key == "templates" else ""
+            p.append(f"{key} must be a non-empty list of strings{extra}")
     b = m.get("backbone")
     if not isinstance(b, dict) or not all(isinstance(b.get(k), str) for k in ("arch", "pretrained", "fingerprint")):
         p.append("backbone must be {arch, pretrained, fingerprint} strings")

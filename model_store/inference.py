@@ -48,27 +48,42 @@ class ImageResult:
 
 
 class TextCache:
-    """A thread-safe LRU of normalised text embeddings keyed by (bundle id or zero-shot, labels, templates)."""
+    """A thread-safe LRU of normalised text embeddings keyed by (bundle id or zero-shot, labels, templates).
 
-    def __init__(self, maxsize: int = 1024) -> None:
+    Bounded in entries and in bytes (tensor bytes plus the key's characters), whichever is reached first.
+    """
+
+    def __init__(self, maxsize: int = 1024, max_bytes: int = 256 * 1024 * 1024) -> None:
         self.maxsize = maxsize
-        self._data: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.max_bytes = max_bytes
+        self._data: OrderedDict[tuple, tuple[torch.Tensor, int]] = OrderedDict()
         self._lock = threading.Lock()
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.nbytes = 0
 
     def get_or_compute(self, key: tuple, compute) -> torch.Tensor:
         with self._lock:
             if key in self._data:
                 self._data.move_to_end(key)
                 self.hits += 1
-                return self._data[key]
+                return self._data[key][0]
             self.misses += 1
         value = compute()
+        size = value.numel() * value.element_size() + sum(len(s) for part in key[1:] for s in part)
+        if size > self.max_bytes or self.maxsize == 0:
+            return value
         with self._lock:
-            self._data[key] = value
-            while len(self._data) > self.maxsize:
-                self._data.popitem(last=False)
+            if key not in self._data:
+                self._data[key] = (value, size)
+                self.nbytes += size
+            while len(self._data) > self.maxsize or self.nbytes > self.max_bytes:
+                self.nbytes -= self._data.popitem(last=False)[1][1]
         return value
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+TEXT_CHUNK = 256  # prompts per text forward pass, so a long label list never makes one huge batch
 
 
 def text_embeddings(
@@ -81,9 +96,13 @@ def text_embeddings(
         bb = bank.backbone
         prompts = [t.format(label) for t in templates for label in labels]
         tokens = bb.tokenizer(prompts).to(bb.device)
-        routing = bank.routing(torch.full((len(prompts),), task)) if task >= 0 else None
+        parts = []
         with torch.inference_mode():
-            emb = encode_text(bb.model, tokens, routing).view(len(templates), len(labels), -1).mean(0)
+            for s in range(0, len(tokens), TEXT_CHUNK):
+                chunk = tokens[s : s + TEXT_CHUNK]
+                routing = bank.routing(torch.full((len(chunk),), task)) if task >= 0 else None
+                parts.append(encode_text(bb.model, chunk, routing))
+        emb = torch.cat(parts).view(len(templates), len(labels), -1).mean(0)
         return torch.nn.functional.normalize(emb, dim=-1)
 
     return compute() if cache is None else cache.get_or_compute(key, compute)

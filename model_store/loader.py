@@ -19,6 +19,7 @@ class BankLoader:
         self.store = store
         self.backbone = backbone
         self._bundles: dict[str, Bundle] = {}
+        self._in_use: set[str] = set()
         self._lock = threading.Lock()
 
     def bundle(self, bundle_id: str) -> Bundle:
@@ -67,4 +68,16 @@ class BankLoader:
             if bundle is not None:
                 tasks[task] = bundle
         chosen = list(tasks.values())
-        return build_bank(self.backbone, chosen, self.providers(chosen), int(index["generation"]), previous)
+        providers = self.providers(chosen)
+        bank = build_bank(self.backbone, chosen, providers, int(index["generation"]), previous)
+        if not overrides:
+            self._in_use = {b.id for b in (*chosen, *providers)}
+        return bank
+
+    def trim(self) -> int:
+        """Forget cached bundles the last `load()` did not use (they are re-read if needed); returns how many."""
+        with self._lock:
+            unused = set(self._bundles) - self._in_use
+            for bid in unused:
+                del self._bundles[bid]
+        return len(unused)

@@ -114,7 +114,8 @@ class LocalStore:
     # ----------------------------------------------------------------------------------------- changing
 
     @contextmanager
-    def _locked(self):
+    def locked(self):
+        """The store's process-safe lock (re-entrant in one process): hold it to check and change atomically."""
         try:
             with self._lock:
                 yield
@@ -124,7 +125,7 @@ class LocalStore:
     @contextmanager
     def _change(self):
         """Lock, read the index, let the caller edit it, then publish it with generation + 1."""
-        with self._locked():
+        with self.locked():
             for folder in (self.root, self.blobs):  # temp files left by a killed writer; we hold the lock
                 for stale in folder.glob(TMP_PREFIX + "*"):
                     stale.unlink(missing_ok=True)
@@ -138,9 +139,14 @@ class LocalStore:
         data: bytes,
         activate: bool = True,
         metrics: dict[str, Any] | None = None,
+        bundle: Bundle | None = None,
     ) -> PutResult:
-        """Validate and store a bundle; by default make it the task's active version."""
-        bundle = read_bundle(data)
+        """Validate and store a bundle; by default make it the task's active version.
+
+        `bundle` is `read_bundle(data)` when the caller has it already (checked against the bytes' digest).
+        """
+        if bundle is None or bundle.id != bytes_digest(data):
+            bundle = read_bundle(data)
         with self._change() as index:
             entry = index["tasks"].setdefault(bundle.task, {"active": None, "versions": []})
             newest = max((v["version"] for v in entry["versions"]), default=0)
@@ -160,6 +166,7 @@ class LocalStore:
                     "stored_at": utc_now(),
                     "bytes": len(data),
                     "experts_new": bundle.manifest["experts"]["new"],
+                    "classes": bundle.manifest["classes"],
                     "uses": bundle.uses,
                     "metrics": metrics or _metrics_of(bundle),
                 }
@@ -168,18 +175,23 @@ class LocalStore:
                 entry["active"] = bundle.id
         return PutResult(bundle.task, bundle.version, bundle.id, len(bundle.experts), index["generation"])
 
+    def version(self, task: str, version: int, index: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The index entry of one stored version."""
+        entry = (index or self.index())["tasks"].get(task)
+        if entry is None:
+            raise TaskNotFound(f"task {task!r} is not in the store")
+        for v in entry["versions"]:
+            if v["version"] == version:
+                return v
+        have = ", ".join(str(v["version"]) for v in entry["versions"])
+        raise VersionNotFound(f"task {task!r} has no version {version}; stored versions: {have}")
+
     def activate(self, task: str, version: int) -> str:
         """Make `version` the active one (rollback or roll forward); returns its bundle id."""
         with self._change() as index:
-            entry = index["tasks"].get(task)
-            if entry is None:
-                raise TaskNotFound(f"task {task!r} is not in the store")
-            found = [v for v in entry["versions"] if v["version"] == version]
-            if not found:
-                have = ", ".join(str(v["version"]) for v in entry["versions"])
-                raise VersionNotFound(f"task {task!r} has no version {version}; stored versions: {have}")
-            entry["active"] = found[0]["bundle_id"]
-        return found[0]["bundle_id"]
+            bundle_id = self.version(task, version, index)["bundle_id"]
+            index["tasks"][task]["active"] = bundle_id
+        return bundle_id
 
     def deactivate(self, task: str) -> None:
         """Stop routing to a task. Its blobs stay, so it can be re-activated."""
@@ -191,7 +203,7 @@ class LocalStore:
     def purge(self, task: str) -> int:
         """Forget an inactive task and delete the blobs nothing else needs; returns blobs deleted."""
         validate_task_name(task)
-        with self._locked():  # held until the blobs are gone, so a concurrent put cannot reuse one being deleted
+        with self.locked():  # held until the blobs are gone, so a concurrent put cannot reuse one being deleted
             with self._change() as index:
                 entry = index["tasks"].get(task)
                 if entry is None:

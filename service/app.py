@@ -26,8 +26,8 @@ from model_store.store import LocalStore
 
 from .auth import TokenCheck
 from .batching import Batcher, BatchInfo
-from .config import ServeConfig
-from .errors import BadImage, LimitExceeded, NotReady, UnsupportedMediaType, install_handlers
+from .config import Limits, ServeConfig
+from .errors import LimitExceeded, NotReady, UnsupportedMediaType, install_handlers
 from .images import decode_base64, preprocess_all
 from .metrics import Metrics
 from .middleware import BodyLimit, RequestMetrics
@@ -48,6 +48,7 @@ from .tasks import task_info
 
 log = logging.getLogger("clipbank.service")
 SMALL_BODY = 1024 * 1024
+FORM_PARTS = 100_000
 ERRORS = {s: {"model": ErrorResponse} for s in (401, 404, 409, 413, 415, 422, 503)}
 
 
@@ -72,12 +73,21 @@ class Service:
             self.backbone = load_backbone(self.config.backbone, self.config.device)
         self.registry = Registry(LocalStore(self.config.store), self.backbone, self.metrics)
         bank = self.registry.load()
-        cache = TextCache(self.config.text_cache_size)
+        cache = TextCache(self.config.text_cache_size, self.config.text_cache_mb * 1024 * 1024)
         warm = torch.zeros(1, 3, self.backbone.image_size, self.backbone.image_size)
         items = [ClassifyItem(warm, ("a", "b"), ZERO_SHOT)] + [ClassifyItem(warm, None, t) for t in bank.task_names]
-        classify_batch(bank, items, cache)  # first-call costs, and the tasks' class embeddings into the cache
+        # First-call costs, and every task's class embeddings into the cache.
+        for item, out in zip(items, classify_batch(bank, items, cache)):
+            if isinstance(out, Exception):
+                log.error("warm-up of %s failed: %s: %s", item.task, type(out).__name__, out)
+        self.metrics.watch_cache(cache)
         self.batcher = Batcher(
-            lambda: self.registry.bank, self.config.max_batch, self.config.max_wait_ms, cache, self.metrics
+            lambda: self.registry.bank,
+            self.config.max_batch,
+            self.config.max_wait_ms,
+            cache,
+            self.metrics,
+            self.config.max_queue_images,
         )
         self.batcher.start()
 
@@ -228,34 +238,43 @@ async def _read_classify(request: Request, config: ServeConfig) -> tuple[list[tu
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     limits = config.limits
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        form = await request.form(max_files=limits.max_images + 1, max_fields=limits.max_labels + 16)
+        # Counts are checked below with our own limits; the body size already bounds the parser.
+        form = await request.form(max_files=FORM_PARTS, max_fields=FORM_PARTS)
         files, fields = [], {}
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if key != "images":
-                    raise BadImage(f"unexpected file field {key!r}; send images in the field 'images'")
+                    raise InvalidRequest(f"unexpected file field {key!r}; send images in the field 'images'")
+                if len(files) >= limits.max_images:
+                    raise LimitExceeded(f"more than max_images={limits.max_images} images in one request")
                 files.append((f"image {len(files)} ({value.filename or 'unnamed'})", await value.read()))
             elif key == "labels":
                 fields.setdefault("labels", []).append(value)
             elif key == "images":
-                raise BadImage("the field 'images' must carry files, not text")
+                raise InvalidRequest("the field 'images' must carry files, not text")
             else:
                 fields[key] = value
         options = _options(ClassifyOptions, fields)
     elif kind == "application/json":
-        try:
-            payload = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadImage(f"the body is not valid JSON: {e}") from None
-        parsed = _options(ClassifyJSON, payload)
-        files = [(f"image {i}", decode_base64(s, f"image {i}", limits)) for i, s in enumerate(parsed.images)]
-        options = parsed
+        body = await request.body()
+        options, files = await run_in_threadpool(_parse_json_classify, body, limits)
     else:
         raise UnsupportedMediaType(
             f"Content-Type {kind or 'none'!r}: send multipart/form-data (files) or application/json (base64)"
         )
     _check_labels(options.labels, config)
     return files, options
+
+
+def _parse_json_classify(body: bytes, limits: Limits) -> tuple[ClassifyJSON, list[tuple[str, bytes]]]:
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, huge ints, deep nesting
+        raise InvalidRequest(f"the body is not valid JSON: {str(e)[:200]}") from None
+    parsed = _options(ClassifyJSON, payload)
+    if len(parsed.images) > limits.max_images:
+        raise LimitExceeded(f"{len(parsed.images)} images in one request; the limit is max_images={limits.max_images}")
+    return parsed, [(f"image {i}", decode_base64(s, f"image {i}", limits)) for i, s in enumerate(parsed.images)]
 
 
 def _options(model: type[ClassifyOptions], data: Any) -> Any:
@@ -279,6 +298,10 @@ def _check_labels(labels: list[str], config: ServeConfig) -> None:
             )
         if not label.strip():
             raise InvalidRequest(f"label {i} is empty")
+        try:
+            label.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest(f"label {i} is not valid Unicode text (lone surrogate)") from None
 
 
 def _classify_response(results: list[ImageResult], info: BatchInfo, decode_ms: float, total_ms: float) -> dict:
@@ -351,7 +374,8 @@ def _task_routes(admin: TokenCheck) -> APIRouter:
         """Make a stored version active: rollback or roll forward, hot-swapped."""
         registry = _service(request).require_ready()
         await run_in_threadpool(registry.activate, task, body.version)
-        return await run_in_threadpool(task_info, registry, task, registry.store.task(task))
+        entry = await run_in_threadpool(registry.store.task, task)
+        return await run_in_threadpool(task_info, registry, task, entry)
 
     @router.delete("/tasks/{task}", response_model=Removed)
     async def remove(

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from model_store.bank import BankSnapshot
 from model_store.inference import AUTO, ClassifyItem, ImageResult, TextCache, classify_batch
 
+from .errors import Overloaded
 from .metrics import Metrics
 
 log = logging.getLogger("clipbank.service")
@@ -57,12 +58,15 @@ class Batcher:
         max_wait_ms: float = 5.0,
         cache: TextCache | None = None,
         metrics: Metrics | None = None,
+        max_queue_images: int = 1024,
     ) -> None:
         self._bank = bank
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.cache = cache if cache is not None else TextCache()
         self.metrics = metrics or Metrics()
+        self.max_queue_images = max_queue_images
+        self._queued = 0  # images submitted and not yet answered (counted on the event loop)
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._carry: _Pending | None = None
@@ -84,9 +88,17 @@ class Batcher:
             raise RuntimeError("the batcher is not running")
         loop = asyncio.get_running_loop()
         pending = _Pending(item, loop.create_future(), loop)
+        if self._queued + pending.size > self.max_queue_images:
+            raise Overloaded(
+                f"{self._queued} images are waiting; max_queue_images={self.max_queue_images}: retry shortly"
+            )
+        self._queued += pending.size
         self.metrics.queue_images.inc(pending.size)
         self._queue.put(pending)
-        return await pending.future
+        try:
+            return await pending.future
+        finally:
+            self._queued -= pending.size
 
     # ------------------------------------------------------------------------------ the compute thread
 

@@ -37,12 +37,14 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"
-    max_batch: int = 32  # images per forward pass
+    max_batch: int = 64  # images per forward pass (a request is never split, so max_images <= max_batch)
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
     admin_token: str | None = None  # None: generate one at start and print it once
     classify_token: str | None = None  # None: /classify is open
     poll_seconds: float = 2.0  # how often to look for changes made to the store by other servers
-    text_cache_size: int = 4096
+    text_cache_size: int = 4096  # entries
+    text_cache_mb: int = 256
+    max_queue_images: int = 1024  # images waiting for a batch; more gets a 503 "overloaded"
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
 
@@ -52,12 +54,21 @@ class ServeConfig:
             problems.append(f"port must be in 1..65535, got {self.port}")
         if self.max_batch < 1:
             problems.append(f"max_batch must be >= 1, got {self.max_batch}")
+        elif self.limits.max_images > self.max_batch:
+            problems.append(
+                f"max_images ({self.limits.max_images}) must be <= max_batch ({self.max_batch}), "
+                "since a request is never split"
+            )
+        if self.max_queue_images < self.max_batch:
+            problems.append(f"max_queue_images ({self.max_queue_images}) must be >= max_batch ({self.max_batch})")
         if not 0 <= self.max_wait_ms <= 10_000:
             problems.append(f"max_wait_ms must be in 0..10000, got {self.max_wait_ms}")
         if not 0.1 <= self.poll_seconds <= 3600:
             problems.append(f"poll_seconds must be in 0.1..3600, got {self.poll_seconds}")
-        if self.text_cache_size < 0:
-            problems.append(f"text_cache_size must be >= 0, got {self.text_cache_size}")
+        if self.text_cache_size < 0 or self.text_cache_mb < 0:
+            problems.append(
+                f"text_cache_size and text_cache_mb must be >= 0, got {self.text_cache_size}, {self.text_cache_mb}"
+            )
         for name in ("admin_token", "classify_token"):
             token = getattr(self, name)
             if token is not None and len(token) < 16:

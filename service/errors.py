@@ -48,12 +48,19 @@ class UnsupportedMediaType(InvalidRequest):
     code = "unsupported_media_type"
 
 
+class Overloaded(ClipbankError):
+    """More images are waiting than `max_queue_images`: try again shortly."""
+
+    code = "overloaded"
+
+
 # Most specific first: the first matching type decides the status.
 STATUS: tuple[tuple[type[ClipbankError], int], ...] = (
     (Unauthorized, 401),
     (LimitExceeded, 413),
     (UnsupportedMediaType, 415),
     (NotReady, 503),
+    (Overloaded, 503),
     (VersionConflict, 409),
     (TaskNotFound, 404),
     (VersionNotFound, 404),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from model_store.bank import BankSnapshot
+from model_store.inference import TextCache
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -41,6 +42,16 @@ class Metrics:
         )
         self.swap_failures = Counter("clipbank_swap_failures", "bank rebuilds that failed (old bank kept)", registry=r)
         self.queue_images = Gauge("clipbank_queue_images", "images waiting for a batch", registry=r)
+
+    def watch_cache(self, cache: TextCache) -> None:
+        """Text-embedding cache figures, read at scrape time."""
+        for name, doc, read in (
+            ("entries", "entries in the text-embedding cache", lambda: len(cache)),
+            ("bytes", "bytes held by the text-embedding cache", lambda: cache.nbytes),
+            ("hits", "text-embedding cache hits since start", lambda: cache.hits),
+            ("misses", "text-embedding cache misses since start", lambda: cache.misses),
+        ):
+            Gauge(f"clipbank_text_cache_{name}", doc, registry=self.registry).set_function(read)
 
     def observe_bank(self, bank: BankSnapshot, seconds: float | None = None) -> None:
         self.generation.set(bank.generation)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import LimitExceeded, error_response
@@ -36,8 +37,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise LimitExceeded(f"request body passed {seen} bytes; the limit is {name}={limit}")
+                if seen > limit:  # an HTTPException, which FastAPI's own body parsing lets through unchanged
+                    raise HTTPException(413, f"request body passed {seen} bytes; the limit is {name}={limit}")
             return message
 
         await self.app(scope, limited, send)

@@ -6,12 +6,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
+
+import torch
 
 from model_store.backbone import Backbone
 from model_store.bank import BankSnapshot
 from model_store.bundle import Bundle, read_bundle
-from model_store.errors import VersionConflict, VersionNotFound
+from model_store.errors import BundleInvalid
+from model_store.inference import ClassifyItem, classify_batch
 from model_store.loader import BankLoader
 from model_store.store import LocalStore, PutResult
 
@@ -52,21 +55,28 @@ class Registry:
         bank = self.loader.load(self._bank)
         self._bank = bank  # the swap: one reference assignment
         seconds = time.perf_counter() - t0
+        self.loader.trim()
         self.metrics.observe_bank(bank, seconds)
         log.info("bank generation %d: %d tasks, swapped in %.3fs", bank.generation, len(bank.tasks), seconds)
         return bank
 
     def _change(self, overrides: dict[str, Bundle | None], write: Callable[[], T]) -> T:
-        """Check the bank `overrides` would give, write the store, then rebuild from the store and swap."""
-        with self._change_lock:
+        """Check the bank `overrides` would give, write the store, then rebuild from the store and swap.
+
+        The store's lock is held throughout, so no other server's change can slip between check and write.
+        """
+        with self._change_lock, self.store.locked():
             try:
-                self.loader.load(self._bank, overrides)  # raises on anything the new bank could not serve
+                candidate = self.loader.load(self._bank, overrides)  # raises on anything it could not serve
+                trial_run(candidate, [t for t, b in overrides.items() if b is not None])
             except Exception:
                 self.metrics.swap_failures.inc()
                 raise
-            result = write()
-            self._rebuild()
-            return result
+            try:
+                return write()
+            finally:  # also after a failed write, which may have changed part of the store
+                if self.store.generation() != self._bank.generation:
+                    self._rebuild()
 
     def refresh(self) -> bool:
         """Swap in the store's state if another process changed it; True if a new bank was swapped in."""
@@ -89,29 +99,18 @@ class Registry:
     # ------------------------------------------------------------------------------------------- changes
 
     def upload(self, data: bytes, activate: bool = True) -> PutResult:
+        """Validate, store and (by default) activate a bundle. Checked as if activated either way."""
         bundle = read_bundle(data)  # format, schema and integrity, before any lock
-        newest = max((v["version"] for v in self._versions(bundle.task)), default=0)
-        if bundle.version <= newest:  # cheap early answer; store.put checks again under its lock
-            raise VersionConflict(
-                f"task {bundle.task!r} already has version {newest}; a new bundle needs version > {newest}, "
-                f"got {bundle.version}"
-            )
-        overrides = {bundle.task: bundle} if activate else {}
 
         def write() -> PutResult:
-            result = self.store.put(data, activate=activate)
+            result = self.store.put(data, activate=activate, bundle=bundle)
             self.loader.remember(bundle)  # the rebuild then needs no second parse
             return result
 
-        return self._change(overrides, write)
+        return self._change({bundle.task: bundle}, write)
 
     def activate(self, task: str, version: int) -> str:
-        entry = self.store.task(task)
-        found = [v for v in entry["versions"] if v["version"] == version]
-        if not found:
-            have = ", ".join(str(v["version"]) for v in entry["versions"])
-            raise VersionNotFound(f"task {task!r} has no version {version}; stored versions: {have}")
-        bundle = self.loader.bundle(found[0]["bundle_id"])
+        bundle = self.loader.bundle(self.store.version(task, version)["bundle_id"])
         return self._change({task: bundle}, lambda: self.store.activate(task, version))
 
     def deactivate(self, task: str, purge: bool = False) -> int:
@@ -125,5 +124,14 @@ class Registry:
 
         return self._change({task: None}, write)
 
-    def _versions(self, task: str) -> list[dict[str, Any]]:
-        return self.store.index()["tasks"].get(task, {}).get("versions", [])
+
+def trial_run(bank: BankSnapshot, tasks: list[str]) -> None:
+    """Classify one blank image pinned to each task, with its own classes, before the bank may serve."""
+    if not tasks:
+        return
+    size = bank.backbone.image_size
+    blank = torch.zeros(1, 3, size, size)
+    outs = classify_batch(bank, [ClassifyItem(blank, None, task=t) for t in tasks])
+    for task, out in zip(tasks, outs):
+        if isinstance(out, Exception):
+            raise BundleInvalid(f"task {task!r} fails a trial classification: {type(out).__name__}: {out}")

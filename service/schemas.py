@@ -129,6 +129,7 @@ class VersionInfo(BaseModel):
     stored_at: str | None = None
     bytes: int
     experts_added: int
+    classes: list[str] | None = Field(None, description="null for versions stored before classes were indexed")
     metrics: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -149,7 +150,7 @@ class TaskList(BaseModel):
 class ActivateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"version": 1}]})
 
-    version: int = Field(..., ge=1)
+    version: int = Field(..., ge=1, strict=True)
 
 
 class Removed(BaseModel):

@@ -18,6 +18,7 @@ def task_info(registry: Registry, name: str, entry: dict[str, Any]) -> dict[str,
             "stored_at": v.get("stored_at"),
             "bytes": v.get("bytes", 0),
             "experts_added": len(v.get("experts_new", [])),
+            "classes": v.get("classes"),
             "metrics": v.get("metrics") or {},
         }
         for v in entry["versions"]
@@ -26,8 +27,8 @@ def task_info(registry: Registry, name: str, entry: dict[str, Any]) -> dict[str,
     served = next((t for t in bank.tasks if t.name == name), None)
     if served is not None and served.bundle_id == active_id:
         classes, nbytes = list(served.classes), served.nbytes
-    elif active_id is not None:
-        bundle = registry.loader.bundle(active_id)
+    elif active_id is not None:  # active in the store, not yet in this server's bank (another server changed it)
+        bundle = registry.store.load(active_id)  # not through the loader, whose cache holds only what is served
         classes, nbytes = list(bundle.manifest["classes"]), bundle.nbytes
     else:
         classes, nbytes = [], 0

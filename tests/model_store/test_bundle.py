@@ -187,3 +187,15 @@ def test_routing_ids_must_be_ids(bundle_bytes):
 
     with pytest.raises(BundleInvalid, match="routing"):
         read_bundle(_edit(bundle_bytes, manifest=bad))
+
+
+@pytest.mark.parametrize("template", ["a {} of {}", "{x} {}", "{0}{}", "{} {", "no field", "{}}"])
+def test_templates_need_exactly_one_plain_field(bundle_bytes, template):
+    with pytest.raises(BundleInvalid, match="templates"):
+        read_bundle(_edit(bundle_bytes, manifest=lambda m: m.update(templates=["a photo of a {}.", template])))
+
+
+@pytest.mark.parametrize("name", ["auto", "zero-shot"])
+def test_routing_modes_are_not_task_names(bundle_bytes, name):
+    with pytest.raises(BundleInvalid, match="reserved"):
+        read_bundle(_edit(bundle_bytes, manifest=lambda m: m.update(task=name)))

@@ -93,3 +93,22 @@ def test_invalid_items_fail_alone(backbone, bank, kwargs, match):
     out = classify_batch(bank, [bad, good])
     assert isinstance(out[0], InvalidRequest) and match in str(out[0])
     assert len(out[1]) == 1
+
+
+def test_text_cache_is_bounded_in_bytes():
+    cache = TextCache(maxsize=100, max_bytes=10_000)
+    for i in range(10):
+        cache.get_or_compute(("zero-shot", (f"l{i}",), ("t",)), lambda: torch.zeros(4, 256))  # 4 KiB each
+    assert len(cache) == 2 and cache.nbytes <= 10_000
+    assert cache.get_or_compute(("big",), lambda: torch.zeros(10, 1000)).shape == (10, 1000)  # returned, not kept
+    assert len(cache) == 2
+
+
+def test_long_label_lists_are_encoded_in_chunks(backbone, bank):
+    from model_store.inference import TEXT_CHUNK, text_embeddings
+
+    labels = [f"label {i}" for i in range(TEXT_CHUNK + 7)]
+    emb = text_embeddings(bank, -1, labels, ("a photo of a {}.",))
+    assert emb.shape == (len(labels), backbone.embed_dim)
+    one = text_embeddings(bank, -1, labels[-1:], ("a photo of a {}.",))
+    assert torch.allclose(emb[-1], one[0], atol=1e-5)

@@ -142,3 +142,20 @@ def test_concurrent_writers_lose_no_update(tmp_path, backbone):
     store = LocalStore(root)
     assert sorted(store.active()) == [f"task{i}" for i in range(4)]
     assert store.generation() == 4
+
+
+def test_loader_cache_keeps_only_bundles_in_use(tmp_path, backbone, bundles):
+    from model_store.loader import BankLoader
+
+    store = LocalStore(tmp_path)
+    for v in (1, 2):
+        store.put(bundles[v])
+    loader = BankLoader(store, backbone)
+    for v in (1, 2):
+        loader.bundle(store.version("cars", v)["bundle_id"])
+    loader.load()
+    assert loader.trim() == 1  # version 1 is stored but not active
+    store.deactivate("cars")
+    store.purge("cars")
+    loader.load()
+    assert loader.trim() == 1 and loader._bundles == {}

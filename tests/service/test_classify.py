@@ -148,13 +148,46 @@ BAD_INPUTS = [
         "text in images",
         dict(files=_classify_files(), data={"labels": LABELS, "images": "abc"}),
         422,
-        "bad_image",
+        "invalid_request",
         "images",
     ),
     ("bad base64", dict(json={"images": ["!!notbase64!!"], "labels": LABELS}), 422, "bad_image", "base64"),
     ("json not an object", dict(json=["a"]), 422, "invalid_request", "object"),
     ("json missing images", dict(json={"labels": LABELS}), 422, "invalid_request", "images"),
-    ("broken json", dict(content=b"{", headers={"Content-Type": "application/json"}), 422, "bad_image", "JSON"),
+    ("broken json", dict(content=b"{", headers={"Content-Type": "application/json"}), 422, "invalid_request", "JSON"),
+    (
+        "deep json",
+        dict(content=b"[" * 100_000, headers={"Content-Type": "application/json"}),
+        422,
+        "invalid_request",
+        "JSON",
+    ),
+    (
+        "huge int",
+        dict(
+            content=b'{"images": ["a"], "top_k": 1' + b"0" * 5000 + b"}", headers={"Content-Type": "application/json"}
+        ),
+        422,
+        "invalid_request",
+        "JSON",
+    ),
+    (
+        "lone surrogate",
+        dict(
+            content=b'{"images": ["aGVsbG8="], "labels": ["\\ud800", "b"]}',
+            headers={"Content-Type": "application/json"},
+        ),
+        422,
+        "invalid_request",
+        "label 0",
+    ),
+    (
+        "too many json images",
+        dict(json={"images": ["aGVsbG8="] * 5, "labels": LABELS}),
+        413,
+        "limit_exceeded",
+        "max_images",
+    ),
     (
         "wrong content type",
         dict(content=b"abc", headers={"Content-Type": "text/plain"}),
@@ -260,3 +293,15 @@ async def test_images_are_converted_to_rgb(tmp_path, backbone):
         files = [("images", ("g.png", gray)), ("images", ("a.png", rgba))]
         r = await c.post("/classify", files=files, data={"labels": LABELS})
         assert r.status_code == 200 and len(r.json()["results"]) == 2
+
+
+async def test_queue_full_gets_503_overloaded(tmp_path, backbone):
+    limits = Limits(max_images=2)
+    async with running_app(tmp_path, backbone, limits=limits, max_batch=2, max_queue_images=2, max_wait_ms=1000) as c:
+        rs = await asyncio.gather(
+            *[c.post("/classify", files=_classify_files(), data={"labels": LABELS}) for _ in range(5)]
+        )
+        codes = sorted(r.status_code for r in rs)
+        assert codes == [200, 200, 503, 503, 503], [r.text for r in rs]
+        err = next(r.json()["error"] for r in rs if r.status_code == 503)
+        assert err["code"] == "overloaded" and "max_queue_images=2" in err["message"]

@@ -269,3 +269,40 @@ async def test_openapi_documents_every_endpoint_with_examples(tmp_path, backbone
         assert "413" in spec["paths"]["/classify"]["post"]["responses"]
         assert spec["paths"]["/tasks"]["post"]["security"]
         assert (await c.get("/docs")).status_code == 200
+
+
+async def test_upload_without_activation_is_still_checked(tmp_path, backbone):
+    good = random_bundle(empty_bank(backbone), "colours", seed=3)
+    other = _forged(good, lambda t, m: m["backbone"].update(fingerprint="0" * 64))
+    async with running_app(tmp_path, backbone) as c:
+        r = await c.post("/tasks", params={"activate": "false"}, **_upload(other))
+        assert r.status_code == 422 and r.json()["error"]["code"] == "backbone_mismatch"
+        r = await c.post("/tasks", params={"activate": "false"}, **_upload(good))
+        assert r.status_code == 201
+        info = (await c.get("/tasks/colours", headers=AUTH)).json()
+        assert info["active_version"] is None and not info["serving"] and info["classes"] == []
+        assert info["versions"][0]["classes"] == ["red", "blue", "green"]
+        r = await c.post("/tasks/colours/activate", json={"version": True}, headers=AUTH)
+        assert r.status_code == 422  # a boolean is not a version
+
+        async def big():
+            for _ in range(20):
+                yield b" " * 100_000
+
+        r = await c.post("/tasks/colours/activate", content=big(), headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "limit_exceeded"
+
+
+def test_trial_run_refuses_a_task_that_cannot_answer(backbone):
+    import dataclasses
+
+    from model_store.bank import build_bank
+    from model_store.bundle import read_bundle
+    from model_store.errors import BundleInvalid
+    from service.registry import trial_run
+
+    bank = build_bank(backbone, [read_bundle(random_bundle(empty_bank(backbone), "colours", seed=3))])
+    trial_run(bank, ["colours"])
+    broken = dataclasses.replace(bank.tasks[0], templates=("a {} of {}",))
+    with pytest.raises(BundleInvalid, match="trial classification"):
+        trial_run(dataclasses.replace(bank, tasks=(broken,)), ["colours"])
