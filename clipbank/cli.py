@@ -99,6 +99,35 @@ def _store(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    return _bench_cl(args) if args.bench_cmd == "cl" else _bench_service(args)
+
+
+def _bench_cl(args: argparse.Namespace) -> int:
+    from model_store.backbone import load_backbone
+    from training.cl_report import format_markdown, write_cl_report
+    from training.continual import CLConfig, offline_sequence, run_continual
+    from training.data import load_domain
+
+    quick = {"steps": 40, "train_limit": 240, "test_limit": 60} if args.quick else {}
+    steps = args.steps or quick.get("steps", 300)
+    methods = tuple(args.methods.split(",")) if args.methods else CLConfig().methods
+    cfg = CLConfig(steps=steps, methods=methods, seed=args.seed)
+    seq = offline_sequence(
+        args.domains.split(","), quick.get("train_limit"), args.test_limit or quick.get("test_limit")
+    )
+    outside = load_domain(args.outside, "test") if args.outside else None
+    if outside is not None and (args.test_limit or quick.get("test_limit")):
+        outside = outside.subset(range(min(len(outside), args.test_limit or quick["test_limit"])))
+    report = run_continual(load_backbone(args.backbone, args.device), seq, cfg, outside, args.outside or "none")
+    command = "clipbank bench cl " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "clipbank bench cl"
+    if args.out:
+        paths = write_cl_report(report, Path(args.out), command)
+        print("wrote " + ", ".join(str(p) for p in paths))
+    print(format_markdown(report, command))
+    return 0
+
+
+def _bench_service(args: argparse.Namespace) -> int:
     from service.bench import ServiceBenchConfig, TaskSample, bench_service, format_report, write_report
     from training.samples import sample_tasks
 
@@ -224,6 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--max-seconds", type=float, default=30.0, help="seconds per load level (at most)")
     bs.add_argument("--out", help="write report.json and report.md here")
     bs.set_defaults(fn=_bench)
+    bc = bsub.add_parser("cl", help="continual-learning benchmark: accuracy matrix, Transfer/Avg/Last, baselines")
+    bc.add_argument("--quick", action="store_true", help="40 steps and fewer images: about 5 minutes on 2 cores")
+    bc.add_argument("--domains", default="sketches,textures,arrows,digits,glyphs", help="offline domains, in order")
+    bc.add_argument("--outside", default="shapes", help="a domain no task learns (for zero-shot fallback); '' for none")
+    bc.add_argument("--steps", type=int, help="training steps per task for every method (default 300)")
+    bc.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
+    bc.add_argument("--test-limit", type=int, help="at most this many val and test images per domain")
+    bc.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    bc.add_argument("--device", default="auto")
+    bc.add_argument("--seed", type=int, default=0)
+    bc.add_argument("--out", help="write report.json, report.md and PNG plots here")
+    bc.set_defaults(fn=_bench)
 
     dm = sub.add_parser("demo", help="end to end offline: export two domains, train two tasks, route test images")
     dm.add_argument("--workdir", default="./clipbank-demo")

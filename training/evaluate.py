@@ -13,13 +13,23 @@ from model_store.inference import AUTO, ZERO_SHOT, ClassifyItem, TextCache, clas
 from .data import LabelledImages
 
 
-def _accuracy_and_routes(
-    bank: BankSnapshot, data: LabelledImages, task: str, cache: TextCache, batch: int = 128
+def accuracy_and_routes(
+    bank: BankSnapshot,
+    data: LabelledImages,
+    task: str,
+    cache: TextCache,
+    batch: int = 128,
+    route: str = "per-image",
 ) -> tuple[float, Counter]:
+    """Accuracy over `data.classes` as the server would answer, and how many images went to each route.
+
+    With `route="per-request"`, each batch of `batch` images is routed as one (the paper's per-batch DDAS).
+    """
     correct, routes = 0, Counter()
     for s in range(0, len(data), batch):
         x = torch.stack([bank.backbone.preprocess(im) for im in data.images[s : s + batch]])
-        (results,) = classify_batch(bank, [ClassifyItem(x, tuple(data.classes), task=task, top_k=1)], cache)
+        item = ClassifyItem(x, tuple(data.classes), task=task, route=route, top_k=1)
+        (results,) = classify_batch(bank, [item], cache)
         if isinstance(results, Exception):
             raise results
         for r, y in zip(results, data.labels[s : s + batch]):
@@ -33,8 +43,8 @@ def route_report(bank: BankSnapshot, sets: dict[str, LabelledImages]) -> dict[st
     cache = TextCache()
     out = {}
     for name, data in sets.items():
-        zs, _ = _accuracy_and_routes(bank, data, ZERO_SHOT, cache)
-        auto, routes = _accuracy_and_routes(bank, data, AUTO, cache)
+        zs, _ = accuracy_and_routes(bank, data, ZERO_SHOT, cache)
+        auto, routes = accuracy_and_routes(bank, data, AUTO, cache)
         out[name] = {
             "images": len(data),
             "zero_shot_accuracy": zs,

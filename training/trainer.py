@@ -205,7 +205,7 @@ def _train_loop(
 
 
 @torch.no_grad()
-def _frozen_features(backbone: Backbone, data: LabelledImages) -> torch.Tensor:
+def frozen_features(backbone: Backbone, data: LabelledImages) -> torch.Tensor:
     return torch.cat(
         [encode_image(backbone.model, x) for x, _ in _batches(data, backbone.preprocess, 128, backbone.device)]
     ).cpu()
@@ -257,7 +257,7 @@ def train_task(
     counts = ActivationCounts()
     evaluate(bank, params, fit, cfg.template, counts)
     accuracy = evaluate(bank, params, val, cfg.template)
-    selector = fit_selector(_frozen_features(bb, fit), _frozen_features(bb, val), cfg.selector)
+    selector = fit_selector(frozen_features(bb, fit), frozen_features(bb, val), cfg.selector)
     experts, routing, routers = _publish(bank, params)
     report = {
         "config": _jsonable(asdict(cfg)),

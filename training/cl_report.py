@@ -1,0 +1,125 @@
+"""Write a continual-learning report: report.json, report.md, and the plots people would rather look at."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on a server
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from model_store.inference import ZERO_SHOT  # noqa: E402
+
+
+def format_markdown(report: dict[str, Any], command: str | None = None) -> str:
+    doms = report["domains"]
+    lines = ["# Continual-learning benchmark", ""]
+    if command:
+        lines += ["    " + command, ""]
+    lines += [
+        f"Domains in order: {', '.join(doms)}; outside domain: {report.get('outside') or 'none'}; "
+        f"{report['config']['steps']} steps per task; backbone {report['backbone']['arch']}.",
+        "",
+        "| method | Transfer | Avg | Last | forgetting (points) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for m, r in report["methods"].items():
+        lines.append(f"| `{m}` | {r['transfer']:.1f} | {r['avg']:.1f} | {r['last']:.1f} | {r['forgetting']:.1f} |")
+    routing = report.get("routing") or {}
+    if routing:
+        lines += ["", f"Routing (moe-ddas, per image): task_accuracy {routing['task_accuracy']:.3f}"]
+        if "zero_shot_fallback" in routing:
+            lines[-1] += f", zero_shot_fallback {routing['zero_shot_fallback']:.3f}"
+        lines += ["", "| method | task_accuracy | zero_shot_fallback |", "| --- | --- | --- |"]
+        for m, r in report.get("routing_by_method", {}).items():
+            fb = r.get("zero_shot_fallback")
+            lines.append(f"| `{m}` | {r['task_accuracy']:.3f} | {'' if fb is None else f'{fb:.3f}'} |")
+    lines += ["", "Accuracy matrices (rows: after training task t; columns: test domain i; %):"]
+    for m, r in report["methods"].items():
+        lines += ["", f"`{m}`", "", "| after \\ on | " + " | ".join(doms) + " |", "|---" * (len(doms) + 1) + "|"]
+        for t, row in enumerate(r["matrix"]):
+            lines.append(f"| {doms[t]} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |")
+    lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot_matrices(report: dict[str, Any], path: Path) -> None:
+    methods = list(report["methods"])
+    doms = report["domains"]
+    cols = min(4, len(methods))
+    rows = (len(methods) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(methods) :]:
+        ax.axis("off")
+    for ax, m in zip(axes.flat, methods):
+        a = np.asarray(report["methods"][m]["matrix"]) * 100
+        ax.imshow(a, vmin=0, vmax=100, cmap="viridis")
+        for (t, i), v in np.ndenumerate(a):
+            ax.text(i, t, f"{v:.0f}", ha="center", va="center", color="white" if v < 60 else "black", fontsize=7)
+        ax.set_title(m, fontsize=9)
+        ax.set_xticks(range(len(doms)), doms, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(doms)), doms, fontsize=7)
+    fig.suptitle("accuracy A[t, i] (%): row = after task t, column = test domain i")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_routing(report: dict[str, Any], path: Path, method: str = "moe-ddas") -> None:
+    per = report["routing_by_method"][method]["per_domain"]
+    rows = list(per)
+    cols = [*report["domains"], ZERO_SHOT]
+    a = np.array([[per[r].get(c, 0.0) for c in cols] for r in rows]) * 100
+    fig, ax = plt.subplots(figsize=(1.0 * len(cols) + 2, 0.6 * len(rows) + 1.8))
+    ax.imshow(a, vmin=0, vmax=100, cmap="Blues")
+    for (r, c), v in np.ndenumerate(a):
+        ax.text(c, r, f"{v:.0f}", ha="center", va="center", color="white" if v > 60 else "black", fontsize=8)
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("routed to")
+    ax.set_ylabel("test images of")
+    ax.set_title(f"routing (%), {method}, final bank")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_over_time(report: dict[str, Any], path: Path) -> None:
+    methods = list(report["methods"])
+    doms = report["domains"]
+    cols = min(4, len(methods))
+    rows = (len(methods) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(methods) :]:
+        ax.axis("off")
+    for ax, m in zip(axes.flat, methods):
+        a = np.asarray(report["methods"][m]["matrix"]) * 100
+        for i, d in enumerate(doms):
+            ax.plot(range(i, len(doms)), a[i:, i], marker="o", ms=3, label=d)
+        ax.set_title(m, fontsize=9)
+        ax.set_xticks(range(len(doms)), [f"t{t}" for t in range(len(doms))], fontsize=7)
+        ax.set_ylim(0, 100)
+    axes.flat[0].legend(fontsize=6, loc="lower left")
+    fig.suptitle("each task's accuracy (%) from when it is learned to the end")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_cl_report(report: dict[str, Any], out: Path, command: str | None = None) -> list[Path]:
+    """report.json, report.md, accuracy_matrices.png, routing.png, accuracy_over_time.png; returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "report.json", out / "report.md", out / "accuracy_matrices.png", out / "accuracy_over_time.png"]
+    paths[0].write_text(json.dumps(report, indent=2))
+    paths[1].write_text(format_markdown(report, command))
+    plot_matrices(report, paths[2])
+    plot_over_time(report, paths[3])
+    if "moe-ddas" in report.get("routing_by_method", {}):
+        paths.append(out / "routing.png")
+        plot_routing(report, paths[-1])
+    return paths
