@@ -102,16 +102,44 @@ def _bench(args: argparse.Namespace) -> int:
     return _bench_cl(args) if args.bench_cmd == "cl" else _bench_service(args)
 
 
+def _bench_protocol(args: argparse.Namespace) -> int:
+    from model_store.backbone import load_backbone
+    from training.cl_report import format_markdown, write_cl_report
+    from training.continual import CLConfig
+    from training.protocols import CIFAR_STEPS, run_cifar_incremental, run_mtil
+
+    if not args.data_root:
+        raise SystemExit("clipbank bench cl: --protocol needs --data-root DIR")
+    methods = tuple(args.methods.split(",")) if args.methods else CLConfig().methods
+    cfg = CLConfig(steps=args.steps or 1000, methods=methods, seed=args.seed)
+    backbone = load_backbone(args.backbone, args.device)
+    if args.protocol in CIFAR_STEPS:
+        report = run_cifar_incremental(backbone, args.data_root, args.protocol, cfg, args.limit)
+        text = json.dumps({k: v for k, v in report.items() if k != "steps"}, indent=2)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2))
+        print(text)
+        return 0
+    report = run_mtil(backbone, args.data_root, args.protocol, cfg, args.limit)
+    if args.out:
+        write_cl_report(report, Path(args.out), "clipbank bench cl " + " ".join(sys.argv[3:]))
+    print(format_markdown(report))
+    return 0
+
+
 def _bench_cl(args: argparse.Namespace) -> int:
     from model_store.backbone import load_backbone
     from training.cl_report import format_markdown, write_cl_report
     from training.continual import CLConfig, offline_sequence, run_continual
     from training.data import load_domain
 
-    quick = {"steps": 40, "train_limit": 240, "test_limit": 60} if args.quick else {}
+    if args.protocol:
+        return _bench_protocol(args)
+    quick = {"steps": 80, "batch_size": 32, "train_limit": 240, "test_limit": 60} if args.quick else {}
     steps = args.steps or quick.get("steps", 300)
     methods = tuple(args.methods.split(",")) if args.methods else CLConfig().methods
-    cfg = CLConfig(steps=steps, methods=methods, seed=args.seed)
+    cfg = CLConfig(steps=steps, batch_size=quick.get("batch_size", 64), methods=methods, seed=args.seed)
     seq = offline_sequence(
         args.domains.split(","), quick.get("train_limit"), args.test_limit or quick.get("test_limit")
     )
@@ -254,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--out", help="write report.json and report.md here")
     bs.set_defaults(fn=_bench)
     bc = bsub.add_parser("cl", help="continual-learning benchmark: accuracy matrix, Transfer/Avg/Last, baselines")
-    bc.add_argument("--quick", action="store_true", help="40 steps and fewer images: about 5 minutes on 2 cores")
+    bc.add_argument("--quick", action="store_true", help="80 steps of 32, fewer images: about 5 minutes on 2 cores")
     bc.add_argument("--domains", default="sketches,textures,arrows,digits,glyphs", help="offline domains, in order")
     bc.add_argument("--outside", default="shapes", help="a domain no task learns (for zero-shot fallback); '' for none")
     bc.add_argument("--steps", type=int, help="training steps per task for every method (default 300)")
@@ -264,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--device", default="auto")
     bc.add_argument("--seed", type=int, default=0)
     bc.add_argument("--out", help="write report.json, report.md and PNG plots here")
+    bc.add_argument(
+        "--protocol",
+        choices=["mtil-1", "mtil-2", "cifar100-10", "cifar100-20", "cifar100-50"],
+        help="a real protocol on --data-root instead of the offline domains (use --backbone ViT-B-16:openai)",
+    )
+    bc.add_argument("--data-root", help="ROOT/<dataset>/{train,test}/<class>/ folders, or torchvision data")
+    bc.add_argument("--limit", type=int, help="at most this many images per class (a dry run)")
     bc.set_defaults(fn=_bench)
 
     dm = sub.add_parser("demo", help="end to end offline: export two domains, train two tasks, route test images")

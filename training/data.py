@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,11 +12,35 @@ from PIL import Image
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+class LazyImages(Sequence):
+    """Images read from disk (or any source) only when indexed, so large datasets need not fit in memory."""
+
+    def __init__(self, sources: Sequence, read: Callable[[object], Image.Image]) -> None:
+        self.sources = list(sources)
+        self.read = read
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.read(s) for s in self.sources[i]]
+        return self.read(self.sources[i])
+
+    def take(self, idx) -> LazyImages:
+        return LazyImages([self.sources[i] for i in idx], self.read)
+
+
+def read_rgb(path: object) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
 @dataclass(frozen=True)
 class LabelledImages:
     """Images with integer labels into `classes`."""
 
-    images: list[Image.Image]
+    images: Sequence[Image.Image]  # a list, or LazyImages
     labels: list[int]
     classes: tuple[str, ...]
 
@@ -23,7 +48,21 @@ class LabelledImages:
         return len(self.images)
 
     def subset(self, idx) -> LabelledImages:
-        return LabelledImages([self.images[i] for i in idx], [self.labels[i] for i in idx], self.classes)
+        idx = list(idx)
+        images = self.images.take(idx) if isinstance(self.images, LazyImages) else [self.images[i] for i in idx]
+        return LabelledImages(images, [self.labels[i] for i in idx], self.classes)
+
+    def per_class(self, limit: int | None) -> LabelledImages:
+        """At most `limit` images of each class (the first ones), for dry runs."""
+        if limit is None:
+            return self
+        seen: dict[int, int] = {}
+        keep = []
+        for i, y in enumerate(self.labels):
+            if seen.get(y, 0) < limit:
+                seen[y] = seen.get(y, 0) + 1
+                keep.append(i)
+        return self.subset(keep)
 
     def with_classes(self, classes: tuple[str, ...]) -> LabelledImages:
         """The same images labelled into `classes`, which must contain every class of this set."""
@@ -51,8 +90,11 @@ def class_name(folder: str) -> str:
     return folder.replace("_", " ")
 
 
-def load_image_folder(root: str | Path, classes: tuple[str, ...] | None = None) -> LabelledImages:
-    """Read `root/<class>/*.png|jpg|...` eagerly as RGB. With `classes`, folders must name exactly those."""
+def load_image_folder(root: str | Path, classes: tuple[str, ...] | None = None, lazy: bool = False) -> LabelledImages:
+    """Read `root/<class>/*.png|jpg|...` as RGB (eagerly, or on access with `lazy`).
+
+    With `classes`, folders must name exactly those.
+    """
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"image folder {root} does not exist")
@@ -65,15 +107,14 @@ def load_image_folder(root: str | Path, classes: tuple[str, ...] | None = None) 
     if classes is not None and set(found) != set(classes):
         raise ValueError(f"{root} has classes {list(found)}, expected {list(classes)}")
     classes = classes or found
-    images, labels = [], []
+    paths, labels = [], []
     for p in folders:
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        for f in files:
-            with Image.open(f) as im:
-                images.append(im.convert("RGB"))
-            labels.append(classes.index(class_name(p.name)))
-    if not images:
+        paths += files
+        labels += [classes.index(class_name(p.name))] * len(files)
+    if not paths:
         raise ValueError(f"image folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    images = LazyImages(paths, read_rgb) if lazy else [read_rgb(f) for f in paths]
     return LabelledImages(images, labels, classes)
 
 

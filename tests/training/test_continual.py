@@ -1,0 +1,99 @@
+"""The continual-learning benchmark: metrics by hand, a tiny offline run end to end, and the real-protocol
+harness on generated stand-in folders (the real datasets never reach this machine)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipbank.cli import main
+from training.continual import BATCH_ROUTED, METHODS, CLConfig, cl_metrics, offline_sequence, run_continual
+from training.data import load_domain
+from training.protocols import MTIL_ORDER_I, MTIL_ORDER_II, class_order
+
+
+def test_metrics_match_their_definitions():
+    a = [[0.5, 0.2, 0.1], [0.4, 0.9, 0.3], [0.45, 0.6, 0.8]]
+    m = cl_metrics(a)
+    assert m["transfer"] == pytest.approx(100 * np.mean([0.2, np.mean([0.1, 0.3])]))
+    assert m["avg"] == pytest.approx(100 * np.mean(a), abs=0.01)
+    assert m["last"] == pytest.approx(100 * np.mean([0.45, 0.6, 0.8]), abs=0.01)
+    assert m["forgetting"] == pytest.approx(30.0)  # task 1: best 0.9, final 0.6
+
+
+def test_orders_hold_the_same_eleven_datasets():
+    assert len(MTIL_ORDER_I) == 11 and sorted(MTIL_ORDER_I) == sorted(MTIL_ORDER_II)
+    assert sorted(class_order(100)) == list(range(100)) and class_order(100)[:3] == class_order(100)[:3]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(backbone):
+    seq = offline_sequence(("arrows", "digits"), train_limit=64, test_limit=24)
+    outside = load_domain("shapes", "test").subset(range(24))
+    cfg = CLConfig(steps=3, batch_size=16)
+    return run_continual(backbone, seq, cfg, outside, "shapes", progress=False)
+
+
+def test_report_has_every_method_and_routing(tiny_run):
+    assert tiny_run["domains"] == ["arrows", "digits"]
+    assert set(tiny_run["methods"]) == {*METHODS, BATCH_ROUTED}
+    for r in tiny_run["methods"].values():
+        assert np.asarray(r["matrix"]).shape == (2, 2)
+        assert {"transfer", "avg", "last", "forgetting"} <= set(r)
+    routing = tiny_run["routing"]
+    assert 0 <= routing["task_accuracy"] <= 1 and 0 <= routing["zero_shot_fallback"] <= 1
+    assert set(routing["per_domain"]) == {"arrows", "digits", "shapes"}
+    for fractions in routing["per_domain"].values():
+        assert sum(fractions.values()) == pytest.approx(1.0)
+
+
+def test_moe_never_forgets_and_oracle_sends_unseen_tasks_to_zero_shot(tiny_run):
+    oracle = tiny_run["methods"]["moe-oracle"]["matrix"]
+    assert oracle[0][0] == oracle[1][0]  # published experts never change: bit-identical answers
+    assert oracle[0][1] == tiny_run["methods"]["zero-shot"]["matrix"][0][1]
+    assert tiny_run["methods"]["moe-oracle"]["forgetting"] == 0.0
+
+
+def test_report_files(tiny_run, tmp_path):
+    from training.cl_report import write_cl_report
+
+    paths = write_cl_report(tiny_run, tmp_path, "clipbank bench cl --test")
+    assert {p.name for p in paths} == {
+        "report.json", "report.md", "accuracy_matrices.png", "accuracy_over_time.png", "routing.png",
+    }  # fmt: skip
+    for p in paths:
+        assert p.stat().st_size > 100
+    assert json.loads((tmp_path / "report.json").read_text())["domains"] == ["arrows", "digits"]
+    md = (tmp_path / "report.md").read_text()
+    assert "| `moe-ddas` |" in md and "task_accuracy" in md
+
+
+def _stand_in(root, name: str, classes: int, per_class: int = 3) -> None:
+    rng = np.random.default_rng(len(name))
+    for split in ("train", "test"):
+        for c in range(classes):
+            folder = root / name / split / f"{name}_class_{c}"
+            folder.mkdir(parents=True)
+            for k in range(per_class):
+                colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+                Image.new("RGB", (24 + k, 20), colour).save(folder / f"{k}.png")
+
+
+@pytest.mark.parametrize("protocol", ["mtil-1", "cifar100-10"])
+def test_protocol_dry_run_on_stand_in_folders(tmp_path, protocol, capsys):
+    for name in MTIL_ORDER_I:
+        _stand_in(tmp_path / "data", name, 20 if name == "cifar100" else 2)
+    args = ["bench", "cl", "--protocol", protocol, "--data-root", str(tmp_path / "data"), "--limit", "2"]
+    args += ["--steps", "2", "--methods", "zero-shot,moe-ddas,finetune", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["protocol"] == protocol
+    if protocol == "mtil-1":
+        assert report["domains"] == list(MTIL_ORDER_I)
+        assert np.asarray(report["methods"]["moe-ddas"]["matrix"]).shape == (11, 11)
+    else:
+        assert [s["classes"] for s in report["steps"]] == list(range(2, 21, 2))
+        assert 0 <= report["last"] <= 100 and 0 <= report["avg"] <= 100

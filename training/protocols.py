@@ -1,0 +1,172 @@
+"""The real protocols on user-provided data: MTIL (order I and II) and CIFAR-100 class-incremental.
+
+Data comes from folders, `ROOT/<dataset>/{train,test}/<class>/*`, or from torchvision's dataset classes with
+`download=False` (nothing is fetched). Images are read lazily, so a full MTIL run need not fit in memory.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from model_store.backbone import Backbone
+from model_store.bank import build_bank, empty_bank
+from model_store.bundle import read_bundle
+from model_store.inference import AUTO, TextCache
+
+from .continual import CLConfig, Domain, run_continual
+from .data import LabelledImages, LazyImages, load_image_folder
+from .evaluate import accuracy_and_routes
+from .trainer import TrainConfig, train_task
+
+MTIL_ORDER_I = (
+    "aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers", "food", "mnist", "pets", "cars", "sun397",
+)  # fmt: skip
+MTIL_ORDER_II = (
+    "cars", "food", "mnist", "pets", "flowers", "sun397", "aircraft", "caltech101", "dtd", "eurosat", "cifar100",
+)  # fmt: skip
+PROTOCOLS = {"mtil-1": MTIL_ORDER_I, "mtil-2": MTIL_ORDER_II}
+CIFAR_STEPS = {"cifar100-10": 10, "cifar100-20": 20, "cifar100-50": 50}
+CLASS_ORDER_SEED = 1993  # the class order of iCaRL and the MoE-Adapters paper
+
+# torchvision class, and how to ask it for train and test (datasets with no split get a fixed 80/20 one)
+TORCHVISION = {
+    "aircraft": ("FGVCAircraft", {"split": "trainval"}, {"split": "test"}),
+    "caltech101": ("Caltech101", None, None),
+    "cifar100": ("CIFAR100", {"train": True}, {"train": False}),
+    "dtd": ("DTD", {"split": "train"}, {"split": "test"}),
+    "eurosat": ("EuroSAT", None, None),
+    "flowers": ("Flowers102", {"split": "train"}, {"split": "test"}),
+    "food": ("Food101", {"split": "train"}, {"split": "test"}),
+    "mnist": ("MNIST", {"train": True}, {"train": False}),
+    "pets": ("OxfordIIITPet", {"split": "trainval"}, {"split": "test"}),
+    "cars": ("StanfordCars", {"split": "train"}, {"split": "test"}),
+    "sun397": ("SUN397", None, None),
+}
+
+
+def _from_folder(root: Path, name: str) -> tuple[LabelledImages, LabelledImages]:
+    train = load_image_folder(root / name / "train", lazy=True)
+    return train, load_image_folder(root / name / "test", train.classes, lazy=True)
+
+
+def _torchvision(root: Path, name: str) -> tuple[LabelledImages, LabelledImages]:
+    import torchvision.datasets as tvd
+
+    cls_name, train_kw, test_kw = TORCHVISION[name]
+    cls = getattr(tvd, cls_name)
+
+    def wrap(ds: Any, idx: Sequence[int]) -> LabelledImages:
+        classes = getattr(ds, "classes", None) or getattr(ds, "categories", None)
+        if classes is None:
+            raise ValueError(f"torchvision {cls_name} has no class names; use the folder layout for {name}")
+        labels = _labels_of(ds, idx)
+        images = LazyImages(list(idx), lambda i: ds[i][0].convert("RGB"))
+        return LabelledImages(images, labels, tuple(str(c).replace("_", " ") for c in classes))
+
+    try:
+        if train_kw is None:  # one pool: a fixed 80/20 split by index
+            ds = cls(str(root), download=False)
+            test_idx = [i for i in range(len(ds)) if zlib.crc32(f"{name}{i}".encode()) % 5 == 0]
+            held = set(test_idx)
+            return wrap(ds, [i for i in range(len(ds)) if i not in held]), wrap(ds, test_idx)
+        train, test = cls(str(root), download=False, **train_kw), cls(str(root), download=False, **test_kw)
+    except (RuntimeError, FileNotFoundError) as e:
+        raise FileNotFoundError(
+            f"{name}: neither {root / name}/train and /test folders nor torchvision {cls_name} data under {root} "
+            f"({e}); nothing is downloaded"
+        ) from None
+    return wrap(train, range(len(train))), wrap(test, range(len(test)))
+
+
+def _labels_of(ds: Any, idx: Sequence[int]) -> list[int]:
+    """Labels without decoding images, from whichever attribute this torchvision class keeps them in."""
+    for attr in ("targets", "_labels", "y"):
+        if hasattr(ds, attr):
+            return [int(getattr(ds, attr)[i]) for i in idx]
+    if hasattr(ds, "_samples"):
+        return [int(ds._samples[i][1]) for i in idx]
+    return [int(ds[i][1]) for i in idx]  # slow: reads every image once
+
+
+def load_dataset(root: str | Path, name: str, limit: int | None = None) -> tuple[LabelledImages, LabelledImages]:
+    """(train, test) of one dataset; `limit` keeps at most that many images per class (dry runs)."""
+    root = Path(root)
+    train, test = _from_folder(root, name) if (root / name / "train").is_dir() else _torchvision(root, name)
+    return train.per_class(limit), test.per_class(limit)
+
+
+def mtil_sequence(root: str | Path, protocol: str, limit: int | None = None, val_fraction: float = 0.1) -> list[Domain]:
+    """The 11 MTIL datasets in the protocol's order; validation is held out of each train split."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join([*PROTOCOLS, *CIFAR_STEPS])}")
+    seq = []
+    for name in tqdm(PROTOCOLS[protocol], desc="index datasets", unit="dataset"):
+        train, test = load_dataset(root, name, limit)
+        fit, val = train.holdout(val_fraction)
+        seq.append(Domain(name, fit, val, test))
+    return seq
+
+
+def run_mtil(backbone: Backbone, root: str | Path, protocol: str, cfg: CLConfig, limit: int | None = None) -> dict:
+    return {"protocol": protocol, **run_continual(backbone, mtil_sequence(root, protocol, limit), cfg)}
+
+
+# ----------------------------------------------------------------------------------------------- CIFAR-100
+
+
+def class_order(n: int, seed: int = CLASS_ORDER_SEED) -> list[int]:
+    return np.random.RandomState(seed).permutation(n).tolist()
+
+
+def run_cifar_incremental(
+    backbone: Backbone, root: str | Path, protocol: str, cfg: CLConfig, limit: int | None = None
+) -> dict[str, Any]:
+    """CIFAR-100 in N steps: version k of task `cifar100` learns the k-th group of classes on top of version
+    k-1 and answers over every class seen so far; it is evaluated on the test images of all of them."""
+    if protocol not in CIFAR_STEPS:
+        raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(CIFAR_STEPS)}")
+    train, test = load_dataset(root, "cifar100", limit)
+    order = class_order(len(train.classes))
+    groups = np.array_split(np.array(order), CIFAR_STEPS[protocol])
+    bank, bundles, seen, rows = empty_bank(backbone), [], [], []
+    start = time.perf_counter()
+    for k, group in enumerate(tqdm(groups, desc=protocol, unit="step")):
+        seen += [int(c) for c in group]
+        classes = tuple(train.classes[c] for c in seen)
+        step_train = _relabel(train, set(int(c) for c in group), classes)
+        step_test = _relabel(test, set(seen), classes)
+        fit, val = step_train.holdout(0.1)
+        tcfg = TrainConfig(task="cifar100", steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed + k)
+        parent = read_bundle(bundles[-1]).id if bundles else None
+        result = train_task(bank, fit, tcfg, val, version=k + 1, parent=parent, progress=False)
+        bundles.append(result.bundle)
+        parsed = [read_bundle(b) for b in bundles]
+        bank = build_bank(backbone, parsed[-1:], providers=parsed[:-1], previous=bank)
+        cache = TextCache()
+        pinned = accuracy_and_routes(bank, step_test, "cifar100", cache)[0]
+        auto = accuracy_and_routes(bank, step_test, AUTO, cache)[0]
+        rows.append({"step": k + 1, "classes": len(classes), "accuracy": pinned, "auto_accuracy": auto})
+    acc = [r["accuracy"] for r in rows]
+    return {
+        "protocol": protocol,
+        "backbone": backbone.describe(),
+        "steps": rows,
+        "avg": round(100 * float(np.mean(acc)), 2),
+        "last": round(100 * acc[-1], 2),
+        "auto_avg": round(100 * float(np.mean([r["auto_accuracy"] for r in rows])), 2),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def _relabel(data: LabelledImages, keep: set[int], classes: tuple[str, ...]) -> LabelledImages:
+    """The images of classes `keep`, labelled by position in `classes` (the classes seen so far)."""
+    idx = [i for i, y in enumerate(data.labels) if y in keep]
+    sub = data.subset(idx)
+    return LabelledImages(sub.images, [classes.index(data.classes[y]) for y in sub.labels], classes)
