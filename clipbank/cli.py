@@ -203,8 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="peak learning rate (default: 1e-2 for narrow backbones such as tiny, else 1e-3)",
     )
     t.add_argument("--new-experts", type=int, default=2, help="new experts per block and tower")
-    t.add_argument("--warm-start-steps", type=int, default=0, help="ATLAS stage 1: router-only steps first")
-    t.add_argument("--selector", default="autoencoder", choices=["autoencoder", "gaussian"])
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
     t.add_argument("--no-activate", action="store_true", help="store the bundle without making it active")

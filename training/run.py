@@ -10,7 +10,6 @@ from model_store.backbone import load_backbone
 from model_store.bank import empty_bank
 from model_store.errors import TaskNotFound
 from model_store.loader import BankLoader
-from model_store.selector import SelectorConfig
 from model_store.store import LocalStore, atomic_write
 
 from .data import load_image_folder
@@ -30,8 +29,6 @@ class TrainJob:
     lr: float | None = None
     new_experts: int = 2
     seed: int = 0
-    warm_start_steps: int = 0
-    selector: str = "autoencoder"
     device: str = "auto"
     activate: bool = True
     progress: bool = True
@@ -46,8 +43,6 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         lr=job.lr,
         new_experts=job.new_experts,
         seed=job.seed,
-        warm_start_steps=job.warm_start_steps,
-        selector=SelectorConfig(kind=job.selector),
     )
     train = load_image_folder(job.data)
     val = load_image_folder(job.val, train.classes) if job.val else None
