@@ -112,7 +112,7 @@ def _bench_protocol(args: argparse.Namespace) -> int:
         raise SystemExit("clipbank bench cl: --protocol needs --data-root DIR")
     methods = tuple(args.methods.split(",")) if args.methods else CLConfig().methods
     cfg = CLConfig(steps=args.steps or 1000, methods=methods, seed=args.seed)
-    backbone = load_backbone(args.backbone, args.device)
+    backbone = load_backbone(args.backbone or "ViT-B-16:openai", args.device)
     if args.protocol in CIFAR_STEPS:
         report = run_cifar_incremental(backbone, args.data_root, args.protocol, cfg, args.limit)
         text = json.dumps({k: v for k, v in report.items() if k != "steps"}, indent=2)
@@ -146,7 +146,8 @@ def _bench_cl(args: argparse.Namespace) -> int:
     outside = load_domain(args.outside, "test") if args.outside else None
     if outside is not None and (args.test_limit or quick.get("test_limit")):
         outside = outside.subset(range(min(len(outside), args.test_limit or quick["test_limit"])))
-    report = run_continual(load_backbone(args.backbone, args.device), seq, cfg, outside, args.outside or "none")
+    backbone = load_backbone(args.backbone or DEFAULT_BACKBONE, args.device)
+    report = run_continual(backbone, seq, cfg, outside, args.outside or "none")
     command = "clipbank bench cl " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "clipbank bench cl"
     if args.out:
         paths = write_cl_report(report, Path(args.out), command)
@@ -286,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--steps", type=int, help="training steps per task for every method (default 300)")
     bc.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     bc.add_argument("--test-limit", type=int, help="at most this many val and test images per domain")
-    bc.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    bc.add_argument("--backbone", help="default: tiny offline, ViT-B-16:openai for --protocol")
     bc.add_argument("--device", default="auto")
     bc.add_argument("--seed", type=int, default=0)
     bc.add_argument("--out", help="write report.json, report.md and PNG plots here")

@@ -127,13 +127,21 @@ def pack_bundle(
     return data
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
+def _refuse_other_formats(data: bytes) -> None:
+    """Name the format of a file that is not safetensors, when its magic bytes say what it is."""
     for magic, what in REFUSED_MAGIC.items():
         if data.startswith(magic):
             raise BundleFormatError(f"bundle is {what}; only .safetensors bundles are accepted (no pickle)")
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
     if len(data) < 8:
+        _refuse_other_formats(data)
         raise BundleFormatError(f"bundle is {len(data)} bytes, too short to be a safetensors file")
     (n,) = struct.unpack("<Q", data[:8])
+    # The structure decides, not the first byte: a safetensors header of length 128 + 256k starts with 0x80 too.
+    if n > min(len(data) - 8, MAX_HEADER_BYTES) or data[8:9] != b"{":
+        _refuse_other_formats(data)
     if n > min(len(data) - 8, MAX_HEADER_BYTES):
         raise BundleFormatError(f"not a safetensors file: header length {n} exceeds the file ({len(data)} bytes)")
     try:

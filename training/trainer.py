@@ -38,6 +38,7 @@ class TrainConfig:
     label_smoothing: float = 0.2
     template: str = "a photo of a {}."
     warm_start_steps: int = 0  # ATLAS stage 1: router-only steps over the existing experts
+    new_first: float = 3.0  # the router starts preferring the new experts by this logit margin (0: zero init)
     val_fraction: float = 0.2  # held out of the training set when no validation set is given
     seed: int = 0
     rank: int = 64  # of the new experts; top-k, scale, dropout and noise are the bank's MoEConfig
@@ -49,6 +50,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "new_experts", "rank"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.new_first < 0:
+            problems.append(f"new_first must be >= 0, got {self.new_first}")
         if self.lr is not None and self.lr <= 0:
             problems.append(f"lr must be > 0, got {self.lr}")
         if not template_ok(self.template):
@@ -65,6 +68,17 @@ class TrainConfig:
 class TrainResult:
     bundle: bytes
     report: dict[str, Any]
+
+
+class _StreamProbe:
+    """Stands in for a Routing: records each block's mean token-0 stream and adds nothing (the frozen pass)."""
+
+    def __init__(self) -> None:
+        self.means: dict[tuple[str, int], torch.Tensor] = {}
+
+    def branch(self, tower: str, block: int, h: torch.Tensor) -> torch.Tensor:
+        self.means[(tower, block)] = h[:, 0].mean(0)
+        return torch.zeros_like(h)
 
 
 class _TaskParams(torch.nn.Module):
@@ -88,6 +102,20 @@ class _TaskParams(torch.nn.Module):
                 self.noise[f"{tower}_{i}"] = torch.nn.Parameter(torch.zeros(n, spec.width))
         self.expert_params = torch.nn.ParameterList(params)
         self.to(bank.backbone.device)
+
+    def prefer_new(self, bank: BankSnapshot, data: LabelledImages, cfg: TrainConfig) -> None:
+        """Set the new experts' router rows so that, on the task's mean token-0 stream, they score
+        `cfg.new_first` above the bank's experts (which score 0). Training then starts on the new experts
+        instead of spending its first steps on frozen ones, and may still bring old ones in."""
+        bb = bank.backbone
+        probe = _StreamProbe()
+        with torch.no_grad():
+            x = torch.stack([bb.preprocess(im) for im in data.images[:128]]).to(bb.device)
+            encode_image(bb.model, x, probe)
+            encode_text(bb.model, bb.tokenizer([cfg.template.format(c) for c in data.classes]).to(bb.device), probe)
+            for (tower, block), m in probe.means.items():
+                w = self.router[f"{tower}_{block}"]
+                w[-cfg.new_experts :] = cfg.new_first * m / m.dot(m).clamp_min(1e-6)
 
     def routing(
         self, bank: BankSnapshot, n: int, training: bool, stage1: bool = False, counts: ActivationCounts | None = None
@@ -252,6 +280,8 @@ def train_task(
     t0 = time.time()
     zero_shot = evaluate(bank, None, val, cfg.template)
     params = _TaskParams(bank, cfg, g)
+    if cfg.new_first > 0:
+        params.prefer_new(bank, fit, cfg)
     losses = _train_loop(bank, params, fit, cfg, g, progress)
     train_seconds = time.time() - t0
     counts = ActivationCounts()

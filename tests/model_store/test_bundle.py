@@ -199,3 +199,16 @@ def test_templates_need_exactly_one_plain_field(bundle_bytes, template):
 def test_routing_modes_are_not_task_names(bundle_bytes, name):
     with pytest.raises(BundleInvalid, match="reserved"):
         read_bundle(_edit(bundle_bytes, manifest=lambda m: m.update(task=name)))
+
+
+def test_header_length_starting_with_the_pickle_byte_is_still_safetensors(bundle_bytes):
+    """A safetensors header of 128 + 256k bytes makes the file start with 0x80, pickle's first byte."""
+    meta = json.loads(_metadata(bundle_bytes)[MANIFEST_KEY])
+    t = st_load(bundle_bytes)
+    for pad in range(0, 400):
+        meta["note"] = "x" * pad
+        data = st_save(t, metadata={MANIFEST_KEY: json.dumps(meta)})
+        if data[0] == 0x80:
+            break
+    assert data[0] == 0x80
+    assert read_bundle(data).task == "digits"

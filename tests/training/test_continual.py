@@ -87,7 +87,8 @@ def test_protocol_dry_run_on_stand_in_folders(tmp_path, protocol, capsys):
     for name in MTIL_ORDER_I:
         _stand_in(tmp_path / "data", name, 20 if name == "cifar100" else 2)
     args = ["bench", "cl", "--protocol", protocol, "--data-root", str(tmp_path / "data"), "--limit", "2"]
-    args += ["--steps", "2", "--methods", "zero-shot,moe-ddas,finetune", "--out", str(tmp_path / "out")]
+    args += ["--steps", "2", "--methods", "zero-shot,moe-ddas,finetune", "--backbone", "tiny"]
+    args += ["--out", str(tmp_path / "out")]
     assert main(args) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["protocol"] == protocol
