@@ -82,10 +82,27 @@ def _stand_in(root, name: str, classes: int, per_class: int = 3) -> None:
                 Image.new("RGB", (24 + k, 20), colour).save(folder / f"{k}.png")
 
 
+def _mnist_raw(root, n: int = 8) -> None:
+    """MNIST in torchvision's raw idx format, so the torchvision path (download=False) is exercised too."""
+    import struct
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "t10k"):
+        pixels = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + pixels.tobytes())
+        labels = np.array([i % 2 for i in range(n)], dtype=np.uint8)
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+
+
 @pytest.mark.parametrize("protocol", ["mtil-1", "cifar100-10"])
 def test_protocol_dry_run_on_stand_in_folders(tmp_path, protocol, capsys):
     for name in MTIL_ORDER_I:
-        _stand_in(tmp_path / "data", name, 20 if name == "cifar100" else 2)
+        if name == "mnist":
+            _mnist_raw(tmp_path / "data")
+        else:
+            _stand_in(tmp_path / "data", name, 20 if name == "cifar100" else 2)
     args = ["bench", "cl", "--protocol", protocol, "--data-root", str(tmp_path / "data"), "--limit", "2"]
     args += ["--steps", "2", "--methods", "zero-shot,moe-ddas,finetune", "--backbone", "tiny"]
     args += ["--out", str(tmp_path / "out")]
@@ -95,6 +112,7 @@ def test_protocol_dry_run_on_stand_in_folders(tmp_path, protocol, capsys):
     if protocol == "mtil-1":
         assert report["domains"] == list(MTIL_ORDER_I)
         assert np.asarray(report["methods"]["moe-ddas"]["matrix"]).shape == (11, 11)
+        assert report["classes"]["mnist"][:2] == ["0 - zero", "1 - one"]  # read through torchvision
     else:
         assert [s["classes"] for s in report["steps"]] == list(range(2, 21, 2))
         assert 0 <= report["last"] <= 100 and 0 <= report["avg"] <= 100
