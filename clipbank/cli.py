@@ -106,7 +106,7 @@ def _bench_protocol(args: argparse.Namespace) -> int:
     from model_store.backbone import load_backbone
     from training.cl_report import format_markdown, write_cl_report
     from training.continual import CLConfig
-    from training.protocols import CIFAR_STEPS, run_cifar_incremental, run_mtil
+    from training.protocols import CIFAR_STEPS, format_cifar, run_cifar_incremental, run_mtil
 
     if not args.data_root:
         raise SystemExit("clipbank bench cl: --protocol needs --data-root DIR")
@@ -114,12 +114,14 @@ def _bench_protocol(args: argparse.Namespace) -> int:
     cfg = CLConfig(steps=args.steps or 1000, methods=methods, seed=args.seed)
     backbone = load_backbone(args.backbone or "ViT-B-16:openai", args.device)
     if args.protocol in CIFAR_STEPS:
+        if args.methods:
+            print("clipbank bench cl: CIFAR-100 protocols run the MoE only; --methods is ignored", file=sys.stderr)
         report = run_cifar_incremental(backbone, args.data_root, args.protocol, cfg, args.limit)
-        text = json.dumps({k: v for k, v in report.items() if k != "steps"}, indent=2)
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2))
-        print(text)
+            (Path(args.out) / "report.md").write_text(format_cifar(report))
+        print(format_cifar(report))
         return 0
     report = run_mtil(backbone, args.data_root, args.protocol, cfg, args.limit)
     if args.out:

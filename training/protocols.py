@@ -73,11 +73,13 @@ def _torchvision(root: Path, name: str) -> tuple[LabelledImages, LabelledImages]
     try:
         if train_kw is None:  # one pool: a fixed 80/20 split by index
             ds = cls(str(root), download=False)
-            test_idx = [i for i in range(len(ds)) if zlib.crc32(f"{name}{i}".encode()) % 5 == 0]
+            files = getattr(ds, "_image_files", None) or [p for p, _ in getattr(ds, "samples", [])] or None
+            key = (lambda i: str(files[i])) if files else str  # a file path where known: order-independent
+            test_idx = [i for i in range(len(ds)) if zlib.crc32(f"{name}/{key(i)}".encode()) % 5 == 0]
             held = set(test_idx)
             return wrap(ds, [i for i in range(len(ds)) if i not in held]), wrap(ds, test_idx)
         train, test = cls(str(root), download=False, **train_kw), cls(str(root), download=False, **test_kw)
-    except (RuntimeError, FileNotFoundError) as e:
+    except (RuntimeError, OSError) as e:  # missing data; Caltech101 also tries to create folders
         raise FileNotFoundError(
             f"{name}: neither {root / name}/train and /test folders nor torchvision {cls_name} data under {root} "
             f"({e}); nothing is downloaded"
@@ -97,6 +99,8 @@ def _labels_of(ds: Any, idx: Sequence[int]) -> list[int]:
 
 def load_dataset(root: str | Path, name: str, limit: int | None = None) -> tuple[LabelledImages, LabelledImages]:
     """(train, test) of one dataset; `limit` keeps at most that many images per class (dry runs)."""
+    if limit is not None and limit < 2:
+        raise ValueError(f"--limit must be >= 2 (one image per class for training, one for validation), got {limit}")
     root = Path(root)
     train, test = _from_folder(root, name) if (root / name / "train").is_dir() else _torchvision(root, name)
     return train.per_class(limit), test.per_class(limit)
@@ -135,7 +139,7 @@ def run_cifar_incremental(
     train, test = load_dataset(root, "cifar100", limit)
     order = class_order(len(train.classes))
     groups = np.array_split(np.array(order), CIFAR_STEPS[protocol])
-    bank, bundles, seen, rows = empty_bank(backbone), [], [], []
+    bank, parent, seen, rows = empty_bank(backbone), None, [], []
     start = time.perf_counter()
     for k, group in enumerate(tqdm(groups, desc=protocol, unit="step")):
         seen += [int(c) for c in group]
@@ -144,11 +148,10 @@ def run_cifar_incremental(
         step_test = _relabel(test, set(seen), classes)
         fit, val = step_train.holdout(0.1)
         tcfg = TrainConfig(task="cifar100", steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed + k)
-        parent = read_bundle(bundles[-1]).id if bundles else None
         result = train_task(bank, fit, tcfg, val, version=k + 1, parent=parent, progress=False)
-        bundles.append(result.bundle)
-        parsed = [read_bundle(b) for b in bundles]
-        bank = build_bank(backbone, parsed[-1:], providers=parsed[:-1], previous=bank)
+        bundle = read_bundle(result.bundle)
+        parent = bundle.id
+        bank = build_bank(backbone, [bundle], previous=bank)  # older versions' experts come from `previous`
         cache = TextCache()
         pinned = accuracy_and_routes(bank, step_test, "cifar100", cache)[0]
         auto = accuracy_and_routes(bank, step_test, AUTO, cache)[0]
@@ -170,3 +173,17 @@ def _relabel(data: LabelledImages, keep: set[int], classes: tuple[str, ...]) -> 
     idx = [i for i, y in enumerate(data.labels) if y in keep]
     sub = data.subset(idx)
     return LabelledImages(sub.images, [classes.index(data.classes[y]) for y in sub.labels], classes)
+
+
+def format_cifar(report: dict[str, Any]) -> str:
+    lines = [
+        f"# {report['protocol']} (class-incremental, {report['backbone']['arch']})",
+        "",
+        f"Avg {report['avg']:.2f}, Last {report['last']:.2f} (task pinned); Avg {report['auto_avg']:.2f} auto-routed.",
+        "",
+        "| step | classes seen | accuracy, pinned | accuracy, auto |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in report["steps"]:
+        lines.append(f"| {r['step']} | {r['classes']} | {100 * r['accuracy']:.1f} | {100 * r['auto_accuracy']:.1f} |")
+    return "\n".join(lines) + "\n"

@@ -110,7 +110,8 @@ class _TaskParams(torch.nn.Module):
         bb = bank.backbone
         probe = _StreamProbe()
         with torch.no_grad():
-            x = torch.stack([bb.preprocess(im) for im in data.images[:128]]).to(bb.device)
+            pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[:128].tolist()
+            x = torch.stack([bb.preprocess(data.images[i]) for i in pick]).to(bb.device)  # all classes, not the first
             encode_image(bb.model, x, probe)
             encode_text(bb.model, bb.tokenizer([cfg.template.format(c) for c in data.classes]).to(bb.device), probe)
             for (tower, block), m in probe.means.items():
@@ -139,6 +140,8 @@ def _batches(data: LabelledImages, transform, batch: int, device) -> Iterator[tu
         x = torch.stack([transform(im) for im in data.images[s : s + batch]]).to(device)
         yield x, torch.tensor(data.labels[s : s + batch], device=device)
 
+
+COUNT_SAMPLE = 2048  # training images whose expert choices are counted for the report
 
 RoutingFor = Callable[[int], Routing | None]  # batch size -> the routing of one forward pass
 
@@ -284,8 +287,9 @@ def train_task(
         params.prefer_new(bank, fit, cfg)
     losses = _train_loop(bank, params, fit, cfg, g, progress)
     train_seconds = time.time() - t0
-    counts = ActivationCounts()
-    evaluate(bank, params, fit, cfg.template, counts)
+    counts = ActivationCounts()  # on a sample: a full adapted pass over a large training set is not worth it
+    sample = torch.randperm(len(fit), generator=torch.Generator().manual_seed(cfg.seed))[:COUNT_SAMPLE].tolist()
+    evaluate(bank, params, fit.subset(sorted(sample)), cfg.template, counts)
     accuracy = evaluate(bank, params, val, cfg.template)
     selector = fit_selector(frozen_features(bb, fit), frozen_features(bb, val), cfg.selector)
     experts, routing, routers = _publish(bank, params)

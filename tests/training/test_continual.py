@@ -116,3 +116,11 @@ def test_protocol_dry_run_on_stand_in_folders(tmp_path, protocol, capsys):
     else:
         assert [s["classes"] for s in report["steps"]] == list(range(2, 21, 2))
         assert 0 <= report["last"] <= 100 and 0 <= report["avg"] <= 100
+        assert "| 10 | 20 |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_limit_below_two_is_refused(tmp_path):
+    from training.protocols import load_dataset
+
+    with pytest.raises(ValueError, match="--limit must be >= 2"):
+        load_dataset(tmp_path, "dtd", limit=1)
