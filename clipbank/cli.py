@@ -44,8 +44,11 @@ def _classify(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     for path, r in zip(args.images, out["results"]):
-        best = r["labels"][0]
         where = f"{r['route']['task']} v{r['route']['version']}" if r["route"]["task"] else "zero-shot"
+        if not r["labels"]:  # no labels sent and no task claimed the image
+            print(f"{path}\t-\t-\t[{where}: no task claims it; send --labels]")
+            continue
+        best = r["labels"][0]
         print(f"{path}\t{best['label']}\t{best['score']:.3f}\t[{where}]")
     return 0
 
