@@ -65,6 +65,9 @@ def test_lifecycle_and_restart(tmp_path, bundles, capsys):
         except ClipbankHTTPError as e:
             assert e.status == 404 and e.code == "task_not_found"
 
+        assert main(["classify", str(red), "--url", url]) == 0  # no labels, and no task claims it
+        assert "no task claims it" in capsys.readouterr().out
+
         client.activate("textures", 2)
         client.push(bundles["glyphs"])
         tasks_before = client.tasks()
