@@ -18,7 +18,8 @@ TASK_DOMAINS = ("textures", "glyphs", "digits")
 OUTSIDE_DOMAIN = "shapes"  # the tiny backbone's own domain: no task should claim it
 
 
-def _pngs(domain: str, n: int) -> list[bytes]:
+def domain_pngs(domain: str, n: int) -> list[bytes]:
+    """PNG bytes of n test images of an offline domain, evenly spaced over its (shuffled) test split."""
     images = load_domain(domain, "test").images
     out = []
     for im in images[:: max(1, len(images) // n)][:n]:
@@ -51,5 +52,5 @@ def sample_tasks(
                 progress=False,
             )
             store.put(result.bundle)
-            out.append((result.bundle, _pngs(domain, images)))
-    return out, _pngs(OUTSIDE_DOMAIN, images * 2)
+            out.append((result.bundle, domain_pngs(domain, images)))
+    return out, domain_pngs(OUTSIDE_DOMAIN, images * 2)

@@ -11,19 +11,14 @@ import httpx
 from clipbank.cli import main
 from service.client import ClipbankClient, ClipbankHTTPError
 from tests.e2e.conftest import TOKEN, running_server
-from tests.helpers import png, with_version
+from tests.helpers import with_version
 from tests.service.images import colour
-from training.data import load_domain
-
-
-def _domain_pngs(name: str, n: int) -> list[bytes]:
-    images = load_domain(name, "test").images
-    return [png(im) for im in images[:: max(1, len(images) // n)][:n]]
+from training.samples import domain_pngs
 
 
 def test_lifecycle_and_restart(tmp_path, bundles, capsys):
     store, log = tmp_path / "store", tmp_path / "server.log"
-    textures_imgs = _domain_pngs("textures", 12)
+    textures_imgs = domain_pngs("textures", 12)
     with running_server(store, log) as url, ClipbankClient(url, TOKEN) as client:
         # 1. zero-shot
         out = client.classify([colour("red"), colour("blue")], ["red", "green", "blue"])
@@ -124,7 +119,7 @@ def _load(url: str, images: list[bytes], stop: threading.Event, seen: list, erro
 
 def test_sixteen_clients_while_bundles_are_pushed_deleted_and_rolled_back(tmp_path, bundles):
     textures = bundles["textures"]
-    images = _domain_pngs("textures", 8) + _domain_pngs("shapes", 8)
+    images = domain_pngs("textures", 8) + domain_pngs("shapes", 8)
     timeline, seen, errors, stop = Timeline(), [], [], threading.Event()
     with running_server(tmp_path / "store", tmp_path / "server.log", "--max-wait-ms", "2") as url:
         clients = [threading.Thread(target=_load, args=(url, images, stop, seen, errors)) for _ in range(16)]

@@ -13,10 +13,11 @@ from safetensors.torch import save as st_save
 from model_store.bank import empty_bank
 from model_store.bundle import MANIFEST_KEY
 from service.config import Limits
-from tests.helpers import png, random_bundle, with_version
+from tests.helpers import random_bundle, with_version
 from tests.service.conftest import AUTH, TOKEN, running_app
 from tests.service.images import colour
 from training.data import load_domain
+from training.samples import domain_pngs
 
 pytestmark = pytest.mark.anyio
 
@@ -26,8 +27,7 @@ def _upload(data: bytes, name: str = "b.safetensors") -> dict:
 
 
 def _test_images(domain: str, n: int) -> list[tuple[str, tuple[str, bytes]]]:
-    images = load_domain(domain, "test").images[:: max(1, len(load_domain(domain, "test")) // n)][:n]
-    return [("images", (f"{domain}{i}.png", png(im))) for i, im in enumerate(images)]
+    return [("images", (f"{domain}{i}.png", data)) for i, data in enumerate(domain_pngs(domain, n))]
 
 
 MANAGEMENT = [
