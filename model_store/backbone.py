@@ -12,6 +12,7 @@ import torch
 
 from .digest import tensor_digest
 from .errors import BackboneError, UnsupportedBackbone
+from .frozen import FrozenRuntime, TorchFrozen
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,11 @@ class Backbone:
     device: torch.device
     fingerprint: str
     towers: dict[str, TowerSpec] = field(default_factory=dict)
+    frozen: FrozenRuntime | None = None  # who runs the frozen passes; None: PyTorch (see use_onnx_runtime)
+
+    def __post_init__(self) -> None:
+        if self.frozen is None:
+            self.frozen = TorchFrozen(self.model)
 
     @property
     def embed_dim(self) -> int:

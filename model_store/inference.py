@@ -100,8 +100,10 @@ def text_embeddings(
         with torch.inference_mode():
             for s in range(0, len(tokens), TEXT_CHUNK):
                 chunk = tokens[s : s + TEXT_CHUNK]
-                routing = bank.routing(torch.full((len(chunk),), task)) if task >= 0 else None
-                parts.append(encode_text(bb.model, chunk, routing))
+                if task >= 0:
+                    parts.append(encode_text(bb.model, chunk, bank.routing(torch.full((len(chunk),), task))))
+                else:
+                    parts.append(bb.frozen.text(chunk))
         emb = torch.cat(parts).view(len(templates), len(labels), -1).mean(0)
         return torch.nn.functional.normalize(emb, dim=-1)
 
@@ -197,8 +199,7 @@ def classify_batch(
         return out
     sizes = [len(items[k].images) for k in live]
     images = torch.cat([items[k].images for k in live]).to(bb.device)
-    with torch.inference_mode():
-        frozen = encode_image(bb.model, images)
+    frozen = bb.frozen.image(images)
     tasks = torch.full((len(images),), -1, dtype=torch.long)
     scores = torch.full((len(images),), float("nan"))
     spans = [(k, s - n, s) for k, n, s in zip(live, sizes, itertools.accumulate(sizes))]

@@ -1,0 +1,206 @@
+"""ONNX export of the frozen towers and the selectors, and an ONNX Runtime implementation of the frozen passes.
+
+Exports are cached on disk by backbone fingerprint (they are large and take seconds to make), written atomically
+under a file lock, and checked against PyTorch before first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+
+from .backbone import Backbone
+from .errors import BackboneError
+from .moe_clip import encode_image, encode_text
+from .selector import Selector, score
+
+log = logging.getLogger(__name__)
+
+PARITY_ATOL = 1e-4  # max abs difference of normalised embeddings accepted between PyTorch and ONNX Runtime
+_MAX_BATCH = 4096
+
+
+def default_cache_dir() -> Path:
+    """`$CLIPBANK_ONNX_CACHE`, else `$XDG_CACHE_HOME/clipbank/onnx`, else `~/.cache/clipbank/onnx`."""
+    if os.environ.get("CLIPBANK_ONNX_CACHE"):
+        return Path(os.environ["CLIPBANK_ONNX_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "clipbank" / "onnx"
+
+
+def onnx_available() -> bool:
+    try:
+        _require_ort()
+    except BackboneError:
+        return False
+    return True
+
+
+def _require_ort():
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401 - torch's ONNX exporter needs it
+    except ImportError as e:
+        raise BackboneError(
+            f"the ONNX runtime needs onnxruntime and onnxscript: pip install onnxruntime onnxscript ({e})"
+        ) from None
+    return onnxruntime
+
+
+class _ImageTower(torch.nn.Module):
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return encode_image(self.model, images)
+
+
+class _TextTower(torch.nn.Module):
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return encode_text(self.model, tokens)
+
+
+class _SelectorScore(torch.nn.Module):
+    def __init__(self, selector: Selector) -> None:
+        super().__init__()
+        self.selector = selector
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return score(self.selector, feats)
+
+
+def _export(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    """torch.onnx (dynamo exporter) with a dynamic batch axis; one self-contained .onnx file."""
+    _require_ort()
+    n = torch.export.Dim("n", min=1, max=_MAX_BATCH)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module.eval(), (example,), dynamo=True, dynamic_shapes=({0: n},), external_data=False, verbose=False
+        )
+    program.save(str(path), external_data=False)
+
+
+def _examples(backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor]:
+    size = backbone.image_size
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    tokens = backbone.tokenizer(["a photo of a cat.", "a sketch of a dog."])
+    return images, tokens
+
+
+def export_towers(backbone: Backbone, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write `image.onnx` and `text.onnx` (the frozen towers, normalised outputs) into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = backbone.model.cpu() if backbone.device.type != "cpu" else backbone.model
+    images, tokens = _examples(backbone)
+    try:
+        paths = {"image": out / "image.onnx", "text": out / "text.onnx"}
+        _export(_ImageTower(model), images, paths["image"])
+        _export(_TextTower(model), tokens, paths["text"])
+    finally:
+        backbone.model.to(backbone.device)
+    return paths
+
+
+def export_selector(selector: Selector, path: str | os.PathLike) -> Path:
+    """Write a selector's score (error / threshold, [n, D] -> [n]) as an ONNX graph."""
+    dim = next(iter(selector.tensors().values())).shape[-1]
+    example = torch.nn.functional.normalize(torch.randn(2, dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    _export(_SelectorScore(selector), example, Path(path))
+    return Path(path)
+
+
+def session(path: str | os.PathLike, threads: int | None = None, device: torch.device | None = None) -> Any:
+    """An ONNX Runtime session with as many intra-op threads as torch uses (they never run at once)."""
+    ort = _require_ort()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Its threads must not spin after a run: the adapted pass (PyTorch) needs the same cores right after.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = ["CPUExecutionProvider"]
+    if device is not None and device.type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackboneError("frozen_runtime=onnx on cuda needs onnxruntime-gpu (CUDAExecutionProvider)")
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def run_session(sess: Any, x: torch.Tensor) -> torch.Tensor:
+    out = sess.run(None, {sess.get_inputs()[0].name: x.detach().cpu().numpy()})[0]
+    return torch.from_numpy(out)
+
+
+class OrtFrozen:
+    """The frozen passes in ONNX Runtime."""
+
+    name = "onnx"
+
+    def __init__(self, image_path: Path, text_path: Path, device: torch.device) -> None:
+        self.device = device
+        self._image = session(image_path, device=device)
+        self._text = session(text_path, device=device)
+
+    def image(self, images: torch.Tensor) -> torch.Tensor:
+        return run_session(self._image, images).to(self.device)
+
+    def text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return run_session(self._text, tokens).to(self.device)
+
+
+def parity(backbone: Backbone, runtime: Any, n: int = 3) -> dict[str, float]:
+    """Max abs difference of image and text embeddings between PyTorch and `runtime`, on fixed inputs."""
+    size = backbone.image_size
+    images = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1)).to(backbone.device)
+    tokens = backbone.tokenizer([f"a photo of a thing number {i}." for i in range(n)]).to(backbone.device)
+    with torch.inference_mode():
+        ref_i, ref_t = encode_image(backbone.model, images), encode_text(backbone.model, tokens)
+    return {
+        "image": float((runtime.image(images) - ref_i).abs().max()),
+        "text": float((runtime.text(tokens) - ref_t).abs().max()),
+    }
+
+
+def use_onnx_runtime(backbone: Backbone, cache_dir: str | os.PathLike | None = None) -> dict[str, float]:
+    """Serve `backbone`'s frozen passes from ONNX Runtime, exporting the towers once per fingerprint.
+
+    Refuses (BackboneError) when the export does not match PyTorch within PARITY_ATOL. Returns the parity.
+    """
+    _require_ort()
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = root / f"{backbone.fingerprint[:32]}-torch{torch.__version__.split('+')[0]}"
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".export.lock")):
+        if not (target / "text.onnx").is_file():  # directories are renamed into place whole, so this means none
+            log.info("exporting the frozen towers of %s to ONNX in %s (once per backbone)", backbone.ref.text, target)
+            shutil.rmtree(target, ignore_errors=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+            try:
+                export_towers(backbone, tmp)
+                os.replace(tmp, target)
+            except BackboneError:
+                raise
+            except Exception as e:  # noqa: BLE001 - torch.export raises many types for unsupported models
+                raise BackboneError(f"could not export {backbone.ref.text!r} to ONNX: {type(e).__name__}: {e}") from e
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    runtime = OrtFrozen(target / "image.onnx", target / "text.onnx", backbone.device)
+    diffs = parity(backbone, runtime)
+    if max(diffs.values()) > PARITY_ATOL:
+        raise BackboneError(f"the ONNX export of {backbone.ref.text!r} differs from PyTorch by {diffs} > {PARITY_ATOL}")
+    backbone.frozen = runtime
+    log.info("frozen passes served by ONNX Runtime (parity %s)", diffs)
+    return diffs

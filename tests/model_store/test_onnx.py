@@ -1,0 +1,92 @@
+"""ONNX export of the frozen towers and the selectors: parity with PyTorch, caching, serving the frozen pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_store.backbone import load_backbone
+from model_store.bank import build_bank, empty_bank
+from model_store.bundle import read_bundle
+from model_store.errors import BackboneError
+from model_store.inference import ClassifyItem, classify_batch
+from model_store.moe_clip import encode_image, encode_text
+from model_store.onnx_runtime import PARITY_ATOL, export_selector, run_session, session, use_onnx_runtime
+from model_store.selector import SelectorConfig, fit_selector, score
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+@pytest.fixture(scope="module")
+def onnx_backbone(tmp_path_factory):
+    """A tiny backbone of its own (the runtime is set on the object), its frozen passes in ONNX Runtime."""
+    bb = load_backbone("tiny", device="cpu")
+    cache = tmp_path_factory.mktemp("onnx-cache")
+    diffs = use_onnx_runtime(bb, cache)
+    return bb, cache, diffs
+
+
+def test_exported_towers_match_pytorch_within_1e_4(onnx_backbone):
+    bb, _, diffs = onnx_backbone
+    assert bb.frozen.name == "onnx"
+    assert max(diffs.values()) <= PARITY_ATOL
+    g = torch.Generator().manual_seed(5)
+    images = torch.rand(5, 3, bb.image_size, bb.image_size, generator=g)  # a batch size not used in export
+    tokens = bb.tokenizer(["a photo of a circle.", "stripes", "a red square on a blue background."])
+    with torch.inference_mode():
+        ref_i, ref_t = encode_image(bb.model, images), encode_text(bb.model, tokens)
+    got_i, got_t = bb.frozen.image(images), bb.frozen.text(tokens)
+    assert got_i.shape == ref_i.shape and got_t.shape == ref_t.shape
+    assert float((got_i - ref_i).abs().max()) <= PARITY_ATOL
+    assert float((got_t - ref_t).abs().max()) <= PARITY_ATOL
+
+
+def test_exports_are_cached_by_fingerprint(onnx_backbone):
+    bb, cache, _ = onnx_backbone
+    (folder,) = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert folder.name.startswith(bb.fingerprint[:32])
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert set(stamps) == {"image.onnx", "text.onnx"}
+    again = load_backbone("tiny", device="cpu")
+    use_onnx_runtime(again, cache)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps  # not exported a second time
+
+
+def test_a_broken_cached_export_is_refused(tmp_path):
+    bb = load_backbone("tiny", device="cpu")
+    use_onnx_runtime(bb, tmp_path)
+    other = load_backbone("tiny", device="cpu")
+    with torch.no_grad():  # a different model under the same fingerprint: the cached export no longer matches
+        other.model.visual.proj.mul_(1.5)
+    with pytest.raises(BackboneError, match="differs from PyTorch"):
+        use_onnx_runtime(other, tmp_path)
+    assert other.frozen.name == "torch"
+
+
+@pytest.mark.parametrize("kind", ["autoencoder", "gaussian"])
+def test_selector_export_matches_pytorch(tmp_path, kind):
+    g = torch.Generator().manual_seed(0)
+    feats = torch.nn.functional.normalize(torch.randn(60, 64, generator=g), dim=-1)
+    sel = fit_selector(feats[:48], feats[48:], SelectorConfig(kind=kind, epochs=30))
+    path = export_selector(sel, tmp_path / f"{kind}.onnx")
+    x = torch.nn.functional.normalize(torch.randn(7, 64, generator=g), dim=-1)
+    got = run_session(session(path), x)
+    assert got.shape == (7,)
+    assert float((got - score(sel, x)).abs().max()) <= PARITY_ATOL
+
+
+def test_classification_with_the_onnx_frozen_pass_matches_pytorch(onnx_backbone, backbone):
+    from training.synthetic import synthetic_bundle
+
+    bb, _, _ = onnx_backbone
+    data = synthetic_bundle(empty_bank(backbone), "synthetic", seed=3)
+    torch_bank = build_bank(backbone, [read_bundle(data)])
+    onnx_bank = build_bank(bb, [read_bundle(data)])
+    images = torch.rand(3, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(2))
+    items = [ClassifyItem(images, ("circle", "square", "star")), ClassifyItem(images, None, "synthetic")]
+    for a, b in zip(classify_batch(torch_bank, items), classify_batch(onnx_bank, items)):
+        for ra, rb in zip(a, b):
+            assert (ra.route.task, ra.route.bundle_id) == (rb.route.task, rb.route.bundle_id)
+            assert [label for label, _ in ra.labels] == [label for label, _ in rb.labels]
+            assert max(abs(pa - pb) for (_, pa), (_, pb) in zip(ra.labels, rb.labels)) <= 1e-4
