@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import re
 import string
 import struct
@@ -254,6 +255,26 @@ def _split_tensors(tensors: dict[str, torch.Tensor], m: dict[str, Any]) -> tuple
     return experts, {t: [routers[t][i] for i in sorted(routers[t])] for t in TOWERS}, selector, problems
 
 
+def _one_block(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy a bundle's (float32) tensors into one anonymous memory map and return views of it.
+
+    A served bundle then occupies one page-aligned block that goes back to the system, whole, when the bundle
+    is dropped; its tensors are not scattered over the heap between the transient buffers of its upload, which
+    would keep resident memory above what the bank holds.
+    """
+    total = sum(t.numel() for t in tensors.values())
+    if total == 0:
+        return tensors
+    flat = torch.frombuffer(mmap.mmap(-1, total * 4), dtype=torch.float32, count=total)
+    out, offset = {}, 0
+    for key, t in tensors.items():
+        view = flat[offset : offset + t.numel()].view(t.shape)
+        view.copy_(t)
+        out[key] = view
+        offset += t.numel()
+    return out
+
+
 def read_bundle(data: bytes) -> Bundle:
     """Parse and validate a bundle's bytes on their own (no backbone needed). Raises a typed BundleError."""
     meta = _safetensors_metadata(data)
@@ -273,6 +294,7 @@ def read_bundle(data: bytes) -> Bundle:
     bad = [k for k, t in tensors.items() if t.dtype != torch.float32 or not bool(torch.isfinite(t).all())]
     if bad:
         raise BundleInvalid(f"tensors must be finite float32; these are not: {', '.join(sorted(bad)[:5])}")
+    tensors = _one_block(tensors)
     experts, routers, selector, problems = _split_tensors(tensors, manifest)
     if problems:
         raise BundleInvalid("invalid bundle tensors: " + "; ".join(problems[:10]))

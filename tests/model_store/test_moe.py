@@ -111,3 +111,26 @@ def test_top_k_uses_two_experts_per_sample(backbone, bank_ab):
     assert (slots[:2] >= 0).all() and (slots[2] == -1).all()
     torch.testing.assert_close(gates[:2].sum(1), torch.ones(2))
     assert gates[2].sum() == 0
+
+
+def test_many_tasks_in_a_batch_take_the_gathered_path_with_the_loops_result(backbone, monkeypatch):
+    """A batch mixing tasks runs its experts as batched products; the result is the per-expert loop's."""
+    from model_store import experts as experts_module
+
+    bank, bundles = empty_bank(backbone), []
+    for k in range(4):
+        bundles.append(read_bundle(random_bundle(bank, f"t{k}", seed=10 + k)))
+        bank = build_bank(backbone, bundles, previous=bank)
+    images = torch.randn(8, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(4))
+    tasks = torch.tensor([0, 1, 2, 3, 3, 2, 1, -1])
+    calls = []
+    gathered = experts_module.Routing._gathered
+    monkeypatch.setattr(experts_module.Routing, "_gathered", lambda self, *a: calls.append(1) or gathered(self, *a))
+    fast = encode_image(backbone.model, images, bank.routing(tasks))
+    assert calls, "a batch of four tasks should use more than LOOP_MAX_EXPERTS experts in some block"
+    monkeypatch.setattr(experts_module, "LOOP_MAX_EXPERTS", 10**9)
+    calls.clear()
+    loop = encode_image(backbone.model, images, bank.routing(tasks))
+    assert not calls
+    torch.testing.assert_close(fast, loop, atol=1e-5, rtol=0)
+    assert (fast[:7] - backbone.model.encode_image(images[:7], normalize=True)).abs().max() > 1e-3
