@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,7 +18,7 @@ from model_store.bank import BankSnapshot
 from model_store.bundle import PlacedExpert, pack_bundle, template_ok, utc_now, validate_task_name
 from model_store.experts import ActivationCounts, Expert, Routing, TaskRouter, expert_id, new_expert
 from model_store.moe_clip import encode_image, encode_text
-from model_store.selector import SelectorConfig, fit_selector, selector_manifest
+from model_store.selector import Selector, SelectorConfig, fit_selector, selector_manifest
 
 from .data import LabelledImages
 
@@ -262,6 +262,34 @@ def _publish(bank: BankSnapshot, params: _TaskParams) -> tuple[dict[str, PlacedE
     return experts, routing, routers
 
 
+def pack_task(
+    bank: BankSnapshot,
+    cfg: TrainConfig,
+    classes: Sequence[str],
+    params: _TaskParams,
+    selector: Selector,
+    report: dict[str, Any],
+    version: int = 1,
+    parent: str | None = None,
+) -> bytes:
+    """The bundle of a task's new experts and router (`params`) and its selector, on top of `bank`."""
+    experts, routing, routers = _publish(bank, params)
+    manifest = {
+        "task": cfg.task,
+        "version": version,
+        "created_at": utc_now(),
+        "backbone": bank.backbone.describe(),
+        "classes": list(classes),
+        "templates": [cfg.template],
+        "experts": {"uses": sorted({e for t in TOWERS for ids in routing[t] for e in ids} - set(experts))},
+        "routing": routing,
+        "selector": selector_manifest(selector, cfg.selector),
+        "training": report,
+        "parent": parent,
+    }
+    return pack_bundle(manifest, experts, routers, selector.tensors())
+
+
 def train_task(
     bank: BankSnapshot,
     train: LabelledImages,
@@ -292,7 +320,6 @@ def train_task(
     evaluate(bank, params, fit.subset(sorted(sample)), cfg.template, counts)
     accuracy = evaluate(bank, params, val, cfg.template)
     selector = fit_selector(frozen_features(bb, fit), frozen_features(bb, val), cfg.selector)
-    experts, routing, routers = _publish(bank, params)
     report = {
         "config": _jsonable(asdict(cfg)),
         "lr": cfg.lr or default_lr(bb),
@@ -305,20 +332,7 @@ def train_task(
         "final_loss": sum(losses[-10:]) / len(losses[-10:]),
         "activation_counts": {f"{t}.{b}": c.tolist() for (t, b), c in sorted(counts.counts.items())},
     }
-    manifest = {
-        "task": cfg.task,
-        "version": version,
-        "created_at": utc_now(),
-        "backbone": bb.describe(),
-        "classes": list(train.classes),
-        "templates": [cfg.template],
-        "experts": {"uses": sorted({e for t in TOWERS for ids in routing[t] for e in ids} - set(experts))},
-        "routing": routing,
-        "selector": selector_manifest(selector, cfg.selector),
-        "training": report,
-        "parent": parent,
-    }
-    data = pack_bundle(manifest, experts, routers, selector.tensors())
+    data = pack_task(bank, cfg, train.classes, params, selector, report, version, parent)
     log.info(
         "task %s v%d: zero-shot %.3f -> trained %.3f in %.1fs", cfg.task, version, zero_shot, accuracy, train_seconds
     )
@@ -328,7 +342,7 @@ def train_task(
             **report,
             "selector": selector_manifest(selector, cfg.selector),
             "bundle_bytes": len(data),
-            "experts_added": len(experts),
+            "experts_added": cfg.new_experts * sum(len(blocks) for blocks in params.new.values()),
         },
     )
 
