@@ -15,7 +15,18 @@ from model_store.errors import ClipbankError
 DEFAULT_STORE = os.environ.get("CLIPBANK_STORE", "./clipbank-store")
 DEFAULT_BACKBONE = os.environ.get("CLIPBANK_BACKBONE", "tiny")
 DEFAULT_URL = os.environ.get("CLIPBANK_URL", "http://127.0.0.1:8000")
-SERVE_OPTIONS = ("store", "backbone", "host", "port", "device", "max_batch", "max_wait_ms", "poll_seconds", "log_level")
+SERVE_OPTIONS = (
+    "store",
+    "backbone",
+    "host",
+    "port",
+    "device",
+    "max_batch",
+    "max_wait_ms",
+    "poll_seconds",
+    "log_level",
+    "frozen_runtime",
+)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -102,7 +113,7 @@ def _store(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    return _bench_cl(args) if args.bench_cmd == "cl" else _bench_service(args)
+    return _bench_cl(args) if args.bench_cmd == "cl" else _bench_serve(args)
 
 
 def _bench_protocol(args: argparse.Namespace) -> int:
@@ -161,23 +172,26 @@ def _bench_cl(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_service(args: argparse.Namespace) -> int:
-    from service.bench import ServiceBenchConfig, TaskSample, bench_service, format_report, write_report
-    from training.samples import sample_tasks
+def _bench_serve(args: argparse.Namespace) -> int:
+    from clipbank.bench_serve import default_images, run_bench_serve
+    from service.bench import ServeBenchConfig
 
-    tasks, outside = sample_tasks(args.tasks, args.steps, args.backbone)
-    cfg = ServiceBenchConfig(
-        tasks=[TaskSample(bundle, images) for bundle, images in tasks],
-        outside=outside,
-        concurrency=tuple(int(c) for c in args.concurrency.split(",")),
-        requests=args.requests,
-        max_seconds=args.max_seconds,
-        backbone=args.backbone,
+    quick = args.quick
+    cfg = ServeBenchConfig(
+        images=default_images(),
+        concurrency=(1, 16) if quick else (1, 4, 16, 64),
+        growth=(0, 1, 10) if quick else (0, 1, 10, 50, 100),
+        requests=args.requests or (100 if quick else 400),
+        max_seconds=args.max_seconds or (10.0 if quick else 30.0),
+        onnx=not args.no_onnx,
     )
-    report = bench_service(cfg)
-    print(format_report(report))
-    if args.out:
-        write_report(report, Path(args.out))
+    backbones: list[tuple[str, str | None]] = [("tiny", "tiny")]
+    if not quick and not args.tiny_only:
+        backbones.append(("ViT-B-32, random weights", None))
+    command = "clipbank bench serve " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "clipbank bench serve"
+    report = run_bench_serve(Path(args.out), cfg, backbones, command)
+    print((Path(args.out) / "report.md").read_text())
+    print("plots: " + ", ".join(str(Path(args.out) / p) for p in report["plots"]))
     return 0
 
 
@@ -250,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-wait-ms", type=float, help="how long a batch waits for more requests (default 5)")
     sv.add_argument("--poll-seconds", type=float, help="how often to look for other servers' store changes (default 2)")
     sv.add_argument("--log-level", help="uvicorn log level (default info)")
+    sv.add_argument(
+        "--frozen-runtime",
+        choices=["auto", "torch", "onnx"],
+        help="who runs the frozen passes: auto (default) is ONNX Runtime on CPU, PyTorch on GPU",
+    )
     sv.set_defaults(fn=_serve)
 
     pu = sub.add_parser("push", help="upload a bundle to a running server (hot-swap)")
@@ -274,16 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_cmd", required=True)
-    bs = bsub.add_parser("service", help="latency, upload-to-routable time and RSS of a real server process")
-    bs.add_argument("--tasks", type=int, default=5, help="tasks to train (offline domains) and push")
-    bs.add_argument(
-        "--steps", type=int, default=100, help="training steps per task (bundle size does not depend on it)"
+    bs = bsub.add_parser(
+        "serve", help="naive baseline vs clipbank zero-shot and auto, bank growth, ONNX Runtime, FLOP bound"
     )
-    bs.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    bs.add_argument("--concurrency", default="1,16", help="comma-separated client concurrencies")
-    bs.add_argument("--requests", type=int, default=400, help="requests per load level (at most)")
-    bs.add_argument("--max-seconds", type=float, default=30.0, help="seconds per load level (at most)")
-    bs.add_argument("--out", help="write report.json and report.md here")
+    bs.add_argument("--out", default="runs/bench-serve", help="report.json, report.md and plots go here")
+    bs.add_argument("--quick", action="store_true", help="tiny backbone only, fewer levels and tasks (~3 min)")
+    bs.add_argument("--tiny-only", action="store_true", help="skip the ViT-B-32-sized backbone")
+    bs.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime server")
+    bs.add_argument("--requests", type=int, help="requests per load level, at most (default 400, quick 100)")
+    bs.add_argument("--max-seconds", type=float, help="seconds per load level, at most (default 30, quick 10)")
     bs.set_defaults(fn=_bench)
     bc = bsub.add_parser("cl", help="continual-learning benchmark: accuracy matrix, Transfer/Avg/Last, baselines")
     bc.add_argument("--quick", action="store_true", help="80 steps of 32, fewer images: about 5 minutes on 2 cores")

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from model_store.backbone import Backbone, load_backbone
-from model_store.errors import BundleFormatError, InvalidRequest
+from model_store.errors import BackboneError, BundleFormatError, InvalidRequest
 from model_store.inference import ZERO_SHOT, ClassifyItem, ImageResult, TextCache, classify_batch
 from model_store.store import LocalStore
 
@@ -29,6 +29,7 @@ from .batching import Batcher, BatchInfo
 from .config import Limits, ServeConfig
 from .errors import LimitExceeded, NotReady, UnsupportedMediaType, install_handlers
 from .images import decode_base64, preprocess_all
+from .memory import release_free_memory
 from .metrics import Metrics
 from .middleware import BodyLimit, RequestMetrics
 from .registry import Registry
@@ -71,9 +72,10 @@ class Service:
         """Backbone, store, bank, warm-up: everything before /readyz turns 200 (runs off the event loop)."""
         if self.backbone is None:
             self.backbone = load_backbone(self.config.backbone, self.config.device)
-        self.registry = Registry(LocalStore(self.config.store), self.backbone, self.metrics)
-        bank = self.registry.load()
+        self._frozen_runtime()
         cache = TextCache(self.config.text_cache_size, self.config.text_cache_mb * 1024 * 1024)
+        self.registry = Registry(LocalStore(self.config.store), self.backbone, self.metrics, cache)
+        bank = self.registry.load()
         warm = torch.zeros(1, 3, self.backbone.image_size, self.backbone.image_size)
         items = [ClassifyItem(warm, ("a", "b"), ZERO_SHOT)] + [ClassifyItem(warm, None, t) for t in bank.task_names]
         # First-call costs, and every task's class embeddings into the cache.
@@ -91,6 +93,22 @@ class Service:
         )
         self.batcher.start()
 
+    def _frozen_runtime(self) -> None:
+        """`onnx` fails the start if it cannot be used; `auto` uses it on CPU and falls back to torch, saying why."""
+        wanted = self.config.frozen_runtime
+        if wanted == "torch" or self.backbone.frozen.name == "onnx":
+            return
+        if wanted == "auto" and self.backbone.device.type != "cpu":
+            return
+        from model_store.onnx_runtime import use_onnx_runtime
+
+        try:
+            use_onnx_runtime(self.backbone, self.config.onnx_cache or None)
+        except BackboneError as e:
+            if wanted == "onnx":
+                raise
+            log.warning("frozen passes stay in PyTorch: %s", e)
+
     def require_ready(self) -> Registry:
         if not self.ready.is_set() or self.registry is None:
             raise NotReady(self.error or "the server is still loading the backbone and the bank")
@@ -102,11 +120,12 @@ def _service(request: Request) -> Service:
 
 
 async def _poll_store(service: Service) -> None:
-    """Pick up changes other servers made to a shared store."""
+    """Pick up changes other servers made to a shared store, and return freed heap memory to the system."""
     while True:
         await asyncio.sleep(service.config.poll_seconds)
         try:
             await run_in_threadpool(service.registry.refresh)
+            await run_in_threadpool(release_free_memory)  # what requests and uploads freed since the last poll
         except Exception:  # noqa: BLE001 - keep polling; the store may come back
             log.exception("polling the store failed")
 
@@ -424,6 +443,7 @@ def _ops_routes() -> APIRouter:
             "generation": bank.generation,
             "tasks": list(bank.task_names),
             "backbone": bank.backbone.describe(),
+            "frozen_runtime": bank.backbone.frozen.name,
         }
 
     @router.get("/metrics", response_class=Response)

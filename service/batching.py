@@ -70,6 +70,8 @@ class Batcher:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._carry: _Pending | None = None
+        self._gap = float("inf")  # seconds between arrivals, moving average
+        self._last_arrival: float | None = None
         self.batches = 0
 
     def start(self) -> None:
@@ -108,7 +110,8 @@ class Batcher:
         if first is _STOP:
             return None
         batch, n = [first], first.size
-        deadline = time.perf_counter() + self.max_wait
+        self._arrived(first)
+        deadline = time.perf_counter() + self.wait_seconds()
         while n < self.max_batch:
             try:
                 nxt = self._queue.get_nowait()  # whatever queued while the last batch ran joins at once
@@ -125,7 +128,21 @@ class Batcher:
                 break
             batch.append(nxt)
             n += nxt.size
+            self._arrived(nxt)
         return batch
+
+    def wait_seconds(self) -> float:
+        """How long the first request of a batch waits for company: `max_wait` while requests arrive closer
+        together than that (bursts of concurrent clients fill the batch), else 0 (a lone client or a slow
+        trickle would only be delayed)."""
+        return self.max_wait if self._gap < self.max_wait else 0.0
+
+    def _arrived(self, p: _Pending) -> None:
+        """Moving average of the gaps between request arrivals (FIFO, so enqueue times are in order)."""
+        if self._last_arrival is not None:
+            gap = max(p.enqueued - self._last_arrival, 0.0)
+            self._gap = gap if self._gap == float("inf") else 0.8 * self._gap + 0.2 * gap
+        self._last_arrival = p.enqueued
 
     def _run(self) -> None:
         while True:

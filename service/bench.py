@@ -1,9 +1,14 @@
-"""Service figures on a real server process: latency at given concurrencies, upload-to-routable time, RSS."""
+"""`clipbank bench serve`: real server processes driven from a loopback client, side by side in one run.
+
+For each backbone: (a) the naive baseline server (`service.baseline`), (b) clipbank with an empty bank (zero-shot),
+(c) clipbank in auto mode with tasks in the bank and mixed traffic, and the same server as its bank grows: throughput,
+resident memory and hot-swap time at each size. Then the ONNX Runtime frozen pass beside PyTorch.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -13,29 +18,37 @@ from typing import Any
 
 from .client import ClipbankClient, ClipbankHTTPError
 from .loadgen import run_load
-from .process import server_process
+from .process import command_process, free_port, server_process
 
 TOKEN = "bench-admin-token-0123456789"
+PAIRED_ROUNDS = 3
 
 
 @dataclass
-class TaskSample:
-    """A bundle to push and a few images of its domain (to see it routed)."""
+class Backend:
+    """One backbone to benchmark, with its synthetic bundles (pushed in order) and what its passes cost."""
 
-    bundle: bytes
-    images: list[bytes]
+    label: str
+    backbone: str  # reference for both servers
+    bundles: list[bytes]
+    tensor_bytes: list[int]  # per bundle
+    task_names: list[str]
+    flops: dict[str, int]
 
 
 @dataclass
-class ServiceBenchConfig:
-    tasks: Sequence[TaskSample]
-    outside: list[bytes]  # images no task should claim
-    labels: tuple[str, ...] = ("one", "two", "three")
-    concurrency: tuple[int, ...] = (1, 16)
+class ServeBenchConfig:
+    images: list[bytes]  # request images (one per request)
+    labels: tuple[str, ...] = ("cat", "dog", "car", "tree", "house")
+    concurrency: tuple[int, ...] = (1, 4, 16, 64)
+    growth: tuple[int, ...] = (0, 1, 10, 50, 100)  # bank sizes measured; the largest is how many are pushed
+    auto_tasks: int = 10  # bank size of the auto-mode comparison (run at every concurrency)
+    routed_per_5: int = 4  # of every 5 requests this many are pinned to a task; the rest are auto, outside images
+    key_concurrency: int = 16
     requests: int = 400
     max_seconds: float = 30.0
-    images_per_request: int = 1
-    backbone: str = "tiny"
+    onnx: bool = True
+    onnx_concurrency: tuple[int, ...] = (1, 16)
     server_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
 
@@ -48,94 +61,138 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def _factory(images: list[bytes], labels: tuple[str, ...], per_request: int):
+def _settled_rss(pid: int) -> int:
+    """RSS once the server has idled past a store poll, which returns freed heap memory to the system."""
+    time.sleep(2.5)
+    return rss_bytes(pid)
+
+
+def _zero_shot_factory(cfg: ServeBenchConfig):
     def make(i: int) -> dict[str, Any]:
-        files = [("images", (f"{k}.png", images[(i * per_request + k) % len(images)])) for k in range(per_request)]
-        return {"files": files, "data": {"labels": list(labels)}}
+        return {"files": [("images", ("x.png", cfg.images[i % len(cfg.images)]))], "data": {"labels": list(cfg.labels)}}
 
     return make
 
 
-def _load_rows(url: str, images: list[bytes], cfg: ServiceBenchConfig, mode: str) -> list[dict[str, Any]]:
-    rows = []
-    for c in cfg.concurrency:
-        result = asyncio.run(
-            run_load(url, _factory(images, cfg.labels, cfg.images_per_request), c, cfg.requests, cfg.max_seconds)
-        )
-        rows.append({"mode": mode, **result.as_dict()})
-    return rows
+def _mixed_factory(cfg: ServeBenchConfig, tasks: Sequence[str]):
+    """`routed_per_5` of 5 requests pinned to the tasks in turn (their own classes); the others auto, with labels."""
+    zero_shot = _zero_shot_factory(cfg)
+
+    def make(i: int) -> dict[str, Any]:
+        if not tasks or i % 5 >= cfg.routed_per_5:
+            return zero_shot(i)
+        task = tasks[(i // 5 * cfg.routed_per_5 + i % 5) % len(tasks)]
+        return {"files": [("images", ("x.png", cfg.images[i % len(cfg.images)]))], "data": {"task": task}}
+
+    return make
 
 
-def _push_until_routable(client: ClipbankClient, sample: TaskSample) -> dict[str, Any]:
-    """Upload, then classify with the task pinned until the answer comes from the new bundle (deadline 30 s)."""
+def _level(url: str, make, c: int, cfg: ServeBenchConfig, **tags: Any) -> dict[str, Any]:
+    result = asyncio.run(run_load(url, make, c, max(cfg.requests, 2 * c), cfg.max_seconds))
+    row = {**tags, **result.as_dict()}
+    print(
+        f"  {tags.get('server')}/{tags.get('runtime', '-')} tasks={tags.get('tasks', 0)} c={c}: "
+        f"{row['images_per_s']} img/s, p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, errors {row['errors']}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return row
+
+
+def _push(client: ClipbankClient, data: bytes, bank_size: int, image: bytes) -> dict[str, Any]:
+    """Upload; then classify pinned to the task until the answer comes from the new bundle (deadline 30 s)."""
     start = time.perf_counter()
-    up = client.push(sample.bundle)
+    up = client.push(data)
     uploaded = time.perf_counter()
-    deadline = uploaded + 30
     while True:
-        try:  # pinned, so a task whose domain an older task also claims counts as soon as it can be reached
-            routes = [r["route"] for r in client.classify(sample.images[:1], task=up["task"])["results"]]
+        try:
+            routes = [r["route"] for r in client.classify([image], task=up["task"])["results"]]
         except ClipbankHTTPError as e:
             if e.code != "task_not_found":
                 raise
             routes = []
         if any(r["bundle_id"] == up["bundle_id"] for r in routes):
             break
-        if time.perf_counter() > deadline:
+        if time.perf_counter() > uploaded + 30:
             raise TimeoutError(f"task {up['task']} not routable 30 s after its upload")
-    routable = time.perf_counter()
     return {
+        "bank_size": bank_size,
         "task": up["task"],
-        "bytes": len(sample.bundle),
+        "bytes": len(data),
         "upload_s": round(uploaded - start, 4),
-        "upload_end_to_routable_s": round(routable - uploaded, 4),
+        "upload_end_to_routable_s": round(time.perf_counter() - uploaded, 4),
     }
 
 
-def bench_service(cfg: ServiceBenchConfig) -> dict[str, Any]:
-    """Zero-shot load on an empty bank, push every task (timed), then mixed auto load; RSS at both points."""
-    report: dict[str, Any] = {"backbone": cfg.backbone, "tasks": len(cfg.tasks), "load": [], "pushes": []}
-    args = ("--backbone", cfg.backbone, "--log-level", "warning", *cfg.server_args)
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        server_process(Path(tmp), args, {"CLIPBANK_ADMIN_TOKEN": TOKEN, **cfg.env}) as (
-            url,
-            pid,
-        ),
-    ):
-        report["load"] += _load_rows(url, cfg.outside, cfg, "zero-shot, 0 tasks")
-        report["rss_bytes"] = {"0": rss_bytes(pid)}
+def _baseline_rows(backend: Backend, cfg: ServeBenchConfig) -> list[dict[str, Any]]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "service.baseline", "--backbone", backend.backbone, "--port", str(port)]
+    with command_process(cmd, port, cfg.env) as (url, _):
+        make = _zero_shot_factory(cfg)
+        return [_level(url, make, c, cfg, server="baseline", mode="zero-shot", tasks=0) for c in cfg.concurrency]
+
+
+def _clipbank_rows(backend: Backend, cfg: ServeBenchConfig, runtime: str) -> dict[str, Any]:
+    """One server: zero-shot levels, then push tasks one by one, measuring at the growth sizes."""
+    full = runtime == "torch"
+    conc = cfg.concurrency if full else cfg.onnx_concurrency
+    sizes = sorted(set(cfg.growth) | {cfg.auto_tasks}) if full else [0, cfg.auto_tasks]
+    out: dict[str, Any] = {"load": [], "rss_bytes": {}, "pushes": []}
+    args = ("--backbone", backend.backbone, "--log-level", "warning", "--frozen-runtime", runtime, *cfg.server_args)
+    env = {"CLIPBANK_ADMIN_TOKEN": TOKEN, **cfg.env}
+    with tempfile.TemporaryDirectory() as tmp, server_process(Path(tmp), args, env) as (url, pid):
+        tag = {"server": "clipbank", "runtime": runtime}
+        out["load"] += [_level(url, _zero_shot_factory(cfg), c, cfg, **tag, mode="zero-shot", tasks=0) for c in conc]
+        out["rss_bytes"]["0"] = _settled_rss(pid)
         with ClipbankClient(url, TOKEN) as client:
-            for sample in cfg.tasks:
-                report["pushes"].append(_push_until_routable(client, sample))
-        mixed = [im for s in cfg.tasks for im in s.images] + list(cfg.outside)
-        mixed = [mixed[(i * 7) % len(mixed)] for i in range(len(mixed))]  # interleave domains
-        report["load"] += _load_rows(url, mixed, cfg, f"auto, {len(cfg.tasks)} tasks, mixed traffic")
-        report["rss_bytes"][str(len(cfg.tasks))] = rss_bytes(pid)
+            for k in range(1, max(sizes) + 1):
+                out["pushes"].append(_push(client, backend.bundles[k - 1], k - 1, cfg.images[0]))
+                if k not in sizes:
+                    continue
+                make = _mixed_factory(cfg, backend.task_names[:k])
+                levels = conc if k == cfg.auto_tasks else (cfg.key_concurrency,)
+                out["load"] += [_level(url, make, c, cfg, **tag, mode="auto", tasks=k) for c in levels]
+                out["rss_bytes"][str(k)] = _settled_rss(pid)
+        if full and max(sizes) > 1:
+            out["paired"] = _paired(url, backend, cfg, args, env, max(sizes))
+    return out
+
+
+def _paired(url: str, backend: Backend, cfg: ServeBenchConfig, args, env, big: int) -> list[dict[str, Any]]:
+    """Throughput with `big` tasks against a second server holding 1 task, in alternating rounds, so that drifts
+    in the machine's speed affect both alike (the growth series above is measured minutes apart)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, server_process(Path(tmp), args, env) as (small_url, _):
+        with ClipbankClient(small_url, TOKEN) as client:
+            _push(client, backend.bundles[0], 0, cfg.images[0])
+        half = ServeBenchConfig(**{**vars(cfg), "max_seconds": cfg.max_seconds / 2, "requests": cfg.requests // 2})
+        for r in range(PAIRED_ROUNDS):
+            for tasks, where in ((1, small_url), (big, url)):
+                make = _mixed_factory(cfg, backend.task_names[:tasks])
+                row = _level(where, make, cfg.key_concurrency, half, server="clipbank", runtime="torch", tasks=tasks)
+                rows.append({**row, "mode": "auto", "round": r})
+    return rows
+
+
+def find_row(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+    for r in rows:
+        if all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def bench_backend(backend: Backend, cfg: ServeBenchConfig) -> dict[str, Any]:
+    print(f"{backend.label}: baseline", file=sys.stderr, flush=True)
+    report: dict[str, Any] = {"label": backend.label, "backbone": backend.backbone, "flops": backend.flops}
+    report["load"] = _baseline_rows(backend, cfg)
+    print(f"{backend.label}: clipbank, PyTorch frozen pass", file=sys.stderr, flush=True)
+    torch_run = _clipbank_rows(backend, cfg, "torch")
+    report["load"] += torch_run["load"]
+    report["rss_bytes"] = torch_run["rss_bytes"]
+    report["pushes"] = torch_run["pushes"]
+    report["paired"] = torch_run.get("paired", [])
+    if cfg.onnx:
+        print(f"{backend.label}: clipbank, ONNX Runtime frozen pass", file=sys.stderr, flush=True)
+        report["load"] += _clipbank_rows(backend, cfg, "onnx")["load"]
+    report["tensor_bytes"] = backend.tensor_bytes
     return report
-
-
-def format_report(report: dict[str, Any]) -> str:
-    lines = [
-        f"backbone {report['backbone']}",
-        "",
-        "| traffic | concurrency | requests | errors | images/s | p50 ms | p95 ms | p99 ms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in report["load"]:
-        lines.append(
-            f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['images_per_s']} | "
-            f"{r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} |"
-        )
-    lines += ["", "| task | bundle bytes | upload s | upload end to routable s |", "| --- | --- | --- | --- |"]
-    for p in report["pushes"]:
-        lines.append(f"| {p['task']} | {p['bytes']} | {p['upload_s']} | {p['upload_end_to_routable_s']} |")
-    rss = report["rss_bytes"]
-    lines += ["", "RSS: " + ", ".join(f"{k} tasks {v / 2**20:.1f} MiB" for k, v in rss.items())]
-    return "\n".join(lines)
-
-
-def write_report(report: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(format_report(report) + "\n")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 MB = 1024 * 1024
+FROZEN_RUNTIMES = ("auto", "torch", "onnx")  # auto: onnx on CPU (measured faster there), torch on GPU
 ENV_PREFIX = "CLIPBANK_"
 
 
@@ -46,6 +47,8 @@ class ServeConfig:
     text_cache_mb: int = 256
     max_queue_images: int = 1024  # images waiting for a batch; more gets a 503 "overloaded"
     log_level: str = "info"
+    frozen_runtime: str = "auto"  # auto | torch | onnx: who runs the frozen passes (the adapted pass is always torch)
+    onnx_cache: str = ""  # where ONNX exports are kept; "" means $XDG_CACHE_HOME/clipbank/onnx
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -69,6 +72,8 @@ class ServeConfig:
             problems.append(
                 f"text_cache_size and text_cache_mb must be >= 0, got {self.text_cache_size}, {self.text_cache_mb}"
             )
+        if self.frozen_runtime not in FROZEN_RUNTIMES:
+            problems.append(f"frozen_runtime must be one of {', '.join(FROZEN_RUNTIMES)}, got {self.frozen_runtime!r}")
         for name in ("admin_token", "classify_token"):
             token = getattr(self, name)
             if token is not None and len(token) < 16:

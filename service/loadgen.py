@@ -55,7 +55,8 @@ async def run_load(
     out: list[tuple[float, str, int]] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers=headers) as client:
-        await client.post("/classify", **make(0))  # connection and server warm-up, not measured
+        # Warm-up, not measured: every connection opened, and the server's first-call costs paid.
+        await asyncio.gather(*[client.post("/classify", **make(i)) for i in range(concurrency)])
         counter = [0]
         start = time.perf_counter()
         deadline = start + max_seconds

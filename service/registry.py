@@ -14,10 +14,11 @@ from model_store.backbone import Backbone
 from model_store.bank import BankSnapshot
 from model_store.bundle import Bundle, read_bundle
 from model_store.errors import BundleInvalid
-from model_store.inference import ClassifyItem, classify_batch
+from model_store.inference import ClassifyItem, TextCache, classify_batch
 from model_store.loader import BankLoader
 from model_store.store import LocalStore, PutResult
 
+from .memory import release_free_memory
 from .metrics import Metrics
 
 log = logging.getLogger("clipbank.service")
@@ -31,8 +32,11 @@ class Registry:
     store is written, so a bad upload or activation changes neither the store nor what is served.
     """
 
-    def __init__(self, store: LocalStore, backbone: Backbone, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, store: LocalStore, backbone: Backbone, metrics: Metrics | None = None, cache: TextCache | None = None
+    ) -> None:
         self.store = store
+        self.cache = cache  # the serving text cache: a trial run leaves a new task's class embeddings in it
         self.loader = BankLoader(store, backbone)
         self.metrics = metrics or Metrics()
         self._change_lock = threading.Lock()
@@ -56,6 +60,7 @@ class Registry:
         self._bank = bank  # the swap: one reference assignment
         seconds = time.perf_counter() - t0
         self.loader.trim()
+        release_free_memory()  # what the upload, the old snapshot and the trial run freed
         self.metrics.observe_bank(bank, seconds)
         log.info("bank generation %d: %d tasks, swapped in %.3fs", bank.generation, len(bank.tasks), seconds)
         return bank
@@ -68,7 +73,7 @@ class Registry:
         with self._change_lock, self.store.locked():
             try:
                 candidate = self.loader.load(self._bank, overrides)  # raises on anything it could not serve
-                trial_run(candidate, [t for t, b in overrides.items() if b is not None])
+                trial_run(candidate, [t for t, b in overrides.items() if b is not None], self.cache)
             except Exception:
                 self.metrics.swap_failures.inc()
                 raise
@@ -125,13 +130,16 @@ class Registry:
         return self._change({task: None}, write)
 
 
-def trial_run(bank: BankSnapshot, tasks: list[str]) -> None:
-    """Classify one blank image pinned to each task, with its own classes, before the bank may serve."""
+def trial_run(bank: BankSnapshot, tasks: list[str], cache: TextCache | None = None) -> None:
+    """Classify one blank image pinned to each task, with its own classes, before the bank may serve.
+
+    With the serving `cache`, the tasks' class embeddings (keyed by bundle id) are then ready for the first request.
+    """
     if not tasks:
         return
     size = bank.backbone.image_size
     blank = torch.zeros(1, 3, size, size)
-    outs = classify_batch(bank, [ClassifyItem(blank, None, task=t) for t in tasks])
+    outs = classify_batch(bank, [ClassifyItem(blank, None, task=t) for t in tasks], cache)
     for task, out in zip(tasks, outs):
         if isinstance(out, Exception):
             raise BundleInvalid(f"task {task!r} fails a trial classification: {type(out).__name__}: {out}")

@@ -173,3 +173,4 @@ class Health(BaseModel):
     generation: int | None = None
     tasks: list[str] = Field(default_factory=list)
     backbone: dict[str, Any] = Field(default_factory=dict)
+    frozen_runtime: str | None = None  # torch | onnx

@@ -22,7 +22,11 @@ def anyio_backend():
 
 @asynccontextmanager
 async def running_app(tmp_path, backbone, limits: Limits | None = None, **settings):
-    """An app on a fresh store under `tmp_path`, ready, with an httpx client talking to it in process."""
+    """An app on a fresh store under `tmp_path`, ready, with an httpx client talking to it in process.
+
+    The frozen passes stay in PyTorch unless a test asks otherwise: the shared backbone must not change runtime.
+    """
+    settings.setdefault("frozen_runtime", "torch")
     config = ServeConfig(store=str(tmp_path / "store"), admin_token=TOKEN, limits=limits or Limits(), **settings)
     app = create_app(config, backbone=backbone)
     async with app.router.lifespan_context(app):

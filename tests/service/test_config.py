@@ -34,3 +34,10 @@ def test_cli_serve_refuses_bad_settings_with_exit_code_2(monkeypatch, capsys):
     monkeypatch.setenv("CLIPBANK_MAX_BATCH", "-1")
     assert main(["serve"]) == 2
     assert "max_batch must be >= 1" in capsys.readouterr().err
+
+
+def test_frozen_runtime_must_be_known():
+    assert ServeConfig().frozen_runtime == "auto"
+    assert ServeConfig.from_env({"CLIPBANK_FROZEN_RUNTIME": "onnx"}).frozen_runtime == "onnx"
+    with pytest.raises(ValueError, match="frozen_runtime must be one of auto, torch, onnx"):
+        ServeConfig(frozen_runtime="tensorrt")

@@ -1,0 +1,66 @@
+"""`clipbank bench serve` end to end, at toy scale: real servers, real load, a complete report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clipbank.bench_serve import default_images, run_bench_serve
+from service.bench import ServeBenchConfig
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_serve_writes_a_complete_report(tmp_path):
+    pytest.importorskip("onnxruntime")
+    cfg = ServeBenchConfig(
+        images=default_images(8),
+        concurrency=(1, 4),
+        growth=(0, 1, 3),
+        auto_tasks=3,
+        key_concurrency=4,
+        requests=12,
+        max_seconds=5,
+        onnx_concurrency=(4,),
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    report = run_bench_serve(tmp_path, cfg, [("tiny", "tiny")], "test")
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["ratios"] == report["ratios"]
+    for key in (
+        "auto_vs_baseline",
+        "zero_shot_vs_baseline",
+        "p99_auto_vs_baseline",
+        "tasks3_vs_tasks1",
+        "tasks3_vs_tasks1_sequential",
+    ):
+        assert report["ratios"][key] > 0, key
+    assert report["ratios"]["memory_per_task_vs_bundle"] is not None
+    assert report["ratios"]["onnx_vs_torch_zero_shot"] > 0
+    (tiny,) = report["backends"]
+    seen = {(r["server"], r.get("runtime"), r["mode"], r["tasks"], r["concurrency"]) for r in tiny["load"]}
+    assert seen == {
+        ("baseline", None, "zero-shot", 0, 1),
+        ("baseline", None, "zero-shot", 0, 4),
+        ("clipbank", "torch", "zero-shot", 0, 1),
+        ("clipbank", "torch", "zero-shot", 0, 4),
+        ("clipbank", "torch", "auto", 1, 4),
+        ("clipbank", "torch", "auto", 3, 1),
+        ("clipbank", "torch", "auto", 3, 4),
+        ("clipbank", "onnx", "zero-shot", 0, 4),
+        ("clipbank", "onnx", "auto", 3, 4),
+    }
+    for row in tiny["load"]:
+        assert row["errors"] == 0 and row["images"] > 0 and row["status"] == {"200": row["requests"]}, row
+        assert 0 < row["fraction_of_gemm"] < 1
+    assert [p["bank_size"] for p in tiny["pushes"]] == [0, 1, 2]
+    assert [(r["round"], r["tasks"]) for r in tiny["paired"]] == [(0, 1), (0, 3), (1, 1), (1, 3), (2, 1), (2, 3)]
+    assert all(r["errors"] == 0 and r["images_per_s"] > 0 for r in tiny["paired"])
+    assert all(p["upload_end_to_routable_s"] < 30 for p in tiny["pushes"])
+    assert set(tiny["rss_bytes"]) == {"0", "1", "3"}
+    assert tiny["flops"]["image_adapted"] > tiny["flops"]["image_frozen"] > 0
+    md = (tmp_path / "report.md").read_text()
+    assert "auto_vs_baseline" in md and "| baseline |" in md
+    assert {p for p in report["plots"]} == {"serve-load.png", "serve-growth.png"}
+    assert all((tmp_path / p).stat().st_size > 10_000 for p in report["plots"])

@@ -1,0 +1,62 @@
+"""Which runtime serves the frozen passes: auto picks ONNX Runtime on CPU, and the answers do not change."""
+
+from __future__ import annotations
+
+import anyio
+import httpx
+import pytest
+
+from model_store.backbone import load_backbone
+from service.app import create_app
+from service.config import ServeConfig
+from tests.service.conftest import TOKEN, running_app
+from tests.service.images import colour
+
+pytestmark = pytest.mark.anyio
+NAMES = ["red", "green", "blue"]
+
+
+async def _answers(client) -> list[list]:
+    files = [("images", (f"{n}.png", colour(n))) for n in NAMES]
+    r = await client.post("/classify", files=files, data={"labels": NAMES})
+    assert r.status_code == 200, r.text
+    return [[(x["label"], x["score"]) for x in res["labels"]] for res in r.json()["results"]]
+
+
+async def test_auto_serves_the_frozen_pass_from_onnx_runtime_on_cpu_with_the_same_answers(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("CLIPBANK_ONNX_CACHE", str(tmp_path / "onnx"))
+    async with running_app(tmp_path / "a", load_backbone("tiny", "cpu"), frozen_runtime="torch") as c:
+        assert (await c.get("/readyz")).json()["frozen_runtime"] == "torch"
+        reference = await _answers(c)
+    async with running_app(tmp_path / "b", load_backbone("tiny", "cpu"), frozen_runtime="auto") as c:
+        assert (await c.get("/readyz")).json()["frozen_runtime"] == "onnx"
+        got = await _answers(c)
+    assert any((tmp_path / "onnx").iterdir())
+    for ref, new in zip(reference, got):
+        assert [label for label, _ in ref] == [label for label, _ in new]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(ref, new)) <= 1e-4
+    assert [r[0][0] for r in got] == NAMES
+
+
+async def test_an_unusable_onnx_runtime_fails_the_start_only_when_asked_for(tmp_path, monkeypatch):
+    from model_store import onnx_runtime
+    from model_store.errors import BackboneError
+
+    def broken(*args, **kwargs):
+        raise BackboneError("no exporter here")
+
+    monkeypatch.setattr(onnx_runtime, "use_onnx_runtime", broken)
+    async with running_app(tmp_path / "a", load_backbone("tiny", "cpu"), frozen_runtime="auto") as c:
+        assert (await c.get("/readyz")).json()["frozen_runtime"] == "torch"  # auto falls back, and says so
+        assert [r[0][0] for r in await _answers(c)] == NAMES
+    failures = []
+    config = ServeConfig(store=str(tmp_path / "b"), admin_token=TOKEN, frozen_runtime="onnx")
+    app = create_app(config, backbone=load_backbone("tiny", "cpu"), on_fatal=failures.append)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            with anyio.fail_after(60):
+                await app.state.service.failed.wait()
+            r = await c.get("/readyz")
+            assert r.status_code == 503 and "no exporter here" in r.json()["error"]["message"]
+    assert failures and "no exporter here" in failures[0]
