@@ -127,9 +127,13 @@ def build_bank(
     available: dict[str, PlacedExpert] = {}
     for b in (*tasks, *providers):
         available.update(b.experts)
-    known = {eid: (tw, bl) for eid, (tw, bl, _) in (previous.expert_ids.items() if previous else ())}
-    for b in tasks:
-        check_compatible(b, backbone, {**known, **{e: (p.tower, p.block) for e, p in available.items()}})
+    prior = {t.bundle_id: t for t in previous.tasks} if previous is not None else {}
+    fresh = [b for b in tasks if b.id not in prior]  # the others were checked when they entered `previous`
+    if fresh:
+        placed = {eid: (tw, bl) for eid, (tw, bl, _) in (previous.expert_ids.items() if previous else ())}
+        placed.update({e: (p.tower, p.block) for e, p in available.items()})
+        for b in fresh:
+            check_compatible(b, backbone, placed)
     needed = {e for b in tasks for tower in TOWERS for ids in b.manifest["routing"][tower] for e in ids}
     order: dict[tuple[str, int], list[str]] = {(t, i): [] for t in TOWERS for i in range(backbone.towers[t].layers)}
     tensors: dict[str, Expert] = {}
@@ -149,5 +153,10 @@ def build_bank(
         t: tuple(tuple(tensors[e] for e in order[(t, i)]) for i in range(backbone.towers[t].layers)) for t in TOWERS
     }
     config = previous.config if previous else MoEConfig()
-    entries = tuple(_task_entry(b, ids, backbone.device, config) for b in sorted(tasks, key=lambda b: b.task))
+    # When every expert of `previous` stays, every slot keeps its index: unchanged tasks keep their entries.
+    same_slots = previous is not None and all(eid in needed for eid in previous.expert_ids)
+    entries = tuple(
+        prior[b.id] if same_slots and b.id in prior else _task_entry(b, ids, backbone.device, config)
+        for b in sorted(tasks, key=lambda b: b.task)
+    )
     return BankSnapshot(backbone, experts, ids, entries, generation, config)

@@ -61,11 +61,31 @@ class LocalStore:
         self.index_path = self.root / "index.json"
         self.blobs.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(str(self.root / ".lock"), timeout=60)
+        self._cached: tuple[tuple, dict[str, Any]] | None = None
 
     # ----------------------------------------------------------------------------------------- reading
 
     def index(self) -> dict[str, Any]:
-        """The current index (a fresh read; other processes may have changed it)."""
+        """The current index, shared: do not modify it (`_change` edits a private copy).
+
+        Parsed again only when the file changed (its inode, size, mtime or generation): with a hundred tasks it
+        is megabytes of JSON, and servers poll its generation every few seconds.
+        """
+        try:
+            with open(self.index_path, "rb") as f:
+                st = os.fstat(f.fileno())
+                head = f.read(64)  # holds the generation (keys are sorted), which every change increments
+        except FileNotFoundError:
+            return {"format": INDEX_FORMAT, "generation": 0, "tasks": {}}
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, head)
+        cached = self._cached
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        index = self._read_index()
+        self._cached = (key, index)
+        return index
+
+    def _read_index(self) -> dict[str, Any]:
         try:
             index = json.loads(self.index_path.read_text())
         except FileNotFoundError:
@@ -129,10 +149,11 @@ class LocalStore:
             for folder in (self.root, self.blobs):  # temp files left by a killed writer; we hold the lock
                 for stale in folder.glob(TMP_PREFIX + "*"):
                     stale.unlink(missing_ok=True)
-            index = self.index()
+            index = self._read_index()  # a private copy to edit
             yield index
             index["generation"] = int(index["generation"]) + 1
-            atomic_write(self.index_path, json.dumps(index, indent=1, sort_keys=True).encode())
+            # compact: the C encoder (with an indent, json runs in Python: slow for a big index)
+            atomic_write(self.index_path, json.dumps(index, sort_keys=True, separators=(",", ":")).encode())
 
     def put(
         self,

@@ -169,6 +169,9 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path):
     args = ("--max-wait-ms", "3000", "--max-batch", "64")  # the first request waits 3 s for company
     results: list = []
     with server_process(tmp_path / "store", args, env, tmp_path / "server.log", ready_seconds=120) as (url, pid):
+        for _ in range(2):  # requests less than 3 s apart: from now on a batch waits for company
+            files = [("images", ("r.png", colour("red")))]
+            assert httpx.post(url + "/classify", files=files, data={"labels": ["red"]}, timeout=60).status_code == 200
 
         def post() -> None:
             files = [("images", ("r.png", colour("red")))]

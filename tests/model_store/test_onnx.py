@@ -58,7 +58,9 @@ def test_a_broken_cached_export_is_refused(tmp_path):
     use_onnx_runtime(bb, tmp_path)
     other = load_backbone("tiny", device="cpu")
     with torch.no_grad():  # a different model under the same fingerprint: the cached export no longer matches
-        other.model.visual.proj.mul_(1.5)
+        other.model.visual.proj.add_(
+            torch.randn(other.model.visual.proj.shape, generator=torch.Generator().manual_seed(0))
+        )
     with pytest.raises(BackboneError, match="differs from PyTorch"):
         use_onnx_runtime(other, tmp_path)
     assert other.frozen.name == "torch"

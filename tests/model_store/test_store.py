@@ -159,3 +159,24 @@ def test_loader_cache_keeps_only_bundles_in_use(tmp_path, backbone, bundles):
     store.purge("cars")
     loader.load()
     assert loader.trim() == 1 and loader._bundles == {}
+
+
+def test_index_reads_are_cached_until_the_file_changes(tmp_path, monkeypatch):
+    from model_store import store as store_module
+
+    store = LocalStore(tmp_path / "s")
+    other = LocalStore(tmp_path / "s")  # another process's view of the same folder
+    parses = []
+    real = store_module.json.loads
+    monkeypatch.setattr(store_module.json, "loads", lambda text: parses.append(1) or real(text))
+    assert store.generation() == 0 and not parses  # no file yet
+    with other._change() as index:
+        index["tasks"]["t"] = {"active": None, "versions": []}
+    parses.clear()
+    assert store.generation() == 1 and len(parses) == 1
+    assert store.generation() == 1 and store.index()["tasks"] == {"t": {"active": None, "versions": []}}
+    assert len(parses) == 1  # unchanged file: no second parse
+    for expected in (2, 3):  # quick successive changes of the same size are still seen
+        with other._change():
+            pass
+        assert store.generation() == expected
