@@ -41,4 +41,3 @@ def test_frozen_runtime_must_be_known():
     assert ServeConfig.from_env({"CLIPBANK_FROZEN_RUNTIME": "onnx"}).frozen_runtime == "onnx"
     with pytest.raises(ValueError, match="frozen_runtime must be one of auto, torch, onnx"):
         ServeConfig(frozen_runtime="tensorrt")
-
