@@ -234,19 +234,29 @@ def plot(report: dict[str, Any], out: Path) -> list[str]:
         pts = sorted(
             (r["tasks"], r["images_per_s"])
             for r in b["load"]
-            if r["server"] == "clipbank" and r.get("runtime") == "torch" and r["concurrency"] == c
+            if r["server"] == "clipbank"
+            and r.get("runtime") == "torch"
+            and r["mode"] == "auto"
+            and r["concurrency"] == c
         )
-        ax_t.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
-        ax_t.set_title(f"{b['label']}: images/s at concurrency {c}")
+        ax_t.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="one server, growing")
+        paired = sorted((r["tasks"], r["images_per_s"]) for r in b.get("paired", []))
+        if paired:
+            ax_t.plot([p[0] for p in paired], [p[1] for p in paired], "x", label="paired rounds (1 vs most tasks)")
+        ax_t.set_ylim(0, 1.1 * max([p[1] for p in pts + paired] or [1]))
+        ax_t.legend(fontsize=7)
+        ax_t.set_title(f"{b['label']}: auto images/s, {c} clients")
         rss = sorted((int(k), v / 2**20) for k, v in b["rss_bytes"].items())
         ax_m.plot([p[0] for p in rss], [p[1] for p in rss], marker="o")
         ax_m.set_title(f"{b['label']}: server RSS MiB")
+        sizes = [p["bank_size"] for p in b["pushes"]]
+        ax_s.plot(sizes, [p["upload_s"] for p in b["pushes"]], marker=".", label="upload round trip")
         ax_s.plot(
-            [p["bank_size"] for p in b["pushes"]],
-            [p["upload_s"] + p["upload_end_to_routable_s"] for p in b["pushes"]],
-            marker=".",
+            sizes, [p["upload_end_to_routable_s"] for p in b["pushes"]], marker=".", label="upload end to routable"
         )
-        ax_s.set_title(f"{b['label']}: upload to routable, s")
+        ax_s.set_ylim(bottom=0)
+        ax_s.legend(fontsize=7)
+        ax_s.set_title(f"{b['label']}: hot-swap seconds")
         for ax in (ax_t, ax_m, ax_s):
             ax.set_xlabel("tasks in the bank")
             ax.grid(alpha=0.3)
