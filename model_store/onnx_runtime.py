@@ -54,31 +54,15 @@ def _require_ort():
     return onnxruntime
 
 
-class _ImageTower(torch.nn.Module):
-    def __init__(self, model: Any) -> None:
+class _Exported(torch.nn.Module):
+    """`fn(owner, x)` as a module for the exporter; `owner` (the CLIP, or a selector) supplies the weights."""
+
+    def __init__(self, fn: Any, owner: Any) -> None:
         super().__init__()
-        self.model = model
+        self.fn, self.owner = fn, owner
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return encode_image(self.model, images)
-
-
-class _TextTower(torch.nn.Module):
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return encode_text(self.model, tokens)
-
-
-class _SelectorScore(torch.nn.Module):
-    def __init__(self, selector: Selector) -> None:
-        super().__init__()
-        self.selector = selector
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return score(self.selector, feats)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.owner, x)
 
 
 def _export(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -107,8 +91,8 @@ def export_towers(backbone: Backbone, out_dir: str | os.PathLike) -> dict[str, P
     images, tokens = _examples(backbone)
     try:
         paths = {"image": out / "image.onnx", "text": out / "text.onnx"}
-        _export(_ImageTower(model), images, paths["image"])
-        _export(_TextTower(model), tokens, paths["text"])
+        _export(_Exported(encode_image, model), images, paths["image"])
+        _export(_Exported(encode_text, model), tokens, paths["text"])
     finally:
         backbone.model.to(backbone.device)
     return paths
@@ -118,7 +102,7 @@ def export_selector(selector: Selector, path: str | os.PathLike) -> Path:
     """Write a selector's score (error / threshold, [n, D] -> [n]) as an ONNX graph."""
     dim = next(iter(selector.tensors().values())).shape[-1]
     example = torch.nn.functional.normalize(torch.randn(2, dim, generator=torch.Generator().manual_seed(0)), dim=-1)
-    _export(_SelectorScore(selector), example, Path(path))
+    _export(_Exported(score, selector), example, Path(path))
     return Path(path)
 
 
