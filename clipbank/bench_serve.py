@@ -86,10 +86,10 @@ def ratios(report: dict[str, Any], cfg: ServeBenchConfig) -> dict[str, float | N
     base = get(server="baseline")
     zs = get(server="clipbank", runtime="torch", mode="zero-shot")
     auto = get(server="clipbank", runtime="torch", mode="auto", tasks=cfg.auto_tasks)
-    big = max(cfg.growth)
+    big = max(max(cfg.growth), cfg.auto_tasks)  # as service.bench pushes and pairs
     t1, tn = get(runtime="torch", mode="auto", tasks=1), get(runtime="torch", mode="auto", tasks=big)
     rss = report["rss_bytes"]
-    per_task = (rss[str(big)] - rss["1"]) / (big - 1) if big > 1 else None
+    per_task = (rss[str(big)] - rss["1"]) / (big - 1) if big > 1 and "1" in rss else None
     bundle = sum(report["tensor_bytes"][1:big]) / max(big - 1, 1)
     onnx_zs = get(server="clipbank", runtime="onnx", mode="zero-shot")
     onnx_auto = get(server="clipbank", runtime="onnx", mode="auto")
@@ -98,7 +98,9 @@ def ratios(report: dict[str, Any], cfg: ServeBenchConfig) -> dict[str, float | N
         return round(a / b, 3) if a is not None and b else None
 
     paired = {n: [r["images_per_s"] for r in report.get("paired", []) if r["tasks"] == n] for n in (1, big)}
-    paired_ratio = div(statistics.median(paired[big]), statistics.median(paired[1])) if paired[1] else None
+    paired_ratio = (
+        div(statistics.median(paired[big]), statistics.median(paired[1])) if paired[1] and paired[big] else None
+    )
     return {
         "auto_vs_baseline": div(auto.get("images_per_s"), base.get("images_per_s")),
         "zero_shot_vs_baseline": div(zs.get("images_per_s"), base.get("images_per_s")),

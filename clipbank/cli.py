@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="naive baseline vs clipbank zero-shot and auto, bank growth, ONNX Runtime, FLOP bound"
     )
     bs.add_argument("--out", default="runs/bench-serve", help="report.json, report.md and plots go here")
-    bs.add_argument("--quick", action="store_true", help="tiny backbone only, fewer levels and tasks (~3 min)")
+    bs.add_argument("--quick", action="store_true", help="tiny backbone only, fewer levels and tasks (about a minute)")
     bs.add_argument("--tiny-only", action="store_true", help="skip the ViT-B-32-sized backbone")
     bs.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime server")
     bs.add_argument("--requests", type=int, help="requests per load level, at most (default 400, quick 100)")

@@ -265,7 +265,7 @@ def _one_block(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     total = sum(t.numel() for t in tensors.values())
     if total == 0:
         return tensors
-    flat = torch.frombuffer(mmap.mmap(-1, total * 4), dtype=torch.float32, count=total)
+    flat = torch.frombuffer(mmap.mmap(-1, total * 4, flags=mmap.MAP_PRIVATE), dtype=torch.float32, count=total)
     out, offset = {}, 0
     for key, t in tensors.items():
         view = flat[offset : offset + t.numel()].view(t.shape)

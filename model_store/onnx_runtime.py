@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from .backbone import Backbone
 from .errors import BackboneError
@@ -24,6 +24,8 @@ from .selector import Selector, score
 log = logging.getLogger(__name__)
 
 PARITY_ATOL = 1e-4  # max abs difference of normalised embeddings accepted between PyTorch and ONNX Runtime
+EXPORT_FORMAT = 1  # bump when what is exported changes (encode_image / encode_text), so caches are redone
+EXPORT_LOCK_SECONDS = 900
 _MAX_BATCH = 4096
 
 
@@ -145,46 +147,89 @@ class OrtFrozen:
         return run_session(self._text, tokens).to(self.device)
 
 
-def parity(backbone: Backbone, runtime: Any, n: int = 3) -> dict[str, float]:
-    """Max abs difference of image and text embeddings between PyTorch and `runtime`, on fixed inputs."""
-    size = backbone.image_size
-    images = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1)).to(backbone.device)
-    tokens = backbone.tokenizer([f"a photo of a thing number {i}." for i in range(n)]).to(backbone.device)
-    with torch.inference_mode():
-        ref_i, ref_t = encode_image(backbone.model, images), encode_text(backbone.model, tokens)
-    return {
-        "image": float((runtime.image(images) - ref_i).abs().max()),
-        "text": float((runtime.text(tokens) - ref_t).abs().max()),
-    }
+def parity(backbone: Backbone, runtime: Any, sizes: tuple[int, ...] = (1, 3)) -> dict[str, float]:
+    """Max abs difference of image and text embeddings between PyTorch and `runtime`, on fresh random inputs
+    (so that an export cannot be made to pass by knowing them) at each batch size in `sizes`."""
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    size, worst = backbone.image_size, {"image": 0.0, "text": 0.0}
+    for n in sizes:
+        images = torch.rand(n, 3, size, size, generator=g).to(backbone.device)
+        words = torch.randint(0, 10_000, (n,), generator=g).tolist()
+        tokens = backbone.tokenizer([f"a photo of a thing number {w}." for w in words]).to(backbone.device)
+        with torch.inference_mode():
+            ref_i, ref_t = encode_image(backbone.model, images), encode_text(backbone.model, tokens)
+        worst["image"] = max(worst["image"], float((runtime.image(images) - ref_i).abs().max()))
+        worst["text"] = max(worst["text"], float((runtime.text(tokens) - ref_t).abs().max()))
+    return worst
+
+
+def _cache_folder(root: Path) -> Path:
+    """The cache root, private to this user: exports there are loaded and run."""
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if root.stat().st_uid != os.getuid():
+        raise BackboneError(f"the ONNX cache {root} belongs to another user; set CLIPBANK_ONNX_CACHE to your own")
+    return root
+
+
+def _export_into(backbone: Backbone, root: Path, target: Path) -> None:
+    """Export into a temporary folder of `root` and rename it to `target` (the caller holds the lock)."""
+    for stale in root.glob(".tmp-*"):  # left by a killed export
+        shutil.rmtree(stale, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        export_towers(backbone, tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except Exception as e:  # noqa: BLE001 - torch.export raises many types for unsupported models
+        raise BackboneError(f"could not export {backbone.ref.text!r} to ONNX: {type(e).__name__}: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _checked_runtime(backbone: Backbone, target: Path) -> tuple[OrtFrozen, dict[str, float]]:
+    try:
+        runtime = OrtFrozen(target / "image.onnx", target / "text.onnx", backbone.device)
+        diffs = parity(backbone, runtime)
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own types for unreadable files
+        raise BackboneError(f"the ONNX export in {target} cannot be used: {type(e).__name__}: {e}") from e
+    if max(diffs.values()) > PARITY_ATOL:
+        raise BackboneError(f"the ONNX export of {backbone.ref.text!r} differs from PyTorch by {diffs} > {PARITY_ATOL}")
+    return runtime, diffs
+
+
+def _versions() -> str:
+    import onnxruntime
+    import onnxscript
+
+    parts = (EXPORT_FORMAT, torch.__version__.split("+")[0], onnxscript.__version__, onnxruntime.__version__)
+    return "-".join(str(p) for p in parts)
 
 
 def use_onnx_runtime(backbone: Backbone, cache_dir: str | os.PathLike | None = None) -> dict[str, float]:
-    """Serve `backbone`'s frozen passes from ONNX Runtime, exporting the towers once per fingerprint.
+    """Serve `backbone`'s frozen passes from ONNX Runtime, exporting the towers once per fingerprint and versions.
 
-    Refuses (BackboneError) when the export does not match PyTorch within PARITY_ATOL. Returns the parity.
+    A cached export that cannot be loaded or does not match PyTorch within PARITY_ATOL is exported again, once;
+    if that does not match either, BackboneError. Returns the parity.
     """
     _require_ort()
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = root / f"{backbone.fingerprint[:32]}-torch{torch.__version__.split('+')[0]}"
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / ".export.lock")):
-        if not (target / "text.onnx").is_file():  # directories are renamed into place whole, so this means none
-            log.info("exporting the frozen towers of %s to ONNX in %s (once per backbone)", backbone.ref.text, target)
-            shutil.rmtree(target, ignore_errors=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    root = _cache_folder(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    target = root / f"{backbone.fingerprint[:32]}-{_versions()}"
+    try:
+        with FileLock(str(root / ".export.lock"), timeout=EXPORT_LOCK_SECONDS):
+            if not (target / "text.onnx").is_file():  # folders are renamed into place whole: this means none
+                log.info("exporting the frozen towers of %s to ONNX in %s (once)", backbone.ref.text, target)
+                _export_into(backbone, root, target)
             try:
-                export_towers(backbone, tmp)
-                os.replace(tmp, target)
-            except BackboneError:
-                raise
-            except Exception as e:  # noqa: BLE001 - torch.export raises many types for unsupported models
-                raise BackboneError(f"could not export {backbone.ref.text!r} to ONNX: {type(e).__name__}: {e}") from e
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    runtime = OrtFrozen(target / "image.onnx", target / "text.onnx", backbone.device)
-    diffs = parity(backbone, runtime)
-    if max(diffs.values()) > PARITY_ATOL:
-        raise BackboneError(f"the ONNX export of {backbone.ref.text!r} differs from PyTorch by {diffs} > {PARITY_ATOL}")
+                runtime, diffs = _checked_runtime(backbone, target)
+            except BackboneError as e:
+                log.warning("%s; exporting again", e)
+                _export_into(backbone, root, target)
+                runtime, diffs = _checked_runtime(backbone, target)
+    except Timeout:
+        raise BackboneError(f"the ONNX cache {root} stayed locked for {EXPORT_LOCK_SECONDS} s") from None
     backbone.frozen = runtime
     log.info("frozen passes served by ONNX Runtime (parity %s)", diffs)
     return diffs

@@ -20,7 +20,8 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from model_store.backbone import Backbone, load_backbone
-from model_store.errors import BackboneError, BundleFormatError, InvalidRequest
+from model_store.errors import BundleFormatError, InvalidRequest
+from model_store.frozen import TorchFrozen
 from model_store.inference import ZERO_SHOT, ClassifyItem, ImageResult, TextCache, classify_batch
 from model_store.store import LocalStore
 
@@ -96,18 +97,20 @@ class Service:
     def _frozen_runtime(self) -> None:
         """`onnx` fails the start if it cannot be used; `auto` uses it on CPU and falls back to torch, saying why."""
         wanted = self.config.frozen_runtime
-        if wanted == "torch" or self.backbone.frozen.name == "onnx":
+        if wanted == "torch" or (wanted == "auto" and self.backbone.device.type != "cpu"):
+            if self.backbone.frozen.name != "torch":  # a backbone object shared with another app
+                self.backbone.frozen = TorchFrozen(self.backbone.model)
             return
-        if wanted == "auto" and self.backbone.device.type != "cpu":
+        if self.backbone.frozen.name == "onnx":
             return
         from model_store.onnx_runtime import use_onnx_runtime
 
         try:
             use_onnx_runtime(self.backbone, self.config.onnx_cache or None)
-        except BackboneError as e:
+        except Exception as e:  # noqa: BLE001 - export, cache, file system and ONNX Runtime errors alike
             if wanted == "onnx":
                 raise
-            log.warning("frozen passes stay in PyTorch: %s", e)
+            log.warning("frozen passes stay in PyTorch: %s: %s", type(e).__name__, e, exc_info=e)
 
     def require_ready(self) -> Registry:
         if not self.ready.is_set() or self.registry is None:

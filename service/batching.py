@@ -140,7 +140,8 @@ class Batcher:
     def _arrived(self, p: _Pending) -> None:
         """Moving average of the gaps between request arrivals (FIFO, so enqueue times are in order)."""
         if self._last_arrival is not None:
-            gap = max(p.enqueued - self._last_arrival, 0.0)
+            # capped, so one idle spell does not stop the next burst from being batched
+            gap = min(max(p.enqueued - self._last_arrival, 0.0), 2 * self.max_wait)
             self._gap = gap if self._gap == float("inf") else 0.8 * self._gap + 0.2 * gap
         self._last_arrival = p.enqueued
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from service.process import server_process
 
 TOKEN = "e2e-admin-token-0123456789"
+# Servers here use the default frozen runtime (ONNX Runtime on CPU); its exports go to a folder of this run's.
+ONNX_CACHE = tempfile.mkdtemp(prefix="clipbank-e2e-onnx-")
 
 
 @contextmanager
 def running_server(store: Path, log: Path, *extra: str):
     """The server on `store`, logging to `log`; yields its URL once ready, stops it with SIGTERM afterwards."""
-    env = {"CLIPBANK_ADMIN_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
+    env = {"CLIPBANK_ADMIN_TOKEN": TOKEN, "OMP_NUM_THREADS": "1", "CLIPBANK_ONNX_CACHE": ONNX_CACHE}
     with server_process(store, extra, env, log, ready_seconds=120) as (url, _):
         yield url

@@ -8,6 +8,7 @@ import pytest
 
 from clipbank.bench_serve import default_images, run_bench_serve
 from service.bench import ServeBenchConfig
+from tests.e2e.conftest import ONNX_CACHE
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,7 @@ def test_bench_serve_writes_a_complete_report(tmp_path):
         requests=12,
         max_seconds=5,
         onnx_concurrency=(4,),
-        env={"OMP_NUM_THREADS": "1"},
+        env={"OMP_NUM_THREADS": "1", "CLIPBANK_ONNX_CACHE": ONNX_CACHE},
     )
     report = run_bench_serve(tmp_path, cfg, [("tiny", "tiny")], "test")
     on_disk = json.loads((tmp_path / "report.json").read_text())

@@ -10,7 +10,7 @@ import httpx
 
 from clipbank.cli import main
 from service.client import ClipbankClient, ClipbankHTTPError
-from tests.e2e.conftest import TOKEN, running_server
+from tests.e2e.conftest import ONNX_CACHE, TOKEN, running_server
 from tests.helpers import with_version
 from tests.service.images import colour
 from training.samples import domain_pngs
@@ -20,6 +20,7 @@ def test_lifecycle_and_restart(tmp_path, bundles, capsys):
     store, log = tmp_path / "store", tmp_path / "server.log"
     textures_imgs = domain_pngs("textures", 12)
     with running_server(store, log) as url, ClipbankClient(url, TOKEN) as client:
+        assert client.ready()["frozen_runtime"] == "onnx"  # the default on CPU
         # 1. zero-shot
         out = client.classify([colour("red"), colour("blue")], ["red", "green", "blue"])
         assert [r["labels"][0]["label"] for r in out["results"]] == ["red", "blue"]
@@ -165,7 +166,7 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path):
 
     from service.process import server_process
 
-    env = {"CLIPBANK_ADMIN_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
+    env = {"CLIPBANK_ADMIN_TOKEN": TOKEN, "OMP_NUM_THREADS": "1", "CLIPBANK_ONNX_CACHE": ONNX_CACHE}
     args = ("--max-wait-ms", "3000", "--max-batch", "64")  # the first request waits 3 s for company
     results: list = []
     with server_process(tmp_path / "store", args, env, tmp_path / "server.log", ready_seconds=120) as (url, pid):

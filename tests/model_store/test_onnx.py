@@ -53,17 +53,29 @@ def test_exports_are_cached_by_fingerprint(onnx_backbone):
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps  # not exported a second time
 
 
-def test_a_broken_cached_export_is_refused(tmp_path):
+def test_a_stale_or_broken_cached_export_is_made_again_and_a_mismatch_refused(tmp_path, monkeypatch):
+    from model_store import onnx_runtime
+
     bb = load_backbone("tiny", device="cpu")
     use_onnx_runtime(bb, tmp_path)
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
     other = load_backbone("tiny", device="cpu")
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a different model under the same fingerprint: the cached export no longer matches
-        other.model.visual.proj.add_(
-            torch.randn(other.model.visual.proj.shape, generator=torch.Generator().manual_seed(0))
-        )
+        other.model.visual.proj.add_(torch.randn(other.model.visual.proj.shape, generator=g))
+    before = (folder / "image.onnx").stat().st_mtime_ns
+    assert max(use_onnx_runtime(other, tmp_path).values()) <= PARITY_ATOL  # exported again, from `other`
+    assert (folder / "image.onnx").stat().st_mtime_ns != before
+    (folder / "text.onnx").write_bytes(b"not an onnx file")  # a damaged cache is exported again too
+    third = load_backbone("tiny", device="cpu")
+    with torch.no_grad():
+        third.model.visual.proj.copy_(other.model.visual.proj)
+    assert max(use_onnx_runtime(third, tmp_path).values()) <= PARITY_ATOL
+    monkeypatch.setattr(onnx_runtime, "parity", lambda *a, **k: {"image": 1.0, "text": 0.0})
+    last = load_backbone("tiny", device="cpu")
     with pytest.raises(BackboneError, match="differs from PyTorch"):
-        use_onnx_runtime(other, tmp_path)
-    assert other.frozen.name == "torch"
+        use_onnx_runtime(last, tmp_path)
+    assert last.frozen.name == "torch"
 
 
 @pytest.mark.parametrize("kind", ["autoencoder", "gaussian"])

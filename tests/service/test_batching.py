@@ -27,3 +27,10 @@ def test_zero_wait_never_waits():
     b = Batcher(lambda: None, max_batch=16, max_wait_ms=0)
     _arrive(b, *(0.0001 * i for i in range(50)))
     assert b.wait_seconds() == 0.0
+
+
+def test_an_idle_spell_does_not_stop_the_next_burst_from_being_batched():
+    b = Batcher(lambda: None, max_batch=16, max_wait_ms=5)
+    _arrive(b, *(0.0005 * i for i in range(40)))  # a burst
+    _arrive(b, 5.0)  # then 5 s of nothing, and the first request of the next burst
+    assert b.wait_seconds() == 0.005

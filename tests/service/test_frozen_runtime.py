@@ -16,6 +16,16 @@ pytestmark = pytest.mark.anyio
 NAMES = ["red", "green", "blue"]
 
 
+async def test_torch_setting_resets_a_shared_backbone_to_pytorch(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("CLIPBANK_ONNX_CACHE", str(tmp_path / "onnx"))
+    shared = load_backbone("tiny", "cpu")
+    async with running_app(tmp_path / "a", shared, frozen_runtime="onnx") as c:
+        assert (await c.get("/readyz")).json()["frozen_runtime"] == "onnx"
+    async with running_app(tmp_path / "b", shared, frozen_runtime="torch") as c:
+        assert (await c.get("/readyz")).json()["frozen_runtime"] == "torch"
+
+
 async def _answers(client) -> list[list]:
     files = [("images", (f"{n}.png", colour(n))) for n in NAMES]
     r = await client.post("/classify", files=files, data={"labels": NAMES})
@@ -41,10 +51,9 @@ async def test_auto_serves_the_frozen_pass_from_onnx_runtime_on_cpu_with_the_sam
 
 async def test_an_unusable_onnx_runtime_fails_the_start_only_when_asked_for(tmp_path, monkeypatch):
     from model_store import onnx_runtime
-    from model_store.errors import BackboneError
 
-    def broken(*args, **kwargs):
-        raise BackboneError("no exporter here")
+    def broken(*args, **kwargs):  # not only BackboneError: a cache folder one may not write, say
+        raise PermissionError("no exporter here")
 
     monkeypatch.setattr(onnx_runtime, "use_onnx_runtime", broken)
     async with running_app(tmp_path / "a", load_backbone("tiny", "cpu"), frozen_runtime="auto") as c:
