@@ -134,3 +134,23 @@ def test_many_tasks_in_a_batch_take_the_gathered_path_with_the_loops_result(back
     assert not calls
     torch.testing.assert_close(fast, loop, atol=1e-5, rtol=0)
     assert (fast[:7] - backbone.model.encode_image(images[:7], normalize=True)).abs().max() > 1e-3
+
+
+def test_rebuilds_reuse_unchanged_task_entries_until_an_expert_leaves(backbone, inputs):
+    images, _ = inputs
+    bundles = []
+    bank = empty_bank(backbone)
+    for name, seed in (("a", 21), ("b", 22), ("c", 23)):
+        bundles.append(read_bundle(random_bundle(bank, name, seed=seed)))
+        bank = build_bank(backbone, bundles, previous=bank)
+    ab = build_bank(backbone, bundles[:2])
+    abc = build_bank(backbone, bundles, previous=ab)
+    assert abc.tasks[0] is ab.tasks[0] and abc.tasks[1] is ab.tasks[1]  # only experts were added: reused
+    back = build_bank(backbone, bundles[:2], previous=abc)  # c's experts leave the bank
+    assert back.tasks[0] is not abc.tasks[0]
+    for t in (0, 1):
+        routing = torch.full((6,), t)
+        want = encode_image(backbone.model, images, ab.routing(routing))
+        for other in (abc, back):
+            got = encode_image(backbone.model, images, other.routing(routing))
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
