@@ -197,6 +197,13 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save(plt: Any, fig: Any, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def plot(report: dict[str, Any], out: Path) -> list[str]:
     import matplotlib
 
@@ -225,10 +232,7 @@ def plot(report: dict[str, Any], out: Path) -> list[str]:
             ax.grid(alpha=0.3)
         ax_p.set_yscale("log")
         ax_t.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "serve-load.png", dpi=110)
-    plt.close(fig)
-    names.append("serve-load.png")
+    names.append(_save(plt, fig, out, "serve-load.png"))
 
     fig, axes = plt.subplots(n, 3, figsize=(14, 3.6 * n), squeeze=False)
     for (ax_t, ax_m, ax_s), b in zip(axes, report["backends"]):
@@ -262,10 +266,7 @@ def plot(report: dict[str, Any], out: Path) -> list[str]:
         for ax in (ax_t, ax_m, ax_s):
             ax.set_xlabel("tasks in the bank")
             ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "serve-growth.png", dpi=110)
-    plt.close(fig)
-    names.append("serve-growth.png")
+    names.append(_save(plt, fig, out, "serve-growth.png"))
     return names
 
 

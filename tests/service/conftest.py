@@ -35,3 +35,15 @@ async def running_app(tmp_path, backbone, limits: Limits | None = None, **settin
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://clipbank") as client:
             client.app = app
             yield client
+
+
+@asynccontextmanager
+async def failed_app(config: ServeConfig, backbone=None):
+    """An app whose start-up fails: yields (client, fatal messages) once it has reported the failure."""
+    failures: list[str] = []
+    app = create_app(config, backbone=backbone, on_fatal=failures.append)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://clipbank") as client:
+            with anyio.fail_after(60):
+                await app.state.service.failed.wait()
+            yield client, failures

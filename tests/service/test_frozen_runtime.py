@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import anyio
-import httpx
 import pytest
 
 from model_store.backbone import load_backbone
-from service.app import create_app
 from service.config import ServeConfig
-from tests.service.conftest import TOKEN, running_app
+from tests.service.conftest import TOKEN, failed_app, running_app
 from tests.service.images import colour
 
 pytestmark = pytest.mark.anyio
@@ -59,13 +56,8 @@ async def test_an_unusable_onnx_runtime_fails_the_start_only_when_asked_for(tmp_
     async with running_app(tmp_path / "a", load_backbone("tiny", "cpu"), frozen_runtime="auto") as c:
         assert (await c.get("/readyz")).json()["frozen_runtime"] == "torch"  # auto falls back, and says so
         assert [r[0][0] for r in await _answers(c)] == NAMES
-    failures = []
     config = ServeConfig(store=str(tmp_path / "b"), admin_token=TOKEN, frozen_runtime="onnx")
-    app = create_app(config, backbone=load_backbone("tiny", "cpu"), on_fatal=failures.append)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            with anyio.fail_after(60):
-                await app.state.service.failed.wait()
-            r = await c.get("/readyz")
-            assert r.status_code == 503 and "no exporter here" in r.json()["error"]["message"]
+    async with failed_app(config, load_backbone("tiny", "cpu")) as (c, failures):
+        r = await c.get("/readyz")
+        assert r.status_code == 503 and "no exporter here" in r.json()["error"]["message"]
     assert failures and "no exporter here" in failures[0]

@@ -14,7 +14,7 @@ from model_store.bank import empty_bank
 from model_store.bundle import MANIFEST_KEY
 from service.config import Limits
 from tests.helpers import random_bundle, with_version
-from tests.service.conftest import AUTH, TOKEN, running_app
+from tests.service.conftest import AUTH, TOKEN, failed_app, running_app
 from tests.service.images import colour
 from training.data import load_domain
 from training.samples import domain_pngs
@@ -229,25 +229,15 @@ async def test_servers_sharing_a_store_pick_up_changes_within_5_seconds(tmp_path
 
 
 async def test_not_ready_until_loaded_and_failed_start_is_reported(tmp_path):
-    from service.app import create_app
     from service.config import ServeConfig
 
-    failures = []
-    app = create_app(
-        ServeConfig(store=str(tmp_path / "s"), backbone="no-such-arch:none", admin_token=TOKEN),
-        on_fatal=failures.append,
-    )
-    async with app.router.lifespan_context(app):
-        import httpx
-
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            with anyio.fail_after(60):
-                await app.state.service.failed.wait()
-            r = await c.get("/readyz")
-            assert r.status_code == 503 and "no-such-arch" in r.json()["error"]["message"]
-            assert (await c.get("/healthz")).json()["status"] == "failed"
-            r = await c.post("/classify", files=[("images", ("r.png", colour("red")))], data={"labels": ["red"]})
-            assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+    config = ServeConfig(store=str(tmp_path / "s"), backbone="no-such-arch:none", admin_token=TOKEN)
+    async with failed_app(config) as (c, failures):
+        r = await c.get("/readyz")
+        assert r.status_code == 503 and "no-such-arch" in r.json()["error"]["message"]
+        assert (await c.get("/healthz")).json()["status"] == "failed"
+        r = await c.post("/classify", files=[("images", ("r.png", colour("red")))], data={"labels": ["red"]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
     assert failures and "no-such-arch" in failures[0]
 
 
