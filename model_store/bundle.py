@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
 import mmap
-import re
-import string
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,13 +24,13 @@ from .errors import (
     MissingExpert,
     ShapeMismatch,
 )
-from .experts import EXPERT_PARTS, Expert, expert_id
+from .experts import EXPERT_PARTS, Expert, MoEConfig, expert_id
+from .manifest import FORMAT, manifest_problems
+from .safejson import JSONRefused
+from .safejson import loads as bounded_loads
 from .selector import selector_shape_problems
 
-FORMAT = 1
 MANIFEST_KEY = "clipbank.manifest"
-TASK_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-ID_RE = re.compile(r"[0-9a-f]{64}")
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 REFUSED_MAGIC = {b"PK\x03\x04": "a zip archive (torch.save .pt/.pth)", b"\x80": "a pickle (.bin/.pkl)"}
 
@@ -73,35 +70,6 @@ class Bundle:
     @property
     def uses(self) -> list[str]:
         return self.manifest["experts"]["uses"]
-
-
-RESERVED_TASKS = ("auto", "zero-shot")  # request values of `task`, so never task names
-
-
-def _task_name_problem(name: Any) -> str | None:
-    if not isinstance(name, str) or not TASK_RE.fullmatch(name):
-        return f"task {name!r} must match {TASK_RE.pattern}"
-    if name in RESERVED_TASKS:
-        return f"task {name!r} is reserved ({', '.join(RESERVED_TASKS)} are routing modes)"
-    return None
-
-
-def validate_task_name(name: str) -> str:
-    problem = _task_name_problem(name)
-    if problem:
-        raise BundleInvalid(problem)
-    return name
-
-
-def template_ok(template: Any) -> bool:
-    """A prompt template with exactly one `{}` and no other format fields (so `.format(label)` always works)."""
-    if not isinstance(template, str):
-        return False
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError:
-        return False
-    return fields == [""]
 
 
 def pack_bundle(
@@ -146,61 +114,15 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     if n > min(len(data) - 8, MAX_HEADER_BYTES):
         raise BundleFormatError(f"not a safetensors file: header length {n} exceeds the file ({len(data)} bytes)")
     try:
-        header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleFormatError(f"not a safetensors file: header is not JSON ({e})") from None
+        header = bounded_loads(data[8 : 8 + n])
+    except JSONRefused as e:
+        raise BundleFormatError(f"not a safetensors file: the header is not JSON within bounds ({e})") from None
     if not isinstance(header, dict):
         raise BundleFormatError("not a safetensors file: header is not a JSON object")
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise BundleFormatError("not a safetensors file: __metadata__ must map strings to strings")
     return meta
-
-
-def _check_manifest(m: Any) -> list[str]:
-    if not isinstance(m, dict):
-        return ["manifest is not a JSON object"]
-    p = []
-    if m.get("format") != FORMAT:
-        p.append(f"format must be {FORMAT}, got {m.get('format')!r}")
-    if _task_name_problem(m.get("task")):
-        p.append(_task_name_problem(m.get("task")))
-    if not isinstance(m.get("version"), int) or isinstance(m.get("version"), bool) or m["version"] < 1:
-        p.append(f"version must be an integer >= 1, got {m.get('version')!r}")
-    for key, check in (
-        ("classes", lambda c: isinstance(c, str) and c.strip()),
-        ("templates", template_ok),
-    ):
-        v = m.get(key)
-        if not isinstance(v, list) or not v or not all(check(x) for x in v):
-            extra = " with exactly one '{}' and no other field" if key == "templates" else ""
-            p.append(f"{key} must be a non-empty list of strings{extra}")
-    b = m.get("backbone")
-    if not isinstance(b, dict) or not all(isinstance(b.get(k), str) for k in ("arch", "pretrained", "fingerprint")):
-        p.append("backbone must be {arch, pretrained, fingerprint} strings")
-    e = m.get("experts")
-    if not isinstance(e, dict) or not all(
-        isinstance(e.get(k), list) and all(isinstance(i, str) and ID_RE.fullmatch(i) for i in e[k])
-        for k in ("new", "uses")
-    ):
-        p.append("experts must be {new: [sha256...], uses: [sha256...]}")
-    r = m.get("routing")
-    if not isinstance(r, dict) or not isinstance(r.get("top_k"), int) or r["top_k"] < 1:
-        p.append("routing must hold top_k (int >= 1)")
-    elif not all(
-        isinstance(r.get(t), list)
-        and all(isinstance(b, list) and all(isinstance(i, str) and ID_RE.fullmatch(i) for i in b) for b in r[t])
-        for t in TOWERS
-    ):
-        p.append(f"routing must hold, per tower ({', '.join(TOWERS)}), a list of expert-id lists per block")
-    s = m.get("selector")
-    if not isinstance(s, dict) or not isinstance(s.get("kind"), str):
-        p.append("selector must be an object with a kind")
-    elif type(s.get("threshold")) not in (int, float) or not math.isfinite(s["threshold"]) or s["threshold"] <= 0:
-        p.append(f"selector threshold must be a finite number > 0, got {s.get('threshold')!r}")
-    if not isinstance(m.get("content_sha256"), str):
-        p.append("content_sha256 is missing")
-    return p
 
 
 def _split_tensors(tensors: dict[str, torch.Tensor], m: dict[str, Any]) -> tuple[dict, dict, dict, list[str]]:
@@ -281,10 +203,10 @@ def read_bundle(data: bytes) -> Bundle:
     if MANIFEST_KEY not in meta:
         raise BundleInvalid(f"safetensors metadata has no {MANIFEST_KEY!r} key; not a clipbank bundle")
     try:
-        manifest = json.loads(meta[MANIFEST_KEY])
-    except json.JSONDecodeError as e:
-        raise BundleInvalid(f"manifest is not valid JSON: {e}") from None
-    problems = _check_manifest(manifest)
+        manifest = bounded_loads(meta[MANIFEST_KEY])
+    except JSONRefused as e:
+        raise BundleInvalid(f"the manifest is not JSON within bounds: {e}") from None
+    problems = manifest_problems(manifest)
     if problems:
         raise BundleInvalid("invalid bundle manifest: " + "; ".join(problems))
     try:
@@ -310,8 +232,11 @@ def read_bundle(data: bytes) -> Bundle:
     return Bundle(bytes_digest(data), manifest, experts, routers, selector, len(data))
 
 
-def check_compatible(bundle: Bundle, backbone: Backbone, bank_experts: Mapping[str, tuple[str, int]]) -> None:
-    """Check a bundle against the served backbone and the experts in the bank ({id: (tower, block)})."""
+def check_compatible(
+    bundle: Bundle, backbone: Backbone, bank_experts: Mapping[str, tuple[str, int]], config: MoEConfig | None = None
+) -> None:
+    """Check a bundle against the served backbone, the experts in the bank ({id: (tower, block)}) and, if
+    given, the bank's MoE settings. Raises the first kind of problem found, naming every instance of it."""
     mine, theirs = bundle.manifest["backbone"], backbone.describe()
     if mine["fingerprint"] != theirs["fingerprint"]:
         raise BackboneMismatch(
@@ -341,6 +266,21 @@ def check_compatible(bundle: Bundle, backbone: Backbone, bank_experts: Mapping[s
     missing = [eid[:12] for eid in bundle.uses if eid not in bank_experts]
     if missing:
         raise MissingExpert(f"bundle uses {len(missing)} expert(s) the bank does not hold: {', '.join(missing[:5])}")
+    misplaced = [
+        f"{eid[:12]} at {tower}.{block}"
+        for tower in TOWERS
+        for block, ids in enumerate(bundle.manifest["routing"][tower])
+        for eid in ids
+        if eid not in bundle.experts and tuple(bank_experts[eid]) != (tower, block)
+    ]
+    if misplaced:
+        raise MissingExpert(f"bundle routes to experts the bank holds elsewhere: {', '.join(misplaced[:5])}")
+    routing = bundle.manifest["routing"]
+    if config is not None and (routing["top_k"], routing.get("scale", config.scale)) != (config.top_k, config.scale):
+        raise BundleInvalid(
+            f"task {bundle.task!r} was trained with top_k={routing['top_k']}, scale={routing.get('scale')}; this "
+            f"bank computes top_k={config.top_k}, scale={config.scale}"
+        )
 
 
 def tensor_bytes(bundle: Bundle) -> int:

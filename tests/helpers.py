@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import struct
+from collections.abc import Callable
+
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from model_store.backbone import TOWERS
 from model_store.bank import BankSnapshot
-from model_store.bundle import PlacedExpert, pack_bundle, utc_now
+from model_store.bundle import MANIFEST_KEY, PlacedExpert, pack_bundle, utc_now
+from model_store.digest import tensor_digest
 from model_store.experts import Expert, expert_id
 from model_store.selector import SelectorConfig, fit_selector, selector_manifest
 
@@ -80,3 +87,24 @@ def png(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "PNG")
     return buf.getvalue()
+
+
+def edit_bundle(
+    data: bytes,
+    manifest: Callable[[dict], None] | None = None,
+    tensors: Callable[[dict], None] | None = None,
+    fix_digest: bool = False,
+    raw_manifest: str | None = None,
+) -> bytes:
+    """A bundle re-written with its manifest and/or tensors changed; with `fix_digest` the tensor digest is
+    recomputed, as a careful forger would; `raw_manifest` replaces the manifest's JSON text."""
+    (n,) = struct.unpack("<Q", data[:8])
+    meta = json.loads(json.loads(data[8 : 8 + n])["__metadata__"][MANIFEST_KEY])
+    t = st_load(data)
+    if tensors:
+        tensors(t)
+    if manifest:
+        manifest(meta)
+    if fix_digest:
+        meta["content_sha256"] = tensor_digest(t)
+    return st_save(t, metadata={MANIFEST_KEY: raw_manifest if raw_manifest is not None else json.dumps(meta)})

@@ -48,7 +48,7 @@ def synthetic_bundle(bank: BankSnapshot, task: str, classes: int = 5, seed: int 
         torch.randn(dim, h, generator=g) * h**-0.5,
         torch.zeros(dim),
         threshold=CLAIMS_NOTHING,
-        calibration={"synthetic": 1.0},
+        calibration={"synthetic": 1.0, **{k: CLAIMS_NOTHING for k in ("p50", "p90", "p95", "p99", "max")}},
     )
     report = {"synthetic": True, "note": "untrained; for serving benchmarks only"}
     return pack_task(bank, cfg, names, params, selector, report, version=1)

@@ -15,8 +15,9 @@ from tqdm import tqdm
 
 from model_store.backbone import TOWERS, Backbone
 from model_store.bank import BankSnapshot
-from model_store.bundle import PlacedExpert, pack_bundle, template_ok, utc_now, validate_task_name
+from model_store.bundle import PlacedExpert, pack_bundle, utc_now
 from model_store.experts import ActivationCounts, Expert, Routing, TaskRouter, expert_id, new_expert
+from model_store.manifest import template_ok, validate_task_name
 from model_store.moe_clip import encode_image, encode_text
 from model_store.selector import Selector, SelectorConfig, fit_selector, selector_manifest
 

@@ -1,0 +1,124 @@
+"""The manifest schema: every field bounded, every problem named at once; bounded JSON for untrusted text."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from model_store.bank import empty_bank
+from model_store.bundle import read_bundle
+from model_store.errors import BundleInvalid
+from model_store.manifest import MAX_CLASSES, manifest_problems, template_ok
+from model_store.safejson import JSONRefused, loads
+from tests.helpers import random_bundle
+
+
+@pytest.fixture(scope="module")
+def manifest(backbone) -> dict:
+    return read_bundle(random_bundle(empty_bank(backbone), "m", seed=2)).manifest
+
+
+def _with(manifest: dict, **changes) -> dict:
+    m = json.loads(json.dumps(manifest))
+    for path, value in changes.items():
+        node, keys = m, path.split("__")
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    return m
+
+
+def test_a_valid_manifest_has_no_problem(manifest):
+    assert manifest_problems(manifest) == []
+
+
+@pytest.mark.parametrize(
+    "template, ok",
+    [
+        ("a photo of a {}.", True),
+        ("{}", True),
+        ("a {} and {{braces}}", True),
+        ("{:>300000000}", False),
+        ("{!r}", False),
+        ("{0}", False),
+        ("{label}", False),
+        ("no field", False),
+        ("{} and {}", False),
+        ("{", False),
+        ("{}" + "x" * 400, False),
+        (3, False),
+    ],
+)
+def test_templates_take_one_plain_field(template, ok):
+    assert template_ok(template) is ok
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"created_at": {"a": 1}}, "created_at"),
+        ({"created_at": "yesterday"}, "created_at"),
+        ({"parent": [1]}, "parent"),
+        ({"training": [1]}, "training"),
+        ({"version": 2**40}, "version"),
+        ({"classes": ["a"] * 2}, "classes"),
+        ({"classes": ["c" * 201]}, "classes"),
+        ({"classes": [f"c{i}" for i in range(MAX_CLASSES + 1)]}, "classes"),
+        ({"templates": ["{}"] * 200}, "templates"),
+        ({"classes": [f"c{i}" for i in range(9000)], "templates": [f"{i} {{}}" for i in range(12)]}, "prompts"),
+        ({"routing__top_k": 1000}, "top_k"),
+        ({"routing__scale": -1}, "routing.scale"),
+        ({"selector__kind": "oracle"}, "selector kind"),
+        ({"selector__threshold": 1e30}, "claim images of every other domain"),
+        ({"selector__calibration": {"p50": 1}}, "calibration"),
+        ({"selector__calibration__p50": 1e9}, "ordered"),
+        ({"backbone__fingerprint": "abc"}, "fingerprint"),
+        ({"content_sha256": 5}, "content_sha256"),
+    ],
+)
+def test_each_bad_field_is_named(manifest, changes, words):
+    problems = manifest_problems(_with(manifest, **changes))
+    assert problems and any(words in p for p in problems), problems
+
+
+def test_every_problem_is_reported_at_once(manifest):
+    problems = manifest_problems(_with(manifest, version=0, created_at=5, templates=["{:x}"], selector__kind="x"))
+    assert len(problems) == 4, problems
+
+
+def test_an_echoed_value_is_cut_short(manifest):
+    (problem,) = manifest_problems(_with(manifest, task="A" * 100_000))
+    assert len(problem) < 200
+
+
+def test_read_bundle_reports_the_problems(backbone):
+    from tests.helpers import edit_bundle
+
+    data = random_bundle(empty_bank(backbone), "m", seed=2)
+    with pytest.raises(BundleInvalid, match="created_at.*templates|templates.*created_at"):
+        read_bundle(edit_bundle(data, manifest=lambda m: m.update(created_at={}, templates=["{:>9}"])))
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("[" * 100_000, "nested deeper"),
+        ("[" * 40 + "]" * 40, "nested deeper"),
+        ('{"a": ' + "9" * 5001 + "}", "digits"),
+        ("[" + "9" * 20 + "]", "digits"),
+        ("[NaN]", "not a JSON number"),
+        ("[-Infinity]", "not a JSON number"),
+        ("[1e999]", "overflows"),
+        ("[1,", "Expecting"),
+        (b"\xff\xfe", "Expecting value|utf"),
+    ],
+)
+def test_bounded_json_refuses(text, words):
+    with pytest.raises(JSONRefused, match=f"(?i){words}"):
+        loads(text)
+
+
+def test_bounded_json_reads_what_bundles_hold():
+    doc = {"a": [1, 2.5, -3, None, True, "x"], "b": {"c": [[[]]]}, "n": 2**62}
+    assert loads(json.dumps(doc)) == doc
