@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from contextlib import contextmanager
@@ -12,10 +13,12 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from .bundle import Bundle, read_bundle, utc_now, validate_task_name
+from .bundle import Bundle, read_bundle, utc_now
 from .digest import bytes_digest
-from .errors import BundleNotFound, StoreError, TaskNotFound, VersionConflict, VersionNotFound
+from .errors import BundleNotFound, MissingExpert, StoreError, TaskNotFound, VersionConflict, VersionNotFound
+from .manifest import finite_metrics, shown, validate_task_name
 
+log = logging.getLogger("clipbank.store")
 INDEX_FORMAT = 1
 TMP_PREFIX = ".tmp-"
 
@@ -90,10 +93,12 @@ class LocalStore:
             index = json.loads(self.index_path.read_text())
         except FileNotFoundError:
             return {"format": INDEX_FORMAT, "generation": 0, "tasks": {}}
-        except json.JSONDecodeError as e:
-            raise StoreError(f"store index {self.index_path} is corrupt: {e}") from None
+        except (ValueError, RecursionError) as e:  # JSON errors and bad UTF-8; the path goes to the log only
+            log.error("store index %s is corrupt: %s", self.index_path, e)
+            raise StoreError(f"the store index is corrupt ({str(e)[:120]}); see the server log") from None
         if not isinstance(index, dict) or not isinstance(index.get("tasks"), dict) or "generation" not in index:
-            raise StoreError(f"store index {self.index_path} lacks 'generation' or 'tasks'")
+            log.error("store index %s lacks 'generation' or 'tasks'", self.index_path)
+            raise StoreError("the store index lacks 'generation' or 'tasks'; see the server log")
         return index
 
     def generation(self) -> int:
@@ -102,7 +107,7 @@ class LocalStore:
     def task(self, name: str) -> dict[str, Any]:
         tasks = self.index()["tasks"]
         if name not in tasks:
-            raise TaskNotFound(f"task {name!r} is not in the store; known: {', '.join(sorted(tasks)) or 'none'}")
+            raise TaskNotFound(f"task {shown(name)} is not in the store; known: {', '.join(sorted(tasks)) or 'none'}")
         return tasks[name]
 
     def active(self) -> dict[str, str]:
@@ -114,9 +119,10 @@ class LocalStore:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise BundleNotFound(f"bundle {bundle_id[:12]} is not in the store {self.root}") from None
+            raise BundleNotFound(f"bundle {bundle_id[:12]} is missing from the store") from None
         if bytes_digest(data) != bundle_id:
-            raise StoreError(f"blob {path} does not hash to its name: the store is damaged")
+            log.error("blob %s does not hash to its name", path)
+            raise StoreError(f"blob {bundle_id[:12]} does not hash to its name: the store is damaged")
         return data
 
     def load(self, bundle_id: str) -> Bundle:
@@ -140,7 +146,8 @@ class LocalStore:
             with self._lock:
                 yield
         except Timeout:
-            raise StoreError(f"store {self.root} stayed locked by another process for {self._lock.timeout}s") from None
+            log.error("store %s stayed locked for %ss", self.root, self._lock.timeout)
+            raise StoreError(f"the store stayed locked by another process for {self._lock.timeout}s") from None
 
     @contextmanager
     def _change(self):
@@ -176,6 +183,12 @@ class LocalStore:
                     f"task {bundle.task!r} already has version {newest}; a new bundle needs version > {newest}, "
                     f"got {bundle.version}"
                 )
+            stored = {e for t in index["tasks"].values() for v in t["versions"] for e in v.get("experts_new", [])}
+            missing = [e[:12] for e in bundle.uses if e not in stored]
+            if missing:  # a task trained on experts purged since: it could never be served
+                raise MissingExpert(
+                    f"bundle uses {len(missing)} expert(s) no stored version adds (purged?): {', '.join(missing[:5])}"
+                )
             path = self.blobs / f"{bundle.id}.safetensors"
             if not path.exists():
                 atomic_write(path, data)
@@ -200,12 +213,12 @@ class LocalStore:
         """The index entry of one stored version."""
         entry = (index or self.index())["tasks"].get(task)
         if entry is None:
-            raise TaskNotFound(f"task {task!r} is not in the store")
+            raise TaskNotFound(f"task {shown(task)} is not in the store")
         for v in entry["versions"]:
             if v["version"] == version:
                 return v
         have = ", ".join(str(v["version"]) for v in entry["versions"])
-        raise VersionNotFound(f"task {task!r} has no version {version}; stored versions: {have}")
+        raise VersionNotFound(f"task {shown(task)} has no version {version}; stored versions: {have}")
 
     def activate(self, task: str, version: int) -> str:
         """Make `version` the active one (rollback or roll forward); returns its bundle id."""
@@ -218,19 +231,22 @@ class LocalStore:
         """Stop routing to a task. Its blobs stay, so it can be re-activated."""
         with self._change() as index:
             if task not in index["tasks"]:
-                raise TaskNotFound(f"task {task!r} is not in the store")
+                raise TaskNotFound(f"task {shown(task)} is not in the store")
             index["tasks"][task]["active"] = None
 
     def purge(self, task: str) -> int:
-        """Forget an inactive task and delete the blobs nothing else needs; returns blobs deleted."""
+        """Forget an inactive task and delete the blobs nothing else needs; returns that task's blobs deleted.
+
+        Whole blobs no version names (a writer killed between a blob and the index) are deleted too.
+        """
         validate_task_name(task)
         with self.locked():  # held until the blobs are gone, so a concurrent put cannot reuse one being deleted
             with self._change() as index:
                 entry = index["tasks"].get(task)
                 if entry is None:
-                    raise TaskNotFound(f"task {task!r} is not in the store")
+                    raise TaskNotFound(f"task {shown(task)} is not in the store")
                 if entry.get("active"):
-                    raise StoreError(f"task {task!r} is active; deactivate it before purging")
+                    raise StoreError(f"task {shown(task)} is active; deactivate it before purging")
                 del index["tasks"][task]
                 needed = {u for e in index["tasks"].values() for v in e["versions"] for u in v.get("uses", [])}
                 doomed = [v for v in entry["versions"] if not needed.intersection(v.get("experts_new", []))]
@@ -239,9 +255,72 @@ class LocalStore:
                     index["tasks"][task] = {"active": None, "versions": kept}
             for v in doomed:  # only once the index no longer names them
                 (self.blobs / f"{v['bundle_id']}.safetensors").unlink(missing_ok=True)
+            named = {v["bundle_id"] for e in index["tasks"].values() for v in e["versions"]}
+            for path in self.blobs.glob("*.safetensors"):
+                if path.stem not in named and not path.name.startswith(TMP_PREFIX):
+                    path.unlink(missing_ok=True)
         return len(doomed)
 
 
 def _metrics_of(bundle: Bundle) -> dict[str, Any]:
-    training = bundle.manifest.get("training") or {}
-    return {k: training[k] for k in ("val_accuracy", "zero_shot_val_accuracy") if k in training}
+    return finite_metrics(bundle.manifest.get("training"), ("val_accuracy", "zero_shot_val_accuracy"))
+
+
+def check_store(root: str | os.PathLike) -> list[str]:
+    """Every problem of a store folder, empty when consistent.
+
+    Temp files and whole blobs the index does not name are not problems (a killed writer may leave them; the
+    next writer removes the temp files): `store_leftovers` counts them.
+    """
+    root = Path(root)
+    try:
+        index = json.loads((root / "index.json").read_bytes())
+    except FileNotFoundError:
+        return []
+    except (ValueError, RecursionError) as e:
+        return [f"index.json does not parse: {str(e)[:120]}"]
+    if not isinstance(index, dict) or type(index.get("generation")) is not int:
+        return ["index.json has no integer 'generation'"]
+    if not isinstance(index.get("tasks"), dict):
+        return ["index.json has no 'tasks' mapping"]
+    problems, whole = [], set()
+    for path in (root / "blobs").glob("*.safetensors"):
+        if bytes_digest(path.read_bytes()) == path.stem:
+            whole.add(path.stem)
+        elif not path.name.startswith(TMP_PREFIX):
+            problems.append(f"blob {path.name[:12]} does not hash to its name")
+    try:
+        return problems + _index_problems(index["tasks"], whole)
+    except (AttributeError, KeyError, TypeError) as e:
+        return [*problems, f"index.json has a malformed task entry ({type(e).__name__}: {str(e)[:120]})"]
+
+
+def _index_problems(tasks: dict[str, Any], whole: set[str]) -> list[str]:
+    """Dangling ids in the index: blobs not in `whole`, active ids no version has, experts no version adds."""
+    problems = []
+    added = {eid for e in tasks.values() for v in e["versions"] for eid in v.get("experts_new", [])}
+    for task, entry in tasks.items():
+        numbers = [v["version"] for v in entry["versions"]]
+        if len(set(numbers)) != len(numbers):
+            problems.append(f"task {shown(task)}: a version number is stored twice: {numbers}")
+        if entry.get("active") and entry["active"] not in {v["bundle_id"] for v in entry["versions"]}:
+            problems.append(f"task {shown(task)}: the active bundle {entry['active'][:12]} is none of its versions")
+        for v in entry["versions"]:
+            name = f"task {shown(task)} version {v['version']}"
+            if v["bundle_id"] not in whole:
+                problems.append(f"{name}: its blob {v['bundle_id'][:12]} is missing or damaged")
+            missing = [eid[:12] for eid in v.get("uses", []) if eid not in added]
+            if missing:
+                problems.append(f"{name}: uses experts no stored version adds: {', '.join(missing[:5])}")
+    return problems
+
+
+def store_leftovers(root: str | os.PathLike) -> dict[str, int]:
+    """What a killed writer may leave that is not a problem: temp files, and whole blobs the index does not name."""
+    root = Path(root)
+    index_path = root / "index.json"
+    tasks = json.loads(index_path.read_bytes())["tasks"] if index_path.exists() else {}
+    named = {v["bundle_id"] for e in tasks.values() for v in e["versions"]}
+    temp = [p for folder in (root, root / "blobs") for p in folder.glob(TMP_PREFIX + "*")]
+    blobs = [p for p in (root / "blobs").glob("*.safetensors") if not p.name.startswith(TMP_PREFIX)]
+    return {"temp_files": len(temp), "unreferenced_blobs": sum(p.stem not in named for p in blobs)}

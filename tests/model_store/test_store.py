@@ -180,3 +180,23 @@ def test_index_reads_are_cached_until_the_file_changes(tmp_path, monkeypatch):
         with other._change():
             pass
         assert store.generation() == expected
+
+
+def test_a_bundle_whose_experts_were_purged_is_refused_and_purge_sweeps_orphan_blobs(tmp_path, backbone):
+    from model_store.errors import MissingExpert
+    from model_store.loader import BankLoader
+
+    store = LocalStore(tmp_path)
+    store.put(random_bundle(empty_bank(backbone), "a", seed=1))
+    b = random_bundle(BankLoader(store, backbone).load(), "b", seed=2)  # trained on a's experts
+    store.deactivate("a")
+    assert store.purge("a") == 1
+    with pytest.raises(MissingExpert, match="no stored version adds"):
+        store.put(b)  # it could never be served
+    assert "b" not in store.index()["tasks"]
+    orphan = store.blobs / ("0" * 64 + ".safetensors")  # as a writer killed between blob and index leaves it
+    orphan.write_bytes(b"whole but unnamed")
+    store.put(random_bundle(empty_bank(backbone), "c", seed=3))
+    store.deactivate("c")
+    store.purge("c")
+    assert not orphan.exists() and list(store.blobs.iterdir()) == []
