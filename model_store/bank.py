@@ -12,6 +12,7 @@ from .backbone import TOWERS, Backbone
 from .bundle import Bundle, PlacedExpert, check_compatible
 from .errors import BundleInvalid, MissingExpert, TaskNotFound
 from .experts import Expert, MoEConfig, Routing, TaskRouter
+from .manifest import shown
 from .selector import Selector, load_selector
 
 
@@ -40,6 +41,7 @@ class BankSnapshot:
     tasks: tuple[TaskEntry, ...] = ()
     generation: int = 0
     config: MoEConfig = field(default_factory=MoEConfig)
+    degraded: Mapping[str, str] = field(default_factory=dict)  # active tasks left out: task -> why
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -49,7 +51,7 @@ class BankSnapshot:
         for i, t in enumerate(self.tasks):
             if t.name == name:
                 return i
-        raise TaskNotFound(f"task {name!r} is not active; active tasks: {', '.join(self.task_names) or 'none'}")
+        raise TaskNotFound(f"task {shown(name)} is not active; active tasks: {', '.join(self.task_names) or 'none'}")
 
     def routing(self, task_index: torch.Tensor, training: bool = False) -> Routing:
         """A per-call routing over this bank for the given per-sample task indices (-1: no adapter)."""
@@ -64,6 +66,7 @@ class BankSnapshot:
         return {
             "generation": self.generation,
             "tasks": list(self.task_names),
+            "degraded": dict(self.degraded),
             "experts": len(self.expert_ids),
             "expert_bytes": self.expert_bytes(),
         }
@@ -118,11 +121,13 @@ def build_bank(
     providers: Iterable[Bundle] = (),
     generation: int = 0,
     previous: BankSnapshot | None = None,
+    degraded: Mapping[str, str] | None = None,
 ) -> BankSnapshot:
     """Build a snapshot for the given active task bundles.
 
     Experts come from the task bundles themselves and from `providers` (older bundles whose experts they use).
     Slots of `previous` keep their order and tensors, so unchanged tasks compute exactly as before.
+    `degraded` records active tasks the caller left out, and why.
     """
     available: dict[str, PlacedExpert] = {}
     for b in (*tasks, *providers):
@@ -133,7 +138,7 @@ def build_bank(
         placed = {eid: (tw, bl) for eid, (tw, bl, _) in (previous.expert_ids.items() if previous else ())}
         placed.update({e: (p.tower, p.block) for e, p in available.items()})
         for b in fresh:
-            check_compatible(b, backbone, placed)
+            check_compatible(b, backbone, placed, previous.config if previous else MoEConfig())
     needed = {e for b in tasks for tower in TOWERS for ids in b.manifest["routing"][tower] for e in ids}
     order: dict[tuple[str, int], list[str]] = {(t, i): [] for t in TOWERS for i in range(backbone.towers[t].layers)}
     tensors: dict[str, Expert] = {}
@@ -159,4 +164,4 @@ def build_bank(
         prior[b.id] if same_slots and b.id in prior else _task_entry(b, ids, backbone.device, config)
         for b in sorted(tasks, key=lambda b: b.task)
     )
-    return BankSnapshot(backbone, experts, ids, entries, generation, config)
+    return BankSnapshot(backbone, experts, ids, entries, generation, config, dict(degraded or {}))

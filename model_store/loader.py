@@ -7,8 +7,9 @@ from collections.abc import Mapping
 
 from .backbone import Backbone
 from .bank import BankSnapshot, build_bank
-from .bundle import Bundle
-from .errors import MissingExpert
+from .bundle import Bundle, check_compatible
+from .errors import ClipbankError, MissingExpert
+from .experts import MoEConfig
 from .store import LocalStore
 
 
@@ -35,9 +36,12 @@ class BankLoader:
         with self._lock:
             self._bundles[bundle.id] = bundle
 
-    def providers(self, tasks: list[Bundle]) -> list[Bundle]:
-        """The stored bundles that add the experts `tasks` use but do not add themselves (transitively)."""
-        sources = self.store.expert_sources()
+    def providers(self, tasks: list[Bundle], sources: Mapping[str, str] | None = None) -> list[Bundle]:
+        """The stored bundles that add the experts `tasks` use but do not add themselves (transitively).
+
+        `sources` is `store.expert_sources()` when the caller has it already.
+        """
+        sources = self.store.expert_sources() if sources is None else sources
         have = {e for b in tasks for e in b.experts}
         wanted = [e for b in tasks for e in b.uses if e not in have]
         out: dict[str, Bundle] = {}
@@ -58,21 +62,46 @@ class BankLoader:
         """A snapshot of the store's active versions, sharing tensors with `previous` where they are the same.
 
         `overrides` replaces a task's active version (None: no version) without touching the store, so a
-        change can be checked by building the bank it would give before the change is written.
+        change can be checked by building the bank it would give before the change is written. A stored task
+        that cannot be served (a damaged or missing blob, a bundle this backbone refuses) is left out and
+        named in the snapshot's `degraded`, so the rest of the bank serves; an override that fails raises.
         """
+        overrides = overrides or {}
         index = self.store.index()
-        active = {t: e["active"] for t, e in index["tasks"].items() if e.get("active")}
-        tasks = {t: self.bundle(bid) for t, bid in active.items()}
-        for task, bundle in (overrides or {}).items():
-            tasks.pop(task, None)
-            if bundle is not None:
-                tasks[task] = bundle
+        degraded: dict[str, str] = {}
+        tasks: dict[str, Bundle] = {}
+        for task, entry in index["tasks"].items():
+            bundle_id = entry.get("active") if isinstance(entry, dict) else None
+            if bundle_id and task not in overrides:
+                try:
+                    tasks[task] = self.bundle(bundle_id)
+                except ClipbankError as e:
+                    degraded[task] = _why(e)
+        tasks.update({t: b for t, b in overrides.items() if b is not None})
+        sources = self.store.expert_sources()
+        placed = {eid: (tw, bl) for eid, (tw, bl, _) in previous.expert_ids.items()} if previous else {}
+        providers: dict[str, Bundle] = {}
+        for task in sorted(tasks, key=lambda t: t not in overrides):  # an override's failure raises first
+            try:
+                mine = self.providers([tasks[task]], sources)
+                available = {e: (p.tower, p.block) for b in (tasks[task], *mine) for e, p in b.experts.items()}
+                check_compatible(tasks[task], self.backbone, {**placed, **available}, self._config(previous))
+            except ClipbankError as e:
+                if task in overrides:
+                    raise
+                degraded[task] = _why(e)
+                del tasks[task]
+                continue
+            providers.update({b.id: b for b in mine})
         chosen = list(tasks.values())
-        providers = self.providers(chosen)
-        bank = build_bank(self.backbone, chosen, providers, int(index["generation"]), previous)
+        bank = build_bank(self.backbone, chosen, list(providers.values()), int(index["generation"]), previous, degraded)
         if not overrides:
-            self._in_use = {b.id for b in (*chosen, *providers)}
+            self._in_use = {b.id for b in (*chosen, *providers.values())}
         return bank
+
+    @staticmethod
+    def _config(previous: BankSnapshot | None) -> MoEConfig:
+        return previous.config if previous is not None else MoEConfig()
 
     def trim(self) -> int:
         """Forget cached bundles the last `load()` did not use (they are re-read if needed); returns how many."""
@@ -81,3 +110,7 @@ class BankLoader:
             for bid in unused:
                 del self._bundles[bid]
         return len(unused)
+
+
+def _why(error: Exception) -> str:
+    return f"{error.code}: {str(error)[:300]}" if isinstance(error, ClipbankError) else str(error)[:300]

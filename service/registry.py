@@ -6,14 +6,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from model_store.backbone import Backbone
-from model_store.bank import BankSnapshot
+from model_store.bank import BankSnapshot, empty_bank
 from model_store.bundle import Bundle, read_bundle
-from model_store.errors import BundleInvalid
+from model_store.errors import BundleInvalid, StoreError
 from model_store.inference import ClassifyItem, TextCache, classify_batch
 from model_store.loader import BankLoader
 from model_store.store import LocalStore, PutResult
@@ -41,6 +41,7 @@ class Registry:
         self.metrics = metrics or Metrics()
         self._change_lock = threading.Lock()
         self._bank: BankSnapshot | None = None
+        self.store_error: str | None = None  # why the store's index cannot be read, while it cannot
 
     @property
     def bank(self) -> BankSnapshot:
@@ -50,19 +51,38 @@ class Registry:
         return bank
 
     def load(self) -> BankSnapshot:
-        """Build the bank from the store (at start-up)."""
+        """Build the bank from the store (at start-up). Tasks that cannot be served are left out (`degraded`);
+        an unreadable index leaves an empty bank, so zero-shot still serves while the store is repaired."""
         with self._change_lock:
-            return self._rebuild()
+            try:
+                return self._rebuild()
+            except StoreError as e:
+                self._store_failed(e)
+                self._bank = empty_bank(self.loader.backbone)
+                self.metrics.observe_bank(self._bank)
+                return self._bank
+
+    def _store_failed(self, error: StoreError) -> None:
+        if self.store_error != str(error):
+            log.error("the store cannot be read: %s; serving the last bank (generation %s)", error, self.generation)
+        self.store_error = str(error)
+
+    @property
+    def generation(self) -> int | None:
+        return self._bank.generation if self._bank is not None else None
 
     def _rebuild(self) -> BankSnapshot:
         t0 = time.perf_counter()
         bank = self.loader.load(self._bank)
         self._bank = bank  # the swap: one reference assignment
+        self.store_error = None
         seconds = time.perf_counter() - t0
         self.loader.trim()
         release_free_memory()  # what the upload, the old snapshot and the trial run freed
         self.metrics.observe_bank(bank, seconds)
         log.info("bank generation %d: %d tasks, swapped in %.3fs", bank.generation, len(bank.tasks), seconds)
+        for task, why in bank.degraded.items():
+            log.error("task %s is degraded (not served): %s", task, why)
         return bank
 
     def _change(self, overrides: dict[str, Bundle | None], write: Callable[[], T]) -> T:
@@ -85,13 +105,20 @@ class Registry:
 
     def refresh(self) -> bool:
         """Swap in the store's state if another process changed it; True if a new bank was swapped in."""
-        if self.store.generation() == self.bank.generation:
+        try:
+            if self.store.generation() == self.bank.generation and self.store_error is None:
+                return False
+        except StoreError as e:
+            self._store_failed(e)
             return False
         with self._change_lock:
-            if self.store.generation() == self.bank.generation:
-                return False
             try:
+                if self.store.generation() == self.bank.generation and self.store_error is None:
+                    return False
                 self._rebuild()
+            except StoreError as e:
+                self._store_failed(e)
+                return False
             except Exception:
                 self.metrics.swap_failures.inc()
                 log.exception(
@@ -100,6 +127,16 @@ class Registry:
                 )
                 return False
             return True
+
+    # ------------------------------------------------------------------------------------------- reading
+
+    def index(self) -> dict[str, Any]:
+        """The store's index (shared: do not modify it)."""
+        return self.store.index()
+
+    def task_entry(self, task: str) -> dict[str, Any]:
+        """A task's index entry; TaskNotFound if the store has none."""
+        return self.store.task(task)
 
     # ------------------------------------------------------------------------------------------- changes
 
@@ -140,6 +177,6 @@ def trial_run(bank: BankSnapshot, tasks: list[str], cache: TextCache | None = No
     size = bank.backbone.image_size
     blank = torch.zeros(1, 3, size, size)
     outs = classify_batch(bank, [ClassifyItem(blank, None, task=t) for t in tasks], cache)
-    for task, out in zip(tasks, outs):
+    for task, out in zip(tasks, outs, strict=True):
         if isinstance(out, Exception):
             raise BundleInvalid(f"task {task!r} fails a trial classification: {type(out).__name__}: {out}")

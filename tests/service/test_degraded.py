@@ -1,0 +1,126 @@
+"""Degraded start: a damaged, missing or refused bundle disables only its task; the rest of the bank serves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from model_store.bank import build_bank, empty_bank
+from model_store.bundle import read_bundle
+from model_store.digest import bytes_digest
+from model_store.store import LocalStore
+from tests.helpers import edit_bundle, random_bundle, with_version
+from tests.service.conftest import AUTH, running_app
+from tests.service.images import colour
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def two_tasks(backbone):
+    """Bytes of task a (v1), task b v1 and v2 (b routes to a's experts too), and c (on its own)."""
+    a = random_bundle(empty_bank(backbone), "a", seed=31)
+    with_a = build_bank(backbone, [read_bundle(a)])
+    b1 = random_bundle(with_a, "b", seed=32)
+    return {"a": a, "b1": b1, "b2": with_version(b1, 2), "c": random_bundle(empty_bank(backbone), "c", seed=33)}
+
+
+def _store(tmp_path, *bundles: bytes) -> LocalStore:
+    store = LocalStore(tmp_path / "store")
+    for data in bundles:
+        store.put(data)
+    return store
+
+
+def _flip_byte(store: LocalStore, data: bytes) -> None:
+    path = store.blobs / f"{bytes_digest(data)}.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+async def _pinned(c, task: str) -> int:
+    r = await c.post("/classify", files=[("images", ("r.png", colour("red")))], data={"task": task})
+    return r.status_code
+
+
+async def test_a_damaged_blob_disables_only_its_task_and_rollback_recovers(tmp_path, backbone, two_tasks):
+    store = _store(tmp_path, two_tasks["a"], two_tasks["b1"], two_tasks["b2"], two_tasks["c"])
+    _flip_byte(store, two_tasks["b2"])
+    async with running_app(tmp_path, backbone) as c:
+        health = (await c.get("/healthz")).json()
+        assert health["status"] == "degraded" and list(health["degraded"]) == ["b"]
+        assert "store_error" in health["degraded"]["b"] and "damaged" in health["degraded"]["b"]
+        ready = await c.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+        assert sorted(ready.json()["tasks"]) == ["a", "c"]
+        assert await _pinned(c, "a") == 200 and await _pinned(c, "c") == 200
+        assert await _pinned(c, "b") == 404
+        listed = {t["task"]: t for t in (await c.get("/tasks", headers=AUTH)).json()["tasks"]}
+        assert listed["b"]["degraded"] and not listed["b"]["serving"] and listed["b"]["active_version"] == 2
+        assert listed["a"]["degraded"] is None and listed["a"]["serving"]
+        assert "clipbank_degraded_tasks 1.0" in (await c.get("/metrics")).text
+        r = await c.post("/tasks/b/activate", json={"version": 1}, headers=AUTH)  # roll back to the intact version
+        assert r.status_code == 200, r.text
+        assert r.json()["serving"] and r.json()["degraded"] is None
+        health = (await c.get("/healthz")).json()
+        assert (health["status"], health["degraded"], health["store_error"]) == ("live", {}, None)
+        assert await _pinned(c, "b") == 200
+        assert "clipbank_degraded_tasks 0.0" in (await c.get("/metrics")).text
+
+
+async def test_a_broken_provider_disables_the_tasks_that_use_its_experts(tmp_path, backbone, two_tasks):
+    store = _store(tmp_path, two_tasks["a"], two_tasks["b1"], two_tasks["c"])
+    (store.blobs / f"{bytes_digest(two_tasks['a'])}.safetensors").unlink()
+    async with running_app(tmp_path, backbone) as c:
+        health = (await c.get("/healthz")).json()
+        assert sorted(health["degraded"]) == ["a", "b"]  # b routes to a's experts
+        assert await _pinned(c, "c") == 200
+        r = await c.delete("/tasks/b", headers=AUTH)
+        assert r.status_code == 200, r.text
+        r = await c.delete("/tasks/a", params={"purge": "true"}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        assert (await c.get("/healthz")).json()["status"] == "live"
+
+
+async def test_a_manifest_this_release_refuses_disables_its_task(tmp_path, backbone, two_tasks):
+    """A blob stored by an older release under weaker checks (here: a template with a format spec)."""
+    store = _store(tmp_path, two_tasks["c"])
+    legacy = edit_bundle(two_tasks["a"], manifest=lambda m: m.update(templates=["a {:>9}"]))
+    bundle_id = bytes_digest(legacy)
+    (store.blobs / f"{bundle_id}.safetensors").write_bytes(legacy)
+    index = json.loads(store.index_path.read_text())
+    entry = {"version": 1, "bundle_id": bundle_id, "experts_new": [], "uses": [], "bytes": len(legacy)}
+    index["tasks"]["a"] = {"active": bundle_id, "versions": [entry]}
+    store.index_path.write_text(json.dumps(index))
+    async with running_app(tmp_path, backbone) as c:
+        degraded = (await c.get("/healthz")).json()["degraded"]
+        assert list(degraded) == ["a"] and "bundle_invalid" in degraded["a"]
+        assert await _pinned(c, "c") == 200
+        assert (await c.delete("/tasks/a", params={"purge": "true"}, headers=AUTH)).status_code == 200
+        assert (await c.get("/healthz")).json()["degraded"] == {}
+
+
+async def test_a_corrupt_index_still_serves_zero_shot_and_refuses_writes(tmp_path, backbone, two_tasks):
+    store = _store(tmp_path, two_tasks["c"])
+    store.index_path.write_text('{"generation": 3, "tasks": {')
+    async with running_app(tmp_path, backbone) as c:
+        health = (await c.get("/healthz")).json()
+        assert health["status"] == "degraded" and "index is corrupt" in health["store_error"]
+        assert str(tmp_path) not in health["store_error"]  # no server paths to clients
+        r = await c.post("/classify", files=[("images", ("r.png", colour("red")))], data={"labels": ["red", "blue"]})
+        assert r.status_code == 200 and r.json()["results"][0]["labels"][0]["label"] == "red"
+        r = await c.post("/tasks", files={"bundle": ("a", two_tasks["a"])}, headers=AUTH)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "store_error" and r.headers["Retry-After"]
+        assert store.index_path.read_text() == '{"generation": 3, "tasks": {'  # nothing overwritten
+
+
+async def test_a_bundle_for_another_backbone_is_degraded_not_fatal(tmp_path, backbone, two_tasks):
+    store = _store(tmp_path, two_tasks["c"])
+    other = edit_bundle(two_tasks["a"], manifest=lambda m: m["backbone"].update(fingerprint="0" * 64))
+    store.put(other)  # the store does not know the backbone; the server does
+    async with running_app(tmp_path, backbone) as c:
+        degraded = (await c.get("/healthz")).json()["degraded"]
+        assert list(degraded) == ["a"] and "backbone_mismatch" in degraded["a"]
+        assert await _pinned(c, "c") == 200
