@@ -154,7 +154,7 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
         )
         if ref.weights_is_file:
             open_clip.load_checkpoint(model, ref.weights)
-        tokenizer = open_clip.get_tokenizer(ref.model_name)
+        tokenizer = BoundedTokenizer(open_clip.get_tokenizer(ref.model_name))
     except Exception as e:  # noqa: BLE001 - open_clip, safetensors and torch raise many types for bad files
         raise BackboneError(f"could not load backbone {ref.text!r}: {e}") from e
     finally:
@@ -168,6 +168,35 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
     train_preprocess = _train_transform(model)
     log.info("loaded backbone %s (%s) on %s, fingerprint %s", ref.text, ref.arch, dev, fingerprint[:12])
     return Backbone(ref, model, preprocess, train_preprocess, tokenizer, dev, fingerprint, towers)
+
+
+TOKEN_CACHE_WORDS = 50_000
+
+
+class BoundedTokenizer:
+    """An open_clip tokenizer whose word cache is bounded.
+
+    open_clip's SimpleTokenizer keeps the BPE of every word it has ever seen; a server that is sent new words
+    (labels are free text) would grow without end. Past `max_words` the cache starts again from its initial
+    entries. Everything else is the wrapped tokenizer's.
+    """
+
+    def __init__(self, inner: Any, max_words: int = TOKEN_CACHE_WORDS) -> None:
+        self.inner = inner
+        self.max_words = max_words
+        cache = getattr(inner, "cache", None)
+        self._initial = dict(cache) if isinstance(cache, dict) else None
+
+    def __call__(self, texts: Any, *args: Any, **kwargs: Any) -> Any:
+        out = self.inner(texts, *args, **kwargs)
+        cache = getattr(self.inner, "cache", None)
+        if self._initial is not None and isinstance(cache, dict) and len(cache) > self.max_words:
+            cache.clear()
+            cache.update(self._initial)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 class _DropRecords(logging.Filter):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,30 +82,89 @@ class TextCache:
     def __len__(self) -> int:
         return len(self._data)
 
+    def __contains__(self, key: tuple) -> bool:
+        with self._lock:
+            return key in self._data
+
 
 TEXT_CHUNK = 256  # prompts per text forward pass, so a long label list never makes one huge batch
 
 
+def text_key(bank: BankSnapshot, task: int, labels: Sequence[str], templates: Sequence[str]) -> tuple:
+    """The text cache's key: (bundle id or zero-shot, labels, templates); a new version has a new bundle id."""
+    return (bank.tasks[task].bundle_id if task >= 0 else ZERO_SHOT, tuple(labels), tuple(templates))
+
+
+class TextJob:
+    """One label set's text embeddings, encoded a chunk of prompts at a time (so a long list can be interleaved
+    with other work). Per label: encode with each template, normalise, average, renormalise. `task=-1` is the
+    frozen tower."""
+
+    def __init__(self, bank: BankSnapshot, task: int, labels: Sequence[str], templates: Sequence[str]) -> None:
+        self.bank, self.task = bank, task
+        self.key = text_key(bank, task, labels, templates)
+        self.shape = (len(templates), len(labels))
+        self.prompts = [t.format(label) for t in templates for label in labels]
+        self._parts: list[torch.Tensor] = []
+        self._done = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.prompts) - self._done
+
+    @property
+    def remaining_chars(self) -> int:
+        return sum(len(p) for p in self.prompts[self._done :])
+
+    def fit(self, chars: int) -> int:
+        """How many of the next prompts fit in `chars` characters (at least one): tokenizing is most of a long
+        prompt's cost, and it grows with its length."""
+        n, total = 0, 0
+        for p in self.prompts[self._done :]:
+            total += len(p)
+            if n and total > chars:
+                break
+            n += 1
+        return n
+
+    def step(self, n: int = TEXT_CHUNK) -> bool:
+        """Encode the next `n` prompts; True once every prompt is encoded."""
+        bb = self.bank.backbone
+        chunk = self.prompts[self._done : self._done + max(1, n)]
+        if chunk:
+            tokens = bb.tokenizer(chunk).to(bb.device)
+            with torch.inference_mode():
+                if self.task >= 0:
+                    routing = self.bank.routing(torch.full((len(chunk),), self.task))
+                    self._parts.append(encode_text(bb.model, tokens, routing))
+                else:
+                    self._parts.append(bb.frozen.text(tokens))
+            self._done += len(chunk)
+        return self.remaining == 0
+
+    def result(self) -> torch.Tensor:
+        while not self.step():
+            pass
+        emb = torch.cat(self._parts).view(*self.shape, -1).mean(0)
+        return torch.nn.functional.normalize(emb, dim=-1)
+
+
 def text_embeddings(
-    bank: BankSnapshot, task: int, labels: Sequence[str], templates: Sequence[str], cache: TextCache | None = None
+    bank: BankSnapshot,
+    task: int,
+    labels: Sequence[str],
+    templates: Sequence[str],
+    cache: TextCache | None = None,
+    known: Mapping[tuple, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Per label: encode with each template, normalise, average, renormalise. `task=-1` is the frozen tower."""
-    key = (bank.tasks[task].bundle_id if task >= 0 else ZERO_SHOT, tuple(labels), tuple(templates))
+    """A label set's normalised text embeddings [L, D]: from `known`, the cache, or computed (and cached)."""
+    key = text_key(bank, task, labels, templates)
+    if known is not None and key in known:
+        value = known[key]
+        return value if cache is None else cache.get_or_compute(key, lambda: value)
 
     def compute() -> torch.Tensor:
-        bb = bank.backbone
-        prompts = [t.format(label) for t in templates for label in labels]
-        tokens = bb.tokenizer(prompts).to(bb.device)
-        parts = []
-        with torch.inference_mode():
-            for s in range(0, len(tokens), TEXT_CHUNK):
-                chunk = tokens[s : s + TEXT_CHUNK]
-                if task >= 0:
-                    parts.append(encode_text(bb.model, chunk, bank.routing(torch.full((len(chunk),), task))))
-                else:
-                    parts.append(bb.frozen.text(chunk))
-        emb = torch.cat(parts).view(len(templates), len(labels), -1).mean(0)
-        return torch.nn.functional.normalize(emb, dim=-1)
+        return TextJob(bank, task, labels, templates).result()
 
     return compute() if cache is None else cache.get_or_compute(key, compute)
 
@@ -138,36 +197,18 @@ def _route_of(bank: BankSnapshot, t: int, s: float) -> Route:
     return Route(task.name, task.version, task.bundle_id, s, task.selector.threshold)
 
 
-def _item_results(
-    bank: BankSnapshot,
-    item: ClassifyItem,
-    feats: torch.Tensor,
-    tasks: torch.Tensor,
-    scores: torch.Tensor,
-    cache: TextCache | None,
-) -> list[ImageResult]:
-    scale = float(bank.backbone.model.logit_scale.exp())
-    results = []
-    for i in range(feats.shape[0]):
-        t = int(tasks[i])
-        if item.labels:
-            labels = item.labels
-            templates = bank.tasks[t].templates if t >= 0 else ZERO_SHOT_TEMPLATES
-        elif t >= 0:
-            labels, templates = bank.tasks[t].classes, bank.tasks[t].templates
-        elif item.task == AUTO:  # no task claimed the image and there is nothing to choose among: say so
-            results.append(ImageResult([], _route_of(bank, t, float(scores[i]))))
-            continue
-        else:
-            raise InvalidRequest(
-                "no labels given and the image routed to zero-shot CLIP, which has no classes of its "
-                "own; send labels or pin a task"
-            )
-        text = text_embeddings(bank, t, labels, templates, cache)
-        probs = torch.softmax(scale * feats[i] @ text.T, dim=-1).cpu()
-        order = probs.argsort(descending=True)[: item.top_k or len(labels)]
-        results.append(ImageResult([(labels[j], float(probs[j])) for j in order], _route_of(bank, t, float(scores[i]))))
-    return results
+def _label_set(bank: BankSnapshot, item: ClassifyItem, t: int) -> tuple[Sequence[str], Sequence[str]] | None:
+    """The (labels, templates) an image routed to `t` is scored against; None: nothing to choose among."""
+    if item.labels:
+        return item.labels, (bank.tasks[t].templates if t >= 0 else ZERO_SHOT_TEMPLATES)
+    if t >= 0:
+        return bank.tasks[t].classes, bank.tasks[t].templates
+    if item.task == AUTO:  # no task claimed the image and there is nothing to choose among: say so
+        return None
+    raise InvalidRequest(
+        "no labels given and the image routed to zero-shot CLIP, which has no classes of its own; send labels or "
+        "pin a task"
+    )
 
 
 def check_item(bank: BankSnapshot, item: ClassifyItem) -> InvalidRequest | None:
@@ -184,27 +225,82 @@ def check_item(bank: BankSnapshot, item: ClassifyItem) -> InvalidRequest | None:
     return None
 
 
-def classify_batch(
-    bank: BankSnapshot, items: Sequence[ClassifyItem], cache: TextCache | None = None
-) -> list[list[ImageResult] | Exception]:
-    """Answer several requests with one frozen pass and one adapted pass that mixes tasks.
+@dataclass
+class BatchPlan:
+    """A batch after its image passes: per image the routed task, its selector score and its final embedding.
 
-    A request that cannot be answered gets its exception in its place; the others are unaffected.
+    What is left is text: each request's label sets (`text_needs`), then `finish`. A server may compute a
+    large label set a chunk at a time in between other batches before finishing the request that needs it.
     """
+
+    bank: BankSnapshot
+    items: Sequence[ClassifyItem]
+    out: list  # per request: None (answerable so far) or its exception
+    spans: dict[int, tuple[int, int]]  # request -> its images' [start, end) in the batch
+    feats: torch.Tensor
+    tasks: torch.Tensor
+    scores: torch.Tensor
+
+    def text_needs(self, k: int) -> list[tuple[int, Sequence[str], Sequence[str]]]:
+        """The distinct (task, labels, templates) request `k` needs embeddings of (empty if it failed)."""
+        if self.out[k] is not None:
+            return []
+        a, b = self.spans[k]
+        needs: dict[tuple, tuple[int, Sequence[str], Sequence[str]]] = {}
+        try:
+            for i in range(a, b):
+                t = int(self.tasks[i])
+                chosen = _label_set(self.bank, self.items[k], t)
+                if chosen is not None:
+                    needs.setdefault(text_key(self.bank, t, *chosen), (t, *chosen))
+        except InvalidRequest:
+            return []  # `finish` reports it
+        return list(needs.values())
+
+    def finish(
+        self, k: int, cache: TextCache | None = None, known: Mapping[tuple, torch.Tensor] | None = None
+    ) -> list[ImageResult] | Exception:
+        """Request `k`'s answer (or its exception), with text embeddings from `known`, the cache, or computed."""
+        if self.out[k] is not None:
+            return self.out[k]
+        bank, item = self.bank, self.items[k]
+        scale = float(bank.backbone.model.logit_scale.exp())
+        results = []
+        a, b = self.spans[k]
+        try:
+            for i in range(a, b):
+                t, score = int(self.tasks[i]), float(self.scores[i])
+                chosen = _label_set(bank, item, t)
+                if chosen is None:
+                    results.append(ImageResult([], _route_of(bank, t, score)))
+                    continue
+                labels, templates = chosen
+                text = text_embeddings(bank, t, labels, templates, cache, known)
+                probs = torch.softmax(scale * self.feats[i] @ text.T, dim=-1).cpu()
+                order = probs.argsort(descending=True)[: item.top_k or len(labels)]
+                results.append(ImageResult([(labels[j], float(probs[j])) for j in order], _route_of(bank, t, score)))
+        except Exception as e:  # noqa: BLE001 - reported per request
+            return e
+        return results
+
+
+def plan_batch(bank: BankSnapshot, items: Sequence[ClassifyItem]) -> BatchPlan:
+    """One frozen pass for every image, selector scores once, routing per request, one adapted pass that mixes
+    tasks for the routed images. Requests that cannot be answered get their exception in `out`."""
     bb = bank.backbone
-    cache = cache if cache is not None else TextCache()  # at least one text pass per label set in this batch
     out: list = [check_item(bank, it) for it in items]
     live = [k for k, e in enumerate(out) if e is None]
-    if not live:
-        return out
     sizes = [len(items[k].images) for k in live]
+    spans = {k: (s - n, s) for k, n, s in zip(live, sizes, itertools.accumulate(sizes), strict=True)}
+    n = sum(sizes)
+    tasks = torch.full((n,), -1, dtype=torch.long)
+    scores = torch.full((n,), float("nan"))
+    if not live:
+        return BatchPlan(bank, items, out, spans, torch.empty(0, bb.embed_dim), tasks, scores)
     images = torch.cat([items[k].images for k in live]).to(bb.device)
     frozen = bb.frozen.image(images)
-    tasks = torch.full((len(images),), -1, dtype=torch.long)
-    scores = torch.full((len(images),), float("nan"))
-    spans = [(k, s - n, s) for k, n, s in zip(live, sizes, itertools.accumulate(sizes))]
     all_scores = task_scores(bank, frozen)  # once for the whole batch
-    for k, a, b in spans:
+    for k, (a, b) in spans.items():
         try:
             tasks[a:b], scores[a:b] = select_tasks(bank, all_scores[a:b], items[k])
         except Exception as e:  # noqa: BLE001 - reported per request
@@ -214,10 +310,16 @@ def classify_batch(
     if len(routed):
         with torch.inference_mode():
             feats[routed] = encode_image(bb.model, images[routed], bank.routing(tasks[routed.cpu()]))
-    for k, a, b in spans:
-        if out[k] is None:
-            try:
-                out[k] = _item_results(bank, items[k], feats[a:b], tasks[a:b], scores[a:b], cache)
-            except Exception as e:  # noqa: BLE001 - reported per request
-                out[k] = e
-    return out
+    return BatchPlan(bank, items, out, spans, feats, tasks, scores)
+
+
+def classify_batch(
+    bank: BankSnapshot, items: Sequence[ClassifyItem], cache: TextCache | None = None
+) -> list[list[ImageResult] | Exception]:
+    """Answer several requests with one frozen pass and one adapted pass that mixes tasks.
+
+    A request that cannot be answered gets its exception in its place; the others are unaffected.
+    """
+    cache = cache if cache is not None else TextCache()  # at least one text pass per label set in this batch
+    plan = plan_batch(bank, items)
+    return [plan.finish(k, cache) for k in range(len(items))]

@@ -46,8 +46,9 @@ def test_fresh_experts_change_nothing(backbone, inputs):
     bank = build_bank(backbone, [read_bundle(random_bundle(empty_bank(backbone), "fresh", seed=3, zero_up=True))])
     routed_img = encode_image(backbone.model, images, bank.routing(torch.zeros(6, dtype=torch.long)))
     routed_txt = encode_text(backbone.model, tokens, bank.routing(torch.zeros(3, dtype=torch.long)))
-    torch.testing.assert_close(routed_img, backbone.model.encode_image(images, normalize=True), atol=1e-6, rtol=0)
-    torch.testing.assert_close(routed_txt, backbone.model.encode_text(tokens, normalize=True), atol=1e-6, rtol=0)
+    # Another code path (ours, open_clip's) over the same batch: equal up to float rounding.
+    torch.testing.assert_close(routed_img, backbone.model.encode_image(images, normalize=True), atol=1e-5, rtol=0)
+    torch.testing.assert_close(routed_txt, backbone.model.encode_text(tokens, normalize=True), atol=1e-5, rtol=0)
 
 
 def test_random_experts_do_change_the_output(backbone, inputs, bank_ab):
@@ -66,7 +67,8 @@ def test_mixed_batch_equals_each_task_alone(backbone, inputs, bank_ab):
     for t in (-1, 0, 1):
         alone = encode_image(backbone.model, images, bank.routing(torch.full((6,), t)))
         rows = tasks == t
-        torch.testing.assert_close(mixed[rows], alone[rows], atol=1e-6, rtol=0)
+        # Other batch compositions take other BLAS kernels on some CPUs: equal up to float rounding.
+        torch.testing.assert_close(mixed[rows], alone[rows], atol=1e-5, rtol=0)
     assert not torch.allclose(
         mixed[tasks == 0],
         encode_image(backbone.model, images, bank.routing(torch.ones(6, dtype=torch.long)))[tasks == 0],
@@ -153,4 +155,4 @@ def test_rebuilds_reuse_unchanged_task_entries_until_an_expert_leaves(backbone, 
         want = encode_image(backbone.model, images, ab.routing(routing))
         for other in (abc, back):
             got = encode_image(backbone.model, images, other.routing(routing))
-            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)  # slot order differs: float rounding

@@ -102,5 +102,5 @@ def test_classification_with_the_onnx_frozen_pass_matches_pytorch(onnx_backbone,
     for a, b in zip(classify_batch(torch_bank, items), classify_batch(onnx_bank, items)):
         for ra, rb in zip(a, b):
             assert (ra.route.task, ra.route.bundle_id) == (rb.route.task, rb.route.bundle_id)
-            assert [label for label, _ in ra.labels] == [label for label, _ in rb.labels]
-            assert max(abs(pa - pb) for (_, pa), (_, pb) in zip(ra.labels, rb.labels)) <= 1e-4
+            pa, pb = dict(ra.labels), dict(rb.labels)  # the ranking of two near-equal scores may differ
+            assert pa.keys() == pb.keys() and max(abs(pa[k] - pb[k]) for k in pa) <= 1e-4
