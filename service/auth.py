@@ -19,9 +19,14 @@ def _same(given: str, expected: str) -> bool:
 
 
 class TokenCheck:
-    """A FastAPI dependency. `expected` returning None means this check is open (only for the classify token)."""
+    """A FastAPI dependency that needs `Authorization: Bearer <the expected token>` (or the `also` token).
 
-    def __init__(self, expected: Callable[[], str | None], name: str, also: Callable[[], str] | None = None) -> None:
+    While `expected` returns None (before start-up has resolved the admin token) every request is refused.
+    """
+
+    def __init__(
+        self, expected: Callable[[], str | None], name: str, also: Callable[[], str | None] | None = None
+    ) -> None:
         self.expected = expected
         self.name = name
         self.also = also
@@ -29,12 +34,13 @@ class TokenCheck:
     def __call__(self, credentials: HTTPAuthorizationCredentials | None = _CREDENTIALS) -> None:
         expected = self.expected()
         if expected is None:
-            return
+            raise Unauthorized(f"the server has no {self.name} token yet")
         if credentials is None:
             raise Unauthorized(f"this endpoint needs 'Authorization: Bearer <{self.name} token>'")
         given = credentials.credentials
         ok = _same(given, expected)
-        if self.also is not None:
-            ok = _same(given, self.also()) or ok  # both compared, so timing does not tell which one was tried
+        also = self.also() if self.also is not None else None
+        if also is not None:
+            ok = _same(given, also) or ok  # both compared, so timing does not tell which one was tried
         if not ok:
             raise Unauthorized(f"the bearer token is not a valid {self.name} token")

@@ -10,6 +10,7 @@ from typing import Any
 MB = 1024 * 1024
 FROZEN_RUNTIMES = ("auto", "torch", "onnx")  # auto: onnx on CPU (measured faster there), torch on GPU
 ENV_PREFIX = "CLIPBANK_"
+INVALID = "invalid server settings: "
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,11 @@ class Limits:
     max_image_bytes: int = 16 * MB  # one encoded image
     max_images: int = 64  # images per request
     max_pixels: int = 24_000_000  # width * height, read from the header before decoding
+    max_aspect_ratio: int = 20  # long side / short side: a 1xN image would be upsampled to SxSN before the crop
+    max_request_pixels: int = 128_000_000  # pixels all of a request's images decode to (64 images of 2 MP)
     max_labels: int = 1000
     max_label_chars: int = 200
+    max_request_prompts: int = 16384  # new text prompts one request may need (labels x templates x routed tasks)
 
     def problems(self) -> list[str]:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -47,6 +51,10 @@ class ServeConfig:
     text_cache_mb: int = 256
     max_queue_images: int = 1024  # images waiting for a batch; more gets a 503 "overloaded"
     log_level: str = "info"
+    head_timeout_seconds: float = 10.0  # a connection must deliver a whole request head within this
+    read_timeout_seconds: float = 30.0  # the longest gap while a request body streams in
+    keep_alive_seconds: float = 5.0  # an idle kept-alive connection is closed after this
+    max_connections: int = 1024  # open connections; beyond it a new one gets 503 and is closed
     frozen_runtime: str = "auto"  # auto | torch | onnx: who runs the frozen passes (the adapted pass is always torch)
     onnx_cache: str = ""  # where ONNX exports are kept; "" means $XDG_CACHE_HOME/clipbank/onnx
     limits: Limits = field(default_factory=Limits)
@@ -68,6 +76,11 @@ class ServeConfig:
             problems.append(f"max_wait_ms must be in 0..10000, got {self.max_wait_ms}")
         if not 0.1 <= self.poll_seconds <= 3600:
             problems.append(f"poll_seconds must be in 0.1..3600, got {self.poll_seconds}")
+        for name in ("head_timeout_seconds", "read_timeout_seconds", "keep_alive_seconds"):
+            if not 0.1 <= getattr(self, name) <= 3600:
+                problems.append(f"{name} must be in 0.1..3600, got {getattr(self, name)}")
+        if self.max_connections < 1:
+            problems.append(f"max_connections must be >= 1, got {self.max_connections}")
         if self.text_cache_size < 0 or self.text_cache_mb < 0:
             problems.append(
                 f"text_cache_size and text_cache_mb must be >= 0, got {self.text_cache_size}, {self.text_cache_mb}"
@@ -79,26 +92,40 @@ class ServeConfig:
             if token is not None and len(token) < 16:
                 problems.append(f"{name} must be at least 16 characters when set")
         if problems:
-            raise ValueError("invalid server settings: " + "; ".join(problems))
+            raise ValueError(INVALID + "; ".join(problems))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServeConfig:
-        """Defaults, then `CLIPBANK_<NAME>` variables, then `overrides` that are not None."""
+        """Defaults, then `CLIPBANK_<NAME>` variables, then `overrides` that are not None.
+
+        Raises one ValueError naming every problem: variables that do not parse and settings out of range.
+        """
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         limit_values: dict[str, Any] = {}
+        problems: list[str] = []
         for target, klass in ((values, cls), (limit_values, Limits)):
             for f in fields(klass):
                 if f.name == "limits":
                     continue
                 raw = env.get(ENV_PREFIX + f.name.upper())
-                if raw not in (None, ""):
+                if raw in (None, ""):
+                    continue
+                try:
                     target[f.name] = _parse(f.name, raw, klass.__dataclass_fields__[f.name].default)
+                except ValueError as e:
+                    problems.append(str(e))
         for name, value in overrides.items():
             if value is None:
                 continue
             (limit_values if name in Limits.__dataclass_fields__ else values)[name] = value
-        return cls(**values, limits=Limits(**limit_values))
+        try:
+            config = cls(**values, limits=Limits(**limit_values))
+        except ValueError as e:
+            problems.append(str(e).removeprefix(INVALID))
+        if problems:
+            raise ValueError(INVALID + "; ".join(problems))
+        return config
 
 
 def _parse(name: str, raw: str, default: Any) -> Any:
@@ -106,4 +133,4 @@ def _parse(name: str, raw: str, default: Any) -> Any:
     try:
         return kind(raw)
     except ValueError:
-        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw[:40]!r} is not a valid {kind.__name__}") from None

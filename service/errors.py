@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from model_store.errors import (
     BackboneError,
@@ -54,9 +55,23 @@ class Overloaded(ClipbankError):
     code = "overloaded"
 
 
+class RequestTimeout(InvalidRequest):
+    """The request's body stopped arriving (a gap longer than the read timeout)."""
+
+    code = "request_timeout"
+
+
+class ClientGone(ClipbankError):
+    """The client closed the connection before the server could answer (logged as 499, like nginx)."""
+
+    code = "client_closed_request"
+
+
 # Most specific first: the first matching type decides the status.
 STATUS: tuple[tuple[type[ClipbankError], int], ...] = (
     (Unauthorized, 401),
+    (ClientGone, 499),
+    (RequestTimeout, 408),
     (LimitExceeded, 413),
     (UnsupportedMediaType, 415),
     (NotReady, 503),
@@ -76,8 +91,10 @@ HTTP_CODES = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "limit_exceeded",
 }
+RETRY_AFTER_SECONDS = {"overloaded": 1, "not_ready": 5, "store_error": 5}
 
 
 def status_of(error: ClipbankError) -> int:
@@ -90,11 +107,17 @@ def status_of(error: ClipbankError) -> int:
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    if status == 503:
+        headers = {**(headers or {}), "Retry-After": str(RETRY_AFTER_SECONDS.get(code, 1))}
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 def error_body_of(error: Exception) -> tuple[int, str, str]:
     """(status, code, message) for any exception; unexpected ones become a generic 500 and go to the log."""
+    if isinstance(error, ClientDisconnect):
+        error = ClientGone("the client closed the connection before its body arrived")
+    if isinstance(error, ClientGone):
+        log.info("client went away: %s", error)
     if isinstance(error, ClipbankError):
         return status_of(error), error.code, str(error)
     log.error("unexpected error", exc_info=error)

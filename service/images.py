@@ -1,4 +1,4 @@
-"""Bounded image decoding: size and format checked from the header before any pixel is decoded."""
+"""Bounded image decoding: size, shape and format checked from the header before any pixel is decoded."""
 
 from __future__ import annotations
 
@@ -7,19 +7,57 @@ import binascii
 import io
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from .config import Limits
-from .errors import BadImage, LimitExceeded
+from .errors import BadImage, ClientGone, LimitExceeded
 
 # Formats PIL reads without outside tools (EPS would call Ghostscript, so it is not here).
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transpose that shows the image upright (as PIL's ImageOps.exif_transpose does).
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
-def open_image(data: bytes, name: str, limits: Limits) -> Image.Image:
-    """An RGB image, or a 4xx that names the image and what is wrong with it."""
+@dataclass
+class OpenedImage:
+    """An image whose header was read and checked; its pixels are not decoded yet."""
+
+    name: str
+    image: Image.Image
+    pixels: int  # what decoding will produce (JPEGs are decoded at a reduced scale when much larger than needed)
+    orientation: int = 1
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation, read without decoding: a PNG's eXIf chunk may follow its pixels, and Pillow would
+    decode the whole image to look for it, so a PNG counts only when the chunk came before them."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
+    try:
+        value = img.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block leaves the image as stored
+        return 1
+    return value if value in UPRIGHT else 1
+
+
+def inspect_image(data: bytes, name: str, limits: Limits, target: int) -> OpenedImage:
+    """Read and check the header: bytes, format, pixels and aspect ratio, each a 4xx that names the image.
+
+    `target` is the model's input side: a JPEG much larger than it is set to decode at 1/2, 1/4 or 1/8 scale
+    (never below `target`), so its decoding costs what the model needs, not what the camera stored.
+    """
     if len(data) > limits.max_image_bytes:
         raise LimitExceeded(f"{name} is {len(data)} bytes; the limit is max_image_bytes={limits.max_image_bytes}")
     if not data:
@@ -32,19 +70,45 @@ def open_image(data: bytes, name: str, limits: Limits) -> Image.Image:
             raise LimitExceeded(f"{name} has too many pixels ({e}); max_pixels={limits.max_pixels}") from None
         except UnidentifiedImageError:
             raise BadImage(f"{name} is not an image in an accepted format ({', '.join(FORMATS)})") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise BadImage(f"{name} has a broken header: {e}") from None
-        width, height = img.size
-        if width * height > limits.max_pixels:
-            raise LimitExceeded(
-                f"{name} is {width}x{height} = {width * height} pixels; the limit is max_pixels={limits.max_pixels}"
-            )
-        if width < 1 or height < 1:
-            raise BadImage(f"{name} has no pixels ({width}x{height})")
+        except Exception as e:  # noqa: BLE001 - PIL's plugins raise many types for broken headers
+            raise BadImage(f"{name} has a broken header: {type(e).__name__}: {str(e)[:120]}") from None
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise BadImage(f"{name} has no pixels ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise LimitExceeded(
+            f"{name} is {width}x{height} = {width * height} pixels; the limit is max_pixels={limits.max_pixels}"
+        )
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise LimitExceeded(
+            f"{name} is {width}x{height}, an aspect ratio of {max(width, height) / min(width, height):.0f}:1; "
+            f"the limit is max_aspect_ratio={limits.max_aspect_ratio}"
+        )
+    orientation = _orientation(img)
+    if img.format == "JPEG":
+        img.draft("RGB", (target, target))  # keeps both sides >= target
+    return OpenedImage(name, img, img.size[0] * img.size[1], orientation)
+
+
+def decode_image(opened: OpenedImage) -> Image.Image:
+    """The upright RGB pixels of an inspected image, or a 422 naming it. The source's own decoded pixels are
+    released at once (a request's inspected images stay referenced until it ends)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            return img.convert("RGB")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise BadImage(f"{name} could not be decoded: {e}") from None
+            rgb = opened.image.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt data, in any plugin
+            raise BadImage(f"{opened.name} could not be decoded: {type(e).__name__}: {str(e)[:120]}") from None
+        finally:
+            opened.image.close()
+    if opened.orientation in UPRIGHT:
+        rgb = rgb.transpose(UPRIGHT[opened.orientation])
+    return rgb
+
+
+def open_image(data: bytes, name: str, limits: Limits, target: int = 224) -> Image.Image:
+    """An upright RGB image, or a 4xx that names the image and what is wrong with it."""
+    return decode_image(inspect_image(data, name, limits, target))
 
 
 def decode_base64(text: str, name: str, limits: Limits) -> bytes:
@@ -59,12 +123,44 @@ def decode_base64(text: str, name: str, limits: Limits) -> bytes:
         raise BadImage(f"{name} is not valid base64: {e}") from None
 
 
-def preprocess_all(
-    images: Sequence[tuple[str, bytes]], preprocess: Callable[[Image.Image], torch.Tensor], limits: Limits
-) -> torch.Tensor:
-    """Decode and preprocess (name, bytes) pairs into one [n, 3, H, W] tensor."""
+def inspect_all(images: Sequence[tuple[str, bytes]], limits: Limits, target: int) -> list[OpenedImage]:
+    """Check every image's header before any is decoded, and what decoding them all would cost."""
     if not images:
         raise BadImage("send at least one image")
     if len(images) > limits.max_images:
         raise LimitExceeded(f"{len(images)} images in one request; the limit is max_images={limits.max_images}")
-    return torch.stack([preprocess(open_image(data, name, limits)) for name, data in images])
+    opened = [inspect_image(data, name, limits, target) for name, data in images]
+    pixels = sum(o.pixels for o in opened)
+    if pixels > limits.max_request_pixels:
+        raise LimitExceeded(
+            f"the request's images decode to {pixels} pixels; the limit is max_request_pixels="
+            f"{limits.max_request_pixels} (large JPEGs count at the reduced scale they are decoded at)"
+        )
+    return opened
+
+
+def preprocess_opened(
+    opened: Sequence[OpenedImage],
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    cancelled: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Decode and preprocess inspected images, one at a time, into one [n, 3, H, W] tensor.
+
+    `cancelled` is asked before each image: True (the client went away) stops the work with `ClientGone`.
+    """
+    out = []
+    for o in opened:
+        if cancelled is not None and cancelled():
+            raise ClientGone("the client closed the connection while its images were decoded")
+        out.append(preprocess(decode_image(o)))
+    return torch.stack(out)
+
+
+def preprocess_all(
+    images: Sequence[tuple[str, bytes]],
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    limits: Limits,
+    target: int = 224,
+) -> torch.Tensor:
+    """Check, decode and preprocess (name, bytes) pairs into one [n, 3, H, W] tensor."""
+    return preprocess_opened(inspect_all(images, limits, target), preprocess)

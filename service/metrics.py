@@ -42,6 +42,10 @@ class Metrics:
         )
         self.swap_failures = Counter("clipbank_swap_failures", "bank rebuilds that failed (old bank kept)", registry=r)
         self.queue_images = Gauge("clipbank_queue_images", "images waiting for a batch", registry=r)
+        self.degraded = Gauge("clipbank_degraded_tasks", "active tasks the bank cannot serve", registry=r)
+        self.task_degraded = Gauge(
+            "clipbank_task_degraded", "1 for each active task the bank cannot serve", ["task"], registry=r
+        )
 
     def watch_cache(self, cache: TextCache) -> None:
         """Text-embedding cache figures, read at scrape time."""
@@ -57,6 +61,10 @@ class Metrics:
         self.generation.set(bank.generation)
         self.bank_bytes.set(bank_bytes(bank))
         self.bank_tasks.set(len(bank.tasks))
+        self.degraded.set(len(bank.degraded))
+        self.task_degraded.clear()  # only the tasks degraded now
+        for task in bank.degraded:
+            self.task_degraded.labels(task=task).set(1)
         if seconds is not None:
             self.swap_seconds.observe(seconds)
 

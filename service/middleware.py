@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -11,13 +12,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import LimitExceeded, error_response
 from .metrics import Metrics
 
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 
 class BodyLimit:
-    """Refuses a body over its path's limit: at once from Content-Length, else as soon as the stream passes it."""
+    """Refuses a body over its path's limit (at once from Content-Length, else as soon as the stream passes it),
+    and one whose next piece takes longer than `read_timeout` seconds to arrive (408)."""
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str, str], tuple[int, str]]) -> None:
+    def __init__(
+        self, app: ASGIApp, limit_for: Callable[[str, str], tuple[int, str]], read_timeout: float = 30.0
+    ) -> None:
         self.app = app
         self.limit_for = limit_for
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -30,14 +37,22 @@ class BodyLimit:
             if int(declared) > limit:
                 message = f"request body is {int(declared)} bytes; the limit is {name}={limit}"
                 return await error_response(413, LimitExceeded.code, message)(scope, receive, send)
-        seen = 0
+        seen, complete = 0, False
 
         async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # only a disconnect can follow: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout)
+            except asyncio.TimeoutError:  # HTTPExceptions pass FastAPI's own body parsing unchanged
+                raise HTTPException(
+                    408, f"the request body stalled for {self.read_timeout:g}s (read_timeout_seconds)"
+                ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > limit:  # an HTTPException, which FastAPI's own body parsing lets through unchanged
+                complete = not message.get("more_body", False)
+                if seen > limit:
                     raise HTTPException(413, f"request body passed {seen} bytes; the limit is {name}={limit}")
             return message
 
@@ -68,6 +83,6 @@ class RequestMetrics:
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", "unmatched")
-            method = scope["method"]
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"  # a closed set of series
             self.metrics.requests.labels(endpoint, method, str(status)).inc()
             self.metrics.latency.labels(endpoint, method).observe(time.perf_counter() - start)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 EXAMPLE_BUNDLE_ID = "3fa2c1d0" + "0" * 56
 
@@ -17,13 +17,16 @@ class ClassifyOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    labels: list[str] = Field(
+    labels: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=list,
-        description="Candidate labels. Empty: each image's task's own classes; an image no task claims then "
-        "gets an empty list (and task=zero-shot without labels is a 422).",
+        description="Distinct candidate labels. Empty: each image's task's own classes; an image no task claims "
+        "then gets an empty list (and task=zero-shot without labels is a 422).",
         examples=[["cat", "dog", "bird"]],
+        json_schema_extra={"uniqueItems": True},
     )
-    task: TaskMode = Field("auto", description="`auto` (selector decides per image), `zero-shot`, or a task name.")
+    task: TaskMode = Field(
+        "auto", max_length=64, description="`auto` (selector decides per image), `zero-shot`, or a task name."
+    )
     route: RouteMode = Field("per-image", description="`per-request` averages selector scores over the images.")
     top_k: int | None = Field(None, ge=1, description="Return only the best k labels per image.")
 
@@ -31,7 +34,9 @@ class ClassifyOptions(BaseModel):
 class ClassifyJSON(ClassifyOptions):
     """The JSON form of `POST /classify`: images as base64 strings (data URLs are accepted)."""
 
-    images: list[str] = Field(..., min_length=1, description="Base64-encoded image files (PNG, JPEG, ...).")
+    images: list[Annotated[str, Field(json_schema_extra={"contentEncoding": "base64"})]] = Field(
+        ..., min_length=1, description="Base64-encoded image files (PNG, JPEG, ...), or data URLs."
+    )
 
     model_config = ConfigDict(
         extra="forbid",
@@ -136,7 +141,11 @@ class VersionInfo(BaseModel):
 class TaskInfo(BaseModel):
     task: str
     active_version: int | None = Field(..., description="null: stored but not routed to.")
-    serving: bool = Field(..., description="Whether this server's current bank routes to the task.")
+    serving: bool = Field(..., description="Whether this server's current bank routes to the active version.")
+    serving_version: int | None = Field(
+        None, description="The version this server routes to (differs from active_version until its next poll)."
+    )
+    degraded: str | None = Field(None, description="Why the active version cannot be served (a damaged blob...).")
     classes: list[str] = Field(default_factory=list, description="Classes of the active version.")
     versions: list[VersionInfo]
     bytes: int = Field(..., description="Tensor bytes of the active version in memory (0 if inactive).")
@@ -150,7 +159,15 @@ class TaskList(BaseModel):
 class ActivateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"version": 1}]})
 
-    version: int = Field(..., ge=1, strict=True)
+    version: int = Field(..., ge=1)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _whole_number(cls, v: Any) -> Any:
+        """A JSON integer (1 or 1.0, as JSON Schema allows); not a string or a boolean."""
+        if isinstance(v, bool) or not isinstance(v, int | float) or (isinstance(v, float) and not v.is_integer()):
+            raise ValueError("version must be a whole number")
+        return int(v)
 
 
 class Removed(BaseModel):
@@ -169,7 +186,9 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    status: str = Field(..., description="live | degraded | failed (healthz); ready | degraded (readyz)")
+    degraded: dict[str, str] = Field(default_factory=dict, description="Active tasks left out of the bank, and why.")
+    store_error: str | None = Field(None, description="Why the store's index cannot be read, if it cannot.")
     generation: int | None = None
     tasks: list[str] = Field(default_factory=list)
     backbone: dict[str, Any] = Field(default_factory=dict)

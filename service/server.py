@@ -8,6 +8,7 @@ import uvicorn
 
 from .app import create_app
 from .config import ServeConfig
+from .protocol import guarded_protocol
 
 log = logging.getLogger("clipbank.service")
 GRACEFUL_SECONDS = 30
@@ -31,6 +32,8 @@ def serve(config: ServeConfig) -> int:
             port=config.port,
             log_level=config.log_level,
             timeout_graceful_shutdown=GRACEFUL_SECONDS,
+            timeout_keep_alive=config.keep_alive_seconds,  # type: ignore[arg-type] - a float works
+            http=guarded_protocol(config.head_timeout_seconds, config.max_connections),
             lifespan="on",
         )
     )

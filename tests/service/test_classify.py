@@ -179,7 +179,7 @@ BAD_INPUTS = [
         ),
         422,
         "invalid_request",
-        "label 0",
+        "labels.0",
     ),
     (
         "too many json images",

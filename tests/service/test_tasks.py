@@ -62,21 +62,30 @@ async def test_classify_token_when_configured(tmp_path, backbone):
             assert r.status_code == 200
 
 
-async def test_generated_token_is_required_and_printed_once(tmp_path, backbone, capsys):
+async def test_generated_token_is_required_printed_once_and_kept_across_restarts(tmp_path, backbone, capsys):
+    import stat
+
+    import httpx
+
     from service.app import create_app
     from service.config import ServeConfig
 
-    app = create_app(ServeConfig(store=str(tmp_path / "s")), backbone=backbone)
-    token = app.state.service.admin_token
-    async with app.router.lifespan_context(app):
-        with anyio.fail_after(60):
-            await app.state.service.ready.wait()
-        async with __import__("httpx").AsyncClient(
-            transport=__import__("httpx").ASGITransport(app=app), base_url="http://t"
-        ) as c:
-            assert (await c.get("/tasks")).status_code == 401
-            assert (await c.get("/tasks", headers={"Authorization": f"Bearer {token}"})).status_code == 200
-    assert capsys.readouterr().err.count(token) == 1
+    tokens = []
+    for _ in range(2):  # a restart on the same store keeps the token its clients have
+        app = create_app(ServeConfig(store=str(tmp_path / "s"), frozen_runtime="torch"), backbone=backbone)
+        async with app.router.lifespan_context(app):
+            with anyio.fail_after(60):
+                await app.state.service.ready.wait()
+            token = app.state.service.admin_token
+            tokens.append(token)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                assert (await c.get("/tasks")).status_code == 401
+                assert (await c.get("/tasks", headers={"Authorization": f"Bearer {token}"})).status_code == 200
+    assert tokens[0] == tokens[1] and len(tokens[0]) >= 16
+    err = capsys.readouterr().err
+    assert err.count(tokens[0]) == 1 and "read from" in err
+    saved = tmp_path / "s" / ".admin-token"
+    assert saved.read_text().strip() == tokens[0] and stat.S_IMODE(saved.stat().st_mode) == 0o600
 
 
 async def test_upload_routes_pins_rolls_back_and_deletes(tmp_path, backbone, bundles):

@@ -1,0 +1,163 @@
+"""Reading requests: classify bodies (multipart or JSON) and bundle uploads, each limit checked once, early."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect, Request
+
+from model_store.errors import BundleFormatError, InvalidRequest
+from model_store.manifest import shown
+from model_store.safejson import JSONRefused
+from model_store.safejson import loads as bounded_loads
+
+from .config import Limits
+from .errors import BadImage, ClientGone, LimitExceeded, UnsupportedMediaType
+from .forms import FormLimits, read_multipart
+from .images import decode_base64
+from .schemas import ClassifyJSON, ClassifyOptions
+
+OPTION_FIELDS = ("task", "route", "top_k")
+UTF8_BYTES_PER_CHAR = 4
+
+
+def content_kind(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def classify_form_limits(limits: Limits) -> FormLimits:
+    return FormLimits(
+        file_fields=("images",),
+        max_files=limits.max_images,
+        max_file_bytes=limits.max_image_bytes,
+        max_fields=limits.max_labels + len(OPTION_FIELDS),
+        max_field_bytes=max(UTF8_BYTES_PER_CHAR * limits.max_label_chars, 256),
+        files_name="max_images",
+        file_bytes_name="max_image_bytes",
+        fields_name="max_labels (+3 option fields)",
+        field_bytes_name="max_label_chars (as UTF-8 bytes)",
+    )
+
+
+async def read_classify(request: Request, limits: Limits) -> tuple[list[tuple[str, bytes]], ClassifyOptions]:
+    """(name, bytes) of each image and the validated options; nothing is decoded yet."""
+    kind = content_kind(request)
+    if kind == "multipart/form-data":
+        form = await read_multipart(request, classify_form_limits(limits))
+        files = [(f"image {i} ({shown(name, 60)})", data) for i, (_, name, data) in enumerate(form.files)]
+        fields: dict[str, Any] = {}
+        for key, value in form.fields:
+            if key == "labels":
+                fields.setdefault("labels", []).append(value)
+            elif key in fields:
+                raise InvalidRequest(f"the field {shown(key)} is sent more than once")
+            else:
+                fields[key] = value
+        options = validated(ClassifyOptions, fields)
+    elif kind == "application/x-www-form-urlencoded":  # what a form without files is sent as
+        raise BadImage("send at least one image: a urlencoded form carries no files; use multipart/form-data")
+    elif kind == "application/json":
+        body = await _body(request)
+        options, files = await run_in_threadpool(_parse_json_classify, body, limits)
+    else:
+        raise UnsupportedMediaType(
+            f"Content-Type {shown(kind) if kind else 'none'}: send multipart/form-data (files) or application/json "
+            "(base64)"
+        )
+    check_labels(options.labels, limits)
+    return files, options
+
+
+async def read_json(request: Request, model: type[BaseModel]) -> Any:
+    """A small JSON body (bounded by the body limit), parsed with bounded JSON and validated by `model`."""
+    kind = content_kind(request)
+    if kind != "application/json":
+        raise UnsupportedMediaType(f"Content-Type {shown(kind) if kind else 'none'}: send application/json")
+    try:
+        payload = bounded_loads(await _body(request))
+    except JSONRefused as e:
+        raise InvalidRequest(f"the body is not valid JSON: {e}") from None
+    return validated(model, payload)
+
+
+async def _body(request: Request) -> bytes:
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        raise ClientGone("the client closed the connection before its body arrived") from None
+
+
+def json_value_budget(limits: Limits) -> int:
+    """How many commas a classify body may hold: one per image and label, those a label may contain itself,
+    and a few for the options. A container of n values needs n - 1 commas, so this bounds the values a body
+    makes the parser build; far more means a body built to cost parsing time (deep nesting is bounded apart)."""
+    return 4 * limits.max_images + limits.max_labels * (limits.max_label_chars + 2) + 64
+
+
+def _parse_json_classify(body: bytes, limits: Limits) -> tuple[ClassifyJSON, list[tuple[str, bytes]]]:
+    commas = body.count(b",")
+    if commas > json_value_budget(limits):
+        raise LimitExceeded(
+            f"the JSON body holds {commas} commas, so about as many values; a classify request with max_images="
+            f"{limits.max_images} and max_labels={limits.max_labels} needs at most {json_value_budget(limits)}"
+        )
+    try:
+        payload = bounded_loads(body)
+    except JSONRefused as e:
+        raise InvalidRequest(f"the body is not valid JSON: {e}") from None
+    parsed = validated(ClassifyJSON, payload)
+    if len(parsed.images) > limits.max_images:
+        raise LimitExceeded(f"{len(parsed.images)} images in one request; the limit is max_images={limits.max_images}")
+    return parsed, [(f"image {i}", decode_base64(s, f"image {i}", limits)) for i, s in enumerate(parsed.images)]
+
+
+def validated(model: type[BaseModel], data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc']))[:60] or 'body'}: {err['msg'][:120]}" for err in e.errors()[:10]
+        )
+        raise InvalidRequest(problems) from None
+
+
+def check_labels(labels: list[str], limits: Limits) -> None:
+    if len(labels) > limits.max_labels:
+        raise LimitExceeded(f"{len(labels)} labels; the limit is max_labels={limits.max_labels}")
+    for i, label in enumerate(labels):
+        if len(label) > limits.max_label_chars:
+            raise LimitExceeded(
+                f"label {i} is {len(label)} characters; the limit is max_label_chars={limits.max_label_chars}"
+            )
+        if not label.strip():
+            raise InvalidRequest(f"label {i} is empty")
+        try:
+            label.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest(f"label {i} is not valid Unicode text (lone surrogate)") from None
+
+
+async def read_bundle_upload(request: Request, limits: Limits) -> bytes:
+    """The bytes of the multipart field `bundle`, bounded by max_upload_bytes while they stream in."""
+    kind = content_kind(request)
+    if kind != "multipart/form-data":
+        raise UnsupportedMediaType(
+            f"Content-Type {shown(kind) if kind else 'none'}: upload the bundle as multipart field 'bundle'"
+        )
+    form_limits = FormLimits(
+        file_fields=("bundle",),
+        max_files=1,
+        max_file_bytes=limits.max_upload_bytes,
+        max_fields=4,
+        max_field_bytes=1024,
+        files_name="one bundle per upload",
+        file_bytes_name="max_upload_bytes",
+    )
+    form = await read_multipart(request, form_limits)
+    if not form.files:
+        raise BundleFormatError("send the bundle file in the multipart field 'bundle'")
+    return form.files[0][2]

@@ -1,0 +1,131 @@
+"""Multipart bodies read with hard caps (parts, text sizes, file sizes), enforced while the body streams in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from model_store.errors import InvalidRequest
+from model_store.manifest import shown
+
+from .errors import ClientGone, LimitExceeded
+
+
+@dataclass(frozen=True)
+class FormLimits:
+    """What one multipart body may hold. `*_name` name the server setting each bound comes from."""
+
+    file_fields: tuple[str, ...]  # the only field names that may carry files
+    max_files: int
+    max_file_bytes: int
+    max_fields: int
+    max_field_bytes: int
+    files_name: str = "max_files"
+    file_bytes_name: str = "max_file_bytes"
+    fields_name: str = "max_fields"
+    field_bytes_name: str = "max_field_bytes"
+
+
+@dataclass
+class Form:
+    files: list[tuple[str, str, bytes]] = field(default_factory=list)  # (field, filename, bytes)
+    fields: list[tuple[str, str]] = field(default_factory=list)  # (field, text)
+
+
+class _Reader:
+    """python-multipart callbacks that build a `Form` and raise as soon as a bound is crossed."""
+
+    def __init__(self, limits: FormLimits) -> None:
+        self.limits = limits
+        self.form = Form()
+        self._field = bytearray()
+        self._value = bytearray()
+        self._disposition = b""
+        self._name: str = ""
+        self._filename: str | None = None
+        self._data = bytearray()
+
+    def on_part_begin(self) -> None:
+        self._disposition = b""
+        self._data = bytearray()
+        self._name, self._filename = "", None
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]  # python-multipart bounds header lines (4 KB) and their count (8)
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if bytes(self._field).strip().lower() == b"content-disposition":
+            self._disposition = bytes(self._value)
+        self._field, self._value = bytearray(), bytearray()
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        if b"name" not in options:
+            raise InvalidRequest('a multipart part has no Content-Disposition "name"')
+        self._name = _utf8(options[b"name"], "a multipart field name")
+        lim = self.limits
+        if b"filename" in options:
+            if self._name not in lim.file_fields:
+                raise InvalidRequest(
+                    f"unexpected file field {shown(self._name)}; send files in {', '.join(map(repr, lim.file_fields))}"
+                )
+            if len(self.form.files) >= lim.max_files:
+                raise LimitExceeded(f"more than {lim.files_name}={lim.max_files} files in one request")
+            self._filename = _utf8(options[b"filename"], "a file name", errors="replace")
+        elif len(self.form.fields) >= lim.max_fields:
+            raise LimitExceeded(f"more than {lim.fields_name}={lim.max_fields} text fields in one request")
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self._data += data[start:end]
+        lim = self.limits
+        if self._filename is not None and len(self._data) > lim.max_file_bytes:
+            raise LimitExceeded(
+                f"file {len(self.form.files)} ({shown(self._filename, 60)}) passed {lim.max_file_bytes} bytes; "
+                f"the limit is {lim.file_bytes_name}={lim.max_file_bytes}"
+            )
+        if self._filename is None and len(self._data) > lim.max_field_bytes:
+            raise LimitExceeded(
+                f"text field {shown(self._name)} passed {lim.max_field_bytes} bytes; "
+                f"the limit is {lim.field_bytes_name}={lim.max_field_bytes}"
+            )
+
+    def on_part_end(self) -> None:
+        if self._filename is not None:
+            self.form.files.append((self._name, self._filename, bytes(self._data)))
+        else:
+            self.form.fields.append((self._name, _utf8(bytes(self._data), f"text field {shown(self._name)}")))
+        self._data = bytearray()
+
+
+def _utf8(raw: bytes, what: str, errors: str = "strict") -> str:
+    try:
+        return raw.decode("utf-8", errors)
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"{what} is not valid UTF-8") from None
+
+
+async def read_multipart(request: Request, limits: FormLimits) -> Form:
+    """The request's multipart body, parsed as it streams in: the first bound it crosses stops the parse."""
+    _, params = parse_options_header(request.headers.get("content-type", ""))
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise InvalidRequest("multipart/form-data needs a boundary parameter in Content-Type")
+    reader = _Reader(limits)
+    names = ("on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value", "on_header_end")
+    callbacks = {name: getattr(reader, name) for name in (*names, "on_headers_finished")}
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except ClientDisconnect:
+        raise ClientGone("the client closed the connection before its body arrived") from None
+    except (FormParserError, ValueError) as e:  # a malformed body (our own errors are not ValueErrors)
+        raise InvalidRequest(f"the multipart body is malformed: {str(e)[:160]}") from None
+    return reader.form

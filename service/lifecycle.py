@@ -1,0 +1,194 @@
+"""The server's life: the Service object (backbone, bank, batcher, admin token), start-up, polling, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+from PIL import PngImagePlugin
+
+from model_store.backbone import Backbone, load_backbone
+from model_store.frozen import TorchFrozen
+from model_store.inference import ZERO_SHOT, ClassifyItem, TextCache, classify_batch
+from model_store.store import LocalStore
+
+from .batching import Batcher, TextBudget
+from .config import ServeConfig
+from .errors import NotReady
+from .memory import release_free_memory
+from .metrics import Metrics
+from .registry import Registry
+from .workers import DecodeWorkers
+
+log = logging.getLogger("clipbank.service")
+ADMIN_TOKEN_FILE = ".admin-token"
+PNG_TEXT_BYTES = 256 * 1024  # Pillow's caps on PNG text chunks (its defaults: 1 MB per chunk, 64 MB in all)
+
+
+class Service:
+    """The app's state: settings, metrics, and once loaded, the registry and the batcher."""
+
+    def __init__(self, config: ServeConfig, backbone: Backbone | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.admin_token: str | None = config.admin_token  # resolved at start-up when not set
+        self.backbone = backbone
+        self.registry: Registry | None = None
+        self.batcher: Batcher | None = None
+        self.error: str | None = None
+        self.ready = asyncio.Event()
+        self.failed = asyncio.Event()
+        self.decoders = DecodeWorkers()
+
+    def load(self) -> None:
+        """Backbone, store, bank, warm-up: everything before /readyz turns 200 (runs off the event loop)."""
+        PngImagePlugin.MAX_TEXT_CHUNK = PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
+        if self.backbone is None:
+            self.backbone = load_backbone(self.config.backbone, self.config.device)
+        self._frozen_runtime()
+        cache = TextCache(self.config.text_cache_size, self.config.text_cache_mb * 1024 * 1024)
+        self.registry = Registry(LocalStore(self.config.store), self.backbone, self.metrics, cache)
+        bank = self.registry.load()
+        warm = torch.zeros(1, 3, self.backbone.image_size, self.backbone.image_size)
+        items = [ClassifyItem(warm, ("a", "b"), ZERO_SHOT)] + [ClassifyItem(warm, None, t) for t in bank.task_names]
+        # First-call costs, and every task's class embeddings into the cache.
+        for item, out in zip(items, classify_batch(bank, items, cache), strict=True):
+            if isinstance(out, Exception):
+                log.error("warm-up of %s failed: %s: %s", item.task, type(out).__name__, out)
+        self.metrics.watch_cache(cache)
+        limits = self.config.limits
+        self.batcher = Batcher(
+            lambda: self.registry.bank,
+            self.config.max_batch,
+            self.config.max_wait_ms,
+            cache,
+            self.metrics,
+            self.config.max_queue_images,
+            TextBudget(max_request_prompts=limits.max_request_prompts),
+        )
+        self.batcher.start()
+
+    def _frozen_runtime(self) -> None:
+        """`onnx` fails the start if it cannot be used; `auto` uses it on CPU and falls back to torch, saying why."""
+        wanted = self.config.frozen_runtime
+        if wanted == "torch" or (wanted == "auto" and self.backbone.device.type != "cpu"):
+            if self.backbone.frozen.name != "torch":  # a backbone object shared with another app
+                self.backbone.frozen = TorchFrozen(self.backbone.model)
+            return
+        if self.backbone.frozen.name == "onnx":
+            return
+        from model_store.onnx_runtime import use_onnx_runtime
+
+        try:
+            use_onnx_runtime(self.backbone, self.config.onnx_cache or None)
+        except Exception as e:  # noqa: BLE001 - export, cache, file system and ONNX Runtime errors alike
+            if wanted == "onnx":
+                raise
+            log.warning("frozen passes stay in PyTorch: %s: %s", type(e).__name__, e, exc_info=e)
+
+    def require_ready(self) -> Registry:
+        if not self.ready.is_set() or self.registry is None:
+            raise NotReady(self.error or "the server is still loading the backbone and the bank")
+        return self.registry
+
+    def health(self) -> dict[str, Any]:
+        """What /healthz and /readyz report beyond the status: tasks left out of the bank, store problems."""
+        registry = self.registry
+        if registry is None:
+            return {"degraded": {}, "store_error": None}
+        return {"degraded": dict(registry.bank.degraded), "store_error": registry.store_error}
+
+
+def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:
+    """(token, where it came from). Unset: the one saved in the store folder, else a new one saved there, so a
+    restart keeps the token its clients have (servers sharing the store share it too)."""
+    if config.admin_token:
+        return config.admin_token, "set"
+    path = Path(config.store) / ADMIN_TOKEN_FILE
+    try:
+        token = path.read_text().strip()
+        if len(token) >= 16:
+            return token, f"read from {path}"
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("cannot read %s: %s", path, e)
+    token = secrets.token_urlsafe(24)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{ADMIN_TOKEN_FILE}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        try:
+            os.link(tmp, path)  # fails if another server saved one first: use theirs
+        except FileExistsError:
+            return path.read_text().strip(), f"read from {path}"
+        finally:
+            tmp.unlink(missing_ok=True)
+        return token, f"generated and saved to {path} (mode 600)"
+    except OSError as e:
+        return token, f"generated, not saved ({e}): it changes at the next start"
+
+
+async def _poll_store(service: Service) -> None:
+    """Pick up changes other servers made to a shared store, and return freed heap memory to the system."""
+    while True:
+        await asyncio.sleep(service.config.poll_seconds)
+        try:
+            await run_in_threadpool(service.registry.refresh)
+            await run_in_threadpool(release_free_memory)  # what requests and uploads freed since the last poll
+        except Exception:  # noqa: BLE001 - keep polling; the store may come back
+            log.exception("polling the store failed")
+
+
+def lifespan(on_fatal: Callable[[str], None] | None):
+    """Start-up in the background (so /healthz answers at once), polling while ready, draining at shutdown."""
+
+    @asynccontextmanager
+    async def run(app: FastAPI):
+        service: Service = app.state.service
+        if service.admin_token is None:
+            service.admin_token, origin = resolve_admin_token(service.config)
+            shown = service.admin_token if origin.startswith("generated") else "(not shown)"
+            print(f"clipbank: admin token {origin}: {shown}", file=sys.stderr, flush=True)
+        poller: asyncio.Task | None = None
+
+        async def start() -> None:
+            nonlocal poller
+            try:
+                await run_in_threadpool(service.load)
+            except Exception as e:  # noqa: BLE001 - reported by /readyz and on_fatal
+                service.error = f"start-up failed: {type(e).__name__}: {e}"
+                log.error("%s", service.error, exc_info=e)
+                service.failed.set()
+                if on_fatal is not None:
+                    on_fatal(service.error)
+                return
+            service.ready.set()
+            poller = asyncio.create_task(_poll_store(service))
+            log.info("ready: %s", json.dumps(service.registry.bank.describe()))
+
+        starter = asyncio.create_task(start())
+        try:
+            yield
+        finally:
+            starter.cancel()
+            if poller is not None:
+                poller.cancel()
+            if service.batcher is not None:
+                await run_in_threadpool(service.batcher.stop)
+            service.decoders.shutdown()
+
+    return run

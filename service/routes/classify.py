@@ -1,0 +1,102 @@
+"""POST /classify: read, check and decode the images, then wait for the batcher's answer."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+
+from model_store.inference import ClassifyItem, ImageResult
+
+from ..auth import TokenCheck
+from ..batching import BatchInfo
+from ..config import Limits
+from ..decode import read_classify
+from ..images import inspect_all, preprocess_opened
+from ..schemas import ClassifyJSON, ClassifyResponse
+from . import ERRORS, service_of
+
+
+def multipart_schema(limits: Limits) -> dict:
+    """The multipart form of `POST /classify`, with this server's limits."""
+    return {
+        "type": "object",
+        "required": ["images"],
+        "additionalProperties": False,
+        "properties": {
+            "images": {
+                "type": "array",
+                "items": {"type": "string", "format": "binary"},
+                "minItems": 1,
+                "maxItems": limits.max_images,
+                "description": "Image files (PNG, JPEG, WEBP, GIF, BMP, TIFF).",
+            },
+            "labels": {
+                "type": "array",
+                "items": {"type": "string", "minLength": 1, "maxLength": limits.max_label_chars},
+                "maxItems": limits.max_labels,
+                "uniqueItems": True,
+                "description": "Repeat the field per label.",
+            },
+            "task": {"type": "string", "default": "auto", "maxLength": 64},
+            "route": {"type": "string", "enum": ["per-image", "per-request"], "default": "per-image"},
+            "top_k": {"type": "integer", "minimum": 1},
+        },
+    }
+
+
+def classify_router(reader: TokenCheck | None, limits: Limits) -> APIRouter:
+    """The classify route; `reader` checks the classify token (None: open, and the OpenAPI says so)."""
+    router = APIRouter(tags=["classify"])
+
+    @router.post(
+        "/classify",
+        response_model=ClassifyResponse,
+        responses=ERRORS,
+        dependencies=[Depends(reader)] if reader is not None else [],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {"schema": multipart_schema(limits)},
+                    "application/json": {"schema": ClassifyJSON.model_json_schema()},
+                },
+            }
+        },
+    )
+    async def classify(request: Request) -> dict:
+        """Classify images among candidate labels, each image routed to a task's experts or to zero-shot CLIP."""
+        service = service_of(request)
+        service.require_ready()
+        limits, backbone = service.config.limits, service.backbone
+        started = time.perf_counter()
+        files, options = await read_classify(request, limits)
+        with service.batcher.admit(len(files)):  # refused at once when the queue is full, before any decoding
+            opened = await run_in_threadpool(inspect_all, files, limits, backbone.image_size)
+            pixels = sum(o.pixels for o in opened)
+            images = await service.decoders.run(request, pixels, preprocess_opened, opened, backbone.preprocess)
+            decoded = time.perf_counter()
+            item = ClassifyItem(images, tuple(options.labels) or None, options.task, options.route, options.top_k)
+            results, info = await service.batcher.submit(item, admitted=True)
+        return response(results, info, (decoded - started) * 1000, (time.perf_counter() - started) * 1000)
+
+    return router
+
+
+def response(results: list[ImageResult], info: BatchInfo, decode_ms: float, total_ms: float) -> dict:
+    """The response body, in one conversion from the batcher's results."""
+    return {
+        "results": [
+            {"labels": [{"label": lb, "score": s} for lb, s in r.labels], "route": vars(r.route)} for r in results
+        ],
+        "timing": {
+            "decode_ms": round(decode_ms, 3),
+            "queue_ms": round(info.queue_ms, 3),
+            "compute_ms": round(info.compute_ms, 3),
+            "total_ms": round(total_ms, 3),
+            "batch_images": info.batch_images,
+            "batch_requests": info.batch_requests,
+            "generation": info.generation,
+        },
+    }

@@ -1,0 +1,100 @@
+"""Task management (admin token): upload a bundle, list tasks, activate a version, stop routing to a task."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+
+from model_store.errors import TaskNotFound
+from model_store.manifest import TASK_RE, shown
+
+from ..auth import TokenCheck
+from ..decode import read_bundle_upload, read_json
+from ..schemas import ActivateRequest, Removed, TaskInfo, TaskList, TaskUploaded
+from ..tasks import task_info
+from . import ERRORS, service_of
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["bundle"],
+                    "additionalProperties": False,
+                    "properties": {"bundle": {"type": "string", "format": "binary"}},
+                }
+            }
+        },
+    }
+}
+
+
+ACTIVATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": ActivateRequest.model_json_schema()}},
+    }
+}
+
+
+def _known_name(task: str) -> str:
+    """A path's task name, or 404 before any work when no task could have it."""
+    if not TASK_RE.fullmatch(task):
+        raise TaskNotFound(f"task {shown(task)} is not a task name ({TASK_RE.pattern})")
+    return task
+
+
+def tasks_router(admin: TokenCheck) -> APIRouter:
+    router = APIRouter(tags=["tasks"], dependencies=[Depends(admin)], responses=ERRORS)
+
+    @router.post("/tasks", status_code=201, response_model=TaskUploaded, openapi_extra=UPLOAD_BODY)
+    async def upload(
+        request: Request, activate: bool = Query(True, description="false: store the version without routing to it")
+    ) -> dict:
+        """Upload a bundle: validated, stored, and (by default) swapped in as the task's active version."""
+        service = service_of(request)
+        registry = service.require_ready()
+        data = await read_bundle_upload(request, service.config.limits)
+        result = await run_in_threadpool(registry.upload, data, activate)
+        return vars(result)
+
+    @router.get("/tasks", response_model=TaskList)
+    async def list_tasks(request: Request) -> dict:
+        """Every stored task: versions, the active one, classes, metrics, memory, and what this server serves."""
+        registry = service_of(request).require_ready()
+        index = await run_in_threadpool(registry.index)
+        bank = registry.bank
+        return {
+            "generation": int(index["generation"]),
+            "tasks": [task_info(bank, t, e) for t, e in sorted(index["tasks"].items())],
+        }
+
+    @router.get("/tasks/{task}", response_model=TaskInfo)
+    async def get_task(request: Request, task: str) -> dict:
+        registry = service_of(request).require_ready()
+        entry = await run_in_threadpool(registry.task_entry, _known_name(task))
+        return task_info(registry.bank, task, entry)
+
+    @router.post("/tasks/{task}/activate", response_model=TaskInfo, openapi_extra=ACTIVATE_BODY)
+    async def activate(request: Request, task: str) -> dict:
+        """Make a stored version active: rollback or roll forward, hot-swapped."""
+        registry = service_of(request).require_ready()
+        body = await read_json(request, ActivateRequest)  # read after the token check, not before
+        await run_in_threadpool(registry.activate, _known_name(task), body.version)
+        entry = await run_in_threadpool(registry.task_entry, task)
+        return task_info(registry.bank, task, entry)
+
+    @router.delete("/tasks/{task}", response_model=Removed)
+    async def remove(
+        request: Request,
+        task: str,
+        purge: bool = Query(False, description="also forget the task and delete blobs no other task needs"),
+    ) -> dict:
+        """Stop routing to a task. Its versions stay stored for rollback unless purged."""
+        registry = service_of(request).require_ready()
+        purged = await run_in_threadpool(registry.deactivate, _known_name(task), purge)
+        return {"task": task, "purged_blobs": purged, "generation": registry.bank.generation}
+
+    return router

@@ -1,0 +1,57 @@
+"""Where image decoding runs: light requests in the default thread pool, heavy ones in a few low-priority threads,
+and either stops early when its client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+
+log = logging.getLogger("clipbank.service")
+T = TypeVar("T")
+# A request whose images decode to more pixels than this is heavy: it runs in the heavy threads, at the lowest
+# scheduling priority, so requests built to cost decoding time take what the machine has spare and ordinary ones
+# never queue behind them.
+HEAVY_DECODE_PIXELS = 4_000_000
+HEAVY_NICE = 19
+WATCH_SECONDS = 0.25  # how often a waiting request asks whether its client is still there
+
+
+def _lowest_priority() -> None:
+    """Run this thread at nice 19 (Linux schedules threads one by one; elsewhere this would renice the process)."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HEAVY_NICE)
+        except OSError as e:
+            log.warning("heavy decode threads keep their priority: %s", e)
+
+
+class DecodeWorkers:
+    """The heavy-decode threads: half the cores (at least one), at the lowest priority."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads or max(1, (os.cpu_count() or 2) // 2)
+        self._heavy = ThreadPoolExecutor(self.threads, "clipbank-heavy-decode", initializer=_lowest_priority)
+
+    async def run(self, request: Request, pixels: int, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args, cancelled)` in a thread; `cancelled()` turns True once the client has disconnected."""
+        gone = threading.Event()
+        executor = self._heavy if pixels > HEAVY_DECODE_PIXELS else None
+        future = asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args, gone.is_set))
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=WATCH_SECONDS)
+            if done:
+                return future.result()
+            if not gone.is_set() and await request.is_disconnected():
+                gone.set()
+
+    def shutdown(self) -> None:
+        self._heavy.shutdown(wait=False, cancel_futures=True)

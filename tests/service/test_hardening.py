@@ -1,0 +1,165 @@
+"""Hardening regressions: label-set encoding shares the compute thread, and the smaller faults of the audit."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+
+import anyio
+import pytest
+import torch
+from PIL import Image
+
+from model_store.bank import empty_bank
+from model_store.inference import ClassifyItem, classify_batch
+from service.batching import Batcher, TextBudget
+from service.config import Limits, ServeConfig
+from service.images import open_image, preprocess_all
+from tests.helpers import random_bundle, with_version
+from tests.service.conftest import AUTH, running_app
+from tests.service.images import colour
+
+pytestmark = pytest.mark.anyio
+
+
+def _image(backbone, seed: int = 0) -> torch.Tensor:
+    return torch.rand(1, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(seed))
+
+
+async def test_a_long_new_label_list_does_not_hold_the_compute_thread(backbone):
+    bank = empty_bank(backbone)
+    batcher = Batcher(lambda: bank, max_batch=8, max_wait_ms=0, text=TextBudget(inline_chars=200, step_seconds=0.005))
+    batcher.start()
+    try:
+        big = ClassifyItem(_image(backbone), tuple(f"new label {i}" for i in range(600)), "zero-shot")
+        small = ClassifyItem(_image(backbone, 1), ("red", "blue"), "zero-shot")
+        finished: list[str] = []
+
+        async def run(name: str, item: ClassifyItem, delay: float):
+            await asyncio.sleep(delay)
+            out = await batcher.submit(item)
+            finished.append(name)
+            return out
+
+        (big_results, _), _ = await asyncio.gather(run("big", big, 0), run("small", small, 0.05))
+        assert finished == ["small", "big"]  # the short request did not wait for 600 prompts
+        assert batcher.text_steps >= 5  # the long list was encoded in steps
+        (alone,) = classify_batch(bank, [big])  # and in steps it gives the same answer
+        got, want = dict(big_results[0].labels), dict(alone[0].labels)
+        assert got.keys() == want.keys() and max(abs(got[k] - want[k]) for k in got) < 1e-5
+    finally:
+        batcher.stop()
+
+
+async def test_a_request_over_max_request_prompts_is_413(tmp_path, backbone):
+    labels = [f"label {i}" for i in range(40)]
+    async with running_app(tmp_path, backbone, limits=Limits(max_request_prompts=32)) as c:
+        files = [("images", ("r.png", colour("red")))]
+        r = await c.post("/classify", files=files, data={"labels": labels, "task": "zero-shot"})
+        assert r.status_code == 413 and "max_request_prompts=32" in r.json()["error"]["message"]
+        r = await c.post("/classify", files=files, data={"labels": labels[:30], "task": "zero-shot"})
+        assert r.status_code == 200
+
+
+def _jpeg(img: Image.Image, orientation: int | None = None) -> bytes:
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    img.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied():
+    upright = Image.new("RGB", (40, 20), (255, 255, 255))
+    upright.paste((255, 0, 0), (0, 0, 10, 20))  # red on the left
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what a camera held sideways stores
+    got = open_image(_jpeg(stored, orientation=6), "img", Limits())
+    assert got.size == (40, 20)
+    assert got.getpixel((2, 10))[0] > 200 and got.getpixel((37, 10))[1] > 200  # red left, white right
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_with_the_same_features(backbone):
+    g = torch.Generator().manual_seed(0)
+    small = (torch.rand(60, 80, 3, generator=g) * 255).to(torch.uint8).numpy()
+    img = Image.fromarray(small).resize((1600, 1200), Image.Resampling.BICUBIC)  # smooth, like a photo
+    data = _jpeg(img)
+    full = backbone.preprocess(Image.open(io.BytesIO(data)).convert("RGB"))
+    reduced = preprocess_all([("p", data)], backbone.preprocess, Limits(), backbone.image_size)[0]
+    assert (full - reduced).abs().mean() < 0.05  # normalised units: about 1% of the range
+    emb = backbone.model.encode_image(torch.stack([full, reduced]), normalize=True)
+    assert float(emb[0] @ emb[1]) > 0.99
+
+
+def test_every_bad_setting_is_named_even_when_a_variable_does_not_parse():
+    with pytest.raises(ValueError) as e:
+        ServeConfig.from_env({"CLIPBANK_PORT": "eighty", "CLIPBANK_MAX_BATCH": "0", "CLIPBANK_MAX_LABELS": "x"})
+    for words in ("CLIPBANK_PORT='eighty'", "CLIPBANK_MAX_LABELS='x'", "max_batch must be >= 1"):
+        assert words in str(e.value)
+
+
+async def test_openapi_says_classify_is_open_unless_a_classify_token_is_set(tmp_path, backbone):
+    async with running_app(tmp_path, backbone) as c:
+        spec = (await c.get("/openapi.json")).json()
+        assert "security" not in spec["paths"]["/classify"]["post"]
+        assert spec["paths"]["/tasks"]["post"]["security"]
+    async with running_app(tmp_path, backbone, classify_token="classify-token-0123456789") as c:
+        assert (await c.get("/openapi.json")).json()["paths"]["/classify"]["post"]["security"]
+
+
+async def test_overloaded_and_not_ready_say_when_to_retry(tmp_path, backbone):
+    limits = Limits(max_images=2)
+    async with running_app(tmp_path, backbone, limits=limits, max_batch=2, max_queue_images=2, max_wait_ms=1000) as c:
+        files = [("images", ("r.png", colour("red")))]
+        rs = await asyncio.gather(*[c.post("/classify", files=files, data={"labels": ["a", "b"]}) for _ in range(5)])
+        busy = [r for r in rs if r.status_code == 503]
+        assert busy and all(r.headers["Retry-After"] == "1" for r in busy)
+
+
+async def test_a_peer_servers_change_is_not_called_serving_before_this_server_swaps(tmp_path, backbone):
+    v1 = random_bundle(empty_bank(backbone), "peer", seed=41)
+    async with running_app(tmp_path, backbone) as a, running_app(tmp_path, backbone, poll_seconds=3600) as b:
+        assert (await a.post("/tasks", files={"bundle": ("b", v1)}, headers=AUTH)).status_code == 201
+        info = (await b.get("/tasks/peer", headers=AUTH)).json()
+        assert info["active_version"] == 1 and not info["serving"] and info["serving_version"] is None
+        assert info["classes"] == ["red", "blue", "green"]  # from the index, without loading the blob
+        b.app.state.service.registry.refresh()
+        info = (await b.get("/tasks/peer", headers=AUTH)).json()
+        assert info["serving"] and info["serving_version"] == 1
+        assert (await a.post("/tasks", files={"bundle": ("b", with_version(v1, 2))}, headers=AUTH)).status_code == 201
+        info = (await b.get("/tasks/peer", headers=AUTH)).json()
+        assert (info["active_version"], info["serving"], info["serving_version"]) == (2, False, 1)
+
+
+async def test_a_client_that_hangs_up_mid_upload_is_a_499_with_one_log_line(tmp_path, backbone, caplog):
+    async with running_app(tmp_path, backbone) as c:
+        app = c.app
+        kind, body = "multipart/form-data; boundary=zz", b'--zz\r\nContent-Disposition: form-data; name="bundle"'
+        messages = [{"type": "http.request", "body": body, "more_body": True}, {"type": "http.disconnect"}]
+        scope = {
+            "type": "http",
+            "http_version": "1.1",
+            "method": "POST",
+            "path": "/tasks",
+            "raw_path": b"/tasks",
+            "query_string": b"",
+            "headers": [(b"content-type", kind.encode()), (b"authorization", AUTH["Authorization"].encode())],
+            "client": ("127.0.0.1", 1),
+            "server": ("clipbank", 80),
+            "scheme": "http",
+            "root_path": "",
+        }
+        sent: list[dict] = []
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        with caplog.at_level(logging.INFO), anyio.fail_after(10):
+            await app(scope, receive, send)
+        assert sent[0]["status"] == 499
+        assert 'status="499"' in (await c.get("/metrics")).text
+        assert not [r for r in caplog.records if r.exc_info], "a hang-up is not an error with a traceback"
