@@ -1,0 +1,95 @@
+"""Crafted hostile payloads: image files with lying or extreme headers, multipart bodies, bundles edited by hand."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+from PIL import Image
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def full_png(width: int, height: int, extra: bytes = b"") -> bytes:
+    """A complete, valid grey PNG of width x height (all rows present, so it decodes), plus `extra` chunks."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    raw = (b"\x00" + b"\x80" * width) * height
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + extra
+        + _chunk(b"IDAT", zlib.compress(raw, 9))
+        + _chunk(b"IEND", b"")
+    )
+
+
+def ztxt_bomb_png(megabytes: int = 64) -> bytes:
+    """A 4x4 PNG carrying a zTXt chunk that inflates to `megabytes` MB of text."""
+    text = zlib.compress(b"a" * (megabytes * 1024 * 1024), 9)
+    return full_png(4, 4, _chunk(b"zTXt", b"comment\x00\x00" + text))
+
+
+def lying_png(width: int, height: int) -> bytes:
+    """A PNG header claiming width x height with almost no pixel data."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + _chunk(b"IEND", b"")
+    )
+
+
+def lying_gif(width: int, height: int) -> bytes:
+    return b"GIF89a" + struct.pack("<HH", width, height) + b"\x00\x00\x00" + b"\x2c" + b"\0" * 9 + b"\x02\x02D\x01\0;"
+
+
+def lying_bmp(width: int, height: int) -> bytes:
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + len(info) + 16, 0, 0, 14 + len(info)) + info + b"\0" * 16
+
+
+def lying_jpeg(width: int, height: int) -> bytes:
+    """A real small JPEG whose SOF0 marker is rewritten to claim width x height."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    at = data.index(b"\xff\xc0")
+    data[at + 5 : at + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def lying_tiff(width: int, height: int) -> bytes:
+    entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1)]
+    entries += [(273, 4, 1, 8), (277, 3, 1, 1), (278, 4, 1, height), (279, 4, 1, 16)]
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries) + b"\0\0\0\0"
+    return b"II*\x00" + struct.pack("<I", 8 + 16) + b"\0" * 16 + ifd
+
+
+def lying_webp(width: int, height: int) -> bytes:
+    vp8l = b"\x2f" + struct.pack("<I", (width - 1) | ((height - 1) << 14))
+    return b"RIFF" + struct.pack("<I", 4 + 8 + len(vp8l)) + b"WEBPVP8L" + struct.pack("<I", len(vp8l)) + vp8l
+
+
+def png_of(width: int = 32, height: int = 32, colour=(200, 40, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def multipart(parts: list[tuple[bytes, bytes | None, bytes]], boundary: bytes = b"xYzZy") -> tuple[str, bytes]:
+    """(Content-Type, body) for raw parts (name, filename or None, data), names and values sent as given."""
+    out = []
+    for name, filename, data in parts:
+        disposition = b'form-data; name="' + name + b'"' + (b'; filename="' + filename + b'"' if filename else b"")
+        out.append(b"--" + boundary + b"\r\nContent-Disposition: " + disposition + b"\r\n\r\n" + data + b"\r\n")
+    body = b"".join(out) + b"--" + boundary + b"--\r\n"
+    return "multipart/form-data; boundary=" + boundary.decode(), body
+
+
+def raw_header_bundle(header: bytes, payload: bytes = b"") -> bytes:
+    """A file with a safetensors length prefix and the given header bytes."""
+    return struct.pack("<Q", len(header)) + header + payload

@@ -1,0 +1,173 @@
+"""Schemathesis against the real app in process: thousands of generated requests, with and without tokens, no 5xx."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import APIOperation, Case, GenerationMode
+from schemathesis.python import asgi
+
+from model_store.bank import empty_bank
+from service.app import create_app
+from service.config import ServeConfig
+from tests.helpers import random_bundle
+from tests.reliability.payloads import full_png
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "fuzz-admin-token-0123456789"
+WRONG_TOKEN = "fuzz-wrong-token-0123456789"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+TASK = "fuzz"
+VARIANTS = ("no token", "admin token", "wrong token")
+MODES = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+EXAMPLES = 180  # per operation, token variant and mode; an operation without inputs has a single case
+MIN_CASES = 5000
+BUDGET_SECONDS = 240  # the whole run; CI gives the reliability suite a few minutes, not more
+REQUEST_SECONDS = 10
+PNG = full_png(8, 8)
+
+
+@dataclass
+class Target:
+    """The running app, the schema schemathesis read from it, and one ASGI session for every call."""
+
+    schema: schemathesis.BaseSchema
+    client: asgi.ASGIClient
+    bundle: bytes
+
+    def put_task_back(self) -> None:
+        """Route to the fuzz task again after a generated DELETE stopped routing to it or purged it."""
+        r = self.client.post(f"/tasks/{TASK}/activate", json={"version": 1}, headers=ADMIN)
+        if r.status_code == 404:
+            r = self.client.post("/tasks", files={"bundle": ("fuzz.safetensors", self.bundle)}, headers=ADMIN)
+        assert r.status_code in (200, 201), r.text
+
+
+@dataclass
+class Tally:
+    """What the run did: cases per (operation, token variant), statuses, and the failures found."""
+
+    cases: Counter[tuple[str, str]] = field(default_factory=Counter)
+    statuses: Counter[int] = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def out_of_time(self) -> bool:
+        return time.monotonic() - self.started > BUDGET_SECONDS
+
+
+@pytest.fixture
+def target(tmp_path, backbone) -> Iterator[Target]:
+    config = ServeConfig(store=str(tmp_path / "store"), admin_token=TOKEN, frozen_runtime="torch")
+    app = create_app(config, backbone=backbone)
+    try:
+        schema = schemathesis.openapi.from_asgi("/openapi.json", app)  # starts the app's lifespan
+        with asgi.get_client(app) as client:
+            deadline = time.monotonic() + 60
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "the app did not get ready within 60 s"
+                time.sleep(0.05)
+            target = Target(schema, client, random_bundle(empty_bank(backbone), TASK, seed=1))
+            target.put_task_back()
+            yield target
+    finally:
+        asgi.shutdown_lifespans()  # schemathesis keeps an app's lifespan running until told otherwise
+
+
+def _needs_token(operation: APIOperation) -> bool:
+    return bool(operation.definition.raw.get("security"))
+
+
+def _modes(operation: APIOperation) -> tuple[GenerationMode, ...]:
+    """Both modes, except for an operation without inputs, which has no invalid request to make."""
+    parts = (operation.path_parameters, operation.query, operation.headers, operation.cookies, operation.body)
+    return MODES if any(len(p) for p in parts) or _needs_token(operation) else MODES[:1]
+
+
+def _aim(case: Case, variant: str) -> None:
+    """Send no token, the admin token, or a wrong one (the one schemathesis generated, if it made one)."""
+    headers = {k: v for k, v in (case.headers or {}).items() if k.lower() != "authorization"}
+    if variant == "admin token":
+        headers["Authorization"] = f"Bearer {TOKEN}"
+    elif variant == "wrong token":
+        # schemathesis makes random tokens, and malformed headers in negative mode
+        headers["Authorization"] = (case.headers or {}).get("Authorization", f"Bearer {WRONG_TOKEN}")
+    case.headers = headers
+
+
+def _use_real_inputs(case: Case) -> None:
+    """Name the fuzz task and send decodable images, so that the generated options reach the hot-swap and the
+    inference code instead of stopping at the first 404 or 422."""
+    if "task" in (case.path_parameters or {}):
+        case.path_parameters["task"] = TASK
+    body = case.body
+    if case.operation.path == "/classify" and isinstance(body, dict) and isinstance(body.get("images"), list):
+        real = base64.b64encode(PNG).decode() if case.media_type == "application/json" else PNG
+        body["images"] = [real] * min(len(body["images"]), 4)
+
+
+def _check(case: Case, response: schemathesis.Response, variant: str) -> None:
+    status = response.status_code
+    shown = f"{case.operation.label} ({variant}) got {status}: {response.text[:500]}\n{case.as_curl_command()}"
+    assert status < 500, shown
+    if status >= 400:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        assert isinstance(body, dict) and set(body) == {"error"}, f"not the error shape: {shown}"
+        error = body["error"]
+        assert isinstance(error, dict) and set(error) == {"code", "message"}, f"not the error shape: {shown}"
+        assert all(isinstance(v, str) and v for v in error.values()), f"not the error shape: {shown}"
+    elif _needs_token(case.operation) and variant != "admin token":
+        raise AssertionError(f"succeeded without the admin token: {shown}")
+
+
+def _fuzz(target: Target, operation: APIOperation, variant: str, mode: GenerationMode, tally: Tally) -> None:
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy(generation_mode=mode), real=st.booleans())
+    def run(case: Case, real: bool) -> None:
+        if real:
+            _use_real_inputs(case)
+        _aim(case, variant)
+        try:
+            response = case.call(session=target.client, timeout=REQUEST_SECONDS)
+        except Exception as e:  # in process, an unhandled error reaches the caller after the 500 is sent
+            raise AssertionError(f"{type(e).__name__}: {e}\n{case.as_curl_command()}") from e
+        tally.cases[operation.label, variant] += 1
+        tally.statuses[response.status_code] += 1
+        _check(case, response, variant)
+        if operation.method.upper() == "DELETE" and response.status_code == 200:
+            target.put_task_back()
+
+    try:
+        run()
+    except Exception as e:  # noqa: BLE001 - every operation is fuzzed; the failures are reported together
+        tally.failures.append(f"{operation.label} [{variant}, {mode.value}]: {e}")
+
+
+def test_generated_requests_never_get_a_5xx_and_every_4xx_is_the_error_shape(target):
+    tally = Tally()
+    operations = [result.ok() for result in target.schema.get_all_operations()]
+    for operation in operations:
+        for variant in VARIANTS:
+            for mode in _modes(operation):
+                if not tally.out_of_time():
+                    _fuzz(target, operation, variant, mode, tally)
+    seconds = time.monotonic() - tally.started
+    total = sum(tally.cases.values())
+    print(f"schemathesis: {total} cases in {seconds:.0f} s, statuses {dict(sorted(tally.statuses.items()))}")
+    assert not tally.failures, "\n\n".join(tally.failures)
+    assert not tally.out_of_time(), f"the run took {seconds:.0f} s, over its budget of {BUDGET_SECONDS} s"
+    assert total >= MIN_CASES, f"only {total} cases ran"
+    missed = [(o.label, v) for o in operations for v in VARIANTS if not tally.cases[o.label, v]]
+    assert not missed, f"operations never called: {missed}"
