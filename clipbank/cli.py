@@ -113,7 +113,20 @@ def _store(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.bench_cmd == "soak":
+        return _bench_soak(args)
     return _bench_cl(args) if args.bench_cmd == "cl" else _bench_serve(args)
+
+
+def _bench_soak(args: argparse.Namespace) -> int:
+    from benchmarks.soak import run_soak, soak_config
+
+    given = {"minutes": args.minutes, "clients": args.clients, "swap_seconds": args.swap_seconds}
+    cfg = soak_config(args.quick, args.hostile, **given)
+    command = "clipbank bench soak " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "clipbank bench soak"
+    run_soak(cfg, Path(args.out), command)
+    print((Path(args.out) / "report.md").read_text())
+    return 0
 
 
 def _bench_protocol(args: argparse.Namespace) -> int:
@@ -322,6 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--data-root", help="ROOT/<dataset>/{train,test}/<class>/ folders, or torchvision data")
     bc.add_argument("--limit", type=int, help="at most this many images per class (a dry run)")
     bc.set_defaults(fn=_bench)
+    bk = bsub.add_parser("soak", help="long run under swaps: statuses, p50/p99, RSS over time; then hostile clients")
+    bk.add_argument("--minutes", type=float, help="measured soak after a 30 s warm-up (default 10, quick 0.5)")
+    bk.add_argument("--clients", type=int, help="concurrent clients, one connection each (default 16)")
+    bk.add_argument("--swap-seconds", type=float, help="a store change every this many seconds (default 2)")
+    bk.add_argument("--hostile", type=int, help="hostile clients beside 4 normal ones; 0 skips that phase (default 4)")
+    bk.add_argument("--out", default="runs/bench-soak", help="report.json, report.md, plots and the server log")
+    bk.add_argument("--quick", action="store_true", help="about a minute: a 30 s soak, 10 s hostile windows")
+    bk.set_defaults(fn=_bench)
 
     dm = sub.add_parser("demo", help="end to end offline: export two domains, train two tasks, route test images")
     dm.add_argument("--workdir", default="./clipbank-demo")
