@@ -96,6 +96,7 @@ def hostile_payloads(cfg: HostileConfig, images: Sequence[bytes], task: str | No
             "json": {"images": ordinary, "labels": new_labels(cfg.labels, cfg.label_chars), "task": "zero-shot"}
         },
         f"{n_big} x {mp} 16-bit RGBA interlaced PNG": fixed(_files(deep)),
+        f"{n} images, cached labels": fixed(_files([images[i % len(images)] for i in range(n)])),
     }
     if task is not None:  # a task's adapted text tower costs more per prompt than the frozen one
         kinds[f"1 image pinned to {task}, {cfg.labels} new labels"] = labelled(_files(images[:1]), task)

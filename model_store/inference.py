@@ -278,39 +278,81 @@ class BatchPlan:
                 text = text_embeddings(bank, t, labels, templates, cache, known)
                 probs = torch.softmax(scale * self.feats[i] @ text.T, dim=-1).cpu()
                 order = probs.argsort(descending=True)[: item.top_k or len(labels)]
-                results.append(ImageResult([(labels[j], float(probs[j])) for j in order], _route_of(bank, t, score)))
+                ranked = list(zip([labels[j] for j in order.tolist()], probs[order].tolist(), strict=True))
+                results.append(ImageResult(ranked, _route_of(bank, t, score)))
         except Exception as e:  # noqa: BLE001 - reported per request
             return e
         return results
 
 
+class ImagePasses:
+    """A batch's image passes, computed a slice of images at a time: the frozen pass over every image; then,
+    once all are in, the selector scores (once for the batch) and each request's routing; then the adapted
+    pass, tasks mixed, over the routed images. A server interleaves the slices of a large batch with other
+    requests; `plan_batch` runs them all at once. Requests that cannot be answered get their exception in `out`.
+    """
+
+    def __init__(self, bank: BankSnapshot, items: Sequence[ClassifyItem]) -> None:
+        self.bank, self.items = bank, items
+        self.out: list = [check_item(bank, it) for it in items]
+        live = [k for k, e in enumerate(self.out) if e is None]
+        sizes = [len(items[k].images) for k in live]
+        self.spans = {k: (s - n, s) for k, n, s in zip(live, sizes, itertools.accumulate(sizes), strict=True)}
+        self.tasks = torch.full((sum(sizes),), -1, dtype=torch.long)
+        self.scores = torch.full((sum(sizes),), float("nan"))
+        bb = bank.backbone
+        self.images = torch.cat([items[k].images for k in live]).to(bb.device) if live else None
+        self.feats = torch.empty(0, bb.embed_dim)
+        self._frozen: list[torch.Tensor] = []
+        self._routed: torch.Tensor | None = None  # known once the frozen pass is complete
+        self._done = 0  # images through the current pass
+
+    @property
+    def done(self) -> bool:
+        return self.images is None or (self._routed is not None and self._done >= len(self._routed))
+
+    def step(self, n: int) -> bool:
+        """Compute up to `n` more images of the current pass; True once both passes are complete."""
+        if self.done:
+            return True
+        bb = self.bank.backbone
+        if self._routed is None:
+            part = self.images[self._done : self._done + max(1, n)]
+            self._frozen.append(bb.frozen.image(part))
+            self._done += len(part)
+            if self._done == len(self.images):
+                self._route(torch.cat(self._frozen))
+            return self.done
+        idx = self._routed[self._done : self._done + max(1, n)]
+        with torch.inference_mode():
+            self.feats[idx] = encode_image(bb.model, self.images[idx], self.bank.routing(self.tasks[idx.cpu()]))
+        self._done += len(idx)
+        return self.done
+
+    def _route(self, frozen: torch.Tensor) -> None:
+        all_scores = task_scores(self.bank, frozen)  # once for the whole batch
+        for k, (a, b) in self.spans.items():
+            try:
+                self.tasks[a:b], self.scores[a:b] = select_tasks(self.bank, all_scores[a:b], self.items[k])
+            except Exception as e:  # noqa: BLE001 - reported per request
+                self.out[k] = e
+        self.feats = frozen.clone()
+        self._routed = (self.tasks >= 0).nonzero(as_tuple=True)[0].to(self.bank.backbone.device)
+        self._done = 0
+
+    def plan(self) -> BatchPlan:
+        if not self.done:
+            raise RuntimeError("the image passes are not complete")
+        return BatchPlan(self.bank, self.items, self.out, self.spans, self.feats, self.tasks, self.scores)
+
+
 def plan_batch(bank: BankSnapshot, items: Sequence[ClassifyItem]) -> BatchPlan:
     """One frozen pass for every image, selector scores once, routing per request, one adapted pass that mixes
     tasks for the routed images. Requests that cannot be answered get their exception in `out`."""
-    bb = bank.backbone
-    out: list = [check_item(bank, it) for it in items]
-    live = [k for k, e in enumerate(out) if e is None]
-    sizes = [len(items[k].images) for k in live]
-    spans = {k: (s - n, s) for k, n, s in zip(live, sizes, itertools.accumulate(sizes), strict=True)}
-    n = sum(sizes)
-    tasks = torch.full((n,), -1, dtype=torch.long)
-    scores = torch.full((n,), float("nan"))
-    if not live:
-        return BatchPlan(bank, items, out, spans, torch.empty(0, bb.embed_dim), tasks, scores)
-    images = torch.cat([items[k].images for k in live]).to(bb.device)
-    frozen = bb.frozen.image(images)
-    all_scores = task_scores(bank, frozen)  # once for the whole batch
-    for k, (a, b) in spans.items():
-        try:
-            tasks[a:b], scores[a:b] = select_tasks(bank, all_scores[a:b], items[k])
-        except Exception as e:  # noqa: BLE001 - reported per request
-            out[k] = e
-    feats = frozen.clone()
-    routed = (tasks >= 0).nonzero(as_tuple=True)[0].to(bb.device)
-    if len(routed):
-        with torch.inference_mode():
-            feats[routed] = encode_image(bb.model, images[routed], bank.routing(tasks[routed.cpu()]))
-    return BatchPlan(bank, items, out, spans, feats, tasks, scores)
+    passes = ImagePasses(bank, items)
+    while not passes.step(1 << 30):
+        pass
+    return passes.plan()
 
 
 def classify_batch(

@@ -7,79 +7,27 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 from model_store.bank import BankSnapshot
-from model_store.inference import AUTO, BatchPlan, ClassifyItem, ImageResult, TextCache, TextJob, plan_batch
+from model_store.inference import ClassifyItem, ImageResult, TextCache
 
-from .errors import LimitExceeded, Overloaded
+from .errors import Overloaded
 from .metrics import Metrics
+from .steps import BatchInfo, Pending, StepBudget, Steps
 
 log = logging.getLogger("clipbank.service")
-
-
-@dataclass(frozen=True)
-class BatchInfo:
-    """How a request was served: for the response's `timing` and for tests."""
-
-    queue_ms: float
-    compute_ms: float
-    batch_images: int
-    batch_requests: int
-    generation: int
-
-
-@dataclass
-class _Pending:
-    item: ClassifyItem
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
-    enqueued: float = field(default_factory=time.perf_counter)
-
-    @property
-    def size(self) -> int:
-        return len(self.item.images)
-
-
-@dataclass
-class _Parked:
-    """A request whose new label sets are being encoded a chunk at a time, between other batches."""
-
-    pending: _Pending
-    plan: BatchPlan
-    index: int  # the request's place in its plan
-    jobs: list[TextJob]
-    started: float  # when its batch began
-
-
-@dataclass(frozen=True)
-class TextBudget:
-    """How label-set encoding shares the compute thread with image batches.
-
-    A batch encodes up to `inline_chars` characters of new prompts at once; a request that needs more is parked
-    and its prompts are encoded about `step_seconds` at a time, one step after each batch, so a long list of new
-    labels delays other requests by about one step, not by its whole encoding (open_clip's tokenizer is pure
-    Python, so a step also bounds how long the event loop waits for the GIL). A request that would encode more
-    than `max_request_prompts` new prompts is refused (413); more than `max_parked_prompts` waiting is 503.
-    """
-
-    inline_chars: int = 2048
-    step_seconds: float = 0.01
-    max_request_prompts: int = 16384
-    max_parked_prompts: int = 65536
-
-
 _STOP = object()
 
 
 class Batcher:
     """Drains the queue into batches of at most `max_batch` images, waiting at most `max_wait_ms` for company.
 
-    Each batch reads the current bank once and finishes on it, whatever swaps happen meanwhile. Large new label
-    sets are encoded in steps between batches (`TextBudget`).
+    Requests never split. Small requests go first (`_pick`), so clients sending a few images are not held up by
+    clients sending many; and a large batch's image passes, like large new label sets, run in short steps
+    between batches (`service.steps`). Each batch reads the current bank once and finishes on it, whatever swaps
+    happen meanwhile.
     """
 
     def __init__(
@@ -90,7 +38,8 @@ class Batcher:
         cache: TextCache | None = None,
         metrics: Metrics | None = None,
         max_queue_images: int = 1024,
-        text: TextBudget | None = None,
+        budget: StepBudget | None = None,
+        starve_seconds: float = 1.0,
     ) -> None:
         self._bank = bank
         self.max_batch = max_batch
@@ -98,17 +47,17 @@ class Batcher:
         self.cache = cache if cache is not None else TextCache()
         self.metrics = metrics or Metrics()
         self.max_queue_images = max_queue_images
-        self.text = text or TextBudget()
+        self.steps = Steps(budget or StepBudget(), self.cache, self.metrics)
         self._queued = 0  # images admitted and not yet answered (counted on the event loop)
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._carry: _Pending | None = None
+        self._waiting: list[Pending] = []  # received, not yet in a batch (in arrival order)
+        self._stopping = False
+        self._forced_last = False
+        self.starve_seconds = starve_seconds
         self._gap = float("inf")  # seconds between arrivals, moving average
         self._last_arrival: float | None = None
-        self._parked: deque[_Parked] = deque()
-        self._char_seconds = 5e-5  # moving average of the encoding time per prompt character
         self.batches = 0
-        self.text_steps = 0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="clipbank-compute", daemon=True)
@@ -145,49 +94,63 @@ class Batcher:
             with self.admit(len(item.images)):
                 return await self.submit(item, admitted=True)
         loop = asyncio.get_running_loop()
-        pending = _Pending(item, loop.create_future(), loop)
+        pending = Pending(item, loop.create_future(), loop)
         self.metrics.queue_images.inc(pending.size)
         self._queue.put(pending)
         return await pending.future
 
     # ------------------------------------------------------------------------------ the compute thread
 
-    def _take(self, block: bool) -> object | None:
-        if self._carry is not None:
-            first, self._carry = self._carry, None
-            return first
+    def _receive(self, timeout: float | None) -> bool:
+        """Move one queued request (waiting up to `timeout`; None: forever) and whatever else is queued into
+        `_waiting`. False if nothing came."""
         try:
-            return self._queue.get() if block else self._queue.get_nowait()
+            item = self._queue.get() if timeout is None else self._queue.get(timeout=timeout)
         except queue.Empty:
-            return None
-
-    def _next_batch(self, block: bool = True) -> list[_Pending] | None:
-        """The next batch; [] if nothing is queued and not `block`; None once stopped."""
-        first = self._take(block)
-        if first is None:
-            return []
-        if first is _STOP:
-            return None
-        batch, n = [first], first.size
-        self._arrived(first)
-        deadline = time.perf_counter() + self.wait_seconds()
-        while n < self.max_batch:
+            return False
+        while True:
+            if item is _STOP:
+                self._stopping = True
+            else:
+                self._arrived(item)
+                self._waiting.append(item)
             try:
-                nxt = self._queue.get_nowait()  # whatever queued while the last batch ran joins at once
+                item = self._queue.get_nowait()
             except queue.Empty:
-                timeout = deadline - time.perf_counter()
-                if timeout <= 0:
-                    break
-                try:
-                    nxt = self._queue.get(timeout=timeout)
-                except queue.Empty:
-                    break
-            if nxt is _STOP or n + nxt.size > self.max_batch:
-                self._carry = nxt
+                return True
+
+    def _next_batch(self, block: bool = True) -> list[Pending] | None:
+        """The next batch; [] if nothing is waiting and not `block`; None once stopped and drained."""
+        if self._waiting or not block:
+            self._receive(0)  # whatever was queued meanwhile
+        while not self._waiting:
+            if self._stopping:
+                return None
+            if not block:
+                return []
+            self._receive(None)
+        deadline = time.perf_counter() + self.wait_seconds()
+        while sum(p.size for p in self._waiting) < self.max_batch and not self._stopping:
+            timeout = deadline - time.perf_counter()
+            if timeout <= 0 or not self._receive(timeout):
                 break
-            batch.append(nxt)
-            n += nxt.size
-            self._arrived(nxt)
+        return self._pick()
+
+    def _pick(self) -> list[Pending]:
+        """Small requests first, so a request of a few images never waits behind requests of many; a request
+        waiting longer than `starve_seconds` goes first, but never in two batches in a row."""
+        waiting = self._waiting
+        oldest = waiting[0]  # FIFO: the first one waited longest
+        forced = time.perf_counter() - oldest.enqueued > self.starve_seconds and not self._forced_last
+        by_size = sorted(waiting[1:] if forced else waiting, key=lambda p: (p.size, p.enqueued))
+        batch, n = [], 0
+        for p in ([oldest] if forced else []) + by_size:
+            if n + p.size <= self.max_batch:
+                batch.append(p)
+                n += p.size
+        self._forced_last = forced
+        chosen = {id(p) for p in batch}
+        self._waiting = [p for p in waiting if id(p) not in chosen]
         return batch
 
     def wait_seconds(self) -> float:
@@ -196,7 +159,7 @@ class Batcher:
         trickle would only be delayed)."""
         return self.max_wait if self._gap < self.max_wait else 0.0
 
-    def _arrived(self, p: _Pending) -> None:
+    def _arrived(self, p: Pending) -> None:
         """Moving average of the gaps between request arrivals (FIFO, so enqueue times are in order)."""
         if self._last_arrival is not None:
             # capped, so one idle spell does not stop the next burst from being batched
@@ -206,115 +169,16 @@ class Batcher:
 
     def _run(self) -> None:
         while True:
-            batch = self._next_batch(block=not self._parked)  # parked text work: do not sleep on the queue
+            batch = self._next_batch(block=not self.steps)  # work in steps: do not sleep on the queue
             if batch is None:
-                while self._parked:  # stopping: finish what was accepted
-                    self._step_parked()
+                while self.steps:  # stopping: finish what was accepted
+                    self.steps.step()
                 return
             if batch:
                 self.metrics.queue_images.dec(sum(p.size for p in batch))
                 batch = [p for p in batch if not p.future.done()]  # the client went away
                 if batch:
-                    self._compute(batch)
-            if self._parked:
-                self._step_parked()
-
-    def _compute(self, batch: list[_Pending]) -> None:
-        bank = self._bank()
-        started = time.perf_counter()
-        try:
-            plan = plan_batch(bank, [p.item for p in batch])
-        except Exception as e:  # noqa: BLE001 - a bug must not kill the thread; every waiter gets the error
-            log.exception("batch of %d requests failed", len(batch))
-            for p in batch:
-                _answer(p, e)
-            return
-        self.batches += 1
-        self.metrics.batch_images.observe(sum(p.size for p in batch))
-        self.metrics.batch_requests.observe(len(batch))
-        inline = self.text.inline_chars
-        for k, p in enumerate(batch):
-            jobs = [TextJob(bank, *need) for need in plan.text_needs(k)]
-            jobs = [j for j in jobs if j.key not in self.cache]
-            cost, chars = sum(j.remaining for j in jobs), sum(j.remaining_chars for j in jobs)
-            if cost > self.text.max_request_prompts:
-                _answer(p, LimitExceeded(_too_many_prompts(cost, self.text.max_request_prompts)))
-            elif chars <= inline:
-                inline -= chars
-                self._finish(_Parked(p, plan, k, jobs, started))
-            elif cost + self._parked_prompts() > self.text.max_parked_prompts:
-                _answer(p, Overloaded(f"{self._parked_prompts()} new prompts are waiting to be encoded: retry shortly"))
-            else:
-                self._parked.append(_Parked(p, plan, k, jobs, started))
-
-    def _parked_prompts(self) -> int:
-        return sum(j.remaining for w in self._parked for j in w.jobs)
-
-    def _step_parked(self) -> None:
-        """Encode about `step_seconds` worth of the oldest parked request's prompts, then let others go first."""
-        work = self._parked.popleft()
-        job = next(j for j in work.jobs if j.remaining)
-        n = min(256, job.fit(int(self.text.step_seconds / self._char_seconds)))
-        before = job.remaining_chars
-        t0 = time.perf_counter()
-        try:
-            job.step(n)
-        except Exception as e:  # noqa: BLE001 - reported to its request only
-            log.exception("encoding labels failed")
-            _answer(work.pending, e)
-            return
-        self.text_steps += 1
-        chars = max(before - job.remaining_chars, 1)
-        self._char_seconds = 0.8 * self._char_seconds + 0.2 * (time.perf_counter() - t0) / chars
-        if any(j.remaining for j in work.jobs):
-            self._parked.append(work)
-        else:
-            self._finish(work)
-
-    def _finish(self, work: _Parked) -> None:
-        # a label set another request of the batch has cached meanwhile is not encoded twice
-        known = {j.key: j.result() for j in work.jobs if j.remaining == 0 or j.key not in self.cache}
-        out = work.plan.finish(work.index, self.cache, known)
-        if isinstance(out, list):
-            self._count_routes(work.pending.item, out)
-            p = work.pending
-            info = BatchInfo(
-                (work.started - p.enqueued) * 1000,
-                (time.perf_counter() - work.started) * 1000,
-                sum(len(it.images) for it in work.plan.items),
-                len(work.plan.items),
-                work.plan.bank.generation,
-            )
-            out = (out, info)
-        _answer(work.pending, out)
-
-    def _count_routes(self, item: ClassifyItem, results: list[ImageResult]) -> None:
-        for r in results:
-            self.metrics.routes.labels(task=r.route.task or "zero-shot").inc()
-            if item.task == AUTO:
-                self.metrics.auto_images.inc()
-                if r.route.task is None:
-                    self.metrics.fallback.inc()
-
-
-def _too_many_prompts(cost: int, limit: int) -> str:
-    return (
-        f"this request needs {cost} new text prompts (labels x templates of the tasks its images were routed to); "
-        f"the limit is max_request_prompts={limit}: send fewer labels, or label sets the server has seen before"
-    )
-
-
-def _answer(p: _Pending, out: object) -> None:
-    try:
-        p.loop.call_soon_threadsafe(_settle, p.future, out)
-    except RuntimeError:  # the event loop has closed: nobody is waiting any more
-        pass
-
-
-def _settle(future: asyncio.Future, out: object) -> None:
-    if future.done():
-        return
-    if isinstance(out, BaseException):
-        future.set_exception(out)
-    else:
-        future.set_result(out)
+                    self.batches += 1
+                    self.steps.start(self._bank(), batch)  # each batch reads the bank once
+            if self.steps:
+                self.steps.step()

@@ -23,12 +23,13 @@ from model_store.frozen import TorchFrozen
 from model_store.inference import ZERO_SHOT, ClassifyItem, TextCache, classify_batch
 from model_store.store import LocalStore
 
-from .batching import Batcher, TextBudget
+from .batching import Batcher
 from .config import ServeConfig
 from .errors import NotReady
 from .memory import release_free_memory
 from .metrics import Metrics
 from .registry import Registry
+from .steps import StepBudget
 from .workers import DecodeWorkers
 
 log = logging.getLogger("clipbank.service")
@@ -75,7 +76,7 @@ class Service:
             cache,
             self.metrics,
             self.config.max_queue_images,
-            TextBudget(max_request_prompts=limits.max_request_prompts),
+            StepBudget(max_request_prompts=limits.max_request_prompts),
         )
         self.batcher.start()
 

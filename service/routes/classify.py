@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import math
 import time
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
 
 from model_store.inference import ClassifyItem, ImageResult
 
 from ..auth import TokenCheck
-from ..batching import BatchInfo
 from ..config import Limits
 from ..decode import read_classify
 from ..images import inspect_all, preprocess_opened
 from ..schemas import ClassifyJSON, ClassifyResponse
+from ..steps import BatchInfo
 from . import ERRORS, service_of
 
 
@@ -65,7 +68,7 @@ def classify_router(reader: TokenCheck | None, limits: Limits) -> APIRouter:
             }
         },
     )
-    async def classify(request: Request) -> dict:
+    async def classify(request: Request) -> Response:
         """Classify images among candidate labels, each image routed to a task's experts or to zero-shot CLIP."""
         service = service_of(request)
         service.require_ready()
@@ -79,16 +82,28 @@ def classify_router(reader: TokenCheck | None, limits: Limits) -> APIRouter:
             decoded = time.perf_counter()
             item = ClassifyItem(images, tuple(options.labels) or None, options.task, options.route, options.top_k)
             results, info = await service.batcher.submit(item, admitted=True)
-        return response(results, info, (decoded - started) * 1000, (time.perf_counter() - started) * 1000)
+        body = response(results, info, (decoded - started) * 1000, (time.perf_counter() - started) * 1000)
+        # Encoded off the event loop: 64 images x 1000 labels is 64,000 entries (the schema above documents it).
+        return Response(await run_in_threadpool(_json_bytes, body), media_type="application/json")
 
     return router
+
+
+def _finite(route: dict) -> dict:
+    """A route with any non-finite score shown as null (JSON has no inf or NaN)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in route.items()}
+
+
+def _json_bytes(body: dict) -> bytes:
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
 
 
 def response(results: list[ImageResult], info: BatchInfo, decode_ms: float, total_ms: float) -> dict:
     """The response body, in one conversion from the batcher's results."""
     return {
         "results": [
-            {"labels": [{"label": lb, "score": s} for lb, s in r.labels], "route": vars(r.route)} for r in results
+            {"labels": [{"label": lb, "score": s} for lb, s in r.labels], "route": _finite(vars(r.route))}
+            for r in results
         ],
         "timing": {
             "decode_ms": round(decode_ms, 3),

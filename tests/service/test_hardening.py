@@ -13,9 +13,10 @@ from PIL import Image
 
 from model_store.bank import empty_bank
 from model_store.inference import ClassifyItem, classify_batch
-from service.batching import Batcher, TextBudget
+from service.batching import Batcher
 from service.config import Limits, ServeConfig
 from service.images import open_image, preprocess_all
+from service.steps import StepBudget
 from tests.helpers import random_bundle, with_version
 from tests.service.conftest import AUTH, running_app
 from tests.service.images import colour
@@ -29,7 +30,9 @@ def _image(backbone, seed: int = 0) -> torch.Tensor:
 
 async def test_a_long_new_label_list_does_not_hold_the_compute_thread(backbone):
     bank = empty_bank(backbone)
-    batcher = Batcher(lambda: bank, max_batch=8, max_wait_ms=0, text=TextBudget(inline_chars=200, step_seconds=0.005))
+    batcher = Batcher(
+        lambda: bank, max_batch=8, max_wait_ms=0, budget=StepBudget(inline_chars=200, text_step_seconds=0.005)
+    )
     batcher.start()
     try:
         big = ClassifyItem(_image(backbone), tuple(f"new label {i}" for i in range(600)), "zero-shot")
@@ -44,10 +47,36 @@ async def test_a_long_new_label_list_does_not_hold_the_compute_thread(backbone):
 
         (big_results, _), _ = await asyncio.gather(run("big", big, 0), run("small", small, 0.05))
         assert finished == ["small", "big"]  # the short request did not wait for 600 prompts
-        assert batcher.text_steps >= 5  # the long list was encoded in steps
+        assert batcher.steps.text_steps >= 5  # the long list was encoded in steps
         (alone,) = classify_batch(bank, [big])  # and in steps it gives the same answer
         got, want = dict(big_results[0].labels), dict(alone[0].labels)
         assert got.keys() == want.keys() and max(abs(got[k] - want[k]) for k in got) < 1e-5
+    finally:
+        batcher.stop()
+
+
+async def test_a_large_batch_runs_in_slices_and_a_small_request_slips_between_them(backbone):
+    bank = empty_bank(backbone)
+    budget = StepBudget(image_step_seconds=0.001)  # a few images per step
+    batcher = Batcher(lambda: bank, max_batch=64, max_wait_ms=0, budget=budget)
+    batcher.start()
+    try:
+        images = torch.rand(64, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(3))
+        big = ClassifyItem(images, ("red", "blue"), "zero-shot")
+        small = ClassifyItem(_image(backbone, 1), ("red", "blue"), "zero-shot")
+        finished: list[str] = []
+
+        async def run(name: str, item: ClassifyItem, delay: float):
+            await asyncio.sleep(delay)
+            out = await batcher.submit(item)
+            finished.append(name)
+            return out
+
+        (big_results, _), _ = await asyncio.gather(run("big", big, 0), run("small", small, 0.02))
+        assert finished == ["small", "big"] and batcher.steps.image_steps > 4
+        (alone,) = classify_batch(bank, [big])  # in slices, the same answers
+        for got, want in zip(big_results, alone, strict=True):
+            assert max(abs(a[1] - b[1]) for a, b in zip(got.labels, want.labels, strict=True)) < 1e-5
     finally:
         batcher.stop()
 
