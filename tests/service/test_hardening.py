@@ -192,3 +192,10 @@ async def test_a_client_that_hangs_up_mid_upload_is_a_499_with_one_log_line(tmp_
         assert sent[0]["status"] == 499
         assert 'status="499"' in (await c.get("/metrics")).text
         assert not [r for r in caplog.records if r.exc_info], "a hang-up is not an error with a traceback"
+
+
+async def test_start_up_objects_are_kept_out_of_the_collectors_full_passes(tmp_path, backbone):
+    import gc
+
+    async with running_app(tmp_path, backbone):
+        assert gc.get_freeze_count() > 10_000  # the backbone, the bank and the app, frozen once loaded
