@@ -196,5 +196,6 @@ def lifespan(on_fatal: Callable[[str], None] | None):
             if service.batcher is not None:
                 await run_in_threadpool(service.batcher.stop)
             service.decoders.shutdown()
+            gc.unfreeze()  # an app inside a longer-lived process (tests) gives its objects back
 
     return run
