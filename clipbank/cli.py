@@ -115,6 +115,8 @@ def _store(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     if args.bench_cmd == "soak":
         return _bench_soak(args)
+    if args.bench_cmd == "routing":
+        return _bench_routing(args)
     return _bench_cl(args) if args.bench_cmd == "cl" else _bench_serve(args)
 
 
@@ -126,6 +128,48 @@ def _bench_soak(args: argparse.Namespace) -> int:
     command = "clipbank bench soak " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "clipbank bench soak"
     run_soak(cfg, Path(args.out), command)
     print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
+def _bench_routing(args: argparse.Namespace) -> int:
+    from model_store.backbone import load_backbone
+    from model_store.reference import find_reference
+    from training.routing import KINDS, RoutingConfig, run_routing
+    from training.routing_report import format_markdown, routing_keys, write_routing_report
+
+    backbone = load_backbone(args.backbone or DEFAULT_BACKBONE, "auto")
+    reference = find_reference(backbone, args.reference)
+    if reference is None:
+        print("clipbank bench routing: no reference set for this backbone (clipbank reference build)", file=sys.stderr)
+    kinds = tuple(args.kinds.split(",")) if args.kinds else KINDS
+    routing = routing_keys(run_routing(backbone, reference, RoutingConfig(kinds=kinds)), kinds[0])
+    command = "clipbank bench routing " + " ".join(sys.argv[3:])
+    if args.out:
+        print("wrote " + ", ".join(str(p) for p in write_routing_report(routing, Path(args.out), command)))
+    print(format_markdown(routing, command))
+    return 0
+
+
+def _reference(args: argparse.Namespace) -> int:
+    from model_store.backbone import load_backbone
+    from model_store.reference import cache_path, embed_images, save_reference
+    from training.data import IMAGE_SUFFIXES, LazyImages, read_rgb
+
+    backbone = load_backbone(args.backbone, args.device)
+    if args.generated:
+        from training.reference_images import outside_images
+
+        images, source = outside_images(args.limit or 4000), "training.reference_images.outside_images"
+    elif args.images:
+        files = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise SystemExit(f"clipbank reference build: no images under {args.images}")
+        images, source = LazyImages(files[: args.limit] if args.limit else files, read_rgb), f"{len(files)} images"
+    else:
+        raise SystemExit("clipbank reference build: give --images DIR or --generated")
+    out = Path(args.out) if args.out else cache_path(backbone)
+    save_reference(out, embed_images(backbone, images), backbone, source)
+    print(f"wrote {len(images)} embeddings of {source} for {backbone.ref.text} to {out}")
     return 0
 
 
@@ -343,6 +387,24 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--out", default="runs/bench-soak", help="report.json, report.md, plots and the server log")
     bk.add_argument("--quick", action="store_true", help="about a minute: a 30 s soak, 10 s hostile windows")
     bk.set_defaults(fn=_bench)
+
+    br = bsub.add_parser("routing", help="routing alone: 12 tasks in turn, look-alike pairs, near outside domains")
+    br.add_argument("--kinds", help="comma-separated selector kinds (default: autoencoder,gaussian,discriminative)")
+    br.add_argument("--backbone", help="default: tiny")
+    br.add_argument("--reference", help="reference set file (default: the backbone's, if one was built)")
+    br.add_argument("--out", help="write report.json, report.md and routing.png here")
+    br.set_defaults(fn=_bench)
+
+    rf = sub.add_parser("reference", help="reference sets: embeddings of generic outside images, per backbone")
+    rsub = rf.add_subparsers(dest="reference_cmd", required=True)
+    rb = rsub.add_parser("build", help="embed generic images with a backbone (the negatives selectors learn from)")
+    rb.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    rb.add_argument("--images", help="a folder of generic images (any depth); none of your tasks' own")
+    rb.add_argument("--generated", action="store_true", help="the tiny backbone's generated outside images")
+    rb.add_argument("--limit", type=int, help="at most this many images (generated: how many, default 4000)")
+    rb.add_argument("--out", help="the file (default: the backbone's place in ~/.cache/clipbank/reference)")
+    rb.add_argument("--device", default="auto")
+    rf.set_defaults(fn=_reference)
 
     dm = sub.add_parser("demo", help="end to end offline: export two domains, train two tasks, route test images")
     dm.add_argument("--workdir", default="./clipbank-demo")

@@ -174,10 +174,12 @@ def _selector_problems(m: dict) -> list[str]:
     values = [cal[k] for k in CALIBRATION_ORDER]
     if values != sorted(values):
         return [f"selector calibration must be ordered {' <= '.join(CALIBRATION_ORDER)}, got {values}"]
-    if threshold > THRESHOLD_OVER_MAX * cal["max"]:
+    # A selector calibrated on negatives too may sit between its own images and the nearest outside ones.
+    ceiling = max(cal["max"], cal["neg_p01"]) if _is_number(cal.get("neg_p01")) else cal["max"]
+    if threshold > THRESHOLD_OVER_MAX * ceiling:
         return [
             f"selector threshold {threshold:.4g} is more than {THRESHOLD_OVER_MAX:g}x the largest held-out error of "
-            f"the task's own images ({cal['max']:.4g}): it would claim images of every other domain"
+            f"the task's own images ({ceiling:.4g}): it would claim images of every other domain"
         ]
     return []
 

@@ -24,6 +24,10 @@ class SelectorConfig:
     percentile: float = 99.0
     margin: float = 1.0  # threshold = margin * percentile of held-out in-distribution errors
     shrinkage: float = 0.1  # gaussian kind: covariance shrinkage toward the mean eigenvalue
+    hidden: int = 64  # discriminative kind: hidden units of its head
+    weight_decay: float = 1e-4  # discriminative kind
+    false_claim: float = 0.01  # the share of held-out negatives the threshold may claim...
+    self_claim: float = 0.95  # ...but never below the share of the task's own held-out images it keeps
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -40,6 +44,10 @@ class SelectorConfig:
             problems.append(f"epochs must be >= 1, got {self.epochs}")
         if not 0.0 < self.shrinkage <= 1.0:
             problems.append(f"shrinkage must be in (0, 1], got {self.shrinkage}")
+        if self.hidden < 1:
+            problems.append(f"hidden must be >= 1, got {self.hidden}")
+        if not 0.0 < self.false_claim < 1.0 or not 0.0 < self.self_claim <= 1.0:
+            problems.append(f"false_claim and self_claim must be in (0, 1), got {self.false_claim}, {self.self_claim}")
         if problems:
             raise ValueError("invalid SelectorConfig: " + "; ".join(problems))
 
@@ -145,15 +153,89 @@ class GaussianSelector:
         return cls(mean.float(), torch.linalg.inv(shrunk).float())
 
 
-SELECTOR_KINDS: dict[str, Callable[..., Any]] = {"autoencoder": AutoencoderSelector, "gaussian": GaussianSelector}
+@dataclass
+class DiscriminativeSelector:
+    """A small MLP on the frozen embedding, trained to tell the task's images from everything else it is shown:
+    a reference set of outside images and the probes of the bank's other tasks. The error is softplus(-logit),
+    i.e. -log p(the task's own), so it ranks like the other kinds (lower: more the task's)."""
+
+    kind: ClassVar[str] = "discriminative"
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    threshold: float = 1.0
+    calibration: dict[str, float] | None = None
+
+    def logit(self, feats: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.gelu(F.linear(feats, self.w1, self.b1)), self.w2, self.b2).squeeze(-1)
+
+    def error(self, feats: torch.Tensor) -> torch.Tensor:
+        return F.softplus(-self.logit(feats))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": self.b2}
+
+    @classmethod
+    def fit(cls, train: torch.Tensor, cfg: SelectorConfig, negatives: torch.Tensor | None = None) -> Any:
+        if negatives is None or len(negatives) == 0:
+            raise ValueError("a discriminative selector needs negatives: a reference set or other tasks' probes")
+        g = torch.Generator().manual_seed(cfg.seed)
+        d = train.shape[1]
+        hidden, head = torch.nn.Linear(d, cfg.hidden), torch.nn.Linear(cfg.hidden, 1)
+        for lin in (hidden, head):
+            torch.nn.init.normal_(lin.weight, std=lin.in_features**-0.5, generator=g)
+            torch.nn.init.zeros_(lin.bias)
+        x = torch.cat([train, negatives]).detach().float()
+        y = torch.cat([torch.ones(len(train)), torch.zeros(len(negatives))])
+        w = torch.where(y > 0, 0.5 / len(train), 0.5 / len(negatives))  # each side weighs the same
+        params = [*hidden.parameters(), *head.parameters()]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        with torch.enable_grad():
+            for _ in range(cfg.epochs):  # full batch: a few thousand embeddings
+                logit = head(F.gelu(hidden(x))).squeeze(-1)
+                loss = (F.binary_cross_entropy_with_logits(logit, y, reduction="none") * w).sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return cls(*(p.detach().clone() for p in (hidden.weight, hidden.bias, head.weight, head.bias)))
 
 
-def fit_selector(train: torch.Tensor, calib: torch.Tensor, cfg: SelectorConfig) -> Selector:
-    """Fit on the task's training embeddings; calibrate the threshold on held-out ones (never seen in fitting)."""
+SELECTOR_KINDS: dict[str, Callable[..., Any]] = {
+    "autoencoder": AutoencoderSelector,
+    "gaussian": GaussianSelector,
+    "discriminative": DiscriminativeSelector,
+}
+
+
+def fit_selector(
+    train: torch.Tensor,
+    calib: torch.Tensor,
+    cfg: SelectorConfig,
+    negatives: torch.Tensor | None = None,
+    held_negatives: torch.Tensor | None = None,
+) -> Selector:
+    """Fit on the task's training embeddings; calibrate the threshold on held-out ones (never seen in fitting).
+
+    `negatives` (outside images, other tasks) train the discriminative kind; `held_negatives`, never fitted,
+    calibrate every kind: the threshold then also keeps the share of them it claims at most `false_claim`.
+    """
     if len(train) < 2 or len(calib) < 1:
         raise ValueError(f"selector needs >= 2 training and >= 1 calibration images, got {len(train)} and {len(calib)}")
-    selector = SELECTOR_KINDS[cfg.kind].fit(train, cfg)
+    kind = SELECTOR_KINDS[cfg.kind]
+    selector = kind.fit(train, cfg, negatives) if cfg.kind == "discriminative" else kind.fit(train, cfg)
     selector.threshold, selector.calibration = _calibrate(selector.error(calib.float()), cfg)
+    if held_negatives is not None and len(held_negatives):
+        neg = selector.error(held_negatives.float()).detach().float().cpu()
+        cap = float(torch.quantile(neg, cfg.false_claim))  # at most `false_claim` of them have a lower error
+        selector.calibration["neg_n"] = float(len(neg))
+        selector.calibration["neg_p01"] = float(torch.quantile(neg, 0.01))
+        selector.calibration["neg_cap"] = cap
+        floor = float(torch.quantile(selector.error(calib.float()).detach().float().cpu(), cfg.self_claim))
+        selector.calibration["neg_claimed"] = float((neg <= selector.threshold).float().mean())
+        if cap < selector.threshold:  # the negatives would be claimed: tighten, but keep self_claim of its own
+            selector.threshold = max(cap, floor, 1e-12)
+            selector.calibration["neg_claimed"] = float((neg <= selector.threshold).float().mean())
     return selector
 
 
@@ -173,6 +255,9 @@ def selector_shape_problems(kind: str, tensors: dict[str, torch.Tensor], dim: in
         want = {"enc_w": (h, dim), "enc_b": (h,), "dec_w": (dim, h), "dec_b": (dim,)}
     elif kind == "gaussian":
         want = {"mean": (dim,), "precision": (dim, dim)}
+    elif kind == "discriminative":
+        h = tensors["w1"].shape[0] if "w1" in tensors and tensors["w1"].ndim == 2 else -1
+        want = {"w1": (h, dim), "b1": (h,), "w2": (1, h), "b2": (1,)}
     else:
         return [f"selector kind {kind!r} is unknown; known: {sorted(SELECTOR_KINDS)}"]
     got = {k: tuple(tensors[k].shape) if k in tensors else None for k in want}

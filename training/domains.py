@@ -197,11 +197,12 @@ def _font_paths() -> list[str]:
 GLYPHS = ("A", "E", "G", "K", "M", "R")
 
 
-def _make_glyphs(split: str, per_class: int) -> tuple[list[Image.Image], list[int]]:
+def glyph_images(name: str, letters: str | tuple[str, ...], split: str, per_class: int) -> tuple[list, list[int]]:
+    """Light letters on a dark ground, one class per letter, in the fonts matplotlib ships; fonts are split
+    too, so the test split holds fonts never seen in training."""
     fonts = _font_paths()
-    # Fonts are split too, so the test split holds fonts never seen in training.
     by_split = {"train": fonts[:-3] or fonts, "val": fonts[-3:-1] or fonts, "test": fonts[-1:] or fonts}
-    rng, labels = _balanced("glyphs", split, len(GLYPHS), per_class)
+    rng, labels = _balanced(name, split, len(letters), per_class)
     images = []
     for label in labels:
         font = ImageFont.truetype(str(rng.choice(by_split[split])), int(rng.integers(34, 50)))
@@ -210,9 +211,13 @@ def _make_glyphs(split: str, per_class: int) -> tuple[list[Image.Image], list[in
         draw = ImageDraw.Draw(img)
         fg = tuple(int(v) for v in rng.integers(160, 256, 3))
         off = rng.integers(-5, 6, 2)
-        draw.text((IMAGE_SIZE / 2 + off[0], IMAGE_SIZE / 2 + off[1]), GLYPHS[label], font=font, fill=fg, anchor="mm")
+        draw.text((IMAGE_SIZE / 2 + off[0], IMAGE_SIZE / 2 + off[1]), letters[label], font=font, fill=fg, anchor="mm")
         images.append(img.rotate(float(rng.uniform(-12, 12)), resample=Image.BILINEAR, fillcolor=(bg, bg, bg)))
     return images, labels
+
+
+def _make_glyphs(split: str, per_class: int) -> tuple[list[Image.Image], list[int]]:
+    return glyph_images("glyphs", GLYPHS, split, per_class)
 
 
 TEXTURES = ("stripes", "checkerboard", "dots", "waves", "grid", "speckles")
@@ -253,6 +258,25 @@ def _make_textures(split: str, per_class: int) -> tuple[list[Image.Image], list[
     return images, labels
 
 
+def ink_on_paper(strokes: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """An "L" mask of strokes (255 = ink) as ink of a random dark colour on noisy paper, slightly blurred."""
+    paper = rng.uniform(200, 255) + rng.normal(0, 8, (IMAGE_SIZE, IMAGE_SIZE, 1))
+    ink = rng.uniform(0, 110, 3)
+    t = (np.asarray(strokes, np.float32) / 255.0)[..., None]
+    arr = t * ink + (1 - t) * paper
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.5))
+
+
+def outline_of(mask: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The outline of a filled "L" mask, 3 or 5 pixels wide."""
+    width = int(rng.integers(1, 3)) * 2 + 1
+    return Image.fromarray(
+        (np.asarray(mask, np.float32) - np.asarray(mask.filter(ImageFilter.MinFilter(width)), np.float32)).astype(
+            np.uint8
+        )
+    )
+
+
 def _make_sketches(split: str, per_class: int) -> tuple[list[Image.Image], list[int]]:
     """Shape outlines in ink on paper: the names the tiny backbone knows, drawn in a way it never saw."""
     rng, labels = _balanced("sketches", split, len(SHAPES), per_class)
@@ -262,13 +286,7 @@ def _make_sketches(split: str, per_class: int) -> tuple[list[Image.Image], list[
         r = IMAGE_SIZE * rng.uniform(0.2, 0.34)
         cx, cy = rng.uniform(r * 1.3, IMAGE_SIZE - r * 1.3, 2)
         draw_shape(ImageDraw.Draw(mask), SHAPES[label], cx, cy, r, 255, float(rng.uniform(-0.5, 0.5)))
-        width = int(rng.integers(1, 3)) * 2 + 1
-        outline = np.asarray(mask, np.float32) - np.asarray(mask.filter(ImageFilter.MinFilter(width)), np.float32)
-        paper = rng.uniform(200, 255) + rng.normal(0, 8, (IMAGE_SIZE, IMAGE_SIZE, 1))
-        ink = rng.uniform(0, 110, 3)
-        t = (outline / 255.0)[..., None]
-        arr = t * ink + (1 - t) * paper
-        images.append(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.5)))
+        images.append(ink_on_paper(outline_of(mask, rng), rng))
     return images, labels
 
 
@@ -368,3 +386,13 @@ def export_domain(name: str, out: str | os.PathLike, splits: tuple[str, ...] = S
             img.save(Path(out) / split / class_folder(domain.classes[label]) / f"{i:05d}.png")
         counts[split] = len(images)
     return counts
+
+
+def _register_lookalike() -> None:
+    """The look-alike and near outside domains build on the helpers above, so they live in their own module."""
+    from .lookalike import LOOKALIKE_DOMAINS
+
+    DOMAINS.update(LOOKALIKE_DOMAINS)
+
+
+_register_lookalike()

@@ -122,3 +122,11 @@ def test_bounded_json_refuses(text, words):
 def test_bounded_json_reads_what_bundles_hold():
     doc = {"a": [1, 2.5, -3, None, True, "x"], "b": {"c": [[[]]]}, "n": 2**62}
     assert loads(json.dumps(doc)) == doc
+
+
+def test_a_threshold_calibrated_on_negatives_may_sit_between_its_images_and_the_nearest_outside_ones(manifest):
+    cal = {"p50": 0.001, "p90": 0.002, "p95": 0.003, "p99": 0.005, "max": 0.01, "neg_p01": 0.5}
+    ok = _with(manifest, selector__calibration=cal, selector__threshold=0.1)  # 10x max, under the negatives
+    assert manifest_problems(ok) == []
+    too_far = _with(manifest, selector__calibration=cal, selector__threshold=3.0)
+    assert any("claim images of every other domain" in p for p in manifest_problems(too_far))

@@ -43,3 +43,29 @@ def test_threshold_is_the_calibration_percentile_times_margin():
     expected = 1.5 * float(torch.quantile(sel.error(calib), 0.9))
     assert abs(sel.threshold - expected) < 1e-6 * expected
     assert abs(sel.calibration["p90"] * 1.5 - sel.threshold) < 1e-6 * expected
+
+
+def test_the_discriminative_kind_learns_its_task_against_negatives_and_is_calibrated_on_held_out_ones():
+    from model_store.selector import SelectorConfig, fit_selector, score
+
+    g = torch.Generator().manual_seed(0)
+    pos = torch.nn.functional.normalize(torch.randn(300, 16, generator=g) + 1.5, dim=-1)
+    neg = torch.nn.functional.normalize(torch.randn(600, 16, generator=g), dim=-1)
+    cfg = SelectorConfig(kind="discriminative", lr=1e-2)
+    with pytest.raises(ValueError, match="needs negatives"):
+        fit_selector(pos[:200], pos[200:], cfg)
+    sel = fit_selector(pos[:200], pos[200:], cfg, neg[:400], neg[400:])
+    held_neg = (score(sel, neg[400:]) <= 1).float().mean()
+    assert held_neg <= cfg.false_claim + 1e-6 and sel.calibration["neg_claimed"] == pytest.approx(float(held_neg))
+    assert (score(sel, pos[200:]) <= 1).float().mean() >= cfg.self_claim
+
+
+def test_negatives_that_look_like_the_task_cannot_take_its_own_images_below_self_claim():
+    from model_store.selector import SelectorConfig, fit_selector, score
+
+    g = torch.Generator().manual_seed(1)
+    pos = torch.nn.functional.normalize(torch.randn(300, 16, generator=g) + 1.0, dim=-1)
+    lookalike = pos[torch.randperm(300, generator=g)] + 0.01 * torch.randn(300, 16, generator=g)
+    sel = fit_selector(pos[:200], pos[200:], SelectorConfig(), None, lookalike)
+    assert (score(sel, pos[200:]) <= 1).float().mean() >= 0.95
+    assert sel.calibration["neg_claimed"] > 0.5  # reported, so the trainer can warn

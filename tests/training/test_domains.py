@@ -30,5 +30,5 @@ def test_export_round_trip(tmp_path):
 
 
 def test_unknown_domain():
-    with pytest.raises(ValueError, match="known: arrows, digits"):
+    with pytest.raises(ValueError, match="known: arrows, clocks, clutter"):
         get_domain("mnist")

@@ -1,0 +1,71 @@
+"""The routing benchmark on a short sequence: selectors fitted in turn, routed as the server routes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from clipbank.cli import main
+from model_store.reference import find_reference, load_reference
+from model_store.selector import SelectorConfig, score
+from training.routing import Embeddings, RoutingConfig, fit_sequence, probes_of, routes, run_routing
+from training.routing_report import routing_keys, write_routing_report
+
+SHORT = RoutingConfig(kinds=("autoencoder", "discriminative"), sequence=("digits", "arrows"), near=("glyphs-other",))
+
+
+@pytest.fixture(scope="module")
+def result(backbone):
+    return run_routing(backbone, find_reference(backbone), SHORT)
+
+
+def test_every_kind_reports_its_curve_near_and_plain_fallback_and_cost(result):
+    for kind in SHORT.kinds:
+        r = result[kind]
+        assert [c["tasks"] for c in r["curve"]] == [1, 2]
+        assert set(r["near_ood"]) == {"glyphs-other"} and 0 <= r["plain_ood"] <= 1
+        assert set(r["long"]["own"]) == {"digits", "arrows"}
+        assert r["long"]["own"]["digits"] > 0.9  # a domain far from every other is routed to its task
+        assert 0 < r["cost"]["selectors_vs_frozen"] < 0.5
+
+
+def test_routes_match_the_servers_rule(backbone):
+    emb = Embeddings(backbone)
+    selectors, _ = fit_sequence(emb, "autoencoder", SHORT, None)
+    feats = emb("digits", "test")
+    scores = torch.stack([score(s, feats) for s in selectors], dim=1)
+    want = torch.where(scores.min(1).values <= 1, scores.argmin(1), torch.full((len(feats),), -1))
+    assert torch.equal(routes(selectors, feats), want)
+    assert len(probes_of(emb("digits", "val"), 50)) == 50
+
+
+def test_report_files(result, tmp_path):
+    routing = routing_keys(result, "autoencoder")
+    assert set(routing["near_ood"]) == {"glyphs-other"} and {"task_accuracy", "zero_shot_fallback"} <= set(
+        routing["long"]
+    )
+    paths = write_routing_report(routing, tmp_path, "test")
+    assert all(p.exists() for p in paths)
+    saved = json.loads((tmp_path / "report.json").read_text())["routing"]
+    assert set(saved["kinds"]) == set(SHORT.kinds)
+
+
+def test_the_cli_builds_a_reference_set_from_any_image_folder(tmp_path, backbone):
+    from training.reference_images import outside_images
+
+    (tmp_path / "imgs" / "deep").mkdir(parents=True)
+    for i, img in enumerate(outside_images(6, seed=1)):
+        img.save(tmp_path / "imgs" / ("deep" if i % 2 else "") / f"{i}.png")
+    out = tmp_path / "ref.safetensors"
+    assert main(["reference", "build", "--images", str(tmp_path / "imgs"), "--out", str(out)]) == 0
+    assert len(load_reference(out, backbone)) == 6
+    with pytest.raises(SystemExit, match="no images under"):
+        main(["reference", "build", "--images", str(tmp_path / "none"), "--out", str(out)])
+
+
+def test_selector_config_knows_the_discriminative_kind():
+    assert SelectorConfig(kind="discriminative").hidden == 64
+    with pytest.raises(ValueError, match="kind must be one of"):
+        SelectorConfig(kind="oracle")

@@ -1,0 +1,82 @@
+"""The routing benchmark's files: report.json, report.md, and a plot of routing against the number of tasks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def routing_keys(result: dict[str, Any], default_kind: str) -> dict[str, Any]:
+    """The report's `routing` block: the default kind's figures at the top, every kind's under `kinds`."""
+    kinds = [k for k in result if isinstance(result[k], dict) and "long" in result[k]]
+    chosen = result[default_kind] if default_kind in kinds else result[kinds[0]]
+    return {
+        "near_ood": chosen["near_ood"],
+        "plain_ood": chosen["plain_ood"],
+        "long": {
+            "task_accuracy": chosen["long"]["task_accuracy"],
+            "zero_shot_fallback": chosen["long"]["zero_shot_fallback"],
+            "own": chosen["long"]["own"],
+        },
+        "default_kind": default_kind,
+        "kinds": {k: result[k] for k in kinds},
+        "sequence": result["sequence"],
+        "reference": result["reference"],
+    }
+
+
+def format_markdown(routing: dict[str, Any], command: str) -> str:
+    lines = [
+        "# clipbank bench routing",
+        "",
+        f"Command: `{command}`. {len(routing['sequence'])} tasks in turn: {', '.join(routing['sequence'])}; "
+        f"reference set: {routing['reference']} embeddings. Each image routed as the server does (argmin of "
+        "error / threshold, zero-shot above 1). Cost: the selectors' time per image over a frozen pass's.",
+        "",
+        "| kind | own task, all tasks | worst own | plain outside fallback | near outside fallback | cost |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for kind, r in routing["kinds"].items():
+        own = r["long"]["own"]
+        worst = min(own, key=own.get)
+        near = ", ".join(f"{n} {v:.2f}" for n, v in r["near_ood"].items())
+        lines.append(
+            f"| {kind} | {r['long']['task_accuracy']:.3f} | {worst} {own[worst]:.2f} | {r['plain_ood']:.3f} | {near} "
+            f"| {r['cost']['selectors_vs_frozen']:.3f} |"
+        )
+    lines += ["", "Own routing per task (the default kind's bank of every task):", ""]
+    default = routing["kinds"][routing["default_kind"]]["long"]["own"]
+    lines += ["| " + " | ".join(default) + " |", "|" + " --- |" * len(default)]
+    lines.append("| " + " | ".join(f"{v:.2f}" for v in default.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(routing: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for kind, r in routing["kinds"].items():
+        n = [c["tasks"] for c in r["curve"]]
+        ax1.plot(n, [c["task_accuracy"] for c in r["curve"]], marker="o", label=kind)
+        ax2.plot(n, [c["zero_shot_fallback"] for c in r["curve"]], marker="o", label=kind)
+    ax1.set(xlabel="tasks in the bank", ylabel="learned tasks' images routed to their own task", ylim=(0, 1.02))
+    ax2.set(xlabel="tasks in the bank", ylabel="fallback of unlearned, plain and near outside images", ylim=(0, 1.02))
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"routing over {len(routing['sequence'])} tasks learned in turn, per selector kind")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_routing_report(routing: dict[str, Any], out: Path, command: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps({"command": command, "routing": routing}, indent=2))
+    (out / "report.md").write_text(format_markdown(routing, command))
+    return [out / "report.json", out / "report.md", plot(routing, out / "routing.png")]
