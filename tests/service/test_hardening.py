@@ -28,6 +28,18 @@ def _image(backbone, seed: int = 0) -> torch.Tensor:
     return torch.rand(1, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(seed))
 
 
+def _submitter(batcher: Batcher, finished: list[str]):
+    """Submit `item` after `delay` seconds; `finished` records the order of the answers."""
+
+    async def run(name: str, item: ClassifyItem, delay: float):
+        await asyncio.sleep(delay)
+        out = await batcher.submit(item)
+        finished.append(name)
+        return out
+
+    return run
+
+
 async def test_a_long_new_label_list_does_not_hold_the_compute_thread(backbone):
     bank = empty_bank(backbone)
     batcher = Batcher(
@@ -38,13 +50,7 @@ async def test_a_long_new_label_list_does_not_hold_the_compute_thread(backbone):
         big = ClassifyItem(_image(backbone), tuple(f"new label {i}" for i in range(600)), "zero-shot")
         small = ClassifyItem(_image(backbone, 1), ("red", "blue"), "zero-shot")
         finished: list[str] = []
-
-        async def run(name: str, item: ClassifyItem, delay: float):
-            await asyncio.sleep(delay)
-            out = await batcher.submit(item)
-            finished.append(name)
-            return out
-
+        run = _submitter(batcher, finished)
         (big_results, _), _ = await asyncio.gather(run("big", big, 0), run("small", small, 0.05))
         assert finished == ["small", "big"]  # the short request did not wait for 600 prompts
         assert batcher.steps.text_steps >= 5  # the long list was encoded in steps
@@ -65,13 +71,7 @@ async def test_a_large_batch_runs_in_slices_and_a_small_request_slips_between_th
         big = ClassifyItem(images, ("red", "blue"), "zero-shot")
         small = ClassifyItem(_image(backbone, 1), ("red", "blue"), "zero-shot")
         finished: list[str] = []
-
-        async def run(name: str, item: ClassifyItem, delay: float):
-            await asyncio.sleep(delay)
-            out = await batcher.submit(item)
-            finished.append(name)
-            return out
-
+        run = _submitter(batcher, finished)
         (big_results, _), _ = await asyncio.gather(run("big", big, 0), run("small", small, 0.02))
         assert finished == ["small", "big"] and batcher.steps.image_steps > 4
         (alone,) = classify_batch(bank, [big])  # in slices, the same answers
