@@ -12,8 +12,9 @@ from pathlib import Path
 
 from model_store.errors import ClipbankError
 
+from .bench_commands import DEFAULT_BACKBONE, bench, reference
+
 DEFAULT_STORE = os.environ.get("CLIPBANK_STORE", "./clipbank-store")
-DEFAULT_BACKBONE = os.environ.get("CLIPBANK_BACKBONE", "tiny")
 DEFAULT_URL = os.environ.get("CLIPBANK_URL", "http://127.0.0.1:8000")
 SERVE_OPTIONS = (
     "store",
@@ -109,146 +110,6 @@ def _store(args: argparse.Namespace) -> int:
         print(store.activate(args.task, args.version))
     elif args.store_cmd == "deactivate":
         store.deactivate(args.task)
-    return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    if args.bench_cmd == "soak":
-        return _bench_soak(args)
-    if args.bench_cmd == "routing":
-        return _bench_routing(args)
-    return _bench_cl(args) if args.bench_cmd == "cl" else _bench_serve(args)
-
-
-def _bench_soak(args: argparse.Namespace) -> int:
-    from benchmarks.soak import run_soak, soak_config
-
-    given = {"minutes": args.minutes, "clients": args.clients, "swap_seconds": args.swap_seconds}
-    cfg = soak_config(args.quick, args.hostile, **given)
-    command = "clipbank bench soak " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "clipbank bench soak"
-    run_soak(cfg, Path(args.out), command)
-    print((Path(args.out) / "report.md").read_text())
-    return 0
-
-
-def _bench_routing(args: argparse.Namespace) -> int:
-    from model_store.backbone import load_backbone
-    from model_store.reference import find_reference
-    from training.routing import KINDS, RoutingConfig, run_routing
-    from training.routing_report import format_markdown, routing_keys, write_routing_report
-
-    backbone = load_backbone(args.backbone or DEFAULT_BACKBONE, "auto")
-    reference = find_reference(backbone, args.reference)
-    if reference is None:
-        print("clipbank bench routing: no reference set for this backbone (clipbank reference build)", file=sys.stderr)
-    kinds = tuple(args.kinds.split(",")) if args.kinds else KINDS
-    routing = routing_keys(run_routing(backbone, reference, RoutingConfig(kinds=kinds)), kinds[0])
-    command = "clipbank bench routing " + " ".join(sys.argv[3:])
-    if args.out:
-        print("wrote " + ", ".join(str(p) for p in write_routing_report(routing, Path(args.out), command)))
-    print(format_markdown(routing, command))
-    return 0
-
-
-def _reference(args: argparse.Namespace) -> int:
-    from model_store.backbone import load_backbone
-    from model_store.reference import cache_path, embed_images, save_reference
-    from training.data import IMAGE_SUFFIXES, LazyImages, read_rgb
-
-    backbone = load_backbone(args.backbone, args.device)
-    if args.generated:
-        from training.reference_images import outside_images
-
-        images, source = outside_images(args.limit or 4000), "training.reference_images.outside_images"
-    elif args.images:
-        files = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise SystemExit(f"clipbank reference build: no images under {args.images}")
-        images, source = LazyImages(files[: args.limit] if args.limit else files, read_rgb), f"{len(files)} images"
-    else:
-        raise SystemExit("clipbank reference build: give --images DIR or --generated")
-    out = Path(args.out) if args.out else cache_path(backbone)
-    save_reference(out, embed_images(backbone, images), backbone, source)
-    print(f"wrote {len(images)} embeddings of {source} for {backbone.ref.text} to {out}")
-    return 0
-
-
-def _bench_protocol(args: argparse.Namespace) -> int:
-    from model_store.backbone import load_backbone
-    from training.cl_report import format_markdown, write_cl_report
-    from training.continual import CLConfig
-    from training.protocols import CIFAR_STEPS, format_cifar, run_cifar_incremental, run_mtil
-
-    if not args.data_root:
-        raise SystemExit("clipbank bench cl: --protocol needs --data-root DIR")
-    methods = tuple(args.methods.split(",")) if args.methods else CLConfig().methods
-    cfg = CLConfig(steps=args.steps or 1000, methods=methods, seed=args.seed)
-    backbone = load_backbone(args.backbone or "ViT-B-16:openai", args.device)
-    if args.protocol in CIFAR_STEPS:
-        if args.methods:
-            print("clipbank bench cl: CIFAR-100 protocols run the MoE only; --methods is ignored", file=sys.stderr)
-        report = run_cifar_incremental(backbone, args.data_root, args.protocol, cfg, args.limit)
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2))
-            (Path(args.out) / "report.md").write_text(format_cifar(report))
-        print(format_cifar(report))
-        return 0
-    report = run_mtil(backbone, args.data_root, args.protocol, cfg, args.limit)
-    if args.out:
-        write_cl_report(report, Path(args.out), "clipbank bench cl " + " ".join(sys.argv[3:]))
-    print(format_markdown(report))
-    return 0
-
-
-def _bench_cl(args: argparse.Namespace) -> int:
-    from model_store.backbone import load_backbone
-    from training.cl_report import format_markdown, write_cl_report
-    from training.continual import CLConfig, offline_sequence, run_continual
-    from training.data import load_domain
-
-    if args.protocol:
-        return _bench_protocol(args)
-    quick = {"steps": 80, "batch_size": 32, "train_limit": 240, "test_limit": 60} if args.quick else {}
-    steps = args.steps or quick.get("steps", 300)
-    methods = tuple(args.methods.split(",")) if args.methods else CLConfig().methods
-    cfg = CLConfig(steps=steps, batch_size=quick.get("batch_size", 64), methods=methods, seed=args.seed)
-    seq = offline_sequence(
-        args.domains.split(","), quick.get("train_limit"), args.test_limit or quick.get("test_limit")
-    )
-    outside = load_domain(args.outside, "test") if args.outside else None
-    if outside is not None and (args.test_limit or quick.get("test_limit")):
-        outside = outside.subset(range(min(len(outside), args.test_limit or quick["test_limit"])))
-    backbone = load_backbone(args.backbone or DEFAULT_BACKBONE, args.device)
-    report = run_continual(backbone, seq, cfg, outside, args.outside or "none")
-    command = "clipbank bench cl " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "clipbank bench cl"
-    if args.out:
-        paths = write_cl_report(report, Path(args.out), command)
-        print("wrote " + ", ".join(str(p) for p in paths))
-    print(format_markdown(report, command))
-    return 0
-
-
-def _bench_serve(args: argparse.Namespace) -> int:
-    from clipbank.bench_serve import default_images, run_bench_serve
-    from service.bench import ServeBenchConfig
-
-    quick = args.quick
-    cfg = ServeBenchConfig(
-        images=default_images(),
-        concurrency=(1, 16) if quick else (1, 4, 16, 64),
-        growth=(0, 1, 10) if quick else (0, 1, 10, 50, 100),
-        requests=args.requests or (100 if quick else 400),
-        max_seconds=args.max_seconds or (10.0 if quick else 30.0),
-        onnx=not args.no_onnx,
-    )
-    backbones: list[tuple[str, str | None]] = [("tiny", "tiny")]
-    if not quick and not args.tiny_only:
-        backbones.append(("ViT-B-32, random weights", None))
-    command = "clipbank bench serve " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "clipbank bench serve"
-    report = run_bench_serve(Path(args.out), cfg, backbones, command)
-    print((Path(args.out) / "report.md").read_text())
-    print("plots: " + ", ".join(str(Path(args.out) / p) for p in report["plots"]))
     return 0
 
 
@@ -359,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime server")
     bs.add_argument("--requests", type=int, help="requests per load level, at most (default 400, quick 100)")
     bs.add_argument("--max-seconds", type=float, help="seconds per load level, at most (default 30, quick 10)")
-    bs.set_defaults(fn=_bench)
+    bs.set_defaults(fn=bench)
     bc = bsub.add_parser("cl", help="continual-learning benchmark: accuracy matrix, Transfer/Avg/Last, baselines")
     bc.add_argument("--quick", action="store_true", help="80 steps of 32, fewer images: about 5 minutes on 2 cores")
     bc.add_argument("--domains", default="sketches,textures,arrows,digits,glyphs", help="offline domains, in order")
@@ -378,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bc.add_argument("--data-root", help="ROOT/<dataset>/{train,test}/<class>/ folders, or torchvision data")
     bc.add_argument("--limit", type=int, help="at most this many images per class (a dry run)")
-    bc.set_defaults(fn=_bench)
+    bc.set_defaults(fn=bench)
     bk = bsub.add_parser("soak", help="long run under swaps: statuses, p50/p99, RSS over time; then hostile clients")
     bk.add_argument("--minutes", type=float, help="measured soak after a 30 s warm-up (default 10, quick 0.5)")
     bk.add_argument("--clients", type=int, help="concurrent clients, one connection each (default 16)")
@@ -386,14 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--hostile", type=int, help="hostile clients beside 4 normal ones; 0 skips that phase (default 4)")
     bk.add_argument("--out", default="runs/bench-soak", help="report.json, report.md, plots and the server log")
     bk.add_argument("--quick", action="store_true", help="about a minute: a 30 s soak, 10 s hostile windows")
-    bk.set_defaults(fn=_bench)
+    bk.set_defaults(fn=bench)
 
     br = bsub.add_parser("routing", help="routing alone: 12 tasks in turn, look-alike pairs, near outside domains")
     br.add_argument("--kinds", help="comma-separated selector kinds (default: autoencoder,gaussian,discriminative)")
     br.add_argument("--backbone", help="default: tiny")
     br.add_argument("--reference", help="reference set file (default: the backbone's, if one was built)")
     br.add_argument("--out", help="write report.json, report.md and routing.png here")
-    br.set_defaults(fn=_bench)
+    br.set_defaults(fn=bench)
 
     rf = sub.add_parser("reference", help="reference sets: embeddings of generic outside images, per backbone")
     rsub = rf.add_subparsers(dest="reference_cmd", required=True)
@@ -404,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--limit", type=int, help="at most this many images (generated: how many, default 4000)")
     rb.add_argument("--out", help="the file (default: the backbone's place in ~/.cache/clipbank/reference)")
     rb.add_argument("--device", default="auto")
-    rf.set_defaults(fn=_reference)
+    rf.set_defaults(fn=reference)
 
     dm = sub.add_parser("demo", help="end to end offline: export two domains, train two tasks, route test images")
     dm.add_argument("--workdir", default="./clipbank-demo")
