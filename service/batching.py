@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from model_store.bank import BankSnapshot
 from model_store.inference import ClassifyItem, ImageResult, TextCache
 
-from .errors import Overloaded
+from .errors import LimitExceeded, NotReady, Overloaded
 from .metrics import Metrics
-from .steps import BatchInfo, Pending, StepBudget, Steps
+from .steps import BatchInfo, Pending, StepBudget, Steps, answer
 
 log = logging.getLogger("clipbank.service")
 _STOP = object()
@@ -53,6 +53,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._waiting: list[Pending] = []  # received, not yet in a batch (in arrival order)
         self._stopping = False
+        self._closed = False
         self._forced_last = False
         self.starve_seconds = starve_seconds
         self._gap = float("inf")  # seconds between arrivals, moving average
@@ -64,11 +65,19 @@ class Batcher:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish what is queued, then end the compute thread."""
+        """Finish what is queued, then end the compute thread; requests submitted from now on get 503."""
+        self._closed = True
         if self._thread is not None:
             self._queue.put(_STOP)
             self._thread.join(timeout)
             self._thread = None
+        while True:  # anything queued after the thread's last look
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP:
+                answer(item, NotReady("the server is shutting down"))
 
     @contextmanager
     def admit(self, n_images: int) -> Iterator[None]:
@@ -88,8 +97,12 @@ class Batcher:
 
     async def submit(self, item: ClassifyItem, admitted: bool = False) -> tuple[list[ImageResult], BatchInfo]:
         """Queue a request and wait for its answer. `admitted`: the caller holds `admit(len(item.images))`."""
-        if self._thread is None:
-            raise RuntimeError("the batcher is not running")
+        if self._closed or self._thread is None or not self._thread.is_alive():
+            raise NotReady("the server is shutting down" if self._closed else "the compute thread is not running")
+        if len(item.images) > self.max_batch:
+            raise LimitExceeded(
+                f"{len(item.images)} images in one request; this server's max_batch is {self.max_batch}"
+            )
         if not admitted:
             with self.admit(len(item.images)):
                 return await self.submit(item, admitted=True)
@@ -179,6 +192,11 @@ class Batcher:
                 batch = [p for p in batch if not p.future.done()]  # the client went away
                 if batch:
                     self.batches += 1
-                    self.steps.start(self._bank(), batch)  # each batch reads the bank once
+                    try:
+                        self.steps.start(self._bank(), batch)  # each batch reads the bank once
+                    except Exception as e:  # noqa: BLE001 - the thread must outlive any one batch
+                        log.exception("a batch failed to start")
+                        for p in batch:
+                            answer(p, e)
             if self.steps:
                 self.steps.step()

@@ -79,6 +79,11 @@ class ServeConfig:
         for name in ("head_timeout_seconds", "read_timeout_seconds", "keep_alive_seconds"):
             if not 0.1 <= getattr(self, name) <= 3600:
                 problems.append(f"{name} must be in 0.1..3600, got {getattr(self, name)}")
+        if self.keep_alive_seconds >= self.head_timeout_seconds:
+            problems.append(
+                f"keep_alive_seconds ({self.keep_alive_seconds}) must be below head_timeout_seconds "
+                f"({self.head_timeout_seconds}): an idle kept-alive connection would otherwise get a 408"
+            )
         if self.max_connections < 1:
             problems.append(f"max_connections must be >= 1, got {self.max_connections}")
         if self.text_cache_size < 0 or self.text_cache_mb < 0:

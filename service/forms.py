@@ -47,6 +47,10 @@ class _Reader:
         self._name: str = ""
         self._filename: str | None = None
         self._data = bytearray()
+        self.ended = False  # the closing boundary was seen
+
+    def on_end(self) -> None:
+        self.ended = True
 
     def on_part_begin(self) -> None:
         self._disposition = b""
@@ -118,7 +122,7 @@ async def read_multipart(request: Request, limits: FormLimits) -> Form:
         raise InvalidRequest("multipart/form-data needs a boundary parameter in Content-Type")
     reader = _Reader(limits)
     names = ("on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value", "on_header_end")
-    callbacks = {name: getattr(reader, name) for name in (*names, "on_headers_finished")}
+    callbacks = {name: getattr(reader, name) for name in (*names, "on_headers_finished", "on_end")}
     try:
         parser = MultipartParser(boundary, callbacks)
         async for chunk in request.stream():
@@ -128,4 +132,6 @@ async def read_multipart(request: Request, limits: FormLimits) -> Form:
         raise ClientGone("the client closed the connection before its body arrived") from None
     except (FormParserError, ValueError) as e:  # a malformed body (our own errors are not ValueErrors)
         raise InvalidRequest(f"the multipart body is malformed: {str(e)[:160]}") from None
+    if not reader.ended:  # python-multipart's finalize() does not check: a cut-off last part would vanish
+        raise InvalidRequest("the multipart body is truncated: it has no closing boundary")
     return reader.form

@@ -11,6 +11,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("clipbank.service")
 REASONS = {400: "Bad Request", 408: "Request Timeout", 503: "Service Unavailable"}
+LINGER_SECONDS = 1.0
 
 
 def raw_error(status: int, code: str, message: str, extra: tuple[str, ...] = ()) -> bytes:
@@ -32,6 +33,7 @@ def guarded_protocol(head_timeout: float, max_connections: int) -> type[H11Proto
 
     class GuardedH11Protocol(H11Protocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            self._lingering = False
             super().connection_made(transport)
             self._head_timer: asyncio.TimerHandle | None = None
             self._timed_cycle = None
@@ -60,9 +62,20 @@ def guarded_protocol(head_timeout: float, max_connections: int) -> type[H11Proto
                 self._close_with(408, "request_timeout", message)
 
         def _close_with(self, status: int, code: str, message: str, extra: tuple[str, ...] = ()) -> None:
-            if not self.transport.is_closing():
-                self.transport.write(raw_error(status, code, message, extra))
-                self.transport.close()
+            """Answer, then close gently: closing with the client's bytes unread would make the kernel send a
+            reset, and the client would never read the answer. So: end our side, drop what it still sends for a
+            moment, then close."""
+            if self.transport.is_closing() or self._lingering:
+                return
+            self._lingering = True
+            self.transport.write(raw_error(status, code, message, extra))
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+        def data_received(self, data: bytes) -> None:
+            if not self._lingering:
+                super().data_received(data)
 
         def handle_events(self) -> None:
             super().handle_events()

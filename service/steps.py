@@ -98,7 +98,11 @@ class Steps:
 
     def start(self, bank: BankSnapshot, batch: list[Pending]) -> None:
         """Run a batch's image passes now if they fit in one step, else queue them in slices."""
-        work = _ImageWork(batch, ImagePasses(bank, [p.item for p in batch]), time.perf_counter())
+        try:
+            work = _ImageWork(batch, ImagePasses(bank, [p.item for p in batch]), time.perf_counter())
+        except Exception as e:  # noqa: BLE001 - a bug or out of memory must not kill the thread
+            _fail(batch, e)
+            return
         self.metrics.batch_images.observe(sum(p.size for p in batch))
         self.metrics.batch_requests.observe(len(batch))
         big = max(p.size for p in batch) > self.budget.slice_over_images
@@ -126,9 +130,7 @@ class Steps:
             while n >= 1 << 30 and not done:
                 done = work.passes.step(n)
         except Exception as e:  # noqa: BLE001 - a bug must not kill the thread; every waiter gets the error
-            log.exception("a batch of %d requests failed", len(work.batch))
-            for p in work.batch:
-                answer(p, e)
+            _fail(work.batch, e)
             return
         images = len(work.passes.images) if work.passes.images is not None else 0
         seconds = (time.perf_counter() - t0) / max(min(n, images), 1)
@@ -142,18 +144,26 @@ class Steps:
         """Per request: finish it now (its label sets are cached or small), park its encoding, or refuse it."""
         plan, inline = work.passes.plan(), self.budget.inline_chars
         for k, p in enumerate(work.batch):
-            jobs = [j for j in (TextJob(plan.bank, *need) for need in plan.text_needs(k)) if j.key not in self.cache]
-            cost, chars = sum(j.remaining for j in jobs), sum(j.remaining_chars for j in jobs)
-            parked = sum(j.remaining for w in self.works if isinstance(w, _TextWork) for j in w.jobs)
-            if cost > self.budget.max_request_prompts:
-                answer(p, LimitExceeded(_too_many_prompts(cost, self.budget.max_request_prompts)))
-            elif chars <= inline:
-                inline -= chars
-                self._finish(_TextWork(p, plan, k, jobs, work.started))
-            elif cost + parked > self.budget.max_parked_prompts:
-                answer(p, Overloaded(f"{parked} new prompts are waiting to be encoded: retry shortly"))
-            else:
-                self.works.append(_TextWork(p, plan, k, jobs, work.started))
+            try:
+                inline = self._after_passes(work, plan, k, p, inline)
+            except Exception as e:  # noqa: BLE001 - one request's failure is its own
+                _fail([p], e)
+
+    def _after_passes(self, work: _ImageWork, plan: BatchPlan, k: int, p: Pending, inline: int) -> int:
+        """Finish, park or refuse one request of a batch whose passes are done; returns the inline budget left."""
+        jobs = [j for j in (TextJob(plan.bank, *need) for need in plan.text_needs(k)) if j.key not in self.cache]
+        cost, chars = sum(j.remaining for j in jobs), sum(j.remaining_chars for j in jobs)
+        parked = sum(j.remaining for w in self.works if isinstance(w, _TextWork) for j in w.jobs)
+        if cost > self.budget.max_request_prompts:
+            answer(p, LimitExceeded(_too_many_prompts(cost, self.budget.max_request_prompts)))
+        elif chars <= inline:
+            inline -= chars
+            self._finish(_TextWork(p, plan, k, jobs, work.started))
+        elif cost + parked > self.budget.max_parked_prompts:
+            answer(p, Overloaded(f"{parked} new prompts are waiting to be encoded: retry shortly"))
+        else:
+            self.works.append(_TextWork(p, plan, k, jobs, work.started))
+        return inline
 
     def _encode(self, work: _TextWork) -> None:
         job = next(j for j in work.jobs if j.remaining)
@@ -174,6 +184,12 @@ class Steps:
             self._finish(work)
 
     def _finish(self, work: _TextWork) -> None:
+        try:
+            self._answer_finished(work)
+        except Exception as e:  # noqa: BLE001 - inline encoding or a bug: that request's error, not the thread's
+            _fail([work.pending], e)
+
+    def _answer_finished(self, work: _TextWork) -> None:
         # a label set another request of the batch has cached meanwhile is not encoded twice
         known = {j.key: j.result() for j in work.jobs if j.remaining == 0 or j.key not in self.cache}
         out = work.plan.finish(work.index, self.cache, known)
@@ -204,6 +220,12 @@ def _too_many_prompts(cost: int, limit: int) -> str:
         f"this request needs {cost} new text prompts (labels x templates of the tasks its images were routed to); "
         f"the limit is max_request_prompts={limit}: send fewer labels, or label sets the server has seen before"
     )
+
+
+def _fail(batch: list[Pending], error: Exception) -> None:
+    log.error("%d request(s) failed on the compute thread", len(batch), exc_info=error)
+    for p in batch:
+        answer(p, error)
 
 
 def answer(p: Pending, out: object) -> None:

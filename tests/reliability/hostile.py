@@ -244,6 +244,19 @@ CLASSIFY_FIELDS = [
         422,
     ),
     Case(
+        "multipart without its closing boundary",
+        call(
+            lambda t: t.post(
+                "/classify",
+                content=b'--q\r\nContent-Disposition: form-data; name="labels"\r\n\r\ncat\r\n'
+                b'--q\r\nContent-Disposition: form-data; name="labels"\r\n\r\ndog',
+                headers={"Content-Type": "multipart/form-data; boundary=q"},
+            )
+        ),
+        422,
+        "invalid_request",
+    ),
+    Case(
         "multipart garbage",
         call(
             lambda t: t.post(

@@ -22,6 +22,7 @@ def server(tmp_path_factory):
         "CLIPBANK_FROZEN_RUNTIME": "torch",
         "CLIPBANK_MAX_CONNECTIONS": "4",
         "CLIPBANK_HEAD_TIMEOUT_SECONDS": str(HEAD_SECONDS),
+        "CLIPBANK_KEEP_ALIVE_SECONDS": "0.5",
     }
     with server_process(tmp / "store", (), env, tmp / "server.log", ready_seconds=180) as (url, _):
         yield int(url.rsplit(":", 1)[1])

@@ -43,6 +43,7 @@ def target(tmp_path_factory, backbone):
         "CLIPBANK_FROZEN_RUNTIME": "torch",
         "CLIPBANK_HEAD_TIMEOUT_SECONDS": "0.5",  # the timeout cases then finish within the case budget
         "CLIPBANK_READ_TIMEOUT_SECONDS": "0.5",
+        "CLIPBANK_KEEP_ALIVE_SECONDS": "0.2",
     }
     bundle = random_bundle(empty_bank(backbone), "hostile", seed=11)
     log = tmp / "server.log"

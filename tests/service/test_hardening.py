@@ -199,3 +199,35 @@ async def test_start_up_objects_are_kept_out_of_the_collectors_full_passes(tmp_p
 
     async with running_app(tmp_path, backbone):
         assert gc.get_freeze_count() > 10_000  # the backbone, the bank and the app, frozen once loaded
+
+
+async def test_an_error_in_one_request_never_stops_the_compute_thread(backbone, monkeypatch):
+    from model_store import inference
+
+    bank = empty_bank(backbone)
+    batcher = Batcher(lambda: bank, max_batch=8, max_wait_ms=0)
+    batcher.start()
+    real = inference.TextJob.step
+
+    def broken(self, n=inference.TEXT_CHUNK):
+        if "poison" in self.prompts[0]:
+            raise RuntimeError("a tokenizer bug")
+        return real(self, n)
+
+    monkeypatch.setattr(inference.TextJob, "step", broken)
+    try:
+        with pytest.raises(RuntimeError, match="tokenizer bug"):  # inline encoding, in the batch's own step
+            await batcher.submit(ClassifyItem(_image(backbone), ("poison", "x"), "zero-shot"))
+        results, _ = await batcher.submit(ClassifyItem(_image(backbone, 1), ("red", "blue"), "zero-shot"))
+        assert len(results) == 1 and batcher._thread.is_alive()
+        with pytest.raises(Exception, match="max_batch is 8"):
+            await batcher.submit(ClassifyItem(torch.zeros(9, 3, backbone.image_size, backbone.image_size)))
+    finally:
+        batcher.stop()
+    with pytest.raises(Exception, match="shutting down"):
+        await batcher.submit(ClassifyItem(_image(backbone), ("a", "b"), "zero-shot"))
+
+
+def test_keep_alive_must_be_shorter_than_the_head_deadline():
+    with pytest.raises(ValueError, match="keep_alive_seconds .* must be below head_timeout_seconds"):
+        ServeConfig(keep_alive_seconds=10, head_timeout_seconds=10)
