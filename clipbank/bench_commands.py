@@ -31,6 +31,17 @@ def _bench_soak(args: argparse.Namespace) -> int:
     return 0
 
 
+def _long_routing(backbone) -> dict:
+    """`routing.near_ood`, `routing.long` and every selector kind's figures: the routing benchmark's long
+    sequence with near outside domains, for `clipbank bench cl`'s report."""
+    from model_store.reference import find_reference
+    from model_store.selector import SelectorConfig
+    from training.routing import run_routing
+    from training.routing_report import routing_keys
+
+    return routing_keys(run_routing(backbone, find_reference(backbone)), SelectorConfig.kind)
+
+
 def _bench_routing(args: argparse.Namespace) -> int:
     from model_store.backbone import load_backbone
     from model_store.reference import find_reference
@@ -122,6 +133,8 @@ def _bench_cl(args: argparse.Namespace) -> int:
         outside = outside.subset(range(min(len(outside), args.test_limit or quick["test_limit"])))
     backbone = load_backbone(args.backbone or DEFAULT_BACKBONE, args.device)
     report = run_continual(backbone, seq, cfg, outside, args.outside or "none")
+    if not args.no_routing:
+        report["routing"] = {**report.get("routing", {}), **_long_routing(backbone)}
     command = "clipbank bench cl " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "clipbank bench cl"
     if args.out:
         paths = write_cl_report(report, Path(args.out), command)

@@ -143,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--new-experts", type=int, default=2, help="new experts per block and tower")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
+    t.add_argument(
+        "--selector",
+        default="autoencoder",
+        choices=("autoencoder", "gaussian", "discriminative"),
+        help="the task's selector kind (default: autoencoder; docs/benchmarks/routing.md compares them)",
+    )
+    t.add_argument("--reference", help="reference set file (default: the backbone's, if one was built or ships)")
     t.add_argument("--no-activate", action="store_true", help="store the bundle without making it active")
     t.set_defaults(fn=_train)
 
@@ -232,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--device", default="auto")
     bc.add_argument("--seed", type=int, default=0)
     bc.add_argument("--out", help="write report.json, report.md and PNG plots here")
+    bc.add_argument(
+        "--no-routing",
+        action="store_true",
+        help="skip the long routing sequence (12 tasks, near outside domains, every selector kind; ~1 min on tiny)",
+    )
     bc.add_argument(
         "--protocol",
         choices=["mtil-1", "mtil-2", "cifar100-10", "cifar100-20", "cifar100-50"],

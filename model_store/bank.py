@@ -29,6 +29,7 @@ class TaskEntry:
     selector: Selector
     manifest: dict[str, Any]
     nbytes: int
+    probes: torch.Tensor | None = None  # on the CPU: a sample of the task's held-out embeddings (training reads them)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ def _task_entry(
         sel,
         m,
         bundle.nbytes,
+        bundle.probes,
     )
 
 

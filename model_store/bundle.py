@@ -32,6 +32,8 @@ from .selector import selector_shape_problems
 
 MANIFEST_KEY = "clipbank.manifest"
 MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_PROBES = 256  # rows of `probes.embeddings`: a task's held-out frozen embeddings, the negatives of later tasks
+PROBES_KEY = "probes.embeddings"
 REFUSED_MAGIC = {b"PK\x03\x04": "a zip archive (torch.save .pt/.pth)", b"\x80": "a pickle (.bin/.pkl)"}
 
 
@@ -58,6 +60,7 @@ class Bundle:
     routers: dict[str, list[torch.Tensor]]  # tower -> per block [E_visible, d]
     selector_tensors: dict[str, torch.Tensor]
     nbytes: int
+    probes: torch.Tensor | None = None  # [n <= MAX_PROBES, embed_dim]; bundles before probes have none
 
     @property
     def task(self) -> str:
@@ -77,8 +80,12 @@ def pack_bundle(
     experts: Mapping[str, PlacedExpert],
     routers: Mapping[str, list[torch.Tensor]],
     selector_tensors: Mapping[str, torch.Tensor],
+    probes: torch.Tensor | None = None,
 ) -> bytes:
-    """Serialise a bundle. Fills in `experts.new` and `content_sha256`; validates the result by reading it back."""
+    """Serialise a bundle. Fills in `experts.new` and `content_sha256`; validates the result by reading it back.
+
+    `probes`: a sample of at most MAX_PROBES of the task's held-out frozen image embeddings, kept so that later
+    tasks' selectors learn not to claim this task's images, and tools can measure routing without the data."""
     tensors: dict[str, torch.Tensor] = {}
     for eid, placed in experts.items():
         for part, t in placed.expert.parts().items():
@@ -88,6 +95,8 @@ def pack_bundle(
             tensors[f"router.{tower}.{i}"] = w
     for name, t in selector_tensors.items():
         tensors[f"selector.{name}"] = t
+    if probes is not None:
+        tensors[PROBES_KEY] = probes
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in tensors.items()}
     manifest = {**manifest, "format": FORMAT, "content_sha256": tensor_digest(tensors)}
     manifest["experts"] = {**manifest.get("experts", {}), "new": sorted(experts)}
@@ -125,6 +134,14 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     return meta
 
 
+def _probe_problems(probes: torch.Tensor | None) -> list[str]:
+    if probes is None:
+        return []
+    if probes.ndim != 2 or not 1 <= probes.shape[0] <= MAX_PROBES:
+        return [f"{PROBES_KEY} must be [n, embed_dim] with 1 <= n <= {MAX_PROBES}, got {tuple(probes.shape)}"]
+    return []
+
+
 def _split_tensors(tensors: dict[str, torch.Tensor], m: dict[str, Any]) -> tuple[dict, dict, dict, list[str]]:
     problems: list[str] = []
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -145,6 +162,8 @@ def _split_tensors(tensors: dict[str, torch.Tensor], m: dict[str, Any]) -> tuple
             routers[rest.partition(".")[0]][int(rest.partition(".")[2])] = t
         elif kind == "selector":
             selector[rest] = t
+        elif key == PROBES_KEY:
+            pass  # read by read_bundle
         else:
             problems.append(f"unexpected tensor {key!r}")
     new = set(m["experts"]["new"])
@@ -218,6 +237,8 @@ def read_bundle(data: bytes) -> Bundle:
         raise BundleInvalid(f"tensors must be finite float32; these are not: {', '.join(sorted(bad)[:5])}")
     tensors = _one_block(tensors)
     experts, routers, selector, problems = _split_tensors(tensors, manifest)
+    probes = tensors.get(PROBES_KEY)
+    problems += _probe_problems(probes)
     if problems:
         raise BundleInvalid("invalid bundle tensors: " + "; ".join(problems[:10]))
     if tensor_digest(tensors) != manifest["content_sha256"]:
@@ -229,7 +250,7 @@ def read_bundle(data: bytes) -> Bundle:
     bad = [eid[:12] for eid, p in experts.items() if expert_id(p.expert.parts()) != eid]
     if bad:
         raise BundleTampered(f"experts whose tensors do not hash to their ids: {', '.join(bad)}")
-    return Bundle(bytes_digest(data), manifest, experts, routers, selector, len(data))
+    return Bundle(bytes_digest(data), manifest, experts, routers, selector, len(data), probes)
 
 
 def check_compatible(
@@ -261,6 +282,8 @@ def check_compatible(
     problems += selector_shape_problems(
         bundle.manifest["selector"]["kind"], bundle.selector_tensors, backbone.embed_dim
     )
+    if bundle.probes is not None and bundle.probes.shape[1] != backbone.embed_dim:
+        problems.append(f"{PROBES_KEY} width {bundle.probes.shape[1]}, backbone embeddings {backbone.embed_dim}")
     if problems:
         raise ShapeMismatch("bundle does not fit the backbone: " + "; ".join(problems[:10]))
     missing = [eid[:12] for eid in bundle.uses if eid not in bank_experts]
@@ -287,6 +310,7 @@ def tensor_bytes(bundle: Bundle) -> int:
     """Bytes of all tensors in a bundle (the file adds a small JSON header)."""
     parts = [t for p in bundle.experts.values() for t in p.expert.parts().values()]
     parts += [w for ws in bundle.routers.values() for w in ws] + list(bundle.selector_tensors.values())
+    parts += [bundle.probes] if bundle.probes is not None else []
     return sum(t.numel() * t.element_size() for t in parts)
 
 
@@ -297,11 +321,13 @@ def expected_tensor_bytes(
     n_new: int = 2,
     existing_per_block: int = 0,
     bottleneck: int = 32,
+    probes: int = 0,
 ) -> int:
-    """Float32 bytes of a task bundle with the autoencoder selector, for towers {name: (width, layers)}."""
+    """Float32 bytes of a task bundle with the autoencoder selector and `probes` probe rows, for towers
+    {name: (width, layers)}."""
     floats = 0
     for width, layers in towers.values():
         expert = 2 * rank * width + rank + width
         floats += layers * (n_new * expert + (existing_per_block + n_new) * width)
-    floats += 2 * embed_dim * bottleneck + bottleneck + embed_dim
+    floats += 2 * embed_dim * bottleneck + bottleneck + embed_dim + probes * embed_dim
     return 4 * floats

@@ -27,7 +27,7 @@ class SelectorConfig:
     hidden: int = 64  # discriminative kind: hidden units of its head
     weight_decay: float = 1e-4  # discriminative kind
     false_claim: float = 0.01  # the share of held-out negatives the threshold may claim...
-    self_claim: float = 0.95  # ...but never below the share of the task's own held-out images it keeps
+    self_claim: float = 0.97  # ...but never below the share of the task's own held-out images it keeps
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -224,19 +224,28 @@ def fit_selector(
         raise ValueError(f"selector needs >= 2 training and >= 1 calibration images, got {len(train)} and {len(calib)}")
     kind = SELECTOR_KINDS[cfg.kind]
     selector = kind.fit(train, cfg, negatives) if cfg.kind == "discriminative" else kind.fit(train, cfg)
-    selector.threshold, selector.calibration = _calibrate(selector.error(calib.float()), cfg)
+    calibrate(selector, calib, cfg, held_negatives)
+    return selector
+
+
+def calibrate(
+    selector: Selector, calib: torch.Tensor, cfg: SelectorConfig, held_negatives: torch.Tensor | None = None
+) -> None:
+    """Set `selector.threshold` and `.calibration` from the task's held-out embeddings `calib` (a percentile of
+    their errors) and, if given, held-out negatives (at most `false_claim` of them claimed, while keeping at
+    least `self_claim` of `calib`)."""
+    own = selector.error(calib.float()).detach().float().cpu()
+    selector.threshold, selector.calibration = _calibrate(own, cfg)
     if held_negatives is not None and len(held_negatives):
         neg = selector.error(held_negatives.float()).detach().float().cpu()
         cap = float(torch.quantile(neg, cfg.false_claim))  # at most `false_claim` of them have a lower error
         selector.calibration["neg_n"] = float(len(neg))
         selector.calibration["neg_p01"] = float(torch.quantile(neg, 0.01))
         selector.calibration["neg_cap"] = cap
-        floor = float(torch.quantile(selector.error(calib.float()).detach().float().cpu(), cfg.self_claim))
-        selector.calibration["neg_claimed"] = float((neg <= selector.threshold).float().mean())
+        floor = float(torch.quantile(own, cfg.self_claim))
         if cap < selector.threshold:  # the negatives would be claimed: tighten, but keep self_claim of its own
             selector.threshold = max(cap, floor, 1e-12)
-            selector.calibration["neg_claimed"] = float((neg <= selector.threshold).float().mean())
-    return selector
+        selector.calibration["neg_claimed"] = float((neg <= selector.threshold).float().mean())
 
 
 def selector_manifest(selector: Selector, cfg: SelectorConfig) -> dict[str, Any]:

@@ -22,6 +22,7 @@ TRAIN_STEPS = 300
 def trained(tmp_path_factory, backbone):
     """Two offline domains trained one after the other into one store: textures, then glyphs on top."""
     from model_store.loader import BankLoader
+    from model_store.reference import find_reference
     from model_store.store import LocalStore
     from training.data import load_domain
     from training.trainer import TrainConfig, train_task
@@ -36,6 +37,7 @@ def trained(tmp_path_factory, backbone):
             TrainConfig(task=name, steps=TRAIN_STEPS),
             load_domain(name, "val"),
             progress=False,
+            reference=find_reference(backbone),
         )
         store.put(result.bundle)
         reports[name] = result.report

@@ -39,6 +39,10 @@ def format_markdown(report: dict[str, Any], command: str | None = None) -> str:
         for m, r in report.get("routing_by_method", {}).items():
             fb = r.get("zero_shot_fallback")
             lines.append(f"| `{m}` | {r['task_accuracy']:.3f} | {'' if fb is None else f'{fb:.3f}'} |")
+    if "long" in routing:  # the long-sequence routing measurement (`clipbank bench routing`), every kind
+        from .routing_report import format_markdown as routing_markdown
+
+        lines += ["", routing_markdown(routing, "clipbank bench routing").replace("# clipbank", "## clipbank", 1)]
     lines += ["", "Accuracy matrices (rows: after training task t; columns: test domain i; %):"]
     for m, r in report["methods"].items():
         lines += ["", f"`{m}`", "", "| after \\ on | " + " | ".join(doms) + " |", "|---" * (len(doms) + 1) + "|"]
@@ -122,4 +126,8 @@ def write_cl_report(report: dict[str, Any], out: Path, command: str | None = Non
     if "moe-ddas" in report.get("routing_by_method", {}):
         paths.append(out / "routing.png")
         plot_routing(report, paths[-1])
+    if "long" in report.get("routing", {}):
+        from .routing_report import plot as plot_long_routing
+
+        paths.append(plot_long_routing(report["routing"], out / "routing_long.png"))
     return paths

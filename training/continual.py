@@ -19,6 +19,7 @@ from model_store.bank import BankSnapshot, build_bank, empty_bank
 from model_store.bundle import read_bundle
 from model_store.experts import MoEConfig, Routing, TaskRouter, new_expert
 from model_store.inference import AUTO, ZERO_SHOT, TextCache
+from model_store.reference import find_reference
 from model_store.selector import SelectorConfig, fit_selector
 
 from .data import LabelledImages
@@ -147,10 +148,12 @@ def _run_moe(
     """Train the tasks one on top of the other; after each, fill the MoE rows. Returns the final banks."""
     prefix = "moe-ddas-warm" if warm else "moe-ddas"
     bank, bundles, gauss = empty_bank(bb), [], {}
+    reference = find_reference(bb)
     start = time.perf_counter()
     for t, d in enumerate(tqdm(seq, desc=prefix, unit="task", disable=not progress)):
         extra = {"warm_start_steps": int(cfg.steps * cfg.warm_fraction)} if warm else {}
-        result = train_task(bank, d.train, _train_cfg(cfg, d, t, **extra), d.val, progress=progress)
+        tcfg = _train_cfg(cfg, d, t, **extra)
+        result = train_task(bank, d.train, tcfg, d.val, progress=progress, reference=reference)
         run.val.setdefault(prefix, {})[d.name] = result.report["val_accuracy"]
         bundles.append(read_bundle(result.bundle))
         bank = build_bank(bb, bundles, previous=bank)

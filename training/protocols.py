@@ -19,6 +19,7 @@ from model_store.backbone import Backbone
 from model_store.bank import build_bank, empty_bank
 from model_store.bundle import read_bundle
 from model_store.inference import AUTO, TextCache
+from model_store.reference import find_reference
 
 from .continual import CLConfig, Domain, run_continual
 from .data import LabelledImages, LazyImages, load_image_folder
@@ -148,7 +149,7 @@ def run_cifar_incremental(
         step_test = _relabel(test, set(seen), classes)
         fit, val = step_train.holdout(0.1)
         tcfg = TrainConfig(task="cifar100", steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed + k)
-        result = train_task(bank, fit, tcfg, val, version=k + 1, parent=parent, progress=False)
+        result = train_task(bank, fit, tcfg, val, k + 1, parent, progress=False, reference=find_reference(backbone))
         bundle = read_bundle(result.bundle)
         parent = bundle.id
         bank = build_bank(backbone, [bundle], previous=bank)  # older versions' experts come from `previous`

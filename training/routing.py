@@ -6,6 +6,7 @@ tasks, look-alike pairs and near outside domains can be measured in seconds, for
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,14 +15,22 @@ from typing import Any
 import torch
 
 from model_store.backbone import Backbone
+from model_store.bank import BankSnapshot
+from model_store.bundle import MAX_PROBES
 from model_store.reference import ReferenceSet, embed_images
-from model_store.selector import Selector, SelectorConfig, fit_selector, score
+from model_store.selector import Selector, SelectorConfig, calibrate, fit_selector, score
 
 from .domains import get_domain
 from .lookalike import LONG_SEQUENCE, NEAR_OUTSIDE
 
 KINDS = ("autoencoder", "gaussian", "discriminative")
-PROBES = 256  # embeddings of a task's held-out images kept in its bundle (docs/bundle-format.md)
+PROBES = MAX_PROBES  # embeddings of a task's held-out images kept in its bundle (docs/bundle-format.md)
+
+# What `clipbank train` warns about (docs/method.md, "What training reports about routing").
+SELF_CLAIM_MIN = 0.95  # of the task's held-out images its selector claims
+ROUTED_OWN_MIN = 0.90  # of them the whole bank, this task included, routes to it
+REFERENCE_CLAIM_MAX = 0.05  # of the reference set's held-out images it claims
+TASK_CLAIM_MAX = 0.10  # of another active task's probes it claims
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,118 @@ def probes_of(val: torch.Tensor, n: int = PROBES, seed: int = 0) -> torch.Tensor
     if len(val) <= n:
         return val
     return val[torch.randperm(len(val), generator=torch.Generator().manual_seed(seed))[:n]]
+
+
+def _halves(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[: n // 2], order[n // 2 :]
+
+
+@dataclass(frozen=True)
+class Negatives:
+    """What a new task's selector is shown that is not its task."""
+
+    fit: torch.Tensor | None  # trains the discriminative kind: most of the reference set, other tasks' probes
+    held: torch.Tensor | None  # never fitted: the reference set's held-out part, for calibration and the report
+    probes: dict[str, torch.Tensor]  # other active task -> its probes not fitted, for the report
+    reference: dict[str, Any]  # {n, source} of the reference set, or {} when the backbone has none
+
+
+def negatives_for(bank: BankSnapshot, task: str, reference: ReferenceSet | None, kind: str, seed: int = 0) -> Negatives:
+    """The reference set and the probes of the bank's other tasks, split into what a selector may fit and what
+    stays out for calibration and for the report. Probes are split only for the kind that fits on them."""
+    ref_fit, ref_held = reference.split(seed=seed) if reference is not None else (None, None)
+    fit = [ref_fit] if ref_fit is not None else []
+    held_probes = {}
+    for i, entry in enumerate(bank.tasks):
+        if entry.name == task or entry.probes is None:
+            continue  # a task's own earlier version is not a negative
+        probes = entry.probes.float().cpu()
+        if kind == "discriminative" and len(probes) >= 4:
+            a, b = _halves(len(probes), seed + i)
+            fit.append(probes[a])
+            probes = probes[b]
+        held_probes[entry.name] = probes
+    info = {"n": len(reference), "source": reference.source} if reference is not None else {}
+    return Negatives(torch.cat(fit) if fit else None, ref_held, held_probes, info)
+
+
+def _claimed(selector: Selector, feats: torch.Tensor) -> float:
+    return float((score(selector, feats) <= 1.0).float().mean()) if len(feats) else 0.0
+
+
+def routing_check(
+    selector: Selector, cfg: SelectorConfig, val: torch.Tensor, negatives: Negatives, bank: BankSnapshot, task: str
+) -> dict[str, Any]:
+    """What routing will do with this selector in this bank, measured on images its threshold never saw: the
+    threshold is re-calibrated on one half of the held-out images (and of the reference's held-out part) and
+    measured on the other, both ways round, and the two are averaged. Adds `warnings` for what is poor."""
+    others = [(t.name, t.selector) for t in bank.tasks if t.name != task]
+    dev = next(iter(selector.tensors().values())).device
+    folds = []
+    for k in range(2):
+        own_a, own_b = _halves(len(val), 0)[:: 1 if k == 0 else -1] if len(val) >= 2 else (slice(None),) * 2
+        trial = copy.copy(selector)
+        held = negatives.held
+        if held is not None and len(held) >= 2:
+            ref_a, ref_b = _halves(len(held), 1)[:: 1 if k == 0 else -1]
+            held_cal, held_test = held[ref_a], held[ref_b]
+        else:
+            held_cal = held_test = held
+        calibrate(trial, val[own_a], cfg, held_cal)
+        test = val[own_b].to(dev)
+        mine = score(trial, test)
+        rival = torch.stack([score(s, test) for _, s in others], 1).min(1).values if others else None
+        routed = (mine <= 1.0) if rival is None else (mine <= 1.0) & (mine < rival)
+        folds.append(
+            {
+                "self_claim": _claimed(trial, test),
+                "routed_own": float(routed.float().mean()),
+                "reference_false_claim": _claimed(trial, held_test.to(dev)) if held_test is not None else None,
+                "task_false_claim": {n: _claimed(trial, p.to(dev)) for n, p in negatives.probes.items()},
+            }
+        )
+    out: dict[str, Any] = {
+        key: (None if folds[0][key] is None else sum(f[key] for f in folds) / 2)
+        for key in ("self_claim", "routed_own", "reference_false_claim")
+    }
+    out["task_false_claim"] = {n: sum(f["task_false_claim"][n] for f in folds) / 2 for n in negatives.probes}
+    out["reference"] = negatives.reference
+    out["bank_tasks"] = [n for n, _ in others]
+    out["warnings"] = routing_warnings(out)
+    return out
+
+
+def routing_warnings(check: dict[str, Any]) -> list[str]:
+    """Plain sentences for each poor figure of a routing check (empty when all are fine)."""
+    w = []
+    if check["self_claim"] < SELF_CLAIM_MIN:
+        w.append(
+            f"the selector claims only {check['self_claim']:.0%} of the task's held-out images (want >= "
+            f"{SELF_CLAIM_MIN:.0%}): the rest will be answered by zero-shot CLIP"
+        )
+    if check["routed_own"] < min(ROUTED_OWN_MIN, check["self_claim"] - 0.02):  # others take what it claims
+        w.append(
+            f"in this bank only {check['routed_own']:.0%} of the task's held-out images route to it (want >= "
+            f"{ROUTED_OWN_MIN:.0%}): another task's selector claims them first"
+        )
+    if not check["reference"]:
+        w.append(
+            "no reference set for this backbone: the selector has seen no outside images, so it may claim any "
+            "traffic that looks like the task; build one with `clipbank reference build --images DIR`"
+        )
+    elif check["reference_false_claim"] is not None and check["reference_false_claim"] > REFERENCE_CLAIM_MAX:
+        w.append(
+            f"the selector claims {check['reference_false_claim']:.0%} of generic outside images (want <= "
+            f"{REFERENCE_CLAIM_MAX:.0%}): outside traffic that looks like the task will reach its experts"
+        )
+    for name, rate in sorted(check["task_false_claim"].items()):
+        if rate > TASK_CLAIM_MAX:
+            w.append(
+                f"the selector claims {rate:.0%} of active task {name!r}'s probe images (want <= "
+                f"{TASK_CLAIM_MAX:.0%}): the two tasks look alike to the backbone"
+            )
+    return w
 
 
 def routes(selectors: Sequence[Selector], feats: torch.Tensor) -> torch.Tensor:

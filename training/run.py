@@ -10,6 +10,8 @@ from model_store.backbone import load_backbone
 from model_store.bank import empty_bank
 from model_store.errors import TaskNotFound
 from model_store.loader import BankLoader
+from model_store.reference import find_reference
+from model_store.selector import SelectorConfig
 from model_store.store import LocalStore, atomic_write
 
 from .data import load_image_folder
@@ -30,6 +32,8 @@ class TrainJob:
     new_experts: int = 2
     seed: int = 0
     device: str = "auto"
+    selector: str = SelectorConfig.kind
+    reference: str | None = None  # a reference set file; default: the backbone's, if one was built or ships
     activate: bool = True
     progress: bool = True
 
@@ -43,6 +47,7 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         lr=job.lr,
         new_experts=job.new_experts,
         seed=job.seed,
+        selector=SelectorConfig(kind=job.selector),
     )
     train = load_image_folder(job.data)
     val = load_image_folder(job.val, train.classes) if job.val else None
@@ -61,7 +66,10 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         seen = tuple(store.load(parent).manifest["classes"])
         classes = seen + tuple(c for c in train.classes if c not in seen)
         train, val = train.with_classes(classes), val.with_classes(classes) if val else None
-    result = train_task(bank, train, cfg, val, version=version, parent=parent, progress=job.progress)
+    reference = find_reference(backbone, job.reference)
+    result = train_task(
+        bank, train, cfg, val, version=version, parent=parent, progress=job.progress, reference=reference
+    )
     summary = {
         "task": job.task,
         "version": version,
@@ -79,7 +87,8 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
                 "experts_added",
             )
         },
-        "selector_threshold": result.report["selector"]["threshold"],
+        "selector": {"kind": result.report["selector"]["kind"], "threshold": result.report["selector"]["threshold"]},
+        "routing": result.report["routing"],
     }
     if job.out:
         Path(job.out).parent.mkdir(parents=True, exist_ok=True)

@@ -15,13 +15,15 @@ from tqdm import tqdm
 
 from model_store.backbone import TOWERS, Backbone
 from model_store.bank import BankSnapshot
-from model_store.bundle import PlacedExpert, pack_bundle, utc_now
+from model_store.bundle import MAX_PROBES, PlacedExpert, pack_bundle, utc_now
 from model_store.experts import ActivationCounts, Expert, Routing, TaskRouter, expert_id, new_expert
 from model_store.manifest import template_ok, validate_task_name
 from model_store.moe_clip import encode_image, encode_text
+from model_store.reference import ReferenceSet
 from model_store.selector import Selector, SelectorConfig, fit_selector, selector_manifest
 
 from .data import LabelledImages
+from .routing import negatives_for, probes_of, routing_check
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +274,9 @@ def pack_task(
     report: dict[str, Any],
     version: int = 1,
     parent: str | None = None,
+    probes: torch.Tensor | None = None,
 ) -> bytes:
-    """The bundle of a task's new experts and router (`params`) and its selector, on top of `bank`."""
+    """The bundle of a task's new experts and router (`params`), its selector and probes, on top of `bank`."""
     experts, routing, routers = _publish(bank, params)
     manifest = {
         "task": cfg.task,
@@ -288,7 +291,7 @@ def pack_task(
         "training": report,
         "parent": parent,
     }
-    return pack_bundle(manifest, experts, routers, selector.tensors())
+    return pack_bundle(manifest, experts, routers, selector.tensors(), probes)
 
 
 def train_task(
@@ -299,8 +302,12 @@ def train_task(
     version: int = 1,
     parent: str | None = None,
     progress: bool = True,
+    reference: ReferenceSet | None = None,
 ) -> TrainResult:
-    """Train task `cfg.task` on top of `bank` (its experts stay frozen) and return the packed bundle."""
+    """Train task `cfg.task` on top of `bank` (its experts stay frozen) and return the packed bundle.
+
+    The selector learns from `reference` (generic outside images for this backbone) and the bank's other tasks'
+    probes what is *not* the task; the report's `routing` says what routing will do, with warnings."""
     if len(train.classes) < 2:
         raise ValueError(f"a task needs at least 2 classes, got {list(train.classes)}")
     torch.manual_seed(cfg.seed)
@@ -320,7 +327,12 @@ def train_task(
     sample = torch.randperm(len(fit), generator=torch.Generator().manual_seed(cfg.seed))[:COUNT_SAMPLE].tolist()
     evaluate(bank, params, fit.subset(sorted(sample)), cfg.template, counts)
     accuracy = evaluate(bank, params, val, cfg.template)
-    selector = fit_selector(frozen_features(bb, fit), frozen_features(bb, val), cfg.selector)
+    val_feats = frozen_features(bb, val)
+    negatives = negatives_for(bank, cfg.task, reference, cfg.selector.kind, cfg.seed)
+    selector = fit_selector(frozen_features(bb, fit), val_feats, cfg.selector, negatives.fit, negatives.held)
+    routing = routing_check(selector, cfg.selector, val_feats, negatives, bank, cfg.task)
+    for warning in routing["warnings"]:
+        log.warning("task %s routing: %s", cfg.task, warning)
     report = {
         "config": _jsonable(asdict(cfg)),
         "lr": cfg.lr or default_lr(bb),
@@ -332,8 +344,10 @@ def train_task(
         "val_accuracy": accuracy,
         "final_loss": sum(losses[-10:]) / len(losses[-10:]),
         "activation_counts": {f"{t}.{b}": c.tolist() for (t, b), c in sorted(counts.counts.items())},
+        "routing": routing,
     }
-    data = pack_task(bank, cfg, train.classes, params, selector, report, version, parent)
+    probes = probes_of(val_feats, MAX_PROBES, cfg.seed)
+    data = pack_task(bank, cfg, train.classes, params, selector, report, version, parent, probes)
     log.info(
         "task %s v%d: zero-shot %.3f -> trained %.3f in %.1fs", cfg.task, version, zero_shot, accuracy, train_seconds
     )

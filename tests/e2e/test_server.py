@@ -193,3 +193,34 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path):
         for t in threads:
             t.join(60)
     assert results == [200] * 4
+
+
+def test_outside_traffic_through_the_server_routes_as_measured_offline(tmp_path, bundles, trained, backbone):
+    """Plain and near outside images (a task's look, another concept) through the real server, against the
+    offline routing (`training.routing.routes`) that `clipbank bench routing` and training reports use."""
+    import io
+
+    from PIL import Image
+
+    from model_store.reference import embed_images
+    from training.lookalike import NEAR_OUTSIDE
+    from training.routing import routes
+
+    _, _, banks = trained
+    bank = banks["glyphs"]  # textures, then glyphs: what the server will hold
+    domains = ["shapes", *NEAR_OUTSIDE, "glyphs"]
+    pngs = {d: domain_pngs(d, 30) for d in domains}
+    with running_server(tmp_path / "store", tmp_path / "server.log") as url, ClipbankClient(url, TOKEN) as client:
+        for task in ("textures", "glyphs"):
+            client.push(bundles[task])
+        served = {d: [r["route"]["task"] for r in client.classify(p, ["a", "b"])["results"]] for d, p in pngs.items()}
+    names = [t.name for t in bank.tasks]
+    agree, fallback = {}, {}
+    for d, p in pngs.items():
+        feats = embed_images(backbone, [Image.open(io.BytesIO(b)) for b in p])
+        offline = [names[i] if i >= 0 else None for i in routes([t.selector for t in bank.tasks], feats).tolist()]
+        agree[d] = sum(a == b for a, b in zip(served[d], offline)) / len(p)
+        fallback[d] = served[d].count(None) / len(p)
+    assert min(agree.values()) >= 0.95, agree  # the server routes as measured (ONNX vs torch: ties may differ)
+    assert fallback["shapes"] >= 0.97, fallback  # the plain outside domain goes to zero-shot CLIP
+    assert served["glyphs"].count("glyphs") >= 0.9 * len(pngs["glyphs"]), served["glyphs"]

@@ -198,3 +198,43 @@ def test_header_length_starting_with_the_pickle_byte_is_still_safetensors(bundle
             break
     assert data[0] == 0x80
     assert read_bundle(data).task == "digits"
+
+
+def test_bundles_without_probes_still_load(backbone, bundle_bytes):
+    b = read_bundle(bundle_bytes)
+    assert b.probes is None
+    assert build_bank(backbone, [b]).tasks[0].probes is None
+
+
+def _with_probes(data: bytes, probes: torch.Tensor, key: str = "probes.embeddings") -> bytes:
+    def add(t):
+        t[key] = probes
+
+    return edit_bundle(data, tensors=add, fix_digest=True)
+
+
+def test_probes_round_trip_and_reach_the_bank(backbone, bundle_bytes):
+    probes = torch.nn.functional.normalize(torch.randn(12, backbone.embed_dim), dim=-1)
+    b = read_bundle(_with_probes(bundle_bytes, probes))
+    assert torch.equal(b.probes, probes)
+    check_compatible(b, backbone, {})
+    assert torch.equal(build_bank(backbone, [b]).tasks[0].probes, probes)
+
+
+@pytest.mark.parametrize(
+    "rows, key, match",
+    [
+        (257, "probes.embeddings", "1 <= n <= 256"),
+        (0, "probes.embeddings", "1 <= n <= 256"),
+        (4, "probes.other", "unexpected tensor 'probes.other'"),
+    ],
+)
+def test_probes_are_bounded_and_named(backbone, bundle_bytes, rows, key, match):
+    with pytest.raises(BundleInvalid, match=match):
+        read_bundle(_with_probes(bundle_bytes, torch.zeros(rows, backbone.embed_dim), key))
+
+
+def test_probes_of_another_width_do_not_fit(backbone, bundle_bytes):
+    b = read_bundle(_with_probes(bundle_bytes, torch.zeros(3, backbone.embed_dim + 1)))
+    with pytest.raises(ShapeMismatch, match="probes.embeddings width"):
+        check_compatible(b, backbone, {})

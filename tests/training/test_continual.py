@@ -71,6 +71,28 @@ def test_report_files(tiny_run, tmp_path):
     assert "| `moe-ddas` |" in md and "task_accuracy" in md
 
 
+def test_report_with_the_long_routing_sequence(tiny_run, tmp_path, backbone):
+    """`clipbank bench cl` adds the routing benchmark's keys (here on a short sequence) to its report."""
+    from model_store.reference import find_reference
+    from training.cl_report import write_cl_report
+    from training.routing import RoutingConfig, run_routing
+    from training.routing_report import routing_keys
+
+    cfg = RoutingConfig(kinds=("autoencoder", "gaussian"), sequence=("digits", "arrows"), near=("glyphs-other",))
+    long = routing_keys(run_routing(backbone, find_reference(backbone), cfg), "autoencoder")
+    report = {**tiny_run, "routing": {**tiny_run["routing"], **long}}
+    paths = write_cl_report(report, tmp_path, "clipbank bench cl --test")
+    assert "routing_long.png" in {p.name for p in paths}
+    saved = json.loads((tmp_path / "report.json").read_text())["routing"]
+    assert set(saved["near_ood"]) == {"glyphs-other"} and set(saved["kinds"]) == {"autoencoder", "gaussian"}
+    assert 0 <= saved["long"]["task_accuracy"] <= 1 and 0 <= saved["long"]["zero_shot_fallback"] <= 1
+    for kind in ("autoencoder", "gaussian"):
+        assert set(saved["kinds"][kind]["near_ood"]) == {"glyphs-other"}
+        assert {"task_accuracy", "zero_shot_fallback"} <= set(saved["kinds"][kind]["long"])
+    assert saved["per_domain"] == tiny_run["routing"]["per_domain"]  # the CL run's own routing stays
+    assert "## clipbank bench routing" in (tmp_path / "report.md").read_text()
+
+
 def _stand_in(root, name: str, classes: int, per_class: int = 3) -> None:
     rng = np.random.default_rng(len(name))
     for split in ("train", "test"):

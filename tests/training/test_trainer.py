@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from clipbank.cli import main
+from model_store.backbone import load_backbone
 from model_store.bundle import read_bundle
 from model_store.inference import ClassifyItem, classify_batch
+from model_store.reference import find_reference
 from model_store.store import LocalStore
 from training.data import load_domain
 from training.evaluate import route_report
@@ -76,10 +78,16 @@ def test_cli_export_and_train(tmp_path, capsys):
     bundle = read_bundle((tmp_path / "tex.safetensors").read_bytes())
     assert bundle.id == summary["bundle_id"] and bundle.manifest["training"]["steps"] == 5
     assert "zero_shot_val_accuracy" in bundle.manifest["training"]
+    routing = summary["routing"]  # what routing will do, printed and in the manifest
+    assert routing == bundle.manifest["training"]["routing"]
+    assert routing["reference"]["n"] == len(find_reference(load_backbone("tiny")))  # the tiny one ships
+    assert 0.0 <= routing["self_claim"] <= 1.0 and 0.0 <= routing["reference_false_claim"] <= 1.0
+    assert routing["bank_tasks"] == [] and routing["task_false_claim"] == {}
     assert LocalStore(tmp_path / "store").active() == {"tex": bundle.id}
     assert main(args) == 0  # a second run becomes version 2, with version 1 as its parent
     summary2 = json.loads(capsys.readouterr().out)
     assert summary2["version"] == 2
+    assert summary2["routing"]["bank_tasks"] == []  # its own earlier version is not a negative
     assert read_bundle((tmp_path / "tex.safetensors").read_bytes()).manifest["parent"] == bundle.id
 
 
@@ -90,13 +98,16 @@ def test_cli_reports_bad_input(tmp_path, capsys):
 
 
 def test_bundle_size_formula_matches_trained_bundles(trained, backbone):
-    from model_store.bundle import expected_tensor_bytes, tensor_bytes
+    from model_store.bundle import MAX_PROBES, expected_tensor_bytes, tensor_bytes
 
     store, _, _ = trained
     towers = {t: (s.width, s.layers) for t, s in backbone.towers.items()}
     for task, existing in (("textures", 0), ("glyphs", 2)):
         bundle = store.load(store.active()[task])
-        assert tensor_bytes(bundle) == expected_tensor_bytes(towers, backbone.embed_dim, existing_per_block=existing)
+        probes = len(bundle.probes)
+        assert probes == min(MAX_PROBES, bundle.manifest["training"]["val_images"])
+        want = expected_tensor_bytes(towers, backbone.embed_dim, existing_per_block=existing, probes=probes)
+        assert tensor_bytes(bundle) == want
         assert bundle.nbytes - tensor_bytes(bundle) < 64 * 1024  # the rest is the JSON header
 
 

@@ -1,0 +1,77 @@
+"""What training reports about routing: probes in bundles, negatives for the selector, and warnings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_store.bundle import MAX_PROBES
+from model_store.reference import find_reference
+from model_store.selector import SelectorConfig, fit_selector
+from training.data import load_domain
+from training.evaluate import route_report
+from training.routing import negatives_for, routing_check, routing_warnings
+from training.trainer import frozen_features
+
+pytestmark = pytest.mark.slow
+
+
+def test_trained_bundles_carry_probes_of_their_held_out_images(trained, backbone):
+    store, reports, _ = trained
+    for task in ("textures", "glyphs"):
+        bundle = store.load(store.active()[task])
+        val = frozen_features(backbone, load_domain(task, "val"))
+        assert bundle.probes.shape == (min(MAX_PROBES, len(val)), backbone.embed_dim)
+        # each probe is one of the task's held-out embeddings (float32 round trip of the same pass)
+        nearest = torch.cdist(bundle.probes, val, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+        assert nearest.max() < 1e-5
+
+
+def test_the_report_predicts_routing_on_unseen_test_images(trained, backbone):
+    """Each task's report, made at training time from held-out images, against how the bank of that moment
+    routes the task's test images, which training never saw."""
+    _, reports, banks = trained
+    first, second = reports["textures"]["routing"], reports["glyphs"]["routing"]
+    assert first["bank_tasks"] == [] and first["task_false_claim"] == {}
+    assert second["bank_tasks"] == ["textures"] and set(second["task_false_claim"]) == {"textures"}
+    assert second["reference"]["n"] == len(find_reference(backbone))
+    for task, check in (("textures", first), ("glyphs", second)):
+        test = route_report(banks[task], {task: load_domain(task, "test")})[task]["routes"].get(task, 0.0)
+        assert abs(check["routed_own"] - test) < 0.08, (task, check["routed_own"], test)
+        assert check["routed_own"] <= check["self_claim"] + 1e-9
+        assert 0.0 <= check["reference_false_claim"] <= 0.15
+        assert check["warnings"] == routing_warnings(check)
+
+
+def test_a_look_alike_task_is_warned_about(trained, backbone):
+    """A new task whose images are the first task's own: the check says that it claims that task's probes and
+    that the bank will not route its images to it reliably, before anything is pushed."""
+    _, _, banks = trained
+    bank = banks["textures"]
+    train = frozen_features(backbone, load_domain("textures", "train"))
+    val = frozen_features(backbone, load_domain("textures", "val"))
+    cfg = SelectorConfig()
+    negatives = negatives_for(bank, "copycat", find_reference(backbone), cfg.kind)
+    selector = fit_selector(train, val, cfg, negatives.fit, negatives.held)
+    check = routing_check(selector, cfg, val, negatives, bank, "copycat")
+    assert check["task_false_claim"]["textures"] > 0.5
+    assert any("'textures'" in w and "look alike" in w for w in check["warnings"])
+    assert check["routed_own"] < 0.9 and any("route to it" in w for w in check["warnings"])
+
+
+def test_routing_warnings_name_each_poor_figure():
+    good = {
+        "self_claim": 0.99,
+        "routed_own": 0.98,
+        "reference_false_claim": 0.01,
+        "task_false_claim": {"a": 0.0},
+        "reference": {"n": 10, "source": "x"},
+    }
+    assert routing_warnings(good) == []
+    assert routing_warnings({**good, "self_claim": 0.5, "routed_own": 0.5, "task_false_claim": {}})[1:] == []
+    bad = {**good, "self_claim": 0.5, "routed_own": 0.4, "task_false_claim": {"a": 0.3, "b": 0.01}}
+    text = " | ".join(routing_warnings(bad))
+    assert "only 50% of the task's held-out images" in text and "only 40%" in text and "'a'" in text
+    assert "'b'" not in text
+    assert "no reference set" in routing_warnings({**good, "reference": {}})[0]
+    assert "claims 20% of generic outside images" in routing_warnings({**good, "reference_false_claim": 0.2})[0]
