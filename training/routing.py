@@ -170,7 +170,7 @@ def routing_warnings(check: dict[str, Any]) -> list[str]:
     for name, rate in sorted(check["task_false_claim"].items()):
         if rate > TASK_CLAIM_MAX:
             w.append(
-                f"the selector claims {rate:.0%} of active task {name!r}'s probe images (want <= "
+                f"the selector claims {rate:.0%} of the probe images of active task {name!r} (want <= "
                 f"{TASK_CLAIM_MAX:.0%}): the two tasks look alike to the backbone"
             )
     return w
