@@ -71,7 +71,8 @@ def reference(args: argparse.Namespace) -> int:
     if args.generated:
         from training.reference_images import outside_images
 
-        images, source = outside_images(args.limit or 4000), "training.reference_images.outside_images"
+        images = outside_images(args.limit or 4000, characters=args.characters)
+        source = f"training.reference_images.outside_images(characters={args.characters})"
     elif args.images:
         files = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:

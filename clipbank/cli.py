@@ -93,7 +93,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from training.pretrain_tiny import PretrainConfig, pretrain_tiny
 
     metrics = pretrain_tiny(
-        PretrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed),
+        PretrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, characters=args.characters),
         Path(args.out) if args.out else None,
     )
     print(json.dumps(metrics, indent=2))
@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--batch-size", type=int, default=128)
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--out", help="weights file (default: the embedded one)")
+    pt.add_argument(
+        "--characters",
+        type=float,
+        default=0.0,
+        help="share of images showing a printed letter or digit (0: the committed weights; 0.4: the reading variant)",
+    )
     pt.set_defaults(fn=_pretrain)
 
     s = sub.add_parser("store", help="inspect or change a local store")
@@ -275,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--images", help="a folder of generic images (any depth); none of your tasks' own")
     rb.add_argument("--generated", action="store_true", help="the tiny backbone's generated outside images")
     rb.add_argument("--limit", type=int, help="at most this many images (generated: how many, default 4000)")
+    rb.add_argument("--characters", type=float, default=0.0, help="generated: share of scenes with a letter or digit")
     rb.add_argument("--out", help="the file (default: the backbone's place in ~/.cache/clipbank/reference)")
     rb.add_argument("--device", default="auto")
     rf.set_defaults(fn=reference)

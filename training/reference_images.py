@@ -1,9 +1,9 @@
 """Generic outside images for the embedded tiny backbone's reference set, from its own pretraining generator.
 
-The tiny backbone's world is its pretraining scenes: coloured shapes on plain or patterned grounds. Its
-reference set shows a selector that world and its clutter: single scenes (half on patterned grounds), crowded
-scenes on patterned or confetti-strewn grounds, and smooth noise, so a task's selector learns its concept rather
-than its look.
+The tiny backbone's world is its pretraining scenes: coloured shapes, letters and digits on plain or patterned
+grounds. Its reference set shows a selector that world and its clutter: single scenes (half on patterned
+grounds), crowded scenes on patterned or confetti-strewn grounds, and smooth noise, so a task's selector learns
+its concept rather than its look.
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ from .domains import (
     TEXTURES,
     _rng,
     draw_shape,
-    random_scene,
-    render_scene,
     texture_array,
 )
 from .lookalike import clutter_background
+from .pretrain_tiny import random_object_scene, render_object
 
 KINDS = ("scene", "crowd", "noise")
 SHARES = (0.5, 0.3, 0.2)
@@ -54,14 +53,15 @@ def _noise(rng: np.random.Generator) -> Image.Image:
     return img
 
 
-def outside_images(n: int, seed: int = 0) -> list[Image.Image]:
-    """`n` generic images of the tiny backbone's world, deterministic for a seed."""
+def outside_images(n: int, seed: int = 0, characters: float = 0.0) -> list[Image.Image]:
+    """`n` generic images of the tiny backbone's world, deterministic for a seed; `characters`: the share of
+    single scenes that show a letter or digit (for a backbone pretrained with them)."""
     rng = _rng("outside", seed)
     kinds = rng.choice(len(KINDS), size=n, p=SHARES)
     out = []
     for k in kinds:
         if KINDS[k] == "scene":
-            out.append(render_scene(random_scene(rng, pattern_rate=0.5), rng))
+            out.append(render_object(random_object_scene(rng, 0.5, characters), rng))
         else:
             out.append({"crowd": _crowd, "noise": _noise}[KINDS[k]](rng))
     return out

@@ -26,3 +26,18 @@ def test_caption_matching_is_by_mentioned_attributes():
     # template 8 mentions only the colour: the red circle's caption ("a photo of a red shape.") fits both images
     m = match_matrix([red_star, red_circle], [0, 8])
     assert m.tolist() == [[1.0, 1.0], [0.0, 1.0]]
+
+
+def test_reading_scenes_extend_the_vocabulary_without_changing_the_shape_stream():
+    import numpy as np
+
+    from training.domains import random_scene
+    from training.pretrain_tiny import OBJECTS, random_object_scene, render_object
+
+    letter_c = ShapeScene(color=0, shape=len(SHAPES) + 2, size=1, background=1)
+    assert caption(letter_c, 0) == "a red letter C." and OBJECTS[len(SHAPES) + 26] == "digit 0"
+    assert np.asarray(render_object(letter_c, np.random.default_rng(0))).std() > 10  # something is drawn
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    assert [random_object_scene(a, 0.5) for _ in range(50)] == [random_scene(b, 0.5) for _ in range(50)]
+    drawn = [random_object_scene(a, 0.5, characters=0.4).shape >= len(SHAPES) for _ in range(400)]
+    assert 0.3 < sum(drawn) / 400 < 0.5
