@@ -107,6 +107,8 @@ def cache_path(backbone: Backbone) -> Path:
 def find_reference(backbone: Backbone, explicit: str | os.PathLike | None = None) -> ReferenceSet | None:
     """The reference set for `backbone`: `explicit`, else the one in the cache, else the embedded tiny one when
     this is the tiny backbone; None if there is none (selectors then see no outside images)."""
+    if explicit and not Path(explicit).is_file():
+        raise FileNotFoundError(f"reference set {explicit} does not exist (build one: clipbank reference build)")
     candidates: Sequence[Path] = [Path(explicit)] if explicit else [cache_path(backbone), TINY_REFERENCE]
     for path in candidates:
         if path.is_file():

@@ -52,6 +52,7 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
     train = load_image_folder(job.data)
     val = load_image_folder(job.val, train.classes) if job.val else None
     backbone = load_backbone(job.backbone, job.device)
+    reference = find_reference(backbone, job.reference)  # before any training: a wrong path fails at once
     store = LocalStore(job.store) if job.store else None
     bank = BankLoader(store, backbone).load() if store else empty_bank(backbone)
     version, parent = 1, None
@@ -66,7 +67,6 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         seen = tuple(store.load(parent).manifest["classes"])
         classes = seen + tuple(c for c in train.classes if c not in seen)
         train, val = train.with_classes(classes), val.with_classes(classes) if val else None
-    reference = find_reference(backbone, job.reference)
     result = train_task(
         bank, train, cfg, val, version=version, parent=parent, progress=job.progress, reference=reference
     )

@@ -95,6 +95,11 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert main(["train", "--task", "Bad Name", "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "task" in capsys.readouterr().err
     assert main(["train", "--task", "ok", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert main(["data", "export", "textures", str(tmp_path / "tex")]) == 0
+    capsys.readouterr()
+    args = ["train", "--task", "ok", "--data", str(tmp_path / "tex" / "train"), "--out", str(tmp_path / "x")]
+    assert main([*args, "--reference", str(tmp_path / "nope.safetensors")]) == 2
+    assert "reference set" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_bundle_size_formula_matches_trained_bundles(trained, backbone):
