@@ -294,6 +294,21 @@ def pack_task(
     return pack_bundle(manifest, experts, routers, selector.tensors(), probes)
 
 
+def _selector_with_routing(
+    bank: BankSnapshot, cfg: TrainConfig, fit: LabelledImages, val: LabelledImages, reference: ReferenceSet | None
+) -> tuple[Selector, dict[str, Any], torch.Tensor]:
+    """The task's selector, fitted against the reference set and the bank's probes; its routing check (warnings
+    logged); and the probes its bundle keeps."""
+    bb = bank.backbone
+    val_feats = frozen_features(bb, val)
+    negatives = negatives_for(bank, cfg.task, reference, cfg.selector.kind, cfg.seed)
+    selector = fit_selector(frozen_features(bb, fit), val_feats, cfg.selector, negatives.fit, negatives.held)
+    routing = routing_check(selector, cfg.selector, val_feats, negatives, bank, cfg.task)
+    for warning in routing["warnings"]:
+        log.warning("task %s routing: %s", cfg.task, warning)
+    return selector, routing, probes_of(val_feats, MAX_PROBES, cfg.seed)
+
+
 def train_task(
     bank: BankSnapshot,
     train: LabelledImages,
@@ -327,12 +342,7 @@ def train_task(
     sample = torch.randperm(len(fit), generator=torch.Generator().manual_seed(cfg.seed))[:COUNT_SAMPLE].tolist()
     evaluate(bank, params, fit.subset(sorted(sample)), cfg.template, counts)
     accuracy = evaluate(bank, params, val, cfg.template)
-    val_feats = frozen_features(bb, val)
-    negatives = negatives_for(bank, cfg.task, reference, cfg.selector.kind, cfg.seed)
-    selector = fit_selector(frozen_features(bb, fit), val_feats, cfg.selector, negatives.fit, negatives.held)
-    routing = routing_check(selector, cfg.selector, val_feats, negatives, bank, cfg.task)
-    for warning in routing["warnings"]:
-        log.warning("task %s routing: %s", cfg.task, warning)
+    selector, routing, probes = _selector_with_routing(bank, cfg, fit, val, reference)
     report = {
         "config": _jsonable(asdict(cfg)),
         "lr": cfg.lr or default_lr(bb),
@@ -346,7 +356,6 @@ def train_task(
         "activation_counts": {f"{t}.{b}": c.tolist() for (t, b), c in sorted(counts.counts.items())},
         "routing": routing,
     }
-    probes = probes_of(val_feats, MAX_PROBES, cfg.seed)
     data = pack_task(bank, cfg, train.classes, params, selector, report, version, parent, probes)
     log.info(
         "task %s v%d: zero-shot %.3f -> trained %.3f in %.1fs", cfg.task, version, zero_shot, accuracy, train_seconds
