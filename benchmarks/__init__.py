@@ -1,1 +1,3 @@
-"""Benchmarks that drive a real `clipbank serve` from outside: long soaks and hostile traffic."""
+"""Everything that measures rather than serves: `clipbank bench serve | soak` (load generator, baseline server,
+server processes, report and plot writers), FLOP counting and synthetic bundles. It imports the product
+packages; none of them imports it."""

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from service.loadgen import run_load
+from benchmarks.loadgen import run_load
 
 from .procstat import wait_idle
 from .traffic import status_of

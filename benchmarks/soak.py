@@ -24,12 +24,12 @@ from typing import Any
 
 import httpx
 
+from benchmarks.process import server_process
+from benchmarks.samples import domain_pngs
+from benchmarks.synthetic import synthetic_bundle
 from model_store.backbone import load_backbone
 from model_store.bank import empty_bank
 from service.client import ClipbankClient
-from service.process import server_process
-from training.samples import domain_pngs
-from training.synthetic import synthetic_bundle
 
 from .hostile import HostileConfig, run_hostile
 from .procstat import RssSampler, available_bytes, hwm_bytes, reset_hwm, rss_bytes

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from training.plots import pyplot
+
 MIB = 2**20
 
 
@@ -164,7 +166,7 @@ def _hostile_axes(plt: Any, report: dict[str, Any]) -> Any:
     for status in statuses:
         counts = [h["hostile_requests"][k]["status"].get(status, 0) for k in kinds]
         ax_s.barh(range(len(kinds)), counts, left=left, label=status)
-        left = [lo + c for lo, c in zip(left, counts)]
+        left = [lo + c for lo, c in zip(left, counts, strict=True)]
     ax_s.set_yticks(range(len(kinds)), [k.replace(", ", ",\n", 1) for k in kinds], fontsize=6)
     ax_s.set_xlabel("hostile requests")
     ax_s.legend(fontsize=7)
@@ -184,10 +186,7 @@ def _hostile_axes(plt: Any, report: dict[str, Any]) -> Any:
 
 def plot(report: dict[str, Any], out: Path) -> list[str]:
     """soak.png (RSS, latency windows, swaps) and, with a hostile phase, soak-hostile.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figures = {"soak.png": _timeline_axes(plt, report)}
     if report.get("hostile"):

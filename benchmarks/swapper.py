@@ -19,7 +19,7 @@ CYCLE = ("flip", "delete", "reactivate", "flip", "push")
 def revised_bundle(data: bytes, version: int) -> bytes:
     """The same bundle re-issued as `version` (same experts, routers and selector; a new bundle id)."""
     b = read_bundle(data)
-    manifest = {k: v for k, v in b.manifest.items() if k not in ("format", "content_sha256")}
+    manifest = {k: v for k, v in b.manifest.to_json().items() if k not in ("format", "content_sha256")}
     manifest.update(version=version, parent=b.id)
     return pack_bundle(manifest, b.experts, b.routers, b.selector_tensors)
 
@@ -76,7 +76,7 @@ class Swapper:
         try:
             task.active = self._apply(admin, task, action)
             active = task.bundle(task.active)
-        except Exception as e:  # noqa: BLE001 - an HTTP or transport error is counted and read back, not fatal
+        except Exception as e:  # an HTTP or transport error is counted and read back, not fatal
             self.failures += 1
             error = f"{type(e).__name__}: {str(e)[:200]}"
             active = self._read_back(admin, task)
@@ -112,7 +112,7 @@ class Swapper:
         """The active bundle as the server reports it after a failed change; ANY if even that fails."""
         try:
             entry = admin.task(task.name)
-        except Exception:  # noqa: BLE001 - the outcome stays unknown
+        except Exception:  # the outcome stays unknown
             return ANY
         task.active = entry["active_version"]
         by_version = {v["version"]: v["bundle_id"] for v in entry["versions"]}

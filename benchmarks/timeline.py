@@ -32,7 +32,7 @@ class Timeline:
             ops = list(self._ops.get(task, ()))
         states = [(float("-inf"), self._initial.get(task))] + [(start, active) for start, _, active in ops]
         ends = [end for _, end, _ in ops] + [float("inf")]
-        return {active for (start, active), end in zip(states, ends) if start <= b and end >= a}
+        return {active for (start, active), end in zip(states, ends, strict=True) if start <= b and end >= a}
 
     def allows(self, task: str, bundle_id: str | None, a: float, b: float) -> bool:
         possible = self.possible(task, a, b)

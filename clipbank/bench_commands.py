@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-DEFAULT_BACKBONE = os.environ.get("CLIPBANK_BACKBONE", "tiny")
+from model_store.settings import env_value
+
+DEFAULT_BACKBONE = env_value("backbone") or "tiny"
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -145,8 +146,8 @@ def _bench_cl(args: argparse.Namespace) -> int:
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
-    from clipbank.bench_serve import default_images, run_bench_serve
-    from service.bench import ServeBenchConfig
+    from benchmarks.serve import ServeBenchConfig
+    from benchmarks.serve_run import default_images, run_bench_serve
 
     quick = args.quick
     cfg = ServeBenchConfig(
@@ -165,3 +166,81 @@ def _bench_serve(args: argparse.Namespace) -> int:
     print((Path(args.out) / "report.md").read_text())
     print("plots: " + ", ".join(str(Path(args.out) / p) for p in report["plots"]))
     return 0
+
+
+def _add_serve_bench(bsub) -> None:
+    bs = bsub.add_parser(
+        "serve", help="naive baseline vs clipbank zero-shot and auto, bank growth, ONNX Runtime, FLOP bound"
+    )
+    bs.add_argument("--out", default="runs/bench-serve", help="report.json, report.md and plots go here")
+    bs.add_argument("--quick", action="store_true", help="tiny backbone only, fewer levels and tasks (about a minute)")
+    bs.add_argument("--tiny-only", action="store_true", help="skip the ViT-B-32-sized backbone")
+    bs.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime server")
+    bs.add_argument("--requests", type=int, help="requests per load level, at most (default 400, quick 100)")
+    bs.add_argument("--max-seconds", type=float, help="seconds per load level, at most (default 30, quick 10)")
+
+
+def _add_cl_bench(bsub) -> None:
+    bc = bsub.add_parser("cl", help="continual-learning benchmark: accuracy matrix, Transfer/Avg/Last, baselines")
+    bc.add_argument("--quick", action="store_true", help="80 steps of 32, fewer images: about 5 minutes on 2 cores")
+    bc.add_argument("--domains", default="sketches,textures,arrows,digits,glyphs", help="offline domains, in order")
+    bc.add_argument("--outside", default="shapes", help="a domain no task learns (for zero-shot fallback); '' for none")
+    bc.add_argument("--steps", type=int, help="training steps per task for every method (default 300)")
+    bc.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
+    bc.add_argument("--test-limit", type=int, help="at most this many val and test images per domain")
+    bc.add_argument("--backbone", help="default: tiny offline, ViT-B-16:openai for --protocol")
+    bc.add_argument("--device", default="auto")
+    bc.add_argument("--seed", type=int, default=0)
+    bc.add_argument("--out", help="write report.json, report.md and PNG plots here")
+    bc.add_argument(
+        "--no-routing",
+        action="store_true",
+        help="skip the long routing sequence (12 tasks, near outside domains, every selector kind; ~1 min on tiny)",
+    )
+    bc.add_argument(
+        "--protocol",
+        choices=["mtil-1", "mtil-2", "cifar100-10", "cifar100-20", "cifar100-50"],
+        help="a real protocol on --data-root instead of the offline domains (use --backbone ViT-B-16:openai)",
+    )
+    bc.add_argument("--data-root", help="ROOT/<dataset>/{train,test}/<class>/ folders, or torchvision data")
+    bc.add_argument("--limit", type=int, help="at most this many images per class (a dry run)")
+
+
+def _add_soak_and_routing_bench(bsub) -> None:
+    bk = bsub.add_parser("soak", help="long run under swaps: statuses, p50/p99, RSS over time; then hostile clients")
+    bk.add_argument("--minutes", type=float, help="measured soak after a 30 s warm-up (default 10, quick 0.5)")
+    bk.add_argument("--clients", type=int, help="concurrent clients, one connection each (default 16)")
+    bk.add_argument("--swap-seconds", type=float, help="a store change every this many seconds (default 2)")
+    bk.add_argument("--hostile", type=int, help="hostile clients beside 4 normal ones; 0 skips that phase (default 4)")
+    bk.add_argument("--out", default="runs/bench-soak", help="report.json, report.md, plots and the server log")
+    bk.add_argument("--quick", action="store_true", help="about a minute: a 30 s soak, 10 s hostile windows")
+
+    br = bsub.add_parser("routing", help="routing alone: 12 tasks in turn, look-alike pairs, near outside domains")
+    br.add_argument("--kinds", help="comma-separated selector kinds (default: autoencoder,gaussian,discriminative)")
+    br.add_argument("--backbone", help="default: tiny")
+    br.add_argument("--reference", help="reference set file (default: the backbone's, if one was built)")
+    br.add_argument("--out", help="write report.json, report.md and routing.png here")
+
+
+def add_bench_parsers(sub) -> None:
+    """`clipbank bench serve | cl | soak | routing`."""
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench_cmd", required=True)
+    for add in (_add_serve_bench, _add_cl_bench, _add_soak_and_routing_bench):
+        add(bsub)
+    b.set_defaults(fn=bench)
+
+
+def add_reference_parser(sub) -> None:
+    """`clipbank reference build`."""
+    rf = sub.add_parser("reference", help="reference sets: embeddings of generic outside images, per backbone")
+    rsub = rf.add_subparsers(dest="reference_cmd", required=True)
+    rb = rsub.add_parser("build", help="embed generic images with a backbone (the negatives selectors learn from)")
+    rb.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    rb.add_argument("--images", help="a folder of generic images (any depth); none of your tasks' own")
+    rb.add_argument("--generated", action="store_true", help="the tiny backbone's generated outside images")
+    rb.add_argument("--limit", type=int, help="at most this many images (generated: how many, default 4000)")
+    rb.add_argument("--characters", type=float, default=0.0, help="generated: share of scenes with a letter or digit")
+    rb.add_argument("--out", help="the file (default: the backbone's place in ~/.cache/clipbank/reference)")
+    rb.add_argument("--device", default="auto")
+    rf.set_defaults(fn=reference)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,11 +96,18 @@ class Backbone:
     device: torch.device
     fingerprint: str
     towers: dict[str, TowerSpec] = field(default_factory=dict)
-    frozen: FrozenRuntime | None = None  # who runs the frozen passes; None: PyTorch (see use_onnx_runtime)
+    # Who runs the frozen passes; None: PyTorch. Chosen when the object is made: a server that wants another
+    # runtime serves from its own `with_frozen` copy, so no object a bank snapshot or another server holds changes.
+    frozen: FrozenRuntime | None = None
 
     def __post_init__(self) -> None:
         if self.frozen is None:
             self.frozen = TorchFrozen(self.model)
+
+    def with_frozen(self, frozen: FrozenRuntime | None = None) -> Backbone:
+        """This backbone (the same model, tokenizer and fingerprint: no copy of the weights) as a new object whose
+        frozen passes `frozen` runs (None: PyTorch)."""
+        return dataclasses.replace(self, frozen=frozen)
 
     @property
     def embed_dim(self) -> int:
@@ -155,7 +163,7 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
         if ref.weights_is_file:
             open_clip.load_checkpoint(model, ref.weights)
         tokenizer = BoundedTokenizer(open_clip.get_tokenizer(ref.model_name))
-    except Exception as e:  # noqa: BLE001 - open_clip, safetensors and torch raise many types for bad files
+    except Exception as e:  # open_clip, safetensors and torch raise many types for bad files
         raise BackboneError(f"could not load backbone {ref.text!r}: {e}") from e
     finally:
         logging.getLogger().removeFilter(quiet)
@@ -209,7 +217,8 @@ class _DropRecords(logging.Filter):
 
 
 def _train_transform(model: Any) -> Any:
-    """METHOD.md §5: RandomResizedCrop(scale 0.9-1.0, bicubic), then CLIP normalisation."""
+    """Training augmentation (docs/method.md, Training): RandomResizedCrop(scale 0.9-1.0, bicubic), then CLIP
+    normalisation."""
     cfg = open_clip.get_model_preprocess_cfg(model)
     aug = open_clip.AugmentationCfg(scale=(0.9, 1.0))
     train = open_clip.image_transform(

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from .backbone import TOWERS, Backbone
-from .bundle import Bundle, PlacedExpert, check_compatible
-from .errors import BundleInvalid, MissingExpert, TaskNotFound
+from .bundle import Bundle, PlacedExpert
+from .compat import check_compatible, check_config
+from .errors import MissingExpert, TaskNotFound
 from .experts import Expert, MoEConfig, Routing, TaskRouter
-from .manifest import shown
+from .manifest import Manifest, shown
 from .selector import Selector, load_selector
 
 
@@ -27,8 +28,8 @@ class TaskEntry:
     templates: tuple[str, ...]
     router: TaskRouter
     selector: Selector
-    manifest: dict[str, Any]
-    nbytes: int
+    manifest: Manifest
+    file_bytes: int  # of the bundle file
     probes: torch.Tensor | None = None  # on the CPU: a sample of the task's held-out embeddings (training reads them)
 
 
@@ -43,6 +44,7 @@ class BankSnapshot:
     generation: int = 0
     config: MoEConfig = field(default_factory=MoEConfig)
     degraded: Mapping[str, str] = field(default_factory=dict)  # active tasks left out: task -> why
+    bundle_ids: frozenset[str] = frozenset()  # the bundles it was built from: its tasks' and their experts' providers
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -61,7 +63,7 @@ class BankSnapshot:
         )
 
     def expert_bytes(self) -> int:
-        return sum(e.nbytes() for blocks in self.experts.values() for slots in blocks for e in slots)
+        return sum(e.tensor_bytes() for blocks in self.experts.values() for slots in blocks for e in slots)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -73,6 +75,17 @@ class BankSnapshot:
         }
 
 
+def bank_config(previous: BankSnapshot | None, bundles: Iterable[Bundle]) -> MoEConfig:
+    """The MoE settings a bank computes with: those of the bank it grows from while that serves any task, else
+    those the first of `bundles` (by task name) was trained with, else the defaults. Every task must agree."""
+    if previous is not None and previous.tasks:
+        return previous.config
+    saved = [b.manifest.moe for b in sorted(bundles, key=lambda b: b.task) if b.manifest.moe is not None]
+    if saved:
+        return saved[0]
+    return previous.config if previous is not None else MoEConfig()
+
+
 def empty_bank(backbone: Backbone, generation: int = 0, config: MoEConfig | None = None) -> BankSnapshot:
     experts = {t: tuple(() for _ in range(backbone.towers[t].layers)) for t in TOWERS}
     return BankSnapshot(backbone, experts, {}, (), generation, config or MoEConfig())
@@ -81,12 +94,8 @@ def empty_bank(backbone: Backbone, generation: int = 0, config: MoEConfig | None
 def _task_entry(
     bundle: Bundle, ids: Mapping[str, tuple[str, int, int]], device: torch.device, config: MoEConfig
 ) -> TaskEntry:
-    routing = bundle.manifest["routing"]
-    if routing["top_k"] != config.top_k or routing.get("scale", config.scale) != config.scale:
-        raise BundleInvalid(
-            f"task {bundle.task!r} was trained with top_k={routing['top_k']}, scale="
-            f"{routing.get('scale')}; this bank computes top_k={config.top_k}, scale={config.scale}"
-        )
+    check_config(bundle, config)
+    routing = bundle.manifest.routing.blocks
     weights, slots = {}, {}
     for tower in TOWERS:
         weights[tower] = [w.to(device) for w in bundle.routers[tower]]
@@ -99,20 +108,20 @@ def _task_entry(
                     f"place: {', '.join(missing[:5])}"
                 )
             slots[tower].append(torch.tensor([ids[e][2] for e in col_ids], dtype=torch.long, device=device))
-    sel = load_selector(bundle.manifest["selector"], bundle.selector_tensors)
+    sel = load_selector(asdict(bundle.manifest.selector), bundle.selector_tensors)
     for name in sel.tensors():
         setattr(sel, name, getattr(sel, name).to(device))
     m = bundle.manifest
     return TaskEntry(
-        m["task"],
-        m["version"],
+        m.task,
+        m.version,
         bundle.id,
-        tuple(m["classes"]),
-        tuple(m["templates"]),
+        m.classes,
+        m.templates,
         TaskRouter(weights, slots),
         sel,
         m,
-        bundle.nbytes,
+        bundle.file_bytes,
         bundle.probes,
     )
 
@@ -131,17 +140,19 @@ def build_bank(
     Slots of `previous` keep their order and tensors, so unchanged tasks compute exactly as before.
     `degraded` records active tasks the caller left out, and why.
     """
+    providers = tuple(providers)
     available: dict[str, PlacedExpert] = {}
     for b in (*tasks, *providers):
         available.update(b.experts)
     prior = {t.bundle_id: t for t in previous.tasks} if previous is not None else {}
+    config = bank_config(previous, tasks)
     fresh = [b for b in tasks if b.id not in prior]  # the others were checked when they entered `previous`
     if fresh:
         placed = {eid: (tw, bl) for eid, (tw, bl, _) in (previous.expert_ids.items() if previous else ())}
         placed.update({e: (p.tower, p.block) for e, p in available.items()})
         for b in fresh:
-            check_compatible(b, backbone, placed, previous.config if previous else MoEConfig())
-    needed = {e for b in tasks for tower in TOWERS for ids in b.manifest["routing"][tower] for e in ids}
+            check_compatible(b, backbone, placed, config)
+    needed = {e for b in tasks for e in b.manifest.routing.expert_ids()}
     order: dict[tuple[str, int], list[str]] = {(t, i): [] for t in TOWERS for i in range(backbone.towers[t].layers)}
     tensors: dict[str, Expert] = {}
     if previous is not None:
@@ -159,11 +170,11 @@ def build_bank(
     experts = {
         t: tuple(tuple(tensors[e] for e in order[(t, i)]) for i in range(backbone.towers[t].layers)) for t in TOWERS
     }
-    config = previous.config if previous else MoEConfig()
     # When every expert of `previous` stays, every slot keeps its index: unchanged tasks keep their entries.
     same_slots = previous is not None and all(eid in needed for eid in previous.expert_ids)
     entries = tuple(
         prior[b.id] if same_slots and b.id in prior else _task_entry(b, ids, backbone.device, config)
         for b in sorted(tasks, key=lambda b: b.task)
     )
-    return BankSnapshot(backbone, experts, ids, entries, generation, config, dict(degraded or {}))
+    used = frozenset(b.id for b in (*tasks, *providers))
+    return BankSnapshot(backbone, experts, ids, entries, generation, config, dict(degraded or {}), used)

@@ -14,21 +14,17 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .backbone import TOWERS, Backbone
+from .backbone import TOWERS
 from .digest import bytes_digest, tensor_digest
 from .errors import (
-    BackboneMismatch,
     BundleFormatError,
     BundleInvalid,
     BundleTampered,
-    MissingExpert,
-    ShapeMismatch,
 )
-from .experts import EXPERT_PARTS, Expert, MoEConfig, expert_id
-from .manifest import FORMAT, manifest_problems
+from .experts import EXPERT_PARTS, Expert, expert_id
+from .manifest import FORMAT, Manifest
 from .safejson import JSONRefused
 from .safejson import loads as bounded_loads
-from .selector import selector_shape_problems
 
 MANIFEST_KEY = "clipbank.manifest"
 MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -55,24 +51,24 @@ class Bundle:
     """A validated bundle: manifest plus tensors, addressed by the sha256 of its bytes."""
 
     id: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     experts: dict[str, PlacedExpert]  # the experts this bundle adds
     routers: dict[str, list[torch.Tensor]]  # tower -> per block [E_visible, d]
     selector_tensors: dict[str, torch.Tensor]
-    nbytes: int
+    file_bytes: int  # the length of the bytes it was read from
     probes: torch.Tensor | None = None  # [n <= MAX_PROBES, embed_dim]; bundles before probes have none
 
     @property
     def task(self) -> str:
-        return self.manifest["task"]
+        return self.manifest.task
 
     @property
     def version(self) -> int:
-        return self.manifest["version"]
+        return self.manifest.version
 
     @property
-    def uses(self) -> list[str]:
-        return self.manifest["experts"]["uses"]
+    def uses(self) -> tuple[str, ...]:
+        return self.manifest.experts_uses
 
 
 def pack_bundle(
@@ -142,7 +138,7 @@ def _probe_problems(probes: torch.Tensor | None) -> list[str]:
     return []
 
 
-def _split_tensors(tensors: dict[str, torch.Tensor], m: dict[str, Any]) -> tuple[dict, dict, dict, list[str]]:
+def _split_tensors(tensors: dict[str, torch.Tensor], manifest: Manifest) -> tuple[dict, dict, dict, list[str]]:
     problems: list[str] = []
     parts: dict[str, dict[str, torch.Tensor]] = {}
     where: dict[str, tuple[str, int]] = {}
@@ -166,7 +162,7 @@ def _split_tensors(tensors: dict[str, torch.Tensor], m: dict[str, Any]) -> tuple
             pass  # read by read_bundle
         else:
             problems.append(f"unexpected tensor {key!r}")
-    new = set(m["experts"]["new"])
+    new = set(manifest.experts_new)
     if set(parts) != new:
         problems.append(
             f"expert tensors {sorted(set(parts) - new)[:3]} / manifest ids {sorted(new - set(parts))[:3]} do not agree"
@@ -175,7 +171,7 @@ def _split_tensors(tensors: dict[str, torch.Tensor], m: dict[str, Any]) -> tuple
         if set(p) != set(EXPERT_PARTS):
             problems.append(f"expert {eid[:12]} has parts {sorted(p)}, needs {list(EXPERT_PARTS)}")
     for tower in TOWERS:
-        blocks = m["routing"][tower]
+        blocks = manifest.routing.blocks[tower]
         if sorted(routers[tower]) != list(range(len(blocks))):
             have = sorted(routers[tower])
             problems.append(f"{tower} routers cover blocks {have}, routing lists {len(blocks)} blocks")
@@ -188,7 +184,7 @@ def _split_tensors(tensors: dict[str, torch.Tensor], m: dict[str, Any]) -> tuple
             for eid in ids:
                 if eid in where and where[eid] != (tower, i):
                     problems.append(f"expert {eid[:12]} is stored at {where[eid]} but routed at ({tower}, {i})")
-                elif eid not in new and eid not in m["experts"]["uses"]:
+                elif eid not in new and eid not in manifest.experts_uses:
                     problems.append(f"routing names expert {eid[:12]} that is neither new nor in uses")
     experts = {
         eid: PlacedExpert(*where[eid], Expert.from_parts(p)) for eid, p in parts.items() if set(p) == set(EXPERT_PARTS)
@@ -216,18 +212,20 @@ def _one_block(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_bundle(data: bytes) -> Bundle:
-    """Parse and validate a bundle's bytes on their own (no backbone needed). Raises a typed BundleError."""
+def read_manifest(data: bytes) -> Manifest:
+    """A bundle's manifest, from its header alone (no tensor is read). Raises a typed BundleError."""
     meta = _safetensors_metadata(data)
     if MANIFEST_KEY not in meta:
         raise BundleInvalid(f"safetensors metadata has no {MANIFEST_KEY!r} key; not a clipbank bundle")
     try:
-        manifest = bounded_loads(meta[MANIFEST_KEY])
+        return Manifest.from_json(bounded_loads(meta[MANIFEST_KEY]))  # every problem named at once
     except JSONRefused as e:
         raise BundleInvalid(f"the manifest is not JSON within bounds: {e}") from None
-    problems = manifest_problems(manifest)
-    if problems:
-        raise BundleInvalid("invalid bundle manifest: " + "; ".join(problems))
+
+
+def read_bundle(data: bytes) -> Bundle:
+    """Parse and validate a bundle's bytes on their own (no backbone needed). Raises a typed BundleError."""
+    manifest = read_manifest(data)
     try:
         tensors = st_load(data)
     except Exception as e:  # safetensors raises its own error types for corrupt payloads
@@ -241,7 +239,7 @@ def read_bundle(data: bytes) -> Bundle:
     problems += _probe_problems(probes)
     if problems:
         raise BundleInvalid("invalid bundle tensors: " + "; ".join(problems[:10]))
-    if tensor_digest(tensors) != manifest["content_sha256"]:
+    if tensor_digest(tensors) != manifest.content_sha256:
         bad = [eid[:12] for eid, p in experts.items() if expert_id(p.expert.parts()) != eid]
         raise BundleTampered(
             "bundle tensors do not match their recorded digest"
@@ -251,59 +249,6 @@ def read_bundle(data: bytes) -> Bundle:
     if bad:
         raise BundleTampered(f"experts whose tensors do not hash to their ids: {', '.join(bad)}")
     return Bundle(bytes_digest(data), manifest, experts, routers, selector, len(data), probes)
-
-
-def check_compatible(
-    bundle: Bundle, backbone: Backbone, bank_experts: Mapping[str, tuple[str, int]], config: MoEConfig | None = None
-) -> None:
-    """Check a bundle against the served backbone, the experts in the bank ({id: (tower, block)}) and, if
-    given, the bank's MoE settings. Raises the first kind of problem found, naming every instance of it."""
-    mine, theirs = bundle.manifest["backbone"], backbone.describe()
-    if mine["fingerprint"] != theirs["fingerprint"]:
-        raise BackboneMismatch(
-            f"bundle backbone fingerprint {mine['fingerprint'][:12]}… ({mine['arch']}/{mine['pretrained']}) does not "
-            f"match the served backbone {theirs['fingerprint'][:12]}… ({theirs['arch']}/{theirs['pretrained']})"
-        )
-    problems = []
-    for tower in TOWERS:
-        spec = backbone.towers[tower]
-        if len(bundle.routers[tower]) != spec.layers:
-            problems.append(f"{tower}: {len(bundle.routers[tower])} router blocks, backbone has {spec.layers}")
-        for i, w in enumerate(bundle.routers[tower]):
-            if w.shape[1] != spec.width:
-                problems.append(f"router.{tower}.{i} width {w.shape[1]}, backbone width {spec.width}")
-    for eid, p in bundle.experts.items():
-        d, e = backbone.towers[p.tower].width, p.expert
-        r = e.down_w.shape[0]
-        want = {"down.weight": (r, d), "down.bias": (r,), "up.weight": (d, r), "up.bias": (d,)}
-        got = {k: tuple(v.shape) for k, v in e.parts().items()}
-        if got != want or p.block >= backbone.towers[p.tower].layers:
-            problems.append(f"expert {eid[:12]} at {p.tower}.{p.block} has shapes {got}, backbone needs {want}")
-    problems += selector_shape_problems(
-        bundle.manifest["selector"]["kind"], bundle.selector_tensors, backbone.embed_dim
-    )
-    if bundle.probes is not None and bundle.probes.shape[1] != backbone.embed_dim:
-        problems.append(f"{PROBES_KEY} width {bundle.probes.shape[1]}, backbone embeddings {backbone.embed_dim}")
-    if problems:
-        raise ShapeMismatch("bundle does not fit the backbone: " + "; ".join(problems[:10]))
-    missing = [eid[:12] for eid in bundle.uses if eid not in bank_experts]
-    if missing:
-        raise MissingExpert(f"bundle uses {len(missing)} expert(s) the bank does not hold: {', '.join(missing[:5])}")
-    misplaced = [
-        f"{eid[:12]} at {tower}.{block}"
-        for tower in TOWERS
-        for block, ids in enumerate(bundle.manifest["routing"][tower])
-        for eid in ids
-        if eid not in bundle.experts and tuple(bank_experts[eid]) != (tower, block)
-    ]
-    if misplaced:
-        raise MissingExpert(f"bundle routes to experts the bank holds elsewhere: {', '.join(misplaced[:5])}")
-    routing = bundle.manifest["routing"]
-    if config is not None and (routing["top_k"], routing.get("scale", config.scale)) != (config.top_k, config.scale):
-        raise BundleInvalid(
-            f"task {bundle.task!r} was trained with top_k={routing['top_k']}, scale={routing.get('scale')}; this "
-            f"bank computes top_k={config.top_k}, scale={config.scale}"
-        )
 
 
 def tensor_bytes(bundle: Bundle) -> int:

@@ -1,4 +1,4 @@
-"""MoE adapter experts and per-task routers (METHOD.md §2-3), kept as plain tensors."""
+"""MoE adapter experts and per-task routers (docs/method.md, Forward pass), kept as plain tensors."""
 
 from __future__ import annotations
 
@@ -47,13 +47,13 @@ class Expert:
     up_b: torch.Tensor  # [d]
 
     def parts(self) -> dict[str, torch.Tensor]:
-        return dict(zip(EXPERT_PARTS, (self.down_w, self.down_b, self.up_w, self.up_b)))
+        return dict(zip(EXPERT_PARTS, (self.down_w, self.down_b, self.up_w, self.up_b), strict=True))
 
     @classmethod
     def from_parts(cls, parts: Mapping[str, torch.Tensor]) -> Expert:
         return cls(*(parts[p] for p in EXPERT_PARTS))
 
-    def nbytes(self) -> int:
+    def tensor_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.parts().values())
 
 

@@ -12,12 +12,10 @@ import torch
 
 from .bank import BankSnapshot
 from .errors import InvalidRequest
+from .modes import AUTO, PER_IMAGE, PER_REQUEST, ROUTE_MODES, ZERO_SHOT
 from .moe_clip import encode_image, encode_text
 from .selector import score
 
-ZERO_SHOT = "zero-shot"
-AUTO = "auto"
-ROUTE_MODES = ("per-image", "per-request")
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.",)
 
 
@@ -28,7 +26,7 @@ class ClassifyItem:
     images: torch.Tensor
     labels: tuple[str, ...] | None = None
     task: str = AUTO  # auto | zero-shot | a task name
-    route: str = "per-image"
+    route: str = PER_IMAGE
     top_k: int | None = None
 
 
@@ -58,7 +56,7 @@ class TextCache:
         self.max_bytes = max_bytes
         self._data: OrderedDict[tuple, tuple[torch.Tensor, int]] = OrderedDict()
         self._lock = threading.Lock()
-        self.hits = self.misses = self.nbytes = 0
+        self.hits = self.misses = self.bytes_held = 0
 
     def get_or_compute(self, key: tuple, compute) -> torch.Tensor:
         with self._lock:
@@ -74,9 +72,9 @@ class TextCache:
         with self._lock:
             if key not in self._data:
                 self._data[key] = (value, size)
-                self.nbytes += size
-            while len(self._data) > self.maxsize or self.nbytes > self.max_bytes:
-                self.nbytes -= self._data.popitem(last=False)[1][1]
+                self.bytes_held += size
+            while len(self._data) > self.maxsize or self.bytes_held > self.max_bytes:
+                self.bytes_held -= self._data.popitem(last=False)[1][1]
         return value
 
     def __len__(self) -> int:
@@ -184,7 +182,7 @@ def select_tasks(bank: BankSnapshot, scores: torch.Tensor, item: ClassifyItem) -
         return torch.full((n,), t, dtype=torch.long), scores[:, t]
     if item.task == ZERO_SHOT or not bank.tasks:
         return torch.full((n,), -1, dtype=torch.long), torch.full((n,), float("nan"))
-    if item.route == "per-request":
+    if item.route == PER_REQUEST:
         scores = scores.mean(0, keepdim=True).expand(n, -1)
     best, idx = scores.min(dim=1)
     return torch.where(best <= 1.0, idx, torch.full_like(idx, -1)), best
@@ -280,7 +278,7 @@ class BatchPlan:
                 order = probs.argsort(descending=True)[: item.top_k or len(labels)]
                 ranked = list(zip([labels[j] for j in order.tolist()], probs[order].tolist(), strict=True))
                 results.append(ImageResult(ranked, _route_of(bank, t, score)))
-        except Exception as e:  # noqa: BLE001 - reported per request
+        except Exception as e:  # reported per request
             return e
         return results
 
@@ -334,7 +332,7 @@ class ImagePasses:
         for k, (a, b) in self.spans.items():
             try:
                 self.tasks[a:b], self.scores[a:b] = select_tasks(self.bank, all_scores[a:b], self.items[k])
-            except Exception as e:  # noqa: BLE001 - reported per request
+            except Exception as e:  # reported per request
                 self.out[k] = e
         self.feats = frozen.clone()
         self._routed = (self.tasks >= 0).nonzero(as_tuple=True)[0].to(self.bank.backbone.device)

@@ -6,10 +6,10 @@ import threading
 from collections.abc import Mapping
 
 from .backbone import Backbone
-from .bank import BankSnapshot, build_bank
-from .bundle import Bundle, check_compatible
+from .bank import BankSnapshot, bank_config, build_bank
+from .bundle import Bundle
+from .compat import check_compatible
 from .errors import ClipbankError, MissingExpert
-from .experts import MoEConfig
 from .store import LocalStore
 
 
@@ -57,7 +57,10 @@ class BankLoader:
         return list(out.values())
 
     def load(
-        self, previous: BankSnapshot | None = None, overrides: Mapping[str, Bundle | None] | None = None
+        self,
+        previous: BankSnapshot | None = None,
+        overrides: Mapping[str, Bundle | None] | None = None,
+        changes: int = 0,
     ) -> BankSnapshot:
         """A snapshot of the store's active versions, sharing tensors with `previous` where they are the same.
 
@@ -65,9 +68,40 @@ class BankLoader:
         change can be checked by building the bank it would give before the change is written. A stored task
         that cannot be served (a damaged or missing blob, a bundle this backbone refuses) is left out and
         named in the snapshot's `degraded`, so the rest of the bank serves; an override that fails raises.
+
+        `changes`: how many store changes the caller is about to make (holding the store's lock) to reach that
+        state; the snapshot is stamped with the generation the store will then have, so that it can be served
+        as it is once the store is there (`adopt`) instead of being built again.
         """
         overrides = overrides or {}
         index = self.store.index()
+        tasks, degraded = self._active(index, overrides)
+        sources = self.store.expert_sources()
+        placed = {eid: (tw, bl) for eid, (tw, bl, _) in previous.expert_ids.items()} if previous else {}
+        providers: dict[str, Bundle] = {}
+        config = bank_config(previous, tasks.values())
+        for task in sorted(tasks, key=lambda t: t not in overrides):  # an override's failure raises first
+            try:
+                mine = self.providers([tasks[task]], sources)
+                available = {e: (p.tower, p.block) for b in (tasks[task], *mine) for e, p in b.experts.items()}
+                check_compatible(tasks[task], self.backbone, {**placed, **available}, config)
+            except ClipbankError as e:
+                if task in overrides:
+                    raise
+                degraded[task] = _why(e)
+                del tasks[task]
+                continue
+            providers.update({b.id: b for b in mine})
+        generation = int(index["generation"]) + changes
+        bank = build_bank(self.backbone, list(tasks.values()), list(providers.values()), generation, previous, degraded)
+        if not overrides:
+            self.adopt(bank)
+        return bank
+
+    def _active(
+        self, index: Mapping, overrides: Mapping[str, Bundle | None]
+    ) -> tuple[dict[str, Bundle], dict[str, str]]:
+        """({task: bundle} of the index's active versions with `overrides` applied, {task: why} of those unreadable)."""
         degraded: dict[str, str] = {}
         tasks: dict[str, Bundle] = {}
         for task, entry in index["tasks"].items():
@@ -78,33 +112,17 @@ class BankLoader:
                 except ClipbankError as e:
                     degraded[task] = _why(e)
         tasks.update({t: b for t, b in overrides.items() if b is not None})
-        sources = self.store.expert_sources()
-        placed = {eid: (tw, bl) for eid, (tw, bl, _) in previous.expert_ids.items()} if previous else {}
-        providers: dict[str, Bundle] = {}
-        for task in sorted(tasks, key=lambda t: t not in overrides):  # an override's failure raises first
-            try:
-                mine = self.providers([tasks[task]], sources)
-                available = {e: (p.tower, p.block) for b in (tasks[task], *mine) for e, p in b.experts.items()}
-                check_compatible(tasks[task], self.backbone, {**placed, **available}, self._config(previous))
-            except ClipbankError as e:
-                if task in overrides:
-                    raise
-                degraded[task] = _why(e)
-                del tasks[task]
-                continue
-            providers.update({b.id: b for b in mine})
-        chosen = list(tasks.values())
-        bank = build_bank(self.backbone, chosen, list(providers.values()), int(index["generation"]), previous, degraded)
-        if not overrides:
-            self._in_use = {b.id for b in (*chosen, *providers.values())}
-        return bank
+        return tasks, degraded
 
-    @staticmethod
-    def _config(previous: BankSnapshot | None) -> MoEConfig:
-        return previous.config if previous is not None else MoEConfig()
+    def adopt(self, bank: BankSnapshot) -> None:
+        """`bank` is now the one served: `trim` keeps the bundles it was built from (a checked bank built with
+        overrides is adopted once the store has been changed to match it)."""
+        with self._lock:
+            self._in_use = set(bank.bundle_ids)
 
     def trim(self) -> int:
-        """Forget cached bundles the last `load()` did not use (they are re-read if needed); returns how many."""
+        """Forget cached bundles the bank last loaded or adopted does not use (they are re-read if needed); returns
+        how many."""
         with self._lock:
             unused = set(self._bundles) - self._in_use
             for bid in unused:

@@ -5,18 +5,21 @@ from __future__ import annotations
 import math
 import re
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
 from .backbone import TOWERS
 from .errors import BundleInvalid
+from .experts import MoEConfig
+from .modes import TASK_MODES
 from .selector import SELECTOR_KINDS
 
 FORMAT = 1
 TASK_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 ID_RE = re.compile(r"[0-9a-f]{64}")
-RESERVED_TASKS = ("auto", "zero-shot")  # request values of `task`, so never task names
+RESERVED_TASKS = TASK_MODES  # request values of `task`, so never task names
 
 # Bounds on what a manifest may ask the server to hold or compute (docs/bundle-format.md lists them).
 MAX_CLASSES = 10_000
@@ -27,6 +30,7 @@ MAX_TEMPLATE_CHARS = 300
 MAX_SHORT_CHARS = 256  # backbone names, created_at, selector kind
 MAX_VERSION = 2**31 - 1
 MAX_TOP_K = 64
+MAX_RANK = 4096
 # A threshold is an error level the task's own held-out images reach: far above the worst of them, it would
 # claim everything (a threshold of 1e30 claims every image of every task).
 THRESHOLD_OVER_MAX = 4.0
@@ -94,88 +98,101 @@ def _timestamp_ok(v: Any) -> bool:
     return True
 
 
-def _text_list_problem(m: dict, key: str, ok: Callable[[Any], bool], cap: int, what: str) -> list[str]:
-    v = m.get(key)
+def _text_list_problem(manifest: dict, key: str, ok: Callable[[Any], bool], cap: int, what: str) -> list[str]:
+    value = manifest.get(key)
     rule = f"{key} must be a list of 1..{cap} distinct {what}"
-    if not isinstance(v, list) or not v or len(v) > cap:
-        return [f"{rule}; got {'a list of ' + str(len(v)) if isinstance(v, list) else shown(v)}"]
-    bad = next((i for i, x in enumerate(v) if not ok(x)), None)
+    if not isinstance(value, list) or not value or len(value) > cap:
+        return [f"{rule}; got {'a list of ' + str(len(value)) if isinstance(value, list) else shown(value)}"]
+    bad = next((i for i, x in enumerate(value) if not ok(x)), None)
     if bad is not None:
-        return [f"{rule}; {key}[{bad}] is {shown(v[bad])}"]
-    if len(set(v)) != len(v):
+        return [f"{rule}; {key}[{bad}] is {shown(value[bad])}"]
+    if len(set(value)) != len(value):
         return [f"{rule}; some repeat"]
     return []
 
 
-def _labels_problems(m: dict) -> list[str]:
-    p = _text_list_problem(
-        m, "classes", lambda c: _is_text(c, MAX_CLASS_CHARS), MAX_CLASSES, f"names of 1..{MAX_CLASS_CHARS} characters"
+def _labels_problems(manifest: dict) -> list[str]:
+    problems = _text_list_problem(
+        manifest,
+        "classes",
+        lambda c: _is_text(c, MAX_CLASS_CHARS),
+        MAX_CLASSES,
+        f"names of 1..{MAX_CLASS_CHARS} characters",
     )
     what = f"templates of <= {MAX_TEMPLATE_CHARS} characters with one plain '{{}}'"
-    p += _text_list_problem(m, "templates", template_ok, MAX_TEMPLATES, what)
-    if not p and len(m["classes"]) * len(m["templates"]) > MAX_PROMPTS:
-        p.append(f"classes x templates = {len(m['classes']) * len(m['templates'])} prompts; at most {MAX_PROMPTS}")
-    return p
+    problems += _text_list_problem(manifest, "templates", template_ok, MAX_TEMPLATES, what)
+    prompts = len(manifest["classes"]) * len(manifest["templates"]) if not problems else 0
+    if prompts > MAX_PROMPTS:
+        problems.append(f"classes x templates = {prompts} prompts; at most {MAX_PROMPTS}")
+    return problems
 
 
-def _identity_problems(m: dict) -> list[str]:
-    p = []
-    if m.get("format") != FORMAT:
-        p.append(f"format must be {FORMAT}, got {shown(m.get('format'))}")
-    if task_name_problem(m.get("task")):
-        p.append(task_name_problem(m.get("task")))
-    if not _is_int(m.get("version"), 1, MAX_VERSION):
-        p.append(f"version must be an integer in 1..{MAX_VERSION}, got {shown(m.get('version'))}")
-    if not _timestamp_ok(m.get("created_at")):
-        p.append(f"created_at must be an ISO-8601 timestamp or null, got {shown(m.get('created_at'))}")
-    parent = m.get("parent")
+def _identity_problems(manifest: dict) -> list[str]:
+    problems = []
+    if manifest.get("format") != FORMAT:
+        problems.append(f"format must be {FORMAT}, got {shown(manifest.get('format'))}")
+    if task_name_problem(manifest.get("task")):
+        problems.append(task_name_problem(manifest.get("task")))
+    if not _is_int(manifest.get("version"), 1, MAX_VERSION):
+        problems.append(f"version must be an integer in 1..{MAX_VERSION}, got {shown(manifest.get('version'))}")
+    if not _timestamp_ok(manifest.get("created_at")):
+        problems.append(f"created_at must be an ISO-8601 timestamp or null, got {shown(manifest.get('created_at'))}")
+    parent = manifest.get("parent")
     if parent is not None and not (isinstance(parent, str) and ID_RE.fullmatch(parent)):
-        p.append(f"parent must be a bundle id (64 hex digits) or null, got {shown(parent)}")
-    if not (isinstance(m.get("content_sha256"), str) and ID_RE.fullmatch(m["content_sha256"])):
-        p.append("content_sha256 must be 64 hex digits")
-    b = m.get("backbone")
-    if not isinstance(b, dict) or not all(_is_text(b.get(k), MAX_SHORT_CHARS) for k in ("arch", "pretrained")):
-        p.append(f"backbone must hold arch and pretrained (strings of <= {MAX_SHORT_CHARS} characters)")
-    elif not (isinstance(b.get("fingerprint"), str) and ID_RE.fullmatch(b["fingerprint"])):
-        p.append("backbone.fingerprint must be 64 hex digits")
-    training = m.get("training", {})
+        problems.append(f"parent must be a bundle id (64 hex digits) or null, got {shown(parent)}")
+    if not (isinstance(manifest.get("content_sha256"), str) and ID_RE.fullmatch(manifest["content_sha256"])):
+        problems.append("content_sha256 must be 64 hex digits")
+    backbone = manifest.get("backbone")
+    if not isinstance(backbone, dict) or not all(
+        _is_text(backbone.get(k), MAX_SHORT_CHARS) for k in ("arch", "pretrained")
+    ):
+        problems.append(f"backbone must hold arch and pretrained (strings of <= {MAX_SHORT_CHARS} characters)")
+    elif not (isinstance(backbone.get("fingerprint"), str) and ID_RE.fullmatch(backbone["fingerprint"])):
+        problems.append("backbone.fingerprint must be 64 hex digits")
+    training = manifest.get("training", {})
     if training is not None and not isinstance(training, dict):
-        p.append("training must be an object or null")
-    return p
+        problems.append("training must be an object or null")
+    return problems
 
 
-def _routing_problems(m: dict) -> list[str]:
-    e = m.get("experts")
-    p = []
-    if not isinstance(e, dict) or not all(_ids(e.get(k)) for k in ("new", "uses")):
-        p.append("experts must be {new: [sha256...], uses: [sha256...]}")
-    r = m.get("routing")
-    if not isinstance(r, dict) or not _is_int(r.get("top_k"), 1, MAX_TOP_K):
-        return p + [f"routing must hold top_k (an integer in 1..{MAX_TOP_K})"]
-    if "scale" in r and not (_is_number(r["scale"]) and r["scale"] > 0):
-        p.append(f"routing.scale must be a finite number > 0, got {shown(r['scale'])}")
-    if not all(isinstance(r.get(t), list) and all(_ids(b) for b in r[t]) for t in TOWERS):
-        p.append(f"routing must hold, per tower ({', '.join(TOWERS)}), a list of expert-id lists per block")
-    return p
+def _routing_problems(manifest: dict) -> list[str]:
+    experts = manifest.get("experts")
+    problems = []
+    if not isinstance(experts, dict) or not all(_ids(experts.get(k)) for k in ("new", "uses")):
+        problems.append("experts must be {new: [sha256...], uses: [sha256...]}")
+    routing = manifest.get("routing")
+    if not isinstance(routing, dict) or not _is_int(routing.get("top_k"), 1, MAX_TOP_K):
+        return problems + [f"routing must hold top_k (an integer in 1..{MAX_TOP_K})"]
+    if "scale" in routing and not (_is_number(routing["scale"]) and routing["scale"] > 0):
+        problems.append(f"routing.scale must be a finite number > 0, got {shown(routing['scale'])}")
+    if not all(isinstance(routing.get(t), list) and all(_ids(block) for block in routing[t]) for t in TOWERS):
+        problems.append(f"routing must hold, per tower ({', '.join(TOWERS)}), a list of expert-id lists per block")
+    return problems
 
 
-def _selector_problems(m: dict) -> list[str]:
-    s = m.get("selector")
-    if not isinstance(s, dict):
+def _selector_problems(manifest: dict) -> list[str]:
+    selector = manifest.get("selector")
+    if not isinstance(selector, dict):
         return ["selector must be an object with kind, threshold and calibration"]
-    if s.get("kind") not in SELECTOR_KINDS:
-        return [f"selector kind {shown(s.get('kind'))} is unknown; known: {', '.join(sorted(SELECTOR_KINDS))}"]
-    threshold = s.get("threshold")
+    if selector.get("kind") not in SELECTOR_KINDS:
+        return [f"selector kind {shown(selector.get('kind'))} is unknown; known: {', '.join(sorted(SELECTOR_KINDS))}"]
+    threshold = selector.get("threshold")
     if not (_is_number(threshold) and threshold > 0):
         return [f"selector threshold must be a finite number > 0, got {shown(threshold)}"]
-    cal = s.get("calibration")
-    if not isinstance(cal, dict) or not all(_is_number(cal.get(k)) and cal[k] >= 0 for k in CALIBRATION_ORDER):
+    calibration = selector.get("calibration")
+    if not isinstance(calibration, dict) or not all(
+        _is_number(calibration.get(k)) and calibration[k] >= 0 for k in CALIBRATION_ORDER
+    ):
         return [f"selector calibration must hold {', '.join(CALIBRATION_ORDER)} (finite numbers >= 0)"]
-    values = [cal[k] for k in CALIBRATION_ORDER]
+    values = [calibration[k] for k in CALIBRATION_ORDER]
     if values != sorted(values):
         return [f"selector calibration must be ordered {' <= '.join(CALIBRATION_ORDER)}, got {values}"]
     # A selector calibrated on negatives too may sit between its own images and the nearest outside ones.
-    ceiling = max(cal["max"], cal["neg_p01"]) if _is_number(cal.get("neg_p01")) else cal["max"]
+    ceiling = (
+        max(calibration["max"], calibration["neg_p01"])
+        if _is_number(calibration.get("neg_p01"))
+        else calibration["max"]
+    )
     if threshold > THRESHOLD_OVER_MAX * ceiling:
         return [
             f"selector threshold {threshold:.4g} is more than {THRESHOLD_OVER_MAX:g}x the largest held-out error of "
@@ -184,11 +201,35 @@ def _selector_problems(m: dict) -> list[str]:
     return []
 
 
-def manifest_problems(m: Any) -> list[str]:
+def _moe_problems(manifest: dict) -> list[str]:
+    """`moe` (absent in older bundles) must make a valid MoEConfig that agrees with `routing`."""
+    moe = manifest.get("moe")
+    if moe is None:
+        return []
+    names = {f.name for f in fields(MoEConfig)}
+    if not isinstance(moe, dict) or set(moe) != names or not all(_is_number(v) for v in moe.values()):
+        return [f"moe must hold {', '.join(sorted(names))} (finite numbers)"]
+    if not (_is_int(moe["rank"], 1, MAX_RANK) and _is_int(moe["top_k"], 1, MAX_TOP_K)):
+        return [f"moe.rank must be an integer in 1..{MAX_RANK} and moe.top_k in 1..{MAX_TOP_K}"]
+    try:
+        config = MoEConfig(**moe)
+    except (TypeError, ValueError) as e:
+        return [f"moe: {e}"]
+    routing = manifest.get("routing")
+    if isinstance(routing, dict) and (routing.get("top_k"), routing.get("scale", config.scale)) != (
+        config.top_k,
+        config.scale,
+    ):
+        return ["moe.top_k and moe.scale must equal routing.top_k and routing.scale"]
+    return []
+
+
+def manifest_problems(manifest: Any) -> list[str]:
     """Every problem of a parsed manifest (empty when it is valid); no tensor is needed."""
-    if not isinstance(m, dict):
+    if not isinstance(manifest, dict):
         return ["manifest is not a JSON object"]
-    return _identity_problems(m) + _labels_problems(m) + _routing_problems(m) + _selector_problems(m)
+    checks = (_identity_problems, _labels_problems, _routing_problems, _selector_problems, _moe_problems)
+    return [problem for check in checks for problem in check(manifest)]
 
 
 def finite_metrics(training: Any, keys: tuple[str, ...]) -> dict[str, float]:
@@ -196,3 +237,112 @@ def finite_metrics(training: Any, keys: tuple[str, ...]) -> dict[str, float]:
     if not isinstance(training, dict):
         return {}
     return {k: float(training[k]) for k in keys if _is_number(training.get(k))}
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """Which frozen backbone a bundle was trained on; `fingerprint` (of its weights) is what must match."""
+
+    arch: str
+    pretrained: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """Per tower and block, the ids of the experts the task's router chooses among (bank experts first)."""
+
+    top_k: int
+    blocks: Mapping[str, tuple[tuple[str, ...], ...]]  # tower -> per block expert ids
+    scale: float | None = None  # None in bundles made before it was recorded: the bank's
+
+    def expert_ids(self) -> set[str]:
+        return {eid for tower in self.blocks.values() for ids in tower for eid in ids}
+
+
+@dataclass(frozen=True)
+class SelectorInfo:
+    kind: str
+    threshold: float
+    calibration: Mapping[str, float]  # CALIBRATION_ORDER of the task's own held-out errors, and neg_* if fitted
+    config: Mapping[str, Any]  # the SelectorConfig it was fitted with
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A bundle's manifest, typed. Read with `from_json` (every problem in one BundleInvalid), written with
+    `to_json`; the JSON layout is the bundle format's (docs/bundle-format.md)."""
+
+    task: str
+    version: int
+    backbone: BackboneInfo
+    classes: tuple[str, ...]
+    templates: tuple[str, ...]
+    experts_new: tuple[str, ...]
+    experts_uses: tuple[str, ...]
+    routing: RoutingTable
+    selector: SelectorInfo
+    content_sha256: str
+    moe: MoEConfig | None = None  # None in bundles made before it was saved: the bank's
+    created_at: str | None = None
+    parent: str | None = None  # the bundle id of the version this one continues (class-incremental)
+    training: Mapping[str, Any] = field(default_factory=dict)  # the trainer's report, kept as it was written
+    format: int = FORMAT
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Manifest:
+        problems = manifest_problems(obj)
+        if problems:
+            raise BundleInvalid("invalid bundle manifest: " + "; ".join(problems))
+        routing, selector = obj["routing"], obj["selector"]
+        return cls(
+            task=obj["task"],
+            version=obj["version"],
+            backbone=BackboneInfo(**{k: obj["backbone"][k] for k in ("arch", "pretrained", "fingerprint")}),
+            classes=tuple(obj["classes"]),
+            templates=tuple(obj["templates"]),
+            experts_new=tuple(obj["experts"]["new"]),
+            experts_uses=tuple(obj["experts"]["uses"]),
+            routing=RoutingTable(
+                routing["top_k"], {t: tuple(tuple(ids) for ids in routing[t]) for t in TOWERS}, routing.get("scale")
+            ),
+            selector=SelectorInfo(
+                selector["kind"], selector["threshold"], dict(selector["calibration"]), dict(selector.get("config", {}))
+            ),
+            content_sha256=obj["content_sha256"],
+            moe=MoEConfig(**obj["moe"]) if obj.get("moe") is not None else None,
+            created_at=obj.get("created_at"),
+            parent=obj.get("parent"),
+            training=obj.get("training") or {},
+            format=obj["format"],
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        routing: dict[str, Any] = {
+            "top_k": self.routing.top_k,
+            **{t: [list(ids) for ids in b] for t, b in self.routing.blocks.items()},
+        }
+        if self.routing.scale is not None:
+            routing["scale"] = self.routing.scale
+        out = {
+            "format": self.format,
+            "task": self.task,
+            "version": self.version,
+            "created_at": self.created_at,
+            "parent": self.parent,
+            "content_sha256": self.content_sha256,
+            "backbone": asdict(self.backbone),
+            "classes": list(self.classes),
+            "templates": list(self.templates),
+            "experts": {"new": list(self.experts_new), "uses": list(self.experts_uses)},
+            "routing": routing,
+            "selector": {
+                **asdict(self.selector),
+                "calibration": dict(self.selector.calibration),
+                "config": dict(self.selector.config),
+            },
+            "training": dict(self.training),
+        }
+        if self.moe is not None:
+            out["moe"] = asdict(self.moe)
+        return out

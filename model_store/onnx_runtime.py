@@ -20,6 +20,7 @@ from .backbone import Backbone
 from .errors import BackboneError
 from .moe_clip import encode_image, encode_text
 from .selector import Selector, score
+from .settings import cache_root, env_value
 
 log = logging.getLogger(__name__)
 
@@ -31,24 +32,13 @@ _MAX_BATCH = 4096
 
 def default_cache_dir() -> Path:
     """`$CLIPBANK_ONNX_CACHE`, else `$XDG_CACHE_HOME/clipbank/onnx`, else `~/.cache/clipbank/onnx`."""
-    if os.environ.get("CLIPBANK_ONNX_CACHE"):
-        return Path(os.environ["CLIPBANK_ONNX_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "clipbank" / "onnx"
-
-
-def onnx_available() -> bool:
-    try:
-        _require_ort()
-    except BackboneError:
-        return False
-    return True
+    return Path(env_value("onnx_cache") or os.path.join(cache_root(), "onnx"))
 
 
 def _require_ort():
     try:
         import onnxruntime
-        import onnxscript  # noqa: F401 - torch's ONNX exporter needs it
+        import onnxscript  # noqa: F401 (torch's ONNX exporter needs it)
     except ImportError as e:
         raise BackboneError(
             f"the ONNX runtime needs onnxruntime and onnxscript: pip install onnxruntime onnxscript ({e})"
@@ -183,7 +173,7 @@ def _export_into(backbone: Backbone, root: Path, target: Path) -> None:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, target)
-    except Exception as e:  # noqa: BLE001 - torch.export raises many types for unsupported models
+    except Exception as e:  # torch.export raises many types for unsupported models
         raise BackboneError(f"could not export {backbone.ref.text!r} to ONNX: {type(e).__name__}: {e}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -193,7 +183,7 @@ def _checked_runtime(backbone: Backbone, target: Path) -> tuple[OrtFrozen, dict[
     try:
         runtime = OrtFrozen(target / "image.onnx", target / "text.onnx", backbone.device)
         diffs = parity(backbone, runtime)
-    except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own types for unreadable files
+    except Exception as e:  # ONNX Runtime raises its own types for unreadable files
         raise BackboneError(f"the ONNX export in {target} cannot be used: {type(e).__name__}: {e}") from e
     if max(diffs.values()) > PARITY_ATOL:
         raise BackboneError(f"the ONNX export of {backbone.ref.text!r} differs from PyTorch by {diffs} > {PARITY_ATOL}")

@@ -22,11 +22,11 @@ from .backbone import TINY_DIR, Backbone
 from .errors import BackboneMismatch, BundleInvalid
 from .moe_clip import encode_image
 from .safejson import loads as bounded_loads
+from .settings import cache_root, env_value
 
 REFERENCE_KEY = "clipbank.reference"
 TINY_REFERENCE = TINY_DIR / "reference.safetensors"
 MAX_REFERENCE = 50_000
-ENV_CACHE = "CLIPBANK_REFERENCE_CACHE"
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def load_reference(path: str | os.PathLike, backbone: Backbone) -> ReferenceSet:
         with safe_open(str(path), "pt") as f:
             meta = bounded_loads((f.metadata() or {}).get(REFERENCE_KEY, "null"))
             emb = f.get_tensor("embeddings").float()
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a broken file
+    except Exception as e:  # safetensors raises its own error type for a broken file
         raise BundleInvalid(f"reference set {Path(path).name} cannot be read: {str(e)[:160]}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("backbone"), dict):
         raise BundleInvalid(f"reference set {Path(path).name} has no {REFERENCE_KEY} metadata")
@@ -98,9 +98,7 @@ def load_reference(path: str | os.PathLike, backbone: Backbone) -> ReferenceSet:
 
 def cache_path(backbone: Backbone) -> Path:
     """Where `clipbank reference build` puts a backbone's reference set by default."""
-    root = os.environ.get(ENV_CACHE) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "clipbank", "reference"
-    )
+    root = env_value("reference_cache") or os.path.join(cache_root(), "reference")
     return Path(root) / f"{backbone.fingerprint}.safetensors"
 
 

@@ -1,4 +1,4 @@
-"""Distribution-discriminative selectors (DDAS, METHOD.md §6): does an image belong to a task, per image."""
+"""Distribution-discriminative selectors (DDAS, docs/method.md, Selector): does an image belong to a task, per image."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BundleInvalid
+from .modes import DEFAULT_SELECTOR
 
 
 @dataclass(frozen=True)
 class SelectorConfig:
     """How a selector is fitted and calibrated."""
 
-    kind: str = "autoencoder"
+    kind: str = DEFAULT_SELECTOR
     bottleneck: int = 32
     epochs: int = 300
     lr: float = 3e-3

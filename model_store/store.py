@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -175,6 +176,15 @@ class LocalStore:
         """
         if bundle is None or bundle.id != bytes_digest(data):
             bundle = read_bundle(data)
+        return self.put_validated(bundle, data, activate, metrics)
+
+    def put_validated(
+        self, bundle: Bundle, data: bytes, activate: bool = True, metrics: dict[str, Any] | None = None
+    ) -> PutResult:
+        """Store a bundle the caller has just read: `bundle` must be `read_bundle(data)`, and is trusted (neither
+        parsed nor hashed again). Callers holding only bytes, or a bundle read elsewhere, use `put`."""
+        if bundle.file_bytes != len(data):  # a cheap guard against handing in another bundle's bytes
+            raise ValueError(f"bundle {bundle.id[:12]} was read from {bundle.file_bytes} bytes, not these {len(data)}")
         with self._change() as index:
             entry = index["tasks"].setdefault(bundle.task, {"active": None, "versions": []})
             newest = max((v["version"] for v in entry["versions"]), default=0)
@@ -196,11 +206,11 @@ class LocalStore:
                 {
                     "version": bundle.version,
                     "bundle_id": bundle.id,
-                    "created_at": bundle.manifest.get("created_at"),
+                    "created_at": bundle.manifest.created_at,
                     "stored_at": utc_now(),
                     "bytes": len(data),
-                    "experts_new": bundle.manifest["experts"]["new"],
-                    "classes": bundle.manifest["classes"],
+                    "experts_new": list(bundle.manifest.experts_new),
+                    "classes": list(bundle.manifest.classes),
                     "uses": bundle.uses,
                     "metrics": metrics or _metrics_of(bundle),
                 }
@@ -262,8 +272,17 @@ class LocalStore:
         return len(doomed)
 
 
+def open_store(location: str | os.PathLike) -> LocalStore:
+    """The store at `location` (`--store`, `CLIPBANK_STORE`): a local folder, created if missing. Object stores
+    (`s3://bucket/prefix`) are a planned second backend; until then such a location is refused by name."""
+    text = str(location)
+    if re.match(r"^[a-z][a-z0-9+.-]*://", text):
+        raise StoreError(f"store {text!r}: only local folders are supported so far, not {text.split('://')[0]}://")
+    return LocalStore(location)
+
+
 def _metrics_of(bundle: Bundle) -> dict[str, Any]:
-    return finite_metrics(bundle.manifest.get("training"), ("val_accuracy", "zero_shot_val_accuracy"))
+    return finite_metrics(bundle.manifest.training, ("val_accuracy", "zero_shot_val_accuracy"))
 
 
 def check_store(root: str | os.PathLike) -> list[str]:

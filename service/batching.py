@@ -194,7 +194,7 @@ class Batcher:
                     self.batches += 1
                     try:
                         self.steps.start(self._bank(), batch)  # each batch reads the bank once
-                    except Exception as e:  # noqa: BLE001 - the thread must outlive any one batch
+                    except Exception as e:  # the thread must outlive any one batch
                         log.exception("a batch failed to start")
                         for p in batch:
                             answer(p, e)

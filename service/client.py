@@ -9,6 +9,8 @@ from typing import Any
 
 import httpx
 
+from model_store.modes import AUTO, PER_IMAGE
+
 ImageInput = str | os.PathLike | bytes
 
 
@@ -50,8 +52,8 @@ class ClipbankClient:
         self,
         images: Sequence[ImageInput],
         labels: Iterable[str] = (),
-        task: str = "auto",
-        route: str = "per-image",
+        task: str = AUTO,
+        route: str = PER_IMAGE,
         top_k: int | None = None,
     ) -> dict[str, Any]:
         """Images are paths or encoded bytes. Returns `{"results": [...], "timing": {...}}`."""

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from model_store.settings import ENV_PREFIX, env_value, option
+
 MB = 1024 * 1024
 FROZEN_RUNTIMES = ("auto", "torch", "onnx")  # auto: onnx on CPU (measured faster there), torch on GPU
-ENV_PREFIX = "CLIPBANK_"
 INVALID = "invalid server settings: "
 
 
@@ -37,26 +37,30 @@ class Limits:
 class ServeConfig:
     """Everything `clipbank serve` needs. Invalid settings fail at construction with one error listing them all."""
 
-    store: str = "./clipbank-store"
-    backbone: str = "tiny"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str = "auto"
-    max_batch: int = 64  # images per forward pass (a request is never split, so max_images <= max_batch)
-    max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
-    admin_token: str | None = None  # None: generate one at start and print it once
+    store: str = option("./clipbank-store", "store folder")
+    backbone: str = option("tiny", "backbone: tiny, an open_clip ARCH:PRETRAINED, or ARCH:file:/path/to/weights")
+    host: str = option("127.0.0.1", "address to bind")
+    port: int = option(8000, "port")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    max_batch: int = option(64, "images per forward pass (a request is never split, so max_images <= max_batch)")
+    max_wait_ms: float = option(5.0, "how long the first request of a batch waits for company")
+    admin_token: str | None = None  # None: generate one at start and print it once (never a flag: ps shows flags)
     classify_token: str | None = None  # None: /classify is open
-    poll_seconds: float = 2.0  # how often to look for changes made to the store by other servers
-    text_cache_size: int = 4096  # entries
-    text_cache_mb: int = 256
-    max_queue_images: int = 1024  # images waiting for a batch; more gets a 503 "overloaded"
-    log_level: str = "info"
-    head_timeout_seconds: float = 10.0  # a connection must deliver a whole request head within this
-    read_timeout_seconds: float = 30.0  # the longest gap while a request body streams in
-    keep_alive_seconds: float = 5.0  # an idle kept-alive connection is closed after this
-    max_connections: int = 1024  # open connections; beyond it a new one gets 503 and is closed
-    frozen_runtime: str = "auto"  # auto | torch | onnx: who runs the frozen passes (the adapted pass is always torch)
-    onnx_cache: str = ""  # where ONNX exports are kept; "" means $XDG_CACHE_HOME/clipbank/onnx
+    poll_seconds: float = option(2.0, "how often to look for changes made to the store by other servers")
+    text_cache_size: int = option(4096, "entries of the label-embedding cache")
+    text_cache_mb: int = option(256, "megabytes of the label-embedding cache")
+    max_queue_images: int = option(1024, "images waiting for a batch; more gets a 503 overloaded")
+    log_level: str = option("info", "uvicorn log level")
+    head_timeout_seconds: float = option(10.0, "a connection must deliver a whole request head within this")
+    read_timeout_seconds: float = option(30.0, "the longest gap while a request body streams in")
+    keep_alive_seconds: float = option(5.0, "an idle kept-alive connection is closed after this")
+    max_connections: int = option(1024, "open connections; beyond it a new one gets 503 and is closed")
+    frozen_runtime: str = option(
+        "auto",
+        "who runs the frozen passes: auto is ONNX Runtime on CPU, PyTorch on GPU (the adapted pass is always torch)",
+        FROZEN_RUNTIMES,
+    )
+    onnx_cache: str = option("", "where ONNX exports are kept (default $XDG_CACHE_HOME/clipbank/onnx)")
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -105,7 +109,6 @@ class ServeConfig:
 
         Raises one ValueError naming every problem: variables that do not parse and settings out of range.
         """
-        env = os.environ if env is None else env
         values: dict[str, Any] = {}
         limit_values: dict[str, Any] = {}
         problems: list[str] = []
@@ -113,8 +116,8 @@ class ServeConfig:
             for f in fields(klass):
                 if f.name == "limits":
                     continue
-                raw = env.get(ENV_PREFIX + f.name.upper())
-                if raw in (None, ""):
+                raw = env_value(f.name, env)
+                if raw is None:
                     continue
                 try:
                     target[f.name] = _parse(f.name, raw, klass.__dataclass_fields__[f.name].default)

@@ -47,7 +47,7 @@ def _orientation(img: Image.Image) -> int:
         return 1
     try:
         value = img.getexif().get(ORIENTATION_TAG, 1)
-    except Exception:  # noqa: BLE001 - a broken EXIF block leaves the image as stored
+    except Exception:  # a broken EXIF block leaves the image as stored
         return 1
     return value if value in UPRIGHT else 1
 
@@ -70,7 +70,7 @@ def inspect_image(data: bytes, name: str, limits: Limits, target: int) -> Opened
             raise LimitExceeded(f"{name} has too many pixels ({e}); max_pixels={limits.max_pixels}") from None
         except UnidentifiedImageError:
             raise BadImage(f"{name} is not an image in an accepted format ({', '.join(FORMATS)})") from None
-        except Exception as e:  # noqa: BLE001 - PIL's plugins raise many types for broken headers
+        except Exception as e:  # PIL's plugins raise many types for broken headers
             raise BadImage(f"{name} has a broken header: {type(e).__name__}: {str(e)[:120]}") from None
     width, height = img.size
     if width < 1 or height < 1:
@@ -97,7 +97,7 @@ def decode_image(opened: OpenedImage) -> Image.Image:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             rgb = opened.image.convert("RGB")
-        except Exception as e:  # noqa: BLE001 - truncated or corrupt data, in any plugin
+        except Exception as e:  # truncated or corrupt data, in any plugin
             raise BadImage(f"{opened.name} could not be decoded: {type(e).__name__}: {str(e)[:120]}") from None
         finally:
             opened.image.close()

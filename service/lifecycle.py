@@ -20,9 +20,8 @@ from fastapi.concurrency import run_in_threadpool
 from PIL import PngImagePlugin
 
 from model_store.backbone import Backbone, load_backbone
-from model_store.frozen import TorchFrozen
 from model_store.inference import ZERO_SHOT, ClassifyItem, TextCache, classify_batch
-from model_store.store import LocalStore
+from model_store.store import open_store
 
 from .batching import Batcher
 from .config import ServeConfig
@@ -58,9 +57,9 @@ class Service:
         PngImagePlugin.MAX_TEXT_CHUNK = PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
         if self.backbone is None:
             self.backbone = load_backbone(self.config.backbone, self.config.device)
-        self._frozen_runtime()
+        self.backbone = self._frozen_runtime()
         cache = TextCache(self.config.text_cache_size, self.config.text_cache_mb * 1024 * 1024)
-        self.registry = Registry(LocalStore(self.config.store), self.backbone, self.metrics, cache)
+        self.registry = Registry(open_store(self.config.store), self.backbone, self.metrics, cache)
         bank = self.registry.load()
         warm = torch.zeros(1, 3, self.backbone.image_size, self.backbone.image_size)
         items = [ClassifyItem(warm, ("a", "b"), ZERO_SHOT)] + [ClassifyItem(warm, None, t) for t in bank.task_names]
@@ -85,23 +84,28 @@ class Service:
         gc.collect()
         gc.freeze()
 
-    def _frozen_runtime(self) -> None:
-        """`onnx` fails the start if it cannot be used; `auto` uses it on CPU and falls back to torch, saying why."""
-        wanted = self.config.frozen_runtime
-        if wanted == "torch" or (wanted == "auto" and self.backbone.device.type != "cpu"):
-            if self.backbone.frozen.name != "torch":  # a backbone object shared with another app
-                self.backbone.frozen = TorchFrozen(self.backbone.model)
-            return
-        if self.backbone.frozen.name == "onnx":
-            return
+    def _frozen_runtime(self) -> Backbone:
+        """This server's own backbone object, sharing the given one's model, with the runtime of its frozen passes.
+
+        The given object is never changed (it may be shared with another app), and the returned one is not changed
+        once it is returned: every bank snapshot holds it. `onnx` fails the start if it cannot be used; `auto` uses
+        it on CPU and falls back to torch, saying why.
+        """
+        shared, wanted = self.backbone, self.config.frozen_runtime
+        if wanted == "torch" or (wanted == "auto" and shared.device.type != "cpu"):
+            return shared.with_frozen()  # PyTorch, whatever runtime the shared object has
+        if shared.frozen.name == "onnx":  # set up by whoever loaded the backbone
+            return shared.with_frozen(shared.frozen)
         from model_store.onnx_runtime import use_onnx_runtime
 
+        own = shared.with_frozen()
         try:
-            use_onnx_runtime(self.backbone, self.config.onnx_cache or None)
-        except Exception as e:  # noqa: BLE001 - export, cache, file system and ONNX Runtime errors alike
+            use_onnx_runtime(own, self.config.onnx_cache or None)  # sets `own.frozen`: no one else holds `own` yet
+        except Exception as e:  # export, cache, file system and ONNX Runtime errors alike
             if wanted == "onnx":
                 raise
             log.warning("frozen passes stay in PyTorch: %s: %s", type(e).__name__, e, exc_info=e)
+        return own
 
     def require_ready(self) -> Registry:
         if not self.ready.is_set() or self.registry is None:
@@ -155,7 +159,7 @@ async def _poll_store(service: Service) -> None:
         try:
             await run_in_threadpool(service.registry.refresh)
             await run_in_threadpool(release_free_memory)  # what requests and uploads freed since the last poll
-        except Exception:  # noqa: BLE001 - keep polling; the store may come back
+        except Exception:  # keep polling; the store may come back
             log.exception("polling the store failed")
 
 
@@ -175,7 +179,7 @@ def lifespan(on_fatal: Callable[[str], None] | None):
             nonlocal poller
             try:
                 await run_in_threadpool(service.load)
-            except Exception as e:  # noqa: BLE001 - reported by /readyz and on_fatal
+            except Exception as e:  # reported by /readyz and on_fatal
                 service.error = f"start-up failed: {type(e).__name__}: {e}"
                 log.error("%s", service.error, exc_info=e)
                 service.failed.set()

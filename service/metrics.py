@@ -51,7 +51,7 @@ class Metrics:
         """Text-embedding cache figures, read at scrape time."""
         for name, doc, read in (
             ("entries", "entries in the text-embedding cache", lambda: len(cache)),
-            ("bytes", "bytes held by the text-embedding cache", lambda: cache.nbytes),
+            ("bytes", "bytes held by the text-embedding cache", lambda: cache.bytes_held),
             ("hits", "text-embedding cache hits since start", lambda: cache.hits),
             ("misses", "text-embedding cache misses since start", lambda: cache.misses),
         ):

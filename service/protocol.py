@@ -27,73 +27,82 @@ def raw_error(status: int, code: str, message: str, extra: tuple[str, ...] = ())
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
-def guarded_protocol(head_timeout: float, max_connections: int) -> type[H11Protocol]:
-    """An H11Protocol class that closes a connection whose request head is not complete `head_timeout` seconds
-    after it opened (or after its previous response), and refuses connections beyond `max_connections`."""
+class GuardedH11Protocol(H11Protocol):
+    """H11Protocol that closes a connection whose request head is not complete `head_timeout` seconds after it
+    opened (or after its previous response), and refuses connections beyond `max_connections`. Subclass it with
+    the two settings through `guarded_protocol`."""
 
-    class GuardedH11Protocol(H11Protocol):
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            self._lingering = False
-            super().connection_made(transport)
-            self._head_timer: asyncio.TimerHandle | None = None
-            self._timed_cycle = None
-            if len(self.connections) > max_connections:
-                log.warning("refused a connection: %d open; max_connections=%d", len(self.connections), max_connections)
-                message = f"the server has max_connections={max_connections} open; retry shortly"
-                self._close_with(503, "overloaded", message, ("retry-after: 1",))
-                return
-            self._arm_head_timer()
+    head_timeout: float = 10.0
+    max_connections: int = 1024
 
-        def _arm_head_timer(self) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._lingering = False
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._timed_cycle = None
+        if len(self.connections) > self.max_connections:
+            log.warning(
+                "refused a connection: %d open; max_connections=%d", len(self.connections), self.max_connections
+            )
+            message = f"the server has max_connections={self.max_connections} open; retry shortly"
+            self._close_with(503, "overloaded", message, ("retry-after: 1",))
+            return
+        self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._timed_cycle = self.cycle
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        idle = self.cycle is None or self.cycle.response_complete
+        if self.cycle is self._timed_cycle and idle and not self.transport.is_closing():
+            message = f"no complete request head within {self.head_timeout:g}s (head_timeout_seconds)"
+            self._close_with(408, "request_timeout", message)
+
+    def _close_with(self, status: int, code: str, message: str, extra: tuple[str, ...] = ()) -> None:
+        """Answer, then close gently: closing with the client's bytes unread would make the kernel send a
+        reset, and the client would never read the answer. So: end our side, drop what it still sends for a
+        moment, then close."""
+        if self.transport.is_closing() or self._lingering:
+            return
+        self._lingering = True
+        self.transport.write(raw_error(status, code, message, extra))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._lingering:
+            super().data_received(data)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not self._timed_cycle:  # a new request head arrived
             self._cancel_head_timer()
             self._timed_cycle = self.cycle
-            self._head_timer = self.loop.call_later(head_timeout, self._head_timed_out)
 
-        def _cancel_head_timer(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may already start a pipelined request
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and not self.transport.is_closing():
+            self._arm_head_timer()  # the next request's head has the same deadline
 
-        def _head_timed_out(self) -> None:
-            self._head_timer = None
-            idle = self.cycle is None or self.cycle.response_complete
-            if self.cycle is self._timed_cycle and idle and not self.transport.is_closing():
-                message = f"no complete request head within {head_timeout:g}s (head_timeout_seconds)"
-                self._close_with(408, "request_timeout", message)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
 
-        def _close_with(self, status: int, code: str, message: str, extra: tuple[str, ...] = ()) -> None:
-            """Answer, then close gently: closing with the client's bytes unread would make the kernel send a
-            reset, and the client would never read the answer. So: end our side, drop what it still sends for a
-            moment, then close."""
-            if self.transport.is_closing() or self._lingering:
-                return
-            self._lingering = True
-            self.transport.write(raw_error(status, code, message, extra))
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-            self.loop.call_later(LINGER_SECONDS, self.transport.close)
+    def send_400_response(self, msg: str) -> None:
+        self._close_with(400, "bad_request", f"{msg} (malformed HTTP)")
 
-        def data_received(self, data: bytes) -> None:
-            if not self._lingering:
-                super().data_received(data)
 
-        def handle_events(self) -> None:
-            super().handle_events()
-            if self.cycle is not self._timed_cycle:  # a new request head arrived
-                self._cancel_head_timer()
-                self._timed_cycle = self.cycle
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()  # may already start a pipelined request
-            idle = self.cycle is None or self.cycle.response_complete
-            if idle and not self.transport.is_closing():
-                self._arm_head_timer()  # the next request's head has the same deadline
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel_head_timer()
-            super().connection_lost(exc)
-
-        def send_400_response(self, msg: str) -> None:
-            self._close_with(400, "bad_request", f"{msg} (malformed HTTP)")
-
-    return GuardedH11Protocol
+def guarded_protocol(head_timeout: float, max_connections: int) -> type[H11Protocol]:
+    """The protocol class uvicorn should use (`http=`), with these settings."""
+    settings = {"head_timeout": head_timeout, "max_connections": max_connections}
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -13,7 +14,8 @@ import torch
 from model_store.backbone import Backbone
 from model_store.bank import BankSnapshot, empty_bank
 from model_store.bundle import Bundle, read_bundle
-from model_store.errors import BundleInvalid, StoreError
+from model_store.compat import refuse_other_backbone
+from model_store.errors import BundleError, BundleInvalid, StoreError
 from model_store.inference import ClassifyItem, TextCache, classify_batch
 from model_store.loader import BankLoader
 from model_store.store import LocalStore, PutResult
@@ -29,7 +31,8 @@ class Registry:
     """Holds the current `BankSnapshot`. Readers take `registry.bank` once and keep using that object.
 
     Changes are serialised by one lock, and each is checked by building the bank it would give *before* the
-    store is written, so a bad upload or activation changes neither the store nor what is served.
+    store is written, so a bad upload or activation changes neither the store nor what is served. Once written,
+    that checked bank is the one swapped in (one bank build per change).
     """
 
     def __init__(
@@ -73,10 +76,13 @@ class Registry:
 
     def _rebuild(self) -> BankSnapshot:
         t0 = time.perf_counter()
-        bank = self.loader.load(self._bank)
+        return self._swap(self.loader.load(self._bank), t0)
+
+    def _swap(self, bank: BankSnapshot, since: float) -> BankSnapshot:
+        """Serve `bank` (built from the store's state, or checked and then written to it) from now on."""
         self._bank = bank  # the swap: one reference assignment
         self.store_error = None
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - since
         self.loader.trim()
         release_free_memory()  # what the upload, the old snapshot and the trial run freed
         self.metrics.observe_bank(bank, seconds)
@@ -85,23 +91,53 @@ class Registry:
             log.error("task %s is degraded (not served): %s", task, why)
         return bank
 
-    def _change(self, overrides: dict[str, Bundle | None], write: Callable[[], T]) -> T:
-        """Check the bank `overrides` would give, write the store, then rebuild from the store and swap.
+    def _change(
+        self, overrides: dict[str, Bundle | None], write: Callable[[], T], changes: int = 1, serves: bool = True
+    ) -> T:
+        """Check the bank `overrides` would give, write the store, then swap in that same bank.
 
-        The store's lock is held throughout, so no other server's change can slip between check and write.
+        The store's lock is held throughout, so no other server's change can slip between check and write. The
+        checked bank is stamped with the generation the store will have after `write` makes its `changes` (store
+        changes); `serves`: whether the store's active versions are then what `overrides` says. See `_settle`.
         """
         with self._change_lock, self.store.locked():
             try:
-                candidate = self.loader.load(self._bank, overrides)  # raises on anything it could not serve
+                t0 = time.perf_counter()
+                candidate = self.loader.load(self._bank, overrides, changes)  # raises on anything it cannot serve
+                built = time.perf_counter() - t0  # counted in the swap time, as when the bank was built again
                 trial_run(candidate, [t for t, b in overrides.items() if b is not None], self.cache)
             except Exception:
                 self.metrics.swap_failures.inc()
                 raise
+            written = None
             try:
-                return write()
+                result = write()
+                written = candidate
             finally:  # also after a failed write, which may have changed part of the store
-                if self.store.generation() != self._bank.generation:
-                    self._rebuild()
+                self._settle(written, changes, serves, time.perf_counter() - built)
+            return result
+
+    def _settle(self, candidate: BankSnapshot | None, changes: int, serves: bool, since: float) -> None:
+        """After a change's write: serve what the store now holds, building a bank only if need be.
+
+        When the store is at exactly the generation the checked `candidate` was stamped with, it holds what the
+        candidate was built from plus this change and nothing else, so the candidate is swapped in as it is (or,
+        for a write that activates nothing, the served bank under the new generation). Anything else (a failed
+        write, a writer that ignored the lock, a guess of `changes` the write did not match, a degraded bank)
+        rebuilds from the store.
+        """
+        generation = self.store.generation()
+        if generation == self._bank.generation:
+            return
+        if candidate is not None and generation == candidate.generation and not candidate.degraded:
+            if serves:
+                self.loader.adopt(candidate)
+                self._swap(candidate, since)
+                return
+            if self._bank.generation == generation - changes and not self._bank.degraded:
+                self._swap(dataclasses.replace(self._bank, generation=generation), time.perf_counter())
+                return
+        self._rebuild()
 
     def refresh(self) -> bool:
         """Swap in the store's state if another process changed it; True if a new bank was swapped in."""
@@ -142,14 +178,19 @@ class Registry:
 
     def upload(self, data: bytes, activate: bool = True) -> PutResult:
         """Validate, store and (by default) activate a bundle. Checked as if activated either way."""
+        try:
+            refuse_other_backbone(data, self.loader.backbone)  # from the header, before the tensors are read
+        except BundleError:
+            self.metrics.swap_failures.inc()  # counted as when the check of the bank it would give refused it
+            raise
         bundle = read_bundle(data)  # format, schema and integrity, before any lock
 
         def write() -> PutResult:
-            result = self.store.put(data, activate=activate, bundle=bundle)
-            self.loader.remember(bundle)  # the rebuild then needs no second parse
+            result = self.store.put_validated(bundle, data, activate=activate)  # read just now: not read again
+            self.loader.remember(bundle)  # later rebuilds then need no second parse
             return result
 
-        return self._change({bundle.task: bundle}, write)
+        return self._change({bundle.task: bundle}, write, serves=activate)
 
     def activate(self, task: str, version: int) -> str:
         bundle = self.loader.bundle(self.store.version(task, version)["bundle_id"])
@@ -157,14 +198,15 @@ class Registry:
 
     def deactivate(self, task: str, purge: bool = False) -> int:
         """Stop routing to `task`; with purge, also forget it and delete blobs no other task needs."""
-        self.store.task(task)  # TaskNotFound before anything else
+        active = self.store.task(task).get("active")  # TaskNotFound before anything else
 
         def write() -> int:
             if self.store.task(task).get("active"):
                 self.store.deactivate(task)
             return self.store.purge(task) if purge else 0
 
-        return self._change({task: None}, write)
+        # How many store changes `write` makes, guessed before the lock: a wrong guess only costs a rebuild.
+        return self._change({task: None}, write, changes=bool(active) + purge)
 
 
 def trial_run(bank: BankSnapshot, tasks: list[str], cache: TextCache | None = None) -> None:

@@ -6,10 +6,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from model_store.modes import AUTO, PER_IMAGE, PER_REQUEST
+
 EXAMPLE_BUNDLE_ID = "3fa2c1d0" + "0" * 56
 
-TaskMode = str  # "auto" | "zero-shot" | a task name
-RouteMode = Literal["per-image", "per-request"]
+TaskMode = str  # AUTO | ZERO_SHOT | a task name
+RouteMode = Literal[PER_IMAGE, PER_REQUEST]  # model_store.modes.ROUTE_MODES
 
 
 class ClassifyOptions(BaseModel):
@@ -25,9 +27,9 @@ class ClassifyOptions(BaseModel):
         json_schema_extra={"uniqueItems": True},
     )
     task: TaskMode = Field(
-        "auto", max_length=64, description="`auto` (selector decides per image), `zero-shot`, or a task name."
+        AUTO, max_length=64, description="`auto` (selector decides per image), `zero-shot`, or a task name."
     )
-    route: RouteMode = Field("per-image", description="`per-request` averages selector scores over the images.")
+    route: RouteMode = Field(PER_IMAGE, description="`per-request` averages selector scores over the images.")
     top_k: int | None = Field(None, ge=1, description="Return only the best k labels per image.")
 
 

@@ -100,7 +100,7 @@ class Steps:
         """Run a batch's image passes now if they fit in one step, else queue them in slices."""
         try:
             work = _ImageWork(batch, ImagePasses(bank, [p.item for p in batch]), time.perf_counter())
-        except Exception as e:  # noqa: BLE001 - a bug or out of memory must not kill the thread
+        except Exception as e:  # a bug or out of memory must not kill the thread
             _fail(batch, e)
             return
         self.metrics.batch_images.observe(sum(p.size for p in batch))
@@ -129,7 +129,7 @@ class Steps:
             self.image_steps += 1
             while n >= 1 << 30 and not done:
                 done = work.passes.step(n)
-        except Exception as e:  # noqa: BLE001 - a bug must not kill the thread; every waiter gets the error
+        except Exception as e:  # a bug must not kill the thread; every waiter gets the error
             _fail(work.batch, e)
             return
         images = len(work.passes.images) if work.passes.images is not None else 0
@@ -146,7 +146,7 @@ class Steps:
         for k, p in enumerate(work.batch):
             try:
                 inline = self._after_passes(work, plan, k, p, inline)
-            except Exception as e:  # noqa: BLE001 - one request's failure is its own
+            except Exception as e:  # one request's failure is its own
                 _fail([p], e)
 
     def _after_passes(self, work: _ImageWork, plan: BatchPlan, k: int, p: Pending, inline: int) -> int:
@@ -171,7 +171,7 @@ class Steps:
         before, t0 = job.remaining_chars, time.perf_counter()
         try:
             job.step(n)
-        except Exception as e:  # noqa: BLE001 - reported to its request only
+        except Exception as e:  # reported to its request only
             log.exception("encoding labels failed")
             answer(work.pending, e)
             return
@@ -186,7 +186,7 @@ class Steps:
     def _finish(self, work: _TextWork) -> None:
         try:
             self._answer_finished(work)
-        except Exception as e:  # noqa: BLE001 - inline encoding or a bug: that request's error, not the thread's
+        except Exception as e:  # inline encoding or a bug: that request's error, not the thread's
             _fail([work.pending], e)
 
     def _answer_finished(self, work: _TextWork) -> None:

@@ -42,11 +42,11 @@ def task_info(bank: BankSnapshot, name: str, entry: Any) -> dict[str, Any]:
     served = next((t for t in bank.tasks if t.name == name), None)
     serving = served is not None and served.bundle_id == active_id
     if serving:
-        classes, nbytes = list(served.classes), served.nbytes
+        classes, size = list(served.classes), served.file_bytes
     elif active is not None:  # not (yet) in this server's bank: another server changed it, or it is degraded
-        classes, nbytes = active["classes"] or [], active["bytes"]
+        classes, size = active["classes"] or [], active["bytes"]
     else:
-        classes, nbytes = [], 0
+        classes, size = [], 0
     return {
         "task": name,
         "active_version": active["version"] if active else None,
@@ -55,5 +55,5 @@ def task_info(bank: BankSnapshot, name: str, entry: Any) -> dict[str, Any]:
         "degraded": bank.degraded.get(name),
         "classes": classes,
         "versions": versions,
-        "bytes": nbytes,
+        "bytes": size,
     }

@@ -75,7 +75,7 @@ def with_version(data: bytes, version: int) -> bytes:
     from model_store.bundle import read_bundle
 
     b = read_bundle(data)
-    manifest = {k: v for k, v in b.manifest.items() if k not in ("format", "content_sha256")}
+    manifest = {k: v for k, v in b.manifest.to_json().items() if k not in ("format", "content_sha256")}
     manifest.update(version=version, parent=b.id)
     return pack_bundle(manifest, b.experts, b.routers, b.selector_tensors)
 

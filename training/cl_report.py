@@ -6,14 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only; no display on a server
+from model_store.modes import ZERO_SHOT
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from model_store.inference import ZERO_SHOT  # noqa: E402
+from .plots import pyplot
 
 
 def format_markdown(report: dict[str, Any], command: str | None = None) -> str:
@@ -53,6 +50,7 @@ def format_markdown(report: dict[str, Any], command: str | None = None) -> str:
 
 
 def plot_matrices(report: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
     methods = list(report["methods"])
     doms = report["domains"]
     cols = min(4, len(methods))
@@ -60,7 +58,7 @@ def plot_matrices(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
     for ax in axes.flat[len(methods) :]:
         ax.axis("off")
-    for ax, m in zip(axes.flat, methods):
+    for ax, m in zip(axes.flat, methods, strict=False):
         a = np.asarray(report["methods"][m]["matrix"]) * 100
         ax.imshow(a, vmin=0, vmax=100, cmap="viridis")
         for (t, i), v in np.ndenumerate(a):
@@ -75,6 +73,7 @@ def plot_matrices(report: dict[str, Any], path: Path) -> None:
 
 
 def plot_routing(report: dict[str, Any], path: Path, method: str = "moe-ddas") -> None:
+    plt = pyplot()
     per = report["routing_by_method"][method]["per_domain"]
     rows = list(per)
     cols = [*report["domains"], ZERO_SHOT]
@@ -94,6 +93,7 @@ def plot_routing(report: dict[str, Any], path: Path, method: str = "moe-ddas") -
 
 
 def plot_over_time(report: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
     methods = list(report["methods"])
     doms = report["domains"]
     cols = min(4, len(methods))
@@ -101,7 +101,7 @@ def plot_over_time(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False, sharey=True)
     for ax in axes.flat[len(methods) :]:
         ax.axis("off")
-    for ax, m in zip(axes.flat, methods):
+    for ax, m in zip(axes.flat, methods, strict=False):
         a = np.asarray(report["methods"][m]["matrix"]) * 100
         for i, d in enumerate(doms):
             ax.plot(range(i, len(doms)), a[i:, i], marker="o", ms=3, label=d)

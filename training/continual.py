@@ -32,7 +32,7 @@ TEMPLATE = "a photo of a {}."
 
 
 @dataclass(frozen=True)
-class Domain:
+class SequenceStep:
     """One step of the sequence: a task name and its labelled splits."""
 
     name: str
@@ -88,12 +88,12 @@ def _first(data: LabelledImages, n: int | None) -> LabelledImages:
 
 def offline_sequence(
     names: Sequence[str] = OFFLINE_SEQUENCE, train_limit: int | None = None, test_limit: int | None = None
-) -> list[Domain]:
+) -> list[SequenceStep]:
     """Offline domains as a sequence; limits keep the first n images of train and of val/test."""
     from .data import load_domain
 
     return [
-        Domain(
+        SequenceStep(
             n,
             _first(load_domain(n, "train"), train_limit),
             _first(load_domain(n, "val"), test_limit),
@@ -103,7 +103,7 @@ def offline_sequence(
     ]
 
 
-def _train_cfg(cfg: CLConfig, domain: Domain, t: int, **kw: Any) -> TrainConfig:
+def _train_cfg(cfg: CLConfig, domain: SequenceStep, t: int, **kw: Any) -> TrainConfig:
     return TrainConfig(task=domain.name, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed + t, **kw)
 
 
@@ -116,7 +116,13 @@ def _gaussian_bank(bank: BankSnapshot, gauss: dict[str, Any]) -> BankSnapshot:
 
 
 def _moe_rows(
-    bank: BankSnapshot, gbank: BankSnapshot | None, seq: Sequence[Domain], t: int, cfg: CLConfig, run: _Run, prefix: str
+    bank: BankSnapshot,
+    gbank: BankSnapshot | None,
+    seq: Sequence[SequenceStep],
+    t: int,
+    cfg: CLConfig,
+    run: _Run,
+    prefix: str,
 ) -> None:
     cache = TextCache()
     rows: dict[str, list[float]] = {}
@@ -143,7 +149,7 @@ def _moe_rows(
 
 
 def _run_moe(
-    bb: Backbone, seq: Sequence[Domain], cfg: CLConfig, run: _Run, warm: bool, progress: bool
+    bb: Backbone, seq: Sequence[SequenceStep], cfg: CLConfig, run: _Run, warm: bool, progress: bool
 ) -> dict[str, BankSnapshot]:
     """Train the tasks one on top of the other; after each, fill the MoE rows. Returns the final banks."""
     prefix = "moe-ddas-warm" if warm else "moe-ddas"
@@ -193,7 +199,9 @@ def _shared_adapter(bb: Backbone, cfg: CLConfig) -> tuple[Callable[[int, bool], 
     return routing, params
 
 
-def _run_sequential(bb: Backbone, seq: Sequence[Domain], cfg: CLConfig, run: _Run, method: str, progress: bool) -> None:
+def _run_sequential(
+    bb: Backbone, seq: Sequence[SequenceStep], cfg: CLConfig, run: _Run, method: str, progress: bool
+) -> None:
     """`finetune` (every weight but logit_scale) or `adapter` (one shared adapter), trained task after task."""
     start = time.perf_counter()
     if method == "finetune":
@@ -222,7 +230,7 @@ def _run_sequential(bb: Backbone, seq: Sequence[Domain], cfg: CLConfig, run: _Ru
 
 
 def cl_metrics(matrix: Sequence[Sequence[float]]) -> dict[str, float]:
-    """METHOD.md §8 on A[t, i] (fractions), in points: Transfer, Avg, Last, and forgetting.
+    """docs/benchmarks/cl.md's metrics on A[t, i] (fractions), in points: Transfer, Avg, Last, and forgetting.
 
     Forgetting is the largest drop, over tasks, from a task's best accuracy once learned to its final one.
     """
@@ -238,7 +246,7 @@ def cl_metrics(matrix: Sequence[Sequence[float]]) -> dict[str, float]:
     }
 
 
-def _routing_summary(run: _Run, seq: Sequence[Domain], outside: str | None) -> dict[str, Any]:
+def _routing_summary(run: _Run, seq: Sequence[SequenceStep], outside: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for method, per_domain in run.routes.items():
         fractions = {d: {k: v / sum(c.values()) for k, v in sorted(c.items())} for d, c in per_domain.items()}
@@ -254,7 +262,7 @@ def _routing_summary(run: _Run, seq: Sequence[Domain], outside: str | None) -> d
 
 def run_continual(
     backbone: Backbone,
-    seq: Sequence[Domain],
+    seq: Sequence[SequenceStep],
     cfg: CLConfig,
     outside: LabelledImages | None = None,
     outside_name: str = "shapes",

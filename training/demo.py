@@ -7,7 +7,7 @@ from pathlib import Path
 
 from model_store.backbone import load_backbone
 from model_store.loader import BankLoader
-from model_store.store import LocalStore
+from model_store.store import open_store
 
 from .data import load_domain
 from .domains import export_domain
@@ -22,7 +22,7 @@ def run_demo(workdir: Path, steps: int = 500, backbone: str = "tiny", tasks: tup
     store_dir = workdir / "store"
     for name in tasks:
         export_domain(name, workdir / "data" / name)
-        if name in LocalStore(store_dir).active():
+        if name in open_store(store_dir).active():
             print(f"{name}: already in {store_dir}, skipping training")
             continue
         summary = run_train_job(
@@ -39,7 +39,7 @@ def run_demo(workdir: Path, steps: int = 500, backbone: str = "tiny", tasks: tup
             f"{name}: val accuracy zero-shot {summary['zero_shot_val_accuracy']:.1%} -> trained "
             f"{summary['val_accuracy']:.1%} in {summary['seconds']:.0f}s, bundle {summary['bundle_bytes']} bytes"
         )
-    bank = BankLoader(LocalStore(store_dir), load_backbone(backbone)).load()
+    bank = BankLoader(open_store(store_dir), load_backbone(backbone)).load()
     sets = {name: load_domain(name, "test") for name in (*tasks, "shapes")}
     report = route_report(bank, sets)
     print(format_route_report(report))

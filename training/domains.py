@@ -382,7 +382,7 @@ def export_domain(name: str, out: str | os.PathLike, splits: tuple[str, ...] = S
         images, labels = domain.split(split)
         for c in domain.classes:
             (Path(out) / split / class_folder(c)).mkdir(parents=True, exist_ok=True)
-        for i, (img, label) in enumerate(zip(images, labels)):
+        for i, (img, label) in enumerate(zip(images, labels, strict=True)):
             img.save(Path(out) / split / class_folder(domain.classes[label]) / f"{i:05d}.png")
         counts[split] = len(images)
     return counts

@@ -32,7 +32,7 @@ def accuracy_and_routes(
         (results,) = classify_batch(bank, [item], cache)
         if isinstance(results, Exception):
             raise results
-        for r, y in zip(results, data.labels[s : s + batch]):
+        for r, y in zip(results, data.labels[s : s + batch], strict=True):
             correct += r.labels[0][0] == data.classes[y]
             routes[r.route.task or ZERO_SHOT] += 1
     return correct / len(data), routes

@@ -8,7 +8,6 @@ import logging
 import math
 import string
 import time
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from model_store.backbone import TINY_DIR, TINY_WEIGHTS
 
+from .config import PretrainConfig
 from .domains import (
     COLORS,
     IMAGE_SIZE,
@@ -67,18 +67,6 @@ TEMPLATES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 TEMPLATE_WEIGHTS = np.array([4, 4, 2, 2, 1, 3, 2, 1, 3, 2, 1, 1, 2, 1, 2, 1], dtype=np.float64)
 PATTERN_RATE = 0.5
-
-
-@dataclass
-class PretrainConfig:
-    steps: int = 4000
-    batch_size: int = 128
-    lr: float = 1e-3
-    warmup: int = 100
-    weight_decay: float = 0.1
-    seed: int = 0
-    eval_per_class: int = 40
-    characters: float = 0.0  # share of images showing a printed letter or digit instead of a shape
 
 
 def caption(scene: ShapeScene, template: int) -> str:
@@ -205,7 +193,7 @@ def pretrain_tiny(cfg: PretrainConfig, out: Path | None = None) -> dict[str, flo
         scenes = [random_object_scene(rng, PATTERN_RATE, cfg.characters) for _ in range(cfg.batch_size)]
         templates = list(rng.choice(len(TEMPLATES), cfg.batch_size, p=TEMPLATE_WEIGHTS / TEMPLATE_WEIGHTS.sum()))
         images = to_tensor([render_object(s, rng) for s in scenes], mean, std)
-        texts = tokenizer([caption(s, t) for s, t in zip(scenes, templates)])
+        texts = tokenizer([caption(s, t) for s, t in zip(scenes, templates, strict=True)])
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         img, txt, scale = model(images, texts)[:3]

@@ -21,7 +21,7 @@ from model_store.bundle import read_bundle
 from model_store.inference import AUTO, TextCache
 from model_store.reference import find_reference
 
-from .continual import CLConfig, Domain, run_continual
+from .continual import CLConfig, SequenceStep, run_continual
 from .data import LabelledImages, LazyImages, load_image_folder
 from .evaluate import accuracy_and_routes
 from .trainer import TrainConfig, train_task
@@ -107,7 +107,9 @@ def load_dataset(root: str | Path, name: str, limit: int | None = None) -> tuple
     return train.per_class(limit), test.per_class(limit)
 
 
-def mtil_sequence(root: str | Path, protocol: str, limit: int | None = None, val_fraction: float = 0.1) -> list[Domain]:
+def mtil_sequence(
+    root: str | Path, protocol: str, limit: int | None = None, val_fraction: float = 0.1
+) -> list[SequenceStep]:
     """The 11 MTIL datasets in the protocol's order; validation is held out of each train split."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join([*PROTOCOLS, *CIFAR_STEPS])}")
@@ -115,7 +117,7 @@ def mtil_sequence(root: str | Path, protocol: str, limit: int | None = None, val
     for name in tqdm(PROTOCOLS[protocol], desc="index datasets", unit="dataset"):
         train, test = load_dataset(root, name, limit)
         fit, val = train.holdout(val_fraction)
-        seq.append(Domain(name, fit, val, test))
+        seq.append(SequenceStep(name, fit, val, test))
     return seq
 
 

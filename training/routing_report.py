@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .plots import pyplot
+
 
 def routing_keys(result: dict[str, Any], default_kind: str) -> dict[str, Any]:
     """The report's `routing` block: the default kind's figures at the top, every kind's under `kinds`."""
@@ -53,10 +55,7 @@ def format_markdown(routing: dict[str, Any], command: str) -> str:
 
 
 def plot(routing: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     for kind, r in routing["kinds"].items():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,30 +11,11 @@ from model_store.errors import TaskNotFound
 from model_store.loader import BankLoader
 from model_store.reference import find_reference
 from model_store.selector import SelectorConfig
-from model_store.store import LocalStore, atomic_write
+from model_store.store import atomic_write, open_store
 
+from .config import TrainJob
 from .data import load_image_folder
 from .trainer import TrainConfig, train_task
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    task: str
-    data: str
-    val: str | None = None
-    backbone: str = "tiny"
-    store: str | None = None
-    out: str | None = None
-    steps: int = 500
-    batch_size: int = 64
-    lr: float | None = None
-    new_experts: int = 2
-    seed: int = 0
-    device: str = "auto"
-    selector: str = SelectorConfig.kind
-    reference: str | None = None  # a reference set file; default: the backbone's, if one was built or ships
-    activate: bool = True
-    progress: bool = True
 
 
 def run_train_job(job: TrainJob) -> dict[str, Any]:
@@ -53,7 +33,7 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
     val = load_image_folder(job.val, train.classes) if job.val else None
     backbone = load_backbone(job.backbone, job.device)
     reference = find_reference(backbone, job.reference)  # before any training: a wrong path fails at once
-    store = LocalStore(job.store) if job.store else None
+    store = open_store(job.store) if job.store else None
     bank = BankLoader(store, backbone).load() if store else empty_bank(backbone)
     version, parent = 1, None
     if store is not None:
@@ -64,7 +44,7 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         except TaskNotFound:
             pass
     if parent is not None:  # class-incremental: the new version answers over every class seen so far
-        seen = tuple(store.load(parent).manifest["classes"])
+        seen = store.load(parent).manifest.classes
         classes = seen + tuple(c for c in train.classes if c not in seen)
         train, val = train.with_classes(classes), val.with_classes(classes) if val else None
     result = train_task(

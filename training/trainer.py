@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One task's training run. METHOD.md §5 defaults, with a step budget sized for a CPU."""
+    """One task's training run: the defaults of docs/method.md (Training), with a step budget sized for a CPU."""
 
     task: str
     steps: int = 500
@@ -290,6 +290,7 @@ def pack_task(
         "selector": selector_manifest(selector, cfg.selector),
         "training": report,
         "parent": parent,
+        "moe": asdict(replace(bank.config, rank=cfg.rank)),
     }
     return pack_bundle(manifest, experts, routers, selector.tensors(), probes)
 

@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from model_store.inference import ClassifyItem, ImageResult
+from model_store.modes import AUTO, PER_IMAGE, ROUTE_MODES
 
 from ..auth import TokenCheck
 from ..config import Limits
@@ -42,8 +43,8 @@ def multipart_schema(limits: Limits) -> dict:
                 "uniqueItems": True,
                 "description": "Repeat the field per label.",
             },
-            "task": {"type": "string", "default": "auto", "maxLength": 64},
-            "route": {"type": "string", "enum": ["per-image", "per-request"], "default": "per-image"},
+            "task": {"type": "string", "default": AUTO, "maxLength": 64},
+            "route": {"type": "string", "enum": list(ROUTE_MODES), "default": PER_IMAGE},
             "top_k": {"type": "integer", "minimum": 1},
         },
     }

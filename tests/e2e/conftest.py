@@ -6,7 +6,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from service.process import server_process
+from benchmarks.process import server_process
 
 TOKEN = "e2e-admin-token-0123456789"
 # Servers here use the default frozen runtime (ONNX Runtime on CPU); its exports go to a folder of this run's.

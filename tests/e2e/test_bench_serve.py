@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from clipbank.bench_serve import default_images, run_bench_serve
-from service.bench import ServeBenchConfig
+from benchmarks.serve import ServeBenchConfig
+from benchmarks.serve_run import default_images, run_bench_serve
 from tests.e2e.conftest import ONNX_CACHE
 
 pytestmark = pytest.mark.slow

@@ -8,12 +8,12 @@ import time
 
 import httpx
 
+from benchmarks.samples import domain_pngs
 from clipbank.cli import main
 from service.client import ClipbankClient, ClipbankHTTPError
 from tests.e2e.conftest import ONNX_CACHE, TOKEN, running_server
 from tests.helpers import with_version
 from tests.service.images import colour
-from training.samples import domain_pngs
 
 
 def test_lifecycle_and_restart(tmp_path, bundles, capsys):
@@ -72,10 +72,12 @@ def test_lifecycle_and_restart(tmp_path, bundles, capsys):
     with running_server(store, log) as url, ClipbankClient(url, TOKEN) as client:
         assert client.tasks() == tasks_before
         answer_after = client.classify(textures_imgs)
-    for a, b in zip(answer_before["results"], answer_after["results"]):
+    for a, b in zip(answer_before["results"], answer_after["results"], strict=True):
         assert a["route"] == b["route"]
         assert [x["label"] for x in a["labels"]] == [x["label"] for x in b["labels"]]
-        assert max((abs(x["score"] - y["score"]) for x, y in zip(a["labels"], b["labels"])), default=0) < 1e-4
+        assert (
+            max((abs(x["score"] - y["score"]) for x, y in zip(a["labels"], b["labels"], strict=True)), default=0) < 1e-4
+        )
     assert "Traceback" not in log.read_text()
 
 
@@ -93,7 +95,7 @@ class Timeline:
         out = set()
         states = [(float("-inf"), None)] + [(s, act) for s, _, act in self.ops]
         ends = [e for _, e, _ in self.ops] + [float("inf")]
-        for (start, active), end in zip(states, ends):
+        for (start, active), end in zip(states, ends, strict=True):
             if start <= b and end >= a:  # state k may hold from op k's start until op k+1's end
                 out.add(active)
         return out
@@ -164,7 +166,7 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path):
     import os
     import signal
 
-    from service.process import server_process
+    from benchmarks.process import server_process
 
     env = {"CLIPBANK_ADMIN_TOKEN": TOKEN, "OMP_NUM_THREADS": "1", "CLIPBANK_ONNX_CACHE": ONNX_CACHE}
     args = ("--max-wait-ms", "3000", "--max-batch", "64")  # the first request waits 3 s for company
@@ -219,7 +221,7 @@ def test_outside_traffic_through_the_server_routes_as_measured_offline(tmp_path,
     for d, p in pngs.items():
         feats = embed_images(backbone, [Image.open(io.BytesIO(b)) for b in p])
         offline = [names[i] if i >= 0 else None for i in routes([t.selector for t in bank.tasks], feats).tolist()]
-        agree[d] = sum(a == b for a, b in zip(served[d], offline)) / len(p)
+        agree[d] = sum(a == b for a, b in zip(served[d], offline, strict=True)) / len(p)
         fallback[d] = served[d].count(None) / len(p)
     assert min(agree.values()) >= 0.95, agree  # the server routes as measured (ONNX vs torch: ties may differ)
     assert fallback["shapes"] >= 0.97, fallback  # the plain outside domain goes to zero-shot CLIP

@@ -12,7 +12,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from model_store.bank import build_bank, empty_bank
-from model_store.bundle import MANIFEST_KEY, check_compatible, read_bundle
+from model_store.bundle import MANIFEST_KEY, read_bundle
+from model_store.compat import check_compatible
 from model_store.errors import (
     BackboneMismatch,
     BundleFormatError,

@@ -109,7 +109,7 @@ def test_text_cache_is_bounded_in_bytes():
     cache = TextCache(maxsize=100, max_bytes=10_000)
     for i in range(10):
         cache.get_or_compute(("zero-shot", (f"l{i}",), ("t",)), lambda: torch.zeros(4, 256))  # 4 KiB each
-    assert len(cache) == 2 and cache.nbytes <= 10_000
+    assert len(cache) == 2 and cache.bytes_held <= 10_000
     assert cache.get_or_compute(("big",), lambda: torch.zeros(10, 1000)).shape == (10, 1000)  # returned, not kept
     assert len(cache) == 2
 

@@ -6,17 +6,18 @@ import json
 
 import pytest
 
-from model_store.bank import empty_bank
+from model_store.bank import build_bank, empty_bank
 from model_store.bundle import read_bundle
 from model_store.errors import BundleInvalid
-from model_store.manifest import MAX_CLASSES, manifest_problems, template_ok
+from model_store.experts import MoEConfig
+from model_store.manifest import MAX_CLASSES, Manifest, manifest_problems, template_ok
 from model_store.safejson import JSONRefused, loads
-from tests.helpers import random_bundle
+from tests.helpers import edit_bundle, random_bundle
 
 
 @pytest.fixture(scope="module")
 def manifest(backbone) -> dict:
-    return read_bundle(random_bundle(empty_bank(backbone), "m", seed=2)).manifest
+    return read_bundle(random_bundle(empty_bank(backbone), "m", seed=2)).manifest.to_json()
 
 
 def _with(manifest: dict, **changes) -> dict:
@@ -130,3 +131,52 @@ def test_a_threshold_calibrated_on_negatives_may_sit_between_its_images_and_the_
     assert manifest_problems(ok) == []
     too_far = _with(manifest, selector__calibration=cal, selector__threshold=3.0)
     assert any("claim images of every other domain" in p for p in manifest_problems(too_far))
+
+
+def test_the_typed_manifest_keeps_the_json_layout(manifest):
+    typed = Manifest.from_json(manifest)
+    assert typed.to_json() == manifest  # the bundle format is unchanged: what is read is what is written
+    assert typed.routing.top_k == manifest["routing"]["top_k"] and typed.classes == tuple(manifest["classes"])
+    assert typed.routing.expert_ids() == {e for t in ("visual", "text") for ids in manifest["routing"][t] for e in ids}
+    assert typed.moe is None  # a bundle made without it: the bank's settings apply
+
+
+def test_from_json_names_every_problem_in_one_error(manifest):
+    bad = _with(manifest, version=0, task="Bad Name", selector__threshold=-1)
+    with pytest.raises(BundleInvalid) as caught:
+        Manifest.from_json(bad)
+    message = str(caught.value)
+    assert "version must be" in message and "task 'Bad Name'" in message and "threshold" in message
+
+
+@pytest.mark.parametrize(
+    "moe, words",
+    [
+        ({"rank": 8.5, "scale": 0.1, "top_k": 2, "dropout": 0.1, "noise_eps": 0.01}, "moe.rank must be an integer"),
+        ({"rank": 8, "scale": 0.1, "top_k": 2, "dropout": 2.0, "noise_eps": 0.01}, "dropout"),
+        ({"rank": 8, "scale": 0.1, "top_k": 2}, "moe must hold"),
+        ({"rank": 8, "scale": 0.5, "top_k": 2, "dropout": 0.1, "noise_eps": 0.01}, "must equal routing"),
+    ],
+)
+def test_a_saved_moe_config_is_checked(manifest, moe, words):
+    problems = manifest_problems(_with(manifest, moe=moe))
+    assert any(words in p for p in problems), problems
+
+
+def test_a_saved_moe_config_is_read_typed(manifest):
+    moe = {"rank": 8, "scale": 0.1, "top_k": 2, "dropout": 0.0, "noise_eps": 0.0}
+    typed = Manifest.from_json(_with(manifest, moe=moe))
+    assert typed.moe == MoEConfig(**moe) and typed.to_json()["moe"] == moe
+
+
+def test_a_bank_computes_with_the_settings_its_bundles_were_trained_with(backbone):
+    moe = {"rank": 8, "scale": 0.1, "top_k": 2, "dropout": 0.0, "noise_eps": 0.0}
+    data = edit_bundle(random_bundle(empty_bank(backbone), "m", seed=3), manifest=lambda m: m.update(moe=moe))
+    bank = build_bank(backbone, [read_bundle(data)])
+    assert bank.config == MoEConfig(**moe)  # not the defaults (dropout 0.1, noise 0.01)
+    other = edit_bundle(
+        random_bundle(empty_bank(backbone), "n", seed=4),
+        manifest=lambda m: (m["routing"].update(scale=0.2), m.update(moe={**moe, "scale": 0.2})),
+    )
+    with pytest.raises(BundleInvalid, match="scale=0.2"):  # a bank computes with one setting for every task
+        build_bank(backbone, [read_bundle(other)], previous=bank)

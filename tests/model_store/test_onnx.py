@@ -91,7 +91,7 @@ def test_selector_export_matches_pytorch(tmp_path, kind):
 
 
 def test_classification_with_the_onnx_frozen_pass_matches_pytorch(onnx_backbone, backbone):
-    from training.synthetic import synthetic_bundle
+    from benchmarks.synthetic import synthetic_bundle
 
     bb, _, _ = onnx_backbone
     data = synthetic_bundle(empty_bank(backbone), "synthetic", seed=3)
@@ -99,8 +99,8 @@ def test_classification_with_the_onnx_frozen_pass_matches_pytorch(onnx_backbone,
     onnx_bank = build_bank(bb, [read_bundle(data)])
     images = torch.rand(3, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(2))
     items = [ClassifyItem(images, ("circle", "square", "star")), ClassifyItem(images, None, "synthetic")]
-    for a, b in zip(classify_batch(torch_bank, items), classify_batch(onnx_bank, items)):
-        for ra, rb in zip(a, b):
+    for a, b in zip(classify_batch(torch_bank, items), classify_batch(onnx_bank, items), strict=True):
+        for ra, rb in zip(a, b, strict=True):
             assert (ra.route.task, ra.route.bundle_id) == (rb.route.task, rb.route.bundle_id)
             pa, pb = dict(ra.labels), dict(rb.labels)  # the ranking of two near-equal scores may differ
             assert pa.keys() == pb.keys() and max(abs(pa[k] - pb[k]) for k in pa) <= 1e-4

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from service.process import server_process
+from benchmarks.process import server_process
 
 pytestmark = pytest.mark.slow
 HEAD_SECONDS = 1.0

@@ -139,8 +139,8 @@ class Tally:
     unreferenced: int = 0  # rounds after which whole blobs the index does not name were left
 
     def add(self, started: list[int], done: list[int], leftovers: dict[str, int]) -> None:
-        self.done.update(dict(zip(KINDS, done)))
-        self.killed_in.update({k: 1 for k, s, d in zip(KINDS, started, done) if s > d})
+        self.done.update(dict(zip(KINDS, done, strict=True)))
+        self.killed_in.update({k: 1 for k, s, d in zip(KINDS, started, done, strict=True) if s > d})
         self.temp_files += leftovers["temp_files"] > 0
         self.unreferenced += leftovers["unreferenced_blobs"] > 0
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.process import server_process
 from model_store.bank import empty_bank
-from service.process import server_process
 from tests.helpers import random_bundle
 from tests.reliability.hostile import CASES, Target
 from tests.reliability.payloads import png_of

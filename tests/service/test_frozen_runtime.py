@@ -13,14 +13,20 @@ pytestmark = pytest.mark.anyio
 NAMES = ["red", "green", "blue"]
 
 
-async def test_torch_setting_resets_a_shared_backbone_to_pytorch(tmp_path, monkeypatch):
+async def test_each_server_owns_its_runtime_and_a_shared_backbone_is_never_changed(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     monkeypatch.setenv("CLIPBANK_ONNX_CACHE", str(tmp_path / "onnx"))
     shared = load_backbone("tiny", "cpu")
+    runtime = shared.frozen
     async with running_app(tmp_path / "a", shared, frozen_runtime="onnx") as c:
         assert (await c.get("/readyz")).json()["frozen_runtime"] == "onnx"
+        service = c.app.state.service
+        assert service.backbone is not shared and service.backbone.model is shared.model  # no copy of the weights
+        assert service.registry.bank.backbone is service.backbone
+        assert shared.frozen is runtime  # the runtime is the server's, not patched into the shared object
     async with running_app(tmp_path / "b", shared, frozen_runtime="torch") as c:
         assert (await c.get("/readyz")).json()["frozen_runtime"] == "torch"
+    assert shared.frozen is runtime and runtime.name == "torch"
 
 
 async def _answers(client) -> list[list]:
@@ -40,9 +46,9 @@ async def test_auto_serves_the_frozen_pass_from_onnx_runtime_on_cpu_with_the_sam
         assert (await c.get("/readyz")).json()["frozen_runtime"] == "onnx"
         got = await _answers(c)
     assert any((tmp_path / "onnx").iterdir())
-    for ref, new in zip(reference, got):
+    for ref, new in zip(reference, got, strict=True):
         assert [label for label, _ in ref] == [label for label, _ in new]
-        assert max(abs(a - b) for (_, a), (_, b) in zip(ref, new)) <= 1e-4
+        assert max(abs(a - b) for (_, a), (_, b) in zip(ref, new, strict=True)) <= 1e-4
     assert [r[0][0] for r in got] == NAMES
 
 

@@ -10,6 +10,7 @@ import pytest
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from benchmarks.samples import domain_pngs
 from model_store.bank import empty_bank
 from model_store.bundle import MANIFEST_KEY
 from service.config import Limits
@@ -17,7 +18,6 @@ from tests.helpers import random_bundle, with_version
 from tests.service.conftest import AUTH, TOKEN, failed_app, running_app
 from tests.service.images import colour
 from training.data import load_domain
-from training.samples import domain_pngs
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,7 @@ def test_splits_are_deterministic_and_distinct(name):
     a_imgs, a_labels = d.split("val")
     b_imgs, b_labels = d.split("val")
     assert a_labels == b_labels
-    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a_imgs[:20], b_imgs[:20]))
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a_imgs[:20], b_imgs[:20], strict=True))
     test_imgs, _ = d.split("test")
     assert not np.array_equal(np.asarray(a_imgs[0]), np.asarray(test_imgs[0]))
     assert set(a_labels) == set(range(len(d.classes)))

@@ -76,10 +76,10 @@ def test_cli_export_and_train(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["version"] == 1 and summary["task"] == "tex"
     bundle = read_bundle((tmp_path / "tex.safetensors").read_bytes())
-    assert bundle.id == summary["bundle_id"] and bundle.manifest["training"]["steps"] == 5
-    assert "zero_shot_val_accuracy" in bundle.manifest["training"]
+    assert bundle.id == summary["bundle_id"] and bundle.manifest.training["steps"] == 5
+    assert "zero_shot_val_accuracy" in bundle.manifest.training
     routing = summary["routing"]  # what routing will do, printed and in the manifest
-    assert routing == bundle.manifest["training"]["routing"]
+    assert routing == bundle.manifest.training["routing"]
     assert routing["reference"]["n"] == len(find_reference(load_backbone("tiny")))  # the tiny one ships
     assert 0.0 <= routing["self_claim"] <= 1.0 and 0.0 <= routing["reference_false_claim"] <= 1.0
     assert routing["bank_tasks"] == [] and routing["task_false_claim"] == {}
@@ -88,7 +88,7 @@ def test_cli_export_and_train(tmp_path, capsys):
     summary2 = json.loads(capsys.readouterr().out)
     assert summary2["version"] == 2
     assert summary2["routing"]["bank_tasks"] == []  # its own earlier version is not a negative
-    assert read_bundle((tmp_path / "tex.safetensors").read_bytes()).manifest["parent"] == bundle.id
+    assert read_bundle((tmp_path / "tex.safetensors").read_bytes()).manifest.parent == bundle.id
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):
@@ -110,10 +110,10 @@ def test_bundle_size_formula_matches_trained_bundles(trained, backbone):
     for task, existing in (("textures", 0), ("glyphs", 2)):
         bundle = store.load(store.active()[task])
         probes = len(bundle.probes)
-        assert probes == min(MAX_PROBES, bundle.manifest["training"]["val_images"])
+        assert probes == min(MAX_PROBES, bundle.manifest.training["val_images"])
         want = expected_tensor_bytes(towers, backbone.embed_dim, existing_per_block=existing, probes=probes)
         assert tensor_bytes(bundle) == want
-        assert bundle.nbytes - tensor_bytes(bundle) < 64 * 1024  # the rest is the JSON header
+        assert bundle.file_bytes - tensor_bytes(bundle) < 64 * 1024  # the rest is the JSON header
 
 
 def test_activation_counts_cover_every_training_image(trained):
@@ -121,7 +121,7 @@ def test_activation_counts_cover_every_training_image(trained):
     counts = reports["glyphs"]["activation_counts"]
     n = reports["glyphs"]["train_images"]
     assert set(counts) == {f"{t}.{b}" for t in ("text", "visual") for b in range(4)}
-    n_classes = len(store.load(store.active()["glyphs"]).manifest["classes"])
+    n_classes = len(store.load(store.active()["glyphs"]).manifest.classes)
     for key, c in counts.items():
         assert len(c) == 4  # two textures experts (frozen) + two new ones
         assert sum(c) == 2 * (n if key.startswith("visual") else n_classes)  # top-2 per image or per prompt
@@ -142,4 +142,4 @@ def test_new_version_answers_over_every_class_seen(tmp_path, capsys):
         summary = json.loads(capsys.readouterr().out)
     assert summary["version"] == 2
     v2 = LocalStore(store).load(summary["bundle_id"])
-    assert v2.manifest["classes"] == [c.replace("_", " ") for c in classes]
+    assert list(v2.manifest.classes) == [c.replace("_", " ") for c in classes]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from service.baseline import create_baseline_app
+from benchmarks.baseline import create_baseline_app
 from tests.service.images import colour
 
 pytestmark = pytest.mark.anyio
@@ -21,7 +21,7 @@ async def test_baseline_classifies_zero_shot_with_sorted_probabilities():
         assert r.status_code == 200
         results = r.json()["results"]
         assert len(results) == 3
-        for name, result in zip(names, results):
+        for name, result in zip(names, results, strict=True):
             probs = [p for _, p in result["labels"]]
             assert probs == sorted(probs, reverse=True)
             assert abs(sum(probs) - 1) < 1e-4

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from benchmarks.profile import gemm_rate, pass_flops
+from benchmarks.synthetic import synthetic_bundle
 from model_store.bank import build_bank, empty_bank
 from model_store.bundle import read_bundle
-from model_store.profile import gemm_rate, pass_flops
-from training.synthetic import synthetic_bundle
 
 
 def test_adapted_pass_costs_exactly_the_experts_and_router_on_top_of_the_frozen_pass(backbone):

@@ -1,6 +1,6 @@
 """`clipbank bench serve`: real server processes driven from a loopback client, side by side in one run.
 
-For each backbone: (a) the naive baseline server (`service.baseline`), (b) clipbank with an empty bank (zero-shot),
+For each backbone: (a) the naive baseline server (`benchmarks.baseline`), (b) clipbank with an empty bank (zero-shot),
 (c) clipbank in auto mode with tasks in the bank and mixed traffic, and the same server as its bank grows: throughput,
 resident memory and hot-swap time at each size. Then the ONNX Runtime frozen pass beside PyTorch.
 """
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .client import ClipbankClient, ClipbankHTTPError
+from service.client import ClipbankClient, ClipbankHTTPError
+
 from .loadgen import run_load
 from .process import command_process, free_port, server_process
 
@@ -126,7 +127,7 @@ def _push(client: ClipbankClient, data: bytes, bank_size: int, image: bytes) -> 
 
 def _baseline_rows(backend: Backend, cfg: ServeBenchConfig) -> list[dict[str, Any]]:
     port = free_port()
-    cmd = [sys.executable, "-m", "service.baseline", "--backbone", backend.backbone, "--port", str(port)]
+    cmd = [sys.executable, "-m", "benchmarks.baseline", "--backbone", backend.backbone, "--port", str(port)]
     with command_process(cmd, port, cfg.env) as (url, _):
         make = _zero_shot_factory(cfg)
         return [_level(url, make, c, cfg, server="baseline", mode="zero-shot", tasks=0) for c in cfg.concurrency]

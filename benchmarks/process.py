@@ -41,7 +41,7 @@ def command_process(
     cmd: Sequence[str], port: int, env: dict[str, str] | None = None, log: Path | None = None, ready_seconds=600.0
 ) -> Iterator[tuple[str, int]]:
     """Run a server command that listens on 127.0.0.1:`port`; yield (url, pid) once its /readyz is 200."""
-    out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    out = open(log, "ab") if log is not None else subprocess.DEVNULL  # closed below
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

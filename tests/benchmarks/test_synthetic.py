@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from benchmarks.synthetic import synthetic_bundle
 from model_store.bank import build_bank, empty_bank
 from model_store.bundle import expected_tensor_bytes, read_bundle, tensor_bytes
 from model_store.inference import ClassifyItem, classify_batch
-from training.synthetic import synthetic_bundle
 
 
 def test_synthetic_bundles_have_trained_shapes_claim_nothing_and_change_the_pinned_pass(backbone):
@@ -19,7 +19,7 @@ def test_synthetic_bundles_have_trained_shapes_claim_nothing_and_change_the_pinn
     assert tensor_bytes(parsed[0]) == expected_tensor_bytes(towers, backbone.embed_dim)
     assert tensor_bytes(parsed[1]) == expected_tensor_bytes(towers, backbone.embed_dim, existing_per_block=2)
     assert parsed[1].uses  # its router also sees the first task's experts, as a trained one would
-    assert parsed[0].manifest["classes"] == [f"syn-0-class-{i}" for i in range(4)]
+    assert list(parsed[0].manifest.classes) == [f"syn-0-class-{i}" for i in range(4)]
 
     images = torch.rand(4, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(0))
     auto, pinned, zero = classify_batch(
@@ -32,4 +32,4 @@ def test_synthetic_bundles_have_trained_shapes_claim_nothing_and_change_the_pinn
     )
     assert all(r.route.task is None for r in auto)  # no selector claims anything
     assert all(r.route.task == "syn-1" for r in pinned)
-    assert any(abs(p.labels[0][1] - z.labels[0][1]) > 1e-4 for p, z in zip(pinned, zero))
+    assert any(abs(p.labels[0][1] - z.labels[0][1]) > 1e-4 for p, z in zip(pinned, zero, strict=True))

@@ -15,9 +15,8 @@ from PIL import Image
 
 from model_store.bank import BankSnapshot
 from model_store.selector import AutoencoderSelector
-
-from .data import LabelledImages
-from .trainer import TrainConfig, _TaskParams, pack_task
+from training.data import LabelledImages
+from training.trainer import TrainConfig, _TaskParams, pack_task
 
 CLAIMS_NOTHING = 1e-12  # selector threshold: error / threshold > 1 for every image
 

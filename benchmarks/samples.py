@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from .data import load_domain
+from training.data import load_domain
 
 
 def domain_pngs(domain: str, n: int) -> list[bytes]:

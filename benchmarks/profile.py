@@ -7,9 +7,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .bank import BankSnapshot
-from .moe_clip import encode_image, encode_text
-from .selector import score
+from model_store.bank import BankSnapshot
+from model_store.moe_clip import encode_image, encode_text
+from model_store.selector import score
 
 
 def _flops(fn) -> int:

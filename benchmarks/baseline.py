@@ -3,7 +3,7 @@
 One request at a time (the handler computes on the event loop), no batching, no text cache: every request encodes
 its images and its labels' prompts. It exists only to be measured against; it is not part of the service.
 
-    python -m service.baseline --backbone ViT-B-32:openai --port 8001
+    python -m benchmarks.baseline --backbone ViT-B-32:openai --port 8001
 """
 
 from __future__ import annotations

@@ -1,0 +1,181 @@
+"""report.md and the two plots of `clipbank bench serve`, from its report dict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from training.plots import pyplot
+
+GOALS = {
+    "auto_vs_baseline": (">=", 1.0),
+    "zero_shot_vs_baseline": (">=", 1.5),
+    "p99_auto_vs_baseline": ("<=", 1.5),
+    "tasks100_vs_tasks1": (">=", 0.9),
+    "memory_per_task_vs_bundle": ("<=", 1.2),
+}
+PUSH_ROWS = {0, 1, 9, 10, 49, 50, 99}  # bank sizes whose upload is shown in report.md
+
+
+def _meets(value: float | None, goal: tuple[str, float]) -> str:
+    if value is None:
+        return "not measured"
+    op, target = goal
+    return "yes" if (value >= target if op == ">=" else value <= target) else "NO"
+
+
+def _header(report: dict[str, Any]) -> list[str]:
+    cfg = report["config"]
+    lines = [
+        "# clipbank bench serve",
+        "",
+        f"Command: `{report['command']}`. {report['machine']}. Measured GEMM rate (float32 2048², torch, "
+        f"{report['torch_threads']} threads): **{report['gemm_gflops']} GFLOP/s**. Wall time {report['seconds']} s.",
+        "",
+        f"Each request carries 1 image. Zero-shot requests carry {len(cfg['labels'])} labels; in auto mode "
+        f"{cfg['routed_per_5']} of 5 requests are pinned to a task (its own classes; the task's selector still "
+        "scores every image) and the rest are auto with labels, which every selector declines.",
+        "",
+        f"## Ratios (key backbone {report['key']}, concurrency {cfg['key_concurrency']})",
+        "",
+        "| ratio | value | goal | met |",
+        "| --- | --- | --- | --- |",
+    ]
+    for k, v in report["ratios"].items():
+        goal = GOALS.get(k)
+        shown = " ".join(map(str, goal)) if goal else "-"
+        lines.append(f"| {k} | {v} | {shown} | {_meets(v, goal) if goal else '-'} |")
+    return lines
+
+
+def _load_table(b: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "| server | runtime | mode | tasks | conc. | requests | errors | images/s | p50 ms | p95 ms | p99 ms "
+        "| GFLOP/img | GFLOP/s | of GEMM |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in b["load"]:
+        lines.append(
+            f"| {r['server']} | {r.get('runtime', '-')} | {r['mode']} | {r['tasks']} | {r['concurrency']} | "
+            f"{r['requests']} | {r['errors']} | {r['images_per_s']} | {r['p50_ms']} | {r['p95_ms']} | "
+            f"{r['p99_ms']} | {r['gflop_per_image']} | {r['achieved_gflops']} | {r['fraction_of_gemm']} |"
+        )
+    return lines
+
+
+def _paired_table(b: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    if not b.get("paired"):
+        return []
+    lines = [
+        "",
+        f"Paired: a server with 1 task and the one with {b['paired'][-1]['tasks']}, alternating "
+        f"({cfg['key_concurrency']} clients, half-length levels):",
+        "",
+        "| round | tasks | images/s | p50 ms | p99 ms |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    return lines + [
+        f"| {r['round']} | {r['tasks']} | {r['images_per_s']} | {r['p50_ms']} | {r['p99_ms']} |" for r in b["paired"]
+    ]
+
+
+def _memory_and_swaps(b: dict[str, Any]) -> list[str]:
+    lines = ["", "| tasks | RSS MiB |", "| --- | --- |"]
+    lines += [f"| {k} | {v / 2**20:.1f} |" for k, v in b["rss_bytes"].items()]
+    tb = b["tensor_bytes"]
+    lines += ["", f"Bundle tensor bytes: first {tb[0]}, last {tb[-1]} (routers widen as the bank grows)."]
+    lines += ["", "| bank size | bundle bytes | upload s | upload end to routable s |", "| --- | --- | --- | --- |"]
+    pushes = b["pushes"]
+    for p in pushes:
+        if p["bank_size"] in PUSH_ROWS or p is pushes[-1]:
+            lines.append(f"| {p['bank_size']} | {p['bytes']} | {p['upload_s']} | {p['upload_end_to_routable_s']} |")
+    worst = max(pushes, key=lambda p: p["upload_s"] + p["upload_end_to_routable_s"])
+    return lines + [
+        "",
+        f"Slowest upload plus time to routable: {worst['upload_s'] + worst['upload_end_to_routable_s']:.3f} s "
+        f"(bank size {worst['bank_size']}).",
+    ]
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = _header(report)
+    for b in report["backends"]:
+        lines += ["", f"## {b['label']} (`{b['backbone']}`)", "", "FLOPs per pass (GFLOP): "]
+        lines[-1] += ", ".join(f"{k} {v / 1e9:.3f}" for k, v in b["flops"].items())
+        lines += _load_table(b) + _paired_table(b, report["config"]) + _memory_and_swaps(b)
+    return "\n".join(lines) + "\n"
+
+
+def _save(plt: Any, fig: Any, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def _plot_load(plt: Any, report: dict[str, Any], out: Path) -> str:
+    """Throughput and p99 latency against concurrency, one row per backbone."""
+    n = len(report["backends"])
+    fig, axes = plt.subplots(n, 2, figsize=(11, 4 * n), squeeze=False)
+    for (ax_t, ax_p), b in zip(axes, report["backends"], strict=True):
+        series: dict[str, list[tuple[int, float, float]]] = {}
+        for r in b["load"]:
+            if r["mode"] == "auto" and r["tasks"] != report["config"]["auto_tasks"]:
+                continue
+            key = f"{r['server']} {r.get('runtime', '')} {r['mode']}".replace("  ", " ")
+            series.setdefault(key, []).append((r["concurrency"], r["images_per_s"], r["p99_ms"]))
+        for key, pts in series.items():
+            pts.sort()
+            ax_t.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+            ax_p.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=key)
+        for ax, what in ((ax_t, "images/s"), (ax_p, "p99 latency ms")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent clients")
+            ax.set_ylabel(what)
+            ax.set_title(f"{b['label']}: {what}")
+            ax.grid(alpha=0.3)
+        ax_p.set_yscale("log")
+        ax_t.legend(fontsize=7)
+    return _save(plt, fig, out, "serve-load.png")
+
+
+def _growth_row(axes: Any, b: dict[str, Any], c: int) -> None:
+    ax_t, ax_m, ax_s = axes
+    pts = sorted(
+        (r["tasks"], r["images_per_s"])
+        for r in b["load"]
+        if r["server"] == "clipbank" and r.get("runtime") == "torch" and r["mode"] == "auto" and r["concurrency"] == c
+    )
+    ax_t.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="one server, growing")
+    paired = sorted((r["tasks"], r["images_per_s"]) for r in b.get("paired", []))
+    if paired:
+        ax_t.plot([p[0] for p in paired], [p[1] for p in paired], "x", label="paired rounds (1 vs most tasks)")
+    ax_t.set_ylim(0, 1.1 * max([p[1] for p in pts + paired] or [1]))
+    ax_t.legend(fontsize=7)
+    ax_t.set_title(f"{b['label']}: auto images/s, {c} clients")
+    rss = sorted((int(k), v / 2**20) for k, v in b["rss_bytes"].items())
+    ax_m.plot([p[0] for p in rss], [p[1] for p in rss], marker="o")
+    ax_m.set_title(f"{b['label']}: server RSS MiB")
+    sizes = [p["bank_size"] for p in b["pushes"]]
+    ax_s.plot(sizes, [p["upload_s"] for p in b["pushes"]], marker=".", label="upload round trip")
+    ax_s.plot(sizes, [p["upload_end_to_routable_s"] for p in b["pushes"]], marker=".", label="upload end to routable")
+    ax_s.set_ylim(bottom=0)
+    ax_s.legend(fontsize=7)
+    ax_s.set_title(f"{b['label']}: hot-swap seconds")
+    for ax in axes:
+        ax.set_xlabel("tasks in the bank")
+        ax.grid(alpha=0.3)
+
+
+def plot(report: dict[str, Any], out: Path) -> list[str]:
+    """serve-load.png and serve-growth.png in `out`; returns their names."""
+    plt = pyplot()
+
+    n = len(report["backends"])
+    names = [_plot_load(plt, report, out)]
+    fig, axes = plt.subplots(n, 3, figsize=(14, 3.6 * n), squeeze=False)
+    for row, b in zip(axes, report["backends"], strict=True):
+        _growth_row(row, b, report["config"]["key_concurrency"])
+    names.append(_save(plt, fig, out, "serve-growth.png"))
+    return names

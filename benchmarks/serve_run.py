@@ -1,0 +1,157 @@
+"""`clipbank bench serve`: prepare each backbone (random checkpoint, synthetic bundles, FLOPs), run
+`benchmarks.serve`, and write report.json, report.md and plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from model_store.backbone import load_backbone
+from model_store.bank import build_bank, empty_bank
+from model_store.bundle import read_bundle, tensor_bytes
+
+from .profile import gemm_rate, pass_flops
+from .samples import domain_pngs
+from .serve import Backend, ServeBenchConfig, bench_backend, find_row
+from .serve_report import format_report, plot
+from .synthetic import synthetic_bundle
+
+log = logging.getLogger(__name__)
+
+VIT_B = "ViT-B-32"
+
+
+def random_checkpoint(arch: str, path: Path, seed: int = 0) -> str:
+    """Save an open_clip model with seeded random weights as safetensors; returns its backbone reference."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.create_model(arch, pretrained=None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return f"{arch}:file:{path}"
+
+
+def prepare_backend(label: str, ref: str, n_tasks: int) -> Backend:
+    """Load the backbone here, build `n_tasks` synthetic bundles one on top of the other, count FLOPs."""
+    bb = load_backbone(ref, "cpu")
+    bank, bundles, sizes, names, parsed = empty_bank(bb), [], [], [], []
+    for k in tqdm(range(n_tasks), desc=f"{label}: synthetic bundles", file=sys.stderr):
+        name = f"task-{k:03d}"
+        data = synthetic_bundle(bank, name, seed=k)
+        b = read_bundle(data)
+        parsed.append(b)
+        bank = build_bank(bb, parsed, (), k + 1, bank)
+        bundles.append(data)
+        sizes.append(tensor_bytes(b))
+        names.append(name)
+    flops = pass_flops(bank)
+    return Backend(label, ref, bundles, sizes, names, flops)
+
+
+def _flops_per_image(report: dict[str, Any], row: dict[str, Any], cfg: ServeBenchConfig) -> float:
+    f = report["flops"]
+    if row["server"] == "baseline":  # every request encodes its image and all its prompts
+        return f["image_frozen"] + len(cfg.labels) * f["text_frozen_per_prompt"]
+    if row["mode"] == "zero-shot" or not row["tasks"]:
+        return f["image_frozen"]
+    routed = cfg.routed_per_5 / 5
+    return f["image_frozen"] + routed * f["image_adapted"] + row["tasks"] * f["selector_per_task"]
+
+
+def add_derived(report: dict[str, Any], cfg: ServeBenchConfig, gemm: float) -> None:
+    """Achieved FLOP rate per load row, as a fraction of the measured GEMM rate."""
+    for row in report["load"] + report.get("paired", []):
+        flops = _flops_per_image(report, row, cfg)
+        row["gflop_per_image"] = round(flops / 1e9, 3)
+        row["achieved_gflops"] = round(row["images_per_s"] * flops / 1e9, 2)
+        row["fraction_of_gemm"] = round(row["images_per_s"] * flops / gemm, 3)
+
+
+def ratios(report: dict[str, Any], cfg: ServeBenchConfig) -> dict[str, float | None]:
+    rows, c = report["load"], cfg.key_concurrency
+
+    def get(**m: Any) -> dict[str, Any]:
+        return find_row(rows, concurrency=c, **m) or {}
+
+    base = get(server="baseline")
+    zs = get(server="clipbank", runtime="torch", mode="zero-shot")
+    auto = get(server="clipbank", runtime="torch", mode="auto", tasks=cfg.auto_tasks)
+    big = max(max(cfg.growth), cfg.auto_tasks)  # as benchmarks.serve pushes and pairs
+    t1, tn = get(runtime="torch", mode="auto", tasks=1), get(runtime="torch", mode="auto", tasks=big)
+    rss = report["rss_bytes"]
+    per_task = (rss[str(big)] - rss["1"]) / (big - 1) if big > 1 and "1" in rss else None
+    bundle = sum(report["tensor_bytes"][1:big]) / max(big - 1, 1)
+    onnx_zs = get(server="clipbank", runtime="onnx", mode="zero-shot")
+    onnx_auto = get(server="clipbank", runtime="onnx", mode="auto")
+
+    def div(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a is not None and b else None
+
+    paired = {n: [r["images_per_s"] for r in report.get("paired", []) if r["tasks"] == n] for n in (1, big)}
+    paired_ratio = (
+        div(statistics.median(paired[big]), statistics.median(paired[1])) if paired[1] and paired[big] else None
+    )
+    return {
+        "auto_vs_baseline": div(auto.get("images_per_s"), base.get("images_per_s")),
+        "zero_shot_vs_baseline": div(zs.get("images_per_s"), base.get("images_per_s")),
+        "p99_auto_vs_baseline": div(auto.get("p99_ms"), base.get("p99_ms")),
+        f"tasks{big}_vs_tasks1": paired_ratio,
+        f"tasks{big}_vs_tasks1_sequential": div(tn.get("images_per_s"), t1.get("images_per_s")),
+        "memory_per_task_vs_bundle": div(per_task, bundle),
+        "onnx_vs_torch_zero_shot": div(onnx_zs.get("images_per_s"), zs.get("images_per_s")),
+        "onnx_vs_torch_auto": div(onnx_auto.get("images_per_s"), auto.get("images_per_s")),
+    }
+
+
+def run_bench_serve(
+    out: Path, cfg: ServeBenchConfig, backbones: list[tuple[str, str | None]], command: str
+) -> dict[str, Any]:
+    """`backbones`: (label, reference); a reference of None means a seeded random ViT-B-32 checkpoint."""
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    gemm = gemm_rate()
+    backends = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, ref in backbones:
+            if ref is None:
+                ref = random_checkpoint(VIT_B, Path(tmp) / "vit-b-32-random.safetensors")
+            backend = prepare_backend(label, ref, max(max(cfg.growth), cfg.auto_tasks))
+            result = bench_backend(backend, cfg)
+            add_derived(result, cfg, gemm)
+            result["backbone"] = label if "file:" in backend.backbone else backend.backbone
+            backends.append(result)
+    key = backends[-1]
+    report = {
+        "command": command,
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"Python {platform.python_version()}, torch {torch.__version__}",
+        "torch_threads": torch.get_num_threads(),
+        "gemm_gflops": round(gemm / 1e9, 1),
+        "key": key["label"],
+        "config": {k: v for k, v in vars(cfg).items() if k not in ("images", "env")},
+        "ratios": ratios(key, cfg),
+        "ratios_by_backbone": {b["label"]: ratios(b, cfg) for b in backends},
+        "backends": backends,
+        "seconds": round(time.time() - t0, 1),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(format_report(report))
+    report["plots"] = plot(report, out)
+    return report
+
+
+def default_images(n: int = 24) -> list[bytes]:
+    """Request images: PNGs of the offline domains (decoding and resizing cost as in real traffic)."""
+    return [png for domain in ("shapes", "digits", "textures", "glyphs") for png in domain_pngs(domain, n // 4)]

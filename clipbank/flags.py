@@ -1,0 +1,71 @@
+"""Command-line flags made from config dataclasses, so each setting is declared once: its name, type, default
+and help live in its config class (`model_store.settings.option`), and the command line follows."""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from collections.abc import Iterable
+from dataclasses import MISSING, Field, fields
+from typing import Any
+
+
+def _scalar(hint: Any) -> type:
+    """int, float, str or bool, from `X` or `X | None`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        hint = args[0]
+    if hint not in (int, float, str, bool):
+        raise TypeError(f"no flag for a field of type {hint!r}")
+    return hint
+
+
+def _help(f: Field, shown_default: Any) -> str:
+    text = f.metadata.get("help", "")
+    if shown_default not in (None, MISSING, "") and not isinstance(shown_default, bool):
+        text += f" (default {shown_default})"
+    return text.replace("%", "%%")
+
+
+def flag_fields(cls: type) -> list[Field]:
+    """The fields of `cls` that are flags: those declared with help text."""
+    return [f for f in fields(cls) if "help" in f.metadata]
+
+
+def add_flags(
+    parser: argparse.ArgumentParser, cls: type, *, defaults_unset: bool = False, skip: Iterable[str] = ()
+) -> None:
+    """One `--field-name` flag per field of `cls` that has help text.
+
+    A field without a default is a required flag; a bool field is a switch (`--name`, or `--no-name` when it
+    defaults to True). With `defaults_unset`, flags default to None so that a later layer (environment
+    variables, then the config's own default) fills what was not given; the help still shows the default.
+    """
+    hints = typing.get_type_hints(cls)
+    for f in flag_fields(cls):
+        if f.name in skip:
+            continue
+        kind, flag = _scalar(hints[f.name]), "--" + f.name.replace("_", "-")
+        if kind is bool:
+            if f.default:
+                parser.add_argument(
+                    "--no-" + flag[2:], dest=f.name, action="store_false", help="do not " + _help(f, None)
+                )
+            else:
+                parser.add_argument(flag, dest=f.name, action="store_true", help=_help(f, None))
+            continue
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=kind,
+            required=f.default is MISSING,
+            default=None if defaults_unset or f.default is MISSING else f.default,
+            choices=f.metadata.get("choices"),
+            help=_help(f, f.default),
+        )
+
+
+def given(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The values of `cls`'s flags in `args` (None where a flag defaulting to unset was not given)."""
+    return {f.name: getattr(args, f.name) for f in flag_fields(cls) if hasattr(args, f.name)}

@@ -1,0 +1,97 @@
+"""Does a bundle fit what serves it: the backbone (its fingerprint first, the cheapest and most telling check),
+then tensor shapes, then the bank's experts and MoE settings. Each check raises its typed error, naming every
+instance of the problem it found."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .backbone import TOWERS, Backbone
+from .bundle import PROBES_KEY, Bundle, read_manifest
+from .errors import BackboneMismatch, BundleError, BundleInvalid, MissingExpert, ShapeMismatch
+from .experts import MoEConfig
+from .manifest import BackboneInfo
+from .selector import selector_shape_problems
+
+
+def check_backbone(info: BackboneInfo, backbone: Backbone) -> None:
+    """BackboneMismatch unless `info` (a manifest's backbone) is the served backbone, by weights fingerprint."""
+    if info.fingerprint != backbone.fingerprint:
+        theirs = backbone.describe()
+        raise BackboneMismatch(
+            f"bundle backbone fingerprint {info.fingerprint[:12]}… ({info.arch}/{info.pretrained}) does not "
+            f"match the served backbone {theirs['fingerprint'][:12]}… ({theirs['arch']}/{theirs['pretrained']})"
+        )
+
+
+def refuse_other_backbone(data: bytes, backbone: Backbone) -> None:
+    """BackboneMismatch, from a bundle's header alone, when its manifest names another backbone.
+
+    The cheapest check of an upload, so it runs before `read_bundle` copies and hashes the tensors. Anything else
+    wrong with the header or the manifest is left to `read_bundle`, which reports it as it always has.
+    """
+    try:
+        info = read_manifest(data).backbone
+    except BundleError:
+        return
+    check_backbone(info, backbone)
+
+
+def check_config(bundle: Bundle, config: MoEConfig) -> None:
+    """BundleInvalid unless the bundle's routers were trained for the bank's top-k and expert scale."""
+    routing = bundle.manifest.routing
+    scale = config.scale if routing.scale is None else routing.scale
+    if (routing.top_k, scale) != (config.top_k, config.scale):
+        raise BundleInvalid(
+            f"task {bundle.task!r} was trained with top_k={routing.top_k}, scale={routing.scale}; this "
+            f"bank computes top_k={config.top_k}, scale={config.scale}"
+        )
+
+
+def _shape_problems(bundle: Bundle, backbone: Backbone) -> list[str]:
+    problems = []
+    for tower in TOWERS:
+        spec = backbone.towers[tower]
+        if len(bundle.routers[tower]) != spec.layers:
+            problems.append(f"{tower}: {len(bundle.routers[tower])} router blocks, backbone has {spec.layers}")
+        for i, w in enumerate(bundle.routers[tower]):
+            if w.shape[1] != spec.width:
+                problems.append(f"router.{tower}.{i} width {w.shape[1]}, backbone width {spec.width}")
+    for eid, placed in bundle.experts.items():
+        width, expert = backbone.towers[placed.tower].width, placed.expert
+        rank = expert.down_w.shape[0]
+        want = {"down.weight": (rank, width), "down.bias": (rank,), "up.weight": (width, rank), "up.bias": (width,)}
+        got = {k: tuple(v.shape) for k, v in expert.parts().items()}
+        if got != want or placed.block >= backbone.towers[placed.tower].layers:
+            problems.append(
+                f"expert {eid[:12]} at {placed.tower}.{placed.block} has shapes {got}, backbone needs {want}"
+            )
+    problems += selector_shape_problems(bundle.manifest.selector.kind, bundle.selector_tensors, backbone.embed_dim)
+    if bundle.probes is not None and bundle.probes.shape[1] != backbone.embed_dim:
+        problems.append(f"{PROBES_KEY} width {bundle.probes.shape[1]}, backbone embeddings {backbone.embed_dim}")
+    return problems
+
+
+def check_compatible(
+    bundle: Bundle, backbone: Backbone, bank_experts: Mapping[str, tuple[str, int]], config: MoEConfig | None = None
+) -> None:
+    """Check a bundle against the served backbone, the experts in the bank ({id: (tower, block)}) and, if
+    given, the bank's MoE settings. Raises the first kind of problem found, naming every instance of it."""
+    check_backbone(bundle.manifest.backbone, backbone)
+    problems = _shape_problems(bundle, backbone)
+    if problems:
+        raise ShapeMismatch("bundle does not fit the backbone: " + "; ".join(problems[:10]))
+    missing = [eid[:12] for eid in bundle.uses if eid not in bank_experts]
+    if missing:
+        raise MissingExpert(f"bundle uses {len(missing)} expert(s) the bank does not hold: {', '.join(missing[:5])}")
+    misplaced = [
+        f"{eid[:12]} at {tower}.{block}"
+        for tower in TOWERS
+        for block, ids in enumerate(bundle.manifest.routing.blocks[tower])
+        for eid in ids
+        if eid not in bundle.experts and tuple(bank_experts[eid]) != (tower, block)
+    ]
+    if misplaced:
+        raise MissingExpert(f"bundle routes to experts the bank holds elsewhere: {', '.join(misplaced[:5])}")
+    if config is not None:
+        check_config(bundle, config)

@@ -1,0 +1,30 @@
+"""Where clipbank's settings come from: the one reader of `CLIPBANK_*` environment variables, and `option`, a
+dataclass field that carries the help text the command line shows (`clipbank/flags.py` turns config classes
+into flags, so a setting is declared once)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import field
+from typing import Any
+
+ENV_PREFIX = "CLIPBANK_"
+
+
+def env_value(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """`$CLIPBANK_<NAME>`, or None when it is unset or empty."""
+    environ = os.environ if environ is None else environ
+    return environ.get(ENV_PREFIX + name.upper()) or None
+
+
+def cache_root(environ: Mapping[str, str] | None = None) -> str:
+    """`$XDG_CACHE_HOME/clipbank`, else `~/.cache/clipbank`."""
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, "clipbank")
+
+
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with a default and the help text of its command-line flag."""
+    return field(default=default, metadata={"help": help, "choices": choices})

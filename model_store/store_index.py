@@ -1,0 +1,172 @@
+"""The store's index, typed: which versions of which tasks are stored, and which one of each is active.
+
+Read with `StoreIndex.from_json` and written with `to_json`; the JSON layout is the store format
+(docs/store.md). Optional fields an older release did not write, or wrote with another type, read as their
+defaults; a structural problem (a task entry that is not an object, a version without its number or bundle id)
+is a StoreError naming it, so nothing is served or written from an index that cannot be understood.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .errors import StoreError, TaskNotFound, VersionNotFound
+from .manifest import ID_RE, shown
+
+INDEX_FORMAT = 1
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """One stored version of a task: its bundle and what the listing shows without reading the bundle."""
+
+    version: int
+    bundle_id: str
+    created_at: str | None = None  # when it was trained (from its manifest)
+    stored_at: str | None = None
+    bytes: int = 0
+    experts_new: tuple[str, ...] = ()  # experts it adds to the store
+    classes: tuple[str, ...] | None = None
+    uses: tuple[str, ...] = ()  # older experts its routers choose among
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> VersionRecord:
+        if not isinstance(obj, dict) or type(obj.get("version")) is not int or not isinstance(obj.get("bundle_id"), str):
+            raise StoreError(f"the store index is malformed: {where} has no integer version and bundle id")
+        if not ID_RE.fullmatch(obj["bundle_id"]):
+            raise StoreError(f"the store index is malformed: {where} names bundle {shown(obj['bundle_id'], 20)}")
+        metrics = obj.get("metrics")
+        return cls(
+            version=obj["version"],
+            bundle_id=obj["bundle_id"],
+            created_at=_text_or_none(obj.get("created_at")),
+            stored_at=_text_or_none(obj.get("stored_at")),
+            bytes=obj["bytes"] if type(obj.get("bytes")) is int else 0,
+            experts_new=_strings(obj.get("experts_new")),
+            classes=_strings(obj["classes"]) if isinstance(obj.get("classes"), list) else None,
+            uses=_strings(obj.get("uses")),
+            metrics={k: float(v) for k, v in metrics.items() if _finite(v)} if isinstance(metrics, dict) else {},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "bundle_id": self.bundle_id,
+            "created_at": self.created_at,
+            "stored_at": self.stored_at,
+            "bytes": self.bytes,
+            "experts_new": list(self.experts_new),
+            "classes": list(self.classes) if self.classes is not None else None,
+            "uses": list(self.uses),
+            "metrics": dict(self.metrics),
+        }
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """A task's stored versions (oldest first) and the bundle id of the active one (None: not routed to)."""
+
+    versions: tuple[VersionRecord, ...] = ()
+    active: str | None = None
+
+    @classmethod
+    def from_json(cls, obj: Any, task: str) -> TaskRecord:
+        if not isinstance(obj, dict) or not isinstance(obj.get("versions", []), list):
+            raise StoreError(f"the store index is malformed: task {shown(task)} is not an object with versions")
+        versions = tuple(
+            VersionRecord.from_json(v, f"task {shown(task)} version entry {i}") for i, v in enumerate(obj["versions"])
+        )
+        active = obj.get("active")
+        if active is not None and not isinstance(active, str):
+            raise StoreError(f"the store index is malformed: task {shown(task)} has active {shown(active, 20)}")
+        return cls(versions, active)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"active": self.active, "versions": [v.to_json() for v in self.versions]}
+
+    @property
+    def newest(self) -> int:
+        return max((v.version for v in self.versions), default=0)
+
+    def active_record(self) -> VersionRecord | None:
+        return next((v for v in self.versions if v.bundle_id == self.active), None)
+
+
+@dataclass(frozen=True)
+class StoreIndex:
+    """Every task of a store. `generation` grows by one with every change; servers poll it."""
+
+    generation: int = 0
+    tasks: Mapping[str, TaskRecord] = field(default_factory=dict)
+    format: int = INDEX_FORMAT
+
+    @classmethod
+    def from_json(cls, obj: Any) -> StoreIndex:
+        if not isinstance(obj, dict) or type(obj.get("generation")) is not int or not isinstance(obj.get("tasks"), dict):
+            raise StoreError("the store index lacks 'generation' or 'tasks'; see the server log")
+        tasks = {name: TaskRecord.from_json(entry, name) for name, entry in obj["tasks"].items()}
+        return cls(obj["generation"], tasks, obj.get("format", INDEX_FORMAT))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "generation": self.generation,
+            "tasks": {name: t.to_json() for name, t in self.tasks.items()},
+        }
+
+    def task(self, name: str) -> TaskRecord:
+        if name not in self.tasks:
+            known = ", ".join(sorted(self.tasks)) or "none"
+            raise TaskNotFound(f"task {shown(name)} is not in the store; known: {known}")
+        return self.tasks[name]
+
+    def version(self, task: str, version: int) -> VersionRecord:
+        record = self.task(task)
+        for v in record.versions:
+            if v.version == version:
+                return v
+        have = ", ".join(str(v.version) for v in record.versions)
+        raise VersionNotFound(f"task {shown(task)} has no version {version}; stored versions: {have}")
+
+    def active(self) -> dict[str, str]:
+        """{task: active bundle id} for every task that has one."""
+        return {name: t.active for name, t in self.tasks.items() if t.active}
+
+    def records(self) -> Iterator[tuple[str, VersionRecord]]:
+        for name, t in self.tasks.items():
+            for v in t.versions:
+                yield name, v
+
+    def expert_sources(self) -> dict[str, str]:
+        """{expert id: id of the bundle that added it}, over every stored version."""
+        out: dict[str, str] = {}
+        for _, v in self.records():
+            for eid in v.experts_new:
+                out.setdefault(eid, v.bundle_id)
+        return out
+
+    def with_task(self, name: str, change: Callable[[TaskRecord], TaskRecord | None]) -> StoreIndex:
+        """A copy with task `name` (empty if absent) replaced by `change(record)`; None removes the task."""
+        tasks = dict(self.tasks)
+        new = change(tasks.get(name, TaskRecord()))
+        if new is None:
+            tasks.pop(name, None)
+        else:
+            tasks[name] = new
+        return replace(self, tasks=tasks)

@@ -1,0 +1,1 @@
+"""Tests of the benchmark package: measuring code, not the product."""

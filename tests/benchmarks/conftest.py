@@ -1,0 +1,8 @@
+"""Benchmark-test fixtures."""
+
+import pytest
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"

@@ -1,0 +1,209 @@
+"""One bank per change: the bank checked before the store is written is the one swapped in after it, unless the
+store moved in between, when the bank is built again from the store (never a stale one served)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from model_store import store as store_module
+from model_store.bank import build_bank, empty_bank
+from model_store.bundle import MANIFEST_KEY, read_bundle
+from model_store.digest import bytes_digest
+from model_store.errors import BackboneMismatch, BundleInvalid
+from model_store.loader import BankLoader
+from model_store.store import LocalStore
+from service import registry as registry_module
+from service.registry import Registry
+from tests.helpers import random_bundle, with_version
+
+
+@pytest.fixture(scope="module")
+def parts(backbone):
+    """Bytes of tasks a (v1, v2: the same experts) and b on their own, and c, which routes to a's experts too."""
+    a = random_bundle(empty_bank(backbone), "a", seed=41)
+    c = random_bundle(build_bank(backbone, [read_bundle(a)]), "c", seed=43)
+    b = random_bundle(empty_bank(backbone), "b", seed=42)
+    return {"a": a, "a2": with_version(a, 2), "b": b, "b2": with_version(b, 2), "c": c}
+
+
+@pytest.fixture
+def registry(tmp_path, backbone):
+    r = Registry(LocalStore(tmp_path / "store"), backbone)
+    r.load()
+    return r
+
+
+class Builds:
+    """Every bank `registry`'s loader builds (each `load` builds one), and every bank a trial run checks."""
+
+    def __init__(self, monkeypatch, registry: Registry) -> None:
+        self.banks: list = []
+        self.trialled: list = []
+        load, trial = registry.loader.load, registry_module.trial_run
+
+        def counted_load(*args, **kwargs):
+            self.banks.append(load(*args, **kwargs))
+            return self.banks[-1]
+
+        def recorded_trial(bank, tasks, cache=None):
+            self.trialled.append(bank)
+            return trial(bank, tasks, cache)
+
+        monkeypatch.setattr(registry.loader, "load", counted_load)
+        monkeypatch.setattr(registry_module, "trial_run", recorded_trial)
+
+
+@pytest.fixture
+def builds(monkeypatch, registry):
+    """Installed once `registry` has loaded its start-up bank, so only the changes' builds are counted."""
+    return Builds(monkeypatch, registry)
+
+
+def _served(bank) -> list[tuple[str, int, str]]:
+    return [(t.name, t.version, t.bundle_id) for t in bank.tasks]
+
+
+def _same_as_fresh(registry: Registry, backbone) -> None:
+    """The served bank is what a start-up on the store would serve."""
+    fresh = BankLoader(registry.store, backbone).load()
+    bank = registry.bank
+    assert bank.generation == fresh.generation == registry.store.generation()
+    assert _served(bank) == _served(fresh) and dict(bank.degraded) == dict(fresh.degraded)
+    assert {e: p[:2] for e, p in bank.expert_ids.items()} == {e: p[:2] for e, p in fresh.expert_ids.items()}
+    assert bank.bundle_ids == fresh.bundle_ids
+
+
+def test_an_upload_builds_one_bank_and_serves_the_checked_one(registry, builds, parts, backbone):
+    for n, name in enumerate(("a", "c", "a2"), start=1):
+        result = registry.upload(parts[name])
+        assert len(builds.banks) == n, f"upload of {name} built {len(builds.banks) - n + 1} banks"
+        assert registry.bank is builds.banks[-1] is builds.trialled[-1]  # the checked bank, not a copy of it
+        assert registry.bank.generation == result.generation == n
+        _same_as_fresh(registry, backbone)
+        assert registry.refresh() is False and len(builds.banks) == n  # the poller sees nothing to do
+    assert _served(registry.bank) == [("a", 2, bytes_digest(parts["a2"])), ("c", 1, bytes_digest(parts["c"]))]
+    # c's experts come from a v1, which stays in the bank's bundles (and the loader's cache) though not active
+    assert bytes_digest(parts["a"]) in registry.bank.bundle_ids
+    assert set(registry.loader._bundles) == set(registry.bank.bundle_ids)
+
+
+def test_activate_and_deactivate_build_one_bank_each(registry, builds, parts, backbone):
+    registry.upload(parts["a"])
+    registry.upload(parts["a2"])
+    registry.upload(parts["b"])
+    steps = [
+        (lambda: registry.activate("a", 1), [("a", 1), ("b", 1)], 4),
+        (lambda: registry.deactivate("b"), [("a", 1)], 5),
+        (lambda: registry.deactivate("b", purge=True), [("a", 1)], 6),  # inactive already: only the purge
+        (lambda: registry.deactivate("a", purge=True), [], 8),  # active: deactivated, then purged
+    ]
+    for n, (change, served, generation) in enumerate(steps, start=4):
+        change()
+        assert len(builds.banks) == n
+        assert registry.bank is builds.banks[-1]
+        assert [(t.name, t.version) for t in registry.bank.tasks] == served
+        assert registry.bank.generation == generation
+        _same_as_fresh(registry, backbone)
+    assert registry.store.index()["tasks"] == {}
+
+
+def test_an_upload_without_activation_builds_one_bank(registry, builds, parts, backbone):
+    registry.upload(parts["a"])
+    before = registry.bank
+    registry.upload(parts["b"], activate=False)
+    assert len(builds.banks) == 2
+    checked = builds.trialled[-1]
+    assert checked.task_names == ("a", "b")  # checked as if activated
+    assert registry.bank is not checked and registry.bank.task_names == ("a",)
+    assert registry.bank.tasks == before.tasks and registry.bank.generation == 2
+    _same_as_fresh(registry, backbone)
+    registry.activate("b", 1)
+    assert len(builds.banks) == 3 and registry.bank.task_names == ("a", "b")
+
+
+def test_a_store_changed_between_check_and_write_is_rebuilt_not_served_stale(registry, parts, backbone, monkeypatch):
+    registry.upload(parts["a"])
+    registry.upload(parts["b"])
+    builds = Builds(monkeypatch, registry)
+    put = registry.store.put_validated
+
+    def put_after_another_writer(*args, **kwargs):
+        # A writer that ignored the lock (the store's lock is re-entrant in this process, so it gets in).
+        registry.store.deactivate("a")
+        return put(*args, **kwargs)
+
+    monkeypatch.setattr(registry.store, "put_validated", put_after_another_writer)
+    result = registry.upload(parts["b2"])
+    checked = builds.trialled[-1]
+    assert checked.task_names == ("a", "b") and checked.generation == 3  # what the store held at the check, + 1
+    assert result.generation == registry.store.generation() == 4
+    assert len(builds.banks) == 2 and registry.bank is builds.banks[-1] is not checked  # built again
+    assert [(t.name, t.version) for t in registry.bank.tasks] == [("b", 2)]
+    _same_as_fresh(registry, backbone)
+    assert registry.refresh() is False
+
+
+def test_a_change_on_a_stale_bank_serves_the_store_plus_the_change(registry, builds, parts, backbone, tmp_path):
+    LocalStore(tmp_path / "store").put(parts["b"])  # another server; this one has not polled yet
+    assert registry.bank.generation == 0
+    registry.upload(parts["a"])
+    assert len(builds.banks) == 1 and registry.bank is builds.banks[0]
+    assert registry.bank.task_names == ("a", "b") and registry.bank.generation == 2
+    _same_as_fresh(registry, backbone)
+
+
+def test_an_upload_is_read_once_and_stored_without_a_second_read(registry, builds, parts, monkeypatch):
+    calls = {"registry.read_bundle": 0, "store.read_bundle": 0, "store.bytes_digest": 0}
+
+    def counting(module, name):
+        real = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            calls[f"{module.__name__.split('.')[-1]}.{name}"] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    counting(registry_module, "read_bundle")
+    counting(store_module, "read_bundle")
+    counting(store_module, "bytes_digest")
+    registry.upload(parts["a"])
+    assert calls == {"registry.read_bundle": 1, "store.read_bundle": 0, "store.bytes_digest": 0}
+    assert registry.store.read(bytes_digest(parts["a"])) == parts["a"]
+
+
+def test_put_still_validates_what_it_is_handed(tmp_path, parts):
+    store = LocalStore(tmp_path / "store")
+    wrong = read_bundle(parts["a"])
+    result = store.put(parts["b"], bundle=wrong)  # the bundle is not these bytes: they are read instead
+    assert (result.task, result.bundle_id) == ("b", bytes_digest(parts["b"]))
+    with pytest.raises(ValueError, match="bytes"):
+        store.put_validated(wrong, parts["c"])
+    assert list(store.index()["tasks"]) == ["b"]
+
+
+def _other_backbone(data: bytes, edit=lambda manifest: None) -> bytes:
+    tensors = st_load(data)
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    manifest = json.loads(header["__metadata__"][MANIFEST_KEY])
+    manifest["backbone"]["fingerprint"] = "0" * 64
+    edit(manifest)
+    return st_save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest)})
+
+
+def test_another_backbone_is_refused_from_the_header_before_the_tensors_are_read(registry, builds, parts, monkeypatch):
+    reads = []
+    monkeypatch.setattr(registry_module, "read_bundle", lambda data: reads.append(data))
+    with pytest.raises(BackboneMismatch, match="does not match the served backbone"):
+        registry.upload(_other_backbone(parts["a"]))
+    with pytest.raises(BackboneMismatch):
+        registry.upload(_other_backbone(parts["a"])[:-8])  # a damaged payload: the header is enough to refuse it
+    assert reads == [] and builds.banks == [] and registry.store.index()["tasks"] == {}
+    assert registry.metrics.swap_failures._value.get() == 2  # counted as when the bank build refused it
+    monkeypatch.setattr(registry_module, "read_bundle", read_bundle)
+    with pytest.raises(BundleInvalid, match="invalid bundle manifest"):  # a manifest that is not one: read_bundle's
+        registry.upload(_other_backbone(parts["a"], lambda m: m.pop("classes")))

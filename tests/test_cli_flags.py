@@ -1,0 +1,71 @@
+"""The command line is made from the config classes: every documented setting is a flag, defaults and help
+come from the class, and names defined once agree wherever they are used."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import typing
+from dataclasses import fields
+
+import pytest
+
+from clipbank.cli import build_parser
+from clipbank.flags import flag_fields, given
+from model_store.modes import ROUTE_MODES, SELECTOR_NAMES
+from service.config import ServeConfig
+from service.schemas import RouteMode
+from training.config import PretrainConfig, TrainJob
+
+
+def _sub(cmd: str):
+    parser = build_parser()
+    return next(a for a in parser._subparsers._group_actions if a.dest == "cmd").choices[cmd]
+
+
+def test_every_serve_setting_but_the_tokens_is_a_flag_that_defaults_to_unset():
+    flags = {a.dest: a for a in _sub("serve")._actions if a.dest != "help"}
+    expected = {f.name for f in fields(ServeConfig)} - {"admin_token", "classify_token", "limits"}
+    assert set(flags) == expected
+    assert all(a.default is None for a in flags.values())  # so CLIPBANK_* variables fill what was not given
+    assert "(default 8000)" in flags["port"].help
+    assert flags["frozen_runtime"].choices == ("auto", "torch", "onnx")
+
+
+def test_serve_flags_override_the_environment_and_the_rest_comes_from_it():
+    args = build_parser().parse_args(["serve", "--port", "9001", "--max-wait-ms", "2.5"])
+    config = ServeConfig.from_env({"CLIPBANK_PORT": "9000", "CLIPBANK_HOST": "0.0.0.0"}, **given(ServeConfig, args))
+    assert (config.port, config.max_wait_ms, config.host) == (9001, 2.5, "0.0.0.0")
+
+
+def test_train_flags_build_a_train_job_with_the_class_defaults():
+    args = build_parser().parse_args(["train", "--task", "t", "--data", "d", "--steps", "7", "--no-activate"])
+    job = TrainJob(**given(TrainJob, args))
+    assert (job.task, job.data, job.steps, job.activate) == ("t", "d", 7, False)
+    assert (job.batch_size, job.selector, job.lr) == (TrainJob.batch_size, "autoencoder", None)
+    assert set(given(TrainJob, args)) == {f.name for f in flag_fields(TrainJob)}
+
+
+def test_train_requires_task_and_data(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--data", "d"])
+    assert "--task" in capsys.readouterr().err
+
+
+def test_pretrain_flags_cover_the_whole_config():
+    args = build_parser().parse_args(["pretrain-tiny", "--steps", "3", "--characters", "0.4"])
+    cfg = PretrainConfig(**given(PretrainConfig, args))
+    assert (cfg.steps, cfg.characters, cfg.batch_size) == (3, 0.4, 128)
+
+
+def test_names_defined_once_agree():
+    assert typing.get_args(RouteMode) == ROUTE_MODES
+    from model_store.selector import SELECTOR_KINDS
+
+    assert tuple(SELECTOR_KINDS) == SELECTOR_NAMES
+
+
+def test_building_the_command_line_does_not_load_torch():
+    code = "import sys, clipbank.cli as c; c.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
