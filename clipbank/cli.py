@@ -90,7 +90,7 @@ def _store(args: argparse.Namespace) -> int:
 
     store = open_store(args.store)
     if args.store_cmd == "list":
-        print(json.dumps(store.index(), indent=2))
+        print(json.dumps(store.index().to_json(), indent=2))
     elif args.store_cmd == "activate":
         print(store.activate(args.task, args.version))
     elif args.store_cmd == "deactivate":

@@ -84,9 +84,10 @@ class TowerSpec:
     layers: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class Backbone:
-    """A frozen open_clip CLIP with its transforms, tokenizer and fingerprint."""
+    """A frozen open_clip CLIP with its transforms, tokenizer and fingerprint. The object is never changed
+    (`with_frozen` makes another that shares the model)."""
 
     ref: BackboneRef
     model: Any
@@ -102,7 +103,7 @@ class Backbone:
 
     def __post_init__(self) -> None:
         if self.frozen is None:
-            self.frozen = TorchFrozen(self.model)
+            object.__setattr__(self, "frozen", TorchFrozen(self.model))  # the one assignment, at construction
 
     def with_frozen(self, frozen: FrozenRuntime | None = None) -> Backbone:
         """This backbone (the same model, tokenizer and fingerprint: no copy of the weights) as a new object whose

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -15,6 +14,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .backbone import TOWERS
+from .bundle_format import MANIFEST_KEY, PROBES_KEY, read_metadata
 from .digest import bytes_digest, tensor_digest
 from .errors import (
     BundleFormatError,
@@ -26,11 +26,7 @@ from .manifest import FORMAT, Manifest
 from .safejson import JSONRefused
 from .safejson import loads as bounded_loads
 
-MANIFEST_KEY = "clipbank.manifest"
-MAX_HEADER_BYTES = 64 * 1024 * 1024
 MAX_PROBES = 256  # rows of `probes.embeddings`: a task's held-out frozen embeddings, the negatives of later tasks
-PROBES_KEY = "probes.embeddings"
-REFUSED_MAGIC = {b"PK\x03\x04": "a zip archive (torch.save .pt/.pth)", b"\x80": "a pickle (.bin/.pkl)"}
 
 
 def utc_now() -> str:
@@ -99,35 +95,6 @@ def pack_bundle(
     data = st_save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
     read_bundle(data)
     return data
-
-
-def _refuse_other_formats(data: bytes) -> None:
-    """Name the format of a file that is not safetensors, when its magic bytes say what it is."""
-    for magic, what in REFUSED_MAGIC.items():
-        if data.startswith(magic):
-            raise BundleFormatError(f"bundle is {what}; only .safetensors bundles are accepted (no pickle)")
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    if len(data) < 8:
-        _refuse_other_formats(data)
-        raise BundleFormatError(f"bundle is {len(data)} bytes, too short to be a safetensors file")
-    (n,) = struct.unpack("<Q", data[:8])
-    # The structure decides, not the first byte: a safetensors header of length 128 + 256k starts with 0x80 too.
-    if n > min(len(data) - 8, MAX_HEADER_BYTES) or data[8:9] != b"{":
-        _refuse_other_formats(data)
-    if n > min(len(data) - 8, MAX_HEADER_BYTES):
-        raise BundleFormatError(f"not a safetensors file: header length {n} exceeds the file ({len(data)} bytes)")
-    try:
-        header = bounded_loads(data[8 : 8 + n])
-    except JSONRefused as e:
-        raise BundleFormatError(f"not a safetensors file: the header is not JSON within bounds ({e})") from None
-    if not isinstance(header, dict):
-        raise BundleFormatError("not a safetensors file: header is not a JSON object")
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise BundleFormatError("not a safetensors file: __metadata__ must map strings to strings")
-    return meta
 
 
 def _probe_problems(probes: torch.Tensor | None) -> list[str]:
@@ -214,9 +181,7 @@ def _one_block(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def read_manifest(data: bytes) -> Manifest:
     """A bundle's manifest, from its header alone (no tensor is read). Raises a typed BundleError."""
-    meta = _safetensors_metadata(data)
-    if MANIFEST_KEY not in meta:
-        raise BundleInvalid(f"safetensors metadata has no {MANIFEST_KEY!r} key; not a clipbank bundle")
+    meta = read_metadata(data)  # tensor names and dtypes checked here, before any tensor is read
     try:
         return Manifest.from_json(bounded_loads(meta[MANIFEST_KEY]))  # every problem named at once
     except JSONRefused as e:

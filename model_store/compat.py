@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .backbone import TOWERS, Backbone
-from .bundle import PROBES_KEY, Bundle, read_manifest
+from .bundle import Bundle, read_manifest
+from .bundle_format import PROBES_KEY
 from .errors import BackboneMismatch, BundleError, BundleInvalid, MissingExpert, ShapeMismatch
 from .experts import MoEConfig
 from .manifest import BackboneInfo

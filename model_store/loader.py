@@ -11,6 +11,7 @@ from .bundle import Bundle
 from .compat import check_compatible
 from .errors import ClipbankError, MissingExpert
 from .store import LocalStore
+from .store_index import StoreIndex
 
 
 class BankLoader:
@@ -92,20 +93,20 @@ class BankLoader:
                 del tasks[task]
                 continue
             providers.update({b.id: b for b in mine})
-        generation = int(index["generation"]) + changes
+        generation = index.generation + changes
         bank = build_bank(self.backbone, list(tasks.values()), list(providers.values()), generation, previous, degraded)
         if not overrides:
             self.adopt(bank)
         return bank
 
     def _active(
-        self, index: Mapping, overrides: Mapping[str, Bundle | None]
+        self, index: StoreIndex, overrides: Mapping[str, Bundle | None]
     ) -> tuple[dict[str, Bundle], dict[str, str]]:
         """({task: bundle} of the index's active versions with `overrides` applied, {task: why} of those unreadable)."""
         degraded: dict[str, str] = {}
         tasks: dict[str, Bundle] = {}
-        for task, entry in index["tasks"].items():
-            bundle_id = entry.get("active") if isinstance(entry, dict) else None
+        for task, entry in index.tasks.items():
+            bundle_id = entry.active
             if bundle_id and task not in overrides:
                 try:
                     tasks[task] = self.bundle(bundle_id)

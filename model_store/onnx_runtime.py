@@ -198,11 +198,14 @@ def _versions() -> str:
     return "-".join(str(p) for p in parts)
 
 
-def use_onnx_runtime(backbone: Backbone, cache_dir: str | os.PathLike | None = None) -> dict[str, float]:
-    """Serve `backbone`'s frozen passes from ONNX Runtime, exporting the towers once per fingerprint and versions.
+def with_onnx_runtime(
+    backbone: Backbone, cache_dir: str | os.PathLike | None = None
+) -> tuple[Backbone, dict[str, float]]:
+    """`backbone` as a new object whose frozen passes ONNX Runtime runs (the towers exported once per fingerprint
+    and versions), and the parity measured. `backbone` itself is not changed.
 
     A cached export that cannot be loaded or does not match PyTorch within PARITY_ATOL is exported again, once;
-    if that does not match either, BackboneError. Returns the parity.
+    if that does not match either, BackboneError.
     """
     _require_ort()
     root = _cache_folder(Path(cache_dir) if cache_dir is not None else default_cache_dir())
@@ -220,6 +223,5 @@ def use_onnx_runtime(backbone: Backbone, cache_dir: str | os.PathLike | None = N
                 runtime, diffs = _checked_runtime(backbone, target)
     except Timeout:
         raise BackboneError(f"the ONNX cache {root} stayed locked for {EXPORT_LOCK_SECONDS} s") from None
-    backbone.frozen = runtime
     log.info("frozen passes served by ONNX Runtime (parity %s)", diffs)
-    return diffs
+    return backbone.with_frozen(runtime), diffs

@@ -7,8 +7,9 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,11 @@ from filelock import FileLock, Timeout
 
 from .bundle import Bundle, read_bundle, utc_now
 from .digest import bytes_digest
-from .errors import BundleNotFound, MissingExpert, StoreError, TaskNotFound, VersionConflict, VersionNotFound
+from .errors import BundleNotFound, MissingExpert, StoreError, VersionConflict
 from .manifest import finite_metrics, shown, validate_task_name
+from .store_index import StoreIndex, TaskRecord, VersionRecord
 
 log = logging.getLogger("clipbank.store")
-INDEX_FORMAT = 1
 TMP_PREFIX = ".tmp-"
 
 
@@ -65,12 +66,12 @@ class LocalStore:
         self.index_path = self.root / "index.json"
         self.blobs.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(str(self.root / ".lock"), timeout=60)
-        self._cached: tuple[tuple, dict[str, Any]] | None = None
+        self._cached: tuple[tuple, StoreIndex] | None = None
 
     # ----------------------------------------------------------------------------------------- reading
 
-    def index(self) -> dict[str, Any]:
-        """The current index, shared: do not modify it (`_change` edits a private copy).
+    def index(self) -> StoreIndex:
+        """The current index (immutable; `_change` publishes a new one).
 
         Parsed again only when the file changed (its inode, size, mtime or generation): with a hundred tasks it
         is megabytes of JSON, and servers poll its generation every few seconds.
@@ -80,7 +81,7 @@ class LocalStore:
                 st = os.fstat(f.fileno())
                 head = f.read(64)  # holds the generation (keys are sorted), which every change increments
         except FileNotFoundError:
-            return {"format": INDEX_FORMAT, "generation": 0, "tasks": {}}
+            return StoreIndex()
         key = (st.st_ino, st.st_size, st.st_mtime_ns, head)
         cached = self._cached
         if cached is not None and cached[0] == key:
@@ -89,31 +90,33 @@ class LocalStore:
         self._cached = (key, index)
         return index
 
-    def _read_index(self) -> dict[str, Any]:
+    def _read_index(self) -> StoreIndex:
         try:
             index = json.loads(self.index_path.read_text())
         except FileNotFoundError:
-            return {"format": INDEX_FORMAT, "generation": 0, "tasks": {}}
+            return StoreIndex()
         except (ValueError, RecursionError) as e:  # JSON errors and bad UTF-8; the path goes to the log only
             log.error("store index %s is corrupt: %s", self.index_path, e)
             raise StoreError(f"the store index is corrupt ({str(e)[:120]}); see the server log") from None
-        if not isinstance(index, dict) or not isinstance(index.get("tasks"), dict) or "generation" not in index:
-            log.error("store index %s lacks 'generation' or 'tasks'", self.index_path)
-            raise StoreError("the store index lacks 'generation' or 'tasks'; see the server log")
-        return index
+        try:
+            return StoreIndex.from_json(index)
+        except StoreError as e:
+            log.error("store index %s: %s", self.index_path, e)
+            raise
 
     def generation(self) -> int:
-        return int(self.index()["generation"])
+        return self.index().generation
 
-    def task(self, name: str) -> dict[str, Any]:
-        tasks = self.index()["tasks"]
-        if name not in tasks:
-            raise TaskNotFound(f"task {shown(name)} is not in the store; known: {', '.join(sorted(tasks)) or 'none'}")
-        return tasks[name]
+    def task(self, name: str) -> TaskRecord:
+        return self.index().task(name)
+
+    def version(self, task: str, version: int) -> VersionRecord:
+        """The index record of one stored version."""
+        return self.index().version(task, version)
 
     def active(self) -> dict[str, str]:
         """{task: active bundle id} for every task that has one."""
-        return {t: e["active"] for t, e in self.index()["tasks"].items() if e.get("active")}
+        return self.index().active()
 
     def read(self, bundle_id: str) -> bytes:
         path = self.blobs / f"{bundle_id}.safetensors"
@@ -131,12 +134,7 @@ class LocalStore:
 
     def expert_sources(self) -> dict[str, str]:
         """{expert id: id of the bundle that added it}, over every stored version."""
-        out = {}
-        for entry in self.index()["tasks"].values():
-            for v in entry["versions"]:
-                for eid in v.get("experts_new", []):
-                    out.setdefault(eid, v["bundle_id"])
-        return out
+        return self.index().expert_sources()
 
     # ----------------------------------------------------------------------------------------- changing
 
@@ -150,18 +148,18 @@ class LocalStore:
             log.error("store %s stayed locked for %ss", self.root, self._lock.timeout)
             raise StoreError(f"the store stayed locked by another process for {self._lock.timeout}s") from None
 
-    @contextmanager
-    def _change(self):
-        """Lock, read the index, let the caller edit it, then publish it with generation + 1."""
+    def _change(self, edit: Callable[[StoreIndex], StoreIndex]) -> StoreIndex:
+        """Lock, read the index, publish `edit(index)` with generation + 1, and return what was published."""
         with self.locked():
             for folder in (self.root, self.blobs):  # temp files left by a killed writer; we hold the lock
                 for stale in folder.glob(TMP_PREFIX + "*"):
                     stale.unlink(missing_ok=True)
-            index = self._read_index()  # a private copy to edit
-            yield index
-            index["generation"] = int(index["generation"]) + 1
+            index = edit(self._read_index())
+            index = replace(index, generation=index.generation + 1)
             # compact: the C encoder (with an indent, json runs in Python: slow for a big index)
-            atomic_write(self.index_path, json.dumps(index, sort_keys=True, separators=(",", ":")).encode())
+            data = json.dumps(index.to_json(), sort_keys=True, separators=(",", ":")).encode()
+            atomic_write(self.index_path, data)
+            return index
 
     def put(
         self,
@@ -185,15 +183,26 @@ class LocalStore:
         parsed nor hashed again). Callers holding only bytes, or a bundle read elsewhere, use `put`."""
         if bundle.file_bytes != len(data):  # a cheap guard against handing in another bundle's bytes
             raise ValueError(f"bundle {bundle.id[:12]} was read from {bundle.file_bytes} bytes, not these {len(data)}")
-        with self._change() as index:
-            entry = index["tasks"].setdefault(bundle.task, {"active": None, "versions": []})
-            newest = max((v["version"] for v in entry["versions"]), default=0)
+        record = VersionRecord(
+            version=bundle.version,
+            bundle_id=bundle.id,
+            created_at=bundle.manifest.created_at,
+            stored_at=utc_now(),
+            bytes=len(data),
+            experts_new=bundle.manifest.experts_new,
+            classes=bundle.manifest.classes,
+            uses=bundle.uses,
+            metrics=metrics or _metrics_of(bundle),
+        )
+
+        def add(index: StoreIndex) -> StoreIndex:
+            newest = index.tasks[bundle.task].newest if bundle.task in index.tasks else 0
             if bundle.version <= newest:
                 raise VersionConflict(
                     f"task {bundle.task!r} already has version {newest}; a new bundle needs version > {newest}, "
                     f"got {bundle.version}"
                 )
-            stored = {e for t in index["tasks"].values() for v in t["versions"] for e in v.get("experts_new", [])}
+            stored = {eid for _, v in index.records() for eid in v.experts_new}
             missing = [e[:12] for e in bundle.uses if e not in stored]
             if missing:  # a task trained on experts purged since: it could never be served
                 raise MissingExpert(
@@ -202,47 +211,33 @@ class LocalStore:
             path = self.blobs / f"{bundle.id}.safetensors"
             if not path.exists():
                 atomic_write(path, data)
-            entry["versions"].append(
-                {
-                    "version": bundle.version,
-                    "bundle_id": bundle.id,
-                    "created_at": bundle.manifest.created_at,
-                    "stored_at": utc_now(),
-                    "bytes": len(data),
-                    "experts_new": list(bundle.manifest.experts_new),
-                    "classes": list(bundle.manifest.classes),
-                    "uses": bundle.uses,
-                    "metrics": metrics or _metrics_of(bundle),
-                }
+            return index.with_task(
+                bundle.task,
+                lambda t: TaskRecord((*t.versions, record), bundle.id if activate else t.active),
             )
-            if activate:
-                entry["active"] = bundle.id
-        return PutResult(bundle.task, bundle.version, bundle.id, len(bundle.experts), index["generation"])
 
-    def version(self, task: str, version: int, index: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The index entry of one stored version."""
-        entry = (index or self.index())["tasks"].get(task)
-        if entry is None:
-            raise TaskNotFound(f"task {shown(task)} is not in the store")
-        for v in entry["versions"]:
-            if v["version"] == version:
-                return v
-        have = ", ".join(str(v["version"]) for v in entry["versions"])
-        raise VersionNotFound(f"task {shown(task)} has no version {version}; stored versions: {have}")
+        index = self._change(add)
+        return PutResult(bundle.task, bundle.version, bundle.id, len(bundle.experts), index.generation)
 
     def activate(self, task: str, version: int) -> str:
         """Make `version` the active one (rollback or roll forward); returns its bundle id."""
-        with self._change() as index:
-            bundle_id = self.version(task, version, index)["bundle_id"]
-            index["tasks"][task]["active"] = bundle_id
-        return bundle_id
+        chosen: list[str] = []
+
+        def edit(index: StoreIndex) -> StoreIndex:
+            chosen.append(index.version(task, version).bundle_id)
+            return index.with_task(task, lambda t: replace(t, active=chosen[0]))
+
+        self._change(edit)
+        return chosen[0]
 
     def deactivate(self, task: str) -> None:
         """Stop routing to a task. Its blobs stay, so it can be re-activated."""
-        with self._change() as index:
-            if task not in index["tasks"]:
-                raise TaskNotFound(f"task {shown(task)} is not in the store")
-            index["tasks"][task]["active"] = None
+
+        def edit(index: StoreIndex) -> StoreIndex:
+            index.task(task)  # TaskNotFound
+            return index.with_task(task, lambda t: replace(t, active=None))
+
+        self._change(edit)
 
     def purge(self, task: str) -> int:
         """Forget an inactive task and delete the blobs nothing else needs; returns that task's blobs deleted.
@@ -250,22 +245,24 @@ class LocalStore:
         Whole blobs no version names (a writer killed between a blob and the index) are deleted too.
         """
         validate_task_name(task)
+        doomed: list[VersionRecord] = []
+
+        def edit(index: StoreIndex) -> StoreIndex:
+            record = index.task(task)
+            if record.active:
+                raise StoreError(f"task {shown(task)} is active; deactivate it before purging")
+            others = index.with_task(task, lambda t: None)
+            needed = {u for _, v in others.records() for u in v.uses}
+            doomed.extend(v for v in record.versions if not needed.intersection(v.experts_new))
+            kept = tuple(v for v in record.versions if v not in doomed)
+            # experts still used by other tasks: keep those versions, inactive
+            return others.with_task(task, lambda t: TaskRecord(kept) if kept else None)
+
         with self.locked():  # held until the blobs are gone, so a concurrent put cannot reuse one being deleted
-            with self._change() as index:
-                entry = index["tasks"].get(task)
-                if entry is None:
-                    raise TaskNotFound(f"task {shown(task)} is not in the store")
-                if entry.get("active"):
-                    raise StoreError(f"task {shown(task)} is active; deactivate it before purging")
-                del index["tasks"][task]
-                needed = {u for e in index["tasks"].values() for v in e["versions"] for u in v.get("uses", [])}
-                doomed = [v for v in entry["versions"] if not needed.intersection(v.get("experts_new", []))]
-                kept = [v for v in entry["versions"] if v not in doomed]
-                if kept:  # experts still used by other tasks: keep those versions, inactive
-                    index["tasks"][task] = {"active": None, "versions": kept}
+            index = self._change(edit)
             for v in doomed:  # only once the index no longer names them
-                (self.blobs / f"{v['bundle_id']}.safetensors").unlink(missing_ok=True)
-            named = {v["bundle_id"] for e in index["tasks"].values() for v in e["versions"]}
+                (self.blobs / f"{v.bundle_id}.safetensors").unlink(missing_ok=True)
+            named = {v.bundle_id for _, v in index.records()}
             for path in self.blobs.glob("*.safetensors"):
                 if path.stem not in named and not path.name.startswith(TMP_PREFIX):
                     path.unlink(missing_ok=True)

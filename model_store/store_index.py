@@ -47,7 +47,11 @@ class VersionRecord:
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> VersionRecord:
-        if not isinstance(obj, dict) or type(obj.get("version")) is not int or not isinstance(obj.get("bundle_id"), str):
+        if (
+            not isinstance(obj, dict)
+            or type(obj.get("version")) is not int
+            or not isinstance(obj.get("bundle_id"), str)
+        ):
             raise StoreError(f"the store index is malformed: {where} has no integer version and bundle id")
         if not ID_RE.fullmatch(obj["bundle_id"]):
             raise StoreError(f"the store index is malformed: {where} names bundle {shown(obj['bundle_id'], 20)}")
@@ -118,7 +122,11 @@ class StoreIndex:
 
     @classmethod
     def from_json(cls, obj: Any) -> StoreIndex:
-        if not isinstance(obj, dict) or type(obj.get("generation")) is not int or not isinstance(obj.get("tasks"), dict):
+        if (
+            not isinstance(obj, dict)
+            or type(obj.get("generation")) is not int
+            or not isinstance(obj.get("tasks"), dict)
+        ):
             raise StoreError("the store index lacks 'generation' or 'tasks'; see the server log")
         tasks = {name: TaskRecord.from_json(entry, name) for name, entry in obj["tasks"].items()}
         return cls(obj["generation"], tasks, obj.get("format", INDEX_FORMAT))

@@ -96,16 +96,15 @@ class Service:
             return shared.with_frozen()  # PyTorch, whatever runtime the shared object has
         if shared.frozen.name == "onnx":  # set up by whoever loaded the backbone
             return shared.with_frozen(shared.frozen)
-        from model_store.onnx_runtime import use_onnx_runtime
+        from model_store.onnx_runtime import with_onnx_runtime
 
-        own = shared.with_frozen()
         try:
-            use_onnx_runtime(own, self.config.onnx_cache or None)  # sets `own.frozen`: no one else holds `own` yet
+            return with_onnx_runtime(shared, self.config.onnx_cache or None)[0]
         except Exception as e:  # export, cache, file system and ONNX Runtime errors alike
             if wanted == "onnx":
                 raise
             log.warning("frozen passes stay in PyTorch: %s: %s", type(e).__name__, e, exc_info=e)
-        return own
+        return shared.with_frozen()
 
     def require_ready(self) -> Registry:
         if not self.ready.is_set() or self.registry is None:

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -19,6 +19,7 @@ from model_store.errors import BundleError, BundleInvalid, StoreError
 from model_store.inference import ClassifyItem, TextCache, classify_batch
 from model_store.loader import BankLoader
 from model_store.store import LocalStore, PutResult
+from model_store.store_index import StoreIndex, TaskRecord
 
 from .memory import release_free_memory
 from .metrics import Metrics
@@ -166,12 +167,12 @@ class Registry:
 
     # ------------------------------------------------------------------------------------------- reading
 
-    def index(self) -> dict[str, Any]:
-        """The store's index (shared: do not modify it)."""
+    def index(self) -> StoreIndex:
+        """The store's index."""
         return self.store.index()
 
-    def task_entry(self, task: str) -> dict[str, Any]:
-        """A task's index entry; TaskNotFound if the store has none."""
+    def task_entry(self, task: str) -> TaskRecord:
+        """A task's index record; TaskNotFound if the store has none."""
         return self.store.task(task)
 
     # ------------------------------------------------------------------------------------------- changes
@@ -193,15 +194,15 @@ class Registry:
         return self._change({bundle.task: bundle}, write, serves=activate)
 
     def activate(self, task: str, version: int) -> str:
-        bundle = self.loader.bundle(self.store.version(task, version)["bundle_id"])
+        bundle = self.loader.bundle(self.store.version(task, version).bundle_id)
         return self._change({task: bundle}, lambda: self.store.activate(task, version))
 
     def deactivate(self, task: str, purge: bool = False) -> int:
         """Stop routing to `task`; with purge, also forget it and delete blobs no other task needs."""
-        active = self.store.task(task).get("active")  # TaskNotFound before anything else
+        active = self.store.task(task).active  # TaskNotFound before anything else
 
         def write() -> int:
-            if self.store.task(task).get("active"):
+            if self.store.task(task).active:
                 self.store.deactivate(task)
             return self.store.purge(task) if purge else 0
 

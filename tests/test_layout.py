@@ -85,6 +85,6 @@ def test_open_store_opens_folders_and_refuses_other_schemes(tmp_path):
     from model_store import open_store
     from model_store.errors import StoreError
 
-    assert open_store(tmp_path / "s").index()["tasks"] == {}
+    assert open_store(tmp_path / "s").index().tasks == {}
     with pytest.raises(StoreError, match="only local folders"):
         open_store("s3://bucket/prefix")

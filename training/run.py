@@ -39,8 +39,7 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
     if store is not None:
         try:
             entry = store.task(job.task)
-            version = max(v["version"] for v in entry["versions"]) + 1
-            parent = entry.get("active")
+            version, parent = entry.newest + 1, entry.active
         except TaskNotFound:
             pass
     if parent is not None:  # class-incremental: the new version answers over every class seen so far

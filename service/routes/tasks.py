@@ -67,8 +67,8 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         index = await run_in_threadpool(registry.index)
         bank = registry.bank
         return {
-            "generation": int(index["generation"]),
-            "tasks": [task_info(bank, t, e) for t, e in sorted(index["tasks"].items())],
+            "generation": index.generation,
+            "tasks": [task_info(bank, t, e) for t, e in sorted(index.tasks.items())],
         }
 
     @router.get("/tasks/{task}", response_model=TaskInfo)

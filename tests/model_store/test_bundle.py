@@ -239,3 +239,19 @@ def test_probes_of_another_width_do_not_fit(backbone, bundle_bytes):
     b = read_bundle(_with_probes(bundle_bytes, torch.zeros(3, backbone.embed_dim + 1)))
     with pytest.raises(ShapeMismatch, match="probes.embeddings width"):
         check_compatible(b, backbone, {})
+
+
+def test_names_and_dtypes_are_checked_from_the_header_before_any_tensor_is_read(bundle_bytes, monkeypatch):
+    import model_store.bundle as bundle_module
+
+    def add_evil(t):
+        t["evil.payload"] = torch.zeros(3)
+
+    def make_int(t):
+        t["router.visual.0"] = t["router.visual.0"].long()
+
+    monkeypatch.setattr(bundle_module, "st_load", lambda data: pytest.fail("a tensor was read"))
+    with pytest.raises(BundleInvalid, match="unexpected tensor 'evil.payload'"):
+        read_bundle(edit_bundle(bundle_bytes, tensors=add_evil, fix_digest=True))
+    with pytest.raises(BundleInvalid, match="finite float32; these are not: router.visual.0"):
+        read_bundle(edit_bundle(bundle_bytes, tensors=make_int, fix_digest=True))

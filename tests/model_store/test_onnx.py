@@ -11,7 +11,7 @@ from model_store.bundle import read_bundle
 from model_store.errors import BackboneError
 from model_store.inference import ClassifyItem, classify_batch
 from model_store.moe_clip import encode_image, encode_text
-from model_store.onnx_runtime import PARITY_ATOL, export_selector, run_session, session, use_onnx_runtime
+from model_store.onnx_runtime import PARITY_ATOL, export_selector, run_session, session, with_onnx_runtime
 from model_store.selector import SelectorConfig, fit_selector, score
 
 pytest.importorskip("onnxruntime")
@@ -21,9 +21,10 @@ pytest.importorskip("onnxscript")
 @pytest.fixture(scope="module")
 def onnx_backbone(tmp_path_factory):
     """A tiny backbone of its own (the runtime is set on the object), its frozen passes in ONNX Runtime."""
-    bb = load_backbone("tiny", device="cpu")
+    plain = load_backbone("tiny", device="cpu")
     cache = tmp_path_factory.mktemp("onnx-cache")
-    diffs = use_onnx_runtime(bb, cache)
+    bb, diffs = with_onnx_runtime(plain, cache)
+    assert plain.frozen.name == "torch"  # the object passed in is not changed
     return bb, cache, diffs
 
 
@@ -49,7 +50,7 @@ def test_exports_are_cached_by_fingerprint(onnx_backbone):
     stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     assert set(stamps) == {"image.onnx", "text.onnx"}
     again = load_backbone("tiny", device="cpu")
-    use_onnx_runtime(again, cache)
+    with_onnx_runtime(again, cache)
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps  # not exported a second time
 
 
@@ -57,24 +58,24 @@ def test_a_stale_or_broken_cached_export_is_made_again_and_a_mismatch_refused(tm
     from model_store import onnx_runtime
 
     bb = load_backbone("tiny", device="cpu")
-    use_onnx_runtime(bb, tmp_path)
+    with_onnx_runtime(bb, tmp_path)
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
     other = load_backbone("tiny", device="cpu")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a different model under the same fingerprint: the cached export no longer matches
         other.model.visual.proj.add_(torch.randn(other.model.visual.proj.shape, generator=g))
     before = (folder / "image.onnx").stat().st_mtime_ns
-    assert max(use_onnx_runtime(other, tmp_path).values()) <= PARITY_ATOL  # exported again, from `other`
+    assert max(with_onnx_runtime(other, tmp_path)[1].values()) <= PARITY_ATOL  # exported again, from `other`
     assert (folder / "image.onnx").stat().st_mtime_ns != before
     (folder / "text.onnx").write_bytes(b"not an onnx file")  # a damaged cache is exported again too
     third = load_backbone("tiny", device="cpu")
     with torch.no_grad():
         third.model.visual.proj.copy_(other.model.visual.proj)
-    assert max(use_onnx_runtime(third, tmp_path).values()) <= PARITY_ATOL
+    assert max(with_onnx_runtime(third, tmp_path)[1].values()) <= PARITY_ATOL
     monkeypatch.setattr(onnx_runtime, "parity", lambda *a, **k: {"image": 1.0, "text": 0.0})
     last = load_backbone("tiny", device="cpu")
     with pytest.raises(BackboneError, match="differs from PyTorch"):
-        use_onnx_runtime(last, tmp_path)
+        with_onnx_runtime(last, tmp_path)
     assert last.frozen.name == "torch"
 
 
@@ -104,3 +105,13 @@ def test_classification_with_the_onnx_frozen_pass_matches_pytorch(onnx_backbone,
             assert (ra.route.task, ra.route.bundle_id) == (rb.route.task, rb.route.bundle_id)
             pa, pb = dict(ra.labels), dict(rb.labels)  # the ranking of two near-equal scores may differ
             assert pa.keys() == pb.keys() and max(abs(pa[k] - pb[k]) for k in pa) <= 1e-4
+
+
+def test_a_backbone_is_never_changed_after_it_is_made(onnx_backbone):
+    import dataclasses
+
+    bb, _, _ = onnx_backbone
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        bb.frozen = None
+    torch_twin = bb.with_frozen()
+    assert torch_twin.frozen.name == "torch" and bb.frozen.name == "onnx" and torch_twin.model is bb.model

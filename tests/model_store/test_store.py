@@ -14,6 +14,7 @@ import pytest
 from model_store.bank import empty_bank
 from model_store.errors import StoreError, TaskNotFound, VersionConflict, VersionNotFound
 from model_store.store import LocalStore
+from model_store.store_index import TaskRecord
 from tests.helpers import random_bundle
 
 
@@ -43,7 +44,7 @@ def test_put_activate_rollback_deactivate_purge(tmp_path, bundles):
     assert store.load(r2.bundle_id).version == 2  # blobs stay for rollback
     assert store.purge("cars") == 2
     assert not list(store.blobs.iterdir())
-    assert store.index()["tasks"] == {}
+    assert store.index().tasks == {}
 
 
 def test_blobs_are_verified_on_read(tmp_path, bundles):
@@ -114,7 +115,7 @@ def test_process_killed_mid_write(tmp_path, bundles, victim):
     r = after.put(bundles[2])  # the next writer cleans up and succeeds
     assert r.version == 2
     assert not [p for p in (*after.blobs.iterdir(), *tmp_path.iterdir()) if p.name.startswith(".tmp-")]
-    assert json.loads(after.index_path.read_text())["generation"] == before["generation"] + 1
+    assert json.loads(after.index_path.read_text())["generation"] == before.generation + 1
 
 
 def test_two_stores_on_one_folder_see_each_other(tmp_path, bundles):
@@ -152,7 +153,7 @@ def test_loader_cache_keeps_only_bundles_in_use(tmp_path, backbone, bundles):
         store.put(bundles[v])
     loader = BankLoader(store, backbone)
     for v in (1, 2):
-        loader.bundle(store.version("cars", v)["bundle_id"])
+        loader.bundle(store.version("cars", v).bundle_id)
     loader.load()
     assert loader.trim() == 1  # version 1 is stored but not active
     store.deactivate("cars")
@@ -170,15 +171,13 @@ def test_index_reads_are_cached_until_the_file_changes(tmp_path, monkeypatch):
     real = store_module.json.loads
     monkeypatch.setattr(store_module.json, "loads", lambda text: parses.append(1) or real(text))
     assert store.generation() == 0 and not parses  # no file yet
-    with other._change() as index:
-        index["tasks"]["t"] = {"active": None, "versions": []}
+    other._change(lambda index: index.with_task("t", lambda record: record))
     parses.clear()
     assert store.generation() == 1 and len(parses) == 1
-    assert store.generation() == 1 and store.index()["tasks"] == {"t": {"active": None, "versions": []}}
+    assert store.generation() == 1 and store.index().tasks == {"t": TaskRecord()}
     assert len(parses) == 1  # unchanged file: no second parse
     for expected in (2, 3):  # quick successive changes of the same size are still seen
-        with other._change():
-            pass
+        other._change(lambda index: index)
         assert store.generation() == expected
 
 
@@ -193,7 +192,7 @@ def test_a_bundle_whose_experts_were_purged_is_refused_and_purge_sweeps_orphan_b
     assert store.purge("a") == 1
     with pytest.raises(MissingExpert, match="no stored version adds"):
         store.put(b)  # it could never be served
-    assert "b" not in store.index()["tasks"]
+    assert "b" not in store.index().tasks
     orphan = store.blobs / ("0" * 64 + ".safetensors")  # as a writer killed between blob and index leaves it
     orphan.write_bytes(b"whole but unnamed")
     store.put(random_bundle(empty_bank(backbone), "c", seed=3))

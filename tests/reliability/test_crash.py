@@ -58,16 +58,16 @@ def bundle_dir(tmp_path_factory, backbone) -> Path:
 
 def _choices(store: LocalStore, bundles: dict[str, tuple[bytes, Bundle]]) -> dict[str, list[tuple]]:
     """Every change the service would accept on the store's state now, by kind (puts need their experts stored)."""
-    tasks = store.index()["tasks"]
+    tasks = store.index().tasks
     sources = store.expert_sources()
     out: dict[str, list[tuple]] = {kind: [] for kind in KINDS}
     for name, (_, b) in bundles.items():
-        newest = max((v["version"] for v in tasks.get(b.task, {}).get("versions", [])), default=0)
+        newest = tasks[b.task].newest if b.task in tasks else 0
         if b.version > newest and all(e in sources or e in b.experts for e in b.uses):
             out["put"].append((name,))
     for task, entry in tasks.items():
-        out["activate"] += [(task, v["version"]) for v in entry["versions"] if v["bundle_id"] != entry["active"]]
-        out["deactivate" if entry["active"] else "purge"].append((task,))
+        out["activate"] += [(task, v.version) for v in entry.versions if v.bundle_id != entry.active]
+        out["deactivate" if entry.active else "purge"].append((task,))
     return {kind: args for kind, args in out.items() if args}
 
 
@@ -96,8 +96,8 @@ def _worker(root: str, folder: str, seed: int, started: Any, done: Any, error_fi
 
 def _summary(store: LocalStore) -> dict[str, tuple[str | None, list[int]]]:
     """{task: (active bundle id prefix, stored versions)}: the state a failure message shows."""
-    tasks = store.index()["tasks"]
-    return {t: (e["active"] and e["active"][:8], [v["version"] for v in e["versions"]]) for t, e in tasks.items()}
+    tasks = store.index().tasks
+    return {t: (e.active and e.active[:8], [v.version for v in e.versions]) for t, e in tasks.items()}
 
 
 def _wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:

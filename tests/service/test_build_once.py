@@ -108,7 +108,7 @@ def test_activate_and_deactivate_build_one_bank_each(registry, builds, parts, ba
         assert [(t.name, t.version) for t in registry.bank.tasks] == served
         assert registry.bank.generation == generation
         _same_as_fresh(registry, backbone)
-    assert registry.store.index()["tasks"] == {}
+    assert registry.store.index().tasks == {}
 
 
 def test_an_upload_without_activation_builds_one_bank(registry, builds, parts, backbone):
@@ -183,7 +183,7 @@ def test_put_still_validates_what_it_is_handed(tmp_path, parts):
     assert (result.task, result.bundle_id) == ("b", bytes_digest(parts["b"]))
     with pytest.raises(ValueError, match="bytes"):
         store.put_validated(wrong, parts["c"])
-    assert list(store.index()["tasks"]) == ["b"]
+    assert list(store.index().tasks) == ["b"]
 
 
 def _other_backbone(data: bytes, edit=lambda manifest: None) -> bytes:
@@ -202,7 +202,7 @@ def test_another_backbone_is_refused_from_the_header_before_the_tensors_are_read
         registry.upload(_other_backbone(parts["a"]))
     with pytest.raises(BackboneMismatch):
         registry.upload(_other_backbone(parts["a"])[:-8])  # a damaged payload: the header is enough to refuse it
-    assert reads == [] and builds.banks == [] and registry.store.index()["tasks"] == {}
+    assert reads == [] and builds.banks == [] and registry.store.index().tasks == {}
     assert registry.metrics.swap_failures._value.get() == 2  # counted as when the bank build refused it
     monkeypatch.setattr(registry_module, "read_bundle", read_bundle)
     with pytest.raises(BundleInvalid, match="invalid bundle manifest"):  # a manifest that is not one: read_bundle's

@@ -58,7 +58,7 @@ async def test_an_unusable_onnx_runtime_fails_the_start_only_when_asked_for(tmp_
     def broken(*args, **kwargs):  # not only BackboneError: a cache folder one may not write, say
         raise PermissionError("no exporter here")
 
-    monkeypatch.setattr(onnx_runtime, "use_onnx_runtime", broken)
+    monkeypatch.setattr(onnx_runtime, "with_onnx_runtime", broken)
     async with running_app(tmp_path / "a", load_backbone("tiny", "cpu"), frozen_runtime="auto") as c:
         assert (await c.get("/readyz")).json()["frozen_runtime"] == "torch"  # auto falls back, and says so
         assert [r[0][0] for r in await _answers(c)] == NAMES

@@ -1,0 +1,73 @@
+"""The typed store index: what the store writes reads back the same; what older releases wrote reads with
+defaults; what cannot be understood is a StoreError that names where, and nothing is written over it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from model_store.bank import empty_bank
+from model_store.errors import StoreError, TaskNotFound, VersionNotFound
+from model_store.store import LocalStore
+from model_store.store_index import StoreIndex, TaskRecord, VersionRecord
+from tests.helpers import random_bundle, with_version
+
+BID = "ab" * 32
+
+
+def test_what_the_store_writes_reads_back_the_same(tmp_path, backbone):
+    store = LocalStore(tmp_path)
+    data = random_bundle(empty_bank(backbone), "cars", seed=1)
+    store.put(data)
+    store.put(with_version(data, 2), activate=False)
+    on_disk = json.loads(store.index_path.read_text())
+    index = store.index()
+    assert index.to_json() == on_disk and StoreIndex.from_json(on_disk) == index
+    record = index.task("cars")
+    assert record.newest == 2 and record.active_record() == index.version("cars", 1)
+    assert index.version("cars", 2).classes == ("red", "blue", "green") and index.active() == {"cars": record.active}
+
+
+def test_fields_an_older_release_did_not_write_read_as_defaults():
+    old = {"generation": 4, "tasks": {"t": {"active": BID, "versions": [{"version": 1, "bundle_id": BID}]}}}
+    index = StoreIndex.from_json(old)
+    (v,) = index.task("t").versions
+    assert v == VersionRecord(1, BID) and v.classes is None and v.metrics == {} and index.format == 1
+    odd = {"version": 1, "bundle_id": BID, "bytes": "12", "metrics": {"acc": "high", "val": 0.5}, "classes": "x"}
+    v = StoreIndex.from_json({"generation": 1, "tasks": {"t": {"versions": [odd]}}}).version("t", 1)
+    assert (v.bytes, dict(v.metrics), v.classes) == (0, {"val": 0.5}, None)  # wrong types coerced, not trusted
+
+
+@pytest.mark.parametrize(
+    "tasks, words",
+    [
+        ({"t": []}, "task 't' is not an object"),
+        ({"t": {"versions": [{"bundle_id": BID}]}}, "task 't' version entry 0 has no integer version"),
+        ({"t": {"versions": [{"version": 1, "bundle_id": "../../etc"}]}}, "names bundle"),
+        ({"t": {"active": 5, "versions": []}}, "has active 5"),
+    ],
+)
+def test_a_structural_problem_is_named(tasks, words):
+    with pytest.raises(StoreError, match=words):
+        StoreIndex.from_json({"generation": 1, "tasks": tasks})
+
+
+def test_a_malformed_index_is_refused_and_not_written_over(tmp_path, backbone):
+    store = LocalStore(tmp_path)
+    text = json.dumps({"generation": 2, "tasks": {"t": {"active": None, "versions": [{"version": "1"}]}}})
+    store.index_path.write_text(text)
+    with pytest.raises(StoreError, match="version entry 0"):
+        store.index()
+    with pytest.raises(StoreError):
+        store.put(random_bundle(empty_bank(backbone), "cars", seed=1))
+    assert store.index_path.read_text() == text
+
+
+def test_lookups_name_what_is_missing():
+    index = StoreIndex(3, {"t": TaskRecord((VersionRecord(1, BID),), BID)})
+    with pytest.raises(TaskNotFound, match="known: t"):
+        index.task("u")
+    with pytest.raises(VersionNotFound, match="stored versions: 1"):
+        index.version("t", 2)
+    assert index.with_task("t", lambda record: None).tasks == {} and "t" in index.tasks  # copies, never edits
