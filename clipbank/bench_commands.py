@@ -7,7 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks.jobs import ServeBenchJob, SoakJob
 from model_store.settings import env_value
+from training.config import CLJob, RoutingJob
+
+from .flags import add_flags
 
 DEFAULT_BACKBONE = env_value("backbone") or "tiny"
 
@@ -135,7 +139,7 @@ def _bench_cl(args: argparse.Namespace) -> int:
         outside = outside.subset(range(min(len(outside), args.test_limit or quick["test_limit"])))
     backbone = load_backbone(args.backbone or DEFAULT_BACKBONE, args.device)
     report = run_continual(backbone, seq, cfg, outside, args.outside or "none")
-    if not args.no_routing:
+    if args.routing:
         report["routing"] = {**report.get("routing", {}), **_long_routing(backbone)}
     command = "clipbank bench cl " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "clipbank bench cl"
     if args.out:
@@ -156,7 +160,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
         growth=(0, 1, 10) if quick else (0, 1, 10, 50, 100),
         requests=args.requests or (100 if quick else 400),
         max_seconds=args.max_seconds or (10.0 if quick else 30.0),
-        onnx=not args.no_onnx,
+        onnx=args.onnx,
     )
     backbones: list[tuple[str, str | None]] = [("tiny", "tiny")]
     if not quick and not args.tiny_only:
@@ -168,66 +172,20 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_serve_bench(bsub) -> None:
-    bs = bsub.add_parser(
-        "serve", help="naive baseline vs clipbank zero-shot and auto, bank growth, ONNX Runtime, FLOP bound"
-    )
-    bs.add_argument("--out", default="runs/bench-serve", help="report.json, report.md and plots go here")
-    bs.add_argument("--quick", action="store_true", help="tiny backbone only, fewer levels and tasks (about a minute)")
-    bs.add_argument("--tiny-only", action="store_true", help="skip the ViT-B-32-sized backbone")
-    bs.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime server")
-    bs.add_argument("--requests", type=int, help="requests per load level, at most (default 400, quick 100)")
-    bs.add_argument("--max-seconds", type=float, help="seconds per load level, at most (default 30, quick 10)")
-
-
-def _add_cl_bench(bsub) -> None:
-    bc = bsub.add_parser("cl", help="continual-learning benchmark: accuracy matrix, Transfer/Avg/Last, baselines")
-    bc.add_argument("--quick", action="store_true", help="80 steps of 32, fewer images: about 5 minutes on 2 cores")
-    bc.add_argument("--domains", default="sketches,textures,arrows,digits,glyphs", help="offline domains, in order")
-    bc.add_argument("--outside", default="shapes", help="a domain no task learns (for zero-shot fallback); '' for none")
-    bc.add_argument("--steps", type=int, help="training steps per task for every method (default 300)")
-    bc.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
-    bc.add_argument("--test-limit", type=int, help="at most this many val and test images per domain")
-    bc.add_argument("--backbone", help="default: tiny offline, ViT-B-16:openai for --protocol")
-    bc.add_argument("--device", default="auto")
-    bc.add_argument("--seed", type=int, default=0)
-    bc.add_argument("--out", help="write report.json, report.md and PNG plots here")
-    bc.add_argument(
-        "--no-routing",
-        action="store_true",
-        help="skip the long routing sequence (12 tasks, near outside domains, every selector kind; ~1 min on tiny)",
-    )
-    bc.add_argument(
-        "--protocol",
-        choices=["mtil-1", "mtil-2", "cifar100-10", "cifar100-20", "cifar100-50"],
-        help="a real protocol on --data-root instead of the offline domains (use --backbone ViT-B-16:openai)",
-    )
-    bc.add_argument("--data-root", help="ROOT/<dataset>/{train,test}/<class>/ folders, or torchvision data")
-    bc.add_argument("--limit", type=int, help="at most this many images per class (a dry run)")
-
-
-def _add_soak_and_routing_bench(bsub) -> None:
-    bk = bsub.add_parser("soak", help="long run under swaps: statuses, p50/p99, RSS over time; then hostile clients")
-    bk.add_argument("--minutes", type=float, help="measured soak after a 30 s warm-up (default 10, quick 0.5)")
-    bk.add_argument("--clients", type=int, help="concurrent clients, one connection each (default 16)")
-    bk.add_argument("--swap-seconds", type=float, help="a store change every this many seconds (default 2)")
-    bk.add_argument("--hostile", type=int, help="hostile clients beside 4 normal ones; 0 skips that phase (default 4)")
-    bk.add_argument("--out", default="runs/bench-soak", help="report.json, report.md, plots and the server log")
-    bk.add_argument("--quick", action="store_true", help="about a minute: a 30 s soak, 10 s hostile windows")
-
-    br = bsub.add_parser("routing", help="routing alone: 12 tasks in turn, look-alike pairs, near outside domains")
-    br.add_argument("--kinds", help="comma-separated selector kinds (default: autoencoder,gaussian,discriminative)")
-    br.add_argument("--backbone", help="default: tiny")
-    br.add_argument("--reference", help="reference set file (default: the backbone's, if one was built)")
-    br.add_argument("--out", help="write report.json, report.md and routing.png here")
+BENCHES = {
+    "serve": (ServeBenchJob, "naive baseline vs clipbank zero-shot and auto, bank growth, ONNX Runtime, FLOP bound"),
+    "cl": (CLJob, "continual-learning benchmark: accuracy matrix, Transfer/Avg/Last, baselines"),
+    "soak": (SoakJob, "long run under swaps: statuses, p50/p99, RSS over time; then hostile clients"),
+    "routing": (RoutingJob, "routing alone: 12 tasks in turn, look-alike pairs, near outside domains"),
+}
 
 
 def add_bench_parsers(sub) -> None:
     """`clipbank bench serve | cl | soak | routing`."""
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_cmd", required=True)
-    for add in (_add_serve_bench, _add_cl_bench, _add_soak_and_routing_bench):
-        add(bsub)
+    for name, (job, text) in BENCHES.items():
+        add_flags(bsub.add_parser(name, help=text), job)
     b.set_defaults(fn=bench)
 
 

@@ -10,12 +10,13 @@ from dataclasses import fields
 
 import pytest
 
+from clipbank.bench_commands import BENCHES
 from clipbank.cli import build_parser
 from clipbank.flags import flag_fields, given
 from model_store.modes import ROUTE_MODES, SELECTOR_NAMES
 from service.config import ServeConfig
 from service.schemas import RouteMode
-from training.config import PretrainConfig, TrainJob
+from training.config import CLJob, PretrainConfig, TrainJob
 
 
 def _sub(cmd: str):
@@ -69,3 +70,18 @@ def test_building_the_command_line_does_not_load_torch():
     code = "import sys, clipbank.cli as c; c.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("bench", sorted(BENCHES))
+def test_every_bench_setting_is_a_flag_of_its_command(bench):
+    job = BENCHES[bench][0]
+    args = build_parser().parse_args(["bench", bench])
+    assert given(job, args) == {f.name: f.default for f in fields(job)}  # nothing given: the class's defaults
+
+
+def test_bench_switches_and_values_reach_the_job():
+    args = build_parser().parse_args(["bench", "cl", "--no-routing", "--steps", "5", "--protocol", "mtil-1"])
+    job = CLJob(**given(CLJob, args))
+    assert (job.routing, job.steps, job.protocol, job.domains) == (False, 5, "mtil-1", CLJob.domains)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "cl", "--protocol", "imagenet"])

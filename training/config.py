@@ -43,3 +43,42 @@ class PretrainConfig:
     characters: float = option(
         0.0, "share of images showing a printed letter or digit (0: the committed weights; 0.4: the reading variant)"
     )
+
+
+CL_PROTOCOLS = ("mtil-1", "mtil-2", "cifar100-10", "cifar100-20", "cifar100-50")
+
+
+@dataclass(frozen=True)
+class CLJob:
+    """`clipbank bench cl`: the offline sequence by default, or a real protocol on --data-root."""
+
+    quick: bool = option(False, "80 steps of 32, fewer images: about 5 minutes on 2 cores")
+    domains: str = option("sketches,textures,arrows,digits,glyphs", "offline domains, in order")
+    outside: str = option("shapes", "a domain no task learns (for zero-shot fallback); '' for none")
+    steps: int | None = option(None, "training steps per task for every method (default 300)")
+    methods: str | None = option(None, "comma-separated subset of the methods (default: all)")
+    test_limit: int | None = option(None, "at most this many val and test images per domain")
+    backbone: str | None = option(None, "default: tiny offline, ViT-B-16:openai for --protocol")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    seed: int = option(0, "random seed")
+    out: str | None = option(None, "write report.json, report.md and PNG plots here")
+    routing: bool = option(
+        True, "run the long routing sequence (12 tasks, near outside domains, every selector kind; ~1 min on tiny)"
+    )
+    protocol: str | None = option(
+        None,
+        "a real protocol on --data-root instead of the offline domains (use --backbone ViT-B-16:openai)",
+        CL_PROTOCOLS,
+    )
+    data_root: str | None = option(None, "ROOT/<dataset>/{train,test}/<class>/ folders, or torchvision data")
+    limit: int | None = option(None, "at most this many images per class (a dry run)")
+
+
+@dataclass(frozen=True)
+class RoutingJob:
+    """`clipbank bench routing`: routing alone, 12 tasks in turn, look-alike pairs, near outside domains."""
+
+    kinds: str | None = option(None, "comma-separated selector kinds (default: autoencoder,gaussian,discriminative)")
+    backbone: str | None = option(None, "default: tiny")
+    reference: str | None = option(None, "reference set file (default: the backbone's, if one was built)")
+    out: str | None = option(None, "write report.json, report.md and routing.png here")

@@ -1,0 +1,28 @@
+"""The settings of `clipbank bench serve` and `clipbank bench soak`, as plain dataclasses: cheap to import, so
+the command line makes its flags from them (`clipbank/flags.py`) without loading torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model_store.settings import option
+
+
+@dataclass(frozen=True)
+class ServeBenchJob:
+    out: str = option("runs/bench-serve", "report.json, report.md and plots go here")
+    quick: bool = option(False, "tiny backbone only, fewer levels and tasks (about a minute)")
+    tiny_only: bool = option(False, "skip the ViT-B-32-sized backbone")
+    onnx: bool = option(True, "run the ONNX Runtime server beside the PyTorch one")
+    requests: int | None = option(None, "requests per load level, at most (default 400, quick 100)")
+    max_seconds: float | None = option(None, "seconds per load level, at most (default 30, quick 10)")
+
+
+@dataclass(frozen=True)
+class SoakJob:
+    minutes: float | None = option(None, "measured soak after a 30 s warm-up (default 10, quick 0.5)")
+    clients: int | None = option(None, "concurrent clients, one connection each (default 16)")
+    swap_seconds: float | None = option(None, "a store change every this many seconds (default 2)")
+    hostile: int | None = option(None, "hostile clients beside 4 normal ones; 0 skips that phase (default 4)")
+    out: str = option("runs/bench-soak", "report.json, report.md, plots and the server log")
+    quick: bool = option(False, "about a minute: a 30 s soak, 10 s hostile windows")
