@@ -31,7 +31,7 @@ def _push(args: argparse.Namespace) -> int:
     from service.client import ClipbankClient
 
     with ClipbankClient(args.url, args.token) as client:
-        print(json.dumps(client.push(Path(args.file), activate=not args.no_activate), indent=2))
+        print(json.dumps(client.push(Path(args.file), activate=not args.no_activate, force=args.force), indent=2))
     return 0
 
 
@@ -156,6 +156,7 @@ def _add_client(sub) -> None:
     pu.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
     pu.add_argument("--token", default=env_value("admin_token"), help="admin token ($CLIPBANK_ADMIN_TOKEN)")
     pu.add_argument("--no-activate", action="store_true", help="store the version without routing to it")
+    pu.add_argument("--force", action="store_true", help="override the interference gate (docs/safety.md)")
     pu.set_defaults(fn=_push)
 
     cl = sub.add_parser("classify", help="classify image files with a running server")

@@ -55,6 +55,7 @@ class PutResult:
     bundle_id: str
     experts_added: int
     generation: int
+    gate: dict[str, Any] | None = None  # the interference gate's report, when a server checked the upload
 
 
 class LocalStore:
@@ -177,7 +178,12 @@ class LocalStore:
         return self.put_validated(bundle, data, activate, metrics)
 
     def put_validated(
-        self, bundle: Bundle, data: bytes, activate: bool = True, metrics: dict[str, Any] | None = None
+        self,
+        bundle: Bundle,
+        data: bytes,
+        activate: bool = True,
+        metrics: dict[str, Any] | None = None,
+        gate: dict[str, Any] | None = None,
     ) -> PutResult:
         """Store a bundle the caller has just read: `bundle` must be `read_bundle(data)`, and is trusted (neither
         parsed nor hashed again). Callers holding only bytes, or a bundle read elsewhere, use `put`."""
@@ -193,6 +199,7 @@ class LocalStore:
             classes=bundle.manifest.classes,
             uses=bundle.uses,
             metrics=metrics or _metrics_of(bundle),
+            gate=gate,
         )
 
         def add(index: StoreIndex) -> StoreIndex:
@@ -217,7 +224,7 @@ class LocalStore:
             )
 
         index = self._change(add)
-        return PutResult(bundle.task, bundle.version, bundle.id, len(bundle.experts), index.generation)
+        return PutResult(bundle.task, bundle.version, bundle.id, len(bundle.experts), index.generation, gate)
 
     def activate(self, task: str, version: int) -> str:
         """Make `version` the active one (rollback or roll forward); returns its bundle id."""

@@ -44,6 +44,7 @@ class VersionRecord:
     classes: tuple[str, ...] | None = None
     uses: tuple[str, ...] = ()  # older experts its routers choose among
     metrics: Mapping[str, float] = field(default_factory=dict)
+    gate: Mapping[str, Any] | None = None  # the interference gate's report at upload (docs/safety.md)
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> VersionRecord:
@@ -66,6 +67,7 @@ class VersionRecord:
             classes=_strings(obj["classes"]) if isinstance(obj.get("classes"), list) else None,
             uses=_strings(obj.get("uses")),
             metrics={k: float(v) for k, v in metrics.items() if _finite(v)} if isinstance(metrics, dict) else {},
+            gate=obj["gate"] if isinstance(obj.get("gate"), dict) else None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -79,6 +81,7 @@ class VersionRecord:
             "classes": list(self.classes) if self.classes is not None else None,
             "uses": list(self.uses),
             "metrics": dict(self.metrics),
+            **({"gate": dict(self.gate)} if self.gate is not None else {}),
         }
 
 

@@ -15,11 +15,12 @@ ImageInput = str | os.PathLike | bytes
 
 
 class ClipbankHTTPError(Exception):
-    """The server answered with an error: `status`, and its `code` and `message`."""
+    """The server answered with an error: `status`, and its `code`, `message` and `details` (for `interference`,
+    the gate's report)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, details: dict | None = None) -> None:
         super().__init__(f"HTTP {status} {code}: {message}")
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.details = status, code, message, details
 
 
 class ClipbankClient:
@@ -43,7 +44,7 @@ class ClipbankClient:
         if response.status_code >= 400:
             try:
                 err = response.json()["error"]
-                raise ClipbankHTTPError(response.status_code, err["code"], err["message"])
+                raise ClipbankHTTPError(response.status_code, err["code"], err["message"], err.get("details"))
             except (ValueError, KeyError, TypeError):
                 raise ClipbankHTTPError(response.status_code, "http_error", response.text[:500]) from None
         return response.json()
@@ -63,10 +64,12 @@ class ClipbankClient:
             data["top_k"] = str(top_k)
         return self._call("POST", "/classify", files=files, data=data)
 
-    def push(self, bundle: ImageInput, activate: bool = True) -> dict[str, Any]:
-        """Upload a bundle file (path or bytes); returns `{task, version, bundle_id, experts_added, generation}`."""
+    def push(self, bundle: ImageInput, activate: bool = True, force: bool = False) -> dict[str, Any]:
+        """Upload a bundle file (path or bytes); returns `{task, version, bundle_id, experts_added, generation,
+        gate}`. `force` overrides the interference gate (a 409 `interference` otherwise names what it would take)."""
         files = {"bundle": (_name(bundle, 0), _bytes(bundle), "application/octet-stream")}
-        return self._call("POST", "/tasks", files=files, params={"activate": str(activate).lower()})
+        params = {"activate": str(activate).lower(), "force": str(force).lower()}
+        return self._call("POST", "/tasks", files=files, params=params)
 
     def tasks(self) -> dict[str, Any]:
         return self._call("GET", "/tasks")
@@ -74,8 +77,10 @@ class ClipbankClient:
     def task(self, name: str) -> dict[str, Any]:
         return self._call("GET", f"/tasks/{name}")
 
-    def activate(self, task: str, version: int) -> dict[str, Any]:
-        return self._call("POST", f"/tasks/{task}/activate", json={"version": version})
+    def activate(self, task: str, version: int, force: bool = False) -> dict[str, Any]:
+        return self._call(
+            "POST", f"/tasks/{task}/activate", json={"version": version}, params={"force": str(force).lower()}
+        )
 
     def delete(self, task: str, purge: bool = False) -> dict[str, Any]:
         return self._call("DELETE", f"/tasks/{task}", params={"purge": str(purge).lower()})

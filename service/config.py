@@ -61,6 +61,12 @@ class ServeConfig:
         FROZEN_RUNTIMES,
     )
     onnx_cache: str = option("", "where ONNX exports are kept (default $XDG_CACHE_HOME/clipbank/onnx)")
+    gate_max_stolen: float = option(
+        0.02, "interference gate: the largest share of any task's probes a new version may take"
+    )
+    gate_max_zero_shot: float = option(
+        0.05, "interference gate: the largest share of the backbone's reference set a new version may claim"
+    )
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -94,6 +100,9 @@ class ServeConfig:
             problems.append(
                 f"text_cache_size and text_cache_mb must be >= 0, got {self.text_cache_size}, {self.text_cache_mb}"
             )
+        for name in ("gate_max_stolen", "gate_max_zero_shot"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in 0..1, got {getattr(self, name)}")
         if self.frozen_runtime not in FROZEN_RUNTIMES:
             problems.append(f"frozen_runtime must be one of {', '.join(FROZEN_RUNTIMES)}, got {self.frozen_runtime!r}")
         for name in ("admin_token", "classify_token"):

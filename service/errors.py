@@ -21,6 +21,7 @@ from model_store.errors import (
     VersionConflict,
     VersionNotFound,
 )
+from model_store.gate import InterferenceRefused
 
 log = logging.getLogger("clipbank.service")
 
@@ -77,6 +78,7 @@ STATUS: tuple[tuple[type[ClipbankError], int], ...] = (
     (NotReady, 503),
     (Overloaded, 503),
     (VersionConflict, 409),
+    (InterferenceRefused, 409),
     (TaskNotFound, 404),
     (VersionNotFound, 404),
     (BundleNotFound, 404),
@@ -104,12 +106,15 @@ def status_of(error: ClipbankError) -> int:
     return 500
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, details: dict | None = None
+) -> JSONResponse:
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     if status == 503:
         headers = {**(headers or {}), "Retry-After": str(RETRY_AFTER_SECONDS.get(code, 1))}
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    body = {"code": code, "message": message, **({"details": details} if details is not None else {})}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 def error_body_of(error: Exception) -> tuple[int, str, str]:
@@ -138,7 +143,7 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClipbankError)
     async def _clipbank(request: Request, exc: ClipbankError) -> JSONResponse:
         status, code, message = error_body_of(exc)
-        return error_response(status, code, message)
+        return error_response(status, code, message, details=getattr(exc, "details", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

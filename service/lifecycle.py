@@ -20,7 +20,10 @@ from fastapi.concurrency import run_in_threadpool
 from PIL import PngImagePlugin
 
 from model_store.backbone import Backbone, load_backbone
+from model_store.errors import ClipbankError
+from model_store.gate import Gate, GateLimits
 from model_store.inference import ZERO_SHOT, ClassifyItem, TextCache, classify_batch
+from model_store.reference import find_reference
 from model_store.store import open_store
 
 from .batching import Batcher
@@ -59,7 +62,7 @@ class Service:
             self.backbone = load_backbone(self.config.backbone, self.config.device)
         self.backbone = self._frozen_runtime()
         cache = TextCache(self.config.text_cache_size, self.config.text_cache_mb * 1024 * 1024)
-        self.registry = Registry(open_store(self.config.store), self.backbone, self.metrics, cache)
+        self.registry = Registry(open_store(self.config.store), self.backbone, self.metrics, cache, self._gate())
         bank = self.registry.load()
         warm = torch.zeros(1, 3, self.backbone.image_size, self.backbone.image_size)
         items = [ClassifyItem(warm, ("a", "b"), ZERO_SHOT)] + [ClassifyItem(warm, None, t) for t in bank.task_names]
@@ -83,6 +86,19 @@ class Service:
         # time grows with the heap and showed as periodic latency spikes under load.
         gc.collect()
         gc.freeze()
+
+    def _gate(self) -> Gate:
+        """The interference gate with the configured limits and the backbone's reference set, if there is one
+        (without it, what a task would take from zero-shot is not measured, and the report says so)."""
+        limits = GateLimits(self.config.gate_max_stolen, self.config.gate_max_zero_shot)
+        try:
+            reference = find_reference(self.backbone)
+        except ClipbankError as e:
+            log.warning("no reference set for the gate: %s", e)
+            reference = None
+        if reference is None:
+            log.info("no reference set for %s: the gate does not measure zero-shot capture", self.backbone.ref.text)
+        return Gate(limits, reference.embeddings if reference is not None else None)
 
     def _frozen_runtime(self) -> Backbone:
         """This server's own backbone object, sharing the given one's model, with the runtime of its frozen passes.

@@ -41,6 +41,8 @@ class Metrics:
             "clipbank_swap_seconds", "seconds to build and swap in a new bank", buckets=SWAP_BUCKETS, registry=r
         )
         self.swap_failures = Counter("clipbank_swap_failures", "bank rebuilds that failed (old bank kept)", registry=r)
+        self.gate_refusals = Counter("clipbank_gate_refusals", "changes the interference gate refused", registry=r)
+        self.gate_overrides = Counter("clipbank_gate_overrides", "gate refusals overridden with force", registry=r)
         self.queue_images = Gauge("clipbank_queue_images", "images waiting for a batch", registry=r)
         self.degraded = Gauge("clipbank_degraded_tasks", "active tasks the bank cannot serve", registry=r)
         self.task_degraded = Gauge(

@@ -16,6 +16,7 @@ from model_store.bank import BankSnapshot, empty_bank
 from model_store.bundle import Bundle, read_bundle
 from model_store.compat import refuse_other_backbone
 from model_store.errors import BundleError, BundleInvalid, StoreError
+from model_store.gate import Gate, GateReport, InterferenceRefused
 from model_store.inference import ClassifyItem, TextCache, classify_batch
 from model_store.loader import BankLoader
 from model_store.store import LocalStore, PutResult
@@ -37,9 +38,15 @@ class Registry:
     """
 
     def __init__(
-        self, store: LocalStore, backbone: Backbone, metrics: Metrics | None = None, cache: TextCache | None = None
+        self,
+        store: LocalStore,
+        backbone: Backbone,
+        metrics: Metrics | None = None,
+        cache: TextCache | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.store = store
+        self.gate = gate or Gate()
         self.cache = cache  # the serving text cache: a trial run leaves a new task's class embeddings in it
         self.loader = BankLoader(store, backbone)
         self.metrics = metrics or Metrics()
@@ -93,13 +100,19 @@ class Registry:
         return bank
 
     def _change(
-        self, overrides: dict[str, Bundle | None], write: Callable[[], T], changes: int = 1, serves: bool = True
+        self,
+        overrides: dict[str, Bundle | None],
+        write: Callable[[], T],
+        changes: int = 1,
+        serves: bool = True,
+        check: Callable[[BankSnapshot], None] | None = None,
     ) -> T:
         """Check the bank `overrides` would give, write the store, then swap in that same bank.
 
         The store's lock is held throughout, so no other server's change can slip between check and write. The
         checked bank is stamped with the generation the store will have after `write` makes its `changes` (store
         changes); `serves`: whether the store's active versions are then what `overrides` says. See `_settle`.
+        `check` (the interference gate) may refuse the candidate after its trial run.
         """
         with self._change_lock, self.store.locked():
             try:
@@ -107,6 +120,8 @@ class Registry:
                 candidate = self.loader.load(self._bank, overrides, changes)  # raises on anything it cannot serve
                 built = time.perf_counter() - t0  # counted in the swap time, as when the bank was built again
                 trial_run(candidate, [t for t, b in overrides.items() if b is not None], self.cache)
+                if check is not None:
+                    check(candidate)
             except Exception:
                 self.metrics.swap_failures.inc()
                 raise
@@ -177,25 +192,48 @@ class Registry:
 
     # ------------------------------------------------------------------------------------------- changes
 
-    def upload(self, data: bytes, activate: bool = True) -> PutResult:
-        """Validate, store and (by default) activate a bundle. Checked as if activated either way."""
+    def _gated(self, task: str, force: bool, reports: list[GateReport]) -> Callable[[BankSnapshot], None]:
+        """The interference gate as a check of a change's candidate bank: refuse above the limits, unless forced
+        (then logged and counted); the report goes to `reports`."""
+
+        def check(candidate: BankSnapshot) -> None:
+            report = self.gate.report(candidate, task)
+            reports.append(report)
+            if not report.offences():
+                return
+            if not force:
+                self.metrics.gate_refusals.inc()
+                raise InterferenceRefused(report)
+            self.metrics.gate_overrides.inc()
+            log.warning("gate overridden (force) for %s v%d: %s", task, report.version, "; ".join(report.offences()))
+
+        return check
+
+    def upload(self, data: bytes, activate: bool = True, force: bool = False) -> PutResult:
+        """Validate, store and (by default) activate a bundle. Checked as if activated either way, the
+        interference gate included (`force` overrides it)."""
         try:
             refuse_other_backbone(data, self.loader.backbone)  # from the header, before the tensors are read
         except BundleError:
             self.metrics.swap_failures.inc()  # counted as when the check of the bank it would give refused it
             raise
         bundle = read_bundle(data)  # format, schema and integrity, before any lock
+        reports: list[GateReport] = []
 
         def write() -> PutResult:
-            result = self.store.put_validated(bundle, data, activate=activate)  # read just now: not read again
+            gate = reports[-1].to_json() if reports else None
+            # read just now: not read again; the gate's report is kept beside the version
+            result = self.store.put_validated(bundle, data, activate=activate, gate=gate)
             self.loader.remember(bundle)  # later rebuilds then need no second parse
             return result
 
-        return self._change({bundle.task: bundle}, write, serves=activate)
+        check = self._gated(bundle.task, force, reports)
+        return self._change({bundle.task: bundle}, write, serves=activate, check=check)
 
-    def activate(self, task: str, version: int) -> str:
+    def activate(self, task: str, version: int, force: bool = False) -> str:
         bundle = self.loader.bundle(self.store.version(task, version).bundle_id)
-        return self._change({task: bundle}, lambda: self.store.activate(task, version))
+        check = self._gated(task, force, [])
+        return self._change({task: bundle}, lambda: self.store.activate(task, version), check=check)
 
     def deactivate(self, task: str, purge: bool = False) -> int:
         """Stop routing to `task`; with purge, also forget it and delete blobs no other task needs."""

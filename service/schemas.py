@@ -119,6 +119,9 @@ class TaskUploaded(BaseModel):
     bundle_id: str
     experts_added: int
     generation: int
+    gate: dict[str, Any] | None = Field(
+        None, description="The interference gate's report: self_claim, stolen per task, zero_shot_captured, limits."
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -138,6 +141,7 @@ class VersionInfo(BaseModel):
     experts_added: int
     classes: list[str] | None = Field(None, description="null for versions stored before classes were indexed")
     metrics: dict[str, Any] = Field(default_factory=dict)
+    gate: dict[str, Any] | None = Field(None, description="The interference gate's report when it was uploaded.")
 
 
 class TaskInfo(BaseModel):
@@ -181,6 +185,7 @@ class Removed(BaseModel):
 class ErrorDetail(BaseModel):
     code: str = Field(..., examples=["bundle_invalid"])
     message: str = Field(..., examples=["bundle backbone fingerprint 3fa2… does not match the served backbone 9c1e…"])
+    details: dict[str, Any] | None = Field(None, description="For `interference` (409): the gate's whole report.")
 
 
 class ErrorResponse(BaseModel):

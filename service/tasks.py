@@ -18,6 +18,7 @@ def _version_info(v: VersionRecord) -> dict[str, Any]:
         "experts_added": len(v.experts_new),
         "classes": list(v.classes) if v.classes is not None else None,
         "metrics": dict(v.metrics),
+        "gate": dict(v.gate) if v.gate is not None else None,
     }
 
 

@@ -51,13 +51,15 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
 
     @router.post("/tasks", status_code=201, response_model=TaskUploaded, openapi_extra=UPLOAD_BODY)
     async def upload(
-        request: Request, activate: bool = Query(True, description="false: store the version without routing to it")
+        request: Request,
+        activate: bool = Query(True, description="false: store the version without routing to it"),
+        force: bool = Query(False, description="override the interference gate (logged and counted; docs/safety.md)"),
     ) -> dict:
         """Upload a bundle: validated, stored, and (by default) swapped in as the task's active version."""
         service = service_of(request)
         registry = service.require_ready()
         data = await read_bundle_upload(request, service.config.limits)
-        result = await run_in_threadpool(registry.upload, data, activate)
+        result = await run_in_threadpool(registry.upload, data, activate, force)
         return vars(result)
 
     @router.get("/tasks", response_model=TaskList)
@@ -78,11 +80,15 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         return task_info(registry.bank, task, entry)
 
     @router.post("/tasks/{task}/activate", response_model=TaskInfo, openapi_extra=ACTIVATE_BODY)
-    async def activate(request: Request, task: str) -> dict:
+    async def activate(
+        request: Request,
+        task: str,
+        force: bool = Query(False, description="override the interference gate (logged and counted; docs/safety.md)"),
+    ) -> dict:
         """Make a stored version active: rollback or roll forward, hot-swapped."""
         registry = service_of(request).require_ready()
         body = await read_json(request, ActivateRequest)  # read after the token check, not before
-        await run_in_threadpool(registry.activate, _known_name(task), body.version)
+        await run_in_threadpool(registry.activate, _known_name(task), body.version, force)
         entry = await run_in_threadpool(registry.task_entry, task)
         return task_info(registry.bank, task, entry)
 

@@ -33,3 +33,9 @@ def test_synthetic_bundles_have_trained_shapes_claim_nothing_and_change_the_pinn
     assert all(r.route.task is None for r in auto)  # no selector claims anything
     assert all(r.route.task == "syn-1" for r in pinned)
     assert any(abs(p.labels[0][1] - z.labels[0][1]) > 1e-4 for p, z in zip(pinned, zero, strict=True))
+
+
+def test_the_gate_cost_measurement_runs(backbone):
+    from benchmarks.gate_figures import report_seconds
+
+    assert 0 < report_seconds(backbone, tasks=3, repeats=1) < 60

@@ -67,7 +67,10 @@ class Tally:
 
 @pytest.fixture
 def target(tmp_path, backbone) -> Iterator[Target]:
-    config = ServeConfig(store=str(tmp_path / "store"), admin_token=TOKEN, frozen_runtime="torch")
+    # gate_max_zero_shot=1: the random bundle's selector claims most outside images (tests/service/test_gate.py)
+    config = ServeConfig(
+        store=str(tmp_path / "store"), admin_token=TOKEN, frozen_runtime="torch", gate_max_zero_shot=1.0
+    )
     app = create_app(config, backbone=backbone)
     try:
         schema = schemathesis.openapi.from_asgi("/openapi.json", app)  # starts the app's lifespan

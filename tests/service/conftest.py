@@ -20,13 +20,20 @@ def anyio_backend():
     return "asyncio"
 
 
+RANDOM_BUNDLES_GATE = 1.0
+
+
 @asynccontextmanager
 async def running_app(tmp_path, backbone, limits: Limits | None = None, **settings):
     """An app on a fresh store under `tmp_path`, ready, with an httpx client talking to it in process.
 
     The frozen passes stay in PyTorch unless a test asks otherwise: the shared backbone must not change runtime.
+    Most service tests push random bundles (tests/helpers.py), whose selectors claim most outside images: the
+    interference gate refuses those by default (tests/service/test_gate.py), so here it lets any zero-shot
+    capture through unless a test sets `gate_max_zero_shot`.
     """
     settings.setdefault("frozen_runtime", "torch")
+    settings.setdefault("gate_max_zero_shot", RANDOM_BUNDLES_GATE)
     config = ServeConfig(store=str(tmp_path / "store"), admin_token=TOKEN, limits=limits or Limits(), **settings)
     app = create_app(config, backbone=backbone)
     async with app.router.lifespan_context(app):
