@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import types
 import typing
-from collections.abc import Iterable
 from dataclasses import MISSING, Field, fields
 from typing import Any
 
@@ -33,9 +32,7 @@ def flag_fields(cls: type) -> list[Field]:
     return [f for f in fields(cls) if "help" in f.metadata]
 
 
-def add_flags(
-    parser: argparse.ArgumentParser, cls: type, *, defaults_unset: bool = False, skip: Iterable[str] = ()
-) -> None:
+def add_flags(parser: argparse.ArgumentParser, cls: type, *, defaults_unset: bool = False) -> None:
     """One `--field-name` flag per field of `cls` that has help text.
 
     A field without a default is a required flag; a bool field is a switch (`--name`, or `--no-name` when it
@@ -44,8 +41,6 @@ def add_flags(
     """
     hints = typing.get_type_hints(cls)
     for f in flag_fields(cls):
-        if f.name in skip:
-            continue
         kind, flag = _scalar(hints[f.name]), "--" + f.name.replace("_", "-")
         if kind is bool:
             if f.default:

@@ -17,7 +17,7 @@ import torch
 
 from .bank import BankSnapshot
 from .errors import ClipbankError
-from .inference import task_scores
+from .inference import route_scores, task_scores
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,8 @@ def _claimed_by(bank: BankSnapshot, feats: torch.Tensor, index: int) -> float:
     """The share of `feats` the bank routes to task `index`."""
     if feats.shape[0] == 0:
         return 0.0
-    scores = task_scores(bank, feats.to(bank.backbone.device, torch.float32))
-    best, idx = scores.min(dim=1)
-    return float(((best <= 1.0) & (idx == index)).float().mean())
+    routed, _ = route_scores(task_scores(bank, feats.to(bank.backbone.device, torch.float32)))
+    return float((routed == index).float().mean())
 
 
 def interference(bank: BankSnapshot, task: str, reference: torch.Tensor | None, limits: GateLimits) -> GateReport:

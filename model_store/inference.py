@@ -174,6 +174,14 @@ def task_scores(bank: BankSnapshot, feats: torch.Tensor) -> torch.Tensor:
     return torch.stack([score(t.selector, feats).float().cpu() for t in bank.tasks], dim=1)
 
 
+def route_scores(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing decision for selector scores [n, T]: per row, the task index with the lowest score, or -1
+    (zero-shot) when even that is above 1; and that lowest score. Serving, the gate and the routing benchmark all
+    decide with this."""
+    best, idx = scores.min(dim=1)
+    return torch.where(best <= 1.0, idx, torch.full_like(idx, -1)), best
+
+
 def select_tasks(bank: BankSnapshot, scores: torch.Tensor, item: ClassifyItem) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, the task index (-1 = zero-shot) and its selector score (nan when not scored)."""
     n = scores.shape[0]
@@ -184,8 +192,7 @@ def select_tasks(bank: BankSnapshot, scores: torch.Tensor, item: ClassifyItem) -
         return torch.full((n,), -1, dtype=torch.long), torch.full((n,), float("nan"))
     if item.route == PER_REQUEST:
         scores = scores.mean(0, keepdim=True).expand(n, -1)
-    best, idx = scores.min(dim=1)
-    return torch.where(best <= 1.0, idx, torch.full_like(idx, -1)), best
+    return route_scores(scores)
 
 
 def _route_of(bank: BankSnapshot, t: int, s: float) -> Route:

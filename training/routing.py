@@ -17,6 +17,7 @@ import torch
 from model_store.backbone import Backbone
 from model_store.bank import BankSnapshot
 from model_store.bundle import MAX_PROBES
+from model_store.inference import route_scores
 from model_store.reference import ReferenceSet, embed_images
 from model_store.selector import Selector, SelectorConfig, calibrate, fit_selector, score
 
@@ -177,12 +178,10 @@ def routing_warnings(check: dict[str, Any]) -> list[str]:
 
 
 def routes(selectors: Sequence[Selector], feats: torch.Tensor) -> torch.Tensor:
-    """The task index each embedding goes to (-1: zero-shot), exactly as `select_tasks` decides per image."""
+    """The task index each embedding goes to (-1: zero-shot), decided as the server decides (`route_scores`)."""
     if not selectors:
         return torch.full((len(feats),), -1, dtype=torch.long)
-    scores = torch.stack([score(s, feats).float() for s in selectors], dim=1)
-    best, idx = scores.min(dim=1)
-    return torch.where(best <= 1.0, idx, torch.full_like(idx, -1))
+    return route_scores(torch.stack([score(s, feats).float() for s in selectors], dim=1))[0]
 
 
 def fit_sequence(

@@ -38,4 +38,4 @@ def test_synthetic_bundles_have_trained_shapes_claim_nothing_and_change_the_pinn
 def test_the_gate_cost_measurement_runs(backbone):
     from benchmarks.gate_figures import report_seconds
 
-    assert 0 < report_seconds(backbone, tasks=3, repeats=1) < 60
+    assert report_seconds(backbone, tasks=3, repeats=1) > 0  # runs end to end; the figure lives in docs/safety.md
