@@ -16,6 +16,7 @@ from training.config import PretrainConfig, TrainJob
 
 from .bench_commands import DEFAULT_BACKBONE, add_bench_parsers, add_reference_parser
 from .flags import add_flags, given
+from .watch_commands import add_watch_parsers
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -31,7 +32,8 @@ def _push(args: argparse.Namespace) -> int:
     from service.client import ClipbankClient
 
     with ClipbankClient(args.url, args.token) as client:
-        print(json.dumps(client.push(Path(args.file), activate=not args.no_activate, force=args.force), indent=2))
+        mode = "shadow" if args.shadow else "inactive" if args.no_activate else "active"
+        print(json.dumps(client.push(Path(args.file), force=args.force, mode=mode), indent=2))
     return 0
 
 
@@ -155,7 +157,11 @@ def _add_client(sub) -> None:
     pu.add_argument("file")
     pu.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
     pu.add_argument("--token", default=env_value("admin_token"), help="admin token ($CLIPBANK_ADMIN_TOKEN)")
-    pu.add_argument("--no-activate", action="store_true", help="store the version without routing to it")
+    how = pu.add_mutually_exclusive_group()
+    how.add_argument("--no-activate", action="store_true", help="store the version without routing to it")
+    how.add_argument(
+        "--shadow", action="store_true", help="store it in shadow: it scores live traffic without answering it"
+    )
     pu.add_argument("--force", action="store_true", help="override the interference gate (docs/safety.md)")
     pu.set_defaults(fn=_push)
 
@@ -188,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     add_bench_parsers(sub)
     add_reference_parser(sub)
+    add_watch_parsers(sub, env_value("url") or DEFAULT_URL)
     _add_demo(sub)
     return p
 

@@ -34,6 +34,16 @@ class TaskEntry:
 
 
 @dataclass(frozen=True)
+class ShadowEntry:
+    """A task version in shadow: only its selector, which scores live traffic without answering any request."""
+
+    name: str
+    version: int
+    bundle_id: str
+    selector: Selector
+
+
+@dataclass(frozen=True)
 class BankSnapshot:
     """Never mutated: a change builds a new snapshot that shares tensors with this one."""
 
@@ -45,6 +55,7 @@ class BankSnapshot:
     config: MoEConfig = field(default_factory=MoEConfig)
     degraded: Mapping[str, str] = field(default_factory=dict)  # active tasks left out: task -> why
     bundle_ids: frozenset[str] = frozenset()  # the bundles it was built from: its tasks' and their experts' providers
+    shadows: tuple[ShadowEntry, ...] = ()  # versions scoring live traffic beside the routing (sorted by task)
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -108,9 +119,7 @@ def _task_entry(
                     f"place: {', '.join(missing[:5])}"
                 )
             slots[tower].append(torch.tensor([ids[e][2] for e in col_ids], dtype=torch.long, device=device))
-    sel = load_selector(asdict(bundle.manifest.selector), bundle.selector_tensors)
-    for name in sel.tensors():
-        setattr(sel, name, getattr(sel, name).to(device))
+    sel = selector_of(bundle, device)
     m = bundle.manifest
     return TaskEntry(
         m.task,
@@ -124,6 +133,18 @@ def _task_entry(
         bundle.file_bytes,
         bundle.probes,
     )
+
+
+def selector_of(bundle: Bundle, device: torch.device) -> Selector:
+    """A bundle's selector, its tensors on `device`."""
+    sel = load_selector(asdict(bundle.manifest.selector), bundle.selector_tensors)
+    for name in sel.tensors():
+        setattr(sel, name, getattr(sel, name).to(device))
+    return sel
+
+
+def shadow_entry(bundle: Bundle, device: torch.device) -> ShadowEntry:
+    return ShadowEntry(bundle.task, bundle.version, bundle.id, selector_of(bundle, device))
 
 
 def build_bank(

@@ -83,6 +83,18 @@ class VersionConflict(StoreError):
     code = "version_conflict"
 
 
+class NoShadow(StoreError):
+    """The task has no version in shadow."""
+
+    code = "no_shadow"
+
+
+class ShadowConflict(StoreError):
+    """The version asked to shadow is the task's active one."""
+
+    code = "shadow_conflict"
+
+
 class BundleNotFound(StoreError):
     code = "bundle_not_found"
 

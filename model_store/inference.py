@@ -310,6 +310,8 @@ class ImagePasses:
         self.feats = torch.empty(0, bb.embed_dim)
         self._frozen: list[torch.Tensor] = []
         self._routed: torch.Tensor | None = None  # known once the frozen pass is complete
+        self.frozen: torch.Tensor | None = None  # then: every image's frozen embedding, and the selector scores
+        self.all_scores: torch.Tensor | None = None
         self._done = 0  # images through the current pass
 
     @property
@@ -341,7 +343,7 @@ class ImagePasses:
                 self.tasks[a:b], self.scores[a:b] = select_tasks(self.bank, all_scores[a:b], self.items[k])
             except Exception as e:  # reported per request
                 self.out[k] = e
-        self.feats = frozen.clone()
+        self.feats, self.frozen, self.all_scores = frozen.clone(), frozen, all_scores
         self._routed = (self.tasks >= 0).nonzero(as_tuple=True)[0].to(self.bank.backbone.device)
         self._done = 0
 

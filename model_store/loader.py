@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping
 
 from .backbone import Backbone
-from .bank import BankSnapshot, bank_config, build_bank
+from .bank import BankSnapshot, ShadowEntry, bank_config, build_bank, shadow_entry
 from .bundle import Bundle
-from .compat import check_compatible
+from .compat import check_backbone, check_compatible
 from .errors import ClipbankError, MissingExpert
 from .store import LocalStore
 from .store_index import StoreIndex
+
+log = logging.getLogger("clipbank.store")
 
 
 class BankLoader:
@@ -22,6 +25,7 @@ class BankLoader:
         self.backbone = backbone
         self._bundles: dict[str, Bundle] = {}
         self._in_use: set[str] = set()
+        self._shadows: dict[str, ShadowEntry] = {}  # by bundle id: only the selector is kept
         self._lock = threading.Lock()
 
     def bundle(self, bundle_id: str) -> Bundle:
@@ -114,6 +118,25 @@ class BankLoader:
                     degraded[task] = _why(e)
         tasks.update({t: b for t, b in overrides.items() if b is not None})
         return tasks, degraded
+
+    def shadows(self, index: StoreIndex) -> tuple[ShadowEntry, ...]:
+        """The index's versions in shadow, by task name. One that cannot be read or does not fit the backbone is
+        left out (logged): a shadow never stops what is served."""
+        out = []
+        for task, bundle_id in sorted(index.shadows().items()):
+            entry = self._shadows.get(bundle_id)
+            if entry is None:
+                try:
+                    bundle = self.bundle(bundle_id)
+                    check_backbone(bundle.manifest.backbone, self.backbone)
+                    entry = shadow_entry(bundle, self.backbone.device)
+                except ClipbankError as e:
+                    log.error("task %s: its version in shadow is left out: %s", task, _why(e))
+                    continue
+            out.append(entry)
+        with self._lock:
+            self._shadows = {e.bundle_id: e for e in out}
+        return tuple(out)
 
     def adopt(self, bank: BankSnapshot) -> None:
         """`bank` is now the one served: `trim` keeps the bundles it was built from (a checked bank built with

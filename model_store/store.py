@@ -17,7 +17,7 @@ from filelock import FileLock, Timeout
 
 from .bundle import Bundle, read_bundle, utc_now
 from .digest import bytes_digest
-from .errors import BundleNotFound, MissingExpert, StoreError, VersionConflict
+from .errors import BundleNotFound, MissingExpert, ShadowConflict, StoreError, VersionConflict
 from .manifest import finite_metrics, shown, validate_task_name
 from .store_index import StoreIndex, TaskRecord, VersionRecord
 
@@ -168,14 +168,15 @@ class LocalStore:
         activate: bool = True,
         metrics: dict[str, Any] | None = None,
         bundle: Bundle | None = None,
+        shadow: bool = False,
     ) -> PutResult:
-        """Validate and store a bundle; by default make it the task's active version.
+        """Validate and store a bundle; by default make it the task's active version (`shadow`: put it in shadow).
 
         `bundle` is `read_bundle(data)` when the caller has it already (checked against the bytes' digest).
         """
         if bundle is None or bundle.id != bytes_digest(data):
             bundle = read_bundle(data)
-        return self.put_validated(bundle, data, activate, metrics)
+        return self.put_validated(bundle, data, activate, metrics, shadow=shadow)
 
     def put_validated(
         self,
@@ -184,9 +185,14 @@ class LocalStore:
         activate: bool = True,
         metrics: dict[str, Any] | None = None,
         gate: dict[str, Any] | None = None,
+        shadow: bool = False,
     ) -> PutResult:
         """Store a bundle the caller has just read: `bundle` must be `read_bundle(data)`, and is trusted (neither
-        parsed nor hashed again). Callers holding only bytes, or a bundle read elsewhere, use `put`."""
+        parsed nor hashed again). Callers holding only bytes, or a bundle read elsewhere, use `put`.
+
+        `shadow`: the new version scores live traffic without answering it (replacing any version in shadow)."""
+        if shadow and activate:
+            raise ValueError("a version is stored either active or in shadow, not both")
         if bundle.file_bytes != len(data):  # a cheap guard against handing in another bundle's bytes
             raise ValueError(f"bundle {bundle.id[:12]} was read from {bundle.file_bytes} bytes, not these {len(data)}")
         record = VersionRecord(
@@ -220,19 +226,38 @@ class LocalStore:
                 atomic_write(path, data)
             return index.with_task(
                 bundle.task,
-                lambda t: TaskRecord((*t.versions, record), bundle.id if activate else t.active),
+                lambda t: TaskRecord(
+                    (*t.versions, record), bundle.id if activate else t.active, bundle.id if shadow else t.shadow
+                ),
             )
 
         index = self._change(add)
         return PutResult(bundle.task, bundle.version, bundle.id, len(bundle.experts), index.generation, gate)
 
     def activate(self, task: str, version: int) -> str:
-        """Make `version` the active one (rollback or roll forward); returns its bundle id."""
+        """Make `version` the active one (rollback, roll forward, or promotion of the version in shadow, which then
+        leaves the shadow); returns its bundle id."""
         chosen: list[str] = []
 
         def edit(index: StoreIndex) -> StoreIndex:
             chosen.append(index.version(task, version).bundle_id)
-            return index.with_task(task, lambda t: replace(t, active=chosen[0]))
+            return index.with_task(task, lambda t: replace(t, active=chosen[0], shadow=_unless(t.shadow, chosen[0])))
+
+        self._change(edit)
+        return chosen[0]
+
+    def set_shadow(self, task: str, version: int | None) -> str | None:
+        """Put a stored, inactive version in shadow (None: stop shadowing); returns its bundle id."""
+        chosen: list[str | None] = []
+
+        def edit(index: StoreIndex) -> StoreIndex:
+            record = index.task(task)  # TaskNotFound
+            chosen.append(None if version is None else index.version(task, version).bundle_id)
+            if chosen[0] is not None and chosen[0] == record.active:
+                raise ShadowConflict(
+                    f"task {shown(task)} version {version} is active: only another version can shadow it"
+                )
+            return index.with_task(task, lambda t: replace(t, shadow=chosen[0]))
 
         self._change(edit)
         return chosen[0]
@@ -262,7 +287,7 @@ class LocalStore:
             needed = {u for _, v in others.records() for u in v.uses}
             doomed.extend(v for v in record.versions if not needed.intersection(v.experts_new))
             kept = tuple(v for v in record.versions if v not in doomed)
-            # experts still used by other tasks: keep those versions, inactive
+            # experts still used by other tasks: keep those versions, inactive (and out of shadow)
             return others.with_task(task, lambda t: TaskRecord(kept) if kept else None)
 
         with self.locked():  # held until the blobs are gone, so a concurrent put cannot reuse one being deleted
@@ -274,6 +299,10 @@ class LocalStore:
                 if path.stem not in named and not path.name.startswith(TMP_PREFIX):
                     path.unlink(missing_ok=True)
         return len(doomed)
+
+
+def _unless(shadow: str | None, activated: str) -> str | None:
+    return None if shadow == activated else shadow
 
 
 def open_store(location: str | os.PathLike) -> LocalStore:
@@ -326,8 +355,9 @@ def _index_problems(tasks: dict[str, Any], whole: set[str]) -> list[str]:
         numbers = [v["version"] for v in entry["versions"]]
         if len(set(numbers)) != len(numbers):
             problems.append(f"task {shown(task)}: a version number is stored twice: {numbers}")
-        if entry.get("active") and entry["active"] not in {v["bundle_id"] for v in entry["versions"]}:
-            problems.append(f"task {shown(task)}: the active bundle {entry['active'][:12]} is none of its versions")
+        for key in ("active", "shadow"):
+            if entry.get(key) and entry[key] not in {v["bundle_id"] for v in entry["versions"]}:
+                problems.append(f"task {shown(task)}: the {key} bundle {entry[key][:12]} is none of its versions")
         for v in entry["versions"]:
             name = f"task {shown(task)} version {v['version']}"
             if v["bundle_id"] not in whole:

@@ -87,10 +87,12 @@ class VersionRecord:
 
 @dataclass(frozen=True)
 class TaskRecord:
-    """A task's stored versions (oldest first) and the bundle id of the active one (None: not routed to)."""
+    """A task's stored versions (oldest first), the bundle id of the active one (None: not routed to) and of the
+    one in shadow (scoring live traffic without answering it; docs/safety.md), if any."""
 
     versions: tuple[VersionRecord, ...] = ()
     active: str | None = None
+    shadow: str | None = None
 
     @classmethod
     def from_json(cls, obj: Any, task: str) -> TaskRecord:
@@ -99,20 +101,26 @@ class TaskRecord:
         versions = tuple(
             VersionRecord.from_json(v, f"task {shown(task)} version entry {i}") for i, v in enumerate(obj["versions"])
         )
-        active = obj.get("active")
-        if active is not None and not isinstance(active, str):
-            raise StoreError(f"the store index is malformed: task {shown(task)} has active {shown(active, 20)}")
-        return cls(versions, active)
+        named = {}
+        for key in ("active", "shadow"):
+            named[key] = obj.get(key)
+            if named[key] is not None and not isinstance(named[key], str):
+                raise StoreError(f"the store index is malformed: task {shown(task)} has {key} {shown(named[key], 20)}")
+        return cls(versions, named["active"], named["shadow"])
 
     def to_json(self) -> dict[str, Any]:
-        return {"active": self.active, "versions": [v.to_json() for v in self.versions]}
+        shadow = {"shadow": self.shadow} if self.shadow is not None else {}  # an older release reads it as absent
+        return {"active": self.active, **shadow, "versions": [v.to_json() for v in self.versions]}
 
     @property
     def newest(self) -> int:
         return max((v.version for v in self.versions), default=0)
 
     def active_record(self) -> VersionRecord | None:
-        return next((v for v in self.versions if v.bundle_id == self.active), None)
+        return self.record_of(self.active)
+
+    def record_of(self, bundle_id: str | None) -> VersionRecord | None:
+        return next((v for v in self.versions if v.bundle_id == bundle_id), None)
 
 
 @dataclass(frozen=True)
@@ -158,6 +166,10 @@ class StoreIndex:
     def active(self) -> dict[str, str]:
         """{task: active bundle id} for every task that has one."""
         return {name: t.active for name, t in self.tasks.items() if t.active}
+
+    def shadows(self) -> dict[str, str]:
+        """{task: bundle id in shadow} for every task that has one."""
+        return {name: t.shadow for name, t in self.tasks.items() if t.shadow}
 
     def records(self) -> Iterator[tuple[str, VersionRecord]]:
         for name, t in self.tasks.items():

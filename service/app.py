@@ -16,6 +16,7 @@ from .middleware import BodyLimit, RequestMetrics
 from .routes.classify import classify_router
 from .routes.ops import ops_router
 from .routes.tasks import tasks_router
+from .routes.watch import watch_router
 
 SMALL_BODY = 1024 * 1024
 
@@ -42,6 +43,7 @@ def create_app(
         reader = TokenCheck(lambda: config.classify_token, "classify", also=lambda: service.admin_token)
     app.include_router(classify_router(reader, config.limits))
     app.include_router(tasks_router(admin))
+    app.include_router(watch_router(admin))
     app.include_router(ops_router())
     app.add_middleware(BodyLimit, limit_for=_limit_for(config), read_timeout=config.read_timeout_seconds)
     app.add_middleware(RequestMetrics, metrics=service.metrics)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from model_store.bank import BankSnapshot
-from model_store.inference import ClassifyItem, ImageResult, TextCache
+from model_store.inference import ClassifyItem, ImagePasses, ImageResult, TextCache
 
 from .errors import LimitExceeded, NotReady, Overloaded
 from .metrics import Metrics
@@ -40,6 +40,7 @@ class Batcher:
         max_queue_images: int = 1024,
         budget: StepBudget | None = None,
         starve_seconds: float = 1.0,
+        watch: Callable[[ImagePasses], None] | None = None,
     ) -> None:
         self._bank = bank
         self.max_batch = max_batch
@@ -47,7 +48,7 @@ class Batcher:
         self.cache = cache if cache is not None else TextCache()
         self.metrics = metrics or Metrics()
         self.max_queue_images = max_queue_images
-        self.steps = Steps(budget or StepBudget(), self.cache, self.metrics)
+        self.steps = Steps(budget or StepBudget(), self.cache, self.metrics, watch)
         self._queued = 0  # images admitted and not yet answered (counted on the event loop)
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None

@@ -64,12 +64,15 @@ class ClipbankClient:
             data["top_k"] = str(top_k)
         return self._call("POST", "/classify", files=files, data=data)
 
-    def push(self, bundle: ImageInput, activate: bool = True, force: bool = False) -> dict[str, Any]:
+    def push(
+        self, bundle: ImageInput, activate: bool = True, force: bool = False, mode: str | None = None
+    ) -> dict[str, Any]:
         """Upload a bundle file (path or bytes); returns `{task, version, bundle_id, experts_added, generation,
-        gate}`. `force` overrides the interference gate (a 409 `interference` otherwise names what it would take)."""
+        gate}`. `force` overrides the interference gate (a 409 `interference` otherwise names what it would take).
+        `mode` (active, inactive, shadow) replaces `activate` when given."""
         files = {"bundle": (_name(bundle, 0), _bytes(bundle), "application/octet-stream")}
-        params = {"activate": str(activate).lower(), "force": str(force).lower()}
-        return self._call("POST", "/tasks", files=files, params=params)
+        chosen = mode or ("active" if activate else "inactive")
+        return self._call("POST", "/tasks", files=files, params={"mode": chosen, "force": str(force).lower()})
 
     def tasks(self) -> dict[str, Any]:
         return self._call("GET", "/tasks")
@@ -81,6 +84,20 @@ class ClipbankClient:
         return self._call(
             "POST", f"/tasks/{task}/activate", json={"version": version}, params={"force": str(force).lower()}
         )
+
+    def shadow(self, task: str) -> dict[str, Any]:
+        """What the task's version in shadow would do to live traffic (claims, from where, score histogram)."""
+        return self._call("GET", f"/tasks/{task}/shadow")
+
+    def set_shadow(self, task: str, version: int | None) -> dict[str, Any]:
+        """Put a stored version in shadow; None: stop shadowing."""
+        if version is None:
+            return self._call("DELETE", f"/tasks/{task}/shadow")
+        return self._call("POST", f"/tasks/{task}/shadow", json={"version": version})
+
+    def unclaimed(self, min_share: float = 0.03, min_size: int = 20) -> dict[str, Any]:
+        """Clusters of the traffic no task claimed (`GET /insights/unclaimed`)."""
+        return self._call("GET", "/insights/unclaimed", params={"min_share": min_share, "min_size": min_size})
 
     def delete(self, task: str, purge: bool = False) -> dict[str, Any]:
         return self._call("DELETE", f"/tasks/{task}", params={"purge": str(purge).lower()})

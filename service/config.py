@@ -11,6 +11,7 @@ from model_store.settings import ENV_PREFIX, env_value, option
 MB = 1024 * 1024
 FROZEN_RUNTIMES = ("auto", "torch", "onnx")  # auto: onnx on CPU (measured faster there), torch on GPU
 INVALID = "invalid server settings: "
+MAX_UNCLAIMED = 100_000  # 200 MB of float32 embeddings at ViT-B's 512 dimensions
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,15 @@ class ServeConfig:
     gate_max_zero_shot: float = option(
         0.05, "interference gate: the largest share of the backbone's reference set a new version may claim"
     )
+    unclaimed_capacity: int = option(
+        2048, "unclaimed-traffic monitor: frozen embeddings of unclaimed images kept (0 turns it off)"
+    )
+    unclaimed_retention_seconds: float = option(86400.0, "unclaimed-traffic monitor: how long an embedding is kept")
+    unclaimed_bin_seconds: float = option(60.0, "unclaimed-traffic monitor: time resolution of traffic shares")
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
-        problems = list(self.limits.problems())
+        problems = list(self.limits.problems()) + self._monitor_problems()
         if not 0 < self.port < 65536:
             problems.append(f"port must be in 1..65535, got {self.port}")
         if self.max_batch < 1:
@@ -111,6 +117,17 @@ class ServeConfig:
                 problems.append(f"{name} must be at least 16 characters when set")
         if problems:
             raise ValueError(INVALID + "; ".join(problems))
+
+    def _monitor_problems(self) -> list[str]:
+        problems = []
+        if not 0 <= self.unclaimed_capacity <= MAX_UNCLAIMED:
+            problems.append(f"unclaimed_capacity must be in 0..{MAX_UNCLAIMED}, got {self.unclaimed_capacity}")
+        if not 1 <= self.unclaimed_bin_seconds <= self.unclaimed_retention_seconds <= 90 * 86400:
+            problems.append(
+                "unclaimed_bin_seconds and unclaimed_retention_seconds must satisfy 1 <= bin <= retention <= 90 days,"
+                f" got {self.unclaimed_bin_seconds}, {self.unclaimed_retention_seconds}"
+            )
+        return problems
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServeConfig:

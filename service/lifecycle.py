@@ -29,10 +29,12 @@ from model_store.store import open_store
 from .batching import Batcher
 from .config import ServeConfig
 from .errors import NotReady
+from .insights import ReservoirConfig
 from .memory import release_free_memory
 from .metrics import Metrics
 from .registry import Registry
 from .steps import StepBudget
+from .watch import TrafficWatch
 from .workers import DecodeWorkers
 
 log = logging.getLogger("clipbank.service")
@@ -54,6 +56,7 @@ class Service:
         self.ready = asyncio.Event()
         self.failed = asyncio.Event()
         self.decoders = DecodeWorkers()
+        self.watch = TrafficWatch(self.metrics)
 
     def load(self) -> None:
         """Backbone, store, bank, warm-up: everything before /readyz turns 200 (runs off the event loop)."""
@@ -62,7 +65,11 @@ class Service:
             self.backbone = load_backbone(self.config.backbone, self.config.device)
         self.backbone = self._frozen_runtime()
         cache = TextCache(self.config.text_cache_size, self.config.text_cache_mb * 1024 * 1024)
-        self.registry = Registry(open_store(self.config.store), self.backbone, self.metrics, cache, self._gate())
+        reference, cfg = self._reference(), self.config
+        gate = Gate(GateLimits(cfg.gate_max_stolen, cfg.gate_max_zero_shot), reference)
+        monitor = ReservoirConfig(cfg.unclaimed_capacity, cfg.unclaimed_retention_seconds, cfg.unclaimed_bin_seconds)
+        self.watch.start_monitor(monitor, self.backbone.embed_dim, reference)
+        self.registry = Registry(open_store(cfg.store), self.backbone, self.metrics, cache, gate, self.watch.swapped)
         bank = self.registry.load()
         warm = torch.zeros(1, 3, self.backbone.image_size, self.backbone.image_size)
         items = [ClassifyItem(warm, ("a", "b"), ZERO_SHOT)] + [ClassifyItem(warm, None, t) for t in bank.task_names]
@@ -80,6 +87,7 @@ class Service:
             self.metrics,
             self.config.max_queue_images,
             StepBudget(max_request_prompts=limits.max_request_prompts),
+            watch=self.watch,
         )
         self.batcher.start()
         # What start-up made lives as long as the server: keep it out of the collector's full passes, whose
@@ -87,10 +95,9 @@ class Service:
         gc.collect()
         gc.freeze()
 
-    def _gate(self) -> Gate:
-        """The interference gate with the configured limits and the backbone's reference set, if there is one
-        (without it, what a task would take from zero-shot is not measured, and the report says so)."""
-        limits = GateLimits(self.config.gate_max_stolen, self.config.gate_max_zero_shot)
+    def _reference(self) -> torch.Tensor | None:
+        """The backbone's reference set of generic images (the gate's and the unclaimed monitor's background), if
+        there is one: without it, what a task would take from zero-shot is not measured, and the report says so."""
         try:
             reference = find_reference(self.backbone)
         except ClipbankError as e:
@@ -98,7 +105,7 @@ class Service:
             reference = None
         if reference is None:
             log.info("no reference set for %s: the gate does not measure zero-shot capture", self.backbone.ref.text)
-        return Gate(limits, reference.embeddings if reference is not None else None)
+        return reference.embeddings if reference is not None else None
 
     def _frozen_runtime(self) -> Backbone:
         """This server's own backbone object, sharing the given one's model, with the runtime of its frozen passes.

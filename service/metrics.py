@@ -10,6 +10,8 @@ from model_store.inference import TextCache
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SWAP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# selector scores are error / threshold: at most 1 claims the image; fine steps around 1, where routing is decided
+SCORE_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, float("inf"))
 
 
 class Metrics:
@@ -45,8 +47,41 @@ class Metrics:
         self.gate_overrides = Counter("clipbank_gate_overrides", "gate refusals overridden with force", registry=r)
         self.queue_images = Gauge("clipbank_queue_images", "images waiting for a batch", registry=r)
         self.degraded = Gauge("clipbank_degraded_tasks", "active tasks the bank cannot serve", registry=r)
+        self._traffic(r)
         self.task_degraded = Gauge(
             "clipbank_task_degraded", "1 for each active task the bank cannot serve", ["task"], registry=r
+        )
+
+    def _traffic(self, r: CollectorRegistry) -> None:
+        """Where auto-routed traffic goes, and what versions in shadow would do with it."""
+        self.claims = Counter(
+            "clipbank_claims",
+            "images with task=auto, per route: the task that claimed it, or zero-shot",
+            ["route"],
+            registry=r,
+        )
+        self.route_score = Histogram(
+            "clipbank_route_score",
+            "the lowest selector score (error / threshold) of each image with task=auto, per route it took",
+            ["route"],
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.shadow_images = Counter(
+            "clipbank_shadow_images", "images with task=auto scored by a task's version in shadow", ["task"], registry=r
+        )
+        self.shadow_claims = Counter(
+            "clipbank_shadow_claims",
+            "images a version in shadow would take, per route they take now",
+            ["task", "taken_from"],
+            registry=r,
+        )
+        self.shadow_score = Histogram(
+            "clipbank_shadow_score",
+            "selector scores of a version in shadow",
+            ["task"],
+            buckets=SCORE_BUCKETS,
+            registry=r,
         )
 
     def watch_cache(self, cache: TextCache) -> None:
@@ -58,6 +93,15 @@ class Metrics:
             ("misses", "text-embedding cache misses since start", lambda: cache.misses),
         ):
             Gauge(f"clipbank_text_cache_{name}", doc, registry=self.registry).set_function(read)
+
+    def watch_reservoir(self, size, nbytes) -> None:
+        """The unclaimed-traffic reservoir's figures, read at scrape time."""
+        Gauge(
+            "clipbank_unclaimed_reservoir_images", "embeddings of unclaimed images held", registry=self.registry
+        ).set_function(size)
+        Gauge(
+            "clipbank_unclaimed_reservoir_bytes", "bytes the unclaimed reservoir holds (fixed)", registry=self.registry
+        ).set_function(nbytes)
 
     def observe_bank(self, bank: BankSnapshot, seconds: float | None = None) -> None:
         self.generation.set(bank.generation)

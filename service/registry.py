@@ -15,10 +15,11 @@ from model_store.backbone import Backbone
 from model_store.bank import BankSnapshot, empty_bank
 from model_store.bundle import Bundle, read_bundle
 from model_store.compat import refuse_other_backbone
-from model_store.errors import BundleError, BundleInvalid, StoreError
+from model_store.errors import BundleError, BundleInvalid, InvalidRequest, NoShadow, ShadowConflict, StoreError
 from model_store.gate import Gate, GateReport, InterferenceRefused
 from model_store.inference import ClassifyItem, TextCache, classify_batch
 from model_store.loader import BankLoader
+from model_store.manifest import shown
 from model_store.store import LocalStore, PutResult
 from model_store.store_index import StoreIndex, TaskRecord
 
@@ -44,7 +45,10 @@ class Registry:
         metrics: Metrics | None = None,
         cache: TextCache | None = None,
         gate: Gate | None = None,
+        on_swap: Callable[[BankSnapshot], None] | None = None,
     ) -> None:
+        """`on_swap` is told of every bank swapped in (the shadow monitor follows its shadows)."""
+        self.on_swap = on_swap
         self.store = store
         self.gate = gate or Gate()
         self.cache = cache  # the serving text cache: a trial run leaves a new task's class embeddings in it
@@ -87,7 +91,14 @@ class Registry:
         return self._swap(self.loader.load(self._bank), t0)
 
     def _swap(self, bank: BankSnapshot, since: float) -> BankSnapshot:
-        """Serve `bank` (built from the store's state, or checked and then written to it) from now on."""
+        """Serve `bank` (built from the store's state, or checked and then written to it) from now on, with the
+        store's versions in shadow."""
+        try:
+            shadows = self.loader.shadows(self.store.index())
+            if shadows != bank.shadows:  # the same object otherwise: what was built and checked is what serves
+                bank = dataclasses.replace(bank, shadows=shadows)
+        except StoreError as e:  # the index became unreadable since the bank was built: its shadows stay as built
+            log.error("the shadows are not updated: %s", e)
         self._bank = bank  # the swap: one reference assignment
         self.store_error = None
         seconds = time.perf_counter() - since
@@ -97,6 +108,8 @@ class Registry:
         log.info("bank generation %d: %d tasks, swapped in %.3fs", bank.generation, len(bank.tasks), seconds)
         for task, why in bank.degraded.items():
             log.error("task %s is degraded (not served): %s", task, why)
+        if self.on_swap is not None:
+            self.on_swap(bank)
         return bank
 
     def _change(
@@ -192,14 +205,16 @@ class Registry:
 
     # ------------------------------------------------------------------------------------------- changes
 
-    def _gated(self, task: str, force: bool, reports: list[GateReport]) -> Callable[[BankSnapshot], None]:
+    def _gated(
+        self, task: str, force: bool, reports: list[GateReport], refuse: bool = True
+    ) -> Callable[[BankSnapshot], None]:
         """The interference gate as a check of a change's candidate bank: refuse above the limits, unless forced
-        (then logged and counted); the report goes to `reports`."""
+        (then logged and counted); the report goes to `reports`. `refuse=False` only reports (a shadow upload)."""
 
         def check(candidate: BankSnapshot) -> None:
             report = self.gate.report(candidate, task)
             reports.append(report)
-            if not report.offences():
+            if not report.offences() or not refuse:
                 return
             if not force:
                 self.metrics.gate_refusals.inc()
@@ -209,9 +224,12 @@ class Registry:
 
         return check
 
-    def upload(self, data: bytes, activate: bool = True, force: bool = False) -> PutResult:
+    def upload(self, data: bytes, activate: bool = True, force: bool = False, shadow: bool = False) -> PutResult:
         """Validate, store and (by default) activate a bundle. Checked as if activated either way, the
-        interference gate included (`force` overrides it)."""
+        interference gate included (`force` overrides it). `shadow`: store it in shadow, not active; the gate then
+        only reports (promotion runs it)."""
+        if shadow and activate:
+            raise InvalidRequest("a version is uploaded either active or in shadow, not both")
         try:
             refuse_other_backbone(data, self.loader.backbone)  # from the header, before the tensors are read
         except BundleError:
@@ -223,12 +241,26 @@ class Registry:
         def write() -> PutResult:
             gate = reports[-1].to_json() if reports else None
             # read just now: not read again; the gate's report is kept beside the version
-            result = self.store.put_validated(bundle, data, activate=activate, gate=gate)
+            result = self.store.put_validated(bundle, data, activate=activate, gate=gate, shadow=shadow)
             self.loader.remember(bundle)  # later rebuilds then need no second parse
             return result
 
-        check = self._gated(bundle.task, force, reports)
+        check = self._gated(bundle.task, force, reports, refuse=not shadow)
         return self._change({bundle.task: bundle}, write, serves=activate, check=check)
+
+    def shadow(self, task: str, version: int | None) -> str | None:
+        """Put a stored version in shadow, checked as if activated (the gate only reports); None: stop shadowing.
+        Returns the bundle id in shadow."""
+        if version is None:
+            if self.store.task(task).shadow is None:
+                raise NoShadow(f"task {shown(task)} has no version in shadow")
+            return self._change({}, lambda: self.store.set_shadow(task, None), serves=False)
+        record = self.store.version(task, version)
+        if record.bundle_id == self.store.task(task).active:  # the store refuses it too; this is before any work
+            raise ShadowConflict(f"task {shown(task)} version {version} is active: only another version can shadow it")
+        bundle = self.loader.bundle(record.bundle_id)
+        check = self._gated(task, False, [], refuse=False)
+        return self._change({task: bundle}, lambda: self.store.set_shadow(task, version), serves=False, check=check)
 
     def activate(self, task: str, version: int, force: bool = False) -> str:
         bundle = self.loader.bundle(self.store.version(task, version).bundle_id)

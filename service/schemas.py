@@ -113,6 +113,9 @@ class ClassifyResponse(BaseModel):
     )
 
 
+UploadMode = Literal["active", "inactive", "shadow"]
+
+
 class TaskUploaded(BaseModel):
     task: str
     version: int
@@ -155,6 +158,52 @@ class TaskInfo(BaseModel):
     classes: list[str] = Field(default_factory=list, description="Classes of the active version.")
     versions: list[VersionInfo]
     bytes: int = Field(..., description="Tensor bytes of the active version in memory (0 if inactive).")
+    shadow_version: int | None = Field(None, description="The version scoring live traffic in shadow, if any.")
+
+
+class ScoreHistogram(BaseModel):
+    le: list[float | str] = Field(..., description="bucket upper bounds of the selector score (error / threshold)")
+    counts: list[int]
+
+
+class ShadowInfo(BaseModel):
+    task: str
+    version: int
+    bundle_id: str
+    since: str = Field(..., description="when this server began scoring it")
+    images: int = Field(..., description="images with task=auto it scored")
+    would_claim: int = Field(..., description="of those, how many it would take once promoted")
+    claim_rate: float | None
+    taken_from: dict[str, int] = Field(..., description="route each would-be claim takes now (a task or zero-shot)")
+    score_histogram: ScoreHistogram
+
+
+class UnclaimedCluster(BaseModel):
+    id: int
+    size: int = Field(..., description="its members among the kept embeddings")
+    share: float = Field(..., description="the share of auto-routed traffic over the window it stands for")
+    over_time: list[list[float]] = Field(..., description="[bin start (unix seconds), share of that bin's traffic]")
+    nearest_task: str | None = Field(None, description="the active task whose selector scores it lowest")
+    margin: float | None = Field(None, description="that task's median score minus 1: how far from claiming it")
+
+
+class ReservoirInfo(BaseModel):
+    embeddings: int
+    capacity: int
+    bytes: int
+    retention_seconds: float
+    bin_seconds: float
+    window_start: float | None
+    auto_images: int = Field(..., description="images with task=auto in the window")
+    unclaimed: int = Field(..., description="of those, how many went to zero-shot")
+    unclaimed_share: float | None
+    background: int | None = Field(None, description="reference-set rows compared against (null: none)")
+
+
+class UnclaimedInsights(BaseModel):
+    enabled: bool = Field(..., description="false: the monitor is off (unclaimed_capacity=0)")
+    reservoir: ReservoirInfo | None
+    clusters: list[UnclaimedCluster]
 
 
 class TaskList(BaseModel):

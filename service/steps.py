@@ -7,11 +7,12 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from model_store.bank import BankSnapshot
 from model_store.inference import AUTO, BatchPlan, ClassifyItem, ImagePasses, ImageResult, TextCache, TextJob
+from model_store.modes import ZERO_SHOT
 
 from .errors import LimitExceeded, Overloaded
 from .metrics import Metrics
@@ -86,8 +87,15 @@ class _TextWork:
 class Steps:
     """The compute thread's work that runs in steps, round robin: `step()` after each batch."""
 
-    def __init__(self, budget: StepBudget, cache: TextCache, metrics: Metrics) -> None:
-        self.budget, self.cache, self.metrics = budget, cache, metrics
+    def __init__(
+        self,
+        budget: StepBudget,
+        cache: TextCache,
+        metrics: Metrics,
+        watch: Callable[[ImagePasses], None] | None = None,
+    ) -> None:
+        """`watch` sees every batch's completed image passes (shadow scoring, the unclaimed reservoir)."""
+        self.budget, self.cache, self.metrics, self.watch = budget, cache, metrics, watch
         self.works: deque[_ImageWork | _TextWork] = deque()
         self._image_seconds = 0.005  # moving averages of one image's pass and one prompt character's encoding
         self._char_seconds = 5e-5
@@ -142,6 +150,11 @@ class Steps:
 
     def _passes_done(self, work: _ImageWork) -> None:
         """Per request: finish it now (its label sets are cached or small), park its encoding, or refuse it."""
+        if self.watch is not None:  # before the answers, so a client that has its answer sees its images counted
+            try:
+                self.watch(work.passes)
+            except Exception:  # watching never fails a request
+                log.exception("watching a batch failed")
         plan, inline = work.passes.plan(), self.budget.inline_chars
         for k, p in enumerate(work.batch):
             try:
@@ -207,12 +220,17 @@ class Steps:
         answer(work.pending, out)
 
     def _count_routes(self, item: ClassifyItem, results: Sequence[ImageResult]) -> None:
+        m = self.metrics
         for r in results:
-            self.metrics.routes.labels(task=r.route.task or "zero-shot").inc()
+            route = r.route.task or ZERO_SHOT
+            m.routes.labels(task=route).inc()
             if item.task == AUTO:
-                self.metrics.auto_images.inc()
+                m.auto_images.inc()
+                m.claims.labels(route=route).inc()
+                if r.route.score is not None:
+                    m.route_score.labels(route=route).observe(r.route.score)
                 if r.route.task is None:
-                    self.metrics.fallback.inc()
+                    m.fallback.inc()
 
 
 def _too_many_prompts(cost: int, limit: int) -> str:

@@ -42,4 +42,5 @@ def task_info(bank: BankSnapshot, name: str, entry: TaskRecord) -> dict[str, Any
         "classes": classes,
         "versions": [_version_info(v) for v in entry.versions],
         "bytes": size,
+        "shadow_version": shadow.version if (shadow := entry.record_of(entry.shadow)) is not None else None,
     }

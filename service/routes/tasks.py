@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
-from model_store.errors import TaskNotFound
+from model_store.errors import InvalidRequest, TaskNotFound
 from model_store.manifest import TASK_RE, shown
 
 from ..auth import TokenCheck
 from ..decode import read_bundle_upload, read_json
-from ..schemas import ActivateRequest, Removed, TaskInfo, TaskList, TaskUploaded
+from ..schemas import ActivateRequest, Removed, TaskInfo, TaskList, TaskUploaded, UploadMode
 from ..tasks import task_info
 from . import ERRORS, service_of
 
@@ -39,11 +41,25 @@ ACTIVATE_BODY = {
 }
 
 
-def _known_name(task: str) -> str:
+def known_name(task: str) -> str:
     """A path's task name, or 404 before any work when no task could have it."""
     if not TASK_RE.fullmatch(task):
         raise TaskNotFound(f"task {shown(task)} is not a task name ({TASK_RE.pattern})")
     return task
+
+
+MODE_HELP = (
+    "active (the default): route to it; inactive: store it only; shadow: store it and score live traffic with its "
+    "selector without answering any request (GET /tasks/{task}/shadow)"
+)
+
+
+def _upload_mode(mode: UploadMode | None, activate: bool | None) -> UploadMode:
+    """`mode`, or what the older `activate` flag says; both given must agree."""
+    implied = None if activate is None else "active" if activate else "inactive"
+    if mode is not None and implied is not None and mode != implied:
+        raise InvalidRequest(f"mode={mode} contradicts activate={str(activate).lower()}: give mode alone")
+    return mode or implied or "active"
 
 
 def tasks_router(admin: TokenCheck) -> APIRouter:
@@ -52,14 +68,16 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
     @router.post("/tasks", status_code=201, response_model=TaskUploaded, openapi_extra=UPLOAD_BODY)
     async def upload(
         request: Request,
-        activate: bool = Query(True, description="false: store the version without routing to it"),
+        mode: Annotated[UploadMode | None, Query(description=MODE_HELP)] = None,
+        activate: bool | None = Query(None, description="the older spelling of mode: false is mode=inactive"),
         force: bool = Query(False, description="override the interference gate (logged and counted; docs/safety.md)"),
     ) -> dict:
         """Upload a bundle: validated, stored, and (by default) swapped in as the task's active version."""
         service = service_of(request)
         registry = service.require_ready()
+        chosen = _upload_mode(mode, activate)  # before the body is read
         data = await read_bundle_upload(request, service.config.limits)
-        result = await run_in_threadpool(registry.upload, data, activate, force)
+        result = await run_in_threadpool(registry.upload, data, chosen == "active", force, chosen == "shadow")
         return vars(result)
 
     @router.get("/tasks", response_model=TaskList)
@@ -76,7 +94,7 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
     @router.get("/tasks/{task}", response_model=TaskInfo)
     async def get_task(request: Request, task: str) -> dict:
         registry = service_of(request).require_ready()
-        entry = await run_in_threadpool(registry.task_entry, _known_name(task))
+        entry = await run_in_threadpool(registry.task_entry, known_name(task))
         return task_info(registry.bank, task, entry)
 
     @router.post("/tasks/{task}/activate", response_model=TaskInfo, openapi_extra=ACTIVATE_BODY)
@@ -88,7 +106,7 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         """Make a stored version active: rollback or roll forward, hot-swapped."""
         registry = service_of(request).require_ready()
         body = await read_json(request, ActivateRequest)  # read after the token check, not before
-        await run_in_threadpool(registry.activate, _known_name(task), body.version, force)
+        await run_in_threadpool(registry.activate, known_name(task), body.version, force)
         entry = await run_in_threadpool(registry.task_entry, task)
         return task_info(registry.bank, task, entry)
 
@@ -100,7 +118,7 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
     ) -> dict:
         """Stop routing to a task. Its versions stay stored for rollback unless purged."""
         registry = service_of(request).require_ready()
-        purged = await run_in_threadpool(registry.deactivate, _known_name(task), purge)
+        purged = await run_in_threadpool(registry.deactivate, known_name(task), purge)
         return {"task": task, "purged_blobs": purged, "generation": registry.bank.generation}
 
     return router

@@ -39,6 +39,7 @@ def test_bench_serve_writes_a_complete_report(tmp_path):
         assert report["ratios"][key] > 0, key
     assert report["ratios"]["memory_per_task_vs_bundle"] is not None
     assert report["ratios"]["onnx_vs_torch_zero_shot"] > 0
+    assert report["ratios"]["tasks3_shadow_vs_none_auto"] > 0
     (tiny,) = report["backends"]
     seen = {(r["server"], r.get("runtime"), r["mode"], r["tasks"], r["concurrency"]) for r in tiny["load"]}
     assert seen == {
@@ -58,6 +59,9 @@ def test_bench_serve_writes_a_complete_report(tmp_path):
     assert [p["bank_size"] for p in tiny["pushes"]] == [0, 1, 2]
     assert [(r["round"], r["tasks"]) for r in tiny["paired"]] == [(0, 1), (0, 3), (1, 1), (1, 3), (2, 1), (2, 3)]
     assert all(r["errors"] == 0 and r["images_per_s"] > 0 for r in tiny["paired"])
+    assert [r["shadow"] for r in tiny["shadow"]] == [False, True, True, False] * 2  # ABBA rounds
+    for r in tiny["shadow"]:  # all auto: every image scored (and one warm-up request per client)
+        assert not r["shadow"] or r["shadow_images_scored"] == r["images"] + 4, r
     assert all(p["upload_end_to_routable_s"] < 30 for p in tiny["pushes"])
     assert set(tiny["rss_bytes"]) == {"0", "1", "3"}
     assert tiny["flops"]["image_adapted"] > tiny["flops"]["image_frozen"] > 0

@@ -71,12 +71,24 @@ def test_lifecycle_and_restart(tmp_path, bundles, capsys):
 
         client.activate("textures", 2, force=True)
         client.push(bundles["glyphs"])
+        g2 = tmp_path / "glyphs-v2.safetensors"
+        g2.write_bytes(with_version(bundles["glyphs"], 2))
+        assert main(["push", str(g2), "--shadow", "--url", url, "--token", TOKEN]) == 0
+        assert json.loads(capsys.readouterr().out)["version"] == 2
         tasks_before = client.tasks()
         answer_before = client.classify(textures_imgs)
     # 6. restart on the same store: the same bank, the same answers
     with running_server(store, log) as url, ClipbankClient(url, TOKEN) as client:
         assert client.tasks() == tasks_before
         answer_after = client.classify(textures_imgs)
+        # 7. the version in shadow survived the restart and scores auto traffic; the unclaimed monitor answers
+        assert client.task("glyphs")["shadow_version"] == 2
+        client.classify(domain_pngs("glyphs", 8))
+        assert main(["shadow", "glyphs", "--url", url, "--token", TOKEN]) == 0
+        assert "of 20 auto-routed images" in capsys.readouterr().out
+        png = tmp_path / "unclaimed.png"
+        assert main(["insights", "--png", str(png), "--url", url, "--token", TOKEN]) == 0
+        assert "auto-routed images went to zero-shot" in capsys.readouterr().out and png.stat().st_size > 5000
     for a, b in zip(answer_before["results"], answer_after["results"], strict=True):
         assert a["route"] == b["route"]
         assert [x["label"] for x in a["labels"]] == [x["label"] for x in b["labels"]]

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from model_store.bank import empty_bank
-from model_store.errors import StoreError, TaskNotFound, VersionNotFound
+from model_store.errors import ShadowConflict, StoreError, TaskNotFound, VersionNotFound
 from model_store.store import LocalStore
 from model_store.store_index import StoreIndex, TaskRecord, VersionRecord
 from tests.helpers import random_bundle, with_version
@@ -71,3 +71,52 @@ def test_lookups_name_what_is_missing():
     with pytest.raises(VersionNotFound, match="stored versions: 1"):
         index.version("t", 2)
     assert index.with_task("t", lambda record: None).tasks == {} and "t" in index.tasks  # copies, never edits
+
+
+def test_a_version_in_shadow_is_kept_promoted_and_forgotten(tmp_path, backbone):
+    """put(shadow=True) and set_shadow keep it beside the active version; activating it takes it out of the
+    shadow; purge forgets it; an index without the field (an older release) reads as no shadow."""
+    store = LocalStore(tmp_path)
+    data = random_bundle(empty_bank(backbone), "cars", seed=1)
+    store.put(data)
+    v2 = store.put(with_version(data, 2), activate=False, shadow=True)
+    record = store.task("cars")
+    assert (
+        record.shadow == v2.bundle_id
+        and record.active != v2.bundle_id
+        and store.index().shadows() == {"cars": v2.bundle_id}
+    )
+    assert json.loads(store.index_path.read_text())["tasks"]["cars"]["shadow"] == v2.bundle_id
+    with pytest.raises(ShadowConflict, match="version 1 is active"):
+        store.set_shadow("cars", 1)
+    with pytest.raises(ValueError, match="either active or in shadow"):
+        store.put(with_version(data, 3), activate=True, shadow=True)
+    store.activate("cars", 2)
+    assert store.task("cars").shadow is None and store.task("cars").active == v2.bundle_id
+    assert store.set_shadow("cars", 1) == store.index().version("cars", 1).bundle_id
+    assert store.set_shadow("cars", None) is None and store.task("cars").shadow is None
+    store.set_shadow("cars", 1)
+    store.deactivate("cars")
+    assert store.task("cars").shadow is not None  # a shadow does not need an active version
+    store.purge("cars")
+    assert "cars" not in store.index().tasks
+    assert StoreIndex.from_json({"generation": 1, "tasks": {"t": {"versions": []}}}).task("t").shadow is None
+    with pytest.raises(StoreError, match="has shadow 5"):
+        StoreIndex.from_json({"generation": 1, "tasks": {"t": {"shadow": 5, "versions": []}}})
+
+
+def test_the_loader_keeps_only_the_selector_of_a_version_in_shadow(tmp_path, backbone):
+    from model_store.loader import BankLoader
+
+    store = LocalStore(tmp_path)
+    data = random_bundle(empty_bank(backbone), "cars", seed=1)
+    store.put(data, activate=False)
+    store.set_shadow("cars", 1)
+    loader = BankLoader(store, backbone)
+    bank = loader.load()
+    (entry,) = loader.shadows(store.index())
+    assert not bank.tasks and (entry.name, entry.version) == ("cars", 1) and entry.selector.threshold > 0
+    loader.trim()
+    assert loader.shadows(store.index()) == (entry,)  # kept without its bundle
+    store.set_shadow("cars", None)
+    assert loader.shadows(store.index()) == ()

@@ -1,0 +1,114 @@
+"""`clipbank shadow` and `clipbank insights`: what live traffic says, read from a running server (docs/safety.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from model_store.settings import env_value
+
+
+def _client(args: argparse.Namespace):
+    from service.client import ClipbankClient
+
+    return ClipbankClient(args.url, args.token)
+
+
+def _shadow(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.stop or args.version is not None:
+            out = client.set_shadow(args.task, None if args.stop else args.version)
+            print(f"task {out['task']}: version in shadow {out['shadow_version']}, active {out['active_version']}")
+            return 0
+        stats = client.shadow(args.task)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    rate = "-" if stats["claim_rate"] is None else f"{stats['claim_rate']:.1%}"
+    print(f"task {stats['task']} v{stats['version']} in shadow since {stats['since']}")
+    print(f"  would claim {stats['would_claim']} of {stats['images']} auto-routed images ({rate})")
+    for route, n in stats["taken_from"].items():
+        print(f"  taken from {route}: {n}")
+    hist = stats["score_histogram"]
+    print(
+        "  score histogram (error / threshold; <= 1 claims): "
+        + ", ".join(f"<={le}: {n}" for le, n in zip(hist["le"], hist["counts"], strict=True) if n)
+    )
+    return 0
+
+
+def _insights(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        out = client.unclaimed(args.min_share, args.min_size)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    elif not out["enabled"]:
+        print("the unclaimed-traffic monitor is off on this server (unclaimed_capacity=0)")
+    else:
+        _print_insights(out)
+    if args.png and out["enabled"]:
+        plot_unclaimed(out, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+def _print_insights(out: dict) -> None:
+    res = out["reservoir"]
+    share = "-" if res["unclaimed_share"] is None else f"{res['unclaimed_share']:.1%}"
+    print(
+        f"{res['unclaimed']} of {res['auto_images']} auto-routed images went to zero-shot ({share}); "
+        f"{res['embeddings']} kept (capacity {res['capacity']})"
+    )
+    if not out["clusters"]:
+        print("no cluster: the unclaimed traffic shows no new domain")
+        return
+    print("| cluster | images kept | share of traffic | nearest task | its score margin |")
+    print("| --- | --- | --- | --- | --- |")
+    for c in out["clusters"]:
+        margin = "-" if c["margin"] is None else f"{c['margin']:+.2f}"
+        print(f"| {c['id']} | {c['size']} | {c['share']:.1%} | {c['nearest_task'] or '-'} | {margin} |")
+    print("a cluster is traffic no task claims that looks alike: a candidate task to train (docs/safety.md)")
+
+
+def plot_unclaimed(out: dict, path: str) -> None:
+    """Each cluster's share of auto traffic per time bin, and the unclaimed share overall."""
+    from datetime import datetime, timezone
+
+    from training.plots import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for c in out["clusters"]:
+        when = [datetime.fromtimestamp(t, timezone.utc) for t, _ in c["over_time"]]
+        label = f"cluster {c['id']} ({c['size']} kept; nearest {c['nearest_task'] or '-'})"
+        ax.plot(when, [100 * share for _, share in c["over_time"]], marker="o", label=label)
+    ax.set_ylabel("share of auto-routed traffic (%)")
+    ax.set_title(f"unclaimed traffic: {len(out['clusters'])} cluster(s)")
+    if out["clusters"]:
+        ax.legend(fontsize=8)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def add_watch_parsers(sub, url: str) -> None:
+    token = env_value("admin_token")
+    sh = sub.add_parser("shadow", help="what a task's version in shadow would do to live traffic; or put one there")
+    sh.add_argument("task")
+    what = sh.add_mutually_exclusive_group()
+    what.add_argument("--version", type=int, help="put this stored version in shadow")
+    what.add_argument("--stop", action="store_true", help="stop scoring traffic with the version in shadow")
+    sh.add_argument("--json", action="store_true", help="print the full JSON")
+    sh.add_argument("--url", default=url, help="server URL ($CLIPBANK_URL)")
+    sh.add_argument("--token", default=token, help="admin token ($CLIPBANK_ADMIN_TOKEN)")
+    sh.set_defaults(fn=_shadow)
+
+    ins = sub.add_parser("insights", help="clusters of the traffic no task claims: candidate tasks to train")
+    ins.add_argument("--min-share", type=float, default=0.03, help="a cluster's least share of auto traffic")
+    ins.add_argument("--min-size", type=int, default=20, help="a cluster's fewest images")
+    ins.add_argument("--png", help="also plot each cluster's share of traffic over time to this PNG")
+    ins.add_argument("--json", action="store_true", help="print the full JSON")
+    ins.add_argument("--url", default=url, help="server URL ($CLIPBANK_URL)")
+    ins.add_argument("--token", default=token, help="admin token ($CLIPBANK_ADMIN_TOKEN)")
+    ins.set_defaults(fn=_insights)

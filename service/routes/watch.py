@@ -1,0 +1,71 @@
+"""What live traffic says (admin token): versions in shadow, and the traffic no task claims (docs/safety.md)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+
+from model_store.errors import NoShadow
+from model_store.manifest import shown
+
+from ..auth import TokenCheck
+from ..decode import read_json
+from ..schemas import ActivateRequest, ShadowInfo, TaskInfo, UnclaimedInsights
+from ..tasks import task_info
+from . import ERRORS, service_of
+from .tasks import ACTIVATE_BODY, known_name
+
+
+def watch_router(admin: TokenCheck) -> APIRouter:
+    router = APIRouter(tags=["tasks"], dependencies=[Depends(admin)], responses=ERRORS)
+
+    @router.get("/tasks/{task}/shadow", response_model=ShadowInfo)
+    async def get_shadow(request: Request, task: str) -> dict:
+        """What the task's version in shadow would do to live traffic since it entered the shadow on this server."""
+        service = service_of(request)
+        registry = service.require_ready()
+        entry = await run_in_threadpool(registry.task_entry, known_name(task))
+        stats = service.watch.shadows.stats(task)
+        if stats is None:
+            why = (
+                "has no version in shadow"
+                if entry.shadow is None
+                else "has a version in shadow this server does not score yet"
+            )
+            raise NoShadow(f"task {shown(task)} {why}")
+        return stats
+
+    @router.post("/tasks/{task}/shadow", response_model=TaskInfo, openapi_extra=ACTIVATE_BODY)
+    async def put_in_shadow(request: Request, task: str) -> dict:
+        """Put a stored version in shadow (replacing the one there); promote it later with activate."""
+        registry = service_of(request).require_ready()
+        body = await read_json(request, ActivateRequest)
+        await run_in_threadpool(registry.shadow, known_name(task), body.version)
+        entry = await run_in_threadpool(registry.task_entry, task)
+        return task_info(registry.bank, task, entry)
+
+    @router.delete("/tasks/{task}/shadow", response_model=TaskInfo)
+    async def end_shadow(request: Request, task: str) -> dict:
+        """Stop scoring traffic with the task's version in shadow (it stays stored)."""
+        registry = service_of(request).require_ready()
+        await run_in_threadpool(registry.shadow, known_name(task), None)
+        entry = await run_in_threadpool(registry.task_entry, task)
+        return task_info(registry.bank, task, entry)
+
+    @router.get("/insights/unclaimed", response_model=UnclaimedInsights, tags=["insights"])
+    async def unclaimed(
+        request: Request,
+        min_share: Annotated[float, Query(gt=0, le=1, description="a cluster's least share of auto traffic")] = 0.03,
+        min_size: Annotated[int, Query(ge=2, le=100_000, description="a cluster's fewest members")] = 20,
+        max_clusters: Annotated[int, Query(ge=1, le=100)] = 20,
+    ) -> dict:
+        """Images no task claimed, clustered: each cluster's size, share of auto traffic over time, and the nearest
+        task with its score margin (how far that task is from claiming them). A cluster is a domain to train."""
+        service = service_of(request)
+        registry = service.require_ready()
+        bank = registry.bank
+        return await run_in_threadpool(service.watch.unclaimed, bank, min_share, min_size, max_clusters)
+
+    return router

@@ -1,0 +1,94 @@
+"""What the server watches in live traffic after each batch is answered: what versions in shadow would do
+(`service.shadow`), and the images no task claimed (`service.insights`). Never on a request's path."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from model_store.bank import BankSnapshot
+from model_store.inference import ImagePasses, task_scores
+from model_store.shadow import auto_rows, auto_spans, observe
+
+from .errors import Overloaded
+from .insights import ReservoirConfig, UnclaimedReservoir, find_clusters
+from .metrics import Metrics
+from .shadow import ShadowMonitor
+
+
+class TrafficWatch:
+    """Called by the compute thread with each batch's completed image passes, and told of every swap."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.shadows = ShadowMonitor(metrics)
+        self.reservoir: UnclaimedReservoir | None = None  # set once the backbone's dimension is known
+        self.background: np.ndarray | None = None  # the backbone's reference set: generic images
+        self._clustering = threading.Lock()
+
+    def start_monitor(self, config: ReservoirConfig, dim: int, background: torch.Tensor | None) -> None:
+        """Allocate the unclaimed reservoir (all of its memory, now) and read its gauges at scrape time."""
+        self.reservoir = UnclaimedReservoir(config, dim)
+        self.background = None if background is None else background.detach().float().cpu().numpy()
+        self.metrics.watch_reservoir(lambda: len(self.reservoir), lambda: self.reservoir.nbytes)
+
+    def swapped(self, bank: BankSnapshot) -> None:
+        self.shadows.follow(bank.shadows)
+
+    def __call__(self, passes: ImagePasses) -> None:
+        if passes.frozen is None or passes.all_scores is None:
+            return
+        spans = auto_spans(passes.items, passes.spans, passes.out)
+        if not spans:
+            return
+        rows = auto_rows(spans)
+        if passes.bank.shadows:
+            self.shadows.record(observe(passes.bank, passes.frozen, passes.all_scores, passes.tasks, spans, rows))
+        if self.reservoir is not None and self.reservoir.enabled:
+            unclaimed = rows[passes.tasks[rows] < 0].to(passes.frozen.device)
+            self.reservoir.record(len(rows), passes.frozen[unclaimed].float().cpu().numpy())
+
+    def unclaimed(self, bank: BankSnapshot, min_share: float, min_size: int, max_clusters: int) -> dict[str, Any]:
+        """`GET /insights/unclaimed`: the reservoir's window, and its clusters with each one's nearest task. One
+        computation at a time (another request meanwhile gets 503 overloaded)."""
+        reservoir = self.reservoir
+        if reservoir is None or not reservoir.enabled:
+            return {"enabled": False, "reservoir": None, "clusters": []}
+        if not self._clustering.acquire(blocking=False):
+            raise Overloaded("the unclaimed traffic is being clustered for another request: retry shortly")
+        try:
+            snap = reservoir.snapshot()
+            clusters = find_clusters(snap, _scorer(bank), min_share, min_size, max_clusters, self.background)
+        finally:
+            self._clustering.release()
+        auto, unclaimed = snap.auto_images, snap.unclaimed
+        return {
+            "enabled": True,
+            "reservoir": {
+                "embeddings": len(snap),
+                "capacity": reservoir.config.capacity,
+                "bytes": reservoir.nbytes,
+                "retention_seconds": reservoir.config.retention_seconds,
+                "bin_seconds": reservoir.config.bin_seconds,
+                "window_start": snap.bins[0].start if snap.bins else None,
+                "auto_images": auto,
+                "unclaimed": unclaimed,
+                "unclaimed_share": unclaimed / auto if auto else None,
+                "background": None if self.background is None else len(self.background),
+            },
+            "clusters": [c.to_json() for c in clusters],
+        }
+
+
+def _scorer(bank: BankSnapshot):
+    """Embeddings [n, D] -> (active task names, their selector scores [n, T]) on `bank`."""
+
+    def score_tasks(x: np.ndarray) -> tuple[list[str], np.ndarray]:
+        feats = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(bank.backbone.device)
+        with torch.inference_mode():
+            return list(bank.task_names), task_scores(bank, feats).numpy()
+
+    return score_tasks

@@ -1,0 +1,259 @@
+"""The unclaimed-traffic monitor without a server: the bounded reservoir, and the clusters it shows."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from service.insights import Cluster, ReservoirConfig, UnclaimedReservoir, find_clusters
+
+DIM = 64
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _noise(n: int, seed: int) -> np.ndarray:
+    """Diffuse unclaimed traffic: directions spread over the whole sphere."""
+    return _normalised(np.random.default_rng(seed).standard_normal((n, DIM)))
+
+
+def _blob(n: int, seed: int, spread: float = 0.15) -> np.ndarray:
+    """A new domain: images that look alike, around one direction."""
+    rng = np.random.default_rng(seed)
+    center = rng.standard_normal(DIM)
+    center /= np.linalg.norm(center)
+    return _normalised(center + spread * rng.standard_normal((n, DIM)) / np.sqrt(DIM))
+
+
+def _fill(reservoir: UnclaimedReservoir, auto: int, unclaimed: np.ndarray, t0: float = 0.0, dt: float = 0.1) -> float:
+    """`auto` images in batches of 20, the unclaimed ones spread evenly over them; returns the time after."""
+    batches = auto // 20
+    parts = np.array_split(unclaimed, batches)
+    for b, part in enumerate(parts):
+        reservoir.record(20, part, now=t0 + b * 20 * dt)
+    return t0 + batches * 20 * dt
+
+
+def _mixed(blob: int, noise: int, seed: int = 0) -> np.ndarray:
+    """Blob and noise rows interleaved at random, as they would arrive."""
+    x = np.concatenate([_blob(blob, seed), _noise(noise, seed + 1)])
+    return x[np.random.default_rng(seed + 2).permutation(len(x))]
+
+
+def test_keeps_only_the_newest_capacity_embeddings_oldest_first():
+    r = UnclaimedReservoir(ReservoirConfig(capacity=5), dim=3)
+    rows = np.arange(24, dtype=np.float32).reshape(8, 3)
+    r.record(4, rows[:3], now=1.0)
+    r.record(10, rows[3:8], now=2.0)
+    snap = r.snapshot(now=3.0)
+    assert len(r) == 5 and len(snap) == 5
+    np.testing.assert_array_equal(snap.embeddings, rows[3:8])
+    assert snap.times.tolist() == [2.0] * 5
+    r.record(9, rows[:7], now=4.0)  # more than the capacity in one batch: its last five
+    np.testing.assert_array_equal(r.snapshot(now=4.0).embeddings, rows[2:7])
+    assert snap.embeddings[0, 0] == 9.0  # a snapshot is a copy
+
+
+def test_drops_embeddings_and_bins_older_than_the_retention():
+    r = UnclaimedReservoir(ReservoirConfig(capacity=100, retention_seconds=10.0, bin_seconds=1.0), dim=2)
+    for t in (0.0, 5.5, 12.0):
+        r.record(3, np.full((1, 2), t, np.float32), now=t)
+    snap = r.snapshot(now=12.5)  # cut-off 2.5: the first record is gone
+    assert snap.times.tolist() == [5.5, 12.0]
+    assert [(b.start, b.auto_images, b.unclaimed) for b in snap.bins] == [(5.0, 3, 1), (12.0, 3, 1)]
+    assert len(r) == 2
+    late = r.snapshot(now=30.0)
+    assert len(late) == 0 and late.bins == [] and len(r) == 0
+
+
+def test_a_late_record_counts_as_the_newest():
+    r = UnclaimedReservoir(ReservoirConfig(capacity=10, bin_seconds=10.0), dim=2)
+    r.record(4, np.ones((1, 2), np.float32), now=100.0)
+    r.record(6, np.ones((2, 2), np.float32), now=55.0)  # another thread's clock, a little behind
+    snap = r.snapshot(now=101.0)
+    assert snap.times.tolist() == [100.0] * 3
+    assert [(b.start, b.auto_images, b.unclaimed) for b in snap.bins] == [(100.0, 10, 3)]
+
+
+def test_memory_stays_bounded_under_a_long_stream():
+    cfg = ReservoirConfig(capacity=64, retention_seconds=30.0, bin_seconds=1.0)
+    r = UnclaimedReservoir(cfg, dim=32)
+    before = r.nbytes
+    assert before == 64 * 32 * 4 + 64 * 8 + cfg.max_bins * 3 * 8
+    rows = _noise(3, seed=0)[:, :32].copy()
+    for i in range(100_000):
+        r.record(5, rows, now=i * 0.05)
+    assert r.nbytes == before
+    assert len(r) == 64
+    snap = r.snapshot(now=100_000 * 0.05)
+    assert len(snap.bins) <= cfg.max_bins == 31
+    assert sum(b.unclaimed for b in snap.bins) >= 64 and snap.times.min() >= 100_000 * 0.05 - 30.0
+
+
+def test_the_bins_are_capped_whatever_the_retention_asks():
+    cfg = ReservoirConfig(capacity=8, retention_seconds=1e9, bin_seconds=1.0)
+    assert cfg.max_bins == 10_000
+    assert UnclaimedReservoir(cfg, dim=4).nbytes < 8 * 4 * 4 + 8 * 8 + 10_001 * 24
+
+
+def test_capacity_zero_turns_the_monitor_off():
+    r = UnclaimedReservoir(ReservoirConfig(capacity=0), dim=DIM)
+    r.record(10, _noise(4, seed=0), now=1.0)
+    snap = r.snapshot(now=2.0)
+    assert len(r) == 0 and len(snap) == 0 and snap.bins == [] and snap.embeddings.shape == (0, DIM)
+    assert r.nbytes == 0
+    assert find_clusters(snap, None) == []
+
+
+def test_a_record_must_fit_the_reservoir():
+    r = UnclaimedReservoir(ReservoirConfig(capacity=8), dim=4)
+    with pytest.raises(ValueError, match=r"\[k, 4\]"):
+        r.record(3, np.zeros((2, 5), np.float32))
+    with pytest.raises(ValueError, match="only 1 auto-routed"):
+        r.record(1, np.zeros((2, 4), np.float32))
+    r.record(3, np.zeros((0, 4), np.float32), now=1.0)  # nothing unclaimed: only counted
+    assert len(r) == 0 and [(b.auto_images, b.unclaimed) for b in r.snapshot(now=1.0).bins] == [(3, 0)]
+
+
+def _fake_scores(center: np.ndarray):
+    """Task "near" scores images close to `center` just above 1 (almost claimed); "far" scores everything 5."""
+
+    def score(e: np.ndarray) -> tuple[list[str], np.ndarray]:
+        near = 1.0 + (1.0 - e @ center)
+        return ["far", "near"], np.stack([np.full(len(e), 5.0), near], axis=1)
+
+    return score
+
+
+def test_a_new_domain_at_ten_percent_of_traffic_is_one_cluster():
+    r = UnclaimedReservoir(ReservoirConfig(), dim=DIM)
+    x = _mixed(blob=200, noise=400)  # 600 of 2000 auto images unclaimed; the blob is 10% of the traffic
+    end = _fill(r, 2000, x)
+    blob = _blob(200, 0)
+    center = _normalised(blob.mean(0, keepdims=True))[0]
+    clusters = find_clusters(r.snapshot(now=end), _fake_scores(center))
+    assert len(clusters) == 1
+    c = clusters[0]
+    assert isinstance(c, Cluster) and c.id == 0
+    assert 190 <= c.size <= 200 and c.share == pytest.approx(c.size / 2000)
+    assert np.count_nonzero(np.isin(x[c.members], blob).all(axis=1)) == c.size  # members are the blob's rows
+    assert c.nearest_task == "near"
+    expected = np.median(1.0 + (1.0 - x[c.members] @ center)) - 1.0
+    assert c.margin == pytest.approx(expected, rel=1e-5) and 0.0 < c.margin < 0.1
+    assert float(c.centroid @ center) > 0.99 and np.linalg.norm(c.centroid) == pytest.approx(1.0, abs=1e-5)
+    assert set(c.to_json()) == {"id", "size", "share", "over_time", "nearest_task", "margin"}
+    assert find_clusters(r.snapshot(now=end), None)[0].nearest_task is None  # no tasks
+    empty = find_clusters(r.snapshot(now=end), lambda e: ([], np.zeros((len(e), 0))))
+    assert (empty[0].nearest_task, empty[0].margin) == (None, None)
+
+
+def test_a_reservoir_of_one_domain_needs_the_reference_set_to_be_a_cluster():
+    r = UnclaimedReservoir(ReservoirConfig(), dim=DIM)
+    domain = _blob(300, seed=11, spread=1.0)  # broad (cosine to its centre ~0.7): no core denser than the rest
+    end = _fill(r, 3000, domain)  # everything unclaimed is this domain, 10% of the traffic
+    snap = r.snapshot(now=end)
+    assert find_clusters(snap, None) == []  # alone, one blob is indistinguishable from diffuse traffic
+    generic = _noise(2000, seed=12)
+    clusters = find_clusters(snap, None, background=generic)
+    assert [c.size for c in clusters] == [300] and clusters[0].share == pytest.approx(0.10)
+    same = find_clusters(r.snapshot(now=end), None, background=np.concatenate([generic, domain[:5]]))
+    assert [c.size for c in same] == [300]  # a few look-alikes among the generic images change nothing
+    with pytest.raises(ValueError, match="background must be"):
+        find_clusters(snap, None, background=generic[:, :10])
+
+
+def test_generic_unclaimed_traffic_is_no_cluster_against_the_reference_set():
+    r = UnclaimedReservoir(ReservoirConfig(), dim=DIM)
+    end = _fill(r, 2000, _noise(800, seed=13))  # unclaimed traffic that looks like the generic images
+    assert find_clusters(r.snapshot(now=end), None, background=_noise(2000, seed=14)) == []
+
+
+def test_diffuse_unclaimed_traffic_is_no_cluster():
+    r = UnclaimedReservoir(ReservoirConfig(), dim=DIM)
+    end = _fill(r, 2000, _noise(800, seed=3))
+    assert find_clusters(r.snapshot(now=end), None) == []
+
+
+def test_a_blob_below_min_share_is_not_shown():
+    r = UnclaimedReservoir(ReservoirConfig(), dim=DIM)
+    end = _fill(r, 2000, _mixed(blob=40, noise=400))  # 2% of traffic, 40 members
+    snap = r.snapshot(now=end)
+    assert find_clusters(snap, None) == []
+    found = find_clusters(snap, None, min_share=0.01)  # the same blob, with a lower bar
+    assert len(found) == 1 and found[0].share == pytest.approx(found[0].size / 2000)
+    assert find_clusters(snap, None, min_share=0.01, min_size=50) == []  # and too few members for min_size
+
+
+def test_fewer_embeddings_than_min_size_is_no_cluster():
+    r = UnclaimedReservoir(ReservoirConfig(), dim=DIM)
+    r.record(20, _blob(19, seed=0), now=1.0)
+    assert find_clusters(r.snapshot(now=1.0), None) == []
+
+
+def test_identical_embeddings_are_one_cluster():
+    r = UnclaimedReservoir(ReservoirConfig(), dim=DIM)
+    same = np.repeat(_blob(1, seed=0), 100, axis=0)
+    end = _fill(r, 400, same)
+    clusters = find_clusters(r.snapshot(now=end), None)
+    assert [(c.size, c.share) for c in clusters] == [(100, 0.25)]
+    mixed = np.concatenate([same[:60], _noise(100, seed=1)])
+    end = _fill(r, 400, mixed, t0=end)
+    assert [c.size for c in find_clusters(r.snapshot(now=end), None)] == [160]  # both blobs of copies
+
+
+def test_share_over_time_shows_when_the_domain_arrived():
+    r = UnclaimedReservoir(ReservoirConfig(bin_seconds=10.0), dim=DIM)
+    t = _fill(r, 1000, _noise(300, seed=4))  # 100 s of known traffic only
+    t = _fill(r, 1000, _mixed(blob=200, noise=300, seed=5), t0=t)  # then the new domain: 20% of the next 100 s
+    clusters = find_clusters(r.snapshot(now=t), None)
+    assert len(clusters) == 1
+    over = dict(clusters[0].over_time)
+    assert sorted(over) == [10.0 * k for k in range(20)]
+    assert all(over[s] == 0.0 for s in over if s < 100.0)
+    assert np.mean([over[s] for s in over if s >= 100.0]) == pytest.approx(0.2, abs=0.02)
+    assert clusters[0].share == pytest.approx(clusters[0].size / 2000)
+
+
+def test_share_counts_what_the_ring_overwrote():
+    r = UnclaimedReservoir(ReservoirConfig(capacity=300, bin_seconds=1000.0), dim=DIM)
+    end = _fill(r, 4000, _mixed(blob=400, noise=800, seed=6))  # 1200 unclaimed in one bin; the ring keeps 300
+    snap = r.snapshot(now=end)
+    assert len(snap) == 300 and snap.auto_images == 4000 and snap.unclaimed == 1200
+    clusters = find_clusters(snap, None, min_size=10)
+    assert len(clusters) == 1  # each kept embedding stands for four unclaimed images
+    assert clusters[0].size < 150 and clusters[0].share == pytest.approx(0.10, abs=0.02)
+    assert clusters[0].over_time == [(0.0, pytest.approx(clusters[0].share))]
+
+
+def test_clusters_are_deterministic_and_biggest_first():
+    r = UnclaimedReservoir(ReservoirConfig(), dim=DIM)
+    x = np.concatenate([_blob(150, seed=7), _blob(250, seed=8), _noise(300, seed=9)])
+    end = _fill(r, 2000, x[np.random.default_rng(0).permutation(len(x))])
+    first = find_clusters(r.snapshot(now=end), None)
+    again = find_clusters(r.snapshot(now=end), None)
+    assert [c.size for c in first] == [c.size for c in again]
+    assert [c.id for c in first] == [0, 1] and first[0].size > first[1].size >= 140
+    assert find_clusters(r.snapshot(now=end), None, max_clusters=1)[0].size == first[0].size
+
+
+def test_threads_recording_at_once_lose_nothing():
+    r = UnclaimedReservoir(ReservoirConfig(capacity=10_000), dim=8)
+    rows = _noise(2, seed=10)[:, :8].copy()
+
+    def client(k: int) -> None:
+        for i in range(500):
+            r.record(3, rows, now=100.0 + i * 0.01)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    snap = r.snapshot(now=200.0)
+    assert len(r) == len(snap) == 8 * 500 * 2
+    assert snap.auto_images == 8 * 500 * 3 and snap.unclaimed == 8 * 500 * 2
+    assert np.all(np.diff(snap.times) >= 0)  # time never runs backwards in the ring

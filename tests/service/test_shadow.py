@@ -1,0 +1,109 @@
+"""Shadow activation: a version in shadow scores live traffic without answering any request, reports what it would
+take and from where, and what it reports is what it does once promoted on the same images."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from benchmarks.samples import domain_pngs
+from model_store.modes import PER_IMAGE, PER_REQUEST
+from tests.helpers import with_version
+
+from .conftest import AUTH, running_app
+from .test_gate import DEFAULTS, over_broad
+
+pytestmark = pytest.mark.anyio
+
+
+def _files(*domains: tuple[str, int]) -> list[tuple[str, tuple[str, bytes]]]:
+    return [("images", (f"{name}{i}.png", data)) for name, n in domains for i, data in enumerate(domain_pngs(name, n))]
+
+
+MIXED = _files(("glyphs", 10), ("textures", 10), ("shapes", 8))
+LABELS = {"labels": ["red", "blue", "a glyph"]}  # zero-shot images need something to choose among
+
+
+async def _routes(c, route: str = PER_IMAGE) -> list[str | None]:
+    r = await c.post("/classify", files=MIXED, data={**LABELS, "route": route})
+    assert r.status_code == 200, r.text
+    return [res["route"]["task"] for res in r.json()["results"]]
+
+
+async def test_shadow_claims_are_what_promotion_does_on_the_same_images(tmp_path, backbone, bundles):
+    async with running_app(tmp_path, backbone) as c:
+        assert (await c.post("/tasks", files={"bundle": ("t", bundles["textures"])}, headers=AUTH)).status_code == 201
+        r = await c.post("/tasks", params={"mode": "shadow"}, files={"bundle": ("g", bundles["glyphs"])}, headers=AUTH)
+        assert r.status_code == 201 and r.json()["gate"]["self_claim"] is not None, r.text
+        info = (await c.get("/tasks/glyphs", headers=AUTH)).json()
+        assert info["active_version"] is None and info["shadow_version"] == 1 and not info["serving"]
+
+        before = await _routes(c) + await _routes(c, PER_REQUEST)
+        assert "glyphs" not in before  # a shadow answers nothing
+        shadow = (await c.get("/tasks/glyphs/shadow", headers=AUTH)).json()
+        assert shadow["version"] == 1 and shadow["images"] == len(before) == 2 * len(MIXED)
+        assert sum(shadow["score_histogram"]["counts"]) == shadow["images"]
+
+        r = await c.post("/tasks/glyphs/activate", json={"version": 1}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["shadow_version"] is None  # promoted: out of the shadow
+        after = await _routes(c) + await _routes(c, PER_REQUEST)
+        taken = Counter(b or "zero-shot" for b, a in zip(before, after, strict=True) if a == "glyphs")
+        assert sum(taken.values()) >= 8, after  # glyphs claims most of its own images
+        assert shadow["would_claim"] == sum(taken.values()) and shadow["taken_from"] == dict(taken), (shadow, taken)
+        assert all(a == b for b, a in zip(before, after, strict=True) if a != "glyphs")  # nothing else moved
+
+        r = await c.get("/tasks/glyphs/shadow", headers=AUTH)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "no_shadow"
+        metrics = (await c.get("/metrics")).text
+        assert f'clipbank_shadow_images_total{{task="glyphs"}} {float(2 * len(MIXED))}' in metrics
+        assert 'clipbank_claims_total{route="glyphs"}' in metrics and "clipbank_route_score_bucket" in metrics
+
+
+async def test_a_new_version_in_shadow_beside_the_active_one(tmp_path, backbone, bundles):
+    """v2 in shadow replaces v1's column in what it would do; an over-broad shadow is stored (the gate only
+    reports), changes no answer, shows what it would take, and is refused on promotion."""
+    async with running_app(tmp_path, backbone, **DEFAULTS) as c:
+        for name in ("textures", "glyphs"):
+            r = await c.post("/tasks", params={"force": "true"}, files={"bundle": ("b", bundles[name])}, headers=AUTH)
+            assert r.status_code == 201, r.text
+        before = await _routes(c)
+        broad = with_version(over_broad(bundles["glyphs"]), 2)
+        r = await c.post("/tasks", params={"mode": "shadow"}, files={"bundle": ("g", broad)}, headers=AUTH)
+        assert r.status_code == 201 and r.json()["gate"]["passed"] is False
+        assert await _routes(c) == before  # what is served did not change
+        shadow = (await c.get("/tasks/glyphs/shadow", headers=AUTH)).json()
+        assert shadow["version"] == 2 and shadow["would_claim"] == len(MIXED)  # it would take every image...
+        assert shadow["taken_from"] == dict(Counter(b or "zero-shot" for b in before))  # ...from where they go now
+        r = await c.post("/tasks/glyphs/activate", json={"version": 2}, headers=AUTH)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "interference"
+
+        r = await c.delete("/tasks/glyphs/shadow", headers=AUTH)
+        assert r.status_code == 200 and r.json()["shadow_version"] is None and r.json()["active_version"] == 1
+        assert (await c.get("/tasks/glyphs/shadow", headers=AUTH)).status_code == 404
+        r = await c.post("/tasks/glyphs/shadow", json={"version": 2}, headers=AUTH)  # back in shadow: counts anew
+        assert r.status_code == 200 and r.json()["shadow_version"] == 2
+        assert (await c.get("/tasks/glyphs/shadow", headers=AUTH)).json()["images"] == 0
+
+
+async def test_shadow_errors_are_clear_4xx(tmp_path, backbone, bundles):
+    async with running_app(tmp_path, backbone) as c:
+        textures = {"bundle": ("t", bundles["textures"])}
+        for params in ({"mode": "shadow", "activate": "true"}, {"mode": "later"}):
+            r = await c.post("/tasks", params=params, files=textures, headers=AUTH)
+            assert r.status_code == 422, (params, r.text)
+        assert (await c.post("/tasks", files=textures, headers=AUTH)).status_code == 201
+        cases = [
+            ("GET", "/tasks/nope/shadow", {}, 404, "task_not_found"),
+            ("GET", "/tasks/textures/shadow", {}, 404, "no_shadow"),
+            ("DELETE", "/tasks/textures/shadow", {}, 404, "no_shadow"),
+            ("POST", "/tasks/textures/shadow", {"json": {"version": 1}}, 409, "shadow_conflict"),
+            ("POST", "/tasks/textures/shadow", {"json": {"version": 7}}, 404, "version_not_found"),
+            ("POST", "/tasks/textures/shadow", {"json": {"version": "1"}}, 422, None),
+        ]
+        for method, path, kwargs, status, code in cases:
+            r = await c.request(method, path, headers=AUTH, **kwargs)
+            assert r.status_code == status, (method, path, r.text)
+            assert code is None or r.json()["error"]["code"] == code, r.text
+        for method, path, kwargs, _, _ in cases:
+            assert (await c.request(method, path, **kwargs)).status_code == 401

@@ -1,0 +1,103 @@
+"""The unclaimed-traffic monitor in the server: only auto-routed images no task claimed enter the reservoir;
+`GET /insights/unclaimed` finds a stream of an untrained domain and nothing in a known one; auth, limits, off."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.samples import domain_pngs
+from model_store.modes import ZERO_SHOT
+from service.errors import Overloaded
+from service.insights import find_clusters
+
+from .conftest import AUTH, running_app
+
+pytestmark = pytest.mark.anyio
+LABELS = {"labels": ["red", "blue"]}
+
+
+async def _send(c, domain: str, n: int, offset: int = 0, **data) -> list[str | None]:
+    """n test images of `domain`, 16 per request; returns each image's route."""
+    pngs = domain_pngs(domain, n + offset)[offset:]
+    routes = []
+    for a in range(0, len(pngs), 16):
+        files = [("images", (f"{domain}{i}.png", p)) for i, p in enumerate(pngs[a : a + 16])]
+        r = await c.post("/classify", files=files, data={**LABELS, **data})
+        assert r.status_code == 200, r.text
+        routes += [res["route"]["task"] for res in r.json()["results"]]
+    return routes
+
+
+async def _insights(c, **params) -> dict:
+    r = await c.get("/insights/unclaimed", params=params, headers=AUTH)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def test_only_unclaimed_auto_images_enter_and_a_new_domain_is_found(tmp_path, backbone):
+    """Empty bank: every auto image is unclaimed. Digits (foreign to the reference set of generic scenes) form a
+    cluster at their share; images pinned to zero-shot are not auto traffic and are not counted."""
+    async with running_app(tmp_path, backbone) as c:
+        await _send(c, "digits", 32, task=ZERO_SHOT)
+        empty = await _insights(c)
+        assert empty["enabled"] and empty["reservoir"]["auto_images"] == 0 and empty["clusters"] == []
+        await _send(c, "shapes", 96)
+        await _send(c, "digits", 32)
+        out = await _insights(c)
+        res = out["reservoir"]
+        assert (res["auto_images"], res["unclaimed"], res["embeddings"]) == (128, 128, 128)
+        assert res["background"] and res["bytes"] > 0
+        assert len(out["clusters"]) >= 1, out
+        top = out["clusters"][0]
+        assert 28 <= top["size"] <= 48 and 0.2 <= top["share"] <= 0.4, top  # digits: 32 of 128
+        watch = c.app.state.service.watch  # which images: the reservoir holds shapes, then digits, in order
+        (members,) = [k.members for k in find_clusters(watch.reservoir.snapshot(), None, background=watch.background)]
+        assert (members >= 96).sum() >= 30 and (members >= 96).mean() > 0.6, members  # nearly all digits, mostly
+        assert top["nearest_task"] is None and top["margin"] is None  # no task to be near
+        assert sum(share for _, share in top["over_time"]) > 0
+        metrics = (await c.get("/metrics")).text
+        assert "clipbank_unclaimed_reservoir_images 128.0" in metrics
+
+
+async def test_known_traffic_makes_no_cluster_and_an_injected_domain_does(tmp_path, backbone, bundles):
+    async with running_app(tmp_path, backbone) as c:
+        for name in ("textures", "glyphs"):
+            assert (await c.post("/tasks", files={"bundle": ("b", bundles[name])}, headers=AUTH)).status_code == 201
+        known = await _send(c, "glyphs", 80) + await _send(c, "textures", 80)
+        assert known.count(None) < 20, known  # the selectors claim nearly all of it
+        assert (await _insights(c))["clusters"] == []
+        injected = await _send(c, "digits", 40)
+        out = await _insights(c)
+        assert injected.count(None) >= 36 and len(out["clusters"]) == 1, out
+        (cluster,) = out["clusters"]
+        assert 25 <= cluster["size"] <= 40 + known.count(None) and cluster["nearest_task"] in ("textures", "glyphs")
+        assert cluster["margin"] > 0  # not claimed: its nearest task's median score is above 1
+
+
+async def test_the_monitor_can_be_off_and_its_endpoint_is_guarded(tmp_path, backbone):
+    async with running_app(tmp_path, backbone, unclaimed_capacity=0) as c:
+        await _send(c, "digits", 16)
+        assert await _insights(c) == {"enabled": False, "reservoir": None, "clusters": []}
+        assert (await c.get("/insights/unclaimed")).status_code == 401
+        for params in ({"min_share": 0}, {"min_share": 2}, {"min_size": 1}, {"max_clusters": 1000}, {"min_size": "x"}):
+            r = await c.get("/insights/unclaimed", params=params, headers=AUTH)
+            assert r.status_code == 422, (params, r.text)
+        assert "clipbank_unclaimed_reservoir_bytes 0.0" in (await c.get("/metrics")).text
+        paths = (await c.get("/openapi.json")).json()["paths"]
+        for path, method in [
+            ("/insights/unclaimed", "get"),
+            *[("/tasks/{task}/shadow", m) for m in ("get", "post", "delete")],
+        ]:
+            assert paths[path][method]["security"], (path, method)  # documented as needing the token
+
+
+async def test_one_clustering_at_a_time(tmp_path, backbone):
+    async with running_app(tmp_path, backbone) as c:
+        watch = c.app.state.service.watch
+        bank = c.app.state.service.registry.bank
+        with watch._clustering:  # another request is clustering
+            with pytest.raises(Overloaded):
+                watch.unclaimed(bank, 0.03, 20, 20)
+            r = await c.get("/insights/unclaimed", headers=AUTH)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded" and "retry-after" in r.headers
+        assert watch.reservoir.nbytes == 2048 * (backbone.embed_dim * 4 + 8) + watch.reservoir.config.max_bins * 24
