@@ -156,6 +156,13 @@ def _clipbank_rows(backend: Backend, cfg: ServeBenchConfig, runtime: str) -> dic
                 out["rss_bytes"][str(k)] = _settled_rss(pid)
         if full and max(sizes) > 1:
             out["paired"] = _paired(url, backend, cfg, args, env, max(sizes))
+        if full and len(backend.bundles) > max(sizes):  # the next bundle scores traffic in shadow, every other round
+            from .shadow_cost import shadow_rounds
+
+            with ClipbankClient(url, TOKEN) as client:
+                client.push(backend.bundles[max(sizes)], mode="shadow")
+            half = ServeBenchConfig(**{**vars(cfg), "max_seconds": cfg.max_seconds / 2, "requests": cfg.requests // 2})
+            out["shadow"] = shadow_rounds(url, backend.task_names[max(sizes)], half, PAIRED_ROUNDS + 1)
     return out
 
 
@@ -192,6 +199,7 @@ def bench_backend(backend: Backend, cfg: ServeBenchConfig) -> dict[str, Any]:
     report["rss_bytes"] = torch_run["rss_bytes"]
     report["pushes"] = torch_run["pushes"]
     report["paired"] = torch_run.get("paired", [])
+    report["shadow"] = torch_run.get("shadow", [])
     if cfg.onnx:
         print(f"{backend.label}: clipbank, ONNX Runtime frozen pass", file=sys.stderr, flush=True)
         report["load"] += _clipbank_rows(backend, cfg, "onnx")["load"]

@@ -24,6 +24,7 @@ from .profile import gemm_rate, pass_flops
 from .samples import domain_pngs
 from .serve import Backend, ServeBenchConfig, bench_backend, find_row
 from .serve_report import format_report, plot
+from .shadow_cost import shadow_ratio
 from .synthetic import synthetic_bundle
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ def ratios(report: dict[str, Any], cfg: ServeBenchConfig) -> dict[str, float | N
         "memory_per_task_vs_bundle": div(per_task, bundle),
         "onnx_vs_torch_zero_shot": div(onnx_zs.get("images_per_s"), zs.get("images_per_s")),
         "onnx_vs_torch_auto": div(onnx_auto.get("images_per_s"), auto.get("images_per_s")),
+        f"tasks{big}_shadow_vs_none_auto": shadow_ratio(report.get("shadow", [])),
     }
 
 
@@ -127,7 +129,7 @@ def run_bench_serve(
         for label, ref in backbones:
             if ref is None:
                 ref = random_checkpoint(VIT_B, Path(tmp) / "vit-b-32-random.safetensors")
-            backend = prepare_backend(label, ref, max(max(cfg.growth), cfg.auto_tasks))
+            backend = prepare_backend(label, ref, max(max(cfg.growth), cfg.auto_tasks) + 1)  # +1: in shadow
             result = bench_backend(backend, cfg)
             add_derived(result, cfg, gemm)
             result["backbone"] = label if "file:" in backend.backbone else backend.backbone
