@@ -144,7 +144,11 @@ def selector_of(bundle: Bundle, device: torch.device) -> Selector:
 
 
 def shadow_entry(bundle: Bundle, device: torch.device) -> ShadowEntry:
-    return ShadowEntry(bundle.task, bundle.version, bundle.id, selector_of(bundle, device))
+    """Its selector with tensors of their own: views would keep the bundle's whole memory block alive."""
+    sel = selector_of(bundle, device)
+    for name in sel.tensors():
+        setattr(sel, name, getattr(sel, name).clone())
+    return ShadowEntry(bundle.task, bundle.version, bundle.id, sel)
 
 
 def build_bank(

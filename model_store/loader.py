@@ -26,6 +26,7 @@ class BankLoader:
         self._bundles: dict[str, Bundle] = {}
         self._in_use: set[str] = set()
         self._shadows: dict[str, ShadowEntry] = {}  # by bundle id: only the selector is kept
+        self._shadow_failures: dict[str, str] = {}  # by bundle id: why it cannot be scored (not read again)
         self._lock = threading.Lock()
 
     def bundle(self, bundle_id: str) -> Bundle:
@@ -121,22 +122,29 @@ class BankLoader:
 
     def shadows(self, index: StoreIndex) -> tuple[ShadowEntry, ...]:
         """The index's versions in shadow, by task name. One that cannot be read or does not fit the backbone is
-        left out (logged): a shadow never stops what is served."""
-        out = []
+        left out (logged once; `shadow_failure` says why): a shadow never stops what is served."""
+        out, failures = [], {}
         for task, bundle_id in sorted(index.shadows().items()):
             entry = self._shadows.get(bundle_id)
+            if entry is None and bundle_id in self._shadow_failures:
+                failures[bundle_id] = self._shadow_failures[bundle_id]
+                continue
             if entry is None:
                 try:
                     bundle = self.bundle(bundle_id)
                     check_backbone(bundle.manifest.backbone, self.backbone)
                     entry = shadow_entry(bundle, self.backbone.device)
-                except ClipbankError as e:
-                    log.error("task %s: its version in shadow is left out: %s", task, _why(e))
+                except Exception as e:  # a damaged blob, I/O, memory: only this shadow is left out
+                    failures[bundle_id] = _why(e)
+                    log.error("task %s: its version in shadow is left out: %s", task, failures[bundle_id])
                     continue
             out.append(entry)
         with self._lock:
-            self._shadows = {e.bundle_id: e for e in out}
+            self._shadows, self._shadow_failures = {e.bundle_id: e for e in out}, failures
         return tuple(out)
+
+    def shadow_failure(self, bundle_id: str) -> str | None:
+        return self._shadow_failures.get(bundle_id)
 
     def adopt(self, bank: BankSnapshot) -> None:
         """`bank` is now the one served: `trim` keeps the bundles it was built from (a checked bank built with

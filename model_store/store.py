@@ -191,8 +191,7 @@ class LocalStore:
         parsed nor hashed again). Callers holding only bytes, or a bundle read elsewhere, use `put`.
 
         `shadow`: the new version scores live traffic without answering it (replacing any version in shadow)."""
-        if shadow and activate:
-            raise ValueError("a version is stored either active or in shadow, not both")
+        activate = activate and not shadow  # a version in shadow is not routed to
         if bundle.file_bytes != len(data):  # a cheap guard against handing in another bundle's bytes
             raise ValueError(f"bundle {bundle.id[:12]} was read from {bundle.file_bytes} bytes, not these {len(data)}")
         record = VersionRecord(

@@ -72,7 +72,9 @@ class ClipbankClient:
         `mode` (active, inactive, shadow) replaces `activate` when given."""
         files = {"bundle": (_name(bundle, 0), _bytes(bundle), "application/octet-stream")}
         chosen = mode or ("active" if activate else "inactive")
-        return self._call("POST", "/tasks", files=files, params={"mode": chosen, "force": str(force).lower()})
+        # `activate` too: a server older than `mode` ignores it, and must not activate an inactive or shadow upload
+        params = {"mode": chosen, "activate": str(chosen == "active").lower(), "force": str(force).lower()}
+        return self._call("POST", "/tasks", files=files, params=params)
 
     def tasks(self) -> dict[str, Any]:
         return self._call("GET", "/tasks")

@@ -11,7 +11,7 @@ from model_store.settings import ENV_PREFIX, env_value, option
 MB = 1024 * 1024
 FROZEN_RUNTIMES = ("auto", "torch", "onnx")  # auto: onnx on CPU (measured faster there), torch on GPU
 INVALID = "invalid server settings: "
-MAX_UNCLAIMED = 100_000  # 200 MB of float32 embeddings at ViT-B's 512 dimensions
+MAX_UNCLAIMED = 20_000  # 40 MB of float32 embeddings at ViT-B's 512 dimensions; clustering stays in seconds
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class ServeConfig:
         0.05, "interference gate: the largest share of the backbone's reference set a new version may claim"
     )
     unclaimed_capacity: int = option(
-        2048, "unclaimed-traffic monitor: frozen embeddings of unclaimed images kept (0 turns it off)"
+        2048, "unclaimed-traffic monitor: frozen embeddings of unclaimed images kept (0 turns it off, at most 20000)"
     )
     unclaimed_retention_seconds: float = option(86400.0, "unclaimed-traffic monitor: how long an embedding is kept")
     unclaimed_bin_seconds: float = option(60.0, "unclaimed-traffic monitor: time resolution of traffic shares")

@@ -97,7 +97,7 @@ class Registry:
             shadows = self.loader.shadows(self.store.index())
             if shadows != bank.shadows:  # the same object otherwise: what was built and checked is what serves
                 bank = dataclasses.replace(bank, shadows=shadows)
-        except StoreError as e:  # the index became unreadable since the bank was built: its shadows stay as built
+        except Exception as e:  # an unreadable index, say: the bank still serves, its shadows as they were built
             log.error("the shadows are not updated: %s", e)
         self._bank = bank  # the swap: one reference assignment
         self.store_error = None

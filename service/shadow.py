@@ -78,6 +78,21 @@ class ShadowMonitor:
                 self._stats[s.name] = (
                     kept if kept and kept.bundle_id == s.bundle_id else ShadowStats(s.name, s.version, s.bundle_id)
                 )
+            ended = [stats for task, stats in old.items() if self._stats.get(task) is not stats]
+        for stats in ended:  # its series go too: they would mix versions, and tasks come and go
+            self._forget(stats)
+
+    def _forget(self, stats: ShadowStats) -> None:
+        m = self.metrics
+        for metric, labels in [
+            (m.shadow_images, (stats.task,)),
+            (m.shadow_score, (stats.task,)),
+            *[(m.shadow_claims, (stats.task, route)) for route in stats.taken_from],
+        ]:
+            try:
+                metric.remove(*labels)
+            except KeyError:  # never observed
+                pass
 
     def record(self, seen: Iterable[ShadowSeen]) -> None:
         m = self.metrics

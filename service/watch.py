@@ -1,8 +1,10 @@
-"""What the server watches in live traffic after each batch is answered: what versions in shadow would do
-(`service.shadow`), and the images no task claimed (`service.insights`). Never on a request's path."""
+"""What the server watches in live traffic after each batch's image passes, just before its answers: what versions
+in shadow would do (`service.shadow`), and the images no task claimed (`service.insights`). It costs a batch
+well under a millisecond (docs/safety.md) and can never fail a request."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -17,6 +19,8 @@ from .errors import Overloaded
 from .insights import ReservoirConfig, UnclaimedReservoir, find_clusters
 from .metrics import Metrics
 from .shadow import ShadowMonitor
+
+log = logging.getLogger("clipbank.service")
 
 
 class TrafficWatch:
@@ -46,10 +50,16 @@ class TrafficWatch:
             return
         rows = auto_rows(spans)
         if passes.bank.shadows:
-            self.shadows.record(observe(passes.bank, passes.frozen, passes.all_scores, passes.tasks, spans, rows))
+            try:  # each part on its own: a failing shadow costs neither the reservoir nor the answers
+                self.shadows.record(observe(passes.bank, passes.frozen, passes.all_scores, passes.tasks, spans, rows))
+            except Exception:
+                _log_once("scoring the versions in shadow failed")
         if self.reservoir is not None and self.reservoir.enabled:
-            unclaimed = rows[passes.tasks[rows] < 0].to(passes.frozen.device)
-            self.reservoir.record(len(rows), passes.frozen[unclaimed].float().cpu().numpy())
+            try:
+                unclaimed = rows[passes.tasks[rows] < 0].to(passes.frozen.device)
+                self.reservoir.record(len(rows), passes.frozen[unclaimed].float().cpu().numpy())
+            except Exception:
+                _log_once("recording unclaimed images failed")
 
     def unclaimed(self, bank: BankSnapshot, min_share: float, min_size: int, max_clusters: int) -> dict[str, Any]:
         """`GET /insights/unclaimed`: the reservoir's window, and its clusters with each one's nearest task. One
@@ -81,6 +91,18 @@ class TrafficWatch:
             },
             "clusters": [c.to_json() for c in clusters],
         }
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(what: str) -> None:
+    """The first failure of a kind with its traceback, then a line every time (not a traceback per batch)."""
+    if what in _LOGGED:
+        log.error("%s again", what)
+    else:
+        _LOGGED.add(what)
+        log.exception(what)
 
 
 def _scorer(bank: BankSnapshot):

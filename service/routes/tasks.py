@@ -55,11 +55,13 @@ MODE_HELP = (
 
 
 def _upload_mode(mode: UploadMode | None, activate: bool | None) -> UploadMode:
-    """`mode`, or what the older `activate` flag says; both given must agree."""
-    implied = None if activate is None else "active" if activate else "inactive"
-    if mode is not None and implied is not None and mode != implied:
+    """`mode`, or what the older `activate` flag says; both given must agree (activate=false goes with inactive or
+    shadow, which clients send for servers older than `mode`)."""
+    if mode is not None and activate is not None and activate != (mode == "active"):
         raise InvalidRequest(f"mode={mode} contradicts activate={str(activate).lower()}: give mode alone")
-    return mode or implied or "active"
+    if mode is not None:
+        return mode
+    return "inactive" if activate is False else "active"
 
 
 def tasks_router(admin: TokenCheck) -> APIRouter:

@@ -89,8 +89,9 @@ def test_a_version_in_shadow_is_kept_promoted_and_forgotten(tmp_path, backbone):
     assert json.loads(store.index_path.read_text())["tasks"]["cars"]["shadow"] == v2.bundle_id
     with pytest.raises(ShadowConflict, match="version 1 is active"):
         store.set_shadow("cars", 1)
-    with pytest.raises(ValueError, match="either active or in shadow"):
-        store.put(with_version(data, 3), activate=True, shadow=True)
+    v3 = store.put(with_version(data, 3), shadow=True)  # in shadow, so not active
+    assert store.task("cars").shadow == v3.bundle_id and store.task("cars").active != v3.bundle_id
+    store.set_shadow("cars", 2)
     store.activate("cars", 2)
     assert store.task("cars").shadow is None and store.task("cars").active == v2.bundle_id
     assert store.set_shadow("cars", 1) == store.index().version("cars", 1).bundle_id
@@ -120,3 +121,8 @@ def test_the_loader_keeps_only_the_selector_of_a_version_in_shadow(tmp_path, bac
     assert loader.shadows(store.index()) == (entry,)  # kept without its bundle
     store.set_shadow("cars", None)
     assert loader.shadows(store.index()) == ()
+    store.set_shadow("cars", 1)
+    (store.blobs / f"{entry.bundle_id}.safetensors").write_bytes(b"damaged")
+    fresh = BankLoader(store, backbone)
+    assert fresh.shadows(store.index()) == () and "does not hash" in fresh.shadow_failure(entry.bundle_id)
+    assert fresh.load().generation == store.generation()  # the bank still builds and serves

@@ -78,8 +78,10 @@ async def test_a_new_version_in_shadow_beside_the_active_one(tmp_path, backbone,
         r = await c.post("/tasks/glyphs/activate", json={"version": 2}, headers=AUTH)
         assert r.status_code == 409 and r.json()["error"]["code"] == "interference"
 
+        assert 'clipbank_shadow_images_total{task="glyphs"}' in (await c.get("/metrics")).text
         r = await c.delete("/tasks/glyphs/shadow", headers=AUTH)
         assert r.status_code == 200 and r.json()["shadow_version"] is None and r.json()["active_version"] == 1
+        assert 'clipbank_shadow_images_total{task="glyphs"}' not in (await c.get("/metrics")).text  # series gone
         assert (await c.get("/tasks/glyphs/shadow", headers=AUTH)).status_code == 404
         r = await c.post("/tasks/glyphs/shadow", json={"version": 2}, headers=AUTH)  # back in shadow: counts anew
         assert r.status_code == 200 and r.json()["shadow_version"] == 2
@@ -92,7 +94,10 @@ async def test_shadow_errors_are_clear_4xx(tmp_path, backbone, bundles):
         for params in ({"mode": "shadow", "activate": "true"}, {"mode": "later"}):
             r = await c.post("/tasks", params=params, files=textures, headers=AUTH)
             assert r.status_code == 422, (params, r.text)
-        assert (await c.post("/tasks", files=textures, headers=AUTH)).status_code == 201
+        # both spellings, as the client sends them (a server older than `mode` reads `activate`)
+        r = await c.post("/tasks", params={"mode": "inactive", "activate": "false"}, files=textures, headers=AUTH)
+        assert r.status_code == 201 and (await c.get("/tasks/textures", headers=AUTH)).json()["active_version"] is None
+        assert (await c.post("/tasks/textures/activate", json={"version": 1}, headers=AUTH)).status_code == 200
         cases = [
             ("GET", "/tasks/nope/shadow", {}, 404, "task_not_found"),
             ("GET", "/tasks/textures/shadow", {}, 404, "no_shadow"),
