@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from model_store.inference import ClassifyItem, route_scores
-from model_store.modes import AUTO, PER_REQUEST, ZERO_SHOT
+from model_store.modes import PER_REQUEST, ZERO_SHOT
 from model_store.shadow import AutoSpan, _would_claim, auto_rows, auto_spans
 
 
@@ -34,4 +34,3 @@ def test_only_answered_auto_requests_are_watched():
     out = [None, None, None, ValueError("failed")]
     assert auto_spans(items, spans, out) == [AutoSpan(0, 2), AutoSpan(4, 6, per_request=True)]
     assert auto_rows(auto_spans(items, spans, out)).tolist() == [0, 1, 4, 5]
-    assert items[0].task == AUTO
