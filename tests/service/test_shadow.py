@@ -44,6 +44,8 @@ async def test_shadow_claims_are_what_promotion_does_on_the_same_images(tmp_path
         shadow = (await c.get("/tasks/glyphs/shadow", headers=AUTH)).json()
         assert shadow["version"] == 1 and shadow["images"] == len(before) == 2 * len(MIXED)
         assert sum(shadow["score_histogram"]["counts"]) == shadow["images"]
+        metrics = (await c.get("/metrics")).text
+        assert f'clipbank_shadow_images_total{{task="glyphs"}} {float(2 * len(MIXED))}' in metrics
 
         r = await c.post("/tasks/glyphs/activate", json={"version": 1}, headers=AUTH)
         assert r.status_code == 200 and r.json()["shadow_version"] is None  # promoted: out of the shadow
@@ -55,8 +57,8 @@ async def test_shadow_claims_are_what_promotion_does_on_the_same_images(tmp_path
 
         r = await c.get("/tasks/glyphs/shadow", headers=AUTH)
         assert r.status_code == 404 and r.json()["error"]["code"] == "no_shadow"
-        metrics = (await c.get("/metrics")).text
-        assert f'clipbank_shadow_images_total{{task="glyphs"}} {float(2 * len(MIXED))}' in metrics
+        metrics = (await c.get("/metrics")).text  # promoted: its shadow series are gone, its claims counted
+        assert 'clipbank_shadow_images_total{task="glyphs"}' not in metrics
         assert 'clipbank_claims_total{route="glyphs"}' in metrics and "clipbank_route_score_bucket" in metrics
 
 
