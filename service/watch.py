@@ -32,6 +32,7 @@ class TrafficWatch:
         self.reservoir: UnclaimedReservoir | None = None  # set once the backbone's dimension is known
         self.background: np.ndarray | None = None  # the backbone's reference set: generic images
         self._clustering = threading.Lock()
+        self._failed: set[str] = set()  # kinds of failure already logged with a traceback
 
     def start_monitor(self, config: ReservoirConfig, dim: int, background: torch.Tensor | None) -> None:
         """Allocate the unclaimed reservoir (all of its memory, now) and read its gauges at scrape time."""
@@ -53,13 +54,21 @@ class TrafficWatch:
             try:  # each part on its own: a failing shadow costs neither the reservoir nor the answers
                 self.shadows.record(observe(passes.bank, passes.frozen, passes.all_scores, passes.tasks, spans, rows))
             except Exception:
-                _log_once("scoring the versions in shadow failed")
+                self._log_once("scoring the versions in shadow failed")
         if self.reservoir is not None and self.reservoir.enabled:
             try:
                 unclaimed = rows[passes.tasks[rows] < 0].to(passes.frozen.device)
                 self.reservoir.record(len(rows), passes.frozen[unclaimed].float().cpu().numpy())
             except Exception:
-                _log_once("recording unclaimed images failed")
+                self._log_once("recording unclaimed images failed")
+
+    def _log_once(self, what: str) -> None:
+        """The first failure of a kind with its traceback, then a line each time (not a traceback per batch)."""
+        if what in self._failed:
+            log.error("%s again", what)
+        else:
+            self._failed.add(what)
+            log.exception(what)
 
     def unclaimed(self, bank: BankSnapshot, min_share: float, min_size: int, max_clusters: int) -> dict[str, Any]:
         """`GET /insights/unclaimed`: the reservoir's window, and its clusters with each one's nearest task. One
@@ -91,18 +100,6 @@ class TrafficWatch:
             },
             "clusters": [c.to_json() for c in clusters],
         }
-
-
-_LOGGED: set[str] = set()
-
-
-def _log_once(what: str) -> None:
-    """The first failure of a kind with its traceback, then a line every time (not a traceback per batch)."""
-    if what in _LOGGED:
-        log.error("%s again", what)
-    else:
-        _LOGGED.add(what)
-        log.exception(what)
 
 
 def _scorer(bank: BankSnapshot):
