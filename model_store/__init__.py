@@ -5,7 +5,7 @@ It imports neither `service` nor `training`. The verbs most callers need:
 
     backbone = load_backbone("tiny")                 # or "ViT-B-16:openai", "ViT-B-16:file:/weights.safetensors"
     bundle = read_bundle(open("task.bundle", "rb").read())
-    store = open_store("./clipbank-store")
+    store = open_store("./clipbank-store")            # or "s3://bucket/prefix" (the [scale] extra)
     bank = BankLoader(store, backbone).load()
     results = classify_batch(bank, [ClassifyItem(images, labels=("cat", "dog"))])
 """
@@ -19,6 +19,8 @@ _EXPORTS = {
     "Bundle": "bundle",
     "open_store": "store",
     "LocalStore": "store",
+    "S3Store": "store_s3",
+    "Store": "store_base",
     "BankLoader": "loader",
     "BankSnapshot": "bank",
     "classify_batch": "inference",

@@ -83,6 +83,12 @@ class VersionConflict(StoreError):
     code = "version_conflict"
 
 
+class StoreUnavailable(StoreError):
+    """The store could not be reached or did not answer (an object store's endpoint down, say)."""
+
+    code = "store_unavailable"
+
+
 class NoShadow(StoreError):
     """The task has no version in shadow."""
 

@@ -11,7 +11,7 @@ from .bank import BankSnapshot, ShadowEntry, bank_config, build_bank, shadow_ent
 from .bundle import Bundle
 from .compat import check_backbone, check_compatible
 from .errors import ClipbankError, MissingExpert
-from .store import LocalStore
+from .store_base import Store
 from .store_index import StoreIndex
 
 log = logging.getLogger("clipbank.store")
@@ -20,7 +20,7 @@ log = logging.getLogger("clipbank.store")
 class BankLoader:
     """Loads bundles once (they are immutable, so cached by id) and builds snapshots of the store's state."""
 
-    def __init__(self, store: LocalStore, backbone: Backbone) -> None:
+    def __init__(self, store: Store, backbone: Backbone) -> None:
         self.store = store
         self.backbone = backbone
         self._bundles: dict[str, Bundle] = {}

@@ -130,6 +130,8 @@ class StoreIndex:
     generation: int = 0
     tasks: Mapping[str, TaskRecord] = field(default_factory=dict)
     format: int = INDEX_FORMAT
+    # {bundle id: unix time}: blobs a purge is deleting (object stores only; no put may name them until it is done)
+    deleting: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, obj: Any) -> StoreIndex:
@@ -140,14 +142,19 @@ class StoreIndex:
         ):
             raise StoreError("the store index lacks 'generation' or 'tasks'; see the server log")
         tasks = {name: TaskRecord.from_json(entry, name) for name, entry in obj["tasks"].items()}
-        return cls(obj["generation"], tasks, obj.get("format", INDEX_FORMAT))
+        deleting = obj.get("deleting") if isinstance(obj.get("deleting"), dict) else {}
+        deleting = {k: float(v) for k, v in deleting.items() if ID_RE.fullmatch(k) and _finite(v)}
+        return cls(obj["generation"], tasks, obj.get("format", INDEX_FORMAT), deleting)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "format": self.format,
             "generation": self.generation,
             "tasks": {name: t.to_json() for name, t in self.tasks.items()},
         }
+        if self.deleting:  # written only when set, so older releases read the index unchanged
+            out["deleting"] = dict(self.deleting)
+        return out
 
     def task(self, name: str) -> TaskRecord:
         if name not in self.tasks:

@@ -38,7 +38,7 @@ class Limits:
 class ServeConfig:
     """Everything `clipbank serve` needs. Invalid settings fail at construction with one error listing them all."""
 
-    store: str = option("./clipbank-store", "store folder")
+    store: str = option("./clipbank-store", "store folder, or s3://bucket/prefix (docs/store.md)")
     backbone: str = option("tiny", "backbone: tiny, an open_clip ARCH:PRETRAINED, or ARCH:file:/path/to/weights")
     host: str = option("127.0.0.1", "address to bind")
     port: int = option(8000, "port")

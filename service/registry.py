@@ -20,7 +20,7 @@ from model_store.gate import Gate, GateReport, InterferenceRefused
 from model_store.inference import ClassifyItem, TextCache, classify_batch
 from model_store.loader import BankLoader
 from model_store.manifest import shown
-from model_store.store import LocalStore, PutResult
+from model_store.store_base import PutResult, Store
 from model_store.store_index import StoreIndex, TaskRecord
 
 from .memory import release_free_memory
@@ -40,7 +40,7 @@ class Registry:
 
     def __init__(
         self,
-        store: LocalStore,
+        store: Store,
         backbone: Backbone,
         metrics: Metrics | None = None,
         cache: TextCache | None = None,

@@ -50,3 +50,38 @@ def bundles(trained):
     """Bytes of the session's trained bundles: textures v1, then glyphs v1 (which uses textures' experts)."""
     store, _, _ = trained
     return {task: store.read(bid) for task, bid in store.active().items()}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API server on 127.0.0.1 (moto's server mode, with conditional writes), shared by the session."""
+    import logging
+
+    pytest.importorskip("boto3")
+    server_mode = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = server_mode.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch, tmp_path):
+    """Credentials and endpoint as a user sets them; a fresh bucket per test (its name is returned)."""
+    import time
+
+    import boto3
+
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "CLIPBANK_S3_ENDPOINT_URL": s3_server,
+        "CLIPBANK_S3_CACHE_DIR": str(tmp_path / "s3-cache"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"clipbank-{time.monotonic_ns()}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    return bucket

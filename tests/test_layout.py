@@ -81,10 +81,13 @@ def test_importing_a_package_root_does_not_load_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_open_store_opens_folders_and_refuses_other_schemes(tmp_path):
+def test_open_store_opens_folders_and_s3_and_refuses_other_schemes(tmp_path, monkeypatch):
     from model_store import open_store
     from model_store.errors import StoreError
 
     assert open_store(tmp_path / "s").index().tasks == {}
-    with pytest.raises(StoreError, match="only local folders"):
-        open_store("s3://bucket/prefix")
+    monkeypatch.setenv("CLIPBANK_S3_CACHE_DIR", str(tmp_path / "cache"))
+    s3 = open_store("s3://bucket/prefix")  # no request is made until it is used
+    assert (type(s3).__name__, s3.location) == ("S3Store", "s3://bucket/prefix")
+    with pytest.raises(StoreError, match="local folder or s3://"):
+        open_store("gs://bucket/prefix")

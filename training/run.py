@@ -75,5 +75,5 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         summary["out"] = job.out
     if store is not None:
         put = store.put(result.bundle, activate=job.activate)
-        summary.update(bundle_id=put.bundle_id, store=str(store.root), generation=put.generation)
+        summary.update(bundle_id=put.bundle_id, store=store.location, generation=put.generation)
     return summary

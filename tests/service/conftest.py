@@ -34,7 +34,8 @@ async def running_app(tmp_path, backbone, limits: Limits | None = None, **settin
     """
     settings.setdefault("frozen_runtime", "torch")
     settings.setdefault("gate_max_zero_shot", RANDOM_BUNDLES_GATE)
-    config = ServeConfig(store=str(tmp_path / "store"), admin_token=TOKEN, limits=limits or Limits(), **settings)
+    settings.setdefault("store", str(tmp_path / "store"))
+    config = ServeConfig(admin_token=TOKEN, limits=limits or Limits(), **settings)
     app = create_app(config, backbone=backbone)
     async with app.router.lifespan_context(app):
         with anyio.fail_after(60):

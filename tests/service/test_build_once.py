@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from model_store import store as store_module
+from model_store import store_base as store_module  # where put and put_validated live
 from model_store.bank import build_bank, empty_bank
 from model_store.bundle import MANIFEST_KEY, read_bundle
 from model_store.digest import bytes_digest
@@ -157,7 +157,7 @@ def test_a_change_on_a_stale_bank_serves_the_store_plus_the_change(registry, bui
 
 
 def test_an_upload_is_read_once_and_stored_without_a_second_read(registry, builds, parts, monkeypatch):
-    calls = {"registry.read_bundle": 0, "store.read_bundle": 0, "store.bytes_digest": 0}
+    calls = {"registry.read_bundle": 0, "store_base.read_bundle": 0, "store_base.bytes_digest": 0}
 
     def counting(module, name):
         real = getattr(module, name)
@@ -172,7 +172,7 @@ def test_an_upload_is_read_once_and_stored_without_a_second_read(registry, build
     counting(store_module, "read_bundle")
     counting(store_module, "bytes_digest")
     registry.upload(parts["a"])
-    assert calls == {"registry.read_bundle": 1, "store.read_bundle": 0, "store.bytes_digest": 0}
+    assert calls == {"registry.read_bundle": 1, "store_base.read_bundle": 0, "store_base.bytes_digest": 0}
     assert registry.store.read(bytes_digest(parts["a"])) == parts["a"]
 
 

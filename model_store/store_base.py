@@ -1,0 +1,242 @@
+"""What every store backend shares: the operations (put, activate, shadow, deactivate, purge) and their checks,
+written once over a few primitives each backend provides (docs/store.md).
+
+A backend gives: `index()`; `_change(edit, blob)`, which publishes `edit(index)` with the generation one higher
+atomically (the local folder under a file lock, S3 by compare-and-swap) after making sure the blob `blob` names
+is stored; `_read_blob`; `_purge(task)`; `locked()`; and `location`, a printable name without secrets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .bundle import Bundle, read_bundle, utc_now
+from .digest import bytes_digest
+from .errors import MissingExpert, ShadowConflict, StoreError, VersionConflict
+from .manifest import finite_metrics, shown, validate_task_name
+from .store_index import StoreIndex, TaskRecord, VersionRecord
+
+Edit = Callable[[StoreIndex], StoreIndex]
+
+
+class BlobBeingDeleted(StoreError):
+    """A put met its own blob in the middle of a purge's deletion (S3 only): retried once the purge is done."""
+
+    code = "store_busy"
+
+
+@dataclass(frozen=True)
+class PutResult:
+    task: str
+    version: int
+    bundle_id: str
+    experts_added: int
+    generation: int
+    gate: dict[str, Any] | None = None  # the interference gate's report, when a server checked the upload
+
+
+class Store:
+    """The operations of a bundle store. Subclasses: `LocalStore` (a folder) and `S3Store` (an object store)."""
+
+    location: str
+
+    # ----------------------------------------------------------------------------------------- primitives
+
+    def index(self) -> StoreIndex:
+        raise NotImplementedError
+
+    def _read_blob(self, bundle_id: str) -> bytes:
+        """The blob's bytes as stored (BundleNotFound when absent); `read` verifies them."""
+        raise NotImplementedError
+
+    def _change(self, edit: Edit, blob: tuple[str, bytes] | None = None) -> StoreIndex:
+        raise NotImplementedError
+
+    def _purge(self, task: str) -> int:
+        raise NotImplementedError
+
+    def locked(self) -> AbstractContextManager:
+        """A lock other writers of this store respect while it is held, where the backend has one."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------- reading
+
+    def generation(self) -> int:
+        return self.index().generation
+
+    def task(self, name: str) -> TaskRecord:
+        return self.index().task(name)
+
+    def version(self, task: str, version: int) -> VersionRecord:
+        """The index record of one stored version."""
+        return self.index().version(task, version)
+
+    def active(self) -> dict[str, str]:
+        """{task: active bundle id} for every task that has one."""
+        return self.index().active()
+
+    def expert_sources(self) -> dict[str, str]:
+        """{expert id: id of the bundle that added it}, over every stored version."""
+        return self.index().expert_sources()
+
+    def read(self, bundle_id: str) -> bytes:
+        """A blob's bytes, verified against its name (content addressing) on every read."""
+        data = self._read_blob(bundle_id)
+        if bytes_digest(data) != bundle_id:
+            raise StoreError(f"blob {bundle_id[:12]} does not hash to its name: the store is damaged")
+        return data
+
+    def load(self, bundle_id: str) -> Bundle:
+        return read_bundle(self.read(bundle_id))
+
+    # ----------------------------------------------------------------------------------------- changing
+
+    def put(
+        self,
+        data: bytes,
+        activate: bool = True,
+        metrics: dict[str, Any] | None = None,
+        bundle: Bundle | None = None,
+        shadow: bool = False,
+    ) -> PutResult:
+        """Validate and store a bundle; by default make it the task's active version (`shadow`: put it in shadow).
+
+        `bundle` is `read_bundle(data)` when the caller has it already (checked against the bytes' digest).
+        """
+        if bundle is None or bundle.id != bytes_digest(data):
+            bundle = read_bundle(data)
+        return self.put_validated(bundle, data, activate, metrics, shadow=shadow)
+
+    def put_validated(
+        self,
+        bundle: Bundle,
+        data: bytes,
+        activate: bool = True,
+        metrics: dict[str, Any] | None = None,
+        gate: dict[str, Any] | None = None,
+        shadow: bool = False,
+    ) -> PutResult:
+        """Store a bundle the caller has just read: `bundle` must be `read_bundle(data)`, and is trusted (neither
+        parsed nor hashed again). Callers holding only bytes, or a bundle read elsewhere, use `put`.
+
+        `shadow`: the new version scores live traffic without answering it (replacing any version in shadow)."""
+        activate = activate and not shadow  # a version in shadow is not routed to
+        if bundle.file_bytes != len(data):  # a cheap guard against handing in another bundle's bytes
+            raise ValueError(f"bundle {bundle.id[:12]} was read from {bundle.file_bytes} bytes, not these {len(data)}")
+        record = VersionRecord(
+            version=bundle.version,
+            bundle_id=bundle.id,
+            created_at=bundle.manifest.created_at,
+            stored_at=utc_now(),
+            bytes=len(data),
+            experts_new=bundle.manifest.experts_new,
+            classes=bundle.manifest.classes,
+            uses=bundle.uses,
+            metrics=metrics or _metrics_of(bundle),
+            gate=gate,
+        )
+
+        def add(index: StoreIndex) -> StoreIndex:
+            _check_addable(index, bundle)
+            return index.with_task(
+                bundle.task,
+                lambda t: TaskRecord(
+                    (*t.versions, record), bundle.id if activate else t.active, bundle.id if shadow else t.shadow
+                ),
+            )
+
+        index = self._change(add, blob=(bundle.id, data))
+        return PutResult(bundle.task, bundle.version, bundle.id, len(bundle.experts), index.generation, gate)
+
+    def activate(self, task: str, version: int) -> str:
+        """Make `version` the active one (rollback, roll forward, or promotion of the version in shadow, which then
+        leaves the shadow); returns its bundle id."""
+        chosen: list[str] = []
+
+        def edit(index: StoreIndex) -> StoreIndex:
+            chosen[:] = [index.version(task, version).bundle_id]
+            return index.with_task(task, lambda t: replace(t, active=chosen[0], shadow=_unless(t.shadow, chosen[0])))
+
+        self._change(edit)
+        return chosen[0]
+
+    def set_shadow(self, task: str, version: int | None) -> str | None:
+        """Put a stored, inactive version in shadow (None: stop shadowing); returns its bundle id."""
+        chosen: list[str | None] = []
+
+        def edit(index: StoreIndex) -> StoreIndex:
+            record = index.task(task)  # TaskNotFound
+            chosen[:] = [None if version is None else index.version(task, version).bundle_id]
+            if chosen[0] is not None and chosen[0] == record.active:
+                raise ShadowConflict(
+                    f"task {shown(task)} version {version} is active: only another version can shadow it"
+                )
+            return index.with_task(task, lambda t: replace(t, shadow=chosen[0]))
+
+        self._change(edit)
+        return chosen[0]
+
+    def deactivate(self, task: str) -> None:
+        """Stop routing to a task. Its blobs stay, so it can be re-activated."""
+
+        def edit(index: StoreIndex) -> StoreIndex:
+            index.task(task)  # TaskNotFound
+            return index.with_task(task, lambda t: replace(t, active=None))
+
+        self._change(edit)
+
+    def purge(self, task: str) -> int:
+        """Forget an inactive task and delete the blobs nothing else needs; returns that task's blobs deleted.
+
+        A blob is deleted only once an index without it is published. Whole blobs no version names (a writer
+        killed between a blob and the index) are deleted too.
+        """
+        validate_task_name(task)
+        return self._purge(task)
+
+
+def _check_addable(index: StoreIndex, bundle: Bundle) -> None:
+    """A put's checks against the index it would change: a newer version, every expert it uses still stored,
+    and (S3) its blob not in the middle of a purge's deletion."""
+    newest = index.tasks[bundle.task].newest if bundle.task in index.tasks else 0
+    if bundle.version <= newest:
+        raise VersionConflict(
+            f"task {bundle.task!r} already has version {newest}; a new bundle needs version > {newest}, "
+            f"got {bundle.version}"
+        )
+    stored = {eid for _, v in index.records() for eid in v.experts_new}
+    missing = [e[:12] for e in bundle.uses if e not in stored]
+    if missing:  # a task trained on experts purged since: it could never be served
+        raise MissingExpert(
+            f"bundle uses {len(missing)} expert(s) no stored version adds (purged?): {', '.join(missing[:5])}"
+        )
+    if bundle.id in index.deleting:
+        raise BlobBeingDeleted(f"blob {bundle.id[:12]} is being deleted by a purge; try again")
+
+
+def purge_plan(index: StoreIndex, task: str) -> tuple[StoreIndex, list[VersionRecord]]:
+    """The index without inactive `task` (versions whose experts other tasks use stay, inactive), and the
+    versions whose blobs may go."""
+    record = index.task(task)
+    if record.active:
+        raise StoreError(f"task {shown(task)} is active; deactivate it before purging")
+    others = index.with_task(task, lambda t: None)
+    needed = {u for _, v in others.records() for u in v.uses}
+    doomed = [v for v in record.versions if not needed.intersection(v.experts_new)]
+    kept = tuple(v for v in record.versions if v not in doomed)
+    return others.with_task(task, lambda t: TaskRecord(kept) if kept else None), doomed
+
+
+def next_generation(index: StoreIndex) -> StoreIndex:
+    return replace(index, generation=index.generation + 1)
+
+
+def _unless(shadow: str | None, activated: str) -> str | None:
+    return None if shadow == activated else shadow
+
+
+def _metrics_of(bundle: Bundle) -> dict[str, Any]:
+    return finite_metrics(bundle.manifest.training, ("val_accuracy", "zero_shot_val_accuracy"))

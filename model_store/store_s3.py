@@ -1,0 +1,259 @@
+"""The S3 store: the local store's layout and operations on an S3-compatible object store (AWS S3, MinIO, Ceph
+RGW, R2 ...), for several servers on several machines sharing one bank (docs/store.md, docs/scale-out.md).
+
+- Blobs are content-addressed (`<prefix>/blobs/<sha256>.safetensors`), written create-only (`If-None-Match: *`)
+  and verified against their name on every read; each process keeps a verified local cache of those it read.
+- The index is one object (`<prefix>/index.json`) changed only by compare-and-swap (`If-Match: <etag>`): on 412
+  or 409 the change is read again, checked again and retried with a bounded backoff. There is no lock.
+- A purge first publishes an index that no longer names the doomed blobs and lists them under `deleting`, then
+  deletes them, then publishes an index without that list. A put whose blob is listed waits for the purge (or
+  finishes a purge that died, after `STALE_DELETION_SECONDS`); a put makes sure its blob is there after reading
+  the index its swap is based on. So a concurrent put and purge never leave an index naming a deleted blob.
+
+Credentials come from boto3's usual sources (the AWS_* variables, ~/.aws, an instance role) and are never logged;
+the endpoint from `CLIPBANK_S3_ENDPOINT_URL`. boto3 is the `[scale]` extra, imported only here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import time
+from collections.abc import Mapping
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .digest import bytes_digest
+from .errors import BundleNotFound, StoreError, StoreUnavailable
+from .settings import cache_root, env_value
+from .store import atomic_write, encode_index, parse_index
+from .store_base import BlobBeingDeleted, Edit, Store, next_generation, purge_plan
+from .store_index import StoreIndex
+
+log = logging.getLogger("clipbank.store")
+CAS_SECONDS = 30.0  # how long a change keeps retrying a contended index, or waits for a purge's deletion
+STALE_DELETION_SECONDS = 300.0  # a purge's `deleting` entry this old belongs to a purge that died: finish it
+STRAY_SECONDS = 3600.0  # a blob no index names, this old, is a killed writer's: a purge deletes it
+
+
+class S3Store(Store):
+    """`s3://bucket/prefix` through a boto3 S3 client (any S3-compatible endpoint with conditional writes)."""
+
+    def __init__(self, bucket: str, prefix: str, client: Any, cache_dir: str | os.PathLike) -> None:
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.location = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self._s3 = client
+        self.cache = Path(cache_dir)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self._cached: tuple[str, StoreIndex] | None = None
+
+    @classmethod
+    def from_url(cls, url: str, environ: Mapping[str, str] | None = None) -> S3Store:
+        """The store at `s3://bucket/prefix`; endpoint `CLIPBANK_S3_ENDPOINT_URL` (default: AWS), local cache
+        `CLIPBANK_S3_CACHE_DIR` (default: ~/.cache/clipbank/s3/<bucket>-<hash of the location>)."""
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise StoreError(f"store {url!r}: an S3 store is s3://bucket or s3://bucket/prefix")
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise StoreError("an s3:// store needs boto3: pip install 'clipbank[scale]'") from None
+        endpoint = env_value("S3_ENDPOINT_URL", environ)
+        config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
+        client = boto3.client("s3", endpoint_url=endpoint, config=config)
+        tag = hashlib.sha256(f"{endpoint}|{url}".encode()).hexdigest()[:12]
+        cache = env_value("S3_CACHE_DIR", environ) or os.path.join(cache_root(environ), "s3", f"{bucket}-{tag}")
+        return cls(bucket, prefix, client, cache)
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _blob_key(self, bundle_id: str) -> str:
+        return self._key(f"blobs/{bundle_id}.safetensors")
+
+    def locked(self):
+        """No lock on S3: every change is a compare-and-swap of the index, checked again on each retry."""
+        return nullcontext()
+
+    # ----------------------------------------------------------------------------------------- reading
+
+    def index(self) -> StoreIndex:
+        return self._get_index()[1]
+
+    def _get_index(self) -> tuple[str | None, StoreIndex]:
+        """(etag, index) of the index object; a conditional GET when one is cached, so a poll costs a 304."""
+        cached = self._cached
+        try:
+            extra = {"IfNoneMatch": cached[0]} if cached else {}
+            answer = self._s3.get_object(Bucket=self.bucket, Key=self._key("index.json"), **extra)
+            data, etag = answer["Body"].read(), answer["ETag"]
+        except Exception as e:
+            status = _status(e)
+            if status == 304 and cached is not None:
+                return cached
+            if status == 404 or _code(e) in ("NoSuchKey", "404"):
+                self._cached = None
+                return None, StoreIndex()
+            raise self._unavailable("read the index", e) from None
+        index = parse_index(data, self.location)
+        self._cached = (etag, index)
+        return etag, index
+
+    def _read_blob(self, bundle_id: str) -> bytes:
+        cached = self.cache / f"{bundle_id}.safetensors"
+        try:
+            data = cached.read_bytes()
+            if bytes_digest(data) == bundle_id:
+                return data
+            log.warning("cached blob %s does not hash to its name; fetched again", bundle_id[:12])
+        except FileNotFoundError:
+            pass
+        try:
+            data = self._s3.get_object(Bucket=self.bucket, Key=self._blob_key(bundle_id))["Body"].read()
+        except Exception as e:
+            if _status(e) == 404 or _code(e) == "NoSuchKey":
+                raise BundleNotFound(f"bundle {bundle_id[:12]} is missing from the store") from None
+            raise self._unavailable(f"read blob {bundle_id[:12]}", e) from None
+        if bytes_digest(data) == bundle_id:  # a damaged object is not cached; `read` reports it
+            atomic_write(cached, data)
+        return data
+
+    # ----------------------------------------------------------------------------------------- changing
+
+    def _write_blob(self, bundle_id: str, data: bytes) -> None:
+        """Create-only: an object already there has these bytes (its name is their digest; reads verify it)."""
+        try:
+            self._s3.put_object(Bucket=self.bucket, Key=self._blob_key(bundle_id), Body=data, IfNoneMatch="*")
+        except Exception as e:
+            if _status(e) not in (412, 409):  # there already, or a concurrent create of the same bytes
+                raise self._unavailable(f"write blob {bundle_id[:12]}", e) from None
+
+    def _change(self, edit: Edit, blob: tuple[str, bytes] | None = None) -> StoreIndex:
+        """Publish `edit(index)` with generation + 1 by compare-and-swap, retrying on contention for up to
+        CAS_SECONDS; the edit runs again on the index each retry reads, so its checks always see the latest."""
+        deadline, attempt = time.monotonic() + CAS_SECONDS, 0
+        while True:
+            etag, index = self._get_index()
+            try:
+                new = next_generation(edit(index))
+            except BlobBeingDeleted:
+                if blob is None:
+                    raise
+                self._wait_for_deletion(index, blob[0], deadline, attempt)
+                attempt += 1
+                continue
+            if blob is not None:
+                # Only now, after reading the index this swap is based on: a purge that deleted the blob
+                # earlier is seen here, and one that starts later must publish first, which fails this swap.
+                self._ensure_blob(*blob)
+            if self._publish(etag, new):
+                return new
+            attempt = _backoff(attempt, deadline, "the store index kept changing under this change")
+
+    def _ensure_blob(self, bundle_id: str, data: bytes) -> None:
+        try:
+            self._s3.head_object(Bucket=self.bucket, Key=self._blob_key(bundle_id))
+            return
+        except Exception as e:
+            if _status(e) != 404:
+                raise self._unavailable(f"look up blob {bundle_id[:12]}", e) from None
+        self._write_blob(bundle_id, data)
+
+    def _publish(self, etag: str | None, index: StoreIndex) -> bool:
+        """Write the index if it is still `etag` (None: if there is none yet); False if another writer won."""
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        try:
+            answer = self._s3.put_object(
+                Bucket=self.bucket, Key=self._key("index.json"), Body=encode_index(index), **condition
+            )
+        except Exception as e:
+            if _status(e) in (412, 409):
+                return False
+            raise self._unavailable("write the index", e) from None
+        self._cached = (answer["ETag"], index)
+        return True
+
+    def _wait_for_deletion(self, index: StoreIndex, bundle_id: str, deadline: float, attempt: int) -> None:
+        """A purge is deleting this blob: finish the deletion if that purge died, else wait for it."""
+        if time.time() - index.deleting[bundle_id] > STALE_DELETION_SECONDS:
+            log.warning("finishing the deletion of blob %s, left by a purge that stopped", bundle_id[:12])
+            self._finish_deletions([bundle_id])
+        else:
+            _backoff(attempt, deadline, f"blob {bundle_id[:12]} stayed in a purge's deletion")
+
+    def _purge(self, task: str) -> int:
+        strays = self._stray_blobs()
+        doomed: list[str] = []
+        gone_versions: list[int] = []
+
+        def edit(index: StoreIndex) -> StoreIndex:
+            kept, gone = purge_plan(index, task)
+            named = {v.bundle_id for _, v in index.records()}
+            stale = [b for b, t in index.deleting.items() if time.time() - t > STALE_DELETION_SECONDS]
+            doomed[:] = sorted({v.bundle_id for v in gone} | (strays - named) | set(stale))
+            gone_versions[:] = [v.version for v in gone]
+            now = time.time()
+            return replace(kept, deleting={**kept.deleting, **{b: now for b in doomed if b not in stale}})
+
+        self._change(edit)  # no index names them now, and no put may until the deletion is done
+        self._finish_deletions(doomed)
+        return len(gone_versions)
+
+    def _finish_deletions(self, bundle_ids: list[str]) -> None:
+        for bundle_id in bundle_ids:
+            try:
+                self._s3.delete_object(Bucket=self.bucket, Key=self._blob_key(bundle_id))
+            except Exception as e:
+                if _status(e) != 404:
+                    raise self._unavailable(f"delete blob {bundle_id[:12]}", e) from None
+            (self.cache / f"{bundle_id}.safetensors").unlink(missing_ok=True)
+        if bundle_ids:
+            done = set(bundle_ids)
+            self._change(lambda ix: replace(ix, deleting={b: t for b, t in ix.deleting.items() if b not in done}))
+
+    def _stray_blobs(self) -> set[str]:
+        """Blobs older than STRAY_SECONDS (whether or not an index names them: the purge's edit decides)."""
+        strays, cutoff = set(), time.time() - STRAY_SECONDS
+        try:
+            pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key("blobs/"))
+            for page in pages:
+                for item in page.get("Contents", []):
+                    name = item["Key"].rsplit("/", 1)[-1]
+                    if name.endswith(".safetensors") and item["LastModified"].timestamp() < cutoff:
+                        strays.add(name.removesuffix(".safetensors"))
+        except Exception as e:
+            raise self._unavailable("list the blobs", e) from None
+        return strays
+
+    def _unavailable(self, doing: str, e: Exception) -> StoreError:
+        """A StoreError (503) naming what failed; the exception's own text goes to the log only."""
+        log.error("store %s: could not %s: %s: %s", self.location, doing, type(e).__name__, e)
+        return StoreUnavailable(f"the object store {self.location} could not {doing} ({_code(e) or type(e).__name__})")
+
+
+def _status(e: Exception) -> int | None:
+    response = getattr(e, "response", None)
+    if not isinstance(response, dict):
+        return None
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = response.get("Error", {}).get("Code")
+    return status if isinstance(status, int) else int(code) if isinstance(code, str) and code.isdigit() else None
+
+
+def _code(e: Exception) -> str | None:
+    response = getattr(e, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+
+
+def _backoff(attempt: int, deadline: float, why: str) -> int:
+    """Sleep before retry `attempt` + 1 (exponential, jittered, at most 1 s); StoreError once past `deadline`."""
+    pause = min(0.02 * 2**attempt, 1.0) * random.uniform(0.5, 1.5)
+    if time.monotonic() + pause > deadline:
+        raise StoreUnavailable(f"{why} for {CAS_SECONDS:.0f}s; try again")
+    time.sleep(pause)
+    return attempt + 1

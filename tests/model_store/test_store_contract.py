@@ -1,0 +1,211 @@
+"""One contract, both backends: every test here runs on the local folder and on S3 (a real S3 API server on
+127.0.0.1: moto's server mode, which implements conditional writes)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from model_store.bank import empty_bank
+from model_store.errors import (
+    BundleNotFound,
+    ShadowConflict,
+    StoreError,
+    StoreUnavailable,
+    TaskNotFound,
+    VersionConflict,
+    VersionNotFound,
+)
+from model_store.store import LocalStore, open_store
+from model_store.store_index import StoreIndex
+from tests.helpers import random_bundle
+
+BACKENDS = ["local", "s3"]
+
+
+@pytest.fixture(params=BACKENDS)
+def make_store(request, tmp_path):
+    """A factory: each call opens another handle on the same store (another process, another replica)."""
+    if request.param == "local":
+        return lambda: open_store(tmp_path / "store")
+    bucket = request.getfixturevalue("s3_env")
+    return lambda: open_store(f"s3://{bucket}/bank")
+
+
+@pytest.fixture(scope="module")
+def bundles(backbone):
+    bank = empty_bank(backbone)
+    return {v: random_bundle(bank, "cars", seed=10 + v, version=v) for v in (1, 2, 3)}
+
+
+def blob_ids(store) -> set[str]:
+    if isinstance(store, LocalStore):
+        return {p.stem for p in store.blobs.glob("*.safetensors")}
+    listing = store._s3.list_objects_v2(Bucket=store.bucket, Prefix=store._key("blobs/"))
+    return {o["Key"].rsplit("/", 1)[-1].removesuffix(".safetensors") for o in listing.get("Contents", [])}
+
+
+def test_put_activate_rollback_deactivate_purge(make_store, bundles):
+    store = make_store()
+    assert store.index() == StoreIndex() and store.generation() == 0
+    r1, r2 = store.put(bundles[1]), store.put(bundles[2])
+    assert (r1.version, r2.version, r2.generation) == (1, 2, 2)
+    assert store.active() == {"cars": r2.bundle_id}
+    assert store.activate("cars", 1) == r1.bundle_id and store.active() == {"cars": r1.bundle_id}
+    with pytest.raises(VersionConflict, match="needs version > 2"):
+        store.put(bundles[1])
+    with pytest.raises(VersionNotFound, match="stored versions: 1, 2"):
+        store.activate("cars", 7)
+    with pytest.raises(TaskNotFound):
+        store.activate("boats", 1)
+    with pytest.raises(StoreError, match="deactivate it before purging"):
+        store.purge("cars")
+    store.deactivate("cars")
+    assert store.active() == {} and store.load(r2.bundle_id).version == 2  # blobs stay for rollback
+    assert blob_ids(store) == {r1.bundle_id, r2.bundle_id}
+    assert store.purge("cars") == 2
+    assert blob_ids(store) == set() and store.index().tasks == {}
+    with pytest.raises(BundleNotFound):
+        make_store().read(r1.bundle_id)  # a fresh handle: no cached copy
+
+
+def test_shadow_operations(make_store, bundles):
+    store = make_store()
+    store.put(bundles[1])
+    r2 = store.put(bundles[2], shadow=True)
+    assert store.index().shadows() == {"cars": r2.bundle_id} and store.active()["cars"] != r2.bundle_id
+    with pytest.raises(ShadowConflict):
+        store.set_shadow("cars", 1)  # the active version
+    store.activate("cars", 2)  # promotion takes it out of the shadow
+    assert store.index().shadows() == {} and store.active() == {"cars": r2.bundle_id}
+
+
+def test_two_handles_see_each_other_and_the_generation_only_grows(make_store, bundles):
+    a, b = make_store(), make_store()
+    seen = [b.generation()]
+    a.put(bundles[1])
+    seen.append(b.generation())
+    b.put(bundles[2], activate=False)
+    seen.append(a.generation())
+    a.activate("cars", 2)
+    seen.append(b.generation())
+    assert seen == [0, 1, 2, 3] and b.active() == a.active()
+
+
+def test_blobs_are_verified_on_every_read(make_store, bundles):
+    store = make_store()
+    r = store.put(bundles[1])
+    damaged = bytearray(bundles[1])
+    damaged[-1] ^= 0xFF
+    if isinstance(store, LocalStore):
+        (store.blobs / f"{r.bundle_id}.safetensors").write_bytes(bytes(damaged))
+    else:
+        store._s3.put_object(Bucket=store.bucket, Key=store._blob_key(r.bundle_id), Body=bytes(damaged))
+    with pytest.raises(StoreError, match="does not hash to its name"):
+        make_store().read(r.bundle_id)
+
+
+def test_eight_writers_race_and_no_update_is_lost(make_store, backbone):
+    """Eight handles put eight tasks at once: each put lands once, the generation counts all eight."""
+    bank = empty_bank(backbone)
+    datas = [random_bundle(bank, f"task{i}", seed=20 + i) for i in range(8)]
+    handles = [make_store() for _ in range(8)]
+    barrier = threading.Barrier(8)
+
+    def put(i: int):
+        barrier.wait()
+        return handles[i].put(datas[i]).generation
+
+    with ThreadPoolExecutor(8) as pool:
+        generations = sorted(pool.map(put, range(8)))
+    assert generations == list(range(1, 9))  # one winner per round
+    store = make_store()
+    assert sorted(store.active()) == [f"task{i}" for i in range(8)] and store.generation() == 8
+
+
+def test_a_put_that_loses_its_race_gets_a_version_conflict(make_store, backbone):
+    bank = empty_bank(backbone)
+    rivals = [random_bundle(bank, "cars", seed=s) for s in (1, 2)]  # two different version-1 bundles
+    handles, barrier, outcomes = [make_store(), make_store()], threading.Barrier(2), []
+
+    def put(i: int):
+        barrier.wait()
+        try:
+            outcomes.append(handles[i].put(rivals[i]).bundle_id)
+        except VersionConflict:
+            outcomes.append("conflict")
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(outcomes, key=len)[0] == "conflict" and make_store().active()["cars"] in outcomes
+
+
+def test_a_purge_never_deletes_a_blob_its_index_names(make_store, backbone):
+    """b uses a's experts: purging a keeps the version that adds them, inactive, and its blob."""
+    from model_store.loader import BankLoader
+
+    store = make_store()
+    ra = store.put(random_bundle(empty_bank(backbone), "a", seed=1))
+    store.put(random_bundle(BankLoader(store, backbone).load(), "b", seed=2))
+    store.deactivate("a")
+    assert store.purge("a") == 0
+    assert ra.bundle_id in blob_ids(store) and make_store().read(ra.bundle_id)
+
+
+def race_put_and_purge(store, other, data: bytes) -> None:
+    """`store` purges task cars while `other` puts `data` (cars version 1) again, started together."""
+    barrier = threading.Barrier(2)
+
+    def purge():
+        barrier.wait()
+        store.purge("cars")
+
+    def put():
+        barrier.wait()
+        try:
+            other.put(data)
+        except VersionConflict:  # the purge had not published yet: version 1 was still stored
+            pass
+
+    threads = [threading.Thread(target=purge), threading.Thread(target=put)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+
+
+def test_a_put_racing_a_purge_of_the_same_bytes_keeps_its_blob(make_store, bundles):
+    """Whichever of the two wins, an index that names the blob has the blob."""
+    store, other = make_store(), make_store()
+    for _ in range(5):
+        if "cars" not in store.index().tasks:
+            store.put(bundles[1])
+        store.deactivate("cars")
+        race_put_and_purge(store, other, bundles[1])
+        named = {v.bundle_id for _, v in make_store().index().records()}
+        assert named <= blob_ids(store)
+        for bundle_id in named:
+            make_store().read(bundle_id)
+
+
+def test_an_s3_store_whose_endpoint_is_down_fails_clearly(monkeypatch, tmp_path, bundles):
+    pytest.importorskip("boto3")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("CLIPBANK_S3_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("CLIPBANK_S3_CACHE_DIR", str(tmp_path))
+    store = open_store("s3://clipbank-down/bank")
+    with pytest.raises(StoreUnavailable, match="could not read the index") as e:
+        store.put(bundles[1])
+    assert "testing" not in str(e.value)
+    with pytest.raises(StoreUnavailable, match="could not read the index"):
+        store.index()
+
+
+def test_locations_are_checked():
+    with pytest.raises(StoreError, match="local folder or s3://"):
+        open_store("gs://bucket/x")
+    with pytest.raises(StoreError, match="s3://bucket"):
+        open_store("s3:///x")

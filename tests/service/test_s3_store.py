@@ -1,0 +1,65 @@
+"""The server on an S3 store (a real S3 API server on 127.0.0.1): two servers share one bank, and an endpoint
+that goes down fails writes with a clear 503 while the bank keeps serving."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from model_store.bank import empty_bank
+from tests.helpers import random_bundle
+from tests.service.conftest import AUTH, running_app
+from tests.service.images import colour
+
+pytestmark = pytest.mark.anyio
+
+
+def upload(data: bytes) -> dict:
+    return {"files": {"bundle": ("b.safetensors", data)}, "headers": AUTH}
+
+
+async def classify(client) -> dict:
+    response = await client.post("/classify", files=[("images", ("x.png", colour("red")))], data={"labels": ["a", "b"]})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def test_two_servers_share_one_s3_bank(tmp_path, backbone, s3_env):
+    store = f"s3://{s3_env}/bank"
+    data = random_bundle(empty_bank(backbone), "cars", seed=3)
+    async with running_app(tmp_path / "a", backbone, store=store, poll_seconds=0.2) as a:
+        async with running_app(tmp_path / "b", backbone, store=store, poll_seconds=0.2) as b:
+            pushed = await a.post("/tasks", **upload(data))
+            assert pushed.status_code == 201, pushed.text
+            generation = pushed.json()["generation"]
+            assert (await classify(a))["timing"]["generation"] == generation
+            with anyio.fail_after(20):  # b sees it by polling the index (a conditional GET)
+                while (await classify(b))["timing"]["generation"] != generation:
+                    await anyio.sleep(0.1)
+            listed = (await b.get("/tasks", headers=AUTH)).json()
+            assert [t["task"] for t in listed["tasks"]] == ["cars"]
+
+
+async def test_an_s3_endpoint_that_goes_down_fails_writes_and_the_bank_keeps_serving(tmp_path, backbone, s3_env):
+    from moto.server import ThreadedMotoServer
+
+    own = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    own.start()
+    host, port = own.get_host_and_port()
+    import boto3
+
+    boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="clipbank-down")
+    bank = empty_bank(backbone)
+    settings = {"store": "s3://clipbank-down/bank", "poll_seconds": 0.2}
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("CLIPBANK_S3_ENDPOINT_URL", f"http://{host}:{port}")
+        async with running_app(tmp_path, backbone, **settings) as client:
+            assert (await client.post("/tasks", **upload(random_bundle(bank, "cars", seed=1)))).status_code == 201
+            before = await classify(client)
+            own.stop()
+            refused = await client.post("/tasks", **upload(random_bundle(bank, "boats", seed=2)))
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_unavailable"
+            assert "testing" not in refused.text  # no credential in an error
+            await anyio.sleep(0.5)  # polls fail meanwhile
+            after = await classify(client)
+            assert after["timing"]["generation"] == before["timing"]["generation"]
