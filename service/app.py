@@ -12,7 +12,7 @@ from .auth import TokenCheck
 from .config import ServeConfig
 from .errors import install_handlers
 from .lifecycle import Service, lifespan
-from .middleware import BodyLimit, RequestMetrics
+from .middleware import BodyLimit, Generations, RequestMetrics
 from .routes.classify import classify_router
 from .routes.ops import ops_router
 from .routes.tasks import tasks_router
@@ -25,15 +25,17 @@ def create_app(
     config: ServeConfig | None = None,
     backbone: Backbone | None = None,
     on_fatal: Callable[[str], None] | None = None,
+    wait_ready: bool = False,
 ) -> FastAPI:
-    """The app. `backbone` skips loading one (tests share theirs); `on_fatal` is told if start-up fails."""
+    """The app. `backbone` skips loading one (tests share theirs); `on_fatal` is told if start-up fails;
+    `wait_ready`: the app's start-up completes only once the bank is loaded (Ray Serve replicas)."""
     config = config or ServeConfig.from_env()
     service = Service(config, backbone)
     app = FastAPI(
         title="clipbank",
         summary="A frozen CLIP plus a bank of hot-swappable task experts, routed per image.",
         version="0.1.0",
-        lifespan=lifespan(on_fatal),
+        lifespan=lifespan(on_fatal, wait_ready),
     )
     app.state.service = service
     install_handlers(app)
@@ -46,6 +48,7 @@ def create_app(
     app.include_router(watch_router(admin))
     app.include_router(ops_router())
     app.add_middleware(BodyLimit, limit_for=_limit_for(config), read_timeout=config.read_timeout_seconds)
+    app.add_middleware(Generations, service=service)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     return app
 

@@ -65,15 +65,23 @@ class ClipbankClient:
         return self._call("POST", "/classify", files=files, data=data)
 
     def push(
-        self, bundle: ImageInput, activate: bool = True, force: bool = False, mode: str | None = None
+        self,
+        bundle: ImageInput,
+        activate: bool = True,
+        force: bool = False,
+        mode: str | None = None,
+        wait_all: bool = False,
     ) -> dict[str, Any]:
         """Upload a bundle file (path or bytes); returns `{task, version, bundle_id, experts_added, generation,
-        gate}`. `force` overrides the interference gate (a 409 `interference` otherwise names what it would take).
-        `mode` (active, inactive, shadow) replaces `activate` when given."""
+        gate, replicas}`. `force` overrides the interference gate (a 409 `interference` otherwise names what it
+        would take). `mode` (active, inactive, shadow) replaces `activate` when given. `wait_all`: return once
+        every replica serves it (a 504 `replicas_lagging` names those that did not)."""
         files = {"bundle": (_name(bundle, 0), _bytes(bundle), "application/octet-stream")}
         chosen = mode or ("active" if activate else "inactive")
         # `activate` too: a server older than `mode` ignores it, and must not activate an inactive or shadow upload
         params = {"mode": chosen, "activate": str(chosen == "active").lower(), "force": str(force).lower()}
+        if wait_all:
+            params["wait"] = "all"
         return self._call("POST", "/tasks", files=files, params=params)
 
     def tasks(self) -> dict[str, Any]:

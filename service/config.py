@@ -11,6 +11,7 @@ from model_store.settings import ENV_PREFIX, env_value, option
 MB = 1024 * 1024
 FROZEN_RUNTIMES = ("auto", "torch", "onnx")  # auto: onnx on CPU (measured faster there), torch on GPU
 INVALID = "invalid server settings: "
+ENGINES = ("uvicorn", "ray")
 MAX_UNCLAIMED = 20_000  # 40 MB of float32 embeddings at ViT-B's 512 dimensions; clustering stays in seconds
 
 
@@ -73,10 +74,15 @@ class ServeConfig:
     )
     unclaimed_retention_seconds: float = option(86400.0, "unclaimed-traffic monitor: how long an embedding is kept")
     unclaimed_bin_seconds: float = option(60.0, "unclaimed-traffic monitor: time resolution of traffic shares")
+    engine: str = option(
+        "uvicorn", "uvicorn: one process; ray: replicas on Ray Serve (the [scale] extra; docs/scale-out.md)", ENGINES
+    )
+    replicas: int = option(2, "replicas of the app with --engine ray")
+    ray_address: str = option("", "Ray cluster to join with --engine ray, e.g. HEAD:6379 (default: start one here)")
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
-        problems = list(self.limits.problems()) + self._monitor_problems()
+        problems = list(self.limits.problems()) + self._monitor_problems() + self._engine_problems()
         if not 0 < self.port < 65536:
             problems.append(f"port must be in 1..65535, got {self.port}")
         if self.max_batch < 1:
@@ -117,6 +123,19 @@ class ServeConfig:
                 problems.append(f"{name} must be at least 16 characters when set")
         if problems:
             raise ValueError(INVALID + "; ".join(problems))
+
+    def _engine_problems(self) -> list[str]:
+        problems = []
+        if self.engine not in ENGINES:
+            problems.append(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if not 1 <= self.replicas <= 256:
+            problems.append(f"replicas must be in 1..256, got {self.replicas}")
+        shared = self.engine == "ray" or self.store.startswith("s3://")
+        if shared and not self.admin_token:
+            problems.append(
+                "an s3:// store or --engine ray needs CLIPBANK_ADMIN_TOKEN: a generated token could not be shared"
+            )
+        return problems
 
     def _monitor_problems(self) -> list[str]:
         problems = []

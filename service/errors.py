@@ -52,6 +52,16 @@ class UnsupportedMediaType(InvalidRequest):
     code = "unsupported_media_type"
 
 
+class ReplicasLagging(ClipbankError):
+    """`POST /tasks?wait=all`: the change is stored, but some replicas did not serve it in time (`details`)."""
+
+    code = "replicas_lagging"
+
+    def __init__(self, message: str, details: dict) -> None:
+        super().__init__(message)
+        self.details = details
+
+
 class Overloaded(ClipbankError):
     """More images are waiting than `max_queue_images`: try again shortly."""
 
@@ -78,6 +88,7 @@ STATUS: tuple[tuple[type[ClipbankError], int], ...] = (
     (LimitExceeded, 413),
     (UnsupportedMediaType, 415),
     (NotReady, 503),
+    (ReplicasLagging, 504),
     (Overloaded, 503),
     (VersionConflict, 409),
     (InterferenceRefused, 409),

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import sys
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -39,6 +40,7 @@ from .workers import DecodeWorkers
 
 log = logging.getLogger("clipbank.service")
 ADMIN_TOKEN_FILE = ".admin-token"
+ANNOUNCE_SECONDS = 10.0  # how long POST /tasks?wait=all waits for the other replicas
 PNG_TEXT_BYTES = 256 * 1024  # Pillow's caps on PNG text chunks (its defaults: 1 MB per chunk, 64 MB in all)
 
 
@@ -57,6 +59,32 @@ class Service:
         self.failed = asyncio.Event()
         self.decoders = DecodeWorkers()
         self.watch = TrafficWatch(self.metrics)
+        self.replica = f"{socket.gethostname()}-{os.getpid()}"  # X-Clipbank-Replica; Ray Serve sets its own id
+        self.peers: Any = None  # the other replicas to tell of a change (service/ray_engine.py), if any
+        self._announcing: set[asyncio.Task] = set()
+
+    async def announce(self, generation: int, wait: bool) -> dict[str, Any]:
+        """Tell the other replicas (if any) that the store is at `generation`. With `wait`, return once each has
+        answered or ANNOUNCE_SECONDS passed: {replica: the generation it serves, or why it did not answer};
+        without, best effort in the background. A single server answers for itself."""
+        registry = self.require_ready()
+        if self.peers is None:
+            return {self.replica: registry.bank.generation}
+        task = asyncio.create_task(self.peers.announce(generation, ANNOUNCE_SECONDS))
+        if wait:
+            try:
+                return await task
+            except Exception as e:  # the change is stored either way: report who could not be asked
+                log.warning("asking the other replicas failed: %s", e)
+                return {self.replica: registry.bank.generation, "others": f"not asked: {type(e).__name__}"}
+        self._announcing.add(task)
+        task.add_done_callback(self._announced)
+        return {self.replica: registry.bank.generation}
+
+    def _announced(self, task: asyncio.Task) -> None:
+        self._announcing.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # the replicas' polls catch up anyway
+            log.warning("telling the other replicas of a change failed: %s", task.exception())
 
     def load(self) -> None:
         """Backbone, store, bank, warm-up: everything before /readyz turns 200 (runs off the event loop)."""
@@ -185,8 +213,11 @@ async def _poll_store(service: Service) -> None:
             log.exception("polling the store failed")
 
 
-def lifespan(on_fatal: Callable[[str], None] | None):
-    """Start-up in the background (so /healthz answers at once), polling while ready, draining at shutdown."""
+def lifespan(on_fatal: Callable[[str], None] | None, wait_ready: bool = False):
+    """Start-up in the background (so /healthz answers at once), polling while ready, draining at shutdown.
+
+    `wait_ready`: start-up completes only once the bank is loaded, and fails if loading does (Ray Serve reports a
+    replica ready when its app's start-up completes)."""
 
     @asynccontextmanager
     async def run(app: FastAPI):
@@ -214,6 +245,10 @@ def lifespan(on_fatal: Callable[[str], None] | None):
 
         starter = asyncio.create_task(start())
         try:
+            if wait_ready:
+                await asyncio.shield(starter)
+                if service.error is not None:
+                    raise RuntimeError(service.error)
             yield
         finally:
             starter.cancel()

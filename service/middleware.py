@@ -1,11 +1,14 @@
-"""ASGI middleware: request-body limits enforced while the body streams in, and per-endpoint metrics."""
+"""ASGI middleware: request-body limits enforced while the body streams in, the generation headers (read your
+own writes across replicas), and per-endpoint metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
+from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -57,6 +60,48 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class Generations:
+    """Every response carries `X-Clipbank-Generation` (the store generation of the bank that answered: for a
+    classification, the bank its batch ran on) and `X-Clipbank-Replica`. A request with `X-Min-Generation: g` is
+    answered only from generation g or later: a server behind it reads the store first, and if still behind
+    answers 503 `stale_replica` with Retry-After."""
+
+    def __init__(self, app: ASGIApp, service: Any) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        wanted = dict(scope["headers"]).get(b"x-min-generation")
+        if wanted is not None:
+            refused = await self._refusal(wanted)
+            if refused is not None:
+                return await refused(scope, receive, send)
+        service = self.service
+
+        async def with_generation(message: Message) -> None:
+            if message["type"] == "http.response.start" and service.registry is not None:
+                answered = scope.get("state", {}).get("generation", service.registry.bank.generation)
+                headers = [*message.get("headers", []), (b"x-clipbank-generation", str(answered).encode())]
+                message = {**message, "headers": [*headers, (b"x-clipbank-replica", service.replica.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, with_generation)
+
+    async def _refusal(self, wanted: bytes) -> Any:
+        if not wanted.isdigit() or len(wanted) > 18:
+            return error_response(400, "bad_request", "X-Min-Generation must be a non-negative integer")
+        want, registry = int(wanted), self.service.registry
+        if registry is not None and self.service.ready.is_set() and registry.bank.generation < want:
+            await run_in_threadpool(registry.refresh)
+        have = registry.bank.generation if registry is not None and self.service.ready.is_set() else None
+        if have is None or have < want:
+            message = f"this server answers from generation {have}, behind the X-Min-Generation {want} asked for"
+            return error_response(503, "stale_replica", message, details={"generation": have, "wanted": want})
+        return None
 
 
 class RequestMetrics:

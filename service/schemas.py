@@ -125,6 +125,9 @@ class TaskUploaded(BaseModel):
     gate: dict[str, Any] | None = Field(
         None, description="The interference gate's report: self_claim, stolen per task, zero_shot_captured, limits."
     )
+    replicas: dict[str, int | str] | None = Field(
+        None, description="{replica: the generation it serves}: with wait=all every live replica, else this one."
+    )
 
     model_config = ConfigDict(
         json_schema_extra={

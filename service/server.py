@@ -15,7 +15,16 @@ GRACEFUL_SECONDS = 30
 
 
 def serve(config: ServeConfig) -> int:
-    """Serve until SIGINT/SIGTERM. Returns the process exit code."""
+    """Serve until SIGINT/SIGTERM. Returns the process exit code. `--engine ray`: replicas on Ray Serve."""
+    if config.engine == "ray":
+        try:
+            import ray.serve  # noqa: F401 - present?
+        except ImportError as e:
+            log.error("--engine ray needs Ray Serve: pip install 'clipbank[scale]' (%s)", e)
+            return 2
+        from .ray_engine import run
+
+        return run(config)
     failure: list[str] = []
     server: uvicorn.Server | None = None
 
@@ -35,6 +44,7 @@ def serve(config: ServeConfig) -> int:
             timeout_keep_alive=config.keep_alive_seconds,  # type: ignore[arg-type] - a float works
             http=guarded_protocol(config.head_timeout_seconds, config.max_connections),
             lifespan="on",
+            loop="asyncio",  # not uvloop, even where it is installed (Ray brings it): one loop, measured and tested
         )
     )
     server.run()

@@ -83,6 +83,7 @@ def classify_router(reader: TokenCheck | None, limits: Limits) -> APIRouter:
             decoded = time.perf_counter()
             item = ClassifyItem(images, tuple(options.labels) or None, options.task, options.route, options.top_k)
             results, info = await service.batcher.submit(item, admitted=True)
+        request.state.generation = info.generation  # X-Clipbank-Generation: the bank this batch ran on
         body = response(results, info, (decoded - started) * 1000, (time.perf_counter() - started) * 1000)
         # Encoded off the event loop: 64 images x 1000 labels is 64,000 entries (the schema above documents it).
         return Response(await run_in_threadpool(_json_bytes, body), media_type="application/json")

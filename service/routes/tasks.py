@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from model_store.errors import InvalidRequest, TaskNotFound
 from model_store.manifest import TASK_RE, shown
+from model_store.store_base import PutResult
 
 from ..auth import TokenCheck
 from ..decode import read_bundle_upload, read_json
+from ..errors import ReplicasLagging
 from ..schemas import ActivateRequest, Removed, TaskInfo, TaskList, TaskUploaded, UploadMode
 from ..tasks import task_info
 from . import ERRORS, service_of
@@ -64,23 +66,25 @@ def _upload_mode(mode: UploadMode | None, activate: bool | None) -> UploadMode:
     return "inactive" if activate is False else "active"
 
 
-def tasks_router(admin: TokenCheck) -> APIRouter:
-    router = APIRouter(tags=["tasks"], dependencies=[Depends(admin)], responses=ERRORS)
+WAIT_HELP = (
+    "all: answer once every live replica serves the new generation (504 replicas_lagging naming the others after "
+    "10 s; the version is stored either way); none: tell them and answer at once"
+)
 
-    @router.post("/tasks", status_code=201, response_model=TaskUploaded, openapi_extra=UPLOAD_BODY)
-    async def upload(
-        request: Request,
-        mode: Annotated[UploadMode | None, Query(description=MODE_HELP)] = None,
-        activate: bool | None = Query(None, description="the older spelling of mode: false is mode=inactive"),
-        force: bool = Query(False, description="override the interference gate (logged and counted; docs/safety.md)"),
-    ) -> dict:
-        """Upload a bundle: validated, stored, and (by default) swapped in as the task's active version."""
-        service = service_of(request)
-        registry = service.require_ready()
-        chosen = _upload_mode(mode, activate)  # before the body is read
-        data = await read_bundle_upload(request, service.config.limits)
-        result = await run_in_threadpool(registry.upload, data, chosen == "active", force, chosen == "shadow")
-        return vars(result)
+
+def _none_behind(result: PutResult, replicas: dict[str, Any]) -> None:
+    """504 naming each replica that did not answer, or answered from a generation before the upload's."""
+    behind = {r: g for r, g in replicas.items() if not isinstance(g, int) or g < result.generation}
+    if behind:
+        raise ReplicasLagging(
+            f"version {result.version} of {result.task} is stored (generation {result.generation}), but "
+            f"{len(behind)} of {len(replicas)} replicas did not serve it in time: {', '.join(sorted(behind))}",
+            {"generation": result.generation, "replicas": replicas},
+        )
+
+
+def _add_reading(router: APIRouter) -> None:
+    """GET /tasks and GET /tasks/{task}."""
 
     @router.get("/tasks", response_model=TaskList)
     async def list_tasks(request: Request) -> dict:
@@ -99,6 +103,30 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         entry = await run_in_threadpool(registry.task_entry, known_name(task))
         return task_info(registry.bank, task, entry)
 
+
+def tasks_router(admin: TokenCheck) -> APIRouter:
+    router = APIRouter(tags=["tasks"], dependencies=[Depends(admin)], responses=ERRORS)
+
+    @router.post("/tasks", status_code=201, response_model=TaskUploaded, openapi_extra=UPLOAD_BODY)
+    async def upload(
+        request: Request,
+        mode: Annotated[UploadMode | None, Query(description=MODE_HELP)] = None,
+        activate: bool | None = Query(None, description="the older spelling of mode: false is mode=inactive"),
+        force: bool = Query(False, description="override the interference gate (logged and counted; docs/safety.md)"),
+        wait: Literal["none", "all"] = Query("none", description=WAIT_HELP),
+    ) -> dict:
+        """Upload a bundle: validated, stored, and (by default) swapped in as the task's active version."""
+        service = service_of(request)
+        registry = service.require_ready()
+        chosen = _upload_mode(mode, activate)  # before the body is read
+        data = await read_bundle_upload(request, service.config.limits)
+        result = await run_in_threadpool(registry.upload, data, chosen == "active", force, chosen == "shadow")
+        replicas = await service.announce(result.generation, wait == "all")
+        _none_behind(result, replicas)
+        return {**vars(result), "replicas": replicas}
+
+    _add_reading(router)
+
     @router.post("/tasks/{task}/activate", response_model=TaskInfo, openapi_extra=ACTIVATE_BODY)
     async def activate(
         request: Request,
@@ -109,6 +137,7 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         registry = service_of(request).require_ready()
         body = await read_json(request, ActivateRequest)  # read after the token check, not before
         await run_in_threadpool(registry.activate, known_name(task), body.version, force)
+        await service_of(request).announce(registry.bank.generation, wait=False)
         entry = await run_in_threadpool(registry.task_entry, task)
         return task_info(registry.bank, task, entry)
 
@@ -121,6 +150,7 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         """Stop routing to a task. Its versions stay stored for rollback unless purged."""
         registry = service_of(request).require_ready()
         purged = await run_in_threadpool(registry.deactivate, known_name(task), purge)
+        await service_of(request).announce(registry.bank.generation, wait=False)
         return {"task": task, "purged_blobs": purged, "generation": registry.bank.generation}
 
     return router

@@ -1,0 +1,149 @@
+"""`clipbank serve --engine ray`: the same FastAPI app in every replica of a Ray Serve deployment (docs/scale-out.md).
+
+Nothing of the app is forked: `serve.ingress` gets a builder that calls `create_app` in each replica, so every
+replica holds its own batcher and bank snapshot and shares only the store. A replica reports ready once it has
+loaded the store's current bank. After a change, the replica that made it tells the others (`broadcast` of
+`sync`, best effort); every replica also polls the store, as any server does, as a safety net.
+
+    clipbank serve --engine ray --replicas 2 [--ray-address ADDR]
+    serve run service.ray_engine:build_app replicas=2     # settings from the CLIPBANK_* variables
+
+Ray is the `[scale]` extra, imported only here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+from fastapi.concurrency import run_in_threadpool
+
+from .app import create_app
+from .config import ServeConfig
+from .lifecycle import Service
+
+log = logging.getLogger("clipbank.service")
+APP_NAME = "clipbank"
+DEPLOYMENT = "clipbank"
+SHUTDOWN_SECONDS = 45  # the replicas' graceful 30 s, and Ray's own teardown
+LOCAL: dict[str, Service] = {}  # this replica's service, set by the builder in the replica's process
+
+
+def replica_id() -> str:
+    """The Ray Serve replica's id, or the process id outside Ray Serve."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return f"pid-{os.getpid()}"
+
+
+class RayPeers:
+    """Tells the other replicas of this deployment about a change: `broadcast("sync", generation)`."""
+
+    def __init__(self, app_name: str = APP_NAME, deployment: str = DEPLOYMENT) -> None:
+        self.app_name, self.deployment = app_name, deployment
+
+    async def announce(self, generation: int, timeout_s: float) -> dict[str, Any]:
+        """{replica id: the generation it serves, or why it did not answer} for every live replica."""
+        from ray import serve
+
+        handle = serve.get_deployment_handle(self.deployment, self.app_name)
+        answers = await handle.broadcast("sync", generation).results_async(timeout_s=timeout_s, return_exceptions=True)
+        out: dict[str, Any] = {}
+        for i, answer in enumerate(answers):
+            if isinstance(answer, dict):
+                out[answer["replica"]] = answer["generation"]
+            else:
+                out[f"replica-{i}"] = f"{type(answer).__name__}: {str(answer)[:120]}"
+        return out
+
+
+def _build(config: ServeConfig):
+    """Runs in each replica: the app, with a lifespan that reports ready only once the bank is loaded."""
+
+    def build():
+        from service import ray_engine  # the module itself: this function reaches the replica by value
+
+        app = create_app(config, wait_ready=True)
+        service: Service = app.state.service
+        service.peers = ray_engine.RayPeers()
+        service.replica = ray_engine.replica_id()
+        ray_engine.LOCAL["service"] = service
+        return app
+
+    return build
+
+
+class ClipbankReplica:
+    """The deployment's class: the app is its ingress; `sync` is what `RayPeers.announce` calls."""
+
+    async def sync(self, generation: int) -> dict[str, Any]:
+        from service import ray_engine
+
+        service = ray_engine.LOCAL["service"]
+        registry = service.require_ready()
+        if registry.bank.generation < generation:
+            await run_in_threadpool(registry.refresh)
+        return {"replica": service.replica, "generation": registry.bank.generation}
+
+
+def application(config: ServeConfig | None = None, replicas: int | None = None):
+    """The Ray Serve application: `serve.run(application(config))`."""
+    from ray import serve
+
+    config = config or ServeConfig.from_env()
+    deployment = serve.deployment(
+        serve.ingress(_build(config))(ClipbankReplica),
+        name=DEPLOYMENT,
+        num_replicas=replicas or config.replicas,
+        # Ray's default of 5 would cap every batch at 5 single-image requests: room for two full batches
+        max_ongoing_requests=2 * config.max_batch,
+        graceful_shutdown_timeout_s=30,
+        health_check_period_s=5,
+    )
+    return deployment.bind()
+
+
+def run(config: ServeConfig) -> int:
+    """`clipbank serve --engine ray`: connect to (or start) a Ray cluster, run the application on
+    config.host:config.port, and serve until SIGINT/SIGTERM."""
+    import ray
+    from ray import serve
+
+    local = not config.ray_address
+    # A cluster started here gets no dashboard (an open port with no auth of its own); one joined keeps its own.
+    ray.init(address=config.ray_address or None, log_to_driver=False, **({"include_dashboard": False} if local else {}))
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(application(config), name=APP_NAME, route_prefix="/")
+    log.info("clipbank on Ray Serve: %d replicas on http://%s:%d", config.replicas, config.host, config.port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("stopping: the replicas finish their requests (up to 30 s)")
+    closing = threading.Thread(target=_close, args=(local,), daemon=True)
+    closing.start()
+    closing.join(SHUTDOWN_SECONDS)
+    if closing.is_alive():
+        log.warning("Ray did not shut down within %ds; exiting anyway", SHUTDOWN_SECONDS)
+    return 0
+
+
+def _close(local: bool) -> None:
+    import ray
+    from ray import serve
+
+    serve.delete(APP_NAME)  # the replicas drain (graceful_shutdown_timeout_s)
+    if local:  # a cluster started here goes with it; a joined one keeps running
+        serve.shutdown()
+    ray.shutdown()
+
+
+def build_app(args: dict[str, str]):
+    """`serve run service.ray_engine:build_app [replicas=N]`: settings from the CLIPBANK_* variables."""
+    return application(ServeConfig.from_env(), int(args["replicas"]) if "replicas" in args else None)

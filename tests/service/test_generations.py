@@ -1,0 +1,58 @@
+"""Read your own writes: X-Clipbank-Generation on every answer, X-Min-Generation honoured or refused with a 503,
+and POST /tasks?wait=all on a single server (it answers for itself)."""
+
+from __future__ import annotations
+
+import pytest
+
+from model_store.bank import empty_bank
+from tests.helpers import random_bundle
+from tests.service.conftest import AUTH, running_app
+from tests.service.images import colour
+
+pytestmark = pytest.mark.anyio
+
+
+def classify_form() -> dict:
+    return {"files": [("images", ("x.png", colour("red")))], "data": {"labels": ["a", "b"]}}
+
+
+async def test_every_answer_names_its_generation_and_replica(tmp_path, backbone):
+    async with running_app(tmp_path, backbone) as client:
+        ready = await client.get("/readyz")
+        assert ready.headers["X-Clipbank-Generation"] == "0" and ready.headers["X-Clipbank-Replica"]
+        pushed = await client.post(
+            "/tasks", params={"wait": "all"}, files={"bundle": ("b", random_bundle(empty_bank(backbone), "a", 1))},
+            headers=AUTH,
+        )  # fmt: skip
+        assert pushed.status_code == 201 and pushed.headers["X-Clipbank-Generation"] == "1"
+        assert pushed.json()["replicas"] == {ready.headers["X-Clipbank-Replica"]: 1}
+        answer = await client.post("/classify", **classify_form())
+        assert answer.headers["X-Clipbank-Generation"] == str(answer.json()["timing"]["generation"]) == "1"
+        missing = await client.get("/tasks/nope", headers=AUTH)
+        assert missing.status_code == 404 and missing.headers["X-Clipbank-Generation"] == "1"
+
+
+async def test_min_generation_is_met_after_reading_the_store_or_refused(tmp_path, backbone):
+    """A second server writes the store; this one has not polled yet (poll_seconds is long): a request asking
+    for the new generation makes it read the store first."""
+    from model_store.store import open_store
+
+    async with running_app(tmp_path, backbone, poll_seconds=3600) as client:
+        put = open_store(tmp_path / "store").put(random_bundle(empty_bank(backbone), "a", seed=1))
+        caught_up = await client.post("/classify", headers={"X-Min-Generation": str(put.generation)}, **classify_form())
+        assert caught_up.status_code == 200 and caught_up.headers["X-Clipbank-Generation"] == str(put.generation)
+        ahead = await client.post("/classify", headers={"X-Min-Generation": "99"}, **classify_form())
+        assert ahead.status_code == 503 and ahead.headers["Retry-After"] == "1"
+        assert ahead.json()["error"]["code"] == "stale_replica"
+        assert ahead.json()["error"]["details"] == {"generation": put.generation, "wanted": 99}
+        for bad in ("-1", "soon", "9" * 40):
+            refused = await client.get("/readyz", headers={"X-Min-Generation": bad})
+            assert refused.status_code == 400 and "X-Min-Generation" in refused.json()["error"]["message"]
+
+
+async def test_wait_takes_only_all_or_none(tmp_path, backbone):
+    async with running_app(tmp_path, backbone) as client:
+        data = random_bundle(empty_bank(backbone), "a", seed=1)
+        bad = await client.post("/tasks", params={"wait": "some"}, files={"bundle": ("b", data)}, headers=AUTH)
+        assert bad.status_code == 422 and "wait" in bad.json()["error"]["message"]
