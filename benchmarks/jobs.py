@@ -26,3 +26,9 @@ class SoakJob:
     hostile: int | None = option(None, "hostile clients beside 4 normal ones; 0 skips that phase (default 4)")
     out: str = option("runs/bench-soak", "report.json, report.md, plots and the server log")
     quick: bool = option(False, "about a minute: a 30 s soak, 10 s hostile windows")
+
+
+@dataclass(frozen=True)
+class ScaleJob:
+    out: str = option("runs/bench-scale", "report.json and report.md go here")
+    quick: bool = option(False, "1 and 2 replicas, 8 s of load each, 10 swaps per mode (a few minutes)")

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.jobs import ServeBenchJob, SoakJob
+from benchmarks.jobs import ScaleJob, ServeBenchJob, SoakJob
 from model_store.settings import env_value
 from training.config import CLJob, RoutingJob
 
@@ -17,9 +17,11 @@ DEFAULT_BACKBONE = env_value("backbone") or "tiny"
 
 
 def bench(args: argparse.Namespace) -> int:
-    """`clipbank bench cl | serve | soak | routing`."""
+    """`clipbank bench cl | serve | soak | routing | scale`."""
     if args.bench_cmd == "soak":
         return _bench_soak(args)
+    if args.bench_cmd == "scale":
+        return _bench_scale(args)
     if args.bench_cmd == "routing":
         return _bench_routing(args)
     return _bench_cl(args) if args.bench_cmd == "cl" else _bench_serve(args)
@@ -172,11 +174,21 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_scale(args: argparse.Namespace) -> int:
+    from benchmarks.scale import ScaleBenchConfig, run_bench_scale, write_report
+
+    cfg = ScaleBenchConfig(replicas=(1, 2), seconds=8.0, swaps=10) if args.quick else ScaleBenchConfig()
+    command = "clipbank bench scale " + " ".join(sys.argv[3:])
+    print(write_report(Path(args.out), run_bench_scale(cfg), command))
+    return 0
+
+
 BENCHES = {
     "serve": (ServeBenchJob, "naive baseline vs clipbank zero-shot and auto, bank growth, ONNX Runtime, FLOP bound"),
     "cl": (CLJob, "continual-learning benchmark: accuracy matrix, Transfer/Avg/Last, baselines"),
     "soak": (SoakJob, "long run under swaps: statuses, p50/p99, RSS over time; then hostile clients"),
     "routing": (RoutingJob, "routing alone: 12 tasks in turn, look-alike pairs, near outside domains"),
+    "scale": (ScaleJob, "Ray Serve replicas: throughput per replica count, propagation, recovery (the [scale] extra)"),
 }
 
 

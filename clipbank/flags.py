@@ -43,12 +43,13 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, defaults_unset: boo
     for f in flag_fields(cls):
         kind, flag = _scalar(hints[f.name]), "--" + f.name.replace("_", "-")
         if kind is bool:
+            unset = {"default": None} if defaults_unset else {}
             if f.default:
                 parser.add_argument(
-                    "--no-" + flag[2:], dest=f.name, action="store_false", help="do not " + _help(f, None)
+                    "--no-" + flag[2:], dest=f.name, action="store_false", help="do not " + _help(f, None), **unset
                 )
             else:
-                parser.add_argument(flag, dest=f.name, action="store_true", help=_help(f, None))
+                parser.add_argument(flag, dest=f.name, action="store_true", help=_help(f, None), **unset)
             continue
         parser.add_argument(
             flag,

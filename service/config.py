@@ -79,6 +79,7 @@ class ServeConfig:
     )
     replicas: int = option(2, "replicas of the app with --engine ray")
     ray_address: str = option("", "Ray cluster to join with --engine ray, e.g. HEAD:6379 (default: start one here)")
+    broadcast: bool = option(True, "tell the other Ray Serve replicas of a change at once (else they poll for it)")
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -183,6 +184,12 @@ class ServeConfig:
 
 def _parse(name: str, raw: str, default: Any) -> Any:
     kind = type(default) if default is not None else str
+    if kind is bool:
+        if raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw[:40]!r} is not a valid bool (true or false)")
     try:
         return kind(raw)
     except ValueError:

@@ -71,7 +71,7 @@ def _build(config: ServeConfig):
 
         app = create_app(config, wait_ready=True)
         service: Service = app.state.service
-        service.peers = ray_engine.RayPeers()
+        service.peers = ray_engine.RayPeers() if config.broadcast else None
         service.replica = ray_engine.replica_id()
         ray_engine.LOCAL["service"] = service
         return app
@@ -89,7 +89,7 @@ class ClipbankReplica:
         registry = service.require_ready()
         if registry.bank.generation < generation:
             await run_in_threadpool(registry.refresh)
-        return {"replica": service.replica, "generation": registry.bank.generation}
+        return {"replica": service.replica, "generation": registry.bank.generation, "pid": os.getpid()}
 
 
 def application(config: ServeConfig | None = None, replicas: int | None = None):
