@@ -83,7 +83,7 @@ class Generations:
         service = self.service
 
         async def with_generation(message: Message) -> None:
-            if message["type"] == "http.response.start" and service.registry is not None:
+            if message["type"] == "http.response.start" and service.ready.is_set() and service.registry is not None:
                 answered = scope.get("state", {}).get("generation", service.registry.bank.generation)
                 headers = [*message.get("headers", []), (b"x-clipbank-generation", str(answered).encode())]
                 message = {**message, "headers": [*headers, (b"x-clipbank-replica", service.replica.encode())]}

@@ -56,3 +56,32 @@ async def test_wait_takes_only_all_or_none(tmp_path, backbone):
         data = random_bundle(empty_bank(backbone), "a", seed=1)
         bad = await client.post("/tasks", params={"wait": "some"}, files={"bundle": ("b", data)}, headers=AUTH)
         assert bad.status_code == 422 and "wait" in bad.json()["error"]["message"]
+
+
+async def test_no_generation_header_and_no_error_while_the_bank_is_still_loading():
+    """A registry exists before its bank does: /readyz then must answer 503, not fail on the header (as it once did
+    when a readiness probe came in at that moment)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from service.middleware import Generations
+
+    class Loading:
+        @property
+        def bank(self):
+            raise RuntimeError("registry.load() has not run")
+
+    service = SimpleNamespace(ready=asyncio.Event(), registry=Loading(), replica="r")
+    sent: list[dict] = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 503, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def send(message):
+        sent.append(message)
+
+    await Generations(app, service)({"type": "http", "headers": []}, None, send)
+    assert sent[0]["status"] == 503 and sent[0]["headers"] == []
+    refused = await Generations(app, service)._refusal(b"1")
+    assert refused.status_code == 503  # not ready: behind any generation asked for
