@@ -17,6 +17,7 @@ SCORE_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, float
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self.replica: str | None = None  # a label on every sample, set by service/ray_engine.py
         self.requests = Counter("clipbank_requests", "HTTP requests", ["endpoint", "method", "status"], registry=r)
         self.latency = Histogram(
             "clipbank_request_seconds",
@@ -115,7 +116,23 @@ class Metrics:
             self.swap_seconds.observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The text exposition. With `replica` set (Ray Serve), every sample carries `replica="<id>"`: behind Ray's
+        proxy a scrape reaches any one replica, and the label is what tells their series apart. A single process
+        leaves it out, as Prometheus' own `instance` label names the target."""
+        return generate_latest(self.registry if self.replica is None else _Labelled(self.registry, self.replica))
+
+
+class _Labelled:
+    """A collector that yields the registry's metrics with one more label on every sample."""
+
+    def __init__(self, registry: CollectorRegistry, replica: str) -> None:
+        self.registry, self.replica = registry, replica
+
+    def collect(self):
+        for metric in self.registry.collect():
+            samples = [s._replace(labels={**s.labels, "replica": self.replica}) for s in metric.samples]
+            metric.samples = samples
+            yield metric
 
 
 def bank_bytes(bank: BankSnapshot) -> int:

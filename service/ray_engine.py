@@ -72,7 +72,7 @@ def _build(config: ServeConfig):
         app = create_app(config, wait_ready=True)
         service: Service = app.state.service
         service.peers = ray_engine.RayPeers() if config.broadcast else None
-        service.replica = ray_engine.replica_id()
+        service.replica = service.metrics.replica = ray_engine.replica_id()
         ray_engine.LOCAL["service"] = service
         return app
 

@@ -102,6 +102,10 @@ def test_an_upload_reaches_every_replica_and_wait_all_says_so(cluster, backbone)
     seen = replicas_at(cluster, generation, deadline_s=2.0)
     assert len(seen) == REPLICAS, seen
     assert time.monotonic() - t0 < 30
+    scraped = cluster.get("/metrics")  # any one replica answers; its every sample names it
+    replica = scraped.headers["X-Clipbank-Replica"]
+    assert replica in seen
+    assert f'clipbank_bank_generation{{replica="{replica}"}} {float(generation)}' in scraped.text
 
 
 def test_min_generation_reads_your_writes_or_503(cluster):

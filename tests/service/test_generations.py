@@ -85,3 +85,18 @@ async def test_no_generation_header_and_no_error_while_the_bank_is_still_loading
     assert sent[0]["status"] == 503 and sent[0]["headers"] == []
     refused = await Generations(app, service)._refusal(b"1")
     assert refused.status_code == 503  # not ready: behind any generation asked for
+
+
+def test_metrics_carry_the_replica_label_only_when_one_is_set():
+    """Ray Serve replicas set it (a scrape through the proxy reaches any one of them); a single process does not."""
+    from service.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.generation.set(3)
+    metrics.routes.labels(task="cars").inc()
+    assert "clipbank_bank_generation 3.0" in metrics.render().decode()
+    metrics.replica = "r1"
+    text = metrics.render().decode()
+    assert 'clipbank_bank_generation{replica="r1"} 3.0' in text
+    assert 'clipbank_routes_total{replica="r1",task="cars"} 1.0' in text
+    assert "clipbank_bank_generation 3.0" not in text and 'clipbank_routes_total{task="cars"}' not in text
