@@ -50,6 +50,7 @@ class ServeBenchConfig:
     max_seconds: float = 30.0
     onnx: bool = True
     onnx_concurrency: tuple[int, ...] = (1, 16)
+    prefix: bool = True  # auto mode with experts in the top K blocks, K in L, L/2, L/4 (benchmarks/serve_prefix.py)
     server_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
 

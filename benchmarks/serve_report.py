@@ -13,6 +13,7 @@ GOALS = {
     "p99_auto_vs_baseline": ("<=", 1.5),
     "tasks100_vs_tasks1": (">=", 0.9),
     "memory_per_task_vs_bundle": ("<=", 1.2),
+    "auto_vs_zero_shot": (">=", 0.8),
 }
 PUSH_ROWS = {0, 1, 9, 10, 49, 50, 99}  # bank sizes whose upload is shown in report.md
 
@@ -80,6 +81,27 @@ def _paired_table(b: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     ]
 
 
+def _prefix_table(b: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    if not b.get("prefix"):
+        return []
+    layers = b["prefix"][0]["of_layers"]
+    lines = [
+        "",
+        f"Shared frozen prefix: one server per K (experts in the top K of {layers} blocks, "
+        f"{cfg['auto_tasks']} tasks), auto mode in alternating rounds beside zero-shot ({cfg['key_concurrency']} "
+        "clients, half-length levels, after a warm-up round):",
+        "",
+        "| round | mode | K | images/s | p50 ms | p99 ms |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['round']} | {r['mode']} | {r['expert_blocks'] or '-'} | {r['images_per_s']} | {r['p50_ms']} | "
+        f"{r['p99_ms']} |"
+        for r in b["prefix"]
+    ]
+    return lines + ["", ", ".join(f"{k} {v}" for k, v in b.get("prefix_ratios", {}).items())]
+
+
 def _memory_and_swaps(b: dict[str, Any]) -> list[str]:
     lines = ["", "| tasks | RSS MiB |", "| --- | --- |"]
     lines += [f"| {k} | {v / 2**20:.1f} |" for k, v in b["rss_bytes"].items()]
@@ -103,7 +125,8 @@ def format_report(report: dict[str, Any]) -> str:
     for b in report["backends"]:
         lines += ["", f"## {b['label']} (`{b['backbone']}`)", "", "FLOPs per pass (GFLOP): "]
         lines[-1] += ", ".join(f"{k} {v / 1e9:.3f}" for k, v in b["flops"].items())
-        lines += _load_table(b) + _paired_table(b, report["config"]) + _memory_and_swaps(b)
+        cfg = report["config"]
+        lines += _load_table(b) + _paired_table(b, cfg) + _prefix_table(b, cfg) + _memory_and_swaps(b)
     return "\n".join(lines) + "\n"
 
 

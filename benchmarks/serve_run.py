@@ -16,13 +16,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from model_store.backbone import load_backbone
+from model_store.backbone import Backbone, load_backbone
 from model_store.bank import build_bank, empty_bank
 from model_store.bundle import read_bundle, tensor_bytes
+from training.trainer import default_expert_blocks, with_expert_blocks
 
 from .profile import gemm_rate, pass_flops
 from .samples import domain_pngs
 from .serve import Backend, ServeBenchConfig, bench_backend, find_row
+from .serve_prefix import prefix_ratios, prefix_rows
 from .serve_report import format_report, plot
 from .shadow_cost import shadow_ratio
 from .synthetic import synthetic_bundle
@@ -44,10 +46,13 @@ def random_checkpoint(arch: str, path: Path, seed: int = 0) -> str:
     return f"{arch}:file:{path}"
 
 
-def prepare_backend(label: str, ref: str, n_tasks: int) -> Backend:
-    """Load the backbone here, build `n_tasks` synthetic bundles one on top of the other, count FLOPs."""
-    bb = load_backbone(ref, "cpu")
-    bank, bundles, sizes, names, parsed = empty_bank(bb), [], [], [], []
+def prepare_backend(
+    label: str, ref: str, n_tasks: int, expert_blocks: int | None = None, bb: Backbone | None = None
+) -> Backend:
+    """Load the backbone here (unless given), build `n_tasks` synthetic bundles one on top of the other (experts
+    in the top `expert_blocks` blocks; None: the training default), count FLOPs."""
+    bb = bb or load_backbone(ref, "cpu")
+    bank, bundles, sizes, names, parsed = with_expert_blocks(empty_bank(bb), expert_blocks), [], [], [], []
     for k in tqdm(range(n_tasks), desc=f"{label}: synthetic bundles", file=sys.stderr):
         name = f"task-{k:03d}"
         data = synthetic_bundle(bank, name, seed=k)
@@ -129,8 +134,14 @@ def run_bench_serve(
         for label, ref in backbones:
             if ref is None:
                 ref = random_checkpoint(VIT_B, Path(tmp) / "vit-b-32-random.safetensors")
-            backend = prepare_backend(label, ref, max(max(cfg.growth), cfg.auto_tasks) + 1)  # +1: in shadow
+            bb = load_backbone(ref, "cpu")
+            backend = prepare_backend(label, ref, max(max(cfg.growth), cfg.auto_tasks) + 1, bb=bb)  # +1: shadow
             result = bench_backend(backend, cfg)
+            if cfg.prefix:
+                result["prefix"] = prefix_rows(label, ref, bb, cfg)
+                found = prefix_ratios(result["prefix"])
+                main = default_expert_blocks(bb) or bb.towers["visual"].layers
+                result["prefix_ratios"] = {**found, "auto_vs_zero_shot": found.get(f"auto_vs_zero_shot_k{main}")}
             add_derived(result, cfg, gemm)
             result["backbone"] = label if "file:" in backend.backbone else backend.backbone
             backends.append(result)
@@ -143,8 +154,8 @@ def run_bench_serve(
         "gemm_gflops": round(gemm / 1e9, 1),
         "key": key["label"],
         "config": {k: v for k, v in vars(cfg).items() if k not in ("images", "env")},
-        "ratios": ratios(key, cfg),
-        "ratios_by_backbone": {b["label"]: ratios(b, cfg) for b in backends},
+        "ratios": {**ratios(key, cfg), **key.get("prefix_ratios", {})},
+        "ratios_by_backbone": {b["label"]: {**ratios(b, cfg), **b.get("prefix_ratios", {})} for b in backends},
         "backends": backends,
         "seconds": round(time.time() - t0, 1),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -140,6 +141,7 @@ def _bench_cl(args: argparse.Namespace) -> int:
     if outside is not None and (args.test_limit or quick.get("test_limit")):
         outside = outside.subset(range(min(len(outside), args.test_limit or quick["test_limit"])))
     backbone = load_backbone(args.backbone or DEFAULT_BACKBONE, args.device)
+    cfg = dataclasses.replace(cfg, expert_blocks_sweep=_expert_sweep(args.expert_blocks, backbone))
     report = run_continual(backbone, seq, cfg, outside, args.outside or "none")
     if args.routing:
         report["routing"] = {**report.get("routing", {}), **_long_routing(backbone)}
@@ -149,6 +151,20 @@ def _bench_cl(args: argparse.Namespace) -> int:
         print("wrote " + ", ".join(str(p) for p in paths))
     print(format_markdown(report, command))
     return 0
+
+
+def _expert_sweep(given: str | None, backbone) -> tuple[int, ...]:
+    """--expert-blocks: the K values to train beside the default's; by default L/2 and L/4 of the image tower."""
+    from training.trainer import default_expert_blocks
+
+    if given is not None:
+        values = [k.strip() for k in given.split(",") if k.strip()]
+        if not all(k.isdigit() for k in values):
+            raise ValueError(f"--expert-blocks takes comma-separated block counts (0: every block), got {given!r}")
+        return tuple(int(k) for k in values)
+    layers = backbone.towers["visual"].layers
+    main = default_expert_blocks(backbone) or layers
+    return tuple(k for k in dict.fromkeys((layers, max(1, layers // 2), max(1, layers // 4))) if k != main)
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
@@ -163,6 +179,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
         requests=args.requests or (100 if quick else 400),
         max_seconds=args.max_seconds or (10.0 if quick else 30.0),
         onnx=args.onnx,
+        prefix=args.prefix,
     )
     backbones: list[tuple[str, str | None]] = [("tiny", "tiny")]
     if not quick and not args.tiny_only:

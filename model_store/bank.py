@@ -67,6 +67,14 @@ class BankSnapshot:
                 return i
         raise TaskNotFound(f"task {shown(name)} is not active; active tasks: {', '.join(self.task_names) or 'none'}")
 
+    @property
+    def prefix_block(self) -> int:
+        """The image tower's first block with experts when it is above 0 and a task is active: the frozen pass
+        keeps the tokens entering it and a routed image's adapted pass starts there. 0: no shared prefix."""
+        if not self.tasks or not self.config.expert_blocks:
+            return 0
+        return self.config.first_block(self.backbone.towers["visual"].layers)
+
     def routing(self, task_index: torch.Tensor, training: bool = False) -> Routing:
         """A per-call routing over this bank for the given per-sample task indices (-1: no adapter)."""
         return Routing(

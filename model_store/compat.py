@@ -39,7 +39,8 @@ def refuse_other_backbone(data: bytes, backbone: Backbone) -> None:
 
 
 def check_config(bundle: Bundle, config: MoEConfig) -> None:
-    """BundleInvalid unless the bundle's routers were trained for the bank's top-k and expert scale."""
+    """BundleInvalid unless the bundle's routers were trained for the bank's top-k and expert scale, and its
+    experts sit in the same top blocks as the bank's (a bundle made before `expert_blocks` has them in all)."""
     routing = bundle.manifest.routing
     scale = config.scale if routing.scale is None else routing.scale
     if (routing.top_k, scale) != (config.top_k, config.scale):
@@ -47,6 +48,17 @@ def check_config(bundle: Bundle, config: MoEConfig) -> None:
             f"task {bundle.task!r} was trained with top_k={routing.top_k}, scale={routing.scale}; this "
             f"bank computes top_k={config.top_k}, scale={config.scale}"
         )
+    blocks = bundle.manifest.moe.expert_blocks if bundle.manifest.moe is not None else 0
+    if blocks != config.expert_blocks:
+        raise BundleInvalid(
+            f"task {bundle.task!r} has experts in {_blocks_text(blocks)}; this bank's tasks have them in "
+            f"{_blocks_text(config.expert_blocks)}. A bank cannot mix the two: train it again with "
+            f"--expert-blocks {config.expert_blocks}"
+        )
+
+
+def _blocks_text(k: int) -> str:
+    return "every block" if k == 0 else f"the top {k} blocks"
 
 
 def _shape_problems(bundle: Bundle, backbone: Backbone) -> list[str]:

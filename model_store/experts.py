@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +24,15 @@ class MoEConfig:
     top_k: int = 2
     dropout: float = 0.1
     noise_eps: float = 0.01
+    # K: experts only in the top K residual blocks of each tower (0: every block). The blocks below are plain
+    # frozen CLIP, so a routed image's adapted pass starts from the frozen pass's tokens at block L - K
+    # (docs/method.md, Shared frozen prefix). Every task of a bank has the same K.
+    expert_blocks: int = 0
 
     def __post_init__(self) -> None:
         problems = []
+        if self.expert_blocks < 0:
+            problems.append(f"expert_blocks must be >= 0 (0: every block), got {self.expert_blocks}")
         if self.rank < 1:
             problems.append(f"rank must be >= 1, got {self.rank}")
         if self.top_k < 1:
@@ -35,6 +41,18 @@ class MoEConfig:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         if problems:
             raise ValueError("invalid MoEConfig: " + "; ".join(problems))
+
+    def first_block(self, layers: int) -> int:
+        """The lowest block of a `layers`-block tower that holds experts."""
+        return 0 if self.expert_blocks == 0 else max(0, layers - self.expert_blocks)
+
+    def to_json(self) -> dict[str, float]:
+        """The manifest's `moe`; `expert_blocks` only when set, so bundles with experts in every block read
+        exactly as before in older releases."""
+        out = asdict(self)
+        if not self.expert_blocks:
+            del out["expert_blocks"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -109,6 +127,10 @@ class Routing:
     config: MoEConfig = MoEConfig()
     training: bool = False
     counts: ActivationCounts | None = None
+
+    def covers(self, tower: str, block: int) -> bool:
+        """Whether the block has any expert (none below the top `expert_blocks`): else it runs plain."""
+        return bool(self.experts[tower][block])
 
     def branch(self, tower: str, block: int, h: torch.Tensor) -> torch.Tensor:
         """The MoE branch output for the post-attention stream `h` [B, L, d] of one block."""

@@ -13,7 +13,7 @@ import torch
 from .bank import BankSnapshot
 from .errors import InvalidRequest
 from .modes import AUTO, PER_IMAGE, PER_REQUEST, ROUTE_MODES, ZERO_SHOT
-from .moe_clip import encode_image, encode_text
+from .moe_clip import encode_image, encode_image_from, encode_text, image_tokens
 from .selector import score
 
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.",)
@@ -308,6 +308,11 @@ class ImagePasses:
         bb = bank.backbone
         self.images = torch.cat([items[k].images for k in live]).to(bb.device) if live else None
         self.feats = torch.empty(0, bb.embed_dim)
+        # shared frozen prefix: the frozen pass keeps each image's tokens entering the first block with experts,
+        # and the adapted pass starts there (PyTorch runs the frozen image pass then, whatever the runtime)
+        self.prefix = bank.prefix_block
+        self._token_parts: list[torch.Tensor] = []
+        self._tokens: torch.Tensor | None = None
         self._frozen: list[torch.Tensor] = []
         self._routed: torch.Tensor | None = None  # known once the frozen pass is complete
         self.frozen: torch.Tensor | None = None  # then: every image's frozen embedding, and the selector scores
@@ -325,14 +330,24 @@ class ImagePasses:
         bb = self.bank.backbone
         if self._routed is None:
             part = self.images[self._done : self._done + max(1, n)]
-            self._frozen.append(bb.frozen.image(part))
+            if self.prefix:
+                with torch.inference_mode():
+                    self._token_parts.append(image_tokens(bb.model, part, self.prefix))
+                    self._frozen.append(encode_image_from(bb.model, self._token_parts[-1], self.prefix))
+            else:
+                self._frozen.append(bb.frozen.image(part))
             self._done += len(part)
             if self._done == len(self.images):
                 self._route(torch.cat(self._frozen))
             return self.done
         idx = self._routed[self._done : self._done + max(1, n)]
+        routing = self.bank.routing(self.tasks[idx.cpu()])
         with torch.inference_mode():
-            self.feats[idx] = encode_image(bb.model, self.images[idx], self.bank.routing(self.tasks[idx.cpu()]))
+            if self._tokens is not None:
+                tokens = self._tokens[self._done : self._done + len(idx)]
+                self.feats[idx] = encode_image_from(bb.model, tokens, self.prefix, routing)
+            else:
+                self.feats[idx] = encode_image(bb.model, self.images[idx], routing)
         self._done += len(idx)
         return self.done
 
@@ -345,6 +360,9 @@ class ImagePasses:
                 self.out[k] = e
         self.feats, self.frozen, self.all_scores = frozen.clone(), frozen, all_scores
         self._routed = (self.tasks >= 0).nonzero(as_tuple=True)[0].to(self.bank.backbone.device)
+        if self.prefix and len(self._routed):  # the routed images' tokens; none kept when no image is routed
+            self._tokens = torch.cat(self._token_parts)[self._routed]
+        self._token_parts = []
         self._done = 0
 
     def plan(self) -> BatchPlan:

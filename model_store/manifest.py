@@ -31,6 +31,8 @@ MAX_SHORT_CHARS = 256  # backbone names, created_at, selector kind
 MAX_VERSION = 2**31 - 1
 MAX_TOP_K = 64
 MAX_RANK = 4096
+MAX_BLOCKS = 1024  # moe.expert_blocks
+OPTIONAL_MOE = ("expert_blocks",)  # moe keys older bundles lack
 # A threshold is an error level the task's own held-out images reach: far above the worst of them, it would
 # claim everything (a threshold of 1e30 claims every image of every task).
 THRESHOLD_OVER_MAX = 4.0
@@ -207,10 +209,13 @@ def _moe_problems(manifest: dict) -> list[str]:
     if moe is None:
         return []
     names = {f.name for f in fields(MoEConfig)}
-    if not isinstance(moe, dict) or set(moe) != names or not all(_is_number(v) for v in moe.values()):
-        return [f"moe must hold {', '.join(sorted(names))} (finite numbers)"]
+    required = names - set(OPTIONAL_MOE)
+    if not isinstance(moe, dict) or not required <= set(moe) <= names or not all(_is_number(v) for v in moe.values()):
+        return [f"moe must hold {', '.join(sorted(required))} and may hold {', '.join(OPTIONAL_MOE)} (finite numbers)"]
     if not (_is_int(moe["rank"], 1, MAX_RANK) and _is_int(moe["top_k"], 1, MAX_TOP_K)):
         return [f"moe.rank must be an integer in 1..{MAX_RANK} and moe.top_k in 1..{MAX_TOP_K}"]
+    if not _is_int(moe.get("expert_blocks", 0), 0, MAX_BLOCKS):
+        return [f"moe.expert_blocks must be an integer in 0..{MAX_BLOCKS}"]
     try:
         config = MoEConfig(**moe)
     except (TypeError, ValueError) as e:
@@ -221,7 +226,25 @@ def _moe_problems(manifest: dict) -> list[str]:
         config.scale,
     ):
         return ["moe.top_k and moe.scale must equal routing.top_k and routing.scale"]
-    return []
+    return _expert_block_problems(config, routing)
+
+
+def _expert_block_problems(config: MoEConfig, routing: Any) -> list[str]:
+    """Below the top `expert_blocks` blocks of a tower, the routing table lists no expert."""
+    if not config.expert_blocks or not isinstance(routing, dict):
+        return []
+    problems = []
+    for tower in TOWERS:
+        blocks = routing.get(tower)
+        if not isinstance(blocks, list):
+            continue
+        below = [i for i in range(config.first_block(len(blocks))) if blocks[i]]
+        if below:
+            problems.append(
+                f"routing.{tower} lists experts in blocks {below}, below the top {config.expert_blocks} that "
+                "moe.expert_blocks allows"
+            )
+    return problems
 
 
 def manifest_problems(manifest: Any) -> list[str]:
@@ -344,5 +367,5 @@ class Manifest:
             "training": dict(self.training),
         }
         if self.moe is not None:
-            out["moe"] = asdict(self.moe)
+            out["moe"] = self.moe.to_json()
         return out

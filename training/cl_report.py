@@ -27,6 +27,21 @@ def format_markdown(report: dict[str, Any], command: str | None = None) -> str:
     ]
     for m, r in report["methods"].items():
         lines.append(f"| `{m}` | {r['transfer']:.1f} | {r['avg']:.1f} | {r['last']:.1f} | {r['forgetting']:.1f} |")
+    sweep = report.get("expert_blocks") or []
+    if len(sweep) > 1:
+        lines += [
+            "",
+            "Experts in the top K blocks of each tower (a routed image shares the frozen pass below them; the first "
+            "row is the default bank):",
+            "",
+            "| K | moe-oracle Last | moe-ddas Last | moe-ddas Transfer | training seconds |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in sweep:
+            lines.append(
+                f"| {r['expert_blocks']} of {r['of_layers']} | {r['oracle_last']:.1f} | {r['ddas_last']:.1f} | "
+                f"{r['ddas_transfer']:.1f} | {r['train_seconds']} |"
+            )
     routing = report.get("routing") or {}
     if routing:
         lines += ["", f"Routing (moe-ddas, per image): task_accuracy {routing['task_accuracy']:.3f}"]

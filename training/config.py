@@ -21,6 +21,11 @@ class TrainJob:
     batch_size: int = option(64, "images per step")
     lr: float | None = option(None, "peak learning rate (default: 1e-2 for narrow backbones such as tiny, else 1e-3)")
     new_experts: int = option(2, "new experts per block and tower")
+    expert_blocks: int | None = option(
+        None,
+        "experts only in the top K blocks of each tower (0: all); a routed image then shares the frozen pass "
+        "below them. Default: the bank's, or for its first task the measured default (docs/method.md)",
+    )
     seed: int = option(0, "random seed")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     selector: str = option(
@@ -62,6 +67,11 @@ class CLJob:
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     seed: int = option(0, "random seed")
     out: str | None = option(None, "write report.json, report.md and PNG plots here")
+    expert_blocks: str | None = option(
+        None,
+        "more K values (experts in the top K blocks of each tower) for the MoE bank, each trained and reported "
+        "beside the default's, e.g. '2,1'; default: L/2 and L/4 (those that are not the default); '' for none",
+    )
     routing: bool = option(
         True, "run the long routing sequence (12 tasks, near outside domains, every selector kind; ~1 min on tiny)"
     )

@@ -54,6 +54,9 @@ class CLConfig:
     finetune_lr: float | None = None  # None: a tenth of the adapters' default (1e-3 tiny, 1e-4 wide)
     eval_batch: int = 32  # images per batch for the per-batch routing
     seed: int = 0
+    expert_blocks: int | None = None  # K of the MoE methods' bank (None: the trainer's default)
+    # more values of K, each training a bank of its own, reported as moe-ddas-k{K} and moe-oracle-k{K}
+    expert_blocks_sweep: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -62,6 +65,8 @@ class CLConfig:
             problems.append(f"steps must be >= 1, got {self.steps}")
         if not 0 <= self.warm_fraction < 1:
             problems.append(f"warm_fraction must be in [0, 1), got {self.warm_fraction}")
+        if any(k < 0 for k in (*self.expert_blocks_sweep, self.expert_blocks or 0)):
+            problems.append("expert_blocks must be >= 0 (0: every block)")
         if problems:
             raise ValueError("invalid CLConfig: " + "; ".join(problems))
 
@@ -104,6 +109,7 @@ def offline_sequence(
 
 
 def _train_cfg(cfg: CLConfig, domain: SequenceStep, t: int, **kw: Any) -> TrainConfig:
+    kw.setdefault("expert_blocks", cfg.expert_blocks)
     return TrainConfig(task=domain.name, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed + t, **kw)
 
 
@@ -131,10 +137,13 @@ def _moe_rows(
         rows.setdefault(prefix, []).append(acc)
         if t == len(seq) - 1:
             run.routes.setdefault(prefix, {})[d.name] = routes
-        if prefix != "moe-ddas":
+        if not prefix.startswith("moe-ddas") or prefix == "moe-ddas-warm":
             continue
         oracle = d.name if i <= t else ZERO_SHOT
-        rows.setdefault("moe-oracle", []).append(accuracy_and_routes(bank, d.test, oracle, cache)[0])
+        oracle_acc = accuracy_and_routes(bank, d.test, oracle, cache)[0]
+        rows.setdefault(prefix.replace("ddas", "oracle"), []).append(oracle_acc)
+        if prefix != "moe-ddas":
+            continue
         acc_b, routes_b = accuracy_and_routes(bank, d.test, AUTO, cache, cfg.eval_batch, "per-request")
         rows.setdefault(BATCH_ROUTED, []).append(acc_b)
         if t == len(seq) - 1:
@@ -149,22 +158,31 @@ def _moe_rows(
 
 
 def _run_moe(
-    bb: Backbone, seq: Sequence[SequenceStep], cfg: CLConfig, run: _Run, warm: bool, progress: bool
+    bb: Backbone,
+    seq: Sequence[SequenceStep],
+    cfg: CLConfig,
+    run: _Run,
+    warm: bool,
+    progress: bool,
+    expert_blocks: int | None = None,
 ) -> dict[str, BankSnapshot]:
-    """Train the tasks one on top of the other; after each, fill the MoE rows. Returns the final banks."""
-    prefix = "moe-ddas-warm" if warm else "moe-ddas"
+    """Train the tasks one on top of the other; after each, fill the MoE rows. Returns the final banks.
+    `expert_blocks`: a K of the sweep (rows moe-ddas-k{K} and moe-oracle-k{K}) instead of the main bank."""
+    prefix = "moe-ddas-warm" if warm else "moe-ddas" if expert_blocks is None else f"moe-ddas-k{expert_blocks}"
     bank, bundles, gauss = empty_bank(bb), [], {}
     reference = find_reference(bb)
     start = time.perf_counter()
     for t, d in enumerate(tqdm(seq, desc=prefix, unit="task", disable=not progress)):
-        extra = {"warm_start_steps": int(cfg.steps * cfg.warm_fraction)} if warm else {}
+        extra: dict[str, Any] = {"warm_start_steps": int(cfg.steps * cfg.warm_fraction)} if warm else {}
+        if expert_blocks is not None:
+            extra["expert_blocks"] = expert_blocks
         tcfg = _train_cfg(cfg, d, t, **extra)
         result = train_task(bank, d.train, tcfg, d.val, progress=progress, reference=reference)
         run.val.setdefault(prefix, {})[d.name] = result.report["val_accuracy"]
         bundles.append(read_bundle(result.bundle))
         bank = build_bank(bb, bundles, previous=bank)
         gbank = None
-        if not warm and "moe-gauss" in cfg.methods:
+        if prefix == "moe-ddas" and "moe-gauss" in cfg.methods:
             gcfg = SelectorConfig(kind="gaussian")
             gauss[d.name] = fit_selector(frozen_features(bb, d.train), frozen_features(bb, d.val), gcfg)
             gbank = _gaussian_bank(bank, gauss)
@@ -283,10 +301,13 @@ def run_continual(
             _route_outside(banks, run, outside, outside_name, cfg)
     if "moe-ddas-warm" in cfg.methods:
         _run_moe(backbone, seq, cfg, run, warm=True, progress=progress)
+    for k in cfg.expert_blocks_sweep:
+        _run_moe(backbone, seq, cfg, run, warm=False, progress=progress, expert_blocks=k)
     for method in ("adapter", "finetune"):
         if method in cfg.methods:
             _run_sequential(backbone, seq, cfg, run, method, progress)
     keep = [*cfg.methods, BATCH_ROUTED] if "moe-ddas" in cfg.methods else list(cfg.methods)
+    keep += [f"moe-{kind}-k{k}" for k in cfg.expert_blocks_sweep for kind in ("oracle", "ddas")]
     methods = {m: {"matrix": run.matrices[m], **cl_metrics(run.matrices[m])} for m in keep if m in run.matrices}
     routing = _routing_summary(run, seq_out, outside_name if outside is not None else None)
     report = {
@@ -299,10 +320,37 @@ def run_continual(
         "methods": methods,
         "routing": routing.get("moe-ddas", {}),
         "routing_by_method": routing,
+        "expert_blocks": _expert_block_rows(run, methods, cfg, backbone),
         "val_accuracy": run.val,
         "seconds": {**run.seconds, "total": round(time.perf_counter() - start, 1)},
     }
     return report
+
+
+def _expert_block_rows(run: _Run, methods: dict[str, Any], cfg: CLConfig, backbone: Backbone) -> list[dict[str, Any]]:
+    """Per K of the MoE banks trained (the main one first): Last and Transfer of oracle and routed, and training
+    seconds. Routing is the same for every K: the selectors see only the frozen pass."""
+    from .trainer import default_expert_blocks
+
+    main = cfg.expert_blocks if cfg.expert_blocks is not None else default_expert_blocks(backbone)
+    layers = backbone.towers["visual"].layers
+    rows = []
+    for k, suffix in ((main, ""), *((k, f"-k{k}") for k in cfg.expert_blocks_sweep)):
+        oracle, ddas = methods.get(f"moe-oracle{suffix}"), methods.get(f"moe-ddas{suffix}")
+        if oracle is None or ddas is None:
+            continue
+        blocks = layers if k == 0 or k >= layers else k
+        rows.append(
+            {
+                "expert_blocks": blocks,
+                "of_layers": layers,
+                "oracle_last": oracle["last"],
+                "ddas_last": ddas["last"],
+                "ddas_transfer": ddas["transfer"],
+                "train_seconds": run.seconds.get(f"moe-ddas{suffix}"),
+            }
+        )
+    return rows
 
 
 def _route_outside(

@@ -26,6 +26,7 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         batch_size=job.batch_size,
         lr=job.lr,
         new_experts=job.new_experts,
+        expert_blocks=job.expert_blocks,
         seed=job.seed,
         selector=SelectorConfig(kind=job.selector),
     )

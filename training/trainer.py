@@ -26,6 +26,9 @@ from .data import LabelledImages
 from .routing import negatives_for, probes_of, routing_check
 
 log = logging.getLogger(__name__)
+# The share of each tower's top blocks that a bank's first task puts experts in, unless told (TrainConfig
+# .expert_blocks). 1.0: every block. Chosen by measurement (docs/method.md, Shared frozen prefix).
+DEFAULT_EXPERT_SHARE = 1.0
 
 
 @dataclass(frozen=True)
@@ -45,11 +48,16 @@ class TrainConfig:
     val_fraction: float = 0.2  # held out of the training set when no validation set is given
     seed: int = 0
     rank: int = 64  # of the new experts; top-k, scale, dropout and noise are the bank's MoEConfig
+    # K: new experts only in the top K blocks of each tower (0: every block); None: the bank's, or for a bank's
+    # first task default_expert_blocks. Every task of a bank has the same K.
+    expert_blocks: int | None = None
     selector: SelectorConfig = field(default_factory=SelectorConfig)
 
     def __post_init__(self) -> None:
         validate_task_name(self.task)
         problems = []
+        if self.expert_blocks is not None and self.expert_blocks < 0:
+            problems.append(f"expert_blocks must be >= 0 (0: every block), got {self.expert_blocks}")
         for name in ("steps", "batch_size", "new_experts", "rank"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -79,6 +87,9 @@ class _StreamProbe:
     def __init__(self) -> None:
         self.means: dict[tuple[str, int], torch.Tensor] = {}
 
+    def covers(self, tower: str, block: int) -> bool:
+        return True
+
     def branch(self, tower: str, block: int, h: torch.Tensor) -> torch.Tensor:
         self.means[(tower, block)] = h[:, 0].mean(0)
         return torch.zeros_like(h)
@@ -96,11 +107,13 @@ class _TaskParams(torch.nn.Module):
         for tower in TOWERS:
             spec = bank.backbone.towers[tower]
             self.new[tower] = []
+            first = bank.config.first_block(spec.layers)  # below it, no experts (the shared frozen prefix)
             for i in range(spec.layers):
-                experts = [new_expert(spec.width, cfg.rank, generator) for _ in range(cfg.new_experts)]
+                count = cfg.new_experts if i >= first else 0
+                experts = [new_expert(spec.width, cfg.rank, generator) for _ in range(count)]
                 self.new[tower].append(experts)
                 params += [p for e in experts for p in e.parts().values()]
-                n = len(bank.experts[tower][i]) + cfg.new_experts
+                n = len(bank.experts[tower][i]) + count
                 self.router[f"{tower}_{i}"] = torch.nn.Parameter(torch.zeros(n, spec.width))
                 self.noise[f"{tower}_{i}"] = torch.nn.Parameter(torch.zeros(n, spec.width))
         self.expert_params = torch.nn.ParameterList(params)
@@ -118,8 +131,9 @@ class _TaskParams(torch.nn.Module):
             encode_image(bb.model, x, probe)
             encode_text(bb.model, bb.tokenizer([cfg.template.format(c) for c in data.classes]).to(bb.device), probe)
             for (tower, block), m in probe.means.items():
-                w = self.router[f"{tower}_{block}"]
-                w[-cfg.new_experts :] = cfg.new_first * m / m.dot(m).clamp_min(1e-6)
+                w, count = self.router[f"{tower}_{block}"], len(self.new[tower][block])
+                if count:
+                    w[-count:] = cfg.new_first * m / m.dot(m).clamp_min(1e-6)
 
     def routing(
         self, bank: BankSnapshot, n: int, training: bool, stage1: bool = False, counts: ActivationCounts | None = None
@@ -290,7 +304,7 @@ def pack_task(
         "selector": selector_manifest(selector, cfg.selector),
         "training": report,
         "parent": parent,
-        "moe": asdict(replace(bank.config, rank=cfg.rank)),
+        "moe": replace(bank.config, rank=cfg.rank).to_json(),
     }
     return pack_bundle(manifest, experts, routers, selector.tensors(), probes)
 
@@ -310,6 +324,33 @@ def _selector_with_routing(
     return selector, routing, probes_of(val_feats, MAX_PROBES, cfg.seed)
 
 
+def default_expert_blocks(backbone: Backbone) -> int:
+    """K for a bank's first task when none is asked for: the top DEFAULT_EXPERT_SHARE of the deepest tower's
+    blocks, or 0 (every block) when that is all of them."""
+    layers = max(t.layers for t in backbone.towers.values())
+    k = math.ceil(DEFAULT_EXPERT_SHARE * layers)
+    return 0 if k >= layers else k
+
+
+def with_expert_blocks(bank: BankSnapshot, blocks: int | None) -> BankSnapshot:
+    """The bank a new task trains on: a bank with tasks keeps its K (asking for another is an error: the server
+    would refuse the bundle); an empty bank takes `blocks`, or the default. K covering every block is 0."""
+    if bank.tasks:
+        if blocks is not None and _normal_blocks(bank.backbone, blocks) != bank.config.expert_blocks:
+            have = bank.config.expert_blocks
+            raise ValueError(
+                f"expert_blocks={blocks}, but this bank's tasks have experts in "
+                f"{'every block' if have == 0 else f'the top {have} blocks'}: a bank cannot mix them"
+            )
+        return bank
+    k = default_expert_blocks(bank.backbone) if blocks is None else _normal_blocks(bank.backbone, blocks)
+    return replace(bank, config=replace(bank.config, expert_blocks=k))
+
+
+def _normal_blocks(backbone: Backbone, blocks: int) -> int:
+    return 0 if blocks >= max(t.layers for t in backbone.towers.values()) else blocks
+
+
 def train_task(
     bank: BankSnapshot,
     train: LabelledImages,
@@ -326,6 +367,7 @@ def train_task(
     probes what is *not* the task; the report's `routing` says what routing will do, with warnings."""
     if len(train.classes) < 2:
         raise ValueError(f"a task needs at least 2 classes, got {list(train.classes)}")
+    bank = with_expert_blocks(bank, cfg.expert_blocks)
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     fit = train
@@ -367,7 +409,7 @@ def train_task(
             **report,
             "selector": selector_manifest(selector, cfg.selector),
             "bundle_bytes": len(data),
-            "experts_added": cfg.new_experts * sum(len(blocks) for blocks in params.new.values()),
+            "experts_added": sum(len(new) for blocks in params.new.values() for new in blocks),
         },
     )
 

@@ -8,7 +8,9 @@ import pytest
 
 from benchmarks.serve import ServeBenchConfig
 from benchmarks.serve_run import default_images, run_bench_serve
+from model_store.backbone import load_backbone
 from tests.e2e.conftest import ONNX_CACHE
+from training.trainer import default_expert_blocks
 
 pytestmark = pytest.mark.slow
 
@@ -69,3 +71,11 @@ def test_bench_serve_writes_a_complete_report(tmp_path):
     assert "auto_vs_baseline" in md and "| baseline |" in md
     assert {p for p in report["plots"]} == {"serve-load.png", "serve-growth.png"}
     assert all((tmp_path / p).stat().st_size > 10_000 for p in report["plots"])
+    # the shared frozen prefix: one server per K, rounds of auto beside zero-shot, the warm-up round left out
+    auto = [r for r in tiny["prefix"] if r["mode"] == "auto"]
+    assert sorted({r["expert_blocks"] for r in auto}) == [1, 2, 4] and len(auto) == 3 * 3
+    assert all(r["errors"] == 0 and r["images_per_s"] > 0 and r["round"] > 0 for r in tiny["prefix"])
+    assert all(report["ratios"][f"auto_vs_zero_shot_k{k}"] > 0 for k in (1, 2, 4))
+    default = default_expert_blocks(load_backbone("tiny", "cpu")) or 4
+    assert report["ratios"]["auto_vs_zero_shot"] == report["ratios"][f"auto_vs_zero_shot_k{default}"]
+    assert "Shared frozen prefix" in md

@@ -33,13 +33,13 @@ def test_orders_hold_the_same_eleven_datasets():
 def tiny_run(backbone):
     seq = offline_sequence(("arrows", "digits"), train_limit=64, test_limit=24)
     outside = load_domain("shapes", "test").subset(range(24))
-    cfg = CLConfig(steps=3, batch_size=16)
+    cfg = CLConfig(steps=3, batch_size=16, expert_blocks_sweep=(1,))
     return run_continual(backbone, seq, cfg, outside, "shapes", progress=False)
 
 
 def test_report_has_every_method_and_routing(tiny_run):
     assert tiny_run["domains"] == ["arrows", "digits"]
-    assert set(tiny_run["methods"]) == {*METHODS, BATCH_ROUTED}
+    assert set(tiny_run["methods"]) == {*METHODS, BATCH_ROUTED, "moe-oracle-k1", "moe-ddas-k1"}
     for r in tiny_run["methods"].values():
         assert np.asarray(r["matrix"]).shape == (2, 2)
         assert {"transfer", "avg", "last", "forgetting"} <= set(r)
@@ -57,6 +57,18 @@ def test_moe_never_forgets_and_oracle_sends_unseen_tasks_to_zero_shot(tiny_run):
     assert tiny_run["methods"]["moe-oracle"]["forgetting"] == 0.0
 
 
+def test_each_k_of_the_sweep_trains_its_own_bank(tiny_run, backbone):
+    from training.trainer import default_expert_blocks
+
+    rows = tiny_run["expert_blocks"]
+    default = default_expert_blocks(backbone) or 4
+    assert [(r["expert_blocks"], r["of_layers"]) for r in rows] == [(default, 4), (1, 4)]  # the default bank first
+    k1 = tiny_run["methods"]["moe-oracle-k1"]
+    assert rows[1]["oracle_last"] == k1["last"] and rows[1]["train_seconds"] > 0
+    assert k1["matrix"] != tiny_run["methods"]["moe-oracle"]["matrix"]  # another bank, other answers
+    assert k1["matrix"][0][1] == tiny_run["methods"]["zero-shot"]["matrix"][0][1]  # unseen: zero-shot
+
+
 def test_report_files(tiny_run, tmp_path):
     from training.cl_report import write_cl_report
 
@@ -68,7 +80,7 @@ def test_report_files(tiny_run, tmp_path):
         assert p.stat().st_size > 100
     assert json.loads((tmp_path / "report.json").read_text())["domains"] == ["arrows", "digits"]
     md = (tmp_path / "report.md").read_text()
-    assert "| `moe-ddas` |" in md and "task_accuracy" in md
+    assert "| `moe-ddas` |" in md and "task_accuracy" in md and "| 1 of 4 |" in md
 
 
 def test_report_with_the_long_routing_sequence(tiny_run, tmp_path, backbone):
