@@ -5,10 +5,10 @@
 
 Both servers run at once, each on its own store holding the same synthetic bundles, and take load in alternating
 rounds (after one uncounted round each), so drifts in the machine's speed touch both alike. For each mode
-(zero-shot, auto with 1 task, auto with 10 tasks; 16 clients) it prints the median throughput of each side and
-their ratio (this tree / the other). The other tree runs from its own sources (PYTHONPATH) in this interpreter;
-`--hide uvloop` keeps a module out of its reach, for a like-for-like event loop when this environment has
-packages the other tree's did not.
+(zero-shot, auto with 1 task, auto with 10 tasks; 16 clients unless told) it prints the median throughput and
+p50 latency of each side and their throughput ratio (this tree / the other). The other tree runs from its own
+sources (PYTHONPATH) in this interpreter; `--hide uvloop` keeps a module out of its reach, for a like-for-like
+event loop when this environment has packages the other tree's did not.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--backbone", default="tiny")
     p.add_argument("--requests", type=int, default=400, help="requests per round, at most")
     p.add_argument("--seconds", type=float, default=15.0, help="seconds per round, at most")
+    p.add_argument("--clients", type=int, default=16, help="concurrent clients")
     p.add_argument("--hide", action="append", default=[], help="a module the other tree must not import")
     p.add_argument("--out", type=Path, help="write the rows and ratios here as JSON")
     args = p.parse_args(argv)
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     tasks = max(k for _, k in MODES)
     backend = prepare_backend(args.backbone, args.backbone, tasks)
-    cfg = ServeBenchConfig(images=default_images(), requests=args.requests, max_seconds=args.seconds)
+    cfg = ServeBenchConfig(
+        images=default_images(), requests=args.requests, max_seconds=args.seconds, key_concurrency=args.clients
+    )
     server_args = ("--backbone", backend.backbone, "--log-level", "warning", "--frozen-runtime", "torch")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
@@ -83,15 +86,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     rows.append({**row, "round": r})
     result = {"rows": rows, "ratios": {}}
     for mode, k in MODES:
-        med = {
-            side: statistics.median(
-                r["images_per_s"] for r in rows if r["server"] == side and r["mode"] == mode and r["tasks"] == k
-            )
-            for side in ("this", "other")
-        }
+        mine = {s: [r for r in rows if r["server"] == s and r["mode"] == mode and r["tasks"] == k] for s in sides}
+        med = {side: statistics.median(r["images_per_s"] for r in mine[side]) for side in sides}
+        p50 = {side: statistics.median(r["p50_ms"] for r in mine[side]) for side in sides}
         ratio = med["this"] / med["other"]
-        result["ratios"][f"{mode}-{k}"] = {**med, "ratio": round(ratio, 3)}
-        print(f"{mode:9s} tasks={k:2d}: this {med['this']:.1f} img/s, other {med['other']:.1f}, ratio {ratio:.3f}")
+        result["ratios"][f"{mode}-{k}"] = {**med, "ratio": round(ratio, 3), "p50_ms": p50}
+        print(
+            f"{mode:9s} tasks={k:2d}: this {med['this']:.1f} img/s (p50 {p50['this']:.1f} ms), other "
+            f"{med['other']:.1f} (p50 {p50['other']:.1f} ms), ratio {ratio:.3f}"
+        )
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     return result

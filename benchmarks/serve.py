@@ -8,6 +8,7 @@ resident memory and hot-swap time at each size. Then the ONNX Runtime frozen pas
 from __future__ import annotations
 
 import asyncio
+import statistics
 import sys
 import tempfile
 import time
@@ -35,6 +36,7 @@ class Backend:
     tensor_bytes: list[int]  # per bundle
     task_names: list[str]
     flops: dict[str, int]
+    loaded: Any = field(default=None, repr=False)  # the Backbone, as loaded in this process
 
 
 @dataclass
@@ -101,6 +103,44 @@ def _level(url: str, make, c: int, cfg: ServeBenchConfig, **tags: Any) -> dict[s
     return row
 
 
+LATENCY_REQUESTS = 200
+
+
+def pinned_latency(client: ClipbankClient, backend: Backend, image: bytes) -> dict[str, float]:
+    """One client, one image pinned to the first task, one request at a time: the p50 seen by the client and
+    the server's own `total_ms` and `compute_ms`, beside the same classification run here, in this process on
+    the thread that loaded the model (the model-only time: no HTTP, no decoding, one thread)."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from model_store.bank import build_bank, empty_bank
+    from model_store.bundle import read_bundle
+    from model_store.inference import ClassifyItem, TextCache, classify_batch
+
+    seen, total, compute = [], [], []
+    for _ in range(LATENCY_REQUESTS):
+        t0 = time.perf_counter()
+        files = [("images", ("x.png", image))]
+        out = client._call("POST", "/classify", files=files, data={"task": backend.task_names[0]})
+        seen.append((time.perf_counter() - t0) * 1000)
+        total.append(out["timing"]["total_ms"])
+        compute.append(out["timing"]["compute_ms"])
+    bb = backend.loaded
+    bank = build_bank(bb, [read_bundle(backend.bundles[0])], (), 1, empty_bank(bb))
+    x = bb.preprocess(Image.open(io.BytesIO(image)).convert("RGB"))[None]
+    cache, model = TextCache(), []
+    with torch.inference_mode():
+        for _ in range(LATENCY_REQUESTS):
+            t0 = time.perf_counter()
+            classify_batch(bank, [ClassifyItem(x, None, task=backend.task_names[0])], cache)
+            model.append((time.perf_counter() - t0) * 1000)
+    skip = LATENCY_REQUESTS // 4  # warm-up
+    runs = {"client": seen, "server": total, "compute": compute, "model": model}
+    return {f"{k}_p50_ms": round(statistics.median(v[skip:]), 3) for k, v in runs.items()}
+
+
 def _push(client: ClipbankClient, data: bytes, bank_size: int, image: bytes) -> dict[str, Any]:
     """Upload; then classify pinned to the task until the answer comes from the new bundle (deadline 30 s)."""
     start = time.perf_counter()
@@ -149,6 +189,8 @@ def _clipbank_rows(backend: Backend, cfg: ServeBenchConfig, runtime: str) -> dic
         with ClipbankClient(url, TOKEN) as client:
             for k in range(1, max(sizes) + 1):
                 out["pushes"].append(_push(client, backend.bundles[k - 1], k - 1, cfg.images[0]))
+                if k == 1 and full:
+                    out["latency_1client"] = pinned_latency(client, backend, cfg.images[0])
                 if k not in sizes:
                     continue
                 make = _mixed_factory(cfg, backend.task_names[:k])
@@ -199,6 +241,7 @@ def bench_backend(backend: Backend, cfg: ServeBenchConfig) -> dict[str, Any]:
     report["load"] += torch_run["load"]
     report["rss_bytes"] = torch_run["rss_bytes"]
     report["pushes"] = torch_run["pushes"]
+    report["latency_1client"] = torch_run.get("latency_1client", {})
     report["paired"] = torch_run.get("paired", [])
     report["shadow"] = torch_run.get("shadow", [])
     if cfg.onnx:

@@ -63,7 +63,7 @@ def prepare_backend(
         sizes.append(tensor_bytes(b))
         names.append(name)
     flops = pass_flops(bank)
-    return Backend(label, ref, bundles, sizes, names, flops)
+    return Backend(label, ref, bundles, sizes, names, flops, bb)
 
 
 def _flops_per_image(report: dict[str, Any], row: dict[str, Any], cfg: ServeBenchConfig) -> float:
@@ -105,6 +105,7 @@ def ratios(report: dict[str, Any], cfg: ServeBenchConfig) -> dict[str, float | N
     def div(a: float | None, b: float | None) -> float | None:
         return round(a / b, 3) if a is not None and b else None
 
+    lat = report.get("latency_1client", {})
     paired = {n: [r["images_per_s"] for r in report.get("paired", []) if r["tasks"] == n] for n in (1, big)}
     paired_ratio = (
         div(statistics.median(paired[big]), statistics.median(paired[1])) if paired[1] and paired[big] else None
@@ -119,6 +120,10 @@ def ratios(report: dict[str, Any], cfg: ServeBenchConfig) -> dict[str, float | N
         "onnx_vs_torch_zero_shot": div(onnx_zs.get("images_per_s"), zs.get("images_per_s")),
         "onnx_vs_torch_auto": div(onnx_auto.get("images_per_s"), auto.get("images_per_s")),
         f"tasks{big}_shadow_vs_none_auto": shadow_ratio(report.get("shadow", [])),
+        # one client, one image pinned to a task: through the server (as the client sees it, and the server's
+        # own total) over the same classification on one thread in this process
+        "latency_1client_vs_single_thread": div(lat.get("client_p50_ms"), lat.get("model_p50_ms")),
+        "server_time_1client_vs_single_thread": div(lat.get("server_p50_ms"), lat.get("model_p50_ms")),
     }
 
 

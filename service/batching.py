@@ -8,7 +8,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from model_store.bank import BankSnapshot
 from model_store.inference import ClassifyItem, ImagePasses, ImageResult, TextCache
@@ -19,6 +22,25 @@ from .steps import BatchInfo, Pending, StepBudget, Steps, answer
 
 log = logging.getLogger("clipbank.service")
 _STOP = object()
+T = TypeVar("T")
+
+
+@dataclass
+class _Job:
+    """Torch work other than a batch (loading, warm-up, an upload's trial run, the gate), run by the compute
+    thread between batches, so that one thread runs all of the process's torch work (see `Batcher.run`)."""
+
+    fn: Callable[..., Any]
+    args: tuple
+    future: Future = field(default_factory=Future)
+
+    def __call__(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            self.future.set_result(self.fn(*self.args))
+        except BaseException as e:  # handed to the caller, whatever it is
+            self.future.set_exception(e)
 
 
 class Batcher:
@@ -65,6 +87,25 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="clipbank-compute", daemon=True)
         self._thread.start()
 
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the compute thread, between batches; the caller (any other thread) waits for it.
+
+        Every torch call of the process goes through here or a batch: GNU OpenMP stops its workers spinning
+        between parallel regions once more threads have run OpenMP work than there are cores, and then every
+        small region of a pass waits for its workers to wake (docs/benchmarks/serve.md, tiny). Run inline when
+        called on the compute thread, or when it is not running (tests, shutdown)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive() or threading.current_thread() is thread:
+            return fn(*args)
+        job = _Job(fn, args)
+        self._queue.put(job)
+        while True:
+            try:
+                return job.future.result(timeout=1.0)
+            except TimeoutError:
+                if not thread.is_alive() and job.future.cancel():  # it ended without taking the job: run it here
+                    return fn(*args)
+
     def stop(self, timeout: float = 30.0) -> None:
         """Finish what is queued, then end the compute thread; requests submitted from now on get 503."""
         self._closed = True
@@ -77,7 +118,9 @@ class Batcher:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if item is not _STOP:
+            if isinstance(item, _Job):
+                item()  # here, as the compute thread has ended
+            elif item is not _STOP:
                 answer(item, NotReady("the server is shutting down"))
 
     @contextmanager
@@ -125,6 +168,8 @@ class Batcher:
         while True:
             if item is _STOP:
                 self._stopping = True
+            elif isinstance(item, _Job):
+                item()
             else:
                 self._arrived(item)
                 self._waiting.append(item)

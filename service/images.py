@@ -8,9 +8,12 @@ import io
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision import transforms as T
 
 from .config import Limits
 from .errors import BadImage, ClientGone, LimitExceeded
@@ -139,12 +142,44 @@ def inspect_all(images: Sequence[tuple[str, bytes]], limits: Limits, target: int
     return opened
 
 
+class NumpyPreprocess:
+    """A torchvision preprocessing pipeline ending in ToTensor and Normalize (open_clip's), with those two done
+    in numpy: the same numbers, but no torch call, so the decode threads never run OpenMP work beside the
+    compute thread (`service.batching.Batcher.run` says why that matters). The steps before them (resize,
+    crop, RGB conversion) work on PIL images as before."""
+
+    def __init__(self, preprocess: Callable[[Image.Image], torch.Tensor]) -> None:
+        steps = list(getattr(preprocess, "transforms", ()))
+        if len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
+            raise ValueError("the preprocessing does not end in ToTensor and Normalize")
+        self.head = T.Compose(steps[:-2])
+        norm = steps[-1]
+        self.mean = np.asarray(norm.mean, np.float32).reshape(1, 1, -1)
+        self.std = np.asarray(norm.std, np.float32).reshape(1, 1, -1)
+
+    @classmethod
+    def of(cls, preprocess: Callable[[Image.Image], torch.Tensor]) -> Callable[[Image.Image], Any]:
+        """This for a pipeline it understands, else the pipeline itself."""
+        try:
+            return cls(preprocess)
+        except ValueError:
+            return preprocess
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        x = np.asarray(self.head(image), dtype=np.uint8)
+        if x.ndim == 2:
+            x = x[:, :, None]
+        x = x.astype(np.float32) / np.float32(255)
+        return np.ascontiguousarray(((x - self.mean) / self.std).transpose(2, 0, 1))
+
+
 def preprocess_opened(
     opened: Sequence[OpenedImage],
-    preprocess: Callable[[Image.Image], torch.Tensor],
+    preprocess: Callable[[Image.Image], Any],
     cancelled: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
-    """Decode and preprocess inspected images, one at a time, into one [n, 3, H, W] tensor.
+    """Decode and preprocess inspected images, one at a time, into one [n, 3, H, W] tensor (`preprocess` gives
+    tensors, or numpy arrays as `NumpyPreprocess` does).
 
     `cancelled` is asked before each image: True (the client went away) stops the work with `ClientGone`.
     """
@@ -153,6 +188,8 @@ def preprocess_opened(
         if cancelled is not None and cancelled():
             raise ClientGone("the client closed the connection while its images were decoded")
         out.append(preprocess(decode_image(o)))
+    if all(isinstance(x, np.ndarray) for x in out):
+        return torch.from_numpy(np.stack(out))
     return torch.stack(out)
 
 

@@ -30,6 +30,7 @@ from model_store.store import open_store
 from .batching import Batcher
 from .config import ServeConfig
 from .errors import NotReady
+from .images import NumpyPreprocess
 from .insights import ReservoirConfig
 from .memory import release_free_memory
 from .metrics import Metrics
@@ -58,6 +59,7 @@ class Service:
         self.ready = asyncio.Event()
         self.failed = asyncio.Event()
         self.decoders = DecodeWorkers()
+        self.preprocess: Callable[[Any], Any] | None = None  # image -> [3, H, W], in the decode threads
         self.watch = TrafficWatch(self.metrics)
         self.replica = f"{socket.gethostname()}-{os.getpid()}"  # X-Clipbank-Replica; Ray Serve sets its own id
         self.peers: Any = None  # the other replicas to tell of a change (service/ray_engine.py), if any
@@ -87,12 +89,42 @@ class Service:
             log.warning("telling the other replicas of a change failed: %s", task.exception())
 
     def load(self) -> None:
-        """Backbone, store, bank, warm-up: everything before /readyz turns 200 (runs off the event loop)."""
+        """Backbone, store, bank, warm-up: everything before /readyz turns 200 (runs off the event loop). The
+        compute thread starts first and does the torch part, so one thread runs all of the process's torch work
+        (`Batcher.run`)."""
         PngImagePlugin.MAX_TEXT_CHUNK = PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
+        cache = TextCache(self.config.text_cache_size, self.config.text_cache_mb * 1024 * 1024)
+        limits = self.config.limits
+        batcher = Batcher(
+            lambda: self.registry.bank,
+            self.config.max_batch,
+            self.config.max_wait_ms,
+            cache,
+            self.metrics,
+            self.config.max_queue_images,
+            StepBudget(max_request_prompts=limits.max_request_prompts),
+            watch=self.watch,
+        )
+        batcher.start()
+        try:
+            batcher.run(self._load_models, cache)
+        except BaseException:
+            batcher.stop()
+            raise
+        self.registry.run_torch = batcher.run
+        self.preprocess = NumpyPreprocess.of(self.backbone.preprocess)  # the decode threads run no torch
+        self.metrics.watch_cache(cache)
+        self.batcher = batcher
+        # What start-up made lives as long as the server: keep it out of the collector's full passes, whose
+        # time grows with the heap and showed as periodic latency spikes under load.
+        gc.collect()
+        gc.freeze()
+
+    def _load_models(self, cache: TextCache) -> None:
+        """The torch part of start-up, on the compute thread: backbone, ONNX export, bank, warm-up."""
         if self.backbone is None:
             self.backbone = load_backbone(self.config.backbone, self.config.device)
         self.backbone = self._frozen_runtime()
-        cache = TextCache(self.config.text_cache_size, self.config.text_cache_mb * 1024 * 1024)
         reference, cfg = self._reference(), self.config
         gate = Gate(GateLimits(cfg.gate_max_stolen, cfg.gate_max_zero_shot), reference)
         monitor = ReservoirConfig(cfg.unclaimed_capacity, cfg.unclaimed_retention_seconds, cfg.unclaimed_bin_seconds)
@@ -105,23 +137,6 @@ class Service:
         for item, out in zip(items, classify_batch(bank, items, cache), strict=True):
             if isinstance(out, Exception):
                 log.error("warm-up of %s failed: %s: %s", item.task, type(out).__name__, out)
-        self.metrics.watch_cache(cache)
-        limits = self.config.limits
-        self.batcher = Batcher(
-            lambda: self.registry.bank,
-            self.config.max_batch,
-            self.config.max_wait_ms,
-            cache,
-            self.metrics,
-            self.config.max_queue_images,
-            StepBudget(max_request_prompts=limits.max_request_prompts),
-            watch=self.watch,
-        )
-        self.batcher.start()
-        # What start-up made lives as long as the server: keep it out of the collector's full passes, whose
-        # time grows with the heap and showed as periodic latency spikes under load.
-        gc.collect()
-        gc.freeze()
 
     def _reference(self) -> torch.Tensor | None:
         """The backbone's reference set of generic images (the gate's and the unclaimed monitor's background), if

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -28,6 +28,10 @@ from .metrics import Metrics
 
 log = logging.getLogger("clipbank.service")
 T = TypeVar("T")
+
+
+def _inline(fn: Callable[..., T], *args: Any) -> T:
+    return fn(*args)
 
 
 class Registry:
@@ -55,6 +59,8 @@ class Registry:
         self.loader = BankLoader(store, backbone)
         self.metrics = metrics or Metrics()
         self._change_lock = threading.Lock()
+        # runs a change's torch work (trial run, gate): the server sets the compute thread's Batcher.run
+        self.run_torch: Callable[..., Any] = _inline
         self._bank: BankSnapshot | None = None
         self.store_error: str | None = None  # why the store's index cannot be read, while it cannot
 
@@ -132,9 +138,9 @@ class Registry:
                 t0 = time.perf_counter()
                 candidate = self.loader.load(self._bank, overrides, changes)  # raises on anything it cannot serve
                 built = time.perf_counter() - t0  # counted in the swap time, as when the bank was built again
-                trial_run(candidate, [t for t, b in overrides.items() if b is not None], self.cache)
+                self.run_torch(trial_run, candidate, [t for t, b in overrides.items() if b is not None], self.cache)
                 if check is not None:
-                    check(candidate)
+                    self.run_torch(check, candidate)
             except Exception:
                 self.metrics.swap_failures.inc()
                 raise

@@ -79,7 +79,7 @@ def classify_router(reader: TokenCheck | None, limits: Limits) -> APIRouter:
         with service.batcher.admit(len(files)):  # refused at once when the queue is full, before any decoding
             opened = await run_in_threadpool(inspect_all, files, limits, backbone.image_size)
             pixels = sum(o.pixels for o in opened)
-            images = await service.decoders.run(request, pixels, preprocess_opened, opened, backbone.preprocess)
+            images = await service.decoders.run(request, pixels, preprocess_opened, opened, service.preprocess)
             decoded = time.perf_counter()
             item = ClassifyItem(images, tuple(options.labels) or None, options.task, options.route, options.top_k)
             results, info = await service.batcher.submit(item, admitted=True)

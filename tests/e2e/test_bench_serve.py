@@ -79,3 +79,6 @@ def test_bench_serve_writes_a_complete_report(tmp_path):
     default = default_expert_blocks(load_backbone("tiny", "cpu")) or 4
     assert report["ratios"]["auto_vs_zero_shot"] == report["ratios"][f"auto_vs_zero_shot_k{default}"]
     assert "Shared frozen prefix" in md
+    lat = tiny["latency_1client"]  # one client, pinned: client, server and compute times over the model's own
+    assert lat["client_p50_ms"] >= lat["server_p50_ms"] >= lat["compute_p50_ms"] > 0 and lat["model_p50_ms"] > 0
+    assert report["ratios"]["latency_1client_vs_single_thread"] > 0

@@ -70,3 +70,20 @@ def test_over_our_limit_but_under_pillows_is_refused_before_decoding():
     data = bomb_png(6000, 5000)  # 30 MP: Pillow would decode it; our 24 MP default does not
     with pytest.raises(LimitExceeded, match="6000x5000 = 30000000 pixels"):
         open_image(data, "big.png", Limits())
+
+
+def test_numpy_preprocessing_gives_open_clips_numbers(backbone):
+    """The decode threads preprocess in numpy (no torch call beside the compute thread): the same tensor."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from service.images import NumpyPreprocess
+
+    rng = np.random.default_rng(0)
+    fast = NumpyPreprocess.of(backbone.preprocess)
+    assert isinstance(fast, NumpyPreprocess)
+    for mode, shape in (("RGB", (90, 70, 3)), ("L", (40, 120)), ("RGBA", (64, 64, 4))):
+        image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+        torch.testing.assert_close(torch.from_numpy(fast(image)), backbone.preprocess(image), rtol=0, atol=1e-6)
+    assert NumpyPreprocess.of(lambda image: image) is not None  # a pipeline it does not know: used as it is
