@@ -19,7 +19,7 @@ from tqdm import tqdm
 from model_store.backbone import Backbone, load_backbone
 from model_store.bank import build_bank, empty_bank
 from model_store.bundle import read_bundle, tensor_bytes
-from training.trainer import default_expert_blocks, with_expert_blocks
+from training.expert_blocks import default_expert_blocks, with_expert_blocks
 
 from .profile import gemm_rate, pass_flops
 from .samples import domain_pngs

@@ -155,7 +155,7 @@ def _bench_cl(args: argparse.Namespace) -> int:
 
 def _expert_sweep(given: str | None, backbone) -> tuple[int, ...]:
     """--expert-blocks: the K values to train beside the default's; by default L/2 and L/4 of the image tower."""
-    from training.trainer import default_expert_blocks
+    from training.expert_blocks import default_expert_blocks
 
     if given is not None:
         values = [k.strip() for k in given.split(",") if k.strip()]

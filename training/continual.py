@@ -24,6 +24,7 @@ from model_store.selector import SelectorConfig, fit_selector
 
 from .data import LabelledImages
 from .evaluate import accuracy_and_routes
+from .expert_blocks import default_expert_blocks
 from .trainer import TrainConfig, accuracy, default_lr, fit_steps, frozen_features, train_task
 
 METHODS = ("zero-shot", "finetune", "adapter", "moe-oracle", "moe-ddas", "moe-gauss", "moe-ddas-warm")
@@ -330,8 +331,6 @@ def run_continual(
 def _expert_block_rows(run: _Run, methods: dict[str, Any], cfg: CLConfig, backbone: Backbone) -> list[dict[str, Any]]:
     """Per K of the MoE banks trained (the main one first): Last and Transfer of oracle and routed, and training
     seconds. Routing is the same for every K: the selectors see only the frozen pass."""
-    from .trainer import default_expert_blocks
-
     main = cfg.expert_blocks if cfg.expert_blocks is not None else default_expert_blocks(backbone)
     layers = backbone.towers["visual"].layers
     rows = []

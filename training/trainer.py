@@ -23,12 +23,10 @@ from model_store.reference import ReferenceSet
 from model_store.selector import Selector, SelectorConfig, fit_selector, selector_manifest
 
 from .data import LabelledImages
+from .expert_blocks import with_expert_blocks
 from .routing import negatives_for, probes_of, routing_check
 
 log = logging.getLogger(__name__)
-# The share of each tower's top blocks that a bank's first task puts experts in, unless told (TrainConfig
-# .expert_blocks). 1.0: every block. Chosen by measurement (docs/method.md, Shared frozen prefix).
-DEFAULT_EXPERT_SHARE = 1.0
 
 
 @dataclass(frozen=True)
@@ -324,33 +322,6 @@ def _selector_with_routing(
     return selector, routing, probes_of(val_feats, MAX_PROBES, cfg.seed)
 
 
-def default_expert_blocks(backbone: Backbone) -> int:
-    """K for a bank's first task when none is asked for: the top DEFAULT_EXPERT_SHARE of the deepest tower's
-    blocks, or 0 (every block) when that is all of them."""
-    layers = max(t.layers for t in backbone.towers.values())
-    k = math.ceil(DEFAULT_EXPERT_SHARE * layers)
-    return 0 if k >= layers else k
-
-
-def with_expert_blocks(bank: BankSnapshot, blocks: int | None) -> BankSnapshot:
-    """The bank a new task trains on: a bank with tasks keeps its K (asking for another is an error: the server
-    would refuse the bundle); an empty bank takes `blocks`, or the default. K covering every block is 0."""
-    if bank.tasks:
-        if blocks is not None and _normal_blocks(bank.backbone, blocks) != bank.config.expert_blocks:
-            have = bank.config.expert_blocks
-            raise ValueError(
-                f"expert_blocks={blocks}, but this bank's tasks have experts in "
-                f"{'every block' if have == 0 else f'the top {have} blocks'}: a bank cannot mix them"
-            )
-        return bank
-    k = default_expert_blocks(bank.backbone) if blocks is None else _normal_blocks(bank.backbone, blocks)
-    return replace(bank, config=replace(bank.config, expert_blocks=k))
-
-
-def _normal_blocks(backbone: Backbone, blocks: int) -> int:
-    return 0 if blocks >= max(t.layers for t in backbone.towers.values()) else blocks
-
-
 def train_task(
     bank: BankSnapshot,
     train: LabelledImages,
@@ -369,8 +340,7 @@ def train_task(
         raise ValueError(f"a task needs at least 2 classes, got {list(train.classes)}")
     bank = with_expert_blocks(bank, cfg.expert_blocks)
     torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    fit = train
+    g, fit = torch.Generator().manual_seed(cfg.seed), train
     if val is None:
         fit, val = train.holdout(cfg.val_fraction, cfg.seed)
     bb = bank.backbone

@@ -10,7 +10,7 @@ from benchmarks.serve import ServeBenchConfig
 from benchmarks.serve_run import default_images, run_bench_serve
 from model_store.backbone import load_backbone
 from tests.e2e.conftest import ONNX_CACHE
-from training.trainer import default_expert_blocks
+from training.expert_blocks import default_expert_blocks
 
 pytestmark = pytest.mark.slow
 

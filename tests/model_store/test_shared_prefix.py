@@ -16,7 +16,8 @@ from model_store.inference import ClassifyItem, ImagePasses, plan_batch
 from model_store.manifest import manifest_problems
 from model_store.moe_clip import encode_image
 from training.data import load_domain
-from training.trainer import TrainConfig, train_task, with_expert_blocks
+from training.expert_blocks import with_expert_blocks
+from training.trainer import TrainConfig, train_task
 
 
 def bank_of(backbone, k: int, tasks=("a", "b")):

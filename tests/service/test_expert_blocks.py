@@ -10,7 +10,7 @@ from model_store.bank import empty_bank
 from tests.helpers import random_bundle
 from tests.service.conftest import AUTH, running_app
 from tests.service.images import colour
-from training.trainer import with_expert_blocks
+from training.expert_blocks import with_expert_blocks
 
 pytestmark = pytest.mark.anyio
 

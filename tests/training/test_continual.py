@@ -58,7 +58,7 @@ def test_moe_never_forgets_and_oracle_sends_unseen_tasks_to_zero_shot(tiny_run):
 
 
 def test_each_k_of_the_sweep_trains_its_own_bank(tiny_run, backbone):
-    from training.trainer import default_expert_blocks
+    from training.expert_blocks import default_expert_blocks
 
     rows = tiny_run["expert_blocks"]
     default = default_expert_blocks(backbone) or 4
