@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import string
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
@@ -247,6 +248,12 @@ def _expert_block_problems(config: MoEConfig, routing: Any) -> list[str]:
     return problems
 
 
+def _interned(ids: Any) -> tuple[str, ...]:
+    """Expert ids, one string object per id in the process: a bank of n tasks lists each of its experts in up to
+    n routing tables, and 64-character strings parsed anew for each would grow as n squared."""
+    return tuple(sys.intern(i) for i in ids)
+
+
 def manifest_problems(manifest: Any) -> list[str]:
     """Every problem of a parsed manifest (empty when it is valid); no tensor is needed."""
     if not isinstance(manifest, dict):
@@ -324,10 +331,10 @@ class Manifest:
             backbone=BackboneInfo(**{k: obj["backbone"][k] for k in ("arch", "pretrained", "fingerprint")}),
             classes=tuple(obj["classes"]),
             templates=tuple(obj["templates"]),
-            experts_new=tuple(obj["experts"]["new"]),
-            experts_uses=tuple(obj["experts"]["uses"]),
+            experts_new=_interned(obj["experts"]["new"]),
+            experts_uses=_interned(obj["experts"]["uses"]),
             routing=RoutingTable(
-                routing["top_k"], {t: tuple(tuple(ids) for ids in routing[t]) for t in TOWERS}, routing.get("scale")
+                routing["top_k"], {t: tuple(_interned(ids) for ids in routing[t]) for t in TOWERS}, routing.get("scale")
             ),
             selector=SelectorInfo(
                 selector["kind"], selector["threshold"], dict(selector["calibration"]), dict(selector.get("config", {}))

@@ -180,3 +180,16 @@ def test_a_bank_computes_with_the_settings_its_bundles_were_trained_with(backbon
     )
     with pytest.raises(BundleInvalid, match="scale=0.2"):  # a bank computes with one setting for every task
         build_bank(backbone, [read_bundle(other)], previous=bank)
+
+
+def test_expert_ids_are_one_string_per_id_across_manifests(bundles):
+    """A bank of n tasks names each expert in up to n routing tables: parsed ids are interned, not copied."""
+    from model_store.bundle import read_manifest
+
+    first, second = (read_manifest(bundles[t]) for t in ("textures", "glyphs"))
+    shared = set(first.routing.blocks["visual"][0]) & set(second.routing.blocks["visual"][0])
+    assert shared  # glyphs' router sees textures' experts
+    eid = next(iter(shared))
+    mine = next(i for i in first.routing.blocks["visual"][0] if i == eid)
+    theirs = next(i for i in second.routing.blocks["visual"][0] if i == eid)
+    assert mine is theirs
