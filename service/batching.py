@@ -90,10 +90,11 @@ class Batcher:
     def run(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` on the compute thread, between batches; the caller (any other thread) waits for it.
 
-        Every torch call of the process goes through here or a batch: GNU OpenMP stops its workers spinning
-        between parallel regions once more threads have run OpenMP work than there are cores, and then every
-        small region of a pass waits for its workers to wake (docs/benchmarks/serve.md, tiny). Run inline when
-        called on the compute thread, or when it is not running (tests, shutdown)."""
+        The server's model work (start-up, trial runs, the gate) goes through here or runs in a batch: GNU OpenMP
+        stops its workers spinning between parallel regions once more threads have run OpenMP work than there are
+        cores, and then every small region of a pass waits for its workers to wake (docs/benchmarks/serve.md,
+        tiny). Reading bundles and building banks (tensor copies) still run in their callers' threads. Runs
+        inline when called on the compute thread, or when it is not running (tests, shutdown)."""
         thread = self._thread
         if thread is None or not thread.is_alive() or threading.current_thread() is thread:
             return fn(*args)

@@ -90,8 +90,8 @@ class Service:
 
     def load(self) -> None:
         """Backbone, store, bank, warm-up: everything before /readyz turns 200 (runs off the event loop). The
-        compute thread starts first and does the torch part, so one thread runs all of the process's torch work
-        (`Batcher.run`)."""
+        compute thread starts first and does the torch part, as it later does each change's trial run and gate
+        (`Batcher.run` says why one thread)."""
         PngImagePlugin.MAX_TEXT_CHUNK = PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
         cache = TextCache(self.config.text_cache_size, self.config.text_cache_mb * 1024 * 1024)
         limits = self.config.limits
