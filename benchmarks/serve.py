@@ -53,6 +53,7 @@ class ServeBenchConfig:
     onnx: bool = True
     onnx_concurrency: tuple[int, ...] = (1, 16)
     prefix: bool = True  # auto mode with experts in the top K blocks, K in L, L/2, L/4 (benchmarks/serve_prefix.py)
+    latency_requests: int = 200  # one client, pinned, one request at a time: the 1-client latency ratios
     server_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
 
@@ -103,10 +104,7 @@ def _level(url: str, make, c: int, cfg: ServeBenchConfig, **tags: Any) -> dict[s
     return row
 
 
-LATENCY_REQUESTS = 200
-
-
-def pinned_latency(client: ClipbankClient, backend: Backend, image: bytes) -> dict[str, float]:
+def pinned_latency(client: ClipbankClient, backend: Backend, image: bytes, n: int = 200) -> dict[str, float]:
     """One client, one image pinned to the first task, one request at a time: the p50 seen by the client and
     the server's own `total_ms` and `compute_ms`, beside the same classification run here, in this process on
     the thread that loaded the model (the model-only time: no HTTP, no decoding, one thread)."""
@@ -120,7 +118,7 @@ def pinned_latency(client: ClipbankClient, backend: Backend, image: bytes) -> di
     from model_store.inference import ClassifyItem, TextCache, classify_batch
 
     seen, total, compute = [], [], []
-    for _ in range(LATENCY_REQUESTS):
+    for _ in range(n):
         t0 = time.perf_counter()
         files = [("images", ("x.png", image))]
         out = client._call("POST", "/classify", files=files, data={"task": backend.task_names[0]})
@@ -132,11 +130,11 @@ def pinned_latency(client: ClipbankClient, backend: Backend, image: bytes) -> di
     x = bb.preprocess(Image.open(io.BytesIO(image)).convert("RGB"))[None]
     cache, model = TextCache(), []
     with torch.inference_mode():
-        for _ in range(LATENCY_REQUESTS):
+        for _ in range(n):
             t0 = time.perf_counter()
             classify_batch(bank, [ClassifyItem(x, None, task=backend.task_names[0])], cache)
             model.append((time.perf_counter() - t0) * 1000)
-    skip = LATENCY_REQUESTS // 4  # warm-up
+    skip = n // 4  # warm-up
     runs = {"client": seen, "server": total, "compute": compute, "model": model}
     return {f"{k}_p50_ms": round(statistics.median(v[skip:]), 3) for k, v in runs.items()}
 
@@ -190,7 +188,7 @@ def _clipbank_rows(backend: Backend, cfg: ServeBenchConfig, runtime: str) -> dic
             for k in range(1, max(sizes) + 1):
                 out["pushes"].append(_push(client, backend.bundles[k - 1], k - 1, cfg.images[0]))
                 if k == 1 and full:
-                    out["latency_1client"] = pinned_latency(client, backend, cfg.images[0])
+                    out["latency_1client"] = pinned_latency(client, backend, cfg.images[0], cfg.latency_requests)
                 if k not in sizes:
                     continue
                 make = _mixed_factory(cfg, backend.task_names[:k])

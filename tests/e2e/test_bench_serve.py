@@ -26,6 +26,7 @@ def test_bench_serve_writes_a_complete_report(tmp_path):
         requests=12,
         max_seconds=5,
         onnx_concurrency=(4,),
+        latency_requests=20,
         env={"OMP_NUM_THREADS": "1", "CLIPBANK_ONNX_CACHE": ONNX_CACHE},
     )
     report = run_bench_serve(tmp_path, cfg, [("tiny", "tiny")], "test")
