@@ -12,14 +12,10 @@ from typing import Any
 
 from model_store.backbone import Backbone
 from service.client import ClipbankClient
+from training.expert_blocks import compared_values
 
 from .process import server_process
 from .serve import PAIRED_ROUNDS, TOKEN, ServeBenchConfig, _level, _mixed_factory, _push, _zero_shot_factory
-
-
-def expert_block_values(layers: int) -> list[int]:
-    """K = L, L/2 and L/4 (at least 1), without repeats."""
-    return list(dict.fromkeys((layers, max(1, layers // 2), max(1, layers // 4))))
 
 
 def prefix_rows(label: str, ref: str, bb: Backbone, cfg: ServeBenchConfig) -> list[dict[str, Any]]:
@@ -28,7 +24,7 @@ def prefix_rows(label: str, ref: str, bb: Backbone, cfg: ServeBenchConfig) -> li
     from .serve_run import prepare_backend
 
     layers = bb.towers["visual"].layers
-    ks = expert_block_values(layers)
+    ks = compared_values(layers)
     backends = {k: prepare_backend(f"{label} K={k}", ref, cfg.auto_tasks, k, bb) for k in ks}
     args = ("--backbone", ref, "--log-level", "warning", "--frozen-runtime", "torch", *cfg.server_args)
     half = ServeBenchConfig(**{**vars(cfg), "max_seconds": cfg.max_seconds / 2, "requests": cfg.requests // 2})

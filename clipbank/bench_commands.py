@@ -155,7 +155,7 @@ def _bench_cl(args: argparse.Namespace) -> int:
 
 def _expert_sweep(given: str | None, backbone) -> tuple[int, ...]:
     """--expert-blocks: the K values to train beside the default's; by default L/2 and L/4 of the image tower."""
-    from training.expert_blocks import default_expert_blocks
+    from training.expert_blocks import compared_values, default_expert_blocks
 
     if given is not None:
         values = [k.strip() for k in given.split(",") if k.strip()]
@@ -164,7 +164,7 @@ def _expert_sweep(given: str | None, backbone) -> tuple[int, ...]:
         return tuple(int(k) for k in values)
     layers = backbone.towers["visual"].layers
     main = default_expert_blocks(backbone) or layers
-    return tuple(k for k in dict.fromkeys((layers, max(1, layers // 2), max(1, layers // 4))) if k != main)
+    return tuple(k for k in compared_values(layers) if k != main)
 
 
 def _bench_serve(args: argparse.Namespace) -> int:

@@ -51,14 +51,10 @@ def check_config(bundle: Bundle, config: MoEConfig) -> None:
     blocks = bundle.manifest.moe.expert_blocks if bundle.manifest.moe is not None else 0
     if blocks != config.expert_blocks:
         raise BundleInvalid(
-            f"task {bundle.task!r} has experts in {_blocks_text(blocks)}; this bank's tasks have them in "
-            f"{_blocks_text(config.expert_blocks)}. A bank cannot mix the two: train it again with "
+            f"task {bundle.task!r} has experts in {MoEConfig.blocks_text(blocks)}; this bank's tasks have them in "
+            f"{MoEConfig.blocks_text(config.expert_blocks)}. A bank cannot mix the two: train it again with "
             f"--expert-blocks {config.expert_blocks}"
         )
-
-
-def _blocks_text(k: int) -> str:
-    return "every block" if k == 0 else f"the top {k} blocks"
 
 
 def _shape_problems(bundle: Bundle, backbone: Backbone) -> list[str]:

@@ -46,6 +46,11 @@ class MoEConfig:
         """The lowest block of a `layers`-block tower that holds experts."""
         return 0 if self.expert_blocks == 0 else max(0, layers - self.expert_blocks)
 
+    @staticmethod
+    def blocks_text(k: int) -> str:
+        """How a K reads in messages: "every block" or "the top K blocks"."""
+        return "every block" if k == 0 else f"the top {k} blocks"
+
     def to_json(self) -> dict[str, float]:
         """The manifest's `moe`; `expert_blocks` only when set, so bundles with experts in every block read
         exactly as before in older releases."""

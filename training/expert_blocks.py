@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from model_store.backbone import Backbone
 from model_store.bank import BankSnapshot
+from model_store.experts import MoEConfig
 
 # The share of each tower's top blocks that a bank's first task puts experts in, unless told (TrainConfig
 # .expert_blocks). 1.0: every block. Chosen by measurement (docs/method.md, Shared frozen prefix).
@@ -22,15 +23,19 @@ def default_expert_blocks(backbone: Backbone) -> int:
     return 0 if k >= layers else k
 
 
+def compared_values(layers: int) -> list[int]:
+    """The Ks the benchmarks compare: L, L/2 and L/4 (at least 1), without repeats."""
+    return list(dict.fromkeys((layers, max(1, layers // 2), max(1, layers // 4))))
+
+
 def with_expert_blocks(bank: BankSnapshot, blocks: int | None) -> BankSnapshot:
     """The bank a new task trains on: a bank with tasks keeps its K (asking for another is an error: the server
     would refuse the bundle); an empty bank takes `blocks`, or the default. K covering every block is 0."""
     if bank.tasks:
         if blocks is not None and _normal_blocks(bank.backbone, blocks) != bank.config.expert_blocks:
-            have = bank.config.expert_blocks
+            have = MoEConfig.blocks_text(bank.config.expert_blocks)
             raise ValueError(
-                f"expert_blocks={blocks}, but this bank's tasks have experts in "
-                f"{'every block' if have == 0 else f'the top {have} blocks'}: a bank cannot mix them"
+                f"expert_blocks={blocks}, but this bank's tasks have experts in {have}: a bank cannot mix them"
             )
         return bank
     k = default_expert_blocks(bank.backbone) if blocks is None else _normal_blocks(bank.backbone, blocks)
