@@ -25,7 +25,7 @@ from typing import Any
 from service.client import ClipbankClient
 
 from .process import server_process
-from .serve import TOKEN, ServeBenchConfig, _level, _mixed_factory, _push, _zero_shot_factory
+from .serve import TOKEN, ServeBenchConfig, _level, _pinned_factory, _push, _zero_shot_factory
 from .serve_run import default_images, prepare_backend
 
 MODES = (("zero-shot", 0), ("auto", 1), ("auto", 10))
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     have = len(client.tasks()["tasks"])
                     for i in range(have, k):
                         _push(client, backend.bundles[i], i, cfg.images[0])
-            make = _zero_shot_factory(cfg) if k == 0 else _mixed_factory(cfg, backend.task_names[:k])
+            make = _zero_shot_factory(cfg) if k == 0 else _pinned_factory(cfg, backend.task_names[:k])
             for side, url in urls.items():  # a round each, not counted: the uploads' after-work settles
                 _level(url, make, cfg.key_concurrency, cfg, server=f"{side} (warm-up)", mode=mode, tasks=k)
             for r in range(args.rounds):

@@ -14,6 +14,7 @@ class ServeBenchJob:
     quick: bool = option(False, "tiny backbone only, fewer levels and tasks (about a minute)")
     tiny_only: bool = option(False, "skip the ViT-B-32-sized backbone")
     onnx: bool = option(True, "run the ONNX Runtime server beside the PyTorch one")
+    litserve: bool = option(True, "run the LitServe peer (pip install 'clipbank[bench]') beside the naive baseline")
     prefix: bool = option(True, "measure auto mode with experts in the top K blocks (K = L, L/2, L/4), side by side")
     requests: int | None = option(None, "requests per load level, at most (default 400, quick 100)")
     max_seconds: float | None = option(None, "seconds per load level, at most (default 30, quick 10)")

@@ -1,8 +1,9 @@
 """`clipbank bench serve`: real server processes driven from a loopback client, side by side in one run.
 
-For each backbone: (a) the naive baseline server (`benchmarks.baseline`), (b) clipbank with an empty bank (zero-shot),
-(c) clipbank in auto mode with tasks in the bank and mixed traffic, and the same server as its bank grows: throughput,
-resident memory and hot-swap time at each size. Then the ONNX Runtime frozen pass beside PyTorch.
+For each backbone: (a) the naive baseline server (`benchmarks.baseline`) and the LitServe peer
+(`benchmarks.litserve_peer`), (b) clipbank with an empty bank (zero-shot), (c) clipbank in auto mode with tasks in
+the bank and really auto-routed traffic, and the same server as its bank grows: throughput, resident memory and
+hot-swap time at each size. Then the ONNX Runtime frozen pass beside PyTorch.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Backend:
     task_names: list[str]
     flops: dict[str, int]
     loaded: Any = field(default=None, repr=False)  # the Backbone, as loaded in this process
+    traffic: list[list[bytes]] = field(default_factory=list, repr=False)  # per task: PNGs its selector should claim
 
 
 @dataclass
@@ -46,11 +48,12 @@ class ServeBenchConfig:
     concurrency: tuple[int, ...] = (1, 4, 16, 64)
     growth: tuple[int, ...] = (0, 1, 10, 50, 100)  # bank sizes measured; the largest is how many are pushed
     auto_tasks: int = 10  # bank size of the auto-mode comparison (run at every concurrency)
-    routed_per_5: int = 4  # of every 5 requests this many are pinned to a task; the rest are auto, outside images
+    routed_per_5: int = 4  # of every 5 requests this many carry a task's image (auto) or are pinned (pinned rows)
     key_concurrency: int = 16
     requests: int = 400
     max_seconds: float = 30.0
     onnx: bool = True
+    litserve: bool = True  # the LitServe peer (benchmarks/litserve_peer.py) beside the naive baseline
     onnx_concurrency: tuple[int, ...] = (1, 16)
     prefix: bool = True  # auto mode with experts in the top K blocks, K in L, L/2, L/4 (benchmarks/serve_prefix.py)
     latency_requests: int = 200  # one client, pinned, one request at a time: the 1-client latency ratios
@@ -79,17 +82,59 @@ def _zero_shot_factory(cfg: ServeBenchConfig):
     return make
 
 
-def _mixed_factory(cfg: ServeBenchConfig, tasks: Sequence[str]):
-    """`routed_per_5` of 5 requests pinned to the tasks in turn (their own classes); the others auto, with labels."""
+def _task_turn(cfg: ServeBenchConfig, i: int, n: int) -> int | None:
+    """Request i's task in turn over n tasks (`routed_per_5` of every 5 requests), or None: an outside image."""
+    if not n or i % 5 >= cfg.routed_per_5:
+        return None
+    return (i // 5 * cfg.routed_per_5 + i % 5) % n
+
+
+def _pinned_factory(cfg: ServeBenchConfig, tasks: Sequence[str]):
+    """`routed_per_5` of 5 requests pinned to the tasks in turn (their own classes); the others auto, with labels,
+    on outside images."""
     zero_shot = _zero_shot_factory(cfg)
 
     def make(i: int) -> dict[str, Any]:
-        if not tasks or i % 5 >= cfg.routed_per_5:
+        t = _task_turn(cfg, i, len(tasks))
+        if t is None:
             return zero_shot(i)
-        task = tasks[(i // 5 * cfg.routed_per_5 + i % 5) % len(tasks)]
-        return {"files": [("images", ("x.png", cfg.images[i % len(cfg.images)]))], "data": {"task": task}}
+        return {"files": [("images", ("x.png", cfg.images[i % len(cfg.images)]))], "data": {"task": tasks[t]}}
 
     return make
+
+
+def _auto_factory(cfg: ServeBenchConfig, traffic: Sequence[Sequence[bytes]]):
+    """Really auto-routed traffic: every request is auto with labels and no pin; `routed_per_5` of 5 carry an
+    image of a task's own family (tasks in turn), the others an outside image. The selectors decide each one."""
+    zero_shot = _zero_shot_factory(cfg)
+
+    def make(i: int) -> dict[str, Any]:
+        t = _task_turn(cfg, i, len(traffic))
+        if t is None:
+            return zero_shot(i)
+        own = traffic[t]
+        return {"files": [("images", ("x.png", own[i // 5 % len(own)]))], "data": {"labels": list(cfg.labels)}}
+
+    return make
+
+
+def traffic_routing(client: ClipbankClient, cfg: ServeBenchConfig, backend: Backend, n_tasks: int) -> dict:
+    """Where the selectors send the auto traffic of the first `n_tasks` tasks (each distinct image once): the share
+    of task images routed to some task and to their own, and the share of outside images left to zero-shot."""
+    own = routed = total = 0
+    for name, images in zip(backend.task_names[:n_tasks], backend.traffic[:n_tasks], strict=True):
+        for r in client.classify(list(images), labels=cfg.labels)["results"]:
+            total += 1
+            routed += r["route"]["task"] is not None
+            own += r["route"]["task"] == name
+    outside = client.classify(list(cfg.images), labels=cfg.labels)["results"]
+    fallback = sum(r["route"]["task"] is None for r in outside)
+    return {
+        "task_images": total,
+        "routed": round(routed / max(total, 1), 4),
+        "own_task": round(own / max(total, 1), 4),
+        "outside_fallback": round(fallback / max(len(outside), 1), 4),
+    }
 
 
 def _level(url: str, make, c: int, cfg: ServeBenchConfig, **tags: Any) -> dict[str, Any]:
@@ -164,12 +209,16 @@ def _push(client: ClipbankClient, data: bytes, bank_size: int, image: bytes) -> 
     }
 
 
-def _baseline_rows(backend: Backend, cfg: ServeBenchConfig) -> list[dict[str, Any]]:
+PEERS = {"baseline": "benchmarks.baseline", "litserve": "benchmarks.litserve_peer"}
+
+
+def _peer_rows(backend: Backend, cfg: ServeBenchConfig, peer: str) -> list[dict[str, Any]]:
+    """Zero-shot load levels on a peer server (`PEERS`), which knows no tasks."""
     port = free_port()
-    cmd = [sys.executable, "-m", "benchmarks.baseline", "--backbone", backend.backbone, "--port", str(port)]
+    cmd = [sys.executable, "-m", PEERS[peer], "--backbone", backend.backbone, "--port", str(port)]
     with command_process(cmd, port, cfg.env) as (url, _):
         make = _zero_shot_factory(cfg)
-        return [_level(url, make, c, cfg, server="baseline", mode="zero-shot", tasks=0) for c in cfg.concurrency]
+        return [_level(url, make, c, cfg, server=peer, mode="zero-shot", tasks=0) for c in cfg.concurrency]
 
 
 def _clipbank_rows(backend: Backend, cfg: ServeBenchConfig, runtime: str) -> dict[str, Any]:
@@ -191,9 +240,13 @@ def _clipbank_rows(backend: Backend, cfg: ServeBenchConfig, runtime: str) -> dic
                     out["latency_1client"] = pinned_latency(client, backend, cfg.images[0], cfg.latency_requests)
                 if k not in sizes:
                     continue
-                make = _mixed_factory(cfg, backend.task_names[:k])
+                make = _auto_factory(cfg, backend.traffic[:k])
                 levels = conc if k == cfg.auto_tasks else (cfg.key_concurrency,)
                 out["load"] += [_level(url, make, c, cfg, **tag, mode="auto", tasks=k) for c in levels]
+                if k == cfg.auto_tasks and full:
+                    out["routing"] = traffic_routing(client, cfg, backend, k)
+                    pinned = _pinned_factory(cfg, backend.task_names[:k])
+                    out["load"].append(_level(url, pinned, cfg.key_concurrency, cfg, **tag, mode="pinned", tasks=k))
                 out["rss_bytes"][str(k)] = _settled_rss(pid)
         if full and max(sizes) > 1:
             out["paired"] = _paired(url, backend, cfg, args, env, max(sizes))
@@ -217,7 +270,7 @@ def _paired(url: str, backend: Backend, cfg: ServeBenchConfig, args, env, big: i
         half = ServeBenchConfig(**{**vars(cfg), "max_seconds": cfg.max_seconds / 2, "requests": cfg.requests // 2})
         for r in range(PAIRED_ROUNDS):
             for tasks, where in ((1, small_url), (big, url)):
-                make = _mixed_factory(cfg, backend.task_names[:tasks])
+                make = _auto_factory(cfg, backend.traffic[:tasks])
                 row = _level(where, make, cfg.key_concurrency, half, server="clipbank", runtime="torch", tasks=tasks)
                 rows.append({**row, "mode": "auto", "round": r})
     return rows
@@ -233,7 +286,10 @@ def find_row(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
 def bench_backend(backend: Backend, cfg: ServeBenchConfig) -> dict[str, Any]:
     print(f"{backend.label}: baseline", file=sys.stderr, flush=True)
     report: dict[str, Any] = {"label": backend.label, "backbone": backend.backbone, "flops": backend.flops}
-    report["load"] = _baseline_rows(backend, cfg)
+    report["load"] = _peer_rows(backend, cfg, "baseline")
+    if cfg.litserve:
+        print(f"{backend.label}: LitServe peer", file=sys.stderr, flush=True)
+        report["load"] += _peer_rows(backend, cfg, "litserve")
     print(f"{backend.label}: clipbank, PyTorch frozen pass", file=sys.stderr, flush=True)
     torch_run = _clipbank_rows(backend, cfg, "torch")
     report["load"] += torch_run["load"]
@@ -242,8 +298,10 @@ def bench_backend(backend: Backend, cfg: ServeBenchConfig) -> dict[str, Any]:
     report["latency_1client"] = torch_run.get("latency_1client", {})
     report["paired"] = torch_run.get("paired", [])
     report["shadow"] = torch_run.get("shadow", [])
+    report["routing"] = torch_run.get("routing", {})
     if cfg.onnx:
-        print(f"{backend.label}: clipbank, ONNX Runtime frozen pass", file=sys.stderr, flush=True)
-        report["load"] += _clipbank_rows(backend, cfg, "onnx")["load"]
+        for runtime in ("onnx", "onnx-int8"):
+            print(f"{backend.label}: clipbank, ONNX Runtime frozen pass ({runtime})", file=sys.stderr, flush=True)
+            report["load"] += _clipbank_rows(backend, cfg, runtime)["load"]
     report["tensor_bytes"] = backend.tensor_bytes
     return report

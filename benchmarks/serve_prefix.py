@@ -15,7 +15,7 @@ from service.client import ClipbankClient
 from training.expert_blocks import compared_values
 
 from .process import server_process
-from .serve import PAIRED_ROUNDS, TOKEN, ServeBenchConfig, _level, _mixed_factory, _push, _zero_shot_factory
+from .serve import PAIRED_ROUNDS, TOKEN, ServeBenchConfig, _auto_factory, _level, _push, _zero_shot_factory
 
 
 def prefix_rows(label: str, ref: str, bb: Backbone, cfg: ServeBenchConfig) -> list[dict[str, Any]]:
@@ -44,7 +44,7 @@ def prefix_rows(label: str, ref: str, bb: Backbone, cfg: ServeBenchConfig) -> li
             row = _level(urls[ks[0]], zero_shot, cfg.key_concurrency, half, **tag, mode="zero-shot", tasks=0)
             rows.append({**row, "expert_blocks": None})
             for k in ks if r % 2 == 0 else ks[::-1]:
-                make = _mixed_factory(cfg, backends[k].task_names)
+                make = _auto_factory(cfg, backends[k].traffic)
                 row = _level(urls[k], make, cfg.key_concurrency, half, **tag, mode="auto", tasks=cfg.auto_tasks)
                 rows.append({**row, "expert_blocks": k})
     return [r for r in rows if r["round"] > 0]

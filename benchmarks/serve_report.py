@@ -11,11 +11,38 @@ GOALS = {
     "auto_vs_baseline": (">=", 1.0),
     "zero_shot_vs_baseline": (">=", 1.5),
     "p99_auto_vs_baseline": ("<=", 1.5),
+    "zero_shot_vs_litserve": (">=", 1.2),
+    "p99_zero_shot_vs_litserve": ("<=", 1.0),
+    "auto_vs_litserve": (">=", 1.0),
     "tasks100_vs_tasks1": (">=", 0.9),
+    "tasks100_vs_tasks1_tiny": (">=", 0.9),
     "memory_per_task_vs_bundle": ("<=", 1.2),
+    "memory_per_task_vs_bundle_tiny": ("<=", 1.2),
     "auto_vs_zero_shot": (">=", 0.8),
     "latency_1client_vs_single_thread": ("<=", 1.2),
+    "gemm_fraction_16": (">=", 0.7),
 }
+
+
+def expected_ratios(cfg: Any) -> list[str]:
+    """The keys every `bench serve` run must put in `ratios` (with a value), given what `cfg` turns on."""
+    big = max(max(cfg.growth), cfg.auto_tasks)
+    keys = ["auto_vs_baseline", "zero_shot_vs_baseline", f"tasks{big}_vs_tasks1", "memory_per_task_vs_bundle"]
+    keys += ["latency_1client_vs_single_thread", f"tasks{big}_vs_tasks1_tiny", f"gemm_fraction_{cfg.key_concurrency}"]
+    keys += ["auto_traffic_routed", "auto_traffic_outside_fallback"]
+    if cfg.litserve:
+        keys += ["zero_shot_vs_litserve", "p99_zero_shot_vs_litserve", "auto_vs_litserve"]
+    if cfg.prefix:
+        keys.append("auto_vs_zero_shot")
+    if cfg.onnx:
+        keys += ["onnx_vs_torch_zero_shot", "int8_vs_fp32"]
+    return keys
+
+
+def missing_ratios(report: dict[str, Any], cfg: Any) -> list[str]:
+    return [k for k in expected_ratios(cfg) if report["ratios"].get(k) is None]
+
+
 PUSH_ROWS = {0, 1, 9, 10, 49, 50, 99}  # bank sizes whose upload is shown in report.md
 
 
@@ -34,9 +61,10 @@ def _header(report: dict[str, Any]) -> list[str]:
         f"Command: `{report['command']}`. {report['machine']}. Measured GEMM rate (float32 2048², torch, "
         f"{report['torch_threads']} threads): **{report['gemm_gflops']} GFLOP/s**. Wall time {report['seconds']} s.",
         "",
-        f"Each request carries 1 image. Zero-shot requests carry {len(cfg['labels'])} labels; in auto mode "
-        f"{cfg['routed_per_5']} of 5 requests are pinned to a task (its own classes; the task's selector still "
-        "scores every image) and the rest are auto with labels, which every selector declines.",
+        f"Each request carries 1 image and, unless pinned, {len(cfg['labels'])} labels. Auto traffic is really "
+        f"auto-routed: no pins; {cfg['routed_per_5']} of 5 requests carry an image of a task's own generated "
+        "family (tasks in turn), the rest an outside image, and the selectors decide each one. Pinned rows pin "
+        f"{cfg['routed_per_5']} of 5 requests to a task instead.",
         "",
         f"## Ratios (key backbone {report['key']}, concurrency {cfg['key_concurrency']})",
         "",
@@ -127,6 +155,15 @@ def format_report(report: dict[str, Any]) -> str:
         lines += ["", f"## {b['label']} (`{b['backbone']}`)", "", "FLOPs per pass (GFLOP): "]
         lines[-1] += ", ".join(f"{k} {v / 1e9:.3f}" for k, v in b["flops"].items())
         cfg = report["config"]
+        if b.get("routing"):
+            r = b["routing"]
+            lines += [
+                "",
+                f"Auto traffic at {cfg['auto_tasks']} tasks, each distinct image classified once: "
+                f"{r['routed']:.1%} of the {r['task_images']} task-family images routed to a task "
+                f"({r['own_task']:.1%} to their own), {r['outside_fallback']:.1%} of outside images left "
+                "to zero-shot.",
+            ]
         lines += _load_table(b) + _paired_table(b, cfg) + _prefix_table(b, cfg) + _memory_and_swaps(b)
     return "\n".join(lines) + "\n"
 

@@ -19,15 +19,17 @@ from tqdm import tqdm
 from model_store.backbone import Backbone, load_backbone
 from model_store.bank import build_bank, empty_bank
 from model_store.bundle import read_bundle, tensor_bytes
+from training.data import LabelledImages, load_domain
 from training.expert_blocks import default_expert_blocks, with_expert_blocks
+from training.trainer import frozen_features
 
 from .profile import gemm_rate, pass_flops
-from .samples import domain_pngs
+from .samples import domain_pngs, png_bytes
 from .serve import Backend, ServeBenchConfig, bench_backend, find_row
 from .serve_prefix import prefix_ratios, prefix_rows
 from .serve_report import format_report, plot
 from .shadow_cost import shadow_ratio
-from .synthetic import synthetic_bundle
+from .synthetic import family_images, family_selector, synthetic_bundle
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +48,39 @@ def random_checkpoint(arch: str, path: Path, seed: int = 0) -> str:
     return f"{arch}:file:{path}"
 
 
+TRAFFIC_PER_TASK = 6  # distinct request images of each task's family
+
+
+def outside_features(bb: Backbone, per_domain: int = 8) -> torch.Tensor:
+    """Frozen embeddings of outside images (the offline domains' training splits; requests use their test
+    splits), which the synthetic selectors are calibrated not to claim."""
+    domains = ("shapes", "digits", "textures", "glyphs")
+    images = [im for d in domains for im in load_domain(d, "train").images[:per_domain]]
+    return frozen_features(bb, LabelledImages(images, [0] * len(images), ("x",)))
+
+
 def prepare_backend(
     label: str, ref: str, n_tasks: int, expert_blocks: int | None = None, bb: Backbone | None = None
 ) -> Backend:
     """Load the backbone here (unless given), build `n_tasks` synthetic bundles one on top of the other (experts
-    in the top `expert_blocks` blocks; None: the training default), count FLOPs."""
+    in the top `expert_blocks` blocks; None: the training default), each with a selector fitted to a generated
+    image family of its own and request images of that family; count FLOPs."""
     bb = bb or load_backbone(ref, "cpu")
+    negatives = outside_features(bb)
     bank, bundles, sizes, names, parsed = with_expert_blocks(empty_bank(bb), expert_blocks), [], [], [], []
+    traffic = []
     for k in tqdm(range(n_tasks), desc=f"{label}: synthetic bundles", file=sys.stderr):
         name = f"task-{k:03d}"
-        data = synthetic_bundle(bank, name, seed=k)
+        data = synthetic_bundle(bank, name, seed=k, selector=family_selector(bb, k, negatives))
         b = read_bundle(data)
         parsed.append(b)
         bank = build_bank(bb, parsed, (), k + 1, bank)
         bundles.append(data)
         sizes.append(tensor_bytes(b))
         names.append(name)
+        traffic.append([png_bytes(im) for im in family_images(k, TRAFFIC_PER_TASK, bb.image_size, seed=2)])
     flops = pass_flops(bank)
-    return Backend(label, ref, bundles, sizes, names, flops, bb)
+    return Backend(label, ref, bundles, sizes, names, flops, bb, traffic)
 
 
 def _flops_per_image(report: dict[str, Any], row: dict[str, Any], cfg: ServeBenchConfig) -> float:
@@ -71,9 +88,19 @@ def _flops_per_image(report: dict[str, Any], row: dict[str, Any], cfg: ServeBenc
     if row["server"] == "baseline":  # every request encodes its image and all its prompts
         return f["image_frozen"] + len(cfg.labels) * f["text_frozen_per_prompt"]
     if row["mode"] == "zero-shot" or not row["tasks"]:
-        return f["image_frozen"]
-    routed = cfg.routed_per_5 / 5
-    return f["image_frozen"] + routed * f["image_adapted"] + row["tasks"] * f["selector_per_task"]
+        return f["image_frozen"]  # the LitServe peer's text embeddings are cached, as are clipbank's
+    adapted = routed_share(report, row, cfg) * f["image_adapted"]
+    return f["image_frozen"] + adapted + row["tasks"] * f["selector_per_task"]
+
+
+def routed_share(report: dict[str, Any], row: dict[str, Any], cfg: ServeBenchConfig) -> float:
+    """The share of a load row's images that take the adapted pass: the pinned share, or for auto traffic what the
+    selectors were seen to route (measured at the auto-mode bank size, `traffic_routing`)."""
+    task_share = cfg.routed_per_5 / 5
+    routing = report.get("routing") or {}
+    if row["mode"] == "pinned" or not routing:
+        return task_share
+    return task_share * routing["routed"] + (1 - task_share) * (1 - routing["outside_fallback"])
 
 
 def add_derived(report: dict[str, Any], cfg: ServeBenchConfig, gemm: float) -> None:
@@ -91,7 +118,7 @@ def ratios(report: dict[str, Any], cfg: ServeBenchConfig) -> dict[str, float | N
     def get(**m: Any) -> dict[str, Any]:
         return find_row(rows, concurrency=c, **m) or {}
 
-    base = get(server="baseline")
+    base, lit = get(server="baseline"), get(server="litserve")
     zs = get(server="clipbank", runtime="torch", mode="zero-shot")
     auto = get(server="clipbank", runtime="torch", mode="auto", tasks=cfg.auto_tasks)
     big = max(max(cfg.growth), cfg.auto_tasks)  # as benchmarks.serve pushes and pairs
@@ -101,6 +128,8 @@ def ratios(report: dict[str, Any], cfg: ServeBenchConfig) -> dict[str, float | N
     bundle = sum(report["tensor_bytes"][1:big]) / max(big - 1, 1)
     onnx_zs = get(server="clipbank", runtime="onnx", mode="zero-shot")
     onnx_auto = get(server="clipbank", runtime="onnx", mode="auto")
+    int8_zs = get(server="clipbank", runtime="onnx-int8", mode="zero-shot")
+    int8_auto = get(server="clipbank", runtime="onnx-int8", mode="auto")
 
     def div(a: float | None, b: float | None) -> float | None:
         return round(a / b, 3) if a is not None and b else None
@@ -114,17 +143,44 @@ def ratios(report: dict[str, Any], cfg: ServeBenchConfig) -> dict[str, float | N
         "auto_vs_baseline": div(auto.get("images_per_s"), base.get("images_per_s")),
         "zero_shot_vs_baseline": div(zs.get("images_per_s"), base.get("images_per_s")),
         "p99_auto_vs_baseline": div(auto.get("p99_ms"), base.get("p99_ms")),
+        "zero_shot_vs_litserve": div(zs.get("images_per_s"), lit.get("images_per_s")),
+        "p99_zero_shot_vs_litserve": div(zs.get("p99_ms"), lit.get("p99_ms")),
+        "auto_vs_litserve": div(auto.get("images_per_s"), lit.get("images_per_s")),
+        f"gemm_fraction_{c}": zs.get("fraction_of_gemm"),  # clipbank zero-shot: achieved FLOP rate / GEMM rate
         f"tasks{big}_vs_tasks1": paired_ratio,
         f"tasks{big}_vs_tasks1_sequential": div(tn.get("images_per_s"), t1.get("images_per_s")),
         "memory_per_task_vs_bundle": div(per_task, bundle),
         "onnx_vs_torch_zero_shot": div(onnx_zs.get("images_per_s"), zs.get("images_per_s")),
         "onnx_vs_torch_auto": div(onnx_auto.get("images_per_s"), auto.get("images_per_s")),
+        "int8_vs_fp32": div(int8_zs.get("images_per_s"), onnx_zs.get("images_per_s")),  # ONNX Runtime, both
+        "int8_vs_fp32_auto": div(int8_auto.get("images_per_s"), onnx_auto.get("images_per_s")),
         f"tasks{big}_shadow_vs_none_auto": shadow_ratio(report.get("shadow", [])),
         # one client, one image pinned to a task: through the server (as the client sees it, and the server's
         # own total) over the same classification on one thread in this process
         "latency_1client_vs_single_thread": div(lat.get("client_p50_ms"), lat.get("model_p50_ms")),
         "server_time_1client_vs_single_thread": div(lat.get("server_p50_ms"), lat.get("model_p50_ms")),
     }
+
+
+TINY_KEYS = ("latency_1client_vs_single_thread", "server_time_1client_vs_single_thread")  # "for a pinned tiny image"
+
+
+def headline(backends: list[dict[str, Any]], cfg: ServeBenchConfig) -> dict[str, float | None]:
+    """The key (last) backbone's ratios, with the tiny backbone's where the goal is tiny's: its 1-client latency
+    ratios and its growth ratio (as `tasks{N}_vs_tasks1_tiny`)."""
+    key = backends[-1]
+    out = {**ratios(key, cfg), **key.get("prefix_ratios", {})}
+    tiny = next((b for b in backends if b["label"] == "tiny"), None)
+    if tiny is not None:
+        mine = ratios(tiny, cfg)
+        big = max(max(cfg.growth), cfg.auto_tasks)
+        out.update({k: mine[k] for k in TINY_KEYS})
+        out[f"tasks{big}_vs_tasks1_tiny"] = mine[f"tasks{big}_vs_tasks1"]
+        out["memory_per_task_vs_bundle_tiny"] = mine["memory_per_task_vs_bundle"]
+    routing = key.get("routing") or {}
+    out["auto_traffic_routed"] = routing.get("routed")  # of task-family images, at the auto-mode bank size
+    out["auto_traffic_outside_fallback"] = routing.get("outside_fallback")
+    return out
 
 
 def run_bench_serve(
@@ -159,7 +215,7 @@ def run_bench_serve(
         "gemm_gflops": round(gemm / 1e9, 1),
         "key": key["label"],
         "config": {k: v for k, v in vars(cfg).items() if k not in ("images", "env")},
-        "ratios": {**ratios(key, cfg), **key.get("prefix_ratios", {})},
+        "ratios": headline(backends, cfg),
         "ratios_by_backbone": {b["label"]: {**ratios(b, cfg), **b.get("prefix_ratios", {})} for b in backends},
         "backends": backends,
         "seconds": round(time.time() - t0, 1),

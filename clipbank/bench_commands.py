@@ -169,6 +169,7 @@ def _expert_sweep(given: str | None, backbone) -> tuple[int, ...]:
 
 def _bench_serve(args: argparse.Namespace) -> int:
     from benchmarks.serve import ServeBenchConfig
+    from benchmarks.serve_report import missing_ratios
     from benchmarks.serve_run import default_images, run_bench_serve
 
     quick = args.quick
@@ -179,6 +180,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
         requests=args.requests or (100 if quick else 400),
         max_seconds=args.max_seconds or (10.0 if quick else 30.0),
         onnx=args.onnx,
+        litserve=args.litserve,
         prefix=args.prefix,
     )
     backbones: list[tuple[str, str | None]] = [("tiny", "tiny")]
@@ -188,7 +190,10 @@ def _bench_serve(args: argparse.Namespace) -> int:
     report = run_bench_serve(Path(args.out), cfg, backbones, command)
     print((Path(args.out) / "report.md").read_text())
     print("plots: " + ", ".join(str(Path(args.out) / p) for p in report["plots"]))
-    return 0
+    missing = missing_ratios(report, cfg)
+    if missing:
+        print(f"error: report.json ratios lack {', '.join(missing)}", file=sys.stderr)
+    return 1 if missing else 0
 
 
 def _bench_scale(args: argparse.Namespace) -> int:

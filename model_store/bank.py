@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from .compat import check_compatible, check_config
 from .errors import MissingExpert, TaskNotFound
 from .experts import Expert, MoEConfig, Routing, TaskRouter
 from .manifest import Manifest, shown
-from .selector import Selector, load_selector
+from .selector import Selector, SelectorStack, load_selector
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,11 @@ class BankSnapshot:
     degraded: Mapping[str, str] = field(default_factory=dict)  # active tasks left out: task -> why
     bundle_ids: frozenset[str] = frozenset()  # the bundles it was built from: its tasks' and their experts' providers
     shadows: tuple[ShadowEntry, ...] = ()  # versions scoring live traffic beside the routing (sorted by task)
+
+    @cached_property
+    def selector_stack(self) -> SelectorStack:
+        """Its tasks' selectors, stacked to be scored at once (made on first use; a snapshot never changes)."""
+        return SelectorStack([t.selector for t in self.tasks])
 
     @property
     def task_names(self) -> tuple[str, ...]:

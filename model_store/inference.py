@@ -14,7 +14,6 @@ from .bank import BankSnapshot
 from .errors import InvalidRequest
 from .modes import AUTO, PER_IMAGE, PER_REQUEST, ROUTE_MODES, ZERO_SHOT
 from .moe_clip import encode_image, encode_image_from, encode_text, image_tokens
-from .selector import score
 
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.",)
 
@@ -171,7 +170,7 @@ def task_scores(bank: BankSnapshot, feats: torch.Tensor) -> torch.Tensor:
     """Selector scores [n, T] (error / threshold) of every active task, for frozen embeddings [n, D]."""
     if not bank.tasks:
         return torch.empty(feats.shape[0], 0)
-    return torch.stack([score(t.selector, feats).float().cpu() for t in bank.tasks], dim=1)
+    return bank.selector_stack.scores(feats)
 
 
 def route_scores(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

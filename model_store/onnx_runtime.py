@@ -25,6 +25,8 @@ from .settings import cache_root, env_value
 log = logging.getLogger(__name__)
 
 PARITY_ATOL = 1e-4  # max abs difference of normalised embeddings accepted between PyTorch and ONNX Runtime
+INT8_MIN_COSINE = 0.98  # the int8 image tower: least cosine similarity to PyTorch's embedding accepted per image
+INT8_IMAGE = "image.int8.onnx"
 EXPORT_FORMAT = 1  # bump when what is exported changes (encode_image / encode_text), so caches are redone
 EXPORT_LOCK_SECONDS = 900
 _MAX_BATCH = 4096
@@ -121,12 +123,10 @@ def run_session(sess: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 class OrtFrozen:
-    """The frozen passes in ONNX Runtime."""
+    """The frozen passes in ONNX Runtime (`name` "onnx", or "onnx-int8" when the image tower is quantized)."""
 
-    name = "onnx"
-
-    def __init__(self, image_path: Path, text_path: Path, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, image_path: Path, text_path: Path, device: torch.device, name: str = "onnx") -> None:
+        self.device, self.name = device, name
         self._image = session(image_path, device=device)
         self._text = session(text_path, device=device)
 
@@ -151,6 +151,48 @@ def parity(backbone: Backbone, runtime: Any, sizes: tuple[int, ...] = (1, 3)) ->
         worst["image"] = max(worst["image"], float((runtime.image(images) - ref_i).abs().max()))
         worst["text"] = max(worst["text"], float((runtime.text(tokens) - ref_t).abs().max()))
     return worst
+
+
+def quantize_image_tower(target: Path) -> Path:
+    """`target/image.int8.onnx`: the exported image tower with int8 weights (ONNX Runtime dynamic quantization:
+    activations are quantized per batch at run time), written atomically beside the float one."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = target / INT8_IMAGE
+    if not out.is_file():
+        tmp = target / f".{INT8_IMAGE}.{os.getpid()}.tmp"
+        try:
+            quantize_dynamic(str(target / "image.onnx"), str(tmp), weight_type=QuantType.QInt8)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return out
+
+
+def int8_cosine(backbone: Backbone, runtime: Any, n: int = 4) -> float:
+    """The least cosine similarity between `runtime`'s image embeddings and PyTorch's, on fresh random images."""
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    images = torch.rand(n, 3, backbone.image_size, backbone.image_size, generator=g).to(backbone.device)
+    with torch.inference_mode():
+        ref = encode_image(backbone.model, images)
+    return float(torch.nn.functional.cosine_similarity(runtime.image(images), ref).min())
+
+
+def _int8_runtime(backbone: Backbone, target: Path) -> tuple[OrtFrozen, dict[str, float]]:
+    """The int8 image tower (the text tower stays float: its embeddings are cached), checked against PyTorch."""
+    try:
+        runtime = OrtFrozen(quantize_image_tower(target), target / "text.onnx", backbone.device, "onnx-int8")
+        cosine = int8_cosine(backbone, runtime)
+    except Exception as e:  # ONNX Runtime raises its own types
+        raise BackboneError(f"the int8 image tower in {target} cannot be used: {type(e).__name__}: {e}") from e
+    if cosine < INT8_MIN_COSINE:
+        raise BackboneError(
+            f"the int8 image tower of {backbone.ref.text!r} is too far from PyTorch (cosine {cosine:.4f} < "
+            f"{INT8_MIN_COSINE}); use frozen_runtime=onnx"
+        )
+    return runtime, {"image_min_cosine": round(cosine, 6)}
 
 
 def _cache_folder(root: Path) -> Path:
@@ -199,10 +241,11 @@ def _versions() -> str:
 
 
 def with_onnx_runtime(
-    backbone: Backbone, cache_dir: str | os.PathLike | None = None
+    backbone: Backbone, cache_dir: str | os.PathLike | None = None, int8: bool = False
 ) -> tuple[Backbone, dict[str, float]]:
     """`backbone` as a new object whose frozen passes ONNX Runtime runs (the towers exported once per fingerprint
-    and versions), and the parity measured. `backbone` itself is not changed.
+    and versions), and the parity measured. `backbone` itself is not changed. `int8`: the image tower quantized
+    to int8 weights (made once beside the export), accepted if within INT8_MIN_COSINE of PyTorch.
 
     A cached export that cannot be loaded or does not match PyTorch within PARITY_ATOL is exported again, once;
     if that does not match either, BackboneError.
@@ -221,7 +264,9 @@ def with_onnx_runtime(
                 log.warning("%s; exporting again", e)
                 _export_into(backbone, root, target)
                 runtime, diffs = _checked_runtime(backbone, target)
+            if int8:
+                runtime, diffs = _int8_runtime(backbone, target)
     except Timeout:
         raise BackboneError(f"the ONNX cache {root} stayed locked for {EXPORT_LOCK_SECONDS} s") from None
-    log.info("frozen passes served by ONNX Runtime (parity %s)", diffs)
+    log.info("frozen passes served by ONNX Runtime, %s (parity %s)", runtime.name, diffs)
     return backbone.with_frozen(runtime), diffs

@@ -9,7 +9,8 @@ from typing import Any
 from model_store.settings import ENV_PREFIX, env_value, option
 
 MB = 1024 * 1024
-FROZEN_RUNTIMES = ("auto", "torch", "onnx")  # auto: onnx on CPU (measured faster there), torch on GPU
+# auto: onnx on CPU (measured faster there), torch on GPU; onnx-int8: the image tower with int8 weights, opt-in
+FROZEN_RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 INVALID = "invalid server settings: "
 ENGINES = ("uvicorn", "ray")
 MAX_UNCLAIMED = 20_000  # 40 MB of float32 embeddings at ViT-B's 512 dimensions; clustering stays in seconds
@@ -59,7 +60,8 @@ class ServeConfig:
     max_connections: int = option(1024, "open connections; beyond it a new one gets 503 and is closed")
     frozen_runtime: str = option(
         "auto",
-        "who runs the frozen passes: auto is ONNX Runtime on CPU, PyTorch on GPU (the adapted pass is always torch)",
+        "who runs the frozen passes: auto is ONNX Runtime on CPU, PyTorch on GPU (the adapted pass is always torch); "
+        "onnx-int8 quantizes the frozen image tower to int8 weights (CPU)",
         FROZEN_RUNTIMES,
     )
     onnx_cache: str = option("", "where ONNX exports are kept (default $XDG_CACHE_HOME/clipbank/onnx)")

@@ -160,14 +160,14 @@ class Service:
         shared, wanted = self.backbone, self.config.frozen_runtime
         if wanted == "torch" or (wanted == "auto" and shared.device.type != "cpu"):
             return shared.with_frozen()  # PyTorch, whatever runtime the shared object has
-        if shared.frozen.name == "onnx":  # set up by whoever loaded the backbone
+        if shared.frozen.name == (wanted if wanted != "auto" else "onnx"):  # set up by whoever loaded the backbone
             return shared.with_frozen(shared.frozen)
         from model_store.onnx_runtime import with_onnx_runtime
 
         try:
-            return with_onnx_runtime(shared, self.config.onnx_cache or None)[0]
+            return with_onnx_runtime(shared, self.config.onnx_cache or None, int8=wanted == "onnx-int8")[0]
         except Exception as e:  # export, cache, file system and ONNX Runtime errors alike
-            if wanted == "onnx":
+            if wanted != "auto":
                 raise
             log.warning("frozen passes stay in PyTorch: %s: %s", type(e).__name__, e, exc_info=e)
         return shared.with_frozen()

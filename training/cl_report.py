@@ -13,6 +13,27 @@ from model_store.modes import ZERO_SHOT
 from .plots import pyplot
 
 
+def _int8_lines(int8: dict[str, Any] | None) -> list[str]:
+    """The int8 frozen image pass against PyTorch's, on the final moe-ddas bank (`training/int8_eval.py`)."""
+    if not int8:
+        return []
+    if "error" in int8:
+        return ["", f"int8 frozen image pass: not measured ({int8['error']})."]
+    keys = list(int8["fp32"])
+    lines = [
+        "",
+        "Frozen image pass in int8 (`--frozen-runtime onnx-int8`) against PyTorch float, on the final "
+        "moe-ddas bank (mean % over the domains; routing: task images to their own task; fallback: outside "
+        "images to zero-shot):",
+        "",
+        "| pass | " + " | ".join(keys) + " |",
+        "|---" * (len(keys) + 1) + "|",
+    ]
+    for name in ("fp32", "int8", "delta_points"):
+        lines.append(f"| {name} | " + " | ".join(f"{int8[name][k]:.2f}" for k in keys) + " |")
+    return lines
+
+
 def format_markdown(report: dict[str, Any], command: str | None = None) -> str:
     doms = report["domains"]
     lines = ["# Continual-learning benchmark", ""]
@@ -51,6 +72,7 @@ def format_markdown(report: dict[str, Any], command: str | None = None) -> str:
         for m, r in report.get("routing_by_method", {}).items():
             fb = r.get("zero_shot_fallback")
             lines.append(f"| `{m}` | {r['task_accuracy']:.3f} | {'' if fb is None else f'{fb:.3f}'} |")
+    lines += _int8_lines(report.get("int8"))
     if "long" in routing:  # the long-sequence routing measurement (`clipbank bench routing`), every kind
         from .routing_report import format_markdown as routing_markdown
 

@@ -25,6 +25,7 @@ from model_store.selector import SelectorConfig, fit_selector
 from .data import LabelledImages
 from .evaluate import accuracy_and_routes
 from .expert_blocks import default_expert_blocks
+from .int8_eval import int8_comparison
 from .trainer import TrainConfig, accuracy, default_lr, fit_steps, frozen_features, train_task
 
 METHODS = ("zero-shot", "finetune", "adapter", "moe-oracle", "moe-ddas", "moe-gauss", "moe-ddas-warm")
@@ -58,6 +59,7 @@ class CLConfig:
     expert_blocks: int | None = None  # K of the MoE methods' bank (None: the trainer's default)
     # more values of K, each training a bank of its own, reported as moe-ddas-k{K} and moe-oracle-k{K}
     expert_blocks_sweep: tuple[int, ...] = ()
+    int8: bool = True  # also evaluate the final moe-ddas bank with the int8 frozen image pass (training/int8_eval.py)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -290,7 +292,7 @@ def run_continual(
     """Every method of `cfg.methods` on the same sequence and budget; the report as `report.json` holds it."""
     if len(seq) < 2:
         raise ValueError(f"a continual run needs at least 2 domains, got {len(seq)}")
-    run = _Run()
+    run, int8 = _Run(), None
     start = time.perf_counter()
     zs = [accuracy(backbone.model, backbone, d.test, TEMPLATE, lambda n: None) for d in seq]
     for _ in seq:
@@ -300,6 +302,8 @@ def run_continual(
         banks = _run_moe(backbone, seq, cfg, run, warm=False, progress=progress)
         if outside is not None:
             _route_outside(banks, run, outside, outside_name, cfg)
+        if cfg.int8 and "moe-ddas" in banks:
+            int8 = int8_comparison(banks["moe-ddas"], seq, outside)
     if "moe-ddas-warm" in cfg.methods:
         _run_moe(backbone, seq, cfg, run, warm=True, progress=progress)
     for k in cfg.expert_blocks_sweep:
@@ -323,6 +327,7 @@ def run_continual(
         "routing_by_method": routing,
         "expert_blocks": _expert_block_rows(run, methods, cfg, backbone),
         "val_accuracy": run.val,
+        "int8": int8,
         "seconds": {**run.seconds, "total": round(time.perf_counter() - start, 1)},
     }
     return report

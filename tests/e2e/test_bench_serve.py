@@ -7,7 +7,8 @@ import json
 import pytest
 
 from benchmarks.serve import ServeBenchConfig
-from benchmarks.serve_run import default_images, run_bench_serve
+from benchmarks.serve_report import missing_ratios
+from benchmarks.serve_run import TRAFFIC_PER_TASK, default_images, run_bench_serve
 from model_store.backbone import load_backbone
 from tests.e2e.conftest import ONNX_CACHE
 from training.expert_blocks import default_expert_blocks
@@ -41,20 +42,29 @@ def test_bench_serve_writes_a_complete_report(tmp_path):
     ):
         assert report["ratios"][key] > 0, key
     assert report["ratios"]["memory_per_task_vs_bundle"] is not None
-    assert report["ratios"]["onnx_vs_torch_zero_shot"] > 0
+    assert report["ratios"]["onnx_vs_torch_zero_shot"] > 0 and report["ratios"]["int8_vs_fp32"] > 0
+    assert missing_ratios(report, cfg) == []  # every key the issue asks for, with a value
+    routing = report["backends"][0]["routing"]  # really auto-routed: the selectors claim family images...
+    assert routing["task_images"] == 3 * TRAFFIC_PER_TASK and routing["routed"] >= 0.5
+    assert routing["outside_fallback"] >= 0.9  # ...and leave the outside ones to zero-shot
     assert report["ratios"]["tasks3_shadow_vs_none_auto"] > 0
     (tiny,) = report["backends"]
     seen = {(r["server"], r.get("runtime"), r["mode"], r["tasks"], r["concurrency"]) for r in tiny["load"]}
     assert seen == {
         ("baseline", None, "zero-shot", 0, 1),
         ("baseline", None, "zero-shot", 0, 4),
+        ("litserve", None, "zero-shot", 0, 1),
+        ("litserve", None, "zero-shot", 0, 4),
         ("clipbank", "torch", "zero-shot", 0, 1),
         ("clipbank", "torch", "zero-shot", 0, 4),
         ("clipbank", "torch", "auto", 1, 4),
         ("clipbank", "torch", "auto", 3, 1),
         ("clipbank", "torch", "auto", 3, 4),
+        ("clipbank", "torch", "pinned", 3, 4),
         ("clipbank", "onnx", "zero-shot", 0, 4),
         ("clipbank", "onnx", "auto", 3, 4),
+        ("clipbank", "onnx-int8", "zero-shot", 0, 4),
+        ("clipbank", "onnx-int8", "auto", 3, 4),
     }
     for row in tiny["load"]:
         assert row["errors"] == 0 and row["images"] > 0 and row["status"] == {"200": row["requests"]}, row

@@ -115,3 +115,27 @@ def test_a_backbone_is_never_changed_after_it_is_made(onnx_backbone):
         bb.frozen = None
     torch_twin = bb.with_frozen()
     assert torch_twin.frozen.name == "torch" and bb.frozen.name == "onnx" and torch_twin.model is bb.model
+
+
+def test_the_int8_image_tower_is_made_once_close_to_pytorch_and_refused_when_too_far(onnx_backbone, monkeypatch):
+    from model_store import onnx_runtime
+
+    bb, cache, _ = onnx_backbone
+    plain = load_backbone("tiny", device="cpu")
+    q, parity = with_onnx_runtime(plain, cache, int8=True)
+    assert q.frozen.name == "onnx-int8" and parity["image_min_cosine"] >= onnx_runtime.INT8_MIN_COSINE
+    (folder,) = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    int8 = folder / onnx_runtime.INT8_IMAGE
+    assert int8.stat().st_size < (folder / "image.onnx").stat().st_size / 2  # int8 weights, not float
+    stamp = int8.stat().st_mtime_ns
+    images = torch.rand(3, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref = encode_image(plain.model, images)
+    got = q.frozen.image(images)
+    assert not torch.equal(got, ref)  # really another pass...
+    assert float(torch.nn.functional.cosine_similarity(got, ref).min()) >= 0.98  # ...close to the float one
+    assert torch.equal(q.frozen.text(bb.tokenizer(["a cat"])), bb.frozen.text(bb.tokenizer(["a cat"])))  # text: float
+    monkeypatch.setattr(onnx_runtime, "INT8_MIN_COSINE", 1.01)
+    with pytest.raises(BackboneError, match="frozen_runtime=onnx"):
+        with_onnx_runtime(plain, cache, int8=True)
+    assert int8.stat().st_mtime_ns == stamp  # quantized once

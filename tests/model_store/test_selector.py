@@ -69,3 +69,23 @@ def test_negatives_that_look_like_the_task_cannot_take_its_own_images_below_self
     sel = fit_selector(pos[:200], pos[200:], SelectorConfig(), None, lookalike)
     assert (score(sel, pos[200:]) <= 1).float().mean() >= 0.95
     assert sel.calibration["neg_claimed"] > 0.5  # reported, so the trainer can warn
+
+
+def test_a_bank_scores_its_selectors_at_once_exactly_as_one_by_one():
+    from model_store.selector import SelectorStack, score
+
+    g = torch.Generator().manual_seed(3)
+    feats = torch.nn.functional.normalize(torch.randn(40, 32, generator=g), dim=-1)
+    kinds = ["autoencoder", "gaussian", "autoencoder", "autoencoder"]
+    sels = [
+        fit_selector(feats[4 * i : 4 * i + 8], feats[30:34], SelectorConfig(kind=k, epochs=20, seed=i))
+        for i, k in enumerate(kinds)
+    ]
+    stack = SelectorStack(sels)
+    assert stack.stacked.tolist() == [0, 2, 3] and [i for i, _ in stack.others] == [1]  # the gaussian alone
+    one_by_one = torch.stack([score(s, feats) for s in sels], dim=1)
+    assert torch.allclose(stack.scores(feats), one_by_one, rtol=1e-5, atol=1e-6)
+    wide = fit_selector(feats[:8], feats[30:34], SelectorConfig(bottleneck=8, epochs=5))  # another bottleneck
+    mixed = SelectorStack([sels[0], wide])
+    assert mixed.stacked.numel() == 0  # not stackable: every one scored alone, still right
+    assert torch.allclose(mixed.scores(feats), torch.stack([score(s, feats) for s in (sels[0], wide)], 1))

@@ -30,11 +30,26 @@ def test_orders_hold_the_same_eleven_datasets():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(backbone):
+def tiny_run(backbone, tmp_path_factory):
     seq = offline_sequence(("arrows", "digits"), train_limit=64, test_limit=24)
     outside = load_domain("shapes", "test").subset(range(24))
     cfg = CLConfig(steps=3, batch_size=16, expert_blocks_sweep=(1,))
-    return run_continual(backbone, seq, cfg, outside, "shapes", progress=False)
+    with pytest.MonkeyPatch.context() as mp:  # the int8 comparison's ONNX export
+        mp.setenv("CLIPBANK_ONNX_CACHE", str(tmp_path_factory.mktemp("onnx")))
+        return run_continual(backbone, seq, cfg, outside, "shapes", progress=False)
+
+
+def test_int8_frozen_pass_is_compared_with_the_float_one(tiny_run):
+    int8 = tiny_run["int8"]
+    if "error" in int8:
+        pytest.importorskip("onnxruntime")
+        pytest.fail(int8["error"])
+    assert set(int8["fp32"]) == set(int8["int8"]) == {"zero_shot", "auto", "routing", "outside_fallback"}
+    for k, d in int8["delta_points"].items():
+        assert d == pytest.approx(int8["int8"][k] - int8["fp32"][k], abs=0.011)
+        assert abs(d) <= 10, (k, d)  # 48 test images: a few answers at most may change
+    zero_shot = tiny_run["methods"]["zero-shot"]["matrix"][-1]  # the same plain CLIP, by the serving path
+    assert int8["fp32"]["zero_shot"] == pytest.approx(100 * sum(zero_shot) / len(zero_shot), abs=0.01)
 
 
 def test_report_has_every_method_and_routing(tiny_run):
