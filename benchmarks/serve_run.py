@@ -19,6 +19,7 @@ from tqdm import tqdm
 from model_store.backbone import Backbone, load_backbone
 from model_store.bank import build_bank, empty_bank
 from model_store.bundle import read_bundle, tensor_bytes
+from model_store.reference import find_reference
 from training.data import LabelledImages, load_domain
 from training.expert_blocks import default_expert_blocks, with_expert_blocks
 from training.trainer import frozen_features
@@ -66,7 +67,10 @@ def prepare_backend(
     in the top `expert_blocks` blocks; None: the training default), each with a selector fitted to a generated
     image family of its own and request images of that family; count FLOPs."""
     bb = bb or load_backbone(ref, "cpu")
+    reference = find_reference(bb)  # as training does: the selectors are calibrated not to claim these either
     negatives = outside_features(bb)
+    if reference is not None:
+        negatives = torch.cat([negatives, reference.embeddings.to(negatives.dtype)])
     bank, bundles, sizes, names, parsed = with_expert_blocks(empty_bank(bb), expert_blocks), [], [], [], []
     traffic = []
     for k in tqdm(range(n_tasks), desc=f"{label}: synthetic bundles", file=sys.stderr):

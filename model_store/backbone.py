@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass, field
@@ -76,6 +77,9 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+AUTOCAST_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 @dataclass(frozen=True)
 class TowerSpec:
     """What the experts need to know about one tower: width and number of residual blocks."""
@@ -100,10 +104,24 @@ class Backbone:
     # Who runs the frozen passes; None: PyTorch. Chosen when the object is made: a server that wants another
     # runtime serves from its own `with_frozen` copy, so no object a bank snapshot or another server holds changes.
     frozen: FrozenRuntime | None = None
+    # Mixed precision of the PyTorch passes (frozen and adapted, image and text): "off", "fp16" or "bf16"
+    # (torch.autocast on this device; meant for CUDA). Embeddings, selector scores and logits stay float32.
+    autocast: str = "off"
 
     def __post_init__(self) -> None:
+        if self.autocast not in AUTOCAST_DTYPES:
+            raise BackboneError(f"autocast must be one of {', '.join(AUTOCAST_DTYPES)}, got {self.autocast!r}")
         if self.frozen is None:
             object.__setattr__(self, "frozen", TorchFrozen(self.model))  # the one assignment, at construction
+
+    def compute(self) -> contextlib.AbstractContextManager:
+        """The context every PyTorch pass runs in: torch.autocast with this backbone's dtype, or nothing."""
+        dtype = AUTOCAST_DTYPES[self.autocast]
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+
+    def with_autocast(self, autocast: str) -> Backbone:
+        """This backbone (same model, same frozen runtime) as a new object whose PyTorch passes use `autocast`."""
+        return dataclasses.replace(self, autocast=autocast)
 
     def with_frozen(self, frozen: FrozenRuntime | None = None) -> Backbone:
         """This backbone (the same model, tokenizer and fingerprint: no copy of the weights) as a new object whose

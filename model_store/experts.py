@@ -150,7 +150,7 @@ class Routing:
         for s in used:
             b, j = (slots == s).nonzero(as_tuple=True)
             y = expert_forward(h[b], experts[s], self.config.scale, self.config.dropout, self.training)
-            out = out.index_add(0, b, y * gates[b, j].to(y.dtype)[:, None, None])
+            out = out.index_add(0, b, (y * gates[b, j].to(y.dtype)[:, None, None]).to(out.dtype))
         return out
 
     def _gathered(
@@ -167,7 +167,7 @@ class Routing:
         z = torch.relu(torch.baddbmm(down_b.unsqueeze(1), x, down_w.transpose(1, 2)))
         y = torch.baddbmm(up_b.unsqueeze(1), z, up_w.transpose(1, 2)).view(b, k, *h.shape[1:])
         weight = (gates * (slots >= 0)).to(y.dtype) * self.config.scale
-        return torch.einsum("bk,bkld->bld", weight, y)
+        return torch.einsum("bk,bkld->bld", weight, y).to(h.dtype)  # autocast: y may be half
 
     def _route(self, tower: str, block: int, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.config.top_k
@@ -185,5 +185,5 @@ class Routing:
             kk = min(k, logits.shape[1])
             top, cols = logits.topk(kk, dim=1)
             slots[rows, :kk] = r.slots[tower][block][cols]
-            gates[rows, :kk] = torch.softmax(top, dim=1)
+            gates[rows, :kk] = torch.softmax(top, dim=1).to(gates.dtype)  # autocast may compute it in half
         return slots, gates

@@ -130,12 +130,12 @@ class TextJob:
         chunk = self.prompts[self._done : self._done + max(1, n)]
         if chunk:
             tokens = bb.tokenizer(chunk).to(bb.device)
-            with torch.inference_mode():
+            with torch.inference_mode(), bb.compute():
                 if self.task >= 0:
                     routing = self.bank.routing(torch.full((len(chunk),), self.task))
-                    self._parts.append(encode_text(bb.model, tokens, routing))
+                    self._parts.append(encode_text(bb.model, tokens, routing).float())
                 else:
-                    self._parts.append(bb.frozen.text(tokens))
+                    self._parts.append(bb.frozen.text(tokens).float())
             self._done += len(chunk)
         return self.remaining == 0
 
@@ -329,24 +329,24 @@ class ImagePasses:
         bb = self.bank.backbone
         if self._routed is None:
             part = self.images[self._done : self._done + max(1, n)]
-            if self.prefix:
-                with torch.inference_mode():
+            with torch.inference_mode(), bb.compute():
+                if self.prefix:
                     self._token_parts.append(image_tokens(bb.model, part, self.prefix))
-                    self._frozen.append(encode_image_from(bb.model, self._token_parts[-1], self.prefix))
-            else:
-                self._frozen.append(bb.frozen.image(part))
+                    self._frozen.append(encode_image_from(bb.model, self._token_parts[-1], self.prefix).float())
+                else:
+                    self._frozen.append(bb.frozen.image(part).float())
             self._done += len(part)
             if self._done == len(self.images):
                 self._route(torch.cat(self._frozen))
             return self.done
         idx = self._routed[self._done : self._done + max(1, n)]
         routing = self.bank.routing(self.tasks[idx.cpu()])
-        with torch.inference_mode():
+        with torch.inference_mode(), bb.compute():
             if self._tokens is not None:
                 tokens = self._tokens[self._done : self._done + len(idx)]
-                self.feats[idx] = encode_image_from(bb.model, tokens, self.prefix, routing)
+                self.feats[idx] = encode_image_from(bb.model, tokens, self.prefix, routing).float()
             else:
-                self.feats[idx] = encode_image(bb.model, self.images[idx], routing)
+                self.feats[idx] = encode_image(bb.model, self.images[idx], routing).float()
         self._done += len(idx)
         return self.done
 

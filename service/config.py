@@ -11,6 +11,7 @@ from model_store.settings import ENV_PREFIX, env_value, option
 MB = 1024 * 1024
 # auto: onnx on CPU (measured faster there), torch on GPU; onnx-int8: the image tower with int8 weights, opt-in
 FROZEN_RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
+AUTOCAST_MODES = ("off", "fp16", "bf16")  # model_store.backbone.AUTOCAST_DTYPES
 INVALID = "invalid server settings: "
 ENGINES = ("uvicorn", "ray")
 MAX_UNCLAIMED = 20_000  # 40 MB of float32 embeddings at ViT-B's 512 dimensions; clustering stays in seconds
@@ -65,6 +66,12 @@ class ServeConfig:
         FROZEN_RUNTIMES,
     )
     onnx_cache: str = option("", "where ONNX exports are kept (default $XDG_CACHE_HOME/clipbank/onnx)")
+    autocast: str = option(
+        "off",
+        "mixed precision of the PyTorch passes, frozen and adapted (torch.autocast; meant for CUDA, where it is "
+        "unmeasured here): off, fp16 or bf16",
+        AUTOCAST_MODES,
+    )
     gate_max_stolen: float = option(
         0.02, "interference gate: the largest share of any task's probes a new version may take"
     )
@@ -118,6 +125,8 @@ class ServeConfig:
         for name in ("gate_max_stolen", "gate_max_zero_shot"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in 0..1, got {getattr(self, name)}")
+        if self.autocast not in AUTOCAST_MODES:
+            problems.append(f"autocast must be one of {', '.join(AUTOCAST_MODES)}, got {self.autocast!r}")
         if self.frozen_runtime not in FROZEN_RUNTIMES:
             problems.append(f"frozen_runtime must be one of {', '.join(FROZEN_RUNTIMES)}, got {self.frozen_runtime!r}")
         for name in ("admin_token", "classify_token"):

@@ -124,7 +124,7 @@ class Service:
         """The torch part of start-up, on the compute thread: backbone, ONNX export, bank, warm-up."""
         if self.backbone is None:
             self.backbone = load_backbone(self.config.backbone, self.config.device)
-        self.backbone = self._frozen_runtime()
+        self.backbone = self._frozen_runtime().with_autocast(self.config.autocast)
         reference, cfg = self._reference(), self.config
         gate = Gate(GateLimits(cfg.gate_max_stolen, cfg.gate_max_zero_shot), reference)
         monitor = ReservoirConfig(cfg.unclaimed_capacity, cfg.unclaimed_retention_seconds, cfg.unclaimed_bin_seconds)
