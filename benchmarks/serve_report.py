@@ -144,6 +144,9 @@ def _memory_and_swaps(b: dict[str, Any]) -> list[str]:
     worst = max(pushes, key=lambda p: p["upload_s"] + p["upload_end_to_routable_s"])
     return lines + [
         "",
+        f"Uploads the interference gate refused (then made with force=true): "
+        f"{sum(bool(p.get('forced')) for p in pushes)} of {len(pushes)}.",
+        "",
         f"Slowest upload plus time to routable: {worst['upload_s'] + worst['upload_end_to_routable_s']:.3f} s "
         f"(bank size {worst['bank_size']}).",
     ]

@@ -50,7 +50,7 @@ def family_images(family: int, n: int, size: int, seed: int = 0) -> list[Image.I
     return out
 
 
-def family_selector(backbone, family: int, negatives: torch.Tensor, n: int = 12) -> Selector:
+def family_selector(backbone, family: int, negatives: torch.Tensor, n: int = 24) -> Selector:
     """The trainer's default selector, fitted to `n` images of the family (2/3 fit, 1/3 calibrate) with the frozen
     embeddings `negatives` (outside images) held out to cap its false claims, as training does."""
     images = family_images(family, n, backbone.image_size, seed=1)

@@ -34,7 +34,17 @@ MTIL_ORDER_II = (
 )  # fmt: skip
 PROTOCOLS = {"mtil-1": MTIL_ORDER_I, "mtil-2": MTIL_ORDER_II}
 CIFAR_STEPS = {"cifar100-10": 10, "cifar100-20": 20, "cifar100-50": 50}
-CLASS_ORDER_SEED = 1993  # the class order of iCaRL and the MoE-Adapters paper
+# CIFAR-100's class order in MoE-Adapters4CL's class-incremental code (`cil/class_orders/cifar100.yaml`, the order
+# ZSCL and earlier CIL work use); not numpy's RandomState(1993).permutation, which this module used before.
+CIFAR100_CLASS_ORDER = (
+    87, 0, 52, 58, 44, 91, 68, 97, 51, 15, 94, 92, 10, 72, 49, 78, 61, 14, 8, 86, 84, 96, 18, 24, 32, 45, 88, 11, 4,
+    67, 69, 66, 77, 47, 79, 93, 29, 50, 57, 83, 17, 81, 41, 12, 37, 59, 25, 20, 80, 73, 1, 28, 6, 46, 62, 82, 53, 9,
+    31, 75, 38, 63, 33, 74, 27, 22, 36, 3, 16, 21, 60, 19, 70, 90, 89, 43, 5, 42, 65, 76, 40, 30, 23, 85, 2, 95, 56,
+    48, 71, 64, 98, 13, 99, 7, 34, 55, 54, 26, 35, 39,
+)  # fmt: skip
+# The same code's CIFAR-100 settings for MoE-Adapters (`cil/configs/class/cifar100_*-MoE-Adapters.yaml`): batch 128,
+# lr 1e-3, no label smoothing. Its prompt is "a bad photo of a {}."; ours stays the trainer's template.
+CIFAR_TRAIN = {"batch_size": 128, "lr": 1e-3, "label_smoothing": 0.0}
 
 # torchvision class, and how to ask it for train and test (datasets with no split get a fixed 80/20 one)
 TORCHVISION = {
@@ -128,8 +138,11 @@ def run_mtil(backbone: Backbone, root: str | Path, protocol: str, cfg: CLConfig,
 # ----------------------------------------------------------------------------------------------- CIFAR-100
 
 
-def class_order(n: int, seed: int = CLASS_ORDER_SEED) -> list[int]:
-    return np.random.RandomState(seed).permutation(n).tolist()
+def class_order(n: int) -> list[int]:
+    """CIFAR-100's order of the papers for n = 100; for another class count, a fixed seeded permutation."""
+    if n == len(CIFAR100_CLASS_ORDER):
+        return list(CIFAR100_CLASS_ORDER)
+    return np.random.RandomState(1993).permutation(n).tolist()
 
 
 def run_cifar_incremental(
@@ -150,7 +163,7 @@ def run_cifar_incremental(
         step_train = _relabel(train, set(int(c) for c in group), classes)
         step_test = _relabel(test, set(seen), classes)
         fit, val = step_train.holdout(0.1)
-        tcfg = TrainConfig(task="cifar100", steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed + k)
+        tcfg = TrainConfig(task="cifar100", steps=cfg.steps, seed=cfg.seed + k, **CIFAR_TRAIN)
         result = train_task(bank, fit, tcfg, val, k + 1, parent, progress=False, reference=find_reference(backbone))
         bundle = read_bundle(result.bundle)
         parent = bundle.id
