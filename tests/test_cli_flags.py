@@ -30,7 +30,8 @@ def test_every_serve_setting_but_the_tokens_is_a_flag_that_defaults_to_unset():
     assert set(flags) == expected
     assert all(a.default is None for a in flags.values())  # so CLIPBANK_* variables fill what was not given
     assert "(default 8000)" in flags["port"].help
-    assert flags["frozen_runtime"].choices == ("auto", "torch", "onnx")
+    assert flags["frozen_runtime"].choices == ("auto", "torch", "onnx", "onnx-int8")
+    assert flags["autocast"].choices == ("off", "fp16", "bf16")
 
 
 def test_serve_flags_override_the_environment_and_the_rest_comes_from_it():
