@@ -297,7 +297,7 @@ def load_selector(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Sel
 class SelectorStack:
     """Every selector of a bank scored at once: the autoencoders (the default kind) stacked into batched matrix
     products, the others one by one. Scores [n, T] equal `score` of each selector in turn, at a cost that grows
-    with T in FLOPs only, not in Python calls (measured: 2.3 ms against 0.2 ms per batch of 16 at 100 tiny tasks)."""
+    with T in FLOPs only, not in Python calls (measured: 0.65 ms against 2.3 ms per batch of 16 at 100 tiny tasks)."""
 
     def __init__(self, selectors: Sequence[Selector]) -> None:
         self.count = len(selectors)
