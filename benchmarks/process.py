@@ -42,20 +42,33 @@ def command_process(
 ) -> Iterator[tuple[str, int]]:
     """Run a server command that listens on 127.0.0.1:`port`; yield (url, pid) once its /readyz is 200."""
     out = open(log, "ab") if log is not None else subprocess.DEVNULL  # closed below
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+    # its own process group, signalled whole: a server may run worker processes (LitServe does), which must not
+    # outlive it
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(proc, url, ready_seconds, log)
         yield url, proc.pid
     finally:
-        proc.send_signal(signal.SIGTERM)
+        _signal_group(proc.pid, signal.SIGTERM)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            _signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
+        time.sleep(0.5)  # the workers' own shutdown, then make sure of it
+        _signal_group(proc.pid, signal.SIGKILL)
         if log is not None:
             out.close()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:  # the whole group is gone
+        pass
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, seconds: float, log: Path | None) -> None:
