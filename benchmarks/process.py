@@ -58,17 +58,20 @@ def command_process(
         except subprocess.TimeoutExpired:
             _signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
-        time.sleep(0.5)  # the workers' own shutdown, then make sure of it
-        _signal_group(proc.pid, signal.SIGKILL)
+        if _signal_group(proc.pid, 0):  # workers left: give them their own shutdown, then make sure of it
+            time.sleep(0.5)
+            _signal_group(proc.pid, signal.SIGKILL)
         if log is not None:
             out.close()
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def _signal_group(pid: int, sig: int) -> bool:
+    """Send `sig` to the process group `pid`; False if no process of it is left."""
     try:
         os.killpg(pid, sig)
-    except ProcessLookupError:  # the whole group is gone
-        pass
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, seconds: float, log: Path | None) -> None:
