@@ -39,17 +39,6 @@ def _bench_soak(args: argparse.Namespace) -> int:
     return 0
 
 
-def _long_routing(backbone) -> dict:
-    """`routing.near_ood`, `routing.long` and every selector kind's figures: the routing benchmark's long
-    sequence with near outside domains, for `clipbank bench cl`'s report."""
-    from model_store.reference import find_reference
-    from model_store.selector import SelectorConfig
-    from training.routing import run_routing
-    from training.routing_report import routing_keys
-
-    return routing_keys(run_routing(backbone, find_reference(backbone)), SelectorConfig.kind)
-
-
 def _bench_routing(args: argparse.Namespace) -> int:
     from model_store.backbone import load_backbone
     from model_store.reference import find_reference
@@ -124,47 +113,20 @@ def _bench_protocol(args: argparse.Namespace) -> int:
 
 def _bench_cl(args: argparse.Namespace) -> int:
     from model_store.backbone import load_backbone
+    from training.cl_job import run_offline_cl
     from training.cl_report import format_markdown, write_cl_report
-    from training.continual import CLConfig, offline_sequence, run_continual
-    from training.data import load_domain
 
     if args.protocol:
         return _bench_protocol(args)
-    quick = {"steps": 80, "batch_size": 32, "train_limit": 240, "test_limit": 60} if args.quick else {}
-    steps = args.steps or quick.get("steps", 300)
-    methods = tuple(args.methods.split(",")) if args.methods else CLConfig().methods
-    cfg = CLConfig(steps=steps, batch_size=quick.get("batch_size", 64), methods=methods, seed=args.seed)
-    seq = offline_sequence(
-        args.domains.split(","), quick.get("train_limit"), args.test_limit or quick.get("test_limit")
-    )
-    outside = load_domain(args.outside, "test") if args.outside else None
-    if outside is not None and (args.test_limit or quick.get("test_limit")):
-        outside = outside.subset(range(min(len(outside), args.test_limit or quick["test_limit"])))
     backbone = load_backbone(args.backbone or DEFAULT_BACKBONE, args.device)
-    cfg = dataclasses.replace(cfg, expert_blocks_sweep=_expert_sweep(args.expert_blocks, backbone))
-    report = run_continual(backbone, seq, cfg, outside, args.outside or "none")
-    if args.routing:
-        report["routing"] = {**report.get("routing", {}), **_long_routing(backbone)}
+    job = CLJob(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CLJob)})
+    report = run_offline_cl(job, backbone)
     command = "clipbank bench cl " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "clipbank bench cl"
     if args.out:
         paths = write_cl_report(report, Path(args.out), command)
         print("wrote " + ", ".join(str(p) for p in paths))
     print(format_markdown(report, command))
     return 0
-
-
-def _expert_sweep(given: str | None, backbone) -> tuple[int, ...]:
-    """--expert-blocks: the K values to train beside the default's; by default L/2 and L/4 of the image tower."""
-    from training.expert_blocks import compared_values, default_expert_blocks
-
-    if given is not None:
-        values = [k.strip() for k in given.split(",") if k.strip()]
-        if not all(k.isdigit() for k in values):
-            raise ValueError(f"--expert-blocks takes comma-separated block counts (0: every block), got {given!r}")
-        return tuple(int(k) for k in values)
-    layers = backbone.towers["visual"].layers
-    main = default_expert_blocks(backbone) or layers
-    return tuple(k for k in compared_values(layers) if k != main)
 
 
 def _bench_serve(args: argparse.Namespace) -> int:

@@ -34,6 +34,74 @@ def _int8_lines(int8: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _pm(values: dict[str, Any], key: str, digits: int, scale: float = 1.0) -> str:
+    """`mean ± std` of a figure (std when the report has more than one seed), or a dash when missing."""
+    v = values.get(key)
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "–"
+    std = values.get(f"{key}_std")
+    return f"{v * scale:.{digits}f}" + (f" ± {std * scale:.{digits}f}" if std else "")
+
+
+SUMMARY_TEXT = {
+    "transfer_known_vs_zero_shot": "Transfer on the known-concept domains, moe-ddas minus zero-shot (points)",
+    "last_ddas_vs_oracle": "Last, moe-ddas minus moe-oracle (points)",
+    "plasticity_gap_vs_finetune": "accuracy when learned, finetune minus moe-oracle, mean over tasks (points)",
+    "last_ddas_vs_adapter_ddas": "Last, moe-ddas minus adapter-ddas (points)",
+    "routing_long_task_accuracy": "routing over the 12-task sequence: task images to their own task",
+    "fallback_pretraining": "the pretraining domain's images left to zero-shot",
+    "fallback_near_min": "the lowest share of a near outside domain's images left to zero-shot",
+    "cil_old_class_accuracy_last": "class-incremental: old classes' accuracy after the last version (%)",
+}
+
+
+def _summary_lines(report: dict[str, Any]) -> list[str]:
+    summary = report.get("summary")
+    if not summary:
+        return []
+    seeds = report.get("seeds", [])
+    lines = ["", f"Summary over {len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}):"]
+    lines += ["", "| figure | mean ± std | key |", "| --- | --- | --- |"]
+    for key, text in SUMMARY_TEXT.items():
+        lines.append(f"| {text} | {_pm(summary, key, 3 if 'routing' in key or 'fallback' in key else 2)} | `{key}` |")
+    return lines
+
+
+def _activation_lines(report: dict[str, Any]) -> list[str]:
+    """Whose experts each task's router picks (top-k choices over every block, on a training sample)."""
+    shares = (report.get("expert_activation") or {}).get("moe-ddas")
+    if not shares:
+        return []
+    owners = list(report["domains"])
+    lines = ["", "Expert activation, moe-ddas: share of each task's top-k picks that go to each task's experts (%):"]
+    lines += ["", "| task \\ experts of | " + " | ".join(owners) + " |", "|---" * (len(owners) + 1) + "|"]
+    for task, row in shares.items():
+        lines.append(f"| {task} | " + " | ".join(f"{100 * row[o]:.0f}" if o in row else "" for o in owners) + " |")
+    return lines
+
+
+def _cil_lines(cil: dict[str, Any] | None) -> list[str]:
+    if not cil:
+        return []
+    lines = [
+        "",
+        f"Class-incremental: `{cil['domain']}` learned as {len(cil['versions'])} versions of one task "
+        f"({' / '.join(', '.join(g) for g in cil['groups'])}); accuracy (%) over the classes seen so far:",
+        "",
+        "| version | classes | old classes, pinned | old classes, routed | all, pinned | all, routed |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in cil["versions"]:
+        cells = [_pm(r, f"{a}_class_accuracy_{m}", 1, 100) for a in ("old", "all") for m in ("pinned", "auto")]
+        lines.append(f"| {r['version']} | {len(r['classes'])} | " + " | ".join(cells[i] for i in (0, 1, 2, 3)) + " |")
+    lines += [
+        "",
+        f"Old classes after the last version: {_pm(cil, 'old_class_accuracy_last', 1)}; "
+        f"forgetting {_pm(cil, 'forgetting', 1)} points.",
+    ]
+    return lines
+
+
 def format_markdown(report: dict[str, Any], command: str | None = None) -> str:
     doms = report["domains"]
     lines = ["# Continual-learning benchmark", ""]
@@ -43,11 +111,13 @@ def format_markdown(report: dict[str, Any], command: str | None = None) -> str:
         f"Domains in order: {', '.join(doms)}; outside domain: {report.get('outside') or 'none'}; "
         f"{report['config']['steps']} steps per task; backbone {report['backbone']['arch']}.",
         "",
-        "| method | Transfer | Avg | Last | forgetting (points) |",
-        "| --- | --- | --- | --- | --- |",
+        "| method | Transfer | Avg | Last | learned | forgetting (points) |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for m, r in report["methods"].items():
-        lines.append(f"| `{m}` | {r['transfer']:.1f} | {r['avg']:.1f} | {r['last']:.1f} | {r['forgetting']:.1f} |")
+        cells = " | ".join(_pm(r, k, 1) for k in ("transfer", "avg", "last", "learned", "forgetting"))
+        lines.append(f"| `{m}` | {cells} |")
+    lines += _summary_lines(report) + _activation_lines(report) + _cil_lines(report.get("class_incremental"))
     sweep = report.get("expert_blocks") or []
     if len(sweep) > 1:
         lines += [

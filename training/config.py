@@ -57,20 +57,29 @@ CL_PROTOCOLS = ("mtil-1", "mtil-2", "cifar100-10", "cifar100-20", "cifar100-50")
 class CLJob:
     """`clipbank bench cl`: the offline sequence by default, or a real protocol on --data-root."""
 
-    quick: bool = option(False, "80 steps of 32, fewer images: about 5 minutes on 2 cores")
-    domains: str = option("sketches,textures,arrows,digits,glyphs", "offline domains, in order")
+    quick: bool = option(False, "80 steps of 32, fewer images, one seed: under 5 minutes on 2 cores")
+    domains: str = option(
+        "sketches,colours,textures,crowds,digits,zoomed",
+        "offline domains, in order (colours, zoomed, crowds: concepts the tiny backbone knows)",
+    )
     outside: str = option("shapes", "a domain no task learns (for zero-shot fallback); '' for none")
     steps: int | None = option(None, "training steps per task for every method (default 300)")
-    methods: str | None = option(None, "comma-separated subset of the methods (default: all)")
+    methods: str | None = option(
+        None,
+        "comma-separated methods (default: all but adapter and moe-ddas-warm); known: zero-shot, finetune, wise-ft, "
+        "adapter, adapter-ddas, moe-oracle, moe-ddas, moe-gauss, moe-ddas-warm",
+    )
     test_limit: int | None = option(None, "at most this many val and test images per domain")
     backbone: str | None = option(None, "default: tiny offline, ViT-B-16:openai for --protocol")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    seed: int = option(0, "random seed")
+    seed: int = option(0, "random seed of the first run")
+    seeds: int | None = option(None, "runs, each with its own seed; figures are mean ± std (default 3, --quick 1)")
+    class_incremental: bool = option(True, "also learn digits as 3 versions of one task, each adding classes")
     out: str | None = option(None, "write report.json, report.md and PNG plots here")
     expert_blocks: str | None = option(
         None,
         "more K values (experts in the top K blocks of each tower) for the MoE bank, each trained and reported "
-        "beside the default's, e.g. '2,1'; default: L/2 and L/4 (those that are not the default); '' for none",
+        "beside the default's on the first seed, e.g. '2,1' (L/2 and L/4 of the tiny backbone); default: none",
     )
     routing: bool = option(
         True, "run the long routing sequence (12 tasks, near outside domains, every selector kind; ~1 min on tiny)"

@@ -388,11 +388,13 @@ def export_domain(name: str, out: str | os.PathLike, splits: tuple[str, ...] = S
     return counts
 
 
-def _register_lookalike() -> None:
-    """The look-alike and near outside domains build on the helpers above, so they live in their own module."""
+def _register_more() -> None:
+    """The look-alike, near outside and known-concept domains build on the helpers above, in modules of their own."""
+    from .known_domains import KNOWN_DOMAINS
     from .lookalike import LOOKALIKE_DOMAINS
 
     DOMAINS.update(LOOKALIKE_DOMAINS)
+    DOMAINS.update(KNOWN_DOMAINS)
 
 
-_register_lookalike()
+_register_more()

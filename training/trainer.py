@@ -46,6 +46,7 @@ class TrainConfig:
     val_fraction: float = 0.2  # held out of the training set when no validation set is given
     seed: int = 0
     rank: int = 64  # of the new experts; top-k, scale, dropout and noise are the bank's MoEConfig
+    isolated: bool = False  # the router sees only the new experts: with new_experts=1, one adapter per task
     # K: new experts only in the top K blocks of each tower (0: every block); None: the bank's, or for a bank's
     # first task default_expert_blocks. Every task of a bank has the same K.
     expert_blocks: int | None = None
@@ -69,6 +70,8 @@ class TrainConfig:
             problems.append(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 <= self.warm_start_steps < self.steps:
             problems.append(f"warm_start_steps must be in [0, steps), got {self.warm_start_steps}")
+        if self.isolated and self.warm_start_steps:
+            problems.append("warm_start_steps trains the router over the bank's experts, which isolated excludes")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 
@@ -111,10 +114,11 @@ class _TaskParams(torch.nn.Module):
                 experts = [new_expert(spec.width, cfg.rank, generator) for _ in range(count)]
                 self.new[tower].append(experts)
                 params += [p for e in experts for p in e.parts().values()]
-                n = len(bank.experts[tower][i]) + count
+                n = count if cfg.isolated else len(bank.experts[tower][i]) + count
                 self.router[f"{tower}_{i}"] = torch.nn.Parameter(torch.zeros(n, spec.width))
                 self.noise[f"{tower}_{i}"] = torch.nn.Parameter(torch.zeros(n, spec.width))
         self.expert_params = torch.nn.ParameterList(params)
+        self.isolated = cfg.isolated
         self.to(bank.backbone.device)
 
     def prefer_new(self, bank: BankSnapshot, data: LabelledImages, cfg: TrainConfig) -> None:
@@ -142,7 +146,8 @@ class _TaskParams(torch.nn.Module):
             experts[tower] = [tuple(bank.experts[tower][i]) + tuple(new) for i, new in enumerate(self.new[tower])]
             weights[tower] = [self.router[f"{tower}_{i}"] for i in range(len(experts[tower]))]
             noise[tower] = [self.noise[f"{tower}_{i}"] for i in range(len(experts[tower]))]
-            slots[tower] = [torch.arange(len(e), device=dev) for e in experts[tower]]
+            old = [len(b) if self.isolated else 0 for b in bank.experts[tower]]  # isolated: the new experts only
+            slots[tower] = [torch.arange(o, len(e), device=dev) for o, e in zip(old, experts[tower], strict=True)]
             allowed[tower] = [
                 torch.arange(len(e), device=dev) < len(bank.experts[tower][i]) for i, e in enumerate(experts[tower])
             ]
@@ -266,7 +271,8 @@ def _publish(bank: BankSnapshot, params: _TaskParams) -> tuple[dict[str, PlacedE
     for tower in TOWERS:
         routing[tower], routers[tower] = [], []
         for i, new in enumerate(params.new[tower]):
-            ids = [by_slot[(tower, i, s)] for s in range(len(bank.experts[tower][i]))]
+            old = 0 if params.isolated else len(bank.experts[tower][i])
+            ids = [by_slot[(tower, i, s)] for s in range(old)]
             for e in new:
                 frozen = Expert.from_parts({k: v.detach().cpu().clone() for k, v in e.parts().items()})
                 eid = expert_id(frozen.parts())

@@ -36,7 +36,7 @@ def test_orders_hold_the_same_eleven_datasets():
 def tiny_run(backbone, tmp_path_factory):
     seq = offline_sequence(("arrows", "digits"), train_limit=64, test_limit=24)
     outside = load_domain("shapes", "test").subset(range(24))
-    cfg = CLConfig(steps=3, batch_size=16, expert_blocks_sweep=(1,))
+    cfg = CLConfig(steps=3, batch_size=16, methods=METHODS, expert_blocks_sweep=(1,))
     with pytest.MonkeyPatch.context() as mp:  # the int8 comparison's ONNX export
         mp.setenv("CLIPBANK_ONNX_CACHE", str(tmp_path_factory.mktemp("onnx")))
         return run_continual(backbone, seq, cfg, outside, "shapes", progress=False)

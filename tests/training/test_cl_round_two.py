@@ -1,0 +1,175 @@
+"""The continual-learning benchmark's second round: known-concept domains, the adapter-ddas and wise-ft
+baselines, expert activation, the class-incremental protocol, and seeds aggregated as mean ± std."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from clipbank.cli import main
+from model_store.bank import build_bank, empty_bank
+from model_store.bundle import read_bundle
+from training.cl_baselines import _WiseFT
+from training.cl_common import cl_metrics
+from training.cl_incremental import class_groups, run_class_incremental
+from training.cl_seeds import SUMMARY_KEYS, aggregate, mean_tree, seed_configs, summary_of
+from training.continual import CLConfig
+from training.data import LabelledImages, load_domain
+from training.known_domains import KNOWN_CONCEPT
+from training.trainer import TrainConfig, accuracy, train_task
+
+
+@pytest.mark.parametrize("name", KNOWN_CONCEPT)
+def test_known_concept_domains_sit_where_zero_shot_matters(backbone, name):
+    """Between 40% and 90% zero-shot on the tiny backbone: Transfer on them can fail either way."""
+    data = load_domain(name, "val")
+    acc = accuracy(backbone.model, backbone, data, "a photo of a {}.", lambda n: None)
+    chance = 1 / len(data.classes)
+    assert 0.4 <= acc <= 0.9 and acc > 2.5 * chance, (name, acc)
+
+
+def _two_tasks(backbone, **extra):
+    bank, bundles = empty_bank(backbone), []
+    for t, name in enumerate(("arrows", "digits")):
+        train = load_domain(name, "train").subset(range(64))
+        cfg = TrainConfig(task=name, steps=2, batch_size=8, seed=t, **extra)
+        bundles.append(read_bundle(train_task(bank, train, cfg, load_domain(name, "val"), progress=False).bundle))
+        bank = build_bank(backbone, bundles, previous=bank)
+    return bank, bundles
+
+
+def test_isolated_task_routes_only_to_its_own_adapter(backbone):
+    """adapter-ddas: one rank-128 expert per block whose router sees nothing else, so its gate is always 1."""
+    bank, (first, second) = _two_tasks(backbone, new_experts=1, rank=128, isolated=True)
+    for bundle in (first, second):
+        own = set(bundle.experts)
+        for tower in ("visual", "text"):
+            for ids, router in zip(bundle.manifest.routing.blocks[tower], bundle.routers[tower], strict=True):
+                assert len(ids) == 1 and ids[0] in own and router.shape[0] == 1
+    assert not second.uses  # nothing of the first task's
+    assert {p.expert.down_w.shape[0] for p in second.experts.values()} == {128}
+    with pytest.raises(ValueError, match="isolated"):
+        TrainConfig(task="x", isolated=True, warm_start_steps=1)
+
+
+def test_wise_ft_interpolates_each_weight_between_zero_shot_and_tuned():
+    zero = torch.nn.Linear(3, 2)
+    tuned = torch.nn.Linear(3, 2)
+    wise = _WiseFT(zero, 0.25)
+    mixed = wise.mixed(tuned)
+    assert torch.allclose(mixed.weight, 0.75 * zero.weight + 0.25 * tuned.weight)
+    assert torch.allclose(mixed.bias, 0.75 * zero.bias + 0.25 * tuned.bias)
+    assert not torch.equal(zero.weight, mixed.weight)  # the zero-shot model itself is left alone
+    with pytest.raises(ValueError, match="wise_alpha"):
+        CLConfig(wise_alpha=0.0)
+
+
+def test_learned_is_the_diagonal():
+    assert cl_metrics([[0.5, 0.2], [0.4, 0.9]])["learned"] == pytest.approx(70.0)
+
+
+def _report(seed: int, ddas: float, oracle: float, finetune_learned: float) -> dict:
+    row = [[0.5, 0.6], [0.5, 0.7]]
+
+    def m(last: float, learned: float) -> dict:
+        return {"matrix": row, "transfer": 60.0, "avg": 55.0, "last": last, "forgetting": 0.0, "learned": learned}
+
+    return {
+        "config": {"seed": seed},
+        "domains": ["sketches", "colours"],
+        "outside": "shapes",
+        "methods": {
+            "zero-shot": {**m(50.0, 50.0), "matrix": [[0.5, 0.5], [0.5, 0.5]]},
+            "finetune": m(40.0, finetune_learned),
+            "moe-oracle": m(oracle, 80.0),
+            "moe-ddas": m(ddas, 79.0),
+            "adapter-ddas": m(ddas - 2, 78.0),
+        },
+        "routing": {"task_accuracy": 0.98, "zero_shot_fallback": 0.99, "near_ood": {"a": 0.95, "b": 0.9},
+                    "long": {"task_accuracy": 0.97}},
+        "class_incremental": {"old_class_accuracy_last": 40.0 + seed / 1000, "forgetting": 10.0},
+        "seconds": {"total": 10.0},
+    }  # fmt: skip
+
+
+def test_summary_of_one_seed():
+    s = summary_of(_report(0, 80.0, 81.0, 90.0))
+    assert set(s) == set(SUMMARY_KEYS)
+    assert s["transfer_known_vs_zero_shot"] == pytest.approx(60.0 - 50.0)  # colours is column 1: 0.6 vs 0.5
+    assert s["last_ddas_vs_oracle"] == pytest.approx(-1.0)
+    assert s["plasticity_gap_vs_finetune"] == pytest.approx(10.0)
+    assert s["last_ddas_vs_adapter_ddas"] == pytest.approx(2.0)
+    assert s["fallback_near_min"] == 0.9 and s["fallback_pretraining"] == 0.99
+    assert s["routing_long_task_accuracy"] == 0.97 and s["cil_old_class_accuracy_last"] == 40.0
+
+
+def test_seeds_aggregate_as_mean_and_std():
+    reports = [_report(0, 80.0, 81.0, 90.0), _report(1000, 82.0, 82.0, 92.0), _report(2000, 84.0, 83.0, 94.0)]
+    out = aggregate(reports)
+    assert out["seeds"] == [0, 1000, 2000]
+    ddas = out["methods"]["moe-ddas"]
+    assert ddas["last"] == pytest.approx(82.0) and ddas["last_std"] == pytest.approx(2.0)
+    s = out["summary"]
+    assert s["last_ddas_vs_oracle"] == pytest.approx(0.0) and s["last_ddas_vs_oracle_std"] == pytest.approx(1.0)
+    assert s["plasticity_gap_vs_finetune"] == pytest.approx(12.0)
+    assert s["cil_old_class_accuracy_last"] == pytest.approx(41.0)
+    assert [p["seed"] for p in out["per_seed"]] == [0, 1000, 2000]
+    assert out["seconds"]["all_seeds"] == 30.0
+    json.dumps(out)  # the report stays JSON
+
+
+def test_mean_tree_and_seed_configs():
+    assert mean_tree([{"a": [1.0, 2.0], "b": "x"}, {"a": [3.0, 4.0], "b": "y"}]) == {"a": [2.0, 3.0], "b": "x"}
+    assert mean_tree([{"a": 1.0, "only": 5.0}, {"a": 3.0}]) == {"a": 2.0, "only": 5.0}
+    cfgs = seed_configs(CLConfig(seed=7, expert_blocks_sweep=(1,)), 3)
+    assert [c.seed for c in cfgs] == [7, 1007, 2007]
+    assert cfgs[0].expert_blocks_sweep == (1,) and cfgs[1].expert_blocks_sweep == () and not cfgs[2].int8
+    with pytest.raises(ValueError, match="seeds"):
+        seed_configs(CLConfig(), 0)
+
+
+def test_class_groups():
+    assert class_groups(tuple("abcdefghij"), 3) == [tuple("abcd"), tuple("efg"), tuple("hij")]
+    with pytest.raises(ValueError, match="versions"):
+        class_groups(("a", "b", "c"), 3)
+
+
+def test_class_incremental_protocol(backbone):
+    r = run_class_incremental(backbone, CLConfig(steps=2, batch_size=8), train_limit=120, test_limit=90, progress=False)
+    assert [v["version"] for v in r["versions"]] == [1, 2, 3]
+    assert [len(v["classes"]) for v in r["versions"]] == [4, 7, 10]
+    last = r["versions"][-1]
+    n = last["test_images_per_group"]
+    assert len(n) == 3 and sum(n) == 90
+    old = np.average(last["pinned"][:2], weights=n[:2])
+    assert r["old_class_accuracy_last"] == pytest.approx(100 * old, abs=0.01)
+    drops = [r["versions"][g]["pinned"][g] - last["pinned"][g] for g in range(2)]
+    assert r["forgetting"] == pytest.approx(100 * max(drops), abs=0.01)
+    assert r["versions"][0]["old_class_accuracy_pinned"] is None
+
+
+def test_bench_cl_with_seeds_writes_mean_and_std(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CLIPBANK_ONNX_CACHE", str(tmp_path / "onnx"))  # the int8 comparison's export
+    out = tmp_path / "cl"
+    args = ["bench", "cl", "--quick", "--domains", "arrows,colours", "--steps", "2", "--test-limit", "24"]
+    args += ["--seeds", "2"]
+    args += ["--methods", "zero-shot,moe-oracle,moe-ddas,adapter-ddas", "--expert-blocks", "", "--no-routing"]
+    args += ["--no-class-incremental", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["seeds"] == [0, 1000] and len(report["per_seed"]) == 2
+    assert {"last", "last_std", "learned", "learned_std"} <= set(report["methods"]["moe-ddas"])
+    s = report["summary"]
+    assert s["last_ddas_vs_oracle"] is not None and s["last_ddas_vs_adapter_ddas_std"] is not None
+    assert s["transfer_known_vs_zero_shot"] is not None  # colours comes second: its Transfer is measured
+    assert s["cil_old_class_accuracy_last"] is None and s["routing_long_task_accuracy"] is None
+    shares = report["expert_activation"]
+    assert shares["adapter-ddas"]["colours"]["colours"] == 1.0  # isolated: only its own expert
+    assert shares["moe-ddas"]["arrows"] == {"arrows": 1.0}  # the first task has nothing older to pick
+    assert sum(shares["moe-ddas"]["colours"].values()) == pytest.approx(1.0, abs=1e-3)
+    md = (out / "report.md").read_text()
+    assert "Summary over 2 seeds" in md and " ± " in md and "Expert activation" in md
+    assert LabelledImages  # the module's data type stays importable from here

@@ -1,0 +1,69 @@
+"""`clipbank bench cl` on the offline domains, as one job: the sequence, the outside domain, the K sweep, the
+long routing sequence and the class-incremental protocol, run once per seed and aggregated (cl_seeds.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from model_store.backbone import Backbone
+from model_store.reference import find_reference
+from model_store.selector import SelectorConfig
+
+from .cl_common import CLConfig
+from .cl_incremental import run_class_incremental
+from .cl_seeds import run_seeds
+from .config import CLJob
+from .continual import offline_sequence, run_continual
+from .data import load_domain
+from .routing import RoutingConfig, run_routing
+from .routing_report import routing_keys
+
+QUICK = {"steps": 80, "batch_size": 32, "train_limit": 240, "test_limit": 60}
+
+
+def expert_sweep(given: str | None) -> tuple[int, ...]:
+    """--expert-blocks: the K values to train beside the default's (none unless asked: each is a bank more)."""
+    values = [k.strip() for k in (given or "").split(",") if k.strip()]
+    if not all(k.isdigit() for k in values):
+        raise ValueError(f"--expert-blocks takes comma-separated block counts (0: every block), got {given!r}")
+    return tuple(int(k) for k in values)
+
+
+def long_routing(backbone: Backbone, seed: int = 0, every_kind: bool = True) -> dict[str, Any]:
+    """`routing.near_ood`, `routing.long` and (with `every_kind`) each selector kind's figures: the routing
+    benchmark's long sequence with near outside domains, its selectors fitted with `seed`."""
+    kinds = None if every_kind else (SelectorConfig.kind,)
+    cfg = RoutingConfig(selector=SelectorConfig(seed=seed), **({"kinds": kinds} if kinds else {}))
+    return routing_keys(run_routing(backbone, find_reference(backbone), cfg), SelectorConfig.kind)
+
+
+def cl_config(job: CLJob) -> CLConfig:
+    steps = job.steps or (QUICK["steps"] if job.quick else 300)
+    batch = QUICK["batch_size"] if job.quick else 64
+    methods = tuple(job.methods.split(",")) if job.methods else CLConfig().methods
+    sweep = expert_sweep(job.expert_blocks)
+    return CLConfig(steps=steps, batch_size=batch, methods=methods, seed=job.seed, expert_blocks_sweep=sweep)
+
+
+def run_offline_cl(job: CLJob, backbone: Backbone, progress: bool = True) -> dict[str, Any]:
+    """The report of `clipbank bench cl` without --protocol: mean ± std over `job.seeds` runs."""
+    test_limit = job.test_limit or (QUICK["test_limit"] if job.quick else None)
+    train_limit = QUICK["train_limit"] if job.quick else None
+    seq = offline_sequence(job.domains.split(","), train_limit, test_limit)
+    outside = load_domain(job.outside, "test") if job.outside else None
+    if outside is not None and test_limit:
+        outside = outside.subset(range(min(len(outside), test_limit)))
+    cfg = cl_config(job)
+    seeds = job.seeds or (1 if job.quick else 3)
+
+    def one_seed(c: CLConfig) -> dict[str, Any]:
+        report = run_continual(backbone, seq, c, outside, job.outside or "none", progress)
+        if job.routing:
+            report["routing"] = {**report["routing"], **long_routing(backbone, c.seed, c.seed == cfg.seed)}
+        if job.class_incremental:
+            limits = {"train_limit": train_limit, "test_limit": test_limit}
+            report["class_incremental"] = run_class_incremental(backbone, c, progress=progress, **limits)
+        return report
+
+    return run_seeds(one_seed, dataclasses.replace(cfg), seeds)

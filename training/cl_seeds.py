@@ -1,0 +1,157 @@
+"""`clipbank bench cl --seeds N`: the offline benchmark run once per seed, every figure reported as the mean over
+seeds with its standard deviation, and the `summary` block of the figures the issue's goals are stated on."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .cl_common import CLConfig
+from .known_domains import KNOWN_CONCEPT
+
+SEED_STRIDE = 1000  # seed i runs with cfg.seed + 1000 * i: a task's seed is the run's plus its index
+METRICS = ("transfer", "avg", "last", "forgetting", "learned")
+PRETRAINING_DOMAIN = "shapes"  # the tiny backbone's own domain (outside every task)
+SUMMARY_KEYS = (
+    "transfer_known_vs_zero_shot",
+    "last_ddas_vs_oracle",
+    "plasticity_gap_vs_finetune",
+    "last_ddas_vs_adapter_ddas",
+    "routing_long_task_accuracy",
+    "fallback_pretraining",
+    "fallback_near_min",
+    "cil_old_class_accuracy_last",
+)
+
+
+def seed_configs(cfg: CLConfig, seeds: int) -> list[CLConfig]:
+    """One config per seed. Only the first runs the K sweep and the int8 comparison: they are reported once."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    first = dataclasses.replace(cfg)
+    rest = [
+        dataclasses.replace(cfg, seed=cfg.seed + SEED_STRIDE * i, expert_blocks_sweep=(), int8=False)
+        for i in range(1, seeds)
+    ]
+    return [first, *rest]
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values))
+
+
+def _std(values: Sequence[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def mean_tree(trees: Sequence[Any]) -> Any:
+    """The element-wise mean of equally shaped JSON trees: numbers averaged, dicts key by key (the first tree's
+    keys), lists of one length element by element; anything else (strings, None, mismatches) is the first's."""
+    first = trees[0]
+    if all(isinstance(t, bool) for t in trees):
+        return first
+    if all(isinstance(t, int | float) and not isinstance(t, bool) for t in trees):
+        return _mean([float(t) for t in trees])
+    if all(isinstance(t, dict) for t in trees):  # a key some trees lack: the mean over those that have it
+        return {k: mean_tree([t[k] for t in trees if k in t]) for k in first}
+    if all(isinstance(t, list) for t in trees) and len({len(t) for t in trees}) == 1:
+        return [mean_tree(list(col)) for col in zip(*trees, strict=True)]
+    return first
+
+
+def _transfer_on(matrix: Sequence[Sequence[float]], columns: Sequence[int]) -> float | None:
+    """Transfer (METHOD.md §8) restricted to `columns`: each one's mean accuracy before its task is learned."""
+    a = np.asarray(matrix, dtype=float) * 100
+    cols = [i for i in columns if i > 0]
+    return float(np.mean([a[:i, i].mean() for i in cols])) if cols else None
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def summary_of(report: dict[str, Any]) -> dict[str, float | None]:
+    """One seed's summary figures (points for accuracies, fractions for routing); None where the run has no
+    such figure (a method left out, no known-concept domain after the first, no long routing sequence)."""
+    methods, routing = report["methods"], report.get("routing", {})
+
+    def metric(method: str, key: str) -> float | None:
+        return methods[method][key] if method in methods else None
+
+    known = [i for i, d in enumerate(report["domains"]) if d in KNOWN_CONCEPT]
+    ours, zs = methods.get("moe-ddas"), methods.get("zero-shot")
+    transfer_known = _diff(
+        _transfer_on(ours["matrix"], known) if ours else None, _transfer_on(zs["matrix"], known) if zs else None
+    )
+    near = routing.get("near_ood") or {}
+    fallback = routing.get("zero_shot_fallback") if report.get("outside") == PRETRAINING_DOMAIN else None
+    return {
+        "transfer_known_vs_zero_shot": transfer_known,
+        "last_ddas_vs_oracle": _diff(metric("moe-ddas", "last"), metric("moe-oracle", "last")),
+        "plasticity_gap_vs_finetune": _diff(metric("finetune", "learned"), metric("moe-oracle", "learned")),
+        "last_ddas_vs_adapter_ddas": _diff(metric("moe-ddas", "last"), metric("adapter-ddas", "last")),
+        "routing_long_task_accuracy": (routing.get("long") or {}).get("task_accuracy"),
+        "fallback_pretraining": fallback if fallback is not None else routing.get("plain_ood"),
+        "fallback_near_min": min(near.values()) if near else None,
+        "cil_old_class_accuracy_last": (report.get("class_incremental") or {}).get("old_class_accuracy_last"),
+    }
+
+
+def _with_std(per_seed: Sequence[dict[str, Any]], keys: Sequence[str], digits: int) -> dict[str, Any]:
+    """`key` and `key_std` for each key every seed has a number for; None for the others."""
+    out: dict[str, Any] = {}
+    for k in keys:
+        values = [s.get(k) for s in per_seed]
+        ok = all(isinstance(v, int | float) and not (isinstance(v, float) and math.isnan(v)) for v in values)
+        out[k] = round(_mean(values), digits) if ok else None
+        out[f"{k}_std"] = round(_std(values), digits) if ok else None
+    return out
+
+
+def aggregate(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Many seeds' reports as one: the first seed's fields, with every figure the mean over seeds, `_std` beside
+    each metric, the seeds' own figures under `per_seed`, and the `summary` block."""
+    first = reports[0]
+    out = dict(first)
+    out["seeds"] = [r["config"]["seed"] for r in reports]
+    methods = {}
+    for m in first["methods"]:
+        runs = [r["methods"][m] for r in reports if m in r["methods"]]
+        methods[m] = {
+            "matrix": mean_tree([r["matrix"] for r in runs]),
+            **_with_std(runs, METRICS, 2),
+            "seeds": len(runs),
+        }
+    out["methods"] = methods
+    for key in ("routing", "routing_by_method", "val_accuracy", "expert_activation", "class_incremental"):
+        if first.get(key):
+            out[key] = mean_tree([r[key] for r in reports])
+    routes = [r.get("routing") or {} for r in reports]
+    shared = [k for k in ("task_accuracy", "zero_shot_fallback") if all(k in r for r in routes)]
+    if shared:
+        out["routing"] = {**out["routing"], **_with_std(routes, shared, 4)}
+    if first.get("class_incremental"):
+        cils = [r["class_incremental"] for r in reports]
+        keys = ("old_class_accuracy_last", "old_class_accuracy_last_auto", "forgetting")
+        out["class_incremental"] = {**out["class_incremental"], **_with_std(cils, keys, 2)}
+    summaries = [summary_of(r) for r in reports]
+    out["summary"] = _with_std(summaries, SUMMARY_KEYS, 4)
+    out["per_seed"] = [
+        {
+            "seed": r["config"]["seed"],
+            "summary": s,
+            "methods": {m: {k: v[k] for k in METRICS} for m, v in r["methods"].items()},
+        }
+        for r, s in zip(reports, summaries, strict=True)
+    ]
+    out["seconds"] = {**first["seconds"], "all_seeds": round(sum(r["seconds"]["total"] for r in reports), 1)}
+    return out
+
+
+def run_seeds(run_one: Callable[[CLConfig], dict[str, Any]], cfg: CLConfig, seeds: int) -> dict[str, Any]:
+    """`run_one(cfg)` (one seed's report) for each seed's config, aggregated."""
+    return aggregate([run_one(c) for c in seed_configs(cfg, seeds)])
