@@ -84,6 +84,7 @@ class RunLog:
     seconds: dict[str, float] = field(default_factory=dict)
     val: dict[str, dict[str, float]] = field(default_factory=dict)
     activation: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # method -> task -> owner share
+    outside_accuracy: dict[str, float] = field(default_factory=dict)  # method (and zero-shot) -> % on the outside
 
     def row(self, method: str, values: list[float]) -> None:
         self.matrices.setdefault(method, []).append(values)

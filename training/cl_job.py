@@ -19,7 +19,7 @@ from .data import load_domain
 from .routing import RoutingConfig, run_routing
 from .routing_report import routing_keys
 
-QUICK = {"steps": 80, "batch_size": 32, "train_limit": 240, "test_limit": 60}
+QUICK = {"steps": 60, "batch_size": 32, "train_limit": 240, "test_limit": 60}
 
 
 def expert_sweep(given: str | None) -> tuple[int, ...]:

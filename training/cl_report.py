@@ -52,6 +52,7 @@ SUMMARY_TEXT = {
     "fallback_pretraining": "the pretraining domain's images left to zero-shot",
     "fallback_near_min": "the lowest share of a near outside domain's images left to zero-shot",
     "cil_old_class_accuracy_last": "class-incremental: old classes' accuracy after the last version (%)",
+    "outside_accuracy_vs_zero_shot": "the pretraining domain's accuracy, moe-ddas minus zero-shot (points)",
 }
 
 

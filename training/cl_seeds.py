@@ -25,6 +25,7 @@ SUMMARY_KEYS = (
     "fallback_pretraining",
     "fallback_near_min",
     "cil_old_class_accuracy_last",
+    "outside_accuracy_vs_zero_shot",
 )
 
 
@@ -52,8 +53,8 @@ def mean_tree(trees: Sequence[Any]) -> Any:
     """The element-wise mean of equally shaped JSON trees: numbers averaged, dicts key by key (the first tree's
     keys), lists of one length element by element; anything else (strings, None, mismatches) is the first's."""
     first = trees[0]
-    if all(isinstance(t, bool) for t in trees):
-        return first
+    if all(isinstance(t, bool) for t in trees) or all(t == first for t in trees):
+        return first  # equal values keep their type: a version number stays an int
     if all(isinstance(t, int | float) and not isinstance(t, bool) for t in trees):
         return _mean([float(t) for t in trees])
     if all(isinstance(t, dict) for t in trees):  # a key some trees lack: the mean over those that have it
@@ -87,7 +88,7 @@ def summary_of(report: dict[str, Any]) -> dict[str, float | None]:
     transfer_known = _diff(
         _transfer_on(ours["matrix"], known) if ours else None, _transfer_on(zs["matrix"], known) if zs else None
     )
-    near = routing.get("near_ood") or {}
+    near, outside = routing.get("near_ood") or {}, report.get("outside_accuracy") or {}
     fallback = routing.get("zero_shot_fallback") if report.get("outside") == PRETRAINING_DOMAIN else None
     return {
         "transfer_known_vs_zero_shot": transfer_known,
@@ -98,6 +99,7 @@ def summary_of(report: dict[str, Any]) -> dict[str, float | None]:
         "fallback_pretraining": fallback if fallback is not None else routing.get("plain_ood"),
         "fallback_near_min": min(near.values()) if near else None,
         "cil_old_class_accuracy_last": (report.get("class_incremental") or {}).get("old_class_accuracy_last"),
+        "outside_accuracy_vs_zero_shot": _diff(outside.get("moe-ddas"), outside.get("zero-shot")),
     }
 
 
@@ -127,7 +129,14 @@ def aggregate(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "seeds": len(runs),
         }
     out["methods"] = methods
-    for key in ("routing", "routing_by_method", "val_accuracy", "expert_activation", "class_incremental"):
+    for key in (
+        "routing",
+        "routing_by_method",
+        "val_accuracy",
+        "expert_activation",
+        "class_incremental",
+        "outside_accuracy",
+    ):
         if first.get(key):
             out[key] = mean_tree([r[key] for r in reports])
     routes = [r.get("routing") or {} for r in reports]

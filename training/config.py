@@ -57,7 +57,7 @@ CL_PROTOCOLS = ("mtil-1", "mtil-2", "cifar100-10", "cifar100-20", "cifar100-50")
 class CLJob:
     """`clipbank bench cl`: the offline sequence by default, or a real protocol on --data-root."""
 
-    quick: bool = option(False, "80 steps of 32, fewer images, one seed: under 5 minutes on 2 cores")
+    quick: bool = option(False, "60 steps of 32, fewer images, one seed: under 5 minutes on 2 cores")
     domains: str = option(
         "sketches,colours,textures,crowds,digits,zoomed",
         "offline domains, in order (colours, zoomed, crowds: concepts the tiny backbone knows)",

@@ -224,6 +224,7 @@ def run_continual(
         "expert_blocks": _expert_block_rows(run, methods, cfg, backbone),
         "val_accuracy": run.val,
         "expert_activation": run.activation,
+        "outside_accuracy": run.outside_accuracy,  # % on the outside domain's labels, per bank and zero-shot
         "int8": int8,
         "seconds": {**run.seconds, "total": round(time.perf_counter() - start, 1)},
     }
@@ -257,8 +258,13 @@ def _expert_block_rows(run: RunLog, methods: dict[str, Any], cfg: CLConfig, back
 def _route_outside(
     banks: dict[str, BankSnapshot], run: RunLog, outside: LabelledImages, name: str, cfg: CLConfig
 ) -> None:
-    """Where the final banks send images of a domain no task was trained on (the backbone's own)."""
+    """Where the final banks send images of a domain no task was trained on (the backbone's own), and how many
+    of them each bank answers right over the domain's labels, beside zero-shot CLIP: an image a task claims may
+    still get the right label from that task's experts, so this is the zero-shot skill the bank keeps."""
     cache = TextCache()
     for method, bank in banks.items():
         batch, route = (cfg.eval_batch, "per-request") if method == BATCH_ROUTED else (128, "per-image")
-        run.routes.setdefault(method, {})[name] = accuracy_and_routes(bank, outside, AUTO, cache, batch, route)[1]
+        acc, run.routes.setdefault(method, {})[name] = accuracy_and_routes(bank, outside, AUTO, cache, batch, route)
+        run.outside_accuracy[method] = round(100 * acc, 2)
+        if ZERO_SHOT not in run.outside_accuracy:
+            run.outside_accuracy[ZERO_SHOT] = round(100 * accuracy_and_routes(bank, outside, ZERO_SHOT, cache)[0], 2)

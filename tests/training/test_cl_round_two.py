@@ -90,7 +90,8 @@ def _report(seed: int, ddas: float, oracle: float, finetune_learned: float) -> d
         },
         "routing": {"task_accuracy": 0.98, "zero_shot_fallback": 0.99, "near_ood": {"a": 0.95, "b": 0.9},
                     "long": {"task_accuracy": 0.97}},
-        "class_incremental": {"old_class_accuracy_last": 40.0 + seed / 1000, "forgetting": 10.0},
+        "class_incremental": {"old_class_accuracy_last": 40.0 + seed / 1000, "forgetting": 10.0, "versions": [1, 2]},
+        "outside_accuracy": {"moe-ddas": 95.0, "zero-shot": 99.0},
         "seconds": {"total": 10.0},
     }  # fmt: skip
 
@@ -104,6 +105,7 @@ def test_summary_of_one_seed():
     assert s["last_ddas_vs_adapter_ddas"] == pytest.approx(2.0)
     assert s["fallback_near_min"] == 0.9 and s["fallback_pretraining"] == 0.99
     assert s["routing_long_task_accuracy"] == 0.97 and s["cil_old_class_accuracy_last"] == 40.0
+    assert s["outside_accuracy_vs_zero_shot"] == pytest.approx(-4.0)
 
 
 def test_seeds_aggregate_as_mean_and_std():
@@ -116,6 +118,7 @@ def test_seeds_aggregate_as_mean_and_std():
     assert s["last_ddas_vs_oracle"] == pytest.approx(0.0) and s["last_ddas_vs_oracle_std"] == pytest.approx(1.0)
     assert s["plasticity_gap_vs_finetune"] == pytest.approx(12.0)
     assert s["cil_old_class_accuracy_last"] == pytest.approx(41.0)
+    assert out["class_incremental"]["versions"] == [1, 2]  # equal values keep their type
     assert [p["seed"] for p in out["per_seed"]] == [0, 1000, 2000]
     assert out["seconds"]["all_seeds"] == 30.0
     json.dumps(out)  # the report stays JSON
@@ -170,6 +173,7 @@ def test_bench_cl_with_seeds_writes_mean_and_std(tmp_path, capsys, monkeypatch):
     assert shares["adapter-ddas"]["colours"]["colours"] == 1.0  # isolated: only its own expert
     assert shares["moe-ddas"]["arrows"] == {"arrows": 1.0}  # the first task has nothing older to pick
     assert sum(shares["moe-ddas"]["colours"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert {"moe-ddas", "adapter-ddas", "zero-shot"} <= set(report["outside_accuracy"])
     md = (out / "report.md").read_text()
     assert "Summary over 2 seeds" in md and " ± " in md and "Expert activation" in md
     assert LabelledImages  # the module's data type stays importable from here
