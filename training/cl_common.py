@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from model_store.selector import SelectorConfig
+
 from .data import LabelledImages
 from .trainer import TrainConfig
 
@@ -91,7 +93,9 @@ class RunLog:
 
 
 def train_cfg(cfg: CLConfig, domain: SequenceStep, t: int, **kw: Any) -> TrainConfig:
+    """Task t's training settings; its seed (the run's plus t) seeds its selector too, so seeds vary routing."""
     kw.setdefault("expert_blocks", cfg.expert_blocks)
+    kw.setdefault("selector", SelectorConfig(seed=cfg.seed + t))
     return TrainConfig(task=domain.name, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed + t, **kw)
 
 

@@ -17,6 +17,7 @@ from model_store.bank import build_bank, empty_bank
 from model_store.bundle import read_bundle
 from model_store.inference import AUTO, TextCache
 from model_store.reference import find_reference
+from model_store.selector import SelectorConfig
 
 from .cl_common import CLConfig
 from .data import LabelledImages, load_domain
@@ -74,7 +75,8 @@ def run_class_incremental(
     rows, start = [], time.perf_counter()
     for v, group in enumerate(tqdm(groups, desc=f"class-incremental {domain}", unit="version", disable=not progress)):
         seen = (*seen, *group)
-        tcfg = TrainConfig(task=domain, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed + v)
+        seed = cfg.seed + v
+        tcfg = TrainConfig(domain, cfg.steps, cfg.batch_size, seed=seed, selector=SelectorConfig(seed=seed))
         parent = bundles[-1].id if bundles else None
         new_train, new_val = _only(train, group).with_classes(seen), _only(val, seen)
         result = train_task(bank, new_train, tcfg, new_val, v + 1, parent, progress=progress, reference=reference)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from model_store.store import atomic_write, open_store
 from .config import TrainJob
 from .data import load_image_folder
 from .trainer import TrainConfig, train_task
+
+log = logging.getLogger(__name__)
 
 
 def run_train_job(job: TrainJob) -> dict[str, Any]:
@@ -43,9 +46,18 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
             version, parent = entry.newest + 1, entry.active
         except TaskNotFound:
             pass
+    warnings = []
     if parent is not None:  # class-incremental: the new version answers over every class seen so far
         seen = store.load(parent).manifest.classes
         classes = seen + tuple(c for c in train.classes if c not in seen)
+        absent = [c for c in seen if c not in train.classes]
+        if absent:  # measured: docs/benchmarks/cl.md, class-incremental
+            warnings.append(
+                f"the training set has no images of {len(absent)} of the parent's classes ({', '.join(absent[:5])}"
+                f"{', ...' if len(absent) > 5 else ''}): version {version} answers over them but learns nothing "
+                "of them, and will mostly forget them; include their images to keep them"
+            )
+            log.warning("task %s: %s", job.task, warnings[-1])
         train, val = train.with_classes(classes), val.with_classes(classes) if val else None
     result = train_task(
         bank, train, cfg, val, version=version, parent=parent, progress=job.progress, reference=reference
@@ -69,6 +81,7 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         },
         "selector": {"kind": result.report["selector"]["kind"], "threshold": result.report["selector"]["threshold"]},
         "routing": result.report["routing"],
+        "warnings": warnings + result.report["routing"]["warnings"],
     }
     if job.out:
         Path(job.out).parent.mkdir(parents=True, exist_ok=True)

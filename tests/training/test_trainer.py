@@ -141,5 +141,7 @@ def test_new_version_answers_over_every_class_seen(tmp_path, capsys):
         assert main(["train", "--task", "tex", "--data", str(tmp_path / step), "--store", store, "--steps", "3"]) == 0
         summary = json.loads(capsys.readouterr().out)
     assert summary["version"] == 2
+    (warning,) = [w for w in summary["warnings"] if "parent's classes" in w]  # v2 saw none of v1's classes
+    assert "3 of the parent's classes" in warning and classes[0].replace("_", " ") in warning
     v2 = LocalStore(store).load(summary["bundle_id"])
     assert list(v2.manifest.classes) == [c.replace("_", " ") for c in classes]
