@@ -60,6 +60,7 @@ class CLConfig:
     expert_blocks: int | None = None  # K of the MoE methods' bank (None: the trainer's default)
     # more values of K, each training a bank of its own, reported as moe-ddas-k{K} and moe-oracle-k{K}
     expert_blocks_sweep: tuple[int, ...] = ()
+    distill: float = 0.0  # class-incremental: TrainConfig.distill of each new version (LwF from its parent)
     int8: bool = True  # also evaluate the final moe-ddas bank with the int8 frozen image pass (training/int8_eval.py)
 
     def __post_init__(self) -> None:

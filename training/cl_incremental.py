@@ -76,7 +76,8 @@ def run_class_incremental(
     for v, group in enumerate(tqdm(groups, desc=f"class-incremental {domain}", unit="version", disable=not progress)):
         seen = (*seen, *group)
         seed = cfg.seed + v
-        tcfg = TrainConfig(domain, cfg.steps, cfg.batch_size, seed=seed, selector=SelectorConfig(seed=seed))
+        selector = SelectorConfig(seed=seed)
+        tcfg = TrainConfig(domain, cfg.steps, cfg.batch_size, seed=seed, selector=selector, distill=cfg.distill)
         parent = bundles[-1].id if bundles else None
         new_train, new_val = _only(train, group).with_classes(seen), _only(val, seen)
         result = train_task(bank, new_train, tcfg, new_val, v + 1, parent, progress=progress, reference=reference)
@@ -84,7 +85,10 @@ def run_class_incremental(
         bank = build_bank(backbone, bundles[-1:], providers=bundles[:-1], previous=bank)
         acc = _accuracies(bank, test, seen, groups[: v + 1], domain)
         counts = [sum(1 for y in test.labels if test.classes[y] in g) for g in groups[: v + 1]]
-        rows.append({"version": v + 1, "classes": list(seen), "test_images_per_group": counts, **acc})
+        val_acc = result.report["val_accuracy"]  # over every class seen so far: what defaults are chosen on
+        rows.append(
+            {"version": v + 1, "classes": list(seen), "val_accuracy": val_acc, "test_images_per_group": counts, **acc}
+        )
     return _cil_report(domain, groups, rows, time.perf_counter() - start)
 
 

@@ -4,6 +4,7 @@ its flags from them without loading torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from model_store.modes import DEFAULT_SELECTOR, SELECTOR_NAMES
 from model_store.settings import option
@@ -101,3 +102,12 @@ class RoutingJob:
     backbone: str | None = option(None, "default: tiny")
     reference: str | None = option(None, "reference set file (default: the backbone's, if one was built)")
     out: str | None = option(None, "write report.json, report.md and routing.png here")
+
+
+def jsonable(d: Any) -> Any:
+    """A config's dict as JSON: containers kept, other values that JSON has no type for as their repr."""
+    if isinstance(d, dict):
+        return {k: jsonable(v) for k, v in d.items()}
+    if isinstance(d, list | tuple):
+        return [jsonable(v) for v in d]
+    return d if isinstance(d, str | int | float | bool | type(None)) else repr(d)

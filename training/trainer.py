@@ -22,8 +22,10 @@ from model_store.moe_clip import encode_image, encode_text
 from model_store.reference import ReferenceSet
 from model_store.selector import Selector, SelectorConfig, fit_selector, selector_manifest
 
+from .config import jsonable
 from .data import LabelledImages
 from .expert_blocks import with_expert_blocks
+from .lwf import parent_teacher
 from .routing import negatives_for, probes_of, routing_check
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class TrainConfig:
     seed: int = 0
     rank: int = 64  # of the new experts; top-k, scale, dropout and noise are the bank's MoEConfig
     isolated: bool = False  # the router sees only the new experts: with new_experts=1, one adapter per task
+    distill: float = 0.0  # a new version: weight of keeping its parent's answers on old classes (lwf.py; lost: off)
     # K: new experts only in the top K blocks of each tower (0: every block); None: the bank's, or for a bank's
     # first task default_expert_blocks. Every task of a bank has the same K.
     expert_blocks: int | None = None
@@ -70,6 +73,8 @@ class TrainConfig:
             problems.append(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 <= self.warm_start_steps < self.steps:
             problems.append(f"warm_start_steps must be in [0, steps), got {self.warm_start_steps}")
+        if self.distill < 0:
+            problems.append(f"distill must be >= 0, got {self.distill}")
         if self.isolated and self.warm_start_steps:
             problems.append("warm_start_steps trains the router over the bank's experts, which isolated excludes")
         if problems:
@@ -211,8 +216,10 @@ def fit_steps(
     generator: torch.Generator,
     progress: bool,
     peak_lr: float | None = None,
+    extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[float]:
-    """The task loss, minimised over `parameters` for `cfg.steps` AdamW steps; `routing_for(batch, step)`."""
+    """The task loss (plus `extra_loss(images, logits)`), minimised over `parameters` for `cfg.steps` AdamW steps;
+    `routing_for(batch, step)`."""
     dev = backbone.device
     tokens = backbone.tokenizer([cfg.template.format(c) for c in data.classes]).to(dev)
     labels = torch.tensor(data.labels)
@@ -229,6 +236,7 @@ def fit_steps(
         txt = encode_text(model, tokens, routing_for(len(tokens), step))
         logits = model.logit_scale.exp() * img @ txt.T
         loss = F.cross_entropy(logits, labels[idx].to(dev), label_smoothing=cfg.label_smoothing)
+        loss = loss + extra_loss(x, logits) if extra_loss is not None else loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -251,8 +259,9 @@ def _train_loop(
     def routing_for(n: int, step: int) -> Routing:
         return params.routing(bank, n, True, stage1=step < stage1)
 
-    bb = bank.backbone
-    return fit_steps(bb.model, bb, data, cfg, params.parameters(), routing_for, generator, progress)
+    bb, teacher = bank.backbone, parent_teacher(bank, cfg.task, data.classes, cfg.distill)
+    extra = teacher.loss if teacher is not None else None
+    return fit_steps(bb.model, bb, data, cfg, params.parameters(), routing_for, generator, progress, extra_loss=extra)
 
 
 @torch.no_grad()
@@ -363,7 +372,7 @@ def train_task(
     accuracy = evaluate(bank, params, val, cfg.template)
     selector, routing, probes = _selector_with_routing(bank, cfg, fit, val, reference)
     report = {
-        "config": _jsonable(asdict(cfg)),
+        "config": jsonable(asdict(cfg)),
         "lr": cfg.lr or default_lr(bb),
         "steps": cfg.steps,
         "seconds": round(train_seconds, 2),
@@ -388,11 +397,3 @@ def train_task(
             "experts_added": sum(len(new) for blocks in params.new.values() for new in blocks),
         },
     )
-
-
-def _jsonable(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _jsonable(v) for k, v in d.items()}
-    if isinstance(d, list | tuple):
-        return [_jsonable(v) for v in d]
-    return d if isinstance(d, str | int | float | bool | type(None)) else repr(d)

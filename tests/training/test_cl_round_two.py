@@ -177,3 +177,27 @@ def test_bench_cl_with_seeds_writes_mean_and_std(tmp_path, capsys, monkeypatch):
     md = (out / "report.md").read_text()
     assert "Summary over 2 seeds" in md and " ± " in md and "Expert activation" in md
     assert LabelledImages  # the module's data type stays importable from here
+
+
+def test_parent_teacher_is_zero_on_the_parents_own_answers(backbone):
+    """LwF for a new version: the KL to the parent's answers over the old classes, nothing for the new ones."""
+    from model_store.moe_clip import encode_image
+    from training.lwf import ParentTeacher, parent_teacher
+
+    data = load_domain("digits", "train").subset(range(48))
+    v1 = train_task(empty_bank(backbone), data, TrainConfig(task="digits", steps=2, batch_size=8), progress=False)
+    bank = build_bank(backbone, [read_bundle(v1.bundle)])
+    classes = (*data.classes, "eleven")  # the new version's: the parent's first
+    teacher = parent_teacher(bank, "digits", classes, 1.0)
+    x = torch.stack([backbone.preprocess(im) for im in data.images[:6]])
+    with torch.no_grad():
+        img = encode_image(backbone.model, x, teacher._routing(len(x)))
+    parents = backbone.model.logit_scale.exp() * img @ teacher.text.T
+    own = torch.cat([parents, torch.full((6, 1), 5.0)], dim=1)  # any logit for the new class
+    assert teacher.loss(x, own).item() == pytest.approx(0.0, abs=1e-5)
+    assert teacher.loss(x, torch.randn(6, len(classes)) * 5).item() > 0.01
+    assert parent_teacher(bank, "other", classes, 1.0) is None and parent_teacher(bank, "digits", classes, 0) is None
+    with pytest.raises(ValueError, match="lacks the parent's classes"):
+        ParentTeacher(bank, "digits", classes[1:], 1.0)
+    with pytest.raises(ValueError, match="distill"):
+        TrainConfig(task="x", distill=-1)
