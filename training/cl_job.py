@@ -43,7 +43,10 @@ def cl_config(job: CLJob) -> CLConfig:
     batch = QUICK["batch_size"] if job.quick else 64
     methods = tuple(job.methods.split(",")) if job.methods else CLConfig().methods
     sweep = expert_sweep(job.expert_blocks)
-    return CLConfig(steps=steps, batch_size=batch, methods=methods, seed=job.seed, expert_blocks_sweep=sweep)
+    # --quick leaves out the int8 comparison (an ONNX export and quantisation: about a minute here)
+    return CLConfig(
+        steps=steps, batch_size=batch, methods=methods, seed=job.seed, expert_blocks_sweep=sweep, int8=not job.quick
+    )
 
 
 def run_offline_cl(job: CLJob, backbone: Backbone, progress: bool = True) -> dict[str, Any]:
