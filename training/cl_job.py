@@ -12,7 +12,7 @@ from model_store.selector import SelectorConfig
 
 from .cl_common import CLConfig
 from .cl_incremental import run_class_incremental
-from .cl_seeds import run_seeds
+from .cl_seeds import run_seeds, seed_configs
 from .config import CLJob
 from .continual import offline_sequence, run_continual
 from .data import load_domain
@@ -51,14 +51,15 @@ def cl_config(job: CLJob) -> CLConfig:
 
 def run_offline_cl(job: CLJob, backbone: Backbone, progress: bool = True) -> dict[str, Any]:
     """The report of `clipbank bench cl` without --protocol: mean ± std over `job.seeds` runs."""
+    seeds = job.seeds if job.seeds is not None else (1 if job.quick else 3)
+    cfg = cl_config(job)  # bad settings fail here, before any image is made
+    seed_configs(cfg, seeds)
     test_limit = job.test_limit or (QUICK["test_limit"] if job.quick else None)
     train_limit = QUICK["train_limit"] if job.quick else None
     seq = offline_sequence(job.domains.split(","), train_limit, test_limit)
     outside = load_domain(job.outside, "test") if job.outside else None
     if outside is not None and test_limit:
         outside = outside.subset(range(min(len(outside), test_limit)))
-    cfg = cl_config(job)
-    seeds = job.seeds or (1 if job.quick else 3)
 
     def one_seed(c: CLConfig) -> dict[str, Any]:
         report = run_continual(backbone, seq, c, outside, job.outside or "none", progress)

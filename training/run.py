@@ -15,7 +15,7 @@ from model_store.selector import SelectorConfig
 from model_store.store import atomic_write, open_store
 
 from .config import TrainJob
-from .data import load_image_folder
+from .data import LabelledImages, load_image_folder
 from .trainer import TrainConfig, train_task
 
 log = logging.getLogger(__name__)
@@ -46,19 +46,9 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
             version, parent = entry.newest + 1, entry.active
         except TaskNotFound:
             pass
-    warnings = []
+    warnings: list[str] = []
     if parent is not None:  # class-incremental: the new version answers over every class seen so far
-        seen = store.load(parent).manifest.classes
-        classes = seen + tuple(c for c in train.classes if c not in seen)
-        absent = [c for c in seen if c not in train.classes]
-        if absent:  # measured: docs/benchmarks/cl.md, class-incremental
-            warnings.append(
-                f"the training set has no images of {len(absent)} of the parent's classes ({', '.join(absent[:5])}"
-                f"{', ...' if len(absent) > 5 else ''}): version {version} answers over them but learns nothing "
-                "of them, and will mostly forget them; include their images to keep them"
-            )
-            log.warning("task %s: %s", job.task, warnings[-1])
-        train, val = train.with_classes(classes), val.with_classes(classes) if val else None
+        train, val, warnings = _over_parent_classes(store.load(parent).manifest.classes, train, val, version)
     result = train_task(
         bank, train, cfg, val, version=version, parent=parent, progress=job.progress, reference=reference
     )
@@ -91,3 +81,21 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         put = store.put(result.bundle, activate=job.activate)
         summary.update(bundle_id=put.bundle_id, store=store.location, generation=put.generation)
     return summary
+
+
+def _over_parent_classes(
+    seen: tuple[str, ...], train: LabelledImages, val: LabelledImages | None, version: int
+) -> tuple[LabelledImages, LabelledImages | None, list[str]]:
+    """The data relabelled over the parent's classes followed by the new ones, and a warning when the training
+    set lacks some of the parent's classes (measured: docs/method.md, Versions and classes)."""
+    classes = seen + tuple(c for c in train.classes if c not in seen)
+    absent = [c for c in seen if c not in train.classes]
+    warnings = []
+    if absent:
+        warnings.append(
+            f"the training set has no images of {len(absent)} of the parent's classes ({', '.join(absent[:5])}"
+            f"{', ...' if len(absent) > 5 else ''}): version {version} answers over them but learns nothing "
+            "of them, and will mostly forget them; include their images to keep them"
+        )
+        log.warning("%s", warnings[-1])
+    return train.with_classes(classes), val.with_classes(classes) if val else None, warnings

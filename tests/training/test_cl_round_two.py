@@ -154,6 +154,11 @@ def test_class_incremental_protocol(backbone):
     assert r["versions"][0]["old_class_accuracy_pinned"] is None
 
 
+def test_bench_cl_refuses_bad_settings_before_any_work(capsys):
+    assert main(["bench", "cl", "--seeds", "0"]) != 0
+    assert "seeds must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_bench_cl_with_seeds_writes_mean_and_std(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CLIPBANK_ONNX_CACHE", str(tmp_path / "onnx"))  # the int8 comparison's export
     out = tmp_path / "cl"
