@@ -3,7 +3,6 @@ long routing sequence and the class-incremental protocol, run once per seed and 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from model_store.backbone import Backbone
@@ -16,7 +15,7 @@ from .cl_seeds import run_seeds, seed_configs
 from .config import CLJob
 from .continual import offline_sequence, run_continual
 from .data import load_domain
-from .routing import RoutingConfig, run_routing
+from .routing import KINDS, RoutingConfig, run_routing
 from .routing_report import routing_keys
 
 QUICK = {"steps": 60, "batch_size": 32, "train_limit": 240, "test_limit": 60}
@@ -33,8 +32,8 @@ def expert_sweep(given: str | None) -> tuple[int, ...]:
 def long_routing(backbone: Backbone, seed: int = 0, every_kind: bool = True) -> dict[str, Any]:
     """`routing.near_ood`, `routing.long` and (with `every_kind`) each selector kind's figures: the routing
     benchmark's long sequence with near outside domains, its selectors fitted with `seed`."""
-    kinds = None if every_kind else (SelectorConfig.kind,)
-    cfg = RoutingConfig(selector=SelectorConfig(seed=seed), **({"kinds": kinds} if kinds else {}))
+    kinds = KINDS if every_kind else (SelectorConfig.kind,)
+    cfg = RoutingConfig(kinds=kinds, selector=SelectorConfig(seed=seed))
     return routing_keys(run_routing(backbone, find_reference(backbone), cfg), SelectorConfig.kind)
 
 
@@ -70,4 +69,4 @@ def run_offline_cl(job: CLJob, backbone: Backbone, progress: bool = True) -> dic
             report["class_incremental"] = run_class_incremental(backbone, c, progress=progress, **limits)
         return report
 
-    return run_seeds(one_seed, dataclasses.replace(cfg), seeds)
+    return run_seeds(one_seed, cfg, seeds)

@@ -94,7 +94,7 @@ def _cil_lines(cil: dict[str, Any] | None) -> list[str]:
     ]
     for r in cil["versions"]:
         cells = [_pm(r, f"{a}_class_accuracy_{m}", 1, 100) for a in ("old", "all") for m in ("pinned", "auto")]
-        lines.append(f"| {r['version']} | {len(r['classes'])} | " + " | ".join(cells[i] for i in (0, 1, 2, 3)) + " |")
+        lines.append(f"| {r['version']} | {len(r['classes'])} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Old classes after the last version: {_pm(cil, 'old_class_accuracy_last', 1)}; "

@@ -33,12 +33,11 @@ def seed_configs(cfg: CLConfig, seeds: int) -> list[CLConfig]:
     """One config per seed. Only the first runs the K sweep and the int8 comparison: they are reported once."""
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
-    first = dataclasses.replace(cfg)
     rest = [
         dataclasses.replace(cfg, seed=cfg.seed + SEED_STRIDE * i, expert_blocks_sweep=(), int8=False)
         for i in range(1, seeds)
     ]
-    return [first, *rest]
+    return [cfg, *rest]
 
 
 def _mean(values: Sequence[float]) -> float:
