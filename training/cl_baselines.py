@@ -13,7 +13,9 @@ from tqdm import tqdm
 from model_store.backbone import TOWERS, Backbone
 from model_store.experts import MoEConfig, Routing, TaskRouter, new_expert
 
+from .cl_agnostic import agnostic_of_model
 from .cl_common import TEMPLATE, CLConfig, RunLog, SequenceStep, train_cfg
+from .data import LabelledImages
 from .trainer import accuracy, default_lr, fit_steps
 
 
@@ -55,8 +57,14 @@ class _WiseFT:
         return self.model
 
 
+def _scorer(model: torch.nn.Module, bb: Backbone, routing) -> Callable[[LabelledImages], float]:
+    """`model`'s accuracy on a labelled set, over that set's classes."""
+    return lambda data: accuracy(model, bb, data, TEMPLATE, lambda n: routing(n, False))
+
+
 def _row(model: torch.nn.Module, bb: Backbone, seq: Sequence[SequenceStep], routing) -> list[float]:
-    return [accuracy(model, bb, e.test, TEMPLATE, lambda n: routing(n, False)) for e in seq]
+    score = _scorer(model, bb, routing)
+    return [score(e.test) for e in seq]
 
 
 def run_sequential(
@@ -90,4 +98,7 @@ def run_sequential(
             mixed = wise.mixed(model)
             run.val.setdefault("wise-ft", {})[d.name] = accuracy(mixed, bb, d.val, TEMPLATE, lambda n: None)
             run.row("wise-ft", _row(mixed, bb, seq, routing))
+    run.agnostic[method] = agnostic_of_model(_scorer(model, bb, routing), seq)
+    if wise is not None:
+        run.agnostic["wise-ft"] = agnostic_of_model(_scorer(wise.model, bb, routing), seq)
     run.seconds[method] = round(time.perf_counter() - start, 1)

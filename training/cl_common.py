@@ -88,6 +88,7 @@ class RunLog:
     val: dict[str, dict[str, float]] = field(default_factory=dict)
     activation: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # method -> task -> owner share
     outside_accuracy: dict[str, float] = field(default_factory=dict)  # method (and zero-shot) -> % on the outside
+    agnostic: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> final accuracy over all classes
 
     def row(self, method: str, values: list[float]) -> None:
         self.matrices.setdefault(method, []).append(values)

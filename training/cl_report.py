@@ -53,6 +53,7 @@ SUMMARY_TEXT = {
     "fallback_near_min": "the lowest share of a near outside domain's images left to zero-shot",
     "cil_old_class_accuracy_last": "class-incremental: old classes' accuracy after the last version (%)",
     "outside_accuracy_vs_zero_shot": "the pretraining domain's accuracy, moe-ddas minus zero-shot (points)",
+    "task_agnostic_ddas": "task-agnostic: moe-ddas over the union of all classes seen (%)",
 }
 
 
@@ -78,6 +79,26 @@ def _activation_lines(report: dict[str, Any]) -> list[str]:
     lines += ["", "| task \\ experts of | " + " | ".join(owners) + " |", "|---" * (len(owners) + 1) + "|"]
     for task, row in shares.items():
         lines.append(f"| {task} | " + " | ".join(f"{100 * row[o]:.0f}" if o in row else "" for o in owners) + " |")
+    return lines
+
+
+def _agnostic_lines(report: dict[str, Any]) -> list[str]:
+    """Each method's accuracy over the union of all classes (training/cl_agnostic.py) beside its Last."""
+    agnostic = report.get("task_agnostic")
+    if not agnostic:
+        return []
+    doms = report["domains"]
+    lines = [
+        "",
+        "Task-agnostic: every test image against the union of all classes seen (%), after the last task:",
+        "",
+        "| method | over the union | Last, own task's labels | " + " | ".join(doms) + " |",
+        "|---" * (len(doms) + 3) + "|",
+    ]
+    for m, row in agnostic.items():
+        cells = " | ".join(f"{row['per_domain'][d]:.1f}" for d in doms)
+        last = _pm(report["methods"].get(m, {}), "last", 1)
+        lines.append(f"| `{m}` | {_pm(row, 'mean', 1)} | {last} | {cells} |")
     return lines
 
 
@@ -118,7 +139,8 @@ def format_markdown(report: dict[str, Any], command: str | None = None) -> str:
     for m, r in report["methods"].items():
         cells = " | ".join(_pm(r, k, 1) for k in ("transfer", "avg", "last", "learned", "forgetting"))
         lines.append(f"| `{m}` | {cells} |")
-    lines += _summary_lines(report) + _activation_lines(report) + _cil_lines(report.get("class_incremental"))
+    lines += _summary_lines(report) + _agnostic_lines(report) + _activation_lines(report)
+    lines += _cil_lines(report.get("class_incremental"))
     sweep = report.get("expert_blocks") or []
     if len(sweep) > 1:
         lines += [

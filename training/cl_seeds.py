@@ -26,6 +26,7 @@ SUMMARY_KEYS = (
     "fallback_near_min",
     "cil_old_class_accuracy_last",
     "outside_accuracy_vs_zero_shot",
+    "task_agnostic_ddas",
 )
 
 
@@ -99,6 +100,7 @@ def summary_of(report: dict[str, Any]) -> dict[str, float | None]:
         "fallback_near_min": min(near.values()) if near else None,
         "cil_old_class_accuracy_last": (report.get("class_incremental") or {}).get("old_class_accuracy_last"),
         "outside_accuracy_vs_zero_shot": _diff(outside.get("moe-ddas"), outside.get("zero-shot")),
+        "task_agnostic_ddas": ((report.get("task_agnostic") or {}).get("moe-ddas") or {}).get("mean"),
     }
 
 
@@ -135,9 +137,16 @@ def aggregate(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "expert_activation",
         "class_incremental",
         "outside_accuracy",
+        "task_agnostic",
     ):
         if first.get(key):
             out[key] = mean_tree([r[key] for r in reports])
+    if first.get("task_agnostic"):
+        rows = [r["task_agnostic"] for r in reports]
+        out["task_agnostic"] = {
+            m: {**row, **_with_std([r[m] for r in rows if m in r], ["mean"], 2)}
+            for m, row in out["task_agnostic"].items()
+        }
     routes = [r.get("routing") or {} for r in reports]
     shared = [k for k in ("task_accuracy", "zero_shot_fallback") if all(k in r for r in routes)]
     if shared:

@@ -17,6 +17,7 @@ from model_store.inference import AUTO, ZERO_SHOT, TextCache
 from model_store.reference import find_reference
 from model_store.selector import SelectorConfig, fit_selector
 
+from .cl_agnostic import agnostic_of_bank, agnostic_of_model
 from .cl_baselines import run_sequential
 from .cl_common import BATCH_ROUTED, METHODS, TEMPLATE, CLConfig, RunLog, SequenceStep, cl_metrics, train_cfg
 from .data import LabelledImages
@@ -157,7 +158,7 @@ def _train_banks(backbone: Backbone, seq: Sequence[SequenceStep], cfg: CLConfig,
         banks.update(_run_moe(backbone, seq, cfg, run, "moe-ddas", progress))
     if "moe-ddas-warm" in cfg.methods:
         warm = int(cfg.steps * cfg.warm_fraction)
-        _run_moe(backbone, seq, cfg, run, "moe-ddas-warm", progress, warm_start_steps=warm)
+        banks.update(_run_moe(backbone, seq, cfg, run, "moe-ddas-warm", progress, warm_start_steps=warm))
     if "adapter-ddas" in cfg.methods:
         banks.update(_run_moe(backbone, seq, cfg, run, "adapter-ddas", progress, **ADAPTER_DDAS))
     for k in cfg.expert_blocks_sweep:
@@ -202,6 +203,7 @@ def run_continual(
     banks = _train_banks(backbone, seq, cfg, run, progress)
     if outside is not None:
         _route_outside(banks, run, outside, outside_name, cfg)
+    _agnostic_of_banks(banks, backbone, seq, run)
     if cfg.int8 and "moe-ddas" in banks:
         int8 = int8_comparison(banks["moe-ddas"], seq, outside)
     for method in ("adapter", "finetune"):
@@ -225,6 +227,7 @@ def run_continual(
         "val_accuracy": run.val,
         "expert_activation": run.activation,
         "outside_accuracy": run.outside_accuracy,  # % on the outside domain's labels, per bank and zero-shot
+        "task_agnostic": {m: v for m, v in run.agnostic.items() if m in keep},  # % right over all classes seen
         "int8": int8,
         "seconds": {**run.seconds, "total": round(time.perf_counter() - start, 1)},
     }
@@ -253,6 +256,20 @@ def _expert_block_rows(run: RunLog, methods: dict[str, Any], cfg: CLConfig, back
             }
         )
     return rows
+
+
+def _agnostic_of_banks(
+    banks: dict[str, BankSnapshot], backbone: Backbone, seq: Sequence[SequenceStep], run: RunLog
+) -> None:
+    """Zero-shot's and the final banks' accuracy over the union of all classes (training/cl_agnostic.py)."""
+    run.agnostic[ZERO_SHOT] = agnostic_of_model(
+        lambda data: accuracy(backbone.model, backbone, data, TEMPLATE, lambda n: None), seq
+    )
+    for method, bank in banks.items():
+        if method == "moe-ddas":
+            run.agnostic["moe-oracle"] = agnostic_of_bank(bank, seq, oracle=True)
+        if method != BATCH_ROUTED:
+            run.agnostic[method] = agnostic_of_bank(bank, seq)
 
 
 def _route_outside(

@@ -92,6 +92,7 @@ def _report(seed: int, ddas: float, oracle: float, finetune_learned: float) -> d
                     "long": {"task_accuracy": 0.97}},
         "class_incremental": {"old_class_accuracy_last": 40.0 + seed / 1000, "forgetting": 10.0, "versions": [1, 2]},
         "outside_accuracy": {"moe-ddas": 95.0, "zero-shot": 99.0},
+        "task_agnostic": {"moe-ddas": {"per_domain": {"sketches": ddas, "colours": ddas}, "mean": ddas}},
         "seconds": {"total": 10.0},
     }  # fmt: skip
 
@@ -105,7 +106,7 @@ def test_summary_of_one_seed():
     assert s["last_ddas_vs_adapter_ddas"] == pytest.approx(2.0)
     assert s["fallback_near_min"] == 0.9 and s["fallback_pretraining"] == 0.99
     assert s["routing_long_task_accuracy"] == 0.97 and s["cil_old_class_accuracy_last"] == 40.0
-    assert s["outside_accuracy_vs_zero_shot"] == pytest.approx(-4.0)
+    assert s["outside_accuracy_vs_zero_shot"] == pytest.approx(-4.0) and s["task_agnostic_ddas"] == 80.0
 
 
 def test_seeds_aggregate_as_mean_and_std():
@@ -119,6 +120,9 @@ def test_seeds_aggregate_as_mean_and_std():
     assert s["plasticity_gap_vs_finetune"] == pytest.approx(12.0)
     assert s["cil_old_class_accuracy_last"] == pytest.approx(41.0)
     assert out["class_incremental"]["versions"] == [1, 2]  # equal values keep their type
+    agnostic = out["task_agnostic"]["moe-ddas"]
+    assert agnostic["mean"] == pytest.approx(82.0) and agnostic["mean_std"] == pytest.approx(2.0)
+    assert reports[0]["task_agnostic"]["moe-ddas"] == {"per_domain": {"sketches": 80.0, "colours": 80.0}, "mean": 80.0}
     assert [p["seed"] for p in out["per_seed"]] == [0, 1000, 2000]
     assert out["seconds"]["all_seeds"] == 30.0
     json.dumps(out)  # the report stays JSON
@@ -132,6 +136,17 @@ def test_mean_tree_and_seed_configs():
     assert cfgs[0].expert_blocks_sweep == (1,) and cfgs[1].expert_blocks_sweep == () and not cfgs[2].int8
     with pytest.raises(ValueError, match="seeds"):
         seed_configs(CLConfig(), 0)
+
+
+def test_union_of_classes_counts_a_shared_name_once():
+    from training.cl_agnostic import union_classes
+    from training.continual import offline_sequence
+
+    seq = offline_sequence(("sketches", "colours", "zoomed"), train_limit=2, test_limit=8)
+    union = union_classes(seq)
+    assert union[:8] == seq[0].classes and len(union) == len(set(union)) == 16  # zoomed: sketches' shape names
+    relabelled = seq[2].test.with_classes(union)
+    assert [union[y] for y in relabelled.labels] == [seq[2].classes[y] for y in seq[2].test.labels]
 
 
 def test_class_groups():
@@ -180,7 +195,8 @@ def test_bench_cl_with_seeds_writes_mean_and_std(tmp_path, capsys, monkeypatch):
     assert sum(shares["moe-ddas"]["colours"].values()) == pytest.approx(1.0, abs=1e-3)
     assert {"moe-ddas", "adapter-ddas", "zero-shot"} <= set(report["outside_accuracy"])
     md = (out / "report.md").read_text()
-    assert "Summary over 2 seeds" in md and " ± " in md and "Expert activation" in md
+    assert "Summary over 2 seeds" in md and " ± " in md and "Expert activation" in md and "Task-agnostic" in md
+    assert set(report["task_agnostic"]) == {"zero-shot", "moe-oracle", "moe-ddas", "adapter-ddas"}
 
 
 def test_parent_teacher_is_zero_on_the_parents_own_answers(backbone):

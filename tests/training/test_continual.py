@@ -68,6 +68,24 @@ def test_report_has_every_method_and_routing(tiny_run):
         assert sum(fractions.values()) == pytest.approx(1.0)
 
 
+def test_task_agnostic_scores_every_image_over_the_union_of_classes(tiny_run):
+    """Over more labels an image can only lose: each method's accuracy over the union of the classes of arrows
+    and digits is at most its Last on the image's own task's labels, domain by domain."""
+    agnostic = tiny_run["task_agnostic"]
+    assert set(agnostic) == set(METHODS)  # every method the run made, the oracle pinned over the union too
+    for method, row in agnostic.items():
+        last = tiny_run["methods"][method]["matrix"][-1]
+        for i, d in enumerate(tiny_run["domains"]):
+            assert row["per_domain"][d] <= 100 * last[i] + 0.005, (method, d)  # rounded to 2 decimals
+        assert row["mean"] == pytest.approx(np.mean(list(row["per_domain"].values())), abs=0.01)
+    drops = [
+        100 * tiny_run["methods"][m]["matrix"][-1][i] - row["per_domain"][d]
+        for m, row in agnostic.items()
+        for i, d in enumerate(tiny_run["domains"])
+    ]
+    assert max(drops) > 1, drops  # 18 labels are harder than 8 or 10: somewhere the union costs answers
+
+
 def test_moe_never_forgets_and_oracle_sends_unseen_tasks_to_zero_shot(tiny_run):
     oracle = tiny_run["methods"]["moe-oracle"]["matrix"]
     assert oracle[0][0] == oracle[1][0]  # published experts never change: bit-identical answers
