@@ -15,7 +15,8 @@ from .compat import check_compatible, check_config
 from .errors import MissingExpert, TaskNotFound
 from .experts import Expert, MoEConfig, Routing, TaskRouter
 from .manifest import Manifest, shown
-from .selector import Selector, SelectorStack, load_selector
+from .selector import Selector, load_selector
+from .selector_stack import SelectorStack
 
 
 @dataclass(frozen=True)

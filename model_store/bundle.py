@@ -232,12 +232,14 @@ def expected_tensor_bytes(
     existing_per_block: int = 0,
     bottleneck: int = 32,
     probes: int = 0,
+    gate_hidden: int = 0,
 ) -> int:
-    """Float32 bytes of a task bundle with the autoencoder selector and `probes` probe rows, for towers
-    {name: (width, layers)}."""
+    """Float32 bytes of a task bundle with an autoencoder selector (and, with `gate_hidden` > 0, a hybrid's gate of
+    that width) and `probes` probe rows, for towers {name: (width, layers)}."""
     floats = 0
     for width, layers in towers.values():
         expert = 2 * rank * width + rank + width
         floats += layers * (n_new * expert + (existing_per_block + n_new) * width)
     floats += 2 * embed_dim * bottleneck + bottleneck + embed_dim + probes * embed_dim
+    floats += (gate_hidden * embed_dim + 2 * gate_hidden + 1) if gate_hidden else 0
     return 4 * floats

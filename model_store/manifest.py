@@ -201,6 +201,24 @@ def _selector_problems(manifest: dict) -> list[str]:
             f"selector threshold {threshold:.4g} is more than {THRESHOLD_OVER_MAX:g}x the largest held-out error of "
             f"the task's own images ({ceiling:.4g}): it would claim images of every other domain"
         ]
+    return _gate_problems(selector) if selector["kind"] == "hybrid" else []
+
+
+def _gate_problems(selector: dict) -> list[str]:
+    """A hybrid selector's gate: its threshold in `calibration`, under the same ceiling rule as any selector's."""
+    calibration = selector["calibration"]
+    gate = calibration.get("gate_threshold")
+    if not (_is_number(gate) and gate > 0):
+        return [f"selector calibration.gate_threshold must be a finite number > 0, got {shown(gate)}"]
+    stats = [calibration.get(k) for k in ("gate_max", "gate_neg_p01")]
+    if not _is_number(stats[0]) or stats[0] < 0:
+        return ["selector calibration must hold gate_max (a finite number >= 0) for a hybrid selector"]
+    ceiling = max(v for v in stats if _is_number(v))
+    if gate > THRESHOLD_OVER_MAX * ceiling:
+        return [
+            f"selector gate threshold {gate:.4g} is more than {THRESHOLD_OVER_MAX:g}x the largest held-out gate error "
+            f"({ceiling:.4g}): the gate would let images of every other domain through"
+        ]
     return []
 
 

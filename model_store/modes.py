@@ -8,5 +8,5 @@ PER_REQUEST = "per-request"  # the request's images are routed as one (averaged 
 ROUTE_MODES = (PER_IMAGE, PER_REQUEST)
 
 # Selector kinds a config may name (model_store.selector.SELECTOR_KINDS implements exactly these).
-SELECTOR_NAMES = ("autoencoder", "gaussian", "discriminative")
-DEFAULT_SELECTOR = "autoencoder"
+SELECTOR_NAMES = ("autoencoder", "gaussian", "discriminative", "hybrid")
+DEFAULT_SELECTOR = "hybrid"  # docs/benchmarks/routing.md, "The hybrid kind"

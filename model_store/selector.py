@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 
 from .errors import BundleInvalid
 from .modes import DEFAULT_SELECTOR
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -202,11 +205,67 @@ class DiscriminativeSelector:
         return cls(*(p.detach().clone() for p in (hidden.weight, hidden.bias, head.weight, head.bias)))
 
 
+@dataclass
+class HybridSelector:
+    """An autoencoder that ranks and a discriminative gate that vetoes: an image is the task's only when both
+    claim it (each under its own calibrated threshold), and among the tasks that do, the autoencoder's score
+    decides, on the same scale as a plain autoencoder's. The gate, trained against a reference set and the bank's
+    probes, keeps generic images out; the autoencoder, a density score, does not favour earlier tasks, which never
+    saw the later ones (docs/benchmarks/routing.md: each alone loses one of the two). `threshold` is the
+    autoencoder's; `gate_threshold` the gate's."""
+
+    kind: ClassVar[str] = "hybrid"
+    enc_w: torch.Tensor
+    enc_b: torch.Tensor
+    dec_w: torch.Tensor
+    dec_b: torch.Tensor
+    gate_w1: torch.Tensor
+    gate_b1: torch.Tensor
+    gate_w2: torch.Tensor
+    gate_b2: torch.Tensor
+    threshold: float = 1.0
+    calibration: dict[str, float] | None = None
+    gate_threshold: float = 1.0
+
+    def parts(self) -> tuple[AutoencoderSelector, DiscriminativeSelector]:
+        """Its two selectors (sharing its tensors), each with its own threshold."""
+        ae = AutoencoderSelector(self.enc_w, self.enc_b, self.dec_w, self.dec_b, self.threshold)
+        gate = DiscriminativeSelector(self.gate_w1, self.gate_b1, self.gate_w2, self.gate_b2, self.gate_threshold)
+        return ae, gate
+
+    def error(self, feats: torch.Tensor) -> torch.Tensor:
+        ae, gate = self.parts()
+        own, vetoed = ae.error(feats), score(gate, feats)
+        # kept when the gate claims; else at least the gate's score on this scale, so above the threshold
+        return torch.where(vetoed <= 1.0, own, torch.maximum(own, vetoed * self.threshold))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        ae, gate = self.parts()
+        return {**ae.tensors(), **{f"gate_{k}": v for k, v in gate.tensors().items()}}
+
+    @classmethod
+    def fit(cls, train: torch.Tensor, cfg: SelectorConfig, negatives: torch.Tensor | None = None) -> Any:
+        ae = AutoencoderSelector.fit(train, cfg)
+        gate = DiscriminativeSelector.fit(train, cfg, negatives)
+        return cls(*ae.tensors().values(), *gate.tensors().values())
+
+    def calibrate(self, calib: torch.Tensor, cfg: SelectorConfig, held_negatives: torch.Tensor | None) -> None:
+        """Each part calibrated on its own (the same rules as a plain selector of its kind)."""
+        ae, gate = self.parts()
+        calibrate(ae, calib, cfg, held_negatives)
+        calibrate(gate, calib, cfg, held_negatives)
+        self.threshold, self.gate_threshold = ae.threshold, gate.threshold
+        gate_stats = {f"gate_{k}": v for k, v in (gate.calibration or {}).items() if k not in ("percentile", "margin")}
+        self.calibration = {**(ae.calibration or {}), **gate_stats, "gate_threshold": gate.threshold}
+
+
 SELECTOR_KINDS: dict[str, Callable[..., Any]] = {
     "autoencoder": AutoencoderSelector,
     "gaussian": GaussianSelector,
     "discriminative": DiscriminativeSelector,
+    "hybrid": HybridSelector,
 }
+NEEDS_NEGATIVES = ("discriminative", "hybrid")  # the kinds that fit on negatives (a reference set, other probes)
 
 
 def fit_selector(
@@ -223,8 +282,11 @@ def fit_selector(
     """
     if len(train) < 2 or len(calib) < 1:
         raise ValueError(f"selector needs >= 2 training and >= 1 calibration images, got {len(train)} and {len(calib)}")
+    if cfg.kind == "hybrid" and (negatives is None or len(negatives) == 0):
+        log.warning("no negatives (no reference set, no other task): the hybrid selector's gate falls back to none")
+        cfg = replace(cfg, kind="autoencoder")
     kind = SELECTOR_KINDS[cfg.kind]
-    selector = kind.fit(train, cfg, negatives) if cfg.kind == "discriminative" else kind.fit(train, cfg)
+    selector = kind.fit(train, cfg, negatives) if cfg.kind in NEEDS_NEGATIVES else kind.fit(train, cfg)
     calibrate(selector, calib, cfg, held_negatives)
     return selector
 
@@ -235,6 +297,9 @@ def calibrate(
     """Set `selector.threshold` and `.calibration` from the task's held-out embeddings `calib` (a percentile of
     their errors) and, if given, held-out negatives (at most `false_claim` of them claimed, while keeping at
     least `self_claim` of `calib`)."""
+    if isinstance(selector, HybridSelector):
+        selector.calibrate(calib, cfg, held_negatives)
+        return
     own = selector.error(calib.float()).detach().float().cpu()
     selector.threshold, selector.calibration = _calibrate(own, cfg)
     if held_negatives is not None and len(held_negatives):
@@ -258,17 +323,32 @@ def selector_manifest(selector: Selector, cfg: SelectorConfig) -> dict[str, Any]
     }
 
 
+def _rows(tensors: dict[str, torch.Tensor], name: str) -> int:
+    t = tensors.get(name)
+    return t.shape[0] if t is not None and t.ndim == 2 else -1
+
+
+def _wanted_shapes(kind: str, tensors: dict[str, torch.Tensor], dim: int) -> dict[str, tuple[int, ...]] | None:
+    """The shape each tensor of a selector of `kind` must have for embeddings of width `dim`; None: unknown kind."""
+    if kind == "autoencoder":
+        h = _rows(tensors, "enc_w")
+        return {"enc_w": (h, dim), "enc_b": (h,), "dec_w": (dim, h), "dec_b": (dim,)}
+    if kind == "gaussian":
+        return {"mean": (dim,), "precision": (dim, dim)}
+    if kind == "discriminative":
+        h = _rows(tensors, "w1")
+        return {"w1": (h, dim), "b1": (h,), "w2": (1, h), "b2": (1,)}
+    if kind == "hybrid":
+        gate = {k[len("gate_") :]: v for k, v in tensors.items() if k.startswith("gate_")}
+        ae, disc = _wanted_shapes("autoencoder", tensors, dim), _wanted_shapes("discriminative", gate, dim)
+        return {**(ae or {}), **{f"gate_{k}": v for k, v in (disc or {}).items()}}
+    return None
+
+
 def selector_shape_problems(kind: str, tensors: dict[str, torch.Tensor], dim: int) -> list[str]:
     """Shape problems of a selector's tensors for embeddings of width `dim` (empty when they fit)."""
-    if kind == "autoencoder":
-        h = tensors["enc_w"].shape[0] if "enc_w" in tensors and tensors["enc_w"].ndim == 2 else -1
-        want = {"enc_w": (h, dim), "enc_b": (h,), "dec_w": (dim, h), "dec_b": (dim,)}
-    elif kind == "gaussian":
-        want = {"mean": (dim,), "precision": (dim, dim)}
-    elif kind == "discriminative":
-        h = tensors["w1"].shape[0] if "w1" in tensors and tensors["w1"].ndim == 2 else -1
-        want = {"w1": (h, dim), "b1": (h,), "w2": (1, h), "b2": (1,)}
-    else:
+    want = _wanted_shapes(kind, tensors, dim)
+    if want is None:
         return [f"selector kind {kind!r} is unknown; known: {sorted(SELECTOR_KINDS)}"]
     got = {k: tuple(tensors[k].shape) if k in tensors else None for k in want}
     return (
@@ -285,44 +365,16 @@ def load_selector(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Sel
         raise BundleInvalid(f"selector kind {kind!r} is unknown; known: {sorted(SELECTOR_KINDS)}")
     cls = SELECTOR_KINDS[kind]
     names = [f for f in cls.__dataclass_fields__ if f not in ("kind", "threshold", "calibration")]
-    missing = [n for n in names if n not in tensors]
+    missing = [n for n in names if n not in tensors and n != "gate_threshold"]
     if missing:
         raise BundleInvalid(f"selector {kind} is missing tensors: {', '.join('selector.' + m for m in missing)}")
-    threshold = meta.get("threshold")
-    if type(threshold) not in (int, float) or not math.isfinite(threshold) or threshold <= 0:
-        raise BundleInvalid(f"selector threshold must be a finite number > 0, got {threshold!r}")
-    return cls(*(tensors[n].float() for n in names), threshold=float(threshold), calibration=meta.get("calibration"))
-
-
-class SelectorStack:
-    """Every selector of a bank scored at once: the autoencoders (the default kind) stacked into batched matrix
-    products, the others one by one. Scores [n, T] equal `score` of each selector in turn, at a cost that grows
-    with T in FLOPs only, not in Python calls (measured: 0.65 ms against 2.3 ms per batch of 16 at 100 tiny tasks)."""
-
-    def __init__(self, selectors: Sequence[Selector]) -> None:
-        self.count = len(selectors)
-        stacked = [i for i, s in enumerate(selectors) if isinstance(s, AutoencoderSelector)]
-        self.stacked = torch.tensor(stacked, dtype=torch.long)
-        self.others = [(i, s) for i, s in enumerate(selectors) if not isinstance(s, AutoencoderSelector)]
-        if stacked and len({tuple(selectors[i].enc_w.shape) for i in stacked}) > 1:  # bottlenecks differ
-            self.others += [(i, selectors[i]) for i in stacked]
-            self.stacked = self.stacked[:0]
-        if len(self.stacked):
-            ae = [selectors[i] for i in stacked]
-            self.enc_w = torch.stack([s.enc_w for s in ae])  # [T, h, D]
-            self.enc_b = torch.stack([s.enc_b for s in ae])[None]  # [1, T, h]
-            self.dec_w = torch.stack([s.dec_w for s in ae])  # [T, D, h]
-            self.dec_b = torch.stack([s.dec_b for s in ae])[None]  # [1, T, D]
-            self.thresholds = torch.tensor([s.threshold for s in ae], dtype=self.enc_w.dtype, device=self.enc_w.device)
-
-    def scores(self, feats: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(feats.shape[0], self.count)
-        if len(self.stacked):
-            f = feats.to(self.enc_w.dtype)
-            hidden = torch.tanh(torch.einsum("nd,thd->nth", f, self.enc_w) + self.enc_b)
-            recon = torch.einsum("nth,tdh->ntd", hidden, self.dec_w) + self.dec_b
-            errors = ((recon - f[:, None, :]) ** 2).mean(-1)
-            out[:, self.stacked] = (errors / self.thresholds).float().cpu()
-        for i, s in self.others:
-            out[:, i] = score(s, feats).float().cpu()
-        return out
+    calibration = meta.get("calibration")
+    thresholds = {"threshold": meta.get("threshold")}
+    if kind == "hybrid":
+        names.remove("gate_threshold")
+        thresholds["gate_threshold"] = calibration.get("gate_threshold") if isinstance(calibration, dict) else None
+    for name, value in thresholds.items():
+        if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+            raise BundleInvalid(f"selector {name} must be a finite number > 0, got {value!r}")
+    tensors_in_order = (tensors[n].float() for n in names)
+    return cls(*tensors_in_order, calibration=calibration, **{k: float(v) for k, v in thresholds.items()})

@@ -108,3 +108,18 @@ def edit_bundle(
     if fix_digest:
         meta["content_sha256"] = tensor_digest(t)
     return st_save(t, metadata={MANIFEST_KEY: raw_manifest if raw_manifest is not None else json.dumps(meta)})
+
+
+def over_broad(data: bytes) -> bytes:
+    """The same bundle with a selector so wide that it claims every image (still a valid manifest): its threshold,
+    and a hybrid's gate threshold, raised with the calibration statistics they are checked against."""
+
+    def widen(m: dict) -> None:
+        from model_store.manifest import CALIBRATION_ORDER
+
+        m["selector"]["threshold"] = 1e6
+        m["selector"]["calibration"].update({k: 1e6 for k in (*CALIBRATION_ORDER, "neg_p01")})
+        if m["selector"]["kind"] == "hybrid":
+            m["selector"]["calibration"].update({"gate_threshold": 1e6, "gate_max": 1e6, "gate_neg_p01": 1e6})
+
+    return edit_bundle(data, manifest=widen)

@@ -44,7 +44,7 @@ def test_train_flags_build_a_train_job_with_the_class_defaults():
     args = build_parser().parse_args(["train", "--task", "t", "--data", "d", "--steps", "7", "--no-activate"])
     job = TrainJob(**given(TrainJob, args))
     assert (job.task, job.data, job.steps, job.activate) == ("t", "d", 7, False)
-    assert (job.batch_size, job.selector, job.lr) == (TrainJob.batch_size, "autoencoder", None)
+    assert (job.batch_size, job.selector, job.lr) == (TrainJob.batch_size, "hybrid", None)
     assert set(given(TrainJob, args)) == {f.name for f in flag_fields(TrainJob)}
 
 

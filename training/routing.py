@@ -19,12 +19,12 @@ from model_store.bank import BankSnapshot
 from model_store.bundle import MAX_PROBES
 from model_store.inference import route_scores
 from model_store.reference import ReferenceSet, embed_images
-from model_store.selector import Selector, SelectorConfig, calibrate, fit_selector, score
+from model_store.selector import NEEDS_NEGATIVES, Selector, SelectorConfig, calibrate, fit_selector, score
 
 from .domains import get_domain
 from .lookalike import LONG_SEQUENCE, NEAR_OUTSIDE
 
-KINDS = ("autoencoder", "gaussian", "discriminative")
+KINDS = ("hybrid", "autoencoder", "gaussian", "discriminative")
 PROBES = MAX_PROBES  # embeddings of a task's held-out images kept in its bundle (docs/bundle-format.md)
 
 # What `clipbank train` warns about (docs/method.md, "What training reports about routing").
@@ -90,7 +90,7 @@ def negatives_for(bank: BankSnapshot, task: str, reference: ReferenceSet | None,
         if entry.name == task or entry.probes is None:
             continue  # a task's own earlier version is not a negative
         probes = entry.probes.float().cpu()
-        if kind == "discriminative" and len(probes) >= 4:
+        if kind in NEEDS_NEGATIVES and len(probes) >= 4:
             a, b = _halves(len(probes), seed + i)
             fit.append(probes[a])
             probes = probes[b]

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model_store.errors import BundleInvalid
 from model_store.selector import SelectorConfig, fit_selector, load_selector, score, selector_manifest
 
 
@@ -72,7 +73,8 @@ def test_negatives_that_look_like_the_task_cannot_take_its_own_images_below_self
 
 
 def test_a_bank_scores_its_selectors_at_once_exactly_as_one_by_one():
-    from model_store.selector import SelectorStack, score
+    from model_store.selector import score
+    from model_store.selector_stack import SelectorStack
 
     g = torch.Generator().manual_seed(3)
     feats = torch.nn.functional.normalize(torch.randn(40, 32, generator=g), dim=-1)
@@ -85,7 +87,57 @@ def test_a_bank_scores_its_selectors_at_once_exactly_as_one_by_one():
     assert stack.stacked.tolist() == [0, 2, 3] and [i for i, _ in stack.others] == [1]  # the gaussian alone
     one_by_one = torch.stack([score(s, feats) for s in sels], dim=1)
     assert torch.allclose(stack.scores(feats), one_by_one, rtol=1e-5, atol=1e-6)
+    negatives = torch.nn.functional.normalize(torch.randn(50, 32, generator=g) + 0.5, dim=-1)
+    hybrids = [
+        fit_selector(
+            feats[4 * i : 4 * i + 8], feats[30:34], SelectorConfig(kind="hybrid", epochs=20, seed=i), negatives
+        )
+        for i in range(3)
+    ]
+    with_hybrids = SelectorStack([sels[0], hybrids[0], sels[1], hybrids[1], hybrids[2]])
+    assert with_hybrids.stacked.tolist() == [0, 1, 3, 4] and with_hybrids.hybrid.tolist() == [1, 2, 3]
+    one_by_one = torch.stack([score(s, feats) for s in (sels[0], hybrids[0], sels[1], hybrids[1], hybrids[2])], 1)
+    assert torch.allclose(with_hybrids.scores(feats), one_by_one, rtol=1e-5, atol=1e-6)
+    vetoed = torch.stack([score(h.parts()[1], feats) for h in hybrids], 1) > 1
+    assert vetoed.any() and (~vetoed).any()  # the gates both veto and let through here: both branches are checked
     wide = fit_selector(feats[:8], feats[30:34], SelectorConfig(bottleneck=8, epochs=5))  # another bottleneck
     mixed = SelectorStack([sels[0], wide])
     assert mixed.stacked.numel() == 0  # not stackable: every one scored alone, still right
     assert torch.allclose(mixed.scores(feats), torch.stack([score(s, feats) for s in (sels[0], wide)], 1))
+
+
+def test_the_hybrid_kind_claims_only_what_both_parts_claim_and_ranks_by_its_autoencoder():
+    from model_store.manifest import _selector_problems
+
+    g = torch.Generator().manual_seed(5)
+    a, b = F.normalize(torch.randn(2, 32, generator=g), dim=-1)
+    task, near = _cluster(a, 400, g), _cluster(0.6 * a + 0.4 * b, 400, g)  # near: between the task and others
+    cfg = SelectorConfig(kind="hybrid", lr=1e-2)
+    sel = fit_selector(task[:250], task[250:], cfg, near[:250], near[250:])
+    ae, gate = sel.parts()
+    assert sel.kind == "hybrid" and (ae.threshold, gate.threshold) == (sel.threshold, sel.calibration["gate_threshold"])
+    probe = torch.cat([task[250:], near[250:]])
+    both = (score(ae, probe) <= 1) & (score(gate, probe) <= 1)
+    assert torch.equal(score(sel, probe) <= 1, both)  # claimed exactly when both parts claim
+    assert torch.allclose(score(sel, probe)[both], score(ae, probe)[both])  # ranked on the autoencoder's scale
+    assert (score(ae, near[250:]) <= 1).float().mean() > (score(sel, near[250:]) <= 1).float().mean()  # the gate
+    assert (score(sel, task[250:]) <= 1).float().mean() >= 0.9
+
+    meta = selector_manifest(sel, cfg)
+    again = load_selector(meta, sel.tensors())
+    torch.testing.assert_close(score(again, probe), score(sel, probe))
+    assert set(sel.tensors()) == {"enc_w", "enc_b", "dec_w", "dec_b", "gate_w1", "gate_b1", "gate_w2", "gate_b2"}
+    assert _selector_problems({"selector": meta}) == []
+    wide = {**meta, "calibration": {**meta["calibration"], "gate_threshold": 1e6}}
+    assert "gate threshold" in _selector_problems({"selector": wide})[0]  # a gate that lets everything through
+    gone = {**meta, "calibration": {k: v for k, v in meta["calibration"].items() if k != "gate_threshold"}}
+    assert "gate_threshold" in _selector_problems({"selector": gone})[0]
+    with pytest.raises(BundleInvalid, match="gate_threshold"):
+        load_selector(gone, sel.tensors())
+
+
+def test_the_hybrid_kind_without_any_negative_is_a_plain_autoencoder(caplog):
+    g = torch.Generator().manual_seed(6)
+    feats = _cluster(F.normalize(torch.randn(32, generator=g), dim=0), 60, g)
+    sel = fit_selector(feats[:40], feats[40:], SelectorConfig(kind="hybrid", epochs=5))
+    assert sel.kind == "autoencoder" and "no negatives" in caplog.text

@@ -9,10 +9,10 @@ import pytest
 
 from benchmarks.samples import domain_pngs
 from model_store.modes import PER_IMAGE, PER_REQUEST
-from tests.helpers import with_version
+from tests.helpers import over_broad, with_version
 
 from .conftest import AUTH, running_app
-from .test_gate import DEFAULTS, over_broad
+from .test_gate import DEFAULTS
 
 pytestmark = pytest.mark.anyio
 

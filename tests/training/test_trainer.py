@@ -104,6 +104,7 @@ def test_cli_reports_bad_input(tmp_path, capsys):
 
 def test_bundle_size_formula_matches_trained_bundles(trained, backbone):
     from model_store.bundle import MAX_PROBES, expected_tensor_bytes, tensor_bytes
+    from model_store.selector import SelectorConfig
 
     store, _, _ = trained
     towers = {t: (s.width, s.layers) for t, s in backbone.towers.items()}
@@ -111,7 +112,11 @@ def test_bundle_size_formula_matches_trained_bundles(trained, backbone):
         bundle = store.load(store.active()[task])
         probes = len(bundle.probes)
         assert probes == min(MAX_PROBES, bundle.manifest.training["val_images"])
-        want = expected_tensor_bytes(towers, backbone.embed_dim, existing_per_block=existing, probes=probes)
+        gate = SelectorConfig.hidden  # the default kind, hybrid, adds its gate to the autoencoder
+        assert bundle.manifest.selector.kind == "hybrid"
+        want = expected_tensor_bytes(
+            towers, backbone.embed_dim, existing_per_block=existing, probes=probes, gate_hidden=gate
+        )
         assert tensor_bytes(bundle) == want
         assert bundle.file_bytes - tensor_bytes(bundle) < 64 * 1024  # the rest is the JSON header
 
