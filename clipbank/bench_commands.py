@@ -92,7 +92,10 @@ def _bench_protocol(args: argparse.Namespace) -> int:
     if not args.data_root:
         raise SystemExit("clipbank bench cl: --protocol needs --data-root DIR")
     methods = tuple(args.methods.split(",")) if args.methods else CLConfig().methods
-    cfg = CLConfig(steps=args.steps or 1000, methods=methods, seed=args.seed)
+    if args.shots is not None and args.protocol in CIFAR_STEPS:
+        raise SystemExit("clipbank bench cl: --shots is for the MTIL protocols (few-shot MTIL), not CIFAR-100")
+    steps = args.steps or (500 if args.shots else 1000)  # few-shot MTIL: 500 iterations; full MTIL: 1000
+    cfg = CLConfig(steps=steps, methods=methods, seed=args.seed)
     backbone = load_backbone(args.backbone or "ViT-B-16:openai", args.device)
     if args.protocol in CIFAR_STEPS:
         if args.methods:
@@ -104,7 +107,7 @@ def _bench_protocol(args: argparse.Namespace) -> int:
             (Path(args.out) / "report.md").write_text(format_cifar(report))
         print(format_cifar(report))
         return 0
-    report = run_mtil(backbone, args.data_root, args.protocol, cfg, args.limit)
+    report = run_mtil(backbone, args.data_root, args.protocol, cfg, args.limit, args.shots)
     if args.out:
         write_cl_report(report, Path(args.out), "clipbank bench cl " + " ".join(sys.argv[3:]))
     print(format_markdown(report))
@@ -118,6 +121,8 @@ def _bench_cl(args: argparse.Namespace) -> int:
 
     if args.protocol:
         return _bench_protocol(args)
+    if args.shots is not None:
+        raise SystemExit("clipbank bench cl: --shots is for few-shot MTIL: give --protocol mtil-1 or mtil-2 too")
     backbone = load_backbone(args.backbone or DEFAULT_BACKBONE, args.device)
     job = CLJob(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CLJob)})
     report = run_offline_cl(job, backbone)

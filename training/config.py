@@ -92,13 +92,18 @@ class CLJob:
     )
     data_root: str | None = option(None, "ROOT/<dataset>/{train,test}/<class>/ folders, or torchvision data")
     limit: int | None = option(None, "at most this many images per class (a dry run)")
+    shots: int | None = option(
+        None, "few-shot MTIL: this many training images per class (the papers' is 5; 500 steps unless --steps)"
+    )
 
 
 @dataclass(frozen=True)
 class RoutingJob:
     """`clipbank bench routing`: routing alone, 12 tasks in turn, look-alike pairs, near outside domains."""
 
-    kinds: str | None = option(None, "comma-separated selector kinds (default: autoencoder,gaussian,discriminative)")
+    kinds: str | None = option(
+        None, "comma-separated selector kinds (default: hybrid,autoencoder,gaussian,discriminative)"
+    )
     backbone: str | None = option(None, "default: tiny")
     reference: str | None = option(None, "reference set file (default: the backbone's, if one was built)")
     out: str | None = option(None, "write report.json, report.md and routing.png here")

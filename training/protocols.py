@@ -117,22 +117,50 @@ def load_dataset(root: str | Path, name: str, limit: int | None = None) -> tuple
     return train.per_class(limit), test.per_class(limit)
 
 
+def few_shot(train: LabelledImages, shots: int, seed: int = 0) -> tuple[LabelledImages, LabelledImages]:
+    """Few-shot MTIL's training set: `shots` images per class (a seeded sample); and, to validate on (the
+    selector's calibration, validation accuracy), up to as many *other* images per class of the same train split.
+    The test split stays whole."""
+    if shots < 1:
+        raise ValueError(f"shots must be >= 1, got {shots}")
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(train.labels)
+    fit: list[int] = []
+    val: list[int] = []
+    for c in range(len(train.classes)):
+        idx = rng.permutation(np.flatnonzero(labels == c)).tolist()
+        fit += idx[:shots]
+        val += idx[shots : 2 * shots]
+    if not val:
+        raise ValueError(f"no train image is left to validate on beside {shots} shots per class")
+    return train.subset(sorted(fit)), train.subset(sorted(val))
+
+
 def mtil_sequence(
-    root: str | Path, protocol: str, limit: int | None = None, val_fraction: float = 0.1
+    root: str | Path, protocol: str, limit: int | None = None, val_fraction: float = 0.1, shots: int | None = None
 ) -> list[SequenceStep]:
-    """The 11 MTIL datasets in the protocol's order; validation is held out of each train split."""
+    """The 11 MTIL datasets in the protocol's order; validation is held out of each train split. With `shots`,
+    few-shot MTIL: that many training images per class (`few_shot`)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join([*PROTOCOLS, *CIFAR_STEPS])}")
     seq = []
     for name in tqdm(PROTOCOLS[protocol], desc="index datasets", unit="dataset"):
         train, test = load_dataset(root, name, limit)
-        fit, val = train.holdout(val_fraction)
+        fit, val = train.holdout(val_fraction) if shots is None else few_shot(train, shots)
         seq.append(SequenceStep(name, fit, val, test))
     return seq
 
 
-def run_mtil(backbone: Backbone, root: str | Path, protocol: str, cfg: CLConfig, limit: int | None = None) -> dict:
-    return {"protocol": protocol, **run_continual(backbone, mtil_sequence(root, protocol, limit), cfg)}
+def run_mtil(
+    backbone: Backbone,
+    root: str | Path,
+    protocol: str,
+    cfg: CLConfig,
+    limit: int | None = None,
+    shots: int | None = None,
+) -> dict:
+    seq = mtil_sequence(root, protocol, limit, shots=shots)
+    return {"protocol": protocol, "shots": shots, **run_continual(backbone, seq, cfg)}
 
 
 # ----------------------------------------------------------------------------------------------- CIFAR-100

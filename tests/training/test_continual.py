@@ -166,6 +166,39 @@ def _mnist_raw(root, n: int = 8) -> None:
         (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
 
 
+def test_few_shot_mtil_trains_on_n_images_per_class_and_validates_on_others(tmp_path):
+    from training.protocols import few_shot, mtil_sequence
+
+    for name in MTIL_ORDER_I:
+        if name == "mnist":
+            _mnist_raw(tmp_path / "data", n=24)
+        else:
+            _stand_in(tmp_path / "data", name, 3, per_class=8)
+    seq = mtil_sequence(tmp_path / "data", "mtil-1", shots=5)
+    assert [d.name for d in seq] == list(MTIL_ORDER_I)
+    for d in seq:
+        counts = np.bincount(d.train.labels, minlength=len(d.classes))
+        present = np.bincount(d.test.labels, minlength=len(d.classes)) > 0  # the MNIST stand-in has 2 of 10 digits
+        assert counts[present].tolist() == [5] * int(present.sum()), d.name  # 5 shots of every class
+        assert len(d.val) > 0 and set(d.train.images.sources).isdisjoint(d.val.images.sources), d.name
+    sketch = seq[0]
+    assert len(sketch.test) == 3 * 8  # the test split stays whole
+    data = load_domain("arrows", "train").subset(range(64))
+    fit, val = few_shot(data, 2, seed=1)
+    assert np.bincount(fit.labels).max() == 2 and len(val) == len(fit)
+    assert not {id(im) for im in fit.images} & {id(im) for im in val.images}  # never the same image twice
+    assert few_shot(data, 2, seed=1)[0].labels == fit.labels  # seeded
+    with pytest.raises(ValueError, match="shots"):
+        few_shot(data, 0)
+
+
+def test_shots_outside_few_shot_mtil_are_refused(capsys):
+    with pytest.raises(SystemExit, match="few-shot MTIL"):
+        main(["bench", "cl", "--shots", "5"])
+    with pytest.raises(SystemExit, match="not CIFAR-100"):
+        main(["bench", "cl", "--protocol", "cifar100-10", "--data-root", "/nonexistent", "--shots", "5"])
+
+
 @pytest.mark.parametrize("protocol", ["mtil-1", "cifar100-10"])
 def test_protocol_dry_run_on_stand_in_folders(tmp_path, protocol, capsys):
     for name in MTIL_ORDER_I:
