@@ -40,7 +40,9 @@ class SelectorStack:
             self.gate_b1 = torch.stack([s.gate_b1 for s in gates])[None]  # [1, H, g]
             self.gate_w2 = torch.stack([s.gate_w2[0] for s in gates])  # [H, g]
             self.gate_b2 = torch.stack([s.gate_b2 for s in gates])[:, 0][None]  # [1, H]
-            self.gate_thresholds = torch.tensor([s.gate_threshold for s in gates], dtype=self.gate_w1.dtype)
+            self.gate_thresholds = torch.tensor(
+                [s.gate_threshold for s in gates], dtype=self.gate_w1.dtype, device=self.gate_w1.device
+            )
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         out = torch.empty(feats.shape[0], self.count)
@@ -52,7 +54,7 @@ class SelectorStack:
             if len(self.hybrid):
                 gate = F.gelu(torch.einsum("nd,hgd->nhg", f, self.gate_w1) + self.gate_b1)
                 logit = torch.einsum("nhg,hg->nh", gate, self.gate_w2) + self.gate_b2
-                vetoed = (F.softplus(-logit) / self.gate_thresholds.to(logit.device)).float().cpu()
+                vetoed = (F.softplus(-logit) / self.gate_thresholds).float().cpu()
                 mine = own[:, self.hybrid]  # as HybridSelector.error / threshold
                 own[:, self.hybrid] = torch.where(vetoed <= 1.0, mine, torch.maximum(mine, vetoed))
             out[:, self.stacked] = own
