@@ -364,14 +364,13 @@ def load_selector(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Sel
     if kind not in SELECTOR_KINDS:
         raise BundleInvalid(f"selector kind {kind!r} is unknown; known: {sorted(SELECTOR_KINDS)}")
     cls = SELECTOR_KINDS[kind]
-    names = [f for f in cls.__dataclass_fields__ if f not in ("kind", "threshold", "calibration")]
-    missing = [n for n in names if n not in tensors and n != "gate_threshold"]
+    names = [f for f in cls.__dataclass_fields__ if f not in ("kind", "threshold", "calibration", "gate_threshold")]
+    missing = [n for n in names if n not in tensors]
     if missing:
         raise BundleInvalid(f"selector {kind} is missing tensors: {', '.join('selector.' + m for m in missing)}")
     calibration = meta.get("calibration")
     thresholds = {"threshold": meta.get("threshold")}
     if kind == "hybrid":
-        names.remove("gate_threshold")
         thresholds["gate_threshold"] = calibration.get("gate_threshold") if isinstance(calibration, dict) else None
     for name, value in thresholds.items():
         if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
