@@ -87,6 +87,7 @@ def _bench_protocol(args: argparse.Namespace) -> int:
     from model_store.backbone import load_backbone
     from training.cl_report import format_markdown, write_cl_report
     from training.continual import CLConfig
+    from training.prompts import PromptsUnavailable, check_available
     from training.protocols import CIFAR_STEPS, format_cifar, run_cifar_incremental, run_mtil
 
     if not args.data_root:
@@ -96,18 +97,23 @@ def _bench_protocol(args: argparse.Namespace) -> int:
         raise SystemExit("clipbank bench cl: --shots is for the MTIL protocols (few-shot MTIL), not CIFAR-100")
     steps = args.steps or (500 if args.shots else 1000)  # few-shot MTIL: 500 iterations; full MTIL: 1000
     cfg = CLConfig(steps=steps, methods=methods, seed=args.seed)
+    if args.prompts == "papers" and args.protocol not in CIFAR_STEPS:
+        try:
+            check_available()
+        except PromptsUnavailable as e:
+            raise SystemExit(f"clipbank bench cl: {e}") from None
     backbone = load_backbone(args.backbone or "ViT-B-16:openai", args.device)
     if args.protocol in CIFAR_STEPS:
         if args.methods:
             print("clipbank bench cl: CIFAR-100 protocols run the MoE only; --methods is ignored", file=sys.stderr)
-        report = run_cifar_incremental(backbone, args.data_root, args.protocol, cfg, args.limit)
+        report = run_cifar_incremental(backbone, args.data_root, args.protocol, cfg, args.limit, args.prompts)
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2))
             (Path(args.out) / "report.md").write_text(format_cifar(report))
         print(format_cifar(report))
         return 0
-    report = run_mtil(backbone, args.data_root, args.protocol, cfg, args.limit, args.shots)
+    report = run_mtil(backbone, args.data_root, args.protocol, cfg, args.limit, args.shots, args.prompts)
     if args.out:
         write_cl_report(report, Path(args.out), "clipbank bench cl " + " ".join(sys.argv[3:]))
     print(format_markdown(report))

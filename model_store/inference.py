@@ -12,6 +12,7 @@ import torch
 
 from .bank import BankSnapshot
 from .errors import InvalidRequest
+from .manifest import MAX_TEMPLATES, template_ok
 from .modes import AUTO, PER_IMAGE, PER_REQUEST, ROUTE_MODES, ZERO_SHOT
 from .moe_clip import encode_image, encode_image_from, encode_text, image_tokens
 
@@ -27,6 +28,7 @@ class ClassifyItem:
     task: str = AUTO  # auto | zero-shot | a task name
     route: str = PER_IMAGE
     top_k: int | None = None
+    templates: tuple[str, ...] | None = None  # with labels: the prompts for them on any route; None: the route's
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,7 @@ def _route_of(bank: BankSnapshot, t: int, s: float) -> Route:
 def _label_set(bank: BankSnapshot, item: ClassifyItem, t: int) -> tuple[Sequence[str], Sequence[str]] | None:
     """The (labels, templates) an image routed to `t` is scored against; None: nothing to choose among."""
     if item.labels:
-        return item.labels, (bank.tasks[t].templates if t >= 0 else ZERO_SHOT_TEMPLATES)
+        return item.labels, item.templates or (bank.tasks[t].templates if t >= 0 else ZERO_SHOT_TEMPLATES)
     if t >= 0:
         return bank.tasks[t].classes, bank.tasks[t].templates
     if item.task == AUTO:  # no task claimed the image and there is nothing to choose among: say so
@@ -226,6 +228,10 @@ def check_item(bank: BankSnapshot, item: ClassifyItem) -> InvalidRequest | None:
         return InvalidRequest(f"top_k must be >= 1, got {item.top_k}")
     if item.labels is not None and len(set(item.labels)) != len(item.labels):
         return InvalidRequest("labels must be distinct")
+    if item.templates is not None and not (item.labels and 0 < len(item.templates) <= MAX_TEMPLATES):
+        return InvalidRequest(f"templates need labels, and there must be 1 to {MAX_TEMPLATES} of them")
+    if item.templates is not None and not all(map(template_ok, item.templates)):
+        return InvalidRequest("every template must contain exactly one '{}' and no other field")
     return None
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from model_store.bank import BankSnapshot
 from model_store.inference import AUTO, TextCache
 
-from .cl_common import SequenceStep
+from .cl_common import TEMPLATE, SequenceStep
 from .data import LabelledImages
 from .evaluate import accuracy_and_routes
 
@@ -31,10 +31,14 @@ def _scores(per_domain: dict[str, float]) -> dict[str, Any]:
 
 def agnostic_of_bank(bank: BankSnapshot, seq: Sequence[SequenceStep], oracle: bool = False) -> dict[str, Any]:
     """The final bank's accuracy over the union of classes: auto-routed, or (`oracle`) pinned to each image's own
-    task, as the server answers a request whose labels are the union."""
+    task, as the server answers a request whose labels are the union. Every method scores the union with the one
+    plain template: the domains' prompt ensembles (real protocols) differ, and a union has no ensemble of its own."""
     union, cache = union_classes(seq), TextCache()
     acc = {
-        d.name: accuracy_and_routes(bank, d.test.with_classes(union), d.name if oracle else AUTO, cache)[0] for d in seq
+        d.name: accuracy_and_routes(
+            bank, d.test.with_classes(union), d.name if oracle else AUTO, cache, templates=(TEMPLATE,)
+        )[0]
+        for d in seq
     }
     return _scores(acc)
 

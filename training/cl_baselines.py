@@ -15,7 +15,6 @@ from model_store.experts import MoEConfig, Routing, TaskRouter, new_expert
 
 from .cl_agnostic import agnostic_of_model
 from .cl_common import TEMPLATE, CLConfig, RunLog, SequenceStep, train_cfg
-from .data import LabelledImages
 from .trainer import accuracy, default_lr, fit_steps
 
 
@@ -57,14 +56,14 @@ class _WiseFT:
         return self.model
 
 
-def _scorer(model: torch.nn.Module, bb: Backbone, routing) -> Callable[[LabelledImages], float]:
-    """`model`'s accuracy on a labelled set, over that set's classes."""
-    return lambda data: accuracy(model, bb, data, TEMPLATE, lambda n: routing(n, False))
+def _scorer(model: torch.nn.Module, bb: Backbone, routing) -> Callable[..., float]:
+    """`model`'s accuracy on a labelled set, over that set's classes, with the given prompts."""
+    return lambda data, templates=(TEMPLATE,): accuracy(model, bb, data, templates, lambda n: routing(n, False))
 
 
 def _row(model: torch.nn.Module, bb: Backbone, seq: Sequence[SequenceStep], routing) -> list[float]:
     score = _scorer(model, bb, routing)
-    return [score(e.test) for e in seq]
+    return [score(e.test, e.templates) for e in seq]
 
 
 def run_sequential(
@@ -92,11 +91,11 @@ def run_sequential(
         torch.manual_seed(cfg.seed + t)
         tcfg = train_cfg(cfg, d, t)
         fit_steps(model, bb, d.train, tcfg, params, lambda n, step: routing(n, True), g, progress, peak_lr=lr)
-        run.val.setdefault(method, {})[d.name] = accuracy(model, bb, d.val, TEMPLATE, lambda n: routing(n, False))
+        run.val.setdefault(method, {})[d.name] = accuracy(model, bb, d.val, d.templates, lambda n: routing(n, False))
         run.row(method, _row(model, bb, seq, routing))
         if wise is not None:
             mixed = wise.mixed(model)
-            run.val.setdefault("wise-ft", {})[d.name] = accuracy(mixed, bb, d.val, TEMPLATE, lambda n: None)
+            run.val.setdefault("wise-ft", {})[d.name] = accuracy(mixed, bb, d.val, d.templates, lambda n: None)
             run.row("wise-ft", _row(mixed, bb, seq, routing))
     run.agnostic[method] = agnostic_of_model(_scorer(model, bb, routing), seq)
     if wise is not None:

@@ -35,12 +35,14 @@ TEMPLATE = "a photo of a {}."
 
 @dataclass(frozen=True)
 class SequenceStep:
-    """One step of the sequence: a task name and its labelled splits."""
+    """One step of the sequence: a task name, its labelled splits, and the prompts its labels are scored with
+    (every method alike, and its bundle's; the real protocols' papers use per-dataset ensembles)."""
 
     name: str
     train: LabelledImages
     val: LabelledImages
     test: LabelledImages
+    templates: tuple[str, ...] = (TEMPLATE,)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -97,6 +99,7 @@ class RunLog:
 def train_cfg(cfg: CLConfig, domain: SequenceStep, t: int, **kw: Any) -> TrainConfig:
     """Task t's training settings; its seed (the run's plus t) seeds its selector too, so seeds vary routing."""
     kw.setdefault("expert_blocks", cfg.expert_blocks)
+    kw.setdefault("templates", domain.templates)
     kw.setdefault("selector", SelectorConfig(seed=cfg.seed + t))
     return TrainConfig(task=domain.name, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed + t, **kw)
 

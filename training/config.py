@@ -28,6 +28,12 @@ class TrainJob:
         "below them. Default: the bank's, or for its first task the measured default (docs/method.md)",
     )
     seed: int = option(0, "random seed")
+    template: str = option("a photo of a {}.", "the training loss's prompt; one {} stands for the class name")
+    templates: str | None = option(
+        None,
+        "the prompt ensemble the bundle is validated and served with, '|'-separated, e.g. "
+        "'a photo of a {}.|a sketch of a {}.' (default: --template alone)",
+    )
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     selector: str = option(
         DEFAULT_SELECTOR, "the task's selector kind (docs/benchmarks/routing.md compares them)", SELECTOR_NAMES
@@ -52,6 +58,7 @@ class PretrainConfig:
 
 
 CL_PROTOCOLS = ("mtil-1", "mtil-2", "cifar100-10", "cifar100-20", "cifar100-50")
+PROMPTS = ("papers", "plain")  # the papers' ensembles and names (prompts.py), or one template and raw names
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,12 @@ class CLJob:
     limit: int | None = option(None, "at most this many images per class (a dry run)")
     shots: int | None = option(
         None, "few-shot MTIL: this many training images per class (the papers' is 5; 500 steps unless --steps)"
+    )
+    prompts: str = option(
+        "papers",
+        "real protocols: the papers' per-dataset prompt ensembles and cleaned class names (from clip_benchmark), "
+        "or 'plain': one template and torchvision's names",
+        PROMPTS,
     )
 
 

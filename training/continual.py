@@ -72,23 +72,23 @@ def _moe_rows(
     cache = TextCache()
     rows: dict[str, list[float]] = {}
     for i, d in enumerate(seq):
-        acc, routes = accuracy_and_routes(bank, d.test, AUTO, cache)
+        acc, routes = accuracy_and_routes(bank, d.test, AUTO, cache, templates=d.templates)
         rows.setdefault(prefix, []).append(acc)
         if t == len(seq) - 1:
             run.routes.setdefault(prefix, {})[d.name] = routes
         if not prefix.startswith("moe-ddas") or prefix == "moe-ddas-warm":
             continue
         oracle = d.name if i <= t else ZERO_SHOT
-        oracle_acc = accuracy_and_routes(bank, d.test, oracle, cache)[0]
+        oracle_acc = accuracy_and_routes(bank, d.test, oracle, cache, templates=d.templates)[0]
         rows.setdefault(prefix.replace("ddas", "oracle"), []).append(oracle_acc)
         if prefix != "moe-ddas":
             continue
-        acc_b, routes_b = accuracy_and_routes(bank, d.test, AUTO, cache, cfg.eval_batch, "per-request")
+        acc_b, routes_b = accuracy_and_routes(bank, d.test, AUTO, cache, cfg.eval_batch, "per-request", d.templates)
         rows.setdefault(BATCH_ROUTED, []).append(acc_b)
         if t == len(seq) - 1:
             run.routes.setdefault(BATCH_ROUTED, {})[d.name] = routes_b
         if gbank is not None:
-            acc_g, routes_g = accuracy_and_routes(gbank, d.test, AUTO, cache)
+            acc_g, routes_g = accuracy_and_routes(gbank, d.test, AUTO, cache, templates=d.templates)
             rows.setdefault("moe-gauss", []).append(acc_g)
             if t == len(seq) - 1:
                 run.routes.setdefault("moe-gauss", {})[d.name] = routes_g
@@ -196,7 +196,7 @@ def run_continual(
         raise ValueError(f"a continual run needs at least 2 domains, got {len(seq)}")
     run, int8 = RunLog(), None
     start = time.perf_counter()
-    zs = [accuracy(backbone.model, backbone, d.test, TEMPLATE, lambda n: None) for d in seq]
+    zs = [accuracy(backbone.model, backbone, d.test, d.templates, lambda n: None) for d in seq]
     for _ in seq:
         run.row("zero-shot", zs)
     seq_out = list(seq)
@@ -216,6 +216,7 @@ def run_continual(
     report = {
         "domains": [d.name for d in seq],
         "classes": {d.name: list(d.classes) for d in seq},
+        "templates": {d.name: list(d.templates) for d in seq},
         "test_images": {d.name: len(d.test) for d in seq},
         "outside": outside_name if outside is not None else None,
         "backbone": backbone.describe(),

@@ -21,9 +21,12 @@ from model_store.bundle import read_bundle
 from model_store.inference import AUTO, TextCache
 from model_store.reference import find_reference
 
+from .cl_common import TEMPLATE
+from .config import PROMPTS
 from .continual import CLConfig, SequenceStep, run_continual
 from .data import LabelledImages, LazyImages, load_image_folder
 from .evaluate import accuracy_and_routes
+from .prompts import CIFAR_TEMPLATE, paper_classes, paper_templates, source
 from .trainer import TrainConfig, train_task
 
 MTIL_ORDER_I = (
@@ -43,7 +46,7 @@ CIFAR100_CLASS_ORDER = (
     48, 71, 64, 98, 13, 99, 7, 34, 55, 54, 26, 35, 39,
 )  # fmt: skip
 # The same code's CIFAR-100 settings for MoE-Adapters (`cil/configs/class/cifar100_*-MoE-Adapters.yaml`): batch 128,
-# lr 1e-3, no label smoothing. Its prompt is "a bad photo of a {}."; ours stays the trainer's template.
+# lr 1e-3, no label smoothing. Its prompt, "a bad photo of a {}.", is used with --prompts papers (prompts.py).
 CIFAR_TRAIN = {"batch_size": 128, "lr": 1e-3, "label_smoothing": 0.0}
 
 # torchvision class, and how to ask it for train and test (datasets with no split get a fixed 80/20 one)
@@ -67,7 +70,7 @@ def _from_folder(root: Path, name: str) -> tuple[LabelledImages, LabelledImages]
     return train, load_image_folder(root / name / "test", train.classes, lazy=True)
 
 
-def _torchvision(root: Path, name: str) -> tuple[LabelledImages, LabelledImages]:
+def _torchvision(root: Path, name: str, papers: bool) -> tuple[LabelledImages, LabelledImages]:
     import torchvision.datasets as tvd
 
     cls_name, train_kw, test_kw = TORCHVISION[name]
@@ -79,7 +82,8 @@ def _torchvision(root: Path, name: str) -> tuple[LabelledImages, LabelledImages]
             raise ValueError(f"torchvision {cls_name} has no class names; use the folder layout for {name}")
         labels = _labels_of(ds, idx)
         images = LazyImages(list(idx), lambda i: ds[i][0].convert("RGB"))
-        return LabelledImages(images, labels, tuple(str(c).replace("_", " ") for c in classes))
+        names = tuple(str(c).replace("_", " ") for c in classes)
+        return LabelledImages(images, labels, paper_classes(name, names) if papers else names)
 
     try:
         if train_kw is None:  # one pool: a fixed 80/20 split by index
@@ -108,12 +112,18 @@ def _labels_of(ds: Any, idx: Sequence[int]) -> list[int]:
     return [int(ds[i][1]) for i in idx]  # slow: reads every image once
 
 
-def load_dataset(root: str | Path, name: str, limit: int | None = None) -> tuple[LabelledImages, LabelledImages]:
-    """(train, test) of one dataset; `limit` keeps at most that many images per class (dry runs)."""
+def load_dataset(
+    root: str | Path, name: str, limit: int | None = None, prompts: str = "plain"
+) -> tuple[LabelledImages, LabelledImages]:
+    """(train, test) of one dataset; `limit` keeps at most that many images per class (dry runs). With
+    `prompts="papers"`, torchvision's class names become the papers' cleaned ones; folder names stay as they are."""
     if limit is not None and limit < 2:
         raise ValueError(f"--limit must be >= 2 (one image per class for training, one for validation), got {limit}")
     root = Path(root)
-    train, test = _from_folder(root, name) if (root / name / "train").is_dir() else _torchvision(root, name)
+    if prompts not in PROMPTS:
+        raise ValueError(f"prompts must be one of {', '.join(PROMPTS)}, got {prompts!r}")
+    folder = (root / name / "train").is_dir()
+    train, test = _from_folder(root, name) if folder else _torchvision(root, name, prompts == "papers")
     return train.per_class(limit), test.per_class(limit)
 
 
@@ -137,17 +147,23 @@ def few_shot(train: LabelledImages, shots: int, seed: int = 0) -> tuple[Labelled
 
 
 def mtil_sequence(
-    root: str | Path, protocol: str, limit: int | None = None, val_fraction: float = 0.1, shots: int | None = None
+    root: str | Path,
+    protocol: str,
+    limit: int | None = None,
+    val_fraction: float = 0.1,
+    shots: int | None = None,
+    prompts: str = "papers",
 ) -> list[SequenceStep]:
     """The 11 MTIL datasets in the protocol's order; validation is held out of each train split. With `shots`,
-    few-shot MTIL: that many training images per class (`few_shot`)."""
+    few-shot MTIL: that many training images per class (`few_shot`). `prompts="papers"`: each dataset's prompt
+    ensemble and cleaned class names (prompts.py); "plain": one template and torchvision's names."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join([*PROTOCOLS, *CIFAR_STEPS])}")
     seq = []
     for name in tqdm(PROTOCOLS[protocol], desc="index datasets", unit="dataset"):
-        train, test = load_dataset(root, name, limit)
+        train, test = load_dataset(root, name, limit, prompts)
         fit, val = train.holdout(val_fraction) if shots is None else few_shot(train, shots)
-        seq.append(SequenceStep(name, fit, val, test))
+        seq.append(SequenceStep(name, fit, val, test, paper_templates(name) if prompts == "papers" else (TEMPLATE,)))
     return seq
 
 
@@ -158,9 +174,11 @@ def run_mtil(
     cfg: CLConfig,
     limit: int | None = None,
     shots: int | None = None,
+    prompts: str = "papers",
 ) -> dict:
-    seq = mtil_sequence(root, protocol, limit, shots=shots)
-    return {"protocol": protocol, "shots": shots, **run_continual(backbone, seq, cfg)}
+    seq = mtil_sequence(root, protocol, limit, shots=shots, prompts=prompts)
+    where = f"papers ({source()})" if prompts == "papers" else prompts
+    return {"protocol": protocol, "shots": shots, "prompts": where, **run_continual(backbone, seq, cfg)}
 
 
 # ----------------------------------------------------------------------------------------------- CIFAR-100
@@ -174,13 +192,20 @@ def class_order(n: int) -> list[int]:
 
 
 def run_cifar_incremental(
-    backbone: Backbone, root: str | Path, protocol: str, cfg: CLConfig, limit: int | None = None
+    backbone: Backbone,
+    root: str | Path,
+    protocol: str,
+    cfg: CLConfig,
+    limit: int | None = None,
+    prompts: str = "papers",
 ) -> dict[str, Any]:
     """CIFAR-100 in N steps: version k of task `cifar100` learns the k-th group of classes on top of version
-    k-1 and answers over every class seen so far; it is evaluated on the test images of all of them."""
+    k-1 and answers over every class seen so far; it is evaluated on the test images of all of them. With
+    `prompts="papers"`, the papers' prompt trains and scores (CIFAR_TEMPLATE)."""
     if protocol not in CIFAR_STEPS:
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(CIFAR_STEPS)}")
-    train, test = load_dataset(root, "cifar100", limit)
+    train, test = load_dataset(root, "cifar100", limit)  # clip_benchmark cleans no CIFAR-100 names
+    template = CIFAR_TEMPLATE if prompts == "papers" else TEMPLATE
     order = class_order(len(train.classes))
     groups = np.array_split(np.array(order), CIFAR_STEPS[protocol])
     bank, parent, seen, rows = empty_bank(backbone), None, [], []
@@ -191,18 +216,19 @@ def run_cifar_incremental(
         step_train = _relabel(train, set(int(c) for c in group), classes)
         step_test = _relabel(test, set(seen), classes)
         fit, val = step_train.holdout(0.1)
-        tcfg = TrainConfig(task="cifar100", steps=cfg.steps, seed=cfg.seed + k, **CIFAR_TRAIN)
+        tcfg = TrainConfig(task="cifar100", steps=cfg.steps, seed=cfg.seed + k, template=template, **CIFAR_TRAIN)
         result = train_task(bank, fit, tcfg, val, k + 1, parent, progress=False, reference=find_reference(backbone))
         bundle = read_bundle(result.bundle)
         parent = bundle.id
         bank = build_bank(backbone, [bundle], previous=bank)  # older versions' experts come from `previous`
         cache = TextCache()
-        pinned = accuracy_and_routes(bank, step_test, "cifar100", cache)[0]
-        auto = accuracy_and_routes(bank, step_test, AUTO, cache)[0]
+        pinned = accuracy_and_routes(bank, step_test, "cifar100", cache, templates=(template,))[0]
+        auto = accuracy_and_routes(bank, step_test, AUTO, cache, templates=(template,))[0]
         rows.append({"step": k + 1, "classes": len(classes), "accuracy": pinned, "auto_accuracy": auto})
     acc = [r["accuracy"] for r in rows]
     return {
         "protocol": protocol,
+        "prompts": template,
         "backbone": backbone.describe(),
         "steps": rows,
         "avg": round(100 * float(np.mean(acc)), 2),

@@ -31,6 +31,8 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         new_experts=job.new_experts,
         expert_blocks=job.expert_blocks,
         seed=job.seed,
+        template=job.template,
+        templates=tuple(t for t in (job.templates or "").split("|") if t),
         selector=SelectorConfig(kind=job.selector),
     )
     train = load_image_folder(job.data)

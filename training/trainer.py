@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -17,7 +17,7 @@ from model_store.backbone import TOWERS, Backbone
 from model_store.bank import BankSnapshot
 from model_store.bundle import MAX_PROBES, PlacedExpert, pack_bundle, utc_now
 from model_store.experts import ActivationCounts, Expert, Routing, TaskRouter, expert_id, new_expert
-from model_store.manifest import template_ok, validate_task_name
+from model_store.manifest import MAX_TEMPLATES, template_ok, validate_task_name
 from model_store.moe_clip import encode_image, encode_text
 from model_store.reference import ReferenceSet
 from model_store.selector import Selector, SelectorConfig, fit_selector, selector_manifest
@@ -27,6 +27,7 @@ from .data import LabelledImages
 from .expert_blocks import with_expert_blocks
 from .lwf import parent_teacher
 from .routing import negatives_for, probes_of, routing_check
+from .scoring import accuracy, frozen_features
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ class TrainConfig:
     warmup: int = 100  # capped at a tenth of the steps
     new_experts: int = 2
     label_smoothing: float = 0.2
-    template: str = "a photo of a {}."
+    template: str = "a photo of a {}."  # the training loss's prompt (METHOD.md: one template)
+    templates: tuple[str, ...] = ()  # the bundle's prompt ensemble: validation and serving; (): (template,)
     warm_start_steps: int = 0  # ATLAS stage 1: router-only steps over the existing experts
     new_first: float = 3.0  # the router starts preferring the new experts by this logit margin (0: zero init)
     val_fraction: float = 0.2  # held out of the training set when no validation set is given
@@ -67,8 +69,11 @@ class TrainConfig:
             problems.append(f"new_first must be >= 0, got {self.new_first}")
         if self.lr is not None and self.lr <= 0:
             problems.append(f"lr must be > 0, got {self.lr}")
-        if not template_ok(self.template):
-            problems.append(f"template must contain exactly one '{{}}' and no other field, got {self.template!r}")
+        if len(self.templates) > MAX_TEMPLATES:
+            problems.append(f"at most {MAX_TEMPLATES} templates, got {len(self.templates)}")
+        for t in (self.template, *self.templates):
+            if not template_ok(t):
+                problems.append(f"templates must contain exactly one '{{}}' and no other field, got {t!r}")
         if not 0.0 < self.val_fraction < 1.0:
             problems.append(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 <= self.warm_start_steps < self.steps:
@@ -79,6 +84,10 @@ class TrainConfig:
             problems.append("warm_start_steps trains the router over the bank's experts, which isolated excludes")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    @property
+    def serving_templates(self) -> tuple[str, ...]:
+        return self.templates or (self.template,)
 
 
 @dataclass
@@ -160,38 +169,19 @@ class _TaskParams(torch.nn.Module):
         return Routing(experts, [router], torch.zeros(n, dtype=torch.long, device=dev), bank.config, training, counts)
 
 
-def _batches(data: LabelledImages, transform, batch: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for s in range(0, len(data), batch):
-        x = torch.stack([transform(im) for im in data.images[s : s + batch]]).to(device)
-        yield x, torch.tensor(data.labels[s : s + batch], device=device)
-
-
 COUNT_SAMPLE = 2048  # training images whose expert choices are counted for the report
-
-RoutingFor = Callable[[int], Routing | None]  # batch size -> the routing of one forward pass
-
-
-@torch.no_grad()
-def accuracy(model: Any, backbone: Backbone, data: LabelledImages, template: str, routing_for: RoutingFor) -> float:
-    """Accuracy over `data.classes` of `model` (the backbone's or a copy) with the given routing per pass."""
-    tokens = backbone.tokenizer([template.format(c) for c in data.classes]).to(backbone.device)
-    text = encode_text(model, tokens, routing_for(len(tokens)))
-    correct = 0
-    for x, y in _batches(data, backbone.preprocess, 128, backbone.device):
-        correct += int(((encode_image(model, x, routing_for(len(x))) @ text.T).argmax(1) == y).sum())
-    return correct / max(1, len(data))
 
 
 def evaluate(
     bank: BankSnapshot,
     params: _TaskParams | None,
     data: LabelledImages,
-    template: str,
+    templates: Sequence[str],
     counts: ActivationCounts | None = None,
 ) -> float:
     """Accuracy over `data.classes`; with `params`, the adapted model (no noise), else zero-shot CLIP."""
     routing_for = (lambda n: None) if params is None else (lambda n: params.routing(bank, n, False, counts=counts))
-    return accuracy(bank.backbone.model, bank.backbone, data, template, routing_for)
+    return accuracy(bank.backbone.model, bank.backbone, data, templates, routing_for)
 
 
 def default_lr(backbone: Backbone) -> float:
@@ -264,13 +254,6 @@ def _train_loop(
     return fit_steps(bb.model, bb, data, cfg, params.parameters(), routing_for, generator, progress, extra_loss=extra)
 
 
-@torch.no_grad()
-def frozen_features(backbone: Backbone, data: LabelledImages) -> torch.Tensor:
-    return torch.cat(
-        [encode_image(backbone.model, x) for x, _ in _batches(data, backbone.preprocess, 128, backbone.device)]
-    ).cpu()
-
-
 def _publish(bank: BankSnapshot, params: _TaskParams) -> tuple[dict[str, PlacedExpert], dict, dict]:
     """Freeze the new experts into content-addressed ids and the routing table that names them."""
     experts: dict[str, PlacedExpert] = {}
@@ -311,7 +294,7 @@ def pack_task(
         "created_at": utc_now(),
         "backbone": bank.backbone.describe(),
         "classes": list(classes),
-        "templates": [cfg.template],
+        "templates": list(cfg.serving_templates),
         "experts": {"uses": sorted({e for t in TOWERS for ids in routing[t] for e in ids} - set(experts))},
         "routing": routing,
         "selector": selector_manifest(selector, cfg.selector),
@@ -360,7 +343,7 @@ def train_task(
         fit, val = train.holdout(cfg.val_fraction, cfg.seed)
     bb = bank.backbone
     t0 = time.time()
-    zero_shot = evaluate(bank, None, val, cfg.template)
+    zero_shot = evaluate(bank, None, val, cfg.serving_templates)
     params = _TaskParams(bank, cfg, g)
     if cfg.new_first > 0:
         params.prefer_new(bank, fit, cfg)
@@ -368,8 +351,8 @@ def train_task(
     train_seconds = time.time() - t0
     counts = ActivationCounts()  # on a sample: a full adapted pass over a large training set is not worth it
     sample = torch.randperm(len(fit), generator=torch.Generator().manual_seed(cfg.seed))[:COUNT_SAMPLE].tolist()
-    evaluate(bank, params, fit.subset(sorted(sample)), cfg.template, counts)
-    accuracy = evaluate(bank, params, val, cfg.template)
+    evaluate(bank, params, fit.subset(sorted(sample)), cfg.serving_templates, counts)
+    accuracy = evaluate(bank, params, val, cfg.serving_templates)
     selector, routing, probes = _selector_with_routing(bank, cfg, fit, val, reference)
     report = {
         "config": jsonable(asdict(cfg)),

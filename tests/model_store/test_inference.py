@@ -95,6 +95,9 @@ def test_text_cache_hits(backbone, bank):
         ({"top_k": 0}, "top_k must be >= 1"),
         ({"labels": ("x", "x")}, "distinct"),
         ({"images": torch.zeros(1, 3, 8, 8)}, "images must be"),
+        ({"labels": None, "task": "a", "templates": ("a {}.",)}, "templates need labels"),
+        ({"templates": ()}, "templates need labels, and there must be 1 to"),
+        ({"templates": ("a {0}.",)}, "exactly one '{}'"),
     ],
 )
 def test_invalid_items_fail_alone(backbone, bank, kwargs, match):
@@ -122,3 +125,25 @@ def test_long_label_lists_are_encoded_in_chunks(backbone, bank):
     assert emb.shape == (len(labels), backbone.embed_dim)
     one = text_embeddings(bank, -1, labels[-1:], ("a photo of a {}.",))
     assert torch.allclose(emb[-1], one[0], atol=1e-5)
+
+
+def test_templates_of_the_item_score_its_labels_on_every_route(backbone, bank):
+    """An item's own prompt ensemble replaces the route's templates: the scores are softmax(logit_scale * e @ T.T)
+    with T the renormalised mean of the per-template text embeddings, whether the image is pinned or zero-shot."""
+    from model_store.moe_clip import encode_image, encode_text
+
+    labels, templates = ("cat", "dog", "bird"), ("a photo of a {}.", "a drawing of the {}.")
+    x = _images(backbone, 2, seed=3)
+    with torch.no_grad():
+        per = [encode_text(backbone.model, backbone.tokenizer([t.format(c) for c in labels])) for t in templates]
+        text = torch.nn.functional.normalize(torch.stack(per).mean(0), dim=-1)
+        expected = (backbone.model.logit_scale.exp() * encode_image(backbone.model, x) @ text.T).softmax(-1)
+    (results,) = classify_batch(bank, [ClassifyItem(x, labels, task="zero-shot", templates=templates)])
+    for r, row in zip(results, expected, strict=True):
+        got = dict(r.labels)
+        assert [got[c] for c in labels] == pytest.approx(row.tolist(), abs=1e-4)
+    plain = classify_batch(bank, [ClassifyItem(x, labels, task="zero-shot")])[0]
+    assert [dict(r.labels) for r in plain] != [dict(r.labels) for r in results]  # the ensemble did change them
+    pinned = classify_batch(bank, [ClassifyItem(x, labels, task="a", templates=templates)])[0]
+    pinned_default = classify_batch(bank, [ClassifyItem(x, labels, task="a")])[0]
+    assert [dict(r.labels) for r in pinned] != [dict(r.labels) for r in pinned_default]

@@ -215,8 +215,14 @@ def test_protocol_dry_run_on_stand_in_folders(tmp_path, protocol, capsys):
     if protocol == "mtil-1":
         assert report["domains"] == list(MTIL_ORDER_I)
         assert np.asarray(report["methods"]["moe-ddas"]["matrix"]).shape == (11, 11)
-        assert report["classes"]["mnist"][:2] == ["0 - zero", "1 - one"]  # read through torchvision
+        # the papers' prompts (training/prompts.py): torchvision's MNIST names cleaned, each dataset's ensemble
+        assert report["prompts"].startswith("papers (clip_benchmark 1.6.2")
+        assert report["classes"]["mnist"][:2] == ["0", "1"]  # read through torchvision, then cleaned
+        assert report["classes"]["dtd"] == ["dtd class 0", "dtd class 1"]  # folder names stay
+        assert report["templates"]["mnist"] == ['a photo of the number: "{}".']
+        assert len(report["templates"]["caltech101"]) == 34 and "a photo of a {}." in report["templates"]["cars"]
     else:
+        assert report["prompts"] == "a bad photo of a {}."  # MoE-Adapters' CIFAR-100 prompt
         assert [s["classes"] for s in report["steps"]] == list(range(2, 21, 2))
         assert 0 <= report["last"] <= 100 and 0 <= report["avg"] <= 100
         assert "| 10 | 20 |" in (tmp_path / "out" / "report.md").read_text()

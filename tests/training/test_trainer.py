@@ -70,6 +70,8 @@ def test_cli_export_and_train(tmp_path, capsys):
         str(tmp_path / "tex.safetensors"),
         "--steps",
         "5",
+        "--templates",
+        "a photo of a {}.|a close-up of a {} texture.",
     ]
     capsys.readouterr()
     assert main(args) == 0
@@ -78,6 +80,7 @@ def test_cli_export_and_train(tmp_path, capsys):
     bundle = read_bundle((tmp_path / "tex.safetensors").read_bytes())
     assert bundle.id == summary["bundle_id"] and bundle.manifest.training["steps"] == 5
     assert "zero_shot_val_accuracy" in bundle.manifest.training
+    assert bundle.manifest.templates == ("a photo of a {}.", "a close-up of a {} texture.")  # its serving ensemble
     routing = summary["routing"]  # what routing will do, printed and in the manifest
     assert routing == bundle.manifest.training["routing"]
     assert routing["reference"]["n"] == len(find_reference(load_backbone("tiny")))  # the tiny one ships
@@ -100,6 +103,8 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     args = ["train", "--task", "ok", "--data", str(tmp_path / "tex" / "train"), "--out", str(tmp_path / "x")]
     assert main([*args, "--reference", str(tmp_path / "nope.safetensors")]) == 2
     assert "reference set" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main([*args, "--templates", "a photo of a {}.|a {0} drawing"]) == 2
+    assert "'a {0} drawing'" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_bundle_size_formula_matches_trained_bundles(trained, backbone):

@@ -1,0 +1,55 @@
+"""Score a model (the backbone's or a trained copy) on labelled images: accuracy over the data's classes with a
+prompt ensemble, and the frozen image embeddings the selectors learn from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from model_store.backbone import Backbone
+from model_store.experts import Routing
+from model_store.moe_clip import encode_image, encode_text
+
+from .data import LabelledImages
+
+RoutingFor = Callable[[int], Routing | None]  # batch size -> the routing of one forward pass
+
+
+def batches(data: LabelledImages, transform, batch: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for s in range(0, len(data), batch):
+        x = torch.stack([transform(im) for im in data.images[s : s + batch]]).to(device)
+        yield x, torch.tensor(data.labels[s : s + batch], device=device)
+
+
+def class_embeddings(
+    model: Any, backbone: Backbone, classes: Sequence[str], templates: str | Sequence[str], routing_for: RoutingFor
+) -> torch.Tensor:
+    """Per class: encode with each template, normalise, average, renormalise (as the server does)."""
+    templates = (templates,) if isinstance(templates, str) else tuple(templates)
+    per_template = []
+    for template in templates:
+        tokens = backbone.tokenizer([template.format(c) for c in classes]).to(backbone.device)
+        per_template.append(encode_text(model, tokens, routing_for(len(tokens))))
+    return F.normalize(torch.stack(per_template).mean(0), dim=-1)
+
+
+@torch.no_grad()
+def accuracy(
+    model: Any, backbone: Backbone, data: LabelledImages, templates: str | Sequence[str], routing_for: RoutingFor
+) -> float:
+    """Accuracy over `data.classes` of `model` with the given routing per pass; `templates` one or an ensemble."""
+    text = class_embeddings(model, backbone, data.classes, templates, routing_for)
+    correct = 0
+    for x, y in batches(data, backbone.preprocess, 128, backbone.device):
+        correct += int(((encode_image(model, x, routing_for(len(x))) @ text.T).argmax(1) == y).sum())
+    return correct / max(1, len(data))
+
+
+@torch.no_grad()
+def frozen_features(backbone: Backbone, data: LabelledImages) -> torch.Tensor:
+    return torch.cat(
+        [encode_image(backbone.model, x) for x, _ in batches(data, backbone.preprocess, 128, backbone.device)]
+    ).cpu()
