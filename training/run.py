@@ -21,20 +21,18 @@ from .trainer import TrainConfig, train_task
 log = logging.getLogger(__name__)
 
 
+def train_config(job: TrainJob) -> TrainConfig:
+    """The trainer's settings from the command's (`--templates` is '|'-separated)."""
+    same = ("task", "steps", "batch_size", "lr", "new_experts", "expert_blocks", "seed", "template")
+    templates = tuple(t for t in (job.templates or "").split("|") if t)
+    return TrainConfig(
+        **{k: getattr(job, k) for k in same}, templates=templates, selector=SelectorConfig(kind=job.selector)
+    )
+
+
 def run_train_job(job: TrainJob) -> dict[str, Any]:
     """Train `job.task` and return a summary; the bundle goes to `job.out` and/or `job.store`."""
-    cfg = TrainConfig(
-        task=job.task,
-        steps=job.steps,
-        batch_size=job.batch_size,
-        lr=job.lr,
-        new_experts=job.new_experts,
-        expert_blocks=job.expert_blocks,
-        seed=job.seed,
-        template=job.template,
-        templates=tuple(t for t in (job.templates or "").split("|") if t),
-        selector=SelectorConfig(kind=job.selector),
-    )
+    cfg = train_config(job)
     train = load_image_folder(job.data)
     val = load_image_folder(job.val, train.classes) if job.val else None
     backbone = load_backbone(job.backbone, job.device)
