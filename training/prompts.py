@@ -20,7 +20,6 @@ from pathlib import Path
 
 from model_store.manifest import template_ok
 
-PLAIN_TEMPLATE = "a photo of a {}."
 # MoE-Adapters4CL's class-incremental CIFAR-100 prompt (`cil/configs/class/cifar100_*-MoE-Adapters.yaml`)
 CIFAR_TEMPLATE = "a bad photo of a {}."
 # our dataset names -> clip_benchmark's keys
