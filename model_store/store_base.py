@@ -134,17 +134,16 @@ class Store:
             bytes=len(data),
             experts_new=bundle.manifest.experts_new,
             classes=bundle.manifest.classes,
-            uses=bundle.uses,
             metrics=metrics or _metrics_of(bundle),
             gate=gate,
         )
 
         def add(index: StoreIndex) -> StoreIndex:
-            _check_addable(index, bundle)
+            added = replace(record, providers=_check_addable(index, bundle))
             return index.with_task(
                 bundle.task,
                 lambda t: TaskRecord(
-                    (*t.versions, record), bundle.id if activate else t.active, bundle.id if shadow else t.shadow
+                    (*t.versions, added), bundle.id if activate else t.active, bundle.id if shadow else t.shadow
                 ),
             )
 
@@ -198,16 +197,17 @@ class Store:
         return self._purge(task)
 
 
-def _check_addable(index: StoreIndex, bundle: Bundle) -> None:
+def _check_addable(index: StoreIndex, bundle: Bundle) -> tuple[str, ...]:
     """A put's checks against the index it would change: a newer version, every expert it uses still stored,
-    and (S3) its blob not in the middle of a purge's deletion."""
+    and (S3) its blob not in the middle of a purge's deletion. Returns the stored bundles providing those
+    experts (its record's `providers`)."""
     newest = index.tasks[bundle.task].newest if bundle.task in index.tasks else 0
     if bundle.version <= newest:
         raise VersionConflict(
             f"task {bundle.task!r} already has version {newest}; a new bundle needs version > {newest}, "
             f"got {bundle.version}"
         )
-    stored = {eid for _, v in index.records() for eid in v.experts_new}
+    stored = index.expert_sources()
     missing = [e[:12] for e in bundle.uses if e not in stored]
     if missing:  # a task trained on experts purged since: it could never be served
         raise MissingExpert(
@@ -215,6 +215,7 @@ def _check_addable(index: StoreIndex, bundle: Bundle) -> None:
         )
     if bundle.id in index.deleting:
         raise BlobBeingDeleted(f"blob {bundle.id[:12]} is being deleted by a purge; try again")
+    return tuple(sorted({stored[e] for e in bundle.uses}))
 
 
 def purge_plan(index: StoreIndex, task: str) -> tuple[StoreIndex, list[VersionRecord]]:
@@ -224,8 +225,8 @@ def purge_plan(index: StoreIndex, task: str) -> tuple[StoreIndex, list[VersionRe
     if record.active:
         raise StoreError(f"task {shown(task)} is active; deactivate it before purging")
     others = index.with_task(task, lambda t: None)
-    needed = {u for _, v in others.records() for u in v.uses}
-    doomed = [v for v in record.versions if not needed.intersection(v.experts_new)]
+    needed = {p for _, v in others.records() for p in v.providers}
+    doomed = [v for v in record.versions if v.bundle_id not in needed]
     kept = tuple(v for v in record.versions if v not in doomed)
     return others.with_task(task, lambda t: TaskRecord(kept) if kept else None), doomed
 

@@ -9,6 +9,7 @@ is a StoreError naming it, so nothing is served or written from an index that ca
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -16,11 +17,15 @@ from typing import Any
 from .errors import StoreError, TaskNotFound, VersionNotFound
 from .manifest import ID_RE, shown
 
-INDEX_FORMAT = 1
+# 2: a version lists the bundles providing the older experts it uses (`providers`), where 1 listed the experts
+# (`uses`): a bank's every task uses most older experts, so format 1 grew as tasks squared times 16 ids
+INDEX_FORMAT = 2
 
 
 def _strings(value: Any) -> tuple[str, ...]:
-    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
+    """The strings of a JSON list, interned: the index lists every version's expert ids, and a task version
+    uses most of the bank's experts, so without interning a big bank holds the same ids thousands of times."""
+    return tuple(sys.intern(v) for v in value if isinstance(v, str)) if isinstance(value, list) else ()
 
 
 def _text_or_none(value: Any) -> str | None:
@@ -42,7 +47,7 @@ class VersionRecord:
     bytes: int = 0
     experts_new: tuple[str, ...] = ()  # experts it adds to the store
     classes: tuple[str, ...] | None = None
-    uses: tuple[str, ...] = ()  # older experts its routers choose among
+    providers: tuple[str, ...] = ()  # the stored bundles that added the older experts its routers choose among
     metrics: Mapping[str, float] = field(default_factory=dict)
     gate: Mapping[str, Any] | None = None  # the interference gate's report at upload (docs/safety.md)
 
@@ -65,7 +70,8 @@ class VersionRecord:
             bytes=obj["bytes"] if type(obj.get("bytes")) is int else 0,
             experts_new=_strings(obj.get("experts_new")),
             classes=_strings(obj["classes"]) if isinstance(obj.get("classes"), list) else None,
-            uses=_strings(obj.get("uses")),
+            # an index of format 1 listed the older experts themselves: StoreIndex.from_json maps them to providers
+            providers=_strings(obj.get("providers") if "providers" in obj else obj.get("uses")),
             metrics={k: float(v) for k, v in metrics.items() if _finite(v)} if isinstance(metrics, dict) else {},
             gate=obj["gate"] if isinstance(obj.get("gate"), dict) else None,
         )
@@ -79,10 +85,24 @@ class VersionRecord:
             "bytes": self.bytes,
             "experts_new": list(self.experts_new),
             "classes": list(self.classes) if self.classes is not None else None,
-            "uses": list(self.uses),
+            "providers": list(self.providers),
             "metrics": dict(self.metrics),
             **({"gate": dict(self.gate)} if self.gate is not None else {}),
         }
+
+
+def _providers_from_uses(tasks: dict[str, TaskRecord]) -> dict[str, TaskRecord]:
+    """Format 1's records, whose `providers` hold expert ids (`uses`), with the ids of the bundles adding them."""
+    sources: dict[str, str] = {}
+    for t in tasks.values():
+        for v in t.versions:
+            for eid in v.experts_new:
+                sources.setdefault(eid, v.bundle_id)
+
+    def mapped(v: VersionRecord) -> VersionRecord:
+        return replace(v, providers=tuple(sorted({sources[e] for e in v.providers if e in sources})))
+
+    return {name: replace(t, versions=tuple(mapped(v) for v in t.versions)) for name, t in tasks.items()}
 
 
 @dataclass(frozen=True)
@@ -142,9 +162,11 @@ class StoreIndex:
         ):
             raise StoreError("the store index lacks 'generation' or 'tasks'; see the server log")
         tasks = {name: TaskRecord.from_json(entry, name) for name, entry in obj["tasks"].items()}
+        if not isinstance(obj.get("format"), int) or obj["format"] < 2:
+            tasks = _providers_from_uses(tasks)
         deleting = obj.get("deleting") if isinstance(obj.get("deleting"), dict) else {}
         deleting = {k: float(v) for k, v in deleting.items() if ID_RE.fullmatch(k) and _finite(v)}
-        return cls(obj["generation"], tasks, obj.get("format", INDEX_FORMAT), deleting)
+        return cls(obj["generation"], tasks, INDEX_FORMAT, deleting)
 
     def to_json(self) -> dict[str, Any]:
         out = {

@@ -33,10 +33,24 @@ def test_fields_an_older_release_did_not_write_read_as_defaults():
     old = {"generation": 4, "tasks": {"t": {"active": BID, "versions": [{"version": 1, "bundle_id": BID}]}}}
     index = StoreIndex.from_json(old)
     (v,) = index.task("t").versions
-    assert v == VersionRecord(1, BID) and v.classes is None and v.metrics == {} and index.format == 1
+    assert v == VersionRecord(1, BID) and v.classes is None and v.metrics == {} and index.format == 2
     odd = {"version": 1, "bundle_id": BID, "bytes": "12", "metrics": {"acc": "high", "val": 0.5}, "classes": "x"}
     v = StoreIndex.from_json({"generation": 1, "tasks": {"t": {"versions": [odd]}}}).version("t", 1)
     assert (v.bytes, dict(v.metrics), v.classes) == (0, {"val": 0.5}, None)  # wrong types coerced, not trusted
+
+
+def test_a_format_1_index_reads_the_experts_a_version_uses_as_the_bundles_adding_them():
+    """Format 1 listed every older expert a version uses (it grew as tasks squared); format 2 lists the bundles
+    adding them, which is what a purge needs to keep. An id no version adds (purged since) maps to nothing."""
+    e1, e2, gone, other = "e1" * 32, "e2" * 32, "00" * 32, "cd" * 32
+    a = {"version": 1, "bundle_id": BID, "experts_new": [e1, e2]}
+    b = {"version": 1, "bundle_id": other, "experts_new": [], "uses": [e2, e1, gone]}
+    old = {"generation": 3, "tasks": {"a": {"active": BID, "versions": [a]}, "b": {"active": other, "versions": [b]}}}
+    index = StoreIndex.from_json(old)
+    assert index.version("b", 1).providers == (BID,) and index.version("a", 1).providers == ()
+    written = index.to_json()
+    assert written["format"] == 2 and "uses" not in written["tasks"]["b"]["versions"][0]
+    assert StoreIndex.from_json(json.loads(json.dumps(written))) == index
 
 
 @pytest.mark.parametrize(
