@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import mmap
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -14,6 +13,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .backbone import TOWERS
+from .blocks import one_block
 from .bundle_format import MANIFEST_KEY, PROBES_KEY, read_metadata
 from .digest import bytes_digest, tensor_digest
 from .errors import (
@@ -159,26 +159,6 @@ def _split_tensors(tensors: dict[str, torch.Tensor], manifest: Manifest) -> tupl
     return experts, {t: [routers[t][i] for i in sorted(routers[t])] for t in TOWERS}, selector, problems
 
 
-def _one_block(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy a bundle's (float32) tensors into one anonymous memory map and return views of it.
-
-    A served bundle then occupies one page-aligned block that goes back to the system, whole, when the bundle
-    is dropped; its tensors are not scattered over the heap between the transient buffers of its upload, which
-    would keep resident memory above what the bank holds.
-    """
-    total = sum(t.numel() for t in tensors.values())
-    if total == 0:
-        return tensors
-    flat = torch.frombuffer(mmap.mmap(-1, total * 4, flags=mmap.MAP_PRIVATE), dtype=torch.float32, count=total)
-    out, offset = {}, 0
-    for key, t in tensors.items():
-        view = flat[offset : offset + t.numel()].view(t.shape)
-        view.copy_(t)
-        out[key] = view
-        offset += t.numel()
-    return out
-
-
 def read_manifest(data: bytes) -> Manifest:
     """A bundle's manifest, from its header alone (no tensor is read). Raises a typed BundleError."""
     meta = read_metadata(data)  # tensor names and dtypes checked here, before any tensor is read
@@ -198,7 +178,7 @@ def read_bundle(data: bytes) -> Bundle:
     bad = [k for k, t in tensors.items() if t.dtype != torch.float32 or not bool(torch.isfinite(t).all())]
     if bad:
         raise BundleInvalid(f"tensors must be finite float32; these are not: {', '.join(sorted(bad)[:5])}")
-    tensors = _one_block(tensors)
+    tensors = one_block(tensors)  # float32, checked above: one page-aligned block per bundle
     experts, routers, selector, problems = _split_tensors(tensors, manifest)
     probes = tensors.get(PROBES_KEY)
     problems += _probe_problems(probes)

@@ -67,6 +67,14 @@ class Selector(Protocol):
     def tensors(self) -> dict[str, torch.Tensor]: ...
 
 
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact GELU, x * Phi(x), in plain elementwise ops. `F.gelu` on CPU runs a oneDNN kernel compiled for each
+    input shape and cached for the life of the process: the gates' [images, tasks, hidden] shape changes with
+    every bank size, so a growing bank kept compiling (measured with memray: about 1 MiB of native memory per
+    task on the tiny backbone). Equal to `F.gelu` within float rounding."""
+    return x * 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 def score(selector: Selector, feats: torch.Tensor) -> torch.Tensor:
     """error / threshold: at most 1 means 'this image belongs to the task'."""
     return selector.error(feats) / selector.threshold
@@ -172,7 +180,7 @@ class DiscriminativeSelector:
     calibration: dict[str, float] | None = None
 
     def logit(self, feats: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.gelu(F.linear(feats, self.w1, self.b1)), self.w2, self.b2).squeeze(-1)
+        return F.linear(gelu(F.linear(feats, self.w1, self.b1)), self.w2, self.b2).squeeze(-1)
 
     def error(self, feats: torch.Tensor) -> torch.Tensor:
         return F.softplus(-self.logit(feats))

@@ -106,6 +106,39 @@ def test_a_bank_scores_its_selectors_at_once_exactly_as_one_by_one():
     assert torch.allclose(mixed.scores(feats), torch.stack([score(s, feats) for s in (sels[0], wide)], 1))
 
 
+def test_the_gates_gelu_is_exact_gelu_in_elementwise_ops():
+    """Not F.gelu, which on CPU compiles a oneDNN kernel per input shape and keeps it: a growing bank's gates
+    change shape with every task (docs/benchmarks/serve.md, memory)."""
+    from model_store.selector import gelu
+
+    x = torch.linspace(-12, 12, 4001)
+    torch.testing.assert_close(gelu(x), F.gelu(x), rtol=1e-6, atol=2e-6)
+
+
+def test_many_images_are_scored_in_chunks_with_the_same_scores(monkeypatch):
+    """The gate scores thousands of reference embeddings against every task: in chunks, not one [n, T, D] block."""
+    from model_store import selector_stack
+    from model_store.selector_stack import SelectorStack
+
+    g = torch.Generator().manual_seed(5)
+    feats = F.normalize(torch.randn(90, 32, generator=g), dim=-1)
+    negatives = F.normalize(torch.randn(40, 32, generator=g) + 0.5, dim=-1)
+    sels = [
+        fit_selector(
+            feats[8 * i : 8 * i + 8], feats[60:64], SelectorConfig(kind="hybrid", epochs=10, seed=i), negatives
+        )
+        for i in range(3)
+    ]
+    stack = SelectorStack(sels)
+    whole = stack.scores(feats)
+    calls = []
+    real = SelectorStack._scores
+    monkeypatch.setattr(selector_stack, "CHUNK_VALUES", 3 * 32 * 16)  # 16 images per chunk
+    monkeypatch.setattr(SelectorStack, "_scores", lambda self, f: calls.append(len(f)) or real(self, f))
+    torch.testing.assert_close(stack.scores(feats), whole)
+    assert calls == [16] * 5 + [10]
+
+
 def test_the_hybrid_kind_claims_only_what_both_parts_claim_and_ranks_by_its_autoencoder():
     from model_store.manifest import _selector_problems
 
