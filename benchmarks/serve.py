@@ -247,7 +247,9 @@ def _clipbank_rows(backend: Backend, cfg: ServeBenchConfig, runtime: str) -> dic
                 if k not in sizes:
                     continue
                 make = _auto_factory(cfg, backend.traffic[:k])
-                levels = conc if k == cfg.auto_tasks else (cfg.key_concurrency,)
+                # every concurrency at 1 task too: the first auto batches of each size warm caches once (kernels,
+                # buffers), which must be in the 1-task RSS, not charged to the tasks pushed after it
+                levels = conc if k in (1, cfg.auto_tasks) else (cfg.key_concurrency,)
                 out["load"] += [_level(url, make, c, cfg, **tag, mode="auto", tasks=k) for c in levels]
                 if k == cfg.auto_tasks and full:
                     out["routing"] = traffic_routing(client, cfg, backend, k)
