@@ -207,11 +207,9 @@ def check_store(root: str | os.PathLike) -> list[str]:
 
 
 def _index_problems(tasks: dict[str, Any], whole: set[str]) -> list[str]:
-    """Dangling ids in the index: blobs not in `whole`, active ids no version has, providers no version is (experts
-    no version adds, in a format-1 index)."""
+    """Dangling ids in the index: blobs not in `whole`, active ids no version has, experts no version adds."""
     problems = []
     added = {eid for e in tasks.values() for v in e["versions"] for eid in v.get("experts_new", [])}
-    stored = {v["bundle_id"] for e in tasks.values() for v in e["versions"]}
     for task, entry in tasks.items():
         numbers = [v["version"] for v in entry["versions"]]
         if len(set(numbers)) != len(numbers):
@@ -226,9 +224,6 @@ def _index_problems(tasks: dict[str, Any], whole: set[str]) -> list[str]:
             missing = [eid[:12] for eid in v.get("uses", []) if eid not in added]
             if missing:
                 problems.append(f"{name}: uses experts no stored version adds: {', '.join(missing[:5])}")
-            missing = [bid[:12] for bid in v.get("providers", []) if bid not in stored]
-            if missing:
-                problems.append(f"{name}: uses experts of bundles no stored version is: {', '.join(missing[:5])}")
     return problems
 
 

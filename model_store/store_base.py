@@ -139,7 +139,7 @@ class Store:
         )
 
         def add(index: StoreIndex) -> StoreIndex:
-            added = replace(record, providers=_check_addable(index, bundle))
+            added = replace(record, uses=_check_addable(index, bundle))
             return index.with_task(
                 bundle.task,
                 lambda t: TaskRecord(
@@ -199,8 +199,13 @@ class Store:
 
 def _check_addable(index: StoreIndex, bundle: Bundle) -> tuple[str, ...]:
     """A put's checks against the index it would change: a newer version, every expert it uses still stored,
-    and (S3) its blob not in the middle of a purge's deletion. Returns the stored bundles providing those
-    experts (its record's `providers`)."""
+    and (S3) its blob not in the middle of a purge's deletion. Returns its record's `uses`: of the experts it
+    uses, one per stored bundle that added them (a purge keeps a version any of whose experts another uses).
+
+    All of them would do too, and releases before 2026-12-03 wrote all: every task of a bank uses most older
+    experts, so the index grew as tasks squared (5.46 MB of JSON at 100 tiny tasks, against 0.48 MB), parsed and
+    rewritten at every change, and its transients were the biggest part of the server's memory per task beyond
+    the bundles. Older releases read this `uses` the same way, so a purge by any release keeps the same blobs."""
     newest = index.tasks[bundle.task].newest if bundle.task in index.tasks else 0
     if bundle.version <= newest:
         raise VersionConflict(
@@ -215,7 +220,10 @@ def _check_addable(index: StoreIndex, bundle: Bundle) -> tuple[str, ...]:
         )
     if bundle.id in index.deleting:
         raise BlobBeingDeleted(f"blob {bundle.id[:12]} is being deleted by a purge; try again")
-    return tuple(sorted({stored[e] for e in bundle.uses}))
+    one: dict[str, str] = {}
+    for eid in sorted(bundle.uses):
+        one.setdefault(stored[eid], eid)
+    return tuple(sorted(one.values()))
 
 
 def purge_plan(index: StoreIndex, task: str) -> tuple[StoreIndex, list[VersionRecord]]:
@@ -225,8 +233,8 @@ def purge_plan(index: StoreIndex, task: str) -> tuple[StoreIndex, list[VersionRe
     if record.active:
         raise StoreError(f"task {shown(task)} is active; deactivate it before purging")
     others = index.with_task(task, lambda t: None)
-    needed = {p for _, v in others.records() for p in v.providers}
-    doomed = [v for v in record.versions if v.bundle_id not in needed]
+    needed = {u for _, v in others.records() for u in v.uses}
+    doomed = [v for v in record.versions if not needed.intersection(v.experts_new)]
     kept = tuple(v for v in record.versions if v not in doomed)
     return others.with_task(task, lambda t: TaskRecord(kept) if kept else None), doomed
 

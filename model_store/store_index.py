@@ -17,14 +17,11 @@ from typing import Any
 from .errors import StoreError, TaskNotFound, VersionNotFound
 from .manifest import ID_RE, shown
 
-# 2: a version lists the bundles providing the older experts it uses (`providers`), where 1 listed the experts
-# (`uses`): a bank's every task uses most older experts, so format 1 grew as tasks squared times 16 ids
-INDEX_FORMAT = 2
+INDEX_FORMAT = 1
 
 
 def _strings(value: Any) -> tuple[str, ...]:
-    """The strings of a JSON list, interned: the index lists every version's expert ids, and a task version
-    uses most of the bank's experts, so without interning a big bank holds the same ids thousands of times."""
+    """The strings of a JSON list, interned: ids repeat across versions, one object per id in the process."""
     return tuple(sys.intern(v) for v in value if isinstance(v, str)) if isinstance(value, list) else ()
 
 
@@ -47,7 +44,9 @@ class VersionRecord:
     bytes: int = 0
     experts_new: tuple[str, ...] = ()  # experts it adds to the store
     classes: tuple[str, ...] | None = None
-    providers: tuple[str, ...] = ()  # the stored bundles that added the older experts its routers choose among
+    # older experts its routers choose among: one per stored bundle they come from, which is what a purge needs
+    # (keep those bundles); listing them all (releases before 2026-12-03) grew as tasks squared
+    uses: tuple[str, ...] = ()
     metrics: Mapping[str, float] = field(default_factory=dict)
     gate: Mapping[str, Any] | None = None  # the interference gate's report at upload (docs/safety.md)
 
@@ -70,8 +69,7 @@ class VersionRecord:
             bytes=obj["bytes"] if type(obj.get("bytes")) is int else 0,
             experts_new=_strings(obj.get("experts_new")),
             classes=_strings(obj["classes"]) if isinstance(obj.get("classes"), list) else None,
-            # an index of format 1 listed the older experts themselves: StoreIndex.from_json maps them to providers
-            providers=_strings(obj.get("providers") if "providers" in obj else obj.get("uses")),
+            uses=_strings(obj.get("uses")),
             metrics={k: float(v) for k, v in metrics.items() if _finite(v)} if isinstance(metrics, dict) else {},
             gate=obj["gate"] if isinstance(obj.get("gate"), dict) else None,
         )
@@ -85,24 +83,10 @@ class VersionRecord:
             "bytes": self.bytes,
             "experts_new": list(self.experts_new),
             "classes": list(self.classes) if self.classes is not None else None,
-            "providers": list(self.providers),
+            "uses": list(self.uses),
             "metrics": dict(self.metrics),
             **({"gate": dict(self.gate)} if self.gate is not None else {}),
         }
-
-
-def _providers_from_uses(tasks: dict[str, TaskRecord]) -> dict[str, TaskRecord]:
-    """Format 1's records, whose `providers` hold expert ids (`uses`), with the ids of the bundles adding them."""
-    sources: dict[str, str] = {}
-    for t in tasks.values():
-        for v in t.versions:
-            for eid in v.experts_new:
-                sources.setdefault(eid, v.bundle_id)
-
-    def mapped(v: VersionRecord) -> VersionRecord:
-        return replace(v, providers=tuple(sorted({sources[e] for e in v.providers if e in sources})))
-
-    return {name: replace(t, versions=tuple(mapped(v) for v in t.versions)) for name, t in tasks.items()}
 
 
 @dataclass(frozen=True)
@@ -162,11 +146,9 @@ class StoreIndex:
         ):
             raise StoreError("the store index lacks 'generation' or 'tasks'; see the server log")
         tasks = {name: TaskRecord.from_json(entry, name) for name, entry in obj["tasks"].items()}
-        if not isinstance(obj.get("format"), int) or obj["format"] < 2:
-            tasks = _providers_from_uses(tasks)
         deleting = obj.get("deleting") if isinstance(obj.get("deleting"), dict) else {}
         deleting = {k: float(v) for k, v in deleting.items() if ID_RE.fullmatch(k) and _finite(v)}
-        return cls(obj["generation"], tasks, INDEX_FORMAT, deleting)
+        return cls(obj["generation"], tasks, obj.get("format", INDEX_FORMAT), deleting)
 
     def to_json(self) -> dict[str, Any]:
         out = {

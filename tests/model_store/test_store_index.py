@@ -8,6 +8,7 @@ import json
 import pytest
 
 from model_store.bank import empty_bank
+from model_store.bundle import read_bundle
 from model_store.errors import ShadowConflict, StoreError, TaskNotFound, VersionNotFound
 from model_store.store import LocalStore
 from model_store.store_index import StoreIndex, TaskRecord, VersionRecord
@@ -33,24 +34,31 @@ def test_fields_an_older_release_did_not_write_read_as_defaults():
     old = {"generation": 4, "tasks": {"t": {"active": BID, "versions": [{"version": 1, "bundle_id": BID}]}}}
     index = StoreIndex.from_json(old)
     (v,) = index.task("t").versions
-    assert v == VersionRecord(1, BID) and v.classes is None and v.metrics == {} and index.format == 2
+    assert v == VersionRecord(1, BID) and v.classes is None and v.metrics == {} and index.format == 1
     odd = {"version": 1, "bundle_id": BID, "bytes": "12", "metrics": {"acc": "high", "val": 0.5}, "classes": "x"}
     v = StoreIndex.from_json({"generation": 1, "tasks": {"t": {"versions": [odd]}}}).version("t", 1)
     assert (v.bytes, dict(v.metrics), v.classes) == (0, {"val": 0.5}, None)  # wrong types coerced, not trusted
 
 
-def test_a_format_1_index_reads_the_experts_a_version_uses_as_the_bundles_adding_them():
-    """Format 1 listed every older expert a version uses (it grew as tasks squared); format 2 lists the bundles
-    adding them, which is what a purge needs to keep. An id no version adds (purged since) maps to nothing."""
-    e1, e2, gone, other = "e1" * 32, "e2" * 32, "00" * 32, "cd" * 32
-    a = {"version": 1, "bundle_id": BID, "experts_new": [e1, e2]}
-    b = {"version": 1, "bundle_id": other, "experts_new": [], "uses": [e2, e1, gone]}
-    old = {"generation": 3, "tasks": {"a": {"active": BID, "versions": [a]}, "b": {"active": other, "versions": [b]}}}
-    index = StoreIndex.from_json(old)
-    assert index.version("b", 1).providers == (BID,) and index.version("a", 1).providers == ()
-    written = index.to_json()
-    assert written["format"] == 2 and "uses" not in written["tasks"]["b"]["versions"][0]
-    assert StoreIndex.from_json(json.loads(json.dumps(written))) == index
+def test_a_version_lists_one_used_expert_per_bundle_providing_them_and_purge_keeps_those(tmp_path, backbone):
+    """Listing every used expert grew as tasks squared; one per providing bundle is what a purge (of this release
+    or an older one, which reads `uses` the same way) needs to keep the bundles a task's experts come from."""
+    from model_store.loader import BankLoader
+
+    store = LocalStore(tmp_path)
+    store.put(random_bundle(empty_bank(backbone), "a", seed=1))
+    store.put(random_bundle(BankLoader(store, backbone).load(), "b", seed=2))  # uses a's experts
+    c = random_bundle(BankLoader(store, backbone).load(), "c", seed=3)  # uses a's and b's
+    store.put(c)
+    index = store.index()
+    a, b = (index.version(t, 1) for t in "ab")
+    uses = index.version("c", 1).uses
+    assert len(uses) == 2 and set(uses) & set(a.experts_new) and set(uses) & set(b.experts_new)
+    assert len(read_bundle(c).uses) == len(a.experts_new) + len(b.experts_new)  # the bundle still names them all
+    for task in "ab":
+        store.deactivate(task)
+    assert store.purge("a") == 0 and store.purge("b") == 0  # c needs both: nothing deleted
+    assert {v.bundle_id for _, v in store.index().records()} == {a.bundle_id, b.bundle_id, index.active()["c"]}
 
 
 @pytest.mark.parametrize(
