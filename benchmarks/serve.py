@@ -257,7 +257,12 @@ def _clipbank_rows(backend: Backend, cfg: ServeBenchConfig, runtime: str) -> dic
                     out["load"].append(_level(url, pinned, cfg.key_concurrency, cfg, **tag, mode="pinned", tasks=k))
                 out["rss_bytes"][str(k)] = _settled_rss(pid)
         if full and max(sizes) > 1:
-            out["paired"] = _paired(url, backend, cfg, args, env, max(sizes))
+            # the growth ratio's two sides route different shares of their traffic (one family against all of
+            # them): measured here, so that `serve_run.ratios` can also compare them at equal work
+            with ClipbankClient(url, TOKEN) as client:
+                big = traffic_routing(client, cfg, backend, max(sizes))
+            out["paired"], one = _paired(url, backend, cfg, args, env, max(sizes))
+            out["routing_by_tasks"] = {"1": one, str(max(sizes)): big}
         if full and len(backend.bundles) > max(sizes):  # the next bundle scores traffic in shadow, every other round
             from .shadow_cost import shadow_rounds
 
@@ -268,20 +273,22 @@ def _clipbank_rows(backend: Backend, cfg: ServeBenchConfig, runtime: str) -> dic
     return out
 
 
-def _paired(url: str, backend: Backend, cfg: ServeBenchConfig, args, env, big: int) -> list[dict[str, Any]]:
+def _paired(url: str, backend: Backend, cfg: ServeBenchConfig, args, env, big: int) -> tuple[list[dict], dict]:
     """Throughput with `big` tasks against a second server holding 1 task, in alternating rounds, so that drifts
-    in the machine's speed affect both alike (the growth series above is measured minutes apart)."""
+    in the machine's speed affect both alike (the growth series above is measured minutes apart); and where the
+    1-task server routes its traffic (`traffic_routing`)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp, server_process(Path(tmp), args, env) as (small_url, _):
         with ClipbankClient(small_url, TOKEN) as client:
             _push(client, backend.bundles[0], 0, cfg.images[0])
+            routing = traffic_routing(client, cfg, backend, 1)
         half = ServeBenchConfig(**{**vars(cfg), "max_seconds": cfg.max_seconds / 2, "requests": cfg.requests // 2})
         for r in range(PAIRED_ROUNDS):
             for tasks, where in ((1, small_url), (big, url)):
                 make = _auto_factory(cfg, backend.traffic[:tasks])
                 row = _level(where, make, cfg.key_concurrency, half, server="clipbank", runtime="torch", tasks=tasks)
                 rows.append({**row, "mode": "auto", "round": r})
-    return rows
+    return rows, routing
 
 
 def find_row(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
@@ -307,6 +314,7 @@ def bench_backend(backend: Backend, cfg: ServeBenchConfig) -> dict[str, Any]:
     report["paired"] = torch_run.get("paired", [])
     report["shadow"] = torch_run.get("shadow", [])
     report["routing"] = torch_run.get("routing", {})
+    report["routing_by_tasks"] = torch_run.get("routing_by_tasks", {})
     if cfg.onnx:
         for runtime in ("onnx", "onnx-int8"):
             print(f"{backend.label}: clipbank, ONNX Runtime frozen pass ({runtime})", file=sys.stderr, flush=True)

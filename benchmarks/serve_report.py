@@ -29,6 +29,7 @@ def expected_ratios(cfg: Any) -> list[str]:
     big = max(max(cfg.growth), cfg.auto_tasks)
     keys = ["auto_vs_baseline", "zero_shot_vs_baseline", f"tasks{big}_vs_tasks1", "memory_per_task_vs_bundle"]
     keys += ["latency_1client_vs_single_thread", f"tasks{big}_vs_tasks1_tiny", f"gemm_fraction_{cfg.key_concurrency}"]
+    keys.append(f"tasks{big}_vs_tasks1_same_work_tiny")
     keys += ["auto_traffic_routed", "auto_traffic_outside_fallback"]
     if cfg.litserve:
         keys += ["zero_shot_vs_litserve", "p99_zero_shot_vs_litserve", "auto_vs_litserve"]
@@ -105,9 +106,14 @@ def _paired_table(b: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         "| round | tasks | images/s | p50 ms | p99 ms |",
         "| --- | --- | --- | --- | --- |",
     ]
-    return lines + [
+    lines += [
         f"| {r['round']} | {r['tasks']} | {r['images_per_s']} | {r['p50_ms']} | {r['p99_ms']} |" for r in b["paired"]
     ]
+    routing = b.get("routing_by_tasks") or {}
+    if routing:
+        shares = ", ".join(f"{r['routed']:.1%} with {n} task{'s' * (n != '1')}" for n, r in routing.items())
+        lines += ["", f"Task-family images routed to a task (each distinct image once): {shares}."]
+    return lines
 
 
 def _prefix_table(b: dict[str, Any], cfg: dict[str, Any]) -> list[str]:

@@ -107,6 +107,17 @@ def routed_share(report: dict[str, Any], row: dict[str, Any], cfg: ServeBenchCon
     return task_share * routing["routed"] + (1 - task_share) * (1 - routing["outside_fallback"])
 
 
+def _work_per_image(report: dict[str, Any], cfg: ServeBenchConfig, tasks: int) -> float | None:
+    """FLOPs of the passes an auto image takes on average with `tasks` tasks (selectors left out: their cost is
+    the bank's, which the growth ratio is there to show), from where the selectors routed its traffic."""
+    routing = (report.get("routing_by_tasks") or {}).get(str(tasks))
+    if routing is None:
+        return None
+    f = report["flops"]
+    share = routed_share({"routing": routing}, {"mode": "auto"}, cfg)
+    return f["image_frozen"] + share * f["image_adapted"]
+
+
 def add_derived(report: dict[str, Any], cfg: ServeBenchConfig, gemm: float) -> None:
     """Achieved FLOP rate per load row, as a fraction of the measured GEMM rate."""
     for row in report["load"] + report.get("paired", []):
@@ -144,6 +155,8 @@ def ratios(report: dict[str, Any], cfg: ServeBenchConfig) -> dict[str, float | N
     paired_ratio = (
         div(statistics.median(paired[big]), statistics.median(paired[1])) if paired[1] and paired[big] else None
     )
+    work = {n: _work_per_image(report, cfg, n) for n in (1, big)}  # None unless routing was measured at both
+    same_work = div(paired_ratio * work[big], work[1]) if paired_ratio and work[1] and work[big] else None
     return {
         "auto_vs_baseline": div(auto.get("images_per_s"), base.get("images_per_s")),
         "zero_shot_vs_baseline": div(zs.get("images_per_s"), base.get("images_per_s")),
@@ -161,6 +174,9 @@ def ratios(report: dict[str, Any], cfg: ServeBenchConfig) -> dict[str, float | N
         f"gemm_fraction_{c}": zs.get("fraction_of_gemm"),
         f"tasks{big}_vs_tasks1": paired_ratio,
         f"tasks{big}_vs_tasks1_sequential": div(tn.get("images_per_s"), t1.get("images_per_s")),
+        # the paired ratio at equal work: each side's images/s times its frozen + routed-share x adapted FLOPs per
+        # image, so that a side whose selectors route more of its traffic is not counted as slower for it
+        f"tasks{big}_vs_tasks1_same_work": same_work,
         "memory_per_task_vs_bundle": div(per_task, bundle),
         "onnx_vs_torch_zero_shot": div(onnx_zs.get("images_per_s"), zs.get("images_per_s")),
         "onnx_vs_torch_auto": div(onnx_auto.get("images_per_s"), auto.get("images_per_s")),
@@ -188,6 +204,7 @@ def headline(backends: list[dict[str, Any]], cfg: ServeBenchConfig) -> dict[str,
         big = max(max(cfg.growth), cfg.auto_tasks)
         out.update({k: mine[k] for k in TINY_KEYS})
         out[f"tasks{big}_vs_tasks1_tiny"] = mine[f"tasks{big}_vs_tasks1"]
+        out[f"tasks{big}_vs_tasks1_same_work_tiny"] = mine[f"tasks{big}_vs_tasks1_same_work"]
         out["memory_per_task_vs_bundle_tiny"] = mine["memory_per_task_vs_bundle"]
     routing = key.get("routing") or {}
     out["auto_traffic_routed"] = routing.get("routed")  # of task-family images, at the auto-mode bank size

@@ -57,6 +57,7 @@ def test_bench_serve_writes_a_complete_report(tmp_path):
         ("litserve", None, "zero-shot", 0, 4),
         ("clipbank", "torch", "zero-shot", 0, 1),
         ("clipbank", "torch", "zero-shot", 0, 4),
+        ("clipbank", "torch", "auto", 1, 1),  # every level at 1 task too: its RSS reading is after warm-up
         ("clipbank", "torch", "auto", 1, 4),
         ("clipbank", "torch", "auto", 3, 1),
         ("clipbank", "torch", "auto", 3, 4),
@@ -72,6 +73,9 @@ def test_bench_serve_writes_a_complete_report(tmp_path):
     assert [p["bank_size"] for p in tiny["pushes"]] == [0, 1, 2]
     assert [(r["round"], r["tasks"]) for r in tiny["paired"]] == [(0, 1), (0, 3), (1, 1), (1, 3), (2, 1), (2, 3)]
     assert all(r["errors"] == 0 and r["images_per_s"] > 0 for r in tiny["paired"])
+    assert set(tiny["routing_by_tasks"]) == {"1", "3"}  # where each side of the growth ratio routes its traffic
+    assert [tiny["routing_by_tasks"][n]["task_images"] for n in ("1", "3")] == [TRAFFIC_PER_TASK, 3 * TRAFFIC_PER_TASK]
+    assert report["ratios"]["tasks3_vs_tasks1_same_work_tiny"] > 0
     assert [r["shadow"] for r in tiny["shadow"]] == [False, True, True, False] * 2  # ABBA rounds
     for r in tiny["shadow"]:  # all auto: every image scored (and one warm-up request per client)
         assert not r["shadow"] or r["shadow_images_scored"] == r["images"] + 4, r
