@@ -127,6 +127,17 @@ def add_derived(report: dict[str, Any], cfg: ServeBenchConfig, gemm: float) -> N
         row["fraction_of_gemm"] = round(row["images_per_s"] * flops / gemm, 3)
 
 
+def _growth(report: dict[str, Any], cfg: ServeBenchConfig, big: int) -> tuple[float | None, float | None]:
+    """The paired rounds' ratio of medians, `big` tasks over 1, as measured and at equal work."""
+    paired = {n: [r["images_per_s"] for r in report.get("paired", []) if r["tasks"] == n] for n in (1, big)}
+    if not paired[1] or not paired[big]:
+        return None, None
+    ratio = statistics.median(paired[big]) / statistics.median(paired[1])
+    work = {n: _work_per_image(report, cfg, n) for n in (1, big)}  # None unless routing was measured at both
+    same = ratio * work[big] / work[1] if work[1] and work[big] else None
+    return round(ratio, 3), None if same is None else round(same, 3)
+
+
 def ratios(report: dict[str, Any], cfg: ServeBenchConfig) -> dict[str, float | None]:
     rows, c = report["load"], cfg.key_concurrency
 
@@ -151,12 +162,7 @@ def ratios(report: dict[str, Any], cfg: ServeBenchConfig) -> dict[str, float | N
         return round(a / b, 3) if a is not None and b else None
 
     lat = report.get("latency_1client", {})
-    paired = {n: [r["images_per_s"] for r in report.get("paired", []) if r["tasks"] == n] for n in (1, big)}
-    paired_ratio = (
-        div(statistics.median(paired[big]), statistics.median(paired[1])) if paired[1] and paired[big] else None
-    )
-    work = {n: _work_per_image(report, cfg, n) for n in (1, big)}  # None unless routing was measured at both
-    same_work = div(paired_ratio * work[big], work[1]) if paired_ratio and work[1] and work[big] else None
+    paired_ratio, same_work = _growth(report, cfg, big)
     return {
         "auto_vs_baseline": div(auto.get("images_per_s"), base.get("images_per_s")),
         "zero_shot_vs_baseline": div(zs.get("images_per_s"), base.get("images_per_s")),
