@@ -100,10 +100,16 @@ def _flops_per_image(report: dict[str, Any], row: dict[str, Any], cfg: ServeBenc
 def routed_share(report: dict[str, Any], row: dict[str, Any], cfg: ServeBenchConfig) -> float:
     """The share of a load row's images that take the adapted pass: the pinned share, or for auto traffic what the
     selectors were seen to route (measured at the auto-mode bank size, `traffic_routing`)."""
-    task_share = cfg.routed_per_5 / 5
     routing = report.get("routing") or {}
     if row["mode"] == "pinned" or not routing:
-        return task_share
+        return cfg.routed_per_5 / 5
+    return auto_share(routing, cfg)
+
+
+def auto_share(routing: dict[str, Any], cfg: ServeBenchConfig) -> float:
+    """The share of auto traffic that takes the adapted pass, given where the selectors sent it
+    (`traffic_routing`): task-family images routed, plus outside images not left to zero-shot."""
+    task_share = cfg.routed_per_5 / 5
     return task_share * routing["routed"] + (1 - task_share) * (1 - routing["outside_fallback"])
 
 
@@ -114,8 +120,7 @@ def _work_per_image(report: dict[str, Any], cfg: ServeBenchConfig, tasks: int) -
     if routing is None:
         return None
     f = report["flops"]
-    share = routed_share({"routing": routing}, {"mode": "auto"}, cfg)
-    return f["image_frozen"] + share * f["image_adapted"]
+    return f["image_frozen"] + auto_share(routing, cfg) * f["image_adapted"]
 
 
 def add_derived(report: dict[str, Any], cfg: ServeBenchConfig, gemm: float) -> None:

@@ -12,7 +12,6 @@ from .auth import TokenCheck
 from .config import ServeConfig
 from .errors import install_handlers
 from .lifecycle import Service, lifespan
-from .memory import no_mkl_buffer_pool
 from .middleware import BodyLimit, Generations, RequestMetrics
 from .routes.classify import classify_router
 from .routes.ops import ops_router
@@ -30,7 +29,6 @@ def create_app(
 ) -> FastAPI:
     """The app. `backbone` skips loading one (tests share theirs); `on_fatal` is told if start-up fails;
     `wait_ready`: the app's start-up completes only once the bank is loaded (Ray Serve replicas)."""
-    no_mkl_buffer_pool()  # before the first torch computation (the backbone's load and warm-up)
     config = config or ServeConfig.from_env()
     service = Service(config, backbone)
     app = FastAPI(

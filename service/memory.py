@@ -1,5 +1,5 @@
-"""Keep the server's resident memory tracking its bank: hand freed heap memory back to the operating system
-(glibc's malloc_trim) after each bank swap and at every store poll, and keep MKL from pooling GEMM buffers.
+"""Hand freed heap memory back to the operating system (glibc's malloc_trim), after each bank swap and at
+every store poll. (MKL's GEMM buffer pool is turned off before torch loads: `clipbank.cli.no_mkl_buffer_pool`.)
 
 An upload passes through several threads (request body, parsing, trial classification), and glibc keeps what
 they freed in per-thread arenas. Without a trim the server's resident memory grows by more than the bundles it
@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import os
 
 log = logging.getLogger("clipbank.service")
 
@@ -30,14 +29,3 @@ def release_free_memory() -> bool:
     if _libc is None:
         return False
     return bool(_libc.malloc_trim(0))
-
-
-def no_mkl_buffer_pool() -> None:
-    """Turn off MKL's memory manager (`MKL_DISABLE_FAST_MM`), unless the operator set the variable.
-
-    It keeps every GEMM buffer it ever allocated, per thread, for reuse. The selectors' GEMMs grow with the bank,
-    so each bank size left bigger buffers behind (measured with memray: about 130 KiB per task on the tiny
-    backbone, a tenth of a bundle); throughput was the same without it (docs/benchmarks/serve.md). MKL reads the
-    variable at its first call, so this must run before any torch computation of the process.
-    """
-    os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
