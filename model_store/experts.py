@@ -92,6 +92,18 @@ def expert_id(parts: Mapping[str, torch.Tensor]) -> str:
     return tensor_digest({p: parts[p] for p in EXPERT_PARTS})
 
 
+def _stacked(tensors: Sequence[torch.Tensor], dim: int, size: int) -> torch.Tensor:
+    """The tensors stacked, each zero-padded along `dim` to `size`. A rank-r expert padded to rank R is the same
+    function: its extra hidden units get zero weights and bias (relu(0) = 0), and zero output weights."""
+    if all(t.shape[dim] == size for t in tensors):
+        return torch.stack(tensors)
+    out = []
+    for t in tensors:
+        pad = [0, 0] * (t.dim() - 1 - dim) + [0, size - t.shape[dim]]
+        out.append(F.pad(t, pad))
+    return torch.stack(out)
+
+
 def expert_forward(x: torch.Tensor, e: Expert, scale: float, dropout: float, training: bool) -> torch.Tensor:
     h = F.relu(F.linear(x, e.down_w, e.down_b))
     if training and dropout > 0:
@@ -161,8 +173,9 @@ class Routing:
         loop over experts. Same result as the loop; the cost no longer grows with the number of tasks."""
         b, k = slots.shape
         picked = [experts[s] for s in slots.clamp_min(0).reshape(-1).tolist()]
-        down_w, down_b = torch.stack([e.down_w for e in picked]), torch.stack([e.down_b for e in picked])
-        up_w, up_b = torch.stack([e.up_w for e in picked]), torch.stack([e.up_b for e in picked])
+        rank = max(e.down_w.shape[0] for e in picked)  # tasks trained with other ranks: zero-padded, exactly equal
+        down_w, down_b = _stacked([e.down_w for e in picked], 0, rank), _stacked([e.down_b for e in picked], 0, rank)
+        up_w, up_b = _stacked([e.up_w for e in picked], 1, rank), torch.stack([e.up_b for e in picked])
         x = h.unsqueeze(1).expand(b, k, *h.shape[1:]).reshape(b * k, *h.shape[1:])
         z = torch.relu(torch.baddbmm(down_b.unsqueeze(1), x, down_w.transpose(1, 2)))
         y = torch.baddbmm(up_b.unsqueeze(1), z, up_w.transpose(1, 2)).view(b, k, *h.shape[1:])

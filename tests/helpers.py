@@ -26,8 +26,11 @@ def random_bundle(
     n_new: int = 2,
     zero_up: bool = False,
     classes: tuple[str, ...] = ("red", "blue", "green"),
+    rank: int = 8,
+    up_scale: float = 1.0,
 ) -> bytes:
-    """A bundle whose new experts and routers are random (or, with zero_up, fresh: outputting 0)."""
+    """A bundle whose new experts (of `rank`, up weights times `up_scale`) and routers are random (or, with
+    zero_up, fresh: outputting 0)."""
     g = torch.Generator().manual_seed(seed)
     bb = bank.backbone
     experts, routers = {}, {}
@@ -39,10 +42,10 @@ def random_bundle(
         for i in range(bb.towers[tower].layers):
             ids = [by_slot[(tower, i, s)] for s in range(len(bank.experts[tower][i]))]
             for _ in range(n_new):
-                up = torch.zeros(d, 8) if zero_up else torch.randn(d, 8, generator=g)
+                up = torch.zeros(d, rank) if zero_up else torch.randn(d, rank, generator=g) * up_scale
                 e = Expert(
-                    torch.randn(8, d, generator=g) * 0.2,
-                    torch.randn(8, generator=g) * 0.1,
+                    torch.randn(rank, d, generator=g) * 0.2,
+                    torch.randn(rank, generator=g) * 0.1,
                     up,
                     torch.zeros(d) if zero_up else torch.randn(d, generator=g) * 0.1,
                 )

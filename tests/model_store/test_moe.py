@@ -115,13 +115,15 @@ def test_top_k_uses_two_experts_per_sample(backbone, bank_ab):
     assert gates[2].sum() == 0
 
 
-def test_many_tasks_in_a_batch_take_the_gathered_path_with_the_loops_result(backbone, monkeypatch):
-    """A batch mixing tasks runs its experts as batched products; the result is the per-expert loop's."""
+@pytest.mark.parametrize("ranks", [(8, 8, 8, 8), (8, 16, 8, 4)], ids=["one-rank", "mixed-ranks"])
+def test_many_tasks_in_a_batch_take_the_gathered_path_with_the_loops_result(backbone, monkeypatch, ranks):
+    """A batch mixing tasks runs its experts as batched products; the result is the per-expert loop's, also when
+    the tasks were trained with different expert ranks (a batch of them once failed to stack: a 500 for all)."""
     from model_store import experts as experts_module
 
     bank, bundles = empty_bank(backbone), []
     for k in range(4):
-        bundles.append(read_bundle(random_bundle(bank, f"t{k}", seed=10 + k)))
+        bundles.append(read_bundle(random_bundle(bank, f"t{k}", seed=10 + k, rank=ranks[k])))
         bank = build_bank(backbone, bundles, previous=bank)
     images = torch.randn(8, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(4))
     tasks = torch.tensor([0, 1, 2, 3, 3, 2, 1, -1])
