@@ -68,7 +68,7 @@ def _shape_problems(bundle: Bundle, backbone: Backbone) -> list[str]:
                 problems.append(f"router.{tower}.{i} width {w.shape[1]}, backbone width {spec.width}")
     for eid, placed in bundle.experts.items():
         width, expert = backbone.towers[placed.tower].width, placed.expert
-        rank = expert.down_w.shape[0]
+        rank = expert.down_w.shape[0] if expert.down_w.ndim == 2 else -1  # -1: matches no shape, so reported
         want = {"down.weight": (rank, width), "down.bias": (rank,), "up.weight": (width, rank), "up.bias": (width,)}
         got = {k: tuple(v.shape) for k, v in expert.parts().items()}
         if got != want or placed.block >= backbone.towers[placed.tower].layers:

@@ -179,6 +179,8 @@ def _selector_problems(manifest: dict) -> list[str]:
         return ["selector must be an object with kind, threshold and calibration"]
     if selector.get("kind") not in SELECTOR_KINDS:
         return [f"selector kind {shown(selector.get('kind'))} is unknown; known: {', '.join(sorted(SELECTOR_KINDS))}"]
+    if not isinstance(selector.get("config", {}), dict):
+        return [f"selector config must be an object (the settings it was fitted with), got {shown(selector['config'])}"]
     threshold = selector.get("threshold")
     if not (_is_number(threshold) and threshold > 0):
         return [f"selector threshold must be a finite number > 0, got {shown(threshold)}"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -299,3 +300,7 @@ def trial_run(bank: BankSnapshot, tasks: list[str], cache: TextCache | None = No
     for task, out in zip(tasks, outs, strict=True):
         if isinstance(out, Exception):
             raise BundleInvalid(f"task {task!r} fails a trial classification: {type(out).__name__}: {out}")
+        if not all(math.isfinite(score) for result in out for _, score in result.labels):
+            raise BundleInvalid(
+                f"task {task!r} gives non-finite scores on a trial image: its expert or router weights overflow"
+            )

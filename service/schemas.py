@@ -48,7 +48,11 @@ class ClassifyJSON(ClassifyOptions):
 
 class LabelScore(BaseModel):
     label: str
-    score: float = Field(..., description="Softmax probability over the candidates; all candidates sum to 1.")
+    score: float | None = Field(
+        ...,
+        description="Softmax probability over the candidates; all candidates sum to 1. Null only if it was not a "
+        "finite number (an upload's trial run refuses weights that overflow on its trial image).",
+    )
 
 
 class RouteInfo(BaseModel):

@@ -91,9 +91,14 @@ def classify_router(reader: TokenCheck | None, limits: Limits) -> APIRouter:
     return router
 
 
+def _number(v: object) -> object:
+    """A non-finite score as null (JSON has no inf or NaN)."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def _finite(route: dict) -> dict:
-    """A route with any non-finite score shown as null (JSON has no inf or NaN)."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in route.items()}
+    """A route with any non-finite score shown as null."""
+    return {k: _number(v) for k, v in route.items()}
 
 
 def _json_bytes(body: dict) -> bytes:
@@ -104,7 +109,7 @@ def response(results: list[ImageResult], info: BatchInfo, decode_ms: float, tota
     """The response body, in one conversion from the batcher's results."""
     return {
         "results": [
-            {"labels": [{"label": lb, "score": s} for lb, s in r.labels], "route": _finite(vars(r.route))}
+            {"labels": [{"label": lb, "score": _number(s)} for lb, s in r.labels], "route": _finite(vars(r.route))}
             for r in results
         ],
         "timing": {

@@ -99,6 +99,17 @@ def test_wrong_shapes(backbone, bundle_bytes):
         check_compatible(b, bigger, {})
 
 
+def test_an_expert_tensor_with_no_dimensions_is_a_shape_mismatch(backbone, bundle_bytes):
+    """A forged 0-d expert weight once raised IndexError (a 500 at upload), not the named 422."""
+    import dataclasses
+
+    b = read_bundle(bundle_bytes)
+    eid, placed = next(iter(b.experts.items()))
+    flat = dataclasses.replace(placed, expert=dataclasses.replace(placed.expert, down_w=torch.tensor(0.5)))
+    with pytest.raises(ShapeMismatch, match=f"expert {eid[:12]}"):
+        check_compatible(dataclasses.replace(b, experts={**b.experts, eid: flat}), backbone, {})
+
+
 @pytest.mark.parametrize(
     "payload, match",
     [

@@ -305,3 +305,17 @@ async def test_queue_full_gets_503_overloaded(tmp_path, backbone):
         assert codes == [200, 200, 503, 503, 503], [r.text for r in rs]
         err = next(r.json()["error"] for r in rs if r.status_code == 503)
         assert err["code"] == "overloaded" and "max_queue_images=2" in err["message"]
+
+
+def test_a_non_finite_score_is_answered_as_null_not_a_500():
+    """JSON has no NaN: a score that overflowed is shown as null, the rest of the answer as it is."""
+    import json
+
+    from model_store.inference import ImageResult, Route
+    from service.routes.classify import _json_bytes, response
+    from service.steps import BatchInfo
+
+    result = ImageResult([("a", float("nan")), ("b", 0.5)], Route("t", 1, "x" * 64, float("inf"), 1.0))
+    body = json.loads(_json_bytes(response([result], BatchInfo(0.1, 1.0, 1, 1, 3), 0.5, 2.0)))
+    assert body["results"][0]["labels"] == [{"label": "a", "score": None}, {"label": "b", "score": 0.5}]
+    assert body["results"][0]["route"]["score"] is None and body["results"][0]["route"]["task"] == "t"

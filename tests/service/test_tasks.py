@@ -305,3 +305,7 @@ def test_trial_run_refuses_a_task_that_cannot_answer(backbone):
     broken = dataclasses.replace(bank.tasks[0], templates=("a {} of {}",))
     with pytest.raises(BundleInvalid, match="trial classification"):
         trial_run(dataclasses.replace(bank, tasks=(broken,)), ["colours"])
+    # finite weights that overflow: scores of NaN, which the answer's JSON cannot carry (a 500 on every request)
+    huge = build_bank(backbone, [read_bundle(random_bundle(empty_bank(backbone), "colours", seed=3, up_scale=1e30))])
+    with pytest.raises(BundleInvalid, match="non-finite scores"):
+        trial_run(huge, ["colours"])
