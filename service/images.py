@@ -89,6 +89,14 @@ def inspect_image(data: bytes, name: str, limits: Limits, target: int) -> Opened
         )
     orientation = _orientation(img)
     if img.format == "JPEG":
+        # Each scan of a progressive JPEG is a pass over every block, at full size whatever the draft scale, and
+        # a scan can be a dozen bytes: 16 MB of them would hold a core for minutes. Escaped 0xFF bytes inside
+        # the coded data never read as this marker, so the count is exact (an EXIF thumbnail adds its own).
+        scans = data.count(b"\xff\xda")
+        if scans > limits.max_jpeg_scans:
+            raise LimitExceeded(
+                f"{name} is a JPEG of {scans} scans; the limit is max_jpeg_scans={limits.max_jpeg_scans}"
+            )
         img.draft("RGB", (target, target))  # keeps both sides >= target
     return OpenedImage(name, img, img.size[0] * img.size[1], orientation)
 

@@ -22,6 +22,7 @@ from tests.reliability.payloads import (
     multipart,
     png_of,
     raw_header_bundle,
+    scan_bomb_jpeg,
     ztxt_bomb_png,
 )
 
@@ -199,6 +200,7 @@ CLASSIFY_IMAGES = [
     Case("TIFF claiming 60000x60000", image(lambda: lying_tiff(60000, 60000)), 413, "limit_exceeded"),
     Case("WEBP claiming 16000x16000", image(lambda: lying_webp(16000, 16000)), 413, "limit_exceeded"),
     Case("PNG with a 64 MB zTXt bomb", image(lambda: ztxt_bomb_png(64)), 422, "bad_image"),
+    Case("progressive JPEG of 100,000 scans", image(lambda: scan_bomb_jpeg(1024, 100_000)), 413, "limit_exceeded"),
     Case("PNG claiming 2000x2000 with no rows", image(lambda: lying_png(2000, 2000)), 422, "bad_image"),
     Case("truncated PNG", image(lambda: png_of()[:60]), 422, "bad_image"),
     Case("random bytes", image(lambda: bytes(range(256)) * 40), 422, "bad_image"),

@@ -93,3 +93,24 @@ def multipart(parts: list[tuple[bytes, bytes | None, bytes]], boundary: bytes = 
 def raw_header_bundle(header: bytes, payload: bytes = b"") -> bytes:
     """A file with a safetensors length prefix and the given header bytes."""
     return struct.pack("<Q", len(header)) + header + payload
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return b"\xff" + bytes([marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def scan_bomb_jpeg(side: int, scans: int) -> bytes:
+    """A valid grey progressive JPEG of side x side whose AC scan (one end-of-band run over every block, a dozen
+    bytes) repeats `scans` times: each repeat costs the decoder a pass over every block."""
+    blocks = (side // 8) ** 2
+    assert 0 < blocks <= 32767 and blocks & (blocks - 1) == 0, "side: a power of two from 8 to 1448"
+    eob = blocks.bit_length() - 1  # EOBn: a run of 2^n blocks, exactly all of them
+    head = b"\xff\xd8" + _segment(0xDB, b"\x00" + b"\x01" * 64)
+    head += _segment(0xC2, struct.pack(">BHHB", 8, side, side, 1) + b"\x01\x11\x00")
+    head += _segment(0xC4, b"\x00" + bytes([1] + [0] * 15) + b"\x00")  # DC: one symbol (0), code '0'
+    head += _segment(0xC4, b"\x10" + bytes([1] + [0] * 15) + bytes([eob << 4]))  # AC: one EOBn symbol, code '0'
+    head += _segment(0xDA, b"\x01\x01\x00\x00\x00\x00") + b"\x00" * (blocks // 8)  # DC scan: a '0' per block
+    bits = "0" + "0" * eob  # the EOBn symbol, then n extra bits of 0
+    bits += "1" * (-len(bits) % 8)
+    ac = _segment(0xDA, b"\x01\x01\x00\x01\x3f\x00") + int(bits, 2).to_bytes(len(bits) // 8, "big")
+    return head + ac * scans + b"\xff\xd9"

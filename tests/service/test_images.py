@@ -88,3 +88,18 @@ def test_numpy_preprocessing_gives_open_clips_numbers(backbone):
         torch.testing.assert_close(torch.from_numpy(fast(image)), backbone.preprocess(image), rtol=0, atol=1e-6)
     unknown = lambda image: image  # noqa: E731
     assert NumpyPreprocess.of(unknown) is unknown  # a pipeline it does not know: used as it is
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
+    """Each scan of a progressive JPEG is a pass over every block: 100,000 scans of a 1024 x 1024 image are 1.2 MB
+    and would take about 7 s of a core to decode. Over max_jpeg_scans it is a 413 that names the limit; an
+    encoder's own progressive JPEG (10 scans) passes."""
+    from service.images import decode_image, inspect_image
+    from tests.reliability.payloads import scan_bomb_jpeg
+
+    with pytest.raises(LimitExceeded, match="100001 scans; the limit is max_jpeg_scans=100"):
+        inspect_image(scan_bomb_jpeg(1024, 100_000), "bomb.jpg", Limits(), 64)
+    assert decode_image(inspect_image(scan_bomb_jpeg(64, 20), "small.jpg", Limits(), 64)).size == (64, 64)
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(buf, "JPEG", progressive=True, quality=90)
+    assert decode_image(inspect_image(buf.getvalue(), "ok.jpg", Limits(), 64)).size[1] >= 64
