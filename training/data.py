@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from model_store.manifest import MAX_CLASS_CHARS, MAX_CLASSES
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -32,8 +34,15 @@ class LazyImages(Sequence):
 
 
 def read_rgb(path: object) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    """An image file as RGB, or a ValueError that names the file (Pillow's own errors often do not, and its
+    decompression-bomb error is no OSError)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path} has too many pixels to read safely: {e}") from None
+    except Exception as e:  # truncated or corrupt data, in any plugin
+        raise ValueError(f"{path} could not be read as an image: {type(e).__name__}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,24 @@ def class_name(folder: str) -> str:
     return folder.replace("_", " ")
 
 
+def _check_class_folders(root: Path, folders: Sequence[Path], found: tuple[str, ...]) -> None:
+    """Class names a bundle can hold, checked before any image is read (not after training, at packing)."""
+    named: dict[str, list[str]] = {}
+    for folder, name in zip(folders, found, strict=True):
+        named.setdefault(name, []).append(folder.name)
+    clash = next((folders for folders in named.values() if len(folders) > 1), None)
+    if clash:
+        raise ValueError(
+            f"folders {' and '.join(map(repr, clash))} of {root} both name the class {class_name(clash[0])!r} "
+            "('_' reads as a space): rename one"
+        )
+    if len(found) > MAX_CLASSES:
+        raise ValueError(f"image folder {root} has {len(found)} class folders; a task holds at most {MAX_CLASSES}")
+    long = next((f.name for f, c in zip(folders, found, strict=True) if len(c) > MAX_CLASS_CHARS), None)
+    if long is not None:
+        raise ValueError(f"class folder {long[:60]!r}... of {root} is over {MAX_CLASS_CHARS} characters")
+
+
 def load_image_folder(root: str | Path, classes: tuple[str, ...] | None = None, lazy: bool = False) -> LabelledImages:
     """Read `root/<class>/*.png|jpg|...` as RGB (eagerly, or on access with `lazy`).
 
@@ -104,6 +131,7 @@ def load_image_folder(root: str | Path, classes: tuple[str, ...] | None = None, 
     found = tuple(class_name(p.name) for p in folders)
     if not folders:
         raise ValueError(f"image folder {root} has no class sub-folders")
+    _check_class_folders(root, folders, found)
     if classes is not None and set(found) != set(classes):
         raise ValueError(f"{root} has classes {list(found)}, expected {list(classes)}")
     classes = classes or found

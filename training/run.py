@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,8 @@ def train_config(job: TrainJob) -> TrainConfig:
 def run_train_job(job: TrainJob) -> dict[str, Any]:
     """Train `job.task` and return a summary; the bundle goes to `job.out` and/or `job.store`."""
     cfg = train_config(job)
+    if job.out:
+        _check_writable(Path(job.out))  # before training, not after it
     train = load_image_folder(job.data)
     val = load_image_folder(job.val, train.classes) if job.val else None
     backbone = load_backbone(job.backbone, job.device)
@@ -78,9 +82,36 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         atomic_write(Path(job.out), result.bundle)
         summary["out"] = job.out
     if store is not None:
-        put = store.put(result.bundle, activate=job.activate)
+        try:
+            put = store.put(result.bundle, activate=job.activate)
+        except Exception:
+            # another writer took this version, a purge removed experts it uses, the store was busy...: the
+            # trained bundle must not be lost with the error
+            kept = job.out or _keep_unstored(result.bundle, job.task, version)
+            log.error("the store refused the bundle; it is saved at %s (add it with `clipbank push`)", kept)
+            raise
         summary.update(bundle_id=put.bundle_id, store=store.location, generation=put.generation)
     return summary
+
+
+def _check_writable(out: Path) -> None:
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give the bundle file's path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise PermissionError(f"--out: cannot write in {out.parent}")
+
+
+def _keep_unstored(bundle: bytes, task: str, version: int) -> str:
+    """The bundle written where it can be found again: the working directory, else the temporary one."""
+    name = f"{task}-v{version}-unstored.safetensors"
+    for folder in (Path.cwd(), Path(tempfile.gettempdir())):
+        try:
+            atomic_write(folder / name, bundle)
+            return str(folder / name)
+        except OSError:
+            continue
+    raise OSError(f"the trained bundle could not be written to {Path.cwd()} nor {tempfile.gettempdir()}")
 
 
 def _over_parent_classes(

@@ -32,3 +32,31 @@ def test_export_round_trip(tmp_path):
 def test_unknown_domain():
     with pytest.raises(ValueError, match="known: arrows, clocks, clutter"):
         get_domain("mnist")
+
+
+def test_image_folders_that_cannot_become_a_bundle_fail_before_any_image_is_read(tmp_path):
+    from PIL import Image
+
+    for folder in ("a_b", "a b"):
+        (tmp_path / "clash" / folder).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "clash" / folder / "x.png")
+    with pytest.raises(ValueError, match="both name the class 'a b'"):
+        load_image_folder(tmp_path / "clash")
+    (tmp_path / "long" / ("c" * 201)).mkdir(parents=True)
+    with pytest.raises(ValueError, match="over 200 characters"):
+        load_image_folder(tmp_path / "long")
+
+
+def test_an_unreadable_training_image_is_a_value_error_naming_the_file(tmp_path):
+    """A 24 KB PNG of 200 megapixels raised Pillow's DecompressionBombError, which is no OSError: a traceback."""
+    from tests.reliability.payloads import full_png, lying_png
+
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    (tmp_path / "data" / "b").mkdir(parents=True)
+    (tmp_path / "data" / "a" / "ok.png").write_bytes(full_png(8, 8))
+    (tmp_path / "data" / "b" / "bomb.png").write_bytes(lying_png(20_000, 10_000))
+    with pytest.raises(ValueError, match="bomb.png has too many pixels"):
+        load_image_folder(tmp_path / "data")
+    (tmp_path / "data" / "b" / "bomb.png").write_bytes(full_png(8, 8)[:40])
+    with pytest.raises(ValueError, match="bomb.png could not be read as an image"):
+        load_image_folder(tmp_path / "data")

@@ -155,3 +155,38 @@ def test_new_version_answers_over_every_class_seen(tmp_path, capsys):
     assert "3 of the parent's classes" in warning and classes[0].replace("_", " ") in warning
     v2 = LocalStore(store).load(summary["bundle_id"])
     assert list(v2.manifest.classes) == [c.replace("_", " ") for c in classes]
+
+
+def test_a_bundle_the_store_refuses_after_training_is_kept_on_disk(tmp_path, monkeypatch, capsys, caplog):
+    """Training takes long; if the store then refuses the bundle (another writer took its version meanwhile), the
+    bundle is saved where the error says, not lost with it. Training itself is stood in for here."""
+    import training.run as run
+    from model_store.bank import empty_bank
+    from tests.helpers import random_bundle
+    from training.trainer import TrainResult
+
+    store = tmp_path / "store"
+
+    def train_meanwhile(bank, train, cfg, val=None, version=1, parent=None, progress=True, reference=None):
+        LocalStore(store).put(random_bundle(empty_bank(bank.backbone), cfg.task, 99, version=version))
+        data = random_bundle(empty_bank(bank.backbone), cfg.task, 7, version=version)
+        keys = ("zero_shot_val_accuracy", "val_accuracy", "seconds", "train_images", "val_images")
+        report = {**dict.fromkeys(keys, 0), "bundle_bytes": len(data), "experts_added": 16}
+        return TrainResult(
+            data, {**report, "selector": {"kind": "hybrid", "threshold": 1.0}, "routing": {"warnings": []}}
+        )
+
+    monkeypatch.setattr(run, "train_task", train_meanwhile)
+    assert main(["data", "export", "textures", str(tmp_path / "tex")]) == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--store", str(store)]) == 2
+    assert "VersionConflict" in capsys.readouterr().err
+    kept = tmp_path / "tex-v1-unstored.safetensors"
+    assert str(kept) in caplog.text and read_bundle(kept.read_bytes()).manifest.version == 1
+    # a bad --out fails before training, not after it
+    (tmp_path / "adir").mkdir()
+    assert (
+        main(["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--out", str(tmp_path / "adir")]) == 2
+    )
+    assert "is a directory" in capsys.readouterr().err
