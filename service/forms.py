@@ -82,6 +82,11 @@ class _Reader:
             if len(self.form.files) >= lim.max_files:
                 raise LimitExceeded(f"more than {lim.files_name}={lim.max_files} files in one request")
             self._filename = _utf8(options[b"filename"], "a file name", errors="replace")
+        elif self._name in lim.file_fields:  # else its bytes would meet the text limits and be named by them
+            raise InvalidRequest(
+                f"the part {shown(self._name)} has no filename, so it reads as text: send it as a file "
+                f'(Content-Disposition: form-data; name="{self._name}"; filename="...")'
+            )
         elif len(self.form.fields) >= lim.max_fields:
             raise LimitExceeded(f"more than {lim.fields_name}={lim.max_fields} text fields in one request")
 

@@ -104,7 +104,7 @@ def _check_class_folders(root: Path, folders: Sequence[Path], found: tuple[str, 
     named: dict[str, list[str]] = {}
     for folder, name in zip(folders, found, strict=True):
         named.setdefault(name, []).append(folder.name)
-    clash = next((folders for folders in named.values() if len(folders) > 1), None)
+    clash = next((names for names in named.values() if len(names) > 1), None)
     if clash:
         raise ValueError(
             f"folders {' and '.join(map(repr, clash))} of {root} both name the class {class_name(clash[0])!r} "

@@ -172,6 +172,8 @@ async def test_bad_uploads_leave_store_and_serving_untouched(tmp_path, backbone,
         assert r.status_code == 415
         r = await c.post("/tasks", files={"other": ("b", b"x")}, headers=AUTH)
         assert r.status_code == 422 and "'bundle'" in r.json()["error"]["message"]
+        r = await c.post("/tasks", files={"bundle": (None, bundles["textures"][:2000])}, headers=AUTH)  # no filename
+        assert r.status_code == 422 and "has no filename" in r.json()["error"]["message"]
         assert (await c.get("/tasks", headers=AUTH)).json() == before
         assert c.app.state.service.registry.bank.generation == before["generation"]
 
