@@ -1,4 +1,4 @@
-"""Where one client's latency goes: `python -m benchmarks.latency` (about 2 minutes on the tiny backbone).
+"""Where one client's latency goes: `python -m benchmarks.latency` (under a minute on the tiny backbone).
 
 A server holding one synthetic task answers one pinned image at a time. Side by side, in alternating rounds:
 - the p50 that `ClipbankClient` (httpx) sees, and the model-only time (`benchmarks.serve.pinned_latency`: the

@@ -64,7 +64,8 @@ def _classify(args: argparse.Namespace) -> int:
             print(f"{path}\t-\t-\t[{where}: no task claims it; send --labels]")
             continue
         best = r["labels"][0]
-        print(f"{path}\t{best['label']}\t{best['score']:.3f}\t[{where}]")
+        score = "-" if best["score"] is None else f"{best['score']:.3f}"  # null: not a finite number
+        print(f"{path}\t{best['label']}\t{score}\t[{where}]")
     return 0
 
 

@@ -94,7 +94,8 @@ def expert_id(parts: Mapping[str, torch.Tensor]) -> str:
 
 def _stacked(tensors: Sequence[torch.Tensor], dim: int, size: int) -> torch.Tensor:
     """The tensors stacked, each zero-padded along `dim` to `size`. A rank-r expert padded to rank R is the same
-    function: its extra hidden units get zero weights and bias (relu(0) = 0), and zero output weights."""
+    function (up to the order of float sums): its extra hidden units get zero weights and bias (relu(0) = 0), and
+    zero output weights."""
     if all(t.shape[dim] == size for t in tensors):
         return torch.stack(tensors)
     out = []
@@ -173,7 +174,7 @@ class Routing:
         loop over experts. Same result as the loop; the cost no longer grows with the number of tasks."""
         b, k = slots.shape
         picked = [experts[s] for s in slots.clamp_min(0).reshape(-1).tolist()]
-        rank = max(e.down_w.shape[0] for e in picked)  # tasks trained with other ranks: zero-padded, exactly equal
+        rank = max(e.down_w.shape[0] for e in picked)  # tasks trained with other ranks: zero-padded
         down_w, down_b = _stacked([e.down_w for e in picked], 0, rank), _stacked([e.down_b for e in picked], 0, rank)
         up_w, up_b = _stacked([e.up_w for e in picked], 1, rank), torch.stack([e.up_b for e in picked])
         x = h.unsqueeze(1).expand(b, k, *h.shape[1:]).reshape(b * k, *h.shape[1:])

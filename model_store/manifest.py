@@ -114,14 +114,16 @@ def _text_list_problem(manifest: dict, key: str, ok: Callable[[Any], bool], cap:
     return []
 
 
-def _labels_problems(manifest: dict) -> list[str]:
-    problems = _text_list_problem(
-        manifest,
-        "classes",
-        lambda c: _is_text(c, MAX_CLASS_CHARS),
-        MAX_CLASSES,
-        f"names of 1..{MAX_CLASS_CHARS} characters",
+def classes_problem(classes: Any) -> list[str]:
+    """What is wrong with a task's class names, by the manifest's rule (the trainer checks them before training)."""
+    what = f"names of 1..{MAX_CLASS_CHARS} characters"
+    return _text_list_problem(
+        {"classes": classes}, "classes", lambda c: _is_text(c, MAX_CLASS_CHARS), MAX_CLASSES, what
     )
+
+
+def _labels_problems(manifest: dict) -> list[str]:
+    problems = classes_problem(manifest.get("classes"))
     what = f"templates of <= {MAX_TEMPLATE_CHARS} characters with one plain '{{}}'"
     problems += _text_list_problem(manifest, "templates", template_ok, MAX_TEMPLATES, what)
     prompts = len(manifest["classes"]) * len(manifest["templates"]) if not problems else 0

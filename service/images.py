@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,6 +56,39 @@ def _orientation(img: Image.Image) -> int:
     return value if value in UPRIGHT else 1
 
 
+_ENTROPY_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # in coded data 0xFF is followed by 00 (a data byte) or RSTn
+
+
+def jpeg_scans(data: bytes, stop_above: int | None = None) -> int:
+    """The scans of a JPEG's first picture, as a decoder meets them: segments are skipped by their length, a scan's
+    coded data up to the next marker, and the count stops at the end-of-image marker (so neither an APPn
+    segment's bytes nor what follows the picture, such as a motion photo's video, count). With `stop_above`,
+    the walk ends as soon as the count passes it."""
+    at, scans, n = 2, 0, len(data)
+    while at + 4 <= n:
+        if data[at] != 0xFF:
+            return scans  # not at a marker: broken, and the decoder will say so
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0xD9:  # end of image
+            return scans
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            at += 2
+            continue
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker == 0xDA:  # start of scan: its header, then coded data up to the next marker
+            scans += 1
+            if stop_above is not None and scans > stop_above:
+                return scans
+            end = _ENTROPY_END.search(data, at)
+            if end is None:
+                return scans
+            at = end.start()
+    return scans
+
+
 def inspect_image(data: bytes, name: str, limits: Limits, target: int) -> OpenedImage:
     """Read and check the header: bytes, format, pixels and aspect ratio, each a 4xx that names the image.
 
@@ -88,14 +122,13 @@ def inspect_image(data: bytes, name: str, limits: Limits, target: int) -> Opened
             f"the limit is max_aspect_ratio={limits.max_aspect_ratio}"
         )
     orientation = _orientation(img)
-    if img.format == "JPEG":
+    if img.format in ("JPEG", "MPO"):  # MPO: a JPEG with a multi-picture segment, its first picture decoded
         # Each scan of a progressive JPEG is a pass over every block, at full size whatever the draft scale, and
-        # a scan can be a dozen bytes: 16 MB of them would hold a core for minutes. Escaped 0xFF bytes inside
-        # the coded data never read as this marker, so the count is exact (an EXIF thumbnail adds its own).
-        scans = data.count(b"\xff\xda")
-        if scans > limits.max_jpeg_scans:
+        # a scan can be a dozen bytes: 16 MB of them would hold a core for minutes.
+        if jpeg_scans(data, stop_above=limits.max_jpeg_scans) > limits.max_jpeg_scans:
             raise LimitExceeded(
-                f"{name} is a JPEG of {scans} scans; the limit is max_jpeg_scans={limits.max_jpeg_scans}"
+                f"{name} is a JPEG of more than {limits.max_jpeg_scans} scans; the limit is max_jpeg_scans="
+                f"{limits.max_jpeg_scans}"
             )
         img.draft("RGB", (target, target))  # keeps both sides >= target
     return OpenedImage(name, img, img.size[0] * img.size[1], orientation)

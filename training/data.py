@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model_store.manifest import MAX_CLASS_CHARS, MAX_CLASSES
+from model_store.manifest import classes_problem
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -110,11 +110,9 @@ def _check_class_folders(root: Path, folders: Sequence[Path], found: tuple[str, 
             f"folders {' and '.join(map(repr, clash))} of {root} both name the class {class_name(clash[0])!r} "
             "('_' reads as a space): rename one"
         )
-    if len(found) > MAX_CLASSES:
-        raise ValueError(f"image folder {root} has {len(found)} class folders; a task holds at most {MAX_CLASSES}")
-    long = next((f.name for f, c in zip(folders, found, strict=True) if len(c) > MAX_CLASS_CHARS), None)
-    if long is not None:
-        raise ValueError(f"class folder {long[:60]!r}... of {root} is over {MAX_CLASS_CHARS} characters")
+    problems = classes_problem(list(found))  # the manifest's own rule, which packing would apply after training
+    if problems:
+        raise ValueError(f"the class folders of {root} cannot make a task: {problems[0]}")
 
 
 def load_image_folder(root: str | Path, classes: tuple[str, ...] | None = None, lazy: bool = False) -> LabelledImages:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,20 +80,28 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         "warnings": warnings + result.report["routing"]["warnings"],
     }
     if job.out:
-        Path(job.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(Path(job.out), result.bundle)
+        with _kept_on_failure(result.bundle, job.task, version, f"writing --out {job.out}", None):
+            atomic_write(Path(job.out), result.bundle)
         summary["out"] = job.out
     if store is not None:
-        try:
+        # another writer may have taken this version, a purge removed experts it uses, the store was busy...:
+        # the trained bundle must not be lost with the error
+        with _kept_on_failure(result.bundle, job.task, version, "the store refused the bundle", job.out):
             put = store.put(result.bundle, activate=job.activate)
-        except Exception:
-            # another writer took this version, a purge removed experts it uses, the store was busy...: the
-            # trained bundle must not be lost with the error
-            kept = job.out or _keep_unstored(result.bundle, job.task, version)
-            log.error("the store refused the bundle; it is saved at %s (add it with `clipbank push`)", kept)
-            raise
         summary.update(bundle_id=put.bundle_id, store=store.location, generation=put.generation)
     return summary
+
+
+@contextmanager
+def _kept_on_failure(bundle: bytes, task: str, version: int, what: str, written: str | None) -> Iterator[None]:
+    """On an error inside: log it, save the bundle (unless already `written`) and name the file; re-raise."""
+    try:
+        yield
+    except Exception as e:
+        log.error("%s: %s: %s", what, type(e).__name__, e)
+        kept = written or _keep_unstored(bundle, task, version)
+        log.error("the trained bundle is saved at %s (push it to a server with `clipbank push`)", kept)
+        raise
 
 
 def _check_writable(out: Path) -> None:
@@ -103,15 +113,24 @@ def _check_writable(out: Path) -> None:
 
 
 def _keep_unstored(bundle: bytes, task: str, version: int) -> str:
-    """The bundle written where it can be found again: the working directory, else the temporary one."""
-    name = f"{task}-v{version}-unstored.safetensors"
+    """The bundle written where it can be found again, under a name no earlier run took: the working directory,
+    else the temporary one."""
     for folder in (Path.cwd(), Path(tempfile.gettempdir())):
         try:
-            atomic_write(folder / name, bundle)
-            return str(folder / name)
+            path = _free_name(folder, f"{task}-v{version}-unstored")
+            atomic_write(path, bundle)
+            return str(path)
         except OSError:
             continue
     raise OSError(f"the trained bundle could not be written to {Path.cwd()} nor {tempfile.gettempdir()}")
+
+
+def _free_name(folder: Path, stem: str) -> Path:
+    for n in range(1, 10_000):
+        path = folder / f"{stem}{'' if n == 1 else f'-{n}'}.safetensors"
+        if not path.exists():
+            return path
+    raise OSError(f"{folder} holds 9,999 files named {stem}*")
 
 
 def _over_parent_classes(

@@ -114,3 +114,14 @@ def scan_bomb_jpeg(side: int, scans: int) -> bytes:
     bits += "1" * (-len(bits) % 8)
     ac = _segment(0xDA, b"\x01\x01\x00\x01\x3f\x00") + int(bits, 2).to_bytes(len(bits) // 8, "big")
     return head + ac * scans + b"\xff\xd9"
+
+
+def mpo_wrapped(jpeg: bytes) -> bytes:
+    """The JPEG with a multi-picture (MPF) segment after its start marker, as Pillow writes one: Pillow then opens
+    it as an MPO."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "MPO", save_all=True, append_images=[Image.new("RGB", (8, 8))])
+    data = buf.getvalue()
+    at = data.index(b"MPF\x00") - 4
+    segment = data[at : at + 2 + struct.unpack(">H", data[at + 2 : at + 4])[0]]
+    return jpeg[:2] + segment + jpeg[2:]

@@ -92,14 +92,23 @@ def test_numpy_preprocessing_gives_open_clips_numbers(backbone):
 
 def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
     """Each scan of a progressive JPEG is a pass over every block: 100,000 scans of a 1024 x 1024 image are 1.2 MB
-    and would take about 7 s of a core to decode. Over max_jpeg_scans it is a 413 that names the limit; an
-    encoder's own progressive JPEG (10 scans) passes."""
-    from service.images import decode_image, inspect_image
-    from tests.reliability.payloads import scan_bomb_jpeg
+    and would take about 7 s of a core to decode. Over max_jpeg_scans it is a 413 that names the limit, also
+    inside an MPO (a JPEG with a multi-picture segment, as phones write); an encoder's own progressive JPEG (10
+    scans) passes, and so do scan markers' bytes inside a metadata segment or after the picture."""
+    import os
 
-    with pytest.raises(LimitExceeded, match="100001 scans; the limit is max_jpeg_scans=100"):
-        inspect_image(scan_bomb_jpeg(1024, 100_000), "bomb.jpg", Limits(), 64)
+    from service.images import decode_image, inspect_image, jpeg_scans
+    from tests.reliability.payloads import mpo_wrapped, scan_bomb_jpeg
+
+    for bomb in (scan_bomb_jpeg(1024, 100_000), mpo_wrapped(scan_bomb_jpeg(64, 500))):
+        with pytest.raises(LimitExceeded, match="more than 100 scans; the limit is max_jpeg_scans=100"):
+            inspect_image(bomb, "bomb.jpg", Limits(), 64)
+    assert jpeg_scans(scan_bomb_jpeg(64, 500)) == 501  # the DC scan and 500 AC scans
     assert decode_image(inspect_image(scan_bomb_jpeg(64, 20), "small.jpg", Limits(), 64)).size == (64, 64)
     buf = io.BytesIO()
     Image.new("RGB", (300, 200), (10, 200, 30)).save(buf, "JPEG", progressive=True, quality=90)
-    assert decode_image(inspect_image(buf.getvalue(), "ok.jpg", Limits(), 64)).size[1] >= 64
+    ok = buf.getvalue()
+    app = b"\xff\xe1" + (2 + 2000).to_bytes(2, "big") + b"\xff\xda" * 1000  # an APP1 segment full of the marker
+    for fine in (ok, ok + os.urandom(2_000_000), ok[:2] + app + ok[2:]):  # ... and a trailer, as motion photos
+        assert jpeg_scans(fine) == 10
+        assert decode_image(inspect_image(fine, "ok.jpg", Limits(), 64)).size[1] >= 64

@@ -159,15 +159,17 @@ def test_new_version_answers_over_every_class_seen(tmp_path, capsys):
 
 def test_a_bundle_the_store_refuses_after_training_is_kept_on_disk(tmp_path, monkeypatch, capsys, caplog):
     """Training takes long; if the store then refuses the bundle (another writer took its version meanwhile), the
-    bundle is saved where the error says, not lost with it. Training itself is stood in for here."""
+    bundle is saved where the log says, under a name no earlier failure took, not lost with the error. Training
+    itself is stood in for here."""
     import training.run as run
     from model_store.bank import empty_bank
     from tests.helpers import random_bundle
     from training.trainer import TrainResult
 
-    store = tmp_path / "store"
+    store, trained = tmp_path / "store", []
 
     def train_meanwhile(bank, train, cfg, val=None, version=1, parent=None, progress=True, reference=None):
+        trained.append(cfg.task)
         LocalStore(store).put(random_bundle(empty_bank(bank.backbone), cfg.task, 99, version=version))
         data = random_bundle(empty_bank(bank.backbone), cfg.task, 7, version=version)
         keys = ("zero_shot_val_accuracy", "val_accuracy", "seconds", "train_images", "val_images")
@@ -180,13 +182,18 @@ def test_a_bundle_the_store_refuses_after_training_is_kept_on_disk(tmp_path, mon
     assert main(["data", "export", "textures", str(tmp_path / "tex")]) == 0
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
+    for task, kept in (("tex", "tex-v1-unstored.safetensors"), ("tex", "tex-v2-unstored.safetensors")):
+        args = ["train", "--task", task, "--data", str(tmp_path / "tex" / "val"), "--store", str(store)]
+        assert main(args) == 2
+        assert "VersionConflict" in capsys.readouterr().err and "VersionConflict" in caplog.text
+        assert str(tmp_path / kept) in caplog.text and read_bundle((tmp_path / kept).read_bytes()).manifest.task == task
+    (tmp_path / "store").rename(tmp_path / "store-0")  # the same failure again, at version 1: a new name
     assert main(["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--store", str(store)]) == 2
-    assert "VersionConflict" in capsys.readouterr().err
-    kept = tmp_path / "tex-v1-unstored.safetensors"
-    assert str(kept) in caplog.text and read_bundle(kept.read_bytes()).manifest.version == 1
+    assert (tmp_path / "tex-v1-unstored-2.safetensors").exists()
     # a bad --out fails before training, not after it
     (tmp_path / "adir").mkdir()
+    trained.clear()
     assert (
         main(["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--out", str(tmp_path / "adir")]) == 2
     )
-    assert "is a directory" in capsys.readouterr().err
+    assert "is a directory" in capsys.readouterr().err and trained == []
