@@ -86,3 +86,16 @@ def test_bench_switches_and_values_reach_the_job():
     assert (job.routing, job.steps, job.protocol, job.domains) == (False, 5, "mtil-1", CLJob.domains)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "cl", "--protocol", "imagenet"])
+
+
+def test_classify_prints_a_null_score_as_a_dash(tmp_path, monkeypatch, capsys):
+    """A score that was not a finite number comes back as null (docs/service.md); the table shows '-'."""
+    from clipbank.cli import main
+    from service.client import ClipbankClient
+
+    route = {"task": "t", "version": 1, "bundle_id": "x", "score": None, "threshold": 1.0}
+    body = {"results": [{"labels": [{"label": "red", "score": None}], "route": route}], "timing": {}}
+    monkeypatch.setattr(ClipbankClient, "classify", lambda self, *a, **k: body)
+    (tmp_path / "a.png").write_bytes(b"x")
+    assert main(["classify", str(tmp_path / "a.png"), "--url", "http://127.0.0.1:9"]) == 0
+    assert capsys.readouterr().out.split("\t")[1:3] == ["red", "-"]
