@@ -178,8 +178,9 @@ def task_scores(bank: BankSnapshot, feats: torch.Tensor) -> torch.Tensor:
 def route_scores(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The routing decision for selector scores [n, T]: per row, the task index with the lowest score, or -1
     (zero-shot) when even that is above 1; and that lowest score. Serving, the gate and the routing benchmark all
-    decide with this."""
-    best, idx = scores.min(dim=1)
+    decide with this. A score that is not a number (a selector overflowing on some input) claims nothing: it
+    neither takes the image nor, as `min` would let it, hides the other tasks' claims."""
+    best, idx = torch.nan_to_num(scores, nan=float("inf")).min(dim=1)
     return torch.where(best <= 1.0, idx, torch.full_like(idx, -1)), best
 
 

@@ -122,6 +122,12 @@ def classes_problem(classes: Any) -> list[str]:
     )
 
 
+def labels_problems(classes: Any, templates: Any) -> list[str]:
+    """What is wrong with a task's classes and templates together, by the manifest's rules: the trainer checks
+    them before training, so a run is not lost to a bundle that could not be packed."""
+    return _labels_problems({"classes": classes, "templates": templates})
+
+
 def _labels_problems(manifest: dict) -> list[str]:
     problems = classes_problem(manifest.get("classes"))
     what = f"templates of <= {MAX_TEMPLATE_CHARS} characters with one plain '{{}}'"

@@ -17,7 +17,7 @@ from model_store.backbone import TOWERS, Backbone
 from model_store.bank import BankSnapshot
 from model_store.bundle import MAX_PROBES, PlacedExpert, pack_bundle, utc_now
 from model_store.experts import ActivationCounts, Expert, Routing, TaskRouter, expert_id, new_expert
-from model_store.manifest import MAX_TEMPLATES, template_ok, validate_task_name
+from model_store.manifest import MAX_TEMPLATES, labels_problems, template_ok, validate_task_name
 from model_store.moe_clip import encode_image, encode_text
 from model_store.reference import ReferenceSet
 from model_store.selector import Selector, SelectorConfig, fit_selector, selector_manifest
@@ -336,6 +336,9 @@ def train_task(
     probes what is *not* the task; the report's `routing` says what routing will do, with warnings."""
     if len(train.classes) < 2:
         raise ValueError(f"a task needs at least 2 classes, got {list(train.classes)}")
+    problems = labels_problems(list(train.classes), list(cfg.serving_templates))
+    if problems:  # checked now: the bundle could not be packed after training
+        raise ValueError(f"task {cfg.task}: " + "; ".join(problems))
     bank = with_expert_blocks(bank, cfg.expert_blocks)
     torch.manual_seed(cfg.seed)
     g, fit = torch.Generator().manual_seed(cfg.seed), train

@@ -8,7 +8,7 @@ import torch
 from model_store.bank import build_bank, empty_bank
 from model_store.bundle import read_bundle
 from model_store.errors import InvalidRequest, TaskNotFound
-from model_store.inference import ClassifyItem, TextCache, classify_batch
+from model_store.inference import ClassifyItem, TextCache, classify_batch, route_scores
 from tests.helpers import random_bundle
 
 
@@ -147,3 +147,13 @@ def test_templates_of_the_item_score_its_labels_on_every_route(backbone, bank):
     pinned = classify_batch(bank, [ClassifyItem(x, labels, task="a", templates=templates)])[0]
     pinned_default = classify_batch(bank, [ClassifyItem(x, labels, task="a")])[0]
     assert [dict(r.labels) for r in pinned] != [dict(r.labels) for r in pinned_default]
+
+
+def test_a_score_that_is_not_a_number_claims_nothing_and_hides_no_claim():
+    """A selector overflowing on some input gives NaN: `min` would make it the row's best and send the image to
+    zero-shot whatever the other tasks say. It must neither take the image nor hide another task's claim."""
+    nan = float("nan")
+    scores = torch.tensor([[0.5, nan, 2.0], [nan, 0.9, 0.3], [nan, nan, nan], [nan, 1.5, 3.0]])
+    tasks, best = route_scores(scores)
+    assert tasks.tolist() == [0, 2, -1, -1]
+    assert best.tolist() == pytest.approx([0.5, 0.3, float("inf"), 1.5])

@@ -197,3 +197,28 @@ def test_a_bundle_the_store_refuses_after_training_is_kept_on_disk(tmp_path, mon
         main(["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--out", str(tmp_path / "adir")]) == 2
     )
     assert "is a directory" in capsys.readouterr().err and trained == []
+
+
+def test_labels_the_bundle_could_not_hold_fail_before_training(backbone, monkeypatch):
+    """A class list or template set over the manifest's bounds (a parent's classes merged in, say) is refused
+    before the run, not after it, when the bundle is packed."""
+    import model_store.manifest
+    import training.trainer
+    from model_store.bank import empty_bank
+    from PIL import Image
+
+    from training.data import LabelledImages
+    from training.trainer import TrainConfig, train_task
+
+    def no_training(*a, **k):
+        raise AssertionError("trained although the bundle could not be packed")
+
+    monkeypatch.setattr(training.trainer, "_train_loop", no_training)
+    monkeypatch.setattr(model_store.manifest, "MAX_PROMPTS", 3)
+    data = LabelledImages([Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(6)], [0, 1] * 3, ("cat", "dog"))
+    cfg = TrainConfig(task="pets", steps=2, templates=("a {}.", "the {}."))
+    with pytest.raises(ValueError, match=r"classes x templates = 4 prompts; at most 3"):
+        train_task(empty_bank(backbone), data, cfg, val=data, progress=False)
+    long_name = LabelledImages(data.images, data.labels, ("cat", "d" * 201))
+    with pytest.raises(ValueError, match=r"classes\[1\]"):
+        train_task(empty_bank(backbone), long_name, TrainConfig(task="pets", steps=2), val=long_name, progress=False)
