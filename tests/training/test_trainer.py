@@ -202,11 +202,11 @@ def test_a_bundle_the_store_refuses_after_training_is_kept_on_disk(tmp_path, mon
 def test_labels_the_bundle_could_not_hold_fail_before_training(backbone, monkeypatch):
     """A class list or template set over the manifest's bounds (a parent's classes merged in, say) is refused
     before the run, not after it, when the bundle is packed."""
+    from PIL import Image
+
     import model_store.manifest
     import training.trainer
     from model_store.bank import empty_bank
-    from PIL import Image
-
     from training.data import LabelledImages
     from training.trainer import TrainConfig, train_task
 
