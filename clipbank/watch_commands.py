@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
+from pathlib import Path
 
 from model_store.settings import env_value
 
@@ -39,7 +42,9 @@ def _shadow(args: argparse.Namespace) -> int:
 
 def _insights(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        out = client.unclaimed(args.min_share, args.min_size)
+        out = client.unclaimed(args.min_share, args.min_size, EXAMPLES if args.examples or args.png else 0)
+    if args.examples and out["enabled"]:
+        _write_examples(out, Path(args.examples))
     if args.json:
         print(json.dumps(out, indent=2))
     elif not out["enabled"]:
@@ -50,6 +55,22 @@ def _insights(args: argparse.Namespace) -> int:
         plot_unclaimed(out, args.png)
         print(f"wrote {args.png}")
     return 0
+
+
+EXAMPLES = 8  # thumbnails fetched per cluster for --examples and --png
+
+
+def _write_examples(out: dict, folder: Path) -> None:
+    """Each cluster's example thumbnails as DIR/cluster-ID/N.png (none unless the server keeps thumbnails)."""
+    if not out["reservoir"].get("thumbnail"):
+        print("this server keeps no thumbnails (start it with --unclaimed-thumbnails 64 to opt in)")
+        return
+    for c in out["clusters"]:
+        where = folder / f"cluster-{c['id']}"
+        where.mkdir(parents=True, exist_ok=True)
+        for j, uri in enumerate(c.get("examples", [])):
+            (where / f"{j}.png").write_bytes(base64.b64decode(uri.split(",", 1)[1]))
+    print(f"wrote the clusters' example thumbnails under {folder}")
 
 
 def _print_insights(out: dict) -> None:
@@ -71,13 +92,17 @@ def _print_insights(out: dict) -> None:
 
 
 def plot_unclaimed(out: dict, path: str) -> None:
-    """Each cluster's share of auto traffic per time bin, and the unclaimed share overall."""
+    """Each cluster's share of auto traffic per time bin; below it, a row of each cluster's example thumbnails
+    when the server keeps them."""
     from datetime import datetime, timezone
 
     from training.plots import pyplot
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4))
+    shown = [c for c in out["clusters"] if c.get("examples")]
+    fig = plt.figure(figsize=(8, 4 + 1.1 * len(shown)))
+    grid = fig.add_gridspec(1 + len(shown), 1, height_ratios=[4] + [1.1] * len(shown))
+    ax = fig.add_subplot(grid[0])
     for c in out["clusters"]:
         when = [datetime.fromtimestamp(t, timezone.utc) for t, _ in c["over_time"]]
         label = f"cluster {c['id']} ({c['size']} kept; nearest {c['nearest_task'] or '-'})"
@@ -86,10 +111,24 @@ def plot_unclaimed(out: dict, path: str) -> None:
     ax.set_title(f"unclaimed traffic: {len(out['clusters'])} cluster(s)")
     if out["clusters"]:
         ax.legend(fontsize=8)
-    fig.autofmt_xdate()
+    for row, c in enumerate(shown, start=1):
+        _thumbnail_row(fig, grid[row], c)
+    ax.tick_params(axis="x", labelrotation=30)  # not fig.autofmt_xdate: it hides the labels of all but the last row
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _thumbnail_row(fig, cell, cluster: dict) -> None:
+    from PIL import Image
+
+    row = cell.subgridspec(1, EXAMPLES)
+    for j, uri in enumerate(cluster["examples"][:EXAMPLES]):
+        ax = fig.add_subplot(row[j])
+        ax.imshow(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
+        ax.set_axis_off()
+        if j == 0:
+            ax.set_title(f"cluster {cluster['id']}", fontsize=8, loc="left")
 
 
 def add_watch_parsers(sub, url: str) -> None:
@@ -107,7 +146,14 @@ def add_watch_parsers(sub, url: str) -> None:
     ins = sub.add_parser("insights", help="clusters of the traffic no task claims: candidate tasks to train")
     ins.add_argument("--min-share", type=float, default=0.03, help="a cluster's least share of auto traffic")
     ins.add_argument("--min-size", type=int, default=20, help="a cluster's fewest images")
-    ins.add_argument("--png", help="also plot each cluster's share of traffic over time to this PNG")
+    ins.add_argument(
+        "--png", help="also plot each cluster's share of traffic over time (and example thumbnails) to this PNG"
+    )
+    ins.add_argument(
+        "--examples",
+        metavar="DIR",
+        help=f"write up to {EXAMPLES} thumbnails of each cluster to DIR/cluster-ID/ (servers that keep thumbnails)",
+    )
     ins.add_argument("--json", action="store_true", help="print the full JSON")
     ins.add_argument("--url", default=url, help="server URL ($CLIPBANK_URL)")
     ins.add_argument("--token", default=token, help="admin token ($CLIPBANK_ADMIN_TOKEN)")

@@ -105,9 +105,11 @@ class ClipbankClient:
             return self._call("DELETE", f"/tasks/{task}/shadow")
         return self._call("POST", f"/tasks/{task}/shadow", json={"version": version})
 
-    def unclaimed(self, min_share: float = 0.03, min_size: int = 20) -> dict[str, Any]:
-        """Clusters of the traffic no task claimed (`GET /insights/unclaimed`)."""
-        return self._call("GET", "/insights/unclaimed", params={"min_share": min_share, "min_size": min_size})
+    def unclaimed(self, min_share: float = 0.03, min_size: int = 20, examples: int = 0) -> dict[str, Any]:
+        """Clusters of the traffic no task claimed (`GET /insights/unclaimed`), each with up to `examples`
+        thumbnails (PNG data URIs) when the server keeps them."""
+        params = {"min_share": min_share, "min_size": min_size, "examples": examples}
+        return self._call("GET", "/insights/unclaimed", params=params)
 
     def delete(self, task: str, purge: bool = False) -> dict[str, Any]:
         return self._call("DELETE", f"/tasks/{task}", params={"purge": str(purge).lower()})

@@ -8,6 +8,8 @@ from typing import Any
 
 from model_store.settings import ENV_PREFIX, env_value, option
 
+from .insights import ReservoirConfig
+
 MB = 1024 * 1024
 # auto: onnx on CPU (measured faster there), torch on GPU; onnx-int8: the image tower with int8 weights, opt-in
 FROZEN_RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
@@ -84,6 +86,11 @@ class ServeConfig:
     )
     unclaimed_retention_seconds: float = option(86400.0, "unclaimed-traffic monitor: how long an embedding is kept")
     unclaimed_bin_seconds: float = option(60.0, "unclaimed-traffic monitor: time resolution of traffic shares")
+    unclaimed_thumbnails: int = option(
+        0,
+        "unclaimed-traffic monitor: also keep a thumbnail of each unclaimed image, this many pixels a side (16-128;"
+        " 0: embeddings only). Opt-in: these are users' images, kept in memory for the retention, shown to admins",
+    )
     engine: str = option(
         "uvicorn", "uvicorn: one process; ray: replicas on Ray Serve (the [scale] extra; docs/scale-out.md)", ENGINES
     )
@@ -154,6 +161,11 @@ class ServeConfig:
         problems = []
         if not 0 <= self.unclaimed_capacity <= MAX_UNCLAIMED:
             problems.append(f"unclaimed_capacity must be in 0..{MAX_UNCLAIMED}, got {self.unclaimed_capacity}")
+        else:
+            try:
+                ReservoirConfig(self.unclaimed_capacity, thumbnail=self.unclaimed_thumbnails)
+            except ValueError as e:
+                problems.append(f"unclaimed_thumbnails: {e}")
         if not 1 <= self.unclaimed_bin_seconds <= self.unclaimed_retention_seconds <= 90 * 86400:
             problems.append(
                 "unclaimed_bin_seconds and unclaimed_retention_seconds must satisfy 1 <= bin <= retention <= 90 days,"

@@ -27,6 +27,8 @@ PCA_DIMS = 32  # clustering runs on this many principal components when the embe
 NEIGHBOURS = 10  # k of the nearest-neighbour tests
 FOREIGN_ODDS = 9.0  # how much more often than chance a cluster row's neighbours are unclaimed rather than generic
 SEED = 0
+THUMBNAIL_SIDES = (16, 128)  # pixels a side of an opt-in thumbnail (0: none kept)
+MAX_THUMBNAIL_BYTES = 256 << 20  # capacity x side^2 x 3 bytes of thumbnails, at most
 
 ScoreTasks = Callable[[np.ndarray], tuple[list[str], np.ndarray]]
 
@@ -38,9 +40,18 @@ class ReservoirConfig:
     capacity: int = 2048  # embeddings kept; 0 = monitor off
     retention_seconds: float = 86400.0  # older entries are dropped
     bin_seconds: float = 60.0  # time resolution of "share of traffic over time"
+    thumbnail: int = 0  # opt-in: pixels a side of a thumbnail kept with each embedding (0: embeddings only)
 
     def __post_init__(self) -> None:
         problems = []
+        lo, hi = THUMBNAIL_SIDES
+        if self.thumbnail != 0 and not lo <= self.thumbnail <= hi:
+            problems.append(f"thumbnail must be 0 (none) or {lo}..{hi} pixels a side, got {self.thumbnail}")
+        elif self.capacity * self.thumbnail**2 * 3 > MAX_THUMBNAIL_BYTES:
+            problems.append(
+                f"capacity x thumbnail^2 x 3 = {self.capacity * self.thumbnail**2 * 3} bytes of thumbnails; at most"
+                f" {MAX_THUMBNAIL_BYTES} (fewer or smaller thumbnails)"
+            )
         if self.capacity < 0:
             problems.append(f"capacity must be >= 0, got {self.capacity}")
         if not self.retention_seconds > 0:
@@ -76,6 +87,7 @@ class ReservoirSnapshot:
     times: np.ndarray
     bins: list[TrafficBin]
     bin_seconds: float = 60.0
+    thumbnails: np.ndarray | None = None  # [n, side, side, 3] uint8 when the operator opted in
 
     def __len__(self) -> int:
         return len(self.times)
@@ -91,7 +103,8 @@ class ReservoirSnapshot:
 
 class UnclaimedReservoir:
     """Thread-safe. Memory is preallocated and bounded: capacity x dim float32 + capacity timestamps + a ring of
-    at most `config.max_bins` traffic bins."""
+    at most `config.max_bins` traffic bins, plus capacity RGB thumbnails when `config.thumbnail` opts in. A
+    thumbnail lives exactly as long as its embedding: its pixels are wiped when it expires."""
 
     def __init__(self, config: ReservoirConfig, dim: int) -> None:
         if dim < 1:
@@ -99,6 +112,8 @@ class UnclaimedReservoir:
         self.config, self.dim = config, dim
         cap, nb = config.capacity, config.max_bins
         self._emb = np.zeros((cap, dim), np.float32)
+        side = config.thumbnail
+        self._thumbs = np.zeros((cap if side else 0, side, side, 3), np.uint8)
         self._times = np.full(cap, -np.inf)  # -inf: empty or expired slot
         self._next = 0  # the slot the next embedding goes to
         self._bin_ids = np.zeros(nb, np.int64)  # floor(time / bin_seconds)
@@ -114,15 +129,20 @@ class UnclaimedReservoir:
     @property
     def nbytes(self) -> int:
         """Bytes held by the buffers (fixed at construction)."""
-        return self._emb.nbytes + self._times.nbytes + self._bin_ids.nbytes + self._bin_counts.nbytes
+        return (
+            self._emb.nbytes + self._times.nbytes + self._bin_ids.nbytes + self._bin_counts.nbytes + self._thumbs.nbytes
+        )
 
     def __len__(self) -> int:
         with self._lock:
             return int(np.count_nonzero(self._times > -np.inf))
 
-    def record(self, auto_images: int, unclaimed: np.ndarray, now: float | None = None) -> None:
+    def record(
+        self, auto_images: int, unclaimed: np.ndarray, now: float | None = None, thumbnails: np.ndarray | None = None
+    ) -> None:
         """One batch: how many images were routed in auto mode, and the frozen embeddings [k, dim] of those of them
-        that went to zero-shot (k may be 0). A record older than the newest one counts as the newest."""
+        that went to zero-shot (k may be 0), with their thumbnails [k, side, side, 3] uint8 when the reservoir
+        keeps them (else ignored; blank when missing). A record older than the newest one counts as the newest."""
         if not self.enabled:
             return
         rows = np.asarray(unclaimed, dtype=np.float32)
@@ -131,6 +151,9 @@ class UnclaimedReservoir:
             raise ValueError(f"unclaimed embeddings must be [k, {self.dim}], got {list(rows.shape)}")
         if len(rows) > auto_images:
             raise ValueError(f"{len(rows)} unclaimed embeddings but only {auto_images} auto-routed images")
+        side = self.config.thumbnail
+        if side and thumbnails is not None and np.shape(thumbnails) != (len(rows), side, side, 3):
+            raise ValueError(f"thumbnails must be [{len(rows)}, {side}, {side}, 3], got {list(np.shape(thumbnails))}")
         if auto_images == 0:
             return
         now = time.time() if now is None else float(now)
@@ -140,6 +163,8 @@ class UnclaimedReservoir:
             keep = rows[-self.config.capacity :]
             slots = (self._next + np.arange(len(keep))) % self.config.capacity
             self._emb[slots], self._times[slots] = keep, now
+            if side:
+                self._thumbs[slots] = 0 if thumbnails is None else thumbnails[-self.config.capacity :]
             self._next = (self._next + len(keep)) % self.config.capacity
             self._expire(now)
 
@@ -155,7 +180,10 @@ class UnclaimedReservoir:
     def _expire(self, now: float) -> None:
         """Drop embeddings and bins that ended more than retention_seconds ago."""
         cutoff = now - self.config.retention_seconds
-        self._times[self._times < cutoff] = -np.inf
+        old = self._times < cutoff
+        if len(self._thumbs):  # a user's image is not kept past its retention
+            self._thumbs[old & (self._times > -np.inf)] = 0
+        self._times[old] = -np.inf
         while self._bins and (self._bin_ids[self._oldest_bin()] + 1) * self.config.bin_seconds <= cutoff:
             self._bins -= 1
 
@@ -174,17 +202,19 @@ class UnclaimedReservoir:
             order = (self._next + np.arange(self.config.capacity)) % self.config.capacity
             order = order[self._times[order] > -np.inf]
             emb, times = self._emb[order], self._times[order]  # fancy indexing copies
+            thumbs = self._thumbs[order] if len(self._thumbs) else None
             slots = (self._oldest_bin() + np.arange(self._bins)) % len(self._bin_ids)
             ids, counts = self._bin_ids[slots].copy(), self._bin_counts[slots].copy()
         if len(ids):  # embeddings older than the oldest bin (only when MAX_BINS cut the retention) are left out
             keep = times >= ids[0] * bs
             emb, times = emb[keep], times[keep]
+            thumbs = None if thumbs is None else thumbs[keep]
         start = times[0] if len(times) else now - self.config.retention_seconds
         first = np.searchsorted((ids + 1) * bs, start, side="right")  # first bin ending after `start`
         bins = [
             TrafficBin(float(i * bs), int(a), int(u)) for i, (a, u) in zip(ids[first:], counts[first:], strict=True)
         ]
-        return ReservoirSnapshot(emb, times, bins, bs)
+        return ReservoirSnapshot(emb, times, bins, bs, thumbs)
 
 
 @dataclass(frozen=True)
@@ -361,6 +391,15 @@ def _cluster(
     centroid /= max(float(np.linalg.norm(centroid)), 1e-12)
     share = float(weight[members].sum() / snapshot.auto_images)
     return Cluster(k, len(members), share, over_time, nearest[0], nearest[1], centroid.astype(np.float32), members)
+
+
+def cluster_examples(snapshot: ReservoirSnapshot, cluster: Cluster, n: int) -> np.ndarray:
+    """Thumbnails [m <= n, side, side, 3] of the cluster's members nearest its centre, most typical first; none
+    when the reservoir keeps no thumbnails (the default)."""
+    if snapshot.thumbnails is None or n < 1 or not len(cluster.members):
+        return np.zeros((0, 0, 0, 3), np.uint8)
+    near = np.argsort(-(snapshot.embeddings[cluster.members] @ cluster.centroid), kind="stable")[:n]
+    return snapshot.thumbnails[cluster.members[near]]
 
 
 def _nearest_tasks(

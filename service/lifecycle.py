@@ -127,8 +127,10 @@ class Service:
         self.backbone = self._frozen_runtime().with_autocast(self.config.autocast)
         reference, cfg = self._reference(), self.config
         gate = Gate(GateLimits(cfg.gate_max_stolen, cfg.gate_max_zero_shot), reference)
-        monitor = ReservoirConfig(cfg.unclaimed_capacity, cfg.unclaimed_retention_seconds, cfg.unclaimed_bin_seconds)
-        self.watch.start_monitor(monitor, self.backbone.embed_dim, reference)
+        monitor = ReservoirConfig(
+            cfg.unclaimed_capacity, cfg.unclaimed_retention_seconds, cfg.unclaimed_bin_seconds, cfg.unclaimed_thumbnails
+        )
+        self.watch.start_monitor(monitor, self.backbone, reference)
         self.registry = Registry(open_store(cfg.store), self.backbone, self.metrics, cache, gate, self.watch.swapped)
         bank = self.registry.load()
         warm = torch.zeros(1, 3, self.backbone.image_size, self.backbone.image_size)

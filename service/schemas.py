@@ -192,6 +192,9 @@ class UnclaimedCluster(BaseModel):
     over_time: list[list[float]] = Field(..., description="[bin start (unix seconds), share of that bin's traffic]")
     nearest_task: str | None = Field(None, description="the active task whose selector scores it lowest")
     margin: float | None = Field(None, description="that task's median score minus 1: how far from claiming it")
+    examples: list[str] = Field(
+        [], description="data:image/png;base64 thumbnails of its members nearest its centre (`examples`, opt-in)"
+    )
 
 
 class ReservoirInfo(BaseModel):
@@ -205,6 +208,7 @@ class ReservoirInfo(BaseModel):
     unclaimed: int = Field(..., description="of those, how many went to zero-shot")
     unclaimed_share: float | None
     background: int | None = Field(None, description="reference-set rows compared against (null: none)")
+    thumbnail: int = Field(0, description="pixels a side of the thumbnails kept (0: none, the default)")
 
 
 class UnclaimedInsights(BaseModel):

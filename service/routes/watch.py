@@ -60,12 +60,17 @@ def watch_router(admin: TokenCheck) -> APIRouter:
         min_share: Annotated[float, Query(gt=0, le=1, description="a cluster's least share of auto traffic")] = 0.03,
         min_size: Annotated[int, Query(ge=2, le=100_000, description="a cluster's fewest members")] = 20,
         max_clusters: Annotated[int, Query(ge=1, le=100)] = 20,
+        examples: Annotated[
+            int, Query(ge=0, le=16, description="thumbnails per cluster (when the server keeps them: opt-in)")
+        ] = 0,
     ) -> dict:
         """Images no task claimed, clustered: each cluster's size, share of auto traffic over time, and the nearest
-        task with its score margin (how far that task is from claiming them). A cluster is a domain to train."""
+        task with its score margin (how far that task is from claiming them). A cluster is a domain to train.
+        With `examples`, each cluster also shows thumbnails of its most typical images, if the server keeps them
+        (`unclaimed_thumbnails`)."""
         service = service_of(request)
         registry = service.require_ready()
         bank = registry.bank
-        return await run_in_threadpool(service.watch.unclaimed, bank, min_share, min_size, max_clusters)
+        return await run_in_threadpool(service.watch.unclaimed, bank, min_share, min_size, max_clusters, examples)
 
     return router

@@ -257,3 +257,31 @@ def test_threads_recording_at_once_lose_nothing():
     assert len(r) == len(snap) == 8 * 500 * 2
     assert snap.auto_images == 8 * 500 * 3 and snap.unclaimed == 8 * 500 * 2
     assert np.all(np.diff(snap.times) >= 0)  # time never runs backwards in the ring
+
+
+def test_opt_in_thumbnails_follow_their_embeddings_and_are_wiped_when_they_expire():
+    """Thumbnails share their embedding's slot: kept in the same ring order, copied into snapshots, and their
+    pixels zeroed (not merely hidden) once the retention drops them. Memory stays fixed."""
+    cfg = ReservoirConfig(capacity=4, retention_seconds=10.0, bin_seconds=1.0, thumbnail=16)
+    r = UnclaimedReservoir(cfg, dim=2)
+    assert r.nbytes == UnclaimedReservoir(ReservoirConfig(4, 10.0, 1.0), dim=2).nbytes + 4 * 16 * 16 * 3
+    thumbs = np.stack([np.full((16, 16, 3), v, np.uint8) for v in (10, 20, 30, 40, 50)])
+    r.record(3, np.ones((2, 2), np.float32), now=1.0, thumbnails=thumbs[:2])
+    r.record(5, np.ones((3, 2), np.float32), now=5.0, thumbnails=thumbs[2:])  # the ring drops the first
+    snap = r.snapshot(now=6.0)
+    assert snap.thumbnails[:, 0, 0, 0].tolist() == [20, 30, 40, 50]
+    r.record(1, np.zeros((0, 2), np.float32), now=12.0)  # the embeddings of t=1 expire
+    assert r.snapshot(now=12.0).thumbnails[:, 0, 0, 0].tolist() == [30, 40, 50]
+    assert sorted(np.unique(r._thumbs[:, 0, 0, 0]).tolist()) == [0, 30, 40, 50]  # 20's pixels are gone
+    with pytest.raises(ValueError, match=r"thumbnails must be \[1, 16, 16, 3\]"):
+        r.record(1, np.ones((1, 2), np.float32), thumbnails=np.zeros((1, 8, 8, 3), np.uint8))
+    assert UnclaimedReservoir(ReservoirConfig(capacity=4), dim=2).snapshot().thumbnails is None  # off by default
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"thumbnail": 8}, "16..128"), ({"thumbnail": 129}, "16..128"), ({"capacity": 20_000, "thumbnail": 128}, "bytes")],
+)
+def test_thumbnail_settings_are_bounded(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ReservoirConfig(**kwargs)

@@ -101,3 +101,45 @@ async def test_one_clustering_at_a_time(tmp_path, backbone):
             r = await c.get("/insights/unclaimed", headers=AUTH)
             assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded" and "retry-after" in r.headers
         assert watch.reservoir.nbytes == 2048 * (backbone.embed_dim * 4 + 8) + watch.reservoir.config.max_bins * 24
+
+
+async def test_opt_in_thumbnails_show_a_clusters_own_images(tmp_path, backbone):
+    """With `unclaimed_thumbnails`, each cluster can show its most typical images: thumbnails of the very images
+    that were sent (the model's input, unnormalised). Off by default: `examples` then gives none."""
+    import base64
+    import io
+
+    import numpy as np
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from clipbank.watch_commands import _write_examples, plot_unclaimed
+
+    async with running_app(tmp_path, backbone) as c:
+        await _send(c, "digits", 32)
+        off = await _insights(c, examples=4, min_share=0.5)
+        assert off["reservoir"]["thumbnail"] == 0 and all(k["examples"] == [] for k in off["clusters"])
+    async with running_app(tmp_path, backbone, unclaimed_thumbnails=32) as c:
+        for bad in (-1, 17, "x"):
+            assert (await c.get("/insights/unclaimed", params={"examples": bad}, headers=AUTH)).status_code == 422
+        await _send(c, "shapes", 96)
+        await _send(c, "digits", 32)
+        out = await _insights(c, examples=4)
+        assert out["reservoir"]["thumbnail"] == 32
+        examples = out["clusters"][0]["examples"]
+        assert len(examples) == 4 and all(u.startswith("data:image/png;base64,") for u in examples)
+        shown = [np.asarray(Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1])))) for u in examples]
+        assert all(s.shape == (32, 32, 3) for s in shown)
+        sent = torch.stack([backbone.preprocess(Image.open(io.BytesIO(p))) for p in domain_pngs("digits", 32)])
+        cfg = open_clip.get_model_preprocess_cfg(backbone.model)
+        mean, std = (torch.tensor(cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+        small = F.interpolate(sent * std + mean, size=(32, 32), mode="bilinear", antialias=True).clamp(0, 1) * 255
+        small = small.permute(0, 2, 3, 1).numpy()
+        for s in shown:  # each one is a digit that was sent (the cluster is the digits)
+            assert np.abs(small - s.astype(np.float32)).mean(axis=(1, 2, 3)).min() < 1.0
+        _write_examples(out, tmp_path / "examples")
+        assert len(list((tmp_path / "examples" / "cluster-0").glob("*.png"))) == 4
+        plot_unclaimed(out, str(tmp_path / "unclaimed.png"))  # the traffic plot, with a row of thumbnails
+        assert Image.open(tmp_path / "unclaimed.png").height > 400
