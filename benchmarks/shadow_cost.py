@@ -68,7 +68,7 @@ def direct_cost(backend_bundles: list[bytes], ref: str, batch: int = 16, repeats
     bank = build_bank(bb, parsed[:-1])
     bank = dataclasses.replace(bank, shadows=(shadow_entry(parsed[-1], bb.device),))
     watch = TrafficWatch(Metrics())
-    watch.start_monitor(ReservoirConfig(), bb.embed_dim, None)
+    watch.start_monitor(ReservoirConfig(), bb, None)
     watch.swapped(bank)
     images = torch.rand(batch, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(0))
     passes_s, watch_s = [], []

@@ -6,6 +6,7 @@ import argparse
 import base64
 import io
 import json
+import sys
 from pathlib import Path
 
 from model_store.settings import env_value
@@ -63,14 +64,16 @@ EXAMPLES = 8  # thumbnails fetched per cluster for --examples and --png
 def _write_examples(out: dict, folder: Path) -> None:
     """Each cluster's example thumbnails as DIR/cluster-ID/N.png (none unless the server keeps thumbnails)."""
     if not out["reservoir"].get("thumbnail"):
-        print("this server keeps no thumbnails (start it with --unclaimed-thumbnails 64 to opt in)")
+        print("this server keeps no thumbnails (start it with --unclaimed-thumbnails 64 to opt in)", file=sys.stderr)
         return
+    for stale in folder.glob("cluster-*/[0-9]*.png"):  # an earlier run's (other clusters, other users' images)
+        stale.unlink()
     for c in out["clusters"]:
         where = folder / f"cluster-{c['id']}"
         where.mkdir(parents=True, exist_ok=True)
         for j, uri in enumerate(c.get("examples", [])):
             (where / f"{j}.png").write_bytes(base64.b64decode(uri.split(",", 1)[1]))
-    print(f"wrote the clusters' example thumbnails under {folder}")
+    print(f"wrote the clusters' example thumbnails under {folder}", file=sys.stderr)
 
 
 def _print_insights(out: dict) -> None:

@@ -87,7 +87,8 @@ class ReservoirSnapshot:
     times: np.ndarray
     bins: list[TrafficBin]
     bin_seconds: float = 60.0
-    thumbnails: np.ndarray | None = None  # [n, side, side, 3] uint8 when the operator opted in
+    slots: np.ndarray | None = None  # each embedding's slot in the reservoir, and the write that filled it:
+    stamps: np.ndarray | None = None  # what `UnclaimedReservoir.thumbnails` takes to find its thumbnail again
 
     def __len__(self) -> int:
         return len(self.times)
@@ -114,6 +115,8 @@ class UnclaimedReservoir:
         self._emb = np.zeros((cap, dim), np.float32)
         side = config.thumbnail
         self._thumbs = np.zeros((cap if side else 0, side, side, 3), np.uint8)
+        self._stamps = np.zeros(cap, np.int64)  # per slot: the record() call that last wrote it
+        self._writes = 0
         self._times = np.full(cap, -np.inf)  # -inf: empty or expired slot
         self._next = 0  # the slot the next embedding goes to
         self._bin_ids = np.zeros(nb, np.int64)  # floor(time / bin_seconds)
@@ -129,9 +132,8 @@ class UnclaimedReservoir:
     @property
     def nbytes(self) -> int:
         """Bytes held by the buffers (fixed at construction)."""
-        return (
-            self._emb.nbytes + self._times.nbytes + self._bin_ids.nbytes + self._bin_counts.nbytes + self._thumbs.nbytes
-        )
+        buffers = (self._emb, self._times, self._bin_ids, self._bin_counts, self._thumbs, self._stamps)
+        return sum(b.nbytes for b in buffers)
 
     def __len__(self) -> int:
         with self._lock:
@@ -163,6 +165,8 @@ class UnclaimedReservoir:
             keep = rows[-self.config.capacity :]
             slots = (self._next + np.arange(len(keep))) % self.config.capacity
             self._emb[slots], self._times[slots] = keep, now
+            self._writes += 1
+            self._stamps[slots] = self._writes
             if side:
                 self._thumbs[slots] = 0 if thumbnails is None else thumbnails[-self.config.capacity :]
             self._next = (self._next + len(keep)) % self.config.capacity
@@ -176,6 +180,23 @@ class UnclaimedReservoir:
             self._bin_counts[self._bin_last] = 0
             self._bins = min(self._bins + 1, len(self._bin_ids))
         self._bin_counts[self._bin_last] += (auto_images, unclaimed)
+
+    def expire(self, now: float | None = None) -> None:
+        """Drop what the retention has passed now (also done by every record and snapshot): the server calls it
+        on a timer, so that thumbnails are wiped on time on a server no auto traffic reaches."""
+        if self.enabled:
+            with self._lock:
+                self._expire(max(time.time() if now is None else float(now), self._latest))
+
+    def thumbnails(self, slots: np.ndarray, stamps: np.ndarray) -> list[np.ndarray | None]:
+        """Copies of the thumbnails of a snapshot's `slots` (its `slots[rows]`, `stamps[rows]`), each None when
+        its slot was written again or expired since, or when no thumbnails are kept. Copies only these, under the
+        lock, so a request for examples holds up the compute thread's `record` for microseconds."""
+        if not len(self._thumbs):
+            return [None] * len(slots)
+        with self._lock:
+            live = (self._stamps[slots] == stamps) & (self._times[slots] > -np.inf)
+            return [self._thumbs[s].copy() if ok else None for s, ok in zip(slots, live, strict=True)]
 
     def _expire(self, now: float) -> None:
         """Drop embeddings and bins that ended more than retention_seconds ago."""
@@ -201,20 +222,18 @@ class UnclaimedReservoir:
             self._expire(max(now, self._latest))
             order = (self._next + np.arange(self.config.capacity)) % self.config.capacity
             order = order[self._times[order] > -np.inf]
-            emb, times = self._emb[order], self._times[order]  # fancy indexing copies
-            thumbs = self._thumbs[order] if len(self._thumbs) else None
+            emb, times, stamps = self._emb[order], self._times[order], self._stamps[order]  # fancy indexing copies
             slots = (self._oldest_bin() + np.arange(self._bins)) % len(self._bin_ids)
             ids, counts = self._bin_ids[slots].copy(), self._bin_counts[slots].copy()
         if len(ids):  # embeddings older than the oldest bin (only when MAX_BINS cut the retention) are left out
             keep = times >= ids[0] * bs
-            emb, times = emb[keep], times[keep]
-            thumbs = None if thumbs is None else thumbs[keep]
+            emb, times, order, stamps = emb[keep], times[keep], order[keep], stamps[keep]
         start = times[0] if len(times) else now - self.config.retention_seconds
         first = np.searchsorted((ids + 1) * bs, start, side="right")  # first bin ending after `start`
         bins = [
             TrafficBin(float(i * bs), int(a), int(u)) for i, (a, u) in zip(ids[first:], counts[first:], strict=True)
         ]
-        return ReservoirSnapshot(emb, times, bins, bs, thumbs)
+        return ReservoirSnapshot(emb, times, bins, bs, order, stamps)
 
 
 @dataclass(frozen=True)
@@ -393,13 +412,12 @@ def _cluster(
     return Cluster(k, len(members), share, over_time, nearest[0], nearest[1], centroid.astype(np.float32), members)
 
 
-def cluster_examples(snapshot: ReservoirSnapshot, cluster: Cluster, n: int) -> np.ndarray:
-    """Thumbnails [m <= n, side, side, 3] of the cluster's members nearest its centre, most typical first; none
-    when the reservoir keeps no thumbnails (the default)."""
-    if snapshot.thumbnails is None or n < 1 or not len(cluster.members):
-        return np.zeros((0, 0, 0, 3), np.uint8)
+def typical_members(snapshot: ReservoirSnapshot, cluster: Cluster, n: int) -> np.ndarray:
+    """Rows of the snapshot of the cluster's n members nearest its centre, most typical first."""
+    if n < 1 or not len(cluster.members):
+        return np.zeros(0, np.int64)
     near = np.argsort(-(snapshot.embeddings[cluster.members] @ cluster.centroid), kind="stable")[:n]
-    return snapshot.thumbnails[cluster.members[near]]
+    return cluster.members[near]
 
 
 def _nearest_tasks(
@@ -414,7 +432,7 @@ def _nearest_tasks(
         return [(None, None)] * len(groups)
     out, a = [], 0
     for g in groups:
-        med = np.median(scores[a : a + len(g)], axis=0)
+        med = np.median(np.where(np.isnan(scores[a : a + len(g)]), np.inf, scores[a : a + len(g)]), axis=0)
         t = int(np.argmin(med))
         out.append((str(names[t]), float(med[t] - 1.0)))
         a += len(g)

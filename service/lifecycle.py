@@ -274,6 +274,7 @@ def lifespan(on_fatal: Callable[[str], None] | None, wait_ready: bool = False):
             if service.batcher is not None:
                 await run_in_threadpool(service.batcher.stop)
             service.decoders.shutdown()
+            service.watch.stop()
             gc.unfreeze()  # an app inside a longer-lived process (tests) gives its objects back
 
     return run

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -227,7 +228,7 @@ class Steps:
             if item.task == AUTO:
                 m.auto_images.inc()
                 m.claims.labels(route=route).inc()
-                if r.route.score is not None:
+                if r.route.score is not None and math.isfinite(r.route.score):  # an inf would poison the sum
                     m.route_score.labels(route=route).observe(r.route.score)
                 if r.route.task is None:
                     m.fallback.inc()

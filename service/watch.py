@@ -1,6 +1,7 @@
 """What the server watches in live traffic after each batch's image passes, just before its answers: what versions
 in shadow would do (`service.shadow`), and the images no task claimed (`service.insights`). It costs a batch
-well under a millisecond (docs/safety.md) and can never fail a request."""
+well under a millisecond, plus the thumbnails when the operator opts in to them (docs/safety.md), and can never
+fail a request."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from model_store.inference import ImagePasses, task_scores
 from model_store.shadow import auto_rows, auto_spans, observe
 
 from .errors import Overloaded
-from .insights import ReservoirConfig, UnclaimedReservoir, cluster_examples, find_clusters
+from .insights import ReservoirConfig, UnclaimedReservoir, find_clusters, typical_members
 from .metrics import Metrics
 from .shadow import ShadowMonitor
 
@@ -40,6 +41,7 @@ class TrafficWatch:
         self._pixels: tuple[torch.Tensor, torch.Tensor] | None = None  # the preprocessing's mean and std
         self._clustering = threading.Lock()
         self._failed: set[str] = set()  # kinds of failure already logged with a traceback
+        self._stop = threading.Event()
 
     def start_monitor(self, config: ReservoirConfig, backbone: Backbone, background: torch.Tensor | None) -> None:
         """Allocate the unclaimed reservoir (all of its memory, now) and read its gauges at scrape time."""
@@ -48,6 +50,16 @@ class TrafficWatch:
         self._pixels = tuple(torch.tensor(cfg[k], dtype=torch.float32).view(1, -1, 1, 1) for k in ("mean", "std"))
         self.background = None if background is None else background.detach().float().cpu().numpy()
         self.metrics.watch_reservoir(lambda: len(self.reservoir), lambda: self.reservoir.nbytes)
+        if config.thumbnail:  # users' images: wiped on time even when no traffic comes to trigger it
+            every = min(60.0, config.retention_seconds / 10)
+            threading.Thread(target=self._expire_every, args=(every,), name="clipbank-expire", daemon=True).start()
+
+    def _expire_every(self, seconds: float) -> None:
+        while not self._stop.wait(seconds):
+            self.reservoir.expire()
+
+    def stop(self) -> None:
+        self._stop.set()
 
     def swapped(self, bank: BankSnapshot) -> None:
         self.shadows.follow(bank.shadows)
@@ -65,21 +77,26 @@ class TrafficWatch:
             except Exception:
                 self._log_once("scoring the versions in shadow failed")
         if self.reservoir is not None and self.reservoir.enabled:
+            unclaimed, thumbs = rows[passes.tasks[rows] < 0], None
+            if self.reservoir.config.thumbnail:
+                try:  # on its own: without thumbnails the counts and embeddings still go in
+                    thumbs = self._thumbnails(passes.images[unclaimed.to(passes.images.device)])
+                except Exception:
+                    self._log_once("making thumbnails of unclaimed images failed")
             try:
-                unclaimed = rows[passes.tasks[rows] < 0].to(passes.frozen.device)
-                thumbs = self._thumbnails(passes.images[unclaimed]) if self.reservoir.config.thumbnail else None
-                self.reservoir.record(len(rows), passes.frozen[unclaimed].float().cpu().numpy(), thumbnails=thumbs)
+                feats = passes.frozen[unclaimed.to(passes.frozen.device)].float().cpu().numpy()
+                self.reservoir.record(len(rows), feats, thumbnails=thumbs)
             except Exception:
                 self._log_once("recording unclaimed images failed")
 
     def _thumbnails(self, images: torch.Tensor) -> np.ndarray:
         """The model's input images (normalised, square) as RGB thumbnails [n, side, side, 3] uint8."""
         side, (mean, std) = self.reservoir.config.thumbnail, self._pixels
-        with torch.inference_mode():
-            x = images.float().cpu() * std + mean
+        with torch.inference_mode():  # resized where the images are: a GPU sends the host thumbnails, not inputs
+            x = images.float() * std.to(images.device) + mean.to(images.device)
             if x.shape[-1] != side or x.shape[-2] != side:
                 x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-            return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
     def _log_once(self, what: str) -> None:
         """The first failure of a kind with its traceback, then a line each time (not a traceback per batch)."""
@@ -103,6 +120,7 @@ class TrafficWatch:
         try:
             snap = reservoir.snapshot()
             clusters = find_clusters(snap, _scorer(bank), min_share, min_size, max_clusters, self.background)
+            shown = _examples(reservoir, snap, clusters, examples)
         finally:
             self._clustering.release()
         auto, unclaimed = snap.auto_images, snap.unclaimed
@@ -121,18 +139,31 @@ class TrafficWatch:
                 "background": None if self.background is None else len(self.background),
                 "thumbnail": reservoir.config.thumbnail,
             },
-            "clusters": [{**c.to_json(), "examples": _pngs(cluster_examples(snap, c, examples))} for c in clusters],
+            "clusters": [{**c.to_json(), "examples": e} for c, e in zip(clusters, shown, strict=True)],
         }
 
 
-def _pngs(thumbnails: np.ndarray) -> list[str]:
-    """Each thumbnail as a data URI of a PNG."""
-    out = []
-    for t in thumbnails:
-        buf = io.BytesIO()
-        Image.fromarray(t, "RGB").save(buf, format="PNG")
-        out.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"))
+MAX_EXAMPLES = 256  # thumbnails in one answer, at most (biggest clusters first): 128-pixel PNGs, ~50 KB each
+
+
+def _examples(reservoir: UnclaimedReservoir, snap, clusters: list, per_cluster: int) -> list[list[str]]:
+    """Per cluster, up to `per_cluster` thumbnails of its most typical members as PNG data URIs (none when the
+    reservoir keeps no thumbnails; at most MAX_EXAMPLES in all). A member whose slot was reused or expired since
+    the snapshot is skipped: its thumbnail is another image's, or gone."""
+    out, left = [], MAX_EXAMPLES if reservoir.config.thumbnail else 0
+    for c in clusters:
+        rows = typical_members(snap, c, min(per_cluster, left))
+        found = reservoir.thumbnails(snap.slots[rows], snap.stamps[rows]) if len(rows) else []
+        thumbs = [t for t in found if t is not None]
+        out.append([_png(t) for t in thumbs])
+        left -= len(rows)
     return out
+
+
+def _png(thumbnail: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(thumbnail, "RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _scorer(bank: BankSnapshot):

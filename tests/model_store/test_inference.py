@@ -153,7 +153,8 @@ def test_a_score_that_is_not_a_number_claims_nothing_and_hides_no_claim():
     """A selector overflowing on some input gives NaN: `min` would make it the row's best and send the image to
     zero-shot whatever the other tasks say. It must neither take the image nor hide another task's claim."""
     nan = float("nan")
-    scores = torch.tensor([[0.5, nan, 2.0], [nan, 0.9, 0.3], [nan, nan, nan], [nan, 1.5, 3.0]])
+    inf = float("inf")
+    scores = torch.tensor([[0.5, nan, 2.0], [nan, 0.9, 0.3], [nan, nan, nan], [nan, 1.5, 3.0], [inf, nan, inf]])
     tasks, best = route_scores(scores)
-    assert tasks.tolist() == [0, 2, -1, -1]
-    assert best.tolist() == pytest.approx([0.5, 0.3, float("inf"), 1.5])
+    assert tasks.tolist() == [0, 2, -1, -1, -1]
+    assert best.tolist() == pytest.approx([0.5, 0.3, inf, 1.5, inf])  # infinities stay infinite (shown as null)

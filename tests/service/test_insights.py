@@ -260,22 +260,52 @@ def test_threads_recording_at_once_lose_nothing():
 
 
 def test_opt_in_thumbnails_follow_their_embeddings_and_are_wiped_when_they_expire():
-    """Thumbnails share their embedding's slot: kept in the same ring order, copied into snapshots, and their
-    pixels zeroed (not merely hidden) once the retention drops them. Memory stays fixed."""
+    """Thumbnails share their embedding's slot: a snapshot finds them again by slot and write, gets None for a
+    slot written again since (it holds another image now), and their pixels are zeroed (not merely hidden)
+    once the retention drops them. Memory stays fixed."""
     cfg = ReservoirConfig(capacity=4, retention_seconds=10.0, bin_seconds=1.0, thumbnail=16)
     r = UnclaimedReservoir(cfg, dim=2)
     assert r.nbytes == UnclaimedReservoir(ReservoirConfig(4, 10.0, 1.0), dim=2).nbytes + 4 * 16 * 16 * 3
-    thumbs = np.stack([np.full((16, 16, 3), v, np.uint8) for v in (10, 20, 30, 40, 50)])
+    thumbs = np.stack([np.full((16, 16, 3), v, np.uint8) for v in (10, 20, 30, 40, 50, 60)])
     r.record(3, np.ones((2, 2), np.float32), now=1.0, thumbnails=thumbs[:2])
-    r.record(5, np.ones((3, 2), np.float32), now=5.0, thumbnails=thumbs[2:])  # the ring drops the first
+    r.record(5, np.ones((3, 2), np.float32), now=5.0, thumbnails=thumbs[2:5])  # the ring drops the first
     snap = r.snapshot(now=6.0)
-    assert snap.thumbnails[:, 0, 0, 0].tolist() == [20, 30, 40, 50]
-    r.record(1, np.zeros((0, 2), np.float32), now=12.0)  # the embeddings of t=1 expire
-    assert r.snapshot(now=12.0).thumbnails[:, 0, 0, 0].tolist() == [30, 40, 50]
-    assert sorted(np.unique(r._thumbs[:, 0, 0, 0]).tolist()) == [0, 30, 40, 50]  # 20's pixels are gone
+    assert [t[0, 0, 0] for t in r.thumbnails(snap.slots, snap.stamps)] == [20, 30, 40, 50]
+    r.record(1, np.ones((1, 2), np.float32), now=7.0, thumbnails=thumbs[5:])  # overwrites 20's slot
+    assert [None if t is None else t[0, 0, 0] for t in r.thumbnails(snap.slots, snap.stamps)] == [None, 30, 40, 50]
+    r.expire(now=16.0)  # the embeddings of t=5 expire; nothing else touches the reservoir
+    assert sorted(np.unique(r._thumbs[:, 0, 0, 0]).tolist()) == [0, 60]  # their pixels are gone
+    assert r.thumbnails(snap.slots, snap.stamps) == [None] * 4
     with pytest.raises(ValueError, match=r"thumbnails must be \[1, 16, 16, 3\]"):
         r.record(1, np.ones((1, 2), np.float32), thumbnails=np.zeros((1, 8, 8, 3), np.uint8))
-    assert UnclaimedReservoir(ReservoirConfig(capacity=4), dim=2).snapshot().thumbnails is None  # off by default
+    off = UnclaimedReservoir(ReservoirConfig(capacity=4), dim=2)  # the default keeps none
+    off.record(1, np.ones((1, 2), np.float32), now=1.0)
+    snap = off.snapshot(now=1.0)
+    assert off.thumbnails(snap.slots, snap.stamps) == [None]
+
+
+def test_an_idle_server_still_wipes_thumbnails_on_time(backbone):
+    """No traffic comes to trigger the expiry: the monitor's own timer wipes them (here within a retention of 1 s
+    plus its tenth)."""
+    import time
+
+    from service.metrics import Metrics
+    from service.watch import TrafficWatch
+
+    watch = TrafficWatch(Metrics())
+    watch.start_monitor(
+        ReservoirConfig(capacity=4, retention_seconds=1.0, bin_seconds=1.0, thumbnail=16), backbone, None
+    )
+    try:
+        dim = backbone.embed_dim
+        watch.reservoir.record(1, np.ones((1, dim), np.float32), thumbnails=np.full((1, 16, 16, 3), 7, np.uint8))
+        assert watch.reservoir._thumbs.max() == 7
+        deadline = time.monotonic() + 10
+        while watch.reservoir._thumbs.max() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert watch.reservoir._thumbs.max() == 0 and len(watch.reservoir) == 0
+    finally:
+        watch.stop()
 
 
 @pytest.mark.parametrize(
