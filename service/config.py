@@ -31,6 +31,7 @@ class Limits:
     max_aspect_ratio: int = 20  # long side / short side: a 1xN image would be upsampled to SxSN before the crop
     max_request_pixels: int = 128_000_000  # pixels all of a request's images decode to (64 images of 2 MP)
     max_jpeg_scans: int = 100  # a progressive JPEG is decoded once per scan; encoders write about 10
+    max_image_segments: int = 1000  # metadata records Pillow parses in Python (JPEG segments, PNG chunks, GIF blocks)
     max_labels: int = 1000
     max_label_chars: int = 200
     max_request_prompts: int = 16384  # new text prompts one request may need (labels x templates x routed tasks)

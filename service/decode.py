@@ -128,6 +128,11 @@ def validated(model: type[BaseModel], data: Any) -> Any:
 def check_labels(labels: list[str], limits: Limits) -> None:
     if len(labels) > limits.max_labels:
         raise LimitExceeded(f"{len(labels)} labels; the limit is max_labels={limits.max_labels}")
+    if len(labels) == 1 and ("," in labels[0] or labels[0].lstrip().startswith("[")):
+        raise InvalidRequest(
+            f"one label, {shown(labels[0], 80)}, that looks like a list (and one label always scores 1.0): send"
+            " each label as a field of its own (repeat `labels`), or a list in a JSON body"
+        )
     for i, label in enumerate(labels):
         if len(label) > limits.max_label_chars:
             raise LimitExceeded(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from torchvision import transforms as T
 
 from .config import Limits
 from .errors import BadImage, ClientGone, LimitExceeded
+from .image_structure import rle_bmp_too_long, walk
 
 # Formats PIL reads without outside tools (EPS would call Ghostscript, so it is not here).
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
@@ -56,39 +56,6 @@ def _orientation(img: Image.Image) -> int:
     return value if value in UPRIGHT else 1
 
 
-_ENTROPY_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # in coded data 0xFF is followed by 00 (a data byte) or RSTn
-
-
-def jpeg_scans(data: bytes, stop_above: int | None = None) -> int:
-    """The scans of a JPEG's first picture, as a decoder meets them: segments are skipped by their length, a scan's
-    coded data up to the next marker, and the count stops at the end-of-image marker (so neither an APPn
-    segment's bytes nor what follows the picture, such as a motion photo's video, count). With `stop_above`,
-    the walk ends as soon as the count passes it."""
-    at, scans, n = 2, 0, len(data)
-    while at + 4 <= n:
-        if data[at] != 0xFF:
-            return scans  # not at a marker: broken, and the decoder will say so
-        marker = data[at + 1]
-        if marker == 0xFF:  # fill byte
-            at += 1
-            continue
-        if marker == 0xD9:  # end of image
-            return scans
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
-            at += 2
-            continue
-        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
-        if marker == 0xDA:  # start of scan: its header, then coded data up to the next marker
-            scans += 1
-            if stop_above is not None and scans > stop_above:
-                return scans
-            end = _ENTROPY_END.search(data, at)
-            if end is None:
-                return scans
-            at = end.start()
-    return scans
-
-
 def inspect_image(data: bytes, name: str, limits: Limits, target: int) -> OpenedImage:
     """Read and check the header: bytes, format, pixels and aspect ratio, each a 4xx that names the image.
 
@@ -99,6 +66,7 @@ def inspect_image(data: bytes, name: str, limits: Limits, target: int) -> Opened
         raise LimitExceeded(f"{name} is {len(data)} bytes; the limit is max_image_bytes={limits.max_image_bytes}")
     if not data:
         raise BadImage(f"{name} is empty")
+    _check_structure(data, name, limits)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own pixel limit applies below
         try:
@@ -121,17 +89,39 @@ def inspect_image(data: bytes, name: str, limits: Limits, target: int) -> Opened
             f"{name} is {width}x{height}, an aspect ratio of {max(width, height) / min(width, height):.0f}:1; "
             f"the limit is max_aspect_ratio={limits.max_aspect_ratio}"
         )
+    if img.format == "BMP" and rle_bmp_too_long(data, width, height, img.info.get("compression")):
+        raise BadImage(f"{name} is a run-length BMP of {len(data)} bytes, more than its {width}x{height} pixels need")
     orientation = _orientation(img)
     if img.format in ("JPEG", "MPO"):  # MPO: a JPEG with a multi-picture segment, its first picture decoded
-        # Each scan of a progressive JPEG is a pass over every block, at full size whatever the draft scale, and
-        # a scan can be a dozen bytes: 16 MB of them would hold a core for minutes.
-        if jpeg_scans(data, stop_above=limits.max_jpeg_scans) > limits.max_jpeg_scans:
-            raise LimitExceeded(
-                f"{name} is a JPEG of more than {limits.max_jpeg_scans} scans; the limit is max_jpeg_scans="
-                f"{limits.max_jpeg_scans}"
-            )
         img.draft("RGB", (target, target))  # keeps both sides >= target
     return OpenedImage(name, img, img.size[0] * img.size[1], orientation)
+
+
+def _check_structure(data: bytes, name: str, limits: Limits) -> None:
+    """Before Pillow reads the file: metadata it would parse one record at a time in Python (seconds and hundreds
+    of MB for a flood of empty ones), and a JPEG's scans, each a decoding pass over every block at full size
+    whatever the draft scale (a scan can be a dozen bytes: 16 MB of them would hold a core for minutes)."""
+    shape = walk(data, limits.max_image_segments, limits.max_jpeg_scans)
+    if shape.segments > limits.max_image_segments:
+        raise LimitExceeded(
+            f"{name} has more than {limits.max_image_segments} metadata segments, chunks or extension blocks; the "
+            f"limit is max_image_segments={limits.max_image_segments}"
+        )
+    if shape.scans > limits.max_jpeg_scans:
+        raise LimitExceeded(
+            f"{name} is a JPEG of more than {limits.max_jpeg_scans} scans; the limit is max_jpeg_scans="
+            f"{limits.max_jpeg_scans}"
+        )
+
+
+def _eight_bit(img: Image.Image, name: str) -> Image.Image:
+    """16- and 32-bit integer grey as 8-bit grey (Pillow's own conversion clips them to 255: a 16-bit PNG would
+    come out white); 32-bit float refused (its range is the sender's convention)."""
+    if img.mode == "F":
+        raise BadImage(f"{name} has 32-bit float pixels, whose range is unknown; send 8- or 16-bit pixels")
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        return Image.fromarray((np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8), "L")
+    return img
 
 
 def decode_image(opened: OpenedImage) -> Image.Image:
@@ -139,14 +129,21 @@ def decode_image(opened: OpenedImage) -> Image.Image:
     released at once (a request's inspected images stay referenced until it ends)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = opened.image
         try:
-            rgb = opened.image.convert("RGB")
+            img.load()
+            rgb = _eight_bit(img, opened.name).convert("RGB")
+        except BadImage:
+            raise
         except Exception as e:  # truncated or corrupt data, in any plugin
             raise BadImage(f"{opened.name} could not be decoded: {type(e).__name__}: {str(e)[:120]}") from None
         finally:
-            opened.image.close()
-    if opened.orientation in UPRIGHT:
-        rgb = rgb.transpose(UPRIGHT[opened.orientation])
+            img.close()
+    orientation = opened.orientation
+    if img.format == "TIFF" and ORIENTATION_TAG not in getattr(img, "tag_v2", {}):
+        orientation = 1  # Pillow turns a TIFF upright as it loads it, and then drops the tag
+    if orientation in UPRIGHT:
+        rgb = rgb.transpose(UPRIGHT[orientation])
     return rgb
 
 
@@ -156,15 +153,21 @@ def open_image(data: bytes, name: str, limits: Limits, target: int = 224) -> Ima
 
 
 def decode_base64(text: str, name: str, limits: Limits) -> bytes:
-    # 4 characters carry 3 bytes: refuse before decoding anything too big.
-    if len(text) > (limits.max_image_bytes + 2) // 3 * 4 + 4:
+    """Standard or URL-safe base64, line-wrapped or not (as `base64` and MIME tools write it), or a data URL."""
+    # 4 characters carry 3 bytes (and a wrapped line ends every 76 of them): refuse before decoding too much.
+    most = (limits.max_image_bytes + 2) // 3 * 4
+    if len(text) > most + most // 38 + 4:
         raise LimitExceeded(f"{name} is over max_image_bytes={limits.max_image_bytes} once decoded")
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]  # accept data URLs, as browsers make them
+    if any(c in text for c in "\r\n \t"):
+        text = "".join(text.split())
+    if "-" in text or "_" in text:
+        text = text.replace("-", "+").replace("_", "/")  # the URL-safe alphabet
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise BadImage(f"{name} is not valid base64: {e}") from None
+        raise BadImage(f"{name} is not valid base64 (standard or URL-safe alphabet): {e}") from None
 
 
 def inspect_all(images: Sequence[tuple[str, bytes]], limits: Limits, target: int) -> list[OpenedImage]:

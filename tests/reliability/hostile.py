@@ -12,6 +12,8 @@ import httpx
 
 from tests.helpers import edit_bundle
 from tests.reliability.payloads import (
+    chunk_flood_png,
+    comment_flood_gif,
     full_png,
     lying_bmp,
     lying_gif,
@@ -23,7 +25,9 @@ from tests.reliability.payloads import (
     multipart,
     png_of,
     raw_header_bundle,
+    rle_flood_bmp,
     scan_bomb_jpeg,
+    segment_flood_jpeg,
     ztxt_bomb_png,
 )
 
@@ -203,6 +207,11 @@ CLASSIFY_IMAGES = [
     Case("PNG with a 64 MB zTXt bomb", image(lambda: ztxt_bomb_png(64)), 422, "bad_image"),
     Case("progressive JPEG of 100,000 scans", image(lambda: scan_bomb_jpeg(1024, 100_000)), 413, "limit_exceeded"),
     Case("MPO of 500 scans", image(lambda: mpo_wrapped(scan_bomb_jpeg(64, 500))), 413, "limit_exceeded"),
+    Case("JPEG of 3.9M empty APP1 segments", image(lambda: segment_flood_jpeg(3_900_000)), 413, "limit_exceeded"),
+    Case("PNG of 1.3M empty chunks before its pixels", image(lambda: chunk_flood_png(1_300_000)), 413),
+    Case("PNG of 1.3M empty chunks after its pixels", image(lambda: chunk_flood_png(1_300_000, True)), 413),
+    Case("GIF comment of 7M one-byte blocks", image(lambda: comment_flood_gif(7_000_000)), 413, "limit_exceeded"),
+    Case("1x2 RLE BMP of 15 MB", image(lambda: rle_flood_bmp(15)), 422, "bad_image"),
     Case("PNG claiming 2000x2000 with no rows", image(lambda: lying_png(2000, 2000)), 422, "bad_image"),
     Case("truncated PNG", image(lambda: png_of()[:60]), 422, "bad_image"),
     Case("random bytes", image(lambda: bytes(range(256)) * 40), 422, "bad_image"),
@@ -231,6 +240,8 @@ CLASSIFY_FIELDS = [
     Case("label field of 1 MB", form(with_image((b"labels", None, b"a" * MB))), 413, "limit_exceeded"),
     Case("empty label", image(png_of, labels=(" ", "b")), 422, "invalid_request"),
     Case("duplicate labels", image(png_of, labels=("a", "a")), 422, "invalid_request"),
+    Case("one label that is a list: 'a,b'", image(png_of, labels=("a,b",)), 422, "invalid_request"),
+    Case("one label that is a JSON list", image(png_of, labels=('["a", "b"]',)), 422, "invalid_request"),
     Case("non-UTF-8 label", form(with_image((b"labels", None, b"caf\xe9"))), 422, "invalid_request"),
     Case("non-UTF-8 field name", form(with_image((b"lab\xffels", None, b"a"))), 422, "invalid_request"),
     Case("unknown file field", form(lambda: [(b"picture", b"i.png", png_of())]), 422, "invalid_request"),

@@ -125,3 +125,45 @@ def mpo_wrapped(jpeg: bytes) -> bytes:
     at = data.index(b"MPF\x00") - 4
     segment = data[at : at + 2 + struct.unpack(">H", data[at + 2 : at + 4])[0]]
     return jpeg[:2] + segment + jpeg[2:]
+
+
+def _small_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (30, 120, 200)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def segment_flood_jpeg(segments: int) -> bytes:
+    """A valid 16x16 JPEG with `segments` empty APP1 segments after its start marker: Pillow parses each one in
+    Python when it opens the file (4 bytes each; 15 MB of them took 4.9 s and +534 MB to open)."""
+    data = _small_jpeg()
+    return data[:2] + b"\xff\xe1\x00\x02" * segments + data[2:]
+
+
+def chunk_flood_png(chunks: int, after_pixels: bool = False) -> bytes:
+    """A valid 4x4 PNG with `chunks` empty private chunks before its image data (read when Pillow opens it) or
+    after it (read when Pillow finishes decoding it)."""
+    flood = _chunk(b"prVt", b"") * chunks
+    if not after_pixels:
+        return full_png(4, 4, flood)
+    data = full_png(4, 4)
+    return data[:-12] + flood + data[-12:]  # before IEND
+
+
+def comment_flood_gif(blocks: int) -> bytes:
+    """A valid 4x4 GIF whose comment extension is `blocks` one-byte sub-blocks, read one by one on open."""
+    buf = io.BytesIO()
+    Image.new("P", (4, 4)).save(buf, "GIF")
+    data = buf.getvalue()
+    at = data.index(b"\x2c")  # the first image descriptor (after the header and colour table)
+    return data[:at] + b"\x21\xfe" + b"\x01a" * blocks + b"\x00" + data[at:]
+
+
+def rle_flood_bmp(megabytes: int = 15) -> bytes:
+    """A 1x2 RLE8 BMP whose data is megabytes of end-of-line codes: Pillow decodes RLE in Python, about 0.3 s a
+    MB, and nothing of it is pixels."""
+    body = b"\x00\x00" * (megabytes * 1024 * 512) + b"\x00\x01"
+    palette = b"\x00\x00\x00\x00" * 256
+    info = struct.pack("<IiiHHIIiiII", 40, 1, 2, 1, 8, 1, len(body), 2835, 2835, 256, 0)
+    offset = 14 + len(info) + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + info + palette + body

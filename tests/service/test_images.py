@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import struct
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from service.config import Limits
 from service.errors import BadImage, LimitExceeded
-from service.images import decode_base64, open_image
+from service.images import decode_base64, decode_image, inspect_image, open_image
 from tests.service.images import bomb_png
 
 
@@ -66,6 +68,21 @@ def test_base64_size_is_checked_before_decoding():
     assert decode_base64("data:image/png;base64,aGVsbG8=", "image 0", Limits()) == b"hello"
 
 
+def test_base64_as_tools_write_it_is_read():
+    """Line-wrapped (`base64`, MIME) and URL-safe base64 decode to the same bytes; what is not base64 says so."""
+    import base64
+
+    data = bytes(range(256)) * 20
+    for text in (
+        base64.encodebytes(data).decode(),
+        base64.urlsafe_b64encode(data).decode(),
+        base64.b64encode(data).decode(),
+    ):
+        assert decode_base64(text, "image 0", Limits()) == data
+    with pytest.raises(BadImage, match="not valid base64 \\(standard or URL-safe alphabet\\)"):
+        decode_base64("ab*d", "image 0", Limits())
+
+
 def test_over_our_limit_but_under_pillows_is_refused_before_decoding():
     data = bomb_png(6000, 5000)  # 30 MP: Pillow would decode it; our 24 MP default does not
     with pytest.raises(LimitExceeded, match="6000x5000 = 30000000 pixels"):
@@ -97,8 +114,12 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
     scans) passes, and so do scan markers' bytes inside a metadata segment or after the picture."""
     import os
 
-    from service.images import decode_image, inspect_image, jpeg_scans
+    from service.image_structure import walk
+    from service.images import decode_image, inspect_image
     from tests.reliability.payloads import mpo_wrapped, scan_bomb_jpeg
+
+    def jpeg_scans(data: bytes) -> int:
+        return walk(data, 10**9, 10**9).scans
 
     for bomb in (scan_bomb_jpeg(1024, 100_000), mpo_wrapped(scan_bomb_jpeg(64, 500))):
         with pytest.raises(LimitExceeded, match="more than 100 scans; the limit is max_jpeg_scans=100"):
@@ -112,3 +133,103 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
     for fine in (ok, ok + os.urandom(2_000_000), ok[:2] + app + ok[2:]):  # ... and a trailer, as motion photos
         assert jpeg_scans(fine) == 10
         assert decode_image(inspect_image(fine, "ok.jpg", Limits(), 64)).size[1] >= 64
+
+
+@pytest.mark.parametrize(
+    "payload",
+    ["segment_flood_jpeg", "chunk_flood_png", "chunk_flood_png_after", "comment_flood_gif", "mpo_segment_flood"],
+)
+def test_a_flood_of_metadata_records_is_refused_before_pillow_parses_it(payload, monkeypatch):
+    """Pillow parses each JPEG segment, PNG chunk or GIF sub-block in Python and keeps a record of it: 15 MB of
+    empty ones took seconds and hundreds of MB to open a 16x16 image. Over max_image_segments: a 413 naming the
+    limit, before Pillow sees the file."""
+    from service import images
+    from tests.reliability import payloads as p
+
+    make = {
+        "segment_flood_jpeg": lambda n: p.segment_flood_jpeg(n),
+        "chunk_flood_png": lambda n: p.chunk_flood_png(n),
+        "chunk_flood_png_after": lambda n: p.chunk_flood_png(n, after_pixels=True),
+        "comment_flood_gif": lambda n: p.comment_flood_gif(n),
+        "mpo_segment_flood": lambda n: p.mpo_wrapped(p.segment_flood_jpeg(n)),
+    }[payload]
+    assert images.decode_image(images.inspect_image(make(900), "ok", Limits(), 64)).size[0] >= 4  # under: fine
+    opened = []
+    monkeypatch.setattr(images.Image, "open", lambda *a, **k: opened.append(1))
+    with pytest.raises(LimitExceeded, match="more than 1000 metadata segments.*max_image_segments=1000"):
+        images.inspect_image(make(1001), "flood", Limits(), 64)
+    with pytest.raises(LimitExceeded, match="max_image_segments=1000"):
+        images.inspect_image(make(1_300_000), "flood", Limits(), 64)  # 2.6 to 15.6 MB of records
+    assert not opened
+
+
+def test_images_with_many_frames_or_real_metadata_are_not_floods():
+    """An animated PNG's frames after the first, an animated GIF's, and a JPEG with EXIF, ICC and comments are far
+    under the limit."""
+    from service.image_structure import walk
+
+    frames = [Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(1500)]
+    for fmt in ("PNG", "GIF"):
+        buf = io.BytesIO()
+        frames[0].save(buf, fmt, save_all=True, append_images=frames[1:])
+        assert walk(buf.getvalue(), 1000, 100).segments < 20, fmt
+        assert decode_image(inspect_image(buf.getvalue(), fmt, Limits(), 8)).size == (8, 8)
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 5000
+    Image.new("RGB", (32, 32)).save(buf, "JPEG", exif=exif, icc_profile=b"\0" * 200_000, comment=b"hello")
+    assert walk(buf.getvalue(), 1000, 100).segments < 20
+
+
+def test_a_run_length_bmp_longer_than_its_pixels_need_is_refused():
+    """Pillow decodes RLE BMPs in Python (about 0.3 s a MB): one of 1x2 pixels and 15 MB of codes is refused at
+    its header; a real RLE BMP is not."""
+    from tests.reliability.payloads import rle_flood_bmp
+
+    with pytest.raises(BadImage, match="run-length BMP of .* bytes, more than its 1x2 pixels need"):
+        inspect_image(rle_flood_bmp(15), "rle.bmp", Limits(), 64)
+    # the longest real encoding: every pixel a run of one (2 bytes), every row ended (2 bytes), bottom-up
+    body = b"".join(b"".join(b"\x01" + bytes([(x * 7 + y) % 256]) for x in range(40)) + b"\x00\x00" for y in range(30))
+    body += b"\x00\x01"
+    info = struct.pack("<IiiHHIIiiII", 40, 40, 30, 1, 8, 1, len(body), 2835, 2835, 256, 0)
+    palette = b"".join(bytes([i, 255 - i, 0, 0]) for i in range(256))
+    offset = 14 + len(info) + len(palette)
+    data = b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + info + palette + body
+    buf = io.BytesIO(data)
+    assert decode_image(inspect_image(buf.getvalue(), "fine.bmp", Limits(), 8)).size == (40, 30)
+
+
+@pytest.mark.parametrize(
+    "mode, value, expected", [("I;16", 20 * 257, 20), ("I;16", 200 * 257, 200), ("I", 76 * 257, 76)]
+)
+def test_16_and_32_bit_grey_keep_their_tones(mode, value, expected):
+    """Pillow's own conversion clips 16-bit grey to 255: a dark 16-bit PNG came out white (and classified so)."""
+    img = Image.new(mode, (8, 8), value)
+    buf = io.BytesIO()
+    img.save(buf, "PNG" if mode == "I;16" else "TIFF")
+    rgb = decode_image(inspect_image(buf.getvalue(), "grey", Limits(), 8))
+    assert (np.asarray(rgb) == expected).all()
+
+
+def test_float_pixels_are_refused_by_name():
+    buf = io.BytesIO()
+    Image.new("F", (8, 8), 0.3).save(buf, "TIFF")
+    with pytest.raises(BadImage, match="32-bit float pixels"):
+        decode_image(inspect_image(buf.getvalue(), "depth.tif", Limits(), 8))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_tiff_is_turned_upright_once(orientation):
+    """Pillow turns a TIFF upright as it loads it; the server must not turn it again (it did: 6 and 8 came out
+    upside down)."""
+    from PIL import ImageOps
+
+    src = Image.new("RGB", (12, 8))
+    src.paste((255, 0, 0), (0, 0, 4, 4))  # a red corner, to see where it goes
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    src.save(buf, "TIFF", exif=exif)
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    got = decode_image(inspect_image(buf.getvalue(), "o.tif", Limits(), 8))
+    assert got.size == expected.size and (np.asarray(got) == np.asarray(expected)).all()
