@@ -89,6 +89,19 @@ class StoreUnavailable(StoreError):
     code = "store_unavailable"
 
 
+class StoreDamaged(StoreError):
+    """The store holds something it cannot use as it is: a blob that does not hash to its name, blobs with no
+    index. Retrying does not help; an operator must look (`clipbank store check`)."""
+
+    code = "store_damaged"
+
+
+class StoreWriteFailed(StoreError):
+    """The store could not write a change (disk full, read-only, permissions): nothing was changed."""
+
+    code = "store_write_failed"
+
+
 class NoShadow(StoreError):
     """The task has no version in shadow."""
 

@@ -15,7 +15,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from .digest import bytes_digest
-from .errors import BundleNotFound, StoreError
+from .errors import BundleNotFound, StoreDamaged, StoreError, StoreWriteFailed
 from .manifest import shown
 from .store_base import Edit, PutResult, Store, next_generation, purge_plan
 from .store_index import StoreIndex, VersionRecord
@@ -35,9 +35,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write temp, fsync, rename, fsync the folder: readers see the old file or the new one, never a part."""
+    """Write temp, fsync, rename, fsync the folder: readers see the old file or the new one, never a part. The
+    file gets its folder's read and write bits (a temp file is private to its writer: a store shared by a group,
+    or written by an operator for a server running as another user, must stay readable)."""
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
     try:
+        os.fchmod(fd, path.parent.stat().st_mode & 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -46,7 +49,10 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    try:
+        _fsync_dir(path.parent)
+    except OSError as e:  # the rename is done: the change is published, only its durability is in doubt
+        log.warning("%s was written, but syncing its folder failed: %s", path, e)
 
 
 class LocalStore(Store):
@@ -74,7 +80,9 @@ class LocalStore(Store):
                 st = os.fstat(f.fileno())
                 head = f.read(64)  # holds the generation (keys are sorted), which every change increments
         except FileNotFoundError:
-            return StoreIndex()
+            return self._no_index()
+        except OSError as e:
+            raise self._unreadable("index.json", e) from None
         key = (st.st_ino, st.st_size, st.st_mtime_ns, head)
         cached = self._cached
         if cached is not None and cached[0] == key:
@@ -87,8 +95,25 @@ class LocalStore(Store):
         try:
             data = self.index_path.read_bytes()
         except FileNotFoundError:
-            return StoreIndex()
+            return self._no_index()
+        except OSError as e:
+            raise self._unreadable("index.json", e) from None
         return parse_index(data, self.location)
+
+    def _no_index(self) -> StoreIndex:
+        """A store with no index is empty, unless it holds blobs: the index was lost (a writer writes the index
+        before its first blob), and an empty index would restart the generations and let a purge delete them."""
+        if any(self.blobs.glob("*.safetensors")):
+            log.error("store %s has bundles in blobs/ but no index.json", self.root)
+            raise StoreDamaged(
+                "the store's index.json is missing but its blobs/ folder holds bundles: restore index.json from a "
+                "backup (or move blobs/ away to start an empty store); see the server log"
+            )
+        return StoreIndex()
+
+    def _unreadable(self, what: str, e: OSError) -> StoreError:
+        log.error("store %s: reading %s failed: %s", self.root, what, e)
+        return StoreError(f"the store's {what} could not be read ({type(e).__name__}: {e.strerror or e}); see the log")
 
     def _read_blob(self, bundle_id: str) -> bytes:
         path = self.blobs / f"{bundle_id}.safetensors"
@@ -96,6 +121,19 @@ class LocalStore(Store):
             return path.read_bytes()
         except FileNotFoundError:
             raise BundleNotFound(f"bundle {bundle_id[:12]} is missing from the store") from None
+        except OSError as e:
+            raise self._unreadable(f"bundle {bundle_id[:12]}", e) from None
+
+    @contextmanager
+    def _writing(self, what: str):
+        """OSErrors of a change (disk full, read-only, permissions) as StoreWriteFailed naming the cause."""
+        try:
+            yield
+        except OSError as e:
+            log.error("store %s: %s failed: %s", self.root, what, e)
+            raise StoreWriteFailed(
+                f"the store could not be written ({what}: {type(e).__name__}: {e.strerror or e}); nothing was changed"
+            ) from None
 
     # ----------------------------------------------------------------------------------------- changing
 
@@ -112,11 +150,14 @@ class LocalStore(Store):
     def _change(self, edit: Edit, blob: tuple[str, bytes] | None = None) -> StoreIndex:
         """Lock, read the index, publish `edit(index)` with generation + 1, and return what was published. The
         blob is written under the lock, once the edit has accepted the index, so a purge cannot sweep it away."""
-        with self.locked():
+        with self.locked(), self._writing("a change"):
             for folder in (self.root, self.blobs):  # temp files left by a killed writer; we hold the lock
                 for stale in folder.glob(TMP_PREFIX + "*"):
                     stale.unlink(missing_ok=True)
-            index = next_generation(edit(self._read_index()))
+            current = self._read_index()
+            index = next_generation(edit(current))
+            if not self.index_path.exists():  # the index before any blob: blobs without one mean it was lost
+                atomic_write(self.index_path, encode_index(current))
             if blob is not None and not (path := self.blobs / f"{blob[0]}.safetensors").exists():
                 atomic_write(path, blob[1])
             # compact: the C encoder (with an indent, json runs in Python: slow for a big index)
@@ -133,12 +174,15 @@ class LocalStore(Store):
 
         with self.locked():  # held until the blobs are gone, so a concurrent put cannot reuse one being deleted
             index = self._change(edit)
-            for v in doomed:  # only once the index no longer names them
-                (self.blobs / f"{v.bundle_id}.safetensors").unlink(missing_ok=True)
-            named = {v.bundle_id for _, v in index.records()}
-            for path in self.blobs.glob("*.safetensors"):
-                if path.stem not in named and not path.name.startswith(TMP_PREFIX):
-                    path.unlink(missing_ok=True)
+            try:  # the index no longer names them: a blob left behind is a leftover, not a fault
+                for v in doomed:
+                    (self.blobs / f"{v.bundle_id}.safetensors").unlink(missing_ok=True)
+                named = {v.bundle_id for _, v in index.records()}
+                for path in self.blobs.glob("*.safetensors"):
+                    if path.stem not in named and not path.name.startswith(TMP_PREFIX):
+                        path.unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("store %s: purged %s, but deleting its blobs failed: %s", self.root, task, e)
         return len(doomed)
 
 
@@ -187,7 +231,10 @@ def check_store(root: str | os.PathLike) -> list[str]:
     try:
         index = json.loads((root / "index.json").read_bytes())
     except FileNotFoundError:
-        return []
+        blobs = [p for p in (root / "blobs").glob("*.safetensors") if not p.name.startswith(TMP_PREFIX)]
+        return [f"index.json is missing but blobs/ holds {len(blobs)} bundles: the index was lost"] if blobs else []
+    except OSError as e:
+        return [f"index.json cannot be read: {type(e).__name__}: {e.strerror or e}"]
     except (ValueError, RecursionError) as e:
         return [f"index.json does not parse: {str(e)[:120]}"]
     if not isinstance(index, dict) or type(index.get("generation")) is not int:

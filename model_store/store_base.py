@@ -15,7 +15,7 @@ from typing import Any
 
 from .bundle import Bundle, read_bundle, utc_now
 from .digest import bytes_digest
-from .errors import MissingExpert, ShadowConflict, StoreError, VersionConflict
+from .errors import MissingExpert, ShadowConflict, StoreDamaged, StoreError, VersionConflict
 from .manifest import finite_metrics, shown, validate_task_name
 from .store_index import StoreIndex, TaskRecord, VersionRecord
 
@@ -86,7 +86,7 @@ class Store:
         """A blob's bytes, verified against its name (content addressing) on every read."""
         data = self._read_blob(bundle_id)
         if bytes_digest(data) != bundle_id:
-            raise StoreError(f"blob {bundle_id[:12]} does not hash to its name: the store is damaged")
+            raise StoreDamaged(f"blob {bundle_id[:12]} does not hash to its name: the store is damaged")
         return data
 
     def load(self, bundle_id: str) -> Bundle:

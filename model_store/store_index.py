@@ -172,7 +172,7 @@ class StoreIndex:
             if v.version == version:
                 return v
         have = ", ".join(str(v.version) for v in record.versions)
-        raise VersionNotFound(f"task {shown(task)} has no version {version}; stored versions: {have}")
+        raise VersionNotFound(f"task {shown(task)} has no version {shown(version, 20)}; stored versions: {have}")
 
     def active(self) -> dict[str, str]:
         """{task: active bundle id} for every task that has one."""

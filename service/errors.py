@@ -111,7 +111,8 @@ HTTP_CODES = {
     408: "request_timeout",
     413: "limit_exceeded",
 }
-RETRY_AFTER_SECONDS = {"overloaded": 1, "not_ready": 5, "store_error": 5}
+RETRY_AFTER_SECONDS = {"overloaded": 1, "not_ready": 5, "store_error": 5, "store_write_failed": 30}
+NO_RETRY = ("store_damaged",)  # 503s that retrying cannot fix: an operator must act
 
 
 def status_of(error: ClipbankError) -> int:
@@ -126,7 +127,7 @@ def error_response(
 ) -> JSONResponse:
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
-    if status == 503:
+    if status == 503 and code not in NO_RETRY:
         headers = {**(headers or {}), "Retry-After": str(RETRY_AFTER_SECONDS.get(code, 1))}
     body = {"code": code, "message": message, **({"details": details} if details is not None else {})}
     return JSONResponse({"error": body}, status_code=status, headers=headers)

@@ -13,7 +13,8 @@ import textwrap
 import pytest
 
 from model_store.bank import empty_bank
-from model_store.store import LocalStore
+from model_store.errors import StoreDamaged, StoreError, StoreWriteFailed
+from model_store.store import LocalStore, check_store
 from model_store.store_index import TaskRecord
 from tests.helpers import random_bundle
 
@@ -36,7 +37,7 @@ def test_failed_index_write_leaves_store_as_it_was(tmp_path, bundles, monkeypatc
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StoreWriteFailed, match="disk full.*nothing was changed"):
         store.put(bundles[2])
     monkeypatch.undo()
     assert store.index_path.read_bytes() == before
@@ -159,3 +160,103 @@ def test_a_bundle_whose_experts_were_purged_is_refused_and_purge_sweeps_orphan_b
     store.deactivate("c")
     store.purge("c")
     assert not orphan.exists() and list(store.blobs.iterdir()) == []
+
+
+def test_a_full_or_read_only_disk_refuses_the_change_and_changes_nothing(tmp_path, bundles, monkeypatch):
+    """Any OSError of a write (no space, read-only, permissions) is a StoreWriteFailed (503, never a 500)."""
+    import errno
+    import tempfile
+
+    store = LocalStore(tmp_path)
+    store.put(bundles[1])
+    before = store.index_path.read_bytes()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)
+    for change in (lambda: store.put(bundles[2]), lambda: store.activate("cars", 1), lambda: store.deactivate("cars")):
+        with pytest.raises(StoreWriteFailed, match="No space left on device"):
+            change()
+    monkeypatch.undo()
+    assert store.index_path.read_bytes() == before and check_store(tmp_path) == []
+
+
+def test_a_change_whose_folder_sync_fails_after_the_rename_is_done(tmp_path, bundles, monkeypatch, caplog):
+    """Once the index is renamed into place the change is published: a failing folder fsync is logged, not raised
+    (raising made a committed upload answer 500, and its retry 409)."""
+    import model_store.store as store_module
+
+    store = LocalStore(tmp_path)
+
+    def eio(path):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store_module, "_fsync_dir", eio)
+    assert store.put(bundles[1]).generation == 1
+    assert store.index().task("cars").active and "syncing its folder failed" in caplog.text
+
+
+def test_store_files_are_as_readable_as_their_folder(tmp_path, bundles):
+    """Temp files are private to their writer; renamed into a group-shared store they must not stay 0600, or a
+    server running as another user could no longer read the index an operator's command wrote."""
+    tmp_path.chmod(0o2775)
+    store = LocalStore(tmp_path)
+    store.blobs.chmod(0o2775)
+    store.put(bundles[1])
+    assert store.index_path.stat().st_mode & 0o777 == 0o664
+    assert {p.stat().st_mode & 0o777 for p in store.blobs.glob("*.safetensors")} == {0o664}
+
+
+def test_a_lost_index_is_damage_not_an_empty_store(tmp_path, bundles):
+    """Blobs without an index: the index was lost. Read as an empty store, generations would restart and the next
+    purge would delete every bundle. Reads and writes refuse, `check_store` says so, and nothing is deleted."""
+    store = LocalStore(tmp_path)
+    store.put(bundles[1])
+    store.put(bundles[2])
+    store.index_path.unlink()
+    for call in (store.index, lambda: store.put(bundles[3]), lambda: store.purge("cars")):
+        with pytest.raises(StoreDamaged, match="index.json is missing but its blobs/ folder holds bundles"):
+            call()
+    assert len(list(store.blobs.glob("*.safetensors"))) == 2
+    assert check_store(tmp_path) == ["index.json is missing but blobs/ holds 2 bundles: the index was lost"]
+
+
+def test_a_first_put_killed_after_its_blob_leaves_a_usable_store(tmp_path, bundles, monkeypatch):
+    """The index is written before the first blob, so a writer dying between the blob and the index leaves an
+    empty store with a leftover blob, not a store that looks like it lost its index."""
+    import model_store.store as store_module
+
+    real = store_module.atomic_write
+    writes = []
+
+    def die_after_blob(path, data):
+        writes.append(path.name)
+        real(path, data)
+        if path.suffix == ".safetensors":
+            raise KeyboardInterrupt  # the process ends here
+
+    monkeypatch.setattr(store_module, "atomic_write", die_after_blob)
+    with pytest.raises(KeyboardInterrupt):
+        LocalStore(tmp_path).put(bundles[1])
+    monkeypatch.undo()
+    assert writes[0] == "index.json"
+    store = LocalStore(tmp_path)
+    assert store.index().generation == 0 and store.put(bundles[1]).generation == 1 and check_store(tmp_path) == []
+
+
+def test_an_unreadable_blob_or_index_is_a_store_error(tmp_path, bundles):
+    """An I/O error other than 'not found' (here a directory where the file should be) is a StoreError, which the
+    server reports (the task degrades, or 503), not a raw OSError (a 500, or a failed start)."""
+    store = LocalStore(tmp_path)
+    bid = store.put(bundles[1]).bundle_id
+    blob = store.blobs / f"{bid}.safetensors"
+    blob.unlink()
+    blob.mkdir()
+    with pytest.raises(StoreError, match=f"bundle {bid[:12]} could not be read"):
+        store.read(bid)
+    store.index_path.rename(tmp_path / "saved")
+    store.index_path.mkdir()
+    with pytest.raises(StoreError, match="index.json could not be read"):
+        store.index()
+    assert check_store(tmp_path)[0].startswith("index.json cannot be read")

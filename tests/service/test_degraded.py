@@ -51,7 +51,7 @@ async def test_a_damaged_blob_disables_only_its_task_and_rollback_recovers(tmp_p
     async with running_app(tmp_path, backbone) as c:
         health = (await c.get("/healthz")).json()
         assert health["status"] == "degraded" and list(health["degraded"]) == ["b"]
-        assert "store_error" in health["degraded"]["b"] and "damaged" in health["degraded"]["b"]
+        assert "store_damaged" in health["degraded"]["b"] and "does not hash to its name" in health["degraded"]["b"]
         ready = await c.get("/readyz")
         assert ready.status_code == 200 and ready.json()["status"] == "degraded"
         assert sorted(ready.json()["tasks"]) == ["a", "c"]
@@ -124,3 +124,60 @@ async def test_a_bundle_for_another_backbone_is_degraded_not_fatal(tmp_path, bac
         degraded = (await c.get("/healthz")).json()["degraded"]
         assert list(degraded) == ["a"] and "backbone_mismatch" in degraded["a"]
         assert await _pinned(c, "c") == 200
+
+
+async def test_unreadable_store_files_degrade_instead_of_failing(tmp_path, backbone, two_tasks):
+    """I/O errors other than 'not found' (a directory where a file should be stands in for EIO or EACCES): an
+    unreadable blob disables its task, an unreadable index serves zero-shot; neither stops the server."""
+    store = _store(tmp_path, two_tasks["a"], two_tasks["c"])
+    blob = store.blobs / f"{bytes_digest(two_tasks['c'])}.safetensors"
+    blob.unlink()
+    blob.mkdir()
+    async with running_app(tmp_path, backbone) as c:
+        health = (await c.get("/healthz")).json()
+        assert list(health["degraded"]) == ["c"] and "could not be read" in health["degraded"]["c"]
+        assert await _pinned(c, "a") == 200
+    blob.rmdir()
+    store.index_path.rename(tmp_path / "index.saved")
+    store.index_path.mkdir()
+    async with running_app(tmp_path, backbone) as c:
+        health = (await c.get("/healthz")).json()
+        assert health["status"] == "degraded" and "index.json could not be read" in health["store_error"]
+        r = await c.post("/classify", files=[("images", ("r.png", colour("red")))], data={"labels": ["red", "blue"]})
+        assert r.status_code == 200
+        assert (await c.get("/tasks", headers=AUTH)).status_code == 503
+
+
+async def test_a_lost_index_refuses_writes_and_deletes_nothing(tmp_path, backbone, two_tasks):
+    store = _store(tmp_path, two_tasks["a"], two_tasks["c"])
+    store.index_path.unlink()
+    async with running_app(tmp_path, backbone) as c:
+        health = (await c.get("/healthz")).json()
+        assert health["status"] == "degraded" and "index.json is missing" in health["store_error"]
+        r = await c.post("/tasks", files={"bundle": ("b", two_tasks["b1"])}, headers=AUTH)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "store_damaged", r.text
+        assert "Retry-After" not in r.headers  # retrying cannot help: an operator must restore the index
+        r = await c.delete("/tasks/a", params={"purge": "true"}, headers=AUTH)
+        assert r.status_code == 503
+    assert len(list(store.blobs.glob("*.safetensors"))) == 2
+
+
+async def test_a_full_disk_is_a_clear_503_and_changes_nothing(tmp_path, backbone, two_tasks, monkeypatch):
+    import errno
+    import tempfile
+
+    store = _store(tmp_path, two_tasks["a"])
+    async with running_app(tmp_path, backbone) as c:
+
+        def full(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(tempfile, "mkstemp", full)
+        r = await c.post("/tasks", files={"bundle": ("c", two_tasks["c"])}, headers=AUTH)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "store_write_failed", r.text
+        assert "No space left on device" in r.json()["error"]["message"]
+        r = await c.post("/tasks/a/activate", json={"version": 1}, headers=AUTH)
+        assert r.status_code in (200, 503), r.text  # already active: nothing to write, or refused
+        monkeypatch.undo()
+        assert (await c.post("/tasks", files={"bundle": ("c", two_tasks["c"])}, headers=AUTH)).status_code == 201
+    assert store.index().generation == 2
