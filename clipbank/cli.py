@@ -49,16 +49,27 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+CLASSIFY_CHUNK = 64  # images per request: the server's default max_images
+
+
 def _classify(args: argparse.Namespace) -> int:
     from service.client import ClipbankClient
 
     labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else []
-    with ClipbankClient(args.url, args.token) as client:
-        out = client.classify([Path(p) for p in args.images], labels, args.task, args.route, args.top_k)
+    if args.route == "per-request" and len(args.images) > CLASSIFY_CHUNK:
+        raise ValueError(f"--route per-request decides once for at most {CLASSIFY_CHUNK} images (one request)")
+    results = []
+    with ClipbankClient(args.url, args.token) as client:  # a shell glob may name more than one request holds
+        for a in range(0, len(args.images), CLASSIFY_CHUNK):
+            paths = [Path(p) for p in args.images[a : a + CLASSIFY_CHUNK]]
+            out = client.classify(paths, labels, args.task, args.route, args.top_k)
+            if not isinstance(out.get("results"), list) or len(out["results"]) != len(paths):
+                raise ValueError(f"{args.url} answered without a result per image: is it a clipbank server?")
+            results += out["results"]
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps({"results": results}, indent=2))
         return 0
-    for path, r in zip(args.images, out["results"], strict=True):
+    for path, r in zip(args.images, results, strict=True):
         where = f"{r['route']['task']} v{r['route']['version']}" if r["route"]["task"] else "zero-shot"
         if not r["labels"]:  # no labels sent and no task claimed the image
             print(f"{path}\t-\t-\t[{where}: no task claims it; send --labels]")
@@ -95,6 +106,11 @@ def _data(args: argparse.Namespace) -> int:
 def _pretrain(args: argparse.Namespace) -> int:
     from training.pretrain_tiny import pretrain_tiny
 
+    if not args.out and not args.replace_embedded:
+        raise ValueError(
+            "give --out FILE for the new weights; --replace-embedded overwrites the shipped tiny backbone, which "
+            "every bundle and the reference set trained on it depend on (they stop loading)"
+        )
     metrics = pretrain_tiny(PretrainConfig(**given(PretrainConfig, args)), Path(args.out) if args.out else None)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -139,7 +155,12 @@ def _add_data(sub) -> None:
 def _add_pretrain(sub) -> None:
     pt = sub.add_parser("pretrain-tiny", help="pretrain the embedded tiny CLIP on generated captions")
     add_flags(pt, PretrainConfig)
-    pt.add_argument("--out", help="weights file (default: the embedded one)")
+    pt.add_argument("--out", help="weights file to write")
+    pt.add_argument(
+        "--replace-embedded",
+        action="store_true",
+        help="write over the embedded tiny weights instead (its bundles and reference set then stop loading)",
+    )
     pt.set_defaults(fn=_pretrain)
 
 
@@ -222,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.INFO)
     try:
         return args.fn(args)
+    except KeyboardInterrupt:
+        print(f"clipbank {args.cmd}: interrupted (a file being written is left as it was)", file=sys.stderr)
+        return 130
     except (ClipbankError, ValueError, OSError) as e:
         print(f"clipbank {args.cmd}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

@@ -82,7 +82,17 @@ def _is_number(v: Any) -> bool:
 
 
 def _is_text(v: Any, limit: int) -> bool:
-    return isinstance(v, str) and 0 < len(v) <= limit and v.strip() != ""
+    """Non-blank text of at most `limit` characters that is valid Unicode: a lone surrogate (what a file name that
+    is not UTF-8 decodes to) could be stored, but not sent back in a JSON answer."""
+    return isinstance(v, str) and 0 < len(v) <= limit and v.strip() != "" and _encodable(v)
+
+
+def _encodable(v: str) -> bool:
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _ids(v: Any) -> bool:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -27,8 +29,12 @@ class ClipbankClient:
     """`ClipbankClient("http://127.0.0.1:8000", token=...)`; the token is needed only for the /tasks calls."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 60.0) -> None:
+        token = (token or "").strip()  # a token read from a file ends in a newline
+        if token and not re.fullmatch(r"[\x21-\x7e]+", token):
+            raise ValueError("the admin token must be printable ASCII without spaces (it is not shown here)")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def __enter__(self) -> ClipbankClient:
         return self
@@ -40,14 +46,32 @@ class ClipbankClient:
         self._http.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self._http.request(method, path, **kwargs)
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as e:  # refused, timed out, bad address: name where
+            raise ClipbankHTTPError(0, "unreachable", f"cannot reach {self.url}: {type(e).__name__}: {e}") from None
         if response.status_code >= 400:
             try:
                 err = response.json()["error"]
                 raise ClipbankHTTPError(response.status_code, err["code"], err["message"], err.get("details"))
             except (ValueError, KeyError, TypeError):
-                raise ClipbankHTTPError(response.status_code, "http_error", response.text[:500]) from None
-        return response.json()
+                raise ClipbankHTTPError(response.status_code, "http_error", _one_line(response.text)) from None
+        if response.is_redirect:
+            where = response.headers.get("location", "?")
+            raise ClipbankHTTPError(response.status_code, "redirect", f"{self.url} redirects to {where}: use that URL")
+        try:
+            body = response.json()
+        except ValueError:
+            raise ClipbankHTTPError(
+                response.status_code,
+                "not_clipbank",
+                f"{self.url} answered something that is not JSON: is it a clipbank server?",
+            ) from None
+        if not isinstance(body, dict):
+            raise ClipbankHTTPError(
+                response.status_code, "not_clipbank", f"{self.url} answered an unexpected {type(body).__name__}"
+            )
+        return body
 
     def classify(
         self,
@@ -58,6 +82,8 @@ class ClipbankClient:
         top_k: int | None = None,
     ) -> dict[str, Any]:
         """Images are paths or encoded bytes. Returns `{"results": [...], "timing": {...}}`."""
+        if isinstance(images, str | bytes | os.PathLike) or isinstance(labels, str):
+            raise TypeError("images and labels are lists: classify([path], labels=['cat', 'dog'])")
         files = [("images", (_name(img, i), _bytes(img))) for i, img in enumerate(images)]
         data: dict[str, Any] = {"labels": list(labels), "task": task, "route": route}
         if top_k is not None:
@@ -88,22 +114,22 @@ class ClipbankClient:
         return self._call("GET", "/tasks")
 
     def task(self, name: str) -> dict[str, Any]:
-        return self._call("GET", f"/tasks/{name}")
+        return self._call("GET", f"/tasks/{_seg(name)}")
 
     def activate(self, task: str, version: int, force: bool = False) -> dict[str, Any]:
         return self._call(
-            "POST", f"/tasks/{task}/activate", json={"version": version}, params={"force": str(force).lower()}
+            "POST", f"/tasks/{_seg(task)}/activate", json={"version": version}, params={"force": str(force).lower()}
         )
 
     def shadow(self, task: str) -> dict[str, Any]:
         """What the task's version in shadow would do to live traffic (claims, from where, score histogram)."""
-        return self._call("GET", f"/tasks/{task}/shadow")
+        return self._call("GET", f"/tasks/{_seg(task)}/shadow")
 
     def set_shadow(self, task: str, version: int | None) -> dict[str, Any]:
         """Put a stored version in shadow; None: stop shadowing."""
         if version is None:
-            return self._call("DELETE", f"/tasks/{task}/shadow")
-        return self._call("POST", f"/tasks/{task}/shadow", json={"version": version})
+            return self._call("DELETE", f"/tasks/{_seg(task)}/shadow")
+        return self._call("POST", f"/tasks/{_seg(task)}/shadow", json={"version": version})
 
     def unclaimed(self, min_share: float = 0.03, min_size: int = 20, examples: int = 0) -> dict[str, Any]:
         """Clusters of the traffic no task claimed (`GET /insights/unclaimed`), each with up to `examples`
@@ -112,7 +138,7 @@ class ClipbankClient:
         return self._call("GET", "/insights/unclaimed", params=params)
 
     def delete(self, task: str, purge: bool = False) -> dict[str, Any]:
-        return self._call("DELETE", f"/tasks/{task}", params={"purge": str(purge).lower()})
+        return self._call("DELETE", f"/tasks/{_seg(task)}", params={"purge": str(purge).lower()})
 
     def ready(self) -> dict[str, Any]:
         return self._call("GET", "/readyz")
@@ -123,4 +149,15 @@ def _bytes(item: ImageInput) -> bytes:
 
 
 def _name(item: ImageInput, i: int) -> str:
-    return f"item{i}" if isinstance(item, bytes) else Path(item).name
+    """The file name sent with an upload: UTF-8 (a name that is not is sent with replacement characters)."""
+    return f"item{i}" if isinstance(item, bytes) else os.fsencode(Path(item).name).decode("utf-8", "replace")
+
+
+def _seg(name: str) -> str:
+    """A task name as one path segment: '../x' must not reach another endpoint."""
+    return quote(name, safe="")
+
+
+def _one_line(text: str) -> str:
+    """An error page as one short line (an HTML page from a proxy, say)."""
+    return " ".join(re.sub(r"<[^>]*>", " ", text).split())[:300]

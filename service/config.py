@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -16,6 +17,7 @@ FROZEN_RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 AUTOCAST_MODES = ("off", "fp16", "bf16")  # model_store.backbone.AUTOCAST_DTYPES
 INVALID = "invalid server settings: "
 ENGINES = ("uvicorn", "ray")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 MAX_UNCLAIMED = 20_000  # 40 MB of float32 embeddings at ViT-B's 512 dimensions; clustering stays in seconds
 
 
@@ -58,7 +60,7 @@ class ServeConfig:
     text_cache_size: int = option(4096, "entries of the label-embedding cache")
     text_cache_mb: int = option(256, "megabytes of the label-embedding cache")
     max_queue_images: int = option(1024, "images waiting for a batch; more gets a 503 overloaded")
-    log_level: str = option("info", "uvicorn log level")
+    log_level: str = option("info", "uvicorn log level", LOG_LEVELS)
     head_timeout_seconds: float = option(10.0, "a connection must deliver a whole request head within this")
     read_timeout_seconds: float = option(30.0, "the longest gap while a request body streams in")
     keep_alive_seconds: float = option(5.0, "an idle kept-alive connection is closed after this")
@@ -142,6 +144,12 @@ class ServeConfig:
             token = getattr(self, name)
             if token is not None and len(token) < 16:
                 problems.append(f"{name} must be at least 16 characters when set")
+            elif token is not None and not re.fullmatch(r"[\x21-\x7e]+", token):  # not shown: it is a secret
+                problems.append(f"{name} must be printable ASCII without spaces (no HTTP client could send it)")
+        if self.log_level not in LOG_LEVELS:
+            problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if problems:
             raise ValueError(INVALID + "; ".join(problems))
 

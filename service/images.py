@@ -15,6 +15,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
+from model_store.pixels import viewed_rgb
+
 from .config import Limits
 from .errors import BadImage, ClientGone, LimitExceeded
 from .image_structure import rle_bmp_too_long, walk
@@ -114,16 +116,6 @@ def _check_structure(data: bytes, name: str, limits: Limits) -> None:
         )
 
 
-def _eight_bit(img: Image.Image, name: str) -> Image.Image:
-    """16- and 32-bit integer grey as 8-bit grey (Pillow's own conversion clips them to 255: a 16-bit PNG would
-    come out white); 32-bit float refused (its range is the sender's convention)."""
-    if img.mode == "F":
-        raise BadImage(f"{name} has 32-bit float pixels, whose range is unknown; send 8- or 16-bit pixels")
-    if img.mode == "I" or img.mode.startswith("I;16"):
-        return Image.fromarray((np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8), "L")
-    return img
-
-
 def decode_image(opened: OpenedImage) -> Image.Image:
     """The upright RGB pixels of an inspected image, or a 422 naming it. The source's own decoded pixels are
     released at once (a request's inspected images stay referenced until it ends)."""
@@ -132,9 +124,9 @@ def decode_image(opened: OpenedImage) -> Image.Image:
         img = opened.image
         try:
             img.load()
-            rgb = _eight_bit(img, opened.name).convert("RGB")
-        except BadImage:
-            raise
+            rgb = viewed_rgb(img)  # 16-bit grey scaled, transparency laid on white (as training reads it)
+        except ValueError as e:
+            raise BadImage(f"{opened.name} has {e}") from None
         except Exception as e:  # truncated or corrupt data, in any plugin
             raise BadImage(f"{opened.name} could not be decoded: {type(e).__name__}: {str(e)[:120]}") from None
         finally:

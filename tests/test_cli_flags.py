@@ -99,3 +99,119 @@ def test_classify_prints_a_null_score_as_a_dash(tmp_path, monkeypatch, capsys):
     (tmp_path / "a.png").write_bytes(b"x")
     assert main(["classify", str(tmp_path / "a.png"), "--url", "http://127.0.0.1:9"]) == 0
     assert capsys.readouterr().out.split("\t")[1:3] == ["red", "-"]
+
+
+def _client_on(monkeypatch, handler):
+    """ClipbankClient's requests answered by `handler(request) -> httpx.Response` (no network)."""
+    import httpx
+
+    from service.client import ClipbankClient
+
+    real = httpx._client.Client  # the class itself, even when an earlier call patched the module's name
+
+    def patched(*a, **k):
+        return real(*a, **{**k, "transport": httpx.MockTransport(handler)})
+
+    monkeypatch.setattr(httpx, "Client", patched)
+    return ClipbankClient
+
+
+def test_the_client_names_what_is_wrong_with_a_server_that_is_not_clipbank(monkeypatch, tmp_path, capsys):
+    """Not JSON, a redirect, a JSON list, an HTML error page, no server at all: one line and exit 2, never a
+    traceback; and `classify` checks there is a result per image."""
+    import httpx
+
+    from clipbank.cli import main
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    answers = {
+        "html": httpx.Response(200, text="<html>hi</html>"),
+        "redirect": httpx.Response(308, headers={"location": "https://x/classify"}),
+        "list": httpx.Response(200, json=[1, 2]),
+        "other": httpx.Response(200, json={"status": "ok"}),
+        "error page": httpx.Response(501, text="<!DOCTYPE HTML>\n<html><body>\n<h1>Not implemented</h1></body></html>"),
+    }
+    for name, answer in answers.items():
+        _client_on(monkeypatch, lambda request, a=answer: a)
+        assert main(["classify", str(tmp_path / "a.png"), "--labels", "a,b", "--url", "http://srv:1"]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, (name, err)
+    assert "Not implemented" in err and "<" not in err
+    monkeypatch.undo()
+    assert main(["classify", str(tmp_path / "a.png"), "--url", "http://127.0.0.1:9"]) == 2
+    assert "cannot reach http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_the_client_keeps_task_names_in_their_path_segment_and_strips_its_token(monkeypatch):
+    import httpx
+
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.raw_path.decode(), request.headers.get("authorization")))
+        return httpx.Response(200, json={})
+
+    client_class = _client_on(monkeypatch, handler)
+    with client_class("http://srv", token="abcdefghijklmnop0123\n") as c:
+        c.delete("../insights/unclaimed")
+        c.activate("x/../y", 1)
+        c.task("a#b")
+    assert [p for _, p, _ in seen] == [
+        "/tasks/..%2Finsights%2Funclaimed?purge=false",
+        "/tasks/x%2F..%2Fy/activate?force=false",
+        "/tasks/a%23b",
+    ]
+    assert {a for _, _, a in seen} == {"Bearer abcdefghijklmnop0123"}
+    with pytest.raises(ValueError, match="printable ASCII") as e:
+        client_class("http://srv", token="abc def ghijklmnop")
+    assert "abc" not in str(e.value)
+    with pytest.raises(TypeError, match="lists"):
+        client_class("http://srv").classify([b"x"], labels="cat,dog")
+
+
+def test_classify_sends_more_images_than_one_request_holds_in_chunks(monkeypatch, tmp_path, capsys):
+    import httpx
+
+    from clipbank.cli import main
+
+    sizes = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        n = request.content.count(b'name="images"')
+        sizes.append(n)
+        route = {"task": None, "version": None, "bundle_id": None, "score": None, "threshold": None}
+        return httpx.Response(200, json={"results": [{"labels": [{"label": "a", "score": 0.9}], "route": route}] * n})
+
+    _client_on(monkeypatch, handler)
+    paths = []
+    for i in range(150):
+        (tmp_path / f"{i}.png").write_bytes(b"x")
+        paths.append(str(tmp_path / f"{i}.png"))
+    assert main(["classify", *paths, "--labels", "a,b", "--url", "http://srv"]) == 0
+    assert sizes == [64, 64, 22] and capsys.readouterr().out.count("\n") == 150
+
+
+def test_pretrain_tiny_does_not_overwrite_the_embedded_backbone_unless_asked(capsys):
+    import hashlib
+
+    from clipbank.cli import main
+    from model_store.backbone import TINY_WEIGHTS
+
+    before = hashlib.sha256(TINY_WEIGHTS.read_bytes()).hexdigest()
+    assert main(["pretrain-tiny", "--steps", "1"]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["pretrain-tiny", "--steps", "-1", "--out", "/tmp/never.safetensors"]) == 2
+    assert "steps must be >= 1" in capsys.readouterr().err
+    assert hashlib.sha256(TINY_WEIGHTS.read_bytes()).hexdigest() == before
+
+
+def test_server_settings_that_could_never_work_are_refused_up_front():
+    from service.config import ServeConfig
+
+    for kw, message in (
+        ({"admin_token": "abcdefghijklmnop0123 "}, "printable ASCII"),
+        ({"log_level": "loud"}, "log_level must be one of"),
+        ({"device": "garbage"}, "device must be"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ServeConfig.from_env({}, **kw)

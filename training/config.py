@@ -56,6 +56,16 @@ class PretrainConfig:
         0.0, "share of images showing a printed letter or digit (0: the committed weights; 0.4: the reading variant)"
     )
 
+    def __post_init__(self) -> None:
+        names = ("steps", "batch_size", "eval_per_class")
+        problems = [f"{k} must be >= 1, got {getattr(self, k)}" for k in names if getattr(self, k) < 1]
+        if self.warmup < 0 or self.lr <= 0 or not 0 <= self.characters <= 1:
+            problems.append(
+                f"need warmup >= 0, lr > 0 and characters in [0, 1]; got {self.warmup}, {self.lr}, {self.characters}"
+            )
+        if problems:
+            raise ValueError("invalid pretraining settings: " + "; ".join(problems))
+
 
 CL_PROTOCOLS = ("mtil-1", "mtil-2", "cifar100-10", "cifar100-20", "cifar100-50")
 PROMPTS = ("papers", "plain")  # the papers' ensembles and names (prompts.py), or one template and raw names

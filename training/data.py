@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from model_store.manifest import classes_problem
+from model_store.pixels import viewed_rgb
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -34,11 +35,12 @@ class LazyImages(Sequence):
 
 
 def read_rgb(path: object) -> Image.Image:
-    """An image file as RGB, or a ValueError that names the file (Pillow's own errors often do not, and its
+    """An image file as the server sees it (upright by its EXIF orientation, 16-bit grey scaled, transparency on
+    white: `model_store.pixels`), or a ValueError that names the file (Pillow's own errors often do not, and its
     decompression-bomb error is no OSError)."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return viewed_rgb(ImageOps.exif_transpose(im))
     except Image.DecompressionBombError as e:
         raise ValueError(f"{path} has too many pixels to read safely: {e}") from None
     except Exception as e:  # truncated or corrupt data, in any plugin
@@ -134,8 +136,15 @@ def load_image_folder(root: str | Path, classes: tuple[str, ...] | None = None, 
         raise ValueError(f"{root} has classes {list(found)}, expected {list(classes)}")
     classes = classes or found
     paths, labels = [], []
-    for p in folders:
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    for p in folders:  # hidden files (macOS's ._x.png, say) are not images
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
+        if not files:
+            nested = (
+                " (its sub-folders are not read: put the images in it directly)"
+                if any(q.is_dir() for q in p.iterdir())
+                else ""
+            )
+            raise ValueError(f"class folder {p} holds no images{nested}; remove it or add images")
         paths += files
         labels += [classes.index(class_name(p.name))] * len(files)
     if not paths:

@@ -16,10 +16,11 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm import tqdm
 
 from model_store.backbone import TINY_DIR, TINY_WEIGHTS
+from model_store.store import atomic_write
 
 from .config import PretrainConfig
 from .domains import (
@@ -209,6 +210,7 @@ def pretrain_tiny(cfg: PretrainConfig, out: Path | None = None) -> dict[str, flo
     model.eval()
     metrics["seconds"] = time.time() - start
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out), metadata={"clipbank.pretrain": repr(cfg), "clipbank.zero_shot": repr(metrics)})
+    meta = {"clipbank.pretrain": repr(cfg), "clipbank.zero_shot": repr(metrics)}
+    atomic_write(out, save(state, metadata=meta))  # a kill while saving leaves the old weights whole
     log.info("tiny CLIP written to %s: %s", out, metrics)
     return metrics

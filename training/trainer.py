@@ -344,6 +344,13 @@ def train_task(
     g, fit = torch.Generator().manual_seed(cfg.seed), train
     if val is None:
         fit, val = train.holdout(cfg.val_fraction, cfg.seed)
+        if not len(val):  # the selector's calibration and the report need held-out images: say so before training
+            raise ValueError(
+                "no class has 2 images, so none can be held out for validation: add images, or give validation "
+                "images (--val)"
+            )
+    if not len(val):
+        raise ValueError("the validation set is empty")
     bb = bank.backbone
     t0 = time.time()
     zero_shot = evaluate(bank, None, val, cfg.serving_templates)

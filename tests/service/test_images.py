@@ -233,3 +233,33 @@ def test_a_tiff_is_turned_upright_once(orientation):
     expected = ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     got = decode_image(inspect_image(buf.getvalue(), "o.tif", Limits(), 8))
     assert got.size == expected.size and (np.asarray(got) == np.asarray(expected)).all()
+
+
+def test_transparent_images_are_seen_on_white_in_serving_and_training(tmp_path):
+    """A black mark on a transparent ground (its transparent pixels stored black, as many encoders do) came out
+    all black; both the server and the trainer now lay it on white, as a viewer shows it."""
+    from training.data import read_rgb
+
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    rgba.paste((0, 0, 0, 255), (4, 4, 12, 12))
+    buf = io.BytesIO()
+    rgba.save(buf, "PNG")
+    (tmp_path / "mark.png").write_bytes(buf.getvalue())
+    for rgb in (decode_image(inspect_image(buf.getvalue(), "mark", Limits(), 8)), read_rgb(tmp_path / "mark.png")):
+        px = np.asarray(rgb)
+        assert (px[0, 0] == 255).all() and (px[8, 8] == 0).all()
+
+
+def test_training_reads_images_upright_as_the_server_does(tmp_path):
+    from training.data import read_rgb
+
+    src = Image.new("RGB", (12, 8))
+    src.paste((255, 0, 0), (0, 0, 4, 4))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    src.save(buf, "JPEG", exif=exif, quality=95)
+    (tmp_path / "o.jpg").write_bytes(buf.getvalue())
+    served = decode_image(inspect_image(buf.getvalue(), "o", Limits(), 8))
+    trained = read_rgb(tmp_path / "o.jpg")
+    assert served.size == trained.size == (8, 12) and (np.asarray(served) == np.asarray(trained)).all()

@@ -61,3 +61,26 @@ def test_an_unreadable_training_image_is_a_value_error_naming_the_file(tmp_path)
     (tmp_path / "data" / "b" / "bomb.png").write_bytes(full_png(8, 8)[:40])
     with pytest.raises(ValueError, match="bomb.png could not be read as an image"):
         load_image_folder(tmp_path / "data")
+
+
+def test_class_folders_must_hold_images_and_hidden_files_are_skipped(tmp_path):
+    from PIL import Image
+
+    from training.data import load_image_folder
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "0.png")
+    (tmp_path / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata, not an image
+    assert len(load_image_folder(tmp_path)) == 2
+    (tmp_path / "c" / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "c" / "sub" / "0.png")
+    with pytest.raises(ValueError, match="c holds no images .its sub-folders are not read"):
+        load_image_folder(tmp_path)
+
+
+def test_a_class_name_that_is_not_valid_unicode_is_refused():
+    """A folder name that is not UTF-8 decodes to a lone surrogate: stored, it made the server's task list a 500."""
+    from model_store.manifest import classes_problem
+
+    assert classes_problem(["caf\udce9", "tea"]) and not classes_problem(["café", "tea"])

@@ -222,3 +222,20 @@ def test_labels_the_bundle_could_not_hold_fail_before_training(backbone, monkeyp
     long_name = LabelledImages(data.images, data.labels, ("cat", "d" * 201))
     with pytest.raises(ValueError, match=r"classes\[1\]"):
         train_task(empty_bank(backbone), long_name, TrainConfig(task="pets", steps=2), val=long_name, progress=False)
+
+
+def test_a_dataset_with_nothing_to_hold_out_fails_before_training(backbone, monkeypatch):
+    from PIL import Image
+
+    import training.trainer
+    from model_store.bank import empty_bank
+    from training.data import LabelledImages
+    from training.trainer import TrainConfig, train_task
+
+    def no_training(*a, **k):
+        raise AssertionError("trained although nothing could be held out")
+
+    monkeypatch.setattr(training.trainer, "_train_loop", no_training)
+    data = LabelledImages([Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8), (255, 0, 0))], [0, 1], ("a", "b"))
+    with pytest.raises(ValueError, match="no class has 2 images.*--val"):
+        train_task(empty_bank(backbone), data, TrainConfig(task="one-each", steps=2), progress=False)
