@@ -119,6 +119,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _store(args: argparse.Namespace) -> int:
     from model_store.store import open_store
 
+    if "://" not in args.store and not Path(args.store).is_dir():  # a typo would make a new, empty store
+        raise FileNotFoundError(f"no store at {args.store}")
     store = open_store(args.store)
     if args.store_cmd == "list":
         print(json.dumps(store.index().to_json(), indent=2))

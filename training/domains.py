@@ -377,6 +377,9 @@ def class_folder(name: str) -> str:
 def export_domain(name: str, out: str | os.PathLike, splits: tuple[str, ...] = SPLITS) -> dict[str, int]:
     """Write a domain as ImageFolder trees `out/<split>/<class>/<n>.png`; returns images written per split."""
     domain = get_domain(name)
+    taken = [Path(out) / s for s in splits if (Path(out) / s).is_dir() and any((Path(out) / s).iterdir())]
+    if taken:  # another domain's classes would mix in, and same-named files be overwritten
+        raise ValueError(f"{taken[0]} is not empty: export into a new folder")
     counts = {}
     for split in splits:
         images, labels = domain.split(split)

@@ -84,3 +84,16 @@ def test_a_class_name_that_is_not_valid_unicode_is_refused():
     from model_store.manifest import classes_problem
 
     assert classes_problem(["caf\udce9", "tea"]) and not classes_problem(["café", "tea"])
+
+
+def test_export_refuses_a_folder_that_holds_a_dataset_already(tmp_path):
+    export_domain("textures", tmp_path / "t", splits=("val",))
+    with pytest.raises(ValueError, match="is not empty"):
+        export_domain("digits", tmp_path / "t", splits=("val",))
+
+
+def test_store_commands_do_not_make_a_store_where_there_is_none(tmp_path, capsys):
+    from clipbank.cli import main
+
+    assert main(["store", "--store", str(tmp_path / "typo"), "list"]) == 2
+    assert "no store at" in capsys.readouterr().err and not (tmp_path / "typo").exists()
