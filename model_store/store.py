@@ -34,13 +34,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask sets it, which other threads could observe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write temp, fsync, rename, fsync the folder: readers see the old file or the new one, never a part. The
-    file gets its folder's read and write bits (a temp file is private to its writer: a store shared by a group,
-    or written by an operator for a server running as another user, must stay readable)."""
+    file gets the mode a plain `open` would give it (0666 less the umask): a temp file is private to its writer,
+    and a store shared by a group, or changed by an operator for a server running as another user, must stay
+    readable."""
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
     try:
-        os.fchmod(fd, path.parent.stat().st_mode & 0o666)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -150,7 +163,7 @@ class LocalStore(Store):
     def _change(self, edit: Edit, blob: tuple[str, bytes] | None = None) -> StoreIndex:
         """Lock, read the index, publish `edit(index)` with generation + 1, and return what was published. The
         blob is written under the lock, once the edit has accepted the index, so a purge cannot sweep it away."""
-        with self.locked(), self._writing("a change"):
+        with self._writing("a change"), self.locked():
             for folder in (self.root, self.blobs):  # temp files left by a killed writer; we hold the lock
                 for stale in folder.glob(TMP_PREFIX + "*"):
                     stale.unlink(missing_ok=True)
@@ -172,7 +185,7 @@ class LocalStore(Store):
             doomed[:] = gone
             return kept
 
-        with self.locked():  # held until the blobs are gone, so a concurrent put cannot reuse one being deleted
+        with self._writing("a purge"), self.locked():  # held until the blobs are gone: no put reuses one meanwhile
             index = self._change(edit)
             try:  # the index no longer names them: a blob left behind is a leftover, not a fault
                 for v in doomed:

@@ -197,13 +197,15 @@ def test_a_change_whose_folder_sync_fails_after_the_rename_is_done(tmp_path, bun
     assert store.index().task("cars").active and "syncing its folder failed" in caplog.text
 
 
-def test_store_files_are_as_readable_as_their_folder(tmp_path, bundles):
+def test_store_files_get_the_mode_a_plain_open_would(tmp_path, bundles):
     """Temp files are private to their writer; renamed into a group-shared store they must not stay 0600, or a
     server running as another user could no longer read the index an operator's command wrote."""
-    tmp_path.chmod(0o2775)
-    store = LocalStore(tmp_path)
-    store.blobs.chmod(0o2775)
-    store.put(bundles[1])
+    old = os.umask(0o002)
+    try:
+        store = LocalStore(tmp_path)
+        store.put(bundles[1])
+    finally:
+        os.umask(old)
     assert store.index_path.stat().st_mode & 0o777 == 0o664
     assert {p.stat().st_mode & 0o777 for p in store.blobs.glob("*.safetensors")} == {0o664}
 
