@@ -83,7 +83,7 @@ def test_memory_stays_bounded_under_a_long_stream():
     cfg = ReservoirConfig(capacity=64, retention_seconds=30.0, bin_seconds=1.0)
     r = UnclaimedReservoir(cfg, dim=32)
     before = r.nbytes
-    assert before == 64 * 32 * 4 + 64 * 8 + cfg.max_bins * 3 * 8
+    assert before == 64 * 32 * 4 + 64 * 16 + cfg.max_bins * 3 * 8  # embeddings, times and write stamps, bins
     rows = _noise(3, seed=0)[:, :32].copy()
     for i in range(100_000):
         r.record(5, rows, now=i * 0.05)
@@ -97,7 +97,7 @@ def test_memory_stays_bounded_under_a_long_stream():
 def test_the_bins_are_capped_whatever_the_retention_asks():
     cfg = ReservoirConfig(capacity=8, retention_seconds=1e9, bin_seconds=1.0)
     assert cfg.max_bins == 10_000
-    assert UnclaimedReservoir(cfg, dim=4).nbytes < 8 * 4 * 4 + 8 * 8 + 10_001 * 24
+    assert UnclaimedReservoir(cfg, dim=4).nbytes < 8 * 4 * 4 + 8 * 16 + 10_001 * 24
 
 
 def test_capacity_zero_turns_the_monitor_off():

@@ -100,7 +100,7 @@ async def test_one_clustering_at_a_time(tmp_path, backbone):
                 watch.unclaimed(bank, 0.03, 20, 20)
             r = await c.get("/insights/unclaimed", headers=AUTH)
             assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded" and "retry-after" in r.headers
-        assert watch.reservoir.nbytes == 2048 * (backbone.embed_dim * 4 + 8) + watch.reservoir.config.max_bins * 24
+        assert watch.reservoir.nbytes == 2048 * (backbone.embed_dim * 4 + 16) + watch.reservoir.config.max_bins * 24
 
 
 async def test_opt_in_thumbnails_show_a_clusters_own_images(tmp_path, backbone):
