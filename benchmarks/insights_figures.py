@@ -30,7 +30,8 @@ from model_store.inference import route_scores, task_scores
 from model_store.loader import BankLoader
 from model_store.reference import find_reference
 from model_store.store import LocalStore
-from service.insights import ReservoirConfig, UnclaimedReservoir, find_clusters
+from service.clusters import find_clusters
+from service.insights import ReservoirConfig, UnclaimedReservoir
 from training.data import load_domain
 from training.trainer import TrainConfig, train_task
 

@@ -12,7 +12,7 @@ import torch
 
 from .bank import BankSnapshot
 from .errors import InvalidRequest
-from .manifest import MAX_TEMPLATES, template_ok
+from .labels import MAX_TEMPLATES, template_ok
 from .modes import AUTO, PER_IMAGE, PER_REQUEST, ROUTE_MODES, ZERO_SHOT
 from .moe_clip import encode_image, encode_image_from, encode_text, image_tokens
 
@@ -175,17 +175,12 @@ def task_scores(bank: BankSnapshot, feats: torch.Tensor) -> torch.Tensor:
     return bank.selector_stack.scores(feats)
 
 
-def no_claim_if_nan(scores: torch.Tensor) -> torch.Tensor:
-    """Selector scores with NaN (a selector overflowing on some input) as +inf: a score that claims nothing."""
-    return scores.masked_fill(scores.isnan(), float("inf"))
-
-
 def route_scores(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The routing decision for selector scores [n, T]: per row, the task index with the lowest score, or -1
     (zero-shot) when even that is above 1; and that lowest score. Serving, the gate and the routing benchmark all
     decide with this. A score that is not a number (a selector overflowing on some input) claims nothing: it
     neither takes the image nor, as `min` would let it, hides the other tasks' claims."""
-    best, idx = no_claim_if_nan(scores).min(dim=1)
+    best, idx = scores.masked_fill(scores.isnan(), float("inf")).min(dim=1)
     return torch.where(best <= 1.0, idx, torch.full_like(idx, -1)), best
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import math
 import re
-import string
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 from .backbone import TOWERS
 from .errors import BundleInvalid
 from .experts import MoEConfig
+from .labels import _is_text, _labels_problems, shown
 from .modes import TASK_MODES
 from .selector import SELECTOR_KINDS
 
@@ -23,11 +23,6 @@ ID_RE = re.compile(r"[0-9a-f]{64}")
 RESERVED_TASKS = TASK_MODES  # request values of `task`, so never task names
 
 # Bounds on what a manifest may ask the server to hold or compute (docs/bundle-format.md lists them).
-MAX_CLASSES = 10_000
-MAX_TEMPLATES = 128
-MAX_PROMPTS = 100_000  # classes x templates: text passes of an upload's trial run
-MAX_CLASS_CHARS = 200
-MAX_TEMPLATE_CHARS = 300
 MAX_SHORT_CHARS = 256  # backbone names, created_at, selector kind
 MAX_VERSION = 2**31 - 1
 MAX_TOP_K = 64
@@ -38,12 +33,6 @@ OPTIONAL_MOE = ("expert_blocks",)  # moe keys older bundles lack
 # claim everything (a threshold of 1e30 claims every image of every task).
 THRESHOLD_OVER_MAX = 4.0
 CALIBRATION_ORDER = ("p50", "p90", "p95", "p99", "max")
-
-
-def shown(value: Any, limit: int = 80) -> str:
-    """`repr` cut to `limit` characters, for echoing untrusted values in messages."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def task_name_problem(name: Any) -> str | None:
@@ -61,38 +50,12 @@ def validate_task_name(name: str) -> str:
     return name
 
 
-def template_ok(template: Any) -> bool:
-    """A prompt template with exactly one plain `{}`: no field name, conversion or format spec (so
-    `.format(label)` always works and costs no more than the label), and at most MAX_TEMPLATE_CHARS long."""
-    if not isinstance(template, str) or len(template) > MAX_TEMPLATE_CHARS:
-        return False
-    try:
-        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
-    except ValueError:
-        return False
-    return fields == [("", "", None)]
-
-
 def _is_int(v: Any, lo: int, hi: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_text(v: Any, limit: int) -> bool:
-    """Non-blank text of at most `limit` characters that is valid Unicode: a lone surrogate (what a file name that
-    is not UTF-8 decodes to) could be stored, but not sent back in a JSON answer."""
-    return isinstance(v, str) and 0 < len(v) <= limit and v.strip() != "" and _encodable(v)
-
-
-def _encodable(v: str) -> bool:
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _ids(v: Any) -> bool:
@@ -109,43 +72,6 @@ def _timestamp_ok(v: Any) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _text_list_problem(manifest: dict, key: str, ok: Callable[[Any], bool], cap: int, what: str) -> list[str]:
-    value = manifest.get(key)
-    rule = f"{key} must be a list of 1..{cap} distinct {what}"
-    if not isinstance(value, list) or not value or len(value) > cap:
-        return [f"{rule}; got {'a list of ' + str(len(value)) if isinstance(value, list) else shown(value)}"]
-    bad = next((i for i, x in enumerate(value) if not ok(x)), None)
-    if bad is not None:
-        return [f"{rule}; {key}[{bad}] is {shown(value[bad])}"]
-    if len(set(value)) != len(value):
-        return [f"{rule}; some repeat"]
-    return []
-
-
-def classes_problem(classes: Any) -> list[str]:
-    """What is wrong with a task's class names, by the manifest's rule (the trainer checks them before training)."""
-    what = f"names of 1..{MAX_CLASS_CHARS} characters"
-    return _text_list_problem(
-        {"classes": classes}, "classes", lambda c: _is_text(c, MAX_CLASS_CHARS), MAX_CLASSES, what
-    )
-
-
-def labels_problems(classes: Any, templates: Any) -> list[str]:
-    """What is wrong with a task's classes and templates together, by the manifest's rules: the trainer checks
-    them before training, so a run is not lost to a bundle that could not be packed."""
-    return _labels_problems({"classes": classes, "templates": templates})
-
-
-def _labels_problems(manifest: dict) -> list[str]:
-    problems = classes_problem(manifest.get("classes"))
-    what = f"templates of <= {MAX_TEMPLATE_CHARS} characters with one plain '{{}}'"
-    problems += _text_list_problem(manifest, "templates", template_ok, MAX_TEMPLATES, what)
-    prompts = len(manifest["classes"]) * len(manifest["templates"]) if not problems else 0
-    if prompts > MAX_PROMPTS:
-        problems.append(f"classes x templates = {prompts} prompts; at most {MAX_PROMPTS}")
-    return problems
 
 
 def _identity_problems(manifest: dict) -> list[str]:

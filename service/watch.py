@@ -22,8 +22,9 @@ from model_store.bank import BankSnapshot
 from model_store.inference import ImagePasses, task_scores
 from model_store.shadow import auto_rows, auto_spans, observe
 
+from .clusters import find_clusters, typical_members
 from .errors import Overloaded
-from .insights import ReservoirConfig, UnclaimedReservoir, find_clusters, typical_members
+from .insights import ReservoirConfig, UnclaimedReservoir
 from .metrics import Metrics
 from .shadow import ShadowMonitor
 

@@ -377,16 +377,14 @@ def class_folder(name: str) -> str:
 def export_domain(name: str, out: str | os.PathLike, splits: tuple[str, ...] = SPLITS) -> dict[str, int]:
     """Write a domain as ImageFolder trees `out/<split>/<class>/<n>.png`; returns images written per split."""
     domain = get_domain(name)
-    taken = [Path(out) / s for s in splits if (Path(out) / s).is_dir() and any((Path(out) / s).iterdir())]
-    if taken:  # another domain's classes would mix in, and same-named files be overwritten
-        raise ValueError(f"{taken[0]} is not empty: export into a new folder")
+    if any((Path(out) / s).is_dir() and any((Path(out) / s).iterdir()) for s in splits):  # classes would mix
+        raise ValueError(f"{out} is not empty: export into a new folder")
     counts = {}
     for split in splits:
         images, labels = domain.split(split)
-        for c in domain.classes:
-            (Path(out) / split / class_folder(c)).mkdir(parents=True, exist_ok=True)
         for i, (img, label) in enumerate(zip(images, labels, strict=True)):
-            img.save(Path(out) / split / class_folder(domain.classes[label]) / f"{i:05d}.png")
+            (folder := Path(out) / split / class_folder(domain.classes[label])).mkdir(parents=True, exist_ok=True)
+            img.save(folder / f"{i:05d}.png")
         counts[split] = len(images)
     return counts
 
@@ -396,8 +394,7 @@ def _register_more() -> None:
     from .known_domains import KNOWN_DOMAINS
     from .lookalike import LOOKALIKE_DOMAINS
 
-    DOMAINS.update(LOOKALIKE_DOMAINS)
-    DOMAINS.update(KNOWN_DOMAINS)
+    DOMAINS.update({**LOOKALIKE_DOMAINS, **KNOWN_DOMAINS})
 
 
 _register_more()

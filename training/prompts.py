@@ -18,7 +18,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from model_store.manifest import template_ok
+from model_store.labels import template_ok
 
 # MoE-Adapters4CL's class-incremental CIFAR-100 prompt (`cil/configs/class/cifar100_*-MoE-Adapters.yaml`)
 CIFAR_TEMPLATE = "a bad photo of a {}."

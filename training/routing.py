@@ -17,7 +17,7 @@ import torch
 from model_store.backbone import Backbone
 from model_store.bank import BankSnapshot
 from model_store.bundle import MAX_PROBES
-from model_store.inference import no_claim_if_nan, route_scores
+from model_store.inference import route_scores
 from model_store.reference import ReferenceSet, embed_images
 from model_store.selector import NEEDS_NEGATIVES, Selector, SelectorConfig, calibrate, fit_selector, score
 
@@ -103,6 +103,10 @@ def _claimed(selector: Selector, feats: torch.Tensor) -> float:
     return float((score(selector, feats) <= 1.0).float().mean()) if len(feats) else 0.0
 
 
+def _no_claim_if_nan(scores: torch.Tensor) -> torch.Tensor:
+    return scores.masked_fill(scores.isnan(), float("inf"))  # a selector overflowing claims nothing
+
+
 def routing_check(
     selector: Selector, cfg: SelectorConfig, val: torch.Tensor, negatives: Negatives, bank: BankSnapshot, task: str
 ) -> dict[str, Any]:
@@ -123,8 +127,8 @@ def routing_check(
             held_cal = held_test = held
         calibrate(trial, val[own_a], cfg, held_cal)
         test = val[own_b].to(dev)
-        mine = no_claim_if_nan(score(trial, test))  # as `route_scores` decides
-        rival = no_claim_if_nan(torch.stack([score(s, test) for _, s in others], 1)).min(1).values if others else None
+        mine = _no_claim_if_nan(score(trial, test))  # as `route_scores` decides
+        rival = _no_claim_if_nan(torch.stack([score(s, test) for _, s in others], 1)).min(1).values if others else None
         routed = (mine <= 1.0) if rival is None else (mine <= 1.0) & (mine < rival)
         folds.append(
             {

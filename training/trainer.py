@@ -17,7 +17,8 @@ from model_store.backbone import TOWERS, Backbone
 from model_store.bank import BankSnapshot
 from model_store.bundle import MAX_PROBES, PlacedExpert, pack_bundle, utc_now
 from model_store.experts import ActivationCounts, Expert, Routing, TaskRouter, expert_id, new_expert
-from model_store.manifest import MAX_TEMPLATES, labels_problems, template_ok, validate_task_name
+from model_store.labels import MAX_TEMPLATES, labels_problems, template_ok
+from model_store.manifest import validate_task_name
 from model_store.moe_clip import encode_image, encode_text
 from model_store.reference import ReferenceSet
 from model_store.selector import Selector, SelectorConfig, fit_selector, selector_manifest
@@ -320,6 +321,26 @@ def _selector_with_routing(
     return selector, routing, probes_of(val_feats, MAX_PROBES, cfg.seed)
 
 
+def _checked_split(
+    train: LabelledImages, val: LabelledImages | None, cfg: TrainConfig
+) -> tuple[LabelledImages, LabelledImages]:
+    """(training, validation) images, or a ValueError now for what would fail only after training: a bundle that
+    could not be packed, nothing to hold out for the selector's calibration and the report."""
+    if len(train.classes) < 2:
+        raise ValueError(f"a task needs at least 2 classes, got {list(train.classes)}")
+    problems = labels_problems(list(train.classes), list(cfg.serving_templates))
+    if problems:
+        raise ValueError(f"task {cfg.task}: " + "; ".join(problems))
+    fit = train
+    if val is None:
+        fit, val = train.holdout(cfg.val_fraction, cfg.seed)
+        if not len(val):
+            raise ValueError("no class has 2 images, so none can be held out for validation: add images, or --val")
+    if not len(val):
+        raise ValueError("the validation set is empty")
+    return fit, val
+
+
 def train_task(
     bank: BankSnapshot,
     train: LabelledImages,
@@ -334,23 +355,10 @@ def train_task(
 
     The selector learns from `reference` (generic outside images for this backbone) and the bank's other tasks'
     probes what is *not* the task; the report's `routing` says what routing will do, with warnings."""
-    if len(train.classes) < 2:
-        raise ValueError(f"a task needs at least 2 classes, got {list(train.classes)}")
-    problems = labels_problems(list(train.classes), list(cfg.serving_templates))
-    if problems:  # checked now: the bundle could not be packed after training
-        raise ValueError(f"task {cfg.task}: " + "; ".join(problems))
+    fit, val = _checked_split(train, val, cfg)
     bank = with_expert_blocks(bank, cfg.expert_blocks)
     torch.manual_seed(cfg.seed)
-    g, fit = torch.Generator().manual_seed(cfg.seed), train
-    if val is None:
-        fit, val = train.holdout(cfg.val_fraction, cfg.seed)
-        if not len(val):  # the selector's calibration and the report need held-out images: say so before training
-            raise ValueError(
-                "no class has 2 images, so none can be held out for validation: add images, or give validation "
-                "images (--val)"
-            )
-    if not len(val):
-        raise ValueError("the validation set is empty")
+    g = torch.Generator().manual_seed(cfg.seed)
     bb = bank.backbone
     t0 = time.time()
     zero_shot = evaluate(bank, None, val, cfg.serving_templates)

@@ -10,7 +10,8 @@ from model_store.bank import build_bank, empty_bank
 from model_store.bundle import read_bundle
 from model_store.errors import BundleInvalid
 from model_store.experts import MoEConfig
-from model_store.manifest import MAX_CLASSES, Manifest, manifest_problems, template_ok
+from model_store.labels import MAX_CLASSES, template_ok
+from model_store.manifest import Manifest, manifest_problems
 from model_store.safejson import JSONRefused, loads
 from tests.helpers import edit_bundle, random_bundle
 

@@ -7,7 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from service.insights import Cluster, ReservoirConfig, UnclaimedReservoir, find_clusters
+from service.clusters import Cluster, find_clusters
+from service.insights import ReservoirConfig, UnclaimedReservoir
 
 DIM = 64
 

@@ -7,8 +7,8 @@ import pytest
 
 from benchmarks.samples import domain_pngs
 from model_store.modes import ZERO_SHOT
+from service.clusters import find_clusters
 from service.errors import Overloaded
-from service.insights import find_clusters
 
 from .conftest import AUTH, running_app
 

@@ -81,7 +81,7 @@ def test_class_folders_must_hold_images_and_hidden_files_are_skipped(tmp_path):
 
 def test_a_class_name_that_is_not_valid_unicode_is_refused():
     """A folder name that is not UTF-8 decodes to a lone surrogate: stored, it made the server's task list a 500."""
-    from model_store.manifest import classes_problem
+    from model_store.labels import classes_problem
 
     assert classes_problem(["caf\udce9", "tea"]) and not classes_problem(["café", "tea"])
 

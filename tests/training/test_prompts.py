@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_store.manifest import template_ok
+from model_store.labels import template_ok
 from training import prompts
 from training.protocols import MTIL_ORDER_I
 from training.scoring import class_embeddings

@@ -204,7 +204,7 @@ def test_labels_the_bundle_could_not_hold_fail_before_training(backbone, monkeyp
     before the run, not after it, when the bundle is packed."""
     from PIL import Image
 
-    import model_store.manifest
+    import model_store.labels
     import training.trainer
     from model_store.bank import empty_bank
     from training.data import LabelledImages
@@ -214,7 +214,7 @@ def test_labels_the_bundle_could_not_hold_fail_before_training(backbone, monkeyp
         raise AssertionError("trained although the bundle could not be packed")
 
     monkeypatch.setattr(training.trainer, "_train_loop", no_training)
-    monkeypatch.setattr(model_store.manifest, "MAX_PROMPTS", 3)
+    monkeypatch.setattr(model_store.labels, "MAX_PROMPTS", 3)
     data = LabelledImages([Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(6)], [0, 1] * 3, ("cat", "dog"))
     cfg = TrainConfig(task="pets", steps=2, templates=("a {}.", "the {}."))
     with pytest.raises(ValueError, match=r"classes x templates = 4 prompts; at most 3"):

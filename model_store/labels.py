@@ -1,0 +1,83 @@
+"""The rules for a task's class names and prompt templates, shared by the bundle manifest's schema, the trainer
+(which checks them before training) and the server (which checks a request's templates)."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable
+from typing import Any
+
+MAX_CLASSES = 10_000
+MAX_TEMPLATES = 128
+MAX_PROMPTS = 100_000  # classes x templates: text passes of an upload's trial run
+MAX_CLASS_CHARS = 200
+MAX_TEMPLATE_CHARS = 300
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """`repr` cut to `limit` characters, for echoing untrusted values in messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def template_ok(template: Any) -> bool:
+    """A prompt template with exactly one plain `{}`: no field name, conversion or format spec (so
+    `.format(label)` always works and costs no more than the label), and at most MAX_TEMPLATE_CHARS long."""
+    if not isinstance(template, str) or len(template) > MAX_TEMPLATE_CHARS:
+        return False
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError:
+        return False
+    return fields == [("", "", None)]
+
+
+def _is_text(v: Any, limit: int) -> bool:
+    """Non-blank text of at most `limit` characters that is valid Unicode: a lone surrogate (what a file name that
+    is not UTF-8 decodes to) could be stored, but not sent back in a JSON answer."""
+    return isinstance(v, str) and 0 < len(v) <= limit and v.strip() != "" and _encodable(v)
+
+
+def _encodable(v: str) -> bool:
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text_list_problem(manifest: dict, key: str, ok: Callable[[Any], bool], cap: int, what: str) -> list[str]:
+    value = manifest.get(key)
+    rule = f"{key} must be a list of 1..{cap} distinct {what}"
+    if not isinstance(value, list) or not value or len(value) > cap:
+        return [f"{rule}; got {'a list of ' + str(len(value)) if isinstance(value, list) else shown(value)}"]
+    bad = next((i for i, x in enumerate(value) if not ok(x)), None)
+    if bad is not None:
+        return [f"{rule}; {key}[{bad}] is {shown(value[bad])}"]
+    if len(set(value)) != len(value):
+        return [f"{rule}; some repeat"]
+    return []
+
+
+def classes_problem(classes: Any) -> list[str]:
+    """What is wrong with a task's class names, by the manifest's rule (the trainer checks them before training)."""
+    what = f"names of 1..{MAX_CLASS_CHARS} characters"
+    return _text_list_problem(
+        {"classes": classes}, "classes", lambda c: _is_text(c, MAX_CLASS_CHARS), MAX_CLASSES, what
+    )
+
+
+def labels_problems(classes: Any, templates: Any) -> list[str]:
+    """What is wrong with a task's classes and templates together, by the manifest's rules: the trainer checks
+    them before training, so a run is not lost to a bundle that could not be packed."""
+    return _labels_problems({"classes": classes, "templates": templates})
+
+
+def _labels_problems(manifest: dict) -> list[str]:
+    problems = classes_problem(manifest.get("classes"))
+    what = f"templates of <= {MAX_TEMPLATE_CHARS} characters with one plain '{{}}'"
+    problems += _text_list_problem(manifest, "templates", template_ok, MAX_TEMPLATES, what)
+    prompts = len(manifest["classes"]) * len(manifest["templates"]) if not problems else 0
+    if prompts > MAX_PROMPTS:
+        problems.append(f"classes x templates = {prompts} prompts; at most {MAX_PROMPTS}")
+    return problems
