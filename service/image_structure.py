@@ -3,9 +3,9 @@
 Pillow reads every metadata segment (JPEG), chunk (PNG) or extension block (GIF) before the first pixels in
 Python, keeping a record of each, and reads a PNG's chunks after its pixels the same way. A file made of millions
 of empty segments is therefore cheap to send and costs seconds of CPU and hundreds of MB of memory to open,
-whatever its pixel count (15 MB of empty JPEG APP1 segments: 4.9 s and +534 MB). A progressive JPEG is decoded
-once per scan, over every block. These walks count what Pillow and the decoder will meet, in time bounded by the
-limit, not by the file.
+whatever its pixel count (15.6 MB of empty JPEG APP1 segments: 4.1 s and +519 MB of peak memory to open,
+measured; this walk stops after 0.4 ms). A progressive JPEG is decoded once per scan, over every block. These
+walks count what Pillow and the decoder will meet, in time bounded by the limit, not by the file.
 """
 
 from __future__ import annotations
@@ -104,6 +104,6 @@ def _gif_blocks(data: bytes, limit: int) -> int:
 
 
 def rle_bmp_too_long(data: bytes, width: int, height: int, compression: object) -> bool:
-    """Whether an RLE-compressed BMP (Pillow decodes those in Python, about 0.3 s a MB) is longer than its pixels
-    could need: at worst 2 bytes a pixel (runs of one) and 2 a row (ends of line), plus its headers."""
+    """Whether an RLE-compressed BMP (Pillow decodes those in Python, 0.13 s a MB measured here) is longer than its
+    pixels could need: at worst 2 bytes a pixel (runs of one) and 2 a row (ends of line), plus its headers."""
     return compression in (1, 2) and len(data) > 2 * width * height + 2 * height + 4096
