@@ -7,12 +7,14 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from .bank import BankSnapshot
 from .errors import InvalidRequest
-from .labels import MAX_TEMPLATES, template_ok
+from .labels import MAX_TEMPLATES, template_ok, twin_labels, twin_message
 from .modes import AUTO, PER_IMAGE, PER_REQUEST, ROUTE_MODES, ZERO_SHOT
 from .moe_clip import encode_image, encode_image_from, encode_text, image_tokens
 
@@ -102,9 +104,11 @@ class TextJob:
     def __init__(self, bank: BankSnapshot, task: int, labels: Sequence[str], templates: Sequence[str]) -> None:
         self.bank, self.task = bank, task
         self.key = text_key(bank, task, labels, templates)
+        self.labels = tuple(labels)
         self.shape = (len(templates), len(labels))
         self.prompts = [t.format(label) for t in templates for label in labels]
         self._parts: list[torch.Tensor] = []
+        self._signatures: list[bytes] = []  # each prompt's token ids: labels the tokenizer merges are refused
         self._done = 0
 
     @property
@@ -131,7 +135,9 @@ class TextJob:
         bb = self.bank.backbone
         chunk = self.prompts[self._done : self._done + max(1, n)]
         if chunk:
-            tokens = bb.tokenizer(chunk).to(bb.device)
+            tokens = bb.tokenizer(chunk)
+            self._signatures += token_signatures(tokens)
+            tokens = tokens.to(bb.device)
             with torch.inference_mode(), bb.compute():
                 if self.task >= 0:
                     routing = self.bank.routing(torch.full((len(chunk),), self.task))
@@ -142,10 +148,27 @@ class TextJob:
         return self.remaining == 0
 
     def result(self) -> torch.Tensor:
+        """The label set's embeddings [L, D]; InvalidRequest if two labels are one to the tokenizer."""
         while not self.step():
             pass
+        twins = twin_labels(self.labels, self._signatures, self.shape[0])
+        if twins is not None:
+            raise InvalidRequest(f"labels {twin_message(twins)}")
         emb = torch.cat(self._parts).view(*self.shape, -1).mean(0)
         return torch.nn.functional.normalize(emb, dim=-1)
+
+
+def token_signatures(tokens: torch.Tensor) -> list[bytes]:
+    """Each row of token ids [n, context] as bytes, without its trailing padding (the rows have one length, so
+    equal signatures mean equal rows)."""
+    rows = tokens.cpu().numpy()
+    return [np.trim_zeros(r, "b").tobytes() for r in rows]
+
+
+def tokenizer_twins(tokenizer: Any, labels: Sequence[str], templates: Sequence[str]) -> tuple[str, str] | None:
+    """The first two of `labels` that `tokenizer` reads the same under every template, or None."""
+    prompts = [t.format(label) for t in templates for label in labels]
+    return twin_labels(labels, token_signatures(tokenizer(prompts)), len(templates))
 
 
 def text_embeddings(

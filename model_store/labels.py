@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 MAX_CLASSES = 10_000
@@ -81,3 +81,28 @@ def _labels_problems(manifest: dict) -> list[str]:
     if prompts > MAX_PROMPTS:
         problems.append(f"classes x templates = {prompts} prompts; at most {MAX_PROMPTS}")
     return problems
+
+
+def twin_labels(labels: Sequence[str], signatures: Sequence[Any], templates: int) -> tuple[str, str] | None:
+    """The first two labels whose prompts the tokenizer reads the same under every template, or None.
+
+    `signatures`: one hashable per prompt (its token ids), template-major: template t's prompt of label j at
+    `t * len(labels) + j`. Distinct text is not enough: open_clip's tokenizer ignores case, collapses spacing, drops
+    some punctuation and cuts prompts at its context length, so such labels get the same embedding and can only
+    split the probability between them."""
+    n = len(labels)
+    seen: dict[tuple, int] = {}
+    for j in range(n):
+        key = tuple(signatures[t * n + j] for t in range(templates))
+        if key in seen:
+            return labels[seen[key]], labels[j]
+        seen[key] = j
+    return None
+
+
+def twin_message(twins: tuple[str, str]) -> str:
+    a, b = twins
+    return (
+        f"{shown(a, 60)} and {shown(b, 60)} are the same text to the backbone's tokenizer (it ignores case and "
+        "spacing and cuts long prompts), so the model cannot tell them apart: make them differ"
+    )

@@ -94,6 +94,8 @@ def test_text_cache_hits(backbone, bank):
         ({"route": "per-batch"}, "route must be one of"),
         ({"top_k": 0}, "top_k must be >= 1"),
         ({"labels": ("x", "x")}, "distinct"),
+        ({"labels": ("Cat", "cat")}, "labels 'Cat' and 'cat' are the same text to the backbone's tokenizer"),
+        ({"labels": ("a  b", "a b")}, "same text to the backbone's tokenizer"),
         ({"images": torch.zeros(1, 3, 8, 8)}, "images must be"),
         ({"labels": None, "task": "a", "templates": ("a {}.",)}, "templates need labels"),
         ({"templates": ()}, "templates need labels, and there must be 1 to"),

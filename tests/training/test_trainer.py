@@ -222,6 +222,10 @@ def test_labels_the_bundle_could_not_hold_fail_before_training(backbone, monkeyp
     long_name = LabelledImages(data.images, data.labels, ("cat", "d" * 201))
     with pytest.raises(ValueError, match=r"classes\[1\]"):
         train_task(empty_bank(backbone), long_name, TrainConfig(task="pets", steps=2), val=long_name, progress=False)
+    # distinct folder names the tokenizer reads as one class: training could never tell them apart
+    twins = LabelledImages(data.images, data.labels, ("Cat", "cat"))
+    with pytest.raises(ValueError, match="classes 'Cat' and 'cat' are the same text to the backbone's tokenizer"):
+        train_task(empty_bank(backbone), twins, TrainConfig(task="pets", steps=2), val=twins, progress=False)
 
 
 def test_a_dataset_with_nothing_to_hold_out_fails_before_training(backbone, monkeypatch):
