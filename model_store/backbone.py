@@ -74,7 +74,13 @@ def pick_device(device: str = "auto") -> torch.device:
     """`auto` means cuda when available, else cpu."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            have = f"{count} CUDA device(s) (cuda:0..cuda:{count - 1})" if count else "no usable CUDA device"
+            raise BackboneError(f"device {device!r} asked for, but this machine has {have}: use cpu or auto")
+    return dev
 
 
 AUTOCAST_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -80,3 +80,22 @@ def test_unknown_pretrained_tag_fails_cleanly():
 def test_pick_device():
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_device("cpu").type == "cpu"
+
+
+def test_a_cuda_device_the_machine_lacks_is_refused_in_one_line(monkeypatch):
+    import torch
+
+    from model_store.backbone import pick_device
+    from model_store.errors import BackboneError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackboneError, match="'cuda' asked for, but this machine has no usable CUDA device"):
+        pick_device("cuda")
+    assert pick_device("auto").type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(
+        BackboneError, match=r"'cuda:1' asked for, but this machine has 1 CUDA device\(s\) \(cuda:0..cuda:0\)"
+    ):
+        pick_device("cuda:1")
