@@ -166,6 +166,25 @@ def shadow_entry(bundle: Bundle, device: torch.device) -> ShadowEntry:
     return ShadowEntry(bundle.task, bundle.version, bundle.id, sel)
 
 
+def routed_places(
+    tasks: Iterable[Bundle], known: Mapping[str, tuple[str, int]] | None = None
+) -> dict[str, tuple[str, int]]:
+    """{expert id: (tower, block)} where `tasks` route to it; MissingExpert if one of them routes an id somewhere
+    else than another does, or than `known` (where the bank's other tasks route it) says."""
+    places: dict[str, tuple[str, int]] = {}
+    known = known or {}
+    for b in tasks:
+        for eid, place in b.manifest.routing.places().items():
+            other = known.get(eid) or places.setdefault(eid, place)
+            if other != place:
+                raise MissingExpert(
+                    f"task {b.task!r} routes expert {eid[:12]} at {place[0]}.{place[1]}, but another active task "
+                    f"routes it at {other[0]}.{other[1]}: an expert sits in one place"
+                )
+            places[eid] = place
+    return places
+
+
 def build_bank(
     backbone: Backbone,
     tasks: Sequence[Bundle],
@@ -200,12 +219,14 @@ def build_bank(
             if eid in needed:
                 tensors[eid] = previous.experts[tw][bl][s]
                 order[(tw, bl)].append(eid)
+    # Where each expert goes is where the tasks route to it: an id names tensors, and two stored bundles may carry
+    # the same tensors at different places (one placed by a task no longer active); the tasks' routing decides.
+    places = routed_places(tasks)
     for eid in sorted(needed - set(tensors)):
         if eid not in available:
             raise MissingExpert(f"expert {eid[:12]} is used by an active task but no stored bundle provides it")
-        p = available[eid]
-        tensors[eid] = Expert.from_parts({k: t.to(backbone.device) for k, t in p.expert.parts().items()})
-        order[(p.tower, p.block)].append(eid)
+        tensors[eid] = Expert.from_parts({k: t.to(backbone.device) for k, t in available[eid].expert.parts().items()})
+        order[places[eid]].append(eid)
     ids = {eid: (tw, bl, s) for (tw, bl), eids in order.items() for s, eid in enumerate(eids)}
     experts = {
         t: tuple(tuple(tensors[e] for e in order[(t, i)]) for i in range(backbone.towers[t].layers)) for t in TOWERS

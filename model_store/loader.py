@@ -7,7 +7,7 @@ import threading
 from collections.abc import Mapping
 
 from .backbone import Backbone
-from .bank import BankSnapshot, ShadowEntry, bank_config, build_bank, shadow_entry
+from .bank import BankSnapshot, ShadowEntry, bank_config, build_bank, routed_places, shadow_entry
 from .bundle import Bundle
 from .compat import check_backbone, check_compatible
 from .errors import ClipbankError, MissingExpert
@@ -86,17 +86,20 @@ class BankLoader:
         placed = {eid: (tw, bl) for eid, (tw, bl, _) in previous.expert_ids.items()} if previous else {}
         providers: dict[str, Bundle] = {}
         config = bank_config(previous, tasks.values())
-        for task in sorted(tasks, key=lambda t: t not in overrides):  # an override's failure raises first
+        routed: dict[str, tuple[str, int]] = {}  # where the tasks kept so far route each expert
+        for task in sorted(tasks, key=lambda t: t in overrides):  # stored tasks first: a change must fit them
             try:
                 mine = self.providers([tasks[task]], sources)
                 available = {e: (p.tower, p.block) for b in (tasks[task], *mine) for e, p in b.experts.items()}
                 check_compatible(tasks[task], self.backbone, {**placed, **available}, config)
+                places = routed_places([tasks[task]], routed)
             except ClipbankError as e:
                 if task in overrides:
                     raise
                 degraded[task] = _why(e)
                 del tasks[task]
                 continue
+            routed.update(places)
             providers.update({b.id: b for b in mine})
         generation = index.generation + changes
         bank = build_bank(self.backbone, list(tasks.values()), list(providers.values()), generation, previous, degraded)

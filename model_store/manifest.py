@@ -253,6 +253,10 @@ class RoutingTable:
     def expert_ids(self) -> set[str]:
         return {eid for tower in self.blocks.values() for ids in tower for eid in ids}
 
+    def places(self) -> dict[str, tuple[str, int]]:
+        """{expert id: (tower, block)} where this task routes to it."""
+        return {eid: (tower, i) for tower, blocks in self.blocks.items() for i, ids in enumerate(blocks) for eid in ids}
+
 
 @dataclass(frozen=True)
 class SelectorInfo:

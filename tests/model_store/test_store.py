@@ -262,3 +262,48 @@ def test_an_unreadable_blob_or_index_is_a_store_error(tmp_path, bundles):
     with pytest.raises(StoreError, match="index.json could not be read"):
         store.index()
     assert check_store(tmp_path)[0].startswith("index.json cannot be read")
+
+
+def _with_expert_at(bundle_bytes: bytes, task: str, eid: str, tower: str, block: int) -> bytes:
+    """A bundle for `task` with the experts of `bundle_bytes`, except that expert `eid`'s tensors sit (and are
+    routed) at (tower, block) in place of that block's first expert: the same tensors, so the same id, elsewhere."""
+    from model_store.bundle import PlacedExpert, pack_bundle, read_bundle
+
+    b = read_bundle(bundle_bytes)
+    moved = b.experts[eid]
+    routing = b.manifest.to_json()["routing"]
+    first = routing[tower][block][0]
+    experts = {e: p for e, p in b.experts.items() if e not in (eid, first)}
+    experts[eid] = PlacedExpert(tower, block, moved.expert)
+    routing[moved.tower][moved.block] = [e for e in routing[moved.tower][moved.block] if e != eid]
+    routers = {t: list(r) for t, r in b.routers.items()}
+    routers[moved.tower][moved.block] = routers[moved.tower][moved.block][1:]
+    routing[tower][block] = [eid, *routing[tower][block][1:]]
+    manifest = {k: v for k, v in b.manifest.to_json().items() if k not in ("format", "content_sha256")}
+    manifest.update(task=task, routing=routing)
+    return pack_bundle(manifest, experts, routers, b.selector_tensors)
+
+
+def test_the_same_expert_tensors_at_two_places_neither_enter_a_store_nor_stop_a_bank(tmp_path, backbone):
+    from model_store.bank import build_bank, routed_places
+    from model_store.bundle import read_bundle
+    from model_store.errors import BundleInvalid, MissingExpert
+
+    c_bytes = random_bundle(empty_bank(backbone), "c", seed=1)
+    c = read_bundle(c_bytes)
+    x = next(e for e, p in c.experts.items() if (p.tower, p.block) == ("visual", 3))
+    p = read_bundle(_with_expert_at(c_bytes, "p", x, "visual", 0))
+    assert (p.experts[x].tower, p.experts[x].block) == ("visual", 0)
+    # a store refuses a bundle that adds stored tensors again: the store's index could not say where they sit
+    store = LocalStore(tmp_path / "store")
+    store.put(c_bytes)
+    with pytest.raises(BundleInvalid, match=r"adds 15 expert\(s\) the store already holds, added by another"):
+        store.put(_with_expert_at(c_bytes, "p", x, "visual", 0))
+    # a bank built with such a provider (a store written before that rule) places the expert where its task routes
+    # it, instead of where the provider last seen put its copy (which stopped the server from starting)
+    d = read_bundle(random_bundle(empty_bank(backbone), "d", seed=2))
+    bank = build_bank(backbone, [c, d], providers=[p])
+    assert bank.expert_ids[x][:2] == ("visual", 3)
+    # two tasks that route one id at two places cannot share a bank: the loader leaves the later one out
+    with pytest.raises(MissingExpert, match=f"routes expert {x[:12]} at visual.0, but another active task"):
+        routed_places([c, p])
