@@ -15,7 +15,7 @@ from typing import Any
 
 from .bundle import Bundle, read_bundle, utc_now
 from .digest import bytes_digest
-from .errors import BundleInvalid, MissingExpert, ShadowConflict, StoreDamaged, StoreError, VersionConflict
+from .errors import MissingExpert, ShadowConflict, StoreDamaged, StoreError, VersionConflict
 from .manifest import finite_metrics, shown, validate_task_name
 from .store_index import StoreIndex, TaskRecord, VersionRecord
 
@@ -217,12 +217,6 @@ def _check_addable(index: StoreIndex, bundle: Bundle) -> tuple[str, ...]:
     if missing:  # a task trained on experts purged since: it could never be served
         raise MissingExpert(
             f"bundle uses {len(missing)} expert(s) no stored version adds (purged?): {', '.join(missing[:5])}"
-        )
-    again = sorted(e for e in bundle.manifest.experts_new if e in stored)
-    if again:  # the same tensors added twice (a copied bundle) may sit at two places, and a bank has one per id
-        raise BundleInvalid(
-            f"bundle adds {len(again)} expert(s) the store already holds, added by another stored version: "
-            f"{', '.join(e[:12] for e in again[:5])}; a bundle adds only new experts (and uses stored ones)"
         )
     if bundle.id in index.deleting:
         raise BlobBeingDeleted(f"blob {bundle.id[:12]} is being deleted by a purge; try again")

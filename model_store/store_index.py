@@ -100,7 +100,7 @@ class TaskRecord:
 
     @classmethod
     def from_json(cls, obj: Any, task: str) -> TaskRecord:
-        if not isinstance(obj, dict) or not isinstance(obj.get("versions", []), list):
+        if not isinstance(obj, dict) or not isinstance(obj.get("versions"), list):
             raise StoreError(f"the store index is malformed: task {shown(task)} is not an object with versions")
         versions = tuple(
             VersionRecord.from_json(v, f"task {shown(task)} version entry {i}") for i, v in enumerate(obj["versions"])

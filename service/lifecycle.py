@@ -131,8 +131,9 @@ class Service:
             cfg.unclaimed_capacity, cfg.unclaimed_retention_seconds, cfg.unclaimed_bin_seconds, cfg.unclaimed_thumbnails
         )
         self.watch.start_monitor(monitor, self.backbone, reference)
-        self.registry = Registry(open_store(cfg.store), self.backbone, self.metrics, cache, gate, self.watch.swapped)
-        bank = self.registry.load()
+        registry = Registry(open_store(cfg.store), self.backbone, self.metrics, cache, gate, self.watch.swapped)
+        bank = registry.load()
+        self.registry = registry  # published once it has a bank: /healthz reads it while this runs
         warm = torch.zeros(1, 3, self.backbone.image_size, self.backbone.image_size)
         items = [ClassifyItem(warm, ("a", "b"), ZERO_SHOT)] + [ClassifyItem(warm, None, t) for t in bank.task_names]
         # First-call costs, and every task's class embeddings into the cache.

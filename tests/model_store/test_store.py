@@ -13,6 +13,7 @@ import textwrap
 import pytest
 
 from model_store.bank import empty_bank
+from model_store.bundle import read_bundle
 from model_store.errors import StoreDamaged, StoreError, StoreWriteFailed
 from model_store.store import LocalStore, check_store
 from model_store.store_index import TaskRecord
@@ -267,7 +268,7 @@ def test_an_unreadable_blob_or_index_is_a_store_error(tmp_path, bundles):
 def _with_expert_at(bundle_bytes: bytes, task: str, eid: str, tower: str, block: int) -> bytes:
     """A bundle for `task` with the experts of `bundle_bytes`, except that expert `eid`'s tensors sit (and are
     routed) at (tower, block) in place of that block's first expert: the same tensors, so the same id, elsewhere."""
-    from model_store.bundle import PlacedExpert, pack_bundle, read_bundle
+    from model_store.bundle import PlacedExpert, pack_bundle
 
     b = read_bundle(bundle_bytes)
     moved = b.experts[eid]
@@ -284,26 +285,29 @@ def _with_expert_at(bundle_bytes: bytes, task: str, eid: str, tower: str, block:
     return pack_bundle(manifest, experts, routers, b.selector_tensors)
 
 
-def test_the_same_expert_tensors_at_two_places_neither_enter_a_store_nor_stop_a_bank(tmp_path, backbone):
+def test_the_same_expert_tensors_at_two_places_do_not_stop_a_bank(tmp_path, backbone):
+    """Stored bundles may carry one expert id (the same tensors) at two places: a re-issued bundle, or a copy. A
+    bank places each expert where its active tasks route it, and an upload that routes it elsewhere is refused."""
     from model_store.bank import build_bank, routed_places
-    from model_store.bundle import read_bundle
-    from model_store.errors import BundleInvalid, MissingExpert
+    from model_store.errors import MissingExpert
+    from model_store.loader import BankLoader
 
     c_bytes = random_bundle(empty_bank(backbone), "c", seed=1)
     c = read_bundle(c_bytes)
     x = next(e for e, p in c.experts.items() if (p.tower, p.block) == ("visual", 3))
-    p = read_bundle(_with_expert_at(c_bytes, "p", x, "visual", 0))
+    p_bytes = _with_expert_at(c_bytes, "p", x, "visual", 0)
+    p = read_bundle(p_bytes)
     assert (p.experts[x].tower, p.experts[x].block) == ("visual", 0)
-    # a store refuses a bundle that adds stored tensors again: the store's index could not say where they sit
-    store = LocalStore(tmp_path / "store")
-    store.put(c_bytes)
-    with pytest.raises(BundleInvalid, match=r"adds 15 expert\(s\) the store already holds, added by another"):
-        store.put(_with_expert_at(c_bytes, "p", x, "visual", 0))
-    # a bank built with such a provider (a store written before that rule) places the expert where its task routes
-    # it, instead of where the provider last seen put its copy (which stopped the server from starting)
+    # such a provider used to decide the expert's place, and the server could not start (task c's routing broke)
     d = read_bundle(random_bundle(empty_bank(backbone), "d", seed=2))
-    bank = build_bank(backbone, [c, d], providers=[p])
-    assert bank.expert_ids[x][:2] == ("visual", 3)
-    # two tasks that route one id at two places cannot share a bank: the loader leaves the later one out
+    assert build_bank(backbone, [c, d], providers=[p]).expert_ids[x][:2] == ("visual", 3)
     with pytest.raises(MissingExpert, match=f"routes expert {x[:12]} at visual.0, but another active task"):
         routed_places([c, p])
+    store = LocalStore(tmp_path / "store")
+    store.put(c_bytes)
+    loader = BankLoader(store, backbone)
+    with pytest.raises(MissingExpert, match=f"routes expert {x[:12]} at visual.0"):  # an upload: refused
+        loader.load(overrides={"p": p})
+    store.put(p_bytes)  # already stored (a store written before the check): left out, the rest serves
+    bank = loader.load()
+    assert bank.task_names == ("c",) and "routes expert" in bank.degraded["p"]

@@ -65,6 +65,7 @@ def test_a_version_lists_one_used_expert_per_bundle_providing_them_and_purge_kee
     "tasks, words",
     [
         ({"t": []}, "task 't' is not an object"),
+        ({"t": {"active": None}}, "task 't' is not an object with versions"),
         ({"t": {"versions": [{"bundle_id": BID}]}}, "task 't' version entry 0 has no integer version"),
         ({"t": {"versions": [{"version": 1, "bundle_id": "../../etc"}]}}, "names bundle"),
         ({"t": {"active": 5, "versions": []}}, "has active 5"),

@@ -181,3 +181,26 @@ async def test_a_full_disk_is_a_clear_503_and_changes_nothing(tmp_path, backbone
         monkeypatch.undo()
         assert (await c.post("/tasks", files={"bundle": ("c", two_tasks["c"])}, headers=AUTH)).status_code == 201
     assert store.index().generation == 2
+
+
+async def test_health_answers_while_the_bank_is_loading(tmp_path, backbone, two_tasks, monkeypatch):
+    """/healthz is 200 `live` from the first request: it once read a registry that had no bank yet (a 500)."""
+    from service import lifecycle
+
+    services, seen = [], []
+    load_models, load = lifecycle.Service._load_models, lifecycle.Registry.load
+
+    def loading_models(self, *a, **k):
+        services.append(self)
+        return load_models(self, *a, **k)
+
+    def loading(self, *a, **k):
+        seen.append(services[0].health())  # what /healthz would report now, in the middle of the load
+        return load(self, *a, **k)
+
+    monkeypatch.setattr(lifecycle.Service, "_load_models", loading_models)
+    monkeypatch.setattr(lifecycle.Registry, "load", loading)
+    _store(tmp_path, two_tasks["a"])
+    async with running_app(tmp_path, backbone) as c:
+        assert (await c.get("/healthz")).json()["status"] == "live"
+    assert seen == [{"degraded": {}, "store_error": None}]
