@@ -102,6 +102,12 @@ def _probe_problems(probes: torch.Tensor | None) -> list[str]:
         return []
     if probes.ndim != 2 or not 1 <= probes.shape[0] <= MAX_PROBES:
         return [f"{PROBES_KEY} must be [n, embed_dim] with 1 <= n <= {MAX_PROBES}, got {tuple(probes.shape)}"]
+    norms = probes.norm(dim=1)  # normalised embeddings: others would overflow the selectors fitted on them
+    if not bool(((norms - 1).abs() <= 1e-3).all()):
+        return [
+            f"{PROBES_KEY} must be normalised embeddings (rows of norm 1), got norms {float(norms.min()):.3g} "
+            f"to {float(norms.max()):.3g}"
+        ]
     return []
 
 

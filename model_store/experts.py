@@ -15,6 +15,10 @@ EXPERT_PARTS = ("down.weight", "down.bias", "up.weight", "up.bias")
 LOOP_MAX_EXPERTS = 4  # distinct experts in a block's batch up to which a Python loop over them is as fast
 
 
+MAX_SCALE = 100.0  # an expert's output multiplier (the paper's 0.1): beyond this, no trained bundle goes
+MAX_NOISE_EPS = 1.0  # the router noise's floor during training (0.01)
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """How experts and routers compute. Validated on construction."""
@@ -39,6 +43,10 @@ class MoEConfig:
             problems.append(f"top_k must be >= 1, got {self.top_k}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.scale <= MAX_SCALE:  # also false for NaN
+            problems.append(f"scale must be in (0, {MAX_SCALE}], got {self.scale}")
+        if not 0.0 <= self.noise_eps <= MAX_NOISE_EPS:
+            problems.append(f"noise_eps must be in [0, {MAX_NOISE_EPS}], got {self.noise_eps}")
         if problems:
             raise ValueError("invalid MoEConfig: " + "; ".join(problems))
 

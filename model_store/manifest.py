@@ -12,7 +12,7 @@ from typing import Any
 
 from .backbone import TOWERS
 from .errors import BundleInvalid
-from .experts import MoEConfig
+from .experts import MAX_SCALE, MoEConfig
 from .labels import _is_text, _labels_problems, shown
 from .modes import TASK_MODES
 from .selector import SELECTOR_KINDS
@@ -110,8 +110,8 @@ def _routing_problems(manifest: dict) -> list[str]:
     routing = manifest.get("routing")
     if not isinstance(routing, dict) or not _is_int(routing.get("top_k"), 1, MAX_TOP_K):
         return problems + [f"routing must hold top_k (an integer in 1..{MAX_TOP_K})"]
-    if "scale" in routing and not (_is_number(routing["scale"]) and routing["scale"] > 0):
-        problems.append(f"routing.scale must be a finite number > 0, got {shown(routing['scale'])}")
+    if "scale" in routing and not (_is_number(routing["scale"]) and 0 < routing["scale"] <= MAX_SCALE):
+        problems.append(f"routing.scale must be a number in (0, {MAX_SCALE}], got {shown(routing['scale'])}")
     if not all(isinstance(routing.get(t), list) and all(_ids(block) for block in routing[t]) for t in TOWERS):
         problems.append(f"routing must hold, per tower ({', '.join(TOWERS)}), a list of expert-id lists per block")
     return problems

@@ -246,8 +246,19 @@ def test_probes_are_bounded_and_named(backbone, bundle_bytes, rows, key, match):
         read_bundle(_with_probes(bundle_bytes, torch.zeros(rows, backbone.embed_dim), key))
 
 
+def test_probes_must_be_normalised(backbone, bundle_bytes):
+    """Probes far from unit norm (finite float32, 3e38 here) once entered the store; every later training run
+    on it then overflowed in its selector fit and lost its bundle at the end."""
+    probes = torch.nn.functional.normalize(torch.randn(4, backbone.embed_dim), dim=-1)
+    with pytest.raises(BundleInvalid, match="must be normalised embeddings"):
+        read_bundle(_with_probes(bundle_bytes, probes * 3e38))
+    with pytest.raises(BundleInvalid, match="must be normalised embeddings"):
+        read_bundle(_with_probes(bundle_bytes, torch.zeros(4, backbone.embed_dim)))
+
+
 def test_probes_of_another_width_do_not_fit(backbone, bundle_bytes):
-    b = read_bundle(_with_probes(bundle_bytes, torch.zeros(3, backbone.embed_dim + 1)))
+    probes = torch.nn.functional.normalize(torch.ones(3, backbone.embed_dim + 1), dim=-1)
+    b = read_bundle(_with_probes(bundle_bytes, probes))
     with pytest.raises(ShapeMismatch, match="probes.embeddings width"):
         check_compatible(b, backbone, {})
 

@@ -160,6 +160,9 @@ def test_from_json_names_every_problem_in_one_error(manifest):
         ({"rank": 8, "scale": 0.1, "top_k": 2, "dropout": 2.0, "noise_eps": 0.01}, "dropout"),
         ({"rank": 8, "scale": 0.1, "top_k": 2}, "moe must hold"),
         ({"rank": 8, "scale": 0.5, "top_k": 2, "dropout": 0.1, "noise_eps": 0.01}, "must equal routing"),
+        # once accepted: the bank then computed with scale -5, and refused every normal bundle after it
+        ({"rank": 8, "scale": -5.0, "top_k": 2, "dropout": 0.1, "noise_eps": 0.01}, "scale must be in (0, 100.0]"),
+        ({"rank": 8, "scale": 0.1, "top_k": 2, "dropout": 0.1, "noise_eps": -1e308}, "noise_eps must be in [0, 1.0]"),
     ],
 )
 def test_a_saved_moe_config_is_checked(manifest, moe, words):
