@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -106,10 +106,15 @@ def bank_config(previous: BankSnapshot | None, bundles: Iterable[Bundle]) -> MoE
     those the first of `bundles` (by task name) was trained with, else the defaults. Every task must agree."""
     if previous is not None and previous.tasks:
         return previous.config
-    saved = [b.manifest.moe for b in sorted(bundles, key=lambda b: b.task) if b.manifest.moe is not None]
+    ordered = sorted(bundles, key=lambda b: b.task)
+    saved = [b.manifest.moe for b in ordered if b.manifest.moe is not None]
     if saved:
         return saved[0]
-    return previous.config if previous is not None else MoEConfig()
+    base = previous.config if previous is not None else MoEConfig()
+    if ordered:  # bundles made before `moe` was saved: their routing says how they compute
+        routing = ordered[0].manifest.routing
+        return replace(base, top_k=routing.top_k, scale=base.scale if routing.scale is None else routing.scale)
+    return base
 
 
 def empty_bank(backbone: Backbone, generation: int = 0, config: MoEConfig | None = None) -> BankSnapshot:

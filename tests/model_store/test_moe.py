@@ -158,3 +158,17 @@ def test_rebuilds_reuse_unchanged_task_entries_until_an_expert_leaves(backbone, 
         for other in (abc, back):
             got = encode_image(backbone.model, images, other.routing(routing))
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)  # slot order differs: float rounding
+
+
+def test_a_bank_of_bundles_made_before_moe_was_saved_computes_as_their_routing_says(backbone):
+    """Such a bundle (top_k 3 here) was served beside one that said top_k 3 in `moe`; once that one was deleted, a
+    restart fell back to the default top_k 2 and left the older bundle out."""
+    from tests.helpers import edit_bundle
+
+    data = edit_bundle(
+        random_bundle(empty_bank(backbone), "old", seed=5), manifest=lambda m: m["routing"].update(top_k=3)
+    )
+    old = read_bundle(data)
+    assert old.manifest.moe is None
+    bank = build_bank(backbone, [old])
+    assert (bank.config.top_k, bank.config.scale) == (3, 0.1) and bank.task_names == ("old",)
