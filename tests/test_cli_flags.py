@@ -215,3 +215,24 @@ def test_server_settings_that_could_never_work_are_refused_up_front():
     ):
         with pytest.raises(ValueError, match=message):
             ServeConfig.from_env({}, **kw)
+
+
+def test_training_and_benchmark_settings_that_could_only_fail_late_are_refused_up_front(capsys):
+    """Each of these once ran (training every step) before failing, or silently meant something else."""
+    from clipbank.cli import main
+    from training.trainer import TrainConfig
+
+    for kw, message in (
+        ({"lr": float("inf")}, "lr must be a finite number > 0"),  # failed after training: inf is not JSON
+        ({"lr": float("nan")}, "lr must be a finite number > 0"),
+        ({"new_first": float("inf")}, "new_first must be a finite number"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(task="t", **kw)
+    with pytest.raises(ValueError, match="lr"):
+        PretrainConfig(lr=float("inf"))
+    for kw, message in (({"steps": 0}, "--steps must be >= 1"), ({"test_limit": -5}, "--test-limit must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            CLJob(**kw)
+    assert main(["bench", "cl", "--device", "bogus"]) == 2
+    assert "device must be auto, cpu, cuda or cuda:N, got 'bogus'" in capsys.readouterr().err

@@ -59,7 +59,7 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         names = ("steps", "batch_size", "eval_per_class")
         problems = [f"{k} must be >= 1, got {getattr(self, k)}" for k in names if getattr(self, k) < 1]
-        if self.warmup < 0 or self.lr <= 0 or not 0 <= self.characters <= 1:
+        if self.warmup < 0 or not 0 < self.lr < float("inf") or not 0 <= self.characters <= 1:
             problems.append(
                 f"need warmup >= 0, lr > 0 and characters in [0, 1]; got {self.warmup}, {self.lr}, {self.characters}"
             )
@@ -118,6 +118,12 @@ class CLJob:
         "or 'plain': one template and torchvision's names",
         PROMPTS,
     )
+
+    def __post_init__(self) -> None:  # 0 used to mean the default, and a negative limit scored empty test sets
+        for name in ("steps", "test_limit", "seeds", "shots"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from model_store.backbone import load_backbone
 from model_store.bank import empty_bank
 from model_store.errors import TaskNotFound
 from model_store.loader import BankLoader
+from model_store.manifest import MAX_VERSION
 from model_store.reference import find_reference
 from model_store.selector import SelectorConfig
 from model_store.store import atomic_write, open_store
@@ -52,6 +53,8 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
             version, parent = entry.newest + 1, entry.active
         except TaskNotFound:
             pass
+    if version > MAX_VERSION:  # before training, not when the bundle is packed
+        raise ValueError(f"task {job.task!r} is at version {version - 1}, the last a bundle can have ({MAX_VERSION})")
     warnings: list[str] = []
     if parent is not None:  # class-incremental: the new version answers over every class seen so far
         train, val, warnings = _over_parent_classes(store.load(parent).manifest.classes, train, val, version)

@@ -67,10 +67,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "new_experts", "rank"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.new_first < 0:
-            problems.append(f"new_first must be >= 0, got {self.new_first}")
-        if self.lr is not None and self.lr <= 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.new_first < math.inf:
+            problems.append(f"new_first must be a finite number >= 0, got {self.new_first}")
+        if self.lr is not None and not 0 < self.lr < math.inf:  # also refuses NaN
+            problems.append(f"lr must be a finite number > 0, got {self.lr}")
         if len(self.templates) > MAX_TEMPLATES:
             problems.append(f"at most {MAX_TEMPLATES} templates, got {len(self.templates)}")
         for t in (self.template, *self.templates):
@@ -80,8 +80,8 @@ class TrainConfig:
             problems.append(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 <= self.warm_start_steps < self.steps:
             problems.append(f"warm_start_steps must be in [0, steps), got {self.warm_start_steps}")
-        if self.distill < 0:
-            problems.append(f"distill must be >= 0, got {self.distill}")
+        if not 0 <= self.distill < math.inf:
+            problems.append(f"distill must be a finite number >= 0, got {self.distill}")
         if self.isolated and self.warm_start_steps:
             problems.append("warm_start_steps trains the router over the bank's experts, which isolated excludes")
         if problems:

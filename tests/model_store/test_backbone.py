@@ -99,3 +99,12 @@ def test_a_cuda_device_the_machine_lacks_is_refused_in_one_line(monkeypatch):
         BackboneError, match=r"'cuda:1' asked for, but this machine has 1 CUDA device\(s\) \(cuda:0..cuda:0\)"
     ):
         pick_device("cuda:1")
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:x", "meta", "cpu:0:1", ""])
+def test_a_device_that_is_not_cpu_or_cuda_is_refused_in_one_line(device):
+    from model_store.backbone import pick_device
+    from model_store.errors import BackboneError
+
+    with pytest.raises(BackboneError, match="device must be auto, cpu, cuda or cuda:N"):
+        pick_device(device)

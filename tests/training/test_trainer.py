@@ -243,3 +243,24 @@ def test_a_dataset_with_nothing_to_hold_out_fails_before_training(backbone, monk
     data = LabelledImages([Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8), (255, 0, 0))], [0, 1], ("a", "b"))
     with pytest.raises(ValueError, match="no class has 2 images.*--val"):
         train_task(empty_bank(backbone), data, TrainConfig(task="one-each", steps=2), progress=False)
+
+
+def test_a_task_at_the_last_version_fails_before_training(tmp_path, backbone, monkeypatch, capsys):
+    from clipbank.cli import main
+    from model_store.bank import empty_bank
+    from model_store.manifest import MAX_VERSION
+    from model_store.store import LocalStore
+    from tests.helpers import random_bundle
+    from training import run
+
+    def no_training(*a, **k):
+        raise AssertionError("trained although no version is left for the bundle")
+
+    monkeypatch.setattr(run, "train_task", no_training)
+    store = LocalStore(tmp_path / "store")
+    store.put(random_bundle(empty_bank(backbone), "tex", seed=3, version=MAX_VERSION))
+    assert main(["data", "export", "textures", str(tmp_path / "tex")]) == 0
+    capsys.readouterr()
+    args = ["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--store", str(tmp_path / "store")]
+    assert main(args) == 2
+    assert f"is at version {MAX_VERSION}, the last a bundle can have" in capsys.readouterr().err
