@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from model_store.labels import classes_problem
-from model_store.pixels import viewed_rgb
+from model_store.pixels import aspect_problem, viewed_rgb
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -40,11 +40,14 @@ def read_rgb(path: object) -> Image.Image:
     decompression-bomb error is no OSError)."""
     try:
         with Image.open(path) as im:
-            return viewed_rgb(ImageOps.exif_transpose(im))
+            problem = aspect_problem(*im.size)  # from the header, before any pixel is decoded
+            if problem is None:
+                return viewed_rgb(ImageOps.exif_transpose(im))
     except Image.DecompressionBombError as e:
         raise ValueError(f"{path} has too many pixels to read safely: {e}") from None
     except Exception as e:  # truncated or corrupt data, in any plugin
         raise ValueError(f"{path} could not be read as an image: {type(e).__name__}: {e}") from None
+    raise ValueError(f"{path} {problem}")  # as the server refuses it: 1x60000 cost 1 GB and 3 s a read
 
 
 @dataclass(frozen=True)

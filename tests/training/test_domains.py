@@ -61,6 +61,10 @@ def test_an_unreadable_training_image_is_a_value_error_naming_the_file(tmp_path)
     (tmp_path / "data" / "b" / "bomb.png").write_bytes(full_png(8, 8)[:40])
     with pytest.raises(ValueError, match="bomb.png could not be read as an image"):
         load_image_folder(tmp_path / "data")
+    # 1x60000: a few hundred bytes that the CLIP resize made 1 GB and 3 s at every read; the server refuses it too
+    (tmp_path / "data" / "b" / "bomb.png").write_bytes(full_png(1, 60_000))
+    with pytest.raises(ValueError, match="bomb.png is 1x60000, an aspect ratio of 60000:1; the limit is 20:1"):
+        load_image_folder(tmp_path / "data")
 
 
 def test_class_folders_must_hold_images_and_hidden_files_are_skipped(tmp_path):
