@@ -47,7 +47,12 @@ def create_app(
     app.include_router(tasks_router(admin))
     app.include_router(watch_router(admin))
     app.include_router(ops_router())
-    app.add_middleware(BodyLimit, limit_for=_limit_for(config), read_timeout=config.read_timeout_seconds)
+    app.add_middleware(
+        BodyLimit,
+        limit_for=_limit_for(config),
+        read_timeout=config.read_timeout_seconds,
+        max_buffered=config.limits.max_buffered_bytes,
+    )
     app.add_middleware(Generations, service=service)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     return app

@@ -28,6 +28,7 @@ class Limits:
 
     max_upload_bytes: int = 256 * MB  # POST /tasks body
     max_request_bytes: int = 64 * MB  # POST /classify body
+    max_buffered_bytes: int = 1024 * MB  # request bodies held at once over all connections; beyond: 503, retry
     max_image_bytes: int = 16 * MB  # one encoded image
     max_images: int = 64  # images per request
     max_pixels: int = 24_000_000  # width * height, read from the header before decoding
@@ -41,7 +42,13 @@ class Limits:
 
     def problems(self) -> list[str]:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return [f"{name} must be >= 1, got {value}" for name, value in values.items() if value < 1]
+        problems = [f"{name} must be >= 1, got {value}" for name, value in values.items() if value < 1]
+        if self.max_buffered_bytes < max(self.max_upload_bytes, self.max_request_bytes):
+            problems.append(
+                f"max_buffered_bytes ({self.max_buffered_bytes}) must hold one largest body: at least "
+                f"max_upload_bytes ({self.max_upload_bytes}) and max_request_bytes ({self.max_request_bytes})"
+            )
+        return problems
 
 
 @dataclass(frozen=True)

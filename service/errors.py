@@ -110,6 +110,7 @@ HTTP_CODES = {
     405: "method_not_allowed",
     408: "request_timeout",
     413: "limit_exceeded",
+    503: "overloaded",
 }
 RETRY_AFTER_SECONDS = {"overloaded": 1, "not_ready": 5, "store_error": 5, "store_write_failed": 30}
 NO_RETRY = ("store_damaged",)  # 503s that retrying cannot fix: an operator must act

@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import LimitExceeded, error_response
+from .errors import LimitExceeded, Overloaded, error_response
 from .metrics import Metrics
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -20,14 +20,32 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 
 class BodyLimit:
     """Refuses a body over its path's limit (at once from Content-Length, else as soon as the stream passes it),
-    and one whose next piece takes longer than `read_timeout` seconds to arrive (408)."""
+    and one whose next piece takes longer than `read_timeout` seconds to arrive (408).
+
+    All requests together may hold at most `max_buffered` bytes of body until they are answered: each one's limit
+    alone let 1024 slow connections hold 64 GiB. Past it, the request that would cross it gets 503 `overloaded`
+    with Retry-After (its connection's bytes are then released)."""
 
     def __init__(
-        self, app: ASGIApp, limit_for: Callable[[str, str], tuple[int, str]], read_timeout: float = 30.0
+        self,
+        app: ASGIApp,
+        limit_for: Callable[[str, str], tuple[int, str]],
+        read_timeout: float = 30.0,
+        max_buffered: int | None = None,
     ) -> None:
         self.app = app
         self.limit_for = limit_for
         self.read_timeout = read_timeout
+        self.max_buffered = max_buffered
+        self.held = 0  # body bytes received by requests not yet answered (one event loop: no lock)
+
+    def _full(self, more: int) -> str | None:
+        if self.max_buffered is None or self.held + more <= self.max_buffered:
+            return None
+        return (
+            f"the server holds {self.held} bytes of other requests' bodies and this one would pass "
+            f"max_buffered_bytes={self.max_buffered}: retry shortly"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -40,6 +58,9 @@ class BodyLimit:
             if int(declared) > limit:
                 message = f"request body is {int(declared)} bytes; the limit is {name}={limit}"
                 return await error_response(413, LimitExceeded.code, message)(scope, receive, send)
+            full = self._full(int(declared))
+            if full is not None:
+                return await error_response(503, Overloaded.code, full)(scope, receive, send)
         seen, complete = 0, False
 
         async def limited() -> Message:
@@ -53,13 +74,20 @@ class BodyLimit:
                     408, f"the request body stalled for {self.read_timeout:g}s (read_timeout_seconds)"
                 ) from None
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+                size = len(message.get("body", b""))
+                full = self._full(size)
+                if full is not None:
+                    raise HTTPException(503, full)
+                seen, self.held = seen + size, self.held + size
                 complete = not message.get("more_body", False)
                 if seen > limit:
                     raise HTTPException(413, f"request body passed {seen} bytes; the limit is {name}={limit}")
             return message
 
-        await self.app(scope, limited, send)
+        try:
+            await self.app(scope, limited, send)
+        finally:
+            self.held -= seen
 
 
 class Generations:

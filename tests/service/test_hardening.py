@@ -231,3 +231,65 @@ async def test_an_error_in_one_request_never_stops_the_compute_thread(backbone, 
 def test_keep_alive_must_be_shorter_than_the_head_deadline():
     with pytest.raises(ValueError, match="keep_alive_seconds .* must be below head_timeout_seconds"):
         ServeConfig(keep_alive_seconds=10, head_timeout_seconds=10)
+
+
+async def test_bodies_held_at_once_over_all_connections_are_bounded():
+    """Each body within its own limit, slow clients together held max_connections x 64 MiB. Past
+    `max_buffered_bytes` the request that would cross it gets 503 overloaded; bytes are released once answered."""
+    import json
+
+    from service.errors import install_handlers
+    from service.middleware import BodyLimit
+
+    release = anyio.Event()
+
+    async def app(scope, receive, send):  # reads its whole body, then holds it until released
+        while (await receive()).get("more_body"):
+            pass
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    from fastapi import FastAPI
+
+    inner = FastAPI()
+    install_handlers(inner)
+    inner.mount("/", app)
+    limited = BodyLimit(inner, lambda method, path: (1000, "max_request_bytes"), max_buffered=1500)
+
+    async def post(chunks: list[bytes], declared: int | None = None) -> tuple[int, dict]:
+        parts = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+        sent: list[dict] = []
+
+        async def receive():
+            return parts.pop(0) if parts else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        headers = [(b"content-length", str(declared).encode())] if declared is not None else []
+        scope = {"type": "http", "method": "POST", "path": "/classify", "headers": headers, "query_string": b""}
+        await limited({**scope, "root_path": "", "raw_path": b"/classify"}, receive, send)
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        headers = {k.decode().lower(): v.decode() for k, v in sent[0].get("headers", [])}
+        return sent[0]["status"], {"headers": headers, "body": json.loads(body) if body != b"ok" else body}
+
+    async with anyio.create_task_group() as tg:
+        results: list = []
+
+        async def first():
+            results.append(await post([b"x" * 400, b"x" * 400]))
+
+        tg.start_soon(first)
+        await anyio.sleep(0.05)  # the first holds 800 bytes
+        status, answer = await post([b"y" * 400, b"y" * 400])  # would hold 1600
+        assert status == 503 and answer["headers"]["retry-after"] == "1"
+        assert (
+            answer["body"]["error"]["code"] == "overloaded"
+            and "max_buffered_bytes=1500" in answer["body"]["error"]["message"]
+        )
+        status, answer = await post([b"z"], declared=900)  # refused from its Content-Length, before reading
+        assert status == 503 and limited.held == 800
+        release.set()
+    assert results[0][0] == 200 and limited.held == 0
+    assert (await post([b"y" * 400, b"y" * 400]))[0] == 200  # released: the same body now fits
