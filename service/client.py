@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,12 @@ class ClipbankHTTPError(Exception):
     """The server answered with an error: `status`, and its `code`, `message` and `details` (for `interference`,
     the gate's report)."""
 
-    def __init__(self, status: int, code: str, message: str, details: dict | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, details: dict | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"HTTP {status} {code}: {message}")
         self.status, self.code, self.message, self.details = status, code, message, details
+        self.retry_after = retry_after  # seconds, from a 503's Retry-After: when trying again may succeed
 
 
 class ClipbankClient:
@@ -34,6 +39,7 @@ class ClipbankClient:
             raise ValueError("the admin token must be printable ASCII without spaces (it is not shown here)")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
+        self.timeout = timeout
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def __enter__(self) -> ClipbankClient:
@@ -46,22 +52,33 @@ class ClipbankClient:
         self._http.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The JSON answer, or ClipbankHTTPError: for an error answer, and for anything that is not a clipbank
+        answer within `timeout` seconds in all (a server trickling its answer cannot hold the caller longer)."""
+        deadline = time.monotonic() + self.timeout
         try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as e:  # refused, timed out, bad address: name where
+            with self._http.stream(method, path, **kwargs) as response:
+                raw = _read_within(response, deadline, self.url)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # refused, bad address: name where
             raise ClipbankHTTPError(0, "unreachable", f"cannot reach {self.url}: {type(e).__name__}: {e}") from None
+        except httpx.HTTPError as e:  # timed out, the connection broke, a body that does not decode
+            raise ClipbankHTTPError(0, "connection_failed", f"{self.url}: {type(e).__name__}: {e}") from None
         if response.status_code >= 400:
+            retry = _seconds(response.headers.get("retry-after"))
             try:
-                err = response.json()["error"]
-                raise ClipbankHTTPError(response.status_code, err["code"], err["message"], err.get("details"))
-            except (ValueError, KeyError, TypeError):
-                raise ClipbankHTTPError(response.status_code, "http_error", _one_line(response.text)) from None
+                err = _json(raw)["error"]
+                raise ClipbankHTTPError(
+                    response.status_code, err["code"], err["message"], err.get("details"), retry_after=retry
+                )
+            except (ValueError, KeyError, TypeError, RecursionError):
+                text = raw[:4096].decode("utf-8", "replace")  # an error page from a proxy, say: cut before parsing
+                status = response.status_code
+                raise ClipbankHTTPError(status, "http_error", _one_line(text), retry_after=retry) from None
         if response.is_redirect:
             where = response.headers.get("location", "?")
             raise ClipbankHTTPError(response.status_code, "redirect", f"{self.url} redirects to {where}: use that URL")
         try:
-            body = response.json()
-        except ValueError:
+            body = _json(raw)
+        except (ValueError, RecursionError):
             raise ClipbankHTTPError(
                 response.status_code,
                 "not_clipbank",
@@ -156,6 +173,33 @@ def _name(item: ImageInput, i: int) -> str:
 def _seg(name: str) -> str:
     """A task name as one path segment: '../x' must not reach another endpoint."""
     return quote(name, safe="")
+
+
+MAX_ANSWER_BYTES = 256 * 1024 * 1024  # far above any answer a clipbank server gives
+
+
+def _read_within(response: httpx.Response, deadline: float, url: str) -> bytes:
+    """The answer's body, read before `deadline` (time.monotonic) and within MAX_ANSWER_BYTES."""
+    parts, size = [], 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise ClipbankHTTPError(response.status_code, "not_clipbank", f"{url} answered more than {size} bytes")
+        if time.monotonic() > deadline:
+            raise ClipbankHTTPError(0, "timeout", f"{url} did not finish its answer within the client's timeout")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _json(raw: bytes) -> Any:
+    return json.loads(raw)  # RecursionError for nesting Python cannot parse
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:  # an HTTP date: not what a clipbank server sends
+        return None
 
 
 def _one_line(text: str) -> str:

@@ -236,3 +236,40 @@ def test_training_and_benchmark_settings_that_could_only_fail_late_are_refused_u
             CLJob(**kw)
     assert main(["bench", "cl", "--device", "bogus"]) == 2
     assert "device must be auto, cpu, cuda or cuda:N, got 'bogus'" in capsys.readouterr().err
+
+
+def test_the_client_bounds_what_a_hostile_answer_can_cost(monkeypatch):
+    """An error page of 100,000 '<' took 3.7 s in the tag-stripping regex (quadratic; 1 MB, minutes), nested JSON
+    escaped as a RecursionError, a bad gzip body as a raw httpx error, and a trickled answer held the caller past
+    its timeout. Each is now a ClipbankHTTPError, quickly; a 503's Retry-After is kept for the caller."""
+    import time
+
+    import httpx
+
+    from service.client import ClipbankHTTPError
+
+    def trickle():
+        for _ in range(20):
+            time.sleep(0.05)
+            yield b" "
+
+    answers = {
+        "lt": (httpx.Response(500, text="<" * 100_000), "http_error"),
+        "deep error": (httpx.Response(500, text="[" * 100_000), "http_error"),
+        "deep ok": (httpx.Response(200, text="[" * 100_000), "not_clipbank"),
+        "gzip": (
+            httpx.Response(200, content=iter([b"not gzip"]), headers={"content-encoding": "gzip"}),
+            "connection_failed",
+        ),
+        "trickle": (httpx.Response(200, content=trickle()), "timeout"),
+    }
+    for name, (answer, code) in answers.items():
+        client = _client_on(monkeypatch, lambda request, a=answer: a)("http://srv:1", timeout=0.3)
+        start = time.monotonic()
+        with pytest.raises(ClipbankHTTPError) as caught:
+            client.tasks()
+        assert caught.value.code == code and time.monotonic() - start < 1.0, (name, caught.value)
+    busy = httpx.Response(503, json={"error": {"code": "overloaded", "message": "m"}}, headers={"retry-after": "2"})
+    with pytest.raises(ClipbankHTTPError) as caught:
+        _client_on(monkeypatch, lambda request: busy)("http://srv:1").tasks()
+    assert (caught.value.code, caught.value.retry_after) == ("overloaded", 2.0)
