@@ -6,6 +6,7 @@ import argparse
 import base64
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -42,9 +43,12 @@ def _shadow(args: argparse.Namespace) -> int:
 
 
 def _insights(args: argparse.Namespace) -> int:
+    if args.png is not None and (Path(args.png).suffix.lower() != ".png" or Path(args.png).is_dir()):
+        raise ValueError(f"--png takes a file name ending in .png, got {args.png!r}")
     with _client(args) as client:
-        out = client.unclaimed(args.min_share, args.min_size, EXAMPLES if args.examples or args.png else 0)
-    if args.examples and out["enabled"]:
+        wanted = args.examples is not None or args.png is not None
+        out = client.unclaimed(args.min_share, args.min_size, EXAMPLES if wanted else 0)
+    if args.examples is not None and out["enabled"]:
         _write_examples(out, Path(args.examples))
     if args.json:
         print(json.dumps(out, indent=2))
@@ -52,7 +56,7 @@ def _insights(args: argparse.Namespace) -> int:
         print("the unclaimed-traffic monitor is off on this server (unclaimed_capacity=0)")
     else:
         _print_insights(out)
-    if args.png and out["enabled"]:
+    if args.png is not None and out["enabled"]:
         plot_unclaimed(out, args.png)
         print(f"wrote {args.png}")
     return 0
@@ -61,13 +65,22 @@ def _insights(args: argparse.Namespace) -> int:
 EXAMPLES = 8  # thumbnails fetched per cluster for --examples and --png
 
 
+EXAMPLES_MARKER = ".clipbank-examples"
+
+
 def _write_examples(out: dict, folder: Path) -> None:
     """Each cluster's example thumbnails as DIR/cluster-ID/N.png (none unless the server keeps thumbnails)."""
     if not out["reservoir"].get("thumbnail"):
         print("this server keeps no thumbnails (start it with --unclaimed-thumbnails 64 to opt in)", file=sys.stderr)
         return
-    for stale in folder.glob("cluster-*/[0-9]*.png"):  # an earlier run's (other clusters, other users' images)
-        stale.unlink()
+    marker = folder / EXAMPLES_MARKER  # the folder is ours: an earlier run's thumbnails may go
+    if folder.exists() and any(folder.iterdir()) and not marker.exists():
+        raise ValueError(f"{folder} holds files clipbank did not write there: give --examples a new or empty folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    for stale in folder.glob("cluster-*/*.png"):  # an earlier run's (other clusters, other users' images)
+        if re.fullmatch(r"cluster-\d+", stale.parent.name) and re.fullmatch(r"\d+\.png", stale.name):
+            stale.unlink()
     for c in out["clusters"]:
         where = folder / f"cluster-{c['id']}"
         where.mkdir(parents=True, exist_ok=True)

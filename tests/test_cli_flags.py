@@ -273,3 +273,37 @@ def test_the_client_bounds_what_a_hostile_answer_can_cost(monkeypatch):
     with pytest.raises(ClipbankHTTPError) as caught:
         _client_on(monkeypatch, lambda request: busy)("http://srv:1").tasks()
     assert (caught.value.code, caught.value.retry_after) == ("overloaded", 2.0)
+
+
+def test_insights_writes_only_where_it_may_and_names_what_it_wrote(monkeypatch, tmp_path, capsys):
+    """`--examples DIR` once deleted any `cluster-*/[0-9]*.png` under DIR (a user's photos too); `--png noext`
+    wrote noext.png and said it wrote noext."""
+    import base64
+
+    import httpx
+    from PIL import Image
+
+    from clipbank.cli import main
+    from tests.helpers import png
+
+    uri = "data:image/png;base64," + base64.b64encode(png(Image.new("RGB", (4, 4)))).decode()
+    answer = {"enabled": True, "reservoir": {"thumbnail": 16}, "clusters": [{"id": 3, "examples": [uri, uri]}]}
+    _client_on(monkeypatch, lambda request: httpx.Response(200, json=answer))
+    args = ["insights", "--json", "--url", "http://srv:1", "--token", "t" * 20]
+    photos = tmp_path / "photos" / "cluster-headshots"
+    photos.mkdir(parents=True)
+    (photos / "2019-family.png").write_bytes(b"mine")
+    assert main([*args, "--examples", str(tmp_path / "photos")]) == 2
+    assert "holds files clipbank did not write" in capsys.readouterr().err
+    assert (photos / "2019-family.png").read_bytes() == b"mine"
+    out = tmp_path / "examples"
+    assert main([*args, "--examples", str(out)]) == 0
+    assert sorted(p.name for p in (out / "cluster-3").iterdir()) == ["0.png", "1.png"]
+    (out / "cluster-9").mkdir()
+    (out / "cluster-9" / "0.png").write_bytes(b"stale")  # an earlier run's cluster: goes
+    (out / "cluster-3" / "notes.png").write_bytes(b"kept")  # not a name clipbank writes: stays
+    assert main([*args, "--examples", str(out)]) == 0
+    assert not (out / "cluster-9" / "0.png").exists() and (out / "cluster-3" / "notes.png").exists()
+    for bad in ("noext", str(tmp_path), "plot.jpg", ""):
+        assert main([*args, "--png", bad]) == 2
+        assert "--png takes a file name ending in .png" in capsys.readouterr().err
