@@ -53,7 +53,7 @@ CLASSIFY_CHUNK = 64  # images per request: the server's default max_images
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from service.client import ClipbankClient
+    from service.client import ClipbankClient, ClipbankHTTPError
 
     labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else []
     if args.route == "per-request" and len(args.images) > CLASSIFY_CHUNK:
@@ -62,14 +62,21 @@ def _classify(args: argparse.Namespace) -> int:
     with ClipbankClient(args.url, args.token) as client:  # a shell glob may name more than one request holds
         for a in range(0, len(args.images), CLASSIFY_CHUNK):
             paths = [Path(p) for p in args.images[a : a + CLASSIFY_CHUNK]]
-            out = client.classify(paths, labels, args.task, args.route, args.top_k)
+            try:
+                out = client.classify(paths, labels, args.task, args.route, args.top_k)
+            except ClipbankHTTPError as e:  # the server numbers images within their request: say which files
+                if len(args.images) <= CLASSIFY_CHUNK:
+                    raise
+                e.message += f" (in the request of files {a + 1}..{a + len(paths)}: its image i is file {a} + i)"
+                raise ClipbankHTTPError(e.status, e.code, e.message, e.details, e.retry_after) from None
             if not isinstance(out.get("results"), list) or len(out["results"]) != len(paths):
                 raise ValueError(f"{args.url} answered without a result per image: is it a clipbank server?")
             results += out["results"]
     if args.json:
         print(json.dumps({"results": results}, indent=2))
         return 0
-    for path, r in zip(args.images, results, strict=True):
+    for name, r in zip(args.images, results, strict=True):
+        path = name if name.isprintable() else repr(name)  # a tab or newline in a name would break the columns
         where = f"{r['route']['task']} v{r['route']['version']}" if r["route"]["task"] else "zero-shot"
         if not r["labels"]:  # no labels sent and no task claimed the image
             print(f"{path}\t-\t-\t[{where}: no task claims it; send --labels]")
@@ -244,10 +251,15 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("clipbank", "model_store"):
             logging.getLogger(name).setLevel(logging.INFO)
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()  # a reader that went away shows here, not as an error at the interpreter's exit
+        return code
     except KeyboardInterrupt:
         print(f"clipbank {args.cmd}: interrupted (a file being written is left as it was)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly, as a killed pipe writer would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 141
     except (ClipbankError, ValueError, OSError) as e:
         print(f"clipbank {args.cmd}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

@@ -307,3 +307,43 @@ def test_insights_writes_only_where_it_may_and_names_what_it_wrote(monkeypatch, 
     for bad in ("noext", str(tmp_path), "plot.jpg", ""):
         assert main([*args, "--png", bad]) == 2
         assert "--png takes a file name ending in .png" in capsys.readouterr().err
+
+
+def test_classify_output_survives_a_closed_pipe_and_odd_names_and_says_which_files_failed(
+    monkeypatch, tmp_path, capsys
+):
+    import os
+    import sys
+
+    import httpx
+
+    from clipbank.cli import main
+
+    names = [tmp_path / f"{i}.png" for i in range(70)] + [tmp_path / "tab\tname.png"]
+    for p in names:
+        p.write_bytes(b"x")
+
+    def answer(request):
+        n = request.content.count(b'name="images"')
+        if n == 6:  # the second request of 70 files
+            return httpx.Response(422, json={"error": {"code": "bad_image", "message": "image 3 is not an image"}})
+        result = {"labels": [{"label": "a", "score": 0.9}], "route": {"task": None}}
+        return httpx.Response(200, json={"results": [result] * n})
+
+    _client_on(monkeypatch, answer)
+    args = ["classify", *map(str, names[:70]), "--labels", "a,b", "--url", "http://srv:1"]
+    assert main(args) == 2
+    assert (
+        "image 3 is not an image (in the request of files 65..70: its image i is file 64 + i)"
+        in capsys.readouterr().err
+    )
+    assert main(["classify", str(names[0]), str(names[-1]), "--labels", "a,b", "--url", "http://srv:1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("'") and lines[1].count("\t") == 3  # the tab shown escaped
+    read, write = os.pipe()
+    os.close(read)
+    with os.fdopen(write, "w") as closed:  # `clipbank classify ... | head -1` once the reader has gone
+        monkeypatch.setattr(sys, "stdout", closed)
+        assert main(["classify", str(names[0]), "--labels", "a,b", "--url", "http://srv:1"]) == 141
+        monkeypatch.undo()
+    assert "BrokenPipe" not in capsys.readouterr().err
