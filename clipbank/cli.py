@@ -124,10 +124,20 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _store(args: argparse.Namespace) -> int:
-    from model_store.store import open_store
+    from model_store.store import check_store, open_store
 
-    if "://" not in args.store and not Path(args.store).is_dir():  # a typo would make a new, empty store
-        raise FileNotFoundError(f"no store at {args.store}")
+    local = "://" not in args.store
+    if local and not any((Path(args.store) / name).exists() for name in ("index.json", "blobs")):
+        # a typo, or any other folder, would become a new, empty store
+        raise FileNotFoundError(f"no store at {args.store!r} (a store folder holds index.json and blobs/)")
+    if args.store_cmd == "check":
+        if not local:
+            raise ValueError("store check reads a local store folder (an object store has no folder to read)")
+        problems = check_store(args.store)
+        for problem in problems:
+            print(problem)
+        print(f"{len(problems)} problem(s)" if problems else "the store is consistent", file=sys.stderr)
+        return 1 if problems else 0
     store = open_store(args.store)
     if args.store_cmd == "list":
         print(json.dumps(store.index().to_json(), indent=2))
@@ -178,6 +188,7 @@ def _add_store(sub) -> None:
     s.add_argument("--store", default=env_value("store") or ServeConfig.store, help="($CLIPBANK_STORE)")
     ssub = s.add_subparsers(dest="store_cmd", required=True)
     ssub.add_parser("list")
+    ssub.add_parser("check", help="report what is damaged or inconsistent (exit 1 if anything is)")
     a = ssub.add_parser("activate")
     a.add_argument("task")
     a.add_argument("version", type=int)

@@ -101,3 +101,21 @@ def test_store_commands_do_not_make_a_store_where_there_is_none(tmp_path, capsys
 
     assert main(["store", "--store", str(tmp_path / "typo"), "list"]) == 2
     assert "no store at" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+    (tmp_path / "photos").mkdir()  # an existing folder that is not a store: left as it is
+    assert main(["store", "--store", str(tmp_path / "photos"), "deactivate", "x"]) == 2
+    assert "no store at" in capsys.readouterr().err and list((tmp_path / "photos").iterdir()) == []
+
+
+def test_store_check_reports_problems_and_exits_1(tmp_path, capsys, backbone):
+    from clipbank.cli import main
+    from model_store.bank import empty_bank
+    from model_store.store import LocalStore
+    from tests.helpers import random_bundle
+
+    store = LocalStore(tmp_path / "s")
+    store.put(random_bundle(empty_bank(backbone), "cars", seed=1))
+    assert main(["store", "--store", str(tmp_path / "s"), "check"]) == 0
+    assert "the store is consistent" in capsys.readouterr().err
+    (tmp_path / "s" / "index.json").unlink()  # documented: a lost index is damage, `store check` says so
+    assert main(["store", "--store", str(tmp_path / "s"), "check"]) == 1
+    assert "index.json is missing but blobs/ holds 1 bundles" in capsys.readouterr().out
