@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from model_store.bank import BankSnapshot
+from model_store.errors import ClipbankError
 from model_store.inference import AUTO, BatchPlan, ClassifyItem, ImagePasses, ImageResult, TextCache, TextJob
 from model_store.modes import ZERO_SHOT
 
@@ -200,7 +201,9 @@ class Steps:
     def _finish(self, work: _TextWork) -> None:
         try:
             self._answer_finished(work)
-        except Exception as e:  # inline encoding or a bug: that request's error, not the thread's
+        except ClipbankError as e:  # the request's own fault (labels its tokenizer reads as one): its answer
+            answer(work.pending, e)
+        except Exception as e:  # a bug: that request's error, not the thread's
             _fail([work.pending], e)
 
     def _answer_finished(self, work: _TextWork) -> None:
