@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model_store.settings import option
+from model_store.settings import check_settings, option
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,9 @@ class ServeBenchJob:
     requests: int | None = option(None, "requests per load level, at most (default 400, quick 100)")
     max_seconds: float | None = option(None, "seconds per load level, at most (default 30, quick 10)")
 
+    def __post_init__(self) -> None:
+        check_settings(self, ("requests", "max_seconds"))
+
 
 @dataclass(frozen=True)
 class SoakJob:
@@ -29,8 +32,14 @@ class SoakJob:
     out: str = option("runs/bench-soak", "report.json, report.md, plots and the server log")
     quick: bool = option(False, "about a minute: a 30 s soak, 10 s hostile windows")
 
+    def __post_init__(self) -> None:
+        check_settings(self, ("minutes", "clients", "swap_seconds"), counts=("hostile",))
+
 
 @dataclass(frozen=True)
 class ScaleJob:
     out: str = option("runs/bench-scale", "report.json and report.md go here")
     quick: bool = option(False, "1 and 2 replicas, 8 s of load each, 10 swaps per mode (a few minutes)")
+
+    def __post_init__(self) -> None:
+        check_settings(self, ())

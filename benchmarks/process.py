@@ -78,7 +78,7 @@ def _wait_ready(proc: subprocess.Popen, url: str, seconds: float, log: Path | No
     deadline = time.monotonic() + seconds
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode}\n{_tail(log)}")
+            raise ChildProcessError(f"the server exited with code {proc.returncode}\n{_tail(log)}")
         try:
             if httpx.get(url + "/readyz", timeout=2).status_code == 200:
                 return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -12,13 +13,18 @@ from benchmarks.jobs import ScaleJob, ServeBenchJob, SoakJob
 from model_store.settings import env_value
 from training.config import CLJob, RoutingJob
 
-from .flags import add_flags
+from .flags import add_flags, given
 
 DEFAULT_BACKBONE = env_value("backbone") or "tiny"
 
 
 def bench(args: argparse.Namespace) -> int:
     """`clipbank bench cl | serve | soak | routing | scale`."""
+    job = BENCHES[args.bench_cmd][0]
+    job(**given(job, args))  # every setting checked before any work starts
+    # SIGTERM (a scheduler's stop, `kill`) as Ctrl-C: the servers a benchmark started are stopped on the way out
+    # instead of outliving it in their own sessions
+    signal.signal(signal.SIGTERM, _interrupt)
     if args.bench_cmd == "soak":
         return _bench_soak(args)
     if args.bench_cmd == "scale":
@@ -26,6 +32,10 @@ def bench(args: argparse.Namespace) -> int:
     if args.bench_cmd == "routing":
         return _bench_routing(args)
     return _bench_cl(args) if args.bench_cmd == "cl" else _bench_serve(args)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _bench_soak(args: argparse.Namespace) -> int:

@@ -4,9 +4,11 @@ into flags, so a setting is declared once)."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import field
+from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "CLIPBANK_"
@@ -28,3 +30,18 @@ def cache_root(environ: Mapping[str, str] | None = None) -> str:
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     """A dataclass field with a default and the help text of its command-line flag."""
     return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def check_settings(job: object, positive: tuple[str, ...], counts: tuple[str, ...] = ()) -> None:
+    """ValueError naming a setting that is given and not a finite number > 0 (`counts`: >= 0), or an `out` that
+    is a file: these used to mean the default, skip a phase silently, or fail after the run."""
+    for name in (*positive, *counts):
+        value = getattr(job, name)
+        least = 0 if name in counts else math.nextafter(0, 1)
+        if value is not None and not (least <= value < math.inf):
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be a finite number {'>=' if name in counts else '>'} 0, got {value}"
+            )
+    out = getattr(job, "out", None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file; the report goes into a folder")

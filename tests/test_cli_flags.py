@@ -347,3 +347,22 @@ def test_classify_output_survives_a_closed_pipe_and_odd_names_and_says_which_fil
         assert main(["classify", str(names[0]), "--labels", "a,b", "--url", "http://srv:1"]) == 141
         monkeypatch.undo()
     assert "BrokenPipe" not in capsys.readouterr().err
+
+
+def test_bench_settings_are_checked_before_any_work(tmp_path, capsys):
+    """`--clients 0` started a soak, `--requests 0` meant the default, `--kinds hybrid,foo` fitted the hybrid for
+    25 s first, and `--out FILE` failed after a whole run."""
+    from clipbank.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    for args, message in (
+        (["soak", "--quick", "--clients", "0"], "--clients must be a finite number > 0"),
+        (["soak", "--hostile", "-3"], "--hostile must be a finite number >= 0"),
+        (["serve", "--requests", "0"], "--requests must be a finite number > 0"),
+        (["serve", "--max-seconds", "nan"], "--max-seconds must be a finite number > 0"),
+        (["routing", "--kinds", "hybrid,foo"], "unknown selector kind(s) 'foo'"),
+        (["routing", "--out", str(tmp_path / "afile")], "is a file; the report goes into a folder"),
+        (["scale", "--out", str(tmp_path / "afile")], "is a file; the report goes into a folder"),
+    ):
+        assert main(["bench", *args]) == 2, args
+        assert message in capsys.readouterr().err, args

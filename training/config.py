@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model_store.modes import DEFAULT_SELECTOR, SELECTOR_NAMES
-from model_store.settings import option
+from model_store.settings import check_settings, option
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,14 @@ class RoutingJob:
     backbone: str | None = option(None, "default: tiny")
     reference: str | None = option(None, "reference set file (default: the backbone's, if one was built)")
     out: str | None = option(None, "write report.json, report.md and routing.png here")
+
+    def __post_init__(self) -> None:
+        check_settings(self, ())
+        unknown = [k for k in (self.kinds or "").split(",") if self.kinds and k not in SELECTOR_NAMES]
+        if unknown:  # before any selector is fitted
+            raise ValueError(
+                f"--kinds: unknown selector kind(s) {', '.join(map(repr, unknown))}; known: {', '.join(SELECTOR_NAMES)}"
+            )
 
 
 def jsonable(d: Any) -> Any:
