@@ -74,6 +74,12 @@ def reference(args: argparse.Namespace) -> int:
     from model_store.reference import cache_path, embed_images, save_reference
     from training.data import IMAGE_SUFFIXES, LazyImages, read_rgb
 
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if not 0 <= args.characters <= 1:  # also refuses NaN
+        raise ValueError(f"--characters is a share in [0, 1], got {args.characters}")
+    if args.out and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give the reference set's file name")
     backbone = load_backbone(args.backbone, args.device)
     if args.generated:
         from training.reference_images import outside_images
@@ -83,7 +89,7 @@ def reference(args: argparse.Namespace) -> int:
     elif args.images:
         files = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise SystemExit(f"clipbank reference build: no images under {args.images}")
+            raise FileNotFoundError(f"no images under {args.images}")
         images, source = LazyImages(files[: args.limit] if args.limit else files, read_rgb), f"{len(files)} images"
     else:
         raise SystemExit("clipbank reference build: give --images DIR or --generated")

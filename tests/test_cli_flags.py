@@ -366,3 +366,16 @@ def test_bench_settings_are_checked_before_any_work(tmp_path, capsys):
     ):
         assert main(["bench", *args]) == 2, args
         assert message in capsys.readouterr().err, args
+
+
+def test_reference_build_settings_are_checked_before_embedding(tmp_path, capsys):
+    from clipbank.cli import main
+
+    for args, message in (
+        (["--generated", "--limit", "-1"], "--limit must be >= 1"),  # -1 dropped the last image silently
+        (["--generated", "--characters", "5"], "--characters is a share in [0, 1]"),
+        (["--generated", "--out", str(tmp_path)], "is a folder; give the reference set's file name"),
+        (["--images", str(tmp_path / "none")], "no images under"),  # exit 1 before, 2 like every other error
+    ):
+        assert main(["reference", "build", *args]) == 2, args
+        assert message in capsys.readouterr().err, args
