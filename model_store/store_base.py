@@ -17,7 +17,7 @@ from .bundle import Bundle, read_bundle, utc_now
 from .digest import bytes_digest
 from .errors import MissingExpert, ShadowConflict, StoreDamaged, StoreError, VersionConflict
 from .manifest import finite_metrics, shown, validate_task_name
-from .store_index import StoreIndex, TaskRecord, VersionRecord
+from .store_index import INDEX_FORMAT, StoreIndex, TaskRecord, VersionRecord
 
 Edit = Callable[[StoreIndex], StoreIndex]
 
@@ -240,6 +240,13 @@ def purge_plan(index: StoreIndex, task: str) -> tuple[StoreIndex, list[VersionRe
 
 
 def next_generation(index: StoreIndex) -> StoreIndex:
+    """The changed index, one generation on; a StoreError for an index of a newer format, which this release reads
+    but cannot rewrite without losing what it does not know."""
+    if index.format > INDEX_FORMAT:
+        raise StoreError(
+            f"the store index is format {index.format}, written by a newer clipbank; this release (format "
+            f"{INDEX_FORMAT}) serves from it but does not change it: upgrade to change the store"
+        )
     return replace(index, generation=index.generation + 1)
 
 

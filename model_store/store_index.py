@@ -148,7 +148,10 @@ class StoreIndex:
         tasks = {name: TaskRecord.from_json(entry, name) for name, entry in obj["tasks"].items()}
         deleting = obj.get("deleting") if isinstance(obj.get("deleting"), dict) else {}
         deleting = {k: float(v) for k, v in deleting.items() if ID_RE.fullmatch(k) and _finite(v)}
-        return cls(obj["generation"], tasks, obj.get("format", INDEX_FORMAT), deleting)
+        fmt = obj.get("format", INDEX_FORMAT)
+        if type(fmt) is not int or fmt < 1:
+            raise StoreError(f"the store index has format {shown(fmt, 20)}, not a format number")
+        return cls(obj["generation"], tasks, fmt, deleting)
 
     def to_json(self) -> dict[str, Any]:
         out = {

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .digest import bytes_digest
-from .errors import BundleNotFound, StoreError, StoreUnavailable
+from .errors import BundleNotFound, StoreDamaged, StoreError, StoreUnavailable
 from .settings import cache_root, env_value
 from .store import atomic_write, encode_index, parse_index
 from .store_base import BlobBeingDeleted, Edit, Store, next_generation, purge_plan
@@ -96,13 +96,30 @@ class S3Store(Store):
             status = _status(e)
             if status == 304 and cached is not None:
                 return cached
+            if _code(e) == "NoSuchBucket":
+                raise self._unavailable("find its bucket", e) from None
             if status == 404 or _code(e) in ("NoSuchKey", "404"):
                 self._cached = None
+                self._no_index_but_blobs()
                 return None, StoreIndex()
             raise self._unavailable("read the index", e) from None
         index = parse_index(data, self.location)
         self._cached = (etag, index)
         return etag, index
+
+    def _no_index_but_blobs(self) -> None:
+        """StoreDamaged when the index is missing but bundles are stored: a lost index is not an empty store (its
+        generations would restart, and the next purge would delete every bundle). A store's first change writes
+        the index before any blob, so only a lost index leaves blobs without one."""
+        try:
+            listed = self._s3.list_objects_v2(Bucket=self.bucket, Prefix=self._key("blobs/"), MaxKeys=1)
+        except Exception as e:
+            raise self._unavailable("list the blobs", e) from None
+        if listed.get("KeyCount", len(listed.get("Contents", []))):
+            raise StoreDamaged(
+                f"{self.location}: the store's index.json is missing but its blobs/ hold bundles: restore index.json "
+                "from a backup (or move blobs/ away to start an empty store)"
+            )
 
     def _read_blob(self, bundle_id: str) -> bytes:
         cached = self.cache / f"{bundle_id}.safetensors"
@@ -113,6 +130,8 @@ class S3Store(Store):
             log.warning("cached blob %s does not hash to its name; fetched again", bundle_id[:12])
         except FileNotFoundError:
             pass
+        except OSError as e:  # the cache is only a cache: the object store has the blob
+            log.warning("cached blob %s cannot be read (%s); fetched again", bundle_id[:12], e)
         try:
             data = self._s3.get_object(Bucket=self.bucket, Key=self._blob_key(bundle_id))["Body"].read()
         except Exception as e:
@@ -120,7 +139,10 @@ class S3Store(Store):
                 raise BundleNotFound(f"bundle {bundle_id[:12]} is missing from the store") from None
             raise self._unavailable(f"read blob {bundle_id[:12]}", e) from None
         if bytes_digest(data) == bundle_id:  # a damaged object is not cached; `read` reports it
-            atomic_write(cached, data)
+            try:
+                atomic_write(cached, data)
+            except OSError as e:  # a full or read-only cache disk costs a fetch next time, never the blob
+                log.warning("blob %s could not be cached in %s: %s", bundle_id[:12], self.cache, e)
         return data
 
     # ----------------------------------------------------------------------------------------- changing
@@ -139,6 +161,9 @@ class S3Store(Store):
         deadline, attempt = time.monotonic() + CAS_SECONDS, 0
         while True:
             etag, index = self._get_index()
+            if etag is None and blob is not None:  # a new store: its index first, so no blob is ever without one
+                self._publish(None, index)
+                continue
             try:
                 new = next_generation(edit(index))
             except BlobBeingDeleted:
@@ -173,9 +198,22 @@ class S3Store(Store):
             )
         except Exception as e:
             if _status(e) in (412, 409):
-                return False
+                return self._landed(index)
             raise self._unavailable("write the index", e) from None
         self._cached = (answer["ETag"], index)
+        return True
+
+    def _landed(self, index: StoreIndex) -> bool:
+        """After a 412: whether the index is this very write. The client retries a write whose answer was lost (a
+        503 after S3 applied it), and the retry's condition then fails on its own first attempt's ETag."""
+        try:
+            answer = self._s3.get_object(Bucket=self.bucket, Key=self._key("index.json"))
+            data, etag = answer["Body"].read(), answer["ETag"]
+        except Exception:
+            return False  # the next attempt reads the index again and decides
+        if data != encode_index(index):
+            return False
+        self._cached = (etag, index)
         return True
 
     def _wait_for_deletion(self, index: StoreIndex, bundle_id: str, deadline: float, attempt: int) -> None:

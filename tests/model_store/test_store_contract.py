@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +13,7 @@ from model_store.bank import empty_bank
 from model_store.errors import (
     BundleNotFound,
     ShadowConflict,
+    StoreDamaged,
     StoreError,
     StoreUnavailable,
     TaskNotFound,
@@ -209,3 +211,76 @@ def test_locations_are_checked():
         open_store("gs://bucket/x")
     with pytest.raises(StoreError, match="s3://bucket"):
         open_store("s3:///x")
+
+
+def _delete_index(store) -> None:
+    if isinstance(store, LocalStore):
+        store.index_path.unlink()
+    else:
+        store._s3.delete_object(Bucket=store.bucket, Key=store._key("index.json"))
+
+
+def test_a_lost_index_is_damage_on_every_backend(make_store, bundles):
+    """On S3 a lost index read as an empty store: generations restarted, and the next purge deleted every bundle."""
+    store = make_store()
+    store.put(bundles[1])
+    _delete_index(store)
+    with pytest.raises(StoreDamaged, match="index.json is missing but"):
+        make_store().index()
+
+
+def test_an_index_of_a_newer_format_is_served_from_but_not_changed(make_store, bundles):
+    """A newer release's index: rewriting it would drop what this release does not know."""
+    store = make_store()
+    store.put(bundles[1])
+    newer = {**store.index().to_json(), "format": 2, "future": {"kept": True}}
+    if isinstance(store, LocalStore):
+        store.index_path.write_text(json.dumps(newer))
+    else:
+        store._s3.put_object(Bucket=store.bucket, Key=store._key("index.json"), Body=json.dumps(newer).encode())
+    other = make_store()
+    assert list(other.index().tasks) == ["cars"]
+    with pytest.raises(StoreError, match="format 2, written by a newer clipbank"):
+        other.put(bundles[2])
+
+
+def test_s3_a_write_that_landed_though_its_answer_was_lost_counts(make_store, bundles, monkeypatch):
+    """S3 applied an index write but answered 503; the client's retry then failed its own If-Match (412). The
+    put answered 409 though its version was stored, and a purge left its blob listed as being deleted."""
+    store = make_store()
+    if isinstance(store, LocalStore):
+        pytest.skip("an object store's conditional write")
+    from botocore.exceptions import ClientError
+
+    real = store._s3.put_object
+
+    def applied_then_412(**kw):
+        answer = real(**kw)
+        if kw["Key"].endswith("index.json") and "IfMatch" in kw:
+            raise ClientError(
+                {"Error": {"Code": "PreconditionFailed"}, "ResponseMetadata": {"HTTPStatusCode": 412}}, "PutObject"
+            )
+        return answer
+
+    monkeypatch.setattr(store._s3, "put_object", applied_then_412)
+    store.put(bundles[1])
+    assert store.put(bundles[2]).version == 2 and [v.version for v in store.task("cars").versions] == [1, 2]
+    store.deactivate("cars")
+    assert store.purge("cars") == 2 and store.index().deleting == {} and blob_ids(store) == set()
+
+
+def test_s3_a_cache_disk_that_cannot_be_written_costs_a_fetch_not_the_blob(make_store, bundles, monkeypatch):
+    import model_store.store_s3 as s3_module
+
+    store = make_store()
+    if isinstance(store, LocalStore):
+        pytest.skip("the object store's local cache")
+    store.put(bundles[1])
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(s3_module, "atomic_write", full)
+    other = make_store()
+    other.cache = other.cache.parent / "empty-cache"
+    assert other.load(store.task("cars").active).task == "cars"
