@@ -8,13 +8,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fastapi.concurrency import run_in_threadpool
+import anyio
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import LimitExceeded, Overloaded, error_response
 from .metrics import Metrics
 
+REFRESH_WAIT_SECONDS = 5.0  # how long a request with X-Min-Generation waits for the store's state
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -124,7 +125,8 @@ class Generations:
             return error_response(400, "bad_request", "X-Min-Generation must be a non-negative integer")
         want, registry = int(wanted), self.service.registry
         if registry is not None and self.service.ready.is_set() and registry.bank.generation < want:
-            await run_in_threadpool(registry.refresh)
+            with anyio.move_on_after(REFRESH_WAIT_SECONDS):  # a store that does not answer: 503, not minutes
+                await anyio.to_thread.run_sync(registry.refresh, abandon_on_cancel=True)
         have = registry.bank.generation if registry is not None and self.service.ready.is_set() else None
         if have is None or have < want:
             message = f"this server answers from generation {have}, behind the X-Min-Generation {want} asked for"

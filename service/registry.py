@@ -16,7 +16,15 @@ from model_store.backbone import Backbone
 from model_store.bank import BankSnapshot, empty_bank
 from model_store.bundle import Bundle, read_bundle
 from model_store.compat import refuse_other_backbone
-from model_store.errors import BundleError, BundleInvalid, InvalidRequest, NoShadow, ShadowConflict, StoreError
+from model_store.errors import (
+    BundleError,
+    BundleInvalid,
+    InvalidRequest,
+    NoShadow,
+    ShadowConflict,
+    StoreError,
+    StoreUnavailable,
+)
 from model_store.gate import Gate, GateReport, InterferenceRefused
 from model_store.inference import ClassifyItem, TextCache, classify_batch
 from model_store.loader import BankLoader
@@ -176,16 +184,18 @@ class Registry:
         self._rebuild()
 
     def refresh(self) -> bool:
-        """Swap in the store's state if another process changed it; True if a new bank was swapped in."""
+        """Swap in the store's state if another process changed it, or if a task was left out for a passing store
+        failure (an object store's 503 while its blob was read: nothing else would try it again); True if a new
+        bank was swapped in."""
         try:
-            if self.store.generation() == self.bank.generation and self.store_error is None:
+            if self._current():
                 return False
         except StoreError as e:
             self._store_failed(e)
             return False
         with self._change_lock:
             try:
-                if self.store.generation() == self.bank.generation and self.store_error is None:
+                if self._current():
                     return False
                 self._rebuild()
             except StoreError as e:
@@ -199,6 +209,11 @@ class Registry:
                 )
                 return False
             return True
+
+    def _current(self) -> bool:
+        bank = self.bank
+        passing = any(why.startswith(TRANSIENT) for why in bank.degraded.values())
+        return self.store.generation() == bank.generation and self.store_error is None and not passing
 
     # ------------------------------------------------------------------------------------------- reading
 
@@ -285,6 +300,9 @@ class Registry:
 
         # How many store changes `write` makes, guessed before the lock: a wrong guess only costs a rebuild.
         return self._change({task: None}, write, changes=bool(active) + purge)
+
+
+TRANSIENT = f"{StoreUnavailable.code}:"  # a task left out for this (an object store's 503) is tried again
 
 
 def trial_run(bank: BankSnapshot, tasks: list[str], cache: TextCache | None = None) -> None:

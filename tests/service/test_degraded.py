@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import anyio
 import pytest
 
 from model_store.bank import build_bank, empty_bank
@@ -204,3 +205,28 @@ async def test_health_answers_while_the_bank_is_loading(tmp_path, backbone, two_
     async with running_app(tmp_path, backbone) as c:
         assert (await c.get("/healthz")).json()["status"] == "live"
     assert seen == [{"degraded": {}, "store_error": None}]
+
+
+async def test_a_task_left_out_for_a_passing_store_failure_is_tried_again(tmp_path, backbone, two_tasks, monkeypatch):
+    """An object store's 503 while a blob was read left the task out until the next store change (a replica then
+    answered 404 for a task every other replica served, X-Min-Generation included)."""
+    from model_store.errors import StoreUnavailable
+
+    store = _store(tmp_path, two_tasks["a"], two_tasks["c"])
+    failing = {bytes_digest(two_tasks["c"])}
+    real = LocalStore.read
+
+    def flaky(self, bundle_id):
+        if bundle_id in failing:
+            raise StoreUnavailable("the object store could not read blob (SlowDown)")
+        return real(self, bundle_id)
+
+    monkeypatch.setattr(LocalStore, "read", flaky)
+    async with running_app(tmp_path, backbone, store=str(store.root), poll_seconds=0.1) as c:
+        health = (await c.get("/healthz")).json()
+        assert list(health["degraded"]) == ["c"] and health["degraded"]["c"].startswith("store_unavailable:")
+        failing.clear()  # the store answers again; nothing in it changed
+        with anyio.fail_after(10):
+            while (await c.get("/healthz")).json()["degraded"]:
+                await anyio.sleep(0.1)
+        assert await _pinned(c, "c") == 200

@@ -100,3 +100,19 @@ def test_metrics_carry_the_replica_label_only_when_one_is_set():
     assert 'clipbank_bank_generation{replica="r1"} 3.0' in text
     assert 'clipbank_routes_total{replica="r1",task="cars"} 1.0' in text
     assert "clipbank_bank_generation 3.0" not in text and 'clipbank_routes_total{task="cars"}' not in text
+
+
+async def test_min_generation_waits_a_bounded_time_for_a_store_that_does_not_answer(tmp_path, backbone, monkeypatch):
+    """An object store that stopped answering held such a request for 240 s (the client's retries of a 60 s read)."""
+    import time
+
+    from service import middleware
+    from service.registry import Registry
+
+    monkeypatch.setattr(middleware, "REFRESH_WAIT_SECONDS", 0.3)
+    async with running_app(tmp_path, backbone) as client:
+        monkeypatch.setattr(Registry, "refresh", lambda self: time.sleep(3) or False)  # the store hangs
+        start = time.monotonic()
+        answer = await client.post("/classify", headers={"X-Min-Generation": "5"}, **classify_form())
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "stale_replica"
+        assert time.monotonic() - start < 2
