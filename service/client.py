@@ -53,11 +53,11 @@ class ClipbankClient:
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         """The JSON answer, or ClipbankHTTPError: for an error answer, and for anything that is not a clipbank
-        answer within `timeout` seconds in all (a server trickling its answer cannot hold the caller longer)."""
-        deadline = time.monotonic() + self.timeout
+        answer. Once the answer starts, its body must arrive within `timeout` seconds in all (a server trickling it
+        cannot hold the caller longer); before, each step has `timeout` (a long upload is not cut short)."""
         try:
             with self._http.stream(method, path, **kwargs) as response:
-                raw = _read_within(response, deadline, self.url)
+                raw = _read_within(response, time.monotonic() + self.timeout, self.url)
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # refused, bad address: name where
             raise ClipbankHTTPError(0, "unreachable", f"cannot reach {self.url}: {type(e).__name__}: {e}") from None
         except httpx.HTTPError as e:  # timed out, the connection broke, a body that does not decode
