@@ -114,6 +114,8 @@ class ServeConfig:
         problems = list(self.limits.problems()) + self._monitor_problems() + self._engine_problems()
         if not 0 < self.port < 65536:
             problems.append(f"port must be in 1..65535, got {self.port}")
+        if "://" in self.store and not self.store.startswith("s3://"):  # before a token is saved "in" it
+            problems.append(f"store must be a local folder or s3://bucket/prefix, got {self.store!r}")
         if self.max_batch < 1:
             problems.append(f"max_batch must be >= 1, got {self.max_batch}")
         elif self.limits.max_images > self.max_batch:

@@ -379,3 +379,12 @@ def test_reference_build_settings_are_checked_before_embedding(tmp_path, capsys)
     ):
         assert main(["reference", "build", *args]) == 2, args
         assert message in capsys.readouterr().err, args
+
+
+def test_a_store_url_that_is_not_a_folder_gets_no_token_file_written_in_its_name(tmp_path, monkeypatch, capsys):
+    """`--store ftp://x` saved a token under ./ftp:/x before it was refused (an s3:// store needs a set token)."""
+    from clipbank.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "--store", "ftp://x"]) == 2
+    assert list(tmp_path.iterdir()) == []
