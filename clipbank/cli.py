@@ -187,12 +187,12 @@ def _add_store(sub) -> None:
     s = sub.add_parser("store", help="inspect or change a local store")
     s.add_argument("--store", default=env_value("store") or ServeConfig.store, help="($CLIPBANK_STORE)")
     ssub = s.add_subparsers(dest="store_cmd", required=True)
-    ssub.add_parser("list")
+    ssub.add_parser("list", help="print the store's index: tasks, versions, which is active")
     ssub.add_parser("check", help="report what is damaged or inconsistent (exit 1 if anything is)")
-    a = ssub.add_parser("activate")
+    a = ssub.add_parser("activate", help="make a stored version active (not gated: the server's gate is its own)")
     a.add_argument("task")
     a.add_argument("version", type=int)
-    dd = ssub.add_parser("deactivate")
+    dd = ssub.add_parser("deactivate", help="stop routing to a task (its versions stay stored)")
     dd.add_argument("task")
     s.set_defaults(fn=_store)
 
@@ -227,7 +227,7 @@ def _add_client(sub) -> None:
     cl.add_argument("--top-k", type=int)
     cl.add_argument("--url", default=url)
     cl.add_argument("--token", default=env_value("classify_token"), help="$CLIPBANK_CLASSIFY_TOKEN")
-    cl.add_argument("--json", action="store_true", help="print the full JSON response")
+    cl.add_argument("--json", action="store_true", help="print every result as JSON (scores and routes)")
     cl.set_defaults(fn=_classify)
 
 
