@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 from model_store.bank import BankSnapshot
 from model_store.errors import ClipbankError
-from model_store.inference import AUTO, BatchPlan, ClassifyItem, ImagePasses, ImageResult, TextCache, TextJob
+from model_store.inference import AUTO, BatchPlan, ClassifyItem, ImagePasses, ImageResult, TextCache
 from model_store.modes import ZERO_SHOT
+from model_store.text import TextJob
 
 from .errors import LimitExceeded, Overloaded
 from .metrics import Metrics

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from model_store.labels import classes_problem
+from model_store.labels import classes_problem, labels_problems, twin_message
 from model_store.pixels import aspect_problem, viewed_rgb
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -162,3 +163,30 @@ def load_domain(name: str, split: str) -> LabelledImages:
     domain = get_domain(name)
     images, labels = domain.split(split)
     return LabelledImages(images, labels, domain.classes)
+
+
+def checked_split(
+    train: LabelledImages, val: LabelledImages | None, cfg: Any, tokenizer: Any
+) -> tuple[LabelledImages, LabelledImages]:
+    """(training, validation) images, or a ValueError now for what would fail only after training: a bundle that
+    could not be packed, nothing to hold out for the selector's calibration and the report. `cfg`: the task's
+    TrainConfig; `tokenizer`: the backbone's."""
+    from model_store.text import tokenizer_twins  # torch: not at this module's import
+
+    if len(train.classes) < 2:
+        raise ValueError(f"a task needs at least 2 classes, got {list(train.classes)}")
+    problems = labels_problems(list(train.classes), list(cfg.serving_templates))
+    if problems:
+        raise ValueError(f"task {cfg.task}: " + "; ".join(problems))
+    for templates in {(cfg.template,), tuple(cfg.serving_templates)}:  # the training prompt and the bundle's
+        twins = tokenizer_twins(tokenizer, train.classes, templates)
+        if twins is not None:
+            raise ValueError(f"task {cfg.task}: classes {twin_message(twins)} (rename a class folder)")
+    fit = train
+    if val is None:
+        fit, val = train.holdout(cfg.val_fraction, cfg.seed)
+        if not len(val):
+            raise ValueError("no class has 2 images, so none can be held out for validation: add images, or --val")
+    if not len(val):
+        raise ValueError("the validation set is empty")
+    return fit, val

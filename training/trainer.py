@@ -17,15 +17,14 @@ from model_store.backbone import TOWERS, Backbone
 from model_store.bank import BankSnapshot
 from model_store.bundle import MAX_PROBES, PlacedExpert, pack_bundle, utc_now
 from model_store.experts import ActivationCounts, Expert, Routing, TaskRouter, expert_id, new_expert
-from model_store.inference import tokenizer_twins
-from model_store.labels import MAX_TEMPLATES, labels_problems, template_ok, twin_message
+from model_store.labels import MAX_TEMPLATES, template_ok
 from model_store.manifest import validate_task_name
 from model_store.moe_clip import encode_image, encode_text
 from model_store.reference import ReferenceSet
 from model_store.selector import Selector, SelectorConfig, fit_selector, selector_manifest
 
 from .config import jsonable
-from .data import LabelledImages
+from .data import LabelledImages, checked_split
 from .expert_blocks import with_expert_blocks
 from .lwf import parent_teacher
 from .routing import negatives_for, probes_of, routing_check
@@ -322,30 +321,6 @@ def _selector_with_routing(
     return selector, routing, probes_of(val_feats, MAX_PROBES, cfg.seed)
 
 
-def _checked_split(
-    train: LabelledImages, val: LabelledImages | None, cfg: TrainConfig, tokenizer: Any
-) -> tuple[LabelledImages, LabelledImages]:
-    """(training, validation) images, or a ValueError now for what would fail only after training: a bundle that
-    could not be packed, nothing to hold out for the selector's calibration and the report."""
-    if len(train.classes) < 2:
-        raise ValueError(f"a task needs at least 2 classes, got {list(train.classes)}")
-    problems = labels_problems(list(train.classes), list(cfg.serving_templates))
-    if problems:
-        raise ValueError(f"task {cfg.task}: " + "; ".join(problems))
-    for templates in {(cfg.template,), tuple(cfg.serving_templates)}:  # the training prompt and the bundle's
-        twins = tokenizer_twins(tokenizer, train.classes, templates)
-        if twins is not None:
-            raise ValueError(f"task {cfg.task}: classes {twin_message(twins)} (rename a class folder)")
-    fit = train
-    if val is None:
-        fit, val = train.holdout(cfg.val_fraction, cfg.seed)
-        if not len(val):
-            raise ValueError("no class has 2 images, so none can be held out for validation: add images, or --val")
-    if not len(val):
-        raise ValueError("the validation set is empty")
-    return fit, val
-
-
 def train_task(
     bank: BankSnapshot,
     train: LabelledImages,
@@ -360,7 +335,7 @@ def train_task(
 
     The selector learns from `reference` (generic outside images for this backbone) and the bank's other tasks'
     probes what is *not* the task; the report's `routing` says what routing will do, with warnings."""
-    fit, val = _checked_split(train, val, cfg, bank.backbone.tokenizer)
+    fit, val = checked_split(train, val, cfg, bank.backbone.tokenizer)
     bank = with_expert_blocks(bank, cfg.expert_blocks)
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)

@@ -120,7 +120,7 @@ def test_text_cache_is_bounded_in_bytes():
 
 
 def test_long_label_lists_are_encoded_in_chunks(backbone, bank):
-    from model_store.inference import TEXT_CHUNK, text_embeddings
+    from model_store.text import TEXT_CHUNK, text_embeddings
 
     labels = [f"label {i}" for i in range(TEXT_CHUNK + 7)]
     emb = text_embeddings(bank, -1, labels, ("a photo of a {}.",))

@@ -202,19 +202,19 @@ async def test_start_up_objects_are_kept_out_of_the_collectors_full_passes(tmp_p
 
 
 async def test_an_error_in_one_request_never_stops_the_compute_thread(backbone, monkeypatch):
-    from model_store import inference
+    from model_store import text
 
     bank = empty_bank(backbone)
     batcher = Batcher(lambda: bank, max_batch=8, max_wait_ms=0)
     batcher.start()
-    real = inference.TextJob.step
+    real = text.TextJob.step
 
-    def broken(self, n=inference.TEXT_CHUNK):
+    def broken(self, n=text.TEXT_CHUNK):
         if "poison" in self.prompts[0]:
             raise RuntimeError("a tokenizer bug")
         return real(self, n)
 
-    monkeypatch.setattr(inference.TextJob, "step", broken)
+    monkeypatch.setattr(text.TextJob, "step", broken)
     try:
         with pytest.raises(RuntimeError, match="tokenizer bug"):  # inline encoding, in the batch's own step
             await batcher.submit(ClassifyItem(_image(backbone), ("poison", "x"), "zero-shot"))
