@@ -13,11 +13,12 @@ from PIL import Image
 MAX_ASPECT_RATIO = 20  # long side / short side: the CLIP resize of a 1xN image is SxSN pixels before its crop
 
 
-def aspect_problem(width: int, height: int, limit: int = MAX_ASPECT_RATIO) -> str | None:
-    """Why an image of this size is refused (its aspect ratio), or None."""
+def aspect_problem(width: int, height: int, limit: int = MAX_ASPECT_RATIO, setting: str = "") -> str | None:
+    """Why an image of this size is refused (its aspect ratio), or None; `setting` names the limit's setting."""
     if max(width, height) > limit * max(1, min(width, height)):
         ratio = max(width, height) / max(1, min(width, height))
-        return f"is {width}x{height}, an aspect ratio of {ratio:.0f}:1; the limit is {limit}:1 (crop or pad it)"
+        where = f" ({setting}={limit})" if setting else ""
+        return f"is {width}x{height}, an aspect ratio of {ratio:.0f}:1; the limit is {limit}:1{where}: crop or pad it"
     return None
 
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
-from model_store.pixels import viewed_rgb
+from model_store.pixels import aspect_problem, viewed_rgb
 
 from .config import Limits
 from .errors import BadImage, ClientGone, LimitExceeded
@@ -86,11 +86,9 @@ def inspect_image(data: bytes, name: str, limits: Limits, target: int) -> Opened
         raise LimitExceeded(
             f"{name} is {width}x{height} = {width * height} pixels; the limit is max_pixels={limits.max_pixels}"
         )
-    if max(width, height) > limits.max_aspect_ratio * min(width, height):
-        raise LimitExceeded(
-            f"{name} is {width}x{height}, an aspect ratio of {max(width, height) / min(width, height):.0f}:1; "
-            f"the limit is max_aspect_ratio={limits.max_aspect_ratio}"
-        )
+    problem = aspect_problem(width, height, limits.max_aspect_ratio, "max_aspect_ratio")
+    if problem is not None:
+        raise LimitExceeded(f"{name} {problem}")
     if img.format == "BMP" and rle_bmp_too_long(data, width, height, img.info.get("compression")):
         raise BadImage(f"{name} is a run-length BMP of {len(data)} bytes, more than its {width}x{height} pixels need")
     orientation = _orientation(img)

@@ -249,7 +249,7 @@ def test_the_client_bounds_what_a_hostile_answer_can_cost(monkeypatch):
     from service.client import ClipbankHTTPError
 
     def trickle():
-        for _ in range(20):
+        for _ in range(60):  # 3 s in all, against the client's 0.3 s
             time.sleep(0.05)
             yield b" "
 
@@ -268,7 +268,7 @@ def test_the_client_bounds_what_a_hostile_answer_can_cost(monkeypatch):
         start = time.monotonic()
         with pytest.raises(ClipbankHTTPError) as caught:
             client.tasks()
-        assert caught.value.code == code and time.monotonic() - start < 1.0, (name, caught.value)
+        assert caught.value.code == code and time.monotonic() - start < 2.0, (name, caught.value)
     busy = httpx.Response(503, json={"error": {"code": "overloaded", "message": "m"}}, headers={"retry-after": "2"})
     with pytest.raises(ClipbankHTTPError) as caught:
         _client_on(monkeypatch, lambda request: busy)("http://srv:1").tasks()
