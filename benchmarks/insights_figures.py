@@ -5,6 +5,8 @@ day, 60 s bins; 16 images per batch, 0.1 s apart); at checkpoints `find_clusters
 backbone's reference set as the background, as the server runs it.
 
 - known-only: 2,000 images from the known domains' held-out splits (test and val): no cluster may appear;
+- generic: known traffic plus 30% generic images (the reference set's generator, other images): no cluster may
+  appear, however much of the traffic they are;
 - diverse: known traffic plus six untrained domains at 1.5% each (each below min_share): what it shows;
 - injected: 90% known + 10% of an untrained domain (textures, arrows, shapes): a cluster made mostly of that
   domain must appear within 500 images, and no other cluster; also without the reference set.
@@ -28,11 +30,12 @@ from model_store.backbone import Backbone, load_backbone
 from model_store.bank import BankSnapshot
 from model_store.inference import route_scores, task_scores
 from model_store.loader import BankLoader
-from model_store.reference import find_reference
+from model_store.reference import embed_images, find_reference
 from model_store.store import LocalStore
 from service.clusters import find_clusters
 from service.insights import ReservoirConfig, UnclaimedReservoir
 from training.data import load_domain
+from training.reference_images import outside_images
 from training.trainer import TrainConfig, train_task
 
 KNOWN = ("glyphs", "sketches", "digits")
@@ -84,6 +87,13 @@ def domain_pool(bank: BankSnapshot, name: str) -> Pool:
     f = torch.cat(feats)
     routed, _ = route_scores(task_scores(bank, f))
     return Pool(name, f.numpy(), (routed == -1).numpy())
+
+
+def generic_pool(bank: BankSnapshot, n: int = 2400, seed: int = 11) -> Pool:
+    """Generic images of the tiny backbone's world (its reference set's generator, another seed), as routed."""
+    f = embed_images(bank.backbone, outside_images(n, seed=seed))
+    routed, _ = route_scores(task_scores(bank, f))
+    return Pool("generic", f.numpy(), (routed == -1).numpy())
 
 
 def stream(known: list[Pool], extra: list[tuple[Pool, float]], n: int, seed: int) -> list[tuple[Pool, int]]:
@@ -145,13 +155,21 @@ def _shown(clusters: list[dict]) -> str:
     return ", ".join(f"{c['size']} ({c['share']:.1%}, {c['top'][0]} {c['top'][1]:.0%})" for c in clusters) or "none"
 
 
-def background_runs(known: list[Pool], others: list[Pool], monitor: Monitor, seeds: int, n: int = 2000) -> None:
-    """Known-only traffic, then known plus the `others` at 1.5% each: clusters at 500, 1000, 1500, 2000 images."""
-    for title, extra in (("known-only traffic", []), ("known + six untrained domains at 1.5% each", others)):
+def background_runs(
+    known: list[Pool], generic: Pool, others: list[Pool], monitor: Monitor, seeds: int, n: int = 2000
+) -> None:
+    """Known-only traffic, known plus 30% generic images, then known plus the `others` at 1.5% each: clusters at
+    500, 1000, 1500, 2000 images."""
+    scenarios = (
+        ("known-only traffic", []),
+        ("known + 30% generic images", [(generic, 0.3)]),
+        ("known + six untrained domains at 1.5% each", [(p, 0.015) for p in others]),
+    )
+    for title, extra in scenarios:
         print(f"\n### {title}: clusters (members, share, main domain) at each checkpoint\n")
         print("| seed | 500 | 1000 | 1500 | 2000 | reservoir at 2000 |\n| --- | --- | --- | --- | --- | --- |")
         for seed in range(seeds):
-            rows = run_stream(stream(known, [(p, 0.015) for p in extra], n, seed), monitor, 500, None)
+            rows = run_stream(stream(known, extra, n, seed), monitor, 500, None)
             print(f"| {seed} | {' | '.join(_shown(r['clusters']) for r in rows)} | {rows[-1]['reservoir']} |")
 
 
@@ -221,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {pool.name} | {len(pool.feats)} | {pool.unclaimed.mean():.1%} |")
     reference = find_reference(backbone).embeddings.numpy()
     monitors = [Monitor(bank, reference), Monitor(bank, None)]
-    background_runs(known, others, monitors[0], args.seeds)
+    background_runs(known, generic_pool(bank), others, monitors[0], args.seeds)
     injected_runs(known, extra, monitors, args.seeds)
     for bg in (True, False):
         print(

