@@ -231,6 +231,29 @@ def _add_client(sub) -> None:
     cl.set_defaults(fn=_classify)
 
 
+def _healthcheck(args: argparse.Namespace) -> int:
+    from .healthcheck import check, readyz_url, server_argv
+
+    serve = argparse.ArgumentParser(prog="clipbank serve", add_help=False)
+    add_flags(serve, ServeConfig, defaults_unset=True)
+    url = args.url or readyz_url(server_argv(args.pid), lambda a: serve.parse_known_args(a)[0])
+    ready, seen = check(url, args.timeout)
+    print(seen)
+    return 0 if ready else 1
+
+
+def _add_healthcheck(sub) -> None:
+    hc = sub.add_parser(
+        "healthcheck",
+        help="exit 0 when the server answers /readyz with 200 (the image's HEALTHCHECK; the address is read from "
+        "the server's command line, then CLIPBANK_HOST / CLIPBANK_PORT)",
+    )
+    hc.add_argument("--pid", type=int, default=1, help="the server's process (default 1: a container's)")
+    hc.add_argument("--url", help="ask this /readyz URL instead")
+    hc.add_argument("--timeout", type=float, default=4.0, help="seconds (default 4)")
+    hc.set_defaults(fn=_healthcheck)
+
+
 def _add_demo(sub) -> None:
     dm = sub.add_parser("demo", help="end to end offline: export two domains, train two tasks, route test images")
     dm.add_argument("--workdir", default="./clipbank-demo")
@@ -250,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_reference_parser(sub)
     add_watch_parsers(sub, env_value("url") or DEFAULT_URL)
     _add_demo(sub)
+    _add_healthcheck(sub)
     return p
 
 
