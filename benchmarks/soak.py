@@ -273,7 +273,8 @@ def run_soak(cfg: SoakConfig, out: Path, command: str = "clipbank bench soak") -
     token = secrets.token_urlsafe(24)
     args = ("--backbone", cfg.backbone, "--frozen-runtime", cfg.frozen_runtime, *cfg.server_args)
     log = out / "server.log"
-    log.unlink(missing_ok=True)
+    for stale in (log, out / "report.json", out / "report.md"):  # an earlier run's: not to be read as this one's
+        stale.unlink(missing_ok=True)
     try:
         with server_process(store, args, {**cfg.env, "CLIPBANK_ADMIN_TOKEN": token}, log, 600) as (url, pid):
             raw = _soak(url, pid, token, cfg, images)

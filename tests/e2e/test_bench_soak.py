@@ -37,6 +37,16 @@ def test_cli_arguments_reach_the_config():
     assert quick.minutes < 1 and quick.hostile is not None and quick.hostile.clients == 3
 
 
+def test_a_failed_soak_leaves_no_earlier_report_behind(tmp_path):
+    """A server that cannot start: the soak fails, and an earlier run's report is not left to be read as its own."""
+    for name in ("report.json", "report.md"):
+        (tmp_path / name).write_text("an earlier run's")
+    cfg = SoakConfig(server_args=("--no-such-flag",), hostile=None, warmup_seconds=0)
+    with pytest.raises(Exception, match="exited|start"):
+        run_soak(cfg, tmp_path, "test")
+    assert not (tmp_path / "report.json").exists() and not (tmp_path / "report.md").exists()
+
+
 @pytest.mark.slow
 def test_bench_soak_writes_a_complete_report(tmp_path):
     hostile = HostileConfig(clients=2, normal_clients=2, seconds=4, images=4, width=2000, height=3000, labels=300)
