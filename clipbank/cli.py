@@ -124,7 +124,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _store(args: argparse.Namespace) -> int:
-    from model_store.store import check_store, open_store
+    from model_store.store import check_store, open_store, store_leftovers
 
     local = "://" not in args.store
     if local and not any((Path(args.store) / name).exists() for name in ("index.json", "blobs")):
@@ -137,6 +137,12 @@ def _store(args: argparse.Namespace) -> int:
         for problem in problems:
             print(problem)
         print(f"{len(problems)} problem(s)" if problems else "the store is consistent", file=sys.stderr)
+        if not problems and any((left := store_leftovers(args.store)).values()):  # not faults, but disk space
+            print(
+                f"leftovers: {left['temp_files']} temp file(s), {left['unreferenced_blobs']} blob(s) no version names "
+                "(the next change removes temp files; a purge removes such blobs)",
+                file=sys.stderr,
+            )
         return 1 if problems else 0
     store = open_store(args.store)
     if args.store_cmd == "list":

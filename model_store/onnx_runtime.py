@@ -240,6 +240,22 @@ def _versions() -> str:
     return "-".join(str(p) for p in parts)
 
 
+def _locked_runtime(backbone: Backbone, root: Path, target: Path, int8: bool) -> tuple[OrtFrozen, dict[str, float]]:
+    """The runtime of the export in `target`, exported first if there is none (the caller holds the lock)."""
+    if not (target / "text.onnx").is_file():  # folders are renamed into place whole: this means none
+        log.info("exporting the frozen towers of %s to ONNX in %s (once)", backbone.ref.text, target)
+        _export_into(backbone, root, target)
+    try:
+        runtime, diffs = _checked_runtime(backbone, target)
+    except BackboneError as e:
+        log.warning("%s; exporting again", e)
+        _export_into(backbone, root, target)
+        runtime, diffs = _checked_runtime(backbone, target)
+    if int8:
+        runtime, diffs = _int8_runtime(backbone, target)
+    return runtime, diffs
+
+
 def with_onnx_runtime(
     backbone: Backbone, cache_dir: str | os.PathLike | None = None, int8: bool = False
 ) -> tuple[Backbone, dict[str, float]]:
@@ -253,20 +269,25 @@ def with_onnx_runtime(
     _require_ort()
     root = _cache_folder(Path(cache_dir) if cache_dir is not None else default_cache_dir())
     target = root / f"{backbone.fingerprint[:32]}-{_versions()}"
+    lock = FileLock(str(root / ".export.lock"), timeout=EXPORT_LOCK_SECONDS)
     try:
-        with FileLock(str(root / ".export.lock"), timeout=EXPORT_LOCK_SECONDS):
-            if not (target / "text.onnx").is_file():  # folders are renamed into place whole: this means none
-                log.info("exporting the frozen towers of %s to ONNX in %s (once)", backbone.ref.text, target)
-                _export_into(backbone, root, target)
-            try:
-                runtime, diffs = _checked_runtime(backbone, target)
-            except BackboneError as e:
-                log.warning("%s; exporting again", e)
-                _export_into(backbone, root, target)
-                runtime, diffs = _checked_runtime(backbone, target)
-            if int8:
-                runtime, diffs = _int8_runtime(backbone, target)
+        lock.acquire()
     except Timeout:
         raise BackboneError(f"the ONNX cache {root} stayed locked for {EXPORT_LOCK_SECONDS} s") from None
+    except OSError as e:  # a read-only cache (a volume mounted so): the lock is only needed to write an export
+        if not (target / "text.onnx").is_file():
+            raise BackboneError(
+                f"the ONNX cache {root} cannot be written ({type(e).__name__}: {e.strerror or e}) and holds no "
+                f"export of {backbone.ref.text!r}"
+            ) from None
+        log.warning("the ONNX cache %s cannot be locked (%s): its export is used as it is", root, e.strerror or e)
+        runtime, diffs = _checked_runtime(backbone, target)
+        if int8:
+            runtime, diffs = _int8_runtime(backbone, target)
+    else:
+        try:
+            runtime, diffs = _locked_runtime(backbone, root, target, int8)
+        finally:
+            lock.release()
     log.info("frozen passes served by ONNX Runtime, %s (parity %s)", runtime.name, diffs)
     return backbone.with_frozen(runtime), diffs

@@ -152,13 +152,23 @@ class LocalStore(Store):
 
     @contextmanager
     def locked(self):
-        """The store's process-safe lock (re-entrant in one process): hold it to check and change atomically."""
+        """The store's process-safe lock (re-entrant in one process): hold it to check and change atomically. A
+        lock file that cannot be made (a read-only store, no free inodes) is StoreWriteFailed: no change can be."""
         try:
-            with self._lock:
-                yield
+            self._lock.acquire()
         except Timeout:
             log.error("store %s stayed locked for %ss", self.root, self._lock.timeout)
             raise StoreError(f"the store stayed locked by another process for {self._lock.timeout}s") from None
+        except OSError as e:
+            log.error("store %s: its lock could not be taken: %s", self.root, e)
+            raise StoreWriteFailed(
+                f"the store could not be locked for a change ({type(e).__name__}: {e.strerror or e}); "
+                "nothing was changed"
+            ) from None
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _change(self, edit: Edit, blob: tuple[str, bytes] | None = None) -> StoreIndex:
         """Lock, read the index, publish `edit(index)` with generation + 1, and return what was published. The
@@ -171,11 +181,24 @@ class LocalStore(Store):
             index = next_generation(edit(current))
             if not self.index_path.exists():  # the index before any blob: blobs without one mean it was lost
                 atomic_write(self.index_path, encode_index(current))
+            wrote = None
             if blob is not None and not (path := self.blobs / f"{blob[0]}.safetensors").exists():
                 atomic_write(path, blob[1])
-            # compact: the C encoder (with an indent, json runs in Python: slow for a big index)
-            atomic_write(self.index_path, encode_index(index))
+                wrote = path
+            try:  # compact: the C encoder (with an indent, json runs in Python: slow for a big index)
+                atomic_write(self.index_path, encode_index(index))
+            except OSError:
+                if wrote is not None and not self._names(blob[0]):  # a failed change leaves the disk as it was
+                    wrote.unlink(missing_ok=True)
+                raise
             return index
+
+    def _names(self, bundle_id: str) -> bool:
+        """Whether the index on disk names `bundle_id` (True when it cannot be read: then nothing is deleted)."""
+        try:
+            return any(v.bundle_id == bundle_id for _, v in self._read_index().records())
+        except (OSError, StoreError):
+            return True
 
     def _purge(self, task: str) -> int:
         doomed: list[VersionRecord] = []

@@ -203,21 +203,27 @@ def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:
     except OSError as e:
         log.warning("cannot read %s: %s", path, e)
     token = secrets.token_urlsafe(24)
+    tmp = path.with_name(f"{ADMIN_TOKEN_FILE}.{secrets.token_hex(4)}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{ADMIN_TOKEN_FILE}.{secrets.token_hex(4)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # a crash must not leave an empty token file behind the link
         try:
             os.link(tmp, path)  # fails if another server saved one first: use theirs
         except FileExistsError:
-            return path.read_text().strip(), f"read from {path}"
-        finally:
-            tmp.unlink(missing_ok=True)
+            theirs = path.read_text().strip()
+            if len(theirs) >= 16:
+                return theirs, f"read from {path}"
+            os.replace(tmp, path)  # empty or too short (a damaged file): no client could use it safely
+            log.warning("the admin token saved in %s was shorter than 16 characters: replaced", path)
         return token, f"generated and saved to {path} (mode 600)"
     except OSError as e:
         return token, f"generated, not saved ({e}): it changes at the next start"
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 async def _poll_store(service: Service) -> None:

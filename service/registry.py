@@ -294,9 +294,18 @@ class Registry:
         active = self.store.task(task).active  # TaskNotFound before anything else
 
         def write() -> int:
-            if self.store.task(task).active:
+            deactivated = bool(self.store.task(task).active)
+            if deactivated:
                 self.store.deactivate(task)
-            return self.store.purge(task) if purge else 0
+            try:
+                return self.store.purge(task) if purge else 0
+            except StoreError as e:  # two changes: say that the first one stands
+                if not deactivated:
+                    raise
+                raise type(e)(
+                    f"task {task!r} was deactivated (it no longer answers), but the purge that followed failed "
+                    f"and changed nothing: {e}"
+                ) from None
 
         # How many store changes `write` makes, guessed before the lock: a wrong guess only costs a rebuild.
         return self._change({task: None}, write, changes=bool(active) + purge)

@@ -54,6 +54,24 @@ def test_exports_are_cached_by_fingerprint(onnx_backbone):
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps  # not exported a second time
 
 
+def test_a_read_only_cache_serves_its_export_and_says_when_it_has_none(onnx_backbone, tmp_path, monkeypatch):
+    """A cache volume mounted read-only: its lock cannot be taken, but a complete export needs none to be read."""
+    import errno
+
+    import filelock
+
+    _, cache, _ = onnx_backbone
+
+    def read_only(self, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(filelock.BaseFileLock, "acquire", read_only)
+    bb, diffs = with_onnx_runtime(load_backbone("tiny", device="cpu"), cache)
+    assert bb.frozen.name == "onnx" and max(diffs.values()) <= PARITY_ATOL
+    with pytest.raises(BackboneError, match="cannot be written .*Read-only file system.* holds no export"):
+        with_onnx_runtime(load_backbone("tiny", device="cpu"), tmp_path / "empty")
+
+
 def test_a_stale_or_broken_cached_export_is_made_again_and_a_mismatch_refused(tmp_path, monkeypatch):
     from model_store import onnx_runtime
 

@@ -15,7 +15,7 @@ import pytest
 from model_store.bank import empty_bank
 from model_store.bundle import read_bundle
 from model_store.errors import StoreDamaged, StoreError, StoreWriteFailed
-from model_store.store import LocalStore, check_store
+from model_store.store import LocalStore, check_store, store_leftovers
 from model_store.store_index import TaskRecord
 from tests.helpers import random_bundle
 
@@ -42,6 +42,7 @@ def test_failed_index_write_leaves_store_as_it_was(tmp_path, bundles, monkeypatc
         store.put(bundles[2])
     monkeypatch.undo()
     assert store.index_path.read_bytes() == before
+    assert store_leftovers(tmp_path) == {"temp_files": 0, "unreferenced_blobs": 0}  # its blob went too: no disk held
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
     assert all(not p.name.startswith(".tmp-") for p in store.blobs.iterdir())
 
@@ -181,6 +182,26 @@ def test_a_full_or_read_only_disk_refuses_the_change_and_changes_nothing(tmp_pat
             change()
     monkeypatch.undo()
     assert store.index_path.read_bytes() == before and check_store(tmp_path) == []
+
+
+def test_a_store_whose_lock_cannot_be_made_refuses_changes_as_write_failures(tmp_path, bundles, monkeypatch):
+    """A read-only store (or one with no free inodes) cannot create its lock file: every change, through the lock
+    alone too (the server takes it around its own checks), is a StoreWriteFailed, and reads still work."""
+    import errno
+
+    import filelock
+
+    store = LocalStore(tmp_path)
+    first = store.put(bundles[1]).bundle_id
+
+    def read_only(self, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(filelock.BaseFileLock, "acquire", read_only)
+    for change in (lambda: store.put(bundles[2]), lambda: store.deactivate("cars"), lambda: store.locked().__enter__()):
+        with pytest.raises(StoreWriteFailed, match="Read-only file system.*nothing was changed"):
+            change()
+    assert store.index().task("cars").active == first
 
 
 def test_a_change_whose_folder_sync_fails_after_the_rename_is_done(tmp_path, bundles, monkeypatch, caplog):

@@ -230,3 +230,24 @@ async def test_a_task_left_out_for_a_passing_store_failure_is_tried_again(tmp_pa
             while (await c.get("/healthz")).json()["degraded"]:
                 await anyio.sleep(0.1)
         assert await _pinned(c, "c") == 200
+
+
+async def test_a_purge_that_fails_after_the_deactivation_says_what_changed(tmp_path, backbone, two_tasks, monkeypatch):
+    """DELETE ?purge=true makes two store changes: when the second fails, the answer must not say that nothing
+    changed while the task stopped answering."""
+    from model_store.errors import StoreWriteFailed
+
+    store = _store(tmp_path, two_tasks["a"], two_tasks["c"])
+    async with running_app(tmp_path, backbone) as c:
+
+        def full(self, task):
+            raise StoreWriteFailed("the store could not be written (a purge: No space left); nothing was changed")
+
+        monkeypatch.setattr(LocalStore, "purge", full)
+        r = await c.delete("/tasks/a", params={"purge": "true"}, headers=AUTH)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "store_write_failed", r.text
+        assert "'a' was deactivated (it no longer answers), but the purge" in r.json()["error"]["message"]
+        assert store.index().task("a").active is None
+        monkeypatch.undo()
+        assert (await c.delete("/tasks/a", params={"purge": "true"}, headers=AUTH)).status_code == 200
+    assert "a" not in store.index().tasks

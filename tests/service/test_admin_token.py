@@ -1,0 +1,35 @@
+"""The admin token a server generates when none is set: saved in the store folder, and never a damaged one."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from service import lifecycle
+from service.config import ServeConfig
+from service.lifecycle import ADMIN_TOKEN_FILE, resolve_admin_token
+
+
+@pytest.mark.parametrize("saved", ["", "\n", "Fn5CH\n"])
+def test_an_empty_or_short_saved_token_is_replaced(tmp_path, saved, caplog):
+    """An empty token file locked every admin request out; a 5-character one was accepted as the admin token."""
+    (tmp_path / ADMIN_TOKEN_FILE).write_text(saved)
+    token, where = resolve_admin_token(ServeConfig(store=str(tmp_path)))
+    assert len(token) >= 16 and "generated and saved" in where
+    assert (tmp_path / ADMIN_TOKEN_FILE).read_text().strip() == token
+    assert "shorter than 16 characters: replaced" in caplog.text
+    assert resolve_admin_token(ServeConfig(store=str(tmp_path)))[0] == token  # the next start reads it
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ADMIN_TOKEN_FILE]
+
+
+def test_a_full_disk_leaves_no_temp_token_file(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lifecycle.os, "fsync", full)
+    token, where = resolve_admin_token(ServeConfig(store=str(tmp_path)))
+    assert len(token) >= 16 and "not saved" in where and "No space left" in where
+    assert list(tmp_path.iterdir()) == []  # neither the token file nor a temp file
+    monkeypatch.setattr(lifecycle.os, "fsync", os.fsync)
