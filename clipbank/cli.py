@@ -242,10 +242,14 @@ def _healthcheck(args: argparse.Namespace) -> int:
 
     serve = argparse.ArgumentParser(prog="clipbank serve", add_help=False)
     add_flags(serve, ServeConfig, defaults_unset=True)
-    url = args.url or readyz_url(server_argv(args.pid), lambda a: serve.parse_known_args(a)[0])
+    try:
+        url = args.url or readyz_url(server_argv(args.pid), lambda a: serve.parse_known_args(a)[0])
+    except ValueError as e:  # the environment does not parse: the server could not have started on it either
+        print(f"the server's address is unknown: {e}")
+        return 1
     ready, seen = check(url, args.timeout)
     print(seen)
-    return 0 if ready else 1
+    return 0 if ready else 1  # never 2: Docker reserves it
 
 
 def _add_healthcheck(sub) -> None:

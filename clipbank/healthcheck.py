@@ -1,17 +1,23 @@
-"""`clipbank healthcheck`: exit 0 when the `clipbank serve` in this container answers /readyz with 200.
+"""`clipbank healthcheck`: exit 0 when the `clipbank serve` in this container answers /readyz with 200, else 1.
 
 A container's health check runs beside the server, with the same environment but not its flags: the image's
 command may be `serve --port 9000`. So the address is read from the server's own command line
 (`/proc/PID/cmdline`, PID 1 in a container) and parsed as `clipbank serve` parses it, then the environment
 (`CLIPBANK_HOST`, `CLIPBANK_PORT`), then the defaults. A server bound to every address (0.0.0.0, ::) is asked on
-loopback. Standard library only: it runs every 30 s.
+loopback. One plain GET with the standard library's `http.client`: no proxy from the environment (a container's
+`HTTP_PROXY`, set for downloads, must not answer for the server), no redirect followed, and one deadline for the
+whole check (a server that trickles its answer is not ready). Exit 2 is Docker's "reserved": never used here.
 """
 
 from __future__ import annotations
 
 import argparse
-import urllib.error
-import urllib.request
+import contextlib
+import http.client
+import io
+import math
+import threading
+import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,6 +26,7 @@ from service.config import ServeConfig
 from .flags import given
 
 ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+MAX_TIMEOUT = 3600.0
 
 
 def server_argv(pid: int, proc: Path = Path("/proc")) -> list[str]:
@@ -27,7 +34,7 @@ def server_argv(pid: int, proc: Path = Path("/proc")) -> list[str]:
     cannot be read)."""
     try:
         argv = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
-    except OSError:
+    except (OSError, ValueError):
         return []
     words = [w.decode(errors="replace") for w in argv if w]
     return words[words.index("serve") + 1 :] if "serve" in words else []
@@ -35,22 +42,43 @@ def server_argv(pid: int, proc: Path = Path("/proc")) -> list[str]:
 
 def readyz_url(serve_args: Sequence[str], parse: Callable[[Sequence[str]], argparse.Namespace]) -> str:
     """The /readyz URL of a server started with `serve_args`, as `parse` (the serve subcommand's parser) reads
-    them, with the environment and defaults behind them."""
-    try:
-        args = parse(list(serve_args))
-    except SystemExit:  # flags this version does not know: the environment and defaults still say something
-        args = parse([])
+    them, with the environment and defaults behind them. ValueError when the environment does not parse."""
+    with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage text would only confuse a health log
+        try:
+            args = parse(list(serve_args))
+        except SystemExit:  # flags this version cannot read: the environment and defaults still say something
+            args = parse([])
     config = ServeConfig.from_env(**given(ServeConfig, args))
     host = ANY_ADDRESS.get(config.host, config.host)
     return f"http://{f'[{host}]' if ':' in host else host}:{config.port}/readyz"
 
 
-def check(url: str, timeout: float) -> tuple[bool, str]:
-    """(ready, what was seen) for one GET of `url`."""
+def _get(url: str, timeout: float) -> tuple[bool, str]:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        return False, f"{url}: not an http:// URL"
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status == 200, f"{url}: {r.status}"
-    except urllib.error.HTTPError as e:
-        return False, f"{url}: {e.code}"
-    except (OSError, ValueError) as e:
-        return False, f"{url}: {e}"
+        conn.request("GET", parts.path or "/", headers={"Connection": "close"})
+        status = conn.getresponse().status  # the status line and headers only: the body says nothing more
+        return status == 200, f"{url}: {status}"
+    finally:
+        conn.close()
+
+
+def check(url: str, timeout: float) -> tuple[bool, str]:
+    """(ready, what was seen) for one GET of `url`, all of it within `timeout` seconds."""
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
+        return False, f"the timeout must be in (0, {MAX_TIMEOUT:g}] seconds, got {timeout}"
+    seen: list[tuple[bool, str]] = []
+
+    def run() -> None:
+        try:
+            seen.append(_get(url, timeout))
+        except Exception as e:  # refused, reset, not HTTP, a bad URL: all say "not ready"
+            seen.append((False, f"{url}: {type(e).__name__}: {e}"))
+
+    worker = threading.Thread(target=run, name="clipbank-healthcheck", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return seen[0] if seen else (False, f"{url}: no whole answer within {timeout:g} s")

@@ -23,6 +23,7 @@ from .errors import BackboneMismatch, BundleInvalid
 from .moe_clip import encode_image
 from .safejson import loads as bounded_loads
 from .settings import cache_root, env_value
+from .store import atomic_write
 
 REFERENCE_KEY = "clipbank.reference"
 TINY_REFERENCE = TINY_DIR / "reference.safetensors"
@@ -68,9 +69,7 @@ def save_reference(path: str | os.PathLike, embeddings: torch.Tensor, backbone: 
     data = st_save({"embeddings": embeddings.to(torch.float16).contiguous()}, {REFERENCE_KEY: json.dumps(meta)})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)  # a full disk leaves neither a part nor a temp file
     return path
 
 

@@ -31,6 +31,8 @@ CANDIDATE_ODDS = 2.0  # how much more often than chance a candidate's neighbours
 GROUP_ODDS = 2.5  # how much denser than held-out generic rows a group must be (tiny: generic traffic up to 1.9)
 HELD_OUT_ROWS = 8  # held-out background rows for the group test, per reservoir row (as many as the set has)
 MAX_HELD_OUT = 4096  # and at most this many: the test's time grows with them
+MIN_BACKGROUND = 256  # fewer reference rows than this are ignored (50 let generic traffic form a 16% cluster)
+DENSITY_SAMPLE = 1024  # members per group whose balls are counted (all of them in a smaller group)
 DENSITY_CHUNK = 1024  # reservoir rows per block of distances to the held-out rows (1024 x 4096 x 4 B = 16 MiB)
 SEED = 0
 
@@ -124,7 +126,12 @@ def _dense_groups(x: np.ndarray, labels: np.ndarray, k: int, held_out: np.ndarra
 
     n, out, kept = len(x), np.full(len(x), -1, np.int64), 0
     x, held_out = x.astype(np.float32), held_out.astype(np.float32)
-    grouped = np.flatnonzero(labels >= 0)
+    rng = np.random.default_rng(SEED)  # the ratio is a mean over members: DENSITY_SAMPLE of a group estimate it
+    grouped = np.sort(
+        np.concatenate(
+            [rng.permutation(np.flatnonzero(labels == g))[:DENSITY_SAMPLE] for g in range(int(labels.max()) + 1)]
+        )
+    )
     radius = np.zeros(n, np.float32)  # each member's distance to its k-th reservoir neighbour
     radius[grouped] = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(x).kneighbors(x[grouped])[0][:, -1]
     norms, held_norms = np.einsum("ij,ij->i", x, x), np.einsum("ij,ij->i", held_out, held_out)
@@ -134,8 +141,8 @@ def _dense_groups(x: np.ndarray, labels: np.ndarray, k: int, held_out: np.ndarra
         d = norms[rows, None] + held_norms[None, :] - 2 * (x[rows] @ held_out.T)  # squared distances
         inside[rows] = np.count_nonzero(d <= radius[rows, None] ** 2, axis=1)
     for g in range(int(labels.max()) + 1):
-        members = np.flatnonzero(labels == g)
-        if len(members) and len(members) * k * len(held_out) >= GROUP_ODDS * n * int(inside[members].sum()):
+        members, sampled = np.flatnonzero(labels == g), grouped[labels[grouped] == g]
+        if len(sampled) and len(sampled) * k * len(held_out) >= GROUP_ODDS * n * int(inside[sampled].sum()):
             out[members], kept = kept, kept + 1
     return out
 
@@ -160,16 +167,20 @@ def _components(z: np.ndarray, counts: np.ndarray, k: int, min_size: int) -> np.
 
 def _groups(x: np.ndarray, z: np.ndarray, k: int, min_size: int) -> np.ndarray:
     """Group labels (-1: none) of rows: HDBSCAN on the distinct rows, or, when it sees a single group (HDBSCAN
-    never returns the whole set as one cluster), the connected components."""
+    never returns the whole set as one cluster), the connected components. With fewer distinct rows than a group
+    needs, only copies can make one: each distinct image with at least `min_size` copies is its own group
+    (linking a handful of unrelated images as neighbours made them one "domain")."""
     from sklearn.cluster import HDBSCAN
 
     _, first, copies = np.unique(x, axis=0, return_index=True, return_inverse=True)
     z, copies = z[first], copies.ravel()
-    groups = np.full(len(z), -1, np.int64)
-    if len(z) >= min_size:
-        groups = HDBSCAN(min_cluster_size=min_size, min_samples=min(k, min_size), copy=True).fit_predict(z)
+    counts = np.bincount(copies)
+    if len(z) < min_size:
+        big = np.flatnonzero(counts >= min_size)
+        return np.where(np.isin(copies, big), np.searchsorted(big, copies), -1)
+    groups = HDBSCAN(min_cluster_size=min_size, min_samples=min(k, min_size), copy=True).fit_predict(z)
     if groups.max() < 0:
-        groups = _components(z, np.bincount(copies), min(k, COMPONENT_NEIGHBOURS), min_size)
+        groups = _components(z, counts, min(k, COMPONENT_NEIGHBOURS), min_size)
     return groups[copies]
 
 
@@ -213,6 +224,14 @@ def find_clusters(
     x, n, auto = snapshot.embeddings, len(snapshot), snapshot.auto_images
     if background is not None and (np.ndim(background) != 2 or np.shape(background)[1] != x.shape[1]):
         raise ValueError(f"background must be [m, {x.shape[1]}], got {list(np.shape(background))}")
+    if not math.isfinite(min_share) or int(max_clusters) != max_clusters or int(min_size) != min_size:
+        raise ValueError(
+            f"min_share must be finite, min_size and max_clusters whole: {min_share}, {min_size}, {max_clusters}"
+        )
+    if not np.isfinite(x).all() or (background is not None and not np.isfinite(background).all()):
+        raise ValueError("embeddings and background must be finite")
+    if background is not None and len(background) < MIN_BACKGROUND:
+        background = None  # too few generic rows to test a density against: the Gaussian stand-in is fairer
     min_size = max(int(min_size), 2)
     if n < min_size or auto <= 0 or max_clusters < 1:
         return []

@@ -145,10 +145,14 @@ class UnclaimedReservoir:
             raise ValueError(f"thumbnails must be [{len(rows)}, {side}, {side}, 3], got {list(np.shape(thumbnails))}")
         if auto_images == 0:
             return
+        usable = np.isfinite(rows).all(axis=1) & (np.abs(rows).max(axis=1, initial=0.0) > 0)
+        if not usable.all():  # no working pass makes these, and one would break every clustering: auto images only
+            rows = rows[usable]
+            thumbnails = thumbnails[usable] if side and thumbnails is not None else thumbnails
         now = time.time() if now is None else float(now)
         with self._lock:
             now = self._latest = max(now, self._latest)
-            self._count(now, auto_images, len(rows))
+            self._count(now, auto_images, int(np.count_nonzero(usable)))
             keep = rows[-self.config.capacity :]
             slots = (self._next + np.arange(len(keep))) % self.config.capacity
             self._emb[slots], self._times[slots] = keep, now

@@ -22,7 +22,7 @@ from model_store.bank import BankSnapshot
 from model_store.inference import ImagePasses, task_scores
 from model_store.shadow import auto_rows, auto_spans, observe
 
-from .clusters import find_clusters, typical_members
+from .clusters import MIN_BACKGROUND, find_clusters, typical_members
 from .errors import Overloaded
 from .insights import ReservoirConfig, UnclaimedReservoir
 from .metrics import Metrics
@@ -50,6 +50,14 @@ class TrafficWatch:
         cfg = open_clip.get_model_preprocess_cfg(backbone.model)
         self._pixels = tuple(torch.tensor(cfg[k], dtype=torch.float32).view(1, -1, 1, 1) for k in ("mean", "std"))
         self.background = None if background is None else background.detach().float().cpu().numpy()
+        if self.background is not None and len(self.background) < MIN_BACKGROUND:
+            log.warning(
+                "the reference set has %d embeddings, fewer than the %d the unclaimed monitor needs: it clusters "
+                "without it (`clipbank reference build` makes a larger one)",
+                len(self.background),
+                MIN_BACKGROUND,
+            )
+            self.background = None
         self.metrics.watch_reservoir(lambda: len(self.reservoir), lambda: self.reservoir.nbytes)
         if config.thumbnail:  # users' images: wiped on time even when no traffic comes to trigger it
             every = min(60.0, config.retention_seconds / 10)

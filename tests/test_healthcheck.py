@@ -4,8 +4,11 @@ came from its flags, the environment or the defaults, and exits 0 only on a 200 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.server
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,3 +98,85 @@ def test_exit_code_follows_readyz(readyz, monkeypatch, capsys):
     readyz.server_close()
     assert main(["healthcheck", "--url", f"http://127.0.0.1:{port}/readyz", "--timeout", "1"]) == 1
     assert "refused" in capsys.readouterr().out.lower()
+
+
+def test_only_a_200_from_readyz_itself_is_ready(readyz, monkeypatch, capsys):
+    """A redirect is not followed (its target's 200 said nothing of /readyz); no proxy of the environment is
+    asked (a container's HTTP_PROXY, set for downloads, answered for a server that was down)."""
+    port = readyz.server_address[1]
+    _Readyz.status = 307
+    try:
+        assert main(["healthcheck", "--url", f"http://127.0.0.1:{port}/readyz"]) == 1
+    finally:
+        _Readyz.status = 200
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{port}")  # a "proxy" that answers 200 to anything
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        down = closed.getsockname()[1]
+    assert main(["healthcheck", "--url", f"http://127.0.0.1:{down}/readyz"]) == 1
+    assert "refused" in capsys.readouterr().out.lower()
+
+
+@pytest.fixture
+def raw_server() -> Iterator[tuple[int, list[bytes]]]:
+    """A TCP server answering each connection with the byte strings of `replies` (one every 0.5 s), then closing."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    replies: list[bytes] = []
+    stop = threading.Event()
+
+    def serve():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                for chunk in replies:
+                    if stop.wait(0.5):
+                        break
+                    with contextlib.suppress(OSError):
+                        conn.sendall(chunk)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1], replies
+    stop.set()
+    thread.join(5)
+    listener.close()
+
+
+@pytest.mark.parametrize(
+    ("replies", "seen"),
+    [
+        ([b"HTTP/1.1 200 OK\r\n"] + [b"X: y\r\n"] * 20, "no whole answer within 1 s"),  # trickled: not ready
+        ([b"SSH-2.0-OpenSSH\r\n"], "BadStatusLine"),  # not HTTP: one line, no traceback
+    ],
+)
+def test_a_server_that_trickles_or_is_not_http_is_not_ready(raw_server, capsys, replies, seen):
+    port, sent = raw_server
+    sent.extend(replies)
+    start = time.monotonic()
+    assert main(["healthcheck", "--url", f"http://127.0.0.1:{port}/readyz", "--timeout", "1"]) == 1
+    assert time.monotonic() - start < 3
+    assert seen in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "seen"),
+    [
+        (["--timeout", "0"], {}, "the timeout must be in"),
+        (["--timeout", "inf"], {}, "the timeout must be in"),
+        (["--url", "http://127.0.0.1:1:x/readyz"], {}, "Port could not be cast"),
+        (["--url", "http://127.0.0.1 x/readyz"], {}, "InvalidURL"),
+        (["--pid", "999999999"], {"CLIPBANK_PORT": "abc"}, "the server's address is unknown"),
+    ],
+)
+def test_bad_settings_exit_1_with_one_line(monkeypatch, capsys, argv, env, seen):
+    """Exit 2 is Docker's "reserved" code: a health check only ever says 0 (ready) or 1 (not)."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["healthcheck", *argv]) == 1
+    out = capsys.readouterr()
+    assert seen in out.out and "Traceback" not in out.err

@@ -342,3 +342,43 @@ def test_an_idle_server_still_wipes_thumbnails_on_time(backbone):
 def test_thumbnail_settings_are_bounded(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ReservoirConfig(**kwargs)
+
+
+def test_embeddings_no_working_pass_makes_are_not_kept():
+    """A NaN, infinite or all-zero row once made every clustering fail (a 500 until it expired)."""
+    r = UnclaimedReservoir(ReservoirConfig(), dim=DIM)
+    bad = _blob(3, seed=0)
+    bad[0, 0], bad[1, 1], bad[2] = np.nan, np.inf, 0.0
+    end = _fill(r, 400, np.concatenate([_blob(100, seed=1), bad]))
+    snap = r.snapshot(now=end)
+    assert len(snap) == 100 and snap.auto_images == 400 and np.isfinite(snap.embeddings).all()
+    assert [c.size for c in find_clusters(snap, None, background=_noise(2000, seed=2))] == [100]
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"min_share": float("nan")}, {"min_share": float("inf")}, {"max_clusters": 1.5}, {"min_size": 2.5}]
+)
+def test_bad_arguments_are_a_clear_value_error(kwargs):
+    r = UnclaimedReservoir(ReservoirConfig(), dim=DIM)
+    end = _fill(r, 400, _blob(100, seed=1))
+    with pytest.raises(ValueError, match="min_share must be finite"):
+        find_clusters(r.snapshot(now=end), None, **kwargs)
+
+
+def test_copies_of_a_few_unrelated_images_are_not_one_domain():
+    """Three images each sent 30 times: three groups of copies, not one cluster of all of them."""
+    r = UnclaimedReservoir(ReservoirConfig(), dim=DIM)
+    x = np.repeat(_noise(3, seed=3), 30, axis=0)
+    end = _fill(r, 300, x[np.random.default_rng(0).permutation(90)])
+    snap = r.snapshot(now=end)
+    clusters = find_clusters(snap, None, background=_noise(2000, seed=4))
+    assert sorted(c.size for c in clusters) == [30, 30, 30]
+    assert all(len(np.unique(snap.embeddings[c.members], axis=0)) == 1 for c in clusters)
+
+
+def test_a_reference_set_too_small_to_measure_a_density_against_is_not_used():
+    r = UnclaimedReservoir(ReservoirConfig(), dim=DIM)
+    end = _fill(r, 2000, _noise(800, seed=13))
+    snap = r.snapshot(now=end)
+    tiny_reference = _noise(50, seed=14)
+    assert find_clusters(snap, None, background=tiny_reference) == find_clusters(snap, None)
