@@ -45,6 +45,10 @@ def _shadow(args: argparse.Namespace) -> int:
 def _insights(args: argparse.Namespace) -> int:
     if args.png is not None and (Path(args.png).suffix.lower() != ".png" or Path(args.png).is_dir()):
         raise ValueError(f"--png takes a file name ending in .png, got {args.png!r}")
+    if args.png is not None and not Path(args.png).absolute().parent.is_dir():  # before a clustering, not after
+        raise FileNotFoundError(f"--png {args.png}: its folder does not exist")
+    if args.examples is not None:
+        _check_examples_folder(Path(args.examples))
     with _client(args) as client:
         wanted = args.examples is not None or args.png is not None
         out = client.unclaimed(args.min_share, args.min_size, EXAMPLES if wanted else 0)
@@ -68,14 +72,30 @@ EXAMPLES = 8  # thumbnails fetched per cluster for --examples and --png
 EXAMPLES_MARKER = ".clipbank-examples"
 
 
+def _check_examples_folder(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"--examples {folder} is a file: give it a folder")
+    if folder.exists() and any(folder.iterdir()) and not (folder / EXAMPLES_MARKER).exists():
+        raise ValueError(f"{folder} holds files clipbank did not write there: give --examples a new or empty folder")
+
+
+def _write(path: Path, data: bytes) -> None:
+    """The whole file or none (a full disk left 0-byte PNGs), and an error that names it."""
+    from model_store.store import atomic_write
+
+    try:
+        atomic_write(path, data)
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror or e}: {path}") from None
+
+
 def _write_examples(out: dict, folder: Path) -> None:
     """Each cluster's example thumbnails as DIR/cluster-ID/N.png (none unless the server keeps thumbnails)."""
     if not out["reservoir"].get("thumbnail"):
         print("this server keeps no thumbnails (start it with --unclaimed-thumbnails 64 to opt in)", file=sys.stderr)
         return
     marker = folder / EXAMPLES_MARKER  # the folder is ours: an earlier run's thumbnails may go
-    if folder.exists() and any(folder.iterdir()) and not marker.exists():
-        raise ValueError(f"{folder} holds files clipbank did not write there: give --examples a new or empty folder")
+    _check_examples_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     marker.touch()
     for stale in folder.glob("cluster-*/*.png"):  # an earlier run's (other clusters, other users' images)
@@ -85,7 +105,7 @@ def _write_examples(out: dict, folder: Path) -> None:
         where = folder / f"cluster-{c['id']}"
         where.mkdir(parents=True, exist_ok=True)
         for j, uri in enumerate(c.get("examples", [])):
-            (where / f"{j}.png").write_bytes(base64.b64decode(uri.split(",", 1)[1]))
+            _write(where / f"{j}.png", base64.b64decode(uri.split(",", 1)[1]))
     print(f"wrote the clusters' example thumbnails under {folder}", file=sys.stderr)
 
 
@@ -131,8 +151,10 @@ def plot_unclaimed(out: dict, path: str) -> None:
         _thumbnail_row(fig, grid[row], c)
     ax.tick_params(axis="x", labelrotation=30)  # not fig.autofmt_xdate: it hides the labels of all but the last row
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    _write(Path(path), png.getvalue())
 
 
 def _thumbnail_row(fig, cell, cluster: dict) -> None:

@@ -45,6 +45,11 @@ class ReservoirConfig:
             problems.append(f"retention_seconds must be > 0, got {self.retention_seconds}")
         if not self.bin_seconds > 0:
             problems.append(f"bin_seconds must be > 0, got {self.bin_seconds}")
+        elif self.retention_seconds / self.bin_seconds > MAX_BINS - 1:  # the window would be cut, silently
+            problems.append(
+                f"retention_seconds / bin_seconds must be at most {MAX_BINS - 1} (bins kept), got "
+                f"{self.retention_seconds:g} / {self.bin_seconds:g}: raise bin_seconds or lower the retention"
+            )
         if problems:
             raise ValueError("; ".join(problems))
 

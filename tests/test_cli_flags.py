@@ -307,6 +307,17 @@ def test_insights_writes_only_where_it_may_and_names_what_it_wrote(monkeypatch, 
     for bad in ("noext", str(tmp_path), "plot.jpg", ""):
         assert main([*args, "--png", bad]) == 2
         assert "--png takes a file name ending in .png" in capsys.readouterr().err
+    asked = []  # paths that cannot be written are refused before the server is asked (a clustering takes seconds)
+    _client_on(monkeypatch, lambda request: asked.append(request) or httpx.Response(200, json=answer))
+    assert main([*args, "--png", str(tmp_path / "no-such-folder" / "x.png")]) == 2
+    assert "its folder does not exist" in capsys.readouterr().err
+    (tmp_path / "afile").write_bytes(b"x")
+    assert main([*args, "--examples", str(tmp_path / "afile")]) == 2
+    assert "is a file" in capsys.readouterr().err and asked == []
+    whole = {"clusters": [{"id": 3, "size": 30, "nearest_task": None, "over_time": [[0.0, 0.1]], "examples": []}]}
+    _client_on(monkeypatch, lambda request: httpx.Response(200, json={**answer, **whole}))
+    assert main([*args, "--png", str(tmp_path / "plot.png")]) == 0 and (tmp_path / "plot.png").stat().st_size > 1000
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
 
 
 def test_classify_output_survives_a_closed_pipe_and_odd_names_and_says_which_files_failed(

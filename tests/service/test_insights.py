@@ -95,10 +95,13 @@ def test_memory_stays_bounded_under_a_long_stream():
     assert sum(b.unclaimed for b in snap.bins) >= 64 and snap.times.min() >= 100_000 * 0.05 - 30.0
 
 
-def test_the_bins_are_capped_whatever_the_retention_asks():
-    cfg = ReservoirConfig(capacity=8, retention_seconds=1e9, bin_seconds=1.0)
+def test_the_bins_are_bounded_and_a_window_they_cannot_cover_is_refused():
+    """A retention of more bins than are kept was once cut silently (and still reported whole)."""
+    cfg = ReservoirConfig(capacity=8, retention_seconds=9999.0, bin_seconds=1.0)
     assert cfg.max_bins == 10_000
     assert UnclaimedReservoir(cfg, dim=4).nbytes < 8 * 4 * 4 + 8 * 16 + 10_001 * 24
+    with pytest.raises(ValueError, match="retention_seconds / bin_seconds must be at most 9999"):
+        ReservoirConfig(capacity=8, retention_seconds=86400.0, bin_seconds=1.0)
 
 
 def test_capacity_zero_turns_the_monitor_off():
