@@ -26,6 +26,7 @@ from .insights import ReservoirSnapshot
 
 PCA_DIMS = 32  # clustering runs on this many principal components when the embeddings have more
 NEIGHBOURS = 10  # k of the nearest-neighbour tests
+GROUP_SAMPLE = 4096  # candidates beyond this many are grouped through a sample of them
 COMPONENT_NEIGHBOURS = 7  # k of the mutual-neighbour graph (at 10, a few links merged a diffuse and a tight domain)
 CANDIDATE_ODDS = 2.0  # how much more often than chance a candidate's neighbours are unclaimed rather than generic
 GROUP_ODDS = 2.5  # how much denser than held-out generic rows a group must be (tiny: generic traffic up to 1.9)
@@ -178,10 +179,24 @@ def _groups(x: np.ndarray, z: np.ndarray, k: int, min_size: int) -> np.ndarray:
     if len(z) < min_size:
         big = np.flatnonzero(counts >= min_size)
         return np.where(np.isin(copies, big), np.searchsorted(big, copies), -1)
+    if len(z) > GROUP_SAMPLE:  # HDBSCAN's time grows faster than the rows: group a sample, then spread it
+        return _sampled_groups(z, counts, k, min_size)[copies]
     groups = HDBSCAN(min_cluster_size=min_size, min_samples=min(k, min_size), copy=True).fit_predict(z)
     if groups.max() < 0:
         groups = _components(z, counts, min(k, COMPONENT_NEIGHBOURS), min_size)
     return groups[copies]
+
+
+def _sampled_groups(z: np.ndarray, counts: np.ndarray, k: int, min_size: int) -> np.ndarray:
+    """Groups of GROUP_SAMPLE distinct rows drawn at random (`min_size` scaled to the sample), each other row
+    taking the group of its nearest sampled row."""
+    from sklearn.neighbors import NearestNeighbors
+
+    pick = np.sort(np.random.default_rng(SEED).choice(len(z), GROUP_SAMPLE, replace=False))
+    size = max(2, math.ceil(min_size * GROUP_SAMPLE / len(z)))
+    sample = _groups(z[pick], z[pick], k, size)  # distinct rows: no copies to merge
+    nearest = NearestNeighbors(n_neighbors=1).fit(z[pick]).kneighbors(z, return_distance=False)[:, 0]
+    return sample[nearest]
 
 
 def cluster_labels(x: np.ndarray, min_cluster_size: int, background: np.ndarray | None = None) -> np.ndarray:
