@@ -180,14 +180,14 @@ def _groups(x: np.ndarray, z: np.ndarray, k: int, min_size: int) -> np.ndarray:
         big = np.flatnonzero(counts >= min_size)
         return np.where(np.isin(copies, big), np.searchsorted(big, copies), -1)
     if len(z) > GROUP_SAMPLE:  # HDBSCAN's time grows faster than the rows: group a sample, then spread it
-        return _sampled_groups(z, counts, k, min_size)[copies]
+        return _sampled_groups(z, k, min_size)[copies]
     groups = HDBSCAN(min_cluster_size=min_size, min_samples=min(k, min_size), copy=True).fit_predict(z)
     if groups.max() < 0:
         groups = _components(z, counts, min(k, COMPONENT_NEIGHBOURS), min_size)
     return groups[copies]
 
 
-def _sampled_groups(z: np.ndarray, counts: np.ndarray, k: int, min_size: int) -> np.ndarray:
+def _sampled_groups(z: np.ndarray, k: int, min_size: int) -> np.ndarray:
     """Groups of GROUP_SAMPLE distinct rows drawn at random (`min_size` scaled to the sample), each other row
     taking the group of its nearest sampled row."""
     from sklearn.neighbors import NearestNeighbors
@@ -239,7 +239,7 @@ def find_clusters(
     x, n, auto = snapshot.embeddings, len(snapshot), snapshot.auto_images
     if background is not None and (np.ndim(background) != 2 or np.shape(background)[1] != x.shape[1]):
         raise ValueError(f"background must be [m, {x.shape[1]}], got {list(np.shape(background))}")
-    if not math.isfinite(min_share) or int(max_clusters) != max_clusters or int(min_size) != min_size:
+    if not (math.isfinite(min_share) and float(min_size).is_integer() and float(max_clusters).is_integer()):
         raise ValueError(
             f"min_share must be finite, min_size and max_clusters whole: {min_share}, {min_size}, {max_clusters}"
         )

@@ -359,7 +359,14 @@ def test_embeddings_no_working_pass_makes_are_not_kept():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"min_share": float("nan")}, {"min_share": float("inf")}, {"max_clusters": 1.5}, {"min_size": 2.5}]
+    "kwargs",
+    [
+        {"min_share": float("nan")},
+        {"min_share": float("inf")},
+        {"max_clusters": 1.5},
+        {"max_clusters": float("inf")},
+        {"min_size": 2.5},
+    ],
 )
 def test_bad_arguments_are_a_clear_value_error(kwargs):
     r = UnclaimedReservoir(ReservoirConfig(), dim=DIM)
