@@ -63,7 +63,7 @@ def _classify(args: argparse.Namespace) -> int:
         for a in range(0, len(args.images), CLASSIFY_CHUNK):
             paths = [Path(p) for p in args.images[a : a + CLASSIFY_CHUNK]]
             try:
-                out = client.classify(paths, labels, args.task, args.route, args.top_k)
+                out = client.classify(paths, labels, args.task, args.route, args.top_k, args.match_labels)
             except ClipbankHTTPError as e:  # the server numbers images within their request: say which files
                 if len(args.images) <= CLASSIFY_CHUNK:
                     raise
@@ -231,6 +231,12 @@ def _add_client(sub) -> None:
     cl.add_argument("--task", default=AUTO, help=f"{' | '.join(TASK_MODES)} | a task name")
     cl.add_argument("--route", default=PER_IMAGE, choices=ROUTE_MODES)
     cl.add_argument("--top-k", type=int)
+    cl.add_argument(
+        "--ignore-labels-in-routing",
+        dest="match_labels",
+        action="store_false",
+        help="let the selector alone route, even to tasks that know none of --labels",
+    )
     cl.add_argument("--url", default=url)
     cl.add_argument("--token", default=env_value("classify_token"), help="$CLIPBANK_CLASSIFY_TOKEN")
     cl.add_argument("--json", action="store_true", help="print every result as JSON (scores and routes)")

@@ -14,6 +14,7 @@ from .bundle import Bundle, PlacedExpert
 from .compat import check_compatible, check_config
 from .errors import MissingExpert, TaskNotFound
 from .experts import Expert, MoEConfig, Routing, TaskRouter
+from .labels import label_key
 from .manifest import Manifest, shown
 from .selector import Selector, load_selector
 from .selector_stack import SelectorStack
@@ -63,6 +64,11 @@ class BankSnapshot:
     def selector_stack(self) -> SelectorStack:
         """Its tasks' selectors, stacked to be scored at once (made on first use; a snapshot never changes)."""
         return SelectorStack([t.selector for t in self.tasks])
+
+    @cached_property
+    def label_sets(self) -> tuple[frozenset[str], ...]:
+        """Each task's class names as `label_key`s, for label-aware routing (`inference.known_tasks`)."""
+        return tuple(frozenset(label_key(c) for c in t.classes) for t in self.tasks)
 
     @property
     def task_names(self) -> tuple[str, ...]:

@@ -10,7 +10,7 @@ import torch
 
 from .bank import BankSnapshot
 from .errors import InvalidRequest
-from .labels import MAX_TEMPLATES, template_ok
+from .labels import MAX_TEMPLATES, label_key, template_ok
 from .modes import AUTO, PER_IMAGE, PER_REQUEST, ROUTE_MODES, ZERO_SHOT
 from .moe_clip import encode_image, encode_image_from, image_tokens
 from .text import TextCache, text_embeddings, text_key
@@ -28,6 +28,7 @@ class ClassifyItem:
     route: str = PER_IMAGE
     top_k: int | None = None
     templates: tuple[str, ...] | None = None  # with labels: the prompts for them on any route; None: the route's
+    match_labels: bool = True  # task=auto with labels: only tasks that know one of the labels may claim an image
 
 
 @dataclass(frozen=True)
@@ -61,17 +62,36 @@ def route_scores(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(best <= 1.0, idx, torch.full_like(idx, -1)), best
 
 
+def known_tasks(bank: BankSnapshot, labels: Sequence[str]) -> torch.Tensor:
+    """Label-aware routing: per active task [T], whether it knows at least one of a request's labels (matched
+    by `label_key`). A task whose classes share no label with the request was never trained to tell those labels
+    apart, so its experts have nothing to add: images sent with labels only other tasks know, or none knows, are
+    left to the tasks that know them, or to zero-shot CLIP (docs/method.md, "Label-aware routing")."""
+    wanted = {label_key(label) for label in labels}
+    return torch.tensor([not wanted.isdisjoint(known) for known in bank.label_sets], dtype=torch.bool)
+
+
+def only_known(scores: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Selector scores [n, T] with the tasks not `known` [T] unable to claim (their scores infinite)."""
+    known = known.to(scores.device)
+    return scores if bool(known.all()) else scores.masked_fill(~known, float("inf"))
+
+
 def select_tasks(bank: BankSnapshot, scores: torch.Tensor, item: ClassifyItem) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image, the task index (-1 = zero-shot) and its selector score (nan when not scored)."""
+    """Per image, the task index (-1 = zero-shot) and its selector score (nan when not scored, or when no task
+    that knows the request's labels was left to score it)."""
     n = scores.shape[0]
     if item.task not in (AUTO, ZERO_SHOT):
         t = bank.task_index(item.task)  # raises TaskNotFound
         return torch.full((n,), t, dtype=torch.long), scores[:, t]
     if item.task == ZERO_SHOT or not bank.tasks:
         return torch.full((n,), -1, dtype=torch.long), torch.full((n,), float("nan"))
+    if item.labels and item.match_labels:
+        scores = only_known(scores, known_tasks(bank, item.labels))
     if item.route == PER_REQUEST:
         scores = scores.mean(0, keepdim=True).expand(n, -1)
-    return route_scores(scores)
+    tasks, best = route_scores(scores)
+    return tasks, best.masked_fill(best.isinf(), float("nan"))
 
 
 def _route_of(bank: BankSnapshot, t: int, s: float) -> Route:

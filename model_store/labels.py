@@ -20,6 +20,12 @@ def shown(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def label_key(label: str) -> str:
+    """How labels are matched to a task's classes when routing (`inference.known_tasks`): case and runs of
+    whitespace do not matter, so "Letter A" names the class "letter a"."""
+    return " ".join(label.casefold().split())
+
+
 def template_ok(template: Any) -> bool:
     """A prompt template with exactly one plain `{}`: no field name, conversion or format spec (so
     `.format(label)` always works and costs no more than the label), and at most MAX_TEMPLATE_CHARS long."""

@@ -97,14 +97,18 @@ class ClipbankClient:
         task: str = AUTO,
         route: str = PER_IMAGE,
         top_k: int | None = None,
+        match_labels: bool = True,
     ) -> dict[str, Any]:
-        """Images are paths or encoded bytes. Returns `{"results": [...], "timing": {...}}`."""
+        """Images are paths or encoded bytes. Returns `{"results": [...], "timing": {...}}`. `match_labels=False`:
+        the selector alone routes, whatever the labels (docs/service.md)."""
         if isinstance(images, str | bytes | os.PathLike) or isinstance(labels, str):
             raise TypeError("images and labels are lists: classify([path], labels=['cat', 'dog'])")
         files = [("images", (_name(img, i), _bytes(img))) for i, img in enumerate(images)]
         data: dict[str, Any] = {"labels": list(labels), "task": task, "route": route}
         if top_k is not None:
             data["top_k"] = str(top_k)
+        if not match_labels:
+            data["match_labels"] = "false"
         return self._call("POST", "/classify", files=files, data=data)
 
     def push(

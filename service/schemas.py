@@ -31,6 +31,12 @@ class ClassifyOptions(BaseModel):
     )
     route: RouteMode = Field(PER_IMAGE, description="`per-request` averages selector scores over the images.")
     top_k: int | None = Field(None, ge=1, description="Return only the best k labels per image.")
+    match_labels: bool = Field(
+        True,
+        description="With labels and task=auto: only tasks whose classes include at least one of the labels may "
+        "claim an image (case and spacing ignored); images no such task claims go to zero-shot CLIP. false: the "
+        "selector alone decides, whatever the labels.",
+    )
 
 
 class ClassifyJSON(ClassifyOptions):

@@ -30,6 +30,9 @@ METHODS = (
 # every earlier run (docs/benchmarks/cl.md) and are run only when asked for
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in ("adapter", "moe-ddas-warm"))
 BATCH_ROUTED = "moe-ddas-batch"  # the paper's per-batch routing, reported beside the per-image one
+# moe-ddas as served by default: each image sent with its own task's labels, which only tasks that know one of
+# them may claim (label-aware routing, docs/method.md); moe-ddas itself is the selectors alone
+LABEL_ROUTED = "moe-ddas-labels"
 TEMPLATE = "a photo of a {}."
 
 

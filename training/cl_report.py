@@ -54,6 +54,10 @@ SUMMARY_TEXT = {
     "cil_old_class_accuracy_last": "class-incremental: old classes' accuracy after the last version (%)",
     "outside_accuracy_vs_zero_shot": "the pretraining domain's accuracy, moe-ddas minus zero-shot (points)",
     "task_agnostic_ddas": "task-agnostic: moe-ddas over the union of all classes seen (%)",
+    "last_labels_vs_oracle": "as served, labels matched: Last, moe-ddas-labels minus moe-oracle (points)",
+    "routing_long_task_accuracy_labels": "as served, labels matched: routing over the 12-task sequence",
+    "fallback_pretraining_labels": "as served, labels matched: the pretraining domain's images left to zero-shot",
+    "fallback_near_min_labels": "as served, labels matched: the lowest near outside domain's fallback",
 }
 
 

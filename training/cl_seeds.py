@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .cl_common import CLConfig
+from .cl_common import LABEL_ROUTED, CLConfig
 from .known_domains import KNOWN_CONCEPT
 
 SEED_STRIDE = 1000  # seed i runs with cfg.seed + 1000 * i: a task's seed is the run's plus its index
@@ -27,6 +27,12 @@ SUMMARY_KEYS = (
     "cil_old_class_accuracy_last",
     "outside_accuracy_vs_zero_shot",
     "task_agnostic_ddas",
+    # the same routing figures as served by default: each image sent with its own domain's labels, which only
+    # tasks that know one of them may claim (label-aware routing); the keys above are the selectors alone
+    "last_labels_vs_oracle",
+    "routing_long_task_accuracy_labels",
+    "fallback_pretraining_labels",
+    "fallback_near_min_labels",
 )
 
 
@@ -101,6 +107,22 @@ def summary_of(report: dict[str, Any]) -> dict[str, float | None]:
         "cil_old_class_accuracy_last": (report.get("class_incremental") or {}).get("old_class_accuracy_last"),
         "outside_accuracy_vs_zero_shot": _diff(outside.get("moe-ddas"), outside.get("zero-shot")),
         "task_agnostic_ddas": ((report.get("task_agnostic") or {}).get("moe-ddas") or {}).get("mean"),
+        **_label_routed(report, metric),
+    }
+
+
+def _label_routed(report: dict[str, Any], metric: Callable[[str, str], float | None]) -> dict[str, float | None]:
+    """The summary's `_labels` figures: routing as served to clients that send each image's own labels."""
+    routing = report.get("routing", {})
+    near = routing.get("near_ood_labels") or {}
+    served = (report.get("routing_by_method") or {}).get(LABEL_ROUTED, {})
+    return {
+        "last_labels_vs_oracle": _diff(metric(LABEL_ROUTED, "last"), metric("moe-oracle", "last")),
+        "routing_long_task_accuracy_labels": (routing.get("long_labels") or {}).get("task_accuracy"),
+        "fallback_pretraining_labels": served.get("zero_shot_fallback")
+        if report.get("outside") == PRETRAINING_DOMAIN
+        else routing.get("plain_ood_labels"),
+        "fallback_near_min_labels": min(near.values()) if near else None,
     }
 
 

@@ -19,14 +19,33 @@ from model_store.selector import SelectorConfig, fit_selector
 
 from .cl_agnostic import agnostic_of_bank, agnostic_of_model
 from .cl_baselines import run_sequential
-from .cl_common import BATCH_ROUTED, METHODS, TEMPLATE, CLConfig, RunLog, SequenceStep, cl_metrics, train_cfg
+from .cl_common import (
+    BATCH_ROUTED,
+    LABEL_ROUTED,
+    METHODS,
+    TEMPLATE,
+    CLConfig,
+    RunLog,
+    SequenceStep,
+    cl_metrics,
+    train_cfg,
+)
 from .data import LabelledImages
 from .evaluate import accuracy_and_routes
 from .expert_blocks import default_expert_blocks
 from .int8_eval import int8_comparison
 from .trainer import TrainConfig, accuracy, frozen_features, train_task
 
-__all__ = ["BATCH_ROUTED", "METHODS", "CLConfig", "SequenceStep", "cl_metrics", "offline_sequence", "run_continual"]
+__all__ = [
+    "BATCH_ROUTED",
+    "LABEL_ROUTED",
+    "METHODS",
+    "CLConfig",
+    "SequenceStep",
+    "cl_metrics",
+    "offline_sequence",
+    "run_continual",
+]
 
 OFFLINE_SEQUENCE = ("sketches", "textures", "arrows", "digits", "glyphs")
 
@@ -72,7 +91,7 @@ def _moe_rows(
     cache = TextCache()
     rows: dict[str, list[float]] = {}
     for i, d in enumerate(seq):
-        acc, routes = accuracy_and_routes(bank, d.test, AUTO, cache, templates=d.templates)
+        acc, routes = accuracy_and_routes(bank, d.test, AUTO, cache, templates=d.templates, match_labels=False)
         rows.setdefault(prefix, []).append(acc)
         if t == len(seq) - 1:
             run.routes.setdefault(prefix, {})[d.name] = routes
@@ -83,12 +102,18 @@ def _moe_rows(
         rows.setdefault(prefix.replace("ddas", "oracle"), []).append(oracle_acc)
         if prefix != "moe-ddas":
             continue
-        acc_b, routes_b = accuracy_and_routes(bank, d.test, AUTO, cache, cfg.eval_batch, "per-request", d.templates)
+        acc_l, routes_l = accuracy_and_routes(bank, d.test, AUTO, cache, templates=d.templates)
+        rows.setdefault(LABEL_ROUTED, []).append(acc_l)
+        if t == len(seq) - 1:
+            run.routes.setdefault(LABEL_ROUTED, {})[d.name] = routes_l
+        acc_b, routes_b = accuracy_and_routes(
+            bank, d.test, AUTO, cache, cfg.eval_batch, "per-request", d.templates, match_labels=False
+        )
         rows.setdefault(BATCH_ROUTED, []).append(acc_b)
         if t == len(seq) - 1:
             run.routes.setdefault(BATCH_ROUTED, {})[d.name] = routes_b
         if gbank is not None:
-            acc_g, routes_g = accuracy_and_routes(gbank, d.test, AUTO, cache, templates=d.templates)
+            acc_g, routes_g = accuracy_and_routes(gbank, d.test, AUTO, cache, templates=d.templates, match_labels=False)
             rows.setdefault("moe-gauss", []).append(acc_g)
             if t == len(seq) - 1:
                 run.routes.setdefault("moe-gauss", {})[d.name] = routes_g
@@ -139,7 +164,7 @@ def _run_moe(
             gbank = _gaussian_bank(bank, gauss)
         _moe_rows(bank, gbank, seq, t, cfg, run, prefix)
     run.seconds[prefix] = round(time.perf_counter() - start, 1)
-    banks = {prefix: bank, BATCH_ROUTED: bank} if prefix == "moe-ddas" else {prefix: bank}
+    banks = {prefix: bank, BATCH_ROUTED: bank, LABEL_ROUTED: bank} if prefix == "moe-ddas" else {prefix: bank}
     if gbank is not None:
         banks["moe-gauss"] = gbank
     return banks
@@ -209,7 +234,7 @@ def run_continual(
     for method in ("adapter", "finetune"):
         if method in cfg.methods or (method == "finetune" and "wise-ft" in cfg.methods):
             run_sequential(backbone, seq, cfg, run, method, progress)
-    keep = [*cfg.methods, BATCH_ROUTED] if "moe-ddas" in cfg.methods else list(cfg.methods)
+    keep = [*cfg.methods, BATCH_ROUTED, LABEL_ROUTED] if "moe-ddas" in cfg.methods else list(cfg.methods)
     keep += [f"moe-{kind}-k{k}" for k in cfg.expert_blocks_sweep for kind in ("oracle", "ddas")]
     methods = {m: {"matrix": run.matrices[m], **cl_metrics(run.matrices[m])} for m in keep if m in run.matrices}
     routing = _routing_summary(run, seq_out, outside_name if outside is not None else None)
@@ -269,7 +294,7 @@ def _agnostic_of_banks(
     for method, bank in banks.items():
         if method == "moe-ddas":
             run.agnostic["moe-oracle"] = agnostic_of_bank(bank, seq, oracle=True)
-        if method != BATCH_ROUTED:
+        if method not in (BATCH_ROUTED, LABEL_ROUTED):  # over the union, every task knows a label: as moe-ddas
             run.agnostic[method] = agnostic_of_bank(bank, seq)
 
 
@@ -282,7 +307,8 @@ def _route_outside(
     cache = TextCache()
     for method, bank in banks.items():
         batch, route = (cfg.eval_batch, "per-request") if method == BATCH_ROUTED else (128, "per-image")
-        acc, run.routes.setdefault(method, {})[name] = accuracy_and_routes(bank, outside, AUTO, cache, batch, route)
+        routed = accuracy_and_routes(bank, outside, AUTO, cache, batch, route, match_labels=method == LABEL_ROUTED)
+        acc, run.routes.setdefault(method, {})[name] = routed
         run.outside_accuracy[method] = round(100 * acc, 2)
         if ZERO_SHOT not in run.outside_accuracy:
             run.outside_accuracy[ZERO_SHOT] = round(100 * accuracy_and_routes(bank, outside, ZERO_SHOT, cache)[0], 2)

@@ -21,16 +21,18 @@ def accuracy_and_routes(
     batch: int = 128,
     route: str = "per-image",
     templates: tuple[str, ...] | None = None,
+    match_labels: bool = True,
 ) -> tuple[float, Counter]:
     """Accuracy over `data.classes` as the server would answer, and how many images went to each route.
 
     With `route="per-request"`, each batch of `batch` images is routed as one (the paper's per-batch DDAS).
     `templates`: the prompts for the labels on every route; None: the server's (the task's, or zero-shot's).
+    `match_labels`: label-aware routing, as the server does by default; False: the selectors alone route.
     """
     correct, routes = 0, Counter()
     for s in range(0, len(data), batch):
         x = torch.stack([bank.backbone.preprocess(im) for im in data.images[s : s + batch]])
-        item = ClassifyItem(x, tuple(data.classes), task=task, route=route, top_k=1, templates=templates)
+        item = ClassifyItem(x, tuple(data.classes), task, route, 1, templates, match_labels)
         (results,) = classify_batch(bank, [item], cache)
         if isinstance(results, Exception):
             raise results

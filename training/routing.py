@@ -17,7 +17,8 @@ import torch
 from model_store.backbone import Backbone
 from model_store.bank import BankSnapshot
 from model_store.bundle import MAX_PROBES
-from model_store.inference import route_scores
+from model_store.inference import only_known, route_scores
+from model_store.labels import label_key
 from model_store.reference import ReferenceSet, embed_images
 from model_store.selector import NEEDS_NEGATIVES, Selector, SelectorConfig, calibrate, fit_selector, score
 
@@ -181,11 +182,13 @@ def routing_warnings(check: dict[str, Any]) -> list[str]:
     return w
 
 
-def routes(selectors: Sequence[Selector], feats: torch.Tensor) -> torch.Tensor:
-    """The task index each embedding goes to (-1: zero-shot), decided as the server decides (`route_scores`)."""
+def routes(selectors: Sequence[Selector], feats: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+    """The task index each embedding goes to (-1: zero-shot), decided as the server decides (`route_scores`);
+    `known` [T]: the tasks that know the request's labels (`inference.known_tasks`), None: the selectors alone."""
     if not selectors:
         return torch.full((len(feats),), -1, dtype=torch.long)
-    return route_scores(torch.stack([score(s, feats).float() for s in selectors], dim=1))[0]
+    scores = torch.stack([score(s, feats).float() for s in selectors], dim=1)
+    return route_scores(scores if known is None else only_known(scores, known))[0]
 
 
 def fit_sequence(
@@ -207,18 +210,29 @@ def fit_sequence(
     return selectors, curve
 
 
+def _known_by(learned: Sequence[str], name: str) -> torch.Tensor:
+    """Which learned tasks know at least one of domain `name`'s labels: what label-aware routing lets claim its
+    images when a client sends them with their own labels."""
+    keys = {label_key(c) for c in get_domain(name).classes}
+    return torch.tensor([not keys.isdisjoint(label_key(c) for c in get_domain(t).classes) for t in learned])
+
+
 def _routing_after(emb: Embeddings, cfg: RoutingConfig, selectors: list[Selector], n_tasks: int) -> dict[str, Any]:
+    """How the bank of the first `n_tasks` routes every test set: by the selectors alone, and as served to clients
+    that send each image with its own domain's labels (`_labels`: label-aware routing, the server's default)."""
     learned = cfg.sequence[:n_tasks]
-    own = {name: float((routes(selectors, emb(name, "test")) == t).float().mean()) for t, name in enumerate(learned)}
     unseen = [*cfg.sequence[n_tasks:], cfg.outside, *cfg.near]
-    fallback = {name: float((routes(selectors, emb(name, "test")) == -1).float().mean()) for name in unseen}
-    return {
-        "tasks": n_tasks,
-        "task_accuracy": sum(own.values()) / len(own),
-        "own": own,
-        "zero_shot_fallback": sum(fallback.values()) / len(fallback),
-        "fallback": fallback,
-    }
+    out: dict[str, Any] = {"tasks": n_tasks}
+    for suffix, known in (("", lambda name: None), ("_labels", lambda name: _known_by(learned, name))):
+        own = {
+            n: float((routes(selectors, emb(n, "test"), known(n)) == t).float().mean()) for t, n in enumerate(learned)
+        }
+        fallback = {n: float((routes(selectors, emb(n, "test"), known(n)) == -1).float().mean()) for n in unseen}
+        out["task_accuracy" + suffix] = sum(own.values()) / len(own)
+        out["own" + suffix] = own
+        out["zero_shot_fallback" + suffix] = sum(fallback.values()) / len(fallback)
+        out["fallback" + suffix] = fallback
+    return out
 
 
 def selector_cost(backbone: Backbone, selectors: Sequence[Selector], images: int = 64, repeats: int = 5) -> dict:
@@ -247,15 +261,15 @@ def run_routing(backbone: Backbone, reference: ReferenceSet | None, cfg: Routing
     out["reference"] = len(reference) if reference is not None else 0
     for kind in cfg.kinds:
         selectors, curve = fit_sequence(emb, kind, cfg, reference)
-        final = curve[-1]
-        out[kind] = {
-            "curve": curve,
-            "long": {"task_accuracy": final["task_accuracy"], "own": final["own"]},
-            "near_ood": {name: final["fallback"][name] for name in cfg.near},
-            "plain_ood": final["fallback"][cfg.outside],
-            "cost": selector_cost(backbone, selectors),
-        }
-        out[kind]["long"]["zero_shot_fallback"] = (sum(out[kind]["near_ood"].values()) + out[kind]["plain_ood"]) / (
-            len(cfg.near) + 1
-        )
+        out[kind] = {"curve": curve, "cost": selector_cost(backbone, selectors)}
+        for suffix in ("", "_labels"):  # the selectors alone; as served to clients sending their own labels
+            final = curve[-1]
+            near = {name: final["fallback" + suffix][name] for name in cfg.near}
+            plain = final["fallback" + suffix][cfg.outside]
+            out[kind]["long" + suffix] = {
+                "task_accuracy": final["task_accuracy" + suffix],
+                "own": final["own" + suffix],
+                "zero_shot_fallback": (sum(near.values()) + plain) / (len(cfg.near) + 1),
+            }
+            out[kind]["near_ood" + suffix], out[kind]["plain_ood" + suffix] = near, plain
     return out

@@ -21,6 +21,7 @@ def routing_keys(result: dict[str, Any], default_kind: str) -> dict[str, Any]:
             "zero_shot_fallback": chosen["long"]["zero_shot_fallback"],
             "own": chosen["long"]["own"],
         },
+        **{f"{key}_labels": chosen[f"{key}_labels"] for key in ("near_ood", "plain_ood", "long")},
         "default_kind": default_kind,
         "kinds": {k: result[k] for k in kinds},
         "sequence": result["sequence"],
@@ -36,21 +37,29 @@ def format_markdown(routing: dict[str, Any], command: str) -> str:
         f"reference set: {routing['reference']} embeddings. Each image routed as the server does (argmin of "
         "error / threshold, zero-shot above 1). Cost: the selectors' time per image over a frozen pass's.",
         "",
+        "",
+        "Rows marked *labels* route as the server does by default for a client that sends each image with its own "
+        "domain's labels: only tasks that know one of them may claim it (label-aware routing). The other rows are "
+        "the selectors alone.",
+        "",
         "| kind | own task, all tasks | worst own | plain outside fallback | near outside fallback | cost |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for kind, r in routing["kinds"].items():
-        own = r["long"]["own"]
-        worst = min(own, key=own.get)
-        near = ", ".join(f"{n} {v:.2f}" for n, v in r["near_ood"].items())
-        lines.append(
-            f"| {kind} | {r['long']['task_accuracy']:.3f} | {worst} {own[worst]:.2f} | {r['plain_ood']:.3f} | {near} "
-            f"| {r['cost']['selectors_vs_frozen']:.3f} |"
-        )
+        for suffix, name in (("", kind), ("_labels", f"{kind}, labels")):
+            own = r["long" + suffix]["own"]
+            worst = min(own, key=own.get)
+            near = ", ".join(f"{n} {v:.2f}" for n, v in r["near_ood" + suffix].items())
+            lines.append(
+                f"| {name} | {r['long' + suffix]['task_accuracy']:.3f} | {worst} {own[worst]:.2f} | "
+                f"{r['plain_ood' + suffix]:.3f} | {near} | {r['cost']['selectors_vs_frozen']:.3f} |"
+            )
     lines += ["", "Own routing per task (the default kind's bank of every task):", ""]
-    default = routing["kinds"][routing["default_kind"]]["long"]["own"]
-    lines += ["| " + " | ".join(default) + " |", "|" + " --- |" * len(default)]
-    lines.append("| " + " | ".join(f"{v:.2f}" for v in default.values()) + " |")
+    default = routing["kinds"][routing["default_kind"]]
+    own = default["long"]["own"]
+    lines += ["| routing | " + " | ".join(own) + " |", "| --- |" + " --- |" * len(own)]
+    for suffix, name in (("", "selectors alone"), ("_labels", "labels matched")):
+        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in default["long" + suffix]["own"].values()) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -60,8 +69,10 @@ def plot(routing: dict[str, Any], path: Path) -> Path:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     for kind, r in routing["kinds"].items():
         n = [c["tasks"] for c in r["curve"]]
-        ax1.plot(n, [c["task_accuracy"] for c in r["curve"]], marker="o", label=kind)
-        ax2.plot(n, [c["zero_shot_fallback"] for c in r["curve"]], marker="o", label=kind)
+        (line,) = ax1.plot(n, [c["task_accuracy"] for c in r["curve"]], marker="o", label=kind)
+        ax2.plot(n, [c["zero_shot_fallback"] for c in r["curve"]], marker="o", label=kind, color=line.get_color())
+        for ax, key in ((ax1, "task_accuracy_labels"), (ax2, "zero_shot_fallback_labels")):
+            ax.plot(n, [c[key] for c in r["curve"]], ls="--", color=line.get_color(), label=f"{kind}, labels")
     ax1.set(xlabel="tasks in the bank", ylabel="learned tasks' images routed to their own task", ylim=(0, 1.02))
     ax2.set(xlabel="tasks in the bank", ylabel="fallback of unlearned, plain and near outside images", ylim=(0, 1.02))
     for ax in (ax1, ax2):

@@ -46,6 +46,7 @@ def multipart_schema(limits: Limits) -> dict:
             "task": {"type": "string", "default": AUTO, "maxLength": 64},
             "route": {"type": "string", "enum": list(ROUTE_MODES), "default": PER_IMAGE},
             "top_k": {"type": "integer", "minimum": 1},
+            "match_labels": {"type": "boolean", "default": True},
         },
     }
 
@@ -81,7 +82,14 @@ def classify_router(reader: TokenCheck | None, limits: Limits) -> APIRouter:
             pixels = sum(o.pixels for o in opened)
             images = await service.decoders.run(request, pixels, preprocess_opened, opened, service.preprocess)
             decoded = time.perf_counter()
-            item = ClassifyItem(images, tuple(options.labels) or None, options.task, options.route, options.top_k)
+            item = ClassifyItem(
+                images,
+                tuple(options.labels) or None,
+                options.task,
+                options.route,
+                options.top_k,
+                match_labels=options.match_labels,
+            )
             results, info = await service.batcher.submit(item, admitted=True)
         request.state.generation = info.generation  # X-Clipbank-Generation: the bank this batch ran on
         body = response(results, info, (decoded - started) * 1000, (time.perf_counter() - started) * 1000)

@@ -216,12 +216,15 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path):
 
 def test_outside_traffic_through_the_server_routes_as_measured_offline(tmp_path, bundles, trained, backbone):
     """Plain and near outside images (a task's look, another concept) through the real server, against the
-    offline routing (`training.routing.routes`) that `clipbank bench routing` and training reports use."""
+    offline routing (`training.routing.routes`) that `clipbank bench routing` and training reports use: by the
+    selectors alone (`match_labels=false`), and as served by default to clients sending each domain's labels."""
     import io
 
+    import torch
     from PIL import Image
 
     from model_store.reference import embed_images
+    from training.domains import get_domain
     from training.lookalike import NEAR_OUTSIDE
     from training.routing import routes
 
@@ -229,17 +232,29 @@ def test_outside_traffic_through_the_server_routes_as_measured_offline(tmp_path,
     bank = banks["glyphs"]  # textures, then glyphs: what the server will hold
     domains = ["shapes", *NEAR_OUTSIDE, "glyphs"]
     pngs = {d: domain_pngs(d, 30) for d in domains}
+    labels = {d: list(get_domain(d).classes) for d in domains}
+
+    def tasks_of(answer: dict) -> list[str | None]:
+        return [r["route"]["task"] for r in answer["results"]]
+
     with running_server(tmp_path / "store", tmp_path / "server.log") as url, ClipbankClient(url, TOKEN) as client:
         for task in ("textures", "glyphs"):
             client.push(bundles[task], force=task == "textures")  # the gate refuses textures on tiny
-        served = {d: [r["route"]["task"] for r in client.classify(p, ["a", "b"])["results"]] for d, p in pngs.items()}
+        alone = {d: tasks_of(client.classify(p, ["a", "b"], match_labels=False)) for d, p in pngs.items()}
+        served = {d: tasks_of(client.classify(p, labels[d])) for d, p in pngs.items()}
     names = [t.name for t in bank.tasks]
     agree, fallback = {}, {}
     for d, p in pngs.items():
         feats = embed_images(backbone, [Image.open(io.BytesIO(b)) for b in p])
-        offline = [names[i] if i >= 0 else None for i in routes([t.selector for t in bank.tasks], feats).tolist()]
-        agree[d] = sum(a == b for a, b in zip(served[d], offline, strict=True)) / len(p)
-        fallback[d] = served[d].count(None) / len(p)
+        known = torch.tensor([not set(labels[d]).isdisjoint(t.classes) for t in bank.tasks])
+        for kind, answer, mask in (("alone", alone, None), ("served", served, known)):
+            routed = routes([t.selector for t in bank.tasks], feats, mask).tolist()
+            offline = [names[i] if i >= 0 else None for i in routed]
+            agree[kind, d] = sum(a == b for a, b in zip(answer[d], offline, strict=True)) / len(p)
+            fallback[kind, d] = answer[d].count(None) / len(p)
     assert min(agree.values()) >= 0.95, agree  # the server routes as measured (ONNX vs torch: ties may differ)
-    assert fallback["shapes"] >= 0.97, fallback  # the plain outside domain goes to zero-shot CLIP
-    assert served["glyphs"].count("glyphs") >= 0.9 * len(pngs["glyphs"]), served["glyphs"]
+    assert fallback["alone", "shapes"] >= 0.97, fallback  # the plain outside domain goes to zero-shot CLIP
+    assert alone["glyphs"].count("glyphs") >= 0.9 * len(pngs["glyphs"]), alone["glyphs"]
+    # other letters, arrows on clutter, ink letters: no task knows their labels, so none may claim them
+    assert all(fallback["served", d] == 1.0 for d in NEAR_OUTSIDE), fallback
+    assert served["glyphs"].count("glyphs") >= alone["glyphs"].count("glyphs"), served["glyphs"]

@@ -319,3 +319,33 @@ def test_a_non_finite_score_is_answered_as_null_not_a_500():
     body = json.loads(_json_bytes(response([result], BatchInfo(0.1, 1.0, 1, 1, 3), 0.5, 2.0)))
     assert body["results"][0]["labels"] == [{"label": "a", "score": None}, {"label": "b", "score": 0.5}]
     assert body["results"][0]["route"]["score"] is None and body["results"][0]["route"]["task"] == "t"
+
+
+async def test_label_aware_routing_and_match_labels_in_both_forms(tmp_path, backbone):
+    """A task that claims every image takes it for a label it knows; for labels it does not know the image goes
+    to zero-shot, unless the request asks the selector alone (`match_labels`, a form field or a JSON boolean)."""
+    from model_store.bank import empty_bank
+    from tests.helpers import over_broad, random_bundle
+
+    from .conftest import AUTH
+
+    bundle = over_broad(random_bundle(empty_bank(backbone), "pets", seed=3, classes=("cat", "dog")))
+    async with running_app(tmp_path, backbone) as c:
+        r = await c.post("/tasks", params={"force": "true"}, files={"bundle": ("p", bundle)}, headers=AUTH)
+        assert r.status_code == 201, r.text
+
+        async def routes(data: dict) -> list:
+            r = await c.post("/classify", files=_classify_files(2), data=data)
+            assert r.status_code == 200, r.text
+            return [res["route"]["task"] for res in r.json()["results"]]
+
+        assert await routes({"labels": ["Dog", "bird"]}) == ["pets", "pets"]
+        assert await routes({"labels": ["car", "bird"]}) == [None, None]
+        assert await routes({"labels": ["car", "bird"], "match_labels": "false"}) == ["pets", "pets"]
+        image = base64.b64encode(colour("red")).decode()
+        r = await c.post("/classify", json={"images": [image], "labels": ["car", "bird"], "match_labels": False})
+        assert r.status_code == 200 and r.json()["results"][0]["route"]["task"] == "pets", r.text
+        r = await c.post("/classify", files=_classify_files(), data={"labels": LABELS, "match_labels": "maybe"})
+        assert r.status_code == 422 and "match_labels" in r.text, r.text
+        schema = (await c.get("/openapi.json")).json()["paths"]["/classify"]["post"]["requestBody"]["content"]
+        assert schema["multipart/form-data"]["schema"]["properties"]["match_labels"]["default"] is True

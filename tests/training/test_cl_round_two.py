@@ -87,9 +87,12 @@ def _report(seed: int, ddas: float, oracle: float, finetune_learned: float) -> d
             "moe-oracle": m(oracle, 80.0),
             "moe-ddas": m(ddas, 79.0),
             "adapter-ddas": m(ddas - 2, 78.0),
+            "moe-ddas-labels": m(oracle - 0.25, 79.5),
         },
         "routing": {"task_accuracy": 0.98, "zero_shot_fallback": 0.99, "near_ood": {"a": 0.95, "b": 0.9},
-                    "long": {"task_accuracy": 0.97}},
+                    "long": {"task_accuracy": 0.97}, "near_ood_labels": {"a": 1.0, "b": 0.96},
+                    "long_labels": {"task_accuracy": 0.975}},
+        "routing_by_method": {"moe-ddas-labels": {"zero_shot_fallback": 0.995}},
         "class_incremental": {"old_class_accuracy_last": 40.0 + seed / 1000, "forgetting": 10.0, "versions": [1, 2]},
         "outside_accuracy": {"moe-ddas": 95.0, "zero-shot": 99.0},
         "task_agnostic": {"moe-ddas": {"per_domain": {"sketches": ddas, "colours": ddas}, "mean": ddas}},
@@ -107,6 +110,9 @@ def test_summary_of_one_seed():
     assert s["fallback_near_min"] == 0.9 and s["fallback_pretraining"] == 0.99
     assert s["routing_long_task_accuracy"] == 0.97 and s["cil_old_class_accuracy_last"] == 40.0
     assert s["outside_accuracy_vs_zero_shot"] == pytest.approx(-4.0) and s["task_agnostic_ddas"] == 80.0
+    # the same figures as served (labels matched), each from its own field, never the selectors-alone ones
+    assert s["last_labels_vs_oracle"] == pytest.approx(-0.25) and s["routing_long_task_accuracy_labels"] == 0.975
+    assert s["fallback_pretraining_labels"] == 0.995 and s["fallback_near_min_labels"] == 0.96
 
 
 def test_seeds_aggregate_as_mean_and_std():

@@ -10,7 +10,15 @@ import pytest
 from PIL import Image
 
 from clipbank.cli import main
-from training.continual import BATCH_ROUTED, METHODS, CLConfig, cl_metrics, offline_sequence, run_continual
+from training.continual import (
+    BATCH_ROUTED,
+    LABEL_ROUTED,
+    METHODS,
+    CLConfig,
+    cl_metrics,
+    offline_sequence,
+    run_continual,
+)
 from training.data import load_domain
 from training.protocols import MTIL_ORDER_I, MTIL_ORDER_II, class_order
 
@@ -57,7 +65,7 @@ def test_int8_frozen_pass_is_compared_with_the_float_one(tiny_run):
 
 def test_report_has_every_method_and_routing(tiny_run):
     assert tiny_run["domains"] == ["arrows", "digits"]
-    assert set(tiny_run["methods"]) == {*METHODS, BATCH_ROUTED, "moe-oracle-k1", "moe-ddas-k1"}
+    assert set(tiny_run["methods"]) == {*METHODS, BATCH_ROUTED, LABEL_ROUTED, "moe-oracle-k1", "moe-ddas-k1"}
     for r in tiny_run["methods"].values():
         assert np.asarray(r["matrix"]).shape == (2, 2)
         assert {"transfer", "avg", "last", "forgetting"} <= set(r)
@@ -66,6 +74,19 @@ def test_report_has_every_method_and_routing(tiny_run):
     assert set(routing["per_domain"]) == {"arrows", "digits", "shapes"}
     for fractions in routing["per_domain"].values():
         assert sum(fractions.values()) == pytest.approx(1.0)
+
+
+def test_label_routed_rows_leave_images_of_labels_no_task_knows_to_zero_shot(tiny_run):
+    """arrows, digits and shapes share no label: as served with their own labels, digits before it is learned
+    and every shapes image go to zero-shot CLIP, and each task's images reach no other task."""
+    served, zero_shot = tiny_run["methods"][LABEL_ROUTED]["matrix"], tiny_run["methods"]["zero-shot"]["matrix"]
+    assert served[0][1] == zero_shot[0][1]  # Transfer is zero-shot's exactly
+    per_domain = tiny_run["routing_by_method"][LABEL_ROUTED]["per_domain"]
+    assert per_domain["shapes"] == {"zero-shot": 1.0}
+    assert set(per_domain["arrows"]) <= {"arrows", "zero-shot"} and set(per_domain["digits"]) <= {"digits", "zero-shot"}
+    alone = tiny_run["routing_by_method"]["moe-ddas"]["per_domain"]
+    for d in ("arrows", "digits"):  # a task's own images can only gain when other tasks may not claim them
+        assert per_domain[d].get(d, 0) >= alone[d].get(d, 0)
 
 
 def test_task_agnostic_scores_every_image_over_the_union_of_classes(tiny_run):

@@ -1,0 +1,89 @@
+"""Label-aware routing: with task=auto and labels, only tasks that know one of the labels may claim an image."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from model_store.bank import build_bank, empty_bank
+from model_store.bundle import read_bundle
+from model_store.inference import ClassifyItem, classify_batch, known_tasks, route_scores, select_tasks, task_scores
+from model_store.labels import label_key
+from tests.helpers import over_broad, random_bundle
+
+# two tasks; for each image, task 0 has the lower score, and both claim it (scores under 1)
+SCORES = torch.tensor([[0.2, 0.5], [0.3, 0.9], [0.1, 1.5]])
+
+
+def _bank(*classes: tuple[str, ...]) -> SimpleNamespace:
+    """What `select_tasks` reads of a bank: its tasks and their class names as label keys."""
+    return SimpleNamespace(
+        tasks=classes, label_sets=tuple(frozenset(label_key(c) for c in cs) for cs in classes), task_index=None
+    )
+
+
+BANK = _bank(("stripes", "dots"), ("letter a", "letter b"))
+
+
+def _item(labels, route="per-image", match=True) -> ClassifyItem:
+    return ClassifyItem(torch.zeros(3, 3, 2, 2), labels, route=route, match_labels=match)
+
+
+def test_label_keys_ignore_case_and_spacing():
+    assert label_key("  Letter \t A ") == "letter a"
+    assert known_tasks(BANK, ["LETTER   a", "zebra"]).tolist() == [False, True]
+    assert known_tasks(BANK, ["dots", "letter b"]).tolist() == [True, True]
+    assert known_tasks(BANK, ["zebra"]).tolist() == [False, False]
+
+
+def test_only_a_task_that_knows_a_label_may_claim():
+    tasks, best = select_tasks(BANK, SCORES, _item(("letter a", "letter c")))
+    # task 0's lower scores do not count: it knows none of the labels; task 1 takes what it claims (score <= 1)
+    assert tasks.tolist() == [1, 1, -1]
+    assert best[:2].tolist() == pytest.approx([0.5, 0.9]) and best[2].item() == pytest.approx(1.5)
+
+
+def test_labels_no_task_knows_go_to_zero_shot_with_no_score():
+    tasks, best = select_tasks(BANK, SCORES, _item(("zebra", "horse")))
+    assert tasks.tolist() == [-1, -1, -1] and all(math.isnan(b) for b in best.tolist())
+
+
+def test_the_selectors_alone_when_asked_or_when_every_task_knows_a_label():
+    image_only = route_scores(SCORES)
+    for item in (_item(("zebra",), match=False), _item(("dots", "letter a")), _item(None)):
+        tasks, best = select_tasks(BANK, SCORES, item)
+        assert tasks.tolist() == image_only[0].tolist() == [0, 0, 0]
+        assert best.tolist() == pytest.approx(image_only[1].tolist())
+
+
+def test_per_request_routing_averages_over_the_tasks_that_know_a_label():
+    tasks, best = select_tasks(BANK, SCORES, _item(("letter b",), route="per-request"))
+    # task 0 has the lower mean (0.2) but knows no label; task 1's mean, (0.5 + 0.9 + 1.5) / 3, is under 1
+    assert tasks.tolist() == [1, 1, 1] and best.tolist() == pytest.approx([2.9 / 3] * 3)
+    tasks, _ = select_tasks(BANK, SCORES * 1.1, _item(("letter b",), route="per-request"))
+    assert tasks.tolist() == [-1, -1, -1]  # its mean above 1: the whole request to zero-shot, not to task 0
+
+
+def test_through_classify_batch_a_claiming_task_is_skipped_for_labels_it_does_not_know(backbone):
+    """A selector that claims every image takes them for its own labels, never for labels it does not know."""
+    bank0 = empty_bank(backbone)
+    bundle = over_broad(random_bundle(bank0, "pets", seed=3, classes=("cat", "dog")))
+    bank = build_bank(backbone, [read_bundle(bundle)])
+    images = torch.randn(4, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(0))
+    own, other, ignored = classify_batch(
+        bank,
+        [
+            ClassifyItem(images, ("Cat", "bird")),
+            ClassifyItem(images, ("car", "bird")),
+            ClassifyItem(images, ("car", "bird"), match_labels=False),
+        ],
+    )
+    assert [r.route.task for r in own] == ["pets"] * 4
+    assert [(r.route.task, r.route.score) for r in other] == [(None, None)] * 4
+    assert [r.route.task for r in ignored] == ["pets"] * 4
+    claimed = route_scores(task_scores(bank, backbone.frozen.image(images).float()))[0]
+    assert claimed.tolist() == [0] * 4  # the selector alone claims them all: only the labels decided `other`
+    assert sorted(label for label, _ in other[0].labels) == ["bird", "car"]
