@@ -105,7 +105,9 @@ def _pinned_factory(cfg: ServeBenchConfig, tasks: Sequence[str]):
 
 def _auto_factory(cfg: ServeBenchConfig, traffic: Sequence[Sequence[bytes]]):
     """Really auto-routed traffic: every request is auto with labels and no pin; `routed_per_5` of 5 carry an
-    image of a task's own family (tasks in turn), the others an outside image. The selectors decide each one."""
+    image of a task's own family (tasks in turn), the others an outside image. The selectors decide each one: the
+    task images go with `match_labels=false`, as their labels are no task's (label-aware routing would send them
+    all to zero-shot CLIP and measure nothing of the routed path)."""
     zero_shot = _zero_shot_factory(cfg)
 
     def make(i: int) -> dict[str, Any]:
@@ -113,7 +115,8 @@ def _auto_factory(cfg: ServeBenchConfig, traffic: Sequence[Sequence[bytes]]):
         if t is None:
             return zero_shot(i)
         own = traffic[t]
-        return {"files": [("images", ("x.png", own[i // 5 % len(own)]))], "data": {"labels": list(cfg.labels)}}
+        data = {"labels": list(cfg.labels), "match_labels": "false"}  # the selectors decide, not the labels
+        return {"files": [("images", ("x.png", own[i // 5 % len(own)]))], "data": data}
 
     return make
 
@@ -123,11 +126,11 @@ def traffic_routing(client: ClipbankClient, cfg: ServeBenchConfig, backend: Back
     of task images routed to some task and to their own, and the share of outside images left to zero-shot."""
     own = routed = total = 0
     for name, images in zip(backend.task_names[:n_tasks], backend.traffic[:n_tasks], strict=True):
-        for r in client.classify(list(images), labels=cfg.labels)["results"]:
+        for r in client.classify(list(images), labels=cfg.labels, match_labels=False)["results"]:
             total += 1
             routed += r["route"]["task"] is not None
             own += r["route"]["task"] == name
-    outside = client.classify(list(cfg.images), labels=cfg.labels)["results"]
+    outside = client.classify(list(cfg.images), labels=cfg.labels, match_labels=False)["results"]
     fallback = sum(r["route"]["task"] is None for r in outside)
     return {
         "task_images": total,

@@ -32,14 +32,15 @@ class Sample:
 
 
 def soak_plan(images: Sequence[bytes], tasks: Sequence[str], labels: Sequence[str]) -> RequestPlan:
-    """Even requests are pinned to the tasks in turn (their own classes), odd ones are auto with `labels`."""
+    """Even requests are pinned to the tasks in turn (their own classes), odd ones are auto with `labels`, routed
+    by the selectors alone (`match_labels=false`: the labels are no task's, so they would route nothing)."""
 
     def plan(i: int) -> tuple[str, str | None, dict[str, Any]]:
         files = [("images", ("x.png", images[i % len(images)]))]
         if i % 2 == 0 and tasks:
             task = tasks[(i // 2) % len(tasks)]
             return "pinned", task, {"files": files, "data": {"task": task}}
-        return "auto", None, {"files": files, "data": {"labels": list(labels)}}
+        return "auto", None, {"files": files, "data": {"labels": list(labels), "match_labels": "false"}}
 
     return plan
 

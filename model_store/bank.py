@@ -44,6 +44,7 @@ class ShadowEntry:
     version: int
     bundle_id: str
     selector: Selector
+    label_set: frozenset[str] = frozenset()  # its classes as `label_key`s: label-aware routing, as when active
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,8 @@ def shadow_entry(bundle: Bundle, device: torch.device) -> ShadowEntry:
     sel = selector_of(bundle, device)
     for name in sel.tensors():
         setattr(sel, name, getattr(sel, name).clone())
-    return ShadowEntry(bundle.task, bundle.version, bundle.id, sel)
+    labels = frozenset(label_key(c) for c in bundle.manifest.classes)
+    return ShadowEntry(bundle.task, bundle.version, bundle.id, sel, labels)
 
 
 def routed_places(

@@ -3,8 +3,9 @@ which images no task claimed (docs/safety.md).
 
 A version in shadow costs one selector score per auto-routed image. Its would-be claims are decided exactly as
 the bank it would join decides: its score takes the place of its task's active version (if any) in the bank's
-task order, per-request routing averages over the request, then argmin, zero-shot above 1
-(`inference.route_scores`). So what shadow reports is what promotion would do on the same images.
+task order, a request's labels leave out the tasks that know none of them (label-aware routing), per-request
+routing averages over the request, then argmin, zero-shot above 1 (`inference.route_scores`). So what shadow
+reports is what promotion would do on the same images.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from .bank import BankSnapshot, ShadowEntry
-from .inference import ClassifyItem, route_scores
+from .inference import ClassifyItem, known_tasks, only_known, route_scores
+from .labels import label_key
 from .modes import AUTO, PER_REQUEST
 from .selector import score
 
@@ -28,6 +30,7 @@ class AutoSpan:
     start: int
     end: int
     per_request: bool = False
+    labels: tuple[str, ...] | None = None  # the request's labels when it routes on them (`match_labels`)
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class ShadowSeen:
 def auto_spans(items: Sequence[ClassifyItem], spans: Mapping[int, tuple[int, int]], out: Sequence) -> list[AutoSpan]:
     """The spans of a batch's answered (so far) requests with task=auto: the traffic selectors route."""
     return [
-        AutoSpan(a, b, items[k].route == PER_REQUEST)
+        AutoSpan(a, b, items[k].route == PER_REQUEST, items[k].labels if items[k].match_labels else None)
         for k, (a, b) in sorted(spans.items(), key=lambda kv: kv[1])
         if out[k] is None and items[k].task == AUTO
     ]
@@ -96,6 +99,10 @@ def _seen(
     part, mine, at = scores[rows], own.clone(), 0
     for span in spans:
         n = span.end - span.start
+        if span.labels:  # label-aware routing, as `inference.select_tasks`: only tasks that know a label claim
+            part[at : at + n] = only_known(part[at : at + n], known_tasks(bank, span.labels))
+            if entry.label_set.isdisjoint(label_key(label) for label in span.labels):
+                mine[at : at + n] = float("inf")
         if span.per_request:  # as `inference.select_tasks` routes such a request: on the mean over its images
             part[at : at + n] = part[at : at + n].mean(0, keepdim=True)
             mine[at : at + n] = mine[at : at + n].mean()

@@ -109,12 +109,27 @@ def _no_claim_if_nan(scores: torch.Tensor) -> torch.Tensor:
 
 
 def routing_check(
-    selector: Selector, cfg: SelectorConfig, val: torch.Tensor, negatives: Negatives, bank: BankSnapshot, task: str
+    selector: Selector,
+    cfg: SelectorConfig,
+    val: torch.Tensor,
+    negatives: Negatives,
+    bank: BankSnapshot,
+    task: str,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """What routing will do with this selector in this bank, measured on images its threshold never saw: the
     threshold is re-calibrated on one half of the held-out images (and of the reference's held-out part) and
-    measured on the other, both ways round, and the two are averaged. Adds `warnings` for what is poor."""
-    others = [(t.name, t.selector) for t in bank.tasks if t.name != task]
+    measured on the other, both ways round, and the two are averaged. Adds `warnings` for what is poor.
+
+    `routed_own` is as served to clients that send the task's `classes` as labels: only the tasks that know one
+    of them compete (label-aware routing); `routed_own_selectors_alone` lets every task compete."""
+    keys = {label_key(c) for c in classes} if classes is not None else None
+    others = [
+        (t.name, t.selector, keys is None or not keys.isdisjoint(known))
+        for t, known in zip(bank.tasks, bank.label_sets, strict=True)
+        if t.name != task
+    ]
+    served, alone = [s for _, s, shares in others if shares], [s for _, s, _ in others]
     dev = next(iter(selector.tensors().values())).device
     folds = []
     for k in range(2):
@@ -129,25 +144,32 @@ def routing_check(
         calibrate(trial, val[own_a], cfg, held_cal)
         test = val[own_b].to(dev)
         mine = _no_claim_if_nan(score(trial, test))  # as `route_scores` decides
-        rival = _no_claim_if_nan(torch.stack([score(s, test) for _, s in others], 1)).min(1).values if others else None
-        routed = (mine <= 1.0) if rival is None else (mine <= 1.0) & (mine < rival)
         folds.append(
             {
                 "self_claim": _claimed(trial, test),
-                "routed_own": float(routed.float().mean()),
+                "routed_own": _routed_own(mine, served, test),
+                "routed_own_selectors_alone": _routed_own(mine, alone, test),
                 "reference_false_claim": _claimed(trial, held_test.to(dev)) if held_test is not None else None,
                 "task_false_claim": {n: _claimed(trial, p.to(dev)) for n, p in negatives.probes.items()},
             }
         )
     out: dict[str, Any] = {
         key: (None if folds[0][key] is None else sum(f[key] for f in folds) / 2)
-        for key in ("self_claim", "routed_own", "reference_false_claim")
+        for key in ("self_claim", "routed_own", "routed_own_selectors_alone", "reference_false_claim")
     }
     out["task_false_claim"] = {n: sum(f["task_false_claim"][n] for f in folds) / 2 for n in negatives.probes}
     out["reference"] = negatives.reference
-    out["bank_tasks"] = [n for n, _ in others]
+    out["bank_tasks"] = [n for n, _, _ in others]
     out["warnings"] = routing_warnings(out)
     return out
+
+
+def _routed_own(mine: torch.Tensor, rivals: Sequence[Selector], test: torch.Tensor) -> float:
+    """The share of `test` images the task claims (`mine` <= 1) with no rival scoring them lower."""
+    if not rivals:
+        return float((mine <= 1.0).float().mean())
+    rival = _no_claim_if_nan(torch.stack([score(s, test) for s in rivals], 1)).min(1).values
+    return float(((mine <= 1.0) & (mine < rival)).float().mean())
 
 
 def routing_warnings(check: dict[str, Any]) -> list[str]:

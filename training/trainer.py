@@ -315,7 +315,7 @@ def _selector_with_routing(
     val_feats = frozen_features(bb, val)
     negatives = negatives_for(bank, cfg.task, reference, cfg.selector.kind, cfg.seed)
     selector = fit_selector(frozen_features(bb, fit), val_feats, cfg.selector, negatives.fit, negatives.held)
-    routing = routing_check(selector, cfg.selector, val_feats, negatives, bank, cfg.task)
+    routing = routing_check(selector, cfg.selector, val_feats, negatives, bank, cfg.task, fit.classes)
     for warning in routing["warnings"]:
         log.warning("task %s routing: %s", cfg.task, warning)
     return selector, routing, probes_of(val_feats, MAX_PROBES, cfg.seed)

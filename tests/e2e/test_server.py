@@ -125,7 +125,7 @@ def _load(url: str, images: list[bytes], stop: threading.Event, seen: list, erro
             files = [("images", (f"{k}.png", images[(i + k) % len(images)])) for k in range(3)]
             a = time.monotonic()
             try:
-                r = http.post("/classify", files=files, data={"labels": ["one", "two"]})
+                r = http.post("/classify", files=files, data={"labels": ["stripes", "dots"]})  # textures knows them
             except httpx.HTTPError as e:
                 errors.append(repr(e))
                 continue

@@ -34,3 +34,35 @@ def test_only_answered_auto_requests_are_watched():
     out = [None, None, None, ValueError("failed")]
     assert auto_spans(items, spans, out) == [AutoSpan(0, 2), AutoSpan(4, 6, per_request=True)]
     assert auto_rows(auto_spans(items, spans, out)).tolist() == [0, 1, 4, 5]
+
+
+def test_a_shadow_claims_only_for_labels_it_knows_as_promotion_would():
+    """Label-aware routing in shadow: a request's labels leave out every task, the shadow included, that knows
+    none of them; a request that routes on the selectors alone (`match_labels=False`) is scored as before."""
+    from types import SimpleNamespace
+
+    from model_store.bank import ShadowEntry
+    from model_store.labels import label_key
+    from model_store.shadow import observe
+
+    class FirstColumn:  # a selector whose score is the embedding's first value
+        threshold = 1.0
+
+        def error(self, feats):
+            return feats[:, 0]
+
+    img = torch.zeros(2, 3, 4, 4)
+    items = [ClassifyItem(img, ("Dog",)), ClassifyItem(img, ("cat",)), ClassifyItem(img, ("cat",), match_labels=False)]
+    spans = auto_spans(items, {0: (0, 2), 1: (2, 4), 2: (4, 6)}, [None] * 3)
+    assert [s.labels for s in spans] == [("Dog",), ("cat",), None]
+    bank = SimpleNamespace(
+        shadows=(ShadowEntry("b", 1, "x" * 64, FirstColumn(), frozenset({label_key("dog")})),),
+        task_names=("a", "c"),
+        label_sets=(frozenset({"cat"}), frozenset({"letter x"})),
+    )
+    frozen = torch.tensor([[0.5], [0.9], [0.5], [0.05], [0.5], [0.05]])  # the shadow's own score per image
+    scores = torch.tensor([[0.1, 2.0], [0.2, 2.0], [0.1, 2.0], [0.2, 2.0], [0.1, 2.0], [0.2, 2.0]])  # a claims all
+    (seen,) = observe(bank, frozen, scores, torch.zeros(6, dtype=torch.long), spans)
+    # "dog": a knows no label, so the shadow takes both; "cat": the shadow may not claim, however low its score;
+    # the selectors alone: it takes the image whose score is below a's
+    assert seen.claimed.tolist() == [True, True, False, False, False, True]

@@ -22,7 +22,8 @@ def _files(*domains: tuple[str, int]) -> list[tuple[str, tuple[str, bytes]]]:
 
 
 MIXED = _files(("glyphs", 10), ("textures", 10), ("shapes", 8))
-LABELS = {"labels": ["red", "blue", "a glyph"]}  # zero-shot images need something to choose among
+# zero-shot images need something to choose among; a label of each task's, or it may claim none (label-aware routing)
+LABELS = {"labels": ["red", "blue", "letter a", "stripes"]}
 
 
 async def _routes(c, route: str = PER_IMAGE) -> list[str | None]:

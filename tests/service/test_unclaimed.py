@@ -28,6 +28,12 @@ async def _send(c, domain: str, n: int, offset: int = 0, **data) -> list[str | N
     return routes
 
 
+def _classes(domain: str) -> list[str]:
+    from training.domains import get_domain
+
+    return list(get_domain(domain).classes)
+
+
 async def _insights(c, **params) -> dict:
     r = await c.get("/insights/unclaimed", params=params, headers=AUTH)
     assert r.status_code == 200, r.text
@@ -63,7 +69,8 @@ async def test_known_traffic_makes_no_cluster_and_an_injected_domain_does(tmp_pa
     async with running_app(tmp_path, backbone) as c:
         for name in ("textures", "glyphs"):
             assert (await c.post("/tasks", files={"bundle": ("b", bundles[name])}, headers=AUTH)).status_code == 201
-        known = await _send(c, "glyphs", 80) + await _send(c, "textures", 80)
+        # each domain with its own labels, as its clients send them (label-aware routing: red and blue are no task's)
+        known = [r for name in ("glyphs", "textures") for r in await _send(c, name, 80, labels=_classes(name))]
         assert known.count(None) < 20, known  # the selectors claim nearly all of it
         assert (await _insights(c))["clusters"] == []
         injected = await _send(c, "digits", 40)

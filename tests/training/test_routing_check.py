@@ -57,6 +57,14 @@ def test_a_look_alike_task_is_warned_about(trained, backbone):
     assert check["task_false_claim"]["textures"] > 0.5
     assert any("'textures'" in w and "look alike" in w for w in check["warnings"])
     assert check["routed_own"] < 0.9 and any("route to it" in w for w in check["warnings"])
+    assert check["routed_own"] == check["routed_own_selectors_alone"]  # no classes given: every task competes
+    # as served with labels: textures' labels make it a rival; labels it does not know leave the copycat alone
+    shared = routing_check(selector, cfg, val, negatives, bank, "copycat", load_domain("textures", "val").classes)
+    assert shared["routed_own"] == check["routed_own"] and any("route to it" in w for w in shared["warnings"])
+    apart = routing_check(selector, cfg, val, negatives, bank, "copycat", ("zebra", "okapi"))
+    assert apart["routed_own"] == pytest.approx(apart["self_claim"]) and apart["routed_own"] > check["routed_own"]
+    assert apart["routed_own_selectors_alone"] == check["routed_own"]
+    assert not any("route to it" in w for w in apart["warnings"])
 
 
 def test_routing_warnings_name_each_poor_figure():
