@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -44,6 +44,7 @@ class Route:
 class ImageResult:
     labels: list[tuple[str, float]]
     route: Route
+    moved_by_labels: bool = False  # label-aware routing sent it elsewhere than the selectors alone would
 
 
 def task_scores(bank: BankSnapshot, feats: torch.Tensor) -> torch.Tensor:
@@ -148,6 +149,7 @@ class BatchPlan:
     feats: torch.Tensor
     tasks: torch.Tensor
     scores: torch.Tensor
+    moved: torch.Tensor | None = None  # per image: label-aware routing sent it elsewhere than the selectors would
 
     def text_needs(self, k: int) -> list[tuple[int, Sequence[str], Sequence[str]]]:
         """The distinct (task, labels, templates) request `k` needs embeddings of (empty if it failed)."""
@@ -180,14 +182,15 @@ class BatchPlan:
                 t, score = int(self.tasks[i]), float(self.scores[i])
                 chosen = _label_set(bank, item, t)
                 if chosen is None:
-                    results.append(ImageResult([], _route_of(bank, t, score)))
+                    results.append(ImageResult([], _route_of(bank, t, score)))  # no labels: not moved by them
                     continue
                 labels, templates = chosen
                 text = text_embeddings(bank, t, labels, templates, cache, known)
                 probs = torch.softmax(scale * self.feats[i] @ text.T, dim=-1).cpu()
                 order = probs.argsort(descending=True)[: item.top_k or len(labels)]
                 ranked = list(zip([labels[j] for j in order.tolist()], probs[order].tolist(), strict=True))
-                results.append(ImageResult(ranked, _route_of(bank, t, score)))
+                moved = self.moved is not None and bool(self.moved[i])
+                results.append(ImageResult(ranked, _route_of(bank, t, score), moved))
         except Exception as e:  # reported per request
             return e
         return results
@@ -208,6 +211,7 @@ class ImagePasses:
         self.spans = {k: (s - n, s) for k, n, s in zip(live, sizes, itertools.accumulate(sizes), strict=True)}
         self.tasks = torch.full((sum(sizes),), -1, dtype=torch.long)
         self.scores = torch.full((sum(sizes),), float("nan"))
+        self.moved = torch.zeros(sum(sizes), dtype=torch.bool)  # by label-aware routing
         bb = bank.backbone
         self.images = torch.cat([items[k].images for k in live]).to(bb.device) if live else None
         self.feats = torch.empty(0, bb.embed_dim)
@@ -258,7 +262,11 @@ class ImagePasses:
         all_scores = task_scores(self.bank, frozen)  # once for the whole batch
         for k, (a, b) in self.spans.items():
             try:
-                self.tasks[a:b], self.scores[a:b] = select_tasks(self.bank, all_scores[a:b], self.items[k])
+                item = self.items[k]
+                self.tasks[a:b], self.scores[a:b] = select_tasks(self.bank, all_scores[a:b], item)
+                if item.task == AUTO and item.labels and item.match_labels:
+                    alone = select_tasks(self.bank, all_scores[a:b], replace(item, match_labels=False))[0]
+                    self.moved[a:b] = alone.cpu() != self.tasks[a:b]
             except Exception as e:  # reported per request
                 self.out[k] = e
         self.feats, self.frozen, self.all_scores = frozen.clone(), frozen, all_scores
@@ -271,7 +279,7 @@ class ImagePasses:
     def plan(self) -> BatchPlan:
         if not self.done:
             raise RuntimeError("the image passes are not complete")
-        return BatchPlan(self.bank, self.items, self.out, self.spans, self.feats, self.tasks, self.scores)
+        return BatchPlan(self.bank, self.items, self.out, self.spans, self.feats, self.tasks, self.scores, self.moved)
 
 
 def plan_batch(bank: BankSnapshot, items: Sequence[ClassifyItem]) -> BatchPlan:

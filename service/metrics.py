@@ -37,6 +37,12 @@ class Metrics:
         self.fallback = Counter(
             "clipbank_zero_shot_fallback", "images with task=auto that no task claimed (went to zero-shot)", registry=r
         )
+        self.moved_by_labels = Counter(
+            "clipbank_label_routing_moved",
+            "images with task=auto that their labels sent elsewhere than the selectors alone would (to zero-shot or "
+            "another task); many mean clients name classes otherwise than the tasks do, or traffic asks new concepts",
+            registry=r,
+        )
         self.generation = Gauge("clipbank_bank_generation", "store generation of the served bank", registry=r)
         self.bank_bytes = Gauge("clipbank_bank_bytes", "bytes of expert, router and selector tensors", registry=r)
         self.bank_tasks = Gauge("clipbank_bank_tasks", "active tasks in the served bank", registry=r)

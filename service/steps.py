@@ -236,6 +236,8 @@ class Steps:
                     m.route_score.labels(route=route).observe(r.route.score)
                 if r.route.task is None:
                     m.fallback.inc()
+                if r.moved_by_labels:
+                    m.moved_by_labels.inc()
 
 
 def _too_many_prompts(cost: int, limit: int) -> str:

@@ -87,3 +87,5 @@ def test_through_classify_batch_a_claiming_task_is_skipped_for_labels_it_does_no
     claimed = route_scores(task_scores(bank, backbone.frozen.image(images).float()))[0]
     assert claimed.tolist() == [0] * 4  # the selector alone claims them all: only the labels decided `other`
     assert sorted(label for label, _ in other[0].labels) == ["bird", "car"]
+    # the answers say which images the labels moved: the selectors alone would have sent `other` to pets
+    assert [r.moved_by_labels for r in own + other + ignored] == [False] * 4 + [True] * 4 + [False] * 4

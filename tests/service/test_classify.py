@@ -342,6 +342,8 @@ async def test_label_aware_routing_and_match_labels_in_both_forms(tmp_path, back
         assert await routes({"labels": ["Dog", "bird"]}) == ["pets", "pets"]
         assert await routes({"labels": ["car", "bird"]}) == [None, None]
         assert await routes({"labels": ["car", "bird"], "match_labels": "false"}) == ["pets", "pets"]
+        metrics = (await c.get("/metrics")).text  # only the two images sent with car and bird were moved
+        assert "clipbank_label_routing_moved_total 2.0" in metrics, metrics
         image = base64.b64encode(colour("red")).decode()
         r = await c.post("/classify", json={"images": [image], "labels": ["car", "bird"], "match_labels": False})
         assert r.status_code == 200 and r.json()["results"][0]["route"]["task"] == "pets", r.text
