@@ -37,7 +37,6 @@ def format_markdown(routing: dict[str, Any], command: str) -> str:
         f"reference set: {routing['reference']} embeddings. Each image routed as the server does (argmin of "
         "error / threshold, zero-shot above 1). Cost: the selectors' time per image over a frozen pass's.",
         "",
-        "",
         "Rows marked *labels* route as the server does by default for a client that sends each image with its own "
         "domain's labels: only tasks that know one of them may claim it (label-aware routing). The other rows are "
         "the selectors alone.",
