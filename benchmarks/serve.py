@@ -77,7 +77,8 @@ def _settled_rss(pid: int) -> int:
 
 def _zero_shot_factory(cfg: ServeBenchConfig):
     def make(i: int) -> dict[str, Any]:
-        return {"files": [("images", ("x.png", cfg.images[i % len(cfg.images)]))], "data": {"labels": list(cfg.labels)}}
+        data = {"labels": list(cfg.labels), "match_labels": "false"}  # with tasks in the bank, the selectors decide
+        return {"files": [("images", ("x.png", cfg.images[i % len(cfg.images)]))], "data": data}
 
     return make
 

@@ -19,7 +19,7 @@ from .forms import FormLimits, read_multipart
 from .images import decode_base64
 from .schemas import ClassifyJSON, ClassifyOptions
 
-OPTION_FIELDS = ("task", "route", "top_k")
+OPTION_FIELDS = ("task", "route", "top_k", "match_labels")
 UTF8_BYTES_PER_CHAR = 4
 
 
@@ -36,7 +36,7 @@ def classify_form_limits(limits: Limits) -> FormLimits:
         max_field_bytes=max(UTF8_BYTES_PER_CHAR * limits.max_label_chars, 256),
         files_name="max_images",
         file_bytes_name="max_image_bytes",
-        fields_name="max_labels (+3 option fields)",
+        fields_name=f"max_labels (+{len(OPTION_FIELDS)} option fields)",
         field_bytes_name="max_label_chars (as UTF-8 bytes)",
     )
 

@@ -43,12 +43,13 @@ def accuracy_and_routes(
 
 
 def route_report(bank: BankSnapshot, sets: dict[str, LabelledImages]) -> dict[str, Any]:
-    """Per set: zero-shot accuracy, auto-routed accuracy, and the fraction of images routed to each task."""
+    """Per set: zero-shot accuracy, auto-routed accuracy, and the fraction of images routed to each task, by the
+    selectors alone (`match_labels=False`: a set's labels would otherwise decide for the tasks that lack them)."""
     cache = TextCache()
     out = {}
     for name, data in sets.items():
         zs, _ = accuracy_and_routes(bank, data, ZERO_SHOT, cache)
-        auto, routes = accuracy_and_routes(bank, data, AUTO, cache)
+        auto, routes = accuracy_and_routes(bank, data, AUTO, cache, match_labels=False)
         out[name] = {
             "images": len(data),
             "zero_shot_accuracy": zs,

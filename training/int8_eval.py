@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def _figures(bank: BankSnapshot, seq: Sequence[Any], outside: LabelledImages | None) -> dict[str, float]:
     cache = TextCache()
     zero_shot = [accuracy_and_routes(bank, d.test, ZERO_SHOT, cache)[0] for d in seq]
-    auto = [accuracy_and_routes(bank, d.test, AUTO, cache) for d in seq]
+    auto = [accuracy_and_routes(bank, d.test, AUTO, cache, match_labels=False) for d in seq]  # the selectors
     own = sum(routes[d.name] for d, (_, routes) in zip(seq, auto, strict=True))
     total = sum(len(d.test) for d in seq)
     out = {
@@ -29,7 +29,7 @@ def _figures(bank: BankSnapshot, seq: Sequence[Any], outside: LabelledImages | N
         "routing": round(100 * own / total, 2),
     }
     if outside is not None:
-        routes = accuracy_and_routes(bank, outside, AUTO, cache)[1]
+        routes = accuracy_and_routes(bank, outside, AUTO, cache, match_labels=False)[1]
         out["outside_fallback"] = round(100 * routes[ZERO_SHOT] / len(outside), 2)
     return out
 

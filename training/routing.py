@@ -185,6 +185,13 @@ def routing_warnings(check: dict[str, Any]) -> list[str]:
             f"in this bank only {check['routed_own']:.0%} of the task's held-out images route to it (want >= "
             f"{ROUTED_OWN_MIN:.0%}): another task's selector claims them first"
         )
+    alone = check.get("routed_own_selectors_alone")
+    if alone is not None and alone < min(ROUTED_OWN_MIN, check["self_claim"] - 0.02) <= check["routed_own"]:
+        w.append(
+            f"sent without labels (or with match_labels=false) only {alone:.0%} of the task's held-out images route "
+            f"to it (want >= {ROUTED_OWN_MIN:.0%}): a task with other classes claims them first; sent with the "
+            "task's labels, they do route to it"
+        )
     if not check["reference"]:
         w.append(
             "no reference set for this backbone: the selector has seen no outside images, so it may claim any "

@@ -25,7 +25,7 @@ def test_synthetic_bundles_have_trained_shapes_claim_nothing_and_change_the_pinn
     auto, pinned, zero = classify_batch(
         bank,
         [
-            ClassifyItem(images, ("a", "b")),
+            ClassifyItem(images, ("a", "b"), match_labels=False),  # the selectors alone: no task knows a or b
             ClassifyItem(images, ("a", "b"), task="syn-1"),
             ClassifyItem(images, ("a", "b"), task="zero-shot"),
         ],

@@ -100,7 +100,8 @@ async def test_upload_routes_pins_rolls_back_and_deletes(tmp_path, backbone, bun
         routes = [res["route"] for res in r.json()["results"]]
         assert sum(rt["task"] == "textures" for rt in routes) >= 8, routes  # routing quality: tests/training
         assert all(rt["bundle_id"] == up["bundle_id"] for rt in routes if rt["task"])
-        r = await c.post("/classify", files=_test_images("shapes", 12), data={"labels": ["red", "blue"]})
+        selectors_alone = {"labels": ["red", "blue"], "match_labels": "false"}  # textures knows neither label
+        r = await c.post("/classify", files=_test_images("shapes", 12), data=selectors_alone)
         assert sum(res["route"]["task"] is None for res in r.json()["results"]) >= 10
 
         r = await c.post("/classify", files=_test_images("shapes", 2), data={"task": "textures"})

@@ -64,7 +64,9 @@ def test_a_look_alike_task_is_warned_about(trained, backbone):
     apart = routing_check(selector, cfg, val, negatives, bank, "copycat", ("zebra", "okapi"))
     assert apart["routed_own"] == pytest.approx(apart["self_claim"]) and apart["routed_own"] > check["routed_own"]
     assert apart["routed_own_selectors_alone"] == check["routed_own"]
-    assert not any("route to it" in w for w in apart["warnings"])
+    assert not any("only" in w and "route to it" in w and "another task" in w for w in apart["warnings"])
+    assert any("without labels" in w for w in apart["warnings"])  # with other labels, said as what it is
+    assert not any("without labels" in w for w in check["warnings"] + shared["warnings"])
 
 
 def test_routing_warnings_name_each_poor_figure():
