@@ -351,3 +351,11 @@ async def test_label_aware_routing_and_match_labels_in_both_forms(tmp_path, back
         assert r.status_code == 422 and "match_labels" in r.text, r.text
         schema = (await c.get("/openapi.json")).json()["paths"]["/classify"]["post"]["requestBody"]["content"]
         assert schema["multipart/form-data"]["schema"]["properties"]["match_labels"]["default"] is True
+
+
+async def test_every_option_field_beside_the_most_labels_is_accepted(tmp_path, backbone):
+    """The form's field limit counts each option field (task, route, top_k, match_labels) beside max_labels."""
+    data = {"labels": [f"l{i}" for i in range(SMALL.max_labels)], "task": "auto", "route": "per-image"}
+    async with running_app(tmp_path, backbone, limits=SMALL) as c:
+        r = await c.post("/classify", files=_classify_files(), data={**data, "top_k": "1", "match_labels": "false"})
+        assert r.status_code == 200, r.text
