@@ -44,7 +44,7 @@ class ShadowEntry:
     version: int
     bundle_id: str
     selector: Selector
-    label_set: frozenset[str] = frozenset()  # its classes as `label_key`s: label-aware routing, as when active
+    label_set: frozenset[str]  # its classes as `label_key`s: label-aware routing, as when active
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,7 @@ class BatchPlan:
     feats: torch.Tensor
     tasks: torch.Tensor
     scores: torch.Tensor
-    moved: torch.Tensor | None = None  # per image: label-aware routing sent it elsewhere than the selectors would
+    moved: torch.Tensor  # per image: label-aware routing sent it elsewhere than the selectors alone would
 
     def text_needs(self, k: int) -> list[tuple[int, Sequence[str], Sequence[str]]]:
         """The distinct (task, labels, templates) request `k` needs embeddings of (empty if it failed)."""
@@ -189,8 +189,7 @@ class BatchPlan:
                 probs = torch.softmax(scale * self.feats[i] @ text.T, dim=-1).cpu()
                 order = probs.argsort(descending=True)[: item.top_k or len(labels)]
                 ranked = list(zip([labels[j] for j in order.tolist()], probs[order].tolist(), strict=True))
-                moved = self.moved is not None and bool(self.moved[i])
-                results.append(ImageResult(ranked, _route_of(bank, t, score), moved))
+                results.append(ImageResult(ranked, _route_of(bank, t, score), bool(self.moved[i])))
         except Exception as e:  # reported per request
             return e
         return results
