@@ -12,6 +12,9 @@ import torch.nn.functional as F
 from .digest import tensor_digest
 
 EXPERT_PARTS = ("down.weight", "down.bias", "up.weight", "up.bias")
+# training: an expert chosen by at least 1/DENSE_SHARE of a batch's samples runs on all of them (gate 0 for the
+# others) as part of one wide adapter (Routing._wide); rarer ones run on their own rows
+DENSE_SHARE = 4
 LOOP_MAX_EXPERTS = 4  # distinct experts in a block's batch up to which a Python loop over them is as fast
 
 
@@ -168,11 +171,36 @@ class Routing:
         if not self.training and len(used) > LOOP_MAX_EXPERTS:
             return self._gathered(experts, slots, gates, h)
         out = torch.zeros_like(h)
+        if self.training:  # the experts most samples chose run as one wide adapter; the rest, row by row below
+            chosen = torch.bincount(slots[slots >= 0], minlength=len(experts)).tolist()
+            wide = [s for s in used if chosen[s] * DENSE_SHARE >= len(h)]
+            out, used = self._wide(experts, wide, slots, gates, h), [s for s in used if s not in wide]
         for s in used:
             b, j = (slots == s).nonzero(as_tuple=True)
             y = expert_forward(h[b], experts[s], self.config.scale, self.config.dropout, self.training)
             out = out.index_add(0, b, (y * gates[b, j].to(y.dtype)[:, None, None]).to(out.dtype))
         return out
+
+    def _wide(
+        self, experts: Sequence[Expert], wide: Sequence[int], slots: torch.Tensor, gates: torch.Tensor, h: torch.Tensor
+    ) -> torch.Tensor:
+        """Training: the experts `wide` side by side as one adapter of their ranks together, every sample through
+        all of them, each expert's hidden units weighted by the sample's gate for it (0 where not chosen). The same
+        function as the loop's sum_k g_k E_k(x), in two matrix products for all of them and without the loop's
+        row gathers and scatters, which cost more than the experts' own arithmetic at training batch sizes."""
+        if not wide:
+            return torch.zeros_like(h)
+        picked = [experts[s] for s in wide]
+        scale = self.config.scale
+        down_w, down_b = torch.cat([e.down_w for e in picked]), torch.cat([e.down_b for e in picked])
+        up_w, up_b = torch.cat([e.up_w for e in picked], 1) * scale, torch.stack([e.up_b for e in picked]) * scale
+        g = torch.stack([(gates * (slots == s)).sum(1) for s in wide], 1)  # [B, E]: each sample's gate per expert
+        z = F.relu(F.linear(h, down_w, down_b))
+        if self.config.dropout > 0:
+            z = F.dropout(z, self.config.dropout, training=True)
+        ranks = torch.tensor([e.down_w.shape[0] for e in picked], device=h.device)
+        z = z * torch.repeat_interleave(g, ranks, dim=1).to(z.dtype)[:, None, :]
+        return (F.linear(z, up_w) + (g.to(up_b.dtype) @ up_b)[:, None, :]).to(h.dtype)
 
     def _gathered(
         self, experts: Sequence[Expert], slots: torch.Tensor, gates: torch.Tensor, h: torch.Tensor

@@ -3,18 +3,20 @@ long routing sequence and the class-incremental protocol, run once per seed and 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from model_store.backbone import Backbone
 from model_store.reference import find_reference
 from model_store.selector import SelectorConfig
 
-from .cl_common import CLConfig
+from .cl_common import CLConfig, SequenceStep
 from .cl_incremental import run_class_incremental
-from .cl_seeds import run_seeds, seed_configs
+from .cl_parallel import BANK_PARTS, Part, default_workers, merge_reports, plan_parts, run_parts
+from .cl_seeds import aggregate, seed_configs
 from .config import CLJob
 from .continual import offline_sequence, run_continual
-from .data import load_domain
+from .data import LabelledImages, load_domain
 from .routing import KINDS, RoutingConfig, run_routing
 from .routing_report import routing_keys
 
@@ -49,24 +51,53 @@ def cl_config(job: CLJob) -> CLConfig:
 
 
 def run_offline_cl(job: CLJob, backbone: Backbone, progress: bool = True) -> dict[str, Any]:
-    """The report of `clipbank bench cl` without --protocol: mean ± std over `job.seeds` runs."""
+    """The report of `clipbank bench cl` without --protocol: mean ± std over `job.seeds` runs, each seed's parts
+    (cl_parallel.py) run side by side in `job.workers` processes."""
     seeds = job.seeds if job.seeds is not None else (1 if job.quick else 3)
     cfg = cl_config(job)  # bad settings fail here, before any image is made
-    seed_configs(cfg, seeds)
-    test_limit = job.test_limit or (QUICK["test_limit"] if job.quick else None)
-    train_limit = QUICK["train_limit"] if job.quick else None
-    seq = offline_sequence(job.domains.split(","), train_limit, test_limit)
-    outside = load_domain(job.outside, "test") if job.outside else None
-    if outside is not None and test_limit:
-        outside = outside.subset(range(min(len(outside), test_limit)))
+    configs = seed_configs(cfg, seeds)
+    parts = plan_parts(configs, job.routing, job.class_incremental)
+    workers = job.workers or default_workers(job.device)
+    results = run_parts(parts, partial(run_part, job), backbone, job.device, workers, progress)
+    reports = []
+    for i, c in enumerate(configs):
+        mine = {p.name: r for p, r in zip(parts, results, strict=True) if p.seed_index == i}
+        report = merge_reports([mine[n] for n in BANK_PARTS if n in mine], c)
+        if "routing" in mine:
+            report["routing"] = {**report["routing"], **mine["routing"]}
+        if "cil" in mine:
+            report["class_incremental"] = mine["cil"]
+        reports.append(report)
+    return aggregate(reports)
 
-    def one_seed(c: CLConfig) -> dict[str, Any]:
-        report = run_continual(backbone, seq, c, outside, job.outside or "none", progress)
-        if job.routing:
-            report["routing"] = {**report["routing"], **long_routing(backbone, c.seed, c.seed == cfg.seed)}
-        if job.class_incremental:
-            limits = {"train_limit": train_limit, "test_limit": test_limit}
-            report["class_incremental"] = run_class_incremental(backbone, c, progress=progress, **limits)
-        return report
 
-    return run_seeds(one_seed, cfg, seeds)
+_INPUTS: dict[CLJob, tuple[list[SequenceStep], LabelledImages | None]] = {}  # per process: made once per job
+
+
+def _inputs(job: CLJob) -> tuple[list[SequenceStep], LabelledImages | None]:
+    if job not in _INPUTS:
+        limits = _limits(job)
+        seq = offline_sequence(job.domains.split(","), limits["train_limit"], limits["test_limit"])
+        outside = load_domain(job.outside, "test") if job.outside else None
+        if outside is not None and limits["test_limit"]:
+            outside = outside.subset(range(min(len(outside), limits["test_limit"])))
+        _INPUTS[job] = seq, outside
+    return _INPUTS[job]
+
+
+def _limits(job: CLJob) -> dict[str, int | None]:
+    return {
+        "train_limit": QUICK["train_limit"] if job.quick else None,
+        "test_limit": job.test_limit or (QUICK["test_limit"] if job.quick else None),
+    }
+
+
+def run_part(job: CLJob, part: Part, backbone: Backbone) -> dict[str, Any]:
+    """One part of one seed (cl_parallel.Part): a `run_continual` report of its methods, the class-incremental
+    report, or the long routing sequence's keys."""
+    if part.name == "routing":
+        return long_routing(backbone, part.cfg.seed, part.seed_index == 0)
+    if part.name == "cil":
+        return run_class_incremental(backbone, part.cfg, progress=False, **_limits(job))
+    seq, outside = _inputs(job)
+    return run_continual(backbone, seq, part.cfg, outside, job.outside or "none", progress=False)

@@ -189,8 +189,3 @@ def aggregate(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     ]
     out["seconds"] = {**first["seconds"], "all_seeds": round(sum(r["seconds"]["total"] for r in reports), 1)}
     return out
-
-
-def run_seeds(run_one: Callable[[CLConfig], dict[str, Any]], cfg: CLConfig, seeds: int) -> dict[str, Any]:
-    """`run_one(cfg)` (one seed's report) for each seed's config, aggregated."""
-    return aggregate([run_one(c) for c in seed_configs(cfg, seeds)])

@@ -99,6 +99,11 @@ class CLJob:
         "more K values (experts in the top K blocks of each tower) for the MoE bank, each trained and reported "
         "beside the default's on the first seed, e.g. '2,1' (L/2 and L/4 of the tiny backbone); default: none",
     )
+    workers: int | None = option(
+        None,
+        "processes the seeds' parts run in, side by side (default: one per core up to 4 on a CPU, 1 on a GPU); "
+        "the figures do not depend on it (up to float rounding)",
+    )
     routing: bool = option(
         True, "run the long routing sequence (12 tasks, near outside domains, every selector kind; ~1 min on tiny)"
     )
@@ -120,7 +125,7 @@ class CLJob:
     )
 
     def __post_init__(self) -> None:  # 0 used to mean the default, and a negative limit scored empty test sets
-        for name in ("steps", "test_limit", "seeds", "shots"):
+        for name in ("steps", "test_limit", "seeds", "shots", "workers"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")

@@ -140,6 +140,31 @@ def test_many_tasks_in_a_batch_take_the_gathered_path_with_the_loops_result(back
     assert (fast[:7] - backbone.model.encode_image(images[:7], normalize=True)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("share", [0, 10**9], ids=["every-expert-row-by-row", "every-expert-wide"])
+def test_training_runs_popular_experts_as_one_wide_adapter_with_the_loops_result(backbone, bank_ab, monkeypatch, share):
+    """Training runs the experts most samples chose side by side on every sample (Routing._wide): the same
+    outputs and the same gradients as running each expert on its own samples."""
+    from model_store import experts as experts_module
+
+    _, bank = bank_ab
+    images = torch.randn(8, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(5))
+    router = bank.tasks[1].router  # b's routers see a's experts and its own: several used per block
+
+    def forward(dense_share: int) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(experts_module, "DENSE_SHARE", dense_share)
+        x = images.clone().requires_grad_(True)
+        routing = Routing(bank.experts, [router], torch.zeros(8, dtype=torch.long), MoEConfig(dropout=0.0), True)
+        out = encode_image(backbone.model, x, routing)
+        (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
+        return out.detach(), x.grad
+
+    default_out, default_grad = forward(experts_module.DENSE_SHARE)
+    out, grad = forward(share)
+    torch.testing.assert_close(out, default_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grad, default_grad, atol=1e-5, rtol=1e-4)
+    assert (out - backbone.model.encode_image(images, normalize=True)).abs().max() > 1e-3  # the experts do act
+
+
 def test_rebuilds_reuse_unchanged_task_entries_until_an_expert_leaves(backbone, inputs):
     images, _ = inputs
     bundles = []

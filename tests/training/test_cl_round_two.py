@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from clipbank.cli import main
+from model_store.backbone import load_backbone
 from model_store.bank import build_bank, empty_bank
 from model_store.bundle import read_bundle
 from training.cl_baselines import _WiseFT
-from training.cl_common import cl_metrics
+from training.cl_common import BATCH_ROUTED, LABEL_ROUTED, cl_metrics
 from training.cl_incremental import class_groups, run_class_incremental
 from training.cl_seeds import SUMMARY_KEYS, aggregate, mean_tree, seed_configs, summary_of
 from training.continual import CLConfig
@@ -227,3 +228,30 @@ def test_parent_teacher_is_zero_on_the_parents_own_answers(backbone):
         ParentTeacher(bank, "digits", classes[1:], 1.0)
     with pytest.raises(ValueError, match="distill"):
         TrainConfig(task="x", distill=-1)
+
+
+def test_bench_cl_figures_do_not_depend_on_the_workers(tmp_path):
+    """The seeds' parts run side by side in worker processes and merge into the same report, figure for figure,
+    as when they run one after the other in this process (both on one compute thread: the same float rounding)."""
+    from training.cl_job import run_offline_cl
+    from training.config import CLJob
+
+    job = dict(quick=True, domains="arrows,colours", steps=2, test_limit=24, seeds=2, routing=False)
+    job |= dict(methods="zero-shot,moe-oracle,moe-ddas,finetune", class_incremental=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = run_offline_cl(CLJob(**job, workers=1), load_backbone("tiny", "cpu"), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    side_by_side = run_offline_cl(CLJob(**job, workers=2), load_backbone("tiny", "cpu"), progress=False)
+    assert set(alone["methods"]) == {"zero-shot", "moe-oracle", "moe-ddas", "finetune", LABEL_ROUTED, BATCH_ROUTED}
+    for key in ("methods", "summary", "routing", "outside_accuracy", "task_agnostic", "per_seed"):
+        assert _without_seconds(side_by_side[key]) == _without_seconds(alone[key]), key
+    assert alone["seeds"] == side_by_side["seeds"] == [0, 1000]
+
+
+def _without_seconds(tree):
+    if isinstance(tree, dict):
+        return {k: _without_seconds(v) for k, v in tree.items() if k != "seconds"}
+    return [_without_seconds(v) for v in tree] if isinstance(tree, list) else tree
