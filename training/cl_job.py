@@ -3,6 +3,7 @@ long routing sequence and the class-incremental protocol, run once per seed and 
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import Any
 
@@ -12,7 +13,7 @@ from model_store.selector import SelectorConfig
 
 from .cl_common import CLConfig, SequenceStep
 from .cl_incremental import run_class_incremental
-from .cl_parallel import BANK_PARTS, Part, default_workers, merge_reports, plan_parts, run_parts
+from .cl_parallel import BANK_PARTS, Part, merge_reports, plan_parts, run_parts, workers_for
 from .cl_seeds import aggregate, seed_configs
 from .config import CLJob
 from .continual import offline_sequence, run_continual
@@ -57,7 +58,7 @@ def run_offline_cl(job: CLJob, backbone: Backbone, progress: bool = True) -> dic
     cfg = cl_config(job)  # bad settings fail here, before any image is made
     configs = seed_configs(cfg, seeds)
     parts = plan_parts(configs, job.routing, job.class_incremental)
-    workers = job.workers or default_workers(job.device)
+    workers, start = workers_for(job.workers, job.device, backbone), time.perf_counter()
     results = run_parts(parts, partial(run_part, job), backbone, job.device, workers, progress)
     reports = []
     for i, c in enumerate(configs):
@@ -68,7 +69,10 @@ def run_offline_cl(job: CLJob, backbone: Backbone, progress: bool = True) -> dic
         if "cil" in mine:
             report["class_incremental"] = mine["cil"]
         reports.append(report)
-    return aggregate(reports)
+    out = aggregate(reports)
+    out["seconds"]["wall"] = round(time.perf_counter() - start, 1)  # all seeds' parts, side by side
+    out["workers"] = workers
+    return out
 
 
 _INPUTS: dict[CLJob, tuple[list[SequenceStep], LabelledImages | None]] = {}  # per process: made once per job

@@ -49,11 +49,14 @@ class Part:
     cfg: CLConfig  # the seed's config, its methods narrowed to the part's
 
 
-def default_workers(device: str) -> int:
-    """Up to MAX_WORKERS processes on a CPU, one per core; one on a GPU (the parts would share it)."""
-    if device.startswith("cuda"):
+def workers_for(asked: int | None, device: str, backbone: Backbone) -> int:
+    """`asked`, or up to MAX_WORKERS processes on a CPU, one per core; one on a GPU (the parts would share it),
+    and one for random weights (a worker would draw other ones)."""
+    if backbone.ref.weights is None:
         return 1
-    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    if asked is not None:
+        return asked
+    return 1 if device.startswith("cuda") else max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
 
 
 def plan_parts(configs: Sequence[CLConfig], routing: bool, class_incremental: bool) -> list[Part]:
@@ -125,8 +128,6 @@ def run_parts(
 ) -> list[Any]:
     """`run_part(part, backbone)` for every part, in `workers` processes (in this one when 1); the results in the
     order of `parts`. `run_part` must be picklable (a module-level function, or a partial of one)."""
-    if backbone.ref.weights is None:  # random weights: a worker would draw others
-        workers = 1
     bar = tqdm(total=len(parts), desc=f"bench cl ({workers} processes)", unit="part", disable=not progress)
     results: list[Any] = [None] * len(parts)
     if workers <= 1:

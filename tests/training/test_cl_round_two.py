@@ -255,3 +255,32 @@ def _without_seconds(tree):
     if isinstance(tree, dict):
         return {k: _without_seconds(v) for k, v in tree.items() if k != "seconds"}
     return [_without_seconds(v) for v in tree] if isinstance(tree, list) else tree
+
+
+def test_parts_of_the_seeds_and_their_merge():
+    from training.cl_parallel import merge_reports, plan_parts
+
+    cfg = CLConfig(expert_blocks_sweep=(2,), int8=True)
+    parts = plan_parts(seed_configs(cfg, 3), routing=True, class_incremental=True)
+    assert len(parts) == 15 and [p.name for p in parts[:3]] == ["moe"] * 3  # the costliest first
+    by = {(p.seed_index, p.name): p.cfg for p in parts}
+    assert by[(0, "moe")].int8 and by[(0, "moe")].expert_blocks_sweep == (2,)  # reported once, with the MoE bank
+    assert (
+        not by[(1, "moe")].int8 and not by[(0, "sequential")].int8 and by[(0, "adapter-ddas")].expert_blocks_sweep == ()
+    )
+    assert by[(0, "sequential")].methods == ("zero-shot", "finetune", "wise-ft")
+    assert by[(2, "routing")].seed == 2000 and by[(2, "cil")] == seed_configs(cfg, 3)[2]
+    only = plan_parts([CLConfig(methods=("finetune",))], routing=False, class_incremental=False)
+    assert [(p.name, p.cfg.methods) for p in only] == [("sequential", ("finetune",))]
+
+    moe = {
+        "methods": {"moe-ddas": 1},
+        "routing": {"task_accuracy": 0.8},
+        "int8": {"x": 1},
+        "seconds": {"moe-ddas": 5, "total": 6},
+    }
+    seq = {"methods": {"finetune": 2}, "routing": {}, "int8": None, "seconds": {"finetune": 3, "total": 4}}
+    merged = merge_reports([moe, seq], cfg)
+    assert merged["methods"] == {"moe-ddas": 1, "finetune": 2} and merged["routing"] == {"task_accuracy": 0.8}
+    assert merged["int8"] == {"x": 1} and merged["seconds"] == {"moe-ddas": 5, "finetune": 3, "total": 10}
+    assert merged["config"]["expert_blocks_sweep"] == (2,)  # the seed's own config, not a part's
