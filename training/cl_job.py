@@ -58,7 +58,7 @@ def run_offline_cl(job: CLJob, backbone: Backbone, progress: bool = True) -> dic
     cfg = cl_config(job)  # bad settings fail here, before any image is made
     configs = seed_configs(cfg, seeds)
     parts = plan_parts(configs, job.routing, job.class_incremental)
-    workers, start = workers_for(job.workers, job.device, backbone), time.perf_counter()
+    workers, start = workers_for(job.workers, backbone), time.perf_counter()
     results = run_parts(parts, partial(run_part, job), backbone, job.device, workers, progress)
     reports = []
     for i, c in enumerate(configs):

@@ -49,14 +49,15 @@ class Part:
     cfg: CLConfig  # the seed's config, its methods narrowed to the part's
 
 
-def workers_for(asked: int | None, device: str, backbone: Backbone) -> int:
-    """`asked`, or up to MAX_WORKERS processes on a CPU, one per core; one on a GPU (the parts would share it),
-    and one for random weights (a worker would draw other ones)."""
+def workers_for(asked: int | None, backbone: Backbone) -> int:
+    """`asked`, or up to MAX_WORKERS processes on a CPU, one per core; one on a GPU (the parts would share it: the
+    backbone's resolved device, so `--device auto` counts too), and one for random weights (a worker would draw
+    other ones)."""
     if backbone.ref.weights is None:
         return 1
     if asked is not None:
         return asked
-    return 1 if device.startswith("cuda") else max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    return 1 if backbone.device.type == "cuda" else max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
 
 
 def plan_parts(configs: Sequence[CLConfig], routing: bool, class_incremental: bool) -> list[Part]:

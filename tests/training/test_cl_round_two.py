@@ -4,6 +4,7 @@ baselines, expert activation, the class-incremental protocol, and seeds aggregat
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -284,3 +285,18 @@ def test_parts_of_the_seeds_and_their_merge():
     assert merged["methods"] == {"moe-ddas": 1, "finetune": 2} and merged["routing"] == {"task_accuracy": 0.8}
     assert merged["int8"] == {"x": 1} and merged["seconds"] == {"moe-ddas": 5, "finetune": 3, "total": 10}
     assert merged["config"]["expert_blocks_sweep"] == (2,)  # the seed's own config, not a part's
+
+
+def test_workers_one_on_a_gpu_even_when_auto_picked_it_and_for_random_weights():
+    from types import SimpleNamespace
+
+    from training.cl_parallel import MAX_WORKERS, workers_for
+
+    def bb(device: str, weights: str | None = "tiny.safetensors"):
+        return SimpleNamespace(device=torch.device(device), ref=SimpleNamespace(weights=weights))
+
+    cores = len(os.sched_getaffinity(0))
+    assert workers_for(None, bb("cpu")) == max(1, min(MAX_WORKERS, cores))
+    assert workers_for(None, bb("cuda:0")) == 1  # what --device auto resolves to on a GPU host
+    assert workers_for(3, bb("cpu")) == 3
+    assert workers_for(3, bb("cpu", weights=None)) == 1
