@@ -197,6 +197,16 @@ class Store:
         return self._purge(task)
 
 
+def refuse_stored_version(index: StoreIndex, bundle: Bundle) -> None:
+    """VersionConflict unless `bundle` is newer than every stored version of its task."""
+    newest = index.tasks[bundle.task].newest if bundle.task in index.tasks else 0
+    if bundle.version <= newest:
+        raise VersionConflict(
+            f"task {bundle.task!r} already has version {newest}; a new bundle needs version > {newest}, "
+            f"got {bundle.version}"
+        )
+
+
 def _check_addable(index: StoreIndex, bundle: Bundle) -> tuple[str, ...]:
     """A put's checks against the index it would change: a newer version, every expert it uses still stored,
     and (S3) its blob not in the middle of a purge's deletion. Returns its record's `uses`: of the experts it
@@ -206,12 +216,7 @@ def _check_addable(index: StoreIndex, bundle: Bundle) -> tuple[str, ...]:
     experts, so the index grew as tasks squared (5.46 MB of JSON at 100 tiny tasks, against 0.48 MB), parsed and
     rewritten at every change, and its transients were the biggest part of the server's memory per task beyond
     the bundles. Older releases read this `uses` the same way, so a purge by any release keeps the same blobs."""
-    newest = index.tasks[bundle.task].newest if bundle.task in index.tasks else 0
-    if bundle.version <= newest:
-        raise VersionConflict(
-            f"task {bundle.task!r} already has version {newest}; a new bundle needs version > {newest}, "
-            f"got {bundle.version}"
-        )
+    refuse_stored_version(index, bundle)
     stored = index.expert_sources()
     missing = [e[:12] for e in bundle.uses if e not in stored]
     if missing:  # a task trained on experts purged since: it could never be served

@@ -29,7 +29,7 @@ from model_store.gate import Gate, GateReport, InterferenceRefused
 from model_store.inference import ClassifyItem, TextCache, classify_batch
 from model_store.loader import BankLoader
 from model_store.manifest import shown
-from model_store.store_base import PutResult, Store
+from model_store.store_base import PutResult, Store, refuse_stored_version
 from model_store.store_index import StoreIndex, TaskRecord
 
 from .memory import release_free_memory
@@ -258,6 +258,9 @@ class Registry:
             self.metrics.swap_failures.inc()  # counted as when the check of the bank it would give refused it
             raise
         bundle = read_bundle(data)  # format, schema and integrity, before any lock
+        # a version already stored is refused before the trial run and the gate, whose report would hide why;
+        # the write checks again under the store's lock
+        refuse_stored_version(self.store.index(), bundle)
         reports: list[GateReport] = []
 
         def write() -> PutResult:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -111,8 +110,11 @@ def _check_writable(out: Path) -> None:
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give the bundle file's path")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK):
-        raise PermissionError(f"--out: cannot write in {out.parent}")
+    try:  # a real file, as the bundle will be written: access() says yes as root, and in /proc
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".clipbank-probe-"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"--out: cannot write in {out.parent} ({e.strerror or e})") from None
 
 
 def _keep_unstored(bundle: bytes, task: str, version: int) -> str:

@@ -232,6 +232,11 @@ def fit_steps(
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if not math.isfinite(losses[-1]):  # every later step would be nan too, and the bundle unservable
+            raise ValueError(
+                f"training diverged: the loss is {losses[-1]} at step {step + 1} of task {cfg.task!r}; "
+                f"lower the learning rate (peak {peak:g})"
+            )
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     return losses

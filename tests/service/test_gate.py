@@ -47,6 +47,11 @@ async def test_an_over_broad_version_is_refused_naming_each_task_and_force_lands
         assert info["serving"] and info["versions"][0]["gate"]["stolen"]["textures"] > 0.9  # kept in the store
         assert _metric((await c.get("/metrics")).text, "clipbank_gate_overrides_total") == 1
 
+        for params in ({}, {"activate": "false"}):  # the same version again: why it is refused, not the gate's report
+            r = await c.post("/tasks", params=params, files={"bundle": ("g", broad)}, headers=AUTH)
+            assert r.status_code == 409 and r.json()["error"]["code"] == "version_conflict", r.text
+        assert _metric((await c.get("/metrics")).text, "clipbank_gate_refusals_total") == 1
+
 
 async def test_activation_is_gated_too(tmp_path, backbone, bundles):
     async with running_app(tmp_path, backbone, **DEFAULTS) as c:

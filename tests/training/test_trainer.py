@@ -197,6 +197,10 @@ def test_a_bundle_the_store_refuses_after_training_is_kept_on_disk(tmp_path, mon
         main(["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--out", str(tmp_path / "adir")]) == 2
     )
     assert "is a directory" in capsys.readouterr().err and trained == []
+    # a folder no file can be created in, although os.access may say it can be written (root, /proc)
+    unwritable = "/proc/clipbank-out.safetensors"
+    assert main(["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--out", unwritable]) == 2
+    assert "--out: cannot write in /proc" in capsys.readouterr().err and trained == []
 
 
 def test_labels_the_bundle_could_not_hold_fail_before_training(backbone, monkeypatch):
@@ -264,3 +268,15 @@ def test_a_task_at_the_last_version_fails_before_training(tmp_path, backbone, mo
     args = ["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--store", str(tmp_path / "store")]
     assert main(args) == 2
     assert f"is at version {MAX_VERSION}, the last a bundle can have" in capsys.readouterr().err
+
+
+def test_a_diverging_run_stops_at_its_first_non_finite_loss_and_says_so(backbone):
+    """A learning rate far too large gives nan losses: the run stops there with the cause, not after every step
+    with a bundle that cannot be packed (its report's NaN is not JSON)."""
+    from model_store.bank import empty_bank
+    from training.trainer import TrainConfig, train_task
+
+    data = load_domain("textures", "val").subset(range(24))
+    cfg = TrainConfig(task="boom", steps=50, batch_size=8, lr=1e30)
+    with pytest.raises(ValueError, match=r"training diverged: the loss is nan at step \d+ of task 'boom'.*1e\+30"):
+        train_task(empty_bank(backbone), data, cfg, val=data, progress=False)
