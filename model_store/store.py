@@ -193,6 +193,12 @@ class LocalStore(Store):
                 raise
             return index
 
+    def _write_blob(self, bundle_id: str, data: bytes, replace: bool = False) -> None:
+        path = self.blobs / f"{bundle_id}.safetensors"
+        if replace or not path.exists():
+            with self._writing("writing a blob"):
+                atomic_write(path, data)
+
     def _names(self, bundle_id: str) -> bool:
         """Whether the index on disk names `bundle_id` (True when it cannot be read: then nothing is deleted)."""
         try:
@@ -293,6 +299,13 @@ def _index_problems(tasks: dict[str, Any], whole: set[str]) -> list[str]:
     """Dangling ids in the index: blobs not in `whole`, active ids no version has, experts no version adds."""
     problems = []
     added = {eid for e in tasks.values() for v in e["versions"] for eid in v.get("experts_new", [])}
+    lost = {  # experts of a version whose blob is gone: {expert id: that version's name}
+        eid: f"task {shown(task)} version {v['version']}"
+        for task, e in tasks.items()
+        for v in e["versions"]
+        if v["bundle_id"] not in whole
+        for eid in v.get("experts_new", [])
+    }
     for task, entry in tasks.items():
         numbers = [v["version"] for v in entry["versions"]]
         if len(set(numbers)) != len(numbers):
@@ -303,7 +316,13 @@ def _index_problems(tasks: dict[str, Any], whole: set[str]) -> list[str]:
         for v in entry["versions"]:
             name = f"task {shown(task)} version {v['version']}"
             if v["bundle_id"] not in whole:
-                problems.append(f"{name}: its blob {v['bundle_id'][:12]} is missing or damaged")
+                problems.append(
+                    f"{name}: its blob {v['bundle_id'][:12]} is missing or damaged (upload its bundle file again "
+                    "to write it back)"
+                )
+            needs = sorted({lost[eid] for eid in v.get("uses", []) if eid in lost})
+            if needs:
+                problems.append(f"{name}: cannot be served either, it uses the experts of {', '.join(needs)}")
             missing = [eid[:12] for eid in v.get("uses", []) if eid not in added]
             if missing:
                 problems.append(f"{name}: uses experts no stored version adds: {', '.join(missing[:5])}")

@@ -3,7 +3,8 @@ written once over a few primitives each backend provides (docs/store.md).
 
 A backend gives: `index()`; `_change(edit, blob)`, which publishes `edit(index)` with the generation one higher
 atomically (the local folder under a file lock, S3 by compare-and-swap) after making sure the blob `blob` names
-is stored; `_read_blob`; `_purge(task)`; `locked()`; and `location`, a printable name without secrets.
+is stored; `_read_blob`; `_write_blob`; `_purge(task)`; `locked()`; and `location`, a printable name without
+secrets.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from .bundle import Bundle, read_bundle, utc_now
 from .digest import bytes_digest
-from .errors import MissingExpert, ShadowConflict, StoreDamaged, StoreError, VersionConflict
+from .errors import BundleNotFound, MissingExpert, ShadowConflict, StoreDamaged, StoreError, VersionConflict
 from .manifest import finite_metrics, shown, validate_task_name
 from .store_index import INDEX_FORMAT, StoreIndex, TaskRecord, VersionRecord
 
@@ -36,6 +37,7 @@ class PutResult:
     experts_added: int
     generation: int
     gate: dict[str, Any] | None = None  # the interference gate's report, when a server checked the upload
+    restored: bool = False  # the bytes of a stored version whose missing or damaged blob they wrote back
 
 
 class Store:
@@ -51,6 +53,17 @@ class Store:
     def _read_blob(self, bundle_id: str) -> bytes:
         """The blob's bytes as stored (BundleNotFound when absent); `read` verifies them."""
         raise NotImplementedError
+
+    def _write_blob(self, bundle_id: str, data: bytes, replace: bool = False) -> None:
+        """Store a blob under its id; `replace`: also over a copy already there (a damaged one: `restore`)."""
+        raise NotImplementedError
+
+    def _blob_intact(self, bundle_id: str) -> bool:
+        """Whether the store holds the blob whole (past any local cache)."""
+        try:
+            return bytes_digest(self._read_blob(bundle_id)) == bundle_id
+        except BundleNotFound:
+            return False
 
     def _change(self, edit: Edit, blob: tuple[str, bytes] | None = None) -> StoreIndex:
         raise NotImplementedError
@@ -149,6 +162,28 @@ class Store:
 
         index = self._change(add, blob=(bundle.id, data))
         return PutResult(bundle.task, bundle.version, bundle.id, len(bundle.experts), index.generation, gate)
+
+    def restore(self, bundle: Bundle, data: bytes) -> int | None:
+        """Write a stored version's blob back from the bundle's own bytes when it is missing or damaged. Its id is
+        their digest, so they are that version, byte for byte. Publishes generation + 1: every server then builds
+        its bank again, and the tasks the blob disabled serve again. Returns that generation; None, with nothing
+        changed, when the stored blob is whole. The version's state (active, shadow, inactive) does not change."""
+        if bundle.id != bytes_digest(data):
+            raise ValueError(f"bundle {bundle.id[:12]} was not read from these bytes")
+
+        def edit(index: StoreIndex) -> StoreIndex:
+            if bundle.id not in {v.bundle_id for _, v in index.records()}:
+                raise BundleNotFound(f"bundle {bundle.id[:12]} is no stored version: there is nothing to restore")
+            if bundle.id in index.deleting:
+                raise BlobBeingDeleted(f"blob {bundle.id[:12]} is being deleted by a purge; try again")
+            return index
+
+        with self.locked():
+            edit(self.index())
+            if self._blob_intact(bundle.id):
+                return None
+            self._write_blob(bundle.id, data, replace=True)
+            return self._change(edit).generation
 
     def activate(self, task: str, version: int) -> str:
         """Make `version` the active one (rollback, roll forward, or promotion of the version in shadow, which then

@@ -132,12 +132,7 @@ class S3Store(Store):
             pass
         except OSError as e:  # the cache is only a cache: the object store has the blob
             log.warning("cached blob %s cannot be read (%s); fetched again", bundle_id[:12], e)
-        try:
-            data = self._s3.get_object(Bucket=self.bucket, Key=self._blob_key(bundle_id))["Body"].read()
-        except Exception as e:
-            if _status(e) == 404 or _code(e) == "NoSuchKey":
-                raise BundleNotFound(f"bundle {bundle_id[:12]} is missing from the store") from None
-            raise self._unavailable(f"read blob {bundle_id[:12]}", e) from None
+        data = self._fetch_blob(bundle_id)
         if bytes_digest(data) == bundle_id:  # a damaged object is not cached; `read` reports it
             try:
                 atomic_write(cached, data)
@@ -145,12 +140,29 @@ class S3Store(Store):
                 log.warning("blob %s could not be cached in %s: %s", bundle_id[:12], self.cache, e)
         return data
 
+    def _fetch_blob(self, bundle_id: str) -> bytes:
+        """The object's bytes, past the local cache."""
+        try:
+            return self._s3.get_object(Bucket=self.bucket, Key=self._blob_key(bundle_id))["Body"].read()
+        except Exception as e:
+            if _status(e) == 404 or _code(e) == "NoSuchKey":
+                raise BundleNotFound(f"bundle {bundle_id[:12]} is missing from the store") from None
+            raise self._unavailable(f"read blob {bundle_id[:12]}", e) from None
+
+    def _blob_intact(self, bundle_id: str) -> bool:
+        try:  # the object itself: this process's cached copy may be whole while the store's is not
+            return bytes_digest(self._fetch_blob(bundle_id)) == bundle_id
+        except BundleNotFound:
+            return False
+
     # ----------------------------------------------------------------------------------------- changing
 
-    def _write_blob(self, bundle_id: str, data: bytes) -> None:
-        """Create-only: an object already there has these bytes (its name is their digest; reads verify it)."""
+    def _write_blob(self, bundle_id: str, data: bytes, replace: bool = False) -> None:
+        """Create-only unless `replace`: an object already there has these bytes (its name is their digest; reads
+        verify it), or is a damaged copy that `restore` replaces."""
+        condition = {} if replace else {"IfNoneMatch": "*"}
         try:
-            self._s3.put_object(Bucket=self.bucket, Key=self._blob_key(bundle_id), Body=data, IfNoneMatch="*")
+            self._s3.put_object(Bucket=self.bucket, Key=self._blob_key(bundle_id), Body=data, **condition)
         except Exception as e:
             if _status(e) not in (412, 409):  # there already, or a concurrent create of the same bytes
                 raise self._unavailable(f"write blob {bundle_id[:12]}", e) from None

@@ -154,6 +154,16 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+def _routing_message(request: Request, exc: StarletteHTTPException, headers: dict[str, str] | None) -> str:
+    """The router's bare "Not Found" and "Method Not Allowed" say which request and what would be taken."""
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        return f"no route for {where}: the API's paths are listed at /docs"
+    if exc.status_code == 405 and exc.detail == "Method Not Allowed" and headers and "Allow" in headers:
+        return f"{request.url.path} does not take {request.method}; it takes {headers['Allow']}"
+    return str(exc.detail)
+
+
 def install_handlers(app: FastAPI) -> None:
     """Every error the app can produce leaves as `{"error": {"code", "message"}}`."""
 
@@ -169,7 +179,8 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = HTTP_CODES.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        return error_response(exc.status_code, code, _routing_message(request, exc, headers), headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -34,9 +34,11 @@ class BodyLimit:
         limit_for: Callable[[str, str], tuple[int, str]],
         read_timeout: float = 30.0,
         max_buffered: int | None = None,
+        routed: Callable[[Scope], bool] | None = None,
     ) -> None:
         self.app = app
         self.limit_for = limit_for
+        self.routed = routed  # False: no route takes this method and path, so its 404 or 405 reads no body
         self.read_timeout = read_timeout
         self.max_buffered = max_buffered
         self.held = 0  # body bytes received by requests not yet answered (one event loop: no lock)
@@ -54,7 +56,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         limit, name = self.limit_for(scope["method"], scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
+        if declared is not None and (self.routed is None or self.routed(scope)):
             if not declared.isdigit():
                 return await error_response(400, "bad_request", "Content-Length is not a number")(scope, receive, send)
             if int(declared) > limit:
@@ -90,6 +92,26 @@ class BodyLimit:
             await self.app(scope, limited, send)
         finally:
             self.held -= seen
+
+
+class HeadAsGet:
+    """HEAD is answered as GET without its body (RFC 9110 9.3.2): load balancers probe `/healthz` with it.
+
+    Outermost, so that the metrics and the routes see a GET; the server's own scope keeps HEAD."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 class Generations:

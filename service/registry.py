@@ -24,6 +24,7 @@ from model_store.errors import (
     ShadowConflict,
     StoreError,
     StoreUnavailable,
+    VersionConflict,
 )
 from model_store.gate import Gate, GateReport, InterferenceRefused
 from model_store.inference import ClassifyItem, TextCache, classify_batch
@@ -258,9 +259,12 @@ class Registry:
             self.metrics.swap_failures.inc()  # counted as when the check of the bank it would give refused it
             raise
         bundle = read_bundle(data)  # format, schema and integrity, before any lock
+        index = self.store.index()
+        if any(v.bundle_id == bundle.id for _, v in index.records()):
+            return self._restore(bundle, data)
         # a version already stored is refused before the trial run and the gate, whose report would hide why;
         # the write checks again under the store's lock
-        refuse_stored_version(self.store.index(), bundle)
+        refuse_stored_version(index, bundle)
         reports: list[GateReport] = []
 
         def write() -> PutResult:
@@ -272,6 +276,20 @@ class Registry:
 
         check = self._gated(bundle.task, force, reports, refuse=not shadow)
         return self._change({bundle.task: bundle}, write, serves=activate, check=check)
+
+    def _restore(self, bundle: Bundle, data: bytes) -> PutResult:
+        """The very bytes of a stored version: write its blob back if it is missing or damaged (every task using its
+        experts then serves again), else 409. Accepted before, and identical, so neither gate nor trial runs."""
+        with self._change_lock:
+            generation = self.store.restore(bundle, data)
+        if generation is None:
+            raise VersionConflict(
+                f"this bundle is stored already, whole: task {bundle.task!r} version {bundle.version} "
+                f"(bundle {bundle.id[:12]}); a new bundle needs a higher version"
+            )
+        log.warning("restored the blob of %s v%d (bundle %s)", bundle.task, bundle.version, bundle.id[:12])
+        self.refresh()
+        return PutResult(bundle.task, bundle.version, bundle.id, len(bundle.experts), generation, restored=True)
 
     def shadow(self, task: str, version: int | None) -> str | None:
         """Put a stored version in shadow, checked as if activated (the gate only reports); None: stop shadowing.

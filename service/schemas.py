@@ -138,6 +138,11 @@ class TaskUploaded(BaseModel):
     replicas: dict[str, int | str] | None = Field(
         None, description="{replica: the generation it serves}: with wait=all every live replica, else this one."
     )
+    restored: bool = Field(
+        False,
+        description="true (status 200): these are the bytes of a stored version whose blob was missing or damaged, "
+        "written back; the version keeps its state, and the tasks using its experts serve again",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={

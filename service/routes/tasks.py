@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from model_store.errors import InvalidRequest, TaskNotFound
@@ -110,6 +110,7 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
     @router.post("/tasks", status_code=201, response_model=TaskUploaded, openapi_extra=UPLOAD_BODY)
     async def upload(
         request: Request,
+        response: Response,
         mode: Annotated[UploadMode | None, Query(description=MODE_HELP)] = None,
         activate: bool | None = Query(None, description="the older spelling of mode: false is mode=inactive"),
         force: bool = Query(False, description="override the interference gate (logged and counted; docs/safety.md)"),
@@ -123,6 +124,8 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         result = await run_in_threadpool(registry.upload, data, chosen == "active", force, chosen == "shadow")
         replicas = await service.announce(result.generation, wait == "all")
         _none_behind(result, replicas)
+        if result.restored:  # nothing new was created: a stored version's blob was written back
+            response.status_code = 200
         return {**vars(result), "replicas": replicas}
 
     _add_reading(router)

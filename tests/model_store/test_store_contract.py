@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from model_store.bank import empty_bank
+from model_store.bundle import read_bundle
 from model_store.errors import (
     BundleNotFound,
     ShadowConflict,
@@ -107,6 +108,31 @@ def test_blobs_are_verified_on_every_read(make_store, bundles):
         store._s3.put_object(Bucket=store.bucket, Key=store._blob_key(r.bundle_id), Body=bytes(damaged))
     with pytest.raises(StoreError, match="does not hash to its name"):
         make_store().read(r.bundle_id)
+
+
+def test_a_missing_or_damaged_blob_is_restored_from_its_own_bytes(make_store, bundles):
+    store = make_store()
+    r = store.put(bundles[1])
+    bundle = read_bundle(bundles[1])
+    assert store.restore(bundle, bundles[1]) is None  # whole: nothing to do, nothing published
+    assert store.generation() == r.generation
+    for damage in ("flip", "delete"):
+        if isinstance(store, LocalStore):
+            path = store.blobs / f"{r.bundle_id}.safetensors"
+            path.write_bytes(bundles[1][:-1] + b"!") if damage == "flip" else path.unlink()
+        elif damage == "flip":
+            store._s3.put_object(Bucket=store.bucket, Key=store._blob_key(r.bundle_id), Body=bundles[1][:-1] + b"!")
+        else:
+            store._s3.delete_object(Bucket=store.bucket, Key=store._blob_key(r.bundle_id))
+        other = make_store()  # another replica: its own cache must not hide the damage
+        generation = other.restore(bundle, bundles[1])
+        assert generation == other.generation() and store.read(r.bundle_id) == bundles[1]
+        assert make_store().read(r.bundle_id) == bundles[1]
+    assert store.task("cars").active == r.bundle_id
+    with pytest.raises(BundleNotFound, match="no stored version"):
+        store.restore(read_bundle(bundles[2]), bundles[2])
+    with pytest.raises(ValueError, match="not read from these bytes"):
+        store.restore(bundle, bundles[2])
 
 
 def test_eight_writers_race_and_no_update_is_lost(make_store, backbone):

@@ -201,6 +201,7 @@ def _edit_index(edit: Callable[[dict], None]) -> Callable[[LocalStore, dict], No
 DAMAGE = {
     "flipped byte": (_damage_blob, "does not hash to its name"),
     "missing blob": (_drop_blob, "is missing or damaged"),
+    "a provider's blob": (_damage_blob, "task 'b' version 1: cannot be served either, it uses the experts of task 'a'"),
     "foreign active id": (_edit_index(lambda i: i["tasks"]["a"].update(active="0" * 64)), "is none of its versions"),
     "dropped provider": (_edit_index(lambda i: i["tasks"].pop("a")), "uses experts no stored version adds"),
     "torn index": (lambda s, i: s.index_path.write_text('{"generation": 3, "tas'), "does not parse"),

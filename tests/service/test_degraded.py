@@ -85,6 +85,33 @@ async def test_a_broken_provider_disables_the_tasks_that_use_its_experts(tmp_pat
         assert (await c.get("/healthz")).json()["status"] == "live"
 
 
+async def test_uploading_a_damaged_versions_own_bundle_again_writes_its_blob_back(tmp_path, backbone, two_tasks):
+    """The repair with the bundle file at hand: its bytes hash to the id the index names, so they are that version.
+    Every task its experts disabled serves again; nothing else changes, and a whole blob is a 409."""
+    store = _store(tmp_path, two_tasks["a"], two_tasks["b1"], two_tasks["c"])
+    store.deactivate("c")
+    _flip_byte(store, two_tasks["a"])
+    before = store.index()
+    async with running_app(tmp_path, backbone) as c:
+        assert sorted((await c.get("/healthz")).json()["degraded"]) == ["a", "b"]
+        files = {"bundle": ("a.safetensors", two_tasks["a"], "application/octet-stream")}
+        r = await c.post("/tasks", files=files, params={"mode": "inactive"}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["restored"], r.text
+        assert r.json()["generation"] == before.generation + 1 and r.json()["version"] == 1
+        health = (await c.get("/healthz")).json()
+        assert (health["status"], health["degraded"]) == ("live", {})
+        assert await _pinned(c, "a") == 200 and await _pinned(c, "b") == 200
+        r = await c.post("/tasks", files=files, headers=AUTH)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "version_conflict"
+        assert "stored already, whole" in r.json()["error"]["message"]
+        files = {"bundle": ("c.safetensors", two_tasks["c"], "application/octet-stream")}
+        r = await c.post("/tasks", files=files, headers=AUTH)  # whole and inactive: stays inactive
+        assert r.status_code == 409 and (await c.get("/tasks/c", headers=AUTH)).json()["active_version"] is None
+    after = LocalStore(tmp_path / "store")
+    assert after.read(bytes_digest(two_tasks["a"])) == two_tasks["a"]
+    assert after.index().tasks == before.tasks  # the versions and their states as they were
+
+
 async def test_a_manifest_this_release_refuses_disables_its_task(tmp_path, backbone, two_tasks):
     """A blob stored by an older release under weaker checks (here: a template with a format spec)."""
     store = _store(tmp_path, two_tasks["c"])

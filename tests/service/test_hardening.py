@@ -293,3 +293,36 @@ async def test_bodies_held_at_once_over_all_connections_are_bounded():
         release.set()
     assert results[0][0] == 200 and limited.held == 0
     assert (await post([b"y" * 400, b"y" * 400]))[0] == 200  # released: the same body now fits
+
+
+async def test_head_is_answered_as_get_without_a_body(tmp_path, backbone):
+    """Load balancers probe with HEAD: the same status and headers as GET, no body, and no 405."""
+    async with running_app(tmp_path, backbone) as c:
+        for path, headers in [("/healthz", {}), ("/readyz", {}), ("/metrics", {}), ("/tasks", AUTH)]:
+            got, head = await c.get(path, headers=headers), await c.head(path, headers=headers)
+            assert (head.status_code, got.status_code) == (200, 200), path
+            assert head.content == b"" and got.content, path
+            assert head.headers["content-type"] == got.headers["content-type"], path
+        assert (await c.head("/tasks")).status_code == 401  # the token is still needed
+        assert (await c.head("/classify")).status_code == 405
+
+
+async def test_a_large_body_to_a_path_or_method_no_route_takes_is_404_or_405_not_413(tmp_path, backbone):
+    """A mistyped URL reads as a size problem if the body limit is checked first; the limits still hold."""
+    body = b"x" * (2 * 1024 * 1024)  # over max_body_bytes (1 MiB), under max_request_bytes
+    limits = Limits(max_request_bytes=1024 * 1024)
+    async with running_app(tmp_path, backbone, limits=limits) as c:
+        r = await c.post("/clasify", content=body)
+        assert r.status_code == 404 and r.json()["error"] == {
+            "code": "not_found",
+            "message": "no route for POST /clasify: the API's paths are listed at /docs",
+        }
+        r = await c.put("/classify", content=body)
+        assert r.status_code == 405 and r.json()["error"] == {
+            "code": "method_not_allowed",
+            "message": "/classify does not take PUT; it takes POST",
+        }
+        r = await c.post("/classify", content=body)
+        assert r.status_code == 413 and "max_request_bytes" in r.json()["error"]["message"]
+        r = await c.post("/tasks/x/activate", content=body, headers=AUTH)
+        assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]["message"]
