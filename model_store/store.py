@@ -76,7 +76,12 @@ class LocalStore(Store):
         self.location = str(self.root)
         self.blobs = self.root / "blobs"
         self.index_path = self.root / "index.json"
-        self.blobs.mkdir(parents=True, exist_ok=True)
+        try:
+            self.blobs.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            file = _not_a_folder(self.root)
+            where = f"store {file}" if file == self.root else f"store {self.location}: {file}"
+            raise StoreError(f"{where} is a file, not a folder") from None
         self._lock = FileLock(str(self.root / ".lock"), timeout=60)
         self._cached: tuple[tuple, StoreIndex] | None = None
 
@@ -226,6 +231,14 @@ class LocalStore(Store):
             except OSError as e:
                 log.warning("store %s: purged %s, but deleting its blobs failed: %s", self.root, task, e)
         return len(doomed)
+
+
+def _not_a_folder(root: Path) -> Path:
+    """The first of `root`, its parents or its `blobs/` that exists and is not a folder."""
+    for path in (*reversed(root.parents), root, root / "blobs"):
+        if path.exists() and not path.is_dir():
+            return path
+    return root
 
 
 def encode_index(index: StoreIndex) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -223,7 +224,8 @@ def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:
     except OSError as e:
         return token, f"generated, not saved ({e}): it changes at the next start"
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a store path under a file cannot hold it either (ENOTDIR)
+            tmp.unlink(missing_ok=True)
 
 
 async def _poll_store(service: Service) -> None:

@@ -116,6 +116,15 @@ def _check_class_folders(root: Path, folders: Sequence[Path], found: tuple[str, 
             f"folders {' and '.join(map(repr, clash))} of {root} both name the class {class_name(clash[0])!r} "
             "('_' reads as a space): rename one"
         )
+    real: dict[Path, list[str]] = {}
+    for folder in folders:  # a symlinked folder is fine, two names for one folder are one class twice
+        real.setdefault(folder.resolve(), []).append(folder.name)
+    same = next((names for names in real.values() if len(names) > 1), None)
+    if same:
+        raise ValueError(
+            f"folders {' and '.join(map(repr, same))} of {root} are the same folder (a symlink): their images "
+            "would be both classes; give each class its own images"
+        )
     problems = classes_problem(list(found))  # the manifest's own rule, which packing would apply after training
     if problems:
         raise ValueError(f"the class folders of {root} cannot make a task: {problems[0]}")

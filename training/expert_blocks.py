@@ -43,4 +43,7 @@ def with_expert_blocks(bank: BankSnapshot, blocks: int | None) -> BankSnapshot:
 
 
 def _normal_blocks(backbone: Backbone, blocks: int) -> int:
-    return 0 if blocks >= max(t.layers for t in backbone.towers.values()) else blocks
+    layers = max(t.layers for t in backbone.towers.values())
+    if blocks > layers:
+        raise ValueError(f"expert_blocks={blocks}, but this backbone's towers have {layers} blocks: give 0 to {layers}")
+    return 0 if blocks == layers else blocks

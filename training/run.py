@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 def train_config(job: TrainJob) -> TrainConfig:
     """The trainer's settings from the command's (`--templates` is '|'-separated)."""
     same = ("task", "steps", "batch_size", "lr", "new_experts", "expert_blocks", "seed", "template")
-    templates = tuple(t for t in (job.templates or "").split("|") if t)
+    templates = tuple(t.strip() for t in (job.templates or "").split("|") if t.strip())
+    if job.templates is not None and not templates:
+        raise ValueError(f"--templates {job.templates!r} names no template: give 'a photo of a {{}}.|...'")
     return TrainConfig(
         **{k: getattr(job, k) for k in same}, templates=templates, selector=SelectorConfig(kind=job.selector)
     )

@@ -77,7 +77,7 @@ class TrainConfig:
                 problems.append(f"templates must contain exactly one '{{}}' and no other field, got {t!r}")
         if not 0.0 < self.val_fraction < 1.0:
             problems.append(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if not 0 <= self.warm_start_steps < self.steps:
+        if not 0 <= self.warm_start_steps < max(1, self.steps):  # steps < 1 is named above
             problems.append(f"warm_start_steps must be in [0, steps), got {self.warm_start_steps}")
         if not 0 <= self.distill < math.inf:
             problems.append(f"distill must be a finite number >= 0, got {self.distill}")

@@ -33,3 +33,17 @@ def test_a_full_disk_leaves_no_temp_token_file(tmp_path, monkeypatch):
     assert len(token) >= 16 and "not saved" in where and "No space left" in where
     assert list(tmp_path.iterdir()) == []  # neither the token file nor a temp file
     monkeypatch.setattr(lifecycle.os, "fsync", os.fsync)
+
+
+def test_a_store_path_under_a_file_is_no_traceback(tmp_path):
+    """`--store` naming a file: the token is generated, not saved, and the store's own error says what is wrong."""
+    from model_store.errors import StoreError
+    from model_store.store import open_store
+
+    (tmp_path / "a-file").write_text("x")
+    token, where = resolve_admin_token(ServeConfig(store=str(tmp_path / "a-file")))
+    assert len(token) >= 16 and where.startswith("generated, not saved")
+    with pytest.raises(StoreError, match=r"store .*a-file is a file, not a folder$"):
+        open_store(tmp_path / "a-file")
+    with pytest.raises(StoreError, match=r"store .*sub: .*a-file is a file, not a folder$"):
+        open_store(tmp_path / "a-file" / "sub")

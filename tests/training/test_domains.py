@@ -42,6 +42,14 @@ def test_image_folders_that_cannot_become_a_bundle_fail_before_any_image_is_read
         Image.new("RGB", (8, 8)).save(tmp_path / "clash" / folder / "x.png")
     with pytest.raises(ValueError, match="both name the class 'a b'"):
         load_image_folder(tmp_path / "clash")
+    (tmp_path / "linked" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "linked" / "cat" / "x.png")
+    (tmp_path / "linked" / "dog").symlink_to(tmp_path / "linked" / "cat")
+    with pytest.raises(ValueError, match="'cat' and 'dog' of .* are the same folder"):
+        load_image_folder(tmp_path / "linked")
+    (tmp_path / "linked" / "dog").unlink()
+    (tmp_path / "linked" / "dog").symlink_to(tmp_path / "clash" / "a b")  # a folder kept elsewhere is fine
+    assert load_image_folder(tmp_path / "linked").classes == ("cat", "dog")
     for bad in ("c" * 201, "_"):  # too long; only a space once '_' reads as one
         (tmp_path / bad / bad).mkdir(parents=True)
         with pytest.raises(ValueError, match="cannot make a task: classes must be a list"):

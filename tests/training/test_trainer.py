@@ -105,6 +105,17 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert "reference set" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main([*args, "--templates", "a photo of a {}.|a {0} drawing"]) == 2
     assert "'a {0} drawing'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    # options once taken quietly: each is named, and nothing is trained or written
+    (tmp_path / "a-file").write_text("not a store")
+    for extra, named in [
+        (["--templates", " | "], "names no template"),
+        (["--expert-blocks", "99"], "expert_blocks=99, but this backbone's towers have 4 blocks"),
+        (["--store", str(tmp_path / "a-file")], "a-file is a file, not a folder"),
+        (["--steps", "0"], "invalid TrainConfig: steps must be >= 1, got 0"),
+    ]:
+        assert main([*args, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert named in err and "warm_start_steps" not in err and not (tmp_path / "x").exists(), (extra, err)
 
 
 def test_bundle_size_formula_matches_trained_bundles(trained, backbone):
