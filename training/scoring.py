@@ -24,16 +24,24 @@ def batches(data: LabelledImages, transform, batch: int, device) -> Iterator[tup
         yield x, torch.tensor(data.labels[s : s + batch], device=device)
 
 
+# Prompts per text pass, every template's together rather than one pass per template. Tiny, 34 templates, one
+# thread pair: 2 classes 31 ms against 100 one per template, 10 classes 134 against 200, 100 classes 1.44 s
+# against 1.32-1.40 (256 gave 1.7-1.9 s there).
+PROMPT_CHUNK = 128
+
+
 def class_embeddings(
     model: Any, backbone: Backbone, classes: Sequence[str], templates: str | Sequence[str], routing_for: RoutingFor
 ) -> torch.Tensor:
     """Per class: encode with each template, normalise, average, renormalise (as the server does)."""
     templates = (templates,) if isinstance(templates, str) else tuple(templates)
-    per_template = []
-    for template in templates:
-        tokens = backbone.tokenizer([template.format(c) for c in classes]).to(backbone.device)
-        per_template.append(encode_text(model, tokens, routing_for(len(tokens))))
-    return F.normalize(torch.stack(per_template).mean(0), dim=-1)
+    prompts = [template.format(c) for template in templates for c in classes]
+    parts = []
+    for s in range(0, len(prompts), PROMPT_CHUNK):
+        tokens = backbone.tokenizer(prompts[s : s + PROMPT_CHUNK]).to(backbone.device)
+        parts.append(encode_text(model, tokens, routing_for(len(tokens))))
+    per_template = torch.cat(parts).view(len(templates), len(classes), -1)
+    return F.normalize(per_template.mean(0), dim=-1)
 
 
 @torch.no_grad()
