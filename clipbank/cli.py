@@ -55,7 +55,9 @@ CLASSIFY_CHUNK = 64  # images per request: the server's default max_images
 def _classify(args: argparse.Namespace) -> int:
     from service.client import ClipbankClient, ClipbankHTTPError
 
-    labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else []
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels is not None else []
+    if args.labels is not None and not labels:
+        raise ValueError(f"--labels {args.labels!r} names no label; leave it out to answer with the task's classes")
     if args.route == "per-request" and len(args.images) > CLASSIFY_CHUNK:
         raise ValueError(f"--route per-request decides once for at most {CLASSIFY_CHUNK} images (one request)")
     results = []
@@ -311,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly, as a killed pipe writer would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         return 141
-    except (ClipbankError, ValueError, OSError) as e:
-        print(f"clipbank {args.cmd}: {type(e).__name__}: {e}", file=sys.stderr)
+    except (ClipbankError, ValueError, OSError) as e:  # one line; the error's code, not Python's class name
+        print(f"clipbank {args.cmd}: {e.code + ': ' if isinstance(e, ClipbankError) else ''}{e}", file=sys.stderr)
         return 2
     except Exception as e:
         from service.client import ClipbankHTTPError

@@ -23,7 +23,8 @@ def _shadow(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.stop or args.version is not None:
             out = client.set_shadow(args.task, None if args.stop else args.version)
-            print(f"task {out['task']}: version in shadow {out['shadow_version']}, active {out['active_version']}")
+            shadow, active = (out[k] if out[k] is not None else "none" for k in ("shadow_version", "active_version"))
+            print(f"task {out['task']}: version in shadow {shadow}, active {active}")
             return 0
         stats = client.shadow(args.task)
     if args.json:

@@ -12,7 +12,7 @@ import torch
 from .backbone import TOWERS, Backbone
 from .bundle import Bundle, PlacedExpert
 from .compat import check_compatible, check_config
-from .errors import MissingExpert, TaskNotFound
+from .errors import MissingExpert, TaskDegraded, TaskNotFound
 from .experts import Expert, MoEConfig, Routing, TaskRouter
 from .labels import label_key
 from .manifest import Manifest, shown
@@ -79,6 +79,11 @@ class BankSnapshot:
         for i, t in enumerate(self.tasks):
             if t.name == name:
                 return i
+        if name in self.degraded:
+            raise TaskDegraded(
+                f"task {shown(name)} is active but cannot be served: {self.degraded[name]} (docs/security.md, "
+                "Degraded start, says how to repair it)"
+            )
         raise TaskNotFound(f"task {shown(name)} is not active; active tasks: {', '.join(self.task_names) or 'none'}")
 
     @property

@@ -73,6 +73,12 @@ class TaskNotFound(StoreError):
     code = "task_not_found"
 
 
+class TaskDegraded(StoreError):
+    """A request pinned to an active task the bank could not load (a damaged blob, say; `/healthz` names it)."""
+
+    code = "task_degraded"
+
+
 class VersionNotFound(StoreError):
     code = "version_not_found"
 

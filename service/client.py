@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import httpx
 
 from model_store.modes import AUTO, PER_IMAGE
 
-ImageInput = str | os.PathLike | bytes
+ImageInput = Any  # a path, encoded bytes (or a bytes-like object), an open binary file, or a PIL image
 
 
 class ClipbankHTTPError(Exception):
@@ -72,7 +73,9 @@ class ClipbankClient:
             except (ValueError, KeyError, TypeError, RecursionError):
                 text = raw[:4096].decode("utf-8", "replace")  # an error page from a proxy, say: cut before parsing
                 status = response.status_code
-                raise ClipbankHTTPError(status, "http_error", _one_line(text), retry_after=retry) from None
+                page = _one_line(text) or "an empty body"
+                message = f"{method} {self.url}{path} answered {status} without a clipbank error ({page})"
+                raise ClipbankHTTPError(status, "http_error", message, retry_after=retry) from None
         if response.is_redirect:
             where = response.headers.get("location", "?")
             raise ClipbankHTTPError(response.status_code, "redirect", f"{self.url} redirects to {where}: use that URL")
@@ -99,11 +102,14 @@ class ClipbankClient:
         top_k: int | None = None,
         match_labels: bool = True,
     ) -> dict[str, Any]:
-        """Images are paths or encoded bytes. Returns `{"results": [...], "timing": {...}}`. `match_labels=False`:
-        the selector alone routes, whatever the labels (docs/service.md)."""
-        if isinstance(images, str | bytes | os.PathLike) or isinstance(labels, str):
+        """Images are paths, encoded bytes, open binary files or PIL images (sent as PNG). Returns `{"results":
+        [...], "timing": {...}}`. `match_labels=False`: the selector alone routes, whatever the labels
+        (docs/service.md)."""
+        if isinstance(images, str | bytes | os.PathLike) or isinstance(labels, str) or hasattr(images, "mode"):
             raise TypeError("images and labels are lists: classify([path], labels=['cat', 'dog'])")
         files = [("images", (_name(img, i), _bytes(img))) for i, img in enumerate(images)]
+        if not files:
+            raise ValueError("no images to classify: classify([path, ...], labels=[...])")
         data: dict[str, Any] = {"labels": list(labels), "task": task, "route": route}
         if top_k is not None:
             data["top_k"] = str(top_k)
@@ -166,16 +172,34 @@ class ClipbankClient:
 
 
 def _bytes(item: ImageInput) -> bytes:
-    return item if isinstance(item, bytes) else Path(item).read_bytes()
+    """Encoded bytes from bytes, a bytes-like object, an open binary file, a PIL image (sent as PNG) or a path."""
+    if isinstance(item, bytes | bytearray | memoryview):
+        return bytes(item)
+    if hasattr(item, "read"):
+        data = item.read()
+        if not isinstance(data, bytes):
+            raise TypeError(f"{item!r} was opened in text mode: open images with 'rb'")
+        return data
+    if hasattr(item, "save") and hasattr(item, "mode"):  # a PIL image, without importing PIL here
+        buf = io.BytesIO()
+        item.save(buf, format="PNG")
+        return buf.getvalue()
+    if not isinstance(item, str | os.PathLike):
+        raise TypeError(f"an image is a path, encoded bytes, an open binary file or a PIL image, not {type(item)}")
+    return Path(item).read_bytes()
 
 
 def _name(item: ImageInput, i: int) -> str:
     """The file name sent with an upload: UTF-8 (a name that is not is sent with replacement characters)."""
-    return f"item{i}" if isinstance(item, bytes) else os.fsencode(Path(item).name).decode("utf-8", "replace")
+    if not isinstance(item, str | os.PathLike):
+        return f"item{i}"
+    return os.fsencode(Path(item).name).decode("utf-8", "replace")
 
 
 def _seg(name: str) -> str:
     """A task name as one path segment: '../x' must not reach another endpoint."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a task name is a non-empty string, got {name!r}")
     return quote(name, safe="")
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from model_store.errors import (
     BackboneError,
@@ -19,6 +21,7 @@ from model_store.errors import (
     NoShadow,
     ShadowConflict,
     StoreError,
+    TaskDegraded,
     TaskNotFound,
     VersionConflict,
     VersionNotFound,
@@ -93,6 +96,7 @@ STATUS: tuple[tuple[type[ClipbankError], int], ...] = (
     (VersionConflict, 409),
     (InterferenceRefused, 409),
     (ShadowConflict, 409),
+    (TaskDegraded, 503),
     (NoShadow, 404),
     (TaskNotFound, 404),
     (VersionNotFound, 404),
@@ -113,7 +117,7 @@ HTTP_CODES = {
     503: "overloaded",
 }
 RETRY_AFTER_SECONDS = {"overloaded": 1, "not_ready": 5, "store_error": 5, "store_write_failed": 30}
-NO_RETRY = ("store_damaged",)  # 503s that retrying cannot fix: an operator must act
+NO_RETRY = ("store_damaged", "task_degraded")  # 503s that retrying cannot fix: an operator must act
 
 
 def status_of(error: ClipbankError) -> int:
@@ -154,6 +158,22 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+ROUTE_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _allowed_methods(request: Request) -> str | None:
+    """Every method some route takes at this path (the router's 405 names only the first route's)."""
+    routes = request.app.router.routes
+    methods = {m for m in ROUTE_METHODS if any(_takes(route, request.scope, m) for route in routes)}
+    if "GET" in methods:
+        methods.add("HEAD")  # HeadAsGet answers it
+    return ", ".join(sorted(methods)) or None
+
+
+def _takes(route: Any, scope: dict, method: str) -> bool:
+    return route.matches({**scope, "method": method})[0] == Match.FULL
+
+
 def _routing_message(request: Request, exc: StarletteHTTPException, headers: dict[str, str] | None) -> str:
     """The router's bare "Not Found" and "Method Not Allowed" say which request and what would be taken."""
     where = f"{request.method} {request.url.path}"
@@ -180,6 +200,8 @@ def install_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = HTTP_CODES.get(exc.status_code, "http_error")
         headers = getattr(exc, "headers", None)
+        if exc.status_code == 405 and (allowed := _allowed_methods(request)):
+            headers = {**(headers or {}), "Allow": allowed}
         return error_response(exc.status_code, code, _routing_message(request, exc, headers), headers)
 
     @app.exception_handler(Exception)

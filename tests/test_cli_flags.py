@@ -142,6 +142,47 @@ def test_the_client_names_what_is_wrong_with_a_server_that_is_not_clipbank(monke
     assert "cannot reach http://127.0.0.1:9" in capsys.readouterr().err
 
 
+def test_the_client_takes_the_image_objects_a_python_user_has_and_names_odd_answers(monkeypatch, tmp_path):
+    """PIL images and bytes-like objects once failed with a raw TypeError from pathlib; an error status with an
+    empty body (not a clipbank server) gave `http_error` with an empty message; `task("")` blamed the URL."""
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from service.client import ClipbankHTTPError
+
+    sent: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/tasks":
+            return httpx.Response(404)
+        body = request.read()
+        boundary = request.headers["content-type"].split("boundary=")[1].encode()
+        parts = [p.split(b"\r\n\r\n", 1) for p in body.split(b"--" + boundary)[1:-1]]
+        sent.extend(data for head, data in parts if b'name="images"' in head)
+        return httpx.Response(200, json={"results": []})
+
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4), "red").save(png, format="PNG")
+    (tmp_path / "red.png").write_bytes(png.getvalue())
+    with _client_on(monkeypatch, handler)("http://srv:1") as c:
+        with open(tmp_path / "red.png", "rb") as f:
+            image = Image.open(io.BytesIO(png.getvalue()))
+            c.classify([image, bytearray(png.getvalue()), memoryview(png.getvalue()), f, tmp_path / "red.png"])
+        assert len(sent) == 5 and all(Image.open(io.BytesIO(b.removesuffix(b"\r\n"))).size == (4, 4) for b in sent)
+        with pytest.raises(TypeError, match="an image is a path, encoded bytes"):
+            c.classify([3.5])
+        with pytest.raises(ValueError, match="no images"):
+            c.classify([])
+        with pytest.raises(ValueError, match="non-empty"):
+            c.task("")
+        with pytest.raises(ClipbankHTTPError) as caught:
+            c.tasks()
+    assert caught.value.code == "http_error"
+    assert caught.value.message == "GET http://srv:1/tasks answered 404 without a clipbank error (an empty body)"
+
+
 def test_the_client_keeps_task_names_in_their_path_segment_and_strips_its_token(monkeypatch):
     import httpx
 

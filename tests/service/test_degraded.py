@@ -57,7 +57,10 @@ async def test_a_damaged_blob_disables_only_its_task_and_rollback_recovers(tmp_p
         assert ready.status_code == 200 and ready.json()["status"] == "degraded"
         assert sorted(ready.json()["tasks"]) == ["a", "c"]
         assert await _pinned(c, "a") == 200 and await _pinned(c, "c") == 200
-        assert await _pinned(c, "b") == 404
+        r = await c.post("/classify", files=[("images", ("r.png", colour("red")))], data={"task": "b"})
+        assert r.status_code == 503 and "Retry-After" not in r.headers
+        assert r.json()["error"]["code"] == "task_degraded"
+        assert "task 'b' is active but cannot be served: store_damaged" in r.json()["error"]["message"]
         listed = {t["task"]: t for t in (await c.get("/tasks", headers=AUTH)).json()["tasks"]}
         assert listed["b"]["degraded"] and not listed["b"]["serving"] and listed["b"]["active_version"] == 2
         assert listed["a"]["degraded"] is None and listed["a"]["serving"]

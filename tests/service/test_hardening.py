@@ -320,8 +320,11 @@ async def test_a_large_body_to_a_path_or_method_no_route_takes_is_404_or_405_not
         r = await c.put("/classify", content=body)
         assert r.status_code == 405 and r.json()["error"] == {
             "code": "method_not_allowed",
-            "message": "/classify does not take PUT; it takes POST",
+            "message": "/classify does not take PUT; it takes POST",  # and Allow says so
         }
+        r = await c.put("/tasks", content=body, headers=AUTH)  # two routes take /tasks: both methods are named
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, POST", r.headers
+        assert r.json()["error"]["message"] == "/tasks does not take PUT; it takes GET, HEAD, POST"
         r = await c.post("/classify", content=body)
         assert r.status_code == 413 and "max_request_bytes" in r.json()["error"]["message"]
         r = await c.post("/tasks/x/activate", content=body, headers=AUTH)
