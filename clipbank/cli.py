@@ -69,15 +69,21 @@ def _classify(args: argparse.Namespace) -> int:
             except ClipbankHTTPError as e:  # the server numbers images within their request: say which files
                 if len(args.images) <= CLASSIFY_CHUNK:
                     raise
-                e.message += f" (in the request of files {a + 1}..{a + len(paths)}: its image i is file {a} + i)"
+                shown = f"files {a + 1}..{a + len(paths)} (its image i is file {a + 1} + i); the files before it"
+                e.message += f" (in the request of {shown} were answered{' above' if not args.json else ''})"
                 raise ClipbankHTTPError(e.status, e.code, e.message, e.details, e.retry_after) from None
             if not isinstance(out.get("results"), list) or len(out["results"]) != len(paths):
                 raise ValueError(f"{args.url} answered without a result per image: is it a clipbank server?")
             results += out["results"]
+            if not args.json:  # each request's answers as they come: a later request's error keeps them
+                _print_results(args.images[a : a + len(paths)], out["results"])
     if args.json:
         print(json.dumps({"results": results}, indent=2))
-        return 0
-    for name, r in zip(args.images, results, strict=True):
+    return 0
+
+
+def _print_results(names: list[str], results: list[dict]) -> None:
+    for name, r in zip(names, results, strict=True):
         path = name if name.isprintable() else repr(name)  # a tab or newline in a name would break the columns
         where = f"{r['route']['task']} v{r['route']['version']}" if r["route"]["task"] else "zero-shot"
         if not r["labels"]:  # no labels sent and no task claimed the image
@@ -85,8 +91,7 @@ def _classify(args: argparse.Namespace) -> int:
             continue
         best = r["labels"][0]
         score = "-" if best["score"] is None else f"{best['score']:.3f}"  # null: not a finite number
-        print(f"{path}\t{best['label']}\t{score}\t[{where}]")
-    return 0
+        print(f"{path}\t{best['label']}\t{score}\t[{where}]", flush=True)
 
 
 def _train(args: argparse.Namespace) -> int:

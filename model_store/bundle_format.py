@@ -18,7 +18,15 @@ from .safejson import loads as bounded_loads
 MANIFEST_KEY = "clipbank.manifest"
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 PROBES_KEY = "probes.embeddings"
-REFUSED_MAGIC = {b"PK\x03\x04": "a zip archive (torch.save .pt/.pth)", b"\x80": "a pickle (.bin/.pkl)"}
+REFUSED_MAGIC = {
+    b"PK\x03\x04": "a zip archive (torch.save .pt/.pth)",
+    b"\x80": "a pickle (.bin/.pkl)",
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"\x1f\x8b": "a gzip file",
+    b"\x08": "an ONNX model",  # protobuf field 1 (ir_version), as torch.onnx writes it
+}
 # expert.<tower>.<block>.<id>.<part> | router.<tower>.<block> | selector.<name> | probes.embeddings
 TENSOR_NAME = re.compile(
     r"expert\.(visual|text)\.\d{1,4}\.[0-9a-f]{64}\.(down|up)\.(weight|bias)"
@@ -30,7 +38,9 @@ def _refuse_other_formats(data: bytes) -> None:
     """Name the format of a file that is not safetensors, when its magic bytes say what it is."""
     for magic, what in REFUSED_MAGIC.items():
         if data.startswith(magic):
-            raise BundleFormatError(f"bundle is {what}; only .safetensors bundles are accepted (no pickle)")
+            raise BundleFormatError(
+                f"bundle is {what}, not a clipbank bundle: a .safetensors file that `clipbank train` writes (no pickle)"
+            )
 
 
 def _header(data: bytes) -> dict[str, Any]:
@@ -42,7 +52,10 @@ def _header(data: bytes) -> dict[str, Any]:
     if n > min(len(data) - 8, MAX_HEADER_BYTES) or data[8:9] != b"{":
         _refuse_other_formats(data)
     if n > min(len(data) - 8, MAX_HEADER_BYTES):
-        raise BundleFormatError(f"not a safetensors file: header length {n} exceeds the file ({len(data)} bytes)")
+        raise BundleFormatError(
+            f"not a safetensors file (a clipbank bundle is one): its first 8 bytes give a header length of {n}, "
+            f"beyond the file's {len(data)} bytes"
+        )
     try:
         header = bounded_loads(data[8 : 8 + n])
     except JSONRefused as e:

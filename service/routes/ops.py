@@ -14,7 +14,7 @@ from . import service_of
 def ops_router() -> APIRouter:
     router = APIRouter(tags=["operations"])
 
-    @router.get("/healthz", response_model=Health)
+    @router.get("/healthz", response_model=Health, response_model_exclude_unset=True)  # /readyz has the bank's
     async def healthz(request: Request) -> dict:
         """Live: the process answers (200 even while loading). `degraded` names tasks that cannot be served."""
         service = service_of(request)

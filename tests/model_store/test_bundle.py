@@ -116,6 +116,7 @@ def test_an_expert_tensor_with_no_dimensions_is_a_shape_mismatch(backbone, bundl
         (b"PK\x03\x04" + b"\0" * 100, "zip archive"),
         (b"\x80\x04\x95" + b"\0" * 100, "pickle"),
         (b"hello", "too short"),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 100, "a PNG image, not a clipbank bundle"),
         (struct.pack("<Q", 10**9) + b"{}", "header length"),
         (struct.pack("<Q", 4) + b"nope", "not JSON"),
     ],

@@ -304,6 +304,7 @@ async def test_head_is_answered_as_get_without_a_body(tmp_path, backbone):
             assert head.content == b"" and got.content, path
             assert head.headers["content-type"] == got.headers["content-type"], path
         assert (await c.head("/tasks")).status_code == 401  # the token is still needed
+        assert set((await c.get("/healthz")).json()) == {"status", "degraded", "store_error"}  # no empty bank keys
         assert (await c.head("/classify")).status_code == 405
 
 
