@@ -111,7 +111,7 @@ def _label_set(bank: BankSnapshot, item: ClassifyItem, t: int) -> tuple[Sequence
     if item.task == AUTO:  # no task claimed the image and there is nothing to choose among: say so
         return None
     if item.task == ZERO_SHOT:
-        raise InvalidRequest("no labels given, and task zero-shot needs them: zero-shot CLIP has no classes of its own")
+        raise InvalidRequest("no labels given: send labels, task zero-shot needs them (zero-shot CLIP has no classes)")
     raise InvalidRequest(
         "no labels given and the image routed to zero-shot CLIP, which has no classes of its own; send labels or "
         "pin a task"

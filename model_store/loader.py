@@ -11,6 +11,7 @@ from .bank import BankSnapshot, ShadowEntry, bank_config, build_bank, routed_pla
 from .bundle import Bundle
 from .compat import check_backbone, check_compatible
 from .errors import ClipbankError, MissingExpert
+from .manifest import shown
 from .store_base import Store
 from .store_index import StoreIndex
 
@@ -57,10 +58,23 @@ class BankLoader:
                 continue
             if eid not in sources:
                 raise MissingExpert(f"expert {eid[:12]} is used by an active task but no stored bundle adds it")
-            b = self.bundle(sources[eid])
+            try:
+                b = self.bundle(sources[eid])
+            except ClipbankError as e:  # say whose: the message alone names a blob the task does not own
+                raise _with_context(e, f"it uses the experts of {self._named(sources[eid])}") from None
             out[b.id] = b
             have.update(b.experts)
         return list(out.values())
+
+    def _named(self, bundle_id: str) -> str:
+        """A stored bundle as its task and version, for messages."""
+        try:
+            for task, v in self.store.index().records():
+                if v.bundle_id == bundle_id:
+                    return f"task {shown(task)} version {v.version} (bundle {bundle_id[:12]})"
+        except ClipbankError:
+            pass
+        return f"bundle {bundle_id[:12]}"
 
     def load(
         self,
@@ -163,6 +177,14 @@ class BankLoader:
             for bid in unused:
                 del self._bundles[bid]
         return len(unused)
+
+
+def _with_context(error: ClipbankError, context: str) -> ClipbankError:
+    """The same error, its message after `context`; the error itself if its class takes no message alone."""
+    try:
+        return type(error)(f"{context}: {error}")
+    except TypeError:
+        return error
 
 
 def _why(error: Exception) -> str:

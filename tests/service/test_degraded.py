@@ -79,7 +79,9 @@ async def test_a_broken_provider_disables_the_tasks_that_use_its_experts(tmp_pat
     (store.blobs / f"{bytes_digest(two_tasks['a'])}.safetensors").unlink()
     async with running_app(tmp_path, backbone) as c:
         health = (await c.get("/healthz")).json()
-        assert sorted(health["degraded"]) == ["a", "b"]  # b routes to a's experts
+        assert sorted(health["degraded"]) == ["a", "b"]  # b routes to a's experts, and says so
+        assert "it uses the experts of task 'a' version 1 (bundle" in health["degraded"]["b"]
+        assert "is missing from the store" in health["degraded"]["b"]
         assert await _pinned(c, "c") == 200
         r = await c.delete("/tasks/b", headers=AUTH)
         assert r.status_code == 200, r.text
