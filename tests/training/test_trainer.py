@@ -196,7 +196,7 @@ def test_a_bundle_the_store_refuses_after_training_is_kept_on_disk(tmp_path, mon
     for task, kept in (("tex", "tex-v1-unstored.safetensors"), ("tex", "tex-v2-unstored.safetensors")):
         args = ["train", "--task", task, "--data", str(tmp_path / "tex" / "val"), "--store", str(store)]
         assert main(args) == 2
-        assert "VersionConflict" in capsys.readouterr().err and "VersionConflict" in caplog.text
+        assert "version_conflict: " in capsys.readouterr().err and "VersionConflict" in caplog.text
         assert str(tmp_path / kept) in caplog.text and read_bundle((tmp_path / kept).read_bytes()).manifest.task == task
     (tmp_path / "store").rename(tmp_path / "store-0")  # the same failure again, at version 1: a new name
     assert main(["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--store", str(store)]) == 2
