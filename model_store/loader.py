@@ -69,12 +69,12 @@ class BankLoader:
     def _named(self, bundle_id: str) -> str:
         """A stored bundle as its task and version, for messages."""
         try:
-            for task, v in self.store.index().records():
-                if v.bundle_id == bundle_id:
-                    return f"task {shown(task)} version {v.version} (bundle {bundle_id[:12]})"
+            owner = self.store.index().owner(bundle_id)
         except ClipbankError:
-            pass
-        return f"bundle {bundle_id[:12]}"
+            owner = None
+        if owner is None:
+            return f"bundle {bundle_id[:12]}"
+        return f"task {shown(owner[0])} version {owner[1].version} (bundle {bundle_id[:12]})"
 
     def load(
         self,

@@ -207,7 +207,7 @@ class LocalStore(Store):
     def _names(self, bundle_id: str) -> bool:
         """Whether the index on disk names `bundle_id` (True when it cannot be read: then nothing is deleted)."""
         try:
-            return any(v.bundle_id == bundle_id for _, v in self._read_index().records())
+            return self._read_index().owner(bundle_id) is not None
         except (OSError, StoreError):
             return True
 

@@ -172,7 +172,7 @@ class Store:
             raise ValueError(f"bundle {bundle.id[:12]} was not read from these bytes")
 
         def edit(index: StoreIndex) -> StoreIndex:
-            if bundle.id not in {v.bundle_id for _, v in index.records()}:
+            if index.owner(bundle.id) is None:
                 raise BundleNotFound(f"bundle {bundle.id[:12]} is no stored version: there is nothing to restore")
             if bundle.id in index.deleting:
                 raise BlobBeingDeleted(f"blob {bundle.id[:12]} is being deleted by a purge; try again")

@@ -190,6 +190,10 @@ class StoreIndex:
             for v in t.versions:
                 yield name, v
 
+    def owner(self, bundle_id: str) -> tuple[str, VersionRecord] | None:
+        """(task, version record) of the stored version whose blob is `bundle_id`, or None."""
+        return next(((name, v) for name, v in self.records() if v.bundle_id == bundle_id), None)
+
     def expert_sources(self) -> dict[str, str]:
         """{expert id: id of the bundle that added it}, over every stored version."""
         out: dict[str, str] = {}

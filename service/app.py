@@ -5,14 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fastapi import FastAPI
-from starlette.routing import Match
-from starlette.types import Scope
 
 from model_store.backbone import Backbone
 
 from .auth import TokenCheck
 from .config import ServeConfig
-from .errors import install_handlers
+from .errors import install_handlers, takes
 from .lifecycle import Service, lifespan
 from .middleware import BodyLimit, Generations, HeadAsGet, RequestMetrics
 from .routes.classify import classify_router
@@ -54,17 +52,12 @@ def create_app(
         limit_for=_limit_for(config),
         read_timeout=config.read_timeout_seconds,
         max_buffered=config.limits.max_buffered_bytes,
-        routed=lambda scope: _routed(app, scope),
+        routed=lambda scope: takes(app.router.routes, scope, scope["method"]),  # a mistyped URL: 404, not 413
     )
     app.add_middleware(Generations, service=service)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     app.add_middleware(HeadAsGet)
     return app
-
-
-def _routed(app: FastAPI, scope: Scope) -> bool:
-    """Whether a route takes this method and path: a mistyped path is a 404, not a body over a size limit."""
-    return any(route.matches(scope)[0] == Match.FULL for route in app.router.routes)
 
 
 def _limit_for(config: ServeConfig) -> Callable[[str, str], tuple[int, str]]:

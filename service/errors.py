@@ -163,15 +163,16 @@ ROUTE_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 def _allowed_methods(request: Request) -> str | None:
     """Every method some route takes at this path (the router's 405 names only the first route's)."""
-    routes = request.app.router.routes
-    methods = {m for m in ROUTE_METHODS if any(_takes(route, request.scope, m) for route in routes)}
+    methods = {m for m in ROUTE_METHODS if takes(request.app.router.routes, request.scope, m)}
     if "GET" in methods:
         methods.add("HEAD")  # HeadAsGet answers it
     return ", ".join(sorted(methods)) or None
 
 
-def _takes(route: Any, scope: dict, method: str) -> bool:
-    return route.matches({**scope, "method": method})[0] == Match.FULL
+def takes(routes: Any, scope: dict, method: str) -> bool:
+    """Whether one of `routes` takes `method` at the scope's path (per request with a body: no copy for its own)."""
+    probe = scope if scope["method"] == method else {**scope, "method": method}
+    return any(route.matches(probe)[0] == Match.FULL for route in routes)
 
 
 def _routing_message(request: Request, exc: StarletteHTTPException, headers: dict[str, str] | None) -> str:

@@ -260,7 +260,7 @@ class Registry:
             raise
         bundle = read_bundle(data)  # format, schema and integrity, before any lock
         index = self.store.index()
-        if any(v.bundle_id == bundle.id for _, v in index.records()):
+        if index.owner(bundle.id) is not None:
             return self._restore(bundle, data)
         # a version already stored is refused before the trial run and the gate, whose report would hide why;
         # the write checks again under the store's lock

@@ -24,8 +24,8 @@ def batches(data: LabelledImages, transform, batch: int, device) -> Iterator[tup
         yield x, torch.tensor(data.labels[s : s + batch], device=device)
 
 
-# Prompts per text pass, every template's together rather than one pass per template. Tiny, 34 templates, one
-# thread pair: 2 classes 31 ms against 100 one per template, 10 classes 134 against 200, 100 classes 1.44 s
+# Prompts per text pass, every template's together rather than one pass per template. Tiny, 34 templates, two
+# threads: 2 classes 31 ms against 100 one per template, 10 classes 134 against 200, 100 classes 1.44 s
 # against 1.32-1.40 (256 gave 1.7-1.9 s there).
 PROMPT_CHUNK = 128
 
