@@ -55,9 +55,7 @@ CLASSIFY_CHUNK = 64  # images per request: the server's default max_images
 def _classify(args: argparse.Namespace) -> int:
     from service.client import ClipbankClient, ClipbankHTTPError
 
-    labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels is not None else []
-    if args.labels is not None and not labels:
-        raise ValueError(f"--labels {args.labels!r} names no label; leave it out to answer with the task's classes")
+    labels = _labels(args.labels, args.label)
     if args.route == "per-request" and len(args.images) > CLASSIFY_CHUNK:
         raise ValueError(f"--route per-request decides once for at most {CLASSIFY_CHUNK} images (one request)")
     results = []
@@ -80,6 +78,18 @@ def _classify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"results": results}, indent=2))
     return 0
+
+
+def _labels(listed: str | None, single: list[str] | None) -> list[str]:
+    """`--labels a,b` splits at commas; each `--label 'a, b'` is one label as written (it may hold commas)."""
+    labels = [x.strip() for x in listed.split(",") if x.strip()] if listed is not None else []
+    if listed is not None and not labels:
+        raise ValueError(f"--labels {listed!r} names no label; leave it out to answer with the task's classes")
+    for label in single or []:
+        if not label.strip():
+            raise ValueError("--label '' names no label; each --label is one non-empty label")
+        labels.append(label.strip())
+    return labels
 
 
 def _print_results(names: list[str], results: list[dict]) -> None:
@@ -235,6 +245,9 @@ def _add_client(sub) -> None:
     cl = sub.add_parser("classify", help="classify image files with a running server")
     cl.add_argument("images", nargs="+")
     cl.add_argument("--labels", help="comma-separated candidate labels (default: the routed task's classes)")
+    cl.add_argument(
+        "--label", action="append", help="one candidate label, commas and all; repeat it, or mix it with --labels"
+    )
     cl.add_argument("--task", default=AUTO, help=f"{' | '.join(TASK_MODES)} | a task name")
     cl.add_argument("--route", default=PER_IMAGE, choices=ROUTE_MODES)
     cl.add_argument("--top-k", type=int)

@@ -442,3 +442,30 @@ def test_a_store_url_that_is_not_a_folder_gets_no_token_file_written_in_its_name
     monkeypatch.chdir(tmp_path)
     assert main(["serve", "--store", "ftp://x"]) == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_classify_label_may_hold_commas_and_mixes_with_labels(tmp_path, monkeypatch, capsys):
+    """`--labels` splits at commas, so a label like 'a photo of red, green and blue' could not be sent."""
+    import httpx
+
+    from clipbank.cli import main
+
+    sent = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.content)
+        route = {"task": None, "version": None, "bundle_id": None, "score": None, "threshold": None}
+        return httpx.Response(200, json={"results": [{"labels": [{"label": "x", "score": 0.9}], "route": route}]})
+
+    _client_on(monkeypatch, handler)
+    (tmp_path / "a.png").write_bytes(b"x")
+    args = ["classify", str(tmp_path / "a.png"), "--url", "http://srv"]
+    assert main([*args, "--labels", "cat,dog", "--label", "red, green and blue", "--label", " owl "]) == 0
+    body = sent[-1].decode("latin-1")
+    for label in ("cat", "dog", "red, green and blue", "owl"):
+        assert f'name="labels"\r\n\r\n{label}\r\n' in body, label
+    assert body.count('name="labels"') == 4
+    capsys.readouterr()
+    assert main([*args, "--label", "  "]) == 2
+    assert "--label '' names no label" in capsys.readouterr().err
+    assert len(sent) == 1
