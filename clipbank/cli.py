@@ -268,14 +268,23 @@ def _healthcheck(args: argparse.Namespace) -> int:
 
     serve = argparse.ArgumentParser(prog="clipbank serve", add_help=False)
     add_flags(serve, ServeConfig, defaults_unset=True)
+    argv = server_argv(args.pid) if not args.url else []
     try:
-        url = args.url or readyz_url(server_argv(args.pid), lambda a: serve.parse_known_args(a)[0])
+        url = args.url or readyz_url(argv or [], lambda a: serve.parse_known_args(a)[0])
     except ValueError as e:  # the environment does not parse: the server could not have started on it either
         print(f"the server's address is unknown: {e}")
         return 1
     ready, seen = check(url, args.timeout)
-    print(seen)
+    print(seen if args.url else f"{seen} ({_address_source(args.pid, argv)})")
     return 0 if ready else 1  # never 2: Docker reserves it
+
+
+def _address_source(pid: int, argv: list[str] | None) -> str:
+    """Where the asked address came from: on a host, PID 1 is not the server, and a wrong port must not look
+    like a server that is down."""
+    if argv is None:
+        return f"process {pid} is not a clipbank serve: the address is CLIPBANK_HOST/CLIPBANK_PORT's or the default"
+    return f"the address of process {pid}'s clipbank serve"
 
 
 def _add_healthcheck(sub) -> None:

@@ -29,15 +29,15 @@ ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 MAX_TIMEOUT = 3600.0
 
 
-def server_argv(pid: int, proc: Path = Path("/proc")) -> list[str]:
-    """The arguments after `serve` in process `pid`'s command line; [] when it is not a `clipbank serve` (or
+def server_argv(pid: int, proc: Path = Path("/proc")) -> list[str] | None:
+    """The arguments after `serve` in process `pid`'s command line; None when it is not a `clipbank serve` (or
     cannot be read)."""
     try:
         argv = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
-        return []
+        return None
     words = [w.decode(errors="replace") for w in argv if w]
-    return words[words.index("serve") + 1 :] if "serve" in words else []
+    return words[words.index("serve") + 1 :] if "serve" in words else None
 
 
 def readyz_url(serve_args: Sequence[str], parse: Callable[[Sequence[str]], argparse.Namespace]) -> str:

@@ -54,9 +54,11 @@ def test_the_address_is_the_servers_own(monkeypatch, argv, env, url):
 def test_the_server_command_line_is_read_from_proc(tmp_path):
     proc = _proc(tmp_path, 1, "/usr/bin/python3", "/usr/local/bin/clipbank", "serve", "--port", "9000")
     assert server_argv(1, proc) == ["--port", "9000"]
-    assert server_argv(2, proc) == []  # no such process: the environment and defaults decide
+    assert server_argv(2, proc) is None  # no such process: the environment and defaults decide
     other = _proc(tmp_path, 3, "/sbin/tini", "--", "sleep", "1")
-    assert server_argv(3, other) == []
+    assert server_argv(3, other) is None
+    bare = _proc(tmp_path, 4, "/usr/local/bin/clipbank", "serve")
+    assert server_argv(4, bare) == []  # a server on its defaults
 
 
 class _Readyz(http.server.BaseHTTPRequestHandler):
@@ -87,7 +89,8 @@ def test_exit_code_follows_readyz(readyz, monkeypatch, capsys):
     monkeypatch.setenv("CLIPBANK_PORT", str(port))
     monkeypatch.delenv("CLIPBANK_HOST", raising=False)
     assert main(["healthcheck", "--pid", "999999999"]) == 0  # no such process: CLIPBANK_PORT says where
-    assert f"127.0.0.1:{port}/readyz: 200" in capsys.readouterr().out
+    out = capsys.readouterr().out  # and says so: on a host, PID 1 is init, not the server
+    assert f"127.0.0.1:{port}/readyz: 200 (process 999999999 is not a clipbank serve: the address is " in out
     _Readyz.status = 503
     try:
         assert main(["healthcheck", "--url", f"http://127.0.0.1:{port}/readyz"]) == 1  # loading, or stopping
