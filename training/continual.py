@@ -87,8 +87,8 @@ def _moe_rows(
     cfg: CLConfig,
     run: RunLog,
     prefix: str,
+    cache: TextCache,
 ) -> None:
-    cache = TextCache()
     rows: dict[str, list[float]] = {}
     for i, d in enumerate(seq):
         acc, routes = accuracy_and_routes(bank, d.test, AUTO, cache, templates=d.templates, match_labels=False)
@@ -148,6 +148,7 @@ def _run_moe(
     `prefix` (moe-ddas, its variants, or adapter-ddas). Returns the final banks."""
     bank, bundles, gauss = empty_bank(bb), [], {}
     reference = find_reference(bb)
+    cache = TextCache()  # keyed by bundle id: a task's and zero-shot's label sets are encoded once, not once a row
     start = time.perf_counter()
     for t, d in enumerate(tqdm(seq, desc=prefix, unit="task", disable=not progress)):
         tcfg = train_cfg(cfg, d, t, **extra)
@@ -162,7 +163,7 @@ def _run_moe(
             gcfg = SelectorConfig(kind="gaussian")
             gauss[d.name] = fit_selector(frozen_features(bb, d.train), frozen_features(bb, d.val), gcfg)
             gbank = _gaussian_bank(bank, gauss)
-        _moe_rows(bank, gbank, seq, t, cfg, run, prefix)
+        _moe_rows(bank, gbank, seq, t, cfg, run, prefix, cache)
     run.seconds[prefix] = round(time.perf_counter() - start, 1)
     banks = {prefix: bank, BATCH_ROUTED: bank, LABEL_ROUTED: bank} if prefix == "moe-ddas" else {prefix: bank}
     if gbank is not None:
