@@ -172,7 +172,7 @@ class ClipbankClient:
 
 
 def _bytes(item: ImageInput) -> bytes:
-    """Encoded bytes from bytes, a bytes-like object, an open binary file, a PIL image (sent as PNG) or a path."""
+    """Encoded bytes from bytes, a bytes-like object, an open binary file, a PIL image (`_pil_bytes`) or a path."""
     if isinstance(item, bytes | bytearray | memoryview):
         return bytes(item)
     if hasattr(item, "read"):
@@ -181,12 +181,33 @@ def _bytes(item: ImageInput) -> bytes:
             raise TypeError(f"{item!r} was opened in text mode: open images with 'rb'")
         return data
     if hasattr(item, "save") and hasattr(item, "mode"):  # a PIL image, without importing PIL here
-        buf = io.BytesIO()
-        item.save(buf, format="PNG")
-        return buf.getvalue()
+        return _pil_bytes(item)
     if not isinstance(item, str | os.PathLike):
         raise TypeError(f"an image is a path, encoded bytes, an open binary file or a PIL image, not {type(item)}")
     return Path(item).read_bytes()
+
+
+PNG_AS_IS = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}  # modes PNG keeps, which the server reads as it reads files
+PIL_PNG_LIMIT = 16 * 1024 * 1024  # the server's default max_image_bytes: a larger PNG is sent as a JPEG
+
+
+def _pil_bytes(image: Any) -> bytes:
+    """A PIL image as the server would see its file: upright (its EXIF orientation applied, as the server does for
+    a file's), in a mode PNG stores (CMYK, YCbCr, LAB, HSV and 32-bit grey as the RGB the server would make of
+    them), as PNG; as a JPEG (quality 95) when the PNG would pass the server's default image limit."""
+    from PIL import ImageOps
+
+    from model_store.pixels import viewed_rgb
+
+    upright = ImageOps.exif_transpose(image)
+    if upright.mode not in PNG_AS_IS:
+        upright = viewed_rgb(upright)  # ValueError for 32-bit float pixels, whose range is unknown
+    buf = io.BytesIO()
+    upright.save(buf, format="PNG")
+    if buf.tell() > PIL_PNG_LIMIT:  # a photo's pixels: a 12 MP PNG is about 20 MB, its JPEG a few
+        buf = io.BytesIO()
+        viewed_rgb(upright).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
 
 
 def _name(item: ImageInput, i: int) -> str:

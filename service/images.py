@@ -143,7 +143,8 @@ def open_image(data: bytes, name: str, limits: Limits, target: int = 224) -> Ima
 
 
 def decode_base64(text: str, name: str, limits: Limits) -> bytes:
-    """Standard or URL-safe base64, line-wrapped or not (as `base64` and MIME tools write it), or a data URL."""
+    """Standard or URL-safe base64, padded or not, line-wrapped or not (as `base64` and MIME tools write it), or a
+    data URL."""
     # 4 characters carry 3 bytes (and a wrapped line ends every 76 of them): refuse before decoding too much.
     most = (limits.max_image_bytes + 2) // 3 * 4
     if len(text) > most + most // 38 + 4:
@@ -154,6 +155,8 @@ def decode_base64(text: str, name: str, limits: Limits) -> bytes:
         text = "".join(text.split())
     if "-" in text or "_" in text:
         text = text.replace("-", "+").replace("_", "/")  # the URL-safe alphabet
+    if len(text) % 4 in (2, 3) and not text.endswith("="):
+        text += "=" * (-len(text) % 4)  # unpadded, as URL-safe base64 is often sent (RFC 4648, section 3.2)
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
