@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import string
+import unicodedata
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,9 +22,11 @@ def shown(value: Any, limit: int = 80) -> str:
 
 
 def label_key(label: str) -> str:
-    """How labels are matched to a task's classes when routing (`inference.known_tasks`): case and runs of
-    whitespace do not matter, so "Letter A" names the class "letter a"."""
-    return " ".join(label.casefold().split())
+    """How labels are matched to a task's classes when routing (`inference.known_tasks`): case, runs of
+    whitespace and Unicode's composed or decomposed spelling (NFC) do not matter, so "Letter A" names the class
+    "letter a", and "café" typed on Linux names the class of a folder named on macOS (which writes "cafe" and a
+    combining accent)."""
+    return " ".join(unicodedata.normalize("NFC", label).casefold().split())
 
 
 def template_ok(template: Any) -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import unicodedata
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +16,9 @@ from PIL import Image, ImageOps
 from model_store.labels import classes_problem, labels_problems, twin_message
 from model_store.pixels import aspect_problem, viewed_rgb
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# the formats the server reads (service/images.py FORMATS), under their usual suffixes
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff"}
+log = logging.getLogger(__name__)
 
 
 class LazyImages(Sequence):
@@ -101,8 +106,9 @@ class LabelledImages:
 
 
 def class_name(folder: str) -> str:
-    """An ImageFolder folder name as a class name: `_` reads as a space."""
-    return folder.replace("_", " ")
+    """An ImageFolder folder name as a class name: `_` reads as a space, and the name is composed (NFC): macOS
+    writes "café" as "cafe" and a combining accent, which answers would return to clients as it is."""
+    return unicodedata.normalize("NFC", folder.replace("_", " "))
 
 
 def _check_class_folders(root: Path, folders: Sequence[Path], found: tuple[str, ...]) -> None:
@@ -148,22 +154,46 @@ def load_image_folder(root: str | Path, classes: tuple[str, ...] | None = None, 
     if classes is not None and set(found) != set(classes):
         raise ValueError(f"{root} has classes {list(found)}, expected {list(classes)}")
     classes = classes or found
-    paths, labels = [], []
-    for p in folders:  # hidden files (macOS's ._x.png, say) are not images
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
-        if not files:
-            nested = (
-                " (its sub-folders are not read: put the images in it directly)"
-                if any(q.is_dir() for q in p.iterdir())
-                else ""
-            )
-            raise ValueError(f"class folder {p} holds no images{nested}; remove it or add images")
+    paths, labels, skipped = [], [], Counter()
+    for p in folders:
+        files = _class_images(p, skipped)
         paths += files
         labels += [classes.index(class_name(p.name))] * len(files)
-    if not paths:
-        raise ValueError(f"image folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if skipped:
+        shown = ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items()))
+        log.warning("%s: %d files not read (%s); images are read as %s", root, skipped.total(), shown, SUFFIXES)
     images = LazyImages(paths, read_rgb) if lazy else [read_rgb(f) for f in paths]
     return LabelledImages(images, labels, classes)
+
+
+SUFFIXES = ", ".join(sorted(IMAGE_SUFFIXES))
+
+
+def _class_images(folder: Path, skipped: Counter) -> list[Path]:
+    """A class folder's images, in order; what is not read is counted in `skipped` (by suffix, or 'in
+    sub-folders'). Hidden files (macOS's ._x.png, say) are not images. ValueError when it holds no image."""
+    files, others, nested = [], Counter(), 0
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith("."):
+            continue
+        if f.is_dir():
+            nested += sum(1 for g in f.rglob("*") if g.suffix.lower() in IMAGE_SUFFIXES)
+        elif f.suffix.lower() in IMAGE_SUFFIXES:
+            files.append(f)
+        else:
+            others[f".{f.suffix.lower().lstrip('.')}" if f.suffix else "without a suffix"] += 1
+    if not files and nested:
+        raise ValueError(
+            f"class folder {folder} holds no images, but its sub-folders do ({nested}): if they are the classes, "
+            f"give {folder} itself as the image folder; else put the images in {folder} directly"
+        )
+    if not files:
+        found = f"; it holds {', '.join(f'{n} {k}' for k, n in sorted(others.items()))}" if others else ""
+        raise ValueError(f"class folder {folder} holds no images ({SUFFIXES}){found}; remove it or add images")
+    skipped.update(others)
+    if nested:
+        skipped["in sub-folders (only a class folder's own files are read)"] += nested
+    return files
 
 
 def load_domain(name: str, split: str) -> LabelledImages:

@@ -39,6 +39,16 @@ def test_label_keys_ignore_case_and_spacing():
     assert known_tasks(BANK, ["zebra"]).tolist() == [False, False]
 
 
+def test_label_keys_ignore_composed_or_decomposed_unicode():
+    """A class from a folder named on macOS ("cafe" + a combining accent) was unknown to the label "café" typed
+    elsewhere: its task could not claim the image, and zero-shot answered "zebra"."""
+    nfd, nfc = "rouge cafe\u0301", "Rouge Caf\u00e9"
+    assert label_key(nfd) == label_key(nfc) == "rouge caf\u00e9"
+    bank = _bank(("stripes",), (nfd, "bleu"))
+    assert known_tasks(bank, [nfc, "zebra"]).tolist() == [False, True]
+    assert known_tasks(_bank((nfc,)), [nfd]).tolist() == [True]
+
+
 def test_only_a_task_that_knows_a_label_may_claim():
     tasks, best = select_tasks(BANK, SCORES, _item(("letter a", "letter c")))
     # task 0's lower scores do not count: it knows none of the labels; task 1 takes what it claims (score <= 1)

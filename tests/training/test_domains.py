@@ -87,8 +87,35 @@ def test_class_folders_must_hold_images_and_hidden_files_are_skipped(tmp_path):
     assert len(load_image_folder(tmp_path)) == 2
     (tmp_path / "c" / "sub").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "c" / "sub" / "0.png")
-    with pytest.raises(ValueError, match="c holds no images .its sub-folders are not read"):
+    with pytest.raises(ValueError, match="c holds no images, but its sub-folders do .1.: if they are the classes"):
         load_image_folder(tmp_path)
+
+
+def test_files_that_are_not_read_are_named_and_a_folder_of_splits_is_pointed_at(tmp_path, caplog):
+    """An outside check: .tga/.ppm files and images in sub-folders were dropped without a word, a folder of only
+    .jfif JPEGs 'held no images', and `--data data` (data/train/<classes>) was told to move its images."""
+    from PIL import Image
+
+    from training.data import load_image_folder
+
+    for name in ("a", "b"):
+        (tmp_path / "d" / name / "deeper").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "d" / name / "0.png")
+        Image.new("RGB", (8, 8)).save(tmp_path / "d" / name / "1.jfif", format="JPEG")
+        Image.new("RGB", (8, 8)).save(tmp_path / "d" / name / "2.tga")
+        Image.new("RGB", (8, 8)).save(tmp_path / "d" / name / "deeper" / "3.png")
+    (tmp_path / "d" / "a" / "notes.txt").write_text("x")
+    with caplog.at_level("WARNING"):
+        data = load_image_folder(tmp_path / "d")
+    assert len(data) == 4  # the .png and the .jfif of each class
+    assert "5 files not read (2 .tga, 1 .txt, 2 in sub-folders" in caplog.text, caplog.text
+    (tmp_path / "t" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "t" / "a" / "0.tga")
+    (tmp_path / "t" / "b").mkdir()
+    with pytest.raises(ValueError, match=r"t.a holds no images \(.bmp, .*\); it holds 1 .tga; remove it"):
+        load_image_folder(tmp_path / "t")
+    with pytest.raises(ValueError, match=r"d holds no images, but its sub-folders do \(6\): if they are the classes"):
+        load_image_folder(tmp_path)  # the folder above the classes
 
 
 def test_a_class_name_that_is_not_valid_unicode_is_refused():
@@ -127,3 +154,16 @@ def test_store_check_reports_problems_and_exits_1(tmp_path, capsys, backbone):
     (tmp_path / "s" / "index.json").unlink()  # documented: a lost index is damage, `store check` says so
     assert main(["store", "--store", str(tmp_path / "s"), "check"]) == 1
     assert "index.json is missing but blobs/ holds 1 bundles" in capsys.readouterr().out
+
+
+def test_a_class_folder_named_on_macos_gives_the_composed_class_name(tmp_path):
+    """macOS writes "café" as "cafe" and a combining accent; answers returned that to clients, where
+    `label == "café"` was False."""
+    from PIL import Image
+
+    from training.data import load_image_folder
+
+    for name in ("cafe\u0301 noir", "tea"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "0.png")
+    assert load_image_folder(tmp_path).classes == ("caf\u00e9 noir", "tea")
