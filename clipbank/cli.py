@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
+import urllib.parse
 from pathlib import Path
 
 from model_store.errors import ClipbankError
@@ -17,6 +17,7 @@ from training.config import PretrainConfig, TrainJob
 
 from .bench_commands import DEFAULT_BACKBONE, add_bench_parsers, add_reference_parser
 from .flags import add_flags, given
+from .output import print_json
 from .watch_commands import add_watch_parsers
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -45,7 +46,7 @@ def _push(args: argparse.Namespace) -> int:
 
     with ClipbankClient(args.url, args.token) as client:
         mode = "shadow" if args.shadow else "inactive" if args.no_activate else "active"
-        print(json.dumps(client.push(Path(args.file), force=args.force, mode=mode), indent=2))
+        print_json(client.push(Path(args.file), force=args.force, mode=mode))
     return 0
 
 
@@ -76,7 +77,7 @@ def _classify(args: argparse.Namespace) -> int:
             if not args.json:  # each request's answers as they come: a later request's error keeps them
                 _print_results(args.images[a : a + len(paths)], out["results"])
     if args.json:
-        print(json.dumps({"results": results}, indent=2))
+        print_json({"results": results})
     return 0
 
 
@@ -101,7 +102,8 @@ def _print_results(names: list[str], results: list[dict]) -> None:
             continue
         best = r["labels"][0]
         score = "-" if best["score"] is None else f"{best['score']:.3f}"  # null: not a finite number
-        print(f"{path}\t{best['label']}\t{score}\t[{where}]", flush=True)
+        label = best["label"] if best["label"].isprintable() else repr(best["label"])  # a tab would shift columns
+        print(f"{path}\t{label}\t{score}\t[{where}]", flush=True)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -111,7 +113,7 @@ def _train(args: argparse.Namespace) -> int:
         raise SystemExit("clipbank train: give --out FILE, --store DIR, or both")
     job = TrainJob(**given(TrainJob, args))
     summary = run_train_job(job)
-    print(json.dumps(summary, indent=2))
+    print_json(summary)
     return 0
 
 
@@ -136,7 +138,7 @@ def _pretrain(args: argparse.Namespace) -> int:
             "every bundle and the reference set trained on it depend on (they stop loading)"
         )
     metrics = pretrain_tiny(PretrainConfig(**given(PretrainConfig, args)), Path(args.out) if args.out else None)
-    print(json.dumps(metrics, indent=2))
+    print_json(metrics)
     return 0
 
 
@@ -163,7 +165,7 @@ def _store(args: argparse.Namespace) -> int:
         return 1 if problems else 0
     store = open_store(args.store)
     if args.store_cmd == "list":
-        print(json.dumps(store.index().to_json(), indent=2))
+        print_json(store.index().to_json())
     elif args.store_cmd == "activate":
         print(store.activate(args.task, args.version))
     elif args.store_cmd == "deactivate":
@@ -269,6 +271,8 @@ def _healthcheck(args: argparse.Namespace) -> int:
     serve = argparse.ArgumentParser(prog="clipbank serve", add_help=False)
     add_flags(serve, ServeConfig, defaults_unset=True)
     argv = server_argv(args.pid) if not args.url else []
+    if args.url and urllib.parse.urlsplit(args.url).path in ("", "/"):  # the server's base URL, as elsewhere
+        args.url = args.url.rstrip("/") + "/readyz"
     try:
         url = args.url or readyz_url(argv or [], lambda a: serve.parse_known_args(a)[0])
     except ValueError as e:  # the environment does not parse: the server could not have started on it either
@@ -294,7 +298,7 @@ def _add_healthcheck(sub) -> None:
         "the server's command line, then CLIPBANK_HOST / CLIPBANK_PORT)",
     )
     hc.add_argument("--pid", type=int, default=1, help="the server's process (default 1: a container's)")
-    hc.add_argument("--url", help="ask this /readyz URL instead")
+    hc.add_argument("--url", help="ask this server (its base URL, or its /readyz URL) instead")
     hc.add_argument("--timeout", type=float, default=4.0, help="seconds (default 4)")
     hc.set_defaults(fn=_healthcheck)
 

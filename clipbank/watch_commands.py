@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import re
 import sys
 from pathlib import Path
 
 from model_store.settings import env_value
+
+from .output import print_json
 
 
 def _client(args: argparse.Namespace):
@@ -28,7 +29,7 @@ def _shadow(args: argparse.Namespace) -> int:
             return 0
         stats = client.shadow(args.task)
     if args.json:
-        print(json.dumps(stats, indent=2))
+        print_json(stats)
         return 0
     rate = "-" if stats["claim_rate"] is None else f"{stats['claim_rate']:.1%}"
     print(f"task {stats['task']} v{stats['version']} in shadow since {stats['since']}")
@@ -56,7 +57,7 @@ def _insights(args: argparse.Namespace) -> int:
     if args.examples is not None and out["enabled"]:
         _write_examples(out, Path(args.examples))
     if args.json:
-        print(json.dumps(out, indent=2))
+        print_json(out)
     elif not out["enabled"]:
         print("the unclaimed-traffic monitor is off on this server (unclaimed_capacity=0)")
     else:

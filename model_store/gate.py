@@ -76,7 +76,8 @@ class InterferenceRefused(ClipbankError):
         super().__init__(
             f"task {report.task!r} v{report.version} was not activated: "
             + "; ".join(offences)
-            + ". Retrain it (more steps, the reference set as negatives) or upload with force=true."
+            + ". Retrain it (more steps, the reference set as negatives), or land it anyway with force=true on the "
+            "upload or the activation (`clipbank push --force`)."
         )
         self.details = report.to_json()
 

@@ -36,6 +36,7 @@ def create_app(
         summary="A frozen CLIP plus a bank of hot-swappable task experts, routed per image.",
         version="0.1.0",
         lifespan=lifespan(on_fatal, wait_ready),
+        redirect_slashes=False,  # a 307 to the path without its slash has no error body; a named 404 says it
     )
     app.state.service = service
     install_handlers(app)

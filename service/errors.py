@@ -179,7 +179,9 @@ def _routing_message(request: Request, exc: StarletteHTTPException, headers: dic
     """The router's bare "Not Found" and "Method Not Allowed" say which request and what would be taken."""
     where = f"{request.method} {request.url.path}"
     if exc.status_code == 404 and exc.detail == "Not Found":
-        return f"no route for {where}: the API's paths are listed at /docs"
+        path = request.url.path
+        hint = f" (without the trailing slash: {path.rstrip('/')})" if len(path) > 1 and path.endswith("/") else ""
+        return f"no route for {where}{hint}: the API's paths are listed at /docs"
     if exc.status_code == 405 and exc.detail == "Method Not Allowed" and headers and "Allow" in headers:
         return f"{request.url.path} does not take {request.method}; it takes {headers['Allow']}"
     return str(exc.detail)

@@ -469,3 +469,44 @@ def test_classify_label_may_hold_commas_and_mixes_with_labels(tmp_path, monkeypa
     assert main([*args, "--label", "  "]) == 2
     assert "--label '' names no label" in capsys.readouterr().err
     assert len(sent) == 1
+
+
+def test_json_output_shows_names_as_written_and_escapes_only_where_stdout_cannot_encode(monkeypatch, capsys):
+    """`clipbank train` and `store list` printed the class 'café crème' as "caf\\u00e9 cr\\u00e8me"."""
+    import io
+
+    from clipbank.output import print_json
+
+    print_json({"classes": ["café crème", "🐱 cat"]})
+    assert '"café crème"' in capsys.readouterr().out
+    ascii_out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", ascii_out)  # a C locale without UTF-8
+    print_json({"classes": ["café"]})
+    ascii_out.seek(0)
+    assert '"caf\\u00e9"' in ascii_out.read()
+
+
+def test_a_label_with_a_tab_keeps_the_output_columns(tmp_path, monkeypatch, capsys):
+    import httpx
+
+    from clipbank.cli import main
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        route = {"task": None, "version": None, "bundle_id": None, "score": None, "threshold": None}
+        return httpx.Response(200, json={"results": [{"labels": [{"label": "a\tb", "score": 0.9}], "route": route}]})
+
+    _client_on(monkeypatch, handler)
+    (tmp_path / "a.png").write_bytes(b"x")
+    assert main(["classify", str(tmp_path / "a.png"), "--label", "a\tb", "--url", "http://srv"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.count("\t") == 3 and "'a\\tb'" in line
+
+
+def test_the_client_names_a_server_url_without_its_scheme():
+    """`ClipbankClient("127.0.0.1:8710")` failed at the first call with an undocumented `connection_failed`."""
+    from service.client import ClipbankClient
+
+    for url in ("127.0.0.1:8710", "localhost", "ftp://srv", ""):
+        with pytest.raises(ValueError, match="starts with http:// or https://"):
+            ClipbankClient(url)
+    ClipbankClient("HTTPS://srv.example:443/").close()

@@ -91,6 +91,9 @@ def test_exit_code_follows_readyz(readyz, monkeypatch, capsys):
     assert main(["healthcheck", "--pid", "999999999"]) == 0  # no such process: CLIPBANK_PORT says where
     out = capsys.readouterr().out  # and says so: on a host, PID 1 is init, not the server
     assert f"127.0.0.1:{port}/readyz: 200 (process 999999999 is not a clipbank serve: the address is " in out
+    for base in (f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/"):  # the base URL, as other commands take
+        assert main(["healthcheck", "--url", base]) == 0, base
+        assert capsys.readouterr().out == f"http://127.0.0.1:{port}/readyz: 200\n"
     _Readyz.status = 503
     try:
         assert main(["healthcheck", "--url", f"http://127.0.0.1:{port}/readyz"]) == 1  # loading, or stopping

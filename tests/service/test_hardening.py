@@ -318,6 +318,12 @@ async def test_a_large_body_to_a_path_or_method_no_route_takes_is_404_or_405_not
             "code": "not_found",
             "message": "no route for POST /clasify: the API's paths are listed at /docs",
         }
+        for path in ("/classify/", "/tasks/"):  # was a 307 with an empty body, to the path without the slash
+            r = await c.post(path, content=body, headers=AUTH)
+            assert r.status_code == 404 and r.json()["error"]["message"] == (
+                f"no route for POST {path} (without the trailing slash: {path[:-1]}): the API's paths are listed "
+                "at /docs"
+            )
         r = await c.put("/classify", content=body)
         assert r.status_code == 405 and r.json()["error"] == {
             "code": "method_not_allowed",
