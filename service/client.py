@@ -40,7 +40,9 @@ class ClipbankClient:
             raise ValueError("the admin token must be printable ASCII without spaces (it is not shown here)")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         if not isinstance(url, str) or not re.match(r"https?://[^/\s]", url, re.IGNORECASE):
-            raise ValueError(f"the server URL starts with http:// or https://, got {url!r} (e.g. http://127.0.0.1:8000)")
+            raise ValueError(
+                f"the server URL starts with http:// or https://, got {url!r} (e.g. http://127.0.0.1:8000)"
+            )
         self.url = url.rstrip("/")
         self.timeout = timeout
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
