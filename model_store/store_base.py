@@ -279,6 +279,18 @@ def purge_plan(index: StoreIndex, task: str) -> tuple[StoreIndex, list[VersionRe
     return others.with_task(task, lambda t: TaskRecord(kept) if kept else None), doomed
 
 
+def needed_by(index: StoreIndex, task: str) -> dict[int, list[str]]:
+    """Of `task`'s stored versions, those whose experts other tasks use, with those tasks: what a purge keeps."""
+    out: dict[int, list[str]] = {}
+    if task not in index.tasks:
+        return out
+    for v in index.task(task).versions:
+        users = {t for t, u in index.records() if t != task and set(u.uses).intersection(v.experts_new)}
+        if users:
+            out[v.version] = sorted(users)
+    return out
+
+
 def next_generation(index: StoreIndex) -> StoreIndex:
     """The changed index, one generation on; a StoreError for an index of a newer format, which this release reads
     but cannot rewrite without losing what it does not know."""

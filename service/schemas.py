@@ -250,6 +250,11 @@ class ActivateRequest(BaseModel):
 class Removed(BaseModel):
     task: str
     purged_blobs: int
+    kept: dict[int, list[str]] = Field(
+        default_factory=dict,
+        description="after a purge: the task's versions kept because other tasks use their experts, with those tasks "
+        "(they stay stored, inactive; purge those tasks first to delete them)",
+    )
     generation: int
 
 

@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from model_store.errors import InvalidRequest, TaskNotFound
 from model_store.manifest import TASK_RE, shown
-from model_store.store_base import PutResult
+from model_store.store_base import PutResult, needed_by
 
 from ..auth import TokenCheck
 from ..decode import read_bundle_upload, read_json
@@ -153,7 +153,8 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         """Stop routing to a task. Its versions stay stored for rollback unless purged."""
         registry = service_of(request).require_ready()
         purged = await run_in_threadpool(registry.deactivate, known_name(task), purge)
+        kept = await run_in_threadpool(lambda: needed_by(registry.store.index(), task)) if purge else {}
         await service_of(request).announce(registry.bank.generation, wait=False)
-        return {"task": task, "purged_blobs": purged, "generation": registry.bank.generation}
+        return {"task": task, "purged_blobs": purged, "kept": kept, "generation": registry.bank.generation}
 
     return router

@@ -131,6 +131,22 @@ async def test_upload_routes_pins_rolls_back_and_deletes(tmp_path, backbone, bun
         assert (await c.get("/tasks/textures", headers=AUTH)).status_code == 404
 
 
+async def test_a_purge_names_the_versions_it_keeps_for_the_tasks_that_use_their_experts(tmp_path, backbone, bundles):
+    """A purge of a task whose experts another task uses deleted nothing and said only `purged_blobs: 0`."""
+    async with running_app(tmp_path, backbone) as c:
+        for task in ("textures", "glyphs"):  # glyphs' routers choose among textures' experts too
+            r = await c.post("/tasks", **_upload(bundles[task]), params={"force": "true"})
+            assert r.status_code == 201, r.text
+        r = await c.delete("/tasks/textures", params={"purge": "true"}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["purged_blobs"] == 0 and r.json()["kept"] == {"1": ["glyphs"]}
+        assert [v["version"] for v in (await c.get("/tasks/textures", headers=AUTH)).json()["versions"]] == [1]
+        r = await c.delete("/tasks/glyphs", params={"purge": "true"}, headers=AUTH)
+        assert r.json()["purged_blobs"] == 1 and r.json()["kept"] == {}
+        r = await c.delete("/tasks/textures", params={"purge": "true"}, headers=AUTH)
+        assert r.json()["purged_blobs"] == 1 and r.json()["kept"] == {}
+        assert (await c.get("/tasks/textures", headers=AUTH)).status_code == 404
+
+
 def _forged(data: bytes, edit) -> bytes:
     tensors = st_load(data)
     from tests.model_store.test_bundle import _metadata
