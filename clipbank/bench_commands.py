@@ -80,6 +80,10 @@ def reference(args: argparse.Namespace) -> int:
         raise ValueError(f"--characters is a share in [0, 1], got {args.characters}")
     if args.out and Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a folder; give the reference set's file name")
+    if args.images and not Path(args.images).is_dir():  # before the backbone loads
+        raise FileNotFoundError(
+            f"--images {args.images}: {'not a folder' if Path(args.images).exists() else 'no such folder'}"
+        )
     backbone = load_backbone(args.backbone, args.device)
     if args.generated:
         from training.reference_images import outside_images
@@ -87,9 +91,15 @@ def reference(args: argparse.Namespace) -> int:
         images = outside_images(args.limit or 4000, characters=args.characters)
         source = f"training.reference_images.outside_images(characters={args.characters})"
     elif args.images:
-        files = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        root = Path(args.images)
+        files = sorted(  # hidden files and folders (.DS_Store, ._x.png, .thumbnails/) are not the user's images
+            p
+            for p in root.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
         if not files:
-            raise FileNotFoundError(f"no images under {args.images}")
+            raise FileNotFoundError(f"no images under {args.images} ({', '.join(sorted(IMAGE_SUFFIXES))})")
         images, source = LazyImages(files[: args.limit] if args.limit else files, read_rgb), f"{len(files)} images"
     else:
         raise SystemExit("clipbank reference build: give --images DIR or --generated")

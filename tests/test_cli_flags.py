@@ -429,7 +429,7 @@ def test_reference_build_settings_are_checked_before_embedding(tmp_path, capsys)
         (["--generated", "--limit", "-1"], "--limit must be >= 1"),  # -1 dropped the last image silently
         (["--generated", "--characters", "5"], "--characters is a share in [0, 1]"),
         (["--generated", "--out", str(tmp_path)], "is a folder; give the reference set's file name"),
-        (["--images", str(tmp_path / "none")], "no images under"),  # exit 1 before, 2 like every other error
+        (["--images", str(tmp_path / "none")], "none: no such folder"),  # exit 1 before, 2 like every other error
     ):
         assert main(["reference", "build", *args]) == 2, args
         assert message in capsys.readouterr().err, args

@@ -62,6 +62,14 @@ def test_the_cli_builds_a_reference_set_from_any_image_folder(tmp_path, backbone
     assert main(["reference", "build", "--images", str(tmp_path / "imgs"), "--out", str(out)]) == 0
     assert len(load_reference(out, backbone)) == 6
     assert main(["reference", "build", "--images", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "none: no such folder" in capsys.readouterr().err
+    (tmp_path / "imgs" / ".thumbnails").mkdir()  # hidden folders are not the user's images
+    outside_images(1, seed=2)[0].save(tmp_path / "imgs" / ".thumbnails" / "t.png")
+    outside_images(1, seed=3)[0].save(tmp_path / "imgs" / "._x.png")
+    assert main(["reference", "build", "--images", str(tmp_path / "imgs"), "--out", str(out)]) == 0
+    assert len(load_reference(out, backbone)) == 6
+    (tmp_path / "empty").mkdir()
+    assert main(["reference", "build", "--images", str(tmp_path / "empty"), "--out", str(out)]) == 2
     assert "no images under" in capsys.readouterr().err
 
 
