@@ -219,6 +219,8 @@ def _add_store(sub) -> None:
     a.add_argument("version", type=int)
     dd = ssub.add_parser("deactivate", help="stop routing to a task (its versions stay stored)")
     dd.add_argument("task")
+    for p in ssub.choices.values():  # `store list --store DIR` as well as `store --store DIR list`
+        p.add_argument("--store", default=argparse.SUPPRESS, help="the store (also before the sub-command)")
     s.set_defaults(fn=_store)
 
 

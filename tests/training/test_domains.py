@@ -136,6 +136,8 @@ def test_store_commands_do_not_make_a_store_where_there_is_none(tmp_path, capsys
 
     assert main(["store", "--store", str(tmp_path / "typo"), "list"]) == 2
     assert "no store at" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+    assert main(["store", "list", "--store", str(tmp_path / "typo")]) == 2  # after the sub-command, too
+    assert f"no store at '{tmp_path / 'typo'}'" in capsys.readouterr().err
     (tmp_path / "photos").mkdir()  # an existing folder that is not a store: left as it is
     assert main(["store", "--store", str(tmp_path / "photos"), "deactivate", "x"]) == 2
     assert "no store at" in capsys.readouterr().err and list((tmp_path / "photos").iterdir()) == []
