@@ -162,8 +162,27 @@ def load_image_folder(root: str | Path, classes: tuple[str, ...] | None = None, 
     if skipped:
         shown = ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items()))
         log.warning("%s: %d files not read (%s); images are read as %s", root, skipped.total(), shown, SUFFIXES)
-    images = LazyImages(paths, read_rgb) if lazy else [read_rgb(f) for f in paths]
+    single = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes)), strict=True) if n == 1]
+    if single:
+        log.warning("%s: class(es) %s have one image each: too few to learn, or to validate on", root, single[:5])
+    images = LazyImages(paths, read_rgb) if lazy else _read_all(paths)
     return LabelledImages(images, labels, classes)
+
+
+def _read_all(paths: Sequence[Path]) -> list[Image.Image]:
+    """Every image, or one ValueError naming every file that cannot be used (not one per run)."""
+    images, problems = [], []
+    for f in paths:
+        try:
+            images.append(read_rgb(f))
+        except ValueError as e:
+            problems.append(str(e))
+    if len(problems) == 1:
+        raise ValueError(problems[0])
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ValueError(f"{len(problems)} of {len(paths)} images cannot be used: {shown}")
+    return images
 
 
 SUFFIXES = ", ".join(sorted(IMAGE_SUFFIXES))

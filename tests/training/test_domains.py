@@ -169,3 +169,21 @@ def test_a_class_folder_named_on_macos_gives_the_composed_class_name(tmp_path):
         (tmp_path / name).mkdir()
         Image.new("RGB", (8, 8)).save(tmp_path / name / "0.png")
     assert load_image_folder(tmp_path).classes == ("caf\u00e9 noir", "tea")
+
+
+def test_every_unusable_image_is_named_at_once_and_a_one_image_class_is_warned_about(tmp_path, caplog):
+    """An outside check fixed six over-wide images in six runs: only the first was named each time."""
+    from PIL import Image
+
+    from training.data import load_image_folder
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "0.png")
+    with caplog.at_level("WARNING"):
+        load_image_folder(tmp_path)
+    assert "class(es) ['a', 'b'] have one image each" in caplog.text
+    for i in range(7):
+        Image.new("RGB", (2000, 20)).save(tmp_path / "b" / f"wide{i}.png")
+    with pytest.raises(ValueError, match=r"7 of 9 images cannot be used: .*wide0.png is 2000x20.*; and 2 more"):
+        load_image_folder(tmp_path)
