@@ -38,7 +38,8 @@ def _shadow(args: argparse.Namespace) -> int:
         print(f"  taken from {route}: {n}")
     hist = stats["score_histogram"]
     print(
-        "  score histogram (error / threshold; <= 1 claims): "
+        "  score histogram (error / threshold; <= 1 passes its threshold, and claims the image unless another "
+        "task scores lower): "
         + ", ".join(f"<={le}: {n}" for le, n in zip(hist["le"], hist["counts"], strict=True) if n)
     )
     return 0
@@ -145,6 +146,10 @@ def plot_unclaimed(out: dict, path: str) -> None:
         when = [datetime.fromtimestamp(t, timezone.utc) for t, _ in c["over_time"]]
         label = f"cluster {c['id']} ({c['size']} kept; nearest {c['nearest_task'] or '-'})"
         ax.plot(when, [100 * share for _, share in c["over_time"]], marker="o", label=label)
+    times = {t for c in out["clusters"] for t, _ in c["over_time"]}
+    if len(times) == 1:  # one time bin: matplotlib's automatic date axis would span years around it
+        (t,) = times
+        ax.set_xlim(datetime.fromtimestamp(t - 3600, timezone.utc), datetime.fromtimestamp(t + 3600, timezone.utc))
     ax.set_ylabel("share of auto-routed traffic (%)")
     ax.set_title(f"unclaimed traffic: {len(out['clusters'])} cluster(s)")
     if out["clusters"]:

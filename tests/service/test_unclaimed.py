@@ -150,3 +150,17 @@ async def test_opt_in_thumbnails_show_a_clusters_own_images(tmp_path, backbone):
         assert len(list((tmp_path / "examples" / "cluster-0").glob("*.png"))) == 4
         plot_unclaimed(out, str(tmp_path / "unclaimed.png"))  # the traffic plot, with a row of thumbnails
         assert Image.open(tmp_path / "unclaimed.png").height > 400
+
+
+def test_a_plot_of_one_time_bin_spans_hours_not_years(tmp_path, monkeypatch):
+    """With one bin, matplotlib's date axis ran from 2025 to 2029 around it."""
+    from clipbank.watch_commands import plot_unclaimed
+    from training.plots import pyplot
+
+    plt = pyplot()
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    cluster = {"id": 0, "size": 40, "nearest_task": None, "over_time": [[1_796_000_000, 0.4]], "examples": []}
+    plot_unclaimed({"clusters": [cluster]}, str(tmp_path / "one.png"))
+    low, high = figures[0].axes[0].get_xlim()  # in days
+    assert 0 < high - low <= 1 and (tmp_path / "one.png").stat().st_size > 0
