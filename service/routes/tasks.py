@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from model_store.errors import InvalidRequest, TaskNotFound
+from model_store.errors import ClipbankError, InvalidRequest, TaskNotFound
 from model_store.manifest import TASK_RE, shown
 from model_store.store_base import PutResult, needed_by
 
@@ -153,8 +153,16 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         """Stop routing to a task. Its versions stay stored for rollback unless purged."""
         registry = service_of(request).require_ready()
         purged = await run_in_threadpool(registry.deactivate, known_name(task), purge)
-        kept = await run_in_threadpool(lambda: needed_by(registry.store.index(), task)) if purge else {}
+        kept = await run_in_threadpool(_kept, registry.store, task) if purge else {}
         await service_of(request).announce(registry.bank.generation, wait=False)
         return {"task": task, "purged_blobs": purged, "kept": kept, "generation": registry.bank.generation}
 
     return router
+
+
+def _kept(store: Any, task: str) -> dict[int, list[str]]:
+    """What the purge kept, from the index it left; {} if the index cannot be read now (the purge stands)."""
+    try:
+        return needed_by(store.index(), task)
+    except (ClipbankError, OSError):
+        return {}
