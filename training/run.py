@@ -40,7 +40,7 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
     """Train `job.task` and return a summary; the bundle goes to `job.out` and/or `job.store`."""
     cfg = train_config(job)
     if job.out:
-        _check_writable(Path(job.out))  # before training, not after it
+        _check_writable(Path(job.out), job.overwrite)  # before training, not after it
     train = load_image_folder(job.data)
     val = load_image_folder(job.val, train.classes) if job.val else None
     backbone = load_backbone(job.backbone, job.device)
@@ -108,9 +108,11 @@ def _kept_on_failure(bundle: bytes, task: str, version: int, what: str, written:
         raise
 
 
-def _check_writable(out: Path) -> None:
+def _check_writable(out: Path, overwrite: bool) -> None:
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give the bundle file's path")
+    if out.exists() and not overwrite:  # it may be another task's bundle, and the only copy of it
+        raise FileExistsError(f"--out {out} exists; give a new file name, or --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     try:  # a real file, as the bundle will be written: access() says yes as root, and in /proc
         with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".clipbank-probe-"):

@@ -212,6 +212,17 @@ def test_a_bundle_the_store_refuses_after_training_is_kept_on_disk(tmp_path, mon
     unwritable = "/proc/clipbank-out.safetensors"
     assert main(["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--out", unwritable]) == 2
     assert "--out: cannot write in /proc" in capsys.readouterr().err and trained == []
+    # an existing file (another task's bundle, maybe its only copy) is replaced only with --overwrite
+    kept = tmp_path / "tex-v1-unstored.safetensors"
+    before = kept.read_bytes()
+    assert main(["train", "--task", "other", "--data", str(tmp_path / "tex" / "val"), "--out", str(kept)]) == 2
+    assert "exists; give a new file name, or --overwrite" in capsys.readouterr().err and trained == []
+    assert kept.read_bytes() == before
+    assert (
+        main(["train", "--task", "other", "--data", str(tmp_path / "tex" / "val"), "--out", str(kept), "--overwrite"])
+        == 0
+    )
+    assert read_bundle(kept.read_bytes()).manifest.task == "other"
 
 
 def test_labels_the_bundle_could_not_hold_fail_before_training(backbone, monkeypatch):
