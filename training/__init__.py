@@ -2,8 +2,13 @@
 job, the offline domains and the tiny backbone's pretraining, and the continual-learning and routing
 benchmarks' runs. It imports `model_store`, never `service`.
 
+    from model_store.bank import empty_bank
+    from model_store.backbone import load_backbone
+    from training import TrainConfig, load_image_folder, train_task
+
+    bank = empty_bank(load_backbone("tiny"))  # or BankLoader(open_store(...), backbone).load(): on top of its tasks
     result = train_task(bank, load_image_folder("data/train"), TrainConfig(task="birds"))
-    open("birds.bundle", "wb").write(result.bundle)
+    open("birds-v1.safetensors", "wb").write(result.bundle)
 """
 
 from model_store.lazy import lazy_exports

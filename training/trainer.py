@@ -20,7 +20,7 @@ from model_store.experts import ActivationCounts, Expert, Routing, TaskRouter, e
 from model_store.labels import MAX_TEMPLATES, template_ok
 from model_store.manifest import validate_task_name
 from model_store.moe_clip import encode_image, encode_text
-from model_store.reference import ReferenceSet
+from model_store.reference import ReferenceSet, find_reference
 from model_store.selector import Selector, SelectorConfig, fit_selector, selector_manifest
 
 from .config import jsonable
@@ -334,12 +334,17 @@ def train_task(
     version: int = 1,
     parent: str | None = None,
     progress: bool = True,
-    reference: ReferenceSet | None = None,
+    reference: ReferenceSet | None | str = "auto",
 ) -> TrainResult:
     """Train task `cfg.task` on top of `bank` (its experts stay frozen) and return the packed bundle.
 
-    The selector learns from `reference` (generic outside images for this backbone) and the bank's other tasks'
-    probes what is *not* the task; the report's `routing` says what routing will do, with warnings."""
+    The selector learns from `reference` (generic outside images for this backbone; "auto": the backbone's own,
+    as `clipbank train` finds it; None: none) and the bank's other tasks' probes what is *not* the task; the
+    report's `routing` says what routing will do, with warnings."""
+    if isinstance(reference, str):
+        if reference != "auto":
+            raise ValueError(f"reference is a ReferenceSet, None or 'auto', got {reference!r}")
+        reference = find_reference(bank.backbone)
     fit, val = checked_split(train, val, cfg, bank.backbone.tokenizer)
     bank = with_expert_blocks(bank, cfg.expert_blocks)
     torch.manual_seed(cfg.seed)

@@ -302,3 +302,19 @@ def test_a_diverging_run_stops_at_its_first_non_finite_loss_and_says_so(backbone
     cfg = TrainConfig(task="boom", steps=50, batch_size=8, lr=1e30)
     with pytest.raises(ValueError, match=r"training diverged: the loss is nan at step \d+ of task 'boom'.*1e\+30"):
         train_task(empty_bank(backbone), data, cfg, val=data, progress=False)
+
+
+def test_the_python_api_trains_against_the_backbones_reference_set_by_default(backbone):
+    """`train_task(bank, data, cfg)`, as the package's docstring shows it, fitted its selector without the tiny
+    backbone's shipped reference set: the server's gate then refused the bundle (14% of generic images claimed)."""
+    from model_store.bank import empty_bank
+    from training import TrainConfig, train_task
+
+    data = load_domain("textures", "val")
+    cfg = TrainConfig(task="tex", steps=2, batch_size=8)
+    report = train_task(empty_bank(backbone), data, cfg, progress=False).report["routing"]
+    assert report["reference"] and report["reference_false_claim"] is not None
+    without = train_task(empty_bank(backbone), data, cfg, progress=False, reference=None).report["routing"]
+    assert not without["reference"]
+    with pytest.raises(ValueError, match="reference is a ReferenceSet, None or 'auto'"):
+        train_task(empty_bank(backbone), data, cfg, progress=False, reference="ref.safetensors")
