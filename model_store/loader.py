@@ -50,14 +50,18 @@ class BankLoader:
         """
         sources = self.store.expert_sources() if sources is None else sources
         have = {e for b in tasks for e in b.experts}
-        wanted = [e for b in tasks for e in b.uses if e not in have]
+        wanted = [(e, b) for b in tasks for e in b.uses if e not in have]
         out: dict[str, Bundle] = {}
         while wanted:
-            eid = wanted.pop()
+            eid, user = wanted.pop()
             if eid in have:
                 continue
             if eid not in sources:
-                raise MissingExpert(f"expert {eid[:12]} is used by an active task but no stored bundle adds it")
+                raise MissingExpert(
+                    f"task {user.task!r} v{user.version} uses expert {eid[:12]}, which no stored bundle adds: it was "
+                    "trained on top of tasks this store does not hold; store their bundles first, in the order "
+                    "they were trained"
+                )
             try:
                 b = self.bundle(sources[eid])
             except ClipbankError as e:  # say whose: the message alone names a blob the task does not own

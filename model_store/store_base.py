@@ -238,7 +238,7 @@ def refuse_stored_version(index: StoreIndex, bundle: Bundle) -> None:
     if bundle.version <= newest:
         raise VersionConflict(
             f"task {bundle.task!r} already has version {newest}; a new bundle needs version > {newest}, "
-            f"got {bundle.version}"
+            f"got {bundle.version} (train it with `--version {newest + 1}`, or on this store with `--store`)"
         )
 
 

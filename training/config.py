@@ -19,6 +19,9 @@ class TrainJob:
     store: str | None = option(None, "store folder: train on top of its bank and put the bundle there")
     out: str | None = option(None, "also write the bundle file here (an existing file only with --overwrite)")
     overwrite: bool = option(False, "let --out replace an existing file")
+    version: int | None = option(
+        None, "the bundle's version without --store (default 1; a server already holding v1 takes 2 and up)"
+    )
     steps: int = option(500, "training steps")
     batch_size: int = option(64, "images per step")
     lr: float | None = option(None, "peak learning rate (default: 1e-2 for narrow backbones such as tiny, else 1e-3)")

@@ -39,6 +39,12 @@ def train_config(job: TrainJob) -> TrainConfig:
 def run_train_job(job: TrainJob) -> dict[str, Any]:
     """Train `job.task` and return a summary; the bundle goes to `job.out` and/or `job.store`."""
     cfg = train_config(job)
+    if job.version is not None and (job.store or not 1 <= job.version <= MAX_VERSION):
+        raise ValueError(
+            "--version sets a bundle's version without --store (with it, the store's next is used)"
+            if job.store
+            else f"--version must be in [1, {MAX_VERSION}], got {job.version}"
+        )
     if job.out:
         _check_writable(Path(job.out), job.overwrite)  # before training, not after it
     train = load_image_folder(job.data)
@@ -47,7 +53,7 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
     reference = find_reference(backbone, job.reference)  # before any training: a wrong path fails at once
     store = open_store(job.store) if job.store else None
     bank = BankLoader(store, backbone).load() if store else empty_bank(backbone)
-    version, parent = 1, None
+    version, parent = job.version or 1, None
     if store is not None:
         try:
             entry = store.task(job.task)

@@ -199,6 +199,8 @@ async def test_incompatible_bundle_is_refused_before_the_store_is_written(tmp_pa
     async with running_app(tmp_path, backbone) as c:
         r = await c.post("/tasks", **_upload(bundles["glyphs"]))  # uses textures' experts, not stored here
         assert r.status_code == 422 and r.json()["error"]["code"] == "missing_expert"
+        message = r.json()["error"]["message"]  # it named "an active task", and there was none: the upload it is
+        assert message.startswith("task 'glyphs' v1 uses expert ") and "store their bundles first" in message
         assert (await c.get("/tasks", headers=AUTH)).json()["tasks"] == []
         assert (await c.post("/tasks", **_upload(bundles["textures"]))).status_code == 201
         assert (await c.post("/tasks", **_upload(bundles["glyphs"]))).status_code == 201

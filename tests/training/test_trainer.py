@@ -223,6 +223,13 @@ def test_a_bundle_the_store_refuses_after_training_is_kept_on_disk(tmp_path, mon
         == 0
     )
     assert read_bundle(kept.read_bytes()).manifest.task == "other"
+    # a new version of a task a server holds, trained away from its store (the README's gated way: --out, push)
+    data = ["--task", "next", "--data", str(tmp_path / "tex" / "val")]
+    assert main(["train", *data, "--out", str(tmp_path / "next-v3.safetensors"), "--version", "3"]) == 0
+    assert read_bundle((tmp_path / "next-v3.safetensors").read_bytes()).manifest.version == 3
+    for bad, message in ((["--version", "0"], "--version must be in [1, "), (["--store", "s"], "without --store")):
+        assert main(["train", *data, "--out", str(tmp_path / "x.safetensors"), "--version", "2", *bad]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_labels_the_bundle_could_not_hold_fail_before_training(backbone, monkeypatch):
