@@ -176,11 +176,20 @@ def _check_supported(model: Any, ref: BackboneRef) -> dict[str, TowerSpec]:
     return towers
 
 
+def _looks_like_checkpoint(path: Path) -> bool:
+    """A safetensors file (an 8-byte header length, then JSON) or a PyTorch one (a zip, or a legacy pickle)."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    return head[8:9] == b"{" or head.startswith((b"PK\x03\x04", b"\x80"))
+
+
 def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto") -> Backbone:
     """Create the open_clip model for `ref`, load its weights, freeze it and fingerprint it."""
     ref = parse_backbone_ref(ref) if isinstance(ref, str) else ref
     if ref.weights_is_file and not Path(ref.weights).is_file():
         raise BackboneError(f"checkpoint file {ref.weights} does not exist ({ref.text!r})")
+    if ref.weights_is_file and not _looks_like_checkpoint(Path(ref.weights)):
+        raise BackboneError(f"{ref.weights} is not a checkpoint: neither safetensors nor a PyTorch file ({ref.text!r})")
     quiet = _DropRecords(("No pretrained weights loaded", "Local config loaded, but no CLIP weights"))
     logging.getLogger().addFilter(quiet)  # open_clip warns of "random init" before we load the file ourselves
     try:
@@ -194,7 +203,8 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
             open_clip.load_checkpoint(model, ref.weights)
         tokenizer = BoundedTokenizer(open_clip.get_tokenizer(ref.model_name))
     except Exception as e:  # open_clip, safetensors and torch raise many types for bad files
-        raise BackboneError(f"could not load backbone {ref.text!r}: {e}") from e
+        why = str(e).split("\n", 1)[0] if "weights_only" in str(e) else e  # not torch's advice to unpickle it
+        raise BackboneError(f"could not load backbone {ref.text!r}: {why}") from e
     finally:
         logging.getLogger().removeFilter(quiet)
     towers = _check_supported(model, ref)

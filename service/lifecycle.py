@@ -259,8 +259,10 @@ def lifespan(on_fatal: Callable[[str], None] | None, wait_ready: bool = False):
             try:
                 await run_in_threadpool(service.load)
             except Exception as e:  # reported by /readyz and on_fatal
-                service.error = f"start-up failed: {type(e).__name__}: {e}"
-                log.error("%s", service.error, exc_info=e)
+                known = isinstance(e, ClipbankError)  # a backbone that cannot load, say: its message says it all
+                service.error = f"start-up failed: {e.code if known else type(e).__name__}: {e}"
+                if not known or on_fatal is None:  # `clipbank serve` ends with the message as its last line
+                    log.error("%s", service.error, exc_info=None if known else e)
                 service.failed.set()
                 if on_fatal is not None:
                     on_fatal(service.error)

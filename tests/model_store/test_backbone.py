@@ -65,6 +65,13 @@ def test_missing_or_bad_checkpoint(tmp_path):
         load_backbone(f"file:{tmp_path / 'nope.safetensors'}")
     shutil.copy(TINY_DIR / "open_clip_config.json", tmp_path / "open_clip_config.json")
     (tmp_path / "w.safetensors").write_bytes(b"junk that is not a safetensors file")
+    with pytest.raises(BackboneError, match="w.safetensors is not a checkpoint: neither safetensors nor a PyTorch"):
+        load_backbone(f"file:{tmp_path / 'w.safetensors'}")
+    torch.save({"x": object()}, tmp_path / "w.pt")  # a pickle that weights-only loading refuses
+    with pytest.raises(BackboneError, match="could not load") as caught:
+        load_backbone(f"file:{tmp_path / 'w.pt'}")
+    assert "Re-running" not in str(caught.value) and "file an issue" not in str(caught.value)  # torch's advice
+    (tmp_path / "w.safetensors").write_bytes(b"\x80\x04 a legacy pickle's first bytes, then junk")
     with pytest.raises(BackboneError, match="could not load"):
         load_backbone(f"file:{tmp_path / 'w.safetensors'}")
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {}}))

@@ -258,13 +258,15 @@ async def test_servers_sharing_a_store_pick_up_changes_within_5_seconds(tmp_path
                 await anyio.sleep(0.05)
 
 
-async def test_not_ready_until_loaded_and_failed_start_is_reported(tmp_path):
+async def test_not_ready_until_loaded_and_failed_start_is_reported(tmp_path, caplog):
     from service.config import ServeConfig
 
     config = ServeConfig(store=str(tmp_path / "s"), backbone="no-such-arch:none", admin_token=TOKEN)
     async with failed_app(config) as (c, failures):
         r = await c.get("/readyz")
         assert r.status_code == 503 and "no-such-arch" in r.json()["error"]["message"]
+        assert "start-up failed: backbone_error: " in r.json()["error"]["message"]
+        assert not [r for r in caplog.records if r.exc_info]  # a known error is one line, not a traceback
         assert (await c.get("/healthz")).json()["status"] == "failed"
         r = await c.post("/classify", files=[("images", ("r.png", colour("red")))], data={"labels": ["red"]})
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
