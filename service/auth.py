@@ -36,7 +36,13 @@ class TokenCheck:
         if expected is None:
             raise Unauthorized(f"the server has no {self.name} token yet")
         if credentials is None:
-            raise Unauthorized(f"this endpoint needs 'Authorization: Bearer <{self.name} token>'")
+            where = (
+                "CLIPBANK_ADMIN_TOKEN or --token for the clipbank commands; a generated one is in the store's "
+                ".admin-token file"
+                if self.name == "admin"
+                else f"CLIPBANK_{self.name.upper()}_TOKEN or --token for the clipbank commands"
+            )
+            raise Unauthorized(f"this endpoint needs 'Authorization: Bearer <{self.name} token>' ({where})")
         given = credentials.credentials
         ok = _same(given, expected)
         also = self.also() if self.also is not None else None

@@ -47,6 +47,8 @@ async def test_management_needs_the_admin_token(tmp_path, backbone):
                 assert r.status_code == 401, (method, path, headers, r.text)
                 assert r.json()["error"]["code"] == "unauthorized"
                 assert r.headers["www-authenticate"] == "Bearer"
+        message = (await c.get("/tasks")).json()["error"]["message"]  # and where a user finds the token
+        assert "(CLIPBANK_ADMIN_TOKEN or --token for the clipbank commands; a generated one is in" in message
         r = await c.get("/tasks", headers=AUTH)
         assert r.status_code == 200 and r.json() == {"generation": 0, "tasks": []}
 
