@@ -167,9 +167,11 @@ def _store(args: argparse.Namespace) -> int:
     if args.store_cmd == "list":
         print_json(store.index().to_json())
     elif args.store_cmd == "activate":
-        print(store.activate(args.task, args.version))
+        bundle = store.activate(args.task, args.version)
+        print(f"task {args.task}: version {args.version} is active (bundle {bundle[:12]}), ungated")
     elif args.store_cmd == "deactivate":
         store.deactivate(args.task)
+        print(f"task {args.task}: deactivated (its versions stay stored; images go to the other tasks or zero-shot)")
     return 0
 
 

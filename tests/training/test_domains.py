@@ -143,6 +143,21 @@ def test_store_commands_do_not_make_a_store_where_there_is_none(tmp_path, capsys
     assert "no store at" in capsys.readouterr().err and list((tmp_path / "photos").iterdir()) == []
 
 
+def test_store_activate_and_deactivate_say_what_they_did(tmp_path, capsys, backbone):
+    """`store deactivate` printed nothing, `store activate` a bare bundle id."""
+    from clipbank.cli import main
+    from model_store.bank import empty_bank
+    from model_store.store import LocalStore
+    from tests.helpers import random_bundle
+
+    LocalStore(tmp_path / "s").put(random_bundle(empty_bank(backbone), "cars", seed=1), activate=False)
+    assert main(["store", "--store", str(tmp_path / "s"), "activate", "cars", "1"]) == 0
+    assert capsys.readouterr().out.startswith("task cars: version 1 is active (bundle ")
+    assert main(["store", "--store", str(tmp_path / "s"), "deactivate", "cars"]) == 0
+    assert capsys.readouterr().out.startswith("task cars: deactivated (its versions stay stored")
+    assert LocalStore(tmp_path / "s").active() == {}
+
+
 def test_store_check_reports_problems_and_exits_1(tmp_path, capsys, backbone):
     from clipbank.cli import main
     from model_store.bank import empty_bank
