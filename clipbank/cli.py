@@ -263,7 +263,7 @@ def _add_client(sub) -> None:
         action="store_false",
         help="let the selector alone route, even to tasks that know none of --labels",
     )
-    cl.add_argument("--url", default=url)
+    cl.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
     cl.add_argument("--token", default=env_value("classify_token"), help="$CLIPBANK_CLASSIFY_TOKEN")
     cl.add_argument("--json", action="store_true", help="print every result as JSON (scores and routes)")
     cl.set_defaults(fn=_classify)
