@@ -7,6 +7,7 @@ It imports neither `service` nor `training`. The verbs most callers need:
     bundle = read_bundle(open("task.bundle", "rb").read())
     store = open_store("./clipbank-store")            # or "s3://bucket/prefix" (the [scale] extra)
     bank = BankLoader(store, backbone).load()
+    images = torch.stack([backbone.preprocess(im) for im in pil_images])   # [n, 3, H, W]
     results = classify_batch(bank, [ClassifyItem(images, labels=("cat", "dog"))])
 """
 

@@ -30,6 +30,15 @@ class ClassifyItem:
     templates: tuple[str, ...] | None = None  # with labels: the prompts for them on any route; None: the route's
     match_labels: bool = True  # task=auto with labels: only tasks that know one of the labels may claim an image
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.images, torch.Tensor) or self.images.ndim != 4:
+            raise TypeError(
+                "ClassifyItem.images is a tensor [n, 3, H, W] of preprocessed images, got "
+                f"{type(self.images).__name__}: torch.stack([backbone.preprocess(im) for im in pil_images])"
+            )
+        if isinstance(self.labels, str):
+            raise TypeError(f"ClassifyItem.labels is a tuple of labels, got the string {self.labels!r}")
+
 
 @dataclass(frozen=True)
 class Route:

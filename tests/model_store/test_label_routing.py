@@ -99,3 +99,14 @@ def test_through_classify_batch_a_claiming_task_is_skipped_for_labels_it_does_no
     assert sorted(label for label, _ in other[0].labels) == ["bird", "car"]
     # the answers say which images the labels moved: the selectors alone would have sent `other` to pets
     assert [r.moved_by_labels for r in own + other + ignored] == [False] * 4 + [True] * 4 + [False] * 4
+
+
+def test_a_classify_item_of_pil_images_or_one_label_string_is_a_named_type_error():
+    """The package docstring's `ClassifyItem(images, ...)` with a list of PIL images failed deep inside with
+    "'list' object has no attribute 'ndim'"."""
+    from PIL import Image
+
+    with pytest.raises(TypeError, match=r"tensor \[n, 3, H, W\] of preprocessed images, got list: torch.stack"):
+        ClassifyItem([Image.new("RGB", (4, 4))], ("cat", "dog"))
+    with pytest.raises(TypeError, match="a tuple of labels, got the string 'cat,dog'"):
+        ClassifyItem(torch.zeros(1, 3, 2, 2), "cat,dog")
