@@ -39,14 +39,7 @@ def train_config(job: TrainJob) -> TrainConfig:
 def run_train_job(job: TrainJob) -> dict[str, Any]:
     """Train `job.task` and return a summary; the bundle goes to `job.out` and/or `job.store`."""
     cfg = train_config(job)
-    if job.version is not None and (job.store or not 1 <= job.version <= MAX_VERSION):
-        raise ValueError(
-            "--version sets a bundle's version without --store (with it, the store's next is used)"
-            if job.store
-            else f"--version must be in [1, {MAX_VERSION}], got {job.version}"
-        )
-    if job.out:
-        _check_writable(Path(job.out), job.overwrite)  # before training, not after it
+    _check_outputs(job)  # before training, not after it
     train = load_image_folder(job.data)
     val = load_image_folder(job.val, train.classes) if job.val else None
     backbone = load_backbone(job.backbone, job.device)
@@ -112,6 +105,18 @@ def _kept_on_failure(bundle: bytes, task: str, version: int, what: str, written:
         kept = written or _keep_unstored(bundle, task, version)
         log.error("the trained bundle is saved at %s (push it to a server with `clipbank push`)", kept)
         raise
+
+
+def _check_outputs(job: TrainJob) -> None:
+    """`--version` and `--out`, checked before any work."""
+    if job.version is not None and (job.store or not 1 <= job.version <= MAX_VERSION):
+        raise ValueError(
+            "--version sets a bundle's version without --store (with it, the store's next is used)"
+            if job.store
+            else f"--version must be in [1, {MAX_VERSION}], got {job.version}"
+        )
+    if job.out:
+        _check_writable(Path(job.out), job.overwrite)
 
 
 def _check_writable(out: Path, overwrite: bool) -> None:

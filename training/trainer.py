@@ -326,6 +326,15 @@ def _selector_with_routing(
     return selector, routing, probes_of(val_feats, MAX_PROBES, cfg.seed)
 
 
+def _reference(bank: BankSnapshot, reference: ReferenceSet | None | str) -> ReferenceSet | None:
+    """`train_task`'s reference set: "auto" is the backbone's own, as `clipbank train` finds it."""
+    if not isinstance(reference, str):
+        return reference
+    if reference != "auto":
+        raise ValueError(f"reference is a ReferenceSet, None or 'auto', got {reference!r}")
+    return find_reference(bank.backbone)
+
+
 def train_task(
     bank: BankSnapshot,
     train: LabelledImages,
@@ -341,10 +350,7 @@ def train_task(
     The selector learns from `reference` (generic outside images for this backbone; "auto": the backbone's own,
     as `clipbank train` finds it; None: none) and the bank's other tasks' probes what is *not* the task; the
     report's `routing` says what routing will do, with warnings."""
-    if isinstance(reference, str):
-        if reference != "auto":
-            raise ValueError(f"reference is a ReferenceSet, None or 'auto', got {reference!r}")
-        reference = find_reference(bank.backbone)
+    reference = _reference(bank, reference)
     fit, val = checked_split(train, val, cfg, bank.backbone.tokenizer)
     bank = with_expert_blocks(bank, cfg.expert_blocks)
     torch.manual_seed(cfg.seed)

@@ -87,7 +87,9 @@ def test_cli_export_and_train(tmp_path, capsys):
     assert 0.0 <= routing["self_claim"] <= 1.0 and 0.0 <= routing["reference_false_claim"] <= 1.0
     assert routing["bank_tasks"] == [] and routing["task_false_claim"] == {}
     assert LocalStore(tmp_path / "store").active() == {"tex": bundle.id}
-    assert main(args) == 0  # a second run becomes version 2, with version 1 as its parent
+    assert main(args) == 2  # its --out exists: replaced only when asked
+    assert "exists; give a new file name, or --overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0  # a second run becomes version 2, with version 1 as its parent
     summary2 = json.loads(capsys.readouterr().out)
     assert summary2["version"] == 2
     assert summary2["routing"]["bank_tasks"] == []  # its own earlier version is not a negative
