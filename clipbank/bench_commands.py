@@ -72,7 +72,7 @@ def reference(args: argparse.Namespace) -> int:
     """`clipbank reference build`."""
     from model_store.backbone import load_backbone
     from model_store.reference import cache_path, embed_images, save_reference
-    from training.data import IMAGE_SUFFIXES, LazyImages, read_rgb
+    from training.data import IMAGE_SUFFIXES, SUFFIXES, LazyImages, read_rgb
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
@@ -99,7 +99,7 @@ def reference(args: argparse.Namespace) -> int:
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
         )
         if not files:
-            raise FileNotFoundError(f"no images under {args.images} ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise FileNotFoundError(f"no images under {args.images} ({SUFFIXES})")
         images, source = LazyImages(files[: args.limit] if args.limit else files, read_rgb), f"{len(files)} images"
     else:
         raise SystemExit("clipbank reference build: give --images DIR or --generated")

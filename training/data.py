@@ -18,6 +18,7 @@ from model_store.pixels import aspect_problem, viewed_rgb
 
 # the formats the server reads (service/images.py FORMATS), under their usual suffixes
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff"}
+SUFFIXES = ", ".join(sorted(IMAGE_SUFFIXES))  # as messages list them
 log = logging.getLogger(__name__)
 
 
@@ -183,9 +184,6 @@ def _read_all(paths: Sequence[Path]) -> list[Image.Image]:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise ValueError(f"{len(problems)} of {len(paths)} images cannot be used: {shown}")
     return images
-
-
-SUFFIXES = ", ".join(sorted(IMAGE_SUFFIXES))
 
 
 def _class_images(folder: Path, skipped: Counter) -> list[Path]:
