@@ -106,9 +106,9 @@ class ClipbankClient:
         top_k: int | None = None,
         match_labels: bool = True,
     ) -> dict[str, Any]:
-        """Images are paths, encoded bytes, open binary files or PIL images (sent as PNG). Returns `{"results":
-        [...], "timing": {...}}`. `match_labels=False`: the selector alone routes, whatever the labels
-        (docs/service.md)."""
+        """Images are paths, encoded bytes, open binary files or PIL images (sent upright, as `_pil_bytes` says).
+        Returns `{"results": [...], "timing": {...}}`. `match_labels=False`: the selector alone routes, whatever
+        the labels (docs/service.md)."""
         if isinstance(images, str | bytes | os.PathLike) or isinstance(labels, str) or hasattr(images, "mode"):
             raise TypeError("images and labels are lists: classify([path], labels=['cat', 'dog'])")
         files = [("images", (_name(img, i), _bytes(img))) for i, img in enumerate(images)]
@@ -192,7 +192,6 @@ def _bytes(item: ImageInput) -> bytes:
 
 
 PNG_AS_IS = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}  # modes PNG keeps, which the server reads as it reads files
-PIL_PNG_LIMIT = 16 * 1024 * 1024  # the server's default max_image_bytes: a larger PNG is sent as a JPEG
 
 
 def _pil_bytes(image: Any) -> bytes:
@@ -203,12 +202,14 @@ def _pil_bytes(image: Any) -> bytes:
 
     from model_store.pixels import viewed_rgb
 
+    from .config import Limits  # the server's default max_image_bytes: a larger PNG is sent as a JPEG
+
     upright = ImageOps.exif_transpose(image)
     if upright.mode not in PNG_AS_IS:
         upright = viewed_rgb(upright)  # ValueError for 32-bit float pixels, whose range is unknown
     buf = io.BytesIO()
     upright.save(buf, format="PNG")
-    if buf.tell() > PIL_PNG_LIMIT:  # a photo's pixels: a 12 MP PNG is about 20 MB, its JPEG a few
+    if buf.tell() > Limits.max_image_bytes:  # a photo's pixels: a 12 MP PNG is about 20 MB, its JPEG a few
         buf = io.BytesIO()
         viewed_rgb(upright).save(buf, format="JPEG", quality=95)
     return buf.getvalue()
