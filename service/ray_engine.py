@@ -42,17 +42,29 @@ def replica_id() -> str:
         return f"pid-{os.getpid()}"
 
 
-class RayPeers:
-    """Tells the other replicas of this deployment about a change: `broadcast("sync", generation)`."""
+def _own_app_name() -> str:
+    """The Ray Serve application this replica belongs to; APP_NAME outside a replica."""
+    try:
+        from ray import serve
 
-    def __init__(self, app_name: str = APP_NAME, deployment: str = DEPLOYMENT) -> None:
+        return serve.get_replica_context().app_name
+    except Exception:
+        return APP_NAME
+
+
+class RayPeers:
+    """Tells the other replicas of this deployment about a change: `broadcast("sync", generation)`.
+
+    The application's name is the replica's own: `serve run` names it "default" unless given `--name`."""
+
+    def __init__(self, app_name: str | None = None, deployment: str = DEPLOYMENT) -> None:
         self.app_name, self.deployment = app_name, deployment
 
     async def announce(self, generation: int, timeout_s: float) -> dict[str, Any]:
         """{replica id: the generation it serves, or why it did not answer} for every live replica."""
         from ray import serve
 
-        handle = serve.get_deployment_handle(self.deployment, self.app_name)
+        handle = serve.get_deployment_handle(self.deployment, self.app_name or _own_app_name())
         answers = await handle.broadcast("sync", generation).results_async(timeout_s=timeout_s, return_exceptions=True)
         out: dict[str, Any] = {}
         for i, answer in enumerate(answers):

@@ -30,6 +30,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+APP = "default"  # what `serve run` names the application (`clipbank serve --engine ray` names it clipbank)
+
+
 @pytest.fixture(scope="module")
 def cluster(s3_server, tmp_path_factory):
     ray = pytest.importorskip("ray")
@@ -37,7 +40,7 @@ def cluster(s3_server, tmp_path_factory):
     import boto3
 
     from service.config import ServeConfig
-    from service.ray_engine import APP_NAME, application
+    from service.ray_engine import application
 
     bucket = f"clipbank-ray-{time.monotonic_ns()}"
     env = {
@@ -65,7 +68,8 @@ def cluster(s3_server, tmp_path_factory):
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(application(config), name=APP_NAME, route_prefix="/")
+            # named as `serve run` names it: the replicas find their peers under their own app's name
+            serve.run(application(config), name=APP, route_prefix="/")
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
                 yield client
         finally:
@@ -142,9 +146,9 @@ def test_two_uploads_through_the_proxy_at_once_both_land(cluster, backbone):
 def replica_pids() -> dict[str, int]:
     from ray import serve
 
-    from service.ray_engine import APP_NAME, DEPLOYMENT
+    from service.ray_engine import DEPLOYMENT
 
-    answers = serve.get_deployment_handle(DEPLOYMENT, APP_NAME).broadcast("sync", 0).results(timeout_s=30)
+    answers = serve.get_deployment_handle(DEPLOYMENT, APP).broadcast("sync", 0).results(timeout_s=30)
     return {a["replica"]: a["pid"] for a in answers}
 
 
