@@ -95,6 +95,13 @@ class StoreUnavailable(StoreError):
     code = "store_unavailable"
 
 
+class StoreMoved(StoreError):
+    """A change checked against one generation of the store would land on another (a lock-free store, S3, where
+    another server changed it meanwhile): nothing was written. A server checks again and retries."""
+
+    code = "store_busy"
+
+
 class StoreDamaged(StoreError):
     """The store holds something it cannot use as it is: a blob that does not hash to its name, blobs with no
     index. Retrying does not help; an operator must look (`clipbank store check`)."""

@@ -9,14 +9,23 @@ secrets.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .bundle import Bundle, read_bundle, utc_now
 from .digest import bytes_digest
-from .errors import BundleNotFound, MissingExpert, ShadowConflict, StoreDamaged, StoreError, VersionConflict
+from .errors import (
+    BundleNotFound,
+    MissingExpert,
+    ShadowConflict,
+    StoreDamaged,
+    StoreError,
+    StoreMoved,
+    VersionConflict,
+)
 from .manifest import finite_metrics, shown, validate_task_name
 from .store_index import INDEX_FORMAT, StoreIndex, TaskRecord, VersionRecord
 
@@ -44,6 +53,35 @@ class Store:
     """The operations of a bundle store. Subclasses: `LocalStore` (a folder) and `S3Store` (an object store)."""
 
     location: str
+    _based_on = threading.local()  # per thread: (store, generation) that `based_on` set
+
+    @contextmanager
+    def based_on(self, generation: int) -> Iterator[None]:
+        """The next put, activation or shadow change made in this thread publishes only onto the index at
+        `generation`, the one its caller checked (the interference gate); else StoreMoved and nothing is written.
+        A folder's lock already makes that so; on S3, another server may have changed the index since."""
+        Store._based_on.value = (self, generation)
+        try:
+            yield
+        finally:
+            Store._based_on.value = None
+
+    def _checked(self, edit: Edit) -> Edit:
+        """`edit`, refused with StoreMoved on an index other than the one `based_on` names (then cleared)."""
+        based = getattr(Store._based_on, "value", None)
+        if based is None or based[0] is not self:
+            return edit
+        Store._based_on.value = None  # one change: a later one in the same block is not held to it
+        expected = based[1]
+
+        def checked(index: StoreIndex) -> StoreIndex:
+            if index.generation != expected:
+                raise StoreMoved(
+                    f"the store moved from generation {expected} to {index.generation} while this change was checked"
+                )
+            return edit(index)
+
+        return checked
 
     # ----------------------------------------------------------------------------------------- primitives
 
@@ -160,7 +198,7 @@ class Store:
                 ),
             )
 
-        index = self._change(add, blob=(bundle.id, data))
+        index = self._change(self._checked(add), blob=(bundle.id, data))
         return PutResult(bundle.task, bundle.version, bundle.id, len(bundle.experts), index.generation, gate)
 
     def restore(self, bundle: Bundle, data: bytes) -> int | None:
@@ -194,7 +232,7 @@ class Store:
             chosen[:] = [index.version(task, version).bundle_id]
             return index.with_task(task, lambda t: replace(t, active=chosen[0], shadow=_unless(t.shadow, chosen[0])))
 
-        self._change(edit)
+        self._change(self._checked(edit))
         return chosen[0]
 
     def set_shadow(self, task: str, version: int | None) -> str | None:
@@ -210,7 +248,7 @@ class Store:
                 )
             return index.with_task(task, lambda t: replace(t, shadow=chosen[0]))
 
-        self._change(edit)
+        self._change(self._checked(edit))
         return chosen[0]
 
     def deactivate(self, task: str) -> None:

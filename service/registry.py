@@ -8,6 +8,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any, TypeVar
 
 import torch
@@ -23,6 +24,7 @@ from model_store.errors import (
     NoShadow,
     ShadowConflict,
     StoreError,
+    StoreMoved,
     StoreUnavailable,
     VersionConflict,
 )
@@ -38,6 +40,7 @@ from .metrics import Metrics
 
 log = logging.getLogger("clipbank.service")
 T = TypeVar("T")
+CHANGE_TRIES = 3  # checks of a gated change on a store that other servers keep changing (S3), then 503 store_busy
 
 
 def _inline(fn: Callable[..., T], *args: Any) -> T:
@@ -141,8 +144,28 @@ class Registry:
         The store's lock is held throughout, so no other server's change can slip between check and write. The
         checked bank is stamped with the generation the store will have after `write` makes its `changes` (store
         changes); `serves`: whether the store's active versions are then what `overrides` says. See `_settle`.
-        `check` (the interference gate) may refuse the candidate after its trial run.
+        `check` (the interference gate) may refuse the candidate after its trial run; its change is written only
+        onto the generation it checked. A store without a lock (S3) may have moved meanwhile: then it is checked
+        again on the new state, up to CHANGE_TRIES times, so that no two servers' changes pass the gate unseen
+        by each other.
         """
+        for attempt in range(1, CHANGE_TRIES + 1):
+            try:
+                return self._change_once(overrides, write, changes, serves, check)
+            except StoreMoved as e:
+                if check is None or attempt == CHANGE_TRIES:
+                    raise StoreMoved(f"{e}, {attempt} times; other servers are changing it: try again") from None
+                log.info("%s: checking the change again on the store's new state", e)
+        raise AssertionError("unreachable")
+
+    def _change_once(
+        self,
+        overrides: dict[str, Bundle | None],
+        write: Callable[[], T],
+        changes: int,
+        serves: bool,
+        check: Callable[[BankSnapshot], None] | None,
+    ) -> T:
         with self._change_lock, self.store.locked():
             try:
                 t0 = time.perf_counter()
@@ -156,7 +179,8 @@ class Registry:
                 raise
             written = None
             try:
-                result = write()
+                with self.store.based_on(candidate.generation - changes) if check is not None else nullcontext():
+                    result = write()
                 written = candidate
             finally:  # also after a failed write, which may have changed part of the store
                 self._settle(written, changes, serves, time.perf_counter() - built)

@@ -63,3 +63,42 @@ async def test_an_s3_endpoint_that_goes_down_fails_writes_and_the_bank_keeps_ser
             await anyio.sleep(0.5)  # polls fail meanwhile
             after = await classify(client)
             assert after["timing"]["generation"] == before["timing"]["generation"]
+
+
+@pytest.mark.parametrize("broad", [True, False], ids=["over-broad", "normal"])
+async def test_a_change_landing_on_another_servers_change_is_gated_against_it(
+    tmp_path, backbone, s3_env, bundles, broad
+):
+    """S3 has no lock: server b activates textures while server a is checking an upload of glyphs. a's write then
+    meets a store it did not check, so it checks again against textures: an over-broad glyphs is refused (it would
+    take textures' images), a normal one lands with a report that has textures in it."""
+    from tests.helpers import over_broad
+
+    store = f"s3://{s3_env}/bank"
+    glyphs = over_broad(bundles["glyphs"]) if broad else bundles["glyphs"]
+    async with running_app(tmp_path / "a", backbone, store=store, poll_seconds=60) as a:
+        async with running_app(tmp_path / "b", backbone, store=store, poll_seconds=60) as b:
+            stored = await b.post("/tasks", params={"mode": "inactive"}, **upload(bundles["textures"]))
+            assert stored.status_code == 201, stored.text  # glyphs uses its experts; not routed to yet
+            mine, other = a.app.state.service.registry, b.app.state.service.registry
+            checks: list[list[str]] = []
+
+            class Meanwhile:  # a's gate: b's change lands while a checks its first candidate
+                def report(self, candidate, task):
+                    if not checks:
+                        other.activate("textures", 1)
+                    checks.append(sorted(t.name for t in candidate.tasks))
+                    return gate.report(candidate, task)
+
+            gate, mine.gate = mine.gate, Meanwhile()
+            r = await a.post("/tasks", **upload(glyphs))
+            assert checks == [["glyphs"], ["glyphs", "textures"]]
+            if broad:
+                assert r.status_code == 409 and r.json()["error"]["code"] == "interference", r.text
+                assert "'textures'" in r.json()["error"]["message"]
+                listed = (await b.get("/tasks", headers=AUTH)).json()
+                assert [t["task"] for t in listed["tasks"]] == ["textures"]  # nothing of glyphs stored
+            else:
+                assert r.status_code == 201, r.text
+                assert "textures" in r.json()["gate"]["stolen"]  # the report kept is the check of the real bank
+            assert (await a.get("/tasks/textures", headers=AUTH)).json()["serving"]  # a serves b's change
