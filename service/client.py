@@ -65,6 +65,13 @@ class ClipbankClient:
                 raw = _read_within(response, time.monotonic() + self.timeout, self.url)
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # refused, bad address: name where
             raise ClipbankHTTPError(0, "unreachable", f"cannot reach {self.url}: {type(e).__name__}: {e}") from None
+        except httpx.ReadTimeout:  # the request went out: a change may still land
+            raise ClipbankHTTPError(
+                0,
+                "timeout",
+                f"{self.url} did not answer {method} {path} within {self.timeout:g} s; a change it was making may "
+                "still land: look before retrying (GET /tasks, clipbank store list)",
+            ) from None
         except httpx.HTTPError as e:  # timed out, the connection broke, a body that does not decode
             raise ClipbankHTTPError(0, "connection_failed", f"{self.url}: {type(e).__name__}: {e}") from None
         if response.status_code >= 400:
@@ -137,9 +144,7 @@ class ClipbankClient:
         chosen = mode or ("active" if activate else "inactive")
         # `activate` too: a server older than `mode` ignores it, and must not activate an inactive or shadow upload
         params = {"mode": chosen, "activate": str(chosen == "active").lower(), "force": str(force).lower()}
-        if wait_all:
-            params["wait"] = "all"
-        return self._call("POST", "/tasks", files=files, params=params)
+        return self._call("POST", "/tasks", files=files, params={**params, **_waiting(wait_all)})
 
     def tasks(self) -> dict[str, Any]:
         return self._call("GET", "/tasks")
@@ -147,20 +152,20 @@ class ClipbankClient:
     def task(self, name: str) -> dict[str, Any]:
         return self._call("GET", f"/tasks/{_seg(name)}")
 
-    def activate(self, task: str, version: int, force: bool = False) -> dict[str, Any]:
-        return self._call(
-            "POST", f"/tasks/{_seg(task)}/activate", json={"version": version}, params={"force": str(force).lower()}
-        )
+    def activate(self, task: str, version: int, force: bool = False, wait_all: bool = False) -> dict[str, Any]:
+        """Make a stored version active (rollback or roll forward). `wait_all`: as for `push`."""
+        params = {"force": str(force).lower(), **_waiting(wait_all)}
+        return self._call("POST", f"/tasks/{_seg(task)}/activate", json={"version": version}, params=params)
 
     def shadow(self, task: str) -> dict[str, Any]:
         """What the task's version in shadow would do to live traffic (claims, from where, score histogram)."""
         return self._call("GET", f"/tasks/{_seg(task)}/shadow")
 
-    def set_shadow(self, task: str, version: int | None) -> dict[str, Any]:
-        """Put a stored version in shadow; None: stop shadowing."""
+    def set_shadow(self, task: str, version: int | None, wait_all: bool = False) -> dict[str, Any]:
+        """Put a stored version in shadow; None: stop shadowing. `wait_all`: as for `push`."""
         if version is None:
-            return self._call("DELETE", f"/tasks/{_seg(task)}/shadow")
-        return self._call("POST", f"/tasks/{_seg(task)}/shadow", json={"version": version})
+            return self._call("DELETE", f"/tasks/{_seg(task)}/shadow", params=_waiting(wait_all))
+        return self._call("POST", f"/tasks/{_seg(task)}/shadow", json={"version": version}, params=_waiting(wait_all))
 
     def unclaimed(self, min_share: float = 0.03, min_size: int = 20, examples: int = 0) -> dict[str, Any]:
         """Clusters of the traffic no task claimed (`GET /insights/unclaimed`), each with up to `examples`
@@ -168,11 +173,17 @@ class ClipbankClient:
         params = {"min_share": min_share, "min_size": min_size, "examples": examples}
         return self._call("GET", "/insights/unclaimed", params=params)
 
-    def delete(self, task: str, purge: bool = False) -> dict[str, Any]:
-        return self._call("DELETE", f"/tasks/{_seg(task)}", params={"purge": str(purge).lower()})
+    def delete(self, task: str, purge: bool = False, wait_all: bool = False) -> dict[str, Any]:
+        """Stop routing to a task (`purge`: also forget it). `wait_all`: as for `push`."""
+        return self._call("DELETE", f"/tasks/{_seg(task)}", params={"purge": str(purge).lower(), **_waiting(wait_all)})
 
     def ready(self) -> dict[str, Any]:
         return self._call("GET", "/readyz")
+
+
+def _waiting(wait_all: bool) -> dict[str, str]:
+    """The query of a change that returns once every replica serves it (else 504 `replicas_lagging`)."""
+    return {"wait": "all"} if wait_all else {}
 
 
 def _bytes(item: ImageInput) -> bytes:
@@ -180,6 +191,8 @@ def _bytes(item: ImageInput) -> bytes:
     if isinstance(item, bytes | bytearray | memoryview):
         return bytes(item)
     if hasattr(item, "read"):
+        if isinstance(getattr(item, "mode", None), str) and "b" not in item.mode:  # read() would fail to decode
+            raise TypeError(f"{getattr(item, 'name', item)!r} was opened in text mode: open images with 'rb'")
         data = item.read()
         if not isinstance(data, bytes):
             raise TypeError(f"{item!r} was opened in text mode: open images with 'rb'")

@@ -177,6 +177,9 @@ class TaskInfo(BaseModel):
     versions: list[VersionInfo]
     bytes: int = Field(..., description="Tensor bytes of the active version in memory (0 if inactive).")
     shadow_version: int | None = Field(None, description="The version scoring live traffic in shadow, if any.")
+    replicas: dict[str, int | str] | None = Field(
+        None, description="After a change: {replica: the generation it serves}; with wait=all every live replica."
+    )
 
 
 class ScoreHistogram(BaseModel):
@@ -194,6 +197,9 @@ class ShadowInfo(BaseModel):
     claim_rate: float | None
     taken_from: dict[str, int] = Field(..., description="route each would-be claim takes now (a task or zero-shot)")
     score_histogram: ScoreHistogram
+    replica: str | None = Field(
+        None, description="the server (replica) that answered: the counts are its own traffic (docs/scale-out.md)"
+    )
 
 
 class UnclaimedCluster(BaseModel):
@@ -226,6 +232,9 @@ class UnclaimedInsights(BaseModel):
     enabled: bool = Field(..., description="false: the monitor is off (unclaimed_capacity=0)")
     reservoir: ReservoirInfo | None
     clusters: list[UnclaimedCluster]
+    replica: str | None = Field(
+        None, description="the server (replica) that answered: the clusters are of its own traffic (docs/scale-out.md)"
+    )
 
 
 class TaskList(BaseModel):
@@ -256,6 +265,9 @@ class Removed(BaseModel):
         "(they stay stored, inactive; purge those tasks first to delete them)",
     )
     generation: int
+    replicas: dict[str, int | str] | None = Field(
+        None, description="{replica: the generation it serves}; with wait=all every live replica."
+    )
 
 
 class ErrorDetail(BaseModel):

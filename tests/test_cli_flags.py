@@ -48,6 +48,14 @@ def test_train_flags_build_a_train_job_with_the_class_defaults():
     assert set(given(TrainJob, args)) == {f.name for f in flag_fields(TrainJob)}
 
 
+def test_a_library_training_job_with_nowhere_to_put_its_bundle_is_refused_before_training():
+    """`run_train_job(TrainJob(...))` with neither out nor store trained for minutes, then dropped the bundle."""
+    from training.run import run_train_job
+
+    with pytest.raises(ValueError, match="needs out .* store"):
+        run_train_job(TrainJob(task="t", data="no-such-folder"))
+
+
 def test_train_requires_task_and_data(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--data", "d"])
@@ -310,6 +318,14 @@ def test_the_client_bounds_what_a_hostile_answer_can_cost(monkeypatch):
         with pytest.raises(ClipbankHTTPError) as caught:
             client.tasks()
         assert caught.value.code == code and time.monotonic() - start < 2.0, (name, caught.value)
+
+    def slow(request):  # the request went out and no answer came: the change may still land
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    with pytest.raises(ClipbankHTTPError) as caught:
+        _client_on(monkeypatch, slow)("http://srv:1", timeout=0.3).activate("cars", 2)
+    assert caught.value.code == "timeout" and "POST /tasks/cars/activate" in caught.value.message
+    assert "may still land" in caught.value.message
     busy = httpx.Response(503, json={"error": {"code": "overloaded", "message": "m"}}, headers={"retry-after": "2"})
     with pytest.raises(ClipbankHTTPError) as caught:
         _client_on(monkeypatch, lambda request: busy)("http://srv:1").tasks()
@@ -340,11 +356,16 @@ def test_insights_writes_only_where_it_may_and_names_what_it_wrote(monkeypatch, 
     out = tmp_path / "examples"
     assert main([*args, "--examples", str(out)]) == 0
     assert sorted(p.name for p in (out / "cluster-3").iterdir()) == ["0.png", "1.png"]
+    assert "wrote 2 example thumbnail(s)" in capsys.readouterr().err
     (out / "cluster-9").mkdir()
     (out / "cluster-9" / "0.png").write_bytes(b"stale")  # an earlier run's cluster: goes
     (out / "cluster-3" / "notes.png").write_bytes(b"kept")  # not a name clipbank writes: stays
     assert main([*args, "--examples", str(out)]) == 0
     assert not (out / "cluster-9" / "0.png").exists() and (out / "cluster-3" / "notes.png").exists()
+    _client_on(monkeypatch, lambda request: httpx.Response(200, json={**answer, "clusters": []}))
+    assert main([*args, "--examples", str(tmp_path / "none")]) == 0  # said it wrote thumbnails, and wrote none
+    assert "no cluster, so no example thumbnail" in capsys.readouterr().err
+    _client_on(monkeypatch, lambda request: httpx.Response(200, json=answer))
     for bad in ("noext", str(tmp_path), "plot.jpg", ""):
         assert main([*args, "--png", bad]) == 2
         assert "--png takes a file name ending in .png" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from model_store.errors import ClipbankError, InvalidRequest, TaskNotFound
 from model_store.manifest import TASK_RE, shown
-from model_store.store_base import PutResult, needed_by
+from model_store.store_base import needed_by
 
 from ..auth import TokenCheck
 from ..decode import read_bundle_upload, read_json
@@ -67,20 +67,24 @@ def _upload_mode(mode: UploadMode | None, activate: bool | None) -> UploadMode:
 
 
 WAIT_HELP = (
-    "all: answer once every live replica serves the new generation (504 replicas_lagging naming the others after "
-    "10 s; the version is stored either way); none: tell them and answer at once"
+    "all: answer once every live replica serves the change's generation (504 replicas_lagging naming the others after "
+    "10 s; the change is stored either way); none: tell them and answer at once"
 )
+Wait = Annotated[Literal["none", "all"], Query(description=WAIT_HELP)]
 
 
-def _none_behind(result: PutResult, replicas: dict[str, Any]) -> None:
-    """504 naming each replica that did not answer, or answered from a generation before the upload's."""
-    behind = {r: g for r, g in replicas.items() if not isinstance(g, int) or g < result.generation}
+async def announced(request: Request, generation: int, wait: str, what: str) -> dict[str, Any]:
+    """Tell the other replicas of a change stored at `generation`; with wait=all, 504 naming each replica that did
+    not answer, or answered from an older generation. `what` says what is stored, for that message."""
+    replicas = await service_of(request).announce(generation, wait == "all")
+    behind = {r: g for r, g in replicas.items() if not isinstance(g, int) or g < generation}
     if behind:
         raise ReplicasLagging(
-            f"version {result.version} of {result.task} is stored (generation {result.generation}), but "
-            f"{len(behind)} of {len(replicas)} replicas did not serve it in time: {', '.join(sorted(behind))}",
-            {"generation": result.generation, "replicas": replicas},
+            f"{what} is stored (generation {generation}), but {len(behind)} of {len(replicas)} replicas did not "
+            f"serve it in time: {', '.join(sorted(behind))}",
+            {"generation": generation, "replicas": replicas},
         )
+    return replicas
 
 
 def _add_reading(router: APIRouter) -> None:
@@ -114,7 +118,7 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         mode: Annotated[UploadMode | None, Query(description=MODE_HELP)] = None,
         activate: bool | None = Query(None, description="the older spelling of mode: false is mode=inactive"),
         force: bool = Query(False, description="override the interference gate (logged and counted; docs/safety.md)"),
-        wait: Literal["none", "all"] = Query("none", description=WAIT_HELP),
+        wait: Wait = "none",
     ) -> dict:
         """Upload a bundle: validated, stored, and (by default) swapped in as the task's active version."""
         service = service_of(request)
@@ -122,8 +126,8 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         chosen = _upload_mode(mode, activate)  # before the body is read
         data = await read_bundle_upload(request, service.config.limits)
         result = await run_in_threadpool(registry.upload, data, chosen == "active", force, chosen == "shadow")
-        replicas = await service.announce(result.generation, wait == "all")
-        _none_behind(result, replicas)
+        what = f"version {result.version} of {result.task}"
+        replicas = await announced(request, result.generation, wait, what)
         if result.restored:  # nothing new was created: a stored version's blob was written back
             response.status_code = 200
         return {**vars(result), "replicas": replicas}
@@ -135,27 +139,31 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         request: Request,
         task: str,
         force: bool = Query(False, description="override the interference gate (logged and counted; docs/safety.md)"),
+        wait: Wait = "none",
     ) -> dict:
         """Make a stored version active: rollback or roll forward, hot-swapped."""
         registry = service_of(request).require_ready()
         body = await read_json(request, ActivateRequest)  # read after the token check, not before
         await run_in_threadpool(registry.activate, known_name(task), body.version, force)
-        await service_of(request).announce(registry.bank.generation, wait=False)
+        generation = registry.bank.generation
+        replicas = await announced(request, generation, wait, f"the activation of {task} version {body.version}")
         entry = await run_in_threadpool(registry.task_entry, task)
-        return task_info(registry.bank, task, entry)
+        return {**task_info(registry.bank, task, entry), "replicas": replicas}
 
     @router.delete("/tasks/{task}", response_model=Removed)
     async def remove(
         request: Request,
         task: str,
         purge: bool = Query(False, description="also forget the task and delete blobs no other task needs"),
+        wait: Wait = "none",
     ) -> dict:
         """Stop routing to a task. Its versions stay stored for rollback unless purged."""
         registry = service_of(request).require_ready()
         purged = await run_in_threadpool(registry.deactivate, known_name(task), purge)
         kept = await run_in_threadpool(_kept, registry.store, task) if purge else {}
-        await service_of(request).announce(registry.bank.generation, wait=False)
-        return {"task": task, "purged_blobs": purged, "kept": kept, "generation": registry.bank.generation}
+        generation = registry.bank.generation
+        replicas = await announced(request, generation, wait, f"the {'purge' if purge else 'deactivation'} of {task}")
+        return {"task": task, "purged_blobs": purged, "kept": kept, "generation": generation, "replicas": replicas}
 
     return router
 

@@ -15,7 +15,15 @@ from ..decode import read_json
 from ..schemas import ActivateRequest, ShadowInfo, TaskInfo, UnclaimedInsights
 from ..tasks import task_info
 from . import ERRORS, service_of
-from .tasks import ACTIVATE_BODY, known_name
+from .tasks import ACTIVATE_BODY, Wait, announced, known_name
+
+
+async def _changed(request: Request, task: str, wait: str, what: str) -> dict:
+    """The task as it now is, after telling the other replicas of the change (`announced`)."""
+    registry = service_of(request).require_ready()
+    replicas = await announced(request, registry.bank.generation, wait, what)
+    entry = await run_in_threadpool(registry.task_entry, task)
+    return {**task_info(registry.bank, task, entry), "replicas": replicas}
 
 
 def watch_router(admin: TokenCheck) -> APIRouter:
@@ -35,24 +43,22 @@ def watch_router(admin: TokenCheck) -> APIRouter:
                 else "has a version in shadow this server does not score yet"
             )
             raise NoShadow(f"task {shown(task)} {why}")
-        return stats
+        return {**stats, "replica": service.replica}
 
     @router.post("/tasks/{task}/shadow", response_model=TaskInfo, openapi_extra=ACTIVATE_BODY)
-    async def put_in_shadow(request: Request, task: str) -> dict:
+    async def put_in_shadow(request: Request, task: str, wait: Wait = "none") -> dict:
         """Put a stored version in shadow (replacing the one there); promote it later with activate."""
         registry = service_of(request).require_ready()
         body = await read_json(request, ActivateRequest)
         await run_in_threadpool(registry.shadow, known_name(task), body.version)
-        entry = await run_in_threadpool(registry.task_entry, task)
-        return task_info(registry.bank, task, entry)
+        return await _changed(request, task, wait, f"version {body.version} of {task} in shadow")
 
     @router.delete("/tasks/{task}/shadow", response_model=TaskInfo)
-    async def end_shadow(request: Request, task: str) -> dict:
+    async def end_shadow(request: Request, task: str, wait: Wait = "none") -> dict:
         """Stop scoring traffic with the task's version in shadow (it stays stored)."""
         registry = service_of(request).require_ready()
         await run_in_threadpool(registry.shadow, known_name(task), None)
-        entry = await run_in_threadpool(registry.task_entry, task)
-        return task_info(registry.bank, task, entry)
+        return await _changed(request, task, wait, f"the end of {task}'s shadow")
 
     @router.get("/insights/unclaimed", response_model=UnclaimedInsights, tags=["insights"])
     async def unclaimed(
@@ -71,6 +77,7 @@ def watch_router(admin: TokenCheck) -> APIRouter:
         service = service_of(request)
         registry = service.require_ready()
         bank = registry.bank
-        return await run_in_threadpool(service.watch.unclaimed, bank, min_share, min_size, max_clusters, examples)
+        found = await run_in_threadpool(service.watch.unclaimed, bank, min_share, min_size, max_clusters, examples)
+        return {**found, "replica": service.replica}
 
     return router

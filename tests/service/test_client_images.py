@@ -80,3 +80,15 @@ def test_unpadded_url_safe_base64_is_read():
         assert decode_base64(text, "image 0", Limits()) == data
     with pytest.raises(BadImage, match="not valid base64"):
         decode_base64("abcde", "image 0", Limits())  # 5 characters: no padding makes that whole
+
+
+def test_an_image_file_opened_in_text_mode_is_named_as_such(tmp_path):
+    """`classify([open(path, "r")])` raised a raw UnicodeDecodeError from read()."""
+    from service.client import _bytes
+
+    path = tmp_path / "x.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with open(path) as text, pytest.raises(TypeError, match="opened in text mode: open images with 'rb'"):
+        _bytes(text)
+    with open(path, "rb") as binary:
+        assert _bytes(binary) == path.read_bytes()

@@ -334,3 +334,43 @@ def test_trial_run_refuses_a_task_that_cannot_answer(backbone):
     huge = build_bank(backbone, [read_bundle(random_bundle(empty_bank(backbone), "colours", seed=3, up_scale=1e30))])
     with pytest.raises(BundleInvalid, match="non-finite scores"):
         trial_run(huge, ["colours"])
+
+
+class _Peers:
+    """Other replicas as a Ray deployment's would answer `sync`: one keeps up, `slow` stays a generation behind."""
+
+    def __init__(self) -> None:
+        self.lagging = True
+
+    async def announce(self, generation: int, timeout_s: float) -> dict:
+        return {"fast": generation, "slow": generation - 1 if self.lagging else generation}
+
+
+async def test_every_change_can_wait_for_every_replica(tmp_path, backbone):
+    """wait=all on an upload, an activation (rollback), a shadow change and a deactivation: 504 replicas_lagging
+    naming the replica behind (the change stored either way); the same once it keeps up, 200/201 listing both."""
+    bank = empty_bank(backbone)
+    async with running_app(tmp_path, backbone) as c:
+        peers = c.app.state.service.peers = _Peers()
+        v1, v2 = random_bundle(bank, "cars", seed=1), with_version(random_bundle(bank, "cars", seed=2), 2)
+        changes = [
+            ("POST", "/tasks", _upload(v1)),
+            ("POST", "/tasks", {**_upload(v2), "params": {"mode": "inactive"}}),
+            ("POST", "/tasks/cars/shadow", {"json": {"version": 2}, "headers": AUTH}),
+            ("DELETE", "/tasks/cars/shadow", {"headers": AUTH}),
+            ("POST", "/tasks/cars/activate", {"json": {"version": 2}, "headers": AUTH}),
+            ("DELETE", "/tasks/cars", {"headers": AUTH}),
+        ]
+        generations = []
+        for method, path, kwargs in changes:
+            r = await c.request(method, path, **{**kwargs, "params": {**kwargs.get("params", {}), "wait": "all"}})
+            assert r.status_code == 504, (path, r.text)
+            error = r.json()["error"]
+            assert error["code"] == "replicas_lagging" and error["message"].endswith("in time: slow"), error
+            generations.append(error["details"]["generation"])
+        assert generations == list(range(1, len(changes) + 1))  # each one was stored all the same
+        peers.lagging = False
+        again = await c.post("/tasks/cars/activate", params={"wait": "all"}, json={"version": 1}, headers=AUTH)
+        assert again.status_code == 200 and again.json()["replicas"] == {"fast": 7, "slow": 7}, again.text
+        quick = await c.delete("/tasks/cars", headers=AUTH)  # wait=none: the others are told, not waited for
+        assert quick.status_code == 200 and list(quick.json()["replicas"]) == [c.app.state.service.replica]
