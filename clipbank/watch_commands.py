@@ -104,12 +104,17 @@ def _write_examples(out: dict, folder: Path) -> None:
     for stale in folder.glob("cluster-*/*.png"):  # an earlier run's (other clusters, other users' images)
         if re.fullmatch(r"cluster-\d+", stale.parent.name) and re.fullmatch(r"\d+\.png", stale.name):
             stale.unlink()
+    written = 0
     for c in out["clusters"]:
         where = folder / f"cluster-{c['id']}"
         where.mkdir(parents=True, exist_ok=True)
         for j, uri in enumerate(c.get("examples", [])):
             _write(where / f"{j}.png", base64.b64decode(uri.split(",", 1)[1]))
-    print(f"wrote the clusters' example thumbnails under {folder}", file=sys.stderr)
+            written += 1
+    if written:
+        print(f"wrote {written} example thumbnail(s) of the clusters under {folder}", file=sys.stderr)
+    else:
+        print(f"no cluster, so no example thumbnail under {folder}", file=sys.stderr)
 
 
 def _print_insights(out: dict) -> None:
