@@ -164,6 +164,8 @@ def _store(args: argparse.Namespace) -> int:
             )
         return 1 if problems else 0
     store = open_store(args.store)
+    if not local and not store.exists():  # a mistyped prefix reads as an empty store, and a change would make one
+        raise FileNotFoundError(f"no store at {args.store!r} (no index.json under that prefix)")
     if args.store_cmd == "list":
         print_json(store.index().to_json())
     elif args.store_cmd == "activate":

@@ -37,6 +37,9 @@ from .store_index import StoreIndex
 log = logging.getLogger("clipbank.store")
 CAS_SECONDS = 30.0  # how long a change keeps retrying a contended index, or waits for a purge's deletion
 STALE_DELETION_SECONDS = 300.0  # a purge's `deleting` entry this old belongs to a purge that died: finish it
+# An endpoint that accepts connections but does not answer fails a call in about S3_ATTEMPTS x S3_READ_SECONDS
+# (a 503 store_unavailable), not minutes; the read timeout is per socket read, so a large blob is not cut short.
+S3_CONNECT_SECONDS, S3_READ_SECONDS, S3_ATTEMPTS = 5.0, 10.0, 2
 STRAY_SECONDS = 3600.0  # a blob no index names, this old, is a killed writer's: a purge deletes it
 
 
@@ -64,7 +67,11 @@ class S3Store(Store):
         except ImportError:
             raise StoreError("an s3:// store needs boto3: pip install 'clipbank[scale]'") from None
         endpoint = env_value("S3_ENDPOINT_URL", environ)
-        config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
+        config = Config(
+            connect_timeout=S3_CONNECT_SECONDS,
+            read_timeout=S3_READ_SECONDS,
+            retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"},
+        )
         client = boto3.client("s3", endpoint_url=endpoint, config=config)
         tag = hashlib.sha256(f"{endpoint}|{url}".encode()).hexdigest()[:12]
         cache = env_value("S3_CACHE_DIR", environ) or os.path.join(cache_root(environ), "s3", f"{bucket}-{tag}")
@@ -84,6 +91,10 @@ class S3Store(Store):
 
     def index(self) -> StoreIndex:
         return self._get_index()[1]
+
+    def exists(self) -> bool:
+        """Whether the prefix holds a store (its index): a new one is made by the first change."""
+        return self._get_index()[0] is not None
 
     def _get_index(self) -> tuple[str | None, StoreIndex]:
         """(etag, index) of the index object; a conditional GET when one is cached, so a poll costs a 304."""

@@ -232,6 +232,37 @@ def test_an_s3_store_whose_endpoint_is_down_fails_clearly(monkeypatch, tmp_path,
         store.index()
 
 
+def test_an_s3_endpoint_that_hangs_fails_in_seconds_not_minutes(monkeypatch, tmp_path):
+    """An endpoint that takes the connection and never answers (a paused server): each call gives up after its
+    read timeout and attempts, as a 503 store_unavailable. Before, 60 s x 3 attempts per call."""
+    import socket
+    import time
+
+    from model_store import store_s3
+
+    pytest.importorskip("boto3")
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "t",
+        "AWS_SECRET_ACCESS_KEY": "t",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    shipped = store_s3.S3_READ_SECONDS * store_s3.S3_ATTEMPTS
+    monkeypatch.setattr(store_s3, "S3_READ_SECONDS", 0.5)
+    with socket.socket() as hung:  # listening, never accepting: the kernel completes the connection
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)
+        monkeypatch.setenv("CLIPBANK_S3_ENDPOINT_URL", f"http://127.0.0.1:{hung.getsockname()[1]}")
+        monkeypatch.setenv("CLIPBANK_S3_CACHE_DIR", str(tmp_path))
+        store = open_store("s3://clipbank-hung/bank")
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="could not read the index"):
+            store.index()
+        took = time.monotonic() - start
+    assert took < 0.5 * store_s3.S3_ATTEMPTS + 3, took
+    assert shipped <= 30  # with the shipped timeouts, a hung call costs at most 30 s
+
+
 def test_locations_are_checked():
     with pytest.raises(StoreError, match="local folder or s3://"):
         open_store("gs://bucket/x")
