@@ -9,6 +9,9 @@ benchmarks' runs. It imports `model_store`, never `service`.
     bank = empty_bank(load_backbone("tiny"))  # or BankLoader(open_store(...), backbone).load(): on top of its tasks
     result = train_task(bank, load_image_folder("data/train"), TrainConfig(task="birds"))
     open("birds-v1.safetensors", "wb").write(result.bundle)
+
+Images in memory: `LabelledImages([PIL images], [class index of each], ("sparrow", "wren"))` in place of
+`load_image_folder(...)`.
 """
 
 from model_store.lazy import lazy_exports
@@ -18,6 +21,7 @@ _EXPORTS = {
     "TrainConfig": "trainer",
     "TrainResult": "trainer",
     "load_image_folder": "data",
+    "LabelledImages": "data",
     "run_train_job": "run",
     "TrainJob": "config",
 }

@@ -7,6 +7,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +60,32 @@ def read_rgb(path: object) -> Image.Image:
 
 @dataclass(frozen=True)
 class LabelledImages:
-    """Images with integer labels into `classes`."""
+    """Images with integer labels into `classes`: `LabelledImages([PIL images], [0, 2, 1, ...], ("cat", "dog",
+    "fox"))`. Checked on construction, so a library caller's mistake is named before any training."""
 
     images: Sequence[Image.Image]  # a list, or LazyImages
     labels: list[int]
     classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.classes, str) or not all(isinstance(c, str) for c in self.classes):
+            raise TypeError(f"classes are a sequence of class names (str), got {self.classes!r:.80}")
+        if len(self.labels) != len(self.images):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels: give one label per image")
+        n = len(self.classes)
+        bad = next(
+            (y for y in self.labels if isinstance(y, bool) or not isinstance(y, Integral) or not 0 <= y < n), None
+        )
+        if bad is not None:
+            raise ValueError(
+                f"labels are class indices, ints in 0..{n - 1} into classes, got {bad!r:.40}"
+                + (f" (its index is classes.index({bad!r}))" if isinstance(bad, str) and bad in self.classes else "")
+            )
+        if not isinstance(self.images, LazyImages):
+            odd = next((im for im in self.images if not isinstance(im, Image.Image)), None)
+            if odd is not None:
+                hint = " (PIL.Image.fromarray(a) makes one of a uint8 HxWx3 array)" if hasattr(odd, "shape") else ""
+                raise TypeError(f"images are PIL images, got {type(odd).__name__}{hint}")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -242,7 +264,10 @@ def checked_split(
     if val is None:
         fit, val = train.holdout(cfg.val_fraction, cfg.seed)
         if not len(val):
-            raise ValueError("no class has 2 images, so none can be held out for validation: add images, or --val")
+            raise ValueError(
+                "no class has 2 images, so none can be held out for validation: add images, or give a validation "
+                "set (--val; val= in Python)"
+            )
     if not len(val):
         raise ValueError("the validation set is empty")
     return fit, val

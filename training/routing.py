@@ -177,19 +177,19 @@ def routing_warnings(check: dict[str, Any]) -> list[str]:
     w = []
     if check["self_claim"] < SELF_CLAIM_MIN:
         w.append(
-            f"the selector claims only {check['self_claim']:.0%} of the task's held-out images (want >= "
-            f"{SELF_CLAIM_MIN:.0%}): the rest will be answered by zero-shot CLIP"
+            f"the selector claims only {check['self_claim']:.1%} of the task's held-out images (want >= "
+            f"{SELF_CLAIM_MIN:.1%}): the rest will be answered by zero-shot CLIP"
         )
     if check["routed_own"] < min(ROUTED_OWN_MIN, check["self_claim"] - 0.02):  # others take what it claims
         w.append(
-            f"in this bank only {check['routed_own']:.0%} of the task's held-out images route to it (want >= "
-            f"{ROUTED_OWN_MIN:.0%}): another task's selector claims them first"
+            f"in this bank only {check['routed_own']:.1%} of the task's held-out images route to it (want >= "
+            f"{ROUTED_OWN_MIN:.1%}): another task's selector claims them first"
         )
     alone = check.get("routed_own_selectors_alone")
     if alone is not None and alone < min(ROUTED_OWN_MIN, check["self_claim"] - 0.02) <= check["routed_own"]:
         w.append(
-            f"sent without labels (or with match_labels=false) only {alone:.0%} of the task's held-out images route "
-            f"to it (want >= {ROUTED_OWN_MIN:.0%}): a task with other classes claims them first; sent with the "
+            f"sent without labels (or with match_labels=false) only {alone:.1%} of the task's held-out images route "
+            f"to it (want >= {ROUTED_OWN_MIN:.1%}): a task with other classes claims them first; sent with the "
             "task's labels, they do route to it"
         )
     if not check["reference"]:
@@ -199,14 +199,14 @@ def routing_warnings(check: dict[str, Any]) -> list[str]:
         )
     elif check["reference_false_claim"] is not None and check["reference_false_claim"] > REFERENCE_CLAIM_MAX:
         w.append(
-            f"the selector claims {check['reference_false_claim']:.0%} of generic outside images (want <= "
-            f"{REFERENCE_CLAIM_MAX:.0%}): outside traffic that looks like the task will reach its experts"
+            f"the selector claims {check['reference_false_claim']:.1%} of generic outside images (want <= "
+            f"{REFERENCE_CLAIM_MAX:.1%}): outside traffic that looks like the task will reach its experts"
         )
     for name, rate in sorted(check["task_false_claim"].items()):
         if rate > TASK_CLAIM_MAX:
             w.append(
-                f"the selector claims {rate:.0%} of the probe images of active task {name!r} (want <= "
-                f"{TASK_CLAIM_MAX:.0%}): the two tasks look alike to the backbone"
+                f"the selector claims {rate:.1%} of the probe images of active task {name!r} (want <= "
+                f"{TASK_CLAIM_MAX:.1%}): the two tasks look alike to the backbone"
             )
     return w
 

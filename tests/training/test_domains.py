@@ -143,6 +143,21 @@ def test_store_commands_do_not_make_a_store_where_there_is_none(tmp_path, capsys
     assert "no store at" in capsys.readouterr().err and list((tmp_path / "photos").iterdir()) == []
 
 
+def test_store_commands_on_an_s3_prefix_with_no_store_say_so(s3_env, capsys, backbone):
+    """A mistyped S3 prefix listed as an empty store (generation 0), exit 0."""
+    from clipbank.cli import main
+    from model_store.bank import empty_bank
+    from model_store.store import open_store
+    from tests.helpers import random_bundle
+
+    assert main(["store", "--store", f"s3://{s3_env}/typo", "list"]) == 2
+    assert f"no store at 's3://{s3_env}/typo'" in capsys.readouterr().err
+    assert main(["store", "--store", f"s3://{s3_env}/typo", "deactivate", "cars"]) == 2
+    open_store(f"s3://{s3_env}/bank").put(random_bundle(empty_bank(backbone), "cars", seed=1))
+    assert main(["store", "--store", f"s3://{s3_env}/bank", "list"]) == 0
+    assert '"cars"' in capsys.readouterr().out
+
+
 def test_store_activate_and_deactivate_say_what_they_did(tmp_path, capsys, backbone):
     """`store deactivate` printed nothing, `store activate` a bare bundle id."""
     from clipbank.cli import main
@@ -202,3 +217,27 @@ def test_every_unusable_image_is_named_at_once_and_a_one_image_class_is_warned_a
         Image.new("RGB", (2000, 20)).save(tmp_path / "b" / f"wide{i}.png")
     with pytest.raises(ValueError, match=r"7 of 9 images cannot be used: .*wide0.png is 2000x20.*; and 2 more"):
         load_image_folder(tmp_path)
+
+
+def test_labelled_images_in_memory_are_checked_before_training():
+    """A library caller's data: string labels, 1-based labels, a label short, numpy arrays. Each failed deep in
+    training (an IndexError, "too many dimensions 'str'", torchvision's TypeError, or a false "no class has 2
+    images"); each is now named on construction."""
+    import numpy as np
+    from PIL import Image
+
+    from training import LabelledImages
+
+    ims, classes = [Image.new("RGB", (8, 8))] * 3, ("a", "b")
+    cases = [
+        ((ims, ["a", "b", "a"], classes), ValueError, r"ints in 0\.\.1 into classes, got 'a' \(its index is"),
+        ((ims, [1, 2, 1], classes), ValueError, "got 2"),
+        ((ims, [0, 1], classes), ValueError, "3 images but 2 labels"),
+        (([np.zeros((8, 8, 3), np.uint8)] * 3, [0, 1, 0], classes), TypeError, "PIL.Image.fromarray"),
+        ((ims, [0, 1, 0], "ab"), TypeError, "class names"),
+        ((ims, [True, 1, 0], classes), ValueError, "got True"),
+    ]
+    for args, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            LabelledImages(*args)
+    assert len(LabelledImages(ims, [np.int64(0), 1, 0], classes)) == 3  # numpy ints are class indices too

@@ -81,7 +81,9 @@ def test_routing_warnings_name_each_poor_figure():
     assert routing_warnings({**good, "self_claim": 0.5, "routed_own": 0.5, "task_false_claim": {}})[1:] == []
     bad = {**good, "self_claim": 0.5, "routed_own": 0.4, "task_false_claim": {"a": 0.3, "b": 0.01}}
     text = " | ".join(routing_warnings(bad))
-    assert "only 50% of the task's held-out images" in text and "only 40%" in text and "'a'" in text
+    assert "only 50.0% of the task's held-out images" in text and "only 40.0%" in text and "'a'" in text
     assert "'b'" not in text
     assert "no reference set" in routing_warnings({**good, "reference": {}})[0]
-    assert "claims 20% of generic outside images" in routing_warnings({**good, "reference_false_claim": 0.2})[0]
+    assert "claims 20.0% of generic outside images" in routing_warnings({**good, "reference_false_claim": 0.2})[0]
+    near = routing_warnings({**good, "self_claim": 0.946})[0]  # printed as "95% (want >= 95%)" before
+    assert "only 94.6% of the task's held-out images (want >= 95.0%)" in near
