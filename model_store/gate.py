@@ -39,7 +39,7 @@ class GateReport:
     def offences(self) -> list[str]:
         """Every figure above its limit, worst first, in words."""
         out = [
-            f"it would take {share:.1%} of task {task!r}'s images (limit {self.limits.max_stolen:.1%})"
+            f"it would take {share:.1%} of the images of task {task!r} (limit {self.limits.max_stolen:.1%})"
             for task, share in sorted(self.stolen.items(), key=lambda kv: -kv[1])
             if share > self.limits.max_stolen
         ]

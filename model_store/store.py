@@ -125,7 +125,7 @@ class LocalStore(Store):
             log.error("store %s has bundles in blobs/ but no index.json", self.root)
             raise StoreDamaged(
                 "the store's index.json is missing but its blobs/ folder holds bundles: restore index.json from a "
-                "backup (or move blobs/ away to start an empty store); see the server log"
+                "backup (or move blobs/ away to start an empty store); see the log"
             )
         return StoreIndex()
 
@@ -252,7 +252,7 @@ def parse_index(data: bytes, where: str) -> StoreIndex:
         index = json.loads(data)
     except (ValueError, RecursionError) as e:  # JSON errors and bad UTF-8
         log.error("store index of %s is corrupt: %s", where, e)
-        raise StoreError(f"the store index is corrupt ({str(e)[:120]}); see the server log") from None
+        raise StoreError(f"the store index is corrupt ({str(e)[:120]}); see the log") from None
     try:
         return StoreIndex.from_json(index)
     except StoreError as e:

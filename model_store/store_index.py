@@ -144,7 +144,7 @@ class StoreIndex:
             or type(obj.get("generation")) is not int
             or not isinstance(obj.get("tasks"), dict)
         ):
-            raise StoreError("the store index lacks 'generation' or 'tasks'; see the server log")
+            raise StoreError("the store index lacks 'generation' or 'tasks'; see the log")
         tasks = {name: TaskRecord.from_json(entry, name) for name, entry in obj["tasks"].items()}
         deleting = obj.get("deleting") if isinstance(obj.get("deleting"), dict) else {}
         deleting = {k: float(v) for k, v in deleting.items() if ID_RE.fullmatch(k) and _finite(v)}

@@ -180,16 +180,21 @@ class ServeConfig:
         problems = []
         if not 0 <= self.unclaimed_capacity <= MAX_UNCLAIMED:
             problems.append(f"unclaimed_capacity must be in 0..{MAX_UNCLAIMED}, got {self.unclaimed_capacity}")
-        else:
-            try:
-                ReservoirConfig(self.unclaimed_capacity, thumbnail=self.unclaimed_thumbnails)
-            except ValueError as e:
-                problems.append(f"unclaimed_thumbnails: {e}")
         if not 1 <= self.unclaimed_bin_seconds <= self.unclaimed_retention_seconds <= 90 * 86400:
             problems.append(
                 "unclaimed_bin_seconds and unclaimed_retention_seconds must satisfy 1 <= bin <= retention <= 90 days,"
                 f" got {self.unclaimed_bin_seconds}, {self.unclaimed_retention_seconds}"
             )
+        if not problems:  # the monitor's own checks, before start-up rather than after the backbone loaded
+            try:
+                ReservoirConfig(
+                    self.unclaimed_capacity,
+                    self.unclaimed_retention_seconds,
+                    self.unclaimed_bin_seconds,
+                    self.unclaimed_thumbnails,
+                )
+            except ValueError as e:
+                problems.append(f"unclaimed monitor: {e}")
         return problems
 
     @classmethod

@@ -145,7 +145,9 @@ class Generations:
 
     async def _refusal(self, wanted: bytes) -> Any:
         if not wanted.isdigit() or len(wanted) > 18:
-            return error_response(400, "bad_request", "X-Min-Generation must be a non-negative integer")
+            return error_response(
+                400, "bad_request", "X-Min-Generation must be a non-negative integer of at most 18 digits"
+            )
         want, registry = int(wanted), self.service.registry
         if registry is not None and self.service.ready.is_set() and registry.bank.generation < want:
             with anyio.move_on_after(REFRESH_WAIT_SECONDS):  # a store that does not answer: 503, not minutes

@@ -36,6 +36,17 @@ def test_cli_serve_refuses_bad_settings_with_exit_code_2(monkeypatch, capsys):
     assert "max_batch must be >= 1" in capsys.readouterr().err
 
 
+def test_the_unclaimed_monitors_settings_are_checked_before_start_up(monkeypatch, capsys):
+    """Every limit of the monitor's own config, as a setting error (exit 2) before the backbone loads."""
+    with pytest.raises(ValueError, match="bin_seconds must be at most 9999"):
+        ServeConfig(unclaimed_retention_seconds=600_000, unclaimed_bin_seconds=60)
+    with pytest.raises(ValueError, match="unclaimed monitor: thumbnail must be 0"):
+        ServeConfig(unclaimed_thumbnails=8)
+    monkeypatch.setenv("CLIPBANK_UNCLAIMED_RETENTION_SECONDS", "600000")
+    assert main(["serve", "--unclaimed-bin-seconds", "60"]) == 2
+    assert "invalid server settings" in capsys.readouterr().err
+
+
 def test_frozen_runtime_must_be_known():
     assert ServeConfig().frozen_runtime == "auto"
     assert ServeConfig.from_env({"CLIPBANK_FROZEN_RUNTIME": "onnx"}).frozen_runtime == "onnx"
