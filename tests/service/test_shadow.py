@@ -54,6 +54,7 @@ async def test_shadow_claims_are_what_promotion_does_on_the_same_images(tmp_path
         taken = Counter(b or "zero-shot" for b, a in zip(before, after, strict=True) if a == "glyphs")
         assert sum(taken.values()) >= 8, after  # glyphs claims most of its own images
         assert shadow["would_claim"] == sum(taken.values()) and shadow["taken_from"] == dict(taken), (shadow, taken)
+        assert shadow["replica"] == c.app.state.service.replica  # whose traffic it counted
         assert all(a == b for b, a in zip(before, after, strict=True) if a != "glyphs")  # nothing else moved
 
         r = await c.get("/tasks/glyphs/shadow", headers=AUTH)

@@ -84,7 +84,8 @@ async def test_known_traffic_makes_no_cluster_and_an_injected_domain_does(tmp_pa
 async def test_the_monitor_can_be_off_and_its_endpoint_is_guarded(tmp_path, backbone):
     async with running_app(tmp_path, backbone, unclaimed_capacity=0) as c:
         await _send(c, "digits", 16)
-        assert await _insights(c) == {"enabled": False, "reservoir": None, "clusters": []}
+        replica = c.app.state.service.replica  # the answer is this server's traffic
+        assert await _insights(c) == {"enabled": False, "reservoir": None, "clusters": [], "replica": replica}
         assert (await c.get("/insights/unclaimed")).status_code == 401
         for params in ({"min_share": 0}, {"min_share": 2}, {"min_size": 1}, {"max_clusters": 1000}, {"min_size": "x"}):
             r = await c.get("/insights/unclaimed", params=params, headers=AUTH)
