@@ -11,7 +11,7 @@ from model_store.settings import check_settings, option
 @dataclass(frozen=True)
 class ServeBenchJob:
     out: str = option("runs/bench-serve", "report.json, report.md and plots go here")
-    quick: bool = option(False, "tiny backbone only, fewer levels and tasks (about a minute)")
+    quick: bool = option(False, "tiny backbone only, fewer levels and tasks (several minutes: each server kind, K)")
     tiny_only: bool = option(False, "skip the ViT-B-32-sized backbone")
     onnx: bool = option(True, "run the ONNX Runtime server beside the PyTorch one")
     litserve: bool = option(True, "run the LitServe peer (pip install 'clipbank[bench]') beside the naive baseline")
@@ -30,7 +30,7 @@ class SoakJob:
     swap_seconds: float | None = option(None, "a store change every this many seconds (default 2)")
     hostile: int | None = option(None, "hostile clients beside 4 normal ones; 0 skips that phase (default 4)")
     out: str = option("runs/bench-soak", "report.json, report.md, plots and the server log")
-    quick: bool = option(False, "about a minute: a 30 s soak, 10 s hostile windows")
+    quick: bool = option(False, "about 2 minutes: a 30 s soak, 10 s hostile windows")
 
     def __post_init__(self) -> None:
         check_settings(self, ("minutes", "clients", "swap_seconds"), counts=("hostile",))
