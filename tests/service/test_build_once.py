@@ -1,5 +1,6 @@
 """One bank per change: the bank checked before the store is written is the one swapped in after it, unless the
-store moved in between, when the bank is built again from the store (never a stale one served)."""
+store moved in between: a gated change is then checked again on the new state (never written unchecked), any other
+is built again from the store (never a stale one served)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from model_store import store_base as store_module  # where put and put_validate
 from model_store.bank import build_bank, empty_bank
 from model_store.bundle import MANIFEST_KEY, read_bundle
 from model_store.digest import bytes_digest
-from model_store.errors import BackboneMismatch, BundleInvalid
+from model_store.errors import BackboneMismatch, BundleInvalid, StoreMoved
 from model_store.loader import BankLoader
 from model_store.store import LocalStore
 from service import registry as registry_module
@@ -125,26 +126,47 @@ def test_an_upload_without_activation_builds_one_bank(registry, builds, parts, b
     assert len(builds.banks) == 3 and registry.bank.task_names == ("a", "b")
 
 
-def test_a_store_changed_between_check_and_write_is_rebuilt_not_served_stale(registry, parts, backbone, monkeypatch):
+def test_a_store_changed_between_check_and_write_is_checked_again_not_written_unchecked(
+    registry, parts, backbone, monkeypatch
+):
+    """A writer that ignored the lock (S3 has none) changes the store while an upload is checked: the upload is not
+    written onto a state its gate never saw. It is built and checked again on the new state, and lands there."""
     registry.upload(parts["a"])
     registry.upload(parts["b"])
     builds = Builds(monkeypatch, registry)
     put = registry.store.put_validated
+    interfered = []
 
     def put_after_another_writer(*args, **kwargs):
-        # A writer that ignored the lock (the store's lock is re-entrant in this process, so it gets in).
-        registry.store.deactivate("a")
+        if not interfered:  # the store's lock is re-entrant in this process, so the other writer gets in
+            interfered.append(registry.store.deactivate("a"))
         return put(*args, **kwargs)
 
     monkeypatch.setattr(registry.store, "put_validated", put_after_another_writer)
     result = registry.upload(parts["b2"])
-    checked = builds.trialled[-1]
-    assert checked.task_names == ("a", "b") and checked.generation == 3  # what the store held at the check, + 1
+    first, second = builds.trialled
+    assert first.task_names == ("a", "b") and first.generation == 3  # what the store held at the check, + 1
+    assert second.task_names == ("b",) and second.generation == 4  # checked again: a was deactivated meanwhile
     assert result.generation == registry.store.generation() == 4
-    assert len(builds.banks) == 2 and registry.bank is builds.banks[-1] is not checked  # built again
+    assert len(builds.banks) == 3 and registry.bank is builds.banks[-1] is second  # the second check is served
     assert [(t.name, t.version) for t in registry.bank.tasks] == [("b", 2)]
     _same_as_fresh(registry, backbone)
     assert registry.refresh() is False
+
+
+def test_a_store_that_keeps_moving_under_a_gated_change_gets_503_store_busy(registry, parts, monkeypatch):
+    registry.upload(parts["a"])
+    put = registry.store.put_validated
+
+    def put_after_another_writer(*args, **kwargs):
+        registry.store.deactivate("a")  # a change (generation + 1) every time, between check and write
+        return put(*args, **kwargs)
+
+    monkeypatch.setattr(registry.store, "put_validated", put_after_another_writer)
+    with pytest.raises(StoreMoved, match="3 times; other servers are changing it: try again"):
+        registry.upload(parts["b"])
+    assert set(registry.store.index().tasks) == {"a"}  # nothing of b was written
+    assert registry.bank.generation == registry.store.generation()  # serving the store's state
 
 
 def test_a_change_on_a_stale_bank_serves_the_store_plus_the_change(registry, builds, parts, backbone, tmp_path):
