@@ -108,7 +108,7 @@ def _kept_on_failure(bundle: bytes, task: str, version: int, what: str, written:
 
 
 def _check_outputs(job: TrainJob) -> None:
-    """`--version` and `--out`, checked before any work."""
+    """Somewhere to put the bundle, `--version` and `--out`: checked before any work."""
     if not job.out and not job.store:  # the bundle would be trained, then dropped
         raise ValueError("a training job needs out (a bundle file), store (a store to put it in), or both")
     if job.version is not None and (job.store or not 1 <= job.version <= MAX_VERSION):
