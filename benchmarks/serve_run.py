@@ -22,7 +22,7 @@ from model_store.bundle import read_bundle, tensor_bytes
 from model_store.reference import find_reference
 from training.data import LabelledImages, load_domain
 from training.expert_blocks import default_expert_blocks, with_expert_blocks
-from training.trainer import frozen_features
+from training.scoring import frozen_features
 
 from .profile import gemm_rate, pass_flops
 from .samples import domain_pngs, png_bytes

@@ -21,7 +21,8 @@ from PIL import Image
 from model_store.bank import BankSnapshot
 from model_store.selector import AutoencoderSelector, Selector, SelectorConfig, fit_selector
 from training.data import LabelledImages
-from training.trainer import TrainConfig, _TaskParams, frozen_features, pack_task
+from training.scoring import frozen_features
+from training.trainer import TrainConfig, _TaskParams, pack_task
 
 CLAIMS_NOTHING = 1e-12  # selector threshold: error / threshold > 1 for every image
 

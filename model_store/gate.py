@@ -9,7 +9,7 @@ above the limits is refused unless forced.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +63,7 @@ class GateReport:
                 "max_zero_shot_captured": self.limits.max_zero_shot_captured,
             },
             "passed": not self.offences(),
+            "offences": self.offences(),
         }
 
 
@@ -82,29 +83,54 @@ class InterferenceRefused(ClipbankError):
         self.details = report.to_json()
 
 
-def _claimed_by(bank: BankSnapshot, feats: torch.Tensor, index: int) -> float:
-    """The share of `feats` the bank routes to task `index`."""
+Scores = Callable[[torch.Tensor], torch.Tensor]  # frozen embeddings [n, D] -> selector scores [n, T]
+
+
+def _claimed_by(scores: Scores, feats: torch.Tensor | None, index: int, device: torch.device) -> float | None:
+    """The share of `feats` routed to task column `index` (None: nothing to measure)."""
+    if feats is None:
+        return None
     if feats.shape[0] == 0:
         return 0.0
-    routed, _ = route_scores(task_scores(bank, feats.to(bank.backbone.device, torch.float32)))
-    return float((routed == index).float().mean())
+    routed, _ = route_scores(scores(feats.to(device, torch.float32)))
+    return round(float((routed == index).float().mean()), 4)
+
+
+def gate_report(
+    task: str,
+    version: int,
+    scores: Scores,
+    index: int,
+    own: torch.Tensor | None,
+    others: Mapping[str, torch.Tensor | None],
+    reference: torch.Tensor | None,
+    limits: GateLimits,
+    device: torch.device,
+) -> GateReport:
+    """The gate's report for the version whose selector is column `index` of `scores` (the candidate bank's
+    selectors): `own` its probes, `others` every other active task's probes (None: it has none)."""
+    stolen = {name: _claimed_by(scores, p, index, device) for name, p in others.items() if p is not None}
+    unmeasured = tuple(name for name, p in others.items() if p is None)
+    own_share, captured = (_claimed_by(scores, f, index, device) for f in (own, reference))
+    return GateReport(task, version, own_share, stolen, captured, unmeasured, limits)
 
 
 def interference(bank: BankSnapshot, task: str, reference: torch.Tensor | None, limits: GateLimits) -> GateReport:
     """The gate's report for `task` as active in `bank` (the candidate bank), with `reference` [N, D]."""
     index = bank.task_index(task)
-    entry = bank.tasks[index]
-    stolen, unmeasured = {}, []
-    for other in bank.tasks:
-        if other.name == task:
-            continue
-        if other.probes is None:
-            unmeasured.append(other.name)
-        else:
-            stolen[other.name] = round(_claimed_by(bank, other.probes, index), 4)
-    own = None if entry.probes is None else round(_claimed_by(bank, entry.probes, index), 4)
-    captured = None if reference is None else round(_claimed_by(bank, reference, index), 4)
-    return GateReport(task, entry.version, own, stolen, captured, tuple(unmeasured), limits)
+    others = {t.name: t.probes for t in bank.tasks if t.name != task}
+    scores = lambda feats: task_scores(bank, feats)  # noqa: E731
+    return gate_report(
+        task,
+        bank.tasks[index].version,
+        scores,
+        index,
+        bank.tasks[index].probes,
+        others,
+        reference,
+        limits,
+        bank.backbone.device,
+    )
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ from .data import LabelledImages
 from .evaluate import accuracy_and_routes
 from .expert_blocks import default_expert_blocks
 from .int8_eval import int8_comparison
-from .trainer import TrainConfig, accuracy, frozen_features, train_task
+from .scoring import frozen_features
+from .trainer import TrainConfig, accuracy, train_task
 
 __all__ = [
     "BATCH_ROUTED",

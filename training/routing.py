@@ -17,13 +17,16 @@ import torch
 from model_store.backbone import Backbone
 from model_store.bank import BankSnapshot
 from model_store.bundle import MAX_PROBES
-from model_store.inference import only_known, route_scores
+from model_store.gate import GateLimits, GateReport, gate_report
+from model_store.inference import only_known, route_scores, task_scores
 from model_store.labels import label_key
 from model_store.reference import ReferenceSet, embed_images
 from model_store.selector import NEEDS_NEGATIVES, Selector, SelectorConfig, calibrate, fit_selector, score
 
+from .data import LabelledImages
 from .domains import get_domain
 from .lookalike import LONG_SEQUENCE, NEAR_OUTSIDE
+from .scoring import frozen_features
 
 KINDS = ("hybrid", "autoencoder", "gaussian", "discriminative")
 PROBES = MAX_PROBES  # embeddings of a task's held-out images kept in its bundle (docs/bundle-format.md)
@@ -164,6 +167,52 @@ def routing_check(
     return out
 
 
+def selector_with_routing(
+    bank: BankSnapshot,
+    task: str,
+    cfg: SelectorConfig,
+    seed: int,
+    data: tuple[LabelledImages, LabelledImages],
+    reference: ReferenceSet | None,
+    version: int,
+) -> tuple[Selector, dict[str, Any], torch.Tensor]:
+    """A task's selector, fitted on `data` (fit, val) against the reference set and the bank's probes; its routing
+    check, with what the server's gate would say of the version and the warnings; and the probes its bundle keeps."""
+    fit, val = data
+    val_feats = frozen_features(bank.backbone, val)
+    negatives = negatives_for(bank, task, reference, cfg.kind, seed)
+    selector = fit_selector(frozen_features(bank.backbone, fit), val_feats, cfg, negatives.fit, negatives.held)
+    routing = routing_check(selector, cfg, val_feats, negatives, bank, task, fit.classes)
+    probes = probes_of(val_feats, MAX_PROBES, seed)
+    routing["gate"] = gate_preview(bank, task, version, selector, probes, reference).to_json()
+    routing["warnings"] = routing_warnings(routing)
+    return selector, routing, probes
+
+
+def gate_preview(
+    bank: BankSnapshot,
+    task: str,
+    version: int,
+    selector: Selector,
+    probes: torch.Tensor,
+    reference: ReferenceSet | None,
+    limits: GateLimits | None = None,
+) -> GateReport:
+    """What a server holding `bank` would say of this version at its gate (default limits unless given): the
+    server's own report (`model_store.gate`), on the bank with this version in place of any other of the task."""
+    keep = [i for i, t in enumerate(bank.tasks) if t.name != task]
+
+    def scores(feats: torch.Tensor) -> torch.Tensor:
+        mine = score(selector, feats.to(next(iter(selector.tensors().values())).device)).float().to(feats.device)
+        return torch.cat([task_scores(bank, feats)[:, keep].to(feats.device), mine[:, None]], dim=1)
+
+    others = {bank.tasks[i].name: bank.tasks[i].probes for i in keep}
+    ref = reference.embeddings if reference is not None else None
+    return gate_report(
+        task, version, scores, len(keep), probes, others, ref, limits or GateLimits(), bank.backbone.device
+    )
+
+
 def _routed_own(mine: torch.Tensor, rivals: Sequence[Selector], test: torch.Tensor) -> float:
     """The share of `test` images the task claims (`mine` <= 1) with no rival scoring them lower."""
     if not rivals:
@@ -201,6 +250,13 @@ def routing_warnings(check: dict[str, Any]) -> list[str]:
         w.append(
             f"the selector claims {check['reference_false_claim']:.1%} of generic outside images (want <= "
             f"{REFERENCE_CLAIM_MAX:.1%}): outside traffic that looks like the task will reach its experts"
+        )
+    gate = check.get("gate")
+    if gate is not None and gate["offences"]:
+        w.append(
+            "a server's interference gate (default limits) would refuse this version: "
+            + "; ".join(gate["offences"])
+            + " (`clipbank push --force` lands it anyway)"
         )
     for name, rate in sorted(check["task_false_claim"].items()):
         if rate > TASK_CLAIM_MAX:

@@ -15,20 +15,20 @@ from tqdm import tqdm
 
 from model_store.backbone import TOWERS, Backbone
 from model_store.bank import BankSnapshot
-from model_store.bundle import MAX_PROBES, PlacedExpert, pack_bundle, utc_now
+from model_store.bundle import PlacedExpert, pack_bundle, utc_now
 from model_store.experts import ActivationCounts, Expert, Routing, TaskRouter, expert_id, new_expert
 from model_store.labels import MAX_TEMPLATES, template_ok
-from model_store.manifest import validate_task_name
+from model_store.manifest import task_name_problem
 from model_store.moe_clip import encode_image, encode_text
 from model_store.reference import ReferenceSet, find_reference
-from model_store.selector import Selector, SelectorConfig, fit_selector, selector_manifest
+from model_store.selector import Selector, SelectorConfig, selector_manifest
 
 from .config import jsonable
 from .data import LabelledImages, checked_split
 from .expert_blocks import with_expert_blocks
 from .lwf import parent_teacher
-from .routing import negatives_for, probes_of, routing_check
-from .scoring import accuracy, frozen_features
+from .routing import selector_with_routing
+from .scoring import accuracy
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,7 @@ class TrainConfig:
     selector: SelectorConfig = field(default_factory=SelectorConfig)
 
     def __post_init__(self) -> None:
-        validate_task_name(self.task)
-        problems = []
+        problems = [problem] if (problem := task_name_problem(self.task)) else []
         if self.expert_blocks is not None and self.expert_blocks < 0:
             problems.append(f"expert_blocks must be >= 0 (0: every block), got {self.expert_blocks}")
         for name in ("steps", "batch_size", "new_experts", "rank"):
@@ -311,21 +310,6 @@ def pack_task(
     return pack_bundle(manifest, experts, routers, selector.tensors(), probes)
 
 
-def _selector_with_routing(
-    bank: BankSnapshot, cfg: TrainConfig, fit: LabelledImages, val: LabelledImages, reference: ReferenceSet | None
-) -> tuple[Selector, dict[str, Any], torch.Tensor]:
-    """The task's selector, fitted against the reference set and the bank's probes; its routing check (warnings
-    logged); and the probes its bundle keeps."""
-    bb = bank.backbone
-    val_feats = frozen_features(bb, val)
-    negatives = negatives_for(bank, cfg.task, reference, cfg.selector.kind, cfg.seed)
-    selector = fit_selector(frozen_features(bb, fit), val_feats, cfg.selector, negatives.fit, negatives.held)
-    routing = routing_check(selector, cfg.selector, val_feats, negatives, bank, cfg.task, fit.classes)
-    for warning in routing["warnings"]:
-        log.warning("task %s routing: %s", cfg.task, warning)
-    return selector, routing, probes_of(val_feats, MAX_PROBES, cfg.seed)
-
-
 def _reference(bank: BankSnapshot, reference: ReferenceSet | None | str) -> ReferenceSet | None:
     """`train_task`'s reference set: "auto" is the backbone's own, as `clipbank train` finds it."""
     if not isinstance(reference, str):
@@ -367,7 +351,11 @@ def train_task(
     sample = torch.randperm(len(fit), generator=torch.Generator().manual_seed(cfg.seed))[:COUNT_SAMPLE].tolist()
     evaluate(bank, params, fit.subset(sorted(sample)), cfg.serving_templates, counts)
     accuracy = evaluate(bank, params, val, cfg.serving_templates)
-    selector, routing, probes = _selector_with_routing(bank, cfg, fit, val, reference)
+    selector, routing, probes = selector_with_routing(
+        bank, cfg.task, cfg.selector, cfg.seed, (fit, val), reference, version
+    )
+    for warning in routing["warnings"]:
+        log.warning("task %s routing: %s", cfg.task, warning)
     report = {
         "config": jsonable(asdict(cfg)),
         "lr": cfg.lr or default_lr(bb),

@@ -11,7 +11,7 @@ from model_store.selector import SelectorConfig, fit_selector
 from training.data import load_domain
 from training.evaluate import route_report
 from training.routing import negatives_for, routing_check, routing_warnings
-from training.trainer import frozen_features
+from training.scoring import frozen_features
 
 pytestmark = pytest.mark.slow
 
@@ -67,6 +67,46 @@ def test_a_look_alike_task_is_warned_about(trained, backbone):
     assert not any("only" in w and "route to it" in w and "another task" in w for w in apart["warnings"])
     assert any("without labels" in w for w in apart["warnings"])  # with other labels, said as what it is
     assert not any("without labels" in w for w in check["warnings"] + shared["warnings"])
+
+
+def test_the_trainer_says_what_the_servers_gate_will_say(trained, backbone):
+    """The trainer's report carries the gate's report on the bank the version joins, computed as a server
+    computes it: the same figures as `model_store.gate` on the bank built from the store after the put."""
+    from model_store.gate import GateLimits, interference
+
+    _, reports, banks = trained
+    reference = find_reference(backbone).embeddings
+    for task in ("textures", "glyphs"):
+        said = reports[task]["routing"]["gate"]
+        served = interference(banks[task], task, reference, GateLimits()).to_json()
+        assert said["task"] == task and said["version"] == served["version"] == 1
+        assert set(said["stolen"]) == set(served["stolen"]) == ({"textures"} if task == "glyphs" else set())
+        for key in ("self_claim", "zero_shot_captured"):
+            assert said[key] == pytest.approx(served[key], abs=0.005), (task, key)
+        for other, share in said["stolen"].items():
+            assert share == pytest.approx(served["stolen"][other], abs=0.005)
+        assert said["offences"] == served["offences"] and said["passed"] == served["passed"]
+
+
+def test_a_version_the_gate_would_refuse_is_warned_about_in_the_gates_words(trained, backbone):
+    """A selector that claims everything: the gate preview names the task it would take and the outside images,
+    and the warning says the server would refuse it, with the gate's own sentences."""
+    from training.routing import gate_preview
+
+    _, _, banks = trained
+    bank = banks["glyphs"]
+    val = frozen_features(backbone, load_domain("textures", "val"))
+    greedy = fit_selector(val, val, SelectorConfig(kind="autoencoder"))
+    greedy.threshold = float("inf")  # every error is under it: claims every image
+    report = gate_preview(bank, "greedy", 1, greedy, val[:20], find_reference(backbone))
+    assert report.stolen == {"textures": 1.0, "glyphs": 1.0} and report.zero_shot_captured == 1.0
+    check = {"self_claim": 1.0, "routed_own": 1.0, "reference_false_claim": 0.0, "task_false_claim": {}}
+    check |= {"reference": {"n": 1}, "gate": report.to_json()}
+    (warning,) = routing_warnings(check)
+    assert "gate (default limits) would refuse" in warning and "100.0% of the images of task 'glyphs'" in warning
+    # a new version of an active task replaces it: it competes with the others, not with itself
+    again = gate_preview(bank, "glyphs", 2, greedy, val[:20], find_reference(backbone))
+    assert set(again.stolen) == {"textures"}
 
 
 def test_routing_warnings_name_each_poor_figure():
