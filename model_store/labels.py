@@ -23,10 +23,10 @@ def shown(value: Any, limit: int = 80) -> str:
 
 def label_key(label: str) -> str:
     """How labels are matched to a task's classes when routing (`inference.known_tasks`): case, runs of
-    whitespace and Unicode's composed or decomposed spelling (NFC) do not matter, so "Letter A" names the class
-    "letter a", and "café" typed on Linux names the class of a folder named on macOS (which writes "cafe" and a
-    combining accent)."""
-    return " ".join(unicodedata.normalize("NFC", label).casefold().split())
+    whitespace, `_` (which the trainer reads as a space in folder names) and Unicode's composed or decomposed
+    spelling (NFC) do not matter, so "Letter A" and "letter_a" name the class "letter a", and "café" typed on Linux
+    names the class of a folder named on macOS (which writes "cafe" and a combining accent)."""
+    return " ".join(unicodedata.normalize("NFC", label).casefold().replace("_", " ").split())
 
 
 def template_ok(template: Any) -> bool:

@@ -34,7 +34,7 @@ class ClassifyOptions(BaseModel):
     match_labels: bool = Field(
         True,
         description="With labels and task=auto: only tasks whose classes include at least one of the labels may "
-        "claim an image (case and spacing ignored); images no such task claims go to zero-shot CLIP. false: the "
+        "claim an image (case, spacing and _ ignored); images no such task claims go to zero-shot CLIP. false: the "
         "selector alone decides, whatever the labels.",
     )
 

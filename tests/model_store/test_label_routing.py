@@ -37,6 +37,15 @@ def test_label_keys_ignore_case_and_spacing():
     assert known_tasks(BANK, ["LETTER   a", "zebra"]).tolist() == [False, True]
     assert known_tasks(BANK, ["dots", "letter b"]).tolist() == [True, True]
     assert known_tasks(BANK, ["zebra"]).tolist() == [False, False]
+    assert known_tasks(BANK, ["Letter_A"]).tolist() == [False, True]  # a folder's name, as the trainer reads it
+
+
+def test_a_folders_name_routes_to_the_class_the_trainer_made_of_it():
+    """The trainer reads `_` in a folder name as a space: a client sending the folder names it knows
+    (`blue_square`) was answered by zero-shot CLIP, while "blue square" reached the task."""
+    from training.data import class_name
+
+    assert label_key("blue_square") == label_key(class_name("blue_square")) == "blue square"
 
 
 def test_label_keys_ignore_composed_or_decomposed_unicode():
