@@ -12,7 +12,7 @@ from .auth import TokenCheck
 from .config import ServeConfig
 from .errors import install_handlers, takes
 from .lifecycle import Service, lifespan
-from .middleware import BodyLimit, Generations, HeadAsGet, RequestMetrics
+from .middleware import BodyLimit, Generations, HeadAsGet, HeadLimit, RequestMetrics
 from .routes.classify import classify_router
 from .routes.ops import ops_router
 from .routes.tasks import tasks_router
@@ -56,6 +56,7 @@ def create_app(
         routed=lambda scope: takes(app.router.routes, scope, scope["method"]),  # a mistyped URL: 404, not 413
     )
     app.add_middleware(Generations, service=service)
+    app.add_middleware(HeadLimit)  # inside the metrics: a 431 is counted like any answer
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     app.add_middleware(HeadAsGet)
     return app

@@ -1,5 +1,5 @@
-"""ASGI middleware: request-body limits enforced while the body streams in, the generation headers (read your
-own writes across replicas), and per-endpoint metrics."""
+"""ASGI middleware: the request head's size, request-body limits enforced while the body streams in, the
+generation headers (read your own writes across replicas), and per-endpoint metrics."""
 
 from __future__ import annotations
 
@@ -18,6 +18,27 @@ from .metrics import Metrics
 
 REFRESH_WAIT_SECONDS = 5.0  # how long a request with X-Min-Generation waits for the store's state
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+MAX_HEAD_BYTES = 16 * 1024  # h11's bound on a head still arriving; this one holds for a head that came whole
+
+
+class HeadLimit:
+    """Refuses a request whose head (request line and headers) is over MAX_HEAD_BYTES with 431 `head_too_large`.
+    h11 bounds only a head that is still incomplete, so a larger one that arrives in one read was let through."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_HEAD_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+            size += sum(len(name) + len(value) + 4 for name, value in scope["headers"])  # "name: value\r\n"
+            if size > self.limit:
+                message = f"the request head is {size} bytes; the limit is {self.limit} (16 KiB)"
+                return await error_response(431, "head_too_large", message)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -127,11 +148,6 @@ class Generations:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        wanted = dict(scope["headers"]).get(b"x-min-generation")
-        if wanted is not None:
-            refused = await self._refusal(wanted)
-            if refused is not None:
-                return await refused(scope, receive, send)
         service = self.service
 
         async def with_generation(message: Message) -> None:
@@ -141,6 +157,11 @@ class Generations:
                 message = {**message, "headers": [*headers, (b"x-clipbank-replica", service.replica.encode())]}
             await send(message)
 
+        wanted = dict(scope["headers"]).get(b"x-min-generation")
+        if wanted is not None:
+            refused = await self._refusal(wanted)
+            if refused is not None:  # a stale replica's 503 names it and its generation too
+                return await refused(scope, receive, with_generation)
         await self.app(scope, receive, with_generation)
 
     async def _refusal(self, wanted: bytes) -> Any:

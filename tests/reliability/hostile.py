@@ -322,6 +322,12 @@ HTTP_LEVEL = [
     Case("request head never completes (slowloris)", call(_slow_head), 408, "request_timeout"),
     Case("body stalls", call(_slow_body), 408, "request_timeout"),
     Case("malformed request line", _raw_http(b"\x16\x03\x01 garbage\r\n\r\n"), 400, "bad_request"),
+    Case(  # h11 bounds only a head still arriving: one that came in a single read was let through
+        "a 70 KB request head in one piece",
+        _raw_http(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"),
+        431,
+        "head_too_large",
+    ),
     Case("unknown method", _raw_http(b"BREW /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"), 405),
     Case("unknown path", _admin_get("/nowhere"), 404, "not_found"),
 ]

@@ -46,6 +46,8 @@ async def test_min_generation_is_met_after_reading_the_store_or_refused(tmp_path
         assert ahead.status_code == 503 and ahead.headers["Retry-After"] == "1"
         assert ahead.json()["error"]["code"] == "stale_replica"
         assert ahead.json()["error"]["details"] == {"generation": put.generation, "wanted": 99}
+        assert ahead.headers["X-Clipbank-Generation"] == str(put.generation)  # which replica is behind, and where
+        assert ahead.headers["X-Clipbank-Replica"] == caught_up.headers["X-Clipbank-Replica"]
         for bad in ("-1", "soon", "9" * 40):
             refused = await client.get("/readyz", headers={"X-Min-Generation": bad})
             assert refused.status_code == 400 and "X-Min-Generation" in refused.json()["error"]["message"]
