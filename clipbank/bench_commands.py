@@ -13,7 +13,7 @@ from benchmarks.jobs import ScaleJob, ServeBenchJob, SoakJob
 from model_store.settings import env_value
 from training.config import CLJob, RoutingJob
 
-from .flags import add_flags, given
+from .flags import UsageError, add_flags, given
 
 DEFAULT_BACKBONE = env_value("backbone") or "tiny"
 
@@ -102,11 +102,22 @@ def reference(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"no images under {args.images} ({SUFFIXES})")
         images, source = LazyImages(files[: args.limit] if args.limit else files, read_rgb), f"{len(files)} images"
     else:
-        raise SystemExit("clipbank reference build: give --images DIR or --generated")
+        raise UsageError("clipbank reference build: give --images DIR or --generated")
     out = Path(args.out) if args.out else cache_path(backbone)
     save_reference(out, embed_images(backbone, images), backbone, source)
     print(f"wrote {len(images)} embeddings of {source} for {backbone.ref.text} to {out}")
+    if len(images) < REFERENCE_MIN_IMAGES:
+        print(
+            f"warning: {len(images)} images is a small reference set: 30% of it calibrates every selector's "
+            "threshold and measures the gate's zero-shot capture, so one image moves those figures by "
+            f"{1 / max(1, round(0.3 * len(images))):.1%}; a few thousand varied images are better (the tiny "
+            "backbone's has 4000)",
+            file=sys.stderr,
+        )
     return 0
+
+
+REFERENCE_MIN_IMAGES = 500  # fewer: `reference build` warns
 
 
 def _bench_protocol(args: argparse.Namespace) -> int:
@@ -117,17 +128,17 @@ def _bench_protocol(args: argparse.Namespace) -> int:
     from training.protocols import CIFAR_STEPS, format_cifar, run_cifar_incremental, run_mtil
 
     if not args.data_root:
-        raise SystemExit("clipbank bench cl: --protocol needs --data-root DIR")
+        raise UsageError("clipbank bench cl: --protocol needs --data-root DIR")
     methods = tuple(args.methods.split(",")) if args.methods else CLConfig().methods
     if args.shots is not None and args.protocol in CIFAR_STEPS:
-        raise SystemExit("clipbank bench cl: --shots is for the MTIL protocols (few-shot MTIL), not CIFAR-100")
+        raise UsageError("clipbank bench cl: --shots is for the MTIL protocols (few-shot MTIL), not CIFAR-100")
     steps = args.steps or (500 if args.shots else 1000)  # few-shot MTIL: 500 iterations; full MTIL: 1000
     cfg = CLConfig(steps=steps, methods=methods, seed=args.seed)
     if args.prompts == "papers" and args.protocol not in CIFAR_STEPS:
         try:
             check_available()
         except PromptsUnavailable as e:
-            raise SystemExit(f"clipbank bench cl: {e}") from None
+            raise UsageError(f"clipbank bench cl: {e}") from None
     backbone = load_backbone(args.backbone or "ViT-B-16:openai", args.device)
     if args.protocol in CIFAR_STEPS:
         if args.methods:
@@ -154,7 +165,7 @@ def _bench_cl(args: argparse.Namespace) -> int:
     if args.protocol:
         return _bench_protocol(args)
     if args.shots is not None:
-        raise SystemExit("clipbank bench cl: --shots is for few-shot MTIL: give --protocol mtil-1 or mtil-2 too")
+        raise UsageError("clipbank bench cl: --shots is for few-shot MTIL: give --protocol mtil-1 or mtil-2 too")
     backbone = load_backbone(args.backbone or DEFAULT_BACKBONE, args.device)
     job = CLJob(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CLJob)})
     report = run_offline_cl(job, backbone)

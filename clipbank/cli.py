@@ -16,7 +16,7 @@ from service.config import ServeConfig
 from training.config import PretrainConfig, TrainJob
 
 from .bench_commands import DEFAULT_BACKBONE, add_bench_parsers, add_reference_parser
-from .flags import add_flags, given
+from .flags import UsageError, add_flags, given
 from .output import print_json
 from .watch_commands import add_watch_parsers
 
@@ -73,7 +73,8 @@ def _classify(args: argparse.Namespace) -> int:
                 raise ClipbankHTTPError(e.status, e.code, e.message, e.details, e.retry_after) from None
             if not isinstance(out.get("results"), list) or len(out["results"]) != len(paths):
                 raise ValueError(f"{args.url} answered without a result per image: is it a clipbank server?")
-            results += out["results"]
+            named = zip(args.images[a : a + len(paths)], out["results"], strict=True)
+            results += [{"file": name, **r} for name, r in named]
             if not args.json:  # each request's answers as they come: a later request's error keeps them
                 _print_results(args.images[a : a + len(paths)], out["results"])
     if args.json:
@@ -110,7 +111,7 @@ def _train(args: argparse.Namespace) -> int:
     from training.run import run_train_job
 
     if not args.out and not args.store:
-        raise SystemExit("clipbank train: give --out FILE, --store DIR, or both")
+        raise UsageError("clipbank train: give --out FILE, --store DIR, or both")
     job = TrainJob(**given(TrainJob, args))
     summary = run_train_job(job)
     print_json(summary)
@@ -266,8 +267,12 @@ def _add_client(sub) -> None:
         help="let the selector alone route, even to tasks that know none of --labels",
     )
     cl.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
-    cl.add_argument("--token", default=env_value("classify_token"), help="$CLIPBANK_CLASSIFY_TOKEN")
-    cl.add_argument("--json", action="store_true", help="print every result as JSON (scores and routes)")
+    cl.add_argument(
+        "--token",
+        default=env_value("classify_token") or env_value("admin_token"),  # the server takes either
+        help="$CLIPBANK_CLASSIFY_TOKEN, else $CLIPBANK_ADMIN_TOKEN",
+    )
+    cl.add_argument("--json", action="store_true", help="print every result as JSON (its file, scores and route)")
     cl.set_defaults(fn=_classify)
 
 
@@ -318,9 +323,19 @@ def _add_demo(sub) -> None:
     dm.set_defaults(fn=_demo)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("clipbank")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipbank", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    p.add_argument("--version", action="version", version=f"clipbank {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
     for add in (_add_train, _add_data, _add_pretrain, _add_store, _add_serve, _add_client):
         add(sub)

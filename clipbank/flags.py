@@ -65,3 +65,14 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, defaults_unset: boo
 def given(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     """The values of `cls`'s flags in `args` (None where a flag defaulting to unset was not given)."""
     return {f.name: getattr(args, f.name) for f in flag_fields(cls) if hasattr(args, f.name)}
+
+
+class UsageError(SystemExit):
+    """A command given flags that do not go together: its message on stderr and exit status 2, as argparse
+    gives for a flag it cannot read (a bare `SystemExit("...")` exits 1)."""
+
+    def __init__(self, message: str) -> None:
+        import sys
+
+        print(message, file=sys.stderr)
+        super().__init__(2)

@@ -10,7 +10,7 @@ import torch
 
 from .bank import BankSnapshot
 from .errors import InvalidRequest
-from .labels import MAX_TEMPLATES, label_key, template_ok
+from .labels import MAX_TEMPLATES, label_key, shown, template_ok
 from .modes import AUTO, PER_IMAGE, PER_REQUEST, ROUTE_MODES, ZERO_SHOT
 from .moe_clip import encode_image, encode_image_from, image_tokens
 from .text import TextCache, text_embeddings, text_key
@@ -137,7 +137,8 @@ def check_item(bank: BankSnapshot, item: ClassifyItem) -> InvalidRequest | None:
     if item.top_k is not None and item.top_k < 1:
         return InvalidRequest(f"top_k must be >= 1, got {item.top_k}")
     if item.labels is not None and len(set(item.labels)) != len(item.labels):
-        return InvalidRequest("labels must be distinct")
+        twice = next(label for i, label in enumerate(item.labels) if label in item.labels[:i])
+        return InvalidRequest(f"labels must be distinct: {shown(twice)} is given more than once")
     if item.templates is not None and not (item.labels and 0 < len(item.templates) <= MAX_TEMPLATES):
         return InvalidRequest(f"templates need labels, and there must be 1 to {MAX_TEMPLATES} of them")
     if item.templates is not None and not all(map(template_ok, item.templates)):

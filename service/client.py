@@ -26,7 +26,7 @@ class ClipbankHTTPError(Exception):
     def __init__(
         self, status: int, code: str, message: str, details: dict | None = None, retry_after: float | None = None
     ) -> None:
-        super().__init__(f"HTTP {status} {code}: {message}")
+        super().__init__(f"HTTP {status} {code}: {message}" if status else f"{code}: {message}")  # 0: no answer
         self.status, self.code, self.message, self.details = status, code, message, details
         self.retry_after = retry_after  # seconds, from a 503's Retry-After: when trying again may succeed
 

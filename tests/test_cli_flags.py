@@ -3,6 +3,7 @@ come from the class, and names defined once agree wherever they are used."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import typing
@@ -147,7 +148,8 @@ def test_the_client_names_what_is_wrong_with_a_server_that_is_not_clipbank(monke
     assert "Not implemented" in err and "<" not in err
     monkeypatch.undo()
     assert main(["classify", str(tmp_path / "a.png"), "--url", "http://127.0.0.1:9"]) == 2
-    assert "cannot reach http://127.0.0.1:9" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unreachable: cannot reach http://127.0.0.1:9" in err and "HTTP 0" not in err  # no answer: no status
 
 
 def test_the_client_takes_the_image_objects_a_python_user_has_and_names_odd_answers(monkeypatch, tmp_path):
@@ -238,6 +240,9 @@ def test_classify_sends_more_images_than_one_request_holds_in_chunks(monkeypatch
         paths.append(str(tmp_path / f"{i}.png"))
     assert main(["classify", *paths, "--labels", "a,b", "--url", "http://srv"]) == 0
     assert sizes == [64, 64, 22] and capsys.readouterr().out.count("\n") == 150
+    assert main(["classify", *paths, "--labels", "a,b", "--url", "http://srv", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]  # each result names its file, across requests
+    assert [r["file"] for r in results] == paths and results[0]["labels"] == [{"label": "a", "score": 0.9}]
 
 
 def test_pretrain_tiny_does_not_overwrite_the_embedded_backbone_unless_asked(capsys):
@@ -531,3 +536,44 @@ def test_the_client_names_a_server_url_without_its_scheme():
         with pytest.raises(ValueError, match="starts with http:// or https://"):
             ClipbankClient(url)
     ClipbankClient("HTTPS://srv.example:443/").close()
+
+
+@pytest.mark.parametrize(
+    ("env", "token"),
+    [
+        ({"CLIPBANK_ADMIN_TOKEN": "admin-token"}, "admin-token"),  # the server takes the admin token on /classify
+        ({"CLIPBANK_ADMIN_TOKEN": "admin-token", "CLIPBANK_CLASSIFY_TOKEN": "reader"}, "reader"),
+        ({}, None),
+    ],
+)
+def test_classify_sends_the_classify_token_else_the_admin_token(monkeypatch, env, token):
+    for name in ("CLIPBANK_ADMIN_TOKEN", "CLIPBANK_CLASSIFY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert build_parser().parse_args(["classify", "a.png"]).token == token
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["train", "--task", "x", "--data", "d"], "give --out FILE, --store DIR"),
+        (["reference", "build"], "give --images DIR or --generated"),
+        (["bench", "cl", "--shots", "5"], "--shots is for few-shot MTIL"),
+    ],
+)
+def test_flags_that_do_not_go_together_exit_2_like_any_usage_error(argv, words, capsys):
+    """They exited 1, the status every command gives for a failure, where argparse's own usage errors exit 2."""
+    from clipbank.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_version_names_the_installed_package(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as stopped:
+        build_parser().parse_args(["--version"])
+    assert stopped.value.code == 0 and capsys.readouterr().out.strip() == f"clipbank {version('clipbank')}"

@@ -50,6 +50,13 @@ def _classify_files(n=1, name="r.png", data=None):
 BAD_INPUTS = [
     # (description, request kwargs, expected status, expected code, words the message must contain)
     ("no images", dict(data={"labels": LABELS}), 422, "bad_image", "at least one image"),
+    (
+        "a label twice",
+        dict(files=_classify_files(), data={"labels": ["cat", "dog", "cat"]}),
+        422,
+        "invalid_request",
+        "'cat' is given more than once",
+    ),
     ("too many images", dict(files=_classify_files(5), data={"labels": LABELS}), 413, "limit_exceeded", "max_images"),
     (
         "not an image",
