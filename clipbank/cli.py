@@ -13,6 +13,7 @@ from model_store.errors import ClipbankError
 from model_store.modes import AUTO, PER_IMAGE, ROUTE_MODES, TASK_MODES
 from model_store.settings import env_value
 from service.config import ServeConfig
+from service.threads import set_serving_env
 from training.config import PretrainConfig, TrainJob
 
 from .bench_commands import DEFAULT_BACKBONE, add_bench_parsers, add_reference_parser
@@ -23,18 +24,8 @@ from .watch_commands import add_watch_parsers
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def no_mkl_buffer_pool() -> None:
-    """Turn off MKL's memory manager (`MKL_DISABLE_FAST_MM`) unless the operator set the variable.
-
-    It keeps every GEMM buffer it allocated, per thread, for reuse; the selectors' GEMMs grow with the bank, so
-    each bank size left bigger buffers behind (memray: 48.6 MB still held after scoring banks of 1 to 100 tiny
-    tasks, 256 bytes without the pool). MKL reads the variable when torch loads it: set later, it does nothing.
-    """
-    os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
-
-
 def _serve(args: argparse.Namespace) -> int:
-    no_mkl_buffer_pool()  # before torch is imported: MKL reads the variable once, when it loads
+    set_serving_env()  # before torch is imported: MKL and OpenMP read their variables once, when they load
     from service.server import serve
 
     config = ServeConfig.from_env(**given(ServeConfig, args))

@@ -68,6 +68,11 @@ class ServeConfig:
     text_cache_size: int = option(4096, "entries of the label-embedding cache")
     text_cache_mb: int = option(256, "megabytes of the label-embedding cache")
     max_queue_images: int = option(1024, "images waiting for a batch; more gets a 503 overloaded")
+    threads: int = option(
+        0,
+        "threads of each forward pass (PyTorch and ONNX Runtime); 0: one for a backbone at most 256 wide (tiny), "
+        "else PyTorch's default capped by the CPUs this process may use (affinity and cgroup quota)",
+    )
     log_level: str = option("info", "uvicorn log level", LOG_LEVELS)
     head_timeout_seconds: float = option(10.0, "a connection must deliver a whole request head within this")
     read_timeout_seconds: float = option(30.0, "the longest gap while a request body streams in")
@@ -122,6 +127,10 @@ class ServeConfig:
             problems.append(
                 f"max_images ({self.limits.max_images}) must be <= max_batch ({self.max_batch}), "
                 "since a request is never split"
+            )
+        if not 0 <= self.threads <= 1024:
+            problems.append(
+                f"threads must be in 0..1024 (0: as many as the CPUs this process may use), got {self.threads}"
             )
         if self.max_queue_images < self.max_batch:
             problems.append(f"max_queue_images ({self.max_queue_images}) must be >= max_batch ({self.max_batch})")

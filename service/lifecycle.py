@@ -37,6 +37,7 @@ from .memory import release_free_memory
 from .metrics import Metrics
 from .registry import Registry
 from .steps import StepBudget
+from .threads import compute_threads
 from .watch import TrafficWatch
 from .workers import DecodeWorkers
 
@@ -61,6 +62,7 @@ class Service:
         self.failed = asyncio.Event()
         self.decoders = DecodeWorkers()
         self.preprocess: Callable[[Any], Any] | None = None  # image -> [3, H, W], in the decode threads
+        self.threads: int | None = None  # of each forward pass, once loading has chosen them
         self.watch = TrafficWatch(self.metrics)
         self.replica = f"{socket.gethostname()}-{os.getpid()}"  # X-Clipbank-Replica; Ray Serve sets its own id
         self.peers: Any = None  # the other replicas to tell of a change (service/ray_engine.py), if any
@@ -125,6 +127,9 @@ class Service:
         """The torch part of start-up, on the compute thread: backbone, ONNX export, bank, warm-up."""
         if self.backbone is None:
             self.backbone = load_backbone(self.config.backbone, self.config.device)
+        width = self.backbone.towers["visual"].width
+        self.threads = compute_threads(self.config.threads, torch.get_num_threads(), width)
+        torch.set_num_threads(self.threads)  # before any pass: also what the ONNX Runtime session is given
         self.backbone = self._frozen_runtime().with_autocast(self.config.autocast)
         reference, cfg = self._reference(), self.config
         gate = Gate(GateLimits(cfg.gate_max_stolen, cfg.gate_max_zero_shot), reference)
@@ -269,7 +274,7 @@ def lifespan(on_fatal: Callable[[str], None] | None, wait_ready: bool = False):
                 return
             service.ready.set()
             poller = asyncio.create_task(_poll_store(service))
-            log.info("ready: %s", json.dumps(service.registry.bank.describe()))
+            log.info("ready (%d threads per pass): %s", service.threads, json.dumps(service.registry.bank.describe()))
 
         starter = asyncio.create_task(start())
         try:

@@ -1,5 +1,5 @@
 """Hand freed heap memory back to the operating system (glibc's malloc_trim), after each bank swap and at
-every store poll. (MKL's GEMM buffer pool is turned off before torch loads: `clipbank.cli.no_mkl_buffer_pool`.)
+every store poll. (MKL's GEMM buffer pool is turned off before torch loads: `service.threads.SERVING_ENV`.)
 
 An upload passes through several threads (request body, parsing, trial classification), and glibc keeps what
 they freed in per-thread arenas. Without a trim the server's resident memory grows by more than the bundles it

@@ -24,6 +24,7 @@ from fastapi.concurrency import run_in_threadpool
 from .app import create_app
 from .config import ServeConfig
 from .lifecycle import Service
+from .threads import SERVING_ENV
 
 log = logging.getLogger("clipbank.service")
 APP_NAME = "clipbank"
@@ -117,6 +118,8 @@ def application(config: ServeConfig | None = None, replicas: int | None = None):
         max_ongoing_requests=2 * config.max_batch,
         graceful_shutdown_timeout_s=30,
         health_check_period_s=5,
+        # set in each replica's process before it loads torch (the operator's values, where set, win)
+        ray_actor_options={"runtime_env": {"env_vars": {k: os.environ.get(k, v) for k, v in SERVING_ENV.items()}}},
     )
     return deployment.bind()
 

@@ -288,3 +288,4 @@ class Health(BaseModel):
     tasks: list[str] = Field(default_factory=list)
     backbone: dict[str, Any] = Field(default_factory=dict)
     frozen_runtime: str | None = None  # torch | onnx
+    threads: int | None = Field(None, description="Threads of each forward pass (the `threads` setting).")

@@ -35,6 +35,7 @@ def ops_router() -> APIRouter:
             "tasks": list(bank.task_names),
             "backbone": bank.backbone.describe(),
             "frozen_runtime": bank.backbone.frozen.name,
+            "threads": service.threads,
         }
 
     @router.get("/metrics", response_class=Response)

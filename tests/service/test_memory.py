@@ -1,5 +1,6 @@
-"""The server's memory settings: MKL's GEMM buffer pool is off, unless the operator chose otherwise, from before
-torch loads (MKL reads the variable once, when it loads: set any later, it does nothing)."""
+"""The server's native-library settings (`service.threads.SERVING_ENV`): MKL's GEMM buffer pool off and OpenMP's
+workers sleeping between parallel regions, unless the operator chose otherwise, from before torch loads (MKL and
+OpenMP read their variables once, when they load: set any later, they do nothing)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,15 @@ import sys
 
 import pytest
 
-# Records MKL_DISABLE_FAST_MM at the moment torch is first imported, then runs `clipbank serve` with a port
-# that its settings refuse (exit 2, after the import).
+# Records the variable NAME at the moment torch is first imported, then runs `clipbank serve` with a port that
+# its settings refuse (exit 2, after the import).
 PROBE = """
 import importlib.abc, os, sys
 seen = []
 class Watch(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name == "torch" and not seen:
-            seen.append(os.environ.get("MKL_DISABLE_FAST_MM"))
+            seen.append(os.environ.get("NAME"))
         return None
 sys.meta_path.insert(0, Watch())
 from clipbank.cli import main
@@ -26,10 +27,15 @@ print(code, seen)
 """
 
 
-@pytest.mark.parametrize("given, expected", [(None, "1"), ("operator's", "operator's")])
-def test_clipbank_serve_turns_mkl_buffer_pooling_off_before_torch_loads(given, expected):
-    env = {k: v for k, v in os.environ.items() if k != "MKL_DISABLE_FAST_MM"}
+@pytest.mark.parametrize("name", ["MKL_DISABLE_FAST_MM", "OMP_WAIT_POLICY"])
+@pytest.mark.parametrize("given", [None, "operator's"])
+def test_clipbank_serve_sets_its_library_variables_before_torch_loads(name, given):
+    from service.threads import SERVING_ENV
+
+    env = {k: v for k, v in os.environ.items() if k != name}
     if given is not None:
-        env["MKL_DISABLE_FAST_MM"] = given
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
+        env[name] = given
+    probe = PROBE.replace("NAME", name)
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    expected = given if given is not None else SERVING_ENV[name]
     assert out.stdout.strip().splitlines()[-1] == f"2 [{expected!r}]", out.stdout + out.stderr
