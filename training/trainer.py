@@ -319,6 +319,15 @@ def _reference(bank: BankSnapshot, reference: ReferenceSet | None | str) -> Refe
     return find_reference(bank.backbone)
 
 
+def _activation_counts(bank: BankSnapshot, params: _TaskParams, fit: LabelledImages, cfg: TrainConfig) -> dict:
+    """Which experts the task's routers use, per block: counted on a sample of the training images (a full adapted
+    pass over a large training set is not worth it)."""
+    counts = ActivationCounts()
+    sample = torch.randperm(len(fit), generator=torch.Generator().manual_seed(cfg.seed))[:COUNT_SAMPLE].tolist()
+    evaluate(bank, params, fit.subset(sorted(sample)), cfg.serving_templates, counts)
+    return {f"{t}.{b}": c.tolist() for (t, b), c in sorted(counts.counts.items())}
+
+
 def train_task(
     bank: BankSnapshot,
     train: LabelledImages,
@@ -339,7 +348,6 @@ def train_task(
     bank = with_expert_blocks(bank, cfg.expert_blocks)
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
-    bb = bank.backbone
     t0 = time.time()
     zero_shot = evaluate(bank, None, val, cfg.serving_templates)
     params = _TaskParams(bank, cfg, g)
@@ -347,18 +355,15 @@ def train_task(
         params.prefer_new(bank, fit, cfg)
     losses = _train_loop(bank, params, fit, cfg, g, progress)
     train_seconds = time.time() - t0
-    counts = ActivationCounts()  # on a sample: a full adapted pass over a large training set is not worth it
-    sample = torch.randperm(len(fit), generator=torch.Generator().manual_seed(cfg.seed))[:COUNT_SAMPLE].tolist()
-    evaluate(bank, params, fit.subset(sorted(sample)), cfg.serving_templates, counts)
+    counts = _activation_counts(bank, params, fit, cfg)
     accuracy = evaluate(bank, params, val, cfg.serving_templates)
-    selector, routing, probes = selector_with_routing(
-        bank, cfg.task, cfg.selector, cfg.seed, (fit, val), reference, version
-    )
+    args = (bank, cfg.task, cfg.selector, cfg.seed, (fit, val), reference, version)
+    selector, routing, probes = selector_with_routing(*args)
     for warning in routing["warnings"]:
         log.warning("task %s routing: %s", cfg.task, warning)
     report = {
         "config": jsonable(asdict(cfg)),
-        "lr": cfg.lr or default_lr(bb),
+        "lr": cfg.lr or default_lr(bank.backbone),
         "steps": cfg.steps,
         "seconds": round(train_seconds, 2),
         "train_images": len(fit),
@@ -366,7 +371,7 @@ def train_task(
         "zero_shot_val_accuracy": zero_shot,
         "val_accuracy": accuracy,
         "final_loss": sum(losses[-10:]) / len(losses[-10:]),
-        "activation_counts": {f"{t}.{b}": c.tolist() for (t, b), c in sorted(counts.counts.items())},
+        "activation_counts": counts,
         "routing": routing,
     }
     data = pack_task(bank, cfg, train.classes, params, selector, report, version, parent, probes)
