@@ -76,3 +76,7 @@ class UsageError(SystemExit):
 
         print(message, file=sys.stderr)
         super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -130,7 +130,7 @@ class ServeConfig:
             )
         if not 0 <= self.threads <= 1024:
             problems.append(
-                f"threads must be in 0..1024 (0: as many as the CPUs this process may use), got {self.threads}"
+                f"threads must be in 0..1024 (0: chosen from the backbone and the usable CPUs), got {self.threads}"
             )
         if self.max_queue_images < self.max_batch:
             problems.append(f"max_queue_images ({self.max_queue_images}) must be >= max_batch ({self.max_batch})")

@@ -1,10 +1,10 @@
-"""How many threads the compute thread's passes use (PyTorch intra-op threads and ONNX Runtime's).
+"""How many threads the compute thread's passes use (PyTorch intra-op threads and ONNX Runtime's), and the
+native-library variables `clipbank serve` sets before torch loads.
 
-PyTorch's default is the machine's physical cores. In a container limited to 2 CPUs by a cgroup quota on a
-64-core host that is 32 or 64 threads taking turns on 2 CPUs, and every parallel region of a pass waits at a
-barrier for threads the kernel has descheduled. The same happens, less, on a host whose cores other processes
-share: on 2 cores with one busy process beside the server, the tiny backbone's auto-routed traffic fell from 117
-to 14 images/s with 2 threads and kept 105 with one (docs/benchmarks/serve.md, "Threads").
+PyTorch's default is the machine's physical cores, whatever CPU quota a container has: on a 64-core host a
+container limited to 2 CPUs would run each pass on 32 or 64 threads taking turns on 2 CPUs. And with GNU OpenMP's
+own wait policy, one busy process beside the server on 2 cores took auto-routed traffic from 7.8 to 0.6 images/s
+on ViT-B-32 and from 118 to 15 on tiny (docs/benchmarks/serve.md, "Threads").
 """
 
 from __future__ import annotations
