@@ -22,6 +22,7 @@ TINY_DIR = Path(__file__).parent / "tiny_clip"
 TINY_WEIGHTS = TINY_DIR / "open_clip_model.safetensors"
 DEFAULT_BACKBONE = "tiny"
 TOWERS = ("visual", "text")
+NARROW_WIDTH = 256  # towers at most this wide make a narrow backbone (`Backbone.narrow`): the tiny one
 
 REFERENCE_HELP = (
     "backbone references: 'tiny' (embedded), 'ARCH:TAG' (open_clip name and pretrained tag, e.g. ViT-B-16:openai), "
@@ -142,6 +143,12 @@ class Backbone:
     @property
     def embed_dim(self) -> int:
         return int(self.model.text_projection.shape[1])
+
+    @property
+    def narrow(self) -> bool:
+        """Every tower at most NARROW_WIDTH wide (the tiny backbone): training's default learning rate and the
+        server's default threads differ for such a backbone."""
+        return max(t.width for t in self.towers.values()) <= NARROW_WIDTH
 
     @property
     def image_size(self) -> int:

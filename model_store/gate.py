@@ -9,6 +9,7 @@ above the limits is refused unless forced.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,11 +120,10 @@ def interference(bank: BankSnapshot, task: str, reference: torch.Tensor | None, 
     """The gate's report for `task` as active in `bank` (the candidate bank), with `reference` [N, D]."""
     index = bank.task_index(task)
     others = {t.name: t.probes for t in bank.tasks if t.name != task}
-    scores = lambda feats: task_scores(bank, feats)  # noqa: E731
     return gate_report(
         task,
         bank.tasks[index].version,
-        scores,
+        functools.partial(task_scores, bank),
         index,
         bank.tasks[index].probes,
         others,

@@ -70,7 +70,7 @@ class ServeConfig:
     max_queue_images: int = option(1024, "images waiting for a batch; more gets a 503 overloaded")
     threads: int = option(
         0,
-        "threads of each forward pass (PyTorch and ONNX Runtime); 0: one for a backbone at most 256 wide (tiny), "
+        "threads of each forward pass (PyTorch and ONNX Runtime); 0: one for a narrow backbone (tiny), "
         "else PyTorch's default capped by the CPUs this process may use (affinity and cgroup quota)",
     )
     log_level: str = option("info", "uvicorn log level", LOG_LEVELS)

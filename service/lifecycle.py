@@ -127,8 +127,7 @@ class Service:
         """The torch part of start-up, on the compute thread: backbone, ONNX export, bank, warm-up."""
         if self.backbone is None:
             self.backbone = load_backbone(self.config.backbone, self.config.device)
-        width = self.backbone.towers["visual"].width
-        self.threads = compute_threads(self.config.threads, torch.get_num_threads(), width)
+        self.threads = compute_threads(self.config.threads, torch.get_num_threads(), self.backbone.narrow)
         torch.set_num_threads(self.threads)  # before any pass: also what the ONNX Runtime session is given
         self.backbone = self._frozen_runtime().with_autocast(self.config.autocast)
         reference, cfg = self._reference(), self.config

@@ -71,14 +71,11 @@ def usable_cpus(root: Path | None = None) -> int:
     return max(1, cpus)
 
 
-NARROW_WIDTH = 256  # towers this wide or narrower (the tiny backbone) run each pass on one thread by default
-
-
-def compute_threads(setting: int, default: int, width: int) -> int:
-    """`setting` when given (> 0). Else one thread for a backbone whose image tower is at most NARROW_WIDTH wide:
-    its matrices are too small to share, and one thread measured faster for tiny, idle and beside a busy process.
+def compute_threads(setting: int, default: int, narrow: bool) -> int:
+    """`setting` when given (> 0). Else one thread for a narrow backbone (`Backbone.narrow`, the tiny one): its
+    matrices are too small to share, and one thread measured faster for tiny, idle and beside a busy process.
     Else PyTorch's `default` (its physical cores, or OMP_NUM_THREADS when set, as Ray Serve sets it per replica)
     capped by the CPUs this process may use."""
     if setting > 0:
         return setting
-    return 1 if width <= NARROW_WIDTH else max(1, min(default, usable_cpus()))
+    return 1 if narrow else max(1, min(default, usable_cpus()))

@@ -186,7 +186,7 @@ def evaluate(
 
 def default_lr(backbone: Backbone) -> float:
     """The paper's 1e-3 at ViT-B/16; narrow backbones need larger steps to move their adapters in a short run."""
-    return 1e-2 if max(t.width for t in backbone.towers.values()) <= 256 else 1e-3
+    return 1e-2 if backbone.narrow else 1e-3
 
 
 def _lr_at(step: int, cfg: TrainConfig, peak: float) -> float:

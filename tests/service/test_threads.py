@@ -40,11 +40,11 @@ def test_a_quota_caps_the_threads_and_the_setting_overrides(tmp_path, monkeypatc
     assert usable_cpus(_v2(tmp_path / "b", "max 100000")) == 64
     assert usable_cpus(_v2(tmp_path / "c", "10000 100000")) == 1  # a tenth of a CPU is still one thread
     monkeypatch.setattr("service.threads.CGROUP", tmp_path / "a")
-    assert compute_threads(0, 64, 768) == 2
-    assert compute_threads(0, 1, 768) == 1  # OMP_NUM_THREADS=1 (as Ray Serve sets it) stays 1
-    assert compute_threads(3, 64, 768) == 3  # the operator's setting
-    assert compute_threads(0, 64, 256) == 1  # tiny: one thread measured faster, idle and beside a busy process
-    assert compute_threads(2, 64, 256) == 2
+    assert compute_threads(0, 64, narrow=False) == 2
+    assert compute_threads(0, 1, narrow=False) == 1  # OMP_NUM_THREADS=1 (as Ray Serve sets it) stays 1
+    assert compute_threads(3, 64, narrow=False) == 3  # the operator's setting
+    assert compute_threads(0, 64, narrow=True) == 1  # tiny: one thread measured faster, idle and beside a busy process
+    assert compute_threads(2, 64, narrow=True) == 2
 
 
 def test_the_setting_is_checked_up_front():
