@@ -10,18 +10,16 @@ import urllib.parse
 from pathlib import Path
 
 from model_store.errors import ClipbankError
-from model_store.modes import AUTO, PER_IMAGE, ROUTE_MODES, TASK_MODES
 from model_store.settings import env_value
 from service.config import ServeConfig
 from service.threads import set_serving_env
 from training.config import PretrainConfig, TrainJob
 
 from .bench_commands import DEFAULT_BACKBONE, add_bench_parsers, add_reference_parser
+from .classify_command import DEFAULT_URL, add_classify_parser
 from .flags import UsageError, add_flags, given
 from .output import print_json
 from .watch_commands import add_watch_parsers
-
-DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -39,63 +37,6 @@ def _push(args: argparse.Namespace) -> int:
         mode = "shadow" if args.shadow else "inactive" if args.no_activate else "active"
         print_json(client.push(Path(args.file), force=args.force, mode=mode))
     return 0
-
-
-CLASSIFY_CHUNK = 64  # images per request: the server's default max_images
-
-
-def _classify(args: argparse.Namespace) -> int:
-    from service.client import ClipbankClient, ClipbankHTTPError
-
-    labels = _labels(args.labels, args.label)
-    if args.route == "per-request" and len(args.images) > CLASSIFY_CHUNK:
-        raise ValueError(f"--route per-request decides once for at most {CLASSIFY_CHUNK} images (one request)")
-    results = []
-    with ClipbankClient(args.url, args.token) as client:  # a shell glob may name more than one request holds
-        for a in range(0, len(args.images), CLASSIFY_CHUNK):
-            paths = [Path(p) for p in args.images[a : a + CLASSIFY_CHUNK]]
-            try:
-                out = client.classify(paths, labels, args.task, args.route, args.top_k, args.match_labels)
-            except ClipbankHTTPError as e:  # the server numbers images within their request: say which files
-                if len(args.images) <= CLASSIFY_CHUNK:
-                    raise
-                shown = f"files {a + 1}..{a + len(paths)} (its image i is file {a + 1} + i); the files before it"
-                e.message += f" (in the request of {shown} were answered{' above' if not args.json else ''})"
-                raise ClipbankHTTPError(e.status, e.code, e.message, e.details, e.retry_after) from None
-            if not isinstance(out.get("results"), list) or len(out["results"]) != len(paths):
-                raise ValueError(f"{args.url} answered without a result per image: is it a clipbank server?")
-            named = zip(args.images[a : a + len(paths)], out["results"], strict=True)
-            results += [{"file": name, **r} for name, r in named]
-            if not args.json:  # each request's answers as they come: a later request's error keeps them
-                _print_results(args.images[a : a + len(paths)], out["results"])
-    if args.json:
-        print_json({"results": results})
-    return 0
-
-
-def _labels(listed: str | None, single: list[str] | None) -> list[str]:
-    """`--labels a,b` splits at commas; each `--label 'a, b'` is one label as written (it may hold commas)."""
-    labels = [x.strip() for x in listed.split(",") if x.strip()] if listed is not None else []
-    if listed is not None and not labels:
-        raise ValueError(f"--labels {listed!r} names no label; leave it out to answer with the task's classes")
-    for label in single or []:
-        if not label.strip():
-            raise ValueError("--label '' names no label; each --label is one non-empty label")
-        labels.append(label.strip())
-    return labels
-
-
-def _print_results(names: list[str], results: list[dict]) -> None:
-    for name, r in zip(names, results, strict=True):
-        path = name if name.isprintable() else repr(name)  # a tab or newline in a name would break the columns
-        where = f"{r['route']['task']} v{r['route']['version']}" if r["route"]["task"] else "zero-shot"
-        if not r["labels"]:  # no labels sent and no task claimed the image
-            print(f"{path}\t-\t-\t[{where}: no task claims it; send --labels]")
-            continue
-        best = r["labels"][0]
-        score = "-" if best["score"] is None else f"{best['score']:.3f}"  # null: not a finite number
-        label = best["label"] if best["label"].isprintable() else repr(best["label"])  # a tab would shift columns
-        print(f"{path}\t{label}\t{score}\t[{where}]", flush=True)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -242,29 +183,7 @@ def _add_client(sub) -> None:
     pu.add_argument("--force", action="store_true", help="override the interference gate (docs/safety.md)")
     pu.set_defaults(fn=_push)
 
-    cl = sub.add_parser("classify", help="classify image files with a running server")
-    cl.add_argument("images", nargs="+")
-    cl.add_argument("--labels", help="comma-separated candidate labels (default: the routed task's classes)")
-    cl.add_argument(
-        "--label", action="append", help="one candidate label, commas and all; repeat it, or mix it with --labels"
-    )
-    cl.add_argument("--task", default=AUTO, help=f"{' | '.join(TASK_MODES)} | a task name")
-    cl.add_argument("--route", default=PER_IMAGE, choices=ROUTE_MODES)
-    cl.add_argument("--top-k", type=int)
-    cl.add_argument(
-        "--ignore-labels-in-routing",
-        dest="match_labels",
-        action="store_false",
-        help="let the selector alone route, even to tasks that know none of --labels",
-    )
-    cl.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
-    cl.add_argument(
-        "--token",
-        default=env_value("classify_token") or env_value("admin_token"),  # the server takes either
-        help="$CLIPBANK_CLASSIFY_TOKEN, else $CLIPBANK_ADMIN_TOKEN",
-    )
-    cl.add_argument("--json", action="store_true", help="print every result as JSON (its file, scores and route)")
-    cl.set_defaults(fn=_classify)
+    add_classify_parser(sub, url)
 
 
 def _healthcheck(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from model_store.safejson import JSONRefused
 from model_store.safejson import loads as bounded_loads
 
 from .config import Limits
-from .errors import BadImage, ClientGone, LimitExceeded, UnsupportedMediaType
+from .errors import BadImage, ClientGone, LimitExceeded, UnsupportedMediaType, of_image
 from .forms import FormLimits, read_multipart
 from .images import decode_base64
 from .schemas import ClassifyJSON, ClassifyOptions
@@ -38,6 +38,7 @@ def classify_form_limits(limits: Limits) -> FormLimits:
         file_bytes_name="max_image_bytes",
         fields_name=f"max_labels (+{len(OPTION_FIELDS)} option fields)",
         field_bytes_name="max_label_chars (as UTF-8 bytes)",
+        file_word="image",
     )
 
 
@@ -110,7 +111,8 @@ def _parse_json_classify(body: bytes, limits: Limits) -> tuple[ClassifyJSON, lis
     parsed = validated(ClassifyJSON, payload)
     if len(parsed.images) > limits.max_images:
         raise LimitExceeded(f"{len(parsed.images)} images in one request; the limit is max_images={limits.max_images}")
-    return parsed, [(f"image {i}", decode_base64(s, f"image {i}", limits)) for i, s in enumerate(parsed.images)]
+    named = [(f"image {i}", s) for i, s in enumerate(parsed.images)]
+    return parsed, [(name, of_image(i, decode_base64, s, name, limits)) for i, (name, s) in enumerate(named)]
 
 
 def validated(model: type[BaseModel], data: Any) -> Any:

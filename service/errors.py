@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +30,7 @@ from model_store.errors import (
 from model_store.gate import InterferenceRefused
 
 log = logging.getLogger("clipbank.service")
+T = TypeVar("T")
 
 
 class LimitExceeded(InvalidRequest):
@@ -41,6 +43,16 @@ class BadImage(InvalidRequest):
     """An uploaded image is not a decodable image of an accepted format."""
 
     code = "bad_image"
+
+
+def of_image(index: int, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` for the request's image `index`: a 4xx it raises carries `details: {"image": index}`, so a
+    client can leave that one image out and send the rest again (`clipbank classify --skip-bad`)."""
+    try:
+        return fn(*args)
+    except InvalidRequest as e:
+        e.details = {"image": index}
+        raise
 
 
 class Unauthorized(ClipbankError):

@@ -27,6 +27,7 @@ class FormLimits:
     file_bytes_name: str = "max_file_bytes"
     fields_name: str = "max_fields"
     field_bytes_name: str = "max_field_bytes"
+    file_word: str = "file"  # what a file is called in messages, and the `details` key of its index ("image")
 
 
 @dataclass
@@ -94,10 +95,13 @@ class _Reader:
         self._data += data[start:end]
         lim = self.limits
         if self._filename is not None and len(self._data) > lim.max_file_bytes:
-            raise LimitExceeded(
-                f"file {len(self.form.files)} ({shown(self._filename, 60)}) passed {lim.max_file_bytes} bytes; "
+            index = len(self.form.files)
+            error = LimitExceeded(
+                f"{lim.file_word} {index} ({shown(self._filename, 60)}) passed {lim.max_file_bytes} bytes; "
                 f"the limit is {lim.file_bytes_name}={lim.max_file_bytes}"
             )
+            error.details = {lim.file_word: index}
+            raise error
         if self._filename is None and len(self._data) > lim.max_field_bytes:
             raise LimitExceeded(
                 f"text field {shown(self._name)} passed {lim.max_field_bytes} bytes; "

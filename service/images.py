@@ -18,7 +18,7 @@ from torchvision import transforms as T
 from model_store.pixels import aspect_problem, viewed_rgb
 
 from .config import Limits
-from .errors import BadImage, ClientGone, LimitExceeded
+from .errors import BadImage, ClientGone, LimitExceeded, of_image
 from .image_structure import rle_bmp_too_long, walk
 
 # Formats PIL reads without outside tools (EPS would call Ghostscript, so it is not here).
@@ -169,7 +169,7 @@ def inspect_all(images: Sequence[tuple[str, bytes]], limits: Limits, target: int
         raise BadImage("send at least one image")
     if len(images) > limits.max_images:
         raise LimitExceeded(f"{len(images)} images in one request; the limit is max_images={limits.max_images}")
-    opened = [inspect_image(data, name, limits, target) for name, data in images]
+    opened = [of_image(i, inspect_image, data, name, limits, target) for i, (name, data) in enumerate(images)]
     pixels = sum(o.pixels for o in opened)
     if pixels > limits.max_request_pixels:
         raise LimitExceeded(
@@ -221,10 +221,10 @@ def preprocess_opened(
     `cancelled` is asked before each image: True (the client went away) stops the work with `ClientGone`.
     """
     out = []
-    for o in opened:
+    for i, o in enumerate(opened):
         if cancelled is not None and cancelled():
             raise ClientGone("the client closed the connection while its images were decoded")
-        out.append(preprocess(decode_image(o)))
+        out.append(preprocess(of_image(i, decode_image, o)))
     if all(isinstance(x, np.ndarray) for x in out):
         return torch.from_numpy(np.stack(out))
     return torch.stack(out)

@@ -273,7 +273,11 @@ class Removed(BaseModel):
 class ErrorDetail(BaseModel):
     code: str = Field(..., examples=["bundle_invalid"])
     message: str = Field(..., examples=["bundle backbone fingerprint 3fa2… does not match the served backbone 9c1e…"])
-    details: dict[str, Any] | None = Field(None, description="For `interference` (409): the gate's whole report.")
+    details: dict[str, Any] | None = Field(
+        None,
+        description="For `interference` (409): the gate's whole report. For an error of one image of a classify "
+        'request (`bad_image`, or a 413 about one image): `{"image": i}`, its index in the request.',
+    )
 
 
 class ErrorResponse(BaseModel):

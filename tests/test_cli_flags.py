@@ -245,6 +245,50 @@ def test_classify_sends_more_images_than_one_request_holds_in_chunks(monkeypatch
     assert [r["file"] for r in results] == paths and results[0]["labels"] == [{"label": "a", "score": 0.9}]
 
 
+def test_classify_skip_bad_answers_the_other_files_and_lists_the_bad_ones(monkeypatch, tmp_path, capsys):
+    import httpx
+
+    from clipbank.cli import main
+
+    requests = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        boundary = request.headers["content-type"].split("boundary=")[1].encode()
+        parts = [p.split(b"\r\n\r\n", 1) for p in request.content.split(b"--" + boundary)[1:-1]]
+        images = [data.removesuffix(b"\r\n") for head, data in parts if b'name="images"' in head]
+        requests.append(len(images))
+        if b"bad" in images:  # as the server says it: the first bad image's index in this request
+            i = images.index(b"bad")
+            error = {"code": "bad_image", "message": f"image {i} is not an image", "details": {"image": i}}
+            return httpx.Response(422, json={"error": error})
+        route = {"task": None, "version": None, "bundle_id": None, "score": None, "threshold": None}
+        answer = {"labels": [{"label": "a", "score": 0.9}], "route": route}
+        return httpx.Response(200, json={"results": [answer] * len(images)})
+
+    _client_on(monkeypatch, handler)
+    paths = []
+    for i in range(70):  # two requests; bad files in both, and one that does not exist
+        (tmp_path / f"{i}.png").write_bytes(b"bad" if i in (3, 5, 66) else b"ok")
+        paths.append(str(tmp_path / f"{i}.png"))
+    args = ["classify", *paths, "--labels", "a", "--url", "http://srv"]
+    assert main(args) == 2  # without the flag: the first bad file stops the command, and says how to go on
+    assert "image 3 is not an image (--skip-bad leaves such files out" in capsys.readouterr().err
+    paths.insert(10, str(tmp_path / "missing.png"))
+    args = ["classify", *paths, "--labels", "a", "--url", "http://srv"]
+    requests.clear()
+    assert main([*args, "--skip-bad", "--json"]) == 0
+    out = capsys.readouterr()
+    results = json.loads(out.out)["results"]
+    assert [r["file"] for r in results] == paths
+    skipped = {r["file"]: r["error"]["code"] for r in results if "error" in r}
+    assert skipped == {paths[3]: "bad_image", paths[5]: "bad_image", paths[10]: "unreadable", paths[67]: "bad_image"}
+    assert all(r["labels"][0]["label"] == "a" for r in results if "error" not in r)
+    assert requests == [63, 62, 61, 7, 6] and "4 of 71 files skipped" in out.err  # one request more per bad file
+    assert main([*args, "--skip-bad"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 71 and lines[10].startswith(f"{paths[10]}\t-\t-\t[skipped: ") and "a\t0.900" in lines[0]
+
+
 def test_pretrain_tiny_does_not_overwrite_the_embedded_backbone_unless_asked(capsys):
     import hashlib
 

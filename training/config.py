@@ -15,6 +15,7 @@ class TrainJob:
     task: str = field(metadata={"help": "task name, [a-z0-9][a-z0-9._-]{0,63}"})
     data: str = field(metadata={"help": "ImageFolder: one sub-folder per class (_ reads as a space)"})
     val: str | None = option(None, "validation ImageFolder (default: 20% held out of --data)")
+    skip_bad: bool = option(False, "leave out files that cannot be read as images (listed in a warning), not stop")
     backbone: str = option("tiny", "backbone reference")
     store: str | None = option(None, "store folder: train on top of its bank and put the bundle there")
     out: str | None = option(None, "also write the bundle file here (an existing file only with --overwrite)")

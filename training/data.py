@@ -159,10 +159,13 @@ def _check_class_folders(root: Path, folders: Sequence[Path], found: tuple[str, 
         raise ValueError(f"the class folders of {root} cannot make a task: {problems[0]}")
 
 
-def load_image_folder(root: str | Path, classes: tuple[str, ...] | None = None, lazy: bool = False) -> LabelledImages:
+def load_image_folder(
+    root: str | Path, classes: tuple[str, ...] | None = None, lazy: bool = False, skip_bad: bool = False
+) -> LabelledImages:
     """Read `root/<class>/*.png|jpg|...` as RGB (eagerly, or on access with `lazy`).
 
-    With `classes`, folders must name exactly those.
+    With `classes`, folders must name exactly those. A file that cannot be read as an image is an error that
+    names every such file; with `skip_bad` (eager reading only) those files are left out, with a warning.
     """
     root = Path(root)
     if not root.exists():
@@ -188,24 +191,36 @@ def load_image_folder(root: str | Path, classes: tuple[str, ...] | None = None, 
     single = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes)), strict=True) if n == 1]
     if single:
         log.warning("%s: class(es) %s have one image each: too few to learn, or to validate on", root, single[:5])
-    images = LazyImages(paths, read_rgb) if lazy else _read_all(paths)
+    if lazy:
+        return LabelledImages(LazyImages(paths, read_rgb), labels, classes)
+    images, kept = _read_all(paths, skip_bad)
+    labels = [labels[i] for i in kept]
+    empty = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes)), strict=True) if n == 0]
+    if empty:
+        raise ValueError(f"{root}: class(es) {empty[:5]} have no readable image once the bad files are left out")
     return LabelledImages(images, labels, classes)
 
 
-def _read_all(paths: Sequence[Path]) -> list[Image.Image]:
-    """Every image, or one ValueError naming every file that cannot be used (not one per run)."""
-    images, problems = [], []
-    for f in paths:
+def _read_all(paths: Sequence[Path], skip_bad: bool = False) -> tuple[list[Image.Image], list[int]]:
+    """The images, and the indices into `paths` they were read from; or one ValueError naming every file that
+    cannot be used (not one per run). With `skip_bad`, those files are left out with one warning instead."""
+    images, kept, problems = [], [], []
+    for i, f in enumerate(paths):
         try:
             images.append(read_rgb(f))
+            kept.append(i)
         except ValueError as e:
             problems.append(str(e))
+    if not problems:
+        return images, kept
+    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+    if skip_bad:
+        log.warning("%d of %d images cannot be used and are left out: %s", len(problems), len(paths), shown)
+        return images, kept
+    hint = " (`clipbank train --skip-bad` leaves such files out)"
     if len(problems) == 1:
-        raise ValueError(problems[0])
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise ValueError(f"{len(problems)} of {len(paths)} images cannot be used: {shown}")
-    return images
+        raise ValueError(problems[0] + hint)
+    raise ValueError(f"{len(problems)} of {len(paths)} images cannot be used: {shown}{hint}")
 
 
 def _class_images(folder: Path, skipped: Counter) -> list[Path]:

@@ -40,8 +40,8 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
     """Train `job.task` and return a summary; the bundle goes to `job.out` and/or `job.store`."""
     cfg = train_config(job)
     _check_outputs(job)  # before training, not after it
-    train = load_image_folder(job.data)
-    val = load_image_folder(job.val, train.classes) if job.val else None
+    train = load_image_folder(job.data, skip_bad=job.skip_bad)
+    val = load_image_folder(job.val, train.classes, skip_bad=job.skip_bad) if job.val else None
     backbone = load_backbone(job.backbone, job.device)
     reference = find_reference(backbone, job.reference)  # before any training: a wrong path fails at once
     store = open_store(job.store) if job.store else None

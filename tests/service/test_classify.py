@@ -224,6 +224,22 @@ async def test_bad_inputs_get_a_named_4xx(tmp_path, backbone):
             assert words.lower() in err["message"].lower(), (what, err)
 
 
+async def test_an_error_of_one_image_names_its_index_so_a_client_can_leave_it_out(tmp_path, backbone):
+    """Header checks, decoding (a PNG cut after its header decodes no rows) and base64 each say which image."""
+    cut = colour("red")[:70]  # the header parses; the pixel data is missing
+    big = png(Image.effect_noise((60, 60), 100).convert("RGB"))  # noise: over SMALL's max_image_bytes
+    async with running_app(tmp_path, backbone, limits=SMALL) as c:
+        for i, bad in ((2, b"not an image"), (1, cut), (0, big)):
+            files = [("images", (f"{j}.png", bad if j == i else colour("red"))) for j in range(3)]
+            r = await c.post("/classify", files=files, data={"labels": LABELS})
+            assert r.status_code in (413, 422) and r.json()["error"]["details"] == {"image": i}, r.text
+        ok = base64.b64encode(colour("red")).decode()
+        r = await c.post("/classify", json={"images": [ok, "***"], "labels": LABELS})
+        assert r.status_code == 422 and r.json()["error"]["details"] == {"image": 1}, r.text
+        r = await c.post("/classify", data={"labels": LABELS})  # not about one image: no index
+        assert r.status_code == 422 and "details" not in r.json()["error"]
+
+
 async def test_streamed_body_over_the_limit_without_content_length(tmp_path, backbone):
     async def chunks():
         for _ in range(40):

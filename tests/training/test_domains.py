@@ -219,6 +219,33 @@ def test_every_unusable_image_is_named_at_once_and_a_one_image_class_is_warned_a
         load_image_folder(tmp_path)
 
 
+def test_skip_bad_leaves_unusable_files_out_and_keeps_labels_in_step(tmp_path, caplog):
+    """A real dataset with a few broken files used to be untrainable until each was deleted by hand."""
+    from PIL import Image
+
+    from training.config import TrainJob
+    from training.data import load_image_folder
+
+    for name, colour in (("a", "red"), ("b", "blue")):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.new("RGB", (8, 8), colour).save(tmp_path / name / f"{i}.png")
+    (tmp_path / "a" / "1.png").write_bytes(b"not a png")  # a truncated download
+    Image.new("RGB", (2000, 20)).save(tmp_path / "b" / "wide.png")
+    with pytest.raises(ValueError, match="2 of 7 images cannot be used.*`clipbank train --skip-bad`"):
+        load_image_folder(tmp_path)
+    with caplog.at_level("WARNING"):
+        data = load_image_folder(tmp_path, skip_bad=True)
+    assert "2 of 7 images cannot be used and are left out" in caplog.text and "1.png" in caplog.text
+    assert len(data) == 5 and data.labels == [0, 0, 1, 1, 1]
+    assert [im.getpixel((0, 0)) for im in data.images] == [(255, 0, 0)] * 2 + [(0, 0, 255)] * 3
+    for f in (tmp_path / "b").glob("*.png"):
+        f.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"class\(es\) \['b'\] have no readable image"):
+        load_image_folder(tmp_path, skip_bad=True)
+    assert TrainJob(task="t", data=str(tmp_path), skip_bad=True).skip_bad  # the flag of `clipbank train`
+
+
 def test_labelled_images_in_memory_are_checked_before_training():
     """A library caller's data: string labels, 1-based labels, a label short, numpy arrays. Each failed deep in
     training (an IndexError, "too many dimensions 'str'", torchvision's TypeError, or a false "no class has 2

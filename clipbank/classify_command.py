@@ -1,0 +1,145 @@
+"""`clipbank classify`: image files sent to a running server in requests of at most CLASSIFY_CHUNK images, the
+answers printed per file (or as JSON); with --skip-bad, files it cannot read or the server refuses are listed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from model_store.modes import AUTO, PER_IMAGE, ROUTE_MODES, TASK_MODES
+from model_store.settings import env_value
+
+from .output import print_json
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+CLASSIFY_CHUNK = 64  # images per request: the server's default max_images
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from service.client import ClipbankClient
+
+    labels = _labels(args.labels, args.label)
+    if args.route == "per-request" and len(args.images) > CLASSIFY_CHUNK:
+        raise ValueError(f"--route per-request decides once for at most {CLASSIFY_CHUNK} images (one request)")
+    results, skipped = [], 0
+    with ClipbankClient(args.url, args.token) as client:  # a shell glob may name more than one request holds
+        for a in range(0, len(args.images), CLASSIFY_CHUNK):
+            names = args.images[a : a + CLASSIFY_CHUNK]
+            answered = _classify_chunk(client, names, labels, args, a)
+            skipped += sum("error" in r for r in answered)
+            results += answered
+            if not args.json:  # each request's answers as they come: a later request's error keeps them
+                _print_results(names, answered)
+    if args.json:
+        print_json({"results": results})
+    if skipped:
+        print(f"clipbank: {skipped} of {len(args.images)} files skipped (--skip-bad); see their lines", file=sys.stderr)
+    return 0
+
+
+def _classify_chunk(client: Any, names: list[str], labels: list[str], args: argparse.Namespace, a: int) -> list[dict]:
+    """One request's files (`names`, files a + 1.. of the command), each answered as `{"file", ...result}`. With
+    --skip-bad, a file that cannot be read, or that the server refuses as an image (its error names the image),
+    is answered `{"file", "error": {code, message}}` and the rest are sent again without it."""
+    from service.client import ClipbankHTTPError
+
+    errors: dict[int, dict] = {}
+    if args.skip_bad:
+        errors = {i: why for i, n in enumerate(names) if (why := _unreadable(n)) is not None}
+    while True:
+        pending = [i for i in range(len(names)) if i not in errors]
+        if not pending:
+            break
+        try:
+            out = client.classify([Path(names[i]) for i in pending], labels, *_options(args))
+        except ClipbankHTTPError as e:
+            bad = (e.details or {}).get("image") if e.status in (413, 422) else None
+            if isinstance(bad, int) and 0 <= bad < len(pending) and args.skip_bad:
+                errors[pending[bad]] = {"code": e.code, "message": e.message}
+                continue
+            hint = " (--skip-bad leaves such files out and answers the rest)" if isinstance(bad, int) else ""
+            if len(args.images) > CLASSIFY_CHUNK:  # the server numbers images within their request: say which files
+                shown = f"files {a + 1}..{a + len(names)} (its image i is file {a + 1} + i); the files before it"
+                hint += f" (in the request of {shown} were answered{' above' if not args.json else ''})"
+            raise ClipbankHTTPError(e.status, e.code, e.message + hint, e.details, e.retry_after) from None
+        if not isinstance(out.get("results"), list) or len(out["results"]) != len(pending):
+            raise ValueError(f"{args.url} answered without a result per image: is it a clipbank server?")
+        answered = dict(zip(pending, out["results"], strict=True))
+        return [{"file": n, **(answered[i] if i in answered else {"error": errors[i]})} for i, n in enumerate(names)]
+    return [{"file": n, "error": errors[i]} for i, n in enumerate(names)]
+
+
+def _options(args: argparse.Namespace) -> tuple:
+    return args.task, args.route, args.top_k, args.match_labels
+
+
+def _unreadable(name: str) -> dict | None:
+    """Why the file cannot be sent (missing, a folder, no permission), or None."""
+    try:
+        with open(name, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        return {"code": "unreadable", "message": f"{name}: {e.strerror or e}"}
+    return None
+
+
+def _labels(listed: str | None, single: list[str] | None) -> list[str]:
+    """`--labels a,b` splits at commas; each `--label 'a, b'` is one label as written (it may hold commas)."""
+    labels = [x.strip() for x in listed.split(",") if x.strip()] if listed is not None else []
+    if listed is not None and not labels:
+        raise ValueError(f"--labels {listed!r} names no label; leave it out to answer with the task's classes")
+    for label in single or []:
+        if not label.strip():
+            raise ValueError("--label '' names no label; each --label is one non-empty label")
+        labels.append(label.strip())
+    return labels
+
+
+def _print_results(names: list[str], results: list[dict]) -> None:
+    for name, r in zip(names, results, strict=True):
+        path = name if name.isprintable() else repr(name)  # a tab or newline in a name would break the columns
+        if "error" in r:  # --skip-bad: left out
+            print(f"{path}\t-\t-\t[skipped: {r['error']['message']}]", flush=True)
+            continue
+        where = f"{r['route']['task']} v{r['route']['version']}" if r["route"]["task"] else "zero-shot"
+        if not r["labels"]:  # no labels sent and no task claimed the image
+            print(f"{path}\t-\t-\t[{where}: no task claims it; send --labels]")
+            continue
+        best = r["labels"][0]
+        score = "-" if best["score"] is None else f"{best['score']:.3f}"  # null: not a finite number
+        label = best["label"] if best["label"].isprintable() else repr(best["label"])  # a tab would shift columns
+        print(f"{path}\t{label}\t{score}\t[{where}]", flush=True)
+
+
+def add_classify_parser(sub, url: str) -> None:
+    cl = sub.add_parser("classify", help="classify image files with a running server")
+    cl.add_argument("images", nargs="+")
+    cl.add_argument("--labels", help="comma-separated candidate labels (default: the routed task's classes)")
+    cl.add_argument(
+        "--label", action="append", help="one candidate label, commas and all; repeat it, or mix it with --labels"
+    )
+    cl.add_argument("--task", default=AUTO, help=f"{' | '.join(TASK_MODES)} | a task name")
+    cl.add_argument("--route", default=PER_IMAGE, choices=ROUTE_MODES)
+    cl.add_argument("--top-k", type=int)
+    cl.add_argument(
+        "--ignore-labels-in-routing",
+        dest="match_labels",
+        action="store_false",
+        help="let the selector alone route, even to tasks that know none of --labels",
+    )
+    cl.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
+    cl.add_argument(
+        "--token",
+        default=env_value("classify_token") or env_value("admin_token"),  # the server takes either
+        help="$CLIPBANK_CLASSIFY_TOKEN, else $CLIPBANK_ADMIN_TOKEN",
+    )
+    cl.add_argument("--json", action="store_true", help="print every result as JSON (its file, scores and route)")
+    cl.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="answer the other files when one cannot be read or the server refuses it as an image (it is listed)",
+    )
+    cl.set_defaults(fn=_classify)
