@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import Request
+
+from model_store.errors import InvalidRequest
+from model_store.manifest import shown
 
 from ..lifecycle import Service
 from ..schemas import ErrorResponse
@@ -12,3 +17,28 @@ ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 409, 413, 41
 
 def service_of(request: Request) -> Service:
     return request.app.state.service
+
+
+def known_query(request: Request) -> None:
+    """A 422 for a query parameter the route does not take, before any work. Ignored, a typo changed serving
+    with a success status: `POST /tasks?mod=inactive` activated the upload, `DELETE /tasks/t?version=1` took the
+    whole task out of routing."""
+    route = request.scope.get("route")
+    if route is None or not request.query_params:
+        return
+    takes = sorted(_query_names(route.dependant))
+    unknown = sorted(set(request.query_params) - set(takes))
+    if unknown:
+        named = ", ".join(shown(u, 40) for u in unknown[:5])
+        raise InvalidRequest(
+            f"{request.method} {request.url.path} takes no query parameter {named}; "
+            f"it takes {', '.join(takes) if takes else 'none'}"
+        )
+
+
+def _query_names(dependant: Any) -> set[str]:
+    """The query parameters a route's dependant and its sub-dependencies read (FastAPI's `Dependant` tree)."""
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names

@@ -19,7 +19,7 @@ from ..decode import read_classify
 from ..images import inspect_all, preprocess_opened
 from ..schemas import ClassifyJSON, ClassifyResponse
 from ..steps import BatchInfo
-from . import ERRORS, service_of
+from . import ERRORS, known_query, service_of
 
 
 def multipart_schema(limits: Limits) -> dict:
@@ -59,7 +59,7 @@ def classify_router(reader: TokenCheck | None, limits: Limits) -> APIRouter:
         "/classify",
         response_model=ClassifyResponse,
         responses=ERRORS,
-        dependencies=[Depends(reader)] if reader is not None else [],
+        dependencies=[*([Depends(reader)] if reader is not None else []), Depends(known_query)],  # the token first
         openapi_extra={
             "requestBody": {
                 "required": True,

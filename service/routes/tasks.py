@@ -16,7 +16,7 @@ from ..decode import read_bundle_upload, read_json
 from ..errors import ReplicasLagging
 from ..schemas import ActivateRequest, Removed, TaskInfo, TaskList, TaskUploaded, UploadMode
 from ..tasks import task_info
-from . import ERRORS, service_of
+from . import ERRORS, known_query, service_of
 
 UPLOAD_BODY = {
     "requestBody": {
@@ -109,7 +109,7 @@ def _add_reading(router: APIRouter) -> None:
 
 
 def tasks_router(admin: TokenCheck) -> APIRouter:
-    router = APIRouter(tags=["tasks"], dependencies=[Depends(admin)], responses=ERRORS)
+    router = APIRouter(tags=["tasks"], dependencies=[Depends(admin), Depends(known_query)], responses=ERRORS)
 
     @router.post("/tasks", status_code=201, response_model=TaskUploaded, openapi_extra=UPLOAD_BODY)
     async def upload(

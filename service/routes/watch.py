@@ -14,7 +14,7 @@ from ..auth import TokenCheck
 from ..decode import read_json
 from ..schemas import ActivateRequest, ShadowInfo, TaskInfo, UnclaimedInsights
 from ..tasks import task_info
-from . import ERRORS, service_of
+from . import ERRORS, known_query, service_of
 from .tasks import ACTIVATE_BODY, Wait, announced, known_name
 
 
@@ -27,7 +27,7 @@ async def _changed(request: Request, task: str, wait: str, what: str) -> dict:
 
 
 def watch_router(admin: TokenCheck) -> APIRouter:
-    router = APIRouter(tags=["tasks"], dependencies=[Depends(admin)], responses=ERRORS)
+    router = APIRouter(tags=["tasks"], dependencies=[Depends(admin), Depends(known_query)], responses=ERRORS)
 
     @router.get("/tasks/{task}/shadow", response_model=ShadowInfo)
     async def get_shadow(request: Request, task: str) -> dict:

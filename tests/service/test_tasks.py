@@ -226,6 +226,22 @@ async def test_management_errors(tmp_path, backbone, bundles):
             assert (r.status_code, r.json()["error"]["code"]) == (status, code), (method, path, r.text)
 
 
+async def test_a_query_parameter_a_route_does_not_take_is_refused_before_anything_changes(tmp_path, backbone, bundles):
+    """Ignored, these typos changed serving with a success status: the upload went live, the task went out."""
+    async with running_app(tmp_path, backbone) as c:
+        r = await c.post("/tasks?mod=inactive", **_upload(bundles["textures"]))
+        assert r.status_code == 422 and "takes no query parameter 'mod'; it takes activate, force, mode, wait" in r.text
+        assert (await c.get("/tasks", headers=AUTH)).json()["tasks"] == []  # nothing was stored
+        assert (await c.post("/tasks?mode=inactive", **_upload(bundles["textures"]))).status_code == 201
+        assert (await c.post("/tasks/textures/activate?force=false", json={"version": 1}, headers=AUTH)).is_success
+        r = await c.delete("/tasks/textures?version=1", headers=AUTH)
+        assert r.status_code == 422 and "it takes purge, wait" in r.text
+        assert (await c.get("/tasks/textures", headers=AUTH)).json()["active_version"] == 1  # still routed to
+        r = await c.post("/classify?task=textures", files=[("images", ("r.png", colour("red")))])
+        assert r.status_code == 422 and "POST /classify takes no query parameter 'task'" in r.text
+        assert (await c.post("/tasks?mod=x", files={"bundle": ("b", b"")})).status_code == 401  # the token first
+
+
 async def test_concurrent_uploads_of_one_version_are_serialised(tmp_path, backbone, bundles):
     async with running_app(tmp_path, backbone) as c:
         v1 = bundles["textures"]
