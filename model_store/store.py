@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from .digest import bytes_digest
 from .errors import BundleNotFound, StoreDamaged, StoreError, StoreWriteFailed
 from .manifest import shown
 from .store_base import Edit, PutResult, Store, next_generation, purge_plan
-from .store_index import StoreIndex, VersionRecord
+from .store_index import StoreIndex, TaskRecord, VersionRecord
 
 __all__ = ["LocalStore", "PutResult", "Store", "atomic_write", "check_store", "open_store", "store_leftovers"]
 
@@ -292,51 +293,68 @@ def check_store(root: str | os.PathLike) -> list[str]:
         return [f"index.json cannot be read: {type(e).__name__}: {e.strerror or e}"]
     except (ValueError, RecursionError) as e:
         return [f"index.json does not parse: {str(e)[:120]}"]
-    if not isinstance(index, dict) or type(index.get("generation")) is not int:
-        return ["index.json has no integer 'generation'"]
-    if not isinstance(index.get("tasks"), dict):
-        return ["index.json has no 'tasks' mapping"]
+    try:  # the server's own parser: what it refuses, `store list` and every change refuse too
+        typed = StoreIndex.from_json(index)
+    except StoreError as e:
+        return [f"index.json: {e} (servers, `store list` and changes refuse it)"]
     problems, whole = [], set()
     for path in (root / "blobs").glob("*.safetensors"):
         if bytes_digest(path.read_bytes()) == path.stem:
             whole.add(path.stem)
         elif not path.name.startswith(TMP_PREFIX):
             problems.append(f"blob {path.name[:12]} does not hash to its name")
-    try:
-        return problems + _index_problems(index["tasks"], whole)
-    except (AttributeError, KeyError, TypeError) as e:
-        return [*problems, f"index.json has a malformed task entry ({type(e).__name__}: {str(e)[:120]})"]
+    return problems + _field_problems(index["tasks"]) + _index_problems(typed.tasks, whole)
 
 
-def _index_problems(tasks: dict[str, Any], whole: set[str]) -> list[str]:
+LIST_FIELDS = {"experts_new": "empty", "uses": "empty", "classes": "unknown"}  # -> what the parser reads instead
+
+
+def _field_problems(tasks: dict[str, Any]) -> list[str]:
+    """Lists of ids or names that are not lists of strings: the parser reads them as empty, so a purge could
+    delete a blob that a version still uses."""
+    problems = []
+    for task, entry in tasks.items():
+        for v in entry["versions"]:
+            for key, read_as in LIST_FIELDS.items():
+                value = v.get(key)
+                if value is not None and not (isinstance(value, list) and all(isinstance(x, str) for x in value)):
+                    problems.append(
+                        f"task {shown(task)} version {v['version']}: {key!r} is {shown(value, 20)}, not a list of "
+                        f"strings (read as {read_as})"
+                    )
+    return problems
+
+
+def _index_problems(tasks: Mapping[str, TaskRecord], whole: set[str]) -> list[str]:
     """Dangling ids in the index: blobs not in `whole`, active ids no version has, experts no version adds."""
     problems = []
-    added = {eid for e in tasks.values() for v in e["versions"] for eid in v.get("experts_new", [])}
+    added = {eid for e in tasks.values() for v in e.versions for eid in v.experts_new}
     lost = {  # experts of a version whose blob is gone: {expert id: that version's name}
-        eid: f"task {shown(task)} version {v['version']}"
+        eid: f"task {shown(task)} version {v.version}"
         for task, e in tasks.items()
-        for v in e["versions"]
-        if v["bundle_id"] not in whole
-        for eid in v.get("experts_new", [])
+        for v in e.versions
+        if v.bundle_id not in whole
+        for eid in v.experts_new
     }
     for task, entry in tasks.items():
-        numbers = [v["version"] for v in entry["versions"]]
+        numbers = [v.version for v in entry.versions]
         if len(set(numbers)) != len(numbers):
             problems.append(f"task {shown(task)}: a version number is stored twice: {numbers}")
         for key in ("active", "shadow"):
-            if entry.get(key) and entry[key] not in {v["bundle_id"] for v in entry["versions"]}:
-                problems.append(f"task {shown(task)}: the {key} bundle {entry[key][:12]} is none of its versions")
-        for v in entry["versions"]:
-            name = f"task {shown(task)} version {v['version']}"
-            if v["bundle_id"] not in whole:
+            named = getattr(entry, key)
+            if named and entry.record_of(named) is None:
+                problems.append(f"task {shown(task)}: the {key} bundle {named[:12]} is none of its versions")
+        for v in entry.versions:
+            name = f"task {shown(task)} version {v.version}"
+            if v.bundle_id not in whole:
                 problems.append(
-                    f"{name}: its blob {v['bundle_id'][:12]} is missing or damaged (upload its bundle file again "
+                    f"{name}: its blob {v.bundle_id[:12]} is missing or damaged (upload its bundle file again "
                     "to write it back)"
                 )
-            needs = sorted({lost[eid] for eid in v.get("uses", []) if eid in lost})
+            needs = sorted({lost[eid] for eid in v.uses if eid in lost})
             if needs:
                 problems.append(f"{name}: cannot be served either, it uses the experts of {', '.join(needs)}")
-            missing = [eid[:12] for eid in v.get("uses", []) if eid not in added]
+            missing = [eid[:12] for eid in v.uses if eid not in added]
             if missing:
                 problems.append(f"{name}: uses experts no stored version adds: {', '.join(missing[:5])}")
     return problems

@@ -246,6 +246,31 @@ def test_a_lost_index_is_damage_not_an_empty_store(tmp_path, bundles):
     assert check_store(tmp_path) == ["index.json is missing but blobs/ holds 2 bundles: the index was lost"]
 
 
+@pytest.mark.parametrize(
+    "edit,problem",
+    [
+        (lambda v: v.update(version="one"), "version entry 0 has no integer version and bundle id"),
+        (lambda v: v.update(version=None), "version entry 0 has no integer version and bundle id"),
+        (lambda v: v.update(bundle_id="../x"), "version entry 0 names bundle '../x'"),
+        (lambda v: v.update(uses="abc"), "'uses' is 'abc', not a list of strings (read as empty)"),
+        (lambda v: v.update(classes=7), "'classes' is 7, not a list of strings (read as unknown)"),
+    ],
+)
+def test_check_finds_what_the_servers_parser_refuses_or_misreads(tmp_path, bundles, edit, problem):
+    """An outside check: `store check` said "consistent" of an index that servers and `store list` refuse, and
+    read a string of ids as its letters."""
+    store = LocalStore(tmp_path)
+    store.put(bundles[1])
+    index = json.loads(store.index_path.read_bytes())
+    edit(index["tasks"]["cars"]["versions"][0])
+    store.index_path.write_text(json.dumps(index))
+    problems = check_store(tmp_path)
+    assert len(problems) == 1 and problem in problems[0], problems
+    if "servers" in problems[0]:
+        with pytest.raises(StoreError, match="malformed"):
+            store.index()
+
+
 def test_a_first_put_killed_after_its_blob_leaves_a_usable_store(tmp_path, bundles, monkeypatch):
     """The index is written before the first blob, so a writer dying between the blob and the index leaves an
     empty store with a leftover blob, not a store that looks like it lost its index."""

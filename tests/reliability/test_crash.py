@@ -205,7 +205,7 @@ DAMAGE = {
     "foreign active id": (_edit_index(lambda i: i["tasks"]["a"].update(active="0" * 64)), "is none of its versions"),
     "dropped provider": (_edit_index(lambda i: i["tasks"].pop("a")), "uses experts no stored version adds"),
     "torn index": (lambda s, i: s.index_path.write_text('{"generation": 3, "tas'), "does not parse"),
-    "no generation": (_edit_index(lambda i: i.pop("generation")), "no integer 'generation'"),
+    "no generation": (_edit_index(lambda i: i.pop("generation")), "lacks 'generation' or 'tasks'"),
 }
 
 
