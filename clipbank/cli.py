@@ -26,7 +26,15 @@ def _serve(args: argparse.Namespace) -> int:
     set_serving_env()  # before torch is imported: MKL and OpenMP read their variables once, when they load
     from service.server import serve
 
-    config = ServeConfig.from_env(**given(ServeConfig, args))
+    flags = given(ServeConfig, args)
+    config = ServeConfig.from_env(**flags)
+    ray_only = [
+        f"--{'no-' if flags[n] is False else ''}{n.replace('_', '-')}"
+        for n in ("replicas", "ray_address", "broadcast")
+        if flags.get(n) is not None
+    ]
+    if ray_only and config.engine != "ray":  # ignored, they let a user believe the server was scaled out
+        raise UsageError(f"{', '.join(ray_only)} apply only with --engine ray; this server would be one process")
     return serve(config)
 
 

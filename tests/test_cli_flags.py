@@ -510,6 +510,9 @@ def test_a_store_url_that_is_not_a_folder_gets_no_token_file_written_in_its_name
     from clipbank.cli import main
 
     monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:  # ignored, they let a user believe the server was scaled out
+        main(["serve", "--replicas", "3", "--no-broadcast"])
+    assert stopped.value.code == 2 and "--replicas, --no-broadcast apply only with --engine ray" in str(stopped.value)
     assert main(["serve", "--store", "ftp://x"]) == 2
     assert list(tmp_path.iterdir()) == []
 
