@@ -66,11 +66,10 @@ class ClipbankClient:
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # refused, bad address: name where
             raise ClipbankHTTPError(0, "unreachable", f"cannot reach {self.url}: {type(e).__name__}: {e}") from None
         except httpx.ReadTimeout:  # the request went out: a change may still land
+            changes = method != "GET" and path != "/classify"
+            hint = "; a change it was making may still land: look before retrying (GET /tasks, clipbank store list)"
             raise ClipbankHTTPError(
-                0,
-                "timeout",
-                f"{self.url} did not answer {method} {path} within {self.timeout:g} s; a change it was making may "
-                "still land: look before retrying (GET /tasks, clipbank store list)",
+                0, "timeout", f"{self.url} did not answer {method} {path} within {self.timeout:g} s{hint * changes}"
             ) from None
         except httpx.HTTPError as e:  # timed out, the connection broke, a body that does not decode
             raise ClipbankHTTPError(0, "connection_failed", f"{self.url}: {type(e).__name__}: {e}") from None

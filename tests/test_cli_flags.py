@@ -375,6 +375,9 @@ def test_the_client_bounds_what_a_hostile_answer_can_cost(monkeypatch):
         _client_on(monkeypatch, slow)("http://srv:1", timeout=0.3).activate("cars", 2)
     assert caught.value.code == "timeout" and "POST /tasks/cars/activate" in caught.value.message
     assert "may still land" in caught.value.message
+    with pytest.raises(ClipbankHTTPError) as caught:  # a read changes nothing: no such warning
+        _client_on(monkeypatch, slow)("http://srv:1", timeout=0.3).tasks()
+    assert caught.value.code == "timeout" and "may still land" not in caught.value.message
     busy = httpx.Response(503, json={"error": {"code": "overloaded", "message": "m"}}, headers={"retry-after": "2"})
     with pytest.raises(ClipbankHTTPError) as caught:
         _client_on(monkeypatch, lambda request: busy)("http://srv:1").tasks()
