@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from model_store.backbone import Backbone, load_backbone
 from model_store.bank import build_bank, empty_bank
@@ -22,6 +21,7 @@ from model_store.bundle import read_bundle, tensor_bytes
 from model_store.reference import find_reference
 from training.data import LabelledImages, load_domain
 from training.expert_blocks import default_expert_blocks, with_expert_blocks
+from training.progress import progress_bar
 from training.scoring import frozen_features
 
 from .profile import gemm_rate, pass_flops
@@ -73,7 +73,7 @@ def prepare_backend(
         negatives = torch.cat([negatives, reference.embeddings.to(negatives.dtype)])
     bank, bundles, sizes, names, parsed = with_expert_blocks(empty_bank(bb), expert_blocks), [], [], [], []
     traffic = []
-    for k in tqdm(range(n_tasks), desc=f"{label}: synthetic bundles", file=sys.stderr):
+    for k in progress_bar(range(n_tasks), desc=f"{label}: synthetic bundles", file=sys.stderr):
         name = f"task-{k:03d}"
         data = synthetic_bundle(bank, name, seed=k, selector=family_selector(bb, k, negatives))
         b = read_bundle(data)

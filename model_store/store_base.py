@@ -38,6 +38,11 @@ class BlobBeingDeleted(StoreError):
     code = "store_busy"
 
 
+class Unchanged(Exception):
+    """Raised by an edit that would change nothing: `_change` writes nothing, and the generation stays, so no
+    server builds its bank again for a repeated activate or deactivate."""
+
+
 @dataclass(frozen=True)
 class PutResult:
     task: str
@@ -230,10 +235,19 @@ class Store:
 
         def edit(index: StoreIndex) -> StoreIndex:
             chosen[:] = [index.version(task, version).bundle_id]
+            if index.task(task).active == chosen[0]:
+                raise Unchanged
             return index.with_task(task, lambda t: replace(t, active=chosen[0], shadow=_unless(t.shadow, chosen[0])))
 
-        self._change(self._checked(edit))
+        self._unless_unchanged(edit)
         return chosen[0]
+
+    def _unless_unchanged(self, edit: Edit, checked: bool = True) -> None:
+        """`_change(edit)`, held to `based_on` when `checked`; nothing when the edit raises Unchanged."""
+        try:
+            self._change(self._checked(edit) if checked else edit)
+        except Unchanged:
+            pass
 
     def set_shadow(self, task: str, version: int | None) -> str | None:
         """Put a stored, inactive version in shadow (None: stop shadowing); returns its bundle id."""
@@ -255,10 +269,11 @@ class Store:
         """Stop routing to a task. Its blobs stay, so it can be re-activated."""
 
         def edit(index: StoreIndex) -> StoreIndex:
-            index.task(task)  # TaskNotFound
+            if index.task(task).active is None:  # TaskNotFound, or inactive already
+                raise Unchanged
             return index.with_task(task, lambda t: replace(t, active=None))
 
-        self._change(edit)
+        self._unless_unchanged(edit, checked=False)
 
     def purge(self, task: str) -> int:
         """Forget an inactive task and delete the blobs nothing else needs; returns that task's blobs deleted.

@@ -330,7 +330,10 @@ class Registry:
         return self._change({task: bundle}, lambda: self.store.set_shadow(task, version), serves=False, check=check)
 
     def activate(self, task: str, version: int, force: bool = False) -> str:
-        bundle = self.loader.bundle(self.store.version(task, version).bundle_id)
+        record = self.store.version(task, version)
+        if self.store.task(task).active == record.bundle_id:  # nothing would change: no gate, no new generation
+            return record.bundle_id
+        bundle = self.loader.bundle(record.bundle_id)
         check = self._gated(task, force, [])
         return self._change({task: bundle}, lambda: self.store.activate(task, version), check=check)
 

@@ -8,13 +8,13 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from tqdm import tqdm
 
 from model_store.backbone import TOWERS, Backbone
 from model_store.experts import MoEConfig, Routing, TaskRouter, new_expert
 
 from .cl_agnostic import agnostic_of_model
 from .cl_common import TEMPLATE, CLConfig, RunLog, SequenceStep, train_cfg
+from .progress import progress_bar
 from .trainer import accuracy, default_lr, fit_steps
 
 
@@ -87,7 +87,7 @@ def run_sequential(
         model, lr = bb.model, None
         routing, params = _shared_adapter(bb, cfg)
     g = torch.Generator().manual_seed(cfg.seed)
-    for t, d in enumerate(tqdm(seq, desc=method, unit="task", disable=not progress)):
+    for t, d in enumerate(progress_bar(seq, desc=method, unit="task", disable=not progress)):
         torch.manual_seed(cfg.seed + t)
         tcfg = train_cfg(cfg, d, t)
         fit_steps(model, bb, d.train, tcfg, params, lambda n, step: routing(n, True), g, progress, peak_lr=lr)

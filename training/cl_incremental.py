@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from model_store.backbone import Backbone
 from model_store.bank import build_bank, empty_bank
@@ -22,6 +21,7 @@ from model_store.selector import SelectorConfig
 from .cl_common import CLConfig
 from .data import LabelledImages, load_domain
 from .evaluate import accuracy_and_routes
+from .progress import progress_bar
 from .trainer import TrainConfig, train_task
 
 CIL_DOMAIN = "digits"
@@ -73,7 +73,9 @@ def run_class_incremental(
     bank, bundles, seen = empty_bank(backbone), [], ()
     reference = find_reference(backbone)
     rows, start = [], time.perf_counter()
-    for v, group in enumerate(tqdm(groups, desc=f"class-incremental {domain}", unit="version", disable=not progress)):
+    for v, group in enumerate(
+        progress_bar(groups, desc=f"class-incremental {domain}", unit="version", disable=not progress)
+    ):
         seen = (*seen, *group)
         seed = cfg.seed + v
         selector = SelectorConfig(seed=seed)

@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from model_store.backbone import Backbone, load_backbone
 
 from .cl_common import CLConfig
+from .progress import progress_bar
 
 MAX_WORKERS = 4  # each worker holds its own backbone and domains
 BANK_PARTS = {  # part -> the methods it trains (zero-shot rides along with every part that runs a sequence)
@@ -129,7 +129,7 @@ def run_parts(
 ) -> list[Any]:
     """`run_part(part, backbone)` for every part, in `workers` processes (in this one when 1); the results in the
     order of `parts`. `run_part` must be picklable (a module-level function, or a partial of one)."""
-    bar = tqdm(total=len(parts), desc=f"bench cl ({workers} processes)", unit="part", disable=not progress)
+    bar = progress_bar(total=len(parts), desc=f"bench cl ({workers} processes)", unit="part", disable=not progress)
     results: list[Any] = [None] * len(parts)
     if workers <= 1:
         for i, part in enumerate(parts):
@@ -149,7 +149,7 @@ def run_parts(
             for f in done:
                 i = pending.pop(f)
                 results[i], seconds = f.result()
-                bar.set_postfix_str(f"{parts[i].name} of seed {parts[i].seed_index}: {seconds:.0f} s")
+                bar.set_postfix_str(f"{parts[i].name} of seed {parts[i].seed_index}: {seconds:.0f} s", refresh=False)
                 bar.update()
     bar.close()
     return results

@@ -8,8 +8,6 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from tqdm import tqdm
-
 from model_store.backbone import Backbone
 from model_store.bank import BankSnapshot, build_bank, empty_bank
 from model_store.bundle import Bundle, read_bundle
@@ -34,6 +32,7 @@ from .data import LabelledImages
 from .evaluate import accuracy_and_routes
 from .expert_blocks import default_expert_blocks
 from .int8_eval import int8_comparison
+from .progress import progress_bar
 from .scoring import frozen_features
 from .trainer import TrainConfig, accuracy, train_task
 
@@ -151,7 +150,7 @@ def _run_moe(
     reference = find_reference(bb)
     cache = TextCache()  # keyed by bundle id: a task's and zero-shot's label sets are encoded once, not once a row
     start = time.perf_counter()
-    for t, d in enumerate(tqdm(seq, desc=prefix, unit="task", disable=not progress)):
+    for t, d in enumerate(progress_bar(seq, desc=prefix, unit="task", disable=not progress)):
         tcfg = train_cfg(cfg, d, t, **extra)
         result = train_task(bank, d.train, tcfg, d.val, progress=progress, reference=reference)
         run.val.setdefault(prefix, {})[d.name] = result.report["val_accuracy"]

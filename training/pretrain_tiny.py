@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import save
-from tqdm import tqdm
 
 from model_store.backbone import TINY_DIR, TINY_WEIGHTS
 from model_store.store import atomic_write
@@ -36,6 +35,7 @@ from .domains import (
     random_scene,
     render_scene,
 )
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def pretrain_tiny(cfg: PretrainConfig, out: Path | None = None) -> dict[str, flo
     )
     model.train()
     start = time.time()
-    bar = tqdm(range(cfg.steps), desc="pretrain tiny CLIP", unit="step")
+    bar = progress_bar(range(cfg.steps), desc="pretrain tiny CLIP", unit="step")
     for step in bar:
         scenes = [random_object_scene(rng, PATTERN_RATE, cfg.characters) for _ in range(cfg.batch_size)]
         templates = list(rng.choice(len(TEMPLATES), cfg.batch_size, p=TEMPLATE_WEIGHTS / TEMPLATE_WEIGHTS.sum()))
@@ -205,7 +205,7 @@ def pretrain_tiny(cfg: PretrainConfig, out: Path | None = None) -> dict[str, flo
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     metrics = zero_shot_probe(model, tokenizer, mean, std, cfg.eval_per_class)
     model.eval()
     metrics["seconds"] = time.time() - start

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from model_store.backbone import Backbone
 from model_store.bank import build_bank, empty_bank
@@ -26,6 +25,7 @@ from .config import PROMPTS
 from .continual import CLConfig, SequenceStep, run_continual
 from .data import LabelledImages, LazyImages, load_image_folder
 from .evaluate import accuracy_and_routes
+from .progress import progress_bar
 from .prompts import CIFAR_TEMPLATE, paper_classes, paper_templates, source
 from .trainer import TrainConfig, train_task
 
@@ -160,7 +160,7 @@ def mtil_sequence(
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join([*PROTOCOLS, *CIFAR_STEPS])}")
     seq = []
-    for name in tqdm(PROTOCOLS[protocol], desc="index datasets", unit="dataset"):
+    for name in progress_bar(PROTOCOLS[protocol], desc="index datasets", unit="dataset"):
         train, test = load_dataset(root, name, limit, prompts)
         fit, val = train.holdout(val_fraction) if shots is None else few_shot(train, shots)
         seq.append(SequenceStep(name, fit, val, test, paper_templates(name) if prompts == "papers" else (TEMPLATE,)))
@@ -210,7 +210,7 @@ def run_cifar_incremental(
     groups = np.array_split(np.array(order), CIFAR_STEPS[protocol])
     bank, parent, seen, rows = empty_bank(backbone), None, [], []
     start = time.perf_counter()
-    for k, group in enumerate(tqdm(groups, desc=protocol, unit="step")):
+    for k, group in enumerate(progress_bar(groups, desc=protocol, unit="step")):
         seen += [int(c) for c in group]
         classes = tuple(train.classes[c] for c in seen)
         step_train = _relabel(train, set(int(c) for c in group), classes)

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from model_store.backbone import TOWERS, Backbone
 from model_store.bank import BankSnapshot
@@ -27,6 +26,7 @@ from .config import jsonable
 from .data import LabelledImages, checked_split
 from .expert_blocks import with_expert_blocks
 from .lwf import parent_teacher
+from .progress import progress_bar
 from .routing import selector_with_routing
 from .scoring import accuracy
 
@@ -216,7 +216,7 @@ def fit_steps(
     peak = peak_lr or cfg.lr or default_lr(backbone)
     opt = torch.optim.AdamW(list(parameters), lr=peak, betas=(0.9, 0.999), weight_decay=0.0)
     losses = []
-    bar = tqdm(range(cfg.steps), desc=f"train {cfg.task}", unit="step", disable=not progress, leave=False)
+    bar = progress_bar(range(cfg.steps), desc=f"train {cfg.task}", unit="step", disable=not progress, leave=False)
     for step in bar:
         idx = torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=generator)
         x = torch.stack([backbone.train_preprocess(data.images[i]) for i in idx]).to(dev)
@@ -237,7 +237,7 @@ def fit_steps(
                 f"lower the learning rate (peak {peak:g})"
             )
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return losses
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from model_store.bank import empty_bank
 from model_store.bundle import read_bundle
-from model_store.errors import StoreDamaged, StoreError, StoreWriteFailed
+from model_store.errors import StoreDamaged, StoreError, StoreWriteFailed, TaskNotFound
 from model_store.store import LocalStore, check_store, store_leftovers
 from model_store.store_index import TaskRecord
 from tests.helpers import random_bundle
@@ -171,13 +171,14 @@ def test_a_full_or_read_only_disk_refuses_the_change_and_changes_nothing(tmp_pat
 
     store = LocalStore(tmp_path)
     store.put(bundles[1])
+    store.put(bundles[2], activate=False)
     before = store.index_path.read_bytes()
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(tempfile, "mkstemp", full)
-    for change in (lambda: store.put(bundles[2]), lambda: store.activate("cars", 1), lambda: store.deactivate("cars")):
+    for change in (lambda: store.put(bundles[3]), lambda: store.activate("cars", 2), lambda: store.deactivate("cars")):
         with pytest.raises(StoreWriteFailed, match="No space left on device"):
             change()
     monkeypatch.undo()
@@ -269,6 +270,22 @@ def test_check_finds_what_the_servers_parser_refuses_or_misreads(tmp_path, bundl
     if "servers" in problems[0]:
         with pytest.raises(StoreError, match="malformed"):
             store.index()
+
+
+def test_an_activate_or_deactivate_that_changes_nothing_writes_no_generation(tmp_path, bundles):
+    """Each repeat published a new generation, and every server polling the store built its bank again."""
+    store = LocalStore(tmp_path)
+    store.put(bundles[1])
+    store.put(bundles[2], activate=False)
+    before = store.generation()
+    assert store.activate("cars", 1) == store.version("cars", 1).bundle_id and store.generation() == before
+    store.activate("cars", 2)
+    assert store.generation() == before + 1 and store.task("cars").active == store.version("cars", 2).bundle_id
+    store.deactivate("cars")
+    store.deactivate("cars")
+    assert store.generation() == before + 2 and store.task("cars").active is None
+    with pytest.raises(TaskNotFound):
+        store.deactivate("boats")
 
 
 def test_a_first_put_killed_after_its_blob_leaves_a_usable_store(tmp_path, bundles, monkeypatch):

@@ -159,7 +159,7 @@ def test_a_store_that_keeps_moving_under_a_gated_change_gets_503_store_busy(regi
     put = registry.store.put_validated
 
     def put_after_another_writer(*args, **kwargs):
-        registry.store.deactivate("a")  # a change (generation + 1) every time, between check and write
+        registry.store._change(lambda index: index)  # another writer: generation + 1 between check and write
         return put(*args, **kwargs)
 
     monkeypatch.setattr(registry.store, "put_validated", put_after_another_writer)

@@ -233,7 +233,10 @@ async def test_a_query_parameter_a_route_does_not_take_is_refused_before_anythin
         assert r.status_code == 422 and "takes no query parameter 'mod'; it takes activate, force, mode, wait" in r.text
         assert (await c.get("/tasks", headers=AUTH)).json()["tasks"] == []  # nothing was stored
         assert (await c.post("/tasks?mode=inactive", **_upload(bundles["textures"]))).status_code == 201
-        assert (await c.post("/tasks/textures/activate?force=false", json={"version": 1}, headers=AUTH)).is_success
+        r = await c.post("/tasks/textures/activate?force=false", json={"version": 1}, headers=AUTH)
+        generation = r.json()["replicas"]
+        again = await c.post("/tasks/textures/activate", json={"version": 1}, headers=AUTH)
+        assert again.is_success and again.json()["replicas"] == generation  # the active one: nothing written
         r = await c.delete("/tasks/textures?version=1", headers=AUTH)
         assert r.status_code == 422 and "it takes purge, wait" in r.text
         assert (await c.get("/tasks/textures", headers=AUTH)).json()["active_version"] == 1  # still routed to

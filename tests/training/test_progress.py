@@ -1,0 +1,33 @@
+"""Progress where it is shown: a bar on a terminal, whole lines in logs (docker logs, CI, files)."""
+
+from __future__ import annotations
+
+import io
+
+from training.progress import LOG_SECONDS, progress_bar
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_log_gets_whole_lines_not_one_endless_redrawn_line(monkeypatch):
+    log = io.StringIO()
+    bar = progress_bar(range(300), desc="train t", unit="step", file=log, leave=False)
+    assert bar.mininterval == LOG_SECONDS
+    for step in bar:
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{1 / (step + 1):.3f}", refresh=False)
+    text = log.getvalue()
+    assert "\r" not in text and text.endswith("\n")
+    lines = text.splitlines()
+    assert 2 <= len(lines) <= 3 and lines[0].startswith("train t:   0%") and "300/300" in lines[-1], lines
+    terminal = _Terminal()
+    for _ in progress_bar(range(3), desc="t", file=terminal):
+        pass
+    assert "\r" in terminal.getvalue()  # a terminal keeps tqdm's own redrawn bar
+    quiet = io.StringIO()
+    for _ in progress_bar(range(3), file=quiet, disable=True):
+        pass
+    assert quiet.getvalue() == ""

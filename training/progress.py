@@ -1,0 +1,43 @@
+"""Progress bars that suit where they are shown: tqdm's bar on a terminal, plain lines elsewhere.
+
+Redrawn with carriage returns, a bar becomes one ever-growing line in `docker logs`, CI logs and files. There,
+`progress_bar` prints a full line instead, at most every LOG_SECONDS, and one at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+LOG_SECONDS = 30.0
+
+
+class _Lines:
+    """A stream for tqdm that turns each redraw into one line and drops the blank ones it clears with."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.encoding = getattr(stream, "encoding", None) or "utf-8"
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(iterable: Iterable | None = None, **kw: Any) -> tqdm:
+    """`tqdm(iterable, **kw)`; on a stream that is not a terminal, lines at most every LOG_SECONDS (postfix updates
+    wait for the next line: pass `refresh=False` to `set_postfix`)."""
+    stream = kw.get("file") or sys.stderr
+    isatty = getattr(stream, "isatty", None)
+    if not (isatty and isatty()) and not kw.get("disable"):
+        kw["file"] = _Lines(stream)
+        kw["mininterval"] = max(kw.get("mininterval", 0.1), LOG_SECONDS)
+        kw["leave"] = True  # a line once written stays; the last one says where it ended
+    return tqdm(iterable, **kw)
