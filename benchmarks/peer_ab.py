@@ -1,0 +1,84 @@
+"""clipbank's zero-shot serving against the LitServe peer, side by side in alternating rounds.
+
+    python -m benchmarks.peer_ab [--rounds 5] [--seconds 30] [--clients 16] [--backbone vit-b-32|tiny]
+
+`clipbank bench serve` measures each server once, minutes apart, so a drift in the machine's speed between them
+moves `zero_shot_vs_litserve`. Here both servers run at once, on the same backbone (a seeded random ViT-B-32
+checkpoint, loaded by the real path, or the tiny one), and take the same zero-shot load in turn (after one
+uncounted round each), so a drift touches both alike. clipbank runs as shipped (`--frozen-runtime auto`: ONNX
+Runtime on CPU). Prints each side's median throughput and p99, and the ratio per round and of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from .process import command_process, free_port, server_process
+from .serve import PEERS, TOKEN, ServeBenchConfig, _level, _zero_shot_factory
+from .serve_run import VIT_B, default_images, random_checkpoint
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.peer_ab", description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=30.0, help="seconds per round, at most")
+    p.add_argument("--requests", type=int, default=400, help="requests per round, at most")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--backbone", choices=("vit-b-32", "tiny"), default="vit-b-32")
+    p.add_argument("--out", type=Path, help="write the rows and ratios here as JSON")
+    args = p.parse_args(argv)
+    cfg = ServeBenchConfig(images=default_images(), requests=args.requests, max_seconds=args.seconds)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        ref = "tiny" if args.backbone == "tiny" else random_checkpoint(VIT_B, Path(tmp) / "vit-b-32.safetensors")
+        clipbank_args = ("--backbone", ref, "--log-level", "warning")
+        env = {"CLIPBANK_ADMIN_TOKEN": TOKEN}
+        urls = {"clipbank": stack.enter_context(server_process(Path(tmp) / "store", clipbank_args, env))[0]}
+        port = free_port()
+        peer = [sys.executable, "-m", PEERS["litserve"], "--backbone", ref, "--port", str(port)]
+        urls["litserve"] = stack.enter_context(command_process(peer, port))[0]
+        make = _zero_shot_factory(cfg)
+        for side, url in urls.items():  # warm-up, not counted: first batches of each size, caches
+            _level(url, make, args.clients, cfg, server=f"{side} (warm-up)", mode="zero-shot")
+        for r in range(args.rounds):
+            order = list(urls.items()) if r % 2 == 0 else list(urls.items())[::-1]
+            for side, url in order:
+                rows.append({**_level(url, make, args.clients, cfg, server=side, mode="zero-shot"), "round": r})
+    result = summary(rows, args)
+    print(json.dumps(result["ratios"], indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def summary(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """Per side the median throughput and p99; the ratio of the medians and of each round."""
+    side = {s: [r for r in rows if r["server"] == s] for s in ("clipbank", "litserve")}
+    med = {s: statistics.median(r["images_per_s"] for r in rs) for s, rs in side.items()}
+    p99 = {s: statistics.median(r["p99_ms"] for r in rs) for s, rs in side.items()}
+    per_round = [
+        round(a["images_per_s"] / b["images_per_s"], 3) for a, b in zip(side["clipbank"], side["litserve"], strict=True)
+    ]
+    return {
+        "command": "python -m benchmarks.peer_ab " + " ".join(sys.argv[1:]),
+        "settings": vars(args) | {"out": str(args.out) if args.out else None},
+        "rows": rows,
+        "ratios": {
+            "zero_shot_vs_litserve": round(med["clipbank"] / med["litserve"], 3),
+            "p99_zero_shot_vs_litserve": round(p99["clipbank"] / p99["litserve"], 3),
+            "per_round": per_round,
+            "images_per_s": med,
+            "p99_ms": p99,
+        },
+    }
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
