@@ -288,6 +288,11 @@ class Store:
 def refuse_stored_version(index: StoreIndex, bundle: Bundle) -> None:
     """VersionConflict unless `bundle` is newer than every stored version of its task."""
     newest = index.tasks[bundle.task].newest if bundle.task in index.tasks else 0
+    if bundle.version <= newest and index.owner(bundle.id) is not None:  # the same bytes, stored meanwhile
+        raise VersionConflict(
+            f"this bundle is stored already: task {bundle.task!r} version {bundle.version} (bundle "
+            f"{bundle.id[:12]}); a new bundle needs a higher version"
+        )
     if bundle.version <= newest:
         raise VersionConflict(
             f"task {bundle.task!r} already has version {newest}; a new bundle needs version > {newest}, "

@@ -288,6 +288,19 @@ def test_an_activate_or_deactivate_that_changes_nothing_writes_no_generation(tmp
         store.deactivate("boats")
 
 
+def test_the_same_bundle_put_twice_is_named_as_stored_already_not_as_an_old_version(tmp_path, bundles):
+    """Two uploads of one file at once both pass the server's own check before either is stored; the second then
+    read "already has version 1 ... got 1", as if it were another bundle."""
+    from model_store.errors import VersionConflict
+
+    store = LocalStore(tmp_path)
+    store.put(bundles[2])
+    with pytest.raises(VersionConflict, match="this bundle is stored already: task 'cars' version 2"):
+        store.put(bundles[2])
+    with pytest.raises(VersionConflict, match="already has version 2; a new bundle needs version > 2, got 1"):
+        store.put(bundles[1])
+
+
 def test_a_first_put_killed_after_its_blob_leaves_a_usable_store(tmp_path, bundles, monkeypatch):
     """The index is written before the first blob, so a writer dying between the blob and the index leaves an
     empty store with a leftover blob, not a store that looks like it lost its index."""
