@@ -37,10 +37,10 @@ def _shadow(args: argparse.Namespace) -> int:
     for route, n in stats["taken_from"].items():
         print(f"  taken from {route}: {n}")
     hist = stats["score_histogram"]
+    bins = ", ".join(f"<={le}: {n}" for le, n in zip(hist["le"], hist["counts"], strict=True) if n)
     print(
         "  score histogram (error / threshold; <= 1 passes its threshold, and claims the image unless another "
-        "task scores lower): "
-        + ", ".join(f"<={le}: {n}" for le, n in zip(hist["le"], hist["counts"], strict=True) if n)
+        f"task scores lower): {bins or 'no image scored yet'}"
     )
     return 0
 

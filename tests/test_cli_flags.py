@@ -289,6 +289,19 @@ def test_classify_skip_bad_answers_the_other_files_and_lists_the_bad_ones(monkey
     assert len(lines) == 71 and lines[10].startswith(f"{paths[10]}\t-\t-\t[skipped: ") and "a\t0.900" in lines[0]
 
 
+def test_shadow_with_no_image_scored_says_so_instead_of_an_empty_histogram(monkeypatch, capsys):
+    import httpx
+
+    from clipbank.cli import main
+
+    stats = {"task": "t", "version": 2, "since": "2026-12-05T00:00:00Z", "would_claim": 0, "images": 0}
+    stats |= {"claim_rate": None, "taken_from": {}, "score_histogram": {"le": [0.5, 1.0], "counts": [0, 0]}}
+    _client_on(monkeypatch, lambda request: httpx.Response(200, json=stats))
+    assert main(["shadow", "t", "--url", "http://srv"]) == 0
+    out = capsys.readouterr().out
+    assert "would claim 0 of 0 auto-routed images (-)" in out and out.rstrip().endswith("): no image scored yet")
+
+
 def test_pretrain_tiny_does_not_overwrite_the_embedded_backbone_unless_asked(capsys):
     import hashlib
 
