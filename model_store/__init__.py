@@ -7,7 +7,8 @@ It imports neither `service` nor `training`. The verbs most callers need:
     bundle = read_bundle(open("task.bundle", "rb").read())
     store = open_store("./clipbank-store")            # or "s3://bucket/prefix" (the [scale] extra)
     bank = BankLoader(store, backbone).load()
-    images = torch.stack([backbone.preprocess(im) for im in pil_images])   # [n, 3, H, W]
+    images = torch.stack([backbone.preprocess(viewed_rgb(im)) for im in pil_images])   # [n, 3, H, W]
+    # (model_store.pixels.viewed_rgb: the RGB the server sees; Pillow's own makes dark 16-bit grey white)
     results = classify_batch(bank, [ClassifyItem(images, labels=("cat", "dog"))])
 """
 

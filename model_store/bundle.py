@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -176,6 +177,12 @@ def read_manifest(data: bytes) -> Manifest:
 
 def read_bundle(data: bytes) -> Bundle:
     """Parse and validate a bundle's bytes on their own (no backbone needed). Raises a typed BundleError."""
+    if isinstance(data, str | os.PathLike):
+        raise TypeError(
+            f"read_bundle takes a bundle's bytes, not a path: read_bundle(Path({str(data)!r}).read_bytes())"[:200]
+        )
+    if isinstance(data, bytearray | memoryview):
+        data = bytes(data)
     manifest = read_manifest(data)
     try:
         tensors = st_load(data)

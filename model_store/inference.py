@@ -34,7 +34,8 @@ class ClassifyItem:
         if not isinstance(self.images, torch.Tensor) or self.images.ndim != 4:
             raise TypeError(
                 "ClassifyItem.images is a tensor [n, 3, H, W] of preprocessed images, got "
-                f"{type(self.images).__name__}: torch.stack([backbone.preprocess(im) for im in pil_images])"
+                f"{type(self.images).__name__}{list(self.images.shape) if hasattr(self.images, 'shape') else ''}: "
+                "torch.stack([backbone.preprocess(viewed_rgb(im)) for im in pil_images])"
             )
         if isinstance(self.labels, str):
             raise TypeError(f"ClassifyItem.labels is a tuple of labels, got the string {self.labels!r}")

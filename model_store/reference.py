@@ -21,6 +21,7 @@ from safetensors.torch import save as st_save
 from .backbone import TINY_DIR, Backbone
 from .errors import BackboneMismatch, BundleInvalid
 from .moe_clip import encode_image
+from .pixels import viewed_rgb
 from .safejson import loads as bounded_loads
 from .settings import cache_root, env_value
 from .store import atomic_write
@@ -52,7 +53,7 @@ def embed_images(backbone: Backbone, images: Iterable[Image.Image], batch: int =
     """Normalised frozen embeddings of PIL images, in batches."""
     out, chunk = [], []
     for img in images:
-        chunk.append(backbone.preprocess(img.convert("RGB")))
+        chunk.append(backbone.preprocess(viewed_rgb(img)))  # as the server sees it (16-bit grey, transparency)
         if len(chunk) == batch:
             out.append(encode_image(backbone.model, torch.stack(chunk).to(backbone.device)).float().cpu())
             chunk = []

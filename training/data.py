@@ -86,6 +86,8 @@ class LabelledImages:
             if odd is not None:
                 hint = " (PIL.Image.fromarray(a) makes one of a uint8 HxWx3 array)" if hasattr(odd, "shape") else ""
                 raise TypeError(f"images are PIL images, got {type(odd).__name__}{hint}")
+            if any(im.mode != "RGB" for im in self.images):  # as files and the server's images are seen
+                object.__setattr__(self, "images", [im if im.mode == "RGB" else viewed_rgb(im) for im in self.images])
 
     def __len__(self) -> int:
         return len(self.images)
@@ -285,4 +287,12 @@ def checked_split(
             )
     if not len(val):
         raise ValueError("the validation set is empty")
+    if not len(fit):
+        raise ValueError(
+            f"no training image is left once {len(val)} are held out for validation: add images, or lower "
+            f"val_fraction ({cfg.val_fraction})"
+        )
+    if set(val.classes) != set(train.classes):  # its accuracy would be over another task's classes
+        shown = sorted(set(val.classes) ^ set(train.classes))[:10]
+        raise ValueError(f"the validation set's classes are not the training set's: {shown} are in only one of them")
     return fit, val

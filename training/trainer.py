@@ -62,21 +62,29 @@ class TrainConfig:
         problems = [problem] if (problem := task_name_problem(self.task)) else []
         if self.expert_blocks is not None and self.expert_blocks < 0:
             problems.append(f"expert_blocks must be >= 0 (0: every block), got {self.expert_blocks}")
-        for name in ("steps", "batch_size", "new_experts", "rank"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps", "batch_size", "new_experts", "rank", "warmup", "seed"):
+            value, least = getattr(self, name), 0 if name in ("warmup", "seed") else 1
+            if isinstance(value, bool) or not isinstance(value, int):
+                problems.append(f"{name} must be an int, got {value!r:.40}")
+            elif value < least:
+                problems.append(f"{name} must be >= {least}, got {value}")
+        if not 0 <= self.label_smoothing < 1:  # also refuses NaN, which failed only when the bundle was packed
+            problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if isinstance(self.templates, str):
+            problems.append(f"templates is a tuple of templates, got the string {self.templates!r:.60}")
         if not 0 <= self.new_first < math.inf:
             problems.append(f"new_first must be a finite number >= 0, got {self.new_first}")
         if self.lr is not None and not 0 < self.lr < math.inf:  # also refuses NaN
             problems.append(f"lr must be a finite number > 0, got {self.lr}")
         if len(self.templates) > MAX_TEMPLATES:
             problems.append(f"at most {MAX_TEMPLATES} templates, got {len(self.templates)}")
-        for t in (self.template, *self.templates):
+        for t in (self.template, *(() if isinstance(self.templates, str) else self.templates)):
             if not template_ok(t):
                 problems.append(f"templates must contain exactly one '{{}}' and no other field, got {t!r}")
         if not 0.0 < self.val_fraction < 1.0:
             problems.append(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if not 0 <= self.warm_start_steps < max(1, self.steps):  # steps < 1 is named above
+        steps = self.steps if isinstance(self.steps, int) else 1  # a steps that is no int is named above
+        if not 0 <= self.warm_start_steps < max(1, steps):  # steps < 1 is named above
             problems.append(f"warm_start_steps must be in [0, steps), got {self.warm_start_steps}")
         if not 0 <= self.distill < math.inf:
             problems.append(f"distill must be a finite number >= 0, got {self.distill}")

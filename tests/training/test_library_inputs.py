@@ -1,0 +1,84 @@
+"""A notebook user's mistakes with the Python API, each named before any training (an outside check found each
+failing deep in torch, after training, or not at all)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model_store.bundle import read_bundle
+from model_store.inference import ClassifyItem
+from model_store.pixels import viewed_rgb
+from training import LabelledImages, TrainConfig
+from training.data import checked_split
+from training.domains import export_domain
+
+
+def _images(n: int, classes=("a", "b")) -> LabelledImages:
+    return LabelledImages([Image.new("RGB", (8, 8), "red")] * n, [i % len(classes) for i in range(n)], classes)
+
+
+def test_a_split_with_nothing_to_train_on_or_other_validation_classes_is_refused(backbone):
+    cfg = TrainConfig(task="t", val_fraction=0.99)
+    with pytest.raises(ValueError, match="no training image is left once 4 are held out"):
+        checked_split(_images(4), None, cfg, backbone.tokenizer)  # was torch's "stack expects a non-empty TensorList"
+    other = _images(4, ("a", "c"))
+    with pytest.raises(ValueError, match=r"not the training set's: \['b', 'c'\] are in only one"):
+        checked_split(_images(6), other, TrainConfig(task="t"), backbone.tokenizer)  # was trained and scored on c
+    reordered = LabelledImages(other.images, other.labels, ("b", "a"))
+    assert len(checked_split(_images(6), reordered, TrainConfig(task="t"), backbone.tokenizer)[1]) == 4
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"label_smoothing": 1.5}, r"label_smoothing must be in \[0, 1\), got 1.5"),  # torch's error, after the start
+        ({"label_smoothing": float("nan")}, "label_smoothing must be in"),  # failed when the bundle was packed
+        ({"warmup": -5}, "warmup must be >= 0, got -5"),
+        ({"steps": 2.5}, "steps must be an int, got 2.5"),
+        ({"steps": "10"}, "steps must be an int, got '10'"),  # a TypeError from a comparison
+        ({"templates": "a {}."}, "templates is a tuple of templates, got the string 'a {}.'"),
+    ],
+)
+def test_train_config_names_each_bad_setting_once(kw, message):
+    with pytest.raises(ValueError, match=message) as e:
+        TrainConfig(task="t", **kw)
+    assert str(e.value).count(";") == 0  # one problem, not one per character of a string
+
+
+def test_images_in_memory_are_seen_as_files_and_the_server_see_them():
+    """Pillow's own conversion makes dark 16-bit grey white and transparent pixels black."""
+    grey16 = Image.fromarray(np.full((8, 8), 100 * 257 // 4, np.uint16))
+    clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    data = LabelledImages([grey16, clear, Image.new("RGB", (8, 8), "red")], [0, 1, 0], ("a", "b"))
+    assert [im.mode for im in data.images] == ["RGB"] * 3
+    assert data.images[0].getpixel((0, 0)) == viewed_rgb(grey16).getpixel((0, 0)) == (25, 25, 25)
+    assert data.images[1].getpixel((0, 0)) == (255, 255, 255)
+    with pytest.raises(ValueError, match="32-bit float pixels"):
+        LabelledImages([Image.new("F", (8, 8))], [0], ("a", "b"))
+
+
+def test_read_bundle_takes_any_bytes_like_and_names_a_path(backbone):
+    from model_store.bank import empty_bank
+    from tests.helpers import random_bundle
+
+    data = random_bundle(empty_bank(backbone), "cars", seed=1)
+    assert read_bundle(bytearray(data)).id == read_bundle(memoryview(data)).id == read_bundle(data).id
+    with pytest.raises(TypeError, match=r"not a path: read_bundle\(Path\('x.safetensors'\).read_bytes\(\)\)"):
+        read_bundle("x.safetensors")
+
+
+def test_classify_item_names_the_shape_it_got():
+    with pytest.raises(TypeError, match=r"got Tensor\[3, 8, 8\]"):
+        ClassifyItem(torch.zeros(3, 8, 8))
+
+
+def test_a_domain_is_exported_only_into_a_new_or_empty_folder(tmp_path):
+    (tmp_path / "keep").write_text("mine")
+    with pytest.raises(ValueError, match="is not empty: export into a new folder"):
+        export_domain("shapes", tmp_path)
+    with pytest.raises(ValueError, match="export folder name is empty"):
+        export_domain("shapes", "")
+    assert [p.name for p in tmp_path.iterdir()] == ["keep"]
