@@ -377,10 +377,8 @@ def class_folder(name: str) -> str:
 def export_domain(name: str, out: str | os.PathLike, splits: tuple[str, ...] = SPLITS) -> dict[str, int]:
     """Write a domain as ImageFolder trees `out/<split>/<class>/<n>.png`; returns images written per split."""
     domain = get_domain(name)
-    if not str(out).strip():
-        raise ValueError("the export folder name is empty: name a new folder")
-    if Path(out).is_dir() and any(Path(out).iterdir()):  # classes would mix with what is there
-        raise ValueError(f"{out} is not empty: export into a new folder")
+    if not str(out).strip() or (Path(out).is_dir() and any(Path(out).iterdir())):  # classes would mix
+        raise ValueError(f"{str(out)!r} is not a new or empty folder: export into a new folder")
     counts = {}
     for split in splits:
         images, labels = domain.split(split)

@@ -127,7 +127,7 @@ def test_a_class_name_that_is_not_valid_unicode_is_refused():
 
 def test_export_refuses_a_folder_that_holds_a_dataset_already(tmp_path):
     export_domain("textures", tmp_path / "t", splits=("val",))
-    with pytest.raises(ValueError, match="is not empty"):
+    with pytest.raises(ValueError, match="is not a new or empty folder"):
         export_domain("digits", tmp_path / "t", splits=("val",))
 
 

@@ -77,8 +77,8 @@ def test_classify_item_names_the_shape_it_got():
 
 def test_a_domain_is_exported_only_into_a_new_or_empty_folder(tmp_path):
     (tmp_path / "keep").write_text("mine")
-    with pytest.raises(ValueError, match="is not empty: export into a new folder"):
+    with pytest.raises(ValueError, match="is not a new or empty folder: export into a new folder"):
         export_domain("shapes", tmp_path)
-    with pytest.raises(ValueError, match="export folder name is empty"):
+    with pytest.raises(ValueError, match="'' is not a new or empty folder"):
         export_domain("shapes", "")
     assert [p.name for p in tmp_path.iterdir()] == ["keep"]
