@@ -49,10 +49,7 @@ def _classify_chunk(client: Any, names: list[str], labels: list[str], args: argp
     errors: dict[int, dict] = {}
     if args.skip_bad:
         errors = {i: why for i, n in enumerate(names) if (why := _unreadable(n)) is not None}
-    while True:
-        pending = [i for i in range(len(names)) if i not in errors]
-        if not pending:
-            break
+    while pending := [i for i in range(len(names)) if i not in errors]:
         try:
             out = client.classify([Path(names[i]) for i in pending], labels, *_options(args))
         except ClipbankHTTPError as e:
