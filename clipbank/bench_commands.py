@@ -7,6 +7,7 @@ import dataclasses
 import json
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.jobs import ScaleJob, ServeBenchJob, SoakJob
@@ -71,8 +72,7 @@ def _bench_routing(args: argparse.Namespace) -> int:
 def reference(args: argparse.Namespace) -> int:
     """`clipbank reference build`."""
     from model_store.backbone import load_backbone
-    from model_store.reference import cache_path, embed_images, save_reference
-    from training.data import IMAGE_SUFFIXES, SUFFIXES, LazyImages, read_rgb
+    from model_store.reference import cache_path, embed_images, is_reference, save_reference
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
@@ -80,32 +80,20 @@ def reference(args: argparse.Namespace) -> int:
         raise ValueError(f"--characters is a share in [0, 1], got {args.characters}")
     if args.out and Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a folder; give the reference set's file name")
+    if args.out and Path(args.out).exists() and not is_reference(args.out):  # a rebuild replaces a reference set
+        raise FileExistsError(f"--out {args.out} exists and is not a reference set; give a new file name")
     if args.images and not Path(args.images).is_dir():  # before the backbone loads
         raise FileNotFoundError(
             f"--images {args.images}: {'not a folder' if Path(args.images).exists() else 'no such folder'}"
         )
-    backbone = load_backbone(args.backbone, args.device)
-    if args.generated:
-        from training.reference_images import outside_images
-
-        images = outside_images(args.limit or 4000, characters=args.characters)
-        source = f"training.reference_images.outside_images(characters={args.characters})"
-    elif args.images:
-        root = Path(args.images)
-        files = sorted(  # hidden files and folders (.DS_Store, ._x.png, .thumbnails/) are not the user's images
-            p
-            for p in root.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES
-            and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        )
-        if not files:
-            raise FileNotFoundError(f"no images under {args.images} ({SUFFIXES})")
-        images, source = LazyImages(files[: args.limit] if args.limit else files, read_rgb), f"{len(files)} images"
-    else:
+    if not args.images and not args.generated:
         raise UsageError("clipbank reference build: give --images DIR or --generated")
+    images, source = _reference_images(args)  # a folder's files are all read once here, before the backbone loads
+    backbone = load_backbone(args.backbone, args.device)
     out = Path(args.out) if args.out else cache_path(backbone)
+    replaced = out.exists()
     save_reference(out, embed_images(backbone, images), backbone, source)
-    print(f"wrote {len(images)} embeddings of {source} for {backbone.ref.text} to {out}")
+    print(f"wrote {len(images)} embeddings of {source} for {backbone.ref.text} to {out}{' (replaced)' * replaced}")
     if len(images) < REFERENCE_MIN_IMAGES:
         print(
             f"warning: {len(images)} images is a small reference set: 30% of it calibrates every selector's "
@@ -115,6 +103,30 @@ def reference(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _reference_images(args: argparse.Namespace) -> tuple[Sequence, str]:
+    """The images `reference build` embeds (a folder's read lazily, once each has been checked) and their source."""
+    from training.data import IMAGE_SUFFIXES, SUFFIXES, LazyImages, read_rgb, readable_files
+
+    if args.generated:
+        from training.reference_images import outside_images
+
+        source = f"training.reference_images.outside_images(characters={args.characters})"
+        return outside_images(args.limit or 4000, characters=args.characters), source
+    root = Path(args.images)
+    files = sorted(  # hidden files and folders (.DS_Store, ._x.png, .thumbnails/) are not the user's images
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not files:
+        raise FileNotFoundError(f"no images under {args.images} ({SUFFIXES})")
+    files = files[: args.limit] if args.limit else files
+    files = readable_files(files, args.skip_bad, "clipbank reference build --skip-bad")
+    if not files:
+        raise ValueError(f"no image under {args.images} can be read")
+    return LazyImages(files, read_rgb), f"{len(files)} images"
 
 
 REFERENCE_MIN_IMAGES = 500  # fewer: `reference build` warns
@@ -239,10 +251,16 @@ def add_reference_parser(sub) -> None:
     rsub = rf.add_subparsers(dest="reference_cmd", required=True)
     rb = rsub.add_parser("build", help="embed generic images with a backbone (the negatives selectors learn from)")
     rb.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    rb.add_argument("--images", help="a folder of generic images (any depth); none of your tasks' own")
-    rb.add_argument("--generated", action="store_true", help="the tiny backbone's generated outside images")
+    what = rb.add_mutually_exclusive_group()
+    what.add_argument("--images", help="a folder of generic images (any depth); none of your tasks' own")
+    what.add_argument("--generated", action="store_true", help="the tiny backbone's generated outside images")
+    rb.add_argument("--skip-bad", action="store_true", help="--images: leave out files that cannot be read")
     rb.add_argument("--limit", type=int, help="at most this many images (generated: how many, default 4000)")
     rb.add_argument("--characters", type=float, default=0.0, help="generated: share of scenes with a letter or digit")
-    rb.add_argument("--out", help="the file (default: the backbone's place in ~/.cache/clipbank/reference)")
+    rb.add_argument(
+        "--out",
+        help="the file (default: the backbone's place in ~/.cache/clipbank/reference); a reference set "
+        "there is replaced, any other file is refused",
+    )
     rb.add_argument("--device", default="auto")
     rf.set_defaults(fn=reference)

@@ -74,6 +74,15 @@ def save_reference(path: str | os.PathLike, embeddings: torch.Tensor, backbone: 
     return path
 
 
+def is_reference(path: str | os.PathLike) -> bool:
+    """Whether `path` is a reference set file (safetensors with our metadata), whatever backbone made it."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return REFERENCE_KEY in (f.metadata() or {})
+    except Exception:  # safetensors raises its own error type for a file that is not one
+        return False
+
+
 def load_reference(path: str | os.PathLike, backbone: Backbone) -> ReferenceSet:
     """Read a reference set and check it belongs to `backbone` (its fingerprint) and fits its embeddings."""
     try:

@@ -213,16 +213,37 @@ def _read_all(paths: Sequence[Path], skip_bad: bool = False) -> tuple[list[Image
             kept.append(i)
         except ValueError as e:
             problems.append(str(e))
+    report_unreadable(problems, len(paths), skip_bad, "clipbank train --skip-bad")
+    return images, kept
+
+
+def readable_files(paths: Sequence[Path], skip_bad: bool = False, flag: str = "--skip-bad") -> list[Path]:
+    """The files of `paths` that read as images (each read once, then let go: for sets too large to hold); the
+    others are named as `report_unreadable` does."""
+    kept, problems = [], []
+    for f in paths:
+        try:
+            read_rgb(f).close()
+            kept.append(f)
+        except ValueError as e:
+            problems.append(str(e))
+    report_unreadable(problems, len(paths), skip_bad, flag)
+    return kept
+
+
+def report_unreadable(problems: Sequence[str], total: int, skip_bad: bool, flag: str) -> None:
+    """Nothing if no file failed; else one warning (`skip_bad`) or one ValueError naming them all, with `flag`
+    (the command and option that leave such files out)."""
     if not problems:
-        return images, kept
+        return
     shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
     if skip_bad:
-        log.warning("%d of %d images cannot be used and are left out: %s", len(problems), len(paths), shown)
-        return images, kept
-    hint = " (`clipbank train --skip-bad` leaves such files out)"
+        log.warning("%d of %d images cannot be used and are left out: %s", len(problems), total, shown)
+        return
+    hint = f" (`{flag}` leaves such files out)"
     if len(problems) == 1:
         raise ValueError(problems[0] + hint)
-    raise ValueError(f"{len(problems)} of {len(paths)} images cannot be used: {shown}{hint}")
+    raise ValueError(f"{len(problems)} of {total} images cannot be used: {shown}{hint}")
 
 
 def _class_images(folder: Path, skipped: Counter) -> list[Path]:

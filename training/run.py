@@ -91,7 +91,7 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         # the trained bundle must not be lost with the error
         with _kept_on_failure(result.bundle, job.task, version, "the store refused the bundle", job.out):
             put = store.put(result.bundle, activate=job.activate)
-        summary.update(bundle_id=put.bundle_id, store=store.location, generation=put.generation)
+        summary.update(bundle_id=put.bundle_id, store=store.location, generation=put.generation, activated=job.activate)
     return summary
 
 

@@ -69,9 +69,40 @@ def test_the_cli_builds_a_reference_set_from_any_image_folder(tmp_path, backbone
     outside_images(1, seed=3)[0].save(tmp_path / "imgs" / "._x.png")
     assert main(["reference", "build", "--images", str(tmp_path / "imgs"), "--out", str(out)]) == 0
     assert len(load_reference(out, backbone)) == 6
+    assert "(replaced)" in capsys.readouterr().out  # a rebuild replaces the reference set, and says so
     (tmp_path / "empty").mkdir()
     assert main(["reference", "build", "--images", str(tmp_path / "empty"), "--out", str(out)]) == 2
     assert "no images under" in capsys.readouterr().err
+
+
+def test_reference_build_names_every_unreadable_file_and_can_skip_them(tmp_path, backbone, capsys):
+    """The first bad file stopped the build after the backbone loaded, naming only it; there was no way past it."""
+    from training.reference_images import outside_images
+
+    (tmp_path / "imgs" / "deep").mkdir(parents=True)
+    for i, img in enumerate(outside_images(3, seed=1)):
+        img.save(tmp_path / "imgs" / f"{i}.png")
+    (tmp_path / "imgs" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    (tmp_path / "imgs" / "deep" / "text.jpg").write_text("not a picture")
+    out, build = tmp_path / "ref.safetensors", ["reference", "build", "--images", str(tmp_path / "imgs")]
+    assert main([*build, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "2 of 5 images cannot be used" in err and "cut.png" in err and "text.jpg" in err and "--skip-bad" in err
+    assert not out.exists()
+    assert main([*build, "--out", str(out), "--skip-bad"]) == 0
+    assert len(load_reference(out, backbone)) == 3
+
+
+def test_reference_build_refuses_to_overwrite_a_file_that_is_not_a_reference_set(tmp_path, capsys):
+    kept = tmp_path / "model.safetensors"
+    kept.write_bytes(b"someone's weights")
+    assert main(["reference", "build", "--generated", "--limit", "4", "--out", str(kept)]) == 2
+    assert "exists and is not a reference set" in capsys.readouterr().err
+    assert kept.read_bytes() == b"someone's weights"
+    with pytest.raises(SystemExit) as e:  # both sources: the one it would have used was not said
+        main(["reference", "build", "--generated", "--images", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert e.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_selector_config_knows_the_discriminative_kind():

@@ -161,10 +161,15 @@ def test_new_version_answers_over_every_class_seen(tmp_path, capsys):
             shutil.copytree(tmp_path / "tex" / "train" / name, tmp_path / step / name)
     store = str(tmp_path / "store")
     capsys.readouterr()
-    for step in ("a", "b"):
-        assert main(["train", "--task", "tex", "--data", str(tmp_path / step), "--store", store, "--steps", "3"]) == 0
-        summary = json.loads(capsys.readouterr().out)
+    summaries = []
+    for step, how in (("a", []), ("b", ["--no-activate"])):
+        args = ["train", "--task", "tex", "--data", str(tmp_path / step), "--store", store, "--steps", "3", *how]
+        assert main(args) == 0
+        summaries.append(json.loads(capsys.readouterr().out))
+    summary = summaries[-1]
     assert summary["version"] == 2
+    assert [s["activated"] for s in summaries] == [True, False]  # the JSON says whether the store now routes to it
+    assert LocalStore(store).active() == {"tex": summaries[0]["bundle_id"]}
     (warning,) = [w for w in summary["warnings"] if "parent's classes" in w]  # v2 saw none of v1's classes
     assert "3 of the parent's classes" in warning and classes[0].replace("_", " ") in warning
     v2 = LocalStore(store).load(summary["bundle_id"])
