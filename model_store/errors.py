@@ -63,6 +63,12 @@ class MissingExpert(BundleError):
     code = "missing_expert"
 
 
+class ReferenceInvalid(ClipbankError):
+    """A reference set file (`model_store.reference`) cannot be read or does not hold a reference set."""
+
+    code = "reference_invalid"
+
+
 class StoreError(ClipbankError):
     """Base of store problems."""
 

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from .backbone import TINY_DIR, Backbone
-from .errors import BackboneMismatch, BundleInvalid
+from .errors import BackboneMismatch, ReferenceInvalid
 from .moe_clip import encode_image
 from .pixels import viewed_rgb
 from .safejson import loads as bounded_loads
@@ -90,9 +90,9 @@ def load_reference(path: str | os.PathLike, backbone: Backbone) -> ReferenceSet:
             meta = bounded_loads((f.metadata() or {}).get(REFERENCE_KEY, "null"))
             emb = f.get_tensor("embeddings").float()
     except Exception as e:  # safetensors raises its own error type for a broken file
-        raise BundleInvalid(f"reference set {Path(path).name} cannot be read: {str(e)[:160]}") from None
+        raise ReferenceInvalid(f"reference set {Path(path).name} cannot be read: {str(e)[:160]}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("backbone"), dict):
-        raise BundleInvalid(f"reference set {Path(path).name} has no {REFERENCE_KEY} metadata")
+        raise ReferenceInvalid(f"reference set {Path(path).name} has no {REFERENCE_KEY} metadata")
     fingerprint = meta["backbone"].get("fingerprint")
     if fingerprint != backbone.fingerprint:
         raise BackboneMismatch(
@@ -100,7 +100,7 @@ def load_reference(path: str | os.PathLike, backbone: Backbone) -> ReferenceSet:
             f"{backbone.fingerprint[:12]}…"
         )
     if emb.ndim != 2 or emb.shape[1] != backbone.embed_dim or not bool(torch.isfinite(emb).all()):
-        raise BundleInvalid(f"reference set {Path(path).name} holds {tuple(emb.shape)}, not [N, {backbone.embed_dim}]")
+        raise ReferenceInvalid(f"reference set {Path(path).name} holds {tuple(emb.shape)}, not [N, {backbone.embed_dim}]")
     emb = torch.nn.functional.normalize(emb, dim=-1)
     return ReferenceSet(emb, fingerprint, str(meta.get("source", "")))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_store.errors import BackboneMismatch, BundleInvalid
+from model_store.errors import BackboneMismatch, ReferenceInvalid
 from model_store.reference import TINY_REFERENCE, find_reference, load_reference, save_reference
 
 
@@ -29,7 +29,7 @@ def test_another_backbones_set_or_a_bad_file_is_refused(tmp_path, backbone):
     with pytest.raises(BackboneMismatch, match="made with backbone"):
         load_reference(path, other)
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(BundleInvalid, match="cannot be read"):
+    with pytest.raises(ReferenceInvalid, match="cannot be read"):
         load_reference(tmp_path / "bad.safetensors", backbone)
     with pytest.raises(ValueError, match="1..50000"):
         save_reference(tmp_path / "none.safetensors", emb[:0], backbone, "x")
