@@ -100,7 +100,8 @@ def load_reference(path: str | os.PathLike, backbone: Backbone) -> ReferenceSet:
             f"{backbone.fingerprint[:12]}…"
         )
     if emb.ndim != 2 or emb.shape[1] != backbone.embed_dim or not bool(torch.isfinite(emb).all()):
-        raise ReferenceInvalid(f"reference set {Path(path).name} holds {tuple(emb.shape)}, not [N, {backbone.embed_dim}]")
+        shape = tuple(emb.shape)
+        raise ReferenceInvalid(f"reference set {Path(path).name} holds {shape}, not [N, {backbone.embed_dim}]")
     emb = torch.nn.functional.normalize(emb, dim=-1)
     return ReferenceSet(emb, fingerprint, str(meta.get("source", "")))
 
