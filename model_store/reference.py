@@ -99,9 +99,11 @@ def load_reference(path: str | os.PathLike, backbone: Backbone) -> ReferenceSet:
             f"reference set {Path(path).name} was made with backbone {str(fingerprint)[:12]}…, not the loaded "
             f"{backbone.fingerprint[:12]}…"
         )
-    if emb.ndim != 2 or emb.shape[1] != backbone.embed_dim or not bool(torch.isfinite(emb).all()):
+    if emb.ndim != 2 or emb.shape[1] != backbone.embed_dim:
         shape = tuple(emb.shape)
         raise ReferenceInvalid(f"reference set {Path(path).name} holds {shape}, not [N, {backbone.embed_dim}]")
+    if not bool(torch.isfinite(emb).all()):
+        raise ReferenceInvalid(f"reference set {Path(path).name} holds values that are not finite (NaN or inf)")
     emb = torch.nn.functional.normalize(emb, dim=-1)
     return ReferenceSet(emb, fingerprint, str(meta.get("source", "")))
 
