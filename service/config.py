@@ -167,7 +167,7 @@ class ServeConfig:
                 problems.append(f"{name} must be printable ASCII without spaces (no HTTP client could send it)")
         if self.log_level not in LOG_LEVELS:
             problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if problems:
             raise ValueError(INVALID + "; ".join(problems))

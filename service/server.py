@@ -6,6 +6,9 @@ import logging
 
 import uvicorn
 
+from model_store.backbone import pick_device
+from model_store.errors import BackboneError
+
 from .app import create_app
 from .config import ServeConfig
 from .protocol import guarded_protocol
@@ -25,6 +28,11 @@ def serve(config: ServeConfig) -> int:
         from .ray_engine import run
 
         return run(config)
+    try:
+        pick_device(config.device)  # a device this machine lacks fails now, not after "startup complete"
+    except BackboneError as e:
+        log.error("start-up failed: %s: %s", e.code, e)
+        return 3
     failure: list[str] = []
     server: uvicorn.Server | None = None
 

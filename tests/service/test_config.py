@@ -52,3 +52,18 @@ def test_frozen_runtime_must_be_known():
     assert ServeConfig.from_env({"CLIPBANK_FROZEN_RUNTIME": "onnx"}).frozen_runtime == "onnx"
     with pytest.raises(ValueError, match="frozen_runtime must be one of auto, torch, onnx"):
         ServeConfig(frozen_runtime="tensorrt")
+
+
+def test_a_device_this_machine_lacks_fails_before_the_server_listens(tmp_path, monkeypatch, caplog):
+    """`serve --device cuda` on a machine without one logged "Application startup complete" and listened, then
+    failed in the background; `mps` passed the setting's check and failed the same way."""
+    import torch
+
+    import service.server as server
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(server.uvicorn, "Server", lambda *a, **k: pytest.fail("the server was started"))
+    assert server.serve(ServeConfig(store=str(tmp_path), device="cuda:1")) == 3
+    assert "no usable CUDA device" in caplog.text
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N, got 'mps'"):
+        ServeConfig(device="mps")
