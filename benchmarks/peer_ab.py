@@ -9,6 +9,8 @@ uncounted round each), so a drift touches both alike. While one side takes load,
 stopped (SIGSTOP, then SIGCONT): an idle LitServe server polls its worker queues, about 13% of a core here,
 which would otherwise be taken from clipbank's rounds only. clipbank runs as shipped (`--frozen-runtime auto`:
 ONNX Runtime on CPU). Prints each side's median throughput and p99, and the ratio per round and of the medians.
+Then, with both servers stopped, each side's frozen image pass alone in this process (`model_only`): how much of
+its model's speed each server delivers, and the ratio no serving work could go beyond.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -37,6 +40,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--requests", type=int, default=400, help="requests per round, at most")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--backbone", choices=("vit-b-32", "tiny"), default="vit-b-32")
+    p.add_argument("--model-batch", type=int, default=16, help="batch of the model-only measurement")
+    p.add_argument("--model-seconds", type=float, default=10.0, help="seconds per side and round, model only")
     p.add_argument("--out", type=Path, help="write the rows and ratios here as JSON")
     args = p.parse_args(argv)
     cfg = ServeBenchConfig(images=default_images(), requests=args.requests, max_seconds=args.seconds)
@@ -58,16 +63,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 with _alone(servers, side):
                     row = _level(servers[side][0], make, args.clients, cfg, server=side, mode="zero-shot")
                 rows.append({**row, "round": r})
-    result = summary(rows, args)
+        with _alone(servers, None):
+            model = model_only(ref, args.model_batch, args.model_seconds)
+    result = summary(rows, args, model)
     print(json.dumps(result["ratios"], indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     return result
 
 
+def model_only(ref: str, batch: int, seconds: float, rounds: int = 3) -> dict[str, float]:
+    """Images/s of each side's frozen image pass alone, in this process with the servers' thread count: clipbank's
+    ONNX Runtime session (the export the server made, from the same cache) and PyTorch eager, as the peer runs it.
+    A batch of `batch` random images, run for `seconds` per side and round, the sides alternating; the median."""
+    import torch
+
+    from model_store.backbone import load_backbone
+    from model_store.onnx_runtime import with_onnx_runtime
+    from service.threads import compute_threads
+
+    backbone = load_backbone(ref, "cpu")
+    torch.set_num_threads(compute_threads(0, torch.get_num_threads(), backbone.narrow))
+    onnx, _ = with_onnx_runtime(backbone)
+    x = torch.randn(batch, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(0))
+    passes = {"onnx": onnx.frozen.image, "torch": backbone.model.encode_image}
+    seen: dict[str, list[float]] = {name: [] for name in passes}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, run in passes.items():
+                run(x)  # a first run of this shape is not counted
+                n, start = 0, time.perf_counter()
+                while time.perf_counter() - start < seconds:
+                    run(x)
+                    n += batch
+                seen[name].append(n / (time.perf_counter() - start))
+    return {name: round(statistics.median(v), 2) for name, v in seen.items()}
+
+
 @contextmanager
-def _alone(servers: dict[str, tuple[str, int]], side: str) -> Iterator[None]:
-    """The other servers' process groups stopped while `side` takes load."""
+def _alone(servers: dict[str, tuple[str, int]], side: str | None) -> Iterator[None]:
+    """The other servers' process groups (None: all of them) stopped while `side` takes load."""
     others = [pid for name, (_, pid) in servers.items() if name != side]
     for pid in others:
         os.killpg(pid, signal.SIGSTOP)
@@ -78,8 +113,10 @@ def _alone(servers: dict[str, tuple[str, int]], side: str) -> Iterator[None]:
             os.killpg(pid, signal.SIGCONT)
 
 
-def summary(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    """Per side the median throughput and p99; the ratio of the medians and of each round."""
+def summary(rows: list[dict[str, Any]], args: argparse.Namespace, model: dict[str, float]) -> dict[str, Any]:
+    """Per side the median throughput and p99; the ratio of the medians and of each round; each side's served
+    throughput over its model's alone, and the ratio there would be if neither server cost anything around its
+    model (clipbank's ONNX Runtime pass alone over LitServe's served throughput)."""
     side = {s: [r for r in rows if r["server"] == s] for s in ("clipbank", "litserve")}
     med = {s: statistics.median(r["images_per_s"] for r in rs) for s, rs in side.items()}
     p99 = {s: statistics.median(r["p99_ms"] for r in rs) for s, rs in side.items()}
@@ -96,6 +133,12 @@ def summary(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, A
             "per_round": per_round,
             "images_per_s": med,
             "p99_ms": p99,
+            "model_only_images_per_s": model,
+            "served_vs_model_only": {
+                "clipbank": round(med["clipbank"] / model["onnx"], 3),
+                "litserve": round(med["litserve"] / model["torch"], 3),
+            },
+            "ceiling_zero_shot_vs_litserve": round(model["onnx"] / med["litserve"], 3),
         },
     }
 
