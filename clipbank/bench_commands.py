@@ -250,7 +250,7 @@ def add_reference_parser(sub) -> None:
     rf = sub.add_parser("reference", help="reference sets: embeddings of generic outside images, per backbone")
     rsub = rf.add_subparsers(dest="reference_cmd", required=True)
     rb = rsub.add_parser("build", help="embed generic images with a backbone (the negatives selectors learn from)")
-    rb.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    rb.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"backbone reference (default {DEFAULT_BACKBONE})")
     what = rb.add_mutually_exclusive_group()
     what.add_argument("--images", help="a folder of generic images (any depth); none of your tasks' own")
     what.add_argument("--generated", action="store_true", help="the tiny backbone's generated outside images")
@@ -259,8 +259,9 @@ def add_reference_parser(sub) -> None:
     rb.add_argument("--characters", type=float, default=0.0, help="generated: share of scenes with a letter or digit")
     rb.add_argument(
         "--out",
-        help="the file (default: the backbone's place in ~/.cache/clipbank/reference); a reference set "
-        "there is replaced, any other file is refused",
+        help="the file (default: the backbone's place under $CLIPBANK_REFERENCE_CACHE, else "
+        "$XDG_CACHE_HOME/clipbank/reference, else ~/.cache/clipbank/reference); a reference set there is replaced, "
+        "any other file is refused",
     )
-    rb.add_argument("--device", default="auto")
+    rb.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     rf.set_defaults(fn=reference)

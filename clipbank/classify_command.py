@@ -1,4 +1,5 @@
-"""`clipbank classify`: image files sent to a running server in requests of at most CLASSIFY_CHUNK images, the
+"""`clipbank classify`: image files sent to a running server in requests of at most CLASSIFY_CHUNK images (or the
+server's own max_images, which its 413 names), the
 answers printed per file (or as JSON); with --skip-bad, files it cannot read or the server refuses are listed."""
 
 from __future__ import annotations
@@ -15,20 +16,27 @@ from .output import print_json
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
-CLASSIFY_CHUNK = 64  # images per request: the server's default max_images
+CLASSIFY_CHUNK = 64  # images per request: the server's default max_images (a server's 413 naming less: that)
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from service.client import ClipbankClient
+    from service.client import ClipbankClient, ClipbankHTTPError
 
     labels = _labels(args.labels, args.label)
     if args.route == "per-request" and len(args.images) > CLASSIFY_CHUNK:
         raise ValueError(f"--route per-request decides once for at most {CLASSIFY_CHUNK} images (one request)")
-    results, skipped = [], 0
+    results, skipped, a, chunk = [], 0, 0, CLASSIFY_CHUNK
     with ClipbankClient(args.url, args.token) as client:  # a shell glob may name more than one request holds
-        for a in range(0, len(args.images), CLASSIFY_CHUNK):
-            names = args.images[a : a + CLASSIFY_CHUNK]
-            answered = _classify_chunk(client, names, labels, args, a)
+        while a < len(args.images):
+            names = args.images[a : a + chunk]
+            try:
+                answered = _classify_chunk(client, names, labels, args, a)
+            except ClipbankHTTPError as e:  # a server with a lower max_images: requests of its size from here on
+                chunk = _server_max_images(e, len(names))
+                if chunk is None or args.route == "per-request":  # one decision for all: not split behind its back
+                    raise
+                continue
+            a += len(names)
             skipped += sum("error" in r for r in answered)
             results += answered
             if not args.json:  # each request's answers as they come: a later request's error keeps them
@@ -67,6 +75,15 @@ def _classify_chunk(client: Any, names: list[str], labels: list[str], args: argp
         answered = dict(zip(pending, out["results"], strict=True))
         return [{"file": n, **(answered[i] if i in answered else {"error": errors[i]})} for i, n in enumerate(names)]
     return [{"file": n, "error": errors[i]} for i, n in enumerate(names)]
+
+
+def _server_max_images(error: Any, sent: int) -> int | None:
+    """The server's max_images when `error` is its 413 for a request of `sent` images over that limit, else None."""
+    details = error.details or {}
+    limit = details.get("limit")
+    if error.status != 413 or details.get("setting") != "max_images" or not isinstance(limit, int):
+        return None
+    return limit if 1 <= limit < sent else None
 
 
 def _options(args: argparse.Namespace) -> tuple:
@@ -118,9 +135,14 @@ def add_classify_parser(sub, url: str) -> None:
     cl.add_argument(
         "--label", action="append", help="one candidate label, commas and all; repeat it, or mix it with --labels"
     )
-    cl.add_argument("--task", default=AUTO, help=f"{' | '.join(TASK_MODES)} | a task name")
-    cl.add_argument("--route", default=PER_IMAGE, choices=ROUTE_MODES)
-    cl.add_argument("--top-k", type=int)
+    cl.add_argument("--task", default=AUTO, help=f"{' | '.join(TASK_MODES)} | a task name (default {AUTO})")
+    cl.add_argument(
+        "--route",
+        default=PER_IMAGE,
+        choices=ROUTE_MODES,
+        help=f"auto mode: route each image on its own, or the request's images together (default {PER_IMAGE})",
+    )
+    cl.add_argument("--top-k", type=int, help="answer only the k best labels of each image (default: all)")
     cl.add_argument(
         "--ignore-labels-in-routing",
         dest="match_labels",

@@ -34,7 +34,10 @@ def _serve(args: argparse.Namespace) -> int:
         if flags.get(n) is not None
     ]
     if ray_only and config.engine != "ray":  # ignored, they let a user believe the server was scaled out
-        raise UsageError(f"{', '.join(ray_only)} apply only with --engine ray; this server would be one process")
+        raise UsageError(
+            f"{', '.join(ray_only)} {'apply' if len(ray_only) > 1 else 'applies'} only with --engine ray; this "
+            "server would be one process"
+        )
     return serve(config)
 
 
@@ -136,8 +139,8 @@ def _add_data(sub) -> None:
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     dsub.add_parser("list", help="list the offline domains")
     e = dsub.add_parser("export", help="write a domain as ImageFolder train/val/test folders")
-    e.add_argument("name")
-    e.add_argument("dir")
+    e.add_argument("name", help="an offline domain (clipbank data list)")
+    e.add_argument("dir", help="a new or empty folder")
     d.set_defaults(fn=_data)
 
 
@@ -155,7 +158,11 @@ def _add_pretrain(sub) -> None:
 
 def _add_store(sub) -> None:
     s = sub.add_parser("store", help="inspect or change a local store")
-    s.add_argument("--store", default=env_value("store") or ServeConfig.store, help="($CLIPBANK_STORE)")
+    s.add_argument(
+        "--store",
+        default=env_value("store") or ServeConfig.store,
+        help=f"($CLIPBANK_STORE, default {ServeConfig.store})",
+    )
     ssub = s.add_subparsers(dest="store_cmd", required=True)
     ssub.add_parser("list", help="print the store's index: tasks, versions, which is active")
     ssub.add_parser("check", help="report what is damaged or inconsistent (exit 1 if anything is)")
@@ -234,9 +241,9 @@ def _add_healthcheck(sub) -> None:
 
 def _add_demo(sub) -> None:
     dm = sub.add_parser("demo", help="end to end offline: export two domains, train two tasks, route test images")
-    dm.add_argument("--workdir", default="./clipbank-demo")
-    dm.add_argument("--steps", type=int, default=500)
-    dm.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    dm.add_argument("--workdir", default="./clipbank-demo", help="data, store and report go here (default %(default)s)")
+    dm.add_argument("--steps", type=int, default=500, help="training steps per task (default %(default)s)")
+    dm.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone reference (default %(default)s)")
     dm.add_argument("--tasks", default="textures,glyphs", help="offline domains to train, in order")
     dm.set_defaults(fn=_demo)
 

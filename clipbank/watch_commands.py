@@ -11,6 +11,7 @@ from pathlib import Path
 
 from model_store.settings import env_value
 
+from .classify_command import DEFAULT_URL
 from .output import print_json
 
 
@@ -24,6 +25,9 @@ def _shadow(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.stop or args.version is not None:
             out = client.set_shadow(args.task, None if args.stop else args.version)
+            if args.json:
+                print_json(out)
+                return 0
             shadow, active = (out[k] if out[k] is not None else "none" for k in ("shadow_version", "active_version"))
             print(f"task {out['task']}: version in shadow {shadow}, active {active}")
             return 0
@@ -52,6 +56,10 @@ def _insights(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--png {args.png}: its folder does not exist")
     if args.examples is not None:
         _check_examples_folder(Path(args.examples))
+    if not 0 <= args.min_share <= 1:  # also refuses NaN
+        raise ValueError(f"--min-share is a share of traffic in [0, 1], got {args.min_share}")
+    if args.min_size < 1:
+        raise ValueError(f"--min-size must be >= 1, got {args.min_size}")
     with _client(args) as client:
         wanted = args.examples is not None or args.png is not None
         out = client.unclaimed(args.min_share, args.min_size, EXAMPLES if wanted else 0)
@@ -60,7 +68,12 @@ def _insights(args: argparse.Namespace) -> int:
     if args.json:
         print_json(out)
     elif not out["enabled"]:
-        print("the unclaimed-traffic monitor is off on this server (unclaimed_capacity=0)")
+        skipped = " and ".join(f for f, v in (("--png", args.png), ("--examples", args.examples)) if v is not None)
+        print(
+            "the unclaimed-traffic monitor is off on this server (unclaimed_capacity=0)"
+            + (f"; nothing written for {skipped}" if skipped else "")
+        )
+        return 1 if skipped else 0
     else:
         _print_insights(out)
     if args.png is not None and out["enabled"]:
@@ -189,13 +202,15 @@ def add_watch_parsers(sub, url: str) -> None:
     what.add_argument("--version", type=int, help="put this stored version in shadow")
     what.add_argument("--stop", action="store_true", help="stop scoring traffic with the version in shadow")
     sh.add_argument("--json", action="store_true", help="print the full JSON")
-    sh.add_argument("--url", default=url, help="server URL ($CLIPBANK_URL)")
+    sh.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
     sh.add_argument("--token", default=token, help="admin token ($CLIPBANK_ADMIN_TOKEN)")
     sh.set_defaults(fn=_shadow)
 
     ins = sub.add_parser("insights", help="clusters of the traffic no task claims: candidate tasks to train")
-    ins.add_argument("--min-share", type=float, default=0.03, help="a cluster's least share of auto traffic")
-    ins.add_argument("--min-size", type=int, default=20, help="a cluster's fewest images")
+    ins.add_argument(
+        "--min-share", type=float, default=0.03, help="a cluster's least share of auto traffic (default 0.03)"
+    )
+    ins.add_argument("--min-size", type=int, default=20, help="a cluster's fewest images (default 20)")
     ins.add_argument(
         "--png", help="also plot each cluster's share of traffic over time (and example thumbnails) to this PNG"
     )
@@ -205,6 +220,6 @@ def add_watch_parsers(sub, url: str) -> None:
         help=f"write up to {EXAMPLES} thumbnails of each cluster to DIR/cluster-ID/ (servers that keep thumbnails)",
     )
     ins.add_argument("--json", action="store_true", help="print the full JSON")
-    ins.add_argument("--url", default=url, help="server URL ($CLIPBANK_URL)")
+    ins.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
     ins.add_argument("--token", default=token, help="admin token ($CLIPBANK_ADMIN_TOKEN)")
     ins.set_defaults(fn=_insights)

@@ -14,11 +14,10 @@ from .backbone import TOWERS
 from .errors import BundleInvalid
 from .experts import MAX_SCALE, MoEConfig
 from .labels import _is_text, _labels_problems, shown
-from .modes import TASK_MODES
+from .modes import TASK_MODES, task_name_problem
 from .selector import SELECTOR_KINDS
 
 FORMAT = 1
-TASK_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 ID_RE = re.compile(r"[0-9a-f]{64}")
 RESERVED_TASKS = TASK_MODES  # request values of `task`, so never task names
 
@@ -33,14 +32,6 @@ OPTIONAL_MOE = ("expert_blocks",)  # moe keys older bundles lack
 # claim everything (a threshold of 1e30 claims every image of every task).
 THRESHOLD_OVER_MAX = 4.0
 CALIBRATION_ORDER = ("p50", "p90", "p95", "p99", "max")
-
-
-def task_name_problem(name: Any) -> str | None:
-    if not isinstance(name, str) or not TASK_RE.fullmatch(name):
-        return f"task {shown(name)} must match {TASK_RE.pattern}"
-    if name in RESERVED_TASKS:
-        return f"task {name!r} is reserved ({', '.join(RESERVED_TASKS)} are routing modes)"
-    return None
 
 
 def validate_task_name(name: str) -> str:

@@ -37,8 +37,8 @@ class TokenCheck:
             raise Unauthorized(f"the server has no {self.name} token yet")
         if credentials is None:
             where = (
-                "CLIPBANK_ADMIN_TOKEN or --token for the clipbank commands; a generated one is in the store's "
-                ".admin-token file"
+                "CLIPBANK_ADMIN_TOKEN or --token for the clipbank commands; a server started without one saved "
+                "the token it generated in the store's .admin-token file"
                 if self.name == "admin"
                 else f"CLIPBANK_{self.name.upper()}_TOKEN or --token for the clipbank commands"
             )

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import httpx
 
-from model_store.modes import AUTO, PER_IMAGE
+from model_store.modes import AUTO, PER_IMAGE, task_name_problem
 
 ImageInput = Any  # a path, encoded bytes (or a bytes-like object), an open binary file, or a PIL image
 
@@ -235,9 +235,12 @@ def _name(item: ImageInput, i: int) -> str:
 
 
 def _seg(name: str) -> str:
-    """A task name as one path segment: '../x' must not reach another endpoint."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a task name is a non-empty string, got {name!r}")
+    """A task name as one path segment, or a ValueError for a name no task can have (the server would answer it
+    with a 404 for a path it has no route for, as `/` in it splits the path). Quoted all the same: '../x' must
+    never reach another endpoint."""
+    problem = task_name_problem(name)
+    if problem is not None:
+        raise ValueError(f"{problem}: no task can have that name")
     return quote(name, safe="")
 
 

@@ -125,8 +125,8 @@ class ServeConfig:
             problems.append(f"max_batch must be >= 1, got {self.max_batch}")
         elif self.limits.max_images > self.max_batch:
             problems.append(
-                f"max_images ({self.limits.max_images}) must be <= max_batch ({self.max_batch}), "
-                "since a request is never split"
+                f"max_images ({self.limits.max_images}, CLIPBANK_MAX_IMAGES) must be <= max_batch "
+                f"({self.max_batch}), since a request is never split"
             )
         if not 0 <= self.threads <= 1024:
             problems.append(

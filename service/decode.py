@@ -110,7 +110,11 @@ def _parse_json_classify(body: bytes, limits: Limits) -> tuple[ClassifyJSON, lis
         raise InvalidRequest(f"the body is not valid JSON: {e}") from None
     parsed = validated(ClassifyJSON, payload)
     if len(parsed.images) > limits.max_images:
-        raise LimitExceeded(f"{len(parsed.images)} images in one request; the limit is max_images={limits.max_images}")
+        raise LimitExceeded(
+            f"{len(parsed.images)} images in one request; the limit is max_images={limits.max_images}",
+            "max_images",
+            limits.max_images,
+        )
     named = [(f"image {i}", s) for i, s in enumerate(parsed.images)]
     return parsed, [(name, of_image(i, decode_base64, s, name, limits)) for i, (name, s) in enumerate(named)]
 

@@ -34,9 +34,15 @@ T = TypeVar("T")
 
 
 class LimitExceeded(InvalidRequest):
-    """A request is larger than a configured limit (bytes, images, pixels, labels)."""
+    """A request is larger than a configured limit (bytes, images, pixels, labels). With `setting`, the answer
+    carries `details: {"setting", "limit"}`, so a client can send requests that fit (`clipbank classify` does)."""
 
     code = "limit_exceeded"
+
+    def __init__(self, message: str, setting: str | None = None, limit: int | None = None) -> None:
+        super().__init__(message)
+        if setting is not None:
+            self.details = {"setting": setting, "limit": limit}
 
 
 class BadImage(InvalidRequest):

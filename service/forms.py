@@ -81,7 +81,9 @@ class _Reader:
                     f"unexpected file field {shown(self._name)}; send files in {', '.join(map(repr, lim.file_fields))}"
                 )
             if len(self.form.files) >= lim.max_files:
-                raise LimitExceeded(f"more than {lim.files_name}={lim.max_files} files in one request")
+                raise LimitExceeded(
+                    f"more than {lim.files_name}={lim.max_files} files in one request", lim.files_name, lim.max_files
+                )
             self._filename = _utf8(options[b"filename"], "a file name", errors="replace")
         elif self._name in lim.file_fields:  # else its bytes would meet the text limits and be named by them
             raise InvalidRequest(

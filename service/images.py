@@ -168,7 +168,11 @@ def inspect_all(images: Sequence[tuple[str, bytes]], limits: Limits, target: int
     if not images:
         raise BadImage("send at least one image")
     if len(images) > limits.max_images:
-        raise LimitExceeded(f"{len(images)} images in one request; the limit is max_images={limits.max_images}")
+        raise LimitExceeded(
+            f"{len(images)} images in one request; the limit is max_images={limits.max_images}",
+            "max_images",
+            limits.max_images,
+        )
     opened = [of_image(i, inspect_image, data, name, limits, target) for i, (name, data) in enumerate(images)]
     pixels = sum(o.pixels for o in opened)
     if pixels > limits.max_request_pixels:

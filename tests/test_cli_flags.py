@@ -185,7 +185,7 @@ def test_the_client_takes_the_image_objects_a_python_user_has_and_names_odd_answ
             c.classify([3.5])
         with pytest.raises(ValueError, match="no images"):
             c.classify([])
-        with pytest.raises(ValueError, match="non-empty"):
+        with pytest.raises(ValueError, match="no task can have that name"):
             c.task("")
         with pytest.raises(ClipbankHTTPError) as caught:
             c.tasks()
@@ -204,14 +204,13 @@ def test_the_client_keeps_task_names_in_their_path_segment_and_strips_its_token(
 
     client_class = _client_on(monkeypatch, handler)
     with client_class("http://srv", token="abcdefghijklmnop0123\n") as c:
-        c.delete("../insights/unclaimed")
-        c.activate("x/../y", 1)
-        c.task("a#b")
-    assert [p for _, p, _ in seen] == [
-        "/tasks/..%2Finsights%2Funclaimed?purge=false",
-        "/tasks/x%2F..%2Fy/activate?force=false",
-        "/tasks/a%23b",
-    ]
+        for call in (lambda: c.delete("../insights/unclaimed"), lambda: c.activate("x/../y", 1), lambda: c.task("a#b")):
+            with pytest.raises(ValueError, match="no task can have that name"):  # the server would say "no route"
+                call()
+        assert seen == []
+        c.activate("v1.2_x-y", 1)
+        c.task("t")
+    assert [p for _, p, _ in seen] == ["/tasks/v1.2_x-y/activate?force=false", "/tasks/t"]
     assert {a for _, _, a in seen} == {"Bearer abcdefghijklmnop0123"}
     with pytest.raises(ValueError, match="printable ASCII") as e:
         client_class("http://srv", token="abc def ghijklmnop")
@@ -243,6 +242,36 @@ def test_classify_sends_more_images_than_one_request_holds_in_chunks(monkeypatch
     assert main(["classify", *paths, "--labels", "a,b", "--url", "http://srv", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)["results"]  # each result names its file, across requests
     assert [r["file"] for r in results] == paths and results[0]["labels"] == [{"label": "a", "score": 0.9}]
+
+
+def test_classify_sends_requests_of_the_servers_own_max_images(monkeypatch, tmp_path, capsys):
+    """A server run with CLIPBANK_MAX_IMAGES=8 refused every request of more than 8 files, and the command gave up."""
+    import httpx
+
+    from clipbank.cli import main
+
+    sizes = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        n = request.content.count(b'name="images"')
+        sizes.append(n)
+        if n > 8:
+            error = {"code": "limit_exceeded", "message": "more than max_images=8 files in one request"}
+            return httpx.Response(413, json={"error": {**error, "details": {"setting": "max_images", "limit": 8}}})
+        route = {"task": None, "version": None, "bundle_id": None, "score": None, "threshold": None}
+        return httpx.Response(200, json={"results": [{"labels": [{"label": "a", "score": 0.9}], "route": route}] * n})
+
+    _client_on(monkeypatch, handler)
+    paths = []
+    for i in range(20):
+        (tmp_path / f"{i}.png").write_bytes(b"x")
+        paths.append(str(tmp_path / f"{i}.png"))
+    assert main(["classify", *paths, "--labels", "a,b", "--url", "http://srv", "--json"]) == 0
+    assert sizes == [20, 8, 8, 4]
+    assert [r["file"] for r in json.loads(capsys.readouterr().out)["results"]] == paths
+    sizes.clear()  # one decision for all images cannot be split: the server's answer stands
+    assert main(["classify", *paths, "--labels", "a", "--url", "http://srv", "--route", "per-request"]) == 2
+    assert sizes == [20] and "max_images=8" in capsys.readouterr().err
 
 
 def test_classify_skip_bad_answers_the_other_files_and_lists_the_bad_ones(monkeypatch, tmp_path, capsys):
@@ -640,3 +669,27 @@ def test_version_names_the_installed_package(capsys):
     with pytest.raises(SystemExit) as stopped:
         build_parser().parse_args(["--version"])
     assert stopped.value.code == 0 and capsys.readouterr().out.strip() == f"clipbank {version('clipbank')}"
+
+
+def test_shadow_json_when_setting_a_version_and_insights_saying_what_it_did_not_write(monkeypatch, tmp_path, capsys):
+    """`shadow t --version 2 --json` printed the text line; `insights --png` on a server with the monitor off
+    wrote nothing and exited 0; `--min-share 2` was refused in the server's words (`min_share`)."""
+    import httpx
+
+    from clipbank.cli import main
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/shadow"):
+            return httpx.Response(200, json={"task": "t", "shadow_version": 2, "active_version": 1})
+        return httpx.Response(200, json={"enabled": False, "reservoir": {}, "clusters": []})
+
+    _client_on(monkeypatch, handler)
+    assert main(["shadow", "t", "--version", "2", "--json", "--url", "http://srv"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"task": "t", "shadow_version": 2, "active_version": 1}
+    png = tmp_path / "u.png"
+    assert main(["insights", "--png", str(png), "--url", "http://srv"]) == 1
+    assert "nothing written for --png" in capsys.readouterr().out and not png.exists()
+    assert main(["insights", "--url", "http://srv"]) == 0  # nothing asked, nothing missed
+    for flag, value, message in (("--min-share", "2", "--min-share is a share"), ("--min-size", "0", "--min-size")):
+        assert main(["insights", flag, value, "--url", "http://srv"]) == 2
+        assert message in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from model_store.backbone import load_backbone
@@ -21,7 +22,7 @@ def run_demo(workdir: Path, steps: int = 500, backbone: str = "tiny", tasks: tup
     """Train `tasks` one after the other on one store, then report routing on their test sets and on shapes."""
     store_dir = workdir / "store"
     for name in tasks:
-        export_domain(name, workdir / "data" / name)
+        exported(name, workdir / "data" / name)
         if name in open_store(store_dir).active():
             print(f"{name}: already in {store_dir}, skipping training")
             continue
@@ -45,3 +46,14 @@ def run_demo(workdir: Path, steps: int = 500, backbone: str = "tiny", tasks: tup
     print(format_route_report(report))
     (workdir / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def exported(name: str, folder: Path) -> Path:
+    """`folder` holding the domain's export: made once, in a sibling folder renamed when complete, so a run that
+    was stopped leaves no half export behind and a second run uses the first one's."""
+    if not folder.is_dir():
+        part = folder.with_name(folder.name + ".part")
+        shutil.rmtree(part, ignore_errors=True)  # what a stopped run left
+        export_domain(name, part)
+        part.rename(folder)
+    return folder

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from model_store.errors import ClipbankError, InvalidRequest, TaskNotFound
-from model_store.manifest import TASK_RE, shown
+from model_store.manifest import shown
+from model_store.modes import TASK_RE
 from model_store.store_base import needed_by
 
 from ..auth import TokenCheck

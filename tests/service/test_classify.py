@@ -240,6 +240,16 @@ async def test_an_error_of_one_image_names_its_index_so_a_client_can_leave_it_ou
         assert r.status_code == 422 and "details" not in r.json()["error"]
 
 
+async def test_too_many_images_names_the_limit_so_a_client_can_send_fewer(tmp_path, backbone):
+    async with running_app(tmp_path, backbone, limits=SMALL) as c:
+        for kwargs in (
+            dict(files=_classify_files(5), data={"labels": LABELS}),
+            dict(json={"images": [base64.b64encode(colour("red")).decode()] * 5, "labels": LABELS}),
+        ):
+            r = await c.post("/classify", **kwargs)
+            assert r.status_code == 413 and r.json()["error"]["details"] == {"setting": "max_images", "limit": 4}
+
+
 async def test_streamed_body_over_the_limit_without_content_length(tmp_path, backbone):
     async def chunks():
         for _ in range(40):

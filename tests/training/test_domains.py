@@ -131,6 +131,19 @@ def test_export_refuses_a_folder_that_holds_a_dataset_already(tmp_path):
         export_domain("digits", tmp_path / "t", splits=("val",))
 
 
+def test_the_demo_reuses_its_export_and_a_stopped_one_leaves_no_half_export(tmp_path):
+    """`clipbank demo` run a second time, or after Ctrl-C, failed: its export folder was no longer empty."""
+    from training.demo import exported
+
+    folder = tmp_path / "data" / "textures"
+    (tmp_path / "data" / "textures.part" / "train" / "dots").mkdir(parents=True)  # a run stopped mid-export
+    assert exported("textures", folder) == folder and not (tmp_path / "data" / "textures.part").exists()
+    stamp = (folder / "test").stat().st_mtime_ns
+    assert exported("textures", folder) == folder  # the second run uses it as it is
+    assert (folder / "test").stat().st_mtime_ns == stamp
+    assert len(load_image_folder(folder / "val")) == len(get_domain("textures").split("val")[0])
+
+
 def test_store_commands_do_not_make_a_store_where_there_is_none(tmp_path, capsys):
     from clipbank.cli import main
 
