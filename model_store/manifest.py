@@ -14,12 +14,11 @@ from .backbone import TOWERS
 from .errors import BundleInvalid
 from .experts import MAX_SCALE, MoEConfig
 from .labels import _is_text, _labels_problems, shown
-from .modes import TASK_MODES, task_name_problem
+from .modes import task_name_problem
 from .selector import SELECTOR_KINDS
 
 FORMAT = 1
 ID_RE = re.compile(r"[0-9a-f]{64}")
-RESERVED_TASKS = TASK_MODES  # request values of `task`, so never task names
 
 # Bounds on what a manifest may ask the server to hold or compute (docs/bundle-format.md lists them).
 MAX_SHORT_CHARS = 256  # backbone names, created_at, selector kind

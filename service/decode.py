@@ -39,6 +39,7 @@ def classify_form_limits(limits: Limits) -> FormLimits:
         fields_name=f"max_labels (+{len(OPTION_FIELDS)} option fields)",
         field_bytes_name="max_label_chars (as UTF-8 bytes)",
         file_word="image",
+        files_setting="max_images",
     )
 
 

@@ -28,6 +28,7 @@ class FormLimits:
     fields_name: str = "max_fields"
     field_bytes_name: str = "max_field_bytes"
     file_word: str = "file"  # what a file is called in messages, and the `details` key of its index ("image")
+    files_setting: str | None = None  # the setting max_files is, named in the 413's details so a client can adapt
 
 
 @dataclass
@@ -81,9 +82,8 @@ class _Reader:
                     f"unexpected file field {shown(self._name)}; send files in {', '.join(map(repr, lim.file_fields))}"
                 )
             if len(self.form.files) >= lim.max_files:
-                raise LimitExceeded(
-                    f"more than {lim.files_name}={lim.max_files} files in one request", lim.files_name, lim.max_files
-                )
+                message = f"more than {lim.files_name}={lim.max_files} files in one request"
+                raise LimitExceeded(message, lim.files_setting, lim.max_files)
             self._filename = _utf8(options[b"filename"], "a file name", errors="replace")
         elif self._name in lim.file_fields:  # else its bytes would meet the text limits and be named by them
             raise InvalidRequest(
