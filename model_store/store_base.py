@@ -260,9 +260,11 @@ class Store:
                 raise ShadowConflict(
                     f"task {shown(task)} version {version} is active: only another version can shadow it"
                 )
+            if record.shadow == chosen[0]:  # in shadow already (or no shadow to stop): no new generation
+                raise Unchanged
             return index.with_task(task, lambda t: replace(t, shadow=chosen[0]))
 
-        self._change(self._checked(edit))
+        self._unless_unchanged(edit)
         return chosen[0]
 
     def deactivate(self, task: str) -> None:

@@ -166,10 +166,14 @@ class ClipbankClient:
             return self._call("DELETE", f"/tasks/{_seg(task)}/shadow", params=_waiting(wait_all))
         return self._call("POST", f"/tasks/{_seg(task)}/shadow", json={"version": version}, params=_waiting(wait_all))
 
-    def unclaimed(self, min_share: float = 0.03, min_size: int = 20, examples: int = 0) -> dict[str, Any]:
+    def unclaimed(
+        self, min_share: float = 0.03, min_size: int = 20, examples: int = 0, max_clusters: int | None = None
+    ) -> dict[str, Any]:
         """Clusters of the traffic no task claimed (`GET /insights/unclaimed`), each with up to `examples`
-        thumbnails (PNG data URIs) when the server keeps them."""
+        thumbnails (PNG data URIs) when the server keeps them; at most `max_clusters` (None: the server's default)."""
         params = {"min_share": min_share, "min_size": min_size, "examples": examples}
+        if max_clusters is not None:
+            params["max_clusters"] = max_clusters
         return self._call("GET", "/insights/unclaimed", params=params)
 
     def delete(self, task: str, purge: bool = False, wait_all: bool = False) -> dict[str, Any]:

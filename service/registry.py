@@ -325,6 +325,8 @@ class Registry:
         record = self.store.version(task, version)
         if record.bundle_id == self.store.task(task).active:  # the store refuses it too; this is before any work
             raise ShadowConflict(f"task {shown(task)} version {version} is active: only another version can shadow it")
+        if record.bundle_id == self.store.task(task).shadow:  # in shadow already: no gate, no new generation
+            return record.bundle_id
         bundle = self.loader.bundle(record.bundle_id)
         check = self._gated(task, False, [], refuse=False)
         return self._change({task: bundle}, lambda: self.store.set_shadow(task, version), serves=False, check=check)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from model_store.modes import AUTO, PER_IMAGE, PER_REQUEST
 
@@ -45,6 +45,9 @@ class ClassifyJSON(ClassifyOptions):
     images: list[Annotated[str, Field(json_schema_extra={"contentEncoding": "base64"})]] = Field(
         ..., min_length=1, description="Base64-encoded image files (PNG, JPEG, ...), or data URLs."
     )
+    # JSON has types: `true` is no count and "false" no boolean (form fields are text, so the form's are lax)
+    top_k: StrictInt | None = Field(None, ge=1, description="Return only the best k labels per image.")
+    match_labels: StrictBool = Field(True, description=ClassifyOptions.model_fields["match_labels"].description)
 
     model_config = ConfigDict(
         extra="forbid",

@@ -81,6 +81,9 @@ def test_shadow_operations(make_store, bundles):
     assert store.index().shadows() == {"cars": r2.bundle_id} and store.active()["cars"] != r2.bundle_id
     with pytest.raises(ShadowConflict):
         store.set_shadow("cars", 1)  # the active version
+    generation = store.generation()
+    assert store.set_shadow("cars", 2) == r2.bundle_id  # in shadow already: nothing is written
+    assert store.generation() == generation and store.index().shadows() == {"cars": r2.bundle_id}
     store.activate("cars", 2)  # promotion takes it out of the shadow
     assert store.index().shadows() == {} and store.active() == {"cars": r2.bundle_id}
 

@@ -188,6 +188,20 @@ BAD_INPUTS = [
         "invalid_request",
         "labels.0",
     ),
+    (  # JSON has types: true was taken as top_k=1, "false" as a boolean
+        "json top_k true",
+        dict(json={"images": ["aGVsbG8="], "labels": LABELS, "top_k": True}),
+        422,
+        "invalid_request",
+        "top_k",
+    ),
+    (
+        "json match_labels string",
+        dict(json={"images": ["aGVsbG8="], "labels": LABELS, "match_labels": "false"}),
+        422,
+        "invalid_request",
+        "match_labels",
+    ),
     (
         "too many json images",
         dict(json={"images": ["aGVsbG8="] * 5, "labels": LABELS}),
