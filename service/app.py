@@ -44,10 +44,9 @@ def create_app(
     reader = None
     if config.classify_token is not None:
         reader = TokenCheck(lambda: config.classify_token, "classify", also=lambda: service.admin_token)
-    app.include_router(classify_router(reader, config.limits))
-    app.include_router(tasks_router(admin))
-    app.include_router(watch_router(admin))
-    app.include_router(ops_router())
+    routers = (classify_router(reader, config.limits), tasks_router(admin), watch_router(admin), ops_router())
+    for router in routers:
+        app.include_router(router)
     app.add_middleware(
         BodyLimit,
         limit_for=_limit_for(config),
@@ -57,7 +56,7 @@ def create_app(
     )
     app.add_middleware(Generations, service=service)
     app.add_middleware(HeadLimit)  # inside the metrics: a 431 is counted like any answer
-    app.add_middleware(RequestMetrics, metrics=service.metrics)
+    app.add_middleware(RequestMetrics, metrics=service.metrics, routes=[r for router in routers for r in router.routes])
     app.add_middleware(HeadAsGet)
     return app
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
 import anyio.to_thread
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import LimitExceeded, Overloaded, error_response
@@ -183,9 +184,10 @@ class Generations:
 class RequestMetrics:
     """Counts requests and times them per route template (`/tasks/{task}`, not one series per task name)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes  # the API's routes, for requests answered before routing (`route_template`)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -202,8 +204,16 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", "unmatched")
+            endpoint = getattr(scope.get("route"), "path", None) or route_template(scope, self.routes)
             method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"  # a closed set of series
             self.metrics.requests.labels(endpoint, method, str(status)).inc()
             self.metrics.latency.labels(endpoint, method).observe(time.perf_counter() - start)
+
+
+def route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str:
+    """The route template of a request answered before routing (a refused X-Min-Generation, a 431), so its
+    answer is counted under its endpoint; "unmatched" only for a path outside the API."""
+    for route in routes:
+        if route.matches(scope)[0] != Match.NONE:  # PARTIAL: the path, not the method
+            return getattr(route, "path", "unmatched")
+    return "unmatched"

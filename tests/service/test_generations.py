@@ -51,6 +51,13 @@ async def test_min_generation_is_met_after_reading_the_store_or_refused(tmp_path
         for bad in ("-1", "soon", "9" * 40):
             refused = await client.get("/readyz", headers={"X-Min-Generation": bad})
             assert refused.status_code == 400 and "X-Min-Generation" in refused.json()["error"]["message"]
+        metrics = (await client.get("/metrics")).text  # counted under their routes, not as "unmatched" paths
+        assert 'clipbank_requests_total{endpoint="/classify",method="POST",status="503"} 1.0' in metrics
+        assert 'clipbank_requests_total{endpoint="/readyz",method="GET",status="400"} 3.0' in metrics
+        assert 'endpoint="unmatched"' not in metrics
+        assert (await client.get("/nope", headers={"X-Min-Generation": "99"})).status_code == 503
+        metrics = (await client.get("/metrics")).text  # a path outside the API stays one series
+        assert 'clipbank_requests_total{endpoint="unmatched",method="GET",status="503"} 1.0' in metrics
 
 
 async def test_wait_takes_only_all_or_none(tmp_path, backbone):
