@@ -8,7 +8,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
-from model_store.errors import BundleFormatError, InvalidRequest
+from model_store.errors import InvalidRequest
 from model_store.manifest import shown
 from model_store.safejson import JSONRefused
 from model_store.safejson import loads as bounded_loads
@@ -170,6 +170,6 @@ async def read_bundle_upload(request: Request, limits: Limits) -> bytes:
         file_bytes_name="max_upload_bytes",
     )
     form = await read_multipart(request, form_limits)
-    if not form.files:
-        raise BundleFormatError("send the bundle file in the multipart field 'bundle'")
+    if not form.files:  # no file at all: not a bundle in the wrong format
+        raise InvalidRequest("send the bundle file in the multipart field 'bundle'")
     return form.files[0][2]

@@ -149,8 +149,9 @@ def decode_base64(text: str, name: str, limits: Limits) -> bytes:
     most = (limits.max_image_bytes + 2) // 3 * 4
     if len(text) > most + most // 38 + 4:
         raise LimitExceeded(f"{name} is over max_image_bytes={limits.max_image_bytes} once decoded")
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]  # accept data URLs, as browsers make them
+    text = text.strip()
+    if text[:5].lower() == "data:" and "," in text:  # a data URL, as browsers make them (its scheme in any case)
+        text = text.split(",", 1)[1]
     if any(c in text for c in "\r\n \t"):
         text = "".join(text.split())
     if "-" in text or "_" in text:

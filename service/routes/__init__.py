@@ -13,6 +13,10 @@ from ..lifecycle import Service
 from ..schemas import ErrorResponse
 
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 409, 413, 415, 422, 503)}
+# a change asked with ?wait=all: stored, but some replicas did not serve it in time
+WAITED = {
+    504: {"model": ErrorResponse, "description": "replicas_lagging: `error.details.replicas` says what each serves"}
+}
 
 
 def service_of(request: Request) -> Service:

@@ -17,7 +17,9 @@ from ..decode import read_bundle_upload, read_json
 from ..errors import ReplicasLagging
 from ..schemas import ActivateRequest, Removed, TaskInfo, TaskList, TaskUploaded, UploadMode
 from ..tasks import task_info
-from . import ERRORS, known_query, service_of
+from . import ERRORS, WAITED, known_query, service_of
+
+RESTORED = "the very bytes of a stored version whose blob was damaged or missing: its blob restored (`restored: true`)"
 
 UPLOAD_BODY = {
     "requestBody": {
@@ -112,7 +114,13 @@ def _add_reading(router: APIRouter) -> None:
 def tasks_router(admin: TokenCheck) -> APIRouter:
     router = APIRouter(tags=["tasks"], dependencies=[Depends(admin), Depends(known_query)], responses=ERRORS)
 
-    @router.post("/tasks", status_code=201, response_model=TaskUploaded, openapi_extra=UPLOAD_BODY)
+    @router.post(
+        "/tasks",
+        status_code=201,
+        response_model=TaskUploaded,
+        openapi_extra=UPLOAD_BODY,
+        responses={200: {"model": TaskUploaded, "description": RESTORED}, **WAITED},
+    )
     async def upload(
         request: Request,
         response: Response,
@@ -135,7 +143,7 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
 
     _add_reading(router)
 
-    @router.post("/tasks/{task}/activate", response_model=TaskInfo, openapi_extra=ACTIVATE_BODY)
+    @router.post("/tasks/{task}/activate", response_model=TaskInfo, openapi_extra=ACTIVATE_BODY, responses=WAITED)
     async def activate(
         request: Request,
         task: str,
@@ -151,7 +159,7 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         entry = await run_in_threadpool(registry.task_entry, task)
         return {**task_info(registry.bank, task, entry), "replicas": replicas}
 
-    @router.delete("/tasks/{task}", response_model=Removed)
+    @router.delete("/tasks/{task}", response_model=Removed, responses=WAITED)
     async def remove(
         request: Request,
         task: str,

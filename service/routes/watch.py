@@ -14,7 +14,7 @@ from ..auth import TokenCheck
 from ..decode import read_json
 from ..schemas import ActivateRequest, ShadowInfo, TaskInfo, UnclaimedInsights
 from ..tasks import task_info
-from . import ERRORS, known_query, service_of
+from . import ERRORS, WAITED, known_query, service_of
 from .tasks import ACTIVATE_BODY, Wait, announced, known_name
 
 
@@ -45,7 +45,7 @@ def watch_router(admin: TokenCheck) -> APIRouter:
             raise NoShadow(f"task {shown(task)} {why}")
         return {**stats, "replica": service.replica}
 
-    @router.post("/tasks/{task}/shadow", response_model=TaskInfo, openapi_extra=ACTIVATE_BODY)
+    @router.post("/tasks/{task}/shadow", response_model=TaskInfo, openapi_extra=ACTIVATE_BODY, responses=WAITED)
     async def put_in_shadow(request: Request, task: str, wait: Wait = "none") -> dict:
         """Put a stored version in shadow (replacing the one there); promote it later with activate."""
         registry = service_of(request).require_ready()
@@ -53,7 +53,7 @@ def watch_router(admin: TokenCheck) -> APIRouter:
         await run_in_threadpool(registry.shadow, known_name(task), body.version)
         return await _changed(request, task, wait, f"version {body.version} of {task} in shadow")
 
-    @router.delete("/tasks/{task}/shadow", response_model=TaskInfo)
+    @router.delete("/tasks/{task}/shadow", response_model=TaskInfo, responses=WAITED)
     async def end_shadow(request: Request, task: str, wait: Wait = "none") -> dict:
         """Stop scoring traffic with the task's version in shadow (it stays stored)."""
         registry = service_of(request).require_ready()

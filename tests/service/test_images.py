@@ -66,6 +66,8 @@ def test_base64_size_is_checked_before_decoding():
     with pytest.raises(LimitExceeded, match="max_image_bytes=30"):
         decode_base64("A" * 100, "image 0", Limits(max_image_bytes=30))
     assert decode_base64("data:image/png;base64,aGVsbG8=", "image 0", Limits()) == b"hello"
+    for url in ("DATA:image/png;base64,aGVsbG8=", " data:image/png;base64,aGVsbG8=\n"):  # a URL scheme has no case
+        assert decode_base64(url, "image 0", Limits()) == b"hello"
 
 
 def test_base64_as_tools_write_it_is_read():

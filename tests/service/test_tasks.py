@@ -189,6 +189,8 @@ async def test_bad_uploads_leave_store_and_serving_untouched(tmp_path, backbone,
             assert (r.status_code, r.json()["error"]["code"]) == (status, code), (what, r.text)
         r = await c.post("/tasks", content=b"abc", headers={**AUTH, "Content-Type": "application/octet-stream"})
         assert r.status_code == 415
+        r = await c.post("/tasks", files={"x": (None, "1")}, headers=AUTH)  # no file at all: not a format problem
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_request") and "'bundle'" in r.text
         r = await c.post("/tasks", files={"other": ("b", b"x")}, headers=AUTH)
         assert r.status_code == 422 and "'bundle'" in r.json()["error"]["message"]
         r = await c.post("/tasks", files={"bundle": (None, bundles["textures"][:2000])}, headers=AUTH)  # no filename
@@ -311,6 +313,9 @@ async def test_openapi_documents_every_endpoint_with_examples(tmp_path, backbone
         assert "examples" in json.dumps(spec["components"]["schemas"]["ClassifyResponse"])
         assert "413" in spec["paths"]["/classify"]["post"]["responses"]
         assert spec["paths"]["/tasks"]["post"]["security"]
+        assert {"200", "201", "504"} <= set(spec["paths"]["/tasks"]["post"]["responses"])  # restored; ?wait=all
+        for path, method in (("/tasks/{task}/activate", "post"), ("/tasks/{task}", "delete")):
+            assert "504" in spec["paths"][path][method]["responses"], path
         assert (await c.get("/docs")).status_code == 200
 
 
