@@ -19,8 +19,6 @@ from ..schemas import ActivateRequest, Removed, TaskInfo, TaskList, TaskUploaded
 from ..tasks import task_info
 from . import ERRORS, WAITED, known_query, service_of
 
-RESTORED = "the very bytes of a stored version whose blob was damaged or missing: its blob restored (`restored: true`)"
-
 UPLOAD_BODY = {
     "requestBody": {
         "required": True,
@@ -35,6 +33,13 @@ UPLOAD_BODY = {
             }
         },
     }
+}
+RESTORED = "the very bytes of a stored version whose blob was damaged or missing: its blob restored (`restored: true`)"
+UPLOAD_ROUTE: dict[str, Any] = {
+    "status_code": 201,
+    "response_model": TaskUploaded,
+    "openapi_extra": UPLOAD_BODY,
+    "responses": {200: {"model": TaskUploaded, "description": RESTORED}, **WAITED},
 }
 
 
@@ -114,13 +119,7 @@ def _add_reading(router: APIRouter) -> None:
 def tasks_router(admin: TokenCheck) -> APIRouter:
     router = APIRouter(tags=["tasks"], dependencies=[Depends(admin), Depends(known_query)], responses=ERRORS)
 
-    @router.post(
-        "/tasks",
-        status_code=201,
-        response_model=TaskUploaded,
-        openapi_extra=UPLOAD_BODY,
-        responses={200: {"model": TaskUploaded, "description": RESTORED}, **WAITED},
-    )
+    @router.post("/tasks", **UPLOAD_ROUTE)
     async def upload(
         request: Request,
         response: Response,
