@@ -220,23 +220,10 @@ def test_the_client_keeps_task_names_in_their_path_segment_and_strips_its_token(
 
 
 def test_classify_sends_more_images_than_one_request_holds_in_chunks(monkeypatch, tmp_path, capsys):
-    import httpx
-
     from clipbank.cli import main
 
-    sizes = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        n = request.content.count(b'name="images"')
-        sizes.append(n)
-        route = {"task": None, "version": None, "bundle_id": None, "score": None, "threshold": None}
-        return httpx.Response(200, json={"results": [{"labels": [{"label": "a", "score": 0.9}], "route": route}] * n})
-
-    _client_on(monkeypatch, handler)
-    paths = []
-    for i in range(150):
-        (tmp_path / f"{i}.png").write_bytes(b"x")
-        paths.append(str(tmp_path / f"{i}.png"))
+    sizes = _counting_server(monkeypatch)
+    paths = _files(tmp_path, 150)
     assert main(["classify", *paths, "--labels", "a,b", "--url", "http://srv"]) == 0
     assert sizes == [64, 64, 22] and capsys.readouterr().out.count("\n") == 150
     assert main(["classify", *paths, "--labels", "a,b", "--url", "http://srv", "--json"]) == 0
@@ -246,26 +233,10 @@ def test_classify_sends_more_images_than_one_request_holds_in_chunks(monkeypatch
 
 def test_classify_sends_requests_of_the_servers_own_max_images(monkeypatch, tmp_path, capsys):
     """A server run with CLIPBANK_MAX_IMAGES=8 refused every request of more than 8 files, and the command gave up."""
-    import httpx
-
     from clipbank.cli import main
 
-    sizes = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        n = request.content.count(b'name="images"')
-        sizes.append(n)
-        if n > 8:
-            error = {"code": "limit_exceeded", "message": "more than max_images=8 files in one request"}
-            return httpx.Response(413, json={"error": {**error, "details": {"setting": "max_images", "limit": 8}}})
-        route = {"task": None, "version": None, "bundle_id": None, "score": None, "threshold": None}
-        return httpx.Response(200, json={"results": [{"labels": [{"label": "a", "score": 0.9}], "route": route}] * n})
-
-    _client_on(monkeypatch, handler)
-    paths = []
-    for i in range(20):
-        (tmp_path / f"{i}.png").write_bytes(b"x")
-        paths.append(str(tmp_path / f"{i}.png"))
+    sizes = _counting_server(monkeypatch, max_images=8)
+    paths = _files(tmp_path, 20)
     assert main(["classify", *paths, "--labels", "a,b", "--url", "http://srv", "--json"]) == 0
     assert sizes == [20, 8, 8, 4]
     assert [r["file"] for r in json.loads(capsys.readouterr().out)["results"]] == paths
@@ -693,3 +664,32 @@ def test_shadow_json_when_setting_a_version_and_insights_saying_what_it_did_not_
     for flag, value, message in (("--min-share", "2", "--min-share is a share"), ("--min-size", "0", "--min-size")):
         assert main(["insights", flag, value, "--url", "http://srv"]) == 2
         assert message in capsys.readouterr().err
+
+
+def _counting_server(monkeypatch, max_images: int | None = None) -> list[int]:
+    """A stand-in server answering each classify request with one result per image (the number of images of each
+    request goes into the returned list), or a 413 naming `max_images` for more than that."""
+    import httpx
+
+    sizes: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        n = request.content.count(b'name="images"')
+        sizes.append(n)
+        if max_images is not None and n > max_images:
+            error = {"code": "limit_exceeded", "message": f"more than max_images={max_images} files in one request"}
+            details = {"setting": "max_images", "limit": max_images}
+            return httpx.Response(413, json={"error": {**error, "details": details}})
+        route = {"task": None, "version": None, "bundle_id": None, "score": None, "threshold": None}
+        return httpx.Response(200, json={"results": [{"labels": [{"label": "a", "score": 0.9}], "route": route}] * n})
+
+    _client_on(monkeypatch, handler)
+    return sizes
+
+
+def _files(folder, n: int) -> list[str]:
+    paths = []
+    for i in range(n):
+        (folder / f"{i}.png").write_bytes(b"x")
+        paths.append(str(folder / f"{i}.png"))
+    return paths
