@@ -111,10 +111,12 @@ class ClipbankClient:
         route: str = PER_IMAGE,
         top_k: int | None = None,
         match_labels: bool = True,
+        min_generation: int | None = None,
     ) -> dict[str, Any]:
         """Images are paths, encoded bytes, open binary files or PIL images (sent upright, as `_pil_bytes` says).
         Returns `{"results": [...], "timing": {...}}`. `match_labels=False`: the selector alone routes, whatever
-        the labels (docs/service.md)."""
+        the labels (docs/service.md). `min_generation`: answered from that store generation or later (a change's
+        `generation`: read your own writes across servers), else a 503 `stale_replica`."""
         if isinstance(images, str | bytes | os.PathLike) or isinstance(labels, str) or hasattr(images, "mode"):
             raise TypeError("images and labels are lists: classify([path], labels=['cat', 'dog'])")
         files = [("images", (_name(img, i), _bytes(img))) for i, img in enumerate(images)]
@@ -125,7 +127,7 @@ class ClipbankClient:
             data["top_k"] = str(top_k)
         if not match_labels:
             data["match_labels"] = "false"
-        return self._call("POST", "/classify", files=files, data=data)
+        return self._call("POST", "/classify", files=files, data=data, headers=_at_least(min_generation))
 
     def push(
         self,
@@ -145,11 +147,11 @@ class ClipbankClient:
         params = {"mode": chosen, "activate": str(chosen == "active").lower(), "force": str(force).lower()}
         return self._call("POST", "/tasks", files=files, params={**params, **_waiting(wait_all)})
 
-    def tasks(self) -> dict[str, Any]:
-        return self._call("GET", "/tasks")
+    def tasks(self, min_generation: int | None = None) -> dict[str, Any]:
+        return self._call("GET", "/tasks", headers=_at_least(min_generation))
 
-    def task(self, name: str) -> dict[str, Any]:
-        return self._call("GET", f"/tasks/{_seg(name)}")
+    def task(self, name: str, min_generation: int | None = None) -> dict[str, Any]:
+        return self._call("GET", f"/tasks/{_seg(name)}", headers=_at_least(min_generation))
 
     def activate(self, task: str, version: int, force: bool = False, wait_all: bool = False) -> dict[str, Any]:
         """Make a stored version active (rollback or roll forward). `wait_all`: as for `push`."""
@@ -236,6 +238,15 @@ def _name(item: ImageInput, i: int) -> str:
     if not isinstance(item, str | os.PathLike):
         return f"item{i}"
     return os.fsencode(Path(item).name).decode("utf-8", "replace")
+
+
+def _at_least(generation: int | None) -> dict[str, str]:
+    """The `X-Min-Generation` header for `generation` (None: none)."""
+    if generation is None:
+        return {}
+    if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
+        raise ValueError(f"min_generation is a store generation (an integer >= 0), got {generation!r}")
+    return {"X-Min-Generation": str(generation)}
 
 
 def _seg(name: str) -> str:

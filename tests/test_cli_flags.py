@@ -693,3 +693,25 @@ def _files(folder, n: int) -> list[str]:
         (folder / f"{i}.png").write_bytes(b"x")
         paths.append(str(folder / f"{i}.png"))
     return paths
+
+
+def test_the_client_reads_its_own_writes_with_min_generation(monkeypatch):
+    """The docs promote X-Min-Generation for reading your own writes, and the client had no way to send it."""
+    import httpx
+
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.path, request.headers.get("x-min-generation")))
+        return httpx.Response(200, json={"results": [], "tasks": {}})
+
+    client_class = _client_on(monkeypatch, handler)
+    with client_class("http://srv") as c:
+        c.classify([b"x"], ["a", "b"], min_generation=7)
+        c.tasks(min_generation=0)
+        c.task("t", min_generation=3)
+        c.classify([b"x"], ["a", "b"])  # not asked: not sent
+        for bad in (-1, True, "7"):
+            with pytest.raises(ValueError, match="min_generation is a store generation"):
+                c.tasks(min_generation=bad)
+    assert seen == [("/classify", "7"), ("/tasks", "0"), ("/tasks/t", "3"), ("/classify", None)]
