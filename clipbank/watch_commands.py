@@ -63,20 +63,18 @@ def _insights(args: argparse.Namespace) -> int:
     with _client(args) as client:
         wanted = args.examples is not None or args.png is not None
         out = client.unclaimed(args.min_share, args.min_size, EXAMPLES if wanted else 0)
-    if args.examples is not None and out["enabled"]:
-        _write_examples(out, Path(args.examples))
     if args.json:
         print_json(out)
-    elif not out["enabled"]:
+    if not out["enabled"]:  # with --json too: asked-for files are not written, and the exit status says so
         skipped = " and ".join(f for f, v in (("--png", args.png), ("--examples", args.examples)) if v is not None)
-        print(
-            "the unclaimed-traffic monitor is off on this server (unclaimed_capacity=0)"
-            + (f"; nothing written for {skipped}" if skipped else "")
-        )
+        message = "the unclaimed-traffic monitor is off on this server (unclaimed_capacity=0)"
+        print(message + (f"; nothing written for {skipped}" if skipped else ""), file=sys.stderr if args.json else None)
         return 1 if skipped else 0
-    else:
+    if not args.json:
         _print_insights(out)
-    if args.png is not None and out["enabled"]:
+    if args.examples is not None:
+        _write_examples(out, Path(args.examples))
+    if args.png is not None:
         plot_unclaimed(out, args.png)
         print(f"wrote {args.png}")
     return 0

@@ -46,7 +46,7 @@ class ClassifyJSON(ClassifyOptions):
         ..., min_length=1, description="Base64-encoded image files (PNG, JPEG, ...), or data URLs."
     )
     # JSON has types: `true` is no count and "false" no boolean (form fields are text, so the form's are lax)
-    top_k: StrictInt | None = Field(None, ge=1, description="Return only the best k labels per image.")
+    top_k: StrictInt | None = Field(None, ge=1, description=ClassifyOptions.model_fields["top_k"].description)
     match_labels: StrictBool = Field(True, description=ClassifyOptions.model_fields["match_labels"].description)
 
     model_config = ConfigDict(

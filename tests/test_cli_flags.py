@@ -661,6 +661,10 @@ def test_shadow_json_when_setting_a_version_and_insights_saying_what_it_did_not_
     assert main(["insights", "--png", str(png), "--url", "http://srv"]) == 1
     assert "nothing written for --png" in capsys.readouterr().out and not png.exists()
     assert main(["insights", "--url", "http://srv"]) == 0  # nothing asked, nothing missed
+    capsys.readouterr()
+    assert main(["insights", "--png", str(png), "--json", "--url", "http://srv"]) == 1  # --json says it too
+    out = capsys.readouterr()
+    assert json.loads(out.out)["enabled"] is False and "nothing written for --png" in out.err
     for flag, value, message in (("--min-share", "2", "--min-share is a share"), ("--min-size", "0", "--min-size")):
         assert main(["insights", flag, value, "--url", "http://srv"]) == 2
         assert message in capsys.readouterr().err
