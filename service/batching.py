@@ -11,14 +11,17 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from model_store.bank import BankSnapshot
-from model_store.inference import ClassifyItem, ImagePasses, ImageResult, TextCache
+from model_store.inference import ClassifyItem, ImageResult, TextCache
 
 from .errors import LimitExceeded, NotReady, Overloaded
 from .metrics import Metrics
 from .steps import BatchInfo, Pending, StepBudget, Steps, answer
+
+if TYPE_CHECKING:
+    from .watch import TrafficWatch
 
 log = logging.getLogger("clipbank.service")
 _STOP = object()
@@ -62,7 +65,7 @@ class Batcher:
         max_queue_images: int = 1024,
         budget: StepBudget | None = None,
         starve_seconds: float = 1.0,
-        watch: Callable[[ImagePasses], None] | None = None,
+        watch: TrafficWatch | None = None,
     ) -> None:
         self._bank = bank
         self.max_batch = max_batch

@@ -8,8 +8,9 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from model_store.bank import BankSnapshot
 from model_store.errors import ClipbankError
@@ -19,6 +20,9 @@ from model_store.text import TextJob
 
 from .errors import LimitExceeded, Overloaded
 from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from .watch import TrafficWatch
 
 log = logging.getLogger("clipbank.service")
 
@@ -85,6 +89,7 @@ class _TextWork:
     index: int  # the request's place in its plan
     jobs: list[TextJob]
     started: float  # when its batch began
+    watched: object  # what the watch keeps of the request's image passes until it is answered (or None)
 
 
 class Steps:
@@ -95,9 +100,10 @@ class Steps:
         budget: StepBudget,
         cache: TextCache,
         metrics: Metrics,
-        watch: Callable[[ImagePasses], None] | None = None,
+        watch: TrafficWatch | None = None,
     ) -> None:
-        """`watch` sees every batch's completed image passes (shadow scoring, the unclaimed reservoir)."""
+        """`watch` sees the image passes of the requests answered with results (shadow scoring, the unclaimed
+        reservoir)."""
         self.budget, self.cache, self.metrics, self.watch = budget, cache, metrics, watch
         self.works: deque[_ImageWork | _TextWork] = deque()
         self._image_seconds = 0.005  # moving averages of one image's pass and one prompt character's encoding
@@ -152,34 +158,46 @@ class Steps:
             self.works.append(work)
 
     def _passes_done(self, work: _ImageWork) -> None:
-        """Per request: finish it now (its label sets are cached or small), park its encoding, or refuse it."""
-        if self.watch is not None:  # before the answers, so a client that has its answer sees its images counted
-            try:
-                self.watch(work.passes)
-            except Exception:  # watching never fails a request
-                log.exception("watching a batch failed")
+        """Per request: finish it now (its label sets are cached or small), park its encoding, or refuse it.
+
+        The watch sees the requests answered with results, just before their answers (so a client that has its
+        answer sees its images counted), and never a refused one's: its client may well send the images again."""
         plan, inline = work.passes.plan(), self.budget.inline_chars
+        answers: dict[int, object] = {}
         for k, p in enumerate(work.batch):
             try:
-                inline = self._after_passes(work, plan, k, p, inline)
+                out, inline = self._after_passes(work, plan, k, p, inline)
             except Exception as e:  # one request's failure is its own
-                _fail([p], e)
+                log.error("a request failed on the compute thread", exc_info=e)
+                out = e
+            if out is not None:
+                answers[k] = out
+        self._watch(work.passes, [k for k, out in answers.items() if not isinstance(out, BaseException)])
+        for k, out in answers.items():
+            answer(work.batch[k], out)
 
-    def _after_passes(self, work: _ImageWork, plan: BatchPlan, k: int, p: Pending, inline: int) -> int:
-        """Finish, park or refuse one request of a batch whose passes are done; returns the inline budget left."""
+    def _after_passes(self, work: _ImageWork, plan: BatchPlan, k: int, p: Pending, inline: int) -> tuple[object, int]:
+        """Request `k`'s answer (None if parked), and the inline budget left."""
         jobs = [j for j in (TextJob(plan.bank, *need) for need in plan.text_needs(k)) if j.key not in self.cache]
         cost, chars = sum(j.remaining for j in jobs), sum(j.remaining_chars for j in jobs)
         parked = sum(j.remaining for w in self.works if isinstance(w, _TextWork) for j in w.jobs)
         if cost > self.budget.max_request_prompts:
-            answer(p, LimitExceeded(_too_many_prompts(cost, self.budget.max_request_prompts)))
-        elif chars <= inline:
-            inline -= chars
-            self._finish(_TextWork(p, plan, k, jobs, work.started))
-        elif cost + parked > self.budget.max_parked_prompts:
-            answer(p, Overloaded(f"{parked} new prompts are waiting to be encoded: retry shortly"))
-        else:
-            self.works.append(_TextWork(p, plan, k, jobs, work.started))
-        return inline
+            return LimitExceeded(_too_many_prompts(cost, self.budget.max_request_prompts)), inline
+        if chars <= inline:
+            return self._finish(_TextWork(p, plan, k, jobs, work.started, None)), inline - chars
+        if cost + parked > self.budget.max_parked_prompts:
+            return Overloaded(f"{parked} new prompts are waiting to be encoded: retry shortly"), inline
+        keep = getattr(self.watch, "keep", None)
+        watched = keep(work.passes, k) if keep is not None else None
+        self.works.append(_TextWork(p, plan, k, jobs, work.started, watched))
+        return None, inline
+
+    def _watch(self, passes: object, requests: list[int]) -> None:
+        if self.watch is not None and requests:
+            try:
+                self.watch(passes, requests)
+            except Exception:  # watching never fails a request
+                log.exception("watching a batch failed")
 
     def _encode(self, work: _TextWork) -> None:
         job = next(j for j in work.jobs if j.remaining)
@@ -196,33 +214,38 @@ class Steps:
         self._char_seconds = 0.8 * self._char_seconds + 0.2 * (time.perf_counter() - t0) / chars
         if any(j.remaining for j in work.jobs):
             self.works.append(work)
-        else:
-            self._finish(work)
+            return
+        out = self._finish(work)
+        if work.watched is not None and not isinstance(out, BaseException):
+            self._watch(work.watched, [0])
+        answer(work.pending, out)
 
-    def _finish(self, work: _TextWork) -> None:
+    def _finish(self, work: _TextWork) -> object:
+        """The request's answer: its results and how it was served, or its exception."""
         try:
-            self._answer_finished(work)
+            return self._answer_finished(work)
         except ClipbankError as e:  # the request's own fault (labels its tokenizer reads as one): its answer
-            answer(work.pending, e)
+            return e
         except Exception as e:  # a bug: that request's error, not the thread's
-            _fail([work.pending], e)
+            log.error("a request failed on the compute thread", exc_info=e)
+            return e
 
-    def _answer_finished(self, work: _TextWork) -> None:
+    def _answer_finished(self, work: _TextWork) -> object:
         # a label set another request of the batch has cached meanwhile is not encoded twice
         known = {j.key: j.result() for j in work.jobs if j.remaining == 0 or j.key not in self.cache}
         out = work.plan.finish(work.index, self.cache, known)
-        if isinstance(out, list):
-            self._count_routes(work.pending.item, out)
-            p, items = work.pending, work.plan.items
-            info = BatchInfo(
-                (work.started - p.enqueued) * 1000,
-                (time.perf_counter() - work.started) * 1000,
-                sum(len(it.images) for it in items),
-                len(items),
-                work.plan.bank.generation,
-            )
-            out = (out, info)
-        answer(work.pending, out)
+        if not isinstance(out, list):
+            return out
+        self._count_routes(work.pending.item, out)
+        p, items = work.pending, work.plan.items
+        info = BatchInfo(
+            (work.started - p.enqueued) * 1000,
+            (time.perf_counter() - work.started) * 1000,
+            sum(len(it.images) for it in items),
+            len(items),
+            work.plan.bank.generation,
+        )
+        return out, info
 
     def _count_routes(self, item: ClassifyItem, results: Sequence[ImageResult]) -> None:
         m = self.metrics

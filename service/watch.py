@@ -1,7 +1,8 @@
 """What the server watches in live traffic after each batch's image passes, just before its answers: what versions
-in shadow would do (`service.shadow`), and the images no task claimed (`service.insights`). It costs a batch
-well under a millisecond, plus the thumbnails when the operator opts in to them (docs/safety.md), and can never
-fail a request."""
+in shadow would do (`service.shadow`), and the images no task claimed (`service.insights`). It sees only the
+requests answered with results (a refused request's client may send its images again). It costs a batch well
+under a millisecond, plus the thumbnails when the operator opts in to them (docs/safety.md), and can never fail
+a request."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import base64
 import io
 import logging
 import threading
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,7 +22,7 @@ from PIL import Image
 
 from model_store.backbone import Backbone
 from model_store.bank import BankSnapshot
-from model_store.inference import ImagePasses, task_scores
+from model_store.inference import ClassifyItem, ImagePasses, task_scores
 from model_store.shadow import auto_rows, auto_spans, observe
 
 from .clusters import MIN_BACKGROUND, find_clusters, typical_members
@@ -29,6 +32,20 @@ from .metrics import Metrics
 from .shadow import ShadowMonitor
 
 log = logging.getLogger("clipbank.service")
+
+
+@dataclass(frozen=True)
+class WatchedRequest:
+    """One request's share of a batch's image passes, in the fields `TrafficWatch` reads of `ImagePasses`."""
+
+    bank: BankSnapshot
+    items: Sequence[ClassifyItem]
+    spans: dict[int, tuple[int, int]]
+    out: list
+    frozen: torch.Tensor
+    all_scores: torch.Tensor
+    tasks: torch.Tensor
+    images: torch.Tensor | None  # only when the reservoir keeps thumbnails
 
 
 class TrafficWatch:
@@ -73,10 +90,12 @@ class TrafficWatch:
     def swapped(self, bank: BankSnapshot) -> None:
         self.shadows.follow(bank.shadows)
 
-    def __call__(self, passes: ImagePasses) -> None:
+    def __call__(self, passes: ImagePasses | WatchedRequest, requests: Collection[int] | None = None) -> None:
+        """Record a batch's image passes: of `requests` (indices into the batch), or of all of its requests."""
         if passes.frozen is None or passes.all_scores is None:
             return
-        spans = auto_spans(passes.items, passes.spans, passes.out)
+        chosen = passes.spans if requests is None else {k: passes.spans[k] for k in requests if k in passes.spans}
+        spans = auto_spans(passes.items, chosen, passes.out)
         if not spans:
             return
         rows = auto_rows(spans)
@@ -97,6 +116,26 @@ class TrafficWatch:
                 self.reservoir.record(len(rows), feats, thumbnails=thumbs)
             except Exception:
                 self._log_once("recording unclaimed images failed")
+
+    def keep(self, passes: ImagePasses, k: int) -> WatchedRequest | None:
+        """What `__call__` needs of request `k`'s image passes, copied (not the whole batch's tensors), for a
+        request answered later: one whose new label sets are encoded a step at a time."""
+        if passes.frozen is None or passes.all_scores is None or k not in passes.spans:
+            return None
+        a, b = passes.spans[k]
+        images = None
+        if self.reservoir is not None and self.reservoir.config.thumbnail and passes.images is not None:
+            images = passes.images[a:b].clone()
+        return WatchedRequest(
+            passes.bank,
+            [passes.items[k]],
+            {0: (0, b - a)},
+            [None],
+            passes.frozen[a:b].clone(),
+            passes.all_scores[a:b].clone(),
+            passes.tasks[a:b].clone(),
+            images,
+        )
 
     def _thumbnails(self, images: torch.Tensor) -> np.ndarray:
         """The model's input images (normalised, square) as RGB thumbnails [n, side, side, 3] uint8."""

@@ -99,6 +99,36 @@ async def test_the_monitor_can_be_off_and_its_endpoint_is_guarded(tmp_path, back
             assert paths[path][method]["security"], (path, method)  # documented as needing the token
 
 
+async def test_refused_requests_are_not_counted_and_parked_ones_are_once_answered(tmp_path, backbone):
+    """The reservoir counts what `clipbank_auto_images_total` counts: images of requests answered with results.
+    Refused after their image passes (labels the tokenizer reads as one, too many new prompts), a client may send
+    them again; a request whose large new label set is encoded a step at a time is counted when answered."""
+    from service.config import Limits
+
+    many = [f"a long label of a kind not seen before number {i}" for i in range(64)]  # parked: > inline_chars
+    limits = Limits(max_request_prompts=len(many) + 8)
+    async with running_app(tmp_path, backbone, limits=limits, unclaimed_thumbnails=16) as c:
+        pngs = domain_pngs("digits", 4)
+
+        async def post(labels: list[str]) -> int:
+            files = [("images", (f"d{i}.png", p)) for i, p in enumerate(pngs)]
+            return (await c.post("/classify", files=files, data={"labels": labels})).status_code
+
+        assert await post(["dots", "Dots"]) == 422
+        assert await post([*many, "circles", "Circles"]) == 422  # twins in a parked set
+        assert await post([f"{x} {i}" for i in range(2) for x in many]) == 413
+        assert (await _insights(c))["reservoir"]["auto_images"] == 0
+        assert await post(many) == 200
+        assert await post(["dots", "stripes"]) == 200
+        assert c.app.state.service.batcher.steps.text_steps > 1  # `many` was encoded in steps
+        res = (await _insights(c))["reservoir"]
+        assert (res["auto_images"], res["unclaimed"]) == (8, 8)
+        assert "clipbank_auto_images_total 8.0" in (await c.get("/metrics")).text
+        reservoir = c.app.state.service.watch.reservoir  # the parked request's thumbnails were kept with it
+        snap = reservoir.snapshot()
+        assert all(t is not None for t in reservoir.thumbnails(snap.slots, snap.stamps))
+
+
 async def test_one_clustering_at_a_time(tmp_path, backbone):
     async with running_app(tmp_path, backbone) as c:
         watch = c.app.state.service.watch
