@@ -29,6 +29,18 @@ def label_key(label: str) -> str:
     return " ".join(unicodedata.normalize("NFC", label).casefold().replace("_", " ").split())
 
 
+def label_problem(label: str) -> str | None:
+    """What makes a request's label unusable, or None: a control character (NUL, escape; whitespace is fine, the
+    tokenizer collapses it), or no visible character at all (only spaces and invisible format characters such as
+    the zero-width space, which the tokenizer reads as an empty label)."""
+    bad = next((c for c in label if unicodedata.category(c) == "Cc" and not c.isspace()), None)
+    if bad is not None:
+        return f"has a control character (U+{ord(bad):04X})"
+    if all(c.isspace() or unicodedata.category(c) == "Cf" for c in label):
+        return "is empty" if not label.strip() else "has no visible character"
+    return None
+
+
 def template_ok(template: Any) -> bool:
     """A prompt template with exactly one plain `{}`: no field name, conversion or format spec (so
     `.format(label)` always works and costs no more than the label), and at most MAX_TEMPLATE_CHARS long."""

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
 from model_store.errors import InvalidRequest
+from model_store.labels import label_problem
 from model_store.manifest import shown
 from model_store.safejson import JSONRefused
 from model_store.safejson import loads as bounded_loads
@@ -145,8 +146,9 @@ def check_labels(labels: list[str], limits: Limits) -> None:
             raise LimitExceeded(
                 f"label {i} is {len(label)} characters; the limit is max_label_chars={limits.max_label_chars}"
             )
-        if not label.strip():
-            raise InvalidRequest(f"label {i} is empty")
+        problem = label_problem(label)
+        if problem is not None:
+            raise InvalidRequest(f"label {i} {problem}")
         try:
             label.encode("utf-8")
         except UnicodeEncodeError:

@@ -188,6 +188,20 @@ BAD_INPUTS = [
         "invalid_request",
         "labels.0",
     ),
+    (  # a NUL or an escape in a label is a client's bug, not a class name
+        "label with a control character",
+        dict(files=_classify_files(), data={"labels": ["red", "gr\x00een"]}),
+        422,
+        "invalid_request",
+        "label 1 has a control character (U+0000)",
+    ),
+    (  # the tokenizer reads it as an empty label
+        "invisible label",
+        dict(json={"images": ["aGVsbG8="], "labels": ["red", "\u200b\u2060 "]}),
+        422,
+        "invalid_request",
+        "label 1 has no visible character",
+    ),
     (  # JSON has types: true was taken as top_k=1, "false" as a boolean
         "json top_k true",
         dict(json={"images": ["aGVsbG8="], "labels": LABELS, "top_k": True}),
