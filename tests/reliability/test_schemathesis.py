@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ MIN_CASES = 5000
 BUDGET_SECONDS = 240  # the whole run; CI gives the reliability suite a few minutes, not more
 REQUEST_SECONDS = 10
 PNG = full_png(8, 8)
+HEADER_CASES = itertools.count()
 
 
 @dataclass
@@ -118,9 +120,19 @@ def _use_real_inputs(case: Case) -> None:
         body["images"] = [real] * min(len(body["images"]), 4)
 
 
+def _mostly_without_min_generation(case: Case) -> None:
+    """Keep a generated X-Min-Generation in 1 case of 4: a generation the server lacks (503) or a malformed one
+    (400) is answered before the route, so the other cases go without it and reach the route."""
+    if "X-Min-Generation" in (case.headers or {}) and next(HEADER_CASES) % 4:
+        del case.headers["X-Min-Generation"]
+
+
 def _check(case: Case, response: schemathesis.Response, variant: str) -> None:
     status = response.status_code
     shown = f"{case.operation.label} ({variant}) got {status}: {response.text[:500]}\n{case.as_curl_command()}"
+    if status == 503 and response.json()["error"]["code"] == "stale_replica":  # asked for a generation to come
+        assert response.json()["error"]["details"]["wanted"] > response.json()["error"]["details"]["generation"]
+        return
     assert status < 500, shown
     if status >= 400:
         try:
@@ -145,6 +157,7 @@ def _fuzz(target: Target, operation: APIOperation, variant: str, mode: Generatio
     def run(case: Case, real: bool) -> None:
         if real:
             _use_real_inputs(case)
+        _mostly_without_min_generation(case)
         _aim(case, variant)
         try:
             response = case.call(session=target.client, timeout=REQUEST_SECONDS)

@@ -33,6 +33,18 @@ async def test_every_answer_names_its_generation_and_replica(tmp_path, backbone)
         assert missing.status_code == 404 and missing.headers["X-Clipbank-Generation"] == "1"
 
 
+async def test_the_openapi_document_declares_the_generation_headers(tmp_path, backbone):
+    """Generated clients learn of X-Min-Generation and of the answers' headers from the schema."""
+    async with running_app(tmp_path, backbone) as client:
+        paths = (await client.get("/openapi.json")).json()["paths"]
+        for path, method in [("/classify", "post"), ("/tasks", "get"), ("/tasks/{task}", "get"), ("/readyz", "get")]:
+            op = paths[path][method]
+            (param,) = [p for p in op["parameters"] if p["name"] == "X-Min-Generation"]
+            assert param["in"] == "header" and not param["required"] and param["schema"]["minimum"] == 0
+            for status, response in op["responses"].items():
+                assert {"X-Clipbank-Generation", "X-Clipbank-Replica"} <= set(response["headers"]), (path, status)
+
+
 async def test_min_generation_is_met_after_reading_the_store_or_refused(tmp_path, backbone):
     """A second server writes the store; this one has not polled yet (poll_seconds is long): a request asking
     for the new generation makes it read the store first."""

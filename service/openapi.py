@@ -1,0 +1,49 @@
+"""What the OpenAPI document says of the headers every route has (`middleware.Generations`): the request header
+`X-Min-Generation`, and the response headers `X-Clipbank-Generation` and `X-Clipbank-Replica`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+MIN_GENERATION = {
+    "name": "X-Min-Generation",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1},
+    "description": (
+        "Answer only from this store generation or later (for example a push's `generation`, to read your own "
+        "writes through any replica). A server behind it reads the store first (up to 5 s); if still behind: 503 "
+        "`stale_replica` with Retry-After and `error.details` {generation, wanted}. Not a non-negative integer of "
+        "at most 18 digits: 400."
+    ),
+}
+RESPONSE_HEADERS = {
+    "X-Clipbank-Generation": {
+        "schema": {"type": "integer"},
+        "description": "The store generation of the bank that answered (of a classification: the bank its batch "
+        "ran on). Sent once the server is ready.",
+    },
+    "X-Clipbank-Replica": {
+        "schema": {"type": "string"},
+        "description": "The name of the server that answered. Sent once the server is ready.",
+    },
+}
+
+
+def document_generations(app: FastAPI) -> None:
+    """Make `app.openapi()` declare the generation headers on every operation and every response."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema.get("paths", {}).values():
+                for op in operations.values():
+                    op.setdefault("parameters", []).append(MIN_GENERATION)
+                    for response in op.get("responses", {}).values():
+                        response.setdefault("headers", {}).update(RESPONSE_HEADERS)
+        return app.openapi_schema
+
+    app.openapi = openapi
