@@ -29,11 +29,12 @@ class TaskEntry:
     bundle_id: str
     classes: tuple[str, ...]
     templates: tuple[str, ...]
-    router: TaskRouter
-    selector: Selector
-    manifest: Manifest
+    router: TaskRouter = field(repr=False)
+    selector: Selector = field(repr=False)
+    manifest: Manifest = field(repr=False)
     file_bytes: int  # of the bundle file
-    probes: torch.Tensor | None = None  # on the CPU: a sample of the task's held-out embeddings (training reads them)
+    probes: torch.Tensor | None = field(default=None, repr=False)  # on the CPU: a sample of the task's held-out
+    # embeddings (training reads them)
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,8 @@ class ShadowEntry:
     name: str
     version: int
     bundle_id: str
-    selector: Selector
-    label_set: frozenset[str]  # its classes as `label_key`s: label-aware routing, as when active
+    selector: Selector = field(repr=False)
+    label_set: frozenset[str] = field(repr=False)  # its classes as `label_key`s: label-aware routing, as when active
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,15 @@ class BankSnapshot:
     degraded: Mapping[str, str] = field(default_factory=dict)  # active tasks left out: task -> why
     bundle_ids: frozenset[str] = frozenset()  # the bundles it was built from: its tasks' and their experts' providers
     shadows: tuple[ShadowEntry, ...] = ()  # versions scoring live traffic beside the routing (sorted by task)
+
+    def __repr__(self) -> str:  # not the experts' tensors
+        tasks = ", ".join(f"{t.name} v{t.version}" for t in self.tasks)
+        shadows = ", ".join(f"{t.name} v{t.version}" for t in self.shadows)
+        experts = sum(len(slots) for blocks in self.experts.values() for slots in blocks)
+        return (
+            f"BankSnapshot(generation={self.generation}, tasks=[{tasks}], experts={experts}, shadows=[{shadows}], "
+            f"degraded={sorted(self.degraded)})"
+        )
 
     @cached_property
     def selector_stack(self) -> SelectorStack:

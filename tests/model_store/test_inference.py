@@ -161,3 +161,10 @@ def test_a_score_that_is_not_a_number_claims_nothing_and_hides_no_claim():
     tasks, best = route_scores(scores)
     assert tasks.tolist() == [0, 2, -1, -1, -1]
     assert best.tolist() == pytest.approx([0.5, 0.3, inf, 1.5, inf])  # infinities stay infinite (shown as null)
+
+
+def test_a_bank_prints_as_a_summary_not_its_tensors(bank):
+    text = repr(bank)
+    assert text.startswith("BankSnapshot(generation=0, tasks=[a v1], experts=") and "shadows=[]" in text
+    assert "tensor" not in text and len(text) < 200, text
+    assert "tensor" not in repr(bank.tasks[0]) and len(repr(bank.tasks[0])) < 400
