@@ -103,7 +103,7 @@ def _store(args: argparse.Namespace) -> int:
         if not problems and any((left := store_leftovers(args.store)).values()):  # not faults, but disk space
             print(
                 f"leftovers: {left['temp_files']} temp file(s), {left['unreferenced_blobs']} blob(s) no version names "
-                "(the next change removes temp files; a purge removes such blobs)",
+                "(the next change removes temp files; any purge, `store deactivate TASK --purge`, removes such blobs)",
                 file=sys.stderr,
             )
         return 1 if problems else 0
@@ -115,10 +115,23 @@ def _store(args: argparse.Namespace) -> int:
     elif args.store_cmd == "activate":
         bundle = store.activate(args.task, args.version)
         print(f"task {args.task}: version {args.version} is active (bundle {bundle[:12]}), ungated")
-    elif args.store_cmd == "deactivate":
+    elif args.store_cmd == "deactivate" and not args.purge:
         store.deactivate(args.task)
         print(f"task {args.task}: deactivated (its versions stay stored; images go to the other tasks or zero-shot)")
+    elif args.store_cmd == "deactivate":
+        _purge(store, args.task)
     return 0
+
+
+def _purge(store, task: str) -> None:
+    from model_store.store_base import needed_by
+
+    store.deactivate(task)
+    gone = store.purge(task)
+    kept = needed_by(store.index(), task)
+    print(f"task {task}: deactivated and purged; {gone} bundle(s) deleted")
+    for version, users in sorted(kept.items()):
+        print(f"  kept version {version}: tasks {', '.join(users)} use its experts")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -171,6 +184,12 @@ def _add_store(sub) -> None:
     a.add_argument("version", type=int)
     dd = ssub.add_parser("deactivate", help="stop routing to a task (its versions stay stored)")
     dd.add_argument("task")
+    dd.add_argument(
+        "--purge",
+        action="store_true",
+        help="also forget the task and delete its bundles (and blobs no version names), except versions whose "
+        "experts other tasks use; no rollback to them after",
+    )
     for p in ssub.choices.values():  # `store list --store DIR` as well as `store --store DIR list`
         p.add_argument("--store", default=argparse.SUPPRESS, help="the store (also before the sub-command)")
     s.set_defaults(fn=_store)

@@ -184,6 +184,12 @@ def test_store_activate_and_deactivate_say_what_they_did(tmp_path, capsys, backb
     assert main(["store", "--store", str(tmp_path / "s"), "deactivate", "cars"]) == 0
     assert capsys.readouterr().out.startswith("task cars: deactivated (its versions stay stored")
     assert LocalStore(tmp_path / "s").active() == {}
+    LocalStore(tmp_path / "s").activate("cars", 1)
+    assert main(["store", "--store", str(tmp_path / "s"), "deactivate", "cars", "--purge"]) == 0  # active: both
+    assert capsys.readouterr().out == "task cars: deactivated and purged; 1 bundle(s) deleted\n"
+    assert "cars" not in LocalStore(tmp_path / "s").index().tasks and not list((tmp_path / "s/blobs").iterdir())
+    assert main(["store", "--store", str(tmp_path / "s"), "deactivate", "cars", "--purge"]) == 2  # gone: named
+    assert "task_not_found" in capsys.readouterr().err
 
 
 def test_store_check_reports_problems_and_exits_1(tmp_path, capsys, backbone):
