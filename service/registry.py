@@ -331,13 +331,17 @@ class Registry:
         check = self._gated(task, False, [], refuse=False)
         return self._change({task: bundle}, lambda: self.store.set_shadow(task, version), serves=False, check=check)
 
-    def activate(self, task: str, version: int, force: bool = False) -> str:
+    def activate(self, task: str, version: int, force: bool = False) -> dict[str, Any] | None:
+        """Make a stored version active, gated; returns the gate's report (None: it was active, nothing ran)."""
         record = self.store.version(task, version)
         if self.store.task(task).active == record.bundle_id:  # nothing would change: no gate, no new generation
-            return record.bundle_id
+            return None
         bundle = self.loader.bundle(record.bundle_id)
-        check = self._gated(task, force, [])
-        return self._change({task: bundle}, lambda: self.store.activate(task, version), check=check)
+        reports: list[GateReport] = []
+        self._change(
+            {task: bundle}, lambda: self.store.activate(task, version), check=self._gated(task, force, reports)
+        )
+        return reports[-1].to_json() if reports else None
 
     def deactivate(self, task: str, purge: bool = False) -> int:
         """Stop routing to `task`; with purge, also forget it and delete blobs no other task needs."""

@@ -183,6 +183,11 @@ class TaskInfo(BaseModel):
     replicas: dict[str, int | str] | None = Field(
         None, description="After a change: {replica: the generation it serves}; with wait=all every live replica."
     )
+    gate: dict[str, Any] | None = Field(
+        None,
+        description="After an activation: the interference gate's report on it, against the bank it joined (null "
+        "when the version was active already: nothing ran). Forced past the gate: its offences are listed here.",
+    )
 
 
 class ScoreHistogram(BaseModel):

@@ -152,11 +152,11 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         """Make a stored version active: rollback or roll forward, hot-swapped."""
         registry = service_of(request).require_ready()
         body = await read_json(request, ActivateRequest)  # read after the token check, not before
-        await run_in_threadpool(registry.activate, known_name(task), body.version, force)
+        gate = await run_in_threadpool(registry.activate, known_name(task), body.version, force)
         generation = registry.bank.generation
         replicas = await announced(request, generation, wait, f"the activation of {task} version {body.version}")
         entry = await run_in_threadpool(registry.task_entry, task)
-        return {**task_info(registry.bank, task, entry), "replicas": replicas}
+        return {**task_info(registry.bank, task, entry), "replicas": replicas, "gate": gate}
 
     @router.delete("/tasks/{task}", response_model=Removed, responses=WAITED)
     async def remove(

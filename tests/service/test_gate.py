@@ -67,6 +67,10 @@ async def test_activation_is_gated_too(tmp_path, backbone, bundles):
         assert not (await c.get("/tasks/glyphs", headers=AUTH)).json()["serving"]
         r = await c.post("/tasks/glyphs/activate", params={"force": "true"}, json={"version": 1}, headers=AUTH)
         assert r.status_code == 200 and r.json()["serving"]
+        gate = r.json()["gate"]  # what was forced past, in the answer
+        assert not gate["passed"] and gate["stolen"]["textures"] > 0.9 and gate["version"] == 1, gate
+        again = await c.post("/tasks/glyphs/activate", json={"version": 1}, headers=AUTH)  # active already
+        assert again.status_code == 200 and again.json()["gate"] is None
 
 
 async def test_a_normal_version_passes_and_its_report_is_stored(tmp_path, backbone, bundles):
