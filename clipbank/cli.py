@@ -113,6 +113,7 @@ def _store(args: argparse.Namespace) -> int:
     if args.store_cmd == "list":
         print_json(store.index().to_json())
     elif args.store_cmd == "activate":
+        _readable(store, args.task, args.version)
         bundle = store.activate(args.task, args.version)
         print(f"task {args.task}: version {args.version} is active (bundle {bundle[:12]}), ungated")
     elif args.store_cmd == "deactivate" and not args.purge:
@@ -123,13 +124,22 @@ def _store(args: argparse.Namespace) -> int:
     return 0
 
 
+def _readable(store, task: str, version: int) -> None:
+    """Read and verify the version's bundle and the bundles whose experts it uses, as a server will: a damaged
+    one would take the task offline (StoreDamaged, BundleError or MissingExpert, naming it)."""
+    from model_store.loader import BankLoader
+
+    loader = BankLoader(store, None)  # no bank is built: bundles read and checked against their names only
+    loader.providers([loader.bundle(store.version(task, version).bundle_id)])
+
+
 def _purge(store, task: str) -> None:
     from model_store.store_base import needed_by
 
     store.deactivate(task)
     gone = store.purge(task)
     kept = needed_by(store.index(), task)
-    print(f"task {task}: deactivated and purged; {gone} bundle(s) deleted")
+    print(f"task {task}: deactivated and purged; {gone} of its bundle(s) deleted, and any blob no version named")
     for version, users in sorted(kept.items()):
         print(f"  kept version {version}: tasks {', '.join(users)} use its experts")
 

@@ -184,9 +184,15 @@ def test_store_activate_and_deactivate_say_what_they_did(tmp_path, capsys, backb
     assert main(["store", "--store", str(tmp_path / "s"), "deactivate", "cars"]) == 0
     assert capsys.readouterr().out.startswith("task cars: deactivated (its versions stay stored")
     assert LocalStore(tmp_path / "s").active() == {}
+    (blob,) = (tmp_path / "s" / "blobs").iterdir()
+    good = blob.read_bytes()
+    blob.write_bytes(good[: len(good) // 2])  # damaged: activating it would take the task offline
+    assert main(["store", "--store", str(tmp_path / "s"), "activate", "cars", "1"]) == 2
+    assert "store_damaged" in capsys.readouterr().err and LocalStore(tmp_path / "s").active() == {}
+    blob.write_bytes(good)
     LocalStore(tmp_path / "s").activate("cars", 1)
     assert main(["store", "--store", str(tmp_path / "s"), "deactivate", "cars", "--purge"]) == 0  # active: both
-    assert capsys.readouterr().out == "task cars: deactivated and purged; 1 bundle(s) deleted\n"
+    assert capsys.readouterr().out.startswith("task cars: deactivated and purged; 1 of its bundle(s) deleted")
     assert "cars" not in LocalStore(tmp_path / "s").index().tasks and not list((tmp_path / "s/blobs").iterdir())
     assert main(["store", "--store", str(tmp_path / "s"), "deactivate", "cars", "--purge"]) == 2  # gone: named
     assert "task_not_found" in capsys.readouterr().err
