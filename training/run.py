@@ -11,12 +11,13 @@ from typing import Any
 
 from model_store.backbone import load_backbone
 from model_store.bank import empty_bank
-from model_store.errors import TaskNotFound
+from model_store.errors import MissingExpert, TaskNotFound, VersionConflict
 from model_store.loader import BankLoader
 from model_store.manifest import MAX_VERSION
 from model_store.reference import find_reference
 from model_store.selector import SelectorConfig
-from model_store.store import atomic_write, open_store
+from model_store.store import LocalStore, atomic_write, open_store
+from model_store.store_base import Store
 
 from .config import TrainJob
 from .data import LabelledImages, load_image_folder
@@ -40,11 +41,11 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
     """Train `job.task` and return a summary; the bundle goes to `job.out` and/or `job.store`."""
     cfg = train_config(job)
     _check_outputs(job)  # before training, not after it
+    store = _open_store(job.store) if job.store else None
     train = load_image_folder(job.data, skip_bad=job.skip_bad)
     val = load_image_folder(job.val, train.classes, skip_bad=job.skip_bad) if job.val else None
     backbone = load_backbone(job.backbone, job.device)
     reference = find_reference(backbone, job.reference)  # before any training: a wrong path fails at once
-    store = open_store(job.store) if job.store else None
     bank = BankLoader(store, backbone).load() if store else empty_bank(backbone)
     version, parent = job.version or 1, None
     if store is not None:
@@ -90,7 +91,13 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
         # another writer may have taken this version, a purge removed experts it uses, the store was busy...:
         # the trained bundle must not be lost with the error
         with _kept_on_failure(result.bundle, job.task, version, "the store refused the bundle", job.out):
-            put = store.put(result.bundle, activate=job.activate)
+            try:
+                put = store.put(result.bundle, activate=job.activate)
+            except VersionConflict:
+                raise VersionConflict(
+                    f"another writer stored version {version} of task {job.task!r} while this run trained it: a store "
+                    "or server takes this bundle only as a newer version, so train again with --store"
+                ) from None
         summary.update(bundle_id=put.bundle_id, store=store.location, generation=put.generation, activated=job.activate)
     return summary
 
@@ -103,7 +110,10 @@ def _kept_on_failure(bundle: bytes, task: str, version: int, what: str, written:
     except Exception as e:
         log.error("%s: %s: %s", what, type(e).__name__, e)
         kept = written or _keep_unstored(bundle, task, version)
-        log.error("the trained bundle is saved at %s (push it to a server with `clipbank push`)", kept)
+        if isinstance(e, (VersionConflict, MissingExpert)):  # no store would take it as it is
+            log.error("the trained bundle is saved at %s", kept)
+        else:
+            log.error("the trained bundle is saved at %s (push it to a server with `clipbank push`)", kept)
         raise
 
 
@@ -117,8 +127,29 @@ def _check_outputs(job: TrainJob) -> None:
             if job.store
             else f"--version must be in [1, {MAX_VERSION}], got {job.version}"
         )
+    if not job.activate and not job.store:
+        raise ValueError(
+            "--no-activate applies to the version put in --store; a bundle file is stored inactive when pushed with "
+            "`clipbank push --no-activate`"
+        )
     if job.out:
         _check_writable(Path(job.out), job.overwrite)
+
+
+def _open_store(location: str) -> Store:
+    """The store, opened before any work: a store no change can be made to (read-only, its lock not creatable)
+    fails now, not after training; a local folder that holds no store (a typo?) is said to become a new one."""
+    if "://" not in location and not any((Path(location) / n).exists() for n in ("index.json", "blobs")):
+        log.warning(
+            "no store at %s: a new, empty one is made there, and the task is trained on an empty bank (if you meant "
+            "an existing store, stop now and check the path)",
+            location,
+        )
+    store = open_store(location)
+    if isinstance(store, LocalStore):
+        with store.locked():
+            pass
+    return store
 
 
 def _check_writable(out: Path, overwrite: bool) -> None:

@@ -203,9 +203,13 @@ def test_a_bundle_the_store_refuses_after_training_is_kept_on_disk(tmp_path, mon
     capsys.readouterr()
     for task, kept in (("tex", "tex-v1-unstored.safetensors"), ("tex", "tex-v2-unstored.safetensors")):
         args = ["train", "--task", task, "--data", str(tmp_path / "tex" / "val"), "--store", str(store)]
+        caplog.clear()
         assert main(args) == 2
-        assert "version_conflict: " in capsys.readouterr().err and "VersionConflict" in caplog.text
+        err = capsys.readouterr().err  # not "train it with --version N": no store takes it as it is
+        assert "version_conflict: another writer stored version" in err and "train again with --store" in err
+        assert "VersionConflict" in caplog.text and "push it to a server" not in caplog.text
         assert str(tmp_path / kept) in caplog.text and read_bundle((tmp_path / kept).read_bytes()).manifest.task == task
+        assert ("no store at" in caplog.text) == (kept == "tex-v1-unstored.safetensors")  # a new store is said
     (tmp_path / "store").rename(tmp_path / "store-0")  # the same failure again, at version 1: a new name
     assert main(["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--store", str(store)]) == 2
     assert (tmp_path / "tex-v1-unstored-2.safetensors").exists()
@@ -216,6 +220,12 @@ def test_a_bundle_the_store_refuses_after_training_is_kept_on_disk(tmp_path, mon
         main(["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--out", str(tmp_path / "adir")]) == 2
     )
     assert "is a directory" in capsys.readouterr().err and trained == []
+    # a store no change can be made to, and --no-activate with no store to apply to: before training too
+    assert main(["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--store", "/proc/s"]) == 2
+    assert "/proc/s" in capsys.readouterr().err and trained == []
+    no_activate = ["--out", str(tmp_path / "n.safetensors"), "--no-activate"]
+    assert main(["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), *no_activate]) == 2
+    assert "--no-activate applies to the version put in --store" in capsys.readouterr().err and trained == []
     # a folder no file can be created in, although os.access may say it can be written (root, /proc)
     unwritable = "/proc/clipbank-out.safetensors"
     assert main(["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--out", unwritable]) == 2
