@@ -73,10 +73,11 @@ class InterferenceRefused(ClipbankError):
 
     code = "interference"
 
-    def __init__(self, report: GateReport) -> None:
+    def __init__(self, report: GateReport, upload: bool = False) -> None:
+        """`upload`: the version was being uploaded (so nothing was stored), not a stored one activated."""
         offences = report.offences()
         super().__init__(
-            f"task {report.task!r} v{report.version} was not activated: "
+            f"task {report.task!r} v{report.version} was not {'stored' if upload else 'activated'}: "
             + "; ".join(offences)
             + ". Retrain it (more steps, the reference set as negatives), or land it anyway with force=true on the "
             "upload or the activation (`clipbank push --force`)."

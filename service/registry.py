@@ -253,10 +253,11 @@ class Registry:
     # ------------------------------------------------------------------------------------------- changes
 
     def _gated(
-        self, task: str, force: bool, reports: list[GateReport], refuse: bool = True
+        self, task: str, force: bool, reports: list[GateReport], refuse: bool = True, upload: bool = False
     ) -> Callable[[BankSnapshot], None]:
         """The interference gate as a check of a change's candidate bank: refuse above the limits, unless forced
-        (then logged and counted); the report goes to `reports`. `refuse=False` only reports (a shadow upload)."""
+        (then logged and counted); the report goes to `reports`. `refuse=False` only reports (a shadow upload);
+        `upload`: the refusal says the version was not stored (not "not activated")."""
 
         def check(candidate: BankSnapshot) -> None:
             report = self.gate.report(candidate, task)
@@ -265,7 +266,7 @@ class Registry:
                 return
             if not force:
                 self.metrics.gate_refusals.inc()
-                raise InterferenceRefused(report)
+                raise InterferenceRefused(report, upload=upload)
             self.metrics.gate_overrides.inc()
             log.warning("gate overridden (force) for %s v%d: %s", task, report.version, "; ".join(report.offences()))
 
@@ -298,7 +299,7 @@ class Registry:
             self.loader.remember(bundle)  # later rebuilds then need no second parse
             return result
 
-        check = self._gated(bundle.task, force, reports, refuse=not shadow)
+        check = self._gated(bundle.task, force, reports, refuse=not shadow, upload=True)
         return self._change({bundle.task: bundle}, write, serves=activate, check=check)
 
     def _restore(self, bundle: Bundle, data: bytes) -> PutResult:

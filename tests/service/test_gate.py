@@ -60,10 +60,12 @@ async def test_activation_is_gated_too(tmp_path, backbone, bundles):
         stored = {"activate": "false"}
         r = await c.post("/tasks", params=stored, files={"bundle": ("g", broad)}, headers=AUTH)
         assert r.status_code == 409  # stored inactive or not, it is checked as if activated
+        assert "task 'glyphs' v1 was not stored: " in r.json()["error"]["message"]
         r = await c.post("/tasks", params={**stored, "force": "1"}, files={"bundle": ("g", broad)}, headers=AUTH)
         assert r.status_code == 201
         r = await c.post("/tasks/glyphs/activate", json={"version": 1}, headers=AUTH)
         assert r.status_code == 409 and r.json()["error"]["details"]["stolen"]["textures"] > 0.9
+        assert "task 'glyphs' v1 was not activated: " in r.json()["error"]["message"]
         assert not (await c.get("/tasks/glyphs", headers=AUTH)).json()["serving"]
         r = await c.post("/tasks/glyphs/activate", params={"force": "true"}, json={"version": 1}, headers=AUTH)
         assert r.status_code == 200 and r.json()["serving"]
