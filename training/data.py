@@ -143,9 +143,14 @@ def _check_class_folders(root: Path, folders: Sequence[Path], found: tuple[str, 
         named.setdefault(name, []).append(folder.name)
     clash = next((names for names in named.values() if len(names) > 1), None)
     if clash:
+        why = []
+        if any("_" in n for n in clash) and len({unicodedata.normalize("NFC", n) for n in clash}) > 1:
+            why.append("'_' reads as a space")
+        if len({n.replace("_", " ") for n in clash}) > 1:  # then their Unicode forms differ
+            why.append("the same letters in two Unicode forms: composed, and with combining accents")
         raise ValueError(
-            f"folders {' and '.join(map(repr, clash))} of {root} both name the class {class_name(clash[0])!r} "
-            "('_' reads as a space): rename one"
+            f"folders {' and '.join(map(ascii, clash))} of {root} both name the class {class_name(clash[0])!r}"
+            f"{' (' + '; '.join(why) + ')' if why else ''}: rename one"
         )
     real: dict[Path, list[str]] = {}
     for folder in folders:  # a symlinked folder is fine, two names for one folder are one class twice

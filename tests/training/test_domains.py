@@ -40,8 +40,15 @@ def test_image_folders_that_cannot_become_a_bundle_fail_before_any_image_is_read
     for folder in ("a_b", "a b"):
         (tmp_path / "clash" / folder).mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(tmp_path / "clash" / folder / "x.png")
-    with pytest.raises(ValueError, match="both name the class 'a b'"):
+    with pytest.raises(ValueError, match=r"both name the class 'a b' \('_' reads as a space\): rename one"):
         load_image_folder(tmp_path / "clash")
+    for folder in ("caf\u00e9", "cafe\u0301"):  # as Linux and macOS write it: the names look the same
+        (tmp_path / "forms" / folder).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "forms" / folder / "x.png")
+    with pytest.raises(ValueError, match="in two Unicode forms") as raised:
+        load_image_folder(tmp_path / "forms")
+    assert "'caf\\xe9'" in str(raised.value) and "'cafe\\u0301'" in str(raised.value)
+    assert "reads as a space" not in str(raised.value)
     (tmp_path / "linked" / "cat").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "linked" / "cat" / "x.png")
     (tmp_path / "linked" / "dog").symlink_to(tmp_path / "linked" / "cat")
