@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,6 +212,10 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
         tokenizer = BoundedTokenizer(open_clip.get_tokenizer(ref.model_name))
     except Exception as e:  # open_clip, safetensors and torch raise many types for bad files
         why = str(e).split("\n", 1)[0] if "weights_only" in str(e) else e  # not torch's advice to unpickle it
+        if "not found in built-ins" in str(e):  # open_clip lists all ~150 names: the near ones say more
+            near = difflib.get_close_matches(ref.model_name, open_clip.list_models(), n=5, cutoff=0.5)
+            why = f"open_clip has no model {ref.model_name!r}" + (f"; close: {', '.join(near)}" if near else "")
+            why += " (all: `python -c 'import open_clip; print(open_clip.list_models())'`)"
         raise BackboneError(f"could not load backbone {ref.text!r}: {why}") from e
     finally:
         logging.getLogger().removeFilter(quiet)

@@ -719,3 +719,11 @@ def test_the_client_reads_its_own_writes_with_min_generation(monkeypatch):
             with pytest.raises(ValueError, match="min_generation is a store generation"):
                 c.tasks(min_generation=bad)
     assert seen == [("/classify", "7"), ("/tasks", "0"), ("/tasks/t", "3"), ("/classify", None)]
+
+
+def test_python_dash_m_clipbank_is_the_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "clipbank", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("clipbank "), (out.stdout, out.stderr)

@@ -84,6 +84,12 @@ def test_unknown_pretrained_tag_fails_cleanly():
         load_backbone("ViT-B-16:no-such-tag")
 
 
+def test_an_unknown_model_name_is_answered_with_the_close_ones_not_every_name():
+    with pytest.raises(BackboneError, match="open_clip has no model 'ViT-B-33'; close: ViT-B-32") as raised:
+        load_backbone("ViT-B-33:openai")
+    assert "convnext" not in str(raised.value) and len(str(raised.value)) < 300
+
+
 def test_pick_device():
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_device("cpu").type == "cpu"

@@ -1,0 +1,7 @@
+"""`python -m clipbank`, the same as the `clipbank` command."""
+
+import sys
+
+from clipbank.cli import main
+
+sys.exit(main())
