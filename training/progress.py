@@ -7,7 +7,8 @@ Redrawn with carriage returns, a bar becomes one ever-growing line in `docker lo
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TextIO
 
 from tqdm import tqdm
@@ -41,3 +42,24 @@ def progress_bar(iterable: Iterable | None = None, **kw: Any) -> tqdm:
         kw["mininterval"] = max(kw.get("mininterval", 0.1), LOG_SECONDS)
         kw["leave"] = True  # a line once written stays; the last one says where it ended
     return tqdm(iterable, **kw)
+
+
+@contextmanager
+def phases(names: Sequence[str], enabled: bool = True) -> Iterator[Callable[[], None]]:
+    """A bar over the named parts of some work (`next_phase()` moves on), so a long step without a loop of its
+    own still shows what it is doing."""
+    bar = progress_bar(total=len(names), desc=names[0], unit="part", disable=not enabled, leave=False)
+    done = 0
+
+    def next_phase() -> None:
+        nonlocal done
+        done += 1
+        if done < len(names):
+            bar.set_description(names[done], refresh=False)
+        bar.update()
+
+    try:
+        yield next_phase
+        bar.update(len(names) - bar.n)
+    finally:
+        bar.close()

@@ -17,7 +17,7 @@ from model_store.manifest import MAX_VERSION
 from model_store.reference import find_reference
 from model_store.selector import SelectorConfig
 from model_store.store import LocalStore, atomic_write, open_store
-from model_store.store_base import Store
+from model_store.store_base import PutResult, Store
 
 from .config import TrainJob
 from .data import LabelledImages, load_image_folder
@@ -88,18 +88,22 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
             atomic_write(Path(job.out), result.bundle)
         summary["out"] = job.out
     if store is not None:
-        # another writer may have taken this version, a purge removed experts it uses, the store was busy...:
-        # the trained bundle must not be lost with the error
-        with _kept_on_failure(result.bundle, job.task, version, "the store refused the bundle", job.out):
-            try:
-                put = store.put(result.bundle, activate=job.activate)
-            except VersionConflict:
-                raise VersionConflict(
-                    f"another writer stored version {version} of task {job.task!r} while this run trained it: a store "
-                    "or server takes this bundle only as a newer version, so train again with --store"
-                ) from None
+        put = _put(store, result.bundle, job, version)
         summary.update(bundle_id=put.bundle_id, store=store.location, generation=put.generation, activated=job.activate)
     return summary
+
+
+def _put(store: Store, bundle: bytes, job: TrainJob, version: int) -> PutResult:
+    """Store the trained bundle. Another writer may have taken this version, a purge removed experts it uses, the
+    store was busy...: the bundle is then kept on disk, not lost with the error."""
+    with _kept_on_failure(bundle, job.task, version, "the store refused the bundle", job.out):
+        try:
+            return store.put(bundle, activate=job.activate)
+        except VersionConflict:
+            raise VersionConflict(
+                f"another writer stored version {version} of task {job.task!r} while this run trained it: a store or "
+                "server takes this bundle only as a newer version, so train again with --store"
+            ) from None
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from .config import jsonable
 from .data import LabelledImages, checked_split
 from .expert_blocks import with_expert_blocks
 from .lwf import parent_teacher
-from .progress import progress_bar
+from .progress import phases, progress_bar
 from .routing import selector_with_routing
 from .scoring import accuracy
 
@@ -327,13 +327,14 @@ def _reference(bank: BankSnapshot, reference: ReferenceSet | None | str) -> Refe
     return find_reference(bank.backbone)
 
 
-def _activation_counts(bank: BankSnapshot, params: _TaskParams, fit: LabelledImages, cfg: TrainConfig) -> dict:
-    """Which experts the task's routers use, per block: counted on a sample of the training images (a full adapted
-    pass over a large training set is not worth it)."""
+def _validated(bank: BankSnapshot, params: _TaskParams, fit: LabelledImages, val: LabelledImages, cfg: TrainConfig):
+    """Which experts the task's routers use, per block (counted on a sample of the training images: a full adapted
+    pass over a large training set is not worth it), and the validation accuracy."""
     counts = ActivationCounts()
     sample = torch.randperm(len(fit), generator=torch.Generator().manual_seed(cfg.seed))[:COUNT_SAMPLE].tolist()
     evaluate(bank, params, fit.subset(sorted(sample)), cfg.serving_templates, counts)
-    return {f"{t}.{b}": c.tolist() for (t, b), c in sorted(counts.counts.items())}
+    activations = {f"{t}.{b}": c.tolist() for (t, b), c in sorted(counts.counts.items())}
+    return activations, evaluate(bank, params, val, cfg.serving_templates)
 
 
 def train_task(
@@ -363,10 +364,11 @@ def train_task(
         params.prefer_new(bank, fit, cfg)
     losses = _train_loop(bank, params, fit, cfg, g, progress)
     train_seconds = time.time() - t0
-    counts = _activation_counts(bank, params, fit, cfg)
-    accuracy = evaluate(bank, params, val, cfg.serving_templates)
-    args = (bank, cfg.task, cfg.selector, cfg.seed, (fit, val), reference, version)
-    selector, routing, probes = selector_with_routing(*args)
+    with phases((f"validate {cfg.task}", f"fit the selector of {cfg.task}"), progress) as next_phase:
+        counts, accuracy = _validated(bank, params, fit, val, cfg)
+        next_phase()
+        args = (bank, cfg.task, cfg.selector, cfg.seed, (fit, val), reference, version)
+        selector, routing, probes = selector_with_routing(*args)
     for warning in routing["warnings"]:
         log.warning("task %s routing: %s", cfg.task, warning)
     report = {

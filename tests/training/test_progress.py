@@ -31,3 +31,16 @@ def test_a_log_gets_whole_lines_not_one_endless_redrawn_line(monkeypatch):
     for _ in progress_bar(range(3), file=quiet, disable=True):
         pass
     assert quiet.getvalue() == ""
+
+
+def test_phases_name_the_part_under_way_and_end_complete(capsys):
+    """Work after training's steps (validation, the selector) had no bar: seconds to minutes of silence."""
+    from training.progress import phases
+
+    with phases(("validate t", "fit the selector of t")) as next_phase:
+        next_phase()
+    lines = capsys.readouterr().err.splitlines()  # not a terminal: plain lines, the last one where it ended
+    assert lines and lines[-1].startswith("fit the selector of t") and "2/2" in lines[-1], lines
+    with phases(("a", "b"), enabled=False) as next_phase:
+        next_phase()
+    assert capsys.readouterr().err == ""
