@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import urllib.parse
 from pathlib import Path
 
@@ -301,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the work is, so that it stops as at Ctrl-C: temporary files removed, no half file."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -309,13 +319,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "serve":  # our own progress, without open_clip's loading chatter
         for name in ("clipbank", "model_store"):
             logging.getLogger(name).setLevel(logging.INFO)
+    catch = args.cmd != "serve" and threading.current_thread() is threading.main_thread()  # uvicorn has its own
+    before = signal.signal(signal.SIGTERM, _terminate) if catch else None
     try:
         code = args.fn(args)
         sys.stdout.flush()  # a reader that went away shows here, not as an error at the interpreter's exit
         return code
-    except KeyboardInterrupt:
-        print(f"clipbank {args.cmd}: interrupted (a file being written is left as it was)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (`docker stop`, a scheduler): files are cleaned up
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"clipbank {args.cmd}: {how}; a file being written is left as it was", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly, as a killed pipe writer would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         return 141
@@ -329,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"clipbank {args.cmd}: {e}", file=sys.stderr)
             return 2
         raise
+    finally:
+        if catch:
+            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -727,3 +727,21 @@ def test_python_dash_m_clipbank_is_the_command():
 
     out = subprocess.run([sys.executable, "-m", "clipbank", "--version"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("clipbank "), (out.stdout, out.stderr)
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does_with_its_own_exit_code(capsys, monkeypatch):
+    """`docker stop` sends SIGTERM: a training run died without a word (exit -15), its temporary files left."""
+    import os
+    import signal
+
+    import clipbank.cli as cli
+
+    def work(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the work")
+
+    monkeypatch.setattr(cli, "_data", work)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["data", "list"]) == 143
+    assert "clipbank data: terminated (SIGTERM)" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before  # put back
