@@ -22,7 +22,7 @@ from PIL import Image
 
 from model_store.backbone import Backbone
 from model_store.bank import BankSnapshot
-from model_store.inference import ClassifyItem, ImagePasses, task_scores
+from model_store.inference import AUTO, ClassifyItem, ImagePasses, task_scores
 from model_store.shadow import auto_rows, auto_spans, observe
 
 from .clusters import MIN_BACKGROUND, find_clusters, typical_members
@@ -120,8 +120,8 @@ class TrafficWatch:
     def keep(self, passes: ImagePasses, k: int) -> WatchedRequest | None:
         """What `__call__` needs of request `k`'s image passes, copied (not the whole batch's tensors), for a
         request answered later: one whose new label sets are encoded a step at a time."""
-        if passes.frozen is None or passes.all_scores is None or k not in passes.spans:
-            return None
+        if passes.frozen is None or passes.all_scores is None or k not in passes.spans or passes.items[k].task != AUTO:
+            return None  # nothing to watch: only auto-routed traffic is
         a, b = passes.spans[k]
         images = None
         if self.reservoir is not None and self.reservoir.config.thumbnail and passes.images is not None:
