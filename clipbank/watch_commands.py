@@ -56,13 +56,15 @@ def _insights(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--png {args.png}: its folder does not exist")
     if args.examples is not None:
         _check_examples_folder(Path(args.examples))
-    if not 0 <= args.min_share <= 1:  # also refuses NaN
-        raise ValueError(f"--min-share is a share of traffic in [0, 1], got {args.min_share}")
-    if args.min_size < 1:
-        raise ValueError(f"--min-size must be >= 1, got {args.min_size}")
+    if not 0 < args.min_share <= 1:  # the server's ranges, checked here (also refuses NaN)
+        raise ValueError(f"--min-share is a share of traffic in (0, 1], got {args.min_share}")
+    if not 2 <= args.min_size <= 100_000:
+        raise ValueError(f"--min-size must be in [2, 100000], got {args.min_size}")
+    if not 1 <= args.max_clusters <= 100:
+        raise ValueError(f"--max-clusters must be in [1, 100], got {args.max_clusters}")
     with _client(args) as client:
         wanted = args.examples is not None or args.png is not None
-        out = client.unclaimed(args.min_share, args.min_size, EXAMPLES if wanted else 0)
+        out = client.unclaimed(args.min_share, args.min_size, EXAMPLES if wanted else 0, args.max_clusters)
     if args.json:
         print_json(out)
     if not out["enabled"]:  # with --json too: asked-for files are not written, and the exit status says so
@@ -71,13 +73,12 @@ def _insights(args: argparse.Namespace) -> int:
         print(message + (f"; nothing written for {skipped}" if skipped else ""), file=sys.stderr if args.json else None)
         return 1 if skipped else 0
     if not args.json:
-        _print_insights(out)
-    if args.examples is not None:
-        _write_examples(out, Path(args.examples))
+        _print_insights(out, args.max_clusters)
+    written = _write_examples(out, Path(args.examples)) if args.examples is not None else True
     if args.png is not None:
         plot_unclaimed(out, args.png)
-        print(f"wrote {args.png}")
-    return 0
+        print(f"wrote {args.png}", file=sys.stderr)  # stdout is the answer (JSON with --json)
+    return 0 if written else 1
 
 
 EXAMPLES = 8  # thumbnails fetched per cluster for --examples and --png
@@ -103,11 +104,16 @@ def _write(path: Path, data: bytes) -> None:
         raise OSError(e.errno, f"{e.strerror or e}: {path}") from None
 
 
-def _write_examples(out: dict, folder: Path) -> None:
-    """Each cluster's example thumbnails as DIR/cluster-ID/N.png (none unless the server keeps thumbnails)."""
+def _write_examples(out: dict, folder: Path) -> bool:
+    """Each cluster's example thumbnails as DIR/cluster-ID/N.png; False when the server keeps none (nothing could
+    be written, which the exit status says)."""
     if not out["reservoir"].get("thumbnail"):
-        print("this server keeps no thumbnails (start it with --unclaimed-thumbnails 64 to opt in)", file=sys.stderr)
-        return
+        print(
+            "this server keeps no thumbnails (start it with --unclaimed-thumbnails 64 to opt in); nothing written for "
+            "--examples",
+            file=sys.stderr,
+        )
+        return False
     marker = folder / EXAMPLES_MARKER  # the folder is ours: an earlier run's thumbnails may go
     _check_examples_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -126,9 +132,10 @@ def _write_examples(out: dict, folder: Path) -> None:
         print(f"wrote {written} example thumbnail(s) of the clusters under {folder}", file=sys.stderr)
     else:
         print(f"no cluster, so no example thumbnail under {folder}", file=sys.stderr)
+    return True
 
 
-def _print_insights(out: dict) -> None:
+def _print_insights(out: dict, max_clusters: int) -> None:
     res = out["reservoir"]
     share = "-" if res["unclaimed_share"] is None else f"{res['unclaimed_share']:.1%}"
     print(
@@ -143,6 +150,8 @@ def _print_insights(out: dict) -> None:
     for c in out["clusters"]:
         margin = "-" if c["margin"] is None else f"{c['margin']:+.2f}"
         print(f"| {c['id']} | {c['size']} | {c['share']:.1%} | {c['nearest_task'] or '-'} | {margin} |")
+    if len(out["clusters"]) >= max_clusters:
+        print(f"(the {max_clusters} biggest clusters; --max-clusters shows more)")
     print("a cluster is traffic no task claims that looks alike: a candidate task to train (docs/safety.md)")
 
 
@@ -209,6 +218,9 @@ def add_watch_parsers(sub, url: str) -> None:
         "--min-share", type=float, default=0.03, help="a cluster's least share of auto traffic (default 0.03)"
     )
     ins.add_argument("--min-size", type=int, default=20, help="a cluster's fewest images (default 20)")
+    ins.add_argument(
+        "--max-clusters", type=int, default=20, help="the most clusters listed, biggest first (default 20)"
+    )
     ins.add_argument(
         "--png", help="also plot each cluster's share of traffic over time (and example thumbnails) to this PNG"
     )

@@ -665,9 +665,39 @@ def test_shadow_json_when_setting_a_version_and_insights_saying_what_it_did_not_
     assert main(["insights", "--png", str(png), "--json", "--url", "http://srv"]) == 1  # --json says it too
     out = capsys.readouterr()
     assert json.loads(out.out)["enabled"] is False and "nothing written for --png" in out.err
-    for flag, value, message in (("--min-share", "2", "--min-share is a share"), ("--min-size", "0", "--min-size")):
+    for flag, value, message in (  # the server's ranges, named locally (0 and 1 passed, then got the server's 422)
+        ("--min-share", "2", "--min-share is a share"),
+        ("--min-share", "0", "in (0, 1]"),
+        ("--min-size", "1", "--min-size must be in [2, "),
+        ("--max-clusters", "0", "--max-clusters must be in [1, 100]"),
+    ):
         assert main(["insights", flag, value, "--url", "http://srv"]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_insights_json_with_files_stays_json_and_examples_from_a_server_without_thumbnails_exit_1(
+    monkeypatch, tmp_path, capsys
+):
+    """`--json --png` printed "wrote FILE" after the JSON on stdout; `--examples` from a server that keeps no
+    thumbnails wrote nothing and exited 0; a list cut at --max-clusters did not say so."""
+    import httpx
+
+    from clipbank.cli import main
+
+    cluster = {"id": 0, "size": 30, "share": 0.1, "nearest_task": None, "margin": None, "over_time": [[1.8e9, 0.1]]}
+    reservoir = {"thumbnail": 0, "unclaimed": 30, "auto_images": 300, "unclaimed_share": 0.1, "embeddings": 30}
+    answer = {"enabled": True, "reservoir": {**reservoir, "capacity": 2048}, "clusters": [cluster]}
+    seen = []
+    _client_on(monkeypatch, lambda request: seen.append(request.url.params) or httpx.Response(200, json=answer))
+    png = tmp_path / "u.png"
+    assert main(["insights", "--json", "--png", str(png), "--url", "http://srv"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out) == answer and f"wrote {png}" in out.err and png.exists()
+    assert main(["insights", "--examples", str(tmp_path / "ex"), "--url", "http://srv"]) == 1
+    assert "keeps no thumbnails" in capsys.readouterr().err
+    assert main(["insights", "--max-clusters", "1", "--url", "http://srv"]) == 0
+    assert "(the 1 biggest clusters; --max-clusters shows more)" in capsys.readouterr().out
+    assert seen[-1]["max_clusters"] == "1"
 
 
 def _counting_server(monkeypatch, max_images: int | None = None) -> list[int]:
