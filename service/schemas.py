@@ -183,6 +183,11 @@ class TaskInfo(BaseModel):
     replicas: dict[str, int | str] | None = Field(
         None, description="After a change: {replica: the generation it serves}; with wait=all every live replica."
     )
+    generation: int | None = Field(
+        None,
+        description="After a change (activate, shadow): the store generation this server serves with it, for "
+        "X-Min-Generation (read your own writes through any replica).",
+    )
     gate: dict[str, Any] | None = Field(
         None,
         description="After an activation: the interference gate's report on it, against the bank it joined (null "

@@ -156,7 +156,7 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         generation = registry.bank.generation
         replicas = await announced(request, generation, wait, f"the activation of {task} version {body.version}")
         entry = await run_in_threadpool(registry.task_entry, task)
-        return {**task_info(registry.bank, task, entry), "replicas": replicas, "gate": gate}
+        return {**task_info(registry.bank, task, entry), "replicas": replicas, "gate": gate, "generation": generation}
 
     @router.delete("/tasks/{task}", response_model=Removed, responses=WAITED)
     async def remove(

@@ -21,9 +21,10 @@ from .tasks import ACTIVATE_BODY, Wait, announced, known_name
 async def _changed(request: Request, task: str, wait: str, what: str) -> dict:
     """The task as it now is, after telling the other replicas of the change (`announced`)."""
     registry = service_of(request).require_ready()
-    replicas = await announced(request, registry.bank.generation, wait, what)
+    generation = registry.bank.generation
+    replicas = await announced(request, generation, wait, what)
     entry = await run_in_threadpool(registry.task_entry, task)
-    return {**task_info(registry.bank, task, entry), "replicas": replicas}
+    return {**task_info(registry.bank, task, entry), "replicas": replicas, "generation": generation}
 
 
 def watch_router(admin: TokenCheck) -> APIRouter:

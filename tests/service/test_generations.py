@@ -31,6 +31,20 @@ async def test_every_answer_names_its_generation_and_replica(tmp_path, backbone)
         assert answer.headers["X-Clipbank-Generation"] == str(answer.json()["timing"]["generation"]) == "1"
         missing = await client.get("/tasks/nope", headers=AUTH)
         assert missing.status_code == 404 and missing.headers["X-Clipbank-Generation"] == "1"
+        pushed = await client.post(  # v2, then every change answers with the generation it made, as a push does
+            "/tasks", params={"mode": "inactive"}, headers=AUTH,
+            files={"bundle": ("b", random_bundle(empty_bank(backbone), "a", 2, version=2))},
+        )  # fmt: skip
+        assert pushed.status_code == 201 and pushed.json()["generation"] == 2
+        changes = [
+            client.post("/tasks/a/shadow", json={"version": 2}, headers=AUTH),
+            client.delete("/tasks/a/shadow", headers=AUTH),
+            client.post("/tasks/a/activate", json={"version": 2}, headers=AUTH),
+        ]
+        for want, change in enumerate(changes, start=3):
+            r = await change
+            assert r.status_code == 200 and r.json()["generation"] == want, r.text
+            assert r.headers["X-Clipbank-Generation"] == str(want)
 
 
 async def test_the_openapi_document_declares_the_generation_headers(tmp_path, backbone):
