@@ -79,8 +79,14 @@ class InterferenceRefused(ClipbankError):
         super().__init__(
             f"task {report.task!r} v{report.version} was not {'stored' if upload else 'activated'}: "
             + "; ".join(offences)
-            + ". Retrain it (more steps, the reference set as negatives), or land it anyway with force=true on the "
-            "upload or the activation (`clipbank push --force`)."
+            + (
+                ". Retrain it (more steps, the reference set as negatives), or land it anyway with force=true on the "
+                "upload or the activation (`clipbank push --force`)."
+                if upload
+                else ". It is checked against the bank as it is now: tasks activated since it was stored (one forced "
+                "past the gate, say) may be why. Deal with those, or activate it anyway with force=true (retraining "
+                "makes a new version)."
+            )
         )
         self.details = report.to_json()
 
