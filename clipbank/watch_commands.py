@@ -22,9 +22,17 @@ def _client(args: argparse.Namespace):
 
 
 def _shadow(args: argparse.Namespace) -> int:
+    from service.client import ClipbankHTTPError
+
     with _client(args) as client:
         if args.stop or args.version is not None:
-            out = client.set_shadow(args.task, None if args.stop else args.version)
+            try:
+                out = client.set_shadow(args.task, None if args.stop else args.version)
+            except ClipbankHTTPError as e:
+                if not (args.stop and e.code == "no_shadow"):
+                    raise
+                print(f"task {args.task} has no version in shadow: nothing to stop", file=sys.stderr)
+                return 0  # the state asked for: a clean-up may run twice
             if args.json:
                 print_json(out)
                 return 0

@@ -657,6 +657,12 @@ def test_shadow_json_when_setting_a_version_and_insights_saying_what_it_did_not_
     _client_on(monkeypatch, handler)
     assert main(["shadow", "t", "--version", "2", "--json", "--url", "http://srv"]) == 0
     assert json.loads(capsys.readouterr().out) == {"task": "t", "shadow_version": 2, "active_version": 1}
+    for code, exit_code in (("no_shadow", 0), ("task_not_found", 2)):  # stopping twice is fine, a wrong name is not
+        error = {"error": {"code": code, "message": "task 't' has no version in shadow"}}
+        _client_on(monkeypatch, lambda request, error=error: httpx.Response(404, json=error))
+        assert main(["shadow", "t", "--stop", "--url", "http://srv"]) == exit_code
+        assert ("nothing to stop" in capsys.readouterr().err) == (exit_code == 0)
+    _client_on(monkeypatch, handler)
     png = tmp_path / "u.png"
     assert main(["insights", "--png", str(png), "--url", "http://srv"]) == 1
     assert "nothing written for --png" in capsys.readouterr().out and not png.exists()
