@@ -196,9 +196,17 @@ class Service:
 def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:
     """(token, where it came from). Unset: the one saved in the store folder, else a new one saved there, so a
     restart keeps the token its clients have (servers sharing the store share it too)."""
-    if config.admin_token:
-        return config.admin_token, "set"
     path = Path(config.store) / ADMIN_TOKEN_FILE
+    if config.admin_token:
+        with contextlib.suppress(OSError):  # an object store, or no such file: nothing to say
+            if path.is_file() and path.read_text().strip() != config.admin_token:
+                log.warning(
+                    "the admin token is set (CLIPBANK_ADMIN_TOKEN or --admin-token), so the other one saved in %s "
+                    "by an earlier start without it is not accepted here; servers sharing the store without the "
+                    "setting use that one: set the same token on every server (or delete the file)",
+                    path,
+                )
+        return config.admin_token, "set"
     try:
         token = path.read_text().strip()
         if len(token) >= 16:

@@ -47,3 +47,13 @@ def test_a_store_path_under_a_file_is_no_traceback(tmp_path):
         open_store(tmp_path / "a-file")
     with pytest.raises(StoreError, match=r"store .*sub: .*a-file is a file, not a folder$"):
         open_store(tmp_path / "a-file" / "sub")
+
+
+def test_a_set_token_beside_another_saved_one_is_warned_of(tmp_path, caplog):
+    """Servers sharing a store, one started with the token set and one without, had two admin tokens unawares."""
+    saved, _ = resolve_admin_token(ServeConfig(store=str(tmp_path)))
+    token, where = resolve_admin_token(ServeConfig(store=str(tmp_path), admin_token="s" * 20))
+    assert (token, where) == ("s" * 20, "set") and "is not accepted here" in caplog.text
+    caplog.clear()
+    assert resolve_admin_token(ServeConfig(store=str(tmp_path), admin_token=saved))[0] == saved
+    assert "is not accepted" not in caplog.text  # the same token: nothing to say
