@@ -27,6 +27,7 @@ from .insights import ReservoirSnapshot
 PCA_DIMS = 32  # clustering runs on this many principal components when the embeddings have more
 NEIGHBOURS = 10  # k of the nearest-neighbour tests
 GROUP_SAMPLE = 4096  # candidates beyond this many are grouped through a sample of them
+COVERED = 0.5  # HDBSCAN leaving more of the candidates than this in no group is tried at larger least sizes
 COMPONENT_NEIGHBOURS = 7  # k of the mutual-neighbour graph (at 10, a few links merged a diffuse and a tight domain)
 CANDIDATE_ODDS = 2.0  # how much more often than chance a candidate's neighbours are unclaimed rather than generic
 GROUP_ODDS = 2.5  # how much denser than held-out generic rows a group must be (tiny: generic traffic up to 1.9)
@@ -171,7 +172,6 @@ def _groups(x: np.ndarray, z: np.ndarray, k: int, min_size: int) -> np.ndarray:
     never returns the whole set as one cluster), the connected components. With fewer distinct rows than a group
     needs, only copies can make one: each distinct image with at least `min_size` copies is its own group
     (linking a handful of unrelated images as neighbours made them one "domain")."""
-    from sklearn.cluster import HDBSCAN
 
     _, first, copies = np.unique(x, axis=0, return_index=True, return_inverse=True)
     z, copies = z[first], copies.ravel()
@@ -181,10 +181,37 @@ def _groups(x: np.ndarray, z: np.ndarray, k: int, min_size: int) -> np.ndarray:
         return np.where(np.isin(copies, big), np.searchsorted(big, copies), -1)
     if len(z) > GROUP_SAMPLE:  # HDBSCAN's time grows faster than the rows: group a sample, then spread it
         return _sampled_groups(z, k, min_size)[copies]
-    groups = HDBSCAN(min_cluster_size=min_size, min_samples=min(k, min_size), copy=True).fit_predict(z)
+    groups = _hdbscan(z, k, min_size)
     if groups.max() < 0:
         groups = _components(z, counts, min(k, COMPONENT_NEIGHBOURS), min_size)
     return groups[copies]
+
+
+def _hdbscan(z: np.ndarray, k: int, min_size: int) -> np.ndarray:
+    """HDBSCAN's groups of rows at `min_size`; when they leave most rows in no group, at doublings of it. A large
+    domain with sub-structure (its backgrounds, say) came out as its two densest leaves, 103 of its 300 images,
+    the rest in no group; at a larger least size HDBSCAN sees it as one blob, so no group, and `_groups` takes the
+    connected components. Groups of a larger size that does cover most rows get those of the first clustering it
+    leaves mostly in no group (a small domain beside the large one)."""
+    from sklearn.cluster import HDBSCAN
+
+    def fit(size: int) -> np.ndarray:
+        return HDBSCAN(min_cluster_size=size, min_samples=min(k, size), copy=True).fit_predict(z)
+
+    first = groups = fit(min_size)
+    size = min_size
+    while (groups >= 0).mean() < COVERED and size * 2 <= len(z) // 2:
+        size *= 2
+        groups = fit(size)
+        if groups.max() < 0:  # one blob
+            return groups
+    if groups is first or (groups >= 0).mean() < COVERED:
+        return first
+    for g in range(int(first.max()) + 1):
+        rows = first == g
+        if (groups[rows] < 0).mean() > 0.5:
+            groups = np.where(rows & (groups < 0), int(groups.max()) + 1, groups)
+    return groups
 
 
 def _sampled_groups(z: np.ndarray, k: int, min_size: int) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.samples import domain_pngs
+from benchmarks.samples import domain_pngs, png_bytes
 from model_store.modes import ZERO_SHOT
 from service.clusters import find_clusters
 from service.errors import Overloaded
@@ -195,3 +195,27 @@ def test_a_plot_of_one_time_bin_spans_hours_not_years(tmp_path, monkeypatch):
     plot_unclaimed({"clusters": [cluster]}, str(tmp_path / "one.png"))
     low, high = figures[0].axes[0].get_xlim()  # in days
     assert 0 < high - low <= 1 and (tmp_path / "one.png").stat().st_size > 0
+
+
+def test_a_large_domain_with_sub_structure_is_one_cluster_at_the_defaults(backbone):
+    """300 clock images among 840 auto-routed ones came out as the two densest leaves of their backgrounds, 103
+    images (12%), the rest in no group; with --min-share 0.1, as one cluster of 300 (an outside check)."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from model_store.reference import find_reference
+    from service.insights import ReservoirConfig, UnclaimedReservoir
+    from training.data import load_domain
+
+    shown = load_domain("clocks", "test").images + load_domain("clocks", "val").images  # as `data export` writes them
+    images = torch.stack([backbone.preprocess(Image.open(io.BytesIO(png_bytes(im)))) for im in shown])
+    with torch.inference_mode():
+        x = torch.nn.functional.normalize(backbone.frozen.image(images).float(), dim=-1).numpy()
+    reservoir = UnclaimedReservoir(ReservoirConfig(), x.shape[1])
+    reservoir.record(840, x)
+    background = find_reference(backbone).embeddings.numpy()
+    for min_share in (0.03, 0.1):
+        found = find_clusters(reservoir.snapshot(), None, min_share, 20, 20, background)
+        assert [c.size for c in found] == [300] and abs(found[0].share - 300 / 840) < 1e-6, (min_share, found)
