@@ -172,7 +172,6 @@ def _groups(x: np.ndarray, z: np.ndarray, k: int, min_size: int) -> np.ndarray:
     never returns the whole set as one cluster), the connected components. With fewer distinct rows than a group
     needs, only copies can make one: each distinct image with at least `min_size` copies is its own group
     (linking a handful of unrelated images as neighbours made them one "domain")."""
-
     _, first, copies = np.unique(x, axis=0, return_index=True, return_inverse=True)
     z, copies = z[first], copies.ravel()
     counts = np.bincount(copies)
@@ -200,7 +199,7 @@ def _hdbscan(z: np.ndarray, k: int, min_size: int) -> np.ndarray:
 
     first = groups = fit(min_size)
     size = min_size
-    while (groups >= 0).mean() < COVERED and size * 2 <= len(z) // 2:
+    while first.max() >= 0 and (groups >= 0).mean() < COVERED and size * 2 <= len(z) // 2:  # none: one blob already
         size *= 2
         groups = fit(size)
         if groups.max() < 0:  # one blob

@@ -187,8 +187,7 @@ class Steps:
             return self._finish(_TextWork(p, plan, k, jobs, work.started, None)), inline - chars
         if cost + parked > self.budget.max_parked_prompts:
             return Overloaded(f"{parked} new prompts are waiting to be encoded: retry shortly"), inline
-        keep = getattr(self.watch, "keep", None)
-        watched = keep(work.passes, k) if keep is not None else None
+        watched = self.watch.keep(work.passes, k) if self.watch is not None else None
         self.works.append(_TextWork(p, plan, k, jobs, work.started, watched))
         return None, inline
 
