@@ -21,6 +21,7 @@ from .bench_commands import DEFAULT_BACKBONE, add_bench_parsers, add_reference_p
 from .classify_command import DEFAULT_URL, add_classify_parser
 from .flags import UsageError, add_flags, given
 from .output import print_json
+from .tables import index_tasks, print_tasks
 from .watch_commands import add_watch_parsers
 
 
@@ -112,8 +113,11 @@ def _store(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     if not local and not store.exists():  # a mistyped prefix reads as an empty store, and a change would make one
         raise FileNotFoundError(f"no store at {args.store!r} (no index.json under that prefix)")
-    if args.store_cmd == "list":
+    if args.store_cmd == "list" and args.json:
         print_json(store.index().to_json())
+    elif args.store_cmd == "list":
+        index = store.index()
+        print_tasks(index.generation, index_tasks(index), f"store {args.store}")
     elif args.store_cmd == "activate":
         _readable(store, args.task, args.version)
         bundle = store.activate(args.task, args.version)
@@ -189,7 +193,8 @@ def _add_store(sub) -> None:
         help=f"($CLIPBANK_STORE, default {ServeConfig.store})",
     )
     ssub = s.add_subparsers(dest="store_cmd", required=True)
-    ssub.add_parser("list", help="print the store's index: tasks, versions, which is active")
+    ls = ssub.add_parser("list", help="the stored tasks and versions, which is active, their sizes and accuracy")
+    ls.add_argument("--json", action="store_true", help="print the store's whole index as JSON instead")
     ssub.add_parser("check", help="report what is damaged or inconsistent (exit 1 if anything is)")
     a = ssub.add_parser("activate", help="make a stored version active (not gated: the server's gate is its own)")
     a.add_argument("task")
@@ -228,8 +233,25 @@ def _add_client(sub) -> None:
     )
     pu.add_argument("--force", action="store_true", help="override the interference gate (docs/safety.md)")
     pu.set_defaults(fn=_push)
+    ts = sub.add_parser("tasks", help="a running server's tasks and versions: which is active, and served")
+    ts.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
+    ts.add_argument("--token", default=env_value("admin_token"), help="admin token ($CLIPBANK_ADMIN_TOKEN)")
+    ts.add_argument("--json", action="store_true", help="print the server's GET /tasks answer as JSON instead")
+    ts.set_defaults(fn=_tasks)
 
     add_classify_parser(sub, url)
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from service.client import ClipbankClient
+
+    with ClipbankClient(args.url, args.token) as client:
+        listing = client.tasks()
+    if args.json:
+        print_json(listing)
+    else:
+        print_tasks(listing["generation"], listing["tasks"], f"server {args.url}")
+    return 0
 
 
 def _healthcheck(args: argparse.Namespace) -> int:

@@ -126,3 +126,18 @@ def over_broad(data: bytes) -> bytes:
             m["selector"]["calibration"].update({"gate_threshold": 1e6, "gate_max": 1e6, "gate_neg_p01": 1e6})
 
     return edit_bundle(data, manifest=widen)
+
+
+def client_on(monkeypatch, handler):
+    """ClipbankClient's requests answered by `handler(request) -> httpx.Response` (no network)."""
+    import httpx
+
+    from service.client import ClipbankClient
+
+    real = httpx._client.Client  # the class itself, even when an earlier call patched the module's name
+
+    def patched(*a, **k):
+        return real(*a, **{**k, "transport": httpx.MockTransport(handler)})
+
+    monkeypatch.setattr(httpx, "Client", patched)
+    return ClipbankClient

@@ -17,6 +17,7 @@ from clipbank.flags import flag_fields, given
 from model_store.modes import ROUTE_MODES, SELECTOR_NAMES
 from service.config import ServeConfig
 from service.schemas import RouteMode
+from tests.helpers import client_on as _client_on
 from training.config import CLJob, PretrainConfig, TrainJob
 
 
@@ -108,21 +109,6 @@ def test_classify_prints_a_null_score_as_a_dash(tmp_path, monkeypatch, capsys):
     (tmp_path / "a.png").write_bytes(b"x")
     assert main(["classify", str(tmp_path / "a.png"), "--url", "http://127.0.0.1:9"]) == 0
     assert capsys.readouterr().out.split("\t")[1:3] == ["red", "-"]
-
-
-def _client_on(monkeypatch, handler):
-    """ClipbankClient's requests answered by `handler(request) -> httpx.Response` (no network)."""
-    import httpx
-
-    from service.client import ClipbankClient
-
-    real = httpx._client.Client  # the class itself, even when an earlier call patched the module's name
-
-    def patched(*a, **k):
-        return real(*a, **{**k, "transport": httpx.MockTransport(handler)})
-
-    monkeypatch.setattr(httpx, "Client", patched)
-    return ClipbankClient
 
 
 def test_the_client_names_what_is_wrong_with_a_server_that_is_not_clipbank(monkeypatch, tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +13,7 @@ from benchmarks.process import server_process
 TOKEN = "e2e-admin-token-0123456789"
 # Servers here use the default frozen runtime (ONNX Runtime on CPU); its exports go to a folder of this run's.
 ONNX_CACHE = tempfile.mkdtemp(prefix="clipbank-e2e-onnx-")
+atexit.register(shutil.rmtree, ONNX_CACHE, ignore_errors=True)  # 25 MB a run were left in the temp folder
 
 
 @contextmanager

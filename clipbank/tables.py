@@ -1,0 +1,82 @@
+"""Tasks and their versions as a table a person reads: `clipbank store list` and `clipbank tasks`.
+
+Both print the same columns, from the same shape (the API's `GET /tasks` entries); `--json` gives the data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from model_store.store_index import StoreIndex
+
+COLUMNS = ("TASK", "VERSION", "STATE", "CLASSES", "SIZE", "TRAINED", "VAL ACC", "ZERO-SHOT")
+
+
+def index_tasks(index: StoreIndex) -> list[dict[str, Any]]:
+    """A store index's tasks in the API's shape (what `GET /tasks` lists, without what a server serves)."""
+    out = []
+    for name, record in sorted(index.tasks.items()):
+        active, shadow = record.active_record(), record.record_of(record.shadow)
+        out.append(
+            {
+                "task": name,
+                "active_version": active.version if active else None,
+                "shadow_version": shadow.version if shadow else None,
+                "versions": [v.to_json() for v in record.versions],
+            }
+        )
+    return out
+
+
+def print_tasks(generation: int, tasks: list[dict[str, Any]], where: str) -> None:
+    """One row per stored version, oldest first; a line above names the generation and the counts."""
+    versions = sum(len(t["versions"]) for t in tasks)
+    if not tasks:
+        print(f"{where}: no task stored (generation {generation})")
+        return
+    print(f"{where}: generation {generation}, {len(tasks)} task(s), {versions} version(s)")
+    rows = [COLUMNS] + [_row(t, v) for t in tasks for v in t["versions"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _row(task: dict[str, Any], v: dict[str, Any]) -> tuple[str, ...]:
+    metrics = v.get("metrics") or {}
+    classes = v.get("classes")
+    return (
+        task["task"],
+        str(v["version"]),
+        _state(task, v["version"]),
+        "-" if classes is None else str(len(classes)),
+        _size(v.get("bytes") or 0),
+        (v.get("created_at") or "-").replace("T", " ")[:16],
+        _share(metrics.get("val_accuracy")),
+        _share(metrics.get("zero_shot_val_accuracy")),
+    )
+
+
+def _state(task: dict[str, Any], version: int) -> str:
+    states = []
+    if version == task.get("active_version"):
+        states.append("active" + _served(task))
+    if version == task.get("shadow_version"):
+        states.append("shadow")
+    return ", ".join(states) or "-"
+
+
+def _served(task: dict[str, Any]) -> str:
+    """From a server's listing: what it routes to, where that is not the active version."""
+    if "serving" not in task or task["serving"]:
+        return ""
+    if task.get("degraded"):
+        return f" (not served: {task['degraded']})"
+    serving = task.get("serving_version")
+    return f" (this server still serves v{serving})" if serving is not None else " (not served yet)"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
