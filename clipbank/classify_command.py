@@ -26,7 +26,8 @@ def _classify(args: argparse.Namespace) -> int:
     if args.route == "per-request" and len(args.images) > CLASSIFY_CHUNK:
         raise ValueError(f"--route per-request decides once for at most {CLASSIFY_CHUNK} images (one request)")
     results, skipped, a, chunk = [], 0, 0, CLASSIFY_CHUNK
-    with ClipbankClient(args.url, args.token) as client:  # a shell glob may name more than one request holds
+    # a shell glob may name more than one request holds
+    with ClipbankClient(args.url, args.token, retries=args.retries) as client:
         while a < len(args.images):
             names = args.images[a : a + chunk]
             try:
@@ -100,6 +101,12 @@ def _unreadable(name: str) -> dict | None:
     return None
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a count >= 0, got {text!r}")
+    return int(text)
+
+
 def _labels(listed: str | None, single: list[str] | None) -> list[str]:
     """`--labels a,b` splits at commas; each `--label 'a, b'` is one label as written (it may hold commas)."""
     labels = [x.strip() for x in listed.split(",") if x.strip()] if listed is not None else []
@@ -156,6 +163,13 @@ def add_classify_parser(sub, url: str) -> None:
         help="$CLIPBANK_CLASSIFY_TOKEN, else $CLIPBANK_ADMIN_TOKEN",
     )
     cl.add_argument("--json", action="store_true", help="print every result as JSON (its file, scores and route)")
+    cl.add_argument(
+        "--retries",
+        type=_count,
+        default=3,
+        help="send a request again this many times after a 503 that says when (overloaded, a replica behind, "
+        "starting), after its Retry-After (default %(default)s; 0: fail at once)",
+    )
     cl.add_argument(
         "--skip-bad",
         action="store_true",

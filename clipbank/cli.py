@@ -21,6 +21,7 @@ from .bench_commands import DEFAULT_BACKBONE, add_bench_parsers, add_reference_p
 from .classify_command import DEFAULT_URL, add_classify_parser
 from .flags import UsageError, add_flags, given
 from .output import print_json
+from .server_commands import add_server_parsers
 from .tables import index_tasks, print_tasks
 from .watch_commands import add_watch_parsers
 
@@ -42,15 +43,6 @@ def _serve(args: argparse.Namespace) -> int:
             "server would be one process"
         )
     return serve(config)
-
-
-def _push(args: argparse.Namespace) -> int:
-    from service.client import ClipbankClient
-
-    with ClipbankClient(args.url, args.token) as client:
-        mode = "shadow" if args.shadow else "inactive" if args.no_activate else "active"
-        print_json(client.push(Path(args.file), force=args.force, mode=mode))
-    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -222,36 +214,8 @@ def _add_serve(sub) -> None:
 
 def _add_client(sub) -> None:
     url = env_value("url") or DEFAULT_URL
-    pu = sub.add_parser("push", help="upload a bundle to a running server (hot-swap)")
-    pu.add_argument("file")
-    pu.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
-    pu.add_argument("--token", default=env_value("admin_token"), help="admin token ($CLIPBANK_ADMIN_TOKEN)")
-    how = pu.add_mutually_exclusive_group()
-    how.add_argument("--no-activate", action="store_true", help="store the version without routing to it")
-    how.add_argument(
-        "--shadow", action="store_true", help="store it in shadow: it scores live traffic without answering it"
-    )
-    pu.add_argument("--force", action="store_true", help="override the interference gate (docs/safety.md)")
-    pu.set_defaults(fn=_push)
-    ts = sub.add_parser("tasks", help="a running server's tasks and versions: which is active, and served")
-    ts.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
-    ts.add_argument("--token", default=env_value("admin_token"), help="admin token ($CLIPBANK_ADMIN_TOKEN)")
-    ts.add_argument("--json", action="store_true", help="print the server's GET /tasks answer as JSON instead")
-    ts.set_defaults(fn=_tasks)
-
+    add_server_parsers(sub, url)
     add_classify_parser(sub, url)
-
-
-def _tasks(args: argparse.Namespace) -> int:
-    from service.client import ClipbankClient
-
-    with ClipbankClient(args.url, args.token) as client:
-        listing = client.tasks()
-    if args.json:
-        print_json(listing)
-    else:
-        print_tasks(listing["generation"], listing["tasks"], f"server {args.url}")
-    return 0
 
 
 def _healthcheck(args: argparse.Namespace) -> int:

@@ -4,9 +4,10 @@ Both print the same columns, from the same shape (the API's `GET /tasks` entries
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from model_store.store_index import StoreIndex
+if TYPE_CHECKING:  # building the command line loads no torch
+    from model_store.store_index import StoreIndex
 
 COLUMNS = ("TASK", "VERSION", "STATE", "CLASSES", "SIZE", "TRAINED", "VAL ACC", "ZERO-SHOT")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import time
@@ -30,11 +31,28 @@ class ClipbankHTTPError(Exception):
         self.status, self.code, self.message, self.details = status, code, message, details
         self.retry_after = retry_after  # seconds, from a 503's Retry-After: when trying again may succeed
 
+    def __reduce__(self):  # pickled whole: raised in a process pool's worker, it reaches the caller as itself
+        return type(self), (self.status, self.code, self.message, self.details, self.retry_after)
+
+
+RETRIED = frozenset({"overloaded", "stale_replica", "not_ready"})  # 503s that name when trying again may succeed
+MAX_RETRY_WAIT = 30.0  # seconds: a longer Retry-After is not waited for
+
 
 class ClipbankClient:
-    """`ClipbankClient("http://127.0.0.1:8000", token=...)`; the token is needed only for the /tasks calls."""
+    """`ClipbankClient("http://127.0.0.1:8000", token=...)`.
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0) -> None:
+    `token`: the admin token, for /tasks and /insights; for /classify too when the server sets a classify token
+    (either token reads). `timeout`: seconds for each step of a call, None for none. `retries`: how many times a
+    request that changes nothing (classify, the GET calls) is sent again after a 503 whose `Retry-After` says when
+    (`overloaded`, `stale_replica`, `not_ready`), after waiting that long (at most 30 s); 0 (the default) raises
+    at once, with the wait in `ClipbankHTTPError.retry_after`."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float | None = 60.0, retries: int = 0) -> None:
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
+            raise ValueError(f"timeout is a number of seconds > 0, or None for none; got {timeout!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries is a count >= 0, got {retries!r}")
         token = (token or "").strip()  # a token read from a file ends in a newline
         if token and not re.fullmatch(r"[\x21-\x7e]+", token):
             raise ValueError("the admin token must be printable ASCII without spaces (it is not shown here)")
@@ -44,7 +62,7 @@ class ClipbankClient:
                 f"the server URL starts with http:// or https://, got {url!r} (e.g. http://127.0.0.1:8000)"
             )
         self.url = url.rstrip("/")
-        self.timeout = timeout
+        self.timeout, self.retries = timeout, retries
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def __enter__(self) -> ClipbankClient:
@@ -57,12 +75,25 @@ class ClipbankClient:
         self._http.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """`_once`, sent again up to `retries` times after a 503 that says when, if the request changes nothing."""
+        for attempt in range(self.retries + 1):
+            try:
+                return self._once(method, path, **kwargs)
+            except ClipbankHTTPError as e:
+                safe = method == "GET" or path == "/classify"
+                if attempt == self.retries or not safe or e.status != 503 or e.code not in RETRIED:
+                    raise
+                time.sleep(min(e.retry_after if e.retry_after is not None else 1.0, MAX_RETRY_WAIT))
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _once(self, method: str, path: str, **kwargs: Any) -> Any:
         """The JSON answer, or ClipbankHTTPError: for an error answer, and for anything that is not a clipbank
         answer. Once the answer starts, its body must arrive within `timeout` seconds in all (a server trickling it
         cannot hold the caller longer); before, each step has `timeout` (a long upload is not cut short)."""
+        deadline = math.inf if self.timeout is None else self.timeout
         try:
             with self._http.stream(method, path, **kwargs) as response:
-                raw = _read_within(response, time.monotonic() + self.timeout, self.url)
+                raw = _read_within(response, time.monotonic() + deadline, self.url)
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # refused, bad address: name where
             raise ClipbankHTTPError(0, "unreachable", f"cannot reach {self.url}: {type(e).__name__}: {e}") from None
         except httpx.ReadTimeout:  # the request went out: a change may still land
@@ -106,9 +137,9 @@ class ClipbankClient:
     def classify(
         self,
         images: Sequence[ImageInput],
-        labels: Iterable[str] = (),
-        task: str = AUTO,
-        route: str = PER_IMAGE,
+        labels: Iterable[str] | None = (),
+        task: str | None = AUTO,
+        route: str | None = PER_IMAGE,
         top_k: int | None = None,
         match_labels: bool = True,
         min_generation: int | None = None,
@@ -116,7 +147,9 @@ class ClipbankClient:
         """Images are paths, encoded bytes, open binary files or PIL images (sent upright, as `_pil_bytes` says).
         Returns `{"results": [...], "timing": {...}}`. `match_labels=False`: the selector alone routes, whatever
         the labels (docs/service.md). `min_generation`: answered from that store generation or later (a change's
-        `generation`: read your own writes across servers), else a 503 `stale_replica`."""
+        `generation`: read your own writes across servers), else a 503 `stale_replica`. None for `labels`, `task`
+        or `route` means its default (no labels, auto, per image)."""
+        labels, task, route = labels or (), task or AUTO, route or PER_IMAGE
         if isinstance(images, str | bytes | os.PathLike) or isinstance(labels, str) or hasattr(images, "mode"):
             raise TypeError("images and labels are lists: classify([path], labels=['cat', 'dog'])")
         files = [("images", (_name(img, i), _bytes(img))) for i, img in enumerate(images)]
@@ -138,7 +171,8 @@ class ClipbankClient:
         wait_all: bool = False,
     ) -> dict[str, Any]:
         """Upload a bundle file (path or bytes); returns `{task, version, bundle_id, experts_added, generation,
-        gate, replicas}`. `force` overrides the interference gate (a 409 `interference` otherwise names what it
+        gate, replicas, restored}` (`restored`: the very bytes of a stored version whose blob was damaged, written
+        back; nothing new stored). `force` overrides the interference gate (a 409 `interference` otherwise names what it
         would take). `mode` (active, inactive, shadow) replaces `activate` when given. `wait_all`: return once
         every replica serves it (a 504 `replicas_lagging` names those that did not)."""
         files = {"bundle": (_name(bundle, 0), _bytes(bundle), "application/octet-stream")}
@@ -198,15 +232,27 @@ def _bytes(item: ImageInput) -> bytes:
     if hasattr(item, "read"):
         if isinstance(getattr(item, "mode", None), str) and "b" not in item.mode:  # read() would fail to decode
             raise TypeError(f"{getattr(item, 'name', item)!r} was opened in text mode: open images with 'rb'")
+        start = item.tell() if _seekable(item) else None
         data = item.read()
         if not isinstance(data, bytes):
             raise TypeError(f"{item!r} was opened in text mode: open images with 'rb'")
+        if start is not None:  # left where it was: sent again (a retry, the same file twice), it is not empty
+            item.seek(start)
         return data
     if hasattr(item, "save") and hasattr(item, "mode"):  # a PIL image, without importing PIL here
         return _pil_bytes(item)
     if not isinstance(item, str | os.PathLike):
         raise TypeError(f"an image is a path, encoded bytes, an open binary file or a PIL image, not {type(item)}")
+    if isinstance(item, str) and re.match(r"[a-z][a-z0-9+.-]*://", item, re.IGNORECASE):
+        raise TypeError(f"{item[:80]!r} is a URL: the client sends image files and does not fetch URLs")
     return Path(item).read_bytes()
+
+
+def _seekable(item: Any) -> bool:
+    try:
+        return bool(item.seekable())
+    except (AttributeError, OSError, ValueError):  # no seekable(), or a closed file (read() then says so)
+        return False
 
 
 PNG_AS_IS = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}  # modes PNG keeps, which the server reads as it reads files
@@ -244,8 +290,10 @@ def _at_least(generation: int | None) -> dict[str, str]:
     """The `X-Min-Generation` header for `generation` (None: none)."""
     if generation is None:
         return {}
-    if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
-        raise ValueError(f"min_generation is a store generation (an integer >= 0), got {generation!r}")
+    if isinstance(generation, bool) or not isinstance(generation, int) or not 0 <= generation < 10**18:
+        raise ValueError(
+            f"min_generation is a store generation (an integer >= 0 of at most 18 digits), got {generation!r}"
+        )
     return {"X-Min-Generation": str(generation)}
 
 

@@ -30,3 +30,14 @@ def test_offences_list_the_worst_task_first():
     report = GateReport("new", 1, 0.99, {"a": 0.03, "b": 0.5, "c": 0.01}, 0.0, (), GateLimits(max_stolen=0.02))
     offences = report.offences()
     assert len(offences) == 2 and "'b'" in offences[0] and "'a'" in offences[1]
+
+
+def test_offences_show_small_limits_and_near_misses_with_the_digits_they_need():
+    """A server with `--gate-max-zero-shot 0.0001` refused a version "claiming 0.1% (limit 0.0%)"."""
+    limits = GateLimits(max_stolen=0.02, max_zero_shot_captured=0.0001)
+    report = GateReport("new", 1, 0.99, {"a": 0.0204, "b": 0.058}, 0.0005, (), limits)
+    assert report.offences() == [
+        "it would take 5.8% of the images of task 'b' (limit 2.0%)",
+        "it would take 2.04% of the images of task 'a' (limit 2.00%)",
+        "it would claim 0.050% of outside images that now go to zero-shot (limit 0.010%)",
+    ]

@@ -1,0 +1,155 @@
+"""The Python client as an integrating user calls it: retries, process pools, files sent twice, None for defaults,
+and the `clipbank tasks` commands that change a server's tasks (found by an outside check of the client)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+import pickle
+
+import httpx
+import pytest
+
+from clipbank.cli import main
+from service.client import ClipbankClient, ClipbankHTTPError
+from tests.helpers import client_on
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"x" * 40
+ROUTE = {"task": None, "version": None, "bundle_id": None, "score": None, "threshold": None}
+OK = {"results": [{"labels": [{"label": "cat", "score": 0.9}], "route": ROUTE}], "timing": {}}
+
+
+def _overloaded_then_ok(failures: int, calls: list):
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append((request.method, request.url.path))
+        if len(calls) <= failures:
+            error = {"error": {"code": "overloaded", "message": "the queue is full", "details": None}}
+            return httpx.Response(503, json=error, headers={"Retry-After": "0"})
+        return httpx.Response(200, json=OK)
+
+    return handler
+
+
+def test_retries_send_a_request_that_changes_nothing_again_after_a_503_that_says_when(monkeypatch):
+    calls: list = []
+    client_on(monkeypatch, _overloaded_then_ok(2, calls))
+    with ClipbankClient("http://srv", retries=2) as c:
+        assert c.classify([PNG]) == OK
+    assert calls == [("POST", "/classify")] * 3
+    calls.clear()
+    with ClipbankClient("http://srv") as c, pytest.raises(ClipbankHTTPError) as e:  # the default: no retry
+        c.classify([PNG])
+    assert e.value.code == "overloaded" and e.value.retry_after == 0 and len(calls) == 1
+    calls.clear()
+    with ClipbankClient("http://srv", retries=5) as c, pytest.raises(ClipbankHTTPError):
+        c.push(PNG)  # a change is never sent twice: it may have landed
+    assert calls == [("POST", "/tasks")]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="retries is a count"):
+            ClipbankClient("http://srv", retries=bad)
+
+
+def test_the_cli_retries_by_default(monkeypatch, tmp_path, capsys):
+    calls: list = []
+    client_on(monkeypatch, _overloaded_then_ok(3, calls))
+    (tmp_path / "a.png").write_bytes(PNG)
+    assert main(["classify", str(tmp_path / "a.png"), "--url", "http://srv", "--json"]) == 0
+    assert len(calls) == 4
+    calls.clear()
+    assert main(["classify", str(tmp_path / "a.png"), "--url", "http://srv", "--retries", "0"]) == 2
+    assert "overloaded" in capsys.readouterr().err and len(calls) == 1
+
+
+def _fails(_: int) -> None:
+    raise ClipbankHTTPError(401, "unauthorized", "no token", {"why": 1}, retry_after=None)
+
+
+def test_a_server_error_raised_in_a_process_pool_reaches_the_caller_as_itself():
+    """It could not be unpickled (its __init__ takes three arguments): the pool broke instead."""
+    copy = pickle.loads(pickle.dumps(ClipbankHTTPError(503, "overloaded", "full", None, retry_after=1.0)))
+    assert (copy.status, copy.code, copy.message, copy.retry_after, str(copy)) == (
+        503,
+        "overloaded",
+        "full",
+        1.0,
+        "HTTP 503 overloaded: full",
+    )
+    with concurrent.futures.ProcessPoolExecutor(1) as pool, pytest.raises(ClipbankHTTPError) as e:
+        pool.submit(_fails, 0).result()
+    assert e.value.code == "unauthorized" and e.value.details == {"why": 1}
+
+
+def test_a_file_object_sent_twice_is_sent_whole_both_times(monkeypatch):
+    """The second call (a retry by hand, or the same file twice in one list) sent 0 bytes: 422 "image is empty"."""
+    bodies: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(request.read())
+        return httpx.Response(200, json=OK)
+
+    client_on(monkeypatch, handler)
+    f = io.BytesIO(b"head" + PNG)
+    f.read(4)  # sent from where it stands, and left there
+    with ClipbankClient("http://srv") as c:
+        c.classify([f, f])
+        c.classify([f])
+    assert bodies[0].count(PNG) == 2 and bodies[1].count(PNG) == 1 and f.tell() == 4
+
+
+def test_none_means_the_default_and_a_timeout_of_none_means_none(monkeypatch):
+    sent: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = request.read().decode("latin-1")
+        sent.append({k: body.count(f'name="{k}"') for k in ("labels", "task", "route")} | {"auto": "auto" in body})
+        return httpx.Response(200, json=OK)
+
+    client_on(monkeypatch, handler)
+    with ClipbankClient("http://srv", timeout=None) as c:  # every call failed with a TypeError
+        c.classify([PNG], labels=None, task=None, route=None)
+    assert sent == [{"labels": 0, "task": 1, "route": 1, "auto": True}]  # task=None sent "" before: 404
+    for bad in (0, -1, "60", True):
+        with pytest.raises(ValueError, match="timeout is a number of seconds"):
+            ClipbankClient("http://srv", timeout=bad)
+
+
+def test_what_the_client_refuses_before_sending(monkeypatch):
+    client_on(monkeypatch, lambda request: pytest.fail("nothing is sent"))
+    with ClipbankClient("http://srv") as c:
+        with pytest.raises(TypeError, match="is a URL: the client sends image files"):
+            c.classify(["https://example.com/a.png"])  # was FileNotFoundError 'https:/example.com/a.png'
+        with pytest.raises(ValueError, match="at most 18 digits"):
+            c.classify([PNG], min_generation=10**18)  # was sent, and refused by the server with a 400
+
+
+def test_tasks_activate_and_deactivate_go_through_the_server(monkeypatch, capsys):
+    calls: list = []
+    info = {"task": "cars", "active_version": 2, "generation": 9, "gate": None}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append((request.method, request.url.path, dict(request.url.params), request.read()))
+        if request.method == "DELETE":
+            kept = {"1": ["vans"]} if request.url.params["purge"] == "true" else {}
+            return httpx.Response(200, json={"task": "cars", "purged_blobs": 1, "kept": kept, "generation": 10})
+        forced = {"offences": ["it would take 5.8% of the images of task 'vans' (limit 2.0%)"]}
+        return httpx.Response(200, json={**info, "gate": forced if request.url.params["force"] == "true" else None})
+
+    client_on(monkeypatch, handler)
+    url = ["--url", "http://srv", "--token", "t" * 20]
+    assert main(["tasks", "activate", "cars", "2", "--force", "--wait-all", *url]) == 0
+    assert calls[-1][:3] == ("POST", "/tasks/cars/activate", {"force": "true", "wait": "all"})
+    assert json.loads(calls[-1][3]) == {"version": 2}
+    captured = capsys.readouterr()
+    assert captured.out == "task cars: version 2 is active (generation 9)\n"
+    assert "forced past the gate: it would take 5.8%" in captured.err
+    assert main(["tasks", "activate", "cars", "2", *url]) == 0
+    assert "it was active already: nothing changed" in capsys.readouterr().err
+    assert main(["tasks", *url, "deactivate", "cars", "--purge"]) == 0
+    assert calls[-1][:3] == ("DELETE", "/tasks/cars", {"purge": "true"})
+    assert capsys.readouterr().out.splitlines() == [
+        "task cars: deactivated and purged, 1 blob(s) deleted",
+        "  kept version 1: tasks vans use its experts",
+    ]
+    assert main(["tasks", "deactivate", "cars", "--json", *url]) == 0
+    assert json.loads(capsys.readouterr().out)["generation"] == 10
