@@ -201,7 +201,7 @@ def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:
         with contextlib.suppress(OSError):  # an object store, or no such file: nothing to say
             if path.is_file() and path.read_text().strip() != config.admin_token:
                 log.warning(
-                    "the admin token is set (CLIPBANK_ADMIN_TOKEN or --admin-token), so the other one saved in %s "
+                    "the admin token is set (CLIPBANK_ADMIN_TOKEN), so the other one saved in %s "
                     "by an earlier start without it is not accepted here; servers sharing the store without the "
                     "setting use that one: set the same token on every server (or delete the file)",
                     path,
@@ -260,10 +260,11 @@ def lifespan(on_fatal: Callable[[str], None] | None, wait_ready: bool = False):
     @asynccontextmanager
     async def run(app: FastAPI):
         service: Service = app.state.service
-        if service.admin_token is None:
+        if service.admin_token is None or service.admin_token == service.config.admin_token:  # set: checked too
             service.admin_token, origin = resolve_admin_token(service.config)
             shown = service.admin_token if origin.startswith("generated") else "(not shown)"
-            print(f"clipbank: admin token {origin}: {shown}", file=sys.stderr, flush=True)
+            if origin != "set":
+                print(f"clipbank: admin token {origin}: {shown}", file=sys.stderr, flush=True)
         poller: asyncio.Task | None = None
 
         async def start() -> None:

@@ -124,6 +124,14 @@ def application(config: ServeConfig | None = None, replicas: int | None = None):
     return deployment.bind()
 
 
+class _Stopped(Exception):
+    """SIGINT/SIGTERM while the replicas start: stop there, as after (Ray's driver would dump its stacks)."""
+
+
+def _stopped(*_: object) -> None:
+    raise _Stopped()
+
+
 def run(config: ServeConfig) -> int:
     """`clipbank serve --engine ray`: connect to (or start) a Ray cluster, run the application on
     config.host:config.port, and serve until SIGINT/SIGTERM."""
@@ -132,21 +140,51 @@ def run(config: ServeConfig) -> int:
 
     local = not config.ray_address
     # A cluster started here gets no dashboard (an open port with no auth of its own); one joined keeps its own.
-    ray.init(address=config.ray_address or None, log_to_driver=False, **({"include_dashboard": False} if local else {}))
-    serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(application(config), name=APP_NAME, route_prefix="/")
-    log.info("clipbank on Ray Serve: %d replicas on http://%s:%d", config.replicas, config.host, config.port)
+    # Each replica reserves one CPU: a local cluster has at least one per replica, and says when they share cores.
+    options = {"include_dashboard": False, "num_cpus": local_cpus(config.replicas)} if local else {}
+    ray.init(address=config.ray_address or None, log_to_driver=False, **options)
+    _check_cpus(config.replicas, ray.cluster_resources().get("CPU", 0.0), local)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    log.info("stopping: the replicas finish their requests (up to 30 s)")
+        signal.signal(sig, _stopped)
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(application(config), name=APP_NAME, route_prefix="/")
+        log.info("clipbank on Ray Serve: %d replicas on http://%s:%d", config.replicas, config.host, config.port)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        log.info("stopping: the replicas finish their requests (up to 30 s)")
+    except _Stopped:
+        log.info("stopped while the replicas were starting")
     closing = threading.Thread(target=_close, args=(local,), daemon=True)
     closing.start()
     closing.join(SHUTDOWN_SECONDS)
     if closing.is_alive():
         log.warning("Ray did not shut down within %ds; exiting anyway", SHUTDOWN_SECONDS)
     return 0
+
+
+def local_cpus(replicas: int) -> int:
+    """CPUs a local cluster declares: the machine's, or one per replica where there are more replicas (they then
+    share cores; a replica Ray cannot place would leave `serve.run` waiting for ever)."""
+    return max(os.cpu_count() or 1, replicas)
+
+
+def _check_cpus(replicas: int, cpus: float, local: bool) -> None:
+    if local and replicas > (os.cpu_count() or 1):
+        log.warning(
+            "%d replicas on %d cores: they share them, so they add no throughput (docs/scale-out.md)",
+            replicas,
+            os.cpu_count() or 1,
+        )
+    elif not local and cpus < replicas:
+        log.warning(
+            "the Ray cluster has %g CPUs and each of the %d replicas reserves one: the rest wait for CPUs (an "
+            "autoscaler's new nodes) and start-up waits with them",
+            cpus,
+            replicas,
+        )
 
 
 def _close(local: bool) -> None:

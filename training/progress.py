@@ -40,6 +40,7 @@ def progress_bar(iterable: Iterable | None = None, **kw: Any) -> tqdm:
     if not (isatty and isatty()) and not kw.get("disable"):
         kw["file"] = _Lines(stream)
         kw["mininterval"] = max(kw.get("mininterval", 0.1), LOG_SECONDS)
+        kw["maxinterval"] = float("inf")  # else tqdm's monitor thread redraws a slow bar between lines: a second line
         kw["leave"] = True  # a line once written stays; the last one says where it ended
     return tqdm(iterable, **kw)
 

@@ -57,3 +57,15 @@ def test_a_set_token_beside_another_saved_one_is_warned_of(tmp_path, caplog):
     caplog.clear()
     assert resolve_admin_token(ServeConfig(store=str(tmp_path), admin_token=saved))[0] == saved
     assert "is not accepted" not in caplog.text  # the same token: nothing to say
+
+
+@pytest.mark.anyio
+async def test_a_server_started_with_a_set_token_beside_another_saved_one_warns(tmp_path, backbone, caplog):
+    """The warning above was never given by a server: start-up resolved the token only when it was not set."""
+    from tests.service.conftest import TOKEN, running_app
+
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / ADMIN_TOKEN_FILE).write_text("a-saved-token-0123456789\n")
+    async with running_app(tmp_path, backbone) as c:
+        assert c.app.state.service.admin_token == TOKEN
+    assert "is not accepted here" in caplog.text and "--admin-token" not in caplog.text

@@ -44,3 +44,29 @@ def test_phases_name_the_part_under_way_and_end_complete(capsys):
     with phases(("a", "b"), enabled=False) as next_phase:
         next_phase()
     assert capsys.readouterr().err == ""
+
+
+def test_a_slow_bar_in_a_log_is_not_redrawn_between_its_lines(monkeypatch):
+    """`clipbank train > log` printed every line twice, 15-20 s apart: tqdm's monitor thread redraws a bar whose
+    last print is older than `maxinterval` (10 s), below the log's LOG_SECONDS."""
+    import time
+
+    import tqdm
+
+    import training.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_SECONDS", 0.6)
+    monkeypatch.setattr(tqdm.tqdm, "monitor_interval", 0.05)
+    monkeypatch.setattr(tqdm.tqdm, "monitor", None)  # a monitor of its own, waking every 0.05 s
+    log = io.StringIO()
+    bar = progress.progress_bar(range(12), desc="slow", file=log, maxinterval=0.2)
+    try:
+        for _ in bar:
+            time.sleep(0.1)  # 1.2 s: lines at 0 and about 0.6 s, and the end; the monitor would add 2-4 more
+    finally:
+        if tqdm.tqdm.monitor is not None:
+            tqdm.tqdm.monitor.exit()
+    lines = log.getvalue().splitlines()
+    counts = [line.split("|")[2].split()[0] for line in lines]
+    body = counts[:-1] if counts[-2:] == ["12/12", "12/12"] else counts  # the end may be printed by close() too
+    assert len(body) == len(set(body)) and len(lines) <= 4, lines  # no count printed twice
