@@ -90,6 +90,8 @@ class ClipbankClient:
         """The JSON answer, or ClipbankHTTPError: for an error answer, and for anything that is not a clipbank
         answer. Once the answer starts, its body must arrive within `timeout` seconds in all (a server trickling it
         cannot hold the caller longer); before, each step has `timeout` (a long upload is not cut short)."""
+        if self._http.is_closed:  # httpx's own message names no clipbank call
+            raise RuntimeError("this ClipbankClient is closed (close() was called, or its with-block ended)")
         deadline = math.inf if self.timeout is None else self.timeout
         try:
             with self._http.stream(method, path, **kwargs) as response:

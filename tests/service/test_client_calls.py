@@ -121,6 +121,8 @@ def test_what_the_client_refuses_before_sending(monkeypatch):
             c.classify(["https://example.com/a.png"])  # was FileNotFoundError 'https:/example.com/a.png'
         with pytest.raises(ValueError, match="at most 18 digits"):
             c.classify([PNG], min_generation=10**18)  # was sent, and refused by the server with a 400
+    with pytest.raises(RuntimeError, match="this ClipbankClient is closed"):
+        c.tasks()
 
 
 def test_tasks_activate_and_deactivate_go_through_the_server(monkeypatch, capsys):
