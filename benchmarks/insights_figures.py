@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     extra = [domain_pool(bank, name) for name in args.injected.split(",") if name]
     others = [domain_pool(bank, name) for name in OTHERS]
     print("| domain | held-out images | unclaimed (to zero-shot) |\n| --- | --- | --- |")
-    for pool in known + extra + others:
+    for pool in {p.name: p for p in known + extra + others}.values():  # a domain injected and diverse: one row
         print(f"| {pool.name} | {len(pool.feats)} | {pool.unclaimed.mean():.1%} |")
     reference = find_reference(backbone).embeddings.numpy()
     monitors = [Monitor(bank, reference), Monitor(bank, None)]
