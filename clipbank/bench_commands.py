@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import signal
 import sys
@@ -73,6 +74,7 @@ def reference(args: argparse.Namespace) -> int:
     """`clipbank reference build`."""
     from model_store.backbone import load_backbone
     from model_store.reference import cache_path, embed_images, is_reference, save_reference
+    from training.data import read_rgb
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
@@ -90,6 +92,8 @@ def reference(args: argparse.Namespace) -> int:
         raise UsageError("clipbank reference build: give --images DIR or --generated")
     images, source = _reference_images(args)  # a folder's files are all read once here, before the backbone loads
     backbone = load_backbone(args.backbone, args.device)
+    if hasattr(images, "sources"):  # a folder's files: JPEGs decoded at the scale the server decodes them at
+        images = type(images)(images.sources, functools.partial(read_rgb, target=backbone.image_size))
     out = Path(args.out) if args.out else cache_path(backbone)
     replaced = out.exists()
     save_reference(out, embed_images(backbone, images), backbone, source)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
-from model_store.pixels import aspect_problem, viewed_rgb
+from model_store.pixels import aspect_problem, draft_for, viewed_rgb
 
 from .config import Limits
 from .errors import BadImage, ClientGone, LimitExceeded, of_image
@@ -92,8 +92,7 @@ def inspect_image(data: bytes, name: str, limits: Limits, target: int) -> Opened
     if img.format == "BMP" and rle_bmp_too_long(data, width, height, img.info.get("compression")):
         raise BadImage(f"{name} is a run-length BMP of {len(data)} bytes, more than its {width}x{height} pixels need")
     orientation = _orientation(img)
-    if img.format in ("JPEG", "MPO"):  # MPO: a JPEG with a multi-picture segment, its first picture decoded
-        img.draft("RGB", (target, target))  # keeps both sides >= target
+    draft_for(img, target)
     return OpenedImage(name, img, img.size[0] * img.size[1], orientation)
 
 

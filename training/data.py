@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import unicodedata
 from collections import Counter
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from model_store.labels import classes_problem, labels_problems, twin_message
-from model_store.pixels import aspect_problem, viewed_rgb
+from model_store.pixels import aspect_problem, draft_for, viewed_rgb
 
 # the formats the server reads (service/images.py FORMATS), under their usual suffixes
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff"}
@@ -42,14 +43,17 @@ class LazyImages(Sequence):
         return LazyImages([self.sources[i] for i in idx], self.read)
 
 
-def read_rgb(path: object) -> Image.Image:
+def read_rgb(path: object, target: int | None = None) -> Image.Image:
     """An image file as the server sees it (upright by its EXIF orientation, 16-bit grey scaled, transparency on
-    white: `model_store.pixels`), or a ValueError that names the file (Pillow's own errors often do not, and its
+    white: `model_store.pixels`; with `target`, the backbone's input size, a JPEG decoded at the reduced scale the
+    server decodes it at), or a ValueError that names the file (Pillow's own errors often do not, and its
     decompression-bomb error is no OSError)."""
     try:
         with Image.open(path) as im:
             problem = aspect_problem(*im.size)  # from the header, before any pixel is decoded
             if problem is None:
+                if target is not None:
+                    draft_for(im, target)
                 return viewed_rgb(ImageOps.exif_transpose(im))
     except Image.DecompressionBombError as e:
         raise ValueError(f"{path} has too many pixels to read safely: {e}") from None
@@ -167,9 +171,14 @@ def _check_class_folders(root: Path, folders: Sequence[Path], found: tuple[str, 
 
 
 def load_image_folder(
-    root: str | Path, classes: tuple[str, ...] | None = None, lazy: bool = False, skip_bad: bool = False
+    root: str | Path,
+    classes: tuple[str, ...] | None = None,
+    lazy: bool = False,
+    skip_bad: bool = False,
+    target: int | None = None,
 ) -> LabelledImages:
-    """Read `root/<class>/*.png|jpg|...` as RGB (eagerly, or on access with `lazy`).
+    """Read `root/<class>/*.png|jpg|...` as RGB (eagerly, or on access with `lazy`); JPEGs at the reduced scale
+    the server decodes them at for a backbone of input size `target`, when given (`read_rgb`).
 
     With `classes`, folders must name exactly those. A file that cannot be read as an image is an error that
     names every such file; with `skip_bad` (eager reading only) those files are left out, with a warning.
@@ -199,8 +208,8 @@ def load_image_folder(
     if single:
         log.warning("%s: class(es) %s have one image each: too few to learn, or to validate on", root, single[:5])
     if lazy:
-        return LabelledImages(LazyImages(paths, read_rgb), labels, classes)
-    images, kept = _read_all(paths, skip_bad)
+        return LabelledImages(LazyImages(paths, functools.partial(read_rgb, target=target)), labels, classes)
+    images, kept = _read_all(paths, skip_bad, target)
     labels = [labels[i] for i in kept]
     empty = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes)), strict=True) if n == 0]
     if empty:
@@ -208,13 +217,15 @@ def load_image_folder(
     return LabelledImages(images, labels, classes)
 
 
-def _read_all(paths: Sequence[Path], skip_bad: bool = False) -> tuple[list[Image.Image], list[int]]:
+def _read_all(
+    paths: Sequence[Path], skip_bad: bool = False, target: int | None = None
+) -> tuple[list[Image.Image], list[int]]:
     """The images, and the indices into `paths` they were read from; or one ValueError naming every file that
     cannot be used (not one per run). With `skip_bad`, those files are left out with one warning instead."""
     images, kept, problems = [], [], []
     for i, f in enumerate(paths):
         try:
-            images.append(read_rgb(f))
+            images.append(read_rgb(f, target))
             kept.append(i)
         except ValueError as e:
             problems.append(str(e))

@@ -42,9 +42,10 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
     cfg = train_config(job)
     _check_outputs(job)  # before training, not after it
     store = _open_store(job.store) if job.store else None
-    train = load_image_folder(job.data, skip_bad=job.skip_bad)
-    val = load_image_folder(job.val, train.classes, skip_bad=job.skip_bad) if job.val else None
-    backbone = load_backbone(job.backbone, job.device)
+    backbone = load_backbone(job.backbone, job.device)  # first: its input size sets how JPEGs are decoded
+    size = backbone.image_size
+    train = load_image_folder(job.data, skip_bad=job.skip_bad, target=size)
+    val = load_image_folder(job.val, train.classes, skip_bad=job.skip_bad, target=size) if job.val else None
     reference = find_reference(backbone, job.reference)  # before any training: a wrong path fails at once
     bank = BankLoader(store, backbone).load() if store else empty_bank(backbone)
     version, parent = job.version or 1, None

@@ -82,3 +82,30 @@ def test_a_domain_is_exported_only_into_a_new_or_empty_folder(tmp_path):
     with pytest.raises(ValueError, match="'' is not a new or empty folder"):
         export_domain("shapes", "")
     assert [p.name for p in tmp_path.iterdir()] == ["keep"]
+
+
+def test_training_reads_a_large_jpeg_as_the_server_decodes_it_not_at_full_size(tmp_path):
+    """`clipbank train` held every photo decoded at full size (16 12-MP JPEGs: +825 MB; 1000 would need about
+    48 GB), where the server decodes each at the smallest JPEG scale that keeps the backbone's input size. It now
+    reads them as the server does: the same pixels, about 1/64 of the memory."""
+    from service.config import Limits
+    from service.images import decode_image, inspect_all
+    from training.data import load_image_folder
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).resize((4000, 3000))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    photo.save(tmp_path / "a" / "p.jpg", quality=80)
+    photo.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "b" / "q.JPG", quality=80)
+    full = load_image_folder(tmp_path)
+    ours = load_image_folder(tmp_path, target=224)
+    assert [im.size for im in full.images] == [(4000, 3000), (3000, 4000)]
+    assert [im.size for im in ours.images] == [(500, 375), (375, 500)]
+    lazy = load_image_folder(tmp_path, lazy=True, target=224)
+    for i, name in enumerate(("a/p.jpg", "b/q.JPG")):
+        data = (tmp_path / name).read_bytes()
+        (opened,) = inspect_all([(name, data)], Limits(), 224)
+        served = np.asarray(decode_image(opened))
+        assert np.array_equal(np.asarray(ours.images[i]), served)
+        assert np.array_equal(np.asarray(lazy.images[i]), served)
