@@ -313,7 +313,10 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (`docker stop`, a scheduler): files are cleaned up
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(f"clipbank {args.cmd}: {how}; a file being written is left as it was", file=sys.stderr)
+        print(
+            f"clipbank {args.cmd}: {how}; nothing is left half-written (a file or store it was changing is as before)",
+            file=sys.stderr,
+        )
         return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly, as a killed pipe writer would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again

@@ -82,7 +82,7 @@ def _text_list_problem(manifest: dict, key: str, ok: Callable[[Any], bool], cap:
 
 def classes_problem(classes: Any) -> list[str]:
     """What is wrong with a task's class names, by the manifest's rule (the trainer checks them before training)."""
-    what = f"names of 1..{MAX_CLASS_CHARS} characters"
+    what = f"non-blank names of 1..{MAX_CLASS_CHARS} characters"
     return _text_list_problem(
         {"classes": classes}, "classes", lambda c: _is_text(c, MAX_CLASS_CHARS), MAX_CLASSES, what
     )

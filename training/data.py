@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -48,6 +49,8 @@ def read_rgb(path: object, target: int | None = None) -> Image.Image:
     white: `model_store.pixels`; with `target`, the backbone's input size, a JPEG decoded at the reduced scale the
     server decodes it at), or a ValueError that names the file (Pillow's own errors often do not, and its
     decompression-bomb error is no OSError)."""
+    if isinstance(path, str | os.PathLike) and _size(path) == 0:  # Pillow would say "cannot identify image file"
+        raise ValueError(f"{path} is empty (0 bytes)")
     try:
         with Image.open(path) as im:
             problem = aspect_problem(*im.size)  # from the header, before any pixel is decoded
@@ -60,6 +63,13 @@ def read_rgb(path: object, target: int | None = None) -> Image.Image:
     except Exception as e:  # truncated or corrupt data, in any plugin
         raise ValueError(f"{path} could not be read as an image: {type(e).__name__}: {e}") from None
     raise ValueError(f"{path} {problem}")  # as the server refuses it: 1x60000 cost 1 GB and 3 s a read
+
+
+def _size(path: str | os.PathLike) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:  # missing, a broken link: Image.open names it
+        return None
 
 
 @dataclass(frozen=True)
@@ -194,7 +204,15 @@ def load_image_folder(
         raise ValueError(f"image folder {root} has no class sub-folders")
     _check_class_folders(root, folders, found)
     if classes is not None and set(found) != set(classes):
-        raise ValueError(f"{root} has classes {list(found)}, expected {list(classes)}")
+        extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
+        raise ValueError(
+            f"{root} does not have the training data's {len(classes)} classes: "
+            + "; ".join(
+                f"{what} {names[:10]}{' ...' * (len(names) > 10)}"
+                for what, names in (("it also has", extra), ("it lacks", missing))
+                if names
+            )
+        )
     classes = classes or found
     paths, labels, skipped = [], [], Counter()
     for p in folders:

@@ -22,11 +22,13 @@ class _Lines:
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.encoding = getattr(stream, "encoding", None) or "utf-8"
+        self.last = ""
 
     def write(self, text: str) -> None:
         line = text.replace("\r", "").strip()
-        if line:
+        if line and line != self.last:  # close() redraws the last state: once is enough
             self.stream.write(line + "\n")
+            self.last = line
 
     def flush(self) -> None:
         self.stream.flush()

@@ -38,10 +38,43 @@ def train_config(job: TrainJob) -> TrainConfig:
 
 
 def run_train_job(job: TrainJob) -> dict[str, Any]:
-    """Train `job.task` and return a summary; the bundle goes to `job.out` and/or `job.store`."""
+    """Train `job.task` and return a summary; the bundle goes to `job.out` and/or `job.store`. Its `warnings` hold
+    what was said about the data and the store (files not read, a class of one image, a new store) as well as
+    the routing's: a script reading the summary alone sees them too."""
+    noted: list[str] = []
+    with _noting_warnings(noted):
+        summary = _train_and_store(job)
+    summary["warnings"] = list(dict.fromkeys(noted + summary["warnings"]))  # each once, in the order said
+    return summary
+
+
+class _Noted(logging.Handler):
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage())
+
+
+@contextmanager
+def _noting_warnings(into: list[str]) -> Iterator[None]:
+    """The data's and the store's warnings, still logged, also kept in `into`."""
+    handler, loggers = _Noted(into), [logging.getLogger(name) for name in ("training.data", __name__)]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+def _train_and_store(job: TrainJob) -> dict[str, Any]:
     cfg = train_config(job)
     _check_outputs(job)  # before training, not after it
     store = _open_store(job.store) if job.store else None
+    _warn_if_val_is_data(job)
     backbone = load_backbone(job.backbone, job.device)  # first: its input size sets how JPEGs are decoded
     size = backbone.image_size
     train = load_image_folder(job.data, skip_bad=job.skip_bad, target=size)
@@ -139,6 +172,14 @@ def _check_outputs(job: TrainJob) -> None:
         )
     if job.out:
         _check_writable(Path(job.out), job.overwrite)
+
+
+def _warn_if_val_is_data(job: TrainJob) -> None:
+    if job.val and Path(job.val).resolve() == Path(job.data).resolve():
+        log.warning(
+            "--val is --data's folder: validation accuracy and the selector's threshold are then measured on "
+            "the training images, and overstate what the task will do"
+        )
 
 
 def _open_store(location: str) -> Store:

@@ -343,3 +343,43 @@ def test_the_python_api_trains_against_the_backbones_reference_set_by_default(ba
     assert not without["reference"]
     with pytest.raises(ValueError, match="reference is a ReferenceSet, None or 'auto'"):
         train_task(empty_bank(backbone), data, cfg, progress=False, reference="ref.safetensors")
+
+
+def test_the_summary_carries_what_was_said_about_the_data(tmp_path, capsys):
+    """Skipped files, one-image classes and a new store were said on stderr only: a script reading the summary
+    JSON never saw them (an outside check with its own ImageFolders)."""
+    import shutil
+
+    assert main(["data", "export", "textures", str(tmp_path / "tex")]) == 0
+    data = tmp_path / "mine"
+    for name in ("dots", "stripes"):
+        shutil.copytree(tmp_path / "tex" / "train" / name, data / name)
+    (data / "dots" / "notes.txt").write_text("not an image")
+    (data / "single").mkdir()
+    shutil.copy(next((data / "dots").glob("*.png")), data / "single" / "only.png")
+    capsys.readouterr()
+    args = ["train", "--task", "mine", "--data", str(data), "--val", str(data), "--steps", "2"]
+    assert main([*args, "--store", str(tmp_path / "new-store")]) == 0
+    warnings = json.loads(capsys.readouterr().out)["warnings"]
+    said = [
+        "1 files not read (1 .txt)",
+        "['single'] have one image each",
+        "--val is --data's folder",
+        f"no store at {tmp_path / 'new-store'}: a new, empty one is made",
+    ]
+    assert all(any(s in w for w in warnings) for s in said), warnings
+    assert len(warnings) == len(set(warnings))
+
+
+def test_what_the_image_folder_reader_says_of_a_val_folder_and_an_empty_file(tmp_path):
+    from training.data import load_image_folder
+
+    for name in ("a", "b", "c"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        (tmp_path / "train" / name / "x.png").write_bytes(b"")
+    for name in ("a", "b", "d"):
+        (tmp_path / "val" / name).mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"does not have the training data's 3 classes: it also has \['d'\]; it lacks"):
+        load_image_folder(tmp_path / "val", ("a", "b", "c"))
+    with pytest.raises(ValueError, match=r"x.png is empty \(0 bytes\)"):  # was "cannot identify image file"
+        load_image_folder(tmp_path / "train")
