@@ -219,7 +219,12 @@ class ClipbankClient:
         return self._call("DELETE", f"/tasks/{_seg(task)}", params={"purge": str(purge).lower(), **_waiting(wait_all)})
 
     def ready(self) -> dict[str, Any]:
+        """`GET /readyz`: the bank's tasks, backbone and generation; a 503 `not_ready` while it loads."""
         return self._call("GET", "/readyz")
+
+    def health(self) -> dict[str, Any]:
+        """`GET /healthz`: live (200 while loading too), and the tasks that cannot be served, with why."""
+        return self._call("GET", "/healthz")
 
 
 def _waiting(wait_all: bool) -> dict[str, str]:

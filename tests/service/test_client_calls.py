@@ -114,6 +114,19 @@ def test_none_means_the_default_and_a_timeout_of_none_means_none(monkeypatch):
             ClipbankClient("http://srv", timeout=bad)
 
 
+def test_health_and_ready_ask_their_endpoints(monkeypatch):
+    paths: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        return httpx.Response(200, json={"status": "live"})
+
+    client_on(monkeypatch, handler)
+    with ClipbankClient("http://srv") as c:
+        assert c.health() == {"status": "live"} and c.ready() == {"status": "live"}
+    assert paths == ["/healthz", "/readyz"]
+
+
 def test_what_the_client_refuses_before_sending(monkeypatch):
     client_on(monkeypatch, lambda request: pytest.fail("nothing is sent"))
     with ClipbankClient("http://srv") as c:
