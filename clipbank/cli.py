@@ -289,6 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+AFTER_STOP = {  # what a stop leaves, where a command can say it for sure
+    "train": "the bundle file and the store are each written whole or not at all: nothing half-written is left",
+    "push": "the server may still apply the upload: look with `clipbank tasks` before sending it again",
+    "tasks": "the server may still apply the change: look with `clipbank tasks`",
+    "": "a file being written is left as it was",
+}
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the work is, so that it stops as at Ctrl-C: temporary files removed, no half file."""
 
@@ -313,10 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (`docker stop`, a scheduler): files are cleaned up
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(
-            f"clipbank {args.cmd}: {how}; nothing is left half-written (a file or store it was changing is as before)",
-            file=sys.stderr,
-        )
+        print(f"clipbank {args.cmd}: {how}; {AFTER_STOP.get(args.cmd, AFTER_STOP[''])}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly, as a killed pipe writer would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again

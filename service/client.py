@@ -37,6 +37,7 @@ class ClipbankHTTPError(Exception):
 
 RETRIED = frozenset({"overloaded", "stale_replica", "not_ready"})  # 503s that name when trying again may succeed
 MAX_RETRY_WAIT = 30.0  # seconds: a longer Retry-After is not waited for
+PROBES = ("/readyz", "/healthz")  # asked for the state now: never retried
 
 
 class ClipbankClient:
@@ -44,12 +45,14 @@ class ClipbankClient:
 
     `token`: the admin token, for /tasks and /insights; for /classify too when the server sets a classify token
     (either token reads). `timeout`: seconds for each step of a call, None for none. `retries`: how many times a
-    request that changes nothing (classify, the GET calls) is sent again after a 503 whose `Retry-After` says when
-    (`overloaded`, `stale_replica`, `not_ready`), after waiting that long (at most 30 s); 0 (the default) raises
-    at once, with the wait in `ClipbankHTTPError.retry_after`."""
+    request that changes nothing (classify, the GET calls but the /readyz and /healthz probes) is sent again after
+    a 503 whose `Retry-After` says when (`overloaded`, `stale_replica`, `not_ready`), after waiting that long (at
+    most 30 s); 0 (the default) raises at once, with the wait in `ClipbankHTTPError.retry_after`."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float | None = 60.0, retries: int = 0) -> None:
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+        ):
             raise ValueError(f"timeout is a number of seconds > 0, or None for none; got {timeout!r}")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries is a count >= 0, got {retries!r}")
@@ -80,10 +83,10 @@ class ClipbankClient:
             try:
                 return self._once(method, path, **kwargs)
             except ClipbankHTTPError as e:
-                safe = method == "GET" or path == "/classify"
-                if attempt == self.retries or not safe or e.status != 503 or e.code not in RETRIED:
+                safe = (method == "GET" and path not in PROBES) or path == "/classify"
+                if attempt == self.retries or not safe or e.code not in RETRIED or e.retry_after is None:
                     raise
-                time.sleep(min(e.retry_after if e.retry_after is not None else 1.0, MAX_RETRY_WAIT))
+                time.sleep(min(e.retry_after, MAX_RETRY_WAIT))
         raise AssertionError("unreachable")  # the loop returns or raises
 
     def _once(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -151,7 +154,8 @@ class ClipbankClient:
         the labels (docs/service.md). `min_generation`: answered from that store generation or later (a change's
         `generation`: read your own writes across servers), else a 503 `stale_replica`. None for `labels`, `task`
         or `route` means its default (no labels, auto, per image)."""
-        labels, task, route = labels or (), task or AUTO, route or PER_IMAGE
+        labels = () if labels is None else labels
+        task, route = AUTO if task is None else task, PER_IMAGE if route is None else route
         if isinstance(images, str | bytes | os.PathLike) or isinstance(labels, str) or hasattr(images, "mode"):
             raise TypeError("images and labels are lists: classify([path], labels=['cat', 'dog'])")
         files = [("images", (_name(img, i), _bytes(img))) for i, img in enumerate(images)]

@@ -105,11 +105,13 @@ class ClipbankReplica:
         return {"replica": service.replica, "generation": registry.bank.generation, "pid": os.getpid()}
 
 
-def application(config: ServeConfig | None = None, replicas: int | None = None):
-    """The Ray Serve application: `serve.run(application(config))`."""
+def application(config: ServeConfig | None = None, replicas: int | None = None, cpus: float | None = None):
+    """The Ray Serve application: `serve.run(application(config))`. `cpus`: what each replica reserves (Ray's
+    default, 1, when None)."""
     from ray import serve
 
     config = config or ServeConfig.from_env()
+    env = {"env_vars": {k: os.environ.get(k, v) for k, v in SERVING_ENV.items()}}
     deployment = serve.deployment(
         serve.ingress(_build(config))(ClipbankReplica),
         name=DEPLOYMENT,
@@ -119,13 +121,14 @@ def application(config: ServeConfig | None = None, replicas: int | None = None):
         graceful_shutdown_timeout_s=30,
         health_check_period_s=5,
         # set in each replica's process before it loads torch (the operator's values, where set, win)
-        ray_actor_options={"runtime_env": {"env_vars": {k: os.environ.get(k, v) for k, v in SERVING_ENV.items()}}},
+        ray_actor_options={"runtime_env": env, **({"num_cpus": cpus} if cpus is not None else {})},
     )
     return deployment.bind()
 
 
-class _Stopped(Exception):
-    """SIGINT/SIGTERM while the replicas start: stop there, as after (Ray's driver would dump its stacks)."""
+class _Stopped(BaseException):
+    """SIGINT/SIGTERM while the replicas start: stop there, as after (Ray's driver would dump its stacks). Not an
+    Exception, so that no `except Exception` inside Ray turns it into another error."""
 
 
 def _stopped(*_: object) -> None:
@@ -140,23 +143,24 @@ def run(config: ServeConfig) -> int:
 
     local = not config.ray_address
     # A cluster started here gets no dashboard (an open port with no auth of its own); one joined keeps its own.
-    # Each replica reserves one CPU: a local cluster has at least one per replica, and says when they share cores.
-    options = {"include_dashboard": False, "num_cpus": local_cpus(config.replicas)} if local else {}
-    ray.init(address=config.ray_address or None, log_to_driver=False, **options)
-    _check_cpus(config.replicas, ray.cluster_resources().get("CPU", 0.0), local)
+    ray.init(address=config.ray_address or None, log_to_driver=False, **({"include_dashboard": False} if local else {}))
+    cpus = replica_cpus(config.replicas, ray.cluster_resources().get("CPU", 0.0), local)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _stopped)
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
-        serve.run(application(config), name=APP_NAME, route_prefix="/")
-        log.info("clipbank on Ray Serve: %d replicas on http://%s:%d", config.replicas, config.host, config.port)
+        serve.run(application(config, cpus=cpus), name=APP_NAME, route_prefix="/")
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
+        log.info("clipbank on Ray Serve: %d replicas on http://%s:%d", config.replicas, config.host, config.port)
         stop.wait()
         log.info("stopping: the replicas finish their requests (up to 30 s)")
     except _Stopped:
         log.info("stopped while the replicas were starting")
+    finally:  # the shutdown below is bounded; a second signal must not cut it short with a traceback
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     closing = threading.Thread(target=_close, args=(local,), daemon=True)
     closing.start()
     closing.join(SHUTDOWN_SECONDS)
@@ -165,26 +169,24 @@ def run(config: ServeConfig) -> int:
     return 0
 
 
-def local_cpus(replicas: int) -> int:
-    """CPUs a local cluster declares: the machine's, or one per replica where there are more replicas (they then
-    share cores; a replica Ray cannot place would leave `serve.run` waiting for ever)."""
-    return max(os.cpu_count() or 1, replicas)
-
-
-def _check_cpus(replicas: int, cpus: float, local: bool) -> None:
-    if local and replicas > (os.cpu_count() or 1):
+def replica_cpus(replicas: int, cpus: float, local: bool) -> float | None:
+    """What each replica reserves: Ray's 1, or on a local cluster with fewer CPUs (Ray's count, which honours a
+    container's limit) than replicas, an equal share, so that every replica is placed (one Ray cannot place
+    would leave `serve.run` waiting for ever). They then share cores, and it says so."""
+    if replicas <= cpus:
+        return None
+    if local:
         log.warning(
-            "%d replicas on %d cores: they share them, so they add no throughput (docs/scale-out.md)",
-            replicas,
-            os.cpu_count() or 1,
+            "%d replicas on %g CPUs: they share them, so they add no throughput (docs/scale-out.md)", replicas, cpus
         )
-    elif not local and cpus < replicas:
-        log.warning(
-            "the Ray cluster has %g CPUs and each of the %d replicas reserves one: the rest wait for CPUs (an "
-            "autoscaler's new nodes) and start-up waits with them",
-            cpus,
-            replicas,
-        )
+        return cpus / replicas
+    log.warning(
+        "the Ray cluster has %g CPUs and each of the %d replicas reserves one: the rest wait for CPUs (an "
+        "autoscaler's new nodes) and start-up waits with them",
+        cpus,
+        replicas,
+    )
+    return None
 
 
 def _close(local: bool) -> None:

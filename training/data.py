@@ -193,6 +193,22 @@ def load_image_folder(
     With `classes`, folders must name exactly those. A file that cannot be read as an image is an error that
     names every such file; with `skip_bad` (eager reading only) those files are left out, with a warning.
     """
+    return read_image_folder(list_image_folder(root, classes), lazy, skip_bad, target)
+
+
+@dataclass(frozen=True)
+class FolderListing:
+    """An ImageFolder's image files and their labels, checked, before any is decoded."""
+
+    root: Path
+    paths: list[Path]
+    labels: list[int]
+    classes: tuple[str, ...]
+
+
+def list_image_folder(root: str | Path, classes: tuple[str, ...] | None = None) -> FolderListing:
+    """`load_image_folder`'s checks of the folders and their classes, which need no image decoded: a command
+    runs them before its slow start (a backbone's download) and decodes later."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"image folder {root} does not exist")
@@ -225,13 +241,23 @@ def load_image_folder(
     single = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes)), strict=True) if n == 1]
     if single:
         log.warning("%s: class(es) %s have one image each: too few to learn, or to validate on", root, single[:5])
+    return FolderListing(root, paths, labels, classes)
+
+
+def read_image_folder(
+    listing: FolderListing, lazy: bool = False, skip_bad: bool = False, target: int | None = None
+) -> LabelledImages:
+    """The listed images, as `load_image_folder` reads them."""
+    paths, labels, classes = listing.paths, listing.labels, listing.classes
     if lazy:
         return LabelledImages(LazyImages(paths, functools.partial(read_rgb, target=target)), labels, classes)
     images, kept = _read_all(paths, skip_bad, target)
     labels = [labels[i] for i in kept]
     empty = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes)), strict=True) if n == 0]
     if empty:
-        raise ValueError(f"{root}: class(es) {empty[:5]} have no readable image once the bad files are left out")
+        raise ValueError(
+            f"{listing.root}: class(es) {empty[:5]} have no readable image once the bad files are left out"
+        )
     return LabelledImages(images, labels, classes)
 
 

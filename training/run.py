@@ -20,7 +20,7 @@ from model_store.store import LocalStore, atomic_write, open_store
 from model_store.store_base import PutResult, Store
 
 from .config import TrainJob
-from .data import LabelledImages, load_image_folder
+from .data import LabelledImages, list_image_folder, read_image_folder
 from .trainer import TrainConfig, train_task
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,13 @@ def _train_and_store(job: TrainJob) -> dict[str, Any]:
     _check_outputs(job)  # before training, not after it
     store = _open_store(job.store) if job.store else None
     _warn_if_val_is_data(job)
-    backbone = load_backbone(job.backbone, job.device)  # first: its input size sets how JPEGs are decoded
-    size = backbone.image_size
-    train = load_image_folder(job.data, skip_bad=job.skip_bad, target=size)
-    val = load_image_folder(job.val, train.classes, skip_bad=job.skip_bad, target=size) if job.val else None
+    listed = list_image_folder(job.data)  # the folders' faults at once, before a backbone's download
+    listed_val = list_image_folder(job.val, listed.classes) if job.val else None
+    backbone = load_backbone(job.backbone, job.device)  # then decoded: its input size sets how JPEGs are
+    train, val = (
+        read_image_folder(x, skip_bad=job.skip_bad, target=backbone.image_size) if x else None
+        for x in (listed, listed_val)
+    )
     reference = find_reference(backbone, job.reference)  # before any training: a wrong path fails at once
     bank = BankLoader(store, backbone).load() if store else empty_bank(backbone)
     version, parent = job.version or 1, None

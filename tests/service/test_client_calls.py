@@ -44,7 +44,9 @@ def test_retries_send_a_request_that_changes_nothing_again_after_a_503_that_says
     calls.clear()
     with ClipbankClient("http://srv", retries=5) as c, pytest.raises(ClipbankHTTPError):
         c.push(PNG)  # a change is never sent twice: it may have landed
-    assert calls == [("POST", "/tasks")]
+    with ClipbankClient("http://srv", retries=5) as c, pytest.raises(ClipbankHTTPError):
+        c.ready()  # a probe asks for the state now
+    assert calls == [("POST", "/tasks"), ("GET", "/readyz")]
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="retries is a count"):
             ClipbankClient("http://srv", retries=bad)
@@ -109,7 +111,7 @@ def test_none_means_the_default_and_a_timeout_of_none_means_none(monkeypatch):
     with ClipbankClient("http://srv", timeout=None) as c:  # every call failed with a TypeError
         c.classify([PNG], labels=None, task=None, route=None)
     assert sent == [{"labels": 0, "task": 1, "route": 1, "auto": True}]  # task=None sent "" before: 404
-    for bad in (0, -1, "60", True):
+    for bad in (0, -1, "60", True, float("nan")):
         with pytest.raises(ValueError, match="timeout is a number of seconds"):
             ClipbankClient("http://srv", timeout=bad)
 

@@ -1,6 +1,7 @@
-"""`clipbank serve --engine ray --replicas N` with N above the machine's cores: each replica reserves one CPU, so
+"""`clipbank serve --engine ray --replicas N` with N above the cluster's CPUs: each replica reserves one CPU, so
 the replicas Ray could not place were never started and `serve.run` waited for ever, with no word from clipbank
-(Ray's controller log alone said so). A local cluster now declares a CPU per replica and says they share cores."""
+(Ray's controller log alone said so). On a local cluster each replica now reserves an equal share of its CPUs
+(Ray's count, which honours a container's limit), and the server says they share cores."""
 
 from __future__ import annotations
 
@@ -9,17 +10,23 @@ import logging
 from service import ray_engine
 
 
-def test_a_local_cluster_has_a_cpu_for_every_replica_and_says_when_they_share_cores(monkeypatch, caplog):
-    monkeypatch.setattr(ray_engine.os, "cpu_count", lambda: 2)
-    assert [ray_engine.local_cpus(n) for n in (1, 2, 3, 8)] == [2, 2, 3, 8]
+def test_replicas_above_a_local_clusters_cpus_share_them_and_it_is_said(caplog):
     with caplog.at_level(logging.WARNING, "clipbank.service"):
-        ray_engine._check_cpus(2, 2.0, local=True)
+        assert ray_engine.replica_cpus(2, 2.0, local=True) is None  # Ray's default: one each
         assert caplog.text == ""
-        ray_engine._check_cpus(3, 3.0, local=True)
-        assert "3 replicas on 2 cores: they share them" in caplog.text
+        assert ray_engine.replica_cpus(3, 2.0, local=True) == 2 / 3
+        assert "3 replicas on 2 CPUs: they share them" in caplog.text
         caplog.clear()
-        ray_engine._check_cpus(6, 4.0, local=False)  # a joined cluster: the rest wait for CPUs
+        assert ray_engine.replica_cpus(6, 4.0, local=False) is None  # a joined cluster: the rest wait for CPUs
         assert "has 4 CPUs and each of the 6 replicas reserves one" in caplog.text
         caplog.clear()
-        ray_engine._check_cpus(6, 8.0, local=False)
-        assert caplog.text == ""
+        assert ray_engine.replica_cpus(6, 8.0, local=False) is None and caplog.text == ""
+
+
+def test_the_deployment_reserves_the_share_it_is_given():
+    from service.config import ServeConfig
+
+    app = ray_engine.application(ServeConfig(), replicas=3, cpus=2 / 3)
+    options = app._bound_deployment.ray_actor_options
+    assert options["num_cpus"] == 2 / 3 and "env_vars" in options["runtime_env"]
+    assert ray_engine.application(ServeConfig(), 1)._bound_deployment.ray_actor_options["num_cpus"] == 1  # Ray's

@@ -383,3 +383,20 @@ def test_what_the_image_folder_reader_says_of_a_val_folder_and_an_empty_file(tmp
         load_image_folder(tmp_path / "val", ("a", "b", "c"))
     with pytest.raises(ValueError, match=r"x.png is empty \(0 bytes\)"):  # was "cannot identify image file"
         load_image_folder(tmp_path / "train")
+
+
+def test_the_folders_faults_are_said_before_the_backbone_loads(tmp_path, monkeypatch):
+    """Reading JPEGs at the backbone's scale must not delay a folder's faults until after its download."""
+    import training.run as run
+    from training.config import TrainJob
+
+    from PIL import Image
+
+    for split, names in (("train", ("a", "b")), ("val", ("a", "c"))):
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / name / "x.png")
+    monkeypatch.setattr(run, "load_backbone", lambda *a, **k: pytest.fail("the backbone loaded first"))
+    job = TrainJob(task="t", data=str(tmp_path / "train"), val=str(tmp_path / "val"), out=str(tmp_path / "t.st"))
+    with pytest.raises(ValueError, match=r"it also has \['c'\]; it lacks \['b'\]"):
+        run.run_train_job(job)
