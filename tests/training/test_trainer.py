@@ -387,10 +387,10 @@ def test_what_the_image_folder_reader_says_of_a_val_folder_and_an_empty_file(tmp
 
 def test_the_folders_faults_are_said_before_the_backbone_loads(tmp_path, monkeypatch):
     """Reading JPEGs at the backbone's scale must not delay a folder's faults until after its download."""
+    from PIL import Image
+
     import training.run as run
     from training.config import TrainJob
-
-    from PIL import Image
 
     for split, names in (("train", ("a", "b")), ("val", ("a", "c"))):
         for name in names:
