@@ -6,7 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import json
-import pickle
+from copy import deepcopy
 
 import httpx
 import pytest
@@ -69,7 +69,7 @@ def _fails(_: int) -> None:
 
 def test_a_server_error_raised_in_a_process_pool_reaches_the_caller_as_itself():
     """It could not be unpickled (its __init__ takes three arguments): the pool broke instead."""
-    copy = pickle.loads(pickle.dumps(ClipbankHTTPError(503, "overloaded", "full", None, retry_after=1.0)))
+    copy = deepcopy(ClipbankHTTPError(503, "overloaded", "full", None, retry_after=1.0))  # __reduce__, as pickle
     assert (copy.status, copy.code, copy.message, copy.retry_after, str(copy)) == (
         503,
         "overloaded",
