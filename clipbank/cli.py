@@ -57,7 +57,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from training.domains import DOMAINS, export_domain
+    from training.domains import DOMAINS
+    from training.export import export_domain
 
     if args.data_cmd == "list":
         for d in DOMAINS.values():

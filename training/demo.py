@@ -11,8 +11,8 @@ from model_store.loader import BankLoader
 from model_store.store import open_store
 
 from .data import load_domain
-from .domains import export_domain
 from .evaluate import format_route_report, route_report
+from .export import export_domain
 from .run import TrainJob, run_train_job
 
 DEMO_TASKS = ("textures", "glyphs")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -372,21 +371,6 @@ def get_domain(name: str) -> Domain:
 def class_folder(name: str) -> str:
     """The ImageFolder folder name of a class: spaces become underscores."""
     return name.replace(" ", "_")
-
-
-def export_domain(name: str, out: str | os.PathLike, splits: tuple[str, ...] = SPLITS) -> dict[str, int]:
-    """Write a domain as ImageFolder trees `out/<split>/<class>/<n>.png`; returns images written per split."""
-    domain = get_domain(name)
-    if not str(out).strip() or (Path(out).is_dir() and any(Path(out).iterdir())):  # classes would mix
-        raise ValueError(f"{str(out)!r} is not a new or empty folder: export into a new folder")
-    counts = {}
-    for split in splits:
-        images, labels = domain.split(split)
-        for i, (img, label) in enumerate(zip(images, labels, strict=True)):
-            (folder := Path(out) / split / class_folder(domain.classes[label])).mkdir(parents=True, exist_ok=True)
-            img.save(folder / f"{i:05d}.png")
-        counts[split] = len(images)
-    return counts
 
 
 def _register_more() -> None:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from training.data import load_image_folder
-from training.domains import DOMAINS, export_domain, get_domain
+from training.domains import DOMAINS, get_domain
+from training.export import export_domain
 
 
 @pytest.mark.parametrize("name", sorted(DOMAINS))

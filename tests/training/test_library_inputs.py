@@ -13,7 +13,7 @@ from model_store.inference import ClassifyItem
 from model_store.pixels import viewed_rgb
 from training import LabelledImages, TrainConfig
 from training.data import checked_split
-from training.domains import export_domain
+from training.export import export_domain
 
 
 def _images(n: int, classes=("a", "b")) -> LabelledImages:
@@ -82,6 +82,30 @@ def test_a_domain_is_exported_only_into_a_new_or_empty_folder(tmp_path):
     with pytest.raises(ValueError, match="'' is not a new or empty folder"):
         export_domain("shapes", "")
     assert [p.name for p in tmp_path.iterdir()] == ["keep"]
+
+
+def test_a_stopped_export_leaves_nothing_and_a_finished_one_is_whole(tmp_path, monkeypatch):
+    """`clipbank data export` wrote its PNGs in place: Ctrl-C left a partial tree (and maybe a truncated file)."""
+    saved, real = [], Image.Image.save
+
+    def save(self, fp, *a, **k):
+        if len(saved) == 30:
+            raise KeyboardInterrupt
+        saved.append(fp)
+        return real(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        export_domain("shapes", tmp_path / "out")
+    assert len(saved) == 30 and list(tmp_path.iterdir()) == []  # nothing left, not even the hidden work folder
+    monkeypatch.setattr(Image.Image, "save", real)
+    (tmp_path / "out").mkdir()  # an empty folder is taken, as before
+    counts = export_domain("shapes", tmp_path / "out")
+    assert sum(counts.values()) == len(list((tmp_path / "out").rglob("*.png")))
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        export_domain("shapes", tmp_path / "f")
 
 
 def test_training_reads_a_large_jpeg_as_the_server_decodes_it_not_at_full_size(tmp_path):
