@@ -23,7 +23,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from .app import create_app
 from .config import ServeConfig
-from .lifecycle import Service
+from .lifecycle import Service, resolve_admin_token
 from .threads import SERVING_ENV
 
 log = logging.getLogger("clipbank.service")
@@ -141,6 +141,7 @@ def run(config: ServeConfig) -> int:
     import ray
     from ray import serve
 
+    resolve_admin_token(config)  # here too: the replicas' own warning of another saved token goes to Ray's logs only
     local = not config.ray_address
     # A cluster started here gets no dashboard (an open port with no auth of its own); one joined keeps its own.
     ray.init(address=config.ray_address or None, log_to_driver=False, **({"include_dashboard": False} if local else {}))

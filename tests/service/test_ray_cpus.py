@@ -30,3 +30,23 @@ def test_the_deployment_reserves_the_share_it_is_given():
     options = app._bound_deployment.ray_actor_options
     assert options["num_cpus"] == 2 / 3 and "env_vars" in options["runtime_env"]
     assert ray_engine.application(ServeConfig(), 1)._bound_deployment.ray_actor_options["num_cpus"] == 1  # Ray's
+
+
+def test_the_driver_warns_of_another_saved_admin_token(tmp_path, monkeypatch, caplog):
+    """Under Ray the warning was logged in each replica only, which Ray keeps off the console."""
+    import pytest
+    import ray
+
+    from service.config import ServeConfig
+    from service.lifecycle import ADMIN_TOKEN_FILE
+
+    (tmp_path / ADMIN_TOKEN_FILE).write_text("a-saved-token-0123456789\n")
+
+    def init(*a, **k):
+        raise RuntimeError("no cluster in this test")
+
+    monkeypatch.setattr(ray, "init", init)
+    config = ServeConfig(store=str(tmp_path), admin_token="s" * 20, engine="ray")
+    with pytest.raises(RuntimeError, match="no cluster"):
+        ray_engine.run(config)
+    assert "is not accepted here" in caplog.text
