@@ -27,7 +27,7 @@ class GateLimits:
     max_zero_shot_captured: float = 0.05  # of the reference set
 
 
-def _versus(share: float, limit: float) -> tuple[str, str]:
+def shares_versus(share: float, limit: float) -> tuple[str, str]:
     """ "A% ... (limit B%)" with the digits the two need: never a limit of 0.0001 shown as "0.0%", nor a share just
     above its limit shown equal to it."""
     digits = max(1 if x >= 0.01 or x == 0 else 2 if x >= 0.001 else 3 for x in (share, limit))
@@ -51,10 +51,10 @@ class GateReport:
         out = []
         for task, share in sorted(self.stolen.items(), key=lambda kv: -kv[1]):
             if share > self.limits.max_stolen:
-                taken, limit = _versus(share, self.limits.max_stolen)
+                taken, limit = shares_versus(share, self.limits.max_stolen)
                 out.append(f"it would take {taken} of the images of task {task!r} (limit {limit})")
         if self.zero_shot_captured is not None and self.zero_shot_captured > self.limits.max_zero_shot_captured:
-            captured, limit = _versus(self.zero_shot_captured, self.limits.max_zero_shot_captured)
+            captured, limit = shares_versus(self.zero_shot_captured, self.limits.max_zero_shot_captured)
             out.append(f"it would claim {captured} of outside images that now go to zero-shot (limit {limit})")
         return out
 

@@ -95,7 +95,8 @@ def merge_reports(reports: Sequence[dict[str, Any]], cfg: CLConfig) -> dict[str,
     for r in reports:
         out = _merged(out, r)
     out["config"] = dataclasses.asdict(cfg)
-    out["seconds"] = {**out["seconds"], "total": round(sum(r["seconds"]["total"] for r in reports), 1)}
+    total = sum(r.get("seconds", {}).get("total", 0.0) for r in reports)  # zero-shot alone trains nothing
+    out["seconds"] = {**out.get("seconds", {}), "total": round(total, 1)}
     return out
 
 

@@ -134,6 +134,20 @@ class CLJob:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        check_settings(self, ())  # an --out that is a file: refused now, not after the run
+        if self.protocol is None:  # the offline domains, checked before any worker starts
+            from .domains import DOMAINS
+
+            seq = [d for d in self.domains.split(",") if d]
+            unknown = [d for d in [*seq, self.outside] if d and d not in DOMAINS]
+            if unknown:
+                raise ValueError(
+                    f"unknown domain(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(DOMAINS))}"
+                )
+            if len(seq) < 2:
+                raise ValueError(f"--domains: a continual run needs at least 2 domains, got {len(seq)}")
+        if self.methods is not None and {m.strip() for m in self.methods.split(",") if m.strip()} <= {"zero-shot"}:
+            raise ValueError("--methods: zero-shot is what the methods are compared with; name at least one more")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 from model_store.backbone import Backbone
 from model_store.bank import BankSnapshot
 from model_store.bundle import MAX_PROBES
-from model_store.gate import GateLimits, GateReport, gate_report
+from model_store.gate import GateLimits, GateReport, gate_report, shares_versus
 from model_store.inference import only_known, route_scores, task_scores
 from model_store.labels import label_key
 from model_store.reference import ReferenceSet, embed_images
@@ -224,15 +224,17 @@ def _routed_own(mine: torch.Tensor, rivals: Sequence[Selector], test: torch.Tens
 def routing_warnings(check: dict[str, Any]) -> list[str]:
     """Plain sentences for each poor figure of a routing check (empty when all are fine)."""
     w = []
-    if check["self_claim"] < SELF_CLAIM_MIN:
+    if check["self_claim"] < SELF_CLAIM_MIN:  # with the digits that show it is under: not "95.0% (want >= 95.0%)"
+        claimed, least = shares_versus(check["self_claim"], SELF_CLAIM_MIN)
         w.append(
-            f"the selector claims only {check['self_claim']:.1%} of the task's held-out images (want >= "
-            f"{SELF_CLAIM_MIN:.1%}): the rest will be answered by zero-shot CLIP"
+            f"the selector claims only {claimed} of the task's held-out images (want >= {least}): the rest will be "
+            "answered by zero-shot CLIP"
         )
     if check["routed_own"] < min(ROUTED_OWN_MIN, check["self_claim"] - 0.02):  # others take what it claims
+        routed, least = shares_versus(check["routed_own"], ROUTED_OWN_MIN)
         w.append(
-            f"in this bank only {check['routed_own']:.1%} of the task's held-out images route to it (want >= "
-            f"{ROUTED_OWN_MIN:.1%}): another task's selector claims them first"
+            f"in this bank only {routed} of the task's held-out images route to it (want >= {least}): another "
+            "task's selector claims them first"
         )
     alone = check.get("routed_own_selectors_alone")
     if alone is not None and alone < min(ROUTED_OWN_MIN, check["self_claim"] - 0.02) <= check["routed_own"]:

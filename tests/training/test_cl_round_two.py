@@ -300,3 +300,24 @@ def test_workers_one_on_a_gpu_even_when_auto_picked_it_and_for_random_weights():
     assert workers_for(None, bb("cuda:0")) == 1  # what --device auto resolves to on a GPU host
     assert workers_for(3, bb("cpu")) == 3
     assert workers_for(3, bb("cpu", weights=None)) == 1
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"domains": "sketches,nosuch"}, "unknown domain\\(s\\) 'nosuch'; known: "),
+        ({"outside": "nosuch"}, "unknown domain\\(s\\) 'nosuch'"),
+        ({"domains": "sketches"}, "needs at least 2 domains, got 1"),
+        ({"methods": "zero-shot"}, "zero-shot is what the methods are compared with"),
+    ],
+)
+def test_bench_cl_refuses_at_once_what_failed_after_the_run(tmp_path, kw, message):
+    """An unknown domain failed after 75 s of work, an --out that is a file after the whole run (its results lost),
+    and `--methods zero-shot` alone with a KeyError (an outside check of the benchmarks)."""
+    from training.config import CLJob
+
+    with pytest.raises(ValueError, match=message):
+        CLJob(**kw)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="is a file; the report goes into a folder"):
+        CLJob(out=str(tmp_path / "afile"))

@@ -127,3 +127,12 @@ def test_routing_warnings_name_each_poor_figure():
     assert "claims 20.0% of generic outside images" in routing_warnings({**good, "reference_false_claim": 0.2})[0]
     near = routing_warnings({**good, "self_claim": 0.946})[0]  # printed as "95% (want >= 95%)" before
     assert "only 94.6% of the task's held-out images (want >= 95.0%)" in near
+
+
+def test_a_near_miss_is_shown_with_the_digits_that_show_it():
+    """The trainer said "claims only 95.0% of the task's held-out images (want >= 95.0%)"."""
+    from training.routing import routing_warnings
+
+    check = {"reference": True, "reference_false_claim": 0.0, "task_false_claim": {}, "routed_own": 0.9497}
+    (warning,) = routing_warnings({**check, "self_claim": 0.9497})
+    assert "claims only 94.97% of the task's held-out images (want >= 95.00%)" in warning
