@@ -49,7 +49,7 @@ SUMMARY_TEXT = {
     "plasticity_gap_vs_finetune": "accuracy when learned, finetune minus moe-oracle, mean over tasks (points)",
     "last_ddas_vs_adapter_ddas": "Last, moe-ddas minus adapter-ddas (points)",
     "routing_long_task_accuracy": "routing over the 12-task sequence: task images to their own task",
-    "fallback_pretraining": "the pretraining domain's images left to zero-shot",
+    "fallback_pretraining": "the pretraining domain's images left to zero-shot by this run's bank (not the 12 tasks')",
     "fallback_near_min": "the lowest share of a near outside domain's images left to zero-shot",
     "cil_old_class_accuracy_last": "class-incremental: old classes' accuracy after the last version (%)",
     "outside_accuracy_vs_zero_shot": "the pretraining domain's accuracy, moe-ddas minus zero-shot (points)",
