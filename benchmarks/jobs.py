@@ -25,7 +25,7 @@ class ServeBenchJob:
 
 @dataclass(frozen=True)
 class SoakJob:
-    minutes: float | None = option(None, "measured soak after a 30 s warm-up (default 10, quick 0.5)")
+    minutes: float | None = option(None, "measured soak after a 30 s warm-up (default 10; quick: 0.5 after 5 s)")
     clients: int | None = option(None, "concurrent clients, one connection each (default 16)")
     swap_seconds: float | None = option(None, "a store change every this many seconds (default 2)")
     hostile: int | None = option(None, "hostile clients beside 4 normal ones; 0 skips that phase (default 4)")
