@@ -62,7 +62,7 @@ def _bench_routing(args: argparse.Namespace) -> int:
     if reference is None:
         print("clipbank bench routing: no reference set for this backbone (clipbank reference build)", file=sys.stderr)
     kinds = tuple(args.kinds.split(",")) if args.kinds else KINDS
-    routing = routing_keys(run_routing(backbone, reference, RoutingConfig(kinds=kinds)), kinds[0])
+    routing = routing_keys(run_routing(backbone, reference, RoutingConfig(kinds=kinds), progress=True), kinds[0])
     command = "clipbank bench routing " + " ".join(sys.argv[3:])
     if args.out:
         print("wrote " + ", ".join(str(p) for p in write_routing_report(routing, Path(args.out), command)))

@@ -26,6 +26,7 @@ from model_store.selector import NEEDS_NEGATIVES, Selector, SelectorConfig, cali
 from .data import LabelledImages
 from .domains import get_domain
 from .lookalike import LONG_SEQUENCE, NEAR_OUTSIDE
+from .progress import progress_bar
 from .scoring import frozen_features
 
 KINDS = ("hybrid", "autoencoder", "gaussian", "discriminative")
@@ -339,14 +340,17 @@ def selector_cost(backbone: Backbone, selectors: Sequence[Selector], images: int
     return {"frozen_pass_s": f, "selectors_s": s, "selectors_vs_frozen": s / f, "tasks": len(selectors)}
 
 
-def run_routing(backbone: Backbone, reference: ReferenceSet | None, cfg: RoutingConfig | None = None) -> dict:
+def run_routing(
+    backbone: Backbone, reference: ReferenceSet | None, cfg: RoutingConfig | None = None, progress: bool = False
+) -> dict:
     """Per selector kind: the curve over the sequence, each task's own routing, and fallback on the plain and
-    near outside domains, with the bank of every task; and the selectors' cost beside a frozen pass."""
+    near outside domains, with the bank of every task; and the selectors' cost beside a frozen pass. `progress`:
+    a bar over the kinds (`clipbank bench routing` was silent for its minute)."""
     cfg = cfg or RoutingConfig()
     emb = Embeddings(backbone)
     out: dict[str, Any] = {"sequence": list(cfg.sequence), "near": list(cfg.near), "outside": cfg.outside}
     out["reference"] = len(reference) if reference is not None else 0
-    for kind in cfg.kinds:
+    for kind in progress_bar(cfg.kinds, desc="bench routing", unit="selector kind", disable=not progress):
         selectors, curve = fit_sequence(emb, kind, cfg, reference)
         out[kind] = {"curve": curve, "cost": selector_cost(backbone, selectors)}
         for suffix in ("", "_labels"):  # the selectors alone; as served to clients sending their own labels

@@ -109,3 +109,18 @@ def test_selector_config_knows_the_discriminative_kind():
     assert SelectorConfig(kind="discriminative").hidden == 64
     with pytest.raises(ValueError, match="kind must be one of"):
         SelectorConfig(kind="oracle")
+
+
+def test_the_routing_benchmark_shows_its_progress_over_the_kinds(backbone, monkeypatch, capsys):
+    """`clipbank bench routing` printed nothing for its minute (an outside check of the benchmarks)."""
+    import training.routing as routing
+
+    final = {k + s: {} for k in ("task_accuracy", "own") for s in ("", "_labels")}
+    final.update({f"fallback{s}": {"glyphs-other": 1.0, "shapes": 1.0} for s in ("", "_labels")})
+    monkeypatch.setattr(routing, "fit_sequence", lambda *a: ([], [final]))
+    monkeypatch.setattr(routing, "selector_cost", lambda *a: {})
+    run_routing(backbone, None, SHORT, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("bench routing:   0%") and "2/2" in lines[-1], lines
+    run_routing(backbone, None, SHORT)  # inside `bench cl`, whose own bar shows the parts
+    assert capsys.readouterr().err == ""
