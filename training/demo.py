@@ -49,11 +49,9 @@ def run_demo(workdir: Path, steps: int = 500, backbone: str = "tiny", tasks: tup
 
 
 def exported(name: str, folder: Path) -> Path:
-    """`folder` holding the domain's export: made once, in a sibling folder renamed when complete, so a run that
-    was stopped leaves no half export behind and a second run uses the first one's."""
+    """`folder` holding the domain's export: made once (`export_domain` leaves no half export behind), so a second
+    run uses the first one's."""
     if not folder.is_dir():
-        part = folder.with_name(folder.name + ".part")
-        shutil.rmtree(part, ignore_errors=True)  # what a stopped run left
-        export_domain(name, part)
-        part.rename(folder)
+        shutil.rmtree(folder.with_name(folder.name + ".part"), ignore_errors=True)  # left by releases before this
+        export_domain(name, folder)
     return folder
