@@ -51,8 +51,9 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values))
 
 
-def _std(values: Sequence[float]) -> float:
-    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+def _std(values: Sequence[float]) -> float | None:
+    """The sample standard deviation; None for one value, whose spread is unknown rather than zero."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
 def mean_tree(trees: Sequence[Any]) -> Any:
@@ -127,13 +128,15 @@ def _label_routed(report: dict[str, Any], metric: Callable[[str, str], float | N
 
 
 def _with_std(per_seed: Sequence[dict[str, Any]], keys: Sequence[str], digits: int) -> dict[str, Any]:
-    """`key` and `key_std` for each key every seed has a number for; None for the others."""
+    """`key` and `key_std` for each key every seed has a number for; None for the others, and `key_std` None
+    for one seed."""
     out: dict[str, Any] = {}
     for k in keys:
         values = [s.get(k) for s in per_seed]
         ok = all(isinstance(v, int | float) and not (isinstance(v, float) and math.isnan(v)) for v in values)
+        std = _std(values) if ok else None
         out[k] = round(_mean(values), digits) if ok else None
-        out[f"{k}_std"] = round(_std(values), digits) if ok else None
+        out[f"{k}_std"] = round(std, digits) if std is not None else None
     return out
 
 

@@ -321,3 +321,12 @@ def test_bench_cl_refuses_at_once_what_failed_after_the_run(tmp_path, kw, messag
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match="is a file; the report goes into a folder"):
         CLJob(out=str(tmp_path / "afile"))
+
+
+def test_one_seed_has_no_spread_rather_than_a_spread_of_zero():
+    out = aggregate([_report(0, 80.0, 81.0, 90.0)])
+    assert out["methods"]["moe-ddas"]["last"] == pytest.approx(80.0)
+    assert out["methods"]["moe-ddas"]["last_std"] is None
+    s = out["summary"]
+    assert s["last_ddas_vs_oracle"] == pytest.approx(-1.0) and s["last_ddas_vs_oracle_std"] is None
+    assert out["task_agnostic"]["moe-ddas"]["mean_std"] is None
