@@ -98,6 +98,12 @@ def test_bench_switches_and_values_reach_the_job():
         build_parser().parse_args(["bench", "cl", "--protocol", "imagenet"])
 
 
+@pytest.mark.parametrize("bench", ["serve", "cl", "soak", "routing", "scale"])
+def test_every_bench_keeps_its_report_unless_told_otherwise(bench):
+    """An 83-minute `bench cl` without --out used to print its tables and drop report.json and the plots."""
+    assert build_parser().parse_args(["bench", bench]).out == f"runs/bench-{bench}"
+
+
 def test_classify_prints_a_null_score_as_a_dash(tmp_path, monkeypatch, capsys):
     """A score that was not a finite number comes back as null (docs/service.md); the table shows '-'."""
     from clipbank.cli import main

@@ -98,7 +98,7 @@ class CLJob:
     seed: int = option(0, "random seed of the first run")
     seeds: int | None = option(None, "runs, each with its own seed; figures are mean ± std (default 3, --quick 1)")
     class_incremental: bool = option(True, "also learn digits as 3 versions of one task, each adding classes")
-    out: str | None = option(None, "write report.json, report.md and PNG plots here")
+    out: str = option("runs/bench-cl", "report.json, report.md and PNG plots go here ('' to print only)")
     expert_blocks: str | None = option(
         None,
         "more K values (experts in the top K blocks of each tower) for the MoE bank, each trained and reported "
@@ -159,7 +159,7 @@ class RoutingJob:
     )
     backbone: str | None = option(None, "default: tiny")
     reference: str | None = option(None, "reference set file (default: the backbone's, if one was built)")
-    out: str | None = option(None, "write report.json, report.md and routing.png here")
+    out: str = option("runs/bench-routing", "report.json, report.md and routing.png go here ('' to print only)")
 
     def __post_init__(self) -> None:
         check_settings(self, ())
