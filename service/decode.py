@@ -172,6 +172,12 @@ async def read_bundle_upload(request: Request, limits: Limits) -> bytes:
         file_bytes_name="max_upload_bytes",
     )
     form = await read_multipart(request, form_limits)
+    if form.fields:  # `-F mode=shadow` used to be dropped, and the version went live instead of into shadow
+        names = ", ".join(dict.fromkeys(shown(n) for n, _ in form.fields))
+        raise InvalidRequest(
+            f"the upload takes one multipart field, 'bundle', and no text fields (got {names}): its options are "
+            "query parameters, e.g. POST /tasks?mode=shadow&force=true&wait=all"
+        )
     if not form.files:  # no file at all: not a bundle in the wrong format
         raise InvalidRequest("send the bundle file in the multipart field 'bundle'")
     return form.files[0][2]

@@ -28,6 +28,11 @@ def known_query(request: Request) -> None:
     with a success status: `POST /tasks?mod=inactive` activated the upload, `DELETE /tasks/t?version=1` took the
     whole task out of routing."""
     route = request.scope.get("route")
+    if request.method == "DELETE" and _has_body(request):  # `-d '{"purge": true}'` only deactivated, with a 200
+        raise InvalidRequest(
+            f"DELETE {request.url.path} takes no body: its options are query parameters "
+            f"({', '.join(sorted(_query_names(route.dependant))) if route is not None else 'none'})"
+        )
     if route is None or not request.query_params:
         return
     takes = sorted(_query_names(route.dependant))
@@ -38,6 +43,11 @@ def known_query(request: Request) -> None:
             f"{request.method} {request.url.path} takes no query parameter {named}; "
             f"it takes {', '.join(takes) if takes else 'none'}"
         )
+
+
+def _has_body(request: Request) -> bool:
+    length = request.headers.get("content-length", "0").strip()
+    return "transfer-encoding" in request.headers or (length.isdigit() and int(length) > 0)
 
 
 def _query_names(dependant: Any) -> set[str]:

@@ -247,6 +247,25 @@ async def test_a_query_parameter_a_route_does_not_take_is_refused_before_anythin
         assert (await c.post("/tasks?mod=x", files={"bundle": ("b", b"")})).status_code == 401  # the token first
 
 
+async def test_options_sent_in_the_body_instead_of_the_query_are_refused_before_anything_changes(
+    tmp_path, backbone, bundles
+):
+    """An outside check's curl `-F mode=shadow` got a 201 and a live version; `-d '{"purge": true}'` on DELETE
+    only deactivated. Both bodies were ignored."""
+    async with running_app(tmp_path, backbone) as c:
+        r = await c.post("/tasks", data={"mode": "shadow"}, **_upload(bundles["textures"]))
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+        assert "no text fields (got 'mode')" in r.text and "POST /tasks?mode=shadow" in r.text
+        assert (await c.get("/tasks", headers=AUTH)).json()["tasks"] == []  # nothing was stored
+        assert (await c.post("/tasks", **_upload(bundles["textures"]))).status_code == 201
+        r = await c.request("DELETE", "/tasks/textures", json={"purge": True}, headers=AUTH)
+        assert r.status_code == 422 and "DELETE /tasks/textures takes no body" in r.text and "purge, wait" in r.text
+        assert (await c.get("/tasks/textures", headers=AUTH)).json()["active_version"] == 1  # still routed to
+        r = await c.request("DELETE", "/tasks/textures", json={"purge": True})
+        assert r.status_code == 401  # the token first
+        assert (await c.delete("/tasks/textures?purge=true", headers=AUTH)).status_code == 200
+
+
 async def test_concurrent_uploads_of_one_version_are_serialised(tmp_path, backbone, bundles):
     async with running_app(tmp_path, backbone) as c:
         v1 = bundles["textures"]
