@@ -15,8 +15,9 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from .bundle import read_manifest
 from .digest import bytes_digest
-from .errors import BundleNotFound, StoreDamaged, StoreError, StoreWriteFailed
+from .errors import BundleNotFound, ClipbankError, StoreDamaged, StoreError, StoreWriteFailed
 from .manifest import shown
 from .store_base import Edit, PutResult, Store, next_generation, purge_plan
 from .store_index import StoreIndex, TaskRecord, VersionRecord
@@ -25,6 +26,7 @@ __all__ = ["LocalStore", "PutResult", "Store", "atomic_write", "check_store", "o
 
 log = logging.getLogger("clipbank.store")
 TMP_PREFIX = ".tmp-"
+BLOB_NAME = re.compile(r"[0-9a-f]{64}")  # a blob's name: the sha256 of its bytes
 
 
 def _fsync_dir(path: Path) -> None:
@@ -83,6 +85,10 @@ class LocalStore(Store):
             file = _not_a_folder(self.root)
             where = f"store {file}" if file == self.root else f"store {self.location}: {file}"
             raise StoreError(f"{where} is a file, not a folder") from None
+        except OSError as e:  # a read-only file system, no permission, no free inodes: said, not a traceback
+            raise StoreError(
+                f"store {self.location}: its folder could not be made ({type(e).__name__}: {e.strerror or e})"
+            ) from None
         self._lock = FileLock(str(self.root / ".lock"), timeout=60)
         self._cached: tuple[tuple, StoreIndex] | None = None
 
@@ -106,7 +112,7 @@ class LocalStore(Store):
         cached = self._cached
         if cached is not None and cached[0] == key:
             return cached[1]
-        index = self._read_index()
+        index = self._seen(self._read_index())
         self._cached = (key, index)
         return index
 
@@ -117,7 +123,7 @@ class LocalStore(Store):
             return self._no_index()
         except OSError as e:
             raise self._unreadable("index.json", e) from None
-        return parse_index(data, self.location)
+        return self._seen(parse_index(data, self.location))
 
     def _no_index(self) -> StoreIndex:
         """A store with no index is empty, unless it holds blobs: the index was lost (a writer writes the index
@@ -128,6 +134,7 @@ class LocalStore(Store):
                 "the store's index.json is missing but its blobs/ folder holds bundles: restore index.json from a "
                 "backup (or move blobs/ away to start an empty store); see the log"
             )
+        self._index_gone()
         return StoreIndex()
 
     def _unreadable(self, what: str, e: OSError) -> StoreError:
@@ -150,8 +157,10 @@ class LocalStore(Store):
             yield
         except OSError as e:
             log.error("store %s: %s failed: %s", self.root, what, e)
+            path = f" {e.filename}" if e.filename else ""  # an operator's folder in blobs/ said only "Is a directory"
             raise StoreWriteFailed(
-                f"the store could not be written ({what}: {type(e).__name__}: {e.strerror or e}); nothing was changed"
+                f"the store could not be written ({what}: {type(e).__name__}: {e.strerror or e}{path}); "
+                "nothing was changed"
             ) from None
 
     # ----------------------------------------------------------------------------------------- changing
@@ -226,8 +235,8 @@ class LocalStore(Store):
                 for v in doomed:
                     (self.blobs / f"{v.bundle_id}.safetensors").unlink(missing_ok=True)
                 named = {v.bundle_id for _, v in index.records()}
-                for path in self.blobs.glob("*.safetensors"):
-                    if path.stem not in named and not path.name.startswith(TMP_PREFIX):
+                for path in self.blobs.glob("*.safetensors"):  # only what a store names so: not an operator's copy
+                    if path.stem not in named and BLOB_NAME.fullmatch(path.stem):
                         path.unlink(missing_ok=True)
             except OSError as e:
                 log.warning("store %s: purged %s, but deleting its blobs failed: %s", self.root, task, e)
@@ -287,7 +296,7 @@ def check_store(root: str | os.PathLike) -> list[str]:
     try:
         index = json.loads((root / "index.json").read_bytes())
     except FileNotFoundError:
-        blobs = [p for p in (root / "blobs").glob("*.safetensors") if not p.name.startswith(TMP_PREFIX)]
+        blobs = [p for p in (root / "blobs").glob("*.safetensors") if BLOB_NAME.fullmatch(p.stem)]
         return [f"index.json is missing but blobs/ holds {len(blobs)} bundles: the index was lost"] if blobs else []
     except OSError as e:
         return [f"index.json cannot be read: {type(e).__name__}: {e.strerror or e}"]
@@ -297,13 +306,21 @@ def check_store(root: str | os.PathLike) -> list[str]:
         typed = StoreIndex.from_json(index)
     except StoreError as e:
         return [f"index.json: {e} (servers, `store list` and changes refuse it)"]
-    problems, whole = [], set()
+    problems, whole = [], {}
     for path in (root / "blobs").glob("*.safetensors"):
-        if bytes_digest(path.read_bytes()) == path.stem:
-            whole.add(path.stem)
-        elif not path.name.startswith(TMP_PREFIX):
+        if not BLOB_NAME.fullmatch(path.stem):  # an operator's file, not the store's: no purge deletes it
+            continue
+        data = path.read_bytes()
+        if bytes_digest(data) != path.stem:
             problems.append(f"blob {path.name[:12]} does not hash to its name")
-    return problems + _field_problems(index["tasks"]) + _index_problems(typed.tasks, whole)
+            continue
+        try:
+            manifest = read_manifest(data)  # accepted once, so it parses; unless put here by hand
+            whole[path.stem] = (manifest.task, manifest.version)
+        except ClipbankError as e:
+            problems.append(f"blob {path.name[:12]}: {e}")
+    problems += _field_problems(index["tasks"]) + _index_problems(typed.tasks, set(whole))
+    return problems + typed.record_problems(whole)
 
 
 LIST_FIELDS = {"experts_new": "empty", "uses": "empty", "classes": "unknown"}  # -> what the parser reads instead
@@ -367,5 +384,5 @@ def store_leftovers(root: str | os.PathLike) -> dict[str, int]:
     tasks = json.loads(index_path.read_bytes())["tasks"] if index_path.exists() else {}
     named = {v["bundle_id"] for e in tasks.values() for v in e["versions"]}
     temp = [p for folder in (root, root / "blobs") for p in folder.glob(TMP_PREFIX + "*")]
-    blobs = [p for p in (root / "blobs").glob("*.safetensors") if not p.name.startswith(TMP_PREFIX)]
+    blobs = [p for p in (root / "blobs").glob("*.safetensors") if BLOB_NAME.fullmatch(p.stem)]
     return {"temp_files": len(temp), "unreferenced_blobs": sum(p.stem not in named for p in blobs)}

@@ -59,6 +59,22 @@ class Store:
 
     location: str
     _based_on = threading.local()  # per thread: (store, generation) that `based_on` set
+    _seen_generation = 0  # the highest generation this object has read: a store never goes back from it
+
+    def _seen(self, index: StoreIndex) -> StoreIndex:
+        self._seen_generation = max(self._seen_generation, index.generation)
+        return index
+
+    def _index_gone(self) -> None:
+        """StoreDamaged when the index is missing after this object read one: the store (or its folder) was
+        deleted or replaced under a running server. Read as empty, it dropped every task, restarted the
+        generations, and a later change wrote a generation-0 index that let a purge delete restored blobs."""
+        if self._seen_generation > 0:
+            raise StoreDamaged(
+                f"{self.location}: the store's index.json is gone (it was at generation {self._seen_generation}; "
+                "was the store deleted or moved?): restore the store from a backup, or restart the server to start "
+                "a new, empty store there; until then the last bank serves and nothing can be changed"
+            )
 
     @contextmanager
     def based_on(self, generation: int) -> Iterator[None]:

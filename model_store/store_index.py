@@ -190,6 +190,16 @@ class StoreIndex:
             for v in t.versions:
                 yield name, v
 
+    def record_problems(self, whole: Mapping[str, tuple[str, int]]) -> list[str]:
+        """Records that say another task or version than their blob's own manifest, `whole` ({bundle id: (task,
+        version)}): a hand edit. Servers route by the manifest, so `clipbank tasks` would list what is not served."""
+        return [
+            f"task {shown(task)} version {v.version}: its blob {v.bundle_id[:12]} is {shown(own[0])} version "
+            f"{own[1]} (index.json was edited?)"
+            for task, v in self.records()
+            if (own := whole.get(v.bundle_id)) is not None and own != (task, v.version)
+        ]
+
     def owner(self, bundle_id: str) -> tuple[str, VersionRecord] | None:
         """(task, version record) of the stored version whose blob is `bundle_id`, or None."""
         return next(((name, v) for name, v in self.records() if v.bundle_id == bundle_id), None)

@@ -112,9 +112,10 @@ class S3Store(Store):
             if status == 404 or _code(e) in ("NoSuchKey", "404"):
                 self._cached = None
                 self._no_index_but_blobs()
+                self._index_gone()
                 return None, StoreIndex()
             raise self._unavailable("read the index", e) from None
-        index = parse_index(data, self.location)
+        index = self._seen(parse_index(data, self.location))
         self._cached = (etag, index)
         return etag, index
 
@@ -223,7 +224,7 @@ class S3Store(Store):
             if _status(e) in (412, 409):
                 return self._landed(index)
             raise self._unavailable("write the index", e) from None
-        self._cached = (answer["ETag"], index)
+        self._cached = (answer["ETag"], self._seen(index))
         return True
 
     def _landed(self, index: StoreIndex) -> bool:
@@ -236,7 +237,7 @@ class S3Store(Store):
             return False  # the next attempt reads the index again and decides
         if data != encode_index(index):
             return False
-        self._cached = (etag, index)
+        self._cached = (etag, self._seen(index))
         return True
 
     def _wait_for_deletion(self, index: StoreIndex, bundle_id: str, deadline: float, attempt: int) -> None:

@@ -76,6 +76,7 @@ class Registry:
         self.run_torch: Callable[..., Any] = _inline
         self._bank: BankSnapshot | None = None
         self.store_error: str | None = None  # why the store's index cannot be read, while it cannot
+        self._retry_degraded_at = 0.0  # monotonic time at which tasks left out (degraded) are tried again
 
     @property
     def bank(self) -> BankSnapshot:
@@ -120,6 +121,7 @@ class Registry:
             log.error("the shadows are not updated: %s", e)
         self._bank = bank  # the swap: one reference assignment
         self.store_error = None
+        self._retry_degraded_at = time.monotonic() + RETRY_DEGRADED_SECONDS
         seconds = time.perf_counter() - since
         self.loader.trim()
         release_free_memory()  # what the upload, the old snapshot and the trial run freed
@@ -210,8 +212,9 @@ class Registry:
 
     def refresh(self) -> bool:
         """Swap in the store's state if another process changed it, or if a task was left out for a passing store
-        failure (an object store's 503 while its blob was read: nothing else would try it again); True if a new
-        bank was swapped in."""
+        failure (an object store's 503 while its blob was read: nothing else would try it again), or, every
+        RETRY_DEGRADED_SECONDS, for any other (a blob missing or unreadable, then put back: it stayed out until
+        a restart); True if a new bank was swapped in."""
         try:
             if self._current():
                 return False
@@ -238,6 +241,7 @@ class Registry:
     def _current(self) -> bool:
         bank = self.bank
         passing = any(why.startswith(TRANSIENT) for why in bank.degraded.values())
+        passing |= bool(bank.degraded) and time.monotonic() >= self._retry_degraded_at
         return self.store.generation() == bank.generation and self.store_error is None and not passing
 
     # ------------------------------------------------------------------------------------------- reading
@@ -307,13 +311,20 @@ class Registry:
         experts then serves again), else 409. Accepted before, and identical, so neither gate nor trial runs."""
         with self._change_lock:
             generation = self.store.restore(bundle, data)
-        if generation is None:
-            raise VersionConflict(
-                f"this bundle is stored already, whole: task {bundle.task!r} version {bundle.version} "
-                f"(bundle {bundle.id[:12]}); a new bundle needs a higher version"
-            )
-        log.warning("restored the blob of %s v%d (bundle %s)", bundle.task, bundle.version, bundle.id[:12])
-        self.refresh()
+        if generation is None:  # whole in the store: a task left out while it was not is tried again now
+            degraded = bundle.task in self.bank.degraded
+            if degraded:
+                self._retry_degraded_at = 0.0
+                self.refresh()
+            if not degraded or bundle.task in self.bank.degraded:
+                raise VersionConflict(
+                    f"this bundle is stored already, whole: task {bundle.task!r} version {bundle.version} "
+                    f"(bundle {bundle.id[:12]}); a new bundle needs a higher version"
+                )
+            generation = self.bank.generation
+        else:
+            self.refresh()
+        log.warning("restored %s v%d (bundle %s): it serves again", bundle.task, bundle.version, bundle.id[:12])
         return PutResult(bundle.task, bundle.version, bundle.id, len(bundle.experts), generation, restored=True)
 
     def shadow(self, task: str, version: int | None) -> str | None:
@@ -367,6 +378,7 @@ class Registry:
 
 
 TRANSIENT = f"{StoreUnavailable.code}:"  # a task left out for this (an object store's 503) is tried again
+RETRY_DEGRADED_SECONDS = 30.0  # a task left out for another reason is tried again this often (a blob read again)
 
 
 def trial_run(bank: BankSnapshot, tasks: list[str], cache: TextCache | None = None) -> None:

@@ -387,3 +387,36 @@ def test_the_same_expert_tensors_at_two_places_do_not_stop_a_bank(tmp_path, back
     store.put(p_bytes)  # already stored (a store written before the check): left out, the rest serves
     bank = loader.load()
     assert bank.task_names == ("c",) and "routes expert" in bank.degraded["p"]
+
+
+def test_a_purge_and_the_check_leave_an_operators_own_files_in_blobs_alone(tmp_path, bundles):
+    """An outside check kept `blobs/cars-backup.safetensors`: a purge deleted it ("1 blob(s) deleted") and the
+    check called it a blob that does not hash to its name."""
+    store = LocalStore(tmp_path)
+    store.put(bundles[1])
+    backup = store.blobs / "cars-backup.safetensors"
+    backup.write_bytes(bundles[1])
+    assert check_store(tmp_path) == [] and store_leftovers(tmp_path)["unreferenced_blobs"] == 0
+    store.deactivate("cars")
+    assert store.purge("cars") == 1
+    assert backup.read_bytes() == bundles[1] and not [p for p in store.blobs.iterdir() if p != backup]
+
+
+def test_the_check_finds_an_index_record_its_blob_contradicts(tmp_path, bundles):
+    """A hand edit of a version number: `clipbank tasks` listed v7 while every answer said v1."""
+    store = LocalStore(tmp_path)
+    store.put(bundles[1])
+    index = json.loads(store.index_path.read_text())
+    index["tasks"]["cars"]["versions"][0]["version"] = 7
+    store.index_path.write_text(json.dumps(index))
+    (problem,) = check_store(tmp_path)
+    assert "task 'cars' version 7: its blob" in problem and "is 'cars' version 1 (index.json was edited?)" in problem
+
+
+def test_a_store_folder_that_cannot_be_made_or_written_says_where(tmp_path, bundles):
+    with pytest.raises(StoreError, match="its folder could not be made"):
+        LocalStore("/proc/clipbank-no-such-store")  # not a traceback at the server's start
+    store = LocalStore(tmp_path)
+    (store.blobs / ".tmp-left-by-an-operator").mkdir()  # a folder where temp files go: every change failed
+    with pytest.raises(StoreWriteFailed, match=r"IsADirectoryError: Is a directory .*\.tmp-left-by-an-operator"):
+        store.put(bundles[1])

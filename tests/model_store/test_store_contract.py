@@ -289,6 +289,29 @@ def test_a_lost_index_is_damage_on_every_backend(make_store, bundles):
         make_store().index()
 
 
+def test_a_store_deleted_under_a_reader_is_damage_not_an_empty_store(make_store, bundles):
+    """An outside check deleted a running server's store folder: the next poll read it as empty and dropped every
+    task (generation 26 -> 0), and a failed upload then wrote a generation-0 index, after which a purge deleted
+    the blobs the operator had put back."""
+    store = make_store()
+    store.put(bundles[1])
+    generation = store.generation()
+    if isinstance(store, LocalStore):
+        import shutil
+
+        shutil.rmtree(store.root)
+    else:
+        for key in [o["Key"] for o in store._s3.list_objects_v2(Bucket=store.bucket)["Contents"]]:
+            store._s3.delete_object(Bucket=store.bucket, Key=key)
+    with pytest.raises(StoreDamaged, match=rf"index.json is gone \(it was at generation {generation}"):
+        store.index()
+    with pytest.raises(StoreDamaged, match="is gone"):
+        store.put(bundles[2])
+    if isinstance(store, LocalStore):
+        assert not store.index_path.exists()  # nothing written
+    assert make_store().index().generation == 0  # a new handle (a restarted server): a new, empty store
+
+
 def test_an_index_of_a_newer_format_is_served_from_but_not_changed(make_store, bundles):
     """A newer release's index: rewriting it would drop what this release does not know."""
     store = make_store()

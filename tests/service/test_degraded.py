@@ -117,6 +117,41 @@ async def test_uploading_a_damaged_versions_own_bundle_again_writes_its_blob_bac
     assert after.index().tasks == before.tasks  # the versions and their states as they were
 
 
+async def test_a_blob_put_back_by_hand_serves_again_without_a_restart(tmp_path, backbone, two_tasks, monkeypatch):
+    """An outside check moved a blob away and back: its task stayed degraded until a restart (polls rebuild only
+    on a new generation), and re-uploading the same file answered 409 "stored already, whole"."""
+    from service import registry as registry_module
+
+    monkeypatch.setattr(registry_module, "RETRY_DEGRADED_SECONDS", 0.2)
+    store = _store(tmp_path, two_tasks["a"], two_tasks["c"])
+    path = store.blobs / f"{bytes_digest(two_tasks['a'])}.safetensors"
+    path.rename(tmp_path / "away")
+    async with running_app(tmp_path, backbone, poll_seconds=0.1) as c:
+        assert list((await c.get("/healthz")).json()["degraded"]) == ["a"]
+        await anyio.sleep(0.5)  # tried again meanwhile: still missing, still degraded, still serving c
+        assert list((await c.get("/healthz")).json()["degraded"]) == ["a"] and await _pinned(c, "c") == 200
+        (tmp_path / "away").rename(path)
+        with anyio.fail_after(10):  # nothing done but putting it back: the next polls try it again
+            while (await c.get("/healthz")).json()["degraded"]:
+                await anyio.sleep(0.1)
+        assert await _pinned(c, "a") == 200
+
+
+async def test_uploading_a_blob_put_back_by_hand_serves_its_task_at_once(tmp_path, backbone, two_tasks):
+    store = _store(tmp_path, two_tasks["a"], two_tasks["c"])
+    path = store.blobs / f"{bytes_digest(two_tasks['a'])}.safetensors"
+    path.rename(tmp_path / "away")
+    async with running_app(tmp_path, backbone) as c:
+        assert list((await c.get("/healthz")).json()["degraded"]) == ["a"]
+        (tmp_path / "away").rename(path)
+        files = {"bundle": ("a.safetensors", two_tasks["a"], "application/octet-stream")}
+        r = await c.post("/tasks", files=files, headers=AUTH)  # the repair the docs give: it serves at once
+        assert r.status_code == 200 and r.json()["restored"], r.text
+        assert (await c.get("/healthz")).json()["degraded"] == {} and await _pinned(c, "a") == 200
+        r = await c.post("/tasks", files=files, headers=AUTH)
+        assert r.status_code == 409 and "stored already, whole" in r.text  # not degraded: nothing to repair
+
+
 async def test_a_manifest_this_release_refuses_disables_its_task(tmp_path, backbone, two_tasks):
     """A blob stored by an older release under weaker checks (here: a template with a format spec)."""
     store = _store(tmp_path, two_tasks["c"])
