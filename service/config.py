@@ -39,6 +39,7 @@ class Limits:
     max_labels: int = 1000
     max_label_chars: int = 200
     max_request_prompts: int = 16384  # new text prompts one request may need (labels x templates x routed tasks)
+    max_response_bytes: int = 16 * MB  # the answer's labels, at most: images x (labels or top_k) x their JSON bytes
 
     def problems(self) -> list[str]:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

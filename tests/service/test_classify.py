@@ -278,6 +278,25 @@ async def test_too_many_images_names_the_limit_so_a_client_can_send_fewer(tmp_pa
             assert r.status_code == 413 and r.json()["error"]["details"] == {"setting": "max_images", "limit": 4}
 
 
+async def test_an_answer_over_max_response_bytes_is_refused_before_any_work_and_top_k_fits_it(tmp_path, backbone):
+    """Each image's answer lists every label again: 64 images x 1000 labels of 200 emoji answered 153 MB."""
+    limits = Limits(max_response_bytes=3000)
+    labels = [f"{i} " + "\U0001f431" * 30 for i in range(8)]  # about 400 bytes each as JSON, with its score
+    files = _classify_files(2)
+    async with running_app(tmp_path, backbone, limits=limits) as c:
+        r = await c.post("/classify", files=files, data={"labels": labels})
+        assert r.status_code == 413, r.text
+        err = r.json()["error"]
+        assert err["details"] == {"setting": "max_response_bytes", "limit": 3000}
+        assert "2 images x 8 labels" in err["message"] and "ask for top_k" in err["message"]
+        assert c.app.state.service.batcher.batches == 0  # refused before any image was decoded or run
+        r = await c.post("/classify", files=files, data={"labels": labels, "top_k": "2"})
+        assert r.status_code == 200 and len(r.content) <= 3000
+        assert [len(x["labels"]) for x in r.json()["results"]] == [2, 2]
+        r = await c.post("/classify", files=files[:1], data={"labels": labels[:3]})
+        assert r.status_code == 200 and len(r.content) <= 3000
+
+
 async def test_streamed_body_over_the_limit_without_content_length(tmp_path, backbone):
     async def chunks():
         for _ in range(40):
