@@ -1,4 +1,5 @@
-"""JSON from untrusted bytes with bounded cost: nesting depth, integer size, and no NaN or Infinity."""
+"""JSON from untrusted bytes with bounded cost: nesting depth, integer size, and no NaN or Infinity; and no
+repeated key in an object."""
 
 from __future__ import annotations
 
@@ -31,6 +32,19 @@ def _constant(text: str) -> Any:
     raise JSONRefused(f"{text} is not a JSON number (NaN and Infinity are not JSON)")
 
 
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose keys are distinct: with a repeated key, Python kept the last silently (`{"labels": [a],
+    "labels": [b]}` was scored against b; `{"version": 9, "version": 1}` activated 1)."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise JSONRefused(f"the key {key[:60]!r} appears twice in one object")
+            seen.add(key)
+    return value
+
+
 def depth(value: Any) -> int:
     """Nesting depth of containers (a scalar is 0), without recursion."""
     deepest, stack = 0, [(value, 1)]
@@ -47,7 +61,9 @@ def depth(value: Any) -> int:
 def loads(text: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
     """`json.loads` that raises `JSONRefused` (a ValueError) for anything malformed or over the bounds."""
     try:
-        value = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
+        value = json.loads(
+            text, parse_int=_int, parse_float=_float, parse_constant=_constant, object_pairs_hook=_object
+        )
     except JSONRefused:
         raise
     except RecursionError:

@@ -108,9 +108,13 @@ async def read_json(request: Request, model: type[BaseModel]) -> Any:
 
 async def _body(request: Request) -> bytes:
     try:
-        return await request.body()
+        body = await request.body()
     except ClientDisconnect:
         raise ClientGone("the client closed the connection before its body arrived") from None
+    if not body.strip():  # said so, not "not valid JSON: Expecting value: line 1 column 1"
+        framed = "content-length" in request.headers or "transfer-encoding" in request.headers
+        raise InvalidRequest("the body is empty" + ("" if framed else " (the request has no Content-Length)"))
+    return body
 
 
 def json_value_budget(limits: Limits) -> int:

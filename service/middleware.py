@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import LimitExceeded, Overloaded, error_response
+from .errors import LimitExceeded, Overloaded, UnsupportedMediaType, error_response
 from .metrics import Metrics
 
 REFRESH_WAIT_SECONDS = 5.0  # how long a request with X-Min-Generation waits for the store's state
@@ -77,7 +77,11 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit, name = self.limit_for(scope["method"], scope["path"])
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        refused = _framing_problem(headers, self.routed is None or self.routed(scope))
+        if refused is not None:  # and the connection closes: what follows cannot be told from a request
+            return await error_response(*refused, headers={"Connection": "close"})(scope, receive, send)
         if declared is not None and (self.routed is None or self.routed(scope)):
             if not declared.isdigit():
                 return await error_response(400, "bad_request", "Content-Length is not a number")(scope, receive, send)
@@ -114,6 +118,20 @@ class BodyLimit:
             await self.app(scope, limited, send)
         finally:
             self.held -= seen
+
+
+def _framing_problem(headers: dict[bytes, bytes], routed: bool) -> tuple[int, str, str] | None:
+    """(status, code, message) for a body the server cannot read as sent: two framings at once (behind a proxy
+    that frames by Content-Length, a request smuggled inside the body; RFC 9112 6.3), or a content coding (a
+    gzipped body was parsed as JSON and failed on byte 0x8b)."""
+    if b"transfer-encoding" in headers and b"content-length" in headers:
+        return 400, "bad_request", "both Content-Length and Transfer-Encoding: a request may have one framing"
+    coding = headers.get(b"content-encoding", b"identity").strip().lower()
+    body = b"transfer-encoding" in headers or headers.get(b"content-length", b"0").strip() not in (b"0", b"")
+    if routed and body and coding not in (b"", b"identity"):
+        shown = coding.decode("latin-1")[:40]
+        return 415, UnsupportedMediaType.code, f"Content-Encoding {shown}: send the body uncompressed"
+    return None
 
 
 class HeadAsGet:

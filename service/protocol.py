@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("clipbank.service")
@@ -37,6 +38,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._lingering = False
+        self._peer_done = False  # the client shut its sending side
         super().connection_made(transport)
         self._head_timer: asyncio.TimerHandle | None = None
         self._timed_cycle = None
@@ -72,11 +74,22 @@ class GuardedH11Protocol(H11Protocol):
         moment, then close."""
         if self.transport.is_closing() or self._lingering:
             return
-        self._lingering = True
         self.transport.write(raw_error(status, code, message, extra))
+        self._linger()
+
+    def _linger(self) -> None:
+        self._lingering = True
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+    def eof_received(self) -> bool | None:
+        """The client shut its sending side (`nc -N`, socat, any client that half-closes once it has sent): a
+        request it sent whole is still answered, then the connection closes. asyncio used to close it at once,
+        and the client read nothing."""
+        self._peer_done = True
+        answering = self.cycle is not None and not self.cycle.response_complete
+        return True if answering and self.conn.their_state in (h11.DONE, h11.MUST_CLOSE) else None
 
     def data_received(self, data: bytes) -> None:
         if not self._lingering:
@@ -91,7 +104,13 @@ class GuardedH11Protocol(H11Protocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()  # may already start a pipelined request
         idle = self.cycle is None or self.cycle.response_complete
-        if idle and not self.transport.is_closing():
+        if not idle or self.transport.is_closing() or self._lingering:
+            return
+        if self._peer_done or self.conn.their_state is h11.SEND_BODY:
+            # the client sent all it will; or an answer came before its body (413, 415, 401, a 400 on its
+            # framing): the rest of the body would be read as the next request, so close, gently
+            self._linger()
+        else:
             self._arm_head_timer()  # the next request's head has the same deadline
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -100,6 +119,10 @@ class GuardedH11Protocol(H11Protocol):
 
     def send_400_response(self, msg: str) -> None:
         self._close_with(400, "bad_request", f"{msg} (malformed HTTP)")
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """No WebSocket here (`ws="none"`): a request asking to upgrade is served as plain HTTP, unlogged (each
+        one logged two warnings, one of them telling the operator to install a WebSocket library)."""
 
 
 def guarded_protocol(head_timeout: float, max_connections: int) -> type[H11Protocol]:

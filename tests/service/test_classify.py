@@ -297,6 +297,27 @@ async def test_an_answer_over_max_response_bytes_is_refused_before_any_work_and_
         assert r.status_code == 200 and len(r.content) <= 3000
 
 
+async def test_json_with_a_repeated_key_or_no_body_is_named_as_such(tmp_path, backbone):
+    """A repeated key kept the last silently (labels x, y scored, not cat, dog); an empty body said "Expecting
+    value: line 1 column 1"."""
+    ok = base64.b64encode(colour("red")).decode()
+    async with running_app(tmp_path, backbone) as c:
+        body = '{"images": ["' + ok + '"], "labels": ["cat", "dog"], "labels": ["x", "y"]}'
+        r = await c.post("/classify", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and "the key 'labels' appears twice in one object" in r.text
+        r = await c.post("/classify", content=b"", headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["message"] == "the body is empty"
+
+
+async def test_an_image_past_pillows_own_bound_is_named_in_our_words(tmp_path, backbone):
+    async with running_app(tmp_path, backbone) as c:
+        big = png(Image.new("1", (16000, 16000)))  # 256 MP: Pillow's DecompressionBombError, before our check
+        r = await c.post("/classify", files=[("images", ("big.png", big))], data={"labels": ["a", "b"]})
+        assert r.status_code == 413, r.text
+        message = r.json()["error"]["message"]
+        assert "is 256000000 pixels; the limit is max_pixels=24000000" in message and "DOS" not in message
+
+
 async def test_streamed_body_over_the_limit_without_content_length(tmp_path, backbone):
     async def chunks():
         for _ in range(40):
