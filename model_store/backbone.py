@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,8 @@ class BackboneRef:
     def pretrained(self) -> str:
         if self.text == "tiny":
             return "embedded"
+        if self.weights is None and self.model_name.startswith("local-dir:"):
+            return "local-dir"  # the folder's own weights file (random weights only when it has none)
         return "none" if self.weights is None else (f"file:{self.weights}" if self.weights_is_file else self.weights)
 
 
@@ -120,6 +124,9 @@ class Backbone:
     # Mixed precision of the PyTorch passes (frozen and adapted, image and text): "off", "fp16" or "bf16"
     # (torch.autocast on this device; meant for CUDA). Embeddings, selector scores and logits stay float32.
     autocast: str = "off"
+    # sha256 of the open_clip model config the weights run under (activation, masks, pooling: what no weight
+    # records). The same weights under QuickGELU and GELU share `fingerprint` and compute differently.
+    config_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.autocast not in AUTOCAST_DTYPES:
@@ -143,7 +150,7 @@ class Backbone:
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[1])
+        return int(self.model.visual.output_dim)  # text_projection may be a Linear, or None (proj_type "none")
 
     @property
     def narrow(self) -> bool:
@@ -157,7 +164,8 @@ class Backbone:
         return int(size[0] if isinstance(size, tuple | list) else size)
 
     def describe(self) -> dict[str, str]:
-        return {"arch": self.ref.arch, "pretrained": self.ref.pretrained, "fingerprint": self.fingerprint}
+        config = {"config": self.config_id} if self.config_id else {}
+        return {"arch": self.ref.arch, "pretrained": self.ref.pretrained, "fingerprint": self.fingerprint, **config}
 
     def blocks(self, tower: str) -> torch.nn.ModuleList:
         return self.model.visual.transformer.resblocks if tower == "visual" else self.model.transformer.resblocks
@@ -227,7 +235,25 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
     model.to(dev)
     train_preprocess = _train_transform(model)
     log.info("loaded backbone %s (%s) on %s, fingerprint %s", ref.text, ref.arch, dev, fingerprint[:12])
-    return Backbone(ref, model, preprocess, train_preprocess, tokenizer, dev, fingerprint, towers)
+    config_id = _config_id(ref, quick_gelu)
+    return Backbone(ref, model, preprocess, train_preprocess, tokenizer, dev, fingerprint, towers, config_id=config_id)
+
+
+def _config_id(ref: BackboneRef, quick_gelu: bool) -> str | None:
+    """sha256 of the model config open_clip built `ref` from (its registry's, or a local dir's JSON), with the
+    QuickGELU that a pretrained tag forces; None when it cannot be read (the fingerprint alone then decides)."""
+    try:
+        if ref.model_name.startswith("local-dir:"):
+            path = Path(ref.model_name.removeprefix("local-dir:")) / "open_clip_config.json"
+            config = json.loads(path.read_text())["model_cfg"]
+        else:
+            config = open_clip.get_model_config(ref.model_name)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    config = {**config, "quick_gelu": bool(config.get("quick_gelu")) or quick_gelu}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
 TOKEN_CACHE_WORDS = 50_000

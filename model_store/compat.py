@@ -23,6 +23,13 @@ def check_backbone(info: BackboneInfo, backbone: Backbone) -> None:
             f"bundle backbone fingerprint {info.fingerprint[:12]}… ({info.arch}/{info.pretrained}) does not "
             f"match the served backbone {theirs['fingerprint'][:12]}… ({theirs['arch']}/{theirs['pretrained']})"
         )
+    if info.config is not None and backbone.config_id is not None and info.config != backbone.config_id:
+        raise BackboneMismatch(  # the same weights run under another config: QuickGELU or GELU, masks, pooling
+            f"bundle backbone {info.arch}/{info.pretrained} has the served backbone's weights but another model "
+            f"config (config {info.config[:12]}… against {backbone.config_id[:12]}… of {backbone.ref.arch}/"
+            f"{backbone.ref.pretrained}): the same weights compute differently under each, e.g. with QuickGELU "
+            "(OpenAI's weights, `ARCH:openai`) or GELU (the same file as `ARCH:file:`; use `ARCH-quickgelu:file:`)"
+        )
 
 
 def refuse_other_backbone(data: bytes, backbone: Backbone) -> None:

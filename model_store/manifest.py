@@ -86,6 +86,10 @@ def _identity_problems(manifest: dict) -> list[str]:
         problems.append(f"backbone must hold arch and pretrained (strings of <= {MAX_SHORT_CHARS} characters)")
     elif not (isinstance(backbone.get("fingerprint"), str) and ID_RE.fullmatch(backbone["fingerprint"])):
         problems.append("backbone.fingerprint must be 64 hex digits")
+    elif backbone.get("config") is not None and not (
+        isinstance(backbone["config"], str) and ID_RE.fullmatch(backbone["config"])
+    ):
+        problems.append("backbone.config must be 64 hex digits when given")
     training = manifest.get("training", {})
     if training is not None and not isinstance(training, dict):
         problems.append("training must be an object or null")
@@ -230,6 +234,7 @@ class BackboneInfo:
     arch: str
     pretrained: str
     fingerprint: str
+    config: str | None = None  # the model config's sha256 (`Backbone.config_id`); absent in bundles before it
 
 
 @dataclass(frozen=True)
@@ -286,7 +291,10 @@ class Manifest:
         return cls(
             task=obj["task"],
             version=obj["version"],
-            backbone=BackboneInfo(**{k: obj["backbone"][k] for k in ("arch", "pretrained", "fingerprint")}),
+            backbone=BackboneInfo(
+                **{k: obj["backbone"][k] for k in ("arch", "pretrained", "fingerprint")},
+                config=obj["backbone"].get("config"),
+            ),
             classes=tuple(obj["classes"]),
             templates=tuple(obj["templates"]),
             experts_new=_interned(obj["experts"]["new"]),

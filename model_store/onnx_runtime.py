@@ -268,7 +268,8 @@ def with_onnx_runtime(
     """
     _require_ort()
     root = _cache_folder(Path(cache_dir) if cache_dir is not None else default_cache_dir())
-    target = root / f"{backbone.fingerprint[:32]}-{_versions()}"
+    config = f"-{backbone.config_id[:8]}" if backbone.config_id else ""  # the same weights under another config
+    target = root / f"{backbone.fingerprint[:32]}{config}-{_versions()}"
     lock = FileLock(str(root / ".export.lock"), timeout=EXPORT_LOCK_SECONDS)
     try:
         lock.acquire()

@@ -9,9 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from model_store.backbone import load_backbone
-from model_store.bank import empty_bank
-from model_store.errors import MissingExpert, TaskNotFound, VersionConflict
+from model_store.backbone import Backbone, load_backbone
+from model_store.bank import BankSnapshot, empty_bank
+from model_store.errors import BackboneMismatch, MissingExpert, TaskNotFound, VersionConflict
 from model_store.loader import BankLoader
 from model_store.manifest import MAX_VERSION
 from model_store.reference import find_reference
@@ -70,6 +70,23 @@ def _noting_warnings(into: list[str]) -> Iterator[None]:
             logger.removeHandler(handler)
 
 
+def _bank_of(store: Store | None, backbone: Backbone) -> BankSnapshot:
+    """The store's bank the new task trains beside; its tasks left out are said (another backbone's store
+    trained with an empty bank, silently: `bank_tasks` was [] and the old task degraded on every server)."""
+    if store is None:
+        return empty_bank(backbone)
+    bank = BankLoader(store, backbone).load()
+    for task, why in bank.degraded.items():
+        log.warning("task %s of the store is left out of the bank this task trains beside: %s", task, why)
+    if any(why.startswith(BackboneMismatch.code) for why in bank.degraded.values()):
+        log.warning(
+            "store %s holds tasks of another backbone than %s: give each backbone its own store",
+            store.location,
+            backbone.ref.text,
+        )
+    return bank
+
+
 def _train_and_store(job: TrainJob) -> dict[str, Any]:
     cfg = train_config(job)
     _check_outputs(job)  # before training, not after it
@@ -83,7 +100,7 @@ def _train_and_store(job: TrainJob) -> dict[str, Any]:
         for x in (listed, listed_val)
     )
     reference = find_reference(backbone, job.reference)  # before any training: a wrong path fails at once
-    bank = BankLoader(store, backbone).load() if store else empty_bank(backbone)
+    bank = _bank_of(store, backbone)
     version, parent = job.version or 1, None
     if store is not None:
         try:

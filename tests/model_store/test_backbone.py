@@ -60,6 +60,46 @@ def test_checkpoint_file_written_by_the_test(tmp_path, backbone):
     assert load_backbone(f"local-dir:{tmp_path}", device="cpu").fingerprint == loaded.fingerprint
 
 
+def test_the_same_weights_under_another_model_config_are_another_backbone_for_bundles(tmp_path, backbone):
+    """An outside check served ViT-B-32 weights as ViT-B-32-quickgelu: one fingerprint, other answers, and a
+    bundle trained on one was accepted by the other. `config_id` tells them apart; old bundles (without it)
+    are checked by weights as before."""
+    from model_store.bank import empty_bank
+    from model_store.bundle import read_bundle
+    from model_store.compat import check_backbone
+    from model_store.errors import BackboneMismatch
+    from tests.helpers import edit_bundle, random_bundle
+
+    config = json.loads((TINY_DIR / "open_clip_config.json").read_text())
+    config["model_cfg"]["quick_gelu"] = not config["model_cfg"].get("quick_gelu", False)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    shutil.copy(TINY_DIR / "open_clip_model.safetensors", tmp_path / "open_clip_model.safetensors")
+    other = load_backbone(f"local-dir:{tmp_path}", device="cpu")
+    assert other.fingerprint == backbone.fingerprint and other.config_id != backbone.config_id
+    assert len(backbone.config_id) == 64 and backbone.describe()["config"] == backbone.config_id
+    manifest = read_bundle(random_bundle(empty_bank(backbone), "t", seed=3)).manifest
+    assert manifest.backbone.config == backbone.config_id  # recorded by training
+    check_backbone(manifest.backbone, backbone)
+    with pytest.raises(BackboneMismatch, match="another model config .*ARCH-quickgelu:file:"):
+        check_backbone(manifest.backbone, other)
+    before = random_bundle(empty_bank(backbone), "t", seed=3)
+    legacy = edit_bundle(before, manifest=lambda m: m["backbone"].pop("config"))
+    check_backbone(read_bundle(legacy).manifest.backbone, other)  # a bundle from before: by weights, as before
+
+
+@pytest.mark.parametrize("proj", [{"proj_bias": True}, {"proj_type": "none"}])
+def test_a_text_projection_that_is_a_linear_or_none_still_gives_the_embedding_width(tmp_path, proj):
+    """`embed_dim` read text_projection.shape: the server failed to start on such a CLIP that trained fine."""
+    config = json.loads((TINY_DIR / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"] = {**config["model_cfg"]["text_cfg"], **proj}
+    if proj.get("proj_type") == "none":  # no projection: the text width is the embedding width
+        config["model_cfg"]["text_cfg"]["width"] = config["model_cfg"]["embed_dim"]
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    loaded = load_backbone(f"local-dir:{tmp_path}", device="cpu")  # random weights: none in the folder
+    tokens = loaded.tokenizer(["a photo"])
+    assert loaded.embed_dim == loaded.model.encode_text(tokens).shape[1] == config["model_cfg"]["embed_dim"]
+
+
 def test_missing_or_bad_checkpoint(tmp_path):
     with pytest.raises(BackboneError, match="does not exist"):
         load_backbone(f"file:{tmp_path / 'nope.safetensors'}")

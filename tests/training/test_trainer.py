@@ -400,3 +400,21 @@ def test_the_folders_faults_are_said_before_the_backbone_loads(tmp_path, monkeyp
     job = TrainJob(task="t", data=str(tmp_path / "train"), val=str(tmp_path / "val"), out=str(tmp_path / "t.st"))
     with pytest.raises(ValueError, match=r"it also has \['c'\]; it lacks \['b'\]"):
         run.run_train_job(job)
+
+
+def test_training_beside_a_store_of_another_backbone_says_so(tmp_path, backbone, caplog):
+    """An outside check trained with --store on a ViT-B-32 store: the task trained on an empty bank, silently."""
+    from model_store.bank import empty_bank
+    from tests.helpers import edit_bundle, random_bundle
+    from training.run import _bank_of
+
+    other = edit_bundle(
+        random_bundle(empty_bank(backbone), "dig", 5),
+        manifest=lambda m: m["backbone"].update(fingerprint="0" * 64, arch="ViT-B-32"),
+    )
+    store = LocalStore(tmp_path / "store")
+    store.put(other)
+    bank = _bank_of(store, backbone)
+    assert bank.task_names == () and list(bank.degraded) == ["dig"]
+    assert "task dig of the store is left out of the bank this task trains beside: backbone_mismatch" in caplog.text
+    assert "holds tasks of another backbone than tiny: give each backbone its own store" in caplog.text
