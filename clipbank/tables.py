@@ -39,6 +39,9 @@ def print_tasks(generation: int, tasks: list[dict[str, Any]], where: str) -> Non
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    for t in tasks:  # the reasons below the table: one of ~250 characters widened the STATE column for all
+        if t.get("degraded") and not t.get("serving", True):
+            print(f"{t['task']} is not served: {t['degraded']}")
 
 
 def _row(task: dict[str, Any], v: dict[str, Any]) -> tuple[str, ...]:
@@ -69,8 +72,8 @@ def _served(task: dict[str, Any]) -> str:
     """From a server's listing: what it routes to, where that is not the active version."""
     if "serving" not in task or task["serving"]:
         return ""
-    if task.get("degraded"):
-        return f" (not served: {task['degraded']})"
+    if task.get("degraded"):  # its code; the whole reason is printed below the table
+        return f" (not served: {str(task['degraded']).split(':', 1)[0]})"
     serving = task.get("serving_version")
     return f" (this server still serves v{serving})" if serving is not None else " (not served yet)"
 

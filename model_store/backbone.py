@@ -8,6 +8,7 @@ import difflib
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,18 @@ def _check_supported(model: Any, ref: BackboneRef) -> dict[str, TowerSpec]:
     return towers
 
 
+def _first_line(error: Exception) -> str:
+    """An exception's message in one line, without terminal colours: torch's weights-only refusal goes on with
+    advice to unpickle the file, and a checkpoint of another size lists every mismatched tensor."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if "size mismatch" in text:
+        count = text.count("size mismatch for ")
+        first = next((line.strip() for line in lines if "size mismatch for " in line), "")
+        return f"the checkpoint's tensors have other sizes than this architecture's ({count}; first: {first})"
+    return (lines[0] if lines else type(error).__name__)[:300]
+
+
 def _looks_like_checkpoint(path: Path) -> bool:
     """A safetensors file (an 8-byte header length, then JSON) or a PyTorch one (a zip, or a legacy pickle)."""
     with path.open("rb") as f:
@@ -203,10 +216,18 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
     """Create the open_clip model for `ref`, load its weights, freeze it and fingerprint it."""
     ref = parse_backbone_ref(ref) if isinstance(ref, str) else ref
     if ref.weights_is_file and not Path(ref.weights).is_file():
-        raise BackboneError(f"checkpoint file {ref.weights} does not exist ({ref.text!r})")
+        what = "is a folder, not a file" if Path(ref.weights).is_dir() else "does not exist"
+        raise BackboneError(f"checkpoint file {ref.weights} {what} ({ref.text!r})")
+    config = Path(ref.model_name.removeprefix("local-dir:")) / "open_clip_config.json"
+    if ref.text.startswith("file:") and not config.is_file():  # open_clip's own message names local-dir:
+        raise BackboneError(
+            f"{ref.text!r} needs an open_clip_config.json beside the weights ({config} is missing); or name the "
+            "architecture: 'ARCH:file:/path/weights.safetensors'"
+        )
     if ref.weights_is_file and not _looks_like_checkpoint(Path(ref.weights)):
         raise BackboneError(f"{ref.weights} is not a checkpoint: neither safetensors nor a PyTorch file ({ref.text!r})")
-    quiet = _DropRecords(("No pretrained weights loaded", "Local config loaded, but no CLIP weights"))
+    picked = ("Multiple checkpoints found",) if ref.weights_is_file else ()  # the file named here replaces it
+    quiet = _DropRecords(("No pretrained weights loaded", "Local config loaded, but no CLIP weights", *picked))
     logging.getLogger().addFilter(quiet)  # open_clip warns of "random init" before we load the file ourselves
     try:
         tag = None if ref.weights_is_file or ref.model_name.startswith("local-dir:") else ref.weights
@@ -217,9 +238,8 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
         )
         if ref.weights_is_file:
             open_clip.load_checkpoint(model, ref.weights)
-        tokenizer = BoundedTokenizer(open_clip.get_tokenizer(ref.model_name))
     except Exception as e:  # open_clip, safetensors and torch raise many types for bad files
-        why = str(e).split("\n", 1)[0] if "weights_only" in str(e) else e  # not torch's advice to unpickle it
+        why = _first_line(e)  # not torch's advice to unpickle it, nor 153 lines of size mismatches
         if "not found in built-ins" in str(e):  # open_clip lists all ~150 names: the near ones say more
             near = difflib.get_close_matches(ref.model_name, open_clip.list_models(), n=5, cutoff=0.5)
             why = f"open_clip has no model {ref.model_name!r}" + (f"; close: {', '.join(near)}" if near else "")
@@ -227,7 +247,11 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
         raise BackboneError(f"could not load backbone {ref.text!r}: {why}") from e
     finally:
         logging.getLogger().removeFilter(quiet)
-    towers = _check_supported(model, ref)
+    towers = _check_supported(model, ref)  # before the tokenizer: SigLIP's is a download, then it was refused
+    try:
+        tokenizer = BoundedTokenizer(open_clip.get_tokenizer(ref.model_name))
+    except Exception as e:
+        raise BackboneError(f"could not load the tokenizer of backbone {ref.text!r}: {_first_line(e)}") from e
     model.requires_grad_(False)
     model.eval()
     fingerprint = tensor_digest(model.state_dict())

@@ -119,6 +119,22 @@ def test_missing_or_bad_checkpoint(tmp_path):
         load_backbone(f"file:{tmp_path / 'w.safetensors'}")
 
 
+def test_checkpoint_mistakes_are_said_in_one_line(tmp_path):
+    """An outside check's: a folder given as the file, `file:` with no config beside it (open_clip spoke of
+    'local-dir:'), and a checkpoint of another size (153 lines of torch's size mismatches)."""
+    with pytest.raises(BackboneError, match="is a folder, not a file"):
+        load_backbone(f"ViT-B-32:file:{tmp_path}")
+    shutil.copy(TINY_DIR / "open_clip_model.safetensors", tmp_path / "w.safetensors")
+    with pytest.raises(BackboneError, match="needs an open_clip_config.json beside the weights"):
+        load_backbone(f"file:{tmp_path / 'w.safetensors'}")
+    config = json.loads((TINY_DIR / "open_clip_config.json").read_text())
+    config["model_cfg"]["vision_cfg"]["width"] = 96  # other tensor sizes, the same embedding width
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(BackboneError, match=r"tensors have other sizes than this architecture's \(\d+; first: ") as e:
+        load_backbone(f"file:{tmp_path / 'w.safetensors'}")
+    assert "\n" not in str(e.value)
+
+
 def test_unknown_pretrained_tag_fails_cleanly():
     with pytest.raises(BackboneError, match="could not load"):
         load_backbone("ViT-B-16:no-such-tag")

@@ -72,10 +72,13 @@ def test_a_server_that_does_not_serve_the_active_version_says_what_it_serves(cap
 
     version = {"version": 2, "bytes": 3 * 2**20, "classes": ["a"], "metrics": {"val_accuracy": 0.9125}}
     behind = {"task": "cars", "active_version": 2, "serving": False, "serving_version": 1, "versions": [version]}
-    damaged = {**behind, "task": "vans", "serving_version": None, "degraded": "blob damaged"}
+    why = "store_damaged: blob 4be62ecd4936 does not hash to its name: the store is damaged"
+    damaged = {**behind, "task": "vans", "serving_version": None, "degraded": why}
     print_tasks(7, [behind, damaged], "server x")
-    rows = _rows(capsys.readouterr().out)
-    assert rows[0][2] == "active (this server still serves v1)" and rows[1][2] == "active (not served: blob damaged)"
+    out = capsys.readouterr().out
+    rows = _rows(out.rsplit("\n", 2)[0])
+    assert rows[0][2] == "active (this server still serves v1)" and rows[1][2] == "active (not served: store_damaged)"
+    assert out.splitlines()[-1] == f"vans is not served: {why}"  # the whole reason, below the table
     assert rows[0][4:] == ["3.0 MiB", "-", "91.2%", "-"]
     print_tasks(3, [], "store s")
     assert capsys.readouterr().out == "store s: no task stored (generation 3)\n"
