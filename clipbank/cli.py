@@ -88,7 +88,8 @@ def _store(args: argparse.Namespace) -> int:
     local = "://" not in args.store
     if local and not any((Path(args.store) / name).exists() for name in ("index.json", "blobs")):
         # a typo, or any other folder, would become a new, empty store
-        raise FileNotFoundError(f"no store at {args.store!r} (a store folder holds index.json and blobs/)")
+        what = ": it is a file" if Path(args.store).is_file() else ""
+        raise FileNotFoundError(f"no store at {args.store!r}{what} (a store folder holds index.json and blobs/)")
     if args.store_cmd == "check":
         if not local:
             raise ValueError("store check reads a local store folder (an object store has no folder to read)")

@@ -162,6 +162,9 @@ def test_store_commands_do_not_make_a_store_where_there_is_none(tmp_path, capsys
     (tmp_path / "photos").mkdir()  # an existing folder that is not a store: left as it is
     assert main(["store", "--store", str(tmp_path / "photos"), "deactivate", "x"]) == 2
     assert "no store at" in capsys.readouterr().err and list((tmp_path / "photos").iterdir()) == []
+    (tmp_path / "afile").write_text("x")
+    assert main(["store", "--store", str(tmp_path / "afile"), "list"]) == 2
+    assert f"no store at '{tmp_path / 'afile'}': it is a file" in capsys.readouterr().err
 
 
 def test_store_commands_on_an_s3_prefix_with_no_store_say_so(s3_env, capsys, backbone):
