@@ -11,7 +11,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("clipbank.service")
-REASONS = {400: "Bad Request", 408: "Request Timeout", 503: "Service Unavailable"}
+REASONS = {400: "Bad Request", 408: "Request Timeout", 501: "Not Implemented", 503: "Service Unavailable"}
 LINGER_SECONDS = 1.0
 
 
@@ -39,7 +39,18 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._lingering = False
         self._peer_done = False  # the client shut its sending side
+        self._protocol_error: h11.RemoteProtocolError | None = None
         super().connection_made(transport)
+        parse = self.conn.next_event
+
+        def next_event() -> object:  # uvicorn answers every parse error "Invalid HTTP request received."
+            try:
+                return parse()
+            except h11.RemoteProtocolError as e:
+                self._protocol_error = e  # what h11 said: "Missing mandatory Host: header"
+                raise
+
+        self.conn.next_event = next_event  # type: ignore[method-assign]
         self._head_timer: asyncio.TimerHandle | None = None
         self._timed_cycle = None
         if len(self.connections) > self.max_connections:
@@ -118,7 +129,11 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
-        self._close_with(400, "bad_request", f"{msg} (malformed HTTP)")
+        error = self._protocol_error
+        if error is not None and error.error_status_hint == 501:  # a transfer coding other than chunked
+            self._close_with(501, "not_implemented", f"{error} (RFC 9112 6.1)")
+        else:
+            self._close_with(400, "bad_request", f"{error or msg} (malformed HTTP)")
 
     def _unsupported_upgrade_warning(self) -> None:
         """No WebSocket here (`ws="none"`): a request asking to upgrade is served as plain HTTP, unlogged (each

@@ -175,3 +175,21 @@ def test_a_websocket_upgrade_header_is_served_as_plain_http(server):
         assert c.response()[0] == 200  # it was a bare 403
     finally:
         c.close()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "words"),
+    [
+        (b"GET /healthz HTTP/1.1\r\n\r\n", 400, "Missing mandatory Host: header (malformed HTTP)"),
+        (b"POST /classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501, "chunked"),
+    ],
+)
+def test_malformed_http_says_what_the_parser_found(server, request_bytes, status, words):
+    """Every such 400 said "Invalid HTTP request received."; a transfer coding h11 lacks is a 501 (RFC 9112)."""
+    c = Conn(server)
+    try:
+        c.send(request_bytes)
+        got, body = c.response()
+        assert got == status and words in body["error"]["message"], body
+    finally:
+        c.close()
