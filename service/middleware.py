@@ -80,8 +80,9 @@ class BodyLimit:
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         refused = _framing_problem(headers, self.routed is None or self.routed(scope))
-        if refused is not None:  # and the connection closes: what follows cannot be told from a request
-            return await error_response(*refused, headers={"Connection": "close"})(scope, receive, send)
+        if refused is not None:  # two framings: what follows cannot be told from a request, so the connection closes
+            close = {"Connection": "close"} if refused[0] == 400 else None
+            return await error_response(*refused, headers=close)(scope, receive, send)
         if declared is not None and (self.routed is None or self.routed(scope)):
             if not declared.isdigit():
                 return await error_response(400, "bad_request", "Content-Length is not a number")(scope, receive, send)

@@ -38,7 +38,6 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._lingering = False
-        self._peer_done = False  # the client shut its sending side
         self._protocol_error: h11.RemoteProtocolError | None = None
         super().connection_made(transport)
         parse = self.conn.next_event
@@ -94,14 +93,6 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.write_eof()
         self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
-    def eof_received(self) -> bool | None:
-        """The client shut its sending side (`nc -N`, socat, any client that half-closes once it has sent): a
-        request it sent whole is still answered, then the connection closes. asyncio used to close it at once,
-        and the client read nothing."""
-        self._peer_done = True
-        answering = self.cycle is not None and not self.cycle.response_complete
-        return True if answering and self.conn.their_state in (h11.DONE, h11.MUST_CLOSE) else None
-
     def data_received(self, data: bytes) -> None:
         if not self._lingering:
             super().data_received(data)
@@ -117,9 +108,9 @@ class GuardedH11Protocol(H11Protocol):
         idle = self.cycle is None or self.cycle.response_complete
         if not idle or self.transport.is_closing() or self._lingering:
             return
-        if self._peer_done or self.conn.their_state is h11.SEND_BODY:
-            # the client sent all it will; or an answer came before its body (413, 415, 401, a 400 on its
-            # framing): the rest of the body would be read as the next request, so close, gently
+        if self.conn.their_state is h11.SEND_BODY:
+            # an answer came before the body (413, 415, 401): the rest of it would be parsed as the body of a
+            # request already answered, and the next request on the connection waited for a 408; so close, gently
             self._linger()
         else:
             self._arm_head_timer()  # the next request's head has the same deadline
