@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
@@ -71,34 +73,46 @@ async def read_classify(request: Request, limits: Limits) -> tuple[list[tuple[st
             "(base64)"
         )
     check_labels(options.labels, limits)
-    check_answer_size(len(files), options, limits)
     return files, options
 
 
 ENTRY_BYTES = 40  # {"label":"","score":0.12345678901234567}, and its comma
-MAX_ESCAPED = 12  # JSON bytes of one character at most: a surrogate pair, "\ud83d\udc31"
 
 
-def check_answer_size(images: int, options: ClassifyOptions, limits: Limits) -> None:
+def check_answer_size(
+    images: int, options: ClassifyOptions, limits: Limits, task_classes: Mapping[str, tuple[str, ...]]
+) -> None:
     """Refuse, before any work, a request whose answer would pass max_response_bytes: every image's answer lists
-    the labels again (or its best top_k). An outside check's 64 images x 1000 labels of 200 emoji answered 153 MB
-    and held 450 MB of the server's memory while a client that never read it stayed connected."""
-    n = min(len(options.labels), options.top_k or len(options.labels))
-    if (
-        images * (MAX_ESCAPED * max(map(len, options.labels), default=0) + 2 + ENTRY_BYTES) * n
-        <= limits.max_response_bytes
-    ):
-        return  # within the bound at the longest escape of every character: no need to measure each label
-    sizes = sorted((len(json.dumps(label)) + ENTRY_BYTES for label in options.labels), reverse=True)
-    per_image = sum(sizes[: options.top_k] if options.top_k else sizes)
+    the labels again (or its best top_k); without labels, its task's classes (`task_classes`: each active task's;
+    the pinned one's, or the largest answer of any). An outside check's 64 images x 1000 labels of 200 emoji
+    answered 153 MB and held 450 MB of the server's memory while a client that never read it stayed connected."""
+    if options.labels:  # measured each time: a client's labels are not kept in a cache
+        labels = tuple(options.labels)
+        per_image = _answer_bytes.__wrapped__(labels, options.top_k)
+    else:  # the bank's own tuples: cached
+        pinned = [options.task] if options.task in task_classes else list(task_classes)
+        per_image, labels = max(
+            ((_answer_bytes(task_classes[t], options.top_k), task_classes[t]) for t in pinned), default=(0, ())
+        )
     if images * per_image > limits.max_response_bytes:
+        shown_labels = min(len(labels), options.top_k or len(labels))
         raise LimitExceeded(
-            f"the answer would be about {images * per_image / MB:.1f} MiB ({images} images x "
-            f"{min(len(sizes), options.top_k or len(sizes))} labels, each with its score): the limit is "
+            f"the answer would be about {images * per_image / MB:.1f} MiB ({images} images x {shown_labels} "
+            f"{'labels' if options.labels else 'classes of a task'}, each with its score): the limit is "
             f"max_response_bytes={limits.max_response_bytes}; ask for top_k, or send fewer images or labels",
             "max_response_bytes",
             limits.max_response_bytes,
         )
+
+
+@functools.lru_cache(maxsize=1024)
+def _answer_bytes(labels: tuple[str, ...], top_k: int | None) -> int:
+    """JSON bytes of one image's answer over `labels`: at most its top_k longest."""
+    longest = max(map(len, labels), default=0)
+    if len(labels) * (12 * longest + 2 + ENTRY_BYTES) <= 1024:  # 12: a character's longest escape
+        return len(labels) * (12 * longest + 2 + ENTRY_BYTES)  # small at any escape: not measured
+    sizes = sorted((len(json.dumps(label)) + ENTRY_BYTES for label in labels), reverse=True)
+    return sum(sizes[:top_k] if top_k else sizes)
 
 
 async def read_json(request: Request, model: type[BaseModel]) -> Any:

@@ -15,7 +15,7 @@ from model_store.modes import AUTO, PER_IMAGE, ROUTE_MODES
 
 from ..auth import TokenCheck
 from ..config import Limits
-from ..decode import read_classify
+from ..decode import check_answer_size, read_classify
 from ..images import inspect_all, preprocess_opened
 from ..schemas import ClassifyJSON, ClassifyResponse
 from ..steps import BatchInfo
@@ -77,6 +77,8 @@ def classify_router(reader: TokenCheck | None, limits: Limits) -> APIRouter:
         limits, backbone = service.config.limits, service.backbone
         started = time.perf_counter()
         files, options = await read_classify(request, limits)
+        classes = {t.name: t.classes for t in service.registry.bank.tasks}  # what answers without labels list
+        check_answer_size(len(files), options, limits, classes)
         with service.batcher.admit(len(files)):  # refused at once when the queue is full, before any decoding
             opened = await run_in_threadpool(inspect_all, files, limits, backbone.image_size)
             pixels = sum(o.pixels for o in opened)

@@ -297,6 +297,25 @@ async def test_an_answer_over_max_response_bytes_is_refused_before_any_work_and_
         assert r.status_code == 200 and len(r.content) <= 3000
 
 
+async def test_without_labels_the_answer_bound_counts_the_tasks_classes(tmp_path, backbone):
+    """A reviewer's: with no labels each image is answered over its task's classes (up to 10,000 of 200
+    characters), and the bound let every such request through."""
+    from model_store.bank import empty_bank
+    from tests.helpers import edit_bundle, random_bundle
+    from tests.service.conftest import AUTH
+
+    names = [f"class {i} " + "x" * 150 for i in range(10)]  # about 2 KB of answer per image
+    bundle = random_bundle(empty_bank(backbone), "long", seed=4)
+    bundle = edit_bundle(bundle, manifest=lambda m: m.update(classes=names))
+    async with running_app(tmp_path, backbone, limits=Limits(max_response_bytes=3000)) as c:
+        files = {"bundle": ("b.safetensors", bundle, "application/octet-stream")}
+        assert (await c.post("/tasks", files=files, headers=AUTH)).status_code == 201
+        r = await c.post("/classify", files=_classify_files(2), data={"task": "long"})
+        assert r.status_code == 413 and "2 images x 10 classes of a task" in r.json()["error"]["message"], r.text
+        r = await c.post("/classify", files=_classify_files(2), data={"task": "long", "top_k": "1"})
+        assert r.status_code == 200 and len(r.content) <= 3000, r.text
+
+
 async def test_json_with_a_repeated_key_or_no_body_is_named_as_such(tmp_path, backbone):
     """A repeated key kept the last silently (labels x, y scored, not cat, dog); an empty body said "Expecting
     value: line 1 column 1"."""
