@@ -25,7 +25,6 @@ from model_store.errors import (
     ShadowConflict,
     StoreError,
     StoreMoved,
-    StoreUnavailable,
     VersionConflict,
 )
 from model_store.gate import Gate, GateReport, InterferenceRefused
@@ -35,6 +34,7 @@ from model_store.manifest import shown
 from model_store.store_base import PutResult, Store, refuse_stored_version
 from model_store.store_index import StoreIndex, TaskRecord
 
+from .degraded import DegradedRetry
 from .memory import release_free_memory
 from .metrics import Metrics
 
@@ -76,7 +76,7 @@ class Registry:
         self.run_torch: Callable[..., Any] = _inline
         self._bank: BankSnapshot | None = None
         self.store_error: str | None = None  # why the store's index cannot be read, while it cannot
-        self._retry_degraded_at = 0.0  # monotonic time at which tasks left out (degraded) are tried again
+        self.retry = DegradedRetry()  # when tasks left out (degraded) are tried again
 
     @property
     def bank(self) -> BankSnapshot:
@@ -121,14 +121,12 @@ class Registry:
             log.error("the shadows are not updated: %s", e)
         self._bank = bank  # the swap: one reference assignment
         self.store_error = None
-        self._retry_degraded_at = time.monotonic() + RETRY_DEGRADED_SECONDS
         seconds = time.perf_counter() - since
         self.loader.trim()
         release_free_memory()  # what the upload, the old snapshot and the trial run freed
         self.metrics.observe_bank(bank, seconds)
         log.info("bank generation %d: %d tasks, swapped in %.3fs", bank.generation, len(bank.tasks), seconds)
-        for task, why in bank.degraded.items():
-            log.error("task %s is degraded (not served): %s", task, why)
+        self.retry.swapped(bank.degraded)
         if self.on_swap is not None:
             self.on_swap(bank)
         return bank
@@ -212,18 +210,19 @@ class Registry:
 
     def refresh(self) -> bool:
         """Swap in the store's state if another process changed it, or if a task was left out for a passing store
-        failure (an object store's 503 while its blob was read: nothing else would try it again), or, every
-        RETRY_DEGRADED_SECONDS, for any other (a blob missing or unreadable, then put back: it stayed out until
-        a restart); True if a new bank was swapped in."""
+        failure (an object store's 503 while its blob was read: nothing else would try it again), or, now and
+        then, for a blob missing or unreadable that may be back (`service/degraded.py`: it stayed out until a
+        restart); True if a new bank was swapped in."""
+        retry = self.retry.due(self.bank.degraded)
         try:
-            if self._current():
+            if self._current() and not retry:
                 return False
         except StoreError as e:
             self._store_failed(e)
             return False
         with self._change_lock:
             try:
-                if self._current():
+                if self._current() and not retry:
                     return False
                 self._rebuild()
             except StoreError as e:
@@ -239,10 +238,7 @@ class Registry:
             return True
 
     def _current(self) -> bool:
-        bank = self.bank
-        passing = any(why.startswith(TRANSIENT) for why in bank.degraded.values())
-        passing |= bool(bank.degraded) and time.monotonic() >= self._retry_degraded_at
-        return self.store.generation() == bank.generation and self.store_error is None and not passing
+        return self.store.generation() == self.bank.generation and self.store_error is None
 
     # ------------------------------------------------------------------------------------------- reading
 
@@ -314,7 +310,7 @@ class Registry:
         if generation is None:  # whole in the store: a task left out while it was not is tried again now
             degraded = bundle.task in self.bank.degraded
             if degraded:
-                self._retry_degraded_at = 0.0
+                self.retry.now()
                 self.refresh()
             if not degraded or bundle.task in self.bank.degraded:
                 raise VersionConflict(
@@ -375,10 +371,6 @@ class Registry:
 
         # How many store changes `write` makes, guessed before the lock: a wrong guess only costs a rebuild.
         return self._change({task: None}, write, changes=bool(active) + purge)
-
-
-TRANSIENT = f"{StoreUnavailable.code}:"  # a task left out for this (an object store's 503) is tried again
-RETRY_DEGRADED_SECONDS = 30.0  # a task left out for another reason is tried again this often (a blob read again)
 
 
 def trial_run(bank: BankSnapshot, tasks: list[str], cache: TextCache | None = None) -> None:

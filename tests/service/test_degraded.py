@@ -120,9 +120,10 @@ async def test_uploading_a_damaged_versions_own_bundle_again_writes_its_blob_bac
 async def test_a_blob_put_back_by_hand_serves_again_without_a_restart(tmp_path, backbone, two_tasks, monkeypatch):
     """An outside check moved a blob away and back: its task stayed degraded until a restart (polls rebuild only
     on a new generation), and re-uploading the same file answered 409 "stored already, whole"."""
-    from service import registry as registry_module
+    from service import degraded
 
-    monkeypatch.setattr(registry_module, "RETRY_DEGRADED_SECONDS", 0.2)
+    monkeypatch.setattr(degraded, "FIRST_RETRY_SECONDS", 0.2)
+    monkeypatch.setattr(degraded, "LAST_RETRY_SECONDS", 0.4)
     store = _store(tmp_path, two_tasks["a"], two_tasks["c"])
     path = store.blobs / f"{bytes_digest(two_tasks['a'])}.safetensors"
     path.rename(tmp_path / "away")
@@ -318,3 +319,31 @@ async def test_a_purge_that_fails_after_the_deactivation_says_what_changed(tmp_p
         monkeypatch.undo()
         assert (await c.delete("/tasks/a", params={"purge": "true"}, headers=AUTH)).status_code == 200
     assert "a" not in store.index().tasks
+
+
+def test_degraded_tasks_are_retried_only_when_a_retry_can_heal_them_and_ever_less_often(monkeypatch, caplog):
+    """A reviewer's: another backbone's task was rebuilt every 30 s for ever, with two log lines each time."""
+    from service import degraded
+
+    clock = [1000.0]
+    monkeypatch.setattr(degraded.time, "monotonic", lambda: clock[0])
+    retry = degraded.DegradedRetry()
+    mismatch = {"old": "backbone_mismatch: bundle backbone fingerprint ..."}
+    missing = {"a": "bundle_not_found: bundle 4be62ecd4936 is missing from the store"}
+    clock[0] += 10_000
+    assert not retry.due(mismatch)  # no retry heals another backbone's bundle
+    retry.swapped(missing)
+    due_at = []
+    for _ in range(2000):  # 2000 polls of 2 s
+        clock[0] += 2.0
+        if retry.due(missing):
+            due_at.append(clock[0])
+    gaps = [round(b - a) for a, b in zip(due_at, due_at[1:], strict=False)]
+    assert due_at[0] - 10_000 - 1000 == 30 and gaps[:5] == [60, 120, 240, 480, 600] and set(gaps[5:]) == {600}
+    assert retry.due({"s3": "store_unavailable: the endpoint did not answer"})  # at every poll
+    caplog.clear()
+    for _ in range(3):
+        retry.swapped(missing)  # the same reason again: logged once, when it appeared
+    assert "task a is degraded" not in caplog.text
+    retry.swapped({})
+    assert "task a serves again" in caplog.text
