@@ -125,8 +125,8 @@ class Backbone:
     # Mixed precision of the PyTorch passes (frozen and adapted, image and text): "off", "fp16" or "bf16"
     # (torch.autocast on this device; meant for CUDA). Embeddings, selector scores and logits stay float32.
     autocast: str = "off"
-    # sha256 of the open_clip model config the weights run under (activation, masks, pooling: what no weight
-    # records). The same weights under QuickGELU and GELU share `fingerprint` and compute differently.
+    # sha256 of how the weights compute beyond themselves (activation, norms, pooling, text mask: `_config_id`).
+    # The same weights under QuickGELU and GELU share `fingerprint` and answer differently.
     config_id: str | None = None
 
     def __post_init__(self) -> None:
@@ -259,25 +259,30 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
     model.to(dev)
     train_preprocess = _train_transform(model)
     log.info("loaded backbone %s (%s) on %s, fingerprint %s", ref.text, ref.arch, dev, fingerprint[:12])
-    config_id = _config_id(ref, quick_gelu)
+    config_id = _config_id(model)
     return Backbone(ref, model, preprocess, train_preprocess, tokenizer, dev, fingerprint, towers, config_id=config_id)
 
 
-def _config_id(ref: BackboneRef, quick_gelu: bool) -> str | None:
-    """sha256 of the model config open_clip built `ref` from (its registry's, or a local dir's JSON), with the
-    QuickGELU that a pretrained tag forces; None when it cannot be read (the fingerprint alone then decides)."""
-    try:
-        if ref.model_name.startswith("local-dir:"):
-            path = Path(ref.model_name.removeprefix("local-dir:")) / "open_clip_config.json"
-            config = json.loads(path.read_text())["model_cfg"]
-        else:
-            config = open_clip.get_model_config(ref.model_name)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not isinstance(config, dict):
-        return None
-    config = {**config, "quick_gelu": bool(config.get("quick_gelu")) or quick_gelu}
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+def _config_id(model: Any) -> str:
+    """sha256 of how the model computes beyond its weights, read from the built model (so a config that spells
+    out a default is the same config): each tower's activation and norm, the pooling, the text mask. The same
+    weights under QuickGELU and GELU, or with and without a causal mask, answer differently."""
+
+    def block(blocks: torch.nn.ModuleList) -> list[Any]:
+        first = blocks[0]
+        act, norm = getattr(getattr(first, "mlp", None), "gelu", None), getattr(first, "ln_1", None)
+        return [type(act).__name__, getattr(act, "approximate", None), type(norm).__name__, getattr(norm, "eps", None)]
+
+    visual = model.visual
+    facts = {
+        "visual": block(visual.transformer.resblocks),
+        "text": block(model.transformer.resblocks),
+        "visual_pool": [getattr(visual, "pool_type", None), getattr(visual, "final_ln_after_pool", None)],
+        "text_pool": getattr(model, "text_pool_type", None),
+        "causal_mask": getattr(model, "attn_mask", None) is not None,
+        "eos_id": getattr(model, "text_eos_id", None),
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 TOKEN_CACHE_WORDS = 50_000
