@@ -157,7 +157,7 @@ class LocalStore(Store):
             yield
         except OSError as e:
             log.error("store %s: %s failed: %s", self.root, what, e)
-            path = f" {e.filename}" if e.filename else ""  # an operator's folder in blobs/ said only "Is a directory"
+            path = f" {_within(self.root, e.filename)}" if e.filename else ""  # "Is a directory", but which?
             raise StoreWriteFailed(
                 f"the store could not be written ({what}: {type(e).__name__}: {e.strerror or e}{path}); "
                 "nothing was changed"
@@ -243,6 +243,14 @@ class LocalStore(Store):
         return len(doomed)
 
 
+def _within(root: Path, filename: object) -> str:
+    """A file of the store as the store names it (`blobs/.tmp-x`): clients are not told the server's paths."""
+    try:
+        return str(Path(str(filename)).relative_to(root))
+    except ValueError:
+        return Path(str(filename)).name
+
+
 def _not_a_folder(root: Path) -> Path:
     """The first of `root`, its parents or its `blobs/` that exists and is not a folder."""
     for path in (*reversed(root.parents), root, root / "blobs"):
@@ -314,6 +322,7 @@ def check_store(root: str | os.PathLike) -> list[str]:
         if bytes_digest(data) != path.stem:
             problems.append(f"blob {path.name[:12]} does not hash to its name")
             continue
+        whole[path.stem] = None  # whole: not "missing or damaged", whatever its manifest says
         try:
             manifest = read_manifest(data)  # accepted once, so it parses; unless put here by hand
             whole[path.stem] = (manifest.task, manifest.version)

@@ -190,7 +190,7 @@ class StoreIndex:
             for v in t.versions:
                 yield name, v
 
-    def record_problems(self, whole: Mapping[str, tuple[str, int]]) -> list[str]:
+    def record_problems(self, whole: Mapping[str, tuple[str, int] | None]) -> list[str]:
         """Records that say another task or version than their blob's own manifest, `whole` ({bundle id: (task,
         version)}): a hand edit. Servers route by the manifest, so `clipbank tasks` would list what is not served."""
         return [

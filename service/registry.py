@@ -313,9 +313,11 @@ class Registry:
                 self.retry.now()
                 self.refresh()
             if not degraded or bundle.task in self.bank.degraded:
+                still = self.bank.degraded.get(bundle.task)  # another version's blob, or another reason
                 raise VersionConflict(
                     f"this bundle is stored already, whole: task {bundle.task!r} version {bundle.version} "
                     f"(bundle {bundle.id[:12]}); a new bundle needs a higher version"
+                    + (f"; the task is not served for another reason: {still}" if still else "")
                 )
             generation = self.bank.generation
         else:

@@ -418,5 +418,23 @@ def test_a_store_folder_that_cannot_be_made_or_written_says_where(tmp_path, bund
         LocalStore("/proc/clipbank-no-such-store")  # not a traceback at the server's start
     store = LocalStore(tmp_path)
     (store.blobs / ".tmp-left-by-an-operator").mkdir()  # a folder where temp files go: every change failed
-    with pytest.raises(StoreWriteFailed, match=r"IsADirectoryError: Is a directory .*\.tmp-left-by-an-operator"):
+    with pytest.raises(StoreWriteFailed, match=r"IsADirectoryError: Is a directory blobs/\.tmp-left-by-an-operator\)"):
         store.put(bundles[1])
+
+
+def test_the_check_names_a_refused_manifest_once_not_as_a_missing_blob(tmp_path, bundles):
+    """A whole blob whose manifest this release refuses was also called "missing or damaged (upload its bundle
+    file again)", advice an upload then refuses."""
+    from model_store.digest import bytes_digest
+    from tests.helpers import edit_bundle
+
+    store = LocalStore(tmp_path)
+    legacy = edit_bundle(bundles[1], manifest=lambda m: m.update(templates=["a {:>9}"]))
+    bundle_id = bytes_digest(legacy)
+    (store.blobs / f"{bundle_id}.safetensors").write_bytes(legacy)
+    entry = {"version": 1, "bundle_id": bundle_id, "experts_new": [], "uses": [], "bytes": len(legacy)}
+    store.index_path.write_text(
+        json.dumps({"generation": 1, "tasks": {"cars": {"active": bundle_id, "versions": [entry]}}})
+    )
+    (problem,) = check_store(tmp_path)
+    assert problem.startswith(f"blob {bundle_id[:12]}: ") and "template" in problem
