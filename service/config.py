@@ -76,7 +76,9 @@ class ServeConfig:
     )
     log_level: str = option("info", "uvicorn log level", LOG_LEVELS)
     head_timeout_seconds: float = option(10.0, "a connection must deliver a whole request head within this")
-    read_timeout_seconds: float = option(30.0, "the longest gap while a request body streams in")
+    read_timeout_seconds: float = option(
+        30.0, "the longest gap while a request body streams in, or while a client reads none of its answer"
+    )
     keep_alive_seconds: float = option(5.0, "an idle kept-alive connection is closed after this")
     max_connections: int = option(1024, "open connections; beyond it a new one gets 503 and is closed")
     frozen_runtime: str = option(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
+import struct
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -35,10 +37,12 @@ class GuardedH11Protocol(H11Protocol):
 
     head_timeout: float = 10.0
     max_connections: int = 1024
+    write_timeout: float = 30.0  # an answer the client reads none of for this long: the connection is dropped
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._lingering = False
         self._protocol_error: h11.RemoteProtocolError | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
         super().connection_made(transport)
         parse = self.conn.next_event
 
@@ -115,8 +119,43 @@ class GuardedH11Protocol(H11Protocol):
         else:
             self._arm_head_timer()  # the next request's head has the same deadline
 
+    def pause_writing(self) -> None:
+        """The answer waits in our buffer (the socket's is full): the client must read some of it within
+        `write_timeout`, or the connection is dropped. One that never read held its answer (up to
+        max_response_bytes, and more in memory while it was encoded) for as long as it stayed connected."""
+        super().pause_writing()
+        self._watch_writes(self.transport.get_write_buffer_size())
+
+    def _watch_writes(self, waiting: int) -> None:
+        self._cancel_write_timer()
+        self._write_timer = self.loop.call_later(self.write_timeout, self._writes_checked, waiting)
+
+    def _writes_checked(self, waiting: int) -> None:
+        self._write_timer = None
+        now = self.transport.get_write_buffer_size()  # a closing transport still holds it, until it is sent
+        if now == 0:
+            return
+        if now < waiting:  # it reads, slowly: watch on
+            return self._watch_writes(now)
+        log.warning("dropped a connection whose client read none of its answer for %gs", self.write_timeout)
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:  # a reset: the kernel's copy of the answer goes too, not only ours
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+    def resume_writing(self) -> None:
+        self._cancel_write_timer()
+        super().resume_writing()
+
+    def _cancel_write_timer(self) -> None:
+        timer = getattr(self, "_write_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._write_timer = None
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._cancel_write_timer()
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
@@ -131,7 +170,7 @@ class GuardedH11Protocol(H11Protocol):
         one logged two warnings, one of them telling the operator to install a WebSocket library)."""
 
 
-def guarded_protocol(head_timeout: float, max_connections: int) -> type[H11Protocol]:
+def guarded_protocol(head_timeout: float, max_connections: int, write_timeout: float = 30.0) -> type[H11Protocol]:
     """The protocol class uvicorn should use (`http=`), with these settings."""
-    settings = {"head_timeout": head_timeout, "max_connections": max_connections}
+    settings = {"head_timeout": head_timeout, "max_connections": max_connections, "write_timeout": write_timeout}
     return type("GuardedH11Protocol", (GuardedH11Protocol,), settings)

@@ -50,7 +50,7 @@ def serve(config: ServeConfig) -> int:
             log_level=config.log_level,
             timeout_graceful_shutdown=GRACEFUL_SECONDS,
             timeout_keep_alive=config.keep_alive_seconds,  # type: ignore[arg-type] - a float works
-            http=guarded_protocol(config.head_timeout_seconds, config.max_connections),
+            http=guarded_protocol(config.head_timeout_seconds, config.max_connections, config.read_timeout_seconds),
             ws="none",  # an Upgrade: websocket header got a bare 403 and its GET was not served
             lifespan="on",
             loop="asyncio",  # not uvloop, even where it is installed (Ray brings it): one loop, measured and tested

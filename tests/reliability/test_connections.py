@@ -12,6 +12,8 @@ from benchmarks.process import server_process
 
 pytestmark = pytest.mark.slow
 HEAD_SECONDS = 1.0
+WRITE_SECONDS = 2.0
+TCP_CLOSE = 7  # a socket's TCP state once the peer reset it
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +25,7 @@ def server(tmp_path_factory):
         "CLIPBANK_MAX_CONNECTIONS": "4",
         "CLIPBANK_HEAD_TIMEOUT_SECONDS": str(HEAD_SECONDS),
         "CLIPBANK_KEEP_ALIVE_SECONDS": "0.5",
+        "CLIPBANK_READ_TIMEOUT_SECONDS": str(WRITE_SECONDS),  # also how long an unread answer may wait
     }
     with server_process(tmp / "store", (), env, tmp / "server.log", ready_seconds=180) as (url, _):
         yield int(url.rsplit(":", 1)[1])
@@ -178,5 +181,32 @@ def test_malformed_http_says_what_the_parser_found(server, request_bytes, status
         c.send(request_bytes)
         got, body = c.response()
         assert got == status and words in body["error"]["message"], body
+    finally:
+        c.close()
+
+
+def test_a_client_that_reads_none_of_a_large_answer_is_dropped(server):
+    """A reviewer's: clients that never read their answer held it (and more, as it was encoded) for as long as
+    they stayed connected; two held 286 MB for the 100 s measured."""
+    import httpx
+
+    from tests.service.images import colour
+
+    labels = [f"{i:04d} " + "x" * 190 for i in range(1000)]  # about 15 MB of answer for 64 images
+    files = [("images", (f"{i}.png", colour("red"))) for i in range(64)]
+    request = httpx.Request("POST", f"http://127.0.0.1:{server}/classify", files=files, data={"labels": labels})
+    head = f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: {request.headers['content-type']}\r\n"
+    c = Conn(server)
+    try:
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # reads nothing: the buffers fill
+        c.send(head.encode() + f"Content-Length: {len(request.read())}\r\n\r\n".encode() + request.read())
+        deadline = time.monotonic() + 60  # the answer is made (seconds), then waits unread past the deadline
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            # read nothing: only look at the connection's TCP state (Linux's tcp_info starts with it)
+            if c.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_CLOSE:
+                break  # reset by the server, its answer dropped
+        else:
+            pytest.fail("the server kept an unread answer for 60 s")
     finally:
         c.close()
