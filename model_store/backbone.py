@@ -265,8 +265,9 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
 
 def _config_id(model: Any) -> str:
     """sha256 of how the model computes beyond its weights, read from the built model (so a config that spells
-    out a default is the same config): each tower's activation and norm, the pooling, the text mask. The same
-    weights under QuickGELU and GELU, or with and without a causal mask, answer differently."""
+    out a default is the same config): each tower's activation and norm, the pooling, the text mask, and how
+    images are preprocessed. The same weights under QuickGELU and GELU, or with and without a causal mask, answer
+    differently."""
 
     def block(blocks: torch.nn.ModuleList) -> list[Any]:
         first = blocks[0]
@@ -281,6 +282,7 @@ def _config_id(model: Any) -> str:
         "text_pool": getattr(model, "text_pool_type", None),
         "causal_mask": getattr(model, "attn_mask", None) is not None,
         "eos_id": getattr(model, "text_eos_id", None),
+        "preprocess": open_clip.get_model_preprocess_cfg(model),  # size, mean, std, interpolation, resize mode
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -25,10 +25,9 @@ def check_backbone(info: BackboneInfo, backbone: Backbone) -> None:
         )
     if info.config is not None and backbone.config_id is not None and info.config != backbone.config_id:
         raise BackboneMismatch(  # the same weights run under another config: QuickGELU or GELU, masks, pooling
-            f"bundle backbone {info.arch}/{info.pretrained} has the served backbone's weights but another model "
-            f"config (config {info.config[:12]}… against {backbone.config_id[:12]}… of {backbone.ref.arch}/"
-            f"{backbone.ref.pretrained}): the same weights compute differently under each, e.g. with QuickGELU "
-            "(OpenAI's weights, `ARCH:openai`) or GELU (the same file as `ARCH:file:`; use `ARCH-quickgelu:file:`)"
+            f"the bundle's backbone has the served weights but computes otherwise (config {info.config[:12]}… "
+            f"against {backbone.config_id[:12]}…): e.g. QuickGELU, as `ARCH:openai` runs OpenAI's weights, against "
+            "GELU, as `ARCH:file:` runs the same file (`ARCH-quickgelu:file:` runs it as OpenAI's)"
         )
 
 

@@ -71,7 +71,7 @@ class Store:
         generations, and a later change wrote a generation-0 index that let a purge delete restored blobs."""
         if self._seen_generation > 0:
             raise StoreDamaged(
-                f"{self.location}: the store's index.json is gone (it was at generation {self._seen_generation}; "
+                f"the store's index.json is gone (it was at generation {self._seen_generation}; "
                 "was the store deleted or moved?): restore the store from a backup, or restart the server to start "
                 "a new, empty store there; until then the last bank serves and nothing can be changed"
             )

@@ -97,7 +97,7 @@ def check_answer_size(
     if images * per_image > limits.max_response_bytes:
         shown_labels = min(len(labels), options.top_k or len(labels))
         raise LimitExceeded(
-            f"the answer would be about {images * per_image / MB:.1f} MiB ({images} images x {shown_labels} "
+            f"the answer would be about {_bytes(images * per_image)} ({images} images x {shown_labels} "
             f"{'labels' if options.labels else 'classes of a task'}, each with its score): the limit is "
             f"max_response_bytes={limits.max_response_bytes}; ask for top_k, or send fewer images or labels",
             "max_response_bytes",
@@ -105,12 +105,13 @@ def check_answer_size(
         )
 
 
+def _bytes(n: int) -> str:
+    return f"{n / MB:.1f} MiB" if n >= MB else f"{n} bytes"
+
+
 @functools.lru_cache(maxsize=1024)
 def _answer_bytes(labels: tuple[str, ...], top_k: int | None) -> int:
     """JSON bytes of one image's answer over `labels`: at most its top_k longest."""
-    longest = max(map(len, labels), default=0)
-    if len(labels) * (12 * longest + 2 + ENTRY_BYTES) <= 1024:  # 12: a character's longest escape
-        return len(labels) * (12 * longest + 2 + ENTRY_BYTES)  # small at any escape: not measured
     sizes = sorted((len(json.dumps(label)) + ENTRY_BYTES for label in labels), reverse=True)
     return sum(sizes[:top_k] if top_k else sizes)
 

@@ -8,6 +8,7 @@ import json
 import logging
 import socket
 import struct
+from collections.abc import Callable
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -43,6 +44,7 @@ class GuardedH11Protocol(H11Protocol):
         self._lingering = False
         self._protocol_error: h11.RemoteProtocolError | None = None
         self._write_timer: asyncio.TimerHandle | None = None
+        self._close_gently: Callable[[], None] | None = None  # set when an answer came before its body
         super().connection_made(transport)
         parse = self.conn.next_event
 
@@ -54,6 +56,23 @@ class GuardedH11Protocol(H11Protocol):
                 raise
 
         self.conn.next_event = next_event  # type: ignore[method-assign]
+        send, close = self.conn.send, transport.close
+
+        def send_event(event: object) -> object:  # an answer before the body says it closes the connection
+            if isinstance(event, h11.Response) and self.conn.their_state is h11.SEND_BODY:
+                headers = [*event.headers, (b"connection", b"close")]
+                event = h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)
+                self._close_gently = close
+            return send(event)
+
+        def close_gently() -> None:  # uvicorn closes at once on `Connection: close`: a client still sending
+            if self._close_gently is not None and not self._lingering:  # its body would get a reset instead
+                self._linger(self._close_gently)
+            else:
+                close()
+
+        self.conn.send = send_event  # type: ignore[method-assign]
+        transport.close = close_gently  # type: ignore[method-assign]
         self._head_timer: asyncio.TimerHandle | None = None
         self._timed_cycle = None
         if len(self.connections) > self.max_connections:
@@ -91,11 +110,11 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.write(raw_error(status, code, message, extra))
         self._linger()
 
-    def _linger(self) -> None:
+    def _linger(self, close: Callable[[], None] | None = None) -> None:
         self._lingering = True
         if self.transport.can_write_eof():
             self.transport.write_eof()
-        self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        self.loop.call_later(LINGER_SECONDS, close or self.transport.close)
 
     def data_received(self, data: bytes) -> None:
         if not self._lingering:
@@ -163,7 +182,8 @@ class GuardedH11Protocol(H11Protocol):
         if error is not None and error.error_status_hint == 501:  # a transfer coding other than chunked
             self._close_with(501, "not_implemented", f"{error} (RFC 9112 6.1)")
         else:
-            self._close_with(400, "bad_request", f"{error or msg} (malformed HTTP)")
+            said = str(error or msg).replace("bytearray(b", "(")[:160]  # not the client's 15 KB request line
+            self._close_with(400, "bad_request", f"{said} (malformed HTTP)")
 
     def _unsupported_upgrade_warning(self) -> None:
         """No WebSocket here (`ws="none"`): a request asking to upgrade is served as plain HTTP, unlogged (each

@@ -76,11 +76,17 @@ def test_the_same_weights_under_another_model_config_are_another_backbone_for_bu
     shutil.copy(TINY_DIR / "open_clip_model.safetensors", tmp_path / "open_clip_model.safetensors")
     other = load_backbone(f"local-dir:{tmp_path}", device="cpu")
     assert other.fingerprint == backbone.fingerprint and other.config_id != backbone.config_id
+    resized = json.loads((TINY_DIR / "open_clip_config.json").read_text())
+    resized["preprocess_cfg"]["interpolation"] = "bilinear"  # other pixels in, other answers out
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "open_clip_config.json").write_text(json.dumps(resized))
+    shutil.copy(TINY_DIR / "open_clip_model.safetensors", tmp_path / "r" / "open_clip_model.safetensors")
+    assert load_backbone(f"local-dir:{tmp_path / 'r'}", device="cpu").config_id not in (None, backbone.config_id)
     assert len(backbone.config_id) == 64 and backbone.describe()["config"] == backbone.config_id
     manifest = read_bundle(random_bundle(empty_bank(backbone), "t", seed=3)).manifest
     assert manifest.backbone.config == backbone.config_id  # recorded by training
     check_backbone(manifest.backbone, backbone)
-    with pytest.raises(BackboneMismatch, match="another model config .*ARCH-quickgelu:file:"):
+    with pytest.raises(BackboneMismatch, match="has the served weights but computes otherwise .*ARCH-quickgelu:file:"):
         check_backbone(manifest.backbone, other)
     before = random_bundle(empty_bank(backbone), "t", seed=3)
     legacy = edit_bundle(before, manifest=lambda m: m["backbone"].pop("config"))

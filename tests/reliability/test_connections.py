@@ -210,3 +210,20 @@ def test_a_client_that_reads_none_of_a_large_answer_is_dropped(server):
             pytest.fail("the server kept an unread answer for 60 s")
     finally:
         c.close()
+
+
+def test_an_answer_before_the_body_says_it_closes_so_a_strict_client_opens_another(server):
+    """`http.client` trusts the headers: it reused the connection the server had closed and failed with
+    RemoteDisconnected."""
+    import http.client
+
+    c = http.client.HTTPConnection("127.0.0.1", server, timeout=10)
+    try:
+        c.request("POST", "/classify", body=b"x" * 3_000_000, headers={"Content-Type": "text/plain"})
+        r = c.getresponse()
+        r.read()
+        assert r.status == 415 and r.getheader("connection") == "close" and r.will_close
+        c.request("GET", "/healthz")  # http.client opens a new connection, as told
+        assert c.getresponse().status == 200
+    finally:
+        c.close()
