@@ -16,7 +16,8 @@ from .output import print_json
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
-CLASSIFY_CHUNK = 64  # images per request: the server's default max_images (a server's 413 naming less: that)
+CLASSIFY_CHUNK = 64  # images per request: the server's default max_images (a server's 413 naming less: that,
+# and one for an answer over max_response_bytes: half as many)
 
 
 def _classify(args: argparse.Namespace) -> int:
@@ -32,8 +33,8 @@ def _classify(args: argparse.Namespace) -> int:
             names = args.images[a : a + chunk]
             try:
                 answered = _classify_chunk(client, names, labels, args, a)
-            except ClipbankHTTPError as e:  # a server with a lower max_images: requests of its size from here on
-                chunk = _server_max_images(e, len(names))
+            except ClipbankHTTPError as e:  # a server with a lower max_images, or too long an answer: smaller requests
+                chunk = _smaller_chunk(e, len(names))
                 if chunk is None or args.route == "per-request":  # one decision for all: not split behind its back
                     raise
                 continue
@@ -78,13 +79,16 @@ def _classify_chunk(client: Any, names: list[str], labels: list[str], args: argp
     return [{"file": n, "error": errors[i]} for i, n in enumerate(names)]
 
 
-def _server_max_images(error: Any, sent: int) -> int | None:
-    """The server's max_images when `error` is its 413 for a request of `sent` images over that limit, else None."""
+def _smaller_chunk(error: Any, sent: int) -> int | None:
+    """Images per request from here on when `error` is the server's 413 for a request of `sent` images: its
+    max_images, or half as many for an answer over its max_response_bytes (many or long labels); else None."""
     details = error.details or {}
     limit = details.get("limit")
-    if error.status != 413 or details.get("setting") != "max_images" or not isinstance(limit, int):
+    if error.status != 413 or not isinstance(limit, int):
         return None
-    return limit if 1 <= limit < sent else None
+    if details.get("setting") == "max_response_bytes":
+        return sent // 2 if sent > 1 else None
+    return limit if details.get("setting") == "max_images" and 1 <= limit < sent else None
 
 
 def _options(args: argparse.Namespace) -> tuple:

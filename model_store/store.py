@@ -91,6 +91,7 @@ class LocalStore(Store):
             ) from None
         self._lock = FileLock(str(self.root / ".lock"), timeout=60)
         self._cached: tuple[tuple, StoreIndex] | None = None
+        self._said_no_index = False
 
     # ----------------------------------------------------------------------------------------- reading
 
@@ -129,7 +130,9 @@ class LocalStore(Store):
         """A store with no index is empty, unless it holds blobs: the index was lost (a writer writes the index
         before its first blob), and an empty index would restart the generations and let a purge delete them."""
         if any(self.blobs.glob("*.safetensors")):
-            log.error("store %s has bundles in blobs/ but no index.json", self.root)
+            if not self._said_no_index:  # once, not at every poll of a server while it lasts
+                log.error("store %s has bundles in blobs/ but no index.json", self.root)
+            self._said_no_index = True
             raise StoreDamaged(
                 "the store's index.json is missing but its blobs/ folder holds bundles: restore index.json from a "
                 "backup (or move blobs/ away to start an empty store); see the log"

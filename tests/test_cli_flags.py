@@ -237,6 +237,17 @@ def test_classify_sends_requests_of_the_servers_own_max_images(monkeypatch, tmp_
     assert sizes == [20] and "max_images=8" in capsys.readouterr().err
 
 
+def test_classify_halves_its_requests_when_their_answers_are_over_the_servers_limit(monkeypatch, tmp_path, capsys):
+    """Many long labels: the server's 413 names max_response_bytes, and smaller requests fit it."""
+    from clipbank.cli import main
+
+    sizes = _counting_server(monkeypatch, max_images=10, setting="max_response_bytes")
+    paths = _files(tmp_path, 40)
+    assert main(["classify", *paths, "--labels", "a,b", "--url", "http://srv", "--json"]) == 0
+    assert sizes == [40, 20, 10, 10, 10, 10]
+    assert [r["file"] for r in json.loads(capsys.readouterr().out)["results"]] == paths
+
+
 def test_classify_skip_bad_answers_the_other_files_and_lists_the_bad_ones(monkeypatch, tmp_path, capsys):
     import httpx
 
@@ -698,9 +709,9 @@ def test_insights_json_with_files_stays_json_and_examples_from_a_server_without_
     assert seen[-1]["max_clusters"] == "1"
 
 
-def _counting_server(monkeypatch, max_images: int | None = None) -> list[int]:
+def _counting_server(monkeypatch, max_images: int | None = None, setting: str = "max_images") -> list[int]:
     """A stand-in server answering each classify request with one result per image (the number of images of each
-    request goes into the returned list), or a 413 naming `max_images` for more than that."""
+    request goes into the returned list), or a 413 naming `setting` for more than `max_images`."""
     import httpx
 
     sizes: list[int] = []
@@ -710,7 +721,7 @@ def _counting_server(monkeypatch, max_images: int | None = None) -> list[int]:
         sizes.append(n)
         if max_images is not None and n > max_images:
             error = {"code": "limit_exceeded", "message": f"more than max_images={max_images} files in one request"}
-            details = {"setting": "max_images", "limit": max_images}
+            details = {"setting": setting, "limit": max_images if setting == "max_images" else 16 * 2**20}
             return httpx.Response(413, json={"error": {**error, "details": details}})
         route = {"task": None, "version": None, "bundle_id": None, "score": None, "threshold": None}
         return httpx.Response(200, json={"results": [{"labels": [{"label": "a", "score": 0.9}], "route": route}] * n})
