@@ -77,6 +77,7 @@ async def read_classify(request: Request, limits: Limits) -> tuple[list[tuple[st
 
 
 ENTRY_BYTES = 40  # {"label":"","score":0.12345678901234567}, and its comma
+MAX_ESCAPED_CHAR = 12  # JSON bytes of one character at most: an escaped surrogate pair, "\ud83d\udc31"
 
 
 def check_answer_size(
@@ -86,9 +87,11 @@ def check_answer_size(
     the labels again (or its best top_k); without labels, its task's classes (`task_classes`: each active task's;
     the pinned one's, or the largest answer of any). An outside check's 64 images x 1000 labels of 200 emoji
     answered 153 MB and held 450 MB of the server's memory while a client that never read it stayed connected."""
-    if options.labels:  # measured each time: a client's labels are not kept in a cache
+    if options.labels:  # a client's labels are not kept in a cache: bounded cheaply, measured only if need be
         labels = tuple(options.labels)
-        per_image = _answer_bytes.__wrapped__(labels, options.top_k)
+        count = min(len(labels), options.top_k or len(labels))
+        at_most = count * (MAX_ESCAPED_CHAR * max(map(len, labels)) + 2 + ENTRY_BYTES)
+        per_image = at_most if images * at_most <= limits.max_response_bytes else _measured(labels, options.top_k)
     else:  # the bank's own tuples: cached
         pinned = [options.task] if options.task in task_classes else list(task_classes)
         per_image, labels = max(
@@ -109,11 +112,13 @@ def _bytes(n: int) -> str:
     return f"{n / MB:.1f} MiB" if n >= MB else f"{n} bytes"
 
 
-@functools.lru_cache(maxsize=1024)
-def _answer_bytes(labels: tuple[str, ...], top_k: int | None) -> int:
+def _measured(labels: tuple[str, ...], top_k: int | None) -> int:
     """JSON bytes of one image's answer over `labels`: at most its top_k longest."""
     sizes = sorted((len(json.dumps(label)) + ENTRY_BYTES for label in labels), reverse=True)
     return sum(sizes[:top_k] if top_k else sizes)
+
+
+_answer_bytes = functools.lru_cache(maxsize=1024)(_measured)  # for the bank's own class tuples, which it holds
 
 
 async def read_json(request: Request, model: type[BaseModel]) -> Any:

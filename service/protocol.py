@@ -167,9 +167,8 @@ class GuardedH11Protocol(H11Protocol):
         super().resume_writing()
 
     def _cancel_write_timer(self) -> None:
-        timer = getattr(self, "_write_timer", None)
-        if timer is not None:
-            timer.cancel()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
             self._write_timer = None
 
     def connection_lost(self, exc: Exception | None) -> None:

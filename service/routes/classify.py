@@ -77,7 +77,8 @@ def classify_router(reader: TokenCheck | None, limits: Limits) -> APIRouter:
         limits, backbone = service.config.limits, service.backbone
         started = time.perf_counter()
         files, options = await read_classify(request, limits)
-        classes = {t.name: t.classes for t in service.registry.bank.tasks}  # what answers without labels list
+        # without labels, each image is answered over its task's classes
+        classes = {} if options.labels else {t.name: t.classes for t in service.registry.bank.tasks}
         check_answer_size(len(files), options, limits, classes)
         with service.batcher.admit(len(files)):  # refused at once when the queue is full, before any decoding
             opened = await run_in_threadpool(inspect_all, files, limits, backbone.image_size)

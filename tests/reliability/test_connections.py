@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -102,6 +103,20 @@ def test_pipelined_requests_are_answered_in_order(server):
         c.close()
 
 
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@contextlib.contextmanager
+def _posted(server: int, head: bytes, rest: bytes):
+    """A POST /classify with these headers, then `rest` on the same connection: (connection, status, body)."""
+    c = Conn(server)
+    try:
+        c.send(b"POST /classify HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n" + rest)
+        yield (c, *c.response())
+    finally:
+        c.close()
+
+
 def _rest(c: Conn, seconds: float = 5.0) -> bytes:
     """What the server still sends until it closes the connection (a timeout fails the test)."""
     c.sock.settimeout(seconds)
@@ -133,29 +148,18 @@ def test_an_answer_before_the_body_closes_the_connection_so_the_body_is_not_read
 
 def test_a_body_with_two_framings_is_refused_and_the_connection_closed(server):
     """Both framings at once: a smuggling hazard behind a proxy that frames by Content-Length (RFC 9112 6.3)."""
-    c = Conn(server)
-    try:
-        smuggled = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-        head = b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n"
-        c.send(b"POST /classify HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n0\r\n\r\n" + smuggled)
-        got, body = c.response()
+    head = b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n"
+    with _posted(server, head, b"0\r\n\r\n" + HEALTHZ) as (c, got, body):
         assert got == 400 and "both Content-Length and Transfer-Encoding" in body["error"]["message"], body
         assert b"HTTP/1.1" not in _rest(c)  # closed, and the GET inside the body never answered
-    finally:
-        c.close()
 
 
 def test_a_compressed_body_is_refused_by_name_and_the_connection_serves_on(server):
     """A gzipped body failed as "not valid JSON: byte 0x8b"."""
-    c = Conn(server)
-    try:
-        head = b"Content-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: 2\r\n"
-        c.send(b"POST /classify HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n{}GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        got, body = c.response()
+    head = b"Content-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: 2\r\n"
+    with _posted(server, head, b"{}" + HEALTHZ) as (c, got, body):
         assert got == 415 and "Content-Encoding gzip: send the body uncompressed" in body["error"]["message"], body
         assert c.response()[0] == 200  # its body was read whole: the next request is a request
-    finally:
-        c.close()
 
 
 def test_a_websocket_upgrade_header_is_served_as_plain_http(server):
