@@ -15,6 +15,7 @@ from typing import Any
 
 import open_clip
 import torch
+from safetensors import safe_open
 
 from .digest import tensor_digest
 from .errors import BackboneError, UnsupportedBackbone
@@ -44,9 +45,15 @@ class BackboneRef:
     weights: str | None  # a pretrained tag, a checkpoint path, or None for random weights
     weights_is_file: bool = False
 
+    # arch and pretrained name the backbone in bundles' manifests and on the open /readyz: a local folder or file
+    # by its name only, never its path (the fingerprint, not the name, says which weights they are)
     @property
     def arch(self) -> str:
-        return "clipbank-tiny" if self.text == "tiny" else self.model_name.removeprefix("local-dir:")
+        if self.text == "tiny":
+            return "clipbank-tiny"
+        if self.model_name.startswith("local-dir:"):
+            return Path(self.model_name.removeprefix("local-dir:")).name or "local-dir"
+        return self.model_name
 
     @property
     def pretrained(self) -> str:
@@ -54,7 +61,9 @@ class BackboneRef:
             return "embedded"
         if self.weights is None and self.model_name.startswith("local-dir:"):
             return "local-dir"  # the folder's own weights file (random weights only when it has none)
-        return "none" if self.weights is None else (f"file:{self.weights}" if self.weights_is_file else self.weights)
+        if self.weights is None:
+            return "none"
+        return f"file:{Path(self.weights).name}" if self.weights_is_file else self.weights
 
 
 def parse_backbone_ref(text: str) -> BackboneRef:
@@ -128,6 +137,9 @@ class Backbone:
     # sha256 of how the weights compute beyond themselves (activation, norms, pooling, text mask: `_config_id`).
     # The same weights under QuickGELU and GELU share `fingerprint` and answer differently.
     config_id: str | None = None
+    # The facts `config_id` hashes, one level flat ("preprocess.size"): bundles record them, and a server compares
+    # the facts both sides know, so a release (or an open_clip) that describes more does not refuse older bundles.
+    config_facts: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.autocast not in AUTOCAST_DTYPES:
@@ -164,8 +176,10 @@ class Backbone:
         size = self.model.visual.image_size
         return int(size[0] if isinstance(size, tuple | list) else size)
 
-    def describe(self) -> dict[str, str]:
+    def describe(self) -> dict[str, Any]:
         config = {"config": self.config_id} if self.config_id else {}
+        if self.config_facts:
+            config["config_facts"] = self.config_facts
         return {"arch": self.ref.arch, "pretrained": self.ref.pretrained, "fingerprint": self.fingerprint, **config}
 
     def blocks(self, tower: str) -> torch.nn.ModuleList:
@@ -212,6 +226,27 @@ def _looks_like_checkpoint(path: Path) -> bool:
     return head[8:9] == b"{" or head.startswith((b"PK\x03\x04", b"\x80"))
 
 
+def _misfit(model: Any, path: Path) -> str | None:
+    """Why a safetensors checkpoint does not fit the built architecture, by its tensors' names and shapes, read
+    from its header before open_clip loads it: open_clip's first failure on another architecture can be anything
+    (resizing a position embedding in half precision, say). Position embeddings may differ: open_clip resizes them."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = {k.removeprefix("module."): list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception:  # not safetensors, or unreadable: open_clip's loader says what it finds
+        return None
+    want = {k: list(v.shape) for k, v in model.state_dict().items()}
+    differ = [k for k in want if k in shapes and shapes[k] != want[k] and not k.endswith("positional_embedding")]
+    missing = [k for k in want if k not in shapes]
+    if not differ and len(missing) <= len(want) // 2:
+        return None
+    first = f"; first: {differ[0]} is {shapes[differ[0]]}, needs {want[differ[0]]}" if differ else ""
+    return (
+        f"the checkpoint does not fit this architecture: {len(differ)} of its tensors have other shapes and "
+        f"{len(missing)} of the model's {len(want)} are missing{first}"
+    )
+
+
 def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto") -> Backbone:
     """Create the open_clip model for `ref`, load its weights, freeze it and fingerprint it."""
     ref = parse_backbone_ref(ref) if isinstance(ref, str) else ref
@@ -227,7 +262,7 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
     if ref.weights_is_file and not _looks_like_checkpoint(Path(ref.weights)):
         raise BackboneError(f"{ref.weights} is not a checkpoint: neither safetensors nor a PyTorch file ({ref.text!r})")
     picked = ("Multiple checkpoints found",) if ref.weights_is_file else ()  # the file named here replaces it
-    quiet = _DropRecords(("No pretrained weights loaded", "Local config loaded, but no CLIP weights", *picked))
+    quiet = DropRecords(("No pretrained weights loaded", "Local config loaded, but no CLIP weights", *picked))
     logging.getLogger().addFilter(quiet)  # open_clip warns of "random init" before we load the file ourselves
     try:
         tag = None if ref.weights_is_file or ref.model_name.startswith("local-dir:") else ref.weights
@@ -237,6 +272,8 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
             ref.model_name, pretrained=tag, load_weights=not ref.weights_is_file, force_quick_gelu=quick_gelu
         )
         if ref.weights_is_file:
+            if problem := _misfit(model, Path(ref.weights)):
+                raise BackboneError(problem)
             open_clip.load_checkpoint(model, ref.weights)
     except Exception as e:  # open_clip, safetensors and torch raise many types for bad files
         why = _first_line(e)  # not torch's advice to unpickle it, nor 153 lines of size mismatches
@@ -259,15 +296,26 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
     model.to(dev)
     train_preprocess = _train_transform(model)
     log.info("loaded backbone %s (%s) on %s, fingerprint %s", ref.text, ref.arch, dev, fingerprint[:12])
-    config_id = _config_id(model)
-    return Backbone(ref, model, preprocess, train_preprocess, tokenizer, dev, fingerprint, towers, config_id=config_id)
+    facts = _config_facts(model)
+    config = {"config_id": hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()}
+    config["config_facts"] = flat_facts(facts)
+    return Backbone(ref, model, preprocess, train_preprocess, tokenizer, dev, fingerprint, towers, **config)
 
 
-def _config_id(model: Any) -> str:
-    """sha256 of how the model computes beyond its weights, read from the built model (so a config that spells
-    out a default is the same config): each tower's activation and norm, the pooling, the text mask, and how
-    images are preprocessed. The same weights under QuickGELU and GELU, or with and without a causal mask, answer
-    differently."""
+def flat_facts(facts: dict[str, Any]) -> dict[str, Any]:
+    """`facts` one level flat (`preprocess.size`), each value as JSON reads it back (tuples as lists)."""
+    flat: dict[str, Any] = {}
+    for name, value in facts.items():
+        flat.update({f"{name}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {name: value})
+    return json.loads(json.dumps(flat, sort_keys=True, default=str))
+
+
+def _config_facts(model: Any) -> dict[str, Any]:
+    """How the model computes beyond its weights, read from the built model (so a config that spells out a
+    default is the same config): each tower's activation and norm, the pooling, the text mask, and how images are
+    preprocessed. The same weights under QuickGELU and GELU, or with and without a causal mask, answer
+    differently. Their sha256 is `config_id`: keep what it hashes as it is, or bundles that carry only the hash
+    (made on 2026-12-05, before the facts) are refused."""
 
     def block(blocks: torch.nn.ModuleList) -> list[Any]:
         first = blocks[0]
@@ -275,7 +323,7 @@ def _config_id(model: Any) -> str:
         return [type(act).__name__, getattr(act, "approximate", None), type(norm).__name__, getattr(norm, "eps", None)]
 
     visual = model.visual
-    facts = {
+    return {
         "visual": block(visual.transformer.resblocks),
         "text": block(model.transformer.resblocks),
         "visual_pool": [getattr(visual, "pool_type", None), getattr(visual, "final_ln_after_pool", None)],
@@ -284,7 +332,6 @@ def _config_id(model: Any) -> str:
         "eos_id": getattr(model, "text_eos_id", None),
         "preprocess": open_clip.get_model_preprocess_cfg(model),  # size, mean, std, interpolation, resize mode
     }
-    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 TOKEN_CACHE_WORDS = 50_000
@@ -316,7 +363,10 @@ class BoundedTokenizer:
         return getattr(self.inner, name)
 
 
-class _DropRecords(logging.Filter):
+class DropRecords(logging.Filter):
+    """A logging filter that drops the records whose message starts with one of `prefixes`: a library's advice
+    that does not apply here."""
+
     def __init__(self, prefixes: tuple[str, ...]) -> None:
         super().__init__()
         self.prefixes = prefixes

@@ -4,6 +4,7 @@ instance of the problem it found."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from .backbone import TOWERS, Backbone
@@ -15,19 +16,40 @@ from .manifest import BackboneInfo
 from .selector import selector_shape_problems
 
 
+def _without_folders(name: str) -> str:
+    """A backbone name with the folders of any path in it left out: `file:/m/x/w.safetensors` is
+    `file:w.safetensors`, `/m/x` is `x`. Such reasons reach the open /healthz, which never shows the server's paths."""
+    return re.sub(r"(?:[^\s:/]*/)+", "", name) or name
+
+
 def check_backbone(info: BackboneInfo, backbone: Backbone) -> None:
     """BackboneMismatch unless `info` (a manifest's backbone) is the served backbone, by weights fingerprint."""
     if info.fingerprint != backbone.fingerprint:
         theirs = backbone.describe()
+        # older bundles may carry their trainer's paths
+        named = f"{_without_folders(info.arch)}/{_without_folders(info.pretrained)}"
         raise BackboneMismatch(
-            f"bundle backbone fingerprint {info.fingerprint[:12]}… ({info.arch}/{info.pretrained}) does not "
+            f"bundle backbone fingerprint {info.fingerprint[:12]}… ({named}) does not "
             f"match the served backbone {theirs['fingerprint'][:12]}… ({theirs['arch']}/{theirs['pretrained']})"
         )
-    if info.config is not None and backbone.config_id is not None and info.config != backbone.config_id:
-        raise BackboneMismatch(  # the same weights run under another config: QuickGELU or GELU, masks, pooling
+    # the same weights run under another config: QuickGELU or GELU, masks, pooling, preprocessing
+    hint = (
+        "e.g. QuickGELU, as `ARCH:openai` runs OpenAI's weights, against GELU, as `ARCH:file:` runs the same file "
+        "(`ARCH-quickgelu:file:` runs it as OpenAI's)"
+    )
+    theirs, ours = info.facts, backbone.config_facts
+    if theirs is not None and ours is not None:  # the facts both sides know: a release that knows more still reads it
+        differ = sorted(k for k in theirs.keys() & ours.keys() if theirs[k] != ours[k])
+        if differ:
+            said = "; ".join(f"{k}: {str(theirs[k])[:60]} in the bundle, {str(ours[k])[:60]} here" for k in differ[:4])
+            raise BackboneMismatch(
+                f"the bundle's backbone has the served weights but computes otherwise ({said}): {hint}"
+            )
+    elif info.config is not None and backbone.config_id is not None and info.config != backbone.config_id:
+        raise BackboneMismatch(
             f"the bundle's backbone has the served weights but computes otherwise (config {info.config[:12]}… "
-            f"against {backbone.config_id[:12]}…): e.g. QuickGELU, as `ARCH:openai` runs OpenAI's weights, against "
-            "GELU, as `ARCH:file:` runs the same file (`ARCH-quickgelu:file:` runs it as OpenAI's)"
+            f"against {backbone.config_id[:12]}…): {hint}; or the bundle was made by a release that described "
+            "configs otherwise (retrain it on this backbone)"
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -22,6 +23,7 @@ ID_RE = re.compile(r"[0-9a-f]{64}")
 
 # Bounds on what a manifest may ask the server to hold or compute (docs/bundle-format.md lists them).
 MAX_SHORT_CHARS = 256  # backbone names, created_at, selector kind
+MAX_FACTS, MAX_FACT_NAME, MAX_FACTS_CHARS = 64, 64, 4096  # backbone.config_facts (about 13 entries, 500 characters)
 MAX_VERSION = 2**31 - 1
 MAX_TOP_K = 64
 MAX_RANK = 4096
@@ -90,10 +92,23 @@ def _identity_problems(manifest: dict) -> list[str]:
         isinstance(backbone["config"], str) and ID_RE.fullmatch(backbone["config"])
     ):
         problems.append("backbone.config must be 64 hex digits when given")
+    elif backbone.get("config_facts") is not None and not _facts_ok(backbone["config_facts"]):
+        problems.append(
+            f"backbone.config_facts must be an object of at most {MAX_FACTS} entries, named in at most "
+            f"{MAX_FACT_NAME} characters, and at most {MAX_FACTS_CHARS} characters as JSON, when given"
+        )
     training = manifest.get("training", {})
     if training is not None and not isinstance(training, dict):
         problems.append("training must be an object or null")
     return problems
+
+
+def _facts_ok(facts: Any) -> bool:
+    if not (isinstance(facts, dict) and len(facts) <= MAX_FACTS):
+        return False
+    if not all(isinstance(k, str) and 0 < len(k) <= MAX_FACT_NAME for k in facts):
+        return False
+    return len(json.dumps(facts)) <= MAX_FACTS_CHARS
 
 
 def _routing_problems(manifest: dict) -> list[str]:
@@ -235,6 +250,16 @@ class BackboneInfo:
     pretrained: str
     fingerprint: str
     config: str | None = None  # the model config's sha256 (`Backbone.config_id`); absent in bundles before it
+    facts: Mapping[str, Any] | None = None  # what `config` hashes (`Backbone.config_facts`); absent before it
+
+    def to_json(self) -> dict[str, Any]:
+        """As the manifest holds it: `config` and `config_facts` only when the bundle records them."""
+        out: dict[str, Any] = {"arch": self.arch, "pretrained": self.pretrained, "fingerprint": self.fingerprint}
+        if self.config is not None:
+            out["config"] = self.config
+        if self.facts is not None:
+            out["config_facts"] = dict(self.facts)
+        return out
 
 
 @dataclass(frozen=True)
@@ -294,6 +319,7 @@ class Manifest:
             backbone=BackboneInfo(
                 **{k: obj["backbone"][k] for k in ("arch", "pretrained", "fingerprint")},
                 config=obj["backbone"].get("config"),
+                facts=obj["backbone"].get("config_facts"),
             ),
             classes=tuple(obj["classes"]),
             templates=tuple(obj["templates"]),
@@ -327,7 +353,7 @@ class Manifest:
             "created_at": self.created_at,
             "parent": self.parent,
             "content_sha256": self.content_sha256,
-            "backbone": asdict(self.backbone),
+            "backbone": self.backbone.to_json(),
             "classes": list(self.classes),
             "templates": list(self.templates),
             "experts": {"new": list(self.experts_new), "uses": list(self.experts_uses)},

@@ -213,4 +213,18 @@ def pretrain_tiny(cfg: PretrainConfig, out: Path | None = None) -> dict[str, flo
     meta = {"clipbank.pretrain": repr(cfg), "clipbank.zero_shot": repr(metrics)}
     atomic_write(out, save(state, metadata=meta))  # a kill while saving leaves the old weights whole
     log.info("tiny CLIP written to %s: %s", out, metrics)
+    if out != TINY_WEIGHTS:
+        _config_beside(out)
     return metrics
+
+
+def _config_beside(out: Path) -> None:
+    """Put the tiny architecture's open_clip_config.json beside new weights, so that `file:OUT` loads them; a
+    config already there that says otherwise is left alone, with a warning."""
+    config, shipped = out.parent / "open_clip_config.json", (TINY_DIR / "open_clip_config.json").read_bytes()
+    if not config.exists():
+        atomic_write(config, shipped)
+    elif config.read_bytes() != shipped:
+        log.warning("%s is another model's config: left as it is; %s needs the tiny one beside it", config, out)
+        return
+    log.info("serve these weights with --backbone file:%s", out)

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import safetensors.torch
 import torch
 from safetensors.torch import save_file
 
@@ -86,11 +87,45 @@ def test_the_same_weights_under_another_model_config_are_another_backbone_for_bu
     manifest = read_bundle(random_bundle(empty_bank(backbone), "t", seed=3)).manifest
     assert manifest.backbone.config == backbone.config_id  # recorded by training
     check_backbone(manifest.backbone, backbone)
-    with pytest.raises(BackboneMismatch, match="has the served weights but computes otherwise .*ARCH-quickgelu:file:"):
-        check_backbone(manifest.backbone, other)
+    assert manifest.backbone.facts == backbone.config_facts and "visual" in manifest.backbone.facts
+    named = r"computes otherwise \(text: \['GELU', .* in the bundle, \['QuickGELU', .*ARCH-quickgelu:file:"
+    with pytest.raises(BackboneMismatch, match=named):
+        check_backbone(manifest.backbone, other)  # the facts that differ are named
     before = random_bundle(empty_bank(backbone), "t", seed=3)
-    legacy = edit_bundle(before, manifest=lambda m: m["backbone"].pop("config"))
-    check_backbone(read_bundle(legacy).manifest.backbone, other)  # a bundle from before: by weights, as before
+
+    def legacy(m):
+        del m["backbone"]["config"], m["backbone"]["config_facts"]
+
+    check_backbone(read_bundle(edit_bundle(before, manifest=legacy)).manifest.backbone, other)  # by weights, as before
+
+
+def test_a_release_that_describes_configs_further_still_reads_older_bundles(backbone):
+    """An outside check's: the config hash's formula changed twice within a day, and each change refused every
+    bundle made before it on the same weights. Bundles now record the facts the hash covers, and a server compares
+    the facts both sides know; a bundle with the hash alone (2026-12-05) is compared by hash, as before."""
+    from model_store.bank import empty_bank
+    from model_store.bundle import read_bundle
+    from model_store.compat import check_backbone
+    from model_store.errors import BackboneMismatch, BundleInvalid
+    from tests.helpers import edit_bundle, random_bundle
+
+    made = random_bundle(empty_bank(backbone), "t", seed=3)
+
+    def newer(m):  # a later release hashes one more fact, which this one does not know
+        m["backbone"]["config"] = "e" * 64
+        m["backbone"]["config_facts"]["attention.scaled_cosine"] = False
+
+    check_backbone(read_bundle(edit_bundle(made, manifest=newer)).manifest.backbone, backbone)
+
+    def hash_only(m):
+        m["backbone"]["config"] = "e" * 64
+        del m["backbone"]["config_facts"]
+
+    with pytest.raises(BackboneMismatch, match="or the bundle was made by a release that described configs otherwise"):
+        check_backbone(read_bundle(edit_bundle(made, manifest=hash_only)).manifest.backbone, backbone)
+    for bad in (["visual"], {"": 1}, {f"k{i}": i for i in range(65)}, {"k": "x" * 5000}):
+        with pytest.raises(BundleInvalid, match="backbone.config_facts must be an object"):
+            read_bundle(edit_bundle(made, manifest=lambda m, bad=bad: m["backbone"].update(config_facts=bad)))
 
 
 @pytest.mark.parametrize("proj", [{"proj_bias": True}, {"proj_type": "none"}])
@@ -136,8 +171,15 @@ def test_checkpoint_mistakes_are_said_in_one_line(tmp_path):
     config = json.loads((TINY_DIR / "open_clip_config.json").read_text())
     config["model_cfg"]["vision_cfg"]["width"] = 96  # other tensor sizes, the same embedding width
     (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(BackboneError, match=r"does not fit this architecture: \d+ of its tensors have other sha"):
+        load_backbone(f"file:{tmp_path / 'w.safetensors'}")  # read from the safetensors header, before loading
+    # another outside check's: tiny's half-precision weights named as ViT-B-32 failed in open_clip's resize of the
+    # position embedding ("compute_index_ranges_weights" not implemented for 'Half')
+    with pytest.raises(BackboneError, match="does not fit this architecture: .* first: text_projection is"):
+        load_backbone(f"ViT-B-32:file:{tmp_path / 'w.safetensors'}")
+    torch.save(safetensors.torch.load_file(tmp_path / "w.safetensors"), tmp_path / "w.pt")  # PyTorch's own format
     with pytest.raises(BackboneError, match=r"tensors have other sizes than this architecture's \(\d+; first: ") as e:
-        load_backbone(f"file:{tmp_path / 'w.safetensors'}")
+        load_backbone(f"file:{tmp_path / 'w.pt'}")
     assert "\n" not in str(e.value)
 
 

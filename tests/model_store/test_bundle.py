@@ -65,11 +65,12 @@ def test_tampered_router_is_caught_by_content_digest(bundle_bytes):
 
 
 def test_wrong_backbone_fingerprint(backbone, bundle_bytes):
-    def other(m):
-        m["backbone"]["fingerprint"] = "0" * 64
+    def other(m):  # trained on a file backbone by an older release, which recorded the trainer's paths
+        m["backbone"] |= {"fingerprint": "0" * 64, "arch": "/home/ann/ckpt", "pretrained": "file:/home/ann/ckpt/w.pt"}
 
-    with pytest.raises(BackboneMismatch, match="does not match the served backbone"):
+    with pytest.raises(BackboneMismatch, match="does not match the served backbone") as e:
         check_compatible(read_bundle(edit_bundle(bundle_bytes, manifest=other)), backbone, {})
+    assert "(ckpt/file:w.pt)" in str(e.value) and "/home" not in str(e.value)  # the message reaches /healthz
 
 
 def test_missing_referenced_expert(backbone):

@@ -41,3 +41,31 @@ def test_reading_scenes_extend_the_vocabulary_without_changing_the_shape_stream(
     assert [random_object_scene(a, 0.5) for _ in range(50)] == [random_scene(b, 0.5) for _ in range(50)]
     drawn = [random_object_scene(a, 0.5, characters=0.4).shape >= len(SHAPES) for _ in range(400)]
     assert 0.3 < sum(drawn) / 400 < 0.5
+
+
+def test_pretrained_weights_written_elsewhere_load_as_a_file_backbone(tmp_path, caplog):
+    """`pretrain-tiny --out FILE` puts the tiny config beside the weights, so `file:FILE` loads them; another
+    model's config already there is left alone, and said."""
+    import logging
+
+    from model_store.backbone import TINY_DIR, load_backbone
+    from training.config import PretrainConfig
+    from training.pretrain_tiny import pretrain_tiny
+
+    cfg = PretrainConfig(steps=1, batch_size=4, eval_per_class=1)
+    out = tmp_path / "mine" / "w.safetensors"
+    out.parent.mkdir()
+    with caplog.at_level(logging.INFO, "training.pretrain_tiny"):
+        pretrain_tiny(cfg, out)
+    assert (out.parent / "open_clip_config.json").read_bytes() == (TINY_DIR / "open_clip_config.json").read_bytes()
+    assert f"--backbone file:{out}" in caplog.text
+    bb = load_backbone(f"file:{out}", "cpu")
+    assert (bb.ref.arch, bb.ref.pretrained) == ("mine", "file:w.safetensors")  # names, never paths
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "open_clip_config.json").write_text('{"model_cfg": {}}')
+    caplog.clear()
+    pretrain_tiny(cfg, other / "w.safetensors")
+    assert (other / "open_clip_config.json").read_text() == '{"model_cfg": {}}'
+    assert "another model's config" in caplog.text
