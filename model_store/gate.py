@@ -90,9 +90,10 @@ class InterferenceRefused(ClipbankError):
                 ". Retrain it (more steps, the reference set as negatives), or land it anyway with force=true on the "
                 "upload or the activation (`clipbank push --force`)."
                 if upload
-                else ". It is checked against the bank as it is now: tasks activated since it was stored (one forced "
-                "past the gate, say) may be why. Deal with those, or activate it anyway with force=true (retraining "
-                "makes a new version)."
+                else ". It is checked against the bank as it is now, with the backbone's reference set: tasks "
+                "activated since it was stored (one forced past the gate, say), or its own selector, if an older "
+                "release made it (before its selectors learned from the reference set), may be why. Deal with those, "
+                "or activate it anyway with force=true (retraining makes a new version)."
             )
         )
         self.details = report.to_json()

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from filelock import FileLock, Timeout
 
-from .backbone import Backbone
+from .backbone import Backbone, DropRecords
 from .errors import BackboneError
 from .moe_clip import encode_image, encode_text
 from .selector import Selector, score
@@ -161,12 +161,15 @@ def quantize_image_tower(target: Path) -> Path:
     out = target / INT8_IMAGE
     if not out.is_file():
         tmp = target / f".{INT8_IMAGE}.{os.getpid()}.tmp"
+        quiet = DropRecords(("Please consider to run pre-processing",))  # its advice on the root logger, each time
+        logging.getLogger().addFilter(quiet)
         try:
             quantize_dynamic(str(target / "image.onnx"), str(tmp), weight_type=QuantType.QInt8)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, out)
         finally:
+            logging.getLogger().removeFilter(quiet)
             tmp.unlink(missing_ok=True)
     return out
 

@@ -110,6 +110,8 @@ class TaskRecord:
             named[key] = obj.get(key)
             if named[key] is not None and not isinstance(named[key], str):
                 raise StoreError(f"the store index is malformed: task {shown(task)} has {key} {shown(named[key], 20)}")
+        if named["shadow"] == named["active"]:  # a release without shadows activated it: it is active, not both
+            named["shadow"] = None
         return cls(versions, named["active"], named["shadow"])
 
     def to_json(self) -> dict[str, Any]:

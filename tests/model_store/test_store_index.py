@@ -127,6 +127,9 @@ def test_a_version_in_shadow_is_kept_promoted_and_forgotten(tmp_path, backbone):
     assert StoreIndex.from_json({"generation": 1, "tasks": {"t": {"versions": []}}}).task("t").shadow is None
     with pytest.raises(StoreError, match="has shadow 5"):
         StoreIndex.from_json({"generation": 1, "tasks": {"t": {"shadow": 5, "versions": []}}})
+    # an outside check's: a release without shadows activated the version in shadow, leaving it active and shadow
+    both = {"generation": 1, "tasks": {"t": {"active": "a" * 64, "shadow": "a" * 64, "versions": []}}}
+    assert StoreIndex.from_json(both).task("t").shadow is None and StoreIndex.from_json(both).task("t").active
 
 
 def test_the_loader_keeps_only_the_selector_of_a_version_in_shadow(tmp_path, backbone):
