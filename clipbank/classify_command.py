@@ -26,16 +26,20 @@ def _classify(args: argparse.Namespace) -> int:
     labels = _labels(args.labels, args.label)
     if args.route == "per-request" and len(args.images) > CLASSIFY_CHUNK:
         raise ValueError(f"--route per-request decides once for at most {CLASSIFY_CHUNK} images (one request)")
-    results, skipped, a, chunk = [], 0, 0, CLASSIFY_CHUNK
+    results: list[dict] = []
+    skipped, a, chunk = 0, 0, CLASSIFY_CHUNK
     # a shell glob may name more than one request holds
     with ClipbankClient(args.url, args.token, retries=args.retries) as client:
         while a < len(args.images):
             names = args.images[a : a + chunk]
             try:
                 answered = _classify_chunk(client, names, labels, args, a)
-            except ClipbankHTTPError as e:  # a server with a lower max_images, or too long an answer: smaller requests
+            except ClipbankHTTPError as e:  # a lower max_images, too large a body or answer: smaller requests
                 chunk = _smaller_chunk(e, len(names))
                 if chunk is None or args.route == "per-request":  # one decision for all: not split behind its back
+                    if args.json:  # the answers so far are kept, as the text lines are
+                        error = {"status": e.status, "code": e.code, "message": e.message, "details": e.details}
+                        print_json({"results": results, "unanswered": args.images[a:], "error": error})
                     raise
                 continue
             a += len(names)
@@ -47,7 +51,7 @@ def _classify(args: argparse.Namespace) -> int:
         print_json({"results": results})
     if skipped:
         print(f"clipbank: {skipped} of {len(args.images)} files skipped (--skip-bad); see their lines", file=sys.stderr)
-    return 0
+    return 1 if skipped == len(args.images) else 0  # none answered: not a success
 
 
 def _classify_chunk(client: Any, names: list[str], labels: list[str], args: argparse.Namespace, a: int) -> list[dict]:
@@ -68,9 +72,9 @@ def _classify_chunk(client: Any, names: list[str], labels: list[str], args: argp
                 errors[pending[bad]] = {"code": e.code, "message": e.message}
                 continue
             hint = " (--skip-bad leaves such files out and answers the rest)" if isinstance(bad, int) else ""
-            if len(args.images) > CLASSIFY_CHUNK:  # the server numbers images within their request: say which files
-                shown = f"files {a + 1}..{a + len(names)} (its image i is file {a + 1} + i); the files before it"
-                hint += f" (in the request of {shown} were answered{' above' if not args.json else ''})"
+            if len(names) < len(args.images):  # the server numbers images within their request: say which files
+                hint += f" (in the request of files {a + 1}..{a + len(names)}: its image i is file {a + 1} + i"
+                hint += f"; the files before it were answered{' above' if not args.json else ''})" if a else ")"
             raise ClipbankHTTPError(e.status, e.code, e.message + hint, e.details, e.retry_after) from None
         if not isinstance(out.get("results"), list) or len(out["results"]) != len(pending):
             raise ValueError(f"{args.url} answered without a result per image: is it a clipbank server?")
@@ -86,7 +90,7 @@ def _smaller_chunk(error: Any, sent: int) -> int | None:
     limit = details.get("limit")
     if error.status != 413 or not isinstance(limit, int):
         return None
-    if details.get("setting") == "max_response_bytes":
+    if details.get("setting") in ("max_response_bytes", "max_request_bytes"):  # large answers, or large files
         return sent // 2 if sent > 1 else None
     return limit if details.get("setting") == "max_images" and 1 <= limit < sent else None
 

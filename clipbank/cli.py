@@ -154,7 +154,10 @@ def _demo(args: argparse.Namespace) -> int:
 def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train a task bundle from an ImageFolder")
     add_flags(t, TrainJob)
-    t.set_defaults(fn=_train, backbone=DEFAULT_BACKBONE)
+    t.set_defaults(fn=_train, backbone=DEFAULT_BACKBONE)  # $CLIPBANK_BACKBONE, else tiny: the help says which
+    for action in t._actions:
+        if action.dest == "backbone":
+            action.help = f"backbone reference (default {DEFAULT_BACKBONE})"
 
 
 def _add_data(sub) -> None:
@@ -221,7 +224,7 @@ def _add_client(sub) -> None:
 
 
 def _healthcheck(args: argparse.Namespace) -> int:
-    from .healthcheck import check, readyz_url, server_argv
+    from .healthcheck import check, readyz_url, server_argv, server_env
 
     serve = argparse.ArgumentParser(prog="clipbank serve", add_help=False)
     add_flags(serve, ServeConfig, defaults_unset=True)
@@ -229,7 +232,8 @@ def _healthcheck(args: argparse.Namespace) -> int:
     if args.url and urllib.parse.urlsplit(args.url).path in ("", "/"):  # the server's base URL, as elsewhere
         args.url = args.url.rstrip("/") + "/readyz"
     try:
-        url = args.url or readyz_url(argv or [], lambda a: serve.parse_known_args(a)[0])
+        env = server_env(args.pid) if argv is not None and not args.url else None  # a host's server: its own
+        url = args.url or readyz_url(argv or [], lambda a: serve.parse_known_args(a)[0], env)
     except ValueError as e:  # the environment does not parse: the server could not have started on it either
         print(f"the server's address is unknown: {e}")
         return 1
@@ -243,7 +247,7 @@ def _address_source(pid: int, argv: list[str] | None) -> str:
     like a server that is down."""
     if argv is None:
         return f"process {pid} is not a clipbank serve: the address is CLIPBANK_HOST/CLIPBANK_PORT's or the default"
-    return f"the address of process {pid}'s clipbank serve"
+    return f"the address of process {pid}'s clipbank serve (its flags and environment)"
 
 
 def _add_healthcheck(sub) -> None:
@@ -309,6 +313,11 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if sys.stdout is None:  # started with stdout closed (`>&-`): what a command prints would be lost
+        if args.cmd != "serve":  # the server prints nothing there: its log is on stderr
+            print(f"clipbank {args.cmd}: standard output is closed; its answers would be lost", file=sys.stderr)
+            return 2
+        sys.stdout = open(os.devnull, "w")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -2,8 +2,9 @@
 
 A container's health check runs beside the server, with the same environment but not its flags: the image's
 command may be `serve --port 9000`. So the address is read from the server's own command line
-(`/proc/PID/cmdline`, PID 1 in a container) and parsed as `clipbank serve` parses it, then the environment
-(`CLIPBANK_HOST`, `CLIPBANK_PORT`), then the defaults. A server bound to every address (0.0.0.0, ::) is asked on
+(`/proc/PID/cmdline`, PID 1 in a container) and parsed as `clipbank serve` parses it, then its environment
+(`CLIPBANK_HOST`, `CLIPBANK_PORT`, from `/proc/PID/environ`; this process's own when that cannot be read or the
+process is no `clipbank serve`), then the defaults. A server bound to every address (0.0.0.0, ::) is asked on
 loopback. One plain GET with the standard library's `http.client`: no proxy from the environment (a container's
 `HTTP_PROXY`, set for downloads, must not answer for the server), no redirect followed, and one deadline for the
 whole check (a server that trickles its answer is not ready). Exit 2 is Docker's "reserved": never used here.
@@ -18,7 +19,7 @@ import io
 import math
 import threading
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from service.config import ServeConfig
@@ -40,15 +41,30 @@ def server_argv(pid: int, proc: Path = Path("/proc")) -> list[str] | None:
     return words[words.index("serve") + 1 :] if "serve" in words else None
 
 
-def readyz_url(serve_args: Sequence[str], parse: Callable[[Sequence[str]], argparse.Namespace]) -> str:
+def server_env(pid: int, proc: Path = Path("/proc")) -> dict[str, str] | None:
+    """Process `pid`'s environment (`/proc/PID/environ`), or None when it cannot be read (another user's)."""
+    try:
+        raw = (proc / str(pid) / "environ").read_bytes()
+    except (OSError, ValueError):
+        return None
+    pairs = (w.decode(errors="replace").partition("=") for w in raw.split(b"\0") if w)
+    return {name: value for name, _, value in pairs}
+
+
+def readyz_url(
+    serve_args: Sequence[str],
+    parse: Callable[[Sequence[str]], argparse.Namespace],
+    env: Mapping[str, str] | None = None,
+) -> str:
     """The /readyz URL of a server started with `serve_args`, as `parse` (the serve subcommand's parser) reads
-    them, with the environment and defaults behind them. ValueError when the environment does not parse."""
+    them, with `env` (default: this process's environment) and the defaults behind them. ValueError when the
+    environment does not parse."""
     with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage text would only confuse a health log
         try:
             args = parse(list(serve_args))
         except SystemExit:  # flags this version cannot read: the environment and defaults still say something
             args = parse([])
-    config = ServeConfig.from_env(**given(ServeConfig, args))
+    config = ServeConfig.from_env(env, **given(ServeConfig, args))
     host = ANY_ADDRESS.get(config.host, config.host)
     return f"http://{f'[{host}]' if ':' in host else host}:{config.port}/readyz"
 

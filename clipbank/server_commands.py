@@ -43,6 +43,8 @@ def _tasks(args: argparse.Namespace) -> int:
         _activated(out)
     elif args.tasks_cmd == "deactivate":
         _deactivated(out, args.purge)
+    elif not (isinstance(out, dict) and isinstance(out.get("generation"), int) and isinstance(out.get("tasks"), list)):
+        raise ValueError(f"{args.url} answered GET /tasks without a generation and tasks: is it a clipbank server?")
     else:
         print_tasks(out["generation"], out["tasks"], f"server {args.url}")
     return 0

@@ -71,6 +71,6 @@ def _limit_for(config: ServeConfig) -> Callable[[str, str], tuple[int, str]]:
             return limits.max_upload_bytes, "max_upload_bytes"
         if path.rstrip("/") == "/classify":
             return limits.max_request_bytes, "max_request_bytes"
-        return SMALL_BODY, "max_body_bytes"
+        return SMALL_BODY, ""  # JSON bodies of a few fields: fixed, not a setting
 
     return limit_for

@@ -220,7 +220,7 @@ class ServeConfig:
         problems: list[str] = []
         for target, klass in ((values, cls), (limit_values, Limits)):
             for f in fields(klass):
-                if f.name == "limits":
+                if f.name == "limits" or overrides.get(f.name) is not None:  # a flag wins, even over a bad value
                     continue
                 raw = env_value(f.name, env)
                 if raw is None:

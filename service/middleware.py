@@ -76,7 +76,8 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit, name = self.limit_for(scope["method"], scope["path"])
+        limit, setting = self.limit_for(scope["method"], scope["path"])
+        name = f"{setting}={limit}" if setting else f"{limit} bytes for this endpoint (not a setting)"
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         refused = _framing_problem(headers, self.routed is None or self.routed(scope))
@@ -87,8 +88,9 @@ class BodyLimit:
             if not declared.isdigit():
                 return await error_response(400, "bad_request", "Content-Length is not a number")(scope, receive, send)
             if int(declared) > limit:
-                message = f"request body is {int(declared)} bytes; the limit is {name}={limit}"
-                return await error_response(413, LimitExceeded.code, message)(scope, receive, send)
+                message = f"request body is {int(declared)} bytes; the limit is {name}"
+                details = {"setting": setting, "limit": limit} if setting else None  # a client can send less
+                return await error_response(413, LimitExceeded.code, message, details=details)(scope, receive, send)
             full = self._full(int(declared))
             if full is not None:
                 return await error_response(503, Overloaded.code, full)(scope, receive, send)
@@ -112,7 +114,7 @@ class BodyLimit:
                 seen, self.held = seen + size, self.held + size
                 complete = not message.get("more_body", False)
                 if seen > limit:
-                    raise HTTPException(413, f"request body passed {seen} bytes; the limit is {name}={limit}")
+                    raise HTTPException(413, f"request body passed {seen} bytes; the limit is {name}")
             return message
 
         try:

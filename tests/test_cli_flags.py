@@ -248,6 +248,66 @@ def test_classify_halves_its_requests_when_their_answers_are_over_the_servers_li
     assert [r["file"] for r in json.loads(capsys.readouterr().out)["results"]] == paths
 
 
+@pytest.mark.parametrize("setting", ["max_response_bytes", "max_request_bytes"])
+def test_classify_halves_requests_whose_answer_or_body_is_over_the_servers_limit(
+    monkeypatch, tmp_path, capsys, setting
+):
+    """An outside check's: 70 photos of 1.3 MB made a body over max_request_bytes (64 MiB), and the command gave
+    up with nothing answered; the server's 413 now names the setting, and smaller requests fit it."""
+    from clipbank.cli import main
+
+    sizes = _counting_server(monkeypatch, max_images=10, setting=setting)
+    paths = _files(tmp_path, 40)
+    assert main(["classify", *paths, "--labels", "a,b", "--url", "http://srv", "--json"]) == 0
+    assert sizes == [40, 20, 10, 10, 10, 10]
+    assert [r["file"] for r in json.loads(capsys.readouterr().out)["results"]] == paths
+
+
+def test_classify_json_keeps_the_answers_before_a_failed_request_and_says_what_was_left(monkeypatch, tmp_path, capsys):
+    """An outside check's: with --json, a failure in the second request printed nothing, though the first had been
+    answered (the text lines were printed). Also: a run where every file was skipped exits 1, not 0."""
+    import httpx
+
+    from clipbank.cli import main
+
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) > 1:
+            return httpx.Response(422, json={"error": {"code": "bad_image", "message": "image 0 is not an image"}})
+        route = {"task": None, "version": None, "bundle_id": None, "score": None, "threshold": None}
+        answer = {"labels": [{"label": "a", "score": 0.9}], "route": route}
+        return httpx.Response(200, json={"results": [answer] * 64})
+
+    _client_on(monkeypatch, handler)
+    paths = _files(tmp_path, 70)
+    assert main(["classify", *paths, "--labels", "a", "--url", "http://srv", "--json"]) == 2
+    out = capsys.readouterr()
+    got = json.loads(out.out)
+    assert [r["file"] for r in got["results"]] == paths[:64] and got["unanswered"] == paths[64:]
+    assert got["error"]["code"] == "bad_image" and "files 65..70" in got["error"]["message"]
+    assert "bad_image" in out.err
+    missing = [str(tmp_path / "gone1.png"), str(tmp_path / "gone2.png")]
+    assert main(["classify", *missing, "--labels", "a", "--url", "http://srv", "--skip-bad"]) == 1
+    assert "2 of 2 files skipped" in capsys.readouterr().err
+
+
+def test_commands_refuse_a_closed_stdout_and_an_answer_that_is_not_clipbanks(monkeypatch, tmp_path, capsys):
+    """An outside check's: `clipbank classify f.png >&-` ended in a traceback after the work (its answers lost),
+    and `clipbank tasks` against another JSON server in a KeyError."""
+    import httpx
+
+    from clipbank.cli import main
+
+    _client_on(monkeypatch, lambda request: httpx.Response(200, json={"status": "ok"}))
+    assert main(["tasks", "--url", "http://srv"]) == 2
+    assert "answered GET /tasks without a generation and tasks: is it a clipbank server?" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdout", None)
+    assert main(["classify", *_files(tmp_path, 1), "--labels", "a", "--url", "http://srv"]) == 2
+    assert "standard output is closed" in capsys.readouterr().err
+
+
 def test_classify_skip_bad_answers_the_other_files_and_lists_the_bad_ones(monkeypatch, tmp_path, capsys):
     import httpx
 
@@ -476,7 +536,7 @@ def test_classify_output_survives_a_closed_pipe_and_odd_names_and_says_which_fil
     assert main(args) == 2
     out, err = capsys.readouterr()
     assert (  # the server counts a request's images from 0 (image 3 is file 68)
-        "image 3 is not an image (in the request of files 65..70 (its image i is file 65 + i); the files before "
+        "image 3 is not an image (in the request of files 65..70: its image i is file 65 + i; the files before "
         "it were answered above)" in err
     )
     assert len(out.splitlines()) == 64  # the first request's answers are not lost
@@ -784,3 +844,14 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_with_its_own_exit_code(capsys, m
     assert cli.main(["data", "list"]) == 143
     assert "clipbank data: terminated (SIGTERM)" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == before  # put back
+
+
+def test_train_help_names_the_backbone_it_will_use():
+    """An outside check's: with CLIPBANK_BACKBONE set, `train --help` said "(default tiny)" and trained on the
+    variable's backbone."""
+    import os
+
+    env = {**os.environ, "CLIPBANK_BACKBONE": "ViT-B-32:none"}
+    run = [sys.executable, "-m", "clipbank", "train", "--help"]
+    out = subprocess.run(run, capture_output=True, text=True, timeout=120, env=env, check=True).stdout
+    assert "backbone reference (default ViT-B-32:none)" in " ".join(out.split())

@@ -16,7 +16,7 @@ import pytest
 
 from clipbank.cli import main
 from clipbank.flags import add_flags
-from clipbank.healthcheck import readyz_url, server_argv
+from clipbank.healthcheck import readyz_url, server_argv, server_env
 from service.config import ServeConfig
 
 
@@ -59,6 +59,19 @@ def test_the_server_command_line_is_read_from_proc(tmp_path):
     assert server_argv(3, other) is None
     bare = _proc(tmp_path, 4, "/usr/local/bin/clipbank", "serve")
     assert server_argv(4, bare) == []  # a server on its defaults
+
+
+def test_a_host_servers_own_environment_is_read(tmp_path, monkeypatch):
+    """An outside check's: `clipbank healthcheck --pid N` on a host asked port 8000 of a server started with
+    CLIPBANK_PORT=18001 in its own environment, and said the address was that process's."""
+    proc = _proc(tmp_path, 7, "/usr/local/bin/clipbank", "serve")
+    (proc / "7" / "environ").write_bytes(b"PATH=/usr/bin\0CLIPBANK_PORT=18001\0ODD=a=b\0")
+    env = server_env(7, proc)
+    assert env == {"PATH": "/usr/bin", "CLIPBANK_PORT": "18001", "ODD": "a=b"}
+    monkeypatch.setenv("CLIPBANK_PORT", "9100")  # the checker's own, which the server never saw
+    assert readyz_url([], _parse, env) == "http://127.0.0.1:18001/readyz"
+    assert readyz_url(["--port", "9000"], _parse, env) == "http://127.0.0.1:9000/readyz"  # its flags still win
+    assert server_env(8, proc) is None  # unreadable (no such process): this process's environment decides
 
 
 class _Readyz(http.server.BaseHTTPRequestHandler):

@@ -28,6 +28,9 @@ def test_every_bad_setting_is_named_at_once():
         assert name in str(e.value)
     with pytest.raises(ValueError, match="CLIPBANK_PORT='eighty' is not a valid int"):
         ServeConfig.from_env({"CLIPBANK_PORT": "eighty"})
+    # flags win over variables, even over one that does not parse (`CLIPBANK_MAX_BATCH=abc serve --max-batch 64`)
+    cfg = ServeConfig.from_env({"CLIPBANK_MAX_BATCH": "abc", "CLIPBANK_MAX_IMAGES": "x"}, max_batch=64, max_images=9)
+    assert (cfg.max_batch, cfg.limits.max_images) == (64, 9)
 
 
 def test_cli_serve_refuses_bad_settings_with_exit_code_2(monkeypatch, capsys):

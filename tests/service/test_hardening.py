@@ -310,7 +310,7 @@ async def test_head_is_answered_as_get_without_a_body(tmp_path, backbone):
 
 async def test_a_large_body_to_a_path_or_method_no_route_takes_is_404_or_405_not_413(tmp_path, backbone):
     """A mistyped URL reads as a size problem if the body limit is checked first; the limits still hold."""
-    body = b"x" * (2 * 1024 * 1024)  # over max_body_bytes (1 MiB), under max_request_bytes
+    body = b"x" * (2 * 1024 * 1024)  # over the 1 MiB of small bodies, under max_request_bytes
     limits = Limits(max_request_bytes=1024 * 1024)
     async with running_app(tmp_path, backbone, limits=limits) as c:
         r = await c.post("/clasify", content=body)
@@ -334,5 +334,8 @@ async def test_a_large_body_to_a_path_or_method_no_route_takes_is_404_or_405_not
         assert r.json()["error"]["message"] == "/tasks does not take PUT; it takes GET, HEAD, POST"
         r = await c.post("/classify", content=body)
         assert r.status_code == 413 and "max_request_bytes" in r.json()["error"]["message"]
+        assert r.json()["error"]["details"] == {"setting": "max_request_bytes", "limit": 1024 * 1024}  # to split by
         r = await c.post("/tasks/x/activate", content=body, headers=AUTH)
-        assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]["message"]
+        assert (
+            r.status_code == 413 and "1048576 bytes for this endpoint (not a setting)" in r.json()["error"]["message"]
+        )
