@@ -156,7 +156,8 @@ class ClipbankClient:
         or `route` means its default (no labels, auto, per image)."""
         labels = () if labels is None else labels
         task, route = AUTO if task is None else task, PER_IMAGE if route is None else route
-        if isinstance(images, str | bytes | os.PathLike) or isinstance(labels, str) or hasattr(images, "mode"):
+        one_pil = hasattr(images, "save") and isinstance(getattr(images, "mode", None), str)  # a Series's mode() is not
+        if isinstance(images, str | bytes | os.PathLike) or isinstance(labels, str) or one_pil:
             raise TypeError("images and labels are lists: classify([path], labels=['cat', 'dog'])")
         files = [("images", (_name(img, i), _bytes(img))) for i, img in enumerate(images)]
         if not files:

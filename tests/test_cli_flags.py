@@ -209,6 +209,18 @@ def test_the_client_keeps_task_names_in_their_path_segment_and_strips_its_token(
     assert "abc" not in str(e.value)
     with pytest.raises(TypeError, match="lists"):
         client_class("http://srv").classify([b"x"], labels="cat,dog")
+    from PIL import Image
+
+    with pytest.raises(TypeError, match="lists"):  # one PIL image, not a list of them
+        client_class("http://srv").classify(Image.new("RGB", (4, 4)), labels=["cat"])
+
+    class Series(list):  # as pandas' Series of paths: a sequence with a mode() method
+        def mode(self):
+            return self
+
+    seen.clear()
+    client_class("http://srv").classify(Series([b"x", b"y"]), labels=["cat"])  # an outside check's: it was refused
+    assert [p for _, p, _ in seen] == ["/classify"]
 
 
 def test_classify_sends_more_images_than_one_request_holds_in_chunks(monkeypatch, tmp_path, capsys):
