@@ -94,6 +94,8 @@ def _store(args: argparse.Namespace) -> int:
         if not local:
             raise ValueError("store check reads a local store folder (an object store has no folder to read)")
         problems = check_store(args.store)
+        if args.backbone:
+            problems += _unservable(args.store, args.backbone)
         for problem in problems:
             print(problem)
         print(f"{len(problems)} problem(s)" if problems else "the store is consistent", file=sys.stderr)
@@ -144,6 +146,28 @@ def _purge(store, task: str) -> None:
         print(f"  kept version {version}: tasks {', '.join(users)} use its experts")
 
 
+def _unservable(location: str, ref: str) -> list[str]:
+    """The active and shadow versions a server on backbone `ref` would not serve (another backbone's bundles, or
+    the same weights computing otherwise): what it would report degraded. Unreadable blobs are check_store's."""
+    from model_store.backbone import load_backbone
+    from model_store.bundle import read_manifest
+    from model_store.compat import check_backbone
+    from model_store.errors import BackboneMismatch
+    from model_store.store import open_store
+
+    backbone, store, problems = load_backbone(ref, "cpu"), open_store(location), []
+    for task, record in sorted(store.index().tasks.items()):
+        for what, bundle_id in (("active", record.active), ("shadow", record.shadow)):
+            try:
+                if bundle_id is not None:
+                    check_backbone(read_manifest(store.read(bundle_id)).backbone, backbone)
+            except BackboneMismatch as e:
+                problems.append(f"task {task} ({what} version): not served on {ref}: {e}")
+            except ClipbankError:  # missing or damaged: said above
+                continue
+    return problems
+
+
 def _demo(args: argparse.Namespace) -> int:
     from training.demo import run_demo
 
@@ -192,7 +216,10 @@ def _add_store(sub) -> None:
     ssub = s.add_subparsers(dest="store_cmd", required=True)
     ls = ssub.add_parser("list", help="the stored tasks and versions, which is active, their sizes and accuracy")
     ls.add_argument("--json", action="store_true", help="print the store's whole index as JSON instead")
-    ssub.add_parser("check", help="report what is damaged or inconsistent (exit 1 if anything is)")
+    ck = ssub.add_parser("check", help="report what is damaged or inconsistent (exit 1 if anything is)")
+    ck.add_argument(
+        "--backbone", help="also name the active versions a server on this backbone would not serve (before a switch)"
+    )
     a = ssub.add_parser("activate", help="make a stored version active (not gated: the server's gate is its own)")
     a.add_argument("task")
     a.add_argument("version", type=int)

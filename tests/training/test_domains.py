@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
@@ -211,6 +214,7 @@ def test_store_activate_and_deactivate_say_what_they_did(tmp_path, capsys, backb
 
 def test_store_check_reports_problems_and_exits_1(tmp_path, capsys, backbone):
     from clipbank.cli import main
+    from model_store.backbone import TINY_DIR
     from model_store.bank import empty_bank
     from model_store.store import LocalStore
     from tests.helpers import random_bundle
@@ -219,6 +223,15 @@ def test_store_check_reports_problems_and_exits_1(tmp_path, capsys, backbone):
     store.put(random_bundle(empty_bank(backbone), "cars", seed=1))
     assert main(["store", "--store", str(tmp_path / "s"), "check"]) == 0
     assert "the store is consistent" in capsys.readouterr().err
+    # an outside check's: after an upgrade every task was degraded on the server and `store check` said nothing
+    assert main(["store", "--store", str(tmp_path / "s"), "check", "--backbone", "tiny"]) == 0
+    config = json.loads((TINY_DIR / "open_clip_config.json").read_text())
+    config["model_cfg"]["quick_gelu"] = True  # the same weights, computing otherwise
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "open_clip_config.json").write_text(json.dumps(config))
+    shutil.copy(TINY_DIR / "open_clip_model.safetensors", tmp_path / "q" / "open_clip_model.safetensors")
+    assert main(["store", "--store", str(tmp_path / "s"), "check", "--backbone", f"local-dir:{tmp_path / 'q'}"]) == 1
+    assert "task cars (active version): not served on local-dir:" in capsys.readouterr().out
     (tmp_path / "s" / "index.json").unlink()  # documented: a lost index is damage, `store check` says so
     assert main(["store", "--store", str(tmp_path / "s"), "check"]) == 1
     assert "index.json is missing but blobs/ holds 1 bundles" in capsys.readouterr().out
