@@ -23,11 +23,18 @@ def aspect_problem(width: int, height: int, limit: int = MAX_ASPECT_RATIO, setti
 
 
 def viewed_rgb(img: Image.Image) -> Image.Image:
-    """`img` as 8-bit RGB. Raises ValueError for 32-bit float pixels, whose range is the sender's convention."""
+    """`img` as 8-bit RGB, 16-bit and 32-bit integer grey read as 16-bit. Raises ValueError for 32-bit float pixels,
+    whose range is the sender's convention, and 32-bit integer pixels whose range is ambiguous."""
     if img.mode == "F":
         raise ValueError("32-bit float pixels, whose range is unknown; send 8- or 16-bit pixels")
     if img.mode == "I" or img.mode.startswith("I;16"):
-        return Image.fromarray((np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8), "L").convert("RGB")
+        values = np.asarray(img)
+        if img.mode == "I" and 0 < values.max() <= 255:  # `convert("I")` of an 8-bit image, read as 16-bit: black
+            raise ValueError(
+                "32-bit integer pixels all at most 255: 8-bit values or a nearly black 16-bit image, which cannot be "
+                "told apart; send 8-bit ('L') or 16-bit ('I;16') pixels"
+            )
+        return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), "L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

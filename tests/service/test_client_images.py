@@ -64,6 +64,9 @@ def test_modes_without_a_file_format_the_server_takes_are_sent_as_rgb():
         assert np.abs(sent - np.asarray(_halves()).astype(int)).max() <= 32, mode  # red stays red, blue blue
     with pytest.raises(ValueError, match="32-bit float pixels"):
         _pil_bytes(Image.new("F", (4, 4)))
+    # an outside check's: an 8-bit image converted to 32-bit integers was read as 16-bit and sent all black
+    with pytest.raises(ValueError, match="32-bit integer pixels all at most 255"):
+        _pil_bytes(_halves().convert("L").convert("I"))
 
 
 def test_a_photo_whose_png_passes_the_image_limit_is_sent_as_a_jpeg():
