@@ -41,7 +41,7 @@ def classify_form_limits(limits: Limits) -> FormLimits:
         files_name="max_images",
         file_bytes_name="max_image_bytes",
         fields_name=f"max_labels (+{len(OPTION_FIELDS)} option fields)",
-        field_bytes_name="max_label_chars (as UTF-8 bytes)",
+        field_bytes_name=f"max_label_chars={limits.max_label_chars} characters of up to {UTF8_BYTES_PER_CHAR} bytes",
         file_word="image",
         files_setting="max_images",
     )

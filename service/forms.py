@@ -26,7 +26,7 @@ class FormLimits:
     files_name: str = "max_files"
     file_bytes_name: str = "max_file_bytes"
     fields_name: str = "max_fields"
-    field_bytes_name: str = "max_field_bytes"
+    field_bytes_name: str = "fixed"  # what the text fields' limit is, in a message: a setting, or fixed
     file_word: str = "file"  # what a file is called in messages, and the `details` key of its index ("image")
     files_setting: str | None = None  # the setting max_files is, named in the 413's details so a client can adapt
 
@@ -107,7 +107,7 @@ class _Reader:
         if self._filename is None and len(self._data) > lim.max_field_bytes:
             raise LimitExceeded(
                 f"text field {shown(self._name)} passed {lim.max_field_bytes} bytes; "
-                f"the limit is {lim.field_bytes_name}={lim.max_field_bytes}"
+                f"the limit is {lim.max_field_bytes} bytes ({lim.field_bytes_name})"
             )
 
     def on_part_end(self) -> None:

@@ -101,6 +101,13 @@ BAD_INPUTS = [
         "limit_exceeded",
         "max_label_chars",
     ),
+    (
+        "label far too long",  # cut at the multipart layer, in bytes: the message says how they relate to characters
+        dict(files=_classify_files(), data={"labels": ["x" * 1000]}),
+        413,
+        "limit_exceeded",
+        "the limit is 256 bytes (max_label_chars=40 characters of up to 4 bytes)",
+    ),
     ("empty label", dict(files=_classify_files(), data={"labels": ["red", " "]}), 422, "invalid_request", "label 1"),
     (
         "duplicate labels",
