@@ -33,15 +33,17 @@ def _classify(args: argparse.Namespace) -> int:
         while a < len(args.images):
             names = args.images[a : a + chunk]
             try:
-                answered = _classify_chunk(client, names, labels, args, a)
-            except ClipbankHTTPError as e:  # a lower max_images, too large a body or answer: smaller requests
-                chunk = _smaller_chunk(e, len(names))
-                if chunk is None or args.route == "per-request":  # one decision for all: not split behind its back
-                    if args.json:  # the answers so far are kept, as the text lines are
-                        error = {"status": e.status, "code": e.code, "message": e.message, "details": e.details}
-                        print_json({"results": results, "unanswered": args.images[a:], "error": error})
-                    raise
-                continue
+                try:
+                    answered = _classify_chunk(client, names, labels, args, a)
+                except ClipbankHTTPError as e:  # a lower max_images, too large a body or answer: smaller requests
+                    chunk = _smaller_chunk(e, len(names))
+                    if chunk is None or args.route == "per-request":  # one decision for all: not split behind its back
+                        raise
+                    continue
+            except Exception as e:  # with --json, the answers so far are kept, as the text lines are
+                if args.json:
+                    print_json({"results": results, "unanswered": args.images[a:], "error": _error_of(e)})
+                raise
             a += len(names)
             skipped += sum("error" in r for r in answered)
             results += answered
@@ -81,6 +83,16 @@ def _classify_chunk(client: Any, names: list[str], labels: list[str], args: argp
         answered = dict(zip(pending, out["results"], strict=True))
         return [{"file": n, **(answered[i] if i in answered else {"error": errors[i]})} for i, n in enumerate(names)]
     return [{"file": n, "error": errors[i]} for i, n in enumerate(names)]
+
+
+def _error_of(e: Exception) -> dict[str, Any]:
+    """An error as --json prints it: the server's (status, code, message, details), or the client's own."""
+    from service.client import ClipbankHTTPError
+
+    if isinstance(e, ClipbankHTTPError):
+        return {"status": e.status, "code": e.code, "message": e.message, "details": e.details}
+    code = "unreadable" if isinstance(e, OSError) else "client_error"
+    return {"status": 0, "code": code, "message": f"{type(e).__name__}: {e}", "details": None}
 
 
 def _smaller_chunk(error: Any, sent: int) -> int | None:

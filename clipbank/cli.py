@@ -341,7 +341,7 @@ def _terminate(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if sys.stdout is None:  # started with stdout closed (`>&-`): what a command prints would be lost
-        if args.cmd != "serve":  # the server prints nothing there: its log is on stderr
+        if args.cmd not in ("serve", "healthcheck"):  # its log is on stderr; a health check answers by exit code
             print(f"clipbank {args.cmd}: standard output is closed; its answers would be lost", file=sys.stderr)
             return 2
         sys.stdout = open(os.devnull, "w")

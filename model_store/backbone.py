@@ -8,6 +8,7 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,9 @@ class BackboneRef:
             return "local-dir"  # the folder's own weights file (random weights only when it has none)
         if self.weights is None:
             return "none"
-        return f"file:{Path(self.weights).name}" if self.weights_is_file else self.weights
+        if self.weights_is_file:
+            return f"file:{Path(self.weights).name}"
+        return Path(self.weights).name if "/" in self.weights else self.weights  # open_clip takes a path as a tag
 
 
 def parse_backbone_ref(text: str) -> BackboneRef:
@@ -236,7 +239,10 @@ def _misfit(model: Any, path: Path) -> str | None:
     except Exception:  # not safetensors, or unreadable: open_clip's loader says what it finds
         return None
     want = {k: list(v.shape) for k, v in model.state_dict().items()}
-    differ = [k for k in want if k in shapes and shapes[k] != want[k] and not k.endswith("positional_embedding")]
+    numel = {k: math.prod(v) for k, v in shapes.items()}
+    differ = [  # open_clip resizes position embeddings, and reshapes a scalar logit_scale of [1] or []
+        k for k in want if k in shapes and numel[k] != math.prod(want[k]) and not k.endswith("positional_embedding")
+    ]
     missing = [k for k in want if k not in shapes]
     if not differ and len(missing) <= len(want) // 2:
         return None

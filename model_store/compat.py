@@ -12,14 +12,18 @@ from .bundle import Bundle, read_manifest
 from .bundle_format import PROBES_KEY
 from .errors import BackboneMismatch, BundleError, BundleInvalid, MissingExpert, ShapeMismatch
 from .experts import MoEConfig
+from .labels import shown
 from .manifest import BackboneInfo
 from .selector import selector_shape_problems
+
+CORE_FACTS = {"visual", "text"}  # each tower's activation and norm: without both in common, the hash decides
 
 
 def _without_folders(name: str) -> str:
     """A backbone name with the folders of any path in it left out: `file:/m/x/w.safetensors` is
     `file:w.safetensors`, `/m/x` is `x`. Such reasons reach the open /healthz, which never shows the server's paths."""
-    return re.sub(r"(?:[^\s:/]*/)+", "", name) or name
+    name = name.rstrip("/")
+    return re.sub(r"(?:[^:/]*/)+", "", name) or "?"
 
 
 def check_backbone(info: BackboneInfo, backbone: Backbone) -> None:
@@ -38,10 +42,13 @@ def check_backbone(info: BackboneInfo, backbone: Backbone) -> None:
         "(`ARCH-quickgelu:file:` runs it as OpenAI's)"
     )
     theirs, ours = info.facts, backbone.config_facts
-    if theirs is not None and ours is not None:  # the facts both sides know: a release that knows more still reads it
-        differ = sorted(k for k in theirs.keys() & ours.keys() if theirs[k] != ours[k])
+    shared = theirs.keys() & ours.keys() if theirs is not None and ours is not None else set()
+    if CORE_FACTS <= shared:  # the facts both sides know: a release that knows more still reads it
+        differ = sorted(k for k in shared if theirs[k] != ours[k])
         if differ:
-            said = "; ".join(f"{k}: {str(theirs[k])[:60]} in the bundle, {str(ours[k])[:60]} here" for k in differ[:4])
+            said = "; ".join(
+                f"{k}: {shown(theirs[k], 60)} in the bundle, {shown(ours[k], 60)} here" for k in differ[:4]
+            )
             raise BackboneMismatch(
                 f"the bundle's backbone has the served weights but computes otherwise ({said}): {hint}"
             )

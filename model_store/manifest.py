@@ -108,7 +108,10 @@ def _facts_ok(facts: Any) -> bool:
         return False
     if not all(isinstance(k, str) and 0 < len(k) <= MAX_FACT_NAME for k in facts):
         return False
-    return len(json.dumps(facts)) <= MAX_FACTS_CHARS
+    try:  # a lone surrogate would fail every answer that carries a message naming it
+        return len(json.dumps(facts, ensure_ascii=False).encode("utf-8")) <= MAX_FACTS_CHARS
+    except (UnicodeEncodeError, TypeError, ValueError):
+        return False
 
 
 def _routing_problems(manifest: dict) -> list[str]:

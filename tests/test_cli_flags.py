@@ -300,6 +300,12 @@ def test_classify_json_keeps_the_answers_before_a_failed_request_and_says_what_w
     assert [r["file"] for r in got["results"]] == paths[:64] and got["unanswered"] == paths[64:]
     assert got["error"]["code"] == "bad_image" and "files 65..70" in got["error"]["message"]
     assert "bad_image" in out.err
+    calls.clear()  # the review's: a file the client cannot read lost the answers before it too
+    paths[66] = str(tmp_path / "gone.png")
+    assert main(["classify", *paths, "--labels", "a", "--url", "http://srv", "--json"]) == 2
+    got = json.loads(capsys.readouterr().out)
+    assert [r["file"] for r in got["results"]] == paths[:64] and got["error"]["code"] == "unreadable"
+    assert len(calls) == 1 and got["unanswered"][2] == paths[66]  # the second request was never sent
     missing = [str(tmp_path / "gone1.png"), str(tmp_path / "gone2.png")]
     assert main(["classify", *missing, "--labels", "a", "--url", "http://srv", "--skip-bad"]) == 1
     assert "2 of 2 files skipped" in capsys.readouterr().err

@@ -123,7 +123,15 @@ def test_a_release_that_describes_configs_further_still_reads_older_bundles(back
 
     with pytest.raises(BackboneMismatch, match="or the bundle was made by a release that described configs otherwise"):
         check_backbone(read_bundle(edit_bundle(made, manifest=hash_only)).manifest.backbone, backbone)
-    for bad in (["visual"], {"": 1}, {f"k{i}": i for i in range(65)}, {"k": "x" * 5000}):
+
+    def renamed(m):  # no core fact in common (a later release renamed them): the hash decides, and differs here
+        m["backbone"]["config"] = "e" * 64
+        m["backbone"]["config_facts"] = {"visual.act": "GELU"}
+
+    with pytest.raises(BackboneMismatch, match="or the bundle was made by a release"):  # the review's: it passed
+        check_backbone(read_bundle(edit_bundle(made, manifest=renamed)).manifest.backbone, backbone)
+    # the review's: a lone surrogate in a fact made every answer that named it a 500 (/healthz among them)
+    for bad in (["visual"], {"": 1}, {f"k{i}": i for i in range(65)}, {"k": "x" * 5000}, {"text_pool": "\ud800"}):
         with pytest.raises(BundleInvalid, match="backbone.config_facts must be an object"):
             read_bundle(edit_bundle(made, manifest=lambda m, bad=bad: m["backbone"].update(config_facts=bad)))
 
@@ -177,7 +185,13 @@ def test_checkpoint_mistakes_are_said_in_one_line(tmp_path):
     # position embedding ("compute_index_ranges_weights" not implemented for 'Half')
     with pytest.raises(BackboneError, match="does not fit this architecture: .* first: text_projection is"):
         load_backbone(f"ViT-B-32:file:{tmp_path / 'w.safetensors'}")
-    torch.save(safetensors.torch.load_file(tmp_path / "w.safetensors"), tmp_path / "w.pt")  # PyTorch's own format
+    tensors = safetensors.torch.load_file(tmp_path / "w.safetensors")
+    reshaped = tmp_path / "scale"  # the review's: open_clip reshapes a logit_scale of [1]; it was refused
+    reshaped.mkdir()
+    shutil.copy(TINY_DIR / "open_clip_config.json", reshaped / "open_clip_config.json")
+    save_file({**tensors, "logit_scale": tensors["logit_scale"].reshape(1)}, reshaped / "w.safetensors")
+    assert load_backbone(f"file:{reshaped / 'w.safetensors'}", "cpu").fingerprint
+    torch.save(tensors, tmp_path / "w.pt")  # PyTorch's own format
     with pytest.raises(BackboneError, match=r"tensors have other sizes than this architecture's \(\d+; first: ") as e:
         load_backbone(f"file:{tmp_path / 'w.pt'}")
     assert "\n" not in str(e.value)
@@ -192,6 +206,12 @@ def test_an_unknown_model_name_is_answered_with_the_close_ones_not_every_name():
     with pytest.raises(BackboneError, match="open_clip has no model 'ViT-B-33'; close: ViT-B-32") as raised:
         load_backbone("ViT-B-33:openai")
     assert "convnext" not in str(raised.value) and len(str(raised.value)) < 300
+
+
+def test_a_path_given_as_a_pretrained_tag_is_named_by_its_file():
+    """The review's: open_clip takes `ARCH:/path/w.pt` as a file, and the name showed the whole path on /readyz."""
+    assert parse_backbone_ref("ViT-B-32:/srv/m/w.pt").pretrained == "w.pt"
+    assert parse_backbone_ref("ViT-B-32:laion2b_s34b_b79k").pretrained == "laion2b_s34b_b79k"
 
 
 def test_pick_device():

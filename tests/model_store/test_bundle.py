@@ -71,6 +71,12 @@ def test_wrong_backbone_fingerprint(backbone, bundle_bytes):
     with pytest.raises(BackboneMismatch, match="does not match the served backbone") as e:
         check_compatible(read_bundle(edit_bundle(bundle_bytes, manifest=other)), backbone, {})
     assert "(ckpt/file:w.pt)" in str(e.value) and "/home" not in str(e.value)  # the message reaches /healthz
+    for arch, pretrained, named in (("/srv/models/vit/", "/srv/secret dir/w.pt", "(vit/w.pt)"),):
+        moved = {"fingerprint": "0" * 64, "arch": arch, "pretrained": pretrained}
+        edited = edit_bundle(bundle_bytes, manifest=lambda m, moved=moved: m["backbone"].update(moved))
+        with pytest.raises(BackboneMismatch) as e:  # the review's: a trailing slash, a space in a folder's name
+            check_compatible(read_bundle(edited), backbone, {})
+        assert named in str(e.value) and "srv" not in str(e.value)
 
 
 def test_missing_referenced_expert(backbone):
