@@ -23,7 +23,7 @@ ID_RE = re.compile(r"[0-9a-f]{64}")
 
 # Bounds on what a manifest may ask the server to hold or compute (docs/bundle-format.md lists them).
 MAX_SHORT_CHARS = 256  # backbone names, created_at, selector kind
-MAX_FACTS, MAX_FACT_NAME, MAX_FACTS_CHARS = 64, 64, 4096  # backbone.config_facts (about 13 entries, 500 characters)
+MAX_FACTS, MAX_FACT_NAME, MAX_FACTS_BYTES = 64, 64, 4096  # backbone.config_facts (about 13 entries, 500 bytes)
 MAX_VERSION = 2**31 - 1
 MAX_TOP_K = 64
 MAX_RANK = 4096
@@ -95,7 +95,7 @@ def _identity_problems(manifest: dict) -> list[str]:
     elif backbone.get("config_facts") is not None and not _facts_ok(backbone["config_facts"]):
         problems.append(
             f"backbone.config_facts must be an object of at most {MAX_FACTS} entries, named in at most "
-            f"{MAX_FACT_NAME} characters, and at most {MAX_FACTS_CHARS} characters as JSON, when given"
+            f"{MAX_FACT_NAME} characters, and at most {MAX_FACTS_BYTES} bytes as UTF-8 JSON, when given"
         )
     training = manifest.get("training", {})
     if training is not None and not isinstance(training, dict):
@@ -109,7 +109,7 @@ def _facts_ok(facts: Any) -> bool:
     if not all(isinstance(k, str) and 0 < len(k) <= MAX_FACT_NAME for k in facts):
         return False
     try:  # a lone surrogate would fail every answer that carries a message naming it
-        return len(json.dumps(facts, ensure_ascii=False).encode("utf-8")) <= MAX_FACTS_CHARS
+        return len(json.dumps(facts, ensure_ascii=False).encode("utf-8")) <= MAX_FACTS_BYTES
     except (UnicodeEncodeError, TypeError, ValueError):
         return False
 

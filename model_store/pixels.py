@@ -29,7 +29,8 @@ def viewed_rgb(img: Image.Image) -> Image.Image:
         raise ValueError("32-bit float pixels, whose range is unknown; send 8- or 16-bit pixels")
     if img.mode == "I" or img.mode.startswith("I;16"):
         values = np.asarray(img)
-        if img.mode == "I" and 0 < values.max() <= 255:  # `convert("I")` of an 8-bit image, read as 16-bit: black
+        # `convert("I")` of an 8-bit image, read as 16-bit, was sent black
+        if img.mode == "I" and values.size and 0 < values.max() <= 255:
             raise ValueError(
                 "32-bit integer pixels all at most 255: 8-bit values or a nearly black 16-bit image, which cannot be "
                 "told apart; send 8-bit ('L') or 16-bit ('I;16') pixels"
