@@ -223,7 +223,8 @@ def install_handlers(app: FastAPI) -> None:
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405 and (allowed := _allowed_methods(request)):
             headers = {**(headers or {}), "Allow": allowed}
-        return error_response(exc.status_code, code, _routing_message(request, exc, headers), headers)
+        message = _routing_message(request, exc, headers)
+        return error_response(exc.status_code, code, message, headers, details=getattr(exc, "details", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

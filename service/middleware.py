@@ -114,13 +114,22 @@ class BodyLimit:
                 seen, self.held = seen + size, self.held + size
                 complete = not message.get("more_body", False)
                 if seen > limit:
-                    raise HTTPException(413, f"request body passed {seen} bytes; the limit is {name}")
+                    raise BodyTooLarge(f"request body passed {seen} bytes; the limit is {name}", setting, limit)
             return message
 
         try:
             await self.app(scope, limited, send)
         finally:
             self.held -= seen
+
+
+class BodyTooLarge(HTTPException):
+    """A body without a declared length that passed its limit while read: an HTTPException, so FastAPI's body
+    parsing lets it through, with the details a declared one's 413 has."""
+
+    def __init__(self, message: str, setting: str | None, limit: int) -> None:
+        super().__init__(413, message)
+        self.details = {"setting": setting, "limit": limit} if setting else None
 
 
 def _framing_problem(headers: dict[bytes, bytes], routed: bool) -> tuple[int, str, str] | None:

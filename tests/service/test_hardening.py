@@ -335,6 +335,14 @@ async def test_a_large_body_to_a_path_or_method_no_route_takes_is_404_or_405_not
         r = await c.post("/classify", content=body)
         assert r.status_code == 413 and "max_request_bytes" in r.json()["error"]["message"]
         assert r.json()["error"]["details"] == {"setting": "max_request_bytes", "limit": 1024 * 1024}  # to split by
+
+        async def chunks():  # no declared length: refused as it is read, with the same details
+            for _ in range(3):
+                yield body[: 512 * 1024]
+
+        r = await c.post("/classify", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "request body passed" in r.json()["error"]["message"]
+        assert r.json()["error"]["details"] == {"setting": "max_request_bytes", "limit": 1024 * 1024}
         r = await c.post("/tasks/x/activate", content=body, headers=AUTH)
         assert (
             r.status_code == 413 and "1048576 bytes for this endpoint (not a setting)" in r.json()["error"]["message"]
