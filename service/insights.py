@@ -115,6 +115,7 @@ class UnclaimedReservoir:
         self._bin_counts = np.zeros((nb, 2), np.int64)  # auto images, unclaimed
         self._bin_last, self._bins = -1, 0  # slot of the newest bin, bins held
         self._latest = -np.inf  # newest time recorded: time never runs backwards in here
+        self._lost = -np.inf  # newest time of an unclaimed embedding the ring overwrote (or a batch could not hold)
         self._lock = threading.Lock()
 
     @property
@@ -160,6 +161,8 @@ class UnclaimedReservoir:
             self._count(now, auto_images, int(np.count_nonzero(usable)))
             keep = rows[-self.config.capacity :]
             slots = (self._next + np.arange(len(keep))) % self.config.capacity
+            overwritten = self._times[slots].max(initial=-np.inf)
+            self._lost = max(self._lost, now if len(keep) < len(rows) else overwritten)
             self._emb[slots], self._times[slots] = keep, now
             self._writes += 1
             self._stamps[slots] = self._writes
@@ -209,13 +212,16 @@ class UnclaimedReservoir:
 
     def snapshot(self, now: float | None = None) -> ReservoirSnapshot:
         """A copy of what is kept at `now`, oldest first: the embeddings, their times, and the bins of the window
-        from the oldest kept embedding (or the retention, when none is kept) to now."""
+        they cover: the whole retention, or, once the ring has overwritten unclaimed embeddings still within it,
+        from the oldest kept embedding (so that shares are of traffic whose unclaimed images are all kept)."""
         bs = self.config.bin_seconds
         if not self.enabled:
             return ReservoirSnapshot(np.zeros((0, self.dim), np.float32), np.zeros(0), [], bs)
         now = time.time() if now is None else float(now)
         with self._lock:
-            self._expire(max(now, self._latest))
+            now = max(now, self._latest)
+            self._expire(now)
+            cutoff, overwrote = now - self.config.retention_seconds, self._lost >= now - self.config.retention_seconds
             order = (self._next + np.arange(self.config.capacity)) % self.config.capacity
             order = order[self._times[order] > -np.inf]
             emb, times, stamps = self._emb[order], self._times[order], self._stamps[order]  # fancy indexing copies
@@ -224,7 +230,7 @@ class UnclaimedReservoir:
         if len(ids):  # embeddings older than the oldest bin (only when MAX_BINS cut the retention) are left out
             keep = times >= ids[0] * bs
             emb, times, order, stamps = emb[keep], times[keep], order[keep], stamps[keep]
-        start = times[0] if len(times) else now - self.config.retention_seconds
+        start = times[0] if len(times) and overwrote else cutoff
         first = np.searchsorted((ids + 1) * bs, start, side="right")  # first bin ending after `start`
         bins = [
             TrafficBin(float(i * bs), int(a), int(u)) for i, (a, u) in zip(ids[first:], counts[first:], strict=True)

@@ -71,6 +71,25 @@ def test_drops_embeddings_and_bins_older_than_the_retention():
     assert len(late) == 0 and late.bins == [] and len(r) == 0
 
 
+def test_the_window_holds_the_claimed_traffic_before_the_first_unclaimed_image():
+    """77 images a task claimed, then 30 it did not, a bin later: 30 of 107 went to zero-shot, not 30 of 30 (the
+    window once started at the oldest kept embedding even when the ring had never overwritten one)."""
+    r = UnclaimedReservoir(ReservoirConfig(capacity=100, retention_seconds=600.0, bin_seconds=60.0), dim=2)
+    r.record(77, np.zeros((0, 2), np.float32), now=1000.0)
+    r.record(30, np.ones((30, 2), np.float32), now=1070.0)
+    snap = r.snapshot(now=1080.0)
+    assert (snap.auto_images, snap.unclaimed, len(snap)) == (107, 30, 30)
+    r.record(20, np.ones((80, 2), np.float32)[:20], now=1130.0)
+    r.record(60, np.ones((60, 2), np.float32), now=1190.0)  # the ring overwrites 10 of the first 30
+    snap = r.snapshot(now=1200.0)  # from the oldest kept embedding: bins whose unclaimed images are kept
+    assert [(b.start, b.auto_images, b.unclaimed) for b in snap.bins] == [
+        (1020.0, 30, 30),
+        (1080.0, 20, 20),
+        (1140.0, 60, 60),
+    ]
+    assert len(snap) == 100
+
+
 def test_a_late_record_counts_as_the_newest():
     r = UnclaimedReservoir(ReservoirConfig(capacity=10, bin_seconds=10.0), dim=2)
     r.record(4, np.ones((1, 2), np.float32), now=100.0)
