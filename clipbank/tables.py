@@ -42,6 +42,8 @@ def print_tasks(generation: int, tasks: list[dict[str, Any]], where: str) -> Non
     for t in tasks:  # the reasons below the table: one of ~250 characters widened the STATE column for all
         if t.get("degraded") and not t.get("serving", True):
             print(f"{t['task']} is not served: {t['degraded']}")
+        if t.get("shadow_degraded"):
+            print(f"the version of {t['task']} in shadow is not scored: {t['shadow_degraded']}")
 
 
 def _row(task: dict[str, Any], v: dict[str, Any]) -> tuple[str, ...]:
@@ -64,7 +66,8 @@ def _state(task: dict[str, Any], version: int) -> str:
     if version == task.get("active_version"):
         states.append("active" + _served(task))
     if version == task.get("shadow_version"):
-        states.append("shadow")
+        failed = task.get("shadow_degraded")
+        states.append("shadow" + (f" (not scored: {str(failed).split(':', 1)[0]})" if failed else ""))
     return ", ".join(states) or "-"
 
 

@@ -27,7 +27,9 @@ class BankLoader:
         self._bundles: dict[str, Bundle] = {}
         self._in_use: set[str] = set()
         self._shadows: dict[str, ShadowEntry] = {}  # by bundle id: only the selector is kept
-        self._shadow_failures: dict[str, str] = {}  # by bundle id: why it cannot be scored (not read again)
+        # by bundle id: why it cannot be scored, and the generation it failed at (read again at another one: a
+        # restore publishes one)
+        self._shadow_failures: dict[str, tuple[str, int]] = {}
         self._lock = threading.Lock()
 
     def bundle(self, bundle_id: str) -> Bundle:
@@ -143,12 +145,14 @@ class BankLoader:
 
     def shadows(self, index: StoreIndex) -> tuple[ShadowEntry, ...]:
         """The index's versions in shadow, by task name. One that cannot be read or does not fit the backbone is
-        left out (logged once; `shadow_failure` says why): a shadow never stops what is served."""
+        left out (logged once; `shadow_failure` says why), and read again at the store's next generation: a shadow
+        never stops what is served."""
         out, failures = [], {}
         for task, bundle_id in sorted(index.shadows().items()):
             entry = self._shadows.get(bundle_id)
-            if entry is None and bundle_id in self._shadow_failures:
-                failures[bundle_id] = self._shadow_failures[bundle_id]
+            failed = self._shadow_failures.get(bundle_id)
+            if entry is None and failed is not None and failed[1] == index.generation:
+                failures[bundle_id] = failed
                 continue
             if entry is None:
                 try:
@@ -156,8 +160,9 @@ class BankLoader:
                     check_backbone(bundle.manifest.backbone, self.backbone)
                     entry = shadow_entry(bundle, self.backbone.device)
                 except Exception as e:  # a damaged blob, I/O, memory: only this shadow is left out
-                    failures[bundle_id] = _why(e)
-                    log.error("task %s: its version in shadow is left out: %s", task, failures[bundle_id])
+                    failures[bundle_id] = (_why(e), index.generation)
+                    if failed is None or failed[0] != failures[bundle_id][0]:
+                        log.error("task %s: its version in shadow is left out: %s", task, failures[bundle_id][0])
                     continue
             out.append(entry)
         with self._lock:
@@ -165,7 +170,9 @@ class BankLoader:
         return tuple(out)
 
     def shadow_failure(self, bundle_id: str) -> str | None:
-        return self._shadow_failures.get(bundle_id)
+        """Why the version in shadow `bundle_id` is not scored (None: it is, or it is in no shadow)."""
+        failed = self._shadow_failures.get(bundle_id)
+        return failed[0] if failed is not None else None
 
     def adopt(self, bank: BankSnapshot) -> None:
         """`bank` is now the one served: `trim` keeps the bundles it was built from (a checked bank built with

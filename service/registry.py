@@ -114,9 +114,11 @@ class Registry:
         """Serve `bank` (built from the store's state, or checked and then written to it) from now on, with the
         store's versions in shadow."""
         try:
-            shadows = self.loader.shadows(self.store.index())
-            if shadows != bank.shadows:  # the same object otherwise: what was built and checked is what serves
-                bank = dataclasses.replace(bank, shadows=shadows)
+            index = self.store.index()
+            shadows = self.loader.shadows(index)
+            failed = {t: why for t, b in index.shadows().items() if (why := self.loader.shadow_failure(b))}
+            if shadows != bank.shadows or failed != bank.shadow_degraded:  # else what was built and checked serves
+                bank = dataclasses.replace(bank, shadows=shadows, shadow_degraded=failed)
         except Exception as e:  # an unreadable index, say: the bank still serves, its shadows as they were built
             log.error("the shadows are not updated: %s", e)
         self._bank = bank  # the swap: one reference assignment
@@ -325,21 +327,24 @@ class Registry:
         log.warning("restored %s v%d (bundle %s): it serves again", bundle.task, bundle.version, bundle.id[:12])
         return PutResult(bundle.task, bundle.version, bundle.id, len(bundle.experts), generation, restored=True)
 
-    def shadow(self, task: str, version: int | None) -> str | None:
+    def shadow(self, task: str, version: int | None) -> dict[str, Any] | None:
         """Put a stored version in shadow, checked as if activated (the gate only reports); None: stop shadowing.
-        Returns the bundle id in shadow."""
+        Returns the gate's report (None: nothing ran, as when the version was in shadow already)."""
         if version is None:
             if self.store.task(task).shadow is None:
                 raise NoShadow(f"task {shown(task)} has no version in shadow")
-            return self._change({}, lambda: self.store.set_shadow(task, None), serves=False)
+            self._change({}, lambda: self.store.set_shadow(task, None), serves=False)
+            return None
         record = self.store.version(task, version)
         if record.bundle_id == self.store.task(task).active:  # the store refuses it too; this is before any work
             raise ShadowConflict(f"task {shown(task)} version {version} is active: only another version can shadow it")
         if record.bundle_id == self.store.task(task).shadow:  # in shadow already: no gate, no new generation
-            return record.bundle_id
+            return None
         bundle = self.loader.bundle(record.bundle_id)
-        check = self._gated(task, False, [], refuse=False)
-        return self._change({task: bundle}, lambda: self.store.set_shadow(task, version), serves=False, check=check)
+        reports: list[GateReport] = []
+        check = self._gated(task, False, reports, refuse=False)
+        self._change({task: bundle}, lambda: self.store.set_shadow(task, version), serves=False, check=check)
+        return reports[-1].to_json() if reports else None
 
     def activate(self, task: str, version: int, force: bool = False) -> dict[str, Any] | None:
         """Make a stored version active, gated; returns the gate's report (None: it was active, nothing ran)."""

@@ -180,6 +180,9 @@ class TaskInfo(BaseModel):
     versions: list[VersionInfo]
     bytes: int = Field(..., description="Tensor bytes of the active version in memory (0 if inactive).")
     shadow_version: int | None = Field(None, description="The version scoring live traffic in shadow, if any.")
+    shadow_degraded: str | None = Field(
+        None, description="Why this server does not score the version in shadow (a damaged blob...); null: it does."
+    )
     replicas: dict[str, int | str] | None = Field(
         None, description="After a change: {replica: the generation it serves}; with wait=all every live replica."
     )
@@ -190,8 +193,9 @@ class TaskInfo(BaseModel):
     )
     gate: dict[str, Any] | None = Field(
         None,
-        description="After an activation: the interference gate's report on it, against the bank it joined (null "
-        "when the version was active already: nothing ran). Forced past the gate: its offences are listed here.",
+        description="After an activation, or a version put in shadow: the interference gate's report on it, against "
+        "the bank it joined or would join (null when the version was active, or in shadow, already: nothing ran). "
+        "Forced past the gate, or in shadow: its offences are listed here.",
     )
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
-from model_store.errors import NoShadow
+from model_store.errors import NoShadow, TaskDegraded
 from model_store.manifest import shown
 
 from ..auth import TokenCheck
@@ -37,6 +37,9 @@ def watch_router(admin: TokenCheck) -> APIRouter:
         registry = service.require_ready()
         entry = await run_in_threadpool(registry.task_entry, known_name(task))
         stats = service.watch.shadows.stats(task)
+        failed = registry.bank.shadow_degraded.get(task) if entry.shadow is not None else None
+        if stats is None and failed is not None:  # it never will be, until its blob is restored (a new generation)
+            raise TaskDegraded(f"the version of task {shown(task)} in shadow is not scored: {failed}")
         if stats is None:
             why = (
                 "has no version in shadow"
@@ -51,8 +54,8 @@ def watch_router(admin: TokenCheck) -> APIRouter:
         """Put a stored version in shadow (replacing the one there); promote it later with activate."""
         registry = service_of(request).require_ready()
         body = await read_json(request, ActivateRequest)
-        await run_in_threadpool(registry.shadow, known_name(task), body.version)
-        return await _changed(request, task, wait, f"version {body.version} of {task} in shadow")
+        gate = await run_in_threadpool(registry.shadow, known_name(task), body.version)
+        return {**await _changed(request, task, wait, f"version {body.version} of {task} in shadow"), "gate": gate}
 
     @router.delete("/tasks/{task}/shadow", response_model=TaskInfo, responses=WAITED)
     async def end_shadow(request: Request, task: str, wait: Wait = "none") -> dict:

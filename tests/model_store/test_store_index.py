@@ -152,3 +152,7 @@ def test_the_loader_keeps_only_the_selector_of_a_version_in_shadow(tmp_path, bac
     fresh = BankLoader(store, backbone)
     assert fresh.shadows(store.index()) == () and "does not hash" in fresh.shadow_failure(entry.bundle_id)
     assert fresh.load().generation == store.generation()  # the bank still builds and serves
+    assert fresh.shadows(store.index()) == ()  # not read again at the same generation
+    store.restore(read_bundle(data), data)  # the blob written back publishes a generation: read again, and scored
+    assert [e.bundle_id for e in fresh.shadows(store.index())] == [entry.bundle_id]
+    assert fresh.shadow_failure(entry.bundle_id) is None

@@ -80,5 +80,10 @@ def test_a_server_that_does_not_serve_the_active_version_says_what_it_serves(cap
     assert rows[0][2] == "active (this server still serves v1)" and rows[1][2] == "active (not served: store_damaged)"
     assert out.splitlines()[-1] == f"vans is not served: {why}"  # the whole reason, below the table
     assert rows[0][4:] == ["3.0 MiB", "-", "91.2%", "-"]
+    shadowed = {**behind, "task": "bikes", "serving": True, "shadow_version": 2, "shadow_degraded": why}
+    print_tasks(8, [shadowed], "server x")
+    out = capsys.readouterr().out
+    assert _rows(out.rsplit("\n", 2)[0])[0][2] == "active, shadow (not scored: store_damaged)"
+    assert out.splitlines()[-1] == f"the version of bikes in shadow is not scored: {why}"
     print_tasks(3, [], "store s")
     assert capsys.readouterr().out == "store s: no task stored (generation 3)\n"

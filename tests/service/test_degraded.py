@@ -347,3 +347,23 @@ def test_degraded_tasks_are_retried_only_when_a_retry_can_heal_them_and_ever_les
     assert "task a is degraded" not in caplog.text
     retry.swapped({})
     assert "task a serves again" in caplog.text
+
+
+async def test_a_damaged_shadow_says_why_it_is_not_scored_and_is_scored_once_restored(tmp_path, backbone, two_tasks):
+    """An outside check's: the shadow's damage was only in the log (GET /tasks/t/shadow said "does not score yet",
+    404), and re-uploading its bytes restored the blob but the server never read it again."""
+    store = _store(tmp_path, two_tasks["a"], two_tasks["c"])
+    store.put(two_tasks["b1"], activate=False)
+    store.set_shadow("b", 1)
+    _flip_byte(store, two_tasks["b1"])
+    async with running_app(tmp_path, backbone) as c:
+        r = await c.get("/tasks/b/shadow", headers=AUTH)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "task_degraded", r.text
+        assert "the version of task 'b' in shadow is not scored: store_damaged" in r.json()["error"]["message"]
+        info = (await c.get("/tasks/b", headers=AUTH)).json()
+        assert info["shadow_version"] == 1 and "does not hash to its name" in info["shadow_degraded"]
+        r = await c.post("/tasks", files={"bundle": ("b.safetensors", two_tasks["b1"])}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["restored"], r.text
+        r = await c.get("/tasks/b/shadow", headers=AUTH)
+        assert r.status_code == 200 and r.json()["version"] == 1, r.text
+        assert (await c.get("/tasks/b", headers=AUTH)).json()["shadow_degraded"] is None

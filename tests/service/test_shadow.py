@@ -89,10 +89,11 @@ async def test_a_new_version_in_shadow_beside_the_active_one(tmp_path, backbone,
         assert (await c.get("/tasks/glyphs/shadow", headers=AUTH)).status_code == 404
         r = await c.post("/tasks/glyphs/shadow", json={"version": 2}, headers=AUTH)  # back in shadow: counts anew
         assert r.status_code == 200 and r.json()["shadow_version"] == 2
+        assert r.json()["gate"]["passed"] is False and r.json()["gate"]["offences"]  # reported, as on an upload
         assert (await c.get("/tasks/glyphs/shadow", headers=AUTH)).json()["images"] == 0
         generation = r.headers["X-Clipbank-Generation"]
         again = await c.post("/tasks/glyphs/shadow", json={"version": 2}, headers=AUTH)  # in shadow already
-        assert again.status_code == 200 and again.json()["shadow_version"] == 2
+        assert again.status_code == 200 and again.json()["shadow_version"] == 2 and again.json()["gate"] is None
         assert again.headers["X-Clipbank-Generation"] == generation  # nothing written, no bank rebuilt anywhere
 
 
