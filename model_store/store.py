@@ -196,7 +196,7 @@ class LocalStore(Store):
                 for stale in folder.glob(TMP_PREFIX + "*"):
                     stale.unlink(missing_ok=True)
             current = self._read_index()
-            index = next_generation(edit(current))
+            index = next_generation(edit(current), self._seen_id)
             if not self.index_path.exists():  # the index before any blob: blobs without one mean it was lost
                 atomic_write(self.index_path, encode_index(current))
             wrote = None
@@ -209,7 +209,7 @@ class LocalStore(Store):
                 if wrote is not None and not self._names(blob[0]):  # a failed change leaves the disk as it was
                     wrote.unlink(missing_ok=True)
                 raise
-            return index
+            return self._seen(index)
 
     def _write_blob(self, bundle_id: str, data: bytes, replace: bool = False) -> None:
         path = self.blobs / f"{bundle_id}.safetensors"

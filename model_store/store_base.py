@@ -10,6 +10,7 @@ secrets.
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
@@ -60,9 +61,21 @@ class Store:
     location: str
     _based_on = threading.local()  # per thread: (store, generation) that `based_on` set
     _seen_generation = 0  # the highest generation this object has read: a store never goes back from it
+    _seen_id: str | None = None  # the store's id, once this object has read one
 
     def _seen(self, index: StoreIndex) -> StoreIndex:
+        """`index`, or StoreDamaged if it went back a generation or is another store's (wiped and made again, or
+        restored from a backup, under a running server, which then served a bank the store no longer held)."""
+        other = self._seen_id is not None and index.store_id not in (None, self._seen_id)
+        if index.generation < self._seen_generation or other:
+            why = "is another store's" if other else f"went back from generation {self._seen_generation}"
+            raise StoreDamaged(
+                f"the store at {self.location} was replaced under this process (its index.json {why}; was it deleted "
+                "and made again, or restored from a backup?): restart the server to serve the store as it now is; "
+                "until then the last bank serves and nothing can be changed"
+            )
         self._seen_generation = max(self._seen_generation, index.generation)
+        self._seen_id = index.store_id or self._seen_id
         return index
 
     def _index_gone(self) -> None:
@@ -367,15 +380,16 @@ def needed_by(index: StoreIndex, task: str) -> dict[int, list[str]]:
     return out
 
 
-def next_generation(index: StoreIndex) -> StoreIndex:
-    """The changed index, one generation on; a StoreError for an index of a newer format, which this release reads
-    but cannot rewrite without losing what it does not know."""
+def next_generation(index: StoreIndex, known_id: str | None = None) -> StoreIndex:
+    """The changed index, one generation on, with its store id (`known_id`, the one the writer read before, when
+    an older release's write dropped it; else a new one); a StoreError for an index of a newer format, which this
+    release reads but cannot rewrite without losing what it does not know."""
     if index.format > INDEX_FORMAT:
         raise StoreError(
             f"the store index is format {index.format}, written by a newer clipbank; this release (format "
             f"{INDEX_FORMAT}) serves from it but does not change it: upgrade to change the store"
         )
-    return replace(index, generation=index.generation + 1)
+    return replace(index, generation=index.generation + 1, store_id=index.store_id or known_id or uuid.uuid4().hex)
 
 
 def _unless(shadow: str | None, activated: str) -> str | None:

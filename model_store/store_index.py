@@ -9,6 +9,7 @@ is a StoreError naming it, so nothing is served or written from an index that ca
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -16,6 +17,8 @@ from typing import Any
 
 from .errors import StoreError, TaskNotFound, VersionNotFound
 from .manifest import ID_RE, shown
+
+STORE_ID_RE = re.compile(r"[0-9a-f]{32}")
 
 INDEX_FORMAT = 1
 
@@ -138,6 +141,8 @@ class StoreIndex:
     format: int = INDEX_FORMAT
     # {bundle id: unix time}: blobs a purge is deleting (object stores only; no put may name them until it is done)
     deleting: Mapping[str, float] = field(default_factory=dict)
+    # made by the first change (random): a store wiped and made again under a running server is another store
+    store_id: str | None = None
 
     @classmethod
     def from_json(cls, obj: Any) -> StoreIndex:
@@ -153,7 +158,9 @@ class StoreIndex:
         fmt = obj.get("format", INDEX_FORMAT)
         if type(fmt) is not int or fmt < 1:
             raise StoreError(f"the store index has format {shown(fmt, 20)}, not a format number")
-        return cls(obj["generation"], tasks, fmt, deleting)
+        store_id = obj.get("store_id")
+        store_id = store_id if isinstance(store_id, str) and STORE_ID_RE.fullmatch(store_id) else None
+        return cls(obj["generation"], tasks, fmt, deleting, store_id)
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -163,6 +170,8 @@ class StoreIndex:
         }
         if self.deleting:  # written only when set, so older releases read the index unchanged
             out["deleting"] = dict(self.deleting)
+        if self.store_id is not None:  # older releases ignore it (and drop it when they write)
+            out["store_id"] = self.store_id
         return out
 
     def task(self, name: str) -> TaskRecord:

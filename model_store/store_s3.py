@@ -189,7 +189,7 @@ class S3Store(Store):
                 self._publish(None, index)
                 continue
             try:
-                new = next_generation(edit(index))
+                new = next_generation(edit(index), self._seen_id)
             except BlobBeingDeleted:
                 if blob is None:
                     raise

@@ -296,13 +296,7 @@ def test_a_store_deleted_under_a_reader_is_damage_not_an_empty_store(make_store,
     store = make_store()
     store.put(bundles[1])
     generation = store.generation()
-    if isinstance(store, LocalStore):
-        import shutil
-
-        shutil.rmtree(store.root)
-    else:
-        for key in [o["Key"] for o in store._s3.list_objects_v2(Bucket=store.bucket)["Contents"]]:
-            store._s3.delete_object(Bucket=store.bucket, Key=key)
+    _wipe(store)
     with pytest.raises(StoreDamaged, match=rf"index.json is gone \(it was at generation {generation}"):
         store.index()
     with pytest.raises(StoreDamaged, match="is gone"):
@@ -310,6 +304,66 @@ def test_a_store_deleted_under_a_reader_is_damage_not_an_empty_store(make_store,
     if isinstance(store, LocalStore):
         assert not store.index_path.exists()  # nothing written
     assert make_store().index().generation == 0  # a new handle (a restarted server): a new, empty store
+
+
+def _wipe(store) -> None:
+    if isinstance(store, LocalStore):
+        import shutil
+
+        shutil.rmtree(store.root)
+    else:
+        for key in [o["Key"] for o in store._s3.list_objects_v2(Bucket=store.bucket)["Contents"]]:
+            store._s3.delete_object(Bucket=store.bucket, Key=key)
+
+
+def test_a_store_wiped_and_made_again_under_a_reader_is_damage(make_store, bundles):
+    """An outside check's: a store emptied and refilled between two polls, to the generation a server had read,
+    was taken for the same store; the server served a bank the store no longer held, with no error."""
+    reader = make_store()
+    reader.put(bundles[1])
+    reader.put(bundles[2])
+    first = reader.index()
+    assert first.store_id is not None and first.generation == 2
+    _wipe(reader)
+    again = make_store()  # another process makes a new store there, to the same generation
+    again.put(bundles[1])
+    again.put(bundles[3])
+    assert again.generation() == 2 and again.index().store_id != first.store_id
+    with pytest.raises(StoreDamaged, match="was replaced under this process .its index.json is another store's"):
+        reader.index()
+    with pytest.raises(StoreDamaged, match="was replaced"):
+        reader.put(bundles[2])
+    assert make_store().index() == again.index()  # a restarted server serves the store as it now is
+
+
+def test_a_store_whose_generation_goes_back_under_a_reader_is_damage(make_store, bundles):
+    """A backup restored under a running server (or an older release's write of the index it read before)."""
+    store = make_store()
+    store.put(bundles[1])
+    old = store.index().to_json()
+    store.put(bundles[2])
+    if isinstance(store, LocalStore):
+        store.index_path.write_text(json.dumps(old))
+    else:
+        store._s3.put_object(Bucket=store.bucket, Key=store._key("index.json"), Body=json.dumps(old).encode())
+    with pytest.raises(StoreDamaged, match="went back from generation 2"):
+        store.index()
+    assert make_store().index().generation == 1
+
+
+def test_an_index_written_without_a_store_id_keeps_the_one_read_before(make_store, bundles):
+    """An older release writes the index without its id: a reader takes it, and its next write puts the id back."""
+    store = make_store()
+    store.put(bundles[1])
+    store_id = store.index().store_id
+    older = {k: v for k, v in {**store.index().to_json(), "generation": 2}.items() if k != "store_id"}
+    if isinstance(store, LocalStore):
+        store.index_path.write_text(json.dumps(older))
+    else:
+        store._s3.put_object(Bucket=store.bucket, Key=store._key("index.json"), Body=json.dumps(older).encode())
+    assert store.index().generation == 2 and store.index().store_id is None
+    store.put(bundles[2])
+    assert store.index().store_id == store_id and make_store().index().store_id == store_id
 
 
 def test_an_index_of_a_newer_format_is_served_from_but_not_changed(make_store, bundles):
