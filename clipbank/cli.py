@@ -207,7 +207,7 @@ def _add_pretrain(sub) -> None:
 
 
 def _add_store(sub) -> None:
-    s = sub.add_parser("store", help="inspect or change a local store")
+    s = sub.add_parser("store", help="inspect or change a store (a folder, or s3://; check: a folder only)")
     s.add_argument(
         "--store",
         default=env_value("store") or ServeConfig.store,

@@ -290,10 +290,10 @@ def open_store(location: str | os.PathLike) -> Store:
         from .store_s3 import S3Store
 
         return S3Store.from_url(text)
-    if re.match(r"^[a-z][a-z0-9+.-]*://", text):
-        raise StoreError(
-            f"store {text!r}: a store is a local folder or s3://bucket/prefix, not {text.split('://')[0]}://"
-        )
+    if re.match(r"^[a-z][a-z0-9+.-]*://", text, re.IGNORECASE):  # S3:// was made a local folder "S3:"
+        scheme = text.split("://")[0]
+        hint = f" (write the scheme in lower case: s3://{text[5:]})" if scheme.lower() == "s3" else ""
+        raise StoreError(f"store {text!r}: a store is a local folder or s3://bucket/prefix, not {scheme}://{hint}")
     return LocalStore(location)
 
 

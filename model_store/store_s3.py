@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import time
+import urllib.parse
 from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import replace
@@ -43,6 +44,21 @@ S3_CONNECT_SECONDS, S3_READ_SECONDS, S3_ATTEMPTS = 5.0, 10.0, 2
 STRAY_SECONDS = 3600.0  # a blob no index names, this old, is a killed writer's: a purge deletes it
 
 
+def _check_endpoint(endpoint: str | None) -> None:
+    """Refused by name before boto3 sees it ("Invalid endpoint", after the backbone had loaded), and never with
+    credentials in it: every error about the endpoint would log them."""
+    if endpoint is None:
+        return
+    if "@" in endpoint:  # checked first: the URL is not shown then
+        raise StoreError(
+            "CLIPBANK_S3_ENDPOINT_URL holds credentials (user:password@): they would be logged with every error "
+            "about the endpoint; give them in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
+    parts = urllib.parse.urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise StoreError(f"CLIPBANK_S3_ENDPOINT_URL must be an http:// or https:// URL, got {endpoint[:200]!r}")
+
+
 class S3Store(Store):
     """`s3://bucket/prefix` through a boto3 S3 client (any S3-compatible endpoint with conditional writes)."""
 
@@ -51,7 +67,13 @@ class S3Store(Store):
         self.location = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._s3 = client
         self.cache = Path(cache_dir)
-        self.cache.mkdir(parents=True, exist_ok=True)
+        try:
+            self.cache.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a traceback at start, after the backbone had loaded
+            raise StoreError(
+                f"the S3 store's local blob cache {str(self.cache)!r} cannot be made ({type(e).__name__}: "
+                f"{e.strerror or e}): set CLIPBANK_S3_CACHE_DIR to a writable folder"
+            ) from None
         self._cached: tuple[str, StoreIndex] | None = None
 
     @classmethod
@@ -67,6 +89,7 @@ class S3Store(Store):
         except ImportError:
             raise StoreError("an s3:// store needs boto3: pip install 'clipbank[scale]'") from None
         endpoint = env_value("S3_ENDPOINT_URL", environ)
+        _check_endpoint(endpoint)
         config = Config(
             connect_timeout=S3_CONNECT_SECONDS,
             read_timeout=S3_READ_SECONDS,

@@ -38,7 +38,7 @@ class TokenCheck:
         if credentials is None:
             where = (
                 "CLIPBANK_ADMIN_TOKEN or --token for the clipbank commands; a server started without one saved "
-                "the token it generated in the store's .admin-token file"
+                "the token it generated in the store folder's .admin-token file"
                 if self.name == "admin"
                 else f"CLIPBANK_{self.name.upper()}_TOKEN or --token for the clipbank commands"
             )

@@ -204,17 +204,20 @@ def _warn_if_val_is_data(job: TrainJob) -> None:
 
 def _open_store(location: str) -> Store:
     """The store, opened before any work: a store no change can be made to (read-only, its lock not creatable)
-    fails now, not after training; a local folder that holds no store (a typo?) is said to become a new one."""
-    if "://" not in location and not any((Path(location) / n).exists() for n in ("index.json", "blobs")):
+    fails now, not after training; a folder or S3 prefix that holds no store (a typo?) is said to become a new one."""
+    fresh = "://" not in location and not any((Path(location) / n).exists() for n in ("index.json", "blobs"))
+    store = open_store(location)  # a file, an unknown scheme: refused before any warning
+    if isinstance(store, LocalStore):
+        with store.locked():
+            pass
+    elif not store.exists():
+        fresh = True
+    if fresh:
         log.warning(
             "no store at %s: a new, empty one is made there, and the task is trained on an empty bank (if you meant "
             "an existing store, stop now and check the path)",
             location,
         )
-    store = open_store(location)
-    if isinstance(store, LocalStore):
-        with store.locked():
-            pass
     return store
 
 

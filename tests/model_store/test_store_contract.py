@@ -421,3 +421,25 @@ def test_s3_a_cache_disk_that_cannot_be_written_costs_a_fetch_not_the_blob(make_
     other = make_store()
     other.cache = other.cache.parent / "empty-cache"
     assert other.load(store.task("cars").active).task == "cars"
+
+
+def test_s3_settings_that_cannot_work_are_refused_by_name_before_any_call(tmp_path, monkeypatch):
+    """An outside check's: `S3://` became a local folder "S3:" (a traceback in `store list`, a silent local store
+    for `train`), an endpoint without its scheme and an unmakeable cache were tracebacks after the backbone had
+    loaded, and an endpoint's user:password went to the log with every error about it."""
+    from model_store.store_s3 import S3Store
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreError, match=r"not S3:// \(write the scheme in lower case: s3://bank/p\)"):
+        open_store("S3://bank/p")
+    assert not (tmp_path / "S3:").exists()
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    env = {"CLIPBANK_S3_CACHE_DIR": str(tmp_path / "cache")}
+    with pytest.raises(StoreError, match="CLIPBANK_S3_ENDPOINT_URL must be an http:// or https:// URL, got '127"):
+        S3Store.from_url("s3://bank/p", {**env, "CLIPBANK_S3_ENDPOINT_URL": "127.0.0.1:5055"})
+    with pytest.raises(StoreError, match="holds credentials") as refused:
+        S3Store.from_url("s3://bank/p", {**env, "CLIPBANK_S3_ENDPOINT_URL": "http://minio:s3cr3t@127.0.0.1:9"})
+    assert "s3cr3t" not in str(refused.value)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(StoreError, match="local blob cache .* cannot be made .*set CLIPBANK_S3_CACHE_DIR"):
+        S3Store.from_url("s3://bank/p", {"CLIPBANK_S3_CACHE_DIR": str(tmp_path / "a-file" / "cache")})

@@ -317,3 +317,28 @@ def test_labelled_images_in_memory_are_checked_before_training():
         with pytest.raises(kind, match=message):
             LabelledImages(*args)
     assert len(LabelledImages(ims, [np.int64(0), 1, 0], classes)) == 3  # numpy ints are class indices too
+
+
+def test_train_says_a_new_store_is_made_on_an_s3_prefix_too_and_refuses_a_file_before_saying_it(
+    s3_env, tmp_path, caplog, backbone
+):
+    """An outside check's: `train --store s3://bucket/typo` made a new store with no word (a folder got the
+    warning), and `--store afile` first said a new store is made there, then that it is a file."""
+    import logging
+
+    from model_store.bank import empty_bank
+    from model_store.errors import StoreError
+    from model_store.store import open_store
+    from tests.helpers import random_bundle
+    from training.run import _open_store
+
+    with caplog.at_level(logging.WARNING):
+        _open_store(f"s3://{s3_env}/typo")
+        assert f"no store at s3://{s3_env}/typo: a new, empty one is made" in caplog.text
+        caplog.clear()
+        open_store(f"s3://{s3_env}/bank").put(random_bundle(empty_bank(backbone), "cars", seed=1))
+        _open_store(f"s3://{s3_env}/bank")
+        (tmp_path / "afile").write_text("x")
+        with pytest.raises(StoreError, match="is a file"):
+            _open_store(str(tmp_path / "afile"))
+        assert "no store at" not in caplog.text
