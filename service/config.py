@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from model_store.pixels import MAX_ASPECT_RATIO
+from model_store.pixels import MAX_ASPECT_RATIO, MAX_PIXELS
 from model_store.settings import ENV_PREFIX, env_value, option
 
 from .insights import ReservoirConfig
@@ -31,7 +31,7 @@ class Limits:
     max_buffered_bytes: int = 1024 * MB  # request bodies held at once over all connections; beyond: 503, retry
     max_image_bytes: int = 16 * MB  # one encoded image
     max_images: int = 64  # images per request
-    max_pixels: int = 24_000_000  # width * height, read from the header before decoding
+    max_pixels: int = MAX_PIXELS  # width * height, read from the header before decoding
     max_aspect_ratio: int = MAX_ASPECT_RATIO  # long side / short side: a 1xN image is resized to SxSN before the crop
     max_request_pixels: int = 128_000_000  # pixels all of a request's images decode to (64 images of 2 MP)
     max_jpeg_scans: int = 100  # a progressive JPEG is decoded once per scan; encoders write about 10

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
-from model_store.pixels import aspect_problem, draft_for, viewed_rgb
+from model_store.pixels import aspect_problem, draft_for, reduced_for, viewed_rgb
 
 from .config import Limits
 from .errors import BadImage, ClientGone, LimitExceeded, of_image
@@ -45,6 +45,7 @@ class OpenedImage:
     image: Image.Image
     pixels: int  # what decoding will produce (JPEGs are decoded at a reduced scale when much larger than needed)
     orientation: int = 1
+    target: int | None = None  # the model's input side: a decoded image much larger is reduced (`reduced_for`)
 
 
 def _orientation(img: Image.Image) -> int:
@@ -96,7 +97,7 @@ def inspect_image(data: bytes, name: str, limits: Limits, target: int) -> Opened
         raise BadImage(f"{name} is a run-length BMP of {len(data)} bytes, more than its {width}x{height} pixels need")
     orientation = _orientation(img)
     draft_for(img, target)
-    return OpenedImage(name, img, img.size[0] * img.size[1], orientation)
+    return OpenedImage(name, img, img.size[0] * img.size[1], orientation, target)
 
 
 def _check_structure(data: bytes, name: str, limits: Limits) -> None:
@@ -136,7 +137,7 @@ def decode_image(opened: OpenedImage) -> Image.Image:
         orientation = 1  # Pillow turns a TIFF upright as it loads it, and then drops the tag
     if orientation in UPRIGHT:
         rgb = rgb.transpose(UPRIGHT[orientation])
-    return rgb
+    return rgb if opened.target is None else reduced_for(rgb, opened.target)
 
 
 def open_image(data: bytes, name: str, limits: Limits, target: int = 224) -> Image.Image:

@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import unicodedata
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from model_store.labels import classes_problem, labels_problems, twin_message
-from model_store.pixels import aspect_problem, draft_for, viewed_rgb
+from model_store.pixels import MAX_PIXELS, aspect_problem, draft_for, reduced_for, viewed_rgb
 
 # the formats the server reads (service/images.py FORMATS), under their usual suffixes
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff"}
@@ -52,17 +53,29 @@ def read_rgb(path: object, target: int | None = None) -> Image.Image:
     if isinstance(path, str | os.PathLike) and _size(path) == 0:  # Pillow would say "cannot identify image file"
         raise ValueError(f"{path} is empty (0 bytes)")
     try:
-        with Image.open(path) as im:
-            problem = aspect_problem(*im.size)  # from the header, before any pixel is decoded
-            if problem is None:
-                if target is not None:
-                    draft_for(im, target)
-                return viewed_rgb(ImageOps.exif_transpose(im))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # unnamed; our own limit applies
+            with Image.open(path) as im:
+                problem = _size_problem(*im.size)  # from the header, before any pixel is decoded
+                if problem is None:
+                    if target is not None:
+                        draft_for(im, target)
+                    rgb = viewed_rgb(ImageOps.exif_transpose(im))
+                    return rgb if target is None else reduced_for(rgb, target)
     except Image.DecompressionBombError as e:
         raise ValueError(f"{path} has too many pixels to read safely: {e}") from None
     except Exception as e:  # truncated or corrupt data, in any plugin
         raise ValueError(f"{path} could not be read as an image: {type(e).__name__}: {e}") from None
     raise ValueError(f"{path} {problem}")  # as the server refuses it: 1x60000 cost 1 GB and 3 s a read
+
+
+def _size_problem(width: int, height: int) -> str | None:
+    """Why a server with the default limits would refuse an image of this size (as `clipbank classify` would be
+    told: training on it is training on what is never served), or None."""
+    if width * height > MAX_PIXELS:
+        limit = f"a server refuses more than max_pixels={MAX_PIXELS} by default"
+        return f"is {width}x{height} = {width * height} pixels; {limit}: resize it"
+    return aspect_problem(width, height)
 
 
 def _size(path: str | os.PathLike) -> int | None:
@@ -214,10 +227,12 @@ def list_image_folder(root: str | Path, classes: tuple[str, ...] | None = None) 
         raise FileNotFoundError(f"image folder {root} does not exist")
     if not root.is_dir():
         raise ValueError(f"{root} is a file; give an ImageFolder directory (one sub-folder per class)")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    entries = sorted(root.iterdir())
+    folders = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
     found = tuple(class_name(p.name) for p in folders)
     if not folders:
         raise ValueError(f"image folder {root} has no class sub-folders")
+    _say_left_out(root, entries)
     _check_class_folders(root, folders, found)
     if classes is not None and set(found) != set(classes):
         extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
@@ -244,6 +259,17 @@ def list_image_folder(root: str | Path, classes: tuple[str, ...] | None = None) 
     return FolderListing(root, paths, labels, classes)
 
 
+def _say_left_out(root: Path, entries: Sequence[Path]) -> None:
+    """A warning naming what at the top of an ImageFolder is no class: images beside the class folders (a class
+    is a folder), and folders whose name starts with a dot (hidden: `.net` is one too)."""
+    loose = sum(1 for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    hidden = [p.name for p in entries if p.is_dir() and p.name.startswith(".")]
+    if loose:
+        log.warning("%s: %d images beside the class folders are not read (a class is a sub-folder)", root, loose)
+    if hidden:
+        log.warning("%s: folders %s start with a dot and are no classes (hidden)", root, hidden[:5])
+
+
 def read_image_folder(
     listing: FolderListing, lazy: bool = False, skip_bad: bool = False, target: int | None = None
 ) -> LabelledImages:
@@ -256,7 +282,16 @@ def read_image_folder(
     empty = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes)), strict=True) if n == 0]
     if empty:
         raise ValueError(
-            f"{listing.root}: class(es) {empty[:5]} have no readable image once the bad files are left out"
+            f"{listing.root}: class(es) {empty[:5]} have no readable image once the bad files are left out: add "
+            "images to them or remove their folders"
+        )
+    after, before = (np.bincount(x, minlength=len(classes)) for x in (labels, listing.labels))
+    single = [c for c, n, had in zip(classes, after, before, strict=True) if n == 1 < had]  # listing told of the rest
+    if single:
+        log.warning(
+            "%s: class(es) %s have one image once the bad files are left out: too few to learn, or to validate on",
+            listing.root,
+            single[:5],
         )
     return LabelledImages(images, labels, classes)
 

@@ -342,3 +342,30 @@ def test_train_says_a_new_store_is_made_on_an_s3_prefix_too_and_refuses_a_file_b
         with pytest.raises(StoreError, match="is a file"):
             _open_store(str(tmp_path / "afile"))
         assert "no store at" not in caplog.text
+
+
+def test_what_an_image_folder_leaves_out_at_its_top_or_after_bad_files_is_said(tmp_path, caplog):
+    """An outside check's: images beside the class folders and a class folder named `.net` were left out with no
+    word, and a class left with one image by --skip-bad was not said to be too small."""
+    import logging
+
+    from PIL import Image
+
+    from training.data import load_image_folder
+
+    for name, n in (("a", 3), ("b", 3), (".net", 2)):
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / name / f"{i}.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "loose.jpg")
+    (tmp_path / "b" / "1.png").write_bytes(b"junk")
+    (tmp_path / "b" / "2.png").write_bytes(b"junk")
+    with caplog.at_level(logging.WARNING):
+        data = load_image_folder(tmp_path, skip_bad=True)
+    assert data.classes == ("a", "b") and len(data) == 4
+    for said in (
+        "1 images beside the class folders are not read",
+        "folders ['.net'] start with a dot and are no classes",
+        "class(es) ['b'] have one image once the bad files are left out",
+    ):
+        assert said in caplog.text, caplog.text

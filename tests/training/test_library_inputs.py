@@ -108,6 +108,39 @@ def test_a_stopped_export_leaves_nothing_and_a_finished_one_is_whole(tmp_path, m
         export_domain("shapes", tmp_path / "f")
 
 
+def test_training_and_the_server_reduce_a_large_png_alike_and_refuse_what_a_server_refuses(tmp_path):
+    """An outside check's: a 12 MP PNG took 45 MB held for training (1000 of them: 45 GB), where JPEGs are drafted;
+    and training took a 91 MP image that every server with the default limits refuses (with only Pillow's
+    unnamed DecompressionBombWarning)."""
+    import warnings
+
+    from service.config import Limits
+    from service.images import decode_image, inspect_all
+    from tests.reliability.payloads import lying_png
+    from training.data import load_image_folder
+
+    rng = np.random.default_rng(1)
+    picture = Image.fromarray(rng.integers(0, 255, (45, 60, 3), dtype=np.uint8)).resize((2400, 1800))
+    for name, fmt in (("a", "png"), ("b", "webp")):
+        (tmp_path / "d" / name).mkdir(parents=True)
+        picture.save(tmp_path / "d" / name / f"p.{fmt}", **({"compress_level": 1} if fmt == "png" else {}))
+    ours = load_image_folder(tmp_path / "d", target=224)
+    assert [im.size for im in ours.images] == [(1200, 900)] * 2  # 1800 // (4 x 224) = 2
+    for i, name in enumerate(("a/p.png", "b/p.webp")):
+        (opened,) = inspect_all([(name, (tmp_path / "d" / name).read_bytes())], Limits(), 224)
+        assert np.array_equal(np.asarray(ours.images[i]), np.asarray(decode_image(opened)))
+    assert load_image_folder(tmp_path / "d", target=None).images[0].size == (2400, 1800)
+    (tmp_path / "d" / "b" / "huge.png").write_bytes(lying_png(13_000, 7_000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's own warning, which names no file, is not shown
+        with pytest.raises(
+            ValueError,
+            match=r"huge.png is 13000x7000 = 91000000 pixels; a server refuses more than "
+            r"max_pixels=24000000 by default: resize it",
+        ):
+            load_image_folder(tmp_path / "d", target=224)
+
+
 def test_training_reads_a_large_jpeg_as_the_server_decodes_it_not_at_full_size(tmp_path):
     """`clipbank train` held every photo decoded at full size (16 12-MP JPEGs: +825 MB; 1000 would need about
     48 GB), where the server decodes each at the smallest JPEG scale that keeps the backbone's input size. It now
