@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ class ShadowStats:
     task: str
     version: int
     bundle_id: str
+    against: str | None = None  # its task's active bundle served when counting began: figures are against it
     since: str = field(default_factory=utc_now)
     images: int = 0
     claimed: int = 0
@@ -62,22 +63,23 @@ class ShadowStats:
 
 class ShadowMonitor:
     """Thread-safe: the compute thread records, endpoints read. Figures restart when a task's shadow version
-    changes."""
+    changes, or the version of its task that is served (one comparison, not two mixed)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self._stats: dict[str, ShadowStats] = {}
         self._lock = threading.Lock()
 
-    def follow(self, shadows: Iterable[ShadowEntry]) -> None:
-        """The bank now serves these shadows: keep their figures, start new ones', drop the rest."""
+    def follow(self, shadows: Iterable[ShadowEntry], served: Mapping[str, str] | None = None) -> None:
+        """The bank now serves these shadows, and `served` ({task: bundle id}): keep their figures, start new ones'
+        (also of a shadow whose task now serves another version, or none), drop the rest."""
+        served = served or {}
         with self._lock:
             old, self._stats = self._stats, {}
             for s in shadows:
-                kept = old.get(s.name)
-                self._stats[s.name] = (
-                    kept if kept and kept.bundle_id == s.bundle_id else ShadowStats(s.name, s.version, s.bundle_id)
-                )
+                kept, against = old.get(s.name), served.get(s.name)
+                same = kept is not None and (kept.bundle_id, kept.against) == (s.bundle_id, against)
+                self._stats[s.name] = kept if same else ShadowStats(s.name, s.version, s.bundle_id, against)
             ended = [stats for task, stats in old.items() if self._stats.get(task) is not stats]
         for stats in ended:  # its series go too: they would mix versions, and tasks come and go
             self._forget(stats)

@@ -67,7 +67,9 @@ def watch_router(admin: TokenCheck) -> APIRouter:
     @router.get("/insights/unclaimed", response_model=UnclaimedInsights, tags=["insights"])
     async def unclaimed(
         request: Request,
-        min_share: Annotated[float, Query(gt=0, le=1, description="a cluster's least share of auto traffic")] = 0.03,
+        min_share: Annotated[
+            float, Query(gt=0, le=1, allow_inf_nan=False, description="a cluster's least share of auto traffic")
+        ] = 0.03,
         min_size: Annotated[int, Query(ge=2, le=100_000, description="a cluster's fewest members")] = 20,
         max_clusters: Annotated[int, Query(ge=1, le=100)] = 20,
         examples: Annotated[

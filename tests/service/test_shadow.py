@@ -95,6 +95,15 @@ async def test_a_new_version_in_shadow_beside_the_active_one(tmp_path, backbone,
         again = await c.post("/tasks/glyphs/shadow", json={"version": 2}, headers=AUTH)  # in shadow already
         assert again.status_code == 200 and again.json()["shadow_version"] == 2 and again.json()["gate"] is None
         assert again.headers["X-Clipbank-Generation"] == generation  # nothing written, no bank rebuilt anywhere
+        await _routes(c)
+        counted = (await c.get("/tasks/glyphs/shadow", headers=AUTH)).json()
+        assert counted["images"] > 0 and counted["taken_from"].get("glyphs"), counted
+        # an outside check's: with glyphs no longer served, the counts went on, against two banks mixed
+        assert (await c.delete("/tasks/glyphs", headers=AUTH)).status_code == 200
+        restarted = (await c.get("/tasks/glyphs/shadow", headers=AUTH)).json()
+        assert (restarted["images"], restarted["taken_from"]) == (0, {}), restarted
+        await _routes(c)
+        assert "glyphs" not in (await c.get("/tasks/glyphs/shadow", headers=AUTH)).json()["taken_from"]
 
 
 async def test_shadow_errors_are_clear_4xx(tmp_path, backbone, bundles):

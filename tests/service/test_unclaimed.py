@@ -90,6 +90,8 @@ async def test_the_monitor_can_be_off_and_its_endpoint_is_guarded(tmp_path, back
         for params in ({"min_share": 0}, {"min_share": 2}, {"min_size": 1}, {"max_clusters": 1000}, {"min_size": "x"}):
             r = await c.get("/insights/unclaimed", params=params, headers=AUTH)
             assert r.status_code == 422, (params, r.text)
+        r = await c.get("/insights/unclaimed", params={"min_share": "nan"}, headers=AUTH)  # not "<= 1"
+        assert r.status_code == 422 and "min_share: Input should be a finite number" in r.text, r.text
         assert "clipbank_unclaimed_reservoir_bytes 0.0" in (await c.get("/metrics")).text
         paths = (await c.get("/openapi.json")).json()["paths"]
         for path, method in [
