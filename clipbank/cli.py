@@ -83,7 +83,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _store(args: argparse.Namespace) -> int:
-    from model_store.store import check_store, open_store, store_leftovers
+    from model_store.store import open_store
+    from model_store.store_check import check_store, store_leftovers
 
     local = "://" not in args.store
     if local and not any((Path(args.store) / name).exists() for name in ("index.json", "blobs")):
@@ -91,9 +92,9 @@ def _store(args: argparse.Namespace) -> int:
         what = ": it is a file" if Path(args.store).is_file() else ""
         raise FileNotFoundError(f"no store at {args.store!r}{what} (a store folder holds index.json and blobs/)")
     if args.store_cmd == "check":
-        if not local:
-            raise ValueError("store check reads a local store folder (an object store has no folder to read)")
-        problems = check_store(args.store)
+        if not local and not open_store(args.store).exists():
+            raise FileNotFoundError(f"no store at {args.store!r} (no index.json under that prefix)")
+        problems = check_store(args.store)  # on S3: every blob as the bucket holds it, past this machine's cache
         if args.backbone:
             problems += _unservable(args.store, args.backbone)
         for problem in problems:
@@ -207,7 +208,7 @@ def _add_pretrain(sub) -> None:
 
 
 def _add_store(sub) -> None:
-    s = sub.add_parser("store", help="inspect or change a store (a folder, or s3://; check: a folder only)")
+    s = sub.add_parser("store", help="inspect, check or change a store (a folder, or s3://)")
     s.add_argument(
         "--store",
         default=env_value("store") or ServeConfig.store,

@@ -478,7 +478,7 @@ class Smoke:
     def store_intact(self) -> dict:
         """After the SIGTERM: the store checks clean, and the restarted server serves it."""
         code = (
-            "import json; from model_store.store import check_store, store_leftovers; "
+            "import json; from model_store.store_check import check_store, store_leftovers; "
             "print(json.dumps({'problems': check_store('/data/store'), **store_leftovers('/data/store')}))"
         )
         out = self.dc("run", "--rm", "--no-deps", "--entrypoint", "python", SERVICE, "-c", code, timeout=300)

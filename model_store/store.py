@@ -8,21 +8,16 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from filelock import FileLock, Timeout
 
-from .bundle import read_manifest
-from .digest import bytes_digest
-from .errors import BundleNotFound, ClipbankError, StoreDamaged, StoreError, StoreWriteFailed
-from .manifest import shown
+from .errors import BundleNotFound, StoreDamaged, StoreError, StoreWriteFailed
 from .store_base import Edit, PutResult, Store, next_generation, purge_plan
-from .store_index import StoreIndex, TaskRecord, VersionRecord
+from .store_index import StoreIndex, VersionRecord
 
-__all__ = ["LocalStore", "PutResult", "Store", "atomic_write", "check_store", "open_store", "store_leftovers"]
+__all__ = ["LocalStore", "PutResult", "Store", "atomic_write", "open_store"]
 
 log = logging.getLogger("clipbank.store")
 TMP_PREFIX = ".tmp-"
@@ -295,106 +290,3 @@ def open_store(location: str | os.PathLike) -> Store:
         hint = f" (write the scheme in lower case: s3://{text[5:]})" if scheme.lower() == "s3" else ""
         raise StoreError(f"store {text!r}: a store is a local folder or s3://bucket/prefix, not {scheme}://{hint}")
     return LocalStore(location)
-
-
-def check_store(root: str | os.PathLike) -> list[str]:
-    """Every problem of a store folder, empty when consistent.
-
-    Temp files and whole blobs the index does not name are not problems (a killed writer may leave them; the
-    next writer removes the temp files): `store_leftovers` counts them.
-    """
-    root = Path(root)
-    try:
-        index = json.loads((root / "index.json").read_bytes())
-    except FileNotFoundError:
-        blobs = [p for p in (root / "blobs").glob("*.safetensors") if BLOB_NAME.fullmatch(p.stem)]
-        return [f"index.json is missing but blobs/ holds {len(blobs)} bundles: the index was lost"] if blobs else []
-    except OSError as e:
-        return [f"index.json cannot be read: {type(e).__name__}: {e.strerror or e}"]
-    except (ValueError, RecursionError) as e:
-        return [f"index.json does not parse: {str(e)[:120]}"]
-    try:  # the server's own parser: what it refuses, `store list` and every change refuse too
-        typed = StoreIndex.from_json(index)
-    except StoreError as e:
-        return [f"index.json: {e} (servers, `store list` and changes refuse it)"]
-    problems, whole = [], {}
-    for path in (root / "blobs").glob("*.safetensors"):
-        if not BLOB_NAME.fullmatch(path.stem):  # an operator's file, not the store's: no purge deletes it
-            continue
-        data = path.read_bytes()
-        if bytes_digest(data) != path.stem:
-            problems.append(f"blob {path.name[:12]} does not hash to its name")
-            continue
-        whole[path.stem] = None  # whole: not "missing or damaged", whatever its manifest says
-        try:
-            manifest = read_manifest(data)  # accepted once, so it parses; unless put here by hand
-            whole[path.stem] = (manifest.task, manifest.version)
-        except ClipbankError as e:
-            problems.append(f"blob {path.name[:12]}: {e}")
-    problems += _field_problems(index["tasks"]) + _index_problems(typed.tasks, set(whole))
-    return problems + typed.record_problems(whole)
-
-
-LIST_FIELDS = {"experts_new": "empty", "uses": "empty", "classes": "unknown"}  # -> what the parser reads instead
-
-
-def _field_problems(tasks: dict[str, Any]) -> list[str]:
-    """Lists of ids or names that are not lists of strings: the parser reads them as empty, so a purge could
-    delete a blob that a version still uses."""
-    problems = []
-    for task, entry in tasks.items():
-        for v in entry["versions"]:
-            for key, read_as in LIST_FIELDS.items():
-                value = v.get(key)
-                if value is not None and not (isinstance(value, list) and all(isinstance(x, str) for x in value)):
-                    problems.append(
-                        f"task {shown(task)} version {v['version']}: {key!r} is {shown(value, 20)}, not a list of "
-                        f"strings (read as {read_as})"
-                    )
-    return problems
-
-
-def _index_problems(tasks: Mapping[str, TaskRecord], whole: set[str]) -> list[str]:
-    """Dangling ids in the index: blobs not in `whole`, active ids no version has, experts no version adds."""
-    problems = []
-    added = {eid for e in tasks.values() for v in e.versions for eid in v.experts_new}
-    lost = {  # experts of a version whose blob is gone: {expert id: that version's name}
-        eid: f"task {shown(task)} version {v.version}"
-        for task, e in tasks.items()
-        for v in e.versions
-        if v.bundle_id not in whole
-        for eid in v.experts_new
-    }
-    for task, entry in tasks.items():
-        numbers = [v.version for v in entry.versions]
-        if len(set(numbers)) != len(numbers):
-            problems.append(f"task {shown(task)}: a version number is stored twice: {numbers}")
-        for key in ("active", "shadow"):
-            named = getattr(entry, key)
-            if named and entry.record_of(named) is None:
-                problems.append(f"task {shown(task)}: the {key} bundle {named[:12]} is none of its versions")
-        for v in entry.versions:
-            name = f"task {shown(task)} version {v.version}"
-            if v.bundle_id not in whole:
-                problems.append(
-                    f"{name}: its blob {v.bundle_id[:12]} is missing or damaged (upload its bundle file again "
-                    "to write it back)"
-                )
-            needs = sorted({lost[eid] for eid in v.uses if eid in lost})
-            if needs:
-                problems.append(f"{name}: cannot be served either, it uses the experts of {', '.join(needs)}")
-            missing = [eid[:12] for eid in v.uses if eid not in added]
-            if missing:
-                problems.append(f"{name}: uses experts no stored version adds: {', '.join(missing[:5])}")
-    return problems
-
-
-def store_leftovers(root: str | os.PathLike) -> dict[str, int]:
-    """What a killed writer may leave that is not a problem: temp files, and whole blobs the index does not name."""
-    root = Path(root)
-    index_path = root / "index.json"
-    tasks = json.loads(index_path.read_bytes())["tasks"] if index_path.exists() else {}
-    named = {v["bundle_id"] for e in tasks.values() for v in e["versions"]}
-    temp = [p for folder in (root, root / "blobs") for p in folder.glob(TMP_PREFIX + "*")]
-    blobs = [p for p in (root / "blobs").glob("*.safetensors") if BLOB_NAME.fullmatch(p.stem)]
-    return {"temp_files": len(temp), "unreferenced_blobs": sum(p.stem not in named for p in blobs)}

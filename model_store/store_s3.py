@@ -167,7 +167,7 @@ class S3Store(Store):
             pass
         except OSError as e:  # the cache is only a cache: the object store has the blob
             log.warning("cached blob %s cannot be read (%s); fetched again", bundle_id[:12], e)
-        data = self._fetch_blob(bundle_id)
+        data = self.fetch_blob(bundle_id)
         if bytes_digest(data) == bundle_id:  # a damaged object is not cached; `read` reports it
             try:
                 atomic_write(cached, data)
@@ -175,7 +175,7 @@ class S3Store(Store):
                 log.warning("blob %s could not be cached in %s: %s", bundle_id[:12], self.cache, e)
         return data
 
-    def _fetch_blob(self, bundle_id: str) -> bytes:
+    def fetch_blob(self, bundle_id: str) -> bytes:
         """The object's bytes, past the local cache."""
         try:
             return self._s3.get_object(Bucket=self.bucket, Key=self._blob_key(bundle_id))["Body"].read()
@@ -186,7 +186,7 @@ class S3Store(Store):
 
     def _blob_intact(self, bundle_id: str) -> bool:
         try:  # the object itself: this process's cached copy may be whole while the store's is not
-            return bytes_digest(self._fetch_blob(bundle_id)) == bundle_id
+            return bytes_digest(self.fetch_blob(bundle_id)) == bundle_id
         except BundleNotFound:
             return False
 
@@ -303,17 +303,37 @@ class S3Store(Store):
 
     def _stray_blobs(self) -> set[str]:
         """Blobs older than STRAY_SECONDS (whether or not an index names them: the purge's edit decides)."""
-        strays, cutoff = set(), time.time() - STRAY_SECONDS
+        cutoff = time.time() - STRAY_SECONDS
+        return {name for name, modified in self._listed() if modified < cutoff}
+
+    def _listed(self) -> list[tuple[str, float]]:
+        """(name without `.safetensors`, unix time last written) of every blob object."""
+        out = []
         try:
             pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key("blobs/"))
             for page in pages:
                 for item in page.get("Contents", []):
                     name = item["Key"].rsplit("/", 1)[-1]
-                    if name.endswith(".safetensors") and item["LastModified"].timestamp() < cutoff:
-                        strays.add(name.removesuffix(".safetensors"))
+                    if name.endswith(".safetensors"):
+                        out.append((name.removesuffix(".safetensors"), item["LastModified"].timestamp()))
         except Exception as e:
             raise self._unavailable("list the blobs", e) from None
-        return strays
+        return out
+
+    def blob_names(self) -> list[str]:
+        """Every blob object's name (`clipbank store check`: what the bucket holds, not this machine's cache)."""
+        return [name for name, _ in self._listed()]
+
+    def raw_index(self) -> bytes | None:
+        """The index object's bytes as stored (None: there is none), for `clipbank store check`."""
+        try:
+            return self._s3.get_object(Bucket=self.bucket, Key=self._key("index.json"))["Body"].read()
+        except Exception as e:
+            if _code(e) == "NoSuchBucket":
+                raise self._unavailable("find its bucket", e) from None
+            if _status(e) == 404 or _code(e) in ("NoSuchKey", "404"):
+                return None
+            raise self._unavailable("read the index", e) from None
 
     def _unavailable(self, doing: str, e: Exception) -> StoreError:
         """A StoreError (503) naming what failed; the exception's own text goes to the log only."""

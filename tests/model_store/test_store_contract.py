@@ -443,3 +443,25 @@ def test_s3_settings_that_cannot_work_are_refused_by_name_before_any_call(tmp_pa
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(StoreError, match="local blob cache .* cannot be made .*set CLIPBANK_S3_CACHE_DIR"):
         S3Store.from_url("s3://bank/p", {"CLIPBANK_S3_CACHE_DIR": str(tmp_path / "a-file" / "cache")})
+
+
+def test_store_check_reads_what_is_stored_past_the_local_cache(make_store, bundles, capsys):
+    """An outside check's: a blob deleted from the bucket still served from this machine's cache, and `clipbank
+    store check` refused an S3 store; so nothing could audit one."""
+    from clipbank.cli import main
+    from model_store.store_check import check_store, store_leftovers
+
+    store = make_store()
+    put = store.put(bundles[1])
+    store.put(bundles[2])
+    assert store.read(put.bundle_id)  # cached now, on S3
+    assert check_store(store.location) == [] and store_leftovers(store.location)["unreferenced_blobs"] == 0
+    if isinstance(store, LocalStore):
+        (store.blobs / f"{put.bundle_id}.safetensors").unlink()
+    else:
+        store._s3.delete_object(Bucket=store.bucket, Key=store._blob_key(put.bundle_id))
+        assert store.read(put.bundle_id)  # the cache still has it
+    (problem,) = check_store(store.location)
+    assert problem.startswith(f"task 'cars' version 1: its blob {put.bundle_id[:12]} is missing or damaged")
+    assert main(["store", "--store", store.location, "check"]) == 1
+    assert "missing or damaged" in capsys.readouterr().out

@@ -20,7 +20,8 @@ import pytest
 from model_store.bank import build_bank, empty_bank
 from model_store.bundle import Bundle, read_bundle
 from model_store.loader import BankLoader
-from model_store.store import TMP_PREFIX, LocalStore, check_store, store_leftovers
+from model_store.store import TMP_PREFIX, LocalStore
+from model_store.store_check import check_store, store_leftovers
 from tests.helpers import random_bundle, with_version
 
 pytestmark = pytest.mark.slow
