@@ -96,9 +96,10 @@ class LabelledImages:
 
 
 def class_name(folder: str) -> str:
-    """An ImageFolder folder name as a class name: `_` reads as a space, and the name is composed (NFC): macOS
-    writes "café" as "cafe" and a combining accent, which answers would return to clients as it is."""
-    return unicodedata.normalize("NFC", folder.replace("_", " "))
+    """An ImageFolder folder name as a class name: `_` reads as a space, the name is composed (NFC): macOS writes
+    "café" as "cafe" and a combining accent, which answers would return to clients as it is; and spaces at its ends
+    are dropped (labels match without them, but answers returned them)."""
+    return unicodedata.normalize("NFC", folder.replace("_", " ")).strip()
 
 
 def _check_class_folders(root: Path, folders: Sequence[Path], found: tuple[str, ...]) -> None:

@@ -244,10 +244,10 @@ def test_a_class_folder_named_on_macos_gives_the_composed_class_name(tmp_path):
 
     from training.data import load_image_folder
 
-    for name in ("cafe\u0301 noir", "tea"):
+    for name in ("cafe\u0301 noir", "  tea ", "_milk_"):  # and no spaces at the ends (an outside check's)
         (tmp_path / name).mkdir()
         Image.new("RGB", (8, 8)).save(tmp_path / name / "0.png")
-    assert load_image_folder(tmp_path).classes == ("caf\u00e9 noir", "tea")
+    assert load_image_folder(tmp_path).classes == ("tea", "milk", "caf\u00e9 noir")
 
 
 def test_every_unusable_image_is_named_at_once_and_a_one_image_class_is_warned_about(tmp_path, caplog):
