@@ -61,7 +61,7 @@ class BankSnapshot:
     degraded: Mapping[str, str] = field(default_factory=dict)  # active tasks left out: task -> why
     bundle_ids: frozenset[str] = frozenset()  # the bundles it was built from: its tasks' and their experts' providers
     shadows: tuple[ShadowEntry, ...] = ()  # versions scoring live traffic beside the routing (sorted by task)
-    shadow_degraded: Mapping[str, str] = field(default_factory=dict)  # versions in shadow left out: task -> why
+    shadow_degraded: Mapping[str, str] = field(default_factory=dict)  # versions in shadow left out: bundle id -> why
 
     def __repr__(self) -> str:  # not the experts' tensors
         tasks = ", ".join(f"{t.name} v{t.version}" for t in self.tasks)

@@ -169,6 +169,11 @@ class BankLoader:
             self._shadows, self._shadow_failures = {e.bundle_id: e for e in out}, failures
         return tuple(out)
 
+    def retry_shadows(self) -> None:
+        """Read the versions in shadow left out again at the next `shadows`, whatever the generation."""
+        with self._lock:
+            self._shadow_failures = {b: (why, -1) for b, (why, _) in self._shadow_failures.items()}
+
     def shadow_failure(self, bundle_id: str) -> str | None:
         """Why the version in shadow `bundle_id` is not scored (None: it is, or it is in no shadow)."""
         failed = self._shadow_failures.get(bundle_id)

@@ -108,18 +108,19 @@ class LocalStore(Store):
         cached = self._cached
         if cached is not None and cached[0] == key:
             return cached[1]
-        index = self._seen(self._read_index())
+        index = self._read_index()
         self._cached = (key, index)
         return index
 
     def _read_index(self) -> StoreIndex:
+        floor = self._seen_generation  # before the read: a write seen meanwhile does not make this one old
         try:
             data = self.index_path.read_bytes()
         except FileNotFoundError:
             return self._no_index()
         except OSError as e:
             raise self._unreadable("index.json", e) from None
-        return self._seen(parse_index(data, self.location))
+        return self._seen(parse_index(data, self.location), floor)
 
     def _no_index(self) -> StoreIndex:
         """A store with no index is empty, unless it holds blobs: the index was lost (a writer writes the index
@@ -191,7 +192,7 @@ class LocalStore(Store):
                 for stale in folder.glob(TMP_PREFIX + "*"):
                     stale.unlink(missing_ok=True)
             current = self._read_index()
-            index = next_generation(edit(current), self._seen_id)
+            index = next_generation(edit(current), self._known_id)
             if not self.index_path.exists():  # the index before any blob: blobs without one mean it was lost
                 atomic_write(self.index_path, encode_index(current))
             wrote = None
@@ -204,7 +205,7 @@ class LocalStore(Store):
                 if wrote is not None and not self._names(blob[0]):  # a failed change leaves the disk as it was
                     wrote.unlink(missing_ok=True)
                 raise
-            return self._seen(index)
+            return self._seen(index, None)
 
     def _write_blob(self, bundle_id: str, data: bytes, replace: bool = False) -> None:
         path = self.blobs / f"{bundle_id}.safetensors"

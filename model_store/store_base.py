@@ -61,21 +61,21 @@ class Store:
     location: str
     _based_on = threading.local()  # per thread: (store, generation) that `based_on` set
     _seen_generation = 0  # the highest generation this object has read: a store never goes back from it
-    _seen_id: str | None = None  # the store's id, once this object has read one
+    _seen_id = _known_id = None  # of the index last read (None after an older release's write); the last one read
 
-    def _seen(self, index: StoreIndex) -> StoreIndex:
-        """`index`, or StoreDamaged if it went back a generation or is another store's (wiped and made again, or
-        restored from a backup, under a running server, which then served a bank the store no longer held)."""
+    def _seen(self, index: StoreIndex, floor: int | None) -> StoreIndex:
+        """`index`, read when this object had seen generation `floor` (None: it wrote `index`; a read begun before a
+        newer one was seen is not held to it), or StoreDamaged if it went back from `floor` or is another store's
+        (wiped and made again, or restored, under a running server, which then served a bank no longer stored)."""
         other = self._seen_id is not None and index.store_id not in (None, self._seen_id)
-        if index.generation < self._seen_generation or other:
-            why = "is another store's" if other else f"went back from generation {self._seen_generation}"
+        if floor is not None and (index.generation < floor or other):
+            why = "is another store's" if other else f"went back from generation {floor}"
             raise StoreDamaged(
                 f"the store at {self.location} was replaced under this process (its index.json {why}; was it deleted "
-                "and made again, or restored from a backup?): restart the server to serve the store as it now is; "
-                "until then the last bank serves and nothing can be changed"
+                "and made again, or restored from a backup?): restart the server to serve the store as it now is"
             )
         self._seen_generation = max(self._seen_generation, index.generation)
-        self._seen_id = index.store_id or self._seen_id
+        self._seen_id, self._known_id = index.store_id, index.store_id or self._known_id  # the writer keeps this one
         return index
 
     def _index_gone(self) -> None:
@@ -84,9 +84,9 @@ class Store:
         generations, and a later change wrote a generation-0 index that let a purge delete restored blobs."""
         if self._seen_generation > 0:
             raise StoreDamaged(
-                f"the store's index.json is gone (it was at generation {self._seen_generation}; "
-                "was the store deleted or moved?): restore the store from a backup, or restart the server to start "
-                "a new, empty store there; until then the last bank serves and nothing can be changed"
+                f"the store's index.json is gone (it was at generation {self._seen_generation}; was the store deleted "
+                "or moved?): restore the store from a backup, or restart the server to start a new, empty store "
+                "there; until then the last bank serves and nothing can be changed"
             )
 
     @contextmanager

@@ -121,7 +121,7 @@ class S3Store(Store):
 
     def _get_index(self) -> tuple[str | None, StoreIndex]:
         """(etag, index) of the index object; a conditional GET when one is cached, so a poll costs a 304."""
-        cached = self._cached
+        cached, floor = self._cached, self._seen_generation
         try:
             extra = {"IfNoneMatch": cached[0]} if cached else {}
             answer = self._s3.get_object(Bucket=self.bucket, Key=self._key("index.json"), **extra)
@@ -138,7 +138,7 @@ class S3Store(Store):
                 self._index_gone()
                 return None, StoreIndex()
             raise self._unavailable("read the index", e) from None
-        index = self._seen(parse_index(data, self.location))
+        index = self._seen(parse_index(data, self.location), floor)
         self._cached = (etag, index)
         return etag, index
 
@@ -212,7 +212,7 @@ class S3Store(Store):
                 self._publish(None, index)
                 continue
             try:
-                new = next_generation(edit(index), self._seen_id)
+                new = next_generation(edit(index), self._known_id)
             except BlobBeingDeleted:
                 if blob is None:
                     raise
@@ -247,7 +247,7 @@ class S3Store(Store):
             if _status(e) in (412, 409):
                 return self._landed(index)
             raise self._unavailable("write the index", e) from None
-        self._cached = (answer["ETag"], self._seen(index))
+        self._cached = (answer["ETag"], self._seen(index, None))
         return True
 
     def _landed(self, index: StoreIndex) -> bool:
@@ -260,7 +260,7 @@ class S3Store(Store):
             return False  # the next attempt reads the index again and decides
         if data != encode_index(index):
             return False
-        self._cached = (etag, self._seen(index))
+        self._cached = (etag, self._seen(index, None))
         return True
 
     def _wait_for_deletion(self, index: StoreIndex, bundle_id: str, deadline: float, attempt: int) -> None:

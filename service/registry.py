@@ -65,9 +65,7 @@ class Registry:
         on_swap: Callable[[BankSnapshot], None] | None = None,
     ) -> None:
         """`on_swap` is told of every bank swapped in (the shadow monitor follows its shadows)."""
-        self.on_swap = on_swap
-        self.store = store
-        self.gate = gate or Gate()
+        self.on_swap, self.store, self.gate = on_swap, store, gate or Gate()
         self.cache = cache  # the serving text cache: a trial run leaves a new task's class embeddings in it
         self.loader = BankLoader(store, backbone)
         self.metrics = metrics or Metrics()
@@ -111,12 +109,11 @@ class Registry:
         return self._swap(self.loader.load(self._bank), t0)
 
     def _swap(self, bank: BankSnapshot, since: float) -> BankSnapshot:
-        """Serve `bank` (built from the store's state, or checked and then written to it) from now on, with the
-        store's versions in shadow."""
+        """Serve `bank` (built from the store's state, or checked then written to it) from now on, with its shadows."""
         try:
             index = self.store.index()
             shadows = self.loader.shadows(index)
-            failed = {t: why for t, b in index.shadows().items() if (why := self.loader.shadow_failure(b))}
+            failed = {b: why for b in index.shadows().values() if (why := self.loader.shadow_failure(b))}
             if shadows != bank.shadows or failed != bank.shadow_degraded:  # else what was built and checked serves
                 bank = dataclasses.replace(bank, shadows=shadows, shadow_degraded=failed)
         except Exception as e:  # an unreadable index, say: the bank still serves, its shadows as they were built
@@ -215,7 +212,9 @@ class Registry:
         failure (an object store's 503 while its blob was read: nothing else would try it again), or, now and
         then, for a blob missing or unreadable that may be back (`service/degraded.py`: it stayed out until a
         restart); True if a new bank was swapped in."""
-        retry = self.retry.due(self.bank.degraded)
+        retry = self.retry.due({**self.bank.degraded, **self.bank.shadow_degraded})
+        if retry:
+            self.loader.retry_shadows()  # a version in shadow left out for a passing reason: read again too
         try:
             if self._current() and not retry:
                 return False
@@ -309,23 +308,25 @@ class Registry:
         experts then serves again), else 409. Accepted before, and identical, so neither gate nor trial runs."""
         with self._change_lock:
             generation = self.store.restore(bundle, data)
-        if generation is None:  # whole in the store: a task left out while it was not is tried again now
-            degraded = bundle.task in self.bank.degraded
-            if degraded:
+        if generation is None:  # whole in the store: a task (or shadow) left out while it was not is tried again now
+            left_out = self._left_out(bundle)
+            if left_out:
                 self.retry.now()
                 self.refresh()
-            if not degraded or bundle.task in self.bank.degraded:
-                still = self.bank.degraded.get(bundle.task)  # another version's blob, or another reason
+            if not left_out or (still := self._left_out(bundle)):
                 raise VersionConflict(
                     f"this bundle is stored already, whole: task {bundle.task!r} version {bundle.version} "
                     f"(bundle {bundle.id[:12]}); a new bundle needs a higher version"
-                    + (f"; the task is not served for another reason: {still}" if still else "")
+                    + (f"; it is not served (or scored) for another reason: {still}" if left_out else "")
                 )
             generation = self.bank.generation
         else:
             self.refresh()
         log.warning("restored %s v%d (bundle %s): it serves again", bundle.task, bundle.version, bundle.id[:12])
         return PutResult(bundle.task, bundle.version, bundle.id, len(bundle.experts), generation, restored=True)
+
+    def _left_out(self, bundle: Bundle) -> str | None:
+        return self.bank.degraded.get(bundle.task) or self.bank.shadow_degraded.get(bundle.id)
 
     def shadow(self, task: str, version: int | None) -> dict[str, Any] | None:
         """Put a stored version in shadow, checked as if activated (the gate only reports); None: stop shadowing.

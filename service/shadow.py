@@ -70,15 +70,22 @@ class ShadowMonitor:
         self._stats: dict[str, ShadowStats] = {}
         self._lock = threading.Lock()
 
-    def follow(self, shadows: Iterable[ShadowEntry], served: Mapping[str, str] | None = None) -> None:
+    def follow(
+        self, shadows: Iterable[ShadowEntry], served: Mapping[str, str] | None = None, degraded: Iterable[str] = ()
+    ) -> None:
         """The bank now serves these shadows, and `served` ({task: bundle id}): keep their figures, start new ones'
-        (also of a shadow whose task now serves another version, or none), drop the rest."""
-        served = served or {}
+        (also of a shadow whose task now serves another version, or none, unless it is only `degraded` for now: a
+        passing store error), drop the rest."""
+        served, degraded = served or {}, set(degraded)
         with self._lock:
             old, self._stats = self._stats, {}
             for s in shadows:
                 kept, against = old.get(s.name), served.get(s.name)
-                same = kept is not None and (kept.bundle_id, kept.against) == (s.bundle_id, against)
+                same = (
+                    kept is not None
+                    and kept.bundle_id == s.bundle_id
+                    and (kept.against == against or s.name in degraded)
+                )
                 self._stats[s.name] = kept if same else ShadowStats(s.name, s.version, s.bundle_id, against)
             ended = [stats for task, stats in old.items() if self._stats.get(task) is not stats]
         for stats in ended:  # its series go too: they would mix versions, and tasks come and go

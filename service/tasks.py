@@ -43,5 +43,5 @@ def task_info(bank: BankSnapshot, name: str, entry: TaskRecord) -> dict[str, Any
         "versions": [_version_info(v) for v in entry.versions],
         "bytes": size,
         "shadow_version": shadow.version if (shadow := entry.record_of(entry.shadow)) is not None else None,
-        "shadow_degraded": bank.shadow_degraded.get(name) if entry.shadow is not None else None,
+        "shadow_degraded": bank.shadow_degraded.get(entry.shadow) if entry.shadow is not None else None,
     }

@@ -88,7 +88,7 @@ class TrafficWatch:
         self._stop.set()
 
     def swapped(self, bank: BankSnapshot) -> None:
-        self.shadows.follow(bank.shadows, {t.name: t.bundle_id for t in bank.tasks})
+        self.shadows.follow(bank.shadows, {t.name: t.bundle_id for t in bank.tasks}, bank.degraded)
 
     def __call__(self, passes: ImagePasses | WatchedRequest, requests: Collection[int] | None = None) -> None:
         """Record a batch's image passes: of `requests` (indices into the batch), or of all of its requests."""

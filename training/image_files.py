@@ -60,8 +60,8 @@ def read_rgb(path: object, target: int | None = None) -> Image.Image:
 
 
 def _size_problem(width: int, height: int) -> str | None:
-    """Why a server with the default limits would refuse an image of this size (as `clipbank classify` would be
-    told: training on it is training on what is never served), or None."""
+    """Why a server with the default limits would refuse an image of this size, by its pixels or aspect ratio (its
+    bytes are not checked: `clipbank classify` re-encodes a large file), or None."""
     if width * height > MAX_PIXELS:
         limit = f"a server refuses more than max_pixels={MAX_PIXELS} by default"
         return f"is {width}x{height} = {width * height} pixels; {limit}: resize it"

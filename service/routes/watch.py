@@ -37,7 +37,7 @@ def watch_router(admin: TokenCheck) -> APIRouter:
         registry = service.require_ready()
         entry = await run_in_threadpool(registry.task_entry, known_name(task))
         stats = service.watch.shadows.stats(task)
-        failed = registry.bank.shadow_degraded.get(task) if entry.shadow is not None else None
+        failed = registry.bank.shadow_degraded.get(entry.shadow) if entry.shadow is not None else None
         if stats is None and failed is not None:  # it never will be, until its blob is restored (a new generation)
             raise TaskDegraded(f"the version of task {shown(task)} in shadow is not scored: {failed}")
         if stats is None:

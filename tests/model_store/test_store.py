@@ -15,7 +15,8 @@ import pytest
 from model_store.bank import empty_bank
 from model_store.bundle import read_bundle
 from model_store.errors import StoreDamaged, StoreError, StoreWriteFailed, TaskNotFound
-from model_store.store import LocalStore, check_store, store_leftovers
+from model_store.store import LocalStore
+from model_store.store_check import check_store, store_leftovers
 from model_store.store_index import TaskRecord
 from tests.helpers import random_bundle
 

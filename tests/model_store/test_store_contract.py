@@ -364,6 +364,44 @@ def test_an_index_written_without_a_store_id_keeps_the_one_read_before(make_stor
     assert store.index().generation == 2 and store.index().store_id is None
     store.put(bundles[2])
     assert store.index().store_id == store_id and make_store().index().store_id == store_id
+    # a reviewer's: once an older release dropped the id, a new process makes another; readers take it
+    _write_index(store, {k: v for k, v in {**store.index().to_json(), "generation": 4}.items() if k != "store_id"})
+    assert store.index().store_id is None
+    fresh = make_store()
+    fresh.put(bundles[3])
+    assert fresh.index().store_id not in (None, store_id) and store.index().store_id == fresh.index().store_id
+
+
+def _write_index(store, obj: dict) -> None:
+    if isinstance(store, LocalStore):
+        store.index_path.write_text(json.dumps(obj))
+    else:
+        store._s3.put_object(Bucket=store.bucket, Key=store._key("index.json"), Body=json.dumps(obj).encode())
+
+
+def test_a_read_begun_before_a_write_seen_meanwhile_is_not_a_replaced_store(make_store, bundles, monkeypatch):
+    """A reviewer's: a poll parsing generation N while another thread's change published N + 1 read as "went back
+    from generation N + 1": 503 store_damaged, which no client retries."""
+    import model_store.store as local_module
+    import model_store.store_s3 as s3_module
+
+    store = make_store()
+    store.put(bundles[1])
+    module = local_module if isinstance(store, LocalStore) else s3_module
+    real, writes = module.parse_index, []
+
+    def slow_parse(data, location):
+        if not writes:  # another thread's change lands while this read parses the older bytes
+            writes.append(None)
+            writes[0] = store.put(bundles[2])
+        return real(data, location)
+
+    monkeypatch.setattr(module, "parse_index", slow_parse)
+    if not isinstance(store, LocalStore):
+        store._cached = None  # a full GET, so the parse runs
+    assert store.index().generation in (1, 2) and writes[0].generation == 2
+    monkeypatch.setattr(module, "parse_index", real)
+    assert store.index().generation == 2
 
 
 def test_an_index_of_a_newer_format_is_served_from_but_not_changed(make_store, bundles):
