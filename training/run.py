@@ -42,10 +42,30 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
     what was said about the data and the store (files not read, a class of one image, a new store) as well as
     the routing's: a script reading the summary alone sees them too."""
     noted: list[str] = []
-    with _noting_warnings(noted):
-        summary = _train_and_store(job)
+    made = job.store is not None and "://" not in job.store and not Path(job.store).exists()
+    try:
+        with _noting_warnings(noted):
+            summary = _train_and_store(job)
+    except BaseException:  # Ctrl-C too
+        if made:
+            _remove_if_unused(Path(job.store))
+        raise
     summary["warnings"] = list(dict.fromkeys(noted + summary["warnings"]))  # each once, in the order said
     return summary
+
+
+def _remove_if_unused(root: Path) -> None:
+    """The store folder this run made, when it failed before storing anything: it held only `.lock` and an empty
+    `blobs/`, left to look like a store."""
+    blobs = root / "blobs"
+    try:
+        if {p.name for p in root.iterdir()} <= {".lock", "blobs"} and not (blobs.is_dir() and any(blobs.iterdir())):
+            if blobs.is_dir():
+                blobs.rmdir()
+            (root / ".lock").unlink(missing_ok=True)
+            root.rmdir()
+    except OSError:  # gone, or no longer empty: left as it is
+        pass
 
 
 class _Noted(logging.Handler):

@@ -369,3 +369,17 @@ def test_what_an_image_folder_leaves_out_at_its_top_or_after_bad_files_is_said(t
         "class(es) ['b'] have one image once the bad files are left out",
     ):
         assert said in caplog.text, caplog.text
+
+
+def test_a_train_run_that_fails_before_storing_leaves_no_new_store_folder(tmp_path, capsys):
+    """An outside check's: a run that failed early left the --store folder it had made, holding only `.lock`,
+    which the next command took for a store."""
+    from clipbank.cli import main
+
+    (tmp_path / "flat").mkdir()  # no class folders: refused after the store was opened
+    args = ["train", "--task", "t", "--data", str(tmp_path / "flat"), "--steps", "2"]
+    assert main([*args, "--store", str(tmp_path / "new")]) == 2
+    assert "has no class sub-folders" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there before is left as it was
+    assert main([*args, "--store", str(tmp_path / "kept")]) == 2
+    assert (tmp_path / "kept").is_dir()
