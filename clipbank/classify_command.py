@@ -24,6 +24,7 @@ def _classify(args: argparse.Namespace) -> int:
     from service.client import ClipbankClient, ClipbankHTTPError
 
     labels = _labels(args.labels, args.label)
+    args.images = _expanded(args.images)
     if args.route == "per-request" and len(args.images) > CLASSIFY_CHUNK:
         raise ValueError(f"--route per-request decides once for at most {CLASSIFY_CHUNK} images (one request)")
     results: list[dict] = []
@@ -111,6 +112,29 @@ def _options(args: argparse.Namespace) -> tuple:
     return args.task, args.route, args.top_k, args.match_labels
 
 
+def _expanded(names: list[str]) -> list[str]:
+    """The files named, a folder standing for the image files under it (sorted; names starting with a dot left
+    out, as `train` leaves them)."""
+    from training.image_files import IMAGE_SUFFIXES
+
+    out: list[str] = []
+    for name in names:
+        if not Path(name).is_dir():
+            out.append(name)
+            continue
+        found = sorted(
+            str(p)
+            for p in Path(name).rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES
+            and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(name).parts)
+        )
+        if not found:
+            raise ValueError(f"folder {name} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        out += found
+    return out
+
+
 def _unreadable(name: str) -> dict | None:
     """Why the file cannot be sent (missing, a folder, no permission), or None."""
     try:
@@ -136,6 +160,11 @@ def _labels(listed: str | None, single: list[str] | None) -> list[str]:
         if not label.strip():
             raise ValueError("--label '' names no label; each --label is one non-empty label")
         labels.append(label.strip())
+    if len(labels) == 1 and single and "," in labels[0]:  # the server cannot tell it from `-F labels=a,b`
+        raise ValueError(
+            f"--label {labels[0]!r} alone: one label always scores 1.0, and a server refuses a lone label with a "
+            "comma as a list sent wrongly; give at least two (--label X --label Y, or with --labels a,b)"
+        )
     return labels
 
 
@@ -157,7 +186,7 @@ def _print_results(names: list[str], results: list[dict]) -> None:
 
 def add_classify_parser(sub, url: str) -> None:
     cl = sub.add_parser("classify", help="classify image files with a running server")
-    cl.add_argument("images", nargs="+")
+    cl.add_argument("images", nargs="+", help="image files, or folders (the image files under them)")
     cl.add_argument("--labels", help="comma-separated candidate labels (default: the routed task's classes)")
     cl.add_argument(
         "--label", action="append", help="one candidate label, commas and all; repeat it, or mix it with --labels"

@@ -61,7 +61,16 @@ def _activated(out: dict) -> None:
 
 def _deactivated(out: dict, purge: bool) -> None:
     if not purge:
-        print(f"task {out['task']}: deactivated (generation {out['generation']}); its versions stay stored")
+        if out.get("was_active", True):
+            print(f"task {out['task']}: deactivated (generation {out['generation']}); its versions stay stored")
+        else:
+            print(f"task {out['task']}: it had no active version; nothing changed")
+        if out.get("shadow_version") is not None:
+            print(
+                f"  version {out['shadow_version']} is still in shadow, scoring live traffic: "
+                f"`clipbank shadow {out['task']} --stop` ends that",
+                file=sys.stderr,
+            )
         return
     print(f"task {out['task']}: deactivated and purged, {out['purged_blobs']} blob(s) deleted")
     for version, users in sorted(out.get("kept", {}).items(), key=lambda kv: int(kv[0])):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
+import random
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -17,7 +17,7 @@ import httpx
 
 from model_store.modes import AUTO, PER_IMAGE, task_name_problem
 
-ImageInput = Any  # a path, encoded bytes (or a bytes-like object), an open binary file, or a PIL image
+from .client_inputs import ImageInput, _at_least, _bytes, _name, label_list, whole
 
 
 class ClipbankHTTPError(Exception):
@@ -35,6 +35,8 @@ class ClipbankHTTPError(Exception):
         return type(self), (self.status, self.code, self.message, self.details, self.retry_after)
 
 
+# what a change answers at least (an older server's answers have these too)
+ACTIVATED, SHADOWED = ("task", "active_version"), ("task", "shadow_version")
 RETRIED = frozenset({"overloaded", "stale_replica", "not_ready"})  # 503s that name when trying again may succeed
 MAX_RETRY_WAIT = 30.0  # seconds: a longer Retry-After is not waited for
 PROBES = ("/readyz", "/healthz")  # asked for the state now: never retried
@@ -58,13 +60,9 @@ class ClipbankClient:
             raise ValueError(f"retries is a count >= 0, got {retries!r}")
         token = (token or "").strip()  # a token read from a file ends in a newline
         if token and not re.fullmatch(r"[\x21-\x7e]+", token):
-            raise ValueError("the admin token must be printable ASCII without spaces (it is not shown here)")
+            raise ValueError("the token must be printable ASCII without spaces (it is not shown here)")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        if not isinstance(url, str) or not re.match(r"https?://[^/\s]", url, re.IGNORECASE):
-            raise ValueError(
-                f"the server URL starts with http:// or https://, got {url!r} (e.g. http://127.0.0.1:8000)"
-            )
-        self.url = url.rstrip("/")
+        self.url = _server_url(url)
         self.timeout, self.retries = timeout, retries
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
@@ -86,26 +84,41 @@ class ClipbankClient:
                 safe = (method == "GET" and path not in PROBES) or path == "/classify"
                 if attempt == self.retries or not safe or e.code not in RETRIED or e.retry_after is None:
                     raise
-                time.sleep(min(e.retry_after, MAX_RETRY_WAIT))
+                # up to a quarter more: clients refused together do not all come back in the same instant
+                time.sleep(min(e.retry_after, MAX_RETRY_WAIT) * random.uniform(1.0, 1.25))
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    def _once(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _once(self, method: str, path: str, expect: tuple[str, ...] = (), **kwargs: Any) -> Any:
         """The JSON answer, or ClipbankHTTPError: for an error answer, and for anything that is not a clipbank
-        answer. Once the answer starts, its body must arrive within `timeout` seconds in all (a server trickling it
-        cannot hold the caller longer); before, each step has `timeout` (a long upload is not cut short)."""
+        answer, or one without the keys in `expect`. Once the answer starts, its body must arrive within `timeout`
+        seconds in all (a server trickling it cannot hold the caller longer); before, each step has `timeout` (a
+        long upload is not cut short)."""
         if self._http.is_closed:  # httpx's own message names no clipbank call
             raise RuntimeError("this ClipbankClient is closed (close() was called, or its with-block ended)")
         deadline = math.inf if self.timeout is None else self.timeout
+        began = time.monotonic()
         try:
             with self._http.stream(method, path, **kwargs) as response:
                 raw = _read_within(response, time.monotonic() + deadline, self.url)
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # refused, bad address: name where
-            raise ClipbankHTTPError(0, "unreachable", f"cannot reach {self.url}: {type(e).__name__}: {e}") from None
+            tls = " (is it a plain http:// server?)" if "WRONG_VERSION_NUMBER" in str(e) else ""
+            raise ClipbankHTTPError(
+                0, "unreachable", f"cannot reach {self.url}: {type(e).__name__}: {e}{tls}"
+            ) from None
+        except httpx.WriteTimeout:  # the server stopped reading the request: nothing of it was done
+            raise ClipbankHTTPError(
+                0, "timeout", f"{self.url} read none of {method} {path} for {self.timeout:g} s: not sent in full"
+            ) from None
         except httpx.ReadTimeout:  # the request went out: a change may still land
             changes = method != "GET" and path != "/classify"
             hint = "; a change it was making may still land: look before retrying (GET /tasks, clipbank store list)"
+            waited = time.monotonic() - began
+            slow = waited > 2 * deadline  # each read had `timeout`: a head sent a byte at a time took longer
+            more = f" (gave up after {waited:.1f} s: its answer came a little at a time)" if slow else ""
             raise ClipbankHTTPError(
-                0, "timeout", f"{self.url} did not answer {method} {path} within {self.timeout:g} s{hint * changes}"
+                0,
+                "timeout",
+                f"{self.url} did not answer {method} {path} within {self.timeout:g} s{more}{hint * changes}",
             ) from None
         except httpx.HTTPError as e:  # timed out, the connection broke, a body that does not decode
             raise ClipbankHTTPError(0, "connection_failed", f"{self.url}: {type(e).__name__}: {e}") from None
@@ -137,6 +150,12 @@ class ClipbankClient:
             raise ClipbankHTTPError(
                 response.status_code, "not_clipbank", f"{self.url} answered an unexpected {type(body).__name__}"
             )
+        if missing := [key for key in expect if key not in body]:  # a 200 from something else must not pass
+            raise ClipbankHTTPError(
+                response.status_code,
+                "not_clipbank",
+                f"{self.url} answered {method} {path} without {', '.join(missing)}: is it a clipbank server?",
+            )
         return body
 
     def classify(
@@ -159,15 +178,18 @@ class ClipbankClient:
         one_pil = hasattr(images, "save") and isinstance(getattr(images, "mode", None), str)  # a Series's mode() is not
         if isinstance(images, str | bytes | os.PathLike) or isinstance(labels, str) or one_pil:
             raise TypeError("images and labels are lists: classify([path], labels=['cat', 'dog'])")
+        labels = label_list(labels)
+        top_k = None if top_k is None else whole(top_k, "top_k")
+        headers = _at_least(min_generation)
         files = [("images", (_name(img, i), _bytes(img))) for i, img in enumerate(images)]
         if not files:
             raise ValueError("no images to classify: classify([path, ...], labels=[...])")
-        data: dict[str, Any] = {"labels": list(labels), "task": task, "route": route}
+        data: dict[str, Any] = {"labels": labels, "task": task, "route": route}
         if top_k is not None:
             data["top_k"] = str(top_k)
         if not match_labels:
             data["match_labels"] = "false"
-        return self._call("POST", "/classify", files=files, data=data, headers=_at_least(min_generation))
+        return self._call("POST", "/classify", files=files, data=data, headers=headers, expect=("results",))
 
     def push(
         self,
@@ -182,32 +204,42 @@ class ClipbankClient:
         back; nothing new stored). `force` overrides the interference gate (a 409 `interference` otherwise names what it
         would take). `mode` (active, inactive, shadow) replaces `activate` when given. `wait_all`: return once
         every replica serves it (a 504 `replicas_lagging` names those that did not)."""
-        files = {"bundle": (_name(bundle, 0), _bytes(bundle), "application/octet-stream")}
         chosen = mode or ("active" if activate else "inactive")
         # `activate` too: a server older than `mode` ignores it, and must not activate an inactive or shadow upload
         params = {"mode": chosen, "activate": str(chosen == "active").lower(), "force": str(force).lower()}
-        return self._call("POST", "/tasks", files=files, params={**params, **_waiting(wait_all)})
+        expect = ("task", "version", "bundle_id")
+        if isinstance(bundle, str | os.PathLike):  # streamed from the file: a 250 MB bundle is not held in memory
+            path = Path(bundle)
+            if path.is_dir():
+                raise IsADirectoryError(f"{path} is a folder, not a bundle file")
+            with path.open("rb") as f:
+                files = {"bundle": (_name(bundle, 0), f, "application/octet-stream")}
+                return self._call("POST", "/tasks", files=files, params={**params, **_waiting(wait_all)}, expect=expect)
+        files = {"bundle": (_name(bundle, 0), _bytes(bundle), "application/octet-stream")}
+        return self._call("POST", "/tasks", files=files, params={**params, **_waiting(wait_all)}, expect=expect)
 
     def tasks(self, min_generation: int | None = None) -> dict[str, Any]:
-        return self._call("GET", "/tasks", headers=_at_least(min_generation))
+        return self._call("GET", "/tasks", headers=_at_least(min_generation), expect=("generation", "tasks"))
 
     def task(self, name: str, min_generation: int | None = None) -> dict[str, Any]:
-        return self._call("GET", f"/tasks/{_seg(name)}", headers=_at_least(min_generation))
+        return self._call("GET", f"/tasks/{_seg(name)}", headers=_at_least(min_generation), expect=("task", "versions"))
 
     def activate(self, task: str, version: int, force: bool = False, wait_all: bool = False) -> dict[str, Any]:
         """Make a stored version active (rollback or roll forward). `wait_all`: as for `push`."""
         params = {"force": str(force).lower(), **_waiting(wait_all)}
-        return self._call("POST", f"/tasks/{_seg(task)}/activate", json={"version": version}, params=params)
+        body = {"version": whole(version, "version")}
+        return self._call("POST", f"/tasks/{_seg(task)}/activate", json=body, params=params, expect=ACTIVATED)
 
     def shadow(self, task: str) -> dict[str, Any]:
         """What the task's version in shadow would do to live traffic (claims, from where, score histogram)."""
-        return self._call("GET", f"/tasks/{_seg(task)}/shadow")
+        return self._call("GET", f"/tasks/{_seg(task)}/shadow", expect=("task", "version", "images"))
 
     def set_shadow(self, task: str, version: int | None, wait_all: bool = False) -> dict[str, Any]:
         """Put a stored version in shadow; None: stop shadowing. `wait_all`: as for `push`."""
+        path, params = f"/tasks/{_seg(task)}/shadow", _waiting(wait_all)
         if version is None:
-            return self._call("DELETE", f"/tasks/{_seg(task)}/shadow", params=_waiting(wait_all))
-        return self._call("POST", f"/tasks/{_seg(task)}/shadow", json={"version": version}, params=_waiting(wait_all))
+            return self._call("DELETE", path, params=params, expect=SHADOWED)
+        return self._call("POST", path, json={"version": whole(version, "version")}, params=params, expect=SHADOWED)
 
     def unclaimed(
         self, min_share: float = 0.03, min_size: int = 20, examples: int = 0, max_clusters: int | None = None
@@ -217,11 +249,13 @@ class ClipbankClient:
         params = {"min_share": min_share, "min_size": min_size, "examples": examples}
         if max_clusters is not None:
             params["max_clusters"] = max_clusters
-        return self._call("GET", "/insights/unclaimed", params=params)
+        return self._call("GET", "/insights/unclaimed", params=params, expect=("enabled",))
 
     def delete(self, task: str, purge: bool = False, wait_all: bool = False) -> dict[str, Any]:
         """Stop routing to a task (`purge`: also forget it). `wait_all`: as for `push`."""
-        return self._call("DELETE", f"/tasks/{_seg(task)}", params={"purge": str(purge).lower(), **_waiting(wait_all)})
+        params = {"purge": str(purge).lower(), **_waiting(wait_all)}
+        expect = ("task", "purged_blobs", "generation")
+        return self._call("DELETE", f"/tasks/{_seg(task)}", params=params, expect=expect)
 
     def ready(self) -> dict[str, Any]:
         """`GET /readyz`: the bank's tasks, backbone and generation; a 503 `not_ready` while it loads."""
@@ -232,81 +266,26 @@ class ClipbankClient:
         return self._call("GET", "/healthz")
 
 
+def _server_url(url: Any) -> str:
+    """The server's base URL, checked: http(s), a host, a port that can be, no query or fragment."""
+    example = "(e.g. http://127.0.0.1:8000)"
+    if not isinstance(url, str) or not re.match(r"https?://[^/\s]", url, re.IGNORECASE):
+        raise ValueError(f"the server URL starts with http:// or https://, got {url!r} {example}")
+    try:
+        parsed = httpx.URL(url)
+        port = parsed.port
+    except (httpx.InvalidURL, ValueError) as e:
+        raise ValueError(f"the server URL {url!r} is not a valid URL ({e}) {example}") from None
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"the server URL {url!r} has port {port}, outside 1..65535 {example}")
+    if parsed.query or parsed.fragment:
+        raise ValueError(f"the server URL {url!r} has a query or fragment: give only scheme, host, port and path")
+    return url.rstrip("/")
+
+
 def _waiting(wait_all: bool) -> dict[str, str]:
     """The query of a change that returns once every replica serves it (else 504 `replicas_lagging`)."""
     return {"wait": "all"} if wait_all else {}
-
-
-def _bytes(item: ImageInput) -> bytes:
-    """Encoded bytes from bytes, a bytes-like object, an open binary file, a PIL image (`_pil_bytes`) or a path."""
-    if isinstance(item, bytes | bytearray | memoryview):
-        return bytes(item)
-    if hasattr(item, "read"):
-        if isinstance(getattr(item, "mode", None), str) and "b" not in item.mode:  # read() would fail to decode
-            raise TypeError(f"{getattr(item, 'name', item)!r} was opened in text mode: open images with 'rb'")
-        start = item.tell() if _seekable(item) else None
-        data = item.read()
-        if not isinstance(data, bytes):
-            raise TypeError(f"{item!r} was opened in text mode: open images with 'rb'")
-        if start is not None:  # left where it was: sent again (a retry, the same file twice), it is not empty
-            item.seek(start)
-        return data
-    if hasattr(item, "save") and hasattr(item, "mode"):  # a PIL image, without importing PIL here
-        return _pil_bytes(item)
-    if not isinstance(item, str | os.PathLike):
-        raise TypeError(f"an image is a path, encoded bytes, an open binary file or a PIL image, not {type(item)}")
-    if isinstance(item, str) and re.match(r"[a-z][a-z0-9+.-]*://", item, re.IGNORECASE):
-        raise TypeError(f"{item[:80]!r} is a URL: the client sends image files and does not fetch URLs")
-    return Path(item).read_bytes()
-
-
-def _seekable(item: Any) -> bool:
-    try:
-        return bool(item.seekable())
-    except (AttributeError, OSError, ValueError):  # no seekable(), or a closed file (read() then says so)
-        return False
-
-
-PNG_AS_IS = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}  # modes PNG keeps, which the server reads as it reads files
-
-
-def _pil_bytes(image: Any) -> bytes:
-    """A PIL image as the server would see its file: upright (its EXIF orientation applied, as the server does for
-    a file's), in a mode PNG stores (CMYK, YCbCr, LAB, HSV and 32-bit grey as the RGB the server would make of
-    them), as PNG; as a JPEG (quality 95) when the PNG would pass the server's default image limit."""
-    from PIL import ImageOps
-
-    from model_store.pixels import viewed_rgb
-
-    from .config import Limits  # the server's default max_image_bytes: a larger PNG is sent as a JPEG
-
-    upright = ImageOps.exif_transpose(image)
-    if upright.mode not in PNG_AS_IS:
-        upright = viewed_rgb(upright)  # ValueError for 32-bit float pixels, whose range is unknown
-    buf = io.BytesIO()
-    upright.save(buf, format="PNG")
-    if buf.tell() > Limits.max_image_bytes:  # a photo's pixels: a 12 MP PNG is about 20 MB, its JPEG a few
-        buf = io.BytesIO()
-        viewed_rgb(upright).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
-def _name(item: ImageInput, i: int) -> str:
-    """The file name sent with an upload: UTF-8 (a name that is not is sent with replacement characters)."""
-    if not isinstance(item, str | os.PathLike):
-        return f"item{i}"
-    return os.fsencode(Path(item).name).decode("utf-8", "replace")
-
-
-def _at_least(generation: int | None) -> dict[str, str]:
-    """The `X-Min-Generation` header for `generation` (None: none)."""
-    if generation is None:
-        return {}
-    if isinstance(generation, bool) or not isinstance(generation, int) or not 0 <= generation < 10**18:
-        raise ValueError(
-            f"min_generation is a store generation (an integer >= 0 of at most 18 digits), got {generation!r}"
-        )
-    return {"X-Min-Generation": str(generation)}
 
 
 def _seg(name: str) -> str:

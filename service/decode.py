@@ -191,7 +191,8 @@ def check_labels(labels: list[str], limits: Limits) -> None:
     if len(labels) == 1 and ("," in labels[0] or labels[0].lstrip().startswith("[")):
         raise InvalidRequest(
             f"one label, {shown(labels[0], 80)}, that looks like a list (and one label always scores 1.0): send"
-            " each label as a field of its own (repeat `labels`), or a list in a JSON body"
+            " each label as a field of its own (repeat `labels`), or a list in a JSON body; if it is one label,"
+            " send it with at least one other"
         )
     for i, label in enumerate(labels):
         if len(label) > limits.max_label_chars:

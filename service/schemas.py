@@ -275,6 +275,12 @@ class ActivateRequest(BaseModel):
 
 class Removed(BaseModel):
     task: str
+    was_active: bool = Field(True, description="false: the task had no active version, and nothing changed")
+    shadow_version: int | None = Field(
+        None,
+        description="a version left in shadow: it keeps scoring live traffic (DELETE /tasks/{task}/shadow stops "
+        "it; a purge removes it)",
+    )
     purged_blobs: int
     kept: dict[int, list[str]] = Field(
         default_factory=dict,

@@ -192,7 +192,8 @@ def test_the_client_keeps_task_names_in_their_path_segment_and_strips_its_token(
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append((request.method, request.url.raw_path.decode(), request.headers.get("authorization")))
-        return httpx.Response(200, json={})
+        answer = {"task": "t", "active_version": 1, "versions": [], "results": [{}, {}]}
+        return httpx.Response(200, json=answer)
 
     client_class = _client_on(monkeypatch, handler)
     with client_class("http://srv", token="abcdefghijklmnop0123\n") as c:
@@ -320,7 +321,7 @@ def test_commands_refuse_a_closed_stdout_and_an_answer_that_is_not_clipbanks(mon
 
     _client_on(monkeypatch, lambda request: httpx.Response(200, json={"status": "ok"}))
     assert main(["tasks", "--url", "http://srv"]) == 2
-    assert "answered GET /tasks without a generation and tasks: is it a clipbank server?" in capsys.readouterr().err
+    assert "answered GET /tasks without generation, tasks: is it a clipbank server?" in capsys.readouterr().err
     monkeypatch.setattr("sys.stdout", None)
     assert main(["classify", *_files(tmp_path, 1), "--labels", "a", "--url", "http://srv"]) == 2
     assert "standard output is closed" in capsys.readouterr().err
@@ -824,7 +825,7 @@ def test_the_client_reads_its_own_writes_with_min_generation(monkeypatch):
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append((request.url.path, request.headers.get("x-min-generation")))
-        return httpx.Response(200, json={"results": [], "tasks": {}})
+        return httpx.Response(200, json={"results": [], "tasks": {}, "generation": 1, "task": "t", "versions": []})
 
     client_class = _client_on(monkeypatch, handler)
     with client_class("http://srv") as c:

@@ -167,13 +167,33 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
     ) -> dict:
         """Stop routing to a task. Its versions stay stored for rollback unless purged."""
         registry = service_of(request).require_ready()
-        purged = await run_in_threadpool(registry.deactivate, known_name(task), purge)
+        before = await run_in_threadpool(registry.task_entry, known_name(task))  # TaskNotFound: 404
+        purged = await run_in_threadpool(registry.deactivate, task, purge)
         kept = await run_in_threadpool(_kept, registry.store, task) if purge else {}
+        shadow = None if purge else await run_in_threadpool(_shadow_version, registry, task)
         generation = registry.bank.generation
         replicas = await announced(request, generation, wait, f"the {'purge' if purge else 'deactivation'} of {task}")
-        return {"task": task, "purged_blobs": purged, "kept": kept, "generation": generation, "replicas": replicas}
+        return {
+            "task": task,
+            "was_active": before.active is not None,
+            "shadow_version": shadow,
+            "purged_blobs": purged,
+            "kept": kept,
+            "generation": generation,
+            "replicas": replicas,
+        }
 
     return router
+
+
+def _shadow_version(registry: Any, task: str) -> int | None:
+    """The version of `task` left in shadow by a deactivation (it keeps scoring traffic), if any."""
+    try:
+        entry = registry.task_entry(task)
+    except (ClipbankError, OSError):
+        return None
+    record = entry.record_of(entry.shadow)
+    return record.version if record is not None else None
 
 
 def _kept(store: Any, task: str) -> dict[int, list[str]]:

@@ -99,7 +99,10 @@ async def test_a_new_version_in_shadow_beside_the_active_one(tmp_path, backbone,
         counted = (await c.get("/tasks/glyphs/shadow", headers=AUTH)).json()
         assert counted["images"] > 0 and counted["taken_from"].get("glyphs"), counted
         # an outside check's: with glyphs no longer served, the counts went on, against two banks mixed
-        assert (await c.delete("/tasks/glyphs", headers=AUTH)).status_code == 200
+        r = await c.delete("/tasks/glyphs", headers=AUTH)
+        assert r.status_code == 200 and r.json()["was_active"] and r.json()["shadow_version"] == 2, r.text
+        again = (await c.delete("/tasks/glyphs", headers=AUTH)).json()  # said, where it was a silent 200
+        assert (again["was_active"], again["shadow_version"]) == (False, 2), again
         restarted = (await c.get("/tasks/glyphs/shadow", headers=AUTH)).json()
         assert (restarted["images"], restarted["taken_from"]) == (0, {}), restarted
         await _routes(c)

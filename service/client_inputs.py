@@ -1,0 +1,109 @@
+"""What the client sends: image files as bytes, and the values of a call checked before anything is sent
+(numpy's integers taken as the integers they are; a label that is not a string named, not sent as "")."""
+
+from __future__ import annotations
+
+import io
+import operator
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+ImageInput = Any  # a path, encoded bytes (or a bytes-like object), an open binary file, or a PIL image
+
+
+def whole(value: Any, name: str) -> int:
+    """`value` as an int: an int or anything that is one exactly (numpy's int64, say), but not a bool or a float."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} is an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} is an integer, got {type(value).__name__} {value!r}"[:200]) from None
+
+
+def label_list(labels: Iterable[Any]) -> list[str]:
+    """The labels as a list of strings; a TypeError names the first that is not one (None, a list, a number)."""
+    out = list(labels)
+    for i, label in enumerate(out):
+        if not isinstance(label, str):
+            raise TypeError(f"label {i} is {type(label).__name__} {label!r}; each label is a string"[:200])
+    return out
+
+
+def _bytes(item: ImageInput) -> bytes:
+    """Encoded bytes from bytes, a bytes-like object, an open binary file, a PIL image (`_pil_bytes`) or a path."""
+    if isinstance(item, bytes | bytearray | memoryview):
+        return bytes(item)
+    if hasattr(item, "read"):
+        if isinstance(getattr(item, "mode", None), str) and "b" not in item.mode:  # read() would fail to decode
+            raise TypeError(f"{getattr(item, 'name', item)!r} was opened in text mode: open images with 'rb'")
+        start = item.tell() if _seekable(item) else None
+        data = item.read()
+        if not isinstance(data, bytes):
+            raise TypeError(f"{item!r} was opened in text mode: open images with 'rb'")
+        if start is not None:  # left where it was: sent again (a retry, the same file twice), it is not empty
+            item.seek(start)
+        return data
+    if hasattr(item, "save") and hasattr(item, "mode"):  # a PIL image, without importing PIL here
+        return _pil_bytes(item)
+    if not isinstance(item, str | os.PathLike):
+        raise TypeError(f"an image is a path, encoded bytes, an open binary file or a PIL image, not {type(item)}")
+    if isinstance(item, str) and re.match(r"[a-z][a-z0-9+.-]*://", item, re.IGNORECASE):
+        raise TypeError(f"{item[:80]!r} is a URL: the client sends image files and does not fetch URLs")
+    return Path(item).read_bytes()
+
+
+def _seekable(item: Any) -> bool:
+    try:
+        return bool(item.seekable())
+    except (AttributeError, OSError, ValueError):  # no seekable(), or a closed file (read() then says so)
+        return False
+
+
+PNG_AS_IS = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}  # modes PNG keeps, which the server reads as it reads files
+
+
+def _pil_bytes(image: Any) -> bytes:
+    """A PIL image as the server would see its file: upright (its EXIF orientation applied, as the server does for
+    a file's), in a mode PNG stores (CMYK, YCbCr, LAB, HSV and 32-bit grey as the RGB the server would make of
+    them), as PNG; as a JPEG (quality 95) when the PNG would pass the server's default image limit."""
+    from PIL import ImageOps
+
+    from model_store.pixels import viewed_rgb
+
+    from .config import Limits  # the server's default max_image_bytes: a larger PNG is sent as a JPEG
+
+    upright = ImageOps.exif_transpose(image)
+    if upright.mode not in PNG_AS_IS:
+        upright = viewed_rgb(upright)  # ValueError for 32-bit float pixels, whose range is unknown
+    buf = io.BytesIO()
+    upright.save(buf, format="PNG")
+    if buf.tell() > Limits.max_image_bytes:  # a photo's pixels: a 12 MP PNG is about 20 MB, its JPEG a few
+        buf = io.BytesIO()
+        viewed_rgb(upright).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _name(item: ImageInput, i: int) -> str:
+    """The file name sent with an upload: UTF-8 (a name that is not is sent with replacement characters)."""
+    if not isinstance(item, str | os.PathLike):
+        return f"item{i}"
+    return os.fsencode(Path(item).name).decode("utf-8", "replace")
+
+
+def _at_least(generation: int | None) -> dict[str, str]:
+    """The `X-Min-Generation` header for `generation` (None: none)."""
+    if generation is None:
+        return {}
+    try:
+        n = whole(generation, "min_generation")
+    except TypeError:
+        n = -1  # a ValueError, as before numpy's integers were taken
+    if not 0 <= n < 10**18:
+        raise ValueError(
+            f"min_generation is a store generation (an integer >= 0 of at most 18 digits), got {generation!r}"
+        )
+    return {"X-Min-Generation": str(n)}

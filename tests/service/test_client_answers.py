@@ -1,0 +1,169 @@
+"""The client and the commands against answers and values an integrating user meets (an outside check's findings):
+a 200 that is not clipbank's, timeouts while sending, numpy integers, URLs that cannot be, a lone label with a
+comma, a folder of images, and a deactivation that changed nothing or left a shadow scoring."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from clipbank.cli import main
+from service.client import ClipbankClient, ClipbankHTTPError
+from tests.helpers import client_on
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"x" * 40
+ROUTE = {"task": None, "version": None, "bundle_id": None, "score": None, "threshold": None}
+URL = ["--url", "http://srv", "--token", "t" * 20]
+
+
+def test_a_200_that_is_not_a_clipbank_answer_is_never_taken_for_success(monkeypatch, tmp_path, capsys):
+    """`clipbank push` exited 0 and printed {"ok": true} against a server that stored nothing; the other commands
+    printed a KeyError traceback."""
+    client_on(monkeypatch, lambda request: httpx.Response(200, json={"ok": True}))
+    calls = {
+        "push": lambda c: c.push(PNG),
+        "activate": lambda c: c.activate("t", 1),
+        "shadow": lambda c: c.shadow("t"),
+        "set_shadow": lambda c: c.set_shadow("t", 2),
+        "stop_shadow": lambda c: c.set_shadow("t", None),
+        "unclaimed": lambda c: c.unclaimed(),
+        "delete": lambda c: c.delete("t"),
+        "task": lambda c: c.task("t"),
+        "classify": lambda c: c.classify([PNG]),
+    }
+    with ClipbankClient("http://srv") as c:
+        for name, call in calls.items():
+            with pytest.raises(ClipbankHTTPError, match="is it a clipbank server") as e:
+                call(c)
+            assert e.value.code == "not_clipbank", name
+    bundle = tmp_path / "b.safetensors"
+    bundle.write_bytes(b"x" * 100)
+    for argv in (
+        ["push", str(bundle)],
+        ["shadow", "t"],
+        ["shadow", "t", "--stop"],
+        ["insights"],
+        ["tasks", "activate", "t", "1"],
+        ["tasks", "deactivate", "t"],
+    ):
+        assert main([*argv, *URL]) == 2, argv
+        err = capsys.readouterr().err
+        assert "is it a clipbank server?" in err and "Traceback" not in err, (argv, err)
+
+
+def test_timeouts_while_sending_and_while_a_head_trickles_are_named_as_timeouts(monkeypatch):
+    def stops_reading(request: httpx.Request) -> httpx.Response:
+        raise httpx.WriteTimeout("timed out")
+
+    client_on(monkeypatch, stops_reading)
+    with ClipbankClient("http://srv", timeout=2) as c, pytest.raises(ClipbankHTTPError) as e:
+        c.push(PNG)
+    assert e.value.code == "timeout" and "read none of POST /tasks for 2 s" in e.value.message  # was connection_failed
+
+    def trickles(request: httpx.Request) -> httpx.Response:  # each read in time, the whole far later
+        time.sleep(0.3)
+        raise httpx.ReadTimeout("timed out")
+
+    client_on(monkeypatch, trickles)
+    with ClipbankClient("http://srv", timeout=0.1) as c, pytest.raises(ClipbankHTTPError) as e:
+        c.health()
+    assert e.value.code == "timeout" and "gave up after 0.3 s" in e.value.message, e.value.message
+
+
+def test_numpy_integers_are_the_integers_they_are_and_other_values_are_named(monkeypatch):
+    sent: list = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        if request.url.path == "/classify":
+            return httpx.Response(200, json={"results": [{"labels": [], "route": ROUTE}]})
+        return httpx.Response(200, json={"task": "t", "active_version": 1, "shadow_version": 2, "generation": 3})
+
+    client_on(monkeypatch, handler)
+    with ClipbankClient("http://srv") as c:
+        c.activate("t", np.int64(1))
+        assert json.loads(sent[-1].content) == {"version": 1}
+        c.set_shadow("t", np.int32(2))
+        assert json.loads(sent[-1].content) == {"version": 2}
+        c.classify([PNG], ["cat", "dog"], top_k=np.int64(1), min_generation=np.uint8(3))
+        assert sent[-1].headers["X-Min-Generation"] == "3" and b'name="top_k"\r\n\r\n1\r\n' in sent[-1].content
+        count = len(sent)
+        for bad, words in (
+            (lambda: c.classify([PNG], [None, "red"]), "label 0 is NoneType None; each label is a string"),
+            (lambda: c.classify([PNG], [["a"], "b"]), "label 0 is list"),
+            (lambda: c.classify([PNG], ["a", "b"], top_k=True), "top_k is an integer, got True"),
+            (lambda: c.classify([PNG], ["a", "b"], top_k=1.5), "top_k is an integer, got float 1.5"),
+            (lambda: c.activate("t", 1.0), "version is an integer, got float 1.0"),
+        ):
+            with pytest.raises(TypeError, match=words):
+                bad()
+    assert len(sent) == count  # refused before anything was sent (None went out as an empty label)
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("http://127.0.0.1:18101x", "is not a valid URL"),  # was httpx.InvalidURL, past `except ValueError`
+        ("http://127.0.0.1:99999", "has port 99999, outside 1..65535"),  # was 'connection refused' at the first call
+        ("http://127.0.0.1:8000?x=1", "has a query or fragment"),  # every call then went to `/`
+        ("http://srv/#top", "has a query or fragment"),
+    ],
+)
+def test_a_server_url_that_cannot_be_is_refused_when_the_client_is_made(url, words):
+    with pytest.raises(ValueError, match=words):
+        ClipbankClient(url)
+
+
+def test_a_bundle_file_is_streamed_whole_and_closed(monkeypatch, tmp_path):
+    got: list = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        got.append(request.read())
+        return httpx.Response(201, json={"task": "t", "version": 1, "bundle_id": "b" * 64})
+
+    client_on(monkeypatch, handler)
+    data = bytes(range(256)) * 4000
+    (tmp_path / "v1.safetensors").write_bytes(data)
+    with ClipbankClient("http://srv") as c:
+        assert c.push(tmp_path / "v1.safetensors")["version"] == 1
+        with pytest.raises(IsADirectoryError, match="is a folder, not a bundle file"):
+            c.push(tmp_path)
+    assert data in got[0] and b'filename="v1.safetensors"' in got[0]
+
+
+def test_classify_takes_folders_and_a_lone_label_with_a_comma_is_named_before_sending(monkeypatch, tmp_path, capsys):
+    sent: list = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.read())
+        n = request.read().count(b'name="images"')
+        return httpx.Response(200, json={"results": [{"labels": [{"label": "x", "score": 1.0}], "route": ROUTE}] * n})
+
+    client_on(monkeypatch, handler)
+    folder = tmp_path / "imgs"
+    (folder / "b").mkdir(parents=True)
+    (folder / ".hidden").mkdir()
+    for name in ("a.png", "b/c.JPG", ".hidden/d.png", "notes.txt"):
+        (folder / name).write_bytes(PNG)
+    assert main(["classify", str(folder), "--labels", "x,y", *URL]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(folder / "a.png"), str(folder / "b" / "c.JPG")]
+    (tmp_path / "empty").mkdir()
+    assert main(["classify", str(tmp_path / "empty"), *URL]) == 2
+    assert "holds no image files" in capsys.readouterr().err
+    assert main(["classify", str(folder / "a.png"), "--label", "a red, round thing", *URL]) == 2
+    assert "give at least two" in capsys.readouterr().err
+    assert len(sent) == 1
+
+
+def test_a_deactivation_says_when_it_changed_nothing_and_when_a_shadow_still_scores(monkeypatch, capsys):
+    answer = {"task": "cars", "was_active": False, "shadow_version": 3, "purged_blobs": 0, "kept": {}, "generation": 4}
+    client_on(monkeypatch, lambda request: httpx.Response(200, json=answer))
+    assert main(["tasks", "deactivate", "cars", *URL]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "task cars: it had no active version; nothing changed\n"
+    assert "version 3 is still in shadow, scoring live traffic: `clipbank shadow cars --stop`" in captured.err
