@@ -333,6 +333,11 @@ async def test_json_with_a_repeated_key_or_no_body_is_named_as_such(tmp_path, ba
         assert r.status_code == 422 and "the key 'labels' appears twice in one object" in r.text
         r = await c.post("/classify", content=b"", headers={"Content-Type": "application/json"})
         assert r.status_code == 422 and r.json()["error"]["message"] == "the body is empty"
+        files = [("images", ("red.png", colour("red")))]  # `-F labels=cat,dog` sends one label: named so
+        r = await c.post("/classify", files=files, data={"labels": ["a red, round thing"]})
+        assert r.status_code == 422 and "if it is one label, send it with at least one other" in r.text, r.text
+        r = await c.post("/classify", files=files, data={"labels": ["a red, round thing", "a blue one"]})
+        assert r.status_code == 200 and r.json()["results"][0]["labels"][0]["label"] == "a red, round thing", r.text
 
 
 async def test_an_image_past_pillows_own_bound_is_named_in_our_words(tmp_path, backbone):
