@@ -77,7 +77,12 @@ def _pretrain(args: argparse.Namespace) -> int:
             "give --out FILE for the new weights; --replace-embedded overwrites the shipped tiny backbone, which "
             "every bundle and the reference set trained on it depend on (they stop loading)"
         )
-    metrics = pretrain_tiny(PretrainConfig(**given(PretrainConfig, args)), Path(args.out) if args.out else None)
+    cfg = PretrainConfig(**given(PretrainConfig, args))
+    if args.out:  # before hours of training, not after
+        from training.run import check_writable
+
+        check_writable(Path(args.out), args.overwrite, "the weights file")
+    metrics = pretrain_tiny(cfg, Path(args.out) if args.out else None)
     print_json(metrics)
     return 0
 
@@ -198,7 +203,8 @@ def _add_data(sub) -> None:
 def _add_pretrain(sub) -> None:
     pt = sub.add_parser("pretrain-tiny", help="pretrain the embedded tiny CLIP on generated captions")
     add_flags(pt, PretrainConfig)
-    pt.add_argument("--out", help="weights file to write")
+    pt.add_argument("--out", help="weights file to write (an existing file only with --overwrite)")
+    pt.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
     pt.add_argument(
         "--replace-embedded",
         action="store_true",

@@ -8,7 +8,6 @@ import difflib
 import hashlib
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +15,8 @@ from typing import Any
 
 import open_clip
 import torch
-from safetensors import safe_open
 
+from .checkpoints import looks_like_checkpoint, misfit, refuse_non_finite
 from .digest import tensor_digest
 from .errors import BackboneError, UnsupportedBackbone
 from .frozen import FrozenRuntime, TorchFrozen
@@ -222,37 +221,6 @@ def _first_line(error: Exception) -> str:
     return (lines[0] if lines else type(error).__name__)[:300]
 
 
-def _looks_like_checkpoint(path: Path) -> bool:
-    """A safetensors file (an 8-byte header length, then JSON) or a PyTorch one (a zip, or a legacy pickle)."""
-    with path.open("rb") as f:
-        head = f.read(9)
-    return head[8:9] == b"{" or head.startswith((b"PK\x03\x04", b"\x80"))
-
-
-def _misfit(model: Any, path: Path) -> str | None:
-    """Why a safetensors checkpoint does not fit the built architecture, by its tensors' names and shapes, read
-    from its header before open_clip loads it: open_clip's first failure on another architecture can be anything
-    (resizing a position embedding in half precision, say). Position embeddings may differ: open_clip resizes them."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            shapes = {k.removeprefix("module."): list(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception:  # not safetensors, or unreadable: open_clip's loader says what it finds
-        return None
-    want = {k: list(v.shape) for k, v in model.state_dict().items()}
-    numel = {k: math.prod(v) for k, v in shapes.items()}
-    differ = [  # open_clip resizes position embeddings, and reshapes a scalar logit_scale of [1] or []
-        k for k in want if k in shapes and numel[k] != math.prod(want[k]) and not k.endswith("positional_embedding")
-    ]
-    missing = [k for k in want if k not in shapes]
-    if not differ and len(missing) <= len(want) // 2:
-        return None
-    first = f"; first: {differ[0]} is {shapes[differ[0]]}, needs {want[differ[0]]}" if differ else ""
-    return (
-        f"the checkpoint does not fit this architecture: {len(differ)} of its tensors have other shapes and "
-        f"{len(missing)} of the model's {len(want)} are missing{first}"
-    )
-
-
 def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto") -> Backbone:
     """Create the open_clip model for `ref`, load its weights, freeze it and fingerprint it."""
     ref = parse_backbone_ref(ref) if isinstance(ref, str) else ref
@@ -265,7 +233,7 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
             f"{ref.text!r} needs an open_clip_config.json beside the weights ({config} is missing); or name the "
             "architecture: 'ARCH:file:/path/weights.safetensors'"
         )
-    if ref.weights_is_file and not _looks_like_checkpoint(Path(ref.weights)):
+    if ref.weights_is_file and not looks_like_checkpoint(Path(ref.weights)):
         raise BackboneError(f"{ref.weights} is not a checkpoint: neither safetensors nor a PyTorch file ({ref.text!r})")
     picked = ("Multiple checkpoints found",) if ref.weights_is_file else ()  # the file named here replaces it
     quiet = DropRecords(("No pretrained weights loaded", "Local config loaded, but no CLIP weights", *picked))
@@ -278,7 +246,7 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
             ref.model_name, pretrained=tag, load_weights=not ref.weights_is_file, force_quick_gelu=quick_gelu
         )
         if ref.weights_is_file:
-            if problem := _misfit(model, Path(ref.weights)):
+            if problem := misfit(model, Path(ref.weights)):
                 raise BackboneError(problem)
             open_clip.load_checkpoint(model, ref.weights)
     except Exception as e:  # open_clip, safetensors and torch raise many types for bad files
@@ -297,6 +265,7 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
         raise BackboneError(f"could not load the tokenizer of backbone {ref.text!r}: {_first_line(e)}") from e
     model.requires_grad_(False)
     model.eval()
+    refuse_non_finite(model, ref.text)
     fingerprint = tensor_digest(model.state_dict())
     dev = pick_device(device)
     model.to(dev)

@@ -7,6 +7,7 @@ under a file lock, and checked against PyTorch before first use.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -148,9 +149,14 @@ def parity(backbone: Backbone, runtime: Any, sizes: tuple[int, ...] = (1, 3)) ->
         tokens = backbone.tokenizer([f"a photo of a thing number {w}." for w in words]).to(backbone.device)
         with torch.inference_mode():
             ref_i, ref_t = encode_image(backbone.model, images), encode_text(backbone.model, tokens)
-        worst["image"] = max(worst["image"], float((runtime.image(images) - ref_i).abs().max()))
-        worst["text"] = max(worst["text"], float((runtime.text(tokens) - ref_t).abs().max()))
+        worst["image"] = max(worst["image"], _largest(runtime.image(images) - ref_i))
+        worst["text"] = max(worst["text"], _largest(runtime.text(tokens) - ref_t))
     return worst
+
+
+def _largest(diff: torch.Tensor) -> float:
+    """The largest absolute difference; inf for a NaN (max() would skip it, and a NaN export would pass)."""
+    return float(diff.abs().nan_to_num(nan=math.inf).max())
 
 
 def quantize_image_tower(target: Path) -> Path:
@@ -183,14 +189,20 @@ def int8_cosine(backbone: Backbone, runtime: Any, n: int = 4) -> float:
     return float(torch.nn.functional.cosine_similarity(runtime.image(images), ref).min())
 
 
-def _int8_runtime(backbone: Backbone, target: Path) -> tuple[OrtFrozen, dict[str, float]]:
-    """The int8 image tower (the text tower stays float: its embeddings are cached), checked against PyTorch."""
+def _int8_runtime(backbone: Backbone, target: Path, remake: bool = False) -> tuple[OrtFrozen, dict[str, float]]:
+    """The int8 image tower (the text tower stays float: its embeddings are cached), checked against PyTorch.
+    `remake` (the caller holds the lock): one that cannot be used (a truncated file, say) is quantized again, once."""
     try:
         runtime = OrtFrozen(quantize_image_tower(target), target / "text.onnx", backbone.device, "onnx-int8")
         cosine = int8_cosine(backbone, runtime)
     except Exception as e:  # ONNX Runtime raises its own types
+        if remake:
+            why = f"{type(e).__name__}: {e}"
+            log.warning("the int8 image tower in %s cannot be used (%s); quantizing again", target, why)
+            (target / INT8_IMAGE).unlink(missing_ok=True)
+            return _int8_runtime(backbone, target)
         raise BackboneError(f"the int8 image tower in {target} cannot be used: {type(e).__name__}: {e}") from e
-    if cosine < INT8_MIN_COSINE:
+    if not math.isfinite(cosine) or cosine < INT8_MIN_COSINE:
         raise BackboneError(
             f"the int8 image tower of {backbone.ref.text!r} is too far from PyTorch (cosine {cosine:.4f} < "
             f"{INT8_MIN_COSINE}); use frozen_runtime=onnx"
@@ -200,7 +212,12 @@ def _int8_runtime(backbone: Backbone, target: Path) -> tuple[OrtFrozen, dict[str
 
 def _cache_folder(root: Path) -> Path:
     """The cache root, private to this user: exports there are loaded and run."""
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if root.exists() and not root.is_dir():
+        raise BackboneError(f"the ONNX cache {root} is a file, not a folder (onnx_cache, CLIPBANK_ONNX_CACHE)")
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:  # a parent that is a file, or no permission
+        raise BackboneError(f"the ONNX cache {root} cannot be made: {e.strerror or e}") from None
     if root.stat().st_uid != os.getuid():
         raise BackboneError(f"the ONNX cache {root} belongs to another user; set CLIPBANK_ONNX_CACHE to your own")
     return root
@@ -230,7 +247,7 @@ def _checked_runtime(backbone: Backbone, target: Path) -> tuple[OrtFrozen, dict[
         diffs = parity(backbone, runtime)
     except Exception as e:  # ONNX Runtime raises its own types for unreadable files
         raise BackboneError(f"the ONNX export in {target} cannot be used: {type(e).__name__}: {e}") from e
-    if max(diffs.values()) > PARITY_ATOL:
+    if not max(diffs.values()) <= PARITY_ATOL:  # NaN included
         raise BackboneError(f"the ONNX export of {backbone.ref.text!r} differs from PyTorch by {diffs} > {PARITY_ATOL}")
     return runtime, diffs
 
@@ -255,7 +272,7 @@ def _locked_runtime(backbone: Backbone, root: Path, target: Path, int8: bool) ->
         _export_into(backbone, root, target)
         runtime, diffs = _checked_runtime(backbone, target)
     if int8:
-        runtime, diffs = _int8_runtime(backbone, target)
+        runtime, diffs = _int8_runtime(backbone, target, remake=True)
     return runtime, diffs
 
 
@@ -285,6 +302,11 @@ def with_onnx_runtime(
                 f"export of {backbone.ref.text!r}"
             ) from None
         log.warning("the ONNX cache %s cannot be locked (%s): its export is used as it is", root, e.strerror or e)
+        if int8 and not (target / INT8_IMAGE).is_file():
+            raise BackboneError(
+                f"the ONNX cache {root} cannot be written and holds no int8 image tower of {backbone.ref.text!r}: "
+                "make one with a writable cache, or use frozen_runtime=onnx"
+            ) from None
         runtime, diffs = _checked_runtime(backbone, target)
         if int8:
             runtime, diffs = _int8_runtime(backbone, target)

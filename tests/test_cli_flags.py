@@ -395,7 +395,27 @@ def test_pretrain_tiny_does_not_overwrite_the_embedded_backbone_unless_asked(cap
     assert "--out" in capsys.readouterr().err
     assert main(["pretrain-tiny", "--steps", "-1", "--out", "/tmp/never.safetensors"]) == 2
     assert "steps must be >= 1" in capsys.readouterr().err
+    assert main(["pretrain-tiny", "--weight-decay", "nan", "--out", "/tmp/never.safetensors"]) == 2
+    assert "weight_decay must be a finite number >= 0, got nan" in capsys.readouterr().err  # made all weights NaN
     assert hashlib.sha256(TINY_WEIGHTS.read_bytes()).hexdigest() == before
+
+
+def test_pretrain_tiny_checks_its_out_file_before_training(tmp_path, capsys, monkeypatch):
+    """An outside check's: an existing file was replaced without asking, and a folder that cannot be written was
+    found only once the training (hours, by default) was over."""
+    import training.pretrain_tiny
+    from clipbank.cli import main
+
+    monkeypatch.setattr(training.pretrain_tiny, "pretrain_tiny", lambda *a: pytest.fail("no training"))
+    (tmp_path / "mine.safetensors").write_text("precious")
+    assert main(["pretrain-tiny", "--out", str(tmp_path / "mine.safetensors")]) == 2
+    assert "exists; give a new file name, or --overwrite to replace it" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["pretrain-tiny", "--out", str(tmp_path / "afile" / "sub" / "w.safetensors")]) == 2
+    assert "afile" in capsys.readouterr().err
+    assert main(["pretrain-tiny", "--out", str(tmp_path)]) == 2
+    assert "is a directory; give the weights file's path" in capsys.readouterr().err
+    assert (tmp_path / "mine.safetensors").read_text() == "precious"
 
 
 def test_server_settings_that_could_never_work_are_refused_up_front():

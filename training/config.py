@@ -68,6 +68,8 @@ class PretrainConfig:
             problems.append(
                 f"need warmup >= 0, lr > 0 and characters in [0, 1]; got {self.warmup}, {self.lr}, {self.characters}"
             )
+        if not 0 <= self.weight_decay < float("inf"):  # NaN too: it made every weight NaN, and exited 0
+            problems.append(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if problems:
             raise ValueError("invalid pretraining settings: " + "; ".join(problems))
 

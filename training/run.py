@@ -211,7 +211,7 @@ def _check_outputs(job: TrainJob) -> None:
             "`clipbank push --no-activate`"
         )
     if job.out:
-        _check_writable(Path(job.out), job.overwrite)
+        check_writable(Path(job.out), job.overwrite)
 
 
 def _warn_if_val_is_data(job: TrainJob) -> None:
@@ -241,9 +241,10 @@ def _open_store(location: str) -> Store:
     return store
 
 
-def _check_writable(out: Path, overwrite: bool) -> None:
+def check_writable(out: Path, overwrite: bool, what: str = "the bundle file") -> None:
+    """`--out` before any work: not a folder, not an existing file unless `overwrite`, in a folder we may write."""
     if out.is_dir():
-        raise ValueError(f"--out {out} is a directory; give the bundle file's path")
+        raise ValueError(f"--out {out} is a directory; give {what}'s path")
     if out.exists() and not overwrite:  # it may be another task's bundle, and the only copy of it
         raise FileExistsError(f"--out {out} exists; give a new file name, or --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)

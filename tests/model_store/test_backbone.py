@@ -59,6 +59,11 @@ def test_checkpoint_file_written_by_the_test(tmp_path, backbone):
     # the same weights through open_clip's local-dir schema (it finds the file itself)
     (tmp_path / "mine.safetensors").rename(tmp_path / "open_clip_model.safetensors")
     assert load_backbone(f"local-dir:{tmp_path}", device="cpu").fingerprint == loaded.fingerprint
+    # an outside check's: weights made NaN by a bad pretraining served as "ready", every score null
+    state["visual.proj"] = state["visual.proj"].clone().fill_(float("nan"))
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(BackboneError, match="not finite .*in 1 tensors, first visual.proj: it cannot answer"):
+        load_backbone(f"file:{tmp_path / 'nan.safetensors'}", device="cpu")
 
 
 def test_the_same_weights_under_another_model_config_are_another_backbone_for_bundles(tmp_path, backbone):

@@ -97,6 +97,13 @@ def test_a_stale_or_broken_cached_export_is_made_again_and_a_mismatch_refused(tm
     with pytest.raises(BackboneError, match="differs from PyTorch"):
         with_onnx_runtime(last, tmp_path)
     assert last.frozen.name == "torch"
+    monkeypatch.undo()  # an outside check's: an export answering NaN passed (max() skips a NaN), every answer wrong
+    monkeypatch.setattr(onnx_runtime.OrtFrozen, "image", lambda self, x: torch.full((len(x), 128), float("nan")))
+    with pytest.raises(BackboneError, match="differs from PyTorch by .*inf"):
+        with_onnx_runtime(last, tmp_path)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(BackboneError, match="is a file, not a folder"):  # was FileExistsError, with a traceback
+        with_onnx_runtime(last, tmp_path / "a-file")
 
 
 @pytest.mark.parametrize("kind", ["autoencoder", "gaussian"])
@@ -166,3 +173,21 @@ def test_the_int8_image_tower_is_made_once_close_to_pytorch_and_refused_when_too
     with pytest.raises(BackboneError, match="frozen_runtime=onnx"):
         with_onnx_runtime(plain, cache, int8=True)
     assert int8.stat().st_mtime_ns == stamp  # quantized once
+    monkeypatch.undo()
+    size = int8.stat().st_size
+    with open(int8, "r+b") as f:  # truncated: it failed every start until deleted by hand
+        f.truncate(5000)
+    assert with_onnx_runtime(plain, cache, int8=True)[0].frozen.name == "onnx-int8"
+    assert int8.stat().st_size == size  # quantized again, once
+
+    import errno
+
+    import filelock
+
+    def read_only(self, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    int8.unlink()
+    monkeypatch.setattr(filelock.BaseFileLock, "acquire", read_only)
+    with pytest.raises(BackboneError, match="cannot be written and holds no int8 image tower"):
+        with_onnx_runtime(plain, cache, int8=True)  # was FileNotFoundError 'image-inferred.onnx'

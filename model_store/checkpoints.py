@@ -1,0 +1,53 @@
+"""Checks of a checkpoint file and of the weights loaded from it, before a backbone is made of them."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .errors import BackboneError
+
+
+def looks_like_checkpoint(path: Path) -> bool:
+    """A safetensors file (an 8-byte header length, then JSON) or a PyTorch one (a zip, or a legacy pickle)."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    return head[8:9] == b"{" or head.startswith((b"PK\x03\x04", b"\x80"))
+
+
+def misfit(model: Any, path: Path) -> str | None:
+    """Why a safetensors checkpoint does not fit the built architecture, by its tensors' names and shapes, read
+    from its header before open_clip loads it: open_clip's first failure on another architecture can be anything
+    (resizing a position embedding in half precision, say). Position embeddings may differ: open_clip resizes them."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = {k.removeprefix("module."): list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception:  # not safetensors, or unreadable: open_clip's loader says what it finds
+        return None
+    want = {k: list(v.shape) for k, v in model.state_dict().items()}
+    numel = {k: math.prod(v) for k, v in shapes.items()}
+    differ = [  # open_clip resizes position embeddings, and reshapes a scalar logit_scale of [1] or []
+        k for k in want if k in shapes and numel[k] != math.prod(want[k]) and not k.endswith("positional_embedding")
+    ]
+    missing = [k for k in want if k not in shapes]
+    if not differ and len(missing) <= len(want) // 2:
+        return None
+    first = f"; first: {differ[0]} is {shapes[differ[0]]}, needs {want[differ[0]]}" if differ else ""
+    return (
+        f"the checkpoint does not fit this architecture: {len(differ)} of its tensors have other shapes and "
+        f"{len(missing)} of the model's {len(want)} are missing{first}"
+    )
+
+
+def refuse_non_finite(model: Any, name: str) -> None:
+    """BackboneError for weights holding NaN or inf: such a backbone answers every image with null scores."""
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise BackboneError(
+            f"backbone {name!r} has weights that are not finite (NaN or inf) in {len(bad)} tensors, first "
+            f"{bad[0]}: it cannot answer; retrain or restore its checkpoint"
+        )
