@@ -142,6 +142,9 @@ class Backbone:
     # The facts `config_id` hashes, one level flat ("preprocess.size"): bundles record them, and a server compares
     # the facts both sides know, so a release (or an open_clip) that describes more does not refuse older bundles.
     config_facts: dict[str, Any] | None = None
+    # The hash bundles of the first releases that recorded a config carried (2026-12-05, be26a71 to 8914476^): of
+    # the config open_clip built from, with the forced QuickGELU. Such a bundle matches if either hash does.
+    first_config_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.autocast not in AUTOCAST_DTYPES:
@@ -274,7 +277,25 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
     facts = _config_facts(model)
     config = {"config_id": hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()}
     config["config_facts"] = flat_facts(facts)
+    config["first_config_id"] = _first_config_id(ref, quick_gelu)
     return Backbone(ref, model, preprocess, train_preprocess, tokenizer, dev, fingerprint, towers, **config)
+
+
+def _first_config_id(ref: BackboneRef, quick_gelu: bool) -> str | None:
+    """The config hash of the first releases that recorded one: sha256 of the config dict open_clip built `ref`
+    from (its registry's, or a local folder's JSON) with the QuickGELU a pretrained tag forces. Keep as it is."""
+    try:
+        if ref.model_name.startswith("local-dir:"):
+            path = Path(ref.model_name.removeprefix("local-dir:")) / "open_clip_config.json"
+            config = json.loads(path.read_text())["model_cfg"]
+        else:
+            config = open_clip.get_model_config(ref.model_name)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    config = {**config, "quick_gelu": bool(config.get("quick_gelu")) or quick_gelu}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def flat_facts(facts: dict[str, Any]) -> dict[str, Any]:

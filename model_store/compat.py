@@ -26,6 +26,11 @@ def _without_folders(name: str) -> str:
     return re.sub(r"(?:[^:/]*/)+", "", name) or "?"
 
 
+def _hashes(backbone: Backbone) -> set[str | None]:
+    """The config hashes a bundle without facts may carry for this backbone: today's, or the first releases'."""
+    return {backbone.config_id, backbone.first_config_id} - {None}
+
+
 def check_backbone(info: BackboneInfo, backbone: Backbone) -> None:
     """BackboneMismatch unless `info` (a manifest's backbone) is the served backbone, by weights fingerprint."""
     if info.fingerprint != backbone.fingerprint:
@@ -52,7 +57,7 @@ def check_backbone(info: BackboneInfo, backbone: Backbone) -> None:
             raise BackboneMismatch(
                 f"the bundle's backbone has the served weights but computes otherwise ({said}): {hint}"
             )
-    elif info.config is not None and backbone.config_id is not None and info.config != backbone.config_id:
+    elif info.config is not None and backbone.config_id is not None and info.config not in _hashes(backbone):
         raise BackboneMismatch(
             f"the bundle's backbone has the served weights but computes otherwise (config {info.config[:12]}… "
             f"against {backbone.config_id[:12]}…): {hint}; or the bundle was made by a release that described "

@@ -130,6 +130,8 @@ class Service:
         self.threads = compute_threads(self.config.threads, torch.get_num_threads(), self.backbone.narrow)
         torch.set_num_threads(self.threads)  # before any pass: also what the ONNX Runtime session is given
         self.backbone = self._frozen_runtime().with_autocast(self.config.autocast)
+        if self.config.autocast != "off":
+            self._say_autocast()
         reference, cfg = self._reference(), self.config
         gate = Gate(GateLimits(cfg.gate_max_stolen, cfg.gate_max_zero_shot), reference)
         monitor = ReservoirConfig(
@@ -179,6 +181,15 @@ class Service:
                 raise
             log.warning("frozen passes stay in PyTorch: %s: %s", type(e).__name__, e, exc_info=e)
         return shared.with_frozen()
+
+    def _say_autocast(self) -> None:
+        """Said at start, as nothing else shows it: on CPU it is not what it is for, and ONNX passes ignore it."""
+        backbone, cpu = self.backbone, self.backbone.device.type != "cuda"
+        where = " on CPU (meant for a GPU: here slower and less exact)" if cpu else ""
+        frozen = (
+            "" if backbone.frozen.name == "torch" else f"; the frozen passes run in {backbone.frozen.name}, without it"
+        )
+        (log.warning if cpu else log.info)("autocast %s for the PyTorch passes%s%s", backbone.autocast, where, frozen)
 
     def require_ready(self) -> Registry:
         if not self.ready.is_set() or self.registry is None:

@@ -316,3 +316,4 @@ class Health(BaseModel):
     backbone: dict[str, Any] = Field(default_factory=dict)
     frozen_runtime: str | None = None  # torch | onnx
     threads: int | None = Field(None, description="Threads of each forward pass (the `threads` setting).")
+    autocast: str | None = Field(None, description="Mixed precision of the PyTorch passes (the `autocast` setting).")

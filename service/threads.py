@@ -9,10 +9,13 @@ on ViT-B-32 and from 118 to 15 on tiny (docs/benchmarks/serve.md, "Threads").
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import MutableMapping
 from pathlib import Path
+
+log = logging.getLogger("clipbank.service")
 
 CGROUP = Path("/sys/fs/cgroup")
 
@@ -77,5 +80,13 @@ def compute_threads(setting: int, default: int, narrow: bool) -> int:
     Else PyTorch's `default` (its physical cores, or OMP_NUM_THREADS when set, as Ray Serve sets it per replica)
     capped by the CPUs this process may use."""
     if setting > 0:
+        cpus = usable_cpus()
+        if setting > 2 * cpus:  # 1000 threads on 2 CPUs served 90x slower than one
+            log.warning(
+                "threads=%d is over twice the %d CPUs this process may use: each pass then waits on its own "
+                "threads taking turns; 0 picks a number that fits",
+                setting,
+                cpus,
+            )
         return setting
     return 1 if narrow else max(1, min(default, usable_cpus()))

@@ -36,6 +36,7 @@ def ops_router() -> APIRouter:
             "backbone": bank.backbone.describe(),
             "frozen_runtime": bank.backbone.frozen.name,
             "threads": service.threads,
+            "autocast": bank.backbone.autocast,
         }
 
     @router.get("/metrics", response_class=Response)

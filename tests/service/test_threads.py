@@ -47,6 +47,18 @@ def test_a_quota_caps_the_threads_and_the_setting_overrides(tmp_path, monkeypatc
     assert compute_threads(2, 64, narrow=True) == 2
 
 
+def test_threads_far_over_the_cpus_are_warned_of(monkeypatch, caplog):
+    """An outside check's: --threads 1000 on 2 CPUs was taken silently and served 90 times slower than one."""
+    import logging
+
+    monkeypatch.setattr("service.threads.usable_cpus", lambda: 2)
+    with caplog.at_level(logging.WARNING, logger="clipbank.service"):
+        assert compute_threads(4, 64, narrow=False) == 4
+        assert not caplog.records
+        assert compute_threads(1000, 64, narrow=False) == 1000  # the operator's, still; said
+    assert "threads=1000 is over twice the 2 CPUs this process may use" in caplog.text
+
+
 def test_the_setting_is_checked_up_front():
     with pytest.raises(ValueError, match="threads must be in 0..1024"):
         ServeConfig(threads=-1)
@@ -83,5 +95,6 @@ async def test_readyz_says_how_many_threads_each_pass_runs_on(tmp_path, backbone
 
     async with running_app(tmp_path / "a", backbone) as client:
         assert (await client.get("/readyz")).json()["threads"] == 1  # tiny: one, by default
-    async with running_app(tmp_path / "b", backbone, threads=2) as client:
-        assert (await client.get("/readyz")).json()["threads"] == 2
+    async with running_app(tmp_path / "b", backbone, threads=2, autocast="bf16") as client:
+        ready = (await client.get("/readyz")).json()
+        assert (ready["threads"], ready["autocast"]) == (2, "bf16")  # autocast was shown nowhere
