@@ -104,7 +104,10 @@ def _store(args: argparse.Namespace) -> int:
             problems += _unservable(args.store, args.backbone)
         for problem in problems:
             print(problem)
-        print(f"{len(problems)} problem(s)" if problems else "the store is consistent", file=sys.stderr)
+        said = f"{len(problems)} problem(s)" if problems else "the store is consistent"
+        if not args.backbone:  # a store whole on disk can still hold versions a server would not serve
+            said += " (blobs and index only; --backbone REF also checks that a server on REF serves every version)"
+        print(said, file=sys.stderr)
         if not problems and any((left := store_leftovers(args.store)).values()):  # not faults, but disk space
             print(
                 f"leftovers: {left['temp_files']} temp file(s), {left['unreferenced_blobs']} blob(s) no version names "

@@ -203,5 +203,11 @@ def _with_context(error: ClipbankError, context: str) -> ClipbankError:
         return error
 
 
+WHY_CHARS = 600  # a reason kept whole up to this; beyond, its middle is cut (its end is often the remedy)
+
+
 def _why(error: Exception) -> str:
-    return f"{error.code}: {str(error)[:300]}" if isinstance(error, ClipbankError) else str(error)[:300]
+    text = str(error)
+    if len(text) > WHY_CHARS:
+        text = f"{text[: WHY_CHARS // 2 - 2]} … {text[-(WHY_CHARS // 2 - 2) :]}"
+    return f"{error.code}: {text}" if isinstance(error, ClipbankError) else text

@@ -14,8 +14,8 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import BundleNotFound, StoreDamaged, StoreError, StoreWriteFailed
-from .store_base import Edit, PutResult, Store, next_generation, purge_plan
-from .store_index import StoreIndex, VersionRecord
+from .store_base import Edit, PutResult, Store, purge_plan
+from .store_index import StoreIndex, VersionRecord, next_generation
 
 __all__ = ["LocalStore", "PutResult", "Store", "atomic_write", "open_store"]
 

@@ -10,7 +10,6 @@ secrets.
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
@@ -28,7 +27,7 @@ from .errors import (
     VersionConflict,
 )
 from .manifest import finite_metrics, shown, validate_task_name
-from .store_index import INDEX_FORMAT, StoreIndex, TaskRecord, VersionRecord
+from .store_index import StoreIndex, TaskRecord, VersionRecord
 
 Edit = Callable[[StoreIndex], StoreIndex]
 
@@ -68,6 +67,8 @@ class Store:
         newer one was seen is not held to it), or StoreDamaged if it went back from `floor` or is another store's
         (wiped and made again, or restored, under a running server, which then served a bank no longer stored)."""
         other = self._seen_id is not None and index.store_id not in (None, self._seen_id)
+        if other and floor is not None and (index.store_id_since or 0) > floor:  # made after all we read: an older
+            other = False  # release dropped the id we knew in a write we did not see (a replaced store's is older)
         if floor is not None and (index.generation < floor or other):
             why = "is another store's" if other else f"went back from generation {floor}"
             raise StoreDamaged(
@@ -378,18 +379,6 @@ def needed_by(index: StoreIndex, task: str) -> dict[int, list[str]]:
         if users:
             out[v.version] = sorted(users)
     return out
-
-
-def next_generation(index: StoreIndex, known_id: str | None = None) -> StoreIndex:
-    """The changed index, one generation on, with its store id (`known_id`, the one the writer read before, when
-    an older release's write dropped it; else a new one); a StoreError for an index of a newer format, which this
-    release reads but cannot rewrite without losing what it does not know."""
-    if index.format > INDEX_FORMAT:
-        raise StoreError(
-            f"the store index is format {index.format}, written by a newer clipbank; this release (format "
-            f"{INDEX_FORMAT}) serves from it but does not change it: upgrade to change the store"
-        )
-    return replace(index, generation=index.generation + 1, store_id=index.store_id or known_id or uuid.uuid4().hex)
 
 
 def _unless(shadow: str | None, activated: str) -> str | None:

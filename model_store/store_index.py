@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -143,6 +144,8 @@ class StoreIndex:
     deleting: Mapping[str, float] = field(default_factory=dict)
     # made by the first change (random): a store wiped and made again under a running server is another store
     store_id: str | None = None
+    # the generation that made `store_id`: later than a first change when an older release's write had dropped it
+    store_id_since: int | None = None
 
     @classmethod
     def from_json(cls, obj: Any) -> StoreIndex:
@@ -160,7 +163,9 @@ class StoreIndex:
             raise StoreError(f"the store index has format {shown(fmt, 20)}, not a format number")
         store_id = obj.get("store_id")
         store_id = store_id if isinstance(store_id, str) and STORE_ID_RE.fullmatch(store_id) else None
-        return cls(obj["generation"], tasks, fmt, deleting, store_id)
+        since = obj.get("store_id_since")
+        since = since if type(since) is int and store_id is not None else None
+        return cls(obj["generation"], tasks, fmt, deleting, store_id, since)
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -172,6 +177,8 @@ class StoreIndex:
             out["deleting"] = dict(self.deleting)
         if self.store_id is not None:  # older releases ignore it (and drop it when they write)
             out["store_id"] = self.store_id
+        if self.store_id_since is not None:
+            out["store_id_since"] = self.store_id_since
         return out
 
     def task(self, name: str) -> TaskRecord:
@@ -232,3 +239,18 @@ class StoreIndex:
         else:
             tasks[name] = new
         return replace(self, tasks=tasks)
+
+
+def next_generation(index: StoreIndex, known_id: str | None = None) -> StoreIndex:
+    """The changed index, one generation on, with its store id: `known_id` (the one the writer read before) when
+    an older release's write dropped it, else a new one, made at this generation. A StoreError for an index of a
+    newer format, which this release reads but cannot rewrite without losing what it does not know."""
+    if index.format > INDEX_FORMAT:
+        raise StoreError(
+            f"the store index is format {index.format}, written by a newer clipbank; this release (format "
+            f"{INDEX_FORMAT}) serves from it but does not change it: upgrade to change the store"
+        )
+    generation = index.generation + 1
+    if index.store_id is not None or known_id is not None:
+        return replace(index, generation=generation, store_id=index.store_id or known_id)
+    return replace(index, generation=generation, store_id=uuid.uuid4().hex, store_id_since=generation)

@@ -32,8 +32,8 @@ from .digest import bytes_digest
 from .errors import BundleNotFound, StoreDamaged, StoreError, StoreUnavailable
 from .settings import cache_root, env_value
 from .store import atomic_write, encode_index, parse_index
-from .store_base import BlobBeingDeleted, Edit, Store, next_generation, purge_plan
-from .store_index import StoreIndex
+from .store_base import BlobBeingDeleted, Edit, Store, purge_plan
+from .store_index import StoreIndex, next_generation
 
 log = logging.getLogger("clipbank.store")
 CAS_SECONDS = 30.0  # how long a change keeps retrying a contended index, or waits for a purge's deletion

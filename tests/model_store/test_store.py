@@ -439,3 +439,16 @@ def test_the_check_names_a_refused_manifest_once_not_as_a_missing_blob(tmp_path,
     )
     (problem,) = check_store(tmp_path)
     assert problem.startswith(f"blob {bundle_id[:12]}: ") and "template" in problem
+
+
+def test_a_long_reason_a_task_is_left_out_keeps_its_end():
+    """An upgrade check's: reasons were cut at 300 characters, and the end that says what to do was lost."""
+    from model_store.errors import BackboneMismatch
+    from model_store.loader import WHY_CHARS, _why
+
+    short = BackboneMismatch("the bundle's backbone computes otherwise: retrain it")
+    assert _why(short) == "backbone_mismatch: the bundle's backbone computes otherwise: retrain it"
+    long = BackboneMismatch("x" * 1000 + " (retrain it on this backbone)")
+    said = _why(long)
+    assert said.startswith("backbone_mismatch: xxx") and said.endswith("(retrain it on this backbone)")
+    assert " … " in said and len(said) <= WHY_CHARS + len("backbone_mismatch: ")

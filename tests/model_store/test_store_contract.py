@@ -372,6 +372,24 @@ def test_an_index_written_without_a_store_id_keeps_the_one_read_before(make_stor
     assert fresh.index().store_id not in (None, store_id) and store.index().store_id == fresh.index().store_id
 
 
+def test_an_id_made_again_after_an_older_releases_write_the_reader_missed_is_the_same_store(make_store, bundles):
+    """An upgrade check's: an older release's write (dropping the id) then a new process's (making another), both
+    between two polls of a server, read as a replaced store: 503 store_damaged on every change, a stale bank."""
+    reader = make_store()
+    reader.put(bundles[1])
+    first = reader.index()
+    assert first.store_id_since == 1  # made by the store's first change
+    older = {k: v for k, v in {**first.to_json(), "generation": 2}.items() if k not in ("store_id", "store_id_since")}
+    _write_index(reader, older)  # the reader does not poll in between
+    fresh = make_store()
+    fresh.put(bundles[2])
+    made = fresh.index()
+    assert made.store_id not in (None, first.store_id) and made.store_id_since == 3
+    assert reader.index() == made  # the same store, its id made after all the reader had read
+    reader.put(bundles[3])
+    assert make_store().index().store_id == made.store_id
+
+
 def _write_index(store, obj: dict) -> None:
     if isinstance(store, LocalStore):
         store.index_path.write_text(json.dumps(obj))
