@@ -20,11 +20,16 @@ DEMO_TASKS = ("textures", "glyphs")
 
 def run_demo(workdir: Path, steps: int = 500, backbone: str = "tiny", tasks: tuple[str, ...] = DEMO_TASKS) -> dict:
     """Train `tasks` one after the other on one store, then report routing on their test sets and on shapes."""
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    if workdir.exists() and not workdir.is_dir():
+        raise NotADirectoryError(f"--workdir {workdir} is a file; give a folder (made if missing)")
     store_dir = workdir / "store"
     for name in tasks:
         exported(name, workdir / "data" / name)
-        if name in open_store(store_dir).active():
-            print(f"{name}: already in {store_dir}, skipping training")
+        store = open_store(store_dir)
+        if name in store.active():
+            _kept(store, name, steps)
             continue
         summary = run_train_job(
             TrainJob(
@@ -46,6 +51,17 @@ def run_demo(workdir: Path, steps: int = 500, backbone: str = "tiny", tasks: tup
     print(format_route_report(report))
     (workdir / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _kept(store, name: str, steps: int) -> None:
+    """Say that `name` is not trained again, and when the stored version was trained otherwise than asked now."""
+    trained = store.load(store.active()[name]).manifest.training or {}
+    print(f"{name}: already in {store.location}, skipping training")
+    if trained.get("steps") not in (None, steps):
+        print(
+            f"  its stored version was trained with {trained['steps']} steps, not the --steps {steps} asked now: "
+            "the figures below are that version's (give another --workdir to train again)"
+        )
 
 
 def exported(name: str, folder: Path) -> Path:

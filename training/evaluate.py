@@ -60,7 +60,10 @@ def route_report(bank: BankSnapshot, sets: dict[str, LabelledImages]) -> dict[st
 
 
 def format_route_report(report: dict[str, Any]) -> str:
-    lines = [f"{'test set':10s} {'images':>6s} {'zero-shot':>9s} {'routed':>7s}  routes"]
+    lines = [
+        "accuracy of plain zero-shot CLIP, and of the bank routing each image (auto); then where images went",
+        f"{'test set':10s} {'images':>6s} {'zero-shot':>9s} {'routed':>7s}  routes",
+    ]
     for name, r in report.items():
         routes = ", ".join(f"{k} {v:.1%}" for k, v in r["routes"].items())
         lines.append(f"{name:10s} {r['images']:6d} {r['zero_shot_accuracy']:9.1%} {r['auto_accuracy']:7.1%}  {routes}")

@@ -99,13 +99,25 @@ def test_a_stopped_export_leaves_nothing_and_a_finished_one_is_whole(tmp_path, m
         export_domain("shapes", tmp_path / "out")
     assert len(saved) == 30 and list(tmp_path.iterdir()) == []  # nothing left, not even the hidden work folder
     monkeypatch.setattr(Image.Image, "save", real)
-    (tmp_path / "out").mkdir()  # an empty folder is taken, as before
+    (tmp_path / "out").mkdir(mode=0o750)  # an empty folder is taken, as before, with the mode it was given
     counts = export_domain("shapes", tmp_path / "out")
     assert sum(counts.values()) == len(list((tmp_path / "out").rglob("*.png")))
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750 & ~_umask()  # it became 755, whatever it was
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         export_domain("shapes", tmp_path / "f")
+    with pytest.raises(PermissionError, match="cannot export into .*f/sub"):  # was [Errno 17] File exists: 'f'
+        export_domain("shapes", tmp_path / "f" / "sub")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "out"]  # no work folder left
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_training_and_the_server_reduce_a_large_png_alike_and_refuse_what_a_server_refuses(tmp_path):
