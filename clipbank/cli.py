@@ -84,6 +84,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         check_writable(Path(args.out), args.overwrite, "the weights file")
     metrics = pretrain_tiny(cfg, Path(args.out) if args.out else None)
     print_json(metrics)
+    if args.out:  # was logged at INFO only, which a default run does not show
+        print(f"serve these weights with --backbone file:{args.out}", file=sys.stderr)
     return 0
 
 

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import http.client
 import io
+import json
 import math
 import threading
 import urllib.parse
@@ -76,10 +77,21 @@ def _get(url: str, timeout: float) -> tuple[bool, str]:
     conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
     try:
         conn.request("GET", parts.path or "/", headers={"Connection": "close"})
-        status = conn.getresponse().status  # the status line and headers only: the body says nothing more
-        return status == 200, f"{url}: {status}"
+        response = conn.getresponse()
+        if response.status == 200:  # the status line and headers only: the body says nothing more
+            return True, f"{url}: 200"
+        return False, f"{url}: {response.status}{_reason(response.read(4096))}"  # why: still loading, a failed start
     finally:
         conn.close()
+
+
+def _reason(body: bytes) -> str:
+    """A clipbank error body's code and message, as ` (code: message)`; '' for anything else."""
+    try:
+        error = json.loads(body)["error"]
+        return f" ({error['code']}: {' '.join(str(error['message']).split())[:300]})"
+    except (ValueError, KeyError, TypeError):
+        return ""
 
 
 def check(url: str, timeout: float) -> tuple[bool, str]:

@@ -80,7 +80,8 @@ def parse_backbone_ref(text: str) -> BackboneRef:
         return BackboneRef(text, f"local-dir:{path.parent}", str(path), True)
     name, sep, rest = text.partition(":")
     if not name or not sep or not rest:
-        raise BackboneError(f"backbone reference {text!r} needs a weights part; {REFERENCE_HELP}")
+        path = f" (a file: 'file:{text}')" if "/" in text or text.endswith((".safetensors", ".pt", ".bin")) else ""
+        raise BackboneError(f"backbone reference {text!r} needs a weights part{path}; {REFERENCE_HELP}")
     if rest == "none":
         return BackboneRef(text, name, None)
     if rest.startswith("file:"):

@@ -79,7 +79,10 @@ class _Readyz(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.send_response(self.status if self.path == "/readyz" else 404)
+        body = b'{"error": {"code": "not_ready", "message": "the server is still loading"}}'
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        self.wfile.write(body)
 
     def log_message(self, *args):
         pass
@@ -112,7 +115,7 @@ def test_exit_code_follows_readyz(readyz, monkeypatch, capsys):
         assert main(["healthcheck", "--url", f"http://127.0.0.1:{port}/readyz"]) == 1  # loading, or stopping
     finally:
         _Readyz.status = 200
-    assert "503" in capsys.readouterr().out
+    assert "readyz: 503 (not_ready: the server is still loading)" in capsys.readouterr().out  # why, not only 503
     readyz.shutdown()
     readyz.server_close()
     assert main(["healthcheck", "--url", f"http://127.0.0.1:{port}/readyz", "--timeout", "1"]) == 1

@@ -161,6 +161,16 @@ def test_a_text_projection_that_is_a_linear_or_none_still_gives_the_embedding_wi
     assert loaded.embed_dim == loaded.model.encode_text(tokens).shape[1] == config["model_cfg"]["embed_dim"]
 
 
+def test_a_bare_path_as_the_backbone_says_to_write_file():
+    """An outside check's: `--backbone /p/w.safetensors` said only 'needs a weights part'."""
+    from model_store.backbone import parse_backbone_ref
+
+    with pytest.raises(BackboneError, match=r"needs a weights part \(a file: 'file:/p/w.safetensors'\)"):
+        parse_backbone_ref("/p/w.safetensors")
+    with pytest.raises(BackboneError, match=r"needs a weights part; backbone references"):
+        parse_backbone_ref("ViT-B-16")
+
+
 def test_missing_or_bad_checkpoint(tmp_path):
     with pytest.raises(BackboneError, match="does not exist"):
         load_backbone(f"file:{tmp_path / 'nope.safetensors'}")
