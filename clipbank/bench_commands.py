@@ -16,6 +16,7 @@ from model_store.settings import env_value
 from training.config import CLJob, RoutingJob
 
 from .flags import UsageError, add_flags, given
+from .output import print_json
 
 DEFAULT_BACKBONE = env_value("backbone") or "tiny"
 
@@ -71,7 +72,9 @@ def _bench_routing(args: argparse.Namespace) -> int:
 
 
 def reference(args: argparse.Namespace) -> int:
-    """`clipbank reference build`."""
+    """`clipbank reference build` and `clipbank reference list`."""
+    if args.reference_cmd == "list":
+        return _list_references(args.json)
     from model_store.backbone import load_backbone
     from model_store.reference import cache_path, embed_images, is_reference, save_reference
     from training.data import read_rgb
@@ -106,6 +109,22 @@ def reference(args: argparse.Namespace) -> int:
             "backbone's has 4000)",
             file=sys.stderr,
         )
+    return 0
+
+
+def _list_references(as_json: bool) -> int:
+    from model_store.reference import list_references
+
+    found = list_references()
+    if as_json:
+        print_json({"reference_sets": found})
+        return 0
+    for ref in found:
+        if "error" in ref:
+            print(f"{ref['path']}\t-\t-\t[{ref['error']}]")
+        else:
+            said = f"{ref['backbone']} {ref['fingerprint'][:12]}\t{ref['count']} images\t{ref['source']}"
+            print(f"{ref['path']}\t{said}")
     return 0
 
 
@@ -268,4 +287,6 @@ def add_reference_parser(sub) -> None:
         "any other file is refused",
     )
     rb.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    rl = rsub.add_parser("list", help="the reference sets a server may find: the cache's, then the embedded one")
+    rl.add_argument("--json", action="store_true", help="print them as JSON")
     rf.set_defaults(fn=reference)

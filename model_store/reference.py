@@ -110,8 +110,38 @@ def load_reference(path: str | os.PathLike, backbone: Backbone) -> ReferenceSet:
 
 def cache_path(backbone: Backbone) -> Path:
     """Where `clipbank reference build` puts a backbone's reference set by default."""
-    root = env_value("reference_cache") or os.path.join(cache_root(), "reference")
-    return Path(root) / f"{backbone.fingerprint}.safetensors"
+    return reference_root() / f"{backbone.fingerprint}.safetensors"
+
+
+def reference_root() -> Path:
+    """The folder `clipbank reference build` writes into by default, one file per backbone fingerprint."""
+    return Path(env_value("reference_cache") or os.path.join(cache_root(), "reference"))
+
+
+def list_references() -> list[dict]:
+    """Every reference set a server may find (the cache's, then the embedded tiny one), each `{path, backbone,
+    fingerprint, count, source}` from its metadata alone, or `{path, error}` for a file that cannot be read."""
+    root = reference_root()
+    paths = sorted(root.glob("*.safetensors")) if root.is_dir() else []
+    out = []
+    for path in [*paths, TINY_REFERENCE]:
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = bounded_loads((f.metadata() or {}).get(REFERENCE_KEY, "null"))
+            backbone = meta["backbone"]
+            named = f"{backbone.get('arch')}/{backbone.get('pretrained')}"
+            out.append(
+                {
+                    "path": str(path),
+                    "backbone": named,
+                    "fingerprint": str(backbone.get("fingerprint")),
+                    "count": meta.get("count"),
+                    "source": meta.get("source"),
+                }
+            )
+        except Exception as e:  # not a reference set, or unreadable: listed as such
+            out.append({"path": str(path), "error": f"not a readable reference set ({type(e).__name__})"})
+    return out
 
 
 def find_reference(backbone: Backbone, explicit: str | os.PathLike | None = None) -> ReferenceSet | None:

@@ -894,3 +894,27 @@ def test_train_help_names_the_backbone_it_will_use():
     run = [sys.executable, "-m", "clipbank", "train", "--help"]
     out = subprocess.run(run, capture_output=True, text=True, timeout=120, env=env, check=True).stdout
     assert "backbone reference (default ViT-B-32:none)" in " ".join(out.split())
+
+
+def test_reference_list_names_the_sets_a_server_may_find(tmp_path, monkeypatch, capsys):
+    """An outside check's: nothing listed which reference sets exist, or for which backbone."""
+    import shutil
+
+    from clipbank.cli import main
+    from model_store.reference import TINY_REFERENCE
+
+    monkeypatch.setenv("CLIPBANK_REFERENCE_CACHE", str(tmp_path))
+    shutil.copy(TINY_REFERENCE, tmp_path / "a.safetensors")
+    (tmp_path / "b.safetensors").write_text("not one")
+    assert main(["reference", "list", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)["reference_sets"]
+    assert [r["path"] for r in found] == [
+        str(tmp_path / "a.safetensors"),
+        str(tmp_path / "b.safetensors"),
+        str(TINY_REFERENCE),
+    ]
+    assert found[0]["backbone"] == "clipbank-tiny/embedded" and found[0]["count"] == 4000
+    assert "not a readable reference set" in found[1]["error"]
+    assert main(["reference", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[0].split("\t")[2] == "4000 images"
