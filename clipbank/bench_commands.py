@@ -124,7 +124,8 @@ def _list_references(as_json: bool) -> int:
             print(f"{ref['path']}\t-\t-\t[{ref['error']}]")
         else:
             said = f"{ref['backbone']} {ref['fingerprint'][:12]}\t{ref['count']} images\t{ref['source']}"
-            print(f"{ref['path']}\t{said}")
+            unseen = "" if ref["found_by_servers"] else "\t[not under its fingerprint's name: servers do not find it]"
+            print(f"{ref['path']}\t{said}{unseen}")
     return 0
 
 
@@ -287,6 +288,6 @@ def add_reference_parser(sub) -> None:
         "any other file is refused",
     )
     rb.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    rl = rsub.add_parser("list", help="the reference sets a server may find: the cache's, then the embedded one")
+    rl = rsub.add_parser("list", help="the reference sets in the cache, then the embedded one, and which servers find")
     rl.add_argument("--json", action="store_true", help="print them as JSON")
     rf.set_defaults(fn=reference)

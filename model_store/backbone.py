@@ -143,9 +143,9 @@ class Backbone:
     # The facts `config_id` hashes, one level flat ("preprocess.size"): bundles record them, and a server compares
     # the facts both sides know, so a release (or an open_clip) that describes more does not refuse older bundles.
     config_facts: dict[str, Any] | None = None
-    # The hash bundles of the first releases that recorded a config carried (2026-12-05, be26a71 to 8914476^): of
-    # the config open_clip built from, with the forced QuickGELU. Such a bundle matches if either hash does.
-    first_config_id: str | None = None
+    # The hashes bundles of earlier releases carried for this config (2026-12-05): be26a71..8914476^ hashed the
+    # config open_clip built from, with the forced QuickGELU; 8914476..daa1a72^ the facts without `preprocess`.
+    older_config_ids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.autocast not in AUTOCAST_DTYPES:
@@ -276,9 +276,11 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
     train_preprocess = _train_transform(model)
     log.info("loaded backbone %s (%s) on %s, fingerprint %s", ref.text, ref.arch, dev, fingerprint[:12])
     facts = _config_facts(model)
-    config = {"config_id": hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()}
+    config: dict[str, Any] = {"config_id": hashlib.sha256(_canonical(facts)).hexdigest()}
     config["config_facts"] = flat_facts(facts)
-    config["first_config_id"] = _first_config_id(ref, quick_gelu)
+    without_preprocess = {k: v for k, v in facts.items() if k != "preprocess"}
+    older = (_first_config_id(ref, quick_gelu), hashlib.sha256(_canonical(without_preprocess)).hexdigest())
+    config["older_config_ids"] = tuple(h for h in older if h is not None)
     return Backbone(ref, model, preprocess, train_preprocess, tokenizer, dev, fingerprint, towers, **config)
 
 
@@ -295,8 +297,14 @@ def _first_config_id(ref: BackboneRef, quick_gelu: bool) -> str | None:
         return None
     if not isinstance(config, dict):
         return None
-    config = {**config, "quick_gelu": bool(config.get("quick_gelu")) or quick_gelu}
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(
+        _canonical({**config, "quick_gelu": bool(config.get("quick_gelu")) or quick_gelu})
+    ).hexdigest()
+
+
+def _canonical(obj: dict[str, Any]) -> bytes:
+    """The bytes every config hash is of: keep as it is, or bundles carrying a hash alone are refused."""
+    return json.dumps(obj, sort_keys=True, default=str).encode()
 
 
 def flat_facts(facts: dict[str, Any]) -> dict[str, Any]:

@@ -27,8 +27,8 @@ def _without_folders(name: str) -> str:
 
 
 def _hashes(backbone: Backbone) -> set[str | None]:
-    """The config hashes a bundle without facts may carry for this backbone: today's, or the first releases'."""
-    return {backbone.config_id, backbone.first_config_id} - {None}
+    """The config hashes a bundle without facts may carry for this backbone: today's, or earlier releases'."""
+    return {backbone.config_id, *backbone.older_config_ids} - {None}
 
 
 def check_backbone(info: BackboneInfo, backbone: Backbone) -> None:

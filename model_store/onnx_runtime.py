@@ -193,14 +193,19 @@ def _int8_runtime(backbone: Backbone, target: Path, remake: bool = False) -> tup
     """The int8 image tower (the text tower stays float: its embeddings are cached), checked against PyTorch.
     `remake` (the caller holds the lock): one that cannot be used (a truncated file, say) is quantized again, once."""
     try:
-        runtime = OrtFrozen(quantize_image_tower(target), target / "text.onnx", backbone.device, "onnx-int8")
+        path = quantize_image_tower(target)
+        try:
+            runtime = OrtFrozen(path, target / "text.onnx", backbone.device, "onnx-int8")
+        except Exception as e:  # ONNX Runtime's own types: a truncated or damaged file, made again once
+            if not remake:
+                raise
+            log.warning(
+                "the int8 image tower in %s cannot be loaded (%s: %s); quantizing again", target, type(e).__name__, e
+            )
+            path.unlink(missing_ok=True)
+            runtime = OrtFrozen(quantize_image_tower(target), target / "text.onnx", backbone.device, "onnx-int8")
         cosine = int8_cosine(backbone, runtime)
     except Exception as e:  # ONNX Runtime raises its own types
-        if remake:
-            why = f"{type(e).__name__}: {e}"
-            log.warning("the int8 image tower in %s cannot be used (%s); quantizing again", target, why)
-            (target / INT8_IMAGE).unlink(missing_ok=True)
-            return _int8_runtime(backbone, target)
         raise BackboneError(f"the int8 image tower in {target} cannot be used: {type(e).__name__}: {e}") from e
     if not math.isfinite(cosine) or cosine < INT8_MIN_COSINE:
         raise BackboneError(

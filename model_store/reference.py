@@ -119,8 +119,9 @@ def reference_root() -> Path:
 
 
 def list_references() -> list[dict]:
-    """Every reference set a server may find (the cache's, then the embedded tiny one), each `{path, backbone,
-    fingerprint, count, source}` from its metadata alone, or `{path, error}` for a file that cannot be read."""
+    """Every reference set in the cache, then the embedded tiny one, each `{path, backbone, fingerprint, count,
+    source, found_by_servers}` from its metadata alone (a server finds a cached set only under its backbone's
+    fingerprint; others need `--reference`), or `{path, error}` for a file that cannot be read."""
     root = reference_root()
     paths = sorted(root.glob("*.safetensors")) if root.is_dir() else []
     out = []
@@ -130,15 +131,10 @@ def list_references() -> list[dict]:
                 meta = bounded_loads((f.metadata() or {}).get(REFERENCE_KEY, "null"))
             backbone = meta["backbone"]
             named = f"{backbone.get('arch')}/{backbone.get('pretrained')}"
-            out.append(
-                {
-                    "path": str(path),
-                    "backbone": named,
-                    "fingerprint": str(backbone.get("fingerprint")),
-                    "count": meta.get("count"),
-                    "source": meta.get("source"),
-                }
-            )
+            fingerprint = str(backbone.get("fingerprint"))
+            found = path == TINY_REFERENCE or path.stem == fingerprint  # a server looks for <fingerprint>.safetensors
+            entry = {"path": str(path), "backbone": named, "fingerprint": fingerprint, "count": meta.get("count")}
+            out.append({**entry, "source": meta.get("source"), "found_by_servers": found})
         except Exception as e:  # not a reference set, or unreadable: listed as such
             out.append({"path": str(path), "error": f"not a readable reference set ({type(e).__name__})"})
     return out

@@ -243,14 +243,17 @@ class StoreIndex:
 
 def next_generation(index: StoreIndex, known_id: str | None = None) -> StoreIndex:
     """The changed index, one generation on, with its store id: `known_id` (the one the writer read before) when
-    an older release's write dropped it, else a new one, made at this generation. A StoreError for an index of a
-    newer format, which this release reads but cannot rewrite without losing what it does not know."""
+    an older release's write dropped it, else a new one; either marked with this generation (`store_id_since`).
+    A StoreError for an index of a newer format, which this release reads but cannot rewrite without losing
+    what it does not know."""
     if index.format > INDEX_FORMAT:
         raise StoreError(
             f"the store index is format {index.format}, written by a newer clipbank; this release (format "
             f"{INDEX_FORMAT}) serves from it but does not change it: upgrade to change the store"
         )
     generation = index.generation + 1
-    if index.store_id is not None or known_id is not None:
-        return replace(index, generation=generation, store_id=index.store_id or known_id)
-    return replace(index, generation=generation, store_id=uuid.uuid4().hex, store_id_since=generation)
+    if index.store_id is not None:
+        return replace(index, generation=generation)
+    # dropped by an older release (or never made): put back, or made, at this generation; either way marked, as a
+    # reader may have taken another id since the one put back (only this store's writers can hold it)
+    return replace(index, generation=generation, store_id=known_id or uuid.uuid4().hex, store_id_since=generation)

@@ -49,7 +49,8 @@ class ClipbankClient:
     (either token reads). `timeout`: seconds for each step of a call, None for none. `retries`: how many times a
     request that changes nothing (classify, the GET calls but the /readyz and /healthz probes) is sent again after
     a 503 whose `Retry-After` says when (`overloaded`, `stale_replica`, `not_ready`), after waiting that long (at
-    most 30 s); 0 (the default) raises at once, with the wait in `ClipbankHTTPError.retry_after`."""
+    most 30 s, plus up to a quarter more at random); 0 (the default) raises at once, with the wait in
+    `ClipbankHTTPError.retry_after`."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float | None = 60.0, retries: int = 0) -> None:
         if timeout is not None and (
@@ -100,28 +101,8 @@ class ClipbankClient:
         try:
             with self._http.stream(method, path, **kwargs) as response:
                 raw = _read_within(response, time.monotonic() + deadline, self.url)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # refused, bad address: name where
-            tls = " (is it a plain http:// server?)" if "WRONG_VERSION_NUMBER" in str(e) else ""
-            raise ClipbankHTTPError(
-                0, "unreachable", f"cannot reach {self.url}: {type(e).__name__}: {e}{tls}"
-            ) from None
-        except httpx.WriteTimeout:  # the server stopped reading the request: nothing of it was done
-            raise ClipbankHTTPError(
-                0, "timeout", f"{self.url} read none of {method} {path} for {self.timeout:g} s: not sent in full"
-            ) from None
-        except httpx.ReadTimeout:  # the request went out: a change may still land
-            changes = method != "GET" and path != "/classify"
-            hint = "; a change it was making may still land: look before retrying (GET /tasks, clipbank store list)"
-            waited = time.monotonic() - began
-            slow = waited > 2 * deadline  # each read had `timeout`: a head sent a byte at a time took longer
-            more = f" (gave up after {waited:.1f} s: its answer came a little at a time)" if slow else ""
-            raise ClipbankHTTPError(
-                0,
-                "timeout",
-                f"{self.url} did not answer {method} {path} within {self.timeout:g} s{more}{hint * changes}",
-            ) from None
-        except httpx.HTTPError as e:  # timed out, the connection broke, a body that does not decode
-            raise ClipbankHTTPError(0, "connection_failed", f"{self.url}: {type(e).__name__}: {e}") from None
+        except httpx.HTTPError as e:  # refused, timed out, broke, a body that does not decode
+            raise self._transport_error(e, method, path, time.monotonic() - began, "files" in kwargs) from None
         if response.status_code >= 400:
             retry = _seconds(response.headers.get("retry-after"))
             try:
@@ -157,6 +138,24 @@ class ClipbankClient:
                 f"{self.url} answered {method} {path} without {', '.join(missing)}: is it a clipbank server?",
             )
         return body
+
+    def _transport_error(self, e: httpx.HTTPError, method: str, path: str, waited: float, sent: bool) -> Exception:
+        """What an error of the connection is to the caller: `unreachable`, `timeout` or `connection_failed`."""
+        if isinstance(e, httpx.ConnectError | httpx.ConnectTimeout):  # refused, bad address: name where
+            tls = " (is it a plain http:// server?)" if "WRONG_VERSION_NUMBER" in str(e) else ""
+            return ClipbankHTTPError(0, "unreachable", f"cannot reach {self.url}: {type(e).__name__}: {e}{tls}")
+        if isinstance(e, httpx.WriteTimeout):  # the server stopped reading the request: it was not sent in full
+            said = f"{self.url} stopped reading {method} {path} for {self.timeout:g} s: it was not sent in full"
+            return ClipbankHTTPError(0, "timeout", said)
+        if isinstance(e, httpx.ReadTimeout):  # the request went out: a change may still land
+            changes = method != "GET" and path != "/classify"
+            hint = "; a change it was making may still land: look before retrying (GET /tasks, clipbank store list)"
+            # each read had `timeout`: an answer's head sent a byte at a time took longer (an upload's time aside)
+            slow = not sent and self.timeout is not None and waited > 2 * self.timeout
+            more = f" (gave up after {waited:.1f} s: its answer came a little at a time)" if slow else ""
+            said = f"{self.url} did not answer {method} {path} within {self.timeout:g} s{more}{hint * changes}"
+            return ClipbankHTTPError(0, "timeout", said)
+        return ClipbankHTTPError(0, "connection_failed", f"{self.url}: {type(e).__name__}: {e}")
 
     def classify(
         self,
@@ -208,13 +207,12 @@ class ClipbankClient:
         # `activate` too: a server older than `mode` ignores it, and must not activate an inactive or shadow upload
         params = {"mode": chosen, "activate": str(chosen == "active").lower(), "force": str(force).lower()}
         expect = ("task", "version", "bundle_id")
-        if isinstance(bundle, str | os.PathLike):  # streamed from the file: a 250 MB bundle is not held in memory
-            path = Path(bundle)
-            if path.is_dir():
-                raise IsADirectoryError(f"{path} is a folder, not a bundle file")
-            with path.open("rb") as f:
+        if isinstance(bundle, str | os.PathLike) and Path(bundle).is_file():  # a regular file: streamed (a 250 MB
+            with Path(bundle).open("rb") as f:  # bundle is not held in memory); a pipe's size is unknown: read
                 files = {"bundle": (_name(bundle, 0), f, "application/octet-stream")}
                 return self._call("POST", "/tasks", files=files, params={**params, **_waiting(wait_all)}, expect=expect)
+        if isinstance(bundle, str | os.PathLike) and Path(bundle).is_dir():
+            raise IsADirectoryError(f"{bundle} is a folder, not a bundle file")
         files = {"bundle": (_name(bundle, 0), _bytes(bundle), "application/octet-stream")}
         return self._call("POST", "/tasks", files=files, params={**params, **_waiting(wait_all)}, expect=expect)
 

@@ -359,16 +359,16 @@ class Registry:
         )
         return reports[-1].to_json() if reports else None
 
-    def deactivate(self, task: str, purge: bool = False) -> int:
-        """Stop routing to `task`; with purge, also forget it and delete blobs no other task needs."""
+    def deactivate(self, task: str, purge: bool = False) -> tuple[int, bool]:
+        """Stop routing to `task` (purge: forget it too): (blobs deleted, whether it was active, under the lock)."""
         active = self.store.task(task).active  # TaskNotFound before anything else
 
-        def write() -> int:
+        def write() -> tuple[int, bool]:
             deactivated = bool(self.store.task(task).active)
             if deactivated:
                 self.store.deactivate(task)
             try:
-                return self.store.purge(task) if purge else 0
+                return (self.store.purge(task) if purge else 0), deactivated
             except StoreError as e:  # two changes: say that the first one stands
                 if not deactivated:
                     raise

@@ -275,7 +275,9 @@ class ActivateRequest(BaseModel):
 
 class Removed(BaseModel):
     task: str
-    was_active: bool = Field(True, description="false: the task had no active version, and nothing changed")
+    was_active: bool = Field(
+        True, description="false: the task had no active version to stop (without purge, nothing changed)"
+    )
     shadow_version: int | None = Field(
         None,
         description="a version left in shadow: it keeps scoring live traffic (DELETE /tasks/{task}/shadow stops "

@@ -914,7 +914,8 @@ def test_reference_list_names_the_sets_a_server_may_find(tmp_path, monkeypatch, 
         str(TINY_REFERENCE),
     ]
     assert found[0]["backbone"] == "clipbank-tiny/embedded" and found[0]["count"] == 4000
+    assert not found[0]["found_by_servers"] and found[2]["found_by_servers"]  # the review's: a.safetensors is not
     assert "not a readable reference set" in found[1]["error"]
     assert main(["reference", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 3 and lines[0].split("\t")[2] == "4000 images"
+    assert len(lines) == 3 and lines[0].split("\t")[2] == "4000 images" and "servers do not find it" in lines[0]

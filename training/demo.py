@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from model_store.backbone import load_backbone
+from model_store.errors import ClipbankError
 from model_store.loader import BankLoader
 from model_store.store import open_store
 
@@ -55,8 +56,11 @@ def run_demo(workdir: Path, steps: int = 500, backbone: str = "tiny", tasks: tup
 
 def _kept(store, name: str, steps: int) -> None:
     """Say that `name` is not trained again, and when the stored version was trained otherwise than asked now."""
-    trained = store.load(store.active()[name]).manifest.training or {}
     print(f"{name}: already in {store.location}, skipping training")
+    try:
+        trained = store.load(store.active()[name]).manifest.training or {}
+    except (ClipbankError, OSError):  # a damaged blob: the bank's loading says so below
+        return
     if trained.get("steps") not in (None, steps):
         print(
             f"  its stored version was trained with {trained['steps']} steps, not the --steps {steps} asked now: "

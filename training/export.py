@@ -26,9 +26,7 @@ def export_domain(name: str, out: str | os.PathLike, splits: tuple[str, ...] = S
         probe.mkdir()
         probe.rmdir()
     except OSError as e:
-        raise PermissionError(
-            f"cannot export into {str(out)!r}: {e.strerror or e} ({e.filename or out.parent})"
-        ) from None
+        raise type(e)(f"cannot export into {str(out)!r}: {e.strerror or e} ({e.filename or out.parent})") from None
     work = out.with_name(f".{out.name}.part-{secrets.token_hex(4)}")
     counts = {}
     try:

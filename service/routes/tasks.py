@@ -158,6 +158,13 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         entry = await run_in_threadpool(registry.task_entry, task)
         return {**task_info(registry.bank, task, entry), "replicas": replicas, "gate": gate, "generation": generation}
 
+    _add_removal(router)
+    return router
+
+
+def _add_removal(router: APIRouter) -> None:
+    """DELETE /tasks/{task}."""
+
     @router.delete("/tasks/{task}", response_model=Removed, responses=WAITED)
     async def remove(
         request: Request,
@@ -167,23 +174,20 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
     ) -> dict:
         """Stop routing to a task. Its versions stay stored for rollback unless purged."""
         registry = service_of(request).require_ready()
-        before = await run_in_threadpool(registry.task_entry, known_name(task))  # TaskNotFound: 404
-        purged = await run_in_threadpool(registry.deactivate, task, purge)
+        purged, was_active = await run_in_threadpool(registry.deactivate, known_name(task), purge)
         kept = await run_in_threadpool(_kept, registry.store, task) if purge else {}
         shadow = None if purge else await run_in_threadpool(_shadow_version, registry, task)
         generation = registry.bank.generation
         replicas = await announced(request, generation, wait, f"the {'purge' if purge else 'deactivation'} of {task}")
         return {
             "task": task,
-            "was_active": before.active is not None,
+            "was_active": was_active,
             "shadow_version": shadow,
             "purged_blobs": purged,
             "kept": kept,
             "generation": generation,
             "replicas": replicas,
         }
-
-    return router
 
 
 def _shadow_version(registry: Any, task: str) -> int | None:

@@ -375,19 +375,29 @@ def test_an_index_written_without_a_store_id_keeps_the_one_read_before(make_stor
 def test_an_id_made_again_after_an_older_releases_write_the_reader_missed_is_the_same_store(make_store, bundles):
     """An upgrade check's: an older release's write (dropping the id) then a new process's (making another), both
     between two polls of a server, read as a replaced store: 503 store_damaged on every change, a stale bank."""
-    reader = make_store()
+    reader, writer = make_store(), make_store()
     reader.put(bundles[1])
     first = reader.index()
-    assert first.store_id_since == 1  # made by the store's first change
-    older = {k: v for k, v in {**first.to_json(), "generation": 2}.items() if k not in ("store_id", "store_id_since")}
-    _write_index(reader, older)  # the reader does not poll in between
+    assert first.store_id_since == 1 and writer.index() == first  # made by the store's first change
+
+    def older_release_writes(generation: int) -> None:
+        dropped = ("store_id", "store_id_since")
+        _write_index(
+            reader, {k: v for k, v in first.to_json().items() if k not in dropped} | {"generation": generation}
+        )
+
+    older_release_writes(2)  # the reader does not poll in between
     fresh = make_store()
     fresh.put(bundles[2])
     made = fresh.index()
     assert made.store_id not in (None, first.store_id) and made.store_id_since == 3
     assert reader.index() == made  # the same store, its id made after all the reader had read
-    reader.put(bundles[3])
-    assert make_store().index().store_id == made.store_id
+    # the review's: then the id is put back by a writer that had read it, after the reader took the newer one
+    older_release_writes(4)
+    writer.put(bundles[3])
+    back = writer.index()
+    assert (back.store_id, back.store_id_since) == (first.store_id, 5)
+    assert reader.index() == back  # the same store too, not a replaced one
 
 
 def _write_index(store, obj: dict) -> None:

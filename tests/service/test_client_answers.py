@@ -62,7 +62,7 @@ def test_timeouts_while_sending_and_while_a_head_trickles_are_named_as_timeouts(
     client_on(monkeypatch, stops_reading)
     with ClipbankClient("http://srv", timeout=2) as c, pytest.raises(ClipbankHTTPError) as e:
         c.push(PNG)
-    assert e.value.code == "timeout" and "read none of POST /tasks for 2 s" in e.value.message  # was connection_failed
+    assert e.value.code == "timeout" and "stopped reading POST /tasks for 2 s" in e.value.message  # connection_failed
 
     def trickles(request: httpx.Request) -> httpx.Response:  # each read in time, the whole far later
         time.sleep(0.3)
@@ -118,21 +118,67 @@ def test_a_server_url_that_cannot_be_is_refused_when_the_client_is_made(url, wor
         ClipbankClient(url)
 
 
-def test_a_bundle_file_is_streamed_whole_and_closed(monkeypatch, tmp_path):
+def test_a_bundle_file_is_streamed_whole_and_closed_and_a_pipe_is_read(monkeypatch, tmp_path):
+    """A 300 MB push held about three copies of the file in memory; it is now read from the file as it is sent.
+    A pipe (`clipbank push <(curl ...)`) has no size to declare: it is read first (the review's: h11 refused it)."""
+    import io
+    import os
+    import pathlib
+    import threading
+
     got: list = []
+    opened: list = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         got.append(request.read())
+        assert int(request.headers["content-length"]) == len(got[-1])  # a pipe's fstat size is 0: h11 refused it
         return httpx.Response(201, json={"task": "t", "version": 1, "bundle_id": "b" * 64})
 
     client_on(monkeypatch, handler)
+    real_open = pathlib.Path.open
+
+    def tracked(self, *a, **k):
+        f = real_open(self, *a, **k)
+        opened.append(f)
+        return f
+
     data = bytes(range(256)) * 4000
     (tmp_path / "v1.safetensors").write_bytes(data)
+    monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: pytest.fail("read whole into memory"))
+    monkeypatch.setattr(pathlib.Path, "open", tracked)
     with ClipbankClient("http://srv") as c:
         assert c.push(tmp_path / "v1.safetensors")["version"] == 1
+        assert len(opened) == 1 and isinstance(opened[0], io.BufferedReader) and opened[0].closed
         with pytest.raises(IsADirectoryError, match="is a folder, not a bundle file"):
             c.push(tmp_path)
+        monkeypatch.undo()
+        client_on(monkeypatch, handler)
+        r, w = os.pipe()
+        writer = threading.Thread(target=lambda: (os.write(w, data[:50_000]), os.close(w)))
+        writer.start()
+        assert c.push(f"/dev/fd/{r}")["version"] == 1
+        writer.join()
+        os.close(r)
     assert data in got[0] and b'filename="v1.safetensors"' in got[0]
+    assert data[:50_000] in got[1]
+
+
+def test_retries_wait_what_the_server_said_and_a_little_more_at_random(monkeypatch):
+    calls: list = []
+    waits: list = []
+    error = {"error": {"code": "overloaded", "message": "full", "details": None}}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if len(calls) <= 2:
+            return httpx.Response(503, json=error, headers={"Retry-After": "2"})
+        return httpx.Response(200, json={"results": []})
+
+    client_on(monkeypatch, handler)
+    monkeypatch.setattr(time, "sleep", waits.append)
+    with ClipbankClient("http://srv", retries=2) as c:
+        c.classify([PNG])
+    assert len(waits) == 2 and all(2.0 <= w <= 2.5 for w in waits) and waits[0] != waits[1], waits
 
 
 def test_classify_takes_folders_and_a_lone_label_with_a_comma_is_named_before_sending(monkeypatch, tmp_path, capsys):

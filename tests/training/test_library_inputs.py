@@ -107,7 +107,7 @@ def test_a_stopped_export_leaves_nothing_and_a_finished_one_is_whole(tmp_path, m
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         export_domain("shapes", tmp_path / "f")
-    with pytest.raises(PermissionError, match="cannot export into .*f/sub"):  # was [Errno 17] File exists: 'f'
+    with pytest.raises(OSError, match="cannot export into .*f/sub"):  # was [Errno 17] File exists: 'f'
         export_domain("shapes", tmp_path / "f" / "sub")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "out"]  # no work folder left
 
