@@ -25,6 +25,8 @@ def bench(args: argparse.Namespace) -> int:
     """`clipbank bench cl | serve | soak | routing | scale`."""
     job = BENCHES[args.bench_cmd][0]
     job(**given(job, args))  # every setting checked before any work starts
+    if getattr(args, "out", ""):  # the report's folder, before minutes of work whose figures it would lose
+        _writable_folder(args.out)
     # SIGTERM (a scheduler's stop, `kill`) as Ctrl-C: the servers a benchmark started are stopped on the way out
     # instead of outliving it in their own sessions
     signal.signal(signal.SIGTERM, _interrupt)
@@ -35,6 +37,18 @@ def bench(args: argparse.Namespace) -> int:
     if args.bench_cmd == "routing":
         return _bench_routing(args)
     return _bench_cl(args) if args.bench_cmd == "cl" else _bench_serve(args)
+
+
+def _writable_folder(out: str) -> None:
+    """--out made (if missing) and written into once, or an OSError naming it."""
+    import tempfile
+
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".clipbank-probe-"):
+            pass
+    except OSError as e:
+        raise type(e)(f"--out {out}: the report's folder cannot be made or written ({e.strerror or e})") from None
 
 
 def _interrupt(signum: int, frame: object) -> None:

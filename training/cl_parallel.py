@@ -141,7 +141,8 @@ def run_parts(
         return results
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
     ref = {"ref": backbone.ref.text, "fingerprint": backbone.fingerprint}
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    try:
         pending: dict[Future, int] = {
             pool.submit(_in_worker, run_part, p, ref, device, threads): i for i, p in enumerate(parts)
         }
@@ -152,5 +153,20 @@ def run_parts(
                 results[i], seconds = f.result()
                 bar.set_postfix_str(f"{parts[i].name} of seed {parts[i].seed_index}: {seconds:.0f} s", refresh=False)
                 bar.update()
+    except BaseException:  # Ctrl-C, SIGTERM, a part that failed: the other parts stop now, not when they are done
+        _stop(pool)
+        raise
+    pool.shutdown()
     bar.close()
     return results
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """End `pool` at once: queued parts cancelled, running ones killed (an interrupted run went on for an hour,
+    its workers training parts whose results nothing would read)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # no public way to stop a running one
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(5)

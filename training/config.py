@@ -148,6 +148,10 @@ class CLJob:
                 )
             if len(seq) < 2:
                 raise ValueError(f"--domains: a continual run needs at least 2 domains, got {len(seq)}")
+            if twice := sorted({d for d in seq if seq.count(d) > 1}):  # two tasks of one domain: the run started
+                raise ValueError(f"--domains: {', '.join(twice)} named twice; each domain is one task")
+            if self.outside in seq:
+                raise ValueError(f"--outside {self.outside} is also learned (--domains): it must be one no task learns")
         if self.methods is not None and {m.strip() for m in self.methods.split(",") if m.strip()} <= {"zero-shot"}:
             raise ValueError("--methods: zero-shot is what the methods are compared with; name at least one more")
 

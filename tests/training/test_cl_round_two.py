@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -330,3 +331,34 @@ def test_one_seed_has_no_spread_rather_than_a_spread_of_zero():
     s = out["summary"]
     assert s["last_ddas_vs_oracle"] == pytest.approx(-1.0) and s["last_ddas_vs_oracle_std"] is None
     assert out["task_agnostic"]["moe-ddas"]["mean_std"] is None
+
+
+def _part_that_sleeps_or_fails(part, backbone):
+    if part.name == "routing":
+        raise ValueError("this part failed")
+    time.sleep(120)  # a long part: the run must not wait for it once another failed or Ctrl-C came
+
+
+def test_a_failed_or_interrupted_run_stops_its_workers_at_once(backbone):
+    """An outside check's: Ctrl-C on `bench cl` said "interrupted" and the workers trained on, for an hour."""
+    from training.cl_common import CLConfig
+    from training.cl_parallel import Part, run_parts
+
+    parts = [Part(0, "routing", CLConfig()), Part(0, "moe", CLConfig()), Part(0, "sequential", CLConfig())]
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="this part failed"):
+        run_parts(parts, _part_that_sleeps_or_fails, backbone, "cpu", workers=2, progress=False)
+    assert time.monotonic() - start < 90  # not the 120 s of the part running beside it, nor the queued one
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["cl", "--domains", "sketches,sketches"], "--domains: sketches named twice"),
+        (["cl", "--domains", "sketches,shapes"], "--outside shapes is also learned"),
+        (["routing", "--out", "/proc/clipbank-test"], "--out /proc/clipbank-test: the report's folder cannot be made"),
+    ],
+)
+def test_bench_settings_that_started_a_run_or_lost_its_report_are_refused_first(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
