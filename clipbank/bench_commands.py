@@ -26,7 +26,9 @@ def bench(args: argparse.Namespace) -> int:
     job = BENCHES[args.bench_cmd][0]
     job(**given(job, args))  # every setting checked before any work starts
     if getattr(args, "out", ""):  # the report's folder, before minutes of work whose figures it would lose
-        _writable_folder(args.out)
+        from training.run import writable_folder
+
+        writable_folder(Path(args.out), "--out")
     # SIGTERM (a scheduler's stop, `kill`) as Ctrl-C: the servers a benchmark started are stopped on the way out
     # instead of outliving it in their own sessions
     signal.signal(signal.SIGTERM, _interrupt)
@@ -37,18 +39,6 @@ def bench(args: argparse.Namespace) -> int:
     if args.bench_cmd == "routing":
         return _bench_routing(args)
     return _bench_cl(args) if args.bench_cmd == "cl" else _bench_serve(args)
-
-
-def _writable_folder(out: str) -> None:
-    """--out made (if missing) and written into once, or an OSError naming it."""
-    import tempfile
-
-    try:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".clipbank-probe-"):
-            pass
-    except OSError as e:
-        raise type(e)(f"--out {out}: the report's folder cannot be made or written ({e.strerror or e})") from None
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -145,7 +135,8 @@ def _list_references(as_json: bool) -> int:
 
 def _reference_images(args: argparse.Namespace) -> tuple[Sequence, str]:
     """The images `reference build` embeds (a folder's read lazily, once each has been checked) and their source."""
-    from training.data import IMAGE_SUFFIXES, SUFFIXES, LazyImages, read_rgb, readable_files
+    from training.data import SUFFIXES, LazyImages, read_rgb, readable_files
+    from training.image_files import image_files_under
 
     if args.generated:
         from training.reference_images import outside_images
@@ -153,11 +144,7 @@ def _reference_images(args: argparse.Namespace) -> tuple[Sequence, str]:
         source = f"training.reference_images.outside_images(characters={args.characters})"
         return outside_images(args.limit or 4000, characters=args.characters), source
     root = Path(args.images)
-    files = sorted(  # hidden files and folders (.DS_Store, ._x.png, .thumbnails/) are not the user's images
-        p
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+    files = image_files_under(root)
     if not files:
         raise FileNotFoundError(f"no images under {args.images} ({SUFFIXES})")
     files = files[: args.limit] if args.limit else files

@@ -115,22 +115,16 @@ def _options(args: argparse.Namespace) -> tuple:
 def _expanded(names: list[str]) -> list[str]:
     """The files named, a folder standing for the image files under it (sorted; names starting with a dot left
     out, as `train` leaves them)."""
-    from training.image_files import IMAGE_SUFFIXES
+    from training.image_files import SUFFIXES, image_files_under
 
     out: list[str] = []
     for name in names:
         if not Path(name).is_dir():
             out.append(name)
             continue
-        found = sorted(
-            str(p)
-            for p in Path(name).rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES
-            and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(name).parts)
-        )
+        found = [str(p) for p in image_files_under(name)]
         if not found:
-            raise ValueError(f"folder {name} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise ValueError(f"folder {name} holds no image files ({SUFFIXES})")
         out += found
     return out
 

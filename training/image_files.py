@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from PIL import Image, ImageOps
 
@@ -14,6 +15,19 @@ from model_store.pixels import MAX_PIXELS, aspect_problem, draft_for, reduced_fo
 # the formats the server reads (service/images.py FORMATS), under their usual suffixes
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff"}
 SUFFIXES = ", ".join(sorted(IMAGE_SUFFIXES))  # as messages list them
+
+
+def image_files_under(root: str | os.PathLike) -> list[Path]:
+    """The image files under `root`, at any depth, sorted; hidden files and folders (.DS_Store, ._x.png,
+    .thumbnails/) are not the user's images and are left out."""
+    root = Path(root)
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and p.is_file()
+    )
 
 
 class LazyImages(Sequence):

@@ -247,12 +247,18 @@ def check_writable(out: Path, overwrite: bool, what: str = "the bundle file") ->
         raise ValueError(f"--out {out} is a directory; give {what}'s path")
     if out.exists() and not overwrite:  # it may be another task's bundle, and the only copy of it
         raise FileExistsError(f"--out {out} exists; give a new file name, or --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:  # a real file, as the bundle will be written: access() says yes as root, and in /proc
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".clipbank-probe-"):
+    writable_folder(out.parent, "--out")
+
+
+def writable_folder(folder: Path, flag: str) -> None:
+    """`folder` made if missing and written into once (a real file: access() says yes as root, and in /proc), or an
+    OSError naming `flag`; checked before the work whose results would go there."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".clipbank-probe-"):
             pass
     except OSError as e:
-        raise PermissionError(f"--out: cannot write in {out.parent} ({e.strerror or e})") from None
+        raise type(e)(f"{flag}: cannot make or write in {folder} ({e.strerror or e})") from None
 
 
 def _keep_unstored(bundle: bytes, task: str, version: int) -> str:

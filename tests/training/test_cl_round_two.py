@@ -356,7 +356,7 @@ def test_a_failed_or_interrupted_run_stops_its_workers_at_once(backbone):
     [
         (["cl", "--domains", "sketches,sketches"], "--domains: sketches named twice"),
         (["cl", "--domains", "sketches,shapes"], "--outside shapes is also learned"),
-        (["routing", "--out", "/proc/clipbank-test"], "--out /proc/clipbank-test: the report's folder cannot be made"),
+        (["routing", "--out", "/proc/clipbank-test"], "--out: cannot make or write in /proc/clipbank-test"),
     ],
 )
 def test_bench_settings_that_started_a_run_or_lost_its_report_are_refused_first(argv, message, capsys):

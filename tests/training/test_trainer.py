@@ -229,7 +229,7 @@ def test_a_bundle_the_store_refuses_after_training_is_kept_on_disk(tmp_path, mon
     # a folder no file can be created in, although os.access may say it can be written (root, /proc)
     unwritable = "/proc/clipbank-out.safetensors"
     assert main(["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--out", unwritable]) == 2
-    assert "--out: cannot write in /proc" in capsys.readouterr().err and trained == []
+    assert "--out: cannot make or write in /proc" in capsys.readouterr().err and trained == []
     # an existing file (another task's bundle, maybe its only copy) is replaced only with --overwrite
     kept = tmp_path / "tex-v1-unstored.safetensors"
     before = kept.read_bytes()
