@@ -162,13 +162,16 @@ def _bench_protocol(args: argparse.Namespace) -> int:
     from training.cl_report import format_markdown, write_cl_report
     from training.continual import CLConfig
     from training.prompts import PromptsUnavailable, check_available
-    from training.protocols import CIFAR_STEPS, format_cifar, run_cifar_incremental, run_mtil
+    from training.protocols import (
+        CIFAR_STEPS,
+        format_cifar,
+        load_dataset,
+        mtil_sequence,
+        run_cifar_incremental,
+        run_mtil,
+    )
 
-    if not args.data_root:
-        raise UsageError("clipbank bench cl: --protocol needs --data-root DIR")
     methods = tuple(args.methods.split(",")) if args.methods else CLConfig().methods
-    if args.shots is not None and args.protocol in CIFAR_STEPS:
-        raise UsageError("clipbank bench cl: --shots is for the MTIL protocols (few-shot MTIL), not CIFAR-100")
     steps = args.steps or (500 if args.shots else 1000)  # few-shot MTIL: 500 iterations; full MTIL: 1000
     cfg = CLConfig(steps=steps, methods=methods, seed=args.seed)
     if args.prompts == "papers" and args.protocol not in CIFAR_STEPS:
@@ -176,18 +179,23 @@ def _bench_protocol(args: argparse.Namespace) -> int:
             check_available()
         except PromptsUnavailable as e:
             raise UsageError(f"clipbank bench cl: {e}") from None
+    # the data first: a dataset missing under --data-root is said before a minute of loading ViT-B-16
+    if args.protocol in CIFAR_STEPS:
+        data = load_dataset(args.data_root, "cifar100", args.limit)
+    else:
+        seq = mtil_sequence(args.data_root, args.protocol, args.limit, shots=args.shots, prompts=args.prompts)
     backbone = load_backbone(args.backbone or "ViT-B-16:openai", args.device)
     if args.protocol in CIFAR_STEPS:
         if args.methods:
             print("clipbank bench cl: CIFAR-100 protocols run the MoE only; --methods is ignored", file=sys.stderr)
-        report = run_cifar_incremental(backbone, args.data_root, args.protocol, cfg, args.limit, args.prompts)
+        report = run_cifar_incremental(backbone, data, args.protocol, cfg, args.prompts)
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2))
             (Path(args.out) / "report.md").write_text(format_cifar(report))
         print(format_cifar(report))
         return 0
-    report = run_mtil(backbone, args.data_root, args.protocol, cfg, args.limit, args.shots, args.prompts)
+    report = run_mtil(backbone, seq, args.protocol, cfg, args.shots, args.prompts)
     if args.out:
         write_cl_report(report, Path(args.out), "clipbank bench cl " + " ".join(sys.argv[3:]))
     print(format_markdown(report))
@@ -201,8 +209,6 @@ def _bench_cl(args: argparse.Namespace) -> int:
 
     if args.protocol:
         return _bench_protocol(args)
-    if args.shots is not None:
-        raise UsageError("clipbank bench cl: --shots is for few-shot MTIL: give --protocol mtil-1 or mtil-2 too")
     backbone = load_backbone(args.backbone or DEFAULT_BACKBONE, args.device)
     job = CLJob(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CLJob)})
     report = run_offline_cl(job, backbone)

@@ -90,8 +90,9 @@ def test_every_bench_setting_is_a_flag_of_its_command(bench):
     assert given(job, args) == {f.name: f.default for f in fields(job)}  # nothing given: the class's defaults
 
 
-def test_bench_switches_and_values_reach_the_job():
-    args = build_parser().parse_args(["bench", "cl", "--no-routing", "--steps", "5", "--protocol", "mtil-1"])
+def test_bench_switches_and_values_reach_the_job(tmp_path):
+    flags = ["--no-routing", "--steps", "5", "--protocol", "mtil-1", "--data-root", str(tmp_path)]
+    args = build_parser().parse_args(["bench", "cl", *flags])
     job = CLJob(**given(CLJob, args))
     assert (job.routing, job.steps, job.protocol, job.domains) == (False, 5, "mtil-1", CLJob.domains)
     with pytest.raises(SystemExit):
@@ -724,7 +725,6 @@ def test_classify_sends_the_classify_token_else_the_admin_token(monkeypatch, env
     [
         (["train", "--task", "x", "--data", "d"], "give --out FILE, --store DIR"),
         (["reference", "build"], "give --images DIR or --generated"),
-        (["bench", "cl", "--shots", "5"], "--shots is for few-shot MTIL"),
     ],
 )
 def test_flags_that_do_not_go_together_exit_2_like_any_usage_error(argv, words, capsys):

@@ -3,6 +3,7 @@ its flags from them without loading torch."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +138,9 @@ class CLJob:
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         check_settings(self, ())  # an --out that is a file: refused now, not after the run
+        if not 0 <= self.seed < 2**31:  # NumPy's generators take 0 .. 2**32 - 1: -1 failed in the first part
+            raise ValueError(f"--seed must be in 0 .. {2**31 - 1}, got {self.seed}")
+        self._check_protocol()
         if self.protocol is None:  # the offline domains, checked before any worker starts
             from .domains import DOMAINS
 
@@ -154,6 +158,27 @@ class CLJob:
                 raise ValueError(f"--outside {self.outside} is also learned (--domains): it must be one no task learns")
         if self.methods is not None and {m.strip() for m in self.methods.split(",") if m.strip()} <= {"zero-shot"}:
             raise ValueError("--methods: zero-shot is what the methods are compared with; name at least one more")
+
+    def _check_protocol(self) -> None:
+        """--protocol's data, before a backbone is loaded (ViT-B-16 takes a minute) and datasets are indexed."""
+        if self.protocol is None:
+            if self.shots is not None:
+                raise ValueError("--shots is for few-shot MTIL: give --protocol mtil-1 or mtil-2 too")
+            for name in ("data_root", "limit"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"--{name.replace('_', '-')} is for the real protocols: give --protocol too")
+            return
+        if self.shots is not None and not self.protocol.startswith("mtil"):
+            raise ValueError("--shots is for the MTIL protocols (few-shot MTIL), not CIFAR-100")
+        if self.limit is not None and self.limit < 2:
+            raise ValueError(
+                f"--limit must be >= 2 (one image per class to train on, one to validate), got {self.limit}"
+            )
+        if not self.data_root:
+            raise ValueError(f"--protocol {self.protocol} needs --data-root DIR")
+        if not os.path.isdir(self.data_root):
+            what = "a file" if os.path.exists(self.data_root) else "not found"
+            raise ValueError(f"--data-root {self.data_root}: {what}; it must be the folder holding the datasets")
 
 
 @dataclass(frozen=True)

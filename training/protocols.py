@@ -168,15 +168,9 @@ def mtil_sequence(
 
 
 def run_mtil(
-    backbone: Backbone,
-    root: str | Path,
-    protocol: str,
-    cfg: CLConfig,
-    limit: int | None = None,
-    shots: int | None = None,
-    prompts: str = "papers",
+    backbone: Backbone, seq: list[SequenceStep], protocol: str, cfg: CLConfig, shots: int | None, prompts: str
 ) -> dict:
-    seq = mtil_sequence(root, protocol, limit, shots=shots, prompts=prompts)
+    """MTIL on `seq` (`mtil_sequence`: indexed before the backbone is loaded, so missing data is said first)."""
     where = f"papers ({source()})" if prompts == "papers" else prompts
     return {"protocol": protocol, "shots": shots, "prompts": where, **run_continual(backbone, seq, cfg)}
 
@@ -193,18 +187,18 @@ def class_order(n: int) -> list[int]:
 
 def run_cifar_incremental(
     backbone: Backbone,
-    root: str | Path,
+    data: tuple[LabelledImages, LabelledImages],
     protocol: str,
     cfg: CLConfig,
-    limit: int | None = None,
     prompts: str = "papers",
 ) -> dict[str, Any]:
     """CIFAR-100 in N steps: version k of task `cifar100` learns the k-th group of classes on top of version
-    k-1 and answers over every class seen so far; it is evaluated on the test images of all of them. With
+    k-1 and answers over every class seen so far; it is evaluated on the test images of all of them. `data` is
+    `load_dataset(root, "cifar100", limit)`'s (train, test): clip_benchmark cleans no CIFAR-100 names. With
     `prompts="papers"`, the papers' prompt trains and scores (CIFAR_TEMPLATE)."""
     if protocol not in CIFAR_STEPS:
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(CIFAR_STEPS)}")
-    train, test = load_dataset(root, "cifar100", limit)  # clip_benchmark cleans no CIFAR-100 names
+    train, test = data
     template = CIFAR_TEMPLATE if prompts == "papers" else TEMPLATE
     order = class_order(len(train.classes))
     groups = np.array_split(np.array(order), CIFAR_STEPS[protocol])

@@ -214,10 +214,10 @@ def test_few_shot_mtil_trains_on_n_images_per_class_and_validates_on_others(tmp_
 
 
 def test_shots_outside_few_shot_mtil_are_refused(capsys):
-    with pytest.raises(SystemExit, match="few-shot MTIL"):
-        main(["bench", "cl", "--shots", "5"])
-    with pytest.raises(SystemExit, match="not CIFAR-100"):
-        main(["bench", "cl", "--protocol", "cifar100-10", "--data-root", "/nonexistent", "--shots", "5"])
+    assert main(["bench", "cl", "--shots", "5"]) == 2
+    assert "--shots is for few-shot MTIL" in capsys.readouterr().err
+    assert main(["bench", "cl", "--protocol", "cifar100-10", "--data-root", "/nonexistent", "--shots", "5"]) == 2
+    assert "not CIFAR-100" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("protocol", ["mtil-1", "cifar100-10"])
@@ -247,6 +247,36 @@ def test_protocol_dry_run_on_stand_in_folders(tmp_path, protocol, capsys):
         assert [s["classes"] for s in report["steps"]] == list(range(2, 21, 2))
         assert 0 <= report["last"] <= 100 and 0 <= report["avg"] <= 100
         assert "| 10 | 20 |" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--protocol", "mtil-1", "--data-root", "{tmp}", "--limit", "0"], "--limit must be >= 2"),
+        (["--protocol", "mtil-1", "--data-root", "{tmp}/none"], "not found; it must be the folder"),
+        (["--protocol", "mtil-1"], "needs --data-root"),
+        (["--data-root", "{tmp}"], "--data-root is for the real protocols"),
+        (["--limit", "5"], "--limit is for the real protocols"),
+        (["--seed", "-1"], "--seed must be in 0 .."),
+    ],
+)
+def test_bench_cl_settings_refused_before_any_work(tmp_path, extra, message, monkeypatch, capsys):
+    """Each used to start work: a backbone load (a minute for ViT-B-16) or a whole offline run, then fail or
+    ignore the flag (`--limit 0` kept no image, `--seed -1` failed in NumPy's first generator)."""
+    import model_store.backbone
+
+    monkeypatch.setattr(model_store.backbone, "load_backbone", lambda *a, **k: pytest.fail("a backbone was loaded"))
+    assert main(["bench", "cl", *[a.replace("{tmp}", str(tmp_path)) for a in extra], "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_dataset_is_said_before_the_backbone_loads(tmp_path, monkeypatch, capsys):
+    import model_store.backbone
+
+    monkeypatch.setattr(model_store.backbone, "load_backbone", lambda *a, **k: pytest.fail("a backbone was loaded"))
+    for protocol in ("mtil-1", "cifar100-10"):
+        assert main(["bench", "cl", "--protocol", protocol, "--data-root", str(tmp_path), "--prompts", "plain"]) == 2
+        assert f"{protocol.split('-')[0] if protocol != 'mtil-1' else 'aircraft'}: neither" in capsys.readouterr().err
 
 
 def test_limit_below_two_is_refused(tmp_path):

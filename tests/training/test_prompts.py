@@ -42,7 +42,7 @@ def test_cleaned_names_follow_torchvisions_order():
         prompts.paper_classes("eurosat", EUROSAT_TV[:3])
 
 
-def test_missing_package_is_a_clear_error_before_any_work(monkeypatch, capsys):
+def test_missing_package_is_a_clear_error_before_any_work(monkeypatch, capsys, tmp_path):
     from clipbank.cli import main
 
     real = prompts.importlib.util.find_spec
@@ -51,7 +51,7 @@ def test_missing_package_is_a_clear_error_before_any_work(monkeypatch, capsys):
     try:
         with pytest.raises(prompts.PromptsUnavailable, match=r"pip install 'clipbank\[papers\]'"):
             prompts.paper_templates("dtd")
-        args = ["bench", "cl", "--protocol", "mtil-1", "--data-root", "/nonexistent", "--backbone", "no-such-model"]
+        args = ["bench", "cl", "--protocol", "mtil-1", "--data-root", str(tmp_path), "--backbone", "no-such-model"]
         with pytest.raises(SystemExit, match="--prompts plain"):  # before the backbone is even looked up
             main(args)
     finally:
