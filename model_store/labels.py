@@ -17,7 +17,11 @@ MAX_TEMPLATE_CHARS = 300
 
 def shown(value: Any, limit: int = 80) -> str:
     """`repr` cut to `limit` characters, for echoing untrusted values in messages."""
-    text = repr(value)
+    return cut(repr(value), limit)
+
+
+def cut(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, the last one an ellipsis when it was longer."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -26,17 +30,34 @@ def label_key(label: str) -> str:
     whitespace, `_` (which the trainer reads as a space in folder names) and Unicode's composed or decomposed
     spelling (NFC) do not matter, so "Letter A" and "letter_a" name the class "letter a", and "café" typed on Linux
     names the class of a folder named on macOS (which writes "cafe" and a combining accent)."""
-    return " ".join(unicodedata.normalize("NFC", label).casefold().replace("_", " ").split())
+    text = unicodedata.normalize("NFC", label).casefold().replace("_", " ")
+    return " ".join("".join(c for c in text if not _ignorable(c)).split())
+
+
+# Hangul fillers and the combining grapheme joiner: letters or marks by category, drawn as nothing
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u034f")
+
+
+def _ignorable(c: str) -> bool:
+    """Drawn as nothing and never part of a name: format characters (zero-width space, joiners), variation
+    selectors, and the blank letters above; "x" and "x" + U+FE0F are one label."""
+    return unicodedata.category(c) == "Cf" or c in _BLANK_LETTERS or 0xFE00 <= ord(c) <= 0xFE0F
+
+
+def _invisible(c: str) -> bool:
+    """Whitespace, an ignorable character, or a combining mark (alone it marks nothing)."""
+    return c.isspace() or _ignorable(c) or unicodedata.category(c) in ("Mn", "Me")
 
 
 def label_problem(label: str) -> str | None:
     """What makes a request's label unusable, or None: a control character (NUL, escape; whitespace is fine, the
-    tokenizer collapses it), or no visible character at all (only spaces and invisible format characters such as
-    the zero-width space, which the tokenizer reads as an empty label)."""
+    tokenizer collapses it), or no visible character at all (only spaces, invisible format characters such as
+    the zero-width space, variation selectors, Hangul fillers or lone combining marks: an empty label to a
+    reader)."""
     bad = next((c for c in label if unicodedata.category(c) == "Cc" and not c.isspace()), None)
     if bad is not None:
         return f"has a control character (U+{ord(bad):04X})"
-    if all(c.isspace() or unicodedata.category(c) == "Cf" for c in label):
+    if all(_invisible(c) for c in label):
         return "is empty" if not label.strip() else "has no visible character"
     return None
 

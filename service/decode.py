@@ -57,6 +57,8 @@ async def read_classify(request: Request, limits: Limits) -> tuple[list[tuple[st
         for key, value in form.fields:
             if key == "labels":
                 fields.setdefault("labels", []).append(value)
+            elif key.endswith("[]"):  # axios and qs name repeated fields so; an unknown field, once seen twice
+                raise InvalidRequest(f"no field is named {shown(key)}: repeat the field {shown(key[:-2])} instead")
             elif key in fields:
                 raise InvalidRequest(f"the field {shown(key)} is sent more than once")
             else:

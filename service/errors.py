@@ -28,6 +28,7 @@ from model_store.errors import (
     VersionNotFound,
 )
 from model_store.gate import InterferenceRefused
+from model_store.labels import cut
 
 log = logging.getLogger("clipbank.service")
 T = TypeVar("T")
@@ -195,13 +196,14 @@ def takes(routes: Any, scope: dict, method: str) -> bool:
 
 def _routing_message(request: Request, exc: StarletteHTTPException, headers: dict[str, str] | None) -> str:
     """The router's bare "Not Found" and "Method Not Allowed" say which request and what would be taken."""
-    where = f"{request.method} {request.url.path}"
+    path, method = cut(request.url.path, 120), cut(request.method, 20)  # both are the client's, of any length
+    where = f"{method} {path}"
     if exc.status_code == 404 and exc.detail == "Not Found":
-        path = request.url.path
-        hint = f" (without the trailing slash: {path.rstrip('/')})" if len(path) > 1 and path.endswith("/") else ""
+        whole = request.url.path
+        hint = f" (without the trailing slash: {path.rstrip('/')})" if len(whole) > 1 and whole.endswith("/") else ""
         return f"no route for {where}{hint}: the API's paths are listed at /docs"
     if exc.status_code == 405 and exc.detail == "Method Not Allowed" and headers and "Allow" in headers:
-        return f"{request.url.path} does not take {request.method}; it takes {headers['Allow']}"
+        return f"{path} does not take {method}; it takes {headers['Allow']}"
     return str(exc.detail)
 
 

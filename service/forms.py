@@ -81,6 +81,8 @@ class _Reader:
                 raise InvalidRequest(
                     f"unexpected file field {shown(self._name)}; send files in {', '.join(map(repr, lim.file_fields))}"
                 )
+            if len(self.form.files) >= lim.max_files and lim.files_setting is None:  # a fixed shape, no setting
+                raise InvalidRequest(f"the file field {shown(self._name)} is sent more than once: {lim.files_name}")
             if len(self.form.files) >= lim.max_files:
                 message = f"more than {lim.files_name}={lim.max_files} files in one request"
                 raise LimitExceeded(message, lim.files_setting, lim.max_files)

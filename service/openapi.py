@@ -44,6 +44,22 @@ def document_generations(app: FastAPI) -> None:
                     op.setdefault("parameters", []).append(MIN_GENERATION)
                     for response in op.get("responses", {}).values():
                         response.setdefault("headers", {}).update(RESPONSE_HEADERS)
+            _keep_null_examples(schema)
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+def _keep_null_examples(schema: dict[str, Any]) -> None:
+    """FastAPI writes the document without its null values, which cut the examples' nulls too: a zero-shot
+    route's `{"task": null, ...}` became `{}`, which its own schema refuses. Put the models' examples back whole."""
+    from pydantic import BaseModel
+
+    from . import schemas as models
+
+    components = schema.get("components", {}).get("schemas", {})
+    for name, model in vars(models).items():
+        if isinstance(model, type) and issubclass(model, BaseModel) and name in components:
+            examples = (model.model_config.get("json_schema_extra") or {}).get("examples")
+            if isinstance(examples, list) and "examples" in components[name]:
+                components[name]["examples"] = examples

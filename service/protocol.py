@@ -112,8 +112,12 @@ class GuardedH11Protocol(H11Protocol):
 
     def _linger(self, close: Callable[[], None] | None = None) -> None:
         self._lingering = True
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
+        try:
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+        except OSError:  # the client reset the connection first (ENOTCONN): nothing left to end gently
+            self.transport.close()
+            return
         self.loop.call_later(LINGER_SECONDS, close or self.transport.close)
 
     def data_received(self, data: bytes) -> None:

@@ -66,10 +66,10 @@ class LabelScore(BaseModel):
 
 class RouteInfo(BaseModel):
     task: str | None = Field(..., description="The task whose experts classified the image; null: zero-shot CLIP.")
-    version: int | None = None
-    bundle_id: str | None = None
-    score: float | None = Field(None, description="Selector score (error / threshold); at most 1 claims the image.")
-    threshold: float | None = None
+    version: int | None = Field(..., description="The task's version that answered; null: zero-shot CLIP.")
+    bundle_id: str | None = Field(..., description="That version's bundle; null: zero-shot CLIP.")
+    score: float | None = Field(..., description="Selector score (error / threshold); at most 1 claims the image.")
+    threshold: float | None = Field(..., description="The routed task's selector threshold; null: zero-shot CLIP.")
 
 
 class ImageResultOut(BaseModel):
@@ -108,7 +108,13 @@ class ClassifyResponse(BaseModel):
                         },
                         {
                             "labels": [{"label": "cat", "score": 0.7}, {"label": "dog", "score": 0.3}],
-                            "route": {"task": None},
+                            "route": {
+                                "task": None,
+                                "version": None,
+                                "bundle_id": None,
+                                "score": None,
+                                "threshold": None,
+                            },
                         },
                     ],
                     "timing": {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import uvicorn
 
@@ -43,7 +44,7 @@ def serve(config: ServeConfig) -> int:
 
     app = create_app(config, on_fatal=fatal)
     server = uvicorn.Server(
-        uvicorn.Config(
+        uvicorn.Config(  # configures uvicorn's loggers, so the filter comes after
             app,
             host=config.host,
             port=config.port,
@@ -56,8 +57,26 @@ def serve(config: ServeConfig) -> int:
             loop="asyncio",  # not uvloop, even where it is installed (Ray brings it): one loop, measured and tested
         )
     )
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, SecretsOutOfAccessLog) for f in access.filters):
+        access.addFilter(SecretsOutOfAccessLog())
     server.run()
     if failure:
         log.error("%s", failure[0])
         return 3
     return 0
+
+
+SECRET_QUERY = re.compile(r"((?:^|&)[^=&]*(?:token|key|secret|password|auth)[^=&]*=)[^&]*", re.IGNORECASE)
+
+
+class SecretsOutOfAccessLog(logging.Filter):
+    """A token sent in the query (`?token=...`, which the server refuses: tokens go in `Authorization`) was written
+    to the access log in clear. Such values are logged as `***`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            path, _, query = args[2].partition("?")
+            record.args = (*args[:2], path + "?" + SECRET_QUERY.sub(r"\1***", query), *args[3:])
+        return True

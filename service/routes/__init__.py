@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from fastapi import Request
@@ -43,6 +44,9 @@ def known_query(request: Request) -> None:
             f"{request.method} {request.url.path} takes no query parameter {named}; "
             f"it takes {', '.join(takes) if takes else 'none'}"
         )
+    seen = Counter(name for name, _ in request.query_params.multi_items())
+    if twice := sorted(name for name, n in seen.items() if n > 1):  # the last one won: ?mode=inactive&mode=active
+        raise InvalidRequest(f"the query parameter {', '.join(twice)} is given more than once; give each once")
 
 
 def _has_body(request: Request) -> bool:

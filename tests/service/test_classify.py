@@ -209,6 +209,13 @@ BAD_INPUTS = [
         "invalid_request",
         "label 1 has no visible character",
     ),
+    (  # drawn as nothing too: a Hangul filler, a variation selector, a lone combining accent (all were a 200)
+        "blank letters and marks",
+        dict(json={"images": ["aGVsbG8="], "labels": ["red", "\u3164\ufe0f\u0301 \u034f"]}),
+        422,
+        "invalid_request",
+        "label 1 has no visible character",
+    ),
     (  # JSON has types: true was taken as top_k=1, "false" as a boolean
         "json top_k true",
         dict(json={"images": ["aGVsbG8="], "labels": LABELS, "top_k": True}),

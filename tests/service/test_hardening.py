@@ -347,3 +347,71 @@ async def test_a_large_body_to_a_path_or_method_no_route_takes_is_404_or_405_not
         assert (
             r.status_code == 413 and "1048576 bytes for this endpoint (not a setting)" in r.json()["error"]["message"]
         )
+
+
+async def test_a_query_parameter_given_twice_is_refused_not_the_last_one_taken(tmp_path, backbone):
+    """`POST /tasks?mode=inactive&mode=active` stored the upload *active* (the last value won), and
+    `DELETE ...?purge=true&purge=false` did not purge: a 422 names the parameter, before any work."""
+    async with running_app(tmp_path, backbone) as c:
+        r = await c.post("/tasks?mode=inactive&mode=active", files={"bundle": ("b", b"x")}, headers=AUTH)
+        assert r.status_code == 422 and r.json()["error"]["message"] == (
+            "the query parameter mode is given more than once; give each once"
+        )
+        r = await c.delete("/tasks/t?purge=true&purge=false", headers=AUTH)
+        assert r.status_code == 422 and "purge is given more than once" in r.json()["error"]["message"]
+        r = await c.post("/classify?top_k=1&top_k=2", json={"images": ["aGVsbG8="], "labels": ["a", "b"]})
+        assert r.status_code == 422
+        r = await c.post("/classify", files=[("images", ("a.png", b"x"))], data={"labels[]": ["a", "b"]})
+        assert r.status_code == 422 and r.json()["error"]["message"] == (
+            "no field is named 'labels[]': repeat the field 'labels' instead"
+        )
+        two = [("bundle", ("a", b"x")), ("bundle", ("b", b"y"))]  # was 413 "more than one bundle per upload=1 files"
+        r = await c.post("/tasks", files=two, headers=AUTH)
+        assert r.status_code == 422 and r.json()["error"]["message"] == (
+            "the file field 'bundle' is sent more than once: one bundle per upload"
+        )
+
+
+async def test_a_long_path_or_method_is_cut_in_the_error(tmp_path, backbone):
+    """A 15 KB path came back whole in the 404's message (the docs say client values are cut)."""
+    async with running_app(tmp_path, backbone) as c:
+        r = await c.get("/" + "a" * 15_000)
+        assert r.status_code == 404 and len(r.content) < 400, len(r.content)
+        assert r.json()["error"]["message"].startswith("no route for GET /aaaa")
+        r = await c.request("X" * 2000, "/classify")
+        assert r.status_code == 405 and len(r.content) < 300, len(r.content)
+
+
+def test_a_client_reset_while_an_early_answer_ends_is_no_traceback():
+    """The client reset the connection as its early 413/401 was written: `write_eof` raised ENOTCONN, and the
+    log got two tracebacks per such client (anyone could fill it through the open /classify)."""
+    from service.protocol import GuardedH11Protocol
+
+    class Reset:
+        closed = False
+
+        def can_write_eof(self) -> bool:
+            return True
+
+        def write_eof(self) -> None:
+            raise OSError(107, "Transport endpoint is not connected")
+
+        def close(self) -> None:
+            self.closed = True
+
+    protocol = object.__new__(GuardedH11Protocol)
+    protocol.transport, protocol.loop = Reset(), None  # no timer may be started on a connection already gone
+    protocol._linger()
+    assert protocol.transport.closed and protocol._lingering
+
+
+def test_a_token_in_the_query_stays_out_of_the_access_log():
+    """`?token=<admin token>` is refused (401), but uvicorn's access line held the token in clear."""
+    from service.server import SecretsOutOfAccessLog
+
+    args = ("127.0.0.1:5", "GET", "/tasks?token=s3cret-admin-token&wait=all&api_key=k&x=1", "1.1", 401)
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', args, None)
+    assert SecretsOutOfAccessLog().filter(record)
+    assert record.getMessage() == '127.0.0.1:5 - "GET /tasks?token=***&wait=all&api_key=***&x=1 HTTP/1.1" 401'
+    plain = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, "%s %s %s", ("a", "GET", "/healthz"), None)
+    assert SecretsOutOfAccessLog().filter(plain) and plain.getMessage() == "a GET /healthz"
