@@ -13,7 +13,7 @@ from pathlib import Path
 
 from model_store.errors import ClipbankError
 from model_store.settings import env_value
-from service.config import ServeConfig
+from service.config import ServeConfig, unknown_variables
 from service.threads import set_serving_env
 from training.config import PretrainConfig, TrainJob
 
@@ -32,6 +32,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     flags = given(ServeConfig, args)
     config = ServeConfig.from_env(**flags)
+    if unknown := unknown_variables(os.environ):
+        print(f"clipbank serve: warning: no setting reads {', '.join(unknown)}", file=sys.stderr)
     ray_only = [
         f"--{'no-' if flags[n] is False else ''}{n.replace('_', '-')}"
         for n in ("replicas", "ray_address", "broadcast")

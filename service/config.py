@@ -242,6 +242,27 @@ class ServeConfig:
         return config
 
 
+# CLIPBANK_ variables other commands and tools read (the client's URL, caches, the S3 store, the container tests)
+OTHER_VARIABLES = (
+    "URL", "ONNX_CACHE", "REFERENCE_CACHE", "S3_ENDPOINT_URL", "S3_CACHE_DIR",
+    "CONTAINER_TESTS", "SMOKE_ARGS", "SMOKE_ENV_FILE", "SMOKE_IMAGE",
+)  # fmt: skip
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """`CLIPBANK_` variables no setting reads, each with the nearest known name: a misspelt one was ignored
+    without a word (`CLIPBANK_MAX_IMAGE` for `CLIPBANK_MAX_IMAGES`; an outside check's `CLIPBANK_UNUSED_THING`)."""
+    import difflib
+
+    known = {ENV_PREFIX + f.name.upper() for k in (ServeConfig, Limits) for f in fields(k) if f.name != "limits"}
+    known |= {ENV_PREFIX + name for name in OTHER_VARIABLES}
+    found = []
+    for name in sorted(n for n in env if n.startswith(ENV_PREFIX) and n not in known):
+        near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        found.append(f"{name} (did you mean {near[0]}?)" if near else name)
+    return found
+
+
 def _parse(name: str, raw: str, default: Any) -> Any:
     kind = type(default) if default is not None else str
     if kind is bool:

@@ -70,3 +70,15 @@ def test_a_device_this_machine_lacks_fails_before_the_server_listens(tmp_path, m
     assert "no usable CUDA device" in caplog.text
     with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N, got 'mps'"):
         ServeConfig(device="mps")
+
+
+def test_a_variable_no_setting_reads_is_named_with_the_nearest_one():
+    """A misspelt variable was ignored without a word; `clipbank serve` now warns, naming the setting meant."""
+    from service.config import unknown_variables
+
+    env = {"CLIPBANK_MAX_IMAGE": "8", "CLIPBANK_MAX_IMAGES": "8", "CLIPBANK_URL": "x", "CLIPBANK_UNUSED_THING": "1"}
+    assert unknown_variables({**env, "PATH": "/bin"}) == [
+        "CLIPBANK_MAX_IMAGE (did you mean CLIPBANK_MAX_IMAGES?)",
+        "CLIPBANK_UNUSED_THING",
+    ]
+    assert unknown_variables({"CLIPBANK_S3_ENDPOINT_URL": "x", "CLIPBANK_ONNX_CACHE": "y"}) == []
