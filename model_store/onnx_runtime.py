@@ -24,6 +24,9 @@ from .selector import Selector, score
 from .settings import cache_root, env_value
 
 log = logging.getLogger(__name__)
+# ONNX Runtime keeps a device id and a queue of usage events under the cache folder (the store's volume in the
+# image) unless this is set before it is imported: a server has no business writing them. Set it to 0 to opt in.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 PARITY_ATOL = 1e-4  # max abs difference of normalised embeddings accepted between PyTorch and ONNX Runtime
 INT8_MIN_COSINE = 0.98  # the int8 image tower: least cosine similarity to PyTorch's embedding accepted per image

@@ -191,3 +191,30 @@ def test_the_int8_image_tower_is_made_once_close_to_pytorch_and_refused_when_too
     monkeypatch.setattr(filelock.BaseFileLock, "acquire", read_only)
     with pytest.raises(BackboneError, match="cannot be written and holds no int8 image tower"):
         with_onnx_runtime(plain, cache, int8=True)  # was FileNotFoundError 'image-inferred.onnx'
+
+
+def test_onnx_runtime_writes_no_usage_events(tmp_path):
+    """ONNX Runtime wrote a device id and queued usage events (OS, Python path, network kind) under the cache
+    folder, in the image the store's own volume, from the first session on; set before it loads, it writes none."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = (
+        "import onnx\n"
+        "from onnx import TensorProto, helper\n"
+        "from model_store.onnx_runtime import _require_ort\n"
+        "ort = _require_ort()\n"
+        "io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in 'xy']\n"
+        "graph = helper.make_graph([helper.make_node('Identity', ['x'], ['y'])], 'g', io[:1], io[1:])\n"
+        "model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)])\n"
+        "model.ir_version = 8\n"
+        "session = ort.InferenceSession(model.SerializeToString(), providers=['CPUExecutionProvider'])\n"
+        "assert session.run(None, {'x': [1.0]})[0].tolist() == [1.0]\n"
+    )
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(root)}, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert not list(tmp_path.rglob("*")), sorted(map(str, tmp_path.rglob("*")))
