@@ -230,16 +230,23 @@ class LocalStore(Store):
 
         with self._writing("a purge"), self.locked():  # held until the blobs are gone: no put reuses one meanwhile
             index = self._change(edit)
-            try:  # the index no longer names them: a blob left behind is a leftover, not a fault
-                for v in doomed:
+            deleted, failed = 0, None  # the index no longer names them: a blob left behind is a leftover, not a fault
+            for v in doomed:
+                try:
                     (self.blobs / f"{v.bundle_id}.safetensors").unlink(missing_ok=True)
-                named = {v.bundle_id for _, v in index.records()}
+                    deleted += 1
+                except OSError as e:  # not counted: it is still there (an outside check: a read-only blobs/)
+                    failed = e
+            named = {v.bundle_id for _, v in index.records()}
+            try:
                 for path in self.blobs.glob("*.safetensors"):  # only what a store names so: not an operator's copy
                     if path.stem not in named and BLOB_NAME.fullmatch(path.stem):
                         path.unlink(missing_ok=True)
             except OSError as e:
-                log.warning("store %s: purged %s, but deleting its blobs failed: %s", self.root, task, e)
-        return len(doomed)
+                failed = e
+            if failed is not None:
+                log.warning("store %s: purged %s, but deleting its blobs failed: %s", self.root, task, failed)
+        return deleted
 
 
 def _within(root: Path, filename: object) -> str:

@@ -20,6 +20,7 @@ from model_store.compat import refuse_other_backbone
 from model_store.errors import (
     BundleError,
     BundleInvalid,
+    BundleNotFound,
     InvalidRequest,
     NoShadow,
     ShadowConflict,
@@ -41,10 +42,6 @@ from .metrics import Metrics
 log = logging.getLogger("clipbank.service")
 T = TypeVar("T")
 CHANGE_TRIES = 3  # checks of a gated change on a store that other servers keep changing (S3), then 503 store_busy
-
-
-def _inline(fn: Callable[..., T], *args: Any) -> T:
-    return fn(*args)
 
 
 class Registry:
@@ -71,7 +68,7 @@ class Registry:
         self.metrics = metrics or Metrics()
         self._change_lock = threading.Lock()
         # runs a change's torch work (trial run, gate): the server sets the compute thread's Batcher.run
-        self.run_torch: Callable[..., Any] = _inline
+        self.run_torch: Callable[..., Any] = lambda fn, *args: fn(*args)
         self._bank: BankSnapshot | None = None
         self.store_error: str | None = None  # why the store's index cannot be read, while it cannot
         self.retry = DegradedRetry()  # when tasks left out (degraded) are tried again
@@ -287,7 +284,10 @@ class Registry:
         bundle = read_bundle(data)  # format, schema and integrity, before any lock
         index = self.store.index()
         if index.owner(bundle.id) is not None:
-            return self._restore(bundle, data)
+            try:
+                return self._restore(bundle, data)
+            except BundleNotFound:  # purged since the read above (a DELETE ?purge=true at the same moment): new
+                index = self.store.index()
         # a version already stored is refused before the trial run and the gate, whose report would hide why;
         # the write checks again under the store's lock
         refuse_stored_version(index, bundle)

@@ -222,12 +222,15 @@ class Steps:
     def _finish(self, work: _TextWork) -> object:
         """The request's answer: its results and how it was served, or its exception."""
         try:
-            return self._answer_finished(work)
+            out = self._answer_finished(work)
         except ClipbankError as e:  # the request's own fault (labels its tokenizer reads as one): its answer
-            return e
+            out = e
         except Exception as e:  # a bug: that request's error, not the thread's
             log.error("a request failed on the compute thread", exc_info=e)
             return e
+        if isinstance(out, ClipbankError):  # refused by this bank (a pin to a task it lacks): its generation says so
+            out.generation = work.plan.bank.generation  # type: ignore[attr-defined]
+        return out
 
     def _answer_finished(self, work: _TextWork) -> object:
         # a label set another request of the batch has cached meanwhile is not encoded twice

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
+from model_store.errors import ClipbankError
 from model_store.inference import ClassifyItem, ImageResult
 from model_store.modes import AUTO, PER_IMAGE, ROUTE_MODES
 
@@ -93,7 +94,12 @@ def classify_router(reader: TokenCheck | None, limits: Limits) -> APIRouter:
                 options.top_k,
                 match_labels=options.match_labels,
             )
-            results, info = await service.batcher.submit(item, admitted=True)
+            try:
+                results, info = await service.batcher.submit(item, admitted=True)
+            except ClipbankError as e:  # answered 404 at generation g, while g + 1 had the task, said g + 1
+                if (generation := getattr(e, "generation", None)) is not None:
+                    request.state.generation = generation
+                raise
         request.state.generation = info.generation  # X-Clipbank-Generation: the bank this batch ran on
         body = response(results, info, (decoded - started) * 1000, (time.perf_counter() - started) * 1000)
         # Encoded off the event loop: 64 images x 1000 labels is 64,000 entries (the schema above documents it).

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -401,6 +402,24 @@ def test_a_purge_and_the_check_leave_an_operators_own_files_in_blobs_alone(tmp_p
     store.deactivate("cars")
     assert store.purge("cars") == 1
     assert backup.read_bytes() == bundles[1] and not [p for p in store.blobs.iterdir() if p != backup]
+
+
+def test_a_purge_counts_only_the_blobs_it_deleted(tmp_path, bundles, monkeypatch, caplog):
+    """On a read-only blobs/ a purge answered `purged_blobs: 1` with the blob still on disk (an outside check)."""
+    store = LocalStore(tmp_path)
+    store.put(bundles[1])
+    store.deactivate("cars")
+    real = Path.unlink
+
+    def refused(path, missing_ok=False):
+        if path.parent == store.blobs:
+            raise PermissionError(13, "Read-only file system")
+        real(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    assert store.purge("cars") == 0
+    assert "cars" not in store.index().tasks and len(list(store.blobs.glob("*.safetensors"))) == 1
+    assert "deleting its blobs failed" in caplog.text
 
 
 def test_the_check_finds_an_index_record_its_blob_contradicts(tmp_path, bundles):

@@ -399,3 +399,37 @@ async def test_a_shadow_left_out_for_a_passing_store_error_is_read_again(tmp_pat
         r = await c.post("/tasks", files={"bundle": ("b.safetensors", two_tasks["b1"])}, headers=AUTH)
         assert r.status_code == 200 and r.json()["restored"], r.text
         assert (await c.get("/tasks/b/shadow", headers=AUTH)).status_code == 200
+
+
+async def test_an_upload_racing_a_purge_of_its_own_bundle_stores_it_anew(tmp_path, backbone, two_tasks, monkeypatch):
+    """An upload read the index before a purge of the same task and took the restore path: 404 "nothing to
+    restore", the bundle not stored (6 of 30 rounds in an outside check). It is stored as a new upload now."""
+    store = _store(tmp_path, two_tasks["a"], two_tasks["c"])
+    async with running_app(tmp_path, backbone) as c:
+        registry = c.app.state.service.registry
+        stale = registry.store.index()  # the upload's read, before the purge lands
+        store.deactivate("a")
+        store.purge("a")
+        reads = iter([stale])
+        real = registry.store.index
+        monkeypatch.setattr(registry.store, "index", lambda: next(reads, None) or real())
+        files = {"bundle": ("a.safetensors", two_tasks["a"], "application/octet-stream")}
+        r = await c.post("/tasks", files=files, params={"force": "true"}, headers=AUTH)
+        assert r.status_code == 201 and not r.json().get("restored"), r.text
+        assert await _pinned(c, "a") == 200
+
+
+async def test_a_pinned_404_carries_the_generation_of_the_bank_that_refused_it(tmp_path, backbone, two_tasks):
+    """The 404 came from the bank its batch ran on, but X-Clipbank-Generation was read as the answer started: a
+    push landing in between made it name a generation where the task was active (10% of such 404s in an outside
+    check)."""
+    _store(tmp_path, two_tasks["c"])
+    async with running_app(tmp_path, backbone) as c:
+        service = c.app.state.service
+        before = service.registry.bank
+        files = {"bundle": ("a.safetensors", two_tasks["a"], "application/octet-stream")}
+        r = await c.post("/tasks", files=files, params={"force": "true"}, headers=AUTH)
+        assert r.status_code == 201 and service.registry.bank.generation > before.generation, r.text
+        service.batcher._bank = lambda: before  # the batch took the bank of before the push
+        r = await c.post("/classify", files=[("images", ("r.png", colour("red")))], data={"task": "a"})
+        assert r.status_code == 404 and r.headers["x-clipbank-generation"] == str(before.generation), r.headers
