@@ -49,7 +49,7 @@ def _classify(args: argparse.Namespace) -> int:
             skipped += sum("error" in r for r in answered)
             results += answered
             if not args.json:  # each request's answers as they come: a later request's error keeps them
-                _print_results(names, answered)
+                _print_results(names, answered, args.top_k)
     if args.json:
         print_json({"results": results})
     if skipped:
@@ -162,7 +162,9 @@ def _labels(listed: str | None, single: list[str] | None) -> list[str]:
     return labels
 
 
-def _print_results(names: list[str], results: list[dict]) -> None:
+def _print_results(names: list[str], results: list[dict], top_k: int | None = None) -> None:
+    """A line per image: its best label; with `top_k`, a line per label kept, best first (the option printed the
+    best alone, the same as without it)."""
     for name, r in zip(names, results, strict=True):
         path = name if name.isprintable() else repr(name)  # a tab or newline in a name would break the columns
         if "error" in r:  # --skip-bad: left out
@@ -172,10 +174,10 @@ def _print_results(names: list[str], results: list[dict]) -> None:
         if not r["labels"]:  # no labels sent and no task claimed the image
             print(f"{path}\t-\t-\t[{where}: no task claims it; send --labels]")
             continue
-        best = r["labels"][0]
-        score = "-" if best["score"] is None else f"{best['score']:.3f}"  # null: not a finite number
-        label = best["label"] if best["label"].isprintable() else repr(best["label"])  # a tab would shift columns
-        print(f"{path}\t{label}\t{score}\t[{where}]", flush=True)
+        for best in r["labels"][: top_k or 1]:
+            score = "-" if best["score"] is None else f"{best['score']:.3f}"  # null: not a finite number
+            label = best["label"] if best["label"].isprintable() else repr(best["label"])  # a tab would shift columns
+            print(f"{path}\t{label}\t{score}\t[{where}]", flush=True)
 
 
 def add_classify_parser(sub, url: str) -> None:
@@ -192,7 +194,11 @@ def add_classify_parser(sub, url: str) -> None:
         choices=ROUTE_MODES,
         help=f"auto mode: route each image on its own, or the request's images together (default {PER_IMAGE})",
     )
-    cl.add_argument("--top-k", type=int, help="answer only the k best labels of each image (default: all)")
+    cl.add_argument(
+        "--top-k",
+        type=int,
+        help="answer only the k best labels of each image, a line each, best first (default: all; printed: the best)",
+    )
     cl.add_argument(
         "--ignore-labels-in-routing",
         dest="match_labels",

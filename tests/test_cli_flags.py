@@ -118,6 +118,24 @@ def test_classify_prints_a_null_score_as_a_dash(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.split("\t")[1:3] == ["red", "-"]
 
 
+def test_classify_top_k_prints_a_line_per_label_kept(tmp_path, monkeypatch, capsys):
+    """`--top-k 3` printed the best label alone, as without it: the option showed only in --json."""
+    from clipbank.cli import main
+    from service.client import ClipbankClient
+
+    route = {"task": None, "version": None, "bundle_id": None, "score": None, "threshold": None}
+    ranked = [{"label": x, "score": s} for x, s in (("red", 0.7), ("blue", 0.2), ("green", 0.1))]
+    body = {"results": [{"labels": ranked, "route": route}], "timing": {}}
+    monkeypatch.setattr(ClipbankClient, "classify", lambda self, *a, **k: body)
+    (tmp_path / "a.png").write_bytes(b"x")
+    url = ["--labels", "red,blue,green", "--url", "http://127.0.0.1:9"]
+    assert main(["classify", str(tmp_path / "a.png"), *url, "--top-k", "2"]) == 0
+    lines = [line.split("\t")[1:3] for line in capsys.readouterr().out.splitlines()]
+    assert lines == [["red", "0.700"], ["blue", "0.200"]]
+    assert main(["classify", str(tmp_path / "a.png"), *url]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
 def test_the_client_names_what_is_wrong_with_a_server_that_is_not_clipbank(monkeypatch, tmp_path, capsys):
     """Not JSON, a redirect, a JSON list, an HTML error page, no server at all: one line and exit 2, never a
     traceback; and `classify` checks there is a result per image."""

@@ -19,6 +19,7 @@ from model_store.labels import classes_problem, labels_problems, twin_message
 from model_store.pixels import viewed_rgb
 
 from .image_files import IMAGE_SUFFIXES, SUFFIXES, LazyImages, read_rgb
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +159,13 @@ class FolderListing:
     classes: tuple[str, ...]
 
 
-def list_image_folder(root: str | Path, classes: tuple[str, ...] | None = None) -> FolderListing:
+def list_image_folder(
+    root: str | Path, classes: tuple[str, ...] | None = None, may_also: tuple[str, ...] = ()
+) -> FolderListing:
     """`load_image_folder`'s checks of the folders and their classes, which need no image decoded: a command
-    runs them before its slow start (a backbone's download) and decodes later."""
+    runs them before its slow start (a backbone's download) and decodes later. With `classes`, the folders must
+    name those, and may also name `may_also` (a new version's validation: its parent's classes, which it answers
+    over too); those come after `classes` in the listing's."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"image folder {root} does not exist")
@@ -173,16 +178,9 @@ def list_image_folder(root: str | Path, classes: tuple[str, ...] | None = None) 
         raise ValueError(f"image folder {root} has no class sub-folders")
     _say_left_out(root, entries)
     _check_class_folders(root, folders, found)
-    if classes is not None and set(found) != set(classes):
-        extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
-        raise ValueError(
-            f"{root} does not have the training data's {len(classes)} classes: "
-            + "; ".join(
-                f"{what} {names[:10]}{' ...' * (len(names) > 10)}"
-                for what, names in (("it also has", extra), ("it lacks", missing))
-                if names
-            )
-        )
+    if classes is not None:
+        _check_classes(root, found, classes, may_also)
+        classes += tuple(c for c in found if c not in classes)
     classes = classes or found
     paths, labels, skipped = [], [], Counter()
     for p in folders:
@@ -194,8 +192,23 @@ def list_image_folder(root: str | Path, classes: tuple[str, ...] | None = None) 
         log.warning("%s: %d files not read (%s); images are read as %s", root, skipped.total(), shown, SUFFIXES)
     single = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes)), strict=True) if n == 1]
     if single:
-        log.warning("%s: class(es) %s have one image each: too few to learn, or to validate on", root, single[:5])
+        log.warning("%s: class(es) %s have one image each: too few to learn, or to validate on", root, some(single))
     return FolderListing(root, paths, labels, classes)
+
+
+def _check_classes(root: Path, found: tuple[str, ...], classes: tuple[str, ...], may_also: tuple[str, ...]) -> None:
+    extra = sorted(set(found) - set(classes) - set(may_also))
+    missing = sorted(set(classes) - set(found))
+    if extra or missing:
+        also = f" (and may have the parent version's {len(may_also)})" if may_also else ""
+        raise ValueError(
+            f"{root} does not have the training data's {len(classes)} classes{also}: "
+            + "; ".join(
+                f"{what} {names[:10]}{' ...' * (len(names) > 10)}"
+                for what, names in (("it also has", extra), ("it lacks", missing))
+                if names
+            )
+        )
 
 
 def _say_left_out(root: Path, entries: Sequence[Path]) -> None:
@@ -206,7 +219,7 @@ def _say_left_out(root: Path, entries: Sequence[Path]) -> None:
     if loose:
         log.warning("%s: %d images beside the class folders are not read (a class is a sub-folder)", root, loose)
     if hidden:
-        log.warning("%s: folders %s start with a dot and are no classes (hidden)", root, hidden[:5])
+        log.warning("%s: folders %s start with a dot and are no classes (hidden)", root, some(hidden))
 
 
 def read_image_folder(
@@ -221,7 +234,7 @@ def read_image_folder(
     empty = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes)), strict=True) if n == 0]
     if empty:
         raise ValueError(
-            f"{listing.root}: class(es) {empty[:5]} have no readable image once the bad files are left out: add "
+            f"{listing.root}: class(es) {some(empty)} have no readable image once the bad files are left out: add "
             "images to them or remove their folders"
         )
     after, before = (np.bincount(x, minlength=len(classes)) for x in (labels, listing.labels))
@@ -230,7 +243,7 @@ def read_image_folder(
         log.warning(
             "%s: class(es) %s have one image once the bad files are left out: too few to learn, or to validate on",
             listing.root,
-            single[:5],
+            some(single),
         )
     return LabelledImages(images, labels, classes)
 
@@ -241,7 +254,8 @@ def _read_all(
     """The images, and the indices into `paths` they were read from; or one ValueError naming every file that
     cannot be used (not one per run). With `skip_bad`, those files are left out with one warning instead."""
     images, kept, problems = [], [], []
-    for i, f in enumerate(paths):
+    # large folders took a minute, silent, before training said a word (an outside check); small ones stay quiet
+    for i, f in enumerate(progress_bar(paths, desc="read images", unit="image", leave=False, disable=len(paths) < 100)):
         try:
             images.append(read_rgb(f, target))
             kept.append(i)
@@ -280,12 +294,19 @@ def report_unreadable(problems: Sequence[str], total: int, skip_bad: bool, flag:
     raise ValueError(f"{len(problems)} of {total} images cannot be used: {shown}{hint}")
 
 
+def some(names: Sequence[str], n: int = 5) -> str:
+    """The first `n` names as a list, and how many there are when it is cut: `['a', 'b', ... 7 in all]`."""
+    return "[" + ", ".join(map(repr, names[:n])) + (f", ... {len(names)} in all]" if len(names) > n else "]")
+
+
 def _class_images(folder: Path, skipped: Counter) -> list[Path]:
     """A class folder's images, in order; what is not read is counted in `skipped` (by suffix, or 'in
     sub-folders'). Hidden files (macOS's ._x.png, say) are not images. ValueError when it holds no image."""
     files, others, nested = [], Counter(), 0
     for f in sorted(folder.iterdir()):
         if f.name.startswith("."):
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:  # counted: they were left out without a word
+                others["hidden"] += 1
             continue
         if f.is_dir():
             nested += sum(1 for g in f.rglob("*") if g.suffix.lower() in IMAGE_SUFFIXES)

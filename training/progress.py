@@ -60,6 +60,7 @@ def phases(names: Sequence[str], enabled: bool = True) -> Iterator[Callable[[], 
         if done < len(names):
             bar.set_description(names[done], refresh=False)
         bar.update()
+        bar.refresh()  # a line per part where lines are held back for LOG_SECONDS: a part may take minutes
 
     try:
         yield next_phase

@@ -113,7 +113,8 @@ def _train_and_store(job: TrainJob) -> dict[str, Any]:
     store = _open_store(job.store) if job.store else None
     _warn_if_val_is_data(job)
     listed = list_image_folder(job.data)  # the folders' faults at once, before a backbone's download
-    listed_val = list_image_folder(job.val, listed.classes) if job.val else None
+    # a new version answers over its parent's classes too: its validation may hold them, and so show forgetting
+    listed_val = list_image_folder(job.val, listed.classes, _parent_classes(store, job.task)) if job.val else None
     backbone = load_backbone(job.backbone, job.device)  # then decoded: its input size sets how JPEGs are
     train, val = (
         read_image_folder(x, skip_bad=job.skip_bad, target=backbone.image_size) if x else None
@@ -280,6 +281,15 @@ def _free_name(folder: Path, stem: str) -> Path:
         if not path.exists():
             return path
     raise OSError(f"{folder} holds 9,999 files named {stem}*")
+
+
+def _parent_classes(store: Store | None, task: str) -> tuple[str, ...]:
+    """The classes of the task's active version in `store`, which a new version answers over; () if none."""
+    try:
+        active = store.task(task).active if store is not None else None
+    except TaskNotFound:
+        return ()
+    return store.load(active).manifest.classes if active is not None else ()
 
 
 def _over_parent_classes(

@@ -384,3 +384,23 @@ def test_a_train_run_that_fails_before_storing_leaves_no_new_store_folder(tmp_pa
     (tmp_path / "kept").mkdir()  # a folder that was there before is left as it was
     assert main([*args, "--store", str(tmp_path / "kept")]) == 2
     assert (tmp_path / "kept").is_dir()
+
+
+def test_hidden_images_are_counted_and_long_lists_say_they_are_cut(tmp_path, caplog):
+    """A hidden image in a class folder was left out without a word, and warnings named 5 of 7 classes as if
+    they were all (an outside check)."""
+    import logging
+
+    from PIL import Image
+
+    from training.data import list_image_folder
+
+    for i in range(7):
+        (tmp_path / f"c{i}").mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / f"c{i}" / "0.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "c0" / ".hidden.png")
+    with caplog.at_level(logging.WARNING):
+        listing = list_image_folder(tmp_path)
+    assert len(listing.paths) == 7
+    assert "1 files not read (1 hidden)" in caplog.text
+    assert "['c0', 'c1', 'c2', 'c3', 'c4', ... 7 in all] have one image each" in caplog.text

@@ -37,10 +37,13 @@ def test_phases_name_the_part_under_way_and_end_complete(capsys):
     """Work after training's steps (validation, the selector) had no bar: seconds to minutes of silence."""
     from training.progress import phases
 
-    with phases(("validate t", "fit the selector of t")) as next_phase:
+    with phases(("validate t", "fit the selector of t", "write t")) as next_phase:
+        next_phase()
+        # each part has its line at once: a log showed "validate: 0/2", then nothing for 110 s (an outside check)
+        assert capsys.readouterr().err.splitlines()[-1].startswith("fit the selector of t:  33%")
         next_phase()
     lines = capsys.readouterr().err.splitlines()  # not a terminal: plain lines, the last one where it ended
-    assert lines and lines[-1].startswith("fit the selector of t") and "2/2" in lines[-1], lines
+    assert lines and lines[0].startswith("write t:  67%") and "3/3" in lines[-1], lines
     with phases(("a", "b"), enabled=False) as next_phase:
         next_phase()
     assert capsys.readouterr().err == ""

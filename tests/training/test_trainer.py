@@ -162,7 +162,8 @@ def test_new_version_answers_over_every_class_seen(tmp_path, capsys):
     store = str(tmp_path / "store")
     capsys.readouterr()
     summaries = []
-    for step, how in (("a", []), ("b", ["--no-activate"])):
+    val = str(tmp_path / "tex" / "val")  # every class: v2 may be validated on its parent's classes too
+    for step, how in (("a", []), ("b", ["--no-activate", "--val", val])):
         args = ["train", "--task", "tex", "--data", str(tmp_path / step), "--store", store, "--steps", "3", *how]
         assert main(args) == 0
         summaries.append(json.loads(capsys.readouterr().out))
@@ -174,6 +175,10 @@ def test_new_version_answers_over_every_class_seen(tmp_path, capsys):
     assert "3 of the parent's classes" in warning and classes[0].replace("_", " ") in warning
     v2 = LocalStore(store).load(summary["bundle_id"])
     assert list(v2.manifest.classes) == [c.replace("_", " ") for c in classes]
+    assert summary["val_images"] == len(list((tmp_path / "tex" / "val").rglob("*.png")))  # its forgetting shows
+    # a first version has no parent: a validation class its data lacks is still refused
+    args = ["train", "--task", "other", "--data", str(tmp_path / "a"), "--val", val, "--store", store, "--steps", "1"]
+    assert main(args) == 2 and "it also has" in capsys.readouterr().err
 
 
 def test_a_bundle_the_store_refuses_after_training_is_kept_on_disk(tmp_path, monkeypatch, capsys, caplog):
