@@ -34,26 +34,27 @@ def label_key(label: str) -> str:
     return " ".join("".join(c for c in text if not _ignorable(c)).split())
 
 
-# Hangul fillers and the combining grapheme joiner: letters or marks by category, drawn as nothing
-_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u034f")
+# drawn as nothing and never what tells two names apart: soft hyphen, combining grapheme joiner, zero-width
+# space, word joiner, byte order mark, Hangul fillers (letters by category); and variation selectors, below.
+# Not every format character: the zero-width joiner makes one emoji of several, and tags make a flag.
+_IGNORABLE = frozenset("\u00ad\u034f\u200b\u2060\ufeff\u115f\u1160\u3164\uffa0")
 
 
 def _ignorable(c: str) -> bool:
-    """Drawn as nothing and never part of a name: format characters (zero-width space, joiners), variation
-    selectors, and the blank letters above; "x" and "x" + U+FE0F are one label."""
-    return unicodedata.category(c) == "Cf" or c in _BLANK_LETTERS or 0xFE00 <= ord(c) <= 0xFE0F
+    """Part of no name: "x" and "x" + U+FE0F (a variation selector) are one label."""
+    return c in _IGNORABLE or 0xFE00 <= ord(c) <= 0xFE0F
 
 
 def _invisible(c: str) -> bool:
-    """Whitespace, an ignorable character, or a combining mark (alone it marks nothing)."""
-    return c.isspace() or _ignorable(c) or unicodedata.category(c) in ("Mn", "Me")
+    """Nothing a reader sees: whitespace, a format character, or an ignorable one. A combining mark alone is a
+    label (Thai's tone marks, a lone accent); its tokens differ from other marks'."""
+    return c.isspace() or unicodedata.category(c) == "Cf" or _ignorable(c)
 
 
 def label_problem(label: str) -> str | None:
     """What makes a request's label unusable, or None: a control character (NUL, escape; whitespace is fine, the
     tokenizer collapses it), or no visible character at all (only spaces, invisible format characters such as
-    the zero-width space, variation selectors, Hangul fillers or lone combining marks: an empty label to a
-    reader)."""
+    the zero-width space, variation selectors or Hangul fillers: an empty label to a reader)."""
     bad = next((c for c in label if unicodedata.category(c) == "Cc" and not c.isspace()), None)
     if bad is not None:
         return f"has a control character (U+{ord(bad):04X})"

@@ -233,8 +233,10 @@ class LocalStore(Store):
             deleted, failed = 0, None  # the index no longer names them: a blob left behind is a leftover, not a fault
             for v in doomed:
                 try:
-                    (self.blobs / f"{v.bundle_id}.safetensors").unlink(missing_ok=True)
+                    (self.blobs / f"{v.bundle_id}.safetensors").unlink()
                     deleted += 1
+                except FileNotFoundError:  # gone already (a damaged store's): not counted as deleted now
+                    pass
                 except OSError as e:  # not counted: it is still there (an outside check: a read-only blobs/)
                     failed = e
             named = {v.bundle_id for _, v in index.records()}

@@ -40,6 +40,21 @@ def test_label_keys_ignore_case_and_spacing():
     assert known_tasks(BANK, ["Letter_A"]).tolist() == [False, True]  # a folder's name, as the trainer reads it
 
 
+def test_label_keys_drop_what_is_drawn_as_nothing_and_keep_what_makes_a_name():
+    from model_store.labels import label_problem
+
+    assert label_key("cat\ufe0f") == label_key("c\u200bat") == label_key("cat\u00ad") == "cat"
+    family, apart = "\U0001f468\u200d\U0001f469\u200d\U0001f467", "\U0001f468\U0001f469\U0001f467"
+    england = "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f"
+    scotland = "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"
+    assert label_key(family) != label_key(apart) and label_key(england) != label_key(scotland)
+    # labels of marks alone mean something (Thai tone marks, a lone accent): refused only when nothing is there
+    for label in ("\u0e48", "\u0941", "\u00a0\u0301", "e\u0301", "\u263a\ufe0f", family, england):
+        assert label_problem(label) is None, repr(label)
+    for label in ("\u3164", "\ufe0f", "\u200b\u2060 ", "\u115f\u034f"):
+        assert label_problem(label) == "has no visible character", repr(label)
+
+
 def test_a_folders_name_routes_to_the_class_the_trainer_made_of_it():
     """The trainer reads `_` in a folder name as a space: a client sending the folder names it knows
     (`blue_square`) was answered by zero-shot CLIP, while "blue square" reached the task."""

@@ -420,6 +420,11 @@ def test_a_purge_counts_only_the_blobs_it_deleted(tmp_path, bundles, monkeypatch
     assert store.purge("cars") == 0
     assert "cars" not in store.index().tasks and len(list(store.blobs.glob("*.safetensors"))) == 1
     assert "deleting its blobs failed" in caplog.text
+    store.put(bundles[1])  # a blob already missing is not counted either
+    (store.blobs / f"{store.active()['cars']}.safetensors").rename(tmp_path / "elsewhere")
+    store.deactivate("cars")
+    monkeypatch.setattr(Path, "unlink", real)
+    assert store.purge("cars") == 0
 
 
 def test_the_check_finds_an_index_record_its_blob_contradicts(tmp_path, bundles):

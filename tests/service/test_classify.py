@@ -209,9 +209,9 @@ BAD_INPUTS = [
         "invalid_request",
         "label 1 has no visible character",
     ),
-    (  # drawn as nothing too: a Hangul filler, a variation selector, a lone combining accent (all were a 200)
+    (  # drawn as nothing too: Hangul fillers, a variation selector, the grapheme joiner (all were a 200)
         "blank letters and marks",
-        dict(json={"images": ["aGVsbG8="], "labels": ["red", "\u3164\ufe0f\u0301 \u034f"]}),
+        dict(json={"images": ["aGVsbG8="], "labels": ["red", "\u3164\ufe0f\u115f \u034f"]}),
         422,
         "invalid_request",
         "label 1 has no visible character",
