@@ -12,7 +12,7 @@ from .auth import TokenCheck
 from .config import ServeConfig
 from .errors import install_handlers, takes
 from .lifecycle import Service, lifespan
-from .middleware import BodyLimit, Generations, HeadAsGet, HeadLimit, RequestMetrics
+from .middleware import AbsoluteForm, BodyLimit, Generations, HeadAsGet, HeadLimit, RequestMetrics
 from .openapi import document_generations
 from .routes.classify import classify_router
 from .routes.ops import ops_router
@@ -59,6 +59,7 @@ def create_app(
     app.add_middleware(HeadLimit)  # inside the metrics: a 431 is counted like any answer
     app.add_middleware(RequestMetrics, metrics=service.metrics, routes=[r for router in routers for r in router.routes])
     app.add_middleware(HeadAsGet)
+    app.add_middleware(AbsoluteForm)
     document_generations(app)
     return app
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -144,6 +145,24 @@ def _framing_problem(headers: dict[bytes, bytes], routed: bool) -> tuple[int, st
         shown = coding.decode("latin-1")[:40]
         return 415, UnsupportedMediaType.code, f"Content-Encoding {shown}: send the body uncompressed"
     return None
+
+
+class AbsoluteForm:
+    """A request target in absolute form (`GET http://host:8000/healthz`: what a client sends to a proxy, and what
+    RFC 9112 3.2.2 says a server must accept) is served as its path; it was a 404 "no route for GET /http://...".
+
+    Outermost: every layer inside sees the path."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = (scope.get("raw_path") or b"") if scope["type"] == "http" else b""
+        if raw[:8].lower().startswith((b"http://", b"https://")):
+            target = urllib.parse.urlsplit(raw.decode("latin-1")).path or "/"
+            path = urllib.parse.unquote(target)
+            scope = {**scope, "raw_path": target.encode("latin-1"), "path": path}
+        await self.app(scope, receive, send)
 
 
 class HeadAsGet:

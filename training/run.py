@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +43,28 @@ def run_train_job(job: TrainJob) -> dict[str, Any]:
     the routing's: a script reading the summary alone sees them too."""
     noted: list[str] = []
     made = job.store is not None and "://" not in job.store and not Path(job.store).exists()
+    missing = _missing_folders(Path(job.out).parent) if job.out else []  # made by the --out check
     try:
         with _noting_warnings(noted):
             summary = _train_and_store(job)
     except BaseException:  # Ctrl-C too
         if made:
             _remove_if_unused(Path(job.store))
+        for folder in missing:  # deepest first; only those still empty (an outside check found them left)
+            with suppress(OSError):
+                folder.rmdir()
         raise
     summary["warnings"] = list(dict.fromkeys(noted + summary["warnings"]))  # each once, in the order said
     return summary
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def _remove_if_unused(root: Path) -> None:

@@ -94,6 +94,21 @@ def test_a_kept_alive_connection_gets_the_head_deadline_again(server):
         c.close()
 
 
+def test_a_target_in_absolute_form_is_served_as_its_path(server):
+    """RFC 9112 3.2.2: a server must accept `GET http://host/path` (what clients send a proxy); it was a 404
+    "no route for GET /http://..."."""
+    c = Conn(server)
+    try:
+        c.send(f"GET http://127.0.0.1:{server}/healthz HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        status, body = c.response()
+        assert status == 200 and body["status"] in ("live", "ready"), body
+        c.send(b"GET HTTP://example.test/no-such-path?a=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, body = c.response()
+        assert status == 404 and "no route for GET /no-such-path" in body["error"]["message"], body
+    finally:
+        c.close()
+
+
 def test_pipelined_requests_are_answered_in_order(server):
     c = Conn(server)
     try:

@@ -423,3 +423,13 @@ def test_training_beside_a_store_of_another_backbone_says_so(tmp_path, backbone,
     assert bank.task_names == () and list(bank.degraded) == ["dig"]
     assert "task dig of the store is left out of the bank this task trains beside: backbone_mismatch" in caplog.text
     assert "holds tasks of another backbone than tiny: give each backbone its own store" in caplog.text
+
+
+def test_a_failed_run_leaves_no_folder_its_out_check_made(tmp_path, capsys):
+    """`--out newdir/sub/x.safetensors` made both folders before any work, and a run that then failed left them
+    (an outside check: `--out /nonexist/z.safetensors` left /nonexist behind)."""
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "new" / "sub" / "x.safetensors"
+    assert main(["train", "--task", "x", "--data", str(tmp_path / "no-such-data"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
