@@ -19,6 +19,12 @@ MIN_GENERATION = {
         "at most 18 digits: 400."
     ),
 }
+ERROR_BODY = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+# answered on any path: a bad X-Min-Generation, a server behind it (`stale_replica`) or full (`overloaded`)
+HEADER_ERRORS = {
+    "400": "`bad_request`: X-Min-Generation is not a non-negative integer of at most 18 digits",
+    "503": "`stale_replica` (behind X-Min-Generation), `overloaded` or `not_ready`, with Retry-After",
+}
 RESPONSE_HEADERS = {
     "X-Clipbank-Generation": {
         "schema": {"type": "integer"},
@@ -42,6 +48,8 @@ def document_generations(app: FastAPI) -> None:
             for operations in schema.get("paths", {}).values():
                 for op in operations.values():
                     op.setdefault("parameters", []).append(MIN_GENERATION)
+                    for status, why in HEADER_ERRORS.items():  # what the header (or an overloaded server) answers
+                        op.setdefault("responses", {}).setdefault(status, {"description": why, "content": ERROR_BODY})
                     for response in op.get("responses", {}).values():
                         response.setdefault("headers", {}).update(RESPONSE_HEADERS)
             _keep_null_examples(schema)

@@ -39,7 +39,11 @@ def ops_router() -> APIRouter:
             "autocast": bank.backbone.autocast,
         }
 
-    @router.get("/metrics", response_class=Response)
+    @router.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"}},
+    )
     async def metrics(request: Request) -> Response:
         """Prometheus text format."""
         return Response(service_of(request).metrics.render(), media_type="text/plain; version=0.0.4")

@@ -337,6 +337,11 @@ async def test_openapi_documents_every_endpoint_with_examples(tmp_path, backbone
             assert "504" in spec["paths"][path][method]["responses"], path
         assert (await c.get("/docs")).status_code == 200
         _examples_fit_their_schemas(spec)
+        # what any path may answer (X-Min-Generation, overload) was undeclared on /healthz, /readyz and /metrics
+        for path, ops in spec["paths"].items():
+            for method, op in ops.items():
+                assert {"400", "503"} <= set(op["responses"]), (method, path)
+        assert set(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
 
 
 def _examples_fit_their_schemas(spec: dict) -> None:
