@@ -135,13 +135,16 @@ class Batcher:
         """
         if self._queued + n_images > self.max_queue_images:
             raise Overloaded(
-                f"{self._queued} images are waiting; max_queue_images={self.max_queue_images}: retry shortly"
+                f"{self._queued} images are accepted and not yet answered; max_queue_images={self.max_queue_images}: "
+                "retry shortly"
             )
         self._queued += n_images
+        self.metrics.admitted_images.set(self._queued)
         try:
             yield
         finally:
             self._queued -= n_images
+            self.metrics.admitted_images.set(self._queued)
 
     async def submit(self, item: ClassifyItem, admitted: bool = False) -> tuple[list[ImageResult], BatchInfo]:
         """Queue a request and wait for its answer. `admitted`: the caller holds `admit(len(item.images))`."""

@@ -68,7 +68,7 @@ class ServeConfig:
     poll_seconds: float = option(2.0, "how often to look for changes made to the store by other servers")
     text_cache_size: int = option(4096, "entries of the label-embedding cache")
     text_cache_mb: int = option(256, "megabytes of the label-embedding cache")
-    max_queue_images: int = option(1024, "images waiting for a batch; more gets a 503 overloaded")
+    max_queue_images: int = option(1024, "images accepted and not yet answered; more gets a 503 overloaded")
     threads: int = option(
         0,
         "threads of each forward pass (PyTorch and ONNX Runtime); 0: one for a narrow backbone (tiny), "

@@ -64,6 +64,10 @@ class Service:
         self.preprocess: Callable[[Any], Any] | None = None  # image -> [3, H, W], in the decode threads
         self.threads: int | None = None  # of each forward pass, once loading has chosen them
         self.watch = TrafficWatch(self.metrics)
+        self.metrics.watch_health(
+            lambda: self.ready.is_set(), lambda: self.registry is not None and self.registry.store_error is not None
+        )
+        self.metrics.max_queue_images.set(config.max_queue_images)
         self.replica = f"{socket.gethostname()}-{os.getpid()}"  # X-Clipbank-Replica; Ray Serve sets its own id
         self.peers: Any = None  # the other replicas to tell of a change (service/ray_engine.py), if any
         self._announcing: set[asyncio.Task] = set()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 from model_store.bank import BankSnapshot
 from model_store.inference import TextCache
@@ -35,7 +37,10 @@ class Metrics:
         self.routes = Counter("clipbank_routes", "images routed, per task (zero-shot: none)", ["task"], registry=r)
         self.auto_images = Counter("clipbank_auto_images", "images classified with task=auto", registry=r)
         self.fallback = Counter(
-            "clipbank_zero_shot_fallback", "images with task=auto that no task claimed (went to zero-shot)", registry=r
+            "clipbank_zero_shot_fallback",
+            "images with task=auto answered by zero-shot CLIP: no task claimed them, or their labels named no class "
+            "of the task that did (label_routing_moved counts those too)",
+            registry=r,
         )
         self.moved_by_labels = Counter(
             "clipbank_label_routing_moved",
@@ -53,6 +58,20 @@ class Metrics:
         self.gate_refusals = Counter("clipbank_gate_refusals", "changes the interference gate refused", registry=r)
         self.gate_overrides = Counter("clipbank_gate_overrides", "gate refusals overridden with force", registry=r)
         self.queue_images = Gauge("clipbank_queue_images", "images waiting for a batch", registry=r)
+        self.admitted_images = Gauge(
+            "clipbank_admitted_images",
+            "images accepted and not yet answered (decoding, queued or computing): what max_queue_images bounds",
+            registry=r,
+        )
+        self.max_queue_images = Gauge("clipbank_max_queue_images", "the max_queue_images setting", registry=r)
+        self.errors = Counter(
+            "clipbank_errors",
+            "error answers by their code (overloaded, stale_replica, task_not_found, ...): alert on the server's "
+            "own (overloaded, store_write_failed, internal_error), not on what clients cause",
+            ["endpoint", "code"],
+            registry=r,
+        )
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open files, start time
         self.degraded = Gauge("clipbank_degraded_tasks", "active tasks the bank cannot serve", registry=r)
         self._traffic(r)
         self.task_degraded = Gauge(
@@ -100,6 +119,18 @@ class Metrics:
             ("misses", "text-embedding cache misses since start", lambda: cache.misses),
         ):
             Gauge(f"clipbank_text_cache_{name}", doc, registry=self.registry).set_function(read)
+
+    def watch_health(self, ready: Callable[[], bool], store_error: Callable[[], bool]) -> None:
+        """Gauges read at each scrape: /readyz's 200 and a store the server cannot read (it then serves its last
+        bank, and /readyz still says 200 with status degraded): neither showed in the metrics."""
+        Gauge(
+            "clipbank_ready", "1 once loaded and warmed up (/readyz 200), else 0", registry=self.registry
+        ).set_function(lambda: float(ready()))
+        Gauge(
+            "clipbank_store_error",
+            "1 while the store's index cannot be read (serving the last bank; changes refused), else 0",
+            registry=self.registry,
+        ).set_function(lambda: float(store_error()))
 
     def watch_reservoir(self, size, nbytes) -> None:
         """The unclaimed-traffic reservoir's figures, read at scrape time."""

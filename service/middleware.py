@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import LimitExceeded, Overloaded, UnsupportedMediaType, error_response
+from .errors import ERROR_HEADER, LimitExceeded, Overloaded, UnsupportedMediaType, error_response
 from .metrics import Metrics
 
 REFRESH_WAIT_SECONDS = 5.0  # how long a request with X-Min-Generation waits for the store's state
@@ -230,6 +230,9 @@ class Generations:
         return None
 
 
+ERROR_HEADER_BYTES = ERROR_HEADER.lower().encode()
+
+
 class RequestMetrics:
     """Counts requests and times them per route template (`/tasks/{task}`, not one series per task name)."""
 
@@ -242,12 +245,13 @@ class RequestMetrics:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
-        status = 500
+        status, code = 500, "internal_error"
 
         async def send_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, code
             if message["type"] == "http.response.start":
                 status = message["status"]
+                code = dict(message.get("headers", [])).get(ERROR_HEADER_BYTES, b"").decode("latin-1")
             await send(message)
 
         try:
@@ -256,6 +260,8 @@ class RequestMetrics:
             endpoint = getattr(scope.get("route"), "path", None) or route_template(scope, self.routes)
             method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"  # a closed set of series
             self.metrics.requests.labels(endpoint, method, str(status)).inc()
+            if status >= 400 and code:  # our codes only: a closed set of series
+                self.metrics.errors.labels(endpoint, code).inc()
             self.metrics.latency.labels(endpoint, method).observe(time.perf_counter() - start)
 
 

@@ -433,3 +433,22 @@ async def test_a_pinned_404_carries_the_generation_of_the_bank_that_refused_it(t
         service.batcher._bank = lambda: before  # the batch took the bank of before the push
         r = await c.post("/classify", files=[("images", ("r.png", colour("red")))], data={"task": "a"})
         assert r.status_code == 404 and r.headers["x-clipbank-generation"] == str(before.generation), r.headers
+
+
+async def test_metrics_say_ready_store_error_saturation_and_error_codes(tmp_path, backbone, two_tasks):
+    """A monitoring check could not alert on a store the server cannot read (no metric changed), on readiness,
+    on what max_queue_images bounds, on memory, or on overload apart from what clients cause (every 503 was one
+    series)."""
+    store = _store(tmp_path, two_tasks["c"])
+    async with running_app(tmp_path, backbone) as c:
+        text = (await c.get("/metrics")).text
+        for line in ("clipbank_ready 1.0", "clipbank_store_error 0.0", "clipbank_admitted_images 0.0"):
+            assert line in text, line
+        assert "clipbank_max_queue_images 1024.0" in text and "process_resident_memory_bytes" in text
+        r = await c.post("/classify", files=[("images", ("r.png", colour("red")))], data={"task": "nope"})
+        assert r.status_code == 404 and r.headers["x-clipbank-error"] == "task_not_found"
+        text = (await c.get("/metrics")).text
+        assert 'clipbank_errors_total{code="task_not_found",endpoint="/classify"} 1.0' in text
+        store.index_path.write_text("{garbage")
+        c.app.state.service.registry.refresh()
+        assert "clipbank_store_error 1.0" in (await c.get("/metrics")).text
