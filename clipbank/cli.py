@@ -34,6 +34,9 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServeConfig.from_env(**flags)
     if unknown := unknown_variables(os.environ):
         print(f"clipbank serve: warning: no setting reads {', '.join(unknown)}", file=sys.stderr)
+    level = logging.DEBUG if config.log_level == "trace" else getattr(logging, config.log_level.upper())
+    for name in ("clipbank", "model_store"):  # ours too, not uvicorn's alone (its INFO lines showed at warning)
+        logging.getLogger(name).setLevel(level)
     ray_only = [
         f"--{'no-' if flags[n] is False else ''}{n.replace('_', '-')}"
         for n in ("replicas", "ray_address", "broadcast")

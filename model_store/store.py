@@ -277,13 +277,26 @@ def parse_index(data: bytes, where: str) -> StoreIndex:
     try:
         index = json.loads(data)
     except (ValueError, RecursionError) as e:  # JSON errors and bad UTF-8
-        log.error("store index of %s is corrupt: %s", where, e)
+        _say_once(where, f"store index of {where} is corrupt: {e}")
         raise StoreError(f"the store index is corrupt ({str(e)[:120]}); see the log") from None
     try:
-        return StoreIndex.from_json(index)
+        typed = StoreIndex.from_json(index)
     except StoreError as e:
-        log.error("store index of %s: %s", where, e)
+        _say_once(where, f"store index of {where}: {e}")
         raise
+    _said.pop(where, None)  # read again: a later fault is said again
+    return typed
+
+
+_said: dict[str, str] = {}  # per store, the index fault last logged
+
+
+def _say_once(where: str, message: str) -> None:
+    """A fault of the index, logged once until it changes: servers read it on every poll and change (16 lines in
+    25 s in an outside check), and the server says it on its own when it starts and stops failing."""
+    if _said.get(where) != message:
+        _said[where] = message
+        log.error("%s", message)
 
 
 def open_store(location: str | os.PathLike) -> Store:

@@ -4,6 +4,7 @@ come from the class, and names defined once agree wherever they are used."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import typing
@@ -937,3 +938,16 @@ def test_reference_list_names_the_sets_a_server_may_find(tmp_path, monkeypatch, 
     assert main(["reference", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and lines[0].split("\t")[2] == "4000 images" and "servers do not find it" in lines[0]
+
+
+@pytest.mark.parametrize(("given", "level"), [("warning", logging.WARNING), ("trace", logging.DEBUG)])
+def test_serve_log_level_reaches_clipbanks_own_loggers(monkeypatch, given, level):
+    """`--log-level warning` quieted uvicorn alone: clipbank's INFO lines still came (an outside check)."""
+    import service.server
+    from clipbank.cli import main
+
+    monkeypatch.setattr(service.server, "serve", lambda config: 0)
+    for name in ("clipbank", "model_store"):
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
+    assert main(["serve", "--log-level", given, "--store", "/tmp/unused-store"]) == 0
+    assert logging.getLogger("clipbank").level == logging.getLogger("model_store").level == level

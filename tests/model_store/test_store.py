@@ -476,3 +476,17 @@ def test_a_long_reason_a_task_is_left_out_keeps_its_end():
     said = _why(long)
     assert said.startswith("backbone_mismatch: xxx") and said.endswith("(retrain it on this backbone)")
     assert " … " in said and len(said) <= WHY_CHARS + len("backbone_mismatch: ")
+
+
+def test_an_index_fault_is_logged_once_until_it_changes(caplog):
+    """Every poll and change read the corrupt index again: 16 ERROR lines in 25 s (an outside check)."""
+    from model_store.errors import StoreError
+    from model_store.store import encode_index, parse_index
+    from model_store.store_index import StoreIndex
+
+    for data in (b"{garbage", b"{garbage", b"{garbage", encode_index(StoreIndex()), b"{garbage"):
+        try:
+            parse_index(data, "/s")
+        except StoreError:
+            pass
+    assert [r.levelname for r in caplog.records if "/s" in r.getMessage()] == ["ERROR", "ERROR"]
