@@ -41,6 +41,8 @@ STALE_DELETION_SECONDS = 300.0  # a purge's `deleting` entry this old belongs to
 # An endpoint that accepts connections but does not answer fails a call in about S3_ATTEMPTS x S3_READ_SECONDS
 # (a 503 store_unavailable), not minutes; the read timeout is per socket read, so a large blob is not cut short.
 S3_CONNECT_SECONDS, S3_READ_SECONDS, S3_ATTEMPTS = 5.0, 10.0, 2
+# botocore's errors for a request sent whose answer never came (a refused connection is not one: nothing was sent)
+ANSWER_LOST = frozenset({"ReadTimeoutError", "ConnectionClosedError", "ProtocolError"})
 STRAY_SECONDS = 3600.0  # a blob no index names, this old, is a killed writer's: a purge deletes it
 
 
@@ -246,6 +248,8 @@ class S3Store(Store):
         except Exception as e:
             if _status(e) in (412, 409):
                 return self._landed(index)
+            if type(e).__name__ in ANSWER_LOST:  # sent, then no answer: the write may have landed all the same
+                raise self._unavailable("confirm the index write; it may have landed: GET /tasks says", e) from None
             raise self._unavailable("write the index", e) from None
         self._cached = (answer["ETag"], self._seen(index, None))
         return True

@@ -531,3 +531,25 @@ def test_store_check_reads_what_is_stored_past_the_local_cache(make_store, bundl
     assert problem.startswith(f"task 'cars' version 1: its blob {put.bundle_id[:12]} is missing or damaged")
     assert main(["store", "--store", store.location, "check"]) == 1
     assert "missing or damaged" in capsys.readouterr().out
+
+
+def test_an_s3_index_write_without_an_answer_says_it_may_have_landed(s3_env, bundles, monkeypatch):
+    """The index PUT landed but its answer timed out: the 503 read "could not write the index", and the version
+    was live (an outside check with a proxy delaying index PUTs)."""
+    from botocore.exceptions import ReadTimeoutError
+
+    from model_store.errors import StoreUnavailable
+
+    store = open_store(f"s3://{s3_env}/bank")
+    store.put(bundles[1])
+    real = store._s3.put_object
+
+    def landed_but_unanswered(**kw):
+        real(**kw)
+        if kw["Key"].endswith("index.json"):
+            raise ReadTimeoutError(endpoint_url="http://s3.test")
+
+    monkeypatch.setattr(store._s3, "put_object", landed_but_unanswered)
+    with pytest.raises(StoreUnavailable, match="it may have landed: GET /tasks says"):
+        store.put(bundles[2])
+    assert open_store(f"s3://{s3_env}/bank").active() == {"cars": read_bundle(bundles[2]).id}
