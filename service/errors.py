@@ -152,12 +152,12 @@ ERROR_HEADER = "X-Clipbank-Error"
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None, details: dict | None = None
 ) -> JSONResponse:
-    if status == 401:
-        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
-    if status == 503 and code not in NO_RETRY:
-        headers = {**(headers or {}), "Retry-After": str(RETRY_AFTER_SECONDS.get(code, 1))}
-    body = {"code": code, "message": message, **({"details": details} if details is not None else {})}
     headers = {**(headers or {}), ERROR_HEADER: code}  # the code without the body: metrics and proxies read it
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if status == 503 and code not in NO_RETRY:
+        headers["Retry-After"] = str(RETRY_AFTER_SECONDS.get(code, 1))
+    body = {"code": code, "message": message, **({"details": details} if details is not None else {})}
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 

@@ -204,9 +204,7 @@ def _check_classes(root: Path, found: tuple[str, ...], classes: tuple[str, ...],
         raise ValueError(
             f"{root} does not have the training data's {len(classes)} classes{also}: "
             + "; ".join(
-                f"{what} {names[:10]}{' ...' * (len(names) > 10)}"
-                for what, names in (("it also has", extra), ("it lacks", missing))
-                if names
+                f"{what} {some(names, 10)}" for what, names in (("it also has", extra), ("it lacks", missing)) if names
             )
         )
 

@@ -125,9 +125,10 @@ def _train_and_store(job: TrainJob) -> dict[str, Any]:
     _check_outputs(job)  # before training, not after it
     store = _open_store(job.store) if job.store else None
     _warn_if_val_is_data(job)
+    version, parent, seen = _next_version(store, job)
     listed = list_image_folder(job.data)  # the folders' faults at once, before a backbone's download
     # a new version answers over its parent's classes too: its validation may hold them, and so show forgetting
-    listed_val = list_image_folder(job.val, listed.classes, _parent_classes(store, job.task)) if job.val else None
+    listed_val = list_image_folder(job.val, listed.classes, seen) if job.val else None
     backbone = load_backbone(job.backbone, job.device)  # then decoded: its input size sets how JPEGs are
     train, val = (
         read_image_folder(x, skip_bad=job.skip_bad, target=backbone.image_size) if x else None
@@ -135,18 +136,9 @@ def _train_and_store(job: TrainJob) -> dict[str, Any]:
     )
     reference = find_reference(backbone, job.reference)  # before any training: a wrong path fails at once
     bank = _bank_of(store, backbone)
-    version, parent = job.version or 1, None
-    if store is not None:
-        try:
-            entry = store.task(job.task)
-            version, parent = entry.newest + 1, entry.active
-        except TaskNotFound:
-            pass
-    if version > MAX_VERSION:  # before training, not when the bundle is packed
-        raise ValueError(f"task {job.task!r} is at version {version - 1}, the last a bundle can have ({MAX_VERSION})")
     warnings: list[str] = []
     if parent is not None:  # class-incremental: the new version answers over every class seen so far
-        train, val, warnings = _over_parent_classes(store.load(parent).manifest.classes, train, val, version)
+        train, val, warnings = _over_parent_classes(seen, train, val, version)
     result = train_task(
         bank, train, cfg, val, version=version, parent=parent, progress=job.progress, reference=reference
     )
@@ -296,13 +288,19 @@ def _free_name(folder: Path, stem: str) -> Path:
     raise OSError(f"{folder} holds 9,999 files named {stem}*")
 
 
-def _parent_classes(store: Store | None, task: str) -> tuple[str, ...]:
-    """The classes of the task's active version in `store`, which a new version answers over; () if none."""
-    try:
-        active = store.task(task).active if store is not None else None
-    except TaskNotFound:
-        return ()
-    return store.load(active).manifest.classes if active is not None else ()
+def _next_version(store: Store | None, job: TrainJob) -> tuple[int, str | None, tuple[str, ...]]:
+    """(the version to train, its parent: the task's active bundle in `store`, and the parent's classes, which the
+    new version answers over), checked before any work."""
+    version, parent = job.version or 1, None
+    if store is not None:
+        try:
+            entry = store.task(job.task)
+            version, parent = entry.newest + 1, entry.active
+        except TaskNotFound:
+            pass
+    if version > MAX_VERSION:  # before training, not when the bundle is packed
+        raise ValueError(f"task {job.task!r} is at version {version - 1}, the last a bundle can have ({MAX_VERSION})")
+    return version, parent, store.load(parent).manifest.classes if parent is not None else ()
 
 
 def _over_parent_classes(
