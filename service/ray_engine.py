@@ -67,13 +67,22 @@ class RayPeers:
 
         handle = serve.get_deployment_handle(self.deployment, self.app_name or _own_app_name())
         answers = await handle.broadcast("sync", generation).results_async(timeout_s=timeout_s, return_exceptions=True)
-        out: dict[str, Any] = {}
-        for i, answer in enumerate(answers):
-            if isinstance(answer, dict):
-                out[answer["replica"]] = answer["generation"]
-            else:
-                out[f"replica-{i}"] = f"{type(answer).__name__}: {str(answer)[:120]}"
-        return out
+        return reported(answers)
+
+
+def reported(answers: list[Any]) -> dict[str, Any]:
+    """{replica: the generation it serves, or why it does not serve the store's}: a replica whose store cannot be
+    read (one replaced under it: its generation may be above the new store's) is named with its error, so a
+    change with wait=all counts it as behind."""
+    out: dict[str, Any] = {}
+    for i, answer in enumerate(answers):
+        if not isinstance(answer, dict):
+            out[f"replica-{i}"] = f"{type(answer).__name__}: {str(answer)[:120]}"
+        elif answer.get("store_error"):  # older releases' answers have no such key
+            out[answer["replica"]] = f"store error at generation {answer['generation']}: {answer['store_error'][:160]}"
+        else:
+            out[answer["replica"]] = answer["generation"]
+    return out
 
 
 def _build(config: ServeConfig):
@@ -100,9 +109,12 @@ class ClipbankReplica:
 
         service = ray_engine.LOCAL["service"]
         registry = service.require_ready()
-        if registry.bank.generation < generation:
+        # Also when ahead of the change or failing: a store replaced under this replica restarted its generations
+        # below the ones it serves, and reading it again is what finds that out (a store error, reported).
+        if registry.bank.generation != generation or registry.store_error is not None:
             await run_in_threadpool(registry.refresh)
-        return {"replica": service.replica, "generation": registry.bank.generation, "pid": os.getpid()}
+        answer = {"replica": service.replica, "generation": registry.bank.generation, "pid": os.getpid()}
+        return {**answer, "store_error": registry.store_error} if registry.store_error is not None else answer
 
 
 def application(config: ServeConfig | None = None, replicas: int | None = None, cpus: float | None = None):

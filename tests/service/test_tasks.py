@@ -441,3 +441,32 @@ async def test_every_change_can_wait_for_every_replica(tmp_path, backbone):
         assert again.status_code == 200 and again.json()["replicas"] == {"fast": 7, "slow": 7}, again.text
         quick = await c.delete("/tasks/cars", headers=AUTH)  # wait=none: the others are told, not waited for
         assert quick.status_code == 200 and list(quick.json()["replicas"]) == [c.app.state.service.replica]
+
+
+async def test_a_replica_on_a_replaced_store_is_not_counted_as_serving_a_change(tmp_path, backbone):
+    """An outside check's: replicas that had read a store wiped and made again kept their generation (21, above
+    the new store's 1), so `sync` answered 21 without reading the store and wait=all counted them as serving the
+    new store's change. Now `sync` reads the store when its generation is not the change's and reports the
+    error; the announcement names that replica as behind."""
+    import shutil
+
+    from model_store.store import LocalStore
+    from service import ray_engine
+
+    bank = empty_bank(backbone)
+    async with running_app(tmp_path, backbone) as c:
+        for seed, task in enumerate(("cars", "birds", "ships")):
+            assert (await c.post("/tasks", **_upload(random_bundle(bank, task, seed=seed)))).status_code == 201
+        service = c.app.state.service
+        assert service.registry.bank.generation == 3
+        shutil.rmtree(tmp_path / "store")
+        LocalStore(tmp_path / "store").put(random_bundle(bank, "trees", seed=7))  # another server's new store
+        ray_engine.LOCAL["service"] = service
+        try:
+            answer = await ray_engine.ClipbankReplica().sync(1)
+        finally:
+            ray_engine.LOCAL.clear()
+        assert answer["generation"] == 3 and "replaced under this process" in answer["store_error"], answer
+        replicas = ray_engine.reported([answer, {"replica": "fresh", "generation": 1, "pid": 1}, TimeoutError("x")])
+        assert replicas["fresh"] == 1 and replicas["replica-2"] == "TimeoutError: x"
+        assert replicas[service.replica].startswith("store error at generation 3: the store at "), replicas
