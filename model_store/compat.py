@@ -18,6 +18,8 @@ from .selector import selector_shape_problems
 
 CORE_FACTS = {"visual", "text"}  # each tower's activation and norm: without both in common, the hash decides
 
+MAX_RANK_PER_WIDTH = 4  # an expert wider than the block's MLP (4 x its width in CLIP) is no adapter
+
 
 def _without_folders(name: str) -> str:
     """A backbone name with the folders of any path in it left out: `file:/m/x/w.safetensors` is
@@ -106,6 +108,7 @@ def _shape_problems(bundle: Bundle, backbone: Backbone) -> list[str]:
         for i, w in enumerate(bundle.routers[tower]):
             if w.shape[1] != spec.width:
                 problems.append(f"router.{tower}.{i} width {w.shape[1]}, backbone width {spec.width}")
+    moe = bundle.manifest.moe  # None in bundles made before it was saved
     for eid, placed in bundle.experts.items():
         width, expert = backbone.towers[placed.tower].width, placed.expert
         rank = expert.down_w.shape[0] if expert.down_w.ndim == 2 else -1  # -1: matches no shape, so reported
@@ -114,6 +117,13 @@ def _shape_problems(bundle: Bundle, backbone: Backbone) -> list[str]:
         if got != want or placed.block >= backbone.towers[placed.tower].layers:
             problems.append(
                 f"expert {eid[:12]} at {placed.tower}.{placed.block} has shapes {got}, backbone needs {want}"
+            )
+        elif rank > MAX_RANK_PER_WIDTH * width or (moe is not None and rank != moe.rank):
+            # A batch that mixes tasks pads every expert to the largest rank: one huge expert slowed every request
+            problems.append(
+                f"expert {eid[:12]} at {placed.tower}.{placed.block} has rank {rank}: a bundle's experts have the rank "
+                f"of its moe.rank ({moe.rank if moe is not None else 'not given'}), at most {MAX_RANK_PER_WIDTH} x "
+                f"the tower's width {width} (the width of the MLP beside them)"
             )
     problems += selector_shape_problems(bundle.manifest.selector.kind, bundle.selector_tensors, backbone.embed_dim)
     if bundle.probes is not None and bundle.probes.shape[1] != backbone.embed_dim:

@@ -117,6 +117,29 @@ def test_an_expert_tensor_with_no_dimensions_is_a_shape_mismatch(backbone, bundl
         check_compatible(dataclasses.replace(b, experts={**b.experts, eid: flat}), backbone, {})
 
 
+def test_an_expert_whose_rank_is_not_its_bundles_or_above_the_width_is_refused(backbone, bundle_bytes):
+    """An outside check's: a bundle with one rank-16000 expert per block passed every check, and a batch mixing
+    its images with other tasks' pads every expert to the largest rank: 11 s per request for every client, and
+    5.6 GB of memory, where 0.5-0.9 s and 1.5 GB before."""
+    import dataclasses
+
+    from model_store.experts import MoEConfig
+
+    bank = empty_bank(backbone)
+    widest = 4 * min(s.width for s in backbone.towers.values())
+    check_compatible(read_bundle(random_bundle(bank, "cars", seed=1, rank=widest)), backbone, {})  # as the MLP
+    wide = read_bundle(random_bundle(bank, "cars", seed=1, rank=widest + 1))
+    with pytest.raises(ShapeMismatch, match=rf"has rank {widest + 1}: .* at most 4 x the tower's width"):
+        check_compatible(wide, backbone, {})
+    b = read_bundle(bundle_bytes)
+    rank = next(iter(b.experts.values())).expert.down_w.shape[0]
+    other = dataclasses.replace(b, manifest=dataclasses.replace(b.manifest, moe=MoEConfig(rank=rank + 1)))
+    with pytest.raises(ShapeMismatch, match=rf"has rank {rank}: .* moe.rank \({rank + 1}\)"):
+        check_compatible(other, backbone, {})
+    same = dataclasses.replace(b, manifest=dataclasses.replace(b.manifest, moe=MoEConfig(rank=rank)))
+    check_compatible(same, backbone, {})
+
+
 @pytest.mark.parametrize(
     "payload, match",
     [
