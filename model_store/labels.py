@@ -104,9 +104,14 @@ def _text_list_problem(manifest: dict, key: str, ok: Callable[[Any], bool], cap:
 
 def classes_problem(classes: Any) -> list[str]:
     """What is wrong with a task's class names, by the manifest's rule (the trainer checks them before training)."""
-    what = f"non-blank names of 1..{MAX_CLASS_CHARS} characters"
+    what = f"non-blank names of 1..{MAX_CLASS_CHARS} characters, each one a request could send as a label"
+    # (a class named with NUL or an escape was answered to every client, which could not send it back)
     return _text_list_problem(
-        {"classes": classes}, "classes", lambda c: _is_text(c, MAX_CLASS_CHARS), MAX_CLASSES, what
+        {"classes": classes},
+        "classes",
+        lambda c: _is_text(c, MAX_CLASS_CHARS) and label_problem(c) is None,
+        MAX_CLASSES,
+        what,
     )
 
 
