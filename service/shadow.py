@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -116,7 +117,8 @@ class ShadowMonitor:
                 m.shadow_claims.labels(task=s.task, taken_from=route).inc(n)
             histogram = m.shadow_score.labels(task=s.task)
             for value in s.scores.tolist():
-                histogram.observe(value)
+                if math.isfinite(value):  # a selector scoring inf made the series' sum +Inf for good (rate() useless)
+                    histogram.observe(value)
 
     def stats(self, task: str) -> dict[str, Any] | None:
         with self._lock:

@@ -133,3 +133,23 @@ async def test_shadow_errors_are_clear_4xx(tmp_path, backbone, bundles):
             assert code is None or r.json()["error"]["code"] == code, r.text
         for method, path, kwargs, _, _ in cases:
             assert (await c.request(method, path, **kwargs)).status_code == 401
+
+
+def test_a_score_that_is_not_finite_is_counted_but_kept_out_of_the_metrics_sum():
+    """A security check's: a version in shadow whose selector scored inf left `clipbank_shadow_score_sum` at +Inf."""
+    import torch
+
+    from model_store.shadow import ShadowSeen
+    from service.metrics import Metrics
+    from service.shadow import ShadowMonitor, ShadowStats
+
+    metrics = Metrics()
+    monitor = ShadowMonitor(metrics)
+    monitor._stats["cars"] = ShadowStats("cars", 2, "b2")
+    scores = torch.tensor([0.5, float("inf"), float("nan"), 2.0])
+    seen = ShadowSeen("cars", 2, "b2", scores, scores <= 1, ("cars", None, None, "cars"))
+    monitor.record([seen])
+    assert monitor.stats("cars")["images"] == 4 and monitor.stats("cars")["would_claim"] == 1
+    total = sum(s.value for m in metrics.shadow_score.collect() for s in m.samples if s.name.endswith("_sum"))
+    count = sum(s.value for m in metrics.shadow_score.collect() for s in m.samples if s.name.endswith("_count"))
+    assert total == 2.5 and count == 2
