@@ -8,7 +8,6 @@ import difflib
 import hashlib
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import open_clip
 import torch
 
-from .checkpoints import looks_like_checkpoint, misfit, refuse_non_finite
+from .checkpoints import DOWNLOAD_WORDS, NO_DOWNLOAD, first_line, looks_like_checkpoint, misfit, refuse_non_finite
 from .digest import tensor_digest
 from .errors import BackboneError, UnsupportedBackbone
 from .frozen import FrozenRuntime, TorchFrozen
@@ -213,18 +212,6 @@ def _check_supported(model: Any, ref: BackboneRef) -> dict[str, TowerSpec]:
     return towers
 
 
-def _first_line(error: Exception) -> str:
-    """An exception's message in one line, without terminal colours: torch's weights-only refusal goes on with
-    advice to unpickle the file, and a checkpoint of another size lists every mismatched tensor."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
-    lines = [line for line in text.splitlines() if line.strip()]
-    if "size mismatch" in text:
-        count = text.count("size mismatch for ")
-        first = next((line.strip() for line in lines if "size mismatch for " in line), "")
-        return f"the checkpoint's tensors have other sizes than this architecture's ({count}; first: {first})"
-    return (lines[0] if lines else type(error).__name__)[:300]
-
-
 def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto") -> Backbone:
     """Create the open_clip model for `ref`, load its weights, freeze it and fingerprint it."""
     ref = parse_backbone_ref(ref) if isinstance(ref, str) else ref
@@ -254,11 +241,13 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
                 raise BackboneError(problem)
             open_clip.load_checkpoint(model, ref.weights)
     except Exception as e:  # open_clip, safetensors and torch raise many types for bad files
-        why = _first_line(e)  # not torch's advice to unpickle it, nor 153 lines of size mismatches
+        why = first_line(e)  # not torch's advice to unpickle it, nor 153 lines of size mismatches
         if "not found in built-ins" in str(e):  # open_clip lists all ~150 names: the near ones say more
             near = difflib.get_close_matches(ref.model_name, open_clip.list_models(), n=5, cutoff=0.5)
             why = f"open_clip has no model {ref.model_name!r}" + (f"; close: {', '.join(near)}" if near else "")
             why += " (all: `python -c 'import open_clip; print(open_clip.list_models())'`)"
+        elif tag and any(w in str(e).lower() for w in DOWNLOAD_WORDS):  # after the cut, so the remedy is whole
+            why += f". {NO_DOWNLOAD}"
         raise BackboneError(f"could not load backbone {ref.text!r}: {why}") from e
     finally:
         logging.getLogger().removeFilter(quiet)
@@ -266,7 +255,7 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
     try:
         tokenizer = BoundedTokenizer(open_clip.get_tokenizer(ref.model_name))
     except Exception as e:
-        raise BackboneError(f"could not load the tokenizer of backbone {ref.text!r}: {_first_line(e)}") from e
+        raise BackboneError(f"could not load the tokenizer of backbone {ref.text!r}: {first_line(e)}") from e
     model.requires_grad_(False)
     model.eval()
     refuse_non_finite(model, ref.text)

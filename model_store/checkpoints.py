@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +52,23 @@ def refuse_non_finite(model: Any, name: str) -> None:
             f"backbone {name!r} has weights that are not finite (NaN or inf) in {len(bad)} tensors, first "
             f"{bad[0]}: it cannot answer; retrain or restore its checkpoint"
         )
+
+
+DOWNLOAD_WORDS = ("download", "connect", "offline", "hub", "resolve", "cannot find the requested files")
+NO_DOWNLOAD = (
+    "Its weights are neither in the local cache ($HF_HOME) nor reachable on the model hub from here: copy the "
+    "checkpoint onto this machine and name it as 'ARCH:file:/path/weights.safetensors' (README, Real weights), or "
+    "fill the cache where the hub is reachable; HF_HUB_OFFLINE=1 skips the hub's retries"
+)
+
+
+def first_line(error: Exception) -> str:
+    """An exception's message in one line, without terminal colours: torch's weights-only refusal goes on with
+    advice to unpickle the file, and a checkpoint of another size lists every mismatched tensor."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if "size mismatch" in text:
+        count = text.count("size mismatch for ")
+        first = next((line.strip() for line in lines if "size mismatch for " in line), "")
+        return f"the checkpoint's tensors have other sizes than this architecture's ({count}; first: {first})"
+    return (lines[0] if lines else type(error).__name__)[:300]

@@ -228,6 +228,25 @@ def test_unknown_pretrained_tag_fails_cleanly():
         load_backbone("ViT-B-16:no-such-tag")
 
 
+def test_weights_the_hub_cannot_give_are_answered_with_what_to_do_whole(monkeypatch):
+    """A newcomer's: real weights without the hub took 51 s and ended in a message cut mid-word ("Please check your
+    connecti") naming no remedy. The remedy now comes after the cut, whole."""
+    import open_clip
+
+    def no_hub(*args, **kwargs):
+        raise RuntimeError("Failed to download weights for ViT-B-16 (openai). " + "Please check your connection. " * 20)
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", no_hub)
+    with pytest.raises(BackboneError) as raised:
+        load_backbone("ViT-B-16:openai")
+    message = str(raised.value)
+    assert message.startswith("could not load backbone 'ViT-B-16:openai': Failed to download weights")
+    assert message.endswith(
+        "'ARCH:file:/path/weights.safetensors' (README, Real weights), or fill the cache where "
+        "the hub is reachable; HF_HUB_OFFLINE=1 skips the hub's retries"
+    )
+
+
 def test_an_unknown_model_name_is_answered_with_the_close_ones_not_every_name():
     with pytest.raises(BackboneError, match="open_clip has no model 'ViT-B-33'; close: ViT-B-32") as raised:
         load_backbone("ViT-B-33:openai")
