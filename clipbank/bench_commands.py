@@ -151,7 +151,7 @@ def _reference_images(args: argparse.Namespace) -> tuple[Sequence, str]:
     files = readable_files(files, args.skip_bad, "clipbank reference build --skip-bad")
     if not files:
         raise ValueError(f"no image under {args.images} can be read")
-    return LazyImages(files, read_rgb), f"{len(files)} images"
+    return LazyImages(files, read_rgb), f"the images under {root.resolve()}"
 
 
 REFERENCE_MIN_IMAGES = 500  # fewer: `reference build` warns

@@ -61,7 +61,10 @@ def test_the_cli_builds_a_reference_set_from_any_image_folder(tmp_path, backbone
     out = tmp_path / "ref.safetensors"
     assert main(["reference", "build", "--images", str(tmp_path / "imgs"), "--out", str(out)]) == 0
     assert len(load_reference(out, backbone)) == 6
-    assert "6 images is a small reference set" in capsys.readouterr().err  # written, and said to be thin
+    said = capsys.readouterr()
+    assert "6 images is a small reference set" in said.err  # written, and said to be thin
+    # its source names the folder (a newcomer's `reference list` read "31 images	31 images")
+    assert f"wrote 6 embeddings of the images under {(tmp_path / 'imgs').resolve()} for" in said.out
     assert main(["reference", "build", "--images", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert "none: no such folder" in capsys.readouterr().err
     (tmp_path / "imgs" / ".thumbnails").mkdir()  # hidden folders are not the user's images
