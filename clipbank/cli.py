@@ -20,6 +20,7 @@ from training.config import PretrainConfig, TrainJob
 from .bench_commands import DEFAULT_BACKBONE, add_bench_parsers, add_reference_parser
 from .classify_command import DEFAULT_URL, add_classify_parser
 from .flags import UsageError, add_flags, given
+from .logs import hub_lines_once, serve_logs
 from .output import print_json
 from .server_commands import add_server_parsers
 from .tables import index_tasks, print_tasks
@@ -34,9 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServeConfig.from_env(**flags)
     if unknown := unknown_variables(os.environ):
         print(f"clipbank serve: warning: no setting reads {', '.join(unknown)}", file=sys.stderr)
-    level = logging.DEBUG if config.log_level == "trace" else getattr(logging, config.log_level.upper())
-    for name in ("clipbank", "model_store"):  # ours too, not uvicorn's alone (its INFO lines showed at warning)
-        logging.getLogger(name).setLevel(level)
+    serve_logs(config.log_level)
     ray_only = [
         f"--{'no-' if flags[n] is False else ''}{n.replace('_', '-')}"
         for n in ("replicas", "ray_address", "broadcast")
@@ -53,6 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from training.run import run_train_job
 
+    hub_lines_once()
     if not args.out and not args.store:
         raise UsageError("clipbank train: give --out FILE, --store DIR, or both")
     job = TrainJob(**given(TrainJob, args))

@@ -14,6 +14,7 @@ from .errors import install_handlers, takes
 from .lifecycle import Service, lifespan
 from .middleware import AbsoluteForm, BodyLimit, Generations, HeadAsGet, HeadLimit, RequestMetrics
 from .openapi import document_generations
+from .request_ids import RequestIds
 from .routes.classify import classify_router
 from .routes.ops import ops_router
 from .routes.tasks import tasks_router
@@ -52,6 +53,7 @@ def create_app(
         BodyLimit,
         limit_for=_limit_for(config),
         read_timeout=config.read_timeout_seconds,
+        min_rate=config.min_body_rate,
         max_buffered=config.limits.max_buffered_bytes,
         routed=lambda scope: takes(app.router.routes, scope, scope["method"]),  # a mistyped URL: 404, not 413
     )
@@ -60,6 +62,7 @@ def create_app(
     app.add_middleware(RequestMetrics, metrics=service.metrics, routes=[r for router in routers for r in router.routes])
     app.add_middleware(HeadAsGet)
     app.add_middleware(AbsoluteForm)
+    app.add_middleware(RequestIds)  # outermost: every answer carries its id, every line logged for it names it
     document_generations(app)
     return app
 

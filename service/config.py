@@ -81,6 +81,14 @@ class ServeConfig:
     )
     keep_alive_seconds: float = option(5.0, "an idle kept-alive connection is closed after this")
     max_connections: int = option(1024, "open connections; beyond it a new one gets 503 and is closed")
+    max_connections_per_client: int = option(
+        256, "open connections from one client address; beyond it a new one gets 503 and is closed (0: no cap)"
+    )
+    min_body_rate: int = option(
+        1000,
+        "bytes per second a request body must average once read_timeout_seconds has passed: a slower one gets 408 "
+        "(0: no floor)",
+    )
     frozen_runtime: str = option(
         "auto",
         "who runs the frozen passes: auto is ONNX Runtime on CPU, PyTorch on GPU (the adapted pass is always torch); "
@@ -151,6 +159,9 @@ class ServeConfig:
             )
         if self.max_connections < 1:
             problems.append(f"max_connections must be >= 1, got {self.max_connections}")
+        for name in ("max_connections_per_client", "min_body_rate"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0 (0: none), got {getattr(self, name)}")
         if self.text_cache_size < 0 or self.text_cache_mb < 0:
             problems.append(
                 f"text_cache_size and text_cache_mb must be >= 0, got {self.text_cache_size}, {self.text_cache_mb}"

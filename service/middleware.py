@@ -45,7 +45,9 @@ class HeadLimit:
 
 class BodyLimit:
     """Refuses a body over its path's limit (at once from Content-Length, else as soon as the stream passes it),
-    and one whose next piece takes longer than `read_timeout` seconds to arrive (408).
+    and one whose next piece takes longer than `read_timeout` seconds to arrive, or that comes slower than
+    `min_rate` bytes per second on average once `read_timeout` has passed (408: one byte every 20 s held a
+    connection for ever, and 1024 of them every connection).
 
     All requests together may hold at most `max_buffered` bytes of body until they are answered: each one's limit
     alone let 1024 slow connections hold 64 GiB. Past it, the request that would cross it gets 503 `overloaded`
@@ -58,11 +60,13 @@ class BodyLimit:
         read_timeout: float = 30.0,
         max_buffered: int | None = None,
         routed: Callable[[Scope], bool] | None = None,
+        min_rate: int = 0,
     ) -> None:
         self.app = app
         self.limit_for = limit_for
         self.routed = routed  # False: no route takes this method and path, so its 404 or 405 reads no body
         self.read_timeout = read_timeout
+        self.min_rate = min_rate
         self.max_buffered = max_buffered
         self.held = 0  # body bytes received by requests not yet answered (one event loop: no lock)
 
@@ -95,15 +99,25 @@ class BodyLimit:
             full = self._full(int(declared))
             if full is not None:
                 return await error_response(503, Overloaded.code, full)(scope, receive, send)
-        seen, complete = 0, False
+        seen, complete, started = 0, False, time.monotonic()
 
         async def limited() -> Message:
             nonlocal seen, complete
             if complete:  # only a disconnect can follow: no deadline
                 return await receive()
+            wait, slow = self.read_timeout, False
+            if self.min_rate:  # the whole body's deadline, moved on by each byte that came
+                left = started + self.read_timeout + seen / self.min_rate - time.monotonic()
+                wait, slow = min(wait, max(left, 0.0)), left < wait
             try:
-                message = await asyncio.wait_for(receive(), self.read_timeout)
+                message = await asyncio.wait_for(receive(), wait)
             except asyncio.TimeoutError:  # HTTPExceptions pass FastAPI's own body parsing unchanged
+                if slow:
+                    raise HTTPException(
+                        408,
+                        f"the request body came slower than min_body_rate={self.min_rate} bytes/s ({seen} bytes in "
+                        f"{time.monotonic() - started:.0f}s)",
+                    ) from None
                 raise HTTPException(
                     408, f"the request body stalled for {self.read_timeout:g}s (read_timeout_seconds)"
                 ) from None

@@ -1,5 +1,6 @@
-"""What the OpenAPI document says of the headers every route has (`middleware.Generations`): the request header
-`X-Min-Generation`, and the response headers `X-Clipbank-Generation` and `X-Clipbank-Replica`."""
+"""What the OpenAPI document says of the headers every route has (`middleware.Generations`,
+`request_ids.RequestIds`): the request headers `X-Min-Generation` and `X-Request-ID`, and the response headers
+`X-Clipbank-Generation`, `X-Clipbank-Replica` and `X-Request-ID`."""
 
 from __future__ import annotations
 
@@ -35,6 +36,19 @@ RESPONSE_HEADERS = {
         "schema": {"type": "string"},
         "description": "The name of the server that answered. Sent once the server is ready.",
     },
+    "X-Request-ID": {
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+        "description": "The request's id, as its log lines name it: the client's own `X-Request-ID` when it "
+        "matches this pattern, else one the server made.",
+    },
+}
+REQUEST_ID = {
+    "name": "X-Request-ID",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "An id for this request, echoed in the answer and named in the server's log lines: 1 to 128 "
+    "characters from A-Z a-z 0-9 . _ : - (anything else is replaced by an id the server makes).",
 }
 
 
@@ -47,7 +61,7 @@ def document_generations(app: FastAPI) -> None:
             schema = build()
             for operations in schema.get("paths", {}).values():
                 for op in operations.values():
-                    op.setdefault("parameters", []).append(MIN_GENERATION)
+                    op.setdefault("parameters", []).extend((MIN_GENERATION, REQUEST_ID))
                     for status, why in HEADER_ERRORS.items():  # what the header (or an overloaded server) answers
                         op.setdefault("responses", {}).setdefault(status, {"description": why, "content": ERROR_BODY})
                     for response in op.get("responses", {}).values():

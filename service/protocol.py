@@ -1,5 +1,6 @@
-"""uvicorn's HTTP/1.1 protocol with the guards it lacks: a deadline for each request head, a cap on open
-connections, and JSON bodies (the API's error shape) for the errors uvicorn itself answers."""
+"""uvicorn's HTTP/1.1 protocol with the guards it lacks: a deadline for each request head, caps on open
+connections (in all, and from one client address), and JSON bodies (the API's error shape) for the errors uvicorn
+itself answers."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class GuardedH11Protocol(H11Protocol):
     head_timeout: float = 10.0
     max_connections: int = 1024
     write_timeout: float = 30.0  # an answer the client reads none of for this long: the connection is dropped
+    max_per_client: int = 0  # open connections from one address (0: no cap): one client held all 1024 otherwise
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._lingering = False
@@ -75,6 +77,8 @@ class GuardedH11Protocol(H11Protocol):
         transport.close = close_gently  # type: ignore[method-assign]
         self._head_timer: asyncio.TimerHandle | None = None
         self._timed_cycle = None
+        peer = transport.get_extra_info("peername")
+        self._peer = peer[0] if isinstance(peer, tuple) and peer else None  # None: a Unix socket
         if len(self.connections) > self.max_connections:
             log.warning(
                 "refused a connection: %d open; max_connections=%d", len(self.connections), self.max_connections
@@ -82,6 +86,18 @@ class GuardedH11Protocol(H11Protocol):
             message = f"the server has max_connections={self.max_connections} open; retry shortly"
             self._close_with(503, "overloaded", message, ("retry-after: 1",))
             return
+        if self.max_per_client and self._peer is not None:
+            mine = sum(1 for c in self.connections if getattr(c, "_peer", None) == self._peer)
+            if mine > self.max_per_client:  # a slow drip from one client held every connection: all got 503
+                log.warning(
+                    "refused a connection from %s: it has %d open; max_connections_per_client=%d",
+                    self._peer,
+                    mine - 1,
+                    self.max_per_client,
+                )
+                message = f"this client has max_connections_per_client={self.max_per_client} open; retry shortly"
+                self._close_with(503, "overloaded", message, ("retry-after: 1",))
+                return
         self._arm_head_timer()
 
     def _arm_head_timer(self) -> None:
@@ -193,7 +209,14 @@ class GuardedH11Protocol(H11Protocol):
         one logged two warnings, one of them telling the operator to install a WebSocket library)."""
 
 
-def guarded_protocol(head_timeout: float, max_connections: int, write_timeout: float = 30.0) -> type[H11Protocol]:
+def guarded_protocol(
+    head_timeout: float, max_connections: int, write_timeout: float = 30.0, max_per_client: int = 0
+) -> type[H11Protocol]:
     """The protocol class uvicorn should use (`http=`), with these settings."""
-    settings = {"head_timeout": head_timeout, "max_connections": max_connections, "write_timeout": write_timeout}
+    settings = {
+        "head_timeout": head_timeout,
+        "max_connections": max_connections,
+        "write_timeout": write_timeout,
+        "max_per_client": max_per_client,
+    }
     return type("GuardedH11Protocol", (GuardedH11Protocol,), settings)

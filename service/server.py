@@ -13,6 +13,7 @@ from model_store.errors import BackboneError
 from .app import create_app
 from .config import ServeConfig
 from .protocol import guarded_protocol
+from .request_ids import uvicorn_log_config
 
 log = logging.getLogger("clipbank.service")
 GRACEFUL_SECONDS = 30
@@ -49,9 +50,15 @@ def serve(config: ServeConfig) -> int:
             host=config.host,
             port=config.port,
             log_level=config.log_level,
+            log_config=uvicorn_log_config(),  # its own, with timestamps and the access lines' request ids
             timeout_graceful_shutdown=GRACEFUL_SECONDS,
             timeout_keep_alive=config.keep_alive_seconds,  # type: ignore[arg-type] - a float works
-            http=guarded_protocol(config.head_timeout_seconds, config.max_connections, config.read_timeout_seconds),
+            http=guarded_protocol(
+                config.head_timeout_seconds,
+                config.max_connections,
+                config.read_timeout_seconds,
+                config.max_connections_per_client,
+            ),
             ws="none",  # an Upgrade: websocket header got a bare 403 and its GET was not served
             lifespan="on",
             loop="asyncio",  # not uvloop, even where it is installed (Ray brings it): one loop, measured and tested

@@ -947,7 +947,26 @@ def test_serve_log_level_reaches_clipbanks_own_loggers(monkeypatch, given, level
     from clipbank.cli import main
 
     monkeypatch.setattr(service.server, "serve", lambda config: 0)
+    monkeypatch.setattr(logging.getLogger(), "handlers", list(logging.getLogger().handlers))  # serve sets its own
     for name in ("clipbank", "model_store"):
         monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
     assert main(["serve", "--log-level", given, "--store", "/tmp/unused-store"]) == 0
     assert logging.getLogger("clipbank").level == logging.getLogger("model_store").level == level
+
+
+def test_the_hubs_lines_are_written_once(tmp_path):
+    """huggingface_hub's own handler printed each retry line, and ours again: 10 lines per file for 5 retries."""
+    import logging
+
+    from clipbank.logs import hub_lines_once
+
+    hub = logging.getLogger("huggingface_hub")
+    before = list(hub.handlers)
+    own, kept = logging.StreamHandler(), logging.FileHandler(tmp_path / "hub.log")
+    hub.handlers[:] = [own, kept]
+    try:
+        hub_lines_once()
+        assert hub.handlers == [kept]  # a handler the user added (a file) stays; the hub's stderr one goes
+    finally:
+        kept.close()
+        hub.handlers[:] = before

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
 HEAD_SECONDS = 1.0
 WRITE_SECONDS = 2.0
 TCP_CLOSE = 7  # a socket's TCP state once the peer reset it
+MIN_RATE = 100  # bytes per second a body must average past the read timeout
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,9 @@ def server(tmp_path_factory):
     env = {
         "CLIPBANK_ADMIN_TOKEN": "connections-token-0123456789",
         "CLIPBANK_FROZEN_RUNTIME": "torch",
-        "CLIPBANK_MAX_CONNECTIONS": "4",
+        "CLIPBANK_MAX_CONNECTIONS": "6",
+        "CLIPBANK_MAX_CONNECTIONS_PER_CLIENT": "3",
+        "CLIPBANK_MIN_BODY_RATE": str(MIN_RATE),
         "CLIPBANK_HEAD_TIMEOUT_SECONDS": str(HEAD_SECONDS),
         "CLIPBANK_KEEP_ALIVE_SECONDS": "0.5",
         "CLIPBANK_READ_TIMEOUT_SECONDS": str(WRITE_SECONDS),  # also how long an unread answer may wait
@@ -35,8 +38,8 @@ def server(tmp_path_factory):
 class Conn:
     """A raw HTTP/1.1 connection that reads one response at a time (pipelined ones stay buffered)."""
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port))
+    def __init__(self, port: int, source: str | None = None) -> None:  # source: another loopback address
+        self.sock = socket.create_connection(("127.0.0.1", port), source_address=(source, 0) if source else None)
         self.buf = b""
 
     def send(self, data: bytes) -> None:
@@ -67,16 +70,62 @@ def _length(head: bytes) -> int:
 
 
 def test_connections_beyond_the_cap_get_503_and_the_others_keep_working(server):
-    idle = [Conn(server) for _ in range(4)]
-    extra = Conn(server)
+    idle = [Conn(server, f"127.0.0.{1 + i // 2}") for i in range(6)]  # three clients, within their own cap
+    extra = Conn(server, "127.0.0.4")
     try:
         status, body = extra.response()
         assert status == 503 and body["error"]["code"] == "overloaded"
+        assert "max_connections=6" in body["error"]["message"]
         idle[0].send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert idle[0].response()[0] == 200
     finally:
         for c in (*idle, extra):
             c.close()
+
+
+def test_one_client_cannot_hold_every_connection(server):
+    """A security check's: 1030 connections from one client, each dripping a body, held every connection: every
+    other client's requests, /healthz too, got 503 for as long as it went on."""
+    mine = [Conn(server, "127.0.0.5") for _ in range(3)]
+    more = Conn(server, "127.0.0.5")
+    other = Conn(server, "127.0.0.6")
+    try:
+        status, body = more.response()
+        assert status == 503 and "max_connections_per_client=3" in body["error"]["message"]
+        for c in (mine[0], other):
+            c.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert c.response()[0] == 200
+    finally:
+        for c in (*mine, more, other):
+            c.close()
+
+
+def test_a_body_dripping_in_slower_than_the_floor_gets_408(server):
+    """One byte a second never trips the read timeout (a gap of 2 s), but averages far below min_body_rate."""
+    slow = Conn(server)
+    try:
+        slow.send(  # JSON, read whole before it is parsed: spaces are a valid start
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+        )
+        started = time.monotonic()
+        with contextlib.suppress(OSError):  # the answer may come, and the socket close, between two bytes
+            for _ in range(20):
+                slow.send(b" ")
+                time.sleep(1.0)
+                if slow.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) if _readable(slow.sock) else b"":
+                    break
+        status, body = slow.response()
+        waited = time.monotonic() - started
+        assert status == 408 and f"min_body_rate={MIN_RATE} bytes/s" in body["error"]["message"], body
+        assert waited < WRITE_SECONDS + 3, waited  # the read timeout, plus what the few bytes bought
+    finally:
+        slow.close()
+
+
+def _readable(sock: socket.socket) -> bool:
+    import select
+
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 def test_a_kept_alive_connection_gets_the_head_deadline_again(server):

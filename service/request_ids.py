@@ -1,0 +1,90 @@
+"""Request ids and the server's log lines: every answer carries `X-Request-ID`, and every log line written while
+a request is handled (the access line, a warning, an error) names it, with a timestamp.
+
+A client (or a proxy in front) may send its own `X-Request-ID`, of 1 to 128 characters from `A-Z a-z 0-9 . _ : -`;
+the server answers with it, else with one it made (32 hex digits), so a user can quote the id of a failed
+request and an operator finds its lines. Work done for many requests at once (a batch on the compute thread) is
+logged without one.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import uuid
+from contextvars import ContextVar
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+HEADER = "X-Request-ID"
+_HEADER_KEY = HEADER.lower().encode()
+_ACCEPTED = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+REQUEST_ID: ContextVar[str | None] = ContextVar("clipbank_request_id", default=None)
+# clipbank's own lines (`clipbank serve`): time, level, logger, request id, message
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+
+
+def request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's id when it is one the server may echo, else a new one."""
+    given = next((v for k, v in headers if k == _HEADER_KEY), None)
+    if given is not None and _ACCEPTED.fullmatch(given):
+        return given.decode()
+    return uuid.uuid4().hex
+
+
+class RequestIds:
+    """The outermost middleware: sets the request's id for its log lines and answers with it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = request_id(scope["headers"])
+        token = REQUEST_ID.set(rid)
+
+        async def with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (_HEADER_KEY, rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, with_id)
+        finally:
+            REQUEST_ID.reset(token)
+
+
+class RequestIdFilter(logging.Filter):
+    """Gives every record a `request_id` (the request being handled, else "-"), for the formats below."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = REQUEST_ID.get() or "-"
+        return True
+
+
+def uvicorn_log_config() -> dict[str, Any]:
+    """uvicorn's own logging configuration with a timestamp on every line and the request id on access lines."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {**config.get("filters", {}), "request_id": {"()": RequestIdFilter}}
+    formatters = config["formatters"]
+    formatters["default"]["fmt"] = "%(asctime)s " + formatters["default"]["fmt"]
+    formatters["access"]["fmt"] = formatters["access"]["fmt"].replace(
+        "%(levelprefix)s ", "%(asctime)s %(levelprefix)s [%(request_id)s] ", 1
+    )
+    for handler in config["handlers"].values():
+        handler["filters"] = [*handler.get("filters", []), "request_id"]
+    return config
+
+
+def log_with_request_ids(level: int) -> None:
+    """clipbank's lines (through the root logger's handler) in LOG_FORMAT, for `clipbank serve`."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, force=True)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
+            handler.addFilter(RequestIdFilter())

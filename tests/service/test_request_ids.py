@@ -1,0 +1,80 @@
+"""Every answer carries X-Request-ID, and every line logged while a request is handled names it (with a time)."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+from fastapi.concurrency import run_in_threadpool
+
+from service.request_ids import LOG_FORMAT, RequestIdFilter, log_with_request_ids, uvicorn_log_config
+from tests.service.conftest import AUTH, running_app
+
+pytestmark = pytest.mark.anyio
+HEX_ID = re.compile(r"[0-9a-f]{32}")
+
+
+async def test_every_answer_carries_the_clients_id_or_one_the_server_made(tmp_path, backbone):
+    async with running_app(tmp_path, backbone) as c:
+        mine = await c.get("/healthz", headers={"X-Request-ID": "job-7:step.2_a"})
+        assert mine.status_code == 200 and mine.headers["X-Request-ID"] == "job-7:step.2_a"
+        answers = [
+            await c.get("/nope"),  # 404 from the router
+            await c.post("/tasks"),  # 401 before any body is read
+            await c.post("/tasks", headers={**AUTH, "Content-Length": str(10**12)}, content=b""),  # 413, middleware
+            await c.get("/healthz", headers={"X-Request-ID": "has spaces"}),  # not echoed: replaced
+            await c.get("/healthz", headers={"X-Request-ID": "x" * 129}),
+            await c.get("/healthz", headers={"X-Request-ID": "d\xe9".encode("latin-1")}),
+        ]
+        assert [a.status_code for a in answers] == [404, 401, 413, 200, 200, 200]
+        ids = [a.headers["X-Request-ID"] for a in answers]
+        assert all(HEX_ID.fullmatch(i) for i in ids) and len(set(ids)) == len(ids), ids
+        assert mine.headers.get_list("X-Request-ID") == ["job-7:step.2_a"]  # one header, not two
+        document = (await c.get("/openapi.json")).json()
+        classify = document["paths"]["/classify"]["post"]
+        assert "X-Request-ID" in {p["name"] for p in classify["parameters"]}
+        assert "X-Request-ID" in classify["responses"]["200"]["headers"]
+
+
+async def test_lines_logged_for_a_request_name_it_even_from_a_worker_thread(tmp_path, backbone, caplog):
+    log = logging.getLogger("clipbank.test")
+
+    def in_thread() -> None:
+        log.warning("from a worker thread")
+
+    async with running_app(tmp_path, backbone) as c:
+
+        async def noisy() -> dict:
+            log.warning("on the event loop")
+            await run_in_threadpool(in_thread)
+            return {}
+
+        c.app.add_api_route("/noisy", noisy)
+        caplog.handler.addFilter(RequestIdFilter())
+        with caplog.at_level(logging.WARNING, logger="clipbank.test"):
+            answer = await c.get("/noisy", headers={"X-Request-ID": "r-42"})
+            log.warning("outside any request")
+    assert answer.status_code == 200
+    seen = {r.getMessage(): r.request_id for r in caplog.records if r.name == "clipbank.test"}
+    assert seen == {"on the event loop": "r-42", "from a worker thread": "r-42", "outside any request": "-"}
+
+
+def test_log_lines_have_a_time_and_the_request_id():
+    record = logging.LogRecord("clipbank.service", logging.WARNING, __file__, 1, "the store is slow", None, None)
+    RequestIdFilter().filter(record)
+    line = logging.Formatter(LOG_FORMAT).format(record)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING clipbank.service \[-\] the store is slow", line)
+    config = uvicorn_log_config()
+    assert config["formatters"]["access"]["fmt"].startswith("%(asctime)s %(levelprefix)s [%(request_id)s] ")
+    assert config["formatters"]["default"]["fmt"].startswith("%(asctime)s ")
+    assert all("request_id" in h["filters"] for h in config["handlers"].values())
+    root = logging.getLogger()
+    before = (root.level, list(root.handlers))
+    try:
+        log_with_request_ids(logging.WARNING)
+        assert root.level == logging.WARNING
+        assert any(isinstance(f, RequestIdFilter) for h in root.handlers for f in h.filters)
+    finally:
+        root.handlers[:] = before[1]
+        root.setLevel(before[0])
