@@ -99,16 +99,17 @@ class BodyLimit:
             full = self._full(int(declared))
             if full is not None:
                 return await error_response(503, Overloaded.code, full)(scope, receive, send)
-        seen, complete, started = 0, False, time.monotonic()
+        seen, complete, waited = 0, False, 0.0  # waited: time spent waiting for the client's bytes
 
         async def limited() -> Message:
-            nonlocal seen, complete
+            nonlocal seen, complete, waited
             if complete:  # only a disconnect can follow: no deadline
                 return await receive()
             wait, slow = self.read_timeout, False
-            if self.min_rate:  # the whole body's deadline, moved on by each byte that came
-                left = started + self.read_timeout + seen / self.min_rate - time.monotonic()
-                wait, slow = min(wait, max(left, 0.0)), left < wait
+            if self.min_rate:  # the client's time for the whole body, moved on by each byte that came; time the
+                left = self.read_timeout + seen / self.min_rate - waited  # app took between reads is not charged
+                wait, slow = min(wait, max(left, 0.001)), left < wait
+            started = time.monotonic()
             try:
                 message = await asyncio.wait_for(receive(), wait)
             except asyncio.TimeoutError:  # HTTPExceptions pass FastAPI's own body parsing unchanged
@@ -116,11 +117,12 @@ class BodyLimit:
                     raise HTTPException(
                         408,
                         f"the request body came slower than min_body_rate={self.min_rate} bytes/s ({seen} bytes in "
-                        f"{time.monotonic() - started:.0f}s)",
+                        f"{waited + wait:.1f}s)",
                     ) from None
                 raise HTTPException(
                     408, f"the request body stalled for {self.read_timeout:g}s (read_timeout_seconds)"
                 ) from None
+            waited += time.monotonic() - started
             if message["type"] == "http.request":
                 size = len(message.get("body", b""))
                 full = self._full(size)

@@ -432,3 +432,47 @@ def test_serve_installs_the_access_log_filter(tmp_path, monkeypatch):
     monkeypatch.setattr(access, "filters", [])
     assert serve(ServeConfig(admin_token="a" * 20, store=str(tmp_path / "store"), device="cpu")) == 0
     assert [type(f).__name__ for f in access.filters] == ["SecretsOutOfAccessLog"]
+
+
+async def test_the_body_rate_floor_charges_the_clients_waits_not_the_apps():
+    """min_body_rate: a client dripping its body gets 408 although no single gap reaches read_timeout; an app that
+    takes its time between reads of a body that came at once is not charged for it."""
+    import json
+
+    from fastapi import FastAPI
+
+    from service.errors import install_handlers
+    from service.middleware import BodyLimit
+
+    async def app(scope, receive, send):  # reads slowly: a pause before each read
+        while True:
+            await asyncio.sleep(0.15)
+            if not (await receive()).get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    inner = FastAPI()
+    install_handlers(inner)
+    inner.mount("/", app)
+    limited = BodyLimit(inner, lambda method, path: (10**6, "max_request_bytes"), read_timeout=0.2, min_rate=1000)
+
+    async def post(pieces: int, gap: float) -> tuple[int, bytes]:
+        sent: list[dict] = []
+        left = [{"type": "http.request", "body": b"x", "more_body": i < pieces - 1} for i in range(pieces)]
+
+        async def receive():  # the client's bytes: each one `gap` seconds after it is asked for
+            await asyncio.sleep(gap)
+            return left.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/x", "headers": [], "query_string": b""}
+        await limited({**scope, "root_path": "", "raw_path": b"/x"}, receive, send)
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+    assert await post(6, gap=0.0) == (200, b"ok")  # 6 reads, 0.9 s in all, well past read_timeout + 6 bytes' worth
+    status, body = await post(6, gap=0.1)  # each gap under read_timeout; 0.1 s a byte is 10 bytes/s
+    assert status == 408, body
+    assert "slower than min_body_rate=1000 bytes/s (2 bytes in 0.2s)" in json.loads(body)["error"]["message"]
