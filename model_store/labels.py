@@ -104,21 +104,28 @@ def _text_list_problem(manifest: dict, key: str, ok: Callable[[Any], bool], cap:
 
 def classes_problem(classes: Any) -> list[str]:
     """What is wrong with a task's class names, by the manifest's rule (the trainer checks them before training)."""
-    what = f"non-blank names of 1..{MAX_CLASS_CHARS} characters, each one a request could send as a label"
-    # (a class named with NUL or an escape was answered to every client, which could not send it back)
+    what = f"non-blank names of 1..{MAX_CLASS_CHARS} characters"
     return _text_list_problem(
-        {"classes": classes},
-        "classes",
-        lambda c: _is_text(c, MAX_CLASS_CHARS) and label_problem(c) is None,
-        MAX_CLASSES,
-        what,
+        {"classes": classes}, "classes", lambda c: _is_text(c, MAX_CLASS_CHARS), MAX_CLASSES, what
     )
+
+
+def unanswerable_class(classes: Sequence[str]) -> str | None:
+    """Why a class name could not come back as a request's label, or None. A class named with NUL or an escape
+    was answered to every client, which got 422 sending it back. Checked on new bundles (training, uploads), not
+    on stored ones: a task stored before this rule keeps serving."""
+    for i, name in enumerate(classes):
+        if (why := label_problem(name)) is not None:
+            return f"classes[{i}] {shown(name)} {why}: a class name must be one a request could send as a label"
+    return None
 
 
 def labels_problems(classes: Any, templates: Any) -> list[str]:
     """What is wrong with a task's classes and templates together, by the manifest's rules: the trainer checks
-    them before training, so a run is not lost to a bundle that could not be packed."""
-    return _labels_problems({"classes": classes, "templates": templates})
+    them before training, so a run is not lost to a bundle that could not be packed (or stored)."""
+    problems = _labels_problems({"classes": classes, "templates": templates})
+    unanswerable = None if problems else unanswerable_class(classes)
+    return [*problems, unanswerable] if unanswerable else problems
 
 
 def _labels_problems(manifest: dict) -> list[str]:

@@ -18,6 +18,7 @@ from typing import Any
 from .bundle import Bundle, read_bundle, utc_now
 from .digest import bytes_digest
 from .errors import (
+    BundleInvalid,
     BundleNotFound,
     MissingExpert,
     ShadowConflict,
@@ -26,6 +27,7 @@ from .errors import (
     StoreMoved,
     VersionConflict,
 )
+from .labels import unanswerable_class
 from .manifest import finite_metrics, shown, validate_task_name
 from .store_index import StoreIndex, TaskRecord, VersionRecord
 
@@ -210,6 +212,8 @@ class Store:
 
         `shadow`: the new version scores live traffic without answering it (replacing any version in shadow)."""
         activate = activate and not shadow  # a version in shadow is not routed to
+        if (why := unanswerable_class(bundle.manifest.classes)) is not None:  # new bundles only: stored ones serve
+            raise BundleInvalid(why)
         if bundle.file_bytes != len(data):  # a cheap guard against handing in another bundle's bytes
             raise ValueError(f"bundle {bundle.id[:12]} was read from {bundle.file_bytes} bytes, not these {len(data)}")
         record = VersionRecord(

@@ -66,9 +66,6 @@ def test_templates_take_one_plain_field(template, ok):
         ({"version": 2**40}, "version"),
         ({"classes": ["a"] * 2}, "classes"),
         ({"classes": ["c" * 201]}, "classes"),
-        ({"classes": ["gr\x00een", "blue"]}, "classes[0] is"),  # answered to clients, who cannot send it back
-        ({"classes": ["red", "red\x1b[31m"]}, "classes[1] is"),
-        ({"classes": ["red", "\u200b"]}, "classes[1] is"),
         ({"classes": [f"c{i}" for i in range(MAX_CLASSES + 1)]}, "classes"),
         ({"templates": ["{}"] * 200}, "templates"),
         ({"classes": [f"c{i}" for i in range(9000)], "templates": [f"{i} {{}}" for i in range(12)]}, "prompts"),

@@ -490,3 +490,28 @@ def test_an_index_fault_is_logged_once_until_it_changes(caplog):
         except StoreError:
             pass
     assert [r.levelname for r in caplog.records if "/s" in r.getMessage()] == ["ERROR", "ERROR"]
+
+
+def test_a_class_name_no_request_could_send_is_refused_new_but_served_stored(tmp_path, backbone, monkeypatch):
+    """A security check's: a bundle's classes with NUL or an escape were answered to every client, which got 422
+    sending them back. New bundles are refused; the review's: one stored before the rule must keep serving (the
+    rule in the manifest check made such a task degraded after an upgrade)."""
+    from model_store import store_base
+    from model_store.errors import BundleInvalid
+    from model_store.labels import labels_problems
+    from model_store.loader import BankLoader
+    from model_store.store import LocalStore
+
+    store = LocalStore(tmp_path / "store")
+    odd = random_bundle(empty_bank(backbone), "cars", seed=1, classes=("red", "gr\x00een", "blue"))
+    with pytest.raises(BundleInvalid, match=r"classes\[1\] 'gr\\x00een' has a control character \(U\+0000\)"):
+        store.put(odd)
+    assert store.active() == {}
+    assert labels_problems(["red", "red\x1b[31m"], ["a photo of a {}."]) == [
+        "classes[1] 'red\\x1b[31m' has a control character (U+001B): a class name must be one a request could send "
+        "as a label"
+    ]
+    monkeypatch.setattr(store_base, "unanswerable_class", lambda classes: None)  # stored by an earlier release
+    store.put(odd)
+    bank = BankLoader(LocalStore(tmp_path / "store"), backbone).load()
+    assert [t.name for t in bank.tasks] == ["cars"] and not bank.degraded
