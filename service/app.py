@@ -62,7 +62,9 @@ def create_app(
     app.add_middleware(RequestMetrics, metrics=service.metrics, routes=[r for router in routers for r in router.routes])
     app.add_middleware(HeadAsGet)
     app.add_middleware(AbsoluteForm)
-    app.add_middleware(RequestIds)  # outermost: every answer carries its id, every line logged for it names it
+    # outside even Starlette's error middleware, so a 500 and its logged traceback carry the id too
+    build = app.build_middleware_stack
+    app.build_middleware_stack = lambda: RequestIds(build())  # type: ignore[method-assign]
     document_generations(app)
     return app
 

@@ -4,6 +4,7 @@ and either stops early when its client goes away."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import os
@@ -45,7 +46,8 @@ class DecodeWorkers:
         """`fn(*args, cancelled)` in a thread; `cancelled()` turns True once the client has disconnected."""
         gone = threading.Event()
         executor = self._heavy if pixels > HEAVY_DECODE_PIXELS else None
-        future = asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args, gone.is_set))
+        call = functools.partial(contextvars.copy_context().run, fn, *args, gone.is_set)  # its lines name the request
+        future = asyncio.get_running_loop().run_in_executor(executor, call)
         while True:
             done, _ = await asyncio.wait({future}, timeout=WATCH_SECONDS)
             if done:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 
+import httpx
 import pytest
 from fastapi.concurrency import run_in_threadpool
 
@@ -35,6 +36,24 @@ async def test_every_answer_carries_the_clients_id_or_one_the_server_made(tmp_pa
         classify = document["paths"]["/classify"]["post"]
         assert "X-Request-ID" in {p["name"] for p in classify["parameters"]}
         assert "X-Request-ID" in classify["responses"]["200"]["headers"]
+
+
+async def test_an_unexpected_error_answers_and_logs_with_the_id(tmp_path, backbone, caplog):
+    """The review's: a 500 (Starlette's error middleware, outside every added one) had no id, nor its log line."""
+    async with running_app(tmp_path, backbone) as c:
+
+        async def broken() -> dict:
+            raise RuntimeError("a bug")
+
+        c.app.add_api_route("/broken", broken)
+        caplog.handler.addFilter(RequestIdFilter())
+        transport = httpx.ASGITransport(app=c.app, raise_app_exceptions=False)  # as a server answers: a 500
+        with caplog.at_level(logging.ERROR):
+            async with httpx.AsyncClient(transport=transport, base_url="http://clipbank") as client:
+                answer = await client.get("/broken", headers={"X-Request-ID": "r-500"})
+    assert answer.status_code == 500 and answer.headers["X-Request-ID"] == "r-500"
+    assert answer.json()["error"]["code"] == "internal_error"
+    assert [r.request_id for r in caplog.records if r.levelno >= logging.ERROR] == ["r-500"]
 
 
 async def test_lines_logged_for_a_request_name_it_even_from_a_worker_thread(tmp_path, backbone, caplog):
