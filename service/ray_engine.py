@@ -109,10 +109,10 @@ class ClipbankReplica:
 
         service = ray_engine.LOCAL["service"]
         registry = service.require_ready()
-        # Also when ahead of the change or failing: a store replaced under this replica restarted its generations
-        # below the ones it serves, and reading it again is what finds that out (a store error, reported).
-        if registry.bank.generation != generation or registry.store_error is not None:
-            await run_in_threadpool(registry.refresh)
+        # Always, even ahead of the change: a store replaced under this replica restarted its generations, maybe
+        # to the very one it serves, and reading it again is what finds that out (a store error, reported); a
+        # store unchanged costs a read of its index (on S3 a 304).
+        await run_in_threadpool(registry.refresh)
         answer = {"replica": service.replica, "generation": registry.bank.generation, "pid": os.getpid()}
         return {**answer, "store_error": registry.store_error} if registry.store_error is not None else answer
 
