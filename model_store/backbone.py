@@ -15,7 +15,7 @@ from typing import Any
 import open_clip
 import torch
 
-from .checkpoints import DOWNLOAD_WORDS, NO_DOWNLOAD, first_line, looks_like_checkpoint, misfit, refuse_non_finite
+from .checkpoints import NO_DOWNLOAD, download_failed, first_line, looks_like_checkpoint, misfit, refuse_non_finite
 from .digest import tensor_digest
 from .errors import BackboneError, UnsupportedBackbone
 from .frozen import FrozenRuntime, TorchFrozen
@@ -246,7 +246,7 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
             near = difflib.get_close_matches(ref.model_name, open_clip.list_models(), n=5, cutoff=0.5)
             why = f"open_clip has no model {ref.model_name!r}" + (f"; close: {', '.join(near)}" if near else "")
             why += " (all: `python -c 'import open_clip; print(open_clip.list_models())'`)"
-        elif tag and any(w in str(e).lower() for w in DOWNLOAD_WORDS):  # after the cut, so the remedy is whole
+        elif tag and download_failed(e):  # after the cut, so the remedy is whole
             why += f". {NO_DOWNLOAD}"
         raise BackboneError(f"could not load backbone {ref.text!r}: {why}") from e
     finally:

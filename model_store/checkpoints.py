@@ -54,7 +54,22 @@ def refuse_non_finite(model: Any, name: str) -> None:
         )
 
 
-DOWNLOAD_WORDS = ("download", "connect", "offline", "hub", "resolve", "cannot find the requested files")
+# what open_clip and huggingface_hub raise when weights can be neither downloaded nor found in the cache
+DOWNLOAD_ERRORS = frozenset({"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "ConnectTimeout"})
+
+
+def download_failed(error: BaseException) -> bool:
+    """Whether loading pretrained weights failed for want of the hub (not a damaged file or a wrong name)."""
+    seen: BaseException | None = error
+    for _ in range(8):  # the cause chain, bounded
+        if seen is None:
+            return False
+        if type(seen).__name__ in DOWNLOAD_ERRORS or str(seen).startswith("Failed to download"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 NO_DOWNLOAD = (
     "Its weights are neither in the local cache ($HF_HOME) nor reachable on the model hub from here: copy the "
     "checkpoint onto this machine and name it as 'ARCH:file:/path/weights.safetensors' (README, Real weights), or "

@@ -247,6 +247,25 @@ def test_weights_the_hub_cannot_give_are_answered_with_what_to_do_whole(monkeypa
     )
 
 
+def test_only_a_download_failure_is_told_to_find_the_weights_elsewhere():
+    """The review's: matching words anywhere ("hub" in a cache path, "github") would tell a damaged cached file
+    that its weights are not in the cache."""
+    from model_store.checkpoints import download_failed
+
+    class LocalEntryNotFoundError(Exception):
+        pass
+
+    try:
+        try:
+            raise LocalEntryNotFoundError("no file in the cache and outgoing traffic is disabled")
+        except LocalEntryNotFoundError as e:
+            raise RuntimeError("Error while loading weights") from e
+    except RuntimeError as wrapped:
+        assert download_failed(wrapped)
+    assert download_failed(RuntimeError("Failed to download weights for tag 'openai': offline"))
+    assert not download_failed(RuntimeError("/root/.cache/huggingface/hub/x.safetensors: invalid header (github)"))
+
+
 def test_an_unknown_model_name_is_answered_with_the_close_ones_not_every_name():
     with pytest.raises(BackboneError, match="open_clip has no model 'ViT-B-33'; close: ViT-B-32") as raised:
         load_backbone("ViT-B-33:openai")
