@@ -1,4 +1,4 @@
-"""How well could any selector tell the domains apart? `python -m benchmarks.routing_ceiling` (about 2 minutes).
+"""How well could any selector tell the domains apart? `python -m benchmarks.routing_ceiling` (6 minutes here).
 
 A supervised ceiling for routing: classifiers trained *with* domain labels (which no per-task selector has) on
 features of the frozen image tower, scored on the domains' test images. Features: the normalised embedding the

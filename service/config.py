@@ -86,8 +86,8 @@ class ServeConfig:
     )
     min_body_rate: int = option(
         1000,
-        "bytes per second a request body must average once read_timeout_seconds has passed: a slower one gets 408 "
-        "(0: no floor)",
+        "the time a request body keeps the server waiting may pass read_timeout_seconds by a second per this many "
+        "bytes received; longer gets 408 (0: no floor)",
     )
     frozen_runtime: str = option(
         "auto",

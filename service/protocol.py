@@ -5,6 +5,7 @@ itself answers."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import socket
@@ -77,8 +78,7 @@ class GuardedH11Protocol(H11Protocol):
         transport.close = close_gently  # type: ignore[method-assign]
         self._head_timer: asyncio.TimerHandle | None = None
         self._timed_cycle = None
-        peer = transport.get_extra_info("peername")
-        self._peer = peer[0] if isinstance(peer, tuple) and peer else None  # None: a Unix socket
+        self._peer = client_key(transport.get_extra_info("peername"))
         if len(self.connections) > self.max_connections:
             log.warning(
                 "refused a connection: %d open; max_connections=%d", len(self.connections), self.max_connections
@@ -207,6 +207,22 @@ class GuardedH11Protocol(H11Protocol):
     def _unsupported_upgrade_warning(self) -> None:
         """No WebSocket here (`ws="none"`): a request asking to upgrade is served as plain HTTP, unlogged (each
         one logged two warnings, one of them telling the operator to install a WebSocket library)."""
+
+
+def client_key(peername: object) -> str | None:
+    """Who a connection is from, for max_connections_per_client: its IPv4 address, or its IPv6 /64 (one host's
+    usual share: an address per connection would pass any cap); None for a Unix socket."""
+    if not isinstance(peername, tuple) or not peername or not isinstance(peername[0], str):
+        return None
+    try:
+        address = ipaddress.ip_address(peername[0].split("%", 1)[0])
+    except ValueError:
+        return peername[0]
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:  # a dual-stack socket's IPv4 client
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 def guarded_protocol(

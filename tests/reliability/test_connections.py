@@ -100,6 +100,17 @@ def test_one_client_cannot_hold_every_connection(server):
             c.close()
 
 
+def test_a_client_is_its_ipv4_address_or_its_ipv6_64():
+    from service.protocol import client_key
+
+    assert client_key(("10.0.0.7", 5000)) == "10.0.0.7"
+    assert client_key(("2001:db8::1", 5000, 0, 0)) == client_key(("2001:db8::ffff:2", 6000, 0, 0)) == "2001:db8::/64"
+    assert client_key(("2001:db8:0:1::1", 5000, 0, 0)) == "2001:db8:0:1::/64"
+    assert client_key(("::ffff:10.0.0.7", 5000, 0, 0)) == "10.0.0.7"  # a dual-stack socket's IPv4 client
+    assert client_key(("fe80::1%eth0", 5000, 0, 2)) == "fe80::/64"
+    assert client_key("") is None and client_key(None) is None  # a Unix socket
+
+
 def test_a_body_dripping_in_slower_than_the_floor_gets_408(server):
     """One byte a second never trips the read timeout (a gap of 2 s), but averages far below min_body_rate."""
     slow = Conn(server)
