@@ -45,8 +45,8 @@ class HeadLimit:
 
 class BodyLimit:
     """Refuses a body over its path's limit (at once from Content-Length, else as soon as the stream passes it),
-    and one whose next piece takes longer than `read_timeout` seconds to arrive, or that comes slower than
-    `min_rate` bytes per second on average once `read_timeout` has passed (408: one byte every 20 s held a
+    and one whose next piece takes longer than `read_timeout` seconds to arrive, or whose client keeps the server
+    waiting longer than `read_timeout` plus a second per `min_rate` bytes it sent (408: one byte every 20 s held a
     connection for ever, and 1024 of them every connection).
 
     All requests together may hold at most `max_buffered` bytes of body until they are answered: each one's limit
