@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ValidationError
@@ -22,6 +22,9 @@ from .errors import BadImage, ClientGone, LimitExceeded, UnsupportedMediaType, o
 from .forms import FormLimits, read_multipart
 from .images import decode_base64
 from .schemas import ClassifyJSON, ClassifyOptions
+
+if TYPE_CHECKING:
+    from model_store.inference import ImageResult
 
 OPTION_FIELDS = ("task", "route", "top_k", "match_labels")
 UTF8_BYTES_PER_CHAR = 4
@@ -84,30 +87,65 @@ MAX_ESCAPED_CHAR = 12  # JSON bytes of one character at most: an escaped surroga
 
 def check_answer_size(
     images: int, options: ClassifyOptions, limits: Limits, task_classes: Mapping[str, tuple[str, ...]]
-) -> None:
+) -> bool:
     """Refuse, before any work, a request whose answer would pass max_response_bytes: every image's answer lists
     the labels again (or its best top_k); without labels, its task's classes (`task_classes`: each active task's;
-    the pinned one's, or the largest answer of any). An outside check's 64 images x 1000 labels of 200 emoji
-    answered 153 MB and held 450 MB of the server's memory while a client that never read it stayed connected."""
+    the pinned one's). An outside check's 64 images x 1000 labels of 200 emoji answered 153 MB and held 450 MB of
+    the server's memory while a client that never read it stayed connected.
+
+    Without labels or a pinned task, the answer depends on where the images go: True when even the widest task's
+    answer for every image would pass the limit, so that `check_routed_answer_size` measures it once they are
+    routed (a bank with one task of 10,000 classes would otherwise refuse every such request of 64 images, those
+    of images no task claims too)."""
     if options.labels:  # a client's labels are not kept in a cache: bounded cheaply, measured only if need be
         labels = tuple(options.labels)
         count = min(len(labels), options.top_k or len(labels))
         at_most = count * (MAX_ESCAPED_CHAR * max(map(len, labels)) + 2 + ENTRY_BYTES)
         per_image = at_most if images * at_most <= limits.max_response_bytes else _measured(labels, options.top_k)
     else:  # the bank's own tuples: cached
-        pinned = [options.task] if options.task in task_classes else list(task_classes)
+        pinned = options.task in task_classes
         per_image, labels = max(
-            ((_answer_bytes(task_classes[t], options.top_k), task_classes[t]) for t in pinned), default=(0, ())
+            (
+                (_answer_bytes(task_classes[t], options.top_k), task_classes[t])
+                for t in ([options.task] if pinned else task_classes)
+            ),
+            default=(0, ()),
         )
+        if not pinned and images * per_image > limits.max_response_bytes:
+            return True
     if images * per_image > limits.max_response_bytes:
         shown_labels = min(len(labels), options.top_k or len(labels))
-        raise LimitExceeded(
-            f"the answer would be about {_bytes(images * per_image)} ({images} images x {shown_labels} "
-            f"{'labels' if options.labels else 'classes of a task'}, each with its score): the limit is "
-            f"max_response_bytes={limits.max_response_bytes}; ask for top_k, or send fewer images or labels",
-            "max_response_bytes",
-            limits.max_response_bytes,
-        )
+        what = "labels" if options.labels else "classes of a task"
+        _refuse(images * per_image, f"{images} images x {shown_labels} {what}", limits)
+    return False
+
+
+def check_routed_answer_size(
+    results: Sequence[ImageResult], options: ClassifyOptions, limits: Limits, task_classes: Mapping[str, tuple]
+) -> None:
+    """The answer of an unlabelled request once its images are routed: each image's task's classes (an image no
+    task claims has none). A task that was not active when the request came measures its answer's own labels."""
+    sizes: dict[str | None, int] = {None: 0}
+    total, widest = 0, (0, "")
+    for r in results:
+        task = r.route.task
+        if task not in sizes:
+            classes = task_classes.get(task) or tuple(label for label, _ in r.labels)
+            sizes[task] = _answer_bytes(tuple(classes), options.top_k)
+        total += sizes[task]
+        widest = max(widest, (sizes[task], task or ""))
+    if total > limits.max_response_bytes:
+        count = sum(r.route.task == widest[1] for r in results)
+        _refuse(total, f"{len(results)} images, {count} of them routed to task {shown(widest[1])}", limits)
+
+
+def _refuse(size: int, what: str, limits: Limits) -> None:
+    raise LimitExceeded(
+        f"the answer would be about {_bytes(size)} ({what}, each with its score): the limit is "
+        f"max_response_bytes={limits.max_response_bytes}; ask for top_k, or send fewer images or labels",
+        "max_response_bytes",
+        limits.max_response_bytes,
+    )
 
 
 def _bytes(n: int) -> str:

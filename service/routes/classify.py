@@ -16,7 +16,7 @@ from model_store.modes import AUTO, PER_IMAGE, ROUTE_MODES
 
 from ..auth import TokenCheck
 from ..config import Limits
-from ..decode import check_answer_size, read_classify
+from ..decode import check_answer_size, check_routed_answer_size, read_classify
 from ..images import inspect_all, preprocess_opened
 from ..schemas import ClassifyJSON, ClassifyResponse
 from ..steps import BatchInfo
@@ -80,7 +80,7 @@ def classify_router(reader: TokenCheck | None, limits: Limits) -> APIRouter:
         files, options = await read_classify(request, limits)
         # without labels, each image is answered over its task's classes
         classes = {} if options.labels else {t.name: t.classes for t in service.registry.bank.tasks}
-        check_answer_size(len(files), options, limits, classes)
+        routed_check = check_answer_size(len(files), options, limits, classes)
         with service.batcher.admit(len(files)):  # refused at once when the queue is full, before any decoding
             opened = await run_in_threadpool(inspect_all, files, limits, backbone.image_size)
             pixels = sum(o.pixels for o in opened)
@@ -101,6 +101,8 @@ def classify_router(reader: TokenCheck | None, limits: Limits) -> APIRouter:
                     request.state.generation = generation
                 raise
         request.state.generation = info.generation  # X-Clipbank-Generation: the bank this batch ran on
+        if routed_check:
+            check_routed_answer_size(results, options, limits, classes)
         body = response(results, info, (decoded - started) * 1000, (time.perf_counter() - started) * 1000)
         # Encoded off the event loop: 64 images x 1000 labels is 64,000 entries (the schema above documents it).
         return Response(await run_in_threadpool(_json_bytes, body), media_type="application/json")

@@ -330,6 +330,41 @@ async def test_without_labels_the_answer_bound_counts_the_tasks_classes(tmp_path
         assert r.status_code == 200 and len(r.content) <= 3000, r.text
 
 
+async def test_without_labels_or_a_task_the_answer_is_measured_where_the_images_go(tmp_path, backbone):
+    """A bank with one task of 10,000 classes refused every unlabelled request of 64 images, those of images no
+    task claims too: the widest task's answer is now only the first bound; over it, the routed answer is measured."""
+    from model_store.bank import empty_bank
+    from tests.helpers import edit_bundle, over_broad, random_bundle
+    from tests.service.conftest import AUTH
+
+    def narrow(m: dict) -> None:  # a selector that claims no image
+        m["selector"]["threshold"] = 1e-9
+        m["selector"]["calibration"].update({k: 1e-9 for k in ("p50", "p90", "p95", "p99", "max", "neg_p01")})
+        if m["selector"]["kind"] == "hybrid":
+            m["selector"]["calibration"].update({"gate_threshold": 1e-9, "gate_max": 1e-9, "gate_neg_p01": 1e-9})
+
+    names = tuple(f"class {i} " + "x" * 150 for i in range(10))  # about 2 KB of answer per image
+    quiet = edit_bundle(random_bundle(empty_bank(backbone), "long", seed=4, classes=names), manifest=narrow)
+    wide = over_broad(random_bundle(empty_bank(backbone), "long", seed=5, classes=names, version=2))
+    async with running_app(tmp_path, backbone, limits=Limits(max_response_bytes=3000)) as c:
+        up = await c.post("/tasks", files={"bundle": ("q.safetensors", quiet)}, headers=AUTH)
+        assert up.status_code == 201, up.text
+        r = await c.post("/classify", files=_classify_files(2))  # 2 x 2 KB if they went to 'long'; they do not
+        assert r.status_code == 200, r.text
+        assert [(x["labels"], x["route"]["task"]) for x in r.json()["results"]] == [([], None), ([], None)]
+
+        up = await c.post("/tasks", files={"bundle": ("w.safetensors", wide)}, headers=AUTH)
+        assert up.status_code == 201, up.text
+        r = await c.post("/classify", files=_classify_files(2))  # the wide version takes both
+        assert r.status_code == 413, r.text
+        err = r.json()["error"]
+        assert "2 images, 2 of them routed to task 'long'" in err["message"], err
+        assert err["details"] == {"setting": "max_response_bytes", "limit": 3000}
+        r = await c.post("/classify", files=_classify_files(2), data={"top_k": "1"})
+        assert r.status_code == 200 and len(r.content) <= 3000, r.text
+        assert [x["route"]["task"] for x in r.json()["results"]] == ["long", "long"]
+
+
 async def test_json_with_a_repeated_key_or_no_body_is_named_as_such(tmp_path, backbone):
     """A repeated key kept the last silently (labels x, y scored, not cat, dog); an empty body said "Expecting
     value: line 1 column 1"."""
