@@ -21,6 +21,18 @@ CORE_FACTS = {"visual", "text"}  # each tower's activation and norm: without bot
 MAX_RANK_PER_WIDTH = 4  # an expert wider than the block's MLP (4 x its width in CLIP) is no adapter
 
 
+def rank_problem(rank: int, backbone: Backbone) -> str | None:
+    """Why experts of `rank` would not load on `backbone` (the rank rule of the shape check), or None: so a trainer
+    can refuse it before any step."""
+    width = min(spec.width for spec in backbone.towers.values())
+    if rank > MAX_RANK_PER_WIDTH * width:
+        return (
+            f"rank {rank} is over {MAX_RANK_PER_WIDTH} x the narrowest tower's width ({width}), so no server would "
+            f"load its experts: use a rank of at most {MAX_RANK_PER_WIDTH * width}"
+        )
+    return None
+
+
 def _without_folders(name: str) -> str:
     """A backbone name with the folders of any path in it left out: `file:/m/x/w.safetensors` is
     `file:w.safetensors`, `/m/x` is `x`. Such reasons reach the open /healthz, which never shows the server's paths."""

@@ -335,20 +335,23 @@ def load_domain(name: str, split: str) -> LabelledImages:
 
 
 def checked_split(
-    train: LabelledImages, val: LabelledImages | None, cfg: Any, tokenizer: Any
+    train: LabelledImages, val: LabelledImages | None, cfg: Any, backbone: Any
 ) -> tuple[LabelledImages, LabelledImages]:
     """(training, validation) images, or a ValueError now for what would fail only after training: a bundle that
-    could not be packed, nothing to hold out for the selector's calibration and the report. `cfg`: the task's
-    TrainConfig; `tokenizer`: the backbone's."""
-    from model_store.text import tokenizer_twins  # torch: not at this module's import
+    could not be packed or loaded, nothing to hold out for the selector's calibration and the report. `cfg`: the
+    task's TrainConfig; `backbone`: what it trains on."""
+    from model_store.compat import rank_problem  # torch: not at this module's import
+    from model_store.text import tokenizer_twins
 
+    if problem := rank_problem(cfg.rank, backbone):
+        raise ValueError(f"task {cfg.task}: {problem}")
     if len(train.classes) < 2:
         raise ValueError(f"a task needs at least 2 classes, got {list(train.classes)}")
     problems = labels_problems(list(train.classes), list(cfg.serving_templates))
     if problems:
         raise ValueError(f"task {cfg.task}: " + "; ".join(problems))
     for templates in {(cfg.template,), tuple(cfg.serving_templates)}:  # the training prompt and the bundle's
-        twins = tokenizer_twins(tokenizer, train.classes, templates)
+        twins = tokenizer_twins(backbone.tokenizer, train.classes, templates)
         if twins is not None:
             raise ValueError(f"task {cfg.task}: classes {twin_message(twins)} (rename a class folder)")
     fit = train

@@ -353,7 +353,7 @@ def train_task(
     as `clipbank train` finds it; None: none) and the bank's other tasks' probes what is *not* the task; the
     report's `routing` says what routing will do, with warnings."""
     reference = _reference(bank, reference)
-    fit, val = checked_split(train, val, cfg, bank.backbone.tokenizer)
+    fit, val = checked_split(train, val, cfg, bank.backbone)
     bank = with_expert_blocks(bank, cfg.expert_blocks)
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)

@@ -23,12 +23,22 @@ def _images(n: int, classes=("a", "b")) -> LabelledImages:
 def test_a_split_with_nothing_to_train_on_or_other_validation_classes_is_refused(backbone):
     cfg = TrainConfig(task="t", val_fraction=0.99)
     with pytest.raises(ValueError, match="no training image is left once 4 are held out"):
-        checked_split(_images(4), None, cfg, backbone.tokenizer)  # was torch's "stack expects a non-empty TensorList"
+        checked_split(_images(4), None, cfg, backbone)  # was torch's "stack expects a non-empty TensorList"
     other = _images(4, ("a", "c"))
     with pytest.raises(ValueError, match=r"not the training set's: \['b', 'c'\] are in only one"):
-        checked_split(_images(6), other, TrainConfig(task="t"), backbone.tokenizer)  # was trained and scored on c
+        checked_split(_images(6), other, TrainConfig(task="t"), backbone)  # was trained and scored on c
     reordered = LabelledImages(other.images, other.labels, ("b", "a"))
-    assert len(checked_split(_images(6), reordered, TrainConfig(task="t"), backbone.tokenizer)[1]) == 4
+    assert len(checked_split(_images(6), reordered, TrainConfig(task="t"), backbone)[1]) == 4
+
+
+def test_a_rank_no_server_would_load_is_refused_before_training(backbone):
+    """TrainConfig(rank=400) on tiny trained fully, then every server refused the bundle (the rank rule)."""
+    from model_store.compat import MAX_RANK_PER_WIDTH
+
+    ceiling = MAX_RANK_PER_WIDTH * min(spec.width for spec in backbone.towers.values())
+    with pytest.raises(ValueError, match=f"rank {ceiling + 1} is over .* use a rank of at most {ceiling}"):
+        checked_split(_images(6), None, TrainConfig(task="t", rank=ceiling + 1), backbone)
+    assert len(checked_split(_images(6), None, TrainConfig(task="t", rank=ceiling), backbone)[0]) > 0
 
 
 @pytest.mark.parametrize(
