@@ -12,6 +12,7 @@ from typing import Any
 from model_store.modes import AUTO, PER_IMAGE, ROUTE_MODES, TASK_MODES
 from model_store.settings import env_value
 
+from .eval_command import add_eval_parser
 from .output import print_json
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -181,6 +182,8 @@ def _print_results(names: list[str], results: list[dict], top_k: int | None = No
 
 
 def add_classify_parser(sub, url: str) -> None:
+    """`clipbank classify`, and `clipbank eval`, which sends a labelled folder the same way."""
+    token = env_value("classify_token") or env_value("admin_token")  # the server takes either
     cl = sub.add_parser("classify", help="classify image files with a running server")
     cl.add_argument("images", nargs="+", help="image files, or folders (the image files under them)")
     cl.add_argument("--labels", help="comma-separated candidate labels (default: the routed task's classes)")
@@ -208,7 +211,7 @@ def add_classify_parser(sub, url: str) -> None:
     cl.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
     cl.add_argument(
         "--token",
-        default=env_value("classify_token") or env_value("admin_token"),  # the server takes either
+        default=token,
         help="$CLIPBANK_CLASSIFY_TOKEN, else $CLIPBANK_ADMIN_TOKEN",
     )
     cl.add_argument("--json", action="store_true", help="print every result as JSON (its file, scores and route)")
@@ -225,3 +228,4 @@ def add_classify_parser(sub, url: str) -> None:
         help="answer the other files when one cannot be read or the server refuses it as an image (it is listed)",
     )
     cl.set_defaults(fn=_classify)
+    add_eval_parser(sub, url, token, _count)

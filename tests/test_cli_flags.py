@@ -970,3 +970,31 @@ def test_the_hubs_lines_are_written_once(tmp_path):
     finally:
         kept.close()
         hub.handlers[:] = before
+
+
+def test_eval_scores_each_class_and_the_change_since_a_baseline(tmp_path, monkeypatch, capsys):
+    """`clipbank eval` against a stand-in server answering "a" to every image (and 413 over 4 images a request):
+    class a all right, b all wrong, every image sent once, in requests the server takes; --baseline prints the
+    change, and a file that is not a report is named."""
+    from clipbank.cli import main
+
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(5):
+            (tmp_path / "data" / cls / f"{i}.png").write_bytes(b"x")
+    sizes = _counting_server(monkeypatch, max_images=4)
+    args = ["eval", str(tmp_path / "data"), "--url", "http://srv", "--quiet"]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert sizes == [10, 4, 4, 2] and report["images"] == 10 and report["accuracy"] == 0.5
+    assert {c: r["accuracy"] for c, r in report["classes"].items()} == {"a": 1.0, "b": 0.0}
+    assert report["routes"] == {"zero-shot": 1.0}
+    report["classes"]["b"]["accuracy"], report["accuracy"] = 0.5, 0.75  # as if b had lost half since
+    (tmp_path / "before.json").write_text(json.dumps(report))
+    assert main([*args, "--baseline", str(tmp_path / "before.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:3] == ["a", "5", "1.000"] and lines[2].split()[:4] == ["b", "5", "0.000", "(-50.0)"]
+    assert lines[-1].startswith("accuracy 0.500 (-25.0) over 10 images"), lines
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert main([*args, "--baseline", str(tmp_path / "bad.json")]) == 2
+    assert "not a report of `clipbank eval --json`" in capsys.readouterr().err

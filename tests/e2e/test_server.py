@@ -98,6 +98,40 @@ def test_lifecycle_and_restart(tmp_path, bundles, capsys):
     assert "Traceback" not in log.read_text()
 
 
+def test_eval_scores_a_labelled_folder_as_served_and_shows_what_a_change_cost(tmp_path, bundles, capsys):
+    """`clipbank eval`: a task's test folder scored through the server (the same answers a client gets), then,
+    against that report as --baseline, what deleting the task cost its classes."""
+    from training.export import export_domain
+
+    export_domain("textures", tmp_path / "tex", splits=("test",))
+    folder = tmp_path / "tex" / "test"
+    files = sorted(p for p in folder.rglob("*.png"))
+    classes = sorted(p.name for p in folder.iterdir())
+    with running_server(tmp_path / "store", tmp_path / "server.log") as url, ClipbankClient(url, TOKEN) as client:
+        client.push(bundles["textures"], force=True)
+        args = ["eval", str(folder), "--url", url, "--quiet"]
+        assert main([*args, "--json"]) == 0
+        before = json.loads(capsys.readouterr().out)
+        answers = []  # the same images, sent by the client library with the folder's classes as labels
+        for a in range(0, len(files), 64):
+            answers += client.classify(files[a : a + 64], classes, top_k=1)["results"]
+        right = sum(r["labels"][0]["label"] == f.parent.name for r, f in zip(answers, files, strict=True))
+        assert before["images"] == len(files) and before["accuracy"] == round(right / len(files), 4)
+        routed = sum(r["route"]["task"] == "textures" for r in answers) / len(files)
+        assert before["routes"]["textures"] == round(routed, 4) and routed > 0.8, before["routes"]
+        assert sum(c["images"] for c in before["classes"].values()) == len(files) and not before["refused"]
+        (tmp_path / "before.json").write_text(json.dumps(before))
+
+        client.delete("textures")
+        assert main([*args, "--baseline", str(tmp_path / "before.json")]) == 0
+        out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]  # "accuracy 0.xxx (-yy.y) over N images (...); routed: zero-shot 100%"
+    after = float(last.split()[1])
+    change = float(last.split()[2].strip("()"))
+    assert abs(change - (after - before["accuracy"]) * 100) < 0.1 and "zero-shot 100%" in last, out
+    assert all(line.split()[0] in classes for line in out.strip().splitlines()[1 : 1 + len(classes)]), out
+
+
 class Timeline:
     """Which bundle each management change left active, with when the change started and ended."""
 

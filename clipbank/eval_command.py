@@ -1,0 +1,165 @@
+"""`clipbank eval`: a labelled ImageFolder sent to a running server, scored as served.
+
+Each image is sent as `clipbank classify` sends it (with the folder's class names as labels, unless
+--no-labels), and its best label compared with its folder's class (matched as routing matches labels: case,
+`_` and Unicode spelling aside). Printed per class: images, accuracy, and where they were routed; `--json` writes
+the whole report, and `--baseline FILE` (an earlier `--json`) prints each figure's change: run it before and after
+a push to see what a new version cost the tasks that were there."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from model_store.labels import label_key
+from model_store.modes import AUTO, PER_IMAGE, TASK_MODES
+
+ZERO_SHOT_ROUTE = "zero-shot"
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from service.client import ClipbankClient
+    from training.data import list_image_folder
+    from training.progress import progress_bar
+
+    from .classify_command import CLASSIFY_CHUNK, _classify_chunk, _smaller_chunk
+
+    listing = list_image_folder(args.folder)
+    if not listing.paths:
+        raise ValueError(f"image folder {args.folder} holds no image files")
+    baseline = _read_baseline(args.baseline) if args.baseline else None
+    labels = [] if args.no_labels else list(listing.classes)
+    send = argparse.Namespace(  # what `classify` would be given: a file the server refuses is counted, not fatal
+        task=args.task, route=PER_IMAGE, top_k=1, match_labels=args.match_labels, skip_bad=True, json=True, url=args.url
+    )
+    send.images = names = [str(p) for p in listing.paths]
+    results: list[dict] = []
+    chunk = CLASSIFY_CHUNK
+    with (
+        ClipbankClient(args.url, args.token, retries=args.retries) as client,
+        progress_bar(total=len(names), unit="image", desc=f"eval {listing.root.name}", disable=args.quiet) as bar,
+    ):
+        while len(results) < len(names):
+            part = names[len(results) : len(results) + chunk]
+            try:
+                answered = _classify_chunk(client, part, labels, send, len(results))
+            except Exception as e:
+                smaller = _smaller_chunk(e, len(part)) if hasattr(e, "status") else None
+                if smaller is None:
+                    raise
+                chunk = smaller
+                continue
+            results += answered
+            bar.update(len(answered))
+    report = score(results, [listing.classes[i] for i in listing.labels], listing.classes)
+    report.update(folder=str(listing.root), task=args.task, labels="none" if args.no_labels else "the folder's classes")
+    if baseline is not None:
+        report["baseline"] = {"file": args.baseline, "accuracy": baseline.get("accuracy")}
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        print_report(report, baseline)
+    return 0
+
+
+def score(results: list[dict], truth: list[str], classes: tuple[str, ...]) -> dict[str, Any]:
+    """Accuracy over the answered images (a refused file is counted apart), per class and overall, with where the
+    images were routed (a task's name, or zero-shot)."""
+    per: dict[str, dict[str, Any]] = {c: {"images": 0, "correct": 0, "routes": Counter()} for c in classes}
+    refused: list[dict] = []
+    for r, cls in zip(results, truth, strict=True):
+        if "error" in r:
+            refused.append({"file": r["file"], "message": r["error"]["message"]})
+            continue
+        row = per[cls]
+        row["images"] += 1
+        best = r["labels"][0]["label"] if r["labels"] else None  # none: unlabelled, and no task claimed it
+        row["correct"] += best is not None and label_key(best) == label_key(cls)
+        row["routes"][r["route"]["task"] or ZERO_SHOT_ROUTE] += 1
+    answered = sum(row["images"] for row in per.values())
+    routes: Counter = sum((row["routes"] for row in per.values()), Counter())
+    return {
+        "images": answered,
+        "accuracy": _share(sum(row["correct"] for row in per.values()), answered),
+        "routes": {k: _share(n, answered) for k, n in routes.most_common()},
+        "classes": {
+            c: {
+                "images": row["images"],
+                "accuracy": _share(row["correct"], row["images"]),
+                "routes": {k: _share(n, row["images"]) for k, n in row["routes"].most_common()},
+            }
+            for c, row in per.items()
+        },
+        "refused": refused,
+    }
+
+
+def _share(n: int, of: int) -> float | None:
+    return round(n / of, 4) if of else None
+
+
+def _read_baseline(path: str) -> dict:
+    try:
+        baseline = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--baseline {path}: not a report of `clipbank eval --json` ({e})") from None
+    if not isinstance(baseline, dict) or not isinstance(baseline.get("classes"), dict):
+        raise ValueError(f"--baseline {path}: not a report of `clipbank eval --json` (no 'classes')")
+    return baseline
+
+
+def _change(now: float | None, before: Any) -> str:
+    if now is None or not isinstance(before, (int, float)):
+        return ""
+    return f" ({(now - before) * 100:+.1f})"
+
+
+def print_report(report: dict, baseline: dict | None = None) -> None:
+    """A line per class: images, accuracy (with its change since `baseline`, in points), and its main routes."""
+    before = (baseline or {}).get("classes", {})
+    width = max(len("class"), *(len(c) for c in report["classes"]))
+    print(f"{'class':<{width}}  images  accuracy  routed to")
+    for c, row in report["classes"].items():
+        acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
+        acc += _change(row["accuracy"], (before.get(c) or {}).get("accuracy"))
+        routes = ", ".join(f"{k} {v:.0%}" for k, v in list(row["routes"].items())[:3])
+        print(f"{c:<{width}}  {row['images']:>6}  {acc:<8}  {routes}")
+    overall = "-" if report["accuracy"] is None else f"{report['accuracy']:.3f}"
+    overall += _change(report["accuracy"], (baseline or {}).get("accuracy"))
+    routes = ", ".join(f"{k} {v:.0%}" for k, v in report["routes"].items())
+    print(f"\naccuracy {overall} over {report['images']} images (labels: {report['labels']}); routed: {routes}")
+    if report["refused"]:
+        print(f"{len(report['refused'])} files refused by the server, not scored:", file=sys.stderr)
+        for r in report["refused"][:5]:
+            print(f"  {r['file']}: {r['message']}", file=sys.stderr)
+
+
+def add_eval_parser(sub, url: str, token: str | None, retries: Any) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="score a running server on a labelled ImageFolder: accuracy per class and where images were routed",
+    )
+    ev.add_argument("folder", help="an ImageFolder: one sub-folder per class, named as the class")
+    ev.add_argument("--task", default=AUTO, help=f"{' | '.join(TASK_MODES)} | a task name (default {AUTO})")
+    ev.add_argument(
+        "--no-labels",
+        action="store_true",
+        help="send no labels: each image is answered with its routed task's classes, as for a client that sends none",
+    )
+    ev.add_argument(
+        "--ignore-labels-in-routing",
+        dest="match_labels",
+        action="store_false",
+        help="let the selector alone route, even to tasks that know none of the folder's classes",
+    )
+    ev.add_argument("--baseline", help="an earlier `clipbank eval --json` report: print each accuracy's change")
+    ev.add_argument("--json", action="store_true", help="print the report as JSON (for --baseline later)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.add_argument("--url", default=url, help="server URL ($CLIPBANK_URL)")
+    ev.add_argument("--token", default=token, help="$CLIPBANK_CLASSIFY_TOKEN, else $CLIPBANK_ADMIN_TOKEN")
+    ev.add_argument("--retries", type=retries, default=3, help="as for `classify` (default %(default)s)")
+    ev.set_defaults(fn=_eval)
