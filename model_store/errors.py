@@ -115,6 +115,13 @@ class StoreDamaged(StoreError):
     code = "store_damaged"
 
 
+class StoreTooNew(StoreError):
+    """The store's index is of a newer format than this release writes: it serves from it, but only an upgrade can
+    change it (retrying cannot)."""
+
+    code = "store_too_new"
+
+
 class StoreWriteFailed(StoreError):
     """The store could not write a change (disk full, read-only, permissions): nothing was changed."""
 

@@ -312,4 +312,4 @@ def open_store(location: str | os.PathLike) -> Store:
         scheme = text.split("://")[0]
         hint = f" (write the scheme in lower case: s3://{text[5:]})" if scheme.lower() == "s3" else ""
         raise StoreError(f"store {text!r}: a store is a local folder or s3://bucket/prefix, not {scheme}://{hint}")
-    return LocalStore(location)
+    return LocalStore(os.path.expanduser(text))  # `CLIPBANK_STORE=~/x`: no shell expands a variable's `~`

@@ -74,7 +74,7 @@ class Store:
         if floor is not None and (index.generation < floor or other):
             why = "is another store's" if other else f"went back from generation {floor}"
             raise StoreDamaged(
-                f"the store at {self.location} was replaced under this process (its index.json {why}; was it deleted "
+                f"the store was replaced under this process (its index.json {why}; was it deleted "
                 "and made again, or restored from a backup?): restart the server to serve the store as it now is"
             )
         self._seen_generation = max(self._seen_generation, index.generation)

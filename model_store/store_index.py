@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import StoreError, TaskNotFound, VersionNotFound
+from .errors import StoreError, StoreTooNew, TaskNotFound, VersionNotFound
 from .manifest import ID_RE, shown
 
 STORE_ID_RE = re.compile(r"[0-9a-f]{32}")
@@ -247,7 +247,7 @@ def next_generation(index: StoreIndex, known_id: str | None = None) -> StoreInde
     A StoreError for an index of a newer format, which this release reads but cannot rewrite without losing
     what it does not know."""
     if index.format > INDEX_FORMAT:
-        raise StoreError(
+        raise StoreTooNew(
             f"the store index is format {index.format}, written by a newer clipbank; this release (format "
             f"{INDEX_FORMAT}) serves from it but does not change it: upgrade to change the store"
         )

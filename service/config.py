@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -15,6 +16,7 @@ from .insights import ReservoirConfig
 MB = 1024 * 1024
 # auto: onnx on CPU (measured faster there), torch on GPU; onnx-int8: the image tower with int8 weights, opt-in
 FROZEN_RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
+SENDABLE_TOKEN = re.compile(r"[\x21-\x7e]+")  # printable ASCII without spaces: what an Authorization header carries
 AUTOCAST_MODES = ("off", "fp16", "bf16")  # model_store.backbone.AUTOCAST_DTYPES
 INVALID = "invalid server settings: "
 ENGINES = ("uvicorn", "ray")
@@ -127,6 +129,7 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "store", os.path.expanduser(self.store))  # CLIPBANK_STORE=~/x made a folder "~"
         problems = list(self.limits.problems()) + self._monitor_problems() + self._engine_problems()
         if not 0 < self.port < 65536:
             problems.append(f"port must be in 1..65535, got {self.port}")
@@ -177,7 +180,7 @@ class ServeConfig:
             token = getattr(self, name)
             if token is not None and len(token) < 16:
                 problems.append(f"{name} must be at least 16 characters when set")
-            elif token is not None and not re.fullmatch(r"[\x21-\x7e]+", token):  # not shown: it is a secret
+            elif token is not None and not SENDABLE_TOKEN.fullmatch(token):  # not shown: it is a secret
                 problems.append(f"{name} must be printable ASCII without spaces (no HTTP client could send it)")
         if self.log_level not in LOG_LEVELS:
             problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")

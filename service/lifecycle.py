@@ -29,7 +29,7 @@ from model_store.reference import find_reference
 from model_store.store import open_store
 
 from .batching import Batcher
-from .config import ServeConfig
+from .config import SENDABLE_TOKEN, ServeConfig
 from .errors import NotReady
 from .images import NumpyPreprocess
 from .insights import ReservoirConfig
@@ -224,11 +224,11 @@ def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:
         return config.admin_token, "set"
     try:
         token = path.read_text().strip()
-        if len(token) >= 16:
+        if len(token) >= 16 and SENDABLE_TOKEN.fullmatch(token):
             return token, f"read from {path}"
     except FileNotFoundError:
         pass
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         log.warning("cannot read %s: %s", path, e)
     token = secrets.token_urlsafe(24)
     tmp = path.with_name(f"{ADMIN_TOKEN_FILE}.{secrets.token_hex(4)}")
@@ -242,11 +242,19 @@ def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:
         try:
             os.link(tmp, path)  # fails if another server saved one first: use theirs
         except FileExistsError:
-            theirs = path.read_text().strip()
-            if len(theirs) >= 16:
+            theirs = path.read_text(errors="replace").strip()
+            if len(theirs) >= 16 and SENDABLE_TOKEN.fullmatch(theirs):
                 return theirs, f"read from {path}"
-            os.replace(tmp, path)  # empty or too short (a damaged file): no client could use it safely
-            log.warning("the admin token saved in %s was shorter than 16 characters: replaced", path)
+            os.replace(
+                tmp, path
+            )  # empty, too short or unsendable (a damaged or hand-written file): no client could use it
+            log.warning(
+                "the admin token saved in %s was %s: replaced",
+                path,
+                "shorter than 16 characters"
+                if len(theirs) < 16
+                else "not printable ASCII without spaces (no client could send it)",
+            )
         return token, f"generated and saved to {path} (mode 600)"
     except OSError as e:
         return token, f"generated, not saved ({e}): it changes at the next start"

@@ -19,6 +19,7 @@ from .errors import ERROR_HEADER, LimitExceeded, Overloaded, UnsupportedMediaTyp
 from .metrics import Metrics
 
 REFRESH_WAIT_SECONDS = 5.0  # how long a request with X-Min-Generation waits for the store's state
+SENT_METHOD = "clipbank.sent_method"  # the scope's method as the client sent it, when a middleware changed it
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -184,7 +185,7 @@ class AbsoluteForm:
 class HeadAsGet:
     """HEAD is answered as GET without its body (RFC 9110 9.3.2): load balancers probe `/healthz` with it.
 
-    Outermost, so that the metrics and the routes see a GET; the server's own scope keeps HEAD."""
+    Outermost, so that the routes see a GET; the metrics count it as HEAD (`SENT_METHOD`), as the access log does."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -198,7 +199,7 @@ class HeadAsGet:
                 message = {**message, "body": b""}
             await send(message)
 
-        await self.app({**scope, "method": "GET"}, receive, headers_only)
+        await self.app({**scope, "method": "GET", SENT_METHOD: "HEAD"}, receive, headers_only)
 
 
 class Generations:
@@ -274,7 +275,8 @@ class RequestMetrics:
             await self.app(scope, receive, send_status)
         finally:
             endpoint = getattr(scope.get("route"), "path", None) or route_template(scope, self.routes)
-            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"  # a closed set of series
+            method = scope.get(SENT_METHOD) or scope["method"]  # a HEAD answered as GET counts as HEAD
+            method = method if method in KNOWN_METHODS else "other"  # a closed set of series
             self.metrics.requests.labels(endpoint, method, str(status)).inc()
             if status >= 400 and code:  # our codes only: a closed set of series
                 self.metrics.errors.labels(endpoint, code).inc()

@@ -93,9 +93,10 @@ class Registry:
                 return self._bank
 
     def _store_failed(self, error: StoreError) -> None:
-        if self.store_error != str(error):
+        said = str(error).replace(self.store.location, self.store.location.rstrip("/").rsplit("/", 1)[-1])  # open
+        if self.store_error != said:  # /healthz shows it: the store's folder by its name, not its path
             log.error("the store cannot be read: %s; serving the last bank (generation %s)", error, self.generation)
-        self.store_error = str(error)
+        self.store_error = said
 
     @property
     def generation(self) -> int | None:
@@ -206,9 +207,8 @@ class Registry:
 
     def refresh(self) -> bool:
         """Swap in the store's state if another process changed it, or if a task was left out for a passing store
-        failure (an object store's 503 while its blob was read: nothing else would try it again), or, now and
-        then, for a blob missing or unreadable that may be back (`service/degraded.py`: it stayed out until a
-        restart); True if a new bank was swapped in."""
+        failure (an object store's 503 while its blob was read: nothing else would try it again), or now and then
+        for a blob missing or unreadable that may be back (`service/degraded.py`); True if a bank was swapped in."""
         retry = self.retry.due({**self.bank.degraded, **self.bank.shadow_degraded})
         if retry:
             self.loader.retry_shadows()  # a version in shadow left out for a passing reason: read again too

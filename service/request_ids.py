@@ -9,6 +9,7 @@ logged without one.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import re
@@ -18,6 +19,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+log = logging.getLogger("clipbank.service")
 HEADER = "X-Request-ID"
 _HEADER_KEY = HEADER.lower().encode()
 _ACCEPTED = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
@@ -45,16 +47,37 @@ class RequestIds:
             return await self.app(scope, receive, send)
         rid = request_id(scope["headers"])
         token = REQUEST_ID.set(rid)
+        started = False
 
         async def with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message = {**message, "headers": [*message.get("headers", []), (_HEADER_KEY, rid.encode())]}
             await send(message)
 
         try:
             await self.app(scope, receive, with_id)
+        except asyncio.CancelledError:
+            if started:
+                raise
+            await _stopped(scope, receive, with_id)  # not the server's plain 500 and a traceback
         finally:
             REQUEST_ID.reset(token)
+
+
+async def _stopped(scope: Scope, receive: Receive, send: Send) -> None:
+    """The answer to a request cancelled before it was answered: uvicorn cancels what still runs once the graceful
+    shutdown's 30 s have passed (a slow upload, a change waiting for the store's lock). An outside check's client
+    got a plain-text 500, with a traceback in the log, though the change had not been made."""
+    from .errors import error_response
+
+    log.warning("stopped before it was answered: the server is shutting down (%s %s)", scope["method"], scope["path"])
+    message = (
+        "the server shut down before this request was answered (it still ran when the grace period ended); a "
+        "change it asked for may have landed or not (GET /tasks says): send it again once a server is ready"
+    )
+    await error_response(503, "not_ready", message)(scope, receive, send)
 
 
 class RequestIdFilter(logging.Filter):

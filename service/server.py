@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import socket
+import sys
 import urllib.parse
+from typing import Any
 
 import uvicorn
 
@@ -35,6 +38,11 @@ def serve(config: ServeConfig) -> int:
     except BackboneError as e:
         log.error("start-up failed: %s: %s", e.code, e)
         return 3
+    try:  # before the app: a port in use loaded the backbone and the bank, and logged them after the error
+        check_listening(config.host, config.port)
+    except OSError as e:
+        log.error("start-up failed: cannot listen on %s port %d: %s", config.host, config.port, e.strerror or e)
+        return 3
     failure: list[str] = []
     server: uvicorn.Server | None = None
 
@@ -44,32 +52,49 @@ def serve(config: ServeConfig) -> int:
             server.should_exit = True
 
     app = create_app(config, on_fatal=fatal)
-    server = uvicorn.Server(
-        uvicorn.Config(  # configures uvicorn's loggers, so the filter comes after
-            app,
-            host=config.host,
-            port=config.port,
-            log_level=config.log_level,
-            log_config=uvicorn_log_config(),  # its own, with timestamps and the access lines' request ids
-            timeout_graceful_shutdown=GRACEFUL_SECONDS,
-            timeout_keep_alive=config.keep_alive_seconds,  # type: ignore[arg-type] - a float works
-            http=guarded_protocol(
-                config.head_timeout_seconds,
-                config.max_connections,
-                config.read_timeout_seconds,
-                config.max_connections_per_client,
-            ),
-            ws="none",  # an Upgrade: websocket header got a bare 403 and its GET was not served
-            lifespan="on",
-            loop="asyncio",  # not uvloop, even where it is installed (Ray brings it): one loop, measured and tested
-        )
-    )
+    server = uvicorn.Server(uvicorn_config(app, config))
     hide_secrets_in_access_log()
     server.run()
     if failure:
-        log.error("%s", failure[0])
+        if log.isEnabledFor(logging.ERROR):
+            log.error("%s", failure[0])
+        else:  # --log-level critical: the reason of exit 3 is said anyway
+            print(f"clipbank serve: {failure[0]}", file=sys.stderr)
         return 3
     return 0
+
+
+def uvicorn_config(app: Any, config: ServeConfig) -> uvicorn.Config:
+    """uvicorn's settings for the app (making them configures uvicorn's loggers: filters are added after)."""
+    return uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        log_config=uvicorn_log_config(),  # its own, with timestamps and the access lines' request ids
+        timeout_graceful_shutdown=GRACEFUL_SECONDS,
+        timeout_keep_alive=config.keep_alive_seconds,  # type: ignore[arg-type] - a float works
+        http=guarded_protocol(
+            config.head_timeout_seconds,
+            config.max_connections,
+            config.read_timeout_seconds,
+            config.max_connections_per_client,
+        ),
+        ws="none",  # an Upgrade: websocket header got a bare 403 and its GET was not served
+        lifespan="on",
+        loop="asyncio",  # not uvloop, even where it is installed (Ray brings it): one loop, measured and tested
+    )
+
+
+def check_listening(host: str, port: int) -> None:
+    """OSError now if the server could not listen on (host, port): a port in use, an unknown host. Each address
+    the host names is bound for a moment, as uvicorn will bind them all."""
+    for family, kind, proto, _, address in socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's: a socket in TIME_WAIT is fine
+            sock.bind(address)
 
 
 # query parameter names whose values an access line must not show (matched in lower case, percent-decoded)

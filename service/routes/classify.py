@@ -20,6 +20,7 @@ from ..decode import check_answer_size, check_routed_answer_size, read_classify
 from ..images import inspect_all, preprocess_opened
 from ..schemas import ClassifyJSON, ClassifyResponse
 from ..steps import BatchInfo
+from ..workers import while_connected
 from . import ERRORS, known_query, service_of
 
 
@@ -95,7 +96,8 @@ def classify_router(reader: TokenCheck | None, limits: Limits) -> APIRouter:
                 match_labels=options.match_labels,
             )
             try:
-                results, info = await service.batcher.submit(item, admitted=True)
+                answer = service.batcher.submit(item, admitted=True)
+                results, info = await while_connected(request, answer, "its answer")
             except ClipbankError as e:  # answered 404 at generation g, while g + 1 had the task, said g + 1
                 if (generation := getattr(e, "generation", None)) is not None:
                     request.state.generation = generation

@@ -444,8 +444,13 @@ def test_an_index_of_a_newer_format_is_served_from_but_not_changed(make_store, b
         store._s3.put_object(Bucket=store.bucket, Key=store._key("index.json"), Body=json.dumps(newer).encode())
     other = make_store()
     assert list(other.index().tasks) == ["cars"]
-    with pytest.raises(StoreError, match="format 2, written by a newer clipbank"):
+    with pytest.raises(StoreError, match="format 2, written by a newer clipbank") as refused:
         other.put(bundles[2])
+    assert refused.value.code == "store_too_new"  # 503 without Retry-After: only an upgrade helps (an operator's)
+    from service.errors import error_response, status_of
+
+    response = error_response(status_of(refused.value), refused.value.code, str(refused.value))
+    assert response.status_code == 503 and "retry-after" not in response.headers
 
 
 def test_s3_a_write_that_landed_though_its_answer_was_lost_counts(make_store, bundles, monkeypatch):

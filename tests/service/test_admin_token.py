@@ -12,14 +12,24 @@ from service.config import ServeConfig
 from service.lifecycle import ADMIN_TOKEN_FILE, resolve_admin_token
 
 
-@pytest.mark.parametrize("saved", ["", "\n", "Fn5CH\n"])
-def test_an_empty_or_short_saved_token_is_replaced(tmp_path, saved, caplog):
-    """An empty token file locked every admin request out; a 5-character one was accepted as the admin token."""
-    (tmp_path / ADMIN_TOKEN_FILE).write_text(saved)
+@pytest.mark.parametrize(
+    "saved,why",
+    [
+        ("", "shorter than 16 characters"),
+        ("\n", "shorter than 16 characters"),
+        ("Fn5CH\n", "shorter than 16 characters"),
+        ("pässwörd äöü 1234567890\n", "not printable ASCII without spaces"),  # an operator's (no client could send it)
+        ("two words, sixteen chars and more", "not printable ASCII without spaces"),
+    ],
+)
+def test_an_empty_short_or_unsendable_saved_token_is_replaced(tmp_path, saved, why, caplog):
+    """An empty token file locked every admin request out; a 5-character one was accepted as the admin token, and
+    one with spaces or accents was accepted though no client could send it (every admin request got 401)."""
+    (tmp_path / ADMIN_TOKEN_FILE).write_text(saved, encoding="utf-8")
     token, where = resolve_admin_token(ServeConfig(store=str(tmp_path)))
     assert len(token) >= 16 and "generated and saved" in where
     assert (tmp_path / ADMIN_TOKEN_FILE).read_text().strip() == token
-    assert "shorter than 16 characters: replaced" in caplog.text
+    assert f"{why}" in caplog.text and "replaced" in caplog.text
     assert resolve_admin_token(ServeConfig(store=str(tmp_path)))[0] == token  # the next start reads it
     assert sorted(p.name for p in tmp_path.iterdir()) == [ADMIN_TOKEN_FILE]
 

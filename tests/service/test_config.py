@@ -72,6 +72,50 @@ def test_a_device_this_machine_lacks_fails_before_the_server_listens(tmp_path, m
         ServeConfig(device="mps")
 
 
+def test_a_port_in_use_fails_before_the_app_is_made_naming_the_address(tmp_path, monkeypatch, caplog):
+    """An outside check: a port in use still loaded the backbone and the bank (a download, for real weights), and
+    the log ended on "bank generation 4: 1 tasks", after uvicorn's error; an unknown host was not named."""
+    import socket
+
+    import service.server as server
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    monkeypatch.setattr(server, "create_app", lambda *a, **k: pytest.fail("the app was made"))
+    try:
+        assert server.serve(ServeConfig(store=str(tmp_path / "s"), port=port, device="cpu")) == 3
+    finally:
+        busy.close()
+    assert f"start-up failed: cannot listen on 127.0.0.1 port {port}: Address already in use" in caplog.text
+    assert not (tmp_path / "s").exists()  # nor a store and its token
+
+
+def test_a_start_up_failure_is_said_at_log_level_critical_too(tmp_path, monkeypatch, caplog, capsys):
+    """`--log-level critical`: a backbone that could not load ended in exit 3 with no reason anywhere."""
+    import logging
+    import socket
+
+    import uvicorn
+
+    import service.server as server
+
+    def failing_app(config, on_fatal):
+        on_fatal("start-up failed: backbone_error: checkpoint file /x does not exist")
+        return lambda scope, receive, send: None
+
+    monkeypatch.setattr(server, "create_app", failing_app)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: None)
+    monkeypatch.setattr(logging.getLogger("clipbank.service"), "level", logging.CRITICAL)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]  # a free port
+    probe.close()
+    assert server.serve(ServeConfig(store=str(tmp_path), port=port, device="cpu", log_level="critical")) == 3
+    assert "clipbank serve: start-up failed: backbone_error: checkpoint file /x" in capsys.readouterr().err
+
+
 def test_a_variable_no_setting_reads_is_named_with_the_nearest_one():
     """A misspelt variable was ignored without a word; `clipbank serve` now warns, naming the setting meant."""
     from service.config import unknown_variables
@@ -82,3 +126,16 @@ def test_a_variable_no_setting_reads_is_named_with_the_nearest_one():
         "CLIPBANK_UNUSED_THING",
     ]
     assert unknown_variables({"CLIPBANK_S3_ENDPOINT_URL": "x", "CLIPBANK_ONNX_CACHE": "y"}) == []
+
+
+def test_a_store_given_as_a_variable_with_a_tilde_is_under_home(tmp_path, monkeypatch):
+    """`CLIPBANK_STORE='~/x'` (no shell expands a variable's `~`) made a folder named "~" in the working directory,
+    and the start-up line pointed to a token file there."""
+    from model_store.store import open_store
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CLIPBANK_STORE", "~/clipbank-store")
+    assert ServeConfig.from_env().store == str(tmp_path / "home" / "clipbank-store")
+    assert open_store("~/other").location == str(tmp_path / "home" / "other")
+    assert not (tmp_path / "~").exists()

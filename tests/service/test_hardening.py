@@ -194,6 +194,112 @@ async def test_a_client_that_hangs_up_mid_upload_is_a_499_with_one_log_line(tmp_
         assert not [r for r in caplog.records if r.exc_info], "a hang-up is not an error with a traceback"
 
 
+async def test_a_client_gone_while_its_request_waits_for_compute_is_a_499_and_never_computed(tmp_path, backbone):
+    """An outside check: 16 clients that timed out after sending 64 images each were computed anyway, held the
+    queue (the next live clients got 503) and were counted as 200s, with no access line."""
+    import threading
+
+    import httpx
+
+    async with running_app(tmp_path, backbone) as c:
+        service = c.app.state.service
+        hold = threading.Event()  # the compute thread is busy until set: the request waits in the queue
+        busy = threading.Thread(target=service.batcher.run, args=(hold.wait,), daemon=True)
+        busy.start()
+        files = [("images", (f"{i}.png", colour("red"))) for i in range(2)]
+        form = httpx.Request("POST", "http://clipbank/classify", files=files, data={"labels": ["red", "blue"]})
+        body, kind = form.read(), form.headers["content-type"]
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        hung_up = asyncio.Event()
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await hung_up.wait()
+            return {"type": "http.disconnect"}
+
+        sent: list[dict] = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def hang_up():
+            await asyncio.sleep(0.6)
+            assert "clipbank_admitted_images 2.0" in (await c.get("/metrics")).text  # queued, holding capacity
+            hung_up.set()
+
+        scope = {
+            "type": "http",
+            "http_version": "1.1",
+            "method": "POST",
+            "path": "/classify",
+            "raw_path": b"/classify",
+            "query_string": b"",
+            "headers": [(b"content-type", kind.encode()), (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 1),
+            "server": ("clipbank", 80),
+            "scheme": "http",
+            "root_path": "",
+        }
+        batches = service.batcher.batches
+        with anyio.fail_after(10):
+            await asyncio.gather(c.app(scope, receive, send), hang_up())
+            assert sent[0]["status"] == 499
+            assert "clipbank_admitted_images 0.0" in (await c.get("/metrics")).text  # its capacity is back
+            hold.set()
+            busy.join(5)
+            r = await c.post("/classify", files=files, data={"labels": ["red", "blue"]})
+        assert r.status_code == 200 and service.batcher.batches == batches + 1  # the live request's batch alone
+        metrics = (await c.get("/metrics")).text
+        assert 'endpoint="/classify",method="POST",status="499"} 1.0' in metrics, metrics
+
+
+async def test_a_request_cancelled_at_shutdown_is_answered_503_not_a_plain_500(tmp_path, backbone, caplog):
+    """uvicorn cancels what still runs when the graceful shutdown's 30 s end (here: an upload whose body is still
+    coming): its client got a plain-text 500 without a request id, and the log a CancelledError traceback."""
+    async with running_app(tmp_path, backbone) as c:
+        scope = {
+            "type": "http",
+            "http_version": "1.1",
+            "method": "POST",
+            "path": "/tasks",
+            "raw_path": b"/tasks",
+            "query_string": b"",
+            "headers": [(b"content-type", b"multipart/form-data; boundary=zz"), (b"x-request-id", b"slow-upload-1")]
+            + [(b"authorization", AUTH["Authorization"].encode())],
+            "client": ("127.0.0.1", 1),
+            "server": ("clipbank", 80),
+            "scheme": "http",
+            "root_path": "",
+        }
+        first = [
+            {
+                "type": "http.request",
+                "body": b'--zz\r\nContent-Disposition: form-data; name="bundle"',
+                "more_body": True,
+            }
+        ]
+
+        async def receive():  # then the body never comes
+            return first.pop() if first else await asyncio.Event().wait()
+
+        sent: list[dict] = []
+
+        async def send(message):
+            sent.append(message)
+
+        with caplog.at_level(logging.INFO), anyio.fail_after(10):
+            task = asyncio.ensure_future(c.app(scope, receive, send))
+            await asyncio.sleep(0.5)
+            task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")  # as uvicorn does
+            await task  # ends: no CancelledError left for the server to log with a traceback
+        assert sent[0]["status"] == 503
+        headers = dict(sent[0]["headers"])
+        assert headers[b"x-request-id"] == b"slow-upload-1" and headers[b"x-clipbank-error"] == b"not_ready"
+        assert b"the server shut down before this request was answered" in sent[1]["body"]
+        assert not [r for r in caplog.records if r.exc_info]
+
+
 async def test_start_up_objects_are_kept_out_of_the_collectors_full_passes(tmp_path, backbone):
     import gc
 
@@ -306,6 +412,9 @@ async def test_head_is_answered_as_get_without_a_body(tmp_path, backbone):
         assert (await c.head("/tasks")).status_code == 401  # the token is still needed
         assert set((await c.get("/healthz")).json()) == {"status", "degraded", "store_error"}  # no empty bank keys
         assert (await c.head("/classify")).status_code == 405
+        metrics = (await c.get("/metrics")).text  # counted as sent, as the access log shows them (an operator's)
+        assert 'clipbank_requests_total{endpoint="/healthz",method="HEAD",status="200"} 1.0' in metrics
+        assert 'clipbank_requests_total{endpoint="/healthz",method="GET",status="200"} 2.0' in metrics
 
 
 async def test_a_large_body_to_a_path_or_method_no_route_takes_is_404_or_405_not_413(tmp_path, backbone):

@@ -471,4 +471,4 @@ async def test_a_replica_on_a_replaced_store_is_not_counted_as_serving_a_change(
         assert answer["generation"] == 3 and "replaced under this process" in answer["store_error"], answer
         replicas = ray_engine.reported([answer, {"replica": "fresh", "generation": 3, "pid": 1}, TimeoutError("x")])
         assert replicas["fresh"] == 3 and replicas["replica-2"] == "TimeoutError: x"
-        assert replicas[service.replica].startswith("store error at generation 3: the store at "), replicas
+        assert replicas[service.replica].startswith("store error at generation 3: the store was replaced"), replicas
