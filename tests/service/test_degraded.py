@@ -452,3 +452,17 @@ async def test_metrics_say_ready_store_error_saturation_and_error_codes(tmp_path
         store.index_path.write_text("{garbage")
         c.app.state.service.registry.refresh()
         assert "clipbank_store_error 1.0" in (await c.get("/metrics")).text
+
+
+async def test_a_store_replaced_under_the_server_is_said_without_its_path(tmp_path, backbone, two_tasks):
+    """An outside check: a backup of the index restored under a running server showed the store's full path on the
+    open /healthz ("the store at /srv/... was replaced")."""
+    store = _store(tmp_path, two_tasks["a"])
+    backup = store.index_path.read_text()
+    store.put(two_tasks["c"])
+    async with running_app(tmp_path, backbone) as c:
+        store.index_path.write_text(backup)  # an older index of the same store: a restored backup
+        c.app.state.service.registry.refresh()
+        health = (await c.get("/healthz")).json()
+        assert health["status"] == "degraded" and "was replaced under this process" in health["store_error"]
+        assert str(tmp_path) not in health["store_error"], health  # no server paths to clients
