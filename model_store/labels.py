@@ -157,6 +157,11 @@ def twin_labels(labels: Sequence[str], signatures: Sequence[Any], templates: int
 
 def twin_message(twins: tuple[str, str]) -> str:
     a, b = twins
+    if "_" in a + b and label_key(a) == label_key(b):  # through a task, both are encoded as its class
+        return (
+            f"{shown(a, 60)} and {shown(b, 60)} name the same class (labels match classes whatever their case, "
+            "spacing or `_`), so the model cannot tell them apart: send it once"
+        )
     return (
         f"{shown(a, 60)} and {shown(b, 60)} are the same text to the backbone's tokenizer (it ignores case and "
         "spacing and cuts long prompts), so the model cannot tell them apart: make them differ"

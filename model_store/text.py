@@ -14,7 +14,7 @@ import torch
 
 from .bank import BankSnapshot
 from .errors import InvalidRequest
-from .labels import twin_labels, twin_message
+from .labels import label_key, twin_labels, twin_message
 from .modes import ZERO_SHOT
 from .moe_clip import encode_text
 
@@ -77,7 +77,7 @@ class TextJob:
         self.key = text_key(bank, task, labels, templates)
         self.labels = tuple(labels)
         self.shape = (len(templates), len(labels))
-        self.prompts = [t.format(label) for t in templates for label in labels]
+        self.prompts = [t.format(text) for t in templates for text in prompt_texts(bank, task, labels)]
         self._parts: list[torch.Tensor] = []
         self._signatures: list[bytes] = []  # each prompt's token ids: labels the tokenizer merges are refused
         self._done = 0
@@ -127,6 +127,17 @@ class TextJob:
             raise InvalidRequest(f"labels {twin_message(twins)}")
         emb = torch.cat(self._parts).view(*self.shape, -1).mean(0)
         return torch.nn.functional.normalize(emb, dim=-1)
+
+
+def prompt_texts(bank: BankSnapshot, task: int, labels: Sequence[str]) -> list[str]:
+    """The text each label is encoded as: through a task, a label that names one of its classes as routing matches
+    them (`label_key`: case, `_` and Unicode spelling aside) is that class, as it was trained; others, and labels
+    for the frozen tower, as sent. An outside check's client sending folder names (`weißes_rauschen`) was routed
+    to the task that knows the class, then scored the literal text the task never learned: 0 of 20 right."""
+    if task < 0:
+        return list(labels)
+    classes = {label_key(c): c for c in bank.tasks[task].classes}
+    return [classes.get(label_key(label), label) for label in labels]
 
 
 def token_signatures(tokens: torch.Tensor) -> list[bytes]:

@@ -134,3 +134,32 @@ def test_a_classify_item_of_pil_images_or_one_label_string_is_a_named_type_error
         ClassifyItem([Image.new("RGB", (4, 4))], ("cat", "dog"))
     with pytest.raises(TypeError, match="a tuple of labels, got the string 'cat,dog'"):
         ClassifyItem(torch.zeros(1, 3, 2, 2), "cat,dog")
+
+
+def test_a_label_naming_a_class_as_routing_matches_it_is_scored_as_that_class(backbone):
+    """An outside check: `weißes_rauschen` (the folder's name) was routed to the task that knows "weißes rauschen",
+    then scored as the literal text the task never learned (0 of 20 right, against 20 of 20 with the class as
+    written). Labels the task does not know, and labels for zero-shot CLIP, are scored as sent."""
+    from model_store.errors import InvalidRequest
+
+    bank0 = empty_bank(backbone)
+    classes = ("weißes rauschen", "sel et poivre", "three quarters")
+    bank = build_bank(backbone, [read_bundle(random_bundle(bank0, "noise", seed=5, classes=classes))])
+    images = torch.randn(3, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(1))
+
+    def scores(labels, task="noise"):
+        (results,) = classify_batch(bank, [ClassifyItem(images, labels, task=task)])
+        if isinstance(results, Exception):  # a request's own error is its answer
+            raise results
+        return [dict(r.labels) for r in results]
+
+    as_written = scores(("weißes rauschen", "sel et poivre", "zebra"))
+    as_folders = scores(("Weißes_Rauschen", "sel_et_poivre", "zebra"))
+    for a, b in zip(as_written, as_folders, strict=True):
+        assert set(b) == {"Weißes_Rauschen", "sel_et_poivre", "zebra"}  # answered with the labels as sent
+        assert b["Weißes_Rauschen"] == pytest.approx(a["weißes rauschen"], abs=1e-5)
+        assert b["sel_et_poivre"] == pytest.approx(a["sel et poivre"], abs=1e-5)
+    zero_shot = scores(("weißes_rauschen", "weißes rauschen"), task="zero-shot")  # the frozen tower: as sent
+    assert any(abs(r["weißes_rauschen"] - r["weißes rauschen"]) > 1e-4 for r in zero_shot)
+    with pytest.raises(InvalidRequest, match="name the same class"):  # one class twice, through the task
+        scores(("three_quarters", "three quarters"))
