@@ -190,9 +190,17 @@ def list_image_folder(
     if skipped:
         shown = ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items()))
         log.warning("%s: %d files not read (%s); images are read as %s", root, skipped.total(), shown, SUFFIXES)
-    single = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes)), strict=True) if n == 1]
+    counts = np.bincount(labels, minlength=len(classes)) if labels else np.zeros(len(classes), dtype=int)
+    single = [c for c, n in zip(classes, counts, strict=True) if n == 1]
     if single:
         log.warning("%s: class(es) %s have one image each: too few to learn, or to validate on", root, some(single))
+    if small := [f"{c} ({n})" for c, n in zip(classes, counts, strict=True) if 1 < n < counts.max() / 5]:
+        log.warning(  # an outside check's classes of 8 and 1 images beside one of 120 were never answered
+            "%s: class(es) %s have under a fifth of the largest class's %d images: the task will seldom answer them",
+            root,
+            some(small),
+            counts.max(),
+        )
     return FolderListing(root, paths, labels, classes)
 
 

@@ -152,6 +152,8 @@ def _train_and_store(job: TrainJob) -> dict[str, Any]:
             for k in (
                 "zero_shot_val_accuracy",
                 "val_accuracy",
+                "val_balanced_accuracy",
+                "val_accuracy_per_class",
                 "seconds",
                 "train_images",
                 "val_images",
@@ -161,7 +163,7 @@ def _train_and_store(job: TrainJob) -> dict[str, Any]:
         },
         "selector": {"kind": result.report["selector"]["kind"], "threshold": result.report["selector"]["threshold"]},
         "routing": result.report["routing"],
-        "warnings": warnings + result.report["routing"]["warnings"],
+        "warnings": warnings + result.report["val_warnings"] + result.report["routing"]["warnings"],
     }
     if job.out:
         with _kept_on_failure(result.bundle, job.task, version, f"writing --out {job.out}", None):

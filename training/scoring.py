@@ -49,11 +49,23 @@ def accuracy(
     model: Any, backbone: Backbone, data: LabelledImages, templates: str | Sequence[str], routing_for: RoutingFor
 ) -> float:
     """Accuracy over `data.classes` of `model` with the given routing per pass; `templates` one or an ensemble."""
+    right, seen = correct_per_class(model, backbone, data, templates, routing_for)
+    return sum(right) / max(1, sum(seen))
+
+
+@torch.no_grad()
+def correct_per_class(
+    model: Any, backbone: Backbone, data: LabelledImages, templates: str | Sequence[str], routing_for: RoutingFor
+) -> tuple[list[int], list[int]]:
+    """Per class of `data.classes`: (images answered right, images)."""
     text = class_embeddings(model, backbone, data.classes, templates, routing_for)
-    correct = 0
+    right = torch.zeros(len(data.classes), dtype=torch.long)
+    seen = torch.zeros(len(data.classes), dtype=torch.long)
     for x, y in batches(data, backbone.preprocess, 128, backbone.device):
-        correct += int(((encode_image(model, x, routing_for(len(x))) @ text.T).argmax(1) == y).sum())
-    return correct / max(1, len(data))
+        hit = (encode_image(model, x, routing_for(len(x))) @ text.T).argmax(1) == y
+        right += torch.bincount(y[hit].cpu(), minlength=len(data.classes))
+        seen += torch.bincount(y.cpu(), minlength=len(data.classes))
+    return right.tolist(), seen.tolist()
 
 
 @torch.no_grad()

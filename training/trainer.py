@@ -28,7 +28,8 @@ from .expert_blocks import with_expert_blocks
 from .lwf import parent_teacher
 from .progress import phases, progress_bar
 from .routing import selector_with_routing
-from .scoring import accuracy
+from .scoring import accuracy  # noqa: F401 - the CL benchmarks import it from here
+from .validation import evaluate, share, validated
 
 log = logging.getLogger(__name__)
 
@@ -177,21 +178,6 @@ class _TaskParams(torch.nn.Module):
         return Routing(experts, [router], torch.zeros(n, dtype=torch.long, device=dev), bank.config, training, counts)
 
 
-COUNT_SAMPLE = 2048  # training images whose expert choices are counted for the report
-
-
-def evaluate(
-    bank: BankSnapshot,
-    params: _TaskParams | None,
-    data: LabelledImages,
-    templates: Sequence[str],
-    counts: ActivationCounts | None = None,
-) -> float:
-    """Accuracy over `data.classes`; with `params`, the adapted model (no noise), else zero-shot CLIP."""
-    routing_for = (lambda n: None) if params is None else (lambda n: params.routing(bank, n, False, counts=counts))
-    return accuracy(bank.backbone.model, bank.backbone, data, templates, routing_for)
-
-
 def default_lr(backbone: Backbone) -> float:
     """The paper's 1e-3 at ViT-B/16; narrow backbones need larger steps to move their adapters in a short run."""
     return 1e-2 if backbone.narrow else 1e-3
@@ -327,16 +313,6 @@ def _reference(bank: BankSnapshot, reference: ReferenceSet | None | str) -> Refe
     return find_reference(bank.backbone)
 
 
-def _validated(bank: BankSnapshot, params: _TaskParams, fit: LabelledImages, val: LabelledImages, cfg: TrainConfig):
-    """Which experts the task's routers use, per block (counted on a sample of the training images: a full adapted
-    pass over a large training set is not worth it), and the validation accuracy."""
-    counts = ActivationCounts()
-    sample = torch.randperm(len(fit), generator=torch.Generator().manual_seed(cfg.seed))[:COUNT_SAMPLE].tolist()
-    evaluate(bank, params, fit.subset(sorted(sample)), cfg.serving_templates, counts)
-    activations = {f"{t}.{b}": c.tolist() for (t, b), c in sorted(counts.counts.items())}
-    return activations, evaluate(bank, params, val, cfg.serving_templates)
-
-
 def train_task(
     bank: BankSnapshot,
     train: LabelledImages,
@@ -358,14 +334,14 @@ def train_task(
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     t0 = time.time()
-    zero_shot = evaluate(bank, None, val, cfg.serving_templates)
+    zero_shot = share(evaluate(bank, None, val, cfg.serving_templates))
     params = _TaskParams(bank, cfg, g)
     if cfg.new_first > 0:
         params.prefer_new(bank, fit, cfg)
     losses = _train_loop(bank, params, fit, cfg, g, progress)
     train_seconds = time.time() - t0
     with phases((f"validate {cfg.task}", f"fit the selector of {cfg.task}"), progress) as next_phase:
-        counts, accuracy = _validated(bank, params, fit, val, cfg)
+        counts, figures = validated(bank, params, fit, val, cfg)
         next_phase()
         args = (bank, cfg.task, cfg.selector, cfg.seed, (fit, val), reference, version)
         selector, routing, probes = selector_with_routing(*args)
@@ -379,15 +355,14 @@ def train_task(
         "train_images": len(fit),
         "val_images": len(val),
         "zero_shot_val_accuracy": zero_shot,
-        "val_accuracy": accuracy,
+        **figures,
         "final_loss": sum(losses[-10:]) / len(losses[-10:]),
         "activation_counts": counts,
         "routing": routing,
     }
     data = pack_task(bank, cfg, train.classes, params, selector, report, version, parent, probes)
-    log.info(
-        "task %s v%d: zero-shot %.3f -> trained %.3f in %.1fs", cfg.task, version, zero_shot, accuracy, train_seconds
-    )
+    got = figures["val_accuracy"]
+    log.info("task %s v%d: zero-shot %.3f -> trained %.3f in %.1fs", cfg.task, version, zero_shot, got, train_seconds)
     return TrainResult(
         data,
         {

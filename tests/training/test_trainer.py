@@ -196,8 +196,9 @@ def test_a_bundle_the_store_refuses_after_training_is_kept_on_disk(tmp_path, mon
         trained.append(cfg.task)
         LocalStore(store).put(random_bundle(empty_bank(bank.backbone), cfg.task, 99, version=version))
         data = random_bundle(empty_bank(bank.backbone), cfg.task, 7, version=version)
-        keys = ("zero_shot_val_accuracy", "val_accuracy", "seconds", "train_images", "val_images")
-        report = {**dict.fromkeys(keys, 0), "bundle_bytes": len(data), "experts_added": 16}
+        keys = ("zero_shot_val_accuracy", "val_accuracy", "val_balanced_accuracy", "seconds", "train_images")
+        report = {**dict.fromkeys(keys, 0), "val_images": 0, "bundle_bytes": len(data), "experts_added": 16}
+        report.update(val_accuracy_per_class={}, val_warnings=[])
         return TrainResult(
             data, {**report, "selector": {"kind": "hybrid", "threshold": 1.0}, "routing": {"warnings": []}}
         )
@@ -365,7 +366,11 @@ def test_the_summary_carries_what_was_said_about_the_data(tmp_path, capsys):
     capsys.readouterr()
     args = ["train", "--task", "mine", "--data", str(data), "--val", str(data), "--steps", "2"]
     assert main([*args, "--store", str(tmp_path / "new-store")]) == 0
-    warnings = json.loads(capsys.readouterr().out)["warnings"]
+    summary = json.loads(capsys.readouterr().out)
+    warnings = summary["warnings"]
+    assert set(summary["val_accuracy_per_class"]) == {"dots", "stripes", "single"}  # and balanced: each class alike
+    per_class = summary["val_accuracy_per_class"].values()
+    assert abs(summary["val_balanced_accuracy"] - sum(per_class) / 3) < 1e-9
     said = [
         "1 files not read (1 .txt)",
         "['single'] have one image each",
