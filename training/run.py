@@ -20,7 +20,7 @@ from model_store.store import LocalStore, atomic_write, open_store
 from model_store.store_base import PutResult, Store
 
 from .config import TrainJob
-from .data import LabelledImages, list_image_folder, read_image_folder
+from .data import FolderListing, LabelledImages, list_image_folder, read_image_folder
 from .trainer import TrainConfig, train_task
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,8 @@ def _train_and_store(job: TrainJob) -> dict[str, Any]:
     listed = list_image_folder(job.data)  # the folders' faults at once, before a backbone's download
     # a new version answers over its parent's classes too: its validation may hold them, and so show forgetting
     listed_val = list_image_folder(job.val, listed.classes, seen) if job.val else None
+    if listed_val is not None and Path(job.val).resolve() != Path(job.data).resolve():
+        _warn_if_val_copies_data(listed, listed_val)
     backbone = load_backbone(job.backbone, job.device)  # then decoded: its input size sets how JPEGs are
     train, val = (
         read_image_folder(x, skip_bad=job.skip_bad, target=backbone.image_size) if x else None
@@ -227,6 +229,24 @@ def _warn_if_val_is_data(job: TrainJob) -> None:
         log.warning(
             "--val is --data's folder: validation accuracy and the selector's threshold are then measured on "
             "the training images, and overstate what the task will do"
+        )
+
+
+def _warn_if_val_copies_data(train: FolderListing, val: FolderListing) -> None:
+    """A validation folder whose images are mostly the training folder's (the same class, file name and size: a
+    copy made with `cp -r`) overstates the task as --val naming --data's folder does (an outside check's copy
+    calibrated its selector on training images, and nothing was said)."""
+
+    def files(listing: FolderListing) -> set[tuple[str, str, int]]:
+        return {(p.parent.name, p.name, p.stat().st_size) for p in listing.paths}
+
+    shared = len(files(train) & files(val))
+    if shared > len(val.paths) / 2:
+        log.warning(
+            "%d of the %d --val images are also in --data (the same class, file name and size): validation accuracy "
+            "and the selector's threshold are then measured on training images, and overstate what the task will do",
+            shared,
+            len(val.paths),
         )
 
 

@@ -381,6 +381,26 @@ def test_the_summary_carries_what_was_said_about_the_data(tmp_path, capsys):
     assert len(warnings) == len(set(warnings))
 
 
+def test_a_val_folder_copied_from_the_training_folder_is_warned_of(tmp_path, caplog):
+    """`cp -r train valdup` then `--val valdup`: only the very same path was noticed; its selector was calibrated
+    on training images without a word."""
+    import logging
+    import shutil
+
+    from training.data import list_image_folder
+    from training.run import _warn_if_val_copies_data
+
+    assert main(["data", "export", "textures", str(tmp_path / "tex")]) == 0
+    shutil.copytree(tmp_path / "tex" / "train", tmp_path / "valdup")
+    train = list_image_folder(tmp_path / "tex" / "train")
+    with caplog.at_level(logging.WARNING):
+        _warn_if_val_copies_data(train, list_image_folder(tmp_path / "tex" / "val", train.classes))
+        assert "also in --data" not in caplog.text  # a real validation split
+        _warn_if_val_copies_data(train, list_image_folder(tmp_path / "valdup", train.classes))
+    n = len(train.paths)
+    assert f"{n} of the {n} --val images are also in --data (the same class, file name and size)" in caplog.text
+
+
 def test_what_the_image_folder_reader_says_of_a_val_folder_and_an_empty_file(tmp_path):
     from training.data import load_image_folder
 
