@@ -72,7 +72,9 @@ def _deactivated(out: dict, purge: bool) -> None:
                 file=sys.stderr,
             )
         return
-    print(f"task {out['task']}: deactivated and purged, {out['purged_blobs']} blob(s) deleted")
+    done = "deactivated and purged" if out.get("was_active", True) else "purged (it had no active version)"
+    listed = "; it stays listed, with the versions other tasks' experts need" if out.get("kept") else ""
+    print(f"task {out['task']}: {done}, {out['purged_blobs']} blob(s) deleted{listed}")
     for version, users in sorted(out.get("kept", {}).items(), key=lambda kv: int(kv[0])):
         print(f"  kept version {version}: tasks {', '.join(users)} use its experts")
 

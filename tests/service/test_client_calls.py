@@ -165,8 +165,13 @@ def test_tasks_activate_and_deactivate_go_through_the_server(monkeypatch, capsys
     assert main(["tasks", *url, "deactivate", "cars", "--purge"]) == 0
     assert calls[-1][:3] == ("DELETE", "/tasks/cars", {"purge": "true"})
     assert capsys.readouterr().out.splitlines() == [
-        "task cars: deactivated and purged, 1 blob(s) deleted",
+        "task cars: deactivated and purged, 1 blob(s) deleted; it stays listed, with the versions other tasks' "
+        "experts need",
         "  kept version 1: tasks vans use its experts",
     ]
     assert main(["tasks", "deactivate", "cars", "--json", *url]) == 0
     assert json.loads(capsys.readouterr().out)["generation"] == 10
+    answers = {"task": "cars", "purged_blobs": 0, "kept": {}, "generation": 11, "was_active": False}
+    client_on(monkeypatch, lambda request: httpx.Response(200, json=answers))
+    assert main(["tasks", *url, "deactivate", "cars", "--purge"]) == 0  # an outside check: "deactivated" it said
+    assert capsys.readouterr().out == "task cars: purged (it had no active version), 0 blob(s) deleted\n"
