@@ -107,8 +107,9 @@ def _read_baseline(path: str) -> dict:
         baseline = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ValueError(f"--baseline {path}: not a report of `clipbank eval --json` ({e})") from None
-    if not isinstance(baseline, dict) or not isinstance(baseline.get("classes"), dict):
-        raise ValueError(f"--baseline {path}: not a report of `clipbank eval --json` (no 'classes')")
+    classes = baseline.get("classes") if isinstance(baseline, dict) else None
+    if not isinstance(classes, dict) or not all(isinstance(row, dict) for row in classes.values()):
+        raise ValueError(f"--baseline {path}: not a report of `clipbank eval --json` (no 'classes' of rows)")
     return baseline
 
 

@@ -64,6 +64,12 @@ class Store:
     _seen_generation = 0  # the highest generation this object has read: a store never goes back from it
     _seen_id = _known_id = None  # of the index last read (None after an older release's write); the last one read
 
+    def without_location(self, text: str) -> str:
+        """`text` with this store's location shown by its last part (`/srv/x/store` as `store`), for messages that
+        reach the open `/healthz`, which never shows the server's paths."""
+        name = self.location.rstrip("/").rsplit("/", 1)[-1]
+        return text.replace(self.location, name) if name else text
+
     def _seen(self, index: StoreIndex, floor: int | None) -> StoreIndex:
         """`index`, read when this object had seen generation `floor` (None: it wrote `index`; a read begun before a
         newer one was seen is not held to it), or StoreDamaged if it went back from `floor` or is another store's

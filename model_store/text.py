@@ -4,6 +4,7 @@ distinct to the tokenizer."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -77,10 +78,15 @@ class TextJob:
         self.key = text_key(bank, task, labels, templates)
         self.labels = tuple(labels)
         self.shape = (len(templates), len(labels))
-        self.prompts = [t.format(text) for t in templates for text in prompt_texts(bank, task, labels)]
+        self.templates = tuple(templates)
         self._parts: list[torch.Tensor] = []
         self._signatures: list[bytes] = []  # each prompt's token ids: labels the tokenizer merges are refused
         self._done = 0
+
+    @functools.cached_property
+    def prompts(self) -> list[str]:
+        """Made when first needed: a job whose label set is cached is dropped before (`service/steps.py`)."""
+        return [t.format(text) for t in self.templates for text in prompt_texts(self.bank, self.task, self.labels)]
 
     @property
     def remaining(self) -> int:
@@ -134,10 +140,11 @@ def prompt_texts(bank: BankSnapshot, task: int, labels: Sequence[str]) -> list[s
     them (`label_key`: case, `_` and Unicode spelling aside) is that class, as it was trained; others, and labels
     for the frozen tower, as sent. An outside check's client sending folder names (`weißes_rauschen`) was routed
     to the task that knows the class, then scored the literal text the task never learned: 0 of 20 right."""
-    if task < 0:
+    classes = bank.tasks[task].classes if task >= 0 else ()
+    if task < 0 or tuple(labels) == classes:  # zero-shot, or a request without labels: as they are
         return list(labels)
-    classes = {label_key(c): c for c in bank.tasks[task].classes}
-    return [classes.get(label_key(label), label) for label in labels]
+    exact, keyed = set(classes), {label_key(c): c for c in classes}
+    return [label if label in exact else keyed.get(label_key(label), label) for label in labels]
 
 
 def token_signatures(tokens: torch.Tensor) -> list[bytes]:

@@ -196,7 +196,7 @@ class Batcher:
                 return []
             self._receive(None)
         deadline = time.perf_counter() + self.wait_seconds()
-        while sum(p.size for p in self._waiting) < self.max_batch and not self._stopping:
+        while sum(p.size for p in self._waiting if not p.future.done()) < self.max_batch and not self._stopping:
             timeout = deadline - time.perf_counter()
             if timeout <= 0 or not self._receive(timeout):
                 break
@@ -205,7 +205,12 @@ class Batcher:
     def _pick(self) -> list[Pending]:
         """Small requests first, so a request of a few images never waits behind requests of many; a request
         waiting longer than `starve_seconds` goes first, but never in two batches in a row."""
+        if gone := [p for p in self._waiting if p.future.done()]:  # their clients went away: no room in a batch
+            self._waiting = [p for p in self._waiting if not p.future.done()]
+            self.metrics.queue_images.dec(sum(p.size for p in gone))
         waiting = self._waiting
+        if not waiting:
+            return []
         oldest = waiting[0]  # FIFO: the first one waited longest
         forced = time.perf_counter() - oldest.enqueued > self.starve_seconds and not self._forced_last
         by_size = sorted(waiting[1:] if forced else waiting, key=lambda p: (p.size, p.enqueued))

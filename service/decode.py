@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
 from model_store.errors import InvalidRequest
-from model_store.labels import label_problem
+from model_store.labels import label_key, label_problem, twin_message
 from model_store.manifest import shown
 from model_store.safejson import JSONRefused
 from model_store.safejson import loads as bounded_loads
@@ -126,17 +126,17 @@ def check_routed_answer_size(
     """The answer of an unlabelled request once its images are routed: each image's task's classes (an image no
     task claims has none). A task that was not active when the request came measures its answer's own labels."""
     sizes: dict[str | None, int] = {None: 0}
-    total, widest = 0, (0, "")
+    per_task: dict[str | None, int] = {}  # bytes of the answer, per task the images went to
     for r in results:
         task = r.route.task
         if task not in sizes:
             classes = task_classes.get(task) or tuple(label for label, _ in r.labels)
             sizes[task] = _answer_bytes(tuple(classes), options.top_k)
-        total += sizes[task]
-        widest = max(widest, (sizes[task], task or ""))
-    if total > limits.max_response_bytes:
-        count = sum(r.route.task == widest[1] for r in results)
-        _refuse(total, f"{len(results)} images, {count} of them routed to task {shown(widest[1])}", limits)
+        per_task[task] = per_task.get(task, 0) + sizes[task]
+    if (total := sum(per_task.values())) > limits.max_response_bytes:
+        most = max((n, t) for t, n in per_task.items() if t is not None)[1]  # over the limit: some task has bytes
+        count = sum(r.route.task == most for r in results)
+        _refuse(total, f"{len(results)} images, {count} of them routed to task {shown(most)}", limits)
 
 
 def _refuse(size: int, what: str, limits: Limits) -> None:
@@ -246,6 +246,11 @@ def check_labels(labels: list[str], limits: Limits) -> None:
             label.encode("utf-8")
         except UnicodeEncodeError:
             raise InvalidRequest(f"label {i} is not valid Unicode text (lone surrogate)") from None
+    keys: dict[str, int] = {}
+    for i, label in enumerate(labels):  # one class to routing (and to a task that has it) whatever the route
+        first = keys.setdefault(label_key(label), i)
+        if first != i:
+            raise InvalidRequest(f"labels {twin_message((labels[first], label))}")
 
 
 async def read_bundle_upload(request: Request, limits: Limits) -> bytes:

@@ -213,7 +213,7 @@ def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:
     restart keeps the token its clients have (servers sharing the store share it too)."""
     path = Path(config.store) / ADMIN_TOKEN_FILE
     if config.admin_token:
-        with contextlib.suppress(OSError):  # an object store, or no such file: nothing to say
+        with contextlib.suppress(OSError, UnicodeDecodeError):  # an object store, no such file: nothing to say
             if path.is_file() and path.read_text().strip() != config.admin_token:
                 log.warning(
                     "the admin token is set (CLIPBANK_ADMIN_TOKEN), so the other one saved in %s "

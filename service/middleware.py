@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ERROR_HEADER, LimitExceeded, Overloaded, UnsupportedMediaType, error_response
 from .metrics import Metrics
+from .request_ids import stopped_at_shutdown
 
 REFRESH_WAIT_SECONDS = 5.0  # how long a request with X-Min-Generation waits for the store's state
 SENT_METHOD = "clipbank.sent_method"  # the scope's method as the client sent it, when a middleware changed it
@@ -273,6 +274,10 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, send_status)
+        except asyncio.CancelledError as e:
+            if code == "internal_error" and stopped_at_shutdown(e):  # unanswered: `RequestIds` answers it 503
+                status, code = 503, "not_ready"
+            raise
         finally:
             endpoint = getattr(scope.get("route"), "path", None) or route_template(scope, self.routes)
             method = scope.get(SENT_METHOD) or scope["method"]  # a HEAD answered as GET counts as HEAD

@@ -93,8 +93,8 @@ class Registry:
                 return self._bank
 
     def _store_failed(self, error: StoreError) -> None:
-        said = str(error).replace(self.store.location, self.store.location.rstrip("/").rsplit("/", 1)[-1])  # open
-        if self.store_error != said:  # /healthz shows it: the store's folder by its name, not its path
+        said = self.store.without_location(str(error))  # the open /healthz shows it
+        if self.store_error != said:
             log.error("the store cannot be read: %s; serving the last bank (generation %s)", error, self.generation)
         self.store_error = said
 

@@ -58,12 +58,18 @@ class RequestIds:
 
         try:
             await self.app(scope, receive, with_id)
-        except asyncio.CancelledError:
-            if started:
+        except asyncio.CancelledError as e:
+            if started or not stopped_at_shutdown(e):  # Ray Serve cancels a request whose client left: not ours
                 raise
             await _stopped(scope, receive, with_id)  # not the server's plain 500 and a traceback
         finally:
             REQUEST_ID.reset(token)
+
+
+def stopped_at_shutdown(error: BaseException) -> bool:
+    """Whether `error` is uvicorn's cancel of a request still running when its graceful shutdown ended (its
+    message says so; uvicorn cancels requests for nothing else)."""
+    return isinstance(error, asyncio.CancelledError) and any("graceful shutdown" in str(a) for a in error.args)
 
 
 async def _stopped(scope: Scope, receive: Receive, send: Send) -> None:

@@ -36,13 +36,11 @@ def serve(config: ServeConfig) -> int:
     try:
         pick_device(config.device)  # a device this machine lacks fails now, not after "startup complete"
     except BackboneError as e:
-        log.error("start-up failed: %s: %s", e.code, e)
-        return 3
+        return failed(f"start-up failed: {e.code}: {e}")
     try:  # before the app: a port in use loaded the backbone and the bank, and logged them after the error
         check_listening(config.host, config.port)
     except OSError as e:
-        log.error("start-up failed: cannot listen on %s port %d: %s", config.host, config.port, e.strerror or e)
-        return 3
+        return failed(f"start-up failed: cannot listen on {config.host} port {config.port}: {e.strerror or e}")
     failure: list[str] = []
     server: uvicorn.Server | None = None
 
@@ -55,13 +53,16 @@ def serve(config: ServeConfig) -> int:
     server = uvicorn.Server(uvicorn_config(app, config))
     hide_secrets_in_access_log()
     server.run()
-    if failure:
-        if log.isEnabledFor(logging.ERROR):
-            log.error("%s", failure[0])
-        else:  # --log-level critical: the reason of exit 3 is said anyway
-            print(f"clipbank serve: {failure[0]}", file=sys.stderr)
-        return 3
-    return 0
+    return failed(failure[0]) if failure else 0
+
+
+def failed(reason: str) -> int:
+    """Exit status 3, its reason logged as the last line (printed at --log-level critical, which logs no error)."""
+    if log.isEnabledFor(logging.ERROR):
+        log.error("%s", reason)
+    else:
+        print(f"clipbank serve: {reason}", file=sys.stderr)
+    return 3
 
 
 def uvicorn_config(app: Any, config: ServeConfig) -> uvicorn.Config:
@@ -88,12 +89,18 @@ def uvicorn_config(app: Any, config: ServeConfig) -> uvicorn.Config:
 
 def check_listening(host: str, port: int) -> None:
     """OSError now if the server could not listen on (host, port): a port in use, an unknown host. Each address
-    the host names is bound for a moment, as uvicorn will bind them all."""
-    for family, kind, proto, _, address in socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    ):
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's: a socket in TIME_WAIT is fine
+    the host names is bound for a moment as asyncio will bind it (IPv6 sockets IPv6 only; a family this machine
+    cannot make a socket of is skipped). Another process could still take the port before uvicorn binds it."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    for family, kind, proto, _, address in found:
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError:  # asyncio skips such a family too
+            continue
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's: a socket in TIME_WAIT is fine
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
 
 

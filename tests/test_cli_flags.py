@@ -995,6 +995,7 @@ def test_eval_scores_each_class_and_the_change_since_a_baseline(tmp_path, monkey
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[:3] == ["a", "5", "1.000"] and lines[2].split()[:4] == ["b", "5", "0.000", "(-50.0)"]
     assert lines[-1].startswith("accuracy 0.500 (-25.0) over 10 images"), lines
-    (tmp_path / "bad.json").write_text("[1, 2]")
-    assert main([*args, "--baseline", str(tmp_path / "bad.json")]) == 2
-    assert "not a report of `clipbank eval --json`" in capsys.readouterr().err
+    for bad in ("[1, 2]", '{"classes": {"a": 0.5}}'):
+        (tmp_path / "bad.json").write_text(bad)
+        assert main([*args, "--baseline", str(tmp_path / "bad.json")]) == 2
+        assert "not a report of `clipbank eval --json`" in capsys.readouterr().err

@@ -160,12 +160,13 @@ class FolderListing:
 
 
 def list_image_folder(
-    root: str | Path, classes: tuple[str, ...] | None = None, may_also: tuple[str, ...] = ()
+    root: str | Path, classes: tuple[str, ...] | None = None, may_also: tuple[str, ...] = (), training: bool = False
 ) -> FolderListing:
     """`load_image_folder`'s checks of the folders and their classes, which need no image decoded: a command
     runs them before its slow start (a backbone's download) and decodes later. With `classes`, the folders must
     name those, and may also name `may_also` (a new version's validation: its parent's classes, which it answers
-    over too); those come after `classes` in the listing's."""
+    over too); those come after `classes` in the listing's. `training`: also warn of classes far smaller than the
+    largest (a task seldom answers them), which says nothing of a validation or test folder."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"image folder {root} does not exist")
@@ -194,7 +195,8 @@ def list_image_folder(
     single = [c for c, n in zip(classes, counts, strict=True) if n == 1]
     if single:
         log.warning("%s: class(es) %s have one image each: too few to learn, or to validate on", root, some(single))
-    if small := [f"{c} ({n})" for c, n in zip(classes, counts, strict=True) if 1 < n < counts.max() / 5]:
+    small = [f"{c} ({n})" for c, n in zip(classes, counts, strict=True) if 1 < n < counts.max() / 5]
+    if training and small:
         log.warning(  # an outside check's classes of 8 and 1 images beside one of 120 were never answered
             "%s: class(es) %s have under a fifth of the largest class's %d images: the task will seldom answer them",
             root,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -126,7 +127,7 @@ def _train_and_store(job: TrainJob) -> dict[str, Any]:
     store = _open_store(job.store) if job.store else None
     _warn_if_val_is_data(job)
     version, parent, seen = _next_version(store, job)
-    listed = list_image_folder(job.data)  # the folders' faults at once, before a backbone's download
+    listed = list_image_folder(job.data, training=True)  # the folders' faults at once, before a backbone's download
     # a new version answers over its parent's classes too: its validation may hold them, and so show forgetting
     listed_val = list_image_folder(job.val, listed.classes, seen) if job.val else None
     if listed_val is not None and Path(job.val).resolve() != Path(job.data).resolve():
@@ -233,17 +234,18 @@ def _warn_if_val_is_data(job: TrainJob) -> None:
 
 
 def _warn_if_val_copies_data(train: FolderListing, val: FolderListing) -> None:
-    """A validation folder whose images are mostly the training folder's (the same class, file name and size: a
+    """A validation folder whose images are mostly the training folder's (the same class, file name and bytes: a
     copy made with `cp -r`) overstates the task as --val naming --data's folder does (an outside check's copy
     calibrated its selector on training images, and nothing was said)."""
 
-    def files(listing: FolderListing) -> set[tuple[str, str, int]]:
-        return {(p.parent.name, p.name, p.stat().st_size) for p in listing.paths}
+    def files(listing: FolderListing) -> dict[tuple[str, str, int], Path]:
+        return {(p.parent.name, p.name, p.stat().st_size): p for p in listing.paths}
 
-    shared = len(files(train) & files(val))
+    ours, theirs = files(train), files(val)  # then the same bytes: an export names every split's files alike
+    shared = sum(filecmp.cmp(ours[k], theirs[k], shallow=False) for k in ours.keys() & theirs.keys())
     if shared > len(val.paths) / 2:
         log.warning(
-            "%d of the %d --val images are also in --data (the same class, file name and size): validation accuracy "
+            "%d of the %d --val images are also in --data (the same class, file name and bytes): validation accuracy "
             "and the selector's threshold are then measured on training images, and overstate what the task will do",
             shared,
             len(val.paths),

@@ -365,6 +365,17 @@ async def test_without_labels_or_a_task_the_answer_is_measured_where_the_images_
         assert [x["route"]["task"] for x in r.json()["results"]] == ["long", "long"]
 
 
+async def test_two_labels_naming_one_class_are_refused_before_any_work_whatever_the_route(tmp_path, backbone):
+    """Routing reads `three_quarters` and `three quarters` as one class: a request naming both was a 422 when an
+    image went to the task that has it and a 200 when images went to zero-shot (a reviewer's)."""
+    async with running_app(tmp_path, backbone) as c:
+        for labels in (["three_quarters", "three quarters", "half"], ["Cat", "cat"]):
+            r = await c.post("/classify", files=_classify_files(1), data={"labels": labels})
+            assert r.status_code == 422, r.text
+        assert "name the same class" in r.json()["error"]["message"] or "same text" in r.json()["error"]["message"]
+        assert c.app.state.service.batcher.batches == 0  # refused before any image was decoded or run
+
+
 async def test_json_with_a_repeated_key_or_no_body_is_named_as_such(tmp_path, backbone):
     """A repeated key kept the last silently (labels x, y scored, not cat, dog); an empty body said "Expecting
     value: line 1 column 1"."""

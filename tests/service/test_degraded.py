@@ -10,6 +10,7 @@ import pytest
 from model_store.bank import build_bank, empty_bank
 from model_store.bundle import read_bundle
 from model_store.digest import bytes_digest
+from model_store.errors import StoreError
 from model_store.store import LocalStore
 from tests.helpers import edit_bundle, random_bundle, with_version
 from tests.service.conftest import AUTH, running_app
@@ -466,3 +467,7 @@ async def test_a_store_replaced_under_the_server_is_said_without_its_path(tmp_pa
         health = (await c.get("/healthz")).json()
         assert health["status"] == "degraded" and "was replaced under this process" in health["store_error"]
         assert str(tmp_path) not in health["store_error"], health  # no server paths to clients
+        registry = c.app.state.service.registry  # any store error naming the store: by its folder's name
+        registry._store_failed(StoreError(f"store {store.location}: its index.json could not be read"))
+        health = (await c.get("/healthz")).json()
+        assert health["store_error"] == "store store: its index.json could not be read", health

@@ -250,6 +250,7 @@ async def test_a_client_gone_while_its_request_waits_for_compute_is_a_499_and_ne
             busy.join(5)
             r = await c.post("/classify", files=files, data={"labels": ["red", "blue"]})
         assert r.status_code == 200 and service.batcher.batches == batches + 1  # the live request's batch alone
+        assert "clipbank_queue_images 0.0" in (await c.get("/metrics")).text  # the gone one left the queue too
         metrics = (await c.get("/metrics")).text
         assert 'endpoint="/classify",method="POST",status="499"} 1.0' in metrics, metrics
 
@@ -298,6 +299,18 @@ async def test_a_request_cancelled_at_shutdown_is_answered_503_not_a_plain_500(t
         assert headers[b"x-request-id"] == b"slow-upload-1" and headers[b"x-clipbank-error"] == b"not_ready"
         assert b"the server shut down before this request was answered" in sent[1]["body"]
         assert not [r for r in caplog.records if r.exc_info]
+        metrics = (await c.get("/metrics")).text  # counted as answered, not as a 500
+        assert 'endpoint="/tasks",method="POST",status="503"} 1.0' in metrics and 'status="500"' not in metrics
+
+        sent.clear()  # another cancel (Ray Serve's, when a client leaves) is not answered: it goes on up
+        first.append({"type": "http.request", "body": b"--zz", "more_body": True})
+        with anyio.fail_after(10):
+            task = asyncio.ensure_future(c.app(scope, receive, send))
+            await asyncio.sleep(0.5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert sent == []
 
 
 async def test_start_up_objects_are_kept_out_of_the_collectors_full_passes(tmp_path, backbone):

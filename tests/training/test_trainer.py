@@ -398,7 +398,15 @@ def test_a_val_folder_copied_from_the_training_folder_is_warned_of(tmp_path, cap
         assert "also in --data" not in caplog.text  # a real validation split
         _warn_if_val_copies_data(train, list_image_folder(tmp_path / "valdup", train.classes))
     n = len(train.paths)
-    assert f"{n} of the {n} --val images are also in --data (the same class, file name and size)" in caplog.text
+    assert f"{n} of the {n} --val images are also in --data (the same class, file name and bytes)" in caplog.text
+    caplog.clear()
+    for p in (tmp_path / "valdup").rglob("*.png"):  # the same names and sizes, other bytes: other images
+        data = bytearray(p.read_bytes())
+        data[-5] ^= 0xFF
+        p.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        _warn_if_val_copies_data(train, list_image_folder(tmp_path / "valdup", train.classes))
+    assert "also in --data" not in caplog.text
 
 
 def test_what_the_image_folder_reader_says_of_a_val_folder_and_an_empty_file(tmp_path):

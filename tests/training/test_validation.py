@@ -39,6 +39,8 @@ def test_a_class_far_smaller_than_the_largest_is_warned_about_before_training(tm
         for i in range(n):
             Image.new("RGB", (8, 8), "red").save(tmp_path / name / f"{i}.png")
     with caplog.at_level(logging.WARNING):
-        list_image_folder(tmp_path)
+        list_image_folder(tmp_path)  # a validation or test folder: nothing to say of its balance
+        assert "under a fifth" not in caplog.text
+        list_image_folder(tmp_path, training=True)
     assert "class(es) ['small (4)'] have under a fifth of the largest class's 30 images" in caplog.text
     assert "class(es) ['one'] have one image each" in caplog.text
