@@ -245,9 +245,8 @@ def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:
             theirs = path.read_text(errors="replace").strip()
             if len(theirs) >= 16 and SENDABLE_TOKEN.fullmatch(theirs):
                 return theirs, f"read from {path}"
-            os.replace(
-                tmp, path
-            )  # empty, too short or unsendable (a damaged or hand-written file): no client could use it
+            # empty, too short or unsendable (a damaged or hand-written file): no client could use it
+            os.replace(tmp, path)
             log.warning(
                 "the admin token saved in %s was %s: replaced",
                 path,
