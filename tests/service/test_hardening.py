@@ -161,24 +161,31 @@ async def test_a_peer_servers_change_is_not_called_serving_before_this_server_sw
         assert (info["active_version"], info["serving"], info["serving_version"]) == (2, False, 1)
 
 
+def _http_scope(path: str, headers: list[tuple[bytes, bytes]]) -> dict:
+    """The ASGI scope of a POST to `path` from 127.0.0.1, for a test that plays the server's side of the socket."""
+    return {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("clipbank", 80),
+        "scheme": "http",
+        "root_path": "",
+    }
+
+
 async def test_a_client_that_hangs_up_mid_upload_is_a_499_with_one_log_line(tmp_path, backbone, caplog):
     async with running_app(tmp_path, backbone) as c:
         app = c.app
         kind, body = "multipart/form-data; boundary=zz", b'--zz\r\nContent-Disposition: form-data; name="bundle"'
         messages = [{"type": "http.request", "body": body, "more_body": True}, {"type": "http.disconnect"}]
-        scope = {
-            "type": "http",
-            "http_version": "1.1",
-            "method": "POST",
-            "path": "/tasks",
-            "raw_path": b"/tasks",
-            "query_string": b"",
-            "headers": [(b"content-type", kind.encode()), (b"authorization", AUTH["Authorization"].encode())],
-            "client": ("127.0.0.1", 1),
-            "server": ("clipbank", 80),
-            "scheme": "http",
-            "root_path": "",
-        }
+        scope = _http_scope(
+            "/tasks", [(b"content-type", kind.encode()), (b"authorization", AUTH["Authorization"].encode())]
+        )
         sent: list[dict] = []
 
         async def receive():
@@ -228,19 +235,9 @@ async def test_a_client_gone_while_its_request_waits_for_compute_is_a_499_and_ne
             assert "clipbank_admitted_images 2.0" in (await c.get("/metrics")).text  # queued, holding capacity
             hung_up.set()
 
-        scope = {
-            "type": "http",
-            "http_version": "1.1",
-            "method": "POST",
-            "path": "/classify",
-            "raw_path": b"/classify",
-            "query_string": b"",
-            "headers": [(b"content-type", kind.encode()), (b"content-length", str(len(body)).encode())],
-            "client": ("127.0.0.1", 1),
-            "server": ("clipbank", 80),
-            "scheme": "http",
-            "root_path": "",
-        }
+        scope = _http_scope(
+            "/classify", [(b"content-type", kind.encode()), (b"content-length", str(len(body)).encode())]
+        )
         batches = service.batcher.batches
         with anyio.fail_after(10):
             await asyncio.gather(c.app(scope, receive, send), hang_up())
@@ -259,20 +256,8 @@ async def test_a_request_cancelled_at_shutdown_is_answered_503_not_a_plain_500(t
     """uvicorn cancels what still runs when the graceful shutdown's 30 s end (here: an upload whose body is still
     coming): its client got a plain-text 500 without a request id, and the log a CancelledError traceback."""
     async with running_app(tmp_path, backbone) as c:
-        scope = {
-            "type": "http",
-            "http_version": "1.1",
-            "method": "POST",
-            "path": "/tasks",
-            "raw_path": b"/tasks",
-            "query_string": b"",
-            "headers": [(b"content-type", b"multipart/form-data; boundary=zz"), (b"x-request-id", b"slow-upload-1")]
-            + [(b"authorization", AUTH["Authorization"].encode())],
-            "client": ("127.0.0.1", 1),
-            "server": ("clipbank", 80),
-            "scheme": "http",
-            "root_path": "",
-        }
+        headers = [(b"content-type", b"multipart/form-data; boundary=zz"), (b"x-request-id", b"slow-upload-1")]
+        scope = _http_scope("/tasks", [*headers, (b"authorization", AUTH["Authorization"].encode())])
         first = [
             {
                 "type": "http.request",
