@@ -249,7 +249,7 @@ def check_labels(labels: list[str], limits: Limits) -> None:
     keys: dict[str, int] = {}
     for i, label in enumerate(labels):  # one class to routing (and to a task that has it) whatever the route
         first = keys.setdefault(label_key(label), i)
-        if first != i:
+        if labels[first] != label:  # the very same label twice is named so later (`ClassifyItem`)
             raise InvalidRequest(f"labels {twin_message((labels[first], label))}")
 
 
