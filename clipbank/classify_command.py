@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,40 +23,49 @@ CLASSIFY_CHUNK = 64  # images per request: the server's default max_images (a se
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from service.client import ClipbankClient, ClipbankHTTPError
+    from service.client import ClipbankClient
 
     labels = _labels(args.labels, args.label)
     args.images = _expanded(args.images)
     if args.route == "per-request" and len(args.images) > CLASSIFY_CHUNK:
         raise ValueError(f"--route per-request decides once for at most {CLASSIFY_CHUNK} images (one request)")
     results: list[dict] = []
-    skipped, a, chunk = 0, 0, CLASSIFY_CHUNK
-    # a shell glob may name more than one request holds
+    skipped = 0
     with ClipbankClient(args.url, args.token, retries=args.retries) as client:
-        while a < len(args.images):
-            names = args.images[a : a + chunk]
-            try:
-                try:
-                    answered = _classify_chunk(client, names, labels, args, a)
-                except ClipbankHTTPError as e:  # a lower max_images, too large a body or answer: smaller requests
-                    chunk = _smaller_chunk(e, len(names))
-                    if chunk is None or args.route == "per-request":  # one decision for all: not split behind its back
-                        raise
-                    continue
-            except Exception as e:  # with --json, the answers so far are kept, as the text lines are
-                if args.json:
-                    print_json({"results": results, "unanswered": args.images[a:], "error": _error_of(e)})
-                raise
-            a += len(names)
-            skipped += sum("error" in r for r in answered)
-            results += answered
-            if not args.json:  # each request's answers as they come: a later request's error keeps them
-                _print_results(names, answered, args.top_k)
+        try:
+            for names, answered in answers_in_requests(client, labels, args):
+                skipped += sum("error" in r for r in answered)
+                results += answered
+                if not args.json:  # each request's answers as they come: a later request's error keeps them
+                    _print_results(names, answered, args.top_k)
+        except Exception as e:  # with --json, the answers so far are kept, as the text lines are
+            if args.json:
+                print_json({"results": results, "unanswered": args.images[len(results) :], "error": _error_of(e)})
+            raise
     if args.json:
         print_json({"results": results})
     if skipped:
         print(f"clipbank: {skipped} of {len(args.images)} files skipped (--skip-bad); see their lines", file=sys.stderr)
     return 1 if skipped == len(args.images) else 0  # none answered: not a success
+
+
+def answers_in_requests(client: Any, labels: list[str], args: argparse.Namespace) -> Iterator[tuple[list, list]]:
+    """`args.images` sent in requests of at most CLASSIFY_CHUNK images (a shell glob may name more than one request
+    holds), fewer after a 413 that says how many (`_smaller_chunk`): each request's (files, answers), in order."""
+    from service.client import ClipbankHTTPError
+
+    a, chunk = 0, CLASSIFY_CHUNK
+    while a < len(args.images):
+        names = args.images[a : a + chunk]
+        try:
+            answered = _classify_chunk(client, names, labels, args, a)
+        except ClipbankHTTPError as e:  # a lower max_images, too large a body or answer: smaller requests
+            chunk = _smaller_chunk(e, len(names))
+            if chunk is None or args.route == "per-request":  # one decision for all: not split behind its back
+                raise
+            continue
+        a += len(names)
+        yield names, answered
 
 
 def _classify_chunk(client: Any, names: list[str], labels: list[str], args: argparse.Namespace, a: int) -> list[dict]:

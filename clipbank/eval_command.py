@@ -26,7 +26,7 @@ def _eval(args: argparse.Namespace) -> int:
     from training.data import list_image_folder
     from training.progress import progress_bar
 
-    from .classify_command import CLASSIFY_CHUNK, _classify_chunk, _smaller_chunk
+    from .classify_command import answers_in_requests
 
     listing = list_image_folder(args.folder)
     if not listing.paths:
@@ -38,21 +38,11 @@ def _eval(args: argparse.Namespace) -> int:
     )
     send.images = names = [str(p) for p in listing.paths]
     results: list[dict] = []
-    chunk = CLASSIFY_CHUNK
     with (
         ClipbankClient(args.url, args.token, retries=args.retries) as client,
         progress_bar(total=len(names), unit="image", desc=f"eval {listing.root.name}", disable=args.quiet) as bar,
     ):
-        while len(results) < len(names):
-            part = names[len(results) : len(results) + chunk]
-            try:
-                answered = _classify_chunk(client, part, labels, send, len(results))
-            except Exception as e:
-                smaller = _smaller_chunk(e, len(part)) if hasattr(e, "status") else None
-                if smaller is None:
-                    raise
-                chunk = smaller
-                continue
+        for _, answered in answers_in_requests(client, labels, send):
             results += answered
             bar.update(len(answered))
     report = score(results, [listing.classes[i] for i in listing.labels], listing.classes)
