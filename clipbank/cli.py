@@ -23,7 +23,7 @@ from .flags import UsageError, add_flags, given
 from .logs import hub_lines_once, serve_logs
 from .output import print_json
 from .server_commands import add_server_parsers
-from .tables import index_tasks, print_tasks
+from .store_commands import add_store_parser
 from .watch_commands import add_watch_parsers
 
 
@@ -94,96 +94,6 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store(args: argparse.Namespace) -> int:
-    from model_store.store import open_store
-    from model_store.store_check import check_store, store_leftovers
-
-    local = "://" not in args.store
-    if local and not any((Path(args.store) / name).exists() for name in ("index.json", "blobs")):
-        # a typo, or any other folder, would become a new, empty store
-        what = ": it is a file" if Path(args.store).is_file() else ""
-        raise FileNotFoundError(f"no store at {args.store!r}{what} (a store folder holds index.json and blobs/)")
-    if args.store_cmd == "check":
-        if not local and not open_store(args.store).exists():
-            raise FileNotFoundError(f"no store at {args.store!r} (no index.json under that prefix)")
-        problems = check_store(args.store)  # on S3: every blob as the bucket holds it, past this machine's cache
-        if args.backbone:
-            problems += _unservable(args.store, args.backbone)
-        for problem in problems:
-            print(problem)
-        said = f"{len(problems)} problem(s)" if problems else "the store is consistent"
-        if not args.backbone:  # a store whole on disk can still hold versions a server would not serve
-            said += " (blobs and index only; --backbone REF also checks that a server on REF serves every version)"
-        print(said, file=sys.stderr)
-        if not problems and any((left := store_leftovers(args.store)).values()):  # not faults, but disk space
-            print(
-                f"leftovers: {left['temp_files']} temp file(s), {left['unreferenced_blobs']} blob(s) no version names "
-                "(the next change removes temp files; any purge, `store deactivate TASK --purge`, removes such blobs)",
-                file=sys.stderr,
-            )
-        return 1 if problems else 0
-    store = open_store(args.store)
-    if not local and not store.exists():  # a mistyped prefix reads as an empty store, and a change would make one
-        raise FileNotFoundError(f"no store at {args.store!r} (no index.json under that prefix)")
-    if args.store_cmd == "list" and args.json:
-        print_json(store.index().to_json())
-    elif args.store_cmd == "list":
-        index = store.index()
-        print_tasks(index.generation, index_tasks(index), f"store {args.store}")
-    elif args.store_cmd == "activate":
-        _readable(store, args.task, args.version)
-        bundle = store.activate(args.task, args.version)
-        print(f"task {args.task}: version {args.version} is active (bundle {bundle[:12]}), ungated")
-    elif args.store_cmd == "deactivate" and not args.purge:
-        store.deactivate(args.task)
-        print(f"task {args.task}: deactivated (its versions stay stored; images go to the other tasks or zero-shot)")
-    elif args.store_cmd == "deactivate":
-        _purge(store, args.task)
-    return 0
-
-
-def _readable(store, task: str, version: int) -> None:
-    """Read and verify the version's bundle and the bundles whose experts it uses, as a server will: a damaged
-    one would take the task offline (StoreDamaged, BundleError or MissingExpert, naming it)."""
-    from model_store.loader import BankLoader
-
-    loader = BankLoader(store, None)  # no bank is built: bundles read and checked against their names only
-    loader.providers([loader.bundle(store.version(task, version).bundle_id)])
-
-
-def _purge(store, task: str) -> None:
-    from model_store.store_base import needed_by
-
-    store.deactivate(task)
-    gone = store.purge(task)
-    kept = needed_by(store.index(), task)
-    print(f"task {task}: deactivated and purged; {gone} of its bundle(s) deleted, and any blob no version named")
-    for version, users in sorted(kept.items()):
-        print(f"  kept version {version}: tasks {', '.join(users)} use its experts")
-
-
-def _unservable(location: str, ref: str) -> list[str]:
-    """The active and shadow versions a server on backbone `ref` would not serve (another backbone's bundles, or
-    the same weights computing otherwise): what it would report degraded. Unreadable blobs are check_store's."""
-    from model_store.backbone import load_backbone
-    from model_store.bundle import read_manifest
-    from model_store.compat import check_backbone
-    from model_store.errors import BackboneMismatch
-    from model_store.store import open_store
-
-    backbone, store, problems = load_backbone(ref, "cpu"), open_store(location), []
-    for task, record in sorted(store.index().tasks.items()):
-        for what, bundle_id in (("active", record.active), ("shadow", record.shadow)):
-            try:
-                if bundle_id is not None:
-                    check_backbone(read_manifest(store.read(bundle_id)).backbone, backbone)
-            except BackboneMismatch as e:
-                problems.append(f"task {task} ({what} version): not served on {ref}: {e}")
-            except ClipbankError:  # missing or damaged: said above
-                continue
-    return problems
-
-
 def _demo(args: argparse.Namespace) -> int:
     from training.demo import run_demo
 
@@ -221,36 +131,6 @@ def _add_pretrain(sub) -> None:
         help="write over the embedded tiny weights instead (its bundles and reference set then stop loading)",
     )
     pt.set_defaults(fn=_pretrain)
-
-
-def _add_store(sub) -> None:
-    s = sub.add_parser("store", help="inspect, check or change a store (a folder, or s3://)")
-    s.add_argument(
-        "--store",
-        default=env_value("store") or ServeConfig.store,
-        help=f"($CLIPBANK_STORE, default {ServeConfig.store})",
-    )
-    ssub = s.add_subparsers(dest="store_cmd", required=True)
-    ls = ssub.add_parser("list", help="the stored tasks and versions, which is active, their sizes and accuracy")
-    ls.add_argument("--json", action="store_true", help="print the store's whole index as JSON instead")
-    ck = ssub.add_parser("check", help="report what is damaged or inconsistent (exit 1 if anything is)")
-    ck.add_argument(
-        "--backbone", help="also name the active versions a server on this backbone would not serve (before a switch)"
-    )
-    a = ssub.add_parser("activate", help="make a stored version active (not gated: the server's gate is its own)")
-    a.add_argument("task")
-    a.add_argument("version", type=int)
-    dd = ssub.add_parser("deactivate", help="stop routing to a task (its versions stay stored)")
-    dd.add_argument("task")
-    dd.add_argument(
-        "--purge",
-        action="store_true",
-        help="also forget the task and delete its bundles (and blobs no version names), except versions whose "
-        "experts other tasks use; no rollback to them after",
-    )
-    for p in ssub.choices.values():  # `store list --store DIR` as well as `store --store DIR list`
-        p.add_argument("--store", default=argparse.SUPPRESS, help="the store (also before the sub-command)")
-    s.set_defaults(fn=_store)
 
 
 def _add_serve(sub) -> None:
@@ -329,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     p.add_argument("--version", action="version", version=f"clipbank {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for add in (_add_train, _add_data, _add_pretrain, _add_store, _add_serve, _add_client):
+    for add in (_add_train, _add_data, _add_pretrain, add_store_parser, _add_serve, _add_client):
         add(sub)
     add_bench_parsers(sub)
     add_reference_parser(sub)

@@ -42,7 +42,7 @@ def _tasks(args: argparse.Namespace) -> int:
     elif args.tasks_cmd == "activate":
         _activated(out)
     elif args.tasks_cmd == "deactivate":
-        _deactivated(out, args.purge)
+        print_deactivated(out, args.purge)
     elif not (isinstance(out, dict) and isinstance(out.get("generation"), int) and isinstance(out.get("tasks"), list)):
         raise ValueError(f"{args.url} answered GET /tasks without a generation and tasks: is it a clipbank server?")
     else:
@@ -59,7 +59,8 @@ def _activated(out: dict) -> None:
         print(f"  forced past the gate: {offence}", file=sys.stderr)
 
 
-def _deactivated(out: dict, purge: bool) -> None:
+def print_deactivated(out: dict, purge: bool) -> None:
+    """What `tasks deactivate` (a server) and `store deactivate` (a store) print: `out` is the server's answer."""
     if not purge:
         if out.get("was_active", True):
             print(f"task {out['task']}: deactivated (generation {out['generation']}); its versions stay stored")

@@ -108,7 +108,7 @@ class Steps:
         self.works: deque[_ImageWork | _TextWork] = deque()
         self._image_seconds = 0.005  # moving averages of one image's pass and one prompt character's encoding
         self._char_seconds = 5e-5
-        self.image_steps = self.text_steps = 0
+        self.image_steps = self.text_steps = self.dropped = 0
 
     def __bool__(self) -> bool:
         return bool(self.works)
@@ -129,8 +129,12 @@ class Steps:
             self.works.append(work)
 
     def step(self) -> None:
-        """One step of the oldest work; unfinished work goes to the back."""
+        """One step of the oldest work; unfinished work goes to the back. Work whose clients all went away is
+        dropped: nobody waits for it, and parked prompts count against `max_parked_prompts`."""
         work = self.works.popleft()
+        if _abandoned(work):
+            self.dropped += 1
+            return
         if isinstance(work, _ImageWork):
             self._advance(work, self._images_per_step())
         else:
@@ -180,7 +184,8 @@ class Steps:
         """Request `k`'s answer (None if parked), and the inline budget left."""
         jobs = [j for j in (TextJob(plan.bank, *need) for need in plan.text_needs(k)) if j.key not in self.cache]
         cost, chars = sum(j.remaining for j in jobs), sum(j.remaining_chars for j in jobs)
-        parked = sum(j.remaining for w in self.works if isinstance(w, _TextWork) for j in w.jobs)
+        live = (w for w in self.works if isinstance(w, _TextWork) and not _abandoned(w))
+        parked = sum(j.remaining for w in live for j in w.jobs)
         if cost > self.budget.max_request_prompts:
             return LimitExceeded(_too_many_prompts(cost, self.budget.max_request_prompts)), inline
         if chars <= inline:
@@ -270,6 +275,13 @@ def _too_many_prompts(cost: int, limit: int) -> str:
         f"this request needs {cost} new text prompts (labels x templates of the tasks its images were routed to); "
         f"the limit is max_request_prompts={limit}: send fewer labels, or label sets the server has seen before"
     )
+
+
+def _abandoned(work: _ImageWork | _TextWork) -> bool:
+    """Whether every request of `work` is settled already: its client went away (its future was cancelled).
+    Read from the compute thread, as the batcher reads the queue's futures."""
+    batch = work.batch if isinstance(work, _ImageWork) else [work.pending]
+    return all(p.future.done() for p in batch)
 
 
 def _fail(batch: list[Pending], error: Exception) -> None:

@@ -61,6 +61,32 @@ async def test_a_long_new_label_list_does_not_hold_the_compute_thread(backbone):
         batcher.stop()
 
 
+async def test_parked_label_work_of_a_client_that_went_away_is_dropped(backbone):
+    bank = empty_bank(backbone)
+    budget = StepBudget(inline_chars=200, text_step_seconds=0.002, max_parked_prompts=1000)
+    batcher = Batcher(lambda: bank, max_batch=8, max_wait_ms=0, budget=budget)
+    batcher.start()
+    try:
+        labels = tuple(f"a label nobody sent before, number {i}" for i in range(900))  # 900 parked prompts
+        gone = asyncio.create_task(batcher.submit(ClassifyItem(_image(backbone), labels, "zero-shot")))
+        while batcher.steps.text_steps < 3:  # parked, and being encoded a step at a time
+            await asyncio.sleep(0.005)
+        gone.cancel()  # what the route does when its client disconnects
+        for _ in range(400):  # (the compute thread pops a work before its step: `steps` may look empty meanwhile)
+            if batcher.steps.dropped:
+                break
+            await asyncio.sleep(0.005)
+        steps = batcher.steps.text_steps
+        await asyncio.sleep(0.05)
+        assert batcher.steps.dropped == 1 and not batcher.steps  # its work left the compute thread
+        assert batcher.steps.text_steps == steps  # and nothing more of it was encoded
+        others = tuple(f"another new label {i}" for i in range(900))  # would pass max_parked_prompts beside it
+        results, _ = await batcher.submit(ClassifyItem(_image(backbone, 1), others, "zero-shot"))
+        assert len(results[0].labels) == 900 and batcher.steps.text_steps > steps
+    finally:
+        batcher.stop()
+
+
 async def test_a_large_batch_runs_in_slices_and_a_small_request_slips_between_them(backbone):
     bank = empty_bank(backbone)
     budget = StepBudget(image_step_seconds=0.001)  # a few images per step

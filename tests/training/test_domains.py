@@ -196,8 +196,10 @@ def test_store_activate_and_deactivate_say_what_they_did(tmp_path, capsys, backb
     assert main(["store", "--store", str(tmp_path / "s"), "activate", "cars", "1"]) == 0
     assert capsys.readouterr().out.startswith("task cars: version 1 is active (bundle ")
     assert main(["store", "--store", str(tmp_path / "s"), "deactivate", "cars"]) == 0
-    assert capsys.readouterr().out.startswith("task cars: deactivated (its versions stay stored")
+    assert capsys.readouterr().out.startswith("task cars: deactivated (generation 3); its versions stay stored")
     assert LocalStore(tmp_path / "s").active() == {}
+    assert main(["store", "--store", str(tmp_path / "s"), "deactivate", "cars"]) == 0  # said "deactivated" again
+    assert capsys.readouterr().out == "task cars: it had no active version; nothing changed\n"
     (blob,) = (tmp_path / "s" / "blobs").iterdir()
     good = blob.read_bytes()
     blob.write_bytes(good[: len(good) // 2])  # damaged: activating it would take the task offline
@@ -206,7 +208,7 @@ def test_store_activate_and_deactivate_say_what_they_did(tmp_path, capsys, backb
     blob.write_bytes(good)
     LocalStore(tmp_path / "s").activate("cars", 1)
     assert main(["store", "--store", str(tmp_path / "s"), "deactivate", "cars", "--purge"]) == 0  # active: both
-    assert capsys.readouterr().out.startswith("task cars: deactivated and purged; 1 of its bundle(s) deleted")
+    assert capsys.readouterr().out.startswith("task cars: deactivated and purged, 1 blob(s) deleted")
     assert "cars" not in LocalStore(tmp_path / "s").index().tasks and not list((tmp_path / "s/blobs").iterdir())
     assert main(["store", "--store", str(tmp_path / "s"), "deactivate", "cars", "--purge"]) == 2  # gone: named
     assert "task_not_found" in capsys.readouterr().err

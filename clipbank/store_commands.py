@@ -1,0 +1,140 @@
+"""`clipbank store`: inspect, check or change a store without a server (a folder, or s3://)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from model_store.errors import ClipbankError
+from model_store.settings import env_value
+from service.config import ServeConfig
+
+from .output import print_json
+from .server_commands import print_deactivated
+from .tables import index_tasks, print_tasks
+
+
+def _store(args: argparse.Namespace) -> int:
+    from model_store.store import open_store
+    from model_store.store_check import check_store, store_leftovers
+
+    local = "://" not in args.store
+    if local and not any((Path(args.store) / name).exists() for name in ("index.json", "blobs")):
+        # a typo, or any other folder, would become a new, empty store
+        what = ": it is a file" if Path(args.store).is_file() else ""
+        raise FileNotFoundError(f"no store at {args.store!r}{what} (a store folder holds index.json and blobs/)")
+    if args.store_cmd == "check":
+        if not local and not open_store(args.store).exists():
+            raise FileNotFoundError(f"no store at {args.store!r} (no index.json under that prefix)")
+        problems = check_store(args.store)  # on S3: every blob as the bucket holds it, past this machine's cache
+        if args.backbone:
+            problems += _unservable(args.store, args.backbone)
+        for problem in problems:
+            print(problem)
+        said = f"{len(problems)} problem(s)" if problems else "the store is consistent"
+        if not args.backbone:  # a store whole on disk can still hold versions a server would not serve
+            said += " (blobs and index only; --backbone REF also checks that a server on REF serves every version)"
+        print(said, file=sys.stderr)
+        if not problems and any((left := store_leftovers(args.store)).values()):  # not faults, but disk space
+            print(
+                f"leftovers: {left['temp_files']} temp file(s), {left['unreferenced_blobs']} blob(s) no version names "
+                "(the next change removes temp files; any purge, `store deactivate TASK --purge`, removes such blobs)",
+                file=sys.stderr,
+            )
+        return 1 if problems else 0
+    store = open_store(args.store)
+    if not local and not store.exists():  # a mistyped prefix reads as an empty store, and a change would make one
+        raise FileNotFoundError(f"no store at {args.store!r} (no index.json under that prefix)")
+    if args.store_cmd == "list" and args.json:
+        print_json(store.index().to_json())
+    elif args.store_cmd == "list":
+        index = store.index()
+        print_tasks(index.generation, index_tasks(index), f"store {args.store}")
+    elif args.store_cmd == "activate":
+        _readable(store, args.task, args.version)
+        bundle = store.activate(args.task, args.version)
+        print(f"task {args.task}: version {args.version} is active (bundle {bundle[:12]}), ungated")
+    elif args.store_cmd == "deactivate":
+        print_deactivated(_deactivate(store, args.task, args.purge), args.purge)
+    return 0
+
+
+def _readable(store, task: str, version: int) -> None:
+    """Read and verify the version's bundle and the bundles whose experts it uses, as a server will: a damaged
+    one would take the task offline (StoreDamaged, BundleError or MissingExpert, naming it)."""
+    from model_store.loader import BankLoader
+
+    loader = BankLoader(store, None)  # no bank is built: bundles read and checked against their names only
+    loader.providers([loader.bundle(store.version(task, version).bundle_id)])
+
+
+def _deactivate(store, task: str, purge: bool) -> dict:
+    """`DELETE /tasks/{task}` done on the store itself: what the server would answer, for the same message."""
+    from model_store.store_base import needed_by
+
+    record = store.index().task(task)  # TaskNotFound names it
+    shadow = None if purge else record.record_of(record.shadow)
+    store.deactivate(task)
+    gone = store.purge(task) if purge else 0
+    index = store.index()
+    return {
+        "task": task,
+        "was_active": record.active is not None,
+        "shadow_version": shadow.version if shadow is not None else None,
+        "purged_blobs": gone,
+        "kept": needed_by(index, task) if purge else {},
+        "generation": index.generation,
+    }
+
+
+def _unservable(location: str, ref: str) -> list[str]:
+    """The active and shadow versions a server on backbone `ref` would not serve (another backbone's bundles, or
+    the same weights computing otherwise): what it would report degraded. Unreadable blobs are check_store's."""
+    from model_store.backbone import load_backbone
+    from model_store.bundle import read_manifest
+    from model_store.compat import check_backbone
+    from model_store.errors import BackboneMismatch
+    from model_store.store import open_store
+
+    backbone, store, problems = load_backbone(ref, "cpu"), open_store(location), []
+    for task, record in sorted(store.index().tasks.items()):
+        for what, bundle_id in (("active", record.active), ("shadow", record.shadow)):
+            try:
+                if bundle_id is not None:
+                    check_backbone(read_manifest(store.read(bundle_id)).backbone, backbone)
+            except BackboneMismatch as e:
+                problems.append(f"task {task} ({what} version): not served on {ref}: {e}")
+            except ClipbankError:  # missing or damaged: said above
+                continue
+    return problems
+
+
+def add_store_parser(sub) -> None:
+    s = sub.add_parser("store", help="inspect, check or change a store (a folder, or s3://)")
+    s.add_argument(
+        "--store",
+        default=env_value("store") or ServeConfig.store,
+        help=f"($CLIPBANK_STORE, default {ServeConfig.store})",
+    )
+    ssub = s.add_subparsers(dest="store_cmd", required=True)
+    ls = ssub.add_parser("list", help="the stored tasks and versions, which is active, their sizes and accuracy")
+    ls.add_argument("--json", action="store_true", help="print the store's whole index as JSON instead")
+    ck = ssub.add_parser("check", help="report what is damaged or inconsistent (exit 1 if anything is)")
+    ck.add_argument(
+        "--backbone", help="also name the active versions a server on this backbone would not serve (before a switch)"
+    )
+    a = ssub.add_parser("activate", help="make a stored version active (not gated: the server's gate is its own)")
+    a.add_argument("task")
+    a.add_argument("version", type=int)
+    dd = ssub.add_parser("deactivate", help="stop routing to a task (its versions stay stored)")
+    dd.add_argument("task")
+    dd.add_argument(
+        "--purge",
+        action="store_true",
+        help="also forget the task and delete its bundles (and blobs no version names), except versions whose "
+        "experts other tasks use; no rollback to them after",
+    )
+    for p in ssub.choices.values():  # `store list --store DIR` as well as `store --store DIR list`
+        p.add_argument("--store", default=argparse.SUPPRESS, help="the store (also before the sub-command)")
+    s.set_defaults(fn=_store)
