@@ -27,6 +27,7 @@ from model_store.gate import Gate, GateLimits
 from model_store.inference import ZERO_SHOT, ClassifyItem, TextCache, classify_batch
 from model_store.reference import find_reference
 from model_store.store import open_store
+from model_store.store_index import INDEX_FORMAT
 
 from .batching import Batcher
 from .config import SENDABLE_TOKEN, ServeConfig
@@ -144,6 +145,7 @@ class Service:
         self.watch.start_monitor(monitor, self.backbone, reference)
         registry = Registry(open_store(cfg.store), self.backbone, self.metrics, cache, gate, self.watch.swapped)
         bank = registry.load()
+        _say_if_read_only(registry.store)
         self.registry = registry  # published once it has a bank: /healthz reads it while this runs
         warm = torch.zeros(1, 3, self.backbone.image_size, self.backbone.image_size)
         items = [ClassifyItem(warm, ("a", "b"), ZERO_SHOT)] + [ClassifyItem(warm, None, t) for t in bank.task_names]
@@ -206,6 +208,22 @@ class Service:
         if registry is None:
             return {"degraded": {}, "store_error": None}
         return {"degraded": dict(registry.bank.degraded), "store_error": registry.store_error}
+
+
+def _say_if_read_only(store: Any) -> None:
+    """A store a newer release wrote is served from, but every change to it is refused (`store_too_new`): said at
+    start, not first by a push that fails."""
+    try:
+        written = store.index().format
+    except (ClipbankError, OSError):  # the registry says why
+        return
+    if written > INDEX_FORMAT:
+        log.warning(
+            "the store was written by a newer clipbank (index format %d; this release reads up to %d): serving from "
+            "it, but every change is refused (store_too_new) until this server is upgraded",
+            written,
+            INDEX_FORMAT,
+        )
 
 
 def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:

@@ -471,3 +471,18 @@ async def test_a_store_replaced_under_the_server_is_said_without_its_path(tmp_pa
         registry._store_failed(StoreError(f"store {store.location}: its index.json could not be read"))
         health = (await c.get("/healthz")).json()
         assert health["store_error"] == "store store: its index.json could not be read", health
+
+
+async def test_a_store_a_newer_release_wrote_is_served_and_said_read_only_at_start(
+    tmp_path, backbone, two_tasks, caplog
+):
+    """An outside check: such a store served with no word of it; the first push was where the operator learnt it."""
+    store = _store(tmp_path, two_tasks["a"])
+    store.index_path.write_text(json.dumps({**json.loads(store.index_path.read_text()), "format": 99}))
+    with caplog.at_level("WARNING", logger="service.lifecycle"):
+        async with running_app(tmp_path, backbone) as c:
+            assert await _pinned(c, "a") == 200
+            r = await c.delete("/tasks/a", headers=AUTH)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "store_too_new"
+    said = [r.getMessage() for r in caplog.records if "newer clipbank" in r.getMessage()]
+    assert said and "index format 99" in said[0] and "every change is refused" in said[0], said
