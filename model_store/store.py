@@ -196,8 +196,8 @@ class LocalStore(Store):
             if not self.index_path.exists():  # the index before any blob: blobs without one mean it was lost
                 atomic_write(self.index_path, encode_index(current))
             wrote = None
-            if blob is not None and not (path := self.blobs / f"{blob[0]}.safetensors").exists():
-                atomic_write(path, blob[1])
+            if blob is not None and not _holds(path := self.blobs / f"{blob[0]}.safetensors", blob[1]):
+                atomic_write(path, blob[1])  # new, or a damaged copy no version names (a leftover): replaced
                 wrote = path
             try:  # compact: the C encoder (with an indent, json runs in Python: slow for a big index)
                 atomic_write(self.index_path, encode_index(index))
@@ -313,3 +313,12 @@ def open_store(location: str | os.PathLike) -> Store:
         hint = f" (write the scheme in lower case: s3://{text[5:]})" if scheme.lower() == "s3" else ""
         raise StoreError(f"store {text!r}: a store is a local folder or s3://bucket/prefix, not {scheme}://{hint}")
     return LocalStore(os.path.expanduser(text))  # `CLIPBANK_STORE=~/x`: no shell expands a variable's `~`
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether the file at `path` is `data`: a blob already there is checked, not trusted (an outside check: a
+    damaged leftover of a purged version was kept under a new upload of the same bundle, answered 201)."""
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except FileNotFoundError:
+        return False

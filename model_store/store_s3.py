@@ -234,13 +234,18 @@ class S3Store(Store):
             attempt = _backoff(attempt, deadline, "the store index kept changing under this change")
 
     def _ensure_blob(self, bundle_id: str, data: bytes) -> None:
+        """Write the blob unless the bucket holds it already, whole: a damaged object of that name (a leftover no
+        version names) is replaced, not trusted."""
         try:
-            self._s3.head_object(Bucket=self.bucket, Key=self._blob_key(bundle_id))
-            return
+            head = self._s3.head_object(Bucket=self.bucket, Key=self._blob_key(bundle_id))
         except Exception as e:
             if _status(e) != 404:
                 raise self._unavailable(f"look up blob {bundle_id[:12]}", e) from None
-        self._write_blob(bundle_id, data)
+            self._write_blob(bundle_id, data)
+            return
+        if head.get("ContentLength") != len(data) or bytes_digest(self.fetch_blob(bundle_id)) != bundle_id:
+            log.warning("blob %s in the bucket is damaged and no version names it: written again", bundle_id[:12])
+            self._write_blob(bundle_id, data, replace=True)
 
     def _publish(self, etag: str | None, index: StoreIndex) -> bool:
         """Write the index if it is still `etag` (None: if there is none yet); False if another writer won."""
