@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import httpx
 
-from model_store.modes import AUTO, PER_IMAGE, task_name_problem
+from model_store.modes import AUTO, PER_IMAGE, ZERO_SHOT, task_name_problem
 
 from .client_inputs import ImageInput, _at_least, _bytes, _name, label_list, whole
 
@@ -25,14 +25,23 @@ class ClipbankHTTPError(Exception):
     the gate's report)."""
 
     def __init__(
-        self, status: int, code: str, message: str, details: dict | None = None, retry_after: float | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: dict | None = None,
+        retry_after: float | None = None,
+        request_id: str | None = None,
     ) -> None:
-        super().__init__(f"HTTP {status} {code}: {message}" if status else f"{code}: {message}")  # 0: no answer
+        said = f"HTTP {status} {code}: {message}" if status else f"{code}: {message}"  # 0: no answer
+        # a 5xx's message points at the server's log: its lines name the request by this id
+        super().__init__(f"{said} (request id {request_id})" if request_id and status >= 500 else said)
         self.status, self.code, self.message, self.details = status, code, message, details
         self.retry_after = retry_after  # seconds, from a 503's Retry-After: when trying again may succeed
+        self.request_id = request_id  # the answer's X-Request-ID: quote it to whoever reads the server's log
 
     def __reduce__(self):  # pickled whole: raised in a process pool's worker, it reaches the caller as itself
-        return type(self), (self.status, self.code, self.message, self.details, self.retry_after)
+        return type(self), (self.status, self.code, self.message, self.details, self.retry_after, self.request_id)
 
 
 # what a change answers at least (an older server's answers have these too)
@@ -40,6 +49,7 @@ ACTIVATED, SHADOWED = ("task", "active_version"), ("task", "shadow_version")
 RETRIED = frozenset({"overloaded", "stale_replica", "not_ready"})  # 503s that name when trying again may succeed
 MAX_RETRY_WAIT = 30.0  # seconds: a longer Retry-After is not waited for
 PROBES = ("/readyz", "/healthz")  # asked for the state now: never retried
+MAY_LAND = "; a change it was making may still land: look before retrying (GET /tasks, clipbank store list)"
 
 
 class ClipbankClient:
@@ -85,8 +95,10 @@ class ClipbankClient:
                 safe = (method == "GET" and path not in PROBES) or path == "/classify"
                 if attempt == self.retries or not safe or e.code not in RETRIED or e.retry_after is None:
                     raise
+                if e.retry_after > MAX_RETRY_WAIT:  # the server says not before then: raised, not waited for
+                    raise
                 # up to a quarter more: clients refused together do not all come back in the same instant
-                time.sleep(min(e.retry_after, MAX_RETRY_WAIT) * random.uniform(1.0, 1.25))
+                time.sleep(e.retry_after * random.uniform(1.0, 1.25))
         raise AssertionError("unreachable")  # the loop returns or raises
 
     def _once(self, method: str, path: str, expect: tuple[str, ...] = (), **kwargs: Any) -> Any:
@@ -104,18 +116,18 @@ class ClipbankClient:
         except httpx.HTTPError as e:  # refused, timed out, broke, a body that does not decode
             raise self._transport_error(e, method, path, time.monotonic() - began, "files" in kwargs) from None
         if response.status_code >= 400:
-            retry = _seconds(response.headers.get("retry-after"))
+            retry, rid = _seconds(response.headers.get("retry-after")), response.headers.get("x-request-id")
             try:
                 err = _json(raw)["error"]
                 raise ClipbankHTTPError(
-                    response.status_code, err["code"], err["message"], err.get("details"), retry_after=retry
+                    response.status_code, err["code"], err["message"], err.get("details"), retry, rid
                 )
             except (ValueError, KeyError, TypeError, RecursionError):
                 text = raw[:4096].decode("utf-8", "replace")  # an error page from a proxy, say: cut before parsing
                 status = response.status_code
                 page = _one_line(text) or "an empty body"
                 message = f"{method} {self.url}{path} answered {status} without a clipbank error ({page})"
-                raise ClipbankHTTPError(status, "http_error", message, retry_after=retry) from None
+                raise ClipbankHTTPError(status, "http_error", message, retry, rid) from None
         if response.is_redirect:
             where = response.headers.get("location", "?")
             raise ClipbankHTTPError(response.status_code, "redirect", f"{self.url} redirects to {where}: use that URL")
@@ -147,15 +159,16 @@ class ClipbankClient:
         if isinstance(e, httpx.WriteTimeout):  # the server stopped reading the request: it was not sent in full
             said = f"{self.url} stopped reading {method} {path} for {self.timeout:g} s: it was not sent in full"
             return ClipbankHTTPError(0, "timeout", said)
+        changes = method != "GET" and path != "/classify"
         if isinstance(e, httpx.ReadTimeout):  # the request went out: a change may still land
-            changes = method != "GET" and path != "/classify"
-            hint = "; a change it was making may still land: look before retrying (GET /tasks, clipbank store list)"
             # each read had `timeout`: an answer's head sent a byte at a time took longer (an upload's time aside)
             slow = not sent and self.timeout is not None and waited > 2 * self.timeout
             more = f" (gave up after {waited:.1f} s: its answer came a little at a time)" if slow else ""
-            said = f"{self.url} did not answer {method} {path} within {self.timeout:g} s{more}{hint * changes}"
+            said = f"{self.url} did not answer {method} {path} within {self.timeout:g} s{more}{MAY_LAND * changes}"
             return ClipbankHTTPError(0, "timeout", said)
-        return ClipbankHTTPError(0, "connection_failed", f"{self.url}: {type(e).__name__}: {e}")
+        # broken after the request went out (a server killed mid-change, say): a change may have landed
+        said = f"{self.url} broke off {method} {path}: {type(e).__name__}: {e}{MAY_LAND * changes}"
+        return ClipbankHTTPError(0, "connection_failed", said)
 
     def classify(
         self,
@@ -178,6 +191,10 @@ class ClipbankClient:
         if isinstance(images, str | bytes | os.PathLike) or isinstance(labels, str) or one_pil:
             raise TypeError("images and labels are lists: classify([path], labels=['cat', 'dog'])")
         labels = label_list(labels)
+        if task not in (AUTO, ZERO_SHOT):
+            _seg(task)  # a name no task can have: a ValueError here, as for task() and activate()
+        if match_labels not in (True, False):  # the string "false" would be sent as true
+            raise TypeError(f"match_labels is True or False, got {type(match_labels).__name__} {match_labels!r}"[:200])
         top_k = None if top_k is None else whole(top_k, "top_k")
         headers = _at_least(min_generation)
         files = [("images", (_name(img, i), _bytes(img))) for i, img in enumerate(images)]

@@ -7,11 +7,14 @@ import io
 import operator
 import os
 import re
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 ImageInput = Any  # a path, encoded bytes (or a bytes-like object), an open binary file, or a PIL image
+# Held while reading an open file or loading a PIL image: one a caller's threads share is read by one at a time.
+_SHARED = threading.Lock()
 
 
 def whole(value: Any, name: str) -> int:
@@ -30,6 +33,10 @@ def label_list(labels: Iterable[Any]) -> list[str]:
     for i, label in enumerate(out):
         if not isinstance(label, str):
             raise TypeError(f"label {i} is {type(label).__name__} {label!r}; each label is a string"[:200])
+        try:
+            label.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: httpx's own error named no label
+            raise ValueError(f"label {i} ({label!r}) is not valid Unicode: it cannot be sent as UTF-8"[:200]) from None
     return out
 
 
@@ -40,12 +47,13 @@ def _bytes(item: ImageInput) -> bytes:
     if hasattr(item, "read"):
         if isinstance(getattr(item, "mode", None), str) and "b" not in item.mode:  # read() would fail to decode
             raise TypeError(f"{getattr(item, 'name', item)!r} was opened in text mode: open images with 'rb'")
-        start = item.tell() if _seekable(item) else None
-        data = item.read()
+        with _SHARED:  # a file one caller's threads share: no thread's seek lands inside another's read
+            start = item.tell() if _seekable(item) else None
+            data = item.read()
+            if start is not None:  # left where it was: sent again (a retry, the same file twice), it is not empty
+                item.seek(start)
         if not isinstance(data, bytes):
             raise TypeError(f"{item!r} was opened in text mode: open images with 'rb'")
-        if start is not None:  # left where it was: sent again (a retry, the same file twice), it is not empty
-            item.seek(start)
         return data
     if hasattr(item, "save") and hasattr(item, "mode"):  # a PIL image, without importing PIL here
         return _pil_bytes(item)
@@ -76,7 +84,10 @@ def _pil_bytes(image: Any) -> bytes:
 
     from .config import Limits  # the server's default max_image_bytes: a larger PNG is sent as a JPEG
 
-    upright = ImageOps.exif_transpose(image)
+    if 0 in image.size:
+        raise ValueError(f"a PIL image of {image.size[0]}x{image.size[1]} pixels: there is nothing to send")
+    with _SHARED:  # a lazily loaded image reads its file once, here: two threads at once damaged it for good
+        upright = ImageOps.exif_transpose(image)  # a copy: encoded below outside the lock
     if upright.mode not in PNG_AS_IS:
         upright = viewed_rgb(upright)  # ValueError for 32-bit float pixels, whose range is unknown
     buf = io.BytesIO()
@@ -88,7 +99,10 @@ def _pil_bytes(image: Any) -> bytes:
 
 
 def _name(item: ImageInput, i: int) -> str:
-    """The file name sent with an upload: UTF-8 (a name that is not is sent with replacement characters)."""
+    """The file name sent with an upload: UTF-8 (a name that is not is sent with replacement characters); an open
+    file's own name, else `item{i}`."""
+    if hasattr(item, "read") and isinstance(getattr(item, "name", None), str | bytes):
+        item = os.fsdecode(item.name)  # type: ignore[union-attr]
     if not isinstance(item, str | os.PathLike):
         return f"item{i}"
     return os.fsencode(Path(item).name).decode("utf-8", "replace")

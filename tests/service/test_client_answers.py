@@ -5,6 +5,7 @@ comma, a folder of images, and a deactivation that changed nothing or left a sha
 from __future__ import annotations
 
 import json
+import pickle
 import time
 
 import httpx
@@ -213,3 +214,75 @@ def test_a_deactivation_says_when_it_changed_nothing_and_when_a_shadow_still_sco
     captured = capsys.readouterr()
     assert captured.out == "task cars: it had no active version; nothing changed\n"
     assert "version 3 is still in shadow, scoring live traffic: `clipbank shadow cars --stop`" in captured.err
+
+
+def test_a_library_users_findings_request_ids_long_waits_broken_changes_and_values(monkeypatch, tmp_path):
+    """An outside check as a library user: no request id on errors, a Retry-After of an hour waited 30 s then
+    retried, a connection broken mid-change without "may have landed", a task name no task can have sent, the
+    string "false" taken as true, a lone surrogate raised by httpx, open files named `item0`, a 0x0 image."""
+    from PIL import Image
+
+    sent: list = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        if request.url.path == "/tasks":
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        if request.url.params.get("x") == "late":
+            return httpx.Response(
+                503, json={"error": {"code": "overloaded", "message": "m"}}, headers={"Retry-After": "3600"}
+            )
+        error = {"error": {"code": "internal_error", "message": "the server log has the details"}}
+        return httpx.Response(500, json=error, headers={"X-Request-ID": "abc123"})
+
+    client_on(monkeypatch, handler)
+    waits: list = []
+    monkeypatch.setattr(time, "sleep", waits.append)
+    with ClipbankClient("http://srv", retries=2) as c:
+        with pytest.raises(ClipbankHTTPError) as e:
+            c.classify([PNG])
+        assert e.value.request_id == "abc123" and "(request id abc123)" in str(e.value)
+        assert pickle.loads(pickle.dumps(e.value)).request_id == "abc123"
+        with pytest.raises(ClipbankHTTPError) as e:
+            c._call("GET", "/tasks/t", params={"x": "late"})
+        assert e.value.retry_after == 3600 and waits == []  # raised at once, not after 30 s and a retry
+        with pytest.raises(ClipbankHTTPError, match="broke off POST /tasks.*may still land") as e:
+            c.push(PNG)
+        assert e.value.code == "connection_failed"
+        n = len(sent)
+        for bad in ("../x", ""):
+            with pytest.raises(ValueError, match="no task can have that name"):
+                c.classify([PNG], task=bad)
+        with pytest.raises(TypeError, match="match_labels is True or False"):
+            c.classify([PNG], match_labels="false")
+        with pytest.raises(ValueError, match=r"label 1 .* not valid Unicode"):
+            c.classify([PNG], labels=["ok", "\ud800"])
+        with pytest.raises(ValueError, match="0x0 pixels"):
+            c.classify([Image.new("RGB", (0, 0))])
+        assert len(sent) == n  # none of those was sent
+        (tmp_path / "cat.png").write_bytes(PNG)
+        with open(tmp_path / "cat.png", "rb") as f, pytest.raises(ClipbankHTTPError):
+            c.classify([f])
+        assert b'filename="cat.png"' in sent[-1].content
+
+
+def test_threads_sharing_one_lazily_loaded_image_or_one_open_file_all_send_its_bytes(monkeypatch, tmp_path):
+    """An outside check: 4 threads classifying one `Image.open(...)` not yet loaded got wrong answers and errors
+    ("image file is truncated"), and the image stayed damaged; a shared open file sent other bytes now and then."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from service.client_inputs import _bytes
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    want = _bytes(Image.open(tmp_path / "p.png"))
+    for _ in range(5):
+        shared = Image.open(tmp_path / "p.png")  # lazy: its pixels are read at the first use
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(_bytes, [shared] * 8))
+        assert all(g == want for g in got) and _bytes(shared) == want
+    raw = (tmp_path / "p.png").read_bytes()
+    with open(tmp_path / "p.png", "rb") as f, ThreadPoolExecutor(4) as pool:
+        assert all(g == raw for g in pool.map(_bytes, [f] * 200))
