@@ -14,7 +14,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import BundleNotFound, StoreDamaged, StoreError, StoreWriteFailed
-from .store_base import Edit, PutResult, Store, purge_plan
+from .store_base import Edit, PutResult, Store, Unchanged, purge_plan
 from .store_index import StoreIndex, VersionRecord, next_generation
 
 __all__ = ["LocalStore", "PutResult", "Store", "atomic_write", "open_store"]
@@ -226,10 +226,15 @@ class LocalStore(Store):
         def edit(index: StoreIndex) -> StoreIndex:
             kept, gone = purge_plan(index, task)
             doomed[:] = gone
+            if kept == index:  # every version kept (other tasks use their experts): no new generation to build
+                raise Unchanged
             return kept
 
         with self._writing("a purge"), self.locked():  # held until the blobs are gone: no put reuses one meanwhile
-            index = self._change(edit)
+            try:
+                index = self._change(edit)
+            except Unchanged:
+                index = self._read_index()
             deleted, failed = 0, None  # the index no longer names them: a blob left behind is a leftover, not a fault
             for v in doomed:
                 try:

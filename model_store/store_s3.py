@@ -32,7 +32,7 @@ from .digest import bytes_digest
 from .errors import BundleNotFound, StoreDamaged, StoreError, StoreUnavailable
 from .settings import cache_root, env_value
 from .store import atomic_write, encode_index, parse_index
-from .store_base import BlobBeingDeleted, Edit, Store, purge_plan
+from .store_base import BlobBeingDeleted, Edit, Store, Unchanged, purge_plan
 from .store_index import StoreIndex, next_generation
 
 log = logging.getLogger("clipbank.store")
@@ -295,10 +295,15 @@ class S3Store(Store):
             stale = [b for b, t in index.deleting.items() if time.time() - t > STALE_DELETION_SECONDS]
             doomed[:] = sorted({v.bundle_id for v in gone} | (strays - named) | set(stale))
             gone_versions[:] = [v.version for v in gone]
+            if not doomed and kept == index:  # every version kept (other tasks use their experts): no new generation
+                raise Unchanged
             now = time.time()
             return replace(kept, deleting={**kept.deleting, **{b: now for b in doomed if b not in stale}})
 
-        self._change(edit)  # no index names them now, and no put may until the deletion is done
+        try:
+            self._change(edit)  # no index names them now, and no put may until the deletion is done
+        except Unchanged:
+            pass
         self._finish_deletions(doomed)
         return len(gone_versions)
 

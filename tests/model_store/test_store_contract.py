@@ -618,3 +618,17 @@ def test_a_damaged_leftover_blob_is_replaced_by_a_put_of_its_bundle(make_store, 
         assert make_store().read(bundle_id) == data  # a fresh handle, past any cache: the whole bundle
         store.deactivate("cars")
         store.purge("cars")
+
+
+def test_a_purge_that_keeps_every_version_writes_no_generation(make_store, backbone):
+    """An outside check: purging again a task whose versions other tasks need published a new generation each time,
+    and every server built its bank again."""
+    from model_store.loader import BankLoader
+
+    store = make_store()
+    store.put(random_bundle(empty_bank(backbone), "a", seed=1))
+    store.put(random_bundle(BankLoader(store, backbone).load(), "b", seed=2))  # trained on a's experts
+    store.deactivate("a")
+    assert store.purge("a") == 0 and [v.version for v in store.task("a").versions] == [1]  # b needs it
+    before = store.generation()
+    assert store.purge("a") == 0 and make_store().generation() == before
