@@ -156,7 +156,8 @@ class LocalStore(Store):
             yield
         except OSError as e:
             log.error("store %s: %s failed: %s", self.root, what, e)
-            path = f" {_within(self.root, e.filename)}" if e.filename else ""  # "Is a directory", but which?
+            named = e.filename2 or e.filename  # a rename's target: what is in the way
+            path = f" {_within(self.root, named)}" if named else ""  # "Is a directory", but which?
             raise StoreWriteFailed(
                 f"the store could not be written ({what}: {type(e).__name__}: {e.strerror or e}{path}); "
                 "nothing was changed"
@@ -188,9 +189,8 @@ class LocalStore(Store):
         """Lock, read the index, publish `edit(index)` with generation + 1, and return what was published. The
         blob is written under the lock, once the edit has accepted the index, so a purge cannot sweep it away."""
         with self._writing("a change"), self.locked():
-            for folder in (self.root, self.blobs):  # temp files left by a killed writer; we hold the lock
-                for stale in folder.glob(TMP_PREFIX + "*"):
-                    stale.unlink(missing_ok=True)
+            for stale in stale_temp_files(self.root):  # left by a killed writer; we hold the lock
+                stale.unlink(missing_ok=True)
             current = self._read_index()
             index = next_generation(edit(current), self._known_id)
             if not self.index_path.exists():  # the index before any blob: blobs without one mean it was lost
@@ -318,6 +318,12 @@ def open_store(location: str | os.PathLike) -> Store:
         hint = f" (write the scheme in lower case: s3://{text[5:]})" if scheme.lower() == "s3" else ""
         raise StoreError(f"store {text!r}: a store is a local folder or s3://bucket/prefix, not {scheme}://{hint}")
     return LocalStore(os.path.expanduser(text))  # `CLIPBANK_STORE=~/x`: no shell expands a variable's `~`
+
+
+def stale_temp_files(root: Path) -> list[Path]:
+    """The temp files a killed writer left in a store folder. A folder of such a name is not one (an operator's,
+    say): left alone, where deleting it failed every change (an outside check)."""
+    return [p for folder in (root, root / "blobs") for p in folder.glob(TMP_PREFIX + "*") if not p.is_dir()]
 
 
 def _holds(path: Path, data: bytes) -> bool:

@@ -12,7 +12,7 @@ from .bundle import read_manifest
 from .digest import bytes_digest
 from .errors import BundleNotFound, ClipbankError, StoreError
 from .manifest import shown
-from .store import BLOB_NAME, TMP_PREFIX, open_store
+from .store import BLOB_NAME, open_store, stale_temp_files
 from .store_index import StoreIndex, TaskRecord
 
 LIST_FIELDS = {"experts_new": "empty", "uses": "empty", "classes": "unknown"}  # -> what the parser reads instead
@@ -34,7 +34,7 @@ class _Contents:
         self.index = lambda: (root / "index.json").read_bytes() if (root / "index.json").exists() else None
         self.names = lambda: (p.stem for p in (root / "blobs").glob("*.safetensors"))
         self.blob = lambda name: (root / "blobs" / f"{name}.safetensors").read_bytes()
-        self.temp = lambda: sum(1 for folder in (root, root / "blobs") for _ in folder.glob(TMP_PREFIX + "*"))
+        self.temp = lambda: len(stale_temp_files(root))
 
 
 def check_store(location: str | os.PathLike) -> list[str]:

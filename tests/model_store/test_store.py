@@ -442,9 +442,10 @@ def test_a_store_folder_that_cannot_be_made_or_written_says_where(tmp_path, bund
     with pytest.raises(StoreError, match="its folder could not be made"):
         LocalStore("/proc/clipbank-no-such-store")  # not a traceback at the server's start
     store = LocalStore(tmp_path)
-    (store.blobs / ".tmp-left-by-an-operator").mkdir()  # a folder where temp files go: every change failed
-    with pytest.raises(StoreWriteFailed, match=r"IsADirectoryError: Is a directory blobs/\.tmp-left-by-an-operator\)"):
-        store.put(bundles[1])
+    store.put(bundles[1])
+    (store.blobs / f"{read_bundle(bundles[2]).id}.safetensors").mkdir()  # where its blob goes: named
+    with pytest.raises(StoreWriteFailed, match=r"IsADirectoryError: Is a directory blobs/[0-9a-f]{64}\.safetensors"):
+        store.put(bundles[2])
 
 
 def test_the_check_names_a_refused_manifest_once_not_as_a_missing_blob(tmp_path, bundles):
@@ -515,3 +516,18 @@ def test_a_class_name_no_request_could_send_is_refused_new_but_served_stored(tmp
     store.put(odd)
     bank = BankLoader(LocalStore(tmp_path / "store"), backbone).load()
     assert [t.name for t in bank.tasks] == ["cars"] and not bank.degraded
+
+
+def test_a_folder_named_like_a_temp_file_does_not_stop_changes(tmp_path, bundles):
+    """An outside check: `mkdir blobs/.tmp-x` made every change fail (IsADirectoryError), while `store check` said
+    the store was consistent and that the next change would remove it."""
+    store = LocalStore(tmp_path)
+    store.put(bundles[1])
+    (tmp_path / "blobs" / ".tmp-x").mkdir()
+    (tmp_path / ".tmp-y").mkdir()
+    (tmp_path / ".tmp-left").write_bytes(b"half a file")  # what a killed writer leaves: still removed
+    assert store_leftovers(tmp_path)["temp_files"] == 1
+    store.put(bundles[2])
+    assert store.task("cars").active == store.version("cars", 2).bundle_id
+    assert not (tmp_path / ".tmp-left").exists() and (tmp_path / ".tmp-y").is_dir()
+    assert store_leftovers(tmp_path)["temp_files"] == 0
