@@ -112,11 +112,12 @@ def _bank_of(store: Store | None, backbone: Backbone) -> BankSnapshot:
     bank = BankLoader(store, backbone).load()
     for task, why in bank.degraded.items():
         log.warning("task %s of the store is left out of the bank this task trains beside: %s", task, why)
-    if any(why.startswith(BackboneMismatch.code) for why in bank.degraded.values()):
-        log.warning(
-            "store %s holds tasks of another backbone than %s: give each backbone its own store",
-            store.location,
-            backbone.ref.text,
+    if other := sorted(t for t, why in bank.degraded.items() if why.startswith(BackboneMismatch.code)):
+        # refused before training: stored, the version went active and the store's servers took its task offline
+        raise BackboneMismatch(
+            f"store {store.location} holds tasks of another backbone than {backbone.ref.text} ({', '.join(other)}): "
+            "the servers of that store would not serve this version (backbone_mismatch); give each backbone its "
+            "own store (--store with a new folder), or train with --out"
         )
     return bank
 

@@ -10,6 +10,7 @@ import torch
 from clipbank.cli import main
 from model_store.backbone import load_backbone
 from model_store.bundle import read_bundle
+from model_store.errors import BackboneMismatch
 from model_store.inference import ClassifyItem, classify_batch
 from model_store.reference import find_reference
 from model_store.store import LocalStore
@@ -440,8 +441,9 @@ def test_the_folders_faults_are_said_before_the_backbone_loads(tmp_path, monkeyp
         run.run_train_job(job)
 
 
-def test_training_beside_a_store_of_another_backbone_says_so(tmp_path, backbone, caplog):
-    """An outside check trained with --store on a ViT-B-32 store: the task trained on an empty bank, silently."""
+def test_training_beside_a_store_of_another_backbone_is_refused_before_it_starts(tmp_path, backbone, caplog):
+    """An outside check trained with --store on a ViT-B-32 store: the task trained on an empty bank, silently. A
+    later one: with a warning only, the version went active and every server of the store took the task offline."""
     from model_store.bank import empty_bank
     from tests.helpers import edit_bundle, random_bundle
     from training.run import _bank_of
@@ -452,10 +454,9 @@ def test_training_beside_a_store_of_another_backbone_says_so(tmp_path, backbone,
     )
     store = LocalStore(tmp_path / "store")
     store.put(other)
-    bank = _bank_of(store, backbone)
-    assert bank.task_names == () and list(bank.degraded) == ["dig"]
+    with pytest.raises(BackboneMismatch, match=r"holds tasks of another backbone than tiny \(dig\).*own store"):
+        _bank_of(store, backbone)
     assert "task dig of the store is left out of the bank this task trains beside: backbone_mismatch" in caplog.text
-    assert "holds tasks of another backbone than tiny: give each backbone its own store" in caplog.text
 
 
 def test_a_failed_run_leaves_no_folder_its_out_check_made(tmp_path, capsys):
