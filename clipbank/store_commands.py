@@ -66,7 +66,27 @@ def _readable(store, task: str, version: int) -> None:
     from model_store.loader import BankLoader
 
     loader = BankLoader(store, None)  # no bank is built: bundles read and checked against their names only
-    loader.providers([loader.bundle(store.version(task, version).bundle_id)])
+    bundle = loader.bundle(store.version(task, version).bundle_id)
+    loader.providers([bundle])
+    mine = bundle.manifest.backbone
+    others = {t: _backbone_of(loader, b) for t, b in store.active().items() if t != task}
+    if other := sorted(t for t, info in others.items() if info is not None and info.fingerprint != mine.fingerprint):
+        from model_store.errors import BackboneMismatch
+
+        # a server serves one backbone: activated, this version (or those tasks) would be taken offline
+        raise BackboneMismatch(
+            f"task {task} version {version} was trained on another backbone ({mine.arch}/{mine.pretrained}, "
+            f"{mine.fingerprint[:12]}) than the store's active tasks {', '.join(other)}: no server would serve "
+            "both; give each backbone its own store"
+        )
+
+
+def _backbone_of(loader, bundle_id: str):
+    """The backbone a stored bundle was trained on; None if it cannot be read (`store check` says why)."""
+    try:
+        return loader.bundle(bundle_id).manifest.backbone
+    except ClipbankError:
+        return None
 
 
 def _deactivate(store, task: str, purge: bool) -> dict:

@@ -406,3 +406,24 @@ def test_hidden_images_are_counted_and_long_lists_say_they_are_cut(tmp_path, cap
     assert len(listing.paths) == 7
     assert "1 files not read (1 hidden)" in caplog.text
     assert "['c0', 'c1', 'c2', 'c3', 'c4', ... 7 in all] have one image each" in caplog.text
+
+
+def test_store_activate_refuses_a_version_of_another_backbone_than_the_active_tasks(tmp_path, capsys, backbone):
+    """An outside check: `store activate` of a version trained on another backbone went through, and every server
+    of the store took the task offline (backbone_mismatch)."""
+    from clipbank.cli import main
+    from model_store.bank import empty_bank
+    from model_store.store import LocalStore
+    from tests.helpers import edit_bundle, random_bundle
+
+    store = LocalStore(tmp_path / "s")
+    store.put(random_bundle(empty_bank(backbone), "cars", seed=1))
+    other = edit_bundle(
+        random_bundle(empty_bank(backbone), "vans", seed=2),
+        manifest=lambda m: m["backbone"].update(fingerprint="0" * 64, arch="ViT-B-32"),
+    )
+    store.put(other, activate=False)
+    assert main(["store", "--store", str(tmp_path / "s"), "activate", "vans", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "backbone_mismatch" in err and "trained on another backbone (ViT-B-32" in err and "cars" in err, err
+    assert LocalStore(tmp_path / "s").active() == {"cars": store.version("cars", 1).bundle_id}
