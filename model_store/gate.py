@@ -80,23 +80,30 @@ class InterferenceRefused(ClipbankError):
 
     code = "interference"
 
-    def __init__(self, report: GateReport, upload: bool = False) -> None:
-        """`upload`: the version was being uploaded (so nothing was stored), not a stored one activated."""
+    def __init__(self, report: GateReport, upload: bool = False, failed_when_stored: bool = False) -> None:
+        """`upload`: the version was being uploaded (so nothing was stored), not a stored one activated.
+        `failed_when_stored`: the report kept beside the stored version failed too (stored inactive or in shadow)."""
         offences = report.offences()
-        super().__init__(
-            f"task {report.task!r} v{report.version} was not {'stored' if upload else 'activated'}: "
-            + "; ".join(offences)
-            + (
-                ". Retrain it (more steps, the reference set as negatives), or land it anyway with force=true on the "
+        if upload:
+            why = (
+                "Retrain it (more steps, the reference set as negatives), or land it anyway with force=true on the "
                 "upload or the activation (`clipbank push --force`)."
-                if upload
-                else ". It is checked against the bank as it is now, with the backbone's reference set: tasks "
-                "activated since it was stored (one forced past the gate, say), or its own selector, if an older "
-                "release made it (before its selectors learned from the reference set), may be why. Deal with those, "
-                "or activate it anyway with force=true (retraining makes a new version)."
             )
-        )
-        self.details = report.to_json()
+        elif failed_when_stored:
+            why = (
+                "It failed the gate when it was stored too (its report: GET /tasks/NAME): retrain it (more steps, "
+                "the reference set as negatives), or activate it anyway with force=true."
+            )
+        else:
+            why = (
+                "It is checked against the bank as it is now, with the backbone's reference set: tasks activated "
+                "since it was stored (one forced past the gate, say), or its own selector, if an older release made "
+                "it (before its selectors learned from the reference set), may be why. Deal with those, or activate "
+                "it anyway with force=true (retraining makes a new version)."
+            )
+        verb = "stored" if upload else "activated"
+        super().__init__(f"task {report.task!r} v{report.version} was not {verb}: " + "; ".join(offences) + ". " + why)
+        self.report, self.details = report, report.to_json()
 
 
 Scores = Callable[[torch.Tensor], torch.Tensor]  # frozen embeddings [n, D] -> selector scores [n, T]

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from model_store.errors import ClipbankError, InvalidRequest, TaskNotFound
+from model_store.gate import InterferenceRefused
 from model_store.manifest import shown
 from model_store.modes import TASK_RE
 from model_store.store_base import needed_by
@@ -152,7 +153,12 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         """Make a stored version active: rollback or roll forward, hot-swapped."""
         registry = service_of(request).require_ready()
         body = await read_json(request, ActivateRequest)  # read after the token check, not before
-        gate = await run_in_threadpool(registry.activate, known_name(task), body.version, force)
+        try:
+            gate = await run_in_threadpool(registry.activate, known_name(task), body.version, force)
+        except InterferenceRefused as e:  # said plainly when the version failed the gate as it was stored, too
+            if await run_in_threadpool(_failed_when_stored, registry, task, body.version):
+                raise InterferenceRefused(e.report, failed_when_stored=True) from None
+            raise
         generation = registry.bank.generation
         replicas = await announced(request, generation, wait, f"the activation of {task} version {body.version}")
         entry = await run_in_threadpool(registry.task_entry, task)
@@ -160,6 +166,15 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
 
     _add_removal(router)
     return router
+
+
+def _failed_when_stored(registry: Any, task: str, version: int) -> bool:
+    """Whether the gate report kept beside a stored version failed (an upload inactive or in shadow)."""
+    try:
+        gate = registry.store.version(task, version).gate
+    except (ClipbankError, OSError):
+        return False
+    return isinstance(gate, dict) and gate.get("passed") is False
 
 
 def _add_removal(router: APIRouter) -> None:

@@ -65,8 +65,10 @@ async def test_activation_is_gated_too(tmp_path, backbone, bundles):
         assert r.status_code == 201
         r = await c.post("/tasks/glyphs/activate", json={"version": 1}, headers=AUTH)
         assert r.status_code == 409 and r.json()["error"]["details"]["stolen"]["textures"] > 0.9
-        message = r.json()["error"]["message"]  # a stored version: no advice to retrain it
+        message = r.json()["error"]["message"]
         assert "task 'glyphs' v1 was not activated: " in message and "activate it anyway with force=true" in message
+        # an outside check: it blamed tasks activated since, where the version had failed as it was stored (forced)
+        assert "It failed the gate when it was stored too" in message and "activated since" not in message
         assert not (await c.get("/tasks/glyphs", headers=AUTH)).json()["serving"]
         r = await c.post("/tasks/glyphs/activate", params={"force": "true"}, json={"version": 1}, headers=AUTH)
         assert r.status_code == 200 and r.json()["serving"]
