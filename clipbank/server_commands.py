@@ -25,8 +25,27 @@ def _client(args: argparse.Namespace):
 def _push(args: argparse.Namespace) -> int:
     with _client(args) as client:
         mode = "shadow" if args.shadow else "inactive" if args.no_activate else "active"
-        print_json(client.push(Path(args.file), force=args.force, mode=mode, wait_all=args.wait_all))
+        out = client.push(Path(args.file), force=args.force, mode=mode, wait_all=args.wait_all)
+    print_json(out)
+    if mode != "active":
+        say_failing_gate(out)
     return 0
+
+
+def say_failing_gate(out: dict) -> None:
+    """On stderr: a version stored inactive or in shadow whose gate report fails, which activating it will meet
+    (an outside check: it showed only deep in the JSON)."""
+    gate = out.get("gate")
+    if not isinstance(gate, dict) or gate.get("passed") is not False:
+        return
+    task, version = out.get("task"), out.get("version", out.get("shadow_version"))
+    print(
+        f"task {task} v{version} fails the interference gate: activating it (`clipbank tasks activate {task} "
+        f"{version}`) will be refused unless --force:",
+        file=sys.stderr,
+    )
+    for offence in gate.get("offences") or ():
+        print(f"  {offence}", file=sys.stderr)
 
 
 def _tasks(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from model_store.settings import env_value
 
 from .classify_command import DEFAULT_URL
 from .output import print_json
+from .server_commands import say_failing_gate
 
 
 def _client(args: argparse.Namespace):
@@ -35,9 +36,11 @@ def _shadow(args: argparse.Namespace) -> int:
                 return 0  # the state asked for: a clean-up may run twice
             if args.json:
                 print_json(out)
-                return 0
-            shadow, active = (out[k] if out[k] is not None else "none" for k in ("shadow_version", "active_version"))
-            print(f"task {out['task']}: version in shadow {shadow}, active {active}")
+            else:
+                keys = ("shadow_version", "active_version")
+                shadow, active = (out[k] if out[k] is not None else "none" for k in keys)
+                print(f"task {out['task']}: version in shadow {shadow}, active {active}")
+            say_failing_gate(out)
             return 0
         stats = client.shadow(args.task)
     if args.json:

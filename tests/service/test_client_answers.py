@@ -286,3 +286,22 @@ def test_threads_sharing_one_lazily_loaded_image_or_one_open_file_all_send_its_b
     raw = (tmp_path / "p.png").read_bytes()
     with open(tmp_path / "p.png", "rb") as f, ThreadPoolExecutor(4) as pool:
         assert all(g == raw for g in pool.map(_bytes, [f] * 200))
+
+
+def test_push_and_shadow_say_a_failing_gate_report_beside_the_answer(monkeypatch, tmp_path, capsys):
+    """An outside check: a version put in shadow whose gate report failed printed only "version in shadow 1", and
+    `push --shadow` buried it in the JSON; its promotion was then refused."""
+    gate = {"passed": False, "offences": ["it would take 5.8% of the images of task 'glyphs' (limit 2.0%)"]}
+    answers = {
+        "/tasks": {"task": "arrows", "version": 1, "bundle_id": "b" * 64, "generation": 2, "gate": gate},
+        "/tasks/arrows/shadow": {"task": "arrows", "shadow_version": 1, "active_version": None, "gate": gate},
+    }
+    client_on(monkeypatch, lambda request: httpx.Response(200, json=answers[request.url.path]))
+    bundle = tmp_path / "b.safetensors"
+    bundle.write_bytes(b"x" * 100)
+    for argv in (["push", str(bundle), "--shadow"], ["shadow", "arrows", "--version", "1"]):
+        assert main([*argv, *URL]) == 0
+        err = capsys.readouterr().err
+        assert "task arrows v1 fails the interference gate" in err and "5.8% of the images of task 'glyphs'" in err
+    answers["/tasks"]["gate"] = {"passed": True, "offences": []}
+    assert main(["push", str(bundle), "--shadow", *URL]) == 0 and capsys.readouterr().err == ""
