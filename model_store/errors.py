@@ -144,6 +144,10 @@ class BundleNotFound(StoreError):
     code = "bundle_not_found"
 
 
+# what repairs a stored version whose blob is missing or damaged (the upload is answered 200 `restored`)
+REWRITE = "; upload its bundle file again (POST /tasks, `clipbank push`) to write it back"
+
+
 class InvalidRequest(ClipbankError):
     """A classify request that cannot be answered as asked (for example no labels and no task to take them from)."""
 

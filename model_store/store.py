@@ -13,7 +13,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .errors import BundleNotFound, StoreDamaged, StoreError, StoreWriteFailed
+from .errors import REWRITE, BundleNotFound, StoreDamaged, StoreError, StoreWriteFailed
 from .store_base import Edit, PutResult, Store, Unchanged, purge_plan
 from .store_index import StoreIndex, VersionRecord, next_generation
 
@@ -145,7 +145,7 @@ class LocalStore(Store):
         try:
             return path.read_bytes()
         except FileNotFoundError:
-            raise BundleNotFound(f"bundle {bundle_id[:12]} is missing from the store") from None
+            raise BundleNotFound(f"bundle {bundle_id[:12]} is missing from the store" + REWRITE) from None
         except OSError as e:
             raise self._unreadable(f"bundle {bundle_id[:12]}", e) from None
 

@@ -18,6 +18,7 @@ from typing import Any
 from .bundle import Bundle, read_bundle, utc_now
 from .digest import bytes_digest
 from .errors import (
+    REWRITE,
     BundleInvalid,
     BundleNotFound,
     MissingExpert,
@@ -180,7 +181,7 @@ class Store:
         """A blob's bytes, verified against its name (content addressing) on every read."""
         data = self._read_blob(bundle_id)
         if bytes_digest(data) != bundle_id:
-            raise StoreDamaged(f"blob {bundle_id[:12]} does not hash to its name: the store is damaged")
+            raise StoreDamaged(f"blob {bundle_id[:12]} does not hash to its name: the store is damaged" + REWRITE)
         return data
 
     def load(self, bundle_id: str) -> Bundle:

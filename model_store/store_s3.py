@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .digest import bytes_digest
-from .errors import BundleNotFound, StoreDamaged, StoreError, StoreUnavailable
+from .errors import REWRITE, BundleNotFound, StoreDamaged, StoreError, StoreUnavailable
 from .settings import cache_root, env_value
 from .store import atomic_write, encode_index, parse_index
 from .store_base import BlobBeingDeleted, Edit, Store, Unchanged, purge_plan
@@ -187,7 +187,7 @@ class S3Store(Store):
             return self._s3.get_object(Bucket=self.bucket, Key=self._blob_key(bundle_id))["Body"].read()
         except Exception as e:
             if _status(e) == 404 or _code(e) == "NoSuchKey":
-                raise BundleNotFound(f"bundle {bundle_id[:12]} is missing from the store") from None
+                raise BundleNotFound(f"bundle {bundle_id[:12]} is missing from the store" + REWRITE) from None
             raise self._unavailable(f"read blob {bundle_id[:12]}", e) from None
 
     def _blob_intact(self, bundle_id: str) -> bool:

@@ -83,6 +83,7 @@ async def test_a_broken_provider_disables_the_tasks_that_use_its_experts(tmp_pat
         assert sorted(health["degraded"]) == ["a", "b"]  # b routes to a's experts, and says so
         assert "it uses the experts of task 'a' version 1 (bundle" in health["degraded"]["b"]
         assert "is missing from the store" in health["degraded"]["b"]
+        assert "upload its bundle file again" in health["degraded"]["a"]  # what repairs it (an outside check)
         assert await _pinned(c, "c") == 200
         r = await c.delete("/tasks/b", headers=AUTH)
         assert r.status_code == 200, r.text
