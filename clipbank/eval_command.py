@@ -61,6 +61,7 @@ def score(results: list[dict], truth: list[str], classes: tuple[str, ...]) -> di
     images were routed (a task's name, or zero-shot)."""
     per: dict[str, dict[str, Any]] = {c: {"images": 0, "correct": 0, "routes": Counter()} for c in classes}
     refused: list[dict] = []
+    versions: dict[str, set] = {}  # which version of each task answered: what a baseline is compared across
     for r, cls in zip(results, truth, strict=True):
         if "error" in r:
             refused.append({"file": r["file"], "message": r["error"]["message"]})
@@ -70,12 +71,15 @@ def score(results: list[dict], truth: list[str], classes: tuple[str, ...]) -> di
         best = r["labels"][0]["label"] if r["labels"] else None  # none: unlabelled, and no task claimed it
         row["correct"] += best is not None and label_key(best) == label_key(cls)
         row["routes"][r["route"]["task"] or ZERO_SHOT_ROUTE] += 1
+        if r["route"]["task"] is not None:
+            versions.setdefault(r["route"]["task"], set()).add(r["route"]["version"])
     answered = sum(row["images"] for row in per.values())
     routes: Counter = sum((row["routes"] for row in per.values()), Counter())
     return {
         "images": answered,
         "accuracy": _share(sum(row["correct"] for row in per.values()), answered),
         "routes": {k: _share(n, answered) for k, n in routes.most_common()},
+        "versions": {t: sorted(v) for t, v in sorted(versions.items())},
         "classes": {
             c: {
                 "images": row["images"],
@@ -86,6 +90,10 @@ def score(results: list[dict], truth: list[str], classes: tuple[str, ...]) -> di
         },
         "refused": refused,
     }
+
+
+def _versions(versions: dict) -> str:
+    return ", ".join(f"{t} v{'/'.join(map(str, v))}" for t, v in versions.items()) or "zero-shot only"
 
 
 def _share(n: int, of: int) -> float | None:
@@ -123,6 +131,9 @@ def print_report(report: dict, baseline: dict | None = None) -> None:
     overall += _change(report["accuracy"], (baseline or {}).get("accuracy"))
     routes = ", ".join(f"{k} {v:.0%}" for k, v in report["routes"].items())
     print(f"\naccuracy {overall} over {report['images']} images (labels: {report['labels']}); routed: {routes}")
+    if report["versions"] or (baseline or {}).get("versions"):
+        print(f"answered by {_versions(report['versions'])}", end="")
+        print(f" (baseline: {_versions(baseline['versions'])})" if (baseline or {}).get("versions") else "")
     if report["refused"]:
         print(f"{len(report['refused'])} files refused by the server, not scored:", file=sys.stderr)
         for r in report["refused"][:5]:

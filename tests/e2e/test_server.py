@@ -120,12 +120,14 @@ def test_eval_scores_a_labelled_folder_as_served_and_shows_what_a_change_cost(tm
         routed = sum(r["route"]["task"] == "textures" for r in answers) / len(files)
         assert before["routes"]["textures"] == round(routed, 4) and routed > 0.8, before["routes"]
         assert sum(c["images"] for c in before["classes"].values()) == len(files) and not before["refused"]
+        assert before["versions"] == {"textures": [1]}  # which version answered: what a baseline was taken on
         (tmp_path / "before.json").write_text(json.dumps(before))
 
         client.delete("textures")
         assert main([*args, "--baseline", str(tmp_path / "before.json")]) == 0
         out = capsys.readouterr().out
-    last = out.strip().splitlines()[-1]  # "accuracy 0.xxx (-yy.y) over N images (...); routed: zero-shot 100%"
+    *_, last, versions = out.strip().splitlines()  # "accuracy 0.xxx (-yy.y) over N images (...); routed: ..."
+    assert versions == "answered by zero-shot only (baseline: textures v1)", out
     after = float(last.split()[1])
     change = float(last.split()[2].strip("()"))
     assert abs(change - (after - before["accuracy"]) * 100) < 0.1 and "zero-shot 100%" in last, out
