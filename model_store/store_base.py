@@ -397,4 +397,11 @@ def _unless(shadow: str | None, activated: str) -> str | None:
 
 
 def _metrics_of(bundle: Bundle) -> dict[str, Any]:
-    return finite_metrics(bundle.manifest.training, ("val_accuracy", "zero_shot_val_accuracy"))
+    """What the index keeps of a version's training figures; `val_classes`: how many of its classes its validation
+    accuracy was measured on (a new version trained on new classes only answers over its parent's too)."""
+    training = bundle.manifest.training
+    out = finite_metrics(training, ("val_accuracy", "zero_shot_val_accuracy"))
+    per = training.get("val_accuracy_per_class") if isinstance(training, dict) else None
+    if isinstance(per, dict) and "val_accuracy" in out:
+        out["val_classes"] = float(sum(v is not None for v in per.values()))
+    return out
