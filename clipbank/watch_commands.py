@@ -158,12 +158,21 @@ def _print_insights(out: dict, max_clusters: int) -> None:
         return
     print("| cluster | images kept | share of traffic | nearest task | its score margin |")
     print("| --- | --- | --- | --- | --- |")
+    claimed = 0
     for c in out["clusters"]:
         margin = "-" if c["margin"] is None else f"{c['margin']:+.2f}"
-        print(f"| {c['id']} | {c['size']} | {c['share']:.1%} | {c['nearest_task'] or '-'} | {margin} |")
+        nearest = c["nearest_task"] or "-"
+        if c["margin"] is not None and c["margin"] <= 0:  # its task was trained or changed since these images came
+            nearest, claimed = f"{nearest} (claims it now)", claimed + 1
+        print(f"| {c['id']} | {c['size']} | {c['share']:.1%} | {nearest} | {margin} |")
     if len(out["clusters"]) >= max_clusters:
         print(f"(the {max_clusters} biggest clusters; --max-clusters shows more)")
     print("a cluster is traffic no task claims that looks alike: a candidate task to train (docs/safety.md)")
+    if claimed:
+        print(
+            f"{claimed} cluster(s) a task claims now (a margin <= 0): served by it since; such images leave the "
+            "reservoir within its retention"
+        )
 
 
 def plot_unclaimed(out: dict, path: str) -> None:

@@ -999,3 +999,19 @@ def test_eval_scores_each_class_and_the_change_since_a_baseline(tmp_path, monkey
         (tmp_path / "bad.json").write_text(bad)
         assert main([*args, "--baseline", str(tmp_path / "bad.json")]) == 2
         assert "not a report of `clipbank eval --json`" in capsys.readouterr().err
+
+
+def test_insights_marks_a_cluster_a_task_claims_now(capsys):
+    """An outside check: a cluster that a task trained since claims (margin -0.64) was still listed, for the
+    retention, as a candidate task to train, unmarked."""
+    from clipbank.watch_commands import _print_insights
+
+    reservoir = {"unclaimed": 90, "auto_images": 100, "unclaimed_share": 0.9, "embeddings": 90, "capacity": 2048}
+    clusters = [
+        {"id": 0, "size": 50, "share": 0.5, "nearest_task": "sketches", "margin": -0.64},
+        {"id": 1, "size": 40, "share": 0.4, "nearest_task": "digits", "margin": 0.8},
+    ]
+    _print_insights({"reservoir": reservoir, "clusters": clusters}, 20)
+    lines = capsys.readouterr().out.splitlines()
+    assert "| 0 | 50 | 50.0% | sketches (claims it now) | -0.64 |" in lines
+    assert "| 1 | 40 | 40.0% | digits | +0.80 |" in lines and lines[-1].startswith("1 cluster(s) a task claims now")
