@@ -39,7 +39,7 @@ def _store(args: argparse.Namespace) -> int:
         if not problems and any((left := store_leftovers(args.store)).values()):  # not faults, but disk space
             print(
                 f"leftovers: {left['temp_files']} temp file(s), {left['unreferenced_blobs']} blob(s) no version names "
-                "(the next change removes temp files; any purge, `store deactivate TASK --purge`, removes such blobs)",
+                "(`clipbank store clean` deletes them; so does any purge)",
                 file=sys.stderr,
             )
         return 1 if problems else 0
@@ -57,6 +57,16 @@ def _store(args: argparse.Namespace) -> int:
         print(f"task {args.task}: version {args.version} is active (bundle {bundle[:12]}), ungated")
     elif args.store_cmd == "deactivate":
         print_deactivated(_deactivate(store, args.task, args.purge), args.purge)
+    elif args.store_cmd == "clean":
+        if not local:  # an object written before its index names it may be a put's in flight: purges handle those
+            raise ValueError(
+                "store clean is for a store folder; on s3:// the next purge removes objects no version names"
+            )
+        gone = store.sweep()
+        print(
+            f"store {args.store}: {gone['temp_files']} temp file(s) and {gone['unreferenced_blobs']} blob(s) no "
+            "version names deleted"
+        )
     return 0
 
 
@@ -155,6 +165,7 @@ def add_store_parser(sub) -> None:
         help="also forget the task and delete its bundles (and blobs no version names), except versions whose "
         "experts other tasks use; no rollback to them after",
     )
+    ssub.add_parser("clean", help="delete what killed writers left: temp files, blobs no version names (a folder)")
     for p in ssub.choices.values():  # `store list --store DIR` as well as `store --store DIR list`
         p.add_argument("--store", default=argparse.SUPPRESS, help="the store (also before the sub-command)")
     s.set_defaults(fn=_store)

@@ -244,16 +244,24 @@ class LocalStore(Store):
                     pass
                 except OSError as e:  # not counted: it is still there (an outside check: a read-only blobs/)
                     failed = e
-            named = {v.bundle_id for _, v in index.records()}
             try:
-                for path in self.blobs.glob("*.safetensors"):  # only what a store names so: not an operator's copy
-                    if path.stem not in named and BLOB_NAME.fullmatch(path.stem):
-                        path.unlink(missing_ok=True)
+                for path in _unnamed(self.blobs, index):
+                    path.unlink(missing_ok=True)
             except OSError as e:
                 failed = e
             if failed is not None:
                 log.warning("store %s: purged %s, but deleting its blobs failed: %s", self.root, task, failed)
         return deleted
+
+    def sweep(self) -> dict[str, int]:
+        """Delete what killed writers left, under the lock: temp files, and whole blobs no version names (what any
+        purge deletes too, without purging a task). A store whose index is lost is damaged: nothing is deleted."""
+        with self._writing("a clean-up"), self.locked():
+            temp = stale_temp_files(self.root)
+            strays = _unnamed(self.blobs, self._read_index())
+            for path in temp + strays:
+                path.unlink(missing_ok=True)
+        return {"temp_files": len(temp), "unreferenced_blobs": len(strays)}
 
 
 def _within(root: Path, filename: object) -> str:
@@ -318,6 +326,13 @@ def open_store(location: str | os.PathLike) -> Store:
         hint = f" (write the scheme in lower case: s3://{text[5:]})" if scheme.lower() == "s3" else ""
         raise StoreError(f"store {text!r}: a store is a local folder or s3://bucket/prefix, not {scheme}://{hint}")
     return LocalStore(os.path.expanduser(text))  # `CLIPBANK_STORE=~/x`: no shell expands a variable's `~`
+
+
+def _unnamed(blobs: Path, index: StoreIndex) -> list[Path]:
+    """The whole blobs no version names (a killed writer's, a purge's that failed); only files a store names so,
+    not an operator's copy."""
+    named = {v.bundle_id for _, v in index.records()}
+    return [p for p in blobs.glob("*.safetensors") if p.stem not in named and BLOB_NAME.fullmatch(p.stem)]
 
 
 def stale_temp_files(root: Path) -> list[Path]:

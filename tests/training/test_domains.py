@@ -427,3 +427,32 @@ def test_store_activate_refuses_a_version_of_another_backbone_than_the_active_ta
     err = capsys.readouterr().err
     assert "backbone_mismatch" in err and "trained on another backbone (ViT-B-32" in err and "cars" in err, err
     assert LocalStore(tmp_path / "s").active() == {"cars": store.version("cars", 1).bundle_id}
+
+
+def test_store_clean_deletes_leftovers_without_purging_a_task(tmp_path, capsys, backbone):
+    """An outside check: `store check` counted a blob no version names and said "any purge removes such blobs":
+    removing one meant purging a real task."""
+    from clipbank.cli import main
+    from model_store.bank import empty_bank
+    from model_store.digest import bytes_digest
+    from model_store.store import LocalStore
+    from model_store.store_check import store_leftovers
+    from tests.helpers import random_bundle
+
+    store = LocalStore(tmp_path / "s")
+    store.put(random_bundle(empty_bank(backbone), "cars", seed=1))
+    whole = random_bundle(empty_bank(backbone), "vans", seed=2)  # a killed writer's whole blob: never indexed
+    (store.blobs / f"{bytes_digest(whole)}.safetensors").write_bytes(whole)
+    (store.blobs / ".tmp-abc").write_bytes(b"half")
+    (store.blobs / "my-backup.safetensors").write_bytes(b"an operator's own file")
+    assert main(["store", "--store", str(tmp_path / "s"), "check"]) == 0
+    assert "`clipbank store clean` deletes them" in capsys.readouterr().err
+    generation = store.generation()
+    assert main(["store", "--store", str(tmp_path / "s"), "clean"]) == 0
+    assert "1 temp file(s) and 1 blob(s) no version names deleted" in capsys.readouterr().out
+    assert store_leftovers(tmp_path / "s") == {"temp_files": 0, "unreferenced_blobs": 0}
+    assert (store.blobs / "my-backup.safetensors").exists() and store.generation() == generation
+    assert store.load(store.task("cars").active).task == "cars"
+    store.index_path.unlink()  # a lost index: its blobs are not strays
+    assert main(["store", "--store", str(tmp_path / "s"), "clean"]) == 2
+    assert "store_damaged" in capsys.readouterr().err and len(list(store.blobs.glob("*.safetensors"))) == 2
