@@ -28,7 +28,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from .process import command_process, free_port, server_process
+from .process import command_process, free_port, peer_env, server_process
 from .serve import PEERS, TOKEN, ServeBenchConfig, _level, _zero_shot_factory
 from .serve_run import VIT_B, default_images, random_checkpoint
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         servers = {"clipbank": stack.enter_context(server_process(Path(tmp) / "store", clipbank_args, env))}
         port = free_port()
         peer = [sys.executable, "-m", PEERS["litserve"], "--backbone", ref, "--port", str(port)]
-        servers["litserve"] = stack.enter_context(command_process(peer, port))
+        servers["litserve"] = stack.enter_context(command_process(peer, port, peer_env()))
         make = _zero_shot_factory(cfg)
         for side, (url, _) in servers.items():  # warm-up, not counted: first batches of each size, caches
             with _alone(servers, side):

@@ -15,6 +15,16 @@ from pathlib import Path
 import httpx
 
 
+def peer_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The thread settings `clipbank serve` gives itself (`service.threads.SERVING_ENV`: OpenMP workers sleep
+    between regions), for a peer server too, where this process's environment does not set them: side by side,
+    every server runs under the same ones. Spinning workers made a peer 100-500x slower beside any other busy
+    process (an outside check: 1.9 images/s against 141), a figure no ratio should rest on. `env` wins."""
+    from service.threads import SERVING_ENV
+
+    return {**{k: v for k, v in SERVING_ENV.items() if k not in os.environ}, **(env or {})}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -59,6 +59,7 @@ def _bench_soak(args: argparse.Namespace) -> int:
 def _bench_routing(args: argparse.Namespace) -> int:
     from model_store.backbone import load_backbone
     from model_store.reference import find_reference
+    from training.cl_common import comma_names
     from training.routing import KINDS, RoutingConfig, run_routing
     from training.routing_report import format_markdown, routing_keys, write_routing_report
 
@@ -66,7 +67,7 @@ def _bench_routing(args: argparse.Namespace) -> int:
     reference = find_reference(backbone, args.reference)
     if reference is None:
         print("clipbank bench routing: no reference set for this backbone (clipbank reference build)", file=sys.stderr)
-    kinds = tuple(args.kinds.split(",")) if args.kinds else KINDS
+    kinds = comma_names(args.kinds) or KINDS
     routing = routing_keys(run_routing(backbone, reference, RoutingConfig(kinds=kinds), progress=True), kinds[0])
     command = "clipbank bench routing " + " ".join(sys.argv[3:])
     if args.out:
@@ -159,6 +160,7 @@ REFERENCE_MIN_IMAGES = 500  # fewer: `reference build` warns
 
 def _bench_protocol(args: argparse.Namespace) -> int:
     from model_store.backbone import load_backbone
+    from training.cl_common import comma_names
     from training.cl_report import format_markdown, write_cl_report
     from training.continual import CLConfig
     from training.prompts import PromptsUnavailable, check_available
@@ -171,7 +173,7 @@ def _bench_protocol(args: argparse.Namespace) -> int:
         run_mtil,
     )
 
-    methods = tuple(args.methods.split(",")) if args.methods else CLConfig().methods
+    methods = comma_names(args.methods) or CLConfig().methods
     steps = args.steps or (500 if args.shots else 1000)  # few-shot MTIL: 500 iterations; full MTIL: 1000
     cfg = CLConfig(steps=steps, methods=methods, seed=args.seed)
     if args.prompts == "papers" and args.protocol not in CIFAR_STEPS:

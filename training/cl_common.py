@@ -36,6 +36,11 @@ LABEL_ROUTED = "moe-ddas-labels"
 TEMPLATE = "a photo of a {}."
 
 
+def comma_names(text: str | None) -> tuple[str, ...]:
+    """`a,b,` as ("a", "b"): names of a comma-separated flag, spaces and empty entries (a trailing comma) dropped."""
+    return tuple(n.strip() for n in (text or "").split(",") if n.strip())
+
+
 @dataclass(frozen=True)
 class SequenceStep:
     """One step of the sequence: a task name, its labelled splits, and the prompts its labels are scored with
@@ -80,7 +85,7 @@ class CLConfig:
         if any(k < 0 for k in (*self.expert_blocks_sweep, self.expert_blocks or 0)):
             problems.append("expert_blocks must be >= 0 (0: every block)")
         if problems:
-            raise ValueError("invalid CLConfig: " + "; ".join(problems))
+            raise ValueError("invalid settings: " + "; ".join(problems))
 
 
 @dataclass

@@ -11,7 +11,7 @@ from model_store.backbone import Backbone
 from model_store.reference import find_reference
 from model_store.selector import SelectorConfig
 
-from .cl_common import CLConfig, SequenceStep
+from .cl_common import CLConfig, SequenceStep, comma_names
 from .cl_incremental import run_class_incremental
 from .cl_parallel import BANK_PARTS, Part, merge_reports, plan_parts, run_parts, workers_for
 from .cl_seeds import aggregate, seed_configs
@@ -26,7 +26,7 @@ QUICK = {"steps": 60, "batch_size": 32, "train_limit": 240, "test_limit": 60}
 
 def expert_sweep(given: str | None) -> tuple[int, ...]:
     """--expert-blocks: the K values to train beside the default's (none unless asked: each is a bank more)."""
-    values = [k.strip() for k in (given or "").split(",") if k.strip()]
+    values = comma_names(given)
     if not all(k.isdigit() for k in values):
         raise ValueError(f"--expert-blocks takes comma-separated block counts (0: every block), got {given!r}")
     return tuple(int(k) for k in values)
@@ -43,7 +43,7 @@ def long_routing(backbone: Backbone, seed: int = 0, every_kind: bool = True) -> 
 def cl_config(job: CLJob) -> CLConfig:
     steps = job.steps or (QUICK["steps"] if job.quick else 300)
     batch = QUICK["batch_size"] if job.quick else 64
-    methods = tuple(job.methods.split(",")) if job.methods else CLConfig().methods
+    methods = comma_names(job.methods) or CLConfig().methods
     sweep = expert_sweep(job.expert_blocks)
     # --quick leaves out the int8 comparison (an ONNX export and quantisation: about a minute here)
     return CLConfig(
@@ -59,15 +59,19 @@ def run_offline_cl(job: CLJob, backbone: Backbone, progress: bool = True) -> dic
     configs = seed_configs(cfg, seeds)
     parts = plan_parts(configs, job.routing, job.class_incremental)
     workers, start = workers_for(job.workers, backbone), time.perf_counter()
-    results = run_parts(parts, partial(run_part, job), backbone, job.device, workers, progress)
+    results = run_parts(parts, partial(timed_part, job), backbone, job.device, workers, progress)
     reports = []
     for i, c in enumerate(configs):
-        mine = {p.name: r for p, r in zip(parts, results, strict=True) if p.seed_index == i}
+        mine = {p.name: r for p, (r, _) in zip(parts, results, strict=True) if p.seed_index == i}
         report = merge_reports([mine[n] for n in BANK_PARTS if n in mine], c)
         if "routing" in mine:
             report["routing"] = {**report["routing"], **mine["routing"]}
         if "cil" in mine:
             report["class_incremental"] = mine["cil"]
+        # every part's time in its process, the class-incremental run and the routing sequence too (an outside
+        # check found them left out of the total)
+        spent = sum(t for p, (_, t) in zip(parts, results, strict=True) if p.seed_index == i)
+        report["seconds"]["total"] = round(spent, 1)
         reports.append(report)
     out = aggregate(reports)
     out["seconds"]["wall"] = round(time.perf_counter() - start, 1)  # all seeds' parts, side by side
@@ -81,7 +85,7 @@ _INPUTS: dict[CLJob, tuple[list[SequenceStep], LabelledImages | None]] = {}  # p
 def _inputs(job: CLJob) -> tuple[list[SequenceStep], LabelledImages | None]:
     if job not in _INPUTS:
         limits = _limits(job)
-        seq = offline_sequence(job.domains.split(","), limits["train_limit"], limits["test_limit"])
+        seq = offline_sequence(list(comma_names(job.domains)), limits["train_limit"], limits["test_limit"])
         outside = load_domain(job.outside, "test") if job.outside else None
         if outside is not None and limits["test_limit"]:
             outside = outside.subset(range(min(len(outside), limits["test_limit"])))
@@ -94,6 +98,12 @@ def _limits(job: CLJob) -> dict[str, int | None]:
         "train_limit": QUICK["train_limit"] if job.quick else None,
         "test_limit": job.test_limit or (QUICK["test_limit"] if job.quick else None),
     }
+
+
+def timed_part(job: CLJob, part: Part, backbone: Backbone) -> tuple[dict[str, Any], float]:
+    """`run_part`, and the seconds it took."""
+    start = time.perf_counter()
+    return run_part(job, part, backbone), time.perf_counter() - start
 
 
 def run_part(job: CLJob, part: Part, backbone: Backbone) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from model_store.bank import build_bank, empty_bank
 from model_store.bundle import Bundle, read_bundle
 from model_store.loader import BankLoader
 from model_store.store import TMP_PREFIX, LocalStore
+from model_store.store_base import purge_plan
 from model_store.store_check import check_store, store_leftovers
 from tests.helpers import random_bundle, with_version
 
@@ -66,9 +67,13 @@ def _choices(store: LocalStore, bundles: dict[str, tuple[bytes, Bundle]]) -> dic
         newest = tasks[b.task].newest if b.task in tasks else 0
         if b.version > newest and all(e in sources or e in b.experts for e in b.uses):
             out["put"].append((name,))
+    index = store.index()
     for task, entry in tasks.items():
         out["activate"] += [(task, v.version) for v in entry.versions if v.bundle_id != entry.active]
-        out["deactivate" if entry.active else "purge"].append((task,))
+        if entry.active:
+            out["deactivate"].append((task,))
+        elif purge_plan(index, task)[0] != index:  # one that keeps every version writes nothing: not a change
+            out["purge"].append((task,))
     return {kind: args for kind, args in out.items() if args}
 
 

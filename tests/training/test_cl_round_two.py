@@ -362,3 +362,15 @@ def test_a_failed_or_interrupted_run_stops_its_workers_at_once(backbone):
 def test_bench_settings_that_started_a_run_or_lost_its_report_are_refused_first(argv, message, capsys):
     assert main(["bench", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_trailing_comma_in_a_list_flag_is_no_name():
+    """An outside check: `--methods zero-shot,moe-ddas,` was refused as "invalid CLConfig: unknown methods ['']"."""
+    from training.cl_common import comma_names
+    from training.cl_job import cl_config
+    from training.config import CLJob
+
+    assert comma_names("zero-shot, moe-ddas,") == ("zero-shot", "moe-ddas") and comma_names(None) == ()
+    assert cl_config(CLJob(quick=True, methods="zero-shot,moe-ddas,")).methods == ("zero-shot", "moe-ddas")
+    with pytest.raises(ValueError, match=r"^invalid settings: unknown methods \['bogus'\]"):
+        cl_config(CLJob(quick=True, methods="bogus,"))
