@@ -140,7 +140,7 @@ def _timeline_axes(plt: Any, report: dict[str, Any]) -> Any:
     ax_l.set_xlabel("seconds since the warm-up began")
     for ax in (ax_m, ax_l):
         for s in report["swaps"]:
-            ax.axvline(s["t"], color="green" if s["ok"] else "red", alpha=0.15, lw=0.5)
+            ax.axvline(s["t"], color="green" if s["ok"] else "red", alpha=0.3, lw=0.5)  # 0.15 looked grey
         ax.axvspan(0, report["settings"]["warmup_seconds"], color="grey", alpha=0.1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
@@ -158,7 +158,7 @@ def _hostile_axes(plt: Any, report: dict[str, Any]) -> Any:
     ax_l.set_xticks(list(x), names)
     ax_l.set_yscale("log")
     ax_l.set_ylabel("normal 1-image request, ms")
-    ax_l.set_title(f"p99 ratio {h['p99_ratio_hostile']}")
+    ax_l.set_title(f"normal requests beside hostile ones: p99 ratio {h['p99_ratio_hostile']}", fontsize=9)
     ax_l.legend(fontsize=7)
     kinds = list(h["hostile_requests"])
     statuses = sorted({s for v in h["hostile_requests"].values() for s in v["status"]})
@@ -169,6 +169,7 @@ def _hostile_axes(plt: Any, report: dict[str, Any]) -> Any:
         left = [lo + c for lo, c in zip(left, counts, strict=True)]
     ax_s.set_yticks(range(len(kinds)), [k.replace(", ", ",\n", 1) for k in kinds], fontsize=6)
     ax_s.set_xlabel("hostile requests")
+    ax_s.set_title("what each kind of hostile request was answered (status)")
     ax_s.legend(fontsize=7)
     spans = h["spans"]
     rss = [(t, v / MIB) for t, v in report["rss"]["series"] if spans[0] <= t <= spans[3] + 1]
@@ -178,6 +179,7 @@ def _hostile_axes(plt: Any, report: dict[str, Any]) -> Any:
     ax_m.axhline(report["rss"]["guard_bytes"] / MIB, color="red", ls=":", lw=0.8, label="RSS guard")
     ax_m.set_xlabel("seconds since the warm-up began")
     ax_m.set_ylabel("server RSS MiB")
+    ax_m.set_title("the server's memory through the hostile phase")
     ax_m.legend(fontsize=7)
     for ax in (ax_l, ax_s, ax_m):
         ax.grid(alpha=0.3)

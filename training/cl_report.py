@@ -241,7 +241,10 @@ def plot_over_time(report: dict[str, Any], path: Path) -> None:
             ax.plot(range(i, len(doms)), a[i:, i], marker="o", ms=3, label=d)
         ax.set_title(m, fontsize=9)
         ax.set_xticks(range(len(doms)), [f"t{t}" for t in range(len(doms))], fontsize=7)
-        ax.set_ylim(0, 100)
+        ax.set_ylim(-3, 103)  # a line at 0 or 100% stays in sight, off the frame
+        ax.set_xlabel("after task", fontsize=7)
+    for row in axes:
+        row[0].set_ylabel("accuracy (%)", fontsize=7)
     axes.flat[0].legend(fontsize=6, loc="lower left")
     fig.suptitle("each task's accuracy (%) from when it is learned to the end")
     fig.tight_layout()

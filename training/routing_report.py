@@ -72,8 +72,10 @@ def plot(routing: dict[str, Any], path: Path) -> Path:
         ax2.plot(n, [c["zero_shot_fallback"] for c in r["curve"]], marker="o", label=kind, color=line.get_color())
         for ax, key in ((ax1, "task_accuracy_labels"), (ax2, "zero_shot_fallback_labels")):
             ax.plot(n, [c[key] for c in r["curve"]], ls="--", color=line.get_color(), label=f"{kind}, labels")
-    ax1.set(xlabel="tasks in the bank", ylabel="learned tasks' images routed to their own task", ylim=(0, 1.02))
-    ax2.set(xlabel="tasks in the bank", ylabel="fallback of unlearned, plain and near outside images", ylim=(0, 1.02))
+    ax1.set(xlabel="tasks in the bank", ylabel="share of images", ylim=(0, 1.02))
+    ax1.set_title("learned tasks' images routed to their own task", fontsize=10)
+    ax2.set(xlabel="tasks in the bank", ylabel="share of images", ylim=(0, 1.02))  # long labels ran into the title
+    ax2.set_title("zero-shot fallback of unlearned, plain and near outside images", fontsize=10)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
