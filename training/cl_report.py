@@ -173,7 +173,8 @@ def format_markdown(report: dict[str, Any], command: str | None = None) -> str:
     if "long" in routing:  # the long-sequence routing measurement (`clipbank bench routing`), every kind
         from .routing_report import format_markdown as routing_markdown
 
-        lines += ["", routing_markdown(routing, "clipbank bench routing").replace("# clipbank", "## clipbank", 1)]
+        part = routing_markdown(routing, command or "clipbank bench cl")  # run as a part of it, not alone
+        lines += ["", part.replace("# clipbank bench routing", "## Routing: the long sequence (as `bench routing`)", 1)]
     lines += ["", "Accuracy matrices (rows: after training task t; columns: test domain i; %):"]
     for m, r in report["methods"].items():
         lines += ["", f"`{m}`", "", "| after \\ on | " + " | ".join(doms) + " |", "|---" * (len(doms) + 1) + "|"]
@@ -257,7 +258,6 @@ def write_cl_report(report: dict[str, Any], out: Path, command: str | None = Non
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.json", out / "report.md", out / "accuracy_matrices.png", out / "accuracy_over_time.png"]
     paths[0].write_text(json.dumps(report, indent=2))
-    paths[1].write_text(format_markdown(report, command))
     plot_matrices(report, paths[2])
     plot_over_time(report, paths[3])
     if "moe-ddas" in report.get("routing_by_method", {}):
@@ -267,4 +267,6 @@ def write_cl_report(report: dict[str, Any], out: Path, command: str | None = Non
         from .routing_report import plot as plot_long_routing
 
         paths.append(plot_long_routing(report["routing"], out / "routing_long.png"))
+    plots = ", ".join(f"[`{p.name}`]({p.name})" for p in paths[2:])  # the report names its plots beside it
+    paths[1].write_text(format_markdown(report, command) + f"\nPlots: {plots}.\n")
     return paths
