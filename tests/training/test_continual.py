@@ -159,7 +159,9 @@ def test_report_with_the_long_routing_sequence(tiny_run, tmp_path, backbone):
         assert set(saved["kinds"][kind]["near_ood"]) == {"glyphs-other"}
         assert {"task_accuracy", "zero_shot_fallback"} <= set(saved["kinds"][kind]["long"])
     assert saved["per_domain"] == tiny_run["routing"]["per_domain"]  # the CL run's own routing stays
-    assert "## clipbank bench routing" in (tmp_path / "report.md").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "## Routing: the long sequence (as `bench routing`)" in md and "Command: `clipbank bench cl --test`" in md
+    assert "Plots: [`accuracy_matrices.png`]" in md and "[`routing_long.png`](routing_long.png)" in md
 
 
 def _stand_in(root, name: str, classes: int, per_class: int = 3) -> None:
