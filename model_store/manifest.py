@@ -245,6 +245,16 @@ def finite_metrics(training: Any, keys: tuple[str, ...]) -> dict[str, float]:
     return {k: float(training[k]) for k in keys if _is_number(training.get(k))}
 
 
+def index_metrics(training: Any) -> dict[str, float]:
+    """What a store's index keeps of a version's training figures; `val_classes`: how many of its classes its
+    validation accuracy was measured on (a new version trained on new classes only answers over its parent's too)."""
+    out = finite_metrics(training, ("val_accuracy", "zero_shot_val_accuracy"))
+    per = training.get("val_accuracy_per_class") if isinstance(training, dict) else None
+    if isinstance(per, dict) and "val_accuracy" in out:
+        out["val_classes"] = float(sum(v is not None for v in per.values()))
+    return out
+
+
 @dataclass(frozen=True)
 class BackboneInfo:
     """Which frozen backbone a bundle was trained on; `fingerprint` (of its weights) is what must match."""

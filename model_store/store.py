@@ -15,7 +15,7 @@ from filelock import FileLock, Timeout
 
 from .errors import REWRITE, BundleNotFound, StoreDamaged, StoreError, StoreWriteFailed
 from .store_base import Edit, PutResult, Store, Unchanged, purge_plan
-from .store_index import StoreIndex, VersionRecord, next_generation
+from .store_index import StoreIndex, VersionRecord, next_generation, refuse_too_new
 
 __all__ = ["LocalStore", "PutResult", "Store", "atomic_write", "open_store"]
 
@@ -258,7 +258,9 @@ class LocalStore(Store):
         purge deletes too, without purging a task). A store whose index is lost is damaged: nothing is deleted."""
         with self._writing("a clean-up"), self.locked():
             temp = stale_temp_files(self.root)
-            strays = _unnamed(self.blobs, self._read_index())
+            index = self._read_index()
+            refuse_too_new(index)  # a newer release's index may name blobs this one cannot see
+            strays = _unnamed(self.blobs, index)
             for path in temp + strays:
                 path.unlink(missing_ok=True)
         return {"temp_files": len(temp), "unreferenced_blobs": len(strays)}

@@ -29,8 +29,8 @@ from .errors import (
     VersionConflict,
 )
 from .labels import unanswerable_class
-from .manifest import finite_metrics, shown, validate_task_name
-from .store_index import StoreIndex, TaskRecord, VersionRecord
+from .manifest import index_metrics, shown, validate_task_name
+from .store_index import StoreIndex, TaskRecord, VersionRecord, refuse_too_new
 
 Edit = Callable[[StoreIndex], StoreIndex]
 
@@ -231,7 +231,7 @@ class Store:
             bytes=len(data),
             experts_new=bundle.manifest.experts_new,
             classes=bundle.manifest.classes,
-            metrics=metrics or _metrics_of(bundle),
+            metrics=metrics or index_metrics(bundle.manifest.training),
             gate=gate,
         )
 
@@ -370,6 +370,7 @@ def _check_addable(index: StoreIndex, bundle: Bundle) -> tuple[str, ...]:
 def purge_plan(index: StoreIndex, task: str) -> tuple[StoreIndex, list[VersionRecord]]:
     """The index without inactive `task` (versions whose experts other tasks use stay, inactive), and the
     versions whose blobs may go."""
+    refuse_too_new(index)  # before any Unchanged: a purge that writes nothing still deletes stray blobs
     record = index.task(task)
     if record.active:
         raise StoreError(f"task {shown(task)} is active; deactivate it before purging")
@@ -394,14 +395,3 @@ def needed_by(index: StoreIndex, task: str) -> dict[int, list[str]]:
 
 def _unless(shadow: str | None, activated: str) -> str | None:
     return None if shadow == activated else shadow
-
-
-def _metrics_of(bundle: Bundle) -> dict[str, Any]:
-    """What the index keeps of a version's training figures; `val_classes`: how many of its classes its validation
-    accuracy was measured on (a new version trained on new classes only answers over its parent's too)."""
-    training = bundle.manifest.training
-    out = finite_metrics(training, ("val_accuracy", "zero_shot_val_accuracy"))
-    per = training.get("val_accuracy_per_class") if isinstance(training, dict) else None
-    if isinstance(per, dict) and "val_accuracy" in out:
-        out["val_classes"] = float(sum(v is not None for v in per.values()))
-    return out

@@ -241,16 +241,22 @@ class StoreIndex:
         return replace(self, tasks=tasks)
 
 
-def next_generation(index: StoreIndex, known_id: str | None = None) -> StoreIndex:
-    """The changed index, one generation on, with its store id: `known_id` (the one the writer read before) when
-    an older release's write dropped it, else a new one; either marked with this generation (`store_id_since`).
-    A StoreError for an index of a newer format, which this release reads but cannot rewrite without losing
-    what it does not know."""
+def refuse_too_new(index: StoreIndex) -> None:
+    """StoreTooNew for an index a newer release wrote: it may name blobs in fields this release does not read, so
+    nothing here changes that store or deletes from it."""
     if index.format > INDEX_FORMAT:
         raise StoreTooNew(
             f"the store index is format {index.format}, written by a newer clipbank; this release (format "
             f"{INDEX_FORMAT}) serves from it but does not change it: upgrade to change the store"
         )
+
+
+def next_generation(index: StoreIndex, known_id: str | None = None) -> StoreIndex:
+    """The changed index, one generation on, with its store id: `known_id` (the one the writer read before) when
+    an older release's write dropped it, else a new one; either marked with this generation (`store_id_since`).
+    A StoreError for an index of a newer format, which this release reads but cannot rewrite without losing
+    what it does not know."""
+    refuse_too_new(index)
     generation = index.generation + 1
     if index.store_id is not None:
         return replace(index, generation=generation)

@@ -632,3 +632,31 @@ def test_a_purge_that_keeps_every_version_writes_no_generation(make_store, backb
     assert store.purge("a") == 0 and [v.version for v in store.task("a").versions] == [1]  # b needs it
     before = store.generation()
     assert store.purge("a") == 0 and make_store().generation() == before
+
+
+def test_a_purge_or_clean_of_a_newer_releases_store_deletes_nothing(make_store, backbone, bundles):
+    """A review: a purge that kept every version skipped the format check, then deleted the blobs this release saw
+    no version name (a newer format may name them); `store clean` deleted them too."""
+    from model_store.errors import StoreTooNew
+    from model_store.loader import BankLoader
+
+    store = make_store()
+    store.put(random_bundle(empty_bank(backbone), "a", seed=1))
+    store.put(random_bundle(BankLoader(store, backbone).load(), "b", seed=2))  # b needs a's experts
+    store.deactivate("a")
+    stray = bundles[1]
+    newer = {**store.index().to_json(), "format": 99}
+    if isinstance(store, LocalStore):
+        store.index_path.write_text(json.dumps(newer))
+        (store.blobs / f"{read_bundle(stray).id}.safetensors").write_bytes(stray)
+    else:
+        store._s3.put_object(Bucket=store.bucket, Key=store._key("index.json"), Body=json.dumps(newer).encode())
+        store._s3.put_object(Bucket=store.bucket, Key=store._blob_key(read_bundle(stray).id), Body=stray)
+    before = blob_ids(store)
+    other = make_store()
+    with pytest.raises(StoreTooNew):
+        other.purge("a")
+    if isinstance(other, LocalStore):
+        with pytest.raises(StoreTooNew):
+            other.sweep()
+    assert blob_ids(store) == before and len(before) == 3
