@@ -8,13 +8,41 @@ import operator
 import os
 import re
 import threading
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 ImageInput = Any  # a path, encoded bytes (or a bytes-like object), an open binary file, or a PIL image
-# Held while reading an open file or loading a PIL image: one a caller's threads share is read by one at a time.
-_SHARED = threading.Lock()
+
+
+class _PerObject:
+    """A lock for each open file or PIL image the client reads, held while it reads that object: one object a
+    caller's threads share is read by one at a time, and other objects are not held up. Keyed by identity (a PIL
+    image is not hashable), each dropped with its object; an object that takes no weak reference shares one lock.
+    Made anew in a forked child, where a lock held at the fork would stay held."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._guard, self._other = threading.Lock(), threading.Lock()
+        self._locks: dict[int, threading.Lock] = {}
+
+    def __call__(self, item: object) -> threading.Lock:
+        with self._guard:
+            lock = self._locks.get(id(item))
+            if lock is None:
+                try:
+                    weakref.finalize(item, self._locks.pop, id(item), None)
+                except TypeError:  # no weak reference
+                    return self._other
+                lock = self._locks[id(item)] = threading.Lock()
+            return lock
+
+
+_SHARED = _PerObject()
 
 
 def whole(value: Any, name: str) -> int:
@@ -47,7 +75,7 @@ def _bytes(item: ImageInput) -> bytes:
     if hasattr(item, "read"):
         if isinstance(getattr(item, "mode", None), str) and "b" not in item.mode:  # read() would fail to decode
             raise TypeError(f"{getattr(item, 'name', item)!r} was opened in text mode: open images with 'rb'")
-        with _SHARED:  # a file one caller's threads share: no thread's seek lands inside another's read
+        with _SHARED(item):  # a file one caller's threads share: no thread's seek lands inside another's read
             start = item.tell() if _seekable(item) else None
             data = item.read()
             if start is not None:  # left where it was: sent again (a retry, the same file twice), it is not empty
@@ -86,7 +114,7 @@ def _pil_bytes(image: Any) -> bytes:
 
     if 0 in image.size:
         raise ValueError(f"a PIL image of {image.size[0]}x{image.size[1]} pixels: there is nothing to send")
-    with _SHARED:  # a lazily loaded image reads its file once, here: two threads at once damaged it for good
+    with _SHARED(image):  # a lazily loaded image reads its file once, here: two threads at once damaged it for good
         upright = ImageOps.exif_transpose(image)  # a copy: encoded below outside the lock
     if upright.mode not in PNG_AS_IS:
         upright = viewed_rgb(upright)  # ValueError for 32-bit float pixels, whose range is unknown

@@ -305,3 +305,23 @@ def test_push_and_shadow_say_a_failing_gate_report_beside_the_answer(monkeypatch
         assert "task arrows v1 fails the interference gate" in err and "5.8% of the images of task 'glyphs'" in err
     answers["/tasks"]["gate"] = {"passed": True, "offences": []}
     assert main(["push", str(bundle), "--shadow", *URL]) == 0 and capsys.readouterr().err == ""
+
+
+def test_the_client_locks_each_shared_object_on_its_own():
+    """A review: one lock for every file and image made a slow pipe hold up every other thread's call."""
+    import gc
+    import io
+
+    from PIL import Image
+
+    from service.client_inputs import _SHARED
+
+    a, b, f = Image.new("RGB", (2, 2)), Image.new("RGB", (2, 2)), io.BytesIO(b"x")
+    assert _SHARED(a) is _SHARED(a) and len({id(_SHARED(x)) for x in (a, b, f)}) == 3
+    with _SHARED(a):  # held: another object's lock is free
+        assert _SHARED(b).acquire(timeout=0.1)
+        _SHARED(b).release()
+    n = len(_SHARED._locks)
+    del a
+    gc.collect()
+    assert len(_SHARED._locks) == n - 1  # dropped with its object
