@@ -211,7 +211,7 @@ class S3Store(Store):
     def _change(self, edit: Edit, blob: tuple[str, bytes] | None = None) -> StoreIndex:
         """Publish `edit(index)` with generation + 1 by compare-and-swap, retrying on contention for up to
         CAS_SECONDS; the edit runs again on the index each retry reads, so its checks always see the latest."""
-        deadline, attempt = time.monotonic() + CAS_SECONDS, 0
+        deadline, attempt, verified = time.monotonic() + CAS_SECONDS, 0, False
         while True:
             etag, index = self._get_index()
             if etag is None and blob is not None:  # a new store: its index first, so no blob is ever without one
@@ -228,14 +228,16 @@ class S3Store(Store):
             if blob is not None:
                 # Only now, after reading the index this swap is based on: a purge that deleted the blob
                 # earlier is seen here, and one that starts later must publish first, which fails this swap.
-                self._ensure_blob(*blob)
+                self._ensure_blob(*blob, verify=not verified)
+                verified = True
             if self._publish(etag, new):
                 return new
             attempt = _backoff(attempt, deadline, "the store index kept changing under this change")
 
-    def _ensure_blob(self, bundle_id: str, data: bytes) -> None:
+    def _ensure_blob(self, bundle_id: str, data: bytes, verify: bool = True) -> None:
         """Write the blob unless the bucket holds it already, whole: a damaged object of that name (a leftover no
-        version names) is replaced, not trusted."""
+        version names) is replaced, not trusted. `verify`: read an object of the right size to check its digest
+        (a put does once: its retries after contention only look that the object is still there)."""
         try:
             head = self._s3.head_object(Bucket=self.bucket, Key=self._blob_key(bundle_id))
         except Exception as e:
@@ -243,8 +245,8 @@ class S3Store(Store):
                 raise self._unavailable(f"look up blob {bundle_id[:12]}", e) from None
             self._write_blob(bundle_id, data)
             return
-        if head.get("ContentLength") != len(data) or bytes_digest(self.fetch_blob(bundle_id)) != bundle_id:
-            log.warning("blob %s in the bucket is damaged and no version names it: written again", bundle_id[:12])
+        if head.get("ContentLength") != len(data) or (verify and not self._blob_intact(bundle_id)):
+            log.warning("blob %s in the bucket is damaged: written again", bundle_id[:12])
             self._write_blob(bundle_id, data, replace=True)
 
     def _publish(self, etag: str | None, index: StoreIndex) -> bool:
