@@ -93,8 +93,10 @@ def _readable(store, task: str, version: int) -> None:
 
 def _backbone_of(loader, bundle_id: str):
     """The backbone a stored bundle was trained on; None if it cannot be read (`store check` says why)."""
-    try:
-        return loader.bundle(bundle_id).manifest.backbone
+    from model_store.bundle import read_manifest
+
+    try:  # the manifest alone: no tensors parsed
+        return read_manifest(loader.store.read(bundle_id)).backbone
     except ClipbankError:
         return None
 
