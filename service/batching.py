@@ -208,6 +208,7 @@ class Batcher:
         if gone := [p for p in self._waiting if p.future.done()]:  # their clients went away: no room in a batch
             self._waiting = [p for p in self._waiting if not p.future.done()]
             self.metrics.queue_images.dec(sum(p.size for p in gone))
+            self.metrics.abandoned.labels("queued").inc(len(gone))
         waiting = self._waiting
         if not waiting:
             return []

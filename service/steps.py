@@ -134,6 +134,8 @@ class Steps:
         work = self.works.popleft()
         if _abandoned(work):
             self.dropped += 1
+            requests = len(work.batch) if isinstance(work, _ImageWork) else 1
+            self.metrics.abandoned.labels("in_steps").inc(requests)
             return
         if isinstance(work, _ImageWork):
             self._advance(work, self._images_per_step())

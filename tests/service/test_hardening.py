@@ -80,6 +80,8 @@ async def test_parked_label_work_of_a_client_that_went_away_is_dropped(backbone)
         await asyncio.sleep(0.05)
         assert batcher.steps.dropped == 1 and not batcher.steps  # its work left the compute thread
         assert batcher.steps.text_steps == steps  # and nothing more of it was encoded
+        gone_total = batcher.metrics.registry.get_sample_value
+        assert gone_total("clipbank_abandoned_requests_total", {"stage": "in_steps"}) == 1  # an operator sees it
         others = tuple(f"another new label {i}" for i in range(900))  # would pass max_parked_prompts beside it
         results, _ = await batcher.submit(ClassifyItem(_image(backbone, 1), others, "zero-shot"))
         assert len(results[0].labels) == 900 and batcher.steps.text_steps > steps
@@ -276,6 +278,7 @@ async def test_a_client_gone_while_its_request_waits_for_compute_is_a_499_and_ne
         assert "clipbank_queue_images 0.0" in (await c.get("/metrics")).text  # the gone one left the queue too
         metrics = (await c.get("/metrics")).text
         assert 'endpoint="/classify",method="POST",status="499"} 1.0' in metrics, metrics
+        assert 'clipbank_abandoned_requests_total{stage="queued"} 1.0' in metrics, metrics
 
 
 async def test_a_request_cancelled_at_shutdown_is_answered_503_not_a_plain_500(tmp_path, backbone, caplog):
