@@ -48,6 +48,7 @@ class ClipbankHTTPError(Exception):
 ACTIVATED, SHADOWED = ("task", "active_version"), ("task", "shadow_version")
 RETRIED = frozenset({"overloaded", "stale_replica", "not_ready"})  # 503s that name when trying again may succeed
 MAX_RETRY_WAIT = 30.0  # seconds: a longer Retry-After is not waited for
+BROKEN_WAIT = 0.25  # seconds before the first retry of a request that a replica's death broke; doubled after each
 PROBES = ("/readyz", "/healthz")  # asked for the state now: never retried
 MAY_LAND = "; a change it was making may still land: look before retrying (GET /tasks, clipbank store list)"
 
@@ -59,8 +60,9 @@ class ClipbankClient:
     (either token reads). `timeout`: seconds for each step of a call, None for none. `retries`: how many times a
     request that changes nothing (classify, the GET calls but the /readyz and /healthz probes) is sent again after
     a 503 whose `Retry-After` says when (`overloaded`, `stale_replica`, `not_ready`), after waiting that long (at
-    most 30 s, plus up to a quarter more at random); 0 (the default) raises at once, with the wait in
-    `ClipbankHTTPError.retry_after`."""
+    most 30 s, plus up to a quarter more at random), and after a connection broken mid-request or a 500, 502, 503
+    or 504 that is not clipbank's own (a replica or a proxy in front that died: 0.25 s, doubled each time); 0 (the
+    default) raises at once, with the wait in `ClipbankHTTPError.retry_after`. A change is never sent twice."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float | None = 60.0, retries: int = 0) -> None:
         if timeout is not None and (
@@ -93,12 +95,10 @@ class ClipbankClient:
                 return self._once(method, path, **kwargs)
             except ClipbankHTTPError as e:
                 safe = (method == "GET" and path not in PROBES) or path == "/classify"
-                if attempt == self.retries or not safe or e.code not in RETRIED or e.retry_after is None:
+                wait = _retry_wait(e, attempt) if safe and attempt < self.retries else None
+                if wait is None:
                     raise
-                if e.retry_after > MAX_RETRY_WAIT:  # the server says not before then: raised, not waited for
-                    raise
-                # up to a quarter more: clients refused together do not all come back in the same instant
-                time.sleep(e.retry_after * random.uniform(1.0, 1.25))
+                time.sleep(wait)
         raise AssertionError("unreachable")  # the loop returns or raises
 
     def _once(self, method: str, path: str, expect: tuple[str, ...] = (), **kwargs: Any) -> Any:
@@ -116,7 +116,7 @@ class ClipbankClient:
         except httpx.HTTPError as e:  # refused, timed out, broke, a body that does not decode
             raise self._transport_error(e, method, path, time.monotonic() - began, "files" in kwargs) from None
         if response.status_code >= 400:
-            retry, rid = _seconds(response.headers.get("retry-after")), response.headers.get("x-request-id")
+            retry, rid = _seconds(response.headers.get("retry-after")), _request_id(response.headers)
             try:
                 err = _json(raw)["error"]
                 raise ClipbankHTTPError(
@@ -127,7 +127,7 @@ class ClipbankClient:
                 status = response.status_code
                 page = _one_line(text) or "an empty body"
                 message = f"{method} {self.url}{path} answered {status} without a clipbank error ({page})"
-                raise ClipbankHTTPError(status, "http_error", message, retry, rid) from None
+                raise ClipbankHTTPError(status, "http_error", message, None, retry, rid) from None
         if response.is_redirect:
             where = response.headers.get("location", "?")
             raise ClipbankHTTPError(response.status_code, "redirect", f"{self.url} redirects to {where}: use that URL")
@@ -343,3 +343,23 @@ def _seconds(value: str | None) -> float | None:
 def _one_line(text: str) -> str:
     """An error page as one short line (an HTML page from a proxy, say)."""
     return " ".join(re.sub(r"<[^>]*>", " ", text).split())[:300]
+
+
+def _retry_wait(e: ClipbankHTTPError, attempt: int) -> float | None:
+    """Seconds to wait before sending a request that changes nothing again after `e`, None: raise `e`.
+
+    A 503 that says when: that long (not over 30 s), and up to a quarter more at random, so that clients refused
+    together do not all come back in the same instant. A connection broken mid-request, or a 5xx that is not
+    clipbank's (a bare 500 from Ray Serve's proxy for the requests of a replica that died; a 502 or 504 from a
+    load balancer): a short wait that doubles, as another replica may answer at once."""
+    if e.code in RETRIED and e.retry_after is not None:
+        return e.retry_after * random.uniform(1.0, 1.25) if e.retry_after <= MAX_RETRY_WAIT else None
+    if e.code == "connection_failed" or (e.code == "http_error" and e.status in (500, 502, 503, 504)):
+        return BROKEN_WAIT * 2**attempt * random.uniform(1.0, 1.25)
+    return None
+
+
+def _request_id(headers: httpx.Headers) -> str | None:
+    """The answer's X-Request-ID: the first, as Ray Serve's proxy adds the replica's own again (httpx joins them)."""
+    ids = [i.strip() for i in headers.get_list("x-request-id", split_commas=True)]
+    return ids[0] if ids else None

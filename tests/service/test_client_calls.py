@@ -175,3 +175,44 @@ def test_tasks_activate_and_deactivate_go_through_the_server(monkeypatch, capsys
     client_on(monkeypatch, lambda request: httpx.Response(200, json=answers))
     assert main(["tasks", *url, "deactivate", "cars", "--purge"]) == 0  # an outside check: "deactivated" it said
     assert capsys.readouterr().out == "task cars: purged (it had no active version), 0 blob(s) deleted\n"
+
+
+def test_a_request_a_dead_replica_broke_is_sent_again_but_a_change_never(monkeypatch):
+    """An outside check of Ray Serve: a replica killed under load answered its requests with the proxy's bare
+    `text/plain` 500, which `retries=3` raised (1 of 1,806 calls). Such a 500, a 502/503/504 that is not
+    clipbank's, and a connection broken mid-request are now retried for what changes nothing; clipbank's own 500
+    and every change are not."""
+    calls: list = []
+    waits: list = []
+    failures = [
+        httpx.Response(500, text="Internal Server Error", headers={"X-Request-ID": "rid-1, rid-1"}),
+        httpx.RemoteProtocolError("Server disconnected without sending a response."),
+        httpx.Response(502, text="<html>Bad Gateway</html>"),
+    ]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append((request.method, request.url.path))
+        if len(calls) <= len(failures):
+            failure = failures[len(calls) - 1]
+            if isinstance(failure, Exception):
+                raise failure
+            return failure
+        return httpx.Response(200, json=OK)
+
+    client_on(monkeypatch, handler)
+    monkeypatch.setattr("service.client.time.sleep", waits.append)
+    with ClipbankClient("http://srv", retries=3) as c:
+        assert c.classify([PNG]) == OK
+    assert calls == [("POST", "/classify")] * 4
+    assert len(waits) == 3 and 0.25 <= waits[0] <= 0.32 and 0.5 <= waits[1] <= 0.63 and 1.0 <= waits[2] <= 1.25
+    calls.clear()
+    with ClipbankClient("http://srv", retries=3) as c, pytest.raises(ClipbankHTTPError) as e:
+        c.push(PNG)  # a change may have landed: never sent twice
+    assert calls == [("POST", "/tasks")] and e.value.status == 500
+    assert e.value.request_id == "rid-1"  # Ray's proxy sends the id twice; httpx joined them
+    own = {"error": {"code": "internal_error", "message": "a bug (request id rid-2)", "details": None}}
+    client_on(monkeypatch, lambda request: calls.append(request.url.path) or httpx.Response(500, json=own))
+    calls.clear()
+    with ClipbankClient("http://srv", retries=3) as c, pytest.raises(ClipbankHTTPError) as e:
+        c.classify([PNG])  # clipbank's own 500 is a bug: the same request would meet it again
+    assert e.value.code == "internal_error" and calls == ["/classify"]
