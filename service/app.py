@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute, Match
+from starlette.types import Scope
 
 from model_store.backbone import Backbone
 
 from .auth import TokenCheck
 from .config import ServeConfig
-from .errors import install_handlers, takes
+from .errors import ClipbankError, install_handlers, takes
 from .lifecycle import Service, lifespan
 from .middleware import AbsoluteForm, BodyLimit, Generations, HeadAsGet, HeadLimit, RequestMetrics
 from .openapi import document_generations
@@ -49,6 +52,7 @@ def create_app(
     routers = (classify_router(reader, config.limits), tasks_router(admin), watch_router(admin), ops_router())
     for router in routers:
         app.include_router(router)
+    routes = [r for router in routers for r in router.routes]
     app.add_middleware(
         BodyLimit,
         limit_for=_limit_for(config),
@@ -56,10 +60,11 @@ def create_app(
         min_rate=config.min_body_rate,
         max_buffered=config.limits.max_buffered_bytes,
         routed=lambda scope: takes(app.router.routes, scope, scope["method"]),  # a mistyped URL: 404, not 413
+        unauthorized=lambda scope: _token_refusal(routes, scope),  # no token: 401, not 413
     )
     app.add_middleware(Generations, service=service)
     app.add_middleware(HeadLimit)  # inside the metrics: a 431 is counted like any answer
-    app.add_middleware(RequestMetrics, metrics=service.metrics, routes=[r for router in routers for r in router.routes])
+    app.add_middleware(RequestMetrics, metrics=service.metrics, routes=routes)
     app.add_middleware(HeadAsGet)
     app.add_middleware(AbsoluteForm)
     # outside even Starlette's error middleware, so a 500 and its logged traceback carry the id too
@@ -80,3 +85,12 @@ def _limit_for(config: ServeConfig) -> Callable[[str, str], tuple[int, str]]:
         return SMALL_BODY, ""  # JSON bodies of a few fields: fixed, not a setting
 
     return limit_for
+
+
+def _token_refusal(routes: Sequence[BaseRoute], scope: Scope) -> ClipbankError | None:
+    """The 401 that the token check of the route taking this request would give, if any."""
+    for route in routes:
+        if isinstance(route, APIRoute) and route.matches(scope)[0] == Match.FULL:
+            checks = [d.call for d in route.dependant.dependencies if isinstance(d.call, TokenCheck)]
+            return checks[0].refusal(scope["headers"]) if checks else None
+    return None

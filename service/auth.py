@@ -32,10 +32,26 @@ class TokenCheck:
         self.also = also
 
     def __call__(self, credentials: HTTPAuthorizationCredentials | None = _CREDENTIALS) -> None:
+        self.check(credentials.credentials if credentials is not None else None)
+
+    def refusal(self, headers: list[tuple[bytes, bytes]]) -> Unauthorized | None:
+        """What the dependency would raise for a request with these raw headers (None: let in). The body limit
+        asks it before refusing a body as too large: a client without the token learns that first. The first
+        Authorization header counts, as for the dependency."""
+        given = next((value for name, value in headers if name == b"authorization"), b"")
+        scheme, _, token = given.decode("latin-1").partition(" ")
+        try:
+            self.check(token.strip() if scheme.lower() == "bearer" and token.strip() else None)
+        except Unauthorized as e:
+            return e
+        return None
+
+    def check(self, given: str | None) -> None:
+        """Raise Unauthorized unless `given` (a bearer token, None when none was sent) is a valid token."""
         expected = self.expected()
         if expected is None:
             raise Unauthorized(f"the server has no {self.name} token yet")
-        if credentials is None:
+        if given is None:
             where = (
                 "CLIPBANK_ADMIN_TOKEN or --token for the clipbank commands; a server started without one saved "
                 "the token it generated in the store folder's .admin-token file"
@@ -43,7 +59,6 @@ class TokenCheck:
                 else f"CLIPBANK_{self.name.upper()}_TOKEN or --token for the clipbank commands"
             )
             raise Unauthorized(f"this endpoint needs 'Authorization: Bearer <{self.name} token>' ({where})")
-        given = credentials.credentials
         ok = _same(given, expected)
         also = self.also() if self.also is not None else None
         if also is not None:

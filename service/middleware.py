@@ -15,7 +15,15 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ERROR_HEADER, LimitExceeded, Overloaded, UnsupportedMediaType, error_response
+from .errors import (
+    ERROR_HEADER,
+    ClipbankError,
+    LimitExceeded,
+    Overloaded,
+    UnsupportedMediaType,
+    error_response,
+    status_of,
+)
 from .metrics import Metrics
 from .request_ids import stopped_at_shutdown
 
@@ -48,8 +56,9 @@ class HeadLimit:
 class BodyLimit:
     """Refuses a body over its path's limit (at once from Content-Length, else as soon as the stream passes it),
     and one whose next piece takes longer than `read_timeout` seconds to arrive, or whose client keeps the server
-    waiting longer than `read_timeout` plus a second per `min_rate` bytes it sent (408: one byte every 20 s held a
-    connection for ever, and 1024 of them every connection).
+    waiting longer than `read_timeout` plus a second per `min_rate` bytes it sent, of which at most twice
+    `read_timeout` may be saved up (408: one byte every 20 s held a connection for ever, and 1024 of them every
+    connection).
 
     All requests together may hold at most `max_buffered` bytes of body until they are answered: each one's limit
     alone let 1024 slow connections hold 64 GiB. Past it, the request that would cross it gets 503 `overloaded`
@@ -63,9 +72,11 @@ class BodyLimit:
         max_buffered: int | None = None,
         routed: Callable[[Scope], bool] | None = None,
         min_rate: int = 0,
+        unauthorized: Callable[[Scope], ClipbankError | None] | None = None,
     ) -> None:
         self.app = app
         self.limit_for = limit_for
+        self.unauthorized = unauthorized  # a route's token refusal, answered before a declared body's 413
         self.routed = routed  # False: no route takes this method and path, so its 404 or 405 reads no body
         self.read_timeout = read_timeout
         self.min_rate = min_rate
@@ -95,6 +106,9 @@ class BodyLimit:
             if not declared.isdigit():
                 return await error_response(400, "bad_request", "Content-Length is not a number")(scope, receive, send)
             if int(declared) > limit:
+                refusal = self.unauthorized(scope) if self.unauthorized is not None else None
+                if refusal is not None:
+                    return await error_response(status_of(refusal), refusal.code, str(refusal))(scope, receive, send)
                 message = f"request body is {int(declared)} bytes; the limit is {name}"
                 details = {"setting": setting, "limit": limit} if setting else None  # a client can send less
                 return await error_response(413, LimitExceeded.code, message, details=details)(scope, receive, send)
@@ -102,15 +116,18 @@ class BodyLimit:
             if full is not None:
                 return await error_response(503, Overloaded.code, full)(scope, receive, send)
         seen, complete, waited = 0, False, 0.0  # waited: time spent waiting for the client's bytes
+        # The seconds the client may still keep the server waiting: each byte adds 1/min_rate, each wait takes its
+        # time (the app's own time between reads is not charged). Capped: a client that sent 64 MiB at once had
+        # earned 18 hours, and 16 of them, a byte every 20 s, held max_buffered_bytes and every /classify got 503.
+        credit, most = self.read_timeout, 2 * self.read_timeout
 
         async def limited() -> Message:
-            nonlocal seen, complete, waited
+            nonlocal seen, complete, waited, credit
             if complete:  # only a disconnect can follow: no deadline
                 return await receive()
             wait, slow = self.read_timeout, False
-            if self.min_rate:  # the client's time for the whole body, moved on by each byte that came; time the
-                left = self.read_timeout + seen / self.min_rate - waited  # app took between reads is not charged
-                wait, slow = min(wait, max(left, 0.001)), left < wait
+            if self.min_rate:
+                wait, slow = min(wait, max(credit, 0.001)), credit < wait
             started = time.monotonic()
             try:
                 message = await asyncio.wait_for(receive(), wait)
@@ -124,9 +141,12 @@ class BodyLimit:
                 raise HTTPException(
                     408, f"the request body stalled for {self.read_timeout:g}s (read_timeout_seconds)"
                 ) from None
-            waited += time.monotonic() - started
+            took = time.monotonic() - started
+            waited += took
             if message["type"] == "http.request":
                 size = len(message.get("body", b""))
+                if self.min_rate:
+                    credit = min(credit - took + size / self.min_rate, most)
                 full = self._full(size)
                 if full is not None:
                     raise HTTPException(503, full)

@@ -156,17 +156,29 @@ def run(config: ServeConfig) -> int:
     resolve_admin_token(config)  # here too: the replicas' own warning of another saved token goes to Ray's logs only
     local = not config.ray_address
     # A cluster started here gets no dashboard (an open port with no auth of its own); one joined keeps its own.
-    ray.init(address=config.ray_address or None, log_to_driver=False, **({"include_dashboard": False} if local else {}))
+    try:
+        ray.init(
+            address=config.ray_address or None, log_to_driver=False, **({"include_dashboard": False} if local else {})
+        )
+    except ConnectionError as e:  # a cluster with token authentication only says so in its own log lines
+        log.error(
+            "%s (a cluster that `ray start` said uses token authentication needs RAY_AUTH_MODE=token, and its "
+            "token, in this command's environment too: docs/scale-out.md)",
+            e,
+        )
+        return 3
     cpus = replica_cpus(config.replicas, ray.cluster_resources().get("CPU", 0.0), local)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _stopped)
     try:
-        serve.start(http_options={"host": config.host, "port": config.port})
+        http = {"host": config.host, "port": config.port, "keep_alive_timeout_s": config.keep_alive_seconds}
+        serve.start(http_options=http)
         serve.run(application(config, cpus=cpus), name=APP_NAME, route_prefix="/")
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         log.info("clipbank on Ray Serve: %d replicas on http://%s:%d", config.replicas, config.host, config.port)
+        say_what_serves(config)
         stop.wait()
         log.info("stopping: the replicas finish their requests (up to 30 s)")
     except _Stopped:
@@ -180,6 +192,40 @@ def run(config: ServeConfig) -> int:
     if closing.is_alive():
         log.warning("Ray did not shut down within %ds; exiting anyway", SHUTDOWN_SECONDS)
     return 0
+
+
+def say_what_serves(config: ServeConfig) -> None:
+    """Warn of what the log line above would hide: a Serve instance already running on a joined cluster keeps its
+    own HTTP address (Ray only logs that it ignored ours), and replicas started without the store's settings or
+    credentials in their environment (Ray's, on a joined cluster) serve a degraded bank with 200s."""
+    import asyncio
+    import http.client
+
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    try:
+        probe = http.client.HTTPConnection(host, config.port, timeout=10)
+        probe.request("GET", "/healthz")
+        answered = probe.getresponse().status
+        probe.close()
+    except OSError as e:
+        answered = f"{type(e).__name__}: {e}"
+    if answered != 200:
+        log.warning(
+            "GET http://%s:%d/healthz answered %s, not 200: a Serve instance that already runs on this cluster keeps "
+            "the address it was started with (see Ray's log above; `serve status` names it), and this one's "
+            "--host/--port are not used",
+            host,
+            config.port,
+            answered,
+        )
+    try:
+        replicas = asyncio.run(RayPeers(APP_NAME).announce(0, 30.0))
+    except Exception as e:  # a check: the application itself runs
+        log.warning("could not ask the replicas what they serve: %s: %s", type(e).__name__, e)
+        return
+    for replica, state in sorted(replicas.items()):
+        if not isinstance(state, int):
+            log.warning("replica %s does not serve the store's bank: %s (docs/scale-out.md)", replica, state)
 
 
 def replica_cpus(replicas: int, cpus: float, local: bool) -> float | None:

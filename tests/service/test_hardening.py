@@ -593,12 +593,15 @@ async def test_the_body_rate_floor_charges_the_clients_waits_not_the_apps():
     inner.mount("/", app)
     limited = BodyLimit(inner, lambda method, path: (10**6, "max_request_bytes"), read_timeout=0.2, min_rate=1000)
 
-    async def post(pieces: int, gap: float) -> tuple[int, bytes]:
+    async def post(pieces: list[bytes], gaps: list[float]) -> tuple[int, bytes, int]:
+        """The status and body of an answer to `pieces`, each sent its gap after the app asks for it, and how
+        many pieces were left unsent."""
         sent: list[dict] = []
-        left = [{"type": "http.request", "body": b"x", "more_body": i < pieces - 1} for i in range(pieces)]
+        left = [{"type": "http.request", "body": b, "more_body": i < len(pieces) - 1} for i, b in enumerate(pieces)]
+        waits = iter(gaps)
 
-        async def receive():  # the client's bytes: each one `gap` seconds after it is asked for
-            await asyncio.sleep(gap)
+        async def receive():
+            await asyncio.sleep(next(waits))
             return left.pop(0)
 
         async def send(message):
@@ -606,9 +609,43 @@ async def test_the_body_rate_floor_charges_the_clients_waits_not_the_apps():
 
         scope = {"type": "http", "method": "POST", "path": "/x", "headers": [], "query_string": b""}
         await limited({**scope, "root_path": "", "raw_path": b"/x"}, receive, send)
-        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return sent[0]["status"], body, len(left)
 
-    assert await post(6, gap=0.0) == (200, b"ok")  # 6 reads, 0.9 s in all, well past read_timeout + 6 bytes' worth
-    status, body = await post(6, gap=0.1)  # each gap under read_timeout; 0.1 s a byte is 10 bytes/s
+    assert (await post([b"x"] * 6, [0.0] * 6))[:2] == (200, b"ok")  # 6 reads, 0.9 s, past read_timeout + 6 bytes
+    status, body, _ = await post([b"x"] * 6, [0.1] * 6)  # each gap under read_timeout; 0.1 s a byte is 10 bytes/s
     assert status == 408, body
     assert "slower than min_body_rate=1000 bytes/s (2 bytes in 0.2s)" in json.loads(body)["error"]["message"]
+    # A security check: 16 clients each sent 64 MiB at once, then a byte every 20 s: they had earned 18 hours of
+    # waiting, held max_buffered_bytes, and every /classify got 503. What a client saves up is now 2 read_timeouts.
+    status, body, unsent = await post([b"x" * 100_000] + [b"x"] * 8, [0.0] + [0.15] * 8)  # 100_000 bytes: 100 s
+    assert status == 408 and unsent > 4, body  # 0.4 s saved: the third drip of 0.15 s came too late
+    assert (await post([b"x" * 100_000] + [b"x"] * 8, [0.0] + [0.01] * 8))[:2] == (200, b"ok")  # dripped quickly
+
+
+async def test_a_too_large_body_without_the_token_is_401_not_413(tmp_path, backbone):
+    """An anonymous client declaring a 1 TB upload got 413 with the limit's setting and value: it learned the
+    server's limits, and not that it needed a token. The token is now checked first; with it, the 413 stays."""
+    huge = {"Content-Length": str(10**12), "Content-Type": "multipart/form-data; boundary=x"}
+    async with running_app(tmp_path, backbone, classify_token="classify-token-0123456789") as c:
+        for headers in ({}, {"Authorization": "Bearer not-the-token"}, {"Authorization": "Basic abc"}):
+            r = await c.post("/tasks", headers={**huge, **headers}, content=b"")
+            assert (r.status_code, r.json()["error"]["code"]) == (401, "unauthorized"), r.text
+            assert "max_upload_bytes" not in r.text and r.headers["WWW-Authenticate"] == "Bearer"
+            r = await c.post("/classify", headers={**huge, **headers}, content=b"")  # its own token, when set
+            assert (r.status_code, r.json()["error"]["code"]) == (401, "unauthorized"), r.text
+        r = await c.post("/tasks", headers={**huge, **AUTH}, content=b"")
+        assert (r.status_code, r.json()["error"]["details"]["setting"]) == (413, "max_upload_bytes"), r.text
+        for first, then, status in (
+            (AUTH["Authorization"], "Bearer wrong", 413),
+            ("Bearer wrong", AUTH["Authorization"], 401),
+        ):
+            twice = [*huge.items(), ("Authorization", first), ("Authorization", then)]  # the first counts, as after
+            assert (await c.post("/tasks", headers=twice, content=b"")).status_code == status
+        r = await c.post("/tasks/x/activate", headers={**huge, **AUTH}, content=b"")
+        assert r.status_code == 413, r.text  # a route's small body: not a setting, still refused
+        r = await c.post("/nowhere", headers=huge, content=b"")
+        assert r.status_code == 404, r.text  # no route: no token to ask for
+    async with running_app(tmp_path / "open", backbone) as c:  # /classify without a classify token: open
+        r = await c.post("/classify", headers=huge, content=b"")
+        assert (r.status_code, r.json()["error"]["details"]["setting"]) == (413, "max_request_bytes"), r.text

@@ -50,3 +50,53 @@ def test_the_driver_warns_of_another_saved_admin_token(tmp_path, monkeypatch, ca
     with pytest.raises(RuntimeError, match="no cluster"):
         ray_engine.run(config)
     assert "is not accepted here" in caplog.text
+
+
+def test_the_driver_says_when_the_address_it_logs_is_not_served_or_a_replica_cannot_read_the_store(monkeypatch, caplog):
+    """An outside check: on a joined cluster whose Serve instance already ran on another port, the server logged
+    "2 replicas on http://...:18692" where nothing listened (Ray only logs that it ignored the new port); and
+    replicas started without the store's credentials served a degraded bank with 200s, the driver silent."""
+    import http.server
+    import threading
+
+    from service.config import ServeConfig
+
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # Serve's proxy without our application: a 404 for every path
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Other)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    async def announce(self, generation, timeout_s):
+        return {"r1": 3, "r2": "store error at generation 0: could not read the index (NoCredentialsError)"}
+
+    monkeypatch.setattr(ray_engine.RayPeers, "announce", announce)
+    try:
+        with caplog.at_level(logging.WARNING, "clipbank.service"):
+            ray_engine.say_what_serves(ServeConfig(host="0.0.0.0", port=server.server_address[1]))
+    finally:
+        server.shutdown()
+    assert f"GET http://127.0.0.1:{server.server_address[1]}/healthz answered 404, not 200" in caplog.text
+    assert "replica r2 does not serve the store's bank: store error" in caplog.text and "r1" not in caplog.text
+
+
+def test_a_cluster_that_refuses_the_connection_is_a_one_line_error_naming_token_auth(monkeypatch, caplog):
+    """Following the cluster recipe on a cluster with Ray's token authentication: "Failed to connect to Ray
+    cluster" after 20 lines of InvalidAuthToken, with no word of authentication. Exit 3 and the hint now."""
+    import ray
+
+    from service.config import ServeConfig
+
+    def refuse(**kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    config = ServeConfig(engine="ray", ray_address="127.0.0.1:6379", admin_token="a-token-of-sixteen-chars")
+    with caplog.at_level(logging.ERROR, "clipbank.service"):
+        assert ray_engine.run(config) == 3
+    assert "Failed to connect to Ray cluster" in caplog.text and "RAY_AUTH_MODE=token" in caplog.text
