@@ -124,6 +124,10 @@ class GuardedH11Protocol(H11Protocol):
         if self.transport.is_closing() or self._lingering:
             return
         self.transport.write(raw_error(status, code, message, extra))
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:  # the app still runs (a head, then a malformed body):
+            cycle.disconnected = True  # its answer must not follow this one; each one logged a RuntimeError traceback
+            cycle.message_event.set()  # ("Cannot call write() after write_eof()"), any client could cause them
         self._linger()
 
     def _linger(self, close: Callable[[], None] | None = None) -> None:

@@ -18,6 +18,9 @@ TCP_CLOSE = 7  # a socket's TCP state once the peer reset it
 MIN_RATE = 100  # bytes per second a body must average past the read timeout
 
 
+LOG: dict[str, object] = {}  # the server's log file
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("connections")
@@ -31,6 +34,7 @@ def server(tmp_path_factory):
         "CLIPBANK_KEEP_ALIVE_SECONDS": "0.5",
         "CLIPBANK_READ_TIMEOUT_SECONDS": str(WRITE_SECONDS),  # also how long an unread answer may wait
     }
+    LOG["server"] = tmp / "server.log"
     with server_process(tmp / "store", (), env, tmp / "server.log", ready_seconds=180) as (url, _):
         yield int(url.rsplit(":", 1)[1])
 
@@ -227,6 +231,22 @@ def test_a_body_with_two_framings_is_refused_and_the_connection_closed(server):
     with _posted(server, head, b"0\r\n\r\n" + HEALTHZ) as (c, got, body):
         assert got == 400 and "both Content-Length and Transfer-Encoding" in body["error"]["message"], body
         assert b"HTTP/1.1" not in _rest(c)  # closed, and the GET inside the body never answered
+
+
+def test_two_framings_and_a_malformed_chunk_get_the_parsers_400_and_log_no_traceback(server):
+    """A security check: with the body not valid chunked data, the parser's 400 went out first, then the app's
+    own answer to the head failed with "Cannot call write() after write_eof()": two ERROR tracebacks per request,
+    any client could cause them. The app's answer is now dropped, as for a client that left."""
+    head = b"Content-Type: multipart/form-data; boundary=XyZ\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n"
+    body = b'--XyZ\r\nContent-Disposition: form-data; name="l"\r\n\r\na\r\n--XyZ--\r\n'  # no chunk size line
+    before = len(LOG["server"].read_text())
+    for _ in range(3):
+        with _posted(server, head, body) as (c, got, answer):
+            assert got == 400 and answer["error"]["code"] == "bad_request", answer
+            assert _rest(c) == b""
+    time.sleep(0.5)
+    log = LOG["server"].read_text()[before:]
+    assert "Traceback" not in log and "write_eof" not in log, log[-3000:]
 
 
 def test_a_compressed_body_is_refused_by_name_and_the_connection_serves_on(server):
