@@ -112,6 +112,11 @@ def _probe_problems(probes: torch.Tensor | None) -> list[str]:
     return []
 
 
+def _block(text: str) -> bool:
+    """A block number as written: `router.visual.0000` overwrote (or was overwritten by) `router.visual.0`."""
+    return text.isdigit() and text == str(int(text))
+
+
 def _split_tensors(tensors: dict[str, torch.Tensor], manifest: Manifest) -> tuple[dict, dict, dict, list[str]]:
     problems: list[str] = []
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -123,12 +128,12 @@ def _split_tensors(tensors: dict[str, torch.Tensor], manifest: Manifest) -> tupl
         if kind == "expert":
             tower, block, tail = (rest.split(".", 2) + ["", ""])[:3]
             eid, part = tail[:64], tail[65:]
-            if tower not in TOWERS or not block.isdigit() or part not in EXPERT_PARTS:
+            if tower not in TOWERS or not _block(block) or part not in EXPERT_PARTS:
                 problems.append(f"unexpected tensor {key!r}")
                 continue
             parts.setdefault(eid, {})[part] = t
             where[eid] = (tower, int(block))
-        elif kind == "router" and rest.partition(".")[0] in TOWERS and rest.partition(".")[2].isdigit():
+        elif kind == "router" and rest.partition(".")[0] in TOWERS and _block(rest.partition(".")[2]):
             routers[rest.partition(".")[0]][int(rest.partition(".")[2])] = t
         elif kind == "selector":
             selector[rest] = t

@@ -148,12 +148,9 @@ def _selector_problems(manifest: dict) -> list[str]:
     values = [calibration[k] for k in CALIBRATION_ORDER]
     if values != sorted(values):
         return [f"selector calibration must be ordered {' <= '.join(CALIBRATION_ORDER)}, got {values}"]
-    # A selector calibrated on negatives too may sit between its own images and the nearest outside ones.
-    ceiling = (
-        max(calibration["max"], calibration["neg_p01"])
-        if _is_number(calibration.get("neg_p01"))
-        else calibration["max"]
-    )
+    # Calibration only ever lowers a threshold below margin x max (negatives tighten it): `neg_p01`, the bundle's
+    # own word, raised this ceiling, and a threshold of 1e30 with a neg_p01 of 1e30 passed (a security check).
+    ceiling = calibration["max"]
     if threshold > THRESHOLD_OVER_MAX * ceiling:
         return [
             f"selector threshold {threshold:.4g} is more than {THRESHOLD_OVER_MAX:g}x the largest held-out error of "
@@ -168,10 +165,9 @@ def _gate_problems(selector: dict) -> list[str]:
     gate = calibration.get("gate_threshold")
     if not (_is_number(gate) and gate > 0):
         return [f"selector calibration.gate_threshold must be a finite number > 0, got {shown(gate)}"]
-    stats = [calibration.get(k) for k in ("gate_max", "gate_neg_p01")]
-    if not _is_number(stats[0]) or stats[0] < 0:
+    ceiling = calibration.get("gate_max")
+    if not _is_number(ceiling) or ceiling < 0:
         return ["selector calibration must hold gate_max (a finite number >= 0) for a hybrid selector"]
-    ceiling = max(v for v in stats if _is_number(v))
     if gate > THRESHOLD_OVER_MAX * ceiling:
         return [
             f"selector gate threshold {gate:.4g} is more than {THRESHOLD_OVER_MAX:g}x the largest held-out gate error "

@@ -40,8 +40,8 @@ class SelectorConfig:
             problems.append(f"kind must be one of {sorted(SELECTOR_KINDS)}, got {self.kind!r}")
         if not 50.0 <= self.percentile <= 100.0:
             problems.append(f"percentile must be in [50, 100], got {self.percentile}")
-        if self.margin <= 0:
-            problems.append(f"margin must be > 0, got {self.margin}")
+        if not 0 < self.margin <= 4:  # a bundle's threshold is at most 4x its largest held-out error (manifest.py)
+            problems.append(f"margin must be in (0, 4], got {self.margin}")
         if self.bottleneck < 1:
             problems.append(f"bottleneck must be >= 1, got {self.bottleneck}")
         if self.epochs < 1:
@@ -358,6 +358,8 @@ def selector_shape_problems(kind: str, tensors: dict[str, torch.Tensor], dim: in
     want = _wanted_shapes(kind, tensors, dim)
     if want is None:
         return [f"selector kind {kind!r} is unknown; known: {sorted(SELECTOR_KINDS)}"]
+    if extra := sorted(set(tensors) - set(want)):  # stored and held in memory for nothing (a 248 MB one passed)
+        return [f"selector {kind} takes no tensor {', '.join('selector.' + k for k in extra[:3])}; its tensors: {sorted(want)}"]
     got = {k: tuple(tensors[k].shape) if k in tensors else None for k in want}
     return (
         []

@@ -66,6 +66,9 @@ def check_store(location: str | os.PathLike) -> list[str]:
             blob = contents.blob(name)
         except BundleNotFound:  # deleted since it was listed (a purge)
             continue
+        except OSError as e:  # a folder, say, where the blob should be: damage to report, not a crash of the check
+            problems.append(f"blob {name[:12]} cannot be read: {type(e).__name__}: {e.strerror or e}")
+            continue
         if bytes_digest(blob) != name:
             problems.append(f"blob {name[:12]} does not hash to its name")
             continue

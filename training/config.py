@@ -31,7 +31,7 @@ class TrainJob:
     expert_blocks: int | None = option(
         None,
         "experts only in the top K blocks of each tower (0: all); a routed image then shares the frozen pass "
-        "below them. Default: the bank's, or for its first task the measured default (docs/method.md)",
+        "below them. Default: the bank's, or for its first task every block (0: measured best, docs/method.md)",
     )
     seed: int = option(0, "random seed")
     template: str = option("a photo of a {}.", "the training loss's prompt; one {} stands for the class name")

@@ -211,10 +211,12 @@ def _check_classes(root: Path, found: tuple[str, ...], classes: tuple[str, ...],
     missing = sorted(set(classes) - set(found))
     if extra or missing:
         also = f" (and may have the parent version's {len(may_also)})" if may_also else ""
-        raise ValueError(
-            f"{root} does not have the training data's {len(classes)} classes{also}: "
+        raise ValueError(  # "does not have the training data's 3 classes: it also has ['omega']" read as a lack
+            f"{root} must have the training data's {len(classes)} classes{also}, no more and no fewer: "
             + "; ".join(
-                f"{what} {some(names, 10)}" for what, names in (("it also has", extra), ("it lacks", missing)) if names
+                f"{what} {some(names, 10)}"
+                for what, names in (("it has classes the training data lacks:", extra), ("it lacks", missing))
+                if names
             )
         )
 

@@ -43,6 +43,9 @@ def progress_bar(iterable: Iterable | None = None, **kw: Any) -> tqdm:
         kw["file"] = _Lines(stream)
         kw["mininterval"] = max(kw.get("mininterval", 0.1), LOG_SECONDS)
         kw["maxinterval"] = float("inf")  # else tqdm's monitor thread redraws a slow bar between lines: a second line
+        # tqdm's dynamic miniters, learnt in a fast stretch, skipped the clock for that many steps once the rate
+        # fell (a shared CPU): an outside check saw no line for 4 minutes where one every 30 s is promised
+        kw["miniters"] = 1
         kw["leave"] = True  # a line once written stays; the last one says where it ended
     return tqdm(iterable, **kw)
 

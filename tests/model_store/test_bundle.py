@@ -308,3 +308,25 @@ def test_names_and_dtypes_are_checked_from_the_header_before_any_tensor_is_read(
         read_bundle(edit_bundle(bundle_bytes, tensors=add_evil, fix_digest=True))
     with pytest.raises(BundleInvalid, match="finite float32; these are not: router.visual.0"):
         read_bundle(edit_bundle(bundle_bytes, tensors=make_int, fix_digest=True))
+
+
+def test_a_stray_selector_tensor_or_a_block_number_with_leading_zeros_is_refused(backbone, bundle_bytes):
+    """A security check stored bundles with `selector.junk` (one of 248 MB, held in memory once active) and with
+    `router.visual.0000`, which overwrote or was overwritten by `router.visual.0`: docs/bundle-format.md says a
+    tensor outside its table is BundleInvalid."""
+
+    def junk(t):
+        t["selector.junk"] = torch.zeros(1000)
+
+    with pytest.raises(ShapeMismatch, match=r"takes no tensor selector\.junk"):
+        check_compatible(read_bundle(edit_bundle(bundle_bytes, tensors=junk, fix_digest=True)), backbone, {})
+
+    def padded(t):
+        t["router.visual.0000"] = t["router.visual.0"].clone()
+
+    def moved(t):
+        t["router.visual.00"] = t.pop("router.visual.0")
+
+    for edit in (padded, moved):
+        with pytest.raises(BundleInvalid, match=r"unexpected tensor 'router\.visual\.00"):
+            read_bundle(edit_bundle(bundle_bytes, tensors=edit, fix_digest=True))

@@ -129,12 +129,20 @@ def test_bounded_json_reads_what_bundles_hold():
     assert loads(json.dumps(doc)) == doc
 
 
-def test_a_threshold_calibrated_on_negatives_may_sit_between_its_images_and_the_nearest_outside_ones(manifest):
-    cal = {"p50": 0.001, "p90": 0.002, "p95": 0.003, "p99": 0.005, "max": 0.01, "neg_p01": 0.5}
-    ok = _with(manifest, selector__calibration=cal, selector__threshold=0.1)  # 10x max, under the negatives
-    assert manifest_problems(ok) == []
-    too_far = _with(manifest, selector__calibration=cal, selector__threshold=3.0)
-    assert any("claim images of every other domain" in p for p in manifest_problems(too_far))
+def test_the_bundles_word_on_its_negatives_does_not_raise_the_threshold_ceiling(manifest):
+    """A security check: a threshold of 1e30 passed with a `neg_p01` of 1e30 (the ceiling was the larger of `max`
+    and `neg_p01`), and once forced in, that task claimed every unlabelled image. Calibration only lowers a
+    threshold below margin x max, so the ceiling is 4x `max` alone, as docs/bundle-format.md says."""
+    cal = {"p50": 0.001, "p90": 0.002, "p95": 0.003, "p99": 0.005, "max": 0.01, "neg_p01": 1e30}
+    assert manifest_problems(_with(manifest, selector__calibration=cal, selector__threshold=0.04)) == []
+    for threshold in (0.1, 1e30):
+        too_far = _with(manifest, selector__calibration=cal, selector__threshold=threshold)
+        assert any("claim images of every other domain" in p for p in manifest_problems(too_far)), threshold
+    hybrid = _with(manifest, selector__kind="hybrid", selector__calibration={**cal, "gate_max": 0.5})
+    hybrid["selector"]["threshold"] = 0.02
+    for gate, ok in ((2.0, True), (1e30, False)):
+        hybrid["selector"]["calibration"].update(gate_threshold=gate, gate_neg_p01=1e30)
+        assert (manifest_problems(hybrid) == []) is ok, (gate, manifest_problems(hybrid))
 
 
 def test_the_typed_manifest_keeps_the_json_layout(manifest):

@@ -531,3 +531,18 @@ def test_a_folder_named_like_a_temp_file_does_not_stop_changes(tmp_path, bundles
     assert store.task("cars").active == store.version("cars", 2).bundle_id
     assert not (tmp_path / ".tmp-left").exists() and (tmp_path / ".tmp-y").is_dir()
     assert store_leftovers(tmp_path)["temp_files"] == 0
+
+
+def test_the_check_reports_a_folder_where_a_blob_should_be_and_goes_on(tmp_path, bundles):
+    """A security check: `clipbank store check` stopped with a bare "Errno 21" (exit 2) on a blob that is a
+    folder, instead of reporting the damage (exit 1) with the rest of the store's problems."""
+    store = LocalStore(tmp_path)
+    store.put(bundles[1])
+    blob = store.blobs / f"{read_bundle(bundles[1]).id}.safetensors"
+    blob.unlink()
+    blob.mkdir()
+    cut = read_bundle(bundles[1]).id[:12]
+    assert check_store(tmp_path) == [
+        f"blob {cut} cannot be read: IsADirectoryError: Is a directory",
+        f"task 'cars' version 1: its blob {cut} is missing or damaged (upload its bundle file again to write it back)",
+    ]

@@ -73,3 +73,21 @@ def test_a_slow_bar_in_a_log_is_not_redrawn_between_its_lines(monkeypatch):
     counts = [line.split("|")[2].split()[0] for line in lines]
     body = counts[:-1] if counts[-2:] == ["12/12", "12/12"] else counts  # the end may be printed by close() too
     assert len(body) == len(set(body)) and len(lines) <= 4, lines  # no count printed twice
+
+
+def test_a_bar_that_slows_down_still_prints_a_line_every_interval(monkeypatch):
+    """An outside check: no line for 4 minutes where one every 30 s is promised. tqdm's dynamic miniters, learnt
+    in a fast stretch, skipped the clock for that many steps once the steps slowed down (a shared CPU)."""
+    import time
+
+    import training.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_SECONDS", 0.3)
+    log = io.StringIO()
+    bar = progress.progress_bar(range(2030), desc="train", file=log)
+    for step in bar:
+        if step >= 2000:
+            time.sleep(0.05)  # 2000 fast steps, then 30 slow ones: 1.5 s, about 5 intervals
+    lines = log.getvalue().splitlines()
+    slow = [line for line in lines if int(line.split("|")[2].split("/")[0]) > 2000]
+    assert len(slow) >= 3, lines  # before: the 30 slow steps were fewer than the miniters learnt, so none
