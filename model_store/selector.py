@@ -359,7 +359,8 @@ def selector_shape_problems(kind: str, tensors: dict[str, torch.Tensor], dim: in
     if want is None:
         return [f"selector kind {kind!r} is unknown; known: {sorted(SELECTOR_KINDS)}"]
     if extra := sorted(set(tensors) - set(want)):  # stored and held in memory for nothing (a 248 MB one passed)
-        return [f"selector {kind} takes no tensor {', '.join('selector.' + k for k in extra[:3])}; its tensors: {sorted(want)}"]
+        names = ", ".join("selector." + k for k in extra[:3])
+        return [f"selector {kind} takes no tensor {names}; its tensors: {sorted(want)}"]
     got = {k: tuple(tensors[k].shape) if k in tensors else None for k in want}
     return (
         []

@@ -64,13 +64,6 @@ class Metrics:
             registry=r,
         )
         self.max_queue_images = Gauge("clipbank_max_queue_images", "the max_queue_images setting", registry=r)
-        self.abandoned = Counter(
-            "clipbank_abandoned_requests",
-            "requests whose clients went away before their answer, left out of the compute thread's work: while "
-            "queued for a batch, or between the steps of a batch's image passes or of its new label sets",
-            ["stage"],
-            registry=r,
-        )
         self.errors = Counter(
             "clipbank_errors",
             "error answers by their code (overloaded, stale_replica, task_not_found, ...): alert on the server's "
@@ -87,6 +80,13 @@ class Metrics:
 
     def _traffic(self, r: CollectorRegistry) -> None:
         """Where auto-routed traffic goes, and what versions in shadow would do with it."""
+        self.abandoned = Counter(
+            "clipbank_abandoned_requests",
+            "requests whose clients went away before their answer, left out of the compute thread's work: while "
+            "queued for a batch, or between the steps of a batch's image passes or of its new label sets",
+            ["stage"],
+            registry=r,
+        )
         self.claims = Counter(
             "clipbank_claims",
             "images with task=auto, per route: the task that claimed it, or zero-shot",

@@ -91,30 +91,36 @@ class BodyLimit:
             f"max_buffered_bytes={self.max_buffered}: retry shortly"
         )
 
+    def _refusal(self, scope: Scope, limit: int, setting: str, name: str) -> ASGIApp | None:
+        """The answer to a request refused from its head alone: two framings, a bad or too large Content-Length
+        (the route's 401 first, for a client without its token), or no room left for its body."""
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        refused = _framing_problem(headers, self.routed is None or self.routed(scope))
+        if refused is not None:  # two framings: what follows cannot be told from a request, so the connection closes
+            return error_response(*refused, headers={"Connection": "close"} if refused[0] == 400 else None)
+        if declared is None or not (self.routed is None or self.routed(scope)):
+            return None
+        if not declared.isdigit():
+            return error_response(400, "bad_request", "Content-Length is not a number")
+        if int(declared) > limit:
+            refusal = self.unauthorized(scope) if self.unauthorized is not None else None
+            if refusal is not None:
+                return error_response(status_of(refusal), refusal.code, str(refusal))
+            message = f"request body is {int(declared)} bytes; the limit is {name}"
+            details = {"setting": setting, "limit": limit} if setting else None  # a client can send less
+            return error_response(413, LimitExceeded.code, message, details=details)
+        full = self._full(int(declared))
+        return error_response(503, Overloaded.code, full) if full is not None else None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit, setting = self.limit_for(scope["method"], scope["path"])
         name = f"{setting}={limit}" if setting else f"{limit} bytes for this endpoint (not a setting)"
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length")
-        refused = _framing_problem(headers, self.routed is None or self.routed(scope))
-        if refused is not None:  # two framings: what follows cannot be told from a request, so the connection closes
-            close = {"Connection": "close"} if refused[0] == 400 else None
-            return await error_response(*refused, headers=close)(scope, receive, send)
-        if declared is not None and (self.routed is None or self.routed(scope)):
-            if not declared.isdigit():
-                return await error_response(400, "bad_request", "Content-Length is not a number")(scope, receive, send)
-            if int(declared) > limit:
-                refusal = self.unauthorized(scope) if self.unauthorized is not None else None
-                if refusal is not None:
-                    return await error_response(status_of(refusal), refusal.code, str(refusal))(scope, receive, send)
-                message = f"request body is {int(declared)} bytes; the limit is {name}"
-                details = {"setting": setting, "limit": limit} if setting else None  # a client can send less
-                return await error_response(413, LimitExceeded.code, message, details=details)(scope, receive, send)
-            full = self._full(int(declared))
-            if full is not None:
-                return await error_response(503, Overloaded.code, full)(scope, receive, send)
+        refused = self._refusal(scope, limit, setting, name)
+        if refused is not None:
+            return await refused(scope, receive, send)
         seen, complete, waited = 0, False, 0.0  # waited: time spent waiting for the client's bytes
         # The seconds the client may still keep the server waiting: each byte adds 1/min_rate, each wait takes its
         # time (the app's own time between reads is not charged). Capped: a client that sent 64 MiB at once had
