@@ -23,13 +23,86 @@ def _client(args: argparse.Namespace):
 
 
 def _push(args: argparse.Namespace) -> int:
+    manifest = _manifest_of(Path(args.file))
     with _client(args) as client:
         mode = "shadow" if args.shadow else "inactive" if args.no_activate else "active"
+        before = _task_or_none(client, manifest.get("task")) if mode == "active" else None
         out = client.push(Path(args.file), force=args.force, mode=mode, wait_all=args.wait_all)
+        replaced = before.get("active_version") if before else None
+        if replaced is not None and replaced != out.get("version"):
+            say_what_it_replaces(out, replaced, _task_or_none(client, out.get("task"), out.get("generation")))
     print_json(out)
     if mode != "active":
         say_failing_gate(out)
+    for warning in _training_warnings(manifest):
+        print(f"  its training warned: {warning}", file=sys.stderr)
     return 0
+
+
+def _manifest_of(path: Path) -> dict:
+    """The bundle file's manifest, from its header alone ({} if it cannot be read: the server names why)."""
+    import json
+    import struct
+
+    from model_store.bundle_format import MANIFEST_KEY, MAX_HEADER_BYTES, read_metadata
+    from model_store.errors import ClipbankError
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+            head += f.read(min(n, MAX_HEADER_BYTES))
+        manifest = json.loads(read_metadata(head)[MANIFEST_KEY])
+    except (OSError, ValueError, KeyError, RecursionError, struct.error, ClipbankError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _task_or_none(client, task: object, generation: object = None) -> dict | None:
+    """GET /tasks/TASK, as of `generation` at least (read your own writes through any replica)."""
+    from service.client import ClipbankHTTPError
+
+    if not isinstance(task, str):
+        return None
+    try:
+        return client.task(task, generation if isinstance(generation, int) else None)
+    except ClipbankHTTPError:  # a new task (404), or no answer: nothing to compare with
+        return None
+
+
+def _training_warnings(manifest: dict) -> list[str]:
+    training = manifest.get("training") if isinstance(manifest.get("training"), dict) else {}
+    routing = training.get("routing") if isinstance(training.get("routing"), dict) else {}
+    said = [*(training.get("val_warnings") or ()), *(routing.get("warnings") or ())]
+    return [w for w in said if isinstance(w, str)]
+
+
+def say_what_it_replaces(out: dict, replaced: int, task: dict | None) -> None:
+    """On stderr: classes the replaced version had and the new one lacks, and a validation accuracy well under
+    its (an outside check: a v2 trained on 2 new classes replaced a v1 of 6, its selector then claimed 96% of
+    their images and answered them wrong; the gate, which measures other tasks, passed it, and push said nothing)."""
+    versions = {v.get("version"): v for v in (task or {}).get("versions") or () if isinstance(v, dict)}
+    old, new = versions.get(replaced), versions.get(out.get("version"))
+    if not old or not new:
+        return
+    name, v = out.get("task"), out.get("version")
+    dropped = [c for c in old.get("classes") or () if c not in set(new.get("classes") or ())]
+    if dropped:
+        shown = ", ".join(dropped[:8]) + (", ..." if len(dropped) > 8 else "")
+        print(
+            f"task {name} v{v} replaces v{replaced} and lacks {len(dropped)} of its {len(old.get('classes'))} classes "
+            f"({shown}): their images are now answered over v{v}'s classes, or by zero-shot CLIP when asked with "
+            f"their names. Roll back with `clipbank tasks activate {name} {replaced}`; to keep them, train v{v} "
+            "with --store on the task's store, or with images of every class",
+            file=sys.stderr,
+        )
+    was, now = (x.get("metrics", {}).get("val_accuracy") for x in (old, new))
+    if isinstance(was, int | float) and isinstance(now, int | float) and now < was - 0.05:
+        print(
+            f"task {name} v{v}: validation accuracy {now:.1%} against v{replaced}'s {was:.1%} (each on its own "
+            "validation images)",
+            file=sys.stderr,
+        )
 
 
 def say_failing_gate(out: dict) -> None:

@@ -341,7 +341,7 @@ def train_task(
     losses = _train_loop(bank, params, fit, cfg, g, progress)
     train_seconds = time.time() - t0
     with phases((f"validate {cfg.task}", f"fit the selector of {cfg.task}"), progress) as next_phase:
-        counts, figures = validated(bank, params, fit, val, cfg)
+        counts, figures = validated(bank, params, fit, val, cfg, zero_shot)
         next_phase()
         args = (bank, cfg.task, cfg.selector, cfg.seed, (fit, val), reference, version)
         selector, routing, probes = selector_with_routing(*args)

@@ -38,14 +38,20 @@ def share(counts: tuple[list[int], list[int]]) -> float:
     return sum(right) / max(1, sum(seen))
 
 
-def validated(bank: BankSnapshot, params: Any, fit: LabelledImages, val: LabelledImages, cfg: Any) -> tuple[dict, dict]:
+def validated(
+    bank: BankSnapshot, params: Any, fit: LabelledImages, val: LabelledImages, cfg: Any, zero_shot: float | None
+) -> tuple[dict, dict]:
     """(which experts the task's routers use, per block, counted on a sample of the training images: a full
-    adapted pass over a large training set is not worth it; the validation figures for the report)."""
+    adapted pass over a large training set is not worth it; the validation figures for the report, with what to
+    try when they are low against zero-shot CLIP's `zero_shot`)."""
     counts = ActivationCounts()
     sample = torch.randperm(len(fit), generator=torch.Generator().manual_seed(cfg.seed))[:COUNT_SAMPLE].tolist()
     evaluate(bank, params, fit.subset(sorted(sample)), cfg.serving_templates, counts)
     activations = {f"{t}.{b}": c.tolist() for (t, b), c in sorted(counts.counts.items())}
     figures = validation_figures(val.classes, *evaluate(bank, params, val, cfg.serving_templates))
+    figures["val_warnings"] += learning_warnings(
+        zero_shot, figures["val_accuracy"], cfg.steps, len(fit), len(val.classes)
+    )
     for warning in figures["val_warnings"]:
         log.warning("task %s: %s", cfg.task, warning)
     return activations, figures
@@ -76,3 +82,23 @@ def validation_figures(classes: Sequence[str], right: list[int], seen: list[int]
         "val_balanced_accuracy": balanced,
         "val_warnings": warnings,
     }
+
+
+LEARNED_LITTLE = 0.05  # validation accuracy within this of zero-shot CLIP's: the task learned little
+LOW_ACCURACY = 0.7
+
+
+def learning_warnings(zero_shot: float | None, val: float | None, steps: int, images: int, classes: int) -> list[str]:
+    """What to try when validation accuracy is low: an outside check's runs ended at zero-shot's accuracy, or at
+    57%, and nothing said so or what to do (the figures were in the JSON alone)."""
+    if val is None:
+        return []
+    knobs = f"more --steps (now {steps}) or more training images (now about {images // max(1, classes)} per class)"
+    if zero_shot is not None and val < zero_shot + LEARNED_LITTLE:
+        return [
+            f"validation accuracy {val:.1%} is hardly above zero-shot CLIP's {zero_shot:.1%}: the task learned "
+            f"little. Try {knobs}, and check that the validation images are of the kind the training ones are"
+        ]
+    if val < LOW_ACCURACY:
+        return [f"validation accuracy {val:.1%} is low: {knobs} may help; `clipbank eval` shows the weakest classes"]
+    return []

@@ -325,3 +325,37 @@ def test_the_client_locks_each_shared_object_on_its_own():
     del a
     gc.collect()
     assert len(_SHARED._locks) == n - 1  # dropped with its object
+
+
+def test_push_says_what_the_version_it_replaces_had_and_what_its_training_warned(
+    monkeypatch, tmp_path, capsys, backbone
+):
+    """An outside check: `train --version 2` on 2 new classes, then `push`, replaced a v1 of 6 classes; its
+    selector then claimed 96% of their images and answered them wrong. The gate (other tasks) passed it, and push
+    said nothing, nor what the training had warned."""
+    from model_store.bank import empty_bank
+    from tests.helpers import edit_bundle, random_bundle
+
+    def warned(m):
+        m["training"] = {"val_warnings": ["validation accuracy 57.5% is low"], "routing": {"warnings": ["claims 80%"]}}
+
+    bundle = tmp_path / "v2.safetensors"
+    bundle.write_bytes(edit_bundle(random_bundle(empty_bank(backbone), "greek", seed=1, version=2), warned))
+    old = {"version": 1, "classes": ["alpha", "beta", "gamma"], "metrics": {"val_accuracy": 0.867}}
+    new = {"version": 2, "classes": ["alpha", "lambda"], "metrics": {"val_accuracy": 0.575}}
+    seen: list = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path, request.headers.get("x-min-generation")))
+        if request.method == "POST":
+            return httpx.Response(201, json={"task": "greek", "version": 2, "bundle_id": "b" * 64, "generation": 5})
+        versions = [old] if len(seen) == 1 else [old, new]
+        return httpx.Response(200, json={"task": "greek", "active_version": len(versions), "versions": versions})
+
+    client_on(monkeypatch, handler)
+    assert main(["push", str(bundle), *URL]) == 0
+    err = capsys.readouterr().err
+    assert "task greek v2 replaces v1 and lacks 2 of its 3 classes (beta, gamma)" in err, err
+    assert "`clipbank tasks activate greek 1`" in err and "validation accuracy 57.5% against v1's 86.7%" in err
+    assert "its training warned: validation accuracy 57.5% is low" in err and "its training warned: claims 80%" in err
+    assert seen == [("GET", "/tasks/greek", None), ("POST", "/tasks", None), ("GET", "/tasks/greek", "5")]

@@ -44,3 +44,16 @@ def test_a_class_far_smaller_than_the_largest_is_warned_about_before_training(tm
         list_image_folder(tmp_path, training=True)
     assert "class(es) ['small (4)'] have under a fifth of the largest class's 30 images" in caplog.text
     assert "class(es) ['one'] have one image each" in caplog.text
+
+
+def test_low_validation_accuracy_says_what_to_try():
+    """An outside check's runs ended at zero-shot's accuracy (33% against 33%) or at 57%, and nothing said so or
+    what to try: the figures were in the JSON alone."""
+    from training.validation import learning_warnings
+
+    (same,) = learning_warnings(0.333, 0.333, steps=2, images=60, classes=3)
+    assert "hardly above zero-shot CLIP's 33.3%" in same and "--steps (now 2)" in same and "20 per class" in same
+    (low,) = learning_warnings(0.12, 0.575, steps=120, images=480, classes=8)
+    assert low.startswith("validation accuracy 57.5% is low") and "--steps (now 120)" in low
+    assert learning_warnings(0.12, 0.867, steps=500, images=360, classes=6) == []
+    assert learning_warnings(None, None, steps=500, images=360, classes=6) == []
