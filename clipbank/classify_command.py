@@ -5,6 +5,7 @@ answers printed per file (or as JSON); with --skip-bad, files it cannot read or 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,7 +84,9 @@ def _classify_chunk(client: Any, names: list[str], labels: list[str], args: argp
         except ClipbankHTTPError as e:
             bad = (e.details or {}).get("image") if e.status in (413, 422) else None
             if isinstance(bad, int) and 0 <= bad < len(pending) and args.skip_bad:
-                errors[pending[bad]] = {"code": e.code, "message": e.message}
+                # the server numbers images within its request, which shrinks as files are left out: the file
+                # is named beside the message, so its "image 20 ('trunc.jpg')" goes (two files both read "image 20")
+                errors[pending[bad]] = {"code": e.code, "message": re.sub(r"^image \d+ (\('[^']*'\) )?", "", e.message)}
                 continue
             hint = " (--skip-bad leaves such files out and answers the rest)" if isinstance(bad, int) else ""
             if len(names) < len(args.images):  # the server numbers images within their request: say which files

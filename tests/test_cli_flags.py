@@ -384,6 +384,9 @@ def test_classify_skip_bad_answers_the_other_files_and_lists_the_bad_ones(monkey
     assert [r["file"] for r in results] == paths
     skipped = {r["file"]: r["error"]["code"] for r in results if "error" in r}
     assert skipped == {paths[3]: "bad_image", paths[5]: "bad_image", paths[10]: "unreadable", paths[67]: "bad_image"}
+    # the server's index is of its request, which shrinks as files are left out: each file says its own message
+    said = {r["error"]["message"] for r in results if r.get("error", {}).get("code") == "bad_image"}
+    assert said == {"is not an image"}
     assert all(r["labels"][0]["label"] == "a" for r in results if "error" not in r)
     assert requests == [63, 62, 61, 7, 6] and "4 of 71 files skipped" in out.err  # one request more per bad file
     assert main([*args, "--skip-bad"]) == 0
