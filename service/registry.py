@@ -38,6 +38,7 @@ from model_store.store_index import StoreIndex, TaskRecord
 from .degraded import DegradedRetry
 from .memory import release_free_memory
 from .metrics import Metrics
+from .warm import encode_classes_in_steps
 
 log = logging.getLogger("clipbank.service")
 T = TypeVar("T")
@@ -168,7 +169,8 @@ class Registry:
                 t0 = time.perf_counter()
                 candidate = self.loader.load(self._bank, overrides, changes)  # raises on anything it cannot serve
                 built = time.perf_counter() - t0  # counted in the swap time, as when the bank was built again
-                self.run_torch(trial_run, candidate, [t for t, b in overrides.items() if b is not None], self.cache)
+                new = encode_classes_in_steps(self.run_torch, candidate, overrides, self.cache)  # in chunks
+                self.run_torch(trial_run, candidate, new, self.cache)
                 if check is not None:
                     self.run_torch(check, candidate)
             except Exception:
@@ -382,10 +384,8 @@ class Registry:
 
 
 def trial_run(bank: BankSnapshot, tasks: list[str], cache: TextCache | None = None) -> None:
-    """Classify one blank image pinned to each task, with its own classes, before the bank may serve.
-
-    With the serving `cache`, the tasks' class embeddings (keyed by bundle id) are then ready for the first request.
-    """
+    """Classify one blank image pinned to each task, with its own classes, before the bank may serve. With the
+    serving `cache`, the tasks' class embeddings (keyed by bundle id) are then ready for the first request."""
     if not tasks:
         return
     size = bank.backbone.image_size

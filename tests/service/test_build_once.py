@@ -229,3 +229,34 @@ def test_another_backbone_is_refused_from_the_header_before_the_tensors_are_read
     monkeypatch.setattr(registry_module, "read_bundle", read_bundle)
     with pytest.raises(BundleInvalid, match="invalid bundle manifest"):  # a manifest that is not one: read_bundle's
         registry.upload(_other_backbone(parts["a"], lambda m: m.pop("classes")))
+
+
+def test_an_uploads_class_embeddings_are_encoded_a_chunk_per_compute_job(tmp_path, backbone):
+    """A security check: a bundle of 10,000 classes x 10 templates (the bound) was one job of its trial run on
+    the compute thread, 78 s on tiny, and every /classify waited that long. Its prompts are now encoded a chunk
+    per job, with batches between them; the trial run then finds them cached, and encodes nothing again."""
+    from model_store.bank import empty_bank
+    from model_store.text import TEXT_CHUNK, TextCache, TextJob
+    from tests.helpers import random_bundle
+
+    registry = Registry(LocalStore(tmp_path / "store"), backbone, cache=TextCache())
+    registry.load()
+    jobs: list[str] = []
+    registry.run_torch = lambda fn, *args: jobs.append(getattr(fn, "__name__", "?")) or fn(*args)
+    encoded: list[int] = []
+    step = TextJob.step
+
+    def counted(self, n=TEXT_CHUNK):
+        before = self.remaining
+        done = step(self, n)
+        encoded.append(before - self.remaining)
+        return done
+
+    classes = tuple(f"class {i}" for i in range(600))  # 600 prompts with the bundle's one template
+    TextJob.step = counted
+    try:
+        registry.upload(random_bundle(empty_bank(backbone), "many", seed=1, classes=classes))
+    finally:
+        TextJob.step = step
+    assert jobs.count("counted") >= 3 and max(encoded) <= TEXT_CHUNK  # each chunk its own job
+    assert sum(encoded) == 600 and jobs.index("trial_run") > jobs.index("get_or_compute")  # encoded once, before

@@ -1,0 +1,33 @@
+"""A new bank's task class embeddings, encoded before its trial run a chunk at a time (`service/registry.py`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from model_store.bank import BankSnapshot
+from model_store.text import TEXT_CHUNK, TextCache, TextJob
+
+
+def encode_classes_in_steps(
+    run: Callable[..., Any], bank: BankSnapshot, overrides: Mapping[str, object], cache: TextCache | None
+) -> list[str]:
+    """The tasks a change brings in (`overrides` not None), each one's class embeddings put into `cache` first, one
+    chunk of prompts per job on the compute thread (`run`), so that the batches waiting run between them. A bundle
+    of 10,000 classes x 10 templates (the bound) was one job of its trial run: 78 s on tiny, and every /classify
+    waited that long (a security check). What fails here (twin labels, say) is left to the trial run to name."""
+    tasks = [t for t, bundle in overrides.items() if bundle is not None]
+    if cache is None:
+        return tasks
+    for task in tasks:
+        try:
+            i = bank.task_index(task)
+            job = TextJob(bank, i, bank.tasks[i].classes, bank.tasks[i].templates)
+            if job.key in cache:
+                continue
+            while not run(job.step, TEXT_CHUNK):
+                pass
+            run(cache.get_or_compute, job.key, job.result)
+        except Exception:  # the trial run meets it again, and says it as the upload's error
+            continue
+    return tasks
