@@ -211,9 +211,9 @@ def say_what_serves(config: ServeConfig) -> None:
         answered = f"{type(e).__name__}: {e}"
     if answered != 200:
         log.warning(
-            "GET http://%s:%d/healthz answered %s, not 200: a Serve instance that already runs on this cluster keeps "
-            "the address it was started with (see Ray's log above; `serve status` names it), and this one's "
-            "--host/--port are not used",
+            "GET http://%s:%d/healthz from this machine answered %s, not 200. If this machine is a node of the "
+            "cluster, a Serve instance that already ran there keeps the address it was started with (Ray's log "
+            "above says it ignored the new one; `serve status` names it), and this --host/--port is not served",
             host,
             config.port,
             answered,

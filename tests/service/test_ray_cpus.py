@@ -81,7 +81,8 @@ def test_the_driver_says_when_the_address_it_logs_is_not_served_or_a_replica_can
             ray_engine.say_what_serves(ServeConfig(host="0.0.0.0", port=server.server_address[1]))
     finally:
         server.shutdown()
-    assert f"GET http://127.0.0.1:{server.server_address[1]}/healthz answered 404, not 200" in caplog.text
+    said = f"GET http://127.0.0.1:{server.server_address[1]}/healthz from this machine answered 404, not 200"
+    assert said in caplog.text and "keeps the address it was started with" in caplog.text
     assert "replica r2 does not serve the store's bank: store error" in caplog.text and "r1" not in caplog.text
 
 
