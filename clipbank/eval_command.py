@@ -31,6 +31,12 @@ def _eval(args: argparse.Namespace) -> int:
     listing = list_image_folder(args.folder)
     if not listing.paths:
         raise ValueError(f"image folder {args.folder} holds no image files")
+    if len(listing.classes) < 2 and not args.no_labels:  # an outside check: 30 zeros in "seven/" scored 100%
+        raise ValueError(
+            f"image folder {args.folder} has one class, {listing.classes[0]!r}: sent as the only label, every answer "
+            "is right whatever the image. Add the other classes' folders, or score over the routed tasks' own "
+            "classes with --no-labels"
+        )
     baseline = _read_baseline(args.baseline) if args.baseline else None
     labels = [] if args.no_labels else list(listing.classes)
     send = argparse.Namespace(  # what `classify` would be given: a file the server refuses is counted, not fatal
@@ -49,6 +55,7 @@ def _eval(args: argparse.Namespace) -> int:
     report.update(folder=str(listing.root), task=args.task, labels="none" if args.no_labels else "the folder's classes")
     if baseline is not None:
         report["baseline"] = {"file": args.baseline, "accuracy": baseline.get("accuracy")}
+        _say_other_classes(report, baseline, args.baseline)
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
@@ -100,10 +107,24 @@ def _share(n: int, of: int) -> float | None:
     return round(n / of, 4) if of else None
 
 
+def _say_other_classes(report: dict, baseline: dict, path: str) -> None:
+    """On stderr: a baseline of other classes (another folder, say), whose overall change compares unlike sets."""
+    now, before = set(report["classes"]), set(baseline["classes"])
+    if now != before:
+        only = sorted(now - before)[:5]
+        print(
+            f"--baseline {path} has other classes than {report['folder']} ({len(now & before)} of {len(now)} in "
+            f"common{'; not in it: ' + ', '.join(only) if only else ''}): its overall change compares unlike sets",
+            file=sys.stderr,
+        )
+
+
 def _read_baseline(path: str) -> dict:
     try:
         baseline = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        raise ValueError(f"--baseline {path}: cannot be read: {e.strerror or e}") from None
+    except ValueError as e:
         raise ValueError(f"--baseline {path}: not a report of `clipbank eval --json` ({e})") from None
     classes = baseline.get("classes") if isinstance(baseline, dict) else None
     if not isinstance(classes, dict) or not all(isinstance(row, dict) for row in classes.values()):
@@ -135,7 +156,8 @@ def print_report(report: dict, baseline: dict | None = None) -> None:
         print(f"answered by {_versions(report['versions'])}", end="")
         print(f" (baseline: {_versions(baseline['versions'])})" if (baseline or {}).get("versions") else "")
     if report["refused"]:
-        print(f"{len(report['refused'])} files refused by the server, not scored:", file=sys.stderr)
+        n = len(report["refused"])
+        print(f"{n} file{'s' * (n != 1)} refused by the server, not scored:", file=sys.stderr)
         for r in report["refused"][:5]:
             print(f"  {r['file']}: {r['message']}", file=sys.stderr)
 

@@ -19,7 +19,9 @@ from .server_commands import say_failing_gate
 def _client(args: argparse.Namespace):
     from service.client import ClipbankClient
 
-    return ClipbankClient(args.url, args.token)
+    # reads are sent again after a 503 that says when (an outside check: two `insights` at once, one got "being
+    # clustered for another request"); a change (shadow --version, --stop) never is
+    return ClipbankClient(args.url, args.token, retries=3)
 
 
 def _shadow(args: argparse.Namespace) -> int:

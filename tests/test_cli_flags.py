@@ -1002,6 +1002,19 @@ def test_eval_scores_each_class_and_the_change_since_a_baseline(tmp_path, monkey
         (tmp_path / "bad.json").write_text(bad)
         assert main([*args, "--baseline", str(tmp_path / "bad.json")]) == 2
         assert "not a report of `clipbank eval --json`" in capsys.readouterr().err
+    # An outside check: a missing file was "not a report"; a baseline of another folder was compared in silence;
+    # a folder of one class scored 100% (its only label is every answer), whatever its images
+    assert main([*args, "--baseline", str(tmp_path / "nowhere.json")]) == 2
+    assert "nowhere.json: cannot be read: No such file or directory" in capsys.readouterr().err
+    report["classes"] = {"zero": report["classes"]["a"], "a": report["classes"]["a"]}
+    (tmp_path / "other.json").write_text(json.dumps(report))
+    assert main([*args, "--baseline", str(tmp_path / "other.json")]) == 0
+    assert "has other classes than" in capsys.readouterr().err
+    (tmp_path / "one" / "seven").mkdir(parents=True)
+    (tmp_path / "one" / "seven" / "0.png").write_bytes(b"x")
+    one = ["eval", str(tmp_path / "one"), "--url", "http://srv", "--quiet"]
+    assert main(one) == 2 and "every answer is right whatever the image" in capsys.readouterr().err
+    assert main([*one, "--no-labels", "--json"]) == 0  # scored over the routed tasks' own classes: meaningful
 
 
 def test_insights_marks_a_cluster_a_task_claims_now(capsys):
@@ -1018,3 +1031,25 @@ def test_insights_marks_a_cluster_a_task_claims_now(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "| 0 | 50 | 50.0% | sketches (claims it now) | -0.64 |" in lines
     assert "| 1 | 40 | 40.0% | digits | +0.80 |" in lines and lines[-1].startswith("1 cluster(s) a task claims now")
+
+
+def test_insights_waits_for_a_clustering_that_another_request_runs(monkeypatch, capsys):
+    """An outside check: two `clipbank insights` at once, and one failed with 503 "being clustered for another
+    request: retry shortly". The watch commands' reads are now sent again after a 503 that says when."""
+    import httpx
+
+    from clipbank.cli import main
+
+    calls: list[str] = []
+    busy = {"error": {"code": "overloaded", "message": "being clustered for another request", "details": None}}
+    answer = {"enabled": True, "reservoir": {"unclaimed": 0, "auto_images": 0, "unclaimed_share": 0}, "clusters": []}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if len(calls) == 1:
+            return httpx.Response(503, json=busy, headers={"Retry-After": "0"})
+        return httpx.Response(200, json=answer)
+
+    _client_on(monkeypatch, handler)
+    assert main(["insights", "--json", "--url", "http://srv:1", "--token", "t" * 20]) == 0
+    assert calls == ["/insights/unclaimed"] * 2 and json.loads(capsys.readouterr().out)["clusters"] == []
