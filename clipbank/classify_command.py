@@ -86,7 +86,10 @@ def _classify_chunk(client: Any, names: list[str], labels: list[str], args: argp
             if isinstance(bad, int) and 0 <= bad < len(pending) and args.skip_bad:
                 # the server numbers images within its request, which shrinks as files are left out: the file
                 # is named beside the message, so its "image 20 ('trunc.jpg')" goes (two files both read "image 20")
-                errors[pending[bad]] = {"code": e.code, "message": re.sub(r"^image \d+ (\('[^']*'\) )?", "", e.message)}
+                errors[pending[bad]] = {
+                    "code": e.code,
+                    "message": re.sub(r"^image \d+ (\((['\"]).*?\2\) )?", "", e.message),
+                }
                 continue
             hint = " (--skip-bad leaves such files out and answers the rest)" if isinstance(bad, int) else ""
             if len(names) < len(args.images):  # the server numbers images within their request: say which files

@@ -23,15 +23,19 @@ def _client(args: argparse.Namespace):
 
 
 def _push(args: argparse.Namespace) -> int:
-    manifest = _manifest_of(Path(args.file))
+    path = Path(args.file)
+    manifest = _manifest_of(path) if path.is_file() else {}  # a pipe is read once, by the upload
     with _client(args) as client:
         mode = "shadow" if args.shadow else "inactive" if args.no_activate else "active"
         before = _task_or_none(client, manifest.get("task")) if mode == "active" else None
-        out = client.push(Path(args.file), force=args.force, mode=mode, wait_all=args.wait_all)
-        replaced = before.get("active_version") if before else None
+        out = client.push(path, force=args.force, mode=mode, wait_all=args.wait_all)
+        print_json(out)  # the version stored, whatever the comparison below meets
+        replaced = before.get("active_version") if isinstance(before, dict) else None
         if replaced is not None and replaced != out.get("version"):
-            say_what_it_replaces(out, replaced, _task_or_none(client, out.get("task"), out.get("generation")))
-    print_json(out)
+            try:
+                say_what_it_replaces(out, replaced, _task_or_none(client, out.get("task"), out.get("generation")))
+            except (AttributeError, TypeError, ValueError) as e:  # an answer of another shape: a remark less
+                print(f"(could not compare with v{replaced}: {type(e).__name__}: {e})", file=sys.stderr)
     if mode != "active":
         say_failing_gate(out)
     for warning in _training_warnings(manifest):
@@ -66,7 +70,7 @@ def _task_or_none(client, task: object, generation: object = None) -> dict | Non
         return None
     try:
         return client.task(task, generation if isinstance(generation, int) else None)
-    except ClipbankHTTPError:  # a new task (404), or no answer: nothing to compare with
+    except (ClipbankHTTPError, ValueError):  # a new task (404), no answer, a name the server will refuse
         return None
 
 
@@ -86,7 +90,8 @@ def say_what_it_replaces(out: dict, replaced: int, task: dict | None) -> None:
     if not old or not new:
         return
     name, v = out.get("task"), out.get("version")
-    dropped = [c for c in old.get("classes") or () if c not in set(new.get("classes") or ())]
+    kept = set(new.get("classes") or ())
+    dropped = [c for c in old.get("classes") or () if c not in kept]
     if dropped:
         shown = ", ".join(dropped[:8]) + (", ..." if len(dropped) > 8 else "")
         print(
@@ -96,7 +101,7 @@ def say_what_it_replaces(out: dict, replaced: int, task: dict | None) -> None:
             "with --store on the task's store, or with images of every class",
             file=sys.stderr,
         )
-    was, now = (x.get("metrics", {}).get("val_accuracy") for x in (old, new))
+    was, now = ((x.get("metrics") or {}).get("val_accuracy") for x in (old, new))
     if isinstance(was, int | float) and isinstance(now, int | float) and now < was - 0.05:
         print(
             f"task {name} v{v}: validation accuracy {now:.1%} against v{replaced}'s {was:.1%} (each on its own "

@@ -32,6 +32,7 @@ OPTIONAL_MOE = ("expert_blocks",)  # moe keys older bundles lack
 # A threshold is an error level the task's own held-out images reach: far above the worst of them, it would
 # claim everything (a threshold of 1e30 claims every image of every task).
 THRESHOLD_OVER_MAX = 4.0
+THRESHOLD_FLOOR = 1e-12  # calibration's least threshold (model_store/selector.py): a task of near-identical images
 CALIBRATION_ORDER = ("p50", "p90", "p95", "p99", "max")
 
 
@@ -151,7 +152,7 @@ def _selector_problems(manifest: dict) -> list[str]:
     # Calibration only ever lowers a threshold below margin x max (negatives tighten it): `neg_p01`, the bundle's
     # own word, raised this ceiling, and a threshold of 1e30 with a neg_p01 of 1e30 passed (a security check).
     ceiling = calibration["max"]
-    if threshold > THRESHOLD_OVER_MAX * ceiling:
+    if threshold > max(THRESHOLD_OVER_MAX * ceiling, THRESHOLD_FLOOR):
         return [
             f"selector threshold {threshold:.4g} is more than {THRESHOLD_OVER_MAX:g}x the largest held-out error of "
             f"the task's own images ({ceiling:.4g}): it would claim images of every other domain"
@@ -168,7 +169,7 @@ def _gate_problems(selector: dict) -> list[str]:
     ceiling = calibration.get("gate_max")
     if not _is_number(ceiling) or ceiling < 0:
         return ["selector calibration must hold gate_max (a finite number >= 0) for a hybrid selector"]
-    if gate > THRESHOLD_OVER_MAX * ceiling:
+    if gate > max(THRESHOLD_OVER_MAX * ceiling, THRESHOLD_FLOOR):
         return [
             f"selector gate threshold {gate:.4g} is more than {THRESHOLD_OVER_MAX:g}x the largest held-out gate error "
             f"({ceiling:.4g}): the gate would let images of every other domain through"

@@ -355,7 +355,7 @@ def _retry_wait(e: ClipbankHTTPError, attempt: int) -> float | None:
     if e.code in RETRIED and e.retry_after is not None:
         return e.retry_after * random.uniform(1.0, 1.25) if e.retry_after <= MAX_RETRY_WAIT else None
     if e.code == "connection_failed" or (e.code == "http_error" and e.status in (500, 502, 503, 504)):
-        return BROKEN_WAIT * 2**attempt * random.uniform(1.0, 1.25)
+        return min(BROKEN_WAIT * 2**attempt, MAX_RETRY_WAIT) * random.uniform(1.0, 1.25)
     return None
 
 

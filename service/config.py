@@ -89,7 +89,7 @@ class ServeConfig:
     min_body_rate: int = option(
         1000,
         "the time a request body keeps the server waiting may pass read_timeout_seconds by a second per this many "
-        "bytes received; longer gets 408 (0: no floor)",
+        "bytes received, at most twice read_timeout_seconds saved up; longer gets 408 (0: no floor)",
     )
     frozen_runtime: str = option(
         "auto",

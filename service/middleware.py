@@ -25,6 +25,7 @@ from .errors import (
     status_of,
 )
 from .metrics import Metrics
+from .protocol import ANSWERED_HERE
 from .request_ids import stopped_at_shutdown
 
 REFRESH_WAIT_SECONDS = 5.0  # how long a request with X-Min-Generation waits for the store's state
@@ -141,8 +142,9 @@ class BodyLimit:
                 if slow:
                     raise HTTPException(
                         408,
-                        f"the request body came slower than min_body_rate={self.min_rate} bytes/s ({seen} bytes in "
-                        f"{waited + wait:.1f}s)",
+                        f"the request body came too slowly: min_body_rate={self.min_rate} bytes/s past "
+                        f"read_timeout_seconds={self.read_timeout:g}, of which at most {most:g} s can be saved up "
+                        f"({seen} bytes in {waited + wait:.1f}s)",
                     ) from None
                 raise HTTPException(
                     408, f"the request body stalled for {self.read_timeout:g}s (read_timeout_seconds)"
@@ -305,6 +307,7 @@ class RequestMetrics:
                 status, code = 503, "not_ready"
             raise
         finally:
+            status, code = (scope.get("state") or {}).get(ANSWERED_HERE, (status, code))
             endpoint = getattr(scope.get("route"), "path", None) or route_template(scope, self.routes)
             method = scope.get(SENT_METHOD) or scope["method"]  # a HEAD answered as GET counts as HEAD
             method = method if method in KNOWN_METHODS else "other"  # a closed set of series

@@ -20,6 +20,9 @@ REASONS = {400: "Bad Request", 408: "Request Timeout", 501: "Not Implemented", 5
 LINGER_SECONDS = 1.0
 
 
+ANSWERED_HERE = "clipbank.answered_by_protocol"  # (status, code) of an answer written here while the app ran
+
+
 def raw_error(status: int, code: str, message: str, extra: tuple[str, ...] = ()) -> bytes:
     """A complete HTTP/1.1 error response with the API's JSON body, for answering outside the ASGI app."""
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
@@ -128,6 +131,9 @@ class GuardedH11Protocol(H11Protocol):
         if cycle is not None and not cycle.response_complete:  # the app still runs (a head, then a malformed body):
             cycle.disconnected = True  # its answer must not follow this one; each one logged a RuntimeError traceback
             cycle.message_event.set()  # ("Cannot call write() after write_eof()"), any client could cause them
+            state = cycle.scope.get("state")  # shared by the middlewares' copies of the scope: the metrics count
+            if isinstance(state, dict):  # what the client got, not the 499 the app answers to the disconnect
+                state[ANSWERED_HERE] = (status, code)
         self._linger()
 
     def _linger(self, close: Callable[[], None] | None = None) -> None:

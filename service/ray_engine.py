@@ -175,14 +175,14 @@ def run(config: ServeConfig) -> int:
         http = {"host": config.host, "port": config.port, "keep_alive_timeout_s": config.keep_alive_seconds}
         serve.start(http_options=http)
         serve.run(application(config, cpus=cpus), name=APP_NAME, route_prefix="/")
+        log.info("clipbank on Ray Serve: %d replicas on http://%s:%d", config.replicas, config.host, config.port)
+        say_what_serves(config)  # a signal meanwhile stops it as one during start-up (it takes up to 20 s)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        log.info("clipbank on Ray Serve: %d replicas on http://%s:%d", config.replicas, config.host, config.port)
-        say_what_serves(config)
         stop.wait()
         log.info("stopping: the replicas finish their requests (up to 30 s)")
     except _Stopped:
-        log.info("stopped while the replicas were starting")
+        log.info("stopped while the replicas were starting (or being checked)")
     finally:  # the shutdown below is bounded; a second signal must not cut it short with a traceback
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
@@ -202,6 +202,7 @@ def say_what_serves(config: ServeConfig) -> None:
     import http.client
 
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    shown = f"[{host}]" if ":" in host else host
     try:
         probe = http.client.HTTPConnection(host, config.port, timeout=10)
         probe.request("GET", "/healthz")
@@ -214,12 +215,12 @@ def say_what_serves(config: ServeConfig) -> None:
             "GET http://%s:%d/healthz from this machine answered %s, not 200. If this machine is a node of the "
             "cluster, a Serve instance that already ran there keeps the address it was started with (Ray's log "
             "above says it ignored the new one; `serve status` names it), and this --host/--port is not served",
-            host,
+            shown,
             config.port,
             answered,
         )
     try:
-        replicas = asyncio.run(RayPeers(APP_NAME).announce(0, 30.0))
+        replicas = asyncio.run(RayPeers(APP_NAME).announce(0, 10.0))
     except Exception as e:  # a check: the application itself runs
         log.warning("could not ask the replicas what they serve: %s: %s", type(e).__name__, e)
         return

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from model_store.bank import BankSnapshot
+from model_store.errors import BundleInvalid, InvalidRequest
 from model_store.text import TEXT_CHUNK, TextCache, TextJob
 
 
@@ -15,7 +16,9 @@ def encode_classes_in_steps(
     """The tasks a change brings in (`overrides` not None), each one's class embeddings put into `cache` first, one
     chunk of prompts per job on the compute thread (`run`), so that the batches waiting run between them. A bundle
     of 10,000 classes x 10 templates (the bound) was one job of its trial run: 78 s on tiny, and every /classify
-    waited that long (a security check). What fails here (twin labels, say) is left to the trial run to name."""
+    waited that long (a security check). Twin labels are refused here, as the trial run would (before it encoded
+    them all again in one job); anything else that fails is left to the trial run to name. A cache too small to
+    keep a task's table (`text_cache_mb`) makes the trial run encode it again."""
     tasks = [t for t, bundle in overrides.items() if bundle is not None]
     if cache is None:
         return tasks
@@ -28,6 +31,8 @@ def encode_classes_in_steps(
             while not run(job.step, TEXT_CHUNK):
                 pass
             run(cache.get_or_compute, job.key, job.result)
+        except InvalidRequest as e:  # two classes that are one to the tokenizer: the trial run's words, at once
+            raise BundleInvalid(f"task {task!r} fails a trial classification: InvalidRequest: {e}") from None
         except Exception:  # the trial run meets it again, and says it as the upload's error
             continue
     return tasks

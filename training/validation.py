@@ -86,14 +86,20 @@ def validation_figures(classes: Sequence[str], right: list[int], seen: list[int]
 
 LEARNED_LITTLE = 0.05  # validation accuracy within this of zero-shot CLIP's: the task learned little
 LOW_ACCURACY = 0.7
+WELL_LEARNED = 0.95  # at or above: no advice, however close zero-shot CLIP was
 
 
 def learning_warnings(zero_shot: float | None, val: float | None, steps: int, images: int, classes: int) -> list[str]:
     """What to try when validation accuracy is low: an outside check's runs ended at zero-shot's accuracy, or at
     57%, and nothing said so or what to do (the figures were in the JSON alone)."""
-    if val is None:
+    if val is None or val >= WELL_LEARNED:
         return []
     knobs = f"more --steps (now {steps}) or more training images (now about {images // max(1, classes)} per class)"
+    if zero_shot is not None and val < zero_shot:
+        return [
+            f"validation accuracy {val:.1%} is below zero-shot CLIP's {zero_shot:.1%}: the experts made it worse. "
+            f"Check the labels and that the validation images are of the kind the training ones are; try {knobs}"
+        ]
     if zero_shot is not None and val < zero_shot + LEARNED_LITTLE:
         return [
             f"validation accuracy {val:.1%} is hardly above zero-shot CLIP's {zero_shot:.1%}: the task learned "

@@ -138,6 +138,9 @@ def test_the_bundles_word_on_its_negatives_does_not_raise_the_threshold_ceiling(
     for threshold in (0.1, 1e30):
         too_far = _with(manifest, selector__calibration=cal, selector__threshold=threshold)
         assert any("claim images of every other domain" in p for p in manifest_problems(too_far)), threshold
+    # calibration's floor: a task of near-identical images has a largest error of 7e-15 and a threshold of 1e-12
+    tiny = {"p50": 1e-15, "p90": 2e-15, "p95": 3e-15, "p99": 5e-15, "max": 7e-15}
+    assert manifest_problems(_with(manifest, selector__calibration=tiny, selector__threshold=1e-12)) == []
     hybrid = _with(manifest, selector__kind="hybrid", selector__calibration={**cal, "gate_max": 0.5})
     hybrid["selector"]["threshold"] = 0.02
     for gate, ok in ((2.0, True), (1e30, False)):

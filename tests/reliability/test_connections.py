@@ -239,14 +239,25 @@ def test_two_framings_and_a_malformed_chunk_get_the_parsers_400_and_log_no_trace
     any client could cause them. The app's answer is now dropped, as for a client that left."""
     head = b"Content-Type: multipart/form-data; boundary=XyZ\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n"
     body = b'--XyZ\r\nContent-Disposition: form-data; name="l"\r\n\r\na\r\n--XyZ--\r\n'  # no chunk size line
+    chunked = b"Content-Type: multipart/form-data; boundary=XyZ\r\nTransfer-Encoding: chunked\r\n"  # read by the app
     before = len(LOG["server"].read_text())
-    for _ in range(3):
-        with _posted(server, head, body) as (c, got, answer):
+    for framing in (head, head, chunked, chunked):
+        with _posted(server, framing, body) as (c, got, answer):
             assert got == 400 and answer["error"]["code"] == "bad_request", answer
             assert _rest(c) == b""
     time.sleep(0.5)
     log = LOG["server"].read_text()[before:]
     assert "Traceback" not in log and "write_eof" not in log, log[-3000:]
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=10)
+    conn.request("GET", "/metrics")
+    metrics = conn.getresponse().read().decode()
+    conn.close()
+    counted = [
+        line for line in metrics.splitlines() if line.startswith("clipbank_requests_total{") and "/classify" in line
+    ]
+    assert not any('status="499"' in line for line in counted), counted  # what the client got: the parser's 400
 
 
 def test_a_compressed_body_is_refused_by_name_and_the_connection_serves_on(server):

@@ -260,3 +260,30 @@ def test_an_uploads_class_embeddings_are_encoded_a_chunk_per_compute_job(tmp_pat
         TextJob.step = step
     assert jobs.count("counted") >= 3 and max(encoded) <= TEXT_CHUNK  # each chunk its own job
     assert sum(encoded) == 600 and jobs.index("trial_run") > jobs.index("get_or_compute")  # encoded once, before
+
+
+def test_twin_classes_are_refused_after_one_encoding_not_two(tmp_path, backbone):
+    """The review: classes the tokenizer reads as one ("Cat", "cat") were encoded in chunks, refused there in
+    silence, then encoded again in one job by the trial run, which refused them."""
+    from model_store.bank import empty_bank
+    from model_store.text import TextCache, TextJob
+    from tests.helpers import random_bundle
+
+    registry = Registry(LocalStore(tmp_path / "store"), backbone, cache=TextCache())
+    registry.load()
+    encoded: list[int] = []
+    step = TextJob.step
+
+    def counted(self, n=256):
+        before = self.remaining
+        done = step(self, n)
+        encoded.append(before - self.remaining)
+        return done
+
+    TextJob.step = counted
+    try:
+        with pytest.raises(BundleInvalid, match="fails a trial classification: InvalidRequest: labels"):
+            registry.upload(random_bundle(empty_bank(backbone), "twins", seed=1, classes=("Cat", "cat", "dog")))
+    finally:
+        TextJob.step = step
+    assert sum(encoded) == 3 and not registry.store.index().tasks  # once, and nothing stored

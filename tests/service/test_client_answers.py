@@ -359,3 +359,33 @@ def test_push_says_what_the_version_it_replaces_had_and_what_its_training_warned
     assert "`clipbank tasks activate greek 1`" in err and "validation accuracy 57.5% against v1's 86.7%" in err
     assert "its training warned: validation accuracy 57.5% is low" in err and "its training warned: claims 80%" in err
     assert seen == [("GET", "/tasks/greek", None), ("POST", "/tasks", None), ("GET", "/tasks/greek", "5")]
+
+
+def test_push_of_a_pipe_sends_every_byte_of_it(monkeypatch, backbone):
+    """The review of the push's comparison: reading the manifest ahead from `<(cat bundle)` took its first 4 KiB,
+    and the server got a truncated bundle. A file that is not a regular one is read once, by the upload."""
+    import os
+    import threading
+
+    from model_store.bank import empty_bank
+    from tests.helpers import random_bundle
+
+    data = random_bundle(empty_bank(backbone), "greek", seed=1)
+    got: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            got.append(request.read())
+            return httpx.Response(201, json={"task": "greek", "version": 1, "bundle_id": "b" * 64, "generation": 1})
+        return httpx.Response(404, json={"error": {"code": "task_not_found", "message": "no", "details": None}})
+
+    client_on(monkeypatch, handler)
+    r, w = os.pipe()
+    writer = threading.Thread(target=lambda: (os.write(w, data), os.close(w)))
+    writer.start()
+    try:
+        assert main(["push", f"/dev/fd/{r}", *URL]) == 0
+    finally:
+        writer.join()
+        os.close(r)
+    assert data in got[0]

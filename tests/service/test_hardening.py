@@ -615,7 +615,9 @@ async def test_the_body_rate_floor_charges_the_clients_waits_not_the_apps():
     assert (await post([b"x"] * 6, [0.0] * 6))[:2] == (200, b"ok")  # 6 reads, 0.9 s, past read_timeout + 6 bytes
     status, body, _ = await post([b"x"] * 6, [0.1] * 6)  # each gap under read_timeout; 0.1 s a byte is 10 bytes/s
     assert status == 408, body
-    assert "slower than min_body_rate=1000 bytes/s (2 bytes in 0.2s)" in json.loads(body)["error"]["message"]
+    said = json.loads(body)["error"]["message"]
+    assert "too slowly: min_body_rate=1000 bytes/s past read_timeout_seconds=0.2" in said
+    assert "at most 0.4 s can be saved up (2 bytes in 0.2s)" in said
     # A security check: 16 clients each sent 64 MiB at once, then a byte every 20 s: they had earned 18 hours of
     # waiting, held max_buffered_bytes, and every /classify got 503. What a client saves up is now 2 read_timeouts.
     status, body, unsent = await post([b"x" * 100_000] + [b"x"] * 8, [0.0] + [0.15] * 8)  # 100_000 bytes: 100 s

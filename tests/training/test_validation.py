@@ -57,3 +57,6 @@ def test_low_validation_accuracy_says_what_to_try():
     assert low.startswith("validation accuracy 57.5% is low") and "--steps (now 120)" in low
     assert learning_warnings(0.12, 0.867, steps=500, images=360, classes=6) == []
     assert learning_warnings(None, None, steps=500, images=360, classes=6) == []
+    (worse,) = learning_warnings(0.6, 0.4, steps=500, images=360, classes=6)
+    assert "below zero-shot CLIP's 60.0%" in worse  # not "hardly above"
+    assert learning_warnings(0.97, 0.99, steps=500, images=360, classes=6) == []  # nothing left to learn
