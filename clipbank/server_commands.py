@@ -45,19 +45,14 @@ def _push(args: argparse.Namespace) -> int:
 
 def _manifest_of(path: Path) -> dict:
     """The bundle file's manifest, from its header alone ({} if it cannot be read: the server names why)."""
-    import json
-    import struct
-
-    from model_store.bundle_format import MANIFEST_KEY, MAX_HEADER_BYTES, read_metadata
+    from model_store.bundle_format import MANIFEST_KEY, file_head, read_metadata
     from model_store.errors import ClipbankError
+    from model_store.safejson import JSONRefused
+    from model_store.safejson import loads as bounded_loads
 
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
-            head += f.read(min(n, MAX_HEADER_BYTES))
-        manifest = json.loads(read_metadata(head)[MANIFEST_KEY])
-    except (OSError, ValueError, KeyError, RecursionError, struct.error, ClipbankError):
+        manifest = bounded_loads(read_metadata(file_head(path))[MANIFEST_KEY])
+    except (OSError, JSONRefused, ClipbankError):
         return {}
     return manifest if isinstance(manifest, dict) else {}
 

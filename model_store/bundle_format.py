@@ -7,6 +7,7 @@ Files of other formats (zip archives of torch.save, pickles) are named and refus
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 from typing import Any
@@ -66,6 +67,15 @@ def _header(data: bytes) -> dict[str, Any]:
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise BundleFormatError("not a safetensors file: __metadata__ must map strings to strings")
     return header
+
+
+def file_head(path: str | os.PathLike) -> bytes:
+    """A bundle file's first bytes up to the end of its header (its length, then its JSON), without its tensors:
+    what `read_metadata` reads. OSError if the file cannot be read."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        return head + f.read(min(n, MAX_HEADER_BYTES))
 
 
 def header_problems(header: dict[str, Any]) -> list[str]:

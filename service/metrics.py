@@ -57,13 +57,7 @@ class Metrics:
         self.swap_failures = Counter("clipbank_swap_failures", "bank rebuilds that failed (old bank kept)", registry=r)
         self.gate_refusals = Counter("clipbank_gate_refusals", "changes the interference gate refused", registry=r)
         self.gate_overrides = Counter("clipbank_gate_overrides", "gate refusals overridden with force", registry=r)
-        self.queue_images = Gauge("clipbank_queue_images", "images waiting for a batch", registry=r)
-        self.admitted_images = Gauge(
-            "clipbank_admitted_images",
-            "images accepted and not yet answered (decoding, queued or computing): what max_queue_images bounds",
-            registry=r,
-        )
-        self.max_queue_images = Gauge("clipbank_max_queue_images", "the max_queue_images setting", registry=r)
+        self._queue(r)
         self.errors = Counter(
             "clipbank_errors",
             "error answers by their code (overloaded, stale_replica, task_not_found, ...): alert on the server's "
@@ -78,8 +72,15 @@ class Metrics:
             "clipbank_task_degraded", "1 for each active task the bank cannot serve", ["task"], registry=r
         )
 
-    def _traffic(self, r: CollectorRegistry) -> None:
-        """Where auto-routed traffic goes, and what versions in shadow would do with it."""
+    def _queue(self, r: CollectorRegistry) -> None:
+        """The work waiting for the compute thread, its bound, and the work of clients that went away."""
+        self.queue_images = Gauge("clipbank_queue_images", "images waiting for a batch", registry=r)
+        self.admitted_images = Gauge(
+            "clipbank_admitted_images",
+            "images accepted and not yet answered (decoding, queued or computing): what max_queue_images bounds",
+            registry=r,
+        )
+        self.max_queue_images = Gauge("clipbank_max_queue_images", "the max_queue_images setting", registry=r)
         self.abandoned = Counter(
             "clipbank_abandoned_requests",
             "requests whose clients went away before their answer, left out of the compute thread's work: while "
@@ -87,6 +88,9 @@ class Metrics:
             ["stage"],
             registry=r,
         )
+
+    def _traffic(self, r: CollectorRegistry) -> None:
+        """Where auto-routed traffic goes, and what versions in shadow would do with it."""
         self.claims = Counter(
             "clipbank_claims",
             "images with task=auto, per route: the task that claimed it, or zero-shot",

@@ -108,7 +108,7 @@ class Steps:
         self.works: deque[_ImageWork | _TextWork] = deque()
         self._image_seconds = 0.005  # moving averages of one image's pass and one prompt character's encoding
         self._char_seconds = 5e-5
-        self.image_steps = self.text_steps = self.dropped = 0
+        self.image_steps = self.text_steps = 0
 
     def __bool__(self) -> bool:
         return bool(self.works)
@@ -133,7 +133,6 @@ class Steps:
         dropped: nobody waits for it, and parked prompts count against `max_parked_prompts`."""
         work = self.works.popleft()
         if _abandoned(work):
-            self.dropped += 1
             requests = len(work.batch) if isinstance(work, _ImageWork) else 1
             self.metrics.abandoned.labels("in_steps").inc(requests)
             return
