@@ -59,6 +59,7 @@ def create_app(
         read_timeout=config.read_timeout_seconds,
         min_rate=config.min_body_rate,
         max_buffered=config.limits.max_buffered_bytes,
+        max_per_client=config.limits.client_buffered_bytes,
         routed=lambda scope: takes(app.router.routes, scope, scope["method"]),  # a mistyped URL: 404, not 413
         unauthorized=lambda scope: _token_refusal(routes, scope),  # no token: 401, not 413
     )

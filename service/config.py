@@ -31,6 +31,7 @@ class Limits:
     max_upload_bytes: int = 256 * MB  # POST /tasks body
     max_request_bytes: int = 64 * MB  # POST /classify body
     max_buffered_bytes: int = 1024 * MB  # request bodies held at once over all connections; beyond: 503, retry
+    max_client_buffered_bytes: int = 512 * MB  # of those, one client address's (IPv6: its /64); 0: no cap
     max_image_bytes: int = 16 * MB  # one encoded image
     max_images: int = 64  # images per request
     max_pixels: int = MAX_PIXELS  # width * height, read from the header before decoding
@@ -45,13 +46,21 @@ class Limits:
 
     def problems(self) -> list[str]:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        problems = [f"{name} must be >= 1, got {value}" for name, value in values.items() if value < 1]
+        least = {"max_client_buffered_bytes": 0}  # 0: no cap per client (behind a proxy every client is one)
+        problems = [f"{n} must be >= {least.get(n, 1)}, got {v}" for n, v in values.items() if v < least.get(n, 1)]
         if self.max_buffered_bytes < max(self.max_upload_bytes, self.max_request_bytes):
             problems.append(
                 f"max_buffered_bytes ({self.max_buffered_bytes}) must hold one largest body: at least "
                 f"max_upload_bytes ({self.max_upload_bytes}) and max_request_bytes ({self.max_request_bytes})"
             )
         return problems
+
+    @property
+    def client_buffered_bytes(self) -> int:
+        """max_client_buffered_bytes as enforced: 0 (no cap), else never below one largest body."""
+        if not self.max_client_buffered_bytes:
+            return 0
+        return max(self.max_client_buffered_bytes, self.max_upload_bytes, self.max_request_bytes)
 
 
 @dataclass(frozen=True)

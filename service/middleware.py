@@ -25,7 +25,7 @@ from .errors import (
     status_of,
 )
 from .metrics import Metrics
-from .protocol import ANSWERED_HERE
+from .protocol import ANSWERED_HERE, client_key
 from .request_ids import stopped_at_shutdown
 
 REFRESH_WAIT_SECONDS = 5.0  # how long a request with X-Min-Generation waits for the store's state
@@ -62,8 +62,9 @@ class BodyLimit:
     connection).
 
     All requests together may hold at most `max_buffered` bytes of body until they are answered: each one's limit
-    alone let 1024 slow connections hold 64 GiB. Past it, the request that would cross it gets 503 `overloaded`
-    with Retry-After (its connection's bytes are then released)."""
+    alone let 1024 slow connections hold 64 GiB. One client address's requests (`client_key`: IPv6 by its /64) may
+    hold at most `max_per_client` of them (0: no cap), so one fast client cannot hold them all. Past either, the
+    request that would cross it gets 503 `overloaded` with Retry-After (its connection's bytes are then released)."""
 
     def __init__(
         self,
@@ -71,6 +72,7 @@ class BodyLimit:
         limit_for: Callable[[str, str], tuple[int, str]],
         read_timeout: float = 30.0,
         max_buffered: int | None = None,
+        max_per_client: int = 0,
         routed: Callable[[Scope], bool] | None = None,
         min_rate: int = 0,
         unauthorized: Callable[[Scope], ClipbankError | None] | None = None,
@@ -82,9 +84,17 @@ class BodyLimit:
         self.read_timeout = read_timeout
         self.min_rate = min_rate
         self.max_buffered = max_buffered
+        self.max_per_client = max_per_client
         self.held = 0  # body bytes received by requests not yet answered (one event loop: no lock)
+        self.held_by: dict[str, int] = {}  # the same, per client address (only those holding any)
 
-    def _full(self, more: int) -> str | None:
+    def _full(self, more: int, who: str | None) -> str | None:
+        mine = self.held_by.get(who, 0) if who is not None else 0
+        if self.max_per_client and who is not None and mine + more > self.max_per_client:
+            return (
+                f"this client ({who}) holds {mine} bytes of request bodies not yet answered and this one would pass "
+                f"max_client_buffered_bytes={self.max_per_client}: retry when they are answered"
+            )
         if self.max_buffered is None or self.held + more <= self.max_buffered:
             return None
         return (
@@ -92,7 +102,16 @@ class BodyLimit:
             f"max_buffered_bytes={self.max_buffered}: retry shortly"
         )
 
-    def _refusal(self, scope: Scope, limit: int, setting: str, name: str) -> ASGIApp | None:
+    def _hold(self, who: str | None, size: int) -> None:
+        self.held += size
+        if who is not None:
+            left = self.held_by.get(who, 0) + size
+            if left:
+                self.held_by[who] = left
+            else:
+                self.held_by.pop(who, None)
+
+    def _refusal(self, scope: Scope, limit: int, setting: str, name: str, who: str | None) -> ASGIApp | None:
         """The answer to a request refused from its head alone: two framings, a bad or too large Content-Length
         (the route's 401 first, for a client without its token), or no room left for its body."""
         headers = dict(scope["headers"])
@@ -111,7 +130,7 @@ class BodyLimit:
             message = f"request body is {int(declared)} bytes; the limit is {name}"
             details = {"setting": setting, "limit": limit} if setting else None  # a client can send less
             return error_response(413, LimitExceeded.code, message, details=details)
-        full = self._full(int(declared))
+        full = self._full(int(declared), who)
         return error_response(503, Overloaded.code, full) if full is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -119,7 +138,8 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         limit, setting = self.limit_for(scope["method"], scope["path"])
         name = f"{setting}={limit}" if setting else f"{limit} bytes for this endpoint (not a setting)"
-        refused = self._refusal(scope, limit, setting, name)
+        who = client_key(scope.get("client"))
+        refused = self._refusal(scope, limit, setting, name, who)
         if refused is not None:
             return await refused(scope, receive, send)
         seen, complete, waited = 0, False, 0.0  # waited: time spent waiting for the client's bytes
@@ -155,10 +175,11 @@ class BodyLimit:
                 size = len(message.get("body", b""))
                 if self.min_rate:
                     credit = min(credit - took + size / self.min_rate, most)
-                full = self._full(size)
+                full = self._full(size, who)
                 if full is not None:
                     raise HTTPException(503, full)
-                seen, self.held = seen + size, self.held + size
+                seen = seen + size
+                self._hold(who, size)
                 complete = not message.get("more_body", False)
                 if seen > limit:
                     raise BodyTooLarge(f"request body passed {seen} bytes; the limit is {name}", setting, limit)
@@ -167,7 +188,7 @@ class BodyLimit:
         try:
             await self.app(scope, limited, send)
         finally:
-            self.held -= seen
+            self._hold(who, -seen)
 
 
 class BodyTooLarge(HTTPException):

@@ -21,6 +21,16 @@ def test_environment_then_flags():
     assert cfg.port == 9100 and cfg.max_wait_ms == 1.5 and cfg.limits.max_images == 8 and cfg.store == "/s"
 
 
+def test_one_clients_share_of_the_buffered_bodies_is_never_below_one_largest_body():
+    mib = 1024 * 1024
+    assert ServeConfig.from_env({}).limits.client_buffered_bytes == 512 * mib
+    assert ServeConfig.from_env({"CLIPBANK_MAX_CLIENT_BUFFERED_BYTES": "0"}).limits.client_buffered_bytes == 0
+    low = ServeConfig.from_env({"CLIPBANK_MAX_CLIENT_BUFFERED_BYTES": "1000"})  # a client may send one bundle
+    assert low.limits.client_buffered_bytes == 256 * mib
+    with pytest.raises(ValueError, match="max_client_buffered_bytes must be >= 0, got -1"):
+        ServeConfig.from_env({"CLIPBANK_MAX_CLIENT_BUFFERED_BYTES": "-1"})
+
+
 def test_every_bad_setting_is_named_at_once():
     with pytest.raises(ValueError) as e:
         ServeConfig.from_env({"CLIPBANK_MAX_BATCH": "0", "CLIPBANK_MAX_PIXELS": "0", "CLIPBANK_ADMIN_TOKEN": "short"})

@@ -368,31 +368,31 @@ def test_keep_alive_must_be_shorter_than_the_head_deadline():
         ServeConfig(keep_alive_seconds=10, head_timeout_seconds=10)
 
 
-async def test_bodies_held_at_once_over_all_connections_are_bounded():
-    """Each body within its own limit, slow clients together held max_connections x 64 MiB. Past
-    `max_buffered_bytes` the request that would cross it gets 503 overloaded; bytes are released once answered."""
+def _holding_body_limit(**settings):
+    """A BodyLimit around an app that reads its whole body, then holds it until the returned event is set; and a
+    `post(chunks, declared=None, client="10.0.0.1")` that sends a body through it and returns (status, answer)."""
     import json
+
+    from fastapi import FastAPI
 
     from service.errors import install_handlers
     from service.middleware import BodyLimit
 
     release = anyio.Event()
 
-    async def app(scope, receive, send):  # reads its whole body, then holds it until released
+    async def app(scope, receive, send):
         while (await receive()).get("more_body"):
             pass
         await release.wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    from fastapi import FastAPI
-
     inner = FastAPI()
     install_handlers(inner)
     inner.mount("/", app)
-    limited = BodyLimit(inner, lambda method, path: (1000, "max_request_bytes"), max_buffered=1500)
+    limited = BodyLimit(inner, lambda method, path: (1000, "max_request_bytes"), **settings)
 
-    async def post(chunks: list[bytes], declared: int | None = None) -> tuple[int, dict]:
+    async def post(chunks: list[bytes], declared: int | None = None, client: str = "10.0.0.1") -> tuple[int, dict]:
         parts = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
         sent: list[dict] = []
 
@@ -404,11 +404,19 @@ async def test_bodies_held_at_once_over_all_connections_are_bounded():
 
         headers = [(b"content-length", str(declared).encode())] if declared is not None else []
         scope = {"type": "http", "method": "POST", "path": "/classify", "headers": headers, "query_string": b""}
-        await limited({**scope, "root_path": "", "raw_path": b"/classify"}, receive, send)
+        scope |= {"root_path": "", "raw_path": b"/classify", "client": (client, 40000)}
+        await limited(scope, receive, send)
         body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
         headers = {k.decode().lower(): v.decode() for k, v in sent[0].get("headers", [])}
         return sent[0]["status"], {"headers": headers, "body": json.loads(body) if body != b"ok" else body}
 
+    return limited, release, post
+
+
+async def test_bodies_held_at_once_over_all_connections_are_bounded():
+    """Each body within its own limit, slow clients together held max_connections x 64 MiB. Past
+    `max_buffered_bytes` the request that would cross it gets 503 overloaded; bytes are released once answered."""
+    limited, release, post = _holding_body_limit(max_buffered=1500)
     async with anyio.create_task_group() as tg:
         results: list = []
 
@@ -417,17 +425,71 @@ async def test_bodies_held_at_once_over_all_connections_are_bounded():
 
         tg.start_soon(first)
         await anyio.sleep(0.05)  # the first holds 800 bytes
-        status, answer = await post([b"y" * 400, b"y" * 400])  # would hold 1600
+        status, answer = await post([b"y" * 400, b"y" * 400], client="10.0.0.2")  # would hold 1600
         assert status == 503 and answer["headers"]["retry-after"] == "1"
         assert (
             answer["body"]["error"]["code"] == "overloaded"
             and "max_buffered_bytes=1500" in answer["body"]["error"]["message"]
         )
-        status, answer = await post([b"z"], declared=900)  # refused from its Content-Length, before reading
+        status, answer = await post([b"z"], declared=900, client="10.0.0.3")  # refused from its Content-Length
         assert status == 503 and limited.held == 800
         release.set()
     assert results[0][0] == 200 and limited.held == 0
     assert (await post([b"y" * 400, b"y" * 400]))[0] == 200  # released: the same body now fits
+
+
+async def test_one_client_may_hold_only_its_share_of_the_buffered_bodies():
+    """A client fast enough to send 1 GiB a minute held all of `max_buffered_bytes`, and every other client's
+    /classify got 503. One address (an IPv6 client by its /64) may now hold `max_client_buffered_bytes`."""
+    limited, release, post = _holding_body_limit(max_buffered=3000, max_per_client=1000)
+    async with anyio.create_task_group() as tg:
+        results: list = []
+
+        async def hold(client: str):
+            results.append(await post([b"x" * 400, b"x" * 400], client=client))
+
+        tg.start_soon(hold, "10.0.0.1")
+        tg.start_soon(hold, "2001:db8::1")
+        await anyio.sleep(0.05)  # each holds 800 bytes
+        for client in ("10.0.0.1", "2001:db8::2"):  # the same address; the same /64
+            status, answer = await post([b"y" * 300], client=client)
+            message = answer["body"]["error"]["message"]
+            assert status == 503 and answer["body"]["error"]["code"] == "overloaded", client
+            assert "max_client_buffered_bytes=1000" in message and "holds 800 bytes" in message, client
+            assert answer["headers"]["retry-after"] == "1"
+        status, _ = await post([b"y" * 100], declared=300, client="10.0.0.1")  # from its Content-Length, unread
+        assert status == 503 and limited.held == 1600
+        tg.start_soon(hold, "10.0.0.9")  # another client's body is taken
+        await anyio.sleep(0.05)
+        assert limited.held == 2400 and limited.held_by == {"10.0.0.1": 800, "2001:db8::/64": 800, "10.0.0.9": 800}
+        release.set()
+    assert [r[0] for r in results] == [200, 200, 200] and limited.held == 0 and limited.held_by == {}
+    assert (await post([b"y" * 900], client="10.0.0.1"))[0] == 200  # its bytes were given back
+
+
+async def test_the_servers_client_share_is_its_setting(tmp_path, backbone):
+    """The setting reaches the server: an upload still arriving holds most of this client's share, so its next
+    request is refused from its Content-Length, naming the share as enforced (never below one largest body)."""
+    limits = Limits(max_upload_bytes=2000, max_request_bytes=1000, max_buffered_bytes=8000, max_client_buffered_bytes=1)
+    arrived, more = anyio.Event(), anyio.Event()
+
+    async def trickle():  # 1800 bytes of an upload, then the rest once told
+        part = b'--b\r\nContent-Disposition: form-data; name="bundle"; filename="a.safetensors"\r\n\r\n'
+        yield part + b"x" * (1800 - len(part))
+        arrived.set()
+        await more.wait()
+        yield b"x" * 100
+
+    async with running_app(tmp_path, backbone, limits=limits) as c:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                headers = {**AUTH, "content-type": "multipart/form-data; boundary=b", "content-length": "1900"}
+                tg.start_soon(lambda: c.post("/tasks", content=trickle(), headers=headers))
+                await arrived.wait()
+                await anyio.sleep(0.05)
+                r = await c.post("/classify", content=b"y" * 300, headers={"content-type": "multipart/form-data"})
+                assert r.status_code == 503 and "max_client_buffered_bytes=2000" in r.json()["error"]["message"]
+                more.set()
 
 
 async def test_head_is_answered_as_get_without_a_body(tmp_path, backbone):
