@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -18,31 +17,16 @@ import httpx
 from model_store.modes import AUTO, PER_IMAGE, ZERO_SHOT, task_name_problem
 
 from .client_inputs import ImageInput, _at_least, _bytes, _name, label_list, whole
-
-
-class ClipbankHTTPError(Exception):
-    """The server answered with an error: `status`, and its `code`, `message` and `details` (for `interference`,
-    the gate's report)."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        details: dict | None = None,
-        retry_after: float | None = None,
-        request_id: str | None = None,
-    ) -> None:
-        said = f"HTTP {status} {code}: {message}" if status else f"{code}: {message}"  # 0: no answer
-        # a 5xx's message points at the server's log: its lines name the request by this id
-        super().__init__(f"{said} (request id {request_id})" if request_id and status >= 500 else said)
-        self.status, self.code, self.message, self.details = status, code, message, details
-        self.retry_after = retry_after  # seconds, from a 503's Retry-After: when trying again may succeed
-        self.request_id = request_id  # the answer's X-Request-ID: quote it to whoever reads the server's log
-
-    def __reduce__(self):  # pickled whole: raised in a process pool's worker, it reaches the caller as itself
-        return type(self), (self.status, self.code, self.message, self.details, self.retry_after, self.request_id)
-
+from .client_wire import (
+    ClipbankHTTPError,
+    _json,
+    _one_line,
+    _proxy_note,
+    _read_within,
+    _request_id,
+    _seconds,
+    _server_url,
+)
 
 # what a change answers at least (an older server's answers have these too)
 ACTIVATED, SHADOWED = ("task", "active_version"), ("task", "shadow_version")
@@ -62,22 +46,44 @@ class ClipbankClient:
     a 503 whose `Retry-After` says when (`overloaded`, `stale_replica`, `not_ready`), after waiting that long (at
     most 30 s, plus up to a quarter more at random), and after a connection broken mid-request or a 500, 502, 503
     or 504 that is not clipbank's own (a replica or a proxy in front that died: 0.25 s, doubled each time); 0 (the
-    default) raises at once, with the wait in `ClipbankHTTPError.retry_after`. A change is never sent twice."""
+    default) raises at once, with the wait in `ClipbankHTTPError.retry_after`. A change is never sent twice.
+    `max_connections`: of the client's pool, which its threads share. A client used before a fork makes its own
+    connections in the child (the parent's, shared, mixed up the two processes' answers), and pickles as its
+    settings."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float | None = 60.0, retries: int = 0) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float | None = 60.0,
+        retries: int = 0,
+        max_connections: int = 100,
+    ) -> None:
         if timeout is not None and (
             isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
         ):
             raise ValueError(f"timeout is a number of seconds > 0, or None for none; got {timeout!r}")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries is a count >= 0, got {retries!r}")
+        if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+            raise ValueError(f"max_connections is a count >= 1, got {max_connections!r}")
         token = (token or "").strip()  # a token read from a file ends in a newline
         if token and not re.fullmatch(r"[\x21-\x7e]+", token):
             raise ValueError("the token must be printable ASCII without spaces (it is not shown here)")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = _server_url(url)
-        self.timeout, self.retries = timeout, retries
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self.timeout, self.retries, self.max_connections = timeout, retries, max_connections
+        self._token = token
+        self._pid, self._http = os.getpid(), self._new_http()
+
+    def _new_http(self) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        limits = httpx.Limits(
+            max_connections=self.max_connections, max_keepalive_connections=min(20, self.max_connections)
+        )
+        return httpx.Client(base_url=self.url, headers=headers, timeout=self.timeout, limits=limits)
+
+    def __reduce__(self):  # its settings: a process pool's worker makes its own connections
+        return type(self), (self.url, self._token, self.timeout, self.retries, self.max_connections)
 
     def __enter__(self) -> ClipbankClient:
         return self
@@ -108,6 +114,8 @@ class ClipbankClient:
         long upload is not cut short)."""
         if self._http.is_closed:  # httpx's own message names no clipbank call
             raise RuntimeError("this ClipbankClient is closed (close() was called, or its with-block ended)")
+        if self._pid != os.getpid():  # a forked child: the parent's pooled sockets stay the parent's (shared, the
+            self._pid, self._http = os.getpid(), self._new_http()  # two processes read each other's answers)
         deadline = math.inf if self.timeout is None else self.timeout
         began = time.monotonic()
         try:
@@ -153,9 +161,16 @@ class ClipbankClient:
 
     def _transport_error(self, e: httpx.HTTPError, method: str, path: str, waited: float, sent: bool) -> Exception:
         """What an error of the connection is to the caller: `unreachable`, `timeout` or `connection_failed`."""
+        if isinstance(e, httpx.PoolTimeout):  # nothing was sent: the client's own threads held every connection
+            said = (
+                f"no connection of this client's pool (max_connections={self.max_connections}) came free within "
+                f"{self.timeout:g} s: {method} {path} was not sent"
+            )
+            return ClipbankHTTPError(0, "timeout", said)
         if isinstance(e, httpx.ConnectError | httpx.ConnectTimeout):  # refused, bad address: name where
             tls = " (is it a plain http:// server?)" if "WRONG_VERSION_NUMBER" in str(e) else ""
-            return ClipbankHTTPError(0, "unreachable", f"cannot reach {self.url}: {type(e).__name__}: {e}{tls}")
+            said = f"cannot reach {self.url}{_proxy_note(self.url)}: {type(e).__name__}: {e}{tls}"
+            return ClipbankHTTPError(0, "unreachable", said)
         if isinstance(e, httpx.WriteTimeout):  # the server stopped reading the request: it was not sent in full
             said = f"{self.url} stopped reading {method} {path} for {self.timeout:g} s: it was not sent in full"
             return ClipbankHTTPError(0, "timeout", said)
@@ -167,7 +182,7 @@ class ClipbankClient:
             said = f"{self.url} did not answer {method} {path} within {self.timeout:g} s{more}{MAY_LAND * changes}"
             return ClipbankHTTPError(0, "timeout", said)
         # broken after the request went out (a server killed mid-change, say): a change may have landed
-        said = f"{self.url} broke off {method} {path}: {type(e).__name__}: {e}{MAY_LAND * changes}"
+        said = f"{self.url} broke off {method} {path}: {type(e).__name__}: {str(e).rstrip('.')}{MAY_LAND * changes}"
         return ClipbankHTTPError(0, "connection_failed", said)
 
     def classify(
@@ -188,7 +203,11 @@ class ClipbankClient:
         labels = () if labels is None else labels
         task, route = AUTO if task is None else task, PER_IMAGE if route is None else route
         one_pil = hasattr(images, "save") and isinstance(getattr(images, "mode", None), str)  # a Series's mode() is not
-        if isinstance(images, str | bytes | os.PathLike) or isinstance(labels, str) or one_pil:
+        # one file was sent line by line as images, one bytearray as ints; a dict would be its keys
+        one = isinstance(images, str | bytes | bytearray | memoryview | os.PathLike | Mapping) or hasattr(
+            images, "read"
+        )
+        if one or isinstance(labels, str | Mapping) or one_pil:
             raise TypeError("images and labels are lists: classify([path], labels=['cat', 'dog'])")
         labels = label_list(labels)
         if task not in (AUTO, ZERO_SHOT):
@@ -281,23 +300,6 @@ class ClipbankClient:
         return self._call("GET", "/healthz")
 
 
-def _server_url(url: Any) -> str:
-    """The server's base URL, checked: http(s), a host, a port that can be, no query or fragment."""
-    example = "(e.g. http://127.0.0.1:8000)"
-    if not isinstance(url, str) or not re.match(r"https?://[^/\s]", url, re.IGNORECASE):
-        raise ValueError(f"the server URL starts with http:// or https://, got {url!r} {example}")
-    try:
-        parsed = httpx.URL(url)
-        port = parsed.port
-    except (httpx.InvalidURL, ValueError) as e:
-        raise ValueError(f"the server URL {url!r} is not a valid URL ({e}) {example}") from None
-    if port is not None and not 0 < port < 65536:
-        raise ValueError(f"the server URL {url!r} has port {port}, outside 1..65535 {example}")
-    if parsed.query or parsed.fragment:
-        raise ValueError(f"the server URL {url!r} has a query or fragment: give only scheme, host, port and path")
-    return url.rstrip("/")
-
-
 def _waiting(wait_all: bool) -> dict[str, str]:
     """The query of a change that returns once every replica serves it (else 504 `replicas_lagging`)."""
     return {"wait": "all"} if wait_all else {}
@@ -313,38 +315,6 @@ def _seg(name: str) -> str:
     return quote(name, safe="")
 
 
-MAX_ANSWER_BYTES = 256 * 1024 * 1024  # far above any answer a clipbank server gives
-
-
-def _read_within(response: httpx.Response, deadline: float, url: str) -> bytes:
-    """The answer's body, read before `deadline` (time.monotonic) and within MAX_ANSWER_BYTES."""
-    parts, size = [], 0
-    for chunk in response.iter_bytes():
-        size += len(chunk)
-        if size > MAX_ANSWER_BYTES:
-            raise ClipbankHTTPError(response.status_code, "not_clipbank", f"{url} answered more than {size} bytes")
-        if time.monotonic() > deadline:
-            raise ClipbankHTTPError(0, "timeout", f"{url} did not finish its answer within the client's timeout")
-        parts.append(chunk)
-    return b"".join(parts)
-
-
-def _json(raw: bytes) -> Any:
-    return json.loads(raw)  # RecursionError for nesting Python cannot parse
-
-
-def _seconds(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:  # an HTTP date: not what a clipbank server sends
-        return None
-
-
-def _one_line(text: str) -> str:
-    """An error page as one short line (an HTML page from a proxy, say)."""
-    return " ".join(re.sub(r"<[^>]*>", " ", text).split())[:300]
-
-
 def _retry_wait(e: ClipbankHTTPError, attempt: int) -> float | None:
     """Seconds to wait before sending a request that changes nothing again after `e`, None: raise `e`.
 
@@ -357,9 +327,3 @@ def _retry_wait(e: ClipbankHTTPError, attempt: int) -> float | None:
     if e.code == "connection_failed" or (e.code == "http_error" and e.status in (500, 502, 503, 504)):
         return min(BROKEN_WAIT * 2**attempt, MAX_RETRY_WAIT) * random.uniform(1.0, 1.25)
     return None
-
-
-def _request_id(headers: httpx.Headers) -> str | None:
-    """The answer's X-Request-ID: the first, as Ray Serve's proxy adds the replica's own again (httpx joins them)."""
-    ids = [i.strip() for i in headers.get_list("x-request-id", split_commas=True)]
-    return ids[0] if ids else None

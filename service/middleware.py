@@ -31,6 +31,9 @@ from .request_ids import stopped_at_shutdown
 REFRESH_WAIT_SECONDS = 5.0  # how long a request with X-Min-Generation waits for the store's state
 SENT_METHOD = "clipbank.sent_method"  # the scope's method as the client sent it, when a middleware changed it
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# answered whatever X-Min-Generation asks: /healthz is 200 while the process runs, and /metrics is scraped (a
+# header a proxy adds to every request made them 503). /readyz keeps it: a balancer may ask if a replica is behind
+ANY_GENERATION = frozenset({"/healthz", "/metrics"})
 
 
 MAX_HEAD_BYTES = 16 * 1024  # h11's bound on a head still arriving; this one holds for a head that came whole
@@ -256,7 +259,7 @@ class Generations:
     """Every response carries `X-Clipbank-Generation` (the store generation of the bank that answered: for a
     classification, the bank its batch ran on) and `X-Clipbank-Replica`. A request with `X-Min-Generation: g` is
     answered only from generation g or later: a server behind it reads the store first, and if still behind
-    answers 503 `stale_replica` with Retry-After."""
+    answers 503 `stale_replica` with Retry-After. /healthz and /metrics (ANY_GENERATION) answer whatever it asks."""
 
     def __init__(self, app: ASGIApp, service: Any) -> None:
         self.app = app
@@ -275,7 +278,7 @@ class Generations:
             await send(message)
 
         wanted = dict(scope["headers"]).get(b"x-min-generation")
-        if wanted is not None:
+        if wanted is not None and scope["path"] not in ANY_GENERATION:
             refused = await self._refusal(wanted)
             if refused is not None:  # a stale replica's 503 names it and its generation too
                 return await refused(scope, receive, with_generation)

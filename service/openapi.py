@@ -8,6 +8,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from .middleware import ANY_GENERATION
+
 MIN_GENERATION = {
     "name": "X-Min-Generation",
     "in": "header",
@@ -25,6 +27,10 @@ ERROR_BODY = {"application/json": {"schema": {"$ref": "#/components/schemas/Erro
 HEADER_ERRORS = {
     "400": "`bad_request`: X-Min-Generation is not a non-negative integer of at most 18 digits",
     "503": "`stale_replica` (behind X-Min-Generation), `overloaded` or `not_ready`, with Retry-After",
+}
+PROBE_ERRORS = {  # what /healthz and /metrics may answer all the same: the HTTP server's own
+    "400": "`bad_request`: malformed HTTP",
+    "503": "`overloaded`: the server's connection table is full, with Retry-After",
 }
 RESPONSE_HEADERS = {
     "X-Clipbank-Generation": {
@@ -59,10 +65,11 @@ def document_generations(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = build()
-            for operations in schema.get("paths", {}).values():
+            for path, operations in schema.get("paths", {}).items():
+                probe = path in ANY_GENERATION  # X-Min-Generation does not hold /healthz and /metrics
                 for op in operations.values():
-                    op.setdefault("parameters", []).extend((MIN_GENERATION, REQUEST_ID))
-                    for status, why in HEADER_ERRORS.items():  # what the header (or an overloaded server) answers
+                    op.setdefault("parameters", []).extend((REQUEST_ID,) if probe else (MIN_GENERATION, REQUEST_ID))
+                    for status, why in (PROBE_ERRORS if probe else HEADER_ERRORS).items():  # the header's, overloaded
                         op.setdefault("responses", {}).setdefault(status, {"description": why, "content": ERROR_BODY})
                     for response in op.get("responses", {}).values():
                         response.setdefault("headers", {}).update(RESPONSE_HEADERS)

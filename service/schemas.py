@@ -194,8 +194,8 @@ class TaskInfo(BaseModel):
     )
     generation: int | None = Field(
         None,
-        description="After a change (activate, shadow): the store generation this server serves with it, for "
-        "X-Min-Generation (read your own writes through any replica).",
+        description="The store generation of the bank this server serves (what `serving` describes; after a "
+        "change, the one it serves the change with), for X-Min-Generation: read your own writes on any replica.",
     )
     gate: dict[str, Any] | None = Field(
         None,

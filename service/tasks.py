@@ -44,4 +44,6 @@ def task_info(bank: BankSnapshot, name: str, entry: TaskRecord) -> dict[str, Any
         "bytes": size,
         "shadow_version": shadow.version if (shadow := entry.record_of(entry.shadow)) is not None else None,
         "shadow_degraded": bank.shadow_degraded.get(entry.shadow) if entry.shadow is not None else None,
+        # what `serving` describes (a change's answer puts the generation serving it): X-Min-Generation's value
+        "generation": bank.generation,
     }

@@ -136,6 +136,11 @@ def test_what_the_client_refuses_before_sending(monkeypatch):
             c.classify(["https://example.com/a.png"])  # was FileNotFoundError 'https:/example.com/a.png'
         with pytest.raises(ValueError, match="at most 18 digits"):
             c.classify([PNG], min_generation=10**18)  # was sent, and refused by the server with a 400
+        for one in (io.BytesIO(PNG), bytearray(PNG), memoryview(PNG), {"a.png": PNG}):  # a file went line by line
+            with pytest.raises(TypeError, match="images and labels are lists"):
+                c.classify(one, labels=["a", "b"])
+        with pytest.raises(TypeError, match="images and labels are lists"):
+            c.classify([PNG], labels={"a": 1, "b": 2})  # a dict was its keys
     with pytest.raises(RuntimeError, match="this ClipbankClient is closed"):
         c.tasks()
 

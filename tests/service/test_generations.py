@@ -57,6 +57,8 @@ async def test_the_openapi_document_declares_the_generation_headers(tmp_path, ba
             assert param["in"] == "header" and not param["required"] and param["schema"]["minimum"] == 0
             for status, response in op["responses"].items():
                 assert {"X-Clipbank-Generation", "X-Clipbank-Replica"} <= set(response["headers"]), (path, status)
+        for path in ("/healthz", "/metrics"):  # answered whatever it asks
+            assert "X-Min-Generation" not in {p["name"] for p in paths[path]["get"]["parameters"]}, path
 
 
 async def test_min_generation_is_met_after_reading_the_store_or_refused(tmp_path, backbone):
@@ -82,6 +84,9 @@ async def test_min_generation_is_met_after_reading_the_store_or_refused(tmp_path
         assert 'clipbank_requests_total{endpoint="/readyz",method="GET",status="400"} 3.0' in metrics
         assert 'endpoint="unmatched"' not in metrics
         assert (await client.get("/nope", headers={"X-Min-Generation": "99"})).status_code == 503
+        for probe in ("/healthz", "/metrics"):  # 200 while the process runs, whatever a proxy adds to requests
+            assert (await client.get(probe, headers={"X-Min-Generation": "99"})).status_code == 200, probe
+        assert (await client.get("/readyz", headers={"X-Min-Generation": "99"})).status_code == 503  # is it behind?
         metrics = (await client.get("/metrics")).text  # a path outside the API stays one series
         assert 'clipbank_requests_total{endpoint="unmatched",method="GET",status="503"} 1.0' in metrics
 

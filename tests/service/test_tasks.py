@@ -112,8 +112,10 @@ async def test_upload_routes_pins_rolls_back_and_deletes(tmp_path, backbone, bun
 
         r = await c.post("/tasks", **_upload(with_version(textures, 2)))
         assert r.status_code == 201 and r.json()["version"] == 2
-        info = (await c.get("/tasks/textures", headers=AUTH)).json()
+        got = await c.get("/tasks/textures", headers=AUTH)
+        info = got.json()
         assert info["active_version"] == 2 and [v["version"] for v in info["versions"]] == [1, 2]
+        assert info["generation"] == int(got.headers["X-Clipbank-Generation"]) == 2  # was null: min_generation=None
         assert info["serving"] and info["classes"] and info["bytes"] > 0
 
         r = await c.post("/tasks/textures/activate", json={"version": 1}, headers=AUTH)
@@ -337,7 +339,7 @@ async def test_openapi_documents_every_endpoint_with_examples(tmp_path, backbone
             assert "504" in spec["paths"][path][method]["responses"], path
         assert (await c.get("/docs")).status_code == 200
         _examples_fit_their_schemas(spec)
-        # what any path may answer (X-Min-Generation, overload) was undeclared on /healthz, /readyz and /metrics
+        # what any path may answer (malformed HTTP, overload) was undeclared on /healthz, /readyz and /metrics
         for path, ops in spec["paths"].items():
             for method, op in ops.items():
                 assert {"400", "503"} <= set(op["responses"]), (method, path)

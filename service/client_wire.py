@@ -1,0 +1,105 @@
+"""What the client makes of the connection and the server's answers: the server's URL checked, the error it
+raises, an answer's body read within a deadline, Retry-After and request ids, and a proxy the environment names."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from typing import Any
+
+import httpx
+
+
+class ClipbankHTTPError(Exception):
+    """The server answered with an error: `status`, and its `code`, `message` and `details` (for `interference`,
+    the gate's report)."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: dict | None = None,
+        retry_after: float | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        said = f"HTTP {status} {code}: {message}" if status else f"{code}: {message}"  # 0: no answer
+        # a 5xx's message points at the server's log: its lines name the request by this id
+        super().__init__(f"{said} (request id {request_id})" if request_id and status >= 500 else said)
+        self.status, self.code, self.message, self.details = status, code, message, details
+        self.retry_after = retry_after  # seconds, from a 503's Retry-After: when trying again may succeed
+        self.request_id = request_id  # the answer's X-Request-ID: quote it to whoever reads the server's log
+
+    def __reduce__(self):  # pickled whole: raised in a process pool's worker, it reaches the caller as itself
+        return type(self), (self.status, self.code, self.message, self.details, self.retry_after, self.request_id)
+
+
+MAX_ANSWER_BYTES = 256 * 1024 * 1024  # far above any answer a clipbank server gives
+
+
+def _server_url(url: Any) -> str:
+    """The server's base URL, checked: http(s), a host, a port that can be, no query or fragment."""
+    example = "(e.g. http://127.0.0.1:8000)"
+    if not isinstance(url, str) or not re.match(r"https?://[^/\s]", url, re.IGNORECASE):
+        raise ValueError(f"the server URL starts with http:// or https://, got {url!r} {example}")
+    try:
+        parsed = httpx.URL(url)
+        port = parsed.port
+    except (httpx.InvalidURL, ValueError) as e:
+        raise ValueError(f"the server URL {url!r} is not a valid URL ({e}) {example}") from None
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"the server URL {url!r} has port {port}, outside 1..65535 {example}")
+    if parsed.query or parsed.fragment:
+        raise ValueError(f"the server URL {url!r} has a query or fragment: give only scheme, host, port and path")
+    return url.rstrip("/")
+
+
+def _proxy_note(url: str) -> str:
+    """Where httpx connected instead, when the environment names a proxy for this URL (HTTP_PROXY for a server on
+    127.0.0.1 made a running server unreachable); without the proxy's credentials."""
+    parsed = httpx.URL(url)
+    proxy = urllib.request.getproxies().get(parsed.scheme) or urllib.request.getproxies().get("all")
+    if not proxy or urllib.request.proxy_bypass(parsed.host):
+        return ""
+    try:
+        where = httpx.URL(proxy if "://" in proxy else f"http://{proxy}").copy_with(username=None, password=None)
+    except (httpx.InvalidURL, ValueError):
+        where = "the environment's"
+    return f" through the proxy {where} that the environment names (NO_PROXY={parsed.host} connects directly)"
+
+
+def _read_within(response: httpx.Response, deadline: float, url: str) -> bytes:
+    """The answer's body, read before `deadline` (time.monotonic) and within MAX_ANSWER_BYTES."""
+    parts, size = [], 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise ClipbankHTTPError(response.status_code, "not_clipbank", f"{url} answered more than {size} bytes")
+        if time.monotonic() > deadline:
+            raise ClipbankHTTPError(0, "timeout", f"{url} did not finish its answer within the client's timeout")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _json(raw: bytes) -> Any:
+    return json.loads(raw)  # RecursionError for nesting Python cannot parse
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:  # an HTTP date: not what a clipbank server sends
+        return None
+
+
+def _one_line(text: str) -> str:
+    """An error page as one short line (an HTML page from a proxy, say)."""
+    return " ".join(re.sub(r"<[^>]*>", " ", text).split())[:300]
+
+
+def _request_id(headers: httpx.Headers) -> str | None:
+    """The answer's X-Request-ID: the first, as Ray Serve's proxy adds the replica's own again (httpx joins them)."""
+    ids = [i.strip() for i in headers.get_list("x-request-id", split_commas=True)]
+    return ids[0] if ids else None
