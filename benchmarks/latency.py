@@ -123,10 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", help="write the report here as JSON")
     a = p.parse_args(argv)
+    if a.requests < 1 or a.rounds < 1:
+        p.error(f"--requests and --rounds must be >= 1, got {a.requests} and {a.rounds}")
+    if a.out and (Path(a.out).is_dir() or not Path(a.out).parent.is_dir()):  # known before a minute of work
+        p.error(f"--out names the JSON file to write; {a.out} is a folder, or its folder does not exist")
     report = run(a.backbone, a.requests, a.rounds)
+    print(json.dumps(report["median"], indent=1))  # first: a file that cannot be written loses nothing
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=1))
-    print(json.dumps(report["median"], indent=1))
     return 0
 
 

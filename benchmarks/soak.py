@@ -65,7 +65,8 @@ def soak_config(quick: bool = False, hostile: int | None = None, **given: Any) -
     hostile_cfg = HostileConfig(seconds=10.0, images=8) if quick else HostileConfig()
     if hostile is not None:
         hostile_cfg = dataclasses.replace(hostile_cfg, clients=hostile) if hostile > 0 else None
-    return SoakConfig(**base, **{k: v for k, v in given.items() if v is not None}, hostile=hostile_cfg)
+    # what is given wins over quick's (`--quick --minutes 2` was a TypeError)
+    return SoakConfig(**{**base, **{k: v for k, v in given.items() if v is not None}}, hostile=hostile_cfg)
 
 
 def _push_tasks(admin: ClipbankClient, backbone: str, n: int) -> list[TaskState]:
@@ -124,7 +125,10 @@ def _soak(url: str, pid: int, token: str, cfg: SoakConfig, images: list[bytes]) 
     swapper = Swapper(url, token, tasks, timeline, cfg.swap_seconds)
     progress = _Progress(cfg, t0, end, samples, swapper)
     plan = soak_plan(images, [t.name for t in tasks], AUTO_LABELS)
-    traffic = threading.Thread(target=drive, args=(url, plan, cfg.clients, end, samples), name="soak-traffic")
+    # a daemon: after Ctrl-C it posted to the stopped server until the soak's planned end (10 minutes by default)
+    traffic = threading.Thread(
+        target=drive, args=(url, plan, cfg.clients, end, samples), name="soak-traffic", daemon=True
+    )
     with RssSampler(pid, on_tick=progress, limit=raw["guard"]) as sampler:
         progress.sampler = sampler
         with swapper:
@@ -243,7 +247,6 @@ def _report(raw: dict[str, Any], cfg: SoakConfig, command: str) -> dict[str, Any
         }
         killed = report["rss"]["killed_by_guard"]
         report["hostile"]["killed_at_s"] = killed["t"] if killed else None
-    report["goals"] = goals(report)
     return report
 
 
@@ -252,9 +255,19 @@ def goals(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     soak, rss, hostile = report["soak"], report["rss"], report.get("hostile")
     failures, peak = soak["5xx"] + soak["transport_errors"], rss["peak_vs_warm"]
     killed = rss["killed_by_guard"] is not None
+    tracebacks = report["server"]["tracebacks"] + report["server"]["tracebacks_at_shutdown"]
     out = {
         "soak_5xx": {"value": failures, "goal": "== 0", "met": failures == 0},
         "inactive_routes": {"value": soak["inactive_routes"], "goal": "== 0", "met": soak["inactive_routes"] == 0},
+        # counted and reported before, but judged nowhere: a soak of failed swaps showed every goal met
+        "wrong_task": {"value": soak["wrong_task"], "goal": "== 0", "met": soak["wrong_task"] == 0},
+        "not_found_while_active": {
+            "value": soak["not_found_while_active"],
+            "goal": "== 0",
+            "met": soak["not_found_while_active"] == 0,
+        },
+        "swap_failures": {"value": soak["swap_failures"], "goal": "== 0", "met": soak["swap_failures"] == 0},
+        "server_tracebacks": {"value": tracebacks, "goal": "== 0", "met": tracebacks == 0},
         "peak_rss_vs_warm": {"value": peak, "goal": "<= 1.1", "met": peak is not None and peak <= 1.1},
         "killed_by_rss_guard": {"value": killed, "goal": "False", "met": not killed},
     }
@@ -285,6 +298,7 @@ def run_soak(cfg: SoakConfig, out: Path, command: str = "clipbank bench soak") -
     text = log.read_bytes()
     report["server"]["tracebacks"] = text[:before_stop].count(b"Traceback")
     report["server"]["tracebacks_at_shutdown"] = text[before_stop:].count(b"Traceback")
+    report["goals"] = goals(report)
     report["plots"] = plot(report, out)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(format_report(report))

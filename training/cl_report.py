@@ -67,10 +67,22 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
         return []
     seeds = report.get("seeds", [])
     lines = ["", f"Summary over {len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}):"]
-    lines += ["", "| figure | mean ± std | key |", "| --- | --- | --- |"]
+    lines += ["", "| figure | mean ± std | goal | holds on the mean | key |", "| --- | --- | --- | --- | --- |"]
+    goals = report.get("goals") or {}
     for key, text in SUMMARY_TEXT.items():
-        lines.append(f"| {text} | {_pm(summary, key, 3 if 'routing' in key or 'fallback' in key else 2)} | `{key}` |")
+        shown = _pm(summary, key, 3 if "routing" in key or "fallback" in key else 2)
+        lines.append(f"| {text} | {shown} | {_goal_cells(goals.get(key))} | `{key}` |")
+    if "wall_minutes" in goals:
+        lines.append(
+            f"| wall time (minutes) | {goals['wall_minutes']['value']} | {_goal_cells(goals['wall_minutes'])} |"
+        )
     return lines
+
+
+def _goal_cells(goal: dict[str, Any] | None) -> str:
+    if goal is None:
+        return "- | -"
+    return f"{goal['goal']} | {'not measured' if goal['met'] is None else 'yes' if goal['met'] else '**no**'}"
 
 
 def _activation_lines(report: dict[str, Any]) -> list[str]:

@@ -20,3 +20,24 @@ async def test_hand_built_multipart_body_is_read_like_a_clients(tmp_path, backbo
         assert r.status_code == 200, r.text
         assert [res["labels"][0]["label"] for res in r.json()["results"]] == ["blue", "red"]
         assert {x["label"] for x in r.json()["results"][0]["labels"]} == set(labels)
+
+
+def test_bad_arguments_are_refused_before_a_minute_of_work(tmp_path, capsys):
+    """`--out` a folder ran the whole benchmark, then lost it to an IsADirectoryError."""
+    import pytest
+
+    from benchmarks.latency import main
+
+    for argv in (["--out", str(tmp_path)], ["--out", str(tmp_path / "no" / "r.json")], ["--rounds", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2, argv
+    assert "--out names the JSON file" in capsys.readouterr().err
+
+
+def test_a_ratio_below_zero_is_not_a_goal_met():
+    """memory_per_task_vs_bundle -0.1 (RSS fell as tasks were added: noise) read 'yes' against <= 1.2."""
+    from benchmarks.serve_report import _meets
+
+    assert _meets(-0.1, ("<=", 1.2)).startswith("NO") and _meets(1.1, ("<=", 1.2)) == "yes"
+    assert _meets(None, ("<=", 1.2)) == "not measured" and _meets(0.7, (">=", 0.8)) == "NO"

@@ -33,6 +33,7 @@ def test_cli_arguments_reach_the_config():
     args = build_parser().parse_args(["bench", "soak", "--minutes", "2", "--clients", "5", "--hostile", "0"])
     cfg = soak_config(args.quick, args.hostile, minutes=args.minutes, clients=args.clients, swap_seconds=None)
     assert (cfg.minutes, cfg.clients, cfg.swap_seconds, cfg.hostile) == (2, 5, 2.0, None)
+    assert soak_config(True, None, minutes=2.0).minutes == 2.0  # given wins over quick's (was a TypeError)
     quick = soak_config(True, 3)
     assert quick.minutes < 1 and quick.hostile is not None and quick.hostile.clients == 3
 
@@ -84,6 +85,10 @@ def test_bench_soak_writes_a_complete_report(tmp_path):
     assert set(report["goals"]) == {
         "soak_5xx",
         "inactive_routes",
+        "wrong_task",
+        "not_found_while_active",
+        "swap_failures",
+        "server_tracebacks",
         "peak_rss_vs_warm",
         "killed_by_rss_guard",
         "p99_ratio_hostile",
@@ -107,3 +112,21 @@ def test_rss_guard_kills_a_process_over_its_limit():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_bench_soak_exits_1_when_a_goal_is_not_met(monkeypatch, tmp_path, capsys):
+    """It exited 0 with 6755 5xx answers in its own report (an outside check)."""
+    import benchmarks.soak
+    from clipbank.cli import main
+
+    def fake(cfg, out, command):
+        met = {"soak_5xx": {"value": 6755, "goal": "== 0", "met": False}, "wrong_task": {"met": True}}
+        (out / "report.md").write_text("the report\n")
+        return {"goals": met}
+
+    monkeypatch.setattr(benchmarks.soak, "run_soak", fake)
+    assert main(["bench", "soak", "--quick", "--out", str(tmp_path)]) == 1
+    assert "goals not met: soak_5xx" in capsys.readouterr().err
+    monkeypatch.setattr(benchmarks.soak, "run_soak", lambda cfg, out, command: {"goals": {"a": {"met": True}}})
+    (tmp_path / "report.md").write_text("the report\n")
+    assert main(["bench", "soak", "--quick", "--out", str(tmp_path)]) == 0

@@ -134,6 +134,10 @@ def test_seeds_aggregate_as_mean_and_std():
     assert reports[0]["task_agnostic"]["moe-ddas"] == {"per_domain": {"sketches": 80.0, "colours": 80.0}, "mean": 80.0}
     assert [p["seed"] for p in out["per_seed"]] == [0, 1000, 2000]
     assert out["seconds"]["all_seeds"] == 30.0
+    goals = out["goals"]  # computed, so the benchmark can say it failed (the docs' tables were by hand)
+    assert goals["last_ddas_vs_oracle"] == {"value": pytest.approx(0.0), "std": 1.0, "goal": ">= -1", "met": True}
+    assert goals["plasticity_gap_vs_finetune"]["met"] is False and goals["plasticity_gap_vs_finetune"]["goal"] == "<= 3"
+    assert goals["fallback_near_min"]["met"] is True and goals["routing_long_task_accuracy"]["met"] is True
     json.dumps(out)  # the report stays JSON
 
 
@@ -198,6 +202,10 @@ def test_bench_cl_with_seeds_writes_mean_and_std(tmp_path, capsys, monkeypatch):
     assert s["last_ddas_vs_oracle"] is not None and s["last_ddas_vs_adapter_ddas_std"] is not None
     assert s["transfer_known_vs_zero_shot"] is not None  # colours comes second: its Transfer is measured
     assert s["cil_old_class_accuracy_last"] is None and s["routing_long_task_accuracy"] is None
+    goals = report["goals"]
+    assert goals["routing_long_task_accuracy"]["met"] is None  # --no-routing: not measured, not a pass
+    assert goals["wall_minutes"]["goal"] == "<= 5" and goals["wall_minutes"]["value"] > 0
+    assert "| holds on the mean |" in (out / "report.md").read_text()
     shares = report["expert_activation"]
     assert shares["adapter-ddas"]["colours"]["colours"] == 1.0  # isolated: only its own expert
     assert shares["moe-ddas"]["arrows"] == {"arrows": 1.0}  # the first task has nothing older to pick
