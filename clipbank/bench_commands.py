@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,9 +28,6 @@ def bench(args: argparse.Namespace) -> int:
         from training.run import writable_folder
 
         writable_folder(Path(args.out), "--out")
-    # SIGTERM (a scheduler's stop, `kill`) as Ctrl-C: the servers a benchmark started are stopped on the way out
-    # instead of outliving it in their own sessions
-    signal.signal(signal.SIGTERM, _interrupt)
     if args.bench_cmd == "soak":
         return _bench_soak(args)
     if args.bench_cmd == "scale":
@@ -39,10 +35,6 @@ def bench(args: argparse.Namespace) -> int:
     if args.bench_cmd == "routing":
         return _bench_routing(args)
     return _bench_cl(args) if args.bench_cmd == "cl" else _bench_serve(args)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _bench_soak(args: argparse.Namespace) -> int:

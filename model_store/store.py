@@ -14,6 +14,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import REWRITE, BundleNotFound, StoreDamaged, StoreError, StoreWriteFailed
+from .files import open_regular, read_regular
 from .store_base import Edit, PutResult, Store, Unchanged, purge_plan
 from .store_index import StoreIndex, VersionRecord, next_generation, refuse_too_new
 
@@ -97,7 +98,7 @@ class LocalStore(Store):
         is megabytes of JSON, and servers poll its generation every few seconds.
         """
         try:
-            with open(self.index_path, "rb") as f:
+            with open_regular(self.index_path) as f:
                 st = os.fstat(f.fileno())
                 head = f.read(64)  # holds the generation (keys are sorted), which every change increments
         except FileNotFoundError:
@@ -115,7 +116,7 @@ class LocalStore(Store):
     def _read_index(self) -> StoreIndex:
         floor = self._seen_generation  # before the read: a write seen meanwhile does not make this one old
         try:
-            data = self.index_path.read_bytes()
+            data = read_regular(self.index_path)
         except FileNotFoundError:
             return self._no_index()
         except OSError as e:
@@ -143,7 +144,7 @@ class LocalStore(Store):
     def _read_blob(self, bundle_id: str) -> bytes:
         path = self.blobs / f"{bundle_id}.safetensors"
         try:
-            return path.read_bytes()
+            return read_regular(path)
         except FileNotFoundError:
             raise BundleNotFound(f"bundle {bundle_id[:12]} is missing from the store" + REWRITE) from None
         except OSError as e:
@@ -176,8 +177,9 @@ class LocalStore(Store):
             raise StoreError(f"the store stayed locked by another process for {self._lock.timeout}s") from None
         except OSError as e:
             log.error("store %s: its lock could not be taken: %s", self.root, e)
+            where = f": {_within(self.root, e.filename)}" if e.filename else ""  # a folder named .lock, say
             raise StoreWriteFailed(
-                f"the store could not be locked for a change ({type(e).__name__}: {e.strerror or e}); "
+                f"the store could not be locked for a change ({type(e).__name__}: {e.strerror or e}{where}); "
                 "nothing was changed"
             ) from None
         try:
@@ -333,8 +335,10 @@ def open_store(location: str | os.PathLike) -> Store:
 def _unnamed(blobs: Path, index: StoreIndex) -> list[Path]:
     """The whole blobs no version names (a killed writer's, a purge's that failed); only files a store names so,
     not an operator's copy."""
-    named = {v.bundle_id for _, v in index.records()}
-    return [p for p in blobs.glob("*.safetensors") if p.stem not in named and BLOB_NAME.fullmatch(p.stem)]
+    named = {v.bundle_id for _, v in index.records()}  # a folder of such a name is an operator's: not deleted (it
+    # failed every clean-up, after its temp files were gone, saying "nothing was changed")
+    found = blobs.glob("*.safetensors")
+    return [p for p in found if p.stem not in named and BLOB_NAME.fullmatch(p.stem) and not p.is_dir()]
 
 
 def stale_temp_files(root: Path) -> list[Path]:

@@ -11,6 +11,7 @@ from typing import Any
 from .bundle import read_manifest
 from .digest import bytes_digest
 from .errors import BundleNotFound, ClipbankError, StoreError
+from .files import read_regular
 from .manifest import shown
 from .store import BLOB_NAME, open_store, stale_temp_files
 from .store_index import StoreIndex, TaskRecord
@@ -29,12 +30,24 @@ class _Contents:
             self.names: Callable[[], Iterable[str]] = store.blob_names
             self.blob: Callable[[str], bytes] = store.fetch_blob
             self.temp: Callable[[], int] = lambda: 0  # objects are written whole: no temp files
+            self.layout: Callable[[], list[str]] = list
             return
         root = Path(text)
-        self.index = lambda: (root / "index.json").read_bytes() if (root / "index.json").exists() else None
+        self.index = lambda: read_regular(root / "index.json") if (root / "index.json").exists() else None
         self.names = lambda: (p.stem for p in (root / "blobs").glob("*.safetensors"))
-        self.blob = lambda name: (root / "blobs" / f"{name}.safetensors").read_bytes()
+        self.blob = lambda name: read_regular(root / "blobs" / f"{name}.safetensors")
         self.temp = lambda: len(stale_temp_files(root))
+        self.layout = lambda: _layout_problems(root)
+
+
+def _layout_problems(root: Path) -> list[str]:
+    """The folder's own files in the wrong shape: every change fails (a `.lock` folder passed the check)."""
+    problems = []
+    if (root / ".lock").exists() and not (root / ".lock").is_file():
+        problems.append(".lock is not a file: every change fails to lock the store (remove it; no process holds it)")
+    if (root / "blobs").exists() and not (root / "blobs").is_dir():
+        problems.append("blobs is not a folder: no bundle can be read or written (move it away)")
+    return problems
 
 
 def check_store(location: str | os.PathLike) -> list[str]:
@@ -45,11 +58,12 @@ def check_store(location: str | os.PathLike) -> list[str]:
     next writer removes the temp files): `store_leftovers` counts them.
     """
     contents = _Contents(location)
+    layout = contents.layout()
     names = sorted(n for n in contents.names() if BLOB_NAME.fullmatch(n))  # else an operator's file: left alone
     try:
         data = contents.index()
     except OSError as e:
-        return [f"index.json cannot be read: {type(e).__name__}: {e.strerror or e}"]
+        return [*layout, f"index.json cannot be read: {type(e).__name__}: {e.strerror or e}"]
     if data is None:
         return [f"index.json is missing but blobs/ holds {len(names)} bundles: the index was lost"] if names else []
     try:
@@ -60,7 +74,7 @@ def check_store(location: str | os.PathLike) -> list[str]:
         typed = StoreIndex.from_json(index)
     except StoreError as e:
         return [f"index.json: {e} (servers, `store list` and changes refuse it)"]
-    problems, whole = [], {}
+    problems, whole = layout, {}
     for name in names:
         try:
             blob = contents.blob(name)

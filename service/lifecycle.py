@@ -26,7 +26,7 @@ from model_store.errors import ClipbankError
 from model_store.gate import Gate, GateLimits
 from model_store.inference import ZERO_SHOT, ClassifyItem, TextCache, classify_batch
 from model_store.reference import find_reference
-from model_store.store import open_store
+from model_store.store import TMP_PREFIX, open_store
 from model_store.store_index import INDEX_FORMAT
 
 from .batching import Batcher
@@ -249,7 +249,8 @@ def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:
     except (OSError, UnicodeDecodeError) as e:
         log.warning("cannot read %s: %s", path, e)
     token = secrets.token_urlsafe(24)
-    tmp = path.with_name(f"{ADMIN_TOKEN_FILE}.{secrets.token_hex(4)}")
+    # a temp file's name: one a kill -9 leaves is swept by the store's next change and `clipbank store clean`
+    tmp = path.with_name(f"{TMP_PREFIX}admin-token.{secrets.token_hex(4)}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -23,9 +23,9 @@ def test_sigterm_to_a_benchmark_stops_the_server_it_started(tmp_path):
     script = textwrap.dedent(
         f"""
         import signal, sys, time
-        from clipbank.bench_commands import _interrupt
+        from clipbank.cli import _terminate
         from benchmarks.process import command_process
-        signal.signal(signal.SIGTERM, _interrupt)  # what `clipbank bench` installs
+        signal.signal(signal.SIGTERM, _terminate)  # what `clipbank` installs for every command but serve
         cmd = [sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1", "--directory", {str(tmp_path)!r}]
         try:
             with command_process(cmd, {port}) as (url, pid):

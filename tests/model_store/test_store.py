@@ -546,3 +546,45 @@ def test_the_check_reports_a_folder_where_a_blob_should_be_and_goes_on(tmp_path,
         f"blob {cut} cannot be read: IsADirectoryError: Is a directory",
         f"task 'cars' version 1: its blob {cut} is missing or damaged (upload its bundle file again to write it back)",
     ]
+
+
+def test_a_pipe_where_a_blob_or_the_index_should_be_is_reported_not_waited_on(tmp_path, bundles):
+    """An outside check: a FIFO in a blob's or the index's place hung `store check`, `store list` and a server's
+    start for ever (open waits for a writer)."""
+    store = LocalStore(tmp_path)
+    bid = store.put(bundles[1]).bundle_id
+    blob = store.blobs / f"{bid}.safetensors"
+    blob.unlink()
+    os.mkfifo(blob)
+    with pytest.raises(StoreError, match=f"bundle {bid[:12]} could not be read .*not a regular file"):
+        store.read(bid)
+    assert (
+        check_store(tmp_path)[0]
+        == f"blob {bid[:12]} cannot be read: OSError: not a regular file (a pipe, a socket or a device)"
+    )
+    store.index_path.unlink()
+    os.mkfifo(store.index_path)
+    with pytest.raises(StoreError, match="index.json could not be read .*not a regular file"):
+        LocalStore(tmp_path).index()
+    assert check_store(tmp_path) == [
+        "index.json cannot be read: OSError: not a regular file (a pipe, a socket or a device)"
+    ]
+
+
+def test_a_folder_in_the_locks_or_a_blobs_place_is_named(tmp_path, bundles):
+    """`.lock` made a folder: every change failed naming no file, and the check said the store was consistent. A
+    folder named like a blob failed every clean-up, after its temp files were deleted, saying nothing changed."""
+    store = LocalStore(tmp_path)
+    store.put(bundles[1])
+    (tmp_path / ".lock").unlink(missing_ok=True)
+    (tmp_path / ".lock").mkdir()
+    with pytest.raises(StoreWriteFailed, match=r"could not be locked .*Is a directory: \.lock"):
+        LocalStore(tmp_path).put(bundles[2])
+    assert check_store(tmp_path) == [
+        ".lock is not a file: every change fails to lock the store (remove it; no process holds it)"
+    ]
+    (tmp_path / ".lock").rmdir()
+    (store.blobs / f"{'a' * 64}.safetensors").mkdir()
+    (tmp_path / ".tmp-left").write_bytes(b"half a file")
+    assert LocalStore(tmp_path).sweep() == {"temp_files": 1, "unreferenced_blobs": 0}
+    assert (store.blobs / f"{'a' * 64}.safetensors").is_dir()  # an operator's folder: left alone
