@@ -27,7 +27,8 @@ GOALS = {
 def expected_ratios(cfg: Any) -> list[str]:
     """The keys every `bench serve` run must put in `ratios` (with a value), given what `cfg` turns on."""
     big = max(max(cfg.growth), cfg.auto_tasks)
-    keys = ["auto_vs_baseline", "zero_shot_vs_baseline", f"tasks{big}_vs_tasks1", "memory_per_task_vs_bundle"]
+    keys = ["auto_vs_baseline", "zero_shot_vs_baseline", "p99_auto_vs_baseline", f"tasks{big}_vs_tasks1"]
+    keys.append("memory_per_task_vs_bundle")
     keys += ["latency_1client_vs_single_thread", f"tasks{big}_vs_tasks1_tiny", f"gemm_fraction_{cfg.key_concurrency}"]
     keys.append(f"tasks{big}_vs_tasks1_same_work_tiny")
     keys += ["auto_traffic_routed", "auto_traffic_outside_fallback"]

@@ -24,6 +24,8 @@ def bench(args: argparse.Namespace) -> int:
     """`clipbank bench cl | serve | soak | routing | scale`."""
     job = BENCHES[args.bench_cmd][0]
     job(**given(job, args))  # every setting checked before any work starts
+    if getattr(args, "out", None) == "" and args.bench_cmd not in ("cl", "routing"):  # wrote into the current folder
+        raise ValueError(f"--out '' prints only for cl and routing; name a folder for {args.bench_cmd}'s report")
     if getattr(args, "out", ""):  # the report's folder, before minutes of work whose figures it would lose
         from training.run import writable_folder
 

@@ -628,6 +628,8 @@ def test_bench_settings_are_checked_before_any_work(tmp_path, capsys):
         (["routing", "--kinds", "hybrid,foo"], "unknown selector kind(s) 'foo'"),
         (["routing", "--out", str(tmp_path / "afile")], "is a file; the report goes into a folder"),
         (["scale", "--out", str(tmp_path / "afile")], "is a file; the report goes into a folder"),
+        (["soak", "--quick", "--out", ""], "--out '' prints only for cl and routing"),  # wrote into the cwd
+        (["serve", "--quick", "--out", ""], "--out '' prints only for cl and routing"),
     ):
         assert main(["bench", *args]) == 2, args
         assert message in capsys.readouterr().err, args
