@@ -29,7 +29,7 @@ import torch
 from model_store.backbone import Backbone, load_backbone
 
 from .cl_common import CLConfig
-from .progress import progress_bar
+from .progress import LOG_SECONDS, progress_bar
 
 MAX_WORKERS = 4  # each worker holds its own backbone and domains
 BANK_PARTS = {  # part -> the methods it trains (zero-shot rides along with every part that runs a sequence)
@@ -146,8 +146,10 @@ def run_parts(
         pending: dict[Future, int] = {
             pool.submit(_in_worker, run_part, p, ref, device, threads): i for i, p in enumerate(parts)
         }
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        while pending:  # a line at least every LOG_SECONDS where lines are held back: a part takes minutes (an
+            done, _ = wait(pending, LOG_SECONDS, FIRST_COMPLETED)  # outside check saw "0/5" alone for 10 minutes)
+            if not done:
+                bar.refresh()
             for f in done:
                 i = pending.pop(f)
                 results[i], seconds = f.result()
