@@ -16,7 +16,7 @@ import httpx
 
 from model_store.modes import AUTO, PER_IMAGE, ZERO_SHOT, task_name_problem
 
-from .client_inputs import ImageInput, _at_least, _bytes, _name, label_list, whole
+from .client_inputs import ImageInput, _at_least, _bytes, _name, _traced, label_list, whole
 from .client_wire import (
     ClipbankHTTPError,
     _json,
@@ -194,12 +194,14 @@ class ClipbankClient:
         top_k: int | None = None,
         match_labels: bool = True,
         min_generation: int | None = None,
+        request_id: str | None = None,
     ) -> dict[str, Any]:
         """Images are paths, encoded bytes, open binary files or PIL images (sent upright, as `_pil_bytes` says).
         Returns `{"results": [...], "timing": {...}}`. `match_labels=False`: the selector alone routes, whatever
         the labels (docs/service.md). `min_generation`: answered from that store generation or later (a change's
-        `generation`: read your own writes across servers), else a 503 `stale_replica`. None for `labels`, `task`
-        or `route` means its default (no labels, auto, per image)."""
+        `generation`: read your own writes across servers), else a 503 `stale_replica`. `request_id`: sent as
+        `X-Request-ID`, which the server's log lines name (else it makes one). None for `labels`, `task` or `route`
+        means its default (no labels, auto, per image)."""
         labels = () if labels is None else labels
         task, route = AUTO if task is None else task, PER_IMAGE if route is None else route
         one_pil = hasattr(images, "save") and isinstance(getattr(images, "mode", None), str)  # a Series's mode() is not
@@ -215,7 +217,7 @@ class ClipbankClient:
         if match_labels not in (True, False):  # the string "false" would be sent as true
             raise TypeError(f"match_labels is True or False, got {type(match_labels).__name__} {match_labels!r}"[:200])
         top_k = None if top_k is None else whole(top_k, "top_k")
-        headers = _at_least(min_generation)
+        headers = _at_least(min_generation) | _traced(request_id)
         files = [("images", (_name(img, i), _bytes(img))) for i, img in enumerate(images)]
         if not files:
             raise ValueError("no images to classify: classify([path, ...], labels=[...])")

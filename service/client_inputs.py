@@ -149,3 +149,13 @@ def _at_least(generation: int | None) -> dict[str, str]:
             f"min_generation is a store generation (an integer >= 0 of at most 18 digits), got {generation!r}"
         )
     return {"X-Min-Generation": str(n)}
+
+
+def _traced(request_id: str | None) -> dict[str, str]:
+    """The `X-Request-ID` header for `request_id` (None: the server makes one), checked as the server checks it
+    (it replaces any other with its own, and the caller could not find its request in the log)."""
+    if request_id is None:
+        return {}
+    if not isinstance(request_id, str) or not re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", request_id):
+        raise ValueError(f"request_id is 1 to 128 characters of A-Z a-z 0-9 . _ : -, got {request_id!r}"[:200])
+    return {"X-Request-ID": request_id}

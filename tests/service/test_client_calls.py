@@ -221,3 +221,21 @@ def test_a_request_a_dead_replica_broke_is_sent_again_but_a_change_never(monkeyp
     with ClipbankClient("http://srv", retries=3) as c, pytest.raises(ClipbankHTTPError) as e:
         c.classify([PNG])  # clipbank's own 500 is a bug: the same request would meet it again
     assert e.value.code == "internal_error" and calls == ["/classify"]
+
+
+def test_a_classify_can_carry_the_callers_request_id(monkeypatch):
+    """An app could not trace its request into the server's log: the client sent no X-Request-ID of its own."""
+    seen: list = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("x-request-id"))
+        return httpx.Response(200, json=OK)
+
+    client_on(monkeypatch, handler)
+    with ClipbankClient("http://srv") as c:
+        c.classify([PNG], request_id="order-17:item.3")
+        c.classify([PNG])
+        for bad in ("has space", "x" * 129, 17):
+            with pytest.raises(ValueError, match="request_id is 1 to 128 characters"):
+                c.classify([PNG], request_id=bad)
+    assert seen == ["order-17:item.3", None]
