@@ -53,7 +53,7 @@ def _meets(value: float | None, goal: tuple[str, float]) -> str:
         return "not measured"
     op, target = goal
     if value < 0:  # every ratio here is of two sizes: below 0, the difference it stands on was within the noise
-        return "NO (negative: not measured, within the noise)"
+        return "not measured (negative: within the noise)"
     return "yes" if (value >= target if op == ">=" else value <= target) else "NO"
 
 

@@ -125,17 +125,21 @@ def _soak(url: str, pid: int, token: str, cfg: SoakConfig, images: list[bytes]) 
     swapper = Swapper(url, token, tasks, timeline, cfg.swap_seconds)
     progress = _Progress(cfg, t0, end, samples, swapper)
     plan = soak_plan(images, [t.name for t in tasks], AUTO_LABELS)
-    # a daemon: after Ctrl-C it posted to the stopped server until the soak's planned end (10 minutes by default)
+    # stopped with the soak: after Ctrl-C it posted to the stopped server until the soak's planned end (10 minutes)
+    stop = threading.Event()
     traffic = threading.Thread(
-        target=drive, args=(url, plan, cfg.clients, end, samples), name="soak-traffic", daemon=True
+        target=drive, args=(url, plan, cfg.clients, end, samples, stop), name="soak-traffic", daemon=True
     )
     with RssSampler(pid, on_tick=progress, limit=raw["guard"]) as sampler:
         progress.sampler = sampler
         with swapper:
             traffic.start()
-            _wait_until(warm)
-            raw["rss_warm"], raw["hwm_reset"] = _gone_is_none(rss_bytes, pid), reset_hwm(pid)
-            traffic.join(max(0.0, end - time.monotonic()) + 300)
+            try:
+                _wait_until(warm)
+                raw["rss_warm"], raw["hwm_reset"] = _gone_is_none(rss_bytes, pid), reset_hwm(pid)
+                traffic.join(max(0.0, end - time.monotonic()) + 300)
+            finally:
+                stop.set()  # an interrupted soak's clients stop with it (a daemon too, for the interpreter's exit)
             if traffic.is_alive():
                 raise TimeoutError("the soak clients did not finish within 300 s of the soak's end")
             raw["rss_end"], raw["hwm"] = _gone_is_none(rss_bytes, pid), _gone_is_none(hwm_bytes, pid)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,11 +60,13 @@ def _routes(response: httpx.Response) -> tuple[tuple[str, str], ...]:
     return tuple((r["route"]["task"], r["route"]["bundle_id"]) for r in results if r["route"]["task"] is not None)
 
 
-async def _client(url: str, plan: RequestPlan, first: int, step: int, until: float, out: list[Sample]) -> None:
-    """One client with its own connection, posting back to back until `until` (time.monotonic())."""
+async def _client(
+    url: str, plan: RequestPlan, first: int, step: int, until: float, out: list[Sample], stop: threading.Event
+) -> None:
+    """One client with its own connection, posting back to back until `until` (time.monotonic()) or `stop`."""
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
         i = first
-        while time.monotonic() < until:
+        while time.monotonic() < until and not stop.is_set():
             kind, task, kwargs = plan(i)
             i += step
             start = time.monotonic()
@@ -75,11 +78,15 @@ async def _client(url: str, plan: RequestPlan, first: int, step: int, until: flo
             out.append(Sample(start, time.monotonic(), kind, task, status, routes))
 
 
-def drive(url: str, plan: RequestPlan, clients: int, until: float, out: list[Sample]) -> None:
-    """Run `clients` clients until `until`, appending to `out` as answers arrive (others may read it meanwhile)."""
+def drive(
+    url: str, plan: RequestPlan, clients: int, until: float, out: list[Sample], stop: threading.Event | None = None
+) -> None:
+    """Run `clients` clients until `until` (or `stop` is set: an interrupted soak), appending to `out` as answers
+    arrive (others may read it meanwhile)."""
+    stop = stop or threading.Event()
 
     async def main() -> None:
-        await asyncio.gather(*[_client(url, plan, k, clients, until, out) for k in range(clients)])
+        await asyncio.gather(*[_client(url, plan, k, clients, until, out, stop) for k in range(clients)])
 
     asyncio.run(main())
 

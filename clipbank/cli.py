@@ -224,7 +224,7 @@ AFTER_STOP = {  # what a stop leaves, where a command can say it for sure
     "push": "the server may still apply the upload: look with `clipbank tasks` before sending it again",
     "tasks": "the server may still apply the change: look with `clipbank tasks`",
     # the servers it started are stopped on the way out; its report is written at the end
-    "bench": "no report of this run was written (one already in --out is an earlier run's)",
+    "bench": "no report of this run was written (a report already in --out is an earlier run's; soak removes those)",
     "": "a file being written is left as it was",
 }
 

@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 def open_regular(path: str | os.PathLike) -> BinaryIO:
     """`path` open for reading, or OSError when it is not a regular file (opened without waiting, then checked)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # POSIX; elsewhere no FIFO opens this way
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):

@@ -65,15 +65,16 @@ def check_store(location: str | os.PathLike) -> list[str]:
     except OSError as e:
         return [*layout, f"index.json cannot be read: {type(e).__name__}: {e.strerror or e}"]
     if data is None:
-        return [f"index.json is missing but blobs/ holds {len(names)} bundles: the index was lost"] if names else []
+        lost = [f"index.json is missing but blobs/ holds {len(names)} bundles: the index was lost"] if names else []
+        return layout + lost
     try:
         index = json.loads(data)
     except (ValueError, RecursionError) as e:
-        return [f"index.json does not parse: {str(e)[:120]}"]
+        return [*layout, f"index.json does not parse: {str(e)[:120]}"]
     try:  # the server's own parser: what it refuses, `store list` and every change refuse too
         typed = StoreIndex.from_json(index)
     except StoreError as e:
-        return [f"index.json: {e} (servers, `store list` and changes refuse it)"]
+        return [*layout, f"index.json: {e} (servers, `store list` and changes refuse it)"]
     problems, whole = layout, {}
     for name in names:
         try:

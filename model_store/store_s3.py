@@ -30,6 +30,7 @@ from typing import Any
 
 from .digest import bytes_digest
 from .errors import REWRITE, BundleNotFound, StoreDamaged, StoreError, StoreUnavailable
+from .files import read_regular
 from .settings import cache_root, env_value
 from .store import atomic_write, encode_index, parse_index
 from .store_base import BlobBeingDeleted, Edit, Store, Unchanged, purge_plan
@@ -165,7 +166,7 @@ class S3Store(Store):
     def _read_blob(self, bundle_id: str) -> bytes:
         cached = self.cache / f"{bundle_id}.safetensors"
         try:
-            data = cached.read_bytes()
+            data = read_regular(cached)  # a pipe in the cache hung every read
             if bytes_digest(data) == bundle_id:
                 return data
             log.warning("cached blob %s does not hash to its name; fetched again", bundle_id[:12])

@@ -7,6 +7,7 @@ import os
 import random
 import re
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,20 @@ MAX_RETRY_WAIT = 30.0  # seconds: a longer Retry-After is not waited for
 BROKEN_WAIT = 0.25  # seconds before the first retry of a request that a replica's death broke; doubled after each
 PROBES = ("/readyz", "/healthz")  # asked for the state now: never retried
 MAY_LAND = "; a change it was making may still land: look before retrying (GET /tasks, clipbank store list)"
+
+
+_LIVE: weakref.WeakSet[ClipbankClient] = weakref.WeakSet()
+
+
+def _renew_after_fork() -> None:
+    """In a forked child, before any thread of it runs: every client's pooled sockets are its parent's, shared (the
+    two processes read each other's answers: a "bar" image answered "star" in an outside check)."""
+    for client in list(_LIVE):
+        client._renew()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_after_fork)
 
 
 class ClipbankClient:
@@ -73,7 +88,8 @@ class ClipbankClient:
         self.url = _server_url(url)
         self.timeout, self.retries, self.max_connections = timeout, retries, max_connections
         self._token = token
-        self._pid, self._http = os.getpid(), self._new_http()
+        self._http = self._new_http()
+        _LIVE.add(self)  # a forked child gets connections of its own (`_renew_after_fork`)
 
     def _new_http(self) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
@@ -81,6 +97,12 @@ class ClipbankClient:
             max_connections=self.max_connections, max_keepalive_connections=min(20, self.max_connections)
         )
         return httpx.Client(base_url=self.url, headers=headers, timeout=self.timeout, limits=limits)
+
+    def _renew(self) -> None:
+        """New connections (none yet) in place of the pool's, as it was: open, or closed."""
+        closed, self._http = self._http.is_closed, self._new_http()
+        if closed:
+            self._http.close()
 
     def __reduce__(self):  # its settings: a process pool's worker makes its own connections
         return type(self), (self.url, self._token, self.timeout, self.retries, self.max_connections)
@@ -114,8 +136,6 @@ class ClipbankClient:
         long upload is not cut short)."""
         if self._http.is_closed:  # httpx's own message names no clipbank call
             raise RuntimeError("this ClipbankClient is closed (close() was called, or its with-block ended)")
-        if self._pid != os.getpid():  # a forked child: the parent's pooled sockets stay the parent's (shared, the
-            self._pid, self._http = os.getpid(), self._new_http()  # two processes read each other's answers)
         deadline = math.inf if self.timeout is None else self.timeout
         began = time.monotonic()
         try:
@@ -134,7 +154,8 @@ class ClipbankClient:
                 text = raw[:4096].decode("utf-8", "replace")  # an error page from a proxy, say: cut before parsing
                 status = response.status_code
                 page = _one_line(text) or "an empty body"
-                message = f"{method} {self.url}{path} answered {status} without a clipbank error ({page})"
+                via = _proxy_note(self.url) if status in (502, 503, 504) else ""  # a proxy that cannot reach it
+                message = f"{method} {self.url}{path}{via} answered {status} without a clipbank error ({page})"
                 raise ClipbankHTTPError(status, "http_error", message, None, retry, rid) from None
         if response.is_redirect:
             where = response.headers.get("location", "?")

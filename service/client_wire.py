@@ -36,6 +36,8 @@ class ClipbankHTTPError(Exception):
         return type(self), (self.status, self.code, self.message, self.details, self.retry_after, self.request_id)
 
 
+ClipbankHTTPError.__module__ = "service.client"  # where callers import it from (and older releases pickle it)
+
 MAX_ANSWER_BYTES = 256 * 1024 * 1024  # far above any answer a clipbank server gives
 
 
@@ -59,9 +61,9 @@ def _server_url(url: Any) -> str:
 def _proxy_note(url: str) -> str:
     """Where httpx connected instead, when the environment names a proxy for this URL (HTTP_PROXY for a server on
     127.0.0.1 made a running server unreachable); without the proxy's credentials."""
-    parsed = httpx.URL(url)
-    proxy = urllib.request.getproxies().get(parsed.scheme) or urllib.request.getproxies().get("all")
-    if not proxy or urllib.request.proxy_bypass(parsed.host):
+    parsed, found = httpx.URL(url), urllib.request.getproxies_environment()  # the variables, as httpx reads them
+    proxy = found.get(parsed.scheme) or found.get("all")
+    if not proxy or urllib.request.proxy_bypass_environment(parsed.host, found):
         return ""
     try:
         where = httpx.URL(proxy if "://" in proxy else f"http://{proxy}").copy_with(username=None, password=None)

@@ -23,10 +23,11 @@ from PIL import PngImagePlugin
 
 from model_store.backbone import Backbone, load_backbone
 from model_store.errors import ClipbankError
+from model_store.files import read_regular
 from model_store.gate import Gate, GateLimits
 from model_store.inference import ZERO_SHOT, ClassifyItem, TextCache, classify_batch
 from model_store.reference import find_reference
-from model_store.store import TMP_PREFIX, open_store
+from model_store.store import open_store
 from model_store.store_index import INDEX_FORMAT
 
 from .batching import Batcher
@@ -241,7 +242,7 @@ def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:
                 )
         return config.admin_token, "set"
     try:
-        token = path.read_text().strip()
+        token = read_regular(path).decode().strip()  # a pipe in its place hung the start
         if len(token) >= 16 and SENDABLE_TOKEN.fullmatch(token):
             return token, f"read from {path}"
     except FileNotFoundError:
@@ -249,8 +250,7 @@ def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:
     except (OSError, UnicodeDecodeError) as e:
         log.warning("cannot read %s: %s", path, e)
     token = secrets.token_urlsafe(24)
-    # a temp file's name: one a kill -9 leaves is swept by the store's next change and `clipbank store clean`
-    tmp = path.with_name(f"{TMP_PREFIX}admin-token.{secrets.token_hex(4)}")
+    tmp = path.with_name(f"{ADMIN_TOKEN_FILE}.{secrets.token_hex(4)}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -261,7 +261,7 @@ def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:
         try:
             os.link(tmp, path)  # fails if another server saved one first: use theirs
         except FileExistsError:
-            theirs = path.read_text(errors="replace").strip()
+            theirs = read_regular(path).decode(errors="replace").strip()
             if len(theirs) >= 16 and SENDABLE_TOKEN.fullmatch(theirs):
                 return theirs, f"read from {path}"
             # empty, too short or unsendable (a damaged or hand-written file): no client could use it

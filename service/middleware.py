@@ -25,7 +25,7 @@ from .errors import (
     status_of,
 )
 from .metrics import Metrics
-from .protocol import ANSWERED_HERE, client_key
+from .protocol import ANSWERED_HERE, PEER, client_key
 from .request_ids import stopped_at_shutdown
 
 REFRESH_WAIT_SECONDS = 5.0  # how long a request with X-Min-Generation waits for the store's state
@@ -141,7 +141,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         limit, setting = self.limit_for(scope["method"], scope["path"])
         name = f"{setting}={limit}" if setting else f"{limit} bytes for this endpoint (not a setting)"
-        who = client_key(scope.get("client"))
+        who = client_key(scope.get(PEER, scope.get("client")))  # the socket's peer, not a forwarded address
         refused = self._refusal(scope, limit, setting, name, who)
         if refused is not None:
             return await refused(scope, receive, send)

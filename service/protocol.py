@@ -20,6 +20,7 @@ REASONS = {400: "Bad Request", 408: "Request Timeout", 501: "Not Implemented", 5
 LINGER_SECONDS = 1.0
 
 
+PEER = "clipbank.peer"  # the socket's own peer, kept in the scope before X-Forwarded-For replaces its client
 ANSWERED_HERE = "clipbank.answered_by_protocol"  # (status, code) of an answer written here while the app ran
 
 

@@ -194,8 +194,8 @@ class TaskInfo(BaseModel):
     )
     generation: int | None = Field(
         None,
-        description="The store generation of the bank this server serves (what `serving` describes; after a "
-        "change, the one it serves the change with), for X-Min-Generation: read your own writes on any replica.",
+        description="The store generation this entry was read at (after a change: the one this server serves it "
+        "with), for X-Min-Generation: read what you saw, or your own writes, on any replica.",
     )
     gate: dict[str, Any] | None = Field(
         None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
 import urllib.parse
@@ -15,7 +16,7 @@ from model_store.errors import BackboneError
 
 from .app import create_app
 from .config import ServeConfig
-from .protocol import guarded_protocol
+from .protocol import PEER, guarded_protocol
 from .request_ids import uvicorn_log_config
 
 log = logging.getLogger("clipbank.service")
@@ -68,7 +69,8 @@ def failed(reason: str) -> int:
 def uvicorn_config(app: Any, config: ServeConfig) -> uvicorn.Config:
     """uvicorn's settings for the app (making them configures uvicorn's loggers: filters are added after)."""
     return uvicorn.Config(
-        app,
+        peer_then_forwarded(app),
+        proxy_headers=False,  # applied inside peer_then_forwarded, after the socket's peer is kept
         host=config.host,
         port=config.port,
         log_level=config.log_level,
@@ -85,6 +87,22 @@ def uvicorn_config(app: Any, config: ServeConfig) -> uvicorn.Config:
         lifespan="on",
         loop="asyncio",  # not uvloop, even where it is installed (Ray brings it): one loop, measured and tested
     )
+
+
+def peer_then_forwarded(app: Any) -> Any:
+    """`app` behind uvicorn's X-Forwarded-For handling (as `proxy_headers` applies it: from FORWARDED_ALLOW_IPS,
+    127.0.0.1 by default), with the socket's own peer kept in the scope first: the per-client body share keys on it
+    as the connection cap does, where a header any local process can set would let it pass the share."""
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    forwarded = ProxyHeadersMiddleware(app, trusted_hosts=os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1"))
+
+    async def with_peer(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            scope[PEER] = scope.get("client")
+        await forwarded(scope, receive, send)
+
+    return with_peer
 
 
 def check_listening(host: str, port: int) -> None:

@@ -22,8 +22,9 @@ def _version_info(v: VersionRecord) -> dict[str, Any]:
     }
 
 
-def task_info(bank: BankSnapshot, name: str, entry: TaskRecord) -> dict[str, Any]:
-    """The API's view of one task: from the store's index record and what `bank` (this server's) routes to."""
+def task_info(bank: BankSnapshot, name: str, entry: TaskRecord, generation: int | None = None) -> dict[str, Any]:
+    """The API's view of one task: from the store's index record and what `bank` (this server's) routes to;
+    `generation`: the store generation the record was read at (None: this server's bank's)."""
     active = entry.active_record()
     served = next((t for t in bank.tasks if t.name == name), None)
     serving = served is not None and served.bundle_id == entry.active
@@ -44,6 +45,6 @@ def task_info(bank: BankSnapshot, name: str, entry: TaskRecord) -> dict[str, Any
         "bytes": size,
         "shadow_version": shadow.version if (shadow := entry.record_of(entry.shadow)) is not None else None,
         "shadow_degraded": bank.shadow_degraded.get(entry.shadow) if entry.shadow is not None else None,
-        # what `serving` describes (a change's answer puts the generation serving it): X-Min-Generation's value
-        "generation": bank.generation,
+        # for X-Min-Generation (a change's answer puts the one serving it): null made min_generation=None
+        "generation": bank.generation if generation is None else generation,
     }

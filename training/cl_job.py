@@ -76,10 +76,19 @@ def run_offline_cl(job: CLJob, backbone: Backbone, progress: bool = True) -> dic
         reports.append(report)
     out = aggregate(reports)
     out["seconds"]["wall"] = round(time.perf_counter() - start, 1)  # all seeds' parts, side by side
-    limit = QUICK_MINUTES if job.quick else DEFAULT_MINUTES  # on 2 cores: the issue's (other runs are other sizes)
-    out["goals"]["wall_minutes"] = goal(round(out["seconds"]["wall"] / 60, 1), None, "<=", limit)
+    limit = QUICK_MINUTES if job.quick else DEFAULT_MINUTES  # on 2 cores, for the issue's run sizes only
+    wall = goal(round(out["seconds"]["wall"] / 60, 2), None, "<=", limit)
+    out["goals"]["wall_minutes"] = wall if _default_sized(job) else {**wall, "met": None}
     out["workers"] = workers
     return out
+
+
+def _default_sized(job: CLJob) -> bool:
+    """Whether `job` is the default run or the quick one (the issue's time goals are theirs alone)."""
+    sizes = ("domains", "outside", "steps", "methods", "test_limit", "seeds", "class_incremental", "expert_blocks")
+    sizes += ("routing", "backbone")
+    default = CLJob(quick=job.quick)
+    return all(getattr(job, name) == getattr(default, name) for name in sizes)
 
 
 _INPUTS: dict[CLJob, tuple[list[SequenceStep], LabelledImages | None]] = {}  # per process: made once per job

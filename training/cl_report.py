@@ -73,9 +73,8 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
         shown = _pm(summary, key, 3 if "routing" in key or "fallback" in key else 2)
         lines.append(f"| {text} | {shown} | {_goal_cells(goals.get(key))} | `{key}` |")
     if "wall_minutes" in goals:
-        lines.append(
-            f"| wall time (minutes) | {goals['wall_minutes']['value']} | {_goal_cells(goals['wall_minutes'])} |"
-        )
+        wall = goals["wall_minutes"]
+        lines.append(f"| wall time (minutes) | {wall['value']} | {_goal_cells(wall)} | `seconds.wall` |")
     return lines
 
 

@@ -108,14 +108,15 @@ def _add_reading(router: APIRouter) -> None:
         bank = registry.bank
         return {
             "generation": index.generation,
-            "tasks": [task_info(bank, t, e) for t, e in sorted(index.tasks.items())],
+            "tasks": [task_info(bank, t, e, index.generation) for t, e in sorted(index.tasks.items())],
         }
 
     @router.get("/tasks/{task}", response_model=TaskInfo)
     async def get_task(request: Request, task: str) -> dict:
         registry = service_of(request).require_ready()
         entry = await run_in_threadpool(registry.task_entry, known_name(task))
-        return task_info(registry.bank, task, entry)
+        index = await run_in_threadpool(registry.index)  # read after the entry: its generation is not older
+        return task_info(registry.bank, task, entry, index.generation)
 
 
 def tasks_router(admin: TokenCheck) -> APIRouter:

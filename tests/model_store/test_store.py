@@ -588,3 +588,14 @@ def test_a_folder_in_the_locks_or_a_blobs_place_is_named(tmp_path, bundles):
     (tmp_path / ".tmp-left").write_bytes(b"half a file")
     assert LocalStore(tmp_path).sweep() == {"temp_files": 1, "unreferenced_blobs": 0}
     assert (store.blobs / f"{'a' * 64}.safetensors").is_dir()  # an operator's folder: left alone
+
+
+def test_the_folders_own_files_are_checked_before_its_index_is(tmp_path):
+    """A fresh store (no index yet) with a `.lock` folder was "consistent", and every change failed."""
+    (tmp_path / "blobs").mkdir(parents=True)
+    (tmp_path / ".lock").mkdir()
+    assert check_store(tmp_path) == [
+        ".lock is not a file: every change fails to lock the store (remove it; no process holds it)"
+    ]
+    (tmp_path / "index.json").write_text("{not json")
+    assert len(check_store(tmp_path)) == 2

@@ -16,6 +16,7 @@ from model_store.inference import ClassifyItem, classify_batch
 from service.batching import Batcher
 from service.config import Limits, ServeConfig
 from service.images import open_image, preprocess_all
+from service.protocol import PEER
 from service.steps import StepBudget
 from tests.helpers import random_bundle, with_version
 from tests.service.conftest import AUTH, running_app
@@ -392,7 +393,9 @@ def _holding_body_limit(**settings):
     inner.mount("/", app)
     limited = BodyLimit(inner, lambda method, path: (1000, "max_request_bytes"), **settings)
 
-    async def post(chunks: list[bytes], declared: int | None = None, client: str = "10.0.0.1") -> tuple[int, dict]:
+    async def post(
+        chunks: list[bytes], declared: int | None = None, client: str = "10.0.0.1", peer: str | None = None
+    ) -> tuple[int, dict]:
         parts = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
         sent: list[dict] = []
 
@@ -405,6 +408,8 @@ def _holding_body_limit(**settings):
         headers = [(b"content-length", str(declared).encode())] if declared is not None else []
         scope = {"type": "http", "method": "POST", "path": "/classify", "headers": headers, "query_string": b""}
         scope |= {"root_path": "", "raw_path": b"/classify", "client": (client, 40000)}
+        if peer is not None:  # the socket's own peer, where X-Forwarded-For gave `client`
+            scope[PEER] = (peer, 40000)
         await limited(scope, receive, send)
         body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
         headers = {k.decode().lower(): v.decode() for k, v in sent[0].get("headers", [])}
@@ -465,6 +470,28 @@ async def test_one_client_may_hold_only_its_share_of_the_buffered_bodies():
         release.set()
     assert [r[0] for r in results] == [200, 200, 200] and limited.held == 0 and limited.held_by == {}
     assert (await post([b"y" * 900], client="10.0.0.1"))[0] == 200  # its bytes were given back
+
+
+async def test_the_client_share_keys_on_the_sockets_peer_not_a_forwarded_address():
+    """uvicorn trusts X-Forwarded-For from 127.0.0.1: any local process could name itself anew per request and
+    pass its share. The share keys on the socket's peer, as the connection cap does; the client stays forwarded."""
+    from service.server import peer_then_forwarded
+
+    seen: dict = {}
+
+    async def app(scope, receive, send):
+        seen.update(client=scope["client"], peer=scope[PEER])
+
+    scope = {"type": "http", "client": ("127.0.0.1", 5000), "headers": [(b"x-forwarded-for", b"10.9.9.9")]}
+    await peer_then_forwarded(app)({**scope, "scheme": "http"}, None, None)
+    assert seen == {"client": ("10.9.9.9", 0), "peer": ("127.0.0.1", 5000)}
+    limited, release, post = _holding_body_limit(max_buffered=3000, max_per_client=1000)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: post([b"x" * 400, b"x" * 400], client="10.9.9.1", peer="127.0.0.1"))
+        await anyio.sleep(0.05)
+        status, answer = await post([b"y" * 300], client="10.9.9.2", peer="127.0.0.1")  # another forwarded name
+        assert status == 503 and "this client (127.0.0.1)" in answer["body"]["error"]["message"]
+        release.set()
 
 
 async def test_the_servers_client_share_is_its_setting(tmp_path, backbone):

@@ -204,7 +204,8 @@ def test_bench_cl_with_seeds_writes_mean_and_std(tmp_path, capsys, monkeypatch):
     assert s["cil_old_class_accuracy_last"] is None and s["routing_long_task_accuracy"] is None
     goals = report["goals"]
     assert goals["routing_long_task_accuracy"]["met"] is None  # --no-routing: not measured, not a pass
-    assert goals["wall_minutes"]["goal"] == "<= 5" and goals["wall_minutes"]["value"] > 0
+    assert goals["wall_minutes"]["goal"] == "<= 5" and goals["wall_minutes"]["value"] >= 0
+    assert goals["wall_minutes"]["met"] is None  # not the quick run's sizes: not judged
     assert "| holds on the mean |" in (out / "report.md").read_text()
     shares = report["expert_activation"]
     assert shares["adapter-ddas"]["colours"]["colours"] == 1.0  # isolated: only its own expert
