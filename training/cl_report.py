@@ -81,7 +81,9 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
 def _goal_cells(goal: dict[str, Any] | None) -> str:
     if goal is None:
         return "- | -"
-    return f"{goal['goal']} | {'not measured' if goal['met'] is None else 'yes' if goal['met'] else '**no**'}"
+    if goal["met"] is None:  # not measured, or a run of other sizes than the goal's
+        return f"{goal['goal']} | {'not measured' if goal['value'] is None else 'not judged (other run sizes)'}"
+    return f"{goal['goal']} | {'yes' if goal['met'] else '**no**'}"
 
 
 def _activation_lines(report: dict[str, Any]) -> list[str]:
