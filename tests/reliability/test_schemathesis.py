@@ -95,8 +95,10 @@ def _needs_token(operation: APIOperation) -> bool:
 
 
 def _modes(operation: APIOperation) -> tuple[GenerationMode, ...]:
-    """Both modes, except for an operation without inputs, which has no invalid request to make."""
-    parts = (operation.path_parameters, operation.query, operation.headers, operation.cookies, operation.body)
+    """Both modes, except for an operation without inputs, which has no invalid request to make (X-Request-ID, any
+    string, has no invalid value: /healthz and /metrics take no other input)."""
+    headers = [h for h in operation.headers if h.name.lower() != "x-request-id"]
+    parts = (operation.path_parameters, operation.query, headers, operation.cookies, operation.body)
     return MODES if any(len(p) for p in parts) or _needs_token(operation) else MODES[:1]
 
 

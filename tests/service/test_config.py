@@ -149,26 +149,3 @@ def test_a_store_given_as_a_variable_with_a_tilde_is_under_home(tmp_path, monkey
     assert ServeConfig.from_env().store == str(tmp_path / "home" / "clipbank-store")
     assert open_store("~/other").location == str(tmp_path / "home" / "other")
     assert not (tmp_path / "~").exists()
-
-
-def test_the_admin_tokens_temp_file_is_a_store_temp_file(tmp_path):
-    """A kill -9 at a first start left `.admin-token.<hex>` (a secret) that no clean-up removes."""
-    import os
-    import unittest.mock
-    from pathlib import Path
-
-    from model_store.store import stale_temp_files
-    from service.lifecycle import resolve_admin_token
-
-    made: list = []
-    real = os.open
-
-    def spy(path, *a, **k):
-        made.append(Path(path).name)
-        return real(path, *a, **k)
-
-    with unittest.mock.patch("service.lifecycle.os.open", spy):
-        resolve_admin_token(ServeConfig(store=str(tmp_path)))
-    (temp,) = [m for m in made if m != ".admin-token"]
-    (tmp_path / temp).write_text("left by a kill")
-    assert stale_temp_files(tmp_path) == [tmp_path / temp]
