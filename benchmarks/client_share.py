@@ -10,16 +10,14 @@ it): the other client's statuses, and what the holding connections got. Under a 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import socket
-import tempfile
-from pathlib import Path
 
 import httpx
 from PIL import Image
 
-from benchmarks.process import server_process
+from benchmarks.process import tree_server
+from benchmarks.samples import png_bytes
 
 LIMITS = {
     "CLIPBANK_MAX_REQUEST_BYTES": "1000000",
@@ -48,19 +46,16 @@ def _answered(conn: socket.socket) -> str:
 
 
 def measure(tree: str | None) -> dict:
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, "PNG")
+    png = png_bytes(Image.new("RGB", (64, 64), (200, 30, 30)))
     env = {"CLIPBANK_ADMIN_TOKEN": "client-share-token-0123456789", "CLIPBANK_FROZEN_RUNTIME": "torch", **LIMITS}
-    env |= {"PYTHONPATH": tree, "PYTHONSAFEPATH": "1"} if tree else {}  # not the working folder's code first
-    folder = Path(tempfile.mkdtemp(prefix="client-share-"))
-    with server_process(folder / "store", (), env, folder / "server.log", ready_seconds=300) as (url, _):
+    with tree_server(tree, env, "client-share-") as url:
         port = int(url.rsplit(":", 1)[1])
         held = [_hold(port) for _ in range(4)]
         other = httpx.HTTPTransport(local_address="127.0.0.3")
         statuses = []
         with httpx.Client(base_url=url, transport=other, timeout=30) as c:
             for _ in range(5):
-                r = c.post("/classify", files={"images": ("a.png", buf.getvalue())}, data={"labels": ["red", "blue"]})
+                r = c.post("/classify", files={"images": ("a.png", png)}, data={"labels": ["red", "blue"]})
                 statuses.append(r.status_code)
         holding = [_answered(conn) for conn in held]
         for conn in held:

@@ -101,3 +101,15 @@ def _wait_ready(proc: subprocess.Popen, url: str, seconds: float, log: Path | No
 
 def _tail(log: Path | None) -> str:
     return log.read_text(errors="replace")[-3000:] if log is not None else ""
+
+
+@contextmanager
+def tree_server(tree: str | None, env: dict[str, str], prefix: str) -> Iterator[str]:
+    """`clipbank serve` run from the source tree `tree` (this one when None: an older checkout is measured beside
+    it), on a fresh store in a temporary folder; yields its URL once ready."""
+    import tempfile
+
+    env = {**env, **({"PYTHONPATH": tree, "PYTHONSAFEPATH": "1"} if tree else {})}  # not the working folder's code
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    with server_process(folder / "store", (), env, folder / "server.log", ready_seconds=300) as (url, _):
+        yield url

@@ -9,17 +9,15 @@ upload's time, and the slowest and median classify while it ran. About a minute 
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import httpx
 from PIL import Image
 
-from benchmarks.process import server_process
+from benchmarks.process import tree_server
+from benchmarks.samples import png_bytes
 
 TOKEN = "upload-stall-token-0123456789"
 
@@ -36,12 +34,9 @@ def big_bundle() -> bytes:
 
 
 def measure(tree: str | None, bundle: bytes) -> dict:
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, "PNG")
+    png = png_bytes(Image.new("RGB", (64, 64), (200, 30, 30)))
     env = {"CLIPBANK_ADMIN_TOKEN": TOKEN, "CLIPBANK_GATE_MAX_ZERO_SHOT": "1.0", "CLIPBANK_GATE_MAX_STOLEN": "1.0"}
-    env |= {"PYTHONPATH": tree, "PYTHONSAFEPATH": "1"} if tree else {}  # not the working folder's code first
-    folder = Path(tempfile.mkdtemp(prefix="upload-stall-"))
-    with server_process(folder / "store", (), env, folder / "server.log", ready_seconds=300) as (url, _):
+    with tree_server(tree, env, "upload-stall-") as url:
         seconds: list[float] = []
         statuses: set[int] = set()
         done = threading.Event()
@@ -50,7 +45,7 @@ def measure(tree: str | None, bundle: bytes) -> dict:
             with httpx.Client(base_url=url, timeout=600) as c:
                 while not done.is_set():
                     t = time.perf_counter()
-                    r = c.post("/classify", files={"images": ("a.png", buf.getvalue())}, data={"labels": ["a", "b"]})
+                    r = c.post("/classify", files={"images": ("a.png", png)}, data={"labels": ["a", "b"]})
                     seconds.append(time.perf_counter() - t)
                     statuses.add(r.status_code)
 
