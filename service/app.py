@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 from fastapi import FastAPI
@@ -12,7 +13,7 @@ from starlette.types import Scope
 from model_store.backbone import Backbone
 
 from .auth import TokenCheck
-from .config import ServeConfig
+from .config import Limits, ServeConfig
 from .errors import ClipbankError, install_handlers, takes
 from .lifecycle import Service, lifespan
 from .middleware import AbsoluteForm, BodyLimit, Generations, HeadAsGet, HeadLimit, RequestMetrics
@@ -24,6 +25,7 @@ from .routes.tasks import tasks_router
 from .routes.watch import watch_router
 
 SMALL_BODY = 1024 * 1024
+log = logging.getLogger("clipbank.service")
 
 
 def create_app(
@@ -53,6 +55,7 @@ def create_app(
     for router in routers:
         app.include_router(router)
     routes = [r for router in routers for r in router.routes]
+    _say_raised_share(config.limits)
     app.add_middleware(
         BodyLimit,
         limit_for=_limit_for(config),
@@ -95,3 +98,17 @@ def _token_refusal(routes: Sequence[BaseRoute], scope: Scope) -> ClipbankError |
             checks = [d.call for d in route.dependant.dependencies if isinstance(d.call, TokenCheck)]
             return checks[0].refusal(scope["headers"]) if checks else None
     return None
+
+
+def _say_raised_share(limits: Limits) -> None:
+    """One client may always send one largest body: a smaller per-client share is raised to it, and said so."""
+    enforced = limits.client_buffered_bytes
+    if enforced and enforced != limits.max_client_buffered_bytes:
+        log.warning(
+            "max_client_buffered_bytes=%d is below one largest body (max_upload_bytes=%d, max_request_bytes=%d): "
+            "one client address may hold %d bytes of bodies at once",
+            limits.max_client_buffered_bytes,
+            limits.max_upload_bytes,
+            limits.max_request_bytes,
+            enforced,
+        )

@@ -494,9 +494,10 @@ async def test_the_client_share_keys_on_the_sockets_peer_not_a_forwarded_address
         release.set()
 
 
-async def test_the_servers_client_share_is_its_setting(tmp_path, backbone):
+async def test_the_servers_client_share_is_its_setting(tmp_path, backbone, caplog):
     """The setting reaches the server: an upload still arriving holds most of this client's share, so its next
-    request is refused from its Content-Length, naming the share as enforced (never below one largest body)."""
+    request is refused from its Content-Length, naming the share as enforced (never below one largest body), which
+    the start says too."""
     limits = Limits(max_upload_bytes=2000, max_request_bytes=1000, max_buffered_bytes=8000, max_client_buffered_bytes=1)
     arrived, more = anyio.Event(), anyio.Event()
 
@@ -517,6 +518,8 @@ async def test_the_servers_client_share_is_its_setting(tmp_path, backbone):
                 r = await c.post("/classify", content=b"y" * 300, headers={"content-type": "multipart/form-data"})
                 assert r.status_code == 503 and "max_client_buffered_bytes=2000" in r.json()["error"]["message"]
                 more.set()
+    raised = [r.getMessage() for r in caplog.records if "max_client_buffered_bytes=1 is below" in r.getMessage()]
+    assert raised and "may hold 2000 bytes" in raised[0], caplog.text
 
 
 async def test_head_is_answered_as_get_without_a_body(tmp_path, backbone):
