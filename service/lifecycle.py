@@ -8,9 +8,11 @@ import gc
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import sys
+import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -45,6 +47,7 @@ from .workers import DecodeWorkers
 
 log = logging.getLogger("clipbank.service")
 ADMIN_TOKEN_FILE = ".admin-token"
+TOKEN_TEMP = re.compile(re.escape(ADMIN_TOKEN_FILE) + r"\.[0-9a-f]{8}")  # a token being saved: ADMIN_TOKEN_FILE.<hex>
 ANNOUNCE_SECONDS = 10.0  # how long POST /tasks?wait=all waits for the other replicas
 PNG_TEXT_BYTES = 256 * 1024  # Pillow's caps on PNG text chunks (its defaults: 1 MB per chunk, 64 MB in all)
 
@@ -241,6 +244,7 @@ def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:
                     path,
                 )
         return config.admin_token, "set"
+    _sweep_token_temps(path)
     try:
         token = read_regular(path).decode().strip()  # a pipe in its place hung the start
         if len(token) >= 16 and SENDABLE_TOKEN.fullmatch(token):
@@ -250,7 +254,7 @@ def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:
     except (OSError, UnicodeDecodeError) as e:
         log.warning("cannot read %s: %s", path, e)
     token = secrets.token_urlsafe(24)
-    tmp = path.with_name(f"{ADMIN_TOKEN_FILE}.{secrets.token_hex(4)}")
+    tmp = path.with_name(f"{ADMIN_TOKEN_FILE}.{secrets.token_hex(4)}")  # TOKEN_TEMP
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -279,6 +283,19 @@ def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:
     finally:
         with contextlib.suppress(OSError):  # a store path under a file cannot hold it either (ENOTDIR)
             tmp.unlink(missing_ok=True)
+
+
+def _sweep_token_temps(path: Path, older_than: float = 60.0) -> None:
+    """Delete the temp files (each holding a token) that a server killed while saving its token left behind; a
+    minute old at least, so never another server's that is saving its own right now."""
+    cutoff = time.time() - older_than
+    with contextlib.suppress(OSError):  # no folder yet, or an object store: nothing to sweep
+        for tmp in path.parent.glob(f"{ADMIN_TOKEN_FILE}.*"):
+            if TOKEN_TEMP.fullmatch(tmp.name):
+                with contextlib.suppress(OSError):
+                    if tmp.lstat().st_mtime < cutoff:
+                        tmp.unlink()
+                        log.info("deleted %s, left by a server killed while saving its admin token", tmp)
 
 
 async def _poll_store(service: Service) -> None:

@@ -79,3 +79,16 @@ async def test_a_server_started_with_a_set_token_beside_another_saved_one_warns(
     async with running_app(tmp_path, backbone) as c:
         assert c.app.state.service.admin_token == TOKEN
     assert "is not accepted here" in caplog.text and "--admin-token" not in caplog.text
+
+
+def test_a_temp_token_file_left_by_a_killed_server_is_swept(tmp_path):
+    """A server killed between writing its token's temp file and linking it left a secret file behind for ever:
+    the next start deletes such files once a minute old, and leaves a fresh one (another server saving now)."""
+    old, fresh = tmp_path / f"{ADMIN_TOKEN_FILE}.0a1b2c3d", tmp_path / f"{ADMIN_TOKEN_FILE}.9f8e7d6c"
+    other = tmp_path / f"{ADMIN_TOKEN_FILE}.bak"  # not a name a server writes: the operator's
+    for p in (old, fresh, other):
+        p.write_text("t" * 32 + "\n")
+    os.utime(old, (0, os.path.getmtime(old) - 120))
+    token, where = resolve_admin_token(ServeConfig(store=str(tmp_path)))
+    assert "generated and saved" in where
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ADMIN_TOKEN_FILE, fresh.name, other.name])
