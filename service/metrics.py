@@ -54,7 +54,11 @@ class Metrics:
         self.swap_seconds = Histogram(
             "clipbank_swap_seconds", "seconds to build and swap in a new bank", buckets=SWAP_BUCKETS, registry=r
         )
-        self.swap_failures = Counter("clipbank_swap_failures", "bank rebuilds that failed (old bank kept)", registry=r)
+        self.swap_failures = Counter(
+            "clipbank_swap_failures",
+            "changes whose bank could not be built or checked (old bank kept); refusals not counted",
+            registry=r,
+        )
         self.gate_refusals = Counter("clipbank_gate_refusals", "changes the interference gate refused", registry=r)
         self.gate_overrides = Counter("clipbank_gate_overrides", "gate refusals overridden with force", registry=r)
         self._queue(r)

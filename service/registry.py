@@ -18,9 +18,9 @@ from model_store.bank import BankSnapshot, empty_bank
 from model_store.bundle import Bundle, read_bundle
 from model_store.compat import refuse_other_backbone
 from model_store.errors import (
-    BundleError,
     BundleInvalid,
     BundleNotFound,
+    ClipbankError,
     InvalidRequest,
     NoShadow,
     ShadowConflict,
@@ -36,6 +36,7 @@ from model_store.store_base import PutResult, Store, refuse_stored_version
 from model_store.store_index import StoreIndex, TaskRecord
 
 from .degraded import DegradedRetry
+from .errors import status_of
 from .memory import release_free_memory
 from .metrics import Metrics
 from .warm import encode_classes_in_steps
@@ -173,8 +174,9 @@ class Registry:
                 self.run_torch(trial_run, candidate, new, self.cache)
                 if check is not None:
                     self.run_torch(check, candidate)
-            except Exception:
-                self.metrics.swap_failures.inc()
+            except Exception as e:
+                if not (isinstance(e, ClipbankError) and status_of(e) < 500):  # a refusal (gate, bundle) is no failure
+                    self.metrics.swap_failures.inc()
                 raise
             written = None
             try:
@@ -278,11 +280,7 @@ class Registry:
         only reports (promotion runs it)."""
         if shadow and activate:
             raise InvalidRequest("a version is uploaded either active or in shadow, not both")
-        try:
-            refuse_other_backbone(data, self.loader.backbone)  # from the header, before the tensors are read
-        except BundleError:
-            self.metrics.swap_failures.inc()  # counted as when the check of the bank it would give refused it
-            raise
+        refuse_other_backbone(data, self.loader.backbone)  # from the header, before the tensors are read
         bundle = read_bundle(data)  # format, schema and integrity, before any lock
         index = self.store.index()
         if index.owner(bundle.id) is not None:

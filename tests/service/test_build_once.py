@@ -225,10 +225,26 @@ def test_another_backbone_is_refused_from_the_header_before_the_tensors_are_read
     with pytest.raises(BackboneMismatch):
         registry.upload(_other_backbone(parts["a"])[:-8])  # a damaged payload: the header is enough to refuse it
     assert reads == [] and builds.banks == [] and registry.store.index().tasks == {}
-    assert registry.metrics.swap_failures._value.get() == 2  # counted as when the bank build refused it
+    assert registry.metrics.swap_failures._value.get() == 0  # a refused upload, not a failed swap
     monkeypatch.setattr(registry_module, "read_bundle", read_bundle)
     with pytest.raises(BundleInvalid, match="invalid bundle manifest"):  # a manifest that is not one: read_bundle's
         registry.upload(_other_backbone(parts["a"], lambda m: m.pop("classes")))
+
+
+def test_a_failed_bank_build_is_counted_a_refused_upload_is_not(registry, parts, monkeypatch):
+    """`clipbank_swap_failures_total` counts changes the server could not serve, which an operator must look at;
+    a refusal of the request (an invalid bundle, the gate) is the client's, counted by its status and the gate."""
+    with pytest.raises(BundleInvalid):
+        registry.upload(with_version(parts["a"], 0))
+    assert registry.metrics.swap_failures._value.get() == 0
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(registry_module, "trial_run", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        registry.upload(parts["a"])
+    assert registry.metrics.swap_failures._value.get() == 1 and registry.store.index().tasks == {}
 
 
 def test_an_uploads_class_embeddings_are_encoded_a_chunk_per_compute_job(tmp_path, backbone):

@@ -40,6 +40,8 @@ async def test_an_over_broad_version_is_refused_naming_each_task_and_force_lands
         listed = (await c.get("/tasks", headers=AUTH)).json()
         assert [t["task"] for t in listed["tasks"]] == ["textures"]  # nothing stored, nothing swapped
         assert _metric((await c.get("/metrics")).text, "clipbank_gate_refusals_total") == 1
+        # a refusal is no failed swap: an alert on swap failures fired on every refused upload
+        assert _metric((await c.get("/metrics")).text, "clipbank_swap_failures_total") == 0
 
         r = await c.post("/tasks", params={"force": "true"}, files={"bundle": ("g", broad)}, headers=AUTH)
         assert r.status_code == 201 and r.json()["gate"]["passed"] is False
