@@ -7,6 +7,7 @@ import base64
 import io
 import re
 import sys
+import time
 from pathlib import Path
 
 from model_store.settings import env_value
@@ -151,8 +152,11 @@ def _write_examples(out: dict, folder: Path) -> bool:
 def _print_insights(out: dict, max_clusters: int) -> None:
     res = out["reservoir"]
     share = "-" if res["unclaimed_share"] is None else f"{res['unclaimed_share']:.1%}"
+    since = ""
+    if res.get("window_start") is not None:
+        since = f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(res['window_start']))} UTC"
     print(
-        f"{res['unclaimed']} of {res['auto_images']} auto-routed images went to zero-shot ({share}); "
+        f"{res['unclaimed']} of {res['auto_images']} auto-routed images went to zero-shot{since} ({share}); "
         f"{res['embeddings']} kept (capacity {res['capacity']})"
     )
     if not out["clusters"]:

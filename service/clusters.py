@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .cluster_cuts import split_groups
 from .insights import ReservoirSnapshot
 
 PCA_DIMS = 32  # clustering runs on this many principal components when the embeddings have more
@@ -36,6 +37,7 @@ MAX_HELD_OUT = 4096  # and at most this many: the test's time grows with them
 MIN_BACKGROUND = 256  # fewer reference rows than this are ignored (50 let generic traffic form a 16% cluster)
 DENSITY_SAMPLE = 1024  # members per group whose balls are counted (all of them in a smaller group)
 DENSITY_CHUNK = 1024  # reservoir rows per block of distances to the held-out rows (1024 x 4096 x 4 B = 16 MiB)
+LEFTOVER_OWN = 0.75  # share of a leftover group's neighbour links that stay in it (a domain: 0.88+; a fringe: 0.6-)
 SEED = 0
 
 ScoreTasks = Callable[[np.ndarray], tuple[list[str], np.ndarray]]
@@ -228,7 +230,9 @@ def _sampled_groups(z: np.ndarray, k: int, min_size: int) -> np.ndarray:
 def cluster_labels(x: np.ndarray, min_cluster_size: int, background: np.ndarray | None = None) -> np.ndarray:
     """Per reservoir row, a group label (-1: none). Candidates are rows where unclaimed traffic is denser than
     `background` (generic images: the reference set); they are grouped (`_groups`); a row joins the group most of
-    its neighbours belong to; then only groups denser than held-out background rows are kept (`_dense_groups`)."""
+    its neighbours belong to; the candidates left in none are grouped on their own (a diffuse domain beside tight
+    ones was all HDBSCAN noise); groups are cut where their neighbour graph is nearly two (`service.cluster_cuts`); then
+    only groups denser than held-out background rows are kept (`_dense_groups`)."""
     n, labels = len(x), np.full(len(x), -1, np.int64)
     if not np.any(np.abs(x - x[0]) > 1e-6):  # all the same: one group
         return np.zeros(n, np.int64)
@@ -244,7 +248,18 @@ def cluster_labels(x: np.ndarray, min_cluster_size: int, background: np.ndarray 
         counts = np.bincount(votes[i][votes[i] >= 0], minlength=1)
         if counts.max() * 2 > k:
             labels[i] = int(counts.argmax())
-    return _dense_groups(x, labels, k, held_out) if labels.max() >= 0 else labels
+    rest = rows[labels[rows] < 0]
+    if len(rest) >= min_cluster_size:
+        more, first = _groups(x[rest], z[rest], k, min_cluster_size), int(labels.max()) + 1
+        labels[rest] = np.where(more >= 0, more + first, -1)
+        for g in range(first, int(labels.max()) + 1):  # the fringe of a group found above is no domain of its own
+            links = nn[labels == g]
+            links = labels[links[links < n]]
+            if np.count_nonzero(links == g) < LEFTOVER_OWN * len(links):
+                labels[labels == g] = -1
+    if labels.max() < 0:
+        return labels
+    return _dense_groups(x, split_groups(x, labels, k, min_cluster_size), k, held_out)
 
 
 def find_clusters(

@@ -81,6 +81,7 @@ class ReservoirSnapshot:
     bin_seconds: float = 60.0
     slots: np.ndarray | None = None  # each embedding's slot in the reservoir, and the write that filled it:
     stamps: np.ndarray | None = None  # what `UnclaimedReservoir.thumbnails` takes to find its thumbnail again
+    start: float | None = None  # when the traffic the bins count begins (None: no bins)
 
     def __len__(self) -> int:
         return len(self.times)
@@ -108,6 +109,8 @@ class UnclaimedReservoir:
         side = config.thumbnail
         self._thumbs = np.zeros((cap if side else 0, side, side, 3), np.uint8)
         self._stamps = np.zeros(cap, np.int64)  # per slot: the record() call that last wrote it
+        self._batch = np.zeros((cap, 2), np.int64)  # per slot: its record's auto images and unclaimed ones
+        self._before = np.zeros((cap, 2), np.int64)  # and what its bin had counted before that record
         self._writes = 0
         self._times = np.full(cap, -np.inf)  # -inf: empty or expired slot
         self._next = 0  # the slot the next embedding goes to
@@ -125,7 +128,8 @@ class UnclaimedReservoir:
     @property
     def nbytes(self) -> int:
         """Bytes held by the buffers (fixed at construction)."""
-        buffers = (self._emb, self._times, self._bin_ids, self._bin_counts, self._thumbs, self._stamps)
+        buffers = (self._emb, self._times, self._bin_ids, self._bin_counts, self._thumbs, self._stamps, self._batch)
+        buffers += (self._before,)
         return sum(b.nbytes for b in buffers)
 
     def __len__(self) -> int:
@@ -158,7 +162,7 @@ class UnclaimedReservoir:
         now = time.time() if now is None else float(now)
         with self._lock:
             now = self._latest = max(now, self._latest)
-            self._count(now, auto_images, int(np.count_nonzero(usable)))
+            before = self._count(now, auto_images, len(rows))
             keep = rows[-self.config.capacity :]
             slots = (self._next + np.arange(len(keep))) % self.config.capacity
             overwritten = self._times[slots].max(initial=-np.inf)
@@ -166,19 +170,23 @@ class UnclaimedReservoir:
             self._emb[slots], self._times[slots] = keep, now
             self._writes += 1
             self._stamps[slots] = self._writes
+            self._batch[slots], self._before[slots] = (auto_images, len(rows)), before
             if side:
                 self._thumbs[slots] = 0 if thumbnails is None else thumbnails[-self.config.capacity :]
             self._next = (self._next + len(keep)) % self.config.capacity
             self._expire(now)
 
-    def _count(self, now: float, auto_images: int, unclaimed: int) -> None:
+    def _count(self, now: float, auto_images: int, unclaimed: int) -> np.ndarray:
+        """Count a record in its bin; returns what the bin had counted before it."""
         b = math.floor(now / self.config.bin_seconds)
         if self._bins == 0 or b > self._bin_ids[self._bin_last]:
             self._bin_last = (self._bin_last + 1) % len(self._bin_ids)
             self._bin_ids[self._bin_last] = b
             self._bin_counts[self._bin_last] = 0
             self._bins = min(self._bins + 1, len(self._bin_ids))
+        before = self._bin_counts[self._bin_last].copy()
         self._bin_counts[self._bin_last] += (auto_images, unclaimed)
+        return before
 
     def expire(self, now: float | None = None) -> None:
         """Drop what the retention has passed now (also done by every record and snapshot): the server calls it
@@ -213,7 +221,8 @@ class UnclaimedReservoir:
     def snapshot(self, now: float | None = None) -> ReservoirSnapshot:
         """A copy of what is kept at `now`, oldest first: the embeddings, their times, and the bins of the window
         they cover: the whole retention, or, once the ring has overwritten unclaimed embeddings still within it,
-        from the oldest kept embedding (so that shares are of traffic whose unclaimed images are all kept)."""
+        from the record of the oldest kept embedding (so that shares are of traffic whose unclaimed images are all
+        kept: the first bin counts only that record, prorated to what is kept of it, and the records after it)."""
         bs = self.config.bin_seconds
         if not self.enabled:
             return ReservoirSnapshot(np.zeros((0, self.dim), np.float32), np.zeros(0), [], bs)
@@ -225,14 +234,21 @@ class UnclaimedReservoir:
             order = (self._next + np.arange(self.config.capacity)) % self.config.capacity
             order = order[self._times[order] > -np.inf]
             emb, times, stamps = self._emb[order], self._times[order], self._stamps[order]  # fancy indexing copies
+            batch, before = self._batch[order], self._before[order]
             slots = (self._oldest_bin() + np.arange(self._bins)) % len(self._bin_ids)
             ids, counts = self._bin_ids[slots].copy(), self._bin_counts[slots].copy()
         if len(ids):  # embeddings older than the oldest bin (only when MAX_BINS cut the retention) are left out
             keep = times >= ids[0] * bs
             emb, times, order, stamps = emb[keep], times[keep], order[keep], stamps[keep]
+            batch, before = batch[keep], before[keep]
         start = times[0] if len(times) and overwrote else cutoff
         first = np.searchsorted((ids + 1) * bs, start, side="right")  # first bin ending after `start`
+        if len(times) and overwrote and first < len(ids):  # from the oldest kept record, less what it lost
+            kept = int(np.count_nonzero(stamps == stamps[0]))
+            (auto, unclaimed), (auto_before, unclaimed_before) = batch[0], before[0]
+            counts[first] -= (auto_before + auto - round(auto * kept / unclaimed), unclaimed_before + unclaimed - kept)
         bins = [
             TrafficBin(float(i * bs), int(a), int(u)) for i, (a, u) in zip(ids[first:], counts[first:], strict=True)
         ]
-        return ReservoirSnapshot(emb, times, bins, bs, order, stamps)
+        begins = (float(times[0]) if len(times) and overwrote else bins[0].start) if bins else None
+        return ReservoirSnapshot(emb, times, bins, bs, order, stamps, begins)

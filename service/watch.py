@@ -180,7 +180,7 @@ class TrafficWatch:
                 "bytes": reservoir.nbytes,
                 "retention_seconds": reservoir.config.retention_seconds,
                 "bin_seconds": reservoir.config.bin_seconds,
-                "window_start": snap.bins[0].start if snap.bins else None,
+                "window_start": snap.start,
                 "auto_images": auto,
                 "unclaimed": unclaimed,
                 "unclaimed_share": unclaimed / auto if auto else None,

@@ -81,13 +81,13 @@ def test_the_window_holds_the_claimed_traffic_before_the_first_unclaimed_image()
     assert (snap.auto_images, snap.unclaimed, len(snap)) == (107, 30, 30)
     r.record(20, np.ones((80, 2), np.float32)[:20], now=1130.0)
     r.record(60, np.ones((60, 2), np.float32), now=1190.0)  # the ring overwrites 10 of the first 30
-    snap = r.snapshot(now=1200.0)  # from the oldest kept embedding: bins whose unclaimed images are kept
+    snap = r.snapshot(now=1200.0)  # from the oldest kept record: 20 of its 30 are kept, so it counts as 20 of 20
     assert [(b.start, b.auto_images, b.unclaimed) for b in snap.bins] == [
-        (1020.0, 30, 30),
+        (1020.0, 20, 20),
         (1080.0, 20, 20),
         (1140.0, 60, 60),
     ]
-    assert len(snap) == 100
+    assert len(snap) == 100 and snap.start == 1070.0
 
 
 def test_a_late_record_counts_as_the_newest():
@@ -103,7 +103,7 @@ def test_memory_stays_bounded_under_a_long_stream():
     cfg = ReservoirConfig(capacity=64, retention_seconds=30.0, bin_seconds=1.0)
     r = UnclaimedReservoir(cfg, dim=32)
     before = r.nbytes
-    assert before == 64 * 32 * 4 + 64 * 16 + cfg.max_bins * 3 * 8  # embeddings, times and write stamps, bins
+    assert before == 64 * 32 * 4 + 64 * 48 + cfg.max_bins * 3 * 8  # embeddings; times, stamps, records; bins
     rows = _noise(3, seed=0)[:, :32].copy()
     for i in range(100_000):
         r.record(5, rows, now=i * 0.05)
@@ -118,7 +118,7 @@ def test_the_bins_are_bounded_and_a_window_they_cannot_cover_is_refused():
     """A retention of more bins than are kept was once cut silently (and still reported whole)."""
     cfg = ReservoirConfig(capacity=8, retention_seconds=9999.0, bin_seconds=1.0)
     assert cfg.max_bins == 10_000
-    assert UnclaimedReservoir(cfg, dim=4).nbytes < 8 * 4 * 4 + 8 * 16 + 10_001 * 24
+    assert UnclaimedReservoir(cfg, dim=4).nbytes < 8 * 4 * 4 + 8 * 48 + 10_001 * 24
     with pytest.raises(ValueError, match="retention_seconds / bin_seconds must be at most 9999"):
         ReservoirConfig(capacity=8, retention_seconds=86400.0, bin_seconds=1.0)
 
@@ -267,15 +267,26 @@ def test_share_over_time_shows_when_the_domain_arrived():
     assert clusters[0].share == pytest.approx(clusters[0].size / 2000)
 
 
-def test_share_counts_what_the_ring_overwrote():
+def test_once_the_ring_overwrote_the_share_is_of_the_traffic_since_its_oldest_kept_record():
+    """1200 unclaimed of 4000 in one bin, of which the ring keeps the newest 300: the share is of the traffic since
+    the oldest kept record (about 1000 images), not of the whole bin with each kept image weighted up to stand for
+    four: traffic that changed within the bin (300 digits, then 300 glyphs) read as glyphs at 100%."""
     r = UnclaimedReservoir(ReservoirConfig(capacity=300, bin_seconds=1000.0), dim=DIM)
-    end = _fill(r, 4000, _mixed(blob=400, noise=800, seed=6))  # 1200 unclaimed in one bin; the ring keeps 300
+    end = _fill(r, 4000, _mixed(blob=400, noise=800, seed=6))
     snap = r.snapshot(now=end)
-    assert len(snap) == 300 and snap.auto_images == 4000 and snap.unclaimed == 1200
+    assert len(snap) == 300 and snap.unclaimed == 300 and 950 <= snap.auto_images <= 1050
+    assert snap.start == snap.times[0] > 0.0
     clusters = find_clusters(snap, None, min_size=10)
-    assert len(clusters) == 1  # each kept embedding stands for four unclaimed images
+    assert len(clusters) == 1
     assert clusters[0].size < 150 and clusters[0].share == pytest.approx(0.10, abs=0.02)
+    assert clusters[0].share == pytest.approx(clusters[0].size / snap.auto_images)
     assert clusters[0].over_time == [(0.0, pytest.approx(clusters[0].share))]
+
+    changed = UnclaimedReservoir(ReservoirConfig(capacity=100, bin_seconds=60.0), dim=DIM)
+    t = _fill(changed, 300, _blob(300, seed=1), t0=0.0, dt=0.01)  # one domain, then another, all unclaimed
+    t = _fill(changed, 300, _blob(300, seed=2), t0=t, dt=0.01)
+    snap = changed.snapshot(now=t)  # what is kept is the second domain's: 100 of 100 since the oldest kept record
+    assert (snap.auto_images, snap.unclaimed, len(snap)) == (100, 100, 100)
 
 
 def test_clusters_are_deterministic_and_biggest_first():

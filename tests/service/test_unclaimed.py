@@ -140,7 +140,7 @@ async def test_one_clustering_at_a_time(tmp_path, backbone):
                 watch.unclaimed(bank, 0.03, 20, 20)
             r = await c.get("/insights/unclaimed", headers=AUTH)
             assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded" and "retry-after" in r.headers
-        assert watch.reservoir.nbytes == 2048 * (backbone.embed_dim * 4 + 16) + watch.reservoir.config.max_bins * 24
+        assert watch.reservoir.nbytes == 2048 * (backbone.embed_dim * 4 + 48) + watch.reservoir.config.max_bins * 24
 
 
 async def test_opt_in_thumbnails_show_a_clusters_own_images(tmp_path, backbone):
@@ -199,22 +199,53 @@ def test_a_plot_of_one_time_bin_spans_hours_not_years(tmp_path, monkeypatch):
     assert 0 < high - low <= 1 and (tmp_path / "one.png").stat().st_size > 0
 
 
-def test_a_large_domain_with_sub_structure_is_one_cluster_at_the_defaults(backbone):
-    """300 clock images among 840 auto-routed ones came out as the two densest leaves of their backgrounds, 103
-    images (12%), the rest in no group; with --min-share 0.1, as one cluster of 300 (an outside check)."""
+def _exported(backbone, domain: str, splits=("test", "val")):
+    """Normalised frozen embeddings of a domain's images as `clipbank data export` writes them (PNG)."""
     import io
 
     import torch
     from PIL import Image
 
-    from model_store.reference import find_reference
-    from service.insights import ReservoirConfig, UnclaimedReservoir
     from training.data import load_domain
 
-    shown = load_domain("clocks", "test").images + load_domain("clocks", "val").images  # as `data export` writes them
+    shown = [im for split in splits for im in load_domain(domain, split).images]
     images = torch.stack([backbone.preprocess(Image.open(io.BytesIO(png_bytes(im)))) for im in shown])
     with torch.inference_mode():
-        x = torch.nn.functional.normalize(backbone.frozen.image(images).float(), dim=-1).numpy()
+        return torch.nn.functional.normalize(backbone.frozen.image(images).float(), dim=-1).numpy()
+
+
+def test_a_diffuse_domain_beside_tight_ones_is_a_cluster_of_its_own(backbone):
+    """An outside check sent 200 dice then 200 digits images, all unclaimed: one cluster of 399, every example a
+    digit; with 200 glyphs more, two clusters, and dice (a third of the traffic) in none. Dice images lie spread
+    out, touching the tight digits, though nearly every image's neighbours are its own domain's: the group is now
+    cut where its neighbour graph nearly is two, and the candidates left in no group are grouped on their own."""
+    import numpy as np
+
+    from model_store.reference import find_reference
+    from service.insights import ReservoirConfig, UnclaimedReservoir
+
+    background = find_reference(backbone).embeddings.numpy()
+    domains = {d: _exported(backbone, d, ("test",))[:180] for d in ("dice", "digits", "glyphs")}
+    for names in (("dice", "digits"), ("dice", "digits", "glyphs")):
+        x = np.concatenate([domains[d] for d in names])
+        truth = np.repeat(np.arange(len(names)), 180)
+        reservoir = UnclaimedReservoir(ReservoirConfig(), x.shape[1])
+        reservoir.record(len(x), x)
+        found = find_clusters(reservoir.snapshot(), None, 0.03, 20, 20, background)
+        assert len(found) == len(names), (names, [c.size for c in found])
+        for c in found:  # each cluster one domain's, and each domain found
+            counts = np.bincount(truth[c.members], minlength=len(names))
+            assert counts.max() >= 0.95 * c.size and counts.max() >= 150, (names, counts)
+        assert {int(np.bincount(truth[c.members]).argmax()) for c in found} == set(range(len(names)))
+
+
+def test_a_large_domain_with_sub_structure_is_one_cluster_at_the_defaults(backbone):
+    """300 clock images among 840 auto-routed ones came out as the two densest leaves of their backgrounds, 103
+    images (12%), the rest in no group; with --min-share 0.1, as one cluster of 300 (an outside check)."""
+    from model_store.reference import find_reference
+    from service.insights import ReservoirConfig, UnclaimedReservoir
+
+    x = _exported(backbone, "clocks")
     reservoir = UnclaimedReservoir(ReservoirConfig(), x.shape[1])
     reservoir.record(840, x)
     background = find_reference(backbone).embeddings.numpy()
