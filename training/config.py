@@ -41,6 +41,9 @@ class TrainJob:
         "'a photo of a {}.|a sketch of a {}.' (default: --template alone)",
     )
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    threads: int = option(
+        0, "CPU compute threads (0: PyTorch's default, one per core; 1 on a host other jobs keep busy)"
+    )
     selector: str = option(
         DEFAULT_SELECTOR, "the task's selector kind (docs/benchmarks/routing.md compares them)", SELECTOR_NAMES
     )

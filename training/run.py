@@ -10,6 +10,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from model_store.backbone import Backbone, load_backbone
 from model_store.bank import BankSnapshot, empty_bank
 from model_store.errors import BackboneMismatch, MissingExpert, TaskNotFound, VersionConflict
@@ -33,6 +35,8 @@ def train_config(job: TrainJob) -> TrainConfig:
     templates = tuple(t.strip() for t in (job.templates or "").split("|") if t.strip())
     if job.templates is not None and not templates:
         raise ValueError(f"--templates {job.templates!r} names no template: give 'a photo of a {{}}.|...'")
+    if job.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: PyTorch's default), got {job.threads}")
     return TrainConfig(
         **{k: getattr(job, k) for k in same}, templates=templates, selector=SelectorConfig(kind=job.selector)
     )
@@ -133,6 +137,8 @@ def _train_and_store(job: TrainJob) -> dict[str, Any]:
     listed_val = list_image_folder(job.val, listed.classes, seen) if job.val else None
     if listed_val is not None and Path(job.val).resolve() != Path(job.data).resolve():
         _warn_if_val_copies_data(listed, listed_val)
+    if job.threads:
+        torch.set_num_threads(job.threads)
     backbone = load_backbone(job.backbone, job.device)  # then decoded: its input size sets how JPEGs are
     train, val = (
         read_image_folder(x, skip_bad=job.skip_bad, target=backbone.image_size) if x else None
