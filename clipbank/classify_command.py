@@ -115,12 +115,13 @@ def _error_of(e: Exception) -> dict[str, Any]:
 
 def _smaller_chunk(error: Any, sent: int) -> int | None:
     """Images per request from here on when `error` is the server's 413 for a request of `sent` images: its
-    max_images, or half as many for an answer over its max_response_bytes (many or long labels); else None."""
+    max_images, or half as many for a body over max_request_bytes, images over max_request_pixels (large photos)
+    or an answer over max_response_bytes (many or long labels); else None."""
     details = error.details or {}
     limit = details.get("limit")
     if error.status != 413 or not isinstance(limit, int):
         return None
-    if details.get("setting") in ("max_response_bytes", "max_request_bytes"):  # large answers, or large files
+    if details.get("setting") in ("max_response_bytes", "max_request_bytes", "max_request_pixels"):
         return sent // 2 if sent > 1 else None
     return limit if details.get("setting") == "max_images" and 1 <= limit < sent else None
 

@@ -182,7 +182,9 @@ def inspect_all(images: Sequence[tuple[str, bytes]], limits: Limits, target: int
     if pixels > limits.max_request_pixels:
         raise LimitExceeded(
             f"the request's images decode to {pixels} pixels; the limit is max_request_pixels="
-            f"{limits.max_request_pixels} (large JPEGs count at the reduced scale they are decoded at)"
+            f"{limits.max_request_pixels} (large JPEGs count at the reduced scale they are decoded at)",
+            "max_request_pixels",
+            limits.max_request_pixels,
         )
     return opened
 

@@ -281,7 +281,7 @@ def test_classify_halves_its_requests_when_their_answers_are_over_the_servers_li
     assert [r["file"] for r in json.loads(capsys.readouterr().out)["results"]] == paths
 
 
-@pytest.mark.parametrize("setting", ["max_response_bytes", "max_request_bytes"])
+@pytest.mark.parametrize("setting", ["max_response_bytes", "max_request_bytes", "max_request_pixels"])
 def test_classify_halves_requests_whose_answer_or_body_is_over_the_servers_limit(
     monkeypatch, tmp_path, capsys, setting
 ):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from service.config import Limits
 from service.errors import BadImage, LimitExceeded
-from service.images import decode_base64, decode_image, inspect_image, open_image
+from service.images import decode_base64, decode_image, inspect_all, inspect_image, open_image
 from tests.service.images import bomb_png
 
 
@@ -51,6 +51,17 @@ def test_pixel_limit_is_exact():
     assert open_image(data, "x", Limits(max_pixels=10_000)).size == (100, 100)
     with pytest.raises(LimitExceeded, match="max_pixels=9999"):
         open_image(data, "x", Limits(max_pixels=9_999))
+
+
+def test_a_request_over_max_request_pixels_names_the_setting_for_clients_to_split():
+    """64 photos of 1920x1080, each valid, were refused whole, and `clipbank eval` could not split them: the 413
+    named no setting (an outside check)."""
+    data = _encode(Image.new("RGB", (100, 100)), "PNG")
+    limits = Limits(max_request_pixels=25_000)
+    assert len(inspect_all([("a", data), ("b", data)], limits, 64)) == 2
+    with pytest.raises(LimitExceeded, match="max_request_pixels=25000") as refused:
+        inspect_all([("a", data), ("b", data), ("c", data)], limits, 64)
+    assert refused.value.details == {"setting": "max_request_pixels", "limit": 25_000}
 
 
 def test_formats_outside_the_allow_list_are_refused():
