@@ -223,9 +223,14 @@ def _check_classes(root: Path, found: tuple[str, ...], classes: tuple[str, ...],
 
 def _say_left_out(root: Path, entries: Sequence[Path]) -> None:
     """A warning naming what at the top of an ImageFolder is no class: images beside the class folders (a class
-    is a folder), and folders whose name starts with a dot (hidden: `.net` is one too)."""
+    is a folder), folders whose name starts with a dot (hidden: `.net` is one too), and links to nothing."""
     loose = sum(1 for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     hidden = [p.name for p in entries if p.is_dir() and p.name.startswith(".")]
+    broken = [p.name for p in entries if p.is_symlink() and not p.exists()]  # a class folder gone, and no word of it
+    if broken:
+        log.warning(
+            "%s: links %s lead to nothing and are not read (a class folder moved or deleted?)", root, some(broken)
+        )
     if loose:
         log.warning("%s: %d images beside the class folders are not read (a class is a sub-folder)", root, loose)
     if hidden:

@@ -348,8 +348,9 @@ def test_train_says_a_new_store_is_made_on_an_s3_prefix_too_and_refuses_a_file_b
 
 
 def test_what_an_image_folder_leaves_out_at_its_top_or_after_bad_files_is_said(tmp_path, caplog):
-    """An outside check's: images beside the class folders and a class folder named `.net` were left out with no
-    word, and a class left with one image by --skip-bad was not said to be too small."""
+    """An outside check's: images beside the class folders, a class folder named `.net` and (another's) a link to a
+    class folder that is gone were left out with no word, and a class left with one image by --skip-bad was not
+    said to be too small."""
     import logging
 
     from PIL import Image
@@ -361,6 +362,7 @@ def test_what_an_image_folder_leaves_out_at_its_top_or_after_bad_files_is_said(t
         for i in range(n):
             Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / name / f"{i}.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "loose.jpg")
+    (tmp_path / "moved").symlink_to(tmp_path / "nowhere")  # a class folder's link whose folder is gone
     (tmp_path / "b" / "1.png").write_bytes(b"junk")
     (tmp_path / "b" / "2.png").write_bytes(b"junk")
     with caplog.at_level(logging.WARNING):
@@ -369,6 +371,7 @@ def test_what_an_image_folder_leaves_out_at_its_top_or_after_bad_files_is_said(t
     for said in (
         "1 images beside the class folders are not read",
         "folders ['.net'] start with a dot and are no classes",
+        "links ['moved'] lead to nothing and are not read",
         "class(es) ['b'] have one image once the bad files are left out",
     ):
         assert said in caplog.text, caplog.text
