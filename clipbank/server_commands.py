@@ -27,15 +27,17 @@ def _push(args: argparse.Namespace) -> int:
     manifest = _manifest_of(path) if path.is_file() else {}  # a pipe is read once, by the upload
     with _client(args) as client:
         mode = "shadow" if args.shadow else "inactive" if args.no_activate else "active"
-        before = _task_or_none(client, manifest.get("task")) if mode == "active" else None
+        before = _task_or_none(client, manifest.get("task"))
         out = client.push(path, force=args.force, mode=mode, wait_all=args.wait_all)
         print_json(out)  # the version stored, whatever the comparison below meets
-        replaced = before.get("active_version") if isinstance(before, dict) else None
-        if replaced is not None and replaced != out.get("version"):
-            try:
-                say_what_it_replaces(out, replaced, _task_or_none(client, out.get("task"), out.get("generation")))
-            except (AttributeError, TypeError, ValueError) as e:  # an answer of another shape: a remark less
-                print(f"(could not compare with v{replaced}: {type(e).__name__}: {e})", file=sys.stderr)
+        compare_with_before(client, before, out, out.get("version"), mode != "active")
+        shadowed = before.get("shadow_version") if isinstance(before, dict) else None
+        if mode == "shadow" and shadowed is not None and shadowed != out.get("version"):
+            print(
+                f"task {out.get('task')}: v{shadowed} was in shadow and is no more: its shadow figures are gone "
+                f"(`clipbank shadow {out.get('task')} --version {shadowed}` puts it back, from 0)",
+                file=sys.stderr,
+            )
     if mode != "active":
         say_failing_gate(out)
     for warning in _training_warnings(manifest):
@@ -76,10 +78,24 @@ def _training_warnings(manifest: dict) -> list[str]:
     return [w for w in said if isinstance(w, str)]
 
 
-def say_what_it_replaces(out: dict, replaced: int, task: dict | None) -> None:
+def compare_with_before(client, before: dict | None, out: dict, version: object, would: bool) -> None:
+    """`say_what_it_replaces` for `version` of out's task, against the version `before` (GET /tasks/TASK read
+    before the change) had active; `would`: it is not active yet (stored inactive, in shadow)."""
+    replaced = before.get("active_version") if isinstance(before, dict) else None
+    if replaced is None or replaced == version or not isinstance(version, int):
+        return
+    try:
+        task = _task_or_none(client, out.get("task"), out.get("generation"))
+        say_what_it_replaces({"task": out.get("task"), "version": version}, replaced, task, would)
+    except (AttributeError, TypeError, ValueError) as e:  # an answer of another shape: a remark less
+        print(f"(could not compare with v{replaced}: {type(e).__name__}: {e})", file=sys.stderr)
+
+
+def say_what_it_replaces(out: dict, replaced: int, task: dict | None, would: bool = False) -> None:
     """On stderr: classes the replaced version had and the new one lacks, and a validation accuracy well under
     its (an outside check: a v2 trained on 2 new classes replaced a v1 of 6, its selector then claimed 96% of
-    their images and answered them wrong; the gate, which measures other tasks, passed it, and push said nothing)."""
+    their images and answered them wrong; the gate, which measures other tasks, passed it, and push said nothing;
+    another's: pushed in shadow, then promoted, nothing was said either)."""
     versions = {v.get("version"): v for v in (task or {}).get("versions") or () if isinstance(v, dict)}
     old, new = versions.get(replaced), versions.get(out.get("version"))
     if not old or not new:
@@ -87,13 +103,15 @@ def say_what_it_replaces(out: dict, replaced: int, task: dict | None) -> None:
     name, v = out.get("task"), out.get("version")
     kept = set(new.get("classes") or ())
     dropped = [c for c in old.get("classes") or () if c not in kept]
+    verb = "would replace" if would else "replaces"
     if dropped:
         shown = ", ".join(dropped[:8]) + (", ..." if len(dropped) > 8 else "")
         print(
-            f"task {name} v{v} replaces v{replaced} and lacks {len(dropped)} of its {len(old.get('classes'))} classes "
-            f"({shown}): their images are now answered over v{v}'s classes, or by zero-shot CLIP when asked with "
-            f"their names. Roll back with `clipbank tasks activate {name} {replaced}`; to keep them, train v{v} "
-            "with --store on the task's store, or with images of every class",
+            f"task {name} v{v} {verb} v{replaced} and lacks {len(dropped)} of its {len(old.get('classes'))} classes "
+            f"({shown}): their images {'would be' if would else 'are now'} answered over v{v}'s classes, or by "
+            f"zero-shot CLIP when asked with their names. "
+            + ("" if would else f"Roll back with `clipbank tasks activate {name} {replaced}`; ")
+            + f"to keep them, train v{v} with --store on the task's store, or with images of every class",
             file=sys.stderr,
         )
     was, now = ((x.get("metrics") or {}).get("val_accuracy") for x in (old, new))
@@ -124,15 +142,23 @@ def say_failing_gate(out: dict) -> None:
 def _tasks(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.tasks_cmd == "activate":
+            before = _task_or_none(client, args.task)
             out = client.activate(args.task, args.version, force=args.force, wait_all=args.wait_all)
+            if not args.json:
+                _activated(out)
+            compare_with_before(client, before, out, out.get("active_version"), False)
         elif args.tasks_cmd == "deactivate":
+            before = _task_or_none(client, args.task) if args.purge else None
             out = client.delete(args.task, purge=args.purge, wait_all=args.wait_all)
+            shadowed = before.get("shadow_version") if isinstance(before, dict) else None
+            if shadowed is not None:  # an outside check: it went with the rest, said only as "N blob(s) deleted"
+                print(f"task {args.task}: v{shadowed}, in shadow, was purged too", file=sys.stderr)
         else:
             out = client.tasks()
     if args.json:
         print_json(out)
     elif args.tasks_cmd == "activate":
-        _activated(out)
+        pass  # said above, before the comparison with the version it replaced
     elif args.tasks_cmd == "deactivate":
         print_deactivated(out, args.purge)
     elif not (isinstance(out, dict) and isinstance(out.get("generation"), int) and isinstance(out.get("tasks"), list)):
@@ -147,6 +173,13 @@ def _activated(out: dict) -> None:
     print(f"task {out['task']}: version {out['active_version']} is active (generation {out['generation']})")
     if not gate:
         print("  it was active already: nothing changed", file=sys.stderr)
+    elif gate.get("passed") is True:  # an outside check: activating said nothing of the gate it passed
+        stolen = gate.get("stolen") if isinstance(gate.get("stolen"), dict) else {}
+        most = max(stolen.items(), key=lambda kv: kv[1], default=None)
+        took = f"at most {most[1]:.1%} of task {most[0]}'s images" if most else "no other task's images"
+        captured = gate.get("zero_shot_captured")
+        zero = f", {captured:.1%} of the generic images zero-shot answers" if isinstance(captured, float) else ""
+        print(f"  the interference gate passed it: it would take {took}{zero}", file=sys.stderr)
     for offence in gate.get("offences") or ():  # let through by --force
         print(f"  forced past the gate: {offence}", file=sys.stderr)
 

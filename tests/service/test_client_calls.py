@@ -151,6 +151,8 @@ def test_tasks_activate_and_deactivate_go_through_the_server(monkeypatch, capsys
 
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append((request.method, request.url.path, dict(request.url.params), request.read()))
+        if request.method == "GET":  # the task as it was, to compare the activated version with
+            return httpx.Response(200, json={**info, "versions": [], "shadow_version": 3})
         if request.method == "DELETE":
             kept = {"1": ["vans"]} if request.url.params["purge"] == "true" else {}
             return httpx.Response(200, json={"task": "cars", "purged_blobs": 1, "kept": kept, "generation": 10})
@@ -169,11 +171,13 @@ def test_tasks_activate_and_deactivate_go_through_the_server(monkeypatch, capsys
     assert "it was active already: nothing changed" in capsys.readouterr().err
     assert main(["tasks", *url, "deactivate", "cars", "--purge"]) == 0
     assert calls[-1][:3] == ("DELETE", "/tasks/cars", {"purge": "true"})
-    assert capsys.readouterr().out.splitlines() == [
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [
         "task cars: deactivated and purged, 1 blob(s) deleted; it stays listed, with the versions other tasks' "
         "experts need",
         "  kept version 1: tasks vans use its experts",
     ]
+    assert "task cars: v3, in shadow, was purged too" in captured.err
     assert main(["tasks", "deactivate", "cars", "--json", *url]) == 0
     assert json.loads(capsys.readouterr().out)["generation"] == 10
     answers = {"task": "cars", "purged_blobs": 0, "kept": {}, "generation": 11, "was_active": False}
