@@ -86,8 +86,10 @@ class InterferenceRefused(ClipbankError):
         offences = report.offences()
         if upload:
             why = (
-                "Retrain it (more steps, the reference set as negatives), or land it anyway with force=true on the "
-                "upload or the activation (`clipbank push --force`)."
+                "Retrain it on this bank (`clipbank train --store` on a copy of the server's store folder: the "
+                "other tasks' images are then its selector's negatives, and its summary previews this gate), with "
+                "more steps or the reference set as negatives; or land it anyway with force=true on the upload or "
+                "the activation (`clipbank push --force`)."
             )
         elif failed_when_stored:
             why = (
