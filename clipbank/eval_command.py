@@ -111,10 +111,11 @@ def _say_other_classes(report: dict, baseline: dict, path: str) -> None:
     """On stderr: a baseline of other classes (another folder, say), whose overall change compares unlike sets."""
     now, before = set(report["classes"]), set(baseline["classes"])
     if now != before:
-        only = sorted(now - before)[:5]
+        only = sorted(now - before)
+        shown = ", ".join(only[:5]) + (f", ... ({len(only)} in all)" if len(only) > 5 else "")
         print(
             f"--baseline {path} has other classes than {report['folder']} ({len(now & before)} of {len(now)} in "
-            f"common{'; not in it: ' + ', '.join(only) if only else ''}): its overall change compares unlike sets",
+            f"common{'; not in it: ' + shown if only else ''}): its overall change compares unlike sets",
             file=sys.stderr,
         )
 

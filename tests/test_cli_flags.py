@@ -1055,3 +1055,18 @@ def test_insights_waits_for_a_clustering_that_another_request_runs(monkeypatch, 
     _client_on(monkeypatch, handler)
     assert main(["insights", "--json", "--url", "http://srv:1", "--token", "t" * 20]) == 0
     assert calls == ["/insights/unclaimed"] * 2 and json.loads(capsys.readouterr().out)["clusters"] == []
+
+
+def test_a_baseline_of_other_classes_lists_them_and_says_how_many_when_cut(capsys):
+    """An outside check: 'not in it: fifths, halves, quarters, sevenths, sixths' left out `thirds` with no sign."""
+    from clipbank.eval_command import _say_other_classes
+
+    now = {
+        "folder": "pies",
+        "classes": {c: {} for c in ("fifths", "halves", "quarters", "sevenths", "sixths", "thirds")},
+    }
+    _say_other_classes(now, {"classes": {"rising": {}}}, "bars.json")
+    err = capsys.readouterr().err
+    assert "(0 of 6 in common; not in it: fifths, halves, quarters, sevenths, sixths, ... (6 in all))" in err, err
+    _say_other_classes(now, {"classes": {c: {} for c in list(now["classes"])[:5]}}, "most.json")
+    assert "(5 of 6 in common; not in it: thirds)" in capsys.readouterr().err
