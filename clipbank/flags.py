@@ -80,3 +80,17 @@ class UsageError(SystemExit):
 
     def __str__(self) -> str:
         return self.message
+
+
+LARGEST_VERSION = 2**31 - 1  # model_store.manifest.MAX_VERSION (which imports torch: not read here)
+
+
+def version_number(text: str) -> int:
+    """An argparse type: a bundle version, 1 to LARGEST_VERSION (20 digits were sent, and refused as bad JSON)."""
+    try:
+        version = int(text)
+    except ValueError:
+        version = 0
+    if not 1 <= version <= LARGEST_VERSION:
+        raise argparse.ArgumentTypeError(f"a version is a whole number from 1 to {LARGEST_VERSION}, got {text!r}")
+    return version

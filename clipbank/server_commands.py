@@ -12,6 +12,7 @@ from pathlib import Path
 from model_store.settings import env_value
 
 from .classify_command import DEFAULT_URL
+from .flags import version_number
 from .output import print_json
 from .tables import print_tasks
 
@@ -233,7 +234,7 @@ def add_server_parsers(sub, url: str) -> None:
     tsub.add_parser("list", help="one row per stored version: state, classes, size, trained, accuracy")
     a = tsub.add_parser("activate", help="make a stored version active (rollback, roll forward, promotion), gated")
     a.add_argument("task")
-    a.add_argument("version", type=int)
+    a.add_argument("version", type=version_number)
     a.add_argument("--force", action="store_true", help="override the interference gate (docs/safety.md)")
     d = tsub.add_parser("deactivate", help="stop routing to a task (its versions stay stored)")
     d.add_argument("task")

@@ -10,6 +10,7 @@ from model_store.errors import ClipbankError
 from model_store.settings import env_value
 from service.config import ServeConfig
 
+from .flags import version_number
 from .output import print_json
 from .server_commands import print_deactivated
 from .tables import index_tasks, print_tasks
@@ -158,7 +159,7 @@ def add_store_parser(sub) -> None:
     )
     a = ssub.add_parser("activate", help="make a stored version active (not gated: the server's gate is its own)")
     a.add_argument("task")
-    a.add_argument("version", type=int)
+    a.add_argument("version", type=version_number)
     dd = ssub.add_parser("deactivate", help="stop routing to a task (its versions stay stored)")
     dd.add_argument("task")
     dd.add_argument(

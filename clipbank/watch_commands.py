@@ -13,6 +13,7 @@ from pathlib import Path
 from model_store.settings import env_value
 
 from .classify_command import DEFAULT_URL
+from .flags import version_number
 from .output import print_json
 from .server_commands import say_failing_gate
 
@@ -232,7 +233,7 @@ def add_watch_parsers(sub, url: str) -> None:
     sh = sub.add_parser("shadow", help="what a task's version in shadow would do to live traffic; or put one there")
     sh.add_argument("task")
     what = sh.add_mutually_exclusive_group()
-    what.add_argument("--version", type=int, help="put this stored version in shadow")
+    what.add_argument("--version", type=version_number, help="put this stored version in shadow")
     what.add_argument("--stop", action="store_true", help="stop scoring traffic with the version in shadow")
     sh.add_argument("--json", action="store_true", help="print the full JSON")
     sh.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")

@@ -1070,3 +1070,24 @@ def test_a_baseline_of_other_classes_lists_them_and_says_how_many_when_cut(capsy
     assert "(0 of 6 in common; not in it: fifths, halves, quarters, sevenths, sixths, ... (6 in all))" in err, err
     _say_other_classes(now, {"classes": {c: {} for c in list(now["classes"])[:5]}}, "most.json")
     assert "(5 of 6 in common; not in it: thirds)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["shadow", "t", "--version", "99999999999999999999"],
+        ["tasks", "activate", "t", "0"],
+        ["store", "--store", "s", "activate", "t", "2147483648"],
+    ],
+)
+def test_a_version_out_of_range_is_a_usage_error_naming_the_range(argv, capsys):
+    """An outside check: `clipbank shadow T --version 99999999999999999999` answered 'the body is not valid JSON'."""
+    from clipbank.cli import main
+    from clipbank.flags import LARGEST_VERSION
+    from model_store.manifest import MAX_VERSION
+
+    assert LARGEST_VERSION == MAX_VERSION
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    assert "a version is a whole number from 1 to 2147483647, got" in capsys.readouterr().err
