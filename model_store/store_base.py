@@ -26,11 +26,10 @@ from .errors import (
     StoreDamaged,
     StoreError,
     StoreMoved,
-    VersionConflict,
 )
 from .labels import unanswerable_class
 from .manifest import index_metrics, shown, validate_task_name
-from .store_index import StoreIndex, TaskRecord, VersionRecord, refuse_too_new
+from .store_index import StoreIndex, TaskRecord, VersionRecord, refuse_stored_version, refuse_too_new
 
 Edit = Callable[[StoreIndex], StoreIndex]
 
@@ -326,21 +325,6 @@ class Store:
         """
         validate_task_name(task)
         return self._purge(task)
-
-
-def refuse_stored_version(index: StoreIndex, bundle: Bundle) -> None:
-    """VersionConflict unless `bundle` is newer than every stored version of its task."""
-    newest = index.tasks[bundle.task].newest if bundle.task in index.tasks else 0
-    if bundle.version <= newest and index.owner(bundle.id) is not None:  # the same bytes, stored meanwhile
-        raise VersionConflict(
-            f"this bundle is stored already: task {bundle.task!r} version {bundle.version} (bundle "
-            f"{bundle.id[:12]}); a new bundle needs a higher version"
-        )
-    if bundle.version <= newest:
-        raise VersionConflict(
-            f"task {bundle.task!r} already has version {newest}; a new bundle needs version > {newest}, "
-            f"got {bundle.version} (train it with `--version {newest + 1}`, or on this store with `--store`)"
-        )
 
 
 def _check_addable(index: StoreIndex, bundle: Bundle) -> tuple[str, ...]:

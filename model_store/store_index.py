@@ -14,10 +14,13 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import StoreError, StoreTooNew, TaskNotFound, VersionNotFound
+from .errors import StoreError, StoreTooNew, TaskNotFound, VersionConflict, VersionNotFound
 from .manifest import ID_RE, shown
+
+if TYPE_CHECKING:
+    from .bundle import Bundle
 
 STORE_ID_RE = re.compile(r"[0-9a-f]{32}")
 
@@ -248,6 +251,30 @@ def refuse_too_new(index: StoreIndex) -> None:
         raise StoreTooNew(
             f"the store index is format {index.format}, written by a newer clipbank; this release (format "
             f"{INDEX_FORMAT}) serves from it but does not change it: upgrade to change the store"
+        )
+
+
+def stored_already(bundle: Bundle, how: str = "") -> str:
+    """Why the very bundle stored is refused, and what to do instead (an outside check: pushed in shadow again, it
+    was told only that a new bundle needs a higher version)."""
+    task, version = bundle.task, bundle.version
+    return (
+        f"this bundle is stored already{how}: task {task!r} version {version} (bundle {bundle.id[:12]}): activate "
+        f"it or put it in shadow as stored (`clipbank tasks activate {task} {version}`, `clipbank shadow {task} "
+        f"--version {version}`); a new bundle needs a higher version"
+    )
+
+
+def refuse_stored_version(index: StoreIndex, bundle: Bundle) -> None:
+    """VersionConflict unless `bundle` is newer than every stored version of its task."""
+    newest = index.tasks[bundle.task].newest if bundle.task in index.tasks else 0
+    if bundle.version <= newest and index.owner(bundle.id) is not None:  # the same bytes, stored meanwhile
+        raise VersionConflict(stored_already(bundle))
+    if bundle.version <= newest:
+        raise VersionConflict(
+            f"task {bundle.task!r} already has version {newest}; a new bundle needs version > {newest}, "
+            f"got {bundle.version} (train it with `--version {newest + 1}`, or on this store with `--store`; "
+            "an older version cannot be added after a newer one)"
         )
 
 

@@ -32,8 +32,8 @@ from model_store.gate import Gate, GateReport, InterferenceRefused
 from model_store.inference import ClassifyItem, TextCache, classify_batch
 from model_store.loader import BankLoader
 from model_store.manifest import shown
-from model_store.store_base import PutResult, Store, refuse_stored_version
-from model_store.store_index import StoreIndex, TaskRecord
+from model_store.store_base import PutResult, Store
+from model_store.store_index import StoreIndex, TaskRecord, refuse_stored_version, stored_already
 
 from .degraded import DegradedRetry
 from .errors import status_of
@@ -315,8 +315,7 @@ class Registry:
                 self.refresh()
             if not left_out or (still := self._left_out(bundle)):
                 raise VersionConflict(
-                    f"this bundle is stored already, whole: task {bundle.task!r} version {bundle.version} "
-                    f"(bundle {bundle.id[:12]}); a new bundle needs a higher version"
+                    stored_already(bundle, ", whole")
                     + (f"; it is not served (or scored) for another reason: {still}" if left_out else "")
                 )
             generation = self.bank.generation
