@@ -194,10 +194,12 @@ def plot_unclaimed(out: dict, path: str) -> None:
     fig = plt.figure(figsize=(8, 4 + 1.1 * len(shown)))
     grid = fig.add_gridspec(1 + len(shown), 1, height_ratios=[4] + [1.1] * len(shown))
     ax = fig.add_subplot(grid[0])
+    step = (out.get("reservoir") or {}).get("bin_seconds")
     for c in out["clusters"]:
-        when = [datetime.fromtimestamp(t, timezone.utc) for t, _ in c["over_time"]]
+        points = _gaps_broken(c["over_time"], step)
+        when = [datetime.fromtimestamp(t, timezone.utc) for t, _ in points]
         label = f"cluster {c['id']} ({c['size']} kept; nearest {c['nearest_task'] or '-'})"
-        ax.plot(when, [100 * share for _, share in c["over_time"]], marker="o", label=label)
+        ax.plot(when, [100 * share for _, share in points], marker="o", label=label)
     times = {t for c in out["clusters"] for t, _ in c["over_time"]}
     if len(times) == 1:  # one time bin: matplotlib's automatic date axis would span years around it
         (t,) = times
@@ -214,6 +216,17 @@ def plot_unclaimed(out: dict, path: str) -> None:
     fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
     _write(Path(path), png.getvalue())
+
+
+def _gaps_broken(points: list, step: float | None) -> list:
+    """(time, share) points with a NaN share after each one followed by bins without auto traffic (none are
+    listed), so the plot leaves a gap there instead of a straight line across it (an outside check)."""
+    out: list = []
+    for (t, share), following in zip(points, [*points[1:], None], strict=True):
+        out.append((t, share))
+        if step and following is not None and following[0] - t > 1.5 * step:
+            out.append((t + step, float("nan")))
+    return out
 
 
 def _thumbnail_row(fig, cell, cluster: dict) -> None:

@@ -239,6 +239,24 @@ def test_a_diffuse_domain_beside_tight_ones_is_a_cluster_of_its_own(backbone):
         assert {int(np.bincount(truth[c.members]).argmax()) for c in found} == set(range(len(names)))
 
 
+def test_the_plot_leaves_a_gap_where_bins_had_no_auto_traffic(tmp_path, monkeypatch):
+    """An outside check: a straight line ran across the hours no auto traffic came (such bins are not listed)."""
+    import math
+
+    from clipbank.watch_commands import plot_unclaimed
+    from training.plots import pyplot
+
+    plt = pyplot()
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    t = 1_796_000_000
+    over = [[t, 0.1], [t + 60, 0.2], [t + 7200, 0.3]]  # a gap of two hours after the second bin
+    cluster = {"id": 0, "size": 40, "nearest_task": None, "over_time": over, "examples": []}
+    plot_unclaimed({"reservoir": {"bin_seconds": 60.0}, "clusters": [cluster]}, str(tmp_path / "gap.png"))
+    shares = list(figures[0].axes[0].lines[0].get_ydata())
+    assert shares[:2] == [10.0, 20.0] and math.isnan(shares[2]) and shares[3] == 30.0 and len(shares) == 4
+
+
 def test_a_large_domain_with_sub_structure_is_one_cluster_at_the_defaults(backbone):
     """300 clock images among 840 auto-routed ones came out as the two densest leaves of their backgrounds, 103
     images (12%), the rest in no group; with --min-share 0.1, as one cluster of 300 (an outside check)."""
