@@ -152,7 +152,7 @@ def _tasks(args: argparse.Namespace) -> int:
             before = _task_or_none(client, args.task) if args.purge else None
             out = client.delete(args.task, purge=args.purge, wait_all=args.wait_all)
             shadowed = before.get("shadow_version") if isinstance(before, dict) else None
-            if shadowed is not None:  # an outside check: it went with the rest, said only as "N blob(s) deleted"
+            if shadowed is not None and str(shadowed) not in (out.get("kept") or {}):  # said as "N blob(s) deleted"
                 print(f"task {args.task}: v{shadowed}, in shadow, was purged too", file=sys.stderr)
         else:
             out = client.tasks()
@@ -180,7 +180,9 @@ def _activated(out: dict) -> None:
         took = f"at most {most[1]:.1%} of task {most[0]}'s images" if most else "no other task's images"
         captured = gate.get("zero_shot_captured")
         zero = f", {captured:.1%} of the generic images zero-shot answers" if isinstance(captured, float) else ""
-        print(f"  the interference gate passed it: it would take {took}{zero}", file=sys.stderr)
+        unmeasured = [str(t) for t in gate.get("unmeasured") or ()]
+        missing = f" (not measured on {', '.join(unmeasured)}: no probes)" if unmeasured else ""
+        print(f"  the interference gate passed it: it would take {took}{zero}{missing}", file=sys.stderr)
     for offence in gate.get("offences") or ():  # let through by --force
         print(f"  forced past the gate: {offence}", file=sys.stderr)
 

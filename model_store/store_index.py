@@ -254,14 +254,17 @@ def refuse_too_new(index: StoreIndex) -> None:
         )
 
 
-def stored_already(bundle: Bundle, how: str = "") -> str:
+def stored_already(bundle: Bundle, index: StoreIndex, how: str = "") -> str:
     """Why the very bundle stored is refused, and what to do instead (an outside check: pushed in shadow again, it
     was told only that a new bundle needs a higher version)."""
     task, version = bundle.task, bundle.version
+    record = index.tasks.get(task)
+    what = f"this bundle is stored already{how}: task {task!r} version {version} (bundle {bundle.id[:12]})"
+    if record is not None and record.active == bundle.id:
+        return f"{what}, and active; a new bundle needs a higher version"
     return (
-        f"this bundle is stored already{how}: task {task!r} version {version} (bundle {bundle.id[:12]}): activate "
-        f"it or put it in shadow as stored (`clipbank tasks activate {task} {version}`, `clipbank shadow {task} "
-        f"--version {version}`); a new bundle needs a higher version"
+        f"{what}: activate it or put it in shadow as stored (`clipbank tasks activate {task} {version}`, "
+        f"`clipbank shadow {task} --version {version}`); a new bundle needs a higher version"
     )
 
 
@@ -269,7 +272,7 @@ def refuse_stored_version(index: StoreIndex, bundle: Bundle) -> None:
     """VersionConflict unless `bundle` is newer than every stored version of its task."""
     newest = index.tasks[bundle.task].newest if bundle.task in index.tasks else 0
     if bundle.version <= newest and index.owner(bundle.id) is not None:  # the same bytes, stored meanwhile
-        raise VersionConflict(stored_already(bundle))
+        raise VersionConflict(stored_already(bundle, index))
     if bundle.version <= newest:
         raise VersionConflict(
             f"task {bundle.task!r} already has version {newest}; a new bundle needs version > {newest}, "

@@ -36,10 +36,14 @@ def _best_cut(x: np.ndarray, k: int, least: int) -> tuple[float, np.ndarray | No
     degree = np.bincount(graph.row, minlength=n).astype(np.float64)
     scale = diags(1 / np.sqrt(degree))
     try:  # the second eigenvector of the normalised adjacency orders the rows along the weakest cut
-        values, vectors = eigsh(scale @ graph.tocsr() @ scale, k=2, which="LA", v0=np.sqrt(degree), maxiter=5000)
+        _, vectors = eigsh(scale @ graph.tocsr() @ scale, k=2, which="LA", v0=np.sqrt(degree), maxiter=5000)
     except ArpackError:
         return math.inf, None
-    order = np.argsort(scale @ vectors[:, np.argsort(values)[0]], kind="stable")
+    # the one of the two least like the trivial top eigenvector (sqrt(degree)): a group in two disconnected parts
+    # has the eigenvalue 1 twice, and taking the other by its eigenvalue missed the cut in 11 of 20 trials
+    trivial = np.sqrt(degree) / np.linalg.norm(np.sqrt(degree))
+    fiedler = vectors[:, int(np.argmin(np.abs(vectors.T @ trivial)))]
+    order = np.argsort(scale @ fiedler, kind="stable")
     place = np.empty(n, np.int64)
     place[order] = np.arange(n)
     lo, hi = np.minimum(place[graph.row], place[graph.col]), np.maximum(place[graph.row], place[graph.col])

@@ -37,7 +37,7 @@ MAX_HELD_OUT = 4096  # and at most this many: the test's time grows with them
 MIN_BACKGROUND = 256  # fewer reference rows than this are ignored (50 let generic traffic form a 16% cluster)
 DENSITY_SAMPLE = 1024  # members per group whose balls are counted (all of them in a smaller group)
 DENSITY_CHUNK = 1024  # reservoir rows per block of distances to the held-out rows (1024 x 4096 x 4 B = 16 MiB)
-LEFTOVER_OWN = 0.75  # share of a leftover group's neighbour links that stay in it (a domain: 0.88+; a fringe: 0.6-)
+LEFTOVER_OWN = 0.75  # a leftover group's links to reservoir rows that stay in it (a domain: 0.88+; a fringe: 0.6-)
 SEED = 0
 
 ScoreTasks = Callable[[np.ndarray], tuple[list[str], np.ndarray]]

@@ -242,7 +242,7 @@ class UnclaimedReservoir:
             emb, times, order, stamps = emb[keep], times[keep], order[keep], stamps[keep]
             batch, before = batch[keep], before[keep]
         start = times[0] if len(times) and overwrote else cutoff
-        first = np.searchsorted((ids + 1) * bs, start, side="right")  # first bin ending after `start`
+        first = np.searchsorted(ids, math.floor(start / bs))  # the bin `start` was counted in (or the next one)
         if len(times) and overwrote and first < len(ids):  # from the oldest kept record, less what it lost
             kept = int(np.count_nonzero(stamps == stamps[0]))
             (auto, unclaimed), (auto_before, unclaimed_before) = batch[0], before[0]

@@ -234,6 +234,7 @@ def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:
     """(token, where it came from). Unset: the one saved in the store folder, else a new one saved there, so a
     restart keeps the token its clients have (servers sharing the store share it too)."""
     path = Path(config.store) / ADMIN_TOKEN_FILE
+    _sweep_token_temps(path)  # a server killed while saving one left it, whether this one sets its own or not
     if config.admin_token:
         with contextlib.suppress(OSError, UnicodeDecodeError):  # an object store, no such file: nothing to say
             if path.is_file() and path.read_text().strip() != config.admin_token:
@@ -244,7 +245,6 @@ def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:
                     path,
                 )
         return config.admin_token, "set"
-    _sweep_token_temps(path)
     try:
         token = read_regular(path).decode().strip()  # a pipe in its place hung the start
         if len(token) >= 16 and SENDABLE_TOKEN.fullmatch(token):

@@ -18,10 +18,11 @@ from model_store.bank import BankSnapshot, empty_bank
 from model_store.bundle import Bundle, read_bundle
 from model_store.compat import refuse_other_backbone
 from model_store.errors import (
+    BackboneMismatch,
     BundleInvalid,
     BundleNotFound,
-    ClipbankError,
     InvalidRequest,
+    MissingExpert,
     NoShadow,
     ShadowConflict,
     StoreError,
@@ -36,13 +37,13 @@ from model_store.store_base import PutResult, Store
 from model_store.store_index import StoreIndex, TaskRecord, refuse_stored_version, stored_already
 
 from .degraded import DegradedRetry
-from .errors import status_of
 from .memory import release_free_memory
 from .metrics import Metrics
 from .warm import encode_classes_in_steps
 
 log = logging.getLogger("clipbank.service")
 T = TypeVar("T")
+REFUSALS = (InterferenceRefused, VersionConflict, InvalidRequest, MissingExpert, BackboneMismatch)  # the request's
 CHANGE_TRIES = 3  # checks of a gated change on a store that other servers keep changing (S3), then 503 store_busy
 
 
@@ -175,7 +176,7 @@ class Registry:
                 if check is not None:
                     self.run_torch(check, candidate)
             except Exception as e:
-                if not (isinstance(e, ClipbankError) and status_of(e) < 500):  # a refusal (gate, bundle) is no failure
+                if not isinstance(e, REFUSALS):  # the request's fault (the gate, its own bundle) is no failed swap
                     self.metrics.swap_failures.inc()
                 raise
             written = None
@@ -315,7 +316,7 @@ class Registry:
                 self.refresh()
             if not left_out or (still := self._left_out(bundle)):
                 raise VersionConflict(
-                    stored_already(bundle, ", whole")
+                    stored_already(bundle, self.store.index(), ", whole")
                     + (f"; it is not served (or scored) for another reason: {still}" if left_out else "")
                 )
             generation = self.bank.generation

@@ -297,10 +297,15 @@ def test_the_same_bundle_put_twice_is_named_as_stored_already_not_as_an_old_vers
 
     store = LocalStore(tmp_path)
     store.put(bundles[2])
-    with pytest.raises(VersionConflict, match="this bundle is stored already: task 'cars' version 2"):
+    with pytest.raises(VersionConflict, match="this bundle is stored already: task 'cars' version 2") as active:
         store.put(bundles[2])
-    with pytest.raises(VersionConflict, match="already has version 2; a new bundle needs version > 2, got 1"):
+    assert "and active; a new bundle needs a higher version" in str(active.value)
+    with pytest.raises(VersionConflict, match="already has version 2; a new bundle needs version > 2, got 1") as old:
         store.put(bundles[1])
+    assert "an older version cannot be added after a newer one" in str(old.value)
+    store.deactivate("cars")  # stored, not active: it says how to use it as it is (an outside check)
+    with pytest.raises(VersionConflict, match="`clipbank shadow cars --version 2`"):
+        store.put(bundles[2])
 
 
 def test_a_first_put_killed_after_its_blob_leaves_a_usable_store(tmp_path, bundles, monkeypatch):

@@ -92,3 +92,6 @@ def test_a_temp_token_file_left_by_a_killed_server_is_swept(tmp_path):
     token, where = resolve_admin_token(ServeConfig(store=str(tmp_path)))
     assert "generated and saved" in where
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ADMIN_TOKEN_FILE, fresh.name, other.name])
+    os.utime(fresh, (0, os.path.getmtime(fresh) - 120))  # a server that sets its own token sweeps them too
+    assert resolve_admin_token(ServeConfig(store=str(tmp_path), admin_token="s" * 20))[1] == "set"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ADMIN_TOKEN_FILE, other.name])

@@ -14,7 +14,7 @@ from model_store import store_base as store_module  # where put and put_validate
 from model_store.bank import build_bank, empty_bank
 from model_store.bundle import MANIFEST_KEY, read_bundle
 from model_store.digest import bytes_digest
-from model_store.errors import BackboneMismatch, BundleInvalid, StoreMoved
+from model_store.errors import BackboneMismatch, BundleInvalid, BundleNotFound, StoreMoved, VersionConflict
 from model_store.loader import BankLoader
 from model_store.store import LocalStore
 from service import registry as registry_module
@@ -232,19 +232,20 @@ def test_another_backbone_is_refused_from_the_header_before_the_tensors_are_read
 
 
 def test_a_failed_bank_build_is_counted_a_refused_upload_is_not(registry, parts, monkeypatch):
-    """`clipbank_swap_failures_total` counts changes the server could not serve, which an operator must look at;
-    a refusal of the request (an invalid bundle, the gate) is the client's, counted by its status and the gate."""
-    with pytest.raises(BundleInvalid):
-        registry.upload(with_version(parts["a"], 0))
-    assert registry.metrics.swap_failures._value.get() == 0
+    """`clipbank_swap_failures_total` counts changes the server could not serve, which an operator must look at
+    (a damaged store too, though its error is a 4xx); a refusal of the request (the gate, its own bundle) is the
+    client's, counted by its status and the gate (tests/service/test_gate.py)."""
+    failures = [VersionConflict("another writer took version 1"), BundleNotFound("a blob is missing"), MemoryError()]
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("out of memory")
+    def failing(*args, **kwargs):
+        raise failures.pop(0)
 
-    monkeypatch.setattr(registry_module, "trial_run", broken)
-    with pytest.raises(RuntimeError, match="out of memory"):
-        registry.upload(parts["a"])
-    assert registry.metrics.swap_failures._value.get() == 1 and registry.store.index().tasks == {}
+    monkeypatch.setattr(registry_module, "trial_run", failing)
+    for kind, counted in ((VersionConflict, 0), (BundleNotFound, 1), (MemoryError, 2)):
+        with pytest.raises(kind):
+            registry.upload(parts["a"])
+        assert registry.metrics.swap_failures._value.get() == counted, kind
+    assert registry.store.index().tasks == {}
 
 
 def test_an_uploads_class_embeddings_are_encoded_a_chunk_per_compute_job(tmp_path, backbone):

@@ -15,6 +15,8 @@ from clipbank.cli import main
 from service.client import ClipbankClient, ClipbankHTTPError
 from tests.helpers import client_on
 
+URL = ["--url", "http://srv", "--token", "t" * 20]
+
 PNG = b"\x89PNG\r\n\x1a\n" + b"x" * 40
 ROUTE = {"task": None, "version": None, "bundle_id": None, "score": None, "threshold": None}
 OK = {"results": [{"labels": [{"label": "cat", "score": 0.9}], "route": ROUTE}], "timing": {}}
@@ -152,7 +154,7 @@ def test_tasks_activate_and_deactivate_go_through_the_server(monkeypatch, capsys
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append((request.method, request.url.path, dict(request.url.params), request.read()))
         if request.method == "GET":  # the task as it was, to compare the activated version with
-            return httpx.Response(200, json={**info, "versions": [], "shadow_version": 3})
+            return httpx.Response(200, json={"shadow_version": 3, **info, "versions": []})
         if request.method == "DELETE":
             kept = {"1": ["vans"]} if request.url.params["purge"] == "true" else {}
             return httpx.Response(200, json={"task": "cars", "purged_blobs": 1, "kept": kept, "generation": 10})
@@ -178,6 +180,10 @@ def test_tasks_activate_and_deactivate_go_through_the_server(monkeypatch, capsys
         "  kept version 1: tasks vans use its experts",
     ]
     assert "task cars: v3, in shadow, was purged too" in captured.err
+    info["shadow_version"] = 1  # kept: other tasks use its experts (the review's)
+    assert main(["tasks", *url, "deactivate", "cars", "--purge"]) == 0
+    assert "in shadow, was purged too" not in capsys.readouterr().err
+    del info["shadow_version"]
     assert main(["tasks", "deactivate", "cars", "--json", *url]) == 0
     assert json.loads(capsys.readouterr().out)["generation"] == 10
     answers = {"task": "cars", "purged_blobs": 0, "kept": {}, "generation": 11, "was_active": False}
@@ -243,3 +249,50 @@ def test_a_classify_can_carry_the_callers_request_id(monkeypatch):
             with pytest.raises(ValueError, match="request_id is 1 to 128 characters"):
                 c.classify([PNG], request_id=bad)
     assert seen == ["order-17:item.3", None]
+
+
+def test_shadow_and_activation_say_what_the_version_would_replace_and_what_a_shadow_replaced(
+    monkeypatch, tmp_path, capsys, backbone
+):
+    """An outside check: a v3 trained on 3 of 6 classes, pushed in shadow (the safer way the README shows) and then
+    promoted with `tasks activate`, was never said to lack classes, which a plain push says; pushing it in shadow
+    over v2 dropped v2's shadow figures without a word; and activating said nothing of the gate it passed."""
+    from model_store.bank import empty_bank
+    from tests.helpers import random_bundle
+
+    bundle = tmp_path / "v3.safetensors"
+    bundle.write_bytes(random_bundle(empty_bank(backbone), "greek", seed=1, version=3))
+    v1 = {"version": 1, "classes": ["alpha", "beta", "gamma"], "metrics": {}}
+    v3 = {"version": 3, "classes": ["alpha"], "metrics": {}}
+    state = {"active_version": 1, "shadow_version": 2}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path == "/tasks":
+            state["shadow_version"] = 3
+            answer = {"task": "greek", "version": 3, "bundle_id": "b" * 64, "generation": 5, "gate": None}
+            return httpx.Response(201, json=answer)
+        if request.method == "POST":  # the activation
+            state["active_version"] = 3
+            gate = {
+                "passed": True,
+                "stolen": {"latin": 0.004},
+                "zero_shot_captured": 0.012,
+                "offences": [],
+                "unmeasured": ["old"],
+            }
+            return httpx.Response(200, json={"task": "greek", "active_version": 3, "generation": 6, "gate": gate})
+        return httpx.Response(200, json={"task": "greek", **state, "versions": [v1, v3]})
+
+    client_on(monkeypatch, handler)
+    assert main(["push", str(bundle), "--shadow", *URL]) == 0
+    err = capsys.readouterr().err
+    assert "task greek v3 would replace v1 and lacks 2 of its 3 classes (beta, gamma)" in err, err
+    assert "their images would be answered over v3's classes" in err and "Roll back" not in err
+    assert "v2 was in shadow and is no more: its shadow figures are gone" in err
+    assert main(["tasks", "activate", "greek", "3", *URL]) == 0
+    out = capsys.readouterr()
+    assert out.out == "task greek: version 3 is active (generation 6)\n"
+    assert "the interference gate passed it: it would take at most 0.4% of task latin's images, 1.2%" in out.err
+    assert "(not measured on old: no probes)" in out.err
+    assert "task greek v3 replaces v1 and lacks 2 of its 3 classes" in out.err
+    assert "`clipbank tasks activate greek 1`" in out.err

@@ -437,3 +437,17 @@ def test_a_large_reservoir_is_grouped_through_a_sample_and_stays_one_domain():
     assert clusters[0].share == pytest.approx(0.5, abs=0.01)
     again = find_clusters(snap, None, background=_noise(3000, seed=22))
     assert [c.size for c in again] == [c.size for c in clusters]  # deterministic
+
+
+def test_a_group_of_two_apart_is_cut_and_one_of_one_domain_is_not():
+    """The review's: two blobs far apart (two components of the neighbour graph) have the eigenvalue 1 twice, and
+    taking the cut's eigenvector by its eigenvalue missed it in 11 of 20 trials; one blob must stay whole."""
+    from service.cluster_cuts import split_groups
+
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        two = np.concatenate([rng.standard_normal((200, 8)), rng.standard_normal((200, 8)) + 6.0])
+        labels = split_groups(two, np.zeros(400, np.int64), 10, 20)
+        assert len(set(labels[:200])) == 1 and len(set(labels[200:])) == 1 and labels[0] != labels[200], seed
+        one = rng.standard_normal((400, 8))
+        assert (split_groups(one, np.zeros(400, np.int64), 10, 20) == 0).all(), seed
