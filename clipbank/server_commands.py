@@ -41,6 +41,7 @@ def _push(args: argparse.Namespace) -> int:
             )
     if mode != "active":
         say_failing_gate(out)
+    say_gate_notes(out)
     for warning in _training_warnings(manifest):
         print(f"  its training warned: {warning}", file=sys.stderr)
     return 0
@@ -140,6 +141,35 @@ def say_failing_gate(out: dict) -> None:
         print(f"  {offence}", file=sys.stderr)
 
 
+SELF_CLAIM_LOW = 0.5  # of its own probes: under it, a version gets little of its own traffic
+
+
+def say_gate_notes(out: dict) -> None:
+    """On stderr, what the gate's report shows beyond its limits (outside checks): a version whose own probes go
+    elsewhere (a task trained on images another task claims got none of its traffic, and nothing said so), and
+    images of other tasks that the task's serving version took already, which the gate does not count again."""
+    gate = out.get("gate")
+    if not isinstance(gate, dict):
+        return
+    name = f"task {out.get('task')} v{gate.get('version')}"
+    own, routes = gate.get("self_claim"), gate.get("own_routes")
+    if isinstance(own, int | float) and own < SELF_CLAIM_LOW:
+        where = ", ".join(f"{t} {share:.1%}" for t, share in sorted((routes or {}).items(), key=lambda kv: -kv[1]))
+        print(
+            f"{name} is routed only {own:.1%} of its own probe images{f' (the rest: {where})' if where else ''}: "
+            "it will get little of its domain's traffic; another task's selector claims those images first",
+            file=sys.stderr,
+        )
+    limit = (gate.get("limits") or {}).get("max_stolen", 0.02)
+    for task, share in sorted((gate.get("already_taken") or {}).items(), key=lambda kv: -kv[1]):
+        if isinstance(share, int | float) and share > limit:
+            print(
+                f"{name} keeps {share:.1%} of task {task}'s images, which its version serving before took already "
+                "(so the gate does not count them): that task gets little of its own traffic",
+                file=sys.stderr,
+            )
+
+
 def _tasks(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.tasks_cmd == "activate":
@@ -147,6 +177,7 @@ def _tasks(args: argparse.Namespace) -> int:
             out = client.activate(args.task, args.version, force=args.force, wait_all=args.wait_all)
             if not args.json:
                 _activated(out)
+            say_gate_notes(out)
             compare_with_before(client, before, out, out.get("active_version"), False)
         elif args.tasks_cmd == "deactivate":
             before = _task_or_none(client, args.task) if args.purge else None

@@ -45,6 +45,9 @@ class GateReport:
     zero_shot_captured: float | None = None  # None: no reference set for this backbone
     unmeasured: tuple[str, ...] = ()  # other active tasks without probes (bundles made before probes)
     limits: GateLimits = field(default_factory=GateLimits)
+    # other task -> share of its probes the task's serving version takes already, and the new one keeps (not stolen)
+    already_taken: Mapping[str, float] = field(default_factory=dict)
+    own_routes: Mapping[str, float] = field(default_factory=dict)  # where its own probes go instead: task/zero-shot
 
     def offences(self) -> list[str]:
         """Every figure above its limit, worst first, in words."""
@@ -70,6 +73,8 @@ class GateReport:
                 "max_stolen": self.limits.max_stolen,
                 "max_zero_shot_captured": self.limits.max_zero_shot_captured,
             },
+            "already_taken": dict(self.already_taken),
+            "own_routes": dict(self.own_routes),
             "passed": not self.offences(),
             "offences": self.offences(),
         }
@@ -82,7 +87,8 @@ class InterferenceRefused(ClipbankError):
 
     def __init__(self, report: GateReport, upload: bool = False, failed_when_stored: bool = False) -> None:
         """`upload`: the version was being uploaded (so nothing was stored), not a stored one activated.
-        `failed_when_stored`: the report kept beside the stored version failed too (stored inactive or in shadow)."""
+        `failed_when_stored`: the report kept beside the stored version failed too (its last check: stored inactive,
+        in shadow, or forced active)."""
         offences = report.offences()
         if upload:
             why = (
@@ -93,7 +99,8 @@ class InterferenceRefused(ClipbankError):
             )
         elif failed_when_stored:
             why = (
-                "It failed the gate when it was stored too (its report: GET /tasks/NAME): retrain it (more steps, "
+                "It failed the gate when it was last checked too (stored, put in shadow or forced active; its report: "
+                "GET /tasks/NAME): retrain it (more steps, "
                 "the reference set as negatives), or activate it anyway with force=true."
             )
         else:
@@ -111,49 +118,101 @@ class InterferenceRefused(ClipbankError):
 Scores = Callable[[torch.Tensor], torch.Tensor]  # frozen embeddings [n, D] -> selector scores [n, T]
 
 
-def _claimed_by(scores: Scores, feats: torch.Tensor | None, index: int, device: torch.device) -> float | None:
-    """The share of `feats` routed to task column `index` (None: nothing to measure)."""
+Held = Callable[[torch.Tensor], torch.Tensor]  # embeddings [n, D] -> [n] bool: the task's serving version has them
+
+
+def held_by(scores: Scores, index: int, device: torch.device) -> Held:
+    """Which embeddings the bank of `scores` routes to its column `index`: the task as it serves now, whose
+    images a new version of it does not take from anyone."""
+    return lambda feats: route_scores(scores(feats.to(device, torch.float32)))[0] == index
+
+
+def _claimed_by(
+    scores: Scores, feats: torch.Tensor | None, index: int, device: torch.device, held: Held | None = None
+) -> tuple[float, float] | None:
+    """The shares of `feats` newly routed to task column `index`, and routed to it already (by the task's serving
+    version: `held`); None: nothing to measure."""
     if feats is None:
         return None
     if feats.shape[0] == 0:
-        return 0.0
-    routed, _ = route_scores(scores(feats.to(device, torch.float32)))
-    return round(float((routed == index).float().mean()), 4)
+        return 0.0, 0.0
+    taken = route_scores(scores(feats.to(device, torch.float32)))[0] == index
+    kept = taken & held(feats) if held is not None else torch.zeros_like(taken)
+    return round(float((taken & ~kept).float().mean()), 4), round(float(kept.float().mean()), 4)
+
+
+def _own_routes(scores: Scores, own: torch.Tensor | None, index: int, names: list[str], device: torch.device) -> dict:
+    """Where the version's own probes go when not to it: share per other task (by column name) or zero-shot."""
+    if own is None or own.shape[0] == 0:
+        return {}
+    routed = route_scores(scores(own.to(device, torch.float32)))[0]
+    out = {}
+    for column in sorted(set(routed.tolist()) - {index}):
+        out[names[column] if column >= 0 else "zero-shot"] = round(float((routed == column).float().mean()), 4)
+    return out
 
 
 def gate_report(
     task: str,
     version: int,
     scores: Scores,
-    index: int,
+    names: list[str],
     own: torch.Tensor | None,
     others: Mapping[str, torch.Tensor | None],
     reference: torch.Tensor | None,
     limits: GateLimits,
     device: torch.device,
+    held: Held | None = None,
 ) -> GateReport:
-    """The gate's report for the version whose selector is column `index` of `scores` (the candidate bank's
-    selectors): `own` its probes, `others` every other active task's probes (None: it has none)."""
-    stolen = {name: _claimed_by(scores, p, index, device) for name, p in others.items() if p is not None}
+    """The gate's report for the version of `task`, one of `names`, the columns of `scores` (the candidate bank's
+    selectors): `own` its probes, `others` every other active task's probes (None: it has none). `held`: what
+    the task's serving version routes to it; those images are not taken by a new version of it (a rollback)."""
+    index = names.index(task)
+    claims = {name: _claimed_by(scores, p, index, device, held) for name, p in others.items() if p is not None}
+    stolen = {name: c[0] for name, c in claims.items() if c is not None}
+    already = {name: c[1] for name, c in claims.items() if c is not None and c[1] > 0}
     unmeasured = tuple(name for name, p in others.items() if p is None)
-    own_share, captured = (_claimed_by(scores, f, index, device) for f in (own, reference))
-    return GateReport(task, version, own_share, stolen, captured, unmeasured, limits)
+    mine = _claimed_by(scores, own, index, device)
+    captured = _claimed_by(scores, reference, index, device, held)
+    own_routes = _own_routes(scores, own, index, names, device)
+    return GateReport(
+        task,
+        version,
+        mine[0] if mine is not None else None,
+        stolen,
+        captured[0] if captured is not None else None,
+        unmeasured,
+        limits,
+        already,
+        own_routes,
+    )
 
 
-def interference(bank: BankSnapshot, task: str, reference: torch.Tensor | None, limits: GateLimits) -> GateReport:
-    """The gate's report for `task` as active in `bank` (the candidate bank), with `reference` [N, D]."""
+def interference(
+    bank: BankSnapshot,
+    task: str,
+    reference: torch.Tensor | None,
+    limits: GateLimits,
+    serving: BankSnapshot | None = None,
+) -> GateReport:
+    """The gate's report for `task` as active in `bank` (the candidate bank), with `reference` [N, D]. `serving`:
+    the bank serving now; images its version of `task` takes already are not counted as taken by the new one."""
     index = bank.task_index(task)
     others = {t.name: t.probes for t in bank.tasks if t.name != task}
+    held = None
+    if serving is not None and any(t.name == task for t in serving.tasks):
+        held = held_by(functools.partial(task_scores, serving), serving.task_index(task), serving.backbone.device)
     return gate_report(
         task,
         bank.tasks[index].version,
         functools.partial(task_scores, bank),
-        index,
+        [t.name for t in bank.tasks],
         bank.tasks[index].probes,
         others,
         reference,
         limits,
         bank.backbone.device,
+        held,
     )
 
 
@@ -164,5 +223,5 @@ class Gate:
     limits: GateLimits = field(default_factory=GateLimits)
     reference: torch.Tensor | None = None  # [N, D] outside images' frozen embeddings; None: not measured
 
-    def report(self, bank: BankSnapshot, task: str) -> GateReport:
-        return interference(bank, task, self.reference, self.limits)
+    def report(self, bank: BankSnapshot, task: str, serving: BankSnapshot | None = None) -> GateReport:
+        return interference(bank, task, self.reference, self.limits, serving)

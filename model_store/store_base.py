@@ -268,16 +268,20 @@ class Store:
             self._write_blob(bundle.id, data, replace=True)
             return self._change(edit).generation
 
-    def activate(self, task: str, version: int) -> str:
+    def activate(self, task: str, version: int, gate: dict[str, Any] | None = None) -> str:
         """Make `version` the active one (rollback, roll forward, or promotion of the version in shadow, which then
-        leaves the shadow); returns its bundle id."""
+        leaves the shadow); returns its bundle id. `gate`: the interference gate's report on this activation, kept
+        beside the version in place of the one before (its upload's)."""
         chosen: list[str] = []
 
         def edit(index: StoreIndex) -> StoreIndex:
             chosen[:] = [index.version(task, version).bundle_id]
             if index.task(task).active == chosen[0]:
                 raise Unchanged
-            return index.with_task(task, lambda t: replace(t, active=chosen[0], shadow=_unless(t.shadow, chosen[0])))
+            gated = _stamped(gate, "activation")
+            return index.with_task(
+                task, lambda t: replace(t, active=chosen[0], shadow=_unless(t.shadow, chosen[0])).with_gate(gated)
+            )
 
         self._unless_unchanged(edit)
         return chosen[0]
@@ -289,8 +293,9 @@ class Store:
         except Unchanged:
             pass
 
-    def set_shadow(self, task: str, version: int | None) -> str | None:
-        """Put a stored, inactive version in shadow (None: stop shadowing); returns its bundle id."""
+    def set_shadow(self, task: str, version: int | None, gate: dict[str, Any] | None = None) -> str | None:
+        """Put a stored, inactive version in shadow (None: stop shadowing); returns its bundle id. `gate`: the
+        interference gate's report on it, kept beside the version."""
         chosen: list[str | None] = []
 
         def edit(index: StoreIndex) -> StoreIndex:
@@ -302,7 +307,7 @@ class Store:
                 )
             if record.shadow == chosen[0]:  # in shadow already (or no shadow to stop): no new generation
                 raise Unchanged
-            return index.with_task(task, lambda t: replace(t, shadow=chosen[0]))
+            return index.with_task(task, lambda t: replace(t, shadow=chosen[0]).with_gate(_stamped(gate, "shadow")))
 
         self._unless_unchanged(edit)
         return chosen[0]
@@ -379,3 +384,7 @@ def needed_by(index: StoreIndex, task: str) -> dict[int, list[str]]:
 
 def _unless(shadow: str | None, activated: str) -> str | None:
     return None if shadow == activated else shadow
+
+
+def _stamped(gate: dict[str, Any] | None, checked_on: str) -> dict[str, Any] | None:
+    return None if gate is None else {**gate, "checked_on": checked_on, "checked_at": utc_now()}

@@ -55,7 +55,7 @@ class VersionRecord:
     # (keep those bundles); listing them all (releases before 2026-12-03) grew as tasks squared
     uses: tuple[str, ...] = ()
     metrics: Mapping[str, float] = field(default_factory=dict)
-    gate: Mapping[str, Any] | None = None  # the interference gate's report at upload (docs/safety.md)
+    gate: Mapping[str, Any] | None = None  # the interference gate's latest report on it: upload, shadow or activation
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> VersionRecord:
@@ -124,6 +124,15 @@ class TaskRecord:
     def to_json(self) -> dict[str, Any]:
         shadow = {"shadow": self.shadow} if self.shadow is not None else {}  # an older release reads it as absent
         return {"active": self.active, **shadow, "versions": [v.to_json() for v in self.versions]}
+
+    def with_gate(self, gate: Mapping[str, Any] | None) -> TaskRecord:
+        """A copy whose gate report of the version `gate` names (its `version`) is `gate` (None: as it is)."""
+        if gate is None:
+            return self
+        return replace(
+            self,
+            versions=tuple(replace(v, gate=gate) if v.version == gate.get("version") else v for v in self.versions),
+        )
 
     @property
     def newest(self) -> int:
@@ -268,16 +277,30 @@ def stored_already(bundle: Bundle, index: StoreIndex, how: str = "") -> str:
     )
 
 
+def conflict_details(bundle: Bundle, index: StoreIndex) -> dict[str, Any]:
+    """A version conflict's `details`, for a program to branch on without reading the message (an outside check: a
+    push retried after a timeout could not tell its own landed bundle from another holding the version):
+    `same_bytes` (this very bundle is stored) with its `state` (active, shadow, inactive), and the task's `newest`."""
+    record = index.tasks.get(bundle.task)
+    same = index.owner(bundle.id) is not None
+    state = None
+    if same and record is not None:
+        state = "active" if record.active == bundle.id else "shadow" if record.shadow == bundle.id else "inactive"
+    newest = record.newest if record is not None else 0
+    return {"task": bundle.task, "version": bundle.version, "same_bytes": same, "state": state, "newest": newest}
+
+
 def refuse_stored_version(index: StoreIndex, bundle: Bundle) -> None:
     """VersionConflict unless `bundle` is newer than every stored version of its task."""
     newest = index.tasks[bundle.task].newest if bundle.task in index.tasks else 0
     if bundle.version <= newest and index.owner(bundle.id) is not None:  # the same bytes, stored meanwhile
-        raise VersionConflict(stored_already(bundle, index))
+        raise VersionConflict(stored_already(bundle, index), conflict_details(bundle, index))
     if bundle.version <= newest:
         raise VersionConflict(
             f"task {bundle.task!r} already has version {newest}; a new bundle needs version > {newest}, "
             f"got {bundle.version} (train it with `--version {newest + 1}`, or on this store with `--store`; "
-            "an older version cannot be added after a newer one)"
+            "an older version cannot be added after a newer one)",
+            conflict_details(bundle, index),
         )
 
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any, TypeVar
-
-import torch
 
 from model_store.backbone import Backbone
 from model_store.bank import BankSnapshot, empty_bank
@@ -19,7 +16,6 @@ from model_store.bundle import Bundle, read_bundle
 from model_store.compat import refuse_other_backbone
 from model_store.errors import (
     BackboneMismatch,
-    BundleInvalid,
     BundleNotFound,
     InvalidRequest,
     MissingExpert,
@@ -30,16 +26,22 @@ from model_store.errors import (
     VersionConflict,
 )
 from model_store.gate import Gate, GateReport, InterferenceRefused
-from model_store.inference import ClassifyItem, TextCache, classify_batch
+from model_store.inference import TextCache
 from model_store.loader import BankLoader
 from model_store.manifest import shown
 from model_store.store_base import PutResult, Store
-from model_store.store_index import StoreIndex, TaskRecord, refuse_stored_version, stored_already
+from model_store.store_index import (
+    StoreIndex,
+    TaskRecord,
+    conflict_details,
+    refuse_stored_version,
+    stored_already,
+)
 
 from .degraded import DegradedRetry
 from .memory import release_free_memory
 from .metrics import Metrics
-from .warm import encode_classes_in_steps
+from .warm import encode_classes_in_steps, trial_run
 
 log = logging.getLogger("clipbank.service")
 T = TypeVar("T")
@@ -263,7 +265,7 @@ class Registry:
         `upload`: the refusal says the version was not stored (not "not activated")."""
 
         def check(candidate: BankSnapshot) -> None:
-            report = self.gate.report(candidate, task)
+            report = self.gate.report(candidate, task, self._bank)  # what it serves now: not taken anew
             reports.append(report)
             if not report.offences() or not refuse:
                 return
@@ -295,7 +297,7 @@ class Registry:
         reports: list[GateReport] = []
 
         def write() -> PutResult:
-            gate = reports[-1].to_json() if reports else None
+            gate = _last(reports)
             # read just now: not read again; the gate's report is kept beside the version
             result = self.store.put_validated(bundle, data, activate=activate, gate=gate, shadow=shadow)
             self.loader.remember(bundle)  # later rebuilds then need no second parse
@@ -315,9 +317,11 @@ class Registry:
                 self.retry.now()
                 self.refresh()
             if not left_out or (still := self._left_out(bundle)):
+                index = self.store.index()
                 raise VersionConflict(
-                    stored_already(bundle, self.store.index(), ", whole")
-                    + (f"; it is not served (or scored) for another reason: {still}" if left_out else "")
+                    stored_already(bundle, index, ", whole")
+                    + (f"; it is not served (or scored) for another reason: {still}" if left_out else ""),
+                    conflict_details(bundle, index),  # same_bytes: a program's push retried after a timeout landed
                 )
             generation = self.bank.generation
         else:
@@ -343,9 +347,10 @@ class Registry:
             return None
         bundle = self.loader.bundle(record.bundle_id)
         reports: list[GateReport] = []
-        check = self._gated(task, False, reports, refuse=False)
-        self._change({task: bundle}, lambda: self.store.set_shadow(task, version), serves=False, check=check)
-        return reports[-1].to_json() if reports else None
+        check = self._gated(task, False, reports, refuse=False)  # the write runs after it: its report is there
+        shadowed = self.store.set_shadow
+        self._change({task: bundle}, lambda: shadowed(task, version, _last(reports)), serves=False, check=check)
+        return _last(reports)
 
     def activate(self, task: str, version: int, force: bool = False) -> dict[str, Any] | None:
         """Make a stored version active, gated; returns the gate's report (None: it was active, nothing ran)."""
@@ -354,10 +359,9 @@ class Registry:
             return None
         bundle = self.loader.bundle(record.bundle_id)
         reports: list[GateReport] = []
-        self._change(
-            {task: bundle}, lambda: self.store.activate(task, version), check=self._gated(task, force, reports)
-        )
-        return reports[-1].to_json() if reports else None
+        gated = self._gated(task, force, reports)
+        self._change({task: bundle}, lambda: self.store.activate(task, version, _last(reports)), check=gated)
+        return _last(reports)
 
     def deactivate(self, task: str, purge: bool = False) -> tuple[int, bool]:
         """Stop routing to `task` (purge: forget it too): (blobs deleted, whether it was active, under the lock)."""
@@ -381,18 +385,5 @@ class Registry:
         return self._change({task: None}, write, changes=bool(active) + purge)
 
 
-def trial_run(bank: BankSnapshot, tasks: list[str], cache: TextCache | None = None) -> None:
-    """Classify one blank image pinned to each task, with its own classes, before the bank may serve. With the
-    serving `cache`, the tasks' class embeddings (keyed by bundle id) are then ready for the first request."""
-    if not tasks:
-        return
-    size = bank.backbone.image_size
-    blank = torch.zeros(1, 3, size, size)
-    outs = classify_batch(bank, [ClassifyItem(blank, None, task=t) for t in tasks], cache)
-    for task, out in zip(tasks, outs, strict=True):
-        if isinstance(out, Exception):
-            raise BundleInvalid(f"task {task!r} fails a trial classification: {type(out).__name__}: {out}")
-        if not all(math.isfinite(score) for result in out for _, score in result.labels):
-            raise BundleInvalid(
-                f"task {task!r} gives non-finite scores on a trial image: its expert or router weights overflow"
-            )
+def _last(reports: list[GateReport]) -> dict[str, Any] | None:
+    return reports[-1].to_json() if reports else None

@@ -1,12 +1,17 @@
-"""A new bank's task class embeddings, encoded before its trial run a chunk at a time (`service/registry.py`)."""
+"""A new bank's task class embeddings, encoded before its trial run a chunk at a time, and the trial run itself
+(`service/registry.py`)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+
 from model_store.bank import BankSnapshot
 from model_store.errors import BundleInvalid, InvalidRequest
+from model_store.inference import ClassifyItem, classify_batch
 from model_store.text import TEXT_CHUNK, TextCache, TextJob
 
 
@@ -36,3 +41,20 @@ def encode_classes_in_steps(
         except Exception:  # the trial run meets it again, and says it as the upload's error
             continue
     return tasks
+
+
+def trial_run(bank: BankSnapshot, tasks: list[str], cache: TextCache | None = None) -> None:
+    """Classify one blank image pinned to each task, with its own classes, before the bank may serve. With the
+    serving `cache`, the tasks' class embeddings (keyed by bundle id) are then ready for the first request."""
+    if not tasks:
+        return
+    size = bank.backbone.image_size
+    blank = torch.zeros(1, 3, size, size)
+    outs = classify_batch(bank, [ClassifyItem(blank, None, task=t) for t in tasks], cache)
+    for task, out in zip(tasks, outs, strict=True):
+        if isinstance(out, Exception):
+            raise BundleInvalid(f"task {task!r} fails a trial classification: {type(out).__name__}: {out}")
+        if not all(math.isfinite(score) for result in out for _, score in result.labels):
+            raise BundleInvalid(
+                f"task {task!r} gives non-finite scores on a trial image: its expert or router weights overflow"
+            )

@@ -7,6 +7,7 @@ tasks, look-alike pairs and near outside domains can be measured in seconds, for
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import torch
 from model_store.backbone import Backbone
 from model_store.bank import BankSnapshot
 from model_store.bundle import MAX_PROBES
-from model_store.gate import GateLimits, GateReport, gate_report, shares_versus
+from model_store.gate import GateLimits, GateReport, gate_report, held_by, shares_versus
 from model_store.inference import only_known, route_scores, task_scores
 from model_store.labels import label_key
 from model_store.reference import ReferenceSet, embed_images
@@ -209,9 +210,12 @@ def gate_preview(
 
     others = {bank.tasks[i].name: bank.tasks[i].probes for i in keep}
     ref = reference.embeddings if reference is not None else None
-    return gate_report(
-        task, version, scores, len(keep), probes, others, ref, limits or GateLimits(), bank.backbone.device
-    )
+    names, device = [*others, task], bank.backbone.device
+    # what the task's version in `bank` routes to it already is not taken by this one (as the server's gate says)
+    held = None
+    if len(keep) < len(bank.tasks):
+        held = held_by(functools.partial(task_scores, bank), bank.task_index(task), device)
+    return gate_report(task, version, scores, names, probes, others, ref, limits or GateLimits(), device, held)
 
 
 def _routed_own(mine: torch.Tensor, rivals: Sequence[Selector], test: torch.Tensor) -> float:

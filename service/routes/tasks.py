@@ -176,7 +176,7 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
 
 
 def _failed_when_stored(registry: Any, task: str, version: int) -> bool:
-    """Whether the gate report kept beside a stored version failed (an upload inactive or in shadow)."""
+    """Whether the gate report kept beside a stored version failed (its last check: inactive, shadow, forced)."""
     try:
         gate = registry.store.version(task, version).gate
     except (ClipbankError, OSError):

@@ -70,12 +70,16 @@ async def test_activation_is_gated_too(tmp_path, backbone, bundles):
         message = r.json()["error"]["message"]
         assert "task 'glyphs' v1 was not activated: " in message and "activate it anyway with force=true" in message
         # an outside check: it blamed tasks activated since, where the version had failed as it was stored (forced)
-        assert "It failed the gate when it was stored too" in message and "activated since" not in message
-        assert not (await c.get("/tasks/glyphs", headers=AUTH)).json()["serving"]
+        assert "It failed the gate when it was last checked too" in message and "activated since" not in message
+        info = (await c.get("/tasks/glyphs", headers=AUTH)).json()
+        assert not info["serving"] and "checked_on" not in info["versions"][0]["gate"]  # a refusal keeps the upload's
         r = await c.post("/tasks/glyphs/activate", params={"force": "true"}, json={"version": 1}, headers=AUTH)
         assert r.status_code == 200 and r.json()["serving"]
         gate = r.json()["gate"]  # what was forced past, in the answer
         assert not gate["passed"] and gate["stolen"]["textures"] > 0.9 and gate["version"] == 1, gate
+        # and kept beside the version, in place of the upload's (an outside check: GET showed the upload's only)
+        stored = (await c.get("/tasks/glyphs", headers=AUTH)).json()["versions"][0]["gate"]
+        assert stored.pop("checked_on") == "activation" and stored.pop("checked_at") and stored == gate, stored
         again = await c.post("/tasks/glyphs/activate", json={"version": 1}, headers=AUTH)  # active already
         assert again.status_code == 200 and again.json()["gate"] is None
 
@@ -90,3 +94,39 @@ async def test_a_normal_version_passes_and_its_report_is_stored(tmp_path, backbo
         assert report["stolen"]["textures"] <= 0.02 and report["zero_shot_captured"] <= 0.05
         stored = (await c.get("/tasks/glyphs", headers=AUTH)).json()["versions"][0]["gate"]
         assert stored == report
+
+
+async def test_images_the_task_takes_already_are_not_taken_again(tmp_path, backbone, bundles):
+    """An outside check: a task whose images another task's serving version had all along blocked that task's
+    rollback (409, "would take 98% of ..."). A new version of a task takes from others only what its serving
+    version does not; what it keeps is reported as `already_taken`. With the task not serving, all of it counts."""
+    from tests.helpers import with_version
+
+    async with running_app(tmp_path, backbone, **DEFAULTS) as c:
+        await _push_textures(c, bundles["textures"])
+        broad = over_broad(bundles["glyphs"])
+        r = await c.post("/tasks", params={"force": "true"}, files={"bundle": ("g", broad)}, headers=AUTH)
+        assert r.status_code == 201 and r.json()["gate"]["stolen"]["textures"] > 0.9  # forced: it takes them
+        r = await c.post("/tasks", files={"bundle": ("g", with_version(broad, 2))}, headers=AUTH)
+        assert r.status_code == 201, r.text  # v2 takes nothing v1 did not have
+        gate = r.json()["gate"]
+        assert gate["passed"] and gate["stolen"]["textures"] == 0 and gate["already_taken"]["textures"] > 0.9, gate
+        r = await c.post("/tasks/glyphs/activate", json={"version": 1}, headers=AUTH)  # the rollback
+        assert r.status_code == 200 and r.json()["active_version"] == 1, r.text
+        assert (await c.delete("/tasks/glyphs", headers=AUTH)).status_code == 200
+        r = await c.post("/tasks/glyphs/activate", json={"version": 2}, headers=AUTH)  # nothing held: all counted
+        assert r.status_code == 409 and r.json()["error"]["details"]["stolen"]["textures"] > 0.9, r.text
+        assert r.json()["error"]["details"]["already_taken"] == {}
+
+
+async def test_the_report_says_where_a_versions_own_images_go(tmp_path, backbone, bundles):
+    """An outside check: a task trained on images another task claims got 0% of its own probes, and nothing said
+    where they went. `own_routes` names the tasks (or zero-shot) that take them."""
+    async with running_app(tmp_path, backbone, **DEFAULTS) as c:
+        broad = over_broad(bundles["textures"])
+        r = await c.post("/tasks", params={"force": "true"}, files={"bundle": ("t", broad)}, headers=AUTH)
+        assert r.status_code == 201
+        r = await c.post("/tasks", params={"force": "true"}, files={"bundle": ("g", bundles["glyphs"])}, headers=AUTH)
+        gate = r.json()["gate"]
+        assert gate["self_claim"] < 0.5 and gate["own_routes"].get("textures", 0) > 0.5, gate
+        assert abs(gate["self_claim"] + sum(gate["own_routes"].values()) - 1) < 0.01, gate

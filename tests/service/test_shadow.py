@@ -90,6 +90,8 @@ async def test_a_new_version_in_shadow_beside_the_active_one(tmp_path, backbone,
         r = await c.post("/tasks/glyphs/shadow", json={"version": 2}, headers=AUTH)  # back in shadow: counts anew
         assert r.status_code == 200 and r.json()["shadow_version"] == 2
         assert r.json()["gate"]["passed"] is False and r.json()["gate"]["offences"]  # reported, as on an upload
+        kept = next(v["gate"] for v in r.json()["versions"] if v["version"] == 2)  # and kept beside the version
+        assert kept["checked_on"] == "shadow" and kept["offences"] == r.json()["gate"]["offences"], kept
         assert (await c.get("/tasks/glyphs/shadow", headers=AUTH)).json()["images"] == 0
         generation = r.headers["X-Clipbank-Generation"]
         again = await c.post("/tasks/glyphs/shadow", json={"version": 2}, headers=AUTH)  # in shadow already
