@@ -15,7 +15,7 @@ from model_store.modes import AUTO, PER_IMAGE, ROUTE_MODES, TASK_MODES
 from model_store.settings import env_value
 
 from .eval_command import add_eval_parser
-from .output import print_json
+from .output import error_json, print_json
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -39,9 +39,10 @@ def _classify(args: argparse.Namespace) -> int:
                 results += answered
                 if not args.json:  # each request's answers as they come: a later request's error keeps them
                     _print_results(names, answered, args.top_k)
-        except Exception as e:  # with --json, the answers so far are kept, as the text lines are
+        except BaseException as e:  # with --json, the answers so far are kept, as the text lines are (Ctrl-C too)
             if args.json:
-                print_json({"results": results, "unanswered": args.images[len(results) :], "error": _error_of(e)})
+                print_json({"results": results, "unanswered": args.images[len(results) :], "error": error_json(e)})
+                e.json_said = True  # type: ignore[attr-defined]  (`clipbank.cli` prints no second object)
             raise
     if args.json:
         print_json({"results": results})
@@ -92,25 +93,18 @@ def _classify_chunk(client: Any, names: list[str], labels: list[str], args: argp
                 }
                 continue
             hint = " (--skip-bad leaves such files out and answers the rest)" if isinstance(bad, int) else ""
-            if len(names) < len(args.images):  # the server numbers images within their request: say which files
+            above = " above" if not args.json else ""
+            if isinstance(bad, int) and len(names) < len(args.images):  # numbered within its request: say which files
                 hint += f" (in the request of files {a + 1}..{a + len(names)}: its image i is file {a + 1} + i"
-                hint += f"; the files before it were answered{' above' if not args.json else ''})" if a else ")"
+                hint += f"; the files before it were answered{above})" if a else ")"
+            elif a:  # not an image's fault (the server overloaded, say)
+                hint += f" (files 1..{a} were answered{above})"
             raise ClipbankHTTPError(e.status, e.code, e.message + hint, e.details, e.retry_after) from None
         if not isinstance(out.get("results"), list) or len(out["results"]) != len(pending):
             raise ValueError(f"{args.url} answered without a result per image: is it a clipbank server?")
         answered = dict(zip(pending, out["results"], strict=True))
         return [{"file": n, **(answered[i] if i in answered else {"error": errors[i]})} for i, n in enumerate(names)]
     return [{"file": n, "error": errors[i]} for i, n in enumerate(names)]
-
-
-def _error_of(e: Exception) -> dict[str, Any]:
-    """An error as --json prints it: the server's (status, code, message, details), or the client's own."""
-    from service.client import ClipbankHTTPError
-
-    if isinstance(e, ClipbankHTTPError):
-        return {"status": e.status, "code": e.code, "message": e.message, "details": e.details}
-    code = "unreadable" if isinstance(e, OSError) else "client_error"
-    return {"status": 0, "code": code, "message": f"{type(e).__name__}: {e}", "details": None}
 
 
 def _smaller_chunk(error: Any, sent: int) -> int | None:
@@ -137,6 +131,8 @@ def _expanded(names: list[str]) -> list[str]:
 
     out: list[str] = []
     for name in names:
+        if re.match(r"[a-z][a-z0-9+.-]*://", name, re.IGNORECASE) and not Path(name).exists():  # it read "http:/..."
+            raise ValueError(f"{name[:80]} is a URL: clipbank sends image files and does not fetch URLs; download it")
         if not Path(name).is_dir():
             out.append(name)
             continue

@@ -21,7 +21,7 @@ from .bench_commands import DEFAULT_BACKBONE, add_bench_parsers, add_reference_p
 from .classify_command import DEFAULT_URL, add_classify_parser
 from .flags import UsageError, add_flags, given
 from .logs import hub_lines_once, serve_logs
-from .output import print_json
+from .output import error_json, print_json
 from .server_commands import add_server_parsers
 from .store_commands import add_store_parser
 from .watch_commands import add_watch_parsers
@@ -225,8 +225,13 @@ AFTER_STOP = {  # what a stop leaves, where a command can say it for sure
     "tasks": "the server may still apply the change: look with `clipbank tasks`",
     # the servers it started are stopped on the way out; its report is written at the end
     "bench": "no report of this run was written (a report already in --out is an earlier run's; soak removes those)",
+    "classify": "the answers printed before it stand (with --json, they are in its object)",
+    "eval": "no accuracy was printed, nor any file written",
     "": "a file being written is left as it was",
 }
+# exit codes besides 0: the server refused the request (a 4xx: its code says why, e.g. `interference`); a usage
+# error or a local one (a file it cannot read); no answer, or the server failing (0, 5xx): worth trying again later
+REFUSED, USAGE, UNAVAILABLE = 1, 2, 3
 
 
 class Terminated(KeyboardInterrupt):
@@ -263,19 +268,37 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly, as a killed pipe writer would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         return 141
-    except (ClipbankError, ValueError, OSError) as e:  # one line; the error's code, not Python's class name
-        print(f"clipbank {args.cmd}: {e.code + ': ' if isinstance(e, ClipbankError) else ''}{e}", file=sys.stderr)
-        return 2
     except Exception as e:
-        from service.client import ClipbankHTTPError
-
-        if isinstance(e, ClipbankHTTPError) or type(e).__module__.startswith("httpx"):
-            print(f"clipbank {args.cmd}: {e}", file=sys.stderr)
-            return 2
-        raise
+        code = _failed(args, e)
+        if code is None:
+            raise
+        return code
     finally:
         if catch:
             signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+
+
+def _failed(args: argparse.Namespace, e: Exception) -> int | None:
+    """One line on stderr (the error's code, not Python's class name), an error object on stdout with --json, and
+    the exit code (REFUSED, USAGE, UNAVAILABLE); None: not an error a command reports (a bug: its traceback)."""
+    from service.client import ClipbankHTTPError
+
+    if isinstance(e, ClipbankHTTPError):
+        # a 2xx or 3xx that is no clipbank answer (`not_clipbank`, a redirect): the URL is wrong, a usage error
+        said, code = (
+            str(e),
+            REFUSED if 400 <= e.status < 500 else UNAVAILABLE if e.status in (0, *range(500, 600)) else USAGE,
+        )
+    elif isinstance(e, ClipbankError | ValueError | OSError):
+        said, code = f"{e.code + ': ' if isinstance(e, ClipbankError) else ''}{e}", USAGE
+    elif type(e).__module__.startswith("httpx"):
+        said, code = str(e), UNAVAILABLE
+    else:
+        return None
+    print(f"clipbank {args.cmd}: {said}", file=sys.stderr)
+    if getattr(args, "json", False) and not getattr(e, "json_said", False):  # a script reads stdout
+        print_json({"error": error_json(e)})
+    return code
 
 
 if __name__ == "__main__":

@@ -90,9 +90,14 @@ class VersionNotFound(StoreError):
 
 
 class VersionConflict(StoreError):
-    """A bundle's version is not greater than the task's newest stored version."""
+    """A bundle's version is not greater than the task's newest stored version. `details` (the API's): what is
+    stored (`store_index.conflict_details`), when known."""
 
     code = "version_conflict"
+
+    def __init__(self, message: str, details: dict | None = None) -> None:
+        super().__init__(message)
+        self.details = details
 
 
 class StoreUnavailable(StoreError):

@@ -34,6 +34,7 @@ ACTIVATED, SHADOWED = ("task", "active_version"), ("task", "shadow_version")
 RETRIED = frozenset({"overloaded", "stale_replica", "not_ready"})  # 503s that name when trying again may succeed
 MAX_RETRY_WAIT = 30.0  # seconds: a longer Retry-After is not waited for
 BROKEN_WAIT = 0.25  # seconds before the first retry of a request that a replica's death broke; doubled after each
+REFUSED_WAIT = 1.0  # ... of a request whose connection was refused (a server restarting: 7-16 s here); doubled
 PROBES = ("/readyz", "/healthz")  # asked for the state now: never retried
 MAY_LAND = "; a change it was making may still land: look before retrying (GET /tasks, clipbank store list)"
 
@@ -58,10 +59,12 @@ class ClipbankClient:
     `token`: the admin token, for /tasks and /insights; for /classify too when the server sets a classify token
     (either token reads). `timeout`: seconds for each step of a call, None for none. `retries`: how many times a
     request that changes nothing (classify, the GET calls but the /readyz and /healthz probes) is sent again after
-    a 503 whose `Retry-After` says when (`overloaded`, `stale_replica`, `not_ready`), after waiting that long (at
-    most 30 s, plus up to a quarter more at random), and after a connection broken mid-request or a 500, 502, 503
-    or 504 that is not clipbank's own (a replica or a proxy in front that died: 0.25 s, doubled each time); 0 (the
-    default) raises at once, with the wait in `ClipbankHTTPError.retry_after`. A change is never sent twice.
+    a 503 whose `Retry-After` says when (`overloaded`, `stale_replica`, `not_ready`), after waiting that long,
+    doubled after each try (at most 30 s, plus up to a quarter more at random), and after a connection broken
+    mid-request or a 500, 502, 503 or 504 that is not clipbank's own (a replica or a proxy in front that died: 0.25
+    s, doubled each time); 0 (the default) raises at once, with the wait in `ClipbankHTTPError.retry_after`. A
+    change is never sent twice. A connection refused (a server restarting: nothing was sent) is tried again for
+    every request, changes too: after 1 s, doubled each time (`retries=4` waits up to 15 s in all).
     `max_connections`: of the client's pool, which its threads share. A client used before a fork makes its own
     connections in the child (the parent's, shared, mixed up the two processes' answers), and pickles as its
     settings."""
@@ -122,7 +125,8 @@ class ClipbankClient:
             try:
                 return self._once(method, path, **kwargs)
             except ClipbankHTTPError as e:
-                safe = (method == "GET" and path not in PROBES) or path == "/classify"
+                # refused before a byte was sent (a server restarting): safe for a change too
+                safe = (method == "GET" and path not in PROBES) or path == "/classify" or _was_refused(e)
                 wait = _retry_wait(e, attempt) if safe and attempt < self.retries else None
                 if wait is None:
                     raise
@@ -191,7 +195,9 @@ class ClipbankClient:
         if isinstance(e, httpx.ConnectError | httpx.ConnectTimeout):  # refused, bad address: name where
             tls = " (is it a plain http:// server?)" if "WRONG_VERSION_NUMBER" in str(e) else ""
             said = f"cannot reach {self.url}{_proxy_note(self.url)}: {type(e).__name__}: {e}{tls}"
-            return ClipbankHTTPError(0, "unreachable", said)
+            error = ClipbankHTTPError(0, "unreachable", said)
+            error.refused = _refused(e)  # type: ignore[attr-defined]  (nothing was sent: `_call` may send it again)
+            return error
         if isinstance(e, httpx.WriteTimeout):  # the server stopped reading the request: it was not sent in full
             said = f"{self.url} stopped reading {method} {path} for {self.timeout:g} s: it was not sent in full"
             return ClipbankHTTPError(0, "timeout", said)
@@ -217,7 +223,8 @@ class ClipbankClient:
         min_generation: int | None = None,
         request_id: str | None = None,
     ) -> dict[str, Any]:
-        """Images are paths, encoded bytes, open binary files or PIL images (sent upright, as `_pil_bytes` says).
+        """Images are paths, encoded bytes, open binary files, PIL images (sent upright, as `_pil_bytes` says) or
+        numpy arrays of uint8 pixels (height x width, 1, 3 or 4 channels last; a batch array of N such is a list).
         Returns `{"results": [...], "timing": {...}}`. `match_labels=False`: the selector alone routes, whatever
         the labels (docs/service.md). `min_generation`: answered from that store generation or later (a change's
         `generation`: read your own writes across servers), else a 503 `stale_replica`. `request_id`: sent as
@@ -230,7 +237,9 @@ class ClipbankClient:
         one = isinstance(images, str | bytes | bytearray | memoryview | os.PathLike | Mapping) or hasattr(
             images, "read"
         )
-        if one or isinstance(labels, str | Mapping) or one_pil:
+        shape = getattr(images, "shape", None) if hasattr(images, "__array_interface__") else None
+        one_array = shape is not None and (len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3, 4)))
+        if one or isinstance(labels, str | Mapping) or one_pil or one_array:  # a batch array (N, H, W, C) is a list
             raise TypeError("images and labels are lists: classify([path], labels=['cat', 'dog'])")
         labels = label_list(labels)
         if task not in (AUTO, ZERO_SHOT):
@@ -345,8 +354,29 @@ def _retry_wait(e: ClipbankHTTPError, attempt: int) -> float | None:
     together do not all come back in the same instant. A connection broken mid-request, or a 5xx that is not
     clipbank's (a bare 500 from Ray Serve's proxy for the requests of a replica that died; a 502 or 504 from a
     load balancer): a short wait that doubles, as another replica may answer at once."""
-    if e.code in RETRIED and e.retry_after is not None:
-        return e.retry_after * random.uniform(1.0, 1.25) if e.retry_after <= MAX_RETRY_WAIT else None
+    if e.code in RETRIED and e.retry_after is not None:  # doubled after each try: a full queue that stays full
+        return (
+            min(e.retry_after * 2**attempt, MAX_RETRY_WAIT) * random.uniform(1.0, 1.25)
+            if e.retry_after <= MAX_RETRY_WAIT
+            else None
+        )
     if e.code == "connection_failed" or (e.code == "http_error" and e.status in (500, 502, 503, 504)):
         return min(BROKEN_WAIT * 2**attempt, MAX_RETRY_WAIT) * random.uniform(1.0, 1.25)
+    if _was_refused(e):  # refused: a server restarting opens its port after loading
+        return min(REFUSED_WAIT * 2**attempt, MAX_RETRY_WAIT) * random.uniform(1.0, 1.25)
     return None
+
+
+def _was_refused(e: ClipbankHTTPError) -> bool:
+    return e.code == "unreachable" and getattr(e, "refused", False)
+
+
+def _refused(e: httpx.HTTPError) -> bool:
+    """Whether the connection was refused: nothing was sent, and a server (re)starting there may take it soon; not
+    a name that does not resolve, or an address nothing answers."""
+    cause: BaseException | None = e
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError) or "Connection refused" in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False

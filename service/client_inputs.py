@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-ImageInput = Any  # a path, encoded bytes (or a bytes-like object), an open binary file, or a PIL image
+ImageInput = Any  # a path, encoded bytes (or a bytes-like object), an open binary file, a PIL image, a uint8 array
 
 
 class _PerObject:
@@ -85,8 +85,12 @@ def _bytes(item: ImageInput) -> bytes:
         return data
     if hasattr(item, "save") and hasattr(item, "mode"):  # a PIL image, without importing PIL here
         return _pil_bytes(item)
+    if hasattr(item, "__array_interface__") and hasattr(item, "dtype"):  # numpy's, without importing numpy here
+        return _pil_bytes(_array_image(item))
     if not isinstance(item, str | os.PathLike):
-        raise TypeError(f"an image is a path, encoded bytes, an open binary file or a PIL image, not {type(item)}")
+        raise TypeError(
+            f"an image is a path, encoded bytes, an open binary file, a PIL image or a uint8 array, not {type(item)}"
+        )
     if isinstance(item, str) and re.match(r"[a-z][a-z0-9+.-]*://", item, re.IGNORECASE):
         raise TypeError(f"{item[:80]!r} is a URL: the client sends image files and does not fetch URLs")
     return Path(item).read_bytes()
@@ -120,10 +124,29 @@ def _pil_bytes(image: Any) -> bytes:
         upright = viewed_rgb(upright)  # ValueError for 32-bit float pixels, whose range is unknown
     buf = io.BytesIO()
     upright.save(buf, format="PNG")
-    if buf.tell() > Limits.max_image_bytes:  # a photo's pixels: a 12 MP PNG is about 20 MB, its JPEG a few
+    rgb = None
+    while buf.tell() > Limits.max_image_bytes:  # a photo's pixels: a 12 MP PNG is about 20 MB, its JPEG a few;
+        # a JPEG over the limit still (24 MP of noise: an outside check): half the size, as the model sees a few
+        # hundred pixels of it
+        rgb = viewed_rgb(upright) if rgb is None else rgb.resize((max(1, rgb.width // 2), max(1, rgb.height // 2)))
         buf = io.BytesIO()
-        viewed_rgb(upright).save(buf, format="JPEG", quality=95)
+        rgb.save(buf, format="JPEG", quality=95)
     return buf.getvalue()
+
+
+def _array_image(array: Any) -> Any:
+    """A numpy array of 8-bit pixels (height x width, with 1, 3 or 4 channels last: grey, RGB, RGBA) as a PIL image;
+    a TypeError for others, whose scale (0-1 floats? 0-255?) or channel order would be a guess."""
+    from PIL import Image
+
+    shape = tuple(array.shape)
+    if str(array.dtype) != "uint8" or not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3, 4))):
+        raise TypeError(
+            f"an image array is uint8 pixels, height x width (x 1, 3 or 4 channels: grey, RGB, RGBA), got "
+            f"{array.dtype} of shape {shape}: convert it (e.g. (x * 255).round().astype('uint8'), or .transpose(1, "
+            "2, 0) for channels first)"
+        )
+    return Image.fromarray(array[:, :, 0] if len(shape) == 3 and shape[2] == 1 else array)
 
 
 def _name(item: ImageInput, i: int) -> str:

@@ -50,7 +50,7 @@ def test_lifecycle_and_restart(tmp_path, bundles, capsys):
         red.write_bytes(colour("red"))
         assert main(["classify", str(red), "--labels", "red,blue", "--task", "zero-shot", "--url", url]) == 0
         assert capsys.readouterr().out.split("\t")[1] == "red"
-        assert main(["push", str(v2), "--url", url, "--token", "wrong-token-wrong-token"]) == 2
+        assert main(["push", str(v2), "--url", url, "--token", "wrong-token-wrong-token"]) == 1  # refused: 401
         assert "401 unauthorized" in capsys.readouterr().err
         assert client.activate("textures", 1, force=True)["active_version"] == 1
         versions = {r["route"]["version"] for r in client.classify(textures_imgs)["results"] if r["route"]["task"]}

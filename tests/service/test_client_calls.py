@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import json
+import time
 from copy import deepcopy
 
 import httpx
@@ -61,8 +62,74 @@ def test_the_cli_retries_by_default(monkeypatch, tmp_path, capsys):
     assert main(["classify", str(tmp_path / "a.png"), "--url", "http://srv", "--json"]) == 0
     assert len(calls) == 4
     calls.clear()
-    assert main(["classify", str(tmp_path / "a.png"), "--url", "http://srv", "--retries", "0"]) == 2
+    assert main(["classify", str(tmp_path / "a.png"), "--url", "http://srv", "--retries", "0"]) == 3  # try later
     assert "overloaded" in capsys.readouterr().err and len(calls) == 1
+
+
+def test_exit_codes_tell_a_refusal_from_a_usage_error_from_a_server_away_and_json_gets_the_error(
+    monkeypatch, tmp_path, capsys
+):
+    """An outside check: every failure exited 2, and `--json` printed nothing on a 409, so a deploy script could
+    not tell the gate's refusal from a server down. 1: refused (4xx); 2: usage or local; 3: no answer or a 5xx."""
+    report = {"passed": False, "offences": ["it would take 98% of the images of task 'a'"]}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        error = {"code": "interference", "message": "task 'b' v1 was not activated", "details": report}
+        return httpx.Response(409, json={"error": error})
+
+    client_on(monkeypatch, handler)
+    assert main(["tasks", "activate", "b", "1", *URL, "--json"]) == 1
+    said = capsys.readouterr()
+    assert json.loads(said.out)["error"] == {
+        "status": 409,
+        "code": "interference",
+        **{k: v for k, v in {"message": "task 'b' v1 was not activated", "details": report}.items()},
+    }
+    assert "interference" in said.err
+    assert main(["classify", str(tmp_path / "none.png"), *URL]) == 2  # a file that is not there
+    assert "none.png" in capsys.readouterr().err
+
+    def refused(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    client_on(monkeypatch, refused)
+    (tmp_path / "a.png").write_bytes(PNG)
+    assert main(["classify", str(tmp_path / "a.png"), *URL, "--retries", "0", "--json"]) == 3
+    out = json.loads(capsys.readouterr().out)  # one object: classify's own, with what was answered
+    assert (
+        out["error"]["code"] == "unreachable"
+        and out["results"] == []
+        and out["unanswered"] == [str(tmp_path / "a.png")]
+    )
+
+
+def test_a_refused_connection_is_tried_again_for_a_change_too(monkeypatch):
+    """An outside check: retries did not cover a server restarting (its port closed for 7 s); a refused connection
+    sent nothing, so every request may be sent again, a push too. A name that does not resolve is not retried."""
+    waits: list = []
+    calls: list = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if len(calls) <= 2:
+            raise httpx.ConnectError("[Errno 111] Connection refused")
+        return httpx.Response(201, json={"task": "t", "version": 1, "bundle_id": "x" * 64})
+
+    client_on(monkeypatch, handler)
+    monkeypatch.setattr(time, "sleep", waits.append)
+    with ClipbankClient("http://srv", retries=2) as c:
+        assert c.push(PNG)["version"] == 1
+    assert calls == ["/tasks"] * 3 and 1.0 <= waits[0] <= 1.25 and 2.0 <= waits[1] <= 2.5, (calls, waits)
+
+    def unresolved(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        raise httpx.ConnectError("[Errno -2] Name or service not known")
+
+    calls.clear()
+    client_on(monkeypatch, unresolved)
+    with ClipbankClient("http://srv", retries=3) as c, pytest.raises(ClipbankHTTPError) as e:
+        c.classify([PNG])
+    assert e.value.code == "unreachable" and calls == ["/classify"]
 
 
 def _fails(_: int) -> None:
@@ -296,3 +363,34 @@ def test_shadow_and_activation_say_what_the_version_would_replace_and_what_a_sha
     assert "(not measured on old: no probes)" in out.err
     assert "task greek v3 replaces v1 and lacks 2 of its 3 classes" in out.err
     assert "`clipbank tasks activate greek 1`" in out.err
+
+
+def test_push_says_when_a_version_gets_little_of_its_own_traffic(monkeypatch, tmp_path, capsys):
+    """An outside check: a task trained on images another task claims was pushed with `self_claim` 0.0 and nothing
+    said it would get no traffic; a rollback kept another task's images its serving version had taken already."""
+    gate = {
+        "task": "b",
+        "version": 1,
+        "self_claim": 0.0,
+        "own_routes": {"digits": 0.977, "zero-shot": 0.023},
+        "already_taken": {"a": 0.98},
+        "limits": {"max_stolen": 0.02},
+        "passed": True,
+        "offences": [],
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(404, json={"error": {"code": "task_not_found", "message": "no", "details": None}})
+        return httpx.Response(201, json={"task": "b", "version": 1, "bundle_id": "x" * 64, "gate": gate})
+
+    client_on(monkeypatch, handler)
+    bundle = tmp_path / "b.safetensors"
+    bundle.write_bytes(b"x" * 100)
+    assert main(["push", str(bundle), *URL]) == 0
+    err = capsys.readouterr().err
+    assert "task b v1 is routed only 0.0% of its own probe images (the rest: digits 97.7%, zero-shot 2.3%)" in err
+    assert "keeps 98.0% of task a's images" in err
+    gate.update(self_claim=0.93, already_taken={})
+    assert main(["push", str(bundle), *URL]) == 0
+    assert "routed only" not in capsys.readouterr().err
