@@ -20,7 +20,7 @@ from model_store.pixels import aspect_problem, draft_for, reduced_for, viewed_rg
 
 from .config import Limits
 from .errors import BadImage, ClientGone, LimitExceeded, of_image
-from .image_structure import rle_bmp_too_long, walk
+from .image_structure import Structure, data_chunk_limit, rle_bmp_too_long, walk
 
 # Formats PIL reads without outside tools (EPS would call Ghostscript, so it is not here).
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
@@ -46,6 +46,14 @@ class OpenedImage:
     pixels: int  # what decoding will produce (JPEGs are decoded at a reduced scale when much larger than needed)
     orientation: int = 1
     target: int | None = None  # the model's input side: a decoded image much larger is reduced (`reduced_for`)
+    cost: int | None = None  # decoding's work in pixels, where it is not `pixels`: a progressive JPEG's
+
+    @property
+    def decode_cost(self) -> int:
+        """What decoding costs, in pixels decoded: a progressive JPEG passes over every block of its full size
+        once per scan, whatever the scale it is decoded at (10 of 6000x4000 in 10 scans each counted as 3.75 MP,
+        decoded beside light requests and held them for seconds: an outside check)."""
+        return self.pixels if self.cost is None else self.cost
 
 
 def _orientation(img: Image.Image) -> int:
@@ -70,7 +78,7 @@ def inspect_image(data: bytes, name: str, limits: Limits, target: int) -> Opened
         raise LimitExceeded(f"{name} is {len(data)} bytes; the limit is max_image_bytes={limits.max_image_bytes}")
     if not data:
         raise BadImage(f"{name} is empty")
-    _check_structure(data, name, limits)
+    shape = _check_structure(data, name, limits)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own pixel limit applies below
         try:
@@ -97,24 +105,31 @@ def inspect_image(data: bytes, name: str, limits: Limits, target: int) -> Opened
         raise BadImage(f"{name} is a run-length BMP of {len(data)} bytes, more than its {width}x{height} pixels need")
     orientation = _orientation(img)
     draft_for(img, target)
-    return OpenedImage(name, img, img.size[0] * img.size[1], orientation, target)
+    cost = width * height * shape.scans if shape.scans > 1 else None
+    return OpenedImage(name, img, img.size[0] * img.size[1], orientation, target, cost)
 
 
-def _check_structure(data: bytes, name: str, limits: Limits) -> None:
+def _check_structure(data: bytes, name: str, limits: Limits) -> Structure:
     """Before Pillow reads the file: metadata it would parse one record at a time in Python (seconds and hundreds
     of MB for a flood of empty ones), and a JPEG's scans, each a decoding pass over every block at full size
     whatever the draft scale (a scan can be a dozen bytes: 16 MB of them would hold a core for minutes)."""
     shape = walk(data, limits.max_image_segments, limits.max_jpeg_scans)
     if shape.segments > limits.max_image_segments:
         raise LimitExceeded(
-            f"{name} has more than {limits.max_image_segments} metadata segments, chunks or extension blocks; the "
-            f"limit is max_image_segments={limits.max_image_segments}"
+            f"{name} has more than {limits.max_image_segments} metadata segments, chunks, extension blocks or "
+            f"EXIF/TIFF tags; the limit is max_image_segments={limits.max_image_segments}"
+        )
+    if shape.data_chunks > (most := data_chunk_limit(len(data))):
+        raise LimitExceeded(
+            f"{name} is a PNG of more than {most} image data chunks for its {len(data)} bytes (at most 1000 and one "
+            "per KiB: each is read on its own)"
         )
     if shape.scans > limits.max_jpeg_scans:
         raise LimitExceeded(
             f"{name} is a JPEG of more than {limits.max_jpeg_scans} scans; the limit is max_jpeg_scans="
             f"{limits.max_jpeg_scans}"
         )
+    return shape
 
 
 def decode_image(opened: OpenedImage) -> Image.Image:

@@ -64,10 +64,11 @@ class BodyLimit:
     `read_timeout` may be saved up (408: one byte every 20 s held a connection for ever, and 1024 of them every
     connection).
 
-    All requests together may hold at most `max_buffered` bytes of body until they are answered: each one's limit
-    alone let 1024 slow connections hold 64 GiB. One client address's requests (`client_key`: IPv6 by its /64) may
-    hold at most `max_per_client` of them (0: no cap), so one fast client cannot hold them all. Past either, the
-    request that would cross it gets 503 `overloaded` with Retry-After (its connection's bytes are then released)."""
+    All requests together may hold at most `max_buffered` bytes of body until they are answered (and of answers
+    until their clients take them): each one's limit alone let 1024 slow connections hold 64 GiB. One client
+    address's requests (`client_key`: IPv6 by its /64) may hold at most `max_per_client` of them (0: no cap), so
+    one fast client cannot hold them all. Past either, the request that would cross it gets 503 `overloaded` with
+    Retry-After (its connection's bytes are then released)."""
 
     def __init__(
         self,
@@ -95,13 +96,14 @@ class BodyLimit:
         mine = self.held_by.get(who, 0) if who is not None else 0
         if self.max_per_client and who is not None and mine + more > self.max_per_client:
             return (
-                f"this client ({who}) holds {mine} bytes of request bodies not yet answered and this one would pass "
+                f"this client ({who}) holds {mine} bytes of request bodies not yet answered (or answers it has not "
+                "read) and this one would pass "
                 f"max_client_buffered_bytes={self.max_per_client}: retry when they are answered"
             )
         if self.max_buffered is None or self.held + more <= self.max_buffered:
             return None
         return (
-            f"the server holds {self.held} bytes of other requests' bodies and this one would pass "
+            f"the server holds {self.held} bytes of other requests' bodies and unread answers, and this one would pass "
             f"max_buffered_bytes={self.max_buffered}: retry shortly"
         )
 
@@ -188,8 +190,19 @@ class BodyLimit:
                     raise BodyTooLarge(f"request body passed {seen} bytes; the limit is {name}", setting, limit)
             return message
 
+        async def counted(message: Message) -> None:
+            """An answer's body counts as held until the client has taken it: a send waits while the socket's
+            buffer is full (an outside check: 150 connections that never read their 15 MB answers held 0.9 GB
+            beyond the bound)."""
+            size = len(message.get("body", b"")) if message["type"] == "http.response.body" else 0
+            self._hold(who, size)
+            try:
+                await send(message)
+            finally:
+                self._hold(who, -size)
+
         try:
-            await self.app(scope, limited, send)
+            await self.app(scope, limited, counted)
         finally:
             self._hold(who, -seen)
 

@@ -84,8 +84,8 @@ def classify_router(reader: TokenCheck | None, limits: Limits) -> APIRouter:
         routed_check = check_answer_size(len(files), options, limits, classes)
         with service.batcher.admit(len(files)):  # refused at once when the queue is full, before any decoding
             opened = await run_in_threadpool(inspect_all, files, limits, backbone.image_size)
-            pixels = sum(o.pixels for o in opened)
-            images = await service.decoders.run(request, pixels, preprocess_opened, opened, service.preprocess)
+            cost = sum(o.decode_cost for o in opened)  # heavy work goes to the low-priority threads
+            images = await service.decoders.run(request, cost, preprocess_opened, opened, service.preprocess)
             decoded = time.perf_counter()
             item = ClassifyItem(
                 images,

@@ -167,3 +167,44 @@ def rle_flood_bmp(megabytes: int = 15) -> bytes:
     info = struct.pack("<IiiHHIIiiII", 40, 1, 2, 1, 8, 1, len(body), 2835, 2835, 256, 0)
     offset = 14 + len(info) + len(palette)
     return b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + info + palette + body
+
+
+def tag_flood_tiff(tags: int) -> bytes:
+    """A valid 8x8 TIFF whose first directory holds `tags` more private tags (an outside check's 64,280 took 0.36 s
+    and 16 MB of memory to open; 60 of them in one request, 990 MB)."""
+    import struct
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), 128).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    (first,) = struct.unpack_from("<I", data, 4)
+    (count,) = struct.unpack_from("<H", data, first)
+    entries = [bytes(data[first + 2 + 12 * i : first + 14 + 12 * i]) for i in range(count)]
+    entries += [struct.pack("<HHII", 40000 + i, 3, 1, 7) for i in range(tags)]  # SHORT values, inline
+    entries.sort(key=lambda e: struct.unpack_from("<H", e)[0])
+    at = len(data)
+    data += struct.pack("<H", len(entries)) + b"".join(entries) + struct.pack("<I", 0)
+    struct.pack_into("<I", data, 4, at)
+    return bytes(data)
+
+
+def exif_flood(tags: int) -> bytes:
+    """An EXIF block (a TIFF structure) of `tags` tags in its first directory."""
+    entries = b"".join(struct.pack("<HHII", 40000 + i, 3, 1, 7) for i in range(tags))
+    return b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", tags) + entries + struct.pack("<I", 0)
+
+
+def exif_flood_png(tags: int) -> bytes:
+    """A valid 4x4 PNG with an eXIf chunk of `tags` tags before its image data."""
+    return full_png(4, 4, _chunk(b"eXIf", exif_flood(tags)))
+
+
+def data_chunk_flood_png(side: int = 64, chunk: int = 1) -> bytes:
+    """A valid PNG of noise whose compressed image data is split into chunks of `chunk` bytes (an outside check's 16
+    MB, 1.26 million chunks of one byte, took 2.4 s to decode and held light requests for up to 43 s)."""
+    import os
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    body = zlib.compress(b"".join(b"\x00" + os.urandom(side) for _ in range(side)))
+    split = b"".join(_chunk(b"IDAT", body[i : i + chunk]) for i in range(0, len(body), chunk))
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + split + _chunk(b"IEND", b"")

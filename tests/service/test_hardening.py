@@ -772,3 +772,46 @@ async def test_uploads_past_their_bodies_run_one_at_a_time(tmp_path, backbone, m
         files = {"bundle": ("b.safetensors", b"x" * 1000)}
         answers = await asyncio.gather(*(c.post("/tasks", files=files, headers=AUTH) for _ in range(3)))
     assert [r.status_code for r in answers] == [201] * 3 and most[0] == 1
+
+
+async def test_answers_a_client_has_not_read_count_as_held():
+    """An outside check: 150 connections that never read their 15 MB answers held 0.9 GB, and nothing bounded
+    answers. An answer's body now counts as held while its send waits on the client (a full socket buffer), so
+    past `max_buffered_bytes` new requests get 503, and the bytes are given back once the client takes them."""
+    from fastapi import FastAPI
+
+    from service.middleware import BodyLimit
+
+    taken = anyio.Event()
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a" * 1200})
+
+    inner = FastAPI()
+    inner.mount("/", app)
+    limited = BodyLimit(inner, lambda method, path: (1000, "max_request_bytes"), max_buffered=1350)
+    scope = {"type": "http", "method": "POST", "path": "/classify", "headers": [], "query_string": b""}
+    scope |= {"root_path": "", "raw_path": b"/classify", "client": ("10.0.0.1", 40000)}
+
+    async def receive():
+        return {"type": "http.request", "body": b"x" * 100, "more_body": False}
+
+    async def slow_reader(message):
+        if message["type"] == "http.response.body":
+            await taken.wait()  # the client does not read: the send waits
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(limited, dict(scope), receive, slow_reader)
+        await anyio.sleep(0.05)
+        assert limited.held == 1300  # its body (100) and its unread answer (1200)
+        sent: list = []
+
+        async def record(message):
+            sent.append(message)
+
+        await limited({**scope, "client": ("10.0.0.2", 40000)}, receive, record)
+        assert sent[0]["status"] == 503 and b"unread answers" in sent[-1]["body"]
+        taken.set()
+    assert limited.held == 0

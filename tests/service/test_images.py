@@ -276,3 +276,43 @@ def test_training_reads_images_upright_as_the_server_does(tmp_path):
     served = decode_image(inspect_image(buf.getvalue(), "o", Limits(), 8))
     trained = read_rgb(tmp_path / "o.jpg")
     assert served.size == trained.size == (8, 12) and (np.asarray(served) == np.asarray(trained)).all()
+
+
+def test_tag_floods_and_one_byte_data_chunks_are_refused_before_pillow_reads_them(monkeypatch):
+    """An outside check: a TIFF of 64,280 tags (771 KB) took 0.36 s and 16 MB to open, 990 MB for a request of 60,
+    and tags were no metadata segments; a PNG's image data in 1.26 million chunks of one byte took 2.4 s to decode.
+    Tags count as segments (a TIFF's, and the EXIF of a JPEG or PNG); a PNG may have 1000 data chunks and one per
+    KiB. Real files are far under both: an encoder's own chunks, a camera's EXIF."""
+    from service import images
+    from service.image_structure import walk
+    from tests.reliability import payloads as p
+
+    for make in (p.tag_flood_tiff, p.exif_flood_png):
+        assert images.decode_image(images.inspect_image(make(900), "ok", Limits(), 8)).size[0] >= 4  # under: fine
+    jpeg = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(jpeg, "JPEG", exif=b"Exif\x00\x00" + p.exif_flood(1200))
+    chunky = p.data_chunk_flood_png(64, chunk=1)
+    normal = p.data_chunk_flood_png(256, chunk=8192)
+    assert 1 < walk(normal, 1000, 100).data_chunks < 30  # 8 KiB each, as encoders write them
+    assert images.decode_image(images.inspect_image(normal, "ok", Limits(), 256)).size == (256, 256)
+    opened = []
+    monkeypatch.setattr(images.Image, "open", lambda *a, **k: opened.append(1))
+    for flood in (p.tag_flood_tiff(20_000), p.exif_flood_png(1001), jpeg.getvalue()):
+        with pytest.raises(LimitExceeded, match="more than 1000 metadata segments.*EXIF/TIFF tags.*=1000"):
+            images.inspect_image(flood, "flood", Limits(), 8)
+    with pytest.raises(LimitExceeded, match=r"a PNG of more than 10\d\d image data chunks for its \d+ bytes"):
+        images.inspect_image(chunky, "flood", Limits(), 8)
+    assert not opened
+
+
+def test_a_progressive_jpeg_costs_its_full_size_once_per_scan():
+    """An outside check: 10 progressive JPEGs of 6000x4000 in 10 scans each counted as 3.75 MP (decoded at 1/8),
+    under the 4 MP that sends a request to the low-priority threads, and held light requests for seconds. Its
+    decode cost is its full size times its scans; a baseline JPEG's is what it decodes to."""
+    shots = {}
+    for progressive in (False, True):
+        buf = io.BytesIO()
+        Image.new("RGB", (1600, 1200), (200, 30, 30)).save(buf, "JPEG", progressive=progressive)
+        shots[progressive] = inspect_image(buf.getvalue(), "photo.jpg", Limits(), 224)
+    assert shots[False].decode_cost == shots[False].pixels == 400 * 300  # decoded at 1/4
+    assert shots[True].pixels == 400 * 300 and shots[True].decode_cost >= 1600 * 1200 * 2
