@@ -191,6 +191,10 @@ class ServeConfig:
                 problems.append(f"{name} must be at least 16 characters when set")
             elif token is not None and not SENDABLE_TOKEN.fullmatch(token):  # not shown: it is a secret
                 problems.append(f"{name} must be printable ASCII without spaces (no HTTP client could send it)")
+        if self.classify_token is not None and self.classify_token == self.admin_token:  # an outside check
+            problems.append(
+                "classify_token must differ from admin_token: every classify client would have admin rights"
+            )
         if self.log_level not in LOG_LEVELS:
             problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

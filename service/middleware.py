@@ -121,7 +121,7 @@ class BodyLimit:
         (the route's 401 first, for a client without its token), or no room left for its body."""
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
-        refused = _framing_problem(headers, self.routed is None or self.routed(scope))
+        refused = _header_problem(scope) or _framing_problem(headers, self.routed is None or self.routed(scope))
         if refused is not None:  # two framings: what follows cannot be told from a request, so the connection closes
             return error_response(*refused, headers={"Connection": "close"} if refused[0] == 400 else None)
         if declared is None or not (self.routed is None or self.routed(scope)):
@@ -214,6 +214,22 @@ class BodyTooLarge(HTTPException):
     def __init__(self, message: str, setting: str | None, limit: int) -> None:
         super().__init__(413, message)
         self.details = {"setting": setting, "limit": limit} if setting else None
+
+
+SINGLE = (b"authorization", b"content-type", b"x-min-generation", b"x-request-id")  # a second copy is ambiguous
+
+
+def _header_problem(scope: Scope) -> tuple[int, str, str] | None:
+    """(400, code, message) for headers that read two ways: a second Authorization, Content-Type, X-Min-Generation
+    or X-Request-ID (the first copy of one and the last of another won: an outside check), or a chunked body in
+    HTTP/1.0, which has no chunked coding (RFC 9112 6.1: the framing is faulty)."""
+    names = [name.lower() for name, _ in scope["headers"]]
+    twice = next((n for n in SINGLE if names.count(n) > 1), None)
+    if twice is not None:
+        return 400, "bad_request", f"the {twice.decode().title()} header is sent more than once: send it once"
+    if scope.get("http_version") == "1.0" and b"transfer-encoding" in names:
+        return 400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request: send Content-Length"
+    return None
 
 
 def _framing_problem(headers: dict[bytes, bytes], routed: bool) -> tuple[int, str, str] | None:

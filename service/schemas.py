@@ -38,6 +38,14 @@ class ClassifyOptions(BaseModel):
         "selector alone decides, whatever the labels.",
     )
 
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _top_k_digits(cls, value: Any) -> Any:
+        """A form field's top_k is digits: "1_0" was read as 10, " +1 " as 1 (an outside check)."""
+        if isinstance(value, str) and not (value.isascii() and value.isdigit() and len(value) <= 9):
+            raise ValueError(f"top_k is a whole number written in digits, got {value[:20]!r}")
+        return value
+
 
 class ClassifyJSON(ClassifyOptions):
     """The JSON form of `POST /classify`: images as base64 strings (data URLs are accepted)."""

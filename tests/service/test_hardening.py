@@ -815,3 +815,37 @@ async def test_answers_a_client_has_not_read_count_as_held():
         assert sent[0]["status"] == 503 and b"unread answers" in sent[-1]["body"]
         taken.set()
     assert limited.held == 0
+
+
+def test_headers_that_read_two_ways_are_refused():
+    """An outside check: with two Authorization headers the first won, with two X-Min-Generation the last, two
+    Content-Types gave "not valid JSON"; a chunked body in HTTP/1.0 (which has no chunked coding) was read."""
+    from service.middleware import _header_problem
+
+    def scope(*headers: tuple[bytes, bytes], version: str = "1.1") -> dict:
+        return {"type": "http", "headers": list(headers), "http_version": version}
+
+    for name in (b"Authorization", b"content-type", b"X-Min-Generation", b"x-request-id"):
+        status, code, message = _header_problem(scope((name, b"a"), (b"host", b"x"), (name.lower(), b"b")))
+        assert (status, code) == (400, "bad_request") and "more than once" in message, name
+    assert _header_problem(scope((b"transfer-encoding", b"chunked"), version="1.0"))[0] == 400
+    assert _header_problem(scope((b"transfer-encoding", b"chunked"))) is None
+    assert _header_problem(scope((b"authorization", b"a"), (b"accept", b"x"), (b"accept", b"y"))) is None
+
+
+def test_a_classify_token_equal_to_the_admin_token_is_refused_and_top_k_is_digits():
+    """An outside check: the same token for both started silently, giving every classify client admin rights; a
+    form's top_k of "1_0" was read as 10."""
+    from pydantic import ValidationError
+
+    from service.config import ServeConfig
+    from service.schemas import ClassifyOptions
+
+    token = "t" * 20
+    with pytest.raises(ValueError, match="classify_token must differ from admin_token"):
+        ServeConfig(admin_token=token, classify_token=token)
+    ServeConfig(admin_token=token, classify_token="c" * 20)
+    for bad in ("1_0", " 1 ", "+1", "١"):
+        with pytest.raises(ValidationError, match="top_k is a whole number"):
+            ClassifyOptions(top_k=bad)
+    assert ClassifyOptions(top_k="3").top_k == 3
