@@ -53,8 +53,9 @@ def _classify(args: argparse.Namespace) -> int:
 
 def answers_in_requests(client: Any, labels: list[str], args: argparse.Namespace) -> Iterator[tuple[list, list]]:
     """`args.images` sent in requests of at most CLASSIFY_CHUNK images (a shell glob may name more than one request
-    holds), fewer after a 413 that says how many (`_smaller_chunk`): each request's (files, answers), in order."""
+    holds), fewer after a 413 that says how many (`smaller_batch`): each request's (files, answers), in order."""
     from service.client import ClipbankHTTPError
+    from service.client_wire import smaller_batch
 
     a, chunk = 0, CLASSIFY_CHUNK
     while a < len(args.images):
@@ -62,7 +63,7 @@ def answers_in_requests(client: Any, labels: list[str], args: argparse.Namespace
         try:
             answered = _classify_chunk(client, names, labels, args, a)
         except ClipbankHTTPError as e:  # a lower max_images, too large a body or answer: smaller requests
-            chunk = _smaller_chunk(e, len(names))
+            chunk = smaller_batch(e, len(names))
             if chunk is None or args.route == "per-request":  # one decision for all: not split behind its back
                 raise
             continue
@@ -105,19 +106,6 @@ def _classify_chunk(client: Any, names: list[str], labels: list[str], args: argp
         answered = dict(zip(pending, out["results"], strict=True))
         return [{"file": n, **(answered[i] if i in answered else {"error": errors[i]})} for i, n in enumerate(names)]
     return [{"file": n, "error": errors[i]} for i, n in enumerate(names)]
-
-
-def _smaller_chunk(error: Any, sent: int) -> int | None:
-    """Images per request from here on when `error` is the server's 413 for a request of `sent` images: its
-    max_images, or half as many for a body over max_request_bytes, images over max_request_pixels (large photos)
-    or an answer over max_response_bytes (many or long labels); else None."""
-    details = error.details or {}
-    limit = details.get("limit")
-    if error.status != 413 or not isinstance(limit, int):
-        return None
-    if details.get("setting") in ("max_response_bytes", "max_request_bytes", "max_request_pixels"):
-        return sent // 2 if sent > 1 else None
-    return limit if details.get("setting") == "max_images" and 1 <= limit < sent else None
 
 
 def _options(args: argparse.Namespace) -> tuple:

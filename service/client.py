@@ -27,6 +27,7 @@ from .client_wire import (
     _request_id,
     _seconds,
     _server_url,
+    in_batches,
 )
 
 # what a change answers at least (an older server's answers have these too)
@@ -256,7 +257,12 @@ class ClipbankClient:
             data["top_k"] = str(top_k)
         if not match_labels:
             data["match_labels"] = "false"
-        return self._call("POST", "/classify", files=files, data=data, headers=headers, expect=("results",))
+
+        def send(part: list) -> dict[str, Any]:
+            return self._call("POST", "/classify", files=part, data=data, headers=headers, expect=("results",))
+
+        # more images, bytes, pixels or answer than the server takes at once: sent as several requests, one answer
+        return in_batches(send, files, len(files)) if route == PER_IMAGE else send(files)
 
     def push(
         self,

@@ -7,6 +7,7 @@ import json
 import re
 import time
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -105,3 +106,39 @@ def _request_id(headers: httpx.Headers) -> str | None:
     """The answer's X-Request-ID: the first, as Ray Serve's proxy adds the replica's own again (httpx joins them)."""
     ids = [i.strip() for i in headers.get_list("x-request-id", split_commas=True)]
     return ids[0] if ids else None
+
+
+def smaller_batch(error: ClipbankHTTPError, sent: int) -> int | None:
+    """Images per request from here on when `error` is the server's 413 for a request of `sent` images: its
+    max_images, or half as many for a body over max_request_bytes, images over max_request_pixels (large photos)
+    or an answer over max_response_bytes (many or long labels); else None (not a limit that fewer images meet)."""
+    details = error.details or {}
+    limit = details.get("limit")
+    if error.status != 413 or not isinstance(limit, int):
+        return None
+    if details.get("setting") in ("max_response_bytes", "max_request_bytes", "max_request_pixels"):
+        return sent // 2 if sent > 1 else None
+    return limit if details.get("setting") == "max_images" and 1 <= limit < sent else None
+
+
+def in_batches(send: Callable[[list], dict], files: list, size: int) -> dict[str, Any]:
+    """`send(files)` for requests of at most `size` files, fewer after a 413 that says how many (`smaller_batch`):
+    one answer, its `results` every request's in order, `timing` the last one's and `requests` their count (when
+    more than one)."""
+    results: list = []
+    at, requests, out = 0, 0, {}
+    while at < len(files):
+        part = files[at : at + size]
+        try:
+            out = send(part)
+        except ClipbankHTTPError as e:
+            smaller = smaller_batch(e, len(part))
+            if smaller is None:
+                if at and isinstance((e.details or {}).get("image"), int):  # numbered in the whole call, not the part
+                    e.details = {**e.details, "image": e.details["image"] + at}  # type: ignore[dict-item]
+                raise
+            size = smaller
+            continue
+        results += out["results"]
+        at, requests = at + len(part), requests + 1
+    return out if requests == 1 else {**out, "results": results, "requests": requests}  # one: the server's own

@@ -394,3 +394,32 @@ def test_push_says_when_a_version_gets_little_of_its_own_traffic(monkeypatch, tm
     gate.update(self_claim=0.93, already_taken={})
     assert main(["push", str(bundle), *URL]) == 0
     assert "routed only" not in capsys.readouterr().err
+
+
+def test_classify_sends_more_images_than_the_server_takes_as_several_requests(monkeypatch):
+    """An outside check: `c.classify(200 files)` got a 413 max_images (64), and every application had to split its
+    batches as the CLI does. The client now does: the server's max_images, half as many for a body, pixels or
+    answer over its limit; results joined in order; an image's error numbered in the whole call."""
+    sizes: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        n = request.read().count(b'name="images"')
+        sizes.append(n)
+        if n > 64:
+            error = {"code": "limit_exceeded", "message": "too many", "details": {"setting": "max_images", "limit": 64}}
+            return httpx.Response(413, json={"error": error})
+        if b"bad" in request.read():
+            error = {"code": "bad_image", "message": "image 1 ('x') is broken", "details": {"image": 1}}
+            return httpx.Response(422, json={"error": error})
+        return httpx.Response(200, json={"results": [{"labels": [], "route": ROUTE, "n": n}] * n, "timing": {}})
+
+    client_on(monkeypatch, handler)
+    with ClipbankClient("http://srv") as c:
+        out = c.classify([PNG] * 150)
+        assert sizes == [150, 64, 64, 22] and len(out["results"]) == 150 and out["requests"] == 3
+        sizes.clear()
+        with pytest.raises(ClipbankHTTPError) as e:
+            c.classify([PNG] * 65 + [PNG + b"bad"] + [PNG] * 3)
+        assert e.value.details == {"image": 65} and sizes == [69, 64, 5]
+        with pytest.raises(ClipbankHTTPError, match="too many"):
+            c.classify([PNG] * 70, route="per-request")  # one decision for all: not split behind its back
