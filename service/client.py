@@ -266,7 +266,7 @@ class ClipbankClient:
 
     def push(
         self,
-        bundle: ImageInput,
+        bundle: str | os.PathLike | bytes | Any,
         activate: bool = True,
         force: bool = False,
         mode: str | None = None,
@@ -287,6 +287,8 @@ class ClipbankClient:
                 return self._call("POST", "/tasks", files=files, params={**params, **_waiting(wait_all)}, expect=expect)
         if isinstance(bundle, str | os.PathLike) and Path(bundle).is_dir():
             raise IsADirectoryError(f"{bundle} is a folder, not a bundle file")
+        if hasattr(bundle, "save") or hasattr(bundle, "__array_interface__"):  # an image: sent as PNG, then a 422
+            raise TypeError(f"a bundle is a file's path, its bytes or an open file, not {type(bundle).__name__}")
         files = {"bundle": (_name(bundle, 0), _bytes(bundle), "application/octet-stream")}
         return self._call("POST", "/tasks", files=files, params={**params, **_waiting(wait_all)}, expect=expect)
 

@@ -423,3 +423,14 @@ def test_classify_sends_more_images_than_the_server_takes_as_several_requests(mo
         assert e.value.details == {"image": 65} and sizes == [69, 64, 5]
         with pytest.raises(ClipbankHTTPError, match="too many"):
             c.classify([PNG] * 70, route="per-request")  # one decision for all: not split behind its back
+
+
+def test_push_of_an_image_is_a_type_error_before_anything_is_sent(monkeypatch):
+    """An outside check: `push(PIL image)` uploaded it as a PNG, and the server answered 422 bundle_not_safetensors."""
+    from PIL import Image
+
+    calls: list = []
+    client_on(monkeypatch, _overloaded_then_ok(0, calls))
+    with ClipbankClient("http://srv") as c, pytest.raises(TypeError, match="a bundle is a file's path"):
+        c.push(Image.new("RGB", (2, 2)))
+    assert calls == []
