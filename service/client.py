@@ -111,6 +111,10 @@ class ClipbankClient:
     def __reduce__(self):  # its settings: a process pool's worker makes its own connections
         return type(self), (self.url, self._token, self.timeout, self.retries, self.max_connections)
 
+    def __repr__(self) -> str:  # the token is a secret: only whether there is one
+        token = "set" if self._token else "none"
+        return f"ClipbankClient({self.url!r}, token={token}, timeout={self.timeout}, retries={self.retries})"
+
     def __enter__(self) -> ClipbankClient:
         return self
 

@@ -431,6 +431,6 @@ def test_push_of_an_image_is_a_type_error_before_anything_is_sent(monkeypatch):
 
     calls: list = []
     client_on(monkeypatch, _overloaded_then_ok(0, calls))
-    with ClipbankClient("http://srv") as c, pytest.raises(TypeError, match="a bundle is a file's path"):
+    with ClipbankClient("http://srv", token="s" * 20) as c, pytest.raises(TypeError, match="a bundle is a file's path"):
         c.push(Image.new("RGB", (2, 2)))
-    assert calls == []
+    assert calls == [] and repr(c) == "ClipbankClient('http://srv', token=set, timeout=60.0, retries=0)"
