@@ -485,6 +485,9 @@ async def test_the_client_share_keys_on_the_sockets_peer_not_a_forwarded_address
     scope = {"type": "http", "client": ("127.0.0.1", 5000), "headers": [(b"x-forwarded-for", b"10.9.9.9")]}
     await peer_then_forwarded(app)({**scope, "scheme": "http"}, None, None)
     assert seen == {"client": ("10.9.9.9", 0), "peer": ("127.0.0.1", 5000)}
+    forged = [(b"x-forwarded-for", b'"hello world" - "GET /tasks HTTP/1.1" 200 OK fake')]  # a log line, forged
+    await peer_then_forwarded(app)({**scope, "headers": forged, "scheme": "http"}, None, None)
+    assert seen["client"] == ("127.0.0.1", 5000)  # not an address: the socket's peer is logged
     limited, release, post = _holding_body_limit(max_buffered=3000, max_per_client=1000)
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: post([b"x" * 400, b"x" * 400], client="10.9.9.1", peer="127.0.0.1"))
