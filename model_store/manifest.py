@@ -245,7 +245,8 @@ def finite_metrics(training: Any, keys: tuple[str, ...]) -> dict[str, float]:
 def index_metrics(training: Any) -> dict[str, float]:
     """What a store's index keeps of a version's training figures; `val_classes`: how many of its classes its
     validation accuracy was measured on (a new version trained on new classes only answers over its parent's too)."""
-    out = finite_metrics(training, ("val_accuracy", "zero_shot_val_accuracy"))
+    # accuracies are shares: one outside 0..1 (a hand-made 1e308 showed as "inf%": an outside check) is not kept
+    out = {k: v for k, v in finite_metrics(training, ("val_accuracy", "zero_shot_val_accuracy")).items() if 0 <= v <= 1}
     per = training.get("val_accuracy_per_class") if isinstance(training, dict) else None
     if isinstance(per, dict) and "val_accuracy" in out:
         out["val_classes"] = float(sum(v is not None for v in per.values()))

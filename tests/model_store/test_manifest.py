@@ -211,3 +211,14 @@ def test_expert_ids_are_one_string_per_id_across_manifests(bundles):
     mine = next(i for i in first.routing.blocks["visual"][0] if i == eid)
     theirs = next(i for i in second.routing.blocks["visual"][0] if i == eid)
     assert mine is theirs
+
+
+def test_the_index_keeps_only_accuracies_that_are_shares():
+    """An outside check: a bundle whose manifest said val_accuracy 1e308 was listed by `clipbank tasks` as "inf%"."""
+    from model_store.manifest import index_metrics
+
+    assert index_metrics({"val_accuracy": 0.9, "zero_shot_val_accuracy": 0.2}) == {
+        "val_accuracy": 0.9,
+        "zero_shot_val_accuracy": 0.2,
+    }
+    assert index_metrics({"val_accuracy": 1e308, "zero_shot_val_accuracy": -0.5}) == {}
