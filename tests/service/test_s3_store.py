@@ -84,11 +84,11 @@ async def test_a_change_landing_on_another_servers_change_is_gated_against_it(
             checks: list[list[str]] = []
 
             class Meanwhile:  # a's gate: b's change lands while a checks its first candidate
-                def report(self, candidate, task):
+                def report(self, candidate, task, serving=None):
                     if not checks:
                         other.activate("textures", 1)
                     checks.append(sorted(t.name for t in candidate.tasks))
-                    return gate.report(candidate, task)
+                    return gate.report(candidate, task, serving)
 
             gate, mine.gate = mine.gate, Meanwhile()
             r = await a.post("/tasks", **upload(glyphs))
