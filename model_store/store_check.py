@@ -19,6 +19,9 @@ from .store_index import StoreIndex, TaskRecord
 LIST_FIELDS = {"experts_new": "empty", "uses": "empty", "classes": "unknown"}  # -> what the parser reads instead
 
 
+CHECK_TRIES = 5  # checks of a store that other processes keep changing
+
+
 class _Contents:
     """What a store holds, read past any cache: its index's bytes (None: there is none) and its blobs by name."""
 
@@ -58,12 +61,29 @@ def check_store(location: str | os.PathLike) -> list[str]:
     next writer removes the temp files): `store_leftovers` counts them.
     """
     contents = _Contents(location)
+    for _ in range(CHECK_TRIES):  # the index first, then the blobs, then the index again: one state, not a mixture
+        try:
+            data = contents.index()
+        except OSError as e:
+            return [*contents.layout(), f"index.json cannot be read: {type(e).__name__}: {e.strerror or e}"]
+        problems = _check(contents, data)
+        try:
+            if contents.index() == data:
+                return problems
+        except OSError:
+            return problems
+    return [
+        *problems,
+        f"the store changed while it was checked, {CHECK_TRIES} times: check it again when it is quieter",
+    ]
+
+
+def _check(contents: _Contents, data: bytes | None) -> list[str]:
+    """`check_store` on the index `data`, read just before the blobs are listed (a put writes its blob before the
+    index names it, so a blob listed and not named is a leftover; a blob named and gone by the index's next read is
+    a purge's, and the check runs again: an outside check was told, during a purge, to upload a blob again)."""
     layout = contents.layout()
     names = sorted(n for n in contents.names() if BLOB_NAME.fullmatch(n))  # else an operator's file: left alone
-    try:
-        data = contents.index()
-    except OSError as e:
-        return [*layout, f"index.json cannot be read: {type(e).__name__}: {e.strerror or e}"]
     if data is None:
         lost = [f"index.json is missing but blobs/ holds {len(names)} bundles: the index was lost"] if names else []
         return layout + lost
@@ -79,7 +99,7 @@ def check_store(location: str | os.PathLike) -> list[str]:
     for name in names:
         try:
             blob = contents.blob(name)
-        except BundleNotFound:  # deleted since it was listed (a purge)
+        except (BundleNotFound, FileNotFoundError):  # deleted since it was listed (a purge: then the index changed)
             continue
         except OSError as e:  # a folder, say, where the blob should be: damage to report, not a crash of the check
             problems.append(f"blob {name[:12]} cannot be read: {type(e).__name__}: {e.strerror or e}")

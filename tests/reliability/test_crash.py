@@ -227,3 +227,30 @@ def test_check_store_finds_damage(tmp_path, bundle_dir, case):
     damage(store, json.loads(store.index_path.read_text()))
     problems = check_store(tmp_path)
     assert any(expected in p for p in problems), problems
+
+
+@pytest.mark.parametrize("change", ["purge", "put"])
+def test_check_store_reports_no_damage_a_change_made_while_it_read(tmp_path, bundle_dir, monkeypatch, change):
+    """An outside check: `clipbank store check` beside a writer said, 2 runs in 60, "blob ... cannot be read" and
+    "upload its bundle file again" for a blob a purge had just deleted. It reads the index, the blobs, then the
+    index again, and runs again on a change (it took a blob gone mid-read as damage, too)."""
+    from model_store import store_check
+
+    store = LocalStore(tmp_path)
+    store.put((bundle_dir / "c1.safetensors").read_bytes())
+    if change == "purge":
+        store.put((bundle_dir / "a1.safetensors").read_bytes())
+    real, changed = store_check.read_regular, []
+
+    def read_then_change(path: Path) -> bytes:  # the first blob read meets the change
+        if path.suffix == ".safetensors" and not changed:
+            changed.append(path.name)
+            if change == "purge":
+                store.deactivate("a")
+                store.purge("a")
+            else:
+                store.put((bundle_dir / "a1.safetensors").read_bytes())
+        return real(path)
+
+    monkeypatch.setattr(store_check, "read_regular", read_then_change)
+    assert changed == [] and store_check.check_store(tmp_path) == [] and changed
