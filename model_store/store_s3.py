@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import random
 import time
@@ -281,9 +282,19 @@ class S3Store(Store):
 
     def _wait_for_deletion(self, index: StoreIndex, bundle_id: str, deadline: float, attempt: int) -> None:
         """A purge is deleting this blob: finish the deletion if that purge died, else wait for it."""
-        if time.time() - index.deleting[bundle_id] > STALE_DELETION_SECONDS:
+        age = time.time() - index.deleting[bundle_id]
+        if age > STALE_DELETION_SECONDS:
             log.warning("finishing the deletion of blob %s, left by a purge that stopped", bundle_id[:12])
             self._finish_deletions([bundle_id])
+        elif age > CAS_SECONDS:  # a live purge deletes in seconds: this one stopped (an outside check waited 30 s a
+            left = math.ceil(STALE_DELETION_SECONDS - age)  # try, 5 minutes long, told to retry in 1 s)
+            error = StoreUnavailable(
+                f"blob {bundle_id[:12]} has been in a purge's deletion for {age:.0f} s: that purge stopped (a live "
+                f"one takes seconds); the next change to meet it finishes it in {left} s, and this can be sent again "
+                "then"
+            )
+            error.retry_after = left  # type: ignore[attr-defined]  (the API's Retry-After)
+            raise error
         else:
             _backoff(attempt, deadline, f"blob {bundle_id[:12]} stayed in a purge's deletion")
 

@@ -156,7 +156,7 @@ def error_response(
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     if status == 503 and code not in NO_RETRY:
-        headers["Retry-After"] = str(RETRY_AFTER_SECONDS.get(code, 1))
+        headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS.get(code, 1)))
     body = {"code": code, "message": message, **({"details": details} if details is not None else {})}
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
@@ -217,7 +217,9 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClipbankError)
     async def _clipbank(request: Request, exc: ClipbankError) -> JSONResponse:
         status, code, message = error_body_of(exc)
-        return error_response(status, code, message, details=getattr(exc, "details", None))
+        wait = getattr(exc, "retry_after", None)  # the error's own, when it knows (a stopped purge's deletion)
+        headers = {"Retry-After": str(wait)} if isinstance(wait, int) and status == 503 else None
+        return error_response(status, code, message, headers, details=getattr(exc, "details", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

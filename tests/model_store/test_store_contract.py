@@ -660,3 +660,45 @@ def test_a_purge_or_clean_of_a_newer_releases_store_deletes_nothing(make_store, 
         with pytest.raises(StoreTooNew):
             other.sweep()
     assert blob_ids(store) == before and len(before) == 3
+
+
+def test_s3_a_put_meeting_a_stopped_purges_deletion_says_when_to_try_again(make_store, bundles):
+    """An outside check: a purge killed between listing a blob under `deleting` and deleting it left every upload of
+    that bundle waiting 30 s, then "try again" with Retry-After 1, for 5 minutes. An entry older than a live purge
+    takes is answered at once, with the seconds until the next change finishes it; past that, the put lands."""
+    import time
+
+    from model_store.bundle import read_bundle
+    from model_store.errors import StoreUnavailable
+
+    store = make_store()
+    if isinstance(store, LocalStore):
+        pytest.skip("an object store's purge")
+    bundle_id = read_bundle(bundles[1]).id
+    store.put(bundles[1])
+
+    def stopped_purge(seconds_ago: float) -> None:  # the purge published its index, then died
+        index = {**store.index().to_json(), "tasks": {}, "deleting": {bundle_id: time.time() - seconds_ago}}
+        store._s3.put_object(Bucket=store.bucket, Key=store._key("index.json"), Body=json.dumps(index).encode())
+
+    stopped_purge(100)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=r"in a purge's deletion for 10\d s: that purge stopped") as e:
+        make_store().put(bundles[1])
+    assert time.monotonic() - started < 5 and 190 <= e.value.retry_after <= 200
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from service.errors import install_handlers
+
+    app = FastAPI()
+    install_handlers(app)
+
+    @app.get("/x")
+    def x() -> None:
+        raise e.value
+
+    answer = TestClient(app).get("/x")  # the API's Retry-After is the error's own
+    assert answer.status_code == 503 and answer.headers["retry-after"] == str(e.value.retry_after)
+    stopped_purge(400)
+    assert make_store().put(bundles[1]).version == 1  # the deletion finished, the blob written again
