@@ -58,8 +58,10 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk's write names no file: this one it was
+            e.filename = str(path)
         raise
     try:
         _fsync_dir(path.parent)

@@ -185,6 +185,15 @@ def test_a_full_or_read_only_disk_refuses_the_change_and_changes_nothing(tmp_pat
             change()
     monkeypatch.undo()
     assert store.index_path.read_bytes() == before and check_store(tmp_path) == []
+    import os  # a full disk shows as a write that fails, naming no file: the message names the one (an outside check)
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(StoreWriteFailed, match=r"No space left on device blobs/[0-9a-f]{64}\.safetensors\)"):
+        store.put(bundles[3])
+    with pytest.raises(StoreWriteFailed, match=r"No space left on device index\.json\)"):
+        store.activate("cars", 2)
+    monkeypatch.undo()
+    assert store.index_path.read_bytes() == before and check_store(tmp_path) == []
 
 
 def test_a_store_whose_lock_cannot_be_made_refuses_changes_as_write_failures(tmp_path, bundles, monkeypatch):
