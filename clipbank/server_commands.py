@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from model_store.settings import env_value
 
@@ -186,7 +187,7 @@ def _tasks(args: argparse.Namespace) -> int:
             if shadowed is not None and str(shadowed) not in (out.get("kept") or {}):  # said as "N blob(s) deleted"
                 print(f"task {args.task}: v{shadowed}, in shadow, was purged too", file=sys.stderr)
         else:
-            out = client.tasks()
+            out = _listed(client)
     if args.json:
         print_json(out)
     elif args.tasks_cmd == "activate":
@@ -198,6 +199,22 @@ def _tasks(args: argparse.Namespace) -> int:
     else:
         print_tasks(out["generation"], out["tasks"], f"server {args.url}")
     return 0
+
+
+def _listed(client: Any) -> dict:
+    """GET /tasks; when the store cannot be listed, what the server still serves is said first (its error's
+    `details.serving`): an operator looks exactly then (an outside check)."""
+    from service.client import ClipbankHTTPError
+
+    try:
+        return client.tasks()
+    except ClipbankHTTPError as e:
+        served = (e.details or {}).get("serving") if isinstance(e.details, dict) else None
+        if isinstance(served, list):
+            said = ", ".join(f"{t.get('task')} v{t.get('version')}" for t in served if isinstance(t, dict)) or "none"
+            generation = e.details.get("generation")  # type: ignore[union-attr]
+            print(f"the server still serves (generation {generation}): {said}", file=sys.stderr)
+        raise
 
 
 def _activated(out: dict) -> None:

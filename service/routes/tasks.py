@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from model_store.errors import ClipbankError, InvalidRequest, TaskNotFound
+from model_store.errors import ClipbankError, InvalidRequest, StoreError, TaskNotFound
 from model_store.gate import InterferenceRefused
 from model_store.manifest import shown
 from model_store.modes import TASK_RE
@@ -104,8 +104,13 @@ def _add_reading(router: APIRouter) -> None:
     async def list_tasks(request: Request) -> dict:
         """Every stored task: versions, the active one, classes, metrics, memory, and what this server serves."""
         registry = service_of(request).require_ready()
-        index = await run_in_threadpool(registry.index)
         bank = registry.bank
+        try:
+            index = await run_in_threadpool(registry.index)
+        except StoreError as e:  # what this server serves still, said beside why the store cannot be listed
+            served = [{"task": t.name, "version": t.version, "bundle_id": t.bundle_id} for t in bank.tasks]
+            e.details = {"serving": served, "generation": bank.generation}  # type: ignore[attr-defined]
+            raise
         return {
             "generation": index.generation,
             "tasks": [task_info(bank, t, e, index.generation) for t, e in sorted(index.tasks.items())],

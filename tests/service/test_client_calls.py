@@ -434,3 +434,17 @@ def test_push_of_an_image_is_a_type_error_before_anything_is_sent(monkeypatch):
     with ClipbankClient("http://srv", token="s" * 20) as c, pytest.raises(TypeError, match="a bundle is a file's path"):
         c.push(Image.new("RGB", (2, 2)))
     assert calls == [] and repr(c) == "ClipbankClient('http://srv', token=set, timeout=60.0, retries=0)"
+
+
+def test_tasks_says_what_the_server_still_serves_when_the_store_cannot_be_listed(monkeypatch, capsys):
+    """An outside check: with the store moved or replaced, `clipbank tasks` said only the store's error."""
+    served = {"serving": [{"task": "a", "version": 2, "bundle_id": "x" * 64}], "generation": 7}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        error = {"code": "store_damaged", "message": "index.json is gone", "details": served}
+        return httpx.Response(503, json={"error": error})
+
+    client_on(monkeypatch, handler)
+    assert main(["tasks", *URL]) == 3
+    err = capsys.readouterr().err
+    assert "the server still serves (generation 7): a v2" in err and "index.json is gone" in err

@@ -468,6 +468,10 @@ async def test_a_store_replaced_under_the_server_is_said_without_its_path(tmp_pa
         health = (await c.get("/healthz")).json()
         assert health["status"] == "degraded" and "was replaced under this process" in health["store_error"]
         assert str(tmp_path) not in health["store_error"], health  # no server paths to clients
+        r = await c.get("/tasks", headers=AUTH)  # an outside check: GET /tasks said nothing of what still serves
+        served = r.json()["error"]["details"]
+        assert r.status_code == 503 and [t["task"] for t in served["serving"]] == ["a", "c"], r.text
+        assert served["generation"] == 2 and served["serving"][0]["version"] == 1
         registry = c.app.state.service.registry  # any store error naming the store: by its folder's name
         registry._store_failed(StoreError(f"store {store.location}: its index.json could not be read"))
         health = (await c.get("/healthz")).json()
