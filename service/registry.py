@@ -100,7 +100,8 @@ class Registry:
     def _store_failed(self, error: StoreError) -> None:
         said = self.store.without_location(str(error))  # the open /healthz shows it
         if self.store_error != said:
-            log.error("the store cannot be read: %s; serving the last bank (generation %s)", error, self.generation)
+            serving = f"the last bank (generation {self.generation})" if self.generation is not None else "zero-shot"
+            log.error("the store cannot be read: %s; serving %s", error, serving)
         self.store_error = said
 
     @property
