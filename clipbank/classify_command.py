@@ -95,10 +95,10 @@ def _classify_chunk(client: Any, names: list[str], labels: list[str], args: argp
                 continue
             hint = " (--skip-bad leaves such files out and answers the rest)" if isinstance(bad, int) else ""
             above = " above" if not args.json else ""
-            if isinstance(bad, int) and len(names) < len(args.images):  # numbered within its request: say which files
+            if e.status < 500 and len(names) < len(args.images):  # images numbered within their request: say which
                 hint += f" (in the request of files {a + 1}..{a + len(names)}: its image i is file {a + 1} + i"
                 hint += f"; the files before it were answered{above})" if a else ")"
-            elif a:  # not an image's fault (the server overloaded, say)
+            elif a:  # not the request's fault (the server overloaded, say): no image to number
                 hint += f" (files 1..{a} were answered{above})"
             raise ClipbankHTTPError(e.status, e.code, e.message + hint, e.details, e.retry_after) from None
         if not isinstance(out.get("results"), list) or len(out["results"]) != len(pending):

@@ -138,7 +138,8 @@ def test_classify_top_k_prints_a_line_per_label_kept(tmp_path, monkeypatch, caps
 
 
 def test_the_client_names_what_is_wrong_with_a_server_that_is_not_clipbank(monkeypatch, tmp_path, capsys):
-    """Not JSON, a redirect, a JSON list, an HTML error page, no server at all: one line and exit 2, never a
+    """Not JSON, a redirect, a JSON list, an HTML error page, no server at all: one line and exit 2 (3 for a 5xx or
+    no answer), never a
     traceback; and `classify` checks there is a result per image."""
     import httpx
 
@@ -154,12 +155,13 @@ def test_the_client_names_what_is_wrong_with_a_server_that_is_not_clipbank(monke
     }
     for name, answer in answers.items():
         _client_on(monkeypatch, lambda request, a=answer: a)
-        assert main(["classify", str(tmp_path / "a.png"), "--labels", "a,b", "--url", "http://srv:1"]) == 2, name
+        usage = 3 if answer.status_code >= 500 else 2  # a failing server, or a URL that is no clipbank server
+        assert main(["classify", str(tmp_path / "a.png"), "--labels", "a,b", "--url", "http://srv:1"]) == usage, name
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err, (name, err)
     assert "Not implemented" in err and "<" not in err
     monkeypatch.undo()
-    assert main(["classify", str(tmp_path / "a.png"), "--url", "http://127.0.0.1:9"]) == 2
+    assert main(["classify", str(tmp_path / "a.png"), "--url", "http://127.0.0.1:9"]) == 3  # no answer: try later
     err = capsys.readouterr().err
     assert "unreachable: cannot reach http://127.0.0.1:9" in err and "HTTP 0" not in err  # no answer: no status
 
@@ -266,7 +268,7 @@ def test_classify_sends_requests_of_the_servers_own_max_images(monkeypatch, tmp_
     assert sizes == [20, 8, 8, 4]
     assert [r["file"] for r in json.loads(capsys.readouterr().out)["results"]] == paths
     sizes.clear()  # one decision for all images cannot be split: the server's answer stands
-    assert main(["classify", *paths, "--labels", "a", "--url", "http://srv", "--route", "per-request"]) == 2
+    assert main(["classify", *paths, "--labels", "a", "--url", "http://srv", "--route", "per-request"]) == 1
     assert sizes == [20] and "max_images=8" in capsys.readouterr().err
 
 
@@ -315,7 +317,7 @@ def test_classify_json_keeps_the_answers_before_a_failed_request_and_says_what_w
 
     _client_on(monkeypatch, handler)
     paths = _files(tmp_path, 70)
-    assert main(["classify", *paths, "--labels", "a", "--url", "http://srv", "--json"]) == 2
+    assert main(["classify", *paths, "--labels", "a", "--url", "http://srv", "--json"]) == 1  # refused: a 422
     out = capsys.readouterr()
     got = json.loads(out.out)
     assert [r["file"] for r in got["results"]] == paths[:64] and got["unanswered"] == paths[64:]
@@ -373,7 +375,7 @@ def test_classify_skip_bad_answers_the_other_files_and_lists_the_bad_ones(monkey
         (tmp_path / f"{i}.png").write_bytes(b"bad" if i in (3, 5, 66) else b"ok")
         paths.append(str(tmp_path / f"{i}.png"))
     args = ["classify", *paths, "--labels", "a", "--url", "http://srv"]
-    assert main(args) == 2  # without the flag: the first bad file stops the command, and says how to go on
+    assert main(args) == 1  # without the flag: the first bad file stops the command, and says how to go on
     assert "image 3 is not an image (--skip-bad leaves such files out" in capsys.readouterr().err
     paths.insert(10, str(tmp_path / "missing.png"))
     args = ["classify", *paths, "--labels", "a", "--url", "http://srv"]
@@ -595,7 +597,7 @@ def test_classify_output_survives_a_closed_pipe_and_odd_names_and_says_which_fil
 
     _client_on(monkeypatch, answer)
     args = ["classify", *map(str, names[:70]), "--labels", "a,b", "--url", "http://srv:1"]
-    assert main(args) == 2
+    assert main(args) == 1
     out, err = capsys.readouterr()
     assert (  # the server counts a request's images from 0 (image 3 is file 68)
         "image 3 is not an image (in the request of files 65..70: its image i is file 65 + i; the files before "
@@ -783,7 +785,7 @@ def test_shadow_json_when_setting_a_version_and_insights_saying_what_it_did_not_
     _client_on(monkeypatch, handler)
     assert main(["shadow", "t", "--version", "2", "--json", "--url", "http://srv"]) == 0
     assert json.loads(capsys.readouterr().out) == {"task": "t", "shadow_version": 2, "active_version": 1}
-    for code, exit_code in (("no_shadow", 0), ("task_not_found", 2)):  # stopping twice is fine, a wrong name is not
+    for code, exit_code in (("no_shadow", 0), ("task_not_found", 1)):  # stopping twice is fine, a wrong name is not
         error = {"error": {"code": code, "message": "task 't' has no version in shadow"}}
         _client_on(monkeypatch, lambda request, error=error: httpx.Response(404, json=error))
         assert main(["shadow", "t", "--stop", "--url", "http://srv"]) == exit_code
