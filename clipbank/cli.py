@@ -284,11 +284,11 @@ def _failed(args: argparse.Namespace, e: Exception) -> int | None:
     from service.client import ClipbankHTTPError
 
     if isinstance(e, ClipbankHTTPError):
-        # a 2xx or 3xx that is no clipbank answer (`not_clipbank`, a redirect): the URL is wrong, a usage error
-        said, code = (
-            str(e),
-            REFUSED if 400 <= e.status < 500 else UNAVAILABLE if e.status in (0, *range(500, 600)) else USAGE,
-        )
+        # a 4xx that is not clipbank's (a 404 page of another server) or a 2xx/3xx that is no clipbank answer
+        # (`not_clipbank`, a redirect): the URL is wrong, a usage error
+        refused = 400 <= e.status < 500 and e.code != "http_error"
+        failing = e.status == 0 or e.status >= 500
+        said, code = str(e), REFUSED if refused else UNAVAILABLE if failing else USAGE
     elif isinstance(e, ClipbankError | ValueError | OSError):
         said, code = f"{e.code + ': ' if isinstance(e, ClipbankError) else ''}{e}", USAGE
     elif type(e).__module__.startswith("httpx"):

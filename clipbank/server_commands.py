@@ -161,7 +161,15 @@ def say_gate_notes(out: dict) -> None:
             "it will get little of its domain's traffic; another task's selector claims those images first",
             file=sys.stderr,
         )
-    limit = (gate.get("limits") or {}).get("max_stolen", 0.02)
+    limits = gate.get("limits") or {}
+    kept = gate.get("zero_shot_already")
+    if isinstance(kept, int | float) and kept > limits.get("max_zero_shot_captured", 0.05):
+        print(
+            f"{name} keeps {kept:.1%} of the generic images zero-shot would answer, which its version serving before "
+            "took already (so the gate does not count them)",
+            file=sys.stderr,
+        )
+    limit = limits.get("max_stolen", 0.02)
     for task, share in sorted((gate.get("already_taken") or {}).items(), key=lambda kv: -kv[1]):
         if isinstance(share, int | float) and share > limit:
             print(

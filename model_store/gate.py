@@ -19,6 +19,7 @@ import torch
 from .bank import BankSnapshot
 from .errors import ClipbankError
 from .inference import route_scores, task_scores
+from .store_index import StoreIndex
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class GateReport:
     # other task -> share of its probes the task's serving version takes already, and the new one keeps (not stolen)
     already_taken: Mapping[str, float] = field(default_factory=dict)
     own_routes: Mapping[str, float] = field(default_factory=dict)  # where its own probes go instead: task/zero-shot
+    zero_shot_already: float | None = None  # of the reference set, what the serving version takes and it keeps
 
     def offences(self) -> list[str]:
         """Every figure above its limit, worst first, in words."""
@@ -74,6 +76,7 @@ class GateReport:
                 "max_zero_shot_captured": self.limits.max_zero_shot_captured,
             },
             "already_taken": dict(self.already_taken),
+            "zero_shot_already": self.zero_shot_already,
             "own_routes": dict(self.own_routes),
             "passed": not self.offences(),
             "offences": self.offences(),
@@ -185,6 +188,7 @@ def gate_report(
         limits,
         already,
         own_routes,
+        captured[1] if captured is not None and held is not None else None,
     )
 
 
@@ -214,6 +218,19 @@ def interference(
         bank.backbone.device,
         held,
     )
+
+
+def trusted_serving(bank: BankSnapshot, index: StoreIndex, task: str) -> BankSnapshot | None:
+    """`bank` as the gate's `serving` bank (what the task's version takes already is not taken anew), when it may
+    speak for the task: built from the store as it is (another server's change since would make it stale), and the
+    task's active version passed its last check unforced. A version forced past the gate is no licence for the next
+    one to take the same images unforced (a review); a version with no report (trained into a store) is none."""
+    record = index.tasks.get(task)
+    active = record.active_record() if record is not None else None
+    report = active.gate if active is not None else None
+    if bank.generation != index.generation or not (isinstance(report, Mapping) and report.get("passed") is True):
+        return None
+    return bank
 
 
 @dataclass(frozen=True)

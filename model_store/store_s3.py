@@ -39,6 +39,7 @@ from .store_index import StoreIndex, next_generation
 
 log = logging.getLogger("clipbank.store")
 CAS_SECONDS = 30.0  # how long a change keeps retrying a contended index, or waits for a purge's deletion
+STOPPED_PURGE_SECONDS = 60.0  # ... this old, it has stopped: a put is told when it can land, not made to wait
 STALE_DELETION_SECONDS = 300.0  # a purge's `deleting` entry this old belongs to a purge that died: finish it
 # A call is sent once and retried S3_ATTEMPTS times, after a jittered sleep of up to 1 s, then 2 s. An endpoint that
 # accepts connections but does not answer fails a call in about (S3_ATTEMPTS + 1) x S3_READ_SECONDS (a 503
@@ -286,7 +287,9 @@ class S3Store(Store):
         if age > STALE_DELETION_SECONDS:
             log.warning("finishing the deletion of blob %s, left by a purge that stopped", bundle_id[:12])
             self._finish_deletions([bundle_id])
-        elif age > CAS_SECONDS:  # a live purge deletes in seconds: this one stopped (an outside check waited 30 s a
+        elif (
+            age > STOPPED_PURGE_SECONDS
+        ):  # a live purge deletes in seconds: this one stopped (an outside check waited 30 s a
             left = math.ceil(STALE_DELETION_SECONDS - age)  # try, 5 minutes long, told to retry in 1 s)
             error = StoreUnavailable(
                 f"blob {bundle_id[:12]} has been in a purge's deletion for {age:.0f} s: that purge stopped (a live "

@@ -92,6 +92,7 @@ class ClipbankClient:
         self.url = _server_url(url)
         self.timeout, self.retries, self.max_connections = timeout, retries, max_connections
         self._token = token
+        self._max_images: int | None = None  # the server's, once a 413 named it
         self._http = self._new_http()
         _LIVE.add(self)  # a forked child gets connections of its own (`_renew_after_fork`)
 
@@ -265,8 +266,12 @@ class ClipbankClient:
         def send(part: list) -> dict[str, Any]:
             return self._call("POST", "/classify", files=part, data=data, headers=headers, expect=("results",))
 
+        if route != PER_IMAGE:  # one decision for all the images: not split behind the caller's back
+            return send(files)
         # more images, bytes, pixels or answer than the server takes at once: sent as several requests, one answer
-        return in_batches(send, files, len(files)) if route == PER_IMAGE else send(files)
+        answer, most = in_batches(send, files, min(len(files), self._max_images or len(files)))
+        self._max_images = most or self._max_images  # the next call starts at the server's max_images
+        return answer
 
     def push(
         self,

@@ -121,12 +121,13 @@ def smaller_batch(error: ClipbankHTTPError, sent: int) -> int | None:
     return limit if details.get("setting") == "max_images" and 1 <= limit < sent else None
 
 
-def in_batches(send: Callable[[list], dict], files: list, size: int) -> dict[str, Any]:
+def in_batches(send: Callable[[list], dict], files: list, size: int) -> tuple[dict[str, Any], int | None]:
     """`send(files)` for requests of at most `size` files, fewer after a 413 that says how many (`smaller_batch`):
     one answer, its `results` every request's in order, `timing` the last one's and `requests` their count (when
-    more than one)."""
+    more than one); and the server's max_images, when a 413 named it (the caller starts there next time). An
+    image's error is numbered in the whole call, in its details and its message."""
     results: list = []
-    at, requests, out = 0, 0, {}
+    at, requests, out, most = 0, 0, {}, None
     while at < len(files):
         part = files[at : at + size]
         try:
@@ -134,11 +135,20 @@ def in_batches(send: Callable[[list], dict], files: list, size: int) -> dict[str
         except ClipbankHTTPError as e:
             smaller = smaller_batch(e, len(part))
             if smaller is None:
-                if at and isinstance((e.details or {}).get("image"), int):  # numbered in the whole call, not the part
-                    e.details = {**e.details, "image": e.details["image"] + at}  # type: ignore[dict-item]
-                raise
+                raise _renumbered(e, at) from None
             size = smaller
+            most = smaller if (e.details or {}).get("setting") == "max_images" else most
             continue
         results += out["results"]
         at, requests = at + len(part), requests + 1
-    return out if requests == 1 else {**out, "results": results, "requests": requests}  # one: the server's own
+    answer = out if requests == 1 else {**out, "results": results, "requests": requests}  # one: the server's own
+    return answer, most
+
+
+def _renumbered(e: ClipbankHTTPError, at: int) -> ClipbankHTTPError:
+    """`e` with its image numbered from the call's first, not its request's (`image 3 ('x')` was file 67)."""
+    image = (e.details or {}).get("image")
+    if not at or not isinstance(image, int):
+        return e
+    message = re.sub(r"^image \d+", f"image {image + at}", e.message)
+    return ClipbankHTTPError(e.status, e.code, message, {**e.details, "image": image + at}, e.retry_after, e.request_id)

@@ -62,7 +62,7 @@ def tiff_tags(tiff: bytes, limit: int) -> int:
         if at in seen or at + 2 > len(tiff):
             continue
         seen.add(at)
-        entries = number(at, 2)
+        entries = min(number(at, 2), (len(tiff) - at - 2) // 12)  # those there: a corrupt count is Pillow's to skip
         count += entries
         for i in range(min(entries, limit + 1)):
             entry = at + 2 + 12 * i

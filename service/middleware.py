@@ -216,12 +216,13 @@ class BodyTooLarge(HTTPException):
         self.details = {"setting": setting, "limit": limit} if setting else None
 
 
-SINGLE = (b"authorization", b"content-type", b"x-min-generation", b"x-request-id")  # a second copy is ambiguous
+# a second copy is ambiguous (X-Request-ID: a proxy may append its own; the first is taken)
+SINGLE = (b"authorization", b"content-type", b"x-min-generation")
 
 
 def _header_problem(scope: Scope) -> tuple[int, str, str] | None:
-    """(400, code, message) for headers that read two ways: a second Authorization, Content-Type, X-Min-Generation
-    or X-Request-ID (the first copy of one and the last of another won: an outside check), or a chunked body in
+    """(400, code, message) for headers that read two ways: a second Authorization, Content-Type or
+    X-Min-Generation (the first copy of one and the last of another won: an outside check), or a chunked body in
     HTTP/1.0, which has no chunked coding (RFC 9112 6.1: the framing is faulty)."""
     names = [name.lower() for name, _ in scope["headers"]]
     twice = next((n for n in SINGLE if names.count(n) > 1), None)

@@ -25,7 +25,7 @@ from model_store.errors import (
     StoreMoved,
     VersionConflict,
 )
-from model_store.gate import Gate, GateReport, InterferenceRefused
+from model_store.gate import Gate, GateReport, InterferenceRefused, trusted_serving
 from model_store.inference import TextCache
 from model_store.loader import BankLoader
 from model_store.manifest import shown
@@ -266,7 +266,8 @@ class Registry:
         `upload`: the refusal says the version was not stored (not "not activated")."""
 
         def check(candidate: BankSnapshot) -> None:
-            report = self.gate.report(candidate, task, self._bank)  # what it serves now: not taken anew
+            serving = trusted_serving(self.bank, self.store.index(), task)  # what it takes now: not taken anew
+            report = self.gate.report(candidate, task, serving)
             reports.append(report)
             if not report.offences() or not refuse:
                 return

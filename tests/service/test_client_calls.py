@@ -374,7 +374,8 @@ def test_push_says_when_a_version_gets_little_of_its_own_traffic(monkeypatch, tm
         "self_claim": 0.0,
         "own_routes": {"digits": 0.977, "zero-shot": 0.023},
         "already_taken": {"a": 0.98},
-        "limits": {"max_stolen": 0.02},
+        "zero_shot_already": 0.5,
+        "limits": {"max_stolen": 0.02, "max_zero_shot_captured": 0.05},
         "passed": True,
         "offences": [],
     }
@@ -390,10 +391,10 @@ def test_push_says_when_a_version_gets_little_of_its_own_traffic(monkeypatch, tm
     assert main(["push", str(bundle), *URL]) == 0
     err = capsys.readouterr().err
     assert "task b v1 is routed only 0.0% of its own probe images (the rest: digits 97.7%, zero-shot 2.3%)" in err
-    assert "keeps 98.0% of task a's images" in err
-    gate.update(self_claim=0.93, already_taken={})
+    assert "keeps 98.0% of task a's images" in err and "keeps 50.0% of the generic images" in err
+    gate.update(self_claim=0.93, already_taken={}, zero_shot_already=0.01)
     assert main(["push", str(bundle), *URL]) == 0
-    assert "routed only" not in capsys.readouterr().err
+    assert "routed only" not in (err := capsys.readouterr().err) and "keeps" not in err
 
 
 def test_classify_sends_more_images_than_the_server_takes_as_several_requests(monkeypatch):
@@ -420,7 +421,8 @@ def test_classify_sends_more_images_than_the_server_takes_as_several_requests(mo
         sizes.clear()
         with pytest.raises(ClipbankHTTPError) as e:
             c.classify([PNG] * 65 + [PNG + b"bad"] + [PNG] * 3)
-        assert e.value.details == {"image": 65} and sizes == [69, 64, 5]
+        assert e.value.details == {"image": 65} and sizes == [64, 5]  # the server's max_images, learnt
+        assert e.value.message == "image 65 ('x') is broken"  # numbered in the call, as its details (a review)
         with pytest.raises(ClipbankHTTPError, match="too many"):
             c.classify([PNG] * 70, route="per-request")  # one decision for all: not split behind its back
 

@@ -99,24 +99,33 @@ async def test_a_normal_version_passes_and_its_report_is_stored(tmp_path, backbo
 async def test_images_the_task_takes_already_are_not_taken_again(tmp_path, backbone, bundles):
     """An outside check: a task whose images another task's serving version had all along blocked that task's
     rollback (409, "would take 98% of ..."). A new version of a task takes from others only what its serving
-    version does not; what it keeps is reported as `already_taken`. With the task not serving, all of it counts."""
+    version does not, when that version passed its last check unforced; what it keeps is `already_taken`. With the
+    task not serving, or its serving version forced past the gate (a review), all of it counts."""
     from tests.helpers import with_version
 
-    async with running_app(tmp_path, backbone, **DEFAULTS) as c:
+    broad = over_broad(bundles["glyphs"])
+    loose = {"gate_max_stolen": 1.0, "gate_max_zero_shot": 1.0}  # a server whose limits let v1 pass unforced
+    async with running_app(tmp_path, backbone, **loose) as c:
         await _push_textures(c, bundles["textures"])
-        broad = over_broad(bundles["glyphs"])
-        r = await c.post("/tasks", params={"force": "true"}, files={"bundle": ("g", broad)}, headers=AUTH)
-        assert r.status_code == 201 and r.json()["gate"]["stolen"]["textures"] > 0.9  # forced: it takes them
+        r = await c.post("/tasks", files={"bundle": ("g", broad)}, headers=AUTH)
+        assert r.status_code == 201 and r.json()["gate"]["passed"] and r.json()["gate"]["stolen"]["textures"] > 0.9
+    async with running_app(tmp_path, backbone, **DEFAULTS) as c:  # the same store, the default limits
         r = await c.post("/tasks", files={"bundle": ("g", with_version(broad, 2))}, headers=AUTH)
         assert r.status_code == 201, r.text  # v2 takes nothing v1 did not have
         gate = r.json()["gate"]
         assert gate["passed"] and gate["stolen"]["textures"] == 0 and gate["already_taken"]["textures"] > 0.9, gate
+        assert gate["zero_shot_already"] > 0.9 and gate["zero_shot_captured"] == 0, gate
         r = await c.post("/tasks/glyphs/activate", json={"version": 1}, headers=AUTH)  # the rollback
         assert r.status_code == 200 and r.json()["active_version"] == 1, r.text
         assert (await c.delete("/tasks/glyphs", headers=AUTH)).status_code == 200
         r = await c.post("/tasks/glyphs/activate", json={"version": 2}, headers=AUTH)  # nothing held: all counted
         assert r.status_code == 409 and r.json()["error"]["details"]["stolen"]["textures"] > 0.9, r.text
         assert r.json()["error"]["details"]["already_taken"] == {}
+        r = await c.post("/tasks/glyphs/activate", params={"force": "1"}, json={"version": 2}, headers=AUTH)
+        assert r.status_code == 200  # forced: its report, kept, failed
+        r = await c.post("/tasks", files={"bundle": ("g", with_version(broad, 3))}, headers=AUTH)
+        assert r.status_code == 409, r.text  # a forced version is no licence for the next
+        assert r.json()["error"]["details"]["stolen"]["textures"] > 0.9
 
 
 async def test_the_report_says_where_a_versions_own_images_go(tmp_path, backbone, bundles):
