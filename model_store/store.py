@@ -60,7 +60,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:  # a full disk's write names no file: this one it was
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # a full disk names no file
             e.filename = str(path)
         raise
     try:

@@ -185,6 +185,16 @@ class ServeConfig:
             problems.append(f"autocast must be one of {', '.join(AUTOCAST_MODES)}, got {self.autocast!r}")
         if self.frozen_runtime not in FROZEN_RUNTIMES:
             problems.append(f"frozen_runtime must be one of {', '.join(FROZEN_RUNTIMES)}, got {self.frozen_runtime!r}")
+        problems += self._token_problems()
+        if self.log_level not in LOG_LEVELS:
+            problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if problems:
+            raise ValueError(INVALID + "; ".join(problems))
+
+    def _token_problems(self) -> list[str]:
+        problems = []
         for name in ("admin_token", "classify_token"):
             token = getattr(self, name)
             if token is not None and len(token) < 16:
@@ -195,12 +205,7 @@ class ServeConfig:
             problems.append(
                 "classify_token must differ from admin_token: every classify client would have admin rights"
             )
-        if self.log_level not in LOG_LEVELS:
-            problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if problems:
-            raise ValueError(INVALID + "; ".join(problems))
+        return problems
 
     def _engine_problems(self) -> list[str]:
         problems = []

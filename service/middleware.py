@@ -190,10 +190,17 @@ class BodyLimit:
                     raise BodyTooLarge(f"request body passed {seen} bytes; the limit is {name}", setting, limit)
             return message
 
+        try:
+            await self.app(scope, limited, self._counted(send, who))
+        finally:
+            self._hold(who, -seen)
+
+    def _counted(self, send: Send, who: str | None) -> Send:
+        """`send`, an answer's body counted as held until the client has taken it: a send waits while the socket's
+        buffer is full (an outside check: 150 connections that never read their 15 MB answers held 0.9 GB beyond
+        the bound)."""
+
         async def counted(message: Message) -> None:
-            """An answer's body counts as held until the client has taken it: a send waits while the socket's
-            buffer is full (an outside check: 150 connections that never read their 15 MB answers held 0.9 GB
-            beyond the bound)."""
             size = len(message.get("body", b"")) if message["type"] == "http.response.body" else 0
             self._hold(who, size)
             try:
@@ -201,10 +208,7 @@ class BodyLimit:
             finally:
                 self._hold(who, -size)
 
-        try:
-            await self.app(scope, limited, counted)
-        finally:
-            self._hold(who, -seen)
+        return counted
 
 
 class BodyTooLarge(HTTPException):
