@@ -144,15 +144,17 @@ def _claimed_by(
     return round(float((taken & ~kept).float().mean()), 4), round(float(kept.float().mean()), 4)
 
 
-def _own_routes(scores: Scores, own: torch.Tensor | None, index: int, names: list[str], device: torch.device) -> dict:
-    """Where the version's own probes go when not to it: share per other task (by column name) or zero-shot."""
+def _own(
+    scores: Scores, own: torch.Tensor | None, index: int, names: list[str], device: torch.device
+) -> tuple[float | None, dict[str, float]]:
+    """The share of the version's own probes routed to it (None: it has none), and where the rest go: the share
+    per other task (by column name) or zero-shot."""
     if own is None or own.shape[0] == 0:
-        return {}
+        return (None if own is None else 0.0), {}
     routed = route_scores(scores(own.to(device, torch.float32)))[0]
-    out = {}
-    for column in sorted(set(routed.tolist()) - {index}):
-        out[names[column] if column >= 0 else "zero-shot"] = round(float((routed == column).float().mean()), 4)
-    return out
+    shares = {column: round(float((routed == column).float().mean()), 4) for column in set(routed.tolist())}
+    elsewhere = {names[c] if c >= 0 else "zero-shot": share for c, share in sorted(shares.items()) if c != index}
+    return shares.get(index, 0.0), elsewhere
 
 
 def gate_report(
@@ -175,13 +177,12 @@ def gate_report(
     stolen = {name: c[0] for name, c in claims.items() if c is not None}
     already = {name: c[1] for name, c in claims.items() if c is not None and c[1] > 0}
     unmeasured = tuple(name for name, p in others.items() if p is None)
-    mine = _claimed_by(scores, own, index, device)
+    mine, own_routes = _own(scores, own, index, names, device)
     captured = _claimed_by(scores, reference, index, device, held)
-    own_routes = _own_routes(scores, own, index, names, device)
     return GateReport(
         task,
         version,
-        mine[0] if mine is not None else None,
+        mine,
         stolen,
         captured[0] if captured is not None else None,
         unmeasured,
