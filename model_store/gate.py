@@ -140,7 +140,9 @@ def _claimed_by(
     if feats.shape[0] == 0:
         return 0.0, 0.0
     taken = route_scores(scores(feats.to(device, torch.float32)))[0] == index
-    kept = taken & held(feats) if held is not None else torch.zeros_like(taken)
+    kept = torch.zeros_like(taken)
+    if held is not None and bool(taken.any()):  # only what it takes can be held: the serving bank routes those alone
+        kept[taken] = held(feats[taken.to(feats.device)]).to(kept.device)
     return round(float((taken & ~kept).float().mean()), 4), round(float(kept.float().mean()), 4)
 
 
