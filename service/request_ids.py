@@ -13,6 +13,7 @@ import asyncio
 import copy
 import logging
 import re
+import threading
 import uuid
 from contextvars import ContextVar
 from typing import Any
@@ -66,10 +67,25 @@ class RequestIds:
             REQUEST_ID.reset(token)
 
 
+_FORCED_EXIT = threading.Event()  # set by `clipbank serve` on a second Ctrl-C: uvicorn quits without draining
+
+
+def forced_exit() -> None:
+    """The server is quitting at once (a second SIGINT): requests cancelled from now on are answered, not 500s."""
+    _FORCED_EXIT.set()
+
+
+def exiting_at_once() -> bool:
+    return _FORCED_EXIT.is_set()
+
+
 def stopped_at_shutdown(error: BaseException) -> bool:
     """Whether `error` is uvicorn's cancel of a request still running when its graceful shutdown ended (its
-    message says so; uvicorn cancels requests for nothing else)."""
-    return isinstance(error, asyncio.CancelledError) and any("graceful shutdown" in str(a) for a in error.args)
+    message says so; uvicorn cancels requests for nothing else), or asyncio's when a forced exit ended the loop
+    (an outside check's second Ctrl-C gave 8 in-flight requests a plain-text 500 and the log 9 tracebacks)."""
+    if not isinstance(error, asyncio.CancelledError):
+        return False
+    return _FORCED_EXIT.is_set() or any("graceful shutdown" in str(a) for a in error.args)
 
 
 async def _stopped(scope: Scope, receive: Receive, send: Send) -> None:
@@ -80,7 +96,8 @@ async def _stopped(scope: Scope, receive: Receive, send: Send) -> None:
 
     log.warning("stopped before it was answered: the server is shutting down (%s %s)", scope["method"], scope["path"])
     message = (
-        "the server shut down before this request was answered (it still ran when the grace period ended); a "
+        "the server shut down before this request was answered (it still ran when the grace period ended, or a "
+        "second Ctrl-C stopped the server at once); a "
         "change it asked for may have landed or not (GET /tasks says): send it again once a server is ready"
     )
     await error_response(503, "not_ready", message)(scope, receive, send)

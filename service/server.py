@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import urllib.parse
+from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -18,14 +23,14 @@ from model_store.errors import BackboneError
 from .app import create_app
 from .config import ServeConfig
 from .protocol import PEER, guarded_protocol
-from .request_ids import uvicorn_log_config
+from .request_ids import exiting_at_once, forced_exit, uvicorn_log_config
 
 log = logging.getLogger("clipbank.service")
 GRACEFUL_SECONDS = 30
 
 
 def serve(config: ServeConfig) -> int:
-    """Serve until SIGINT/SIGTERM. Returns the process exit code. `--engine ray`: replicas on Ray Serve."""
+    """Serve until SIGINT/SIGTERM/SIGHUP. Returns the process exit code. `--engine ray`: replicas on Ray Serve."""
     if config.engine == "ray":
         try:
             import ray.serve  # noqa: F401 - present?
@@ -52,10 +57,55 @@ def serve(config: ServeConfig) -> int:
             server.should_exit = True
 
     app = create_app(config, on_fatal=fatal)
-    server = uvicorn.Server(uvicorn_config(app, config))
+    server = _Server(uvicorn_config(app, config))
     hide_secrets_in_access_log()
-    server.run()
-    return failed(failure[0]) if failure else 0
+    quiet = _ForcedExitCancels()
+    logging.getLogger("uvicorn.error").addFilter(quiet)
+    try:
+        server.run()
+    finally:
+        logging.getLogger("uvicorn.error").removeFilter(quiet)
+    if failure:
+        return failed(failure[0])
+    if server.force_exit:  # asyncio swallowed the second SIGINT, and the exit said 0
+        log.warning("stopped at once (a second Ctrl-C): requests in flight were answered 503 not_ready")
+        return 130
+    return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, also stopped gracefully by SIGHUP (a closed terminal: it killed the server at once, and
+    its in-flight requests with it), and whose forced exit (a second Ctrl-C) answers what it cancels."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if self.force_exit:
+            forced_exit()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        hangup = getattr(signal, "SIGHUP", None)
+        if hangup is None or threading.current_thread() is not threading.main_thread():
+            with super().capture_signals():
+                yield
+            return
+        before = signal.signal(hangup, lambda _, frame: self.handle_exit(signal.SIGTERM, frame))  # as SIGTERM
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            signal.signal(hangup, before)
+
+
+class _ForcedExitCancels(logging.Filter):
+    """Drops the traceback of the app's lifespan, cancelled by a forced exit (no error: the server quits), which
+    Starlette sends uvicorn as a message's text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not exiting_at_once():
+            return True
+        text = str(record.msg)
+        return not (text.startswith("Traceback") and text.rstrip().endswith("CancelledError"))
 
 
 def failed(reason: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -214,8 +215,10 @@ def test_sixteen_clients_while_bundles_are_pushed_deleted_and_rolled_back(tmp_pa
     assert "Traceback" not in (tmp_path / "server.log").read_text()
 
 
-def test_sigterm_lets_in_flight_requests_finish(tmp_path):
-    """Requests waiting in the batch queue when SIGTERM arrives are still answered."""
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_sigterm_lets_in_flight_requests_finish(tmp_path, stop):
+    """Requests waiting in the batch queue when SIGTERM arrives are still answered. SIGHUP (a closed terminal) is
+    taken as SIGTERM: an outside check's server died at once on it, with 10 requests in flight."""
     import os
     import signal
 
@@ -244,10 +247,47 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path):
         while "clipbank_queue_images 4.0" not in httpx.get(url + "/metrics").text:
             assert time.monotonic() < deadline, "the requests never reached the queue"
             time.sleep(0.05)
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, getattr(signal, stop))
         for t in threads:
             t.join(60)
     assert results == [200] * 4
+
+
+def test_a_second_ctrl_c_answers_what_it_cuts_short(tmp_path):
+    """uvicorn quits at once on a second SIGINT ("CTRL+C to force quit"): an outside check's in-flight requests got
+    a plain-text 500 each, and the log a traceback each. Now: 503 `not_ready` (JSON), no traceback."""
+    import os
+    import signal
+    import socket
+
+    from benchmarks.process import server_process
+
+    env = {"CLIPBANK_ADMIN_TOKEN": TOKEN, "OMP_NUM_THREADS": "1", "CLIPBANK_ONNX_CACHE": ONNX_CACHE}
+    log = tmp_path / "server.log"
+    with server_process(tmp_path / "store", (), env, log, ready_seconds=120) as (url, pid):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # an upload whose body stalls
+            sock.sendall(
+                b"POST /tasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n"
+                b"Content-Type: multipart/form-data; boundary=zz\r\nContent-Length: 100000\r\n\r\n--zz\r\n"
+            )
+            time.sleep(1)
+            os.kill(pid, signal.SIGINT)
+            time.sleep(0.5)
+            os.kill(pid, signal.SIGINT)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        deadline = time.monotonic() + 30  # its last line, before the fixture's SIGTERM could cut it short
+        while not re.search("stopped at once|interrupted", log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and b"x-clipbank-error: not_ready" in head.lower(), answer
+    assert b"second Ctrl-C" in body
+    text = log.read_text()
+    # its last line: asyncio may end the run with the second SIGINT as KeyboardInterrupt (the command's exit 130)
+    assert re.search(r"stopped at once \(a second Ctrl-C\)|clipbank serve: interrupted", text), text
+    assert "Traceback" not in text, text
 
 
 def test_outside_traffic_through_the_server_routes_as_measured_offline(tmp_path, bundles, trained, backbone):
