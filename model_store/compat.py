@@ -92,6 +92,21 @@ def refuse_other_backbone(data: bytes, backbone: Backbone) -> None:
     check_backbone(info, backbone)
 
 
+def refuse_second_backbone(degraded: Mapping[str, str], task: str) -> None:
+    """BackboneMismatch when the store's other active tasks are another backbone's (`degraded`: a bank's tasks left
+    out, and why): a version of this server's backbone beside them would leave the store serving two, and every
+    server of it degraded (an outside check's push landed, 201, and `store check` called the store consistent)."""
+    prefix = f"{BackboneMismatch.code}:"
+    other = sorted(t for t, why in degraded.items() if t != task and why.startswith(prefix))
+    if other:
+        raise BackboneMismatch(
+            f"the store's active tasks {', '.join(shown(t) for t in other[:5])}{' …' if len(other) > 5 else ''} "
+            "were trained on another backbone than this server's: this version beside them would leave the store "
+            "with two, and no server would serve both. Give each backbone its own store, or deactivate those tasks "
+            "first (to move the store to this backbone); it was not stored"
+        )
+
+
 def check_config(bundle: Bundle, config: MoEConfig) -> None:
     """BundleInvalid unless the bundle's routers were trained for the bank's top-k and expert scale, and its
     experts sit in the same top blocks as the bank's (a bundle made before `expert_blocks` has them in all)."""

@@ -149,7 +149,7 @@ class Service:
         self.watch.start_monitor(monitor, self.backbone, reference)
         registry = Registry(open_store(cfg.store), self.backbone, self.metrics, cache, gate, self.watch.swapped)
         bank = registry.load()
-        _say_if_read_only(registry.store)
+        _say_store(registry.store)
         self.registry = registry  # published once it has a bank: /healthz reads it while this runs
         warm = torch.zeros(1, 3, self.backbone.image_size, self.backbone.image_size)
         items = [ClassifyItem(warm, ("a", "b"), ZERO_SHOT)] + [ClassifyItem(warm, None, t) for t in bank.task_names]
@@ -214,13 +214,23 @@ class Service:
         return {"degraded": dict(registry.bank.degraded), "store_error": registry.store_error}
 
 
-def _say_if_read_only(store: Any) -> None:
-    """A store a newer release wrote is served from, but every change to it is refused (`store_too_new`): said at
-    start, not first by a push that fails."""
+def _say_store(store: Any) -> None:
+    """Which store this server serves, and what of it cannot be changed, said at start: an outside check's typo
+    in --store served an empty bank, ready, with no line naming the store; a store a newer release wrote is
+    served from, but every change to it is refused (`store_too_new`); a read-only folder refused every change."""
     try:
-        written = store.index().format
+        index = store.index()
     except (ClipbankError, OSError):  # the registry says why
         return
+    active = sum(1 for t in index.tasks.values() if t.active)
+    if index.generation == 0 and not index.tasks:
+        log.warning("store %s is new and empty: no task is served (is that the store you meant?)", store.location)
+    else:
+        log.info("store %s: %d active task(s), generation %d", store.location, active, index.generation)
+    root = getattr(store, "root", None)
+    if root is not None and not os.access(root, os.W_OK):
+        log.warning("store %s is read-only for this server: it serves, but every change is refused", store.location)
+    written = index.format
     if written > INDEX_FORMAT:
         log.warning(
             "the store was written by a newer clipbank (index format %d; this release reads up to %d): serving from "

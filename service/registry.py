@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from model_store.backbone import Backbone
 from model_store.bank import BankSnapshot, empty_bank
 from model_store.bundle import Bundle, read_bundle
-from model_store.compat import refuse_other_backbone
+from model_store.compat import refuse_other_backbone, refuse_second_backbone
 from model_store.errors import (
     BackboneMismatch,
     BundleNotFound,
@@ -287,6 +287,8 @@ class Registry:
             raise InvalidRequest("a version is uploaded either active or in shadow, not both")
         refuse_other_backbone(data, self.loader.backbone)  # from the header, before the tensors are read
         bundle = read_bundle(data)  # format, schema and integrity, before any lock
+        if activate or shadow:
+            refuse_second_backbone(self.bank.degraded, bundle.task)
         index = self.store.index()
         if index.owner(bundle.id) is not None:
             try:

@@ -195,6 +195,18 @@ async def test_a_bundle_for_another_backbone_is_degraded_not_fatal(tmp_path, bac
         degraded = (await c.get("/healthz")).json()["degraded"]
         assert list(degraded) == ["a"] and "backbone_mismatch" in degraded["a"]
         assert await _pinned(c, "c") == 200
+        # a new task of this server's backbone beside `a` would leave the store serving two: refused (it landed)
+        d = random_bundle(empty_bank(backbone), "d", seed=34)
+        generation = store.index().generation
+        for mode in ("active", "shadow"):
+            r = await c.post(f"/tasks?mode={mode}", files={"bundle": ("d", d)}, headers=AUTH)
+            assert r.status_code == 422 and r.json()["error"]["code"] == "backbone_mismatch", r.text
+            assert "active tasks 'a' were trained on another backbone" in r.json()["error"]["message"]
+        assert store.index().generation == generation and "d" not in store.index().tasks
+        r = await c.post("/tasks?mode=inactive", files={"bundle": ("d", d)}, headers=AUTH)  # stored, not served
+        assert r.status_code == 201, r.text
+        assert (await c.delete("/tasks/a", headers=AUTH)).status_code == 200  # the way to move the store over
+        assert (await c.post("/tasks/d/activate", json={"version": 1}, headers=AUTH)).status_code == 200
 
 
 async def test_unreadable_store_files_degrade_instead_of_failing(tmp_path, backbone, two_tasks):
@@ -491,3 +503,20 @@ async def test_a_store_a_newer_release_wrote_is_served_and_said_read_only_at_sta
             assert r.status_code == 503 and r.json()["error"]["code"] == "store_too_new"
     said = [r.getMessage() for r in caplog.records if "newer clipbank" in r.getMessage()]
     assert said and "index format 99" in said[0] and "every change is refused" in said[0], said
+
+
+async def test_the_store_served_is_named_at_start_and_a_new_empty_one_said(tmp_path, backbone, two_tasks, caplog):
+    """An outside check's typo in --store served an empty bank, ready, with no line naming the store."""
+    with caplog.at_level("INFO", logger="clipbank.service"):
+        async with running_app(tmp_path, backbone) as c:  # no store there yet
+            assert (await c.get("/readyz")).status_code == 200
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("store ")]
+    assert len(said) == 1 and "is new and empty: no task is served" in said[0] and str(tmp_path) in said[0], said
+    assert [r.levelname for r in caplog.records if r.getMessage() == said[0]] == ["WARNING"]
+    caplog.clear()
+    _store(tmp_path, two_tasks["a"], two_tasks["c"])
+    with caplog.at_level("INFO", logger="clipbank.service"):
+        async with running_app(tmp_path, backbone):
+            pass
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("store ")]
+    assert len(said) == 1 and said[0].endswith(": 2 active task(s), generation 2"), said
