@@ -3,6 +3,7 @@ and `open_store`, which picks the backend a location names (a folder, or `s3://`
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -67,6 +68,13 @@ def atomic_write(path: Path, data: bytes) -> None:
         _fsync_dir(path.parent)
     except OSError as e:  # the rename is done: the change is published, only its durability is in doubt
         log.warning("%s was written, but syncing its folder failed: %s", path, e)
+
+
+def _not_by_retrying(error: OSError) -> str:
+    """What a write failure that no retry heals asks of an operator (a read-only mount, permissions)."""
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return ": the store is not writable for this server, and sending it again will not help until it is"
+    return ""
 
 
 class LocalStore(Store):
@@ -163,7 +171,7 @@ class LocalStore(Store):
             path = f" {_within(self.root, named)}" if named else ""  # "Is a directory", but which?
             raise StoreWriteFailed(
                 f"the store could not be written ({what}: {type(e).__name__}: {e.strerror or e}{path}); "
-                "nothing was changed"
+                f"nothing was changed{_not_by_retrying(e)}"
             ) from None
 
     # ----------------------------------------------------------------------------------------- changing
@@ -182,7 +190,7 @@ class LocalStore(Store):
             where = f": {_within(self.root, e.filename)}" if e.filename else ""  # a folder named .lock, say
             raise StoreWriteFailed(
                 f"the store could not be locked for a change ({type(e).__name__}: {e.strerror or e}{where}); "
-                "nothing was changed"
+                f"nothing was changed{_not_by_retrying(e)}"
             ) from None
         try:
             yield
