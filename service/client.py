@@ -36,7 +36,7 @@ RETRIED = frozenset({"overloaded", "stale_replica", "not_ready"})  # 503s that n
 MAX_RETRY_WAIT = 30.0  # seconds: a longer Retry-After is not waited for
 BROKEN_WAIT = 0.25  # seconds before the first retry of a request that a replica's death broke; doubled after each
 REFUSED_WAIT = 1.0  # ... of a request whose connection was refused (a server restarting: 7-16 s here); doubled
-PROBES = ("/readyz", "/healthz")  # asked for the state now: never retried
+PROBES = ("/readyz", "/healthz")  # asked for the state now: never retried, a refused connection neither
 MAY_LAND = "; a change it was making may still land: look before retrying (GET /tasks, clipbank store list)"
 
 
@@ -132,7 +132,7 @@ class ClipbankClient:
                 return self._once(method, path, **kwargs)
             except ClipbankHTTPError as e:
                 # refused before a byte was sent (a server restarting): safe for a change too
-                safe = (method == "GET" and path not in PROBES) or path == "/classify" or _was_refused(e)
+                safe = path not in PROBES and (method == "GET" or path == "/classify" or _was_refused(e))
                 wait = _retry_wait(e, attempt) if safe and attempt < self.retries else None
                 if wait is None:
                     raise

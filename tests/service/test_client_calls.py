@@ -131,6 +131,20 @@ def test_a_refused_connection_is_tried_again_for_a_change_too(monkeypatch):
         c.classify([PNG])
     assert e.value.code == "unreachable" and calls == ["/classify"]
 
+    calls.clear()  # a probe asks for the state now: a server down says so at once (it waited 3.3 s at retries=2)
+
+    def down(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    client_on(monkeypatch, down)
+    with ClipbankClient("http://srv", retries=2) as c:
+        for probe in (c.health, c.ready):
+            with pytest.raises(ClipbankHTTPError) as e:
+                probe()
+            assert e.value.code == "unreachable"
+    assert calls == ["/healthz", "/readyz"]
+
 
 def _fails(_: int) -> None:
     raise ClipbankHTTPError(401, "unauthorized", "no token", {"why": 1}, retry_after=None)
