@@ -1,6 +1,6 @@
-"""`clipbank classify`: image files sent to a running server in requests of at most CLASSIFY_CHUNK images (or the
-server's own max_images, which its 413 names), the
-answers printed per file (or as JSON); with --skip-bad, files it cannot read or the server refuses are listed."""
+"""`clipbank classify`: image files sent to a running server CLASSIFY_CHUNK at a time (the client splits them
+further when the server's 413 names a smaller max_images), the answers printed per file (or as JSON); with
+--skip-bad, files it cannot read or the server refuses are listed."""
 
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ from .output import error_json, print_json
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
-CLASSIFY_CHUNK = 64  # images per request: the server's default max_images (a server's 413 naming less: that,
-# and one for an answer over max_response_bytes: half as many)
+CLASSIFY_CHUNK = 64  # images per call: the server's default max_images (the client sends fewer after a 413)
 
 
 def _classify(args: argparse.Namespace) -> int:
@@ -52,23 +51,12 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def answers_in_requests(client: Any, labels: list[str], args: argparse.Namespace) -> Iterator[tuple[list, list]]:
-    """`args.images` sent in requests of at most CLASSIFY_CHUNK images (a shell glob may name more than one request
-    holds), fewer after a 413 that says how many (`smaller_batch`): each request's (files, answers), in order."""
-    from service.client import ClipbankHTTPError
-    from service.client_wire import smaller_batch
-
-    a, chunk = 0, CLASSIFY_CHUNK
-    while a < len(args.images):
-        names = args.images[a : a + chunk]
-        try:
-            answered = _classify_chunk(client, names, labels, args, a)
-        except ClipbankHTTPError as e:  # a lower max_images, too large a body or answer: smaller requests
-            chunk = smaller_batch(e, len(names))
-            if chunk is None or args.route == "per-request":  # one decision for all: not split behind its back
-                raise
-            continue
-        a += len(names)
-        yield names, answered
+    """`args.images` sent CLASSIFY_CHUNK at a time (a shell glob may name more than one request holds): each
+    chunk's (files, answers), in order. The client splits a chunk itself after a 413 that names a smaller
+    max_images, body or answer (`service.client_wire.in_batches`), except for --route per-request (one decision)."""
+    for a in range(0, len(args.images), CLASSIFY_CHUNK):
+        names = args.images[a : a + CLASSIFY_CHUNK]
+        yield names, _classify_chunk(client, names, labels, args, a)
 
 
 def _classify_chunk(client: Any, names: list[str], labels: list[str], args: argparse.Namespace, a: int) -> list[dict]:

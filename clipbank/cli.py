@@ -266,16 +266,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clipbank {args.cmd}: {how}; {AFTER_STOP.get(args.cmd, AFTER_STOP[''])}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly, as a killed pipe writer would
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
-        return 141
+        return _reader_gone()
     except Exception as e:
-        code = _failed(args, e)
+        try:
+            code = _failed(args, e)
+            sys.stdout.flush()  # its error object (--json): a reader gone shows here, not at the exit
+        except BrokenPipeError:  # its error object's reader went away (`tasks activate ... --json | head -5`)
+            return _reader_gone()
         if code is None:
             raise
         return code
     finally:
         if catch:
             signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+
+
+def _reader_gone() -> int:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+    return 141
 
 
 def _failed(args: argparse.Namespace, e: Exception) -> int | None:

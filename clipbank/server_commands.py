@@ -264,6 +264,11 @@ def print_deactivated(out: dict, purge: bool) -> None:
         print(f"  kept version {version}: tasks {', '.join(users)} use its experts")
 
 
+def _help_of(parser: argparse.ArgumentParser, flag: str) -> str | None:
+    """The help text `parser` gives `flag`."""
+    return next(a.help for a in parser._actions if flag in a.option_strings)
+
+
 def _server_flags(p: argparse.ArgumentParser, url: str, wait: bool = True) -> None:
     p.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
     p.add_argument("--token", default=env_value("admin_token"), help="admin token ($CLIPBANK_ADMIN_TOKEN)")
@@ -303,8 +308,8 @@ def add_server_parsers(sub, url: str) -> None:
     )
     for p in (a, d):
         p.add_argument("--wait-all", action="store_true", help="return once every Ray replica serves the change")
-    for p in tsub.choices.values():  # the flags after the sub-command, too
+    for p in tsub.choices.values():  # the flags after the sub-command, too, with the same help
         for flag in ("--url", "--token"):
-            p.add_argument(flag, default=argparse.SUPPRESS, help="as before the sub-command")
-        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="as before the sub-command")
+            p.add_argument(flag, default=argparse.SUPPRESS, help=_help_of(ts, flag))
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=_help_of(ts, "--json"))
     ts.set_defaults(fn=_tasks)

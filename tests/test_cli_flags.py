@@ -616,6 +616,25 @@ def test_classify_output_survives_a_closed_pipe_and_odd_names_and_says_which_fil
     assert "BrokenPipe" not in capsys.readouterr().err
 
 
+def test_an_error_object_for_a_reader_that_went_away_ends_quietly(monkeypatch, capsys):
+    """`clipbank tasks activate t 1 --json | head -5` after a 409: the error object met the closed pipe, and the
+    command ended in a BrokenPipeError traceback."""
+    import os
+
+    import httpx
+
+    from clipbank.cli import main
+
+    _client_on(monkeypatch, lambda r: httpx.Response(409, json={"error": {"code": "interference", "message": "no"}}))
+    read, write = os.pipe()
+    os.close(read)
+    with os.fdopen(write, "w") as closed:
+        monkeypatch.setattr(sys, "stdout", closed)
+        assert main(["tasks", "activate", "t", "1", "--json", "--url", "http://srv:1"]) == 141
+        monkeypatch.setattr(sys, "stdout", sys.__stdout__)
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_bench_settings_are_checked_before_any_work(tmp_path, capsys):
     """`--clients 0` started a soak, `--requests 0` meant the default, `--kinds hybrid,foo` fitted the hybrid for
     25 s first, and `--out FILE` failed after a whole run."""
@@ -920,6 +939,16 @@ def test_train_help_names_the_backbone_it_will_use():
     run = [sys.executable, "-m", "clipbank", "train", "--help"]
     out = subprocess.run(run, capture_output=True, text=True, timeout=120, env=env, check=True).stdout
     assert "backbone reference (default ViT-B-32:none)" in " ".join(out.split())
+
+
+def test_tasks_sub_command_help_says_what_its_flags_are(capsys):
+    """`tasks activate --help` said "as before the sub-command" for --url, --token and --json."""
+    from clipbank.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["tasks", "activate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "as before" not in out and "admin token ($CLIPBANK_ADMIN_TOKEN)" in out and "server URL" in out
 
 
 def test_reference_list_names_the_sets_a_server_may_find(tmp_path, monkeypatch, capsys):
