@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 STORE_ID_RE = re.compile(r"[0-9a-f]{32}")
 
 INDEX_FORMAT = 1
+MAX_GENERATION = 2**53 - 1  # the largest integer a JSON client reads exactly
 
 
 def _strings(value: Any) -> tuple[str, ...]:
@@ -167,6 +168,8 @@ class StoreIndex:
             or not isinstance(obj.get("tasks"), dict)
         ):
             raise StoreError("the store index lacks 'generation' or 'tasks'; see the log")
+        if not 0 <= obj["generation"] <= MAX_GENERATION:  # clients read it as a JSON number (X-Generation too)
+            raise StoreError(f"the store index has generation {shown(obj['generation'], 20)}, not one of 0..2^53-1")
         tasks = {name: TaskRecord.from_json(entry, name) for name, entry in obj["tasks"].items()}
         deleting = obj.get("deleting") if isinstance(obj.get("deleting"), dict) else {}
         deleting = {k: float(v) for k, v in deleting.items() if ID_RE.fullmatch(k) and _finite(v)}
