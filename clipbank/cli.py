@@ -29,9 +29,7 @@ from .watch_commands import add_watch_parsers
 
 def _serve(args: argparse.Namespace) -> int:
     set_serving_env()  # before torch is imported: MKL and OpenMP read their variables once, when they load
-    from service.server import serve
-
-    flags = given(ServeConfig, args)
+    flags = given(ServeConfig, args)  # checked before torch loads: a bad setting is said at once (it took 6-10 s)
     config = ServeConfig.from_env(**flags)
     if unknown := unknown_variables(os.environ):
         print(f"clipbank serve: warning: no setting reads {', '.join(unknown)}", file=sys.stderr)
@@ -46,6 +44,8 @@ def _serve(args: argparse.Namespace) -> int:
             f"{', '.join(ray_only)} {'apply' if len(ray_only) > 1 else 'applies'} only with --engine ray; this "
             "server would be one process"
         )
+    from service.server import serve
+
     return serve(config)
 
 

@@ -288,6 +288,9 @@ def add_server_parsers(sub, url: str) -> None:
         "--shadow", action="store_true", help="store it in shadow: it scores live traffic without answering it"
     )
     pu.add_argument("--force", action="store_true", help="override the interference gate (docs/safety.md)")
+    pu.add_argument(  # as the other server commands: a script reads {"error": ...} on stdout (docs/service.md)
+        "--json", action="store_true", help="on a failure, print the error as a JSON object too (an answer is JSON)"
+    )
     pu.set_defaults(fn=_push)
 
     ts = sub.add_parser("tasks", help="a running server's tasks (a table), or activate / deactivate one, gated")

@@ -32,6 +32,7 @@ from typing import Any
 from .digest import bytes_digest
 from .errors import REWRITE, BundleNotFound, StoreDamaged, StoreError, StoreUnavailable
 from .files import read_regular
+from .said_once import SaidOnce
 from .settings import cache_root, env_value
 from .store import atomic_write, encode_index, parse_index
 from .store_base import BlobBeingDeleted, Edit, Store, Unchanged, purge_plan
@@ -45,8 +46,7 @@ STALE_DELETION_SECONDS = 300.0  # a purge's `deleting` entry this old belongs to
 # accepts connections but does not answer fails a call in about (S3_ATTEMPTS + 1) x S3_READ_SECONDS (a 503
 # store_unavailable), not minutes; the read timeout is per socket read, so a large blob is not cut short.
 # botocore's "legacy" retries, not "standard": standard spends a quota on retries that only 2xx answers refill, and
-# a polling server's answers are 304s, so a server that had lived through an outage never retried again (measured:
-# a 30% SlowDown then failed changes that a fresh server stored).
+# a polling server's answers are 304s: a server that had lived through an outage never retried again (measured).
 S3_CONNECT_SECONDS, S3_READ_SECONDS, S3_ATTEMPTS = 5.0, 10.0, 2
 # botocore's errors for a request sent whose answer never came (a refused connection is not one: nothing was sent)
 ANSWER_LOST = frozenset({"ReadTimeoutError", "ConnectionClosedError", "ProtocolError"})
@@ -84,6 +84,7 @@ class S3Store(Store):
                 f"{e.strerror or e}): set CLIPBANK_S3_CACHE_DIR to a writable folder"
             ) from None
         self._cached: tuple[str, StoreIndex] | None = None
+        self._say = SaidOnce(log, 600)  # the same failure to reach the store: an error once in 10 minutes
 
     @classmethod
     def from_url(cls, url: str, environ: Mapping[str, str] | None = None) -> S3Store:
@@ -371,14 +372,14 @@ class S3Store(Store):
             raise self._unavailable("read the index", e) from None
 
     def _unavailable(self, doing: str, e: Exception) -> StoreError:
-        """A StoreError (503) naming what failed; the exception's own text goes to the log only."""
-        log.error("store %s: could not %s: %s: %s", self.location, doing, type(e).__name__, e)
+        """A StoreError (503) naming what failed; the exception's own text goes to the log only, once in a while
+        for the same failure (an endpoint down logged an error at every poll, every 2-4 s)."""
+        self._say(logging.ERROR, f"store {self.location}: could not {doing}: {type(e).__name__}: {e}")
         return StoreUnavailable(f"the object store {self.location} could not {doing} ({_code(e) or type(e).__name__})")
 
 
 def _status(e: Exception) -> int | None:
-    response = getattr(e, "response", None)
-    if not isinstance(response, dict):
+    if not isinstance(response := getattr(e, "response", None), dict):
         return None
     status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     code = response.get("Error", {}).get("Code")

@@ -6,6 +6,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from model_store.pixels import MAX_ASPECT_RATIO, MAX_PIXELS
@@ -22,6 +23,36 @@ INVALID = "invalid server settings: "
 ENGINES = ("uvicorn", "ray")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 MAX_UNCLAIMED = 20_000  # 40 MB of float32 embeddings at ViT-B's 512 dimensions; clustering stays in seconds
+
+
+class SettingsError(ValueError):
+    """Every problem of a server's settings, in one message."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(INVALID + "; ".join(problems))
+        self.problems = problems
+
+
+MAX_BATCH = 4096  # images in one pass: far past where batching pays on any device, and a bound on memory
+MAX_QUEUE_IMAGES = 1_000_000
+
+
+def _store_path_problems(store: str) -> list[str]:
+    """A local store path that cannot be a folder, said before anything loads (it was said after the backbone
+    loaded and an admin token was made "in" it)."""
+    if store.startswith("s3://") or "://" in store:
+        return []
+    if not store.strip():
+        return [f"store must name a folder, got {store!r}"]
+    path = Path(store)
+    if path.is_symlink() and not path.exists():
+        return [f"store {store} is a symbolic link to {os.readlink(path)!r}, which does not exist"]
+    if path.exists() and not path.is_dir():
+        return [f"store {store} is a file, not a folder"]
+    above = next((p for p in path.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        return [f"store {store}: {above} is a file, not a folder"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -144,8 +175,11 @@ class ServeConfig:
             problems.append(f"port must be in 1..65535, got {self.port}")
         if "://" in self.store and not self.store.startswith("s3://"):  # before a token is saved "in" it
             problems.append(f"store must be a local folder or s3://bucket/prefix, got {self.store!r}")
-        if self.max_batch < 1:
-            problems.append(f"max_batch must be >= 1, got {self.max_batch}")
+        problems += _store_path_problems(self.store)
+        if self.max_queue_images > MAX_QUEUE_IMAGES:
+            problems.append(f"max_queue_images must be at most {MAX_QUEUE_IMAGES}, got {self.max_queue_images}")
+        if not 1 <= self.max_batch <= MAX_BATCH:
+            problems.append(f"max_batch must be in 1..{MAX_BATCH}, got {self.max_batch}")
         elif self.limits.max_images > self.max_batch:
             problems.append(
                 f"max_images ({self.limits.max_images}, CLIPBANK_MAX_IMAGES) must be <= max_batch "
@@ -191,7 +225,7 @@ class ServeConfig:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if problems:
-            raise ValueError(INVALID + "; ".join(problems))
+            raise SettingsError(problems)
 
     def _token_problems(self) -> list[str]:
         problems = []
@@ -255,6 +289,8 @@ class ServeConfig:
                 if f.name == "limits" or overrides.get(f.name) is not None:  # a flag wins, even over a bad value
                     continue
                 raw = env_value(f.name, env)
+                if raw is not None and f.name.endswith("_token"):  # a file's newline: the client strips it too
+                    raw = raw.strip() or None
                 if raw is None:
                     continue
                 try:
@@ -267,11 +303,21 @@ class ServeConfig:
             (limit_values if name in Limits.__dataclass_fields__ else values)[name] = value
         try:
             config = cls(**values, limits=Limits(**limit_values))
-        except ValueError as e:
-            problems.append(str(e).removeprefix(INVALID))
+        except SettingsError as e:
+            problems += e.problems
         if problems:
-            raise ValueError(INVALID + "; ".join(problems))
+            from_env = {n for n in (*values, *limit_values) if overrides.get(n) is None}
+            raise ValueError(INVALID + "; ".join(_with_source(p, overrides, from_env) for p in problems))
         return config
+
+
+def _with_source(problem: str, overrides: Mapping[str, Any], from_env: set[str]) -> str:
+    """`problem`, naming where its setting came from when it starts with one (`port must be ...`): the flag, or
+    the variable, that gave it (the message named the field alone)."""
+    name = problem.split(" ", 1)[0]
+    if overrides.get(name) is not None:
+        return f"{problem} (from --{name.replace('_', '-')})"
+    return f"{problem} (from {ENV_PREFIX}{name.upper()})" if name in from_env else problem
 
 
 # CLIPBANK_ variables other commands and tools read (the client's URL, caches, the S3 store, the container tests)

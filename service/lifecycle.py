@@ -189,7 +189,9 @@ class Service:
         except Exception as e:  # export, cache, file system and ONNX Runtime errors alike
             if wanted != "auto":
                 raise
-            log.warning("frozen passes stay in PyTorch: %s: %s", type(e).__name__, e, exc_info=e)
+            # our own errors say what and where in a line; anything else keeps its traceback for a bug report
+            trace = None if isinstance(e, (ClipbankError, OSError)) else e
+            log.warning("frozen passes stay in PyTorch: %s: %s", type(e).__name__, e, exc_info=trace)
         return shared.with_frozen()
 
     def _say_autocast(self) -> None:

@@ -46,13 +46,19 @@ def test_a_full_disk_leaves_no_temp_token_file(tmp_path, monkeypatch):
 
 
 def test_a_store_path_under_a_file_is_no_traceback(tmp_path):
-    """`--store` naming a file: the token is generated, not saved, and the store's own error says what is wrong."""
+    """`--store` naming a file: the settings say so, before anything loads (an outside check's server loaded the
+    backbone and made a token it could not save first), and the store's own error says it too."""
     from model_store.errors import StoreError
     from model_store.store import open_store
 
     (tmp_path / "a-file").write_text("x")
-    token, where = resolve_admin_token(ServeConfig(store=str(tmp_path / "a-file")))
-    assert len(token) >= 16 and where.startswith("generated, not saved")
+    with pytest.raises(ValueError, match=r"store .*a-file is a file, not a folder$"):
+        ServeConfig(store=str(tmp_path / "a-file"))
+    with pytest.raises(ValueError, match=r"store .*sub: .*a-file is a file, not a folder$"):
+        ServeConfig(store=str(tmp_path / "a-file" / "sub"))
+    (tmp_path / "gone").symlink_to(tmp_path / "nothing")
+    with pytest.raises(ValueError, match=r"store .*gone is a symbolic link to .*nothing', which does not exist$"):
+        ServeConfig(store=str(tmp_path / "gone"))
     with pytest.raises(StoreError, match=r"store .*a-file is a file, not a folder$"):
         open_store(tmp_path / "a-file")
     with pytest.raises(StoreError, match=r"store .*sub: .*a-file is a file, not a folder$"):

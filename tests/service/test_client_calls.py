@@ -86,6 +86,9 @@ def test_exit_codes_tell_a_refusal_from_a_usage_error_from_a_server_away_and_jso
         **{k: v for k, v in {"message": "task 'b' v1 was not activated", "details": report}.items()},
     }
     assert "interference" in said.err
+    (tmp_path / "b.safetensors").write_bytes(b"bundle")  # push took no --json, though the docs list it
+    assert main(["push", str(tmp_path / "b.safetensors"), *URL, "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["error"]["code"] == "interference"
     assert main(["classify", str(tmp_path / "none.png"), *URL]) == 2  # a file that is not there
     assert "none.png" in capsys.readouterr().err
 

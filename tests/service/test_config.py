@@ -43,10 +43,39 @@ def test_every_bad_setting_is_named_at_once():
     assert (cfg.max_batch, cfg.limits.max_images) == (64, 9)
 
 
-def test_cli_serve_refuses_bad_settings_with_exit_code_2(monkeypatch, capsys):
+def test_a_bad_setting_names_the_variable_or_flag_it_came_from():
+    """An outside check: "port must be in 1..65535, got 0" named neither; 1e20 images per batch were taken."""
+    with pytest.raises(ValueError) as e:
+        ServeConfig.from_env({"CLIPBANK_MAX_BATCH": str(10**20), "CLIPBANK_PORT": "0"}, max_wait_ms=-1.0)
+    said = str(e.value)
+    assert "max_batch must be in 1..4096, got 100000000000000000000 (from CLIPBANK_MAX_BATCH)" in said
+    assert "port must be in 1..65535, got 0 (from CLIPBANK_PORT)" in said
+    assert "max_wait_ms must be in 0..10000, got -1.0 (from --max-wait-ms)" in said
+    with pytest.raises(ValueError, match=r"max_queue_images must be at most 1000000, got 10000000000 \(from"):
+        ServeConfig.from_env({"CLIPBANK_MAX_QUEUE_IMAGES": str(10**10)})
+
+
+def test_a_token_read_from_a_file_with_its_newline_is_taken_as_the_client_takes_it():
+    """The client strips a token's surrounding whitespace; the server refused the same value as unsendable."""
+    cfg = ServeConfig.from_env({"CLIPBANK_ADMIN_TOKEN": "a" * 20 + "\n", "CLIPBANK_CLASSIFY_TOKEN": " " + "b" * 20})
+    assert (cfg.admin_token, cfg.classify_token) == ("a" * 20, "b" * 20)
+    with pytest.raises(ValueError, match="admin_token must be printable ASCII"):
+        ServeConfig.from_env({"CLIPBANK_ADMIN_TOKEN": "a" * 10 + " " + "a" * 10})  # inside: still refused
+
+
+def test_cli_serve_refuses_bad_settings_with_exit_code_2_before_torch_loads(monkeypatch, capsys):
+    import subprocess
+    import sys
+
     monkeypatch.setenv("CLIPBANK_MAX_BATCH", "-1")
     assert main(["serve"]) == 2
-    assert "max_batch must be >= 1" in capsys.readouterr().err
+    assert "max_batch must be in 1..4096" in capsys.readouterr().err
+    code = (  # an outside check waited 6-10 s for the message: torch and open_clip were imported first
+        "import sys, os; os.environ['CLIPBANK_PORT'] = '0'; from clipbank.cli import main; code = main(['serve']); "
+        "print(code, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["2", "False"], out
 
 
 def test_the_unclaimed_monitors_settings_are_checked_before_start_up(monkeypatch, capsys):
