@@ -107,14 +107,26 @@ def say_what_it_replaces(out: dict, replaced: int, task: dict | None, would: boo
     kept = set(new.get("classes") or ())
     dropped = [c for c in old.get("classes") or () if c not in kept]
     verb = "would replace" if would else "replaces"
+    back = "" if would else f"Roll back with `clipbank tasks activate {name} {replaced}`. "
     if dropped:
         shown = ", ".join(dropped[:8]) + (", ..." if len(dropped) > 8 else "")
+        keep = (  # an older version (a rollback) is what it is: no training advice for it
+            f"To keep them, train v{v} with --store on the task's store, or with images of every class"
+            if isinstance(v, int) and v > replaced
+            else f"v{v} is older than v{replaced}: it was trained before those classes"
+        )
         print(
             f"task {name} v{v} {verb} v{replaced} and lacks {len(dropped)} of its {len(old.get('classes'))} classes "
             f"({shown}): their images {'would be' if would else 'are now'} answered over v{v}'s classes, or by "
-            f"zero-shot CLIP when asked with their names. "
-            + ("" if would else f"Roll back with `clipbank tasks activate {name} {replaced}`; ")
-            + f"to keep them, train v{v} with --store on the task's store, or with images of every class",
+            f"zero-shot CLIP when asked with their names. {back}{keep}",
+            file=sys.stderr,
+        )
+    classes, trained = new.get("classes") or (), (new.get("metrics") or {}).get("train_classes")
+    if isinstance(trained, int | float) and 0 < trained < len(classes):  # an outside check: 88% -> 25%, unsaid
+        print(
+            f"task {name} v{v} was trained on images of {int(trained)} of its {len(classes)} classes: the others "
+            f"{'would be' if would else 'are'} answered by experts that never saw them, mostly wrong. {back}"
+            f"To keep them, train it on images of every class",
             file=sys.stderr,
         )
     was, now = ((x.get("metrics") or {}).get("val_accuracy") for x in (old, new))

@@ -212,6 +212,23 @@ def _check_supported(model: Any, ref: BackboneRef) -> dict[str, TowerSpec]:
     return towers
 
 
+def _why_not_loaded(e: Exception, ref: BackboneRef, tag: str | None) -> str:
+    """One line on why open_clip could not make or load the model, with what to do where it is known."""
+    why = first_line(e)  # not torch's advice to unpickle it, nor 153 lines of size mismatches
+    if "not found in built-ins" in str(e):  # open_clip lists all ~150 names: the near ones say more
+        near = difflib.get_close_matches(ref.model_name, open_clip.list_models(), n=5, cutoff=0.5)
+        why = f"open_clip has no model {ref.model_name!r}" + (f"; close: {', '.join(near)}" if near else "")
+        why += " (all: `python -c 'import open_clip; print(open_clip.list_models())'`)"
+    elif tag and download_failed(e):  # after the cut, so the remedy is whole
+        why += f". {NO_DOWNLOAD}"
+    elif why.startswith("Weights only load failed"):  # torch's first line, whose "two options" unpickle it
+        why = (
+            "the file holds pickled Python objects (a whole model?), which are not loaded: save the weights "
+            "alone, `safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')`"
+        )
+    return why
+
+
 def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto") -> Backbone:
     """Create the open_clip model for `ref`, load its weights, freeze it and fingerprint it."""
     ref = parse_backbone_ref(ref) if isinstance(ref, str) else ref
@@ -241,14 +258,7 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
                 raise BackboneError(problem)
             open_clip.load_checkpoint(model, ref.weights)
     except Exception as e:  # open_clip, safetensors and torch raise many types for bad files
-        why = first_line(e)  # not torch's advice to unpickle it, nor 153 lines of size mismatches
-        if "not found in built-ins" in str(e):  # open_clip lists all ~150 names: the near ones say more
-            near = difflib.get_close_matches(ref.model_name, open_clip.list_models(), n=5, cutoff=0.5)
-            why = f"open_clip has no model {ref.model_name!r}" + (f"; close: {', '.join(near)}" if near else "")
-            why += " (all: `python -c 'import open_clip; print(open_clip.list_models())'`)"
-        elif tag and download_failed(e):  # after the cut, so the remedy is whole
-            why += f". {NO_DOWNLOAD}"
-        raise BackboneError(f"could not load backbone {ref.text!r}: {why}") from e
+        raise BackboneError(f"could not load backbone {ref.text!r}: {_why_not_loaded(e, ref, tag)}") from e
     finally:
         logging.getLogger().removeFilter(quiet)
     towers = _check_supported(model, ref)  # before the tokenizer: SigLIP's is a download, then it was refused

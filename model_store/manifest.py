@@ -250,6 +250,9 @@ def index_metrics(training: Any) -> dict[str, float]:
     per = training.get("val_accuracy_per_class") if isinstance(training, dict) else None
     if isinstance(per, dict) and "val_accuracy" in out:
         out["val_classes"] = float(sum(v is not None for v in per.values()))
+    trained = finite_metrics(training, ("train_classes",)).get("train_classes")
+    if trained is not None and 0 <= trained <= 1e6:  # classes it had training images of (listings warn below all)
+        out["train_classes"] = float(trained)
     return out
 
 

@@ -232,7 +232,7 @@ def _say_left_out(root: Path, entries: Sequence[Path]) -> None:
             "%s: links %s lead to nothing and are not read (a class folder moved or deleted?)", root, some(broken)
         )
     if loose:
-        log.warning("%s: %d images beside the class folders are not read (a class is a sub-folder)", root, loose)
+        log.warning("%s: %d image(s) beside the class folders not read (a class is a sub-folder)", root, loose)
     if hidden:
         log.warning("%s: folders %s start with a dot and are no classes (hidden)", root, some(hidden))
 

@@ -232,8 +232,9 @@ def routing_warnings(check: dict[str, Any]) -> list[str]:
     if check["self_claim"] < SELF_CLAIM_MIN:  # with the digits that show it is under: not "95.0% (want >= 95.0%)"
         claimed, least = shares_versus(check["self_claim"], SELF_CLAIM_MIN)
         w.append(
-            f"the selector claims only {claimed} of the task's held-out images (want >= {least}): the rest will be "
-            "answered by zero-shot CLIP"
+            f"the selector claims only {claimed} of the task's held-out images (want >= {least}), images its "
+            "threshold never saw (the gate's self_claim, on those it was set on, is higher): the rest will be answered "
+            "by zero-shot CLIP. More training images help; `--selector autoencoder` claims more, outside images too"
         )
     if check["routed_own"] < min(ROUTED_OWN_MIN, check["self_claim"] - 0.02):  # others take what it claims
         routed, least = shares_versus(check["routed_own"], ROUTED_OWN_MIN)

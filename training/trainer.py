@@ -353,6 +353,7 @@ def train_task(
         "steps": cfg.steps,
         "seconds": round(train_seconds, 2),
         "train_images": len(fit),
+        "train_classes": len(set(fit.labels)),  # below len(classes): a new version without its parent's images
         "val_images": len(val),
         "zero_shot_val_accuracy": zero_shot,
         **figures,

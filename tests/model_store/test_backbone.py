@@ -186,6 +186,8 @@ def test_missing_or_bad_checkpoint(tmp_path):
     with pytest.raises(BackboneError, match="could not load") as caught:
         load_backbone(f"file:{tmp_path / 'w.pt'}")
     assert "Re-running" not in str(caught.value) and "file an issue" not in str(caught.value)  # torch's advice
+    # an outside check's whole pickled model: torch's "you have two options" was cut before either was named
+    assert "pickled Python objects" in str(caught.value) and "save_file(model.state_dict()" in str(caught.value)
     (tmp_path / "w.safetensors").write_bytes(b"\x80\x04 a legacy pickle's first bytes, then junk")
     with pytest.raises(BackboneError, match="could not load"):
         load_backbone(f"file:{tmp_path / 'w.safetensors'}")

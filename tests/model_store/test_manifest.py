@@ -222,3 +222,6 @@ def test_the_index_keeps_only_accuracies_that_are_shares():
         "zero_shot_val_accuracy": 0.2,
     }
     assert index_metrics({"val_accuracy": 1e308, "zero_shot_val_accuracy": -0.5}) == {}
+    # how many classes it had training images of: `tasks activate` warns when that is fewer than it answers
+    assert index_metrics({"train_classes": 4}) == {"train_classes": 4.0}
+    assert index_metrics({"train_classes": -1}) == {} and index_metrics({"train_classes": "4"}) == {}

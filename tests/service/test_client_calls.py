@@ -356,7 +356,7 @@ def test_shadow_and_activation_say_what_the_version_would_replace_and_what_a_sha
             answer = {"task": "greek", "version": 3, "bundle_id": "b" * 64, "generation": 5, "gate": None}
             return httpx.Response(201, json=answer)
         if request.method == "POST":  # the activation
-            state["active_version"] = 3
+            state["active_version"] = json.loads(request.content)["version"]
             gate = {
                 "passed": True,
                 "stolen": {"latin": 0.004},
@@ -364,7 +364,8 @@ def test_shadow_and_activation_say_what_the_version_would_replace_and_what_a_sha
                 "offences": [],
                 "unmeasured": ["old"],
             }
-            return httpx.Response(200, json={"task": "greek", "active_version": 3, "generation": 6, "gate": gate})
+            answer = {"task": "greek", "active_version": state["active_version"], "generation": 6, "gate": gate}
+            return httpx.Response(200, json=answer)
         return httpx.Response(200, json={"task": "greek", **state, "versions": [v1, v3]})
 
     client_on(monkeypatch, handler)
@@ -379,7 +380,23 @@ def test_shadow_and_activation_say_what_the_version_would_replace_and_what_a_sha
     assert "the interference gate passed it: it would take at most 0.4% of task latin's images, 1.2%" in out.err
     assert "(not measured on old: no probes)" in out.err
     assert "task greek v3 replaces v1 and lacks 2 of its 3 classes" in out.err
-    assert "`clipbank tasks activate greek 1`" in out.err
+    assert "`clipbank tasks activate greek 1`" in out.err and "To keep them, train v3 with --store" in out.err
+
+    # a rollback to the older version: no training advice for it (it said "train v1 with --store")
+    state["active_version"] = 3
+    v1["classes"], v3["classes"] = ["alpha"], ["alpha", "beta", "gamma"]
+    assert main(["tasks", "activate", "greek", "1", *URL]) == 0
+    err = capsys.readouterr().err
+    assert "v1 is older than v3: it was trained before those classes" in err and "train v1" not in err, err
+
+    # a new version over every class, trained on images of the new ones only: its old classes are forgotten
+    # (an outside check: 88% -> 25% on activation, and nothing said)
+    state["active_version"] = 1
+    v1["classes"], v3["classes"] = ["alpha", "beta"], ["alpha", "beta", "gamma"]
+    v3["metrics"] = {"val_accuracy": 0.95, "val_classes": 1.0, "train_classes": 1.0}
+    assert main(["tasks", "activate", "greek", "3", *URL]) == 0
+    err = capsys.readouterr().err
+    assert "task greek v3 was trained on images of 1 of its 3 classes: the others are answered by experts" in err
 
 
 def test_push_says_when_a_version_gets_little_of_its_own_traffic(monkeypatch, tmp_path, capsys):

@@ -369,7 +369,7 @@ def test_what_an_image_folder_leaves_out_at_its_top_or_after_bad_files_is_said(t
         data = load_image_folder(tmp_path, skip_bad=True)
     assert data.classes == ("a", "b") and len(data) == 4
     for said in (
-        "1 images beside the class folders are not read",
+        "1 image(s) beside the class folders not read",
         "folders ['.net'] start with a dot and are no classes",
         "links ['moved'] lead to nothing and are not read",
         "class(es) ['b'] have one image once the bad files are left out",

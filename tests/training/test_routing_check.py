@@ -127,6 +127,7 @@ def test_routing_warnings_name_each_poor_figure():
     assert "claims 20.0% of generic outside images" in routing_warnings({**good, "reference_false_claim": 0.2})[0]
     near = routing_warnings({**good, "self_claim": 0.946})[0]  # printed as "95% (want >= 95%)" before
     assert "only 94.6% of the task's held-out images (want >= 95.0%)" in near
+    assert "`--selector autoencoder` claims more" in near  # what to try (an outside check: nothing said it)
 
 
 def test_a_near_miss_is_shown_with_the_digits_that_show_it():

@@ -191,6 +191,8 @@ def test_new_version_answers_over_every_class_seen(tmp_path, capsys):
     v2 = LocalStore(store).load(summary["bundle_id"])
     assert list(v2.manifest.classes) == [c.replace("_", " ") for c in classes]
     assert summary["val_images"] == len(list((tmp_path / "tex" / "val").rglob("*.png")))  # its forgetting shows
+    # kept in the store's listing: `tasks activate` says it, however later (an outside check: nothing was said)
+    assert LocalStore(store).version("tex", 2).metrics["train_classes"] == len(classes) - 3
     # a first version has no parent: a validation class its data lacks is still refused
     args = ["train", "--task", "other", "--data", str(tmp_path / "a"), "--val", val, "--store", store, "--steps", "1"]
     assert main(args) == 2 and "it has classes the training data lacks" in capsys.readouterr().err
