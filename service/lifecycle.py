@@ -260,6 +260,8 @@ def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:
     try:
         token = read_regular(path).decode().strip()  # a pipe in its place hung the start
         if len(token) >= 16 and SENDABLE_TOKEN.fullmatch(token):
+            if path.stat().st_mode & 0o077:  # an outside check's copy (mode 644) was used without a word
+                log.warning("%s can be read by other users of this machine: `chmod 600 %s`", path, path)
             return token, f"read from {path}"
     except FileNotFoundError:
         pass

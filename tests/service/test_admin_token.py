@@ -65,6 +65,15 @@ def test_a_store_path_under_a_file_is_no_traceback(tmp_path):
         open_store(tmp_path / "a-file" / "sub")
 
 
+def test_a_saved_token_others_can_read_is_warned_of(tmp_path, caplog):
+    """An outside check's token file copied with mode 644 was used without a word."""
+    token, _ = resolve_admin_token(ServeConfig(store=str(tmp_path)))  # saved with mode 600: nothing to say
+    assert resolve_admin_token(ServeConfig(store=str(tmp_path)))[0] == token and "chmod" not in caplog.text
+    (tmp_path / ADMIN_TOKEN_FILE).chmod(0o644)
+    assert resolve_admin_token(ServeConfig(store=str(tmp_path)))[0] == token
+    assert "can be read by other users of this machine: `chmod 600" in caplog.text
+
+
 def test_a_set_token_beside_another_saved_one_is_warned_of(tmp_path, caplog):
     """Servers sharing a store, one started with the token set and one without, had two admin tokens unawares."""
     saved, _ = resolve_admin_token(ServeConfig(store=str(tmp_path)))
