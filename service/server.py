@@ -48,6 +48,7 @@ def serve(config: ServeConfig) -> int:
         check_listening(config.host, config.port)
     except OSError as e:
         return failed(f"start-up failed: cannot listen on {config.host} port {config.port}: {e.strerror or e}")
+    _say_if_open_to_the_network(config)
     failure: list[str] = []
     server: uvicorn.Server | None = None
 
@@ -106,6 +107,22 @@ class _ForcedExitCancels(logging.Filter):
             return True
         text = str(record.msg)
         return not (text.startswith("Traceback") and text.rstrip().endswith("CancelledError"))
+
+
+def _say_if_open_to_the_network(config: ServeConfig) -> None:
+    """A server bound beyond this machine whose /classify (and /metrics) anyone who reaches it may use: said at
+    start (an outside check's `--host 0.0.0.0` was taken without a word). A line, not a warning: a container must
+    listen on every address, and there the port's publication decides (compose's PUBLISH_ADDR: 127.0.0.1)."""
+    try:
+        loopback = all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(config.host, None))
+    except (OSError, ValueError):
+        return
+    if not loopback and not config.classify_token:
+        log.info(
+            "listening on %s, beyond this machine, with /classify and /metrics open to anyone who reaches the port: "
+            "set CLIPBANK_CLASSIFY_TOKEN, or publish the port on 127.0.0.1 behind a proxy (docs/deployment.md)",
+            config.host,
+        )
 
 
 def failed(reason: str) -> int:

@@ -131,6 +131,24 @@ def test_a_port_in_use_fails_before_the_app_is_made_naming_the_address(tmp_path,
     assert not (tmp_path / "s").exists()  # nor a store and its token
 
 
+@pytest.mark.parametrize(
+    "host,token,warned",
+    [("0.0.0.0", None, True), ("127.0.0.1", None, False), ("0.0.0.0", "c" * 20, False), ("localhost", None, False)],
+)
+def test_a_server_open_beyond_this_machine_without_a_classify_token_says_so(
+    tmp_path, monkeypatch, caplog, host, token, warned
+):
+    """An outside check's `--host 0.0.0.0` with /classify and /metrics open was taken without a word."""
+    import service.server as server
+
+    monkeypatch.setattr(server, "check_listening", lambda *a: None)
+    monkeypatch.setattr(server, "create_app", lambda *a, **k: pytest.fail("stop here"))
+    cfg = ServeConfig(store=str(tmp_path / "s"), host=host, device="cpu", classify_token=token)
+    with caplog.at_level("INFO", logger="clipbank.service"), pytest.raises(pytest.fail.Exception):
+        server.serve(cfg)
+    assert ("beyond this machine, with /classify and /metrics open" in caplog.text) == warned, caplog.text
+
+
 def test_a_start_up_failure_is_said_at_log_level_critical_too(tmp_path, monkeypatch, caplog, capsys):
     """`--log-level critical`: a backbone that could not load ended in exit 3 with no reason anywhere."""
     import logging
