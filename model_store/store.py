@@ -92,8 +92,9 @@ class LocalStore(Store):
             where = f"store {file}" if file == self.root else f"store {self.location}: {file}"
             raise StoreError(f"{where} is a file, not a folder") from None
         except OSError as e:  # a read-only file system, no permission, no free inodes: said, not a traceback
+            made = "could not be used" if self.root.is_dir() else "could not be made"  # another user's, say
             raise StoreError(
-                f"store {self.location}: its folder could not be made ({type(e).__name__}: {e.strerror or e})"
+                f"store {self.location}: its folder {made} ({type(e).__name__}: {e.strerror or e})"
             ) from None
         self._lock = FileLock(str(self.root / ".lock"), timeout=60)
         self._cached: tuple[tuple, StoreIndex] | None = None

@@ -456,6 +456,8 @@ def test_the_check_finds_an_index_record_its_blob_contradicts(tmp_path, bundles)
 def test_a_store_folder_that_cannot_be_made_or_written_says_where(tmp_path, bundles):
     with pytest.raises(StoreError, match="its folder could not be made"):
         LocalStore("/proc/clipbank-no-such-store")  # not a traceback at the server's start
+    with pytest.raises(StoreError, match="its folder could not be used"):  # there, another user's (an outside check)
+        LocalStore("/proc/self")
     store = LocalStore(tmp_path)
     store.put(bundles[1])
     (store.blobs / f"{read_bundle(bundles[2]).id}.safetensors").mkdir()  # where its blob goes: named
