@@ -5,6 +5,7 @@ further when the server's 413 names a smaller max_images), the answers printed p
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 from collections.abc import Iterator
@@ -70,7 +71,7 @@ def _classify_chunk(client: Any, names: list[str], labels: list[str], args: argp
         errors = {i: why for i, n in enumerate(names) if (why := _unreadable(n)) is not None}
     while pending := [i for i in range(len(names)) if i not in errors]:
         try:
-            out = client.classify([Path(names[i]) for i in pending], labels, *_options(args))
+            out = client.classify([_source(names[i]) for i in pending], labels, *_options(args))
         except ClipbankHTTPError as e:
             bad = (e.details or {}).get("image") if e.status in (413, 422) else None
             if isinstance(bad, int) and 0 <= bad < len(pending) and args.skip_bad:
@@ -106,6 +107,8 @@ def _expanded(names: list[str]) -> list[str]:
     from training.image_files import SUFFIXES, image_files_under
 
     out: list[str] = []
+    if names.count(STDIN) > 1:
+        raise ValueError("standard input (-) holds one image: name it once")
     for name in names:
         if re.match(r"[a-z][a-z0-9+.-]*://", name, re.IGNORECASE) and not Path(name).exists():  # it read "http:/..."
             raise ValueError(f"{name[:80]} is a URL: clipbank sends image files and does not fetch URLs; download it")
@@ -119,8 +122,29 @@ def _expanded(names: list[str]) -> list[str]:
     return out
 
 
+STDIN = "-"  # `clipbank classify - < photo.jpg`: one image read from standard input
+STDIN_LIMIT = 64 * 2**20  # more than any server takes in one image
+
+
+@functools.cache
+def _stdin_image() -> bytes:
+    data = sys.stdin.buffer.read(STDIN_LIMIT + 1)
+    if not data:
+        raise ValueError("standard input (-) is empty: pipe an image into it, e.g. `clipbank classify - < a.jpg`")
+    if len(data) > STDIN_LIMIT:
+        raise ValueError(f"standard input (-) holds more than {STDIN_LIMIT // 2**20} MiB: no server takes that")
+    return data
+
+
+def _source(name: str) -> Path | bytes:
+    """What the client sends for a file name: the file, or the bytes of standard input for `-`."""
+    return _stdin_image() if name == STDIN else Path(name)
+
+
 def _unreadable(name: str) -> dict | None:
     """Why the file cannot be sent (missing, a folder, no permission), or None."""
+    if name == STDIN:
+        return None
     try:
         with open(name, "rb") as f:
             f.read(1)
@@ -174,7 +198,9 @@ def add_classify_parser(sub, url: str) -> None:
     """`clipbank classify`, and `clipbank eval`, which sends a labelled folder the same way."""
     token = env_value("classify_token") or env_value("admin_token")  # the server takes either
     cl = sub.add_parser("classify", help="classify image files with a running server")
-    cl.add_argument("images", nargs="+", help="image files, or folders (the image files under them)")
+    cl.add_argument(
+        "images", nargs="+", help="image files, or folders (the image files under them); - reads one from stdin"
+    )
     cl.add_argument("--labels", help="comma-separated candidate labels (default: the routed task's classes)")
     cl.add_argument(
         "--label", action="append", help="one candidate label, commas and all; repeat it, or mix it with --labels"

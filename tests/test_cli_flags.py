@@ -258,6 +258,36 @@ def test_classify_sends_more_images_than_one_request_holds_in_chunks(monkeypatch
     assert [r["file"] for r in results] == paths and results[0]["labels"] == [{"label": "a", "score": 0.9}]
 
 
+def test_classify_reads_one_image_from_standard_input(monkeypatch, tmp_path, capsys):
+    """`curl ... | clipbank classify - --labels a,b`: `-` was taken as a file name ("No such file: '-'")."""
+    import io
+
+    import httpx
+
+    import clipbank.classify_command as command
+    from clipbank.cli import main
+
+    bodies: list[bytes] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        bodies.append(request.content)
+        result = {"labels": [{"label": "a", "score": 0.9}], "route": {"task": None}}
+        return httpx.Response(200, json={"results": [result] * request.content.count(b'name="images"')})
+
+    _client_on(monkeypatch, answer)
+    command._stdin_image.cache_clear()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\x89PNG the piped image")))
+    assert main(["classify", "-", "--labels", "a,b", "--url", "http://srv", "--json"]) == 0
+    assert b"\x89PNG the piped image" in bodies[0] and json.loads(capsys.readouterr().out)["results"][0]["file"] == "-"
+    command._stdin_image.cache_clear()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    assert main(["classify", "-", "--labels", "a,b", "--url", "http://srv"]) == 2
+    assert "standard input (-) is empty" in capsys.readouterr().err
+    assert main(["classify", "-", "-", "--labels", "a,b", "--url", "http://srv"]) == 2
+    assert "standard input (-) holds one image" in capsys.readouterr().err
+    command._stdin_image.cache_clear()
+
+
 def test_classify_sends_requests_of_the_servers_own_max_images(monkeypatch, tmp_path, capsys):
     """A server run with CLIPBANK_MAX_IMAGES=8 refused every request of more than 8 files, and the command gave up."""
     from clipbank.cli import main
