@@ -268,11 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly, as a killed pipe writer would
         return _reader_gone()
     except Exception as e:
+        code = None
         try:
             code = _failed(args, e)
             sys.stdout.flush()  # its error object (--json): a reader gone shows here, not at the exit
         except BrokenPipeError:  # its error object's reader went away (`tasks activate ... --json | head -5`)
-            return _reader_gone()
+            gone = _reader_gone()
+            return code if code is not None else gone  # the refusal's 1 or 3, for `set -o pipefail` scripts
         if code is None:
             raise
         return code

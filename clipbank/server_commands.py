@@ -107,12 +107,13 @@ def say_what_it_replaces(out: dict, replaced: int, task: dict | None, would: boo
     kept = set(new.get("classes") or ())
     dropped = [c for c in old.get("classes") or () if c not in kept]
     verb = "would replace" if would else "replaces"
-    back = "" if would else f"Roll back with `clipbank tasks activate {name} {replaced}`. "
+    newer = isinstance(v, int) and v > replaced  # else a rollback: no training advice, no "roll back" to what it left
+    back = f"Roll back with `clipbank tasks activate {name} {replaced}`. " if newer and not would else ""
     if dropped:
         shown = ", ".join(dropped[:8]) + (", ..." if len(dropped) > 8 else "")
-        keep = (  # an older version (a rollback) is what it is: no training advice for it
-            f"To keep them, train v{v} with --store on the task's store, or with images of every class"
-            if isinstance(v, int) and v > replaced
+        keep = (
+            "To keep them, train a version on images of every class"
+            if newer
             else f"v{v} is older than v{replaced}: it was trained before those classes"
         )
         print(
@@ -126,7 +127,7 @@ def say_what_it_replaces(out: dict, replaced: int, task: dict | None, would: boo
         print(
             f"task {name} v{v} was trained on images of {int(trained)} of its {len(classes)} classes: the others "
             f"{'would be' if would else 'are'} answered by experts that never saw them, mostly wrong. {back}"
-            f"To keep them, train it on images of every class",
+            + ("To keep them, train a version on images of every class" if newer else ""),
             file=sys.stderr,
         )
     was, now = ((x.get("metrics") or {}).get("val_accuracy") for x in (old, new))

@@ -5,7 +5,7 @@ instance of the problem it found."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from .backbone import TOWERS, Backbone
 from .bundle import Bundle, read_manifest
@@ -92,10 +92,14 @@ def refuse_other_backbone(data: bytes, backbone: Backbone) -> None:
     check_backbone(info, backbone)
 
 
-def refuse_second_backbone(degraded: Mapping[str, str], task: str) -> None:
-    """BackboneMismatch when the store's other active tasks are another backbone's (`degraded`: a bank's tasks left
-    out, and why): a version of this server's backbone beside them would leave the store serving two, and every
-    server of it degraded (an outside check's push landed, 201, and `store check` called the store consistent)."""
+def refuse_second_backbone(degraded: Mapping[str, str], served: Collection[str], task: str) -> None:
+    """BackboneMismatch when the store's other active tasks are all another backbone's (`degraded`: a bank's tasks
+    left out, and why; `served`: the tasks it serves): a version of this server's backbone beside them would make
+    the store hold two, and every server of it degraded (an outside check's push landed, 201, and `store check`
+    called the store consistent). A store that holds two already (a task of this backbone served) is not refused
+    here: its tasks' new versions would be, and that helps nobody."""
+    if served:  # this backbone's tasks are served there already (the task itself maybe): nothing new mixed in
+        return
     prefix = f"{BackboneMismatch.code}:"
     other = sorted(t for t, why in degraded.items() if t != task and why.startswith(prefix))
     if other:
@@ -103,7 +107,7 @@ def refuse_second_backbone(degraded: Mapping[str, str], task: str) -> None:
             f"the store's active tasks {', '.join(shown(t) for t in other[:5])}{' …' if len(other) > 5 else ''} "
             "were trained on another backbone than this server's: this version beside them would leave the store "
             "with two, and no server would serve both. Give each backbone its own store, or deactivate those tasks "
-            "first (to move the store to this backbone); it was not stored"
+            "first (to move the store to this backbone)"
         )
 
 

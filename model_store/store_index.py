@@ -314,6 +314,8 @@ def next_generation(index: StoreIndex, known_id: str | None = None) -> StoreInde
     what it does not know."""
     refuse_too_new(index)
     generation = index.generation + 1
+    if generation > MAX_GENERATION:  # written, it would be refused as malformed at the next read
+        raise StoreError(f"the store is at its last generation ({index.generation}): no change can be made")
     if index.store_id is not None:
         return replace(index, generation=generation)
     # dropped by an older release (or never made): put back, or made, at this generation; either way marked, as a

@@ -182,7 +182,7 @@ class ServeConfig:
             problems.append(f"max_batch must be in 1..{MAX_BATCH}, got {self.max_batch}")
         elif self.limits.max_images > self.max_batch:
             problems.append(
-                f"max_images ({self.limits.max_images}, CLIPBANK_MAX_IMAGES) must be <= max_batch "
+                f"max_images ({self.limits.max_images}) must be <= max_batch "
                 f"({self.max_batch}), since a request is never split"
             )
         if not 0 <= self.threads <= 1024:
@@ -290,7 +290,9 @@ class ServeConfig:
                     continue
                 raw = env_value(f.name, env)
                 if raw is not None and f.name.endswith("_token"):  # a file's newline: the client strips it too
-                    raw = raw.strip() or None
+                    if not (raw := raw.strip()):  # blank is no token: refused, not taken as unset (an open API)
+                        problems.append(f"{ENV_PREFIX}{f.name.upper()} is set but blank: unset it, or set a token")
+                        continue
                 if raw is None:
                     continue
                 try:
@@ -312,13 +314,20 @@ class ServeConfig:
 
 
 def _with_source(problem: str, overrides: Mapping[str, Any], from_env: set[str]) -> str:
-    """`problem`, naming where its setting came from when it starts with one (`port must be ...`): the flag, or
-    the variable, that gave it (the message named the field alone)."""
-    name = problem.split(" ", 1)[0]
-    if overrides.get(name) is not None:
-        return f"{problem} (from --{name.replace('_', '-')})"
-    return f"{problem} (from {ENV_PREFIX}{name.upper()})" if name in from_env else problem
+    """`problem`, naming where the settings it names came from (the setting it starts with, and any other with an
+    underscore in its name: `max_images ... max_batch`): the flag, or the variable, that gave each; a default
+    is not named (the message named the fields alone)."""
+    words = re.findall(r"[a-z][a-z0-9_]*", problem)
+    named = [w for i, w in enumerate(words) if (i == 0 or "_" in w) and w in SETTING_NAMES]
+    sources = [
+        f"--{n.replace('_', '-')}" if overrides.get(n) is not None else f"{ENV_PREFIX}{n.upper()}"
+        for n in dict.fromkeys(named)
+        if overrides.get(n) is not None or n in from_env
+    ]
+    return f"{problem} (from {', '.join(sources)})" if sources else problem
 
+
+SETTING_NAMES = frozenset(f.name for k in (ServeConfig, Limits) for f in fields(k)) - {"limits"}
 
 # CLIPBANK_ variables other commands and tools read (the client's URL, caches, the S3 store, the container tests)
 OTHER_VARIABLES = (

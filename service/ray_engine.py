@@ -143,6 +143,11 @@ class _Stopped(BaseException):
     Exception, so that no `except Exception` inside Ray turns it into another error."""
 
 
+def _hangup() -> tuple[int, ...]:
+    hangup = getattr(signal, "SIGHUP", None)
+    return () if hangup is None or signal.getsignal(hangup) is signal.SIG_IGN else (hangup,)
+
+
 def _stopped(*_: object) -> None:
     raise _Stopped()
 
@@ -169,7 +174,8 @@ def run(config: ServeConfig) -> int:
         return 3
     cpus = replica_cpus(config.replicas, ray.cluster_resources().get("CPU", 0.0), local)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    stops = (signal.SIGINT, signal.SIGTERM, *_hangup())  # SIGHUP (a closed terminal) too, unless nohup ignores it
+    for sig in stops:
         signal.signal(sig, _stopped)
     try:
         http = {"host": config.host, "port": config.port, "keep_alive_timeout_s": config.keep_alive_seconds}
@@ -177,14 +183,14 @@ def run(config: ServeConfig) -> int:
         serve.run(application(config, cpus=cpus), name=APP_NAME, route_prefix="/")
         log.info("clipbank on Ray Serve: %d replicas on http://%s:%d", config.replicas, config.host, config.port)
         say_what_serves(config)  # a signal meanwhile stops it as one during start-up (it takes up to 20 s)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in stops:
             signal.signal(sig, lambda *_: stop.set())
         stop.wait()
         log.info("stopping: the replicas finish their requests (up to 30 s)")
     except _Stopped:
         log.info("stopped while the replicas were starting (or being checked)")
     finally:  # the shutdown below is bounded; a second signal must not cut it short with a traceback
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in stops:
             signal.signal(sig, signal.SIG_IGN)
     closing = threading.Thread(target=_close, args=(local,), daemon=True)
     closing.start()

@@ -288,7 +288,7 @@ class Registry:
         refuse_other_backbone(data, self.loader.backbone)  # from the header, before the tensors are read
         bundle = read_bundle(data)  # format, schema and integrity, before any lock
         if activate or shadow:
-            refuse_second_backbone(self.bank.degraded, bundle.task)
+            refuse_second_backbone(self.bank.degraded, self.bank.task_names, bundle.task)
         index = self.store.index()
         if index.owner(bundle.id) is not None:
             try:
@@ -350,6 +350,7 @@ class Registry:
         if record.bundle_id == self.store.task(task).shadow:  # in shadow already: no gate, no new generation
             return None
         bundle = self.loader.bundle(record.bundle_id)
+        refuse_second_backbone(self.bank.degraded, self.bank.task_names, task)
         reports: list[GateReport] = []
         check = self._gated(task, False, reports, refuse=False)  # the write runs after it: its report is there
         shadowed = self.store.set_shadow
@@ -362,6 +363,7 @@ class Registry:
         if self.store.task(task).active == record.bundle_id:  # nothing would change: no gate, no new generation
             return None
         bundle = self.loader.bundle(record.bundle_id)
+        refuse_second_backbone(self.bank.degraded, self.bank.task_names, task)
         reports: list[GateReport] = []
         gated = self._gated(task, force, reports)
         self._change({task: bundle}, lambda: self.store.activate(task, version, _last(reports)), check=gated)

@@ -69,7 +69,7 @@ def serve(config: ServeConfig) -> int:
     if failure:
         return failed(failure[0])
     if server.force_exit:  # asyncio swallowed the second SIGINT, and the exit said 0
-        log.warning("stopped at once (a second Ctrl-C): requests in flight were answered 503 not_ready")
+        log.warning("stopped at once (a second Ctrl-C): any request still in flight was answered 503 not_ready")
         return 130
     return 0
 
@@ -86,8 +86,8 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         hangup = getattr(signal, "SIGHUP", None)
-        if hangup is None or threading.current_thread() is not threading.main_thread():
-            with super().capture_signals():
+        if hangup is None or threading.current_thread() is not threading.main_thread() or _ignored(hangup):
+            with super().capture_signals():  # `nohup clipbank serve`: a closed terminal is not a stop
                 yield
             return
         before = signal.signal(hangup, lambda _, frame: self.handle_exit(signal.SIGTERM, frame))  # as SIGTERM
@@ -96,6 +96,10 @@ class _Server(uvicorn.Server):
                 yield
         finally:
             signal.signal(hangup, before)
+
+
+def _ignored(sig: int) -> bool:
+    return signal.getsignal(sig) is signal.SIG_IGN
 
 
 class _ForcedExitCancels(logging.Filter):

@@ -648,7 +648,7 @@ def test_classify_output_survives_a_closed_pipe_and_odd_names_and_says_which_fil
 
 def test_an_error_object_for_a_reader_that_went_away_ends_quietly(monkeypatch, capsys):
     """`clipbank tasks activate t 1 --json | head -5` after a 409: the error object met the closed pipe, and the
-    command ended in a BrokenPipeError traceback."""
+    command ended in a BrokenPipeError traceback. Its exit code stays the refusal's."""
     import os
 
     import httpx
@@ -660,7 +660,7 @@ def test_an_error_object_for_a_reader_that_went_away_ends_quietly(monkeypatch, c
     os.close(read)
     with os.fdopen(write, "w") as closed:
         monkeypatch.setattr(sys, "stdout", closed)
-        assert main(["tasks", "activate", "t", "1", "--json", "--url", "http://srv:1"]) == 141
+        assert main(["tasks", "activate", "t", "1", "--json", "--url", "http://srv:1"]) == 1  # refused: kept
         monkeypatch.setattr(sys, "stdout", sys.__stdout__)
     assert "Traceback" not in capsys.readouterr().err
 

@@ -616,3 +616,17 @@ def test_the_folders_own_files_are_checked_before_its_index_is(tmp_path):
     ]
     (tmp_path / "index.json").write_text("{not json")
     assert len(check_store(tmp_path)) == 2
+
+
+def test_a_store_at_its_last_generation_refuses_a_change_it_could_not_read_back(tmp_path, bundles):
+    """The review: an index at 2^53-1 was written one on, and then refused as malformed at its next read."""
+    from model_store.store_index import MAX_GENERATION
+
+    store = LocalStore(tmp_path)
+    store.put(bundles[1])
+    index = json.loads(store.index_path.read_text())
+    store.index_path.write_text(json.dumps({**index, "generation": MAX_GENERATION}))
+    before = store.index_path.read_bytes()
+    with pytest.raises(StoreError, match="at its last generation"):
+        store.put(bundles[2])
+    assert store.index_path.read_bytes() == before and store.index().generation == MAX_GENERATION

@@ -213,7 +213,7 @@ DAMAGE = {
     "dropped provider": (_edit_index(lambda i: i["tasks"].pop("a")), "uses experts no stored version adds"),
     "torn index": (lambda s, i: s.index_path.write_text('{"generation": 3, "tas'), "does not parse"),
     "no generation": (_edit_index(lambda i: i.pop("generation")), "lacks 'generation' or 'tasks'"),
-    # an operator's hand edit: 1e30 was served, and clients read X-Generation as a float
+    # an operator's hand edit: an integer beyond what a JSON client reads exactly (its X-Generation)
     "huge generation": (_edit_index(lambda i: i.update(generation=10**30)), "not one of 0..2^53-1"),
     "negative generation": (_edit_index(lambda i: i.update(generation=-1)), "not one of 0..2^53-1"),
 }

@@ -380,14 +380,16 @@ def test_shadow_and_activation_say_what_the_version_would_replace_and_what_a_sha
     assert "the interference gate passed it: it would take at most 0.4% of task latin's images, 1.2%" in out.err
     assert "(not measured on old: no probes)" in out.err
     assert "task greek v3 replaces v1 and lacks 2 of its 3 classes" in out.err
-    assert "`clipbank tasks activate greek 1`" in out.err and "To keep them, train v3 with --store" in out.err
+    assert "`clipbank tasks activate greek 1`" in out.err and "train a version on images of every class" in out.err
 
     # a rollback to the older version: no training advice for it (it said "train v1 with --store")
     state["active_version"] = 3
     v1["classes"], v3["classes"] = ["alpha"], ["alpha", "beta", "gamma"]
+    v1["metrics"] = {"train_classes": 1.0}  # trained on images of all it answers: no word of it
     assert main(["tasks", "activate", "greek", "1", *URL]) == 0
     err = capsys.readouterr().err
-    assert "v1 is older than v3: it was trained before those classes" in err and "train v1" not in err, err
+    assert "v1 is older than v3: it was trained before those classes" in err, err
+    assert "train a version" not in err and "Roll back" not in err and "was trained on images of" not in err, err
 
     # a new version over every class, trained on images of the new ones only: its old classes are forgotten
     # (an outside check: 88% -> 25% on activation, and nothing said)

@@ -53,6 +53,15 @@ def test_a_bad_setting_names_the_variable_or_flag_it_came_from():
     assert "max_wait_ms must be in 0..10000, got -1.0 (from --max-wait-ms)" in said
     with pytest.raises(ValueError, match=r"max_queue_images must be at most 1000000, got 10000000000 \(from"):
         ServeConfig.from_env({"CLIPBANK_MAX_QUEUE_IMAGES": str(10**10)})
+    # two settings at odds: the one given is named, a default is not (the review: it named CLIPBANK_MAX_IMAGES)
+    with pytest.raises(ValueError) as e:
+        ServeConfig.from_env({"CLIPBANK_MAX_BATCH": "8"})
+    assert "max_images (64) must be <= max_batch (8), since a request is never split (from CLIPBANK_MAX_BATCH)" in str(
+        e.value
+    )
+    with pytest.raises(ValueError) as e:
+        ServeConfig.from_env({"CLIPBANK_MAX_IMAGES": "128"}, max_batch=100)
+    assert "(from CLIPBANK_MAX_IMAGES, --max-batch)" in str(e.value)
 
 
 def test_a_token_read_from_a_file_with_its_newline_is_taken_as_the_client_takes_it():
@@ -61,6 +70,8 @@ def test_a_token_read_from_a_file_with_its_newline_is_taken_as_the_client_takes_
     assert (cfg.admin_token, cfg.classify_token) == ("a" * 20, "b" * 20)
     with pytest.raises(ValueError, match="admin_token must be printable ASCII"):
         ServeConfig.from_env({"CLIPBANK_ADMIN_TOKEN": "a" * 10 + " " + "a" * 10})  # inside: still refused
+    with pytest.raises(ValueError, match="CLIPBANK_CLASSIFY_TOKEN is set but blank"):  # not an open /classify
+        ServeConfig.from_env({"CLIPBANK_CLASSIFY_TOKEN": "  \n"})
 
 
 def test_cli_serve_refuses_bad_settings_with_exit_code_2_before_torch_loads(monkeypatch, capsys):
@@ -196,3 +207,29 @@ def test_a_store_given_as_a_variable_with_a_tilde_is_under_home(tmp_path, monkey
     assert ServeConfig.from_env().store == str(tmp_path / "home" / "clipbank-store")
     assert open_store("~/other").location == str(tmp_path / "home" / "other")
     assert not (tmp_path / "~").exists()
+
+
+def test_sighup_stops_the_server_gracefully_unless_nohup_ignores_it():
+    """SIGHUP (a closed terminal) killed the server at once; taken as SIGTERM now, but not under `nohup`, which
+    ignores it so the server outlives the terminal (the review)."""
+    import signal
+
+    import uvicorn
+
+    from service.server import _Server
+
+    server = _Server(uvicorn.Config(app=lambda *a: None))
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with server.capture_signals():
+            signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)  # as if it came
+            assert server.should_exit and not server.force_exit
+            server._captured_signals.clear()  # not raised again at the end: it would stop the test run
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # put back
+        server.should_exit = False
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        with server.capture_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)

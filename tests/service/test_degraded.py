@@ -195,8 +195,18 @@ async def test_a_bundle_for_another_backbone_is_degraded_not_fatal(tmp_path, bac
         degraded = (await c.get("/healthz")).json()["degraded"]
         assert list(degraded) == ["a"] and "backbone_mismatch" in degraded["a"]
         assert await _pinned(c, "c") == 200
-        # a new task of this server's backbone beside `a` would leave the store serving two: refused (it landed)
-        d = random_bundle(empty_bank(backbone), "d", seed=34)
+        # the store holds two backbones already: its served tasks' new versions are not refused for it (the review)
+        r = await c.post("/tasks", files={"bundle": ("c2", with_version(two_tasks["c"], 2))}, headers=AUTH)
+        assert r.status_code == 201, r.text
+
+
+async def test_a_first_task_of_this_backbone_beside_another_backbones_is_refused(tmp_path, backbone, two_tasks):
+    """An outside check's push of this server's backbone into a store whose tasks were all another backbone's
+    landed (201), and every server of it was degraded since; activating a version stored inactive did too."""
+    store = _store(tmp_path)
+    store.put(edit_bundle(two_tasks["a"], manifest=lambda m: m["backbone"].update(fingerprint="0" * 64)))
+    d = random_bundle(empty_bank(backbone), "d", seed=34)
+    async with running_app(tmp_path, backbone) as c:
         generation = store.index().generation
         for mode in ("active", "shadow"):
             r = await c.post(f"/tasks?mode={mode}", files={"bundle": ("d", d)}, headers=AUTH)
@@ -205,6 +215,9 @@ async def test_a_bundle_for_another_backbone_is_degraded_not_fatal(tmp_path, bac
         assert store.index().generation == generation and "d" not in store.index().tasks
         r = await c.post("/tasks?mode=inactive", files={"bundle": ("d", d)}, headers=AUTH)  # stored, not served
         assert r.status_code == 201, r.text
+        for change in ("activate", "shadow"):
+            r = await c.post(f"/tasks/d/{change}", json={"version": 1}, headers=AUTH)
+            assert r.status_code == 422 and r.json()["error"]["code"] == "backbone_mismatch", r.text
         assert (await c.delete("/tasks/a", headers=AUTH)).status_code == 200  # the way to move the store over
         assert (await c.post("/tasks/d/activate", json={"version": 1}, headers=AUTH)).status_code == 200
 
