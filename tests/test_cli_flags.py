@@ -681,6 +681,8 @@ def test_bench_settings_are_checked_before_any_work(tmp_path, capsys):
         (["scale", "--out", str(tmp_path / "afile")], "is a file; the report goes into a folder"),
         (["soak", "--quick", "--out", ""], "--out '' prints only for cl and routing"),  # wrote into the cwd
         (["serve", "--quick", "--out", ""], "--out '' prints only for cl and routing"),
+        # an outside check's: it failed only once the main bank had trained (minutes at the default budget)
+        (["cl", "--quick", "--expert-blocks", "99", "--out", ""], "--expert-blocks 99: the backbone's towers have"),
     ):
         assert main(["bench", *args]) == 2, args
         assert message in capsys.readouterr().err, args

@@ -57,6 +57,9 @@ def run_offline_cl(job: CLJob, backbone: Backbone, progress: bool = True) -> dic
     (cl_parallel.py) run side by side in `job.workers` processes."""
     seeds = job.seeds if job.seeds is not None else (1 if job.quick else 3)
     cfg = cl_config(job)  # bad settings fail here, before any image is made
+    layers = min(t.layers for t in backbone.towers.values())
+    if too_many := [k for k in cfg.expert_blocks_sweep if k > layers]:  # it failed after the main bank trained
+        raise ValueError(f"--expert-blocks {too_many[0]}: the backbone's towers have {layers} blocks (0: every block)")
     configs = seed_configs(cfg, seeds)
     parts = plan_parts(configs, job.routing, job.class_incremental)
     workers, start = workers_for(job.workers, backbone), time.perf_counter()
