@@ -124,10 +124,10 @@ def say_what_it_replaces(out: dict, replaced: int, task: dict | None, would: boo
         )
     classes, trained = new.get("classes") or (), (new.get("metrics") or {}).get("train_classes")
     if isinstance(trained, int | float) and 0 < trained < len(classes):  # an outside check: 88% -> 25%, unsaid
+        advice = f" {back}To keep them, train a version on images of every class" if newer else ""
         print(
             f"task {name} v{v} was trained on images of {int(trained)} of its {len(classes)} classes: the others "
-            f"{'would be' if would else 'are'} answered by experts that never saw them, mostly wrong. {back}"
-            + ("To keep them, train a version on images of every class" if newer else ""),
+            f"{'would be' if would else 'are'} answered by experts that never saw them, mostly wrong.{advice}",
             file=sys.stderr,
         )
     was, now = ((x.get("metrics") or {}).get("val_accuracy") for x in (old, new))

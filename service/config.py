@@ -45,11 +45,14 @@ def _store_path_problems(store: str) -> list[str]:
     if not store.strip():
         return [f"store must name a folder, got {store!r}"]
     path = Path(store)
-    if path.is_symlink() and not path.exists():
-        return [f"store {store} is a symbolic link to {os.readlink(path)!r}, which does not exist"]
-    if path.exists() and not path.is_dir():
-        return [f"store {store} is a file, not a folder"]
-    above = next((p for p in path.absolute().parents if p.exists()), None)
+    try:
+        if path.is_symlink() and not path.exists():
+            return [f"store {store} is a symbolic link to {os.readlink(path)!r}, which does not exist"]
+        if path.exists() and not path.is_dir():
+            return [f"store {store} is a file, not a folder"]
+        above = next((p for p in path.absolute().parents if p.exists()), None)
+    except OSError:  # a folder this user may not look into: the store itself says what it cannot do
+        return []
     if above is not None and not above.is_dir():
         return [f"store {store}: {above} is a file, not a folder"]
     return []

@@ -56,6 +56,14 @@ def test_a_store_path_under_a_file_is_no_traceback(tmp_path):
         ServeConfig(store=str(tmp_path / "a-file"))
     with pytest.raises(ValueError, match=r"store .*sub: .*a-file is a file, not a folder$"):
         ServeConfig(store=str(tmp_path / "a-file" / "sub"))
+    import pathlib
+
+    def not_allowed(self, *a, **k):  # a folder of another user's, mode 700 (root here reads everything)
+        raise PermissionError(13, "Permission denied")
+
+    with pytest.MonkeyPatch.context() as patch:  # the settings do not fail on it: the store says what it cannot do
+        patch.setattr(pathlib.Path, "exists", not_allowed)
+        assert ServeConfig(store="/root/other-users/store").store == "/root/other-users/store"
     (tmp_path / "gone").symlink_to(tmp_path / "nothing")
     with pytest.raises(ValueError, match=r"store .*gone is a symbolic link to .*nothing', which does not exist$"):
         ServeConfig(store=str(tmp_path / "gone"))
