@@ -198,10 +198,16 @@ def test_each_promise_can_fail(tmp_path, raw, case):
 # ------------------------------------------------------------------------------------------------ the settings files
 
 
+def reference_cache() -> set[str]:
+    """Where the reference sets live: model_store reads it (env_value) for the server; it is no server setting."""
+    reads = (ROOT / "model_store" / "reference.py").read_text()
+    return {"CLIPBANK_REFERENCE_CACHE"} if 'env_value("reference_cache")' in reads else set()
+
+
 def test_dot_env_example_names_real_settings_and_no_token():
     example = example_names()
     assert example["CLIPBANK_ADMIN_TOKEN"] == "", ".env.example must not carry a token"
-    unknown = [n for n in example if n.startswith("CLIPBANK_") and n not in config_names()]
+    unknown = [n for n in example if n.startswith("CLIPBANK_") and n not in config_names() | reference_cache()]
     assert unknown == [], f".env.example names settings the server does not read: {unknown}"
     undocumented = sorted(set(re.findall(r"\$\{(\w+)", COMPOSE.read_text())) - set(example))
     assert undocumented == [], f"compose.yaml interpolates variables .env.example does not show: {undocumented}"
@@ -211,7 +217,5 @@ def test_dot_env_example_names_real_settings_and_no_token():
 def test_the_deployment_docs_name_real_settings():
     text = (ROOT / "docs" / "deployment.md").read_text()
     named = {n for n in re.findall(r"`(CLIPBANK_[A-Z_]+)", text) if n not in NOT_SETTINGS and "_SMOKE_" not in n}
-    # where the reference sets live: model_store reads it (env_value), it is no server setting
-    reads = (ROOT / "model_store" / "reference.py").read_text()
-    cache = {"CLIPBANK_REFERENCE_CACHE"} if 'env_value("reference_cache")' in reads else set()
+    cache = reference_cache()
     assert named and named <= config_names() | cache, sorted(named - config_names() - cache)
