@@ -24,6 +24,7 @@ from fastapi.concurrency import run_in_threadpool
 from .app import create_app
 from .config import ServeConfig
 from .lifecycle import Service, resolve_admin_token
+from .server import hangup_signals
 from .threads import SERVING_ENV
 
 log = logging.getLogger("clipbank.service")
@@ -143,11 +144,6 @@ class _Stopped(BaseException):
     Exception, so that no `except Exception` inside Ray turns it into another error."""
 
 
-def _hangup() -> tuple[int, ...]:
-    hangup = getattr(signal, "SIGHUP", None)
-    return () if hangup is None or signal.getsignal(hangup) is signal.SIG_IGN else (hangup,)
-
-
 def _stopped(*_: object) -> None:
     raise _Stopped()
 
@@ -174,7 +170,7 @@ def run(config: ServeConfig) -> int:
         return 3
     cpus = replica_cpus(config.replicas, ray.cluster_resources().get("CPU", 0.0), local)
     stop = threading.Event()
-    stops = (signal.SIGINT, signal.SIGTERM, *_hangup())  # SIGHUP (a closed terminal) too, unless nohup ignores it
+    stops = (signal.SIGINT, signal.SIGTERM, *hangup_signals())  # a closed terminal too, unless nohup ignores it
     for sig in stops:
         signal.signal(sig, _stopped)
     try:

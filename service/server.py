@@ -85,21 +85,24 @@ class _Server(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        hangup = getattr(signal, "SIGHUP", None)
-        if hangup is None or threading.current_thread() is not threading.main_thread() or _ignored(hangup):
-            with super().capture_signals():  # `nohup clipbank serve`: a closed terminal is not a stop
+        hangup = hangup_signals()
+        if not hangup or threading.current_thread() is not threading.main_thread():
+            with super().capture_signals():
                 yield
             return
-        before = signal.signal(hangup, lambda _, frame: self.handle_exit(signal.SIGTERM, frame))  # as SIGTERM
+        before = signal.signal(hangup[0], lambda _, frame: self.handle_exit(signal.SIGTERM, frame))  # as SIGTERM
         try:
             with super().capture_signals():
                 yield
         finally:
-            signal.signal(hangup, before)
+            signal.signal(hangup[0], before)
 
 
-def _ignored(sig: int) -> bool:
-    return signal.getsignal(sig) is signal.SIG_IGN
+def hangup_signals() -> tuple[int, ...]:
+    """(SIGHUP,) where a closed terminal should stop the server as SIGTERM does; () where the platform has none, or
+    the process was started with it ignored (`nohup clipbank serve`: a closed terminal is then no stop)."""
+    hangup = getattr(signal, "SIGHUP", None)
+    return () if hangup is None or signal.getsignal(hangup) is signal.SIG_IGN else (hangup,)
 
 
 class _ForcedExitCancels(logging.Filter):
