@@ -51,13 +51,14 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, defaults_unset: boo
             else:
                 parser.add_argument(flag, dest=f.name, action="store_true", help=_help(f, None), **unset)
             continue
+        choices = f.metadata.get("choices")
         parser.add_argument(
             flag,
             dest=f.name,
-            type=kind,
+            type=str.lower if choices and kind is str else kind,  # `--log-level INFO` as the variable takes it
             required=f.default is MISSING,
             default=None if defaults_unset or f.default is MISSING else f.default,
-            choices=f.metadata.get("choices"),
+            choices=choices,
             help=_help(f, f.default),
         )
 

@@ -18,7 +18,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from .backbone import TINY_DIR, Backbone
+from .backbone import Backbone
+from .backbone_ref import TINY_DIR
 from .errors import BackboneMismatch, ReferenceInvalid
 from .moe_clip import encode_image
 from .pixels import viewed_rgb

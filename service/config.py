@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from model_store.backbone_ref import parse_backbone_ref
+from model_store.errors import BackboneError
 from model_store.pixels import MAX_ASPECT_RATIO, MAX_PIXELS
 from model_store.settings import ENV_PREFIX, env_value, option
 
@@ -173,12 +175,18 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", os.path.expanduser(self.store))  # CLIPBANK_STORE=~/x made a folder "~"
+        for name in ("log_level", "device", "autocast", "frozen_runtime", "engine"):  # INFO was refused (uvicorn's too)
+            object.__setattr__(self, name, getattr(self, name).strip().lower())
         problems = list(self.limits.problems()) + self._monitor_problems() + self._engine_problems()
         if not 0 < self.port < 65536:
             problems.append(f"port must be in 1..65535, got {self.port}")
         if "://" in self.store and not self.store.startswith("s3://"):  # before a token is saved "in" it
             problems.append(f"store must be a local folder or s3://bucket/prefix, got {self.store!r}")
         problems += _store_path_problems(self.store)
+        try:  # a malformed reference, said before torch loads (it was said after, seconds later)
+            parse_backbone_ref(self.backbone)
+        except BackboneError as e:
+            problems.append(str(e))
         if self.max_queue_images > MAX_QUEUE_IMAGES:
             problems.append(f"max_queue_images must be at most {MAX_QUEUE_IMAGES}, got {self.max_queue_images}")
         if not 1 <= self.max_batch <= MAX_BATCH:

@@ -24,7 +24,7 @@ from fastapi.concurrency import run_in_threadpool
 from .app import create_app
 from .config import ServeConfig
 from .lifecycle import Service, resolve_admin_token
-from .server import hangup_signals
+from .server import hangup_signals, say_if_open_to_the_network
 from .threads import SERVING_ENV
 
 log = logging.getLogger("clipbank.service")
@@ -178,6 +178,7 @@ def run(config: ServeConfig) -> int:
         serve.start(http_options=http)
         serve.run(application(config, cpus=cpus), name=APP_NAME, route_prefix="/")
         log.info("clipbank on Ray Serve: %d replicas on http://%s:%d", config.replicas, config.host, config.port)
+        say_if_open_to_the_network(config)
         say_what_serves(config)  # a signal meanwhile stops it as one during start-up (it takes up to 20 s)
         for sig in stops:
             signal.signal(sig, lambda *_: stop.set())

@@ -48,7 +48,7 @@ def serve(config: ServeConfig) -> int:
         check_listening(config.host, config.port)
     except OSError as e:
         return failed(f"start-up failed: cannot listen on {config.host} port {config.port}: {e.strerror or e}")
-    _say_if_open_to_the_network(config)
+    say_if_open_to_the_network(config)
     failure: list[str] = []
     server: uvicorn.Server | None = None
 
@@ -116,7 +116,7 @@ class _ForcedExitCancels(logging.Filter):
         return not (text.startswith("Traceback") and text.rstrip().endswith("CancelledError"))
 
 
-def _say_if_open_to_the_network(config: ServeConfig) -> None:
+def say_if_open_to_the_network(config: ServeConfig) -> None:
     """A server bound beyond this machine whose /classify (and /metrics) anyone who reaches it may use: said at
     start (an outside check's `--host 0.0.0.0` was taken without a word). A line, not a warning: a container must
     listen on every address, and there the port's publication decides (compose's PUBLISH_ADDR: 127.0.0.1)."""

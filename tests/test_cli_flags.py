@@ -443,7 +443,7 @@ def test_pretrain_tiny_does_not_overwrite_the_embedded_backbone_unless_asked(cap
     import hashlib
 
     from clipbank.cli import main
-    from model_store.backbone import TINY_WEIGHTS
+    from model_store.backbone_ref import TINY_WEIGHTS
 
     before = hashlib.sha256(TINY_WEIGHTS.read_bytes()).hexdigest()
     assert main(["pretrain-tiny", "--steps", "1"]) == 2

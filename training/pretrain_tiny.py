@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import save
 
-from model_store.backbone import TINY_DIR, TINY_WEIGHTS
+from model_store.backbone_ref import TINY_DIR, TINY_WEIGHTS
 from model_store.store import atomic_write
 
 from .config import PretrainConfig

@@ -10,7 +10,8 @@ import safetensors.torch
 import torch
 from safetensors.torch import save_file
 
-from model_store.backbone import TINY_DIR, load_backbone, parse_backbone_ref, pick_device
+from model_store.backbone import load_backbone, parse_backbone_ref, pick_device
+from model_store.backbone_ref import TINY_DIR
 from model_store.digest import tensor_digest
 from model_store.errors import BackboneError
 
@@ -171,7 +172,7 @@ def test_a_bare_path_as_the_backbone_says_to_write_file():
 
     with pytest.raises(BackboneError, match=r"needs a weights part \(a file: 'file:/p/w.safetensors'\)"):
         parse_backbone_ref("/p/w.safetensors")
-    with pytest.raises(BackboneError, match=r"needs a weights part; backbone references"):
+    with pytest.raises(BackboneError, match=r"needs a weights part \(e.g. 'ViT-B-16:openai' or 'ViT-B-16:file:/"):
         parse_backbone_ref("ViT-B-16")
 
 

@@ -233,3 +233,65 @@ def test_sighup_stops_the_server_gracefully_unless_nohup_ignores_it():
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_word_settings_and_the_tiny_backbone_take_any_case(capsys):
+    """An outside check: `CLIPBANK_LOG_LEVEL=INFO` and `--log-level INFO` were refused, `--backbone Tiny` loaded
+    torch and open_clip, then failed as an open_clip model name."""
+    import argparse
+
+    from clipbank.flags import add_flags
+
+    env = {"CLIPBANK_LOG_LEVEL": "INFO", "CLIPBANK_DEVICE": "CPU", "CLIPBANK_FROZEN_RUNTIME": "ONNX"}
+    cfg = ServeConfig.from_env(env, backbone="Tiny")
+    assert (cfg.log_level, cfg.device, cfg.frozen_runtime) == ("info", "cpu", "onnx")
+    from model_store.backbone_ref import parse_backbone_ref
+
+    assert parse_backbone_ref(cfg.backbone).arch == "clipbank-tiny"
+    parser = argparse.ArgumentParser()
+    add_flags(parser, ServeConfig)
+    assert parser.parse_args(["--log-level", "DEBUG"]).log_level == "debug"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--log-level", "LOUD"])
+    assert "invalid choice: 'loud'" in capsys.readouterr().err
+
+
+def test_a_malformed_backbone_reference_is_refused_with_the_settings(capsys):
+    """Said with the settings, exit 2, before torch loads (it was said after 12 s, as a start-up failure)."""
+    assert main(["serve", "--backbone", "ViT-B-16"]) == 2
+    said = capsys.readouterr().err
+    assert "'ViT-B-16' needs a weights part (e.g. 'ViT-B-16:openai' or 'ViT-B-16:file:" in said
+    assert said.rstrip().endswith("(from --backbone)")
+    with pytest.raises(ValueError, match="needs an open_clip model name before ':'"):
+        ServeConfig.from_env({"CLIPBANK_BACKBONE": ":openai"})
+    for fine in ("ViT-B-16:openai", "ViT-B-32:none", "file:/w/model.safetensors", "local-dir:/m", "RN50:file:/x.pt"):
+        assert ServeConfig(backbone=fine).backbone == fine  # whether it loads is the start-up's to say
+
+
+def test_the_ray_engine_says_too_when_classify_is_open_beyond_this_machine(monkeypatch, caplog):
+    """The uvicorn engine said it; `--engine ray --host 0.0.0.0` did not."""
+    import signal
+
+    import ray
+    from ray import serve
+
+    from service import ray_engine
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(serve, "start", lambda **k: None)
+    monkeypatch.setattr(serve, "run", lambda *a, **k: None)
+    monkeypatch.setattr(ray_engine, "application", lambda *a, **k: None)
+
+    def stop_here(config):
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(ray_engine, "say_what_serves", stop_here)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with caplog.at_level("INFO", logger="clipbank.service"), pytest.raises(RuntimeError, match="stop here"):
+            ray_engine.run(ServeConfig(host="0.0.0.0", admin_token="a" * 20, engine="ray"))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert "beyond this machine, with /classify and /metrics open" in caplog.text

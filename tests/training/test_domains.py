@@ -216,7 +216,7 @@ def test_store_activate_and_deactivate_say_what_they_did(tmp_path, capsys, backb
 
 def test_store_check_reports_problems_and_exits_1(tmp_path, capsys, backbone):
     from clipbank.cli import main
-    from model_store.backbone import TINY_DIR
+    from model_store.backbone_ref import TINY_DIR
     from model_store.bank import empty_bank
     from model_store.store import LocalStore
     from tests.helpers import random_bundle

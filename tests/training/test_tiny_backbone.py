@@ -48,7 +48,8 @@ def test_pretrained_weights_written_elsewhere_load_as_a_file_backbone(tmp_path, 
     model's config already there is left alone, and said."""
     import logging
 
-    from model_store.backbone import TINY_DIR, load_backbone
+    from model_store.backbone import load_backbone
+    from model_store.backbone_ref import TINY_DIR
     from training.config import PretrainConfig
     from training.pretrain_tiny import pretrain_tiny
 
