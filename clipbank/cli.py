@@ -33,7 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServeConfig.from_env(**flags)
     if unknown := unknown_variables(os.environ):
         print(f"clipbank serve: warning: no setting reads {', '.join(unknown)}", file=sys.stderr)
-    serve_logs(config.log_level)
+    serve_logs(config.log_level, config.log_format)
     ray_only = [
         f"--{'no-' if flags[n] is False else ''}{n.replace('_', '-')}"
         for n in ("replicas", "ray_address", "broadcast")

@@ -14,12 +14,12 @@ def hub_lines_once() -> None:
             hub.removeHandler(handler)
 
 
-def serve_logs(log_level: str) -> None:
+def serve_logs(log_level: str, log_format: str = "text") -> None:
     """`clipbank serve`'s lines: each with its time and the request it was written for (service/request_ids.py),
     clipbank's own at `log_level` (`--log-level`: not uvicorn's alone; its INFO lines showed at warning)."""
     from service.request_ids import log_with_request_ids
 
-    log_with_request_ids(logging.getLogger().level)
+    log_with_request_ids(logging.getLogger().level, log_format)
     hub_lines_once()
     level = logging.DEBUG if log_level == "trace" else getattr(logging, log_level.upper())
     for name in ("clipbank", "model_store"):

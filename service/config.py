@@ -24,6 +24,7 @@ AUTOCAST_MODES = ("off", "fp16", "bf16")  # model_store.backbone.AUTOCAST_DTYPES
 INVALID = "invalid server settings: "
 ENGINES = ("uvicorn", "ray")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+LOG_FORMATS = ("text", "json")
 MAX_UNCLAIMED = 20_000  # 40 MB of float32 embeddings at ViT-B's 512 dimensions; clustering stays in seconds
 
 
@@ -122,6 +123,7 @@ class ServeConfig:
         "else PyTorch's default capped by the CPUs this process may use (affinity and cgroup quota)",
     )
     log_level: str = option("info", "uvicorn log level", LOG_LEVELS)
+    log_format: str = option("text", "log lines: text, or json (one object per line, for log shippers)", LOG_FORMATS)
     head_timeout_seconds: float = option(10.0, "a connection must deliver a whole request head within this")
     read_timeout_seconds: float = option(
         30.0, "the longest gap while a request body streams in, or while a client reads none of its answer"
@@ -175,7 +177,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", os.path.expanduser(self.store))  # CLIPBANK_STORE=~/x made a folder "~"
-        for name in ("log_level", "device", "autocast", "frozen_runtime", "engine"):  # INFO was refused (uvicorn's too)
+        for name in ("log_level", "log_format", "device", "autocast", "frozen_runtime", "engine"):  # INFO was refused
             object.__setattr__(self, name, getattr(self, name).strip().lower())
         problems = list(self.limits.problems()) + self._monitor_problems() + self._engine_problems()
         if not 0 < self.port < 65536:
@@ -226,17 +228,25 @@ class ServeConfig:
         for name in ("gate_max_stolen", "gate_max_zero_shot"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in 0..1, got {getattr(self, name)}")
-        if self.autocast not in AUTOCAST_MODES:
-            problems.append(f"autocast must be one of {', '.join(AUTOCAST_MODES)}, got {self.autocast!r}")
-        if self.frozen_runtime not in FROZEN_RUNTIMES:
-            problems.append(f"frozen_runtime must be one of {', '.join(FROZEN_RUNTIMES)}, got {self.frozen_runtime!r}")
-        problems += self._token_problems()
-        if self.log_level not in LOG_LEVELS:
-            problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        problems += self._token_problems() + self._word_problems()
         if problems:
             raise SettingsError(problems)
+
+    def _word_problems(self) -> list[str]:
+        """Settings that are one of a few words (taken in any case: `CLIPBANK_LOG_LEVEL=INFO` was refused)."""
+        problems = [
+            f"{name} must be one of {', '.join(words)}, got {getattr(self, name)!r}"
+            for name, words in (
+                ("autocast", AUTOCAST_MODES),
+                ("frozen_runtime", FROZEN_RUNTIMES),
+                ("log_level", LOG_LEVELS),
+                ("log_format", LOG_FORMATS),
+            )
+            if getattr(self, name) not in words
+        ]
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        return problems
 
     def _token_problems(self) -> list[str]:
         problems = []

@@ -40,6 +40,7 @@ from .insights import ReservoirConfig
 from .memory import release_free_memory
 from .metrics import Metrics
 from .registry import Registry
+from .request_ids import printed_line
 from .steps import StepBudget
 from .threads import compute_threads
 from .watch import TrafficWatch
@@ -336,7 +337,8 @@ def lifespan(on_fatal: Callable[[str], None] | None, wait_ready: bool = False):
             service.admin_token, origin = resolve_admin_token(service.config)
             shown = service.admin_token if origin.startswith("generated") else "(not shown)"
             if origin != "set":
-                print(f"clipbank: admin token {origin}: {shown}", file=sys.stderr, flush=True)
+                line = printed_line(f"admin token {origin}: {shown}", service.config.log_format)
+                print(line, file=sys.stderr, flush=True)
         poller: asyncio.Task | None = None
 
         async def start() -> None:

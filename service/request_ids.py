@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import re
 import threading
 import uuid
 from contextvars import ContextVar
+from datetime import datetime, timezone
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -112,8 +114,39 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-def uvicorn_log_config() -> dict[str, Any]:
-    """uvicorn's own logging configuration with a timestamp on every line and the request id on access lines."""
+class JsonLines(logging.Formatter):
+    """`--log-format json`: one JSON object per line, for log shippers (Loki, Elasticsearch, CloudWatch): `time`
+    (UTC, ISO 8601), `level`, `logger`, `request_id`, `message`; an access line's `client`, `method`, `path`,
+    `http` and `status` as fields; a traceback as `exception`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", "-"),
+            "message": record.getMessage(),
+        }
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+            line.update(zip(("client", "method", "path", "http", "status"), record.args, strict=True))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(line, default=str)
+
+
+def printed_line(message: str, log_format: str) -> str:
+    """A line printed whatever the log level (the generated admin token), as the log's other lines are."""
+    if log_format != "json":
+        return f"clipbank: {message}"
+    record = logging.LogRecord("clipbank.service", logging.WARNING, __file__, 0, message, None, None)
+    return JsonLines().format(record)
+
+
+def uvicorn_log_config(log_format: str = "text") -> dict[str, Any]:
+    """uvicorn's own logging configuration with a timestamp on every line and the request id on access lines
+    (`json`: JsonLines for both)."""
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
@@ -123,14 +156,18 @@ def uvicorn_log_config() -> dict[str, Any]:
     formatters["access"]["fmt"] = formatters["access"]["fmt"].replace(
         "%(levelprefix)s ", "%(asctime)s %(levelprefix)s [%(request_id)s] ", 1
     )
+    if log_format == "json":
+        config["formatters"] = {name: {"()": JsonLines} for name in formatters}
     for handler in config["handlers"].values():
         handler["filters"] = [*handler.get("filters", []), "request_id"]
     return config
 
 
-def log_with_request_ids(level: int) -> None:
-    """clipbank's lines (through the root logger's handler) in LOG_FORMAT, for `clipbank serve`."""
+def log_with_request_ids(level: int, log_format: str = "text") -> None:
+    """clipbank's lines (through the root logger's handler) in LOG_FORMAT, or JsonLines, for `clipbank serve`."""
     logging.basicConfig(level=level, format=LOG_FORMAT, force=True)
     for handler in logging.getLogger().handlers:
+        if log_format == "json":
+            handler.setFormatter(JsonLines())
         if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
             handler.addFilter(RequestIdFilter())

@@ -149,7 +149,7 @@ def uvicorn_config(app: Any, config: ServeConfig) -> uvicorn.Config:
         host=config.host,
         port=config.port,
         log_level=config.log_level,
-        log_config=uvicorn_log_config(),  # its own, with timestamps and the access lines' request ids
+        log_config=uvicorn_log_config(config.log_format),  # its own, with timestamps and the access lines' request ids
         timeout_graceful_shutdown=GRACEFUL_SECONDS,
         timeout_keep_alive=config.keep_alive_seconds,  # type: ignore[arg-type] - a float works
         http=guarded_protocol(

@@ -97,3 +97,56 @@ def test_log_lines_have_a_time_and_the_request_id():
     finally:
         root.handlers[:] = before[1]
         root.setLevel(before[0])
+
+
+def test_json_log_lines_are_one_object_each_with_the_request_id_and_an_access_lines_fields():
+    """`--log-format json`, for log shippers: an operator's pipeline parsed every line but the text ones."""
+    import json
+
+    from service.config import ServeConfig
+    from service.request_ids import JsonLines, printed_line
+
+    access = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("1.2.3.4:5", "GET", "/x", "1.1", 404),
+        None,
+    )
+    RequestIdFilter().filter(access)
+    line = json.loads(JsonLines().format(access))
+    assert line["message"] == '1.2.3.4:5 - "GET /x HTTP/1.1" 404' and line["request_id"] == "-"
+    assert (line["client"], line["method"], line["path"], line["http"], line["status"]) == (
+        "1.2.3.4:5",
+        "GET",
+        "/x",
+        "1.1",
+        404,
+    )
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", line["time"]) and line["level"] == "INFO"
+    try:
+        raise OSError("disk full")
+    except OSError:
+        import sys
+
+        failed = logging.LogRecord("clipbank.service", logging.ERROR, __file__, 1, "save %s", ("x",), sys.exc_info())
+    failed.request_id = "r-1"
+    line = json.loads(JsonLines().format(failed))
+    assert (line["message"], line["request_id"]) == ("save x", "r-1") and "OSError: disk full" in line["exception"]
+    assert json.loads(printed_line("admin token generated: t", "json"))["message"] == "admin token generated: t"
+    assert printed_line("admin token generated: t", "text") == "clipbank: admin token generated: t"
+    config = uvicorn_log_config("json")
+    assert {f["()"] for f in config["formatters"].values()} == {JsonLines}
+    assert ServeConfig.from_env({"CLIPBANK_LOG_FORMAT": "JSON"}).log_format == "json"
+    with pytest.raises(ValueError, match="log_format must be one of text, json, got 'xml'"):
+        ServeConfig(log_format="xml")
+    root = logging.getLogger()
+    before = (root.level, list(root.handlers))
+    try:
+        log_with_request_ids(logging.INFO, "json")
+        assert all(isinstance(h.formatter, JsonLines) for h in root.handlers)
+    finally:
+        root.handlers[:] = before[1]
+        root.setLevel(before[0])
