@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import statistics
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import torch
 from model_store.backbone import Backbone, load_backbone
 from model_store.bank import build_bank, empty_bank
 from model_store.bundle import read_bundle, tensor_bytes
+from model_store.machine import machine_facts, machine_line
 from model_store.reference import find_reference
 from training.data import LabelledImages, load_domain
 from training.expert_blocks import default_expert_blocks, with_expert_blocks
@@ -249,8 +249,8 @@ def run_bench_serve(
     key = backends[-1]
     report = {
         "command": command,
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"Python {platform.python_version()}, torch {torch.__version__}",
+        "machine": f"{machine_line(facts := machine_facts())}; {torch.get_num_threads()} torch threads",
+        "machine_facts": facts,
         "torch_threads": torch.get_num_threads(),
         "gemm_gflops": round(gemm / 1e9, 1),
         "key": key["label"],

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import secrets
 import shutil
 import sys
@@ -29,6 +28,7 @@ from benchmarks.samples import domain_pngs
 from benchmarks.synthetic import synthetic_bundle
 from model_store.backbone import load_backbone
 from model_store.bank import empty_bank
+from model_store.machine import machine_facts, machine_line
 from service.client import ClipbankClient
 
 from .hostile import HostileConfig, run_hostile
@@ -233,7 +233,8 @@ def _report(raw: dict[str, Any], cfg: SoakConfig, command: str) -> dict[str, Any
     report: dict[str, Any] = {
         "command": command,
         "settings": dataclasses.asdict(cfg),
-        "machine": f"{platform.machine()}, Python {platform.python_version()}",
+        "machine": machine_line(facts := machine_facts()),
+        "machine_facts": facts,
         "server": {"frozen_runtime": raw["ready"].get("frozen_runtime"), "backbone": cfg.backbone},
         "warmup": {"seconds": cfg.warmup_seconds, **summary(warmup), **check_routes(warmup, raw["timeline"])},
         "soak": soak_stats,

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from model_store.machine import machine_line
 from model_store.modes import ZERO_SHOT
 
 from .plots import pyplot
@@ -194,6 +195,8 @@ def format_markdown(report: dict[str, Any], command: str | None = None) -> str:
         for t, row in enumerate(r["matrix"]):
             lines.append(f"| {doms[t]} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |")
     lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items())]
+    if "machine" in report:  # reports before 2026-12-07 did not record it
+        lines += ["", f"Machine: {machine_line(report['machine'])}."]
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from model_store.machine import machine_facts, machine_line
+
 from .plots import pyplot
 
 
@@ -88,6 +90,7 @@ def plot(routing: dict[str, Any], path: Path) -> Path:
 
 def write_routing_report(routing: dict[str, Any], out: Path, command: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps({"command": command, "routing": routing}, indent=2))
-    (out / "report.md").write_text(format_markdown(routing, command))
+    facts = machine_facts()
+    (out / "report.json").write_text(json.dumps({"command": command, "machine": facts, "routing": routing}, indent=2))
+    (out / "report.md").write_text(format_markdown(routing, command) + f"\nMachine: {machine_line(facts)}.\n")
     return [out / "report.json", out / "report.md", plot(routing, out / "routing.png")]
