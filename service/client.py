@@ -1,14 +1,15 @@
-"""A small Python client for a clipbank server (used by `clipbank push` and `clipbank classify`)."""
+"""A small Python client for a clipbank server (used by `clipbank push` and `clipbank classify`); its asyncio
+twin, with the same calls and answers, is `service.client_async.AsyncClipbankClient`."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import random
 import re
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -20,22 +21,19 @@ from model_store.modes import AUTO, PER_IMAGE, ZERO_SHOT, task_name_problem
 from .client_inputs import ImageInput, _at_least, _bytes, _name, _traced, label_list, whole
 from .client_wire import (
     ClipbankHTTPError,
-    _json,
-    _one_line,
     _proxy_note,
     _read_within,
-    _request_id,
-    _seconds,
+    _refused,
+    _retry_wait,
     _server_url,
+    _was_refused,
+    answer_body,
     in_batches,
+    tried,
 )
 
 # what a change answers at least (an older server's answers have these too)
 ACTIVATED, SHADOWED = ("task", "active_version"), ("task", "shadow_version")
-RETRIED = frozenset({"overloaded", "stale_replica", "not_ready"})  # 503s that name when trying again may succeed
-MAX_RETRY_WAIT = 30.0  # seconds: a longer Retry-After is not waited for
-BROKEN_WAIT = 0.25  # seconds before the first retry of a request that a replica's death broke; doubled after each
-REFUSED_WAIT = 1.0  # ... of a request whose connection was refused (a server restarting: 7-16 s here); doubled
 PROBES = ("/readyz", "/healthz")  # asked for the state now: never retried, a refused connection neither
 MAY_LAND = "; a change it was making may still land: look before retrying (GET /tasks, clipbank store list)"
 
@@ -54,21 +52,9 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_renew_after_fork)
 
 
-class ClipbankClient:
-    """`ClipbankClient("http://127.0.0.1:8000", token=...)`.
-
-    `token`: the admin token, for /tasks and /insights; for /classify too when the server sets a classify token
-    (either token reads). `timeout`: seconds for each step of a call, None for none. `retries`: how many times a
-    request that changes nothing (classify, the GET calls but the /readyz and /healthz probes) is sent again after
-    a 503 whose `Retry-After` says when (`overloaded`, `stale_replica`, `not_ready`), after waiting that long,
-    doubled after each try (at most 30 s, plus up to a quarter more at random), and after a connection broken
-    mid-request or a 500, 502, 503 or 504 that is not clipbank's own (a replica or a proxy in front that died: 0.25
-    s, doubled each time); 0 (the default) raises at once, with the wait in `ClipbankHTTPError.retry_after`. A
-    change is never sent twice. A connection refused (a server restarting: nothing was sent) is tried again for
-    every request, changes too: after 1 s, doubled each time (`retries=4` waits up to 15 s in all).
-    `max_connections`: of the client's pool, which its threads share. A client used before a fork makes its own
-    connections in the child (the parent's, shared, mixed up the two processes' answers), and pickles as its
-    settings."""
+class _Calls:
+    """What both clients share: their settings, each call's request, and what its answer must hold. A call returns
+    `self._call(...)`: the answer for ClipbankClient, an awaitable of it for AsyncClipbankClient."""
 
     def __init__(
         self,
@@ -94,101 +80,35 @@ class ClipbankClient:
         self._token = token
         self._max_images: int | None = None  # the server's, once a 413 named it
         self._http = self._new_http()
-        _LIVE.add(self)  # a forked child gets connections of its own (`_renew_after_fork`)
 
-    def _new_http(self) -> httpx.Client:
+    def _new_http(self) -> Any:
+        raise NotImplementedError
+
+    def _http_settings(self) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         limits = httpx.Limits(
             max_connections=self.max_connections, max_keepalive_connections=min(20, self.max_connections)
         )
-        return httpx.Client(base_url=self.url, headers=headers, timeout=self.timeout, limits=limits)
-
-    def _renew(self) -> None:
-        """New connections (none yet) in place of the pool's, as it was: open, or closed."""
-        closed, self._http = self._http.is_closed, self._new_http()
-        if closed:
-            self._http.close()
+        return {"base_url": self.url, "headers": headers, "timeout": self.timeout, "limits": limits}
 
     def __reduce__(self):  # its settings: a process pool's worker makes its own connections
         return type(self), (self.url, self._token, self.timeout, self.retries, self.max_connections)
 
     def __repr__(self) -> str:  # the token is a secret: only whether there is one
         token = "set" if self._token else "none"
-        return f"ClipbankClient({self.url!r}, token={token}, timeout={self.timeout}, retries={self.retries})"
-
-    def __enter__(self) -> ClipbankClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._http.close()
+        return f"{type(self).__name__}({self.url!r}, token={token}, timeout={self.timeout}, retries={self.retries})"
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        """`_once`, sent again up to `retries` times after a 503 that says when, if the request changes nothing."""
-        for attempt in range(self.retries + 1):
-            try:
-                return self._once(method, path, **kwargs)
-            except ClipbankHTTPError as e:
-                # refused before a byte was sent (a server restarting): safe for a change too
-                safe = path not in PROBES and (method == "GET" or path == "/classify" or _was_refused(e))
-                wait = _retry_wait(e, attempt) if safe and attempt < self.retries else None
-                if wait is None:
-                    raise
-                time.sleep(wait)
-        raise AssertionError("unreachable")  # the loop returns or raises
+        raise NotImplementedError
 
-    def _once(self, method: str, path: str, expect: tuple[str, ...] = (), **kwargs: Any) -> Any:
-        """The JSON answer, or ClipbankHTTPError: for an error answer, and for anything that is not a clipbank
-        answer, or one without the keys in `expect`. Once the answer starts, its body must arrive within `timeout`
-        seconds in all (a server trickling it cannot hold the caller longer); before, each step has `timeout` (a
-        long upload is not cut short)."""
-        if self._http.is_closed:  # httpx's own message names no clipbank call
-            raise RuntimeError("this ClipbankClient is closed (close() was called, or its with-block ended)")
-        deadline = math.inf if self.timeout is None else self.timeout
-        began = time.monotonic()
-        try:
-            with self._http.stream(method, path, **kwargs) as response:
-                raw = _read_within(response, time.monotonic() + deadline, self.url)
-        except httpx.HTTPError as e:  # refused, timed out, broke, a body that does not decode
-            raise self._transport_error(e, method, path, time.monotonic() - began, "files" in kwargs) from None
-        if response.status_code >= 400:
-            retry, rid = _seconds(response.headers.get("retry-after")), _request_id(response.headers)
-            try:
-                err = _json(raw)["error"]
-                raise ClipbankHTTPError(
-                    response.status_code, err["code"], err["message"], err.get("details"), retry, rid
-                )
-            except (ValueError, KeyError, TypeError, RecursionError):
-                text = raw[:4096].decode("utf-8", "replace")  # an error page from a proxy, say: cut before parsing
-                status = response.status_code
-                page = _one_line(text) or "an empty body"
-                via = _proxy_note(self.url) if status in (502, 503, 504) else ""  # a proxy that cannot reach it
-                message = f"{method} {self.url}{path}{via} answered {status} without a clipbank error ({page})"
-                raise ClipbankHTTPError(status, "http_error", message, None, retry, rid) from None
-        if response.is_redirect:
-            where = response.headers.get("location", "?")
-            raise ClipbankHTTPError(response.status_code, "redirect", f"{self.url} redirects to {where}: use that URL")
-        try:
-            body = _json(raw)
-        except (ValueError, RecursionError):
-            raise ClipbankHTTPError(
-                response.status_code,
-                "not_clipbank",
-                f"{self.url} answered something that is not JSON: is it a clipbank server?",
-            ) from None
-        if not isinstance(body, dict):
-            raise ClipbankHTTPError(
-                response.status_code, "not_clipbank", f"{self.url} answered an unexpected {type(body).__name__}"
-            )
-        if missing := [key for key in expect if key not in body]:  # a 200 from something else must not pass
-            raise ClipbankHTTPError(
-                response.status_code,
-                "not_clipbank",
-                f"{self.url} answered {method} {path} without {', '.join(missing)}: is it a clipbank server?",
-            )
-        return body
+    def _wait_before_retry(self, e: ClipbankHTTPError, method: str, path: str, attempt: int) -> float | None:
+        """Seconds to wait before sending `method path` again after `e` (try `attempt`), None: raise it."""
+        # refused before a byte was sent (a server restarting): safe for a change too
+        safe = path not in PROBES and (method == "GET" or path == "/classify" or _was_refused(e))
+        return _retry_wait(e, attempt) if safe and attempt < self.retries else None
+
+    def _closed_error(self) -> RuntimeError:  # httpx's own message names no clipbank call
+        return RuntimeError(f"this {type(self).__name__} is closed (close() was called, or its with-block ended)")
 
     def _transport_error(self, e: httpx.HTTPError, method: str, path: str, waited: float, sent: bool) -> Exception:
         """What an error of the connection is to the caller: `unreachable`, `timeout` or `connection_failed`."""
@@ -218,24 +138,9 @@ class ClipbankClient:
         said = f"{self.url} broke off {method} {path}: {type(e).__name__}: {str(e).rstrip('.')}{MAY_LAND * changes}"
         return ClipbankHTTPError(0, "connection_failed", said)
 
-    def classify(
-        self,
-        images: Sequence[ImageInput],
-        labels: Iterable[str] | None = (),
-        task: str | None = AUTO,
-        route: str | None = PER_IMAGE,
-        top_k: int | None = None,
-        match_labels: bool = True,
-        min_generation: int | None = None,
-        request_id: str | None = None,
-    ) -> dict[str, Any]:
-        """Images are paths, encoded bytes, open binary files, PIL images (sent upright, as `_pil_bytes` says) or
-        numpy arrays of uint8 pixels (height x width, 1, 3 or 4 channels last; a batch array of N such is a list).
-        Returns `{"results": [...], "timing": {...}}`. `match_labels=False`: the selector alone routes, whatever
-        the labels (docs/service.md). `min_generation`: answered from that store generation or later (a change's
-        `generation`: read your own writes across servers), else a 503 `stale_replica`. `request_id`: sent as
-        `X-Request-ID`, which the server's log lines name (else it makes one). None for `labels`, `task` or `route`
-        means its default (no labels, auto, per image)."""
+    def _classify_request(self, images, labels, task, route, top_k, match_labels, min_generation, request_id):
+        """`classify`'s request (its arguments, in order): files, form fields, headers and route; a TypeError or a
+        ValueError for what no server would take, before anything is sent."""
         labels = () if labels is None else labels
         task, route = AUTO if task is None else task, PER_IMAGE if route is None else route
         one_pil = hasattr(images, "save") and isinstance(getattr(images, "mode", None), str)  # a Series's mode() is not
@@ -263,43 +168,27 @@ class ClipbankClient:
         if not match_labels:
             data["match_labels"] = "false"
 
-        def send(part: list) -> dict[str, Any]:
-            return self._call("POST", "/classify", files=part, data=data, headers=headers, expect=("results",))
+        return files, data, headers, route
 
-        if route != PER_IMAGE:  # one decision for all the images: not split behind the caller's back
-            return send(files)
-        # more images, bytes, pixels or answer than the server takes at once: sent as several requests, one answer
-        answer, most = in_batches(send, files, min(len(files), self._max_images or len(files)))
-        self._max_images = most or self._max_images  # the next call starts at the server's max_images
-        return answer
-
-    def push(
-        self,
-        bundle: str | os.PathLike | bytes | Any,
-        activate: bool = True,
-        force: bool = False,
-        mode: str | None = None,
-        wait_all: bool = False,
-    ) -> dict[str, Any]:
-        """Upload a bundle file (path or bytes); returns `{task, version, bundle_id, experts_added, generation,
-        gate, replicas, restored}` (`restored`: the very bytes of a stored version whose blob was damaged, written
-        back; nothing new stored). `force` overrides the interference gate (a 409 `interference` otherwise names what it
-        would take). `mode` (active, inactive, shadow) replaces `activate` when given. `wait_all`: return once
-        every replica serves it (a 504 `replicas_lagging` names those that did not)."""
+    @contextlib.contextmanager
+    def _push_request(
+        self, bundle: Any, activate: bool, force: bool, mode: str | None, wait_all: bool
+    ) -> Iterator[dict[str, Any]]:
+        """`push`'s request: a regular file is streamed from the file, open while the request is sent (a 250 MB
+        bundle is not held in memory); a pipe's size is unknown: read, as bytes and open files are."""
         chosen = mode or ("active" if activate else "inactive")
         # `activate` too: a server older than `mode` ignores it, and must not activate an inactive or shadow upload
         params = {"mode": chosen, "activate": str(chosen == "active").lower(), "force": str(force).lower()}
-        expect = ("task", "version", "bundle_id")
-        if isinstance(bundle, str | os.PathLike) and Path(bundle).is_file():  # a regular file: streamed (a 250 MB
-            with Path(bundle).open("rb") as f:  # bundle is not held in memory); a pipe's size is unknown: read
-                files = {"bundle": (_name(bundle, 0), f, "application/octet-stream")}
-                return self._call("POST", "/tasks", files=files, params={**params, **_waiting(wait_all)}, expect=expect)
+        request = {"params": {**params, **_waiting(wait_all)}, "expect": ("task", "version", "bundle_id")}
+        if isinstance(bundle, str | os.PathLike) and Path(bundle).is_file():
+            with Path(bundle).open("rb") as f:
+                yield {**request, "files": {"bundle": (_name(bundle, 0), f, "application/octet-stream")}}
+                return
         if isinstance(bundle, str | os.PathLike) and Path(bundle).is_dir():
             raise IsADirectoryError(f"{bundle} is a folder, not a bundle file")
         if hasattr(bundle, "save") or hasattr(bundle, "__array_interface__"):  # an image: sent as PNG, then a 422
             raise TypeError(f"a bundle is a file's path, its bytes or an open file, not {type(bundle).__name__}")
-        files = {"bundle": (_name(bundle, 0), _bytes(bundle), "application/octet-stream")}
-        return self._call("POST", "/tasks", files=files, params={**params, **_waiting(wait_all)}, expect=expect)
+        yield {**request, "files": {"bundle": (_name(bundle, 0), _bytes(bundle), "application/octet-stream")}}
 
     def tasks(self, min_generation: int | None = None) -> dict[str, Any]:
         return self._call("GET", "/tasks", headers=_at_least(min_generation), expect=("generation", "tasks"))
@@ -349,6 +238,118 @@ class ClipbankClient:
         return self._call("GET", "/healthz")
 
 
+class ClipbankClient(_Calls):
+    """`ClipbankClient("http://127.0.0.1:8000", token=...)`.
+
+    `token`: the admin token, for /tasks and /insights; for /classify too when the server sets a classify token
+    (either token reads). `timeout`: seconds for each step of a call, None for none. `retries`: how many times a
+    request that changes nothing (classify, the GET calls but the /readyz and /healthz probes) is sent again after
+    a 503 whose `Retry-After` says when (`overloaded`, `stale_replica`, `not_ready`), after waiting that long,
+    doubled after each try (at most 30 s, plus up to a quarter more at random), and after a connection broken
+    mid-request or a 500, 502, 503 or 504 that is not clipbank's own (a replica or a proxy in front that died: 0.25
+    s, doubled each time); 0 (the default) raises at once, with the wait in `ClipbankHTTPError.retry_after`. A
+    change is never sent twice. A connection refused (a server restarting: nothing was sent) is tried again for
+    every request, changes too: after 1 s, doubled each time (`retries=4` waits up to 15 s in all).
+    `max_connections`: of the client's pool, which its threads share. A client used before a fork makes its own
+    connections in the child (the parent's, shared, mixed up the two processes' answers), and pickles as its
+    settings."""
+
+    def _new_http(self) -> httpx.Client:
+        _LIVE.add(self)  # a forked child gets connections of its own (`_renew_after_fork`)
+        return httpx.Client(**self._http_settings())
+
+    def _renew(self) -> None:
+        """New connections (none yet) in place of the pool's, as it was: open, or closed."""
+        closed, self._http = self._http.is_closed, self._new_http()
+        if closed:
+            self._http.close()
+
+    def __enter__(self) -> ClipbankClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """`_once`, sent again up to `retries` times after a 503 that says when, if the request changes nothing."""
+        began = time.monotonic()
+        for attempt in range(self.retries + 1):
+            try:
+                return self._once(method, path, **kwargs)
+            except ClipbankHTTPError as e:
+                wait = self._wait_before_retry(e, method, path, attempt)
+                if wait is None:
+                    raise tried(e, attempt + 1, time.monotonic() - began) from None
+                time.sleep(wait)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _once(self, method: str, path: str, expect: tuple[str, ...] = (), **kwargs: Any) -> Any:
+        """The JSON answer, or ClipbankHTTPError (`answer_body`). Once the answer starts, its body must arrive within
+        `timeout` seconds in all (a server trickling it cannot hold the caller longer); before, each step has
+        `timeout` (a long upload is not cut short)."""
+        if self._http.is_closed:
+            raise self._closed_error()
+        deadline = math.inf if self.timeout is None else self.timeout
+        began = time.monotonic()
+        try:
+            with self._http.stream(method, path, **kwargs) as response:
+                raw = _read_within(response, time.monotonic() + deadline, self.url, began)
+        except httpx.HTTPError as e:  # refused, timed out, broke, a body that does not decode
+            raise self._transport_error(e, method, path, time.monotonic() - began, "files" in kwargs) from None
+        return answer_body(response, raw, self.url, method, path, expect)
+
+    def classify(
+        self,
+        images: Sequence[ImageInput],
+        labels: Iterable[str] | None = (),
+        task: str | None = AUTO,
+        route: str | None = PER_IMAGE,
+        top_k: int | None = None,
+        match_labels: bool = True,
+        min_generation: int | None = None,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Images are paths, encoded bytes, open binary files, PIL images (sent upright, as `_pil_bytes` says) or
+        numpy arrays of uint8 pixels (height x width, 1, 3 or 4 channels last; a batch array of N such is a list).
+        Returns `{"results": [...], "timing": {...}}`. `match_labels=False`: the selector alone routes, whatever
+        the labels (docs/service.md). `min_generation`: answered from that store generation or later (a change's
+        `generation`: read your own writes across servers), else a 503 `stale_replica`. `request_id`: sent as
+        `X-Request-ID`, which the server's log lines name (else it makes one). None for `labels`, `task` or `route`
+        means its default (no labels, auto, per image)."""
+        files, data, headers, route = self._classify_request(
+            images, labels, task, route, top_k, match_labels, min_generation, request_id
+        )
+
+        def send(part: list) -> dict[str, Any]:
+            return self._call("POST", "/classify", files=part, data=data, headers=headers, expect=("results",))
+
+        if route != PER_IMAGE:  # one decision for all the images: not split behind the caller's back
+            return send(files)
+        # more images, bytes, pixels or answer than the server takes at once: sent as several requests, one answer
+        answer, most = in_batches(send, files, min(len(files), self._max_images or len(files)))
+        self._max_images = most or self._max_images  # the next call starts at the server's max_images
+        return answer
+
+    def push(
+        self,
+        bundle: str | os.PathLike | bytes | Any,
+        activate: bool = True,
+        force: bool = False,
+        mode: str | None = None,
+        wait_all: bool = False,
+    ) -> dict[str, Any]:
+        """Upload a bundle file (path or bytes); returns `{task, version, bundle_id, experts_added, generation,
+        gate, replicas, restored}` (`restored`: the very bytes of a stored version whose blob was damaged, written
+        back; nothing new stored). `force` overrides the interference gate (a 409 `interference` otherwise names what it
+        would take). `mode` (active, inactive, shadow) replaces `activate` when given. `wait_all`: return once
+        every replica serves it (a 504 `replicas_lagging` names those that did not)."""
+        with self._push_request(bundle, activate, force, mode, wait_all) as request:
+            return self._call("POST", "/tasks", **request)
+
+
 def _waiting(wait_all: bool) -> dict[str, str]:
     """The query of a change that returns once every replica serves it (else 504 `replicas_lagging`)."""
     return {"wait": "all"} if wait_all else {}
@@ -362,38 +363,3 @@ def _seg(name: str) -> str:
     if problem is not None:
         raise ValueError(f"{problem}: no task can have that name")
     return quote(name, safe="")
-
-
-def _retry_wait(e: ClipbankHTTPError, attempt: int) -> float | None:
-    """Seconds to wait before sending a request that changes nothing again after `e`, None: raise `e`.
-
-    A 503 that says when: that long (not over 30 s), and up to a quarter more at random, so that clients refused
-    together do not all come back in the same instant. A connection broken mid-request, or a 5xx that is not
-    clipbank's (a bare 500 from Ray Serve's proxy for the requests of a replica that died; a 502 or 504 from a
-    load balancer): a short wait that doubles, as another replica may answer at once."""
-    if e.code in RETRIED and e.retry_after is not None:  # doubled after each try: a full queue that stays full
-        return (
-            min(e.retry_after * 2**attempt, MAX_RETRY_WAIT) * random.uniform(1.0, 1.25)
-            if e.retry_after <= MAX_RETRY_WAIT
-            else None
-        )
-    if e.code == "connection_failed" or (e.code == "http_error" and e.status in (500, 502, 503, 504)):
-        return min(BROKEN_WAIT * 2**attempt, MAX_RETRY_WAIT) * random.uniform(1.0, 1.25)
-    if _was_refused(e):  # refused: a server restarting opens its port after loading
-        return min(REFUSED_WAIT * 2**attempt, MAX_RETRY_WAIT) * random.uniform(1.0, 1.25)
-    return None
-
-
-def _was_refused(e: ClipbankHTTPError) -> bool:
-    return e.code == "unreachable" and getattr(e, "refused", False)
-
-
-def _refused(e: httpx.HTTPError) -> bool:
-    """Whether the connection was refused: nothing was sent, and a server (re)starting there may take it soon; not
-    a name that does not resolve, or an address nothing answers."""
-    cause: BaseException | None = e
-    while cause is not None:
-        if isinstance(cause, ConnectionRefusedError) or "Connection refused" in str(cause):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False

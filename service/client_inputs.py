@@ -141,10 +141,13 @@ def _array_image(array: Any) -> Any:
 
     shape = tuple(array.shape)
     if str(array.dtype) != "uint8" or not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3, 4))):
+        hint = {  # the scale follows the type: (x * 255) overflowed a uint16 image (an outside check)
+            "uint16": "(x // 257).astype('uint8') for 16-bit pixels",
+            "bool": "x.astype('uint8') * 255 for a mask",
+        }.get(str(array.dtype), "(x * 255).round().astype('uint8') for 0-1 floats")
         raise TypeError(
             f"an image array is uint8 pixels, height x width (x 1, 3 or 4 channels: grey, RGB, RGBA), got "
-            f"{array.dtype} of shape {shape}: convert it (e.g. (x * 255).round().astype('uint8'), or .transpose(1, "
-            "2, 0) for channels first)"
+            f"{array.dtype} of shape {shape}: convert it (e.g. {hint}, or .transpose(1, 2, 0) for channels first)"
         )
     return Image.fromarray(array[:, :, 0] if len(shape) == 3 and shape[2] == 1 else array)
 

@@ -1,9 +1,11 @@
-"""What the client makes of the connection and the server's answers: the server's URL checked, the error it
-raises, an answer's body read within a deadline, Retry-After and request ids, and a proxy the environment names."""
+"""What both clients make of the connection and the server's answers: the server's URL checked, the error they
+raise, an answer's body read within a deadline and checked, Retry-After and request ids, when to retry, a call's
+images split into requests, and a proxy the environment names."""
 
 from __future__ import annotations
 
 import json
+import random
 import re
 import time
 import urllib.request
@@ -40,6 +42,10 @@ class ClipbankHTTPError(Exception):
 ClipbankHTTPError.__module__ = "service.client"  # where callers import it from (and older releases pickle it)
 
 MAX_ANSWER_BYTES = 256 * 1024 * 1024  # far above any answer a clipbank server gives
+RETRIED = frozenset({"overloaded", "stale_replica", "not_ready"})  # 503s that name when trying again may succeed
+MAX_RETRY_WAIT = 30.0  # seconds: a longer Retry-After is not waited for
+BROKEN_WAIT = 0.25  # seconds before the first retry of a request that a replica's death broke; doubled after each
+REFUSED_WAIT = 1.0  # ... of a request whose connection was refused (a server restarting: 7-16 s here); doubled
 
 
 def _server_url(url: Any) -> str:
@@ -73,17 +79,75 @@ def _proxy_note(url: str) -> str:
     return f" through the proxy {where} that the environment names (NO_PROXY={parsed.host} connects directly)"
 
 
-def _read_within(response: httpx.Response, deadline: float, url: str) -> bytes:
+def _took(size: int, chunk: bytes, deadline: float, response: httpx.Response, url: str, began: float) -> int:
+    """The answer's bytes so far with `chunk`, or ClipbankHTTPError past `deadline` or MAX_ANSWER_BYTES (`began`:
+    when the call did, for the time it took: a head sent a byte at a time held one 48 s, with a 2 s timeout)."""
+    size += len(chunk)
+    if size > MAX_ANSWER_BYTES:
+        raise ClipbankHTTPError(response.status_code, "not_clipbank", f"{url} answered more than {size} bytes")
+    if time.monotonic() > deadline:
+        waited = time.monotonic() - began
+        said = f"{url} did not finish its answer within the client's timeout (gave up after {waited:.1f} s)"
+        raise ClipbankHTTPError(0, "timeout", said)
+    return size
+
+
+def _read_within(response: httpx.Response, deadline: float, url: str, began: float) -> bytes:
     """The answer's body, read before `deadline` (time.monotonic) and within MAX_ANSWER_BYTES."""
     parts, size = [], 0
     for chunk in response.iter_bytes():
-        size += len(chunk)
-        if size > MAX_ANSWER_BYTES:
-            raise ClipbankHTTPError(response.status_code, "not_clipbank", f"{url} answered more than {size} bytes")
-        if time.monotonic() > deadline:
-            raise ClipbankHTTPError(0, "timeout", f"{url} did not finish its answer within the client's timeout")
+        size = _took(size, chunk, deadline, response, url, began)
         parts.append(chunk)
     return b"".join(parts)
+
+
+async def read_within_async(response: httpx.Response, deadline: float, url: str, began: float) -> bytes:
+    """`_read_within` for an httpx.AsyncClient's answer."""
+    parts, size = [], 0
+    async for chunk in response.aiter_bytes():
+        size = _took(size, chunk, deadline, response, url, began)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def answer_body(response: httpx.Response, raw: bytes, url: str, method: str, path: str, expect: tuple[str, ...]):
+    """The JSON answer of `method path`, or ClipbankHTTPError: for an error answer, and for anything that is not a
+    clipbank answer, or one without the keys in `expect` (a 200 from another server must not pass)."""
+    if response.status_code >= 400:
+        retry, rid = _seconds(response.headers.get("retry-after")), _request_id(response.headers)
+        try:
+            err = _json(raw)["error"]
+            raise ClipbankHTTPError(response.status_code, err["code"], err["message"], err.get("details"), retry, rid)
+        except (ValueError, KeyError, TypeError, RecursionError):
+            text = raw[:4096].decode("utf-8", "replace")  # an error page from a proxy, say: cut before parsing
+            status = response.status_code
+            page = _one_line(text) or "an empty body"
+            via = _proxy_note(url) if status in (502, 503, 504) else ""  # a proxy that cannot reach it
+            message = f"{method} {url}{path}{via} answered {status} without a clipbank error ({page})"
+            raise ClipbankHTTPError(status, "http_error", message, None, retry, rid) from None
+    if response.is_redirect:
+        where = response.headers.get("location", "?")
+        raise ClipbankHTTPError(response.status_code, "redirect", f"{url} redirects to {where}: use that URL")
+    try:
+        body = _json(raw)
+    except (ValueError, RecursionError):
+        said = f"{url} answered something that is not JSON: is it a clipbank server?"
+        raise ClipbankHTTPError(response.status_code, "not_clipbank", said) from None
+    if not isinstance(body, dict):
+        said = f"{url} answered an unexpected {type(body).__name__}"
+        raise ClipbankHTTPError(response.status_code, "not_clipbank", said)
+    if missing := [key for key in expect if key not in body]:
+        said = f"{url} answered {method} {path} without {', '.join(missing)}: is it a clipbank server?"
+        raise ClipbankHTTPError(response.status_code, "not_clipbank", said)
+    return body
+
+
+def tried(e: ClipbankHTTPError, times: int, seconds: float) -> ClipbankHTTPError:
+    """`e`, saying that it ended the last of `times` tries (a bare "cannot reach" hid 3 s of retries)."""
+    if times < 2:
+        return e
+    said = f"{e.message} (the last of {times} tries, over {seconds:.1f} s)"
+    return ClipbankHTTPError(e.status, e.code, said, e.details, e.retry_after, e.request_id)
 
 
 def _json(raw: bytes) -> Any:
@@ -121,28 +185,50 @@ def smaller_batch(error: ClipbankHTTPError, sent: int) -> int | None:
     return limit if details.get("setting") == "max_images" and 1 <= limit < sent else None
 
 
-def in_batches(send: Callable[[list], dict], files: list, size: int) -> tuple[dict[str, Any], int | None]:
-    """`send(files)` for requests of at most `size` files, fewer after a 413 that says how many (`smaller_batch`):
-    one answer, its `results` every request's in order, `timing` the last one's and `requests` their count (when
-    more than one); and the server's max_images, when a 413 named it (the caller starts there next time). An
+class Batches:
+    """A call's images as requests of at most `size` files, fewer after a 413 that says how many (`smaller_batch`),
+    for a driver that sends them (`in_batches`, or the asyncio client's): `part()` to send next (None: done),
+    `took(answer)` or `refused(error)` (which raises an error that fewer images cannot meet), then `answer()`.
+    The answer's `results` are every request's in order, `timing` the last one's and `requests` their count (when
+    more than one); `most` is the server's max_images, when a 413 named it (the caller starts there next time). An
     image's error is numbered in the whole call, in its details and its message."""
-    results: list = []
-    at, requests, out, most = 0, 0, {}, None
-    while at < len(files):
-        part = files[at : at + size]
+
+    def __init__(self, files: list, size: int) -> None:
+        self.files, self.size, self.at, self.requests = files, size, 0, 0
+        self.results: list = []
+        self.out: dict[str, Any] = {}
+        self.most: int | None = None
+
+    def part(self) -> list | None:
+        return self.files[self.at : self.at + self.size] if self.at < len(self.files) else None
+
+    def took(self, out: dict[str, Any]) -> None:
+        sent = len(self.part() or [])
+        self.results += out["results"]
+        self.out, self.at, self.requests = out, self.at + sent, self.requests + 1
+
+    def refused(self, e: ClipbankHTTPError) -> None:
+        smaller = smaller_batch(e, len(self.part() or []))
+        if smaller is None:
+            raise _renumbered(e, self.at) from None
+        self.size = smaller
+        self.most = smaller if (e.details or {}).get("setting") == "max_images" else self.most
+
+    def answer(self) -> dict[str, Any]:  # one request: the server's own answer
+        return self.out if self.requests == 1 else {**self.out, "results": self.results, "requests": self.requests}
+
+
+def in_batches(send: Callable[[list], dict], files: list, size: int) -> tuple[dict[str, Any], int | None]:
+    """`send(part)` for each request of `Batches(files, size)`: its answer, and the server's max_images if named."""
+    batches = Batches(files, size)
+    while (part := batches.part()) is not None:
         try:
-            out = send(part)
+            answer = send(part)
         except ClipbankHTTPError as e:
-            smaller = smaller_batch(e, len(part))
-            if smaller is None:
-                raise _renumbered(e, at) from None
-            size = smaller
-            most = smaller if (e.details or {}).get("setting") == "max_images" else most
+            batches.refused(e)
             continue
-        results += out["results"]
-        at, requests = at + len(part), requests + 1
-    answer = out if requests == 1 else {**out, "results": results, "requests": requests}  # one: the server's own
-    return answer, most
+        batches.took(answer)
+    return batches.answer(), batches.most
 
 
 def _renumbered(e: ClipbankHTTPError, at: int) -> ClipbankHTTPError:
@@ -152,3 +238,38 @@ def _renumbered(e: ClipbankHTTPError, at: int) -> ClipbankHTTPError:
         return e
     message = re.sub(r"^image \d+", f"image {image + at}", e.message)
     return ClipbankHTTPError(e.status, e.code, message, {**e.details, "image": image + at}, e.retry_after, e.request_id)
+
+
+def _retry_wait(e: ClipbankHTTPError, attempt: int) -> float | None:
+    """Seconds to wait before sending a request that changes nothing again after `e`, None: raise `e`.
+
+    A 503 that says when: that long (not over 30 s), and up to a quarter more at random, so that clients refused
+    together do not all come back in the same instant. A connection broken mid-request, or a 5xx that is not
+    clipbank's (a bare 500 from Ray Serve's proxy for the requests of a replica that died; a 502 or 504 from a
+    load balancer): a short wait that doubles, as another replica may answer at once."""
+    if e.code in RETRIED and e.retry_after is not None:  # doubled after each try: a full queue that stays full
+        return (
+            min(e.retry_after * 2**attempt, MAX_RETRY_WAIT) * random.uniform(1.0, 1.25)
+            if e.retry_after <= MAX_RETRY_WAIT
+            else None
+        )
+    if e.code == "connection_failed" or (e.code == "http_error" and e.status in (500, 502, 503, 504)):
+        return min(BROKEN_WAIT * 2**attempt, MAX_RETRY_WAIT) * random.uniform(1.0, 1.25)
+    if _was_refused(e):  # refused: a server restarting opens its port after loading
+        return min(REFUSED_WAIT * 2**attempt, MAX_RETRY_WAIT) * random.uniform(1.0, 1.25)
+    return None
+
+
+def _was_refused(e: ClipbankHTTPError) -> bool:
+    return e.code == "unreachable" and getattr(e, "refused", False)
+
+
+def _refused(e: httpx.HTTPError) -> bool:
+    """Whether the connection was refused: nothing was sent, and a server (re)starting there may take it soon; not
+    a name that does not resolve, or an address nothing answers."""
+    cause: BaseException | None = e
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError) or "Connection refused" in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from copy import deepcopy
 
@@ -74,6 +75,19 @@ def test_timeouts_while_sending_and_while_a_head_trickles_are_named_as_timeouts(
     with ClipbankClient("http://srv", timeout=0.1) as c, pytest.raises(ClipbankHTTPError) as e:
         c.health()
     assert e.value.code == "timeout" and "gave up after 0.3 s" in e.value.message, e.value.message
+
+    def answers_slowly(request: httpx.Request) -> httpx.Response:  # the head in time, the body far later
+        def body():
+            yield b'{"status": '
+            time.sleep(0.3)
+            yield b'"ok"}'
+
+        return httpx.Response(200, content=body())
+
+    client_on(monkeypatch, answers_slowly)
+    with ClipbankClient("http://srv", timeout=0.1) as c, pytest.raises(ClipbankHTTPError) as e:
+        c.health()
+    assert re.search(r"within the client's timeout \(gave up after 0\.[3-9] s\)", e.value.message), e.value.message
 
 
 def test_numpy_integers_are_the_integers_they_are_and_other_values_are_named(monkeypatch):
@@ -419,8 +433,10 @@ def test_numpy_arrays_of_pixels_are_images_and_a_huge_pil_image_is_shrunk_to_fit
         c.classify(np.zeros((2, 16, 16, 3), np.uint8))  # a batch array: one image per row
         with pytest.raises(TypeError, match="are lists"):
             c.classify(rgb)  # one image, not a list of its rows
-        with pytest.raises(TypeError, match=r"uint8 pixels.*float32"):
+        with pytest.raises(TypeError, match=r"uint8 pixels.*float32.*\(x \* 255\)"):
             c.classify([rgb.astype(np.float32) / 255])
+        with pytest.raises(TypeError, match=r"uint16.*\(x // 257\)"):  # x * 255 overflowed it (an outside check)
+            c.classify([rgb.astype(np.uint16) * 257])
         noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (4900, 4800, 3), dtype=np.uint8))
         sent.clear()
         c.classify([noise])
