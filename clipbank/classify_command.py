@@ -65,6 +65,7 @@ def _classify_chunk(client: Any, names: list[str], labels: list[str], args: argp
     --skip-bad, a file that cannot be read, or that the server refuses as an image (its error names the image),
     is answered `{"file", "error": {code, message}}` and the rest are sent again without it."""
     from service.client import ClipbankHTTPError
+    from service.client_wire import IMAGE_PREFIX
 
     errors: dict[int, dict] = {}
     if args.skip_bad:
@@ -79,7 +80,7 @@ def _classify_chunk(client: Any, names: list[str], labels: list[str], args: argp
                 # is named beside the message, so its "image 20 ('trunc.jpg')" goes (two files both read "image 20")
                 errors[pending[bad]] = {
                     "code": e.code,
-                    "message": re.sub(r"^image \d+ (\((['\"]).*?\2\) )?", "", e.message),
+                    "message": IMAGE_PREFIX.sub("", e.message),
                 }
                 continue
             hint = " (--skip-bad leaves such files out and answers the rest)" if isinstance(bad, int) else ""

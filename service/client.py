@@ -20,6 +20,7 @@ from model_store.modes import AUTO, PER_IMAGE, ZERO_SHOT, task_name_problem
 
 from .client_inputs import ImageInput, _at_least, _bytes, _name, _traced, label_list, whole
 from .client_wire import (
+    Batches,
     ClipbankHTTPError,
     _proxy_note,
     _read_within,
@@ -138,9 +139,9 @@ class _Calls:
         said = f"{self.url} broke off {method} {path}: {type(e).__name__}: {str(e).rstrip('.')}{MAY_LAND * changes}"
         return ClipbankHTTPError(0, "connection_failed", said)
 
-    def _classify_request(self, images, labels, task, route, top_k, match_labels, min_generation, request_id):
-        """`classify`'s request (its arguments, in order): files, form fields, headers and route; a TypeError or a
-        ValueError for what no server would take, before anything is sent."""
+    def _classify_request(self, images, labels, task, route, top_k, match_labels, min_generation, request_id, skip_bad):
+        """`classify`'s requests (its arguments, in order): its images' Batches, form fields and headers; a TypeError
+        or a ValueError for what no server would take, before anything is sent."""
         labels = () if labels is None else labels
         task, route = AUTO if task is None else task, PER_IMAGE if route is None else route
         one_pil = hasattr(images, "save") and isinstance(getattr(images, "mode", None), str)  # a Series's mode() is not
@@ -159,16 +160,16 @@ class _Calls:
             raise TypeError(f"match_labels is True or False, got {type(match_labels).__name__} {match_labels!r}"[:200])
         top_k = None if top_k is None else whole(top_k, "top_k")
         headers = _at_least(min_generation) | _traced(request_id)
-        files = [("images", (_name(img, i), _bytes(img))) for i, img in enumerate(images)]
-        if not files:
-            raise ValueError("no images to classify: classify([path, ...], labels=[...])")
+        files, unread = _read_images(images, skip_bad)
         data: dict[str, Any] = {"labels": labels, "task": task, "route": route}
         if top_k is not None:
             data["top_k"] = str(top_k)
         if not match_labels:
             data["match_labels"] = "false"
-
-        return files, data, headers, route
+        # more images, bytes, pixels or answer than the server takes at once: sent as several requests, one answer;
+        # but one decision for all the images (a per-request route) is not split behind the caller's back
+        size = min(len(files), self._max_images or len(files)) if route == PER_IMAGE else len(files)
+        return Batches(files, size, unread, skip_bad=skip_bad, split=route == PER_IMAGE), data, headers
 
     @contextlib.contextmanager
     def _push_request(
@@ -311,6 +312,7 @@ class ClipbankClient(_Calls):
         match_labels: bool = True,
         min_generation: int | None = None,
         request_id: str | None = None,
+        skip_bad: bool = False,
     ) -> dict[str, Any]:
         """Images are paths, encoded bytes, open binary files, PIL images (sent upright, as `_pil_bytes` says) or
         numpy arrays of uint8 pixels (height x width, 1, 3 or 4 channels last; a batch array of N such is a list).
@@ -318,18 +320,17 @@ class ClipbankClient(_Calls):
         the labels (docs/service.md). `min_generation`: answered from that store generation or later (a change's
         `generation`: read your own writes across servers), else a 503 `stale_replica`. `request_id`: sent as
         `X-Request-ID`, which the server's log lines name (else it makes one). None for `labels`, `task` or `route`
-        means its default (no labels, auto, per image)."""
-        files, data, headers, route = self._classify_request(
-            images, labels, task, route, top_k, match_labels, min_generation, request_id
+        means its default (no labels, auto, per image). `skip_bad`: an image that cannot be read, or that the server
+        refuses (a 413 or 422 naming it), is answered `{"error": {status, code, message}}` in its place and the
+        others are answered (else the call raises, and the answers of its requests sent before are lost)."""
+        batches, data, headers = self._classify_request(
+            images, labels, task, route, top_k, match_labels, min_generation, request_id, skip_bad
         )
 
         def send(part: list) -> dict[str, Any]:
             return self._call("POST", "/classify", files=part, data=data, headers=headers, expect=("results",))
 
-        if route != PER_IMAGE:  # one decision for all the images: not split behind the caller's back
-            return send(files)
-        # more images, bytes, pixels or answer than the server takes at once: sent as several requests, one answer
-        answer, most = in_batches(send, files, min(len(files), self._max_images or len(files)))
+        answer, most = in_batches(send, batches)
         self._max_images = most or self._max_images  # the next call starts at the server's max_images
         return answer
 
@@ -348,6 +349,22 @@ class ClipbankClient(_Calls):
         every replica serves it (a 504 `replicas_lagging` names those that did not)."""
         with self._push_request(bundle, activate, force, mode, wait_all) as request:
             return self._call("POST", "/tasks", **request)
+
+
+def _read_images(images: Iterable[ImageInput], skip_bad: bool) -> tuple[list, dict[int, dict]]:
+    """The images as multipart files, and (with `skip_bad`) those that could not be read or encoded, as errors by
+    their position; else the first such error is raised."""
+    files, unread = [], {}
+    for i, img in enumerate(images):
+        try:
+            files.append(("images", (_name(img, i), _bytes(img))))
+        except (OSError, ValueError, TypeError) as e:  # a file that is gone, an array that is no image
+            if not skip_bad:
+                raise
+            unread[i] = {"status": 0, "code": "unreadable", "message": f"{type(e).__name__}: {e}"[:300]}
+    if not files and not unread:
+        raise ValueError("no images to classify: classify([path, ...], labels=[...])")
+    return files, unread
 
 
 def _waiting(wait_all: bool) -> dict[str, str]:

@@ -19,7 +19,7 @@ from model_store.modes import AUTO, PER_IMAGE
 
 from .client import _Calls
 from .client_inputs import ImageInput
-from .client_wire import Batches, ClipbankHTTPError, answer_body, read_within_async, tried
+from .client_wire import ClipbankHTTPError, answer_body, read_within_async, tried
 
 
 class AsyncClipbankClient(_Calls):
@@ -79,21 +79,18 @@ class AsyncClipbankClient(_Calls):
         match_labels: bool = True,
         min_generation: int | None = None,
         request_id: str | None = None,
+        skip_bad: bool = False,
     ) -> dict[str, Any]:
         """`ClipbankClient.classify`, awaited: split into several requests as the server's 413 says."""
-        files, data, headers, route = await asyncio.to_thread(
-            self._classify_request, images, labels, task, route, top_k, match_labels, min_generation, request_id
+        batches, data, headers = await asyncio.to_thread(
+            self._classify_request,
+            *(images, labels, task, route, top_k, match_labels, min_generation, request_id, skip_bad),
         )
-
-        async def send(part: list) -> dict[str, Any]:
-            return await self._call("POST", "/classify", files=part, data=data, headers=headers, expect=("results",))
-
-        if route != PER_IMAGE:  # one decision for all the images: not split behind the caller's back
-            return await send(files)
-        batches = Batches(files, min(len(files), self._max_images or len(files)))
         while (part := batches.part()) is not None:
             try:
-                answer = await send(part)
+                answer = await self._call(
+                    "POST", "/classify", files=part, data=data, headers=headers, expect=("results",)
+                )
             except ClipbankHTTPError as e:
                 batches.refused(e)
                 continue

@@ -41,6 +41,7 @@ class ClipbankHTTPError(Exception):
 
 ClipbankHTTPError.__module__ = "service.client"  # where callers import it from (and older releases pickle it)
 
+IMAGE_PREFIX = re.compile(r"^image \d+ (\((['\"]).*?\2\) )?")  # "image 3 ('x.png') " of an image's error
 MAX_ANSWER_BYTES = 256 * 1024 * 1024  # far above any answer a clipbank server gives
 RETRIED = frozenset({"overloaded", "stale_replica", "not_ready"})  # 503s that name when trying again may succeed
 MAX_RETRY_WAIT = 30.0  # seconds: a longer Retry-After is not waited for
@@ -186,21 +187,30 @@ def smaller_batch(error: ClipbankHTTPError, sent: int) -> int | None:
 
 
 class Batches:
-    """A call's images as requests of at most `size` files, fewer after a 413 that says how many (`smaller_batch`),
-    for a driver that sends them (`in_batches`, or the asyncio client's): `part()` to send next (None: done),
-    `took(answer)` or `refused(error)` (which raises an error that fewer images cannot meet), then `answer()`.
-    The answer's `results` are every request's in order, `timing` the last one's and `requests` their count (when
-    more than one); `most` is the server's max_images, when a 413 named it (the caller starts there next time). An
-    image's error is numbered in the whole call, in its details and its message."""
+    """A call's images as requests of at most `size` files, fewer after a 413 that says how many (`smaller_batch`;
+    with `split` False, one request: a per-request route decides once), for a driver that sends them (`in_batches`,
+    or the asyncio client's): `part()` to send next (None: done), `took(answer)` or `refused(error)` (which raises
+    an error that fewer images cannot meet), then `answer()`. Its `results` are every request's in order, `timing`
+    the last one's and `requests` their count (when more than one); `most` is the server's max_images, when a 413
+    named it (the caller starts there next time). An image's error is numbered in the whole call.
 
-    def __init__(self, files: list, size: int) -> None:
-        self.files, self.size, self.at, self.requests = files, size, 0, 0
+    With `skip_bad`, an image the server refuses (a 413 or 422 naming it) is answered `{"error": {status, code,
+    message}}` in its place, as are the `unread` ones (call position: error), and the rest of its request is sent
+    again without it; the requests already answered are kept (an outside check lost them, and sent all again)."""
+
+    def __init__(self, files: list, size: int, unread: dict[int, dict] | None = None, **how: bool) -> None:
+        self.errors = dict(unread or {})
+        self.positions = [i for i in range(len(files) + len(self.errors)) if i not in self.errors]
+        self.files, self.size, self.at, self.requests = list(files), max(size, 1), 0, 0
+        self.skip_bad, self.split = how.get("skip_bad", False), how.get("split", True)
         self.results: list = []
-        self.out: dict[str, Any] = {}
+        self.out: dict[str, Any] = {"timing": {}}
         self.most: int | None = None
 
     def part(self) -> list | None:
-        return self.files[self.at : self.at + self.size] if self.at < len(self.files) else None
+        if self.at >= len(self.files):
+            return None
+        return self.files[self.at : self.at + self.size] if self.split else self.files
 
     def took(self, out: dict[str, Any]) -> None:
         sent = len(self.part() or [])
@@ -208,19 +218,33 @@ class Batches:
         self.out, self.at, self.requests = out, self.at + sent, self.requests + 1
 
     def refused(self, e: ClipbankHTTPError) -> None:
-        smaller = smaller_batch(e, len(self.part() or []))
-        if smaller is None:
-            raise _renumbered(e, self.at) from None
+        image = (e.details or {}).get("image") if e.status in (413, 422) else None
+        if self.skip_bad and isinstance(image, int) and 0 <= image < len(self.part() or []):
+            message = IMAGE_PREFIX.sub("", e.message)  # its number changes as others go
+            self.errors[self.positions.pop(self.at + image)] = {"status": e.status, "code": e.code, "message": message}
+            del self.files[self.at + image]
+            return
+        smaller = smaller_batch(e, len(self.part() or [])) if self.split else None
+        if smaller is None:  # numbered in the whole call: the image's position in the caller's list
+            image = (e.details or {}).get("image")
+            valid = isinstance(image, int) and 0 <= self.at + image < len(self.positions)
+            raise _renumbered(e, self.positions[self.at + image] - image if valid else self.at) from None
         self.size = smaller
         self.most = smaller if (e.details or {}).get("setting") == "max_images" else self.most
 
-    def answer(self) -> dict[str, Any]:  # one request: the server's own answer
-        return self.out if self.requests == 1 else {**self.out, "results": self.results, "requests": self.requests}
+    def answer(self) -> dict[str, Any]:
+        if self.requests == 1 and not self.errors:  # one request: the server's own answer
+            return self.out
+        merged: list = [None] * (len(self.positions) + len(self.errors))
+        for position, result in zip(self.positions, self.results, strict=True):
+            merged[position] = result
+        for position, error in self.errors.items():
+            merged[position] = {"error": error}
+        return {**self.out, "results": merged, "requests": self.requests}
 
 
-def in_batches(send: Callable[[list], dict], files: list, size: int) -> tuple[dict[str, Any], int | None]:
-    """`send(part)` for each request of `Batches(files, size)`: its answer, and the server's max_images if named."""
-    batches = Batches(files, size)
+def in_batches(send: Callable[[list], dict], batches: Batches) -> tuple[dict[str, Any], int | None]:
+    """`send(part)` for each request of `batches`: its answer, and the server's max_images if a 413 named it."""
     while (part := batches.part()) is not None:
         try:
             answer = send(part)

@@ -54,6 +54,9 @@ async def test_push_list_activate_classify_and_delete_on_a_real_app(tmp_path, ba
             images = [_png("red"), Image.new("RGB", (40, 30), "blue"), _png("green")]
             answer = await c.classify(images, ["cat", "dog"], task="async-task")
             assert len(answer["results"]) == 3 and {r["route"]["version"] for r in answer["results"]} == {2}
+            mixed = await c.classify([_png("red"), b"not an image", _png("blue")], ["cat"], skip_bad=True)
+            assert [sorted(r) for r in mixed["results"]] == [["labels", "route"], ["error"], ["labels", "route"]]
+            assert mixed["results"][1]["error"]["status"] == 422 and mixed["requests"] == 1
             zero = await c.classify([_png("red")], ["red", "blue"], task="zero-shot", top_k=1)
             assert zero["results"][0]["route"]["task"] is None
             with pytest.raises(ClipbankHTTPError) as e:

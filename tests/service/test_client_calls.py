@@ -491,3 +491,58 @@ def test_tasks_says_what_the_server_still_serves_when_the_store_cannot_be_listed
     assert main(["tasks", *URL]) == 3
     err = capsys.readouterr().err
     assert "the server still serves (generation 7): a v2" in err and "index.json is gone" in err
+
+
+def test_skip_bad_answers_the_good_images_in_place_and_keeps_the_requests_already_answered(monkeypatch, tmp_path):
+    """An outside check: one bad image in 150 raised, losing the answers of the requests sent before it, and each
+    of 6 bad images cost a round trip re-sending all the others."""
+    import re as regex
+
+    sent: list[list[str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        names = regex.findall(rb'name="images"; filename="([^"]+)"', request.content)
+        names = [n.decode() for n in names]
+        sent.append(names)
+        if len(names) > 4:
+            error = {"code": "too_many_images", "message": "x", "details": {"setting": "max_images", "limit": 4}}
+            return httpx.Response(413, json={"error": error})
+        for i, name in enumerate(names):
+            if name.startswith("bad"):
+                error = {
+                    "code": "bad_image",
+                    "message": f"image {i} ('{name}') is not an image",
+                    "details": {"image": i},
+                }
+                return httpx.Response(422, json={"error": error})
+        results = [{"labels": [{"label": name, "score": 1.0}], "route": {}} for name in names]
+        return httpx.Response(200, json={"results": results, "timing": {"n": len(names)}})
+
+    client_on(monkeypatch, handler)
+    names = ["a", "bad1", "b", "c", "d", "e", "bad2", "f", "g"]
+    images = [(tmp_path / n) for n in names] + [tmp_path / "missing.png"]
+    for path in images[:-1]:
+        path.write_bytes(PNG)
+    with ClipbankClient("http://srv") as c:
+        out = c.classify(images, ["x"], skip_bad=True)
+        assert [r["labels"][0]["label"] if "labels" in r else r["error"]["code"] for r in out["results"]] == [
+            "a",
+            "bad_image",
+            "b",
+            "c",
+            "d",
+            "e",
+            "bad_image",
+            "f",
+            "g",
+            "unreadable",
+        ]
+        assert out["results"][1]["error"] == {"status": 422, "code": "bad_image", "message": "is not an image"}
+        assert "FileNotFoundError" in out["results"][9]["error"]["message"] and out["requests"] == 2
+        # the first request of 4 was refused for bad1 and sent again without it; the next after it alone
+        assert sent[1:] == [["a", "bad1", "b", "c"], ["a", "b", "c", "d"], ["e", "bad2", "f", "g"], ["e", "f", "g"]]
+        with pytest.raises(ClipbankHTTPError) as e:  # without it: raised, numbered in the whole call
+            c.classify(images[:-1], ["x"])
+    assert e.value.details["image"] == 1 and e.value.message.startswith("image 1 ")
+    with ClipbankClient("http://srv") as c, pytest.raises(FileNotFoundError):
+        c.classify(images[-1:], ["x"])
