@@ -63,39 +63,42 @@ def answers_in_requests(client: Any, labels: list[str], args: argparse.Namespace
 def _classify_chunk(client: Any, names: list[str], labels: list[str], args: argparse.Namespace, a: int) -> list[dict]:
     """One request's files (`names`, files a + 1.. of the command), each answered as `{"file", ...result}`. With
     --skip-bad, a file that cannot be read, or that the server refuses as an image (its error names the image),
-    is answered `{"file", "error": {code, message}}` and the rest are sent again without it."""
+    is answered `{"file", "error": {code, message}}` and the rest are answered (the client's `skip_bad`)."""
     from service.client import ClipbankHTTPError
-    from service.client_wire import IMAGE_PREFIX
 
     errors: dict[int, dict] = {}
     if args.skip_bad:
         errors = {i: why for i, n in enumerate(names) if (why := _unreadable(n)) is not None}
-    while pending := [i for i in range(len(names)) if i not in errors]:
+    pending = [i for i in range(len(names)) if i not in errors]
+    answered: dict[int, dict] = {}
+    if pending:
         try:
-            out = client.classify([_source(names[i]) for i in pending], labels, *_options(args))
+            out = client.classify([_source(names[i]) for i in pending], labels, *_options(args), skip_bad=args.skip_bad)
         except ClipbankHTTPError as e:
-            bad = (e.details or {}).get("image") if e.status in (413, 422) else None
-            if isinstance(bad, int) and 0 <= bad < len(pending) and args.skip_bad:
-                # the server numbers images within its request, which shrinks as files are left out: the file
-                # is named beside the message, so its "image 20 ('trunc.jpg')" goes (two files both read "image 20")
-                errors[pending[bad]] = {
-                    "code": e.code,
-                    "message": IMAGE_PREFIX.sub("", e.message),
-                }
-                continue
-            hint = " (--skip-bad leaves such files out and answers the rest)" if isinstance(bad, int) else ""
-            above = " above" if not args.json else ""
-            if e.status < 500 and len(names) < len(args.images):  # images numbered within their request: say which
-                hint += f" (in the request of files {a + 1}..{a + len(names)}: its image i is file {a + 1} + i"
-                hint += f"; the files before it were answered{above})" if a else ")"
-            elif a:  # not the request's fault (the server overloaded, say): no image to number
-                hint += f" (files 1..{a} were answered{above})"
-            raise ClipbankHTTPError(e.status, e.code, e.message + hint, e.details, e.retry_after) from None
+            raise _said_where(e, names, args, a) from None
         if not isinstance(out.get("results"), list) or len(out["results"]) != len(pending):
             raise ValueError(f"{args.url} answered without a result per image: is it a clipbank server?")
-        answered = dict(zip(pending, out["results"], strict=True))
-        return [{"file": n, **(answered[i] if i in answered else {"error": errors[i]})} for i, n in enumerate(names)]
-    return [{"file": n, "error": errors[i]} for i, n in enumerate(names)]
+        for i, result in zip(pending, out["results"], strict=True):
+            if "error" in result:  # the file is named beside the message
+                errors[i] = {"code": result["error"]["code"], "message": result["error"]["message"]}
+            else:
+                answered[i] = result
+    return [{"file": n, **(answered[i] if i in answered else {"error": errors[i]})} for i, n in enumerate(names)]
+
+
+def _said_where(e: Any, names: list[str], args: argparse.Namespace, a: int) -> Any:
+    """The client's error, saying which files it was about and which were answered before it."""
+    from service.client import ClipbankHTTPError
+
+    bad = (e.details or {}).get("image") if e.status in (413, 422) else None
+    hint = " (--skip-bad leaves such files out and answers the rest)" if isinstance(bad, int) else ""
+    above = " above" if not args.json else ""
+    if e.status < 500 and len(names) < len(args.images):  # images numbered within their request: say which
+        hint += f" (in the request of files {a + 1}..{a + len(names)}: its image i is file {a + 1} + i"
+        hint += f"; the files before it were answered{above})" if a else ")"
+    elif a:  # not the request's fault (the server overloaded, say): no image to number
+        hint += f" (files 1..{a} were answered{above})"
+    return ClipbankHTTPError(e.status, e.code, e.message + hint, e.details, e.retry_after, e.request_id)
 
 
 def _options(args: argparse.Namespace) -> tuple:
