@@ -222,6 +222,7 @@ def run_bench_scale(cfg: ScaleBenchConfig) -> dict[str, Any]:
         ray.shutdown()
     report.update(cores=os.cpu_count(), clients=CLIENTS, config=vars(cfg) | {"replicas": list(cfg.replicas)})
     report["machine_facts"] = machine_facts()
+    report["machine"] = machine_line(report["machine_facts"])
     return report
 
 
@@ -248,7 +249,7 @@ def write_report(out: Path, report: dict[str, Any], command: str) -> str:
 Non-200 answers to the 16 clients during the swaps: {report["errors_during_swaps"]} ({report["statuses_during_swaps"]}).
 A replica killed with SIGKILL was replaced and serving the current generation after {report["recovery_s"]} s.
 
-Machine: {machine_line(report["machine_facts"]) if "machine_facts" in report else "not recorded"}.
+Machine: {report.get("machine", "not recorded")}.
 """
     (out / "report.md").write_text(text)
     return text

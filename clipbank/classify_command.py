@@ -54,7 +54,7 @@ def _classify(args: argparse.Namespace) -> int:
 def answers_in_requests(client: Any, labels: list[str], args: argparse.Namespace) -> Iterator[tuple[list, list]]:
     """`args.images` sent CLASSIFY_CHUNK at a time (a shell glob may name more than one request holds): each
     chunk's (files, answers), in order. The client splits a chunk itself after a 413 that names a smaller
-    max_images, body or answer (`service.client_wire.in_batches`), except for --route per-request (one decision)."""
+    max_images, body or answer (`service.client_wire.Batches`), except for --route per-request (one decision)."""
     for a in range(0, len(args.images), CLASSIFY_CHUNK):
         names = args.images[a : a + CLASSIFY_CHUNK]
         yield names, _classify_chunk(client, names, labels, args, a)

@@ -31,9 +31,9 @@ def _serve(args: argparse.Namespace) -> int:
     set_serving_env()  # before torch is imported: MKL and OpenMP read their variables once, when they load
     flags = given(ServeConfig, args)  # checked before torch loads: a bad setting is said at once (it took 6-10 s)
     config = ServeConfig.from_env(**flags)
-    if unknown := unknown_variables(os.environ):
-        print(f"clipbank serve: warning: no setting reads {', '.join(unknown)}", file=sys.stderr)
     serve_logs(config.log_level, config.log_format)
+    if unknown := unknown_variables(os.environ):  # a log line, so that --log-format json has it as one
+        logging.getLogger("clipbank.service").warning("no setting reads %s", ", ".join(unknown))
     ray_only = [
         f"--{'no-' if flags[n] is False else ''}{n.replace('_', '-')}"
         for n in ("replicas", "ray_address", "broadcast")

@@ -20,6 +20,7 @@ def serve_logs(log_level: str, log_format: str = "text") -> None:
     from service.request_ids import log_with_request_ids
 
     log_with_request_ids(logging.getLogger().level, log_format)
+    logging.captureWarnings(True)  # a library's warnings as log lines too (one JSON object each with json)
     hub_lines_once()
     level = logging.DEBUG if log_level == "trace" else getattr(logging, log_level.upper())
     for name in ("clipbank", "model_store"):

@@ -17,7 +17,8 @@ LIBRARIES = ("torch", "onnxruntime", "open_clip_torch", "numpy")
 def _cpuinfo() -> tuple[str | None, list[str]]:
     """The CPU's model name and flags from /proc/cpuinfo (Linux), else (None, [])."""
     try:
-        text = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read(1 << 20)
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            text = f.read(1 << 20)
     except OSError:
         return None, []
     model, flags = None, []

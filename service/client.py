@@ -29,7 +29,6 @@ from .client_wire import (
     _server_url,
     _was_refused,
     answer_body,
-    in_batches,
     tried,
 )
 
@@ -330,8 +329,8 @@ class ClipbankClient(_Calls):
         def send(part: list) -> dict[str, Any]:
             return self._call("POST", "/classify", files=part, data=data, headers=headers, expect=("results",))
 
-        answer, most = in_batches(send, batches)
-        self._max_images = most or self._max_images  # the next call starts at the server's max_images
+        answer = batches.send_all(send, self.url)
+        self._max_images = batches.most or self._max_images  # the next call starts at the server's max_images
         return answer
 
     def push(

@@ -26,10 +26,10 @@ class AsyncClipbankClient(_Calls):
     """`async with AsyncClipbankClient("http://127.0.0.1:8000", token=...) as c: await c.classify([...])`.
 
     Settings as `ClipbankClient`'s (`timeout`, `retries`, `max_connections`); every call is a coroutine with the
-    same arguments and answer. Images are read and encoded (a PIL image or an array as PNG) in a worker thread, so
-    the loop goes on meanwhile. One client may be shared by the tasks of one event loop; make one per loop (and per
-    process: it does not follow a fork). Cancelling a call (`asyncio.timeout`, a task cancelled) closes its
-    connection at once; a change it was sending may have landed, as for a `timeout` error."""
+    same arguments and answer. Images are read and encoded (a PIL image or an array as PNG), and a bundle read, in
+    a worker thread, so the loop goes on meanwhile. One client may be shared by the tasks of one event loop; make
+    one per loop (and per process: it does not follow a fork). Cancelling a call (`asyncio.wait_for`, a task
+    cancelled) closes its connection at once; a change it was sending may have landed, as for a `timeout` error."""
 
     def _new_http(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(**self._http_settings())
@@ -86,21 +86,24 @@ class AsyncClipbankClient(_Calls):
             self._classify_request,
             *(images, labels, task, route, top_k, match_labels, min_generation, request_id, skip_bad),
         )
-        while (part := batches.part()) is not None:
-            try:
-                answer = await self._call(
-                    "POST", "/classify", files=part, data=data, headers=headers, expect=("results",)
-                )
-            except ClipbankHTTPError as e:
-                batches.refused(e)
-                continue
-            batches.took(answer)
+
+        async def send(part: list) -> dict[str, Any]:
+            return await self._call("POST", "/classify", files=part, data=data, headers=headers, expect=("results",))
+
+        answer = await batches.asend_all(send, self.url)
         self._max_images = batches.most or self._max_images  # the next call starts at the server's max_images
-        return batches.answer()
+        return answer
 
     async def push(
         self, bundle: Any, activate: bool = True, force: bool = False, mode: str | None = None, wait_all: bool = False
     ) -> dict[str, Any]:
-        """`ClipbankClient.push`, awaited (a bundle file is streamed from its file)."""
+        """`ClipbankClient.push`, awaited. The bundle is read in a worker thread and sent from memory (a file is
+        not streamed as the blocking client streams it: httpx would read it on the event loop's thread)."""
+        request = await asyncio.to_thread(self._push_read, bundle, activate, force, mode, wait_all)
+        return await self._call("POST", "/tasks", **request)
+
+    def _push_read(self, bundle: Any, activate: bool, force: bool, mode: str | None, wait_all: bool) -> dict:
         with self._push_request(bundle, activate, force, mode, wait_all) as request:
-            return await self._call("POST", "/tasks", **request)
+            name, content, kind = request["files"]["bundle"]
+            read = content.read() if hasattr(content, "read") else content
+            return {**request, "files": {"bundle": (name, read, kind)}}

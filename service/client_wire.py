@@ -9,7 +9,7 @@ import random
 import re
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -144,11 +144,14 @@ def answer_body(response: httpx.Response, raw: bytes, url: str, method: str, pat
 
 
 def tried(e: ClipbankHTTPError, times: int, seconds: float) -> ClipbankHTTPError:
-    """`e`, saying that it ended the last of `times` tries (a bare "cannot reach" hid 3 s of retries)."""
-    if times < 2:
+    """`e`, saying that it ended the last of `times` tries when it is an error retries are for: no answer, or a
+    5xx (a bare "cannot reach" hid 3 s of retries); a 4xx after a 503 is the server's judgement, as it is."""
+    if times < 2 or 0 < e.status < 500:
         return e
     said = f"{e.message} (the last of {times} tries, over {seconds:.1f} s)"
-    return ClipbankHTTPError(e.status, e.code, said, e.details, e.retry_after, e.request_id)
+    out = ClipbankHTTPError(e.status, e.code, said, e.details, e.retry_after, e.request_id)
+    out.__dict__.update({k: v for k, v in e.__dict__.items() if k not in out.__dict__})  # `refused`, say
+    return out
 
 
 def _json(raw: bytes) -> Any:
@@ -188,9 +191,9 @@ def smaller_batch(error: ClipbankHTTPError, sent: int) -> int | None:
 
 class Batches:
     """A call's images as requests of at most `size` files, fewer after a 413 that says how many (`smaller_batch`;
-    with `split` False, one request: a per-request route decides once), for a driver that sends them (`in_batches`,
-    or the asyncio client's): `part()` to send next (None: done), `took(answer)` or `refused(error)` (which raises
-    an error that fewer images cannot meet), then `answer()`. Its `results` are every request's in order, `timing`
+    with `split` False, one request: a per-request route decides once), sent by `send_all` (or `asend_all`):
+    `part()` to send next (None: done), `took(answer)` or `refused(error)` (which raises an error that fewer
+    images cannot meet), then `answer()`. Its `results` are every request's in order, `timing`
     the last one's and `requests` their count (when more than one); `most` is the server's max_images, when a 413
     named it (the caller starts there next time). An image's error is numbered in the whole call.
 
@@ -198,11 +201,13 @@ class Batches:
     message}}` in its place, as are the `unread` ones (call position: error), and the rest of its request is sent
     again without it; the requests already answered are kept (an outside check lost them, and sent all again)."""
 
-    def __init__(self, files: list, size: int, unread: dict[int, dict] | None = None, **how: bool) -> None:
+    def __init__(
+        self, files: list, size: int, unread: dict[int, dict] | None = None, *, skip_bad: bool, split: bool
+    ) -> None:
         self.errors = dict(unread or {})
         self.positions = [i for i in range(len(files) + len(self.errors)) if i not in self.errors]
         self.files, self.size, self.at, self.requests = list(files), max(size, 1), 0, 0
-        self.skip_bad, self.split = how.get("skip_bad", False), how.get("split", True)
+        self.skip_bad, self.split = skip_bad, split
         self.results: list = []
         self.out: dict[str, Any] = {"timing": {}}
         self.most: int | None = None
@@ -214,7 +219,7 @@ class Batches:
 
     def took(self, out: dict[str, Any]) -> None:
         sent = len(self.part() or [])
-        self.results += out["results"]
+        self.results += out["results"] if isinstance(out["results"], list) else [out["results"]]
         self.out, self.at, self.requests = out, self.at + sent, self.requests + 1
 
     def refused(self, e: ClipbankHTTPError) -> None:
@@ -232,27 +237,40 @@ class Batches:
         self.size = smaller
         self.most = smaller if (e.details or {}).get("setting") == "max_images" else self.most
 
-    def answer(self) -> dict[str, Any]:
+    def answer(self, url: str) -> dict[str, Any]:
         if self.requests == 1 and not self.errors:  # one request: the server's own answer
             return self.out
+        if len(self.results) != len(self.positions):  # a bare zip() error, else
+            said = f"{url} answered {len(self.positions)} image(s) with {len(self.results)} result(s)"
+            raise ClipbankHTTPError(200, "not_clipbank", said + ": is it a clipbank server?")
         merged: list = [None] * (len(self.positions) + len(self.errors))
         for position, result in zip(self.positions, self.results, strict=True):
             merged[position] = result
         for position, error in self.errors.items():
             merged[position] = {"error": error}
-        return {**self.out, "results": merged, "requests": self.requests}
+        return {**self.out, "results": merged} | ({"requests": self.requests} if self.requests > 1 else {})
 
+    def send_all(self, send: Callable[[list], dict], url: str) -> dict[str, Any]:
+        """`send(part)` for each request: the call's answer."""
+        while (part := self.part()) is not None:
+            try:
+                answer = send(part)
+            except ClipbankHTTPError as e:
+                self.refused(e)
+                continue
+            self.took(answer)
+        return self.answer(url)
 
-def in_batches(send: Callable[[list], dict], batches: Batches) -> tuple[dict[str, Any], int | None]:
-    """`send(part)` for each request of `batches`: its answer, and the server's max_images if a 413 named it."""
-    while (part := batches.part()) is not None:
-        try:
-            answer = send(part)
-        except ClipbankHTTPError as e:
-            batches.refused(e)
-            continue
-        batches.took(answer)
-    return batches.answer(), batches.most
+    async def asend_all(self, send: Callable[[list], Awaitable[dict]], url: str) -> dict[str, Any]:
+        """`send_all` for the asyncio client: `await send(part)`."""
+        while (part := self.part()) is not None:
+            try:
+                answer = await send(part)
+            except ClipbankHTTPError as e:
+                self.refused(e)
+                continue
+            self.took(answer)
+        return self.answer(url)
 
 
 def _renumbered(e: ClipbankHTTPError, at: int) -> ClipbankHTTPError:

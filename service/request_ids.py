@@ -136,11 +136,11 @@ class JsonLines(logging.Formatter):
         return json.dumps(line, default=str)
 
 
-def printed_line(message: str, log_format: str) -> str:
+def printed_line(message: str, log_format: str, level: int = logging.WARNING) -> str:
     """A line printed whatever the log level (the generated admin token), as the log's other lines are."""
     if log_format != "json":
         return f"clipbank: {message}"
-    record = logging.LogRecord("clipbank.service", logging.WARNING, __file__, 0, message, None, None)
+    record = logging.LogRecord("clipbank.service", level, __file__, 0, message, None, None)
     return JsonLines().format(record)
 
 

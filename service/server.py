@@ -23,7 +23,7 @@ from model_store.errors import BackboneError
 from .app import create_app
 from .config import ServeConfig
 from .protocol import PEER, guarded_protocol
-from .request_ids import exiting_at_once, forced_exit, uvicorn_log_config
+from .request_ids import exiting_at_once, forced_exit, printed_line, uvicorn_log_config
 
 log = logging.getLogger("clipbank.service")
 GRACEFUL_SECONDS = 30
@@ -43,11 +43,13 @@ def serve(config: ServeConfig) -> int:
     try:
         pick_device(config.device)  # a device this machine lacks fails now, not after "startup complete"
     except BackboneError as e:
-        return failed(f"start-up failed: {e.code}: {e}")
+        return failed(f"start-up failed: {e.code}: {e}", config.log_format)
     try:  # before the app: a port in use loaded the backbone and the bank, and logged them after the error
         check_listening(config.host, config.port)
     except OSError as e:
-        return failed(f"start-up failed: cannot listen on {config.host} port {config.port}: {e.strerror or e}")
+        return failed(
+            f"start-up failed: cannot listen on {config.host} port {config.port}: {e.strerror or e}", config.log_format
+        )
     say_if_open_to_the_network(config)
     failure: list[str] = []
     server: uvicorn.Server | None = None
@@ -67,7 +69,7 @@ def serve(config: ServeConfig) -> int:
     finally:
         logging.getLogger("uvicorn.error").removeFilter(quiet)
     if failure:
-        return failed(failure[0])
+        return failed(failure[0], config.log_format)
     if server.force_exit:  # asyncio swallowed the second SIGINT, and the exit said 0
         log.warning("stopped at once (a second Ctrl-C): any request still in flight was answered 503 not_ready")
         return 130
@@ -132,12 +134,13 @@ def say_if_open_to_the_network(config: ServeConfig) -> None:
         )
 
 
-def failed(reason: str) -> int:
+def failed(reason: str, log_format: str = "text") -> int:
     """Exit status 3, its reason logged as the last line (printed at --log-level critical, which logs no error)."""
     if log.isEnabledFor(logging.ERROR):
         log.error("%s", reason)
     else:
-        print(f"clipbank serve: {reason}", file=sys.stderr)
+        said = printed_line(reason, log_format, logging.ERROR) if log_format == "json" else f"clipbank serve: {reason}"
+        print(said, file=sys.stderr)
     return 3
 
 

@@ -8,7 +8,7 @@ from functools import partial
 from typing import Any
 
 from model_store.backbone import Backbone
-from model_store.machine import machine_facts
+from model_store.machine import machine_facts, machine_line
 from model_store.reference import find_reference
 from model_store.selector import SelectorConfig
 
@@ -84,7 +84,8 @@ def run_offline_cl(job: CLJob, backbone: Backbone, progress: bool = True) -> dic
     wall = goal(round(out["seconds"]["wall"] / 60, 2), None, "<=", limit)
     out["goals"]["wall_minutes"] = wall if _default_sized(job) else {**wall, "met": None}
     out["workers"] = workers
-    out["machine"] = machine_facts()
+    out["machine_facts"] = machine_facts()
+    out["machine"] = machine_line(out["machine_facts"])
     return out
 
 

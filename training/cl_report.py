@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from model_store.machine import machine_line
 from model_store.modes import ZERO_SHOT
 
 from .plots import pyplot
@@ -196,7 +195,7 @@ def format_markdown(report: dict[str, Any], command: str | None = None) -> str:
             lines.append(f"| {doms[t]} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |")
     lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items())]
     if "machine" in report:  # reports before 2026-12-07 did not record it
-        lines += ["", f"Machine: {machine_line(report['machine'])}."]
+        lines += ["", f"Machine: {report['machine']}."]
     return "\n".join(lines) + "\n"
 
 

@@ -91,6 +91,7 @@ def plot(routing: dict[str, Any], path: Path) -> Path:
 def write_routing_report(routing: dict[str, Any], out: Path, command: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     facts = machine_facts()
-    (out / "report.json").write_text(json.dumps({"command": command, "machine": facts, "routing": routing}, indent=2))
+    saved = {"command": command, "machine": machine_line(facts), "machine_facts": facts, "routing": routing}
+    (out / "report.json").write_text(json.dumps(saved, indent=2))
     (out / "report.md").write_text(format_markdown(routing, command) + f"\nMachine: {machine_line(facts)}.\n")
     return [out / "report.json", out / "report.md", plot(routing, out / "routing.png")]

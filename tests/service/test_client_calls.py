@@ -546,3 +546,35 @@ def test_skip_bad_answers_the_good_images_in_place_and_keeps_the_requests_alread
     assert e.value.details["image"] == 1 and e.value.message.startswith("image 1 ")
     with ClipbankClient("http://srv") as c, pytest.raises(FileNotFoundError):
         c.classify(images[-1:], ["x"])
+
+
+def test_a_split_calls_answers_must_have_a_result_per_image_and_a_4xx_after_a_retry_is_said_as_it_is(monkeypatch):
+    """The review: a split call answered with too few results ended in a bare zip() ValueError; a 422 that
+    followed a retried 503 got "(the last of 2 tries ...)", which then showed in a skipped image's message."""
+    calls: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.content.count(b'name="images"'))
+        if calls[-1] > 2:
+            error = {"code": "too_many_images", "message": "x", "details": {"setting": "max_images", "limit": 2}}
+            return httpx.Response(413, json={"error": error})
+        return httpx.Response(200, json=OK)  # one result, whatever was sent
+
+    client_on(monkeypatch, handler)
+    with ClipbankClient("http://srv") as c, pytest.raises(ClipbankHTTPError) as e:
+        c.classify([PNG] * 4)
+    assert e.value.code == "not_clipbank" and "answered 4 image(s) with 2 result(s)" in e.value.message
+    calls.clear()
+
+    def busy_then_bad(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) == 1:
+            error = {"code": "overloaded", "message": "full", "details": None}
+            return httpx.Response(503, json={"error": error}, headers={"Retry-After": "0"})
+        error = {"code": "bad_image", "message": "image 0 ('a') is not an image", "details": {"image": 0}}
+        return httpx.Response(422, json={"error": error})
+
+    client_on(monkeypatch, busy_then_bad)
+    with ClipbankClient("http://srv", retries=2) as c:
+        out = c.classify([PNG], skip_bad=True)
+        assert out["results"] == [{"error": {"status": 422, "code": "bad_image", "message": "is not an image"}}]

@@ -272,7 +272,7 @@ def test_the_ray_engine_says_too_when_classify_is_open_beyond_this_machine(monke
     """The uvicorn engine said it; `--engine ray --host 0.0.0.0` did not."""
     import signal
 
-    import ray
+    ray = pytest.importorskip("ray")
     from ray import serve
 
     from service import ray_engine

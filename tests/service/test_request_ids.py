@@ -99,7 +99,7 @@ def test_log_lines_have_a_time_and_the_request_id():
         root.setLevel(before[0])
 
 
-def test_json_log_lines_are_one_object_each_with_the_request_id_and_an_access_lines_fields():
+def test_json_log_lines_are_one_object_each_with_the_request_id_and_an_access_lines_fields(capsys):
     """`--log-format json`, for log shippers: an operator's pipeline parsed every line but the text ones."""
     import json
 
@@ -139,6 +139,17 @@ def test_json_log_lines_are_one_object_each_with_the_request_id_and_an_access_li
     assert printed_line("admin token generated: t", "text") == "clipbank: admin token generated: t"
     config = uvicorn_log_config("json")
     assert {f["()"] for f in config["formatters"].values()} == {JsonLines}
+    from service.server import failed
+
+    service_log = logging.getLogger("clipbank.service")
+    level = service_log.level
+    service_log.setLevel(logging.CRITICAL)  # `--log-level critical`: the reason is printed, as a JSON line too
+    try:
+        assert failed("start-up failed: no backbone", "json") == 3
+    finally:
+        service_log.setLevel(level)
+    said = json.loads(capsys.readouterr().err)
+    assert (said["level"], said["message"]) == ("ERROR", "start-up failed: no backbone")
     assert ServeConfig.from_env({"CLIPBANK_LOG_FORMAT": "JSON"}).log_format == "json"
     with pytest.raises(ValueError, match="log_format must be one of text, json, got 'xml'"):
         ServeConfig(log_format="xml")

@@ -207,8 +207,9 @@ def test_bench_cl_with_seeds_writes_mean_and_std(tmp_path, capsys, monkeypatch):
     assert goals["wall_minutes"]["goal"] == "<= 5" and goals["wall_minutes"]["value"] >= 0
     assert goals["wall_minutes"]["met"] is None  # not the quick run's sizes: not judged
     assert "| holds on the mean |" in (out / "report.md").read_text()
-    assert report["machine"]["logical_cpus"] >= 1 and report["machine"]["python"]  # reports named no CPU model
-    assert f"Machine: {report['machine']['cpu']}" in (out / "report.md").read_text()
+    facts = report["machine_facts"]  # reports named no CPU model
+    assert facts["logical_cpus"] >= 1 and facts["python"] and report["machine"].startswith(facts["cpu"])
+    assert f"Machine: {report['machine']}." in (out / "report.md").read_text()
     assert "not judged (other run sizes) | `seconds.wall` |" in (out / "report.md").read_text()
     shares = report["expert_activation"]
     assert shares["adapter-ddas"]["colours"]["colours"] == 1.0  # isolated: only its own expert

@@ -50,7 +50,7 @@ def test_report_files(result, tmp_path):
     assert all(p.exists() for p in paths)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert set(saved["routing"]["kinds"]) == set(SHORT.kinds)
-    assert f"Machine: {saved['machine']['cpu']}" in (tmp_path / "report.md").read_text()
+    assert f"Machine: {saved['machine_facts']['cpu']}" in (tmp_path / "report.md").read_text()
 
 
 def test_the_cli_builds_a_reference_set_from_any_image_folder(tmp_path, backbone, capsys):
