@@ -38,9 +38,14 @@ def _store(args: argparse.Namespace) -> int:
             said += " (blobs and index only; --backbone REF also checks that a server on REF serves every version)"
         print(said, file=sys.stderr)
         if not problems and any((left := store_leftovers(args.store)).values()):  # not faults, but disk space
+            how = (  # on S3 a put's object may be in flight: only purges delete, what is over an hour old
+                "a purge deletes those over an hour old (`clipbank store clean` is for a store folder)"
+                if str(args.store).startswith("s3://")
+                else "`clipbank store clean` deletes them; so does any purge"
+            )
             print(
                 f"leftovers: {left['temp_files']} temp file(s), {left['unreferenced_blobs']} blob(s) no version names "
-                "(`clipbank store clean` deletes them; so does any purge)",
+                f"({how})",
                 file=sys.stderr,
             )
         return 1 if problems else 0

@@ -91,7 +91,8 @@ class Service:
                 return await task
             except Exception as e:  # the change is stored either way: report who could not be asked
                 log.warning("asking the other replicas failed: %s", e)
-                return {self.replica: registry.bank.generation, "others": f"not asked: {type(e).__name__}"}
+                said = f"not all answered within {ANNOUNCE_SECONDS:g} s ({type(e).__name__}): one is stuck or starting"
+                return {self.replica: registry.bank.generation, "others": said}  # Ray's broadcast names none
         self._announcing.add(task)
         task.add_done_callback(self._announced)
         return {self.replica: registry.bank.generation}

@@ -155,7 +155,8 @@ def run(config: ServeConfig) -> int:
     from ray import serve
 
     resolve_admin_token(config)  # here too: the replicas' own warning of another saved token goes to Ray's logs only
-    local = not config.ray_address
+    # RAY_ADDRESS joins a cluster as --ray-address does (an outside check's stop took its other apps down)
+    local = not (config.ray_address or os.environ.get("RAY_ADDRESS"))
     # A cluster started here gets no dashboard (an open port with no auth of its own); one joined keeps its own.
     try:
         ray.init(
@@ -173,10 +174,12 @@ def run(config: ServeConfig) -> int:
     stops = (signal.SIGINT, signal.SIGTERM, *hangup_signals())  # a closed terminal too, unless nohup ignores it
     for sig in stops:
         signal.signal(sig, _stopped)
+    deployed: float | None = None  # when this driver's application was deployed, once it is
     try:
         http = {"host": config.host, "port": config.port, "keep_alive_timeout_s": config.keep_alive_seconds}
         serve.start(http_options=http)
         serve.run(application(config, cpus=cpus), name=APP_NAME, route_prefix="/")
+        deployed = _deployed_at()
         log.info("clipbank on Ray Serve: %d replicas on http://%s:%d", config.replicas, config.host, config.port)
         say_if_open_to_the_network(config)
         say_what_serves(config)  # a signal meanwhile stops it as one during start-up (it takes up to 20 s)
@@ -189,7 +192,7 @@ def run(config: ServeConfig) -> int:
     finally:  # the shutdown below is bounded; a second signal must not cut it short with a traceback
         for sig in stops:
             signal.signal(sig, signal.SIG_IGN)
-    closing = threading.Thread(target=_close, args=(local,), daemon=True)
+    closing = threading.Thread(target=_close, args=(local, deployed), daemon=True)
     closing.start()
     closing.join(SHUTDOWN_SECONDS)
     if closing.is_alive():
@@ -252,11 +255,26 @@ def replica_cpus(replicas: int, cpus: float, local: bool) -> float | None:
     return None
 
 
-def _close(local: bool) -> None:
+def _deployed_at() -> float | None:
+    """When the cluster's clipbank application was last deployed (None: it is not), to tell ours from a later one."""
+    from ray import serve
+
+    app = serve.status().applications.get(APP_NAME)
+    return None if app is None else app.last_deployed_time_s
+
+
+def _close(local: bool, deployed: float | None) -> None:
     import ray
     from ray import serve
 
-    serve.delete(APP_NAME)  # the replicas drain (graceful_shutdown_timeout_s)
+    try:
+        now = _deployed_at()
+    except Exception:  # cannot tell: deleted, as ever
+        now = deployed
+    if local or deployed is None or now == deployed:  # the replicas drain (graceful_shutdown_timeout_s)
+        serve.delete(APP_NAME)
+    else:  # a new driver took it over (a rolling change of --replicas): deleting it stopped what it served
+        log.warning("another clipbank serve deployed the application since this one did: it is left serving")
     if local:  # a cluster started here goes with it; a joined one keeps running
         serve.shutdown()
     ray.shutdown()

@@ -101,3 +101,59 @@ def test_a_cluster_that_refuses_the_connection_is_a_one_line_error_naming_token_
     with caplog.at_level(logging.ERROR, "clipbank.service"):
         assert ray_engine.run(config) == 3
     assert "Failed to connect to Ray cluster" in caplog.text and "RAY_AUTH_MODE=token" in caplog.text
+
+
+def test_a_driver_stopped_after_another_deployed_clipbank_leaves_it_serving(monkeypatch, caplog):
+    """An outside check: a second `clipbank serve --engine ray` (to change --replicas) took over the application;
+    stopping the first then deleted it, and every request got a 404 from Ray's proxy."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    deleted, deployed_at = [], {"t": 2.0}
+    monkeypatch.setattr(serve, "delete", lambda name: deleted.append(name))
+    monkeypatch.setattr(serve, "shutdown", lambda: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    app = SimpleNamespace(last_deployed_time_s=None)
+
+    def status():
+        app.last_deployed_time_s = deployed_at["t"]
+        return SimpleNamespace(applications={ray_engine.APP_NAME: app})
+
+    monkeypatch.setattr(serve, "status", status)
+    with caplog.at_level("WARNING", logger="clipbank.service"):
+        ray_engine._close(local=False, deployed=1.0)  # deployed at 1.0 by this driver, at 2.0 by another
+    assert deleted == [] and "it is left serving" in caplog.text
+    ray_engine._close(local=False, deployed=2.0)  # still ours
+    ray_engine._close(local=False, deployed=None)  # stopped before it was deployed: ours, half started
+    ray_engine._close(local=True, deployed=1.0)  # a cluster started here goes, whatever runs on it
+    assert deleted == [ray_engine.APP_NAME] * 3
+
+
+def test_ray_address_in_the_environment_joins_a_cluster_as_the_flag_does(monkeypatch):
+    """Set in RAY_ADDRESS, the cluster was taken for one started here: stopping shut Serve down for every app."""
+    import pytest
+
+    ray = pytest.importorskip("ray")
+    from service.config import ServeConfig
+
+    seen = {}
+
+    def cpus(replicas, total, local):
+        seen["local"] = local
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(ray_engine, "replica_cpus", cpus)
+    for env, local in (("127.0.0.1:6379", False), (None, True)):
+        if env:
+            monkeypatch.setenv("RAY_ADDRESS", env)
+        else:
+            monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        with pytest.raises(RuntimeError, match="stop here"):
+            ray_engine.run(ServeConfig(admin_token="a" * 20, engine="ray"))
+        assert seen["local"] is local
