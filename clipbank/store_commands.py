@@ -113,8 +113,11 @@ def _deactivate(store, task: str, purge: bool) -> dict:
 
     record = store.index().task(task)  # TaskNotFound names it
     shadow = None if purge else record.record_of(record.shadow)
-    store.deactivate(task)
-    gone = store.purge(task) if purge else 0
+    if purge:  # one index write: killed between a deactivation and a purge, it was left deactivated, unpurged
+        gone = store.purge(task, deactivate=True)
+    else:
+        store.deactivate(task)
+        gone = 0
     index = store.index()
     return {
         "task": task,

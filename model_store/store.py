@@ -233,11 +233,11 @@ class LocalStore(Store):
         except (OSError, StoreError):
             return True
 
-    def _purge(self, task: str) -> int:
+    def _purge(self, task: str, deactivate: bool = False) -> int:
         doomed: list[VersionRecord] = []
 
         def edit(index: StoreIndex) -> StoreIndex:
-            kept, gone = purge_plan(index, task)
+            kept, gone = purge_plan(index, task, deactivate)
             doomed[:] = gone
             if kept == index:  # every version kept (other tasks use their experts): no new generation to build
                 raise Unchanged

@@ -149,7 +149,7 @@ class Store:
     def _change(self, edit: Edit, blob: tuple[str, bytes] | None = None) -> StoreIndex:
         raise NotImplementedError
 
-    def _purge(self, task: str) -> int:
+    def _purge(self, task: str, deactivate: bool = False) -> int:
         raise NotImplementedError
 
     def locked(self) -> AbstractContextManager:
@@ -322,14 +322,16 @@ class Store:
 
         self._unless_unchanged(edit, checked=False)
 
-    def purge(self, task: str) -> int:
-        """Forget an inactive task and delete the blobs nothing else needs; returns that task's blobs deleted.
+    def purge(self, task: str, deactivate: bool = False) -> int:
+        """Forget an inactive task (`deactivate`: an active one too, in the same index write) and delete the blobs
+        nothing else needs; returns that task's blobs deleted.
 
         A blob is deleted only once an index without it is published. Whole blobs no version names (a writer
-        killed between a blob and the index) are deleted too.
+        killed between a blob and the index) are deleted too. One index write, so a process killed at any instant
+        leaves the task as it was or forgotten (a deactivation and then a purge left it deactivated, unpurged).
         """
         validate_task_name(task)
-        return self._purge(task)
+        return self._purge(task, deactivate)
 
 
 def _check_addable(index: StoreIndex, bundle: Bundle) -> tuple[str, ...]:
@@ -356,12 +358,12 @@ def _check_addable(index: StoreIndex, bundle: Bundle) -> tuple[str, ...]:
     return tuple(sorted(one.values()))
 
 
-def purge_plan(index: StoreIndex, task: str) -> tuple[StoreIndex, list[VersionRecord]]:
-    """The index without inactive `task` (versions whose experts other tasks use stay, inactive), and the
-    versions whose blobs may go."""
+def purge_plan(index: StoreIndex, task: str, deactivate: bool = False) -> tuple[StoreIndex, list[VersionRecord]]:
+    """The index without inactive `task` (`deactivate`: or active; versions whose experts other tasks use stay,
+    inactive), and the versions whose blobs may go."""
     refuse_too_new(index)  # before any Unchanged: a purge that writes nothing still deletes stray blobs
     record = index.task(task)
-    if record.active:
+    if record.active and not deactivate:
         raise StoreError(f"task {shown(task)} is active; deactivate it before purging")
     others = index.with_task(task, lambda t: None)
     needed = {u for _, v in others.records() for u in v.uses}

@@ -302,13 +302,13 @@ class S3Store(Store):
         else:
             _backoff(attempt, deadline, f"blob {bundle_id[:12]} stayed in a purge's deletion")
 
-    def _purge(self, task: str) -> int:
+    def _purge(self, task: str, deactivate: bool = False) -> int:
         strays = self._stray_blobs()
         doomed: list[str] = []
         gone_versions: list[int] = []
 
         def edit(index: StoreIndex) -> StoreIndex:
-            kept, gone = purge_plan(index, task)
+            kept, gone = purge_plan(index, task, deactivate)
             named = {v.bundle_id for _, v in index.records()}
             stale = [b for b, t in index.deleting.items() if time.time() - t > STALE_DELETION_SECONDS]
             doomed[:] = sorted({v.bundle_id for v in gone} | (strays - named) | set(stale))

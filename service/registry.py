@@ -375,20 +375,14 @@ class Registry:
 
         def write() -> tuple[int, bool]:
             deactivated = bool(self.store.task(task).active)
+            if purge:  # one store change, deactivation included: a kill between two left it deactivated, unpurged
+                return self.store.purge(task, deactivate=True), deactivated
             if deactivated:
                 self.store.deactivate(task)
-            try:
-                return (self.store.purge(task) if purge else 0), deactivated
-            except StoreError as e:  # two changes: say that the first one stands
-                if not deactivated:
-                    raise
-                raise type(e)(
-                    f"task {task!r} was deactivated (it no longer answers), but the purge that followed failed "
-                    f"and changed nothing: {e}"
-                ) from None
+            return 0, deactivated
 
         # How many store changes `write` makes, guessed before the lock: a wrong guess only costs a rebuild.
-        return self._change({task: None}, write, changes=bool(active) + purge)
+        return self._change({task: None}, write, changes=1 if purge else int(bool(active)))
 
 
 def _last(reports: list[GateReport]) -> dict[str, Any] | None:

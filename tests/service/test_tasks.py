@@ -141,11 +141,13 @@ async def test_a_purge_names_the_versions_it_keeps_for_the_tasks_that_use_their_
         for task in ("textures", "glyphs"):  # glyphs' routers choose among textures' experts too
             r = await c.post("/tasks", **_upload(bundles[task]), params={"force": "true"})
             assert r.status_code == 201, r.text
+        before = (await c.get("/tasks", headers=AUTH)).json()["generation"]
         r = await c.delete("/tasks/textures", params={"purge": "true"}, headers=AUTH)
         assert r.status_code == 200 and r.json()["purged_blobs"] == 0 and r.json()["kept"] == {"1": ["glyphs"]}
+        assert r.json()["was_active"] and r.json()["generation"] == before + 1  # deactivated and purged at once
         assert [v["version"] for v in (await c.get("/tasks/textures", headers=AUTH)).json()["versions"]] == [1]
         r = await c.delete("/tasks/glyphs", params={"purge": "true"}, headers=AUTH)
-        assert r.json()["purged_blobs"] == 1 and r.json()["kept"] == {}
+        assert r.json()["purged_blobs"] == 1 and r.json()["kept"] == {} and r.json()["generation"] == before + 2
         r = await c.delete("/tasks/textures", params={"purge": "true"}, headers=AUTH)
         assert r.json()["purged_blobs"] == 1 and r.json()["kept"] == {}
         assert (await c.get("/tasks/textures", headers=AUTH)).status_code == 404
