@@ -9,10 +9,10 @@ import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from model_store.bank import ShadowEntry
-from model_store.bundle import utc_now
 from model_store.modes import ZERO_SHOT
 from model_store.shadow import ShadowSeen
 
@@ -27,7 +27,8 @@ class ShadowStats:
     version: int
     bundle_id: str
     against: str | None = None  # its task's active bundle served when counting began: figures are against it
-    since: str = field(default_factory=utc_now)
+    # to the millisecond: figures that restart (an activation) within the second they began kept the same `since`
+    since: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
     images: int = 0
     claimed: int = 0
     taken_from: Counter = field(default_factory=Counter)

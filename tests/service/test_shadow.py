@@ -155,3 +155,21 @@ def test_a_score_that_is_not_finite_is_counted_but_kept_out_of_the_metrics_sum()
     total = sum(s.value for m in metrics.shadow_score.collect() for s in m.samples if s.name.endswith("_sum"))
     count = sum(s.value for m in metrics.shadow_score.collect() for s in m.samples if s.name.endswith("_count"))
     assert total == 2.5 and count == 2
+
+
+def test_figures_that_restart_within_a_second_get_a_new_since():
+    """An outside check: an activation right after a version entered the shadow restarted its figures (images 12
+    -> 0) but `since` read the same: it was to the second."""
+    import time
+
+    from model_store.bank import ShadowEntry
+    from service.metrics import Metrics
+    from service.shadow import ShadowMonitor
+
+    monitor = ShadowMonitor(Metrics())
+    entry = ShadowEntry("digits", 3, "b3", None, frozenset())
+    monitor.follow([entry], {"digits": "b1"})
+    first = monitor.stats("digits")["since"]
+    time.sleep(0.01)
+    monitor.follow([entry], {"digits": "b2"})  # the task's served version changed: the figures restart
+    assert monitor.stats("digits")["since"] > first
