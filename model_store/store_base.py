@@ -3,7 +3,7 @@ written once over a few primitives each backend provides (docs/store.md).
 
 A backend gives: `index()`; `_change(edit, blob)`, which publishes `edit(index)` with the generation one higher
 atomically (the local folder under a file lock, S3 by compare-and-swap) after making sure the blob `blob` names
-is stored; `_read_blob`; `_write_blob`; `_purge(task)`; `locked()`; and `location`, a printable name without
+is stored; `_read_blob`; `_write_blob`; `_purge(task, deactivate)`; `locked()`; and `location`, a printable name without
 secrets.
 """
 
@@ -327,8 +327,11 @@ class Store:
         nothing else needs; returns that task's blobs deleted.
 
         A blob is deleted only once an index without it is published. Whole blobs no version names (a writer
-        killed between a blob and the index) are deleted too. One index write, so a process killed at any instant
-        leaves the task as it was or forgotten (a deactivation and then a purge left it deactivated, unpurged).
+        killed between a blob and the index) are deleted too. The task leaves the index in one write (a
+        deactivation and then a purge left it deactivated, unpurged, when killed between them): killed at any
+        instant, it is as it was or purged (inactive, with no shadow, where other tasks keep some of its versions);
+        a kill after that write leaves at most blobs no version names (S3: `deleting` entries), which the next
+        purge removes.
         """
         validate_task_name(task)
         return self._purge(task, deactivate)

@@ -91,8 +91,12 @@ class Service:
                 return await task
             except Exception as e:  # the change is stored either way: report who could not be asked
                 log.warning("asking the other replicas failed: %s", e)
-                said = f"not all answered within {ANNOUNCE_SECONDS:g} s ({type(e).__name__}): one is stuck or starting"
-                return {self.replica: registry.bank.generation, "others": said}  # Ray's broadcast names none
+                said = f"not asked: {type(e).__name__}"
+                if isinstance(e, TimeoutError) or "Timeout" in type(e).__name__:  # Ray's broadcast names none
+                    said = (
+                        f"not all answered within {ANNOUNCE_SECONDS:g} s ({type(e).__name__}): one is stuck or starting"
+                    )
+                return {self.replica: registry.bank.generation, "others": said}
         self._announcing.add(task)
         task.add_done_callback(self._announced)
         return {self.replica: registry.bank.generation}

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import threading
+import uuid
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
@@ -156,7 +157,7 @@ def run(config: ServeConfig) -> int:
 
     resolve_admin_token(config)  # here too: the replicas' own warning of another saved token goes to Ray's logs only
     # RAY_ADDRESS joins a cluster as --ray-address does (an outside check's stop took its other apps down)
-    local = not (config.ray_address or os.environ.get("RAY_ADDRESS"))
+    local = not config.ray_address and os.environ.get("RAY_ADDRESS", "").strip() in ("", "local")
     # A cluster started here gets no dashboard (an open port with no auth of its own); one joined keeps its own.
     try:
         ray.init(
@@ -174,12 +175,12 @@ def run(config: ServeConfig) -> int:
     stops = (signal.SIGINT, signal.SIGTERM, *hangup_signals())  # a closed terminal too, unless nohup ignores it
     for sig in stops:
         signal.signal(sig, _stopped)
-    deployed: float | None = None  # when this driver's application was deployed, once it is
+    owner: str | None = None  # this driver's mark on the application, once it deploys it
     try:
         http = {"host": config.host, "port": config.port, "keep_alive_timeout_s": config.keep_alive_seconds}
         serve.start(http_options=http)
+        owner = _claim()  # from here the application is this driver's, until another one claims it
         serve.run(application(config, cpus=cpus), name=APP_NAME, route_prefix="/")
-        deployed = _deployed_at()
         log.info("clipbank on Ray Serve: %d replicas on http://%s:%d", config.replicas, config.host, config.port)
         say_if_open_to_the_network(config)
         say_what_serves(config)  # a signal meanwhile stops it as one during start-up (it takes up to 20 s)
@@ -192,7 +193,7 @@ def run(config: ServeConfig) -> int:
     finally:  # the shutdown below is bounded; a second signal must not cut it short with a traceback
         for sig in stops:
             signal.signal(sig, signal.SIG_IGN)
-    closing = threading.Thread(target=_close, args=(local, deployed), daemon=True)
+    closing = threading.Thread(target=_close, args=(local, owner), daemon=True)
     closing.start()
     closing.join(SHUTDOWN_SECONDS)
     if closing.is_alive():
@@ -255,26 +256,45 @@ def replica_cpus(replicas: int, cpus: float, local: bool) -> float | None:
     return None
 
 
-def _deployed_at() -> float | None:
-    """When the cluster's clipbank application was last deployed (None: it is not), to tell ours from a later one."""
-    from ray import serve
-
-    app = serve.status().applications.get(APP_NAME)
-    return None if app is None else app.last_deployed_time_s
+OWNER_KEY, OWNER_NAMESPACE = b"serve-application-owner", "clipbank"
 
 
-def _close(local: bool, deployed: float | None) -> None:
+def _claim() -> str:
+    """Mark the cluster's clipbank application as this driver's (Ray's KV store), before it deploys it: a second
+    driver's `serve.run` takes the application over, and Ray's own status does not change then (its
+    `last_deployed_time_s` stays the first deploy's)."""
+    from ray.experimental import internal_kv
+
+    mark = uuid.uuid4().hex
+    internal_kv._internal_kv_put(OWNER_KEY, mark.encode(), overwrite=True, namespace=OWNER_NAMESPACE)
+    return mark
+
+
+def _owns(mark: str) -> bool | None:
+    """Whether the application is still this driver's (None: Ray's KV store could not say)."""
+    from ray.experimental import internal_kv
+
+    try:
+        return internal_kv._internal_kv_get(OWNER_KEY, namespace=OWNER_NAMESPACE) == mark.encode()
+    except Exception:  # the driver lost its cluster, say
+        return None
+
+
+def _close(local: bool, owner: str | None) -> None:
     import ray
     from ray import serve
 
-    try:
-        now = _deployed_at()
-    except Exception:  # cannot tell: deleted, as ever
-        now = deployed
-    if local or deployed is None or now == deployed:  # the replicas drain (graceful_shutdown_timeout_s)
+    mine = True if local else (None if owner is None else _owns(owner))
+    if mine:  # the replicas drain (graceful_shutdown_timeout_s); a local cluster's application is this driver's
         serve.delete(APP_NAME)
-    else:  # a new driver took it over (a rolling change of --replicas): deleting it stopped what it served
+    elif owner is None:
+        log.info("stopped before deploying: the cluster's clipbank application, if any, is left as it was")
+    elif (
+        mine is False
+    ):  # a new driver took it over (a rolling change of --replicas): deleting it stopped what it served
         log.warning("another clipbank serve deployed the application since this one did: it is left serving")
+    else:
+        log.warning("could not tell whether the application is still this driver's: it is left serving")
     if local:  # a cluster started here goes with it; a joined one keeps running
         serve.shutdown()
     ray.shutdown()

@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow
 ROUNDS = 40
 SEED = 1729
 MAX_KILL_DELAY = 0.3  # seconds after the worker's first finished change
-KINDS = ("put", "activate", "deactivate", "purge", "purge_nothing")  # the last keeps every version: no generation
+# purge_nothing keeps every version: no generation; purge_active deactivates and purges in one write
+KINDS = ("put", "activate", "deactivate", "purge", "purge_nothing", "purge_active")
 # the forkserver imports these once (torch with them); each worker is then a cheap fork of a process that has
 # never run a torch op, so there is no OpenMP state to inherit
 PRELOAD = ["model_store.store", "model_store.bundle", "model_store.loader", __name__]
@@ -72,6 +73,7 @@ def _choices(store: LocalStore, bundles: dict[str, tuple[bytes, Bundle]]) -> dic
         out["activate"] += [(task, v.version) for v in entry.versions if v.bundle_id != entry.active]
         if entry.active:
             out["deactivate"].append((task,))
+            out["purge_active"].append((task,))
         else:  # a purge that keeps every version publishes nothing, but still deletes stray blobs
             out["purge" if purge_plan(index, task)[0] != index else "purge_nothing"].append((task,))
     return {kind: args for kind, args in out.items() if args}
@@ -92,6 +94,8 @@ def _worker(root: str, folder: str, seed: int, started: Any, done: Any, error_fi
             if kind == "put":
                 data, bundle = bundles[args[0]]
                 store.put(data, activate=rng.random() < 0.7, bundle=bundle)
+            elif kind == "purge_active":
+                store.purge(*args, deactivate=True)
             else:
                 getattr(store, kind.removesuffix("_nothing"))(*args)
             done[KINDS.index(kind)] += 1

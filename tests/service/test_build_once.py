@@ -100,7 +100,7 @@ def test_activate_and_deactivate_build_one_bank_each(registry, builds, parts, ba
         (lambda: registry.activate("a", 1), [("a", 1), ("b", 1)], 4),
         (lambda: registry.deactivate("b"), [("a", 1)], 5),
         (lambda: registry.deactivate("b", purge=True), [("a", 1)], 6),  # inactive already: only the purge
-        (lambda: registry.deactivate("a", purge=True), [], 8),  # active: deactivated, then purged
+        (lambda: registry.deactivate("a", purge=True), [], 7),  # active: deactivated and purged in one write
     ]
     for n, (change, served, generation) in enumerate(steps, start=4):
         change()

@@ -105,32 +105,39 @@ def test_a_cluster_that_refuses_the_connection_is_a_one_line_error_naming_token_
 
 def test_a_driver_stopped_after_another_deployed_clipbank_leaves_it_serving(monkeypatch, caplog):
     """An outside check: a second `clipbank serve --engine ray` (to change --replicas) took over the application;
-    stopping the first then deleted it, and every request got a 404 from Ray's proxy."""
-    from types import SimpleNamespace
-
+    stopping the first then deleted it, and every request got a 404 from Ray's proxy. Each driver marks the
+    application as its own in Ray's KV store before it deploys (Ray's status does not change on a redeploy)."""
     import pytest
 
     ray = pytest.importorskip("ray")
     from ray import serve
+    from ray.experimental import internal_kv
 
-    deleted, deployed_at = [], {"t": 2.0}
+    kv: dict = {}
+    monkeypatch.setattr(internal_kv, "_internal_kv_put", lambda k, v, overwrite=True, namespace=None: kv.update({k: v}))
+    monkeypatch.setattr(internal_kv, "_internal_kv_get", lambda k, namespace=None: kv.get(k))
+    deleted: list[str] = []
     monkeypatch.setattr(serve, "delete", lambda name: deleted.append(name))
     monkeypatch.setattr(serve, "shutdown", lambda: None)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
-    app = SimpleNamespace(last_deployed_time_s=None)
+    first = ray_engine._claim()
+    second = ray_engine._claim()  # another driver deployed since
+    with caplog.at_level("INFO", logger="clipbank.service"):
+        ray_engine._close(local=False, owner=first)
+        assert deleted == [] and "it is left serving" in caplog.text
+        ray_engine._close(local=False, owner=None)  # stopped before deploying: nothing of its own to delete
+        assert deleted == [] and "stopped before deploying" in caplog.text
+    ray_engine._close(local=False, owner=second)  # still its own
+    ray_engine._close(local=True, owner=first)  # a cluster started here goes, whatever runs on it
+    assert deleted == [ray_engine.APP_NAME] * 2
 
-    def status():
-        app.last_deployed_time_s = deployed_at["t"]
-        return SimpleNamespace(applications={ray_engine.APP_NAME: app})
+    def broken(*a, **k):
+        raise ConnectionError("the cluster is gone")
 
-    monkeypatch.setattr(serve, "status", status)
+    monkeypatch.setattr(internal_kv, "_internal_kv_get", broken)
     with caplog.at_level("WARNING", logger="clipbank.service"):
-        ray_engine._close(local=False, deployed=1.0)  # deployed at 1.0 by this driver, at 2.0 by another
-    assert deleted == [] and "it is left serving" in caplog.text
-    ray_engine._close(local=False, deployed=2.0)  # still ours
-    ray_engine._close(local=False, deployed=None)  # stopped before it was deployed: ours, half started
-    ray_engine._close(local=True, deployed=1.0)  # a cluster started here goes, whatever runs on it
-    assert deleted == [ray_engine.APP_NAME] * 3
+        ray_engine._close(local=False, owner=second)
+    assert deleted == [ray_engine.APP_NAME] * 2 and "could not tell" in caplog.text
 
 
 def test_ray_address_in_the_environment_joins_a_cluster_as_the_flag_does(monkeypatch):
@@ -149,7 +156,7 @@ def test_ray_address_in_the_environment_joins_a_cluster_as_the_flag_does(monkeyp
     monkeypatch.setattr(ray, "init", lambda *a, **k: None)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     monkeypatch.setattr(ray_engine, "replica_cpus", cpus)
-    for env, local in (("127.0.0.1:6379", False), (None, True)):
+    for env, local in (("127.0.0.1:6379", False), (None, True), ("local", True)):  # `local`: start one here
         if env:
             monkeypatch.setenv("RAY_ADDRESS", env)
         else:
