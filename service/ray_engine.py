@@ -289,9 +289,7 @@ def _close(local: bool, owner: str | None) -> None:
         serve.delete(APP_NAME)
     elif owner is None:
         log.info("stopped before deploying: the cluster's clipbank application, if any, is left as it was")
-    elif (
-        mine is False
-    ):  # a new driver took it over (a rolling change of --replicas): deleting it stopped what it served
+    elif mine is False:  # a new driver took it over (a rolling change of --replicas): deleting it stopped it
         log.warning("another clipbank serve deployed the application since this one did: it is left serving")
     else:
         log.warning("could not tell whether the application is still this driver's: it is left serving")
