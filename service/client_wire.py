@@ -192,7 +192,7 @@ def smaller_batch(error: ClipbankHTTPError, sent: int) -> int | None:
 class Batches:
     """A call's images as requests of at most `size` files, fewer after a 413 that says how many (`smaller_batch`;
     with `split` False, one request: a per-request route decides once), sent by `send_all` (or `asend_all`):
-    `part()` to send next (None: done), `took(answer)` or `refused(error)` (which raises an error that fewer
+    `part()` to send next (None: done), `took(answer, url)` or `refused(error)` (which raises an error that fewer
     images cannot meet), then `answer()`. Its `results` are every request's in order, `timing`
     the last one's and `requests` their count (when more than one); `most` is the server's max_images, when a 413
     named it (the caller starts there next time). An image's error is numbered in the whole call.
@@ -217,9 +217,13 @@ class Batches:
             return None
         return self.files[self.at : self.at + self.size] if self.split else self.files
 
-    def took(self, out: dict[str, Any]) -> None:
+    def took(self, out: dict[str, Any], url: str) -> None:
         sent = len(self.part() or [])
-        self.results += out["results"] if isinstance(out["results"], list) else [out["results"]]
+        if not isinstance(out["results"], list):  # a server that is not clipbank's: nothing to merge
+            raise ClipbankHTTPError(
+                200, "not_clipbank", "an answer's `results` is not a list: is it a clipbank server?"
+            )
+        self.results += out["results"]
         self.out, self.at, self.requests = out, self.at + sent, self.requests + 1
 
     def refused(self, e: ClipbankHTTPError) -> None:
@@ -258,7 +262,7 @@ class Batches:
             except ClipbankHTTPError as e:
                 self.refused(e)
                 continue
-            self.took(answer)
+            self.took(answer, url)
         return self.answer(url)
 
     async def asend_all(self, send: Callable[[list], Awaitable[dict]], url: str) -> dict[str, Any]:
@@ -269,7 +273,7 @@ class Batches:
             except ClipbankHTTPError as e:
                 self.refused(e)
                 continue
-            self.took(answer)
+            self.took(answer, url)
         return self.answer(url)
 
 

@@ -92,7 +92,7 @@ class Service:
             except Exception as e:  # the change is stored either way: report who could not be asked
                 log.warning("asking the other replicas failed: %s", e)
                 said = f"not asked: {type(e).__name__}"
-                if isinstance(e, TimeoutError) or "Timeout" in type(e).__name__:  # Ray's broadcast names none
+                if isinstance(e, TimeoutError | asyncio.TimeoutError):  # Ray's GetTimeoutError too; it names none
                     said = (
                         f"not all answered within {ANNOUNCE_SECONDS:g} s ({type(e).__name__}): one is stuck or starting"
                     )

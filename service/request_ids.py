@@ -136,10 +136,10 @@ class JsonLines(logging.Formatter):
         return json.dumps(line, default=str)
 
 
-def printed_line(message: str, log_format: str, level: int = logging.WARNING) -> str:
+def printed_line(message: str, log_format: str, level: int = logging.WARNING, said_by: str = "clipbank") -> str:
     """A line printed whatever the log level (the generated admin token), as the log's other lines are."""
     if log_format != "json":
-        return f"clipbank: {message}"
+        return f"{said_by}: {message}"
     record = logging.LogRecord("clipbank.service", level, __file__, 0, message, None, None)
     return JsonLines().format(record)
 

@@ -139,8 +139,7 @@ def failed(reason: str, log_format: str = "text") -> int:
     if log.isEnabledFor(logging.ERROR):
         log.error("%s", reason)
     else:
-        said = printed_line(reason, log_format, logging.ERROR) if log_format == "json" else f"clipbank serve: {reason}"
-        print(said, file=sys.stderr)
+        print(printed_line(reason, log_format, logging.ERROR, "clipbank serve"), file=sys.stderr)
     return 3
 
 

@@ -564,6 +564,10 @@ def test_a_split_calls_answers_must_have_a_result_per_image_and_a_4xx_after_a_re
     with ClipbankClient("http://srv") as c, pytest.raises(ClipbankHTTPError) as e:
         c.classify([PNG] * 4)
     assert e.value.code == "not_clipbank" and "answered 4 image(s) with 2 result(s)" in e.value.message
+    client_on(monkeypatch, lambda request: httpx.Response(200, json={"results": {"cat": 0.9}, "timing": {}}))
+    with ClipbankClient("http://srv") as c, pytest.raises(ClipbankHTTPError) as e:
+        c.classify([PNG], skip_bad=True)
+    assert e.value.code == "not_clipbank" and "not a list" in e.value.message
     calls.clear()
 
     def busy_then_bad(request: httpx.Request) -> httpx.Response:
