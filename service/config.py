@@ -122,7 +122,7 @@ class ServeConfig:
         "threads of each forward pass (PyTorch and ONNX Runtime); 0: one for a narrow backbone (tiny), "
         "else PyTorch's default capped by the CPUs this process may use (affinity and cgroup quota)",
     )
-    log_level: str = option("info", "uvicorn log level", LOG_LEVELS)
+    log_level: str = option("info", "log level of the server's lines and clipbank's own", LOG_LEVELS)
     log_format: str = option("text", "log lines: text, or json (one object per line, for log shippers)", LOG_FORMATS)
     head_timeout_seconds: float = option(10.0, "a connection must deliver a whole request head within this")
     read_timeout_seconds: float = option(

@@ -71,7 +71,8 @@ class Service:
         self.threads: int | None = None  # of each forward pass, once loading has chosen them
         self.watch = TrafficWatch(self.metrics)
         self.metrics.watch_health(
-            lambda: self.ready.is_set(), lambda: self.registry is not None and self.registry.store_error is not None
+            lambda: self.ready.is_set() and self.registry is not None and self.registry.store_read,
+            lambda: self.registry is not None and self.registry.store_error is not None,
         )
         self.metrics.max_queue_images.set(config.max_queue_images)
         self.replica = f"{socket.gethostname()}-{os.getpid()}"  # X-Clipbank-Replica; Ray Serve sets its own id

@@ -137,7 +137,8 @@ class Metrics:
 
     def watch_health(self, ready: Callable[[], bool], store_error: Callable[[], bool]) -> None:
         """Gauges read at each scrape: /readyz's 200 and a store the server cannot read (it then serves its last
-        bank, and /readyz still says 200 with status degraded): neither showed in the metrics."""
+        bank, and /readyz still says 200 with status degraded; 503 if it never read one): neither showed in the
+        metrics."""
         Gauge(
             "clipbank_ready", "1 once loaded and warmed up (/readyz 200), else 0", registry=self.registry
         ).set_function(lambda: float(ready()))

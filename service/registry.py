@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import threading
@@ -76,6 +77,7 @@ class Registry:
         self.run_torch: Callable[..., Any] = lambda fn, *args: fn(*args)
         self._bank: BankSnapshot | None = None
         self.store_error: str | None = None  # why the store's index cannot be read, while it cannot
+        self.store_read = False  # a bank was built from the store since start-up (else: zero-shot alone, not ready)
         self.retry = DegradedRetry()  # when tasks left out (degraded) are tried again
 
     @property
@@ -123,7 +125,7 @@ class Registry:
         except Exception as e:  # an unreadable index, say: the bank still serves, its shadows as they were built
             log.error("the shadows are not updated: %s", e)
         self._bank = bank  # the swap: one reference assignment
-        self.store_error = None
+        self.store_error, self.store_read = None, True
         seconds = time.perf_counter() - since
         self.loader.trim()
         release_free_memory()  # what the upload, the old snapshot and the trial run freed
@@ -176,8 +178,8 @@ class Registry:
                 built = time.perf_counter() - t0  # counted in the swap time, as when the bank was built again
                 new = encode_classes_in_steps(self.run_torch, candidate, overrides, self.cache)  # in chunks
                 self.run_torch(trial_run, candidate, new, self.cache)
-                if check is not None:
-                    self.run_torch(check, candidate)
+                if check is not None:  # on the compute thread, in the request's context: its lines name the request
+                    self.run_torch(contextvars.copy_context().run, check, candidate)
             except Exception as e:
                 if not isinstance(e, REFUSALS):  # the request's fault (the gate, its own bundle) is no failed swap
                     self.metrics.swap_failures.inc()

@@ -12,7 +12,7 @@ from fastapi.responses import Response
 
 from model_store.errors import ClipbankError
 from model_store.inference import ClassifyItem, ImageResult
-from model_store.modes import AUTO, PER_IMAGE, ROUTE_MODES
+from model_store.modes import AUTO, PER_IMAGE, ROUTE_MODES, ZERO_SHOT
 
 from ..auth import TokenCheck
 from ..config import Limits
@@ -79,6 +79,8 @@ def classify_router(reader: TokenCheck | None, limits: Limits) -> APIRouter:
         limits, backbone = service.config.limits, service.backbone
         started = time.perf_counter()
         files, options = await read_classify(request, limits)
+        if options.task not in (AUTO, ZERO_SHOT):  # a pin the bank cannot answer: refused before any decoding or
+            _refuse_unserved(request, service.registry.bank, options.task)  # pass (the batch checks it again)
         # without labels, each image is answered over its task's classes
         classes = {} if options.labels else {t.name: t.classes for t in service.registry.bank.tasks}
         routed_check = check_answer_size(len(files), options, limits, classes)
@@ -110,6 +112,16 @@ def classify_router(reader: TokenCheck | None, limits: Limits) -> APIRouter:
         return Response(await run_in_threadpool(_json_bytes, body), media_type="application/json")
 
     return router
+
+
+def _refuse_unserved(request: Request, bank, task: str) -> None:
+    """TaskNotFound or TaskDegraded for a pinned task `bank` does not serve, answered at `bank`'s generation (an
+    outside check: such requests were decoded and ran a frozen pass each, counted as batch images)."""
+    try:
+        bank.task_index(task)
+    except ClipbankError:
+        request.state.generation = bank.generation
+        raise
 
 
 def _number(v: object) -> object:

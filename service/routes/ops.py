@@ -7,6 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from model_store.errors import StoreError
+
 from ..schemas import ErrorResponse, Health
 from . import service_of
 
@@ -24,9 +26,16 @@ def ops_router() -> APIRouter:
 
     @router.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}})
     async def readyz(request: Request) -> Any:
-        """Ready: backbone loaded, bank built, warm-up done (503 until then). Degraded tasks do not stop it."""
+        """Ready: backbone loaded, bank built from the store, warm-up done (503 until then). Degraded tasks, and a
+        store that fails after a bank was read from it (the server keeps serving that bank), do not stop it."""
         service = service_of(request)
-        bank = service.require_ready().bank
+        registry = service.require_ready()
+        if not registry.store_read:  # a balancer must not send task traffic to a server that has no task
+            raise StoreError(
+                f"this server has not read its store since it started ({registry.store_error}): it answers with "
+                "zero-shot CLIP alone, no task, until a poll reads it"
+            )
+        bank = registry.bank
         details = service.health()
         return {
             "status": "degraded" if any(details.values()) else "ready",

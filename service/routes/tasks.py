@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -20,6 +21,8 @@ from ..errors import ReplicasLagging
 from ..schemas import ActivateRequest, Removed, TaskInfo, TaskList, TaskUploaded, UploadMode
 from ..tasks import task_info
 from . import ERRORS, WAITED, known_query, service_of
+
+log = logging.getLogger("clipbank.service")
 
 UPLOAD_BODY = {
     "requestBody": {
@@ -85,7 +88,10 @@ Wait = Annotated[Literal["none", "all"], Query(description=WAIT_HELP)]
 
 async def announced(request: Request, generation: int, wait: str, what: str) -> dict[str, Any]:
     """Tell the other replicas of a change stored at `generation`; with wait=all, 504 naming each replica that did
-    not answer, or answered from an older generation. `what` says what is stored, for that message."""
+    not answer, or answered from an older generation. `what` says what is stored, for that message and the log's
+    line of the change (an outside check could not tell from the log which version went live: only "bank
+    generation 5: 2 tasks")."""
+    log.info("stored: %s, generation %d", what, generation)
     replicas = await service_of(request).announce(generation, wait == "all")
     behind = {r: g for r, g in replicas.items() if not isinstance(g, int) or g < generation}
     if behind:
@@ -147,7 +153,8 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         data = await read_bundle_upload(request, service.config.limits)
         async with one_at_a_time:
             result = await run_in_threadpool(registry.upload, data, chosen == "active", force, chosen == "shadow")
-        what = f"version {result.version} of {result.task}"
+        how = "restored" if result.restored else chosen + (", force" if force else "")
+        what = f"version {result.version} of {result.task} ({how})"
         replicas = await announced(request, result.generation, wait, what)
         if result.restored:  # nothing new was created: a stored version's blob was written back
             response.status_code = 200
@@ -172,7 +179,8 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
                 raise InterferenceRefused(e.report, failed_when_stored=True) from None
             raise
         generation = registry.bank.generation
-        replicas = await announced(request, generation, wait, f"the activation of {task} version {body.version}")
+        what = f"the activation of {task} version {body.version}" + (" (force)" if force else "")
+        replicas = await announced(request, generation, wait, what)
         entry = await run_in_threadpool(registry.task_entry, task)
         return {**task_info(registry.bank, task, entry), "replicas": replicas, "gate": gate, "generation": generation}
 

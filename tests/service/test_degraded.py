@@ -185,6 +185,19 @@ async def test_a_corrupt_index_still_serves_zero_shot_and_refuses_writes(tmp_pat
         r = await c.post("/tasks", files={"bundle": ("a", two_tasks["a"])}, headers=AUTH)
         assert r.status_code == 503 and r.json()["error"]["code"] == "store_error" and r.headers["Retry-After"]
         assert store.index_path.read_text() == '{"generation": 3, "tasks": {'  # nothing overwritten
+        # not ready: a balancer sent such a server (a replica started while its store was down) its share of task
+        # traffic, all of it answered by zero-shot CLIP
+        r = await c.get("/readyz")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "store_error" and r.headers["Retry-After"]
+        assert "has not read its store since it started" in r.json()["error"]["message"]
+        assert "index is corrupt" in r.json()["error"]["message"] and str(tmp_path) not in r.text
+        assert "clipbank_ready 0.0" in (await c.get("/metrics")).text
+        good = _store(tmp_path / "good", two_tasks["c"])
+        store.index_path.write_bytes(good.index_path.read_bytes())  # the index restored: ready at the next poll
+        assert c.app.state.service.registry.refresh()
+        r = await c.get("/readyz")
+        assert r.status_code == 200 and r.json()["tasks"] == ["c"], r.text
+        assert "clipbank_ready 1.0" in (await c.get("/metrics")).text
 
 
 async def test_a_bundle_for_another_backbone_is_degraded_not_fatal(tmp_path, backbone, two_tasks):
@@ -462,6 +475,10 @@ async def test_a_pinned_404_carries_the_generation_of_the_bank_that_refused_it(t
         assert r.status_code == 404 and r.headers["x-clipbank-generation"] == str(before.generation), r.headers
 
 
+def _metric_value(text: str, name: str) -> float:
+    return float(next(line for line in text.splitlines() if line.startswith(name + " ")).split()[1])
+
+
 async def test_metrics_say_ready_store_error_saturation_and_error_codes(tmp_path, backbone, two_tasks):
     """A monitoring check could not alert on a store the server cannot read (no metric changed), on readiness,
     on what max_queue_images bounds, on memory, or on overload apart from what clients cause (every 503 was one
@@ -472,13 +489,21 @@ async def test_metrics_say_ready_store_error_saturation_and_error_codes(tmp_path
         for line in ("clipbank_ready 1.0", "clipbank_store_error 0.0", "clipbank_admitted_images 0.0"):
             assert line in text, line
         assert "clipbank_max_queue_images 1024.0" in text and "process_resident_memory_bytes" in text
+        batched = _metric_value(text, "clipbank_batch_images_count")
         r = await c.post("/classify", files=[("images", ("r.png", colour("red")))], data={"task": "nope"})
         assert r.status_code == 404 and r.headers["x-clipbank-error"] == "task_not_found"
+        assert r.headers["x-clipbank-generation"] == str(store.index().generation)
         text = (await c.get("/metrics")).text
         assert 'clipbank_errors_total{code="task_not_found",endpoint="/classify"} 1.0' in text
+        # refused before decoding: no pass ran for it (an outside check saw it counted as batch images)
+        assert _metric_value(text, "clipbank_batch_images_count") == batched
         store.index_path.write_text("{garbage")
         c.app.state.service.registry.refresh()
         assert "clipbank_store_error 1.0" in (await c.get("/metrics")).text
+        # a store that fails after a bank was read from it: that bank serves, so the server stays ready
+        assert "clipbank_ready 1.0" in (await c.get("/metrics")).text
+        r = await c.get("/readyz")
+        assert r.status_code == 200 and r.json()["status"] == "degraded" and r.json()["tasks"] == ["c"], r.text
 
 
 async def test_a_store_replaced_under_the_server_is_said_without_its_path(tmp_path, backbone, two_tasks):

@@ -4,8 +4,11 @@ report is kept beside it in the store."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
+from service.request_ids import RequestIdFilter
 from tests.helpers import over_broad
 
 from .conftest import AUTH, running_app
@@ -27,7 +30,11 @@ async def _push_textures(c, textures: bytes) -> dict:
     return r.json()
 
 
-async def test_an_over_broad_version_is_refused_naming_each_task_and_force_lands_it(tmp_path, backbone, bundles):
+async def test_an_over_broad_version_is_refused_naming_each_task_and_force_lands_it(
+    tmp_path, backbone, bundles, caplog
+):
+    caplog.handler.addFilter(RequestIdFilter())
+    caplog.set_level(logging.INFO, logger="clipbank.service")
     async with running_app(tmp_path, backbone, **DEFAULTS) as c:
         await _push_textures(c, bundles["textures"])
         broad = over_broad(bundles["glyphs"])
@@ -43,8 +50,16 @@ async def test_an_over_broad_version_is_refused_naming_each_task_and_force_lands
         # a refusal is no failed swap: an alert on swap failures fired on every refused upload
         assert _metric((await c.get("/metrics")).text, "clipbank_swap_failures_total") == 0
 
-        r = await c.post("/tasks", params={"force": "true"}, files={"bundle": ("g", broad)}, headers=AUTH)
+        forced = {**AUTH, "X-Request-ID": "r-force"}
+        r = await c.post("/tasks", params={"force": "true"}, files={"bundle": ("g", broad)}, headers=forced)
         assert r.status_code == 201 and r.json()["gate"]["passed"] is False
+        # an outside check: the override's line (run on the compute thread) named no request, and no line named
+        # the version that went live
+        lines = {r.getMessage().split(":")[0]: r.request_id for r in caplog.records if r.name == "clipbank.service"}
+        assert lines["gate overridden (force) for glyphs v1"] == "r-force", lines
+        assert lines["stored"] == "r-force", lines
+        stored = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stored: ")]
+        assert stored[-1] == f"stored: version 1 of glyphs (active, force), generation {r.json()['generation']}"
         info = (await c.get("/tasks/glyphs", headers=AUTH)).json()
         assert info["serving"] and info["versions"][0]["gate"]["stolen"]["textures"] > 0.9  # kept in the store
         assert _metric((await c.get("/metrics")).text, "clipbank_gate_overrides_total") == 1
