@@ -158,12 +158,13 @@ class TrafficWatch:
         self, bank: BankSnapshot, min_share: float, min_size: int, max_clusters: int, examples: int = 0
     ) -> dict[str, Any]:
         """`GET /insights/unclaimed`: the reservoir's window, and its clusters with each one's nearest task (and up
-        to `examples` thumbnails of each, when the reservoir keeps them). One computation at a time (another
-        request meanwhile gets 503 overloaded)."""
+        to `examples` thumbnails of each, when the reservoir keeps them). One computation at a time: another
+        request meanwhile waits for it, up to CLUSTERING_WAIT_SECONDS, then gets 503 overloaded (it got that at
+        once, and an outside check's dashboard beside one CLI call tripped the `overloaded` alert)."""
         reservoir = self.reservoir
         if reservoir is None or not reservoir.enabled:
             return {"enabled": False, "reservoir": None, "clusters": []}
-        if not self._clustering.acquire(blocking=False):
+        if not self._clustering.acquire(timeout=CLUSTERING_WAIT_SECONDS):
             raise Overloaded("the unclaimed traffic is being clustered for another request: retry shortly")
         try:
             snap = reservoir.snapshot()
@@ -191,6 +192,7 @@ class TrafficWatch:
         }
 
 
+CLUSTERING_WAIT_SECONDS = 30.0  # a clustering of a full reservoir takes a few seconds (2.2 s for 1,800 here)
 MAX_EXAMPLES = 256  # thumbnails in one answer, at most (biggest clusters first): 128-pixel PNGs, ~50 KB each
 
 

@@ -71,6 +71,18 @@ def test_drops_embeddings_and_bins_older_than_the_retention():
     assert len(late) == 0 and late.bins == [] and len(r) == 0
 
 
+def test_unclaimed_images_that_expired_leave_the_counts_of_a_bin_the_retention_cuts():
+    """An outside check (retention 30 s, bins of 5 s): 120 images of one domain, then 120 of another 31 s later.
+    The first ones' embeddings had expired but their bin still counted them, so the second domain's cluster read
+    a share of 0.49 for up to a bin, where all the unclaimed traffic kept is that domain."""
+    r = UnclaimedReservoir(ReservoirConfig(capacity=1000, retention_seconds=30.0, bin_seconds=5.0), dim=2)
+    r.record(130, np.full((120, 2), 0.5, np.float32), now=1001.0)  # 10 of them claimed by a task
+    r.record(120, np.ones((120, 2), np.float32), now=1032.0)
+    snap = r.snapshot(now=1033.0)  # cut-off 1003: the bin of 1000-1005 is partly inside
+    assert [(b.start, b.auto_images, b.unclaimed) for b in snap.bins] == [(1000.0, 10, 0), (1030.0, 120, 120)]
+    assert (snap.auto_images, snap.unclaimed, len(snap)) == (130, 120, 120)
+
+
 def test_the_window_holds_the_claimed_traffic_before_the_first_unclaimed_image():
     """77 images a task claimed, then 30 it did not, a bin later: 30 of 107 went to zero-shot, not 30 of 30 (the
     window once started at the oldest kept embedding even when the ring had never overwritten one)."""
@@ -172,6 +184,26 @@ def test_a_new_domain_at_ten_percent_of_traffic_is_one_cluster():
     assert find_clusters(r.snapshot(now=end), None)[0].nearest_task is None  # no tasks
     empty = find_clusters(r.snapshot(now=end), lambda e: ([], np.zeros((len(e), 0))))
     assert (empty[0].nearest_task, empty[0].margin) == (None, None)
+
+
+def test_a_cluster_holds_images_a_task_claims_now_or_images_none_claims_never_both():
+    """An outside check: digits sent before their task was pushed, and dice no task knows, came out as one
+    cluster whose nearest task was `digits`, so the dice, a domain to train, were hidden."""
+    r = UnclaimedReservoir(ReservoirConfig(), dim=DIM)
+    x = _mixed(blob=200, noise=400)
+    end = _fill(r, 2000, x)
+    blob = _blob(200, 0)
+    cut = float(np.median(blob[:, 0]))
+
+    def half_claimed(e: np.ndarray) -> tuple[list[str], np.ndarray]:  # the task claims the blob's one half only
+        return ["digits"], np.where(e[:, 0] > cut, 0.5, 3.0)[:, None]
+
+    clusters = find_clusters(r.snapshot(now=end), half_claimed, min_share=0.03)
+    assert sorted(c.size for c in clusters) == [pytest.approx(100, abs=10)] * 2
+    for c in clusters:
+        claimed = x[c.members][:, 0] > cut
+        assert claimed.all() or not claimed.any()
+    assert sorted(c.margin for c in clusters) == [-0.5, 2.0]
 
 
 def test_a_reservoir_of_one_domain_needs_the_reference_set_to_be_a_cluster():
