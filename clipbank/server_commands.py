@@ -118,8 +118,10 @@ def say_what_it_replaces(out: dict, replaced: int, task: dict | None, would: boo
         )
         print(
             f"task {name} v{v} {verb} v{replaced} and lacks {len(dropped)} of its {len(old.get('classes'))} classes "
-            f"({shown}): their images {'would be' if would else 'are now'} answered over v{v}'s classes, or by "
-            f"zero-shot CLIP when asked with their names. {back}{keep}",
+            f"({shown}): their images {'would be' if would else 'are now'} answered over v{v}'s classes when sent "
+            f"without labels; sent with labels among which are some of v{v}'s, v{v} answers over all of them, "
+            "and names it never learned are scored by experts that never saw them, often wrongly (zero-shot CLIP "
+            f"answers only requests none of whose labels v{v} knows). {back}{keep}",
             file=sys.stderr,
         )
     classes, trained = new.get("classes") or (), (new.get("metrics") or {}).get("train_classes")
@@ -186,8 +188,8 @@ def say_gate_notes(out: dict) -> None:
     for task, share in sorted((gate.get("already_taken") or {}).items(), key=lambda kv: -kv[1]):
         if isinstance(share, int | float) and share > limit:
             print(
-                f"{name} keeps {share:.1%} of task {task}'s images, which its version serving before took already "
-                "(so the gate does not count them): that task gets little of its own traffic",
+                f"{name} keeps {share:.1%} of task {task}'s images (by the selectors alone, without labels), which "
+                "its version serving before took already, so the gate does not count them",
                 file=sys.stderr,
             )
 

@@ -61,6 +61,12 @@ def _shadow(args: argparse.Namespace) -> int:
         "  score histogram (error / threshold; <= 1 passes its threshold, and claims the image unless another "
         f"task scores lower): {bins or 'no image scored yet'}"
     )
+    # an outside check: shadow said it would take 30 images from a task activated since it entered the shadow,
+    # and its promotion was refused; the gate's report kept with it is of the bank of that time
+    print(
+        f"  promoting it (`clipbank tasks activate {stats['task']} {stats['version']}`) runs the interference gate "
+        "again, on the bank as it is then"
+    )
     return 0
 
 

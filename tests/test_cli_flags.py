@@ -436,7 +436,8 @@ def test_shadow_with_no_image_scored_says_so_instead_of_an_empty_histogram(monke
     _client_on(monkeypatch, lambda request: httpx.Response(200, json=stats))
     assert main(["shadow", "t", "--url", "http://srv"]) == 0
     out = capsys.readouterr().out
-    assert "would claim 0 of 0 auto-routed images (-)" in out and out.rstrip().endswith("): no image scored yet")
+    assert "would claim 0 of 0 auto-routed images (-)" in out and "): no image scored yet\n" in out
+    assert out.rstrip().endswith("runs the interference gate again, on the bank as it is then")  # not its old report
 
 
 def test_pretrain_tiny_does_not_overwrite_the_embedded_backbone_unless_asked(capsys):
