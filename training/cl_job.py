@@ -79,6 +79,9 @@ def run_offline_cl(job: CLJob, backbone: Backbone, progress: bool = True) -> dic
         report["seconds"]["total"] = round(spent, 1)
         reports.append(report)
     out = aggregate(reports)
+    if job.quick or not _default_sized(job):  # the issue's figures are the default run's: judged on it alone (an
+        # outside check: a 2-step smoke run said fallback_pretraining "met"; the docs said quick runs are not judged)
+        out["goals"] = {k: {**g, "met": None} for k, g in out["goals"].items()}
     out["seconds"]["wall"] = round(time.perf_counter() - start, 1)  # all seeds' parts, side by side
     limit = QUICK_MINUTES if job.quick else DEFAULT_MINUTES  # on 2 cores, for the issue's run sizes only
     wall = goal(round(out["seconds"]["wall"] / 60, 2), None, "<=", limit)
