@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -26,10 +27,22 @@ def bench(args: argparse.Namespace) -> int:
     job(**given(job, args))  # every setting checked before any work starts
     if getattr(args, "out", None) == "" and args.bench_cmd not in ("cl", "routing"):  # wrote into the current folder
         raise ValueError(f"--out '' prints only for cl and routing; name a folder for {args.bench_cmd}'s report")
-    if getattr(args, "out", ""):  # the report's folder, before minutes of work whose figures it would lose
+    out = Path(args.out) if getattr(args, "out", "") else None
+    made = out is not None and not out.exists()
+    if out is not None:  # the report's folder, before minutes of work whose figures it would lose
         from training.run import writable_folder
 
-        writable_folder(Path(args.out), "--out")
+        writable_folder(out, "--out")
+    try:
+        return _run_bench(args)
+    except BaseException:
+        if made:  # a check that failed after it (an unknown method, a dataset missing) left it empty behind
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if still empty
+        raise
+
+
+def _run_bench(args: argparse.Namespace) -> int:
     if args.bench_cmd == "soak":
         return _bench_soak(args)
     if args.bench_cmd == "scale":

@@ -182,9 +182,15 @@ def test_class_incremental_protocol(backbone):
     assert r["versions"][0]["old_class_accuracy_pinned"] is None
 
 
-def test_bench_cl_refuses_bad_settings_before_any_work(capsys):
+def test_bench_cl_refuses_bad_settings_before_any_work(capsys, tmp_path):
     assert main(["bench", "cl", "--seeds", "0"]) != 0
     assert "seeds must be >= 1, got 0" in capsys.readouterr().err
+    out = tmp_path / "made" / "report"  # a check after the --out folder was made: it is not left behind empty
+    assert main(["bench", "cl", "--methods", "zero-shot,moe-dds", "--out", str(out)]) == 2
+    assert "moe-dds" in capsys.readouterr().err and not out.exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there before stays
+    assert main(["bench", "cl", "--methods", "zero-shot,moe-dds", "--out", str(tmp_path / "kept")]) == 2
+    assert (tmp_path / "kept").is_dir()
 
 
 def test_bench_cl_with_seeds_writes_mean_and_std(tmp_path, capsys, monkeypatch):
@@ -204,6 +210,8 @@ def test_bench_cl_with_seeds_writes_mean_and_std(tmp_path, capsys, monkeypatch):
     assert s["cil_old_class_accuracy_last"] is None and s["routing_long_task_accuracy"] is None
     goals = report["goals"]
     assert goals["routing_long_task_accuracy"]["met"] is None  # --no-routing: not measured, not a pass
+    judged = {k: g["met"] for k, g in goals.items() if g["value"] is not None}
+    assert judged and set(judged.values()) == {None}, judged  # measured, but not at the default run's sizes
     assert goals["wall_minutes"]["goal"] == "<= 5" and goals["wall_minutes"]["value"] >= 0
     assert goals["wall_minutes"]["met"] is None  # not the quick run's sizes: not judged
     assert "| holds on the mean |" in (out / "report.md").read_text()

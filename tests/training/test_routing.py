@@ -50,6 +50,7 @@ def test_report_files(result, tmp_path):
     assert all(p.exists() for p in paths)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert set(saved["routing"]["kinds"]) == set(SHORT.kinds)
+    assert saved["routing"]["outside"] == SHORT.outside  # the plot's right panel is that domain's fallback
     assert f"Machine: {saved['machine_facts']['cpu']}" in (tmp_path / "report.md").read_text()
 
 
