@@ -59,6 +59,7 @@ class ServeBenchConfig:
     latency_requests: int = 200  # one client, pinned, one request at a time: the 1-client latency ratios
     server_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    judged: bool = False  # the full run, whose ratios report.md holds against the goals (`bench serve`)
 
 
 def rss_bytes(pid: int) -> int:

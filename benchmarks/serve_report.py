@@ -75,13 +75,13 @@ def _header(report: dict[str, Any]) -> list[str]:
         "| ratio | value | goal | met |",
         "| --- | --- | --- | --- |",
     ]
-    # the goals are the full run's: a quick run's levels last about half a second, and two in a row read yes then
-    # NO on three goals (an outside check); it checks that every key is there, not that it holds
-    judged = max(cfg.get("growth") or (0,)) >= 100
+    # the goals are the full run's (`ServeBenchConfig.judged`): a quick run's levels last about half a second, and
+    # two in a row read yes then NO on three goals (an outside check); it checks every key is there, not that it holds
+    judged = cfg.get("judged", False)
     for k, v in report["ratios"].items():
         goal = GOALS.get(k)
         shown = " ".join(map(str, goal)) if goal else "-"
-        met = (_meets(v, goal) if judged else "not judged (a quick run)") if goal else "-"
+        met = (_meets(v, goal) if judged else "not judged (not the full run)") if goal else "-"
         lines.append(f"| {k} | {v} | {shown} | {met} |")
     return lines
 

@@ -62,7 +62,8 @@ def measure(sequence: Sequence[str], precision: float, min_count: int = 10, kind
         return probs.max(-1).values, probs.argmax(-1) == torch.tensor(domain.split(split)[1])
 
     thresholds = {name: deferral_threshold(*zero_shot(name, "val"), precision, min_count) for name in sequence}
-    out: dict = {"precision": precision, "thresholds": thresholds}
+    shown = {name: t if math.isfinite(t) else None for name, t in thresholds.items()}  # JSON has no inf: null, none
+    out: dict = {"precision": precision, "thresholds": shown}
     for mode, known in (("selectors", lambda n: None), ("labels", lambda n: _known_by(sequence, n))):
         rows = {}
         for name in [*sequence, cfg.outside, *cfg.near]:

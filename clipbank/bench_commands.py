@@ -27,8 +27,8 @@ def bench(args: argparse.Namespace) -> int:
     job(**given(job, args))  # every setting checked before any work starts
     if getattr(args, "out", None) == "" and args.bench_cmd not in ("cl", "routing"):  # wrote into the current folder
         raise ValueError(f"--out '' prints only for cl and routing; name a folder for {args.bench_cmd}'s report")
-    out = Path(args.out) if getattr(args, "out", "") else None
-    made = out is not None and not out.exists()
+    out = Path(args.out).absolute() if getattr(args, "out", "") else None
+    made = [] if out is None else [p for p in (out, *out.parents) if not p.exists()]  # the folders it will make
     if out is not None:  # the report's folder, before minutes of work whose figures it would lose
         from training.run import writable_folder
 
@@ -36,9 +36,9 @@ def bench(args: argparse.Namespace) -> int:
     try:
         return _run_bench(args)
     except BaseException:
-        if made:  # a check that failed after it (an unknown method, a dataset missing) left it empty behind
-            with contextlib.suppress(OSError):
-                out.rmdir()  # only if still empty
+        with contextlib.suppress(OSError):  # a check that failed after them (an unknown method, a dataset
+            for folder in made:  # missing) left them empty behind; deepest first, and only while empty
+                folder.rmdir()
         raise
 
 
@@ -247,6 +247,9 @@ def _bench_serve(args: argparse.Namespace) -> int:
         onnx=args.onnx,
         litserve=args.litserve,
         prefix=args.prefix,
+        # the goals are the full run's: not --quick, its levels about half a second long (two quick runs in a row
+        # read yes then NO on three goals), nor shorter levels or fewer backbones (the review)
+        judged=not (quick or args.requests or args.max_seconds or args.tiny_only),
     )
     backbones: list[tuple[str, str | None]] = [("tiny", "tiny")]
     if not quick and not args.tiny_only:

@@ -121,7 +121,7 @@ def say_what_it_replaces(out: dict, replaced: int, task: dict | None, would: boo
             f"({shown}): their images {'would be' if would else 'are now'} answered over v{v}'s classes when sent "
             f"without labels; sent with labels among which are some of v{v}'s, v{v} answers over all of them, "
             "and names it never learned are scored by experts that never saw them, often wrongly (zero-shot CLIP "
-            f"answers only requests none of whose labels v{v} knows). {back}{keep}",
+            f"answers them only when no selector claims them, or when none of their labels is v{v}'s). {back}{keep}",
             file=sys.stderr,
         )
     classes, trained = new.get("classes") or (), (new.get("metrics") or {}).get("train_classes")

@@ -300,7 +300,7 @@ def find_clusters(
 
     with threadpool_limits(1, user_api="blas"):  # small matrices: one BLAS thread is faster, and leaves a core
         labels = cluster_labels(x, need, background)
-    groups = _by_claimer([np.flatnonzero(labels == k) for k in range(int(labels.max()) + 1)], x, score_tasks)
+    groups = [np.flatnonzero(labels == k) for k in range(int(labels.max()) + 1)]
     groups = [g for g in groups if len(g) >= min_size and weight[g].sum() / auto >= min_share]
     groups = sorted(groups, key=lambda g: (-len(g), int(g[0])))[:max_clusters]
     nearest = _nearest_tasks(x, groups, score_tasks)
@@ -329,26 +329,6 @@ def typical_members(snapshot: ReservoirSnapshot, cluster: Cluster, n: int) -> np
         return np.zeros(0, np.int64)
     near = np.argsort(-(snapshot.embeddings[cluster.members] @ cluster.centroid), kind="stable")[:n]
     return cluster.members[near]
-
-
-def _by_claimer(groups: list[np.ndarray], x: np.ndarray, score_tasks: ScoreTasks | None) -> list[np.ndarray]:
-    """Each group cut by which active task's selector claims its members now (score at most 1), or none: images
-    that went to zero-shot before a task that claims them was activated are no new domain, and in one cluster
-    with images no task claims (an outside check: dice mixed with digits pushed since) they hid it."""
-    if not groups or score_tasks is None:
-        return groups
-    names, scores = score_tasks(x[np.concatenate(groups)])
-    scores = np.asarray(scores, dtype=np.float64)
-    if not names or scores.ndim != 2 or scores.shape[1] == 0:
-        return groups
-    scores = np.where(np.isnan(scores), np.inf, scores)
-    claimer = np.where(scores.min(axis=1) <= 1.0, scores.argmin(axis=1), -1)
-    out, a = [], 0
-    for g in groups:
-        mine = claimer[a : a + len(g)]
-        out.extend(g[mine == c] for c in np.unique(mine))
-        a += len(g)
-    return out
 
 
 def _nearest_tasks(

@@ -247,11 +247,13 @@ class UnclaimedReservoir:
             kept = int(np.count_nonzero(stamps == stamps[0]))
             (auto, unclaimed), (auto_before, unclaimed_before) = batch[0], before[0]
             counts[first] -= (auto_before + auto - round(auto * kept / unclaimed), unclaimed_before + unclaimed - kept)
-        elif first < len(ids) and ids[first] * bs < cutoff:  # the oldest bin began before the retention: less the
-            # unclaimed images of it that expired (an outside check's share read half its value for up to a bin
-            # after the other domain's images expired); its claimed ones, which left no time, stay counted
-            expired = counts[first][1] - int(np.count_nonzero(np.floor(times / bs) == ids[first]))
-            counts[first] -= (expired, expired)
+        elif first < len(ids) and ids[first] * bs < cutoff:  # the oldest bin began before the retention: only
+            # the part of it whose unclaimed images are kept (an outside check's share read half its value for up to
+            # a bin after another domain's images expired), its auto images prorated as when the ring overwrote
+            auto, unclaimed = (int(c) for c in counts[first])
+            kept = int(np.count_nonzero(np.floor(times / bs) == ids[first]))
+            if unclaimed > kept:
+                counts[first] = (round(auto * kept / unclaimed), kept)
         bins = [
             TrafficBin(float(i * bs), int(a), int(u)) for i, (a, u) in zip(ids[first:], counts[first:], strict=True)
         ]

@@ -6,6 +6,7 @@ a request."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import logging
@@ -58,6 +59,7 @@ class TrafficWatch:
         self.background: np.ndarray | None = None  # the backbone's reference set: generic images
         self._pixels: tuple[torch.Tensor, torch.Tensor] | None = None  # the preprocessing's mean and std
         self._clustering = threading.Lock()
+        self._turn = asyncio.Lock()  # the requests for a clustering wait their turn on the event loop, not in threads
         self._failed: set[str] = set()  # kinds of failure already logged with a traceback
         self._stop = threading.Event()
 
@@ -158,13 +160,12 @@ class TrafficWatch:
         self, bank: BankSnapshot, min_share: float, min_size: int, max_clusters: int, examples: int = 0
     ) -> dict[str, Any]:
         """`GET /insights/unclaimed`: the reservoir's window, and its clusters with each one's nearest task (and up
-        to `examples` thumbnails of each, when the reservoir keeps them). One computation at a time: another
-        request meanwhile waits for it, up to CLUSTERING_WAIT_SECONDS, then gets 503 overloaded (it got that at
-        once, and an outside check's dashboard beside one CLI call tripped the `overloaded` alert)."""
+        to `examples` thumbnails of each, when the reservoir keeps them). One computation at a time (another gets
+        503 overloaded: `in_turn` makes requests wait for theirs)."""
         reservoir = self.reservoir
         if reservoir is None or not reservoir.enabled:
             return {"enabled": False, "reservoir": None, "clusters": []}
-        if not self._clustering.acquire(timeout=CLUSTERING_WAIT_SECONDS):
+        if not self._clustering.acquire(blocking=False):
             raise Overloaded("the unclaimed traffic is being clustered for another request: retry shortly")
         try:
             snap = reservoir.snapshot()
@@ -190,6 +191,23 @@ class TrafficWatch:
             },
             "clusters": [{**c.to_json(), "examples": e} for c, e in zip(clusters, shown, strict=True)],
         }
+
+
+async def in_turn(watch: TrafficWatch, bank: BankSnapshot, *args: Any) -> dict[str, Any]:
+    """`watch.unclaimed(bank, *args)` in a worker thread once the clusterings asked before it are done: a request
+    waits on the event loop, up to CLUSTERING_WAIT_SECONDS, then gets 503 overloaded (it got that at once, and an
+    outside check's dashboard beside one CLI call tripped the `overloaded` alert; waiting in a worker thread held
+    one of the pool that /classify's decoding and the store's polls use, the review)."""
+    from starlette.concurrency import run_in_threadpool
+
+    try:
+        await asyncio.wait_for(watch._turn.acquire(), CLUSTERING_WAIT_SECONDS)
+    except TimeoutError:
+        raise Overloaded("the unclaimed traffic is being clustered for other requests: retry shortly") from None
+    try:
+        return await run_in_threadpool(watch.unclaimed, bank, *args)
+    finally:
+        watch._turn.release()
 
 
 CLUSTERING_WAIT_SECONDS = 30.0  # a clustering of a full reservoir takes a few seconds (2.2 s for 1,800 here)

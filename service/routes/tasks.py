@@ -86,12 +86,16 @@ WAIT_HELP = (
 Wait = Annotated[Literal["none", "all"], Query(description=WAIT_HELP)]
 
 
-async def announced(request: Request, generation: int, wait: str, what: str) -> dict[str, Any]:
+async def announced(
+    request: Request, generation: int, wait: str, what: str, before: int | None = None
+) -> dict[str, Any]:
     """Tell the other replicas of a change stored at `generation`; with wait=all, 504 naming each replica that did
     not answer, or answered from an older generation. `what` says what is stored, for that message and the log's
     line of the change (an outside check could not tell from the log which version went live: only "bank
-    generation 5: 2 tasks")."""
-    log.info("stored: %s, generation %d", what, generation)
+    generation 5: 2 tasks"); `before`: the generation before it, when the change may have written nothing (an
+    activation of the active version), which is then not logged."""
+    if before is None or generation != before:
+        log.info("stored: %s, generation %d", what, generation)
     replicas = await service_of(request).announce(generation, wait == "all")
     behind = {r: g for r, g in replicas.items() if not isinstance(g, int) or g < generation}
     if behind:
@@ -172,6 +176,7 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         """Make a stored version active: rollback or roll forward, hot-swapped."""
         registry = service_of(request).require_ready()
         body = await read_json(request, ActivateRequest)  # read after the token check, not before
+        before = registry.bank.generation
         try:
             gate = await run_in_threadpool(registry.activate, known_name(task), body.version, force)
         except InterferenceRefused as e:  # said plainly when the version failed the gate as it was stored, too
@@ -180,7 +185,7 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
             raise
         generation = registry.bank.generation
         what = f"the activation of {task} version {body.version}" + (" (force)" if force else "")
-        replicas = await announced(request, generation, wait, what)
+        replicas = await announced(request, generation, wait, what, before)
         entry = await run_in_threadpool(registry.task_entry, task)
         return {**task_info(registry.bank, task, entry), "replicas": replicas, "gate": gate, "generation": generation}
 
@@ -209,11 +214,13 @@ def _add_removal(router: APIRouter) -> None:
     ) -> dict:
         """Stop routing to a task. Its versions stay stored for rollback unless purged."""
         registry = service_of(request).require_ready()
+        before = registry.bank.generation
         purged, was_active = await run_in_threadpool(registry.deactivate, known_name(task), purge)
         kept = await run_in_threadpool(_kept, registry.store, task) if purge else {}
         shadow = None if purge else await run_in_threadpool(_shadow_version, registry, task)
         generation = registry.bank.generation
-        replicas = await announced(request, generation, wait, f"the {'purge' if purge else 'deactivation'} of {task}")
+        what = f"the {'purge' if purge else 'deactivation'} of {task}"
+        replicas = await announced(request, generation, wait, what, before)
         return {
             "task": task,
             "was_active": was_active,

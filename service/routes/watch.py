@@ -14,15 +14,17 @@ from ..auth import TokenCheck
 from ..decode import read_json
 from ..schemas import ActivateRequest, ShadowInfo, TaskInfo, UnclaimedInsights
 from ..tasks import task_info
+from ..watch import in_turn
 from . import ERRORS, WAITED, known_query, service_of
 from .tasks import ACTIVATE_BODY, Wait, announced, known_name
 
 
-async def _changed(request: Request, task: str, wait: str, what: str) -> dict:
-    """The task as it now is, after telling the other replicas of the change (`announced`)."""
+async def _changed(request: Request, task: str, wait: str, what: str, before: int) -> dict:
+    """The task as it now is, after telling the other replicas of the change (`announced`); `before`: the
+    generation before it."""
     registry = service_of(request).require_ready()
     generation = registry.bank.generation
-    replicas = await announced(request, generation, wait, what)
+    replicas = await announced(request, generation, wait, what, before)
     entry = await run_in_threadpool(registry.task_entry, task)
     return {**task_info(registry.bank, task, entry), "replicas": replicas, "generation": generation}
 
@@ -54,15 +56,18 @@ def watch_router(admin: TokenCheck) -> APIRouter:
         """Put a stored version in shadow (replacing the one there); promote it later with activate."""
         registry = service_of(request).require_ready()
         body = await read_json(request, ActivateRequest)
+        before = registry.bank.generation
         gate = await run_in_threadpool(registry.shadow, known_name(task), body.version)
-        return {**await _changed(request, task, wait, f"version {body.version} of {task} in shadow"), "gate": gate}
+        what = f"version {body.version} of {task} in shadow"
+        return {**await _changed(request, task, wait, what, before), "gate": gate}
 
     @router.delete("/tasks/{task}/shadow", response_model=TaskInfo, responses=WAITED)
     async def end_shadow(request: Request, task: str, wait: Wait = "none") -> dict:
         """Stop scoring traffic with the task's version in shadow (it stays stored)."""
         registry = service_of(request).require_ready()
+        before = registry.bank.generation
         await run_in_threadpool(registry.shadow, known_name(task), None)
-        return await _changed(request, task, wait, f"the end of {task}'s shadow")
+        return await _changed(request, task, wait, f"the end of {task}'s shadow", before)
 
     @router.get("/insights/unclaimed", response_model=UnclaimedInsights, tags=["insights"])
     async def unclaimed(
@@ -83,7 +88,7 @@ def watch_router(admin: TokenCheck) -> APIRouter:
         service = service_of(request)
         registry = service.require_ready()
         bank = registry.bank
-        found = await run_in_threadpool(service.watch.unclaimed, bank, min_share, min_size, max_clusters, examples)
+        found = await in_turn(service.watch, bank, min_share, min_size, max_clusters, examples)
         return {**found, "replica": service.replica}
 
     return router

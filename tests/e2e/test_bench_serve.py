@@ -84,7 +84,7 @@ def test_bench_serve_writes_a_complete_report(tmp_path):
     assert tiny["flops"]["image_adapted"] > tiny["flops"]["image_frozen"] > 0
     md = (tmp_path / "report.md").read_text()
     assert "auto_vs_baseline" in md and "| baseline |" in md
-    assert "| >= 1.0 | not judged (a quick run) |" in md and "| yes |" not in md  # the full run's goals only
+    assert "| >= 1.0 | not judged (not the full run) |" in md and "| yes |" not in md  # the full run's goals only
     assert {p for p in report["plots"]} == {"serve-load.png", "serve-growth.png"}
     assert all((tmp_path / p).stat().st_size > 10_000 for p in report["plots"])
     # the shared frozen prefix: one server per K, rounds of auto beside zero-shot, the warm-up round left out

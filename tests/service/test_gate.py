@@ -60,6 +60,9 @@ async def test_an_over_broad_version_is_refused_naming_each_task_and_force_lands
         assert lines["stored"] == "r-force", lines
         stored = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stored: ")]
         assert stored[-1] == f"stored: version 1 of glyphs (active, force), generation {r.json()['generation']}"
+        again = await c.post("/tasks/glyphs/activate", json={"version": 1}, headers=AUTH)  # active: nothing stored
+        assert again.status_code == 200 and again.json()["generation"] == r.json()["generation"], again.text
+        assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("stored: ")] == stored
         info = (await c.get("/tasks/glyphs", headers=AUTH)).json()
         assert info["serving"] and info["versions"][0]["gate"]["stolen"]["textures"] > 0.9  # kept in the store
         assert _metric((await c.get("/metrics")).text, "clipbank_gate_overrides_total") == 1

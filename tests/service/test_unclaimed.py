@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import threading
+import asyncio
 
 import pytest
 
@@ -139,16 +139,17 @@ async def test_one_clustering_at_a_time(tmp_path, backbone, monkeypatch):
     async with running_app(tmp_path, backbone) as c:
         watch = c.app.state.service.watch
         bank = c.app.state.service.registry.bank
-        with watch._clustering:  # another request is clustering, for longer than one waits
+        with watch._clustering:  # another caller is clustering
             with pytest.raises(Overloaded):
                 watch.unclaimed(bank, 0.03, 20, 20)
+        async with watch._turn:  # another request is clustering, for longer than one waits
             r = await c.get("/insights/unclaimed", headers=AUTH)
             assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded" and "retry-after" in r.headers
         # one that ends within the wait: answered once it is done (an outside check: two dashboards and a CLI
-        # call at once got two 503s, counted where the docs say to alert on overload)
+        # call at once got two 503s, counted where the docs say to alert on overload); it waits on the event loop
         monkeypatch.setattr(watch_module, "CLUSTERING_WAIT_SECONDS", 30.0)
-        watch._clustering.acquire()
-        threading.Timer(0.3, watch._clustering.release).start()
+        await watch._turn.acquire()
+        asyncio.get_running_loop().call_later(0.3, watch._turn.release)
         assert (await c.get("/insights/unclaimed", headers=AUTH)).status_code == 200
         assert watch.reservoir.nbytes == 2048 * (backbone.embed_dim * 4 + 48) + watch.reservoir.config.max_bins * 24
 
