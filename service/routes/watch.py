@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from functools import partial
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -19,14 +21,16 @@ from . import ERRORS, WAITED, known_query, service_of
 from .tasks import ACTIVATE_BODY, Wait, announced, known_name
 
 
-async def _changed(request: Request, task: str, wait: str, what: str, before: int) -> dict:
-    """The task as it now is, after telling the other replicas of the change (`announced`); `before`: the
-    generation before it."""
+async def _changed(request: Request, task: str, wait: str, what: str, change: Callable[[], Any]) -> tuple[dict, Any]:
+    """Make the `change` (off the event loop), then tell the other replicas (`announced`): the task as it now is,
+    and what `change` returned."""
     registry = service_of(request).require_ready()
+    before = registry.bank.generation
+    result = await run_in_threadpool(change)
     generation = registry.bank.generation
     replicas = await announced(request, generation, wait, what, before)
     entry = await run_in_threadpool(registry.task_entry, task)
-    return {**task_info(registry.bank, task, entry), "replicas": replicas, "generation": generation}
+    return {**task_info(registry.bank, task, entry), "replicas": replicas, "generation": generation}, result
 
 
 def watch_router(admin: TokenCheck) -> APIRouter:
@@ -56,18 +60,16 @@ def watch_router(admin: TokenCheck) -> APIRouter:
         """Put a stored version in shadow (replacing the one there); promote it later with activate."""
         registry = service_of(request).require_ready()
         body = await read_json(request, ActivateRequest)
-        before = registry.bank.generation
-        gate = await run_in_threadpool(registry.shadow, known_name(task), body.version)
-        what = f"version {body.version} of {task} in shadow"
-        return {**await _changed(request, task, wait, what, before), "gate": gate}
+        shadow = partial(registry.shadow, known_name(task), body.version)
+        info, gate = await _changed(request, task, wait, f"version {body.version} of {task} in shadow", shadow)
+        return {**info, "gate": gate}
 
     @router.delete("/tasks/{task}/shadow", response_model=TaskInfo, responses=WAITED)
     async def end_shadow(request: Request, task: str, wait: Wait = "none") -> dict:
         """Stop scoring traffic with the task's version in shadow (it stays stored)."""
         registry = service_of(request).require_ready()
-        before = registry.bank.generation
-        await run_in_threadpool(registry.shadow, known_name(task), None)
-        return await _changed(request, task, wait, f"the end of {task}'s shadow", before)
+        stop = partial(registry.shadow, known_name(task), None)
+        return (await _changed(request, task, wait, f"the end of {task}'s shadow", stop))[0]
 
     @router.get("/insights/unclaimed", response_model=UnclaimedInsights, tags=["insights"])
     async def unclaimed(
@@ -86,8 +88,7 @@ def watch_router(admin: TokenCheck) -> APIRouter:
         With `examples`, each cluster also shows thumbnails of its most typical images, if the server keeps them
         (`unclaimed_thumbnails`)."""
         service = service_of(request)
-        registry = service.require_ready()
-        bank = registry.bank
+        bank = service.require_ready().bank
         found = await in_turn(service.watch, bank, min_share, min_size, max_clusters, examples)
         return {**found, "replica": service.replica}
 
