@@ -162,7 +162,10 @@ def twin_message(twins: tuple[str, str]) -> str:
             f"{shown(a, 60)} and {shown(b, 60)} name the same class (labels match classes whatever their case, "
             "spacing or `_`), so the model cannot tell them apart: send it once"
         )
+    first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    where = f" (they differ first at character {first + 1})" if shown(a, 60) == shown(b, 60) else ""
     return (
-        f"{shown(a, 60)} and {shown(b, 60)} are the same text to the backbone's tokenizer (it ignores case and "
-        "spacing and cuts long prompts), so the model cannot tell them apart: make them differ"
+        f"{shown(a, 60)} and {shown(b, 60)}{where} are the same text to the backbone's tokenizer (it ignores case, "
+        "spacing and how accents are composed, and cuts long prompts), so the model cannot tell them apart: make "
+        "them differ"
     )

@@ -15,16 +15,20 @@ class JSONRefused(ValueError):
     """The text is not JSON, or it breaks one of the bounds above; the message says which."""
 
 
+class JSONOverBound(JSONRefused):
+    """Valid JSON that breaks one of the bounds (an integer too long, nesting too deep, a key twice)."""
+
+
 def _int(text: str) -> int:
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise JSONRefused(f"an integer of {len(text)} digits (at most {MAX_INT_DIGITS})")
+        raise JSONOverBound(f"an integer of {len(text)} digits (at most {MAX_INT_DIGITS})")
     return int(text)
 
 
 def _float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise JSONRefused(f"the number {text[:40]} overflows a float")
+        raise JSONOverBound(f"the number {text[:40]} overflows a float")
     return value
 
 
@@ -40,7 +44,7 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise JSONRefused(f"the key {key[:60]!r} appears twice in one object")
+                raise JSONOverBound(f"the key {key[:60]!r} appears twice in one object")
             seen.add(key)
     return value
 
@@ -67,9 +71,9 @@ def loads(text: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
     except JSONRefused:
         raise
     except RecursionError:
-        raise JSONRefused(f"nested deeper than {max_depth} levels") from None
+        raise JSONOverBound(f"nested deeper than {max_depth} levels") from None
     except (ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise JSONRefused(str(e)[:200]) from None
     if depth(value) > max_depth:
-        raise JSONRefused(f"nested deeper than {max_depth} levels")
+        raise JSONOverBound(f"nested deeper than {max_depth} levels")
     return value

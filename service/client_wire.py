@@ -42,6 +42,13 @@ class ClipbankHTTPError(Exception):
 ClipbankHTTPError.__module__ = "service.client"  # where callers import it from (and older releases pickle it)
 
 IMAGE_PREFIX = re.compile(r"^image \d+ (\((['\"]).*?\2\) )?")  # "image 3 ('x.png') " of an image's error
+
+
+def _unnumbered(prefix: re.Match) -> str:
+    """ "image 3 ('x.png') " as "image 'x.png' " (an error of `skip_bad` read "is empty"), "image 3 " as nothing."""
+    return f"image {prefix.group(1)[1:-2]} " if prefix.group(1) else ""
+
+
 MAX_ANSWER_BYTES = 256 * 1024 * 1024  # far above any answer a clipbank server gives
 RETRIED = frozenset({"overloaded", "stale_replica", "not_ready"})  # 503s that name when trying again may succeed
 MAX_RETRY_WAIT = 30.0  # seconds: a longer Retry-After is not waited for
@@ -229,7 +236,7 @@ class Batches:
     def refused(self, e: ClipbankHTTPError) -> None:
         image = (e.details or {}).get("image") if e.status in (413, 422) else None
         if self.skip_bad and isinstance(image, int) and 0 <= image < len(self.part() or []):
-            message = IMAGE_PREFIX.sub("", e.message)  # its number changes as others go
+            message = IMAGE_PREFIX.sub(_unnumbered, e.message)  # its number changes as others go; its name stays
             self.errors[self.positions.pop(self.at + image)] = {"status": e.status, "code": e.code, "message": message}
             del self.files[self.at + image]
             return

@@ -14,11 +14,11 @@ from starlette.requests import ClientDisconnect, Request
 from model_store.errors import InvalidRequest
 from model_store.labels import label_key, label_problem, twin_message
 from model_store.manifest import shown
-from model_store.safejson import JSONRefused
+from model_store.safejson import JSONOverBound, JSONRefused
 from model_store.safejson import loads as bounded_loads
 
 from .config import MB, Limits
-from .errors import BadImage, ClientGone, LimitExceeded, UnsupportedMediaType, of_image
+from .errors import ClientGone, LimitExceeded, UnsupportedMediaType, of_image
 from .forms import FormLimits, read_multipart
 from .images import decode_base64
 from .schemas import ClassifyJSON, ClassifyOptions
@@ -62,13 +62,18 @@ async def read_classify(request: Request, limits: Limits) -> tuple[list[tuple[st
                 fields.setdefault("labels", []).append(value)
             elif key.endswith("[]"):  # axios and qs name repeated fields so; an unknown field, once seen twice
                 raise InvalidRequest(f"no field is named {shown(key)}: repeat the field {shown(key[:-2])} instead")
+            elif key in fields and key not in ClassifyOptions.model_fields:  # not the repeat: the name is wrong
+                raise InvalidRequest(f"no field is named {shown(key)}{_meant(key)}")
             elif key in fields:
                 raise InvalidRequest(f"the field {shown(key)} is sent more than once")
             else:
                 fields[key] = value
         options = validated(ClassifyOptions, fields)
     elif kind == "application/x-www-form-urlencoded":  # what a form without files is sent as
-        raise BadImage("send at least one image: a urlencoded form carries no files; use multipart/form-data")
+        raise UnsupportedMediaType(
+            "Content-Type application/x-www-form-urlencoded carries no files: send multipart/form-data (files) or "
+            "application/json (base64)"
+        )
     elif kind == "application/json":
         body = await _body(request)
         options, files = await run_in_threadpool(_parse_json_classify, body, limits)
@@ -161,6 +166,17 @@ def _measured(labels: tuple[str, ...], top_k: int | None) -> int:
 _answer_bytes = functools.lru_cache(maxsize=1024)(_measured)  # for the bank's own class tuples, which it holds
 
 
+def _meant(key: str) -> str:
+    """ ": send 'labels'" and the like, for a name that is one of the form's fields but for case or a final s."""
+    near = [f for f in ("labels", "images", *ClassifyOptions.model_fields) if f.rstrip("s") == key.lower().rstrip("s")]
+    return f": send {shown(near[0])}" if near else ""
+
+
+def json_problem(e: JSONRefused) -> str:
+    """What is wrong with a body `bounded_loads` refused: valid JSON over a bound is not called invalid."""
+    return f"the JSON body {'is refused' if isinstance(e, JSONOverBound) else 'is not valid JSON'}: {e}"
+
+
 async def read_json(request: Request, model: type[BaseModel]) -> Any:
     """A small JSON body (bounded by the body limit), parsed with bounded JSON and validated by `model`."""
     kind = content_kind(request)
@@ -169,7 +185,7 @@ async def read_json(request: Request, model: type[BaseModel]) -> Any:
     try:
         payload = bounded_loads(await _body(request))
     except JSONRefused as e:
-        raise InvalidRequest(f"the body is not valid JSON: {e}") from None
+        raise InvalidRequest(json_problem(e)) from None
     return validated(model, payload)
 
 
@@ -201,7 +217,7 @@ def _parse_json_classify(body: bytes, limits: Limits) -> tuple[ClassifyJSON, lis
     try:
         payload = bounded_loads(body)
     except JSONRefused as e:
-        raise InvalidRequest(f"the body is not valid JSON: {e}") from None
+        raise InvalidRequest(json_problem(e)) from None
     parsed = validated(ClassifyJSON, payload)
     if len(parsed.images) > limits.max_images:
         raise LimitExceeded(

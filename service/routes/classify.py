@@ -53,6 +53,19 @@ def multipart_schema(limits: Limits) -> dict:
     }
 
 
+def json_schema(limits: Limits) -> dict:
+    """The JSON form of `POST /classify`, with this server's limits (the multipart form's)."""
+    schema = ClassifyJSON.model_json_schema()
+    schema["properties"]["images"]["maxItems"] = limits.max_images
+    labels = schema["properties"]["labels"]
+    labels["maxItems"], labels["items"]["maxLength"] = limits.max_labels, limits.max_label_chars
+    return schema
+
+
+# a generated client must send each label as a part of its own: one JSON part '["cat","dog"]' is one label
+MULTIPART_ENCODING = {"labels": {"style": "form", "explode": True, "contentType": "text/plain"}}
+
+
 def classify_router(reader: TokenCheck | None, limits: Limits) -> APIRouter:
     """The classify route; `reader` checks the classify token (None: open, and the OpenAPI says so)."""
     router = APIRouter(tags=["classify"])
@@ -66,8 +79,8 @@ def classify_router(reader: TokenCheck | None, limits: Limits) -> APIRouter:
             "requestBody": {
                 "required": True,
                 "content": {
-                    "multipart/form-data": {"schema": multipart_schema(limits)},
-                    "application/json": {"schema": ClassifyJSON.model_json_schema()},
+                    "multipart/form-data": {"schema": multipart_schema(limits), "encoding": MULTIPART_ENCODING},
+                    "application/json": {"schema": json_schema(limits)},
                 },
             }
         },

@@ -49,7 +49,14 @@ def _classify_files(n=1, name="r.png", data=None):
 
 BAD_INPUTS = [
     # (description, request kwargs, expected status, expected code, words the message must contain)
-    ("no images", dict(data={"labels": LABELS}), 422, "bad_image", "at least one image"),
+    (  # a form without files (httpx sends data alone urlencoded): it was a 422 bad_image, where the error table
+        # says 415 for what is neither multipart nor JSON
+        "no images, a urlencoded form",
+        dict(data={"labels": LABELS}),
+        415,
+        "unsupported_media_type",
+        "carries no files: send multipart/form-data",
+    ),
     (
         "a label twice",
         dict(files=_classify_files(), data={"labels": ["cat", "dog", "cat"]}),
@@ -183,7 +190,15 @@ BAD_INPUTS = [
         ),
         422,
         "invalid_request",
-        "JSON",
+        "JSON body is refused: an integer of 5001 digits",  # valid JSON over a bound: not "not valid JSON"
+    ),
+    ("top_k of 19 digits", dict(files=_classify_files(), data={"top_k": "1" * 19}), 422, "invalid_request", "18 digit"),
+    (  # an integrator's misspelling, repeated as the docs say labels are: it was "sent more than once"
+        "misspelled field sent twice",
+        dict(files=_classify_files(), data={"label": ["red", "blue"]}),
+        422,
+        "invalid_request",
+        "no field is named 'label': send 'labels'",
     ),
     (
         "lone surrogate",
@@ -266,6 +281,14 @@ async def test_bad_inputs_get_a_named_4xx(tmp_path, backbone):
             assert words.lower() in err["message"].lower(), (what, err)
 
 
+async def test_a_top_k_of_int_max_means_every_label(tmp_path, backbone):
+    """An integrator's `top_k=2147483647` ("all of them") was refused in a form as "not written in digits"."""
+    async with running_app(tmp_path, backbone) as c:
+        r = await c.post("/classify", files=_classify_files(), data={"labels": LABELS, "top_k": "2147483647"})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["results"][0]["labels"]) == len(LABELS)
+
+
 async def test_an_error_of_one_image_names_its_index_so_a_client_can_leave_it_out(tmp_path, backbone):
     """Header checks, decoding (a PNG cut after its header decodes no rows) and base64 each say which image."""
     cut = colour("red")[:70]  # the header parses; the pixel data is missing
@@ -278,8 +301,10 @@ async def test_an_error_of_one_image_names_its_index_so_a_client_can_leave_it_ou
         ok = base64.b64encode(colour("red")).decode()
         r = await c.post("/classify", json={"images": [ok, "***"], "labels": LABELS})
         assert r.status_code == 422 and r.json()["error"]["details"] == {"image": 1}, r.text
-        r = await c.post("/classify", data={"labels": LABELS})  # not about one image: no index
+        fields_only = [("labels", (None, label)) for label in LABELS]  # multipart without a file
+        r = await c.post("/classify", files=fields_only)  # not about one image: no index
         assert r.status_code == 422 and "details" not in r.json()["error"]
+        assert "at least one image" in r.json()["error"]["message"], r.text
 
 
 async def test_too_many_images_names_the_limit_so_a_client_can_send_fewer(tmp_path, backbone):

@@ -537,7 +537,11 @@ def test_skip_bad_answers_the_good_images_in_place_and_keeps_the_requests_alread
             "g",
             "unreadable",
         ]
-        assert out["results"][1]["error"] == {"status": 422, "code": "bad_image", "message": "is not an image"}
+        assert out["results"][1]["error"] == {
+            "status": 422,
+            "code": "bad_image",
+            "message": "image 'bad1' is not an image",
+        }
         assert "FileNotFoundError" in out["results"][9]["error"]["message"] and out["requests"] == 2
         # the first request of 4 was refused for bad1 and sent again without it; the next after it alone
         assert sent[1:] == [["a", "bad1", "b", "c"], ["a", "b", "c", "d"], ["e", "bad2", "f", "g"], ["e", "f", "g"]]
@@ -581,4 +585,6 @@ def test_a_split_calls_answers_must_have_a_result_per_image_and_a_4xx_after_a_re
     client_on(monkeypatch, busy_then_bad)
     with ClipbankClient("http://srv", retries=2) as c:
         out = c.classify([PNG], skip_bad=True)
-        assert out["results"] == [{"error": {"status": 422, "code": "bad_image", "message": "is not an image"}}]
+        assert out["results"] == [
+            {"error": {"status": 422, "code": "bad_image", "message": "image 'a' is not an image"}}
+        ]

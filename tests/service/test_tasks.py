@@ -333,6 +333,16 @@ async def test_openapi_documents_every_endpoint_with_examples(tmp_path, backbone
         }
         body = spec["paths"]["/classify"]["post"]["requestBody"]["content"]
         assert set(body) == {"multipart/form-data", "application/json"}
+        # an integrator's generated client: labels as one part each, and the JSON form's limits as the form's
+        assert body["multipart/form-data"]["encoding"]["labels"] == {
+            "style": "form",
+            "explode": True,
+            "contentType": "text/plain",
+        }
+        form, json_form = (body[k]["schema"]["properties"] for k in ("multipart/form-data", "application/json"))
+        for field, key in (("labels", "maxItems"), ("images", "maxItems")):
+            assert json_form[field][key] == form[field][key], field
+        assert json_form["labels"]["items"]["maxLength"] == form["labels"]["items"]["maxLength"] > 0
         assert "examples" in json.dumps(spec["components"]["schemas"]["ClassifyResponse"])
         assert "413" in spec["paths"]["/classify"]["post"]["responses"]
         assert spec["paths"]["/tasks"]["post"]["security"]
