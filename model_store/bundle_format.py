@@ -97,4 +97,11 @@ def read_metadata(data: bytes) -> dict[str, str]:
     problems = header_problems(header)
     if problems:
         raise BundleInvalid("invalid bundle tensors: " + "; ".join(problems[:10]))
-    return header.get("__metadata__") or {}
+    meta = header.get("__metadata__") or {}
+    other = sorted(k for k in meta if k != MANIFEST_KEY)  # a security check stored 60 MB of it per version
+    if other:
+        raise BundleInvalid(
+            f"unexpected safetensors metadata {', '.join(repr(k[:60]) for k in other[:5])}: a bundle's metadata "
+            f"holds its manifest ({MANIFEST_KEY!r}) alone"
+        )
+    return meta

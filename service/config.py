@@ -310,6 +310,8 @@ class ServeConfig:
                 if f.name == "limits" or overrides.get(f.name) is not None:  # a flag wins, even over a bad value
                     continue
                 raw = env_value(f.name, env)
+                if f.name.endswith("_token"):  # set empty (`CLIPBANK_CLASSIFY_TOKEN=` in .env) left /classify open
+                    raw = (os.environ if env is None else env).get(f"{ENV_PREFIX}{f.name.upper()}")
                 if raw is not None and f.name.endswith("_token"):  # a file's newline: the client strips it too
                     if not (raw := raw.strip()):  # blank is no token: refused, not taken as unset (an open API)
                         problems.append(f"{ENV_PREFIX}{f.name.upper()} is set but blank: unset it, or set a token")

@@ -341,7 +341,9 @@ def lifespan(on_fatal: Callable[[str], None] | None, wait_ready: bool = False):
         service: Service = app.state.service
         if service.admin_token is None or service.admin_token == service.config.admin_token:  # set: checked too
             service.admin_token, origin = resolve_admin_token(service.config)
-            shown = service.admin_token if origin.startswith("generated") else "(not shown)"
+            shown = "(not shown)"
+            if origin.startswith("generated"):  # a log (journald, docker logs) is read by more than its mode-600 file
+                shown = service.admin_token if sys.stderr.isatty() else "not shown in a log, read it from the file"
             if origin != "set":
                 line = printed_line(f"admin token {origin}: {shown}", service.config.log_format)
                 print(line, file=sys.stderr, flush=True)

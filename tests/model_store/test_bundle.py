@@ -310,6 +310,22 @@ def test_names_and_dtypes_are_checked_from_the_header_before_any_tensor_is_read(
         read_bundle(edit_bundle(bundle_bytes, tensors=make_int, fix_digest=True))
 
 
+def test_metadata_beside_the_manifest_is_refused(bundle_bytes):
+    """A security check stored a bundle with 60 MB of `__metadata__["junk"]` (for each version uploaded): nothing
+    refused metadata beside the manifest, bounded only by the 64 MiB header."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from model_store.bundle_format import MANIFEST_KEY
+
+    (n,) = struct.unpack("<Q", bundle_bytes[:8])
+    manifest = json.loads(bundle_bytes[8 : 8 + n])["__metadata__"][MANIFEST_KEY]
+    junk = st_save(st_load(bundle_bytes), metadata={MANIFEST_KEY: manifest, "junk": "x" * 1000})
+    with pytest.raises(BundleInvalid, match="unexpected safetensors metadata 'junk': a bundle's metadata holds its"):
+        read_bundle(junk)
+    assert read_bundle(st_save(st_load(bundle_bytes), metadata={MANIFEST_KEY: manifest})).manifest.task
+
+
 def test_a_stray_selector_tensor_or_a_block_number_with_leading_zeros_is_refused(backbone, bundle_bytes):
     """A security check stored bundles with `selector.junk` (one of 248 MB, held in memory once active) and with
     `router.visual.0000`, which overwrote or was overwritten by `router.visual.0`: docs/bundle-format.md says a

@@ -118,3 +118,27 @@ def test_a_temp_token_file_left_by_a_killed_server_is_swept(tmp_path):
     os.utime(fresh, (0, os.path.getmtime(fresh) - 120))  # a server that sets its own token sweeps them too
     assert resolve_admin_token(ServeConfig(store=str(tmp_path), admin_token="s" * 20))[1] == "set"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ADMIN_TOKEN_FILE, other.name])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("terminal", [True, False])
+async def test_a_generated_token_is_printed_on_a_terminal_never_into_a_log(
+    tmp_path, backbone, capsys, monkeypatch, terminal
+):
+    """A security check: the first start printed the token in full into the server's log (journald, docker logs),
+    which more people read than its mode-600 file."""
+    import sys
+
+    from service.app import create_app
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal, raising=False)
+    config = ServeConfig(store=str(tmp_path / "store"), frozen_runtime="torch")
+    app = create_app(config, backbone=backbone)
+    async with app.router.lifespan_context(app):
+        token = app.state.service.admin_token
+    err = capsys.readouterr().err
+    saved = (tmp_path / "store" / ADMIN_TOKEN_FILE).read_text().strip()
+    assert token == saved and "admin token generated and saved to" in err
+    assert (token in err) == terminal, err
+    if not terminal:
+        assert "not shown in a log, read it from the file" in err

@@ -72,6 +72,9 @@ def test_a_token_read_from_a_file_with_its_newline_is_taken_as_the_client_takes_
         ServeConfig.from_env({"CLIPBANK_ADMIN_TOKEN": "a" * 10 + " " + "a" * 10})  # inside: still refused
     with pytest.raises(ValueError, match="CLIPBANK_CLASSIFY_TOKEN is set but blank"):  # not an open /classify
         ServeConfig.from_env({"CLIPBANK_CLASSIFY_TOKEN": "  \n"})
+    for name in ("CLIPBANK_CLASSIFY_TOKEN", "CLIPBANK_ADMIN_TOKEN"):  # a security check: `NAME=` in .env, set empty
+        with pytest.raises(ValueError, match=f"{name} is set but blank"):  # left /classify open, without a word
+            ServeConfig.from_env({name: ""})
 
 
 def test_cli_serve_refuses_bad_settings_with_exit_code_2_before_torch_loads(monkeypatch, capsys):
