@@ -225,7 +225,8 @@ def add_classify_parser(sub, url: str) -> None:
         "--ignore-labels-in-routing",
         dest="match_labels",
         action="store_false",
-        help="let the selector alone route, even to tasks that know none of --labels",
+        help="let the selector alone route, even to tasks that know none of --labels; a task then scores every "
+        "label alone",
     )
     cl.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
     cl.add_argument(

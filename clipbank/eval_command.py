@@ -179,7 +179,8 @@ def add_eval_parser(sub, url: str, token: str | None, retries: Any) -> None:
         "--ignore-labels-in-routing",
         dest="match_labels",
         action="store_false",
-        help="let the selector alone route, even to tasks that know none of the folder's classes",
+        help="let the selector alone route, even to tasks that know none of the folder's classes; a task then "
+        "scores every label alone",
     )
     ev.add_argument("--baseline", help="an earlier `clipbank eval --json` report: print each accuracy's change")
     ev.add_argument("--json", action="store_true", help="print the report as JSON (for --baseline later)")

@@ -119,9 +119,9 @@ def say_what_it_replaces(out: dict, replaced: int, task: dict | None, would: boo
         print(
             f"task {name} v{v} {verb} v{replaced} and lacks {len(dropped)} of its {len(old.get('classes'))} classes "
             f"({shown}): their images {'would be' if would else 'are now'} answered over v{v}'s classes when sent "
-            f"without labels; sent with labels among which are some of v{v}'s, v{v} answers over all of them, "
-            "and names it never learned are scored by experts that never saw them, often wrongly (zero-shot CLIP "
-            f"answers them only when no selector claims them, or when none of their labels is v{v}'s). {back}{keep}",
+            f"without labels; sent with their names beside some of v{v}'s classes, a name v{v} never learned wins "
+            f"only as far as both v{v} and zero-shot CLIP favour it (docs/method.md), so they are often answered "
+            f"with one of v{v}'s classes. {back}{keep}",
             file=sys.stderr,
         )
     classes, trained = new.get("classes") or (), (new.get("metrics") or {}).get("train_classes")
@@ -286,7 +286,11 @@ def _help_of(parser: argparse.ArgumentParser, flag: str) -> str | None:
 
 def _server_flags(p: argparse.ArgumentParser, url: str, wait: bool = True) -> None:
     p.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
-    p.add_argument("--token", default=env_value("admin_token"), help="admin token ($CLIPBANK_ADMIN_TOKEN)")
+    p.add_argument(
+        "--token",
+        default=env_value("admin_token"),
+        help="admin token (default $CLIPBANK_ADMIN_TOKEN; prefer it: a flag shows in ps)",
+    )
     if wait:
         p.add_argument(
             "--wait-all", action="store_true", help="return once every Ray replica serves the change (else 504)"

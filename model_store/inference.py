@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -13,7 +14,7 @@ from .errors import InvalidRequest
 from .labels import MAX_TEMPLATES, label_key, shown, template_ok
 from .modes import AUTO, PER_IMAGE, PER_REQUEST, ROUTE_MODES, ZERO_SHOT
 from .moe_clip import encode_image, encode_image_from, image_tokens
-from .text import TextCache, text_embeddings, text_key
+from .text import TextCache, prompt_texts, text_embeddings, text_key
 
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.",)
 
@@ -128,6 +129,33 @@ def _label_set(bank: BankSnapshot, item: ClassifyItem, t: int) -> tuple[Sequence
     )
 
 
+def split_labels(bank: BankSnapshot, item: ClassifyItem, t: int) -> tuple[list[int], list[int]] | None:
+    """Labels the routed task `t` partly knows (label-aware requests): the indices of those it learned and of the
+    others; None when it knows all or none of them (it scores them all), or the request is not label-aware."""
+    if t < 0 or not item.labels or not item.match_labels:
+        return None
+    learned = bank.label_sets[t]
+    mask = [label_key(label) in learned for label in item.labels]
+    if all(mask) or not any(mask):
+        return None
+    return [j for j, m in enumerate(mask) if m], [j for j, m in enumerate(mask) if not m]
+
+
+def _scoring(bank: BankSnapshot, item: ClassifyItem, t: int) -> tuple[list[tuple], tuple[list[int], list[int]] | None]:
+    """How an image routed to `t` is scored: the (task, labels, templates) it needs text embeddings of (its
+    route's over its label set; with labels the task partly knows, zero-shot CLIP's over them too), and that split
+    (`split_labels`) or None. The same for every image of a request routed to `t`: computed once per request."""
+    chosen = _label_set(bank, item, t)
+    if chosen is None:
+        return [], None
+    labels, templates = chosen
+    split = split_labels(bank, item, t)
+    if split is None:
+        return [(t, labels, templates)], None
+    as_learned = tuple(prompt_texts(bank, t, labels))  # for zero-shot CLIP too: a class's name as the task has it
+    return [(t, labels, templates), (-1, as_learned, item.templates or ZERO_SHOT_TEMPLATES)], split
+
+
 def check_item(bank: BankSnapshot, item: ClassifyItem) -> InvalidRequest | None:
     """What is wrong with a request before any compute, or None."""
     size = bank.backbone.image_size
@@ -163,6 +191,7 @@ class BatchPlan:
     tasks: torch.Tensor
     scores: torch.Tensor
     moved: torch.Tensor  # per image: label-aware routing sent it elsewhere than the selectors alone would
+    frozen: torch.Tensor  # per image: its frozen embedding (zero-shot CLIP's view of a routed image)
 
     def text_needs(self, k: int) -> list[tuple[int, Sequence[str], Sequence[str]]]:
         """The distinct (task, labels, templates) request `k` needs embeddings of (empty if it failed)."""
@@ -170,12 +199,11 @@ class BatchPlan:
             return []
         a, b = self.spans[k]
         needs: dict[tuple, tuple[int, Sequence[str], Sequence[str]]] = {}
+        scoring = functools.cache(functools.partial(_scoring, self.bank, self.items[k]))  # once per routed task
         try:
             for i in range(a, b):
-                t = int(self.tasks[i])
-                chosen = _label_set(self.bank, self.items[k], t)
-                if chosen is not None:
-                    needs.setdefault(text_key(self.bank, t, *chosen), (t, *chosen))
+                for need in scoring(int(self.tasks[i]))[0]:
+                    needs.setdefault(text_key(self.bank, *need), need)
         except InvalidRequest:
             return []  # `finish` reports it
         return list(needs.values())
@@ -190,22 +218,46 @@ class BatchPlan:
         scale = float(bank.backbone.model.logit_scale.exp())
         results = []
         a, b = self.spans[k]
+        scoring = functools.cache(functools.partial(_scoring, bank, item))  # once per routed task
         try:
             for i in range(a, b):
                 t, score = int(self.tasks[i]), float(self.scores[i])
-                chosen = _label_set(bank, item, t)
-                if chosen is None:
+                needs, split = scoring(t)
+                if not needs:
                     results.append(ImageResult([], _route_of(bank, t, score)))  # no labels: not moved by them
                     continue
-                labels, templates = chosen
-                text = text_embeddings(bank, t, labels, templates, cache, known)
-                probs = torch.softmax(scale * self.feats[i] @ text.T, dim=-1).cpu()
+                labels = needs[0][1]
+                texts = [text_embeddings(bank, *need, cache, known) for need in needs]
+                logits = scale * self.feats[i] @ texts[0].T
+                if split is not None:  # labels the task partly knows
+                    probs = split_probs(logits, scale * self.frozen[i] @ texts[1].T, split).cpu()
+                else:
+                    probs = torch.softmax(logits, dim=-1).cpu()
                 order = probs.argsort(descending=True)[: item.top_k or len(labels)]
                 ranked = list(zip([labels[j] for j in order.tolist()], probs[order].tolist(), strict=True))
                 results.append(ImageResult(ranked, _route_of(bank, t, score), bool(self.moved[i])))
         except Exception as e:  # reported per request
             return e
         return results
+
+
+def split_probs(task: torch.Tensor, zero_shot: torch.Tensor, split: tuple[list[int], list[int]]) -> torch.Tensor:
+    """Probabilities over every label of an image whose task learned only some of them (`split`: their indices,
+    the others'), from the task's logits and zero-shot CLIP's over all of them [..., labels].
+
+    The image is one of the labels the task never learned only as far as both agree: that share is the smaller of
+    the two's probability mass on them, divided among those labels as zero-shot CLIP divides it; the rest goes to the
+    task's own labels as its experts divide them. Either alone favours those labels too often on some domains
+    (docs/method.md, measured by `benchmarks/unknown_labels.py`)."""
+    known, unknown = split
+    task_p, zero_shot_p = task.softmax(-1), zero_shot.softmax(-1)
+    share = torch.minimum(task_p[..., unknown].sum(-1, keepdim=True), zero_shot_p[..., unknown].sum(-1, keepdim=True))
+    # 1 - share, summed from the small side: 1 - (1 - 1e-11) is 0 in float32, and the task's order would be lost
+    rest = torch.maximum(task_p[..., known].sum(-1, keepdim=True), zero_shot_p[..., known].sum(-1, keepdim=True))
+    probs = torch.empty_like(zero_shot)
+    probs[..., known] = rest * task[..., known].softmax(-1)
+    probs[..., unknown] = share * zero_shot[..., unknown].softmax(-1)
+    return probs
 
 
 class ImagePasses:
@@ -291,7 +343,10 @@ class ImagePasses:
     def plan(self) -> BatchPlan:
         if not self.done:
             raise RuntimeError("the image passes are not complete")
-        return BatchPlan(self.bank, self.items, self.out, self.spans, self.feats, self.tasks, self.scores, self.moved)
+        frozen = self.frozen if self.frozen is not None else self.feats  # no image: both empty
+        return BatchPlan(
+            self.bank, self.items, self.out, self.spans, self.feats, self.tasks, self.scores, self.moved, frozen
+        )
 
 
 def plan_batch(bank: BankSnapshot, items: Sequence[ClassifyItem]) -> BatchPlan:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastapi.concurrency import run_in_threadpool
@@ -166,9 +166,14 @@ def _measured(labels: tuple[str, ...], top_k: int | None) -> int:
 _answer_bytes = functools.lru_cache(maxsize=1024)(_measured)  # for the bank's own class tuples, which it holds
 
 
-def _meant(key: str) -> str:
-    """ ": send 'labels'" and the like, for a name that is one of the form's fields but for case or a final s."""
-    near = [f for f in ("labels", "images", *ClassifyOptions.model_fields) if f.rstrip("s") == key.lower().rstrip("s")]
+HEADER_FIELDS = {"min_generation": "X-Min-Generation", "request_id": "X-Request-ID"}  # sent as fields, once
+
+
+def _meant(key: str, names: Iterable[str] = ("images", *ClassifyOptions.model_fields)) -> str:
+    """ ": send 'labels'" for a name that is one of `names` but for case or a final s; which header a field is."""
+    if key.lower() in HEADER_FIELDS:
+        return f": send it as the header {HEADER_FIELDS[key.lower()]}"
+    near = [f for f in names if f.rstrip("s") == key.lower().rstrip("s")]
     return f": send {shown(near[0])}" if near else ""
 
 
@@ -235,10 +240,14 @@ def validated(model: type[BaseModel], data: Any) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc']))[:60] or 'body'}: {err['msg'][:120]}" for err in e.errors()[:10]
-        )
-        raise InvalidRequest(problems) from None
+        raise InvalidRequest("; ".join(_problem(model, err) for err in e.errors()[:10])) from None
+
+
+def _problem(model: type[BaseModel], err: Any) -> str:
+    where = ".".join(map(str, err["loc"]))[:60] or "body"
+    if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:  # "label": which field was meant
+        return f"no field is named {shown(str(err['loc'][0]))}{_meant(str(err['loc'][0]), model.model_fields)}"
+    return f"{where}: {err['msg'][:120]}"
 
 
 def check_labels(labels: list[str], limits: Limits) -> None:

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from model_store.modes import AUTO, PER_IMAGE, PER_REQUEST
+from model_store.safejson import MAX_INT_DIGITS
 
 EXAMPLE_BUNDLE_ID = "3fa2c1d0" + "0" * 56
 
@@ -34,16 +35,19 @@ class ClassifyOptions(BaseModel):
     match_labels: bool = Field(
         True,
         description="With labels and task=auto: only tasks whose classes include at least one of the labels may "
-        "claim an image (case, spacing and _ ignored); images no such task claims go to zero-shot CLIP. false: the "
-        "selector alone decides, whatever the labels.",
+        "claim an image (case, spacing and _ ignored); images no such task claims go to zero-shot CLIP. A task "
+        "that knows only some of the labels gives the others only the share both it and zero-shot CLIP give them. "
+        "false: the selector alone decides, whatever the labels, and a task scores every label alone.",
     )
 
     @field_validator("top_k", mode="before")
     @classmethod
     def _top_k_digits(cls, value: Any) -> Any:
         """A form field's top_k is digits: "1_0" was read as 10, " +1 " as 1 (an outside check)."""
-        if isinstance(value, str) and not (value.isascii() and value.isdigit() and len(value) <= 9):
+        if isinstance(value, str) and not (value.isascii() and value.isdigit()):
             raise ValueError(f"top_k is a whole number written in digits, got {value[:20]!r}")
+        if isinstance(value, str) and len(value) > MAX_INT_DIGITS:  # 2147483647 ("all") was refused: not digits
+            raise ValueError(f"top_k has at most {MAX_INT_DIGITS} digits (as in a JSON body), got {len(value)}")
         return value
 
 

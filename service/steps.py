@@ -273,7 +273,8 @@ class Steps:
 
 def _too_many_prompts(cost: int, limit: int) -> str:
     return (
-        f"this request needs {cost} new text prompts (labels x templates of the tasks its images were routed to); "
+        f"this request needs {cost} new text prompts (labels x templates of the tasks its images were routed to, "
+        "and of zero-shot CLIP beside a task that knows only some of the labels); "
         f"the limit is max_request_prompts={limit}: send fewer labels, or label sets the server has seen before"
     )
 

@@ -981,7 +981,7 @@ def test_tasks_sub_command_help_says_what_its_flags_are(capsys):
     with pytest.raises(SystemExit):
         main(["tasks", "activate", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "as before" not in out and "admin token ($CLIPBANK_ADMIN_TOKEN)" in out and "server URL" in out
+    assert "as before" not in out and "admin token (default $CLIPBANK_ADMIN_TOKEN" in out and "server URL" in out
 
 
 def test_reference_list_names_the_sets_a_server_may_find(tmp_path, monkeypatch, capsys):

@@ -163,3 +163,76 @@ def test_a_label_naming_a_class_as_routing_matches_it_is_scored_as_that_class(ba
     assert any(abs(r["weißes_rauschen"] - r["weißes rauschen"]) > 1e-4 for r in zero_shot)
     with pytest.raises(InvalidRequest, match="name the same class"):  # one class twice, through the task
         scores(("three_quarters", "three quarters"))
+
+
+def test_labels_a_task_never_learned_get_only_the_share_both_the_task_and_zero_shot_give_them():
+    from model_store.inference import split_probs
+
+    task = torch.tensor([[2.0, 0.0, 1.0, 3.0], [3.0, 0.0, 1.0, 0.0]])  # logits over (a, b | x, y): a, b learned
+    zero_shot = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 4.0, 4.0]])
+    probs = split_probs(task, zero_shot, ([0, 1], [2, 3]))
+    assert probs.sum(-1).tolist() == pytest.approx([1.0, 1.0])
+    task_u, zs_u = task.softmax(-1)[:, 2:].sum(-1), zero_shot.softmax(-1)[:, 2:].sum(-1)
+    share = torch.minimum(task_u, zs_u)  # row 0: zero-shot's 0.5 (the task's 0.73); row 1: the task's 0.15
+    assert probs[:, 2:].sum(-1).tolist() == pytest.approx(share.tolist())
+    assert share.tolist() == pytest.approx([zs_u[0].item(), task_u[1].item()]) and task_u[0] > zs_u[0]
+    # within each side, the order and ratios of the one that knows: the task over a, b; zero-shot over x, y
+    ratios = torch.cat([probs[:, :2] / probs[:, :2].sum(-1, keepdim=True), probs[:, 2:] / share[:, None]], -1)
+    want = torch.cat([task[:, :2].softmax(-1), zero_shot[:, 2:].softmax(-1)], -1)
+    assert ratios.flatten().tolist() == pytest.approx(want.flatten().tolist())
+    # logits far apart: no 0/0 where the task's mass on its own labels underflows
+    far = split_probs(torch.tensor([-300.0, -300.0, 300.0]), torch.tensor([0.0, 0.0, 300.0]), ([0, 1], [2]))
+    assert far.isfinite().all() and far.tolist() == pytest.approx([0.0, 0.0, 1.0])
+    # a review: 1 - share was 0 in float32 once both put all but 1e-11 on the new label; the task's order was lost
+    near = split_probs(torch.tensor([-1.0, 0.0, 25.0]), torch.tensor([0.0, 0.0, 25.0]), ([0, 1], [2]))
+    assert 0 < near[0] < near[1] < 1e-9 and near[1] / near[0] == pytest.approx(math.e, rel=1e-4)
+
+
+def test_through_classify_batch_labels_the_task_partly_knows_are_split_between_it_and_zero_shot(backbone):
+    """An outside check: a 5-class task fell from 72% to 29% right on its own images once the client's labels
+    held 2 names it never learned, which its experts scored, wrongly, above its own classes."""
+    from model_store.inference import ImagePasses, split_probs
+    from model_store.text import text_embeddings
+
+    bank0 = empty_bank(backbone)
+    bundle = over_broad(random_bundle(bank0, "pets", seed=3, classes=("cat", "dog")))
+    bank = build_bank(backbone, [read_bundle(bundle)])
+    images = torch.randn(3, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(2))
+    labels = ("Dog", "zebra", "cat")
+    item = ClassifyItem(images, labels)
+    (answers,) = classify_batch(bank, [item])
+    assert [r.route.task for r in answers] == ["pets"] * 3
+    passes = ImagePasses(bank, [item])
+    while not passes.step(64):
+        pass
+    scale = bank.backbone.model.logit_scale.exp()
+    task = scale * passes.feats @ text_embeddings(bank, 0, labels, bank.tasks[0].templates).T
+    as_learned = ("dog", "zebra", "cat")  # zero-shot CLIP sees a learned class by the task's name for it
+    zero_shot = scale * passes.frozen @ text_embeddings(bank, -1, as_learned, ("a photo of a {}.",)).T
+    expected = split_probs(task, zero_shot, ([0, 2], [1]))
+    for r, want in zip(answers, expected, strict=True):
+        assert dict(r.labels) == pytest.approx(dict(zip(labels, want.tolist(), strict=True)), abs=1e-5)
+    # the task alone over its own labels, the selectors alone (match_labels=False), and zero-shot: as before
+    for other, task_index, words in (
+        (ClassifyItem(images, ("dog", "cat")), 0, ("dog", "cat")),
+        (ClassifyItem(images, labels, match_labels=False), 0, labels),
+        (ClassifyItem(images, labels, task="zero-shot"), -1, labels),
+    ):
+        (got,) = classify_batch(bank, [other])
+        feats = passes.feats if task_index == 0 else passes.frozen
+        templates = bank.tasks[0].templates if task_index == 0 else ("a photo of a {}.",)
+        probs = (scale * feats @ text_embeddings(bank, task_index, words, templates).T).softmax(-1)
+        for r, want in zip(got, probs, strict=True):
+            assert dict(r.labels) == pytest.approx(dict(zip(words, want.tolist(), strict=True)), abs=1e-5)
+
+
+def test_twin_labels_that_look_alike_say_where_they_differ_and_why():
+    """An integrator's two 199-character labels differing past the tokenizer's context were shown cut, looking
+    the same; `café` composed and decomposed were said to differ by case or spacing."""
+    from model_store.labels import twin_message
+
+    long_a, long_b = "x" * 150 + "a", "x" * 150 + "b"
+    message = twin_message((long_a, long_b))
+    assert "(they differ first at character 151)" in message
+    assert "how accents are composed" in twin_message(("caf\u00e9", "cafe\u0301"))
+    assert "differ first" not in twin_message(("Cat", "cat"))  # shown apart already

@@ -192,13 +192,27 @@ BAD_INPUTS = [
         "invalid_request",
         "JSON body is refused: an integer of 5001 digits",  # valid JSON over a bound: not "not valid JSON"
     ),
-    ("top_k of 19 digits", dict(files=_classify_files(), data={"top_k": "1" * 19}), 422, "invalid_request", "18 digit"),
+    ("top_k of 20 digits", dict(files=_classify_files(), data={"top_k": "1" * 20}), 422, "invalid_request", "19 digit"),
     (  # an integrator's misspelling, repeated as the docs say labels are: it was "sent more than once"
         "misspelled field sent twice",
         dict(files=_classify_files(), data={"label": ["red", "blue"]}),
         422,
         "invalid_request",
         "no field is named 'label': send 'labels'",
+    ),
+    (
+        "misspelled field",
+        dict(files=_classify_files(), data={"labels": LABELS, "Top_K": "2"}),
+        422,
+        "invalid_request",
+        "no field is named 'Top_K': send 'top_k'",
+    ),
+    (  # a header sent as a field in the body
+        "header as a field",
+        dict(json={"images": ["aGVsbG8="], "labels": LABELS, "min_generation": 3}),
+        422,
+        "invalid_request",
+        "no field is named 'min_generation': send it as the header X-Min-Generation",
     ),
     (
         "lone surrogate",

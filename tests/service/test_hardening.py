@@ -62,6 +62,31 @@ async def test_a_long_new_label_list_does_not_hold_the_compute_thread(backbone):
         batcher.stop()
 
 
+async def test_labels_a_task_partly_knows_encoded_in_steps_give_the_same_split_answer(backbone):
+    """Such labels need two text passes, the task's and zero-shot CLIP's (`inference.split_probs`): both are
+    encoded in steps beside other work, and the answer is the one computed at once."""
+    from model_store.bank import build_bank
+    from model_store.bundle import read_bundle
+    from tests.helpers import over_broad
+
+    bundle = over_broad(random_bundle(empty_bank(backbone), "pets", seed=3, classes=("cat", "dog")))
+    bank = build_bank(backbone, [read_bundle(bundle)])
+    batcher = Batcher(
+        lambda: bank, max_batch=8, max_wait_ms=0, budget=StepBudget(inline_chars=200, text_step_seconds=0.005)
+    )
+    batcher.start()
+    try:
+        labels = ("cat", *(f"new label {i}" for i in range(300)), "Dog")
+        item = ClassifyItem(_image(backbone), labels)
+        (results, _) = await batcher.submit(item)
+        assert results[0].route.task == "pets" and batcher.steps.text_steps >= 4
+        (alone,) = classify_batch(bank, [item])
+        got, want = dict(results[0].labels), dict(alone[0].labels)
+        assert got.keys() == want.keys() and max(abs(got[k] - want[k]) for k in got) < 1e-5
+    finally:
+        batcher.stop()
+
+
 async def test_parked_label_work_of_a_client_that_went_away_is_dropped(backbone):
     bank = empty_bank(backbone)
     budget = StepBudget(inline_chars=200, text_step_seconds=0.002, max_parked_prompts=1000)
