@@ -166,7 +166,7 @@ def _measured(labels: tuple[str, ...], top_k: int | None) -> int:
 _answer_bytes = functools.lru_cache(maxsize=1024)(_measured)  # for the bank's own class tuples, which it holds
 
 
-HEADER_FIELDS = {"min_generation": "X-Min-Generation", "request_id": "X-Request-ID"}  # sent as fields, once
+HEADER_FIELDS = {"min_generation": "X-Min-Generation", "request_id": "X-Request-ID"}  # headers, not fields
 
 
 def _meant(key: str, names: Iterable[str] = ("images", *ClassifyOptions.model_fields)) -> str:

@@ -64,14 +64,18 @@ async def test_classify_token_when_configured(tmp_path, backbone):
             assert r.status_code == 200
 
 
-async def test_generated_token_is_required_printed_once_and_kept_across_restarts(tmp_path, backbone, capsys):
+async def test_generated_token_is_required_printed_once_and_kept_across_restarts(
+    tmp_path, backbone, capsys, monkeypatch
+):
     import stat
+    import sys
 
     import httpx
 
     from service.app import create_app
     from service.config import ServeConfig
 
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # printed on a terminal only
     tokens = []
     for _ in range(2):  # a restart on the same store keeps the token its clients have
         app = create_app(ServeConfig(store=str(tmp_path / "s"), frozen_runtime="torch"), backbone=backbone)
