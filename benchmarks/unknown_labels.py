@@ -74,9 +74,8 @@ def _logits(bank, data, labels: Sequence[str]) -> tuple[torch.Tensor, torch.Tens
     return scale * unit(passes.feats) @ adapted.T, scale * unit(passes.frozen) @ frozen.T, claimed.tasks >= 0
 
 
-def measure(name: str, unknown: int, steps: int, seed: int = 0) -> dict:
+def measure(backbone, name: str, unknown: int, steps: int, seed: int = 0) -> dict:
     """One domain's task trained without its last `unknown` classes, asked over all of them."""
-    from model_store.backbone import load_backbone
     from model_store.bank import build_bank, empty_bank
     from model_store.bundle import read_bundle
     from model_store.reference import find_reference
@@ -85,7 +84,6 @@ def measure(name: str, unknown: int, steps: int, seed: int = 0) -> dict:
     from training.data import load_domain
     from training.trainer import TrainConfig, train_task
 
-    backbone = load_backbone("tiny", "cpu")
     train, val, test = (load_domain(name, s) for s in ("train", "val", "test"))
     known, new = train.classes[: len(train.classes) - unknown], train.classes[len(train.classes) - unknown :]
     cfg = TrainConfig(name, steps, seed=seed, selector=SelectorConfig(seed=seed))
@@ -146,12 +144,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=500, help="training steps per task (clipbank train's default)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    from model_store.backbone import load_backbone
+
+    backbone = load_backbone("tiny", "cpu")
     report: dict = {"seed": args.seed, "steps": args.steps}
     for unknown in (int(u) for u in args.unknown.split(",")):
         rows = {}
         for name in args.domains.split(","):
             torch.manual_seed(args.seed)
-            rows[name] = measure(name, unknown, args.steps, args.seed)
+            rows[name] = measure(backbone, name, unknown, args.steps, args.seed)
             print(f"unknown {unknown}: {name} done", file=sys.stderr, flush=True)
         report[f"unknown_{unknown}"] = {"domains": rows, "mean": summary(rows)}
     print(json.dumps(report, indent=1))

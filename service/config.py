@@ -309,10 +309,14 @@ class ServeConfig:
             for f in fields(klass):
                 if f.name == "limits" or overrides.get(f.name) is not None:  # a flag wins, even over a bad value
                     continue
-                raw = env_value(f.name, env)
-                if f.name.endswith("_token"):  # set empty (`CLIPBANK_CLASSIFY_TOKEN=` in .env) left /classify open
-                    raw = (os.environ if env is None else env).get(f"{ENV_PREFIX}{f.name.upper()}")
-                if raw is not None and f.name.endswith("_token"):  # a file's newline: the client strips it too
+                # a token set empty (`CLIPBANK_CLASSIFY_TOKEN=` in .env) is no unset one: it left /classify open
+                token = f.name.endswith("_token")
+                raw = (
+                    (os.environ if env is None else env).get(ENV_PREFIX + f.name.upper())
+                    if token
+                    else env_value(f.name, env)
+                )
+                if raw is not None and token:  # a file's newline: the client strips it too
                     if not (raw := raw.strip()):  # blank is no token: refused, not taken as unset (an open API)
                         problems.append(f"{ENV_PREFIX}{f.name.upper()} is set but blank: unset it, or set a token")
                         continue

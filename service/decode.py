@@ -62,8 +62,8 @@ async def read_classify(request: Request, limits: Limits) -> tuple[list[tuple[st
                 fields.setdefault("labels", []).append(value)
             elif key.endswith("[]"):  # axios and qs name repeated fields so; an unknown field, once seen twice
                 raise InvalidRequest(f"no field is named {shown(key)}: repeat the field {shown(key[:-2])} instead")
-            elif key in fields and key not in ClassifyOptions.model_fields:  # not the repeat: the name is wrong
-                raise InvalidRequest(f"no field is named {shown(key)}{_meant(key)}")
+            elif key not in ClassifyOptions.model_fields:  # a wrong name, sent once or more: validation names it
+                fields.setdefault(key, value)
             elif key in fields:
                 raise InvalidRequest(f"the field {shown(key)} is sent more than once")
             else:
@@ -169,7 +169,7 @@ _answer_bytes = functools.lru_cache(maxsize=1024)(_measured)  # for the bank's o
 HEADER_FIELDS = {"min_generation": "X-Min-Generation", "request_id": "X-Request-ID"}  # headers, not fields
 
 
-def _meant(key: str, names: Iterable[str] = ("images", *ClassifyOptions.model_fields)) -> str:
+def _meant(key: str, names: Iterable[str]) -> str:
     """ ": send 'labels'" for a name that is one of `names` but for case or a final s; which header a field is."""
     if key.lower() in HEADER_FIELDS:
         return f": send it as the header {HEADER_FIELDS[key.lower()]}"
