@@ -133,6 +133,13 @@ class StoreWriteFailed(StoreError):
     code = "store_write_failed"
 
 
+class StoreNotWritable(StoreWriteFailed):
+    """The store is not writable for this server (a read-only mount, permissions): nothing was changed, and
+    sending the change again cannot help until an operator makes it writable."""
+
+    code = "store_not_writable"
+
+
 class NoShadow(StoreError):
     """The task has no version in shadow."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .errors import REWRITE, BundleNotFound, StoreDamaged, StoreError, StoreWriteFailed
+from .errors import REWRITE, BundleNotFound, StoreDamaged, StoreError, StoreNotWritable, StoreWriteFailed
 from .files import open_regular, read_regular
 from .store_base import Edit, PutResult, Store, Unchanged, purge_plan
 from .store_index import StoreIndex, VersionRecord, next_generation, refuse_too_new
@@ -70,11 +70,17 @@ def atomic_write(path: Path, data: bytes) -> None:
         log.warning("%s was written, but syncing its folder failed: %s", path, e)
 
 
-def _not_by_retrying(error: OSError) -> str:
-    """What a write failure that no retry heals asks of an operator (a read-only mount, permissions)."""
-    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return ": the store is not writable for this server, and sending it again will not help until it is"
-    return ""
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)  # a read-only mount, permissions: no retry heals these
+
+
+def write_failure(message: str, error: OSError) -> StoreWriteFailed:
+    """A change that could not be written, as StoreNotWritable when no retry heals it (what it then asks of an
+    operator is said), else StoreWriteFailed (a full disk, say: worth trying again later)."""
+    if error.errno in NOT_WRITABLE:
+        return StoreNotWritable(
+            f"{message}: the store is not writable for this server, and sending it again will not help until it is"
+        )
+    return StoreWriteFailed(message)
 
 
 class LocalStore(Store):
@@ -170,10 +176,8 @@ class LocalStore(Store):
             log.error("store %s: %s failed: %s", self.root, what, e)
             named = e.filename2 or e.filename  # a rename's target: what is in the way
             path = f" {_within(self.root, named)}" if named else ""  # "Is a directory", but which?
-            raise StoreWriteFailed(
-                f"the store could not be written ({what}: {type(e).__name__}: {e.strerror or e}{path}); "
-                f"nothing was changed{_not_by_retrying(e)}"
-            ) from None
+            said = f"the store could not be written ({what}: {type(e).__name__}: {e.strerror or e}{path})"
+            raise write_failure(f"{said}; nothing was changed", e) from None
 
     # ----------------------------------------------------------------------------------------- changing
 
@@ -189,10 +193,8 @@ class LocalStore(Store):
         except OSError as e:
             log.error("store %s: its lock could not be taken: %s", self.root, e)
             where = f": {_within(self.root, e.filename)}" if e.filename else ""  # a folder named .lock, say
-            raise StoreWriteFailed(
-                f"the store could not be locked for a change ({type(e).__name__}: {e.strerror or e}{where}); "
-                f"nothing was changed{_not_by_retrying(e)}"
-            ) from None
+            said = f"the store could not be locked for a change ({type(e).__name__}: {e.strerror or e}{where})"
+            raise write_failure(f"{said}; nothing was changed", e) from None
         try:
             yield
         finally:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .digest import bytes_digest
-from .errors import REWRITE, BundleNotFound, StoreDamaged, StoreError, StoreUnavailable
+from .errors import REWRITE, BundleNotFound, StoreDamaged, StoreError, StoreNotWritable, StoreUnavailable
 from .files import read_regular
 from .said_once import SaidOnce
 from .settings import cache_root, env_value
@@ -210,7 +210,7 @@ class S3Store(Store):
             self._s3.put_object(Bucket=self.bucket, Key=self._blob_key(bundle_id), Body=data, **condition)
         except Exception as e:
             if _status(e) not in (412, 409):  # there already, or a concurrent create of the same bytes
-                raise self._unavailable(f"write blob {bundle_id[:12]}", e) from None
+                raise self._write_failed(f"write blob {bundle_id[:12]}", e) from None
 
     def _change(self, edit: Edit, blob: tuple[str, bytes] | None = None) -> StoreIndex:
         """Publish `edit(index)` with generation + 1 by compare-and-swap, retrying on contention for up to
@@ -265,7 +265,7 @@ class S3Store(Store):
                 return self._landed(index)
             if type(e).__name__ in ANSWER_LOST:  # sent, then no answer: the write may have landed all the same
                 raise self._unavailable("confirm the index write; it may have landed: GET /tasks says", e) from None
-            raise self._unavailable("write the index", e) from None
+            raise self._write_failed("write the index", e) from None
         self._cached = (answer["ETag"], self._seen(index, None))
         return True
 
@@ -376,6 +376,18 @@ class S3Store(Store):
         for the same failure (an endpoint down logged an error at every poll, every 2-4 s)."""
         self._say(logging.ERROR, f"store {self.location}: could not {doing}: {type(e).__name__}: {e}")
         return StoreUnavailable(f"the object store {self.location} could not {doing} ({_code(e) or type(e).__name__})")
+
+    def _write_failed(self, doing: str, e: Exception) -> StoreError:
+        """A write of a change the bucket refused (403: these credentials may read but not write) as StoreNotWritable,
+        which no retry heals; any other failure as `_unavailable`. Only before the index is written: nothing changed."""
+        if _status(e) != 403:
+            return self._unavailable(doing, e)
+        self._say(logging.ERROR, f"store {self.location}: could not {doing}: {type(e).__name__}: {e}")
+        return StoreNotWritable(
+            f"the object store {self.location} refused to {doing} ({_code(e) or 403}); nothing was changed: the "
+            "store is not writable for this server (its credentials or the bucket's policy), and sending it again "
+            "will not help until it is"
+        )
 
 
 def _status(e: Exception) -> int | None:

@@ -136,7 +136,12 @@ HTTP_CODES = {
     503: "overloaded",
 }
 RETRY_AFTER_SECONDS = {"overloaded": 1, "not_ready": 5, "store_error": 5, "store_write_failed": 30}
-NO_RETRY = ("store_damaged", "store_too_new", "task_degraded")  # 503s that retrying cannot fix: an operator must act
+NO_RETRY = (
+    "store_damaged",
+    "store_too_new",
+    "store_not_writable",
+    "task_degraded",
+)  # 503s that retrying cannot fix: an operator must act
 
 
 def status_of(error: ClipbankError) -> int:

@@ -216,11 +216,23 @@ class Service:
         return self.registry
 
     def health(self) -> dict[str, Any]:
-        """What /healthz and /readyz report beyond the status: tasks left out of the bank, store problems."""
+        """What /healthz and /readyz report beyond the status: tasks left out of the bank, store problems, and
+        whether a store folder can take a change (a read-only mount serves, but refuses every change)."""
         registry = self.registry
         if registry is None:
             return {"degraded": {}, "store_error": None}
-        return {"degraded": dict(registry.bank.degraded), "store_error": registry.store_error}
+        return {
+            "degraded": dict(registry.bank.degraded),
+            "store_error": registry.store_error,
+            "store_writable": store_writable(registry.store),
+        }
+
+
+def store_writable(store: Any) -> bool | None:
+    """Whether this server may write a store folder (False on a read-only mount, or without permission); None for
+    an object store, whose write permissions show only when a change is tried."""
+    root = getattr(store, "root", None)
+    return None if root is None else os.access(root, os.W_OK)
 
 
 def _say_store(store: Any) -> None:
@@ -236,8 +248,7 @@ def _say_store(store: Any) -> None:
         log.warning("store %s is new and empty: no task is served (is that the store you meant?)", store.location)
     else:
         log.info("store %s: %d active task(s), generation %d", store.location, active, index.generation)
-    root = getattr(store, "root", None)
-    if root is not None and not os.access(root, os.W_OK):
+    if store_writable(store) is False:
         log.warning("store %s is read-only for this server: it serves, but every change is refused", store.location)
     written = index.format
     if written > INDEX_FORMAT:

@@ -331,6 +331,11 @@ class Health(BaseModel):
     status: str = Field(..., description="live | degraded | failed (healthz); ready | degraded (readyz)")
     degraded: dict[str, str] = Field(default_factory=dict, description="Active tasks left out of the bank, and why.")
     store_error: str | None = Field(None, description="Why the store's index cannot be read, if it cannot.")
+    store_writable: bool | None = Field(
+        None,
+        description="False when this server cannot write its store folder (a read-only mount, permissions): it "
+        "serves, but every change is refused (503 `store_not_writable`). Null for an object store, or while loading.",
+    )
     generation: int | None = None
     tasks: list[str] = Field(default_factory=list)
     backbone: dict[str, Any] = Field(default_factory=dict)

@@ -21,7 +21,7 @@ def ops_router() -> APIRouter:
         """Live: the process answers (200 even while loading). `degraded` names tasks that cannot be served."""
         service = service_of(request)
         details = service.health()
-        status = "failed" if service.failed.is_set() else "degraded" if any(details.values()) else "live"
+        status = "failed" if service.failed.is_set() else "degraded" if _degraded(details) else "live"
         return {"status": status, **details}
 
     @router.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}})
@@ -38,7 +38,7 @@ def ops_router() -> APIRouter:
         bank = registry.bank
         details = service.health()
         return {
-            "status": "degraded" if any(details.values()) else "ready",
+            "status": "degraded" if _degraded(details) else "ready",
             **details,
             "generation": bank.generation,
             "tasks": list(bank.task_names),
@@ -58,3 +58,8 @@ def ops_router() -> APIRouter:
         return Response(service_of(request).metrics.render(), media_type="text/plain; version=0.0.4")
 
     return router
+
+
+def _degraded(details: dict) -> bool:
+    """Tasks left out of the bank, or a store whose index cannot be read (a read-only store serves all it has)."""
+    return bool(details["degraded"] or details["store_error"])

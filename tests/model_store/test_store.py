@@ -15,7 +15,7 @@ import pytest
 
 from model_store.bank import empty_bank
 from model_store.bundle import read_bundle
-from model_store.errors import StoreDamaged, StoreError, StoreWriteFailed, TaskNotFound
+from model_store.errors import StoreDamaged, StoreError, StoreNotWritable, StoreWriteFailed, TaskNotFound
 from model_store.store import LocalStore
 from model_store.store_check import check_store, store_leftovers
 from model_store.store_index import TaskRecord
@@ -184,6 +184,7 @@ def test_a_full_or_read_only_disk_refuses_the_change_and_changes_nothing(tmp_pat
         with pytest.raises(StoreWriteFailed, match="No space left on device") as refused:
             change()
         assert "will not help" not in str(refused.value)  # space may be made: only a read-only store says so
+        assert not isinstance(refused.value, StoreNotWritable)  # so it is worth sending again (Retry-After)
     monkeypatch.undo()
     assert store.index_path.read_bytes() == before and check_store(tmp_path) == []
     import os  # a full disk shows as a write that fails, naming no file: the message names the one (an outside check)
@@ -212,7 +213,7 @@ def test_a_store_whose_lock_cannot_be_made_refuses_changes_as_write_failures(tmp
 
     monkeypatch.setattr(filelock.BaseFileLock, "acquire", read_only)
     for change in (lambda: store.put(bundles[2]), lambda: store.deactivate("cars"), lambda: store.locked().__enter__()):
-        with pytest.raises(StoreWriteFailed, match="Read-only file system.*nothing was changed.*will not help"):
+        with pytest.raises(StoreNotWritable, match="Read-only file system.*nothing was changed.*will not help"):
             change()
     assert store.index().task("cars").active == first
 

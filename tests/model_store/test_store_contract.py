@@ -16,6 +16,7 @@ from model_store.errors import (
     ShadowConflict,
     StoreDamaged,
     StoreError,
+    StoreNotWritable,
     StoreUnavailable,
     TaskNotFound,
     VersionConflict,
@@ -482,6 +483,34 @@ def test_s3_a_write_that_landed_though_its_answer_was_lost_counts(make_store, bu
     assert store.put(bundles[2]).version == 2 and [v.version for v in store.task("cars").versions] == [1, 2]
     store.deactivate("cars")
     assert store.purge("cars") == 2 and store.index().deleting == {} and blob_ids(store) == set()
+
+
+def test_a_store_that_refuses_writes_is_not_writable_on_every_backend(make_store, bundles, monkeypatch):
+    """A read-only folder (EROFS) or a bucket whose credentials may read but not write (403): every change is
+    StoreNotWritable (503 without a Retry-After: no retry heals it), nothing changes, and reads still work."""
+    import errno
+    import tempfile
+
+    store = make_store()
+    store.put(bundles[1])
+    before = store.index()
+    if isinstance(store, LocalStore):
+
+        def refuse(*a, **k):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    else:
+        from botocore.exceptions import ClientError
+
+        def refuse(**kw):
+            raise ClientError({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "Put")
+
+        monkeypatch.setattr(store._s3, "put_object", refuse)
+    for change in (lambda: store.put(bundles[2]), lambda: store.deactivate("cars")):
+        with pytest.raises(StoreNotWritable, match="nothing was changed.*not writable.*will not help"):
+            change()
+    assert make_store().index() == before and make_store().load(before.task("cars").active).task == "cars"
 
 
 def test_s3_a_cache_disk_that_cannot_be_written_costs_a_fetch_not_the_blob(make_store, bundles, monkeypatch):

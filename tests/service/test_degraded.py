@@ -284,10 +284,41 @@ async def test_a_full_disk_is_a_clear_503_and_changes_nothing(tmp_path, backbone
         monkeypatch.setattr(tempfile, "mkstemp", full)
         r = await c.post("/tasks", files={"bundle": ("c", two_tasks["c"])}, headers=AUTH)
         assert r.status_code == 503 and r.json()["error"]["code"] == "store_write_failed", r.text
-        assert "No space left on device" in r.json()["error"]["message"]
+        assert "No space left on device" in r.json()["error"]["message"] and r.headers["Retry-After"] == "30"
         r = await c.post("/tasks/a/activate", json={"version": 1}, headers=AUTH)
         assert r.status_code in (200, 503), r.text  # already active: nothing to write, or refused
         monkeypatch.undo()
+        assert (await c.post("/tasks", files={"bundle": ("c", two_tasks["c"])}, headers=AUTH)).status_code == 201
+    assert store.index().generation == 2
+
+
+async def test_a_read_only_store_serves_says_so_and_refuses_changes_without_a_retry(
+    tmp_path, backbone, two_tasks, monkeypatch
+):
+    """A store folder this server cannot write: /healthz says so (still `live`: it serves all it has), and a change
+    is 503 `store_not_writable` with no Retry-After (sending it again cannot help; it said `Retry-After: 30` before,
+    beside a message saying no retry would), where a full disk is `store_write_failed`, worth a retry."""
+    import errno
+    import os
+    import tempfile
+
+    store = _store(tmp_path, two_tasks["a"])
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if path == store.root else access(path, mode))
+    async with running_app(tmp_path, backbone) as c:
+        health = (await c.get("/healthz")).json()
+        assert health["status"] == "live" and health["store_writable"] is False, health
+
+        def read_only(*a, **k):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+        r = await c.post("/tasks", files={"bundle": ("c", two_tasks["c"])}, headers=AUTH)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "store_not_writable", r.text
+        assert "Retry-After" not in r.headers and "will not help" in r.json()["error"]["message"]
+        assert await _pinned(c, "a") == 200
+        monkeypatch.undo()
+        assert (await c.get("/healthz")).json()["store_writable"] is True
         assert (await c.post("/tasks", files={"bundle": ("c", two_tasks["c"])}, headers=AUTH)).status_code == 201
     assert store.index().generation == 2
 
