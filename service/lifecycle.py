@@ -260,6 +260,16 @@ def _say_store(store: Any) -> None:
         )
 
 
+CONTAINER_MARKS = ("/.dockerenv", "/run/.containerenv")  # files Docker and Podman put in a container
+
+
+def on_a_terminal() -> bool:
+    """Whether stderr is a person's terminal, not a log: a container's terminal (`docker run -t`, compose `tty:
+    true`) is captured into `docker logs` (an outside check found the token there), so it never counts."""
+    container = os.environ.get("container") or any(os.path.exists(p) for p in CONTAINER_MARKS)
+    return sys.stderr.isatty() and not container
+
+
 def resolve_admin_token(config: ServeConfig) -> tuple[str, str]:
     """(token, where it came from). Unset: the one saved in the store folder, else a new one saved there, so a
     restart keeps the token its clients have (servers sharing the store share it too)."""
@@ -354,7 +364,7 @@ def lifespan(on_fatal: Callable[[str], None] | None, wait_ready: bool = False):
             service.admin_token, origin = resolve_admin_token(service.config)
             shown = "(not shown)"
             if origin.startswith("generated"):  # a log (journald, docker logs) is read by more than its mode-600 file
-                shown = service.admin_token if sys.stderr.isatty() else "not shown in a log, read it from the file"
+                shown = service.admin_token if on_a_terminal() else "not shown in a log, read it from the file"
             if origin != "set":
                 line = printed_line(f"admin token {origin}: {shown}", service.config.log_format)
                 print(line, file=sys.stderr, flush=True)

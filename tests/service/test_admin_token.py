@@ -121,17 +121,23 @@ def test_a_temp_token_file_left_by_a_killed_server_is_swept(tmp_path):
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("terminal", [True, False])
+@pytest.mark.parametrize("tty, container", [(True, False), (False, False), (True, True)])
 async def test_a_generated_token_is_printed_on_a_terminal_never_into_a_log(
-    tmp_path, backbone, capsys, monkeypatch, terminal
+    tmp_path, backbone, capsys, monkeypatch, tty, container
 ):
     """A security check: the first start printed the token in full into the server's log (journald, docker logs),
-    which more people read than its mode-600 file."""
+    which more people read than its mode-600 file. A container's terminal (`docker run -t`) is a log too."""
     import sys
 
     from service.app import create_app
 
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal, raising=False)
+    terminal = tty and not container
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty, raising=False)
+    monkeypatch.setattr(lifecycle, "CONTAINER_MARKS", ())  # this suite may itself run in a container
+    if container:
+        monkeypatch.setenv("container", "docker")
+    else:
+        monkeypatch.delenv("container", raising=False)
     config = ServeConfig(store=str(tmp_path / "store"), frozen_runtime="torch")
     app = create_app(config, backbone=backbone)
     async with app.router.lifespan_context(app):

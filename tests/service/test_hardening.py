@@ -559,7 +559,7 @@ async def test_head_is_answered_as_get_without_a_body(tmp_path, backbone):
             assert head.content == b"" and got.content, path
             assert head.headers["content-type"] == got.headers["content-type"], path
         assert (await c.head("/tasks")).status_code == 401  # the token is still needed
-        assert set((await c.get("/healthz")).json()) == {"status", "degraded", "store_error"}  # no empty bank keys
+        assert set((await c.get("/healthz")).json()) == {"status", "degraded", "store_error", "store_writable"}
         assert (await c.head("/classify")).status_code == 405
         metrics = (await c.get("/metrics")).text  # counted as sent, as the access log shows them (an operator's)
         assert 'clipbank_requests_total{endpoint="/healthz",method="HEAD",status="200"} 1.0' in metrics
