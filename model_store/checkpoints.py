@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -86,4 +87,5 @@ def first_line(error: Exception) -> str:
         count = text.count("size mismatch for ")
         first = next((line.strip() for line in lines if "size mismatch for " in line), "")
         return f"the checkpoint's tensors have other sizes than this architecture's ({count}; first: {first})"
-    return (lines[0] if lines else type(error).__name__)[:300]
+    line = lines[0] if lines else type(error).__name__
+    return line if len(line) <= 300 else textwrap.shorten(line, 300, placeholder=" [...]")  # cut between words

@@ -244,6 +244,7 @@ def test_weights_the_hub_cannot_give_are_answered_with_what_to_do_whole(monkeypa
         load_backbone("ViT-B-16:openai")
     message = str(raised.value)
     assert message.startswith("could not load backbone 'ViT-B-16:openai': Failed to download weights")
+    assert "connection. [...]" in message and "connecti." not in message  # an outside check's: cut between words
     assert message.endswith(
         "'ARCH:file:/path/weights.safetensors' (README, Real weights), or fill the cache where "
         "the hub is reachable; HF_HUB_OFFLINE=1 skips the hub's retries"
