@@ -45,8 +45,10 @@ def torch_problems(df: d.Dockerfile) -> list[str]:
     if not any(all(p in run for p in pins) for run in cpu_runs):
         problems.append(f"the cpu-torch stage does not install {pins}")
     installs = [i.args for i in df.stages[-1].instructions if i.keyword == "RUN" and "pip install" in i.args]
-    if not any("--constraint" in run and "torch==%s" in run for run in installs):
-        problems.append("the project is installed without a constraint that keeps the base's torch")
+    if not installs or not all("--constraint" in run and "torch==%s" in run for run in installs):
+        problems.append(
+            "the project or its dependencies are installed without a constraint that keeps the base's torch"
+        )
     for variant in VARIANTS:
         if f"{variant}-torch" not in [s.name for s in df.chain(df.stages[-1], {"VARIANT": variant})]:
             problems.append(f"VARIANT={variant} does not build on the {variant}-torch stage")
@@ -131,6 +133,7 @@ BREAKS = [
     ("cpu torch unpinned", ('"torch==${TORCH_VERSION}"', "torch"), "cpu-torch stage does not install"),
     ("cpu torch from PyPI", ('--index-url "${TORCH_INDEX_URL}"', ""), "cpu-torch stage does not install"),
     ("torch replaceable", ("--constraint /tmp/torch-pins.txt ", ""), "without a constraint"),
+    ("torch replaceable by the project", ("--constraint /tmp/torch-pins.txt /mnt", "/mnt"), "without a constraint"),
     ("one variant only", ("FROM ${VARIANT}-torch AS runtime", "FROM gpu-torch AS runtime"), "VARIANT=cpu"),
     ("python base elsewhere", (PYTHON_BASE, PYTHON_BASE.replace("=", "=mirror.local/")), "ARG PYTHON_BASE"),
     ("python too old", (PYTHON_BASE, "ARG PYTHON_BASE=python:3.9.23-slim-trixie"), "requires-python"),
