@@ -232,8 +232,24 @@ def without_secrets(query: str) -> str:
 
 def hide_secrets_in_access_log() -> None:
     access = logging.getLogger("uvicorn.access")
-    if not any(isinstance(f, SecretsOutOfAccessLog) for f in access.filters):
-        access.addFilter(SecretsOutOfAccessLog())
+    for kind in (SecretsOutOfAccessLog, QuietProbes):
+        if not any(isinstance(f, kind) for f in access.filters):
+            access.addFilter(kind())
+
+
+PROBES = ("/healthz", "/readyz", "/metrics")  # asked every few seconds by health checks and scrapers
+
+
+class QuietProbes(logging.Filter):
+    """A health check's or a scraper's 200 leaves no access line below `--log-level debug` (the container's health
+    check wrote one every 30 s, a Prometheus scrape one every 15: an outside check's); any other answer to them
+    does, and `clipbank_requests_total` counts them all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not (isinstance(args, tuple) and len(args) >= 5 and args[4] == 200 and isinstance(args[2], str)):
+            return True
+        return args[2].partition("?")[0] not in PROBES or logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
 class SecretsOutOfAccessLog(logging.Filter):

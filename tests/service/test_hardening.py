@@ -689,7 +689,33 @@ def test_serve_installs_the_access_log_filter(tmp_path, monkeypatch):
     access = logging.getLogger("uvicorn.access")
     monkeypatch.setattr(access, "filters", [])
     assert serve(ServeConfig(admin_token="a" * 20, store=str(tmp_path / "store"), device="cpu")) == 0
-    assert [type(f).__name__ for f in access.filters] == ["SecretsOutOfAccessLog"]
+    assert [type(f).__name__ for f in access.filters] == ["SecretsOutOfAccessLog", "QuietProbes"]
+
+
+@pytest.mark.parametrize(
+    "path, status, level, kept",
+    [
+        ("/readyz", 200, logging.INFO, False),
+        ("/healthz", 200, logging.INFO, False),
+        ("/metrics?x=1", 200, logging.INFO, False),
+        ("/readyz", 503, logging.INFO, True),  # a failing probe is worth a line
+        ("/classify", 200, logging.INFO, True),
+        ("/readyz", 200, logging.DEBUG, True),
+    ],
+)
+def test_probes_answered_200_leave_no_access_line_unless_debugging(path, status, level, kept):
+    """An outside check's: the container's health check wrote an access line every 30 s."""
+    from service.server import QuietProbes
+
+    access = logging.getLogger("uvicorn.access")
+    before = access.level
+    access.setLevel(level)  # setLevel, which clears the logger's cache of isEnabledFor
+    try:
+        args = ("127.0.0.1:5", "GET", path, "1.1", status)
+        record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', args, None)
+        assert QuietProbes().filter(record) is kept
+    finally:
+        access.setLevel(before)
 
 
 async def test_the_body_rate_floor_charges_the_clients_waits_not_the_apps():
