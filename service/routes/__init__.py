@@ -13,10 +13,14 @@ from model_store.manifest import shown
 from ..lifecycle import Service
 from ..schemas import ErrorResponse
 
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 409, 413, 415, 422, 503)}
-# a change asked with ?wait=all: stored, but some replicas did not serve it in time
+# what any route may answer; a GET reads no body, so no 415, and changes nothing, so no 409
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 422, 503)}
+SENT = {415: {"model": ErrorResponse}}  # a route that reads a body: one neither multipart nor JSON
+# a change: refused by the store (a version conflict) or the gate; asked with ?wait=all, stored, but some replicas
+# did not serve it in time
 WAITED = {
-    504: {"model": ErrorResponse, "description": "replicas_lagging: `error.details.replicas` says what each serves"}
+    409: {"model": ErrorResponse},
+    504: {"model": ErrorResponse, "description": "replicas_lagging: `error.details.replicas` says what each serves"},
 }
 
 

@@ -21,7 +21,7 @@ from ..images import inspect_all, preprocess_opened
 from ..schemas import ClassifyJSON, ClassifyResponse
 from ..steps import BatchInfo
 from ..workers import while_connected
-from . import ERRORS, known_query, service_of
+from . import ERRORS, SENT, known_query, service_of
 
 
 def multipart_schema(limits: Limits) -> dict:
@@ -73,7 +73,7 @@ def classify_router(reader: TokenCheck | None, limits: Limits) -> APIRouter:
     @router.post(
         "/classify",
         response_model=ClassifyResponse,
-        responses=ERRORS,
+        responses={**ERRORS, **SENT},
         dependencies=[*([Depends(reader)] if reader is not None else []), Depends(known_query)],  # the token first
         openapi_extra={
             "requestBody": {

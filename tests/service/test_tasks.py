@@ -359,6 +359,9 @@ async def test_openapi_documents_every_endpoint_with_examples(tmp_path, backbone
         for path, ops in spec["paths"].items():
             for method, op in ops.items():
                 assert {"400", "503"} <= set(op["responses"]), (method, path)
+                # a GET reads no body and changes nothing: it declared 409 and 415 (an integrator's)
+                assert method != "get" or not {"409", "415"} & set(op["responses"]), (method, path)
+                assert ("415" in op["responses"]) == ("requestBody" in op), (method, path)
         assert set(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
 
 
