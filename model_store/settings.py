@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import math
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import field
 from pathlib import Path
 from typing import Any
+
+from .errors import StoreError
 
 ENV_PREFIX = "CLIPBANK_"
 
@@ -45,3 +48,18 @@ def check_settings(job: object, positive: tuple[str, ...], counts: tuple[str, ..
     out = getattr(job, "out", None)
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {out} is a file; the report goes into a folder")
+
+
+def check_s3_endpoint(endpoint: str | None) -> None:
+    """`CLIPBANK_S3_ENDPOINT_URL`, refused by name before boto3 sees it ("Invalid endpoint", after the backbone had
+    loaded), and never with credentials in it: every error about the endpoint would log them."""
+    if endpoint is None:
+        return
+    if "@" in endpoint:  # checked first: the URL is not shown then
+        raise StoreError(
+            "CLIPBANK_S3_ENDPOINT_URL holds credentials (user:password@): they would be logged with every error "
+            "about the endpoint; give them in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
+    parts = urllib.parse.urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise StoreError(f"CLIPBANK_S3_ENDPOINT_URL must be an http:// or https:// URL, got {endpoint[:200]!r}")

@@ -195,14 +195,16 @@ class Store:
         metrics: dict[str, Any] | None = None,
         bundle: Bundle | None = None,
         shadow: bool = False,
+        gate: dict[str, Any] | None = None,
     ) -> PutResult:
         """Validate and store a bundle; by default make it the task's active version (`shadow`: put it in shadow).
 
-        `bundle` is `read_bundle(data)` when the caller has it already (checked against the bytes' digest).
+        `bundle` is `read_bundle(data)` when the caller has it already (checked against the bytes' digest); `gate`
+        the interference gate's report of it, kept beside the version.
         """
         if bundle is None or bundle.id != bytes_digest(data):
             bundle = read_bundle(data)
-        return self.put_validated(bundle, data, activate, metrics, shadow=shadow)
+        return self.put_validated(bundle, data, activate, metrics, gate, shadow)
 
     def put_validated(
         self,

@@ -22,7 +22,6 @@ import math
 import os
 import random
 import time
-import urllib.parse
 from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import replace
@@ -33,7 +32,7 @@ from .digest import bytes_digest
 from .errors import REWRITE, BundleNotFound, StoreDamaged, StoreError, StoreNotWritable, StoreUnavailable
 from .files import read_regular
 from .said_once import SaidOnce
-from .settings import cache_root, env_value
+from .settings import cache_root, check_s3_endpoint, env_value
 from .store import atomic_write, encode_index, parse_index
 from .store_base import BlobBeingDeleted, Edit, Store, Unchanged, purge_plan
 from .store_index import StoreIndex, next_generation
@@ -51,21 +50,6 @@ S3_CONNECT_SECONDS, S3_READ_SECONDS, S3_ATTEMPTS = 5.0, 10.0, 2
 # botocore's errors for a request sent whose answer never came (a refused connection is not one: nothing was sent)
 ANSWER_LOST = frozenset({"ReadTimeoutError", "ConnectionClosedError", "ProtocolError"})
 STRAY_SECONDS = 3600.0  # a blob no index names, this old, is a killed writer's: a purge deletes it
-
-
-def _check_endpoint(endpoint: str | None) -> None:
-    """Refused by name before boto3 sees it ("Invalid endpoint", after the backbone had loaded), and never with
-    credentials in it: every error about the endpoint would log them."""
-    if endpoint is None:
-        return
-    if "@" in endpoint:  # checked first: the URL is not shown then
-        raise StoreError(
-            "CLIPBANK_S3_ENDPOINT_URL holds credentials (user:password@): they would be logged with every error "
-            "about the endpoint; give them in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-        )
-    parts = urllib.parse.urlsplit(endpoint)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise StoreError(f"CLIPBANK_S3_ENDPOINT_URL must be an http:// or https:// URL, got {endpoint[:200]!r}")
 
 
 class S3Store(Store):
@@ -99,7 +83,7 @@ class S3Store(Store):
         except ImportError:
             raise StoreError("an s3:// store needs boto3: pip install 'clipbank[scale]'") from None
         endpoint = env_value("S3_ENDPOINT_URL", environ)
-        _check_endpoint(endpoint)
+        check_s3_endpoint(endpoint)
         config = Config(
             connect_timeout=S3_CONNECT_SECONDS,
             read_timeout=S3_READ_SECONDS,
@@ -210,7 +194,7 @@ class S3Store(Store):
             self._s3.put_object(Bucket=self.bucket, Key=self._blob_key(bundle_id), Body=data, **condition)
         except Exception as e:
             if _status(e) not in (412, 409):  # there already, or a concurrent create of the same bytes
-                raise self._write_failed(f"write blob {bundle_id[:12]}", e) from None
+                raise self._unavailable(f"write blob {bundle_id[:12]}", e, writing=True) from None
 
     def _change(self, edit: Edit, blob: tuple[str, bytes] | None = None) -> StoreIndex:
         """Publish `edit(index)` with generation + 1 by compare-and-swap, retrying on contention for up to
@@ -265,7 +249,7 @@ class S3Store(Store):
                 return self._landed(index)
             if type(e).__name__ in ANSWER_LOST:  # sent, then no answer: the write may have landed all the same
                 raise self._unavailable("confirm the index write; it may have landed: GET /tasks says", e) from None
-            raise self._write_failed("write the index", e) from None
+            raise self._unavailable("write the index", e, writing=True) from None
         self._cached = (answer["ETag"], self._seen(index, None))
         return True
 
@@ -371,23 +355,19 @@ class S3Store(Store):
                 return None
             raise self._unavailable("read the index", e) from None
 
-    def _unavailable(self, doing: str, e: Exception) -> StoreError:
+    def _unavailable(self, doing: str, e: Exception, writing: bool = False) -> StoreError:
         """A StoreError (503) naming what failed; the exception's own text goes to the log only, once in a while
-        for the same failure (an endpoint down logged an error at every poll, every 2-4 s)."""
+        for the same failure (an endpoint down logged an error at every poll, every 2-4 s). `writing`: a write of
+        a change, before its index is written, which the bucket refused (403: these credentials may read but not
+        write) is StoreNotWritable, which no retry heals."""
         self._say(logging.ERROR, f"store {self.location}: could not {doing}: {type(e).__name__}: {e}")
+        if writing and _status(e) == 403:
+            return StoreNotWritable(
+                f"the object store {self.location} refused to {doing} ({_code(e) or 403}); nothing was changed: the "
+                "store is not writable for this server (its credentials or the bucket's policy), and sending it "
+                "again will not help until it is"
+            )
         return StoreUnavailable(f"the object store {self.location} could not {doing} ({_code(e) or type(e).__name__})")
-
-    def _write_failed(self, doing: str, e: Exception) -> StoreError:
-        """A write of a change the bucket refused (403: these credentials may read but not write) as StoreNotWritable,
-        which no retry heals; any other failure as `_unavailable`. Only before the index is written: nothing changed."""
-        if _status(e) != 403:
-            return self._unavailable(doing, e)
-        self._say(logging.ERROR, f"store {self.location}: could not {doing}: {type(e).__name__}: {e}")
-        return StoreNotWritable(
-            f"the object store {self.location} refused to {doing} ({_code(e) or 403}); nothing was changed: the "
-            "store is not writable for this server (its credentials or the bucket's policy), and sending it again "
-            "will not help until it is"
-        )
 
 
 def _status(e: Exception) -> int | None:

@@ -48,7 +48,10 @@ class TrainJob:
         DEFAULT_SELECTOR, "the task's selector kind (docs/benchmarks/routing.md compares them)", SELECTOR_NAMES
     )
     reference: str | None = option(None, "reference set file (default: the backbone's, if one was built or ships)")
-    activate: bool = option(True, "make the stored version active")
+    activate: bool = option(True, "make the stored version active, unless a server's interference gate would refuse it")
+    force: bool = option(
+        False, "with --store: activate the version even when a server's interference gate would refuse it"
+    )
     progress: bool = True
 
 

@@ -201,17 +201,37 @@ def _train_and_store(job: TrainJob) -> dict[str, Any]:
             atomic_write(Path(job.out), result.bundle)
         summary["out"] = job.out
     if store is not None:
-        put = _put(store, result.bundle, job, version)
-        summary.update(bundle_id=put.bundle_id, store=store.location, generation=put.generation, activated=job.activate)
+        _store_trained(store, result.bundle, job, version, result.report["routing"].get("gate"), summary)
     return summary
 
 
-def _put(store: Store, bundle: bytes, job: TrainJob, version: int) -> PutResult:
-    """Store the trained bundle. Another writer may have taken this version, a purge removed experts it uses, the
-    store was busy...: the bundle is then kept on disk, not lost with the error."""
+def _store_trained(store: Store, bundle: bytes, job: TrainJob, version: int, gate: dict | None, summary: dict) -> None:
+    """Put the bundle in the store with the gate's report of it, inactive when a server's gate would refuse it
+    (unless forced), as a server leaves an upload it refuses: the version that serves keeps serving (an outside
+    check's `train --store` activated one that took 9% of an older task's images, marked nowhere after)."""
+    held = job.activate and not job.force and bool(gate and gate["offences"])
+    activate = job.activate and not held
+    put = _put(store, bundle, job, version, activate, gate)
+    summary.update(bundle_id=put.bundle_id, store=store.location, generation=put.generation, activated=activate)
+    if held:
+        said = (
+            f"version {version} of {job.task} is stored inactive: a server's interference gate would refuse it "
+            f"({'; '.join(gate['offences'])}); the active version keeps serving. `clipbank tasks activate "
+            f"{job.task} {version} --force` (a server) or `clipbank store activate` (this folder, ungated) makes "
+            "it serve anyway; `--force` here would have"
+        )
+        log.warning("%s", said)
+        summary["gate_refused"] = True
+        summary["warnings"].append(said)
+
+
+def _put(store: Store, bundle: bytes, job: TrainJob, version: int, activate: bool, gate: dict | None) -> PutResult:
+    """Store the trained bundle (with the gate's report of it, when measured). Another writer may have taken this
+    version, a purge removed experts it uses, the store was busy...: the bundle is then kept on disk, not lost with
+    the error."""
     with _kept_on_failure(bundle, job.task, version, "the store refused the bundle", job.out):
         try:
-            return store.put(bundle, activate=job.activate)
+            return store.put(bundle, activate=activate, gate=gate)
         except VersionConflict:
             raise VersionConflict(
                 f"another writer stored version {version} of task {job.task!r} while this run trained it: a store or "

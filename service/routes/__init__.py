@@ -22,6 +22,7 @@ WAITED = {
     409: {"model": ErrorResponse},
     504: {"model": ErrorResponse, "description": "replicas_lagging: `error.details.replicas` says what each serves"},
 }
+POSTED = {**WAITED, **SENT}  # a change asked with a body
 
 
 def service_of(request: Request) -> Service:

@@ -20,7 +20,7 @@ from ..decode import read_bundle_upload, read_json
 from ..errors import ReplicasLagging
 from ..schemas import ActivateRequest, Removed, TaskInfo, TaskList, TaskUploaded, UploadMode
 from ..tasks import task_info
-from . import ERRORS, SENT, WAITED, known_query, service_of
+from . import ERRORS, POSTED, WAITED, known_query, service_of
 
 log = logging.getLogger("clipbank.service")
 
@@ -44,7 +44,7 @@ UPLOAD_ROUTE: dict[str, Any] = {
     "status_code": 201,
     "response_model": TaskUploaded,
     "openapi_extra": UPLOAD_BODY,
-    "responses": {200: {"model": TaskUploaded, "description": RESTORED}, **WAITED, **SENT},
+    "responses": {200: {"model": TaskUploaded, "description": RESTORED}, **POSTED},
 }
 
 
@@ -166,9 +166,7 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
 
     _add_reading(router)
 
-    @router.post(
-        "/tasks/{task}/activate", response_model=TaskInfo, openapi_extra=ACTIVATE_BODY, responses={**WAITED, **SENT}
-    )
+    @router.post("/tasks/{task}/activate", response_model=TaskInfo, openapi_extra=ACTIVATE_BODY, responses=POSTED)
     async def activate(
         request: Request,
         task: str,

@@ -17,7 +17,7 @@ from ..decode import read_json
 from ..schemas import ActivateRequest, ShadowInfo, TaskInfo, UnclaimedInsights
 from ..tasks import task_info
 from ..watch import in_turn
-from . import ERRORS, SENT, WAITED, known_query, service_of
+from . import ERRORS, POSTED, WAITED, known_query, service_of
 from .tasks import ACTIVATE_BODY, Wait, announced, known_name
 
 
@@ -55,9 +55,7 @@ def watch_router(admin: TokenCheck) -> APIRouter:
             raise NoShadow(f"task {shown(task)} {why}")
         return {**stats, "replica": service.replica}
 
-    @router.post(
-        "/tasks/{task}/shadow", response_model=TaskInfo, openapi_extra=ACTIVATE_BODY, responses={**WAITED, **SENT}
-    )
+    @router.post("/tasks/{task}/shadow", response_model=TaskInfo, openapi_extra=ACTIVATE_BODY, responses=POSTED)
     async def put_in_shadow(request: Request, task: str, wait: Wait = "none") -> dict:
         """Put a stored version in shadow (replacing the one there); promote it later with activate."""
         registry = service_of(request).require_ready()

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from service import lifecycle
+from service import admin_token
+from service.admin_token import ADMIN_TOKEN_FILE, resolve_admin_token
 from service.config import ServeConfig
-from service.lifecycle import ADMIN_TOKEN_FILE, resolve_admin_token
 
 
 @pytest.mark.parametrize(
@@ -38,11 +38,11 @@ def test_a_full_disk_leaves_no_temp_token_file(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(lifecycle.os, "fsync", full)
+    monkeypatch.setattr(admin_token.os, "fsync", full)
     token, where = resolve_admin_token(ServeConfig(store=str(tmp_path)))
     assert len(token) >= 16 and "not saved" in where and "No space left" in where
     assert list(tmp_path.iterdir()) == []  # neither the token file nor a temp file
-    monkeypatch.setattr(lifecycle.os, "fsync", os.fsync)
+    monkeypatch.setattr(admin_token.os, "fsync", os.fsync)
 
 
 def test_a_store_path_under_a_file_is_no_traceback(tmp_path):
@@ -133,7 +133,7 @@ async def test_a_generated_token_is_printed_on_a_terminal_never_into_a_log(
 
     terminal = tty and not container
     monkeypatch.setattr(sys.stderr, "isatty", lambda: tty, raising=False)
-    monkeypatch.setattr(lifecycle, "CONTAINER_MARKS", ())  # this suite may itself run in a container
+    monkeypatch.setattr(admin_token, "CONTAINER_MARKS", ())  # this suite may itself run in a container
     if container:
         monkeypatch.setenv("container", "docker")
     else:

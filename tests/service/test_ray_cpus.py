@@ -37,8 +37,8 @@ def test_the_driver_warns_of_another_saved_admin_token(tmp_path, monkeypatch, ca
     import pytest
     import ray
 
+    from service.admin_token import ADMIN_TOKEN_FILE
     from service.config import ServeConfig
-    from service.lifecycle import ADMIN_TOKEN_FILE
 
     (tmp_path / ADMIN_TOKEN_FILE).write_text("a-saved-token-0123456789\n")
 

@@ -198,6 +198,49 @@ def test_new_version_answers_over_every_class_seen(tmp_path, capsys):
     assert main(args) == 2 and "it has classes the training data lacks" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_a_version_trained_into_a_store_that_the_gate_would_refuse_is_stored_inactive(
+    tmp_path, monkeypatch, capsys, force
+):
+    """An outside check's: `train --store` warned that a server's gate would refuse the version, activated it all
+    the same, and 9% of an older task's images went to it; nothing marked the version afterwards, and later the
+    older task could not be activated again past the gate. Now it is stored inactive with its gate report, as a
+    server's gate would leave it, and the command exits 1; `--force` activates it. Training is stood in for."""
+    import json
+
+    import training.run as run
+    from model_store.bank import empty_bank
+    from tests.helpers import random_bundle
+    from training.trainer import TrainResult
+
+    store = tmp_path / "store"
+    offence = "it would take 10.7% of the images of task 'gradients' (limit 2.0%)"
+    gate = {"task": "tex", "version": 1, "passed": False, "offences": [offence], "stolen": {"gradients": 0.107}}
+
+    def train(bank, train, cfg, val=None, version=1, parent=None, progress=True, reference=None):
+        data = random_bundle(empty_bank(bank.backbone), cfg.task, 7, version=version)
+        keys = ("zero_shot_val_accuracy", "val_accuracy", "val_balanced_accuracy", "seconds", "train_images")
+        report = {**dict.fromkeys(keys, 0), "val_images": 0, "bundle_bytes": len(data), "experts_added": 16}
+        report.update(val_accuracy_per_class={}, val_warnings=[])
+        routing = {"warnings": [], "gate": gate}
+        return TrainResult(data, {**report, "selector": {"kind": "hybrid", "threshold": 1.0}, "routing": routing})
+
+    monkeypatch.setattr(run, "train_task", train)
+    assert main(["data", "export", "textures", str(tmp_path / "tex")]) == 0
+    capsys.readouterr()
+    args = ["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--store", str(store)]
+    assert main(args + ["--force"] * force) == (0 if force else 1)
+    out = json.loads(capsys.readouterr().out)
+    index = LocalStore(store).index()
+    assert out["activated"] is force and (index.task("tex").active is not None) is force
+    assert index.version("tex", 1).gate == gate  # kept beside the version, as a server keeps an upload's
+    assert out.get("gate_refused", False) is not force
+    if not force:
+        assert any("stored inactive" in w and offence in w and "--force" in w for w in out["warnings"])
+    with pytest.raises(SystemExit):  # a file is gated by the server it is pushed to
+        main(["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--out", "x", "--force"])
+
+
 def test_a_bundle_the_store_refuses_after_training_is_kept_on_disk(tmp_path, monkeypatch, capsys, caplog):
     """Training takes long; if the store then refuses the bundle (another writer took its version meanwhile), the
     bundle is saved where the log says, under a name no earlier failure took, not lost with the error. Training
