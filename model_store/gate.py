@@ -104,14 +104,17 @@ class InterferenceRefused(ClipbankError):
             why = (
                 "It failed the gate when it was last checked too (stored, put in shadow or forced active; its report: "
                 "GET /tasks/NAME): retrain it (more steps, "
-                "the reference set as negatives), or activate it anyway with force=true."
+                "the reference set as negatives), or activate it anyway with force=true (`clipbank tasks activate "
+                "--force`)."
             )
         else:
             why = (
                 "It is checked against the bank as it is now, with the backbone's reference set: tasks activated "
-                "since it was stored (one forced past the gate, say), or its own selector, if an older release made "
-                "it (before its selectors learned from the reference set), may be why. Deal with those, or activate "
-                "it anyway with force=true (retraining makes a new version)."
+                "since it was stored (one forced past the gate, or made active in the store folder, ungated: "
+                "`clipbank store activate`, `clipbank train --store --force`), or its own selector, if an "
+                "older release made it (before its selectors learned from the reference set), may be why. Deal with "
+                "those, or activate it anyway with force=true (`clipbank tasks activate --force`; retraining makes a "
+                "new version)."
             )
         verb = "stored" if upload else "activated"
         super().__init__(f"task {report.task!r} v{report.version} was not {verb}: " + "; ".join(offences) + ". " + why)
