@@ -55,8 +55,6 @@ def _train(args: argparse.Namespace) -> int:
     hub_lines_once()
     if not args.out and not args.store:
         raise UsageError("clipbank train: give --out FILE, --store DIR, or both")
-    if args.force and not args.store:
-        raise UsageError("clipbank train: --force activates what --store stores; a file is gated by `clipbank push`")
     job = TrainJob(**given(TrainJob, args))
     summary = run_train_job(job)
     print_json(summary)

@@ -269,6 +269,8 @@ def _check_outputs(job: TrainJob) -> None:
             "--no-activate applies to the version put in --store; a bundle file is stored inactive when pushed with "
             "`clipbank push --no-activate`"
         )
+    if job.force and not job.store:
+        raise ValueError("--force activates the version put in --store; a bundle file is gated by `clipbank push`")
     if job.out:
         check_writable(Path(job.out), job.overwrite)
 

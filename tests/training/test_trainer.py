@@ -237,8 +237,9 @@ def test_a_version_trained_into_a_store_that_the_gate_would_refuse_is_stored_ina
     assert out.get("gate_refused", False) is not force
     if not force:
         assert any("stored inactive" in w and offence in w and "--force" in w for w in out["warnings"])
-    with pytest.raises(SystemExit):  # a file is gated by the server it is pushed to
-        main(["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--out", "x", "--force"])
+    # a file is gated by the server it is pushed to: a usage error, before any training
+    assert main(["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--out", "x", "--force"]) == 2
+    assert "--force activates the version put in --store" in capsys.readouterr().err
 
 
 def test_a_bundle_the_store_refuses_after_training_is_kept_on_disk(tmp_path, monkeypatch, capsys, caplog):
