@@ -171,11 +171,13 @@ def _print_insights(out: dict, max_clusters: int) -> None:
         return
     print("| cluster | images kept | share of traffic | nearest task | its score margin |")
     print("| --- | --- | --- | --- | --- |")
-    claimed = 0
+    claimed = labelled = 0
     for c in out["clusters"]:
         margin = "-" if c["margin"] is None else f"{c['margin']:+.2f}"
         nearest = c["nearest_task"] or "-"
-        if c["margin"] is not None and c["margin"] <= 0:  # its task was trained or changed since these images came
+        if c.get("moved_by_labels", 0) >= 0.5:  # its selector claims them; the clients' labels send them away
+            nearest, labelled = f"{nearest} (claims them; their labels are not its classes)", labelled + 1
+        elif c["margin"] is not None and c["margin"] <= 0:  # its task was trained or changed since these images came
             nearest, claimed = f"{nearest} (claims it now)", claimed + 1
         print(f"| {c['id']} | {c['size']} | {c['share']:.1%} | {nearest} | {margin} |")
     if len(out["clusters"]) >= max_clusters:
@@ -185,6 +187,12 @@ def _print_insights(out: dict, max_clusters: int) -> None:
         print(
             f"{claimed} cluster(s) a task claims now (a margin <= 0): served by it since; such images leave the "
             "reservoir within its retention"
+        )
+    if labelled:  # an outside check's: such clusters were said to be "served by it since", which they never are
+        print(
+            f"{labelled} cluster(s) of images a task's selector claimed, sent to zero-shot CLIP because their "
+            "requests' labels name none of its classes (label-aware routing): no task serves them, however the "
+            "task scores them; a task trained on their classes would"
         )
 
 

@@ -56,6 +56,7 @@ class Cluster:
     centroid: np.ndarray = field(repr=False, compare=False)  # normalised mean embedding
     members: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False, compare=False)
     # rows of the snapshot's embeddings in the cluster (for experiments and examples; not serialised)
+    moved_by_labels: float = 0.0  # share of members a task's selector claimed, sent away by their requests' labels
 
     def to_json(self) -> dict:
         """The cluster without its centroid and members."""
@@ -66,6 +67,7 @@ class Cluster:
             "over_time": [[start, share] for start, share in self.over_time],
             "nearest_task": self.nearest_task,
             "margin": self.margin,
+            "moved_by_labels": self.moved_by_labels,
         }
 
 
@@ -320,7 +322,9 @@ def _cluster(
     centroid = snapshot.embeddings[members].astype(np.float64).mean(0)
     centroid /= max(float(np.linalg.norm(centroid)), 1e-12)
     share = float(weight[members].sum() / snapshot.auto_images)
-    return Cluster(k, len(members), share, over_time, nearest[0], nearest[1], centroid.astype(np.float32), members)
+    moved = float(snapshot.moved[members].mean()) if snapshot.moved is not None and len(members) else 0.0
+    centroid = centroid.astype(np.float32)
+    return Cluster(k, len(members), share, over_time, *nearest, centroid, members, moved)
 
 
 def typical_members(snapshot: ReservoirSnapshot, cluster: Cluster, n: int) -> np.ndarray:

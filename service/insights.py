@@ -82,6 +82,7 @@ class ReservoirSnapshot:
     slots: np.ndarray | None = None  # each embedding's slot in the reservoir, and the write that filled it:
     stamps: np.ndarray | None = None  # what `UnclaimedReservoir.thumbnails` takes to find its thumbnail again
     start: float | None = None  # when the traffic the bins count begins (None: no bins)
+    moved: np.ndarray | None = None  # each embedding's: a selector claimed it, its request's labels sent it away
 
     def __len__(self) -> int:
         return len(self.times)
@@ -111,6 +112,7 @@ class UnclaimedReservoir:
         self._stamps = np.zeros(cap, np.int64)  # per slot: the record() call that last wrote it
         self._batch = np.zeros((cap, 2), np.int64)  # per slot: its record's auto images and unclaimed ones
         self._before = np.zeros((cap, 2), np.int64)  # and what its bin had counted before that record
+        self._moved = np.zeros(cap, bool)  # per slot: claimed by a selector, sent to zero-shot by label-aware routing
         self._writes = 0
         self._times = np.full(cap, -np.inf)  # -inf: empty or expired slot
         self._next = 0  # the slot the next embedding goes to
@@ -129,7 +131,7 @@ class UnclaimedReservoir:
     def nbytes(self) -> int:
         """Bytes held by the buffers (fixed at construction)."""
         buffers = (self._emb, self._times, self._bin_ids, self._bin_counts, self._thumbs, self._stamps, self._batch)
-        buffers += (self._before,)
+        buffers += (self._before, self._moved)
         return sum(b.nbytes for b in buffers)
 
     def __len__(self) -> int:
@@ -137,11 +139,18 @@ class UnclaimedReservoir:
             return int(np.count_nonzero(self._times > -np.inf))
 
     def record(
-        self, auto_images: int, unclaimed: np.ndarray, now: float | None = None, thumbnails: np.ndarray | None = None
+        self,
+        auto_images: int,
+        unclaimed: np.ndarray,
+        now: float | None = None,
+        thumbnails: np.ndarray | None = None,
+        moved: np.ndarray | None = None,
     ) -> None:
         """One batch: how many images were routed in auto mode, and the frozen embeddings [k, dim] of those of them
         that went to zero-shot (k may be 0), with their thumbnails [k, side, side, 3] uint8 when the reservoir
-        keeps them (else ignored; blank when missing). A record older than the newest one counts as the newest."""
+        keeps them (else ignored; blank when missing), and `moved` [k]: which of them a task's selector claimed
+        but their request's labels sent to zero-shot (label-aware routing; None: none). A record older than the
+        newest one counts as the newest."""
         if not self.enabled:
             return
         rows = np.asarray(unclaimed, dtype=np.float32)
@@ -153,11 +162,14 @@ class UnclaimedReservoir:
         side = self.config.thumbnail
         if side and thumbnails is not None and np.shape(thumbnails) != (len(rows), side, side, 3):
             raise ValueError(f"thumbnails must be [{len(rows)}, {side}, {side}, 3], got {list(np.shape(thumbnails))}")
+        moved = np.zeros(len(rows), bool) if moved is None else np.asarray(moved, bool).reshape(-1)
+        if len(moved) != len(rows):
+            raise ValueError(f"moved must have one flag per unclaimed embedding ({len(rows)}), got {len(moved)}")
         if auto_images == 0:
             return
         usable = np.isfinite(rows).all(axis=1) & (np.abs(rows).max(axis=1, initial=0.0) > 0)
         if not usable.all():  # no working pass makes these, and one would break every clustering: auto images only
-            rows = rows[usable]
+            rows, moved = rows[usable], moved[usable]
             thumbnails = thumbnails[usable] if side and thumbnails is not None else thumbnails
         now = time.time() if now is None else float(now)
         with self._lock:
@@ -167,7 +179,7 @@ class UnclaimedReservoir:
             slots = (self._next + np.arange(len(keep))) % self.config.capacity
             overwritten = self._times[slots].max(initial=-np.inf)
             self._lost = max(self._lost, now if len(keep) < len(rows) else overwritten)
-            self._emb[slots], self._times[slots] = keep, now
+            self._emb[slots], self._times[slots], self._moved[slots] = keep, now, moved[-self.config.capacity :]
             self._writes += 1
             self._stamps[slots] = self._writes
             self._batch[slots], self._before[slots] = (auto_images, len(rows)), before
@@ -225,7 +237,7 @@ class UnclaimedReservoir:
         kept: the first bin counts only that record, prorated to what is kept of it, and the records after it)."""
         bs = self.config.bin_seconds
         if not self.enabled:
-            return ReservoirSnapshot(np.zeros((0, self.dim), np.float32), np.zeros(0), [], bs)
+            return ReservoirSnapshot(np.zeros((0, self.dim), np.float32), np.zeros(0), [], bs, moved=np.zeros(0, bool))
         now = time.time() if now is None else float(now)
         with self._lock:
             now = max(now, self._latest)
@@ -234,13 +246,13 @@ class UnclaimedReservoir:
             order = (self._next + np.arange(self.config.capacity)) % self.config.capacity
             order = order[self._times[order] > -np.inf]
             emb, times, stamps = self._emb[order], self._times[order], self._stamps[order]  # fancy indexing copies
-            batch, before = self._batch[order], self._before[order]
+            batch, before, moved = self._batch[order], self._before[order], self._moved[order]
             slots = (self._oldest_bin() + np.arange(self._bins)) % len(self._bin_ids)
             ids, counts = self._bin_ids[slots].copy(), self._bin_counts[slots].copy()
         if len(ids):  # embeddings older than the oldest bin (only when MAX_BINS cut the retention) are left out
             keep = times >= ids[0] * bs
             emb, times, order, stamps = emb[keep], times[keep], order[keep], stamps[keep]
-            batch, before = batch[keep], before[keep]
+            batch, before, moved = batch[keep], before[keep], moved[keep]
         start = times[0] if len(times) and overwrote else cutoff
         first = np.searchsorted(ids, math.floor(start / bs))  # the bin `start` was counted in (or the next one)
         if len(times) and overwrote and first < len(ids):  # from the oldest kept record, less what it lost
@@ -258,4 +270,4 @@ class UnclaimedReservoir:
             TrafficBin(float(i * bs), int(a), int(u)) for i, (a, u) in zip(ids[first:], counts[first:], strict=True)
         ]
         begins = (float(times[0]) if len(times) and overwrote else bins[0].start) if bins else None
-        return ReservoirSnapshot(emb, times, bins, bs, order, stamps, begins)
+        return ReservoirSnapshot(emb, times, bins, bs, order, stamps, begins, moved)

@@ -244,6 +244,12 @@ class UnclaimedCluster(BaseModel):
     over_time: list[list[float]] = Field(..., description="[bin start (unix seconds), share of that bin's traffic]")
     nearest_task: str | None = Field(None, description="the active task whose selector scores it lowest")
     margin: float | None = Field(None, description="that task's median score minus 1: how far from claiming it")
+    moved_by_labels: float = Field(
+        0.0,
+        description="the share of its members that a task's selector claimed but whose requests' labels named none of "
+        "its classes (label-aware routing sent them to zero-shot): a task claiming them does not serve them, one "
+        "trained on their classes would",
+    )
     examples: list[str] = Field(
         [], description="data:image/png;base64 thumbnails of its members nearest its centre (`examples`, opt-in)"
     )

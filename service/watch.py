@@ -47,6 +47,7 @@ class WatchedRequest:
     all_scores: torch.Tensor
     tasks: torch.Tensor
     images: torch.Tensor | None  # only when the reservoir keeps thumbnails
+    moved: torch.Tensor  # sent to zero-shot by label-aware routing, though a selector claimed them
 
 
 class TrafficWatch:
@@ -115,7 +116,8 @@ class TrafficWatch:
                     self._log_once("making thumbnails of unclaimed images failed")
             try:
                 feats = passes.frozen[unclaimed.to(passes.frozen.device)].float().cpu().numpy()
-                self.reservoir.record(len(rows), feats, thumbnails=thumbs)
+                moved = passes.moved[unclaimed.to(passes.moved.device)].numpy()
+                self.reservoir.record(len(rows), feats, thumbnails=thumbs, moved=moved)
             except Exception:
                 self._log_once("recording unclaimed images failed")
 
@@ -137,6 +139,7 @@ class TrafficWatch:
             passes.all_scores[a:b].clone(),
             passes.tasks[a:b].clone(),
             images,
+            passes.moved[a:b].clone(),
         )
 
     def _thumbnails(self, images: torch.Tensor) -> np.ndarray:

@@ -1097,6 +1097,12 @@ def test_insights_marks_a_cluster_a_task_claims_now(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "| 0 | 50 | 50.0% | sketches (claims it now) | -0.64 |" in lines
     assert "| 1 | 40 | 40.0% | digits | +0.80 |" in lines and lines[-1].startswith("1 cluster(s) a task claims now")
+    # a later one: its selector claimed them, their labels sent them to zero-shot; never "served by it since"
+    clusters[0]["moved_by_labels"] = 0.9
+    _print_insights({"reservoir": reservoir, "clusters": clusters}, 20)
+    lines = capsys.readouterr().out.splitlines()
+    assert "| 0 | 50 | 50.0% | sketches (claims them; their labels are not its classes) | -0.64 |" in lines
+    assert not any("claims now" in line for line in lines) and "no task serves them" in lines[-1]
 
 
 def test_insights_waits_for_a_clustering_that_another_request_runs(monkeypatch, capsys):

@@ -59,6 +59,25 @@ def test_keeps_only_the_newest_capacity_embeddings_oldest_first():
     assert snap.embeddings[0, 0] == 9.0  # a snapshot is a copy
 
 
+def test_each_kept_embedding_keeps_whether_label_aware_routing_sent_it_away():
+    """An outside check's: images a task's selector claimed, sent to zero-shot because their labels named none of
+    its classes, were said to be served by that task "since". Each slot now keeps why its image came."""
+    r = UnclaimedReservoir(ReservoirConfig(capacity=4), dim=3)
+    rows = np.arange(1, 19, dtype=np.float32).reshape(6, 3)
+    r.record(5, rows[:3], now=1.0, moved=np.array([True, False, True]))
+    r.record(5, rows[3:6], now=2.0)  # none moved; the ring overwrites the oldest two
+    snap = r.snapshot(now=3.0)
+    np.testing.assert_array_equal(snap.embeddings, rows[2:6])
+    assert snap.moved.tolist() == [True, False, False, False]
+    zero = np.zeros(3, np.float32)  # an unusable row is left out with its flag
+    r.record(2, np.stack([zero, rows[0]]), now=4.0, moved=np.array([False, True]))
+    assert r.snapshot(now=4.0).moved.tolist() == [False, False, False, True]
+    with pytest.raises(ValueError, match="one flag per unclaimed embedding"):
+        r.record(2, rows[:2], now=5.0, moved=np.array([True]))
+    members = find_clusters(r.snapshot(now=4.0), None, min_share=0.01, min_size=2)  # too few to cluster: none
+    assert members == []
+
+
 def test_drops_embeddings_and_bins_older_than_the_retention():
     r = UnclaimedReservoir(ReservoirConfig(capacity=100, retention_seconds=10.0, bin_seconds=1.0), dim=2)
     for t in (0.0, 5.5, 12.0):
@@ -122,7 +141,7 @@ def test_memory_stays_bounded_under_a_long_stream():
     cfg = ReservoirConfig(capacity=64, retention_seconds=30.0, bin_seconds=1.0)
     r = UnclaimedReservoir(cfg, dim=32)
     before = r.nbytes
-    assert before == 64 * 32 * 4 + 64 * 48 + cfg.max_bins * 3 * 8  # embeddings; times, stamps, records; bins
+    assert before == 64 * 32 * 4 + 64 * 49 + cfg.max_bins * 3 * 8  # embeddings; times, stamps, records, moved; bins
     rows = _noise(3, seed=0)[:, :32].copy()
     for i in range(100_000):
         r.record(5, rows, now=i * 0.05)
@@ -187,7 +206,7 @@ def test_a_new_domain_at_ten_percent_of_traffic_is_one_cluster():
     expected = np.median(1.0 + (1.0 - x[c.members] @ center)) - 1.0
     assert c.margin == pytest.approx(expected, rel=1e-5) and 0.0 < c.margin < 0.1
     assert float(c.centroid @ center) > 0.99 and np.linalg.norm(c.centroid) == pytest.approx(1.0, abs=1e-5)
-    assert set(c.to_json()) == {"id", "size", "share", "over_time", "nearest_task", "margin"}
+    assert set(c.to_json()) == {"id", "size", "share", "over_time", "nearest_task", "margin", "moved_by_labels"}
     assert find_clusters(r.snapshot(now=end), None)[0].nearest_task is None  # no tasks
     empty = find_clusters(r.snapshot(now=end), lambda e: ([], np.zeros((len(e), 0))))
     assert (empty[0].nearest_task, empty[0].margin) == (None, None)

@@ -84,6 +84,24 @@ async def test_known_traffic_makes_no_cluster_and_an_injected_domain_does(tmp_pa
         assert cluster["margin"] > 0  # not claimed: its nearest task's median score is above 1
 
 
+async def test_a_cluster_that_labels_kept_from_its_look_alike_task_says_so(tmp_path, backbone, bundles):
+    """An outside check's: glyph-like images asked about concepts no task knows went to zero-shot (label-aware
+    routing), and `clipbank insights` said glyphs "claims it now: served by it since", which it never was."""
+    async with running_app(tmp_path, backbone) as c:
+        for name in ("textures", "glyphs"):  # glyphs uses textures' experts
+            assert (await c.post("/tasks", files={"bundle": ("b", bundles[name])}, headers=AUTH)).status_code == 201
+        routes = await _send(c, "glyphs", 96)  # red and blue: no task's classes
+        assert routes.count(None) == 96
+        out = await _insights(c)
+        assert out["clusters"], out
+        top = out["clusters"][0]
+        assert top["nearest_task"] == "glyphs" and top["margin"] <= 0 and top["moved_by_labels"] >= 0.9, top
+        unlabelled = await _send(c, "digits", 48, labels=["zebra", "okapi"], match_labels="false")
+        assert unlabelled.count(None) > 0
+        digits = [k for k in (await _insights(c))["clusters"] if k["moved_by_labels"] < 0.5]
+        assert all(k["margin"] is None or k["margin"] > 0 for k in digits)  # sent by the selectors alone: not moved
+
+
 async def test_the_monitor_can_be_off_and_its_endpoint_is_guarded(tmp_path, backbone):
     async with running_app(tmp_path, backbone, unclaimed_capacity=0) as c:
         await _send(c, "digits", 16)
@@ -151,7 +169,7 @@ async def test_one_clustering_at_a_time(tmp_path, backbone, monkeypatch):
         await watch._turn.acquire()
         asyncio.get_running_loop().call_later(0.3, watch._turn.release)
         assert (await c.get("/insights/unclaimed", headers=AUTH)).status_code == 200
-        assert watch.reservoir.nbytes == 2048 * (backbone.embed_dim * 4 + 48) + watch.reservoir.config.max_bins * 24
+        assert watch.reservoir.nbytes == 2048 * (backbone.embed_dim * 4 + 49) + watch.reservoir.config.max_bins * 24
 
 
 async def test_opt_in_thumbnails_show_a_clusters_own_images(tmp_path, backbone):
