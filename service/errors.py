@@ -85,9 +85,16 @@ class ReplicasLagging(ClipbankError):
 
 
 class Overloaded(ClipbankError):
-    """More images are waiting than `max_queue_images`: try again shortly."""
+    """More images are waiting than `max_queue_images`, or the server is short of memory: try again shortly."""
 
     code = "overloaded"
+
+
+def out_of_memory(what: str = "this request") -> Overloaded:
+    """A MemoryError (or no thread to start) is the server's shortage, not a fault of what the client sent: 503
+    `overloaded` with Retry-After (an outside check's valid image under a memory limit was a 422 `bad_image`,
+    other requests a 500)."""
+    return Overloaded(f"the server was short of memory for {what}: try again shortly")
 
 
 class RequestTimeout(InvalidRequest):
@@ -172,6 +179,9 @@ def error_body_of(error: Exception) -> tuple[int, str, str]:
         error = ClientGone("the client closed the connection before its body arrived")
     if isinstance(error, ClientGone):
         log.info("client went away: %s", error)
+    if isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and "can't start new thread" in str(error)):
+        log.error("the server is short of memory: %s", type(error).__name__)
+        error = out_of_memory()
     if isinstance(error, ClipbankError):
         return status_of(error), error.code, str(error)
     log.error("unexpected error", exc_info=error)

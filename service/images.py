@@ -19,7 +19,7 @@ from torchvision import transforms as T
 from model_store.pixels import aspect_problem, draft_for, reduced_for, viewed_rgb
 
 from .config import Limits
-from .errors import BadImage, ClientGone, LimitExceeded, of_image
+from .errors import BadImage, ClientGone, LimitExceeded, of_image, out_of_memory
 from .image_structure import Structure, data_chunk_limit, rle_bmp_too_long, walk
 
 # Formats PIL reads without outside tools (EPS would call Ghostscript, so it is not here).
@@ -90,6 +90,8 @@ def inspect_image(data: bytes, name: str, limits: Limits, target: int) -> Opened
             raise LimitExceeded(f"{name} is {pixels}; the limit is max_pixels={limits.max_pixels}") from None
         except UnidentifiedImageError:
             raise BadImage(f"{name} is not an image in an accepted format ({', '.join(FORMATS)})") from None
+        except MemoryError:  # the server's shortage, not the image's fault (it was a 422 bad_image)
+            raise out_of_memory(name) from None
         except Exception as e:  # PIL's plugins raise many types for broken headers
             raise BadImage(f"{name} has a broken header: {type(e).__name__}: {str(e)[:120]}") from None
     width, height = img.size
@@ -144,6 +146,8 @@ def decode_image(opened: OpenedImage) -> Image.Image:
             rgb = viewed_rgb(img)  # 16-bit grey scaled, transparency laid on white (as training reads it)
         except ValueError as e:
             raise BadImage(f"{opened.name} has {e}") from None
+        except MemoryError:
+            raise out_of_memory(opened.name) from None
         except Exception as e:  # truncated or corrupt data, in any plugin
             raise BadImage(f"{opened.name} could not be decoded: {type(e).__name__}: {str(e)[:120]}") from None
         finally:

@@ -66,6 +66,7 @@ class Service:
         self.metrics.watch_health(
             lambda: self.ready.is_set() and self.registry is not None and self.registry.store_read,
             lambda: self.registry is not None and self.registry.store_error is not None,
+            lambda: self.registry is not None and store_writable(self.registry.store) is False,
         )
         self.metrics.max_queue_images.set(config.max_queue_images)
         self.replica = f"{socket.gethostname()}-{os.getpid()}"  # X-Clipbank-Replica; Ray Serve sets its own id
@@ -277,7 +278,12 @@ def lifespan(on_fatal: Callable[[str], None] | None, wait_ready: bool = False):
             service.admin_token, origin = resolve_admin_token(service.config)
             shown = "(not shown)"
             if origin.startswith("generated"):  # a log (journald, docker logs) is read by more than its mode-600 file
-                shown = service.admin_token if on_a_terminal() else "not shown in a log, read it from the file"
+                if on_a_terminal():
+                    shown = service.admin_token
+                elif "not saved" in origin:  # no file holds it (a full or read-only store): say the way out
+                    shown = "not shown in a log, and no file holds it: set CLIPBANK_ADMIN_TOKEN to use /tasks"
+                else:
+                    shown = "not shown in a log, read it from the file"
             if origin != "set":
                 line = printed_line(f"admin token {origin}: {shown}", service.config.log_format)
                 print(line, file=sys.stderr, flush=True)

@@ -135,10 +135,17 @@ class Metrics:
         ):
             Gauge(f"clipbank_text_cache_{name}", doc, registry=self.registry).set_function(read)
 
-    def watch_health(self, ready: Callable[[], bool], store_error: Callable[[], bool]) -> None:
+    def watch_health(
+        self, ready: Callable[[], bool], store_error: Callable[[], bool], store_read_only: Callable[[], bool]
+    ) -> None:
         """Gauges read at each scrape: /readyz's 200 and a store the server cannot read (it then serves its last
         bank, and /readyz still says 200 with status degraded; 503 if it never read one): neither showed in the
-        metrics."""
+        metrics; and a store folder it cannot write (an SRE's: nothing to alert on before a change failed)."""
+        Gauge(
+            "clipbank_store_read_only",
+            "1 while this server cannot write its store folder (it serves; every change is refused), else 0",
+            registry=self.registry,
+        ).set_function(lambda: float(store_read_only()))
         Gauge(
             "clipbank_ready", "1 once loaded and warmed up (/readyz 200), else 0", registry=self.registry
         ).set_function(lambda: float(ready()))

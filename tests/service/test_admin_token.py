@@ -148,3 +148,28 @@ async def test_a_generated_token_is_printed_on_a_terminal_never_into_a_log(
     assert (token in err) == terminal, err
     if not terminal:
         assert "not shown in a log, read it from the file" in err
+
+
+@pytest.mark.anyio
+async def test_a_token_neither_saved_nor_shown_says_how_to_manage_the_server(tmp_path, backbone, capsys, monkeypatch):
+    """An SRE's: on a full (or read-only) store the generated token was not saved, and the line pointed at a file
+    that did not exist: /tasks was locked with no way in. It now says to set the token."""
+    import sys
+
+    from service.app import create_app
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    real_open = admin_token.os.open
+
+    def full(path, *a, **k):
+        if ADMIN_TOKEN_FILE in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(admin_token.os, "open", full)
+    app = create_app(ServeConfig(store=str(tmp_path / "store"), frozen_runtime="torch"), backbone=backbone)
+    async with app.router.lifespan_context(app):
+        token = app.state.service.admin_token
+    err = capsys.readouterr().err
+    assert "generated, not saved" in err and "set CLIPBANK_ADMIN_TOKEN to use /tasks" in err
+    assert token not in err and "read it from the file" not in err

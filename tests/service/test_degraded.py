@@ -308,6 +308,7 @@ async def test_a_read_only_store_serves_says_so_and_refuses_changes_without_a_re
     async with running_app(tmp_path, backbone) as c:
         health = (await c.get("/healthz")).json()
         assert health["status"] == "live" and health["store_writable"] is False, health
+        assert "clipbank_store_read_only 1.0" in (await c.get("/metrics")).text  # something to alert on
 
         def read_only(*a, **k):
             raise OSError(errno.EROFS, "Read-only file system")
@@ -319,6 +320,7 @@ async def test_a_read_only_store_serves_says_so_and_refuses_changes_without_a_re
         assert await _pinned(c, "a") == 200
         monkeypatch.undo()
         assert (await c.get("/healthz")).json()["store_writable"] is True
+        assert "clipbank_store_read_only 0.0" in (await c.get("/metrics")).text
         assert (await c.post("/tasks", files={"bundle": ("c", two_tasks["c"])}, headers=AUTH)).status_code == 201
     assert store.index().generation == 2
 

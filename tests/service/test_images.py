@@ -320,3 +320,25 @@ def test_a_progressive_jpeg_costs_its_full_size_once_per_scan():
         shots[progressive] = inspect_image(buf.getvalue(), "photo.jpg", Limits(), 224)
     assert shots[False].decode_cost == shots[False].pixels == 400 * 300  # decoded at 1/4
     assert shots[True].pixels == 400 * 300 and shots[True].decode_cost == 1600 * 1200
+
+
+def test_a_server_short_of_memory_is_overloaded_not_a_bad_image(monkeypatch):
+    """An SRE's check under `ulimit -v`: a valid PNG was answered 422 `bad_image` ("MemoryError"), so clients'
+    skip_bad dropped good images and nothing retried; other requests got 500. It is 503 `overloaded` now."""
+    from service.errors import Overloaded, error_body_of
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, format="PNG")
+
+    def short(*a, **k):
+        raise MemoryError()
+
+    for where in ("open", "load"):
+        with monkeypatch.context() as m:
+            m.setattr(Image, "open", short) if where == "open" else m.setattr(Image.Image, "load", short)
+            with pytest.raises(Overloaded, match="short of memory for image 0"):
+                open_image(buf.getvalue(), "image 0", Limits())
+    for error in (MemoryError(), RuntimeError("can't start new thread")):
+        status, code, message = error_body_of(error)
+        assert (status, code) == (503, "overloaded") and "try again shortly" in message
+    assert error_body_of(RuntimeError("something else"))[:2] == (500, "internal_error")
