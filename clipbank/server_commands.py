@@ -15,7 +15,7 @@ from model_store.settings import env_value
 from .classify_command import DEFAULT_URL
 from .flags import version_number
 from .output import print_json
-from .tables import print_tasks
+from .tables import partial_classes, print_tasks
 
 
 def _client(args: argparse.Namespace):
@@ -134,9 +134,10 @@ def say_what_it_replaces(out: dict, replaced: int, task: dict | None, would: boo
         )
     was, now = ((x.get("metrics") or {}).get("val_accuracy") for x in (old, new))
     if isinstance(was, int | float) and isinstance(now, int | float) and now < was - 0.05:
-        print(
-            f"task {name} v{v}: validation accuracy {now:.1%} against v{replaced}'s {was:.1%} (each on its own "
-            "validation images)",
+        on_some = [partial_classes(x.get("metrics", {}).get("val_classes"), x.get("classes")) for x in (new, old)]
+        print(  # an outside check's v2 "100.0%" was on 2 of its 8 classes (29% on all 8): said, as in the table
+            f"task {name} v{v}: validation accuracy {now:.1%}{on_some[0]} against v{replaced}'s {was:.1%}"
+            f"{on_some[1]} (each on its own validation images)",
             file=sys.stderr,
         )
 
@@ -188,8 +189,8 @@ def say_gate_notes(out: dict) -> None:
     for task, share in sorted((gate.get("already_taken") or {}).items(), key=lambda kv: -kv[1]):
         if isinstance(share, int | float) and share > limit:
             print(
-                f"{name} keeps {share:.1%} of task {task}'s images (by the selectors alone, without labels), which "
-                "its version serving before took already, so the gate does not count them",
+                f"{name} keeps {share:.1%} of the images of task {task} (by the selectors alone, without labels), "
+                "which its version serving before took already, so the gate does not count them",
                 file=sys.stderr,
             )
 
@@ -248,7 +249,7 @@ def _activated(out: dict) -> None:
     elif gate.get("passed") is True:  # an outside check: activating said nothing of the gate it passed
         stolen = gate.get("stolen") if isinstance(gate.get("stolen"), dict) else {}
         most = max(stolen.items(), key=lambda kv: kv[1], default=None)
-        took = f"at most {most[1]:.1%} of task {most[0]}'s images" if most else "no other task's images"
+        took = f"at most {most[1]:.1%} of the images of task {most[0]}" if most else "no other task's images"
         captured = gate.get("zero_shot_captured")
         zero = f", {captured:.1%} of the generic images zero-shot answers" if isinstance(captured, float) else ""
         unmeasured = [str(t) for t in gate.get("unmeasured") or ()]
@@ -276,7 +277,8 @@ def print_deactivated(out: dict, purge: bool) -> None:
     listed = "; it stays listed, with the versions other tasks' experts need" if out.get("kept") else ""
     print(f"task {out['task']}: {done}, {out['purged_blobs']} blob(s) deleted{listed}")
     for version, users in sorted(out.get("kept", {}).items(), key=lambda kv: int(kv[0])):
-        print(f"  kept version {version}: tasks {', '.join(users)} use its experts")
+        who = f"task {users[0]} uses" if len(users) == 1 else f"tasks {', '.join(users)} use"
+        print(f"  kept version {version}: {who} its experts")
 
 
 def _help_of(parser: argparse.ArgumentParser, flag: str) -> str | None:

@@ -46,7 +46,7 @@ def print_tasks(generation: int, tasks: list[dict[str, Any]], where: str) -> Non
             print(f"the version of {t['task']} in shadow is not scored: {t['shadow_degraded']}")
 
 
-def _partial(measured: Any, classes: list | None) -> str:
+def partial_classes(measured: Any, classes: list | None) -> str:
     """` (2/10 classes)` when the validation accuracy was measured on only some of the version's classes."""
     if not isinstance(measured, int | float) or classes is None or measured >= len(classes):
         return ""
@@ -63,7 +63,7 @@ def _row(task: dict[str, Any], v: dict[str, Any]) -> tuple[str, ...]:
         "-" if classes is None else str(len(classes)),
         _size(v.get("bytes") or 0),
         (v.get("created_at") or "-").replace("T", " ")[:16],
-        _share(metrics.get("val_accuracy")) + _partial(metrics.get("val_classes"), classes),
+        _share(metrics.get("val_accuracy")) + partial_classes(metrics.get("val_classes"), classes),
         _share(metrics.get("zero_shot_val_accuracy")),
     )
 

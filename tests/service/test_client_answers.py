@@ -377,6 +377,10 @@ def test_push_says_what_the_version_it_replaces_had_and_what_its_training_warned
     assert "`clipbank tasks activate greek 1`" in err and "validation accuracy 57.5% against v1's 86.7%" in err
     assert "its training warned: validation accuracy 57.5% is low" in err and "its training warned: claims 80%" in err
     assert seen == [("GET", "/tasks/greek", None), ("POST", "/tasks", None), ("GET", "/tasks/greek", "5")]
+    # an outside check's rollback: v1's figure was measured on 1 of its 3 classes, which the message did not say
+    old["metrics"]["val_classes"], seen[:] = 1, []
+    assert main(["push", str(bundle), *URL]) == 0
+    assert "validation accuracy 57.5% against v1's 86.7% (1/3 classes)" in capsys.readouterr().err
 
 
 def test_push_of_a_pipe_sends_every_byte_of_it(monkeypatch, backbone):

@@ -266,7 +266,7 @@ def test_tasks_activate_and_deactivate_go_through_the_server(monkeypatch, capsys
     assert captured.out.splitlines() == [
         "task cars: deactivated and purged, 1 blob(s) deleted; it stays listed, with the versions other tasks' "
         "experts need",
-        "  kept version 1: tasks vans use its experts",
+        "  kept version 1: task vans uses its experts",
     ]
     assert "task cars: v3, in shadow, was purged too" in captured.err
     info["shadow_version"] = 1  # kept: other tasks use its experts (the review's)
@@ -382,7 +382,7 @@ def test_shadow_and_activation_say_what_the_version_would_replace_and_what_a_sha
     assert main(["tasks", "activate", "greek", "3", *URL]) == 0
     out = capsys.readouterr()
     assert out.out == "task greek: version 3 is active (generation 6)\n"
-    assert "the interference gate passed it: it would take at most 0.4% of task latin's images, 1.2%" in out.err
+    assert "the interference gate passed it: it would take at most 0.4% of the images of task latin, 1.2%" in out.err
     assert "(not measured on old: no probes)" in out.err
     assert "task greek v3 replaces v1 and lacks 2 of its 3 classes" in out.err
     assert "`clipbank tasks activate greek 1`" in out.err and "train a version on images of every class" in out.err
@@ -432,7 +432,7 @@ def test_push_says_when_a_version_gets_little_of_its_own_traffic(monkeypatch, tm
     assert main(["push", str(bundle), *URL]) == 0
     err = capsys.readouterr().err
     assert "task b v1 is routed only 0.0% of its own probe images (the rest: digits 97.7%, zero-shot 2.3%)" in err
-    assert "keeps 98.0% of task a's images" in err and "keeps 50.0% of the generic images" in err
+    assert "keeps 98.0% of the images of task a" in err and "keeps 50.0% of the generic images" in err
     gate.update(self_claim=0.93, already_taken={}, zero_shot_already=0.01)
     assert main(["push", str(bundle), *URL]) == 0
     assert "routed only" not in (err := capsys.readouterr().err) and "keeps" not in err
