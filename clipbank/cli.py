@@ -229,8 +229,9 @@ AFTER_STOP = {  # what a stop leaves, where a command can say it for sure
     "eval": "no accuracy was printed, nor any file written",
     "": "a file being written is left as it was",
 }
-# exit codes besides 0: the server refused the request (a 4xx: its code says why, e.g. `interference`); a usage
-# error or a local one (a file it cannot read); no answer, or the server failing (0, 5xx): worth trying again later
+# exit codes besides 0: the server refused the request (a 4xx: its code says why, e.g. `interference`; or a 503 with
+# no Retry-After: an operator must act); a usage error or a local one (a file it cannot read); no answer, or the
+# server failing (0, other 5xx): worth trying again later
 REFUSED, USAGE, UNAVAILABLE = 1, 2, 3
 
 
@@ -297,7 +298,10 @@ def _failed(args: argparse.Namespace, e: Exception) -> int | None:
         # a 4xx that is not clipbank's (a 404 page of another server) or a 2xx/3xx that is no clipbank answer
         # (`not_clipbank`, a redirect): the URL is wrong, a usage error
         refused = 400 <= e.status < 500 and e.code != "http_error"
-        failing = e.status == 0 or e.status >= 500
+        # clipbank's 503 without Retry-After: only an operator can fix it (a read-only or damaged store); it said 3,
+        # "worth trying again later", beside a message that no retry would help (an SRE's)
+        refused |= e.status == 503 and e.retry_after is None and e.code not in ("http_error", "not_clipbank")
+        failing = (e.status == 0 or e.status >= 500) and not refused
         said, code = str(e), REFUSED if refused else UNAVAILABLE if failing else USAGE
     elif isinstance(e, ClipbankError | ValueError | OSError):
         said, code = f"{e.code + ': ' if isinstance(e, ClipbankError) else ''}{e}", USAGE

@@ -92,6 +92,12 @@ def test_exit_codes_tell_a_refusal_from_a_usage_error_from_a_server_away_and_jso
     assert json.loads(capsys.readouterr().out)["error"]["code"] == "interference"
     assert main(["classify", str(tmp_path / "none.png"), *URL]) == 2  # a file that is not there
     assert "none.png" in capsys.readouterr().err
+    # a 503 without Retry-After (a read-only store) only an operator can fix: refused, not "try later" (an SRE's)
+    for code, headers, expected in (("store_not_writable", {}, 1), ("store_write_failed", {"Retry-After": "30"}, 3)):
+        error = {"code": code, "message": "the store could not be written"}
+        client_on(monkeypatch, lambda request, e=error, h=headers: httpx.Response(503, json={"error": e}, headers=h))
+        assert main(["push", str(tmp_path / "b.safetensors"), *URL]) == expected, code
+        assert code in capsys.readouterr().err
 
     def refused(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("[Errno 111] Connection refused")
@@ -488,7 +494,7 @@ def test_tasks_says_what_the_server_still_serves_when_the_store_cannot_be_listed
         return httpx.Response(503, json={"error": error})
 
     client_on(monkeypatch, handler)
-    assert main(["tasks", *URL]) == 3
+    assert main(["tasks", *URL]) == 1  # a damaged store: an operator must act (no Retry-After)
     err = capsys.readouterr().err
     assert "the server still serves (generation 7): a v2" in err and "index.json is gone" in err
 
