@@ -45,6 +45,7 @@ def run_demo(workdir: Path, steps: int = 500, backbone: str = "tiny", tasks: tup
         print(
             f"{name}: val accuracy zero-shot {summary['zero_shot_val_accuracy']:.1%} -> trained "
             f"{summary['val_accuracy']:.1%} in {summary['seconds']:.0f}s, bundle {summary['bundle_bytes']} bytes"
+            + (" (stored inactive: the interference gate would refuse it)" if summary.get("gate_refused") else "")
         )
     bank = BankLoader(open_store(store_dir), load_backbone(backbone)).load()
     sets = {name: load_domain(name, "test") for name in (*tasks, "shapes")}
