@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -62,6 +62,32 @@ class GateReport:
             captured, limit = shares_versus(self.zero_shot_captured, self.limits.max_zero_shot_captured)
             out.append(f"it would claim {captured} of outside images that now go to zero-shot (limit {limit})")
         return out
+
+    def without_licence(self) -> GateReport:
+        """The report as a gate counts it when the task's serving version is no licence (forced past the gate,
+        made active ungated, or only previewed): what that version takes already counts as taken."""
+        both = {*self.stolen, *self.already_taken}
+        stolen = {t: self.stolen.get(t, 0.0) + self.already_taken.get(t, 0.0) for t in both}
+        captured = self.zero_shot_captured
+        if captured is not None:
+            captured += self.zero_shot_already or 0.0
+        return replace(self, stolen=stolen, zero_shot_captured=captured, already_taken={}, zero_shot_already=None)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> GateReport:
+        """The report `to_json` wrote (a training run's preview, say)."""
+        return cls(
+            obj["task"],
+            obj["version"],
+            obj.get("self_claim"),
+            dict(obj.get("stolen") or {}),
+            obj.get("zero_shot_captured"),
+            tuple(obj.get("unmeasured") or ()),
+            GateLimits(**(obj.get("limits") or {})),
+            dict(obj.get("already_taken") or {}),
+            dict(obj.get("own_routes") or {}),
+            obj.get("zero_shot_already"),
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -230,13 +256,14 @@ def trusted_serving(bank: BankSnapshot, index: StoreIndex, task: str) -> BankSna
     """`bank` as the gate's `serving` bank (what the task's version takes already is not taken anew), when it may
     speak for the task: built from the store as it is (another server's change since would make it stale), and the
     task's active version passed its last check unforced. A version forced past the gate is no licence for the next
-    one to take the same images unforced (a review); a version with no report (trained into a store) is none."""
+    one to take the same images unforced (a review); a version with no report, or a training run's preview of one
+    (trained into a store: its bank may have changed since, a server's limits may be others), is none."""
     record = index.tasks.get(task)
     active = record.active_record() if record is not None else None
     report = active.gate if active is not None else None
     if bank.generation != index.generation or not (isinstance(report, Mapping) and report.get("passed") is True):
         return None
-    return bank
+    return None if report.get("preview") else bank  # a training run's preview is no server's check
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import torch
 from model_store.backbone import Backbone, load_backbone
 from model_store.bank import BankSnapshot, empty_bank
 from model_store.errors import BackboneMismatch, MissingExpert, TaskNotFound, VersionConflict
+from model_store.gate import GateReport, trusted_serving
 from model_store.loader import BankLoader
 from model_store.manifest import MAX_VERSION
 from model_store.reference import find_reference
@@ -201,24 +202,33 @@ def _train_and_store(job: TrainJob) -> dict[str, Any]:
             atomic_write(Path(job.out), result.bundle)
         summary["out"] = job.out
     if store is not None:
-        _store_trained(store, result.bundle, job, version, result.report["routing"].get("gate"), summary)
+        _store_trained(store, result.bundle, job, version, bank, summary)
     return summary
 
 
-def _store_trained(store: Store, bundle: bytes, job: TrainJob, version: int, gate: dict | None, summary: dict) -> None:
-    """Put the bundle in the store with the gate's report of it, inactive when a server's gate would refuse it
-    (unless forced), as a server leaves an upload it refuses: the version that serves keeps serving (an outside
-    check's `train --store` activated one that took 9% of an older task's images, marked nowhere after)."""
+def _store_trained(store: Store, bundle: bytes, job: TrainJob, version: int, bank: BankSnapshot, summary: dict) -> None:
+    """Put the bundle in the store with the gate's report of it, inactive when a server's gate (default limits) would
+    refuse it (unless forced), as a server leaves an upload it refuses: what serves keeps serving (an outside
+    check's `train --store` activated one that took 9% of an older task's images, marked nowhere after). The
+    report is a preview (a server's limits may be others): kept, marked so, and no licence for the next version."""
+    preview = summary["routing"].get("gate")
+    gate = None
+    if preview is not None:
+        report = GateReport.from_json(preview)
+        if trusted_serving(bank, store.index(), job.task) is None:  # what the serving version takes counts too
+            report = report.without_licence()
+        gate = {**report.to_json(), "preview": True}
     held = job.activate and not job.force and bool(gate and gate["offences"])
     activate = job.activate and not held
     put = _put(store, bundle, job, version, activate, gate)
     summary.update(bundle_id=put.bundle_id, store=store.location, generation=put.generation, activated=activate)
     if held:
+        serving = "the version serving keeps serving" if job.task in bank.task_names else "nothing serves the task"
         said = (
-            f"version {version} of {job.task} is stored inactive: a server's interference gate would refuse it "
-            f"({'; '.join(gate['offences'])}); the active version keeps serving. `clipbank tasks activate "
-            f"{job.task} {version} --force` (a server) or `clipbank store activate` (this folder, ungated) makes "
-            "it serve anyway; `--force` here would have"
+            f"version {version} of {job.task} is stored inactive: a server's interference gate (default limits) "
+            f"would refuse it ({'; '.join(gate['offences'])}); {serving}. `clipbank tasks activate {job.task} "
+            f"{version} --force` (a server) or `clipbank store activate` (this folder, ungated) makes it serve "
+            "anyway; `--force` here would have"
         )
         log.warning("%s", said)
         summary["gate_refused"] = True

@@ -198,14 +198,16 @@ def test_new_version_answers_over_every_class_seen(tmp_path, capsys):
     assert main(args) == 2 and "it has classes the training data lacks" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("case", ["refused", "forced", "licence"])
 def test_a_version_trained_into_a_store_that_the_gate_would_refuse_is_stored_inactive(
-    tmp_path, monkeypatch, capsys, force
+    tmp_path, monkeypatch, capsys, case
 ):
     """An outside check's: `train --store` warned that a server's gate would refuse the version, activated it all
     the same, and 9% of an older task's images went to it; nothing marked the version afterwards, and later the
-    older task could not be activated again past the gate. Now it is stored inactive with its gate report, as a
-    server's gate would leave it, and the command exits 1; `--force` activates it. Training is stood in for."""
+    older task could not be activated again past the gate. Now it is stored inactive with its gate report (marked a
+    preview: no licence for the next version), as a server's gate would leave it, and the command exits 1; `--force`
+    activates it. "licence" (the review's): what the serving v1 takes already is not taken by v2 only when v1
+    passed a server's gate; forced past it, v1 is no licence, so v2 taking the same 9% is refused too."""
     import json
 
     import training.run as run
@@ -215,28 +217,36 @@ def test_a_version_trained_into_a_store_that_the_gate_would_refuse_is_stored_ina
 
     store = tmp_path / "store"
     offence = "it would take 10.7% of the images of task 'gradients' (limit 2.0%)"
-    gate = {"task": "tex", "version": 1, "passed": False, "offences": [offence], "stolen": {"gradients": 0.107}}
+    taken = {"stolen": {"gradients": 0.107}} if case != "licence" else {"already_taken": {"gradients": 0.107}}
+    preview = {"task": "tex", "version": 1, "self_claim": 0.9, "zero_shot_captured": 0.0, **taken}
 
     def train(bank, train, cfg, val=None, version=1, parent=None, progress=True, reference=None):
-        data = random_bundle(empty_bank(bank.backbone), cfg.task, 7, version=version)
+        data = random_bundle(empty_bank(bank.backbone), cfg.task, 7 + version, version=version)
         keys = ("zero_shot_val_accuracy", "val_accuracy", "val_balanced_accuracy", "seconds", "train_images")
         report = {**dict.fromkeys(keys, 0), "val_images": 0, "bundle_bytes": len(data), "experts_added": 16}
         report.update(val_accuracy_per_class={}, val_warnings=[])
-        routing = {"warnings": [], "gate": gate}
+        routing = {"warnings": [], "gate": {**preview, "version": version}}
         return TrainResult(data, {**report, "selector": {"kind": "hybrid", "threshold": 1.0}, "routing": routing})
 
     monkeypatch.setattr(run, "train_task", train)
     assert main(["data", "export", "textures", str(tmp_path / "tex")]) == 0
-    capsys.readouterr()
     args = ["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--store", str(store)]
+    if case == "licence":  # v1 went live forced past the gate (its report failed); v2 keeps what it takes
+        assert main([*args, "--force"]) == 0
+    capsys.readouterr()
+    force = case == "forced"
     assert main(args + ["--force"] * force) == (0 if force else 1)
     out = json.loads(capsys.readouterr().out)
-    index = LocalStore(store).index()
-    assert out["activated"] is force and (index.task("tex").active is not None) is force
-    assert index.version("tex", 1).gate == gate  # kept beside the version, as a server keeps an upload's
+    index, version = LocalStore(store).index(), out["version"]
+    active = index.task("tex").active_record()
+    assert out["activated"] is force and (active is not None and active.version == version) is force
+    stored = index.version("tex", version).gate  # kept beside the version, as a server keeps an upload's
+    assert stored["preview"] is True and stored["offences"] == [offence] and stored["passed"] is False
     assert out.get("gate_refused", False) is not force
     if not force:
-        assert any("stored inactive" in w and offence in w and "--force" in w for w in out["warnings"])
+        said = next(w for w in out["warnings"] if "stored inactive" in w)
+        assert offence in said and "--force" in said
+        assert ("the version serving keeps serving" in said) == (case == "licence")
     # a file is gated by the server it is pushed to: a usage error, before any training
     assert main(["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--out", "x", "--force"]) == 2
     assert "--force activates the version put in --store" in capsys.readouterr().err
