@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -88,4 +87,7 @@ def first_line(error: Exception) -> str:
         first = next((line.strip() for line in lines if "size mismatch for " in line), "")
         return f"the checkpoint's tensors have other sizes than this architecture's ({count}; first: {first})"
     line = lines[0] if lines else type(error).__name__
-    return line if len(line) <= 300 else textwrap.shorten(line, 300, placeholder=" [...]")  # cut between words
+    if len(line) <= 300:
+        return line
+    cut = line[:300].rsplit(" ", 1)[0]  # between words, unless that loses most of it (a long path or URL)
+    return (cut if len(cut) >= 200 else line[:300]) + " [...]"

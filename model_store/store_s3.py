@@ -361,7 +361,7 @@ class S3Store(Store):
         a change, before its index is written, which the bucket refused (403: these credentials may read but not
         write) is StoreNotWritable, which no retry heals."""
         self._say(logging.ERROR, f"store {self.location}: could not {doing}: {type(e).__name__}: {e}")
-        if writing and _status(e) == 403:
+        if writing and _code(e) in ("AccessDenied", "AllAccessDisabled"):  # not a 403 of expired or skewed keys
             return StoreNotWritable(
                 f"the object store {self.location} refused to {doing} ({_code(e) or 403}); nothing was changed: the "
                 "store is not writable for this server (its credentials or the bucket's policy), and sending it "

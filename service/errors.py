@@ -94,7 +94,17 @@ def out_of_memory(what: str = "this request") -> Overloaded:
     """A MemoryError (or no thread to start) is the server's shortage, not a fault of what the client sent: 503
     `overloaded` with Retry-After (an outside check's valid image under a memory limit was a 422 `bad_image`,
     other requests a 500)."""
-    return Overloaded(f"the server was short of memory for {what}: try again shortly")
+    return Overloaded(f"the server was short of memory or threads for {what}: try again shortly")
+
+
+SHORT_OF = ("can't start new thread", "can't allocate memory", "out of memory")  # RuntimeErrors: threads, torch's
+
+
+def short_of_resources(error: BaseException) -> bool:
+    """Python's MemoryError, torch's OutOfMemoryError (CUDA) and its CPU allocator's RuntimeError, no thread."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in SHORT_OF)
 
 
 class RequestTimeout(InvalidRequest):
@@ -179,8 +189,8 @@ def error_body_of(error: Exception) -> tuple[int, str, str]:
         error = ClientGone("the client closed the connection before its body arrived")
     if isinstance(error, ClientGone):
         log.info("client went away: %s", error)
-    if isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and "can't start new thread" in str(error)):
-        log.error("the server is short of memory: %s", type(error).__name__)
+    if short_of_resources(error):
+        log.error("the server is short of memory or threads: %s: %s", type(error).__name__, str(error)[:200])
         error = out_of_memory()
     if isinstance(error, ClipbankError):
         return status_of(error), error.code, str(error)

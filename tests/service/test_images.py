@@ -336,9 +336,12 @@ def test_a_server_short_of_memory_is_overloaded_not_a_bad_image(monkeypatch):
     for where in ("open", "load"):
         with monkeypatch.context() as m:
             m.setattr(Image, "open", short) if where == "open" else m.setattr(Image.Image, "load", short)
-            with pytest.raises(Overloaded, match="short of memory for image 0"):
+            with pytest.raises(Overloaded, match="short of memory or threads for image 0"):
                 open_image(buf.getvalue(), "image 0", Limits())
-    for error in (MemoryError(), RuntimeError("can't start new thread")):
+    import torch
+
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't allocate memory: 1 bytes")
+    for error in (MemoryError(), RuntimeError("can't start new thread"), cpu, torch.OutOfMemoryError("CUDA")):
         status, code, message = error_body_of(error)
-        assert (status, code) == (503, "overloaded") and "try again shortly" in message
+        assert (status, code) == (503, "overloaded") and "try again shortly" in message, error
     assert error_body_of(RuntimeError("something else"))[:2] == (500, "internal_error")
