@@ -175,10 +175,12 @@ def _print_insights(out: dict, max_clusters: int) -> None:
     for c in out["clusters"]:
         margin = "-" if c["margin"] is None else f"{c['margin']:+.2f}"
         nearest = c["nearest_task"] or "-"
-        if c.get("moved_by_labels", 0) >= 0.5:  # its selector claims them; the clients' labels send them away
+        moved = c.get("moved_by_labels") or 0.0  # claimed by a selector, sent away by the clients' labels
+        if moved >= 0.5:
             nearest, labelled = f"{nearest} (claims them; their labels are not its classes)", labelled + 1
         elif c["margin"] is not None and c["margin"] <= 0:  # its task was trained or changed since these images came
             nearest, claimed = f"{nearest} (claims it now)", claimed + 1
+            nearest += f" ({moved:.0%} sent away by their labels)" if moved > 0 else ""
         print(f"| {c['id']} | {c['size']} | {c['share']:.1%} | {nearest} | {margin} |")
     if len(out["clusters"]) >= max_clusters:
         print(f"(the {max_clusters} biggest clusters; --max-clusters shows more)")

@@ -24,8 +24,10 @@ CONTAINER_MARKS = ("/.dockerenv", "/run/.containerenv")  # files Docker and Podm
 
 def on_a_terminal() -> bool:
     """Whether stderr is a person's terminal, not a log: a container's terminal (`docker run -t`, compose `tty:
-    true`) is captured into `docker logs` (an outside check found the token there), so it never counts."""
-    container = os.environ.get("container") or any(os.path.exists(p) for p in CONTAINER_MARKS)
+    true`, a pod's `tty: true`) is captured into `docker logs` or `kubectl logs` (an outside check found the token
+    there), so it never counts."""
+    container = any(os.environ.get(v) for v in ("container", "KUBERNETES_SERVICE_HOST"))  # Podman/systemd; a pod
+    container = container or any(os.path.exists(p) for p in CONTAINER_MARKS)
     return sys.stderr.isatty() and not container
 
 

@@ -226,7 +226,10 @@ def store_writable(store: Any) -> bool | None:
     """Whether this server may write a store folder (False on a read-only mount, or without permission); None for
     an object store, whose write permissions show only when a change is tried."""
     root = getattr(store, "root", None)
-    return None if root is None else os.access(root, os.W_OK)
+    if root is None:
+        return None
+    blobs = os.path.join(root, "blobs")  # a restore that skipped its chown leaves the folder writable, not blobs/
+    return os.access(root, os.W_OK) and (not os.path.isdir(blobs) or os.access(blobs, os.W_OK))
 
 
 def _say_store(store: Any) -> None:

@@ -65,7 +65,7 @@ class Metrics:
         self.errors = Counter(
             "clipbank_errors",
             "error answers by their code (overloaded, stale_replica, task_not_found, ...): alert on the server's "
-            "own (overloaded, store_write_failed, internal_error), not on what clients cause",
+            "own (overloaded, store_write_failed, store_not_writable, internal_error), not on what clients cause",
             ["endpoint", "code"],
             registry=r,
         )

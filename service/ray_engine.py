@@ -22,9 +22,10 @@ from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 
+from .admin_token import resolve_admin_token
 from .app import create_app
 from .config import ServeConfig
-from .lifecycle import Service, resolve_admin_token
+from .lifecycle import Service
 from .server import hangup_signals, say_if_open_to_the_network
 from .threads import SERVING_ENV
 

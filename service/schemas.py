@@ -340,7 +340,8 @@ class Health(BaseModel):
     store_writable: bool | None = Field(
         None,
         description="False when this server cannot write its store folder (a read-only mount, permissions): it "
-        "serves, but every change is refused (503 `store_not_writable`). Null for an object store, or while loading.",
+        "serves, but every change is refused (503 `store_not_writable`). Null for an object store; absent while "
+        "loading.",
     )
     generation: int | None = None
     tasks: list[str] = Field(default_factory=list)

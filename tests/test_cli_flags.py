@@ -1103,6 +1103,11 @@ def test_insights_marks_a_cluster_a_task_claims_now(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "| 0 | 50 | 50.0% | sketches (claims them; their labels are not its classes) | -0.64 |" in lines
     assert not any("claims now" in line for line in lines) and "no task serves them" in lines[-1]
+    clusters[0]["moved_by_labels"] = 0.25  # a part of it: said beside "claims it now" (the review's)
+    _print_insights({"reservoir": reservoir, "clusters": clusters}, 20)
+    assert "| 0 | 50 | 50.0% | sketches (claims it now) (25% sent away by their labels) | -0.64 |" in (
+        capsys.readouterr().out.splitlines()
+    )
 
 
 def test_insights_waits_for_a_clustering_that_another_request_runs(monkeypatch, capsys):

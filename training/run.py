@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import filecmp
 import logging
 import os
 import sys
@@ -26,8 +25,9 @@ from model_store.store import LocalStore, atomic_write, open_store
 from model_store.store_base import PutResult, Store
 
 from .config import TrainJob
-from .data import FolderListing, LabelledImages, list_image_folder, read_image_folder
+from .data import LabelledImages, list_image_folder, read_image_folder
 from .trainer import TrainConfig, train_task
+from .validation import warn_if_val_copies_data
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def _train_and_store(job: TrainJob) -> dict[str, Any]:
     # a new version answers over its parent's classes too: its validation may hold them, and so show forgetting
     listed_val = list_image_folder(job.val, listed.classes, seen) if job.val else None
     if listed_val is not None and Path(job.val).resolve() != Path(job.data).resolve():
-        _warn_if_val_copies_data(listed, listed_val)
+        warn_if_val_copies_data(listed, listed_val)
     if job.threads:
         torch.set_num_threads(job.threads)
     elif job.progress and (busy := busy_machine()):
@@ -290,25 +290,6 @@ def _warn_if_val_is_data(job: TrainJob) -> None:
         log.warning(
             "--val is --data's folder: validation accuracy and the selector's threshold are then measured on "
             "the training images, and overstate what the task will do"
-        )
-
-
-def _warn_if_val_copies_data(train: FolderListing, val: FolderListing) -> None:
-    """A validation folder whose images are mostly the training folder's (the same class, file name and bytes: a
-    copy made with `cp -r`) overstates the task as --val naming --data's folder does (an outside check's copy
-    calibrated its selector on training images, and nothing was said)."""
-
-    def files(listing: FolderListing) -> dict[tuple[str, str, int], Path]:
-        return {(p.parent.name, p.name, p.stat().st_size): p for p in listing.paths}
-
-    ours, theirs = files(train), files(val)  # then the same bytes: an export names every split's files alike
-    shared = sum(filecmp.cmp(ours[k], theirs[k], shallow=False) for k in ours.keys() & theirs.keys())
-    if shared > len(val.paths) / 2:
-        log.warning(
-            "%d of the %d --val images are also in --data (the same class, file name and bytes): validation accuracy "
-            "and the selector's threshold are then measured on training images, and overstate what the task will do",
-            shared,
-            len(val.paths),
         )
 
 

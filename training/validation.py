@@ -1,10 +1,13 @@
 """What training says of a trained task on its validation images: accuracy over them, per class and balanced
-(each class counting the same), with a warning when the one hides the other, and which experts its routers use."""
+(each class counting the same), with a warning when the one hides the other, and which experts its routers use;
+and a warning when the validation folder is mostly a copy of the training one."""
 
 from __future__ import annotations
 
+import filecmp
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +15,7 @@ import torch
 from model_store.bank import BankSnapshot
 from model_store.experts import ActivationCounts
 
-from .data import LabelledImages, some
+from .data import FolderListing, LabelledImages, some
 from .scoring import correct_per_class
 
 log = logging.getLogger(__name__)
@@ -108,3 +111,22 @@ def learning_warnings(zero_shot: float | None, val: float | None, steps: int, im
     if val < LOW_ACCURACY:
         return [f"validation accuracy {val:.1%} is low: {knobs} may help; `clipbank eval` shows the weakest classes"]
     return []
+
+
+def warn_if_val_copies_data(train: FolderListing, val: FolderListing) -> None:
+    """A validation folder whose images are mostly the training folder's (the same class, file name and bytes: a
+    copy made with `cp -r`) overstates the task as --val naming --data's folder does (an outside check's copy
+    calibrated its selector on training images, and nothing was said)."""
+
+    def files(listing: FolderListing) -> dict[tuple[str, str, int], Path]:
+        return {(p.parent.name, p.name, p.stat().st_size): p for p in listing.paths}
+
+    ours, theirs = files(train), files(val)  # then the same bytes: an export names every split's files alike
+    shared = sum(filecmp.cmp(ours[k], theirs[k], shallow=False) for k in ours.keys() & theirs.keys())
+    if shared > len(val.paths) / 2:
+        log.warning(
+            "%d of the %d --val images are also in --data (the same class, file name and bytes): validation accuracy "
+            "and the selector's threshold are then measured on training images, and overstate what the task will do",
+            shared,
+            len(val.paths),
+        )

@@ -138,6 +138,7 @@ async def test_a_generated_token_is_printed_on_a_terminal_never_into_a_log(
         monkeypatch.setenv("container", "docker")
     else:
         monkeypatch.delenv("container", raising=False)
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     config = ServeConfig(store=str(tmp_path / "store"), frozen_runtime="torch")
     app = create_app(config, backbone=backbone)
     async with app.router.lifespan_context(app):

@@ -74,8 +74,21 @@ def test_each_kept_embedding_keeps_whether_label_aware_routing_sent_it_away():
     assert r.snapshot(now=4.0).moved.tolist() == [False, False, False, True]
     with pytest.raises(ValueError, match="one flag per unclaimed embedding"):
         r.record(2, rows[:2], now=5.0, moved=np.array([True]))
-    members = find_clusters(r.snapshot(now=4.0), None, min_share=0.01, min_size=2)  # too few to cluster: none
-    assert members == []
+    big = UnclaimedReservoir(ReservoirConfig(capacity=2048), dim=DIM)  # a domain, a quarter of it moved
+    blob, noise = _blob(120, 3), _noise(400, 4)
+    flags = np.arange(120) % 4 == 0
+    for a in range(0, 120, 20):
+        big.record(
+            100,
+            np.concatenate([blob[a : a + 20], noise[a * 3 : a * 3 + 60]]),
+            now=a,
+            moved=np.r_[flags[a : a + 20], np.zeros(60, bool)],
+        )
+    (cluster,) = find_clusters(big.snapshot(now=200.0), None)
+    in_blob = cluster.members % 80 < 20  # rows of the blob: the first 20 of each record of 80
+    assert in_blob.mean() > 0.9
+    expected = big.snapshot(now=200.0).moved[cluster.members].mean()
+    assert cluster.moved_by_labels == pytest.approx(expected) and 0.15 <= cluster.moved_by_labels <= 0.35
 
 
 def test_drops_embeddings_and_bins_older_than_the_retention():

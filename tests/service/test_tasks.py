@@ -79,6 +79,7 @@ async def test_generated_token_is_required_printed_once_and_kept_across_restarts
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # printed on a terminal only
     monkeypatch.setattr(admin_token, "CONTAINER_MARKS", ())  # ... outside a container, which this suite may be in
     monkeypatch.delenv("container", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     tokens = []
     for _ in range(2):  # a restart on the same store keeps the token its clients have
         app = create_app(ServeConfig(store=str(tmp_path / "s"), frozen_runtime="torch"), backbone=backbone)

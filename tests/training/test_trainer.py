@@ -459,15 +459,15 @@ def test_a_val_folder_copied_from_the_training_folder_is_warned_of(tmp_path, cap
     import shutil
 
     from training.data import list_image_folder
-    from training.run import _warn_if_val_copies_data
+    from training.validation import warn_if_val_copies_data
 
     assert main(["data", "export", "textures", str(tmp_path / "tex")]) == 0
     shutil.copytree(tmp_path / "tex" / "train", tmp_path / "valdup")
     train = list_image_folder(tmp_path / "tex" / "train")
     with caplog.at_level(logging.WARNING):
-        _warn_if_val_copies_data(train, list_image_folder(tmp_path / "tex" / "val", train.classes))
+        warn_if_val_copies_data(train, list_image_folder(tmp_path / "tex" / "val", train.classes))
         assert "also in --data" not in caplog.text  # a real validation split
-        _warn_if_val_copies_data(train, list_image_folder(tmp_path / "valdup", train.classes))
+        warn_if_val_copies_data(train, list_image_folder(tmp_path / "valdup", train.classes))
     n = len(train.paths)
     assert f"{n} of the {n} --val images are also in --data (the same class, file name and bytes)" in caplog.text
     caplog.clear()
@@ -476,7 +476,7 @@ def test_a_val_folder_copied_from_the_training_folder_is_warned_of(tmp_path, cap
         data[-5] ^= 0xFF
         p.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
-        _warn_if_val_copies_data(train, list_image_folder(tmp_path / "valdup", train.classes))
+        warn_if_val_copies_data(train, list_image_folder(tmp_path / "valdup", train.classes))
     assert "also in --data" not in caplog.text
 
 
