@@ -91,13 +91,13 @@ def _said_where(e: Any, names: list[str], args: argparse.Namespace, a: int) -> A
     from service.client import ClipbankHTTPError
 
     bad = (e.details or {}).get("image") if e.status in (413, 422) else None
-    hint = " (--skip-bad leaves such files out and answers the rest)" if isinstance(bad, int) else ""
-    above = " above" if not args.json else ""
-    if e.status < 500 and len(names) < len(args.images):  # images numbered within their request: say which
+    hint, above = "", " above" if not args.json else ""
+    if isinstance(bad, int) and len(names) < len(args.images):  # images numbered within their request: say which
         hint += f" (in the request of files {a + 1}..{a + len(names)}: its image i is file {a + 1} + i"
         hint += f"; the files before it were answered{above})" if a else ")"
-    elif a:  # not the request's fault (the server overloaded, say): no image to number
+    elif a:  # no image to number (the server overloaded, an unknown task): say what was answered
         hint += f" (files 1..{a} were answered{above})"
+    hint += "; --skip-bad leaves such files out and answers the rest" if isinstance(bad, int) else ""
     return ClipbankHTTPError(e.status, e.code, e.message + hint, e.details, e.retry_after, e.request_id)
 
 

@@ -340,7 +340,8 @@ def test_classify_json_keeps_the_answers_before_a_failed_request_and_says_what_w
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append(1)
         if len(calls) > 1:
-            return httpx.Response(422, json={"error": {"code": "bad_image", "message": "image 0 is not an image"}})
+            error = {"code": "bad_image", "message": "image 0 is not an image", "details": {"image": 0}}
+            return httpx.Response(422, json={"error": error})
         route = {"task": None, "version": None, "bundle_id": None, "score": None, "threshold": None}
         answer = {"labels": [{"label": "a", "score": 0.9}], "route": route}
         return httpx.Response(200, json={"results": [answer] * 64})
@@ -406,7 +407,8 @@ def test_classify_skip_bad_answers_the_other_files_and_lists_the_bad_ones(monkey
         paths.append(str(tmp_path / f"{i}.png"))
     args = ["classify", *paths, "--labels", "a", "--url", "http://srv"]
     assert main(args) == 1  # without the flag: the first bad file stops the command, and says how to go on
-    assert "image 3 is not an image (--skip-bad leaves such files out" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "image 3 is not an image (in the request of files 1..64" in err and "; --skip-bad leaves such" in err
     paths.insert(10, str(tmp_path / "missing.png"))
     args = ["classify", *paths, "--labels", "a", "--url", "http://srv"]
     requests.clear()
@@ -622,7 +624,8 @@ def test_classify_output_survives_a_closed_pipe_and_odd_names_and_says_which_fil
     def answer(request):
         n = request.content.count(b'name="images"')
         if n == 6:  # the second request of 70 files
-            return httpx.Response(422, json={"error": {"code": "bad_image", "message": "image 3 is not an image"}})
+            error = {"code": "bad_image", "message": "image 3 is not an image", "details": {"image": 3}}
+            return httpx.Response(422, json={"error": error})
         result = {"labels": [{"label": "a", "score": 0.9}], "route": {"task": None}}
         return httpx.Response(200, json={"results": [result] * n})
 
@@ -645,6 +648,11 @@ def test_classify_output_survives_a_closed_pipe_and_odd_names_and_says_which_fil
         assert main(["classify", str(names[0]), "--labels", "a,b", "--url", "http://srv:1"]) == 141
         monkeypatch.undo()
     assert "BrokenPipe" not in capsys.readouterr().err
+    _client_on(
+        monkeypatch, lambda request: httpx.Response(404, json={"error": {"code": "task_not_found", "message": "t"}})
+    )
+    assert main([*args, "--task", "nosuch"]) == 1  # an error about no image numbers none (it did)
+    assert capsys.readouterr().err.strip().endswith("task_not_found: t")
 
 
 def test_an_error_object_for_a_reader_that_went_away_ends_quietly(monkeypatch, capsys):
