@@ -70,6 +70,9 @@ class GuardedH11Protocol(H11Protocol):
                 headers = [*event.headers, (b"connection", b"close")]
                 event = h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)
                 self._close_gently = close
+            elif isinstance(event, h11.Response) and self._kept_open(event):
+                headers = [*event.headers, (b"keep-alive", b"timeout=%d" % int(self.timeout_keep_alive))]
+                event = h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)
             return send(event)
 
         def close_gently() -> None:  # uvicorn closes at once on `Connection: close`: a client still sending
@@ -103,6 +106,15 @@ class GuardedH11Protocol(H11Protocol):
                 self._close_with(503, "overloaded", message, ("retry-after: 1",))
                 return
         self._arm_head_timer()
+
+    def _kept_open(self, response: h11.Response) -> bool:
+        """Whether the connection stays open after `response`: then it says for how long an idle one is kept
+        (`Keep-Alive: timeout=N`), so a client that reads the hint (Node's fetch) drops it first. Node keeps idle
+        sockets as long as this server's default (5 s), and a request sent on one as the server closed it failed
+        without a status (an outside check's, 10 of 10 after a busy event loop)."""
+        if self.conn.their_http_version != b"1.1":
+            return False
+        return not any(name.lower() == b"connection" and b"close" in value.lower() for name, value in response.headers)
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()

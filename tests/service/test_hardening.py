@@ -143,6 +143,7 @@ async def test_a_request_over_max_request_prompts_is_413(tmp_path, backbone):
         files = [("images", ("r.png", colour("red")))]
         r = await c.post("/classify", files=files, data={"labels": labels, "task": "zero-shot"})
         assert r.status_code == 413 and "max_request_prompts=32" in r.json()["error"]["message"]
+        assert r.json()["error"]["details"] == {"setting": "max_request_prompts", "limit": 32}
         r = await c.post("/classify", files=files, data={"labels": labels[:30], "task": "zero-shot"})
         assert r.status_code == 200
 
@@ -902,3 +903,48 @@ def test_a_classify_token_equal_to_the_admin_token_is_refused_and_top_k_is_digit
         with pytest.raises(ValidationError, match="top_k is a whole number"):
             ClassifyOptions(top_k=bad)
     assert ClassifyOptions(top_k="3").top_k == 3
+
+
+async def test_kept_alive_answers_say_how_long_an_idle_connection_stays_open():
+    """An outside check's Node client: fetch kept idle sockets as long as the server (5 s) and a POST sent on one
+    as the server closed it failed with EPIPE, no status. The hint lets such clients drop them first."""
+    import socket
+
+    import uvicorn
+
+    from service.protocol import guarded_protocol
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    listening = socket.create_server(("127.0.0.1", 0))
+    protocol = guarded_protocol(10.0, 16)
+    config = uvicorn.Config(app, lifespan="off", timeout_keep_alive=5, http=protocol, log_level="warning")
+    server = uvicorn.Server(config)
+
+    def head(request: bytes) -> bytes:
+        with socket.create_connection(listening.getsockname(), timeout=10) as sock:
+            sock.sendall(request)
+            answer = b""
+            while b"\r\n\r\n" not in answer and (chunk := sock.recv(4096)):
+                answer += chunk
+        return answer.partition(b"\r\n\r\n")[0].lower()
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(server.serve, [listening])
+        while not server.started:
+            await anyio.sleep(0.01)
+        heads = [
+            await anyio.to_thread.run_sync(head, request)
+            for request in (
+                b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                b"GET / HTTP/1.0\r\n\r\n",
+            )
+        ]
+        server.should_exit = True
+    kept, closed, old = heads
+    assert kept.startswith(b"http/1.1 200") and b"\r\nkeep-alive: timeout=5" in kept, kept
+    assert b"keep-alive" not in closed and b"connection: close" in closed, closed
+    assert old.startswith(b"http/1.1 200") and b"keep-alive" not in old, old
