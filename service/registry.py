@@ -178,8 +178,8 @@ class Registry:
                 built = time.perf_counter() - t0  # counted in the swap time, as when the bank was built again
                 new = encode_classes_in_steps(self.run_torch, candidate, overrides, self.cache)  # in chunks
                 self.run_torch(trial_run, candidate, new, self.cache)
-                if check is not None:  # on the compute thread, in the request's context: its lines name the request
-                    self.run_torch(contextvars.copy_context().run, check, candidate)
+                if check is not None:  # its model work on the compute thread, its store reads on this one
+                    check(candidate)
             except Exception as e:
                 if not isinstance(e, REFUSALS):  # the request's fault (the gate, its own bundle) is no failed swap
                     self.metrics.swap_failures.inc()
@@ -268,8 +268,11 @@ class Registry:
         `upload`: the refusal says the version was not stored (not "not activated")."""
 
         def check(candidate: BankSnapshot) -> None:
-            serving = trusted_serving(self.bank, self.store.index(), task)  # what it takes now: not taken anew
-            report = self.gate.report(candidate, task, serving)
+            # what it takes now is not taken anew; read here: on the compute thread, a slow store (S3 answering in
+            # 3 s) held every classification that long, once per change (an outside check's)
+            serving = trusted_serving(self.bank, self.store.index(), task)
+            # on the compute thread, in the request's context: its lines name the request
+            report = self.run_torch(contextvars.copy_context().run, self.gate.report, candidate, task, serving)
             reports.append(report)
             if not report.offences() or not refuse:
                 return

@@ -304,3 +304,29 @@ def test_twin_classes_are_refused_after_one_encoding_not_two(tmp_path, backbone)
     finally:
         TextJob.step = step
     assert sum(encoded) == 3 and not registry.store.index().tasks  # once, and nothing stored
+
+
+def test_a_changes_store_reads_run_beside_the_compute_thread_not_on_it(registry, parts, monkeypatch):
+    """An outside check's S3 answering in 3 s: every classification stalled 3 s once per change, as the gate read
+    the store's index on the compute thread. Its model work stays there; its store reads run in the change's."""
+    on_compute: list[bool] = []
+
+    def run_torch(fn, *args):
+        on_compute.append(True)
+        try:
+            return fn(*args)
+        finally:
+            on_compute.pop()
+
+    registry.run_torch = run_torch
+    reads: list[bool] = []
+    index, generation = registry.store.index, registry.store.generation
+    monkeypatch.setattr(registry.store, "index", lambda *a, **k: reads.append(bool(on_compute)) or index(*a, **k))
+    monkeypatch.setattr(
+        registry.store, "generation", lambda *a, **k: reads.append(bool(on_compute)) or generation(*a, **k)
+    )
+    registry.upload(parts["a"])
+    registry.upload(parts["a2"], activate=False)
+    registry.activate("a", 2)
+    registry.shadow("a", 1)
+    assert len(reads) >= 4 and not any(reads), reads
