@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import threading
-import uuid
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
@@ -26,6 +25,7 @@ from .admin_token import resolve_admin_token
 from .app import create_app
 from .config import ServeConfig
 from .lifecycle import Service
+from .ray_owners import claim, release
 from .server import hangup_signals, say_if_open_to_the_network
 from .threads import SERVING_ENV
 
@@ -180,7 +180,7 @@ def run(config: ServeConfig) -> int:
     try:
         http = {"host": config.host, "port": config.port, "keep_alive_timeout_s": config.keep_alive_seconds}
         serve.start(http_options=http)
-        owner = _claim()  # from here the application is this driver's, until another one claims it
+        owner = claim()  # from here this driver holds the application, beside any other that deployed it
         serve.run(application(config, cpus=cpus), name=APP_NAME, route_prefix="/")
         log.info("clipbank on Ray Serve: %d replicas on http://%s:%d", config.replicas, config.host, config.port)
         say_if_open_to_the_network(config)
@@ -257,43 +257,23 @@ def replica_cpus(replicas: int, cpus: float, local: bool) -> float | None:
     return None
 
 
-OWNER_KEY, OWNER_NAMESPACE = b"serve-application-owner", "clipbank"
-
-
-def _claim() -> str:
-    """Mark the cluster's clipbank application as this driver's (Ray's KV store), before it deploys it: a second
-    driver's `serve.run` takes the application over, and Ray's own status does not change then (its
-    `last_deployed_time_s` stays the first deploy's)."""
-    from ray.experimental import internal_kv
-
-    mark = uuid.uuid4().hex
-    internal_kv._internal_kv_put(OWNER_KEY, mark.encode(), overwrite=True, namespace=OWNER_NAMESPACE)
-    return mark
-
-
-def _owns(mark: str) -> bool | None:
-    """Whether the application is still this driver's (None: Ray's KV store could not say)."""
-    from ray.experimental import internal_kv
-
-    try:
-        return internal_kv._internal_kv_get(OWNER_KEY, namespace=OWNER_NAMESPACE) == mark.encode()
-    except Exception:  # the driver lost its cluster, say
-        return None
-
-
 def _close(local: bool, owner: str | None) -> None:
     import ray
     from ray import serve
 
-    mine = True if local else (None if owner is None else _owns(owner))
-    if mine:  # the replicas drain (graceful_shutdown_timeout_s); a local cluster's application is this driver's
+    others = None if owner is None else release(owner)
+    if local or others == 0:  # the replicas drain (graceful_shutdown_timeout_s); a local cluster's is this driver's
         serve.delete(APP_NAME)
     elif owner is None:
         log.info("stopped before deploying: the cluster's clipbank application, if any, is left as it was")
-    elif mine is False:  # a new driver took it over (a rolling change of --replicas): deleting it stopped it
-        log.warning("another clipbank serve deployed the application since this one did: it is left serving")
+    elif others:  # another driver deployed it too (a change of --replicas, either way round): deleting stopped it
+        log.warning(
+            "%d other clipbank serve driver(s) that deployed the application still run: it is left serving, as the "
+            "last deploy made it (its --replicas); the last driver to stop deletes it",
+            others,
+        )
     else:
-        log.warning("could not tell whether the application is still this driver's: it is left serving")
+        log.warning("could not tell whether another driver holds the application: it is left serving")
     if local:  # a cluster started here goes with it; a joined one keeps running
         serve.shutdown()
     ray.shutdown()
