@@ -276,7 +276,7 @@ def _read_all(
             kept.append(i)
         except ValueError as e:
             problems.append(str(e))
-    report_unreadable(problems, len(paths), skip_bad, "clipbank train --skip-bad")
+    report_unreadable(problems, len(paths), skip_bad, "clipbank train --skip-bad`, or in Python `skip_bad=True")
     return images, kept
 
 

@@ -25,7 +25,7 @@ from model_store.store import LocalStore, atomic_write, open_store
 from model_store.store_base import PutResult, Store
 
 from .config import TrainJob
-from .data import LabelledImages, list_image_folder, read_image_folder
+from .data import list_image_folder, read_image_folder
 from .trainer import TrainConfig, train_task
 from .validation import warn_if_val_copies_data
 
@@ -168,16 +168,13 @@ def _train_and_store(job: TrainJob) -> dict[str, Any]:
     )
     reference = find_reference(backbone, job.reference)  # before any training: a wrong path fails at once
     bank = _bank_of(store, backbone)
-    warnings: list[str] = []
-    if parent is not None:  # class-incremental: the new version answers over every class seen so far
-        train, val, warnings = _over_parent_classes(seen, train, val, version)
-    result = train_task(
-        bank, train, cfg, val, version=version, parent=parent, progress=job.progress, reference=reference
+    result = train_task(  # a new version answers over its parent's classes too (`seen`, read from the store)
+        bank, train, cfg, val, version, parent, job.progress, reference, parent_classes=seen if parent else None
     )
     summary = {
         "task": job.task,
         "version": version,
-        "classes": list(train.classes),
+        "classes": result.report["classes"],
         "bank_tasks": list(bank.task_names),
         **{
             k: result.report[k]
@@ -195,7 +192,7 @@ def _train_and_store(job: TrainJob) -> dict[str, Any]:
         },
         "selector": {"kind": result.report["selector"]["kind"], "threshold": result.report["selector"]["threshold"]},
         "routing": result.report["routing"],
-        "warnings": warnings + result.report["val_warnings"] + result.report["routing"]["warnings"],
+        "warnings": result.report["warnings"],
     }
     if job.out:
         with _kept_on_failure(result.bundle, job.task, version, f"writing --out {job.out}", None):
@@ -366,21 +363,3 @@ def _next_version(store: Store | None, job: TrainJob) -> tuple[int, str | None, 
     if version > MAX_VERSION:  # before training, not when the bundle is packed
         raise ValueError(f"task {job.task!r} is at version {version - 1}, the last a bundle can have ({MAX_VERSION})")
     return version, parent, store.load(parent).manifest.classes if parent is not None else ()
-
-
-def _over_parent_classes(
-    seen: tuple[str, ...], train: LabelledImages, val: LabelledImages | None, version: int
-) -> tuple[LabelledImages, LabelledImages | None, list[str]]:
-    """The data relabelled over the parent's classes followed by the new ones, and a warning when the training
-    set lacks some of the parent's classes (measured: docs/method.md, Versions and classes)."""
-    classes = seen + tuple(c for c in train.classes if c not in seen)
-    absent = [c for c in seen if c not in train.classes]
-    warnings = []
-    if absent:
-        warnings.append(
-            f"the training set has no images of {len(absent)} of the parent's classes ({', '.join(absent[:5])}"
-            f"{', ...' if len(absent) > 5 else ''}): version {version} answers over them but learns nothing "
-            "of them, and will mostly forget them; include their images to keep them"
-        )
-        log.warning("%s", warnings[-1])
-    return train.with_classes(classes), val.with_classes(classes) if val else None, warnings

@@ -25,6 +25,7 @@ from model_store.selector import Selector, SelectorConfig, selector_manifest
 from .config import jsonable
 from .data import LabelledImages, checked_split
 from .expert_blocks import with_expert_blocks
+from .lineage import with_parent_classes
 from .lwf import parent_teacher
 from .progress import phases, progress_bar
 from .routing import selector_with_routing
@@ -322,12 +323,18 @@ def train_task(
     parent: str | None = None,
     progress: bool = True,
     reference: ReferenceSet | None | str = "auto",
+    parent_classes: Sequence[str] | None = None,
 ) -> TrainResult:
     """Train task `cfg.task` on top of `bank` (its experts stay frozen) and return the packed bundle.
 
     The selector learns from `reference` (generic outside images for this backbone; "auto": the backbone's own,
     as `clipbank train` finds it; None: none) and the bank's other tasks' probes what is *not* the task; the
-    report's `routing` says what routing will do, with warnings."""
+    report's `routing` says what routing will do, and `warnings` every warning of the run.
+
+    A new version of a task names its `parent` (the bundle id of the version it follows, as `clipbank train
+    --store` finds it) and answers over the parent's classes followed by the data's new ones: `parent_classes`,
+    else those of the bank's task whose bundle `parent` is."""
+    train, val, class_warnings = with_parent_classes(bank, cfg.task, train, val, version, parent, parent_classes)
     reference = _reference(bank, reference)
     fit, val = checked_split(train, val, cfg, bank.backbone)
     bank = with_expert_blocks(bank, cfg.expert_blocks)
@@ -364,12 +371,15 @@ def train_task(
     data = pack_task(bank, cfg, train.classes, params, selector, report, version, parent, probes)
     got = figures["val_accuracy"]
     log.info("task %s v%d: zero-shot %.3f -> trained %.3f in %.1fs", cfg.task, version, zero_shot, got, train_seconds)
-    return TrainResult(
-        data,
-        {
-            **report,
-            "selector": selector_manifest(selector, cfg.selector),
-            "bundle_bytes": len(data),
-            "experts_added": sum(len(new) for blocks in params.new.values() for new in blocks),
-        },
-    )
+    return _result(data, report, train.classes, class_warnings, selector_manifest(selector, cfg.selector), params)
+
+
+def _result(
+    data: bytes, report: dict, classes: Sequence[str], warnings: list[str], selector: dict, params: _TaskParams
+) -> TrainResult:
+    """The bundle and its report: the run's figures, its classes, every warning of it (the parent's classes',
+    validation's, routing's: a Python caller found them in three places), and the selector's manifest."""
+    added = sum(len(new) for blocks in params.new.values() for new in blocks)
+    warnings = warnings + report["val_warnings"] + report["routing"]["warnings"]
+    extra = {"classes": list(classes), "warnings": warnings, "selector": selector, "bundle_bytes": len(data)}
+    return TrainResult(data, {**report, **extra, "experts_added": added})

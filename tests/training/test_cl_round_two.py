@@ -395,3 +395,25 @@ def test_a_trailing_comma_in_a_list_flag_is_no_name():
     assert cl_config(CLJob(quick=True, methods="zero-shot,moe-ddas,")).methods == ("zero-shot", "moe-ddas")
     with pytest.raises(ValueError, match=r"^invalid settings: unknown methods \['bogus'\]"):
         cl_config(CLJob(quick=True, methods="bogus,"))
+
+
+def test_a_new_version_trained_from_python_keeps_its_parents_classes(backbone, caplog):
+    """An outside check's notebook: `train_task(bank, new_classes_only, cfg, version=2, parent=v1)` packed a
+    version answering over the new classes alone, and nothing warned; `clipbank train --store` answers over every
+    class seen so far. A version 1 of a task the bank serves trained in full before its store refused it."""
+    from training.cl_incremental import _only
+
+    data = load_domain("digits", "train")
+    old, new = data.classes[:3], data.classes[3:5]
+    cfg = TrainConfig(task="digits", steps=2, batch_size=8)
+    v1 = read_bundle(train_task(empty_bank(backbone), _only(data, old).subset(range(24)), cfg, progress=False).bundle)
+    bank = build_bank(backbone, [v1])
+    with caplog.at_level("WARNING"):
+        v2 = train_task(bank, _only(data, new).subset(range(16)), cfg, version=2, parent=v1.id, progress=False)
+    assert read_bundle(v2.bundle).manifest.classes == (*old, *new) == tuple(v2.report["classes"])
+    assert any("no images of 3 of the parent's classes" in w for w in v2.report["warnings"]), v2.report["warnings"]
+    assert "no images of 3 of the parent's classes" in caplog.text
+    with pytest.raises(ValueError, match="already serves task 'digits'.*version=<the store's newest"):
+        train_task(bank, _only(data, new).subset(range(16)), cfg, progress=False)
+    with pytest.raises(ValueError, match="not a task's bundle in the bank"):
+        train_task(bank, _only(data, new).subset(range(16)), cfg, version=2, parent="f" * 64, progress=False)

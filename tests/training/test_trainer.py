@@ -198,6 +198,19 @@ def test_new_version_answers_over_every_class_seen(tmp_path, capsys):
     assert main(args) == 2 and "it has classes the training data lacks" in capsys.readouterr().err
 
 
+def _trained_as(bank, train, cfg, seed: int, version: int, routing: dict):
+    """What `train_task` returns, for a random bundle of `cfg.task`: a stand-in that trains nothing."""
+    from model_store.bank import empty_bank
+    from tests.helpers import random_bundle
+    from training.trainer import TrainResult
+
+    data = random_bundle(empty_bank(bank.backbone), cfg.task, seed, version=version)
+    keys = ("zero_shot_val_accuracy", "val_accuracy", "val_balanced_accuracy", "seconds", "train_images")
+    report = {**dict.fromkeys(keys, 0), "val_images": 0, "bundle_bytes": len(data), "experts_added": 16}
+    report.update(val_accuracy_per_class={}, val_warnings=[], warnings=[], classes=list(train.classes))
+    return TrainResult(data, {**report, "selector": {"kind": "hybrid", "threshold": 1.0}, "routing": routing})
+
+
 @pytest.mark.parametrize("case", ["refused", "forced", "licence"])
 def test_a_version_trained_into_a_store_that_the_gate_would_refuse_is_stored_inactive(
     tmp_path, monkeypatch, capsys, case
@@ -211,22 +224,15 @@ def test_a_version_trained_into_a_store_that_the_gate_would_refuse_is_stored_ina
     import json
 
     import training.run as run
-    from model_store.bank import empty_bank
-    from tests.helpers import random_bundle
-    from training.trainer import TrainResult
 
     store = tmp_path / "store"
     offence = "it would take 10.7% of the images of task 'gradients' (limit 2.0%)"
     taken = {"stolen": {"gradients": 0.107}} if case != "licence" else {"already_taken": {"gradients": 0.107}}
     preview = {"task": "tex", "version": 1, "self_claim": 0.9, "zero_shot_captured": 0.0, **taken}
 
-    def train(bank, train, cfg, val=None, version=1, parent=None, progress=True, reference=None):
-        data = random_bundle(empty_bank(bank.backbone), cfg.task, 7 + version, version=version)
-        keys = ("zero_shot_val_accuracy", "val_accuracy", "val_balanced_accuracy", "seconds", "train_images")
-        report = {**dict.fromkeys(keys, 0), "val_images": 0, "bundle_bytes": len(data), "experts_added": 16}
-        report.update(val_accuracy_per_class={}, val_warnings=[])
+    def train(bank, train, cfg, val=None, version=1, parent=None, progress=True, reference=None, **_):
         routing = {"warnings": [], "gate": {**preview, "version": version}}
-        return TrainResult(data, {**report, "selector": {"kind": "hybrid", "threshold": 1.0}, "routing": routing})
+        return _trained_as(bank, train, cfg, 7 + version, version, routing)
 
     monkeypatch.setattr(run, "train_task", train)
     assert main(["data", "export", "textures", str(tmp_path / "tex")]) == 0
@@ -259,20 +265,13 @@ def test_a_bundle_the_store_refuses_after_training_is_kept_on_disk(tmp_path, mon
     import training.run as run
     from model_store.bank import empty_bank
     from tests.helpers import random_bundle
-    from training.trainer import TrainResult
 
     store, trained = tmp_path / "store", []
 
-    def train_meanwhile(bank, train, cfg, val=None, version=1, parent=None, progress=True, reference=None):
+    def train_meanwhile(bank, train, cfg, val=None, version=1, parent=None, progress=True, reference=None, **_):
         trained.append(cfg.task)
         LocalStore(store).put(random_bundle(empty_bank(bank.backbone), cfg.task, 99, version=version))
-        data = random_bundle(empty_bank(bank.backbone), cfg.task, 7, version=version)
-        keys = ("zero_shot_val_accuracy", "val_accuracy", "val_balanced_accuracy", "seconds", "train_images")
-        report = {**dict.fromkeys(keys, 0), "val_images": 0, "bundle_bytes": len(data), "experts_added": 16}
-        report.update(val_accuracy_per_class={}, val_warnings=[])
-        return TrainResult(
-            data, {**report, "selector": {"kind": "hybrid", "threshold": 1.0}, "routing": {"warnings": []}}
-        )
+        return _trained_as(bank, train, cfg, 7, version, {"warnings": []})
 
     monkeypatch.setattr(run, "train_task", train_meanwhile)
     assert main(["data", "export", "textures", str(tmp_path / "tex")]) == 0

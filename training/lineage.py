@@ -1,0 +1,70 @@
+"""A new version of a task and its parent's classes: it answers over them, followed by its data's new ones."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from model_store.bank import BankSnapshot
+
+from .data import LabelledImages
+
+log = logging.getLogger(__name__)
+
+
+def with_parent_classes(
+    bank: BankSnapshot,
+    task: str,
+    train: LabelledImages,
+    val: LabelledImages | None,
+    version: int,
+    parent: str | None,
+    given: Sequence[str] | None,
+) -> tuple[LabelledImages, LabelledImages | None, list[str]]:
+    """`train` and `val` over the classes a new version keeps (`parent_classes_of`) and their warnings: as they
+    are for a task's first version. A Python caller's new version dropped its parent's classes (the CLI's did not)."""
+    seen = parent_classes_of(bank, task, version, parent, given)
+    return over_parent_classes(seen, train, val, version) if seen else (train, val, [])
+
+
+def parent_classes_of(
+    bank: BankSnapshot, task: str, version: int, parent: str | None, given: Sequence[str] | None
+) -> tuple[str, ...]:
+    """The classes a new version of `task` keeps: `given`, else those of `parent`'s bundle in `bank`. A version 1
+    of a task the bank already serves is refused before any training (its store would refuse it after)."""
+    if given is not None:
+        return tuple(given)
+    if parent is None:
+        if version == 1 and task in bank.task_names:
+            entry = bank.tasks[bank.task_index(task)]
+            raise ValueError(
+                f"the bank already serves task {task!r} (bundle {entry.bundle_id[:12]}), so its store would refuse a "
+                "version 1: a new version of it needs version=<the store's newest + 1> and parent=<that bundle's "
+                "id>, as `clipbank train --store` finds them; or give the task another name"
+            )
+        return ()
+    for entry in bank.tasks:
+        if entry.bundle_id == parent:
+            return tuple(entry.classes)
+    raise ValueError(
+        f"parent {parent[:12]!r} is not a task's bundle in the bank: load the bank from the store that holds it "
+        "(BankLoader(store, backbone).load()), or give its classes as parent_classes"
+    )
+
+
+def over_parent_classes(
+    seen: Sequence[str], train: LabelledImages, val: LabelledImages | None, version: int
+) -> tuple[LabelledImages, LabelledImages | None, list[str]]:
+    """The data relabelled over the parent's classes followed by the new ones, and a warning when the training
+    set lacks some of the parent's classes (measured: docs/method.md, Versions and classes)."""
+    classes = tuple(seen) + tuple(c for c in train.classes if c not in seen)
+    absent = [c for c in seen if c not in train.classes]
+    warnings = []
+    if absent:
+        warnings.append(
+            f"the training set has no images of {len(absent)} of the parent's classes ({', '.join(absent[:5])}"
+            f"{', ...' if len(absent) > 5 else ''}): version {version} answers over them but learns nothing "
+            "of them, and will mostly forget them; include their images to keep them"
+        )
+        log.warning("%s", warnings[-1])
+    return train.with_classes(classes), val.with_classes(classes) if val else None, warnings
