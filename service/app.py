@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
 
@@ -38,7 +39,7 @@ def create_app(
     `wait_ready`: the app's start-up completes only once the bank is loaded (Ray Serve replicas)."""
     config = config or ServeConfig.from_env()
     service = Service(config, backbone)
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc load Swagger UI and ReDoc from this server, not a CDN
         title="clipbank",
         summary="A frozen CLIP plus a bank of hot-swappable task experts, routed per image.",
         version="0.1.0",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import anyio
 import pytest
@@ -357,12 +358,18 @@ async def test_openapi_documents_every_endpoint_with_examples(tmp_path, backbone
         assert {"200", "201", "504"} <= set(spec["paths"]["/tasks"]["post"]["responses"])  # restored; ?wait=all
         for path, method in (("/tasks/{task}/activate", "post"), ("/tasks/{task}", "delete")):
             assert "504" in spec["paths"][path][method]["responses"], path
-        assert (await c.get("/docs")).status_code == 200
+        for page in ("/docs", "/redoc"):  # from this server: a host without internet saw blank pages (a CDN)
+            r = await c.get(page)
+            assert r.status_code == 200 and "https://" not in r.text and "http://" not in r.text, r.text
+            for asset in re.findall(r'(?:src|href)="(/[^"]+)"', r.text):
+                assert (await c.get(asset)).status_code == 200, asset
         _examples_fit_their_schemas(spec)
         # what any path may answer (malformed HTTP, overload) was undeclared on /healthz, /readyz and /metrics
         for path, ops in spec["paths"].items():
             for method, op in ops.items():
                 assert {"400", "503"} <= set(op["responses"]), (method, path)
+                # the headers a client branches on, declared (a Node integrator's)
+                assert {"Retry-After", "X-Clipbank-Error"} <= op["responses"]["503"]["headers"].keys(), path
                 # a GET reads no body and changes nothing: it declared 409 and 415 (an integrator's)
                 assert method != "get" or not {"409", "415"} & set(op["responses"]), (method, path)
                 assert ("415" in op["responses"]) == ("requestBody" in op), (method, path)
