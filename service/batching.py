@@ -152,7 +152,9 @@ class Batcher:
             raise NotReady("the server is shutting down" if self._closed else "the compute thread is not running")
         if len(item.images) > self.max_batch:
             raise LimitExceeded(
-                f"{len(item.images)} images in one request; this server's max_batch is {self.max_batch}"
+                f"{len(item.images)} images in one request; this server's max_batch is {self.max_batch}",
+                "max_batch",
+                self.max_batch,
             )
         if not admitted:
             with self.admit(len(item.images)):

@@ -193,7 +193,7 @@ def smaller_batch(error: ClipbankHTTPError, sent: int) -> int | None:
         return None
     if details.get("setting") in ("max_response_bytes", "max_request_bytes", "max_request_pixels"):
         return sent // 2 if sent > 1 else None
-    return limit if details.get("setting") == "max_images" and 1 <= limit < sent else None
+    return limit if details.get("setting") in ("max_images", "max_batch") and 1 <= limit < sent else None
 
 
 class Batches:

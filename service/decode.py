@@ -47,6 +47,8 @@ def classify_form_limits(limits: Limits) -> FormLimits:
         field_bytes_name=f"max_label_chars={limits.max_label_chars} characters of up to {UTF8_BYTES_PER_CHAR} bytes",
         file_word="image",
         files_setting="max_images",
+        fields_setting=("max_labels", limits.max_labels),
+        field_bytes_setting=("max_label_chars", limits.max_label_chars),
     )
 
 
@@ -252,7 +254,9 @@ def _problem(model: type[BaseModel], err: Any) -> str:
 
 def check_labels(labels: list[str], limits: Limits) -> None:
     if len(labels) > limits.max_labels:
-        raise LimitExceeded(f"{len(labels)} labels; the limit is max_labels={limits.max_labels}")
+        raise LimitExceeded(
+            f"{len(labels)} labels; the limit is max_labels={limits.max_labels}", "max_labels", limits.max_labels
+        )
     if len(labels) == 1 and ("," in labels[0] or labels[0].lstrip().startswith("[")):
         raise InvalidRequest(
             f"one label, {shown(labels[0], 80)}, that looks like a list (and one label always scores 1.0): send"
@@ -262,7 +266,9 @@ def check_labels(labels: list[str], limits: Limits) -> None:
     for i, label in enumerate(labels):
         if len(label) > limits.max_label_chars:
             raise LimitExceeded(
-                f"label {i} is {len(label)} characters; the limit is max_label_chars={limits.max_label_chars}"
+                f"label {i} is {len(label)} characters; the limit is max_label_chars={limits.max_label_chars}",
+                "max_label_chars",
+                limits.max_label_chars,
             )
         problem = label_problem(label)
         if problem is not None:

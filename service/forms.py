@@ -29,6 +29,8 @@ class FormLimits:
     field_bytes_name: str = "fixed"  # what the text fields' limit is, in a message: a setting, or fixed
     file_word: str = "file"  # what a file is called in messages, and the `details` key of its index ("image")
     files_setting: str | None = None  # the setting max_files is, named in the 413's details so a client can adapt
+    fields_setting: tuple[str, int] | None = None  # (setting, its value) the 413 of too many text fields names
+    field_bytes_setting: tuple[str, int] | None = None  # and that of a text field too long
 
 
 @dataclass
@@ -93,7 +95,9 @@ class _Reader:
                 f'(Content-Disposition: form-data; name="{self._name}"; filename="...")'
             )
         elif len(self.form.fields) >= lim.max_fields:
-            raise LimitExceeded(f"more than {lim.fields_name}={lim.max_fields} text fields in one request")
+            raise LimitExceeded(
+                f"more than {lim.fields_name}={lim.max_fields} text fields in one request", *(lim.fields_setting or ())
+            )
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         self._data += data[start:end]
@@ -109,7 +113,8 @@ class _Reader:
         if self._filename is None and len(self._data) > lim.max_field_bytes:
             raise LimitExceeded(
                 f"text field {shown(self._name)} passed {lim.max_field_bytes} bytes; "
-                f"the limit is {lim.max_field_bytes} bytes ({lim.field_bytes_name})"
+                f"the limit is {lim.max_field_bytes} bytes ({lim.field_bytes_name})",
+                *(lim.field_bytes_setting or ()),
             )
 
     def on_part_end(self) -> None:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
+from model_store.errors import InvalidRequest
 from model_store.pixels import aspect_problem, draft_for, reduced_for, viewed_rgb
 
 from .config import Limits
@@ -190,7 +191,7 @@ def decode_base64(text: str, name: str, limits: Limits) -> bytes:
 def inspect_all(images: Sequence[tuple[str, bytes]], limits: Limits, target: int) -> list[OpenedImage]:
     """Check every image's header before any is decoded, and what decoding them all would cost."""
     if not images:
-        raise BadImage("send at least one image")
+        raise InvalidRequest("images: send at least one image")  # no image is bad: not `bad_image`
     if len(images) > limits.max_images:
         raise LimitExceeded(
             f"{len(images)} images in one request; the limit is max_images={limits.max_images}",

@@ -89,7 +89,8 @@ class Service:
                 said = f"not asked: {type(e).__name__}"
                 if isinstance(e, TimeoutError | asyncio.TimeoutError):  # Ray's GetTimeoutError too; it names none
                     said = (
-                        f"not all answered within {ANNOUNCE_SECONDS:g} s ({type(e).__name__}): one is stuck or starting"
+                        f"not all answered within {ANNOUNCE_SECONDS:g} s ({type(e).__name__}): one is stuck, "
+                        "starting, or still reading a slow store"
                     )
                 return {self.replica: registry.bank.generation, "others": said}
         self._announcing.add(task)

@@ -1,6 +1,7 @@
 """What the OpenAPI document says of the headers every route has (`middleware.Generations`,
 `request_ids.RequestIds`): the request headers `X-Min-Generation` and `X-Request-ID`, and the response headers
-`X-Clipbank-Generation`, `X-Clipbank-Replica` and `X-Request-ID`."""
+`X-Clipbank-Generation`, `X-Clipbank-Replica` and `X-Request-ID`; on errors `X-Clipbank-Error`, on 503s
+`Retry-After`."""
 
 from __future__ import annotations
 
@@ -48,6 +49,20 @@ RESPONSE_HEADERS = {
         "matches this pattern, else one the server made.",
     },
 }
+ERROR_HEADERS = {  # on an error's answer (a Node integrator's generated types had neither)
+    "X-Clipbank-Error": {
+        "schema": {"type": "string"},
+        "description": "The error's `code`, for proxies and logs that read no body (not on the HTTP server's own "
+        "400, 408 and 501 for a malformed or slow request head).",
+    }
+}
+RETRY_AFTER = {
+    "Retry-After": {
+        "schema": {"type": "integer"},
+        "description": "Seconds to wait before trying again (overloaded, not_ready, stale_replica, "
+        "store_unavailable, ...); absent when no retry helps (store_not_writable, store_damaged).",
+    }
+}
 REQUEST_ID = {
     "name": "X-Request-ID",
     "in": "header",
@@ -71,8 +86,11 @@ def document_generations(app: FastAPI) -> None:
                     op.setdefault("parameters", []).extend((REQUEST_ID,) if probe else (MIN_GENERATION, REQUEST_ID))
                     for status, why in (PROBE_ERRORS if probe else HEADER_ERRORS).items():  # the header's, overloaded
                         op.setdefault("responses", {}).setdefault(status, {"description": why, "content": ERROR_BODY})
-                    for response in op.get("responses", {}).values():
-                        response.setdefault("headers", {}).update(RESPONSE_HEADERS)
+                    for status, response in op.get("responses", {}).items():
+                        headers = response.setdefault("headers", {})
+                        headers.update(RESPONSE_HEADERS)
+                        if status[:1] in "45":
+                            headers.update(ERROR_HEADERS | (RETRY_AFTER if status == "503" else {}))
             _keep_null_examples(schema)
         return app.openapi_schema
 

@@ -28,7 +28,10 @@ class ClassifyOptions(BaseModel):
         json_schema_extra={"uniqueItems": True},
     )
     task: TaskMode = Field(
-        AUTO, max_length=64, description="`auto` (selector decides per image), `zero-shot`, or a task name."
+        AUTO,
+        min_length=1,
+        max_length=64,
+        description="`auto` (selector decides per image), `zero-shot`, or a task name.",
     )
     route: RouteMode = Field(PER_IMAGE, description="`per-request` averages selector scores over the images.")
     top_k: int | None = Field(None, ge=1, description="Return only the best k labels per image.")
@@ -159,6 +162,11 @@ class TaskUploaded(BaseModel):
     replicas: dict[str, int | str] | None = Field(
         None, description="{replica: the generation it serves}: with wait=all every live replica, else this one."
     )
+    state: Literal["active", "shadow", "inactive"] | None = Field(
+        None,
+        description="where the version is now: active (serving), shadow (scored beside the active one) or inactive "
+        "(stored only); a restored version keeps its state",
+    )
     restored: bool = Field(
         False,
         description="true (status 200): these are the bytes of a stored version whose blob was missing or damaged, "
@@ -168,7 +176,14 @@ class TaskUploaded(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"task": "textures", "version": 1, "bundle_id": EXAMPLE_BUNDLE_ID, "experts_added": 16, "generation": 3}
+                {
+                    "task": "textures",
+                    "version": 1,
+                    "bundle_id": EXAMPLE_BUNDLE_ID,
+                    "experts_added": 16,
+                    "generation": 3,
+                    "state": "active",
+                }
             ]
         }
     )
@@ -325,7 +340,11 @@ class ErrorDetail(BaseModel):
     details: dict[str, Any] | None = Field(
         None,
         description="For `interference` (409): the gate's whole report. For an error of one image of a classify "
-        'request (`bad_image`, or a 413 about one image): `{"image": i}`, its index in the request.',
+        'request (`bad_image`, or a 413 about one image): `{"image": i}`, its index in the request. For a 413 of '
+        'a limit the whole request broke: `{"setting": name, "limit": n}` (max_images, max_labels, max_label_chars, '
+        "max_request_bytes, max_request_pixels, max_response_bytes, max_request_prompts). For `stale_replica` "
+        '(503): `{"generation": served, "wanted": asked}`. For `version_conflict` (409): `{"task", "version", '
+        '"same_bytes", "state", "newest"}`: whether this very bundle is stored already, and where.',
     )
 
 

@@ -188,7 +188,8 @@ class Steps:
         live = (w for w in self.works if isinstance(w, _TextWork) and not _abandoned(w))
         parked = sum(j.remaining for w in live for j in w.jobs)
         if cost > self.budget.max_request_prompts:
-            return LimitExceeded(_too_many_prompts(cost, self.budget.max_request_prompts)), inline
+            limit = self.budget.max_request_prompts
+            return LimitExceeded(_too_many_prompts(cost, limit), "max_request_prompts", limit), inline
         if chars <= inline:
             return self._finish(_TextWork(p, plan, k, jobs, work.started, None)), inline - chars
         if cost + parked > self.budget.max_parked_prompts:

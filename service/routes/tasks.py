@@ -160,9 +160,11 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         how = "restored" if result.restored else chosen + (", force" if force else "")
         what = f"version {result.version} of {result.task} ({how})"
         replicas = await announced(request, result.generation, wait, what)
+        state = chosen
         if result.restored:  # nothing new was created: a stored version's blob was written back
             response.status_code = 200
-        return {**vars(result), "replicas": replicas}
+            state = await run_in_threadpool(_stored_state, registry, result.task, result.bundle_id)
+        return {**vars(result), "state": state, "replicas": replicas}
 
     _add_reading(router)
 
@@ -191,6 +193,17 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
 
     _add_removal(router)
     return router
+
+
+def _stored_state(registry: Any, task: str, bundle_id: str) -> str | None:
+    """Where a stored version is: active, shadow or inactive (None: the store cannot say now)."""
+    try:
+        record = registry.store.index().tasks.get(task)
+    except (ClipbankError, OSError):
+        return None
+    if record is None:
+        return None
+    return "active" if record.active == bundle_id else "shadow" if record.shadow == bundle_id else "inactive"
 
 
 def _failed_when_stored(registry: Any, task: str, version: int) -> bool:

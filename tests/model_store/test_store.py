@@ -631,3 +631,15 @@ def test_a_store_at_its_last_generation_refuses_a_change_it_could_not_read_back(
     with pytest.raises(StoreError, match="at its last generation"):
         store.put(bundles[2])
     assert store.index_path.read_bytes() == before and store.index().generation == MAX_GENERATION
+
+
+def test_a_version_given_as_text_is_a_type_error_that_says_so(tmp_path, backbone):
+    """A notebook's `store.activate("tex", "1")`: "task 'tex' has no version '1'; stored versions: 1"."""
+    from model_store.bank import empty_bank
+    from tests.helpers import random_bundle
+
+    store = LocalStore(tmp_path / "store")
+    store.put(random_bundle(empty_bank(backbone), "tex", seed=1))
+    with pytest.raises(TypeError, match="a version is a whole number, got str '1'"):
+        store.activate("tex", "1")
+    assert store.index().version("tex", 1).version == 1

@@ -130,6 +130,8 @@ BAD_INPUTS = [
         "task_not_found",
         "nope",
     ),
+    ("empty task", dict(files=_classify_files(), data={"labels": LABELS, "task": ""}), 422, "invalid_request", "task"),
+    ("empty json task", dict(json={"images": ["aGVsbG8="], "task": ""}), 422, "invalid_request", "task"),
     (
         "bad route",
         dict(files=_classify_files(), data={"labels": LABELS, "route": "sideways"}),
@@ -293,6 +295,10 @@ async def test_bad_inputs_get_a_named_4xx(tmp_path, backbone):
             err = r.json()["error"]
             assert err["code"] == code, (what, err)
             assert words.lower() in err["message"].lower(), (what, err)
+            if status == 413 and "image" not in (err.get("details") or {}):  # a client can adapt without parsing
+                details = err.get("details") or {}  # a Node integrator's: the labels' 413s had none
+                assert {"setting", "limit"} <= details.keys() and isinstance(details["limit"], int), (what, err)
+                assert details["setting"] in err["message"] and str(details["limit"]) in err["message"], (what, err)
 
 
 async def test_a_top_k_of_int_max_means_every_label(tmp_path, backbone):
@@ -319,6 +325,7 @@ async def test_an_error_of_one_image_names_its_index_so_a_client_can_leave_it_ou
         r = await c.post("/classify", files=fields_only)  # not about one image: no index
         assert r.status_code == 422 and "details" not in r.json()["error"]
         assert "at least one image" in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["code"] == "invalid_request"  # as in JSON; `bad_image` names a bad image
 
 
 async def test_too_many_images_names_the_limit_so_a_client_can_send_fewer(tmp_path, backbone):

@@ -34,7 +34,7 @@ async def test_tasks_and_store_list_print_one_row_per_version(tmp_path, backbone
         for task, version, mode in (("cars", 1, "active"), ("cars", 2, "shadow"), ("boats", 1, "inactive")):
             data = random_bundle(bank, task, seed=version, version=version, classes=("red", "blue"))
             r = await c.post("/tasks", params={"mode": mode}, files={"bundle": ("b", data)}, headers=AUTH)
-            assert r.status_code in (200, 201), r.text
+            assert r.status_code in (200, 201) and r.json()["state"] == mode, r.text  # where it landed, said
         listing = (await c.get("/tasks", headers=AUTH)).json()
     seen = []
 

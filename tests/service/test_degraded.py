@@ -104,6 +104,7 @@ async def test_uploading_a_damaged_versions_own_bundle_again_writes_its_blob_bac
         files = {"bundle": ("a.safetensors", two_tasks["a"], "application/octet-stream")}
         r = await c.post("/tasks", files=files, params={"mode": "inactive"}, headers=AUTH)
         assert r.status_code == 200 and r.json()["restored"], r.text
+        assert r.json()["state"] == "active"  # a restored version keeps its state, whatever the mode asked
         assert r.json()["generation"] == before.generation + 1 and r.json()["version"] == 1
         health = (await c.get("/healthz")).json()
         assert (health["status"], health["degraded"]) == ("live", {})
