@@ -203,6 +203,8 @@ class StoreIndex:
         return self.tasks[name]
 
     def version(self, task: str, version: int) -> VersionRecord:
+        if not hasattr(version, "__index__"):  # "1" from Python read "has no version '1'; stored versions: 1"
+            raise TypeError(f"a version is a whole number, got {type(version).__name__} {shown(version, 20)}")
         record = self.task(task)
         for v in record.versions:
             if v.version == version:
@@ -301,7 +303,8 @@ def refuse_stored_version(index: StoreIndex, bundle: Bundle) -> None:
     if bundle.version <= newest:
         raise VersionConflict(
             f"task {bundle.task!r} already has version {newest}; a new bundle needs version > {newest}, "
-            f"got {bundle.version} (train it with `--version {newest + 1}`, or on this store with `--store`; "
+            f"got {bundle.version} (train it with `--version {newest + 1}` (in Python `version={newest + 1}`), or on "
+            "this store with `--store`; "
             "an older version cannot be added after a newer one)",
             conflict_details(bundle, index),
         )
