@@ -203,7 +203,7 @@ class StoreIndex:
         return self.tasks[name]
 
     def version(self, task: str, version: int) -> VersionRecord:
-        if not hasattr(version, "__index__"):  # "1" from Python read "has no version '1'; stored versions: 1"
+        if isinstance(version, bool) or not hasattr(version, "__index__"):  # "1" read "has no version '1'"
             raise TypeError(f"a version is a whole number, got {type(version).__name__} {shown(version, 20)}")
         record = self.task(task)
         for v in record.versions:

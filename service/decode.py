@@ -43,12 +43,12 @@ def classify_form_limits(limits: Limits) -> FormLimits:
         max_field_bytes=max(UTF8_BYTES_PER_CHAR * limits.max_label_chars, 256),
         files_name="max_images",
         file_bytes_name="max_image_bytes",
-        fields_name=f"max_labels (+{len(OPTION_FIELDS)} option fields)",
+        fields_name=f"max_labels={limits.max_labels} labels and {len(OPTION_FIELDS)} option fields",
         field_bytes_name=f"max_label_chars={limits.max_label_chars} characters of up to {UTF8_BYTES_PER_CHAR} bytes",
         file_word="image",
         files_setting="max_images",
         fields_setting=("max_labels", limits.max_labels),
-        field_bytes_setting=("max_label_chars", limits.max_label_chars),
+        field_bytes_setting=("labels", "max_label_chars", limits.max_label_chars),
     )
 
 

@@ -25,12 +25,12 @@ class FormLimits:
     max_field_bytes: int
     files_name: str = "max_files"
     file_bytes_name: str = "max_file_bytes"
-    fields_name: str = "max_fields"
+    fields_name: str = "a fixed limit"  # what the text fields' count limit is, in a message
     field_bytes_name: str = "fixed"  # what the text fields' limit is, in a message: a setting, or fixed
     file_word: str = "file"  # what a file is called in messages, and the `details` key of its index ("image")
     files_setting: str | None = None  # the setting max_files is, named in the 413's details so a client can adapt
     fields_setting: tuple[str, int] | None = None  # (setting, its value) the 413 of too many text fields names
-    field_bytes_setting: tuple[str, int] | None = None  # and that of a text field too long
+    field_bytes_setting: tuple[str, str, int] | None = None  # (field, setting, value): that field's length limit
 
 
 @dataclass
@@ -96,7 +96,8 @@ class _Reader:
             )
         elif len(self.form.fields) >= lim.max_fields:
             raise LimitExceeded(
-                f"more than {lim.fields_name}={lim.max_fields} text fields in one request", *(lim.fields_setting or ())
+                f"more than {lim.max_fields} text fields in one request ({lim.fields_name})",
+                *(lim.fields_setting or ()),
             )
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
@@ -111,10 +112,12 @@ class _Reader:
             error.details = {lim.file_word: index}
             raise error
         if self._filename is None and len(self._data) > lim.max_field_bytes:
+            setting = lim.field_bytes_setting
+            named = setting[1:] if setting and setting[0] == self._name else ()  # a `task` field is no label
             raise LimitExceeded(
                 f"text field {shown(self._name)} passed {lim.max_field_bytes} bytes; "
                 f"the limit is {lim.max_field_bytes} bytes ({lim.field_bytes_name})",
-                *(lim.field_bytes_setting or ()),
+                *named,
             )
 
     def on_part_end(self) -> None:

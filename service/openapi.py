@@ -52,8 +52,7 @@ RESPONSE_HEADERS = {
 ERROR_HEADERS = {  # on an error's answer (a Node integrator's generated types had neither)
     "X-Clipbank-Error": {
         "schema": {"type": "string"},
-        "description": "The error's `code`, for proxies and logs that read no body (not on the HTTP server's own "
-        "400, 408 and 501 for a malformed or slow request head).",
+        "description": "The error's `code`, for proxies and logs that read no body.",
     }
 }
 RETRY_AFTER = {

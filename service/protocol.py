@@ -32,9 +32,14 @@ def raw_error(status: int, code: str, message: str, extra: tuple[str, ...] = ())
         "content-type: application/json",
         f"content-length: {len(body)}",
         "connection: close",
+        f"x-clipbank-error: {code}",  # as the application's errors say it, for proxies that read no body
         *extra,
     ]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def _closes(name: bytes, value: bytes) -> bool:
+    return name.lower() == b"connection" and b"close" in value.lower()
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -112,9 +117,10 @@ class GuardedH11Protocol(H11Protocol):
         (`Keep-Alive: timeout=N`), so a client that reads the hint (Node's fetch) drops it first. Node keeps idle
         sockets as long as this server's default (5 s), and a request sent on one as the server closed it failed
         without a status (an outside check's, 10 of 10 after a busy event loop)."""
-        if self.conn.their_http_version != b"1.1":
+        if self.conn.their_http_version != b"1.1" or self.timeout_keep_alive < 1:  # below 1 s: "timeout=0" says none
             return False
-        return not any(name.lower() == b"connection" and b"close" in value.lower() for name, value in response.headers)
+        asked = self.cycle.scope["headers"] if self.cycle is not None else []  # `Connection: Close` too (uvicorn: not)
+        return not any(_closes(name, value) for name, value in (*response.headers, *asked))
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()

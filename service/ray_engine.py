@@ -263,7 +263,10 @@ def _close(local: bool, owner: str | None) -> None:
 
     others = None if owner is None else release(owner)
     if local or others == 0:  # the replicas drain (graceful_shutdown_timeout_s); a local cluster's is this driver's
-        serve.delete(APP_NAME)
+        try:
+            serve.delete(APP_NAME)
+        except Exception as e:  # two last drivers stopping at once both delete it: the second finds none
+            log.warning("could not delete the application: %s: %s", type(e).__name__, e)
     elif owner is None:
         log.info("stopped before deploying: the cluster's clipbank application, if any, is left as it was")
     elif others:  # another driver deployed it too (a change of --replicas, either way round): deleting stopped it

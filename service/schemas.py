@@ -342,9 +342,9 @@ class ErrorDetail(BaseModel):
         description="For `interference` (409): the gate's whole report. For an error of one image of a classify "
         'request (`bad_image`, or a 413 about one image): `{"image": i}`, its index in the request. For a 413 of '
         'a limit the whole request broke: `{"setting": name, "limit": n}` (max_images, max_labels, max_label_chars, '
-        "max_request_bytes, max_request_pixels, max_response_bytes, max_request_prompts). For `stale_replica` "
-        '(503): `{"generation": served, "wanted": asked}`. For `version_conflict` (409): `{"task", "version", '
-        '"same_bytes", "state", "newest"}`: whether this very bundle is stored already, and where.',
+        "max_request_bytes, max_request_pixels, max_response_bytes, max_request_prompts, max_batch). For "
+        '`stale_replica` (503): `{"generation": served, "wanted": asked}`. For `version_conflict` (409): '
+        '`{"task", "version", "same_bytes", "state", "newest"}`: whether this very bundle is stored, and where.',
     )
 
 

@@ -24,7 +24,17 @@ def with_parent_classes(
     """`train` and `val` over the classes a new version keeps (`parent_classes_of`) and their warnings: as they
     are for a task's first version. A Python caller's new version dropped its parent's classes (the CLI's did not)."""
     seen = parent_classes_of(bank, task, version, parent, given)
-    return over_parent_classes(seen, train, val, version) if seen else (train, val, [])
+    if seen:
+        return over_parent_classes(seen, train, val, version)
+    if parent is None and task in bank.task_names:  # a version > 1 named no parent: say what it will answer over
+        entry = bank.tasks[bank.task_index(task)]
+        warning = (
+            f"version {version} of task {task!r} names no parent, so it answers over its data's classes only, not "
+            f"over those of the served version (bundle {entry.bundle_id[:12]}): give parent= to keep them"
+        )
+        log.warning("%s", warning)
+        return train, val, [warning]
+    return train, val, []
 
 
 def parent_classes_of(
@@ -44,11 +54,11 @@ def parent_classes_of(
             )
         return ()
     for entry in bank.tasks:
-        if entry.bundle_id == parent:
+        if entry.bundle_id == parent and entry.name == task:
             return tuple(entry.classes)
     raise ValueError(
-        f"parent {parent[:12]!r} is not a task's bundle in the bank: load the bank from the store that holds it "
-        "(BankLoader(store, backbone).load()), or give its classes as parent_classes"
+        f"parent {parent[:12]!r} is not task {task!r}'s bundle in the bank: load the bank from the store that holds "
+        "it (BankLoader(store, backbone).load()), or give its classes as parent_classes"
     )
 
 
@@ -67,4 +77,4 @@ def over_parent_classes(
             "of them, and will mostly forget them; include their images to keep them"
         )
         log.warning("%s", warnings[-1])
-    return train.with_classes(classes), val.with_classes(classes) if val else None, warnings
+    return train.with_classes(classes), val.with_classes(classes) if val is not None else None, warnings

@@ -157,13 +157,13 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         data = await read_bundle_upload(request, service.config.limits)
         async with one_at_a_time:
             result = await run_in_threadpool(registry.upload, data, chosen == "active", force, chosen == "shadow")
-        how = "restored" if result.restored else chosen + (", force" if force else "")
-        what = f"version {result.version} of {result.task} ({how})"
-        replicas = await announced(request, result.generation, wait, what)
         state = chosen
         if result.restored:  # nothing new was created: a stored version's blob was written back
             response.status_code = 200
             state = await run_in_threadpool(_stored_state, registry, result.task, result.bundle_id)
+        how = "restored" if result.restored else chosen + (", force" if force else "")
+        what = f"version {result.version} of {result.task} ({how})"
+        replicas = await announced(request, result.generation, wait, what)
         return {**vars(result), "state": state, "replicas": replicas}
 
     _add_reading(router)
@@ -198,7 +198,7 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
 def _stored_state(registry: Any, task: str, bundle_id: str) -> str | None:
     """Where a stored version is: active, shadow or inactive (None: the store cannot say now)."""
     try:
-        record = registry.store.index().tasks.get(task)
+        record = registry.index().tasks.get(task)
     except (ClipbankError, OSError):
         return None
     if record is None:

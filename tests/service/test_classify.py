@@ -130,6 +130,13 @@ BAD_INPUTS = [
         "task_not_found",
         "nope",
     ),
+    (  # the review's: over the fields' count, the message named a limit its details did not
+        "too many fields",
+        dict(files=_classify_files(), data={"labels": [f"l{i}" for i in range(13)]}),
+        413,
+        "limit_exceeded",
+        "more than 12 text fields in one request (max_labels=8 labels and 4 option fields)",
+    ),
     ("empty task", dict(files=_classify_files(), data={"labels": LABELS, "task": ""}), 422, "invalid_request", "task"),
     ("empty json task", dict(json={"images": ["aGVsbG8="], "task": ""}), 422, "invalid_request", "task"),
     (
