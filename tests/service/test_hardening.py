@@ -950,3 +950,12 @@ async def test_kept_alive_answers_say_how_long_an_idle_connection_stays_open():
     for answer in (closed, closed_too):
         assert b"keep-alive" not in answer and b"connection: close" in answer, answer
     assert old.startswith(b"http/1.1 200") and b"keep-alive" not in old, old
+
+
+def test_the_protocols_own_errors_name_their_code_in_a_header_too():
+    """The review's: the OpenAPI document declares X-Clipbank-Error on every 503, and the full connection table's
+    503 (written by the protocol, outside the app) had none."""
+    from service.protocol import raw_error
+
+    head = raw_error(503, "overloaded", "full", ("retry-after: 1",)).partition(b"\r\n\r\n")[0].split(b"\r\n")
+    assert head[0] == b"HTTP/1.1 503 Service Unavailable" and b"x-clipbank-error: overloaded" in head, head
