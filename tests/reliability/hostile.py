@@ -229,7 +229,7 @@ CLASSIFY_IMAGES = [
         "limit_exceeded",
     ),
     Case("99,000 tiny image parts", form(lambda: [(b"images", b"i", b"x")] * 99_000), 413, "limit_exceeded"),
-    Case("no images", form(lambda: [(b"labels", None, b"a")]), 422, "bad_image"),
+    Case("no images", form(lambda: [(b"labels", None, b"a")]), 422, "invalid_request"),
     Case("an image part without a filename", form(lambda: [(b"images", None, png_of())]), 422, "invalid_request"),
 ]
 

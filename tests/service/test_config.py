@@ -285,7 +285,7 @@ def test_the_ray_engine_says_too_when_classify_is_open_beyond_this_machine(monke
     monkeypatch.setattr(serve, "start", lambda **k: None)
     monkeypatch.setattr(serve, "run", lambda *a, **k: None)
     monkeypatch.setattr(ray_engine, "application", lambda *a, **k: None)
-    monkeypatch.setattr(ray_engine, "_claim", lambda: "this-driver")  # Ray's KV store: no cluster in this test
+    monkeypatch.setattr(ray_engine, "claim", lambda: "this-driver")  # Ray's KV store: no cluster in this test
 
     def stop_here(config):
         raise RuntimeError("stop here")

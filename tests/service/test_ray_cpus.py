@@ -106,35 +106,38 @@ def test_a_cluster_that_refuses_the_connection_is_a_one_line_error_naming_token_
 def test_a_driver_stopped_after_another_deployed_clipbank_leaves_it_serving(monkeypatch, caplog):
     """An outside check: a second `clipbank serve --engine ray` (to change --replicas) took over the application;
     stopping the first then deleted it, and every request got a 404 from Ray's proxy. Each driver marks the
-    application as its own in Ray's KV store before it deploys (Ray's status does not change on a redeploy)."""
+    application as held in Ray's KV store before it deploys (Ray's status does not change on a redeploy)."""
     import pytest
 
     ray = pytest.importorskip("ray")
     from ray import serve
-    from ray.experimental import internal_kv
 
-    kv: dict = {}
-    monkeypatch.setattr(internal_kv, "_internal_kv_put", lambda k, v, overwrite=True, namespace=None: kv.update({k: v}))
-    monkeypatch.setattr(internal_kv, "_internal_kv_get", lambda k, namespace=None: kv.get(k))
+    from service import ray_owners
+    from tests.service.test_ray_owners import FakeKV
+
+    kv, jobs = FakeKV(), iter(["01000000", "02000000"])
+    monkeypatch.setattr(ray_owners, "_kv", lambda: kv)
+    monkeypatch.setattr(ray_owners, "_this_job", lambda: next(jobs))
+    monkeypatch.setattr(ray_owners, "_ended_jobs", set)
     deleted: list[str] = []
     monkeypatch.setattr(serve, "delete", lambda name: deleted.append(name))
     monkeypatch.setattr(serve, "shutdown", lambda: None)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
-    first = ray_engine._claim()
-    second = ray_engine._claim()  # another driver deployed since
+    first = ray_engine.claim()
+    second = ray_engine.claim()  # another driver deployed since
     with caplog.at_level("INFO", logger="clipbank.service"):
         ray_engine._close(local=False, owner=first)
         assert deleted == [] and "it is left serving" in caplog.text
         ray_engine._close(local=False, owner=None)  # stopped before deploying: nothing of its own to delete
         assert deleted == [] and "stopped before deploying" in caplog.text
-    ray_engine._close(local=False, owner=second)  # still its own
+    ray_engine._close(local=False, owner=second)  # the last holder
     ray_engine._close(local=True, owner=first)  # a cluster started here goes, whatever runs on it
     assert deleted == [ray_engine.APP_NAME] * 2
 
     def broken(*a, **k):
         raise ConnectionError("the cluster is gone")
 
-    monkeypatch.setattr(internal_kv, "_internal_kv_get", broken)
+    monkeypatch.setattr(ray_owners, "_kv", broken)
     with caplog.at_level("WARNING", logger="clipbank.service"):
         ray_engine._close(local=False, owner=second)
     assert deleted == [ray_engine.APP_NAME] * 2 and "could not tell" in caplog.text
