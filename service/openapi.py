@@ -1,7 +1,7 @@
 """What the OpenAPI document says of the headers every route has (`middleware.Generations`,
 `request_ids.RequestIds`): the request headers `X-Min-Generation` and `X-Request-ID`, and the response headers
 `X-Clipbank-Generation`, `X-Clipbank-Replica` and `X-Request-ID`; on errors `X-Clipbank-Error`, on 503s
-`Retry-After`."""
+`Retry-After`, on 401s `WWW-Authenticate`."""
 
 from __future__ import annotations
 
@@ -62,6 +62,7 @@ RETRY_AFTER = {
         "store_unavailable, ...); absent when no retry helps (store_not_writable, store_damaged).",
     }
 }
+AUTH_HEADER = {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "`Bearer`: how the token is sent."}}
 REQUEST_ID = {
     "name": "X-Request-ID",
     "in": "header",
@@ -89,7 +90,7 @@ def document_generations(app: FastAPI) -> None:
                         headers = response.setdefault("headers", {})
                         headers.update(RESPONSE_HEADERS)
                         if status[:1] in "45":
-                            headers.update(ERROR_HEADERS | (RETRY_AFTER if status == "503" else {}))
+                            headers.update(ERROR_HEADERS | {"503": RETRY_AFTER, "401": AUTH_HEADER}.get(status, {}))
             _keep_null_examples(schema)
         return app.openapi_schema
 

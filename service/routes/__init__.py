@@ -15,7 +15,6 @@ from ..schemas import ErrorResponse
 
 # what any route may answer; a GET reads no body, so no 415, and changes nothing, so no 409
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 422, 503)}
-ERRORS[401] |= {"headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}}
 SENT = {415: {"model": ErrorResponse}}  # a route that reads a body: one neither multipart nor JSON
 # a change: refused by the store (a version conflict) or the gate; asked with ?wait=all, stored, but some replicas
 # did not serve it in time

@@ -594,3 +594,16 @@ def test_a_split_calls_answers_must_have_a_result_per_image_and_a_4xx_after_a_re
         assert out["results"] == [
             {"error": {"status": 422, "code": "bad_image", "message": "image 'a' is not an image"}}
         ]
+
+
+def test_a_413_naming_max_batch_or_max_images_splits_to_its_limit_and_others_do_not():
+    """The 413s that carry `{setting, limit}`: the client sends requests of that many images for the image
+    counts, half as many for the byte and pixel limits, and gives up on the rest (fewer images cannot help)."""
+    from service.client_wire import ClipbankHTTPError, smaller_batch
+
+    def said(setting: str, limit: int) -> ClipbankHTTPError:
+        return ClipbankHTTPError(413, "limit_exceeded", "over", {"setting": setting, "limit": limit})
+
+    assert smaller_batch(said("max_images", 16), 64) == 16 and smaller_batch(said("max_batch", 8), 64) == 8
+    assert smaller_batch(said("max_request_pixels", 10**6), 64) == 32
+    assert smaller_batch(said("max_labels", 8), 64) is None and smaller_batch(said("max_images", 64), 64) is None

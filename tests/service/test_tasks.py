@@ -370,6 +370,8 @@ async def test_openapi_documents_every_endpoint_with_examples(tmp_path, backbone
                 assert {"400", "503"} <= set(op["responses"]), (method, path)
                 # the headers a client branches on, declared (a Node integrator's)
                 assert {"Retry-After", "X-Clipbank-Error"} <= op["responses"]["503"]["headers"].keys(), path
+                if "401" in op["responses"]:
+                    assert "WWW-Authenticate" in op["responses"]["401"]["headers"], path
                 # a GET reads no body and changes nothing: it declared 409 and 415 (an integrator's)
                 assert method != "get" or not {"409", "415"} & set(op["responses"]), (method, path)
                 assert ("415" in op["responses"]) == ("requestBody" in op), (method, path)
