@@ -26,11 +26,15 @@ def _png(color: str) -> bytes:
     return buf.getvalue()
 
 
+_REAL_ASYNC_CLIENT = httpx.AsyncClient
+
+
 def _on(monkeypatch, transport: httpx.AsyncBaseTransport) -> None:
-    real = httpx.AsyncClient
+    """Clients made from now on talk to `transport` (the real class each time: a second `_on` in a test once
+    wrapped the first, so its client still talked to the first transport)."""
 
     def patched(*a, **k):
-        return real(*a, **{**k, "transport": transport})
+        return _REAL_ASYNC_CLIENT(*a, **{**k, "transport": transport})
 
     monkeypatch.setattr(httpx, "AsyncClient", patched)
 
