@@ -34,9 +34,12 @@ def create_app(
     backbone: Backbone | None = None,
     on_fatal: Callable[[str], None] | None = None,
     wait_ready: bool = False,
+    proxy_request_ids: bool = False,
 ) -> FastAPI:
     """The app. `backbone` skips loading one (tests share theirs); `on_fatal` is told if start-up fails;
-    `wait_ready`: the app's start-up completes only once the bank is loaded (Ray Serve replicas)."""
+    `wait_ready`: the app's start-up completes only once the bank is loaded (Ray Serve replicas);
+    `proxy_request_ids`: the proxy in front answers with the request's `X-Request-ID` (Ray Serve's), so the app
+    takes the proxy's id and does not add the header a second time."""
     config = config or ServeConfig.from_env()
     service = Service(config, backbone)
     app = FastAPIOffline(  # /docs and /redoc load Swagger UI and ReDoc from this server, not a CDN
@@ -74,7 +77,7 @@ def create_app(
     app.add_middleware(AbsoluteForm)
     # outside even Starlette's error middleware, so a 500 and its logged traceback carry the id too
     build = app.build_middleware_stack
-    app.build_middleware_stack = lambda: RequestIds(build())  # type: ignore[method-assign]
+    app.build_middleware_stack = lambda: RequestIds(build(), answer=not proxy_request_ids)  # type: ignore[method-assign]
     document_generations(app)
     return app
 

@@ -94,7 +94,7 @@ def _build(config: ServeConfig):
     def build():
         from service import ray_engine  # the module itself: this function reaches the replica by value
 
-        app = create_app(config, wait_ready=True)
+        app = create_app(config, wait_ready=True, proxy_request_ids=True)  # Ray's proxy answers with the id
         service: Service = app.state.service
         service.peers = ray_engine.RayPeers() if config.broadcast else None
         service.replica = service.metrics.replica = ray_engine.replica_id()

@@ -26,29 +26,35 @@ log = logging.getLogger("clipbank.service")
 HEADER = "X-Request-ID"
 _HEADER_KEY = HEADER.lower().encode()
 _ACCEPTED = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+_PROXYS = re.compile(rb"[\x20-\x7e]{1,256}")  # behind a proxy that answers with the id: what it echoes, logged
 REQUEST_ID: ContextVar[str | None] = ContextVar("clipbank_request_id", default=None)
 # clipbank's own lines (`clipbank serve`): time, level, logger, request id, message
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 
-def request_id(headers: list[tuple[bytes, bytes]]) -> str:
-    """The client's id when it is one the server may echo, else a new one."""
+def request_id(headers: list[tuple[bytes, bytes]], proxys: bool = False) -> str:
+    """The client's id when it is one the server may echo, else a new one; `proxys`: the id a proxy in front
+    put there and answers with (printable ASCII), so that the log lines name what the client was answered."""
     given = next((v for k, v in headers if k == _HEADER_KEY), None)
-    if given is not None and _ACCEPTED.fullmatch(given):
+    if given is not None and (_PROXYS if proxys else _ACCEPTED).fullmatch(given):
         return given.decode()
     return uuid.uuid4().hex
 
 
 class RequestIds:
-    """The outermost middleware: sets the request's id for its log lines and answers with it."""
+    """The outermost middleware: sets the request's id for its log lines and answers with it.
 
-    def __init__(self, app: ASGIApp) -> None:
+    `answer=False` behind a proxy that answers with the id itself (Ray Serve's: it puts the client's id, or one of
+    its own, in the request's headers, which is the one taken here): the answer carries it once, not twice."""
+
+    def __init__(self, app: ASGIApp, answer: bool = True) -> None:
         self.app = app
+        self.answer = answer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        rid = request_id(scope["headers"])
+        rid = request_id(scope["headers"], proxys=not self.answer)
         token = REQUEST_ID.set(rid)
         started = False
 
@@ -56,7 +62,8 @@ class RequestIds:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message = {**message, "headers": [*message.get("headers", []), (_HEADER_KEY, rid.encode())]}
+                if self.answer:
+                    message = {**message, "headers": [*message.get("headers", []), (_HEADER_KEY, rid.encode())]}
             await send(message)
 
         try:

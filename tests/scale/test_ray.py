@@ -123,6 +123,14 @@ def test_min_generation_reads_your_writes_or_503(cluster):
     assert bad.status_code == 400 and "X-Min-Generation" in bad.json()["error"]["message"]
 
 
+def test_an_answer_carries_its_request_id_once(cluster):
+    """Ray's proxy answers with the request's id, and the app added it again: clients read `a, a`."""
+    given = cluster.get("/healthz", headers={"X-Request-ID": "job-7:step.2"})
+    assert given.headers.get_list("X-Request-ID") == ["job-7:step.2"]
+    (made,) = cluster.post("/classify", files={"images": ("x", b"not an image")}).headers.get_list("X-Request-ID")
+    assert made
+
+
 def test_two_uploads_through_the_proxy_at_once_both_land(cluster, backbone):
     bank = empty_bank(backbone)
     datas = {f"race{i}": random_bundle(bank, f"race{i}", seed=10 + i) for i in range(2)}

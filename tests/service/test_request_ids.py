@@ -161,3 +161,34 @@ def test_json_log_lines_are_one_object_each_with_the_request_id_and_an_access_li
     finally:
         root.handlers[:] = before[1]
         root.setLevel(before[0])
+
+
+async def test_behind_ray_serves_proxy_the_answer_carries_its_id_once_and_the_logs_name_it(caplog):
+    """Ray Serve's proxy puts the client's id (or one it made) in the request's headers and answers with it; the
+    app added it too, so a client read `X-Request-ID: a, a` (an outside check's finding)."""
+    from service.request_ids import RequestIds
+
+    seen = []
+
+    async def app(scope, receive, send):
+        from service.request_ids import REQUEST_ID
+
+        seen.append(REQUEST_ID.get())
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def proxy(app, rid):  # what Ray's proxy does around the app, with the id it chose
+        async def send(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message["headers"], (b"x-request-id", rid.encode())]}
+            sent.append(message)
+
+        sent = []
+        scope = {"type": "http", "method": "GET", "path": "/", "headers": [(b"x-request-id", rid.encode())]}
+        await app(scope, None, send)
+        return [v for k, v in sent[0]["headers"] if k == b"x-request-id"]
+
+    assert await proxy(RequestIds(app, answer=False), "has a/slash") == [b"has a/slash"]
+    assert await proxy(RequestIds(app, answer=False), "job-7") == [b"job-7"]
+    assert await proxy(RequestIds(app), "job-8") == [b"job-8", b"job-8"]  # as it was: twice
+    assert seen == ["has a/slash", "job-7", "job-8"]  # the logs name what the client was answered
