@@ -26,7 +26,7 @@ def backbone():
     return load_backbone("tiny", device="cpu")
 
 
-TRAIN_STEPS = 300
+TRAIN_STEPS = 240
 
 
 @pytest.fixture(scope="session")
