@@ -178,7 +178,8 @@ def _one_line(text: str) -> str:
 
 
 def _request_id(headers: httpx.Headers) -> str | None:
-    """The answer's X-Request-ID: the first, as Ray Serve's proxy adds the replica's own again (httpx joins them)."""
+    """The answer's X-Request-ID: the first, as servers before 2026-12-07 on Ray Serve sent it twice (the proxy's
+    and the replica's; httpx joins them). An id with a comma in it, which Ray echoes, is cut at the comma."""
     ids = [i.strip() for i in headers.get_list("x-request-id", split_commas=True)]
     return ids[0] if ids else None
 

@@ -69,7 +69,8 @@ REQUEST_ID = {
     "required": False,
     "schema": {"type": "string"},
     "description": "An id for this request, echoed in the answer and named in the server's log lines: 1 to 128 "
-    "characters from A-Z a-z 0-9 . _ : - (anything else is replaced by an id the server makes).",
+    "characters from A-Z a-z 0-9 . _ : - (anything else is replaced by an id the server makes; on Ray Serve, "
+    "its proxy echoes any value).",
 }
 
 

@@ -4,7 +4,8 @@ a request is handled (the access line, a warning, an error) names it, with a tim
 A client (or a proxy in front) may send its own `X-Request-ID`, of 1 to 128 characters from `A-Z a-z 0-9 . _ : -`;
 the server answers with it, else with one it made (32 hex digits), so a user can quote the id of a failed
 request and an operator finds its lines. Work done for many requests at once (a batch on the compute thread) is
-logged without one.
+logged without one. On Ray Serve the proxy answers with the id (the client's, unchecked, or one of its own) and
+the replicas log in Ray's format, which names it; the app then does not add the header a second time.
 """
 
 from __future__ import annotations
@@ -26,17 +27,15 @@ log = logging.getLogger("clipbank.service")
 HEADER = "X-Request-ID"
 _HEADER_KEY = HEADER.lower().encode()
 _ACCEPTED = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
-_PROXYS = re.compile(rb"[\x20-\x7e]{1,256}")  # behind a proxy that answers with the id: what it echoes, logged
 REQUEST_ID: ContextVar[str | None] = ContextVar("clipbank_request_id", default=None)
 # clipbank's own lines (`clipbank serve`): time, level, logger, request id, message
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 
-def request_id(headers: list[tuple[bytes, bytes]], proxys: bool = False) -> str:
-    """The client's id when it is one the server may echo, else a new one; `proxys`: the id a proxy in front
-    put there and answers with (printable ASCII), so that the log lines name what the client was answered."""
+def request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's id when it is one the server may echo, else a new one."""
     given = next((v for k, v in headers if k == _HEADER_KEY), None)
-    if given is not None and (_PROXYS if proxys else _ACCEPTED).fullmatch(given):
+    if given is not None and _ACCEPTED.fullmatch(given):
         return given.decode()
     return uuid.uuid4().hex
 
@@ -45,7 +44,7 @@ class RequestIds:
     """The outermost middleware: sets the request's id for its log lines and answers with it.
 
     `answer=False` behind a proxy that answers with the id itself (Ray Serve's: it puts the client's id, or one of
-    its own, in the request's headers, which is the one taken here): the answer carries it once, not twice."""
+    its own, in the request's headers and adds it to the answer), so the answer carries it once, not twice."""
 
     def __init__(self, app: ASGIApp, answer: bool = True) -> None:
         self.app = app
@@ -54,7 +53,7 @@ class RequestIds:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        rid = request_id(scope["headers"], proxys=not self.answer)
+        rid = request_id(scope["headers"])
         token = REQUEST_ID.set(rid)
         started = False
 

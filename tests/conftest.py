@@ -13,9 +13,9 @@ torch.set_num_threads(THREADS)
 
 @pytest.fixture(autouse=True)
 def _torch_threads():
-    """Each test starts on THREADS compute threads: code run in process (a benchmark's entry point, an app's
-    lifespan) sets its own and keeps it, and every later test ran on one thread (the trained fixture took 210 s in
-    the suite, 129 s alone)."""
+    """Torch is put back on THREADS compute threads after each test: code run in process (a benchmark's entry
+    point, an app's lifespan) sets its own and keeps it, and every later test ran on one thread (the trained
+    fixture took 210 s in the suite, 129 s alone)."""
     yield
     if torch.get_num_threads() != THREADS:
         torch.set_num_threads(THREADS)

@@ -24,7 +24,7 @@ RANDOM_BUNDLES_GATE = 1.0
 
 
 @asynccontextmanager
-async def running_app(tmp_path, backbone, limits: Limits | None = None, **settings):
+async def running_app(tmp_path, backbone, limits: Limits | None = None, proxy_request_ids: bool = False, **settings):
     """An app on a fresh store under `tmp_path`, ready, with an httpx client talking to it in process.
 
     The frozen passes stay in PyTorch unless a test asks otherwise: the shared backbone must not change runtime.
@@ -36,7 +36,7 @@ async def running_app(tmp_path, backbone, limits: Limits | None = None, **settin
     settings.setdefault("gate_max_zero_shot", RANDOM_BUNDLES_GATE)
     settings.setdefault("store", str(tmp_path / "store"))
     config = ServeConfig(admin_token=TOKEN, limits=limits or Limits(), **settings)
-    app = create_app(config, backbone=backbone)
+    app = create_app(config, backbone=backbone, proxy_request_ids=proxy_request_ids)
     async with app.router.lifespan_context(app):
         with anyio.fail_after(60):
             await app.state.service.ready.wait()
