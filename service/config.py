@@ -15,6 +15,7 @@ from model_store.pixels import MAX_ASPECT_RATIO, MAX_PIXELS
 from model_store.settings import ENV_PREFIX, env_value, option
 
 from .insights import ReservoirConfig
+from .token_files import token_variable
 
 MB = 1024 * 1024
 # auto: onnx on CPU (measured faster there), torch on GPU; onnx-int8: the image tower with int8 weights, opt-in
@@ -311,11 +312,8 @@ class ServeConfig:
                     continue
                 # a token set empty (`CLIPBANK_CLASSIFY_TOKEN=` in .env) is no unset one: it left /classify open
                 token = f.name.endswith("_token")
-                raw = (
-                    (os.environ if env is None else env).get(ENV_PREFIX + f.name.upper())
-                    if token
-                    else env_value(f.name, env)
-                )
+                mapping = os.environ if env is None else env
+                raw = token_variable(f.name, mapping, problems) if token else env_value(f.name, env)
                 if raw is not None and token:  # a file's newline: the client strips it too
                     if not (raw := raw.strip()):  # blank is no token: refused, not taken as unset (an open API)
                         problems.append(f"{ENV_PREFIX}{f.name.upper()} is set but blank: unset it, or set a token")
@@ -364,13 +362,16 @@ OTHER_VARIABLES = (
 )  # fmt: skip
 
 
+TOKEN_FILES = ("ADMIN_TOKEN", "CLASSIFY_TOKEN")  # each may be read from a file: CLIPBANK_<NAME>_FILE
+
+
 def unknown_variables(env: Mapping[str, str]) -> list[str]:
     """`CLIPBANK_` variables no setting reads, each with the nearest known name: a misspelt one was ignored
     without a word (`CLIPBANK_MAX_IMAGE` for `CLIPBANK_MAX_IMAGES`; an outside check's `CLIPBANK_UNUSED_THING`)."""
     import difflib
 
     known = {ENV_PREFIX + f.name.upper() for k in (ServeConfig, Limits) for f in fields(k) if f.name != "limits"}
-    known |= {ENV_PREFIX + name for name in OTHER_VARIABLES}
+    known |= {ENV_PREFIX + name for name in OTHER_VARIABLES} | {ENV_PREFIX + n + "_FILE" for n in TOKEN_FILES}
     found = []
     for name in sorted(n for n in env if n.startswith(ENV_PREFIX) and n not in known):
         near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)

@@ -187,6 +187,27 @@ def test_a_start_up_failure_is_said_at_log_level_critical_too(tmp_path, monkeypa
     assert "clipbank serve: start-up failed: backbone_error: checkpoint file /x" in capsys.readouterr().err
 
 
+def test_a_token_is_read_from_the_file_its_file_variable_names(tmp_path):
+    """As Docker and Kubernetes mount secrets: the token is then in no environment `docker inspect` shows."""
+    from service.config import unknown_variables
+
+    secret = tmp_path / "admin_token"
+    secret.write_text("s" * 24 + "\n")
+    cfg = ServeConfig.from_env({"CLIPBANK_ADMIN_TOKEN_FILE": str(secret)})
+    assert cfg.admin_token == "s" * 24 and unknown_variables({"CLIPBANK_ADMIN_TOKEN_FILE": "x"}) == []
+    (tmp_path / "big").write_bytes(b"t" * 5000)
+    (tmp_path / "empty").write_text("\n")
+    for env, problem in [
+        ({"CLIPBANK_ADMIN_TOKEN_FILE": str(secret), "CLIPBANK_ADMIN_TOKEN": "a" * 20}, "are both set: set one"),
+        ({"CLIPBANK_CLASSIFY_TOKEN_FILE": str(tmp_path / "none")}, "CLIPBANK_CLASSIFY_TOKEN_FILE=.* cannot be read"),
+        ({"CLIPBANK_ADMIN_TOKEN_FILE": str(tmp_path)}, "cannot be read: .*Is a directory"),
+        ({"CLIPBANK_ADMIN_TOKEN_FILE": str(tmp_path / "big")}, "over 4096 bytes"),
+        ({"CLIPBANK_ADMIN_TOKEN_FILE": str(tmp_path / "empty")}, "ADMIN_TOKEN_FILE=.* cannot be read: it is empty"),
+    ]:
+        with pytest.raises(ValueError, match=problem):
+            ServeConfig.from_env(env)
+
+
 def test_a_variable_no_setting_reads_is_named_with_the_nearest_one():
     """A misspelt variable was ignored without a word; `clipbank serve` now warns, naming the setting meant."""
     from service.config import unknown_variables
