@@ -32,10 +32,12 @@ needs_compose = pytest.mark.skipif(c.missing() is not None, reason=c.missing() o
 
 
 def config_names() -> set[str]:
-    """Every variable `ServeConfig.from_env` reads: CLIPBANK_ plus a field name of ServeConfig or Limits."""
-    from service.config import ENV_PREFIX, Limits, ServeConfig
+    """Every variable `ServeConfig.from_env` reads: CLIPBANK_ plus a field name of ServeConfig or Limits, and the
+    tokens' _FILE variants."""
+    from service.config import ENV_PREFIX, TOKEN_FILES, Limits, ServeConfig
 
-    return {ENV_PREFIX + f.name.upper() for k in (ServeConfig, Limits) for f in fields(k) if f.name != "limits"}
+    names = {ENV_PREFIX + f.name.upper() for k in (ServeConfig, Limits) for f in fields(k) if f.name != "limits"}
+    return names | {ENV_PREFIX + name + "_FILE" for name in TOKEN_FILES}
 
 
 def example_names() -> dict[str, str]:
