@@ -319,7 +319,7 @@ def test_a_request_a_dead_replica_broke_is_sent_again_but_a_change_never(monkeyp
     with ClipbankClient("http://srv", retries=3) as c, pytest.raises(ClipbankHTTPError) as e:
         c.push(PNG)  # a change may have landed: never sent twice
     assert calls == [("POST", "/tasks")] and e.value.status == 500
-    assert e.value.request_id == "rid-1"  # Ray's proxy sends the id twice; httpx joined them
+    assert e.value.request_id == "rid-1"  # an id sent twice (clipbank on Ray before 2026-12-07), joined by httpx
     own = {"error": {"code": "internal_error", "message": "a bug (request id rid-2)", "details": None}}
     client_on(monkeypatch, lambda request: calls.append(request.url.path) or httpx.Response(500, json=own))
     calls.clear()
