@@ -39,7 +39,7 @@ def create_app(
     """The app. `backbone` skips loading one (tests share theirs); `on_fatal` is told if start-up fails;
     `wait_ready`: the app's start-up completes only once the bank is loaded (Ray Serve replicas);
     `proxy_request_ids`: the proxy in front answers with the request's `X-Request-ID` (Ray Serve's), so the app
-    takes the proxy's id and does not add the header a second time."""
+    does not add the header a second time."""
     config = config or ServeConfig.from_env()
     service = Service(config, backbone)
     app = FastAPIOffline(  # /docs and /redoc load Swagger UI and ReDoc from this server, not a CDN

@@ -28,9 +28,9 @@ def token_variable(name: str, env: Mapping[str, str], problems: list[str]) -> st
             data = f.read(MAX_TOKEN_FILE_BYTES + 1)
         if len(data) > MAX_TOKEN_FILE_BYTES:
             raise ValueError(f"it is over {MAX_TOKEN_FILE_BYTES} bytes; it should hold the token alone")
-        if not data.decode().strip():
+        if not (text := data.decode()).strip():
             raise ValueError("it is empty")
-        return data.decode()
+        return text
     except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         problems.append(f"{variable}_FILE={path!r} cannot be read: {e}")
         return None
