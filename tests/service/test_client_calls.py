@@ -456,7 +456,7 @@ def test_classify_sends_more_images_than_the_server_takes_as_several_requests(mo
         if n > 64:
             error = {"code": "limit_exceeded", "message": "too many", "details": {"setting": "max_images", "limit": 64}}
             return httpx.Response(413, json={"error": error})
-        if b"bad" in request.read():
+        if b"BROKEN" in request.read():  # not hex: b"bad" was in the random multipart boundary 1 time in ~140
             error = {"code": "bad_image", "message": "image 1 ('x') is broken", "details": {"image": 1}}
             return httpx.Response(422, json={"error": error})
         return httpx.Response(200, json={"results": [{"labels": [], "route": ROUTE, "n": n}] * n, "timing": {}})
@@ -467,7 +467,7 @@ def test_classify_sends_more_images_than_the_server_takes_as_several_requests(mo
         assert sizes == [150, 64, 64, 22] and len(out["results"]) == 150 and out["requests"] == 3
         sizes.clear()
         with pytest.raises(ClipbankHTTPError) as e:
-            c.classify([PNG] * 65 + [PNG + b"bad"] + [PNG] * 3)
+            c.classify([PNG] * 65 + [PNG + b"BROKEN"] + [PNG] * 3)
         assert e.value.details == {"image": 65} and sizes == [64, 5]  # the server's max_images, learnt
         assert e.value.message == "image 65 ('x') is broken"  # numbered in the call, as its details (a review)
         with pytest.raises(ClipbankHTTPError, match="too many"):
