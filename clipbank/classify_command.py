@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from model_store.modes import AUTO, PER_IMAGE, ROUTE_MODES, TASK_MODES
-from model_store.settings import env_value
 
 from .eval_command import add_eval_parser
+from .flags import READ_TOKEN_HELP, READ_TOKENS, command_token
 from .output import error_json, print_json
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -32,7 +32,7 @@ def _classify(args: argparse.Namespace) -> int:
         raise ValueError(f"--route per-request decides once for at most {CLASSIFY_CHUNK} images (one request)")
     results: list[dict] = []
     skipped = 0
-    with ClipbankClient(args.url, args.token, retries=args.retries) as client:
+    with ClipbankClient(args.url, command_token(args.token, *READ_TOKENS), retries=args.retries) as client:
         try:
             for names, answered in answers_in_requests(client, labels, args):
                 skipped += sum("error" in r for r in answered)
@@ -200,7 +200,6 @@ def _print_results(names: list[str], results: list[dict], top_k: int | None = No
 
 def add_classify_parser(sub, url: str) -> None:
     """`clipbank classify`, and `clipbank eval`, which sends a labelled folder the same way."""
-    token = env_value("classify_token") or env_value("admin_token")  # the server takes either
     cl = sub.add_parser("classify", help="classify image files with a running server")
     cl.add_argument(
         "images", nargs="+", help="image files, or folders (the image files under them); - reads one from stdin"
@@ -229,11 +228,7 @@ def add_classify_parser(sub, url: str) -> None:
         "label alone",
     )
     cl.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
-    cl.add_argument(
-        "--token",
-        default=token,
-        help="$CLIPBANK_CLASSIFY_TOKEN, else $CLIPBANK_ADMIN_TOKEN",
-    )
+    cl.add_argument("--token", help=READ_TOKEN_HELP)
     cl.add_argument("--json", action="store_true", help="print every result as JSON (its file, scores and route)")
     cl.add_argument(
         "--retries",
@@ -248,4 +243,4 @@ def add_classify_parser(sub, url: str) -> None:
         help="answer the other files when one cannot be read or the server refuses it as an image (it is listed)",
     )
     cl.set_defaults(fn=_classify)
-    add_eval_parser(sub, url, token, _count)
+    add_eval_parser(sub, url, _count)

@@ -18,6 +18,8 @@ from typing import Any
 from model_store.labels import label_key
 from model_store.modes import AUTO, PER_IMAGE, TASK_MODES
 
+from .flags import READ_TOKEN_HELP, READ_TOKENS, command_token
+
 ZERO_SHOT_ROUTE = "zero-shot"
 
 
@@ -45,7 +47,7 @@ def _eval(args: argparse.Namespace) -> int:
     send.images = names = [str(p) for p in listing.paths]
     results: list[dict] = []
     with (
-        ClipbankClient(args.url, args.token, retries=args.retries) as client,
+        ClipbankClient(args.url, command_token(args.token, *READ_TOKENS), retries=args.retries) as client,
         progress_bar(total=len(names), unit="image", desc=f"eval {listing.root.name}", disable=args.quiet) as bar,
     ):
         for _, answered in answers_in_requests(client, labels, send):
@@ -163,7 +165,7 @@ def print_report(report: dict, baseline: dict | None = None) -> None:
             print(f"  {r['file']}: {r['message']}", file=sys.stderr)
 
 
-def add_eval_parser(sub, url: str, token: str | None, retries: Any) -> None:
+def add_eval_parser(sub, url: str, retries: Any) -> None:
     ev = sub.add_parser(
         "eval",
         help="score a running server on a labelled ImageFolder: accuracy per class and where images were routed",
@@ -186,6 +188,6 @@ def add_eval_parser(sub, url: str, token: str | None, retries: Any) -> None:
     ev.add_argument("--json", action="store_true", help="print the report as JSON (for --baseline later)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.add_argument("--url", default=url, help="server URL ($CLIPBANK_URL)")
-    ev.add_argument("--token", default=token, help="$CLIPBANK_CLASSIFY_TOKEN, else $CLIPBANK_ADMIN_TOKEN")
+    ev.add_argument("--token", help=READ_TOKEN_HELP)
     ev.add_argument("--retries", type=retries, default=3, help="as for `classify` (default %(default)s)")
     ev.set_defaults(fn=_eval)

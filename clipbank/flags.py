@@ -4,6 +4,7 @@ and help live in its config class (`model_store.settings.option`), and the comma
 from __future__ import annotations
 
 import argparse
+import os
 import types
 import typing
 from dataclasses import MISSING, Field, fields
@@ -81,6 +82,32 @@ class UsageError(SystemExit):
 
     def __str__(self) -> str:
         return self.message
+
+
+READ_TOKENS = ("classify_token", "admin_token")  # /classify takes either
+READ_TOKEN_HELP = "$CLIPBANK_CLASSIFY_TOKEN, else $CLIPBANK_ADMIN_TOKEN (or the file each one's _FILE variable names)"
+ADMIN_TOKEN_HELP = (
+    "admin token (default $CLIPBANK_ADMIN_TOKEN, or the file $CLIPBANK_ADMIN_TOKEN_FILE names; prefer them: a flag "
+    "shows in ps)"
+)
+
+
+def command_token(given: str | None, *names: str) -> str | None:
+    """The token a client command sends: `--token` when given, else the first of `names` (e.g. "classify_token")
+    set as `$CLIPBANK_<NAME>` or in the file `$CLIPBANK_<NAME>_FILE` names (a mounted secret), read as the server
+    reads them; a ValueError (a usage error) names a file that cannot be read, or both forms set."""
+    if given is not None:
+        return given
+    from service.token_files import token_variable
+
+    for name in names:
+        problems: list[str] = []
+        raw = token_variable(name, os.environ, problems)
+        if problems:
+            raise ValueError(problems[0])
+        if raw is not None and raw.strip():  # an empty variable is unset, as before
+            return raw.strip()
+    return None
 
 
 LARGEST_VERSION = 2**31 - 1  # model_store.manifest.MAX_VERSION (which imports torch: not read here)

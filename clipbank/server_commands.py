@@ -10,10 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from model_store.settings import env_value
-
 from .classify_command import DEFAULT_URL
-from .flags import version_number
+from .flags import ADMIN_TOKEN_HELP, command_token, version_number
 from .output import print_json
 from .tables import partial_classes, print_tasks
 
@@ -21,7 +19,7 @@ from .tables import partial_classes, print_tasks
 def _client(args: argparse.Namespace):
     from service.client import ClipbankClient
 
-    return ClipbankClient(args.url, args.token)
+    return ClipbankClient(args.url, command_token(args.token, "admin_token"))
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -288,11 +286,7 @@ def _help_of(parser: argparse.ArgumentParser, flag: str) -> str | None:
 
 def _server_flags(p: argparse.ArgumentParser, url: str, wait: bool = True) -> None:
     p.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
-    p.add_argument(
-        "--token",
-        default=env_value("admin_token"),
-        help="admin token (default $CLIPBANK_ADMIN_TOKEN; prefer it: a flag shows in ps)",
-    )
+    p.add_argument("--token", help=ADMIN_TOKEN_HELP)
     if wait:
         p.add_argument(
             "--wait-all", action="store_true", help="return once every Ray replica serves the change (else 504)"

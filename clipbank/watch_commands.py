@@ -10,10 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from model_store.settings import env_value
-
 from .classify_command import DEFAULT_URL
-from .flags import version_number
+from .flags import ADMIN_TOKEN_HELP, command_token, version_number
 from .output import print_json
 from .server_commands import say_failing_gate
 
@@ -23,7 +21,7 @@ def _client(args: argparse.Namespace):
 
     # reads are sent again after a 503 that says when (an outside check: two `insights` at once, one got "being
     # clustered for another request"); a change (shadow --version, --stop) never is
-    return ClipbankClient(args.url, args.token, retries=3)
+    return ClipbankClient(args.url, command_token(args.token, "admin_token"), retries=3)
 
 
 def _shadow(args: argparse.Namespace) -> int:
@@ -258,7 +256,6 @@ def _thumbnail_row(fig, cell, cluster: dict) -> None:
 
 
 def add_watch_parsers(sub, url: str) -> None:
-    token = env_value("admin_token")
     sh = sub.add_parser("shadow", help="what a task's version in shadow would do to live traffic; or put one there")
     sh.add_argument("task")
     what = sh.add_mutually_exclusive_group()
@@ -266,7 +263,7 @@ def add_watch_parsers(sub, url: str) -> None:
     what.add_argument("--stop", action="store_true", help="stop scoring traffic with the version in shadow")
     sh.add_argument("--json", action="store_true", help="print the full JSON")
     sh.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
-    sh.add_argument("--token", default=token, help="admin token ($CLIPBANK_ADMIN_TOKEN)")
+    sh.add_argument("--token", help=ADMIN_TOKEN_HELP)
     sh.set_defaults(fn=_shadow)
 
     ins = sub.add_parser("insights", help="clusters of the traffic no task claims: candidate tasks to train")
@@ -287,5 +284,5 @@ def add_watch_parsers(sub, url: str) -> None:
     )
     ins.add_argument("--json", action="store_true", help="print the full JSON")
     ins.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
-    ins.add_argument("--token", default=token, help="admin token ($CLIPBANK_ADMIN_TOKEN)")
+    ins.add_argument("--token", help=ADMIN_TOKEN_HELP)
     ins.set_defaults(fn=_insights)

@@ -795,15 +795,60 @@ def test_the_client_names_a_server_url_without_its_scheme():
     [
         ({"CLIPBANK_ADMIN_TOKEN": "admin-token"}, "admin-token"),  # the server takes the admin token on /classify
         ({"CLIPBANK_ADMIN_TOKEN": "admin-token", "CLIPBANK_CLASSIFY_TOKEN": "reader"}, "reader"),
+        ({"CLIPBANK_ADMIN_TOKEN_FILE": "admin-token-in-a-file\n"}, "admin-token-in-a-file"),  # a mounted secret
+        ({"CLIPBANK_ADMIN_TOKEN": "admin-token", "CLIPBANK_CLASSIFY_TOKEN_FILE": "reader-in-a-file"}, "reader-in-a-file"),
+        ({"CLIPBANK_ADMIN_TOKEN": ""}, None),  # empty is unset
         ({}, None),
     ],
 )
-def test_classify_sends_the_classify_token_else_the_admin_token(monkeypatch, env, token):
-    for name in ("CLIPBANK_ADMIN_TOKEN", "CLIPBANK_CLASSIFY_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
+def test_classify_sends_the_classify_token_else_the_admin_token(monkeypatch, tmp_path, capsys, env, token):
+    """Read as the server reads them: the `_FILE` forms (a Docker or Kubernetes secret) were the server's alone, so
+    `clipbank classify` beside a server configured that way sent no token."""
+    import httpx
+
+    from clipbank.cli import main
+
+    sent = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers.get("authorization"))
+        return httpx.Response(200, json={"results": [{"labels": [{"label": "a", "score": 1.0}], "route": {"task": None}}]})
+
+    for name in ("ADMIN_TOKEN", "CLASSIFY_TOKEN"):
+        monkeypatch.delenv(f"CLIPBANK_{name}", raising=False)
+        monkeypatch.delenv(f"CLIPBANK_{name}_FILE", raising=False)
     for name, value in env.items():
+        if name.endswith("_FILE"):
+            (tmp_path / name).write_text(value)
+            value = str(tmp_path / name)
         monkeypatch.setenv(name, value)
-    assert build_parser().parse_args(["classify", "a.png"]).token == token
+    (tmp_path / "a.png").write_bytes(b"not read by the mock server")
+    _client_on(monkeypatch, handler)
+    assert main(["classify", str(tmp_path / "a.png"), "--url", "http://srv"]) == 0, capsys.readouterr().err
+    assert sent == [None if token is None else f"Bearer {token}"]
+    assert main(["classify", str(tmp_path / "a.png"), "--url", "http://srv", "--token", "flag"]) == 0
+    assert sent[-1] == "Bearer flag"  # the flag wins
+
+
+@pytest.mark.parametrize("command", [["tasks"], ["classify", "a.png"], ["eval", "d"], ["insights"], ["push", "b"]])
+def test_a_token_file_the_commands_cannot_read_is_a_usage_error_that_names_it(monkeypatch, tmp_path, capsys, command):
+    """As the server refuses to start with it: no request is sent without the token its operator meant."""
+    import httpx
+
+    from clipbank.cli import main
+
+    _client_on(monkeypatch, lambda request: pytest.fail(f"sent {request.url}"))
+    monkeypatch.chdir(tmp_path)
+    for name in ("cat", "dog"):
+        (tmp_path / "d" / name).mkdir(parents=True)
+    for name in ("a.png", "b", "d/cat/a.png", "d/dog/a.png"):
+        (tmp_path / name).write_bytes(b"x")
+    for name in ("ADMIN_TOKEN", "CLASSIFY_TOKEN"):
+        monkeypatch.delenv(f"CLIPBANK_{name}", raising=False)
+        monkeypatch.delenv(f"CLIPBANK_{name}_FILE", raising=False)
+    monkeypatch.setenv("CLIPBANK_ADMIN_TOKEN_FILE", str(tmp_path / "missing"))
+    assert main([*command, "--url", "http://srv"]) == 2
+    assert "CLIPBANK_ADMIN_TOKEN_FILE" in capsys.readouterr().err and httpx  # named, not a traceback
 
 
 @pytest.mark.parametrize(
