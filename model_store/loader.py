@@ -59,11 +59,7 @@ class BankLoader:
             if eid in have:
                 continue
             if eid not in sources:
-                raise MissingExpert(
-                    f"task {user.task!r} v{user.version} uses expert {eid[:12]}, which no stored bundle adds: it was "
-                    "trained on top of tasks this store does not hold; store their bundles first, in the order "
-                    "they were trained"
-                )
+                raise MissingExpert(self._missing(user, eid))
             try:
                 b = self.bundle(sources[eid])
             except ClipbankError as e:  # say whose: the message alone names a blob the task does not own
@@ -71,6 +67,21 @@ class BankLoader:
             out[b.id] = b
             have.update(b.experts)
         return list(out.values())
+
+    def _missing(self, user: Bundle, eid: str) -> str:
+        """Why `user` cannot be stored or served: expert `eid` is in no stored bundle. A new version names the
+        earlier version it continues when the store no longer holds it (a purge), not "tasks" in general."""
+        said = f"task {user.task!r} v{user.version} uses expert {eid[:12]}, which no stored bundle adds: "
+        parent = user.manifest.parent
+        if parent is not None and self.store.index().owner(parent) is None:
+            return said + (
+                f"it continues bundle {parent[:12]} (an earlier version of {user.task!r}, trained with --store), which "
+                "this store does not hold: store that version's bundle first, then this one"
+            )
+        return said + (
+            "it was trained on top of tasks this store does not hold; store their bundles first, in the order they "
+            "were trained"
+        )
 
     def _named(self, bundle_id: str) -> str:
         """A stored bundle as its task and version, for messages."""

@@ -51,7 +51,11 @@ def atomic_write(path: Path, data: bytes) -> None:
     file gets the mode a plain `open` would give it (0666 less the umask): a temp file is private to its writer,
     and a store shared by a group, or changed by an operator for a server running as another user, must stay
     readable."""
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    except OSError as e:  # named as the file being written: the temp name it gives was never made (no free inodes)
+        e.filename = str(path)
+        raise
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -177,6 +181,8 @@ class LocalStore(Store):
             named = e.filename2 or e.filename  # a rename's target: what is in the way
             path = f" {_within(self.root, named)}" if named else ""  # "Is a directory", but which?
             said = f"the store could not be written ({what}: {type(e).__name__}: {e.strerror or e}{path})"
+            if e.errno == errno.ENOSPC:  # bytes or inodes: `df -h` may show space free when the inodes are gone
+                said += " (no free space, or no free inodes: see `df -h` and `df -i` for the store's file system)"
             raise write_failure(f"{said}; nothing was changed", e) from None
 
     # ----------------------------------------------------------------------------------------- changing

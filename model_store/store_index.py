@@ -162,12 +162,13 @@ class StoreIndex:
 
     @classmethod
     def from_json(cls, obj: Any) -> StoreIndex:
-        if (
-            not isinstance(obj, dict)
-            or type(obj.get("generation")) is not int
-            or not isinstance(obj.get("tasks"), dict)
-        ):
-            raise StoreError("the store index lacks 'generation' or 'tasks'; see the log")
+        if not isinstance(obj, dict):
+            raise StoreError(f"the store index is a JSON {type(obj).__name__}, not an object")
+        for key, kind, name in (("generation", int, "a whole number"), ("tasks", dict, "an object")):
+            if key not in obj:
+                raise StoreError(f"the store index lacks {key!r}")
+            if type(obj[key]) is not kind:  # 7.5, "7" and true are no generation; a list is no task table
+                raise StoreError(f"the store index's {key!r} is {shown(obj[key], 20)}, not {name}")
         if not 0 <= obj["generation"] <= MAX_GENERATION:  # clients read it as a JSON number (X-Generation too)
             raise StoreError(f"the store index has generation {shown(obj['generation'], 20)}, not one of 0..2^53-1")
         tasks = {name: TaskRecord.from_json(entry, name) for name, entry in obj["tasks"].items()}

@@ -149,6 +149,8 @@ def _array_image(array: Any) -> Any:
             f"an image array is uint8 pixels, height x width (x 1, 3 or 4 channels: grey, RGB, RGBA), got "
             f"{array.dtype} of shape {shape}: convert it (e.g. {hint}, or .transpose(1, 2, 0) for channels first)"
         )
+    if 0 in shape[:2]:  # named as the array it is (it was "a PIL image of 0x0 pixels": an outside check)
+        raise ValueError(f"an image array of shape {shape}: there is nothing to send")
     return Image.fromarray(array[:, :, 0] if len(shape) == 3 and shape[2] == 1 else array)
 
 

@@ -17,6 +17,7 @@ from model_store.bundle import Bundle, read_bundle
 from model_store.compat import refuse_other_backbone, refuse_second_backbone
 from model_store.errors import (
     BackboneMismatch,
+    BundleInvalid,
     BundleNotFound,
     InvalidRequest,
     MissingExpert,
@@ -28,6 +29,7 @@ from model_store.errors import (
 )
 from model_store.gate import Gate, GateReport, InterferenceRefused, trusted_serving
 from model_store.inference import TextCache
+from model_store.labels import unanswerable_class
 from model_store.loader import BankLoader
 from model_store.manifest import shown
 from model_store.store_base import PutResult, Store
@@ -303,6 +305,8 @@ class Registry:
         # a version already stored is refused before the trial run and the gate, whose report would hide why;
         # the write checks again under the store's lock
         refuse_stored_version(index, bundle)
+        if (why := unanswerable_class(bundle.manifest.classes)) is not None:  # the store's rule for new bundles,
+            raise BundleInvalid(why)  # before the gate: its 409 (or a forced override, counted) hid the 422
         reports: list[GateReport] = []
 
         def write() -> PutResult:

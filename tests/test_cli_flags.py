@@ -796,7 +796,10 @@ def test_the_client_names_a_server_url_without_its_scheme():
         ({"CLIPBANK_ADMIN_TOKEN": "admin-token"}, "admin-token"),  # the server takes the admin token on /classify
         ({"CLIPBANK_ADMIN_TOKEN": "admin-token", "CLIPBANK_CLASSIFY_TOKEN": "reader"}, "reader"),
         ({"CLIPBANK_ADMIN_TOKEN_FILE": "admin-token-in-a-file\n"}, "admin-token-in-a-file"),  # a mounted secret
-        ({"CLIPBANK_ADMIN_TOKEN": "admin-token", "CLIPBANK_CLASSIFY_TOKEN_FILE": "reader-in-a-file"}, "reader-in-a-file"),
+        (
+            {"CLIPBANK_ADMIN_TOKEN": "admin-token", "CLIPBANK_CLASSIFY_TOKEN_FILE": "reader-in-a-file"},
+            "reader-in-a-file",
+        ),
         ({"CLIPBANK_ADMIN_TOKEN": ""}, None),  # empty is unset
         ({}, None),
     ],
@@ -812,7 +815,9 @@ def test_classify_sends_the_classify_token_else_the_admin_token(monkeypatch, tmp
 
     def handler(request: httpx.Request) -> httpx.Response:
         sent.append(request.headers.get("authorization"))
-        return httpx.Response(200, json={"results": [{"labels": [{"label": "a", "score": 1.0}], "route": {"task": None}}]})
+        return httpx.Response(
+            200, json={"results": [{"labels": [{"label": "a", "score": 1.0}], "route": {"task": None}}]}
+        )
 
     for name in ("ADMIN_TOKEN", "CLASSIFY_TOKEN"):
         monkeypatch.delenv(f"CLIPBANK_{name}", raising=False)

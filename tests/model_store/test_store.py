@@ -176,20 +176,25 @@ def test_a_full_or_read_only_disk_refuses_the_change_and_changes_nothing(tmp_pat
     store.put(bundles[2], activate=False)
     before = store.index_path.read_bytes()
 
-    def full(*a, **k):
+    def no_space(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(tempfile, "mkstemp", full)
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".tmp-never-made"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)  # no free inodes: the temp file cannot be made
     for change in (lambda: store.put(bundles[3]), lambda: store.activate("cars", 2), lambda: store.deactivate("cars")):
         with pytest.raises(StoreWriteFailed, match="No space left on device") as refused:
             change()
+        said = str(refused.value)  # it named the temp file it never made, and `df -h` showed space (an SRE's check)
+        assert ".tmp-" not in said and ("index.json" in said or "blobs/" in said) and "df -i" in said, said
         assert "will not help" not in str(refused.value)  # space may be made: only a read-only store says so
         assert not isinstance(refused.value, StoreNotWritable)  # so it is worth sending again (Retry-After)
     monkeypatch.undo()
     assert store.index_path.read_bytes() == before and check_store(tmp_path) == []
     import os  # a full disk shows as a write that fails, naming no file: the message names the one (an outside check)
 
-    monkeypatch.setattr(os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", no_space)
     with pytest.raises(StoreWriteFailed, match=r"No space left on device blobs/[0-9a-f]{64}\.safetensors\)"):
         store.put(bundles[3])
     with pytest.raises(StoreWriteFailed, match=r"No space left on device index\.json\)"):

@@ -216,7 +216,15 @@ DAMAGE = {
     "foreign active id": (_edit_index(lambda i: i["tasks"]["a"].update(active="0" * 64)), "is none of its versions"),
     "dropped provider": (_edit_index(lambda i: i["tasks"].pop("a")), "uses experts no stored version adds"),
     "torn index": (lambda s, i: s.index_path.write_text('{"generation": 3, "tas'), "does not parse"),
-    "no generation": (_edit_index(lambda i: i.pop("generation")), "lacks 'generation' or 'tasks'"),
+    "no generation": (_edit_index(lambda i: i.pop("generation")), "the store index lacks 'generation'"),
+    # an operator's hand edits the message named only as "lacks 'generation' or 'tasks'; see the log" (an SRE's check)
+    "fractional generation": (
+        _edit_index(lambda i: i.update(generation=7.5)),
+        "'generation' is 7.5, not a whole number",
+    ),
+    "generation as text": (_edit_index(lambda i: i.update(generation="7")), "'generation' is '7', not a whole number"),
+    "tasks as a list": (_edit_index(lambda i: i.update(tasks=[])), "'tasks' is [], not an object"),
+    "a list for an index": (lambda s, i: s.index_path.write_text("[]"), "is a JSON list, not an object"),
     # an operator's hand edit: an integer beyond what a JSON client reads exactly (its X-Generation)
     "huge generation": (_edit_index(lambda i: i.update(generation=10**30)), "not one of 0..2^53-1"),
     "negative generation": (_edit_index(lambda i: i.update(generation=-1)), "not one of 0..2^53-1"),

@@ -441,6 +441,8 @@ def test_numpy_arrays_of_pixels_are_images_and_a_huge_pil_image_is_shrunk_to_fit
             c.classify([rgb.astype(np.float32) / 255])
         with pytest.raises(TypeError, match=r"uint16.*\(x // 257\)"):  # x * 255 overflowed it (an outside check)
             c.classify([rgb.astype(np.uint16) * 257])
+        with pytest.raises(ValueError, match=r"an image array of shape \(0, 0, 3\)"):  # was "a PIL image of 0x0"
+            c.classify([np.zeros((0, 0, 3), np.uint8)])
         noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (4900, 4800, 3), dtype=np.uint8))
         sent.clear()
         c.classify([noise])

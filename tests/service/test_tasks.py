@@ -225,6 +225,34 @@ async def test_incompatible_bundle_is_refused_before_the_store_is_written(tmp_pa
         assert ready["tasks"] == ["glyphs", "textures"] and ready["generation"] == 2
 
 
+async def test_a_bundle_the_store_refuses_is_refused_before_the_gate_and_no_override_is_counted(
+    tmp_path, backbone, bundles
+):
+    """An outside check: a copy of a task's bundle under another name, one class named with an escape, got the
+    gate's 409 `interference`, and with force=true the 422 `bundle_invalid` after a logged and counted override."""
+    bad = _forged(bundles["textures"], lambda t, m: m.update(task="copy", classes=["a\x1b", *m["classes"][1:]]))
+    async with running_app(tmp_path, backbone) as c:
+        assert (await c.post("/tasks", **_upload(bundles["textures"]))).status_code == 201
+        for force in ("false", "true"):
+            r = await c.post(f"/tasks?force={force}", **_upload(bad))
+            assert (r.status_code, r.json()["error"]["code"]) == (422, "bundle_invalid"), r.text
+            assert "has a control character (U+001B)" in r.json()["error"]["message"]
+        metrics = (await c.get("/metrics")).text
+        assert "clipbank_gate_overrides_total 0.0" in metrics and "clipbank_gate_refusals_total 0.0" in metrics
+        assert (await c.get("/readyz")).json()["tasks"] == ["textures"]  # nothing else was stored
+
+
+async def test_a_new_version_whose_parent_was_purged_names_it(tmp_path, backbone, bundles):
+    """An outside check: v3 of a task, trained with --store on v2, uploaded after the task was purged, was told it
+    was "trained on top of tasks this store does not hold"; it continues its own task's v2."""
+    parent = "ab" * 32
+    orphan = _forged(bundles["glyphs"], lambda t, m: m.update(parent=parent))
+    async with running_app(tmp_path, backbone) as c:
+        r = await c.post("/tasks", **_upload(orphan))
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "missing_expert"), r.text
+        assert f"it continues bundle {parent[:12]} (an earlier version of 'glyphs'" in r.json()["error"]["message"]
+
+
 async def test_management_errors(tmp_path, backbone, bundles):
     async with running_app(tmp_path, backbone) as c:
         await c.post("/tasks", **_upload(bundles["textures"]))
