@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import types
 import typing
 from dataclasses import MISSING, Field, fields
@@ -105,8 +106,15 @@ def command_token(given: str | None, *names: str) -> str | None:
         raw = token_variable(name, os.environ, problems)
         if problems:
             raise ValueError(problems[0])
-        if raw is not None and raw.strip():  # an empty variable is unset, as before
-            return raw.strip()
+        if raw is None or not raw.strip():  # an empty variable is unset, as before
+            continue
+        variable = f"CLIPBANK_{name.upper()}_FILE"
+        if variable in os.environ and not re.fullmatch(r"[\x21-\x7e]+", raw.strip()):  # the client's own rule
+            raise ValueError(
+                f"{variable}={os.environ[variable]!r} does not hold a token alone: a token is printable ASCII "
+                "without spaces (the file is not shown here)"
+            )
+        return raw.strip()
     return None
 
 

@@ -73,10 +73,15 @@ class BankLoader:
         earlier version it continues when the store no longer holds it (a purge), not "tasks" in general."""
         said = f"task {user.task!r} v{user.version} uses expert {eid[:12]}, which no stored bundle adds: "
         parent = user.manifest.parent
-        if parent is not None and self.store.index().owner(parent) is None:
+        try:
+            gone = parent is not None and self.store.index().owner(parent) is None
+        except (ClipbankError, OSError):  # the index cannot be read now: the general advice, not this error
+            gone = False
+        if gone:
             return said + (
                 f"it continues bundle {parent[:12]} (an earlier version of {user.task!r}, trained with --store), which "
-                "this store does not hold: store that version's bundle first, then this one"
+                "this store does not hold: store that version and the tasks it was trained on first, in the order "
+                "they were trained, then this one"
             )
         return said + (
             "it was trained on top of tasks this store does not hold; store their bundles first, in the order they "

@@ -53,8 +53,9 @@ def atomic_write(path: Path, data: bytes) -> None:
     readable."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
-    except OSError as e:  # named as the file being written: the temp name it gives was never made (no free inodes)
-        e.filename = str(path)
+    except OSError as e:
+        if e.errno in NO_SPACE:  # named as the file being written: the temp name was never made (no free inodes)
+            e.filename = str(path)
         raise
     try:
         os.fchmod(fd, 0o666 & ~_umask())
@@ -75,6 +76,14 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)  # a read-only mount, permissions: no retry heals these
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def space_hint(error: OSError) -> str:
+    """Where to look when a file system is full: out of inodes, `df -h` still shows bytes free."""
+    if error.errno != errno.ENOSPC:
+        return ""
+    return " (no free space, or no free inodes: see `df -h` and `df -i` for the store's file system)"
 
 
 def write_failure(message: str, error: OSError) -> StoreWriteFailed:
@@ -181,8 +190,7 @@ class LocalStore(Store):
             named = e.filename2 or e.filename  # a rename's target: what is in the way
             path = f" {_within(self.root, named)}" if named else ""  # "Is a directory", but which?
             said = f"the store could not be written ({what}: {type(e).__name__}: {e.strerror or e}{path})"
-            if e.errno == errno.ENOSPC:  # bytes or inodes: `df -h` may show space free when the inodes are gone
-                said += " (no free space, or no free inodes: see `df -h` and `df -i` for the store's file system)"
+            said += space_hint(e)
             raise write_failure(f"{said}; nothing was changed", e) from None
 
     # ----------------------------------------------------------------------------------------- changing
@@ -200,6 +208,7 @@ class LocalStore(Store):
             log.error("store %s: its lock could not be taken: %s", self.root, e)
             where = f": {_within(self.root, e.filename)}" if e.filename else ""  # a folder named .lock, say
             said = f"the store could not be locked for a change ({type(e).__name__}: {e.strerror or e}{where})"
+            said += space_hint(e)
             raise write_failure(f"{said}; nothing was changed", e) from None
         try:
             yield

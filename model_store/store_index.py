@@ -8,6 +8,7 @@ is a StoreError naming it, so nothing is served or written from an index that ca
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .errors import StoreError, StoreTooNew, TaskNotFound, VersionConflict, VersionNotFound
+from .labels import cut
 from .manifest import ID_RE, shown
 
 if TYPE_CHECKING:
@@ -168,7 +170,7 @@ class StoreIndex:
             if key not in obj:
                 raise StoreError(f"the store index lacks {key!r}")
             if type(obj[key]) is not kind:  # 7.5, "7" and true are no generation; a list is no task table
-                raise StoreError(f"the store index's {key!r} is {shown(obj[key], 20)}, not {name}")
+                raise StoreError(f"the store index's {key!r} is {cut(json.dumps(obj[key]), 20)}, not {name}")
         if not 0 <= obj["generation"] <= MAX_GENERATION:  # clients read it as a JSON number (X-Generation too)
             raise StoreError(f"the store index has generation {shown(obj['generation'], 20)}, not one of 0..2^53-1")
         tasks = {name: TaskRecord.from_json(entry, name) for name, entry in obj["tasks"].items()}

@@ -53,10 +53,11 @@ class TokenCheck:
             raise Unauthorized(f"the server has no {self.name} token yet")
         if given is None:
             where = (
-                "CLIPBANK_ADMIN_TOKEN or --token for the clipbank commands; a server started without one saved "
+                "CLIPBANK_ADMIN_TOKEN (or CLIPBANK_ADMIN_TOKEN_FILE) or --token for the clipbank commands; a server "
+                "started without one saved "
                 "the token it generated in the store folder's .admin-token file"
                 if self.name == "admin"
-                else f"CLIPBANK_{self.name.upper()}_TOKEN or --token for the clipbank commands"
+                else f"CLIPBANK_{self.name.upper()}_TOKEN (or its _FILE form) or --token for the clipbank commands"
             )
             raise Unauthorized(f"this endpoint needs 'Authorization: Bearer <{self.name} token>' ({where})")
         ok = _same(given, expected)

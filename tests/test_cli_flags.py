@@ -835,9 +835,16 @@ def test_classify_sends_the_classify_token_else_the_admin_token(monkeypatch, tmp
     assert sent[-1] == "Bearer flag"  # the flag wins
 
 
-@pytest.mark.parametrize("command", [["tasks"], ["classify", "a.png"], ["eval", "d"], ["insights"], ["push", "b"]])
-def test_a_token_file_the_commands_cannot_read_is_a_usage_error_that_names_it(monkeypatch, tmp_path, capsys, command):
-    """As the server refuses to start with it: no request is sent without the token its operator meant."""
+COMMANDS = [["tasks"], ["classify", "a.png"], ["eval", "d"], ["insights"], ["push", "b"], ["shadow", "t"]]
+
+
+@pytest.mark.parametrize("content", [None, "two words\n", "tok\nen"])
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_token_file_the_commands_cannot_read_is_a_usage_error_that_names_it(
+    monkeypatch, tmp_path, capsys, command, content
+):
+    """As the server refuses to start with it: no request is sent without the token its operator meant; a file
+    that holds more than a token (`.env` named by mistake) is named too. `--token` wins: the files are not read."""
     import httpx
 
     from clipbank.cli import main
@@ -851,9 +858,16 @@ def test_a_token_file_the_commands_cannot_read_is_a_usage_error_that_names_it(mo
     for name in ("ADMIN_TOKEN", "CLASSIFY_TOKEN"):
         monkeypatch.delenv(f"CLIPBANK_{name}", raising=False)
         monkeypatch.delenv(f"CLIPBANK_{name}_FILE", raising=False)
-    monkeypatch.setenv("CLIPBANK_ADMIN_TOKEN_FILE", str(tmp_path / "missing"))
+    if content is not None:
+        (tmp_path / "secret").write_text(content)
+    monkeypatch.setenv("CLIPBANK_ADMIN_TOKEN_FILE", str(tmp_path / ("missing" if content is None else "secret")))
     assert main([*command, "--url", "http://srv"]) == 2
-    assert "CLIPBANK_ADMIN_TOKEN_FILE" in capsys.readouterr().err and httpx  # named, not a traceback
+    err = capsys.readouterr().err
+    assert f"clipbank {command[0]}: CLIPBANK_ADMIN_TOKEN_FILE=" in err and "two" not in err, err  # its line
+    sent = []
+    _client_on(monkeypatch, lambda request: sent.append(request.headers["authorization"]) or httpx.Response(503))
+    main([*command, "--url", "http://srv", "--token", "flag-token"])  # the flag's token is sent, the file not read
+    assert sent and set(sent) == {"Bearer flag-token"} and "_FILE" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

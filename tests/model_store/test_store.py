@@ -594,6 +594,21 @@ def test_a_pipe_where_a_blob_or_the_index_should_be_is_reported_not_waited_on(tm
     ]
 
 
+def test_a_lock_file_that_cannot_be_made_on_a_full_file_system_says_where_to_look(tmp_path, bundles, monkeypatch):
+    """Out of inodes, `df -h` shows space free: the message says to look at `df -i` too (a reviewer's catch: the
+    lock's own error had no such hint)."""
+    import errno
+
+    store = LocalStore(tmp_path)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".lock"))
+
+    monkeypatch.setattr(store._lock, "acquire", full)
+    with pytest.raises(StoreWriteFailed, match=r"could not be locked .*No space left on device: \.lock\) \(.*`df -i`"):
+        store.put(bundles[1])
+
+
 def test_a_folder_in_the_locks_or_a_blobs_place_is_named(tmp_path, bundles):
     """`.lock` made a folder: every change failed naming no file, and the check said the store was consistent. A
     folder named like a blob failed every clean-up, after its temp files were deleted, saying nothing changed."""

@@ -222,7 +222,10 @@ DAMAGE = {
         _edit_index(lambda i: i.update(generation=7.5)),
         "'generation' is 7.5, not a whole number",
     ),
-    "generation as text": (_edit_index(lambda i: i.update(generation="7")), "'generation' is '7', not a whole number"),
+    "generation as text": (
+        _edit_index(lambda i: i.update(generation="7")),
+        "'generation' is \"7\", not a whole number",
+    ),
     "tasks as a list": (_edit_index(lambda i: i.update(tasks=[])), "'tasks' is [], not an object"),
     "a list for an index": (lambda s, i: s.index_path.write_text("[]"), "is a JSON list, not an object"),
     # an operator's hand edit: an integer beyond what a JSON client reads exactly (its X-Generation)

@@ -49,7 +49,10 @@ async def test_management_needs_the_admin_token(tmp_path, backbone):
                 assert r.json()["error"]["code"] == "unauthorized"
                 assert r.headers["www-authenticate"] == "Bearer"
         message = (await c.get("/tasks")).json()["error"]["message"]  # and where a user finds the token
-        assert "(CLIPBANK_ADMIN_TOKEN or --token for the clipbank commands; a server started without one" in message
+        assert (
+            "(CLIPBANK_ADMIN_TOKEN (or CLIPBANK_ADMIN_TOKEN_FILE) or --token for the clipbank commands; a server"
+            in message
+        )
         r = await c.get("/tasks", headers=AUTH)
         assert r.status_code == 200 and r.json() == {"generation": 0, "tasks": []}
 
@@ -250,7 +253,9 @@ async def test_a_new_version_whose_parent_was_purged_names_it(tmp_path, backbone
     async with running_app(tmp_path, backbone) as c:
         r = await c.post("/tasks", **_upload(orphan))
         assert (r.status_code, r.json()["error"]["code"]) == (422, "missing_expert"), r.text
-        assert f"it continues bundle {parent[:12]} (an earlier version of 'glyphs'" in r.json()["error"]["message"]
+        said = r.json()["error"]["message"]
+        assert f"it continues bundle {parent[:12]} (an earlier version of 'glyphs'" in said
+        assert "store that version and the tasks it was trained on first" in said  # the expert may be theirs
 
 
 async def test_management_errors(tmp_path, backbone, bundles):
