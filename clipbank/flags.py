@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import types
 import typing
 from dataclasses import MISSING, Field, fields
@@ -99,22 +98,23 @@ def command_token(given: str | None, *names: str) -> str | None:
     reads them; a ValueError (a usage error) names a file that cannot be read, or both forms set."""
     if given is not None:
         return given
-    from service.token_files import token_variable
+    from model_store.settings import ENV_PREFIX
+    from service.token_files import SENDABLE_TOKEN, token_variable
 
     for name in names:
         problems: list[str] = []
-        raw = token_variable(name, os.environ, problems)
+        token = (token_variable(name, os.environ, problems) or "").strip()
         if problems:
             raise ValueError(problems[0])
-        if raw is None or not raw.strip():  # an empty variable is unset, as before
+        if not token:  # an empty variable is unset, as before
             continue
-        variable = f"CLIPBANK_{name.upper()}_FILE"
-        if variable in os.environ and not re.fullmatch(r"[\x21-\x7e]+", raw.strip()):  # the client's own rule
+        source = f"{ENV_PREFIX}{name.upper()}_FILE"
+        if source in os.environ and not SENDABLE_TOKEN.fullmatch(token):  # named: the client's error would not
             raise ValueError(
-                f"{variable}={os.environ[variable]!r} does not hold a token alone: a token is printable ASCII "
-                "without spaces (the file is not shown here)"
+                f"{source}={os.environ[source]!r} does not hold a token alone: a token is printable ASCII without "
+                "spaces (the file is not shown here)"
             )
-        return raw.strip()
+        return token
     return None
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from model_store.files import read_regular
 
-from .config import SENDABLE_TOKEN, ServeConfig
+from .config import ServeConfig
+from .token_files import SENDABLE_TOKEN
 
 log = logging.getLogger("clipbank.service")
 ADMIN_TOKEN_FILE = ".admin-token"

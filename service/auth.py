@@ -54,8 +54,7 @@ class TokenCheck:
         if given is None:
             where = (
                 "CLIPBANK_ADMIN_TOKEN (or CLIPBANK_ADMIN_TOKEN_FILE) or --token for the clipbank commands; a server "
-                "started without one saved "
-                "the token it generated in the store folder's .admin-token file"
+                "started without one saved the token it generated in the store folder's .admin-token file"
                 if self.name == "admin"
                 else f"CLIPBANK_{self.name.upper()}_TOKEN (or its _FILE form) or --token for the clipbank commands"
             )

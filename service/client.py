@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -31,6 +30,7 @@ from .client_wire import (
     answer_body,
     tried,
 )
+from .token_files import SENDABLE_TOKEN
 
 # what a change answers at least (an older server's answers have these too)
 ACTIVATED, SHADOWED = ("task", "active_version"), ("task", "shadow_version")
@@ -73,7 +73,7 @@ class _Calls:
         if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
             raise ValueError(f"max_connections is a count >= 1, got {max_connections!r}")
         token = (token or "").strip()  # a token read from a file ends in a newline
-        if token and not re.fullmatch(r"[\x21-\x7e]+", token):
+        if token and not SENDABLE_TOKEN.fullmatch(token):
             raise ValueError("the token must be printable ASCII without spaces (it is not shown here)")
         self.url = _server_url(url)
         self.timeout, self.retries, self.max_connections = timeout, retries, max_connections

@@ -15,12 +15,11 @@ from model_store.pixels import MAX_ASPECT_RATIO, MAX_PIXELS
 from model_store.settings import ENV_PREFIX, env_value, option
 
 from .insights import ReservoirConfig
-from .token_files import token_variable
+from .token_files import SENDABLE_TOKEN, token_variable
 
 MB = 1024 * 1024
 # auto: onnx on CPU (measured faster there), torch on GPU; onnx-int8: the image tower with int8 weights, opt-in
 FROZEN_RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
-SENDABLE_TOKEN = re.compile(r"[\x21-\x7e]+")  # printable ASCII without spaces: what an Authorization header carries
 AUTOCAST_MODES = ("off", "fp16", "bf16")  # model_store.backbone.AUTOCAST_DTYPES
 INVALID = "invalid server settings: "
 ENGINES = ("uvicorn", "ray")

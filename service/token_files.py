@@ -4,11 +4,13 @@ inspect`, `docker compose config` or a process listing shows."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from model_store.files import open_regular
 from model_store.settings import ENV_PREFIX
 
+SENDABLE_TOKEN = re.compile(r"[\x21-\x7e]+")  # printable ASCII without spaces: what an Authorization header carries
 MAX_TOKEN_FILE_BYTES = 4096  # a token is tens of characters; a mistaken path to a large file is refused
 
 
