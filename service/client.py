@@ -17,7 +17,7 @@ import httpx
 
 from model_store.modes import AUTO, PER_IMAGE, ZERO_SHOT, task_name_problem
 
-from .client_inputs import ImageInput, _at_least, _bytes, _name, _traced, label_list, whole
+from .client_inputs import ImageInput, _at_least, _bytes, _name, _traced, flag, label_list, whole
 from .client_wire import (
     Batches,
     ClipbankHTTPError,
@@ -155,8 +155,7 @@ class _Calls:
         labels = label_list(labels)
         if task not in (AUTO, ZERO_SHOT):
             _seg(task)  # a name no task can have: a ValueError here, as for task() and activate()
-        if match_labels not in (True, False):  # the string "false" would be sent as true
-            raise TypeError(f"match_labels is True or False, got {type(match_labels).__name__} {match_labels!r}"[:200])
+        match_labels, skip_bad = flag(match_labels, "match_labels"), flag(skip_bad, "skip_bad")
         top_k = None if top_k is None else whole(top_k, "top_k")
         headers = _at_least(min_generation) | _traced(request_id)
         files, unread = _read_images(images, skip_bad)
@@ -176,9 +175,10 @@ class _Calls:
     ) -> Iterator[dict[str, Any]]:
         """`push`'s request: a regular file is streamed from the file, open while the request is sent (a 250 MB
         bundle is not held in memory); a pipe's size is unknown: read, as bytes and open files are."""
+        activate = flag(activate, "activate")  # checked even beside a mode, which replaces it
         chosen = mode or ("active" if activate else "inactive")
         # `activate` too: a server older than `mode` ignores it, and must not activate an inactive or shadow upload
-        params = {"mode": chosen, "activate": str(chosen == "active").lower(), "force": str(force).lower()}
+        params = {"mode": chosen, "activate": str(chosen == "active").lower(), "force": _yes(force, "force")}
         request = {"params": {**params, **_waiting(wait_all)}, "expect": ("task", "version", "bundle_id")}
         if isinstance(bundle, str | os.PathLike) and Path(bundle).is_file():
             with Path(bundle).open("rb") as f:
@@ -198,7 +198,7 @@ class _Calls:
 
     def activate(self, task: str, version: int, force: bool = False, wait_all: bool = False) -> dict[str, Any]:
         """Make a stored version active (rollback or roll forward). `wait_all`: as for `push`."""
-        params = {"force": str(force).lower(), **_waiting(wait_all)}
+        params = {"force": _yes(force, "force"), **_waiting(wait_all)}
         body = {"version": whole(version, "version")}
         return self._call("POST", f"/tasks/{_seg(task)}/activate", json=body, params=params, expect=ACTIVATED)
 
@@ -225,7 +225,7 @@ class _Calls:
 
     def delete(self, task: str, purge: bool = False, wait_all: bool = False) -> dict[str, Any]:
         """Stop routing to a task (`purge`: also forget it). `wait_all`: as for `push`."""
-        params = {"purge": str(purge).lower(), **_waiting(wait_all)}
+        params = {"purge": _yes(purge, "purge"), **_waiting(wait_all)}
         expect = ("task", "purged_blobs", "generation")
         return self._call("DELETE", f"/tasks/{_seg(task)}", params=params, expect=expect)
 
@@ -368,7 +368,12 @@ def _read_images(images: Iterable[ImageInput], skip_bad: bool) -> tuple[list, di
 
 def _waiting(wait_all: bool) -> dict[str, str]:
     """The query of a change that returns once every replica serves it (else 504 `replicas_lagging`)."""
-    return {"wait": "all"} if wait_all else {}
+    return {"wait": "all"} if flag(wait_all, "wait_all") else {}
+
+
+def _yes(value: bool, name: str) -> str:
+    """A yes/no query value, from True or False only (`flag`)."""
+    return "true" if flag(value, name) else "false"
 
 
 def _seg(name: str) -> str:

@@ -55,6 +55,15 @@ def whole(value: Any, name: str) -> int:
         raise TypeError(f"{name} is an integer, got {type(value).__name__} {value!r}"[:200]) from None
 
 
+def flag(value: Any, name: str) -> bool:
+    """`value` as a bool: True or False (numpy's bool too), never a string or a number, whose truth a caller may
+    read otherwise ("false" is true; purge="no" must not forget a task, nor activate="false" serve a version)."""
+    numpy_bool = getattr(getattr(value, "dtype", None), "kind", None) == "b" and getattr(value, "shape", None) == ()
+    if value is True or value is False or numpy_bool:
+        return bool(value)
+    raise TypeError(f"{name} is True or False, got {type(value).__name__} {value!r}"[:200])
+
+
 def label_list(labels: Iterable[Any]) -> list[str]:
     """The labels as a list of strings; a TypeError names the first that is not one (None, a list, a number)."""
     out = list(labels)

@@ -126,6 +126,10 @@ async def test_a_cancelled_call_ends_at_once_and_errors_are_the_sync_clients(mon
             await c.classify(_png("red"), ["cat"])
         with pytest.raises(ValueError, match="no task can have that name"):
             await c.activate("../x", 1)
+        with pytest.raises(TypeError, match="activate is True or False"):  # read in the worker thread
+            await c.push(_png("red"), activate="false")
+        with pytest.raises(TypeError, match="purge is True or False"):
+            await c.delete("t", purge="yes")
     _on(monkeypatch, httpx.MockTransport(lambda r: httpx.Response(200, text="<html>hello</html>")))
     async with AsyncClipbankClient("http://srv") as c:
         with pytest.raises(ClipbankHTTPError) as e:

@@ -607,3 +607,42 @@ def test_a_413_naming_max_batch_or_max_images_splits_to_its_limit_and_others_do_
     assert smaller_batch(said("max_images", 16), 64) == 16 and smaller_batch(said("max_batch", 8), 64) == 8
     assert smaller_batch(said("max_request_pixels", 10**6), 64) == 32
     assert smaller_batch(said("max_labels", 8), 64) is None and smaller_batch(said("max_images", 64), 64) is None
+
+
+def test_yes_no_options_take_only_true_or_false_and_nothing_is_sent_otherwise(monkeypatch):
+    """An outside check: `push(activate="false")` put the version live, `delete(purge="yes")` forgot the task and
+    deleted its blobs (Python's truth, or the server's reading of "yes"); only `match_labels` was checked."""
+    import numpy as np
+
+    sent: list = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append((request.url.path, dict(request.url.params)))
+        return httpx.Response(200, json={"task": "t", "version": 1, "bundle_id": "b", "purged_blobs": 0, "generation": 2, **OK})
+
+    client_on(monkeypatch, handler)
+    with ClipbankClient("http://srv") as c:
+        calls = {
+            "activate": lambda v: c.push(PNG, activate=v),
+            "force": lambda v: c.push(PNG, force=v),
+            "wait_all": lambda v: c.push(PNG, wait_all=v),
+            "purge": lambda v: c.delete("t", purge=v),
+            "skip_bad": lambda v: c.classify([PNG], skip_bad=v),
+            "match_labels": lambda v: c.classify([PNG], match_labels=v),
+        }
+        for name, call in calls.items():
+            for bad in ("false", "yes", 1, 0, None):
+                with pytest.raises(TypeError, match=f"{name} is True or False, got"):
+                    call(bad)
+        for bad in ("no", 1):
+            with pytest.raises(TypeError, match="force is True or False"):
+                c.activate("t", 1, force=bad)
+            with pytest.raises(TypeError, match="wait_all is True or False"):
+                c.set_shadow("t", 1, wait_all=bad)
+        assert sent == []  # none of those was sent
+        c.push(PNG, activate=np.bool_(False), force=False)
+        c.delete("t", purge=np.bool_(True), wait_all=True)
+    assert sent == [
+        ("/tasks", {"mode": "inactive", "activate": "false", "force": "false"}),
+        ("/tasks/t", {"purge": "true", "wait": "all"}),
+    ]
