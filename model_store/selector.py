@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .errors import BundleInvalid
 from .modes import DEFAULT_SELECTOR
+from .settings import field_type_problems
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ class SelectorConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        problems = []
+        if problems := field_type_problems(self):  # before the ranges, which compare
+            raise ValueError("invalid SelectorConfig: " + "; ".join(problems))
         if self.kind not in SELECTOR_KINDS:
             problems.append(f"kind must be one of {sorted(SELECTOR_KINDS)}, got {self.kind!r}")
         if not 50.0 <= self.percentile <= 100.0:

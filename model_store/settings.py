@@ -4,11 +4,16 @@ into flags, so a setting is declared once)."""
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
+import operator
 import os
+import types
+import typing
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import field
+from dataclasses import field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,49 @@ def cache_root(environ: Mapping[str, str] | None = None) -> str:
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     """A dataclass field with a default and the help text of its command-line flag."""
     return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@functools.cache
+def _scalar_fields(cls: type) -> dict[str, tuple[type, bool]]:
+    """The bool, int and float fields of a config class: name -> (type, whether None is allowed)."""
+    found = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) == 1 and kinds[0] in (bool, int, float):
+            found[name] = (kinds[0], len(kinds) < len(args))
+    return found
+
+
+def field_type_problems(config: Any) -> list[str]:
+    """A config dataclass's bool, int and float fields checked for their type, each problem naming its field
+    (`lr="0.01"` failed with "'<' not supported between instances of 'int' and 'str'"). Numpy's numbers are
+    taken, as Python's (`steps=np.int64(100)` from a notebook's arithmetic); an int is a float's value too."""
+    problems = []
+    hinted = _scalar_fields(type(config))
+    for f in fields(config):
+        if f.name not in hinted:
+            continue
+        kind, optional = hinted[f.name]
+        value = getattr(config, f.name)
+        if value is None and optional:
+            continue
+        try:
+            if kind is bool:
+                numpy_bool = getattr(getattr(value, "dtype", None), "kind", None) == "b" and value.shape == ()
+                if not (isinstance(value, bool) or numpy_bool):
+                    raise TypeError
+                value = bool(value)
+            elif isinstance(value, bool) or not isinstance(value, numbers.Real if kind is float else numbers.Integral):
+                raise TypeError
+            elif type(value) not in (int, float):  # numpy's: plain Python numbers from here on
+                value = float(value) if kind is float else operator.index(value)
+        except TypeError:
+            what = {bool: "True or False", int: "an integer", float: "a number"}[kind]
+            problems.append(f"{f.name} must be {what}, got {type(value).__name__} {value!r:.40}")
+            continue
+        object.__setattr__(config, f.name, value)  # config classes are frozen dataclasses
+    return problems
 
 
 def check_settings(job: object, positive: tuple[str, ...], counts: tuple[str, ...] = ()) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from model_store.backbone_ref import parse_backbone_ref
 from model_store.errors import BackboneError
 from model_store.pixels import MAX_ASPECT_RATIO, MAX_PIXELS
-from model_store.settings import ENV_PREFIX, env_value, option
+from model_store.settings import ENV_PREFIX, env_value, field_type_problems, option
 
 from .insights import ReservoirConfig
 from .token_files import SENDABLE_TOKEN, token_variable
@@ -82,6 +82,8 @@ class Limits:
     max_response_bytes: int = 16 * MB  # the answer's labels, at most: images x (labels or top_k) x their JSON bytes
 
     def problems(self) -> list[str]:
+        if typed := field_type_problems(self):  # before the ranges, which compare
+            return typed
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         least = {"max_client_buffered_bytes": 0}  # 0: no cap per client (behind a proxy every client is one)
         problems = [f"{n} must be >= {least.get(n, 1)}, got {v}" for n, v in values.items() if v < least.get(n, 1)]
@@ -176,6 +178,9 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
+        # before the ranges, which compare (port="8000" failed in one)
+        if problems := field_type_problems(self) + field_type_problems(self.limits):
+            raise SettingsError(problems)
         object.__setattr__(self, "store", os.path.expanduser(self.store))  # CLIPBANK_STORE=~/x made a folder "~"
         for name in ("log_level", "log_format", "device", "autocast", "frozen_runtime", "engine"):  # INFO was refused
             object.__setattr__(self, name, getattr(self, name).strip().lower())

@@ -21,6 +21,7 @@ from model_store.manifest import task_name_problem
 from model_store.moe_clip import encode_image, encode_text
 from model_store.reference import ReferenceSet, find_reference
 from model_store.selector import Selector, SelectorConfig, selector_manifest
+from model_store.settings import field_type_problems
 
 from .config import jsonable
 from .data import LabelledImages, checked_split
@@ -61,14 +62,19 @@ class TrainConfig:
     selector: SelectorConfig = field(default_factory=SelectorConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.selector, str):  # a kind's name, as `clipbank train --selector gaussian` takes it
+            object.__setattr__(self, "selector", SelectorConfig(kind=self.selector))
+        problems = field_type_problems(self)  # first: the ranges below compare (lr="0.01" failed in a comparison)
+        if not isinstance(self.selector, SelectorConfig):  # was an AttributeError after all the steps had run
+            problems.append(f"selector is a SelectorConfig or a kind's name, got {type(self.selector).__name__}")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
         problems = [problem] if (problem := task_name_problem(self.task)) else []
         if self.expert_blocks is not None and self.expert_blocks < 0:
             problems.append(f"expert_blocks must be >= 0 (0: every block), got {self.expert_blocks}")
         for name in ("steps", "batch_size", "new_experts", "rank", "warmup", "seed"):
             value, least = getattr(self, name), 0 if name in ("warmup", "seed") else 1
-            if isinstance(value, bool) or not isinstance(value, int):
-                problems.append(f"{name} must be an int, got {value!r:.40}")
-            elif value < least:
+            if value < least:
                 problems.append(f"{name} must be >= {least}, got {value}")
         if not 0 <= self.label_smoothing < 1:  # also refuses NaN, which failed only when the bundle was packed
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
@@ -85,8 +91,7 @@ class TrainConfig:
                 problems.append(f"templates must contain exactly one '{{}}' and no other field, got {t!r}")
         if not 0.0 < self.val_fraction < 1.0:
             problems.append(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        steps = self.steps if isinstance(self.steps, int) else 1  # a steps that is no int is named above
-        if not 0 <= self.warm_start_steps < max(1, steps):  # steps < 1 is named above
+        if not 0 <= self.warm_start_steps < max(1, self.steps):  # steps < 1 is named above
             problems.append(f"warm_start_steps must be in [0, steps), got {self.warm_start_steps}")
         if not 0 <= self.distill < math.inf:
             problems.append(f"distill must be a finite number >= 0, got {self.distill}")

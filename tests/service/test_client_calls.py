@@ -618,7 +618,9 @@ def test_yes_no_options_take_only_true_or_false_and_nothing_is_sent_otherwise(mo
 
     def handler(request: httpx.Request) -> httpx.Response:
         sent.append((request.url.path, dict(request.url.params)))
-        return httpx.Response(200, json={"task": "t", "version": 1, "bundle_id": "b", "purged_blobs": 0, "generation": 2, **OK})
+        return httpx.Response(
+            200, json={"task": "t", "version": 1, "bundle_id": "b", "purged_blobs": 0, "generation": 2, **OK}
+        )
 
     client_on(monkeypatch, handler)
     with ClipbankClient("http://srv") as c:

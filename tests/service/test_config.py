@@ -43,6 +43,23 @@ def test_every_bad_setting_is_named_at_once():
     assert (cfg.max_batch, cfg.limits.max_images) == (64, 9)
 
 
+def test_settings_made_in_python_are_checked_for_their_type_by_name():
+    """An outside check: `ServeConfig(port="18124")` failed with "'<' not supported between instances of 'int' and
+    'str'"; numpy's integers are taken, as the client takes them."""
+    import numpy as np
+
+    from service.config import SettingsError
+
+    with pytest.raises(SettingsError, match="port must be an integer, got str '18124'"):
+        ServeConfig(port="18124")
+    with pytest.raises(SettingsError, match="max_images must be an integer, got str '3'"):
+        ServeConfig(limits=Limits(max_images="3"))
+    with pytest.raises(SettingsError, match="broadcast must be True or False, got str 'no'"):
+        ServeConfig(broadcast="no")
+    cfg = ServeConfig(port=np.int64(9001), max_wait_ms=np.float64(2.5))
+    assert (type(cfg.port), cfg.port, type(cfg.max_wait_ms)) == (int, 9001, float)
+
+
 def test_a_bad_setting_names_the_variable_or_flag_it_came_from():
     """An outside check: "port must be in 1..65535, got 0" named neither; 1e20 images per batch were taken."""
     with pytest.raises(ValueError) as e:

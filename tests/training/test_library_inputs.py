@@ -11,6 +11,7 @@ from PIL import Image
 from model_store.bundle import read_bundle
 from model_store.inference import ClassifyItem
 from model_store.pixels import viewed_rgb
+from model_store.selector import SelectorConfig
 from training import LabelledImages, TrainConfig
 from training.data import checked_split
 from training.export import export_domain
@@ -47,8 +48,14 @@ def test_a_rank_no_server_would_load_is_refused_before_training(backbone):
         ({"label_smoothing": 1.5}, r"label_smoothing must be in \[0, 1\), got 1.5"),  # torch's error, after the start
         ({"label_smoothing": float("nan")}, "label_smoothing must be in"),  # failed when the bundle was packed
         ({"warmup": -5}, "warmup must be >= 0, got -5"),
-        ({"steps": 2.5}, "steps must be an int, got 2.5"),
-        ({"steps": "10"}, "steps must be an int, got '10'"),  # a TypeError from a comparison
+        ({"steps": 2.5}, "steps must be an integer, got float 2.5"),
+        ({"steps": "10"}, "steps must be an integer, got str '10'"),  # a TypeError from a comparison
+        # an outside check: each of these failed in a comparison, naming no setting
+        ({"lr": "0.01"}, "lr must be a number, got str '0.01'"),
+        ({"label_smoothing": "0.1"}, "label_smoothing must be a number, got str '0.1'"),
+        ({"new_first": None}, "new_first must be a number, got NoneType None"),
+        ({"isolated": "yes"}, "isolated must be True or False, got str 'yes'"),
+        ({"selector": 3}, "selector is a SelectorConfig or a kind's name, got int"),  # failed after every step
         ({"templates": "a {}."}, "templates is a tuple of templates, got the string 'a {}.'"),
     ],
 )
@@ -56,6 +63,16 @@ def test_train_config_names_each_bad_setting_once(kw, message):
     with pytest.raises(ValueError, match=message) as e:
         TrainConfig(task="t", **kw)
     assert str(e.value).count(";") == 0  # one problem, not one per character of a string
+
+
+def test_train_config_takes_numpy_numbers_and_a_selector_kind_by_name():
+    """A notebook's arithmetic gives numpy numbers; `--selector gaussian` is a name on the command line, and
+    `selector="gaussian"` was taken and failed with an AttributeError once the whole run had trained."""
+    cfg = TrainConfig(task="t", steps=np.int64(100), lr=np.float32(0.5), selector="gaussian", isolated=np.bool_(True))
+    assert (type(cfg.steps), cfg.steps, type(cfg.lr), cfg.lr) == (int, 100, float, 0.5)
+    assert cfg.isolated is True and cfg.selector == SelectorConfig(kind="gaussian")
+    with pytest.raises(ValueError, match="invalid SelectorConfig: kind must be one of"):
+        TrainConfig(task="t", selector="gauss")
 
 
 def test_images_in_memory_are_seen_as_files_and_the_server_see_them():
