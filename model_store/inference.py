@@ -14,6 +14,7 @@ from .errors import InvalidRequest
 from .labels import MAX_TEMPLATES, label_key, shown, template_ok
 from .modes import AUTO, PER_IMAGE, PER_REQUEST, ROUTE_MODES, ZERO_SHOT
 from .moe_clip import encode_image, encode_image_from, image_tokens
+from .settings import field_type_problems
 from .text import TextCache, prompt_texts, text_embeddings, text_key
 
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.",)
@@ -38,8 +39,25 @@ class ClassifyItem:
                 f"{type(self.images).__name__}{list(self.images.shape) if hasattr(self.images, 'shape') else ''}: "
                 "torch.stack([backbone.preprocess(viewed_rgb(im)) for im in pil_images])"
             )
-        if isinstance(self.labels, str):
-            raise TypeError(f"ClassifyItem.labels is a tuple of labels, got the string {self.labels!r}")
+        if not self.images.is_floating_point():  # one such item failed its whole batch with torch's dtype error
+            raise TypeError(
+                f"ClassifyItem.images holds {self.images.dtype} values; preprocessed images are floats: "
+                "torch.stack([backbone.preprocess(viewed_rgb(im)) for im in pil_images])"
+            )
+        if self.images.dtype != torch.float32:  # float64 from numpy, say: the passes run in float32
+            object.__setattr__(self, "images", self.images.float())
+        for name in ("labels", "templates"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # 'a {}' was read one character at a time
+                raise TypeError(f"ClassifyItem.{name} is a tuple of strings, got the string {value!r:.80}")
+            if value is not None:  # a generator, a list: a tuple of strings from here on
+                object.__setattr__(self, name, tuple(value))
+                if bad := [v for v in getattr(self, name) if not isinstance(v, str)]:
+                    raise TypeError(
+                        f"ClassifyItem.{name} is a tuple of strings, got {type(bad[0]).__name__} {bad[0]!r:.40}"
+                    )
+        if problems := field_type_problems(self):  # top_k="2" failed the whole batch; match_labels="false" was True
+            raise TypeError("ClassifyItem." + "; ".join(problems))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from model_store.errors import InvalidRequest, TaskNotFound
 from model_store.inference import ClassifyItem, TextCache, classify_batch, route_scores
 from tests.helpers import random_bundle
 
+ZERO = "zero-shot"
+
 
 @pytest.fixture(scope="module")
 def bank(backbone):
@@ -109,6 +111,33 @@ def test_invalid_items_fail_alone(backbone, bank, kwargs, match):
     out = classify_batch(bank, [bad, good])
     assert isinstance(out[0], InvalidRequest) and match in str(out[0])
     assert len(out[1]) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"top_k": "2"}, "ClassifyItem.top_k must be an integer, got str '2'"),  # failed its whole batch
+        ({"top_k": True}, "ClassifyItem.top_k must be an integer, got bool True"),  # was taken as 1
+        ({"match_labels": "false"}, "ClassifyItem.match_labels must be True or False"),  # was taken as True
+        ({"labels": (1, 2)}, "ClassifyItem.labels is a tuple of strings, got int 1"),
+        ({"templates": "a {}"}, "ClassifyItem.templates is a tuple of strings, got the string 'a {}'"),
+    ],
+)
+def test_a_mistyped_item_is_a_type_error_when_made(backbone, kwargs, match):
+    """An outside check of the Python API: these failed a whole batch with a bare TypeError, or were answered."""
+    with pytest.raises(TypeError, match=match):
+        ClassifyItem(_images(backbone, 1), **{"labels": ("x", "y"), **kwargs})
+
+
+def test_images_of_another_float_type_are_answered_and_integer_pixels_are_refused(backbone, bank):
+    """A float64 tensor (from numpy) failed every request of its batch with "expected scalar type Double"."""
+    x = _images(backbone, 2)
+    same, double = classify_batch(
+        bank, [ClassifyItem(x, ("x", "y"), ZERO), ClassifyItem(x.double(), iter(["x", "y"]), ZERO)]
+    )
+    assert [r.labels for r in same] == [r.labels for r in double]  # a generator of labels is taken too
+    with pytest.raises(TypeError, match=r"images holds torch.uint8 values; preprocessed images are floats"):
+        ClassifyItem((x * 50).to(torch.uint8), ("x", "y"))
 
 
 def test_text_cache_is_bounded_in_bytes():

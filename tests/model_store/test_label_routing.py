@@ -132,7 +132,7 @@ def test_a_classify_item_of_pil_images_or_one_label_string_is_a_named_type_error
 
     with pytest.raises(TypeError, match=r"tensor \[n, 3, H, W\] of preprocessed images, got list: torch.stack"):
         ClassifyItem([Image.new("RGB", (4, 4))], ("cat", "dog"))
-    with pytest.raises(TypeError, match="a tuple of labels, got the string 'cat,dog'"):
+    with pytest.raises(TypeError, match="ClassifyItem.labels is a tuple of strings, got the string 'cat,dog'"):
         ClassifyItem(torch.zeros(1, 3, 2, 2), "cat,dog")
 
 
