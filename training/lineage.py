@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from model_store.bank import BankSnapshot
+from model_store.manifest import MAX_VERSION
 
 from .data import LabelledImages
 
@@ -23,6 +25,7 @@ def with_parent_classes(
 ) -> tuple[LabelledImages, LabelledImages | None, list[str]]:
     """`train` and `val` over the classes a new version keeps (`parent_classes_of`) and their warnings: as they
     are for a task's first version. A Python caller's new version dropped its parent's classes (the CLI's did not)."""
+    _check_arguments(bank, train, val, version, parent)
     seen = parent_classes_of(bank, task, version, parent, given)
     if seen:
         return over_parent_classes(seen, train, val, version)
@@ -35,6 +38,27 @@ def with_parent_classes(
         log.warning("%s", warning)
         return train, val, [warning]
     return train, val, []
+
+
+def _check_arguments(bank: Any, train: Any, val: Any, version: Any, parent: Any) -> None:
+    """`train_task`'s arguments, by name, before any step runs (an outside check: the backbone given for the bank, a
+    list for `val`, failed with AttributeErrors deep inside; `version=0` once the whole run had trained)."""
+    if not isinstance(bank, BankSnapshot):
+        raise TypeError(
+            f"train_task's bank is a BankSnapshot, got {type(bank).__name__}: empty_bank(backbone) for a first task, "
+            "BankLoader(store, backbone).load() to train on top of a store's tasks"
+        )
+    for name, data in (("train", train), ("val", val)):
+        if not isinstance(data, LabelledImages) and not (name == "val" and data is None):
+            raise TypeError(
+                f"train_task's {name} is a LabelledImages (load_image_folder(path)), got {type(data).__name__}"
+            )
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        raise ValueError(
+            f"version must be an integer in 1..{MAX_VERSION}, got {type(version).__name__} {version!r:.40}"
+        )
+    if parent is not None and not isinstance(parent, str):
+        raise TypeError(f"parent is a bundle id (a string) or None, got {type(parent).__name__}")
 
 
 def parent_classes_of(

@@ -339,6 +339,8 @@ def train_task(
     A new version of a task names its `parent` (the bundle id of the version it follows, as `clipbank train
     --store` finds it) and answers over the parent's classes followed by the data's new ones: `parent_classes`,
     else those of the bank's task whose bundle `parent` is."""
+    if not isinstance(cfg, TrainConfig):  # a dict failed with an AttributeError
+        raise TypeError(f"train_task's cfg is a TrainConfig(task=..., steps=...), got {type(cfg).__name__}")
     train, val, class_warnings = with_parent_classes(bank, cfg.task, train, val, version, parent, parent_classes)
     reference = _reference(bank, reference)
     fit, val = checked_split(train, val, cfg, bank.backbone)

@@ -205,3 +205,24 @@ def test_training_reads_a_large_jpeg_as_the_server_decodes_it_not_at_full_size(t
         served = np.asarray(decode_image(opened))
         assert np.array_equal(np.asarray(ours.images[i]), served)
         assert np.array_equal(np.asarray(lazy.images[i]), served)
+
+
+def test_train_task_names_a_wrong_argument_before_any_step_runs(backbone):
+    """An outside check of the Python API: the backbone given for the bank, a list for `val` or a dict for the
+    config failed with AttributeErrors deep inside; `version=0` failed once the whole run had trained."""
+    from model_store.bank import empty_bank
+    from training.trainer import train_task
+
+    bank, data, cfg = empty_bank(backbone), _images(6), TrainConfig(task="t", steps=1)
+    cases = [
+        ((bank, data, {"task": "t"}), {}, TypeError, "train_task's cfg is a TrainConfig"),
+        ((backbone, data, cfg), {}, TypeError, r"bank is a BankSnapshot, got Backbone: empty_bank\(backbone\)"),
+        ((bank, list(data.images), cfg), {}, TypeError, "train_task's train is a LabelledImages"),
+        ((bank, data, cfg), {"val": [1]}, TypeError, "train_task's val is a LabelledImages"),
+        ((bank, data, cfg), {"version": 0}, ValueError, r"version must be an integer in 1\.\.\d+, got int 0"),
+        ((bank, data, cfg), {"version": "2"}, ValueError, "version must be an integer in .* got str '2'"),
+        ((bank, data, cfg), {"parent": 3}, TypeError, "parent is a bundle id"),
+    ]
+    for args, kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            train_task(*args, progress=False, **kwargs)
