@@ -186,8 +186,10 @@ class _Calls:
                 return
         if isinstance(bundle, str | os.PathLike) and Path(bundle).is_dir():
             raise IsADirectoryError(f"{bundle} is a folder, not a bundle file")
-        if hasattr(bundle, "save") or hasattr(bundle, "__array_interface__"):  # an image: sent as PNG, then a 422
-            raise TypeError(f"a bundle is a file's path, its bytes or an open file, not {type(bundle).__name__}")
+        # an image was sent as PNG, then a 422; None, a TrainResult or a Bundle were said to be no image
+        if not isinstance(bundle, str | os.PathLike | bytes | bytearray | memoryview) and not hasattr(bundle, "read"):
+            hint = ": push(result.bundle)" if hasattr(bundle, "bundle") and hasattr(bundle, "report") else ""
+            raise TypeError(f"a bundle is a file's path, its bytes or an open file, not {type(bundle).__name__}{hint}")
         yield {**request, "files": {"bundle": (_name(bundle, 0), _bytes(bundle), "application/octet-stream")}}
 
     def tasks(self, min_generation: int | None = None) -> dict[str, Any]:

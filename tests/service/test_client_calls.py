@@ -482,6 +482,11 @@ def test_push_of_an_image_is_a_type_error_before_anything_is_sent(monkeypatch):
     client_on(monkeypatch, _overloaded_then_ok(0, calls))
     with ClipbankClient("http://srv", token="s" * 20) as c, pytest.raises(TypeError, match="a bundle is a file's path"):
         c.push(Image.new("RGB", (2, 2)))
+    from training.trainer import TrainResult
+
+    for bundle, said in ((None, "not NoneType$"), (TrainResult(b"x", {}), r"not TrainResult: push\(result.bundle\)")):
+        with pytest.raises(TypeError, match="a bundle is a file's path, its bytes or an open file, " + said):
+            c.push(bundle)  # "an image is a path, ..." before (an outside check)
     assert calls == [] and repr(c) == "ClipbankClient('http://srv', token=set, timeout=60.0, retries=0)"
 
 
