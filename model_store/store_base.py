@@ -199,10 +199,8 @@ class Store:
     ) -> PutResult:
         """Validate and store a bundle; by default make it the task's active version (`shadow`: put it in shadow).
 
-        Ungated: a server's interference gate is not run here, and servers on this store serve an active version
-        at their next poll. A Python caller checks `train_task`'s `report["routing"]["gate"]` (the gate's verdict
-        against the bank it trained on: `passed`, `offences`) first, or uploads through a server
-        (`ClipbankClient.push`, gated), or stores with `activate=False` and activates once checked.
+        Ungated (servers on this store serve an active version at their next poll): check `train_task`'s
+        `report["routing"]["gate"]` (`passed`, `offences`) first, or push through a server (`ClipbankClient.push`).
         `bundle` is `read_bundle(data)` when the caller has it already (checked against the bytes' digest); `gate`
         the interference gate's report of it, kept beside the version.
         """
