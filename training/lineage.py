@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from model_store.bank import BankSnapshot
+from model_store.labels import label_key
 from model_store.manifest import MAX_VERSION
 
 from .data import LabelledImages
@@ -91,6 +92,14 @@ def over_parent_classes(
 ) -> tuple[LabelledImages, LabelledImages | None, list[str]]:
     """The data relabelled over the parent's classes followed by the new ones, and a warning when the training
     set lacks some of the parent's classes (measured: docs/method.md, Versions and classes)."""
+    keys = {label_key(c): c for c in seen}
+    for c in train.classes:  # 'Cloud' beside the parent's 'cloud': "make them differ" would add a second class
+        if c not in seen and label_key(c) in keys:
+            raise ValueError(
+                f"class {c!r} of the data is the parent's class {keys[label_key(c)]!r} written otherwise (labels "
+                f"match classes whatever their case, spacing or `_`): name its folder {keys[label_key(c)]!r}, so "
+                "that its images train that class"
+            )
     classes = tuple(seen) + tuple(c for c in train.classes if c not in seen)
     absent = [c for c in seen if c not in train.classes]
     warnings = []

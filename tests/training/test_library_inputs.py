@@ -226,3 +226,16 @@ def test_train_task_names_a_wrong_argument_before_any_step_runs(backbone):
     for args, kwargs, error, message in cases:
         with pytest.raises(error, match=message):
             train_task(*args, progress=False, **kwargs)
+
+
+def test_a_class_folder_that_names_a_parent_class_otherwise_is_told_to_take_its_name():
+    """An outside check: folders `Sun`, `Cloud` for a parent with `sun`, `cloud` were told "make them differ",
+    which would have made a second class of each."""
+    from training.lineage import over_parent_classes
+
+    with pytest.raises(
+        ValueError, match="class 'Cloud' of the data is the parent's class 'cloud' .* its folder 'cloud'"
+    ):
+        over_parent_classes(("cloud", "sun"), _images(4, ("Cloud", "fog")), None, 2)
+    train, _, _ = over_parent_classes(("cloud", "sun"), _images(4, ("cloud", "fog")), None, 2)
+    assert train.classes == ("cloud", "sun", "fog")
