@@ -28,7 +28,7 @@ class AsyncClipbankClient(_Calls):
     Settings as `ClipbankClient`'s (`timeout`, `retries`, `max_connections`); every call is a coroutine with the
     same arguments and answer. Images are read and encoded (a PIL image or an array as PNG), and a bundle read, in
     a worker thread, so the loop goes on meanwhile. One client may be shared by the tasks of one event loop; make
-    one per loop (and per process: it does not follow a fork). Cancelling a call (`asyncio.wait_for`, a task
+    one per loop (and per process: it does not follow a fork; after its loop closed, it connects anew in the next). Cancelling a call (`asyncio.wait_for`, a task
     cancelled) closes its connection at once; a change it was sending may have landed, as for a `timeout` error."""
 
     def _new_http(self) -> httpx.AsyncClient:
@@ -60,6 +60,7 @@ class AsyncClipbankClient(_Calls):
         """The JSON answer, or ClipbankHTTPError (`answer_body`); its body within `timeout` once it starts."""
         if self._http.is_closed:
             raise self._closed_error()
+        self._check_loop()
         deadline = math.inf if self.timeout is None else self.timeout
         began = time.monotonic()
         try:
@@ -68,6 +69,20 @@ class AsyncClipbankClient(_Calls):
         except httpx.HTTPError as e:  # refused, timed out, broke, a body that does not decode
             raise self._transport_error(e, method, path, time.monotonic() - began, "files" in kwargs) from None
         return answer_body(response, raw, self.url, method, path, expect)
+
+    def _check_loop(self) -> None:
+        """The client's connections belong to the event loop of its first call. Used from a second `asyncio.run`
+        (a client made at a script's top level), httpx failed with a bare "Event loop is closed": once that loop is
+        closed, the client makes new connections in this one; while it runs (another thread's), it is an error."""
+        loop, first = asyncio.get_running_loop(), getattr(self, "_loop", None)
+        if first is not None and first is not loop:
+            if not first.is_closed():
+                raise RuntimeError(
+                    "this AsyncClipbankClient is used by another running event loop, which holds its connections: "
+                    "make one client per event loop"
+                )
+            self._http = self._new_http()  # the closed loop's connections cannot be used, nor closed, from here
+        self._loop = loop
 
     async def classify(
         self,

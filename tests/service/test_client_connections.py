@@ -107,3 +107,32 @@ def test_a_proxy_the_environment_names_is_said_when_the_server_cannot_be_reached
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     with ClipbankClient(server) as c:
         assert c.task("a")["task"] == "a"
+
+
+def test_an_async_client_used_by_a_second_asyncio_run_connects_anew_and_a_running_loop_is_refused(server):
+    """An outside check: a client made at a script's top level, used in two `asyncio.run`s, failed the second with a
+    bare "Event loop is closed" (its kept-alive connection belonged to the first loop)."""
+    import asyncio
+
+    from service.client_async import AsyncClipbankClient
+
+    c = AsyncClipbankClient(server)
+    assert asyncio.run(c.task("first"))["task"] == "first"
+    assert asyncio.run(c.task("second"))["task"] == "second"
+    started, done = threading.Event(), threading.Event()
+
+    async def hold() -> None:  # a loop in another thread uses the client, and goes on running
+        await c.task("held")
+        started.set()
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+
+    other = threading.Thread(target=asyncio.run, args=(hold(),))
+    other.start()
+    try:
+        assert started.wait(10)
+        with pytest.raises(RuntimeError, match="used by another running event loop, .* make one client per event loop"):
+            asyncio.run(c.task("third"))
+    finally:
+        done.set()
+        other.join(10)
