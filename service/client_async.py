@@ -28,8 +28,9 @@ class AsyncClipbankClient(_Calls):
     Settings as `ClipbankClient`'s (`timeout`, `retries`, `max_connections`); every call is a coroutine with the
     same arguments and answer. Images are read and encoded (a PIL image or an array as PNG), and a bundle read, in
     a worker thread, so the loop goes on meanwhile. One client may be shared by the tasks of one event loop; make
-    one per loop (and per process: it does not follow a fork; after its loop closed, it connects anew in the next). Cancelling a call (`asyncio.wait_for`, a task
-    cancelled) closes its connection at once; a change it was sending may have landed, as for a `timeout` error."""
+    one per loop (and per process: it does not follow a fork; once its loop is closed, it connects anew in the
+    next). Cancelling a call (`asyncio.wait_for`, a task cancelled) closes its connection at once; a change it
+    was sending may have landed, as for a `timeout` error."""
 
     def _new_http(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(**self._http_settings())
