@@ -78,22 +78,19 @@ class _Reader:
             raise InvalidRequest('a multipart part has no Content-Disposition "name"')
         self._name = _utf8(options[b"name"], "a multipart field name")
         lim = self.limits
-        if b"filename" in options:
-            if self._name not in lim.file_fields:
-                raise InvalidRequest(
-                    f"unexpected file field {shown(self._name)}; send files in {', '.join(map(repr, lim.file_fields))}"
-                )
+        if b"filename" in options and self._name not in lim.file_fields:
+            raise InvalidRequest(
+                f"unexpected file field {shown(self._name)}; send files in {', '.join(map(repr, lim.file_fields))}"
+            )
+        # a file field's part is a file, with or without a filename (RFC 7578 makes it optional; hand-built Java
+        # bodies leave it out, and such a part was refused)
+        if self._name in lim.file_fields:
             if len(self.form.files) >= lim.max_files and lim.files_setting is None:  # a fixed shape, no setting
                 raise InvalidRequest(f"the file field {shown(self._name)} is sent more than once: {lim.files_name}")
             if len(self.form.files) >= lim.max_files:
                 message = f"more than {lim.files_name}={lim.max_files} files in one request"
                 raise LimitExceeded(message, lim.files_setting, lim.max_files)
-            self._filename = _utf8(options[b"filename"], "a file name", errors="replace")
-        elif self._name in lim.file_fields:  # else its bytes would meet the text limits and be named by them
-            raise InvalidRequest(
-                f"the part {shown(self._name)} has no filename, so it reads as text: send it as a file "
-                f'(Content-Disposition: form-data; name="{self._name}"; filename="...")'
-            )
+            self._filename = _utf8(options.get(b"filename", b""), "a file name", errors="replace")
         elif len(self.form.fields) >= lim.max_fields:
             raise LimitExceeded(
                 f"more than {lim.max_fields} text fields in one request ({lim.fields_name})",
@@ -106,7 +103,8 @@ class _Reader:
         if self._filename is not None and len(self._data) > lim.max_file_bytes:
             index = len(self.form.files)
             error = LimitExceeded(
-                f"{lim.file_word} {index} ({shown(self._filename, 60)}) passed {lim.max_file_bytes} bytes; "
+                f"{lim.file_word} {index}{f' ({shown(self._filename, 60)})' if self._filename else ''} passed "
+                f"{lim.max_file_bytes} bytes; "
                 f"the limit is {lim.file_bytes_name}={lim.max_file_bytes}"
             )
             error.details = {lim.file_word: index}

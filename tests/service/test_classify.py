@@ -174,12 +174,12 @@ BAD_INPUTS = [
         "invalid_request",
         "no labels",
     ),
-    (
+    (  # a part of the file field without a filename is a file (RFC 7578): here, no image
         "text in images",
         dict(files=_classify_files(), data={"labels": LABELS, "images": "abc"}),
         422,
-        "invalid_request",
-        "images",
+        "bad_image",
+        "image 0 is not an image",
     ),
     ("bad base64", dict(json={"images": ["!!notbase64!!"], "labels": LABELS}), 422, "bad_image", "base64"),
     ("json not an object", dict(json=["a"]), 422, "invalid_request", "object"),
@@ -333,6 +333,19 @@ async def test_an_error_of_one_image_names_its_index_so_a_client_can_leave_it_ou
         assert r.status_code == 422 and "details" not in r.json()["error"]
         assert "at least one image" in r.json()["error"]["message"], r.text
         assert r.json()["error"]["code"] == "invalid_request"  # as in JSON; `bad_image` names a bad image
+
+
+async def test_image_parts_without_a_filename_are_images(tmp_path, backbone):
+    """An outside check with hand-built Java bodies: RFC 7578 makes a file part's filename optional, and such an
+    image part was refused ("has no filename, so it reads as text")."""
+    async with running_app(tmp_path, backbone) as c:
+        files = [("images", (None, colour("red"), "image/png")), ("images", (None, colour("blue")))]
+        r = await c.post("/classify", files=files, data={"labels": LABELS})
+        assert r.status_code == 200, r.text
+        assert [res["labels"][0]["label"] for res in r.json()["results"]] == ["red", "blue"]
+        r = await c.post("/classify", files=[files[0], ("images", (None, b"not an image"))], data={"labels": LABELS})
+        assert r.status_code == 422 and r.json()["error"]["details"] == {"image": 1}, r.text
+        assert r.json()["error"]["message"].startswith("image 1 is "), r.text  # no "('')" for the missing name
 
 
 async def test_too_many_images_names_the_limit_so_a_client_can_send_fewer(tmp_path, backbone):
