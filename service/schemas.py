@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
@@ -47,6 +48,8 @@ class ClassifyOptions(BaseModel):
     @classmethod
     def _top_k_digits(cls, value: Any) -> Any:
         """A form field's top_k is digits: "1_0" was read as 10, " +1 " as 1 (an outside check)."""
+        if isinstance(value, str) and value.strip()[:1] == "-" and value.strip()[1:].isdigit():  # was "not digits"
+            raise ValueError(f"top_k must be >= 1, got {value[:20]!r}")
         if isinstance(value, str) and not (value.isascii() and value.isdigit()):
             raise ValueError(f"top_k is a whole number written in digits, got {value[:20]!r}")
         if isinstance(value, str) and len(value) > MAX_INT_DIGITS:  # 2147483647 ("all") was refused: not digits
@@ -308,7 +311,11 @@ class ActivateRequest(BaseModel):
     def _whole_number(cls, v: Any) -> Any:
         """A JSON integer (1 or 1.0, as JSON Schema allows); not a string or a boolean."""
         if isinstance(v, bool) or not isinstance(v, int | float) or (isinstance(v, float) and not v.is_integer()):
-            raise ValueError("version must be a whole number")
+            # a Java body built by concatenation sends "2": "must be a whole number" read as if 2 were not one
+            kind = {str: "the string", bool: "the boolean"}.get(type(v), "")
+            raise ValueError(
+                f"version must be a JSON integer such as 2, got {kind} {json.dumps(v)[:20]}".replace("  ", " ")
+            )
         return int(v)
 
 

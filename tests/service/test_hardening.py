@@ -903,6 +903,8 @@ def test_a_classify_token_equal_to_the_admin_token_is_refused_and_top_k_is_digit
         with pytest.raises(ValidationError, match="top_k is a whole number"):
             ClassifyOptions(top_k=bad)
     assert ClassifyOptions(top_k="3").top_k == 3
+    with pytest.raises(ValidationError, match="top_k must be >= 1, got '-1'"):  # "not written in digits" before
+        ClassifyOptions(top_k="-1")
 
 
 async def test_kept_alive_answers_say_how_long_an_idle_connection_stays_open():

@@ -442,7 +442,9 @@ async def test_upload_without_activation_is_still_checked(tmp_path, backbone):
         assert info["active_version"] is None and not info["serving"] and info["classes"] == []
         assert info["versions"][0]["classes"] == ["red", "blue", "green"]
         r = await c.post("/tasks/colours/activate", json={"version": True}, headers=AUTH)
-        assert r.status_code == 422  # a boolean is not a version
+        assert r.status_code == 422 and "got the boolean true" in r.text  # a boolean is not a version
+        r = await c.post("/tasks/colours/activate", json={"version": "2"}, headers=AUTH)  # "a whole number" before
+        assert r.status_code == 422 and 'version must be a JSON integer such as 2, got the string \\"2\\"' in r.text
 
         async def big():
             for _ in range(20):
