@@ -112,8 +112,9 @@ class _Reader:
         if self._filename is None and len(self._data) > lim.max_field_bytes:
             setting = lim.field_bytes_setting
             named = setting[1:] if setting and setting[0] == self._name else ()  # a `task` field is no label
-            raise LimitExceeded(
-                f"text field {shown(self._name)} passed {lim.max_field_bytes} bytes; "
+            index = sum(name == self._name for name, _ in self.form.fields)  # which of its field's values: 'labels' 3
+            raise LimitExceeded(  # it said "passed 800 bytes; the limit is 800 bytes", as if that were its size
+                f"text field {shown(self._name)} {index} is longer than {lim.max_field_bytes} bytes; "
                 f"the limit is {lim.max_field_bytes} bytes ({lim.field_bytes_name})",
                 *named,
             )

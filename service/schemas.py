@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from model_store.modes import AUTO, PER_IMAGE, PER_REQUEST
 from model_store.safejson import MAX_INT_DIGITS
@@ -71,6 +71,15 @@ class ClassifyJSON(ClassifyOptions):
         extra="forbid",
         json_schema_extra={"examples": [{"images": ["iVBORw0KGgo..."], "labels": ["cat", "dog"], "task": "auto"}]},
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """An option sent as null is its default: Jackson and other JSON writers send unset fields as null, and
+        `"labels": null` was a 422 (an outside check's Java client)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in ClassifyOptions.model_fields)}
+        return data
 
 
 class LabelScore(BaseModel):

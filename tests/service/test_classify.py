@@ -41,6 +41,12 @@ async def test_json_base64_and_options(tmp_path, backbone):
         results = r.json()["results"]
         assert [res["labels"][0]["label"] for res in results] == ["red", "green"]
         assert all(len(res["labels"]) == 2 for res in results)
+        # options sent as null, as Jackson writes unset fields: their defaults (`"labels": null` was a 422)
+        nulls = {"labels": None, "task": None, "route": None, "match_labels": None, "top_k": None}
+        r = await c.post("/classify", json={"images": payload["images"][:1], **nulls})
+        assert r.status_code == 200 and r.json()["results"][0]["labels"] == [], r.text  # no labels, no task: none
+        r = await c.post("/classify", json={"images": None, "labels": LABELS})
+        assert r.status_code == 422 and "images" in r.json()["error"]["message"], r.text
 
 
 def _classify_files(n=1, name="r.png", data=None):
@@ -110,10 +116,10 @@ BAD_INPUTS = [
     ),
     (
         "label far too long",  # cut at the multipart layer, in bytes: the message says how they relate to characters
-        dict(files=_classify_files(), data={"labels": ["x" * 1000]}),
+        dict(files=_classify_files(), data={"labels": ["red", "x" * 1000]}),
         413,
         "limit_exceeded",
-        "the limit is 256 bytes (max_label_chars=40 characters of up to 4 bytes)",
+        "field 'labels' 1 is longer than 256 bytes; the limit is 256 bytes (max_label_chars=40 characters of up to 4",
     ),
     ("empty label", dict(files=_classify_files(), data={"labels": ["red", " "]}), 422, "invalid_request", "label 1"),
     (
