@@ -127,6 +127,22 @@ class _Reader:
         self._data = bytearray()
 
 
+def _malformed(head: bytes, boundary: bytes, error: Exception) -> str:
+    """What is wrong with a body the parser refused, in words where its start tells ("Expected boundary character
+    79, got 88 at index 4" for a body whose boundary is not the one Content-Type names, an outside check's)."""
+    said = str(error)[:160]
+    if not head.startswith(b"--" + boundary):
+        named = ("--" + boundary.decode("latin-1"))[:72]
+        return f"it does not start with {named!r}, the boundary its Content-Type names, as its first line ({said})"
+    rest = head[len(boundary) + 2 :]
+    if not rest.startswith(b"\r\n"):
+        return f"the boundary line must end in CRLF (\\r\\n), with nothing after the boundary ({said})"
+    headers = rest[2:].split(b"\r\n\r\n")[0].split(b"\n\n")[0]  # the first part's header lines
+    if headers.count(b"\n") > headers.count(b"\r\n"):
+        return f"every line of the part headers must end in CRLF (\\r\\n), not LF alone ({said})"
+    return said
+
+
 def _utf8(raw: bytes, what: str, errors: str = "strict") -> str:
     try:
         return raw.decode("utf-8", errors)
@@ -143,15 +159,18 @@ async def read_multipart(request: Request, limits: FormLimits) -> Form:
     reader = _Reader(limits)
     names = ("on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value", "on_header_end")
     callbacks = {name: getattr(reader, name) for name in (*names, "on_headers_finished", "on_end")}
+    head = bytearray()  # the body's first bytes, to say what is wrong in words
     try:
         parser = MultipartParser(boundary, callbacks)
         async for chunk in request.stream():
+            if len(head) < 512:
+                head += chunk[: 512 - len(head)]
             parser.write(chunk)
         parser.finalize()
     except ClientDisconnect:
         raise ClientGone("the client closed the connection before its body arrived") from None
     except (FormParserError, ValueError) as e:  # a malformed body (our own errors are not ValueErrors)
-        raise InvalidRequest(f"the multipart body is malformed: {str(e)[:160]}") from None
+        raise InvalidRequest(f"the multipart body is malformed: {_malformed(bytes(head), boundary, e)}") from None
     if not reader.ended:  # python-multipart's finalize() does not check: a cut-off last part would vanish
         raise InvalidRequest("the multipart body is truncated: it has no closing boundary")
     return reader.form

@@ -230,7 +230,8 @@ CLASSIFY_IMAGES = [
     ),
     Case("99,000 tiny image parts", form(lambda: [(b"images", b"i", b"x")] * 99_000), 413, "limit_exceeded"),
     Case("no images", form(lambda: [(b"labels", None, b"a")]), 422, "invalid_request"),
-    Case("an image part without a filename", form(lambda: [(b"images", None, png_of())]), 422, "invalid_request"),
+    # a part of `images` without a filename is an image (RFC 7578; tests/service/test_classify.py): this one is none
+    Case("an image part without a filename, no image", form(lambda: [(b"images", None, b"x" * 99)]), 422, "bad_image"),
 ]
 
 CLASSIFY_FIELDS = [

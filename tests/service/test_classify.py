@@ -354,6 +354,21 @@ async def test_image_parts_without_a_filename_are_images(tmp_path, backbone):
         assert r.json()["error"]["message"].startswith("image 1 is "), r.text  # no "('')" for the missing name
 
 
+async def test_a_malformed_multipart_body_is_told_what_is_wrong_in_words(tmp_path, backbone):
+    """An outside check's hand-built bodies got the parser's "Expected boundary character 79, got 88 at index 4"."""
+    part = b'Content-Disposition: form-data; name="images"; filename="r.png"'
+    cases = [  # (body, what the message says), each sent with the boundary XX
+        (b"--OTHER\r\n" + part + b"\r\n\r\n" + colour("red") + b"\r\n--OTHER--\r\n", "does not start with '--XX'"),
+        (b'{"images": ["aGk="]}', "does not start with '--XX', the boundary its Content-Type names"),
+        (b"--XX\n" + part + b"\n\n" + colour("red") + b"\n--XX--\n", "boundary line must end in CRLF"),
+        (b"--XX\r\n" + part + b"\nContent-Type: image/png\n\n" + colour("red") + b"\r\n--XX--\r\n", "not LF alone"),
+    ]
+    async with running_app(tmp_path, backbone) as c:
+        for body, said in cases:
+            r = await c.post("/classify", content=body, headers={"Content-Type": "multipart/form-data; boundary=XX"})
+            assert r.status_code == 422 and said in r.json()["error"]["message"], r.text
+
+
 async def test_too_many_images_names_the_limit_so_a_client_can_send_fewer(tmp_path, backbone):
     async with running_app(tmp_path, backbone, limits=SMALL) as c:
         for kwargs in (
