@@ -16,6 +16,7 @@ from .errors import MissingExpert, TaskDegraded, TaskNotFound
 from .experts import Expert, MoEConfig, Routing, TaskRouter
 from .labels import label_key
 from .manifest import Manifest, shown
+from .modes import AUTO, ZERO_SHOT
 from .selector import Selector, load_selector
 from .selector_stack import SelectorStack
 
@@ -95,7 +96,11 @@ class BankSnapshot:
                 f"task {shown(name)} is active but cannot be served: {self.degraded[name]} (docs/security.md, "
                 "Degraded start, says how to repair it)"
             )
-        raise TaskNotFound(f"task {shown(name)} is not active; active tasks: {', '.join(self.task_names) or 'none'}")
+        spelt = label_key(name).replace("-", " ") if isinstance(name, str) else None
+        mode = {"auto": AUTO, "zero shot": ZERO_SHOT, "zeroshot": ZERO_SHOT}.get(spelt or "")
+        hint = f" ({mode!r} is the mode of that name)" if mode else ""  # task="zero_shot" (an outside check)
+        active = ", ".join(self.task_names) or "none"
+        raise TaskNotFound(f"task {shown(name)} is not active{hint}; active tasks: {active}")
 
     @property
     def prefix_block(self) -> int:

@@ -139,14 +139,16 @@ def load_image_folder(
     lazy: bool = False,
     skip_bad: bool = False,
     target: int | None = None,
+    progress: bool = True,
 ) -> LabelledImages:
     """Read `root/<class>/*.png|jpg|...` as RGB (eagerly, or on access with `lazy`); JPEGs at the reduced scale
     the server decodes them at for a backbone of input size `target`, when given (`read_rgb`).
 
     With `classes`, folders must name exactly those. A file that cannot be read as an image is an error that
     names every such file; with `skip_bad` (eager reading only) those files are left out, with a warning.
+    `progress=False`: no "read images" bar (shown for 100 files or more), as `train_task(progress=False)`.
     """
-    return read_image_folder(list_image_folder(root, classes), lazy, skip_bad, target)
+    return read_image_folder(list_image_folder(root, classes), lazy, skip_bad, target, progress)
 
 
 @dataclass(frozen=True)
@@ -238,13 +240,13 @@ def _say_left_out(root: Path, entries: Sequence[Path]) -> None:
 
 
 def read_image_folder(
-    listing: FolderListing, lazy: bool = False, skip_bad: bool = False, target: int | None = None
+    listing: FolderListing, lazy: bool = False, skip_bad: bool = False, target: int | None = None, progress: bool = True
 ) -> LabelledImages:
     """The listed images, as `load_image_folder` reads them."""
     paths, labels, classes = listing.paths, listing.labels, listing.classes
     if lazy:
         return LabelledImages(LazyImages(paths, functools.partial(read_rgb, target=target)), labels, classes)
-    images, kept = _read_all(paths, skip_bad, target)
+    images, kept = _read_all(paths, skip_bad, target, progress)
     labels = [labels[i] for i in kept]
     empty = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes)), strict=True) if n == 0]
     if empty:
@@ -264,13 +266,14 @@ def read_image_folder(
 
 
 def _read_all(
-    paths: Sequence[Path], skip_bad: bool = False, target: int | None = None
+    paths: Sequence[Path], skip_bad: bool = False, target: int | None = None, progress: bool = True
 ) -> tuple[list[Image.Image], list[int]]:
     """The images, and the indices into `paths` they were read from; or one ValueError naming every file that
     cannot be used (not one per run). With `skip_bad`, those files are left out with one warning instead."""
     images, kept, problems = [], [], []
     # large folders took a minute, silent, before training said a word (an outside check); small ones stay quiet
-    for i, f in enumerate(progress_bar(paths, desc="read images", unit="image", leave=False, disable=len(paths) < 100)):
+    quiet = not progress or len(paths) < 100
+    for i, f in enumerate(progress_bar(paths, desc="read images", unit="image", leave=False, disable=quiet)):
         try:
             images.append(read_rgb(f, target))
             kept.append(i)

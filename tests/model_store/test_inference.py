@@ -41,6 +41,15 @@ def test_pinned_task_without_labels_uses_its_classes(backbone, bank):
         assert r.labels[0][0] in ("cat", "dog") and len(r.labels) == 1
 
 
+def test_a_task_named_as_a_mode_otherwise_is_told_the_modes_spelling(bank):
+    """An outside check's `task="zero_shot"` was told only that no such task is active."""
+    for name, mode in (("zero_shot", "zero-shot"), ("Zero Shot", "zero-shot"), ("AUTO", "auto")):
+        with pytest.raises(TaskNotFound, match=f"task '{name}' is not active \\('{mode}' is the mode of that name\\)"):
+            bank.task_index(name)
+    with pytest.raises(TaskNotFound, match=r"task 'cats' is not active; active tasks: a$"):
+        bank.task_index("cats")
+
+
 def test_bad_request_fails_alone(backbone, bank):
     good = ClassifyItem(_images(backbone, 2), ("x", "y"), task="a")
     no_labels = ClassifyItem(_images(backbone, 1), None, task="zero-shot")

@@ -239,3 +239,19 @@ def test_a_class_folder_that_names_a_parent_class_otherwise_is_told_to_take_its_
         over_parent_classes(("cloud", "sun"), _images(4, ("Cloud", "fog")), None, 2)
     train, _, _ = over_parent_classes(("cloud", "sun"), _images(4, ("cloud", "fog")), None, 2)
     assert train.classes == ("cloud", "sun", "fog")
+
+
+def test_load_image_folder_reads_quietly_when_asked(tmp_path, capsys):
+    """An outside check: `train_task(progress=False)` in a notebook still showed "read images" bars, which come
+    from `load_image_folder` and had no switch."""
+    from training.data import load_image_folder
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(60):
+            Image.new("RGB", (8, 8), "red").save(tmp_path / c / f"{i}.png")
+    capsys.readouterr()
+    assert len(load_image_folder(tmp_path, progress=False).images) == 120
+    assert "read images" not in capsys.readouterr().err
+    load_image_folder(tmp_path)
+    assert "read images" in capsys.readouterr().err  # 100 files or more: the bar, by default
