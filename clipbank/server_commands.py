@@ -13,7 +13,7 @@ from typing import Any
 from .classify_command import DEFAULT_URL
 from .flags import ADMIN_TOKEN_HELP, command_token, version_number
 from .output import print_json
-from .tables import partial_classes, print_tasks
+from .tables import print_tasks
 
 
 def _client(args: argparse.Namespace):
@@ -30,7 +30,11 @@ def _push(args: argparse.Namespace) -> int:
         before = _task_or_none(client, manifest.get("task"))
         out = client.push(path, force=args.force, mode=mode, wait_all=args.wait_all)
         print_json(out)  # the version stored, whatever the comparison below meets
-        compare_with_before(client, before, out, out.get("version"), mode != "active")
+        if isinstance(out.get("warnings"), list):  # the server compared it with the version it replaces
+            for note in out["warnings"]:
+                print(note, file=sys.stderr)
+        else:  # a server older than its `warnings`
+            compare_with_before(client, before, out, out.get("version"), mode != "active")
         shadowed = before.get("shadow_version") if isinstance(before, dict) else None
         if mode == "shadow" and shadowed is not None and shadowed != out.get("version"):
             print(
@@ -93,51 +97,15 @@ def compare_with_before(client, before: dict | None, out: dict, version: object,
 
 
 def say_what_it_replaces(out: dict, replaced: int, task: dict | None, would: bool = False) -> None:
-    """On stderr: classes the replaced version had and the new one lacks, and a validation accuracy well under
-    its (an outside check: a v2 trained on 2 new classes replaced a v1 of 6, its selector then claimed 96% of
-    their images and answered them wrong; the gate, which measures other tasks, passed it, and push said nothing;
-    another's: pushed in shadow, then promoted, nothing was said either)."""
+    """On stderr: `model_store.replacement.replacement_notes` of out's version against version `replaced` of `task`
+    (`GET /tasks/TASK`); a server that says them in its answer (`warnings`) is read instead (`_push`)."""
+    from model_store.replacement import replacement_notes
+
     versions = {v.get("version"): v for v in (task or {}).get("versions") or () if isinstance(v, dict)}
     old, new = versions.get(replaced), versions.get(out.get("version"))
-    if not old or not new:
-        return
-    name, v = out.get("task"), out.get("version")
-    kept = set(new.get("classes") or ())
-    dropped = [c for c in old.get("classes") or () if c not in kept]
-    verb = "would replace" if would else "replaces"
-    newer = isinstance(v, int) and v > replaced  # else a rollback: no training advice, no "roll back" to what it left
-    back = f"Roll back with `clipbank tasks activate {name} {replaced}`. " if newer and not would else ""
-    if dropped:
-        shown = ", ".join(dropped[:8]) + (", ..." if len(dropped) > 8 else "")
-        keep = (
-            "To keep them, train a version on images of every class"
-            if newer
-            else f"v{v} is older than v{replaced}: it was trained before those classes"
-        )
-        print(
-            f"task {name} v{v} {verb} v{replaced} and lacks {len(dropped)} of its {len(old.get('classes'))} classes "
-            f"({shown}): their images {'would be' if would else 'are now'} answered over v{v}'s classes when sent "
-            f"without labels; sent with their names beside some of v{v}'s classes, a name v{v} never learned wins "
-            f"only as far as both v{v} and zero-shot CLIP favour it (docs/method.md), so they are often answered "
-            f"with one of v{v}'s classes. {back}{keep}",
-            file=sys.stderr,
-        )
-    classes, trained = new.get("classes") or (), (new.get("metrics") or {}).get("train_classes")
-    if isinstance(trained, int | float) and 0 < trained < len(classes):  # an outside check: 88% -> 25%, unsaid
-        advice = f" {back}To keep them, train a version on images of every class" if newer else ""
-        print(
-            f"task {name} v{v} was trained on images of {int(trained)} of its {len(classes)} classes: the others "
-            f"{'would be' if would else 'are'} answered by experts that never saw them, mostly wrong.{advice}",
-            file=sys.stderr,
-        )
-    was, now = ((x.get("metrics") or {}).get("val_accuracy") for x in (old, new))
-    if isinstance(was, int | float) and isinstance(now, int | float) and now < was - 0.05:
-        on_some = [partial_classes(x.get("metrics", {}).get("val_classes"), x.get("classes")) for x in (new, old)]
-        print(  # an outside check's v2 "100.0%" was on 2 of its 8 classes (29% on all 8): said, as in the table
-            f"task {name} v{v}: validation accuracy {now:.1%}{on_some[0]} against v{replaced}'s {was:.1%}"
-            f"{on_some[1]} (each on its own validation images)",
-            file=sys.stderr,
-        )
+    if old and new:
+        for note in replacement_notes(str(out.get("task")), new, old, would):
+            print(note, file=sys.stderr)
 
 
 def say_failing_gate(out: dict) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from model_store.replacement import partial_classes
+
 if TYPE_CHECKING:  # building the command line loads no torch
     from model_store.store_index import StoreIndex
 
@@ -44,13 +46,6 @@ def print_tasks(generation: int, tasks: list[dict[str, Any]], where: str) -> Non
             print(f"{t['task']} is not served: {t['degraded']}")
         if t.get("shadow_degraded"):
             print(f"the version of {t['task']} in shadow is not scored: {t['shadow_degraded']}")
-
-
-def partial_classes(measured: Any, classes: list | None) -> str:
-    """` (2/10 classes)` when the validation accuracy was measured on only some of the version's classes."""
-    if not isinstance(measured, int | float) or classes is None or measured >= len(classes):
-        return ""
-    return f" ({int(measured)}/{len(classes)} classes)"
 
 
 def _row(task: dict[str, Any], v: dict[str, Any]) -> tuple[str, ...]:

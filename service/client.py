@@ -344,8 +344,9 @@ class ClipbankClient(_Calls):
         wait_all: bool = False,
     ) -> dict[str, Any]:
         """Upload a bundle file (path or bytes); returns `{task, version, bundle_id, experts_added, generation,
-        gate, replicas, restored}` (`restored`: the very bytes of a stored version whose blob was damaged, written
-        back; nothing new stored). `force` overrides the interference gate (a 409 `interference` otherwise names what it
+        gate, replicas, restored, warnings}` (`restored`: the very bytes of a stored version whose blob was damaged,
+        written back; nothing new stored; `warnings`: what it costs the classes of the version it replaces, such as
+        those it lacks). `force` overrides the interference gate (a 409 `interference` otherwise names what it
         would take). `mode` (active, inactive, shadow) replaces `activate` when given. `wait_all`: return once
         every replica serves it (a 504 `replicas_lagging` names those that did not)."""
         with self._push_request(bundle, activate, force, mode, wait_all) as request:

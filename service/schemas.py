@@ -184,6 +184,12 @@ class TaskUploaded(BaseModel):
         description="true (status 200): these are the bytes of a stored version whose blob was missing or damaged, "
         "written back; the version keeps its state, and the tasks using its experts serve again",
     )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what this version costs the classes of the task's version it replaces (or would: inactive, "
+        "shadow): classes it lacks, classes it saw no training image of, a validation accuracy well under the "
+        "old one's. The interference gate measures other tasks and passes such a version.",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={

@@ -13,6 +13,7 @@ from model_store.errors import ClipbankError, InvalidRequest, StoreError, TaskNo
 from model_store.gate import InterferenceRefused
 from model_store.manifest import shown
 from model_store.modes import TASK_RE
+from model_store.replacement import replacement_notes
 from model_store.store_base import needed_by
 
 from ..auth import TokenCheck
@@ -156,15 +157,16 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         chosen = _upload_mode(mode, activate)  # before the body is read
         data = await read_bundle_upload(request, service.config.limits)
         async with one_at_a_time:
+            before = registry.bank  # what a new version replaces
             result = await run_in_threadpool(registry.upload, data, chosen == "active", force, chosen == "shadow")
+        notes = await run_in_threadpool(_replacement_notes, registry, result, before, chosen != "active")
         state = chosen
         if result.restored:  # nothing new was created: a stored version's blob was written back
             response.status_code = 200
             state = await run_in_threadpool(_stored_state, registry, result.task, result.bundle_id)
-        how = "restored" if result.restored else chosen + (", force" if force else "")
-        what = f"version {result.version} of {result.task} ({how})"
-        replicas = await announced(request, result.generation, wait, what)
-        return {**vars(result), "state": state, "replicas": replicas}
+        how = "(restored)" if result.restored else f"({chosen}{', force' * force})"
+        replicas = await announced(request, result.generation, wait, f"version {result.version} of {result.task} {how}")
+        return {**vars(result), "state": state, "replicas": replicas, "warnings": notes}
 
     _add_reading(router)
 
@@ -193,6 +195,20 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
 
     _add_removal(router)
     return router
+
+
+def _replacement_notes(registry: Any, result: Any, before: Any, would: bool) -> list[str]:
+    """`replacement_notes` of the uploaded version against the one bank `before` served (or would replace:
+    inactive, shadow); none for a restored blob, which changes nothing."""
+    replaced = {t.name: t.version for t in before.tasks}.get(result.task)
+    if result.restored or replaced is None or replaced == result.version:
+        return []
+    try:
+        old, new = (registry.store.version(result.task, v) for v in (replaced, result.version))
+    except (ClipbankError, OSError):  # the store cannot say now: the upload stands, a remark less
+        return []
+    as_listed = [{"version": r.version, "classes": r.classes, "metrics": dict(r.metrics)} for r in (new, old)]
+    return replacement_notes(result.task, *as_listed, would)
 
 
 def _stored_state(registry: Any, task: str, bundle_id: str) -> str | None:

@@ -382,6 +382,22 @@ def test_push_says_what_the_version_it_replaces_had_and_what_its_training_warned
     assert main(["push", str(bundle), *URL]) == 0
     assert "validation accuracy 57.5% against v1's 86.7% (1/3 classes)" in capsys.readouterr().err
 
+    # a server that compares itself (its answer's `warnings`): said as it says them, with no second reading
+    said = "task greek v2 replaces v1 and lacks 2 of its 3 classes (as the server says)"
+    real = handler
+
+    def comparing(request: httpx.Request) -> httpx.Response:
+        answer = real(request)
+        if request.method == "POST":
+            return httpx.Response(201, json={**answer.json(), "warnings": [said]})
+        return answer
+
+    client_on(monkeypatch, comparing)
+    seen[:] = []
+    assert main(["push", str(bundle), *URL]) == 0
+    err = capsys.readouterr().err
+    assert said in err and "86.7%" not in err and seen == [("GET", "/tasks/greek", None), ("POST", "/tasks", None)]
+
 
 def test_push_of_a_pipe_sends_every_byte_of_it(monkeypatch, backbone):
     """The review of the push's comparison: reading the manifest ahead from `<(cat bundle)` took its first 4 KiB,

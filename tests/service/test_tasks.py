@@ -542,3 +542,24 @@ async def test_a_replica_on_a_replaced_store_is_not_counted_as_serving_a_change(
         replicas = ray_engine.reported([answer, {"replica": "fresh", "generation": 3, "pid": 1}, TimeoutError("x")])
         assert replicas["fresh"] == 3 and replicas["replica-2"] == "TimeoutError: x"
         assert replicas[service.replica].startswith("store error at generation 3: the store was replaced"), replicas
+
+
+async def test_an_upload_says_which_classes_of_the_version_it_replaces_it_lacks(tmp_path, backbone):
+    """An outside check from Python: a v3 trained on the 2 new classes only replaced a v2 of 6 classes, the 4 old
+    ones fell to 0%, and `ClipbankClient.push` (any HTTP client) was told nothing: only the CLI compared."""
+    bank = empty_bank(backbone)
+    v1 = random_bundle(bank, "greek", seed=1, classes=("alpha", "beta", "gamma"))
+    v2 = random_bundle(bank, "greek", seed=2, version=2, classes=("alpha", "delta"))
+    async with running_app(tmp_path, backbone) as c:
+        first = (await c.post("/tasks", **_upload(v1))).json()
+        assert first["warnings"] == []  # nothing replaced
+        r = await c.post("/tasks?mode=shadow", **_upload(v2))
+        assert r.status_code == 201 and len(r.json()["warnings"]) == 1, r.text
+        assert r.json()["warnings"][0].startswith("task greek v2 would replace v1 and lacks 2 of its 3 classes (beta")
+        r = await c.post("/tasks/greek/activate", json={"version": 2}, headers=AUTH)
+        assert r.status_code == 200
+        again = await c.post("/tasks", **_upload(with_version(v1, 3)))  # v1's classes again, as v3: not v2's delta
+        assert again.status_code == 201, again.text
+        assert [w[:62] for w in again.json()["warnings"]] == [
+            "task greek v3 replaces v2 and lacks 1 of its 2 classes (delta)"
+        ]
