@@ -40,6 +40,12 @@ def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> A
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+def is_bool(value: Any) -> bool:
+    """True or False, or numpy's bool (a scalar, or an array of no dimension)."""
+    numpy_bool = getattr(getattr(value, "dtype", None), "kind", None) == "b" and getattr(value, "shape", None) == ()
+    return value is True or value is False or numpy_bool
+
+
 @functools.cache
 def _scalar_fields(cls: type) -> dict[str, tuple[type, bool]]:
     """The bool, int and float fields of a config class: name -> (type, whether None is allowed)."""
@@ -67,10 +73,11 @@ def field_type_problems(config: Any) -> list[str]:
             continue
         try:
             if kind is bool:
-                numpy_bool = getattr(getattr(value, "dtype", None), "kind", None) == "b" and value.shape == ()
-                if not (isinstance(value, bool) or numpy_bool):
+                if not is_bool(value):
                     raise TypeError
                 value = bool(value)
+            elif kind is int and isinstance(value, float) and value.is_integer():
+                value = int(value)  # 64e6 bytes, 64.0 images: taken before these checks, and still
             elif isinstance(value, bool) or not isinstance(value, numbers.Real if kind is float else numbers.Integral):
                 raise TypeError
             elif type(value) not in (int, float):  # numpy's: plain Python numbers from here on

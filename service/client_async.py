@@ -42,6 +42,7 @@ class AsyncClipbankClient(_Calls):
         await self.aclose()
 
     async def aclose(self) -> None:
+        self._check_loop()  # connections of a closed loop are dropped, not closed from this one (an error)
         await self._http.aclose()
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -78,8 +79,9 @@ class AsyncClipbankClient(_Calls):
         loop, first = asyncio.get_running_loop(), getattr(self, "_loop", None)
         if first is not None and first is not loop:
             if not first.is_closed():
+                state = "running" if first.is_running() else "not closed"
                 raise RuntimeError(
-                    "this AsyncClipbankClient is used by another running event loop, which holds its connections: "
+                    f"this AsyncClipbankClient is used by another event loop ({state}), which holds its connections: "
                     "make one client per event loop"
                 )
             self._http = self._new_http()  # the closed loop's connections cannot be used, nor closed, from here

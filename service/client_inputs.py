@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from model_store.settings import is_bool
+
 ImageInput = Any  # a path, encoded bytes (or a bytes-like object), an open binary file, a PIL image, a uint8 array
 
 
@@ -58,8 +60,7 @@ def whole(value: Any, name: str) -> int:
 def flag(value: Any, name: str) -> bool:
     """`value` as a bool: True or False (numpy's bool too), never a string or a number, whose truth a caller may
     read otherwise ("false" is true; purge="no" must not forget a task, nor activate="false" serve a version)."""
-    numpy_bool = getattr(getattr(value, "dtype", None), "kind", None) == "b" and getattr(value, "shape", None) == ()
-    if value is True or value is False or numpy_bool:
+    if is_bool(value):
         return bool(value)
     raise TypeError(f"{name} is True or False, got {type(value).__name__} {value!r}"[:200])
 

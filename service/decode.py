@@ -19,7 +19,7 @@ from model_store.safejson import loads as bounded_loads
 
 from .config import MB, Limits
 from .errors import ClientGone, LimitExceeded, UnsupportedMediaType, of_image
-from .forms import FormLimits, read_multipart
+from .forms import FormLimits, named_part, read_multipart
 from .images import decode_base64
 from .schemas import ClassifyJSON, ClassifyOptions
 
@@ -57,7 +57,7 @@ async def read_classify(request: Request, limits: Limits) -> tuple[list[tuple[st
     kind = content_kind(request)
     if kind == "multipart/form-data":
         form = await read_multipart(request, classify_form_limits(limits))
-        files = [(f"image {i}{_named(name)}", data) for i, (_, name, data) in enumerate(form.files)]
+        files = [(f"image {i}{named_part(name)}", data) for i, (_, name, data) in enumerate(form.files)]
         fields: dict[str, Any] = {}
         for key, value in form.fields:
             if key == "labels":
@@ -310,8 +310,3 @@ async def read_bundle_upload(request: Request, limits: Limits) -> bytes:
     if not form.files:  # no file at all: not a bundle in the wrong format
         raise InvalidRequest("send the bundle file in the multipart field 'bundle'")
     return form.files[0][2]
-
-
-def _named(filename: str) -> str:
-    """A part's filename as its messages show it, after its index; nothing for a part sent without one."""
-    return f" ({shown(filename, 60)})" if filename else ""

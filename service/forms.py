@@ -103,8 +103,7 @@ class _Reader:
         if self._filename is not None and len(self._data) > lim.max_file_bytes:
             index = len(self.form.files)
             error = LimitExceeded(
-                f"{lim.file_word} {index}{f' ({shown(self._filename, 60)})' if self._filename else ''} passed "
-                f"{lim.max_file_bytes} bytes; "
+                f"{lim.file_word} {index}{named_part(self._filename)} is longer than {lim.max_file_bytes} bytes; "
                 f"the limit is {lim.file_bytes_name}={lim.max_file_bytes}"
             )
             error.details = {lim.file_word: index}
@@ -112,9 +111,10 @@ class _Reader:
         if self._filename is None and len(self._data) > lim.max_field_bytes:
             setting = lim.field_bytes_setting
             named = setting[1:] if setting and setting[0] == self._name else ()  # a `task` field is no label
-            index = sum(name == self._name for name, _ in self.form.fields)  # which of its field's values: 'labels' 3
-            raise LimitExceeded(  # it said "passed 800 bytes; the limit is 800 bytes", as if that were its size
-                f"text field {shown(self._name)} {index} is longer than {lim.max_field_bytes} bytes; "
+            # which of the labels: 'labels' 3 (it said "passed 800 bytes; the limit is 800 bytes", as if its size)
+            which = f" {sum(name == self._name for name, _ in self.form.fields)}" if named else ""
+            raise LimitExceeded(
+                f"text field {shown(self._name)}{which} is longer than {lim.max_field_bytes} bytes; "
                 f"the limit is {lim.max_field_bytes} bytes ({lim.field_bytes_name})",
                 *named,
             )
@@ -127,20 +127,28 @@ class _Reader:
         self._data = bytearray()
 
 
-def _malformed(head: bytes, boundary: bytes, error: Exception) -> str:
-    """What is wrong with a body the parser refused, in words where its start tells ("Expected boundary character
-    79, got 88 at index 4" for a body whose boundary is not the one Content-Type names, an outside check's)."""
+def _malformed(head: bytes, boundary: bytes, error: object) -> str:
+    """What is wrong with a body the parser refused (or found no closing boundary in), in words where its start
+    tells: "Expected boundary character 79, got 88 at index 4" was said of a body whose boundary is not the one
+    Content-Type names (an outside check's)."""
     said = str(error)[:160]
-    if not head.startswith(b"--" + boundary):
+    body = head.lstrip(b"\r\n")  # the parser skips line breaks before the first boundary
+    if not body.startswith(b"--" + boundary):
         named = ("--" + boundary.decode("latin-1"))[:72]
         return f"it does not start with {named!r}, the boundary its Content-Type names, as its first line ({said})"
-    rest = head[len(boundary) + 2 :]
+    rest = body[len(boundary) + 2 :]
     if not rest.startswith(b"\r\n"):
         return f"the boundary line must end in CRLF (\\r\\n), with nothing after the boundary ({said})"
-    headers = rest[2:].split(b"\r\n\r\n")[0].split(b"\n\n")[0]  # the first part's header lines
-    if headers.count(b"\n") > headers.count(b"\r\n"):
+    ends = [i for i in (rest.find(b"\r\n\r\n", 2), rest.find(b"\n\n", 2)) if i >= 0]
+    headers = rest[2 : min(ends) + 4] if ends else rest[2:]  # the first part's header lines, with their end
+    if b"\n" in headers.replace(b"\r\n", b""):
         return f"every line of the part headers must end in CRLF (\\r\\n), not LF alone ({said})"
     return said
+
+
+def named_part(filename: str) -> str:
+    """A file part's filename as messages show it, after its index; nothing for a part sent without one."""
+    return f" ({shown(filename, 60)})" if filename else ""
 
 
 def _utf8(raw: bytes, what: str, errors: str = "strict") -> str:
@@ -172,5 +180,9 @@ async def read_multipart(request: Request, limits: FormLimits) -> Form:
     except (FormParserError, ValueError) as e:  # a malformed body (our own errors are not ValueErrors)
         raise InvalidRequest(f"the multipart body is malformed: {_malformed(bytes(head), boundary, e)}") from None
     if not reader.ended:  # python-multipart's finalize() does not check: a cut-off last part would vanish
-        raise InvalidRequest("the multipart body is truncated: it has no closing boundary")
+        # (a body whose lines end in LF alone, never CR, ends here too, unrefused by the parser)
+        said = _malformed(bytes(head), boundary, "it has no closing boundary")
+        raise InvalidRequest(
+            f"the multipart body is {'truncated' if said.startswith('it has') else 'malformed'}: {said}"
+        )
     return reader.form

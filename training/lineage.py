@@ -54,10 +54,10 @@ def _check_arguments(bank: Any, train: Any, val: Any, version: Any, parent: Any)
             raise TypeError(
                 f"train_task's {name} is a LabelledImages (load_image_folder(path)), got {type(data).__name__}"
             )
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
-        raise ValueError(
-            f"version must be an integer in 1..{MAX_VERSION}, got {type(version).__name__} {version!r:.40}"
-        )
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise TypeError(f"version is an integer (1..{MAX_VERSION}), got {type(version).__name__} {version!r:.40}")
+    if not 1 <= version <= MAX_VERSION:
+        raise ValueError(f"version must be in 1..{MAX_VERSION}, got {version}")
     if parent is not None and not isinstance(parent, str):
         raise TypeError(f"parent is a bundle id (a string) or None, got {type(parent).__name__}")
 

@@ -157,7 +157,7 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         chosen = _upload_mode(mode, activate)  # before the body is read
         data = await read_bundle_upload(request, service.config.limits)
         async with one_at_a_time:
-            before = registry.bank  # what a new version replaces
+            before = await run_in_threadpool(_index_or_none, registry)  # the store's active version, which it replaces
             result = await run_in_threadpool(registry.upload, data, chosen == "active", force, chosen == "shadow")
         notes = await run_in_threadpool(_replacement_notes, registry, result, before, chosen != "active")
         state = chosen
@@ -197,14 +197,23 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
     return router
 
 
+def _index_or_none(registry: Any) -> Any:
+    """The store's index (None when it cannot be read now: the upload says why, if it fails for it)."""
+    try:
+        return registry.index()
+    except (ClipbankError, OSError):
+        return None
+
+
 def _replacement_notes(registry: Any, result: Any, before: Any, would: bool) -> list[str]:
-    """`replacement_notes` of the uploaded version against the one bank `before` served (or would replace:
-    inactive, shadow); none for a restored blob, which changes nothing."""
-    replaced = {t.name: t.version for t in before.tasks}.get(result.task)
-    if result.restored or replaced is None or replaced == result.version:
+    """`replacement_notes` of the uploaded version against the task's active one in the store index `before` it
+    (the store's, not this server's bank: another server's change, a degraded version); none for a restored blob."""
+    record = before.tasks.get(result.task) if before is not None and not result.restored else None
+    old = next((v for v in record.versions if v.bundle_id == record.active), None) if record is not None else None
+    if old is None or old.version == result.version:
         return []
     try:
-        old, new = (registry.store.version(result.task, v) for v in (replaced, result.version))
+        new = registry.store.version(result.task, result.version)
     except (ClipbankError, OSError):  # the store cannot say now: the upload stands, a remark less
         return []
     as_listed = [{"version": r.version, "classes": r.classes, "metrics": dict(r.metrics)} for r in (new, old)]

@@ -361,6 +361,8 @@ async def test_a_malformed_multipart_body_is_told_what_is_wrong_in_words(tmp_pat
         (b"--OTHER\r\n" + part + b"\r\n\r\n" + colour("red") + b"\r\n--OTHER--\r\n", "does not start with '--XX'"),
         (b'{"images": ["aGk="]}', "does not start with '--XX', the boundary its Content-Type names"),
         (b"--XX\n" + part + b"\n\n" + colour("red") + b"\n--XX--\n", "boundary line must end in CRLF"),
+        (b"\r\n--XX\r\n" + part + b"\n\n" + colour("red") + b"\r\n--XX--\r\n", "not LF alone"),  # one header line
+        (b"--XX\n" + part + b"\n\nabc\n--XX--\n", "malformed: the boundary line must end in CRLF"),  # no CR at all
         (b"--XX\r\n" + part + b"\nContent-Type: image/png\n\n" + colour("red") + b"\r\n--XX--\r\n", "not LF alone"),
     ]
     async with running_app(tmp_path, backbone) as c:

@@ -58,6 +58,12 @@ def test_settings_made_in_python_are_checked_for_their_type_by_name():
         ServeConfig(broadcast="no")
     cfg = ServeConfig(port=np.int64(9001), max_wait_ms=np.float64(2.5))
     assert (type(cfg.port), cfg.port, type(cfg.max_wait_ms)) == (int, 9001, float)
+    # a whole float for a count was taken before these checks (`max_request_bytes=64e6`), and still is, as an int
+    cfg = ServeConfig(max_batch=64.0, limits=Limits(max_request_bytes=64e6))
+    assert (type(cfg.max_batch), type(cfg.limits.max_request_bytes)) == (int, int)
+    for bad in (64.5, True):
+        with pytest.raises(SettingsError, match="max_batch must be an integer"):
+            ServeConfig(max_batch=bad)
 
 
 def test_a_bad_setting_names_the_variable_or_flag_it_came_from():

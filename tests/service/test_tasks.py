@@ -563,3 +563,12 @@ async def test_an_upload_says_which_classes_of_the_version_it_replaces_it_lacks(
         assert [w[:62] for w in again.json()["warnings"]] == [
             "task greek v3 replaces v2 and lacks 1 of its 2 classes (delta)"
         ]
+        # another writer of the store (another server, `clipbank store`) made v4 active, and this server has not
+        # polled yet: the upload is compared with the store's active version, not with what this server serves
+        from model_store.store import LocalStore
+
+        LocalStore(tmp_path / "store").put(with_version(v2, 4))  # alpha and delta again
+        r = await c.post("/tasks", **_upload(with_version(v1, 5)))
+        assert [w[:62] for w in r.json()["warnings"]] == [
+            "task greek v5 replaces v4 and lacks 1 of its 2 classes (delta)"
+        ]

@@ -219,8 +219,8 @@ def test_train_task_names_a_wrong_argument_before_any_step_runs(backbone):
         ((backbone, data, cfg), {}, TypeError, r"bank is a BankSnapshot, got Backbone: empty_bank\(backbone\)"),
         ((bank, list(data.images), cfg), {}, TypeError, "train_task's train is a LabelledImages"),
         ((bank, data, cfg), {"val": [1]}, TypeError, "train_task's val is a LabelledImages"),
-        ((bank, data, cfg), {"version": 0}, ValueError, r"version must be an integer in 1\.\.\d+, got int 0"),
-        ((bank, data, cfg), {"version": "2"}, ValueError, "version must be an integer in .* got str '2'"),
+        ((bank, data, cfg), {"version": 0}, ValueError, r"version must be in 1\.\.\d+, got 0$"),
+        ((bank, data, cfg), {"version": "2"}, TypeError, r"version is an integer \(1\.\.\d+\), got str '2'"),
         ((bank, data, cfg), {"parent": 3}, TypeError, "parent is a bundle id"),
     ]
     for args, kwargs, error, message in cases:
