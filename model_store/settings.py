@@ -49,8 +49,10 @@ def is_bool(value: Any) -> bool:
 @functools.cache
 def _scalar_fields(cls: type) -> dict[str, tuple[type, bool]]:
     """The bool, int and float fields of a config class: name -> (type, whether None is allowed)."""
-    found = {}
+    found, names = {}, {f.name for f in fields(cls)}
     for name, hint in typing.get_type_hints(cls).items():
+        if name not in names:
+            continue
         args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
         kinds = [a for a in args if a is not type(None)]
         if len(kinds) == 1 and kinds[0] in (bool, int, float):
@@ -63,12 +65,8 @@ def field_type_problems(config: Any) -> list[str]:
     (`lr="0.01"` failed with "'<' not supported between instances of 'int' and 'str'"). Numpy's numbers are
     taken, as Python's (`steps=np.int64(100)` from a notebook's arithmetic); an int is a float's value too."""
     problems = []
-    hinted = _scalar_fields(type(config))
-    for f in fields(config):
-        if f.name not in hinted:
-            continue
-        kind, optional = hinted[f.name]
-        value = getattr(config, f.name)
+    for name, (kind, optional) in _scalar_fields(type(config)).items():  # per request for a ClassifyItem: cached
+        value = getattr(config, name)
         if value is None and optional:
             continue
         try:
@@ -84,9 +82,9 @@ def field_type_problems(config: Any) -> list[str]:
                 value = float(value) if kind is float else operator.index(value)
         except TypeError:
             what = {bool: "True or False", int: "an integer", float: "a number"}[kind]
-            problems.append(f"{f.name} must be {what}, got {type(value).__name__} {value!r:.40}")
+            problems.append(f"{name} must be {what}, got {type(value).__name__} {value!r:.40}")
             continue
-        object.__setattr__(config, f.name, value)  # config classes are frozen dataclasses
+        object.__setattr__(config, name, value)  # config classes are frozen dataclasses
     return problems
 
 
