@@ -30,11 +30,7 @@ def _push(args: argparse.Namespace) -> int:
         before = _task_or_none(client, manifest.get("task"))
         out = client.push(path, force=args.force, mode=mode, wait_all=args.wait_all)
         print_json(out)  # the version stored, whatever the comparison below meets
-        if isinstance(out.get("warnings"), list):  # the server compared it with the version it replaces
-            for note in out["warnings"]:
-                print(note, file=sys.stderr)
-        else:  # a server older than its `warnings`
-            compare_with_before(client, before, out, out.get("version"), mode != "active")
+        compare_with_before(client, before, out, out.get("version"), mode != "active")
         shadowed = before.get("shadow_version") if isinstance(before, dict) else None
         if mode == "shadow" and shadowed is not None and shadowed != out.get("version"):
             print(
@@ -84,8 +80,13 @@ def _training_warnings(manifest: dict) -> list[str]:
 
 
 def compare_with_before(client, before: dict | None, out: dict, version: object, would: bool) -> None:
-    """`say_what_it_replaces` for `version` of out's task, against the version `before` (GET /tasks/TASK read
-    before the change) had active; `would`: it is not active yet (stored inactive, in shadow)."""
+    """On stderr, the server's `warnings` on what the change costs the version it replaced; from a server older
+    than them, `say_what_it_replaces` for `version` of out's task, against the version `before` (GET /tasks/TASK
+    read before the change) had active; `would`: it is not active yet (stored inactive, in shadow)."""
+    if isinstance(out.get("warnings"), list):  # the server compared it with the version it replaces
+        for note in out["warnings"]:
+            print(note, file=sys.stderr)
+        return
     replaced = before.get("active_version") if isinstance(before, dict) else None
     if replaced is None or replaced == version or not isinstance(version, int):
         return

@@ -199,7 +199,8 @@ class _Calls:
         return self._call("GET", f"/tasks/{_seg(name)}", headers=_at_least(min_generation), expect=("task", "versions"))
 
     def activate(self, task: str, version: int, force: bool = False, wait_all: bool = False) -> dict[str, Any]:
-        """Make a stored version active (rollback or roll forward). `wait_all`: as for `push`."""
+        """Make a stored version active (rollback or roll forward). `wait_all`: as for `push`. The answer is the
+        task's entry, with `gate` and `warnings` (what it costs the classes of the version it replaced)."""
         params = {"force": _yes(force, "force"), **_waiting(wait_all)}
         body = {"version": whole(version, "version")}
         return self._call("POST", f"/tasks/{_seg(task)}/activate", json=body, params=params, expect=ACTIVATED)

@@ -248,6 +248,9 @@ class TaskInfo(BaseModel):
         "the bank it joined or would join (null when the version was active, or in shadow, already: nothing ran). "
         "Forced past the gate, or in shadow: its offences are listed here.",
     )
+    warnings: list[str] | None = Field(
+        None, description="After an activation: what it costs the classes of the version it replaced (as an upload's)."
+    )
 
 
 class ScoreHistogram(BaseModel):

@@ -159,17 +159,24 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         async with one_at_a_time:
             before = await run_in_threadpool(_index_or_none, registry)  # the store's active version, which it replaces
             result = await run_in_threadpool(registry.upload, data, chosen == "active", force, chosen == "shadow")
-        notes = await run_in_threadpool(_replacement_notes, registry, result, before, chosen != "active")
-        state = chosen
+        state, notes = chosen, []
         if result.restored:  # nothing new was created: a stored version's blob was written back
             response.status_code = 200
             state = await run_in_threadpool(_stored_state, registry, result.task, result.bundle_id)
+        else:
+            compared = (registry, result.task, result.version, before, chosen != "active")
+            notes = await run_in_threadpool(_replacement_notes, *compared)
         how = "(restored)" if result.restored else f"({chosen}{', force' * force})"
         replicas = await announced(request, result.generation, wait, f"version {result.version} of {result.task} {how}")
         return {**vars(result), "state": state, "replicas": replicas, "warnings": notes}
 
     _add_reading(router)
+    _add_activation(router)
+    _add_removal(router)
+    return router
 
+
+def _add_activation(router: APIRouter) -> None:
     @router.post("/tasks/{task}/activate", response_model=TaskInfo, openapi_extra=ACTIVATE_BODY, responses=POSTED)
     async def activate(
         request: Request,
@@ -180,7 +187,7 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         """Make a stored version active: rollback or roll forward, hot-swapped."""
         registry = service_of(request).require_ready()
         body = await read_json(request, ActivateRequest)  # read after the token check, not before
-        before = registry.bank.generation
+        before, index = registry.bank.generation, await run_in_threadpool(_index_or_none, registry)
         try:
             gate = await run_in_threadpool(registry.activate, known_name(task), body.version, force)
         except InterferenceRefused as e:  # said plainly when the version failed the gate as it was stored, too
@@ -191,10 +198,9 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
         what = f"the activation of {task} version {body.version}" + (" (force)" if force else "")
         replicas = await announced(request, generation, wait, what, before)
         entry = await run_in_threadpool(registry.task_entry, task)
-        return {**task_info(registry.bank, task, entry), "replicas": replicas, "gate": gate, "generation": generation}
-
-    _add_removal(router)
-    return router
+        notes = await run_in_threadpool(_replacement_notes, registry, task, body.version, index, False)
+        info = task_info(registry.bank, task, entry)
+        return {**info, "replicas": replicas, "gate": gate, "generation": generation, "warnings": notes}
 
 
 def _index_or_none(registry: Any) -> Any:
@@ -205,19 +211,20 @@ def _index_or_none(registry: Any) -> Any:
         return None
 
 
-def _replacement_notes(registry: Any, result: Any, before: Any, would: bool) -> list[str]:
-    """`replacement_notes` of the uploaded version against the task's active one in the store index `before` it
-    (the store's, not this server's bank: another server's change, a degraded version); none for a restored blob."""
-    record = before.tasks.get(result.task) if before is not None and not result.restored else None
+def _replacement_notes(registry: Any, task: str, version: int, before: Any, would: bool) -> list[str]:
+    """`replacement_notes` of `version` of `task` (uploaded, or activated) against the task's active one in the
+    store index `before` the change (the store's, not this server's bank: another server's change, a degraded
+    version)."""
+    record = before.tasks.get(task) if before is not None else None
     old = next((v for v in record.versions if v.bundle_id == record.active), None) if record is not None else None
-    if old is None or old.version == result.version:
+    if old is None or old.version == version:
         return []
     try:
-        new = registry.store.version(result.task, result.version)
+        new = registry.store.version(task, version)
     except (ClipbankError, OSError):  # the store cannot say now: the upload stands, a remark less
         return []
     as_listed = [{"version": r.version, "classes": r.classes, "metrics": dict(r.metrics)} for r in (new, old)]
-    return replacement_notes(result.task, *as_listed, would)
+    return replacement_notes(task, *as_listed, would)
 
 
 def _stored_state(registry: Any, task: str, bundle_id: str) -> str | None:

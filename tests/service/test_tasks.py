@@ -557,7 +557,15 @@ async def test_an_upload_says_which_classes_of_the_version_it_replaces_it_lacks(
         assert r.status_code == 201 and len(r.json()["warnings"]) == 1, r.text
         assert r.json()["warnings"][0].startswith("task greek v2 would replace v1 and lacks 2 of its 3 classes (beta")
         r = await c.post("/tasks/greek/activate", json={"version": 2}, headers=AUTH)
-        assert r.status_code == 200
+        assert r.status_code == 200  # an activation says it too (it said nothing to an HTTP client before)
+        said = [w[:62] for w in r.json()["warnings"]]
+        assert said == ["task greek v2 replaces v1 and lacks 2 of its 3 classes (beta, "]
+        back = await c.post("/tasks/greek/activate", json={"version": 1}, headers=AUTH)  # a rollback to before delta
+        assert back.status_code == 200 and len(back.json()["warnings"]) == 1, back.text
+        assert back.json()["warnings"][0].endswith("v1 is older than v2: it was trained before those classes")
+        same = await c.post("/tasks/greek/activate", json={"version": 1}, headers=AUTH)  # active already
+        assert same.status_code == 200 and same.json()["warnings"] == [], same.text
+        assert (await c.post("/tasks/greek/activate", json={"version": 2}, headers=AUTH)).status_code == 200
         again = await c.post("/tasks", **_upload(with_version(v1, 3)))  # v1's classes again, as v3: not v2's delta
         assert again.status_code == 201, again.text
         assert [w[:62] for w in again.json()["warnings"]] == [
