@@ -8,75 +8,23 @@ import json
 import logging
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
 from .errors import REWRITE, BundleNotFound, StoreDamaged, StoreError, StoreNotWritable, StoreWriteFailed
-from .files import open_regular, read_regular
+from .files import TMP_PREFIX, atomic_write, open_regular, read_regular
 from .store_base import Edit, PutResult, Store, Unchanged, purge_plan
 from .store_index import StoreIndex, VersionRecord, next_generation, refuse_too_new
 
 __all__ = ["LocalStore", "PutResult", "Store", "atomic_write", "open_store"]
 
 log = logging.getLogger("clipbank.store")
-TMP_PREFIX = ".tmp-"
 BLOB_NAME = re.compile(r"[0-9a-f]{64}")  # a blob's name: the sha256 of its bytes
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    """The process's umask, read without setting it (os.umask sets it, which other threads could observe)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write temp, fsync, rename, fsync the folder: readers see the old file or the new one, never a part. The
-    file gets the mode a plain `open` would give it (0666 less the umask): a temp file is private to its writer,
-    and a store shared by a group, or changed by an operator for a server running as another user, must stay
-    readable."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
-    except OSError as e:
-        if e.errno in NO_SPACE:  # named as the file being written: the temp name was never made (no free inodes)
-            e.filename = str(path)
-        raise
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # a full disk names no file
-            e.filename = str(path)
-        raise
-    try:
-        _fsync_dir(path.parent)
-    except OSError as e:  # the rename is done: the change is published, only its durability is in doubt
-        log.warning("%s was written, but syncing its folder failed: %s", path, e)
-
-
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)  # a read-only mount, permissions: no retry heals these
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def space_hint(error: OSError) -> str:

@@ -196,7 +196,7 @@ def _train_and_store(job: TrainJob) -> dict[str, Any]:
     }
     if job.out:
         with _kept_on_failure(result.bundle, job.task, version, f"writing --out {job.out}", None):
-            atomic_write(Path(job.out), result.bundle)
+            atomic_write(Path(job.out), result.bundle, exclusive=not job.overwrite)
         summary["out"] = job.out
     if store is not None:
         _store_trained(store, result.bundle, job, version, bank, summary)
@@ -334,9 +334,13 @@ def _keep_unstored(bundle: bytes, task: str, version: int) -> str:
     else the temporary one."""
     for folder in (Path.cwd(), Path(tempfile.gettempdir())):
         try:
-            path = _free_name(folder, f"{task}-v{version}-unstored")
-            atomic_write(path, bundle)
-            return str(path)
+            for _ in range(10):  # another run may take the free name first
+                path = _free_name(folder, f"{task}-v{version}-unstored")
+                try:
+                    atomic_write(path, bundle, exclusive=True)
+                    return str(path)
+                except FileExistsError:
+                    continue
         except OSError:
             continue
     raise OSError(f"the trained bundle could not be written to {Path.cwd()} nor {tempfile.gettempdir()}")

@@ -226,14 +226,14 @@ def test_a_store_whose_lock_cannot_be_made_refuses_changes_as_write_failures(tmp
 def test_a_change_whose_folder_sync_fails_after_the_rename_is_done(tmp_path, bundles, monkeypatch, caplog):
     """Once the index is renamed into place the change is published: a failing folder fsync is logged, not raised
     (raising made a committed upload answer 500, and its retry 409)."""
-    import model_store.store as store_module
+    import model_store.files as files_module
 
     store = LocalStore(tmp_path)
 
     def eio(path):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(store_module, "_fsync_dir", eio)
+    monkeypatch.setattr(files_module, "_fsync_dir", eio)
     assert store.put(bundles[1]).generation == 1
     assert store.index().task("cars").active and "syncing its folder failed" in caplog.text
 

@@ -326,6 +326,37 @@ def test_a_bundle_the_store_refuses_after_training_is_kept_on_disk(tmp_path, mon
         assert message in capsys.readouterr().err
 
 
+def test_a_file_made_at_out_while_training_is_not_replaced(tmp_path, monkeypatch, capsys, caplog):
+    """An outside check: `--out` was checked before training only; a file made there meanwhile (another run's
+    bundle, 2 s later) was replaced at the end with exit 0. It is kept, the new bundle saved beside it, exit 2."""
+    import training.run as run
+    from model_store.files import atomic_write
+
+    out = tmp_path / "race.safetensors"
+
+    def train_meanwhile(bank, train, cfg, val=None, version=1, parent=None, progress=True, reference=None, **_):
+        out.write_bytes(b"precious bundle")
+        return _trained_as(bank, train, cfg, 7, version, {"warnings": []})
+
+    monkeypatch.setattr(run, "train_task", train_meanwhile)
+    assert main(["data", "export", "textures", str(tmp_path / "tex")]) == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["train", "--task", "race", "--data", str(tmp_path / "tex" / "val"), "--out", str(out)]) == 2
+    assert out.read_bytes() == b"precious bundle"
+    assert "made by something else while this one was written" in capsys.readouterr().err
+    assert read_bundle((tmp_path / "race-v1-unstored.safetensors").read_bytes()).manifest.task == "race"
+    assert not list(tmp_path.glob(".tmp-*"))
+    out.write_bytes(b"old")  # --overwrite replaces it, as it said
+    assert (
+        main(["train", "--task", "race", "--data", str(tmp_path / "tex" / "val"), "--out", str(out), "--overwrite"])
+        == 0
+    )
+    assert read_bundle(out.read_bytes()).manifest.task == "race"
+    atomic_write(tmp_path / "new", b"x", exclusive=True)  # a free name is written as ever
+    assert (tmp_path / "new").read_bytes() == b"x"
+
+
 def test_labels_the_bundle_could_not_hold_fail_before_training(backbone, monkeypatch):
     """A class list or template set over the manifest's bounds (a parent's classes merged in, say) is refused
     before the run, not after it, when the bundle is packed."""
