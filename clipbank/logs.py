@@ -8,6 +8,10 @@ import logging
 def hub_lines_once() -> None:
     """huggingface_hub (imported by open_clip) writes each line through a handler of its own and again through
     ours: a download retried 5 times showed 10 lines per file. Ours alone, with the level and the logger."""
+    try:  # the hub adds its handler when it is imported: after `clipbank serve` set its logs up, it was kept
+        import huggingface_hub.utils.logging  # noqa: F401
+    except ImportError:
+        return
     hub = logging.getLogger("huggingface_hub")
     for handler in list(hub.handlers):
         if type(handler) is logging.StreamHandler:

@@ -14,7 +14,9 @@ import asyncio
 import copy
 import json
 import logging
+import os
 import re
+import sys
 import threading
 import uuid
 from contextvars import ContextVar
@@ -142,6 +144,34 @@ class JsonLines(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class LinesToAClosedReader(logging.StreamHandler):
+    """A stream handler that stops when its reader went away (`clipbank serve | head`, a log shipper that died),
+    and says so once: each line wrote a 125-line traceback to stderr instead (an outside check)."""
+
+    said_closed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.said_closed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, BrokenPipeError) and not (isinstance(error, ValueError) and "closed" in str(error)):
+            super().handleError(record)
+            return
+        self.said_closed = True
+        name = getattr(self.stream, "name", "a log stream")
+        try:
+            print(f"clipbank: {name} was closed (its reader went away): its log lines are dropped", file=sys.stderr)
+        except (OSError, ValueError):  # stderr itself is that stream
+            pass
+
+
+def plain_terminal() -> bool:
+    """NO_COLOR (no-color.org) or TERM=dumb: log lines without colour codes, on a terminal too."""
+    return bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
+
+
 def printed_line(message: str, log_format: str, level: int = logging.WARNING, said_by: str = "clipbank") -> str:
     """A line printed whatever the log level (the generated admin token), as the log's other lines are."""
     if log_format != "json":
@@ -162,16 +192,21 @@ def uvicorn_log_config(log_format: str = "text") -> dict[str, Any]:
     formatters["access"]["fmt"] = formatters["access"]["fmt"].replace(
         "%(levelprefix)s ", "%(asctime)s %(levelprefix)s [%(request_id)s] ", 1
     )
+    if plain_terminal():
+        for formatter in formatters.values():
+            formatter["use_colors"] = False
     if log_format == "json":
         config["formatters"] = {name: {"()": JsonLines} for name in formatters}
     for handler in config["handlers"].values():
         handler["filters"] = [*handler.get("filters", []), "request_id"]
+        if handler.get("class") == "logging.StreamHandler":
+            handler["class"] = f"{__name__}.{LinesToAClosedReader.__name__}"
     return config
 
 
 def log_with_request_ids(level: int, log_format: str = "text") -> None:
     """clipbank's lines (through the root logger's handler) in LOG_FORMAT, or JsonLines, for `clipbank serve`."""
-    logging.basicConfig(level=level, format=LOG_FORMAT, force=True)
+    logging.basicConfig(level=level, format=LOG_FORMAT, force=True, handlers=[LinesToAClosedReader()])
     for handler in logging.getLogger().handlers:
         if log_format == "json":
             handler.setFormatter(JsonLines())

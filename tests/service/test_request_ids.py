@@ -173,3 +173,47 @@ async def test_behind_ray_serves_proxy_the_app_adds_no_second_id(tmp_path, backb
         assert (await c.get("/healthz", headers={"X-Request-ID": "job-7"})).headers.get_list("X-Request-ID") == [
             "job-7"
         ]
+
+
+def test_a_log_stream_whose_reader_went_away_is_said_once_not_per_line(capsys, monkeypatch):
+    """An outside check: `clipbank serve | head -c 10` answered on, but each access line then wrote a 125-line
+    traceback to stderr. Said once; other errors of a handler are reported as logging reports them."""
+    import os
+    import subprocess
+    import sys
+
+    from service.request_ids import LinesToAClosedReader
+
+    read, write = os.pipe()
+    os.close(read)
+    stream = os.fdopen(write, "w", buffering=1)
+    handler = LinesToAClosedReader(stream)
+    for n in range(3):
+        handler.handle(logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, f"GET /x {n}", None, None))
+    err = capsys.readouterr().err
+    assert err.count("was closed (its reader went away): its log lines are dropped") == 1 and "Traceback" not in err
+    with pytest.raises(BrokenPipeError):
+        stream.close()
+
+    class Broken:
+        def write(self, text):
+            raise RuntimeError("not a closed stream")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(logging, "raiseExceptions", True)
+    LinesToAClosedReader(Broken()).handle(logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None))
+    assert "--- Logging error ---" in capsys.readouterr().err  # said as ever: no cause to go quiet
+    config = uvicorn_log_config()
+    assert {h["class"] for h in config["handlers"].values()} == {"service.request_ids.LinesToAClosedReader"}
+    assert all(f.get("use_colors") is not False for f in config["formatters"].values())
+    monkeypatch.setenv("NO_COLOR", "1")  # no-color.org, and TERM=dumb: an outside check saw colour codes
+    assert all(f["use_colors"] is False for f in uvicorn_log_config()["formatters"].values())
+    # the hub's own handler, added when open_clip first imports it (after the serve's logs were set up): gone
+    probe = (
+        "import logging; from clipbank.logs import serve_logs; serve_logs('info', 'json'); import open_clip; "
+        "print(len(logging.getLogger('huggingface_hub').handlers))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "0", out
