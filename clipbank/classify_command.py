@@ -15,7 +15,7 @@ from typing import Any
 from model_store.modes import AUTO, PER_IMAGE, ROUTE_MODES, TASK_MODES
 
 from .eval_command import add_eval_parser
-from .flags import READ_TOKEN_HELP, READ_TOKENS, command_token
+from .flags import READ_TOKEN_HELP, READ_TOKENS, add_timeout, command_timeout, command_token
 from .output import error_json, print_json
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -32,7 +32,8 @@ def _classify(args: argparse.Namespace) -> int:
         raise ValueError(f"--route per-request decides once for at most {CLASSIFY_CHUNK} images (one request)")
     results: list[dict] = []
     skipped = 0
-    with ClipbankClient(args.url, command_token(args.token, *READ_TOKENS), retries=args.retries) as client:
+    token, timeout = command_token(args.token, *READ_TOKENS), command_timeout(args)
+    with ClipbankClient(args.url, token, timeout=timeout, retries=args.retries) as client:
         try:
             for names, answered in answers_in_requests(client, labels, args):
                 skipped += sum("error" in r for r in answered)
@@ -229,6 +230,7 @@ def add_classify_parser(sub, url: str) -> None:
     )
     cl.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
     cl.add_argument("--token", help=READ_TOKEN_HELP)
+    add_timeout(cl)
     cl.add_argument("--json", action="store_true", help="print every result as JSON (its file, scores and route)")
     cl.add_argument(
         "--retries",

@@ -18,7 +18,7 @@ from typing import Any
 from model_store.labels import label_key
 from model_store.modes import AUTO, PER_IMAGE, TASK_MODES
 
-from .flags import READ_TOKEN_HELP, READ_TOKENS, command_token
+from .flags import READ_TOKEN_HELP, READ_TOKENS, add_timeout, command_timeout, command_token
 
 ZERO_SHOT_ROUTE = "zero-shot"
 
@@ -47,7 +47,9 @@ def _eval(args: argparse.Namespace) -> int:
     send.images = names = [str(p) for p in listing.paths]
     results: list[dict] = []
     with (
-        ClipbankClient(args.url, command_token(args.token, *READ_TOKENS), retries=args.retries) as client,
+        ClipbankClient(
+            args.url, command_token(args.token, *READ_TOKENS), timeout=command_timeout(args), retries=args.retries
+        ) as client,
         progress_bar(total=len(names), unit="image", desc=f"eval {listing.root.name}", disable=args.quiet) as bar,
     ):
         for _, answered in answers_in_requests(client, labels, send):
@@ -189,5 +191,6 @@ def add_eval_parser(sub, url: str, retries: Any) -> None:
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.add_argument("--url", default=url, help="server URL ($CLIPBANK_URL)")
     ev.add_argument("--token", help=READ_TOKEN_HELP)
+    add_timeout(ev)
     ev.add_argument("--retries", type=retries, default=3, help="as for `classify` (default %(default)s)")
     ev.set_defaults(fn=_eval)

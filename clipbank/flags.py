@@ -92,6 +92,40 @@ ADMIN_TOKEN_HELP = (
 )
 
 
+DEFAULT_TIMEOUT = 60.0
+TIMEOUT_HELP = (
+    "seconds a client command waits for each step of a request: connecting, sending, each read of the answer "
+    f"($CLIPBANK_TIMEOUT, default {DEFAULT_TIMEOUT:g})"
+)
+
+
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds (a flag's or `$CLIPBANK_TIMEOUT`'s value)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):  # nan fails both
+        raise argparse.ArgumentTypeError(f"a number of seconds > 0 is needed, got {text!r}")
+    return value
+
+
+def add_timeout(parser: argparse.ArgumentParser, default: Any = None) -> None:
+    parser.add_argument("--timeout", type=seconds, default=default, metavar="SECONDS", help=TIMEOUT_HELP)
+
+
+def command_timeout(args: argparse.Namespace) -> float:
+    """`--timeout`, else `$CLIPBANK_TIMEOUT`, else 60 s (an outside check's CI could not shorten the 60 s)."""
+    given = getattr(args, "timeout", None)
+    if given is not None:
+        return given
+    raw = os.environ.get("CLIPBANK_TIMEOUT", "").strip()
+    try:
+        return seconds(raw) if raw else DEFAULT_TIMEOUT
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"CLIPBANK_TIMEOUT: {e}") from None
+
+
 def command_token(given: str | None, *names: str) -> str | None:
     """The token a client command sends: `--token` when given, else the first of `names` (e.g. "classify_token")
     set as `$CLIPBANK_<NAME>` or in the file `$CLIPBANK_<NAME>_FILE` names (a mounted secret), read as the server

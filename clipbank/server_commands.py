@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .classify_command import DEFAULT_URL
-from .flags import ADMIN_TOKEN_HELP, command_token, version_number
+from .flags import ADMIN_TOKEN_HELP, add_timeout, command_timeout, command_token, version_number
 from .output import print_json
 from .tables import print_tasks
 
@@ -19,7 +19,7 @@ from .tables import print_tasks
 def _client(args: argparse.Namespace):
     from service.client import ClipbankClient
 
-    return ClipbankClient(args.url, command_token(args.token, "admin_token"))
+    return ClipbankClient(args.url, command_token(args.token, "admin_token"), timeout=command_timeout(args))
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -68,7 +68,11 @@ def _task_or_none(client, task: object, generation: object = None) -> dict | Non
         return None
     try:
         return client.task(task, generation if isinstance(generation, int) else None)
-    except (ClipbankHTTPError, ValueError):  # a new task (404), no answer, a name the server will refuse
+    except ClipbankHTTPError as e:  # a new task (404), a name the server will refuse
+        if e.status == 0 and generation is None:  # no answer before the change: its own would come no sooner
+            raise  # (an outside check's push waited 60 s here, then 60 s more, and said "within 60 s")
+        return None
+    except ValueError:
         return None
 
 
@@ -256,6 +260,7 @@ def _help_of(parser: argparse.ArgumentParser, flag: str) -> str | None:
 def _server_flags(p: argparse.ArgumentParser, url: str, wait: bool = True) -> None:
     p.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
     p.add_argument("--token", help=ADMIN_TOKEN_HELP)
+    add_timeout(p)
     if wait:
         p.add_argument(
             "--wait-all", action="store_true", help="return once every Ray replica serves the change (else 504)"
@@ -296,7 +301,7 @@ def add_server_parsers(sub, url: str) -> None:
     for p in (a, d):
         p.add_argument("--wait-all", action="store_true", help="return once every Ray replica serves the change")
     for p in tsub.choices.values():  # the flags after the sub-command, too, with the same help
-        for flag in ("--url", "--token"):
+        for flag in ("--url", "--token", "--timeout"):
             p.add_argument(flag, default=argparse.SUPPRESS, help=_help_of(ts, flag))
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=_help_of(ts, "--json"))
     ts.set_defaults(fn=_tasks)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .classify_command import DEFAULT_URL
-from .flags import ADMIN_TOKEN_HELP, command_token, version_number
+from .flags import ADMIN_TOKEN_HELP, add_timeout, command_timeout, command_token, version_number
 from .output import print_json
 from .server_commands import say_failing_gate
 
@@ -21,7 +21,7 @@ def _client(args: argparse.Namespace):
 
     # reads are sent again after a 503 that says when (an outside check: two `insights` at once, one got "being
     # clustered for another request"); a change (shadow --version, --stop) never is
-    return ClipbankClient(args.url, command_token(args.token, "admin_token"), retries=3)
+    return ClipbankClient(args.url, command_token(args.token, "admin_token"), timeout=command_timeout(args), retries=3)
 
 
 def _shadow(args: argparse.Namespace) -> int:
@@ -264,6 +264,7 @@ def add_watch_parsers(sub, url: str) -> None:
     sh.add_argument("--json", action="store_true", help="print the full JSON")
     sh.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
     sh.add_argument("--token", help=ADMIN_TOKEN_HELP)
+    add_timeout(sh)
     sh.set_defaults(fn=_shadow)
 
     ins = sub.add_parser("insights", help="clusters of the traffic no task claims: candidate tasks to train")
@@ -285,4 +286,5 @@ def add_watch_parsers(sub, url: str) -> None:
     ins.add_argument("--json", action="store_true", help="print the full JSON")
     ins.add_argument("--url", default=url, help=f"server URL ($CLIPBANK_URL, default {DEFAULT_URL})")
     ins.add_argument("--token", help=ADMIN_TOKEN_HELP)
+    add_timeout(ins)
     ins.set_defaults(fn=_insights)

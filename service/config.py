@@ -361,7 +361,7 @@ SETTING_NAMES = frozenset(f.name for k in (ServeConfig, Limits) for f in fields(
 # CLIPBANK_ variables other commands and tools read (the client's URL, caches, the S3 store, the container tests,
 # the suite's OpenAPI fuzzing)
 OTHER_VARIABLES = (
-    "URL", "ONNX_CACHE", "REFERENCE_CACHE", "S3_ENDPOINT_URL", "S3_CACHE_DIR",
+    "URL", "TIMEOUT", "ONNX_CACHE", "REFERENCE_CACHE", "S3_ENDPOINT_URL", "S3_CACHE_DIR",
     "CONTAINER_TESTS", "SMOKE_ARGS", "SMOKE_ENV_FILE", "SMOKE_IMAGE", "FUZZ_EXAMPLES",
 )  # fmt: skip
 

@@ -399,6 +399,39 @@ def test_push_says_what_the_version_it_replaces_had_and_what_its_training_warned
     assert said in err and "86.7%" not in err and seen == [("GET", "/tasks/greek", None), ("POST", "/tasks", None)]
 
 
+def test_a_client_command_that_gets_no_answer_says_so_once_in_the_time_it_was_given(
+    monkeypatch, tmp_path, capsys, backbone
+):
+    """An outside check: `push` to a server that never answered waited 60 s on the comparison's GET, then 60 s on
+    the upload, and said "within 60 s"; no client command could wait less (`--timeout`, `$CLIPBANK_TIMEOUT`)."""
+    seen: list = []
+
+    def silent(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path, request.extensions["timeout"]["read"]))
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    client_on(monkeypatch, silent)
+    bundle = tmp_path / "b.safetensors"
+    from model_store.bank import empty_bank
+    from tests.helpers import random_bundle
+
+    bundle.write_bytes(random_bundle(empty_bank(backbone), "greek", seed=1))
+    assert main(["push", str(bundle), *URL, "--timeout", "2.5"]) == 3
+    assert seen == [("GET", "/tasks/greek", 2.5)]  # the upload is not sent after the read went unanswered
+    assert "did not answer GET /tasks/greek within 2.5 s" in capsys.readouterr().err
+    seen.clear()
+    monkeypatch.setenv("CLIPBANK_TIMEOUT", "4")
+    assert main(["tasks", "activate", "greek", "2", *URL]) == 3 and seen[0][2] == 4.0
+    assert main(["tasks", *URL, "--timeout", "1"]) == 3 and seen[-1][2] == 1.0  # the flag wins
+    for bad in ("abc", "0", "inf"):
+        monkeypatch.setenv("CLIPBANK_TIMEOUT", bad)
+        assert main(["classify", "x.png", "--label", "a", "--label", "b", *URL]) == 2
+        assert f"CLIPBANK_TIMEOUT: a number of seconds > 0 is needed, got '{bad}'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["push", str(bundle), *URL, "--timeout", "-1"])
+    assert usage.value.code == 2 and "--timeout: a number of seconds > 0 is needed, got '-1'" in capsys.readouterr().err
+
+
 def test_push_of_a_pipe_sends_every_byte_of_it(monkeypatch, backbone):
     """The review of the push's comparison: reading the manifest ahead from `<(cat bundle)` took its first 4 KiB,
     and the server got a truncated bundle. A file that is not a regular one is read once, by the upload."""
