@@ -153,16 +153,18 @@ def _healthcheck(args: argparse.Namespace) -> int:
     serve = argparse.ArgumentParser(prog="clipbank serve", add_help=False)
     add_flags(serve, ServeConfig, defaults_unset=True)
     argv = server_argv(args.pid) if not args.url else []
+    if argv is None and os.environ.get("CLIPBANK_URL", "").strip():  # no server here (a host): the clients' URL
+        args.url, argv = os.environ["CLIPBANK_URL"].strip(), []  # (an outside check's script polled :8000)
     if args.url and urllib.parse.urlsplit(args.url).path in ("", "/"):  # the server's base URL, as elsewhere
         args.url = args.url.rstrip("/") + "/readyz"
     try:
         env = server_env(args.pid) if argv is not None and not args.url else None  # a host's server: its own
         url = args.url or readyz_url(argv or [], lambda a: serve.parse_known_args(a)[0], env)
     except ValueError as e:  # the environment does not parse: the server could not have started on it either
-        print(f"the server's address is unknown: {e}")
+        print(f"the server's address is unknown: {e}", file=sys.stderr)
         return 1
-    ready, seen = check(url, args.timeout)
-    print(seen if args.url else f"{seen} ({_address_source(args.pid, argv)})")
+    ready, seen = check(url, args.timeout)  # a failure on stderr (Docker's health log keeps both streams)
+    print(seen if args.url else f"{seen} ({_address_source(args.pid, argv)})", file=sys.stdout if ready else sys.stderr)
     return 0 if ready else 1  # never 2: Docker reserves it
 
 
@@ -178,7 +180,8 @@ def _add_healthcheck(sub) -> None:
     hc = sub.add_parser(
         "healthcheck",
         help="exit 0 when the server answers /readyz with 200 (the image's HEALTHCHECK; the address is read from "
-        "the server's command line, then CLIPBANK_HOST / CLIPBANK_PORT)",
+        "the server's command line, then CLIPBANK_HOST / CLIPBANK_PORT; with no server in process --pid, "
+        "CLIPBANK_URL's)",
     )
     hc.add_argument("--pid", type=int, default=1, help="the server's process (default 1: a container's)")
     hc.add_argument("--url", help="ask this server (its base URL, or its /readyz URL) instead")
@@ -244,7 +247,13 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a health check's usage error is exit 1 too (an unknown flag is the top parser's)
+        if e.code == 2 and "healthcheck" in words:
+            raise SystemExit(1) from None
+        raise
     if sys.stdout is None:  # started with stdout closed (`>&-`): what a command prints would be lost
         if args.cmd not in ("serve", "healthcheck"):  # its log is on stderr; a health check answers by exit code
             print(f"clipbank {args.cmd}: standard output is closed; its answers would be lost", file=sys.stderr)

@@ -104,9 +104,17 @@ def test_exit_code_follows_readyz(readyz, monkeypatch, capsys):
     port = readyz.server_address[1]
     monkeypatch.setenv("CLIPBANK_PORT", str(port))
     monkeypatch.delenv("CLIPBANK_HOST", raising=False)
+    monkeypatch.delenv("CLIPBANK_URL", raising=False)
     assert main(["healthcheck", "--pid", "999999999"]) == 0  # no such process: CLIPBANK_PORT says where
     out = capsys.readouterr().out  # and says so: on a host, PID 1 is init, not the server
     assert f"127.0.0.1:{port}/readyz: 200 (process 999999999 is not a clipbank serve: the address is " in out
+    # a script on a host that set the clients' CLIPBANK_URL (an outside check's polled :8000 instead)
+    monkeypatch.setenv("CLIPBANK_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("CLIPBANK_PORT", "1")
+    assert main(["healthcheck", "--pid", "999999999"]) == 0
+    assert capsys.readouterr().out == f"http://127.0.0.1:{port}/readyz: 200\n"
+    monkeypatch.delenv("CLIPBANK_URL")
+    monkeypatch.setenv("CLIPBANK_PORT", str(port))
     for base in (f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/"):  # the base URL, as other commands take
         assert main(["healthcheck", "--url", base]) == 0, base
         assert capsys.readouterr().out == f"http://127.0.0.1:{port}/readyz: 200\n"
@@ -115,11 +123,11 @@ def test_exit_code_follows_readyz(readyz, monkeypatch, capsys):
         assert main(["healthcheck", "--url", f"http://127.0.0.1:{port}/readyz"]) == 1  # loading, or stopping
     finally:
         _Readyz.status = 200
-    assert "readyz: 503 (not_ready: the server is still loading)" in capsys.readouterr().out  # why, not only 503
+    assert "readyz: 503 (not_ready: the server is still loading)" in capsys.readouterr().err  # why, not only 503
     readyz.shutdown()
     readyz.server_close()
     assert main(["healthcheck", "--url", f"http://127.0.0.1:{port}/readyz", "--timeout", "1"]) == 1
-    assert "refused" in capsys.readouterr().out.lower()
+    assert "refused" in capsys.readouterr().err.lower()  # a failure on stderr, as other commands say theirs
 
 
 def test_only_a_200_from_readyz_itself_is_ready(readyz, monkeypatch, capsys):
@@ -137,7 +145,7 @@ def test_only_a_200_from_readyz_itself_is_ready(readyz, monkeypatch, capsys):
         closed.bind(("127.0.0.1", 0))
         down = closed.getsockname()[1]
     assert main(["healthcheck", "--url", f"http://127.0.0.1:{down}/readyz"]) == 1
-    assert "refused" in capsys.readouterr().out.lower()
+    assert "refused" in capsys.readouterr().err.lower()
 
 
 @pytest.fixture
@@ -182,7 +190,7 @@ def test_a_server_that_trickles_or_is_not_http_is_not_ready(raw_server, capsys, 
     start = time.monotonic()
     assert main(["healthcheck", "--url", f"http://127.0.0.1:{port}/readyz", "--timeout", "1"]) == 1
     assert time.monotonic() - start < 3
-    assert seen in capsys.readouterr().out
+    assert seen in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -197,8 +205,17 @@ def test_a_server_that_trickles_or_is_not_http_is_not_ready(raw_server, capsys, 
 )
 def test_bad_settings_exit_1_with_one_line(monkeypatch, capsys, argv, env, seen):
     """Exit 2 is Docker's "reserved" code: a health check only ever says 0 (ready) or 1 (not)."""
+    monkeypatch.delenv("CLIPBANK_URL", raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert main(["healthcheck", *argv]) == 1
     out = capsys.readouterr()
-    assert seen in out.out and "Traceback" not in out.err
+    assert seen in out.err and "Traceback" not in out.err
+
+
+@pytest.mark.parametrize("argv", [["--timeout", "abc"], ["--pid", "x"], ["--no-such-flag"]])
+def test_a_usage_error_is_exit_1_too(capsys, argv):
+    """An outside check: `healthcheck --timeout abc` was argparse's exit 2, which Docker reserves."""
+    with pytest.raises(SystemExit) as e:
+        main(["healthcheck", *argv])
+    assert e.value.code == 1 and "error:" in capsys.readouterr().err
