@@ -310,7 +310,10 @@ def _failed(args: argparse.Namespace, e: Exception) -> int | None:
         # clipbank's 503 without Retry-After: only an operator can fix it (a read-only or damaged store); it said 3,
         # "worth trying again later", beside a message that no retry would help (an SRE's)
         refused |= e.status == 503 and e.retry_after is None and e.code not in ("http_error", "not_clipbank")
-        failing = (e.status == 0 or e.status >= 500) and not refused
+        # a 501/505 that is not clipbank's: a server without POST (a static file server), the URL is wrong (it said
+        # 3, and a retry loop kept trying it: an outside check)
+        wrong = e.code == "http_error" and e.status in (501, 505)
+        failing = (e.status == 0 or e.status >= 500) and not refused and not wrong
         said, code = str(e), REFUSED if refused else UNAVAILABLE if failing else USAGE
     elif isinstance(e, ClipbankError | ValueError | OSError):
         said, code = f"{e.code + ': ' if isinstance(e, ClipbankError) else ''}{e}", USAGE

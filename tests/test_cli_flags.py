@@ -10,6 +10,7 @@ import sys
 import typing
 from dataclasses import fields
 
+import httpx
 import pytest
 
 from clipbank.bench_commands import BENCHES
@@ -205,6 +206,28 @@ def test_the_client_takes_the_image_objects_a_python_user_has_and_names_odd_answ
             c.tasks()
     assert caught.value.code == "http_error"
     assert caught.value.message == "GET http://srv:1/tasks answered 404 without a clipbank error (an empty body)"
+
+
+@pytest.mark.parametrize(
+    ("answer", "code"),
+    [
+        (httpx.Response(501, text="<h1>Unsupported method ('POST')</h1>"), 2),  # python -m http.server: a wrong URL
+        (httpx.Response(404, text="File not found"), 2),
+        (httpx.Response(502, text="Bad Gateway"), 3),  # a proxy whose server is down: worth trying again
+        (httpx.Response(500, json={"error": {"code": "internal", "message": "boom", "details": None}}), 3),
+    ],
+)
+def test_a_server_that_is_no_clipbank_one_is_a_usage_error_whatever_its_status(tmp_path, monkeypatch, answer, code):
+    """An outside check: a static file server's 501 to `classify` and `push` was exit 3, "try again later", and a
+    CI's retry loop kept trying a URL that could never work; its 404 to `tasks` was 2."""
+    from PIL import Image
+
+    from clipbank.cli import main
+
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "red.png")
+    _client_on(monkeypatch, lambda request: answer)
+    argv = ["classify", str(tmp_path / "red.png"), "--label", "a", "--label", "b", "--url", "http://srv"]
+    assert main([*argv, "--retries", "0"]) == code
 
 
 def test_the_client_keeps_task_names_in_their_path_segment_and_strips_its_token(monkeypatch):
