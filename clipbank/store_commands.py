@@ -26,8 +26,10 @@ def _store(args: argparse.Namespace) -> int:
         what = ": it is a file" if Path(args.store).is_file() else ""
         raise FileNotFoundError(f"no store at {args.store!r}{what} (a store folder holds index.json and blobs/)")
     if args.store_cmd == "check":
-        if not local and not open_store(args.store).exists():
-            raise FileNotFoundError(f"no store at {args.store!r} (no index.json under that prefix)")
+        if not local:  # its bytes, not parsed: a corrupt index is the check's to report (it was exit 2, "see the log")
+            remote = open_store(args.store)
+            if remote.raw_index() is None and next(iter(remote.blob_names()), None) is None:
+                raise FileNotFoundError(f"no store at {args.store!r} (no index.json under that prefix)")
         problems = check_store(args.store)  # on S3: every blob as the bucket holds it, past this machine's cache
         if args.backbone:
             problems += _unservable(args.store, args.backbone)

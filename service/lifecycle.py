@@ -151,7 +151,8 @@ class Service:
         self.watch.start_monitor(monitor, self.backbone, reference)
         registry = Registry(open_store(cfg.store), self.backbone, self.metrics, cache, gate, self.watch.swapped)
         bank = registry.load()
-        _say_store(registry.store)
+        if registry.store_error is None:  # read again only when it could be: a hanging S3 endpoint cost 30 s more
+            _say_store(registry.store)
         self.registry = registry  # published once it has a bank: /healthz reads it while this runs
         warm = torch.zeros(1, 3, self.backbone.image_size, self.backbone.image_size)
         items = [ClassifyItem(warm, ("a", "b"), ZERO_SHOT)] + [ClassifyItem(warm, None, t) for t in bank.task_names]

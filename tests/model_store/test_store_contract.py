@@ -580,6 +580,15 @@ def test_store_check_reads_what_is_stored_past_the_local_cache(make_store, bundl
     assert problem.startswith(f"task 'cars' version 1: its blob {put.bundle_id[:12]} is missing or damaged")
     assert main(["store", "--store", store.location, "check"]) == 1
     assert "missing or damaged" in capsys.readouterr().out
+    # a corrupt index is the check's to name, on both backends (on S3 it was exit 2, "corrupt ...; see the log")
+    for garbage, said in ((b'{"format":1,"generation":21, x', "index.json does not parse"), (b'{"tasks": 3}', "")):
+        if isinstance(store, LocalStore):
+            (store.root / "index.json").write_bytes(garbage)
+        else:
+            store._s3.put_object(Bucket=store.bucket, Key=store._key("index.json"), Body=garbage)
+        assert main(["store", "--store", store.location, "check"]) == 1
+        out = capsys.readouterr().out
+        assert out.startswith("index.json") and said in out, out
 
 
 def test_an_s3_index_write_without_an_answer_says_it_may_have_landed(s3_env, bundles, monkeypatch):

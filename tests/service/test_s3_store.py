@@ -65,6 +65,30 @@ async def test_an_s3_endpoint_that_goes_down_fails_writes_and_the_bank_keeps_ser
             assert after["timing"]["generation"] == before["timing"]["generation"]
 
 
+async def test_a_server_whose_store_cannot_be_read_at_start_reads_it_once_and_serves_zero_shot(
+    tmp_path, backbone, monkeypatch
+):
+    """An outside check: with the S3 endpoint hanging, start-up read the index (30 s to time out), then read it
+    again to say what it serves (30 s more): 503 to everything for 80 s. Read once; zero-shot is served."""
+    import socket
+
+    import service.lifecycle as lifecycle
+
+    said: list = []
+    monkeypatch.setattr(lifecycle, "_say_store", said.append)
+    with socket.socket() as closed:  # a port nothing listens on: every read fails
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("CLIPBANK_S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    async with running_app(tmp_path, backbone, store="s3://down/bank") as client:
+        assert (await classify(client))["results"][0]["route"]["task"] is None  # zero-shot CLIP
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and "could not read the index" in ready.text, ready.text
+    assert said == []
+
+
 @pytest.mark.parametrize("broad", [True, False], ids=["over-broad", "normal"])
 async def test_a_change_landing_on_another_servers_change_is_gated_against_it(
     tmp_path, backbone, s3_env, bundles, broad
