@@ -16,7 +16,15 @@ import open_clip
 import torch
 
 from .backbone_ref import DEFAULT_BACKBONE, BackboneRef, parse_backbone_ref
-from .checkpoints import NO_DOWNLOAD, download_failed, first_line, looks_like_checkpoint, misfit, refuse_non_finite
+from .checkpoints import (
+    download_failed,
+    first_line,
+    looks_like_checkpoint,
+    misfit,
+    misnamed,
+    no_download,
+    refuse_non_finite,
+)
 from .digest import tensor_digest
 from .errors import BackboneError, UnsupportedBackbone
 from .frozen import FrozenRuntime, TorchFrozen
@@ -159,7 +167,7 @@ def _why_not_loaded(e: Exception, ref: BackboneRef, tag: str | None) -> str:
         why = f"open_clip has no model {ref.model_name!r}" + (f"; close: {', '.join(near)}" if near else "")
         why += " (all: `python -c 'import open_clip; print(open_clip.list_models())'`)"
     elif tag and download_failed(e):  # after the cut, so the remedy is whole
-        why += f". {NO_DOWNLOAD}"
+        why += f". {no_download()}"
     elif why.startswith("Weights only load failed"):  # torch's first line, whose "two options" unpickle it
         why = (
             "the file holds pickled Python objects (a whole model?), which are not loaded: save the weights "
@@ -182,6 +190,8 @@ def load_backbone(ref: str | BackboneRef = DEFAULT_BACKBONE, device: str = "auto
         )
     if ref.weights_is_file and not looks_like_checkpoint(Path(ref.weights)):
         raise BackboneError(f"{ref.weights} is not a checkpoint: neither safetensors nor a PyTorch file ({ref.text!r})")
+    if ref.weights_is_file and (wrong := misnamed(Path(ref.weights))):
+        raise BackboneError(f"could not load backbone {ref.text!r}: {wrong}")
     picked = ("Multiple checkpoints found",) if ref.weights_is_file else ()  # the file named here replaces it
     quiet = DropRecords(("No pretrained weights loaded", "Local config loaded, but no CLIP weights", *picked))
     logging.getLogger().addFilter(quiet)  # open_clip warns of "random init" before we load the file ourselves

@@ -3,6 +3,7 @@ that settings can refuse a malformed one before the backbone's libraries load (s
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,10 +59,10 @@ def parse_backbone_ref(text: str) -> BackboneRef:
         text = DEFAULT_BACKBONE
     if text == "tiny":
         return BackboneRef(text, f"local-dir:{TINY_DIR}", str(TINY_WEIGHTS), True)
-    if text.startswith("local-dir:"):
-        return BackboneRef(text, text, None)
+    if text.startswith("local-dir:"):  # `~` expanded: no shell does it after `file:`, nor a .env file
+        return BackboneRef(text, f"local-dir:{os.path.expanduser(text[10:])}", None)
     if text.startswith("file:"):
-        path = Path(text[5:])
+        path = Path(os.path.expanduser(text[5:]))
         return BackboneRef(text, f"local-dir:{path.parent}", str(path), True)
     name, sep, rest = text.partition(":")
     if not name and sep:
@@ -75,5 +76,5 @@ def parse_backbone_ref(text: str) -> BackboneRef:
     if rest == "none":
         return BackboneRef(text, name, None)
     if rest.startswith("file:"):
-        return BackboneRef(text, name, rest[5:], True)
-    return BackboneRef(text, name, rest)
+        return BackboneRef(text, name, os.path.expanduser(rest[5:]), True)
+    return BackboneRef(text, name, os.path.expanduser(rest) if rest.startswith("~") else rest)

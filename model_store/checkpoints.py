@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,19 @@ def looks_like_checkpoint(path: Path) -> bool:
     with path.open("rb") as f:
         head = f.read(9)
     return head[8:9] == b"{" or head.startswith((b"PK\x03\x04", b"\x80"))
+
+
+def misnamed(path: Path) -> str | None:
+    """Why a checkpoint's name would make open_clip read it wrong: it picks the loader by the suffix (a safetensors
+    file named .pt was said to hold "pickled Python objects"; a PyTorch one named .safetensors, "header too large")."""
+    with path.open("rb") as f:
+        safetensors = f.read(9)[8:9] == b"{"
+    named = path.suffix.lower() == ".safetensors"
+    if safetensors == named:
+        return None
+    kind, right = ("safetensors", ".safetensors") if safetensors else ("PyTorch", ".pt")
+    named_as = f"named {path.suffix}" if path.suffix else "without a suffix"
+    return f"{path} is a {kind} file {named_as}: open_clip reads a file by its name, so rename it to end in {right}"
 
 
 def misfit(model: Any, path: Path) -> str | None:
@@ -72,9 +87,16 @@ def download_failed(error: BaseException) -> bool:
 
 NO_DOWNLOAD = (
     "Its weights are neither in the local cache ($HF_HOME) nor reachable on the model hub from here: copy the "
-    "checkpoint onto this machine and name it as 'ARCH:file:/path/weights.safetensors' (README, Real weights), or "
-    "fill the cache where the hub is reachable; HF_HUB_OFFLINE=1 skips the hub's retries"
+    "checkpoint onto this machine and name it as 'ARCH:file:/path/weights.safetensors' (README, Backbones), or "
+    "fill the cache where the hub is reachable"
 )
+OFFLINE_HINT = "; HF_HUB_OFFLINE=1 skips the hub's retries"
+
+
+def no_download(environ: Mapping[str, str] | None = None) -> str:
+    """What to do when the hub is out of reach (the hint to set HF_HUB_OFFLINE only where it is not set)."""
+    offline = (os.environ if environ is None else environ).get("HF_HUB_OFFLINE", "").strip().lower()
+    return NO_DOWNLOAD + ("" if offline in ("1", "true", "yes", "on") else OFFLINE_HINT)
 
 
 def first_line(error: Exception) -> str:

@@ -24,9 +24,15 @@ from model_store.errors import BackboneError
         ("ViT-B-16:file:/m/w.safetensors", "ViT-B-16", "/m/w.safetensors", True),
         ("file:/m/w.safetensors", "local-dir:/m", "/m/w.safetensors", True),
         ("local-dir:/m", "local-dir:/m", None, False),
+        # `~` expanded: no shell does it after `file:`, nor a .env file (an outside check's was "does not exist")
+        ("ViT-B-32:file:~/w.safetensors", "ViT-B-32", "/home/u/w.safetensors", True),
+        ("file:~/m/w.safetensors", "local-dir:/home/u/m", "/home/u/m/w.safetensors", True),
+        ("local-dir:~/m", "local-dir:/home/u/m", None, False),
+        ("ViT-B-32:~/w.pt", "ViT-B-32", "/home/u/w.pt", False),
     ],
 )
-def test_parse(text, model_name, weights, is_file):
+def test_parse(text, model_name, weights, is_file, monkeypatch):
+    monkeypatch.setenv("HOME", "/home/u")
     ref = parse_backbone_ref(text)
     assert (ref.model_name, ref.weights, ref.weights_is_file) == (model_name, weights, is_file)
 
@@ -224,6 +230,13 @@ def test_checkpoint_mistakes_are_said_in_one_line(tmp_path):
     with pytest.raises(BackboneError, match=r"tensors have other sizes than this architecture's \(\d+; first: ") as e:
         load_backbone(f"file:{tmp_path / 'w.pt'}")
     assert "\n" not in str(e.value)
+    # an outside check's: a safetensors file named .pt was said to hold "pickled Python objects"; the reverse,
+    # "Error while deserializing header: header too large". open_clip picks its loader by the name: said so
+    shutil.copy(tmp_path / "w.pt", reshaped / "torch.safetensors")
+    shutil.copy(reshaped / "w.safetensors", reshaped / "st.pt")
+    for name, said in (("st.pt", "is a safetensors file named .pt"), ("torch.safetensors", "is a PyTorch file")):
+        with pytest.raises(BackboneError, match=f"{said}.*rename it to end in"):
+            load_backbone(f"file:{reshaped / name}")
 
 
 def test_unknown_pretrained_tag_fails_cleanly():
@@ -240,6 +253,7 @@ def test_weights_the_hub_cannot_give_are_answered_with_what_to_do_whole(monkeypa
         raise RuntimeError("Failed to download weights for ViT-B-16 (openai). " + "Please check your connection. " * 20)
 
     monkeypatch.setattr(open_clip, "create_model_and_transforms", no_hub)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(BackboneError) as raised:
         load_backbone("ViT-B-16:openai")
     message = str(raised.value)
@@ -251,9 +265,12 @@ def test_weights_the_hub_cannot_give_are_answered_with_what_to_do_whole(monkeypa
     path = "could not open /" + "d" * 400  # one long word (a path): cut, not dropped (the review's)
     assert first_line(OSError(path)) == path[:300] + " [...]"
     assert message.endswith(
-        "'ARCH:file:/path/weights.safetensors' (README, Real weights), or fill the cache where "
+        "'ARCH:file:/path/weights.safetensors' (README, Backbones), or fill the cache where "
         "the hub is reachable; HF_HUB_OFFLINE=1 skips the hub's retries"
     )
+    from model_store.checkpoints import no_download
+
+    assert no_download({"HF_HUB_OFFLINE": "1"}).endswith("the hub is reachable")  # set already: not advised again
 
 
 def test_only_a_download_failure_is_told_to_find_the_weights_elsewhere():
