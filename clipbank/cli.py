@@ -230,6 +230,7 @@ AFTER_STOP = {  # what a stop leaves, where a command can say it for sure
     "bench": "no report of this run was written (a report already in --out is an earlier run's; soak removes those)",
     "classify": "the answers printed before it stand (with --json, they are in its object)",
     "eval": "no accuracy was printed, nor any file written",
+    "serve": "the requests it was answering were answered or refused, and the store is as its last change left it",
     "": "a file being written is left as it was",
 }
 # exit codes besides 0: the server refused the request (a 4xx: its code says why, e.g. `interference`; or a 503 with

@@ -140,21 +140,27 @@ def _read_baseline(path: str) -> dict:
 def _change(now: float | None, before: Any) -> str:
     if now is None or not isinstance(before, (int, float)):
         return ""
-    return f" ({(now - before) * 100:+.1f})"
+    return f" ({(now - before) * 100:+.1f} pts)"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def print_report(report: dict, baseline: dict | None = None) -> None:
     """A line per class: images, accuracy (with its change since `baseline`, in points), and its main routes."""
     before = (baseline or {}).get("classes", {})
     width = max(len("class"), *(len(c) for c in report["classes"]))
-    print(f"{'class':<{width}}  images  accuracy  routed to")
+    accuracies = {  # in percent, as the change beside it is in points (an outside check read "0.600 (-3.3)")
+        c: _percent(row["accuracy"]) + _change(row["accuracy"], (before.get(c) or {}).get("accuracy"))
+        for c, row in report["classes"].items()
+    }
+    column = max(len("accuracy"), *(len(a) for a in accuracies.values()))  # a change widens it: still aligned
+    print(f"{'class':<{width}}  images  {'accuracy':<{column}}  routed to")
     for c, row in report["classes"].items():
-        acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
-        acc += _change(row["accuracy"], (before.get(c) or {}).get("accuracy"))
         routes = ", ".join(f"{k} {v:.0%}" for k, v in list(row["routes"].items())[:3])
-        print(f"{c:<{width}}  {row['images']:>6}  {acc:<8}  {routes}")
-    overall = "-" if report["accuracy"] is None else f"{report['accuracy']:.3f}"
-    overall += _change(report["accuracy"], (baseline or {}).get("accuracy"))
+        print(f"{c:<{width}}  {row['images']:>6}  {accuracies[c]:<{column}}  {routes}")
+    overall = _percent(report["accuracy"]) + _change(report["accuracy"], (baseline or {}).get("accuracy"))
     routes = ", ".join(f"{k} {v:.0%}" for k, v in report["routes"].items())
     print(f"\naccuracy {overall} over {report['images']} images (labels: {report['labels']}); routed: {routes}")
     if report["versions"] or (baseline or {}).get("versions"):

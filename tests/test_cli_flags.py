@@ -1157,8 +1157,14 @@ def test_eval_scores_each_class_and_the_change_since_a_baseline(tmp_path, monkey
     (tmp_path / "before.json").write_text(json.dumps(report))
     assert main([*args, "--baseline", str(tmp_path / "before.json")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split()[:3] == ["a", "5", "1.000"] and lines[2].split()[:4] == ["b", "5", "0.000", "(-50.0)"]
-    assert lines[-1].startswith("accuracy 0.500 (-25.0) over 10 images"), lines
+    assert lines[1].split()[:4] == ["a", "5", "100.0%", "(+0.0"] and lines[2].split()[:4] == [
+        "b",
+        "5",
+        "0.0%",
+        "(-50.0",
+    ]
+    assert lines[-1].startswith("accuracy 50.0% (-25.0 pts) over 10 images"), lines
+    assert len({line.index("routed to" if n == 0 else "zero-shot") for n, line in enumerate(lines[:3])}) == 1
     for bad in ("[1, 2]", '{"classes": {"a": 0.5}}'):
         (tmp_path / "bad.json").write_text(bad)
         assert main([*args, "--baseline", str(tmp_path / "bad.json")]) == 2

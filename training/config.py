@@ -18,7 +18,9 @@ class TrainJob:
     val: str | None = option(None, "validation ImageFolder (default: 20% held out of --data)")
     skip_bad: bool = option(False, "leave out files that cannot be read as images (listed in a warning), not stop")
     backbone: str = option("tiny", "backbone reference")
-    store: str | None = option(None, "store folder: train on top of its bank and put the bundle there")
+    store: str | None = option(
+        None, "a store (a folder, or s3://bucket/prefix): train on top of its bank and put the bundle there"
+    )
     out: str | None = option(None, "also write the bundle file here (an existing file only with --overwrite)")
     overwrite: bool = option(False, "let --out replace an existing file")
     version: int | None = option(
