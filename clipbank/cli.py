@@ -31,6 +31,13 @@ def _serve(args: argparse.Namespace) -> int:
     set_serving_env()  # before torch is imported: MKL and OpenMP read their variables once, when they load
     flags = given(ServeConfig, args)  # checked before torch loads: a bad setting is said at once (it took 6-10 s)
     config = ServeConfig.from_env(**flags)
+    if config.store.startswith("s3://"):  # its endpoint, before anything loads (it was said after 25 s of start-up)
+        from model_store.settings import check_s3_endpoint
+
+        try:
+            check_s3_endpoint(env_value("S3_ENDPOINT_URL"))
+        except ClipbankError as e:
+            raise UsageError(f"invalid server settings: {e}") from None
     serve_logs(config.log_level, config.log_format)
     if unknown := unknown_variables(os.environ):  # a log line, so that --log-format json has it as one
         logging.getLogger("clipbank.service").warning("no setting reads %s", ", ".join(unknown))

@@ -43,6 +43,8 @@ MAX_QUEUE_IMAGES = 1_000_000
 def _store_path_problems(store: str) -> list[str]:
     """A local store path that cannot be a folder, said before anything loads (it was said after the backbone
     loaded and an admin token was made "in" it)."""
+    if store.startswith("s3://") and not store.removeprefix("s3://").partition("/")[0]:
+        return [f"store {store!r}: an S3 store is s3://bucket or s3://bucket/prefix"]
     if store.startswith("s3://") or "://" in store:
         return []
     if not store.strip():

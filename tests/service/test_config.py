@@ -126,6 +126,28 @@ def test_the_unclaimed_monitors_settings_are_checked_before_start_up(monkeypatch
     assert "invalid server settings" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("store", "endpoint", "said"),
+    [
+        ("s3://", None, "an S3 store is s3://bucket or s3://bucket/prefix"),
+        ("s3:///prefix", None, "an S3 store is s3://bucket or s3://bucket/prefix"),
+        ("s3://bank/p", "127.0.0.1:9000", "CLIPBANK_S3_ENDPOINT_URL must be an http:// or https:// URL"),
+        ("s3://bank/p", "http://user:pw@127.0.0.1:9000", "CLIPBANK_S3_ENDPOINT_URL holds credentials"),
+    ],
+)
+def test_s3_store_settings_are_checked_before_start_up(monkeypatch, capsys, store, endpoint, said):
+    """An outside check: these failed with exit 3 after the backbone and its ONNX export had loaded (25 s)."""
+    monkeypatch.setenv("CLIPBANK_ADMIN_TOKEN", "t" * 32)
+    if endpoint:
+        monkeypatch.setenv("CLIPBANK_S3_ENDPOINT_URL", endpoint)
+    try:
+        code = main(["serve", "--store", store])
+    except SystemExit as e:  # UsageError
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and "invalid server settings" in err and said in err and "pw" not in err, err
+
+
 def test_frozen_runtime_must_be_known():
     assert ServeConfig().frozen_runtime == "auto"
     assert ServeConfig.from_env({"CLIPBANK_FROZEN_RUNTIME": "onnx"}).frozen_runtime == "onnx"
