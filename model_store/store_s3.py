@@ -31,6 +31,9 @@ from typing import Any
 from .digest import bytes_digest
 from .errors import REWRITE, BundleNotFound, StoreDamaged, StoreError, StoreNotWritable, StoreUnavailable
 from .files import read_regular
+from .s3_errors import OPERATOR_HINTS
+from .s3_errors import error_code as _code
+from .s3_errors import error_status as _status
 from .said_once import SaidOnce
 from .settings import cache_root, check_s3_endpoint, env_value
 from .store import atomic_write, encode_index, parse_index
@@ -367,20 +370,10 @@ class S3Store(Store):
                 "store is not writable for this server (its credentials or the bucket's policy), and sending it "
                 "again will not help until it is"
             )
-        return StoreUnavailable(f"the object store {self.location} could not {doing} ({_code(e) or type(e).__name__})")
-
-
-def _status(e: Exception) -> int | None:
-    if not isinstance(response := getattr(e, "response", None), dict):
-        return None
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    code = response.get("Error", {}).get("Code")
-    return status if isinstance(status, int) else int(code) if isinstance(code, str) and code.isdigit() else None
-
-
-def _code(e: Exception) -> str | None:
-    response = getattr(e, "response", None)
-    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+        hint = OPERATOR_HINTS.get(_code(e) or "", "")
+        return StoreUnavailable(
+            f"the object store {self.location} could not {doing} ({_code(e) or type(e).__name__}){hint}"
+        )
 
 
 def _backoff(attempt: int, deadline: float, why: str) -> int:

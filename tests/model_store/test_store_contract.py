@@ -754,3 +754,23 @@ def test_s3_a_put_meeting_a_stopped_purges_deletion_says_when_to_try_again(make_
     assert answer.status_code == 503 and answer.headers["retry-after"] == str(e.value.retry_after)
     stopped_purge(400)
     assert make_store().put(bundles[1]).version == 1  # the deletion finished, the blob written again
+
+
+def test_s3_failures_no_retry_heals_say_what_to_check(s3_env):
+    """An outside check: wrong credentials were "could not read the index (SignatureDoesNotMatch)", and nothing
+    more; a missing bucket, the same. Each now says what an operator should look at."""
+    from botocore.exceptions import ClientError
+
+    from model_store.errors import StoreUnavailable
+
+    store = open_store(f"s3://{s3_env}/bank")
+    for code, said in (
+        ("SignatureDoesNotMatch", "check the credentials this server was given (AWS_ACCESS_KEY_ID"),
+        ("AccessDenied", "these credentials may not read it"),
+        ("NoSuchBucket", "create the bucket, or correct the store's s3://BUCKET/prefix"),
+    ):
+        error = ClientError({"Error": {"Code": code, "Message": "no"}}, "GetObject")
+        refused = store._unavailable("read the index", error)
+        assert isinstance(refused, StoreUnavailable) and f"({code}): {said}" in str(refused), refused
+    timeout = store._unavailable("read the index", TimeoutError("slow"))
+    assert str(timeout).endswith("could not read the index (TimeoutError)")  # a retry may heal this one
