@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("clipbank.client").setLevel(logging.INFO)  # its retries: a wait is said, not silent
     if args.cmd == "serve":  # our own progress, without open_clip's loading chatter
         for name in ("clipbank", "model_store"):
             logging.getLogger(name).setLevel(logging.INFO)

@@ -28,6 +28,7 @@ from .client_wire import (
     _server_url,
     _was_refused,
     answer_body,
+    said_retry,
     tried,
 )
 from .token_files import SENDABLE_TOKEN
@@ -105,7 +106,8 @@ class _Calls:
         """Seconds to wait before sending `method path` again after `e` (try `attempt`), None: raise it."""
         # refused before a byte was sent (a server restarting): safe for a change too
         safe = path not in PROBES and (method == "GET" or path == "/classify" or _was_refused(e))
-        return _retry_wait(e, attempt) if safe and attempt < self.retries else None
+        wait = _retry_wait(e, attempt) if safe and attempt < self.retries else None
+        return said_retry(e, method, path, wait, attempt, self.retries)
 
     def _closed_error(self) -> RuntimeError:  # httpx's own message names no clipbank call
         return RuntimeError(f"this {type(self).__name__} is closed (close() was called, or its with-block ended)")

@@ -5,6 +5,7 @@ images split into requests, and a proxy the environment names."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import time
@@ -49,6 +50,7 @@ def _unnumbered(prefix: re.Match) -> str:
     return f"image {prefix.group(1)[1:-2]} " if prefix.group(1) else ""
 
 
+log = logging.getLogger("clipbank.client")
 MAX_ANSWER_BYTES = 256 * 1024 * 1024  # far above any answer a clipbank server gives
 RETRIED = frozenset({"overloaded", "stale_replica", "not_ready"})  # 503s that name when trying again may succeed
 MAX_RETRY_WAIT = 30.0  # seconds: a longer Retry-After is not waited for
@@ -292,6 +294,17 @@ def _renumbered(e: ClipbankHTTPError, at: int) -> ClipbankHTTPError:
         return e
     message = re.sub(r"^image \d+", f"image {image + at}", e.message)
     return ClipbankHTTPError(e.status, e.code, message, {**e.details, "image": image + at}, e.retry_after, e.request_id)
+
+
+def said_retry(e: ClipbankHTTPError, method: str, path: str, wait: float | None, attempt: int, retries: int):
+    """`wait`, logged (INFO, `clipbank.client`) when it is one: an outside check's `classify` waited 41 s for a
+    starting server, saying nothing."""
+    if wait is not None:
+        why = f"{e.status} {e.code}" if e.status else e.code
+        log.info(
+            "%s %s: %s; sending it again in %.1f s (try %d of %d)", method, path, why, wait, attempt + 2, retries + 1
+        )
+    return wait
 
 
 def _retry_wait(e: ClipbankHTTPError, attempt: int) -> float | None:

@@ -432,6 +432,27 @@ def test_a_client_command_that_gets_no_answer_says_so_once_in_the_time_it_was_gi
     assert usage.value.code == 2 and "--timeout: a number of seconds > 0 is needed, got '-1'" in capsys.readouterr().err
 
 
+def test_a_client_that_waits_for_a_starting_server_says_so(monkeypatch, tmp_path, caplog):
+    """An outside check: `clipbank classify` sent to a server still loading waited 41 s, saying nothing."""
+    import logging
+
+    from PIL import Image
+
+    route = {"task": None, "version": None, "bundle_id": None, "score": None, "threshold": None}
+    result = {"labels": [{"label": "a", "score": 0.9}, {"label": "b", "score": 0.1}], "route": route}
+    not_ready = {"error": {"code": "not_ready", "message": "loading", "details": None}}
+    answers = [
+        httpx.Response(503, json=not_ready, headers={"Retry-After": "0"}),
+        httpx.Response(200, json={"results": [result], "timing": {}}),
+    ]
+    client_on(monkeypatch, lambda request: answers.pop(0))
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "red.png")
+    with caplog.at_level(logging.INFO, logger="clipbank.client"):
+        code = main(["classify", str(tmp_path / "red.png"), "--label", "a", "--label", "b", "--url", "http://srv"])
+    assert code == 0 and answers == []
+    assert "POST /classify: 503 not_ready; sending it again in 0.0 s (try 2 of 4)" in caplog.text, caplog.text
+
+
 def test_push_of_a_pipe_sends_every_byte_of_it(monkeypatch, backbone):
     """The review of the push's comparison: reading the manifest ahead from `<(cat bundle)` took its first 4 KiB,
     and the server got a truncated bundle. A file that is not a regular one is read once, by the upload."""
