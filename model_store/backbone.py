@@ -159,13 +159,23 @@ def _check_supported(model: Any, ref: BackboneRef) -> dict[str, TowerSpec]:
     return towers
 
 
+def _close(given: str, known: list[str]) -> str:
+    """`; close: A, B` for the known names nearest `given`, case aside (`vit-b-32` showed ViT-B-32 third)."""
+    by_lower = {k.lower(): k for k in known}
+    near = difflib.get_close_matches(given.lower(), list(by_lower), n=5, cutoff=0.5)
+    return f"; close: {', '.join(by_lower[n] for n in near)}" if near else ""
+
+
 def _why_not_loaded(e: Exception, ref: BackboneRef, tag: str | None) -> str:
     """One line on why open_clip could not make or load the model, with what to do where it is known."""
     why = first_line(e)  # not torch's advice to unpickle it, nor 153 lines of size mismatches
     if "not found in built-ins" in str(e):  # open_clip lists all ~150 names: the near ones say more
-        near = difflib.get_close_matches(ref.model_name, open_clip.list_models(), n=5, cutoff=0.5)
-        why = f"open_clip has no model {ref.model_name!r}" + (f"; close: {', '.join(near)}" if near else "")
+        why = f"open_clip has no model {ref.model_name!r}" + _close(ref.model_name, open_clip.list_models())
         why += " (all: `python -c 'import open_clip; print(open_clip.list_models())'`)"
+    elif tag and "is not a known tag" in str(e):  # its tags, nearest first (open_clip logged them on another line)
+        tags = open_clip.list_pretrained_tags_by_model(ref.model_name)
+        why = f"open_clip has no weights {tag!r} for {ref.model_name}" + _close(tag, tags)
+        why += f" (all: {', '.join(tags)}; or a checkpoint file: '{ref.model_name}:file:/path/weights.safetensors')"
     elif tag and download_failed(e):  # after the cut, so the remedy is whole
         why += f". {no_download()}"
     elif why.startswith("Weights only load failed"):  # torch's first line, whose "two options" unpickle it

@@ -242,6 +242,11 @@ def test_checkpoint_mistakes_are_said_in_one_line(tmp_path):
 def test_unknown_pretrained_tag_fails_cleanly():
     with pytest.raises(BackboneError, match="could not load"):
         load_backbone("ViT-B-16:no-such-tag")
+    # an outside check's typo had no "did you mean"; a name in another case showed the right one third
+    with pytest.raises(BackboneError, match=r"has no weights 'opnai' for ViT-B-32; close: openai \(all: openai, "):
+        load_backbone("ViT-B-32:opnai")
+    with pytest.raises(BackboneError, match="open_clip has no model 'vit-b-32'; close: ViT-B-32,"):
+        load_backbone("vit-b-32:openai")
 
 
 def test_weights_the_hub_cannot_give_are_answered_with_what_to_do_whole(monkeypatch):
