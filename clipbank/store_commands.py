@@ -81,11 +81,18 @@ def _store(args: argparse.Namespace) -> int:
 def _readable(store, task: str, version: int) -> None:
     """Read and verify the version's bundle and the bundles whose experts it uses, as a server will: a damaged
     one would take the task offline (StoreDamaged, BundleError or MissingExpert, naming it)."""
+    from model_store.errors import StoreDamaged
     from model_store.loader import BankLoader
 
     loader = BankLoader(store, None)  # no bank is built: bundles read and checked against their names only
-    bundle = loader.bundle(store.version(task, version).bundle_id)
-    loader.providers([bundle])
+    bundle_id = store.version(task, version).bundle_id
+    bundle = loader.bundle(bundle_id)
+    needed = {bundle_id, *(b.id for b in loader.providers([bundle]))}
+    if hasattr(store, "blob_names") and (gone := needed - set(store.blob_names())):  # S3: read from this machine's
+        raise StoreDamaged(  # cache, a blob deleted from the bucket passed; a fresh server would degrade the task
+            f"task {task} version {version} needs blob(s) {', '.join(sorted(b[:12] for b in gone))}, which the bucket "
+            "no longer holds (this machine's cache still does): upload the version's bundle again to restore them"
+        )
     mine = bundle.manifest.backbone
     others = {t: _backbone_of(loader, b) for t, b in store.active().items() if t != task}
     if other := sorted(t for t, info in others.items() if info is not None and info.fingerprint != mine.fingerprint):

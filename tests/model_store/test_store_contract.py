@@ -580,6 +580,11 @@ def test_store_check_reads_what_is_stored_past_the_local_cache(make_store, bundl
     assert problem.startswith(f"task 'cars' version 1: its blob {put.bundle_id[:12]} is missing or damaged")
     assert main(["store", "--store", store.location, "check"]) == 1
     assert "missing or damaged" in capsys.readouterr().out
+    # activating it: it read from this machine's cache and passed, and a fresh server degraded the task
+    assert main(["store", "--store", store.location, "activate", "cars", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"needs blob(s) {put.bundle_id[:12]}" in err or "missing" in err, err
+    assert store.index().task("cars").active != put.bundle_id
     # a corrupt index is the check's to name, on both backends (on S3 it was exit 2, "corrupt ...; see the log")
     for garbage, said in ((b'{"format":1,"generation":21, x', "index.json does not parse"), (b'{"tasks": 3}', "")):
         if isinstance(store, LocalStore):
