@@ -39,6 +39,10 @@ def _eval(args: argparse.Namespace) -> int:
             "is right whatever the image. Add the other classes' folders, or score over the routed tasks' own "
             "classes with --no-labels"
         )
+    if args.max_drop is not None and (not args.baseline or not 0 <= args.max_drop < float("inf")):
+        raise ValueError(
+            f"--max-drop takes a number of points >= 0 and a --baseline to compare with, got {args.max_drop}"
+        )
     baseline = _read_baseline(args.baseline) if args.baseline else None
     labels = [] if args.no_labels else list(listing.classes)
     send = argparse.Namespace(  # what `classify` would be given: a file the server refuses is counted, not fatal
@@ -64,7 +68,25 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         print_report(report, baseline)
-    return 0
+    return 1 if baseline is not None and args.max_drop is not None and _dropped(report, baseline, args.max_drop) else 0
+
+
+def _dropped(report: dict, baseline: dict, points: float) -> bool:
+    """Whether the overall accuracy, or a class's, fell more than `points` since `baseline` (each said on stderr):
+    `--max-drop`, a CI's gate (an outside check's fell 7.2 points with exit 0)."""
+    before = baseline.get("classes") or {}
+    rows = [("overall", report.get("accuracy"), baseline.get("accuracy"))] + [
+        (f"class {c}", row.get("accuracy"), (before.get(c) or {}).get("accuracy"))
+        for c, row in report["classes"].items()
+    ]
+    fell = [
+        (what, (was - now) * 100)
+        for what, now, was in rows
+        if isinstance(now, int | float) and isinstance(was, int | float) and (was - now) * 100 > points
+    ]
+    for what, by in fell:
+        print(f"{what}: accuracy fell {by:.1f} points since the baseline (--max-drop {points:g})", file=sys.stderr)
+    return bool(fell)
 
 
 def score(results: list[dict], truth: list[str], classes: tuple[str, ...]) -> dict[str, Any]:
@@ -193,6 +215,12 @@ def add_eval_parser(sub, url: str, retries: Any) -> None:
         "scores every label alone",
     )
     ev.add_argument("--baseline", help="an earlier `clipbank eval --json` report: print each accuracy's change")
+    ev.add_argument(
+        "--max-drop",
+        type=float,
+        metavar="POINTS",
+        help="with --baseline: exit 1 when the overall accuracy, or a class's, fell more than POINTS points (CI)",
+    )
     ev.add_argument("--json", action="store_true", help="print the report as JSON (for --baseline later)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.add_argument("--url", default=url, help="server URL ($CLIPBANK_URL)")

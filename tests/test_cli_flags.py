@@ -1164,6 +1164,12 @@ def test_eval_scores_each_class_and_the_change_since_a_baseline(tmp_path, monkey
         "(-50.0",
     ]
     assert lines[-1].startswith("accuracy 50.0% (-25.0 pts) over 10 images"), lines
+    # a CI's gate: exit 1 past --max-drop, naming what fell (an outside check's fell 7.2 points with exit 0)
+    assert main([*args, "--baseline", str(tmp_path / "before.json"), "--max-drop", "30"]) == 1
+    err = capsys.readouterr().err
+    assert "class b: accuracy fell 50.0 points since the baseline (--max-drop 30)" in err and "overall" not in err
+    assert main([*args, "--baseline", str(tmp_path / "before.json"), "--max-drop", "50"]) == 0
+    assert main([*args, "--max-drop", "5"]) == 2 and "a --baseline to compare with" in capsys.readouterr().err
     assert len({line.index("routed to" if n == 0 else "zero-shot") for n, line in enumerate(lines[:3])}) == 1
     for bad in ("[1, 2]", '{"classes": {"a": 0.5}}'):
         (tmp_path / "bad.json").write_text(bad)
