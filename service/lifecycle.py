@@ -128,6 +128,8 @@ class Service:
         self.registry.run_torch = batcher.run
         self.preprocess = NumpyPreprocess.of(self.backbone.preprocess)  # the decode threads run no torch
         self.metrics.watch_cache(cache)
+        runtime = self.backbone.frozen.name if self.backbone.frozen is not None else "torch"
+        self.metrics.observe_backbone(self.backbone.describe(), runtime)
         self.batcher = batcher
         # What start-up made lives as long as the server: keep it out of the collector's full passes, whose
         # time grows with the heap and showed as periodic latency spikes under load.

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, generate_latest
 
 from model_store.bank import BankSnapshot
 from model_store.inference import TextCache
@@ -154,6 +155,16 @@ class Metrics:
             "1 while the store's index cannot be read (serving the last bank; changes refused), else 0",
             registry=self.registry,
         ).set_function(lambda: float(store_error()))
+
+    def observe_backbone(self, described: dict[str, Any], runtime: str) -> None:
+        """`clipbank_backbone_info{arch, pretrained, fingerprint, runtime} 1`: which backbone a server serves, for
+        a dashboard and for an alert on servers of one store disagreeing (an outside check found it nowhere but
+        /readyz)."""
+        info = {k: str(described.get(k)) for k in ("arch", "pretrained")}
+        info.update(fingerprint=str(described.get("fingerprint"))[:12], runtime=runtime)
+        if getattr(self, "_backbone", None) is None:  # once per registry (a second one is a duplicate series)
+            self._backbone = Info("clipbank_backbone", "the backbone this server serves", registry=self.registry)
+        self._backbone.info(info)
 
     def watch_reservoir(self, size, nbytes) -> None:
         """The unclaimed-traffic reservoir's figures, read at scrape time."""

@@ -556,6 +556,9 @@ async def test_metrics_count_requests_batches_and_routes(tmp_path, backbone):
             "clipbank_bank_generation 0.0",
             "clipbank_bank_bytes 0.0",
             "clipbank_swap_seconds_count 1.0",
+            # which backbone (an outside check found it on /readyz alone); running_app keeps PyTorch's passes
+            f'clipbank_backbone_info{{arch="clipbank-tiny",fingerprint="{backbone.fingerprint[:12]}",'
+            'pretrained="embedded",runtime="torch"} 1.0',
         ):
             assert needle in text, needle
 
