@@ -86,6 +86,7 @@ async def test_a_server_whose_store_cannot_be_read_at_start_reads_it_once_and_se
         assert (await classify(client))["results"][0]["route"]["task"] is None  # zero-shot CLIP
         ready = await client.get("/readyz")
         assert ready.status_code == 503 and "could not read the index" in ready.text, ready.text
+        assert "the object store s3://down/bank could not" in ready.text  # the bucket named: "object store bank" hid it
     assert said == []
 
 
