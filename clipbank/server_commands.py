@@ -23,12 +23,19 @@ def _client(args: argparse.Namespace):
 
 
 def _push(args: argparse.Namespace) -> int:
+    from service.client import ClipbankHTTPError
+
     path = Path(args.file)
     manifest = _manifest_of(path) if path.is_file() else {}  # a pipe is read once, by the upload
     with _client(args) as client:
         mode = "shadow" if args.shadow else "inactive" if args.no_activate else "active"
         before = _task_or_none(client, manifest.get("task"))
-        out = client.push(path, force=args.force, mode=mode, wait_all=args.wait_all)
+        try:
+            out = client.push(path, force=args.force, mode=mode, wait_all=args.wait_all)
+        except ClipbankHTTPError as e:
+            if args.exists_ok and _stored_already(e, mode):
+                return 0
+            raise
         print_json(out)  # the version stored, whatever the comparison below meets
         compare_with_before(client, before, out, out.get("version"), mode != "active")
         shadowed = before.get("shadow_version") if isinstance(before, dict) else None
@@ -44,6 +51,21 @@ def _push(args: argparse.Namespace) -> int:
     for warning in _training_warnings(manifest):
         print(f"  its training warned: {warning}", file=sys.stderr)
     return 0
+
+
+def _stored_already(e: Exception, mode: str) -> bool:
+    """`--exists-ok`: whether `e` says this very bundle is stored, as `mode` asks (said, and its details printed);
+    a CI job's push retried after a timeout whose upload landed got exit 1 (an outside check)."""
+    details = getattr(e, "details", None)
+    if getattr(e, "code", None) != "version_conflict" or not isinstance(details, dict) or not details.get("same_bytes"):
+        return False
+    task, version, state = details.get("task"), details.get("version"), details.get("state")
+    if state != mode:
+        print(f"task {task} v{version}: this very bundle is stored already, {state}, not {mode}", file=sys.stderr)
+        return False
+    print_json(details)
+    print(f"task {task} v{version}: this very bundle is stored already, {state}: nothing changed", file=sys.stderr)
+    return True
 
 
 def _manifest_of(path: Path) -> dict:
@@ -277,6 +299,11 @@ def add_server_parsers(sub, url: str) -> None:
         "--shadow", action="store_true", help="store it in shadow: it scores live traffic without answering it"
     )
     pu.add_argument("--force", action="store_true", help="override the interference gate (docs/safety.md)")
+    pu.add_argument(
+        "--exists-ok",
+        action="store_true",
+        help="exit 0 when this very bundle is stored already, in the state asked (a retried CI job's push)",
+    )
     pu.add_argument(  # as the other server commands: a script reads {"error": ...} on stdout (docs/service.md)
         "--json", action="store_true", help="on a failure, print the error as a JSON object too (an answer is JSON)"
     )

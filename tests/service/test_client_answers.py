@@ -453,6 +453,35 @@ def test_a_client_that_waits_for_a_starting_server_says_so(monkeypatch, tmp_path
     assert "POST /classify: 503 not_ready; sending it again in 0.0 s (try 2 of 4)" in caplog.text, caplog.text
 
 
+def test_push_exists_ok_is_exit_0_for_this_very_bundle_stored_in_the_state_asked(
+    monkeypatch, tmp_path, capsys, backbone
+):
+    """An outside check: a CI job's push retried after a timeout whose upload had landed got exit 1 (409)."""
+    from model_store.bank import empty_bank
+    from tests.helpers import random_bundle
+
+    bundle = tmp_path / "b.safetensors"
+    bundle.write_bytes(random_bundle(empty_bank(backbone), "greek", seed=1))
+    details = {"task": "greek", "version": 1, "same_bytes": True, "state": "active", "newest": 1}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(404, json={"error": {"code": "task_not_found", "message": "no", "details": None}})
+        error = {"code": "version_conflict", "message": "version 1 of greek is stored", "details": details}
+        return httpx.Response(409, json={"error": error})
+
+    client_on(monkeypatch, handler)
+    assert main(["push", str(bundle), *URL]) == 1  # as before, without the flag
+    capsys.readouterr()
+    assert main(["push", str(bundle), *URL, "--exists-ok"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["same_bytes"] is True and "stored already, active: nothing changed" in out.err
+    assert main(["push", str(bundle), *URL, "--exists-ok", "--shadow"]) == 1  # stored, but not as asked
+    assert "stored already, active, not shadow" in capsys.readouterr().err
+    details["same_bytes"] = False  # another bundle at that version: a conflict still
+    assert main(["push", str(bundle), *URL, "--exists-ok"]) == 1
+
+
 def test_push_of_a_pipe_sends_every_byte_of_it(monkeypatch, backbone):
     """The review of the push's comparison: reading the manifest ahead from `<(cat bundle)` took its first 4 KiB,
     and the server got a truncated bundle. A file that is not a regular one is read once, by the upload."""
