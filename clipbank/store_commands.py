@@ -18,7 +18,6 @@ from .tables import index_tasks, print_tasks
 
 def _store(args: argparse.Namespace) -> int:
     from model_store.store import open_store
-    from model_store.store_check import check_store, store_leftovers
 
     local = "://" not in args.store
     if local and not any((Path(args.store) / name).exists() for name in ("index.json", "blobs")):
@@ -26,31 +25,7 @@ def _store(args: argparse.Namespace) -> int:
         what = ": it is a file" if Path(args.store).is_file() else ""
         raise FileNotFoundError(f"no store at {args.store!r}{what} (a store folder holds index.json and blobs/)")
     if args.store_cmd == "check":
-        if not local:  # its bytes, not parsed: a corrupt index is the check's to report (it was exit 2, "see the log")
-            remote = open_store(args.store)
-            if remote.raw_index() is None and next(iter(remote.blob_names()), None) is None:
-                raise FileNotFoundError(f"no store at {args.store!r} (no index.json under that prefix)")
-        problems = check_store(args.store)  # on S3: every blob as the bucket holds it, past this machine's cache
-        if args.backbone:
-            problems += _unservable(args.store, args.backbone)
-        for problem in problems:
-            print(problem)
-        said = f"{len(problems)} problem(s)" if problems else "the store is consistent"
-        if not args.backbone:  # a store whole on disk can still hold versions a server would not serve
-            said += " (blobs and index only; --backbone REF also checks that a server on REF serves every version)"
-        print(said, file=sys.stderr)
-        if not problems and any((left := store_leftovers(args.store)).values()):  # not faults, but disk space
-            how = (  # on S3 a put's object may be in flight: only purges delete, what is over an hour old
-                "a purge deletes those over an hour old (`clipbank store clean` is for a store folder)"
-                if str(args.store).startswith("s3://")
-                else "`clipbank store clean` deletes them; so does any purge"
-            )
-            print(
-                f"leftovers: {left['temp_files']} temp file(s), {left['unreferenced_blobs']} blob(s) no version names "
-                f"({how})",
-                file=sys.stderr,
-            )
-        return 1 if problems else 0
+        return _check(args, local)
     store = open_store(args.store)
     if not local and not store.exists():  # a mistyped prefix reads as an empty store, and a change would make one
         raise FileNotFoundError(f"no store at {args.store!r} (no index.json under that prefix)")
@@ -76,6 +51,43 @@ def _store(args: argparse.Namespace) -> int:
             "version names deleted"
         )
     return 0
+
+
+def _check(args: argparse.Namespace, local: bool) -> int:
+    """`store check`: each problem on stdout (exit 1), what it checked and leftovers on stderr; `--json`, one
+    object `{"problems", "leftovers", "consistent"}` on stdout (a script's: an outside check parsed the lines)."""
+    from model_store.store import open_store
+    from model_store.store_check import check_store, store_leftovers
+
+    if not local:  # its bytes, not parsed: a corrupt index is the check's to report (it was exit 2, "see the log")
+        remote = open_store(args.store)
+        if remote.raw_index() is None and next(iter(remote.blob_names()), None) is None:
+            raise FileNotFoundError(f"no store at {args.store!r} (no index.json under that prefix)")
+    problems = check_store(args.store)  # on S3: every blob as the bucket holds it, past this machine's cache
+    if args.backbone:
+        problems += _unservable(args.store, args.backbone)
+    if args.json:
+        left = store_leftovers(args.store)
+        print_json({"problems": problems, "leftovers": left, "consistent": not problems})
+        return 1 if problems else 0
+    for problem in problems:
+        print(problem)
+    said = f"{len(problems)} problem(s)" if problems else "the store is consistent"
+    if not args.backbone:  # a store whole on disk can still hold versions a server would not serve
+        said += " (blobs and index only; --backbone REF also checks that a server on REF serves every version)"
+    print(said, file=sys.stderr)
+    if not problems and any((left := store_leftovers(args.store)).values()):  # not faults, but disk space
+        how = (  # on S3 a put's object may be in flight: only purges delete, what is over an hour old
+            "a purge deletes those over an hour old (`clipbank store clean` is for a store folder)"
+            if str(args.store).startswith("s3://")
+            else "`clipbank store clean` deletes them; so does any purge"
+        )
+        print(
+            f"leftovers: {left['temp_files']} temp file(s), {left['unreferenced_blobs']} blob(s) no version names "
+            f"({how})",
+            file=sys.stderr,
+        )
+    return 1 if problems else 0
 
 
 def _readable(store, task: str, version: int) -> None:
@@ -174,6 +186,7 @@ def add_store_parser(sub) -> None:
     ck.add_argument(
         "--backbone", help="also name the active versions a server on this backbone would not serve (before a switch)"
     )
+    ck.add_argument("--json", action="store_true", help='print {"problems", "leftovers", "consistent"} as JSON')
     a = ssub.add_parser("activate", help="make a stored version active (not gated: the server's gate is its own)")
     a.add_argument("task")
     a.add_argument("version", type=version_number)

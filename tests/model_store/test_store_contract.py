@@ -580,6 +580,9 @@ def test_store_check_reads_what_is_stored_past_the_local_cache(make_store, bundl
     assert problem.startswith(f"task 'cars' version 1: its blob {put.bundle_id[:12]} is missing or damaged")
     assert main(["store", "--store", store.location, "check"]) == 1
     assert "missing or damaged" in capsys.readouterr().out
+    assert main(["store", "--store", store.location, "check", "--json"]) == 1  # for a script
+    said = json.loads(capsys.readouterr().out)
+    assert said["consistent"] is False and said["problems"] == [problem] and "unreferenced_blobs" in said["leftovers"]
     # activating it: it read from this machine's cache and passed, and a fresh server degraded the task
     assert main(["store", "--store", store.location, "activate", "cars", "1"]) == 2
     err = capsys.readouterr().err
