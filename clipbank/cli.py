@@ -72,6 +72,11 @@ def _data(args: argparse.Namespace) -> int:
     from training.domains import DOMAINS
     from training.export import export_domain
 
+    if args.data_cmd == "list" and args.json:  # a script's (an outside check's parsed the table)
+        print_json(
+            [{"name": d.name, "classes": list(d.classes), "description": d.description} for d in DOMAINS.values()]
+        )
+        return 0
     if args.data_cmd == "list":
         for d in DOMAINS.values():
             print(f"{d.name:10s} {len(d.classes):2d} classes  {d.description}")
@@ -120,7 +125,8 @@ def _add_train(sub) -> None:
 def _add_data(sub) -> None:
     d = sub.add_parser("data", help="offline domains")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
-    dsub.add_parser("list", help="list the offline domains")
+    dl = dsub.add_parser("list", help="list the offline domains")
+    dl.add_argument("--json", action="store_true", help="as JSON: each domain's name, classes and description")
     e = dsub.add_parser("export", help="write a domain as ImageFolder train/val/test folders")
     e.add_argument("name", help="an offline domain (clipbank data list)")
     e.add_argument("dir", help="a new or empty folder")

@@ -107,6 +107,18 @@ def test_every_bench_keeps_its_report_unless_told_otherwise(bench):
     assert build_parser().parse_args(["bench", bench]).out == f"runs/bench-{bench}"
 
 
+def test_data_list_json_names_every_domain_with_its_classes(capsys):
+    """For a script: an outside check's parsed the table."""
+    from clipbank.cli import main
+    from training.domains import DOMAINS
+
+    assert main(["data", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [d["name"] for d in listed] == list(DOMAINS) and listed[0]["classes"] == list(
+        DOMAINS[listed[0]["name"]].classes
+    )
+
+
 def test_classify_prints_a_null_score_as_a_dash(tmp_path, monkeypatch, capsys):
     """A score that was not a finite number comes back as null (docs/service.md); the table shows '-'."""
     from clipbank.cli import main
