@@ -165,19 +165,21 @@ def _healthcheck(args: argparse.Namespace) -> int:
 
     serve = argparse.ArgumentParser(prog="clipbank serve", add_help=False)
     add_flags(serve, ServeConfig, defaults_unset=True)
-    argv = server_argv(args.pid) if not args.url else []
+    argv, source = server_argv(args.pid) if not args.url else [], ""
     if argv is None and os.environ.get("CLIPBANK_URL", "").strip():  # no server here (a host): the clients' URL
         args.url, argv = os.environ["CLIPBANK_URL"].strip(), []  # (an outside check's script polled :8000)
-    if args.url and urllib.parse.urlsplit(args.url).path in ("", "/"):  # the server's base URL, as elsewhere
-        args.url = args.url.rstrip("/") + "/readyz"
+        source = f" (CLIPBANK_URL's: process {args.pid} is not a clipbank serve)"
     try:
+        if args.url and urllib.parse.urlsplit(args.url).path in ("", "/"):  # the server's base URL, as elsewhere
+            args.url = args.url.rstrip("/") + "/readyz"
         env = server_env(args.pid) if argv is not None and not args.url else None  # a host's server: its own
         url = args.url or readyz_url(argv or [], lambda a: serve.parse_known_args(a)[0], env)
-    except ValueError as e:  # the environment does not parse: the server could not have started on it either
-        print(f"the server's address is unknown: {e}", file=sys.stderr)
+    except ValueError as e:  # the environment (or CLIPBANK_URL) does not parse: no server answers there
+        print(f"the server's address is unknown: {e}{source}", file=sys.stderr)
         return 1
     ready, seen = check(url, args.timeout)  # a failure on stderr (Docker's health log keeps both streams)
-    print(seen if args.url else f"{seen} ({_address_source(args.pid, argv)})", file=sys.stdout if ready else sys.stderr)
+    said = seen + source if args.url else f"{seen} ({_address_source(args.pid, argv)})"
+    print(said, file=sys.stdout if ready else sys.stderr)
     return 0 if ready else 1  # never 2: Docker reserves it
 
 
@@ -265,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # a health check's usage error is exit 1 too (an unknown flag is the top parser's)
-        if e.code == 2 and "healthcheck" in words:
+        command = next((w for w in words if not w.startswith("-")), None)  # the top-level flags take no value
+        if e.code == 2 and command == "healthcheck":
             raise SystemExit(1) from None
         raise
     if sys.stdout is None:  # started with stdout closed (`>&-`): what a command prints would be lost

@@ -328,7 +328,8 @@ def add_server_parsers(sub, url: str) -> None:
     for p in (a, d):
         p.add_argument("--wait-all", action="store_true", help="return once every Ray replica serves the change")
     for p in tsub.choices.values():  # the flags after the sub-command, too, with the same help
-        for flag in ("--url", "--token", "--timeout"):
+        for flag in ("--url", "--token"):
             p.add_argument(flag, default=argparse.SUPPRESS, help=_help_of(ts, flag))
+        add_timeout(p, argparse.SUPPRESS)  # its type too: a string reached the client (the review's)
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=_help_of(ts, "--json"))
     ts.set_defaults(fn=_tasks)

@@ -15,19 +15,26 @@ from safetensors import safe_open
 from .errors import BackboneError
 
 
-def looks_like_checkpoint(path: Path) -> bool:
-    """A safetensors file (an 8-byte header length, then JSON) or a PyTorch one (a zip, or a legacy pickle)."""
+def _head(path: Path) -> bytes:
     with path.open("rb") as f:
-        head = f.read(9)
-    return head[8:9] == b"{" or head.startswith((b"PK\x03\x04", b"\x80"))
+        return f.read(9)
+
+
+def _is_safetensors(head: bytes) -> bool:
+    return head[8:9] == b"{"  # an 8-byte header length, then JSON
+
+
+def looks_like_checkpoint(path: Path) -> bool:
+    """A safetensors file or a PyTorch one (a zip, or a legacy pickle)."""
+    head = _head(path)
+    return _is_safetensors(head) or head.startswith((b"PK\x03\x04", b"\x80"))
 
 
 def misnamed(path: Path) -> str | None:
     """Why a checkpoint's name would make open_clip read it wrong: it picks the loader by the suffix (a safetensors
     file named .pt was said to hold "pickled Python objects"; a PyTorch one named .safetensors, "header too large")."""
-    with path.open("rb") as f:
-        safetensors = f.read(9)[8:9] == b"{"
-    named = path.suffix.lower() == ".safetensors"
+    safetensors = _is_safetensors(_head(path))
+    named = path.name.endswith(".safetensors")  # open_clip's own test: `.SAFETENSORS` is read as a pickle
     if safetensors == named:
         return None
     kind, right = ("safetensors", ".safetensors") if safetensors else ("PyTorch", ".pt")

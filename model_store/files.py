@@ -102,10 +102,17 @@ def _publish(tmp: str, path: Path, exclusive: bool) -> None:
     except FileExistsError:
         raise FileExistsError(errno.EEXIST, EXISTS, str(path)) from None
     except OSError as e:
-        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+        if e.errno not in NO_LINKS:
             raise
         if path.exists():
             raise FileExistsError(errno.EEXIST, EXISTS, str(path)) from None
         os.replace(tmp, path)
         return
-    os.unlink(tmp)
+    try:  # published: a temp name left behind is no failure of the write (the next writer's sweep removes it)
+        os.unlink(tmp)
+    except OSError as e:
+        log.warning("%s was written, but its temp file %s could not be removed: %s", path, tmp, e)
+
+
+# a file system without hard links (FUSE mounts such as gcsfuse and mountpoint-s3 say ENOSYS): a check, then a rename
+NO_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS)

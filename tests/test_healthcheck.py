@@ -112,7 +112,11 @@ def test_exit_code_follows_readyz(readyz, monkeypatch, capsys):
     monkeypatch.setenv("CLIPBANK_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("CLIPBANK_PORT", "1")
     assert main(["healthcheck", "--pid", "999999999"]) == 0
-    assert capsys.readouterr().out == f"http://127.0.0.1:{port}/readyz: 200\n"
+    said = f"http://127.0.0.1:{port}/readyz: 200 (CLIPBANK_URL's: process 999999999 is not a clipbank serve)\n"
+    assert capsys.readouterr().out == said
+    monkeypatch.setenv("CLIPBANK_URL", "http://[::1")  # the review's: a URL that does not parse is exit 1 too
+    assert main(["healthcheck", "--pid", "999999999"]) == 1
+    assert "the server's address is unknown: Invalid IPv6 URL (CLIPBANK_URL's" in capsys.readouterr().err
     monkeypatch.delenv("CLIPBANK_URL")
     monkeypatch.setenv("CLIPBANK_PORT", str(port))
     for base in (f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/"):  # the base URL, as other commands take
@@ -219,3 +223,6 @@ def test_a_usage_error_is_exit_1_too(capsys, argv):
     with pytest.raises(SystemExit) as e:
         main(["healthcheck", *argv])
     assert e.value.code == 1 and "error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # the review's: a task or file named healthcheck is no health check
+        main(["-v", "tasks", "activate", "healthcheck", "abc"])
+    assert e.value.code == 2

@@ -423,6 +423,7 @@ def test_a_client_command_that_gets_no_answer_says_so_once_in_the_time_it_was_gi
     monkeypatch.setenv("CLIPBANK_TIMEOUT", "4")
     assert main(["tasks", "activate", "greek", "2", *URL]) == 3 and seen[0][2] == 4.0
     assert main(["tasks", *URL, "--timeout", "1"]) == 3 and seen[-1][2] == 1.0  # the flag wins
+    assert main(["tasks", "activate", "greek", "2", *URL, "--timeout", "1.5"]) == 3 and seen[-1][2] == 1.5
     for bad in ("abc", "0", "inf"):
         monkeypatch.setenv("CLIPBANK_TIMEOUT", bad)
         assert main(["classify", "x.png", "--label", "a", "--label", "b", *URL]) == 2

@@ -205,10 +205,15 @@ def test_a_log_stream_whose_reader_went_away_is_said_once_not_per_line(capsys, m
     monkeypatch.setattr(logging, "raiseExceptions", True)
     LinesToAClosedReader(Broken()).handle(logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None))
     assert "--- Logging error ---" in capsys.readouterr().err  # said as ever: no cause to go quiet
+    monkeypatch.delenv("NO_COLOR", raising=False)  # the review's: a CI runner may set either
+    monkeypatch.setenv("TERM", "xterm")
     config = uvicorn_log_config()
     assert {h["class"] for h in config["handlers"].values()} == {"service.request_ids.LinesToAClosedReader"}
     assert all(f.get("use_colors") is not False for f in config["formatters"].values())
     monkeypatch.setenv("NO_COLOR", "1")  # no-color.org, and TERM=dumb: an outside check saw colour codes
+    assert all(f["use_colors"] is False for f in uvicorn_log_config()["formatters"].values())
+    monkeypatch.delenv("NO_COLOR")
+    monkeypatch.setenv("TERM", "dumb")
     assert all(f["use_colors"] is False for f in uvicorn_log_config()["formatters"].values())
     # the hub's own handler, added when open_clip first imports it (after the serve's logs were set up): gone
     probe = (

@@ -355,6 +355,18 @@ def test_a_file_made_at_out_while_training_is_not_replaced(tmp_path, monkeypatch
     assert read_bundle(out.read_bytes()).manifest.task == "race"
     atomic_write(tmp_path / "new", b"x", exclusive=True)  # a free name is written as ever
     assert (tmp_path / "new").read_bytes() == b"x"
+    import errno
+    import os
+
+    def no_links(src, dst):  # the review's: FUSE mounts (gcsfuse, mountpoint-s3) have no hard links
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(os, "link", no_links)
+    atomic_write(tmp_path / "fuse", b"y", exclusive=True)  # checked, then renamed
+    assert (tmp_path / "fuse").read_bytes() == b"y"
+    with pytest.raises(FileExistsError, match="made by something else"):
+        atomic_write(tmp_path / "fuse", b"z", exclusive=True)
+    assert (tmp_path / "fuse").read_bytes() == b"y" and not list(tmp_path.glob(".tmp-*"))
 
 
 def test_labels_the_bundle_could_not_hold_fail_before_training(backbone, monkeypatch):
