@@ -29,7 +29,7 @@ def _push(args: argparse.Namespace) -> int:
     manifest = _manifest_of(path) if path.is_file() else {}  # a pipe is read once, by the upload
     with _client(args) as client:
         mode = "shadow" if args.shadow else "inactive" if args.no_activate else "active"
-        before = _task_or_none(client, manifest.get("task"))
+        before = _task_or_none(client, manifest.get("task"), before_change=True)
         try:
             out = client.push(path, force=args.force, mode=mode, wait_all=args.wait_all)
         except ClipbankHTTPError as e:
@@ -82,8 +82,10 @@ def _manifest_of(path: Path) -> dict:
     return manifest if isinstance(manifest, dict) else {}
 
 
-def _task_or_none(client, task: object, generation: object = None) -> dict | None:
-    """GET /tasks/TASK, as of `generation` at least (read your own writes through any replica)."""
+def _task_or_none(client, task: object, generation: object = None, before_change: bool = False) -> dict | None:
+    """GET /tasks/TASK, as of `generation` at least (read your own writes through any replica). `before_change`:
+    no answer at all (a timeout, a refused connection) is raised, as the change's own would come no sooner (an
+    outside check's push waited 60 s here, then 60 s more, and said "within 60 s"); nothing is changed then."""
     from service.client import ClipbankHTTPError
 
     if not isinstance(task, str):
@@ -91,8 +93,8 @@ def _task_or_none(client, task: object, generation: object = None) -> dict | Non
     try:
         return client.task(task, generation if isinstance(generation, int) else None)
     except ClipbankHTTPError as e:  # a new task (404), a name the server will refuse
-        if e.status == 0 and generation is None:  # no answer before the change: its own would come no sooner
-            raise  # (an outside check's push waited 60 s here, then 60 s more, and said "within 60 s")
+        if e.status == 0 and before_change:
+            raise
         return None
     except ValueError:
         return None
@@ -191,14 +193,14 @@ def say_gate_notes(out: dict) -> None:
 def _tasks(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.tasks_cmd == "activate":
-            before = _task_or_none(client, args.task)
+            before = _task_or_none(client, args.task, before_change=True)
             out = client.activate(args.task, args.version, force=args.force, wait_all=args.wait_all)
             if not args.json:
                 _activated(out)
             say_gate_notes(out)
             compare_with_before(client, before, out, out.get("active_version"), False)
         elif args.tasks_cmd == "deactivate":
-            before = _task_or_none(client, args.task) if args.purge else None
+            before = _task_or_none(client, args.task, before_change=True) if args.purge else None
             out = client.delete(args.task, purge=args.purge, wait_all=args.wait_all)
             shadowed = before.get("shadow_version") if isinstance(before, dict) else None
             if shadowed is not None and str(shadowed) not in (out.get("kept") or {}):  # said as "N blob(s) deleted"

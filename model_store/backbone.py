@@ -172,10 +172,13 @@ def _why_not_loaded(e: Exception, ref: BackboneRef, tag: str | None) -> str:
     if "not found in built-ins" in str(e):  # open_clip lists all ~150 names: the near ones say more
         why = f"open_clip has no model {ref.model_name!r}" + _close(ref.model_name, open_clip.list_models())
         why += " (all: `python -c 'import open_clip; print(open_clip.list_models())'`)"
+    elif tag and "is not a known tag" in str(e) and "/" in tag:  # a path: a file that is not there
+        why = f"checkpoint file {tag} does not exist (or name it as '{ref.model_name}:file:/path/weights.safetensors')"
     elif tag and "is not a known tag" in str(e):  # its tags, nearest first (open_clip logged them on another line)
         tags = open_clip.list_pretrained_tags_by_model(ref.model_name)
+        known = f"all: {', '.join(tags)}" if tags else "open_clip has no pretrained weights for it"
         why = f"open_clip has no weights {tag!r} for {ref.model_name}" + _close(tag, tags)
-        why += f" (all: {', '.join(tags)}; or a checkpoint file: '{ref.model_name}:file:/path/weights.safetensors')"
+        why += f" ({known}; or a checkpoint file: '{ref.model_name}:file:/path/weights.safetensors')"
     elif tag and download_failed(e):  # after the cut, so the remedy is whole
         why += f". {no_download()}"
     elif why.startswith("Weights only load failed"):  # torch's first line, whose "two options" unpickle it

@@ -247,6 +247,8 @@ def test_unknown_pretrained_tag_fails_cleanly():
         load_backbone("ViT-B-32:opnai")
     with pytest.raises(BackboneError, match="open_clip has no model 'vit-b-32'; close: ViT-B-32,"):
         load_backbone("vit-b-32:openai")
+    with pytest.raises(BackboneError, match=r"checkpoint file /nowhere/w.pt does not exist \(or name it as"):
+        load_backbone("ViT-B-32:/nowhere/w.pt")  # the review's: told of 22 tags, not of a missing file
 
 
 def test_weights_the_hub_cannot_give_are_answered_with_what_to_do_whole(monkeypatch):
