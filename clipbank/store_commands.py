@@ -41,14 +41,11 @@ def _store(args: argparse.Namespace) -> int:
     elif args.store_cmd == "deactivate":
         print_deactivated(_deactivate(store, args.task, args.purge), args.purge)
     elif args.store_cmd == "clean":
-        if not local:  # an object written before its index names it may be a put's in flight: purges handle those
-            raise ValueError(
-                "store clean is for a store folder; on s3:// the next purge removes objects no version names"
-            )
-        gone = store.sweep()
+        gone = store.sweep()  # on S3 those written over an hour ago: a newer one may be a put's in flight
+        old = "" if local else " (written over an hour ago: a newer one may be an upload in flight)"
         print(
             f"store {args.store}: {gone['temp_files']} temp file(s) and {gone['unreferenced_blobs']} blob(s) no "
-            "version names deleted"
+            f"version names{old} deleted"
         )
     return 0
 
@@ -198,7 +195,9 @@ def add_store_parser(sub) -> None:
         help="also forget the task and delete its bundles (and blobs no version names), except versions whose "
         "experts other tasks use; no rollback to them after",
     )
-    ssub.add_parser("clean", help="delete what killed writers left: temp files, blobs no version names (a folder)")
+    ssub.add_parser(
+        "clean", help="delete what killed writers left: temp files, blobs no version names (on s3://, over an hour old)"
+    )
     for p in ssub.choices.values():  # `store list --store DIR` as well as `store --store DIR list`
         p.add_argument("--store", default=argparse.SUPPRESS, help="the store (also before the sub-command)")
     s.set_defaults(fn=_store)

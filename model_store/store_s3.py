@@ -294,13 +294,22 @@ class S3Store(Store):
         else:
             _backoff(attempt, deadline, f"blob {bundle_id[:12]} stayed in a purge's deletion")
 
+    def sweep(self) -> dict[str, int]:
+        """Delete blobs no version names that were written over STRAY_SECONDS ago (a killed writer's; a newer one
+        may be a put in flight), as any purge does, without purging a task (`clipbank store clean`)."""
+        return {"temp_files": 0, "unreferenced_blobs": self._delete(None)[1]}
+
     def _purge(self, task: str, deactivate: bool = False) -> int:
+        return self._delete(task, deactivate)[0]
+
+    def _delete(self, task: str | None, deactivate: bool = False) -> tuple[int, int]:
+        """(versions purged, blobs deleted): `task`'s versions (None: none) and the strays."""
         strays = self._stray_blobs()
         doomed: list[str] = []
         gone_versions: list[int] = []
 
         def edit(index: StoreIndex) -> StoreIndex:
-            kept, gone = purge_plan(index, task, deactivate)
+            kept, gone = purge_plan(index, task, deactivate) if task is not None else (index, [])
             named = {v.bundle_id for _, v in index.records()}
             stale = [b for b, t in index.deleting.items() if time.time() - t > STALE_DELETION_SECONDS]
             doomed[:] = sorted({v.bundle_id for v in gone} | (strays - named) | set(stale))
@@ -315,7 +324,7 @@ class S3Store(Store):
         except Unchanged:
             pass
         self._finish_deletions(doomed)
-        return len(gone_versions)
+        return len(gone_versions), len(doomed)
 
     def _finish_deletions(self, bundle_ids: list[str]) -> None:
         for bundle_id in bundle_ids:

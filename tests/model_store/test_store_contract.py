@@ -782,3 +782,29 @@ def test_s3_failures_no_retry_heals_say_what_to_check(s3_env):
         assert isinstance(refused, StoreUnavailable) and f"({code}): {said}" in str(refused), refused
     timeout = store._unavailable("read the index", TimeoutError("slow"))
     assert str(timeout).endswith("could not read the index (TimeoutError)")  # a retry may heal this one
+
+
+def test_store_clean_deletes_blobs_no_version_names_on_both_backends(
+    make_store, bundles, capsys, monkeypatch, backbone
+):
+    """An outside check: on s3:// `store clean` refused, and a blob a killed writer left could go only with a purge
+    of some task an hour later. On S3 it deletes those written over STRAY_SECONDS ago (newer: a put in flight)."""
+    from clipbank.cli import main
+    from model_store import store_s3
+
+    store = make_store()
+    kept = store.put(bundles[1])
+    from model_store.digest import bytes_digest
+
+    stray = random_bundle(empty_bank(backbone), "boats", seed=5)  # a blob no index names
+    name = bytes_digest(stray)
+    if isinstance(store, LocalStore):
+        (store.blobs / f"{name}.safetensors").write_bytes(stray)
+    else:
+        store._s3.put_object(Bucket=store.bucket, Key=store._blob_key(name), Body=stray)
+        assert main(["store", "--store", store.location, "clean"]) == 0  # written now: maybe a put in flight
+        assert "0 blob(s) no version names (written over an hour ago" in capsys.readouterr().out
+        monkeypatch.setattr(store_s3, "STRAY_SECONDS", -1.0)
+    assert main(["store", "--store", store.location, "clean"]) == 0
+    assert "1 blob(s) no version names" in capsys.readouterr().out
+    assert blob_ids(store) == {kept.bundle_id} and store.read(kept.bundle_id)
