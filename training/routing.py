@@ -203,14 +203,20 @@ def gate_preview(
     """What a server holding `bank` would say of this version at its gate (default limits unless given): the
     server's own report (`model_store.gate`), on the bank with this version in place of any other of the task."""
     keep = [i for i, t in enumerate(bank.tasks) if t.name != task]
+    others = {bank.tasks[i].name: bank.tasks[i].probes for i in keep}
+    # in the served bank's order, by name: an image two selectors score the same goes to the first of them, and
+    # with the new task last a twin of an older task (the same images) looked harmless here, then took 98% of
+    # that task's images once served (an outside check), where the server's own gate refused it
+    names = sorted([*others, task])
+    at = names.index(task)
 
     def scores(feats: torch.Tensor) -> torch.Tensor:
         mine = score(selector, feats.to(next(iter(selector.tensors().values())).device)).float().to(feats.device)
-        return torch.cat([task_scores(bank, feats)[:, keep].to(feats.device), mine[:, None]], dim=1)
+        theirs = task_scores(bank, feats)[:, keep].to(feats.device)
+        return torch.cat([theirs[:, :at], mine[:, None], theirs[:, at:]], dim=1)
 
-    others = {bank.tasks[i].name: bank.tasks[i].probes for i in keep}
     ref = reference.embeddings if reference is not None else None
-    names, device = [*others, task], bank.backbone.device
+    device = bank.backbone.device
     # what the task's version in `bank` routes to it already is not taken by this one (as the server's gate says)
     held = None
     if len(keep) < len(bank.tasks):

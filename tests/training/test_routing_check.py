@@ -107,6 +107,13 @@ def test_a_version_the_gate_would_refuse_is_warned_about_in_the_gates_words(trai
     # a new version of an active task replaces it: it competes with the others, not with itself
     again = gate_preview(bank, "glyphs", 2, greedy, val[:20], find_reference(backbone))
     assert set(again.stolen) == {"textures"}
+    # an outside check's twin: a new task with an older one's selector (trained on the same images) ties with it
+    # on every image, and the served bank gives a tie to the first name: one that sorts first takes them all
+    glyphs = next(t for t in bank.tasks if t.name == "glyphs")
+    glyph_val = frozen_features(backbone, load_domain("glyphs", "val"))[:20]
+    for name, taken in (("aglyphs", 1.0), ("zglyphs", 0.0)):
+        twin = gate_preview(bank, name, 1, glyphs.selector, glyph_val, find_reference(backbone))
+        assert twin.stolen.get("glyphs", 0.0) == pytest.approx(taken, abs=0.1), (name, twin.stolen)
 
 
 def test_routing_warnings_name_each_poor_figure():
