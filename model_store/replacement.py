@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .errors import ClipbankError
+
 
 def partial_classes(measured: Any, classes: list | tuple | None) -> str:
     """` (2/10 classes)` when the validation accuracy was measured on only some of the version's classes."""
@@ -57,3 +59,18 @@ def replacement_notes(task: str, new: Mapping[str, Any], old: Mapping[str, Any],
             f"{on_some[1]} (each on its own validation images)"
         )
     return notes
+
+
+def stored_replacement_notes(store: Any, before: Any, task: str, version: int, would: bool) -> list[str]:
+    """`replacement_notes` of stored `version` of `task` (uploaded, activated, trained into the store) against the
+    task's active version in the store index `before` the change (None: it could not be read; no remark then)."""
+    record = before.tasks.get(task) if before is not None else None
+    old = next((v for v in record.versions if v.bundle_id == record.active), None) if record is not None else None
+    if old is None or old.version == version:
+        return []
+    try:
+        new = store.version(task, version)
+    except (ClipbankError, OSError):  # the store cannot say now: the change stands, a remark less
+        return []
+    as_listed = [{"version": r.version, "classes": r.classes, "metrics": dict(r.metrics)} for r in (new, old)]
+    return replacement_notes(task, *as_listed, would)

@@ -20,6 +20,7 @@ from model_store.gate import GateReport, trusted_serving
 from model_store.loader import BankLoader
 from model_store.manifest import MAX_VERSION
 from model_store.reference import find_reference
+from model_store.replacement import stored_replacement_notes
 from model_store.selector import SelectorConfig
 from model_store.store import LocalStore, atomic_write, open_store
 from model_store.store_base import PutResult, Store
@@ -208,17 +209,20 @@ def _store_trained(store: Store, bundle: bytes, job: TrainJob, version: int, ban
     refuse it (unless forced), as a server leaves an upload it refuses: what serves keeps serving (an outside
     check's `train --store` activated one that took 9% of an older task's images, marked nowhere after). The
     report is a preview (a server's limits may be others): kept, marked so, and no licence for the next version."""
-    preview = summary["routing"].get("gate")
+    preview, before = summary["routing"].get("gate"), store.index()
     gate = None
     if preview is not None:
         report = GateReport.from_json(preview)
-        if trusted_serving(bank, store.index(), job.task) is None:  # what the serving version takes counts too
+        if trusted_serving(bank, before, job.task) is None:  # what the serving version takes counts too
             report = report.without_licence()
         gate = {**report.to_json(), "preview": True}
     held = job.activate and not job.force and bool(gate and gate["offences"])
     activate = job.activate and not held
     put = _put(store, bundle, job, version, activate, gate)
     summary.update(bundle_id=put.bundle_id, store=store.location, generation=put.generation, activated=activate)
+    for note in stored_replacement_notes(store, before, job.task, version, not activate):  # as push says them: an
+        log.warning("%s", note)  # outside check's v2 at 81% replaced a v1 at 95% with nothing said
+        summary["warnings"].append(note)
     if held:
         serving = "the version serving keeps serving" if job.task in bank.task_names else "nothing serves the task"
         said = (

@@ -13,7 +13,7 @@ from model_store.errors import ClipbankError, InvalidRequest, StoreError, TaskNo
 from model_store.gate import InterferenceRefused
 from model_store.manifest import shown
 from model_store.modes import TASK_RE
-from model_store.replacement import replacement_notes
+from model_store.replacement import stored_replacement_notes
 from model_store.store_base import needed_by
 
 from ..auth import TokenCheck
@@ -212,19 +212,9 @@ def _index_or_none(registry: Any) -> Any:
 
 
 def _replacement_notes(registry: Any, task: str, version: int, before: Any, would: bool) -> list[str]:
-    """`replacement_notes` of `version` of `task` (uploaded, or activated) against the task's active one in the
-    store index `before` the change (the store's, not this server's bank: another server's change, a degraded
-    version)."""
-    record = before.tasks.get(task) if before is not None else None
-    old = next((v for v in record.versions if v.bundle_id == record.active), None) if record is not None else None
-    if old is None or old.version == version:
-        return []
-    try:
-        new = registry.store.version(task, version)
-    except (ClipbankError, OSError):  # the store cannot say now: the upload stands, a remark less
-        return []
-    as_listed = [{"version": r.version, "classes": r.classes, "metrics": dict(r.metrics)} for r in (new, old)]
-    return replacement_notes(task, *as_listed, would)
+    """What the change costs the version it replaces, against the store index `before` it (the store's, not this
+    server's bank: another server's change, a degraded version)."""
+    return stored_replacement_notes(registry.store, before, task, version, would)
 
 
 def _stored_state(registry: Any, task: str, bundle_id: str) -> str | None:

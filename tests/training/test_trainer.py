@@ -326,6 +326,35 @@ def test_a_bundle_the_store_refuses_after_training_is_kept_on_disk(tmp_path, mon
         assert message in capsys.readouterr().err
 
 
+def test_train_store_says_what_the_new_version_costs_the_one_it_replaces(tmp_path, monkeypatch, capsys, caplog):
+    """An outside check: `train --store` made a v2 active that lacked v1's classes (or scored 81% against 95%) and
+    said nothing; `push` and `tasks activate` said it. It says the same now, in the log and the summary."""
+    import json
+
+    import training.run as run
+    from model_store.bank import empty_bank
+    from tests.helpers import random_bundle
+    from training.trainer import TrainResult
+
+    store = tmp_path / "store"
+
+    def train_narrower(bank, train, cfg, val=None, version=1, parent=None, progress=True, reference=None, **_):
+        result = _trained_as(bank, train, cfg, 7, version, {"warnings": []})
+        data = random_bundle(empty_bank(bank.backbone), cfg.task, 7, version=version, classes=("alpha", "delta"))
+        return TrainResult(data, result.report)
+
+    monkeypatch.setattr(run, "train_task", train_narrower)
+    assert main(["data", "export", "textures", str(tmp_path / "tex")]) == 0
+    from model_store.backbone import load_backbone
+
+    LocalStore(store).put(random_bundle(empty_bank(load_backbone()), "tex", 1, classes=("alpha", "beta", "gamma")))
+    capsys.readouterr()
+    assert main(["train", "--task", "tex", "--data", str(tmp_path / "tex" / "val"), "--store", str(store)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    said = "task tex v2 replaces v1 and lacks 2 of its 3 classes (beta, gamma)"
+    assert any(w.startswith(said) for w in summary["warnings"]) and said in caplog.text, summary["warnings"]
+
+
 def test_a_file_made_at_out_while_training_is_not_replaced(tmp_path, monkeypatch, capsys, caplog):
     """An outside check: `--out` was checked before training only; a file made there meanwhile (another run's
     bundle, 2 s later) was replaced at the end with exit 0. It is kept, the new bundle saved beside it, exit 2."""
