@@ -74,8 +74,8 @@ def _check(args: argparse.Namespace, local: bool) -> int:
         said += " (blobs and index only; --backbone REF also checks that a server on REF serves every version)"
     print(said, file=sys.stderr)
     if not problems and any((left := store_leftovers(args.store)).values()):  # not faults, but disk space
-        how = (  # on S3 a put's object may be in flight: only purges delete, what is over an hour old
-            "a purge deletes those over an hour old (`clipbank store clean` is for a store folder)"
+        how = (  # on S3 a put's object may be in flight: what is over an hour old is deleted
+            "`clipbank store clean`, or any purge, deletes those written over an hour ago"
             if str(args.store).startswith("s3://")
             else "`clipbank store clean` deletes them; so does any purge"
         )
