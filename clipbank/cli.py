@@ -109,7 +109,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from training.demo import run_demo
 
-    run_demo(Path(args.workdir), steps=args.steps, backbone=args.backbone, tasks=tuple(args.tasks.split(",")))
+    tasks = tuple(args.tasks.split(","))
+    run_demo(Path(args.workdir), steps=args.steps, backbone=args.backbone, tasks=tasks, threads=args.threads)
     return 0
 
 
@@ -210,6 +211,9 @@ def _add_demo(sub) -> None:
     dm.add_argument("--steps", type=int, default=500, help="training steps per task (default %(default)s)")
     dm.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone reference (default %(default)s)")
     dm.add_argument("--tasks", default="textures,glyphs", help="offline domains to train, in order")
+    dm.add_argument(
+        "--threads", type=int, default=0, help="CPU threads of training (0: one per core; 1 on a busy host)"
+    )
     dm.set_defaults(fn=_demo)
 
 

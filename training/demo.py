@@ -19,10 +19,14 @@ from .run import TrainJob, run_train_job
 DEMO_TASKS = ("textures", "glyphs")
 
 
-def run_demo(workdir: Path, steps: int = 500, backbone: str = "tiny", tasks: tuple[str, ...] = DEMO_TASKS) -> dict:
+def run_demo(
+    workdir: Path, steps: int = 500, backbone: str = "tiny", tasks: tuple[str, ...] = DEMO_TASKS, threads: int = 0
+) -> dict:
     """Train `tasks` one after the other on one store, then report routing on their test sets and on shapes."""
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
+    if threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: one per core), got {threads}")
     if workdir.exists() and not workdir.is_dir():
         raise NotADirectoryError(f"--workdir {workdir} is a file; give a folder (made if missing)")
     store_dir = workdir / "store"
@@ -40,6 +44,7 @@ def run_demo(workdir: Path, steps: int = 500, backbone: str = "tiny", tasks: tup
                 backbone=backbone,
                 store=str(store_dir),
                 steps=steps,
+                threads=threads,  # the busy-machine advice names --threads: the demo takes it too (an outside check)
             )
         )
         print(

@@ -18,6 +18,9 @@ def test_demo_settings_that_cannot_work_are_refused_before_any_export(tmp_path, 
     (tmp_path / "afile").write_text("x")
     assert main(["demo", "--workdir", str(tmp_path / "afile")]) == 2
     assert "is a file; give a folder (made if missing)" in capsys.readouterr().err
+    # its busy-machine advice names --threads (an outside check found no such flag on demo)
+    assert main(["demo", "--workdir", str(tmp_path / "w"), "--threads", "-1"]) == 2
+    assert "--threads must be >= 0" in capsys.readouterr().err and not (tmp_path / "w").exists()
 
 
 def test_a_second_demo_run_says_when_the_stored_task_was_trained_otherwise(tmp_path, capsys, backbone):
