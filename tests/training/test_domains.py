@@ -184,13 +184,15 @@ def test_store_commands_on_an_s3_prefix_with_no_store_say_so(s3_env, capsys, bac
     store.put(random_bundle(empty_bank(backbone), "cars", seed=1))
     assert main(["store", "--store", f"s3://{s3_env}/bank", "list"]) == 0
     assert capsys.readouterr().out.splitlines()[2].split()[:3] == ["cars", "1", "active"]
-    # a race's losing upload leaves a blob no version names: `store clean` is for a folder (an outside check)
+    # a race's losing upload leaves a blob no version names: said, with what deletes it (on S3 too, since an outside
+    # check found `store clean` refused there)
     from model_store.digest import bytes_digest
 
     lost = random_bundle(empty_bank(backbone), "cars", seed=2)
     store._s3.put_object(Bucket=s3_env, Key=store._blob_key(bytes_digest(lost)), Body=lost)
     assert main(["store", "--store", f"s3://{s3_env}/bank", "check"]) == 0
-    assert "1 blob(s) no version names (a purge deletes those over an hour old" in capsys.readouterr().err
+    said = "1 blob(s) no version names (`clipbank store clean`, or any purge, deletes those written over an hour ago)"
+    assert said in capsys.readouterr().err
 
 
 def test_store_activate_and_deactivate_say_what_they_did(tmp_path, capsys, backbone):
