@@ -65,7 +65,7 @@ def stored_replacement_notes(store: Any, before: Any, task: str, version: int, w
     """`replacement_notes` of stored `version` of `task` (uploaded, activated, trained into the store) against the
     task's active version in the store index `before` the change (None: it could not be read; no remark then)."""
     record = before.tasks.get(task) if before is not None else None
-    old = next((v for v in record.versions if v.bundle_id == record.active), None) if record is not None else None
+    old = record.active_record() if record is not None else None
     if old is None or old.version == version:
         return []
     try:

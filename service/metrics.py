@@ -20,6 +20,7 @@ SCORE_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, float
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self._backbone: Info | None = None  # made when a backbone is loaded (`observe_backbone`)
         self.replica: str | None = None  # a label on every sample, set by service/ray_engine.py
         self.requests = Counter("clipbank_requests", "HTTP requests", ["endpoint", "method", "status"], registry=r)
         self.latency = Histogram(
@@ -162,7 +163,7 @@ class Metrics:
         /readyz)."""
         info = {k: str(described.get(k)) for k in ("arch", "pretrained")}
         info.update(fingerprint=str(described.get("fingerprint"))[:12], runtime=runtime)
-        if getattr(self, "_backbone", None) is None:  # once per registry (a second one is a duplicate series)
+        if self._backbone is None:  # once per registry (a second one is a duplicate series)
             self._backbone = Info("clipbank_backbone", "the backbone this server serves", registry=self.registry)
         self._backbone.info(info)
 

@@ -164,8 +164,8 @@ def tasks_router(admin: TokenCheck) -> APIRouter:
             response.status_code = 200
             state = await run_in_threadpool(_stored_state, registry, result.task, result.bundle_id)
         else:
-            compared = (registry, result.task, result.version, before, chosen != "active")
-            notes = await run_in_threadpool(_replacement_notes, *compared)
+            compared = (registry.store, before, result.task, result.version, chosen != "active")  # the store's index,
+            notes = await run_in_threadpool(stored_replacement_notes, *compared)  # not this server's bank
         how = "(restored)" if result.restored else f"({chosen}{', force' * force})"
         replicas = await announced(request, result.generation, wait, f"version {result.version} of {result.task} {how}")
         return {**vars(result), "state": state, "replicas": replicas, "warnings": notes}
@@ -198,7 +198,7 @@ def _add_activation(router: APIRouter) -> None:
         what = f"the activation of {task} version {body.version}" + (" (force)" if force else "")
         replicas = await announced(request, generation, wait, what, before)
         entry = await run_in_threadpool(registry.task_entry, task)
-        notes = await run_in_threadpool(_replacement_notes, registry, task, body.version, index, False)
+        notes = await run_in_threadpool(stored_replacement_notes, registry.store, index, task, body.version, False)
         info = task_info(registry.bank, task, entry)
         return {**info, "replicas": replicas, "gate": gate, "generation": generation, "warnings": notes}
 
@@ -209,12 +209,6 @@ def _index_or_none(registry: Any) -> Any:
         return registry.index()
     except (ClipbankError, OSError):
         return None
-
-
-def _replacement_notes(registry: Any, task: str, version: int, before: Any, would: bool) -> list[str]:
-    """What the change costs the version it replaces, against the store index `before` it (the store's, not this
-    server's bank: another server's change, a degraded version)."""
-    return stored_replacement_notes(registry.store, before, task, version, would)
 
 
 def _stored_state(registry: Any, task: str, bundle_id: str) -> str | None:
